@@ -1,0 +1,160 @@
+"""`kvtier`: run and inspect clusters.
+
+    kvtier up [--state-dir DIR] [--detach]    start a dev cluster on 127.0.0.1
+    kvtier down [--state-dir DIR]             stop a detached dev cluster
+    kvtier status [--state-dir DIR | --etcd-endpoints H:P] [--json]
+    kvtier revive [--state-dir DIR]           restart dev-cluster processes that exited
+    kvtier health HOST:PORT                   exit 0 when the node's health is SERVING
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvtier import devcluster, errors, rpc
+from kvtier.cli import status as status_cmd
+
+DEFAULT_STATE_DIR = ".kvtier"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvtier", description="kvtier command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start a dev cluster (etcd + every service) on 127.0.0.1")
+    up.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="where all data lives")
+    up.add_argument("--detach", action="store_true", help="run in the background")
+    up.add_argument("--datanodes", type=int, default=6)
+    up.add_argument("--drives-per-datanode", type=int, default=2)
+    up.add_argument("--kvcache-nodes", type=int, default=2)
+    up.add_argument("--lease-ttl-s", type=int, default=5)
+    up.add_argument("--shutdown-grace-s", type=float, default=5.0)
+    up.add_argument("--ready-timeout-s", type=float, default=90.0)
+    up.add_argument("--etcd-binary", default="etcd")
+
+    down = sub.add_parser("down", help="stop a detached dev cluster")
+    down.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+    down.add_argument("--timeout-s", type=float, default=60.0)
+
+    revive = sub.add_parser("revive", help="restart dev-cluster processes that have exited")
+    revive.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+
+    status = sub.add_parser("status", help="every node with role, address, health and epoch")
+    status.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+    status.add_argument("--etcd-endpoints", default="", help="host:port list; default: the state dir's")
+    status.add_argument("--etcd-prefix", default=devcluster.ETCD_PREFIX)
+    status.add_argument("--timeout-s", type=float, default=3.0)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    health = sub.add_parser("health", help="check a node's gRPC health service")
+    health.add_argument("address", help="host:port")
+    health.add_argument("--timeout-s", type=float, default=2.0)
+    return parser
+
+
+def _options(args: argparse.Namespace) -> devcluster.ClusterOptions:
+    for name in ("datanodes", "drives_per_datanode", "kvcache_nodes"):
+        if getattr(args, name) < 1:
+            raise devcluster.ClusterError(f"--{name.replace('_', '-')} must be at least 1")
+    return devcluster.ClusterOptions(
+        state_dir=Path(args.state_dir).resolve(),
+        datanodes=args.datanodes,
+        drives_per_datanode=args.drives_per_datanode,
+        kvcache_nodes=args.kvcache_nodes,
+        lease_ttl_s=args.lease_ttl_s,
+        shutdown_grace_s=args.shutdown_grace_s,
+        ready_timeout_s=args.ready_timeout_s,
+        etcd_binary=args.etcd_binary,
+    )
+
+
+def _up(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    opts = _options(args)
+    if not args.detach:
+        return devcluster.Supervisor(opts, sys.stdout).run()
+    opts.state_dir.mkdir(parents=True, exist_ok=True)
+    log_path = opts.state_dir / "logs" / "supervisor.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    foreground = [a for a in argv if a != "--detach"]
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvtier.cli.main", *foreground],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    info = devcluster.wait_detached(opts.state_dir, proc, opts.ready_timeout_s + 30)
+    print(devcluster.render_summary(info))
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    state = Path(args.state_dir).resolve()
+    if devcluster.stop_detached(state, args.timeout_s):
+        print(f"stopped the dev cluster in {state}")
+    else:
+        print(f"no dev cluster is running from {state}")
+    return 0
+
+
+def _revive(args: argparse.Namespace) -> int:
+    state = Path(args.state_dir).resolve()
+    pid = devcluster.supervisor_pid(state)
+    if pid is None:
+        raise devcluster.ClusterError(f"no dev cluster is running from {state}")
+    os.kill(pid, signal.SIGHUP)
+    print(f"asked the supervisor (pid {pid}) to restart exited processes")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    endpoints = tuple(e for e in args.etcd_endpoints.split(",") if e)
+    if not endpoints:
+        info_path = Path(args.state_dir) / "cluster.json"
+        try:
+            endpoints = (json.loads(info_path.read_text())["etcd"],)
+        except (OSError, ValueError, KeyError):
+            raise devcluster.ClusterError(
+                f"no running cluster at {info_path}; pass --etcd-endpoints"
+            ) from None
+    state = asyncio.run(status_cmd.collect(endpoints, args.etcd_prefix, args.timeout_s))
+    print(json.dumps(state, indent=2) if args.json else status_cmd.render(state))
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    result = asyncio.run(rpc.check_health(args.address, timeout_s=args.timeout_s))
+    print(result)
+    return 0 if result == "SERVING" else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `kvtier` command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "up":
+            return _up(args, argv)
+        if args.command == "down":
+            return _down(args)
+        if args.command == "revive":
+            return _revive(args)
+        if args.command == "status":
+            return _status(args)
+        return _health(args)
+    except (devcluster.ClusterError, errors.KVTierError) as exc:
+        print(f"kvtier {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""`kvtier status`: every node of a cluster with its role, address, health and epoch."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+
+from kvtier import clustermap, membership, rpc
+from kvtier.proto.common.v1 import common_pb2, common_pb2_grpc
+
+
+async def _node_epoch(address: str, timeout_s: float) -> int | None:
+    async with rpc.open_channel(address) as channel:
+        stub = common_pb2_grpc.NodeServiceStub(channel)
+        try:
+            reply = await stub.GetNodeInfo(
+                common_pb2.GetNodeInfoRequest(), timeout=timeout_s, metadata=rpc.call_metadata()
+            )
+        except grpc.aio.AioRpcError:
+            return None
+        return int(reply.map_epoch)
+
+
+async def collect(endpoints: tuple[str, ...], prefix: str, timeout_s: float) -> dict[str, Any]:
+    """The cluster's state: the map from etcd, plus each live node's health and epoch."""
+    store = membership.EtcdMembership(endpoints, prefix)
+    await store.connect(wait_s=timeout_s)
+    try:
+        cmap = (await store.get_map()).map
+    finally:
+        await store.close()
+    health = await asyncio.gather(
+        *(rpc.check_health(n.grpc_address, timeout_s=timeout_s) for n in cmap.nodes)
+    )
+    epochs = await asyncio.gather(*(_node_epoch(n.grpc_address, timeout_s) for n in cmap.nodes))
+    nodes = [
+        {
+            "node_id": n.node_id,
+            "role": clustermap.role_name(n.role),
+            "address": n.grpc_address,
+            "metrics": n.metrics_address,
+            "health": h,
+            "epoch": e,
+            "pid": n.pid,
+            "drives": [d.drive_id for d in n.drives],
+        }
+        for n, h, e in zip(cmap.nodes, health, epochs, strict=True)
+    ]
+    live = {n.node_id for n in cmap.nodes}
+    absent = sorted(
+        {
+            slot.node_id
+            for pool in cmap.pools
+            for es in pool.sets
+            for slot in es.slots
+            if slot.node_id not in live
+        }
+    )
+    pools = [
+        {
+            "index": pool.index,
+            "sets": [
+                {
+                    "index": es.index,
+                    "layout": f"EC:{es.data_shards}+{es.parity_shards}",
+                    "online": sum(s.state == common_pb2.DRIVE_STATE_ONLINE for s in es.slots),
+                    "drives": len(es.slots),
+                }
+                for es in pool.sets
+            ],
+        }
+        for pool in cmap.pools
+    ]
+    return {
+        "epoch": cmap.epoch,
+        "deployment_id": cmap.deployment_id,
+        "nodes": nodes,
+        "down": absent,
+        "pools": pools,
+        "pending_drives": len(cmap.pending_drives),
+    }
+
+
+def render(state: dict[str, Any]) -> str:
+    """A human-readable table of collect()'s result."""
+    rows = [("NODE", "ROLE", "ADDRESS", "HEALTH", "EPOCH")]
+    rows += [
+        (n["node_id"], n["role"], n["address"], n["health"], str(n["epoch"] or "-"))
+        for n in state["nodes"]
+    ]
+    rows += [(node_id, "datanode", "-", "DOWN", "-") for node_id in state["down"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"cluster map epoch {state['epoch']}  deployment {state['deployment_id']}"]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
+    for pool in state["pools"]:
+        sets = ", ".join(f"set {s['index']} {s['layout']} {s['online']}/{s['drives']} online" for s in pool["sets"])
+        lines.append(f"pool {pool['index']}: {sets}")
+    if state["pending_drives"]:
+        lines.append(f"{state['pending_drives']} drives pending (not yet in a pool)")
+    return "\n".join(lines)

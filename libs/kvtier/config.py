@@ -1,0 +1,174 @@
+"""Configuration: one frozen dataclass per service, loaded from CLI over env over defaults.
+
+Each field has a default, a unit in its name and a help string (`setting(default, "help")`).
+`load()` builds the argument parser from the dataclass, reads `KVTIER_<SERVICE>_<FIELD>` from the
+environment, rejects unknown flags and unknown `KVTIER_<SERVICE>_*` variables, and turns every
+problem into a `ConfigError` whose text is one line. `__main__` modules print it and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn, TypeVar
+
+T = TypeVar("T")
+
+EXIT_BAD_CONFIG = 2
+
+
+class ConfigError(Exception):
+    """A bad setting; the message is one line naming the setting and what is wrong."""
+
+
+def setting(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
+    """A config field with its default and help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _check_port(name: str, value: int, *, allow_disabled: bool = False) -> None:
+    low = -1 if allow_disabled else 0
+    if not low <= value <= 65535:
+        hint = " (-1 disables)" if allow_disabled else ""
+        raise ConfigError(f"{name}: {value} is not a port number 0..65535{hint}")
+
+
+def _check_endpoint(name: str, value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ConfigError(f"{name}: {value!r} is not host:port")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ServiceConfig:
+    """Settings every kvtier service shares."""
+
+    node_id: str = setting("", "stable node identity; empty: derived (and persisted where state exists)")
+    host: str = setting("127.0.0.1", "address the gRPC and metrics servers bind to")
+    advertise_host: str = setting("", "host others use to reach this node; empty: host (or hostname when host is a wildcard)")
+    grpc_port: int = setting(0, "gRPC port; 0 picks a free one (the real port is registered in etcd)")
+    metrics_port: int = setting(0, "Prometheus metrics port; 0 picks a free one, -1 disables")
+    etcd_endpoints: tuple[str, ...] = setting(("127.0.0.1:2379",), "comma-separated etcd host:port list")
+    etcd_prefix: str = setting("/kvtier", "etcd key prefix of this cluster")
+    etcd_wait_s: float = setting(60.0, "how long to retry an unreachable etcd at start; 0 waits forever")
+    lease_ttl_s: int = setting(10, "membership lease TTL; a dead node leaves the map within it")
+    shutdown_grace_s: float = setting(5.0, "time in-flight RPCs get to finish on shutdown")
+    max_message_bytes: int = setting(4 * 1024 * 1024, "largest gRPC message (control plane only)")
+    log_level: str = setting("info", "debug, info, warning or error")
+    log_format: str = setting("text", "text or json")
+
+    def __post_init__(self) -> None:
+        _check_port("grpc_port", self.grpc_port)
+        _check_port("metrics_port", self.metrics_port, allow_disabled=True)
+        if not self.etcd_endpoints:
+            raise ConfigError("etcd_endpoints: at least one host:port is needed")
+        for endpoint in self.etcd_endpoints:
+            _check_endpoint("etcd_endpoints", endpoint)
+        if not self.etcd_prefix.startswith("/") or self.etcd_prefix.endswith("/"):
+            raise ConfigError(f"etcd_prefix: {self.etcd_prefix!r} must start and not end with '/'")
+        if self.lease_ttl_s < 2:
+            raise ConfigError(f"lease_ttl_s: {self.lease_ttl_s} is below etcd's minimum of 2")
+        if self.etcd_wait_s < 0 or self.shutdown_grace_s < 0:
+            raise ConfigError("etcd_wait_s and shutdown_grace_s must not be negative")
+        if self.max_message_bytes < 1024:
+            raise ConfigError("max_message_bytes: must be at least 1024")
+        if self.log_level not in {"debug", "info", "warning", "error"}:
+            raise ConfigError(f"log_level: {self.log_level!r} is not debug/info/warning/error")
+        if self.log_format not in {"text", "json"}:
+            raise ConfigError(f"log_format: {self.log_format!r} is not text or json")
+        if self.node_id and not all(c.isalnum() or c in "-_." for c in self.node_id):
+            raise ConfigError(f"node_id: {self.node_id!r} may hold only letters, digits, '-', '_', '.'")
+
+    def advertised_host(self) -> str:
+        """The host other nodes dial to reach this one."""
+        if self.advertise_host:
+            return self.advertise_host
+        if self.host in {"0.0.0.0", "::", ""}:
+            return socket.gethostname()
+        return self.host
+
+
+def env_name(service: str, field_name: str) -> str:
+    """The environment variable of a field, e.g. KVTIER_DATANODE_GRPC_PORT."""
+    return f"KVTIER_{service.upper()}_{field_name.upper()}"
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a field, e.g. --grpc-port."""
+    return "--" + field_name.replace("_", "-")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
+
+
+def _convert(name: str, kind: Any, raw: str) -> Any:
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError(raw)
+            return lowered in {"1", "true", "yes", "on"}
+        if kind is int:
+            return int(raw.replace("_", ""))
+        if kind is float:
+            return float(raw)
+        if typing.get_origin(kind) is tuple:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        return raw
+    except ValueError:
+        type_name = getattr(kind, "__name__", "list")
+        raise ConfigError(f"{name}: {raw!r} is not a valid {type_name}") from None
+
+
+def load(
+    cls: type[T],
+    *,
+    service: str,
+    argv: Sequence[str],
+    environ: Mapping[str, str] | None = None,
+    description: str = "",
+) -> T:
+    """Build a `cls` from defaults, then `KVTIER_<SERVICE>_*` env, then CLI flags.
+
+    Raises ConfigError for unknown flags or env variables, unparsable values and failed checks.
+    """
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    prefix = f"KVTIER_{service.upper()}_"
+    known_env = {env_name(service, name): name for name in fields}
+    for key, raw in environ.items():
+        if key.startswith(prefix):
+            if key not in known_env:
+                raise ConfigError(f"unknown setting {key} (see --help for the valid ones)")
+            name = known_env[key]
+            values[name] = _convert(key, hints[name], raw)
+    parser = _Parser(prog=f"python -m services.{service}", description=description)
+    for name, field in fields.items():
+        parser.add_argument(
+            flag_name(name),
+            dest=name,
+            default=None,
+            help=f"{field.metadata.get('help', '')} [env {env_name(service, name)}]",
+        )
+    parsed = parser.parse_args(list(argv))
+    for name in fields:
+        raw = getattr(parsed, name)
+        if raw is not None:
+            values[name] = _convert(flag_name(name), hints[name], raw)
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from None
+
+
+def describe(cfg: object) -> dict[str, Any]:
+    """The settings as a plain dict, for the one log line at start."""
+    return dataclasses.asdict(cfg)  # type: ignore[call-overload, no-any-return]

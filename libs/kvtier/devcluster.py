@@ -1,0 +1,454 @@
+"""`kvtier up`: a whole cluster on 127.0.0.1 from one state directory, supervised in the foreground.
+
+Layout of the state directory (everything survives `down`/`up`):
+    etcd/                 etcd's data (the cluster map, memberships)
+    nodes/<name>/         a node's identity and drives
+    logs/<name>.log       each process's log (and supervisor.log when detached)
+    ports.json            etcd's ports, reused on the next `up` when still free
+    credentials.json      the admin access/secret key (mode 0600), created once
+    cluster.json          endpoints and credentials of the running cluster (removed at stop)
+    supervisor.pid        the supervisor's pid while it runs
+
+The supervisor is a plain synchronous loop: signal handlers only set flags. SIGTERM/SIGINT stop
+the cluster (gateway, kvcache, datanodes, then metadata, then etcd); SIGHUP restarts children that
+have exited (`kvtier revive`). A child that dies is reported, never silently restarted, so its
+departure from the cluster map can be watched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+from kvtier import clustermap, etcdserver, identity, membership, rpc
+from kvtier.proto.common.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+ETCD_PREFIX = "/kvtier"
+
+
+class ClusterError(Exception):
+    """The dev cluster could not start or stop; the message is one line."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClusterOptions:
+    """Shape and timing of a dev cluster."""
+
+    state_dir: Path
+    datanodes: int = 6
+    drives_per_datanode: int = 2
+    kvcache_nodes: int = 2
+    lease_ttl_s: int = 5
+    shutdown_grace_s: float = 5.0
+    ready_timeout_s: float = 90.0
+    etcd_binary: str = "etcd"
+
+    def expected_roles(self) -> dict[str, int]:
+        """How many live nodes of each role a ready cluster has."""
+        return {"metadata": 1, "datanode": self.datanodes, "kvcache": self.kvcache_nodes, "gateway": 1}
+
+
+@dataclass(slots=True)
+class Child:
+    """One supervised service process."""
+
+    name: str
+    role: str
+    argv: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    reported: bool = False
+    exit_codes: list[int] = field(default_factory=list)
+
+    def start(self) -> None:
+        """Launch (or relaunch) the process."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        self.reported = False
+
+    def running(self) -> bool:
+        """Whether the current incarnation is alive."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 3) -> str:
+        """The last lines of the child's log on one line."""
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(text[-lines:])
+
+
+def _children(opts: ClusterOptions, etcd_endpoint: str) -> list[Child]:
+    state = opts.state_dir
+    common = [
+        f"--etcd-endpoints={etcd_endpoint}",
+        f"--etcd-prefix={ETCD_PREFIX}",
+        "--host=127.0.0.1",
+        "--grpc-port=0",
+        "--metrics-port=0",
+        f"--lease-ttl-s={opts.lease_ttl_s}",
+        f"--shutdown-grace-s={opts.shutdown_grace_s}",
+    ]
+
+    def child(role: str, name: str, *extra: str) -> Child:
+        argv = [sys.executable, "-m", f"services.{role}", f"--node-id={name}", *common, *extra]
+        return Child(name=name, role=role, argv=argv, log_path=state / "logs" / f"{name}.log")
+
+    pool_drives = opts.datanodes * opts.drives_per_datanode
+    result = [child("metadata", "metadata-1", f"--pool-drives={pool_drives}")]
+    for i in range(1, opts.datanodes + 1):
+        data = state / "nodes" / f"datanode-{i}"
+        result.append(
+            child(
+                "datanode",
+                f"datanode-{i}",
+                f"--data-dir={data}",
+                f"--drive-count={opts.drives_per_datanode}",
+            )
+        )
+    for i in range(1, opts.kvcache_nodes + 1):
+        data = state / "nodes" / f"kvcache-{i}"
+        result.append(child("kvcache", f"kvcache-{i}", f"--data-dir={data}"))
+    result.append(child("gateway", "gateway-1"))
+    return result
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _etcd_ports(state: Path) -> tuple[int, int]:
+    kept = _load_json(state / "ports.json")
+    ports = (int(kept.get("etcd_client", 0)), int(kept.get("etcd_peer", 0)))
+    if not all(ports) or not all(_port_free(p) for p in ports):
+        ports = (etcdserver.free_port(), etcdserver.free_port())
+        identity.write_atomic(
+            state / "ports.json",
+            json.dumps({"etcd_client": ports[0], "etcd_peer": ports[1]}).encode(),
+        )
+    return ports
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def credentials(state: Path) -> dict[str, str]:
+    """The dev cluster's admin keys, created once (file mode 0600)."""
+    path = state / "credentials.json"
+    kept = _load_json(path)
+    if kept.get("access_key") and kept.get("secret_key"):
+        return {"access_key": str(kept["access_key"]), "secret_key": str(kept["secret_key"])}
+    creds = {
+        "access_key": "KVT" + secrets.token_hex(8).upper(),
+        "secret_key": secrets.token_urlsafe(30),
+    }
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(creds, handle)
+    return creds
+
+
+def supervisor_pid(state: Path) -> int | None:
+    """The pid of the supervisor running from state, or None."""
+    try:
+        pid = int((state / "supervisor.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+class Supervisor:
+    """Runs etcd and every service of a dev cluster until told to stop."""
+
+    def __init__(self, opts: ClusterOptions, out: IO[str]) -> None:
+        self.opts = opts
+        self._out = out
+        self._stop = False
+        self._revive = False
+        self._lock: IO[bytes] | None = None
+        self.etcd: etcdserver.EtcdServer | None = None
+        self.children: list[Child] = []
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self._stop = True
+
+    def _on_revive(self, signum: int, frame: FrameType | None) -> None:
+        self._revive = True
+
+    def _take_lock(self) -> None:
+        state = self.opts.state_dir
+        state.mkdir(parents=True, exist_ok=True)
+        handle = (state / "supervisor.lock").open("ab")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            pid = supervisor_pid(state)
+            raise ClusterError(
+                f"a dev cluster is already running from {state} (pid {pid}); "
+                f"stop it with: kvtier down --state-dir {state}"
+            ) from None
+        self._lock = handle
+
+    def run(self) -> int:
+        """Start everything, supervise until SIGTERM/SIGINT, stop; returns the exit code."""
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_revive)
+        self._take_lock()
+        state = self.opts.state_dir
+        (state / "cluster.json").unlink(missing_ok=True)
+        identity.write_atomic(state / "supervisor.pid", str(os.getpid()).encode())
+        try:
+            info = self._start()
+            if info is None:
+                return 130
+            self._say(render_summary(info))
+            self._supervise()
+        except (ClusterError, etcdserver.EtcdError) as exc:
+            self._say(f"kvtier up: error: {exc}")
+            self._shutdown()
+            return 1
+        return self._shutdown()
+
+    def _say(self, text: str) -> None:
+        print(text, file=self._out, flush=True)  # noqa: T201
+
+    def _start(self) -> dict[str, Any] | None:
+        state = self.opts.state_dir
+        client_port, peer_port = _etcd_ports(state)
+        self.etcd = etcdserver.EtcdServer(
+            state / "etcd",
+            client_port=client_port,
+            peer_port=peer_port,
+            log_path=state / "logs" / "etcd.log",
+            binary=self.opts.etcd_binary,
+        )
+        self.etcd.start()
+        self.etcd.wait_ready()
+        self._say(f"etcd ready at {self.etcd.endpoint}; starting services")
+        self.children = _children(self.opts, self.etcd.endpoint)
+        for child in self.children:
+            child.start()
+        cmap = asyncio.run(self._wait_ready())
+        if cmap is None:
+            return None
+        info = self._cluster_info(cmap)
+        identity.write_atomic(state / "cluster.json", json.dumps(info, indent=2).encode())
+        return info
+
+    def _check_children(self) -> None:
+        for child in self.children:
+            if not child.running():
+                code = child.proc.returncode if child.proc is not None else None
+                raise ClusterError(f"{child.name} exited with {code}: {child.log_tail()}")
+
+    async def _wait_ready(self) -> common_pb2.ClusterMap | None:
+        assert self.etcd is not None
+        store = membership.EtcdMembership((self.etcd.endpoint,), ETCD_PREFIX)
+        await store.connect(wait_s=10)
+        try:
+            deadline = time.monotonic() + self.opts.ready_timeout_s
+            last = "no cluster map yet"
+            while time.monotonic() < deadline:
+                if self._stop:
+                    return None
+                self._check_children()
+                cmap = (await store.get_map()).map
+                ok, last = await _ready(cmap, self.opts.expected_roles())
+                if ok:
+                    return cmap
+                await asyncio.sleep(0.2)
+            raise ClusterError(f"not ready after {self.opts.ready_timeout_s:g}s: {last}")
+        finally:
+            await store.close()
+
+    def _cluster_info(self, cmap: common_pb2.ClusterMap) -> dict[str, Any]:
+        assert self.etcd is not None
+        by_id = {node.node_id: node for node in cmap.nodes}
+        creds = credentials(self.opts.state_dir)
+        nodes = []
+        for child in self.children:
+            node = by_id[child.name]
+            nodes.append(
+                {
+                    "name": child.name,
+                    "role": child.role,
+                    "pid": child.proc.pid if child.proc is not None else None,
+                    "grpc_address": node.grpc_address,
+                    "metrics_address": node.metrics_address,
+                    "log": str(child.log_path),
+                }
+            )
+        return {
+            "state_dir": str(self.opts.state_dir),
+            "etcd": self.etcd.endpoint,
+            "etcd_prefix": ETCD_PREFIX,
+            "metadata": by_id["metadata-1"].grpc_address,
+            "gateway_grpc": by_id["gateway-1"].grpc_address,
+            # The S3 API of the gateway lands with its own issue; until then there is none.
+            "gateway_s3": None,
+            "access_key": creds["access_key"],
+            "secret_key": creds["secret_key"],
+            "supervisor_pid": os.getpid(),
+            "etcd_pid": self.etcd.pid,
+            "map_epoch": cmap.epoch,
+            "deployment_id": cmap.deployment_id,
+            "nodes": nodes,
+        }
+
+    def _supervise(self) -> None:
+        while not self._stop:
+            for child in self.children:
+                if not child.running() and not child.reported and child.proc is not None:
+                    child.reported = True
+                    child.exit_codes.append(child.proc.returncode)
+                    self._say(
+                        f"{child.name} exited with {child.proc.returncode}; "
+                        f"`kvtier revive --state-dir {self.opts.state_dir}` restarts it"
+                    )
+            if self._revive:
+                self._revive = False
+                for child in self.children:
+                    if not child.running():
+                        self._say(f"restarting {child.name}")
+                        child.start()
+            time.sleep(0.1)
+
+    def _shutdown(self) -> int:
+        """Stop children in dependency order, then etcd; 0 when every child exited 0."""
+        self._say("stopping the dev cluster")
+        failed: list[str] = []
+        for role in ("gateway", "kvcache", "datanode", "metadata"):
+            group = [c for c in self.children if c.role == role and c.running()]
+            for child in group:
+                assert child.proc is not None
+                child.proc.send_signal(signal.SIGTERM)
+            for child in group:
+                assert child.proc is not None
+                try:
+                    code = child.proc.wait(self.opts.shutdown_grace_s + 10)
+                except subprocess.TimeoutExpired:
+                    child.proc.kill()
+                    code = child.proc.wait()
+                if code != 0:
+                    failed.append(f"{child.name}={code}")
+        if self.etcd is not None:
+            self.etcd.stop()
+        state = self.opts.state_dir
+        (state / "cluster.json").unlink(missing_ok=True)
+        (state / "supervisor.pid").unlink(missing_ok=True)
+        if failed:
+            self._say(f"stopped; non-zero exits: {', '.join(failed)}")
+            return 1
+        self._say("stopped; every process exited 0")
+        return 0
+
+
+async def _ready(cmap: common_pb2.ClusterMap, expected: dict[str, int]) -> tuple[bool, str]:
+    """Whether the map shows the expected nodes, a formed pool and every node SERVING."""
+    counts = collections.Counter(clustermap.role_name(n.role) for n in cmap.nodes)
+    if dict(counts) != expected:
+        return False, f"nodes in the map {dict(counts)}, want {expected}"
+    if not cmap.pools:
+        return False, f"no pool formed yet ({len(cmap.pending_drives)} drives pending)"
+    offline = [
+        slot.drive_id
+        for pool in cmap.pools
+        for es in pool.sets
+        for slot in es.slots
+        if slot.state != common_pb2.DRIVE_STATE_ONLINE
+    ]
+    if offline:
+        return False, f"{len(offline)} drives offline"
+    health = await asyncio.gather(*(rpc.check_health(n.grpc_address) for n in cmap.nodes))
+    bad = [n.node_id for n, h in zip(cmap.nodes, health, strict=True) if h != "SERVING"]
+    if bad:
+        return False, f"not serving yet: {', '.join(bad)}"
+    return True, "ready"
+
+
+def render_summary(info: dict[str, Any]) -> str:
+    """The endpoints and credentials block printed by `kvtier up`."""
+    lines = [
+        "kvtier dev cluster is up",
+        f"  state dir     {info['state_dir']}",
+        f"  etcd          {info['etcd']}",
+        f"  metadata      {info['metadata']}",
+        f"  gateway gRPC  {info['gateway_grpc']}",
+        f"  gateway S3    {info['gateway_s3'] or '(not yet available)'}",
+        f"  access key    {info['access_key']}",
+        f"  secret key    {info['secret_key']}",
+        f"  map epoch     {info['map_epoch']}",
+        f"  cluster file  {Path(info['state_dir']) / 'cluster.json'}",
+        "Ctrl-C (or kvtier down --state-dir DIR) stops it.",
+    ]
+    return "\n".join(lines)
+
+
+def wait_detached(state: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
+    """Wait for a detached supervisor to write cluster.json; ClusterError if it dies first."""
+    deadline = time.monotonic() + timeout_s
+    path = state / "cluster.json"
+    while time.monotonic() < deadline:
+        info = _load_json(path)
+        if info.get("supervisor_pid") == proc.pid:
+            return info
+        if proc.poll() is not None:
+            tail = (state / "logs" / "supervisor.log").read_text(errors="replace").strip()
+            raise ClusterError(f"the cluster did not start: {tail.splitlines()[-1] if tail else ''}")
+        time.sleep(0.2)
+    raise ClusterError(f"the cluster was not ready after {timeout_s:g}s")
+
+
+def stop_detached(state: Path, timeout_s: float) -> bool:
+    """SIGTERM the supervisor of state and wait for it to exit; False when none ran."""
+    pid = supervisor_pid(state)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if supervisor_pid(state) is None:
+            return True
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.1)
+    raise ClusterError(f"the supervisor (pid {pid}) did not stop within {timeout_s:g}s")

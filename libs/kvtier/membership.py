@@ -1,0 +1,325 @@
+"""Cluster membership in etcd: leases with keepalive, node registration, watches, the map key.
+
+Every node registers `<prefix>/nodes/<node_id>` (a serialized `NodeInfo`) under a lease that it
+keeps alive; a node that dies leaves when its lease expires. The metadata service writes the
+cluster map to `<prefix>/map` with compare-and-swap; everyone else watches it. Services see this
+module through the `Membership` protocol; `EtcdMembership` is the implementation over aetcd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aetcd
+
+from kvtier import errors, telemetry
+from kvtier.proto.common.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+_ETCD_ERRORS = (aetcd.ClientError, OSError, asyncio.TimeoutError)
+
+
+def nodes_prefix(prefix: str) -> bytes:
+    """Key prefix under which live nodes register."""
+    return f"{prefix}/nodes/".encode()
+
+
+def node_key(prefix: str, node_id: str) -> bytes:
+    """The registration key of one node."""
+    return nodes_prefix(prefix) + node_id.encode()
+
+
+def map_key(prefix: str) -> bytes:
+    """The key holding the serialized ClusterMap."""
+    return f"{prefix}/map".encode()
+
+
+@dataclass(frozen=True, slots=True)
+class VersionedMap:
+    """A cluster map with the etcd mod revision it was read at (0: no map yet)."""
+
+    map: common_pb2.ClusterMap
+    mod_revision: int
+
+
+class Backoff:
+    """Exponential backoff with full jitter."""
+
+    def __init__(self, first_s: float = 0.1, max_s: float = 2.0) -> None:
+        self._first_s = first_s
+        self._max_s = max_s
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        """The next delay to sleep, growing up to max_s."""
+        self.attempt += 1
+        ceiling = min(self._max_s, self._first_s * 2 ** (self.attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        """Start again from the first delay."""
+        self.attempt = 0
+
+
+class Membership(Protocol):
+    """What services need from the membership store."""
+
+    async def register(self, info: common_pb2.NodeInfo, ttl_s: int) -> None: ...
+    async def deregister(self) -> None: ...
+    async def keep_alive(self) -> None: ...
+    async def list_nodes(self) -> tuple[dict[str, common_pb2.NodeInfo], int]: ...
+    async def get_map(self) -> VersionedMap: ...
+    async def swap_map(self, new: common_pb2.ClusterMap, expected_mod_revision: int) -> bool: ...
+    def watch_nodes(self) -> AsyncIterator[dict[str, common_pb2.NodeInfo]]: ...
+    def watch_map(self) -> AsyncIterator[VersionedMap]: ...
+    async def close(self) -> None: ...
+
+
+class EtcdMembership:
+    """Membership over a real etcd cluster (aetcd client).
+
+    Every etcd call has a deadline (`call_timeout_s`). Connection problems surface as
+    `errors.Unavailable`; watches and keepalive survive them by reconnecting with backoff.
+    """
+
+    def __init__(self, endpoints: tuple[str, ...], prefix: str, *, call_timeout_s: float = 3.0):
+        self._endpoints = endpoints
+        self._prefix = prefix
+        self._timeout_s = call_timeout_s
+        self._endpoint_index = 0
+        self._client: Any = None
+        self._info: common_pb2.NodeInfo | None = None
+        self._ttl_s = 0
+        self._lease: Any = None
+
+    @property
+    def endpoint(self) -> str:
+        """The etcd endpoint currently in use."""
+        return self._endpoints[self._endpoint_index % len(self._endpoints)]
+
+    def _new_client(self) -> Any:
+        host, _, port = self.endpoint.rpartition(":")
+        return aetcd.Client(host=host, port=int(port), timeout=self._timeout_s)
+
+    async def connect(self, wait_s: float) -> None:
+        """Connect, retrying with backoff for up to wait_s (0: forever).
+
+        Raises errors.Unavailable with a one-line reason when etcd stays unreachable.
+        """
+        deadline = time.monotonic() + wait_s if wait_s > 0 else float("inf")
+        backoff = Backoff(first_s=0.2, max_s=3.0)
+        while True:
+            client = self._new_client()
+            try:
+                await asyncio.wait_for(client.status(), self._timeout_s)
+            except _ETCD_ERRORS as exc:
+                await _close_quietly(client)
+                reason = _reason(exc)
+                if time.monotonic() >= deadline:
+                    where = ",".join(self._endpoints)
+                    raise errors.Unavailable(
+                        f"etcd unreachable at {where} after {wait_s:g}s: {reason}"
+                    ) from None
+                delay = min(backoff.next_delay(), max(0.0, deadline - time.monotonic()))
+                log.warning(
+                    "etcd at %s unreachable (%s); retry %d in %.1fs",
+                    self.endpoint,
+                    reason,
+                    backoff.attempt,
+                    delay,
+                )
+                self._endpoint_index += 1
+                await asyncio.sleep(delay)
+                continue
+            self._client = client
+            log.info("connected to etcd at %s", self.endpoint)
+            return
+
+    async def _reconnect(self, failed: Any) -> None:
+        """Replace the client after `failed` broke (no-op when another task already did)."""
+        if self._client is not failed:
+            return
+        await _close_quietly(failed)
+        self._endpoint_index += 1
+        self._client = self._new_client()
+        telemetry.ETCD_RECONNECTS.inc()
+
+    async def close(self) -> None:
+        """Close the etcd session (does not revoke the lease: see deregister)."""
+        await _close_quietly(self._client)
+        self._client = None
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            return await asyncio.wait_for(coro, self._timeout_s)
+        except _ETCD_ERRORS as exc:
+            raise errors.Unavailable(f"etcd at {self.endpoint}: {_reason(exc)}") from None
+
+    # --- registration -------------------------------------------------------------------------
+
+    async def register(self, info: common_pb2.NodeInfo, ttl_s: int) -> None:
+        """Register `info` under a fresh lease; waits while a previous holder's lease lives.
+
+        Raises errors.AlreadyExists when the node id stays held by another live lease for longer
+        than two TTLs (two processes configured with the same identity).
+        """
+        self._info, self._ttl_s = info, ttl_s
+        key = node_key(self._prefix, info.node_id)
+        deadline = time.monotonic() + max(2 * ttl_s, 10)
+        while True:
+            lease = await self._call(self._client.lease(ttl_s))
+            ok, _ = await self._call(
+                self._client.transaction(
+                    compare=[self._client.transactions.create(key) == 0],
+                    success=[self._client.transactions.put(key, info.SerializeToString(), lease)],
+                    failure=[],
+                )
+            )
+            if ok:
+                self._lease = lease
+                log.info("registered %s under lease %x (ttl %ss)", info.node_id, lease.id, ttl_s)
+                return
+            await self._call(self._client.revoke_lease(lease.id))
+            if time.monotonic() > deadline:
+                raise errors.AlreadyExists(
+                    f"node id {info.node_id} is held by another live process in etcd"
+                )
+            log.warning(
+                "node id %s is still registered (previous instance?); waiting for its lease",
+                info.node_id,
+            )
+            await asyncio.sleep(1.0)
+
+    async def deregister(self) -> None:
+        """Revoke the lease: the node leaves the cluster at once. Idempotent."""
+        lease, self._lease, self._info = self._lease, None, None
+        if lease is not None and self._client is not None:
+            with contextlib.suppress(errors.Unavailable):
+                await self._call(self._client.revoke_lease(lease.id))
+                log.info("lease %x revoked", lease.id)
+
+    async def keep_alive(self) -> None:
+        """Refresh the lease every TTL/3 forever; re-register when it was lost."""
+        backoff = Backoff(first_s=0.2, max_s=2.0)
+        while self._info is not None:
+            client = self._client
+            await asyncio.sleep(self._ttl_s / 3 if backoff.attempt == 0 else backoff.next_delay())
+            if self._info is None:
+                return
+            try:
+                await self._refresh_once()
+                backoff.reset()
+            except errors.Unavailable as exc:
+                if backoff.attempt == 0:
+                    backoff.next_delay()
+                log.warning("lease keepalive failed (%s); retrying", exc)
+                await self._reconnect(client)
+
+    async def _refresh_once(self) -> None:
+        info = self._info
+        assert info is not None
+        reply = None if self._lease is None else await self._call(self._lease.refresh())
+        if reply is None or reply.TTL <= 0:
+            log.warning("lease of %s expired; registering again", info.node_id)
+            self._lease = None
+            await self.register(info, self._ttl_s)
+
+    # --- reads, watches and the map ----------------------------------------------------------
+
+    async def list_nodes(self) -> tuple[dict[str, common_pb2.NodeInfo], int]:
+        """Every registered node by id, with the etcd revision of the read."""
+        prefix = nodes_prefix(self._prefix)
+        result = await self._call(self._client.get_prefix(prefix))
+        nodes: dict[str, common_pb2.NodeInfo] = {}
+        for kv in result:
+            info = common_pb2.NodeInfo()
+            info.ParseFromString(kv.value)
+            nodes[info.node_id] = info
+        revision = int(result.header.revision) if result.header is not None else 0
+        return nodes, revision
+
+    async def get_map(self) -> VersionedMap:
+        """The current cluster map (epoch 0 and revision 0 when none was written yet)."""
+        got = await self._call(self._client.get(map_key(self._prefix)))
+        cmap = common_pb2.ClusterMap()
+        if got is None:
+            return VersionedMap(cmap, 0)
+        cmap.ParseFromString(got.value)
+        return VersionedMap(cmap, int(got.mod_revision))
+
+    async def swap_map(self, new: common_pb2.ClusterMap, expected_mod_revision: int) -> bool:
+        """Write `new` only if the map key is still at expected_mod_revision (0: absent)."""
+        key = map_key(self._prefix)
+        tx = self._client.transactions
+        ok, _ = await self._call(
+            self._client.transaction(
+                compare=[tx.mod(key) == expected_mod_revision],
+                success=[tx.put(key, new.SerializeToString())],
+                failure=[],
+            )
+        )
+        return bool(ok)
+
+    async def _watch_changes(
+        self, key: bytes, prefix: bool, read: Callable[[], Any]
+    ) -> AsyncIterator[Any]:
+        """Yield read() now and after every change of key (or prefix); survives etcd outages.
+
+        The watch is created before the first read, so no change can fall between the two.
+        """
+        backoff = Backoff(first_s=0.2, max_s=3.0)
+        while True:
+            client = self._client
+            try:
+                watch_fn = client.watch_prefix if prefix else client.watch
+                watch = await self._call(watch_fn(key))
+                try:
+                    yield await read()
+                    async for _event in watch:
+                        yield await read()
+                        backoff.reset()
+                finally:
+                    with contextlib.suppress(*_ETCD_ERRORS):
+                        await asyncio.wait_for(watch.cancel(), self._timeout_s)
+            except (errors.Unavailable, *_ETCD_ERRORS) as exc:
+                delay = backoff.next_delay()
+                log.warning("watch on %s broke (%s); retrying in %.1fs", key, _reason(exc), delay)
+                await asyncio.sleep(delay)
+                await self._reconnect(client)
+
+    async def watch_nodes(self) -> AsyncIterator[dict[str, common_pb2.NodeInfo]]:
+        """The set of registered nodes, now and after every change."""
+        async def read() -> dict[str, common_pb2.NodeInfo]:
+            nodes, _revision = await self.list_nodes()
+            return nodes
+
+        async for nodes in self._watch_changes(nodes_prefix(self._prefix), True, read):
+            yield nodes
+
+    async def watch_map(self) -> AsyncIterator[VersionedMap]:
+        """The cluster map, now and after every change."""
+
+        async for current in self._watch_changes(map_key(self._prefix), False, self.get_map):
+            yield current
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "failed to connect" in text.lower() or "connection refused" in text.lower():
+        return "connection refused"
+    return text[:200]
+
+
+async def _close_quietly(client: Any) -> None:
+    if client is None:
+        return
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(client.close(), 2.0)

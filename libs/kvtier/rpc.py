@@ -1,0 +1,253 @@
+"""The one way to build a kvtier gRPC server and channel.
+
+`build_server` returns a grpc.aio server with the shared options (message size, keepalive), the
+interceptor that sets request ids, checks cluster-map epochs, records metrics and maps domain
+errors to statuses, plus the standard health and reflection services. `open_channel` is its
+client-side twin; `invoke` is how typed clients call a stub (deadline, request id, epoch, errors).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvtier import errors, telemetry
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_KEY = "x-request-id"
+
+T = TypeVar("T")
+
+#: Returns the newest epoch the server knows, or None when it does not track the map.
+EpochSource = Callable[[], int | None]
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Options shared by servers and channels (control-plane sizes, keepalive)."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _metadata_value(metadata: Iterable[tuple[str, Any]] | None, key: str) -> str | None:
+    for k, v in metadata or ():
+        if k == key:
+            return str(v)
+    return None
+
+
+class _ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Request ids, epoch checks, metrics and error mapping for every RPC of a server."""
+
+    def __init__(self, service_label: str, epoch_source: EpochSource) -> None:
+        self._service_label = service_label
+        self._epoch_source = epoch_source
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method.rsplit("/", 1)[-1]
+        rid = _metadata_value(details.invocation_metadata, REQUEST_ID_KEY) or uuid.uuid4().hex
+        caller_epoch = _metadata_value(details.invocation_metadata, errors.EPOCH_KEY)
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with self._scope(method, rid, caller_epoch, context) as scope:
+                    return await scope.run(inner(request, context))
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                with self._scope(method, rid, caller_epoch, context) as scope:
+                    async for item in scope.iterate(inner_stream(request, context)):
+                        yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, handler.request_deserializer, handler.response_serializer
+            )
+        # Client-streaming handlers are wrapped when a service first defines one.
+        return handler
+
+    def _scope(
+        self,
+        method: str,
+        rid: str,
+        caller_epoch: str | None,
+        context: grpc.aio.ServicerContext,
+    ) -> _CallScope:
+        return _CallScope(self, method, rid, caller_epoch, context)
+
+    def check_epoch(self, caller_epoch: str | None) -> None:
+        """Raise StaleEpoch when the caller's map is older than ours."""
+        if caller_epoch is None:
+            return
+        ours = self._epoch_source()
+        try:
+            theirs = int(caller_epoch)
+        except ValueError:
+            raise errors.InvalidArgument(f"bad {errors.EPOCH_KEY}: {caller_epoch!r}") from None
+        if ours is not None and theirs < ours:
+            raise errors.StaleEpoch(
+                f"caller epoch {theirs} is older than {ours}", current_epoch=ours
+            )
+
+
+class _CallScope:
+    """One RPC: sets the request id, times it, and maps what it raises."""
+
+    def __init__(
+        self,
+        owner: _ServerInterceptor,
+        method: str,
+        rid: str,
+        caller_epoch: str | None,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        self._owner = owner
+        self._method = method
+        self._rid = rid
+        self._caller_epoch = caller_epoch
+        self._context = context
+        self._code = "OK"
+        self._token: Any = None
+        self._start = 0.0
+
+    def __enter__(self) -> _CallScope:
+        self._token = telemetry.request_id.set(self._rid)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        telemetry.RPC_SECONDS.labels(self._owner._service_label, self._method, self._code).observe(
+            time.perf_counter() - self._start
+        )
+        telemetry.request_id.reset(self._token)
+
+    async def run(self, call: Awaitable[T]) -> T:
+        try:
+            self._owner.check_epoch(self._caller_epoch)
+            return await call
+        except BaseException as exc:
+            await self._fail(exc)
+            raise
+
+    async def iterate(self, items: AsyncIterator[T]) -> AsyncIterator[T]:
+        try:
+            self._owner.check_epoch(self._caller_epoch)
+            async for item in items:
+                yield item
+        except BaseException as exc:
+            await self._fail(exc)
+            raise
+
+    async def _fail(self, exc: BaseException) -> None:
+        if isinstance(exc, errors.KVTierError):
+            self._code = exc.grpc_code.name
+            self._context.set_trailing_metadata(errors.trailing_metadata(exc))
+            await self._context.abort(exc.grpc_code, exc.message)
+        if isinstance(exc, Exception) and not _is_abort(exc):
+            self._code = grpc.StatusCode.INTERNAL.name
+            log.exception("unhandled error in %s", self._method)
+            await self._context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error (request id {self._rid})"
+            )
+        self._code = self._code if self._code != "OK" else "CANCELLED"
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # context.abort() raises a private exception type; it must pass through untouched.
+    return type(exc).__name__ == "AbortError"
+
+
+def build_server(
+    *,
+    service_label: str,
+    max_message_bytes: int,
+    epoch_source: EpochSource,
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """A grpc.aio server with the kvtier interceptor and a health service (NOT_SERVING)."""
+    server = grpc.aio.server(
+        interceptors=[_ServerInterceptor(service_label, epoch_source)],
+        options=channel_options(max_message_bytes),
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return server, health_servicer
+
+
+def enable_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
+    """Serve reflection for the given full service names (plus health and reflection)."""
+    names = (
+        *service_names,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+
+
+def open_channel(address: str, *, max_message_bytes: int = 4 * 1024 * 1024) -> grpc.aio.Channel:
+    """An insecure channel to a kvtier node with the shared options."""
+    return grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes))
+
+
+def call_metadata(epoch: int | None = None) -> tuple[tuple[str, str], ...]:
+    """Metadata for one call: a fresh request id (or the current one) and the caller's epoch."""
+    rid = telemetry.request_id.get()
+    meta: tuple[tuple[str, str], ...] = (
+        (REQUEST_ID_KEY, rid if rid != "-" else uuid.uuid4().hex),
+    )
+    if epoch is not None:
+        meta += ((errors.EPOCH_KEY, str(epoch)),)
+    return meta
+
+
+async def invoke(
+    method: Callable[..., Awaitable[T]],
+    request: Any,
+    *,
+    timeout_s: float,
+    epoch: int | None = None,
+) -> T:
+    """Call a unary stub method with a deadline; failures come back as kvtier errors."""
+    try:
+        return await method(request, timeout=timeout_s, metadata=call_metadata(epoch))
+    except grpc.aio.AioRpcError as exc:
+        raise errors.from_rpc_error(exc) from None
+
+
+async def check_health(address: str, *, timeout_s: float = 2.0, service: str = "") -> str:
+    """The health status name of a node ("SERVING", "NOT_SERVING", ...) or "UNREACHABLE"."""
+    async with open_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = await stub.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError:
+            return "UNREACHABLE"
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))

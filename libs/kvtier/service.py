@@ -1,0 +1,202 @@
+"""The lifecycle every kvtier service shares: one `run_service()` from config to clean exit.
+
+Start: metrics endpoint → gRPC server on host:port (health NOT_SERVING) → etcd (retried with
+backoff) → register under a lease → health SERVING → background loops in one TaskGroup.
+Stop (SIGTERM/SIGINT only set an Event): cancel loops → revoke the lease → health NOT_SERVING →
+drain RPCs for `shutdown_grace_s` → close etcd → stop metrics. Shutdown is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import uvloop
+from grpc_health.v1 import health_pb2
+
+import kvtier
+from kvtier import clustermap, config, errors, membership, rpc, telemetry
+from kvtier.proto.common.v1 import common_pb2, common_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+C = TypeVar("C", bound=config.ServiceConfig)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+@dataclass(slots=True)
+class Context:
+    """What a service's servicers and loops get from the shared runtime."""
+
+    cfg: config.ServiceConfig
+    node_id: str
+    store: membership.EtcdMembership
+    map_view: clustermap.MapView
+
+
+@dataclass(slots=True)
+class ServiceSpec:
+    """How one service plugs into `run_service`."""
+
+    role: int
+    label: str
+    node_id: str
+    #: Adds the service's servicers to the server; returns their full names (for reflection).
+    add_servicers: Callable[[grpc.aio.Server, Context], Sequence[str]]
+    #: Current drives, for datanodes; called at registration.
+    drives: Callable[[], Sequence[common_pb2.Drive]] = tuple
+    #: Long-running loops, started once registered; each gets the Context.
+    loops: Sequence[Callable[[Context], Awaitable[None]]] = field(default_factory=tuple)
+    #: Whether this process watches the cluster map (and checks callers' epochs).
+    watches_map: bool = True
+
+
+class _NodeServicer(common_pb2_grpc.NodeServiceServicer):
+    def __init__(self, info: common_pb2.NodeInfo, view: clustermap.MapView | None) -> None:
+        self._info = info
+        self._view = view
+        self._started = time.monotonic()
+
+    async def GetNodeInfo(
+        self, request: common_pb2.GetNodeInfoRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.GetNodeInfoResponse:
+        return common_pb2.GetNodeInfoResponse(
+            node=self._info,
+            map_epoch=self._view.epoch() if self._view is not None else 0,
+            uptime_s=time.monotonic() - self._started,
+        )
+
+
+async def run_service(
+    cfg: config.ServiceConfig, spec: ServiceSpec, stop: asyncio.Event
+) -> None:
+    """Run one service until `stop` is set; returns after a clean shutdown.
+
+    Raises errors.Unavailable when etcd cannot be reached within cfg.etcd_wait_s, and
+    errors.AlreadyExists when the node id is held by another live process.
+    """
+    store = membership.EtcdMembership(cfg.etcd_endpoints, cfg.etcd_prefix)
+    view = clustermap.MapView(store)
+    ctx = Context(cfg=cfg, node_id=spec.node_id, store=store, map_view=view)
+    metrics = telemetry.MetricsServer(cfg.host, cfg.metrics_port)
+    metrics_port = metrics.start() if cfg.metrics_port >= 0 else None
+    server, health = rpc.build_server(
+        service_label=spec.label,
+        max_message_bytes=cfg.max_message_bytes,
+        epoch_source=view.epoch if spec.watches_map else (lambda: None),
+    )
+    await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    names = list(spec.add_servicers(server, ctx))
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+    advertised = cfg.advertised_host()
+    info = common_pb2.NodeInfo(
+        node_id=spec.node_id,
+        role=spec.role,  # type: ignore[arg-type]
+        grpc_address=f"{advertised}:{port}",
+        metrics_address=f"{advertised}:{metrics_port}" if metrics_port is not None else "",
+        hostname=socket.gethostname(),
+        pid=os.getpid(),
+        version=kvtier.__version__,
+        started_at_unix_ms=int(time.time() * 1000),
+    )
+    common_pb2_grpc.add_NodeServiceServicer_to_server(
+        _NodeServicer(info, view if spec.watches_map else None), server
+    )
+    names.append(common_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name)
+    rpc.enable_reflection(server, names)
+    telemetry.NODE_INFO.info({"node_id": spec.node_id, "role": spec.label})
+    await server.start()
+    log.info("%s %s serving gRPC on %s", spec.label, spec.node_id, info.grpc_address)
+    try:
+        await store.connect(cfg.etcd_wait_s)
+        info.drives.extend(spec.drives())
+        await store.register(info, cfg.lease_ttl_s)
+        for name in ("", *names):
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s %s ready", spec.label, spec.node_id)
+        await _run_loops(ctx, spec, stop)
+    finally:
+        await _shutdown(cfg, store, health, server, metrics)
+
+
+async def _run_loops(ctx: Context, spec: ServiceSpec, stop: asyncio.Event) -> None:
+    loops: list[Callable[[], Awaitable[None]]] = [ctx.store.keep_alive]
+    if spec.watches_map:
+        loops.append(ctx.map_view.run)
+    loops.extend(functools.partial(loop, ctx) for loop in spec.loops)
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(loop()) for loop in loops]
+        await stop.wait()
+        log.info("stopping")
+        for task in tasks:
+            task.cancel()
+
+
+async def _shutdown(
+    cfg: config.ServiceConfig,
+    store: membership.EtcdMembership,
+    health: Any,
+    server: grpc.aio.Server,
+    metrics: telemetry.MetricsServer,
+) -> None:
+    await store.deregister()
+    await health.enter_graceful_shutdown()
+    await server.stop(cfg.shutdown_grace_s)
+    await store.close()
+    metrics.stop()
+    log.info("stopped")
+
+
+def main(
+    cfg_cls: type[C],
+    service: str,
+    build: Callable[[C], ServiceSpec],
+    *,
+    description: str,
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Entry point of `python -m services.<service>`: config, logging, uvloop, exit code.
+
+    Bad config → one line on stderr and exit 2; a fatal runtime error → one line, exit 1.
+    """
+    prog = f"kvtier-{service}"
+    try:
+        cfg = config.load(
+            cfg_cls,
+            service=service,
+            argv=sys.argv[1:] if argv is None else argv,
+            description=description,
+        )
+        spec = build(cfg)
+    except config.ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)  # noqa: T201
+        return config.EXIT_BAD_CONFIG
+    telemetry.configure_logging(cfg.log_level, cfg.log_format, node_id=spec.node_id)
+    log.info("starting %s with %s", prog, config.describe(cfg))
+
+    async def _main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_service(cfg, spec, stop)
+
+    try:
+        uvloop.run(_main())
+    except errors.KVTierError as exc:
+        print(f"{prog}: error: {exc.message}", file=sys.stderr)  # noqa: T201
+        return EXIT_FAILED
+    return EXIT_OK
+

@@ -1,0 +1,1 @@
+"""kvtier services; each runs as `python -m services.<name>` and imports only `kvtier`."""

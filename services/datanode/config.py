@@ -1,0 +1,35 @@
+"""Settings of a datanode."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from kvtier import config
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class DatanodeConfig(config.ServiceConfig):
+    """A datanode: shard storage on local drives."""
+
+    data_dir: str = config.setting("./kvtier-data/datanode", "node state (identity, lock)")
+    drives: tuple[str, ...] = config.setting(
+        (), "comma-separated drive directories; empty: drive_count folders under data_dir"
+    )
+    drive_count: int = config.setting(2, "drives to create under data_dir when drives is empty")
+
+    def __post_init__(self) -> None:
+        config.ServiceConfig.__post_init__(self)
+        if not self.data_dir:
+            raise config.ConfigError("data_dir: must not be empty")
+        if not self.drives and not 1 <= self.drive_count <= 64:
+            raise config.ConfigError(f"drive_count: {self.drive_count} is not in 1..64")
+        paths = self.drive_paths()
+        if len({p.resolve() for p in paths}) != len(paths):
+            raise config.ConfigError("drives: a directory is listed twice")
+
+    def drive_paths(self) -> list[Path]:
+        """The drive directories this node serves, in order."""
+        if self.drives:
+            return [Path(d) for d in self.drives]
+        return [Path(self.data_dir) / f"drive{i}" for i in range(self.drive_count)]

@@ -1,0 +1,23 @@
+"""gRPC surface of the gateway (thin)."""
+
+from __future__ import annotations
+
+import grpc
+
+from kvtier import clustermap
+from kvtier.proto.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    """Serves the gateway's watched copy of the cluster map."""
+
+    def __init__(self, view: clustermap.MapView) -> None:
+        self._view = view
+
+    async def GetClusterMap(
+        self, request: gateway_pb2.GetClusterMapRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetClusterMapResponse:
+        current = self._view.current
+        if request.known_epoch and request.known_epoch == current.epoch:
+            return gateway_pb2.GetClusterMapResponse(unchanged=True)
+        return gateway_pb2.GetClusterMapResponse(map=current)

@@ -1,0 +1,48 @@
+"""python -m services.metadata: the control plane (cluster map; later buckets and users)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import uuid
+from collections.abc import Sequence
+
+import grpc
+
+from kvtier import service
+from kvtier.proto.common.v1 import common_pb2
+from kvtier.proto.metadata.v1 import metadata_pb2, metadata_pb2_grpc
+from services.metadata import config, reconciler, servicer
+
+
+def _add_servicers(server: grpc.aio.Server, ctx: service.Context) -> Sequence[str]:
+    metadata_pb2_grpc.add_MetadataServiceServicer_to_server(
+        servicer.MetadataServicer(ctx.map_view), server
+    )
+    return [metadata_pb2.DESCRIPTOR.services_by_name["MetadataService"].full_name]
+
+
+def build(cfg: config.MetadataConfig) -> service.ServiceSpec:
+    """The metadata service's plug-in to the shared runtime."""
+    return service.ServiceSpec(
+        role=common_pb2.NODE_ROLE_METADATA,
+        label="metadata",
+        node_id=cfg.node_id or f"metadata-{uuid.uuid4().hex[:8]}",
+        add_servicers=_add_servicers,
+        loops=[functools.partial(reconciler.run, policy=cfg.policy())],
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the metadata service; returns the process exit code."""
+    return service.main(
+        config.MetadataConfig,
+        "metadata",
+        build,
+        description="kvtier metadata service: owns the cluster map in etcd.",
+        argv=argv,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

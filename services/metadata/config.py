@@ -1,0 +1,40 @@
+"""Settings of the metadata service."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kvtier import config
+from services.metadata import placement
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class MetadataConfig(config.ServiceConfig):
+    """The metadata service: owner of the cluster map."""
+
+    pool_drives: int = config.setting(
+        12, "pending datanode drives that form a new pool (the dev cluster: 6 nodes x 2 drives)"
+    )
+    set_drives: int = config.setting(
+        0, "drives per erasure set; 0 picks the largest of 4..16 dividing pool_drives"
+    )
+    parity_shards: int = config.setting(
+        -1, "parity shards per set; -1 uses MinIO's default for the set size"
+    )
+
+    def __post_init__(self) -> None:
+        config.ServiceConfig.__post_init__(self)
+        if self.pool_drives < 1:
+            raise config.ConfigError(f"pool_drives: {self.pool_drives} must be at least 1")
+        try:
+            placement.set_layout(self.policy())
+        except ValueError as exc:
+            raise config.ConfigError(f"pool_drives/set_drives/parity_shards: {exc}") from None
+
+    def policy(self) -> placement.PlacementPolicy:
+        """The placement policy these settings describe."""
+        return placement.PlacementPolicy(
+            pool_drives=self.pool_drives,
+            set_drives=self.set_drives,
+            parity_shards=self.parity_shards,
+        )

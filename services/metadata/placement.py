@@ -1,0 +1,153 @@
+"""Placement of drives into pools and erasure sets: the pure logic behind the cluster map.
+
+Rules (see ARCHITECTURE.md, "Cluster map"):
+- Pools are append-only. Once formed, a pool's erasure sets and their drive slots never change,
+  so `hash(object) mod sets` of that pool keeps pointing at the same drives forever.
+- A drive that is announced but not in any pool is pending. When `pool_drives` drives are
+  pending, they form a new pool. A new node therefore never moves data already written.
+- A node that leaves keeps its slots; they turn OFFLINE and ONLINE again when the same node
+  announces the same drive ids (its identity and drives live on its disks).
+- Drives are dealt into sets round-robin across nodes so that each set spans as many nodes as
+  possible (losing a node costs each set as few shards as possible).
+- Every change bumps the epoch by one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from kvtier.proto.common.v1 import common_pb2
+
+MIN_SET_DRIVES = 4
+MAX_SET_DRIVES = 16
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PlacementPolicy:
+    """How pending drives become a pool."""
+
+    pool_drives: int
+    set_drives: int = 0  # 0: the largest size in 4..16 that divides pool_drives
+    parity_shards: int = -1  # -1: MinIO's default for the set size
+
+
+def default_parity(set_size: int) -> int:
+    """Parity shards by set size, as MinIO chooses them (no parity for a single drive)."""
+    if set_size <= 1:
+        return 0
+    if set_size <= 3:
+        return 1
+    if set_size <= 5:
+        return 2
+    if set_size <= 7:
+        return 3
+    return 4
+
+
+def choose_set_size(pool_drives: int) -> int:
+    """The largest erasure-set size that divides pool_drives; ValueError when none does."""
+    if pool_drives < MIN_SET_DRIVES:
+        return pool_drives
+    for size in range(MAX_SET_DRIVES, MIN_SET_DRIVES - 1, -1):
+        if pool_drives % size == 0:
+            return size
+    raise ValueError(
+        f"{pool_drives} drives cannot be split into equal erasure sets of "
+        f"{MIN_SET_DRIVES}..{MAX_SET_DRIVES} drives"
+    )
+
+
+def set_layout(policy: PlacementPolicy) -> tuple[int, int]:
+    """(set size, parity shards) for a pool under policy; ValueError when impossible."""
+    size = policy.set_drives or choose_set_size(policy.pool_drives)
+    if size < 1 or policy.pool_drives % size != 0:
+        raise ValueError(f"set_drives {size} does not divide pool_drives {policy.pool_drives}")
+    if size > MAX_SET_DRIVES:
+        raise ValueError(f"set_drives {size} exceeds {MAX_SET_DRIVES}")
+    parity = default_parity(size) if policy.parity_shards < 0 else policy.parity_shards
+    if parity > size // 2:
+        raise ValueError(f"parity {parity} exceeds half of the set size {size}")
+    return size, parity
+
+
+def _interleave(pending: list[common_pb2.PendingDrive]) -> list[common_pb2.PendingDrive]:
+    """Order drives round-robin across nodes: n1.d0, n2.d0, ..., n1.d1, n2.d1, ..."""
+    by_node: dict[str, list[common_pb2.PendingDrive]] = {}
+    for drive in pending:
+        by_node.setdefault(drive.node_id, []).append(drive)
+    columns = [by_node[node] for node in sorted(by_node)]
+    order: list[common_pb2.PendingDrive] = []
+    for rank in range(max((len(c) for c in columns), default=0)):
+        order.extend(column[rank] for column in columns if rank < len(column))
+    return order
+
+
+def _form_pool(
+    index: int, drives: list[common_pb2.PendingDrive], policy: PlacementPolicy
+) -> common_pb2.Pool:
+    size, parity = set_layout(policy)
+    pool = common_pb2.Pool(index=index)
+    for set_index in range(len(drives) // size):
+        members = drives[set_index * size : (set_index + 1) * size]
+        pool.sets.append(
+            common_pb2.ErasureSet(
+                index=set_index,
+                data_shards=size - parity,
+                parity_shards=parity,
+                slots=[
+                    common_pb2.DriveSlot(
+                        drive_id=d.drive_id, node_id=d.node_id, state=common_pb2.DRIVE_STATE_ONLINE
+                    )
+                    for d in members
+                ],
+            )
+        )
+    return pool
+
+
+def reconcile(
+    current: common_pb2.ClusterMap,
+    live: Mapping[str, common_pb2.NodeInfo],
+    policy: PlacementPolicy,
+) -> common_pb2.ClusterMap | None:
+    """The next map given the live nodes, or None when nothing changed."""
+    new = common_pb2.ClusterMap()
+    new.CopyFrom(current)
+    if not new.deployment_id:
+        new.deployment_id = uuid.uuid4().hex
+    del new.nodes[:]
+    new.nodes.extend(live[node_id] for node_id in sorted(live))
+    announced = {
+        drive.drive_id: node.node_id
+        for node in new.nodes
+        if node.role == common_pb2.NODE_ROLE_DATANODE
+        for drive in node.drives
+    }
+    placed: set[str] = set()
+    for pool in new.pools:
+        for erasure_set in pool.sets:
+            for slot in erasure_set.slots:
+                placed.add(slot.drive_id)
+                online = announced.get(slot.drive_id) == slot.node_id
+                slot.state = (
+                    common_pb2.DRIVE_STATE_ONLINE if online else common_pb2.DRIVE_STATE_OFFLINE
+                )
+    pending = [
+        common_pb2.PendingDrive(drive_id=drive_id, node_id=node_id)
+        for drive_id, node_id in announced.items()
+        if drive_id not in placed
+    ]
+    if policy.pool_drives > 0 and len(pending) >= policy.pool_drives:
+        ordered = _interleave(pending)
+        chosen, pending = ordered[: policy.pool_drives], ordered[policy.pool_drives :]
+        pool = _form_pool(len(new.pools), chosen, policy)
+        pool.formed_at_epoch = current.epoch + 1
+        new.pools.append(pool)
+    del new.pending_drives[:]
+    new.pending_drives.extend(pending)
+    if new == current:
+        return None
+    new.epoch = current.epoch + 1
+    return new
