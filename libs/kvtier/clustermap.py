@@ -15,7 +15,7 @@ from kvtier.proto.common.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
-ROLE_NAMES = {
+ROLE_NAMES: dict[int, str] = {
     common_pb2.NODE_ROLE_METADATA: "metadata",
     common_pb2.NODE_ROLE_DATANODE: "datanode",
     common_pb2.NODE_ROLE_KVCACHE: "kvcache",
@@ -25,7 +25,7 @@ ROLE_NAMES = {
 
 def role_name(role: int) -> str:
     """The short name of a NodeRole value."""
-    return ROLE_NAMES.get(role, "unknown")  # type: ignore[call-overload]
+    return ROLE_NAMES.get(role, "unknown")
 
 
 def nodes_with_role(cmap: common_pb2.ClusterMap, role: int) -> list[common_pb2.NodeInfo]:

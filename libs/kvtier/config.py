@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import socket
 import typing
@@ -25,7 +26,7 @@ class ConfigError(Exception):
     """A bad setting; the message is one line naming the setting and what is wrong."""
 
 
-def setting(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse's name
+def setting(default: Any, help: str) -> Any:
     """A config field with its default and help text."""
     return dataclasses.field(default=default, metadata={"help": help})
 
@@ -39,7 +40,8 @@ def _check_port(name: str, value: int, *, allow_disabled: bool = False) -> None:
 
 def _check_endpoint(name: str, value: str) -> None:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+    bad_host = not host or any(c.isspace() or c in "/@?#" for c in host)
+    if not sep or bad_host or not port.isdigit() or not 0 < int(port) <= 65535:
         raise ConfigError(f"{name}: {value!r} is not host:port")
 
 
@@ -47,14 +49,24 @@ def _check_endpoint(name: str, value: str) -> None:
 class ServiceConfig:
     """Settings every kvtier service shares."""
 
-    node_id: str = setting("", "stable node identity; empty: derived (and persisted where state exists)")
+    node_id: str = setting(
+        "", "stable node identity; empty: derived (and persisted where state exists)"
+    )
     host: str = setting("127.0.0.1", "address the gRPC and metrics servers bind to")
-    advertise_host: str = setting("", "host others use to reach this node; empty: host (or hostname when host is a wildcard)")
-    grpc_port: int = setting(0, "gRPC port; 0 picks a free one (the real port is registered in etcd)")
+    advertise_host: str = setting(
+        "", "host others use to reach this node; empty: host (or hostname when host is a wildcard)"
+    )
+    grpc_port: int = setting(
+        0, "gRPC port; 0 picks a free one (the real port is registered in etcd)"
+    )
     metrics_port: int = setting(0, "Prometheus metrics port; 0 picks a free one, -1 disables")
-    etcd_endpoints: tuple[str, ...] = setting(("127.0.0.1:2379",), "comma-separated etcd host:port list")
+    etcd_endpoints: tuple[str, ...] = setting(
+        ("127.0.0.1:2379",), "comma-separated etcd host:port list"
+    )
     etcd_prefix: str = setting("/kvtier", "etcd key prefix of this cluster")
-    etcd_wait_s: float = setting(60.0, "how long to retry an unreachable etcd at start; 0 waits forever")
+    etcd_wait_s: float = setting(
+        60.0, "how long to retry an unreachable etcd at start; 0 waits forever"
+    )
     lease_ttl_s: int = setting(10, "membership lease TTL; a dead node leaves the map within it")
     shutdown_grace_s: float = setting(5.0, "time in-flight RPCs get to finish on shutdown")
     max_message_bytes: int = setting(4 * 1024 * 1024, "largest gRPC message (control plane only)")
@@ -72,8 +84,10 @@ class ServiceConfig:
             raise ConfigError(f"etcd_prefix: {self.etcd_prefix!r} must start and not end with '/'")
         if self.lease_ttl_s < 2:
             raise ConfigError(f"lease_ttl_s: {self.lease_ttl_s} is below etcd's minimum of 2")
-        if self.etcd_wait_s < 0 or self.shutdown_grace_s < 0:
-            raise ConfigError("etcd_wait_s and shutdown_grace_s must not be negative")
+        for name in ("etcd_wait_s", "shutdown_grace_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name}: {value} must be a finite number >= 0")
         if self.max_message_bytes < 1024:
             raise ConfigError("max_message_bytes: must be at least 1024")
         if self.log_level not in {"debug", "info", "warning", "error"}:
@@ -81,7 +95,9 @@ class ServiceConfig:
         if self.log_format not in {"text", "json"}:
             raise ConfigError(f"log_format: {self.log_format!r} is not text or json")
         if self.node_id and not all(c.isalnum() or c in "-_." for c in self.node_id):
-            raise ConfigError(f"node_id: {self.node_id!r} may hold only letters, digits, '-', '_', '.'")
+            raise ConfigError(
+                f"node_id: {self.node_id!r} may hold only letters, digits, '-', '_', '.'"
+            )
 
     def advertised_host(self) -> str:
         """The host other nodes dial to reach this one."""
@@ -103,8 +119,16 @@ def flag_name(field_name: str) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs: Any) -> None:
+        # No prefix matching: `--grpc` must not silently mean `--grpc-port`.
+        super().__init__(allow_abbrev=False, **kwargs)
+
     def error(self, message: str) -> NoReturn:
-        raise ConfigError(message)
+        raise ConfigError(_one_line(message))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _convert(name: str, kind: Any, raw: str) -> Any:
@@ -166,7 +190,7 @@ def load(
     try:
         return cls(**values)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(str(exc).splitlines()[0]) from None
+        raise ConfigError(_one_line(str(exc))) from None
 
 
 def describe(cfg: object) -> dict[str, Any]:

@@ -62,7 +62,12 @@ class ClusterOptions:
 
     def expected_roles(self) -> dict[str, int]:
         """How many live nodes of each role a ready cluster has."""
-        return {"metadata": 1, "datanode": self.datanodes, "kvcache": self.kvcache_nodes, "gateway": 1}
+        return {
+            "metadata": 1,
+            "datanode": self.datanodes,
+            "kvcache": self.kvcache_nodes,
+            "gateway": 1,
+        }
 
 
 @dataclass(slots=True)
@@ -249,7 +254,7 @@ class Supervisor:
         return self._shutdown()
 
     def _say(self, text: str) -> None:
-        print(text, file=self._out, flush=True)  # noqa: T201
+        print(text, file=self._out, flush=True)
 
     def _start(self) -> dict[str, Any] | None:
         state = self.opts.state_dir
@@ -433,7 +438,9 @@ def wait_detached(state: Path, proc: subprocess.Popen[bytes], timeout_s: float) 
             return info
         if proc.poll() is not None:
             tail = (state / "logs" / "supervisor.log").read_text(errors="replace").strip()
-            raise ClusterError(f"the cluster did not start: {tail.splitlines()[-1] if tail else ''}")
+            raise ClusterError(
+                f"the cluster did not start: {tail.splitlines()[-1] if tail else ''}"
+            )
         time.sleep(0.2)
     raise ClusterError(f"the cluster was not ready after {timeout_s:g}s")
 

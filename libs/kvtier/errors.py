@@ -170,7 +170,8 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> KVTierError:
     details = error.details() or error.code().name
     cls = _BY_NAME.get(meta.get(ERROR_KIND_KEY, ""))
     if cls is StaleEpoch:
-        return StaleEpoch(details, current_epoch=int(meta.get(EPOCH_KEY, "0") or 0))
+        raw = meta.get(EPOCH_KEY, "0")
+        return StaleEpoch(details, current_epoch=int(raw) if raw.isdigit() else 0)
     if cls is None:
         cls = _BY_CODE.get(error.code(), Internal)
     return cls(details)

@@ -16,11 +16,12 @@ from typing import IO
 
 from kvtier import config
 
-_locks: list[IO[bytes]] = []  # held for the life of the process
 
+def lock_state_dir(data_dir: Path) -> IO[bytes]:
+    """Take an exclusive lock on data_dir, held until the returned file is closed.
 
-def lock_state_dir(data_dir: Path) -> None:
-    """Take an exclusive lock on data_dir; raises ConfigError when another process holds it."""
+    Raises ConfigError when another process (or another open of it) holds the lock.
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
     handle = (data_dir / "LOCK").open("ab")
     try:
@@ -28,7 +29,7 @@ def lock_state_dir(data_dir: Path) -> None:
     except BlockingIOError:
         handle.close()
         raise config.ConfigError(f"data_dir: {data_dir} is in use by another process") from None
-    _locks.append(handle)
+    return handle
 
 
 def load_or_create(data_dir: Path, configured_id: str, role: str) -> str:
@@ -39,7 +40,10 @@ def load_or_create(data_dir: Path, configured_id: str, role: str) -> str:
     """
     path = data_dir / "node.json"
     if path.exists():
-        kept = str(json.loads(path.read_text())["node_id"])
+        try:
+            kept = str(json.loads(path.read_text())["node_id"])
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            raise config.ConfigError(f"data_dir: {path} is unreadable ({exc})") from None
         if configured_id and configured_id != kept:
             raise config.ConfigError(
                 f"node_id: {configured_id!r} differs from {kept!r} kept in {path}"

@@ -297,6 +297,7 @@ class EtcdMembership:
 
     async def watch_nodes(self) -> AsyncIterator[dict[str, common_pb2.NodeInfo]]:
         """The set of registered nodes, now and after every change."""
+
         async def read() -> dict[str, common_pb2.NodeInfo]:
             nodes, _revision = await self.list_nodes()
             return nodes

@@ -28,6 +28,9 @@ T = TypeVar("T")
 
 #: Returns the newest epoch the server knows, or None when it does not track the map.
 EpochSource = Callable[[], int | None]
+#: The context every servicer method receives.
+ServicerContext = grpc.aio.ServicerContext[Any, Any]
+_Handler = grpc.RpcMethodHandler[Any, Any]
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -51,7 +54,7 @@ def _metadata_value(metadata: Iterable[tuple[str, Any]] | None, key: str) -> str
     return None
 
 
-class _ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class _ServerInterceptor(grpc.aio.ServerInterceptor):
     """Request ids, epoch checks, metrics and error mapping for every RPC of a server."""
 
     def __init__(self, service_label: str, epoch_source: EpochSource) -> None:
@@ -60,9 +63,9 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> _Handler | None:
         handler = await continuation(details)
         if handler is None:
             return None
@@ -70,21 +73,21 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         rid = _metadata_value(details.invocation_metadata, REQUEST_ID_KEY) or uuid.uuid4().hex
         caller_epoch = _metadata_value(details.invocation_metadata, errors.EPOCH_KEY)
         if handler.unary_unary is not None:
-            inner = handler.unary_unary
+            inner: Any = handler.unary_unary
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def unary(request: Any, context: ServicerContext) -> Any:
                 with self._scope(method, rid, caller_epoch, context) as scope:
-                    return await scope.run(inner(request, context))
+                    return await scope.run(lambda: inner(request, context))
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, handler.request_deserializer, handler.response_serializer
             )
         if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
+            inner_stream: Any = handler.unary_stream
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def stream(request: Any, context: ServicerContext) -> AsyncIterator[Any]:
                 with self._scope(method, rid, caller_epoch, context) as scope:
-                    async for item in scope.iterate(inner_stream(request, context)):
+                    async for item in scope.iterate(lambda: inner_stream(request, context)):
                         yield item
 
             return grpc.unary_stream_rpc_method_handler(
@@ -98,7 +101,7 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method: str,
         rid: str,
         caller_epoch: str | None,
-        context: grpc.aio.ServicerContext,
+        context: ServicerContext,
     ) -> _CallScope:
         return _CallScope(self, method, rid, caller_epoch, context)
 
@@ -126,7 +129,7 @@ class _CallScope:
         method: str,
         rid: str,
         caller_epoch: str | None,
-        context: grpc.aio.ServicerContext,
+        context: ServicerContext,
     ) -> None:
         self._owner = owner
         self._method = method
@@ -148,35 +151,40 @@ class _CallScope:
         )
         telemetry.request_id.reset(self._token)
 
-    async def run(self, call: Awaitable[T]) -> T:
+    async def run(self, call: Callable[[], Awaitable[T]]) -> T:
         try:
             self._owner.check_epoch(self._caller_epoch)
-            return await call
+            return await call()
         except BaseException as exc:
             await self._fail(exc)
             raise
 
-    async def iterate(self, items: AsyncIterator[T]) -> AsyncIterator[T]:
+    async def iterate(self, items: Callable[[], AsyncIterator[T]]) -> AsyncIterator[T]:
         try:
             self._owner.check_epoch(self._caller_epoch)
-            async for item in items:
+            async for item in items():
                 yield item
         except BaseException as exc:
             await self._fail(exc)
             raise
 
     async def _fail(self, exc: BaseException) -> None:
+        """Abort the call with the status exc maps to (abort raises; callers re-raise exc)."""
         if isinstance(exc, errors.KVTierError):
             self._code = exc.grpc_code.name
             self._context.set_trailing_metadata(errors.trailing_metadata(exc))
             await self._context.abort(exc.grpc_code, exc.message)
-        if isinstance(exc, Exception) and not _is_abort(exc):
+        elif _is_abort(exc):
+            code = self._context.code()
+            self._code = code.name if isinstance(code, grpc.StatusCode) else "ABORTED"
+        elif isinstance(exc, Exception):
             self._code = grpc.StatusCode.INTERNAL.name
             log.exception("unhandled error in %s", self._method)
             await self._context.abort(
                 grpc.StatusCode.INTERNAL, f"internal error (request id {self._rid})"
             )
-        self._code = self._code if self._code != "OK" else "CANCELLED"
+        else:
+            self._code = grpc.StatusCode.CANCELLED.name
 
 
 def _is_abort(exc: BaseException) -> bool:
@@ -218,9 +226,7 @@ def open_channel(address: str, *, max_message_bytes: int = 4 * 1024 * 1024) -> g
 def call_metadata(epoch: int | None = None) -> tuple[tuple[str, str], ...]:
     """Metadata for one call: a fresh request id (or the current one) and the caller's epoch."""
     rid = telemetry.request_id.get()
-    meta: tuple[tuple[str, str], ...] = (
-        (REQUEST_ID_KEY, rid if rid != "-" else uuid.uuid4().hex),
-    )
+    meta: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, rid if rid != "-" else uuid.uuid4().hex),)
     if epoch is not None:
         meta += ((errors.EPOCH_KEY, str(epoch)),)
     return meta
@@ -243,7 +249,7 @@ async def invoke(
 async def check_health(address: str, *, timeout_s: float = 2.0, service: str = "") -> str:
     """The health status name of a node ("SERVING", "NOT_SERVING", ...) or "UNREACHABLE"."""
     async with open_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+        stub: Any = health_pb2_grpc.HealthStub(channel)  # typeshed types only the sync stub
         try:
             reply = await stub.Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s

@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -58,9 +58,11 @@ class ServiceSpec:
     #: Current drives, for datanodes; called at registration.
     drives: Callable[[], Sequence[common_pb2.Drive]] = tuple
     #: Long-running loops, started once registered; each gets the Context.
-    loops: Sequence[Callable[[Context], Awaitable[None]]] = field(default_factory=tuple)
+    loops: Sequence[Callable[[Context], Coroutine[Any, Any, None]]] = field(default_factory=tuple)
     #: Whether this process watches the cluster map (and checks callers' epochs).
     watches_map: bool = True
+    #: Releases what build() took (state-dir locks); called last at shutdown.
+    on_close: Callable[[], object] = lambda: None
 
 
 class _NodeServicer(common_pb2_grpc.NodeServiceServicer):
@@ -70,7 +72,7 @@ class _NodeServicer(common_pb2_grpc.NodeServiceServicer):
         self._started = time.monotonic()
 
     async def GetNodeInfo(
-        self, request: common_pb2.GetNodeInfoRequest, context: grpc.aio.ServicerContext
+        self, request: common_pb2.GetNodeInfoRequest, context: rpc.ServicerContext
     ) -> common_pb2.GetNodeInfoResponse:
         return common_pb2.GetNodeInfoResponse(
             node=self._info,
@@ -79,9 +81,7 @@ class _NodeServicer(common_pb2_grpc.NodeServiceServicer):
         )
 
 
-async def run_service(
-    cfg: config.ServiceConfig, spec: ServiceSpec, stop: asyncio.Event
-) -> None:
+async def run_service(cfg: config.ServiceConfig, spec: ServiceSpec, stop: asyncio.Event) -> None:
     """Run one service until `stop` is set; returns after a clean shutdown.
 
     Raises errors.Unavailable when etcd cannot be reached within cfg.etcd_wait_s, and
@@ -129,10 +129,11 @@ async def run_service(
         await _run_loops(ctx, spec, stop)
     finally:
         await _shutdown(cfg, store, health, server, metrics)
+        spec.on_close()
 
 
 async def _run_loops(ctx: Context, spec: ServiceSpec, stop: asyncio.Event) -> None:
-    loops: list[Callable[[], Awaitable[None]]] = [ctx.store.keep_alive]
+    loops: list[Callable[[], Coroutine[Any, Any, None]]] = [ctx.store.keep_alive]
     if spec.watches_map:
         loops.append(ctx.map_view.run)
     loops.extend(functools.partial(loop, ctx) for loop in spec.loops)
@@ -199,4 +200,3 @@ def main(
         print(f"{prog}: error: {exc.message}", file=sys.stderr)  # noqa: T201
         return EXIT_FAILED
     return EXIT_OK
-

@@ -11,8 +11,8 @@ import contextvars
 import json
 import logging
 import sys
-from wsgiref.simple_server import WSGIServer
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 import prometheus_client
 
@@ -94,4 +94,3 @@ class MetricsServer:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
-

@@ -27,13 +27,14 @@ def _add_servicers(
 def build(cfg: config.DatanodeConfig) -> service.ServiceSpec:
     """Lock the state dir, load the identity, open the drives, and plug into the runtime."""
     data_dir = Path(cfg.data_dir)
-    identity.lock_state_dir(data_dir)
+    lock = identity.lock_state_dir(data_dir)
     node_id = identity.load_or_create(data_dir, cfg.node_id, "datanode")
     local = drives.open_drives(cfg.drive_paths(), node_id)
     return service.ServiceSpec(
         role=common_pb2.NODE_ROLE_DATANODE,
         label="datanode",
         node_id=node_id,
+        on_close=lock.close,
         add_servicers=functools.partial(_add_servicers, local),
         drives=functools.partial(servicer.describe, local),
     )

@@ -40,13 +40,14 @@ def open_drive(path: Path, node_id: str) -> LocalDrive:
     path.mkdir(parents=True, exist_ok=True)
     fmt_path = path / FORMAT_FILE
     if not fmt_path.exists():
-        fmt = {"format_version": FORMAT_VERSION, "drive_id": uuid.uuid4().hex, "node_id": node_id}
+        drive_id = uuid.uuid4().hex
+        fmt = {"format_version": FORMAT_VERSION, "drive_id": drive_id, "node_id": node_id}
         identity.write_atomic(fmt_path, json.dumps(fmt).encode())
-        return LocalDrive(path=path, drive_id=fmt["drive_id"])
+        return LocalDrive(path=path, drive_id=drive_id)
     try:
-        fmt = json.loads(fmt_path.read_text())
-        drive_id, owner, version = fmt["drive_id"], fmt["node_id"], fmt["format_version"]
-    except (ValueError, KeyError, OSError) as exc:
+        stored = json.loads(fmt_path.read_text())
+        drive_id, owner, version = stored["drive_id"], stored["node_id"], stored["format_version"]
+    except (ValueError, KeyError, TypeError, OSError) as exc:
         raise config.ConfigError(f"drives: {fmt_path} is unreadable ({exc})") from None
     if version != FORMAT_VERSION:
         raise config.ConfigError(f"drives: {path} has format version {version}")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-import grpc
-
+from kvtier import rpc
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2, datanode_pb2_grpc
 from services.datanode import drives
@@ -33,7 +32,7 @@ class DatanodeServicer(datanode_pb2_grpc.DatanodeServiceServicer):
         self._drives = local
 
     async def ListDrives(
-        self, request: datanode_pb2.ListDrivesRequest, context: grpc.aio.ServicerContext
+        self, request: datanode_pb2.ListDrivesRequest, context: rpc.ServicerContext
     ) -> datanode_pb2.ListDrivesResponse:
         described = await asyncio.to_thread(describe, self._drives)
         return datanode_pb2.ListDrivesResponse(node_id=self._node_id, drives=described)

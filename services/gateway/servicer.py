@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import grpc
-
-from kvtier import clustermap
+from kvtier import clustermap, rpc
 from kvtier.proto.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 
@@ -15,7 +13,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self._view = view
 
     async def GetClusterMap(
-        self, request: gateway_pb2.GetClusterMapRequest, context: grpc.aio.ServicerContext
+        self, request: gateway_pb2.GetClusterMapRequest, context: rpc.ServicerContext
     ) -> gateway_pb2.GetClusterMapResponse:
         current = self._view.current
         if request.known_epoch and request.known_epoch == current.epoch:

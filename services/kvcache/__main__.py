@@ -22,11 +22,12 @@ def _add_servicers(server: grpc.aio.Server, ctx: service.Context) -> Sequence[st
 def build(cfg: config.KVCacheConfig) -> service.ServiceSpec:
     """Lock the state dir, load the identity, and plug into the runtime."""
     data_dir = Path(cfg.data_dir)
-    identity.lock_state_dir(data_dir)
+    lock = identity.lock_state_dir(data_dir)
     return service.ServiceSpec(
         role=common_pb2.NODE_ROLE_KVCACHE,
         label="kvcache",
         node_id=identity.load_or_create(data_dir, cfg.node_id, "kvcache"),
+        on_close=lock.close,
         add_servicers=_add_servicers,
     )
 

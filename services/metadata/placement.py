@@ -7,8 +7,10 @@ Rules (see ARCHITECTURE.md, "Cluster map"):
   pending, they form a new pool. A new node therefore never moves data already written.
 - A node that leaves keeps its slots; they turn OFFLINE and ONLINE again when the same node
   announces the same drive ids (its identity and drives live on its disks).
-- Drives are dealt into sets round-robin across nodes so that each set spans as many nodes as
-  possible (losing a node costs each set as few shards as possible).
+- A pool takes pending drives round-robin across nodes, then deals them (grouped by node) into
+  sets in turn, so each set holds an equal share of every node's drives: losing a node costs
+  each set as few shards as possible.
+- All pools that the pending drives allow are formed in one step.
 - Every change bumps the epoch by one.
 """
 
@@ -88,9 +90,15 @@ def _form_pool(
     index: int, drives: list[common_pb2.PendingDrive], policy: PlacementPolicy
 ) -> common_pb2.Pool:
     size, parity = set_layout(policy)
+    set_count = len(drives) // size
+    # Grouped by node, then dealt round-robin into sets: each set gets an equal share of every
+    # node's drives (as equal as the counts allow), so losing one node costs each set the least.
+    grouped = sorted(drives, key=lambda d: d.node_id)
+    members_of: list[list[common_pb2.PendingDrive]] = [[] for _ in range(set_count)]
+    for position, drive in enumerate(grouped):
+        members_of[position % set_count].append(drive)
     pool = common_pb2.Pool(index=index)
-    for set_index in range(len(drives) // size):
-        members = drives[set_index * size : (set_index + 1) * size]
+    for set_index, members in enumerate(members_of):
         pool.sets.append(
             common_pb2.ErasureSet(
                 index=set_index,
@@ -100,7 +108,7 @@ def _form_pool(
                     common_pb2.DriveSlot(
                         drive_id=d.drive_id, node_id=d.node_id, state=common_pb2.DRIVE_STATE_ONLINE
                     )
-                    for d in members
+                    for d in _interleave(members)
                 ],
             )
         )
@@ -139,7 +147,7 @@ def reconcile(
         for drive_id, node_id in announced.items()
         if drive_id not in placed
     ]
-    if policy.pool_drives > 0 and len(pending) >= policy.pool_drives:
+    while policy.pool_drives > 0 and len(pending) >= policy.pool_drives:
         ordered = _interleave(pending)
         chosen, pending = ordered[: policy.pool_drives], ordered[policy.pool_drives :]
         pool = _form_pool(len(new.pools), chosen, policy)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
-
-from kvtier import clustermap
+from kvtier import clustermap, rpc
+from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.metadata.v1 import metadata_pb2, metadata_pb2_grpc
 
 _WATCH_POLL_S = 30.0
@@ -19,7 +18,7 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
         self._view = view
 
     async def GetClusterMap(
-        self, request: metadata_pb2.GetClusterMapRequest, context: grpc.aio.ServicerContext
+        self, request: metadata_pb2.GetClusterMapRequest, context: rpc.ServicerContext
     ) -> metadata_pb2.GetClusterMapResponse:
         current = self._view.current
         if request.known_epoch and request.known_epoch == current.epoch:
@@ -27,12 +26,16 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
         return metadata_pb2.GetClusterMapResponse(map=current)
 
     async def WatchClusterMap(
-        self, request: metadata_pb2.WatchClusterMapRequest, context: grpc.aio.ServicerContext
+        self, request: metadata_pb2.WatchClusterMapRequest, context: rpc.ServicerContext
     ) -> AsyncIterator[metadata_pb2.WatchClusterMapResponse]:
         sent = request.after_epoch
+
+        def newer(cmap: common_pb2.ClusterMap) -> bool:
+            return cmap.epoch > sent
+
         while True:
             try:
-                current = await self._view.wait_for(lambda m: m.epoch > sent, _WATCH_POLL_S)
+                current = await self._view.wait_for(newer, _WATCH_POLL_S)
             except TimeoutError:
                 continue
             sent = current.epoch

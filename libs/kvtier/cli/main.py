@@ -1,10 +1,10 @@
 """`kvtier`: run and inspect clusters.
 
-    kvtier up [--state-dir DIR] [--detach]    start a dev cluster on 127.0.0.1
-    kvtier down [--state-dir DIR]             stop a detached dev cluster
-    kvtier status [--state-dir DIR | --etcd-endpoints H:P] [--json]
-    kvtier revive [--state-dir DIR]           restart dev-cluster processes that exited
-    kvtier health HOST:PORT                   exit 0 when the node's health is SERVING
+kvtier up [--state-dir DIR] [--detach]    start a dev cluster on 127.0.0.1
+kvtier down [--state-dir DIR]             stop a detached dev cluster
+kvtier status [--state-dir DIR | --etcd-endpoints H:P] [--json]
+kvtier revive [--state-dir DIR]           restart dev-cluster processes that exited
+kvtier health HOST:PORT                   exit 0 when the node's health is SERVING
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="every node with role, address, health and epoch")
     status.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
-    status.add_argument("--etcd-endpoints", default="", help="host:port list; default: the state dir's")
+    status.add_argument(
+        "--etcd-endpoints", default="", help="host:port list; default: the state dir's"
+    )
     status.add_argument("--etcd-prefix", default=devcluster.ETCD_PREFIX)
     status.add_argument("--timeout-s", type=float, default=3.0)
     status.add_argument("--json", action="store_true", help="machine-readable output")

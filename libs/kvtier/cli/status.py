@@ -5,22 +5,17 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import grpc
-
-from kvtier import clustermap, membership, rpc
-from kvtier.proto.common.v1 import common_pb2, common_pb2_grpc
+from kvtier import clustermap, errors, membership, rpc
+from kvtier.clients import node
+from kvtier.proto.common.v1 import common_pb2
 
 
 async def _node_epoch(address: str, timeout_s: float) -> int | None:
-    async with rpc.open_channel(address) as channel:
-        stub = common_pb2_grpc.NodeServiceStub(channel)
+    async with node.NodeClient(address, timeout_s=timeout_s) as client:
         try:
-            reply = await stub.GetNodeInfo(
-                common_pb2.GetNodeInfoRequest(), timeout=timeout_s, metadata=rpc.call_metadata()
-            )
-        except grpc.aio.AioRpcError:
+            return int((await client.get_node_info()).map_epoch)
+        except errors.KVTierError:
             return None
-        return int(reply.map_epoch)
 
 
 async def collect(endpoints: tuple[str, ...], prefix: str, timeout_s: float) -> dict[str, Any]:
@@ -95,7 +90,10 @@ def render(state: dict[str, Any]) -> str:
     lines = [f"cluster map epoch {state['epoch']}  deployment {state['deployment_id']}"]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
     for pool in state["pools"]:
-        sets = ", ".join(f"set {s['index']} {s['layout']} {s['online']}/{s['drives']} online" for s in pool["sets"])
+        sets = ", ".join(
+            f"set {s['index']} {s['layout']} {s['online']}/{s['drives']} online"
+            for s in pool["sets"]
+        )
         lines.append(f"pool {pool['index']}: {sets}")
     if state["pending_drives"]:
         lines.append(f"{state['pending_drives']} drives pending (not yet in a pool)")

@@ -1,0 +1,49 @@
+# Developer commands. Tools come from the virtualenv that scripts/bootstrap.sh creates.
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: help install protos lint fmt typecheck test check up down status
+
+help:
+	@echo "make install    create $(VENV) and install kvtier with dev tools (and etcd via apt)"
+	@echo "make protos     regenerate libs/kvtier/proto from protos/"
+	@echo "make lint       ruff (lint + format check) and import-linter contracts"
+	@echo "make fmt        format the code"
+	@echo "make typecheck  mypy --strict"
+	@echo "make test       the whole pytest suite (unit, component, integration)"
+	@echo "make check      lint + typecheck + test (what CI runs)"
+	@echo "make up|down|status   the dev cluster in .kvtier"
+
+install:
+	scripts/bootstrap.sh install
+
+protos:
+	$(BIN)/python scripts/gen_protos.py
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+fmt:
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+typecheck:
+	$(BIN)/mypy
+
+# pytest exits 5 when it collected no tests: that is a failure here.
+test:
+	@$(BIN)/pytest --durations=10; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest ran no tests" >&2; exit 1; fi; exit $$rc
+
+check: lint typecheck test
+
+up:
+	$(BIN)/kvtier up --state-dir .kvtier
+
+down:
+	$(BIN)/kvtier down --state-dir .kvtier
+
+status:
+	$(BIN)/kvtier status --state-dir .kvtier

@@ -1,0 +1,1 @@
+"""Typed async clients, one per service; the only place generated stubs are called."""

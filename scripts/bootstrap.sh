@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Set up kvtier on a fresh Debian machine with Python 3.11, then run it or test it.
+#
+#   scripts/bootstrap.sh up      install everything, then run the dev cluster (Ctrl-C stops it)
+#   scripts/bootstrap.sh test    install everything, then lint, type-check and run the test suite
+#   scripts/bootstrap.sh install install everything and stop
+#
+# Installs etcd (Debian's etcd-server) and make with apt when they are missing, creates .venv and
+# installs kvtier with its dev tools into it. Safe to run again: it only does what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode=${1:-}
+case "$mode" in
+  up | test | install) shift ;;
+  *) echo "usage: scripts/bootstrap.sh up|test|install [args for kvtier up]" >&2; exit 2 ;;
+esac
+
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+  echo "kvtier needs Python >= 3.11 as python3" >&2
+  exit 1
+}
+
+packages=()
+command -v etcd >/dev/null 2>&1 || packages+=(etcd-server)
+command -v make >/dev/null 2>&1 || packages+=(make)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || packages+=(python3-venv)
+if [ ${#packages[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "installing with apt: ${packages[*]}"
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${packages[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+
+case "$mode" in
+  up) exec .venv/bin/kvtier up --state-dir "${KVTIER_STATE_DIR:-.kvtier}" "$@" ;;
+  test) exec make check VENV=.venv ;;
+  install) echo "installed: .venv/bin/kvtier, etcd at $(command -v etcd)" ;;
+esac
