@@ -291,7 +291,7 @@ class Supervisor:
         await store.connect(wait_s=10)
         try:
             deadline = time.monotonic() + self.opts.ready_timeout_s
-            last = "no cluster map yet"
+            last, shown = "no cluster map yet", ""
             while time.monotonic() < deadline:
                 if self._stop:
                     return None
@@ -300,6 +300,9 @@ class Supervisor:
                 ok, last = await _ready(cmap, self.opts.expected_roles())
                 if ok:
                     return cmap
+                if last != shown:  # progress: say what the cluster is waiting for
+                    self._say(f"  waiting: {last}")
+                    shown = last
                 await asyncio.sleep(0.2)
             raise ClusterError(f"not ready after {self.opts.ready_timeout_s:g}s: {last}")
         finally:

@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,9 +28,10 @@ T = TypeVar("T")
 
 #: Returns the newest epoch the server knows, or None when it does not track the map.
 EpochSource = Callable[[], int | None]
-#: The context every servicer method receives.
-ServicerContext = grpc.aio.ServicerContext[Any, Any]
-_Handler = grpc.RpcMethodHandler[Any, Any]
+if TYPE_CHECKING:  # the stubs' generics are not subscriptable at run time
+    #: The context every servicer method receives.
+    ServicerContext: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+    _Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
