@@ -280,7 +280,8 @@ class EtcdMembership:
             client = self._client
             try:
                 watch_fn = client.watch_prefix if prefix else client.watch
-                watch = await self._call(watch_fn(key))
+                # aetcd bounds watch creation with its own timeout (call_timeout_s).
+                watch = await watch_fn(key)
                 try:
                     yield await read()
                     async for _event in watch:
