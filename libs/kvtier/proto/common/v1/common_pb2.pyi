@@ -109,6 +109,7 @@ class NodeInfo(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     STARTED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
     DRIVES_FIELD_NUMBER: _builtins.int
+    DATAPLANE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     role: Global___NodeRole.ValueType
     grpc_address: _builtins.str
@@ -123,6 +124,10 @@ class NodeInfo(_message.Message):
     def drives(self) -> _containers.RepeatedCompositeFieldContainer[Global___Drive]:
         """Datanodes only."""
 
+    @_builtins.property
+    def dataplane(self) -> Global___DataPlaneCapabilities:
+        """How peers can reach this node's registered memory (nodes that own bulk bytes only)."""
+
     def __init__(
         self,
         *,
@@ -135,10 +140,11 @@ class NodeInfo(_message.Message):
         version: _builtins.str = ...,
         started_at_unix_ms: _builtins.int = ...,
         drives: _abc.Iterable[Global___Drive] | None = ...,
+        dataplane: Global___DataPlaneCapabilities | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dataplane", b"dataplane"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["drives", b"drives", "grpc_address", b"grpc_address", "hostname", b"hostname", "metrics_address", b"metrics_address", "node_id", b"node_id", "pid", b"pid", "role", b"role", "started_at_unix_ms", b"started_at_unix_ms", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataplane", b"dataplane", "drives", b"drives", "grpc_address", b"grpc_address", "hostname", b"hostname", "metrics_address", b"metrics_address", "node_id", b"node_id", "pid", b"pid", "role", b"role", "started_at_unix_ms", b"started_at_unix_ms", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -338,3 +344,259 @@ class GetNodeInfoResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetNodeInfoResponse: _TypeAlias = GetNodeInfoResponse  # noqa: Y015
+
+@_typing.final
+class TransportEndpoint(_message.Message):
+    """--- Data plane ------------------------------------------------------------------------------
+    Bulk bytes never travel in gRPC messages: a node registers memory regions once and grants
+    descriptors of ranges in them; peers then read or write those ranges over a data-plane
+    transport (rdma > shm > tcp), negotiated below.
+
+    One transport a node listens on.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    RDMA_DEVICE_FIELD_NUMBER: _builtins.int
+    RDMA_PORT_FIELD_NUMBER: _builtins.int
+    RDMA_GID_FIELD_NUMBER: _builtins.int
+    RDMA_LID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"tcp", "shm" or "rdma"."""
+    address: _builtins.str
+    """tcp: host:port; shm: path of the Unix socket; rdma: unused (set-up goes through gRPC)."""
+    rdma_device: _builtins.str
+    """rdma only: device name, port number, GID and LID of the listening port."""
+    rdma_port: _builtins.int
+    rdma_gid: _builtins.bytes
+    rdma_lid: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        address: _builtins.str = ...,
+        rdma_device: _builtins.str = ...,
+        rdma_port: _builtins.int = ...,
+        rdma_gid: _builtins.bytes = ...,
+        rdma_lid: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "name", b"name", "rdma_device", b"rdma_device", "rdma_gid", b"rdma_gid", "rdma_lid", b"rdma_lid", "rdma_port", b"rdma_port"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransportEndpoint: _TypeAlias = TransportEndpoint  # noqa: Y015
+
+@_typing.final
+class DataPlaneCapabilities(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_ID_FIELD_NUMBER: _builtins.int
+    ENDPOINTS_FIELD_NUMBER: _builtins.int
+    host_id: _builtins.str
+    """Identity of the host kernel (boot id + hostname): shm is only offered between equal ids."""
+    @_builtins.property
+    def endpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___TransportEndpoint]: ...
+    def __init__(
+        self,
+        *,
+        host_id: _builtins.str = ...,
+        endpoints: _abc.Iterable[Global___TransportEndpoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints", "host_id", b"host_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DataPlaneCapabilities: _TypeAlias = DataPlaneCapabilities  # noqa: Y015
+
+@_typing.final
+class Descriptor(_message.Message):
+    """A grant to read and/or write one range of a peer's registered region, until it expires.
+    The MAC binds every field to the connection's principal; it cannot be altered or reused by
+    another client.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    REGION_ID_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    RIGHTS_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
+    RKEY_FIELD_NUMBER: _builtins.int
+    REMOTE_ADDR_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    region_id: _builtins.int
+    offset: _builtins.int
+    length: _builtins.int
+    rights: _builtins.int
+    """Bit 1: read, bit 2: write."""
+    expires_at_unix_ms: _builtins.int
+    mac: _builtins.bytes
+    rkey: _builtins.int
+    """rdma only: remote key and virtual address of the range's first byte."""
+    remote_addr: _builtins.int
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        region_id: _builtins.int = ...,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+        rights: _builtins.int = ...,
+        expires_at_unix_ms: _builtins.int = ...,
+        mac: _builtins.bytes = ...,
+        rkey: _builtins.int = ...,
+        remote_addr: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at_unix_ms", b"expires_at_unix_ms", "length", b"length", "mac", b"mac", "node_id", b"node_id", "offset", b"offset", "region_id", b"region_id", "remote_addr", b"remote_addr", "rights", b"rights", "rkey", b"rkey"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Descriptor: _TypeAlias = Descriptor  # noqa: Y015
+
+@_typing.final
+class OpenDataPlaneRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_FIELD_NUMBER: _builtins.int
+    ALLOWED_FIELD_NUMBER: _builtins.int
+    client_id: _builtins.str
+    """Who is connecting; descriptors granted to it are valid only on its connections."""
+    @_builtins.property
+    def client(self) -> Global___DataPlaneCapabilities: ...
+    @_builtins.property
+    def allowed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Transports the client accepts, in its order of preference; empty: rdma, shm, tcp."""
+
+    def __init__(
+        self,
+        *,
+        client_id: _builtins.str = ...,
+        client: Global___DataPlaneCapabilities | None = ...,
+        allowed: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["client", b"client"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "client", b"client", "client_id", b"client_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenDataPlaneRequest: _TypeAlias = OpenDataPlaneRequest  # noqa: Y015
+
+@_typing.final
+class OpenDataPlaneResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSPORT_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    TOKEN_EXPIRES_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    transport: _builtins.str
+    """The transport both sides support, first in preference order."""
+    token: _builtins.bytes
+    """Presented when the data-plane connection opens; expires."""
+    token_expires_at_unix_ms: _builtins.int
+    @_builtins.property
+    def endpoint(self) -> Global___TransportEndpoint: ...
+    def __init__(
+        self,
+        *,
+        transport: _builtins.str = ...,
+        endpoint: Global___TransportEndpoint | None = ...,
+        token: _builtins.bytes = ...,
+        token_expires_at_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "token", b"token", "token_expires_at_unix_ms", b"token_expires_at_unix_ms", "transport", b"transport"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenDataPlaneResponse: _TypeAlias = OpenDataPlaneResponse  # noqa: Y015
+
+@_typing.final
+class RdmaQueuePair(_message.Message):
+    """rdma only: queue-pair exchange for a reliable connection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QP_NUM_FIELD_NUMBER: _builtins.int
+    PSN_FIELD_NUMBER: _builtins.int
+    GID_FIELD_NUMBER: _builtins.int
+    LID_FIELD_NUMBER: _builtins.int
+    MTU_FIELD_NUMBER: _builtins.int
+    qp_num: _builtins.int
+    psn: _builtins.int
+    gid: _builtins.bytes
+    lid: _builtins.int
+    mtu: _builtins.int
+    def __init__(
+        self,
+        *,
+        qp_num: _builtins.int = ...,
+        psn: _builtins.int = ...,
+        gid: _builtins.bytes = ...,
+        lid: _builtins.int = ...,
+        mtu: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gid", b"gid", "lid", b"lid", "mtu", b"mtu", "psn", b"psn", "qp_num", b"qp_num"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RdmaQueuePair: _TypeAlias = RdmaQueuePair  # noqa: Y015
+
+@_typing.final
+class ConnectRdmaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    CLIENT_FIELD_NUMBER: _builtins.int
+    token: _builtins.bytes
+    @_builtins.property
+    def client(self) -> Global___RdmaQueuePair: ...
+    def __init__(
+        self,
+        *,
+        token: _builtins.bytes = ...,
+        client: Global___RdmaQueuePair | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["client", b"client"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectRdmaRequest: _TypeAlias = ConnectRdmaRequest  # noqa: Y015
+
+@_typing.final
+class ConnectRdmaResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def server(self) -> Global___RdmaQueuePair: ...
+    def __init__(
+        self,
+        *,
+        server: Global___RdmaQueuePair | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["server", b"server"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["server", b"server"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectRdmaResponse: _TypeAlias = ConnectRdmaResponse  # noqa: Y015

@@ -26,6 +26,126 @@ if _version_not_supported:
     )
 
 
+class DataPlaneServiceStub:
+    """Served by nodes that own registered memory (kvcache, datanode).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.OpenDataPlane = channel.unary_unary(
+                '/kvtier.common.v1.DataPlaneService/OpenDataPlane',
+                request_serializer=kvtier_dot_common_dot_v1_dot_common__pb2.OpenDataPlaneRequest.SerializeToString,
+                response_deserializer=kvtier_dot_common_dot_v1_dot_common__pb2.OpenDataPlaneResponse.FromString,
+                _registered_method=True)
+        self.ConnectRdma = channel.unary_unary(
+                '/kvtier.common.v1.DataPlaneService/ConnectRdma',
+                request_serializer=kvtier_dot_common_dot_v1_dot_common__pb2.ConnectRdmaRequest.SerializeToString,
+                response_deserializer=kvtier_dot_common_dot_v1_dot_common__pb2.ConnectRdmaResponse.FromString,
+                _registered_method=True)
+
+
+class DataPlaneServiceServicer:
+    """Served by nodes that own registered memory (kvcache, datanode).
+    """
+
+    def OpenDataPlane(self, request, context):
+        """Pick a transport and get a connection token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConnectRdma(self, request, context):
+        """Connect an RDMA queue pair (rdma transport only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_DataPlaneServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'OpenDataPlane': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenDataPlane,
+                    request_deserializer=kvtier_dot_common_dot_v1_dot_common__pb2.OpenDataPlaneRequest.FromString,
+                    response_serializer=kvtier_dot_common_dot_v1_dot_common__pb2.OpenDataPlaneResponse.SerializeToString,
+            ),
+            'ConnectRdma': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConnectRdma,
+                    request_deserializer=kvtier_dot_common_dot_v1_dot_common__pb2.ConnectRdmaRequest.FromString,
+                    response_serializer=kvtier_dot_common_dot_v1_dot_common__pb2.ConnectRdmaResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'kvtier.common.v1.DataPlaneService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('kvtier.common.v1.DataPlaneService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class DataPlaneService:
+    """Served by nodes that own registered memory (kvcache, datanode).
+    """
+
+    @staticmethod
+    def OpenDataPlane(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.common.v1.DataPlaneService/OpenDataPlane',
+            kvtier_dot_common_dot_v1_dot_common__pb2.OpenDataPlaneRequest.SerializeToString,
+            kvtier_dot_common_dot_v1_dot_common__pb2.OpenDataPlaneResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConnectRdma(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.common.v1.DataPlaneService/ConnectRdma',
+            kvtier_dot_common_dot_v1_dot_common__pb2.ConnectRdmaRequest.SerializeToString,
+            kvtier_dot_common_dot_v1_dot_common__pb2.ConnectRdmaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class NodeServiceStub:
     """Served by every kvtier process next to the standard health service.
     """

@@ -27,6 +27,49 @@ class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ig
 GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
+class DataPlaneServiceStub:
+    """Served by nodes that own registered memory (kvcache, datanode)."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> DataPlaneServiceAsyncStub: ...
+    OpenDataPlane: _grpc.UnaryUnaryMultiCallable[_common_pb2.OpenDataPlaneRequest, _common_pb2.OpenDataPlaneResponse]
+    """Pick a transport and get a connection token."""
+    ConnectRdma: _grpc.UnaryUnaryMultiCallable[_common_pb2.ConnectRdmaRequest, _common_pb2.ConnectRdmaResponse]
+    """Connect an RDMA queue pair (rdma transport only)."""
+
+@_typing.type_check_only
+class DataPlaneServiceAsyncStub(DataPlaneServiceStub):
+    """Served by nodes that own registered memory (kvcache, datanode)."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    OpenDataPlane: _aio.UnaryUnaryMultiCallable[_common_pb2.OpenDataPlaneRequest, _common_pb2.OpenDataPlaneResponse]  # type: ignore[assignment]
+    """Pick a transport and get a connection token."""
+    ConnectRdma: _aio.UnaryUnaryMultiCallable[_common_pb2.ConnectRdmaRequest, _common_pb2.ConnectRdmaResponse]  # type: ignore[assignment]
+    """Connect an RDMA queue pair (rdma transport only)."""
+
+class DataPlaneServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Served by nodes that own registered memory (kvcache, datanode)."""
+
+    @_abc_1.abstractmethod
+    def OpenDataPlane(
+        self,
+        request: _common_pb2.OpenDataPlaneRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.OpenDataPlaneResponse, _abc.Awaitable[_common_pb2.OpenDataPlaneResponse]]:
+        """Pick a transport and get a connection token."""
+
+    @_abc_1.abstractmethod
+    def ConnectRdma(
+        self,
+        request: _common_pb2.ConnectRdmaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.ConnectRdmaResponse, _abc.Awaitable[_common_pb2.ConnectRdmaResponse]]:
+        """Connect an RDMA queue pair (rdma transport only)."""
+
+def add_DataPlaneServiceServicer_to_server(servicer: DataPlaneServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class NodeServiceStub:
     """Served by every kvtier process next to the standard health service."""
 

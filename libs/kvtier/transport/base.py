@@ -1,0 +1,431 @@
+"""What every transport shares: regions, descriptors, grants and tokens, flow control, buffers.
+
+Everything here is device-independent and tested through the tcp and shm transports; the rdma
+transport uses the same descriptors (plus rkey and remote address) and the same checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import enum
+import hashlib
+import hmac
+import mmap
+import os
+import secrets
+import socket
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from kvtier import errors
+from kvtier.proto.common.v1 import common_pb2
+
+MAC_BYTES = 16
+_MAC_FIELDS = struct.Struct("<IQQBq")  # region_id, offset, length, rights, expires_at_ms
+
+
+class Rights(enum.IntFlag):
+    """What a descriptor allows."""
+
+    READ = 1
+    WRITE = 2
+
+
+class DescriptorExpired(errors.PermissionDenied):
+    """The descriptor's grant has expired: ask the control plane for a new one."""
+
+
+class DescriptorRejected(errors.PermissionDenied):
+    """The descriptor is forged, altered, out of range, or lacks the needed right."""
+
+
+class PeerLost(errors.Unavailable):
+    """The data-plane connection broke; in-flight operations failed, nothing was half-applied."""
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds (expiries travel between hosts, so not monotonic)."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """A grant to access [offset, offset+length) of a peer's region until expires_at_ms."""
+
+    node_id: str
+    region_id: int
+    offset: int
+    length: int
+    rights: Rights
+    expires_at_ms: int
+    mac: bytes
+    rkey: int = 0
+    remote_addr: int = 0
+
+    def to_proto(self) -> common_pb2.Descriptor:
+        """The wire form that travels in gRPC messages."""
+        return common_pb2.Descriptor(
+            node_id=self.node_id,
+            region_id=self.region_id,
+            offset=self.offset,
+            length=self.length,
+            rights=int(self.rights),
+            expires_at_unix_ms=self.expires_at_ms,
+            mac=self.mac,
+            rkey=self.rkey,
+            remote_addr=self.remote_addr,
+        )
+
+    @classmethod
+    def from_proto(cls, msg: common_pb2.Descriptor) -> Descriptor:
+        """Parse the wire form (validity is checked by the owner, not here)."""
+        return cls(
+            node_id=msg.node_id,
+            region_id=msg.region_id,
+            offset=msg.offset,
+            length=msg.length,
+            rights=Rights(msg.rights & 3),
+            expires_at_ms=msg.expires_at_unix_ms,
+            mac=bytes(msg.mac),
+            rkey=msg.rkey,
+            remote_addr=msg.remote_addr,
+        )
+
+
+class Region:
+    """A preallocated arena backed by a memfd, so same-host peers can map it (shm).
+
+    The memory is populated at creation (no page faults on the hot path). `view` is a writable
+    memoryview over the whole arena; `address` is its virtual address (for RDMA registration).
+    """
+
+    def __init__(self, region_id: int, size: int, name: str = "kvtier") -> None:
+        if size <= 0:
+            raise errors.InvalidArgument(f"region size must be positive, got {size}")
+        self.region_id = region_id
+        self.size = size
+        self.fd = os.memfd_create(f"{name}-{region_id}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            self._map = mmap.mmap(self.fd, size, flags=flags)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.view = memoryview(self._map)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+
+    def close(self) -> None:
+        """Unmap and close; the region must no longer be in use. Idempotent."""
+        if self.fd < 0:
+            return
+        self.view.release()
+        # A ctypes export may still refer to the map; then it is freed with the process.
+        with contextlib.suppress(BufferError):
+            self._map.close()
+        os.close(self.fd)
+        self.fd = -1
+
+
+class RegionTable:
+    """The regions a node has registered, by id."""
+
+    def __init__(self) -> None:
+        self._regions: dict[int, Region] = {}
+        self._next_id = 1
+
+    def create(self, size: int, name: str = "kvtier") -> Region:
+        """Allocate and register a new region."""
+        region = Region(self._next_id, size, name)
+        self._regions[region.region_id] = region
+        self._next_id += 1
+        return region
+
+    def get(self, region_id: int) -> Region:
+        """The region; DescriptorRejected when there is none with that id."""
+        region = self._regions.get(region_id)
+        if region is None:
+            raise DescriptorRejected(f"no region {region_id}")
+        return region
+
+    def all(self) -> list[Region]:
+        """Every registered region."""
+        return list(self._regions.values())
+
+    def close(self) -> None:
+        """Release every region."""
+        for region in self._regions.values():
+            region.close()
+        self._regions.clear()
+
+
+class Issuer:
+    """Grants descriptors and connection tokens, and checks them (HMAC-SHA256, per-process key).
+
+    A descriptor's MAC covers region, range, rights and expiry and is keyed to the principal
+    (client id) it was granted to, so it is only valid on that client's connections. The key
+    lives in memory only: a restarted node invalidates every outstanding grant.
+    """
+
+    def __init__(self, node_id: str, secret: bytes | None = None) -> None:
+        self.node_id = node_id
+        self._secret = secret or secrets.token_bytes(32)
+
+    def _mac(
+        self, principal: str, region_id: int, offset: int, length: int, rights: int, exp: int
+    ) -> bytes:
+        msg = _MAC_FIELDS.pack(region_id, offset, length, rights, exp) + principal.encode()
+        return hmac.digest(self._secret, msg, hashlib.sha256)[:MAC_BYTES]
+
+    def grant(
+        self,
+        region: Region,
+        offset: int,
+        length: int,
+        rights: Rights,
+        principal: str,
+        ttl_s: float = 30.0,
+        *,
+        rkey: int = 0,
+    ) -> Descriptor:
+        """A descriptor of region[offset:offset+length] for principal, valid for ttl_s."""
+        if offset < 0 or length < 0 or offset + length > region.size:
+            raise errors.InvalidArgument(
+                f"range {offset}+{length} outside region {region.region_id} of {region.size} bytes"
+            )
+        exp = now_ms() + int(ttl_s * 1000)
+        mac = self._mac(principal, region.region_id, offset, length, int(rights), exp)
+        return Descriptor(
+            node_id=self.node_id,
+            region_id=region.region_id,
+            offset=offset,
+            length=length,
+            rights=rights,
+            expires_at_ms=exp,
+            mac=mac,
+            rkey=rkey,
+            remote_addr=region.address + offset if rkey else 0,
+        )
+
+    def check(
+        self,
+        regions: RegionTable,
+        principal: str,
+        need: Rights,
+        region_id: int,
+        offset: int,
+        length: int,
+        rights: int,
+        expires_at_ms: int,
+        mac: bytes,
+    ) -> Region:
+        """Verify a descriptor's fields for principal; returns its region.
+
+        Raises DescriptorRejected (bad MAC, missing right, range outside the region) or
+        DescriptorExpired.
+        """
+        expected = self._mac(principal, region_id, offset, length, rights, expires_at_ms)
+        if not hmac.compare_digest(expected, mac):
+            raise DescriptorRejected("descriptor not granted to this client (bad MAC)")
+        if rights & need != need:
+            raise DescriptorRejected(f"descriptor lacks the {need.name} right")
+        if expires_at_ms < now_ms():
+            raise DescriptorExpired("descriptor expired")
+        region = regions.get(region_id)
+        if offset + length > region.size:
+            raise DescriptorRejected("descriptor range outside its region")
+        return region
+
+    def issue_token(self, principal: str, ttl_s: float = 300.0) -> tuple[bytes, int]:
+        """A data-plane connection token for principal and its expiry (ms)."""
+        exp = now_ms() + int(ttl_s * 1000)
+        name = principal.encode()
+        body = struct.pack("<qH", exp, len(name)) + name
+        return body + hmac.digest(self._secret, b"token" + body, hashlib.sha256)[:MAC_BYTES], exp
+
+    def check_token(self, token: bytes) -> str:
+        """The principal a token was issued to; PermissionDenied when forged or expired."""
+        if len(token) < 10 + MAC_BYTES:
+            raise errors.PermissionDenied("malformed data-plane token")
+        body, mac = token[:-MAC_BYTES], token[-MAC_BYTES:]
+        expected = hmac.digest(self._secret, b"token" + body, hashlib.sha256)[:MAC_BYTES]
+        if not hmac.compare_digest(expected, mac):
+            raise errors.PermissionDenied("data-plane token not issued by this node")
+        exp, size = struct.unpack_from("<qH", body)
+        if exp < now_ms():
+            raise errors.PermissionDenied("data-plane token expired")
+        if 10 + size != len(body):
+            raise errors.PermissionDenied("malformed data-plane token")
+        return body[10:].decode()
+
+
+class ByteBudget:
+    """Bounds the bytes in flight to one peer; a single request larger than the bound runs alone."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._used = 0
+        self._cond = asyncio.Condition()
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes currently in flight."""
+        return self._used
+
+    async def acquire(self, n: int) -> None:
+        """Wait until n more bytes fit (or nothing is in flight)."""
+        async with self._cond:
+            await self._cond.wait_for(lambda: self._used == 0 or self._used + n <= self.limit_bytes)
+            self._used += n
+
+    async def release(self, n: int) -> None:
+        """Return n bytes to the budget."""
+        async with self._cond:
+            self._used -= n
+            self._cond.notify_all()
+
+
+def as_buffer(obj: Any, *, writable: bool) -> memoryview:
+    """A flat byte view of a buffer-protocol object (memoryview, bytearray, numpy, torch CPU).
+
+    Never copies. Raises InvalidArgument for non-contiguous or (when writable) read-only buffers.
+    """
+    try:
+        view = memoryview(obj)
+    except TypeError:
+        numpy_view = getattr(obj, "numpy", None)  # torch CPU tensors share memory with .numpy()
+        if numpy_view is None:
+            raise errors.InvalidArgument(f"{type(obj).__name__} has no buffer") from None
+        view = memoryview(numpy_view())
+    if not view.c_contiguous:
+        raise errors.InvalidArgument("buffer must be C-contiguous")
+    if writable and view.readonly:
+        raise errors.InvalidArgument("buffer to read into is read-only")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def check_sizes(descs: Sequence[Descriptor], bufs: Sequence[memoryview]) -> None:
+    """Each buffer must be exactly its descriptor's length."""
+    if len(descs) != len(bufs):
+        raise errors.InvalidArgument(f"{len(descs)} descriptors but {len(bufs)} buffers")
+    for desc, buf in zip(descs, bufs, strict=True):
+        if buf.nbytes != desc.length:
+            raise errors.InvalidArgument(
+                f"buffer of {buf.nbytes} bytes for a descriptor of {desc.length}"
+            )
+
+
+def host_id() -> str:
+    """This kernel's identity: same id ⇒ same host (shm possible)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            boot = handle.read().strip()
+    except OSError:
+        boot = "unknown"
+    return f"{socket.gethostname()}/{boot}"
+
+
+class LeaseTable:
+    """Ranges of regions that a peer is reading or writing right now.
+
+    A transport leases a range before bytes move and releases it when they have moved (or its
+    connection dies). Whoever reuses region memory (the KV pool's eviction, a datanode's buffer
+    pool) must not reuse a range while `overlaps()` says it is leased: so a range is never
+    reused under a reader.
+    """
+
+    def __init__(self) -> None:
+        self._next = 1
+        self._leases: dict[int, tuple[int, int, int, object, int]] = {}
+
+    def acquire(
+        self, region_id: int, offset: int, length: int, owner: object, until_ms: int
+    ) -> int:
+        """Lease a range for owner until until_ms; returns the lease id."""
+        lease_id = self._next
+        self._next += 1
+        self._leases[lease_id] = (region_id, offset, length, owner, until_ms)
+        return lease_id
+
+    def release(self, lease_id: int) -> None:
+        """End one lease (unknown ids are ignored: release is idempotent)."""
+        self._leases.pop(lease_id, None)
+
+    def release_owner(self, owner: object) -> int:
+        """End every lease of owner (its connection closed); returns how many."""
+        doomed = [k for k, v in self._leases.items() if v[3] is owner]
+        for lease_id in doomed:
+            del self._leases[lease_id]
+        return len(doomed)
+
+    def expire(self, now: int | None = None) -> int:
+        """Drop leases past their end; returns how many."""
+        now = now_ms() if now is None else now
+        doomed = [k for k, v in self._leases.items() if v[4] < now]
+        for lease_id in doomed:
+            del self._leases[lease_id]
+        return len(doomed)
+
+    def overlaps(self, region_id: int, offset: int, length: int) -> bool:
+        """Whether any live lease touches region[offset:offset+length]."""
+        now = now_ms()
+        end = offset + length
+        return any(
+            r == region_id and o < end and offset < o + n and until >= now
+            for r, o, n, _owner, until in self._leases.values()
+        )
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+
+@dataclass(slots=True)
+class ServerContext:
+    """What a transport server needs from its node."""
+
+    node_id: str
+    regions: RegionTable
+    issuer: Issuer
+    leases: LeaseTable = field(default_factory=LeaseTable)
+    max_inflight_bytes: int = 256 * 1024 * 1024
+
+
+class Transport(Protocol):
+    """A client's connection to one peer's registered memory."""
+
+    name: ClassVar[str]
+
+    async def read(self, desc: Descriptor, into: Any) -> None:
+        """Copy the described range into `into` (len == desc.length)."""
+
+    async def write(self, desc: Descriptor, data: Any) -> None:
+        """Copy `data` (len == desc.length) into the described range."""
+
+    async def read_batch(self, descs: Sequence[Descriptor], intos: Sequence[Any]) -> None:
+        """Many reads, pipelined; all complete or the first error is raised."""
+
+    async def write_batch(self, descs: Sequence[Descriptor], datas: Sequence[Any]) -> None:
+        """Many writes, pipelined; all complete or the first error is raised."""
+
+    async def close(self) -> None:
+        """Close the connection; idempotent."""
+
+
+class TransportServer(Protocol):
+    """The serving side of one transport on a node."""
+
+    name: ClassVar[str]
+
+    async def start(self) -> common_pb2.TransportEndpoint:
+        """Listen; returns how clients reach it."""
+
+    async def stop(self) -> None:
+        """Stop listening and drop connections (their leases end); idempotent."""
+
+    def connection_count(self) -> int:
+        """Open client connections (for tests and metrics)."""

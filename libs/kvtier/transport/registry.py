@@ -1,0 +1,123 @@
+"""Transports by name, loaded lazily, and the choice of one per peer.
+
+Each implementation module (`kvtier.transport.tcp`, `.shm`, `.rdma`) provides:
+    available() -> bool                                  usable on this host?
+    make_server(ctx, settings) -> base.TransportServer   the serving side
+    async connect(endpoint, token, settings) -> base.Transport
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from kvtier import errors
+from kvtier.proto.common.v1 import common_pb2
+from kvtier.transport import base
+
+#: Sends our queue-pair info to the server (gRPC ConnectRdma) and returns the server's.
+RdmaExchange = Callable[[common_pb2.RdmaQueuePair], Awaitable[common_pb2.RdmaQueuePair]]
+
+#: Every transport, in default order of preference.
+PREFERENCE = ("rdma", "shm", "tcp")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerSettings:
+    """How a node serves its data plane."""
+
+    host: str = "127.0.0.1"
+    advertise_host: str = "127.0.0.1"
+    tcp_port: int = 0
+    #: Where the shm Unix socket lives (a private 0700 directory when empty).
+    shm_dir: str = ""
+    #: RDMA device to use (empty: the first one found).
+    rdma_device: str = ""
+    max_inflight_bytes: int = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClientSettings:
+    """How a client connects to one peer."""
+
+    #: Parallel connections per peer (tcp).
+    connections: int = 4
+    #: Bytes in flight to one peer before new requests wait.
+    max_inflight_bytes: int = 256 * 1024 * 1024
+    #: Deadline of one data-plane operation.
+    timeout_s: float = 30.0
+    rdma_device: str = ""
+    #: rdma only: exchanges queue-pair info with the server over gRPC (ConnectRdma).
+    rdma_exchange: (
+        Callable[[common_pb2.RdmaQueuePair], Awaitable[common_pb2.RdmaQueuePair]] | None
+    ) = field(default=None)
+
+
+def load(name: str) -> ModuleType:
+    """The implementation module of a transport; Unavailable when it cannot run here."""
+    if name not in PREFERENCE:
+        raise errors.InvalidArgument(f"unknown transport {name!r}; known: {', '.join(PREFERENCE)}")
+    module = importlib.import_module(f"kvtier.transport.{name}")
+    if not module.available():
+        raise errors.Unavailable(f"transport {name} is not available on this host")
+    return module
+
+
+def available() -> list[str]:
+    """The transports usable on this host, in preference order."""
+    usable = []
+    for name in PREFERENCE:
+        try:
+            load(name)
+        except (errors.Unavailable, ImportError):
+            continue
+        usable.append(name)
+    return usable
+
+
+def choose(
+    server: common_pb2.DataPlaneCapabilities,
+    client: common_pb2.DataPlaneCapabilities,
+    allowed: Sequence[str] = PREFERENCE,
+) -> common_pb2.TransportEndpoint:
+    """The server endpoint to use: first of `allowed` that both sides offer (shm: same host only)."""
+    offered = {e.name: e for e in server.endpoints}
+    client_side = {e.name for e in client.endpoints}
+    for name in allowed or PREFERENCE:
+        if name not in offered or name not in client_side:
+            continue
+        if name == "shm" and server.host_id != client.host_id:
+            continue
+        return offered[name]
+    raise errors.Unavailable(
+        f"no common data-plane transport (server offers {sorted(offered)}, "
+        f"client {sorted(client_side)}, allowed {list(allowed)})"
+    )
+
+
+def private_dir() -> str:
+    """A fresh 0700 directory for Unix sockets."""
+    path = tempfile.mkdtemp(prefix="kvtier-dp-")
+    os.chmod(path, 0o700)
+    return path
+
+
+def client_capabilities(names: Sequence[str] | None = None) -> common_pb2.DataPlaneCapabilities:
+    """What this process can use as a client."""
+    usable = available() if names is None else [n for n in available() if n in names]
+    return common_pb2.DataPlaneCapabilities(
+        host_id=base.host_id(),
+        endpoints=[common_pb2.TransportEndpoint(name=n) for n in usable],
+    )
+
+
+async def connect(
+    endpoint: common_pb2.TransportEndpoint, token: bytes, settings: ClientSettings
+) -> Any:
+    """Open a client connection of the endpoint's transport."""
+    return await load(endpoint.name).connect(endpoint, token, settings)
