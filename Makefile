@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: help install protos lint fmt typecheck test check up down status
+.PHONY: help install protos lint fmt typecheck test check bench up down status
 
 help:
 	@echo "make install    create $(VENV) and install kvtier with dev tools (and etcd via apt)"
@@ -12,6 +12,7 @@ help:
 	@echo "make typecheck  mypy --strict"
 	@echo "make test       the whole pytest suite (unit, component, integration)"
 	@echo "make check      lint + typecheck + test (what CI runs)"
+	@echo "make bench      benchmarks; writes docs/benchmarks.md and docs/img/*.png"
 	@echo "make up|down|status   the dev cluster in .kvtier"
 
 install:
@@ -38,6 +39,10 @@ test:
 	if [ $$rc -eq 5 ]; then echo "pytest ran no tests" >&2; exit 1; fi; exit $$rc
 
 check: lint typecheck test
+
+# Speed targets are checked here, as ratios of ceilings measured in the same run; never in tests.
+bench:
+	$(BIN)/python -m bench.run
 
 up:
 	$(BIN)/kvtier up --state-dir .kvtier

@@ -196,3 +196,31 @@ def load(
 def describe(cfg: object) -> dict[str, Any]:
     """The settings as a plain dict, for the one log line at start."""
     return dataclasses.asdict(cfg)  # type: ignore[call-overload, no-any-return]
+
+
+_TRANSPORTS = ("rdma", "shm", "tcp")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class DataPlaneServiceConfig(ServiceConfig):
+    """Settings of a service that owns bulk bytes and serves them over the data plane."""
+
+    dataplane_transports: tuple[str, ...] = setting(
+        _TRANSPORTS, "data-plane transports to serve, in order of preference (rdma,shm,tcp)"
+    )
+    dataplane_port: int = setting(0, "tcp data-plane port; 0 picks a free one")
+    dataplane_max_inflight_bytes: int = setting(
+        256 * 1024 * 1024, "bytes in flight per data-plane peer before new requests wait"
+    )
+    rdma_device: str = setting("", "RDMA device for the rdma transport; empty: the first found")
+
+    def __post_init__(self) -> None:
+        ServiceConfig.__post_init__(self)
+        _check_port("dataplane_port", self.dataplane_port)
+        if not self.dataplane_transports:
+            raise ConfigError("dataplane_transports: at least one transport is needed")
+        unknown = [t for t in self.dataplane_transports if t not in _TRANSPORTS]
+        if unknown:
+            raise ConfigError(f"dataplane_transports: unknown {unknown}; known: rdma, shm, tcp")
+        if self.dataplane_max_inflight_bytes < 64 * 1024:
+            raise ConfigError("dataplane_max_inflight_bytes: must be at least 65536")

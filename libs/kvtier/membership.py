@@ -119,7 +119,8 @@ class EtcdMembership:
         while True:
             client = self._new_client()
             try:
-                await asyncio.wait_for(client.status(), self._timeout_s)
+                async with asyncio.timeout(self._timeout_s):
+                    await client.status()
             except _ETCD_ERRORS as exc:
                 await _close_quietly(client)
                 reason = _reason(exc)
@@ -158,8 +159,11 @@ class EtcdMembership:
         self._client = None
 
     async def _call(self, coro: Any) -> Any:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+        # races with the inner call's completion, and a service would then never stop.
         try:
-            return await asyncio.wait_for(coro, self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):
+                return await coro
         except _ETCD_ERRORS as exc:
             raise errors.Unavailable(f"etcd at {self.endpoint}: {_reason(exc)}") from None
 
@@ -289,7 +293,8 @@ class EtcdMembership:
                         backoff.reset()
                 finally:
                     with contextlib.suppress(*_ETCD_ERRORS):
-                        await asyncio.wait_for(watch.cancel(), self._timeout_s)
+                        async with asyncio.timeout(self._timeout_s):
+                            await watch.cancel()
             except (errors.Unavailable, *_ETCD_ERRORS) as exc:
                 delay = backoff.next_delay()
                 log.warning("watch on %s broke (%s); retrying in %.1fs", key, _reason(exc), delay)
@@ -324,4 +329,5 @@ async def _close_quietly(client: Any) -> None:
     if client is None:
         return
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(client.close(), 2.0)
+        async with asyncio.timeout(2.0):
+            await client.close()

@@ -27,6 +27,9 @@ from grpc_health.v1 import health_pb2
 import kvtier
 from kvtier import clustermap, config, errors, membership, rpc, telemetry
 from kvtier.proto.common.v1 import common_pb2, common_pb2_grpc
+from kvtier.transport import dataplane as transport_dataplane
+from kvtier.transport import grpc_service as dataplane_grpc
+from kvtier.transport import registry as transport_registry
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ class Context:
     node_id: str
     store: membership.EtcdMembership
     map_view: clustermap.MapView
+    #: The node's data plane (regions, grants, transports) when spec.dataplane is set.
+    dataplane: transport_dataplane.DataPlane | None = None
 
 
 @dataclass(slots=True)
@@ -61,6 +66,8 @@ class ServiceSpec:
     loops: Sequence[Callable[[Context], Coroutine[Any, Any, None]]] = field(default_factory=tuple)
     #: Whether this process watches the cluster map (and checks callers' epochs).
     watches_map: bool = True
+    #: Whether the node owns bulk bytes and serves a data plane (cfg: DataPlaneServiceConfig).
+    dataplane: bool = False
     #: Releases what build() took (state-dir locks); called last at shutdown.
     on_close: Callable[[], object] = lambda: None
 
@@ -115,11 +122,19 @@ async def run_service(cfg: config.ServiceConfig, spec: ServiceSpec, stop: asynci
         _NodeServicer(info, view if spec.watches_map else None), server
     )
     names.append(common_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name)
+    if spec.dataplane:
+        ctx.dataplane = _make_dataplane(cfg, spec.node_id, advertised)
+        common_pb2_grpc.add_DataPlaneServiceServicer_to_server(
+            dataplane_grpc.DataPlaneServicer(ctx.dataplane), server
+        )
+        names.append(common_pb2.DESCRIPTOR.services_by_name["DataPlaneService"].full_name)
     rpc.enable_reflection(server, names)
     telemetry.NODE_INFO.info({"node_id": spec.node_id, "role": spec.label})
-    await server.start()
-    log.info("%s %s serving gRPC on %s", spec.label, spec.node_id, info.grpc_address)
     try:
+        if ctx.dataplane is not None:
+            info.dataplane.CopyFrom(await ctx.dataplane.start())
+        await server.start()
+        log.info("%s %s serving gRPC on %s", spec.label, spec.node_id, info.grpc_address)
         await store.connect(cfg.etcd_wait_s)
         info.drives.extend(spec.drives())
         await store.register(info, cfg.lease_ttl_s)
@@ -129,7 +144,24 @@ async def run_service(cfg: config.ServiceConfig, spec: ServiceSpec, stop: asynci
         await _run_loops(ctx, spec, stop)
     finally:
         await _shutdown(cfg, store, health, server, metrics)
+        if ctx.dataplane is not None:
+            await ctx.dataplane.stop()
         spec.on_close()
+
+
+def _make_dataplane(
+    cfg: config.ServiceConfig, node_id: str, advertised: str
+) -> transport_dataplane.DataPlane:
+    if not isinstance(cfg, config.DataPlaneServiceConfig):
+        raise TypeError("a data-plane service needs a DataPlaneServiceConfig")
+    settings = transport_registry.ServerSettings(
+        host=cfg.host,
+        advertise_host=advertised,
+        tcp_port=cfg.dataplane_port,
+        rdma_device=cfg.rdma_device,
+        max_inflight_bytes=cfg.dataplane_max_inflight_bytes,
+    )
+    return transport_dataplane.DataPlane(node_id, cfg.dataplane_transports, settings)
 
 
 async def _run_loops(ctx: Context, spec: ServiceSpec, stop: asyncio.Event) -> None:

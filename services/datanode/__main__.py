@@ -35,6 +35,7 @@ def build(cfg: config.DatanodeConfig) -> service.ServiceSpec:
         label="datanode",
         node_id=node_id,
         on_close=lock.close,
+        dataplane=True,
         add_servicers=functools.partial(_add_servicers, local),
         drives=functools.partial(servicer.describe, local),
     )

@@ -9,7 +9,7 @@ from kvtier import config
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class DatanodeConfig(config.ServiceConfig):
+class DatanodeConfig(config.DataPlaneServiceConfig):
     """A datanode: shard storage on local drives."""
 
     data_dir: str = config.setting("./kvtier-data/datanode", "node state (identity, lock)")
@@ -19,7 +19,7 @@ class DatanodeConfig(config.ServiceConfig):
     drive_count: int = config.setting(2, "drives to create under data_dir when drives is empty")
 
     def __post_init__(self) -> None:
-        config.ServiceConfig.__post_init__(self)
+        config.DataPlaneServiceConfig.__post_init__(self)
         if not self.data_dir:
             raise config.ConfigError("data_dir: must not be empty")
         if not self.drives and not 1 <= self.drive_count <= 64:

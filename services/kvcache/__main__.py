@@ -28,6 +28,7 @@ def build(cfg: config.KVCacheConfig) -> service.ServiceSpec:
         label="kvcache",
         node_id=identity.load_or_create(data_dir, cfg.node_id, "kvcache"),
         on_close=lock.close,
+        dataplane=True,
         add_servicers=_add_servicers,
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ class Running:
     """A service running in this process."""
 
     spec: service.ServiceSpec
+    ctx: service.Context
     info: common_pb2.NodeInfo
     stop: asyncio.Event
     task: asyncio.Task[None]
@@ -78,11 +80,26 @@ async def run(
     }
     cfg = cfg_cls(**{**defaults, **settings})
     spec = build(cfg)
+    captured: list[service.Context] = []
+    add_servicers = spec.add_servicers
+
+    def capture(server: Any, ctx: service.Context) -> Any:
+        captured.append(ctx)  # the test may look inside the running service
+        return add_servicers(server, ctx)
+
+    spec.add_servicers = capture
     stop = asyncio.Event()
     task = asyncio.create_task(service.run_service(cfg, spec, stop))
     try:
         info = await wait_registered(store, spec.node_id, task=task)
-        yield Running(spec=spec, info=info, stop=stop, task=task)
+        yield Running(spec=spec, ctx=captured[0], info=info, stop=stop, task=task)
     finally:
         stop.set()
-        await asyncio.wait_for(task, 30)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 30)
+        except TimeoutError:
+            for pending in asyncio.all_tasks():  # say what did not stop
+                frames = pending.get_stack(limit=12)
+                where = " <- ".join(f"{f.f_code.co_filename}:{f.f_lineno}" for f in frames)
+                print(f"not stopped: {pending.get_name()} {where}", file=sys.stderr)  # noqa: T201
+            raise

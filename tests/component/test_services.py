@@ -326,3 +326,34 @@ async def test_node_reregisters_after_etcd_outage(
             assert await rpc.check_health(kv.address) == "SERVING"
     finally:
         await client.close()
+
+
+async def test_data_plane_is_negotiated_over_grpc(
+    etcd: etcdserver.EtcdServer, etcd_prefix: str, store: membership.EtcdMembership, tmp_path: Path
+) -> None:
+    from kvtier.clients import dataplane as dataplane_client
+    from kvtier.transport import base as transport_base
+
+    async with harness.run(
+        datanode_config.DatanodeConfig, "datanode", datanode_main.build, store,
+        etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix, data_dir=str(tmp_path / "dn"),
+    ) as dn:  # fmt: skip
+        offered = {e.name for e in dn.info.dataplane.endpoints}
+        assert {"tcp", "shm"} <= offered  # announced in etcd, so in the cluster map
+        plane = dn.ctx.dataplane
+        assert plane is not None
+        region = plane.regions.create(1 << 20)
+        async with dataplane_client.DataPlaneClient(dn.address) as client:
+            # Same host: shm wins over tcp; a client may narrow the choice.
+            assert (await client.negotiate("c1")).transport == "shm"
+            assert (await client.negotiate("c1", ["tcp"])).transport == "tcp"
+            with pytest.raises(errors.InvalidArgument):
+                await client.negotiate("")
+            for allowed in (["shm"], ["tcp"]):
+                transport = await client.open("c1", allowed)
+                desc = plane.issuer.grant(region, 0, 4096, transport_base.Rights.WRITE, "c1")
+                payload = bytes(range(256)) * 16
+                await transport.write(desc, payload)
+                assert bytes(region.view[:4096]) == payload
+                await transport.close()
+                region.view[:4096] = bytes(4096)

@@ -8,6 +8,7 @@ from typing import Any
 from kvtier import clustermap, errors, membership, rpc
 from kvtier.clients import node
 from kvtier.proto.common.v1 import common_pb2
+from kvtier.transport import registry
 
 
 async def _node_epoch(address: str, timeout_s: float) -> int | None:
@@ -16,6 +17,18 @@ async def _node_epoch(address: str, timeout_s: float) -> int | None:
             return int((await client.get_node_info()).map_epoch)
         except errors.KVTierError:
             return None
+
+
+def _chosen(
+    offered: common_pb2.DataPlaneCapabilities, local: common_pb2.DataPlaneCapabilities
+) -> str | None:
+    """The transport this client would use with the node (None: the node has no data plane)."""
+    if not offered.endpoints:
+        return None
+    try:
+        return registry.choose(offered, local).name
+    except errors.Unavailable:
+        return "none in common"
 
 
 async def collect(endpoints: tuple[str, ...], prefix: str, timeout_s: float) -> dict[str, Any]:
@@ -30,6 +43,7 @@ async def collect(endpoints: tuple[str, ...], prefix: str, timeout_s: float) -> 
         *(rpc.check_health(n.grpc_address, timeout_s=timeout_s) for n in cmap.nodes)
     )
     epochs = await asyncio.gather(*(_node_epoch(n.grpc_address, timeout_s) for n in cmap.nodes))
+    local = registry.client_capabilities()
     nodes = [
         {
             "node_id": n.node_id,
@@ -40,6 +54,8 @@ async def collect(endpoints: tuple[str, ...], prefix: str, timeout_s: float) -> 
             "epoch": e,
             "pid": n.pid,
             "drives": [d.drive_id for d in n.drives],
+            "dataplane_offered": [e.name for e in n.dataplane.endpoints],
+            "dataplane": _chosen(n.dataplane, local),
         }
         for n, h, e in zip(cmap.nodes, health, epochs, strict=True)
     ]
@@ -80,12 +96,19 @@ async def collect(endpoints: tuple[str, ...], prefix: str, timeout_s: float) -> 
 
 def render(state: dict[str, Any]) -> str:
     """A human-readable table of collect()'s result."""
-    rows = [("NODE", "ROLE", "ADDRESS", "HEALTH", "EPOCH")]
+    rows = [("NODE", "ROLE", "ADDRESS", "HEALTH", "EPOCH", "DATA PLANE (offered)")]
     rows += [
-        (n["node_id"], n["role"], n["address"], n["health"], str(n["epoch"] or "-"))
+        (
+            n["node_id"],
+            n["role"],
+            n["address"],
+            n["health"],
+            str(n["epoch"] or "-"),
+            f"{n['dataplane']} ({','.join(n['dataplane_offered'])})" if n["dataplane"] else "-",
+        )
         for n in state["nodes"]
     ]
-    rows += [(node_id, "datanode", "-", "DOWN", "-") for node_id in state["down"]]
+    rows += [(node_id, "datanode", "-", "DOWN", "-", "-") for node_id in state["down"]]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"cluster map epoch {state['epoch']}  deployment {state['deployment_id']}"]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]

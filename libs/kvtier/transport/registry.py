@@ -85,7 +85,7 @@ def choose(
     client: common_pb2.DataPlaneCapabilities,
     allowed: Sequence[str] = PREFERENCE,
 ) -> common_pb2.TransportEndpoint:
-    """The server endpoint to use: first of `allowed` that both sides offer (shm: same host only)."""
+    """The server endpoint: the first of `allowed` both sides offer (shm: same host only)."""
     offered = {e.name: e for e in server.endpoints}
     client_side = {e.name for e in client.endpoints}
     for name in allowed or PREFERENCE:

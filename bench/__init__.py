@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): results land in docs/benchmarks.md with PNG plots."""

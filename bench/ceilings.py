@@ -1,0 +1,114 @@
+"""This machine's limits, measured in the same run as what we compare against them."""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import statistics
+import time
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+MIB = 1024 * 1024
+WORKING_SET_BYTES = 256 * MIB
+
+
+def memcpy_gbps(
+    block_bytes: int, seconds: float = 0.5, working_set_bytes: int = 256 * MIB
+) -> float:
+    """numpy.copyto of block_bytes chunks between preallocated, pre-faulted buffers.
+
+    The chunks walk a working set larger than the CPU caches, as KV blocks do: a cache-resident
+    copy of one small block would overstate the ceiling several times over.
+    """
+    count = max(1, working_set_bytes // block_bytes)
+    src = np.ones(count * block_bytes, dtype=np.uint8)
+    dst = np.zeros(count * block_bytes, dtype=np.uint8)
+    np.copyto(dst, src)
+    moved, i, start = 0, 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        lo = (i % count) * block_bytes
+        np.copyto(dst[lo : lo + block_bytes], src[lo : lo + block_bytes])
+        moved += block_bytes
+        i += 1
+    return moved / (time.perf_counter() - start) / 1e9
+
+
+def _sender(port_out: Connection, block_bytes: int, total_bytes: int) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port_out.send(listener.getsockname()[1])
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * MIB)
+    pool = memoryview(np.ones(WORKING_SET_BYTES, dtype=np.uint8).data)
+    count = WORKING_SET_BYTES // block_bytes
+    sent = i = 0
+    while sent < total_bytes:
+        lo = (i % count) * block_bytes
+        conn.sendall(pool[lo : lo + block_bytes])
+        sent += block_bytes
+        i += 1
+    conn.close()
+
+
+def raw_socket_gbps(block_bytes: int = 2 * MIB, total_bytes: int = 4096 * MIB) -> float:
+    """One TCP stream over loopback between two processes, recv_into preallocated memory.
+
+    Both ends walk a working set larger than the caches (as the transports' benchmarks do).
+    """
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_sender, args=(child, block_bytes, total_bytes), daemon=True)
+    proc.start()
+    port = parent.recv()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MIB)
+    pool = memoryview(np.zeros(WORKING_SET_BYTES, dtype=np.uint8).data)
+    got, start = 0, time.perf_counter()
+    while got < total_bytes:
+        lo = got % WORKING_SET_BYTES
+        n = sock.recv_into(pool[lo : lo + min(block_bytes, WORKING_SET_BYTES - lo)])
+        if n == 0:
+            break
+        got += n
+    elapsed = time.perf_counter() - start
+    sock.close()
+    proc.join(5)
+    return got / elapsed / 1e9
+
+
+def _echo(port_out: Connection) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port_out.send(listener.getsockname()[1])
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray(64)
+    while True:
+        n = conn.recv_into(buf)
+        if n == 0:
+            return
+        conn.sendall(buf[:n])
+
+
+def raw_round_trip_us(samples: int = 5000) -> tuple[float, float]:
+    """p50 and p99 of a 64-byte request/response over loopback TCP between two processes."""
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_echo, args=(child,), daemon=True)
+    proc.start()
+    sock = socket.create_connection(("127.0.0.1", parent.recv()))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    msg, buf = b"x" * 64, bytearray(64)
+    times = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        sock.sendall(msg)
+        got = 0
+        while got < 64:
+            got += sock.recv_into(memoryview(buf)[got:])
+        times.append((time.perf_counter() - start) * 1e6)
+    sock.close()
+    proc.join(5)
+    times.sort()
+    return statistics.median(times), times[int(len(times) * 0.99)]

@@ -1,0 +1,202 @@
+"""`make bench`: measure, check the targets as ratios of this run's ceilings, write the report.
+
+Usage: python -m bench.run [--quick] [--only transport]
+Writes bench/results/<name>.json, docs/img/<name>.png and the matching section of
+docs/benchmarks.md (between `<!-- <name>:begin -->` and `<!-- <name>:end -->`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from bench import ceilings, transport_bench
+from kvtier.transport import registry
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "benchmarks.md"
+KIB, MIB = 1024, 1024 * 1024
+
+
+def _label(block: int) -> str:
+    return f"{block // MIB} MiB" if block >= MIB else f"{block // KIB} KiB"
+
+
+def _machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} vCPU {cpu}, Python {platform.python_version()}"
+
+
+def run_transport(quick: bool) -> dict[str, Any]:
+    seconds = 0.25 if quick else 0.6
+    result: dict[str, Any] = {
+        "machine": _machine(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "ceilings": {
+            "memcpy_gbps": {str(b): ceilings.memcpy_gbps(b) for b in (2 * MIB, 32 * MIB)},
+            "raw_socket_gbps": ceilings.raw_socket_gbps(
+                total_bytes=(1024 if quick else 4096) * MIB
+            ),
+        },
+        "transports": {},
+    }
+    p50, p99 = ceilings.raw_round_trip_us(2000 if quick else 5000)
+    result["ceilings"]["raw_rtt_us"] = {"p50": p50, "p99": p99}
+    for name in ("tcp", "shm", "rdma"):
+        if name not in registry.available():
+            result["transports"][name] = None
+            continue
+        print(f"measuring {name} ...", file=sys.stderr, flush=True)
+        result["transports"][name] = transport_bench.measure(name, seconds)
+    result["targets"] = _targets(result)
+    return result
+
+
+def _targets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    c = r["ceilings"]
+    memcpy = max(c["memcpy_gbps"].values())
+    checks = []
+    for name, ceiling, floor, what in (
+        ("tcp", c["raw_socket_gbps"], 0.8, "raw-socket throughput"),
+        ("shm", memcpy, 0.7, "memcpy throughput"),
+    ):
+        t = r["transports"].get(name)
+        if not t:
+            continue
+        for block in (2 * MIB, 32 * MIB):
+            best = max(t["throughput_gbps"][f"{block}x{b}"] for b in transport_bench.BATCHES)
+            ratio = best / ceiling
+            checks.append(
+                {
+                    "target": f"{name} {_label(block)} reads ≥ {floor:.0%} of {what}",
+                    "ratio": ratio,
+                    "ok": ratio >= floor,
+                }
+            )
+    for name, t in r["transports"].items():
+        if t:
+            ratio = t["latency_us"]["p50"] / c["raw_rtt_us"]["p50"]
+            checks.append(
+                {
+                    "target": f"{name} 64 KiB read p50 ≤ 5× raw 64 B round trip",
+                    "ratio": ratio,
+                    "ok": ratio <= 5.0,
+                }
+            )
+    return checks
+
+
+def plot_transport(r: dict[str, Any], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, batch in zip(axes, transport_bench.BATCHES, strict=True):
+        for name, t in r["transports"].items():
+            if not t:
+                continue
+            ys = [t["throughput_gbps"][f"{b}x{batch}"] for b in transport_bench.BLOCKS]
+            ax.plot([_label(b) for b in transport_bench.BLOCKS], ys, marker="o", label=name)
+        ax.axhline(r["ceilings"]["raw_socket_gbps"], ls="--", c="grey", label="raw socket")
+        ax.axhline(max(r["ceilings"]["memcpy_gbps"].values()), ls=":", c="black", label="memcpy")
+        ax.set_title(f"read throughput, batch {batch}")
+        ax.set_xlabel("block size")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("GB/s")
+    axes[1].legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render_transport(r: dict[str, Any]) -> str:
+    c = r["ceilings"]
+    lines = [
+        f"Measured {r['date']} on {r['machine']} (one run; ratios are what count).",
+        "",
+        "| ceiling | value |",
+        "|---|---|",
+        f"| memcpy, preallocated (2 MiB / 32 MiB) | {c['memcpy_gbps'][str(2 * MIB)]:.2f} / "
+        f"{c['memcpy_gbps'][str(32 * MIB)]:.2f} GB/s |",
+        f"| raw TCP socket, one stream, recv_into | {c['raw_socket_gbps']:.2f} GB/s |",
+        f"| raw 64 B round trip p50 / p99 | {c['raw_rtt_us']['p50']:.1f} / "
+        f"{c['raw_rtt_us']['p99']:.1f} µs |",
+        "",
+        "Read throughput (GB/s) by block size × batch, and 64 KiB read latency:",
+        "",
+        "| transport | "
+        + " | ".join(
+            f"{_label(b)}×{n}" for b in transport_bench.BLOCKS for n in transport_bench.BATCHES
+        )
+        + " | 64 KiB p50 / p99 |",
+        "|---|" + "---|" * (len(transport_bench.BLOCKS) * len(transport_bench.BATCHES) + 1),
+    ]
+    for name, t in r["transports"].items():
+        if not t:
+            lines.append(f"| {name} | not available on this machine |")
+            continue
+        cells = [
+            f"{t['throughput_gbps'][f'{b}x{n}']:.2f}"
+            for b in transport_bench.BLOCKS
+            for n in transport_bench.BATCHES
+        ]
+        lat = t["latency_us"]
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {lat['p50']:.0f} / {lat['p99']:.0f} µs |"
+        )
+    lines += ["", "| target | ratio in this run | met |", "|---|---|---|"]
+    for check in r["targets"]:
+        lines.append(
+            f"| {check['target']} | {check['ratio']:.2f} | {'yes' if check['ok'] else 'NO'} |"
+        )
+    lines += ["", "![transport throughput](img/transport.png)"]
+    return "\n".join(lines)
+
+
+def update_doc(section: str, body: str) -> None:
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _m: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + f"\n\n## Data-plane transports\n\n{block}\n"
+    DOC.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run")
+    parser.add_argument("--quick", action="store_true", help="shorter runs (smoke test)")
+    parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
+    args = parser.parse_args()
+    result = run_transport(args.quick)
+    out = ROOT / "bench" / "results" / "transport.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    if not args.no_doc:
+        plot_transport(result, ROOT / "docs" / "img" / "transport.png")
+        update_doc("transport", render_transport(result))
+    for check in result["targets"]:
+        print(f"{'ok  ' if check['ok'] else 'MISS'} {check['target']}: {check['ratio']:.2f}")
+    return 0 if all(c["ok"] for c in result["targets"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""kvtier.common.v1.DataPlaneService: transport negotiation and RDMA set-up over gRPC."""
+
+from __future__ import annotations
+
+from kvtier import rpc
+from kvtier.proto.common.v1 import common_pb2, common_pb2_grpc
+from kvtier.transport import dataplane
+
+
+class DataPlaneServicer(common_pb2_grpc.DataPlaneServiceServicer):
+    """Thin: decode, ask the node's DataPlane, encode."""
+
+    def __init__(self, plane: dataplane.DataPlane) -> None:
+        self._plane = plane
+
+    async def OpenDataPlane(
+        self, request: common_pb2.OpenDataPlaneRequest, context: rpc.ServicerContext
+    ) -> common_pb2.OpenDataPlaneResponse:
+        return self._plane.open(request)
+
+    async def ConnectRdma(
+        self, request: common_pb2.ConnectRdmaRequest, context: rpc.ServicerContext
+    ) -> common_pb2.ConnectRdmaResponse:
+        principal = self._plane.issuer.check_token(request.token)
+        server = self._plane.server("rdma")
+        accepted = await server.accept(request.client, principal)  # type: ignore[attr-defined]
+        return common_pb2.ConnectRdmaResponse(server=accepted)

@@ -1,0 +1,284 @@
+"""One conformance suite for every data-plane transport available here (rdma only on a device).
+
+Each test starts a real DataPlane server with one transport and connects real clients to it.
+Every read is checked byte for byte (hashes of random data).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pytest
+
+from kvtier import errors
+from kvtier.transport import base, dataplane, registry
+
+KIB, MIB = 1024, 1024 * 1024
+REGION_BYTES = 160 * MIB
+
+
+def _transports() -> list[str]:
+    names = ["tcp", "shm"]
+    if os.environ.get("KVTIER_RDMA_DEVICE"):
+        names.insert(0, "rdma")
+    return [n for n in names if n in registry.available()]
+
+
+@dataclass
+class Setup:
+    name: str
+    plane: dataplane.DataPlane
+    region: base.Region
+    endpoint: object
+    connect: Callable[[str], Awaitable[base.Transport]]
+
+    def grant(
+        self,
+        offset: int,
+        length: int,
+        rights: base.Rights = base.Rights.READ | base.Rights.WRITE,
+        principal: str = "client-a",
+        ttl_s: float = 30.0,
+    ) -> base.Descriptor:
+        return self.plane.issuer.grant(self.region, offset, length, rights, principal, ttl_s)
+
+
+@pytest.fixture(params=_transports())
+async def setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
+    name = request.param
+    plane = dataplane.DataPlane("node-under-test", [name], registry.ServerSettings())
+    region = plane.regions.create(REGION_BYTES)
+    caps = await plane.start()
+    (endpoint,) = [e for e in caps.endpoints if e.name == name]
+    clients: list[base.Transport] = []
+
+    async def connect(principal: str) -> base.Transport:
+        token, _ = plane.issuer.issue_token(principal)
+        client: base.Transport = await registry.connect(
+            endpoint, token, registry.ClientSettings(timeout_s=20)
+        )
+        clients.append(client)
+        return client
+
+    yield Setup(name, plane, region, endpoint, connect)
+    for client in clients:
+        await client.close()
+    await plane.stop()
+
+
+def _random(n: int, rng: random.Random) -> np.ndarray:
+    return np.frombuffer(rng.randbytes(n), dtype=np.uint8).copy()
+
+
+def _digest(buf: object) -> str:
+    return hashlib.sha256(memoryview(buf)).hexdigest()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("size", [1, 7, 4 * KIB, 64 * KIB, 2 * MIB, 32 * MIB, 64 * MIB])
+async def test_write_then_read_is_byte_exact(setup: Setup, size: int) -> None:
+    rng = random.Random(size)
+    client = await setup.connect("client-a")
+    offset = 3 * MIB + 5  # unaligned on purpose
+    data = _random(size, rng)
+    desc = setup.grant(offset, size)
+    await client.write(desc, data)
+    assert _digest(setup.region.view[offset : offset + size]) == _digest(data)
+    out = np.zeros(size, dtype=np.uint8)
+    await client.read(desc, out)
+    assert _digest(out) == _digest(data)
+
+
+async def test_read_sees_what_the_owner_wrote(setup: Setup) -> None:
+    client = await setup.connect("client-a")
+    payload = os.urandom(300 * KIB)
+    setup.region.view[10 * MIB : 10 * MIB + len(payload)] = payload
+    into = bytearray(len(payload))
+    await client.read(setup.grant(10 * MIB, len(payload), base.Rights.READ), into)
+    assert bytes(into) == payload
+
+
+@pytest.mark.parametrize("count", [1, 16, 1024])
+async def test_batches_are_byte_exact(setup: Setup, count: int) -> None:
+    rng = random.Random(count)
+    client = await setup.connect("client-a")
+    sizes = [rng.choice([1, 100, 4 * KIB, 16 * KIB, 64 * KIB]) for _ in range(count)]
+    offsets, cursor = [], 0
+    for size in sizes:
+        offsets.append(cursor)
+        cursor += size + rng.randrange(0, 64)
+    descs = [setup.grant(o, s) for o, s in zip(offsets, sizes, strict=True)]
+    datas = [_random(s, rng) for s in sizes]
+    await client.write_batch(descs, datas)
+    outs = [np.zeros(s, dtype=np.uint8) for s in sizes]
+    await client.read_batch(descs, outs)
+    for data, out, offset in zip(datas, outs, offsets, strict=True):
+        assert _digest(out) == _digest(data)
+        assert _digest(setup.region.view[offset : offset + data.size]) == _digest(data)
+
+
+async def test_concurrent_clients_keep_their_bytes_apart(setup: Setup) -> None:
+    async def one(index: int) -> None:
+        rng = random.Random(index)
+        client = await setup.connect(f"client-{index}")
+        base_offset = index * 8 * MIB
+        for round_ in range(4):
+            size = rng.choice([64 * KIB, 1 * MIB, 2 * MIB])
+            desc = setup.grant(base_offset, size, principal=f"client-{index}")
+            data = _random(size, rng)
+            await client.write(desc, data)
+            out = np.zeros(size, dtype=np.uint8)
+            await client.read(desc, out)
+            assert _digest(out) == _digest(data), f"client {index} round {round_}"
+
+    await asyncio.gather(*(one(i) for i in range(8)))
+
+
+async def test_expired_descriptor_is_rejected_and_nothing_is_written(setup: Setup) -> None:
+    client = await setup.connect("client-a")
+    setup.region.view[0:4] = b"keep"
+    desc = setup.grant(0, 4, ttl_s=-1)
+    with pytest.raises(base.DescriptorExpired):
+        await client.write(desc, b"evil")
+    assert bytes(setup.region.view[0:4]) == b"keep"
+    # The connection is still usable.
+    good = setup.grant(0, 4)
+    out = bytearray(4)
+    await client.read(good, out)
+    assert bytes(out) == b"keep"
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        lambda d: replace(d, offset=d.offset + 4096),
+        lambda d: replace(d, length=d.length * 2),
+        lambda d: replace(d, rights=base.Rights.READ | base.Rights.WRITE),
+        lambda d: replace(d, expires_at_ms=d.expires_at_ms + 3_600_000),
+        lambda d: replace(d, mac=bytes(16)),
+        lambda d: replace(d, region_id=d.region_id + 7),
+    ],
+    ids=["offset", "length", "rights", "expiry", "mac", "region"],
+)
+async def test_forged_descriptors_are_rejected(
+    setup: Setup, forge: Callable[[base.Descriptor], base.Descriptor]
+) -> None:
+    client = await setup.connect("client-a")
+    setup.region.view[8192 : 8192 + 4096] = b"\xaa" * 4096
+    desc = forge(setup.grant(8192 - 4096, 4096, base.Rights.READ))
+    with pytest.raises(base.DescriptorRejected):
+        await client.write(desc, bytes(desc.length))
+    assert bytes(setup.region.view[8192 : 8192 + 4096]) == b"\xaa" * 4096
+
+
+async def test_descriptor_of_another_client_is_rejected(setup: Setup) -> None:
+    mallory = await setup.connect("mallory")
+    desc = setup.grant(0, 16, principal="alice")
+    with pytest.raises(base.DescriptorRejected):
+        await mallory.read(desc, bytearray(16))
+
+
+async def test_rights_are_enforced(setup: Setup) -> None:
+    client = await setup.connect("client-a")
+    with pytest.raises(base.DescriptorRejected):
+        await client.write(setup.grant(0, 8, base.Rights.READ), b"12345678")
+    with pytest.raises(base.DescriptorRejected):
+        await client.read(setup.grant(0, 8, base.Rights.WRITE), bytearray(8))
+
+
+async def test_bad_tokens_are_refused_at_connect(setup: Setup) -> None:
+    other = base.Issuer("impostor")
+    forged, _ = other.issue_token("client-a")
+    with pytest.raises(errors.PermissionDenied):
+        await registry.connect(setup.endpoint, forged, registry.ClientSettings(timeout_s=5))  # type: ignore[arg-type]
+    expired, _ = setup.plane.issuer.issue_token("client-a", ttl_s=-1)
+    with pytest.raises(errors.PermissionDenied):
+        await registry.connect(setup.endpoint, expired, registry.ClientSettings(timeout_s=5))  # type: ignore[arg-type]
+
+
+async def test_buffer_size_mismatch_is_invalid_argument(setup: Setup) -> None:
+    client = await setup.connect("client-a")
+    with pytest.raises(errors.InvalidArgument):
+        await client.read(setup.grant(0, 100), bytearray(99))
+    with pytest.raises(errors.InvalidArgument):
+        await client.write_batch([setup.grant(0, 10)], [b"x" * 10, b"y" * 10])
+
+
+async def test_server_dying_mid_transfer_gives_a_typed_error_and_recovery(setup: Setup) -> None:
+    client = await setup.connect("client-a")
+    descs = [setup.grant(i * 2 * MIB, 2 * MIB) for i in range(64)]
+    outs = [np.zeros(2 * MIB, dtype=np.uint8) for _ in descs]
+    transfer = asyncio.create_task(client.read_batch(descs, outs))
+    await asyncio.sleep(0.005)
+    await setup.plane.stop()
+    with pytest.raises(errors.Unavailable):
+        await asyncio.wait_for(transfer, 20)
+    # Nothing is leaked on the server and a new server takes clients again.
+    assert len(setup.plane.ctx.leases) == 0
+    plane = dataplane.DataPlane("node-under-test", [setup.name], registry.ServerSettings())
+    region = plane.regions.create(4 * MIB)
+    caps = await plane.start()
+    try:
+        token, _ = plane.issuer.issue_token("client-a")
+        fresh = await registry.connect(caps.endpoints[0], token, registry.ClientSettings())
+        desc = plane.issuer.grant(
+            region, 0, 1 * MIB, base.Rights.READ | base.Rights.WRITE, "client-a"
+        )
+        data = os.urandom(1 * MIB)
+        await fresh.write(desc, data)
+        out = bytearray(1 * MIB)
+        await fresh.read(desc, out)
+        assert bytes(out) == data
+        await fresh.close()
+    finally:
+        await plane.stop()
+
+
+async def test_client_dying_mid_transfer_leaks_nothing(setup: Setup) -> None:
+    victim = await setup.connect("victim")
+    descs = [setup.grant(i * 2 * MIB, 2 * MIB, principal="victim") for i in range(64)]
+    datas = [np.ones(2 * MIB, dtype=np.uint8) for _ in descs]
+    transfer = asyncio.create_task(victim.write_batch(descs, datas))
+    await asyncio.sleep(0.005)
+    await victim.close()
+    with pytest.raises((errors.Unavailable, asyncio.CancelledError)):
+        await asyncio.wait_for(transfer, 20)
+    server = setup.plane.server(setup.name)
+    async with asyncio.timeout(10):
+        while server.connection_count() or len(setup.plane.ctx.leases):  # noqa: ASYNC110 - polls server state
+            await asyncio.sleep(0.02)
+    # Others are still served.
+    other = await setup.connect("client-a")
+    data = os.urandom(64 * KIB)
+    desc = setup.grant(100 * MIB, len(data))
+    await other.write(desc, data)
+    out = bytearray(len(data))
+    await other.read(desc, out)
+    assert bytes(out) == data
+
+
+async def test_numpy_and_memoryview_buffers_without_copies(setup: Setup) -> None:
+    client = await setup.connect("client-a")
+    matrix = np.arange(256 * 64, dtype=np.float32).reshape(256, 64)
+    desc = setup.grant(0, matrix.nbytes)
+    await client.write(desc, matrix)
+    back = np.empty_like(matrix)
+    await client.read(desc, back)
+    assert np.array_equal(back, matrix)
+    with pytest.raises(errors.InvalidArgument):
+        await client.read(desc, matrix[:, ::2].copy(order="F")[:, :64])  # not C-contiguous
+
+
+async def test_leases_cover_ranges_only_while_bytes_move(setup: Setup) -> None:
+    client = await setup.connect("client-a")
+    desc = setup.grant(0, 1 * MIB)
+    await client.write(desc, bytes(1 * MIB))
+    await client.read(desc, bytearray(1 * MIB))
+    async with asyncio.timeout(5):
+        while setup.plane.ctx.leases.overlaps(setup.region.region_id, 0, 1 * MIB):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
