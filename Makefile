@@ -42,7 +42,7 @@ check: lint typecheck test
 
 # Speed targets are checked here, as ratios of ceilings measured in the same run; never in tests.
 bench:
-	$(BIN)/python -m bench.run
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m bench.run
 
 up:
 	$(BIN)/kvtier up --state-dir .kvtier

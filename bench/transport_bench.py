@@ -78,20 +78,23 @@ class Peer:
 
 
 async def _throughput(
-    client: Any, descs: list[base.Descriptor], dests: list[Any], seconds: float
+    client: Any, descs: list[base.Descriptor], dests: list[Any], batch: int, seconds: float
 ) -> float:
-    batch = len(descs)
-    if batch == 1:
-        await client.read(descs[0], dests[0])
-    else:
-        await client.read_batch(descs, dests)
-    moved, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    """Read `batch` descriptors at a time, walking all of descs (a cache-cold working set)."""
+    groups = [(descs[i : i + batch], dests[i : i + batch]) for i in range(0, len(descs), batch)]
+
+    async def once(group: tuple[list[base.Descriptor], list[Any]]) -> int:
         if batch == 1:
-            await client.read(descs[0], dests[0])
+            await client.read(group[0][0], group[1][0])
         else:
-            await client.read_batch(descs, dests)
-        moved += sum(d.length for d in descs)
+            await client.read_batch(group[0], group[1])
+        return sum(d.length for d in group[0])
+
+    await once(groups[0])
+    moved, i, start = 0, 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        moved += await once(groups[i % len(groups)])
+        i += 1
     return moved / (time.perf_counter() - start) / 1e9
 
 
@@ -120,12 +123,15 @@ def measure(name: str, seconds: float = 0.6) -> dict[str, Any]:
         try:
             for block in BLOCKS:
                 for batch in BATCHES:
-                    descs = peer.grant(block, batch)
+                    # At least 256 MiB of distinct source and destination ranges per case.
+                    count = max(batch, (256 * MIB) // block)
+                    count -= count % batch
+                    descs = peer.grant(block, count)
                     per = max(1, CLIENT_BYTES // block)
                     dests = [
-                        pool[(i % per) * block : (i % per) * block + block] for i in range(batch)
+                        pool[(i % per) * block : (i % per) * block + block] for i in range(count)
                     ]
-                    gbps = await _throughput(client, descs, dests, seconds)
+                    gbps = await _throughput(client, descs, dests, batch, seconds)
                     result["throughput_gbps"][f"{block}x{batch}"] = gbps
             (desc,) = peer.grant(64 * KIB, 1)
             p50, p99 = await _latency(client, desc, pool[: 64 * KIB], 3000)

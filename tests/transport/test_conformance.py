@@ -12,11 +12,13 @@ import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import pytest
 
 from kvtier import errors
+from kvtier.proto.common.v1 import common_pb2
 from kvtier.transport import base, dataplane, registry
 
 KIB, MIB = 1024, 1024 * 1024
@@ -46,7 +48,43 @@ class Setup:
         principal: str = "client-a",
         ttl_s: float = 30.0,
     ) -> base.Descriptor:
-        return self.plane.issuer.grant(self.region, offset, length, rights, principal, ttl_s)
+        return _grant(self.plane, self.name, self.region, offset, length, rights, principal, ttl_s)
+
+
+def _grant(
+    plane: dataplane.DataPlane,
+    name: str,
+    region: base.Region,
+    offset: int,
+    length: int,
+    rights: base.Rights,
+    principal: str,
+    ttl_s: float = 30.0,
+) -> base.Descriptor:
+    if name == "rdma":  # rdma descriptors carry the MR's rkey
+        server: Any = plane.server("rdma")
+        grant: base.Descriptor = server.grant(region, offset, length, rights, principal, ttl_s)
+        return grant
+    return plane.issuer.grant(region, offset, length, rights, principal, ttl_s)
+
+
+def _settings(
+    plane: dataplane.DataPlane, name: str, principal: str, timeout_s: float = 20.0
+) -> registry.ClientSettings:
+    if name != "rdma":
+        return registry.ClientSettings(timeout_s=timeout_s)
+    server: Any = plane.server("rdma")
+
+    async def exchange(mine: common_pb2.RdmaQueuePair) -> common_pb2.RdmaQueuePair:
+        accepted: common_pb2.RdmaQueuePair = await server.accept(mine, principal)
+        return accepted
+
+    return registry.ClientSettings(timeout_s=timeout_s, rdma_exchange=exchange)
+
+
+def _skip_on_rdma(setup: Setup, why: str) -> None:
+    if setup.name == "rdma":
+        pytest.skip(f"rdma: {why} (docs/transports.md, 'What the hardware enforces')")
 
 
 @pytest.fixture(params=_transports())
@@ -61,7 +99,7 @@ async def setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
     async def connect(principal: str) -> base.Transport:
         token, _ = plane.issuer.issue_token(principal)
         client: base.Transport = await registry.connect(
-            endpoint, token, registry.ClientSettings(timeout_s=20)
+            endpoint, token, _settings(plane, name, principal)
         )
         clients.append(client)
         return client
@@ -168,6 +206,7 @@ async def test_expired_descriptor_is_rejected_and_nothing_is_written(setup: Setu
 async def test_forged_descriptors_are_rejected(
     setup: Setup, forge: Callable[[base.Descriptor], base.Descriptor]
 ) -> None:
+    _skip_on_rdma(setup, "one-sided operations are checked by the HCA against the rkey only")
     client = await setup.connect("client-a")
     setup.region.view[8192 : 8192 + 4096] = b"\xaa" * 4096
     desc = forge(setup.grant(8192 - 4096, 4096, base.Rights.READ))
@@ -177,6 +216,7 @@ async def test_forged_descriptors_are_rejected(
 
 
 async def test_descriptor_of_another_client_is_rejected(setup: Setup) -> None:
+    _skip_on_rdma(setup, "the HCA does not see the principal a descriptor was granted to")
     mallory = await setup.connect("mallory")
     desc = setup.grant(0, 16, principal="alice")
     with pytest.raises(base.DescriptorRejected):
@@ -192,6 +232,7 @@ async def test_rights_are_enforced(setup: Setup) -> None:
 
 
 async def test_bad_tokens_are_refused_at_connect(setup: Setup) -> None:
+    _skip_on_rdma(setup, "the token is checked by the ConnectRdma RPC, before the transport")
     other = base.Issuer("impostor")
     forged, _ = other.issue_token("client-a")
     with pytest.raises(errors.PermissionDenied):
@@ -225,9 +266,11 @@ async def test_server_dying_mid_transfer_gives_a_typed_error_and_recovery(setup:
     caps = await plane.start()
     try:
         token, _ = plane.issuer.issue_token("client-a")
-        fresh = await registry.connect(caps.endpoints[0], token, registry.ClientSettings())
-        desc = plane.issuer.grant(
-            region, 0, 1 * MIB, base.Rights.READ | base.Rights.WRITE, "client-a"
+        fresh = await registry.connect(
+            caps.endpoints[0], token, _settings(plane, setup.name, "client-a")
+        )
+        desc = _grant(
+            plane, setup.name, region, 0, 1 * MIB, base.Rights.READ | base.Rights.WRITE, "client-a"
         )
         data = os.urandom(1 * MIB)
         await fresh.write(desc, data)
