@@ -103,6 +103,13 @@ def test_dev_cluster_lifecycle(state_dir: Path) -> None:
             assert node["health"] == "SERVING", node
             assert node["epoch"] == status["epoch"] or node["epoch"] >= 1
         assert roles == EXPECTED
+        # Nodes that own bulk bytes offer a data plane; on one host this client would use shm.
+        for node in status["nodes"]:
+            if node["role"] in {"datanode", "kvcache"}:
+                assert {"shm", "tcp"} <= set(node["dataplane_offered"]), node
+                assert node["dataplane"] == "shm"
+            else:
+                assert node["dataplane"] is None
         cmap = _etcd_map(info["etcd"])
         assert sorted(n.node_id for n in cmap.nodes) == sorted(
             n["node_id"] for n in status["nodes"]

@@ -1,7 +1,7 @@
 """The rdma transport: its device-independent logic, and its engine against a fake HCA or a device.
 
 Three layers:
-- unit tests of `rdma_logic` (run everywhere);
+- unit tests of `rdma_logic` and `rdma_verbs_consts` (run everywhere);
 - the same end-to-end scenarios (server + client, loopback, bytes compared by hash) run against
   `FakeFabric`, an in-memory stand-in for pyverbs that moves real bytes with memmove and checks
   keys, ranges, access flags, queue-pair states and send-queue depth like an HCA would;
@@ -30,9 +30,10 @@ import pytest
 
 from kvtier import errors
 from kvtier.proto.common.v1 import common_pb2
-from kvtier.transport import base, rdma, rdma_logic, registry
+from kvtier.transport import base, rdma, rdma_device, rdma_logic, rdma_verbs_consts, registry
 
 L = rdma_logic
+V = rdma_verbs_consts
 KIB, MIB = 1024, 1024 * 1024
 DEVICE = os.environ.get("KVTIER_RDMA_DEVICE", "")
 ON_DEVICE = pytest.mark.skipif(
@@ -42,7 +43,7 @@ PRINCIPAL = "client-a"
 RW = base.Rights.READ | base.Rights.WRITE
 
 
-def _port(link_layer: int = L.LINK_LAYER_ETHERNET, mtu: int = 5) -> L.LocalPort:
+def _port(link_layer: int = V.LINK_LAYER_ETHERNET, mtu: int = 5) -> L.LocalPort:
     return L.LocalPort(
         device="dev0",
         port_num=1,
@@ -83,27 +84,27 @@ def _desc(**kw: Any) -> base.Descriptor:
     return base.Descriptor(**fields)
 
 
-# --- rdma_logic: constants ------------------------------------------------------------------
+# --- rdma_verbs_consts ----------------------------------------------------------------------
 
 
 def test_constants_match_pyverbs_enums() -> None:
     enums = pytest.importorskip("pyverbs.enums")
-    for status in L.WcStatus:
+    for status in V.WcStatus:
         assert getattr(enums, f"IBV_WC_{status.name}") == status
-    for state in L.QpState:
+    for state in V.QpState:
         assert getattr(enums, f"IBV_QPS_{state.name}") == state
-    for bit in L.QpAttrMask:
+    for bit in V.QpAttrMask:
         assert getattr(enums, f"IBV_QP_{bit.name}") == bit
-    for flag in L.Access:
+    for flag in V.Access:
         assert getattr(enums, f"IBV_ACCESS_{flag.name}") == flag
-    assert enums.IBV_WR_RDMA_READ == L.WR_RDMA_READ
-    assert enums.IBV_WR_RDMA_WRITE == L.WR_RDMA_WRITE
-    assert enums.IBV_SEND_SIGNALED == L.SEND_SIGNALED
-    assert enums.IBV_QPT_RC == L.QPT_RC
-    assert enums.IBV_PORT_ACTIVE == L.PORT_ACTIVE
-    assert enums.IBV_LINK_LAYER_ETHERNET == L.LINK_LAYER_ETHERNET
-    assert enums.IBV_GID_TYPE_SYSFS_ROCE_V2 == L.GID_TYPE_ROCE_V2
-    assert enums.IBV_MTU_4096 == L.MTU_MAX
+    assert enums.IBV_WR_RDMA_READ == V.WR_RDMA_READ
+    assert enums.IBV_WR_RDMA_WRITE == V.WR_RDMA_WRITE
+    assert enums.IBV_SEND_SIGNALED == V.SEND_SIGNALED
+    assert enums.IBV_QPT_RC == V.QPT_RC
+    assert enums.IBV_PORT_ACTIVE == V.PORT_ACTIVE
+    assert enums.IBV_LINK_LAYER_ETHERNET == V.LINK_LAYER_ETHERNET
+    assert enums.IBV_GID_TYPE_SYSFS_ROCE_V2 == V.GID_TYPE_ROCE_V2
+    assert enums.IBV_MTU_4096 == V.MTU_MAX
 
 
 def test_mtu_bytes() -> None:
@@ -145,9 +146,9 @@ def test_plan_chunks_rejects_bad_sizes() -> None:
 def test_init_transition_sets_port_pkey_and_access() -> None:
     server = L.init_transition(_port(), L.QpTuning(), remote_access=True)
     client = L.init_transition(_port(), L.QpTuning(), remote_access=False)
-    assert server.state == L.QpState.INIT
+    assert server.state == V.QpState.INIT
     assert server.mask == (
-        L.QpAttrMask.STATE | L.QpAttrMask.PKEY_INDEX | L.QpAttrMask.PORT | L.QpAttrMask.ACCESS_FLAGS
+        V.QpAttrMask.STATE | V.QpAttrMask.PKEY_INDEX | V.QpAttrMask.PORT | V.QpAttrMask.ACCESS_FLAGS
     )
     assert server.attrs == {"qp_state": 1, "pkey_index": 0, "port_num": 1, "qp_access_flags": 6}
     assert client.attrs["qp_access_flags"] == 0
@@ -156,7 +157,7 @@ def test_init_transition_sets_port_pkey_and_access() -> None:
 def test_rtr_and_rts_take_the_peer_and_local_values() -> None:
     tuning = L.QpTuning(timeout=12, retry_cnt=6, rnr_retry=5, max_rd_atomic=8)
     rtr, rts = L.connect_transitions(_port(mtu=5), _peer(mtu=3), 0x1_000_005, tuning)
-    assert rtr.state == L.QpState.RTR
+    assert rtr.state == V.QpState.RTR
     assert rtr.attrs == {
         "qp_state": 2,
         "path_mtu": 3,  # the smaller of both ports
@@ -166,7 +167,7 @@ def test_rtr_and_rts_take_the_peer_and_local_values() -> None:
         "min_rnr_timer": 12,
     }
     for bit in ("AV", "PATH_MTU", "DEST_QPN", "RQ_PSN", "MAX_DEST_RD_ATOMIC", "MIN_RNR_TIMER"):
-        assert rtr.mask & L.QpAttrMask[bit]
+        assert rtr.mask & V.QpAttrMask[bit]
     assert rtr.av == L.AddressVector(
         port_num=1,
         dlid=0,
@@ -184,17 +185,17 @@ def test_rtr_and_rts_take_the_peer_and_local_values() -> None:
         "max_rd_atomic": 8,
     }
     for bit in ("TIMEOUT", "RETRY_CNT", "RNR_RETRY", "SQ_PSN", "MAX_QP_RD_ATOMIC"):
-        assert rts.mask & L.QpAttrMask[bit]
+        assert rts.mask & V.QpAttrMask[bit]
 
 
 def test_rc_transitions_are_init_rtr_rts_in_order() -> None:
     steps = L.rc_transitions(_port(), _peer(), 1, L.QpTuning(), remote_access=True)
-    assert [s.state for s in steps] == [L.QpState.INIT, L.QpState.RTR, L.QpState.RTS]
-    assert L.error_transition().attrs == {"qp_state": int(L.QpState.ERR)}
+    assert [s.state for s in steps] == [V.QpState.INIT, V.QpState.RTR, V.QpState.RTS]
+    assert L.error_transition().attrs == {"qp_state": int(V.QpState.ERR)}
 
 
 def test_infiniband_without_gid_routes_by_lid() -> None:
-    port = _port(link_layer=L.LINK_LAYER_INFINIBAND)
+    port = _port(link_layer=V.LINK_LAYER_INFINIBAND)
     rtr, _rts = L.connect_transitions(port, _peer(gid=b"", lid=7), 1, L.QpTuning())
     assert rtr.av is not None
     assert (rtr.av.is_global, rtr.av.dlid, rtr.av.dgid) == (False, 7, "")
@@ -223,7 +224,7 @@ def test_tuning_is_capped_by_the_device() -> None:
 
 
 def test_new_psn_is_24_bits() -> None:
-    assert all(0 <= L.new_psn() <= L.PSN_MASK for _ in range(100))
+    assert all(0 <= L.new_psn() <= V.PSN_MASK for _ in range(100))
 
 
 def test_local_qp_info() -> None:
@@ -246,7 +247,7 @@ def test_parse_device_spec() -> None:
 
 
 def test_choose_port_takes_the_first_active() -> None:
-    assert L.choose_port([(1, 1), (2, L.PORT_ACTIVE)]) == 2
+    assert L.choose_port([(1, 1), (2, V.PORT_ACTIVE)]) == 2
     with pytest.raises(errors.Unavailable):
         L.choose_port([(1, 1)])
 
@@ -264,18 +265,18 @@ def test_choose_gid_index_prefers_roce_v2_ipv4() -> None:
     link_local = bytes.fromhex("fe800000000000000202c9fffe000001")
     v4 = bytes.fromhex("00000000000000000000ffff0a000001")
     entries = [
-        L.GidEntry(0, link_local, L.GID_TYPE_IB_ROCE_V1),
-        L.GidEntry(1, link_local, L.GID_TYPE_ROCE_V2),
-        L.GidEntry(2, v4, L.GID_TYPE_IB_ROCE_V1),
-        L.GidEntry(3, v4, L.GID_TYPE_ROCE_V2),
-        L.GidEntry(4, bytes(16), L.GID_TYPE_ROCE_V2),
+        L.GidEntry(0, link_local, V.GID_TYPE_IB_ROCE_V1),
+        L.GidEntry(1, link_local, V.GID_TYPE_ROCE_V2),
+        L.GidEntry(2, v4, V.GID_TYPE_IB_ROCE_V1),
+        L.GidEntry(3, v4, V.GID_TYPE_ROCE_V2),
+        L.GidEntry(4, bytes(16), V.GID_TYPE_ROCE_V2),
     ]
-    assert L.choose_gid_index(entries, L.LINK_LAYER_ETHERNET) == 3
-    assert L.choose_gid_index(entries[:3], L.LINK_LAYER_ETHERNET) == 1
-    assert L.choose_gid_index(entries[:1], L.LINK_LAYER_ETHERNET) == 0
-    assert L.choose_gid_index([], L.LINK_LAYER_INFINIBAND) == 0
+    assert L.choose_gid_index(entries, V.LINK_LAYER_ETHERNET) == 3
+    assert L.choose_gid_index(entries[:3], V.LINK_LAYER_ETHERNET) == 1
+    assert L.choose_gid_index(entries[:1], V.LINK_LAYER_ETHERNET) == 0
+    assert L.choose_gid_index([], V.LINK_LAYER_INFINIBAND) == 0
     with pytest.raises(errors.Unavailable):
-        L.choose_gid_index(entries[4:], L.LINK_LAYER_ETHERNET)
+        L.choose_gid_index(entries[4:], V.LINK_LAYER_ETHERNET)
 
 
 # --- rdma_logic: descriptors and completions ------------------------------------------------
@@ -307,16 +308,16 @@ def test_check_descriptor_refuses(
 @pytest.mark.parametrize(
     ("status", "error"),
     [
-        (L.WcStatus.REM_ACCESS_ERR, base.DescriptorRejected),
-        (L.WcStatus.RETRY_EXC_ERR, base.PeerLost),
-        (L.WcStatus.RNR_RETRY_EXC_ERR, base.PeerLost),
-        (L.WcStatus.RESP_TIMEOUT_ERR, base.PeerLost),
-        (L.WcStatus.WR_FLUSH_ERR, base.PeerLost),
-        (L.WcStatus.REM_OP_ERR, errors.Unavailable),
-        (L.WcStatus.FATAL_ERR, errors.Unavailable),
-        (L.WcStatus.LOC_PROT_ERR, errors.Internal),
-        (L.WcStatus.LOC_LEN_ERR, errors.Internal),
-        (L.WcStatus.REM_INV_REQ_ERR, errors.Internal),
+        (V.WcStatus.REM_ACCESS_ERR, base.DescriptorRejected),
+        (V.WcStatus.RETRY_EXC_ERR, base.PeerLost),
+        (V.WcStatus.RNR_RETRY_EXC_ERR, base.PeerLost),
+        (V.WcStatus.RESP_TIMEOUT_ERR, base.PeerLost),
+        (V.WcStatus.WR_FLUSH_ERR, base.PeerLost),
+        (V.WcStatus.REM_OP_ERR, errors.Unavailable),
+        (V.WcStatus.FATAL_ERR, errors.Unavailable),
+        (V.WcStatus.LOC_PROT_ERR, errors.Internal),
+        (V.WcStatus.LOC_LEN_ERR, errors.Internal),
+        (V.WcStatus.REM_INV_REQ_ERR, errors.Internal),
         (99, errors.Internal),
     ],
 )
@@ -327,7 +328,7 @@ def test_completion_errors(status: int, error: type[errors.KVTierError]) -> None
 
 
 def test_completion_success_is_no_error() -> None:
-    assert L.completion_error(L.WcStatus.SUCCESS) is None
+    assert L.completion_error(V.WcStatus.SUCCESS) is None
 
 
 def test_descriptor_rejected_is_not_retryable_but_peer_lost_is() -> None:
@@ -406,31 +407,31 @@ def test_importing_rdma_does_not_import_pyverbs() -> None:
 
 
 def test_not_available_without_pyverbs(monkeypatch: pytest.MonkeyPatch) -> None:
-    def missing() -> rdma._Verbs:
+    def missing() -> rdma_device.Verbs:
         raise ImportError("No module named 'pyverbs'")
 
-    monkeypatch.setattr(rdma, "_load_verbs", missing)
+    monkeypatch.setattr(rdma_device, "load_verbs", missing)
     assert rdma.available() is False
 
 
 def test_not_available_without_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     fabric = FakeFabric(devices=0)
-    monkeypatch.setattr(rdma, "_load_verbs", fabric.verbs)
+    monkeypatch.setattr(rdma_device, "load_verbs", fabric.verbs)
     assert rdma.available() is False
 
 
 def test_available_with_a_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rdma, "_load_verbs", FakeFabric().verbs)
+    monkeypatch.setattr(rdma_device, "load_verbs", FakeFabric().verbs)
     assert rdma.available() is True
 
 
 async def test_server_start_is_unavailable_without_pyverbs(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def missing() -> rdma._Verbs:
+    def missing() -> rdma_device.Verbs:
         raise ImportError("No module named 'pyverbs'")
 
-    monkeypatch.setattr(rdma, "_load_verbs", missing)
+    monkeypatch.setattr(rdma_device, "load_verbs", missing)
     ctx = base.ServerContext(node_id="n1", regions=base.RegionTable(), issuer=base.Issuer("n1"))
     server = rdma.make_server(ctx, registry.ServerSettings())
     with pytest.raises(errors.Unavailable):
@@ -446,7 +447,7 @@ async def test_connect_needs_an_exchange() -> None:
 
 
 async def test_unknown_device_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rdma, "_load_verbs", FakeFabric().verbs)
+    monkeypatch.setattr(rdma_device, "load_verbs", FakeFabric().verbs)
     ctx = base.ServerContext(node_id="n1", regions=base.RegionTable(), issuer=base.Issuer("n1"))
     server = rdma.make_server(ctx, registry.ServerSettings(rdma_device="nope0"))
     with pytest.raises(errors.Unavailable, match="nope0"):
@@ -517,21 +518,21 @@ class FakeSendWR:
 
 class FakeQP:
     def __init__(self, fabric: FakeFabric, pd: Any, init: Any) -> None:
-        assert init.qp_type == L.QPT_RC
+        assert init.qp_type == V.QPT_RC
         assert init.sq_sig_all == 1
         self.fabric, self.pd, self.cq, self.depth = fabric, pd, init.scq, init.cap.max_send_wr
         self.qp_num = next(fabric.qpns)
-        self.state, self.access, self.dest, self.in_flight = L.QpState.RESET, 0, 0, 0
+        self.state, self.access, self.dest, self.in_flight = V.QpState.RESET, 0, 0, 0
         fabric.qps[self.qp_num] = self
 
     def modify(self, attr: Any, mask: int) -> None:
-        if mask & L.QpAttrMask.ACCESS_FLAGS:
+        if mask & V.QpAttrMask.ACCESS_FLAGS:
             self.access = attr.qp_access_flags
-        if mask & L.QpAttrMask.DEST_QPN:
+        if mask & V.QpAttrMask.DEST_QPN:
             self.dest = attr.dest_qp_num
-        new = L.QpState(attr.qp_state)
-        allowed = {L.QpState.INIT: 0, L.QpState.RTR: 1, L.QpState.RTS: 2}
-        if new != L.QpState.ERR and allowed[new] != self.state:
+        new = V.QpState(attr.qp_state)
+        allowed = {V.QpState.INIT: 0, V.QpState.RTR: 1, V.QpState.RTS: 2}
+        if new != V.QpState.ERR and allowed[new] != self.state:
             raise FakeVerbsError(f"bad transition {self.state.name} -> {new.name}")
         self.state = new
 
@@ -548,10 +549,10 @@ class FakeQP:
                     raise FakeVerbsError("send queue full (ENOMEM)")
                 self.fabric.work_requests += 1
                 status = (
-                    self._execute(wr) if self.state == L.QpState.RTS else L.WcStatus.WR_FLUSH_ERR
+                    self._execute(wr) if self.state == V.QpState.RTS else V.WcStatus.WR_FLUSH_ERR
                 )
-                if status != L.WcStatus.SUCCESS:
-                    self.state = L.QpState.ERR
+                if status != V.WcStatus.SUCCESS:
+                    self.state = V.QpState.ERR
                 self.in_flight += 1
                 self.cq.push(self, wr.wr_id, status)
                 wr = wr.next_wr
@@ -560,14 +561,14 @@ class FakeQP:
         (sge,) = wr.sg
         local = self.fabric.mrs.get(sge.lkey)
         if local is None or local.pd is not self.pd or not local.covers(sge.addr, sge.length):
-            return L.WcStatus.LOC_PROT_ERR
+            return V.WcStatus.LOC_PROT_ERR
         if sge.length > self.fabric.max_msg:
-            return L.WcStatus.LOC_LEN_ERR
+            return V.WcStatus.LOC_LEN_ERR
         peer = self.fabric.qps.get(self.dest)
-        if peer is None or peer.state not in (L.QpState.RTR, L.QpState.RTS):
-            return L.WcStatus.RETRY_EXC_ERR
-        reading = wr.opcode == L.WR_RDMA_READ
-        need = L.Access.REMOTE_READ if reading else L.Access.REMOTE_WRITE
+        if peer is None or peer.state not in (V.QpState.RTR, V.QpState.RTS):
+            return V.WcStatus.RETRY_EXC_ERR
+        reading = wr.opcode == V.WR_RDMA_READ
+        need = V.Access.REMOTE_READ if reading else V.Access.REMOTE_WRITE
         remote = self.fabric.mrs.get(wr.rkey)
         if (
             remote is None
@@ -576,11 +577,11 @@ class FakeQP:
             or not remote.access & need
             or not peer.access & need
         ):
-            peer.state = L.QpState.ERR
-            return L.WcStatus.REM_ACCESS_ERR
+            peer.state = V.QpState.ERR
+            return V.WcStatus.REM_ACCESS_ERR
         src, dst = (wr.remote_addr, sge.addr) if reading else (sge.addr, wr.remote_addr)
         ctypes.memmove(dst, src, sge.length)
-        return L.WcStatus.SUCCESS
+        return V.WcStatus.SUCCESS
 
     def close(self) -> None:
         self.fabric.qps.pop(self.qp_num, None)
@@ -600,12 +601,12 @@ class FakeContext:
         )
 
     def query_port(self, port_num: int) -> _Attrs:
-        state = L.PORT_ACTIVE if port_num == 2 else 1
+        state = V.PORT_ACTIVE if port_num == 2 else 1
         return _Attrs(
             state=state,
             lid=port_num,
             active_mtu=5,
-            link_layer=L.LINK_LAYER_INFINIBAND,
+            link_layer=V.LINK_LAYER_INFINIBAND,
             max_msg_sz=self.fabric.max_msg,
             gid_tbl_len=1,
         )
@@ -637,10 +638,10 @@ class FakeFabric:
         self.doorbells = self.work_requests = 0
         self.hang = False  # accept work requests but never complete them
 
-    def verbs(self) -> rdma._Verbs:
+    def verbs(self) -> rdma_device.Verbs:
         ns = types.SimpleNamespace
         names = [ns(name=f"fake{i}".encode()) for i in range(self.devices)]
-        return rdma._Verbs(
+        return rdma_device.Verbs(
             device=ns(get_device_list=lambda: names, Context=lambda name: FakeContext(self, name)),
             pd=ns(PD=FakePD),
             cq=ns(CQ=FakeCQ),
@@ -686,7 +687,7 @@ async def rig(
     device = DEVICE
     if request.param == "fake":
         fabric = FakeFabric()
-        monkeypatch.setattr(rdma, "_load_verbs", fabric.verbs)
+        monkeypatch.setattr(rdma_device, "load_verbs", fabric.verbs)
         device = ""
     regions = base.RegionTable()
     region = regions.create(REGION_BYTES)

@@ -30,7 +30,7 @@ import uvloop
 
 from kvtier import errors
 from kvtier.proto.common.v1 import common_pb2
-from kvtier.transport import base, dataplane, registry, shm
+from kvtier.transport import base, dataplane, registry, shm, shm_wire
 
 KIB, MIB = 1024, 1024 * 1024
 RW = base.Rights.READ | base.Rights.WRITE
@@ -120,13 +120,13 @@ async def test_region_fd_is_handed_over_once_per_region_and_access(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     handed: list[tuple[int, bool]] = []
-    real = shm._handover_fd
+    real = shm_wire.handover_fd
 
     def counting(region: base.Region, writable: bool) -> int:
         handed.append((region.region_id, writable))
         return real(region, writable)
 
-    monkeypatch.setattr(shm, "_handover_fd", counting)
+    monkeypatch.setattr(shm_wire, "handover_fd", counting)
     other = node.plane.regions.create(8 * MIB, name="shm-test-other")
     a, b = node.region.region_id, other.region_id
     grant_b = node.plane.issuer.grant(other, 0, 64 * KIB, RW, "client")
@@ -286,7 +286,8 @@ async def test_a_cancelled_large_read_lets_go_and_the_connection_stays(node: Nod
 async def test_protocol_violations_drop_only_that_connection(node: Node) -> None:
     client = await node.connect()
     loop = asyncio.get_running_loop()
-    for garbage in (b"x", shm._HEADER.pack(shm._LEASE, 1, 1, 1) + bytes(64)):  # LEASE before HELLO
+    lease_before_hello = shm_wire.HEADER.pack(shm_wire.LEASE, 1, 1, 1) + bytes(64)
+    for garbage in (b"x", lease_before_hello):
         raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         raw.setblocking(False)
         await loop.sock_connect(raw, node.endpoint.address)

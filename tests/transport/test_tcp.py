@@ -25,7 +25,7 @@ import uvloop
 
 from kvtier import errors
 from kvtier.proto.common.v1 import common_pb2
-from kvtier.transport import base, dataplane, registry, tcp
+from kvtier.transport import base, dataplane, registry, tcp, tcp_server
 
 KIB, MIB = 1024, 1024 * 1024
 RW = base.Rights.READ | base.Rights.WRITE
@@ -112,7 +112,7 @@ async def test_connection_count_follows_clients(node: Node) -> None:
 async def test_refused_and_foreign_connections_do_not_linger(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tcp, "_HELLO_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(tcp_server, "_HELLO_TIMEOUT_S", 0.2)
     impostor, _ = base.Issuer("elsewhere").issue_token("client")
     with pytest.raises(errors.PermissionDenied):
         await tcp.connect(node.endpoint, impostor, registry.ClientSettings(timeout_s=5))

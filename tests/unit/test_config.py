@@ -349,3 +349,22 @@ def test_bool_parsing(raw: str, expected: bool) -> None:
 def test_bad_bool_is_rejected(raw: str) -> None:
     message = config_error(["--verbose", raw], cls=_FlagConfig, service="flagged")
     assert "--verbose" in message
+
+
+def test_data_plane_settings_are_validated() -> None:
+    from services.kvcache import config as kvcache_config
+
+    cfg = config.load(
+        kvcache_config.KVCacheConfig,
+        service="kvcache",
+        argv=["--dataplane-transports", "tcp,shm"],
+        environ={},
+    )
+    assert cfg.dataplane_transports == ("tcp", "shm")
+    for argv, needle in (
+        (["--dataplane-transports", "tcp,carrier-pigeon"], "carrier-pigeon"),
+        (["--dataplane-port", "70000"], "dataplane_port"),
+        (["--dataplane-max-inflight-bytes", "10"], "dataplane_max_inflight_bytes"),
+    ):
+        with pytest.raises(config.ConfigError, match=needle):
+            config.load(kvcache_config.KVCacheConfig, service="kvcache", argv=argv, environ={})

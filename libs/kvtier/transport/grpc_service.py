@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 from kvtier import rpc
 from kvtier.proto.common.v1 import common_pb2, common_pb2_grpc
 from kvtier.transport import dataplane
+
+if TYPE_CHECKING:  # transports load lazily, by name (registry.load); rdma is only a type here
+    from kvtier.transport import rdma
 
 
 class DataPlaneServicer(common_pb2_grpc.DataPlaneServiceServicer):
@@ -22,6 +27,6 @@ class DataPlaneServicer(common_pb2_grpc.DataPlaneServiceServicer):
         self, request: common_pb2.ConnectRdmaRequest, context: rpc.ServicerContext
     ) -> common_pb2.ConnectRdmaResponse:
         principal = self._plane.issuer.check_token(request.token)
-        server = self._plane.server("rdma")
-        accepted = await server.accept(request.client, principal)  # type: ignore[attr-defined]
+        server = cast("rdma.Server", self._plane.server("rdma"))
+        accepted = await server.accept(request.client, principal)
         return common_pb2.ConnectRdmaResponse(server=accepted)

@@ -1,17 +1,15 @@
 """Everything of the rdma transport that does not touch a device, as plain data and functions.
 
-`kvtier.transport.rdma` drives pyverbs with what this module computes: how an operation is cut
-into work requests, the queue-pair attributes of each state transition, which GID and port to
-use, how a work completion's status becomes a kvtier error, and whether a descriptor may be
-posted at all. Nothing here imports pyverbs; the verbs constants below are the values of the
-enums in rdma-core's `<infiniband/verbs.h>` (a stable ABI), checked against `pyverbs.enums` by
-the tests wherever pyverbs imports.
+The rdma server and client (`rdma_server`, `rdma_client`) drive pyverbs with what this module
+computes: how an operation is cut into work requests, the queue-pair attributes of each state
+transition, which GID and port to use, how a work completion's status becomes a kvtier error,
+and whether a descriptor may be posted at all. Nothing here imports pyverbs; the verbs
+constants it computes with are in `kvtier.transport.rdma_verbs_consts`.
 """
 
 from __future__ import annotations
 
 import bisect
-import enum
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,100 +17,17 @@ from typing import Final
 
 from kvtier import errors
 from kvtier.proto.common.v1 import common_pb2
-from kvtier.transport import base
+from kvtier.transport import base, rdma_verbs_consts
 
-# --- verbs.h constants ----------------------------------------------------------------------
-
-
-class WcStatus(enum.IntEnum):
-    """enum ibv_wc_status."""
-
-    SUCCESS = 0
-    LOC_LEN_ERR = 1
-    LOC_QP_OP_ERR = 2
-    LOC_EEC_OP_ERR = 3
-    LOC_PROT_ERR = 4
-    WR_FLUSH_ERR = 5
-    MW_BIND_ERR = 6
-    BAD_RESP_ERR = 7
-    LOC_ACCESS_ERR = 8
-    REM_INV_REQ_ERR = 9
-    REM_ACCESS_ERR = 10
-    REM_OP_ERR = 11
-    RETRY_EXC_ERR = 12
-    RNR_RETRY_EXC_ERR = 13
-    LOC_RDD_VIOL_ERR = 14
-    REM_INV_RD_REQ_ERR = 15
-    REM_ABORT_ERR = 16
-    INV_EECN_ERR = 17
-    INV_EEC_STATE_ERR = 18
-    FATAL_ERR = 19
-    RESP_TIMEOUT_ERR = 20
-    GENERAL_ERR = 21
-
-
-class QpState(enum.IntEnum):
-    """enum ibv_qp_state."""
-
-    RESET = 0
-    INIT = 1
-    RTR = 2
-    RTS = 3
-    SQD = 4
-    SQE = 5
-    ERR = 6
-
-
-class QpAttrMask(enum.IntFlag):
-    """enum ibv_qp_attr_mask (the attributes a modify applies)."""
-
-    STATE = 1 << 0
-    ACCESS_FLAGS = 1 << 3
-    PKEY_INDEX = 1 << 4
-    PORT = 1 << 5
-    AV = 1 << 7
-    PATH_MTU = 1 << 8
-    TIMEOUT = 1 << 9
-    RETRY_CNT = 1 << 10
-    RNR_RETRY = 1 << 11
-    RQ_PSN = 1 << 12
-    MAX_QP_RD_ATOMIC = 1 << 13
-    MIN_RNR_TIMER = 1 << 15
-    SQ_PSN = 1 << 16
-    MAX_DEST_RD_ATOMIC = 1 << 17
-    DEST_QPN = 1 << 20
-
-
-class Access(enum.IntFlag):
-    """enum ibv_access_flags (MR and QP access)."""
-
-    LOCAL_WRITE = 1
-    REMOTE_WRITE = 2
-    REMOTE_READ = 4
-
-
-WR_RDMA_WRITE: Final = 0  # enum ibv_wr_opcode
-WR_RDMA_READ: Final = 4
-SEND_SIGNALED: Final = 2  # enum ibv_send_flags
-QPT_RC: Final = 2  # enum ibv_qp_type
-PORT_ACTIVE: Final = 4  # enum ibv_port_state
-LINK_LAYER_INFINIBAND: Final = 1
-LINK_LAYER_ETHERNET: Final = 2
-GID_TYPE_IB_ROCE_V1: Final = 0  # enum ibv_gid_type_sysfs (what query_gid_type returns)
-GID_TYPE_ROCE_V2: Final = 1
-MTU_MIN: Final = 1  # enum ibv_mtu: 1 = 256 bytes ... 5 = 4096 bytes
-MTU_MAX: Final = 5
-
-PSN_MASK: Final = (1 << 24) - 1
-QPN_MASK: Final = (1 << 24) - 1
-GID_BYTES: Final = 16
-NO_SLOT: Final = -1
+#: The transport's name (`kvtier.transport.rdma.NAME`, `Server.name`, `Client.name`).
+NAME: Final = "rdma"
 
 
 def mtu_bytes(mtu: int) -> int:
     """Bytes of an ibv_mtu enum value (3 → 1024)."""
-    if not MTU_MIN <= mtu <= MTU_MAX:
-        raise errors.InvalidArgument(f"ibv_mtu {mtu} outside {MTU_MIN}..{MTU_MAX}")
+    lowest, highest = rdma_verbs_consts.MTU_MIN, rdma_verbs_consts.MTU_MAX
+    if not lowest <= mtu <= highest:
+        raise errors.InvalidArgument(f"ibv_mtu {mtu} outside {lowest}..{highest}")
     return 128 << mtu
 
 
@@ -151,7 +66,7 @@ def parse_device_spec(text: str) -> DeviceSpec:
 def choose_port(states: Sequence[tuple[int, int]]) -> int:
     """The first ACTIVE port of (port_num, ibv_port_state) pairs; Unavailable when none is."""
     for port_num, state in states:
-        if state == PORT_ACTIVE:
+        if state == rdma_verbs_consts.PORT_ACTIVE:
             return port_num
     raise errors.Unavailable(f"no active RDMA port (port states {list(states)})")
 
@@ -159,14 +74,14 @@ def choose_port(states: Sequence[tuple[int, int]]) -> int:
 def gid_bytes(text: str) -> bytes:
     """pyverbs' GID text ("fe80:0000:...", 8 groups of 4 hex digits) as 16 bytes."""
     raw = bytes.fromhex(text.replace(":", ""))
-    if len(raw) != GID_BYTES:
+    if len(raw) != rdma_verbs_consts.GID_BYTES:
         raise errors.InvalidArgument(f"GID {text!r} is not 16 bytes")
     return raw
 
 
 def gid_text(raw: bytes) -> str:
     """16 GID bytes in pyverbs' text form (what `GID.gid` accepts)."""
-    if len(raw) != GID_BYTES:
+    if len(raw) != rdma_verbs_consts.GID_BYTES:
         raise errors.InvalidArgument(f"GID of {len(raw)} bytes, expected 16")
     digits = raw.hex()
     return ":".join(digits[i : i + 4] for i in range(0, 32, 4))
@@ -178,14 +93,14 @@ class GidEntry:
 
     index: int
     gid: bytes
-    gid_type: int = GID_TYPE_IB_ROCE_V1
+    gid_type: int = rdma_verbs_consts.GID_TYPE_IB_ROCE_V1
 
 
 def _gid_rank(entry: GidEntry) -> int:
     """Lower is better: RoCE v2 IPv4-mapped, RoCE v2 routable, RoCE v2, anything else."""
     ipv4_mapped = entry.gid[:10] == bytes(10) and entry.gid[10:12] == b"\xff\xff"
     link_local = entry.gid[:2] == b"\xfe\x80"
-    if entry.gid_type == GID_TYPE_ROCE_V2:
+    if entry.gid_type == rdma_verbs_consts.GID_TYPE_ROCE_V2:
         return 0 if ipv4_mapped else 1 if not link_local else 2
     return 3
 
@@ -197,7 +112,7 @@ def choose_gid_index(entries: Sequence[GidEntry], link_layer: int) -> int:
     an IPv4-mapped address if any (routable, what most fabrics are configured for), then any
     other RoCE v2 GID, then any non-zero GID. Unavailable when the table has no usable GID.
     """
-    if link_layer != LINK_LAYER_ETHERNET:
+    if link_layer != rdma_verbs_consts.LINK_LAYER_ETHERNET:
         return 0
     usable = [e for e in entries if any(e.gid)]
     if not usable:
@@ -272,8 +187,8 @@ class AddressVector:
 class QpTransition:
     """One ibv_modify_qp: the QPAttr fields to set, the mask naming them, and the path (RTR)."""
 
-    state: QpState
-    mask: QpAttrMask
+    state: rdma_verbs_consts.QpState
+    mask: rdma_verbs_consts.QpAttrMask
     attrs: dict[str, int]
     av: AddressVector | None = None
 
@@ -292,27 +207,30 @@ def local_qp_info(port: LocalPort, qp_num: int, psn: int) -> common_pb2.RdmaQueu
 
 def check_peer(peer: common_pb2.RdmaQueuePair, port: LocalPort) -> None:
     """Reject queue-pair info that cannot be connected to (InvalidArgument)."""
-    if not 0 < peer.qp_num <= QPN_MASK:
+    if not 0 < peer.qp_num <= rdma_verbs_consts.QPN_MASK:
         raise errors.InvalidArgument(f"peer QP number {peer.qp_num} outside 1..2^24-1")
-    if peer.psn > PSN_MASK:
+    if peer.psn > rdma_verbs_consts.PSN_MASK:
         raise errors.InvalidArgument(f"peer PSN {peer.psn} wider than 24 bits")
     mtu_bytes(peer.mtu)
-    if peer.gid and len(peer.gid) != GID_BYTES:
+    if peer.gid and len(peer.gid) != rdma_verbs_consts.GID_BYTES:
         raise errors.InvalidArgument(f"peer GID of {len(peer.gid)} bytes")
-    if port.link_layer == LINK_LAYER_ETHERNET and not any(peer.gid):
+    roce = port.link_layer == rdma_verbs_consts.LINK_LAYER_ETHERNET
+    if roce and not any(peer.gid):
         raise errors.InvalidArgument("RoCE needs the peer's GID; it sent none")
-    if port.link_layer != LINK_LAYER_ETHERNET and not any(peer.gid) and not peer.lid:
+    if not roce and not any(peer.gid) and not peer.lid:
         raise errors.InvalidArgument("InfiniBand needs the peer's LID or GID; it sent neither")
 
 
 def init_transition(port: LocalPort, tuning: QpTuning, *, remote_access: bool) -> QpTransition:
     """RESET → INIT. remote_access: the peer may READ/WRITE through this QP (the server side)."""
-    access = Access.REMOTE_READ | Access.REMOTE_WRITE if remote_access else Access(0)
+    flags = rdma_verbs_consts.Access
+    state, mask = rdma_verbs_consts.QpState, rdma_verbs_consts.QpAttrMask
+    access = flags.REMOTE_READ | flags.REMOTE_WRITE if remote_access else flags(0)
     return QpTransition(
-        state=QpState.INIT,
-        mask=QpAttrMask.STATE | QpAttrMask.PKEY_INDEX | QpAttrMask.PORT | QpAttrMask.ACCESS_FLAGS,
+        state=state.INIT,
+        mask=mask.STATE | mask.PKEY_INDEX | mask.PORT | mask.ACCESS_FLAGS,
         attrs={
-            "qp_state": int(QpState.INIT),
+            "qp_state": int(state.INIT),
             "pkey_index": tuning.pkey_index,
             "port_num": port.port_num,
             "qp_access_flags": int(access),
@@ -325,7 +243,8 @@ def connect_transitions(
 ) -> list[QpTransition]:
     """INIT → RTR → RTS towards peer. Our receive PSN is the peer's send PSN and vice versa."""
     check_peer(peer, port)
-    is_global = port.link_layer == LINK_LAYER_ETHERNET or any(peer.gid)
+    state, mask = rdma_verbs_consts.QpState, rdma_verbs_consts.QpAttrMask
+    is_global = port.link_layer == rdma_verbs_consts.LINK_LAYER_ETHERNET or any(peer.gid)
     av = AddressVector(
         port_num=port.port_num,
         dlid=peer.lid,
@@ -335,16 +254,16 @@ def connect_transitions(
         hop_limit=tuning.hop_limit,
     )
     rtr = QpTransition(
-        state=QpState.RTR,
-        mask=QpAttrMask.STATE
-        | QpAttrMask.AV
-        | QpAttrMask.PATH_MTU
-        | QpAttrMask.DEST_QPN
-        | QpAttrMask.RQ_PSN
-        | QpAttrMask.MAX_DEST_RD_ATOMIC
-        | QpAttrMask.MIN_RNR_TIMER,
+        state=state.RTR,
+        mask=mask.STATE
+        | mask.AV
+        | mask.PATH_MTU
+        | mask.DEST_QPN
+        | mask.RQ_PSN
+        | mask.MAX_DEST_RD_ATOMIC
+        | mask.MIN_RNR_TIMER,
         attrs={
-            "qp_state": int(QpState.RTR),
+            "qp_state": int(state.RTR),
             "path_mtu": min(port.active_mtu, peer.mtu),
             "dest_qp_num": peer.qp_num,
             "rq_psn": peer.psn,
@@ -354,19 +273,19 @@ def connect_transitions(
         av=av,
     )
     rts = QpTransition(
-        state=QpState.RTS,
-        mask=QpAttrMask.STATE
-        | QpAttrMask.TIMEOUT
-        | QpAttrMask.RETRY_CNT
-        | QpAttrMask.RNR_RETRY
-        | QpAttrMask.SQ_PSN
-        | QpAttrMask.MAX_QP_RD_ATOMIC,
+        state=state.RTS,
+        mask=mask.STATE
+        | mask.TIMEOUT
+        | mask.RETRY_CNT
+        | mask.RNR_RETRY
+        | mask.SQ_PSN
+        | mask.MAX_QP_RD_ATOMIC,
         attrs={
-            "qp_state": int(QpState.RTS),
+            "qp_state": int(state.RTS),
             "timeout": tuning.timeout,
             "retry_cnt": tuning.retry_cnt,
             "rnr_retry": tuning.rnr_retry,
-            "sq_psn": local_psn & PSN_MASK,
+            "sq_psn": local_psn & rdma_verbs_consts.PSN_MASK,
             "max_rd_atomic": tuning.max_rd_atomic,
         },
     )
@@ -389,7 +308,9 @@ def rc_transitions(
 def error_transition() -> QpTransition:
     """→ ERR: outstanding work requests complete at once, flushed (used to abort)."""
     return QpTransition(
-        state=QpState.ERR, mask=QpAttrMask.STATE, attrs={"qp_state": int(QpState.ERR)}
+        state=rdma_verbs_consts.QpState.ERR,
+        mask=rdma_verbs_consts.QpAttrMask.STATE,
+        attrs={"qp_state": int(rdma_verbs_consts.QpState.ERR)},
     )
 
 
@@ -464,24 +385,25 @@ def completion_error(status: int, vendor_err: int = 0) -> errors.KVTierError | N
     Unavailable. Anything else is a local bug (bad lkey, length, state) → Internal.
     Every error leaves the RC queue pair in the ERR state: the connection must be rebuilt.
     """
-    if status == WcStatus.SUCCESS:
+    wc = rdma_verbs_consts.WcStatus
+    if status == wc.SUCCESS:
         return None
     try:
-        name = WcStatus(status).name
+        name = wc(status).name
     except ValueError:
         name = f"status {status}"
     text = f"RDMA work completion {name} (vendor error {vendor_err:#x})"
-    if status == WcStatus.REM_ACCESS_ERR:
+    if status == wc.REM_ACCESS_ERR:
         return base.DescriptorRejected(f"{text}: the peer's HCA refused the rkey or range")
-    if status in (WcStatus.RETRY_EXC_ERR, WcStatus.RNR_RETRY_EXC_ERR, WcStatus.RESP_TIMEOUT_ERR):
+    if status in (wc.RETRY_EXC_ERR, wc.RNR_RETRY_EXC_ERR, wc.RESP_TIMEOUT_ERR):
         return base.PeerLost(f"{text}: the peer stopped answering")
-    if status == WcStatus.WR_FLUSH_ERR:
+    if status == wc.WR_FLUSH_ERR:
         return base.PeerLost(f"{text}: the queue pair failed on an earlier request")
     if status in (
-        WcStatus.REM_OP_ERR,
-        WcStatus.REM_ABORT_ERR,
-        WcStatus.FATAL_ERR,
-        WcStatus.GENERAL_ERR,
+        wc.REM_OP_ERR,
+        wc.REM_ABORT_ERR,
+        wc.FATAL_ERR,
+        wc.GENERAL_ERR,
     ):
         return errors.Unavailable(f"{text}: the peer or the device failed")
     return errors.Internal(text)
@@ -492,6 +414,7 @@ def completion_error(status: int, vendor_err: int = 0) -> errors.KVTierError | N
 STAGING_SLOT_BYTES: Final = 256 << 10
 STAGING_MAX_BYTES: Final = 64 << 20
 MIN_SLOT_BYTES: Final = 4096
+NO_SLOT: Final = -1
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,241 @@
+"""The serving side of the tcp transport: the listener and one connection per client.
+
+Each connection checks, serves and answers its requests in order; the protocol is described in
+`kvtier.transport.tcp`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import ClassVar
+
+from kvtier import errors
+from kvtier.proto.common.v1 import common_pb2
+from kvtier.transport import base, registry, tcp_wire
+
+log = logging.getLogger(__name__)
+
+_MAX_OP_BYTES = 1 << 34  # a length beyond this is a broken peer, not a request
+_HELLO_TIMEOUT_S = 10.0  # a connection that has not presented its token by then is dropped
+
+
+class _ServerConnection(tcp_wire.Channel):
+    """One client's connection: HELLO, then requests checked, served and answered in order."""
+
+    def __init__(self, server: Server, sock: socket.socket) -> None:
+        super().__init__(sock, server.loop)
+        self._server = server
+        self._ctx = server.ctx
+        self.principal: str | None = None
+        self._queued_bytes = 0
+        self._paused = False
+        # The WRITE payload being received: into (None: drain it), position, length, lease, reply.
+        self._rx_into: memoryview | None = None
+        self._rx_pos = 0
+        self._rx_len = 0
+        self._rx_lease = 0
+        self._rx_reply = b""
+        self._hello_timer = self._loop.call_later(_HELLO_TIMEOUT_S, self._lost, "no HELLO in time")
+        self._set_reading(True)
+
+    def _step(self) -> bool:
+        if self._rx_len:
+            return self._take_payload()
+        staged = self._tail - self._head
+        if self.principal is None:
+            if staged >= tcp_wire.HELLO.size:
+                magic, size = tcp_wire.HELLO.unpack_from(self._staging, self._head)
+                if magic != tcp_wire.MAGIC or size > tcp_wire.MAX_TOKEN_BYTES:
+                    raise tcp_wire.ProtocolError("not a kvtier tcp client")
+                if staged >= tcp_wire.HELLO.size + size:
+                    start = self._head + tcp_wire.HELLO.size
+                    self._head = start + size
+                    self._hello(bytes(self._view[start : start + size]))
+                    return True
+        elif staged >= tcp_wire.REQUEST.size:
+            fields = tcp_wire.REQUEST.unpack_from(self._staging, self._head)
+            self._head += tcp_wire.REQUEST.size
+            self._request(*fields)
+            return True
+        return self._fill()
+
+    def _hello(self, token: bytes) -> None:
+        self._hello_timer.cancel()
+        try:
+            self.principal = self._ctx.issuer.check_token(token)
+        except errors.KVTierError as exc:
+            log.info("tcp data plane: refused a connection: %s", exc)
+            self._queue(tcp_wire.Frame(tcp_wire.error_response(0, exc)))
+            self.flush()
+            self._lost("refused")
+            return
+        self._queue(tcp_wire.Frame(tcp_wire.RESPONSE.pack(0, tcp_wire.Status.OK, 0, 0)))
+
+    def _request(
+        self, op: int, rights: int, _pad: int, region_id: int, request_id: int, offset: int,
+        length: int, expires_at_ms: int, mac: bytes,
+    ) -> None:  # fmt: skip
+        if op not in (tcp_wire.READ, tcp_wire.WRITE) or length > _MAX_OP_BYTES:
+            raise tcp_wire.ProtocolError(f"bad request: op {op}, length {length}")
+        need = base.Rights.READ if op == tcp_wire.READ else base.Rights.WRITE
+        try:
+            region = self._ctx.issuer.check(
+                self._ctx.regions, self.principal or "", need, region_id, offset, length, rights,
+                expires_at_ms, mac,
+            )  # fmt: skip
+        except Exception as exc:  # every failure is answered; the connection stays usable
+            reply = tcp_wire.error_response(request_id, exc)
+            if op == tcp_wire.WRITE and length:
+                self._expect(None, length, 0, reply)  # the payload follows anyway: drain it
+            else:
+                self._queue(tcp_wire.Frame(reply))
+            return
+        if not length:
+            reply = tcp_wire.RESPONSE.pack(request_id, tcp_wire.Status.OK, 0, 0)
+            self._queue(tcp_wire.Frame(reply))
+            return
+        lease = self._ctx.leases.acquire(region_id, offset, length, self, expires_at_ms)
+        view = region.view[offset : offset + length]
+        if op == tcp_wire.WRITE:
+            reply = tcp_wire.RESPONSE.pack(request_id, tcp_wire.Status.OK, 0, 0)
+            self._expect(view, length, lease, reply)
+        else:
+            reply = tcp_wire.RESPONSE.pack(request_id, tcp_wire.Status.OK, 0, length)
+            self._queue(tcp_wire.Frame(reply, view, lease))
+
+    def _expect(self, into: memoryview | None, length: int, lease: int, reply: bytes) -> None:
+        """Receive a WRITE payload next (into region memory, or drained), then queue reply."""
+        self._rx_into, self._rx_pos, self._rx_len = into, 0, length
+        self._rx_lease, self._rx_reply = lease, reply
+
+    def _take_payload(self) -> bool:
+        into = self._rx_into
+        if self._tail > self._head:
+            dest = into[self._rx_pos :] if into is not None else None
+            got = self._unstage(dest, self._rx_len - self._rx_pos)
+        elif into is not None:
+            got = self._recv(into[self._rx_pos :])
+        else:
+            got = self._recv(self._server.scratch[: self._rx_len - self._rx_pos])
+        if not got:
+            return False
+        self._rx_pos += got
+        if self._rx_pos == self._rx_len:
+            self._ctx.leases.release(self._rx_lease)
+            self._queue(tcp_wire.Frame(self._rx_reply))
+            self._rx_into, self._rx_len, self._rx_lease = None, 0, 0
+        return True
+
+    def _queue(self, frame: tcp_wire.Frame) -> None:
+        self._out.append(frame)
+        self._queued_bytes += frame.size
+        if self._queued_bytes > self._ctx.max_inflight_bytes and not self._paused:
+            self._paused = True  # the client is not taking its replies: stop taking requests
+            self._set_reading(False)
+
+    def _sent(self, frame: tcp_wire.Frame) -> None:
+        if frame.lease:
+            self._ctx.leases.release(frame.lease)
+        self._queued_bytes -= frame.size
+        if self._paused and self._queued_bytes <= self._ctx.max_inflight_bytes // 2:
+            self._paused = False
+            self._set_reading(True)
+            self._loop.call_soon(self._on_readable)  # requests may wait in staging already
+
+    def _lost(self, reason: str) -> None:
+        if self.closed:
+            return
+        log.debug("tcp data plane: connection of %s closed: %s", self.principal, reason)
+        self._hello_timer.cancel()
+        self._shut()
+        self._rx_into = None
+        self._ctx.leases.release_owner(self)
+        self._server.forget(self)
+
+    def close(self) -> None:
+        """Drop the connection now (its client's pending operations fail with PeerLost)."""
+        self._lost("server stopping")
+
+
+class Server:
+    """Serves a node's regions over TCP (see `kvtier.transport.tcp` for the protocol)."""
+
+    name: ClassVar[str] = tcp_wire.NAME
+    loop: asyncio.AbstractEventLoop  # set by start
+
+    def __init__(self, ctx: base.ServerContext, settings: registry.ServerSettings) -> None:
+        self.ctx = ctx
+        self._settings = settings
+        self._listener: socket.socket | None = None
+        self._conns: set[_ServerConnection] = set()
+        self._scratch: memoryview | None = None
+
+    @property
+    def scratch(self) -> memoryview:
+        """Where rejected WRITE payloads are drained (shared: its contents never matter)."""
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(tcp_wire.SINK_BYTES))
+        return self._scratch
+
+    async def start(self) -> common_pb2.TransportEndpoint:
+        """Listen on settings.host:settings.tcp_port (0: a free port); returns the endpoint."""
+        self.loop = asyncio.get_running_loop()
+        infos = await self.loop.getaddrinfo(
+            self._settings.host, self._settings.tcp_port, type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE,
+        )  # fmt: skip
+        family, kind, proto, _, address = infos[0]
+        listener = socket.socket(family, kind, proto)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # Accepted sockets inherit the receive buffer (and the window scale it implies).
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, tcp_wire.SOCKET_BUFFER_BYTES)
+            listener.bind(address)
+            listener.listen(1024)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        self._listener = listener
+        self.loop.add_reader(listener.fileno(), self._on_accept)
+        port = listener.getsockname()[1]
+        return common_pb2.TransportEndpoint(
+            name=tcp_wire.NAME, address=f"{self._settings.advertise_host}:{port}"
+        )
+
+    def _on_accept(self) -> None:
+        for _ in range(64):
+            if self._listener is None:
+                return
+            try:
+                sock, _peer = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # e.g. out of file descriptors: keep serving the others
+                log.warning("tcp data plane: accept failed: %s", exc)
+                return
+            try:
+                tcp_wire.tune(sock)
+            except OSError:
+                sock.close()
+                continue
+            self._conns.add(_ServerConnection(self, sock))
+
+    def forget(self, conn: _ServerConnection) -> None:
+        """A connection has closed."""
+        self._conns.discard(conn)
+
+    async def stop(self) -> None:
+        """Stop listening and drop every connection (their leases end); idempotent."""
+        if self._listener is not None:
+            self.loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+        for conn in list(self._conns):
+            conn.close()
+
+    def connection_count(self) -> int:
+        """Open client connections."""
+        return len(self._conns)

@@ -1,0 +1,249 @@
+"""The wire of the tcp transport: frame formats, status codes and the socket channel both sides use.
+
+The protocol these carry is described in `kvtier.transport.tcp`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import itertools
+import logging
+import socket
+import struct
+
+from kvtier import errors
+from kvtier.transport import base
+
+log = logging.getLogger(__name__)
+
+NAME = "tcp"
+
+KIB, MIB = 1024, 1024 * 1024
+MAGIC = b"KVT1"
+HELLO = struct.Struct("<4sH")  # magic, token length
+REQUEST = struct.Struct("<BBHIQQQq16s")  # op, rights, 0, region, id, offset, length, expiry, mac
+RESPONSE = struct.Struct("<QB3xIQ")  # request id, status, message length, payload length
+READ, WRITE = 1, 2
+
+SOCKET_BUFFER_BYTES = 4 * MIB
+STAGING_BYTES = 16 * KIB  # headers (and small payloads that come with them) land here first
+SINK_BYTES = 256 * KIB  # where unwanted payload bytes are drained
+MAX_MESSAGE_BYTES = 512
+MAX_TOKEN_BYTES = 4 * KIB
+_GATHER_ITEMS = 64  # queued frames per sendmsg call
+RECV_ROUNDS = 64  # recv calls per reader callback, so that one busy connection starves no other
+
+
+class Status(enum.IntEnum):
+    """The status of a RESPONSE; every one but OK stands for an error (see `error_of`)."""
+
+    OK = 0
+    REJECTED = 1
+    EXPIRED = 2
+    DENIED = 3
+    INVALID = 4
+    INTERNAL = 5
+
+
+# Most specific first: the expired and rejected descriptor errors are PermissionDenied too.
+_STATUS_OF: tuple[tuple[type[errors.KVTierError], Status], ...] = (
+    (base.DescriptorExpired, Status.EXPIRED),
+    (base.DescriptorRejected, Status.REJECTED),
+    (errors.PermissionDenied, Status.DENIED),
+    (errors.InvalidArgument, Status.INVALID),
+)
+_ERROR_OF: dict[int, type[errors.KVTierError]] = {s: cls for cls, s in _STATUS_OF}
+
+
+class ProtocolError(Exception):
+    """The peer broke the framing; the connection cannot continue."""
+
+
+def error_response(request_id: int, exc: BaseException) -> bytes:
+    """The RESPONSE frame (header and message) that reports exc; logs an unexpected one."""
+    status = next((s for cls, s in _STATUS_OF if isinstance(exc, cls)), Status.INTERNAL)
+    if status is Status.INTERNAL:
+        log.error("tcp data plane: request %d failed", request_id, exc_info=exc)
+        exc = errors.Internal("internal error in the tcp data plane")
+    message = str(exc).encode()[:MAX_MESSAGE_BYTES]
+    return RESPONSE.pack(request_id, status, len(message), 0) + message
+
+
+def error_of(status: int, message: str) -> errors.KVTierError:
+    """The error that a non-OK status and its message stand for."""
+    return _ERROR_OF.get(status, errors.Internal)(message)
+
+
+def tune(sock: socket.socket) -> None:
+    """Make sock non-blocking, with large buffers and (for TCP) no Nagle delay."""
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Frame:
+    """Bytes to send: a header and an optional payload, and how much of them has gone out."""
+
+    __slots__ = ("header", "lease", "payload", "sent", "size")
+
+    def __init__(self, header: bytes, payload: memoryview | None = None, lease: int = 0) -> None:
+        self.header = header
+        self.payload = payload
+        self.lease = lease  # server only: released once the frame is out
+        self.sent = 0
+        self.size = len(header) + (payload.nbytes if payload is not None else 0)
+
+    def unsent(self, iov: list[bytes | memoryview]) -> int:
+        """Append what is left to send to iov; returns its size."""
+        head = len(self.header)
+        if self.sent < head:
+            iov.append(memoryview(self.header)[self.sent :] if self.sent else self.header)
+        if self.payload is not None and self.payload.nbytes:
+            iov.append(self.payload[self.sent - head :] if self.sent > head else self.payload)
+        return self.size - self.sent
+
+
+class Channel:
+    """A non-blocking socket driven by loop callbacks: an ordered send queue and a staging buffer.
+
+    Subclasses parse what arrives in `_step` (False when the socket has nothing more for now),
+    hear of each frame that went out completely in `_sent`, and clean up in `_lost`.
+    """
+
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        self.sock = sock
+        self.closed = False
+        self._fd = sock.fileno()
+        self._loop = loop
+        self._out: collections.deque[Frame] = collections.deque()
+        self._writing = False
+        self._reading = False
+        self._staging = bytearray(STAGING_BYTES)
+        self._view = memoryview(self._staging)
+        self._head = 0  # the staged bytes are _staging[_head:_tail]
+        self._tail = 0
+        self._recvs_left = 0
+
+    def _step(self) -> bool:
+        raise NotImplementedError
+
+    def _sent(self, frame: Frame) -> None:
+        """A frame has gone out completely."""
+
+    def _lost(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def _set_reading(self, on: bool) -> None:
+        if on and not self._reading and not self.closed:
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._reading = True
+        elif not on and self._reading:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+
+    def _on_readable(self) -> None:
+        self._recvs_left = RECV_ROUNDS
+        try:
+            while self._reading and self._step():
+                pass
+        except (OSError, ProtocolError) as exc:
+            self._lost(f"{type(exc).__name__}: {exc}")
+        except Exception:
+            log.exception("tcp data plane: unexpected error on a connection")
+            self._lost("internal error")
+        else:
+            self.kick()
+
+    def kick(self) -> None:
+        """Send what is queued now, unless the socket is full (then the writer callback will)."""
+        if self._out and not self._writing:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send queued frames until none is left or the socket is full (then wait for writable)."""
+        out = self._out
+        while out and not self.closed:
+            iov: list[bytes | memoryview] = []
+            wanted = 0
+            for frame in out if len(out) <= _GATHER_ITEMS else itertools.islice(out, _GATHER_ITEMS):
+                wanted += frame.unsent(iov)
+            try:
+                sent = self.sock.sendmsg(iov)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._lost(f"{type(exc).__name__}: {exc}")
+                return
+            self._advance(sent)
+            if sent < wanted:
+                if not self._writing and not self.closed:
+                    self._loop.add_writer(self._fd, self.flush)
+                    self._writing = True
+                return
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+
+    def _advance(self, sent: int) -> None:
+        out = self._out
+        while sent and out:
+            frame = out[0]
+            left = frame.size - frame.sent
+            if sent < left:
+                frame.sent += sent
+                return
+            sent -= left
+            frame.sent = frame.size
+            out.popleft()
+            self._sent(frame)
+
+    def _fill(self, limit: int = STAGING_BYTES) -> bool:
+        """Receive up to limit more bytes into staging; False when none are there yet."""
+        if self._head == self._tail:
+            self._head = self._tail = 0
+        elif STAGING_BYTES - self._tail < HELLO.size + MAX_TOKEN_BYTES:
+            # Only an incomplete header (or HELLO) is staged here: moving it is cheap.
+            staged = self._tail - self._head
+            self._view[:staged] = self._view[self._head : self._tail]
+            self._head, self._tail = 0, staged
+        room = min(STAGING_BYTES - self._tail, limit)
+        got = self._recv(self._view[self._tail : self._tail + room])
+        self._tail += got
+        return got > 0
+
+    def _recv(self, into: memoryview) -> int:
+        """recv_into; 0 when nothing is there yet; ConnectionResetError at the end of the stream."""
+        if self._recvs_left <= 0:
+            return 0  # let other connections go first: the reader callback will come back
+        self._recvs_left -= 1
+        try:
+            got = self.sock.recv_into(into)
+        except BlockingIOError:
+            return 0
+        if got == 0:
+            raise ConnectionResetError("peer closed the connection")
+        if got < into.nbytes:
+            self._recvs_left = 0  # drained: skip the EAGAIN round trip, readiness brings us back
+        return got
+
+    def _unstage(self, into: memoryview | None, limit: int) -> int:
+        """Move up to limit staged bytes into `into` (None: drop them); returns how many."""
+        count = min(self._tail - self._head, limit)
+        if into is not None:
+            into[:count] = self._view[self._head : self._head + count]
+        self._head += count
+        return count
+
+    def _shut(self) -> None:
+        """Stop the callbacks and close the socket; the caller fails or frees what was queued."""
+        self._set_reading(False)
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+        self.closed = True
+        self._out.clear()
+        self.sock.close()
