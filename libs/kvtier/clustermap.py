@@ -46,6 +46,12 @@ class MapView:
         """The newest map (epoch 0 before the first one arrives). Do not mutate."""
         return self._map
 
+    def newer_than(self, known_epoch: int) -> common_pb2.ClusterMap | None:
+        """The map, or None when the caller already has its epoch (known_epoch 0: always)."""
+        if known_epoch and known_epoch == self._map.epoch:
+            return None
+        return self._map
+
     def epoch(self) -> int:
         """The newest epoch seen."""
         return int(self._map.epoch)

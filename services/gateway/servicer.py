@@ -15,7 +15,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def GetClusterMap(
         self, request: gateway_pb2.GetClusterMapRequest, context: rpc.ServicerContext
     ) -> gateway_pb2.GetClusterMapResponse:
-        current = self._view.current
-        if request.known_epoch and request.known_epoch == current.epoch:
+        current = self._view.newer_than(request.known_epoch)
+        if current is None:
             return gateway_pb2.GetClusterMapResponse(unchanged=True)
         return gateway_pb2.GetClusterMapResponse(map=current)

@@ -20,8 +20,8 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
     async def GetClusterMap(
         self, request: metadata_pb2.GetClusterMapRequest, context: rpc.ServicerContext
     ) -> metadata_pb2.GetClusterMapResponse:
-        current = self._view.current
-        if request.known_epoch and request.known_epoch == current.epoch:
+        current = self._view.newer_than(request.known_epoch)
+        if current is None:
             return metadata_pb2.GetClusterMapResponse(unchanged=True)
         return metadata_pb2.GetClusterMapResponse(map=current)
 

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,20 +18,6 @@ from kvtier.proto.common.v1 import common_pb2
 pytestmark = pytest.mark.integration
 
 TTL_S = 2
-
-
-@pytest.fixture
-def etcd_server(tmp_path: Path) -> Iterator[etcdserver.EtcdServer]:
-    server = etcdserver.EtcdServer(
-        tmp_path / "etcd",
-        client_port=etcdserver.free_port(),
-        peer_port=etcdserver.free_port(),
-        log_path=tmp_path / "etcd.log",
-    )
-    server.start()
-    server.wait_ready()
-    yield server
-    server.stop()
 
 
 def _registered(endpoint: str) -> dict[str, common_pb2.NodeInfo]:
@@ -57,7 +42,7 @@ def _wait(endpoint: str, present: bool, timeout_s: float) -> float:
 
 
 def test_sigstopped_node_leaves_and_reregisters_after_sigcont(
-    etcd_server: etcdserver.EtcdServer, tmp_path: Path
+    private_etcd: etcdserver.EtcdServer, tmp_path: Path
 ) -> None:
     log = (tmp_path / "kv.log").open("w")
     proc = subprocess.Popen(
@@ -66,7 +51,7 @@ def test_sigstopped_node_leaves_and_reregisters_after_sigcont(
             "-m",
             "services.kvcache",
             "--node-id=kv-1",
-            f"--etcd-endpoints={etcd_server.endpoint}",
+            f"--etcd-endpoints={private_etcd.endpoint}",
             f"--lease-ttl-s={TTL_S}",
             f"--data-dir={tmp_path / 'kv'}",
         ],
@@ -74,13 +59,13 @@ def test_sigstopped_node_leaves_and_reregisters_after_sigcont(
         stderr=subprocess.STDOUT,
     )
     try:
-        _wait(etcd_server.endpoint, present=True, timeout_s=30)
+        _wait(private_etcd.endpoint, present=True, timeout_s=30)
         os.kill(proc.pid, signal.SIGSTOP)
-        left_after = _wait(etcd_server.endpoint, present=False, timeout_s=TTL_S + 10)
+        left_after = _wait(private_etcd.endpoint, present=False, timeout_s=TTL_S + 10)
         assert left_after <= TTL_S + 1.5
         os.kill(proc.pid, signal.SIGCONT)
-        _wait(etcd_server.endpoint, present=True, timeout_s=15)
-        info = _registered(etcd_server.endpoint)["kv-1"]
+        _wait(private_etcd.endpoint, present=True, timeout_s=15)
+        info = _registered(private_etcd.endpoint)["kv-1"]
         assert info.pid == proc.pid  # the same process registered again, not a restart
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0

@@ -83,39 +83,30 @@ def test_unreachable_etcd_retries_then_fails_with_one_line(tmp_path: Path) -> No
     assert time.monotonic() - start < 20
 
 
-def test_sigterm_stops_a_service_with_exit_zero(tmp_path: Path) -> None:
-    server = etcdserver.EtcdServer(
-        tmp_path / "etcd",
-        client_port=etcdserver.free_port(),
-        peer_port=etcdserver.free_port(),
-        log_path=tmp_path / "etcd.log",
+def test_sigterm_stops_a_service_with_exit_zero(
+    private_etcd: etcdserver.EtcdServer, tmp_path: Path
+) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.datanode",
+            f"--etcd-endpoints={private_etcd.endpoint}",
+            f"--data-dir={tmp_path / 'dn'}",
+            "--shutdown-grace-s=2",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    server.start()
-    server.wait_ready()
-    try:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "services.datanode",
-                f"--etcd-endpoints={server.endpoint}",
-                f"--data-dir={tmp_path / 'dn'}",
-                "--shutdown-grace-s=2",
-            ],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 30
-        assert proc.stderr is not None
-        seen = ""
-        while "ready" not in seen and time.monotonic() < deadline:
-            seen += proc.stderr.readline()
-        assert "ready" in seen, seen
-        proc.send_signal(signal.SIGTERM)
-        rest = proc.communicate(timeout=15)[1]
-        assert proc.returncode == 0, rest
-        order = [m for m in ("lease", "stopped") if m in rest]
-        assert order == ["lease", "stopped"], rest
-        assert rest.index("revoked") < rest.index("stopped")
-    finally:
-        server.stop()
+    deadline = time.monotonic() + 30
+    assert proc.stderr is not None
+    seen = ""
+    while "ready" not in seen and time.monotonic() < deadline:
+        seen += proc.stderr.readline()
+    assert "ready" in seen, seen
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=15)[1]
+    assert proc.returncode == 0, rest
+    order = [m for m in ("lease", "stopped") if m in rest]
+    assert order == ["lease", "stopped"], rest
+    assert rest.index("revoked") < rest.index("stopped")
