@@ -35,7 +35,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from kvtier import clustermap, etcdserver, identity, membership, rpc
+from kvtier import clustermap, errors, etcdserver, identity, membership, rpc
 from kvtier.proto.common.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,20 @@ def credentials(state: Path) -> dict[str, str]:
 
 
 def supervisor_pid(state: Path) -> int | None:
-    """The pid of the supervisor running from state, or None."""
+    """The pid of the supervisor running from state, or None.
+
+    The supervisor holds `supervisor.lock` while it runs: when the lock is free, the pid file is
+    stale (its pid may belong to another process by now) and is ignored.
+    """
+    try:
+        with (state / "supervisor.lock").open("ab") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            return None
+    except BlockingIOError:
+        pass  # held: a supervisor runs
+    except OSError:
+        return None
     try:
         pid = int((state / "supervisor.pid").read_text().strip())
     except (OSError, ValueError):
@@ -241,17 +254,18 @@ class Supervisor:
         state = self.opts.state_dir
         (state / "cluster.json").unlink(missing_ok=True)
         identity.write_atomic(state / "supervisor.pid", str(os.getpid()).encode())
+        failed = False
         try:
             info = self._start()
-            if info is None:
-                return 130
-            self._say(render_summary(info))
-            self._supervise()
-        except (ClusterError, etcdserver.EtcdError) as exc:
+            if info is not None:
+                self._say(render_summary(info))
+                self._supervise()
+        except (ClusterError, etcdserver.EtcdError, errors.KVTierError, OSError) as exc:
             self._say(f"kvtier up: error: {exc}")
-            self._shutdown()
-            return 1
-        return self._shutdown()
+            failed = True
+        finally:
+            code = self._shutdown()  # whatever happened, nothing is left running
+        return 1 if failed else code
 
     def _say(self, text: str) -> None:
         print(text, file=self._out, flush=True)
@@ -296,7 +310,12 @@ class Supervisor:
                 if self._stop:
                     return None
                 self._check_children()
-                cmap = (await store.get_map()).map
+                try:
+                    cmap = (await store.get_map()).map
+                except errors.Unavailable as exc:  # a loaded machine: not ready yet
+                    last = str(exc)
+                    await asyncio.sleep(0.2)
+                    continue
                 ok, last = await _ready(cmap, self.opts.expected_roles())
                 if ok:
                     return cmap

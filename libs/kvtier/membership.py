@@ -18,13 +18,16 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aetcd
+import grpc
 
 from kvtier import errors, telemetry
 from kvtier.proto.common.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
-_ETCD_ERRORS = (aetcd.ClientError, OSError, asyncio.TimeoutError)
+_ETCD_ERRORS = (aetcd.ClientError, OSError, asyncio.TimeoutError, grpc.aio.UsageError)
+#: How long a replaced etcd client stays open for calls still in flight on it.
+_RETIRE_GRACE_S = 10.0
 
 
 def nodes_prefix(prefix: str) -> bytes:
@@ -99,6 +102,9 @@ class EtcdMembership:
         self._info: common_pb2.NodeInfo | None = None
         self._ttl_s = 0
         self._lease: Any = None
+        self._last_refresh = 0.0
+        self._retiring: set[asyncio.Future[None]] = set()
+        self._retire_handles: list[asyncio.TimerHandle] = []
 
     @property
     def endpoint(self) -> str:
@@ -145,18 +151,30 @@ class EtcdMembership:
             return
 
     async def _reconnect(self, failed: Any) -> None:
-        """Replace the client after `failed` broke (no-op when another task already did)."""
+        """Replace the client after `failed` broke (no-op when another task already did).
+
+        The new client is installed first and the old one closed only after a grace period:
+        closing it at once would cancel calls of other tasks still waiting on it.
+        """
         if self._client is not failed:
             return
-        await _close_quietly(failed)
         self._endpoint_index += 1
         self._client = self._new_client()
         telemetry.ETCD_RECONNECTS.inc()
+        retire = asyncio.get_running_loop().call_later(
+            _RETIRE_GRACE_S,
+            lambda: self._retiring.add(asyncio.ensure_future(_close_quietly(failed))),
+        )
+        self._retire_handles.append(retire)
 
     async def close(self) -> None:
         """Close the etcd session (does not revoke the lease: see deregister)."""
+        for handle in self._retire_handles:
+            handle.cancel()
+        self._retire_handles.clear()
         await _close_quietly(self._client)
         self._client = None
+        await asyncio.gather(*self._retiring, return_exceptions=True)
 
     async def _call(self, coro: Any) -> Any:
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
@@ -179,18 +197,22 @@ class EtcdMembership:
         key = node_key(self._prefix, info.node_id)
         deadline = time.monotonic() + max(2 * ttl_s, 10)
         while True:
-            lease = await self._call(self._client.lease(ttl_s))
+            # Recorded before the put: if the put is applied but its reply lost (timeout,
+            # cancellation at shutdown), deregister() still revokes it.
+            lease = self._lease = await self._call(self._client.lease(ttl_s))
+            tx = self._client.transactions
             ok, _ = await self._call(
                 self._client.transaction(
-                    compare=[self._client.transactions.create(key) == 0],
-                    success=[self._client.transactions.put(key, info.SerializeToString(), lease)],
+                    compare=[tx.create(key) == 0],
+                    success=[tx.put(key, info.SerializeToString(), lease)],
                     failure=[],
                 )
             )
             if ok:
-                self._lease = lease
+                self._last_refresh = time.monotonic()
                 log.info("registered %s under lease %x (ttl %ss)", info.node_id, lease.id, ttl_s)
                 return
+            self._lease = None
             await self._call(self._client.revoke_lease(lease.id))
             if time.monotonic() > deadline:
                 raise errors.AlreadyExists(
@@ -230,11 +252,16 @@ class EtcdMembership:
     async def _refresh_once(self) -> None:
         info = self._info
         assert info is not None
-        reply = None if self._lease is None else await self._call(self._lease.refresh())
-        if reply is None or reply.TTL <= 0:
-            log.warning("lease of %s expired; registering again", info.node_id)
-            self._lease = None
-            await self.register(info, self._ttl_s)
+        lost = self._lease is None or time.monotonic() - self._last_refresh > self._ttl_s
+        if not lost:
+            # Through the current client: a Lease object stays bound to the client that granted it.
+            reply = await self._call(self._client.refresh_lease(self._lease.id))
+            lost = reply is None or reply.TTL <= 0
+            if not lost:
+                self._last_refresh = time.monotonic()
+                return
+        log.warning("lease of %s expired; registering again", info.node_id)
+        await self.register(info, self._ttl_s)
 
     # --- reads, watches and the map ----------------------------------------------------------
 

@@ -9,6 +9,7 @@ drain RPCs for `shutdown_grace_s` → close etcd → stop metrics. Shutdown is i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -92,19 +93,45 @@ async def run_service(cfg: config.ServiceConfig, spec: ServiceSpec, stop: asynci
     """Run one service until `stop` is set; returns after a clean shutdown.
 
     Raises errors.Unavailable when etcd cannot be reached within cfg.etcd_wait_s, and
-    errors.AlreadyExists when the node id is held by another live process.
+    errors.AlreadyExists when the node id is held by another live process. A stop during
+    start-up (etcd still unreachable, an old lease still held) ends it at once.
     """
     store = membership.EtcdMembership(cfg.etcd_endpoints, cfg.etcd_prefix)
     view = clustermap.MapView(store)
     ctx = Context(cfg=cfg, node_id=spec.node_id, store=store, map_view=view)
     metrics = telemetry.MetricsServer(cfg.host, cfg.metrics_port)
-    metrics_port = metrics.start() if cfg.metrics_port >= 0 else None
+    server: grpc.aio.Server | None = None
+    health: Any = None
+    try:
+        metrics_port = metrics.start() if cfg.metrics_port >= 0 else None
+        server, health, info, names = _build(cfg, spec, ctx, metrics_port)
+        starting = asyncio.ensure_future(_start(cfg, spec, ctx, server, health, info, names))
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not starting.done():
+                starting.cancel()
+                log.info("stop requested during start-up")
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting  # re-raises what start-up raised
+        if not starting.cancelled():
+            await _run_loops(ctx, spec, stop)
+    finally:
+        await _shutdown(cfg, ctx, health, server, metrics, spec)
+
+
+def _build(
+    cfg: config.ServiceConfig, spec: ServiceSpec, ctx: Context, metrics_port: int | None
+) -> tuple[grpc.aio.Server, Any, common_pb2.NodeInfo, list[str]]:
+    """The server with every servicer, and the NodeInfo this node will announce."""
+    view = ctx.map_view
     server, health = rpc.build_server(
         service_label=spec.label,
         max_message_bytes=cfg.max_message_bytes,
         epoch_source=view.epoch if spec.watches_map else (lambda: None),
     )
-    await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     names = list(spec.add_servicers(server, ctx))
     port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
     advertised = cfg.advertised_host()
@@ -130,23 +157,30 @@ async def run_service(cfg: config.ServiceConfig, spec: ServiceSpec, stop: asynci
         names.append(common_pb2.DESCRIPTOR.services_by_name["DataPlaneService"].full_name)
     rpc.enable_reflection(server, names)
     telemetry.NODE_INFO.info({"node_id": spec.node_id, "role": spec.label})
-    try:
-        if ctx.dataplane is not None:
-            info.dataplane.CopyFrom(await ctx.dataplane.start())
-        await server.start()
-        log.info("%s %s serving gRPC on %s", spec.label, spec.node_id, info.grpc_address)
-        await store.connect(cfg.etcd_wait_s)
-        info.drives.extend(spec.drives())
-        await store.register(info, cfg.lease_ttl_s)
-        for name in ("", *names):
-            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("%s %s ready", spec.label, spec.node_id)
-        await _run_loops(ctx, spec, stop)
-    finally:
-        await _shutdown(cfg, store, health, server, metrics)
-        if ctx.dataplane is not None:
-            await ctx.dataplane.stop()
-        spec.on_close()
+    return server, health, info, names
+
+
+async def _start(
+    cfg: config.ServiceConfig,
+    spec: ServiceSpec,
+    ctx: Context,
+    server: grpc.aio.Server,
+    health: Any,
+    info: common_pb2.NodeInfo,
+    names: list[str],
+) -> None:
+    """Serve (NOT_SERVING), reach etcd, register, then report SERVING."""
+    await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    if ctx.dataplane is not None:
+        info.dataplane.CopyFrom(await ctx.dataplane.start())
+    await server.start()
+    log.info("%s %s serving gRPC on %s", spec.label, spec.node_id, info.grpc_address)
+    await ctx.store.connect(cfg.etcd_wait_s)
+    info.drives.extend(await asyncio.to_thread(spec.drives))
+    await ctx.store.register(info, cfg.lease_ttl_s)
+    for name in ("", *names):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("%s %s ready", spec.label, spec.node_id)
 
 
 def _make_dataplane(
@@ -179,17 +213,31 @@ async def _run_loops(ctx: Context, spec: ServiceSpec, stop: asyncio.Event) -> No
 
 async def _shutdown(
     cfg: config.ServiceConfig,
-    store: membership.EtcdMembership,
+    ctx: Context,
     health: Any,
-    server: grpc.aio.Server,
+    server: grpc.aio.Server | None,
     metrics: telemetry.MetricsServer,
+    spec: ServiceSpec,
 ) -> None:
-    await store.deregister()
-    await health.enter_graceful_shutdown()
-    await server.stop(cfg.shutdown_grace_s)
-    await store.close()
-    metrics.stop()
-    log.info("stopped")
+    """Revoke the lease → NOT_SERVING → drain RPCs → close etcd, transports, metrics, locks.
+
+    Each step runs even when an earlier one failed.
+    """
+    try:
+        await ctx.store.deregister()
+        if health is not None:
+            await health.enter_graceful_shutdown()
+        if server is not None:
+            await server.stop(cfg.shutdown_grace_s)
+        await ctx.store.close()
+    finally:
+        try:
+            if ctx.dataplane is not None:
+                await ctx.dataplane.stop()
+        finally:
+            await asyncio.to_thread(metrics.stop)  # blocks up to its poll interval
+            spec.on_close()
+            log.info("stopped")
 
 
 def main(
@@ -216,6 +264,9 @@ def main(
     except config.ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)  # noqa: T201
         return config.EXIT_BAD_CONFIG
+    except OSError as exc:  # a state dir or drive that cannot be created or read
+        print(f"{prog}: error: {exc}", file=sys.stderr)  # noqa: T201
+        return EXIT_FAILED
     telemetry.configure_logging(cfg.log_level, cfg.log_format, node_id=spec.node_id)
     log.info("starting %s with %s", prog, config.describe(cfg))
 
@@ -231,4 +282,16 @@ def main(
     except errors.KVTierError as exc:
         print(f"{prog}: error: {exc.message}", file=sys.stderr)  # noqa: T201
         return EXIT_FAILED
+    except ExceptionGroup as group:  # raised by a background loop (TaskGroup)
+        ours = group.subgroup(errors.KVTierError)
+        if ours is None:
+            raise
+        print(f"{prog}: error: {_first(ours)}", file=sys.stderr)  # noqa: T201
+        return EXIT_FAILED
     return EXIT_OK
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first leaf exception of a (nested) exception group."""
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first

@@ -350,10 +350,21 @@ async def test_data_plane_is_negotiated_over_grpc(
             with pytest.raises(errors.InvalidArgument):
                 await client.negotiate("")
             for allowed in (["shm"], ["tcp"]):
-                transport = await client.open("c1", allowed)
-                desc = plane.issuer.grant(region, 0, 4096, transport_base.Rights.WRITE, "c1")
+                session = await client.open("c1", allowed)
+                assert session.name == allowed[0]
+                assert session.principal.startswith("c1/")
+                desc = plane.issuer.grant(
+                    region, 0, 4096, transport_base.Rights.WRITE, session.principal
+                )
                 payload = bytes(range(256)) * 16
-                await transport.write(desc, payload)
+                await session.transport.write(desc, payload)
                 assert bytes(region.view[:4096]) == payload
-                await transport.close()
+                # Another caller naming the same client id gets another principal: the
+                # descriptor is useless to it.
+                other = await client.open("c1", allowed)
+                assert other.principal != session.principal
+                with pytest.raises(transport_base.DescriptorRejected):
+                    await other.transport.write(desc, payload)
+                await other.close()
+                await session.close()
                 region.view[:4096] = bytes(4096)

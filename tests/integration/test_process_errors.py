@@ -110,3 +110,31 @@ def test_sigterm_stops_a_service_with_exit_zero(
     order = [m for m in ("lease", "stopped") if m in rest]
     assert order == ["lease", "stopped"], rest
     assert rest.index("revoked") < rest.index("stopped")
+
+
+def test_sigterm_during_startup_stops_at_once(tmp_path: Path) -> None:
+    """etcd never answers and the service would retry forever: SIGTERM still ends it, exit 0."""
+    port = etcdserver.free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.gateway",
+            f"--etcd-endpoints=127.0.0.1:{port}",
+            "--etcd-wait-s=0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    seen = ""
+    deadline = time.monotonic() + 30
+    while "retry" not in seen and time.monotonic() < deadline:
+        seen += proc.stderr.readline()
+    assert "retry" in seen, seen
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=15)[1]
+    assert proc.returncode == 0, rest
+    assert "stop requested during start-up" in rest
+    assert time.monotonic() - start < 5

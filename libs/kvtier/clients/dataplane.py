@@ -23,6 +23,21 @@ CONNECTIONS = prometheus_client.Counter(
 )
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class DataPlaneSession:
+    """An open data-plane connection to one node."""
+
+    transport: transport_base.Transport
+    #: The identity the node grants this session's descriptors to.
+    principal: str
+    #: "rdma", "shm" or "tcp".
+    name: str
+
+    async def close(self) -> None:
+        """Close the transport."""
+        await self.transport.close()
+
+
 class DataPlaneClient(base.BaseClient):
     """Negotiates a transport with one node (kvtier.common.v1.DataPlaneService)."""
 
@@ -46,7 +61,7 @@ class DataPlaneClient(base.BaseClient):
         client_id: str,
         allowed: Sequence[str] = (),
         settings: registry.ClientSettings | None = None,
-    ) -> transport_base.Transport:
+    ) -> DataPlaneSession:
         """A connected transport to the node (rdma > shm > tcp unless `allowed` narrows it)."""
         reply = await self.negotiate(client_id, allowed)
         settings = settings or registry.ClientSettings()
@@ -57,7 +72,7 @@ class DataPlaneClient(base.BaseClient):
         )
         CONNECTIONS.labels(reply.transport).inc()
         log.info("data plane to %s over %s", self.address, reply.transport)
-        return transport
+        return DataPlaneSession(transport, reply.principal, reply.transport)
 
     def _rdma_exchange(self, token: bytes) -> registry.RdmaExchange:
         async def exchange(mine: common_pb2.RdmaQueuePair) -> common_pb2.RdmaQueuePair:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
 from collections.abc import Sequence
 
@@ -84,14 +85,16 @@ class DataPlane:
         if not request.client_id:
             raise errors.InvalidArgument("client_id is required")
         endpoint = registry.choose(self.capabilities, request.client, list(request.allowed))
-        token, expires = self.issuer.issue_token(request.client_id)
+        principal = f"{request.client_id}/{secrets.token_hex(8)}"
+        token, expires = self.issuer.issue_token(principal)
         OPENED.labels(endpoint.name).inc()
-        log.info("data plane opened for %s over %s", request.client_id, endpoint.name)
+        log.info("data plane opened for %s over %s", principal, endpoint.name)
         return common_pb2.OpenDataPlaneResponse(
             transport=endpoint.name,
             endpoint=endpoint,
             token=token,
             token_expires_at_unix_ms=expires,
+            principal=principal,
         )
 
     async def stop(self) -> None:

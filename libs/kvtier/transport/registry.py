@@ -8,6 +8,7 @@ Each implementation module (`kvtier.transport.tcp`, `.shm`, `.rdma`) provides:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import tempfile
@@ -68,8 +69,9 @@ def load(name: str) -> ModuleType:
     return module
 
 
-def available() -> list[str]:
-    """The transports usable on this host, in preference order."""
+@functools.cache
+def available() -> tuple[str, ...]:
+    """The transports usable on this host, in preference order (probed once per process)."""
     usable = []
     for name in PREFERENCE:
         try:
@@ -77,7 +79,7 @@ def available() -> list[str]:
         except (errors.Unavailable, ImportError):
             continue
         usable.append(name)
-    return usable
+    return tuple(usable)
 
 
 def choose(

@@ -502,11 +502,16 @@ class OpenDataPlaneResponse(_message.Message):
     ENDPOINT_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
     TOKEN_EXPIRES_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
     transport: _builtins.str
     """The transport both sides support, first in preference order."""
     token: _builtins.bytes
     """Presented when the data-plane connection opens; expires."""
     token_expires_at_unix_ms: _builtins.int
+    principal: _builtins.str
+    """The identity the node grants descriptors to for this session: the client_id plus a suffix
+    the node chose, so another caller naming the same client_id gets a different principal.
+    """
     @_builtins.property
     def endpoint(self) -> Global___TransportEndpoint: ...
     def __init__(
@@ -516,10 +521,11 @@ class OpenDataPlaneResponse(_message.Message):
         endpoint: Global___TransportEndpoint | None = ...,
         token: _builtins.bytes = ...,
         token_expires_at_unix_ms: _builtins.int = ...,
+        principal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "token", b"token", "token_expires_at_unix_ms", b"token_expires_at_unix_ms", "transport", b"transport"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "principal", b"principal", "token", b"token", "token_expires_at_unix_ms", b"token_expires_at_unix_ms", "transport", b"transport"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
