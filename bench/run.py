@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from bench import ceilings, transport_bench
+from bench import ceilings, eviction_trace, transport_bench
 from kvtier.transport import registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,15 +170,36 @@ def render_transport(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_doc(section: str, body: str) -> None:
+def update_doc(section: str, heading: str, body: str) -> None:
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     block = f"{begin}\n{body}\n{end}"
     if begin in text:
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _m: block, text, flags=re.S)
     else:
-        text = text.rstrip() + f"\n\n## Data-plane transports\n\n{block}\n"
+        text = text.rstrip() + f"\n\n## {heading}\n\n{block}\n"
     DOC.write_text(text)
+
+
+def run_eviction(seed: int = 1) -> None:
+    """KV-cache eviction: LRU against S3-FIFO on a prefix trace with one-off long prompts."""
+    trace = eviction_trace.generate(eviction_trace.TraceConfig(), seed)
+    rows = eviction_trace.compare(trace)
+    eviction_trace.plot(rows, ROOT / "docs" / "img" / "eviction.png")
+    lookups = sum(len(chain) for chain in trace.requests)
+    body = "\n".join(
+        [
+            f"Trace: seed {seed}, {len(trace.requests)} requests, {lookups} block lookups, "
+            f"{trace.unique_bytes // trace.block_bytes} unique 2 MiB blocks "
+            "(`python -m bench.eviction_trace`; a simulation of the policies, no I/O).",
+            "",
+            eviction_trace.table(rows),
+            "",
+            "![eviction hit rates](img/eviction.png)",
+        ]
+    )
+    update_doc("eviction", "KV-cache eviction policy (hit rates)", body)
+    print(eviction_trace.table(rows))
 
 
 def main() -> int:
@@ -192,7 +213,8 @@ def main() -> int:
     out.write_text(json.dumps(result, indent=2))
     if not args.no_doc:
         plot_transport(result, ROOT / "docs" / "img" / "transport.png")
-        update_doc("transport", render_transport(result))
+        update_doc("transport", "Data-plane transports", render_transport(result))
+        run_eviction()
     for check in result["targets"]:
         print(f"{'ok  ' if check['ok'] else 'MISS'} {check['target']}: {check['ratio']:.2f}")
     return 0 if all(c["ok"] for c in result["targets"]) else 1
