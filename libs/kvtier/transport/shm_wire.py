@@ -5,6 +5,7 @@ The protocol these carry is described in `kvtier.transport.shm`.
 
 from __future__ import annotations
 
+import abc
 import array
 import asyncio
 import collections
@@ -71,7 +72,7 @@ def peer_uid_ok(sock: socket.socket) -> tuple[bool, int]:
     return uid in (0, os.geteuid()), uid
 
 
-class Channel:
+class Channel(abc.ABC):
     """A non-blocking SEQPACKET socket on the event loop: ordered sends that may carry fds."""
 
     def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
@@ -81,11 +82,13 @@ class Channel:
         self._queue: collections.deque[tuple[bytes, list[int]]] = collections.deque()
         loop.add_reader(sock.fileno(), self._on_readable)
 
+    @abc.abstractmethod
     def _on_readable(self) -> None:
-        raise NotImplementedError
+        """The socket has messages to read."""
 
+    @abc.abstractmethod
     def _broken(self, reason: str) -> None:
-        raise NotImplementedError
+        """The socket failed; tear the connection down."""
 
     def send(self, data: bytes | bytearray | memoryview, fds: Sequence[int] = ()) -> None:
         """Send one message; the channel owns (and closes) fds once sent."""

@@ -5,6 +5,7 @@ The protocol these carry is described in `kvtier.transport.tcp`.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import enum
@@ -107,7 +108,7 @@ class Frame:
         return self.size - self.sent
 
 
-class Channel:
+class Channel(abc.ABC):
     """A non-blocking socket driven by loop callbacks: an ordered send queue and a staging buffer.
 
     Subclasses parse what arrives in `_step` (False when the socket has nothing more for now),
@@ -128,14 +129,16 @@ class Channel:
         self._tail = 0
         self._recvs_left = 0
 
+    @abc.abstractmethod
     def _step(self) -> bool:
-        raise NotImplementedError
+        """Parse what has arrived; False when the socket has nothing more for now."""
 
-    def _sent(self, frame: Frame) -> None:
+    def _sent(self, frame: Frame) -> None:  # noqa: B027 - an optional hook, empty by default
         """A frame has gone out completely."""
 
+    @abc.abstractmethod
     def _lost(self, reason: str) -> None:
-        raise NotImplementedError
+        """The connection is gone; fail what is pending."""
 
     def _set_reading(self, on: bool) -> None:
         if on and not self._reading and not self.closed:
