@@ -1,0 +1,629 @@
+"""The block store of a kvcache node: (tenant, namespace, key) -> an extent of the node's arena.
+
+Pure in-memory bookkeeping. The arena is a `kvtier.transport.base.Region` owned by the caller,
+which moves the bytes over the data plane; this module only decides which offsets hold which
+block, and when they may be reused. It never imports grpc itself and is not thread-safe: the
+node owns one store and calls it from its event loop.
+
+Lifecycle of a block:
+
+- pending: `begin_put` allocates an extent and returns a `PutTicket`; the block is invisible.
+- linked: `commit` makes it visible under its key and hands it to the eviction policy.
+- unlinked: delete, TTL expiry, eviction or an overwrite's commit removes it from the index.
+- freed: its extent returns to the allocator once no live read lease holds it.
+
+Tenants are isolated by construction: every index key starts with the tenant, so no request of
+one tenant can name, probe, lease, pin or delete another tenant's block. Capacity eviction is
+the one shared effect; per-tenant quotas bound it.
+
+Contract with the data plane: a write grant for a ticket must expire before `put_timeout_s`, and
+a read grant for a lease before the lease does, because an expired ticket or lease no longer
+protects its extent from reuse.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from kvtier import errors
+from services.kvcache import eviction, slab
+
+log = logging.getLogger(__name__)
+
+#: The longest key accepted (chained prefix hashes are far shorter).
+MAX_KEY_BYTES = 1024
+#: The longest namespace name accepted.
+MAX_NAMESPACE_BYTES = 1024
+
+#: Called with (tenant, namespace, key, extent) for each capacity victim before it is freed.
+SpillSink = Callable[[str, str, bytes, slab.Extent], None]
+Clock = Callable[[], float]
+
+_Ident = tuple[str, str, bytes]
+
+
+class EvictionCause(enum.StrEnum):
+    """Why a block left the index (the label of the evictions counters)."""
+
+    CAPACITY = "capacity"
+    TTL = "ttl"
+    DELETE = "delete"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PutTicket:
+    """A pending put: write `extent.requested` bytes at `extent.offset`, then commit or abort.
+
+    `ttl_s` is the block's effective TTL (the namespace default when the put named none);
+    `deadline_s` is when `expire` aborts the ticket if it is still pending (store clock).
+    """
+
+    ticket_id: int
+    tenant: str
+    namespace: str
+    key: bytes
+    extent: slab.Extent
+    ttl_s: float | None
+    deadline_s: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReadLease:
+    """A read of `extent`: the store will not reuse it before `end_get` or `expires_at_s`."""
+
+    lease_id: int
+    tenant: str
+    namespace: str
+    key: bytes
+    extent: slab.Extent
+    expires_at_s: float
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Block:
+    ident: _Ident
+    block_id: int
+    extent: slab.Extent
+    ttl_s: float | None
+    expires_at_s: float | None
+    pinned_until_s: float = 0.0
+    leases: dict[int, float] = dataclasses.field(default_factory=dict)  # lease id -> deadline
+    linked: bool = True
+
+
+@dataclasses.dataclass(slots=True)
+class _Tenant:
+    quota_bytes: int | None = None
+    # Requested and capacity bytes of every extent the tenant holds: pending, linked, and
+    # unlinked-but-leased. Quota counts requested bytes, so it is independent of slab classes.
+    held_bytes: int = 0
+    used_bytes: int = 0
+    blocks: int = 0
+    pending_puts: int = 0
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    put_conflicts: int = 0
+    pending_conflicts: int = 0
+    quota_rejections: int = 0
+    lease_waits: int = 0
+    overloads: int = 0
+    evictions: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+
+
+_COUNTERS = (
+    "hits misses puts put_conflicts pending_conflicts quota_rejections lease_waits overloads"
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class StoreStats:
+    """A snapshot of the store, for one tenant or (tenant None) for the whole node.
+
+    Block, byte and counter fields cover the tenant asked for; `arena_bytes`, `fill` and the
+    fragmentation numbers always describe the whole arena. `used_bytes` counts slot capacity,
+    `requested_bytes` what callers asked for; both include pending puts and unlinked blocks
+    still held by a lease. Capacity evictions are charged to the victim's tenant.
+    """
+
+    tenant: str | None
+    blocks: int
+    pending_puts: int
+    used_bytes: int
+    requested_bytes: int
+    arena_bytes: int
+    #: used / arena bytes over the whole arena.
+    fill: float
+    hits: int
+    misses: int
+    #: Committed puts.
+    puts: int
+    #: begin_put found the key present and did not overwrite (put-if-absent).
+    put_conflicts: int
+    #: begin_put raced another pending put of the same key (AlreadyExists).
+    pending_conflicts: int
+    quota_rejections: int
+    #: begin_put calls that had to evict before their allocation fit.
+    lease_waits: int
+    #: begin_put calls refused with Overloaded.
+    overloads: int
+    #: Blocks unlinked by cause (capacity, ttl, delete); every cause is present.
+    evictions: dict[str, int]
+    #: Tenant -> requested bytes held (the quota measure).
+    tenant_bytes: dict[str, int]
+    internal_fragmentation: float
+    external_fragmentation: float
+
+
+def _make_policy(name: str, capacity_bytes: int) -> eviction.EvictionPolicy[_Ident]:
+    if name == "s3fifo":
+        return eviction.S3FIFOPolicy[_Ident](capacity_bytes)
+    if name == "lru":
+        return eviction.LRUPolicy[_Ident](capacity_bytes)
+    raise ValueError(f"policy must be 's3fifo' or 'lru', got {name!r}")
+
+
+def _check_names(tenant: str, namespace: str) -> None:
+    """InvalidArgument for an empty tenant or a namespace longer than MAX_NAMESPACE_BYTES."""
+    if not isinstance(tenant, str) or not tenant:
+        raise errors.InvalidArgument("tenant must be a non-empty string")
+    if not isinstance(namespace, str) or len(namespace.encode()) > MAX_NAMESPACE_BYTES:
+        raise errors.InvalidArgument(f"namespace must be a string of <= {MAX_NAMESPACE_BYTES} B")
+
+
+def _ident(tenant: str, namespace: str, key: bytes) -> _Ident:
+    """The index key; InvalidArgument for a bad tenant, namespace or key."""
+    _check_names(tenant, namespace)
+    if not isinstance(key, bytes) or not 1 <= len(key) <= MAX_KEY_BYTES:
+        raise errors.InvalidArgument(f"key must be 1..{MAX_KEY_BYTES} bytes")
+    return (tenant, namespace, key)
+
+
+def _check_duration(name: str, value_s: float | None, *, optional: bool) -> None:
+    if value_s is None and optional:
+        return
+    if value_s is None or not value_s > 0:
+        raise errors.InvalidArgument(f"{name} must be > 0 seconds, got {value_s}")
+
+
+def _drop(tenant: str, namespace: str, key: bytes, extent: slab.Extent) -> None:
+    """The default spill sink: evicted blocks are dropped."""
+
+
+class BlockStore:
+    """The index, allocator and eviction of one kvcache node's arena (see the module docstring).
+
+    Raises ValueError for an invalid geometry (see `slab.SlabAllocator`), an unknown policy, or
+    watermarks outside 0 < low < high <= 1. Request errors are `kvtier.errors`.
+    """
+
+    def __init__(
+        self,
+        arena_bytes: int,
+        *,
+        page_bytes: int = slab.DEFAULT_PAGE_BYTES,
+        policy: str = "s3fifo",
+        high_watermark: float = 0.95,
+        low_watermark: float = 0.85,
+        clock: Clock = time.monotonic,
+        spill_sink: SpillSink = _drop,
+        put_timeout_s: float = 30.0,
+    ) -> None:
+        if not 0.0 < low_watermark < high_watermark <= 1.0:
+            raise ValueError(
+                f"need 0 < low_watermark < high_watermark <= 1, got {low_watermark}, "
+                f"{high_watermark}"
+            )
+        if not put_timeout_s > 0:
+            raise ValueError(f"put_timeout_s must be > 0, got {put_timeout_s}")
+        self._alloc = slab.SlabAllocator(arena_bytes, page_bytes=page_bytes)
+        self._policy = _make_policy(policy, arena_bytes)
+        self._high_bytes = int(arena_bytes * high_watermark)
+        self._low_bytes = int(arena_bytes * low_watermark)
+        self._clock = clock
+        self._spill_sink = spill_sink
+        self._put_timeout_s = put_timeout_s
+        self._index: dict[_Ident, _Block] = {}
+        self._unlinked: dict[int, _Block] = {}  # block id -> block waiting for its leases
+        self._pending: dict[int, PutTicket] = {}
+        self._pending_keys: set[_Ident] = set()
+        self._leases: dict[int, tuple[ReadLease, _Block]] = {}
+        # (expires_at_s, ident); an entry is stale when the block's expiry moved or it is gone.
+        self._expiries: list[tuple[float, _Ident]] = []
+        self._namespace_ttl: dict[tuple[str, str], float] = {}
+        self._tenants: dict[str, _Tenant] = {}
+        self._used_bytes = 0
+        self._ids = itertools.count(1)
+
+    @property
+    def arena_bytes(self) -> int:
+        """The size of the arena whose offsets this store hands out."""
+        return self._alloc.arena_bytes
+
+    @property
+    def max_block_bytes(self) -> int:
+        """The largest block `begin_put` accepts."""
+        return self._alloc.max_block_bytes
+
+    # Writes.
+
+    def begin_put(
+        self,
+        tenant: str,
+        namespace: str,
+        key: bytes,
+        size: int,
+        *,
+        overwrite: bool = False,
+        ttl_s: float | None = None,
+    ) -> PutTicket | None:
+        """Reserve `size` bytes for key; the block is invisible until `commit(ticket)`.
+
+        Returns None when key is present and overwrite is False (put-if-absent). With
+        overwrite, the present block stays readable until the commit. Raises InvalidArgument,
+        AlreadyExists (another put of key is pending), QuotaExceeded (the tenant's pending plus
+        committed bytes would pass its quota) or Overloaded (no room even after evicting every
+        evictable block).
+        """
+        ident = _ident(tenant, namespace, key)
+        if not isinstance(size, int) or not 1 <= size <= self._alloc.max_block_bytes:
+            raise errors.InvalidArgument(f"size must be 1..{self._alloc.max_block_bytes} bytes")
+        _check_duration("ttl_s", ttl_s, optional=True)
+        now = self._clock()
+        state = self._tenant(tenant)
+        if ident in self._pending_keys:
+            state.pending_conflicts += 1
+            raise errors.AlreadyExists("a put of this key is already in progress")
+        if not overwrite and self._find(ident, now) is not None:
+            state.put_conflicts += 1
+            return None
+        if state.quota_bytes is not None and state.held_bytes + size > state.quota_bytes:
+            state.quota_rejections += 1
+            raise errors.QuotaExceeded(
+                f"tenant quota {state.quota_bytes} B: {state.held_bytes} B held, {size} B asked"
+            )
+        extent = self._allocate(size, state, now)
+        ticket = PutTicket(
+            ticket_id=next(self._ids),
+            tenant=tenant,
+            namespace=namespace,
+            key=key,
+            extent=extent,
+            ttl_s=ttl_s if ttl_s is not None else self._namespace_ttl.get((tenant, namespace)),
+            deadline_s=now + self._put_timeout_s,
+        )
+        self._pending[ticket.ticket_id] = ticket
+        self._pending_keys.add(ident)
+        state.pending_puts += 1
+        if self._used_bytes > self._high_bytes:
+            self._evict(self._used_bytes - self._low_bytes, now)
+        return ticket
+
+    def commit(self, ticket: PutTicket) -> None:
+        """Make the ticket's block visible, replacing (and later freeing) any present block.
+
+        Raises NotFound when the ticket is not pending (committed, aborted or expired).
+        """
+        self._take_ticket(ticket)
+        now = self._clock()
+        ident = (ticket.tenant, ticket.namespace, ticket.key)
+        old = self._index.get(ident)
+        if old is not None:
+            self._unlink(old, now, cause=None)
+        expires_at_s = now + ticket.ttl_s if ticket.ttl_s is not None else None
+        block = _Block(ident, ticket.ticket_id, ticket.extent, ticket.ttl_s, expires_at_s)
+        self._index[ident] = block
+        self._policy.insert(ident, ticket.extent.capacity)
+        if expires_at_s is not None:
+            heapq.heappush(self._expiries, (expires_at_s, ident))
+        state = self._tenant(ticket.tenant)
+        state.blocks += 1
+        state.puts += 1
+
+    def abort(self, ticket: PutTicket) -> None:
+        """Free a pending put's extent. Idempotent: an unknown or finished ticket is ignored."""
+        if self._pending.get(ticket.ticket_id) != ticket:
+            return
+        self._take_ticket(ticket)
+        self._release(ticket.tenant, ticket.extent)
+
+    # Reads and probes.
+
+    def begin_get(
+        self, tenant: str, namespace: str, key: bytes, lease_s: float = 5.0
+    ) -> ReadLease | None:
+        """Lease key's extent for `lease_s` seconds, or None on a miss (TTL-expired included).
+
+        A leased block is never evicted or reused; call `end_get` when the read is done.
+        Raises InvalidArgument.
+        """
+        ident = _ident(tenant, namespace, key)
+        _check_duration("lease_s", lease_s, optional=False)
+        now = self._clock()
+        state = self._tenant(tenant)
+        block = self._find(ident, now)
+        if block is None:
+            state.misses += 1
+            return None
+        lease = ReadLease(next(self._ids), tenant, namespace, key, block.extent, now + lease_s)
+        block.leases[lease.lease_id] = lease.expires_at_s
+        self._leases[lease.lease_id] = (lease, block)
+        self._policy.hit(ident)
+        state.hits += 1
+        return lease
+
+    def end_get(self, lease: ReadLease) -> None:
+        """End a read lease. Idempotent: an unknown, ended or expired lease is ignored."""
+        entry = self._leases.get(lease.lease_id)
+        if entry is None or entry[0] != lease:
+            return
+        del self._leases[lease.lease_id]
+        block = entry[1]
+        del block.leases[lease.lease_id]
+        if not block.linked:
+            self._free_if_unleased(block, self._clock())
+
+    def exists(self, tenant: str, namespace: str, keys: Sequence[bytes]) -> list[bool]:
+        """Whether each key is present (committed and not expired). Raises InvalidArgument."""
+        idents = [_ident(tenant, namespace, key) for key in keys]
+        now = self._clock()
+        return [self._find(ident, now) is not None for ident in idents]
+
+    def lookup(self, tenant: str, namespace: str, keys: Sequence[bytes]) -> int:
+        """The number of leading keys of a prefix chain that are present."""
+        idents = [_ident(tenant, namespace, key) for key in keys]
+        now = self._clock()
+        for count, ident in enumerate(idents):
+            if self._find(ident, now) is None:
+                return count
+        return len(idents)
+
+    # Lifetime.
+
+    def delete(self, tenant: str, namespace: str, keys: Sequence[bytes]) -> int:
+        """Unlink the present keys; return how many. A leased block is freed when its last
+        lease ends. Pending puts of these keys are not affected. Raises InvalidArgument."""
+        return self._each(tenant, namespace, keys, self._delete_one)
+
+    def pin(self, tenant: str, namespace: str, keys: Sequence[bytes], pin_s: float) -> int:
+        """Protect the present keys from capacity eviction for `pin_s` seconds from now.
+
+        A pin only extends an existing one; TTL expiry and delete still apply. Returns how
+        many keys were pinned. Raises InvalidArgument.
+        """
+        _check_duration("pin_s", pin_s, optional=False)
+        until_s = self._clock() + pin_s
+
+        def pin_one(block: _Block, _now: float) -> None:
+            block.pinned_until_s = max(block.pinned_until_s, until_s)
+
+        return self._each(tenant, namespace, keys, pin_one)
+
+    def unpin(self, tenant: str, namespace: str, keys: Sequence[bytes]) -> int:
+        """Drop the pins of the present keys; return how many keys were present."""
+
+        def unpin_one(block: _Block, _now: float) -> None:
+            block.pinned_until_s = 0.0
+
+        return self._each(tenant, namespace, keys, unpin_one)
+
+    def touch(self, tenant: str, namespace: str, keys: Sequence[bytes]) -> int:
+        """Count an access to the present keys (for the policy) and restart their TTLs.
+
+        Returns how many keys were present. Raises InvalidArgument.
+        """
+        return self._each(tenant, namespace, keys, self._touch_one)
+
+    def set_quota(self, tenant: str, quota_bytes: int | None) -> None:
+        """Cap the tenant's held bytes (None: no cap). Blocks already held stay; new puts over
+        the cap are refused. Raises InvalidArgument for a negative quota."""
+        _check_names(tenant, "")
+        if quota_bytes is not None and quota_bytes < 0:
+            raise errors.InvalidArgument(f"quota_bytes must be >= 0, got {quota_bytes}")
+        self._tenant(tenant).quota_bytes = quota_bytes
+
+    def set_namespace_ttl(self, tenant: str, namespace: str, ttl_s: float | None) -> None:
+        """Set the default TTL of puts begun later in the namespace (None: no default)."""
+        _check_names(tenant, namespace)
+        _check_duration("ttl_s", ttl_s, optional=True)
+        if ttl_s is None:
+            self._namespace_ttl.pop((tenant, namespace), None)
+        else:
+            self._namespace_ttl[(tenant, namespace)] = ttl_s
+
+    def expire(self) -> int:
+        """Sweep: unlink TTL-expired blocks, drop stale leases (freeing unlinked blocks they
+        held) and abort puts past their deadline. Returns the number of blocks expired by TTL.
+        Call it periodically; reads also reclaim expired blocks they meet."""
+        now = self._clock()
+        expired = 0
+        while self._expiries and self._expiries[0][0] <= now:
+            _, ident = heapq.heappop(self._expiries)
+            block = self._index.get(ident)
+            if block is not None and self._expired(block, now):
+                self._unlink(block, now, cause=EvictionCause.TTL)
+                expired += 1
+        for lease_id, (lease, block) in list(self._leases.items()):
+            if lease.expires_at_s <= now:
+                del self._leases[lease_id]
+                del block.leases[lease_id]
+        for block in list(self._unlinked.values()):
+            self._free_if_unleased(block, now)
+        for ticket in [t for t in self._pending.values() if t.deadline_s <= now]:
+            log.warning(
+                "aborting put %d of tenant %s: past its deadline", ticket.ticket_id, ticket.tenant
+            )
+            self.abort(ticket)
+        return expired
+
+    def stats(self, tenant: str | None = None) -> StoreStats:
+        """Counters and usage of one tenant, or of the whole node when tenant is None."""
+        if tenant is None:
+            states = list(self._tenants.values())
+        else:  # an unknown tenant reads as empty, and is not remembered
+            states = [self._tenants.get(tenant, _Tenant())]
+        evictions = {
+            cause.value: sum(s.evictions[cause] for s in states) for cause in EvictionCause
+        }
+        counters = {name: sum(getattr(s, name) for s in states) for name in _COUNTERS.split()}
+        if tenant is None:
+            tenant_bytes = {name: s.held_bytes for name, s in self._tenants.items()}
+        else:
+            tenant_bytes = {tenant: states[0].held_bytes}
+        slab_stats = self._alloc.stats()
+        return StoreStats(
+            tenant=tenant,
+            blocks=sum(s.blocks for s in states),
+            pending_puts=sum(s.pending_puts for s in states),
+            used_bytes=sum(s.used_bytes for s in states),
+            requested_bytes=sum(s.held_bytes for s in states),
+            arena_bytes=self._alloc.arena_bytes,
+            fill=self._used_bytes / self._alloc.arena_bytes,
+            evictions=evictions,
+            tenant_bytes=tenant_bytes,
+            internal_fragmentation=slab_stats.internal_fragmentation,
+            external_fragmentation=slab_stats.external_fragmentation,
+            **counters,
+        )
+
+    # Internals.
+
+    def _tenant(self, tenant: str) -> _Tenant:
+        state = self._tenants.get(tenant)
+        if state is None:
+            state = self._tenants[tenant] = _Tenant()
+        return state
+
+    def _expired(self, block: _Block, now: float) -> bool:
+        return block.expires_at_s is not None and block.expires_at_s <= now
+
+    def _find(self, ident: _Ident, now: float) -> _Block | None:
+        """The visible block of ident; an expired one is unlinked on the way (a miss)."""
+        block = self._index.get(ident)
+        if block is not None and self._expired(block, now):
+            self._unlink(block, now, cause=EvictionCause.TTL)
+            return None
+        return block
+
+    def _each(
+        self,
+        tenant: str,
+        namespace: str,
+        keys: Sequence[bytes],
+        action: Callable[[_Block, float], None],
+    ) -> int:
+        """Apply action to each present key (all keys validated first); return how many."""
+        idents = [_ident(tenant, namespace, key) for key in keys]
+        now = self._clock()
+        count = 0
+        for ident in idents:
+            block = self._find(ident, now)
+            if block is not None:
+                action(block, now)
+                count += 1
+        return count
+
+    def _delete_one(self, block: _Block, now: float) -> None:
+        self._unlink(block, now, cause=EvictionCause.DELETE)
+
+    def _touch_one(self, block: _Block, now: float) -> None:
+        self._policy.hit(block.ident)
+        if block.ttl_s is not None:
+            block.expires_at_s = now + block.ttl_s
+            heapq.heappush(self._expiries, (block.expires_at_s, block.ident))
+
+    def _take_ticket(self, ticket: PutTicket) -> None:
+        """Forget a pending ticket (its extent stays charged); NotFound if it is not pending."""
+        if self._pending.get(ticket.ticket_id) != ticket:
+            raise errors.NotFound("put ticket is not pending (committed, aborted or expired)")
+        del self._pending[ticket.ticket_id]
+        self._pending_keys.discard((ticket.tenant, ticket.namespace, ticket.key))
+        self._tenant(ticket.tenant).pending_puts -= 1
+
+    def _allocate(self, size: int, state: _Tenant, now: float) -> slab.Extent:
+        """An extent of size bytes charged to state, evicting as needed; Overloaded if none."""
+        extent = self._alloc.alloc(size)
+        if extent is None:
+            for block in list(self._unlinked.values()):  # stale leases may hold memory
+                self._free_if_unleased(block, now)
+            extent = self._alloc.alloc(size)
+        if extent is None:
+            state.lease_waits += 1
+            # A slot of this class or a whole free page is needed; victims of other classes
+            # may free neither, so evict a class-sized batch at a time until one appears.
+            batch_bytes = self._alloc.class_sizes[self._alloc.size_class(size)]
+            while extent is None:
+                if not self._evict(batch_bytes, now):
+                    state.overloads += 1
+                    raise errors.Overloaded(
+                        "kvcache arena full of pinned, leased or pending blocks"
+                    )
+                extent = self._alloc.alloc(size)
+        self._used_bytes += extent.capacity
+        state.used_bytes += extent.capacity
+        state.held_bytes += extent.requested
+        return extent
+
+    def _release(self, tenant: str, extent: slab.Extent) -> None:
+        """Return an extent to the allocator and the tenant's quota."""
+        self._alloc.free(extent)
+        self._used_bytes -= extent.capacity
+        state = self._tenant(tenant)
+        state.used_bytes -= extent.capacity
+        state.held_bytes -= extent.requested
+
+    def _evictable(self, ident: _Ident, now: float) -> bool:
+        block = self._index[ident]
+        if block.pinned_until_s > now:
+            return False
+        return not any(deadline > now for deadline in block.leases.values())
+
+    def _evict(self, need_bytes: int, now: float) -> int:
+        """Evict policy victims covering need_bytes; return how many blocks were unlinked.
+
+        Expired victims go as TTL expiries; the others go to the spill sink first.
+        """
+        victims = self._policy.victims(need_bytes, lambda ident: self._evictable(ident, now))
+        for ident in victims:
+            block = self._index[ident]
+            if self._expired(block, now):
+                self._unlink(block, now, cause=EvictionCause.TTL, in_policy=False)
+                continue
+            try:
+                self._spill_sink(*ident, block.extent)
+            except Exception:  # a plug-in boundary: a failed spill is a drop, not a failed put
+                log.exception("spill sink failed for a block of tenant %s; dropped", ident[0])
+            self._unlink(block, now, cause=EvictionCause.CAPACITY, in_policy=False)
+        return len(victims)
+
+    def _unlink(
+        self, block: _Block, now: float, *, cause: EvictionCause | None, in_policy: bool = True
+    ) -> None:
+        """Remove a visible block from the index (and policy); free it unless leased."""
+        del self._index[block.ident]
+        if in_policy:
+            self._policy.remove(block.ident)
+        block.linked = False
+        state = self._tenant(block.ident[0])
+        state.blocks -= 1
+        if cause is not None:
+            state.evictions[cause] += 1
+        self._unlinked[block.block_id] = block
+        self._free_if_unleased(block, now)
+
+    def _free_if_unleased(self, block: _Block, now: float) -> None:
+        """Free an unlinked block once no live lease holds it; forget its stale leases."""
+        if any(deadline > now for deadline in block.leases.values()):
+            return
+        for lease_id in block.leases:
+            self._leases.pop(lease_id, None)
+        block.leases.clear()
+        del self._unlinked[block.block_id]
+        self._release(block.ident[0], block.extent)
