@@ -165,22 +165,17 @@ def test_dev_cluster_lifecycle(state_dir: Path) -> None:
     assert not (state_dir / "cluster.json").exists()
 
 
-def test_detached_cluster_keeps_its_data_across_down_and_up(state_dir: Path) -> None:
-    result = kvtier_cmd(
-        "up",
-        "--state-dir",
-        str(state_dir),
-        "--detach",
-        "--datanodes",
-        "2",
-        "--drives-per-datanode",
-        "2",
-        "--kvcache-nodes",
-        "1",
-        "--lease-ttl-s",
-        "2",
+def _up_small_detached(state_dir: Path) -> subprocess.CompletedProcess[str]:
+    """`kvtier up --detach` with a small cluster (2 datanodes x 2 drives, 1 kvcache node)."""
+    return kvtier_cmd(
+        "up", "--state-dir", str(state_dir), "--detach", "--datanodes", "2",
+        "--drives-per-datanode", "2", "--kvcache-nodes", "1", "--lease-ttl-s", "2",
         timeout_s=150,
-    )
+    )  # fmt: skip
+
+
+def test_detached_cluster_keeps_its_data_across_down_and_up(state_dir: Path) -> None:
+    result = _up_small_detached(state_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "gateway gRPC" in result.stdout
     assert "secret key" in result.stdout
@@ -195,21 +190,7 @@ def test_detached_cluster_keeps_its_data_across_down_and_up(state_dir: Path) -> 
     assert not pid_alive(first["supervisor_pid"])
     assert not [n for n in first["nodes"] if pid_alive(n["pid"])]
 
-    result = kvtier_cmd(
-        "up",
-        "--state-dir",
-        str(state_dir),
-        "--detach",
-        "--datanodes",
-        "2",
-        "--drives-per-datanode",
-        "2",
-        "--kvcache-nodes",
-        "1",
-        "--lease-ttl-s",
-        "2",
-        timeout_s=150,
-    )
+    result = _up_small_detached(state_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     second = json.loads((state_dir / "cluster.json").read_text())
     try:
