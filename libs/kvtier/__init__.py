@@ -5,3 +5,27 @@ time; submodules are imported by the code that needs them.
 """
 
 __version__ = "0.1.0"
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kvtier.kv import AsyncKVClient, PutStatus
+    from kvtier.kv_sync import KVClient
+
+__all__ = ["AsyncKVClient", "KVClient", "PutStatus", "__version__"]
+
+_LAZY = {
+    "KVClient": "kvtier.kv_sync",
+    "AsyncKVClient": "kvtier.kv",
+    "PutStatus": "kvtier.kv",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The SDK's entry points, imported on first use (importing kvtier stays cheap)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvtier' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

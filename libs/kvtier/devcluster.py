@@ -55,6 +55,7 @@ class ClusterOptions:
     datanodes: int = 6
     drives_per_datanode: int = 2
     kvcache_nodes: int = 2
+    kvcache_arena_bytes: int = 256 * 1024 * 1024
     lease_ttl_s: int = 5
     shutdown_grace_s: float = 5.0
     ready_timeout_s: float = 90.0
@@ -134,7 +135,14 @@ def _children(opts: ClusterOptions, etcd_endpoint: str) -> list[Child]:
         )
     for i in range(1, opts.kvcache_nodes + 1):
         data = state / "nodes" / f"kvcache-{i}"
-        result.append(child("kvcache", f"kvcache-{i}", f"--data-dir={data}"))
+        result.append(
+            child(
+                "kvcache",
+                f"kvcache-{i}",
+                f"--data-dir={data}",
+                f"--arena-bytes={opts.kvcache_arena_bytes}",
+            )
+        )
     result.append(child("gateway", "gateway-1"))
     return result
 

@@ -132,9 +132,11 @@ def _build(
         max_message_bytes=cfg.max_message_bytes,
         epoch_source=view.epoch if spec.watches_map else (lambda: None),
     )
+    advertised = cfg.advertised_host()
+    if spec.dataplane:  # before the servicers, which register their regions in it
+        ctx.dataplane = _make_dataplane(cfg, spec.node_id, advertised)
     names = list(spec.add_servicers(server, ctx))
     port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
-    advertised = cfg.advertised_host()
     info = common_pb2.NodeInfo(
         node_id=spec.node_id,
         role=spec.role,  # type: ignore[arg-type]
@@ -149,8 +151,7 @@ def _build(
         _NodeServicer(info, view if spec.watches_map else None), server
     )
     names.append(common_pb2.DESCRIPTOR.services_by_name["NodeService"].full_name)
-    if spec.dataplane:
-        ctx.dataplane = _make_dataplane(cfg, spec.node_id, advertised)
+    if ctx.dataplane is not None:
         common_pb2_grpc.add_DataPlaneServiceServicer_to_server(
             dataplane_grpc.DataPlaneServicer(ctx.dataplane), server
         )

@@ -2,34 +2,92 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
 
-from kvtier import identity, service
+from kvtier import errors, identity, service
 from kvtier.proto.common.v1 import common_pb2
-from services.kvcache import config
+from kvtier.proto.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
+from kvtier.transport import base
+from services.kvcache import blocks, config, servicer
+from services.kvcache import store as block_store
+
+log = logging.getLogger(__name__)
 
 
-def _add_servicers(server: grpc.aio.Server, ctx: service.Context) -> Sequence[str]:
-    # The block API (kvtier.kvcache.v1) is registered here once it exists; until then the node
-    # serves NodeService, health and reflection, and takes its place in the cluster map.
-    return []
+class _Node:
+    """What build() prepares and the runtime hooks fill in: the arena and its block API."""
+
+    def __init__(self, cfg: config.KVCacheConfig) -> None:
+        self.cfg = cfg
+        self.blocks: blocks.BlockService | None = None
+
+    def add_servicers(self, server: grpc.aio.Server, ctx: service.Context) -> Sequence[str]:
+        """Allocate the arena in the data plane (registered with every transport at its
+        start), build the block API, and serve it over gRPC and as data-plane calls."""
+        dataplane = ctx.dataplane
+        if dataplane is None:
+            raise errors.Internal("a kvcache node needs its data plane")
+        cfg = self.cfg
+        arena = dataplane.regions.create(cfg.arena_bytes, name="kvcache-arena")
+        store = block_store.BlockStore(
+            cfg.arena_bytes,
+            page_bytes=cfg.page_bytes,
+            policy=cfg.eviction_policy,
+            high_watermark=cfg.high_watermark,
+            low_watermark=cfg.low_watermark,
+            put_timeout_s=cfg.put_timeout_s,
+        )
+        for tenant, quota in cfg.quotas().items():
+            store.set_quota(tenant, quota)
+
+        def grant(
+            region: base.Region, offset: int, length: int, rights: base.Rights, principal: str,
+            ttl_s: float,
+        ) -> base.Descriptor:  # fmt: skip
+            if "rdma" in {e.name for e in dataplane.capabilities.endpoints}:
+                rdma: object = dataplane.server("rdma")
+                return rdma.grant(region, offset, length, rights, principal, ttl_s)  # type: ignore[attr-defined,no-any-return]
+            return dataplane.issuer.grant(region, offset, length, rights, principal, ttl_s)
+
+        self.blocks = blocks.BlockService(
+            store, arena, grant, read_lease_s=cfg.read_lease_s, epoch=ctx.map_view.epoch
+        )
+        dataplane.ctx.call_handler = self.blocks.handle_call
+        kvcache_pb2_grpc.add_KVCacheServiceServicer_to_server(
+            servicer.KVCacheServicer(self.blocks), server
+        )
+        log.info("kvcache arena: %d bytes, policy %s", cfg.arena_bytes, cfg.eviction_policy)
+        return [kvcache_pb2.DESCRIPTOR.services_by_name["KVCacheService"].full_name]
+
+    async def sweep_loop(self, ctx: service.Context) -> None:
+        """Expire TTLs, stale leases and stuck puts; refresh the gauges."""
+        while True:
+            await asyncio.sleep(self.cfg.expire_interval_s)
+            if self.blocks is not None:
+                expired = self.blocks.sweep()
+                if expired:
+                    log.debug("expired %d blocks by TTL", expired)
 
 
 def build(cfg: config.KVCacheConfig) -> service.ServiceSpec:
     """Lock the state dir, load the identity, and plug into the runtime."""
     data_dir = Path(cfg.data_dir)
     lock = identity.lock_state_dir(data_dir)
+    node = _Node(cfg)
     return service.ServiceSpec(
         role=common_pb2.NODE_ROLE_KVCACHE,
         label="kvcache",
         node_id=identity.load_or_create(data_dir, cfg.node_id, "kvcache"),
         on_close=lock.close,
         dataplane=True,
-        add_servicers=_add_servicers,
+        add_servicers=node.add_servicers,
+        loops=(node.sweep_loop,),
     )
 
 

@@ -6,14 +6,64 @@ import dataclasses
 
 from kvtier import config
 
+_MIB = 1024 * 1024
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class KVCacheConfig(config.DataPlaneServiceConfig):
-    """A kvcache node: DRAM block pools (block API arrives with the KV-cache tier)."""
+    """A kvcache node: one DRAM arena of KV-cache blocks, served over gRPC and the data plane."""
 
     data_dir: str = config.setting("./kvtier-data/kvcache", "node state (identity, lock)")
+    arena_bytes: int = config.setting(
+        1024 * _MIB, "DRAM arena for blocks, preallocated at start (a multiple of page_bytes)"
+    )
+    page_bytes: int = config.setting(
+        64 * _MIB, "slab page: the unit the arena is lent to size classes in (64 MiB max block)"
+    )
+    eviction_policy: str = config.setting("s3fifo", "capacity eviction policy: s3fifo or lru")
+    high_watermark: float = config.setting(0.95, "fill (0-1] at which eviction starts")
+    low_watermark: float = config.setting(0.85, "fill eviction brings the arena back down to")
+    put_timeout_s: float = config.setting(
+        30.0, "a put not committed by then is aborted and its room freed"
+    )
+    read_lease_s: float = config.setting(
+        10.0, "longest a read lease protects a block (gRPC BatchGet may ask for less)"
+    )
+    expire_interval_s: float = config.setting(
+        1.0, "how often TTL-expired blocks, stale leases and stuck puts are swept"
+    )
+    tenant_quotas: str = config.setting(
+        "", "per-tenant byte quotas on this node: tenant=bytes,tenant=bytes (SetQuota changes them)"
+    )
 
     def __post_init__(self) -> None:
         config.DataPlaneServiceConfig.__post_init__(self)
         if not self.data_dir:
             raise config.ConfigError("data_dir: must not be empty")
+        if self.page_bytes < 4096 or self.page_bytes % 4096:
+            raise config.ConfigError("page_bytes: must be a positive multiple of 4096")
+        if self.arena_bytes < self.page_bytes or self.arena_bytes % self.page_bytes:
+            raise config.ConfigError("arena_bytes: must be a positive multiple of page_bytes")
+        if self.eviction_policy not in ("s3fifo", "lru"):
+            raise config.ConfigError("eviction_policy: must be s3fifo or lru")
+        if not 0.0 < self.low_watermark < self.high_watermark <= 1.0:
+            raise config.ConfigError("watermarks: need 0 < low_watermark < high_watermark <= 1")
+        for name in ("put_timeout_s", "read_lease_s", "expire_interval_s"):
+            if not getattr(self, name) > 0:
+                raise config.ConfigError(f"{name}: must be > 0")
+        self.quotas()  # raises ConfigError when malformed
+
+    def quotas(self) -> dict[str, int]:
+        """tenant_quotas parsed: tenant -> bytes."""
+        result: dict[str, int] = {}
+        for item in filter(None, (part.strip() for part in self.tenant_quotas.split(","))):
+            tenant, sep, value = item.partition("=")
+            try:
+                if not sep or not tenant or int(value) < 0:
+                    raise ValueError(item)
+                result[tenant] = int(value)
+            except ValueError:
+                raise config.ConfigError(
+                    f"tenant_quotas: expected tenant=bytes[,tenant=bytes], got {item!r}"
+                ) from None
+        return result

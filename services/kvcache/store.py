@@ -252,6 +252,20 @@ class BlockStore:
         """The largest block `begin_put` accepts."""
         return self._alloc.max_block_bytes
 
+    @property
+    def put_timeout_s(self) -> float:
+        """How long a put may stay pending before `expire` aborts it."""
+        return self._put_timeout_s
+
+    def is_pending(self, ticket: PutTicket) -> bool:
+        """Whether the ticket is still pending (not committed, aborted or expired)."""
+        return self._pending.get(ticket.ticket_id) == ticket
+
+    def is_leased(self, lease: ReadLease) -> bool:
+        """Whether the read lease is still held (not ended or swept)."""
+        entry = self._leases.get(lease.lease_id)
+        return entry is not None and entry[0] == lease
+
     # Writes.
 
     def begin_put(

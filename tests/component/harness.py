@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -78,6 +79,8 @@ async def run(
         "shutdown_grace_s": 1.0,
         "etcd_wait_s": 5.0,
     }
+    if any(f.name == "arena_bytes" for f in dataclasses.fields(cfg_cls)):
+        defaults.update(arena_bytes=16 * 1024 * 1024, page_bytes=4 * 1024 * 1024)  # kvcache
     cfg = cfg_cls(**{**defaults, **settings})
     spec = build(cfg)
     captured: list[service.Context] = []

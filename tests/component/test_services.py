@@ -45,7 +45,7 @@ SERVICES: dict[str, tuple[type[config.ServiceConfig], Callable[[Any], Any], int,
         kvcache_config.KVCacheConfig,
         kvcache_main.build,
         common_pb2.NODE_ROLE_KVCACHE,
-        "kvtier.common.v1.NodeService",
+        "kvtier.kvcache.v1.KVCacheService",
     ),
     "gateway": (
         gateway_config.GatewayConfig,
@@ -60,6 +60,8 @@ def _settings(name: str, etcd: etcdserver.EtcdServer, prefix: str, tmp: Path) ->
     settings: dict[str, Any] = {"etcd_endpoints": (etcd.endpoint,), "etcd_prefix": prefix}
     if name in {"datanode", "kvcache"}:
         settings["data_dir"] = str(tmp / name)
+    if name == "kvcache":
+        settings.update(arena_bytes=16 * 1024 * 1024, page_bytes=4 * 1024 * 1024)
     return settings
 
 
@@ -352,7 +354,7 @@ async def test_data_plane_is_negotiated_over_grpc(
             for allowed in (["shm"], ["tcp"]):
                 session = await client.open("c1", allowed)
                 assert session.name == allowed[0]
-                assert session.principal.startswith("c1/")
+                assert session.principal.startswith("default/c1/")  # tenant/client/random
                 desc = plane.issuer.grant(
                     region, 0, 4096, transport_base.Rights.WRITE, session.principal
                 )

@@ -54,6 +54,7 @@ def test_sigstopped_node_leaves_and_reregisters_after_sigcont(
             f"--etcd-endpoints={private_etcd.endpoint}",
             f"--lease-ttl-s={TTL_S}",
             f"--data-dir={tmp_path / 'kv'}",
+            "--arena-bytes=67108864",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

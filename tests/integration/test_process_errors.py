@@ -73,6 +73,7 @@ def test_unreachable_etcd_retries_then_fails_with_one_line(tmp_path: Path) -> No
         f"--etcd-endpoints=127.0.0.1:{port}",
         "--etcd-wait-s=2",
         f"--data-dir={tmp_path / 'kv'}",
+        "--arena-bytes=67108864",
     )
     assert result.returncode == 1
     line = _one_line_error(result.stderr)

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from kvtier import clustermap, errors, membership, rpc
-from kvtier.clients import node
+from kvtier.clients import kvcache, node
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.transport import registry
 
@@ -17,6 +17,26 @@ async def _node_epoch(address: str, timeout_s: float) -> int | None:
             return int((await client.get_node_info()).map_epoch)
         except errors.KVTierError:
             return None
+
+
+async def _kv_stats(info: common_pb2.NodeInfo, timeout_s: float) -> dict[str, Any] | None:
+    """A kvcache node's fill and hit rate (None for other roles or when it does not answer)."""
+    if info.role != common_pb2.NODE_ROLE_KVCACHE:
+        return None
+    async with kvcache.KVCacheClient(info.grpc_address, timeout_s=timeout_s) as client:
+        try:
+            stats = await client.stats()
+        except errors.KVTierError:
+            return None
+    return {
+        "arena_bytes": stats.arena_bytes,
+        "fill": stats.fill,
+        "blocks": stats.blocks,
+        "hit_rate": stats.hit_rate,
+        "hits": stats.hits,
+        "misses": stats.misses,
+        "evictions": dict(stats.evictions),
+    }
 
 
 def _chosen(
@@ -43,6 +63,7 @@ async def collect(endpoints: tuple[str, ...], prefix: str, timeout_s: float) -> 
         *(rpc.check_health(n.grpc_address, timeout_s=timeout_s) for n in cmap.nodes)
     )
     epochs = await asyncio.gather(*(_node_epoch(n.grpc_address, timeout_s) for n in cmap.nodes))
+    kv_stats = await asyncio.gather(*(_kv_stats(n, timeout_s) for n in cmap.nodes))
     local = registry.client_capabilities()
     nodes = [
         {
@@ -56,8 +77,9 @@ async def collect(endpoints: tuple[str, ...], prefix: str, timeout_s: float) -> 
             "drives": [d.drive_id for d in n.drives],
             "dataplane_offered": [e.name for e in n.dataplane.endpoints],
             "dataplane": _chosen(n.dataplane, local),
+            "kvcache": kv,
         }
-        for n, h, e in zip(cmap.nodes, health, epochs, strict=True)
+        for n, h, e, kv in zip(cmap.nodes, health, epochs, kv_stats, strict=True)
     ]
     live = {n.node_id for n in cmap.nodes}
     absent = sorted(
@@ -96,7 +118,9 @@ async def collect(endpoints: tuple[str, ...], prefix: str, timeout_s: float) -> 
 
 def render(state: dict[str, Any]) -> str:
     """A human-readable table of collect()'s result."""
-    rows = [("NODE", "ROLE", "ADDRESS", "HEALTH", "EPOCH", "DATA PLANE (offered)")]
+    rows = [
+        ("NODE", "ROLE", "ADDRESS", "HEALTH", "EPOCH", "DATA PLANE (offered)", "KV FILL / HITS")
+    ]
     rows += [
         (
             n["node_id"],
@@ -105,10 +129,11 @@ def render(state: dict[str, Any]) -> str:
             n["health"],
             str(n["epoch"] or "-"),
             f"{n['dataplane']} ({','.join(n['dataplane_offered'])})" if n["dataplane"] else "-",
+            _kv_cell(n.get("kvcache")),
         )
         for n in state["nodes"]
     ]
-    rows += [(node_id, "datanode", "-", "DOWN", "-", "-") for node_id in state["down"]]
+    rows += [(node_id, "datanode", "-", "DOWN", "-", "-", "-") for node_id in state["down"]]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"cluster map epoch {state['epoch']}  deployment {state['deployment_id']}"]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
@@ -121,3 +146,11 @@ def render(state: dict[str, Any]) -> str:
     if state["pending_drives"]:
         lines.append(f"{state['pending_drives']} drives pending (not yet in a pool)")
     return "\n".join(lines)
+
+
+def _kv_cell(kv: dict[str, Any] | None) -> str:
+    if not kv:
+        return "-"
+    reads = kv["hits"] + kv["misses"]
+    hits = f"{kv['hit_rate']:.1%} of {reads}" if reads else "no reads"
+    return f"{kv['fill']:.1%} of {kv['arena_bytes'] >> 20} MiB, {kv['blocks']} blocks / {hits}"

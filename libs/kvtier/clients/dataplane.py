@@ -46,13 +46,14 @@ class DataPlaneClient(base.BaseClient):
         self._stub = common_pb2_grpc.DataPlaneServiceStub(self.channel)
 
     async def negotiate(
-        self, client_id: str, allowed: Sequence[str] = ()
+        self, client_id: str, allowed: Sequence[str] = (), tenant: str = ""
     ) -> common_pb2.OpenDataPlaneResponse:
         """Which transport the node would use with us, and a connection token."""
         request = common_pb2.OpenDataPlaneRequest(
             client_id=client_id,
             client=registry.client_capabilities(list(allowed) or None),
             allowed=list(allowed),
+            tenant=tenant,
         )
         return await self._unary(self._stub.OpenDataPlane, request)
 
@@ -61,9 +62,11 @@ class DataPlaneClient(base.BaseClient):
         client_id: str,
         allowed: Sequence[str] = (),
         settings: registry.ClientSettings | None = None,
+        tenant: str = "",
     ) -> DataPlaneSession:
-        """A connected transport to the node (rdma > shm > tcp unless `allowed` narrows it)."""
-        reply = await self.negotiate(client_id, allowed)
+        """A connected transport to the node (rdma > shm > tcp unless `allowed` narrows it),
+        acting for `tenant` (empty: the default tenant)."""
+        reply = await self.negotiate(client_id, allowed, tenant)
         settings = settings or registry.ClientSettings()
         if reply.transport == "rdma":
             settings = dataclasses.replace(settings, rdma_exchange=self._rdma_exchange(reply.token))

@@ -18,7 +18,7 @@ import secrets
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -384,6 +384,81 @@ class LeaseTable:
         return len(self._leases)
 
 
+# Calls: a small request to the node's service, answered in the same round trip, whose bulk
+# payloads move straight between the caller's buffers and region memory that the service picks.
+# This is how the KV-cache SDK gets or puts a batch of blocks in one round trip on the data-plane
+# connection it already has (a gRPC unary call costs ~0.5 ms here; a data-plane round trip ~60 us).
+
+#: Largest request or reply message of a call.
+MAX_CALL_MESSAGE_BYTES = 8 * 1024 * 1024
+#: Most payload segments (request side) or receive buffers (reply side) of one call.
+MAX_CALL_ITEMS = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A range of a registered region that a call's payload lands in or is sent from."""
+
+    region: Region
+    offset: int
+    length: int
+
+    def view(self) -> memoryview:
+        """The range as a memoryview of region memory."""
+        return self.region.view[self.offset : self.offset + self.length]
+
+
+@dataclass(slots=True)
+class CallPlan:
+    """How the node serves one call; built by the service's `CallHandler`.
+
+    - `sinks`: one per request segment, where its bytes land (None: the transport drops them);
+      a sink's length equals its segment's.
+    - `on_received`: run once every sink holds its bytes; returns the reply message (e.g. after
+      committing puts) and may raise a `KVTierError`, which becomes the call's error. Without
+      it, `reply` is the reply message.
+    - `sources`: one per reply slot (the caller's receive buffers, in order), the bytes sent
+      back into it (None: nothing); a source is never longer than its slot's capacity.
+    - `on_done(ok)`: run exactly once when the plan is finished with: ok=True after the reply and
+      its sources have gone out (or been copied out, on shm); ok=False when the connection died
+      or the call failed after the plan was made (abort pending puts, end read leases).
+    """
+
+    reply: bytes = b""
+    sinks: Sequence[Span | None] = ()
+    sources: Sequence[Span | None] = ()
+    on_received: Callable[[], bytes] | None = None
+    on_done: Callable[[bool], None] | None = None
+
+
+class CallHandler(Protocol):
+    """A node service's entry point for calls (set as `ServerContext.call_handler`).
+
+    Called on the event loop, synchronously (it must not block), once the request message has
+    arrived and before any payload is read. `segments` are the lengths of the payload segments
+    that follow the request; `capacities` the sizes of the caller's receive buffers. Raises a
+    `KVTierError` to fail the whole call (the transport drops the payload and replies with the
+    error; no plan means no `on_done`).
+    """
+
+    def __call__(
+        self,
+        principal: str,
+        method: int,
+        request: bytes,
+        segments: Sequence[int],
+        capacities: Sequence[int],
+    ) -> CallPlan: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """What a call returned: the reply message and the bytes received into each buffer."""
+
+    reply: bytes
+    lengths: Sequence[int]
+
+
 @dataclass(slots=True)
 class ServerContext:
     """What a transport server needs from its node."""
@@ -393,12 +468,16 @@ class ServerContext:
     issuer: Issuer
     leases: LeaseTable = field(default_factory=LeaseTable)
     max_inflight_bytes: int = 256 * 1024 * 1024
+    #: The service's call handler; None: calls fail with Unavailable.
+    call_handler: CallHandler | None = None
 
 
 class Transport(Protocol):
     """A client's connection to one peer's registered memory."""
 
     name: ClassVar[str]
+    #: Whether `call` is carried by this transport (rdma: not yet; use gRPC plus descriptors).
+    supports_calls: ClassVar[bool]
 
     async def read(self, desc: Descriptor, into: Any) -> None:
         """Copy the described range into `into` (len == desc.length)."""
@@ -411,6 +490,19 @@ class Transport(Protocol):
 
     async def write_batch(self, descs: Sequence[Descriptor], datas: Sequence[Any]) -> None:
         """Many writes, pipelined; all complete or the first error is raised."""
+
+    async def call(
+        self,
+        method: int,
+        request: bytes,
+        segments: Sequence[Any] = (),
+        intos: Sequence[Any] = (),
+    ) -> CallResult:
+        """One call to the peer's service (see `CallPlan`): send request and the segments'
+        bytes; the reply's payloads land in `intos` (buffers, used in order, each filled from
+        its start). Raises the service's error, PeerLost, DeadlineExceeded, or Unavailable
+        when this transport or node offers no calls.
+        """
 
     async def close(self) -> None:
         """Close the connection; idempotent."""

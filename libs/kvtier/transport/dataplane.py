@@ -22,6 +22,26 @@ OPENED = prometheus_client.Counter(
 )
 
 
+#: The tenant of a session that names none.
+DEFAULT_TENANT = "default"
+_TENANT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+MAX_TENANT_BYTES = 64
+
+
+def check_tenant(tenant: str) -> str:
+    """tenant, if it is a valid tenant name (1-64 of [A-Za-z0-9._-]); else InvalidArgument."""
+    if not 0 < len(tenant) <= MAX_TENANT_BYTES or not set(tenant) <= _TENANT_CHARS:
+        raise errors.InvalidArgument(
+            f"tenant must be 1-{MAX_TENANT_BYTES} characters of [A-Za-z0-9._-], got {tenant!r}"
+        )
+    return tenant
+
+
+def tenant_of(principal: str) -> str:
+    """The tenant a session's principal acts for (principals are `tenant/client_id/suffix`)."""
+    return principal.split("/", 1)[0]
+
+
 class DataPlane:
     """Regions + issuer + transport servers of one node."""
 
@@ -84,8 +104,9 @@ class DataPlane:
         """Negotiate a transport for a client and issue its connection token."""
         if not request.client_id:
             raise errors.InvalidArgument("client_id is required")
+        tenant = check_tenant(request.tenant or DEFAULT_TENANT)
         endpoint = registry.choose(self.capabilities, request.client, list(request.allowed))
-        principal = f"{request.client_id}/{secrets.token_hex(8)}"
+        principal = f"{tenant}/{request.client_id}/{secrets.token_hex(8)}"
         token, expires = self.issuer.issue_token(principal)
         OPENED.labels(endpoint.name).inc()
         log.info("data plane opened for %s over %s", principal, endpoint.name)

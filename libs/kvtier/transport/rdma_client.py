@@ -86,6 +86,8 @@ class Client:
     """
 
     name: ClassVar[str] = rdma_logic.NAME
+    #: Calls would need a message channel beside the queue pair (two-sided SEND/RECV): not yet.
+    supports_calls: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -246,6 +248,18 @@ class Client:
             raise errors.NotFound("buffer was not registered")
         mr, _view = self._caller_mrs.pop(addr)
         await self._thread.run(rdma_device.close_all, self._require().verbs, [mr])
+
+    async def call(
+        self,
+        method: int,
+        request: Any,
+        segments: Sequence[Any] = (),
+        intos: Sequence[Any] = (),
+    ) -> base.CallResult:
+        """Not carried over rdma (`supports_calls` is False): always raises Unavailable."""
+        raise errors.Unavailable(
+            "calls are not carried over rdma yet; use the gRPC API with descriptors"
+        )
 
     async def close(self) -> None:
         """Fail what is in flight, destroy the queue pair and MRs, close the device; idempotent."""

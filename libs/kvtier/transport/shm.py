@@ -13,6 +13,27 @@ Protocol, over a Unix SOCK_SEQPACKET socket (one message per send, fds travel wi
     COMMIT request        (writes)     ->        leases end
                                        <-        COMMITTED: write() returns only after this
 
+Calls (`base.Transport.call`; one round trip without payload segments, two with):
+
+    CALL method, releases riding along,  ->      the node's call handler makes a plan
+         message, segment lengths, capacities
+                                       <-        SINKS a span per segment (region, offset,
+                                                 length; 0: dropped), fds as for ACK, writable
+    (the client copies each segment into its sink; skipped when no sink takes bytes)
+    CALL_DONE request                  ->        on_received gives the reply
+                                       <-        CALL_REPLY status, reply message (or error
+                                                 text), a span per capacity, fds
+    (the client copies each source into its buffer)
+    RELEASE [request...]               ->        on_done(True): piggy-backed like a read's
+                                                 (only sent when a source had bytes; without one
+                                                 the server ends the plan when it replies)
+
+A CALL, SINKS or CALL_REPLY longer than one message (MAX_MESSAGE) is cut into pieces: the first
+carries LONG (body bytes and fds in all), MOREs the rest, at most MAX_REGIONS fds each. While a
+plan is open its sinks and sources are leased (owner: the connection), so the pool never reuses
+them under the client's copy; a RELEASE of a call still filling its sinks aborts it
+(on_done(False)), as does the loss of the connection.
+
 Control messages are small fixed structs. A region's fd is passed once per connection (SCM_RIGHTS)
 and mapped once; a client that has only leased for reading gets a read-only fd (reopened through
 /proc/self/fd) and a read-only mapping, so a stray write by a buggy reader faults instead of
@@ -27,7 +48,7 @@ socket in a 0700 directory, and whose uid the kernel vouches for (SO_PEERCRED).
 Performance (measured on the 2-vCPU VMs we run on; numbers in the constants' comments, which live
 in shm_client and shm_copy):
 - Batches are leased in windows (<= 16 MiB, <= the client's byte budget), up to _DEPTH ahead.
-- Copies of windows of at least _OFFLOAD_MIN_BYTES run in worker threads (ctypes.memmove releases
+- Copies of windows of at least OFFLOAD_MIN_BYTES run in worker threads (ctypes.memmove releases
   the GIL), split across COPY_THREADS, so the loop stays free; two threads beat one by ~10-20%
   there. Smaller copies are memoryview slice assignments on the loop: a hand-off to an idle worker
   costs more than it saves.

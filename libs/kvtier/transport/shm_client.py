@@ -17,13 +17,12 @@ from typing import Any, ClassVar
 
 from kvtier import errors
 from kvtier.proto.common.v1 import common_pb2
-from kvtier.transport import base, registry, shm_copy, shm_wire
+from kvtier.transport import base, calls, registry, shm_copy, shm_wire
 
 log = logging.getLogger(__name__)
 
 _WINDOW_BYTES = 16 * 1024 * 1024  # bytes leased per round trip (a larger single range goes alone)
 _DEPTH = 4  # leased windows outstanding per operation
-_OFFLOAD_MIN_BYTES = 8 * 1024 * 1024
 
 # A client polls its socket this long for a reply before sleeping in the event loop: waking an
 # idle vCPU costs 25-30 us per hop on the VMs we run on, half of a 64 KiB read. After
@@ -32,6 +31,7 @@ _OFFLOAD_MIN_BYTES = 8 * 1024 * 1024
 _POLL_S = 100e-6
 _POLL_MISSES = 8
 _POLL_PAUSE = 1024
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)  # an int: IntFlag arithmetic costs ~1 us
 
 
 @dataclass(slots=True)
@@ -73,6 +73,7 @@ class Client:
     """A connection to one same-host peer: lease over the socket, copy through the mapping."""
 
     name: ClassVar[str] = shm_wire.NAME
+    supports_calls: ClassVar[bool] = True
 
     def __init__(self, sock: socket.socket, settings: registry.ClientSettings) -> None:
         self._loop = asyncio.get_running_loop()
@@ -84,9 +85,9 @@ class Client:
         self._sweep_s = min(max(self._timeout_s / 10, 0.001), 0.1)
         self._sweeper: asyncio.TimerHandle | None = None
         self._next_request = 1
-        self._maps: dict[int, shm_copy.Mapping] = {}
-        self._rw_maps: dict[int, shm_copy.Mapping] = {}
+        self._maps = shm_copy.Mappings()
         self._releases: list[int] = []
+        self._incoming = shm_wire.Reassembler()  # SINKS and CALL_REPLY arrive in pieces
         self._lost: errors.KVTierError | None = None
         self._poll_misses = 0
         self._poll_pause = 0
@@ -114,6 +115,130 @@ class Client:
         views = [base.as_buffer(data, writable=False) for data in datas]
         base.check_sizes(descs, views)
         await self._transfer(base.Rights.WRITE, descs, views)
+
+    async def call(
+        self,
+        method: int,
+        request: Any,
+        segments: Sequence[Any] = (),
+        intos: Sequence[Any] = (),
+    ) -> base.CallResult:
+        """One call to the peer's service (see `base.Transport.call`); we copy the segments into
+        the sinks it hands us and its sources into `intos`. One round trip without segments,
+        two with.
+
+        Its bytes (segments and capacities) come from the byte budget. Raises InvalidArgument
+        (limits, buffers) before sending, the service's error, DeadlineExceeded (timeout_s; the
+        call is abandoned, the connection stays usable), PeerLost, or Unavailable when the node
+        serves no calls.
+        """
+        segs = [base.as_buffer(seg, writable=False) for seg in segments]
+        bufs = [base.as_buffer(into, writable=True) for into in intos]
+        message = calls.check_request(method, request, segs, bufs)
+        self._check_open()
+        nbytes = sum(seg.nbytes for seg in segs) + sum(buf.nbytes for buf in bufs)
+        deadline = self._loop.time() + self._timeout_s
+        if nbytes:
+            await self._reserve(nbytes, deadline)
+        try:
+            return await self._call(method, message, segs, bufs, deadline)
+        finally:
+            if nbytes:
+                await self._budget.release(nbytes)
+
+    async def _call(
+        self,
+        method: int,
+        message: memoryview,
+        segs: list[memoryview],
+        bufs: list[memoryview],
+        deadline: float,
+    ) -> base.CallResult:
+        request = self._new_request()
+        answer = self._expect(request, deadline)
+        self._send_call(request, method, message, segs, bufs)
+        open_ = True  # the server holds the call until we release it (or it failed)
+        try:
+            self._poll(answer)
+            got: shm_wire.CallAnswer = await answer
+            if got.kind == shm_wire.SINKS:
+                await self._fill_sinks(got.spans, segs)
+                answer = self._expect(request, deadline)
+                self._channel.send(shm_wire.HEADER.pack(shm_wire.CALL_DONE, 0, 0, request))
+                self._poll(answer)
+                got = await answer
+            if got.error is not None:
+                open_ = False
+                raise got.error
+            lengths = tuple(length for _, _, length in got.spans)
+            open_ = any(lengths)
+            if open_:
+                await self._take_sources(got.spans, bufs)
+            return base.CallResult(got.message, lengths)
+        finally:
+            self._pending.pop(request, None)
+            if open_:
+                self._release_later(request)
+
+    def _send_call(
+        self,
+        request: int,
+        method: int,
+        message: memoryview,
+        segs: list[memoryview],
+        bufs: list[memoryview],
+    ) -> None:
+        releases = self._releases[: shm_wire.MAX_ITEMS]  # pending releases ride along
+        del self._releases[: len(releases)]
+        sizes = [seg.nbytes for seg in segs], [buf.nbytes for buf in bufs]
+        body = shm_wire.call_body(method, message, *sizes, releases)
+        shm_wire.send_long(self._channel, shm_wire.CALL, request, body)
+
+    async def _fill_sinks(self, spans: list[tuple[int, int, int]], segs: list[memoryview]) -> None:
+        """Copy each segment into its sink (none: the server drops it)."""
+        if len(spans) != len(segs):
+            raise errors.Internal(f"shm server sent {len(spans)} sinks for {len(segs)} segments")
+        pairs, nbytes = [], 0
+        for (region_id, offset, length), seg in zip(spans, segs, strict=True):
+            if length:
+                if length != seg.nbytes:
+                    raise errors.Internal(f"shm server sent a sink of {length} bytes")
+                pairs.append((self._maps.get(region_id, offset, length, writing=True), offset, seg))
+                nbytes += length
+        self._check_open()
+        await shm_copy.move(self._loop, pairs, True, nbytes)
+        self._check_open()
+
+    async def _take_sources(
+        self, spans: list[tuple[int, int, int]], bufs: list[memoryview]
+    ) -> None:
+        """Copy each source into the start of its buffer."""
+        if len(spans) != len(bufs):
+            raise errors.Internal(f"shm server sent {len(spans)} sources for {len(bufs)} buffers")
+        pairs, nbytes = [], 0
+        for (region_id, offset, length), buf in zip(spans, bufs, strict=True):
+            if length:
+                if length > buf.nbytes:
+                    raise errors.Internal(f"shm server sent a source of {length} bytes")
+                pairs.append(
+                    (self._maps.get(region_id, offset, length, writing=False), offset, buf[:length])
+                )
+                nbytes += length
+        self._check_open()
+        await shm_copy.move(self._loop, pairs, False, nbytes)
+        self._check_open()  # the leases may have ended (connection lost) while we copied
+
+    def _release_later(self, request: int) -> None:
+        """Tell the server we are done with request: on the next LEASE or CALL, or this turn."""
+        if self._lost is None:
+            if not self._releases:
+                self._loop.call_soon(self._flush_releases)
+            self._releases.append(request)
+
+    def _new_request(self) -> int:
+        request = self._next_request
+        self._next_request = request % 0xFFFF_FFFF + 1
+        return request
 
     async def close(self) -> None:
         """Hang up (the server ends our leases); pending operations raise PeerLost. Idempotent."""
@@ -197,8 +322,7 @@ class Client:
                 pos += shm_wire.ITEM.size
         except struct.error as exc:
             raise base.DescriptorRejected(f"descriptor field out of range: {exc}") from None
-        request = self._next_request
-        self._next_request = request % 0xFFFF_FFFF + 1
+        request = self._new_request()
         shm_wire.HEADER.pack_into(msg, 0, shm_wire.LEASE, int(need), count, request)
         shm_wire.COUNT.pack_into(msg, shm_wire.HEADER.size, releases)
         for index in range(releases):
@@ -245,53 +369,16 @@ class Client:
             window.ack.cancel()
         elif not window.ack.cancelled():
             window.ack.exception()  # seen: the error that matters is raised elsewhere
-        if self._lost is None:
-            if not self._releases:
-                self._loop.call_soon(self._flush_releases)
-            self._releases.append(window.request)
+        self._release_later(window.request)
 
     async def _copy(self, need: base.Rights, window: _Window, statuses: bytes) -> None:
         writing = need is base.Rights.WRITE
-        pairs: list[tuple[shm_copy.Mapping, base.Descriptor, memoryview]] = []
+        pairs: list[tuple[shm_copy.Mapping, int, memoryview]] = []
         for status, desc, view in zip(statuses, window.descs, window.views, strict=True):
             if status == 0:
-                mapping = self._rw_maps.get(desc.region_id)
-                if mapping is None and not writing:
-                    mapping = self._maps.get(desc.region_id)
-                if mapping is None or desc.offset + desc.length > mapping.size:
-                    raise errors.Internal(
-                        f"shm server granted region {desc.region_id} unmapped here"
-                    )
-                pairs.append((mapping, desc, view))
-        if window.nbytes < _OFFLOAD_MIN_BYTES:
-            for mapping, desc, view in pairs:
-                if writing:
-                    mapping.view[desc.offset : desc.offset + desc.length] = view
-                else:
-                    view[:] = mapping.view[desc.offset : desc.offset + desc.length]
-            return
-        await self._copy_in_threads(pairs, writing)
-
-    async def _copy_in_threads(
-        self, pairs: list[tuple[shm_copy.Mapping, base.Descriptor, memoryview]], writing: bool
-    ) -> None:
-        pins = [shm_copy.Pinned(view) for _, _, view in pairs]
-        try:
-            jobs = []
-            for (mapping, desc, _), pin in zip(pairs, pins, strict=True):
-                at = mapping.address + desc.offset
-                jobs.append(
-                    (at, pin.address, desc.length) if writing else (pin.address, at, desc.length)
-                )
-            pool = shm_copy.copy_executor()
-            parts = shm_copy.split_jobs(jobs, shm_copy.COPY_THREADS)
-            done = asyncio.gather(
-                *(self._loop.run_in_executor(pool, shm_copy.memmove_all, p) for p in parts)
-            )
-            await shm_copy.uncancellable(done)
-        finally:
-            for pin in pins:
-                pin.release()
+                mapping = self._maps.get(desc.region_id, desc.offset, desc.length, writing=writing)
+                pairs.append((mapping, desc.offset, view))
+        await shm_copy.move(self._loop, pairs, writing, window.nbytes)
 
     def _flush_releases(self) -> None:
         pending, self._releases = self._releases, []
@@ -355,11 +442,13 @@ class Client:
             _fail(future, type(exc)(exc.message))
         # Copies in flight hold their own references; the memory goes with the last one.
         self._maps.clear()
-        self._rw_maps.clear()
 
     def _on_message(self, msg: memoryview, fds: list[int]) -> None:
         """A message from the server (its fds are ours to close)."""
         kind, flags, count, request = shm_wire.HEADER.unpack_from(msg)
+        if kind in (shm_wire.SINKS, shm_wire.CALL_REPLY, shm_wire.MORE):
+            self._on_call_piece(count, msg, fds)
+            return
         if kind == shm_wire.ACK:
             result: object = self._on_ack(msg, count, fds)
         elif kind == shm_wire.WELCOME:
@@ -387,20 +476,42 @@ class Client:
         pos += shm_wire.ACK_INFO.size
         statuses = bytes(msg[pos : pos + count])
         pos += count
-        if n_fds != len(fds):
-            shm_wire.close_fds(fds)
-            raise ValueError(f"ACK names {n_fds} fds but carries {len(fds)}")
-        for fd in fds:
-            region_id, size, writable = shm_wire.FD_ENTRY.unpack_from(msg, pos)
-            pos += shm_wire.FD_ENTRY.size
-            try:
-                table = self._rw_maps if writable else self._maps
-                table[region_id] = shm_copy.Mapping(fd, size, bool(writable))
-            finally:
-                os.close(fd)
+        self._map_regions(msg[pos : pos + n_fds * shm_wire.FD_ENTRY.size], n_fds, fds)
+        pos += n_fds * shm_wire.FD_ENTRY.size
         text = bytes(msg[pos : pos + text_bytes]).decode(errors="replace")
         error = shm_wire.error_of(code, text) if first != shm_wire.NO_ERROR else None
         return _Ack(statuses, error, 0 in statuses)
+
+    def _map_regions(self, entries: memoryview, count: int, fds: list[int]) -> None:
+        """Map the regions whose fds (and FD_ENTRYs) a message carries; closes the fds."""
+        if count != len(fds) or entries.nbytes != count * shm_wire.FD_ENTRY.size:
+            shm_wire.close_fds(fds)
+            raise ValueError(f"a message names {count} fds but carries {len(fds)}")
+        for index, fd in enumerate(fds):
+            region_id, size, writable = shm_wire.FD_ENTRY.unpack_from(
+                entries, index * shm_wire.FD_ENTRY.size
+            )
+            try:
+                self._maps.add(region_id, fd, size, bool(writable))
+            finally:
+                os.close(fd)
+
+    def _on_call_piece(self, count: int, msg: memoryview, fds: list[int]) -> None:
+        """A SINKS, CALL_REPLY or a MORE of one: map its regions; answer once it is complete
+        (even for a call nobody waits for any more: its regions are handed all the same)."""
+        try:
+            entries, done = self._incoming.feed(msg, count)
+        except ValueError:
+            shm_wire.close_fds(fds)
+            raise
+        self._map_regions(entries, count, fds)
+        if done is None:
+            return
+        kind, request, body = done
+        answer = shm_wire.parse_answer(kind, body)
+        entry = self._pending.pop(request, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(answer)
 
 
 def _fail(future: asyncio.Future[Any], exc: errors.KVTierError) -> None:
@@ -443,11 +554,7 @@ class _ClientChannel(shm_wire.Channel):
             self._broken(f"receive failed: {exc}")
             return
         fds = shm_wire.fds_of(anc) if anc else []
-        if (
-            size == 0
-            or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)
-            or size < shm_wire.HEADER.size
-        ):
+        if size == 0 or flags & _TRUNCATED or size < shm_wire.HEADER.size:
             shm_wire.close_fds(fds)
             self._broken("server hung up" if size == 0 else f"bad message of {size} bytes")
             return

@@ -15,7 +15,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from kvtier import errors
+
 COPY_THREADS = max(1, min(4, os.cpu_count() or 1))
+OFFLOAD_MIN_BYTES = 8 * 1024 * 1024  # a copy this large goes to the worker threads
 
 
 class _PyBuffer(ctypes.Structure):
@@ -78,6 +81,65 @@ class Mapping:
         self.view = view if writable else view.toreadonly()
         self._pin = Pinned(self.view)
         self.address, self.size = self._pin.address, size
+
+
+class Mappings:
+    """A client's mappings of the regions it has been handed, read-only and writable."""
+
+    def __init__(self) -> None:
+        self._ro: dict[int, Mapping] = {}
+        self._rw: dict[int, Mapping] = {}
+
+    def add(self, region_id: int, fd: int, size: int, writable: bool) -> None:
+        """Map a region's fd (the caller closes it)."""
+        (self._rw if writable else self._ro)[region_id] = Mapping(fd, size, writable)
+
+    def get(self, region_id: int, offset: int, length: int, *, writing: bool) -> Mapping:
+        """The mapping to copy a granted range through; Internal when the region is not mapped
+        (writable, to write) or the range is outside it."""
+        mapping = self._rw.get(region_id)
+        if mapping is None and not writing:
+            mapping = self._ro.get(region_id)
+        if mapping is None or offset + length > mapping.size:
+            raise errors.Internal(f"shm server granted region {region_id} unmapped here")
+        return mapping
+
+    def clear(self) -> None:
+        """Drop every mapping (copies in flight hold their own references)."""
+        self._ro.clear()
+        self._rw.clear()
+
+
+async def move(
+    loop: asyncio.AbstractEventLoop,
+    pairs: Sequence[tuple[Mapping, int, memoryview]],
+    writing: bool,
+    nbytes: int,
+) -> None:
+    """Copy between each view and its mapping at the offset (writing: into the mapping), in
+    worker threads from OFFLOAD_MIN_BYTES of nbytes on, else here."""
+    if nbytes < OFFLOAD_MIN_BYTES:
+        for mapping, offset, view in pairs:
+            if writing:
+                mapping.view[offset : offset + view.nbytes] = view
+            else:
+                view[:] = mapping.view[offset : offset + view.nbytes]
+        return
+    pins = [Pinned(view) for _, _, view in pairs]
+    try:
+        jobs = []
+        for (mapping, offset, view), pin in zip(pairs, pins, strict=True):
+            at = mapping.address + offset
+            jobs.append(
+                (at, pin.address, view.nbytes) if writing else (pin.address, at, view.nbytes)
+            )
+        parts = split_jobs(jobs, COPY_THREADS)
+        pool = copy_executor()
+        done = asyncio.gather(*(loop.run_in_executor(pool, memmove_all, p) for p in parts))
+        await uncancellable(done)
+    finally:
+        for pin in pins:
+            pin.release()
 
 
 _executor: concurrent.futures.ThreadPoolExecutor | None = None

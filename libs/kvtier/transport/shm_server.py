@@ -13,11 +13,12 @@ import secrets
 import shutil
 import socket
 import struct
+from collections.abc import Sequence
 from typing import ClassVar
 
 from kvtier import errors
 from kvtier.proto.common.v1 import common_pb2
-from kvtier.transport import base, registry, shm_wire
+from kvtier.transport import base, calls, registry, shm_wire
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ class _ServerConnection(shm_wire.Channel):
         self.principal: str | None = None
         self._held: dict[int, list[int]] = {}  # request id -> lease ids
         self._handed: dict[int, bool] = {}  # region id -> writable fd handed
+        # Calls whose plan is open, by request id: (call, replied). Not replied: the client is
+        # filling the sinks (CALL_DONE or RELEASE next); replied: it is copying the sources out.
+        self._calls: dict[int, tuple[calls.ServerCall, bool]] = {}
+        self._incoming = shm_wire.Reassembler()  # CALLs arrive in pieces
         self._rbuf = bytearray(shm_wire.MAX_MESSAGE)
         self._rview = memoryview(self._rbuf)
         super().__init__(sock, asyncio.get_running_loop())
@@ -89,6 +94,12 @@ class _ServerConnection(shm_wire.Channel):
         elif kind == shm_wire.COMMIT:
             self._release(request)
             self.send(shm_wire.HEADER.pack(shm_wire.COMMITTED, 0, 0, request))
+        elif kind in (shm_wire.CALL, shm_wire.MORE):
+            self._call_piece(count, msg)
+        elif kind == shm_wire.CALL_DONE:
+            entry = self._calls.get(request)
+            if entry is not None and not entry[1]:
+                self._reply(entry[0])
         else:
             self._broken(f"unexpected message type {kind}")
 
@@ -153,6 +164,101 @@ class _ServerConnection(shm_wire.Channel):
     def _release(self, request: int) -> None:
         for lease_id in self._held.pop(request, ()):
             self._ctx.leases.release(lease_id)
+        entry = self._calls.pop(request, None)
+        if entry is not None:  # the client is done with a call: its sources went out, or it quit
+            call, replied = entry
+            call.unlease(self._ctx)
+            call.finish(replied)
+
+    def _call_piece(self, count: int, msg: memoryview) -> None:
+        """A CALL, or a MORE of one: serve it once its body is complete."""
+        if count:
+            raise ValueError("a client passed fds")
+        _, done = self._incoming.feed(msg, 0)
+        if done is not None:
+            kind, request, body = done
+            if kind != shm_wire.CALL:
+                raise ValueError(f"long message {kind} from a client")
+            self._call(request, body)
+
+    def _call(self, request: int, body: memoryview) -> None:
+        """Run the handler; then hand out the sinks (the client fills them) or answer."""
+        method, message_len, n_segs, n_caps, n_releases = shm_wire.CALL_INFO.unpack_from(body)
+        start = shm_wire.CALL_INFO.size + 4 * n_releases
+        if (
+            message_len > base.MAX_CALL_MESSAGE_BYTES
+            or max(n_segs, n_caps) > base.MAX_CALL_ITEMS
+            or body.nbytes != start + message_len + 8 * (n_segs + n_caps)
+        ):
+            raise ValueError(f"CALL of {body.nbytes} bytes does not add up")
+        if n_releases:
+            self._release_all(body, shm_wire.CALL_INFO.size, n_releases)
+        sizes_at = start + message_len
+        sizes = calls.unpack_u64s(body, sizes_at, n_segs + n_caps)
+        call = calls.ServerCall(request, sizes[:n_segs], sizes[n_segs:])
+        try:
+            call.start(self._ctx, self.principal or "", method, bytes(body[start:sizes_at]))
+        except Exception as exc:  # answered; the connection stays usable
+            self._call_error(request, exc)
+            return
+        sinks = call.sinks()
+        if not any(sink is not None and sink.length for sink in sinks):
+            self._reply(call)
+            return
+        call.lease(self._ctx, sinks, self)
+        self._calls[request] = (call, False)
+        spans, entries, fds = self._spans(sinks, len(call.segments), writable=True)
+        shm_wire.send_long(self, shm_wire.SINKS, request, spans, entries, fds)
+
+    def _reply(self, call: calls.ServerCall) -> None:
+        """The sinks are filled (or there were none): run on_received, send reply and sources."""
+        call.unlease(self._ctx)
+        try:
+            reply, sources = call.received()  # on failure, the call is finished already
+        except Exception as exc:
+            self._calls.pop(call.request_id, None)
+            self._call_error(call.request_id, exc)
+            return
+        call.lease(self._ctx, sources, self)
+        spans, entries, fds = self._spans(sources, len(sources), writable=False)
+        info = shm_wire.REPLY_INFO.pack(0, len(reply), len(sources))
+        body = b"".join((info, reply, spans))
+        shm_wire.send_long(self, shm_wire.CALL_REPLY, call.request_id, body, entries, fds)
+        if call.leases:
+            self._calls[call.request_id] = (call, True)
+        else:  # nothing to copy out: no RELEASE will come
+            self._calls.pop(call.request_id, None)
+            call.finish(True)
+
+    def _call_error(self, request: int, exc: Exception) -> None:
+        if not isinstance(exc, errors.KVTierError):
+            log.error("shm data plane: call %d failed", request, exc_info=exc)
+            exc = errors.Internal("internal error in the shm data plane")
+        text = exc.message.encode()[: shm_wire.MAX_ERROR_TEXT]
+        body = shm_wire.REPLY_INFO.pack(shm_wire.code_of(exc), len(text), 0) + text
+        shm_wire.send_long(self, shm_wire.CALL_REPLY, request, body)
+
+    def _spans(
+        self, spans: Sequence[base.Span | None], count: int, writable: bool
+    ) -> tuple[bytes, list[bytes], list[int]]:
+        """SPAN entries for `count` items (missing or None: no bytes), and the fds (and their
+        FD_ENTRYs) of the regions this connection has not been handed (writable) yet."""
+        out = bytearray(shm_wire.SPAN.size * count)
+        entries: list[bytes] = []
+        fds: list[int] = []
+        for index, span in enumerate(spans):
+            if span is None or not span.length:
+                continue
+            region = span.region
+            region_id = region.region_id
+            if region_id not in self._handed or (writable and not self._handed[region_id]):
+                fds.append(shm_wire.handover_fd(region, writable))
+                entries.append(shm_wire.FD_ENTRY.pack(region_id, region.size, writable))
+                self._handed[region_id] = writable
+            shm_wire.SPAN.pack_into(
+                out, shm_wire.SPAN.size * index, region_id, span.offset, span.length
+            )
+        return bytes(out), entries, fds
 
     def _broken(self, reason: str) -> None:
         if not self.closed:
@@ -168,6 +274,9 @@ class _ServerConnection(shm_wire.Channel):
         self.shutdown()
         self._held.clear()
         self._ctx.leases.release_owner(self)
+        open_calls, self._calls = self._calls, {}
+        for call, _ in open_calls.values():
+            call.finish(False)
         self._server.forget(self)
 
 

@@ -1,4 +1,5 @@
-"""The tcp data-plane transport: one-sided reads and writes of a peer's regions, emulated over TCP.
+"""The tcp data-plane transport: one-sided reads and writes of a peer's regions, emulated over TCP,
+and calls to the peer's service.
 
 Wire protocol (little endian). Each TCP connection is one ordered pipeline:
 
@@ -6,19 +7,32 @@ Wire protocol (little endian). Each TCP connection is one ordered pipeline:
     server → client  RESPONSE  for request id 0: OK, or an error after which the server closes
     client → server  REQUEST   op, rights, region, request id, offset, length, expiry, MAC
                                (the descriptor's fields), then `length` payload bytes if a WRITE
+    client → server  CALL      op, method (u32), request id, message length, payload length,
+                               segments (u32), capacities (u32): as long as a REQUEST; then the
+                               request message, the segment lengths and the capacities (u64
+                               each), then the segments' bytes
     server → client  RESPONSE  request id, status, message length, payload length, then the
-                               error message or, for a READ that succeeded, the bytes
+                               error message or, for a READ that succeeded, the bytes; for a
+                               CALL that succeeded the reply message, one u64 length per
+                               capacity and the payload (each buffer's bytes, in order)
 
 The server checks every request against the descriptor's MAC for the connection's principal,
 leases the range while bytes move, receives WRITE payloads straight into region memory (an
 invalid WRITE's payload is drained into a shared scratch buffer, so the connection stays usable)
 and sends READ payloads straight from it. Responses come back in request order.
 
+A CALL's body goes to the node's `ServerContext.call_handler` before its payload is read; each
+segment is received straight into the sink the handler chose (or drained), then on_received
+gives the reply, sent with the sources straight from region memory; on_done(True) runs once the
+frame is out, on_done(False) when the call fails after its plan or the connection dies first.
+Statuses carry the error's class (`tcp_wire.Status`), so the client raises what the service did.
+
 Both sides drive non-blocking sockets from loop reader/writer callbacks, like a BufferedProtocol
 but with sends that never copy: no streams, no tasks and no payload buffers per message. Headers
-pass through a small staging buffer; a client receives READ payloads into the caller's buffer.
-A client keeps `ClientSettings.connections` connections per peer, pipelines requests on each
-and puts every new request on the least loaded one; a `base.ByteBudget` bounds its bytes in flight.
+pass through a small staging buffer; a client receives READ and CALL payloads into the caller's
+buffers. A client keeps `ClientSettings.connections` connections per peer (`tcp_client`),
+pipelines requests on each and puts every new request on the least loaded one; a
+`base.ByteBudget` bounds its bytes in flight.
 """
 
 from __future__ import annotations
@@ -26,25 +40,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import logging
 import socket
-import struct
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from kvtier import errors
 from kvtier.proto.common.v1 import common_pb2
-from kvtier.transport import base, registry, tcp_server, tcp_wire
-
-log = logging.getLogger(__name__)
+from kvtier.transport import base, calls, registry, tcp_client, tcp_server, tcp_wire
 
 NAME = tcp_wire.NAME
 
 #: The serving side (defined in `kvtier.transport.tcp_server`, named here for callers).
 Server = tcp_server.Server
-
-_DIRECT_MIN_BYTES = 4 * tcp_wire.KIB  # a client never stages READ payloads from this size up
-_PER_OP_LOAD = 256  # what an op costs in the least-loaded choice besides its bytes
 
 
 def available() -> bool:
@@ -57,179 +64,30 @@ def make_server(ctx: base.ServerContext, settings: registry.ServerSettings) -> t
     return tcp_server.Server(ctx, settings)
 
 
-# ---------------------------------------------------------------------------------------- client
-
-_QUEUED, _DONE = 1, 2
-
-
-class _Op(tcp_wire.Frame):
-    """One READ or WRITE: the request frame, the caller's buffer and the completion future."""
-
-    __slots__ = ("buf", "conn", "deadline", "desc", "fut", "kind", "request_id", "state")
-
-    def __init__(
-        self,
-        kind: int,
-        desc: base.Descriptor,
-        buf: memoryview,
-        request_id: int,
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        try:
-            header = tcp_wire.REQUEST.pack(
-                kind, int(desc.rights), 0, desc.region_id, request_id, desc.offset, desc.length,
-                desc.expires_at_ms, desc.mac,
-            )  # fmt: skip
-        except struct.error as exc:
-            raise errors.InvalidArgument(f"descriptor field out of range: {exc}") from None
-        super().__init__(header, buf if kind == tcp_wire.WRITE else None)
-        self.kind = kind
-        self.desc = desc
-        self.buf = buf
-        self.request_id = request_id
-        self.fut: asyncio.Future[None] = loop.create_future()
-        self.conn: _ClientConnection | None = None
-        self.deadline = 0.0
-        self.state = 0
-
-    def abandon(self) -> None:
-        """The caller stops waiting: no byte may touch its buffer from now on."""
-        if not self.fut.done():
-            self.fut.cancel()
-        if self.conn is not None:
-            self.conn.abandon(self)
-
-
-class _ClientConnection(tcp_wire.Channel):
-    """One pipelined connection to the server: requests out in order, responses back in order."""
-
-    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(sock, loop)
-        self._pending: collections.deque[_Op] = collections.deque()  # awaiting their responses
-        self._rx: _Op | None = None  # the READ whose payload is arriving
-        self._rx_pos = 0
-        self._sink: memoryview | None = None
-        self.load = 0
-        self._set_reading(True)
-
-    def enqueue(self, op: _Op) -> None:
-        """Queue op to be sent (by `kick`); its future completes with its response."""
-        op.conn, op.state = self, _QUEUED
-        self._pending.append(op)
-        self._out.append(op)
-        self.load += op.desc.length + _PER_OP_LOAD
-
-    def abandon(self, op: _Op) -> None:
-        """Forget op if it has not left yet; else keep the stream intact without its buffer."""
-        if op.state != _QUEUED or self.closed:
-            return
-        if op.sent == 0:
-            self._out.remove(op)
-            self._pending.remove(op)
-            self._done(op, None)
-        elif op.payload is not None and op.sent < op.size:
-            op.payload = memoryview(bytes(op.payload))  # rare: the caller may reuse its buffer
-        # A READ's payload goes to the sink from now on (its future is done).
-
-    def _step(self) -> bool:
-        if self._rx is not None:
-            return self._take_payload()
-        staged = self._tail - self._head
-        need = tcp_wire.RESPONSE.size
-        if staged >= need:
-            request_id, status, message_len, length = tcp_wire.RESPONSE.unpack_from(
-                self._staging, self._head
-            )
-            if message_len > tcp_wire.MAX_MESSAGE_BYTES:
-                raise tcp_wire.ProtocolError("oversized error message")
-            need += message_len
-            if staged >= need:
-                message = bytes(self._view[self._head + tcp_wire.RESPONSE.size : self._head + need])
-                self._head += need
-                self._response(request_id, status, message.decode(errors="replace"), length)
-                return True
-        if not self._pending:
-            # Nothing is expected: recv only to learn why we were woken (end of stream, or junk).
-            return self._recvs_left == tcp_wire.RECV_ROUNDS and self._fill()
-        front = self._pending[0]
-        if front.kind == tcp_wire.READ and front.desc.length >= _DIRECT_MIN_BYTES:
-            return self._fill(need - staged)  # stop at the header: the payload goes to its buffer
-        return self._fill()
-
-    def _response(self, request_id: int, status: int, message: str, length: int) -> None:
-        if not self._pending or self._pending[0].request_id != request_id:
-            raise tcp_wire.ProtocolError(f"response {request_id} out of order")
-        op = self._pending.popleft()
-        if status != tcp_wire.Status.OK:
-            self._done(op, tcp_wire.error_of(status, message))
-        elif op.kind == tcp_wire.READ and length != op.desc.length:
-            raise tcp_wire.ProtocolError(
-                f"response of {length} bytes to a read of {op.desc.length}"
-            )
-        elif op.kind == tcp_wire.READ and length:
-            self._rx, self._rx_pos = op, 0
-        else:
-            self._done(op, None)
-
-    def _take_payload(self) -> bool:
-        op = self._rx
-        assert op is not None
-        need = op.desc.length - self._rx_pos
-        into = op.buf[self._rx_pos :] if not op.fut.done() else None
-        if self._tail > self._head:
-            got = self._unstage(into, need)
-        elif into is not None:
-            got = self._recv(into)
-        else:
-            if self._sink is None:
-                self._sink = memoryview(bytearray(tcp_wire.SINK_BYTES))
-            got = self._recv(self._sink[:need])
-        if not got:
-            return False
-        self._rx_pos += got
-        if self._rx_pos == op.desc.length:
-            self._rx = None
-            self._done(op, None)
-        return True
-
-    def _done(self, op: _Op, exc: errors.KVTierError | None) -> None:
-        op.state = _DONE
-        self.load -= op.desc.length + _PER_OP_LOAD
-        if op.fut.done():
-            return
-        if exc is None:
-            op.fut.set_result(None)
-        else:
-            op.fut.set_exception(exc)
-
-    def _lost(self, reason: str) -> None:
-        if self.closed:
-            return
-        log.debug("tcp data plane: client connection closed: %s", reason)
-        self._shut()
-        pending, self._pending = self._pending, collections.deque()
-        if self._rx is not None:
-            pending.appendleft(self._rx)
-            self._rx = None
-        for op in pending:
-            self._done(op, base.PeerLost(f"tcp data-plane connection lost: {reason}"))
-
-    def close(self) -> None:
-        """Close now; pending operations fail with PeerLost."""
-        self._lost("closed by the client")
+# A small request's reply is polled for (spinning) up to _POLL_S before the loop sleeps; after
+# _POLL_MISSES misses in a row polling pauses for _POLL_PAUSE requests (as the shm client does).
+_POLL_S = 100e-6
+_POLL_MISSES = 8
+_POLL_PAUSE = 1024
+_POLL_MAX_BYTES = 1024 * 1024
 
 
 class Client:
     """A tcp data-plane client of one peer (implements base.Transport)."""
 
     name: ClassVar[str] = tcp_wire.NAME
+    supports_calls: ClassVar[bool] = True
 
-    def __init__(self, conns: list[_ClientConnection], settings: registry.ClientSettings) -> None:
+    def __init__(
+        self, conns: list[tcp_client.Connection], settings: registry.ClientSettings
+    ) -> None:
         self._conns = conns
         self._settings = settings
         self._budget = base.ByteBudget(settings.max_inflight_bytes)
         self._ids = itertools.count(1)
         self._closed = False
+        self._poll_misses = 0
+        self._poll_pause = 0
 
     async def read(self, desc: base.Descriptor, into: Any) -> None:
         """Copy the described range into `into` (len == desc.length).
@@ -259,6 +117,44 @@ class Client:
         base.check_sizes(descs, bufs)
         await self._run(tcp_wire.WRITE, descs, bufs)
 
+    async def call(
+        self,
+        method: int,
+        request: Any,
+        segments: Sequence[Any] = (),
+        intos: Sequence[Any] = (),
+    ) -> base.CallResult:
+        """One call to the peer's service (see `base.Transport.call`), on the least loaded
+        connection: request and segments out, the reply's payloads straight into `intos`.
+
+        Its bytes (segments and capacities) come from the byte budget. Raises InvalidArgument
+        (limits, buffers) before sending, the service's error, DeadlineExceeded
+        (settings.timeout_s; the call is abandoned, the connection stays usable), PeerLost, or
+        Unavailable when the node serves no calls.
+        """
+        segs = [base.as_buffer(seg, writable=False) for seg in segments]
+        bufs = [base.as_buffer(into, writable=True) for into in intos]
+        message = calls.check_request(method, request, segs, bufs)
+        if self._closed:
+            raise base.PeerLost("tcp data-plane client is closed")
+        loop = asyncio.get_running_loop()
+        op = tcp_client.CallOp(method, message, segs, bufs, next(self._ids), loop)
+        op.deadline = loop.time() + self._settings.timeout_s
+        await self._admit(op, set())
+        try:
+            conn = self._pick()
+        except base.PeerLost:
+            await self._budget.release(op.nbytes)
+            raise
+        conn.enqueue(op)
+        conn.kick()
+        if op.nbytes <= _POLL_MAX_BYTES:
+            self._poll(conn, op.fut)
+        error = await self._finish(op)
+        if error is not None:
+            raise error
+        return base.CallResult(op.reply, op.lengths)
+
     async def close(self) -> None:
         """Close every connection; pending operations fail with PeerLost. Idempotent."""
         self._closed = True
@@ -276,12 +172,12 @@ class Client:
         if self._closed:
             raise base.PeerLost("tcp data-plane client is closed")
         loop = asyncio.get_running_loop()
-        own: collections.deque[_Op] = collections.deque()
-        dirty: set[_ClientConnection] = set()
+        own: collections.deque[tcp_client.Op] = collections.deque()
+        dirty: set[tcp_client.Connection] = set()
         failure: errors.KVTierError | None = None
         try:
             for desc, buf in zip(descs, bufs, strict=True):
-                op = _Op(kind, desc, buf, next(self._ids), loop)
+                op = tcp_client.rw_op(kind, desc, buf, next(self._ids), loop)
                 op.deadline = loop.time() + self._settings.timeout_s
                 while failure is None and own:
                     if not own[0].fut.done() and self._fits(desc.length):
@@ -302,7 +198,7 @@ class Client:
         finally:
             for op in own:
                 op.abandon()
-            held = sum(op.desc.length for op in own)
+            held = sum(op.nbytes for op in own)
             if held:
                 await self._budget.release(held)
         if failure is not None:
@@ -314,38 +210,52 @@ class Client:
             await self._run(kind, (desc,), (buf,))
             return
         loop = asyncio.get_running_loop()
-        op = _Op(kind, desc, buf, next(self._ids), loop)
+        op = tcp_client.rw_op(kind, desc, buf, next(self._ids), loop)
         op.deadline = loop.time() + self._settings.timeout_s
         conn = self._pick()
         if desc.length:
             await self._budget.acquire(desc.length)  # it fits: returns at once
         conn.enqueue(op)
         conn.kick()
+        if desc.length <= _POLL_MAX_BYTES:
+            self._poll(conn, op.fut)
         error = await self._finish(op)
         if error is not None:
             raise error
+
+    def _poll(self, conn: tcp_client.Connection, reply: asyncio.Future[Any]) -> None:
+        """Spin briefly for the reply of a small request (see `tcp_wire.Channel.poll`); after
+        repeated misses (a busy or remote server) stop spinning for a while."""
+        if self._poll_pause:
+            self._poll_pause -= 1
+        elif conn.poll(reply, _POLL_S):
+            self._poll_misses = 0
+        else:
+            self._poll_misses += 1
+            if self._poll_misses >= _POLL_MISSES:
+                self._poll_misses, self._poll_pause = 0, _POLL_PAUSE
 
     def _fits(self, length: int) -> bool:
         used = self._budget.used_bytes
         return used == 0 or used + length <= self._budget.limit_bytes
 
-    async def _admit(self, op: _Op, dirty: set[_ClientConnection]) -> None:
+    async def _admit(self, op: tcp_client.Op, dirty: set[tcp_client.Connection]) -> None:
         """Take op's bytes from the budget, waiting (until op's deadline) when it is spent."""
-        if not op.desc.length:
+        if not op.nbytes:
             return
-        if self._fits(op.desc.length):
-            await self._budget.acquire(op.desc.length)  # returns at once
+        if self._fits(op.nbytes):
+            await self._budget.acquire(op.nbytes)  # returns at once
             return
         self._kick(dirty)
         try:
             async with asyncio.timeout_at(op.deadline):
-                await self._budget.acquire(op.desc.length)
+                await self._budget.acquire(op.nbytes)
         except TimeoutError:
             raise errors.DeadlineExceeded(
                 f"tcp data plane: no room in the byte budget within {self._settings.timeout_s}s"
             ) from None
 
-    async def _finish(self, op: _Op) -> errors.KVTierError | None:
+    async def _finish(self, op: tcp_client.Op) -> errors.KVTierError | None:
         """Wait for op until its deadline and return its budget; returns (not raises) its error.
 
         Raises DeadlineExceeded when the deadline passes first (op is abandoned).
@@ -365,23 +275,23 @@ class Client:
         finally:
             if timer is not None:
                 timer.cancel()
-            if op.desc.length:
-                await self._budget.release(op.desc.length)
+            if op.nbytes:
+                await self._budget.release(op.nbytes)
         return None
 
-    def _expire(self, op: _Op) -> None:
+    def _expire(self, op: tcp_client.Op) -> None:
         if op.fut.done():
             return
-        verb = "read" if op.kind == tcp_wire.READ else "write"
+        verb = tcp_client.VERBS[op.kind]
         op.fut.set_exception(
             errors.DeadlineExceeded(
-                f"tcp {verb} of {op.desc.length} bytes took over {self._settings.timeout_s}s"
+                f"tcp {verb} of {op.nbytes} bytes took over {self._settings.timeout_s}s"
             )
         )
         op.abandon()
 
-    def _pick(self) -> _ClientConnection:
-        best: _ClientConnection | None = None
+    def _pick(self) -> tcp_client.Connection:
+        best: tcp_client.Connection | None = None
         for conn in self._conns:
             if not conn.closed and (best is None or conn.load < best.load):
                 best = conn
@@ -390,7 +300,7 @@ class Client:
         return best
 
     @staticmethod
-    def _kick(dirty: set[_ClientConnection]) -> None:
+    def _kick(dirty: set[tcp_client.Connection]) -> None:
         for conn in dirty:
             conn.kick()
         dirty.clear()
@@ -431,7 +341,7 @@ async def connect(
         if isinstance(first, OSError):
             raise errors.Unavailable(f"tcp data plane at {endpoint.address}: {first}") from first
         raise first
-    return Client([_ClientConnection(sock, loop) for sock in socks], settings)
+    return Client([tcp_client.Connection(sock, loop) for sock in socks], settings)
 
 
 async def _open(loop: asyncio.AbstractEventLoop, info: Any, token: bytes) -> socket.socket:

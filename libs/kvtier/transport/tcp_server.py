@@ -1,7 +1,7 @@
 """The serving side of the tcp transport: the listener and one connection per client.
 
-Each connection checks, serves and answers its requests in order; the protocol is described in
-`kvtier.transport.tcp`.
+Each connection checks, serves and answers its requests (reads, writes and calls) in order; the
+protocol is described in `kvtier.transport.tcp`.
 """
 
 from __future__ import annotations
@@ -9,16 +9,50 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Sequence
 from typing import ClassVar
 
 from kvtier import errors
 from kvtier.proto.common.v1 import common_pb2
-from kvtier.transport import base, registry, tcp_wire
+from kvtier.transport import base, calls, registry, tcp_wire
 
 log = logging.getLogger(__name__)
 
 _MAX_OP_BYTES = 1 << 34  # a length beyond this is a broken peer, not a request
+_MAX_CALL_BYTES = 1 << 40  # the same for the payload of a call
 _HELLO_TIMEOUT_S = 10.0  # a connection that has not presented its token by then is dropped
+# A call's reply message shorter than this is copied behind its header (one buffer to send).
+_JOIN_BYTES = 4 * tcp_wire.KIB
+
+
+class _Arriving:
+    """A call whose body (message, segment lengths, capacities) or segments are arriving."""
+
+    __slots__ = ("body", "call", "error", "index", "message_len", "method", "n_caps", "n_segs",
+                 "payload_len", "request_id", "sinks")  # fmt: skip
+
+    def __init__(
+        self, request_id: int, method: int, message_len: int, payload_len: int, n_segs: int,
+        n_caps: int,
+    ) -> None:  # fmt: skip
+        self.request_id, self.method = request_id, method
+        self.message_len, self.payload_len = message_len, payload_len
+        self.n_segs, self.n_caps = n_segs, n_caps
+        self.body: bytearray | None = None  # set while a body too long for staging arrives
+        self.call: calls.ServerCall | None = None
+        self.error: Exception | None = None  # the handler failed: drain the segments
+        self.sinks: Sequence[base.Span | None] = ()
+        self.index = 0  # the next segment
+
+
+class _CallReply(tcp_wire.PartsFrame):
+    """A call's reply and its sources; the call finishes once the frame is out (or lost)."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, parts: tcp_wire.Parts, call: calls.ServerCall) -> None:
+        super().__init__(parts)
+        self.call = call
 
 
 class _ServerConnection(tcp_wire.Channel):
@@ -37,6 +71,7 @@ class _ServerConnection(tcp_wire.Channel):
         self._rx_len = 0
         self._rx_lease = 0
         self._rx_reply = b""
+        self._arriving: _Arriving | None = None  # the call whose body or segments arrive
         self._hello_timer = self._loop.call_later(_HELLO_TIMEOUT_S, self._lost, "no HELLO in time")
         self._set_reading(True)
 
@@ -55,9 +90,14 @@ class _ServerConnection(tcp_wire.Channel):
                     self._hello(bytes(self._view[start : start + size]))
                     return True
         elif staged >= tcp_wire.REQUEST.size:
-            fields = tcp_wire.REQUEST.unpack_from(self._staging, self._head)
-            self._head += tcp_wire.REQUEST.size
-            self._request(*fields)
+            if self._staging[self._head] == tcp_wire.CALL:
+                call = tcp_wire.CALL_REQUEST.unpack_from(self._staging, self._head)
+                self._head += tcp_wire.CALL_REQUEST.size
+                self._call(*call[3:])
+            else:
+                fields = tcp_wire.REQUEST.unpack_from(self._staging, self._head)
+                self._head += tcp_wire.REQUEST.size
+                self._request(*fields)
             return True
         return self._fill()
 
@@ -123,10 +163,108 @@ class _ServerConnection(tcp_wire.Channel):
             return False
         self._rx_pos += got
         if self._rx_pos == self._rx_len:
-            self._ctx.leases.release(self._rx_lease)
-            self._queue(tcp_wire.Frame(self._rx_reply))
-            self._rx_into, self._rx_len, self._rx_lease = None, 0, 0
+            self._rx_into, self._rx_len = None, 0
+            if self._arriving is not None:
+                self._call_arrived(self._arriving)
+            else:
+                self._ctx.leases.release(self._rx_lease)
+                self._queue(tcp_wire.Frame(self._rx_reply))
+                self._rx_lease = 0
         return True
+
+    def _call(
+        self, method: int, request_id: int, message_len: int, payload_len: int, n_segs: int,
+        n_caps: int,
+    ) -> None:  # fmt: skip
+        """A CALL header: take its body from staging, or receive it into a buffer of its own."""
+        if (
+            message_len > base.MAX_CALL_MESSAGE_BYTES
+            or max(n_segs, n_caps) > base.MAX_CALL_ITEMS
+            or payload_len > _MAX_CALL_BYTES
+        ):
+            raise tcp_wire.ProtocolError(
+                f"bad call: {message_len} message bytes, {n_segs} segments, {n_caps} buffers"
+            )
+        head = _Arriving(request_id, method, message_len, payload_len, n_segs, n_caps)
+        body_len = message_len + 8 * (n_segs + n_caps)
+        if self._tail - self._head >= body_len:
+            body = self._view[self._head : self._head + body_len]
+            self._head += body_len
+            self._call_body(head, body)
+        else:
+            head.body = bytearray(body_len)
+            self._arriving = head
+            self._expect(memoryview(head.body), body_len, 0, b"")
+
+    def _call_arrived(self, head: _Arriving) -> None:
+        """The body or a segment of the arriving call is in."""
+        if head.body is not None:
+            body, head.body = head.body, None
+            self._call_body(head, memoryview(body))
+        else:
+            self._next_segment(head)
+
+    def _call_body(self, head: _Arriving, body: memoryview) -> None:
+        """Run the handler on the body, then receive the segments into its sinks."""
+        sizes = calls.unpack_u64s(body, head.message_len, head.n_segs + head.n_caps)
+        segments, capacities = sizes[: head.n_segs], sizes[head.n_segs :]
+        if sum(segments) != head.payload_len:
+            raise tcp_wire.ProtocolError(f"call segments do not add up to {head.payload_len}")
+        call = head.call = calls.ServerCall(head.request_id, segments, capacities)
+        try:
+            call.start(
+                self._ctx, self.principal or "", head.method, bytes(body[: head.message_len])
+            )
+        except Exception as exc:  # answered; the payload that follows is drained
+            head.error = exc
+        else:
+            head.sinks = call.sinks()
+            call.lease(self._ctx, head.sinks, self)
+        self._arriving = head
+        self._next_segment(head)
+
+    def _next_segment(self, head: _Arriving) -> None:
+        """Receive the next segment into its sink (None: drain it), or answer once all are in."""
+        assert head.call is not None
+        segments, sinks = head.call.segments, head.sinks
+        while head.index < len(segments):
+            index = head.index
+            head.index += 1
+            if segments[index]:
+                sink = sinks[index] if index < len(sinks) else None
+                self._expect(sink.view() if sink is not None else None, segments[index], 0, b"")
+                return
+        self._arriving = None
+        self._call_reply(head.call, head.error)
+
+    def _call_reply(self, call: calls.ServerCall, error: Exception | None) -> None:
+        """Answer a call whose segments are all in: its error, or its reply and sources."""
+        call.unlease(self._ctx)
+        try:
+            if error is not None:
+                raise error
+            reply, sources = call.received()
+        except Exception as exc:
+            call.finish(False)
+            self._queue(tcp_wire.Frame(tcp_wire.error_response(call.request_id, exc)))
+            return
+        call.lease(self._ctx, sources, self)
+        lengths = [source.length if source is not None else 0 for source in sources]
+        header = tcp_wire.RESPONSE.pack(
+            call.request_id, tcp_wire.Status.OK, len(reply), sum(lengths)
+        )
+        items: list[bytes | memoryview]
+        if len(reply) < _JOIN_BYTES:
+            items = [b"".join((header, reply, calls.pack_u64s(lengths)))]
+            sizes = [len(items[0])]
+        else:
+            items = [header, reply, calls.pack_u64s(lengths)]
+            sizes = [len(header), len(reply), 8 * len(lengths)]
+        for source in sources:
+            if source is not None and source.length:
+                items.append(source.view())
+                sizes.append(source.length)
+        self._queue(_CallReply(tcp_wire.Parts(items, sizes), call))
 
     def _queue(self, frame: tcp_wire.Frame) -> None:
         self._out.append(frame)
@@ -138,6 +276,9 @@ class _ServerConnection(tcp_wire.Channel):
     def _sent(self, frame: tcp_wire.Frame) -> None:
         if frame.lease:
             self._ctx.leases.release(frame.lease)
+        elif isinstance(frame, _CallReply):
+            frame.call.unlease(self._ctx)
+            frame.call.finish(True)
         self._queued_bytes -= frame.size
         if self._paused and self._queued_bytes <= self._ctx.max_inflight_bytes // 2:
             self._paused = False
@@ -149,9 +290,14 @@ class _ServerConnection(tcp_wire.Channel):
             return
         log.debug("tcp data plane: connection of %s closed: %s", self.principal, reason)
         self._hello_timer.cancel()
+        unfinished = [f.call for f in self._out if isinstance(f, _CallReply)]
+        if self._arriving is not None and self._arriving.call is not None:
+            unfinished.append(self._arriving.call)
         self._shut()
-        self._rx_into = None
+        self._rx_into, self._arriving = None, None
         self._ctx.leases.release_owner(self)
+        for call in unfinished:
+            call.finish(False)
         self._server.forget(self)
 
     def close(self) -> None:

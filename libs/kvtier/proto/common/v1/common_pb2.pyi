@@ -471,8 +471,11 @@ class OpenDataPlaneRequest(_message.Message):
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     CLIENT_FIELD_NUMBER: _builtins.int
     ALLOWED_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     """Who is connecting; descriptors granted to it are valid only on its connections."""
+    tenant: _builtins.str
+    """The tenant the session acts for (services scope its calls to it); empty: "default"."""
     @_builtins.property
     def client(self) -> Global___DataPlaneCapabilities: ...
     @_builtins.property
@@ -485,10 +488,11 @@ class OpenDataPlaneRequest(_message.Message):
         client_id: _builtins.str = ...,
         client: Global___DataPlaneCapabilities | None = ...,
         allowed: _abc.Iterable[_builtins.str] | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["client", b"client"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "client", b"client", "client_id", b"client_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "client", b"client", "client_id", b"client_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

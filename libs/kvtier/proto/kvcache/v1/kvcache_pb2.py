@@ -23,13 +23,86 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from kvtier.proto.common.v1 import common_pb2 as kvtier_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fkvtier/kvcache/v1/kvcache.proto\x12\x11kvtier.kvcache.v1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fkvtier/kvcache/v1/kvcache.proto\x12\x11kvtier.kvcache.v1\x1a\x1dkvtier/common/v1/common.proto\")\n\tNamespace\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x94\x01\n\x0f\x42\x61tchPutRequest\x12/\n\tnamespace\x18\x01 \x01(\x0b\x32\x1c.kvtier.kvcache.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\r\n\x05sizes\x18\x03 \x03(\x04\x12\x11\n\toverwrite\x18\x04 \x01(\x08\x12\r\n\x05ttl_s\x18\x05 \x01(\x01\x12\x11\n\tprincipal\x18\x06 \x01(\t\"{\n\x08PutGrant\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.kvtier.kvcache.v1.ItemStatus\x12\x30\n\ndescriptor\x18\x02 \x01(\x0b\x32\x1c.kvtier.common.v1.Descriptor\x12\x0e\n\x06put_id\x18\x03 \x01(\x04\"\\\n\x10\x42\x61tchPutResponse\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.kvtier.kvcache.v1.PutGrant\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x0f \x01(\x04\"d\n\x11\x43ommitPutsRequest\x12/\n\tnamespace\x18\x01 \x01(\x0b\x32\x1c.kvtier.kvcache.v1.Namespace\x12\x0f\n\x07put_ids\x18\x02 \x03(\x04\x12\r\n\x05\x61\x62ort\x18\x03 \x01(\x08\"E\n\x12\x43ommitPutsResponse\x12/\n\x08statuses\x18\x01 \x03(\x0e\x32\x1d.kvtier.kvcache.v1.ItemStatus\"t\n\x0f\x42\x61tchGetRequest\x12/\n\tnamespace\x18\x01 \x01(\x0b\x32\x1c.kvtier.kvcache.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x0f\n\x07lease_s\x18\x04 \x01(\x01\"\x8a\x01\n\x07GetItem\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.kvtier.kvcache.v1.ItemStatus\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x30\n\ndescriptor\x18\x03 \x01(\x0b\x32\x1c.kvtier.common.v1.Descriptor\x12\x10\n\x08lease_id\x18\x04 \x01(\x04\"L\n\x10\x42\x61tchGetResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.kvtier.kvcache.v1.GetItem\x12\r\n\x05\x65poch\x18\x0f \x01(\x04\"Y\n\x13ReleaseReadsRequest\x12/\n\tnamespace\x18\x01 \x01(\x0b\x32\x1c.kvtier.kvcache.v1.Namespace\x12\x11\n\tlease_ids\x18\x02 \x03(\x04\"\x16\n\x14ReleaseReadsResponse\"S\n\x12\x42\x61tchExistsRequest\x12/\n\tnamespace\x18\x01 \x01(\x0b\x32\x1c.kvtier.kvcache.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"5\n\x13\x42\x61tchExistsResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\x12\r\n\x05\x65poch\x18\x0f \x01(\x04\"N\n\rLookupRequest\x12/\n\tnamespace\x18\x01 \x01(\x0b\x32\x1c.kvtier.kvcache.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\".\n\x0eLookupResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x0f \x01(\x04\"N\n\rDeleteRequest\x12/\n\tnamespace\x18\x01 \x01(\x0b\x32\x1c.kvtier.kvcache.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"Z\n\nPinRequest\x12/\n\tnamespace\x18\x01 \x01(\x0b\x32\x1c.kvtier.kvcache.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\r\n\x05pin_s\x18\x03 \x01(\x01\"\x1d\n\x0bPinResponse\x12\x0e\n\x06pinned\x18\x01 \x01(\r\"M\n\x0cUnpinRequest\x12/\n\tnamespace\x18\x01 \x01(\x0b\x32\x1c.kvtier.kvcache.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"!\n\rUnpinResponse\x12\x10\n\x08unpinned\x18\x01 \x01(\r\"M\n\x0cTouchRequest\x12/\n\tnamespace\x18\x01 \x01(\x0b\x32\x1c.kvtier.kvcache.v1.Namespace\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\" \n\rTouchResponse\x12\x0f\n\x07touched\x18\x01 \x01(\r\"\x1e\n\x0cStatsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\x93\x05\n\rStatsResponse\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0b\x61rena_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04\x66ill\x18\x03 \x01(\x01\x12\x0e\n\x06\x62locks\x18\x04 \x01(\x04\x12\x14\n\x0cpending_puts\x18\x05 \x01(\x04\x12\x12\n\nused_bytes\x18\x06 \x01(\x04\x12\x17\n\x0frequested_bytes\x18\x07 \x01(\x04\x12\x0c\n\x04hits\x18\x08 \x01(\x04\x12\x0e\n\x06misses\x18\t \x01(\x04\x12\x10\n\x08hit_rate\x18\n \x01(\x01\x12\x0c\n\x04puts\x18\x0b \x01(\x04\x12\x15\n\rput_conflicts\x18\x0c \x01(\x04\x12\x19\n\x11pending_conflicts\x18\r \x01(\x04\x12\x18\n\x10quota_rejections\x18\x0e \x01(\x04\x12\x13\n\x0blease_waits\x18\x0f \x01(\x04\x12\x11\n\toverloads\x18\x10 \x01(\x04\x12\x42\n\tevictions\x18\x11 \x03(\x0b\x32/.kvtier.kvcache.v1.StatsResponse.EvictionsEntry\x12G\n\x0ctenant_bytes\x18\x12 \x03(\x0b\x32\x31.kvtier.kvcache.v1.StatsResponse.TenantBytesEntry\x12\x1e\n\x16internal_fragmentation\x18\x13 \x01(\x01\x12\x1e\n\x16\x65xternal_fragmentation\x18\x14 \x01(\x01\x12\x17\n\x0fmax_block_bytes\x18\x15 \x01(\x04\x1a\x30\n\x0e\x45victionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x32\n\x10TenantBytesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"6\n\x0fSetQuotaRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x13\n\x0bquota_bytes\x18\x02 \x01(\x04\"\x12\n\x10SetQuotaResponse\"X\n\x16SetNamespaceTTLRequest\x12/\n\tnamespace\x18\x01 \x01(\x0b\x32\x1c.kvtier.kvcache.v1.Namespace\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\"\x19\n\x17SetNamespaceTTLResponse*\x87\x02\n\nCallMethod\x12\x1b\n\x17\x43\x41LL_METHOD_UNSPECIFIED\x10\x00\x12\x19\n\x15\x43\x41LL_METHOD_BATCH_PUT\x10\x01\x12\x19\n\x15\x43\x41LL_METHOD_BATCH_GET\x10\x02\x12\x1c\n\x18\x43\x41LL_METHOD_BATCH_EXISTS\x10\x03\x12\x16\n\x12\x43\x41LL_METHOD_LOOKUP\x10\x04\x12\x16\n\x12\x43\x41LL_METHOD_DELETE\x10\x05\x12\x13\n\x0f\x43\x41LL_METHOD_PIN\x10\x06\x12\x15\n\x11\x43\x41LL_METHOD_UNPIN\x10\x07\x12\x15\n\x11\x43\x41LL_METHOD_TOUCH\x10\x08\x12\x15\n\x11\x43\x41LL_METHOD_STATS\x10\t*\x8f\x02\n\nItemStatus\x12\x1b\n\x17ITEM_STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0eITEM_STATUS_OK\x10\x01\x12\x14\n\x10ITEM_STATUS_MISS\x10\x02\x12\x16\n\x12ITEM_STATUS_EXISTS\x10\x03\x12\x14\n\x10ITEM_STATUS_BUSY\x10\x04\x12\x1e\n\x1aITEM_STATUS_QUOTA_EXCEEDED\x10\x05\x12\x18\n\x14ITEM_STATUS_NO_SPACE\x10\x06\x12\x17\n\x13ITEM_STATUS_INVALID\x10\x07\x12 \n\x1cITEM_STATUS_BUFFER_TOO_SMALL\x10\x08\x12\x17\n\x13ITEM_STATUS_EXPIRED\x10\t2\xdb\x08\n\x0eKVCacheService\x12S\n\x08\x42\x61tchPut\x12\".kvtier.kvcache.v1.BatchPutRequest\x1a#.kvtier.kvcache.v1.BatchPutResponse\x12Y\n\nCommitPuts\x12$.kvtier.kvcache.v1.CommitPutsRequest\x1a%.kvtier.kvcache.v1.CommitPutsResponse\x12S\n\x08\x42\x61tchGet\x12\".kvtier.kvcache.v1.BatchGetRequest\x1a#.kvtier.kvcache.v1.BatchGetResponse\x12_\n\x0cReleaseReads\x12&.kvtier.kvcache.v1.ReleaseReadsRequest\x1a\'.kvtier.kvcache.v1.ReleaseReadsResponse\x12\\\n\x0b\x42\x61tchExists\x12%.kvtier.kvcache.v1.BatchExistsRequest\x1a&.kvtier.kvcache.v1.BatchExistsResponse\x12M\n\x06Lookup\x12 .kvtier.kvcache.v1.LookupRequest\x1a!.kvtier.kvcache.v1.LookupResponse\x12M\n\x06\x44\x65lete\x12 .kvtier.kvcache.v1.DeleteRequest\x1a!.kvtier.kvcache.v1.DeleteResponse\x12\x44\n\x03Pin\x12\x1d.kvtier.kvcache.v1.PinRequest\x1a\x1e.kvtier.kvcache.v1.PinResponse\x12J\n\x05Unpin\x12\x1f.kvtier.kvcache.v1.UnpinRequest\x1a .kvtier.kvcache.v1.UnpinResponse\x12J\n\x05Touch\x12\x1f.kvtier.kvcache.v1.TouchRequest\x1a .kvtier.kvcache.v1.TouchResponse\x12J\n\x05Stats\x12\x1f.kvtier.kvcache.v1.StatsRequest\x1a .kvtier.kvcache.v1.StatsResponse\x12S\n\x08SetQuota\x12\".kvtier.kvcache.v1.SetQuotaRequest\x1a#.kvtier.kvcache.v1.SetQuotaResponse\x12h\n\x0fSetNamespaceTTL\x12).kvtier.kvcache.v1.SetNamespaceTTLRequest\x1a*.kvtier.kvcache.v1.SetNamespaceTTLResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvtier.kvcache.v1.kvcache_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_STATSRESPONSE_EVICTIONSENTRY']._loaded_options = None
+  _globals['_STATSRESPONSE_EVICTIONSENTRY']._serialized_options = b'8\001'
+  _globals['_STATSRESPONSE_TENANTBYTESENTRY']._loaded_options = None
+  _globals['_STATSRESPONSE_TENANTBYTESENTRY']._serialized_options = b'8\001'
+  _globals['_CALLMETHOD']._serialized_start=2744
+  _globals['_CALLMETHOD']._serialized_end=3007
+  _globals['_ITEMSTATUS']._serialized_start=3010
+  _globals['_ITEMSTATUS']._serialized_end=3281
+  _globals['_NAMESPACE']._serialized_start=85
+  _globals['_NAMESPACE']._serialized_end=126
+  _globals['_BATCHPUTREQUEST']._serialized_start=129
+  _globals['_BATCHPUTREQUEST']._serialized_end=277
+  _globals['_PUTGRANT']._serialized_start=279
+  _globals['_PUTGRANT']._serialized_end=402
+  _globals['_BATCHPUTRESPONSE']._serialized_start=404
+  _globals['_BATCHPUTRESPONSE']._serialized_end=496
+  _globals['_COMMITPUTSREQUEST']._serialized_start=498
+  _globals['_COMMITPUTSREQUEST']._serialized_end=598
+  _globals['_COMMITPUTSRESPONSE']._serialized_start=600
+  _globals['_COMMITPUTSRESPONSE']._serialized_end=669
+  _globals['_BATCHGETREQUEST']._serialized_start=671
+  _globals['_BATCHGETREQUEST']._serialized_end=787
+  _globals['_GETITEM']._serialized_start=790
+  _globals['_GETITEM']._serialized_end=928
+  _globals['_BATCHGETRESPONSE']._serialized_start=930
+  _globals['_BATCHGETRESPONSE']._serialized_end=1006
+  _globals['_RELEASEREADSREQUEST']._serialized_start=1008
+  _globals['_RELEASEREADSREQUEST']._serialized_end=1097
+  _globals['_RELEASEREADSRESPONSE']._serialized_start=1099
+  _globals['_RELEASEREADSRESPONSE']._serialized_end=1121
+  _globals['_BATCHEXISTSREQUEST']._serialized_start=1123
+  _globals['_BATCHEXISTSREQUEST']._serialized_end=1206
+  _globals['_BATCHEXISTSRESPONSE']._serialized_start=1208
+  _globals['_BATCHEXISTSRESPONSE']._serialized_end=1261
+  _globals['_LOOKUPREQUEST']._serialized_start=1263
+  _globals['_LOOKUPREQUEST']._serialized_end=1341
+  _globals['_LOOKUPRESPONSE']._serialized_start=1343
+  _globals['_LOOKUPRESPONSE']._serialized_end=1389
+  _globals['_DELETEREQUEST']._serialized_start=1391
+  _globals['_DELETEREQUEST']._serialized_end=1469
+  _globals['_DELETERESPONSE']._serialized_start=1471
+  _globals['_DELETERESPONSE']._serialized_end=1504
+  _globals['_PINREQUEST']._serialized_start=1506
+  _globals['_PINREQUEST']._serialized_end=1596
+  _globals['_PINRESPONSE']._serialized_start=1598
+  _globals['_PINRESPONSE']._serialized_end=1627
+  _globals['_UNPINREQUEST']._serialized_start=1629
+  _globals['_UNPINREQUEST']._serialized_end=1706
+  _globals['_UNPINRESPONSE']._serialized_start=1708
+  _globals['_UNPINRESPONSE']._serialized_end=1741
+  _globals['_TOUCHREQUEST']._serialized_start=1743
+  _globals['_TOUCHREQUEST']._serialized_end=1820
+  _globals['_TOUCHRESPONSE']._serialized_start=1822
+  _globals['_TOUCHRESPONSE']._serialized_end=1854
+  _globals['_STATSREQUEST']._serialized_start=1856
+  _globals['_STATSREQUEST']._serialized_end=1886
+  _globals['_STATSRESPONSE']._serialized_start=1889
+  _globals['_STATSRESPONSE']._serialized_end=2548
+  _globals['_STATSRESPONSE_EVICTIONSENTRY']._serialized_start=2448
+  _globals['_STATSRESPONSE_EVICTIONSENTRY']._serialized_end=2496
+  _globals['_STATSRESPONSE_TENANTBYTESENTRY']._serialized_start=2498
+  _globals['_STATSRESPONSE_TENANTBYTESENTRY']._serialized_end=2548
+  _globals['_SETQUOTAREQUEST']._serialized_start=2550
+  _globals['_SETQUOTAREQUEST']._serialized_end=2604
+  _globals['_SETQUOTARESPONSE']._serialized_start=2606
+  _globals['_SETQUOTARESPONSE']._serialized_end=2624
+  _globals['_SETNAMESPACETTLREQUEST']._serialized_start=2626
+  _globals['_SETNAMESPACETTLREQUEST']._serialized_end=2714
+  _globals['_SETNAMESPACETTLRESPONSE']._serialized_start=2716
+  _globals['_SETNAMESPACETTLRESPONSE']._serialized_end=2741
+  _globals['_KVCACHESERVICE']._serialized_start=3284
+  _globals['_KVCACHESERVICE']._serialized_end=4399
 # @@protoc_insertion_point(module_scope)

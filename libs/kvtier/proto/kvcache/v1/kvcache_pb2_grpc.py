@@ -4,6 +4,7 @@
 import grpc
 import warnings
 
+from kvtier.proto.kvcache.v1 import kvcache_pb2 as kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -23,3 +24,598 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
+
+
+class KVCacheServiceStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.BatchPut = channel.unary_unary(
+                '/kvtier.kvcache.v1.KVCacheService/BatchPut',
+                request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.BatchPutRequest.SerializeToString,
+                response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.BatchPutResponse.FromString,
+                _registered_method=True)
+        self.CommitPuts = channel.unary_unary(
+                '/kvtier.kvcache.v1.KVCacheService/CommitPuts',
+                request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.CommitPutsRequest.SerializeToString,
+                response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.CommitPutsResponse.FromString,
+                _registered_method=True)
+        self.BatchGet = channel.unary_unary(
+                '/kvtier.kvcache.v1.KVCacheService/BatchGet',
+                request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.BatchGetRequest.SerializeToString,
+                response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.BatchGetResponse.FromString,
+                _registered_method=True)
+        self.ReleaseReads = channel.unary_unary(
+                '/kvtier.kvcache.v1.KVCacheService/ReleaseReads',
+                request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ReleaseReadsRequest.SerializeToString,
+                response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ReleaseReadsResponse.FromString,
+                _registered_method=True)
+        self.BatchExists = channel.unary_unary(
+                '/kvtier.kvcache.v1.KVCacheService/BatchExists',
+                request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.BatchExistsRequest.SerializeToString,
+                response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.BatchExistsResponse.FromString,
+                _registered_method=True)
+        self.Lookup = channel.unary_unary(
+                '/kvtier.kvcache.v1.KVCacheService/Lookup',
+                request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.LookupRequest.SerializeToString,
+                response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.LookupResponse.FromString,
+                _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/kvtier.kvcache.v1.KVCacheService/Delete',
+                request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.DeleteResponse.FromString,
+                _registered_method=True)
+        self.Pin = channel.unary_unary(
+                '/kvtier.kvcache.v1.KVCacheService/Pin',
+                request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.PinRequest.SerializeToString,
+                response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.PinResponse.FromString,
+                _registered_method=True)
+        self.Unpin = channel.unary_unary(
+                '/kvtier.kvcache.v1.KVCacheService/Unpin',
+                request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.UnpinRequest.SerializeToString,
+                response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.UnpinResponse.FromString,
+                _registered_method=True)
+        self.Touch = channel.unary_unary(
+                '/kvtier.kvcache.v1.KVCacheService/Touch',
+                request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.TouchRequest.SerializeToString,
+                response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.TouchResponse.FromString,
+                _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/kvtier.kvcache.v1.KVCacheService/Stats',
+                request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.StatsRequest.SerializeToString,
+                response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.StatsResponse.FromString,
+                _registered_method=True)
+        self.SetQuota = channel.unary_unary(
+                '/kvtier.kvcache.v1.KVCacheService/SetQuota',
+                request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetQuotaRequest.SerializeToString,
+                response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetQuotaResponse.FromString,
+                _registered_method=True)
+        self.SetNamespaceTTL = channel.unary_unary(
+                '/kvtier.kvcache.v1.KVCacheService/SetNamespaceTTL',
+                request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespaceTTLRequest.SerializeToString,
+                response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespaceTTLResponse.FromString,
+                _registered_method=True)
+
+
+class KVCacheServiceServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def BatchPut(self, request, context):
+        """Reserve room for blocks (put-if-absent unless overwrite); returns write descriptors.
+        A block becomes visible only after CommitPuts, once all its bytes are in.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitPuts(self, request, context):
+        """Make written blocks visible (or abort them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchGet(self, request, context):
+        """Lease present blocks and return read descriptors; the lease keeps eviction away.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseReads(self, request, context):
+        """End read leases early (they also end at their expiry).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchExists(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Lookup(self, request, context):
+        """The number of leading keys of a chain present on this node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delete(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pin(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unpin(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Touch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetQuota(self, request, context):
+        """Operator settings of this node: a tenant's byte quota, a namespace's default TTL.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetNamespaceTTL(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_KVCacheServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'BatchPut': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchPut,
+                    request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.BatchPutRequest.FromString,
+                    response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.BatchPutResponse.SerializeToString,
+            ),
+            'CommitPuts': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitPuts,
+                    request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.CommitPutsRequest.FromString,
+                    response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.CommitPutsResponse.SerializeToString,
+            ),
+            'BatchGet': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchGet,
+                    request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.BatchGetRequest.FromString,
+                    response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.BatchGetResponse.SerializeToString,
+            ),
+            'ReleaseReads': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseReads,
+                    request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ReleaseReadsRequest.FromString,
+                    response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ReleaseReadsResponse.SerializeToString,
+            ),
+            'BatchExists': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchExists,
+                    request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.BatchExistsRequest.FromString,
+                    response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.BatchExistsResponse.SerializeToString,
+            ),
+            'Lookup': grpc.unary_unary_rpc_method_handler(
+                    servicer.Lookup,
+                    request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.LookupRequest.FromString,
+                    response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.LookupResponse.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.DeleteRequest.FromString,
+                    response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.DeleteResponse.SerializeToString,
+            ),
+            'Pin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pin,
+                    request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.PinRequest.FromString,
+                    response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.PinResponse.SerializeToString,
+            ),
+            'Unpin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unpin,
+                    request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.UnpinRequest.FromString,
+                    response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.UnpinResponse.SerializeToString,
+            ),
+            'Touch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Touch,
+                    request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.TouchRequest.FromString,
+                    response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.TouchResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.StatsRequest.FromString,
+                    response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.StatsResponse.SerializeToString,
+            ),
+            'SetQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetQuota,
+                    request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetQuotaRequest.FromString,
+                    response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetQuotaResponse.SerializeToString,
+            ),
+            'SetNamespaceTTL': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetNamespaceTTL,
+                    request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespaceTTLRequest.FromString,
+                    response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespaceTTLResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'kvtier.kvcache.v1.KVCacheService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('kvtier.kvcache.v1.KVCacheService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class KVCacheService:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def BatchPut(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.kvcache.v1.KVCacheService/BatchPut',
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.BatchPutRequest.SerializeToString,
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.BatchPutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitPuts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.kvcache.v1.KVCacheService/CommitPuts',
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.CommitPutsRequest.SerializeToString,
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.CommitPutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchGet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.kvcache.v1.KVCacheService/BatchGet',
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.BatchGetRequest.SerializeToString,
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.BatchGetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseReads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.kvcache.v1.KVCacheService/ReleaseReads',
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ReleaseReadsRequest.SerializeToString,
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ReleaseReadsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchExists(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.kvcache.v1.KVCacheService/BatchExists',
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.BatchExistsRequest.SerializeToString,
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.BatchExistsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Lookup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.kvcache.v1.KVCacheService/Lookup',
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.LookupRequest.SerializeToString,
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.kvcache.v1.KVCacheService/Delete',
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.DeleteRequest.SerializeToString,
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.kvcache.v1.KVCacheService/Pin',
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.PinRequest.SerializeToString,
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.PinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unpin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.kvcache.v1.KVCacheService/Unpin',
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.UnpinRequest.SerializeToString,
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.UnpinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Touch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.kvcache.v1.KVCacheService/Touch',
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.TouchRequest.SerializeToString,
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.TouchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.kvcache.v1.KVCacheService/Stats',
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.StatsRequest.SerializeToString,
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.kvcache.v1.KVCacheService/SetQuota',
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetQuotaRequest.SerializeToString,
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetQuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetNamespaceTTL(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.kvcache.v1.KVCacheService/SetNamespaceTTL',
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespaceTTLRequest.SerializeToString,
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespaceTTLResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -1,0 +1,510 @@
+"""The KV-cache SDK: `KVClient` (sync) and `AsyncKVClient` over every kvcache node of a cluster.
+
+Placement: a key (within its namespace) is owned by the kvcache nodes that rank highest for it
+under rendezvous hashing (`kvtier.rendezvous`) over the kvcache nodes of the cluster map;
+`replicas` = R puts copies on the top R nodes. Only ~1/N of the keys move when a node joins or
+leaves. Every batch operation groups its keys by node and talks to the nodes concurrently.
+
+Bytes: over the data plane, with one *call* per node and batch (`kvtier.transport.base`): a put
+sends the blocks straight from the caller's buffers into the node's arena, a get receives them
+straight into the caller's buffers (numpy arrays, memoryviews, bytearrays, CPU torch tensors:
+anything with the buffer protocol). On a transport without calls (rdma) the SDK asks for
+descriptors over gRPC and moves the bytes one-sidedly.
+
+Failures never stop the engine: a node that does not answer (dead, partitioned, past the
+deadline) is marked down for a moment and its keys read as misses, its puts as UNAVAILABLE.
+Idempotent operations (reads, probes, put-if-absent, delete, pin) are retried once on a fresh
+connection when a connection turns out to be broken; overwriting puts are not retried. Every
+reply carries the node's map epoch: a newer one makes the client refresh its map before the
+next operation (it also refreshes every `refresh_s`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
+
+import prometheus_client
+
+from kvtier import errors, kvnodes
+from kvtier.clients import dataplane as dataplane_client
+from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
+from kvtier.transport import base, registry
+
+log = logging.getLogger(__name__)
+
+OPS = prometheus_client.Histogram(
+    "kvtier_kv_client_op_seconds",
+    "KV SDK batch operations, end to end",
+    ["op"],
+    buckets=(50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1, 5),
+)
+
+_OPS_PUT, _OPS_GET, _OPS_EXISTS = (OPS.labels(op) for op in ("put", "get", "exists"))
+
+
+class PutStatus(enum.StrEnum):
+    """The outcome of one key of a put."""
+
+    STORED = "stored"
+    EXISTS = "exists"  # put-if-absent: a block is already there
+    BUSY = "busy"  # another put of the key is in progress
+    QUOTA_EXCEEDED = "quota_exceeded"
+    NO_SPACE = "no_space"  # the node has nothing left to evict
+    INVALID = "invalid"
+    EXPIRED = "expired"  # the put outlived the node's put timeout
+    UNAVAILABLE = "unavailable"  # no owner node answered
+
+
+_PUT_STATUS = {
+    pb.ITEM_STATUS_OK: PutStatus.STORED,
+    pb.ITEM_STATUS_EXISTS: PutStatus.EXISTS,
+    pb.ITEM_STATUS_BUSY: PutStatus.BUSY,
+    pb.ITEM_STATUS_QUOTA_EXCEEDED: PutStatus.QUOTA_EXCEEDED,
+    pb.ITEM_STATUS_NO_SPACE: PutStatus.NO_SPACE,
+    pb.ITEM_STATUS_INVALID: PutStatus.INVALID,
+    pb.ITEM_STATUS_EXPIRED: PutStatus.EXPIRED,
+}
+_PUT_ERRORS: dict[PutStatus, type[errors.KVTierError]] = {
+    PutStatus.BUSY: errors.AlreadyExists,
+    PutStatus.QUOTA_EXCEEDED: errors.QuotaExceeded,
+    PutStatus.NO_SPACE: errors.Overloaded,
+    PutStatus.INVALID: errors.InvalidArgument,
+    PutStatus.EXPIRED: errors.DeadlineExceeded,
+    PutStatus.UNAVAILABLE: errors.Unavailable,
+}
+
+
+class AsyncKVClient:
+    """Batch put/get/exists/lookup of KV-cache blocks across the kvcache nodes (asyncio).
+
+    Build with `await AsyncKVClient.connect(...)`; close with `await client.close()` or use
+    `async with`. Not for use from several event loops. Arguments:
+
+    - `namespace`: the name blocks live under (model, cache salt); `tenant`: who the client
+      acts for (empty: "default"); a tenant never sees another's blocks.
+    - `metadata`: a metadata service address (the cluster map, refreshed as it changes), or
+      `nodes`: kvcache node addresses (a fixed set).
+    - `transports`: data-plane transports allowed, in preference order (empty: rdma, shm, tcp).
+    - `replicas`: copies per block (R nodes); `timeout_s`: deadline per node and operation;
+      `refresh_s`: how old the node list may get; `use_calls`: False forces the gRPC path
+      with descriptors (what rdma uses).
+    """
+
+    def __init__(
+        self,
+        *,
+        namespace: str,
+        tenant: str = "",
+        metadata: str = "",
+        nodes: Sequence[str] = (),
+        transports: Sequence[str] = (),
+        replicas: int = 1,
+        timeout_s: float = 5.0,
+        refresh_s: float = 2.0,
+        client_id: str = "",
+        use_calls: bool = True,
+        settings: registry.ClientSettings | None = None,
+    ) -> None:
+        self.namespace = namespace
+        self.tenant = tenant
+        self._ns = pb.Namespace(tenant=tenant, name=namespace)
+        self._use_calls = use_calls
+        self._set = kvnodes.NodeSet(
+            namespace=namespace, tenant=tenant, metadata=metadata, nodes=nodes,
+            transports=transports, replicas=replicas, timeout_s=timeout_s, refresh_s=refresh_s,
+            client_id=client_id, settings=settings,
+        )  # fmt: skip
+        self.replicas = replicas
+
+    @classmethod
+    async def connect(cls, **kwargs: Any) -> AsyncKVClient:
+        """A client with its node list loaded (arguments: see the class). Raises Unavailable
+        when no kvcache node can be found."""
+        client = cls(**kwargs)
+        try:
+            await client.refresh()
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    async def __aenter__(self) -> AsyncKVClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every connection; idempotent."""
+        await self._set.close()
+
+    @property
+    def node_ids(self) -> list[str]:
+        """The kvcache nodes keys are placed on, as of the last map refresh."""
+        return self._set.node_ids
+
+    @property
+    def epoch(self) -> int:
+        """The cluster-map epoch of the node list."""
+        return self._set.epoch
+
+    def owners(self, key: bytes) -> list[str]:
+        """The nodes that own key (best first; up to `replicas`)."""
+        return self._set.owners(key)
+
+    async def refresh(self) -> None:
+        """Reload the kvcache node list now."""
+        await self._set.refresh()
+
+    # Puts.
+
+    async def put_batch(
+        self,
+        keys: Sequence[bytes],
+        blocks: Sequence[Any],
+        *,
+        overwrite: bool = False,
+        ttl_s: float | None = None,
+    ) -> list[PutStatus]:
+        """Store blocks under keys (put-if-absent unless overwrite); a status per key.
+
+        Each block is stored on every owner node (`replicas`); the status is that of the
+        best-ranked owner that answered. A block becomes readable once all of its bytes are
+        in. Raises InvalidArgument for mismatched lists or unusable buffers.
+        """
+        if len(keys) != len(blocks):
+            raise errors.InvalidArgument(f"{len(keys)} keys but {len(blocks)} blocks")
+        views = [base.as_buffer(b, writable=False) for b in blocks]
+        if ttl_s is not None and ttl_s <= 0:
+            raise errors.InvalidArgument("ttl_s must be > 0")
+        started = time.perf_counter()
+        await self._set.fresh()
+        results: list[list[PutStatus | None]] = [[None] * len(keys) for _ in range(self.replicas)]
+        jobs = [
+            self._put_on(plan, rank, keys, views, overwrite, ttl_s or 0.0, results[rank])
+            for rank in range(self.replicas)
+            for plan in self._set.plans(keys, rank)
+        ]
+        await _all(jobs)
+        _OPS_PUT.observe(time.perf_counter() - started)
+        return [_first([r[i] for r in results]) for i in range(len(keys))]
+
+    async def _put_on(
+        self,
+        plan: kvnodes.Plan,
+        rank: int,
+        keys: Sequence[bytes],
+        views: Sequence[memoryview],
+        overwrite: bool,
+        ttl_s: float,
+        out: list[PutStatus | None],
+    ) -> None:
+        sub_keys = [keys[i] for i in plan.indices]
+        sub_views = [views[i] for i in plan.indices]
+        request = pb.BatchPutRequest(
+            namespace=self._ns,
+            keys=sub_keys,
+            sizes=[v.nbytes for v in sub_views],
+            overwrite=overwrite,
+            ttl_s=ttl_s,
+        )
+
+        async def attempt(session: dataplane_client.DataPlaneSession) -> list[PutStatus]:
+            if self._use_calls and session.transport.supports_calls:
+                result = await session.transport.call(
+                    pb.CALL_METHOD_BATCH_PUT, request.SerializeToString(), segments=sub_views
+                )
+                reply = pb.BatchPutResponse.FromString(result.reply)
+                self._set.saw_epoch(reply.epoch)
+                return [_PUT_STATUS.get(item.status, PutStatus.INVALID) for item in reply.items]
+            return await self._put_with_descriptors(plan.node, session, request, sub_views)
+
+        statuses = await self._set.run(plan.node, "put", attempt, idempotent=not overwrite)
+        if statuses is not None:
+            for index, status in zip(plan.indices, statuses, strict=True):
+                out[index] = status
+
+    async def _put_with_descriptors(
+        self,
+        node: kvnodes.Node,
+        session: dataplane_client.DataPlaneSession,
+        request: pb.BatchPutRequest,
+        views: Sequence[memoryview],
+    ) -> list[PutStatus]:
+        """The gRPC path: grants, one-sided writes, commit (abort when a write fails)."""
+        request.principal = session.principal
+        reply = await node.grpc.batch_put(request)
+        self._set.saw_epoch(reply.epoch)
+        granted = [i for i, item in enumerate(reply.items) if item.status == pb.ITEM_STATUS_OK]
+        put_ids = [reply.items[i].put_id for i in granted]
+        try:
+            await session.transport.write_batch(
+                [base.Descriptor.from_proto(reply.items[i].descriptor) for i in granted],
+                [views[i] for i in granted],
+            )
+        except BaseException:
+            commit = pb.CommitPutsRequest(namespace=self._ns, put_ids=put_ids, abort=True)
+            await node.grpc.commit_puts(commit)
+            raise
+        done = await node.grpc.commit_puts(
+            pb.CommitPutsRequest(namespace=self._ns, put_ids=put_ids)
+        )
+        statuses = [_PUT_STATUS.get(item.status, PutStatus.INVALID) for item in reply.items]
+        for index, status in zip(granted, done.statuses, strict=True):
+            statuses[index] = _PUT_STATUS.get(status, PutStatus.INVALID)
+        return statuses
+
+    async def put(
+        self, key: bytes, block: Any, *, overwrite: bool = False, ttl_s: float | None = None
+    ) -> bool:
+        """Store one block: True when stored, False when present (put-if-absent). Raises
+        QuotaExceeded, Overloaded (no room), AlreadyExists (a put of it is in progress),
+        Unavailable (no owner answered), InvalidArgument."""
+        (status,) = await self.put_batch([key], [block], overwrite=overwrite, ttl_s=ttl_s)
+        if status in (PutStatus.STORED, PutStatus.EXISTS):
+            return status is PutStatus.STORED
+        raise _PUT_ERRORS[status](f"put of one block: {status.value}")
+
+    # Gets and probes.
+
+    async def get_batch(self, keys: Sequence[bytes], buffers: Sequence[Any]) -> list[int | None]:
+        """Read blocks into buffers: the size read for each key, None for a miss.
+
+        A buffer may be larger than its block (the block fills its start). A dead or slow
+        owner's keys are misses (or come from the next replica). Raises InvalidArgument for
+        mismatched lists, unusable buffers, or a buffer too small for its block.
+        """
+        if len(keys) != len(buffers):
+            raise errors.InvalidArgument(f"{len(keys)} keys but {len(buffers)} buffers")
+        views = [base.as_buffer(b, writable=True) for b in buffers]
+        started = time.perf_counter()
+        await self._set.fresh()
+        sizes: list[int | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        for rank in range(self.replicas):
+            sub_keys = [keys[i] for i in todo]
+            plans = self._set.plans(sub_keys, rank)
+            for plan in plans:
+                plan.indices = [todo[i] for i in plan.indices]
+            await _all([self._get_on(plan, keys, views, sizes) for plan in plans])
+            todo = [i for i in todo if sizes[i] is None]
+            if not todo:
+                break
+        _OPS_GET.observe(time.perf_counter() - started)
+        return sizes
+
+    async def _get_on(
+        self,
+        plan: kvnodes.Plan,
+        keys: Sequence[bytes],
+        views: Sequence[memoryview],
+        sizes: list[int | None],
+    ) -> None:
+        sub_keys = [keys[i] for i in plan.indices]
+        sub_views = [views[i] for i in plan.indices]
+        request = pb.BatchGetRequest(namespace=self._ns, keys=sub_keys)
+
+        async def attempt(session: dataplane_client.DataPlaneSession) -> list[pb.GetItem]:
+            if self._use_calls and session.transport.supports_calls:
+                result = await session.transport.call(
+                    pb.CALL_METHOD_BATCH_GET, request.SerializeToString(), intos=sub_views
+                )
+                reply = pb.BatchGetResponse.FromString(result.reply)
+                self._set.saw_epoch(reply.epoch)
+                return list(reply.items)
+            return await self._get_with_descriptors(plan.node, session, request, sub_views)
+
+        items = await self._set.run(plan.node, "get", attempt, idempotent=True)
+        if items is None:
+            return
+        for index, view, item in zip(plan.indices, sub_views, items, strict=True):
+            if item.status == pb.ITEM_STATUS_OK:
+                sizes[index] = item.size
+            elif item.status == pb.ITEM_STATUS_BUFFER_TOO_SMALL:
+                raise errors.InvalidArgument(
+                    f"buffer {index} holds {view.nbytes} bytes; its block has {item.size}"
+                )
+
+    async def _get_with_descriptors(
+        self,
+        node: kvnodes.Node,
+        session: dataplane_client.DataPlaneSession,
+        request: pb.BatchGetRequest,
+        views: Sequence[memoryview],
+    ) -> list[pb.GetItem]:
+        """The gRPC path: leases and grants, one-sided reads, release."""
+        request.principal = session.principal
+        reply = await node.grpc.batch_get(request)
+        self._set.saw_epoch(reply.epoch)
+        items = list(reply.items)
+        hits = [i for i, item in enumerate(items) if item.status == pb.ITEM_STATUS_OK]
+        try:
+            for i in hits:
+                if items[i].size > views[i].nbytes:
+                    items[i] = pb.GetItem(
+                        status=pb.ITEM_STATUS_BUFFER_TOO_SMALL, size=items[i].size
+                    )
+            hits = [i for i in hits if items[i].status == pb.ITEM_STATUS_OK]
+            await session.transport.read_batch(
+                [base.Descriptor.from_proto(items[i].descriptor) for i in hits],
+                [views[i][: items[i].size] for i in hits],
+            )
+        finally:
+            lease_ids = [item.lease_id for item in reply.items if item.lease_id]
+            release = pb.ReleaseReadsRequest(namespace=self._ns, lease_ids=lease_ids)
+            await node.grpc.release_reads(release)
+        return items
+
+    async def get(self, key: bytes, buffer: Any) -> int | None:
+        """Read one block into buffer: its size, or None on a miss."""
+        (size,) = await self.get_batch([key], [buffer])
+        return size
+
+    async def exists_batch(self, keys: Sequence[bytes]) -> list[bool]:
+        """Whether each key is present on one of its owners (unreachable owners: False)."""
+        started = time.perf_counter()
+        await self._set.fresh()
+        present = [False] * len(keys)
+        todo = list(range(len(keys)))
+        for rank in range(self.replicas):
+            plans = self._set.plans([keys[i] for i in todo], rank)
+            for plan in plans:
+                plan.indices = [todo[i] for i in plan.indices]
+            await _all([self._exists_on(plan, keys, present) for plan in plans])
+            todo = [i for i in todo if not present[i]]
+            if not todo:
+                break
+        _OPS_EXISTS.observe(time.perf_counter() - started)
+        return present
+
+    async def _exists_on(
+        self, plan: kvnodes.Plan, keys: Sequence[bytes], present: list[bool]
+    ) -> None:
+        request = pb.BatchExistsRequest(namespace=self._ns, keys=[keys[i] for i in plan.indices])
+        reply = await self._simple(
+            plan.node, "exists", pb.CALL_METHOD_BATCH_EXISTS, request, pb.BatchExistsResponse,
+            plan.node.grpc.batch_exists,
+        )  # fmt: skip
+        if reply is None:
+            return
+        self._set.saw_epoch(reply.epoch)
+        for index, flag in zip(plan.indices, reply.present, strict=True):
+            present[index] = present[index] or flag
+
+    async def lookup(self, chain: Sequence[bytes]) -> int:
+        """How many leading keys of a chain (e.g. a prompt's chained block hashes) are
+        present, asking every owner node once and concurrently."""
+        if not chain:
+            return 0
+        present = await self.exists_batch(chain)
+        return next((i for i, flag in enumerate(present) if not flag), len(chain))
+
+    # Lifetime.
+
+    async def delete(self, keys: Sequence[bytes]) -> int:
+        """Remove keys from every owner; returns how many blocks were removed (all replicas)."""
+        replies = await self._on_owners(
+            keys, "delete", pb.CALL_METHOD_DELETE, pb.DeleteRequest, pb.DeleteResponse,
+            lambda n: n.grpc.delete, {},
+        )  # fmt: skip
+        return sum(r.deleted for r in replies)
+
+    async def pin(self, keys: Sequence[bytes], pin_s: float) -> int:
+        """Protect present keys from capacity eviction for pin_s seconds (on every owner)."""
+        if pin_s <= 0:
+            raise errors.InvalidArgument("pin_s must be > 0")
+        replies = await self._on_owners(
+            keys, "pin", pb.CALL_METHOD_PIN, pb.PinRequest, pb.PinResponse,
+            lambda n: n.grpc.pin, {"pin_s": pin_s},
+        )  # fmt: skip
+        return sum(r.pinned for r in replies)
+
+    async def unpin(self, keys: Sequence[bytes]) -> int:
+        """Drop the pins of keys (on every owner)."""
+        replies = await self._on_owners(
+            keys, "unpin", pb.CALL_METHOD_UNPIN, pb.UnpinRequest, pb.UnpinResponse,
+            lambda n: n.grpc.unpin, {},
+        )  # fmt: skip
+        return sum(r.unpinned for r in replies)
+
+    async def touch(self, keys: Sequence[bytes]) -> int:
+        """Count an access and restart the TTLs of keys (on every owner)."""
+        replies = await self._on_owners(
+            keys, "touch", pb.CALL_METHOD_TOUCH, pb.TouchRequest, pb.TouchResponse,
+            lambda n: n.grpc.touch, {},
+        )  # fmt: skip
+        return sum(r.touched for r in replies)
+
+    async def stats(self) -> dict[str, pb.StatsResponse]:
+        """Each reachable node's statistics for this client's tenant."""
+        await self._set.fresh()
+        nodes = self._set.nodes()
+        request = pb.StatsRequest(tenant=self.tenant or "default")
+        replies = await asyncio.gather(
+            *(
+                self._simple(
+                    n, "stats", pb.CALL_METHOD_STATS, request, pb.StatsResponse, n.grpc.stats_of
+                )
+                for n in nodes
+            )
+        )
+        return {n.node_id: r for n, r in zip(nodes, replies, strict=True) if r is not None}
+
+    async def _on_owners(
+        self,
+        keys: Sequence[bytes],
+        op: str,
+        method: int,
+        request_type: type[Any],
+        response_type: type[Any],
+        rpc_of: Callable[[kvnodes.Node], Callable[[Any], Awaitable[Any]]],
+        extra: dict[str, Any],
+    ) -> list[Any]:
+        await self._set.fresh()
+        jobs = []
+        for rank in range(self.replicas):
+            for plan in self._set.plans(keys, rank):
+                request = request_type(
+                    namespace=self._ns, keys=[keys[i] for i in plan.indices], **extra
+                )
+                jobs.append(
+                    self._simple(plan.node, op, method, request, response_type, rpc_of(plan.node))
+                )
+        return [r for r in await asyncio.gather(*jobs) if r is not None]
+
+    async def _simple(
+        self,
+        node: kvnodes.Node,
+        op: str,
+        method: int,
+        request: Any,
+        response_type: type[Any],
+        rpc: Callable[[Any], Awaitable[Any]],
+    ) -> Any:
+        """One request-reply operation on node: a data-plane call, or gRPC without calls."""
+
+        async def attempt(session: dataplane_client.DataPlaneSession) -> Any:
+            if self._use_calls and session.transport.supports_calls:
+                result = await session.transport.call(method, request.SerializeToString())
+                return response_type.FromString(result.reply)
+            return await rpc(request)
+
+        return await self._set.run(node, op, attempt, idempotent=True)
+
+
+def _first(statuses: Sequence[PutStatus | None]) -> PutStatus:
+    """The status of the best-ranked owner that answered."""
+    return next((s for s in statuses if s is not None), PutStatus.UNAVAILABLE)
+
+
+async def _all(jobs: Sequence[Coroutine[Any, Any, None]]) -> None:
+    """Run jobs concurrently; one job runs inline (no task: the common single-node case)."""
+    if len(jobs) == 1:
+        await jobs[0]
+    elif jobs:
+        await asyncio.gather(*jobs)

@@ -1,0 +1,131 @@
+"""The synchronous KV SDK (`kvtier.KVClient`): `kvtier.kv.AsyncKVClient` for plain threads."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+from kvtier import errors, kv
+from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
+
+T = TypeVar("T")
+
+
+class KVClient:
+    """The synchronous KV SDK: `kvtier.kv.AsyncKVClient`'s operations, callable from plain threads.
+
+    It owns a private event loop and runs each operation on it in the calling thread (no
+    hand-off to another thread, which would cost tens of microseconds per call); calls from
+    several threads take turns. Build with `KVClient.connect(...)` (same arguments as
+    `kvtier.kv.AsyncKVClient`); close with `close()` or use `with`.
+    """
+
+    def __init__(self, inner: kv.AsyncKVClient, loop: asyncio.AbstractEventLoop) -> None:
+        self._inner = inner
+        self._loop = loop
+        self._lock = threading.Lock()
+
+    @classmethod
+    def connect(cls, **kwargs: Any) -> KVClient:
+        """Connect (see `kv.AsyncKVClient.connect`)."""
+        loop = _new_loop()
+        try:
+            inner = loop.run_until_complete(kv.AsyncKVClient.connect(**kwargs))
+        except BaseException:
+            loop.close()
+            raise
+        return cls(inner, loop)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        with self._lock:
+            if self._loop.is_closed():
+                coro.close()
+                raise errors.Unavailable("the KV client is closed")
+            return self._loop.run_until_complete(coro)
+
+    @property
+    def node_ids(self) -> list[str]:
+        """The kvcache nodes keys are placed on."""
+        return self._inner.node_ids
+
+    def owners(self, key: bytes) -> list[str]:
+        """The nodes that own key, best first."""
+        return self._inner.owners(key)
+
+    def put_batch(
+        self,
+        keys: Sequence[bytes],
+        blocks: Sequence[Any],
+        *,
+        overwrite: bool = False,
+        ttl_s: float | None = None,
+    ) -> list[kv.PutStatus]:
+        """See `kv.AsyncKVClient.put_batch`."""
+        return self._run(self._inner.put_batch(keys, blocks, overwrite=overwrite, ttl_s=ttl_s))
+
+    def put(
+        self, key: bytes, block: Any, *, overwrite: bool = False, ttl_s: float | None = None
+    ) -> bool:
+        """See `kv.AsyncKVClient.put`."""
+        return self._run(self._inner.put(key, block, overwrite=overwrite, ttl_s=ttl_s))
+
+    def get_batch(self, keys: Sequence[bytes], buffers: Sequence[Any]) -> list[int | None]:
+        """See `kv.AsyncKVClient.get_batch`."""
+        return self._run(self._inner.get_batch(keys, buffers))
+
+    def get(self, key: bytes, buffer: Any) -> int | None:
+        """See `kv.AsyncKVClient.get`."""
+        return self._run(self._inner.get(key, buffer))
+
+    def exists_batch(self, keys: Sequence[bytes]) -> list[bool]:
+        """See `kv.AsyncKVClient.exists_batch`."""
+        return self._run(self._inner.exists_batch(keys))
+
+    def lookup(self, chain: Sequence[bytes]) -> int:
+        """See `kv.AsyncKVClient.lookup`."""
+        return self._run(self._inner.lookup(chain))
+
+    def delete(self, keys: Sequence[bytes]) -> int:
+        """See `kv.AsyncKVClient.delete`."""
+        return self._run(self._inner.delete(keys))
+
+    def pin(self, keys: Sequence[bytes], pin_s: float) -> int:
+        """See `kv.AsyncKVClient.pin`."""
+        return self._run(self._inner.pin(keys, pin_s))
+
+    def unpin(self, keys: Sequence[bytes]) -> int:
+        """See `kv.AsyncKVClient.unpin`."""
+        return self._run(self._inner.unpin(keys))
+
+    def touch(self, keys: Sequence[bytes]) -> int:
+        """See `kv.AsyncKVClient.touch`."""
+        return self._run(self._inner.touch(keys))
+
+    def stats(self) -> dict[str, pb.StatsResponse]:
+        """See `kv.AsyncKVClient.stats`."""
+        return self._run(self._inner.stats())
+
+    def refresh(self) -> None:
+        """Reload the node list now."""
+        self._run(self._inner.refresh())
+
+    def close(self) -> None:
+        """Close connections and the loop; idempotent."""
+        with self._lock:
+            if self._loop.is_closed():
+                return
+            self._loop.run_until_complete(self._inner.close())
+            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+            self._loop.close()
+
+    def __enter__(self) -> KVClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    return asyncio.new_event_loop()

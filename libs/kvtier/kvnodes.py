@@ -1,0 +1,307 @@
+"""The kvcache nodes an SDK client talks to: discovery, placement, sessions, failure handling.
+
+Used by `kvtier.kv`; see its docstring for the behaviour this implements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import prometheus_client
+
+from kvtier import errors, rendezvous
+from kvtier.clients import dataplane as dataplane_client
+from kvtier.clients import kvcache as kvcache_client
+from kvtier.clients import metadata as metadata_client
+from kvtier.clients import node as node_client
+from kvtier.proto.common.v1 import common_pb2
+from kvtier.transport import base, registry
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+NODE_FAILURES = prometheus_client.Counter(
+    "kvtier_kv_client_node_failures_total", "Node calls that failed (node marked down)", ["op"]
+)
+
+_DOWN_FIRST_S = 0.5
+_DOWN_MAX_S = 8.0
+# Errors that mean "this node cannot answer now": its keys become misses.
+_NODE_ERRORS = (errors.Unavailable, errors.DeadlineExceeded, errors.Overloaded, OSError)
+
+
+@dataclass(slots=True)
+class Node:
+    """One kvcache node: its gRPC client, negotiator and (lazily opened) data-plane session."""
+
+    node_id: str
+    address: str
+    grpc: kvcache_client.KVCacheClient
+    negotiator: dataplane_client.DataPlaneClient
+    session: dataplane_client.DataPlaneSession | None = None
+    opening: asyncio.Future[dataplane_client.DataPlaneSession] | None = None
+    down_until: float = 0.0
+    down_for_s: float = 0.0
+
+    async def close(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            await session.close()
+        await self.grpc.close()
+        await self.negotiator.close()
+
+
+@dataclass(slots=True)
+class Plan:
+    """The keys of one batch that go to one node: their positions in the caller's lists."""
+
+    node: Node
+    indices: list[int] = field(default_factory=list)
+
+
+class NodeSet:
+    """The kvcache nodes of a cluster as one client sees them (see `kvtier.kv`)."""
+
+    def __init__(
+        self,
+        *,
+        namespace: str,
+        tenant: str,
+        metadata: str,
+        nodes: Sequence[str],
+        transports: Sequence[str],
+        replicas: int,
+        timeout_s: float,
+        refresh_s: float,
+        client_id: str,
+        settings: registry.ClientSettings | None,
+    ) -> None:
+        if bool(metadata) == bool(nodes):
+            raise errors.InvalidArgument("give either metadata (an address) or nodes (addresses)")
+        if replicas < 1:
+            raise errors.InvalidArgument("replicas must be >= 1")
+        if timeout_s <= 0:
+            raise errors.InvalidArgument("timeout_s must be > 0")
+        self.tenant = tenant
+        self.replicas = replicas
+        self.timeout_s = timeout_s
+        self._ns_prefix = namespace.encode() + b"\0"
+        self._metadata_address = metadata
+        self._static = list(nodes)
+        self._allowed = list(transports)
+        self._refresh_s = refresh_s
+        self._client_id = client_id or f"{socket.gethostname()}:{os.getpid()}"
+        base_settings = settings or registry.ClientSettings()
+        self._settings = registry.ClientSettings(
+            connections=base_settings.connections,
+            max_inflight_bytes=base_settings.max_inflight_bytes,
+            timeout_s=timeout_s,
+            rdma_device=base_settings.rdma_device,
+        )
+        self._metadata: metadata_client.MetadataClient | None = None
+        self._nodes: dict[str, Node] = {}
+        self._node_ids: list[str] = []
+        self.epoch = 0
+        self._stale = True
+        self._refreshed_at = 0.0
+        self._refresh_lock = asyncio.Lock()
+        self._closed = False
+
+    async def close(self) -> None:
+        """Close every connection; idempotent."""
+        self._closed = True
+        nodes, self._nodes = self._nodes, {}
+        for node in nodes.values():
+            await node.close()
+        if self._metadata is not None:
+            await self._metadata.close()
+            self._metadata = None
+
+    @property
+    def node_ids(self) -> list[str]:
+        """The kvcache nodes keys are placed on, as of the last map refresh."""
+        return list(self._node_ids)
+
+    def nodes(self) -> list[Node]:
+        """Every known node, by id."""
+        return [self._nodes[n] for n in self._node_ids]
+
+    def owners(self, key: bytes) -> list[str]:
+        """The nodes that own key (best first; up to `replicas`)."""
+        return rendezvous.owners(self._node_ids, self._ns_prefix + key, self.replicas)
+
+    async def refresh(self) -> None:
+        """Reload the kvcache node list (from the metadata service, or probe the fixed nodes)."""
+        async with self._refresh_lock:
+            if self._metadata_address:
+                infos, epoch = await self._from_metadata()
+            else:
+                infos, epoch = await self._from_static()
+            if not infos:
+                raise errors.Unavailable("no kvcache node in the cluster")
+            self._adopt(infos, epoch)
+
+    async def _from_metadata(self) -> tuple[list[common_pb2.NodeInfo], int]:
+        if self._metadata is None:
+            self._metadata = metadata_client.MetadataClient(
+                self._metadata_address, timeout_s=self.timeout_s
+            )
+        cmap = await self._metadata.get_cluster_map()
+        assert cmap is not None  # known_epoch 0: always a map
+        kvnodes = [n for n in cmap.nodes if n.role == common_pb2.NODE_ROLE_KVCACHE]
+        return kvnodes, cmap.epoch
+
+    async def _from_static(self) -> tuple[list[common_pb2.NodeInfo], int]:
+        async def probe(address: str) -> common_pb2.NodeInfo | None:
+            try:
+                async with node_client.NodeClient(address, timeout_s=self.timeout_s) as probe:
+                    reply = await probe.get_node_info()
+            except errors.KVTierError as exc:
+                log.warning("kvcache node %s does not answer: %s", address, exc)
+                return None
+            info = common_pb2.NodeInfo()
+            info.CopyFrom(reply.node)
+            info.grpc_address = address  # as the caller reaches it
+            return info
+
+        found = await asyncio.gather(*(probe(a) for a in self._static))
+        infos = [i for i in found if i is not None and i.role == common_pb2.NODE_ROLE_KVCACHE]
+        if self._nodes and not infos:
+            return [], self.epoch
+        return infos, self.epoch
+
+    def _adopt(self, infos: Sequence[common_pb2.NodeInfo], epoch: int) -> None:
+        by_id = {info.node_id: info for info in infos}
+        for node_id in [n for n in self._nodes if n not in by_id]:
+            asyncio.ensure_future(self._nodes.pop(node_id).close())  # noqa: RUF006 - best effort
+        for node_id, info in by_id.items():
+            known = self._nodes.get(node_id)
+            if known is not None and known.address != info.grpc_address:
+                asyncio.ensure_future(self._nodes.pop(node_id).close())  # noqa: RUF006
+                known = None
+            if known is None:
+                self._nodes[node_id] = Node(
+                    node_id=node_id,
+                    address=info.grpc_address,
+                    grpc=kvcache_client.KVCacheClient(info.grpc_address, timeout_s=self.timeout_s),
+                    negotiator=dataplane_client.DataPlaneClient(
+                        info.grpc_address, timeout_s=self.timeout_s
+                    ),
+                )
+        self._node_ids = sorted(self._nodes)
+        self.epoch = max(self.epoch, epoch)
+        self._stale = False
+        self._refreshed_at = time.monotonic()
+
+    async def fresh(self) -> None:
+        """Refresh the map when a node said it is stale, or when it is old; never raises."""
+        if self._closed:
+            raise errors.Unavailable("the KV client is closed")
+        if self._stale or time.monotonic() - self._refreshed_at > self._refresh_s:
+            try:
+                await self.refresh()
+            except errors.KVTierError as exc:
+                self._refreshed_at = time.monotonic()  # keep the old map; try again later
+                log.warning("could not refresh the kvcache node list: %s", exc)
+
+    def saw_epoch(self, epoch: int) -> None:
+        """A node replied with its epoch: a newer one than ours makes the next op refresh."""
+        if epoch > self.epoch and self._metadata_address:
+            self._stale = True
+
+    def plans(self, keys: Sequence[bytes], rank: int) -> list[Plan]:
+        """Group key positions by their owner of the given rank (0 = primary)."""
+        plans: dict[str, Plan] = {}
+        for index, key in enumerate(keys):
+            owners = self.owners(key)
+            if rank < len(owners):
+                node = self._nodes[owners[rank]]
+                plans.setdefault(node.node_id, Plan(node)).indices.append(index)
+        return list(plans.values())
+
+    # Connections.
+
+    async def session(self, node: Node) -> dataplane_client.DataPlaneSession:
+        if node.session is not None:
+            return node.session
+        if node.opening is None:
+            node.opening = asyncio.ensure_future(
+                node.negotiator.open(
+                    self._client_id, self._allowed, self._settings, tenant=self.tenant
+                )
+            )
+        opening = node.opening
+        try:
+            session = await asyncio.shield(opening)
+        finally:
+            if node.opening is opening and opening.done():
+                node.opening = None
+        if node.session is None:
+            node.session = session
+        return node.session
+
+    def _usable(self, node: Node) -> bool:
+        return node.down_until <= time.monotonic()
+
+    async def _failed(self, node: Node, op: str, exc: BaseException) -> None:
+        NODE_FAILURES.labels(op).inc()
+        node.down_for_s = min(max(node.down_for_s * 2, _DOWN_FIRST_S), _DOWN_MAX_S)
+        node.down_until = time.monotonic() + node.down_for_s
+        self._stale = True
+        log.warning("kvcache node %s failed (%s): %s", node.node_id, op, exc)
+        session, node.session = node.session, None
+        if session is not None:
+            try:
+                await session.close()
+            except Exception:  # the connection is already broken: closing is best effort
+                log.debug("closing a broken data-plane session failed", exc_info=True)
+
+    async def run(
+        self,
+        node: Node,
+        op: str,
+        attempt: Callable[[dataplane_client.DataPlaneSession], Awaitable[T]],
+        *,
+        idempotent: bool,
+    ) -> T | None:
+        """Run attempt on node's session; None when the node cannot answer (marked down).
+
+        A broken connection found on first use is reopened and, for idempotent operations,
+        the attempt is repeated once.
+        """
+        if not self._usable(node):
+            return None
+        for tries_left in (1, 0) if idempotent else (0,):
+            try:
+                session = await self.session(node)
+                # The transport bounds each operation by timeout_s (ClientSettings) and the
+                # gRPC clients theirs: no extra timer per call on the hot path.
+                result = await attempt(session)
+            except base.PeerLost as exc:
+                if tries_left:
+                    await self._drop_session(node)
+                    continue
+                await self._failed(node, op, exc)
+                return None
+            except (*_NODE_ERRORS, TimeoutError) as exc:
+                await self._failed(node, op, exc)
+                return None
+            node.down_for_s = 0.0
+            return result
+        return None
+
+    async def _drop_session(self, node: Node) -> None:
+        session, node.session = node.session, None
+        if session is not None:
+            try:
+                await session.close()
+            except Exception:  # broken already: closing is best effort
+                log.debug("closing a broken data-plane session failed", exc_info=True)

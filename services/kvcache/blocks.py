@@ -1,0 +1,468 @@
+"""The block API of a kvcache node, shared by its gRPC servicer and its data-plane calls.
+
+`BlockService` turns `kvtier.kvcache.v1` requests into `BlockStore` operations on the node's
+arena and answers with the response messages. Two ways in:
+
+- **Data-plane calls** (`handle_call`, the node's `CallHandler`): the SDK's hot path. A batch
+  put's bytes land straight in freshly allocated extents and are committed when the last one is
+  in; a batch get's bytes leave straight from leased extents, and the leases end once they are
+  out. One round trip each, no descriptors.
+- **gRPC** (`grant_puts`/`commit_puts`, `grant_reads`/`release_reads`, ...): for orchestrators
+  and transports without calls (rdma): puts and gets hand out descriptors bound to the caller's
+  data-plane principal; the caller moves the bytes, then commits or releases.
+
+The tenant of a data-plane call is its session's (from the principal the node minted), so no
+request can reach another tenant's blocks. Over gRPC the tenant comes from the request (the
+control plane is not authenticated until users and tenants arrive with the S3 API).
+
+Never imports grpc; runs on the event loop (the store is not thread-safe).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import prometheus_client
+
+from kvtier import errors
+from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
+from kvtier.transport import base
+from kvtier.transport import dataplane as transport_dataplane
+from services.kvcache import store as block_store
+
+log = logging.getLogger(__name__)
+
+_LABELS = ("tenant", "namespace")
+HITS = prometheus_client.Counter("kvtier_kvcache_hits_total", "Blocks found by gets", _LABELS)
+MISSES = prometheus_client.Counter("kvtier_kvcache_misses_total", "Gets of absent keys", _LABELS)
+BYTES_IN = prometheus_client.Counter(
+    "kvtier_kvcache_bytes_in_total", "Block bytes committed by puts", _LABELS
+)
+BYTES_OUT = prometheus_client.Counter(
+    "kvtier_kvcache_bytes_out_total", "Block bytes handed to readers", _LABELS
+)
+PUT_OUTCOMES = prometheus_client.Counter(
+    "kvtier_kvcache_put_items_total", "Put items by outcome", (*_LABELS, "status")
+)
+EVICTIONS = prometheus_client.Gauge(
+    "kvtier_kvcache_evictions",
+    "Blocks evicted since start, by tenant and cause",
+    ("tenant", "cause"),
+)
+QUOTA_REJECTIONS = prometheus_client.Gauge(
+    "kvtier_kvcache_quota_rejections", "Puts refused by the tenant quota since start", ("tenant",)
+)
+LEASE_WAITS = prometheus_client.Gauge(
+    "kvtier_kvcache_lease_waits", "Puts that had to evict first, since start", ("tenant",)
+)
+FILL = prometheus_client.Gauge("kvtier_kvcache_fill_ratio", "Allocated share of the arena")
+ARENA = prometheus_client.Gauge("kvtier_kvcache_arena_bytes", "Size of the DRAM arena")
+TENANT_BYTES = prometheus_client.Gauge(
+    "kvtier_kvcache_tenant_bytes", "Bytes a tenant holds (the quota measure)", ("tenant",)
+)
+FRAGMENTATION = prometheus_client.Gauge(
+    "kvtier_kvcache_fragmentation_ratio", "Arena fragmentation", ("kind",)
+)
+
+#: Grants a descriptor: (region, offset, length, rights, principal, ttl_s) -> Descriptor.
+Grant = Callable[[base.Region, int, int, base.Rights, str, float], base.Descriptor]
+
+_PUT_ERRORS: tuple[tuple[type[errors.KVTierError], pb.ItemStatus.ValueType], ...] = (
+    (errors.AlreadyExists, pb.ITEM_STATUS_BUSY),
+    (errors.QuotaExceeded, pb.ITEM_STATUS_QUOTA_EXCEEDED),
+    (errors.Overloaded, pb.ITEM_STATUS_NO_SPACE),
+    (errors.InvalidArgument, pb.ITEM_STATUS_INVALID),
+)
+_STATUS_NAMES = {
+    value: name.removeprefix("ITEM_STATUS_").lower() for name, value in pb.ItemStatus.items()
+}
+#: Most keys in one request.
+MAX_BATCH_KEYS = 16384
+
+
+class BlockService:
+    """The node's block API over one arena (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: block_store.BlockStore,
+        arena: base.Region,
+        grant: Grant,
+        *,
+        read_lease_s: float = 10.0,
+        epoch: Callable[[], int] = lambda: 0,
+    ) -> None:
+        if arena.size < store.arena_bytes:
+            raise ValueError("the arena region is smaller than the store's arena")
+        self.store = store
+        self._arena = arena
+        self._grant = grant
+        self._read_lease_s = read_lease_s
+        self._epoch = epoch  # the node's cluster-map epoch, sent back with every batch reply
+        self._puts: dict[int, block_store.PutTicket] = {}  # gRPC puts awaiting CommitPuts
+        self._reads: dict[int, block_store.ReadLease] = {}  # gRPC reads awaiting ReleaseReads
+        ARENA.set(store.arena_bytes)
+
+    # Data-plane calls.
+
+    def handle_call(
+        self,
+        principal: str,
+        method: int,
+        request: bytes,
+        segments: Sequence[int],
+        capacities: Sequence[int],
+    ) -> base.CallPlan:
+        """The node's `kvtier.transport.base.CallHandler`."""
+        tenant = transport_dataplane.tenant_of(principal)
+        if method == pb.CALL_METHOD_BATCH_PUT:
+            return self._call_put(tenant, _parse(pb.BatchPutRequest, request), segments)
+        if segments:
+            raise errors.InvalidArgument("only BatchPut calls carry payload segments")
+        if method == pb.CALL_METHOD_BATCH_GET:
+            return self._call_get(tenant, _parse(pb.BatchGetRequest, request), capacities)
+        simple = _SIMPLE_CALLS.get(method)
+        if simple is None:
+            raise errors.InvalidArgument(f"unknown kvcache call method {method}")
+        message_type, handler = simple
+        reply = handler(self, tenant, _parse(message_type, request))
+        return base.CallPlan(reply=reply.SerializeToString())
+
+    def _call_put(
+        self, tenant: str, req: pb.BatchPutRequest, segments: Sequence[int]
+    ) -> base.CallPlan:
+        namespace = _namespace(tenant, req.namespace, trusted=True)
+        if len(segments) != len(req.keys):
+            raise errors.InvalidArgument(f"{len(req.keys)} keys but {len(segments)} segments")
+        sizes = list(req.sizes) or list(segments)
+        if list(segments) != sizes:
+            raise errors.InvalidArgument("each segment must be as long as its key's size")
+        items, tickets, error = self._begin_puts(tenant, namespace, req, sizes)
+        sinks = [
+            base.Span(self._arena, t.extent.offset, t.extent.requested) if t else None
+            for t in tickets
+        ]
+        pending = {i: t for i, t in enumerate(tickets) if t is not None}
+
+        def on_received() -> bytes:
+            for index, ticket in list(pending.items()):
+                items[index].status = self._commit(ticket)
+                del pending[index]
+            reply = pb.BatchPutResponse(items=items, error=error, epoch=self._epoch())
+            return reply.SerializeToString()
+
+        def on_done(ok: bool) -> None:
+            for ticket in pending.values():  # never received in full, or the call failed
+                self.store.abort(ticket)
+            pending.clear()
+
+        return base.CallPlan(sinks=sinks, on_received=on_received, on_done=on_done)
+
+    def _call_get(
+        self, tenant: str, req: pb.BatchGetRequest, capacities: Sequence[int]
+    ) -> base.CallPlan:
+        namespace = _namespace(tenant, req.namespace, trusted=True)
+        if len(capacities) != len(req.keys):
+            raise errors.InvalidArgument(f"{len(req.keys)} keys but {len(capacities)} buffers")
+        items, leases = self._begin_gets(
+            tenant, namespace, req.keys, capacities, self._read_lease_s
+        )
+        sources = [
+            base.Span(self._arena, lease.extent.offset, lease.extent.requested) if lease else None
+            for lease in leases
+        ]
+
+        def on_done(ok: bool) -> None:
+            for lease in leases:
+                if lease is not None:
+                    self.store.end_get(lease)
+
+        reply = pb.BatchGetResponse(items=items, epoch=self._epoch()).SerializeToString()
+        return base.CallPlan(reply=reply, sources=sources, on_done=on_done)
+
+    # gRPC: puts and gets with descriptors.
+
+    def grant_puts(self, req: pb.BatchPutRequest) -> pb.BatchPutResponse:
+        """BatchPut over gRPC: reserve room and grant write descriptors to req.principal."""
+        tenant, namespace = self._grpc_scope(req.namespace, req.principal)
+        if len(req.sizes) != len(req.keys):
+            raise errors.InvalidArgument(f"{len(req.keys)} keys but {len(req.sizes)} sizes")
+        items, tickets, error = self._begin_puts(tenant, namespace, req, list(req.sizes))
+        ttl_s = self.store.put_timeout_s * 0.9  # the grant must die before the ticket does
+        for item, ticket in zip(items, tickets, strict=True):
+            if ticket is None:
+                continue
+            desc = self._grant(
+                self._arena, ticket.extent.offset, ticket.extent.requested,
+                base.Rights.WRITE, req.principal, ttl_s,
+            )  # fmt: skip
+            item.descriptor.CopyFrom(desc.to_proto())
+            item.put_id = ticket.ticket_id
+            self._puts[ticket.ticket_id] = ticket
+        return pb.BatchPutResponse(items=items, error=error, epoch=self._epoch())
+
+    def commit_puts(self, req: pb.CommitPutsRequest) -> pb.CommitPutsResponse:
+        """CommitPuts: make written blocks visible (or abort them)."""
+        tenant = _tenant(req.namespace.tenant)
+        statuses: list[pb.ItemStatus.ValueType] = []
+        for put_id in req.put_ids:
+            ticket = self._puts.get(put_id)
+            if ticket is None or ticket.tenant != tenant:
+                statuses.append(pb.ITEM_STATUS_EXPIRED)
+                continue
+            del self._puts[put_id]
+            if req.abort:
+                self.store.abort(ticket)
+                statuses.append(pb.ITEM_STATUS_OK)
+            else:
+                statuses.append(self._commit(ticket))
+        return pb.CommitPutsResponse(statuses=statuses)
+
+    def grant_reads(self, req: pb.BatchGetRequest) -> pb.BatchGetResponse:
+        """BatchGet over gRPC: lease present blocks, grant read descriptors to req.principal."""
+        tenant, namespace = self._grpc_scope(req.namespace, req.principal)
+        lease_s = min(req.lease_s or 5.0, self._read_lease_s)
+        if lease_s <= 0:
+            raise errors.InvalidArgument("lease_s must be > 0")
+        unlimited = [1 << 62] * len(req.keys)  # the caller sizes its buffers from the reply
+        items, leases = self._begin_gets(tenant, namespace, req.keys, unlimited, lease_s)
+        for item, lease in zip(items, leases, strict=True):
+            if lease is None:
+                continue
+            desc = self._grant(
+                self._arena, lease.extent.offset, lease.extent.requested, base.Rights.READ,
+                req.principal, lease_s * 0.9,
+            )  # fmt: skip
+            item.descriptor.CopyFrom(desc.to_proto())
+            item.lease_id = lease.lease_id
+            self._reads[lease.lease_id] = lease
+        return pb.BatchGetResponse(items=items, epoch=self._epoch())
+
+    def release_reads(self, req: pb.ReleaseReadsRequest) -> pb.ReleaseReadsResponse:
+        """ReleaseReads: end read leases handed out by grant_reads."""
+        tenant = _tenant(req.namespace.tenant)
+        for lease_id in req.lease_ids:
+            lease = self._reads.get(lease_id)
+            if lease is not None and lease.tenant == tenant:
+                del self._reads[lease_id]
+                self.store.end_get(lease)
+        return pb.ReleaseReadsResponse()
+
+    # Probes, lifetime and stats (gRPC and calls alike).
+
+    def exists(self, tenant: str, req: pb.BatchExistsRequest) -> pb.BatchExistsResponse:
+        """Whether each key is present."""
+        namespace = _namespace(tenant, req.namespace, trusted=True)
+        _check_batch(req.keys)
+        present = self.store.exists(tenant, namespace, req.keys)
+        return pb.BatchExistsResponse(present=present, epoch=self._epoch())
+
+    def lookup(self, tenant: str, req: pb.LookupRequest) -> pb.LookupResponse:
+        """How many leading keys of the chain are present."""
+        namespace = _namespace(tenant, req.namespace, trusted=True)
+        _check_batch(req.keys)
+        count = self.store.lookup(tenant, namespace, req.keys)
+        return pb.LookupResponse(count=count, epoch=self._epoch())
+
+    def delete(self, tenant: str, req: pb.DeleteRequest) -> pb.DeleteResponse:
+        """Unlink the present keys."""
+        namespace = _namespace(tenant, req.namespace, trusted=True)
+        _check_batch(req.keys)
+        return pb.DeleteResponse(deleted=self.store.delete(tenant, namespace, req.keys))
+
+    def pin(self, tenant: str, req: pb.PinRequest) -> pb.PinResponse:
+        """Protect present keys from capacity eviction for req.pin_s seconds."""
+        namespace = _namespace(tenant, req.namespace, trusted=True)
+        _check_batch(req.keys)
+        return pb.PinResponse(pinned=self.store.pin(tenant, namespace, req.keys, req.pin_s))
+
+    def unpin(self, tenant: str, req: pb.UnpinRequest) -> pb.UnpinResponse:
+        """Drop pins."""
+        namespace = _namespace(tenant, req.namespace, trusted=True)
+        _check_batch(req.keys)
+        return pb.UnpinResponse(unpinned=self.store.unpin(tenant, namespace, req.keys))
+
+    def touch(self, tenant: str, req: pb.TouchRequest) -> pb.TouchResponse:
+        """Count an access and restart TTLs."""
+        namespace = _namespace(tenant, req.namespace, trusted=True)
+        _check_batch(req.keys)
+        return pb.TouchResponse(touched=self.store.touch(tenant, namespace, req.keys))
+
+    def stats(self, tenant: str | None) -> pb.StatsResponse:
+        """Usage and counters of one tenant, or of the node (tenant None)."""
+        s = self.store.stats(tenant)
+        reads = s.hits + s.misses
+        return pb.StatsResponse(
+            tenant=tenant or "", arena_bytes=s.arena_bytes, fill=s.fill, blocks=s.blocks,
+            pending_puts=s.pending_puts, used_bytes=s.used_bytes,
+            requested_bytes=s.requested_bytes, hits=s.hits, misses=s.misses,
+            hit_rate=s.hits / reads if reads else 0.0, puts=s.puts,
+            put_conflicts=s.put_conflicts, pending_conflicts=s.pending_conflicts,
+            quota_rejections=s.quota_rejections, lease_waits=s.lease_waits,
+            overloads=s.overloads, evictions=s.evictions, tenant_bytes=s.tenant_bytes,
+            internal_fragmentation=s.internal_fragmentation,
+            external_fragmentation=s.external_fragmentation,
+            max_block_bytes=self.store.max_block_bytes,
+        )  # fmt: skip
+
+    def set_quota(self, req: pb.SetQuotaRequest) -> pb.SetQuotaResponse:
+        """A tenant's byte quota on this node (0: none)."""
+        self.store.set_quota(_tenant(req.tenant), req.quota_bytes or None)
+        return pb.SetQuotaResponse()
+
+    def set_namespace_ttl(self, req: pb.SetNamespaceTTLRequest) -> pb.SetNamespaceTTLResponse:
+        """A namespace's default TTL for later puts (0: none)."""
+        tenant = _tenant(req.namespace.tenant)
+        if req.ttl_s < 0:
+            raise errors.InvalidArgument("ttl_s must be >= 0")
+        self.store.set_namespace_ttl(tenant, req.namespace.name, req.ttl_s or None)
+        return pb.SetNamespaceTTLResponse()
+
+    # Housekeeping.
+
+    def sweep(self) -> int:
+        """Expire TTLs, stale leases and stuck puts; drop gRPC grants that ended; update the
+        gauges. Returns the blocks expired by TTL."""
+        expired = self.store.expire()
+        self._puts = {k: t for k, t in self._puts.items() if self.store.is_pending(t)}
+        self._reads = {k: r for k, r in self._reads.items() if self.store.is_leased(r)}
+        self.export_gauges()
+        return expired
+
+    def export_gauges(self) -> None:
+        """Copy the store's counters into the Prometheus gauges."""
+        node = self.store.stats()
+        FILL.set(node.fill)
+        FRAGMENTATION.labels("internal").set(node.internal_fragmentation)
+        FRAGMENTATION.labels("external").set(node.external_fragmentation)
+        for tenant, held in node.tenant_bytes.items():
+            s = self.store.stats(tenant)
+            TENANT_BYTES.labels(tenant).set(held)
+            QUOTA_REJECTIONS.labels(tenant).set(s.quota_rejections)
+            LEASE_WAITS.labels(tenant).set(s.lease_waits)
+            for cause, count in s.evictions.items():
+                EVICTIONS.labels(tenant, cause).set(count)
+
+    # Internals.
+
+    def _grpc_scope(self, ns: pb.Namespace, principal: str) -> tuple[str, str]:
+        tenant = _tenant(ns.tenant)
+        if not principal:
+            raise errors.InvalidArgument("principal (the caller's data-plane session) is required")
+        if transport_dataplane.tenant_of(principal) != tenant:
+            raise errors.PermissionDenied("the data-plane session belongs to another tenant")
+        return tenant, _namespace(tenant, ns, trusted=False)
+
+    def _begin_puts(
+        self, tenant: str, namespace: str, req: pb.BatchPutRequest, sizes: Sequence[int]
+    ) -> tuple[list[pb.PutGrant], list[block_store.PutTicket | None], str]:
+        _check_batch(req.keys)
+        if req.ttl_s < 0:
+            raise errors.InvalidArgument("ttl_s must be >= 0")
+        items: list[pb.PutGrant] = []
+        tickets: list[block_store.PutTicket | None] = []
+        error = ""
+        for key, size in zip(req.keys, sizes, strict=True):
+            ticket: block_store.PutTicket | None = None
+            try:
+                ticket = self.store.begin_put(
+                    tenant, namespace, key, size, overwrite=req.overwrite, ttl_s=req.ttl_s or None
+                )
+                status = pb.ITEM_STATUS_OK if ticket else pb.ITEM_STATUS_EXISTS
+            except errors.KVTierError as exc:
+                found = [s for cls, s in _PUT_ERRORS if isinstance(exc, cls)]
+                if not found:
+                    raise
+                status = found[0]
+                error = error or f"key {bytes(key)[:32].hex()}: {exc}"
+            items.append(pb.PutGrant(status=status))
+            tickets.append(ticket)
+            if status != pb.ITEM_STATUS_OK:
+                PUT_OUTCOMES.labels(tenant, namespace, _STATUS_NAMES[status]).inc()
+        return items, tickets, error
+
+    def _commit(self, ticket: block_store.PutTicket) -> pb.ItemStatus.ValueType:
+        try:
+            self.store.commit(ticket)
+        except errors.NotFound:
+            status = pb.ITEM_STATUS_EXPIRED
+        else:
+            status = pb.ITEM_STATUS_OK
+            BYTES_IN.labels(ticket.tenant, ticket.namespace).inc(ticket.extent.requested)
+        PUT_OUTCOMES.labels(ticket.tenant, ticket.namespace, _STATUS_NAMES[status]).inc()
+        return status
+
+    def _begin_gets(
+        self,
+        tenant: str,
+        namespace: str,
+        keys: Sequence[bytes],
+        capacities: Sequence[int],
+        lease_s: float,
+    ) -> tuple[list[pb.GetItem], list[block_store.ReadLease | None]]:
+        _check_batch(keys)
+        items: list[pb.GetItem] = []
+        leases: list[block_store.ReadLease | None] = []
+        hits = hit_bytes = 0
+        for key, capacity in zip(keys, capacities, strict=True):
+            lease = self.store.begin_get(tenant, namespace, key, lease_s)
+            if lease is None:
+                items.append(pb.GetItem(status=pb.ITEM_STATUS_MISS))
+            elif lease.extent.requested > capacity:
+                size = lease.extent.requested
+                self.store.end_get(lease)
+                lease = None
+                items.append(pb.GetItem(status=pb.ITEM_STATUS_BUFFER_TOO_SMALL, size=size))
+            else:
+                hits += 1
+                hit_bytes += lease.extent.requested
+                items.append(pb.GetItem(status=pb.ITEM_STATUS_OK, size=lease.extent.requested))
+            leases.append(lease)
+        if hits:
+            HITS.labels(tenant, namespace).inc(hits)
+            BYTES_OUT.labels(tenant, namespace).inc(hit_bytes)
+        if len(keys) - hits:
+            MISSES.labels(tenant, namespace).inc(len(keys) - hits)
+        return items, leases
+
+
+_SIMPLE_CALLS: dict[int, tuple[type[Any], Callable[[BlockService, str, Any], Any]]] = {
+    pb.CALL_METHOD_BATCH_EXISTS: (pb.BatchExistsRequest, BlockService.exists),
+    pb.CALL_METHOD_LOOKUP: (pb.LookupRequest, BlockService.lookup),
+    pb.CALL_METHOD_DELETE: (pb.DeleteRequest, BlockService.delete),
+    pb.CALL_METHOD_PIN: (pb.PinRequest, BlockService.pin),
+    pb.CALL_METHOD_UNPIN: (pb.UnpinRequest, BlockService.unpin),
+    pb.CALL_METHOD_TOUCH: (pb.TouchRequest, BlockService.touch),
+    pb.CALL_METHOD_STATS: (pb.StatsRequest, lambda svc, tenant, _req: svc.stats(tenant)),
+}
+
+
+def _parse(message_type: type[Any], data: bytes) -> Any:
+    message = message_type()
+    try:
+        message.ParseFromString(data)
+    except Exception as exc:  # protobuf raises DecodeError, a bare Exception subclass
+        raise errors.InvalidArgument(f"malformed {message_type.__name__}: {exc}") from None
+    return message
+
+
+def _tenant(tenant: str) -> str:
+    return transport_dataplane.check_tenant(tenant or transport_dataplane.DEFAULT_TENANT)
+
+
+def _namespace(tenant: str, ns: pb.Namespace, *, trusted: bool) -> str:
+    """The namespace name; over a call (trusted tenant) the request may not name another."""
+    if trusted and ns.tenant and ns.tenant != tenant:
+        raise errors.PermissionDenied("a session may only address its own tenant's namespaces")
+    if len(ns.name.encode()) > block_store.MAX_NAMESPACE_BYTES:
+        raise errors.InvalidArgument(
+            f"namespace name longer than {block_store.MAX_NAMESPACE_BYTES} bytes"
+        )
+    return ns.name
+
+
+def _check_batch(keys: Sequence[bytes]) -> None:
+    if len(keys) > MAX_BATCH_KEYS:
+        raise errors.InvalidArgument(f"at most {MAX_BATCH_KEYS} keys per request")
