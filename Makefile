@@ -13,6 +13,7 @@ help:
 	@echo "make test       the whole pytest suite (unit, component, integration)"
 	@echo "make check      lint + typecheck + test (what CI runs)"
 	@echo "make bench      benchmarks; writes docs/benchmarks.md and docs/img/*.png"
+	@echo "                (first installs the KV-cache peers into .bench-venvs/: scripts/bench_peers.sh)"
 	@echo "make up|down|status   the dev cluster in .kvtier"
 
 install:

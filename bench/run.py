@@ -1,8 +1,9 @@
 """`make bench`: measure, check the targets as ratios of this run's ceilings, write the report.
 
-Usage: python -m bench.run [--quick] [--only transport]
+Usage: python -m bench.run [--quick] [--no-doc] [--skip-kv]
 Writes bench/results/<name>.json, docs/img/<name>.png and the matching section of
 docs/benchmarks.md (between `<!-- <name>:begin -->` and `<!-- <name>:end -->`).
+The KV-cache section (bench/kv_bench.py) installs its peers with scripts/bench_peers.sh first.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from bench import ceilings, eviction_trace, transport_bench
+from bench import ceilings, eviction_trace, kv_bench, transport_bench
 from kvtier.transport import registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,6 +207,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run")
     parser.add_argument("--quick", action="store_true", help="shorter runs (smoke test)")
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument("--skip-kv", action="store_true", help="skip the KV-cache peer benchmark")
     args = parser.parse_args()
     result = run_transport(args.quick)
     out = ROOT / "bench" / "results" / "transport.json"
@@ -215,6 +217,9 @@ def main() -> int:
         plot_transport(result, ROOT / "docs" / "img" / "transport.png")
         update_doc("transport", "Data-plane transports", render_transport(result))
         run_eviction()
+    if not args.skip_kv:
+        kv = kv_bench.run_section(args.quick, None if args.no_doc else update_doc)
+        result["targets"] += kv["targets"]
     for check in result["targets"]:
         print(f"{'ok  ' if check['ok'] else 'MISS'} {check['target']}: {check['ratio']:.2f}")
     return 0 if all(c["ok"] for c in result["targets"]) else 1

@@ -93,6 +93,10 @@ class AsyncKVClient:
     - `replicas`: copies per block (R nodes); `timeout_s`: deadline per node and operation;
       `refresh_s`: how old the node list may get; `use_calls`: False forces the gRPC path
       with descriptors (what rdma uses).
+
+    `put_batch`, `get_batch`, `exists_batch` and `lookup` take `timeout_s`, a deadline for that
+    call alone: an owner that has not answered by then counts as a miss (or UNAVAILABLE) without
+    being marked down.
     """
 
     def __init__(
@@ -170,6 +174,7 @@ class AsyncKVClient:
         *,
         overwrite: bool = False,
         ttl_s: float | None = None,
+        timeout_s: float | None = None,
     ) -> list[PutStatus]:
         """Store blocks under keys (put-if-absent unless overwrite); a status per key.
 
@@ -177,22 +182,25 @@ class AsyncKVClient:
         best-ranked owner that answered. A block becomes readable once all of its bytes are
         in. Raises InvalidArgument for mismatched lists or unusable buffers.
         """
-        if len(keys) != len(blocks):
-            raise errors.InvalidArgument(f"{len(keys)} keys but {len(blocks)} blocks")
-        views = [base.as_buffer(b, writable=False) for b in blocks]
-        if ttl_s is not None and ttl_s <= 0:
-            raise errors.InvalidArgument("ttl_s must be > 0")
-        started = time.perf_counter()
-        await self._set.fresh()
-        results: list[list[PutStatus | None]] = [[None] * len(keys) for _ in range(self.replicas)]
-        jobs = [
-            self._put_on(plan, rank, keys, views, overwrite, ttl_s or 0.0, results[rank])
-            for rank in range(self.replicas)
-            for plan in self._set.plans(keys, rank)
-        ]
-        await _all(jobs)
-        _OPS_PUT.observe(time.perf_counter() - started)
-        return [_first([r[i] for r in results]) for i in range(len(keys))]
+        with kvnodes.deadline(timeout_s):
+            if len(keys) != len(blocks):
+                raise errors.InvalidArgument(f"{len(keys)} keys but {len(blocks)} blocks")
+            views = [base.as_buffer(b, writable=False) for b in blocks]
+            if ttl_s is not None and ttl_s <= 0:
+                raise errors.InvalidArgument("ttl_s must be > 0")
+            started = time.perf_counter()
+            await self._set.fresh()
+            results: list[list[PutStatus | None]] = [
+                [None] * len(keys) for _ in range(self.replicas)
+            ]
+            jobs = [
+                self._put_on(plan, rank, keys, views, overwrite, ttl_s or 0.0, results[rank])
+                for rank in range(self.replicas)
+                for plan in self._set.plans(keys, rank)
+            ]
+            await _all(jobs)
+            _OPS_PUT.observe(time.perf_counter() - started)
+            return [_first([r[i] for r in results]) for i in range(len(keys))]
 
     async def _put_on(
         self,
@@ -272,31 +280,34 @@ class AsyncKVClient:
 
     # Gets and probes.
 
-    async def get_batch(self, keys: Sequence[bytes], buffers: Sequence[Any]) -> list[int | None]:
+    async def get_batch(
+        self, keys: Sequence[bytes], buffers: Sequence[Any], *, timeout_s: float | None = None
+    ) -> list[int | None]:
         """Read blocks into buffers: the size read for each key, None for a miss.
 
         A buffer may be larger than its block (the block fills its start). A dead or slow
         owner's keys are misses (or come from the next replica). Raises InvalidArgument for
         mismatched lists, unusable buffers, or a buffer too small for its block.
         """
-        if len(keys) != len(buffers):
-            raise errors.InvalidArgument(f"{len(keys)} keys but {len(buffers)} buffers")
-        views = [base.as_buffer(b, writable=True) for b in buffers]
-        started = time.perf_counter()
-        await self._set.fresh()
-        sizes: list[int | None] = [None] * len(keys)
-        todo = list(range(len(keys)))
-        for rank in range(self.replicas):
-            sub_keys = [keys[i] for i in todo]
-            plans = self._set.plans(sub_keys, rank)
-            for plan in plans:
-                plan.indices = [todo[i] for i in plan.indices]
-            await _all([self._get_on(plan, keys, views, sizes) for plan in plans])
-            todo = [i for i in todo if sizes[i] is None]
-            if not todo:
-                break
-        _OPS_GET.observe(time.perf_counter() - started)
-        return sizes
+        with kvnodes.deadline(timeout_s):
+            if len(keys) != len(buffers):
+                raise errors.InvalidArgument(f"{len(keys)} keys but {len(buffers)} buffers")
+            views = [base.as_buffer(b, writable=True) for b in buffers]
+            started = time.perf_counter()
+            await self._set.fresh()
+            sizes: list[int | None] = [None] * len(keys)
+            todo = list(range(len(keys)))
+            for rank in range(self.replicas):
+                sub_keys = [keys[i] for i in todo]
+                plans = self._set.plans(sub_keys, rank)
+                for plan in plans:
+                    plan.indices = [todo[i] for i in plan.indices]
+                await _all([self._get_on(plan, keys, views, sizes) for plan in plans])
+                todo = [i for i in todo if sizes[i] is None]
+                if not todo:
+                    break
+            _OPS_GET.observe(time.perf_counter() - started)
+            return sizes
 
     async def _get_on(
         self,
@@ -365,22 +376,25 @@ class AsyncKVClient:
         (size,) = await self.get_batch([key], [buffer])
         return size
 
-    async def exists_batch(self, keys: Sequence[bytes]) -> list[bool]:
+    async def exists_batch(
+        self, keys: Sequence[bytes], *, timeout_s: float | None = None
+    ) -> list[bool]:
         """Whether each key is present on one of its owners (unreachable owners: False)."""
-        started = time.perf_counter()
-        await self._set.fresh()
-        present = [False] * len(keys)
-        todo = list(range(len(keys)))
-        for rank in range(self.replicas):
-            plans = self._set.plans([keys[i] for i in todo], rank)
-            for plan in plans:
-                plan.indices = [todo[i] for i in plan.indices]
-            await _all([self._exists_on(plan, keys, present) for plan in plans])
-            todo = [i for i in todo if not present[i]]
-            if not todo:
-                break
-        _OPS_EXISTS.observe(time.perf_counter() - started)
-        return present
+        with kvnodes.deadline(timeout_s):
+            started = time.perf_counter()
+            await self._set.fresh()
+            present = [False] * len(keys)
+            todo = list(range(len(keys)))
+            for rank in range(self.replicas):
+                plans = self._set.plans([keys[i] for i in todo], rank)
+                for plan in plans:
+                    plan.indices = [todo[i] for i in plan.indices]
+                await _all([self._exists_on(plan, keys, present) for plan in plans])
+                todo = [i for i in todo if not present[i]]
+                if not todo:
+                    break
+            _OPS_EXISTS.observe(time.perf_counter() - started)
+            return present
 
     async def _exists_on(
         self, plan: kvnodes.Plan, keys: Sequence[bytes], present: list[bool]
@@ -396,15 +410,16 @@ class AsyncKVClient:
         for index, flag in zip(plan.indices, reply.present, strict=True):
             present[index] = present[index] or flag
 
-    async def lookup(self, chain: Sequence[bytes]) -> int:
+    async def lookup(self, chain: Sequence[bytes], *, timeout_s: float | None = None) -> int:
         """How many leading keys of a chain (e.g. a prompt's chained block hashes) are
         present, asking every owner node once and concurrently."""
-        if not chain:
-            return 0
-        present = await self.exists_batch(chain)
-        return next((i for i, flag in enumerate(present) if not flag), len(chain))
+        with kvnodes.deadline(timeout_s):
+            if not chain:
+                return 0
+            present = await self.exists_batch(chain)
+            return next((i for i, flag in enumerate(present) if not flag), len(chain))
 
-    # Lifetime.
+        # Lifetime.
 
     async def delete(self, keys: Sequence[bytes]) -> int:
         """Remove keys from every owner; returns how many blocks were removed (all replicas)."""

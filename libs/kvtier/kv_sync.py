@@ -29,7 +29,7 @@ class KVClient:
 
     @classmethod
     def connect(cls, **kwargs: Any) -> KVClient:
-        """Connect (see `kv.AsyncKVClient.connect`)."""
+        """Connect (see `kvtier.kv.AsyncKVClient.connect`)."""
         loop = _new_loop()
         try:
             inner = loop.run_until_complete(kv.AsyncKVClient.connect(**kwargs))
@@ -61,50 +61,57 @@ class KVClient:
         *,
         overwrite: bool = False,
         ttl_s: float | None = None,
+        timeout_s: float | None = None,
     ) -> list[kv.PutStatus]:
-        """See `kv.AsyncKVClient.put_batch`."""
-        return self._run(self._inner.put_batch(keys, blocks, overwrite=overwrite, ttl_s=ttl_s))
+        """See `kvtier.kv.AsyncKVClient.put_batch`."""
+        return self._run(
+            self._inner.put_batch(
+                keys, blocks, overwrite=overwrite, ttl_s=ttl_s, timeout_s=timeout_s
+            )
+        )
 
     def put(
         self, key: bytes, block: Any, *, overwrite: bool = False, ttl_s: float | None = None
     ) -> bool:
-        """See `kv.AsyncKVClient.put`."""
+        """See `kvtier.kv.AsyncKVClient.put`."""
         return self._run(self._inner.put(key, block, overwrite=overwrite, ttl_s=ttl_s))
 
-    def get_batch(self, keys: Sequence[bytes], buffers: Sequence[Any]) -> list[int | None]:
-        """See `kv.AsyncKVClient.get_batch`."""
-        return self._run(self._inner.get_batch(keys, buffers))
+    def get_batch(
+        self, keys: Sequence[bytes], buffers: Sequence[Any], *, timeout_s: float | None = None
+    ) -> list[int | None]:
+        """See `kvtier.kv.AsyncKVClient.get_batch`."""
+        return self._run(self._inner.get_batch(keys, buffers, timeout_s=timeout_s))
 
     def get(self, key: bytes, buffer: Any) -> int | None:
-        """See `kv.AsyncKVClient.get`."""
+        """See `kvtier.kv.AsyncKVClient.get`."""
         return self._run(self._inner.get(key, buffer))
 
-    def exists_batch(self, keys: Sequence[bytes]) -> list[bool]:
-        """See `kv.AsyncKVClient.exists_batch`."""
-        return self._run(self._inner.exists_batch(keys))
+    def exists_batch(self, keys: Sequence[bytes], *, timeout_s: float | None = None) -> list[bool]:
+        """See `kvtier.kv.AsyncKVClient.exists_batch`."""
+        return self._run(self._inner.exists_batch(keys, timeout_s=timeout_s))
 
-    def lookup(self, chain: Sequence[bytes]) -> int:
-        """See `kv.AsyncKVClient.lookup`."""
-        return self._run(self._inner.lookup(chain))
+    def lookup(self, chain: Sequence[bytes], *, timeout_s: float | None = None) -> int:
+        """See `kvtier.kv.AsyncKVClient.lookup`."""
+        return self._run(self._inner.lookup(chain, timeout_s=timeout_s))
 
     def delete(self, keys: Sequence[bytes]) -> int:
-        """See `kv.AsyncKVClient.delete`."""
+        """See `kvtier.kv.AsyncKVClient.delete`."""
         return self._run(self._inner.delete(keys))
 
     def pin(self, keys: Sequence[bytes], pin_s: float) -> int:
-        """See `kv.AsyncKVClient.pin`."""
+        """See `kvtier.kv.AsyncKVClient.pin`."""
         return self._run(self._inner.pin(keys, pin_s))
 
     def unpin(self, keys: Sequence[bytes]) -> int:
-        """See `kv.AsyncKVClient.unpin`."""
+        """See `kvtier.kv.AsyncKVClient.unpin`."""
         return self._run(self._inner.unpin(keys))
 
     def touch(self, keys: Sequence[bytes]) -> int:
-        """See `kv.AsyncKVClient.touch`."""
+        """See `kvtier.kv.AsyncKVClient.touch`."""
         return self._run(self._inner.touch(keys))
 
     def stats(self) -> dict[str, pb.StatsResponse]:
-        """See `kv.AsyncKVClient.stats`."""
+        """See `kvtier.kv.AsyncKVClient.stats`."""
         return self._run(self._inner.stats())
 
     def refresh(self) -> None:

@@ -6,11 +6,13 @@ Used by `kvtier.kv`; see its docstring for the behaviour this implements.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -30,6 +32,12 @@ T = TypeVar("T")
 
 NODE_FAILURES = prometheus_client.Counter(
     "kvtier_kv_client_node_failures_total", "Node calls that failed (node marked down)", ["op"]
+)
+
+#: The caller's deadline for the current operation (loop time), when it set a shorter one than
+#: the client's timeout: a node that misses it is skipped (misses), not marked down.
+call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "kvtier_kv_call_deadline", default=None
 )
 
 _DOWN_FIRST_S = 0.5
@@ -283,15 +291,23 @@ class NodeSet:
             try:
                 session = await self.session(node)
                 # The transport bounds each operation by timeout_s (ClientSettings) and the
-                # gRPC clients theirs: no extra timer per call on the hot path.
-                result = await attempt(session)
+                # gRPC clients theirs: no extra timer per call unless the caller set a deadline.
+                deadline = call_deadline.get()
+                if deadline is None:
+                    result = await attempt(session)
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        result = await attempt(session)
+            except TimeoutError:
+                log.debug("kvcache node %s missed the caller's deadline (%s)", node.node_id, op)
+                return None
             except base.PeerLost as exc:
                 if tries_left:
                     await self._drop_session(node)
                     continue
                 await self._failed(node, op, exc)
                 return None
-            except (*_NODE_ERRORS, TimeoutError) as exc:
+            except _NODE_ERRORS as exc:
                 await self._failed(node, op, exc)
                 return None
             node.down_for_s = 0.0
@@ -305,3 +321,18 @@ class NodeSet:
                 await session.close()
             except Exception:  # broken already: closing is best effort
                 log.debug("closing a broken data-plane session failed", exc_info=True)
+
+
+@contextlib.contextmanager
+def deadline(timeout_s: float | None) -> Iterator[None]:
+    """Within this block, node operations also end after timeout_s (None: no extra bound)."""
+    if timeout_s is None:
+        yield
+        return
+    if timeout_s <= 0:
+        raise errors.InvalidArgument("timeout_s must be > 0")
+    token = call_deadline.set(asyncio.get_running_loop().time() + timeout_s)
+    try:
+        yield
+    finally:
+        call_deadline.reset(token)

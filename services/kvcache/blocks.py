@@ -78,6 +78,7 @@ _PUT_ERRORS: tuple[tuple[type[errors.KVTierError], pb.ItemStatus.ValueType], ...
 _STATUS_NAMES = {
     value: name.removeprefix("ITEM_STATUS_").lower() for name, value in pb.ItemStatus.items()
 }
+_MAX_CACHED_LABELS = 4096
 #: Most keys in one request.
 MAX_BATCH_KEYS = 16384
 
@@ -103,6 +104,7 @@ class BlockService:
         self._epoch = epoch  # the node's cluster-map epoch, sent back with every batch reply
         self._puts: dict[int, block_store.PutTicket] = {}  # gRPC puts awaiting CommitPuts
         self._reads: dict[int, block_store.ReadLease] = {}  # gRPC reads awaiting ReleaseReads
+        self._counters: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         ARENA.set(store.arena_bytes)
 
     # Data-plane calls.
@@ -383,6 +385,20 @@ class BlockService:
                 PUT_OUTCOMES.labels(tenant, namespace, _STATUS_NAMES[status]).inc()
         return items, tickets, error
 
+    def _read_counters(self, tenant: str, namespace: str) -> tuple[Any, Any, Any]:
+        """The hits, bytes-out and misses counters of a namespace (labels() costs ~3 us: cached)."""
+        found = self._counters.get((tenant, namespace))
+        if found is None:
+            if len(self._counters) > _MAX_CACHED_LABELS:
+                self._counters.clear()
+            found = (
+                HITS.labels(tenant, namespace),
+                BYTES_OUT.labels(tenant, namespace),
+                MISSES.labels(tenant, namespace),
+            )
+            self._counters[(tenant, namespace)] = found
+        return found
+
     def _commit(self, ticket: block_store.PutTicket) -> pb.ItemStatus.ValueType:
         try:
             self.store.commit(ticket)
@@ -421,10 +437,11 @@ class BlockService:
                 items.append(pb.GetItem(status=pb.ITEM_STATUS_OK, size=lease.extent.requested))
             leases.append(lease)
         if hits:
-            HITS.labels(tenant, namespace).inc(hits)
-            BYTES_OUT.labels(tenant, namespace).inc(hit_bytes)
+            counters = self._read_counters(tenant, namespace)
+            counters[0].inc(hits)
+            counters[1].inc(hit_bytes)
         if len(keys) - hits:
-            MISSES.labels(tenant, namespace).inc(len(keys) - hits)
+            self._read_counters(tenant, namespace)[2].inc(len(keys) - hits)
         return items, leases
 
 

@@ -434,3 +434,38 @@ async def test_a_newer_epoch_in_a_reply_makes_the_client_refresh_its_map(
                 ] * len(moved)
         finally:
             await client.close()
+
+
+async def test_replicas_serve_reads_when_an_owner_is_gone(
+    etcd: etcdserver.EtcdServer,
+    etcd_prefix: str,
+    store: membership.EtcdMembership,
+    tmp_path: Path,
+) -> None:
+    async with _nodes(2, etcd, etcd_prefix, store, tmp_path) as nodes:
+        third_cm = harness.run(
+            kvcache_config.KVCacheConfig, "kvcache", kvcache_main.build, store,
+            etcd_endpoints=(etcd.endpoint,), etcd_prefix=etcd_prefix,
+            data_dir=str(tmp_path / "third"),
+        )  # fmt: skip
+        third = await third_cm.__aenter__()
+        stopped = False
+        client = await _client([*nodes, third], replicas=2, transports=["tcp"], timeout_s=1.0)
+        try:
+            keys = [f"r{i}".encode() for i in range(90)]
+            blocks = [_block(i, 16 * KIB) for i in range(len(keys))]
+            assert await client.put_batch(keys, blocks) == [kv.PutStatus.STORED] * len(keys)
+            stats = await client.stats()
+            assert sum(s.blocks for s in stats.values()) == 2 * len(keys)  # two copies each
+            on_third = [k for k in keys if third.spec.node_id in client.owners(k)]
+            assert on_third
+            await third_cm.__aexit__(None, None, None)
+            stopped = True
+            outs = [np.zeros(16 * KIB, np.uint8) for _ in keys]
+            assert await client.get_batch(keys, outs) == [16 * KIB] * len(keys)
+            assert [_digest(o) for o in outs] == [_digest(b) for b in blocks]
+            assert await client.lookup(keys) == len(keys)
+        finally:
+            await client.close()
+            if not stopped:
+                await third_cm.__aexit__(None, None, None)

@@ -194,3 +194,30 @@ def test_a_killed_node_turns_into_misses_and_rejoins(cluster: _Cluster) -> None:
     finally:
         client.close()
         loader.close()
+
+
+def test_a_paused_node_misses_a_per_call_deadline_without_being_marked_down(
+    cluster: _Cluster,
+) -> None:
+    client = _connect(cluster)
+    try:
+        _wait_nodes(client, 3)
+        keys = [f"pause-{i}".encode() for i in range(90)]
+        client.put_batch(keys, [_block(k) for k in keys])
+        victim = client.owners(keys[0])[0]
+        paused = {k for k in keys if client.owners(k)[0] == victim}
+        cluster.procs[victim].send_signal(signal.SIGSTOP)
+        try:
+            outs = [np.zeros(BLOCK, np.uint8) for _ in keys]
+            started = time.monotonic()
+            sizes = client.get_batch(keys, outs, timeout_s=0.3)
+            assert time.monotonic() - started < 1.5
+            assert [s is None for s in sizes] == [k in paused for k in keys]
+        finally:
+            cluster.procs[victim].send_signal(signal.SIGCONT)
+        # Not marked down: once it runs again (before its lease ends) its keys hit at once.
+        outs = [np.zeros(BLOCK, np.uint8) for _ in keys]
+        assert client.get_batch(keys, outs) == [BLOCK] * len(keys)
+        assert all(np.array_equal(o, _block(k)) for k, o in zip(keys, outs, strict=True))
+    finally:
+        client.close()

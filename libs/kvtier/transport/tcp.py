@@ -66,7 +66,7 @@ def make_server(ctx: base.ServerContext, settings: registry.ServerSettings) -> t
 
 # A small request's reply is polled for (spinning) up to _POLL_S before the loop sleeps; after
 # _POLL_MISSES misses in a row polling pauses for _POLL_PAUSE requests (as the shm client does).
-_POLL_S = 100e-6
+_POLL_S = 300e-6
 _POLL_MISSES = 8
 _POLL_PAUSE = 1024
 _POLL_MAX_BYTES = 1024 * 1024

@@ -1,0 +1,141 @@
+"""kvtier itself in the KV-cache benchmark: one kvcache node, driven by `kvtier.KVClient`.
+
+Server: a real etcd and one kvcache node (`python -m services.kvcache`, 2 GiB arena) on
+127.0.0.1, ready when the node's gRPC health says SERVING. One system per data-plane transport
+(`kvtier-tcp`, `kvtier-shm`): the client narrows negotiation to it. Client: the SDK's sync
+`KVClient` in the project's interpreter; gets land straight in the caller's buffers and puts
+leave straight from them (no copies in Python).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.kv_peers import base
+
+ARENA_BYTES = 2 * 1024**3
+
+
+class KVTierClient(base.BaseClient):
+    def __init__(self, nodes: Sequence[str], transport: str) -> None:
+        import kvtier  # the project's interpreter only (client processes of this system)
+
+        self._kvtier: Any = kvtier
+        self.client = kvtier.KVClient.connect(
+            nodes=list(nodes), namespace="bench", transports=[transport], timeout_s=60.0
+        )
+
+    def put_batch(self, keys: Sequence[bytes], bufs: Sequence[base.Buffer]) -> None:
+        statuses = self.client.put_batch(keys, bufs)
+        stored = self._kvtier.PutStatus.STORED
+        if any(s is not stored for s in statuses):
+            raise RuntimeError(f"put failed: {sorted({str(s) for s in statuses})}")
+
+    def get_batch(self, keys: Sequence[bytes], bufs: Sequence[base.Buffer]) -> None:
+        sizes = self.client.get_batch(keys, bufs)
+        for key, buf, size in zip(keys, bufs, sizes, strict=True):
+            if size != len(buf):
+                raise KeyError(f"get {key!r}: {size} bytes")
+
+    def delete_batch(self, keys: Sequence[bytes]) -> None:
+        self.client.delete(keys)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@dataclass(frozen=True)
+class KVTierSpec:
+    nodes: tuple[str, ...]
+    transport: str
+    python: str = sys.executable
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def make_client(self) -> base.KVClient:
+        return KVTierClient(self.nodes, self.transport)
+
+    def version(self) -> str:
+        import kvtier
+
+        return kvtier.__version__
+
+
+class KVTierSystem:
+    """etcd + one kvcache node; clients use one transport."""
+
+    kind = "kvtier"
+
+    def __init__(self, transport: str) -> None:
+        self.transport = transport
+        self.name = f"kvtier-{transport}"
+        self._tmp: Path | None = None
+        self._etcd: Any = None
+        self._node: base.ServerProcess | None = None
+        self._address = ""
+
+    def unavailable(self) -> str | None:
+        if shutil.which("etcd") is None:
+            return "etcd is not installed (scripts/bootstrap.sh installs it)"
+        return None
+
+    def start(self) -> None:
+        from kvtier import etcdserver, rpc
+
+        self._tmp = Path(tempfile.mkdtemp(prefix=f"bench-{self.name}-"))
+        self._etcd = etcdserver.EtcdServer(
+            self._tmp / "etcd",
+            client_port=etcdserver.free_port(),
+            peer_port=etcdserver.free_port(),
+            log_path=self._tmp / "etcd.log",
+        )
+        self._etcd.start()
+        self._etcd.wait_ready()
+        port = base.free_port()
+        self._address = f"127.0.0.1:{port}"
+        self._node = base.ServerProcess(
+            [
+                sys.executable, "-m", "services.kvcache", f"--grpc-port={port}",
+                f"--etcd-endpoints={self._etcd.endpoint}", f"--data-dir={self._tmp / 'kv'}",
+                f"--arena-bytes={ARENA_BYTES}", "--metrics-port=-1", "--log-level=warning",
+            ],
+            self._tmp / "kvcache.log",
+            env={"PYTHONPATH": str(base.ROOT)},
+        )  # fmt: skip
+
+        def serving() -> bool:
+            return asyncio.run(rpc.check_health(self._address, timeout_s=1.0)) == "SERVING"
+
+        self._node.wait_ready(serving, "kvcache node")
+
+    def stop(self) -> None:
+        if self._node is not None:
+            self._node.stop()
+            self._node = None
+        if self._etcd is not None:
+            self._etcd.stop()
+            self._etcd = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def client_spec(self) -> KVTierSpec:
+        return KVTierSpec(nodes=(self._address,), transport=self.transport)
+
+    def describe(self) -> str:
+        import kvtier
+
+        return (
+            f"kvtier {kvtier.__version__}: one kvcache node ({ARENA_BYTES >> 30} GiB arena), "
+            f"SDK KVClient over {self.transport} data-plane calls"
+        )
+
+
+def systems() -> list[base.KVSystem]:
+    return [KVTierSystem("tcp"), KVTierSystem("shm")]
