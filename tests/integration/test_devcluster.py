@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import kvtier
 from kvtier import membership
 from kvtier.proto.common.v1 import common_pb2
 from tests.integration.conftest import kvtier_cmd, pid_alive, wait_file_json
@@ -116,9 +117,25 @@ def test_dev_cluster_lifecycle(state_dir: Path) -> None:
         )
         assert len(cmap.pools) == 1
         assert len(cmap.pools[0].sets[0].slots) == 12
+        # The KV tier works through the metadata address in cluster.json, and status shows
+        # each kvcache node's fill and hit rate.
+        with kvtier.KVClient.connect(metadata=info["metadata"], namespace="devcluster") as kv:
+            keys = [f"dev-{i}".encode() for i in range(32)]
+            blocks = [bytes([i]) * 65536 for i in range(32)]
+            assert kv.put_batch(keys, blocks) == [kvtier.PutStatus.STORED] * 32
+            outs = [bytearray(65536) for _ in keys]
+            assert kv.get_batch([*keys, b"absent"], [*outs, bytearray(8)]) == [65536] * 32 + [None]
+            assert outs == blocks
+        status = _status(state_dir)
+        kv_nodes = [n["kvcache"] for n in status["nodes"] if n["role"] == "kvcache"]
+        assert sum(s["blocks"] for s in kv_nodes) == 32
+        assert sum(s["hits"] for s in kv_nodes) == 32
+        assert sum(s["misses"] for s in kv_nodes) == 1
+        assert all(0 < s["fill"] < 1 for s in kv_nodes)
         human = kvtier_cmd("status", "--state-dir", str(state_dir))
         assert "datanode-6" in human.stdout
         assert "SERVING" in human.stdout
+        assert "blocks" in human.stdout
 
         # SIGKILL datanode-3: it leaves the map within its lease TTL (plus scheduling slack).
         victim = next(n for n in info["nodes"] if n["name"] == "datanode-3")
