@@ -6,6 +6,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# ISA-L for erasure coding (kvtier.erasure loads libisal.so.2 with ctypes).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libisal2 \
+    && rm -rf /var/lib/apt/lists/*
+
 # A fixed uid, so that files in named volumes keep one owner across rebuilds.
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/kvtier kvtier \
     && mkdir /data \

@@ -5,8 +5,9 @@
 #   scripts/bootstrap.sh test    install everything, then lint, type-check and run the test suite
 #   scripts/bootstrap.sh install install everything and stop
 #
-# Installs etcd (Debian's etcd-server) and make with apt when they are missing, creates .venv and
-# installs kvtier with its dev tools into it. Safe to run again: it only does what is missing.
+# Installs etcd (Debian's etcd-server), make and ISA-L (libisal2) with apt when they are missing,
+# creates .venv and installs kvtier with its dev tools into it. Safe to run again: it only does
+# what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +26,9 @@ packages=()
 command -v etcd >/dev/null 2>&1 || packages+=(etcd-server)
 command -v make >/dev/null 2>&1 || packages+=(make)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || packages+=(python3-venv)
+# ISA-L for erasure coding: checked the way kvtier.erasure loads it (ldconfig is not on a
+# non-root user's PATH on Debian).
+python3 -c 'import ctypes; ctypes.CDLL("libisal.so.2")' >/dev/null 2>&1 || packages+=(libisal2)
 if [ ${#packages[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -11,13 +11,23 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kvtier.kv import AsyncKVClient, PutStatus
     from kvtier.kv_sync import KVClient
+    from kvtier.objects import AsyncObjectClient, ObjectClient
 
-__all__ = ["AsyncKVClient", "KVClient", "PutStatus", "__version__"]
+__all__ = [
+    "AsyncKVClient",
+    "AsyncObjectClient",
+    "KVClient",
+    "ObjectClient",
+    "PutStatus",
+    "__version__",
+]
 
 _LAZY = {
     "KVClient": "kvtier.kv_sync",
     "AsyncKVClient": "kvtier.kv",
     "PutStatus": "kvtier.kv",
+    "ObjectClient": "kvtier.objects",
+    "AsyncObjectClient": "kvtier.objects",
 }
 
 

@@ -13,9 +13,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aetcd
 import grpc
@@ -24,6 +24,8 @@ from kvtier import errors, telemetry
 from kvtier.proto.common.v1 import common_pb2
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _ETCD_ERRORS = (aetcd.ClientError, OSError, asyncio.TimeoutError, grpc.aio.UsageError)
 #: How long a replaced etcd client stays open for calls still in flight on it.
@@ -107,6 +109,11 @@ class EtcdMembership:
         self._retire_handles: list[asyncio.TimerHandle] = []
 
     @property
+    def prefix(self) -> str:
+        """The key prefix of this cluster (`etcd_prefix`)."""
+        return self._prefix
+
+    @property
     def endpoint(self) -> str:
         """The etcd endpoint currently in use."""
         return self._endpoints[self._endpoint_index % len(self._endpoints)]
@@ -175,6 +182,16 @@ class EtcdMembership:
         await _close_quietly(self._client)
         self._client = None
         await asyncio.gather(*self._retiring, return_exceptions=True)
+
+    async def call(self, op: Callable[[Any], Awaitable[Any]]) -> Any:
+        """op(client) on the live aetcd client, under the call deadline.
+
+        For stores that keep their own keys in this etcd session (`kvtier.buckets`): they share
+        its client, deadline and reconnects. op gets the client current at the call, never one
+        cached across calls: keepalive and watches replace a broken client. Raises
+        errors.Unavailable when etcd fails or the deadline passes.
+        """
+        return await self._call(op(self._client))
 
     async def _call(self, coro: Any) -> Any:
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
@@ -299,9 +316,9 @@ class EtcdMembership:
         )
         return bool(ok)
 
-    async def _watch_changes(
-        self, key: bytes, prefix: bool, read: Callable[[], Any]
-    ) -> AsyncIterator[Any]:
+    async def watch_changes(
+        self, key: bytes, prefix: bool, read: Callable[[], Awaitable[T]]
+    ) -> AsyncIterator[T]:
         """Yield read() now and after every change of key (or prefix); survives etcd outages.
 
         The watch is created before the first read, so no change can fall between the two.
@@ -335,13 +352,13 @@ class EtcdMembership:
             nodes, _revision = await self.list_nodes()
             return nodes
 
-        async for nodes in self._watch_changes(nodes_prefix(self._prefix), True, read):
+        async for nodes in self.watch_changes(nodes_prefix(self._prefix), True, read):
             yield nodes
 
     async def watch_map(self) -> AsyncIterator[VersionedMap]:
         """The cluster map, now and after every change."""
 
-        async for current in self._watch_changes(map_key(self._prefix), False, self.get_map):
+        async for current in self.watch_changes(map_key(self._prefix), False, self.get_map):
             yield current
 
 

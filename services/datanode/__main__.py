@@ -2,26 +2,73 @@
 
 from __future__ import annotations
 
-import functools
+import asyncio
+import concurrent.futures
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
 
-from kvtier import identity, service
+from kvtier import errors, identity, service
 from kvtier.proto.common.v1 import common_pb2
-from kvtier.proto.datanode.v1 import datanode_pb2, datanode_pb2_grpc
-from services.datanode import config, drives, servicer
+from kvtier.proto.datanode.v1 import datanode_pb2, datanode_pb2_grpc, shards_pb2, shards_pb2_grpc
+from kvtier.transport import slots
+from services.datanode import config, drives, servicer, shards, shardserver
+
+log = logging.getLogger(__name__)
+
+_SWEEP_S = 60.0
+_STALE_TMP_S = 3600.0
 
 
-def _add_servicers(
-    local: Sequence[drives.LocalDrive], server: grpc.aio.Server, ctx: service.Context
-) -> Sequence[str]:
-    datanode_pb2_grpc.add_DatanodeServiceServicer_to_server(
-        servicer.DatanodeServicer(ctx.node_id, local), server
-    )
-    return [datanode_pb2.DESCRIPTOR.services_by_name["DatanodeService"].full_name]
+class _Node:
+    """What build() opens and the runtime hooks use: drives, shard stores, the shard API."""
+
+    def __init__(self, cfg: config.DatanodeConfig, local: Sequence[drives.LocalDrive]) -> None:
+        self.cfg = cfg
+        self.local = local
+        self.stores = {d.drive_id: shards.ShardStore(d) for d in local}
+        for store in self.stores.values():
+            store.sweep_tmp(0)  # staged writes of a previous process can never be committed
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            cfg.io_threads, thread_name_prefix="datanode-io"
+        )
+        self.shards: shardserver.ShardNode | None = None
+
+    def add_servicers(self, server: grpc.aio.Server, ctx: service.Context) -> Sequence[str]:
+        dataplane = ctx.dataplane
+        if dataplane is None:
+            raise errors.Internal("a datanode needs its data plane")
+        region = dataplane.regions.create(self.cfg.staging_bytes, name="datanode-staging")
+        staging = slots.SlotPool(region, self.cfg.staging_slot_bytes)
+        self.shards = shardserver.ShardNode(self.stores, staging, self.executor)
+        dataplane.ctx.call_handler = self.shards.handle_call
+        datanode_pb2_grpc.add_DatanodeServiceServicer_to_server(
+            servicer.DatanodeServicer(ctx.node_id, self.local), server
+        )
+        shards_pb2_grpc.add_ShardServiceServicer_to_server(
+            servicer.ShardServicer(self.shards), server
+        )
+        return [
+            datanode_pb2.DESCRIPTOR.services_by_name["DatanodeService"].full_name,
+            shards_pb2.DESCRIPTOR.services_by_name["ShardService"].full_name,
+        ]
+
+    async def sweep_loop(self, ctx: service.Context) -> None:
+        """Abort staged writes whose writer vanished; drop stale staging directories."""
+        while True:
+            await asyncio.sleep(_SWEEP_S)
+            if self.shards is not None:
+                await self.shards.sweep()
+            for store in self.stores.values():
+                await asyncio.to_thread(store.sweep_tmp, _STALE_TMP_S)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+        for store in self.stores.values():
+            store.close()
 
 
 def build(cfg: config.DatanodeConfig) -> service.ServiceSpec:
@@ -30,14 +77,21 @@ def build(cfg: config.DatanodeConfig) -> service.ServiceSpec:
     lock = identity.lock_state_dir(data_dir)
     node_id = identity.load_or_create(data_dir, cfg.node_id, "datanode")
     local = drives.open_drives(cfg.drive_paths(), node_id)
+    node = _Node(cfg, local)
+
+    def close() -> None:
+        node.close()
+        lock.close()
+
     return service.ServiceSpec(
         role=common_pb2.NODE_ROLE_DATANODE,
         label="datanode",
         node_id=node_id,
-        on_close=lock.close,
+        on_close=close,
         dataplane=True,
-        add_servicers=functools.partial(_add_servicers, local),
-        drives=functools.partial(servicer.describe, local),
+        add_servicers=node.add_servicers,
+        drives=lambda: servicer.describe(local),
+        loops=(node.sweep_loop,),
     )
 
 

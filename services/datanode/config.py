@@ -17,6 +17,13 @@ class DatanodeConfig(config.DataPlaneServiceConfig):
         (), "comma-separated drive directories; empty: drive_count folders under data_dir"
     )
     drive_count: int = config.setting(2, "drives to create under data_dir when drives is empty")
+    staging_bytes: int = config.setting(
+        128 * 1024 * 1024, "data-plane staging memory for shard bytes on their way to/from disk"
+    )
+    staging_slot_bytes: int = config.setting(
+        8 * 1024 * 1024, "largest shard transfer of one call (a staging slot)"
+    )
+    io_threads: int = config.setting(8, "threads doing disk I/O (bounded: the rest waits)")
 
     def __post_init__(self) -> None:
         config.DataPlaneServiceConfig.__post_init__(self)
@@ -24,6 +31,10 @@ class DatanodeConfig(config.DataPlaneServiceConfig):
             raise config.ConfigError("data_dir: must not be empty")
         if not self.drives and not 1 <= self.drive_count <= 64:
             raise config.ConfigError(f"drive_count: {self.drive_count} is not in 1..64")
+        if self.staging_slot_bytes < 64 * 1024 or self.staging_bytes < self.staging_slot_bytes:
+            raise config.ConfigError("staging_slot_bytes: at least 65536 and at most staging_bytes")
+        if not 1 <= self.io_threads <= 256:
+            raise config.ConfigError(f"io_threads: {self.io_threads} is not in 1..256")
         paths = self.drive_paths()
         if len({p.resolve() for p in paths}) != len(paths):
             raise config.ConfigError("drives: a directory is listed twice")

@@ -2,32 +2,82 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import uuid
 from collections.abc import Sequence
 
 import grpc
 
-from kvtier import service
+from kvtier import erasure, errors, service
 from kvtier.proto.common.v1 import common_pb2
-from kvtier.proto.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from services.gateway import config, servicer
+from kvtier.proto.gateway.v1 import gateway_pb2, gateway_pb2_grpc, objects_pb2, objects_pb2_grpc
+from kvtier.transport import slots
+from services.gateway import config, datanodes, front, listing, objects, servicer
+
+_SWEEP_S = 60.0
 
 
-def _add_servicers(server: grpc.aio.Server, ctx: service.Context) -> Sequence[str]:
-    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
-        servicer.GatewayServicer(ctx.map_view), server
-    )
-    return [gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name]
+class _Gateway:
+    def __init__(self, cfg: config.GatewayConfig, node_id: str) -> None:
+        self.cfg = cfg
+        self.node_id = node_id
+        self.executor = erasure.new_executor(cfg.codec_threads)
+        self.front: front.ObjectFront | None = None
+        self.nodes: datanodes.Datanodes | None = None
+
+    def add_servicers(self, server: grpc.aio.Server, ctx: service.Context) -> Sequence[str]:
+        dataplane = ctx.dataplane
+        if dataplane is None:
+            raise errors.Internal("the gateway needs its data plane")
+        region = dataplane.regions.create(self.cfg.staging_bytes, name="gateway-staging")
+        staging = slots.SlotPool(region, self.cfg.staging_slot_bytes)
+        self.nodes = datanodes.Datanodes(ctx.map_view, client_id=self.node_id)
+        engine = objects.ObjectEngine(ctx.map_view, self.nodes, staging, self.executor)
+        self.front = front.ObjectFront(
+            ctx.map_view, engine, listing.Lister(ctx.map_view, self.nodes)
+        )
+        dataplane.ctx.call_handler = self.front.handle_call
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
+            servicer.GatewayServicer(ctx.map_view), server
+        )
+        objects_pb2_grpc.add_ObjectServiceServicer_to_server(
+            servicer.ObjectServicer(self.front), server
+        )
+        return [
+            gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
+            objects_pb2.DESCRIPTOR.services_by_name["ObjectService"].full_name,
+        ]
+
+    async def sweep_loop(self, ctx: service.Context) -> None:
+        """Abort uploads whose client vanished; close connections at shutdown."""
+        try:
+            while True:
+                await asyncio.sleep(_SWEEP_S)
+                if self.front is not None:
+                    await self.front.engine.sweep()
+        finally:
+            if self.front is not None:
+                await self.front.close()
+            if self.nodes is not None:
+                await self.nodes.close()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
 
 
 def build(cfg: config.GatewayConfig) -> service.ServiceSpec:
     """The gateway's plug-in to the shared runtime (stateless: a fresh id unless configured)."""
+    node_id = cfg.node_id or f"gateway-{uuid.uuid4().hex[:8]}"
+    gateway = _Gateway(cfg, node_id)
     return service.ServiceSpec(
         role=common_pb2.NODE_ROLE_GATEWAY,
         label="gateway",
-        node_id=cfg.node_id or f"gateway-{uuid.uuid4().hex[:8]}",
-        add_servicers=_add_servicers,
+        node_id=node_id,
+        add_servicers=gateway.add_servicers,
+        dataplane=True,
+        loops=(gateway.sweep_loop,),
+        on_close=gateway.close,
     )
 
 

@@ -6,7 +6,27 @@ import dataclasses
 
 from kvtier import config
 
+_MIB = 1024 * 1024
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class GatewayConfig(config.ServiceConfig):
-    """The stateless front door (object API and S3 arrive with later issues)."""
+class GatewayConfig(config.DataPlaneServiceConfig):
+    """The stateless front door: the gRPC object API (S3 arrives with a later issue)."""
+
+    staging_bytes: int = config.setting(
+        256 * _MIB, "data-plane staging memory for stripes being encoded or decoded"
+    )
+    staging_slot_bytes: int = config.setting(
+        64 * _MIB, "memory of one object call in flight (its stripes, parity and padding)"
+    )
+    codec_threads: int = config.setting(2, "threads for erasure coding and hashing")
+
+    def __post_init__(self) -> None:
+        config.DataPlaneServiceConfig.__post_init__(self)
+        if self.staging_slot_bytes < 32 * _MIB or self.staging_bytes < self.staging_slot_bytes:
+            raise config.ConfigError(
+                "staging_slot_bytes: at least 32 MiB (two 16-drive stripes) and at most "
+                "staging_bytes"
+            )
+        if not 1 <= self.codec_threads <= 64:
+            raise config.ConfigError(f"codec_threads: {self.codec_threads} is not in 1..64")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from kvtier import clustermap, rpc
-from kvtier.proto.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from kvtier.proto.gateway.v1 import gateway_pb2, gateway_pb2_grpc, objects_pb2, objects_pb2_grpc
+from services.gateway import front as front_mod
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -19,3 +20,76 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if current is None:
             return gateway_pb2.GetClusterMapResponse(unchanged=True)
         return gateway_pb2.GetClusterMapResponse(map=current)
+
+
+class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
+    """kvtier.gateway.v1.ObjectService: buckets (kept by the metadata service), objects."""
+
+    def __init__(self, front: front_mod.ObjectFront) -> None:
+        self._front = front
+
+    async def CreateBucket(
+        self, request: objects_pb2.CreateBucketRequest, context: rpc.ServicerContext
+    ) -> objects_pb2.CreateBucketResponse:
+        return objects_pb2.CreateBucketResponse(
+            bucket=await self._front.create_bucket(request.bucket)
+        )
+
+    async def DeleteBucket(
+        self, request: objects_pb2.DeleteBucketRequest, context: rpc.ServicerContext
+    ) -> objects_pb2.DeleteBucketResponse:
+        await self._front.delete_bucket(request.bucket)
+        return objects_pb2.DeleteBucketResponse()
+
+    async def HeadBucket(
+        self, request: objects_pb2.HeadBucketRequest, context: rpc.ServicerContext
+    ) -> objects_pb2.HeadBucketResponse:
+        return objects_pb2.HeadBucketResponse(bucket=await self._front.head_bucket(request.bucket))
+
+    async def ListBuckets(
+        self, request: objects_pb2.ListBucketsRequest, context: rpc.ServicerContext
+    ) -> objects_pb2.ListBucketsResponse:
+        return objects_pb2.ListBucketsResponse(buckets=await self._front.list_buckets())
+
+    async def BeginPut(
+        self, request: objects_pb2.BeginPutRequest, context: rpc.ServicerContext
+    ) -> objects_pb2.BeginPutResponse:
+        return await self._front.begin_put(request)
+
+    async def CommitPut(
+        self, request: objects_pb2.CommitPutRequest, context: rpc.ServicerContext
+    ) -> objects_pb2.CommitPutResponse:
+        return objects_pb2.CommitPutResponse(object=await self._front.engine.commit_put(request))
+
+    async def AbortPut(
+        self, request: objects_pb2.AbortPutRequest, context: rpc.ServicerContext
+    ) -> objects_pb2.AbortPutResponse:
+        await self._front.engine.abort_put(request)
+        return objects_pb2.AbortPutResponse()
+
+    async def HeadObject(
+        self, request: objects_pb2.HeadObjectRequest, context: rpc.ServicerContext
+    ) -> objects_pb2.HeadObjectResponse:
+        await self._front.check_bucket(request.bucket)
+        info = await self._front.engine.head(request.bucket, request.key)
+        return objects_pb2.HeadObjectResponse(object=info)
+
+    async def DeleteObject(
+        self, request: objects_pb2.DeleteObjectRequest, context: rpc.ServicerContext
+    ) -> objects_pb2.DeleteObjectResponse:
+        await self._front.check_bucket(request.bucket)
+        await self._front.engine.delete(request.bucket, request.key)
+        return objects_pb2.DeleteObjectResponse()
+
+    async def CopyObject(
+        self, request: objects_pb2.CopyObjectRequest, context: rpc.ServicerContext
+    ) -> objects_pb2.CopyObjectResponse:
+        await self._front.check_bucket(request.src_bucket)
+        await self._front.check_bucket(request.dst_bucket)
+        return objects_pb2.CopyObjectResponse(object=await self._front.engine.copy(request))
+
+    async def ListObjects(
+        self, request: objects_pb2.ListObjectsRequest, context: rpc.ServicerContext
+    ) -> objects_pb2.ListObjectsResponse:
+        await self._front.check_bucket(request.bucket)
+        return await self._front.lister.list_objects(request)

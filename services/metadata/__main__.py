@@ -1,4 +1,4 @@
-"""python -m services.metadata: the control plane (cluster map; later buckets and users)."""
+"""python -m services.metadata: the control plane (cluster map and buckets; later users)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ from collections.abc import Sequence
 
 import grpc
 
+from kvtier import buckets as bucket_store
 from kvtier import service
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.metadata.v1 import metadata_pb2, metadata_pb2_grpc
-from services.metadata import config, reconciler, servicer
+from services.metadata import buckets, config, reconciler, servicer
 
 
 def _add_servicers(server: grpc.aio.Server, ctx: service.Context) -> Sequence[str]:
+    bucket_service = buckets.BucketService(bucket_store.BucketStore(ctx.store))
     metadata_pb2_grpc.add_MetadataServiceServicer_to_server(
-        servicer.MetadataServicer(ctx.map_view), server
+        servicer.MetadataServicer(ctx.map_view, bucket_service), server
     )
     return [metadata_pb2.DESCRIPTOR.services_by_name["MetadataService"].full_name]
 
@@ -39,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.MetadataConfig,
         "metadata",
         build,
-        description="kvtier metadata service: owns the cluster map in etcd.",
+        description="kvtier metadata service: owns the cluster map and the buckets in etcd.",
         argv=argv,
     )
 

@@ -7,15 +7,17 @@ from collections.abc import AsyncIterator
 from kvtier import clustermap, rpc
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.metadata.v1 import metadata_pb2, metadata_pb2_grpc
+from services.metadata import buckets
 
 _WATCH_POLL_S = 30.0
 
 
 class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
-    """Serves the cluster map from this process's watched copy."""
+    """Serves the cluster map from this process's watched copy, and the buckets."""
 
-    def __init__(self, view: clustermap.MapView) -> None:
+    def __init__(self, view: clustermap.MapView, bucket_service: buckets.BucketService) -> None:
         self._view = view
+        self._buckets = bucket_service
 
     async def GetClusterMap(
         self, request: metadata_pb2.GetClusterMapRequest, context: rpc.ServicerContext
@@ -40,3 +42,23 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
                 continue
             sent = current.epoch
             yield metadata_pb2.WatchClusterMapResponse(map=current)
+
+    async def CreateBucket(
+        self, request: metadata_pb2.CreateBucketRequest, context: rpc.ServicerContext
+    ) -> metadata_pb2.CreateBucketResponse:
+        return await self._buckets.create_bucket(request)
+
+    async def DeleteBucket(
+        self, request: metadata_pb2.DeleteBucketRequest, context: rpc.ServicerContext
+    ) -> metadata_pb2.DeleteBucketResponse:
+        return await self._buckets.delete_bucket(request)
+
+    async def GetBucket(
+        self, request: metadata_pb2.GetBucketRequest, context: rpc.ServicerContext
+    ) -> metadata_pb2.GetBucketResponse:
+        return await self._buckets.get_bucket(request)
+
+    async def ListBuckets(
+        self, request: metadata_pb2.ListBucketsRequest, context: rpc.ServicerContext
+    ) -> metadata_pb2.ListBucketsResponse:
+        return await self._buckets.list_buckets(request)

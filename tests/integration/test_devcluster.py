@@ -106,7 +106,7 @@ def test_dev_cluster_lifecycle(state_dir: Path) -> None:
         assert roles == EXPECTED
         # Nodes that own bulk bytes offer a data plane; on one host this client would use shm.
         for node in status["nodes"]:
-            if node["role"] in {"datanode", "kvcache"}:
+            if node["role"] in {"datanode", "kvcache", "gateway"}:
                 assert {"shm", "tcp"} <= set(node["dataplane_offered"]), node
                 assert node["dataplane"] == "shm"
             else:

@@ -6,7 +6,7 @@ from typing import Any
 
 from kvtier.clients import base
 from kvtier.proto.common.v1 import common_pb2
-from kvtier.proto.datanode.v1 import datanode_pb2, datanode_pb2_grpc
+from kvtier.proto.datanode.v1 import datanode_pb2, datanode_pb2_grpc, shards_pb2, shards_pb2_grpc
 
 
 class DatanodeClient(base.BaseClient):
@@ -20,3 +20,49 @@ class DatanodeClient(base.BaseClient):
         """The node's drives with current capacity."""
         reply = await self._unary(self._stub.ListDrives, datanode_pb2.ListDrivesRequest())
         return list(reply.drives)
+
+
+class ShardClient(base.BaseClient):
+    """kvtier.datanode.v1.ShardService of one datanode (the control side of shard I/O)."""
+
+    def __init__(self, address: str, **kwargs: Any) -> None:
+        super().__init__(address, **kwargs)
+        self._stub = shards_pb2_grpc.ShardServiceStub(self.channel)
+
+    async def commit_write(self, request: shards_pb2.CommitWriteRequest) -> None:
+        """Make a staged write the object's version on a drive."""
+        await self._unary(self._stub.CommitWrite, request)
+
+    async def abort_write(self, drive_id: str, write_id: str) -> None:
+        """Drop a staged write."""
+        request = shards_pb2.AbortWriteRequest(drive_id=drive_id, write_id=write_id)
+        await self._unary(self._stub.AbortWrite, request)
+
+    async def read_meta(self, drive_id: str, bucket: str, key: str) -> datanode_pb2.ShardMeta:
+        """The object's metadata on a drive (NotFound when absent)."""
+        request = shards_pb2.ReadMetaRequest(drive_id=drive_id, bucket=bucket, key=key)
+        reply: shards_pb2.ReadMetaResponse = await self._unary(self._stub.ReadMeta, request)
+        return reply.meta
+
+    async def delete_shard(self, drive_id: str, bucket: str, key: str) -> bool:
+        """Remove the object's shard from a drive; whether there was one."""
+        request = shards_pb2.DeleteShardRequest(drive_id=drive_id, bucket=bucket, key=key)
+        reply: shards_pb2.DeleteShardResponse = await self._unary(self._stub.DeleteShard, request)
+        return reply.deleted
+
+    async def list_shards(
+        self, drive_id: str, bucket: str, prefix: str, start_after: str, limit: int
+    ) -> list[shards_pb2.ShardEntry]:
+        """Sorted entries of a drive's index."""
+        request = shards_pb2.ListShardsRequest(
+            drive_id=drive_id, bucket=bucket, prefix=prefix, start_after=start_after, limit=limit
+        )
+        reply: shards_pb2.ListShardsResponse = await self._unary(self._stub.ListShards, request)
+        return list(reply.entries)
+
+    async def verify_shard(
+        self, drive_id: str, bucket: str, key: str
+    ) -> shards_pb2.VerifyShardResponse:
+        """The object's bad blocks on a drive."""
+        request = shards_pb2.VerifyShardRequest(drive_id=drive_id, bucket=bucket, key=key)
+        return await self._unary(self._stub.VerifyShard, request)

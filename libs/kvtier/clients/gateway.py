@@ -6,7 +6,7 @@ from typing import Any
 
 from kvtier.clients import base
 from kvtier.proto.common.v1 import common_pb2
-from kvtier.proto.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from kvtier.proto.gateway.v1 import gateway_pb2, gateway_pb2_grpc, objects_pb2, objects_pb2_grpc
 
 
 class GatewayClient(base.BaseClient):
@@ -22,3 +22,75 @@ class GatewayClient(base.BaseClient):
             self._stub.GetClusterMap, gateway_pb2.GetClusterMapRequest(known_epoch=known_epoch)
         )
         return None if reply.unchanged else reply.map
+
+
+class ObjectServiceClient(base.BaseClient):
+    """kvtier.gateway.v1.ObjectService of one gateway (the control side of object I/O)."""
+
+    def __init__(self, address: str, **kwargs: Any) -> None:
+        super().__init__(address, **kwargs)
+        self._stub = objects_pb2_grpc.ObjectServiceStub(self.channel)
+
+    async def create_bucket(self, bucket: str) -> objects_pb2.BucketInfo:
+        """Create a bucket (AlreadyExists)."""
+        request = objects_pb2.CreateBucketRequest(bucket=bucket)
+        reply: objects_pb2.CreateBucketResponse = await self._unary(
+            self._stub.CreateBucket, request
+        )
+        return reply.bucket
+
+    async def delete_bucket(self, bucket: str) -> None:
+        """Delete an empty bucket (PreconditionFailed when not empty)."""
+        await self._unary(self._stub.DeleteBucket, objects_pb2.DeleteBucketRequest(bucket=bucket))
+
+    async def head_bucket(self, bucket: str) -> objects_pb2.BucketInfo:
+        """The bucket (NotFound)."""
+        request = objects_pb2.HeadBucketRequest(bucket=bucket)
+        reply: objects_pb2.HeadBucketResponse = await self._unary(self._stub.HeadBucket, request)
+        return reply.bucket
+
+    async def list_buckets(self) -> list[objects_pb2.BucketInfo]:
+        """Every bucket."""
+        request = objects_pb2.ListBucketsRequest()
+        reply: objects_pb2.ListBucketsResponse = await self._unary(self._stub.ListBuckets, request)
+        return list(reply.buckets)
+
+    async def begin_put(self, request: objects_pb2.BeginPutRequest) -> objects_pb2.BeginPutResponse:
+        """Start a PUT."""
+        return await self._unary(self._stub.BeginPut, request)
+
+    async def commit_put(self, upload_id: str) -> objects_pb2.ObjectInfo:
+        """Finish a PUT."""
+        request = objects_pb2.CommitPutRequest(upload_id=upload_id)
+        reply: objects_pb2.CommitPutResponse = await self._unary(
+            self._stub.CommitPut, request, timeout_s=max(self._timeout_s, 60.0)
+        )
+        return reply.object
+
+    async def abort_put(self, upload_id: str) -> None:
+        """Drop a PUT."""
+        await self._unary(self._stub.AbortPut, objects_pb2.AbortPutRequest(upload_id=upload_id))
+
+    async def head_object(self, bucket: str, key: str) -> objects_pb2.ObjectInfo:
+        """The object's info (NotFound)."""
+        request = objects_pb2.HeadObjectRequest(bucket=bucket, key=key)
+        reply: objects_pb2.HeadObjectResponse = await self._unary(self._stub.HeadObject, request)
+        return reply.object
+
+    async def delete_object(self, bucket: str, key: str) -> None:
+        """Delete an object (absent: no error)."""
+        request = objects_pb2.DeleteObjectRequest(bucket=bucket, key=key)
+        await self._unary(self._stub.DeleteObject, request)
+
+    async def copy_object(self, request: objects_pb2.CopyObjectRequest) -> objects_pb2.ObjectInfo:
+        """Server-side copy."""
+        reply: objects_pb2.CopyObjectResponse = await self._unary(
+            self._stub.CopyObject, request, timeout_s=max(self._timeout_s, 600.0)
+        )
+        return reply.object
+
+    async def list_objects(
+        self, request: objects_pb2.ListObjectsRequest
+    ) -> objects_pb2.ListObjectsResponse:
+        """A page of a bucket's objects."""
+        return await self._unary(self._stub.ListObjects, request)

@@ -14,7 +14,7 @@ from kvtier.proto.metadata.v1 import metadata_pb2, metadata_pb2_grpc
 
 
 class MetadataClient(base.BaseClient):
-    """The control plane: the cluster map."""
+    """The control plane: the cluster map and buckets."""
 
     def __init__(self, address: str, **kwargs: Any) -> None:
         super().__init__(address, **kwargs)
@@ -42,3 +42,39 @@ class MetadataClient(base.BaseClient):
             raise errors.from_rpc_error(exc) from None
         finally:
             call.cancel()
+
+    async def create_bucket(self, name: str, tenant: str = "") -> metadata_pb2.BucketInfo:
+        """Create a bucket for tenant ("default" when empty); returns it with its generation.
+
+        Raises errors.AlreadyExists when the name is taken and errors.InvalidArgument for a bad
+        name or tenant.
+        """
+        reply: metadata_pb2.CreateBucketResponse = await self._unary(
+            self._stub.CreateBucket, metadata_pb2.CreateBucketRequest(name=name, tenant=tenant)
+        )
+        return reply.bucket
+
+    async def delete_bucket(self, name: str, expected_generation: int = 0) -> None:
+        """Delete a bucket, without looking for objects in it (the caller checks emptiness).
+
+        With expected_generation only that incarnation is deleted (errors.PreconditionFailed
+        otherwise). Raises errors.NotFound when there is no such bucket.
+        """
+        await self._unary(
+            self._stub.DeleteBucket,
+            metadata_pb2.DeleteBucketRequest(name=name, expected_generation=expected_generation),
+        )
+
+    async def get_bucket(self, name: str) -> metadata_pb2.BucketInfo:
+        """One bucket; raises errors.NotFound when there is none."""
+        reply: metadata_pb2.GetBucketResponse = await self._unary(
+            self._stub.GetBucket, metadata_pb2.GetBucketRequest(name=name)
+        )
+        return reply.bucket
+
+    async def list_buckets(self, tenant: str = "") -> list[metadata_pb2.BucketInfo]:
+        """Every bucket (of tenant, when given), sorted by name."""
+        reply = await self._unary(
+            self._stub.ListBuckets, metadata_pb2.ListBucketsRequest(tenant=tenant)
+        )
+        return list(reply.buckets)

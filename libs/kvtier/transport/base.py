@@ -18,7 +18,7 @@ import secrets
 import socket
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -415,30 +415,40 @@ class CallPlan:
     - `sinks`: one per request segment, where its bytes land (None: the transport drops them);
       a sink's length equals its segment's.
     - `on_received`: run once every sink holds its bytes; returns the reply message (e.g. after
-      committing puts) and may raise a `KVTierError`, which becomes the call's error. Without
-      it, `reply` is the reply message.
+      committing puts), or an awaitable of it (e.g. when the bytes go to disk in an executor
+      first), and may raise a `KVTierError` (or fail the awaitable with one), which becomes the
+      call's error. Without it, `reply` is the reply message. The sinks stay leased until it
+      has returned (or its awaitable has completed).
     - `sources`: one per reply slot (the caller's receive buffers, in order), the bytes sent
       back into it (None: nothing); a source is never longer than its slot's capacity.
     - `on_done(ok)`: run exactly once when the plan is finished with: ok=True after the reply and
       its sources have gone out (or been copied out, on shm); ok=False when the connection died
-      or the call failed after the plan was made (abort pending puts, end read leases).
+      or the call failed after the plan was made (abort pending puts, end read leases). When
+      the connection dies while on_received's awaitable is pending, that awaitable is cancelled
+      and on_done(False) runs at once (a job it started in an executor may still be running).
     """
 
     reply: bytes = b""
     sinks: Sequence[Span | None] = ()
     sources: Sequence[Span | None] = ()
-    on_received: Callable[[], bytes] | None = None
+    on_received: Callable[[], bytes | Awaitable[bytes]] | None = None
     on_done: Callable[[bool], None] | None = None
 
 
 class CallHandler(Protocol):
     """A node service's entry point for calls (set as `ServerContext.call_handler`).
 
-    Called on the event loop, synchronously (it must not block), once the request message has
-    arrived and before any payload is read. `segments` are the lengths of the payload segments
-    that follow the request; `capacities` the sizes of the caller's receive buffers. Raises a
-    `KVTierError` to fail the whole call (the transport drops the payload and replies with the
-    error; no plan means no `on_done`).
+    Called on the event loop (it must not block) once the request message has arrived and before
+    any payload is read. `segments` are the lengths of the payload segments that follow the
+    request; `capacities` the sizes of the caller's receive buffers. Returns the plan, or an
+    awaitable of it when the service must wait for something first (e.g. fetch shards from other
+    nodes before it knows the sources); a plain return takes no task and no extra loop turn.
+    Raises a `KVTierError` (or fails the awaitable with one) to fail the whole call (the
+    transport drops the payload and replies with the error; no plan means no `on_done`).
+
+    While the awaitable is pending the transport holds the call (tcp reads no further request
+    on that connection; shm serves others); the caller's deadline still runs. If the connection
+    dies first, the awaitable is cancelled; a plan it returns anyway is ended with on_done(False).
     """
 
     def __call__(
@@ -448,7 +458,7 @@ class CallHandler(Protocol):
         request: bytes,
         segments: Sequence[int],
         capacities: Sequence[int],
-    ) -> CallPlan: ...
+    ) -> CallPlan | Awaitable[CallPlan]: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,16 +1,20 @@
 """What the tcp and shm transports share to carry calls (`base.CallPlan`): checking a call on
 the client before it leaves, and on the server running the handler, checking its plan against
-the call, leasing its spans and finishing it exactly once.
+the call, leasing its spans, awaiting a handler or on_received that returns an awaitable, and
+finishing it exactly once.
 
 The wire formats live with each transport (`tcp_wire`, `shm_wire`); docs/transports.md, "Calls".
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
 import logging
 import struct
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeGuard, TypeVar
 
 from kvtier import errors
 from kvtier.transport import base
@@ -21,6 +25,11 @@ MAX_METHOD = 0xFFFF_FFFF
 #: How long a call's spans stay leased at most (they are released as soon as the call ends; this
 #: only bounds a peer that stops answering without hanging up).
 LEASE_S = 60.0
+#: How many of one connection's calls may await their handler or on_received at once; at this
+#: many the connection reads no further requests until one completes (backpressure).
+MAX_AWAITING = 64
+
+_T = TypeVar("_T")
 
 
 def check_request(
@@ -54,10 +63,14 @@ def unpack_u64s(data: Any, offset: int, count: int) -> tuple[int, ...]:
 class ServerCall:
     """A call a server is serving: its sizes, its plan (once made) and its leases.
 
+    The server runs `start` (the handler), then once the segments are in `receive`
+    (on_received) and `replied` (checks the reply); when the handler or on_received returns an
+    awaitable, the server awaits it (`Awaits`) and hands its result to `planned` or `replied`.
     `finish` runs the plan's on_done exactly once, however the call ends.
     """
 
-    __slots__ = ("capacities", "finished", "leases", "plan", "request_id", "segments")
+    __slots__ = ("abandoned", "capacities", "finished", "leases", "plan", "request_id",
+                 "segments")  # fmt: skip
 
     def __init__(self, request_id: int, segments: Sequence[int], capacities: Sequence[int]) -> None:
         self.request_id = request_id
@@ -66,16 +79,32 @@ class ServerCall:
         self.plan: base.CallPlan | None = None
         self.leases: list[int] = []
         self.finished = False
+        self.abandoned = False  # shm: the client gave up while an awaitable was pending
 
-    def start(self, ctx: base.ServerContext, principal: str, method: int, request: bytes) -> None:
-        """Run the handler and check its sinks. Raises the handler's error (no plan then),
+    def start(
+        self, ctx: base.ServerContext, principal: str, method: int, request: bytes
+    ) -> Awaitable[base.CallPlan] | None:
+        """Run the handler: None once the plan is made and its sinks checked, or the handler's
+        awaitable (give its plan to `planned`). Raises the handler's error (no plan then),
         Unavailable without a handler, or Internal for a plan that does not fit the call (it is
         finished with on_done(False) first)."""
         if ctx.call_handler is None:
             raise errors.Unavailable("this node serves no data-plane calls")
-        self.plan = ctx.call_handler(principal, method, request, self.segments, self.capacities)
+        plan = ctx.call_handler(principal, method, request, self.segments, self.capacities)
+        if not isinstance(plan, base.CallPlan) and inspect.isawaitable(plan):
+            return plan
+        self.planned(plan)
+        return None
+
+    def planned(self, plan: object) -> None:
+        """The handler's plan is in: check its sinks (Internal, finished with on_done(False)
+        first, when they do not fit the call)."""
+        if not isinstance(plan, base.CallPlan):
+            self.finish(False)
+            raise _bug(f"a {type(plan).__name__} instead of a CallPlan")
+        self.plan = plan
         try:
-            sinks = self.plan.sinks
+            sinks = plan.sinks
             if sinks and len(sinks) != len(self.segments):
                 raise _bug(f"{len(sinks)} sinks for {len(self.segments)} segments")
             for sink, length in zip(sinks, self.segments, strict=False):
@@ -90,16 +119,26 @@ class ServerCall:
         """Where each segment lands (an empty sequence: every segment is dropped)."""
         return self.plan.sinks if self.plan is not None else ()
 
-    def received(self) -> tuple[bytes, list[base.Span | None]]:
-        """Every sink holds its bytes: the reply message and one source per capacity.
+    def receive(self) -> bytes | Awaitable[bytes]:
+        """Every sink holds its bytes: run on_received; the reply message, or on_received's
+        awaitable of it (give the message to `replied`). Raises on_received's error (the call is
+        finished with on_done(False) first)."""
+        plan = self.plan
+        assert plan is not None
+        if plan.on_received is None:
+            return plan.reply
+        try:
+            return plan.on_received()
+        except BaseException:
+            self.finish(False)
+            raise
 
-        Raises on_received's error or Internal for a reply that does not fit the call (the call
-        is finished with on_done(False) first in both cases).
-        """
+    def replied(self, reply: object) -> tuple[bytes, list[base.Span | None]]:
+        """The reply message is in: it and one source per capacity. Raises Internal for a reply
+        that does not fit the call (the call is finished with on_done(False) first)."""
         plan = self.plan
         assert plan is not None
         try:
-            reply = plan.on_received() if plan.on_received is not None else plan.reply
             sources = list(plan.sources)
             if len(sources) > len(self.capacities):
                 raise _bug(f"{len(sources)} sources for {len(self.capacities)} receive buffers")
@@ -107,6 +146,8 @@ class ServerCall:
                 if source is not None and source.length > capacity:
                     raise _bug(f"a source of {source.length} bytes for a buffer of {capacity}")
                 _check_span(source)
+            if type(reply) is not bytes and not isinstance(reply, bytearray | memoryview):
+                raise _bug(f"a reply of type {type(reply).__name__}")
             if len(reply) > base.MAX_CALL_MESSAGE_BYTES:
                 raise _bug(f"a reply of {len(reply)} bytes")
         except BaseException:
@@ -146,6 +187,78 @@ class ServerCall:
             on_done(ok)
         except Exception:
             log.exception("data-plane call %d: on_done(%s) failed", self.request_id, ok)
+
+
+def log_unexpected(request_id: int, error: BaseException | None) -> None:
+    """Log an error that no reply carries (the client gave up) unless it is a KVTierError."""
+    if error is not None and not isinstance(error, errors.KVTierError):
+        log.error("data-plane call %d failed", request_id, exc_info=error)
+
+
+def is_pending(reply: bytes | Awaitable[bytes]) -> TypeGuard[Awaitable[bytes]]:
+    """Whether on_received's result is an awaitable to wait for (plain bytes, the usual case, is
+    told without the ABC check)."""
+    return type(reply) is not bytes and inspect.isawaitable(reply)
+
+
+#: What an awaited handler or on_received hands on: the call, the result, the error (or None).
+Then = Callable[[ServerCall, _T | None, BaseException | None], None]
+
+
+class Awaits:
+    """The awaitables (handlers, on_received) that one connection's calls wait on, as tasks.
+
+    `run` wraps one in a task and hands its outcome to a callback on the loop; `cancel` (the
+    connection died) cancels them all, and from then on nothing of theirs reaches the connection:
+    a plan that a cancelled handler returns anyway is ended with on_done(False) here. Only calls
+    whose service returned an awaitable get a task; sync calls never come here.
+    """
+
+    __slots__ = ("_tasks",)
+
+    def __init__(self) -> None:
+        self._tasks: dict[asyncio.Future[Any], ServerCall] = {}
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def run(self, call: ServerCall, awaitable: Awaitable[_T], then: Then[_T]) -> None:
+        """Await awaitable for call; then(call, result, None) or then(call, None, error) follows
+        on the loop (a cancellation counts as an error), unless `cancel` comes first."""
+        task = asyncio.ensure_future(awaitable)
+        self._tasks[task] = call
+        task.add_done_callback(functools.partial(self._settle, then))
+
+    def cancel(self) -> None:
+        """Cancel every pending awaitable; their outcomes are dropped (see `_late`)."""
+        tasks, self._tasks = self._tasks, {}
+        for task in tasks:
+            task.cancel()  # one that is done already has its callback coming: it drops it
+
+    def _settle(self, then: Then[Any], task: asyncio.Future[Any]) -> None:
+        call = self._tasks.pop(task, None)
+        if call is None:
+            self._late(task)
+        elif task.cancelled():  # not by us: the service cancelled its own awaitable
+            log.error("data-plane call %d: the service's awaitable was cancelled", call.request_id)
+            then(call, None, errors.Internal("the node's call service was cancelled"))
+        elif (error := task.exception()) is not None:
+            then(call, None, error)
+        else:
+            then(call, task.result(), None)
+
+    @staticmethod
+    def _late(task: asyncio.Future[Any]) -> None:
+        """An outcome nobody waits for (its connection died): retrieve it, so that no "never
+        retrieved" warning follows, and end a plan that a handler returned anyway."""
+        if task.cancelled() or task.exception() is not None:
+            return
+        result = task.result()
+        if isinstance(result, base.CallPlan) and result.on_done is not None:
+            try:
+                result.on_done(False)
+            except Exception:
+                log.exception("data-plane call: on_done(False) of a late plan failed")
 
 
 def _bug(what: str) -> errors.Internal:

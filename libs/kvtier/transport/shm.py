@@ -32,7 +32,8 @@ A CALL, SINKS or CALL_REPLY longer than one message (MAX_MESSAGE) is cut into pi
 carries LONG (body bytes and fds in all), MOREs the rest, at most MAX_REGIONS fds each. While a
 plan is open its sinks and sources are leased (owner: the connection), so the pool never reuses
 them under the client's copy; a RELEASE of a call still filling its sinks aborts it
-(on_done(False)), as does the loss of the connection.
+(on_done(False)), as does the loss of the connection. A handler or on_received that returns an
+awaitable is awaited in a task before SINKS or CALL_REPLY; other requests go on meanwhile.
 
 Control messages are small fixed structs. A region's fd is passed once per connection (SCM_RIGHTS)
 and mapped once; a client that has only leased for reading gets a read-only fd (reopened through

@@ -1,20 +1,22 @@
 """The serving side of the shm transport: a listener in a private directory and, per client, a
 connection that checks descriptors, holds leases and hands region fds over (protocol and trust
-model in `kvtier.transport.shm`).
+model in `kvtier.transport.shm`). A call whose handler or on_received returns an awaitable waits
+for it in a task while the connection serves other requests (replies carry their request id).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
 import shutil
 import socket
 import struct
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Awaitable, Sequence
+from typing import Any, ClassVar
 
 from kvtier import errors
 from kvtier.proto.common.v1 import common_pb2
@@ -37,6 +39,11 @@ class _ServerConnection(shm_wire.Channel):
         # Calls whose plan is open, by request id: (call, replied). Not replied: the client is
         # filling the sinks (CALL_DONE or RELEASE next); replied: it is copying the sources out.
         self._calls: dict[int, tuple[calls.ServerCall, bool]] = {}
+        # Calls whose handler or on_received is awaited, by request id; a RELEASE marks one
+        # abandoned (the client gave up): it ends with on_done(False) and nothing is sent.
+        self._awaiting: dict[int, calls.ServerCall] = {}
+        self._awaits = calls.Awaits()
+        self._reading = True  # False while MAX_AWAITING awaits are pending (backpressure)
         self._incoming = shm_wire.Reassembler()  # CALLs arrive in pieces
         self._rbuf = bytearray(shm_wire.MAX_MESSAGE)
         self._rview = memoryview(self._rbuf)
@@ -169,6 +176,8 @@ class _ServerConnection(shm_wire.Channel):
             call, replied = entry
             call.unlease(self._ctx)
             call.finish(replied)
+        elif request in self._awaiting:  # it quit while we await: that ends the call after it
+            self._awaiting[request].abandoned = True
 
     def _call_piece(self, count: int, msg: memoryview) -> None:
         """A CALL, or a MORE of one: serve it once its body is complete."""
@@ -197,10 +206,20 @@ class _ServerConnection(shm_wire.Channel):
         sizes = calls.unpack_u64s(body, sizes_at, n_segs + n_caps)
         call = calls.ServerCall(request, sizes[:n_segs], sizes[n_segs:])
         try:
-            call.start(self._ctx, self.principal or "", method, bytes(body[start:sizes_at]))
+            pending = call.start(
+                self._ctx, self.principal or "", method, bytes(body[start:sizes_at])
+            )
         except Exception as exc:  # answered; the connection stays usable
             self._call_error(request, exc)
             return
+        if pending is not None:
+            self._await(call, pending, self._planned)
+            return
+        self._serve(call)
+
+    def _serve(self, call: calls.ServerCall) -> None:
+        """The plan is made: hand out the sinks (the client fills them) or answer."""
+        request = call.request_id
         sinks = call.sinks()
         if not any(sink is not None and sink.length for sink in sinks):
             self._reply(call)
@@ -211,18 +230,34 @@ class _ServerConnection(shm_wire.Channel):
         shm_wire.send_long(self, shm_wire.SINKS, request, spans, entries, fds)
 
     def _reply(self, call: calls.ServerCall) -> None:
-        """The sinks are filled (or there were none): run on_received, send reply and sources."""
-        call.unlease(self._ctx)
+        """The sinks are filled (or there were none): run on_received (awaited when it returns an
+        awaitable), then send reply and sources."""
         try:
-            reply, sources = call.received()  # on failure, the call is finished already
+            reply = call.receive()  # on failure, the call is finished already
+        except Exception as exc:
+            self._calls.pop(call.request_id, None)
+            call.unlease(self._ctx)
+            self._call_error(call.request_id, exc)
+            return
+        if type(reply) is not bytes and calls.is_pending(reply):
+            self._calls.pop(call.request_id, None)  # a RELEASE now marks it abandoned instead
+            self._await(call, reply, self._received)
+            return
+        self._send_reply(call, reply)
+
+    def _send_reply(self, call: calls.ServerCall, reply: object) -> None:
+        """Send the reply and the sources (leased until the client releases the call)."""
+        call.unlease(self._ctx)  # the sinks' leases: on_received is done with them
+        try:
+            message, sources = call.replied(reply)  # on failure, the call is finished already
         except Exception as exc:
             self._calls.pop(call.request_id, None)
             self._call_error(call.request_id, exc)
             return
         call.lease(self._ctx, sources, self)
         spans, entries, fds = self._spans(sources, len(sources), writable=False)
-        info = shm_wire.REPLY_INFO.pack(0, len(reply), len(sources))
-        body = b"".join((info, reply, spans))
+        info = shm_wire.REPLY_INFO.pack(0, len(message), len(sources))
+        body = b"".join((info, message, spans))
         shm_wire.send_long(self, shm_wire.CALL_REPLY, call.request_id, body, entries, fds)
         if call.leases:
             self._calls[call.request_id] = (call, True)
@@ -230,7 +265,63 @@ class _ServerConnection(shm_wire.Channel):
             self._calls.pop(call.request_id, None)
             call.finish(True)
 
-    def _call_error(self, request: int, exc: Exception) -> None:
+    def _await(
+        self, call: calls.ServerCall, awaitable: Awaitable[Any], then: calls.Then[Any]
+    ) -> None:
+        self._awaiting[call.request_id] = call
+        self._awaits.run(call, awaitable, functools.partial(self._awaited, then))
+        if len(self._awaits) >= calls.MAX_AWAITING and self._reading:
+            self._reading = False  # backpressure: read on as they complete
+            self.loop.remove_reader(self.sock.fileno())
+
+    def _awaited(
+        self,
+        then: calls.Then[Any],
+        call: calls.ServerCall,
+        result: object,
+        error: BaseException | None,
+    ) -> None:
+        """An awaited handler or on_received is done (the connection is open: a closing one
+        cancels its awaits, and their outcomes never come here)."""
+        self._awaiting.pop(call.request_id, None)
+        if not self._reading and len(self._awaits) < calls.MAX_AWAITING:
+            self._reading = True
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
+        try:
+            then(call, result, error)
+        except Exception:  # a loop callback is a boundary: log, drop this client only
+            log.exception("shm connection of %s failed", self.principal or "?")
+            self.close()
+
+    def _planned(self, call: calls.ServerCall, plan: object, error: BaseException | None) -> None:
+        """The awaited handler is done: serve the call, unless the client gave up meanwhile."""
+        if error is None:
+            try:
+                call.planned(plan)  # on failure, the call is finished already
+            except Exception as exc:
+                error = exc
+        if call.abandoned:
+            call.finish(False)
+            calls.log_unexpected(call.request_id, error)
+        elif error is not None:
+            self._call_error(call.request_id, error)
+        else:
+            self._serve(call)
+
+    def _received(self, call: calls.ServerCall, reply: object, error: BaseException | None) -> None:
+        """The awaited on_received is done: reply, unless the client gave up meanwhile."""
+        if error is None and not call.abandoned:
+            self._send_reply(call, reply)
+            return
+        call.unlease(self._ctx)
+        call.finish(False)
+        if call.abandoned:
+            calls.log_unexpected(call.request_id, error)
+        else:
+            assert error is not None
+            self._call_error(call.request_id, error)
+
+    def _call_error(self, request: int, exc: BaseException) -> None:
         if not isinstance(exc, errors.KVTierError):
             log.error("shm data plane: call %d failed", request, exc_info=exc)
             exc = errors.Internal("internal error in the shm data plane")
@@ -273,9 +364,11 @@ class _ServerConnection(shm_wire.Channel):
             self._hello_timer.cancel()
         self.shutdown()
         self._held.clear()
+        self._awaits.cancel()  # nothing they return may touch this connection any more
         self._ctx.leases.release_owner(self)
         open_calls, self._calls = self._calls, {}
-        for call, _ in open_calls.values():
+        awaiting, self._awaiting = self._awaiting, {}
+        for call in [*(c for c, _ in open_calls.values()), *awaiting.values()]:
             call.finish(False)
         self._server.forget(self)
 

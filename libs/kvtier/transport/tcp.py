@@ -25,10 +25,14 @@ A CALL's body goes to the node's `ServerContext.call_handler` before its payload
 segment is received straight into the sink the handler chose (or drained), then on_received
 gives the reply, sent with the sources straight from region memory; on_done(True) runs once the
 frame is out, on_done(False) when the call fails after its plan or the connection dies first.
+A handler or on_received may return an awaitable: the connection parses nothing further while a
+handler is awaited, and a reply awaited holds back the responses queued after it (see
+docs/transports.md, "Asynchronous handlers and completions").
 Statuses carry the error's class (`tcp_wire.Status`), so the client raises what the service did.
 
 Both sides drive non-blocking sockets from loop reader/writer callbacks, like a BufferedProtocol
-but with sends that never copy: no streams, no tasks and no payload buffers per message. Headers
+but with sends that never copy: no streams, no tasks (but one per awaitable a call's service
+returns) and no payload buffers per message. Headers
 pass through a small staging buffer; a client receives READ and CALL payloads into the caller's
 buffers. A client keeps `ClientSettings.connections` connections per peer (`tcp_client`),
 pipelines requests on each and puts every new request on the least loaded one; a

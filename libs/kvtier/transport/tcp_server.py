@@ -1,15 +1,21 @@
 """The serving side of the tcp transport: the listener and one connection per client.
 
 Each connection checks, serves and answers its requests (reads, writes and calls) in order; the
-protocol is described in `kvtier.transport.tcp`.
+protocol is described in `kvtier.transport.tcp`. A call whose handler returns an awaitable holds
+the connection's parsing until its plan is in (its payload follows on the stream); one whose
+on_received returns an awaitable lets later requests be served, but its reply holds back the
+frames queued after it, since the client matches responses to requests in order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import functools
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
 from kvtier import errors
@@ -40,7 +46,7 @@ class _Arriving:
         self.n_segs, self.n_caps = n_segs, n_caps
         self.body: bytearray | None = None  # set while a body too long for staging arrives
         self.call: calls.ServerCall | None = None
-        self.error: Exception | None = None  # the handler failed: drain the segments
+        self.error: BaseException | None = None  # the handler failed: drain the segments
         self.sinks: Sequence[base.Span | None] = ()
         self.index = 0  # the next segment
 
@@ -53,6 +59,16 @@ class _CallReply(tcp_wire.PartsFrame):
     def __init__(self, parts: tcp_wire.Parts, call: calls.ServerCall) -> None:
         super().__init__(parts)
         self.call = call
+
+
+class _Slot:
+    """The place of a call's reply in the send order while its on_received is awaited."""
+
+    __slots__ = ("call", "frame")
+
+    def __init__(self, call: calls.ServerCall) -> None:
+        self.call = call
+        self.frame: tcp_wire.Frame | None = None
 
 
 class _ServerConnection(tcp_wire.Channel):
@@ -72,12 +88,19 @@ class _ServerConnection(tcp_wire.Channel):
         self._rx_lease = 0
         self._rx_reply = b""
         self._arriving: _Arriving | None = None  # the call whose body or segments arrive
+        self._planning = False  # the arriving call's handler is awaited: parse nothing more
+        self._awaits = calls.Awaits()  # handlers and on_receiveds being awaited
+        # Frames that must wait for an awaited reply before them (the first item is a _Slot);
+        # empty unless an on_received is awaited, so sync calls go straight to _out.
+        self._held: collections.deque[tcp_wire.Frame | _Slot] = collections.deque()
         self._hello_timer = self._loop.call_later(_HELLO_TIMEOUT_S, self._lost, "no HELLO in time")
         self._set_reading(True)
 
     def _step(self) -> bool:
         if self._rx_len:
             return self._take_payload()
+        if self._planning:
+            return self._read_ahead()
         staged = self._tail - self._head
         if self.principal is None:
             if staged >= tcp_wire.HELLO.size:
@@ -211,17 +234,51 @@ class _ServerConnection(tcp_wire.Channel):
         if sum(segments) != head.payload_len:
             raise tcp_wire.ProtocolError(f"call segments do not add up to {head.payload_len}")
         call = head.call = calls.ServerCall(head.request_id, segments, capacities)
+        self._arriving = head
         try:
-            call.start(
+            pending = call.start(
                 self._ctx, self.principal or "", head.method, bytes(body[: head.message_len])
             )
         except Exception as exc:  # answered; the payload that follows is drained
             head.error = exc
         else:
+            if pending is not None:  # the sinks are not known yet: parse nothing until they are
+                self._planning = True
+                self._awaits.run(call, pending, functools.partial(self._planned, head))
+                return
             head.sinks = call.sinks()
             call.lease(self._ctx, head.sinks, self)
-        self._arriving = head
         self._next_segment(head)
+
+    def _read_ahead(self) -> bool:
+        """While a handler is awaited: stage what arrives (so that a hang-up is noticed) without
+        parsing it, and stop reading once staging is half full (the rest waits in the socket)."""
+        if self._tail - self._head < tcp_wire.STAGING_BYTES // 2:
+            return self._fill()
+        self._set_reading(False)
+        return False
+
+    def _planned(
+        self, head: _Arriving, call: calls.ServerCall, plan: object, error: BaseException | None
+    ) -> None:
+        """The awaited handler is done: receive the segments into its sinks, parse on."""
+        with self._guard():
+            self._planning = False
+            if error is None:
+                try:
+                    call.planned(plan)
+                except Exception as exc:
+                    error = exc
+                else:
+                    head.sinks = call.sinks()
+                    call.lease(self._ctx, head.sinks, self)
+            head.error = error
+            self._next_segment(head)
+            self.kick()
+            if self._reading:
+                self._on_readable()  # what was read ahead waits in staging
+            else:
+                self._resume()
 
     def _next_segment(self, head: _Arriving) -> None:
         """Receive the next segment into its sink (None: drain it), or answer once all are in."""
@@ -237,37 +294,84 @@ class _ServerConnection(tcp_wire.Channel):
         self._arriving = None
         self._call_reply(head.call, head.error)
 
-    def _call_reply(self, call: calls.ServerCall, error: Exception | None) -> None:
-        """Answer a call whose segments are all in: its error, or its reply and sources."""
+    def _call_reply(self, call: calls.ServerCall, error: BaseException | None) -> None:
+        """Every segment of a call is in: run on_received (awaited when it returns an
+        awaitable, its reply keeping its place in the send order), then answer."""
+        reply: object = None
+        if error is None:
+            try:
+                reply = call.receive()
+            except Exception as exc:
+                error = exc
+            else:
+                if type(reply) is not bytes and calls.is_pending(reply):
+                    slot = _Slot(call)
+                    self._held.append(slot)
+                    self._awaits.run(call, reply, functools.partial(self._received, slot))
+                    if len(self._awaits) >= calls.MAX_AWAITING:
+                        self._set_reading(False)  # backpressure: resumed as they complete
+                    return
+        self._queue(self._answer(call, reply, error))
+
+    def _received(
+        self, slot: _Slot, call: calls.ServerCall, reply: object, error: BaseException | None
+    ) -> None:
+        """An awaited on_received is done: its reply takes its place, and the frames held
+        behind it go out as far as the next reply still awaited."""
+        with self._guard():
+            frame = slot.frame = self._answer(call, reply, error)
+            self._count(frame)
+            held, out = self._held, self._out
+            while held:
+                item = held[0]
+                if isinstance(item, _Slot):
+                    if item.frame is None:
+                        break
+                    item = item.frame
+                held.popleft()
+                out.append(item)
+            self.kick()
+            self._resume()
+
+    def _answer(
+        self, call: calls.ServerCall, reply: object, error: BaseException | None
+    ) -> tcp_wire.Frame:
+        """The frame that answers a call: its error, or its reply and sources (leased until
+        the frame is out). The sinks' leases end here."""
         call.unlease(self._ctx)
         try:
             if error is not None:
                 raise error
-            reply, sources = call.received()
+            message, sources = call.replied(reply)
         except Exception as exc:
             call.finish(False)
-            self._queue(tcp_wire.Frame(tcp_wire.error_response(call.request_id, exc)))
-            return
+            return tcp_wire.Frame(tcp_wire.error_response(call.request_id, exc))
         call.lease(self._ctx, sources, self)
         lengths = [source.length if source is not None else 0 for source in sources]
         header = tcp_wire.RESPONSE.pack(
-            call.request_id, tcp_wire.Status.OK, len(reply), sum(lengths)
+            call.request_id, tcp_wire.Status.OK, len(message), sum(lengths)
         )
         items: list[bytes | memoryview]
-        if len(reply) < _JOIN_BYTES:
-            items = [b"".join((header, reply, calls.pack_u64s(lengths)))]
+        if len(message) < _JOIN_BYTES:
+            items = [b"".join((header, message, calls.pack_u64s(lengths)))]
             sizes = [len(items[0])]
         else:
-            items = [header, reply, calls.pack_u64s(lengths)]
-            sizes = [len(header), len(reply), 8 * len(lengths)]
+            items = [header, message, calls.pack_u64s(lengths)]
+            sizes = [len(header), len(message), 8 * len(lengths)]
         for source in sources:
             if source is not None and source.length:
                 items.append(source.view())
                 sizes.append(source.length)
-        self._queue(_CallReply(tcp_wire.Parts(items, sizes), call))
+        return _CallReply(tcp_wire.Parts(items, sizes), call)
 
     def _queue(self, frame: tcp_wire.Frame) -> None:
-        self._out.append(frame)
+        if self._held:
+            self._held.append(frame)  # an awaited reply comes first
+        else:
+            self._out.append(frame)
+        self._count(frame)
+
+    def _count(self, frame: tcp_wire.Frame) -> None:
         self._queued_bytes += frame.size
         if self._queued_bytes > self._ctx.max_inflight_bytes and not self._paused:
             self._paused = True  # the client is not taking its replies: stop taking requests
@@ -282,19 +386,46 @@ class _ServerConnection(tcp_wire.Channel):
         self._queued_bytes -= frame.size
         if self._paused and self._queued_bytes <= self._ctx.max_inflight_bytes // 2:
             self._paused = False
-            self._set_reading(True)
-            self._loop.call_soon(self._on_readable)  # requests may wait in staging already
+            self._resume()
+
+    def _resume(self) -> None:
+        """Read again unless something still holds reading: too many bytes queued, a handler
+        awaited, or MAX_AWAITING awaits pending."""
+        if (
+            self._reading
+            or self.closed
+            or self._paused
+            or self._planning
+            or len(self._awaits) >= calls.MAX_AWAITING
+        ):
+            return
+        self._set_reading(True)
+        self._loop.call_soon(self._on_readable)  # requests may wait in staging already
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """For callbacks other than the reader's: a failure drops this connection only."""
+        try:
+            yield
+        except (OSError, tcp_wire.ProtocolError) as exc:
+            self._lost(f"{type(exc).__name__}: {exc}")
+        except Exception:
+            log.exception("tcp data plane: unexpected error on a connection")
+            self._lost("internal error")
 
     def _lost(self, reason: str) -> None:
         if self.closed:
             return
         log.debug("tcp data plane: connection of %s closed: %s", self.principal, reason)
         self._hello_timer.cancel()
+        self._awaits.cancel()  # nothing they return may touch this connection any more
         unfinished = [f.call for f in self._out if isinstance(f, _CallReply)]
+        unfinished += [i.call for i in self._held if isinstance(i, _Slot | _CallReply)]
         if self._arriving is not None and self._arriving.call is not None:
             unfinished.append(self._arriving.call)
         self._shut()
         self._rx_into, self._arriving = None, None
+        self._held.clear()
         self._ctx.leases.release_owner(self)
         for call in unfinished:
             call.finish(False)

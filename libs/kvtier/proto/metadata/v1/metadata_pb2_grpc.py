@@ -45,6 +45,26 @@ class MetadataServiceStub:
                 request_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.WatchClusterMapRequest.SerializeToString,
                 response_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.WatchClusterMapResponse.FromString,
                 _registered_method=True)
+        self.CreateBucket = channel.unary_unary(
+                '/kvtier.metadata.v1.MetadataService/CreateBucket',
+                request_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.CreateBucketRequest.SerializeToString,
+                response_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.CreateBucketResponse.FromString,
+                _registered_method=True)
+        self.DeleteBucket = channel.unary_unary(
+                '/kvtier.metadata.v1.MetadataService/DeleteBucket',
+                request_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.DeleteBucketRequest.SerializeToString,
+                response_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.DeleteBucketResponse.FromString,
+                _registered_method=True)
+        self.GetBucket = channel.unary_unary(
+                '/kvtier.metadata.v1.MetadataService/GetBucket',
+                request_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.GetBucketRequest.SerializeToString,
+                response_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.GetBucketResponse.FromString,
+                _registered_method=True)
+        self.ListBuckets = channel.unary_unary(
+                '/kvtier.metadata.v1.MetadataService/ListBuckets',
+                request_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListBucketsRequest.SerializeToString,
+                response_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListBucketsResponse.FromString,
+                _registered_method=True)
 
 
 class MetadataServiceServicer:
@@ -64,6 +84,41 @@ class MetadataServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateBucket(self, request, context):
+        """Buckets. There is no WatchBuckets: the processes that cache buckets (gateways) are inside
+        the cluster and watch `<prefix>/buckets/` in etcd themselves (kvtier.buckets.BucketStore),
+        as they watch the map; a stream through this service would only add a hop and a second
+        resumption protocol. WatchClusterMap exists because SDK clients have no etcd access.
+
+        Create a bucket: ALREADY_EXISTS when the name is taken (by any tenant), INVALID_ARGUMENT
+        for a bad name or tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteBucket(self, request, context):
+        """Delete a bucket: NOT_FOUND when absent. It does not look for objects: the gateway lists
+        the bucket first and deletes only an empty one, passing the generation it listed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBucket(self, request, context):
+        """One bucket: NOT_FOUND when absent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBuckets(self, request, context):
+        """Every bucket (of one tenant), sorted by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MetadataServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +131,26 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     servicer.WatchClusterMap,
                     request_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.WatchClusterMapRequest.FromString,
                     response_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.WatchClusterMapResponse.SerializeToString,
+            ),
+            'CreateBucket': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateBucket,
+                    request_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.CreateBucketRequest.FromString,
+                    response_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.CreateBucketResponse.SerializeToString,
+            ),
+            'DeleteBucket': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteBucket,
+                    request_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.DeleteBucketRequest.FromString,
+                    response_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.DeleteBucketResponse.SerializeToString,
+            ),
+            'GetBucket': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBucket,
+                    request_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.GetBucketRequest.FromString,
+                    response_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.GetBucketResponse.SerializeToString,
+            ),
+            'ListBuckets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBuckets,
+                    request_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListBucketsRequest.FromString,
+                    response_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListBucketsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +207,114 @@ class MetadataService:
             '/kvtier.metadata.v1.MetadataService/WatchClusterMap',
             kvtier_dot_metadata_dot_v1_dot_metadata__pb2.WatchClusterMapRequest.SerializeToString,
             kvtier_dot_metadata_dot_v1_dot_metadata__pb2.WatchClusterMapResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateBucket(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.metadata.v1.MetadataService/CreateBucket',
+            kvtier_dot_metadata_dot_v1_dot_metadata__pb2.CreateBucketRequest.SerializeToString,
+            kvtier_dot_metadata_dot_v1_dot_metadata__pb2.CreateBucketResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteBucket(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.metadata.v1.MetadataService/DeleteBucket',
+            kvtier_dot_metadata_dot_v1_dot_metadata__pb2.DeleteBucketRequest.SerializeToString,
+            kvtier_dot_metadata_dot_v1_dot_metadata__pb2.DeleteBucketResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBucket(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.metadata.v1.MetadataService/GetBucket',
+            kvtier_dot_metadata_dot_v1_dot_metadata__pb2.GetBucketRequest.SerializeToString,
+            kvtier_dot_metadata_dot_v1_dot_metadata__pb2.GetBucketResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBuckets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.metadata.v1.MetadataService/ListBuckets',
+            kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListBucketsRequest.SerializeToString,
+            kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListBucketsResponse.FromString,
             options,
             channel_credentials,
             insecure,

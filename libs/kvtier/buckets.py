@@ -1,0 +1,161 @@
+"""Buckets in etcd: `<prefix>/buckets/<name>` = a serialized `kvtier.metadata.v1.BucketInfo`.
+
+The metadata service creates buckets with a create-only transaction and deletes them with one
+that compares the key's mod revision; gateways read and watch the keys directly. A bucket's
+`generation` is that mod revision, filled in on every read (the stored value has 0).
+
+`BucketStore` keeps no etcd client of its own: it runs every operation through an
+`EtcdMembership` session (`call`, `watch_changes`), so it shares that session's client, call
+deadline and reconnects.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
+
+from kvtier import errors, membership, names
+from kvtier.proto.metadata.v1 import metadata_pb2
+
+log = logging.getLogger(__name__)
+
+#: Compare-and-delete attempts before an unconditional delete gives up (the bucket keeps
+#: being replaced under it).
+_MAX_DELETE_ATTEMPTS = 20
+
+
+def buckets_prefix(prefix: str) -> bytes:
+    """Key prefix under which buckets live."""
+    return f"{prefix}/buckets/".encode()
+
+
+def bucket_key(prefix: str, name: str) -> bytes:
+    """The key of one bucket; raises errors.InvalidArgument for a name that breaks S3's rules.
+
+    Checked here, where keys are built, so that no name (`/`, `..`) can reach another key.
+    """
+    names.check_bucket(name)
+    return buckets_prefix(prefix) + name.encode()
+
+
+class BucketStore:
+    """The bucket records of one cluster, over an EtcdMembership session.
+
+    Every call has the session's deadline; etcd failures raise errors.Unavailable. Names are
+    validated (errors.InvalidArgument); tenants are the caller's to check.
+    """
+
+    def __init__(self, etcd: membership.EtcdMembership) -> None:
+        self._etcd = etcd
+
+    def _key(self, name: str) -> bytes:
+        return bucket_key(self._etcd.prefix, name)
+
+    async def create(
+        self, name: str, tenant: str, created_at_unix_ms: int
+    ) -> metadata_pb2.BucketInfo:
+        """Create the bucket and return it with its generation.
+
+        Raises errors.AlreadyExists when the name is taken (by any tenant). After an
+        errors.Unavailable the create may or may not have been applied: a retry that gets
+        AlreadyExists should read the bucket to tell.
+        """
+        key = self._key(name)
+        record = metadata_pb2.BucketInfo(
+            name=name, tenant=tenant, created_at_unix_ms=created_at_unix_ms
+        )
+        ok, responses = await self._etcd.call(_create_only(key, record.SerializeToString()))
+        if not ok:
+            raise errors.AlreadyExists(f"bucket {name} already exists")
+        ((_value, kv),) = responses[1]
+        return _decode(kv)
+
+    async def get(self, name: str) -> metadata_pb2.BucketInfo:
+        """The bucket, with its generation; raises errors.NotFound when there is none."""
+        key = self._key(name)
+        kv = await self._etcd.call(lambda client: client.get(key))
+        if kv is None:
+            raise errors.NotFound(f"bucket {name} does not exist")
+        return _decode(kv)
+
+    async def delete(self, name: str, expected_generation: int = 0) -> None:
+        """Delete the bucket; objects in it are not looked at (the gateway checks emptiness).
+
+        With expected_generation, only that incarnation is deleted: errors.PreconditionFailed
+        when the bucket has another generation. Raises errors.NotFound when there is no bucket.
+        """
+        key = self._key(name)
+        generation = expected_generation or (await self.get(name)).generation
+        for _attempt in range(_MAX_DELETE_ATTEMPTS):
+            ok, responses = await self._etcd.call(_compare_and_delete(key, generation))
+            if ok:
+                return
+            if not responses[0]:
+                raise errors.NotFound(f"bucket {name} does not exist")
+            current = int(responses[0][0][1].mod_revision)
+            if expected_generation:
+                raise errors.PreconditionFailed(
+                    f"bucket {name} is at generation {current}, not {expected_generation}"
+                )
+            generation = current  # replaced since our read: delete what is there now
+        raise errors.Unavailable(f"bucket {name} kept changing under compare-and-delete")
+
+    async def list_all(self, tenant: str | None = None) -> list[metadata_pb2.BucketInfo]:
+        """Every bucket (of `tenant`, when given), sorted by name."""
+        prefix = buckets_prefix(self._etcd.prefix)
+        result = await self._etcd.call(lambda client: client.get_prefix(prefix))
+        found = (_decode(kv) for kv in result)
+        return sorted(
+            (b for b in found if tenant is None or b.tenant == tenant), key=lambda b: b.name
+        )
+
+    async def watch(self) -> AsyncGenerator[dict[str, metadata_pb2.BucketInfo], None]:
+        """Every bucket by name, now and after every change; survives etcd outages.
+
+        Each change re-reads the whole prefix: buckets change rarely, and a full snapshot
+        cannot drift from etcd the way a cache patched event by event can.
+        """
+
+        async def read() -> dict[str, metadata_pb2.BucketInfo]:
+            return {b.name: b for b in await self.list_all()}
+
+        prefix = buckets_prefix(self._etcd.prefix)
+        async for snapshot in self._etcd.watch_changes(prefix, True, read):
+            yield snapshot
+
+
+def _create_only(key: bytes, value: bytes) -> Callable[[Any], Awaitable[Any]]:
+    """The transaction creating key unless it exists; on success it reads key back."""
+
+    def op(client: Any) -> Any:
+        tx = client.transactions
+        # The read in the same transaction returns the new key's revision atomically.
+        return client.transaction(
+            compare=[tx.create(key) == 0],
+            success=[tx.put(key, value), tx.get(key)],
+            failure=[],
+        )
+
+    return op
+
+
+def _compare_and_delete(key: bytes, generation: int) -> Callable[[Any], Awaitable[Any]]:
+    """The transaction deleting key at mod revision `generation`; on failure it reads key."""
+
+    def op(client: Any) -> Any:
+        tx = client.transactions
+        return client.transaction(
+            compare=[tx.mod(key) == generation],
+            success=[tx.delete(key)],
+            failure=[tx.get(key)],
+        )
+
+    return op
+
+
+def _decode(kv: Any) -> metadata_pb2.BucketInfo:
+    info = metadata_pb2.BucketInfo()
+    info.ParseFromString(kv.value)
+    info.generation = int(kv.mod_revision)
+    return info

@@ -1,0 +1,59 @@
+"""Bucket and object-key names: the one check shared by gateway, metadata, datanodes and the SDK.
+
+Buckets follow S3's naming rules for general-purpose buckets, so a bucket name is always a safe,
+DNS-compatible path component; object keys are 1-1024 bytes of UTF-8 without NUL (keys never
+become paths: the datanode hashes them).
+"""
+
+from __future__ import annotations
+
+import re
+
+from kvtier import errors
+
+BUCKET_MIN_CHARS = 3
+BUCKET_MAX_CHARS = 63
+KEY_MAX_BYTES = 1024
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]*[a-z0-9]")
+_IP_ADDRESS = re.compile(r"\d+\.\d+\.\d+\.\d+")
+# Prefixes and suffixes S3 reserves for its own features (access points, aliases, IDNs).
+_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+
+
+def check_bucket(name: str) -> None:
+    """Raise InvalidArgument unless name is a valid S3 bucket name.
+
+    3-63 characters of lowercase letters, digits, '.' and '-'; starts and ends with a letter or
+    digit; no '..'; not formatted as an IPv4 address; none of S3's reserved prefixes or suffixes.
+    """
+    if not BUCKET_MIN_CHARS <= len(name) <= BUCKET_MAX_CHARS:
+        raise errors.InvalidArgument(
+            f"bucket name {name!r}: must be {BUCKET_MIN_CHARS}-{BUCKET_MAX_CHARS} characters"
+        )
+    if not _BUCKET.fullmatch(name):
+        raise errors.InvalidArgument(
+            f"bucket name {name!r}: only lowercase letters, digits, '.' and '-', "
+            "starting and ending with a letter or digit"
+        )
+    if ".." in name:
+        raise errors.InvalidArgument(f"bucket name {name!r}: must not contain '..'")
+    if _IP_ADDRESS.fullmatch(name):
+        raise errors.InvalidArgument(f"bucket name {name!r}: must not be an IP address")
+    if name.startswith(_RESERVED_PREFIXES) or name.endswith(_RESERVED_SUFFIXES):
+        raise errors.InvalidArgument(f"bucket name {name!r}: uses a prefix or suffix S3 reserves")
+
+
+def check_key(key: str) -> None:
+    """Raise InvalidArgument unless key is 1-1024 bytes of UTF-8 without NUL."""
+    try:
+        encoded = key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise errors.InvalidArgument("object key: not valid UTF-8") from None
+    if not 1 <= len(encoded) <= KEY_MAX_BYTES:
+        raise errors.InvalidArgument(
+            f"object key: must be 1-{KEY_MAX_BYTES} bytes of UTF-8, got {len(encoded)}"
+        )
+    if "\0" in key:
+        raise errors.InvalidArgument("object key: must not contain NUL")

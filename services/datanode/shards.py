@@ -1,0 +1,590 @@
+"""The shard store of one drive: block-checksummed shards and their metadata, committed atomically.
+
+Layout under the drive (ARCHITECTURE.md, "The durable object tier"), h = hex SHA-256 of the key:
+
+    objects/<bucket>/<h[:2]>/<h>/meta              ShardMeta bytes + their xxh3-64 (8 bytes LE)
+    objects/<bucket>/<h[:2]>/<h>/<data_id>/part.N  the part's shard: blocks of <= block_bytes,
+                                                   each followed by its xxh3-64 (8 bytes LE;
+                                                   services.datanode.framing)
+    .kvtier/tmp/<write_id>/                        a staged write (data/part.N, meta)
+    .kvtier/index.sqlite                           the listing index (services.datanode.index)
+
+A shard of at most INLINE_MAX_BYTES in total (all parts) has no data directory: its framed blocks
+live in `meta.inline_data`, in part order.
+
+Commit order (a crash at any point leaves the old version or the new one readable, whole):
+fsync part files and the staged data dir → rename it to `<h>/<data_id>` → fsync `<h>` → mark the
+key pending in the index → write `meta` in staging, fsync → rename over `<h>/meta` → fsync `<h>`
+→ index entry → remove every other data dir under `<h>` (the previous version, crash leftovers).
+Operations on one key are serialized by a striped lock; everything here blocks (run it in the
+datanode's bounded executor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import types
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from google.protobuf import message as pb_message
+
+from kvtier import errors, names
+from kvtier.proto.datanode.v1 import datanode_pb2
+from services.datanode import drives, framing, index
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+BLOCK_BYTES = 1 << 20
+MAX_BLOCK_BYTES = 16 << 20
+INLINE_MAX_BYTES = 128 << 10
+MAX_PART_NUMBER = 10_000
+OBJECTS_DIR = "objects"
+TMP_DIR = Path(".kvtier") / "tmp"
+INDEX_FILE = Path(".kvtier") / "index.sqlite"
+META_FILE = "meta"
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
+_LOCK_STRIPES = 64
+_VERIFY_BLOCKS = 4
+
+ShardMeta = datanode_pb2.ShardMeta
+ListEntry = index.ListEntry
+BadBlock = tuple[int, int]
+
+
+def is_inline(meta: datanode_pb2.ShardMeta) -> bool:
+    """Whether the object's shard lives in its meta (small shards, pool records) or in files."""
+    return sum(p.shard_bytes for p in meta.parts) <= INLINE_MAX_BYTES
+
+
+def encode_meta(meta: datanode_pb2.ShardMeta) -> bytes:
+    """The bytes of a meta file: the message and its checksum."""
+    body = meta.SerializeToString(deterministic=True)
+    return body + framing.digest(body)
+
+
+def decode_meta(raw: bytes, where: str) -> datanode_pb2.ShardMeta:
+    """Parse a meta file; raises Corrupt when its checksum, encoding or version is wrong."""
+    body = raw[: -framing.HASH_BYTES]
+    if len(raw) < framing.HASH_BYTES or framing.digest(body) != raw[-framing.HASH_BYTES :]:
+        raise errors.Corrupt(f"{where}: meta checksum mismatch")
+    meta = ShardMeta()
+    try:
+        meta.ParseFromString(body)
+    except pb_message.DecodeError:
+        raise errors.Corrupt(f"{where}: meta does not parse") from None
+    if meta.format_version != FORMAT_VERSION:
+        raise errors.Corrupt(f"{where}: unknown meta format version {meta.format_version}")
+    if not 0 < meta.block_bytes <= MAX_BLOCK_BYTES:
+        raise errors.Corrupt(f"{where}: meta has block_bytes {meta.block_bytes}")
+    return meta
+
+
+def _entry(meta: datanode_pb2.ShardMeta) -> index.ListEntry:
+    return index.ListEntry(meta.key, meta.size, meta.etag, meta.mtime_unix_ns, meta.is_pointer)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(path: Path) -> None:
+    """Create path and its missing parents, each made durable in its parent."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir()
+        _fsync_dir(directory.parent)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _remove_data_dirs(object_dir: Path, keep: str | None) -> None:
+    """Remove every data dir of object_dir except keep (old versions, crash leftovers)."""
+    stale = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(object_dir) as entries:
+        stale = [e.path for e in entries if e.name != keep and e.is_dir(follow_symlinks=False)]
+    for path in stale:
+        shutil.rmtree(path)
+
+
+class StagedWrite:
+    """A write of one object version to a drive, invisible until commit.
+
+    Shard bytes arrive through write_part (appends in order, or block-aligned writes); the store
+    frames them into checksummed blocks on arrival, in memory while the whole shard could still
+    be inline, then in files under the staging dir. A write whose commit raised must be aborted.
+    Usable as a context manager that aborts unless committed.
+    """
+
+    def __init__(self, store: ShardStore, write_id: str, path: Path, block_bytes: int) -> None:
+        self.write_id = write_id
+        self.path = path
+        self.block_bytes = block_bytes
+        self._store = store
+        self._lock = threading.Lock()
+        self._parts: dict[int, framing.PartStager] = {}
+        self._staged = 0
+        self._in_memory = True
+        self._state = "open"
+
+    def __enter__(self) -> StagedWrite:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        self.abort()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.path / "data"
+
+    def write_part(
+        self, part_number: int, offset: int, data: bytes | bytearray | memoryview
+    ) -> int:
+        """Stage data (raw shard bytes) at offset of the part's shard; returns len(data).
+
+        offset must be a multiple of block_bytes or the end of the previous write of a block still
+        filling; bytes already written cannot be written again (InvalidArgument).
+        """
+        if not 1 <= part_number <= MAX_PART_NUMBER:
+            raise errors.InvalidArgument(f"part number {part_number}: must be 1-{MAX_PART_NUMBER}")
+        if offset < 0:
+            raise errors.InvalidArgument(f"offset {offset}: must not be negative")
+        view = memoryview(data).cast("B")
+        with self._lock:
+            self._check_open()
+            stage = self._parts.get(part_number)
+            if stage is None:
+                stage = self._parts[part_number] = framing.PartStager(self.block_bytes)
+                if not self._in_memory:
+                    stage.spill(self.data_dir / f"part.{part_number}")
+            end = offset + len(view)
+            if self._in_memory and max(end, self._staged + len(view)) > INLINE_MAX_BYTES:
+                self._spill()
+            stage.write(offset, view)
+            self._staged += len(view)
+        return len(view)
+
+    def _spill(self) -> None:
+        self.data_dir.mkdir()
+        for number, stage in self._parts.items():
+            stage.spill(self.data_dir / f"part.{number}")
+        self._in_memory = False
+
+    def commit(self, meta: datanode_pb2.ShardMeta) -> datanode_pb2.ShardMeta:
+        """Make the staged shard, described by meta, the object's version on this drive.
+
+        meta names the bucket, key, parts (number and shard_bytes, matching what was written) and
+        the rest of the object's metadata. The store sets format_version, block_bytes and
+        inline_data, and fills an empty mtime_unix_ns (now) and data_id (a new uuid). Returns the
+        stored meta. Raises InvalidArgument when meta does not match the staged bytes and
+        PreconditionFailed when the data_id already exists for the key.
+        """
+        with self._lock:
+            self._check_open()
+            try:
+                stored = self._seal(meta)
+                self._store._install(self, stored)
+            except Exception:
+                self._state = "failed"
+                raise
+            self._state = "committed"
+            for stage in self._parts.values():
+                stage.close()
+        self._store._release(self.write_id)
+        shutil.rmtree(self.path, ignore_errors=True)
+        return stored
+
+    def _seal(self, meta: datanode_pb2.ShardMeta) -> datanode_pb2.ShardMeta:
+        """Check meta against the staged parts and complete it; files are synced."""
+        names.check_bucket(meta.bucket)
+        names.check_key(meta.key)
+        stored = ShardMeta()
+        stored.CopyFrom(meta)
+        where = f"{meta.bucket}/{meta.key}"
+        if stored.block_bytes not in (0, self.block_bytes):
+            raise errors.InvalidArgument(f"{where}: block_bytes differs from the staged write")
+        stored.block_bytes = self.block_bytes
+        stored.format_version = FORMAT_VERSION
+        stored.mtime_unix_ns = stored.mtime_unix_ns or time.time_ns()
+        numbers = [p.number for p in stored.parts]
+        if numbers != sorted(set(numbers)) or not set(self._parts) <= set(numbers):
+            raise errors.InvalidArgument(f"{where}: parts must be unique, ascending and complete")
+        for part in stored.parts:
+            stage = self._parts.get(part.number)
+            if (stage.staged if stage else 0) != part.shard_bytes:
+                raise errors.InvalidArgument(f"{where}: part {part.number} shard_bytes mismatch")
+            if stage:
+                stage.finish(f"{where} part {part.number}")
+        stored.data_id = stored.data_id or uuid.uuid4().hex
+        if not _SAFE_ID.fullmatch(stored.data_id) or stored.data_id == META_FILE:
+            raise errors.InvalidArgument(f"{where}: data_id {stored.data_id!r} is not a safe name")
+        if is_inline(stored):
+            stored.inline_data = b"".join(
+                self._parts[p.number].frames(framing.framed_bytes(p.shard_bytes, self.block_bytes))
+                for p in stored.parts
+                if p.number in self._parts
+            )
+            return stored
+        stored.inline_data = b""
+        for stage in self._parts.values():
+            stage.sync_and_close()
+        _fsync_dir(self.data_dir)
+        return stored
+
+    def abort(self) -> None:
+        """Drop the staged bytes (idempotent; a no-op after a successful commit)."""
+        with self._lock:
+            if self._state in ("committed", "aborted"):
+                return
+            self._state = "aborted"
+            for stage in self._parts.values():
+                stage.close()
+        self._store._release(self.write_id)
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise errors.PreconditionFailed(f"write {self.write_id} is {self._state}")
+
+
+class ShardStore:
+    """The shards of one drive (see the module docstring for the format).
+
+    Opening it repairs the listing index after a crash (pending keys re-read; after an unclean
+    shutdown of another boot, or without an index, a rebuild from the meta files). Call
+    sweep_tmp at start to drop staged writes of a previous process, and close() at shutdown.
+    """
+
+    def __init__(self, drive: drives.LocalDrive) -> None:
+        self.drive = drive
+        self._objects = drive.path / OBJECTS_DIR
+        self._tmp = drive.path / TMP_DIR
+        self._objects.mkdir(parents=True, exist_ok=True)
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self._active: set[str] = set()
+        self._active_lock = threading.Lock()
+        fresh = not (drive.path / INDEX_FILE).exists()
+        self._index = index.ShardIndex(drive.path / INDEX_FILE)
+        self._closed = False
+        self._recover(fresh)
+
+    def close(self) -> None:
+        """Mark the index clean and close it (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._index.set_state(clean="1")
+            self._index.close()
+
+    def _recover(self, fresh: bool) -> None:
+        state, boot = self._index.get_state(), _boot_id()
+        if (
+            fresh
+            or "boot_id" not in state
+            or (state.get("clean") != "1" and state["boot_id"] != boot)
+        ):
+            count = self.rebuild_index()
+            log.info("drive %s: index rebuilt, %d objects", self.drive.path, count)
+        else:
+            for bucket, key in self._index.pending():
+                self._reindex(bucket, key)
+        self._index.set_state(boot_id=boot, clean="0")
+
+    def _object_dir(self, bucket: str, key: str) -> Path:
+        names.check_bucket(bucket)
+        names.check_key(key)
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return self._objects / bucket / digest[:2] / digest
+
+    def _key_lock(self, object_dir: Path) -> threading.Lock:
+        return self._locks[int(object_dir.name[:8], 16) % _LOCK_STRIPES]
+
+    @contextlib.contextmanager
+    def _all_locks(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for lock in self._locks:
+                stack.enter_context(lock)
+            yield
+
+    # Writes.
+
+    def begin_write(self, write_id: str, *, block_bytes: int = BLOCK_BYTES) -> StagedWrite:
+        """Start staging a write under `.kvtier/tmp/<write_id>/`.
+
+        Raises InvalidArgument for an unsafe write id or block size, AlreadyExists when the
+        write id is in use.
+        """
+        if not _SAFE_ID.fullmatch(write_id):
+            raise errors.InvalidArgument(f"write id {write_id!r}: 1-128 of [A-Za-z0-9_.-]")
+        if not 0 < block_bytes <= MAX_BLOCK_BYTES:
+            raise errors.InvalidArgument(f"block_bytes {block_bytes}: 1-{MAX_BLOCK_BYTES}")
+        path = self._tmp / write_id
+        with self._active_lock:
+            if write_id in self._active:
+                raise errors.AlreadyExists(f"write {write_id} is in progress")
+            try:
+                path.mkdir()
+            except FileExistsError:
+                raise errors.AlreadyExists(f"write {write_id} exists") from None
+            self._active.add(write_id)
+        return StagedWrite(self, write_id, path, block_bytes)
+
+    def _release(self, write_id: str) -> None:
+        with self._active_lock:
+            self._active.discard(write_id)
+
+    def _install(self, write: StagedWrite, meta: datanode_pb2.ShardMeta) -> None:
+        """Steps of a commit that touch the object's directory (module docstring)."""
+        object_dir = self._object_dir(meta.bucket, meta.key)
+        inline = is_inline(meta)
+        with self._key_lock(object_dir):
+            _makedirs_durable(object_dir)
+            if not inline:
+                target = object_dir / meta.data_id
+                if target.exists():
+                    raise errors.PreconditionFailed(f"data id {meta.data_id} exists")
+                os.rename(write.data_dir, target)
+                _fsync_dir(object_dir)
+            self._index.mark_pending(meta.bucket, meta.key)
+            staged_meta = write.path / META_FILE
+            _write_synced(staged_meta, encode_meta(meta))
+            os.replace(staged_meta, object_dir / META_FILE)
+            _fsync_dir(object_dir)
+            self._index.put(meta.bucket, _entry(meta))
+            _remove_data_dirs(object_dir, None if inline else meta.data_id)
+
+    def delete(self, bucket: str, key: str) -> bool:
+        """Remove the object from this drive (meta first, then data); False when it was absent."""
+        object_dir = self._object_dir(bucket, key)
+        with self._key_lock(object_dir):
+            if not (object_dir / META_FILE).exists():
+                self._index.remove(bucket, key)
+                _remove_data_dirs(object_dir, None)  # leftovers of a crash
+                with contextlib.suppress(OSError):
+                    object_dir.rmdir()
+                return False
+            self._index.mark_pending(bucket, key)
+            os.unlink(object_dir / META_FILE)
+            _fsync_dir(object_dir)
+            self._index.remove(bucket, key)
+            _remove_data_dirs(object_dir, None)
+            with contextlib.suppress(OSError):
+                object_dir.rmdir()
+        return True
+
+    def sweep_tmp(self, older_than_s: float) -> int:
+        """Remove staged writes (not in progress here) older than older_than_s; returns how many."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        with os.scandir(self._tmp) as entries:
+            for entry in entries:
+                with self._active_lock:
+                    if entry.name in self._active:
+                        continue
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime > cutoff:
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue
+                removed += 1
+        if removed:
+            log.info("drive %s: swept %d stale staged writes", self.drive.path, removed)
+        return removed
+
+    # Reads.
+
+    def read_meta(self, bucket: str, key: str) -> datanode_pb2.ShardMeta:
+        """The object's meta on this drive; NotFound when absent, Corrupt when unreadable."""
+        path = self._object_dir(bucket, key) / META_FILE
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise errors.NotFound(f"{bucket}/{key}: not on this drive") from None
+        meta = decode_meta(raw, f"{bucket}/{key}")
+        if meta.bucket != bucket or meta.key != key:
+            raise errors.Corrupt(f"{bucket}/{key}: meta names {meta.bucket}/{meta.key}")
+        return meta
+
+    def read_shard(
+        self,
+        bucket: str,
+        key: str,
+        part: int,
+        block_offset: int,
+        block_count: int,
+        into: bytearray | memoryview,
+        *,
+        data_id: str = "",
+    ) -> int:
+        """Read blocks [block_offset, block_offset + block_count) of a part's shard into `into`.
+
+        The count is cut at the shard's end; returns the bytes read. Every block's checksum is
+        checked: Corrupt names the first bad block. A data_id that is not the current version's
+        raises PreconditionFailed (also when the version changes during the read).
+        """
+        meta = self.read_meta(bucket, key)
+        if data_id and meta.data_id != data_id:
+            raise errors.PreconditionFailed(f"{bucket}/{key}: version {data_id} is gone")
+        shard_bytes, _ = _locate_part(meta, part)
+        size = meta.block_bytes
+        blocks = -(-shard_bytes // size)
+        if not 0 <= block_offset <= blocks or block_count < 0:
+            raise errors.InvalidArgument(f"block offset {block_offset}: the part has {blocks}")
+        end = min(blocks, block_offset + block_count)
+        length = max(0, min(end * size, shard_bytes) - block_offset * size)
+        dest = memoryview(into).cast("B")
+        if dest.readonly or len(dest) < length:
+            raise errors.InvalidArgument(f"buffer: needs {length} writable bytes")
+        where = f"{bucket}/{key} part {part}"
+        try:
+            bad = self._read_blocks(meta, part, block_offset, end, dest[:length])
+        except FileNotFoundError:
+            if self.read_meta(bucket, key).data_id != meta.data_id:
+                raise errors.PreconditionFailed(f"{where}: replaced during the read") from None
+            raise errors.Corrupt(f"{where}: shard file missing") from None
+        if bad:
+            raise errors.Corrupt(f"{where} block {bad[0]}: checksum mismatch or short")
+        return length
+
+    def verify(self, bucket: str, key: str) -> list[BadBlock]:
+        """Every (part, block) of the object's shard here that is missing or fails its checksum.
+
+        Raises NotFound when the object is absent and Corrupt when its meta is unreadable.
+        """
+        meta = self.read_meta(bucket, key)
+        size = meta.block_bytes
+        largest = max((p.shard_bytes for p in meta.parts), default=0)
+        scratch = memoryview(bytearray(min(_VERIFY_BLOCKS * size, largest)))
+        bad: list[BadBlock] = []
+        for part in meta.parts:
+            blocks = -(-part.shard_bytes // size)
+            for first in range(0, blocks, _VERIFY_BLOCKS):
+                end = min(blocks, first + _VERIFY_BLOCKS)
+                try:
+                    failed = self._read_blocks(meta, part.number, first, end, scratch)
+                except FileNotFoundError:
+                    failed = list(range(first, end))
+                bad.extend((part.number, block) for block in failed)
+        return bad
+
+    def _read_blocks(
+        self, meta: datanode_pb2.ShardMeta, part: int, first: int, end: int, dest: memoryview
+    ) -> list[int]:
+        """Read blocks [first, end) of a part into dest; returns the bad ones."""
+        shard_bytes, inline_at = _locate_part(meta, part)
+        if first >= end:
+            return []  # an empty part has no file
+        span = framing.BlockSpan(shard_bytes, meta.block_bytes, first, end, dest)
+        if is_inline(meta):
+            return span.from_frames(memoryview(meta.inline_data)[inline_at:])
+        object_dir = self._object_dir(meta.bucket, meta.key)
+        return span.from_file(object_dir / meta.data_id / f"part.{part}")
+
+    # Listing.
+
+    def list(
+        self, bucket: str, prefix: str = "", start_after: str = "", limit: int = 1000
+    ) -> list[ListEntry]:
+        """Up to limit objects of bucket on this drive, sorted by the bytes of their keys.
+
+        Only keys starting with prefix and sorting after start_after; read from the index only.
+        """
+        names.check_bucket(bucket)
+        if limit < 1:
+            raise errors.InvalidArgument(f"limit {limit}: must be positive")
+        return self._index.list(bucket, prefix, start_after, limit)
+
+    def rebuild_index(self) -> int:
+        """Rebuild the listing index from the meta files (blocks writers meanwhile).
+
+        Also removes data dirs no meta refers to. Returns the number of objects indexed.
+        """
+        rows: list[tuple[str, ListEntry]] = []
+        with self._all_locks():
+            for bucket_dir in sorted(self._objects.iterdir()):
+                for object_dir in sorted(bucket_dir.glob("*/*")):
+                    meta = self._scan_object(bucket_dir.name, object_dir)
+                    if meta is not None:
+                        rows.append((bucket_dir.name, _entry(meta)))
+            self._index.replace_all(rows)
+        return len(rows)
+
+    def _scan_object(self, bucket: str, object_dir: Path) -> datanode_pb2.ShardMeta | None:
+        if not object_dir.is_dir():
+            return None
+        try:
+            meta = decode_meta((object_dir / META_FILE).read_bytes(), str(object_dir))
+            digest = hashlib.sha256(meta.key.encode()).hexdigest()
+            if (meta.bucket, digest) != (bucket, object_dir.name):
+                raise errors.Corrupt(f"{object_dir}: meta names {meta.bucket}/{meta.key}")
+        except FileNotFoundError:
+            _remove_data_dirs(object_dir, None)  # a crash after the data rename
+            with contextlib.suppress(OSError):
+                object_dir.rmdir()
+            return None
+        except errors.Corrupt as exc:
+            log.warning("drive %s: not indexed: %s", self.drive.path, exc)
+            return None
+        _remove_data_dirs(object_dir, None if is_inline(meta) else meta.data_id)
+        return meta
+
+    def _reindex(self, bucket: str, key: str) -> None:
+        object_dir = self._object_dir(bucket, key)
+        with self._key_lock(object_dir):
+            try:
+                self._index.put(bucket, _entry(self.read_meta(bucket, key)))
+            except (errors.NotFound, errors.Corrupt):
+                self._index.remove(bucket, key)
+
+
+def _locate_part(meta: datanode_pb2.ShardMeta, number: int) -> tuple[int, int]:
+    """(shard bytes of the part, where its frames start in inline_data)."""
+    at = 0
+    for part in meta.parts:
+        if part.number == number:
+            return part.shard_bytes, at
+        at += framing.framed_bytes(part.shard_bytes, meta.block_bytes)
+    raise errors.InvalidArgument(f"{meta.bucket}/{meta.key}: no part {number}")

@@ -1,0 +1,248 @@
+"""The shard API of a datanode, over its drives' `ShardStore`s (no grpc here).
+
+Bytes travel as data-plane calls (`handle_call`): WRITE_SHARD lands a write's shard bytes in a
+staging slot of the node's region, then appends them to the staged write on disk; READ_SHARD
+reads verified blocks from disk into a staging slot and sends them from there. Control requests
+(commit, abort, metadata, delete, listing, verify) come over gRPC through the servicer. Disk work
+runs in a bounded thread pool, never on the event loop; a full set of staging slots makes new
+calls wait (backpressure) up to `slot_wait_s`, then Overloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import prometheus_client
+
+from kvtier import errors
+from kvtier.proto.datanode.v1 import shards_pb2 as pb
+from kvtier.transport import base, shm_copy, slots
+from services.datanode import shards
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SHARD_BYTES = prometheus_client.Counter(
+    "kvtier_datanode_shard_bytes_total", "Shard bytes moved", ["op"]
+)
+CORRUPT = prometheus_client.Counter(
+    "kvtier_datanode_corrupt_blocks_total", "Shard reads that found a bad block"
+)
+
+
+class ShardNode:
+    """The shard API of one datanode (see the module docstring)."""
+
+    def __init__(
+        self,
+        stores: Mapping[str, shards.ShardStore],
+        staging: slots.SlotPool,
+        executor: concurrent.futures.Executor,
+        *,
+        slot_wait_s: float = 10.0,
+        write_ttl_s: float = 900.0,
+    ) -> None:
+        self._stores = dict(stores)
+        self._staging = staging
+        self._executor = executor
+        self._slot_wait_s = slot_wait_s
+        self._write_ttl_s = write_ttl_s
+        self._writes: dict[tuple[str, str], tuple[shards.StagedWrite, float]] = {}
+        self._opening: dict[tuple[str, str], asyncio.Future[shards.StagedWrite]] = {}
+
+    @property
+    def max_call_bytes(self) -> int:
+        """The most bytes one WRITE_SHARD or READ_SHARD call may move."""
+        return self._staging.slot_bytes
+
+    # Data-plane calls.
+
+    def handle_call(
+        self,
+        principal: str,
+        method: int,
+        request: bytes,
+        segments: Sequence[int],
+        capacities: Sequence[int],
+    ) -> Awaitable[base.CallPlan]:
+        """The node's `kvtier.transport.base.CallHandler` (asynchronous)."""
+        if method == pb.SHARD_CALL_METHOD_WRITE_SHARD:
+            write = _parse(pb.WriteShardRequest, request)
+            return self._write_plan(write, segments)
+        if method == pb.SHARD_CALL_METHOD_READ_SHARD:
+            read = _parse(pb.ReadShardRequest, request)
+            if segments or len(capacities) != 1:
+                raise errors.InvalidArgument("READ_SHARD takes no segments and one buffer")
+            return self._read_plan(read, capacities[0])
+        raise errors.InvalidArgument(f"unknown datanode call method {method}")
+
+    async def _write_plan(
+        self, req: pb.WriteShardRequest, segments: Sequence[int]
+    ) -> base.CallPlan:
+        total = sum(segments)
+        if total > self._staging.slot_bytes:
+            raise errors.InvalidArgument(
+                f"{total} bytes in one WRITE_SHARD call; at most {self._staging.slot_bytes}"
+            )
+        staged = await self._staged(req.drive_id, req.write_id)
+        slot = await self._staging.acquire(self._slot_wait_s)
+        sinks = []
+        at = slot.offset
+        for length in segments:
+            sinks.append(base.Span(slot.region, at, length))
+            at += length
+        view = slot.region.view[slot.offset : slot.offset + total]
+
+        async def on_received() -> bytes:
+            await self._run(staged.write_part, req.part, req.offset, view)
+            SHARD_BYTES.labels("write").inc(total)
+            return pb.WriteShardResponse(written=total).SerializeToString()
+
+        def on_done(ok: bool) -> None:
+            self._staging.release(slot)
+
+        return base.CallPlan(sinks=sinks, on_received=on_received, on_done=on_done)
+
+    async def _read_plan(self, req: pb.ReadShardRequest, capacity: int) -> base.CallPlan:
+        store = self._store(req.drive_id)
+        slot = await self._staging.acquire(self._slot_wait_s)
+        room = min(capacity, slot.length)
+        view = slot.region.view[slot.offset : slot.offset + room]
+        try:
+            length = await self._run(
+                store.read_shard, req.bucket, req.key, req.part, req.block_offset,
+                req.block_count, view, data_id=req.data_id,
+            )  # fmt: skip
+        except errors.Corrupt:
+            CORRUPT.inc()
+            self._staging.release(slot)
+            raise
+        except BaseException:
+            self._staging.release(slot)
+            raise
+        SHARD_BYTES.labels("read").inc(length)
+        reply = pb.ReadShardResponse(length=length).SerializeToString()
+        return base.CallPlan(
+            reply=reply,
+            sources=[base.Span(slot.region, slot.offset, length)],
+            on_done=lambda ok: self._staging.release(slot),
+        )
+
+    # gRPC.
+
+    async def commit_write(self, req: pb.CommitWriteRequest) -> pb.CommitWriteResponse:
+        """Make a staged write the object's version on the drive."""
+        entry = self._writes.pop((req.drive_id, req.write_id), None)
+        if entry is None:
+            raise errors.NotFound(f"no staged write {req.write_id} on drive {req.drive_id}")
+        staged = entry[0]
+        try:
+            await self._run(staged.commit, req.meta)
+        except BaseException:
+            await self._run(staged.abort)
+            raise
+        return pb.CommitWriteResponse()
+
+    async def abort_write(self, req: pb.AbortWriteRequest) -> pb.AbortWriteResponse:
+        """Drop a staged write (unknown ids are ignored)."""
+        entry = self._writes.pop((req.drive_id, req.write_id), None)
+        if entry is not None:
+            await self._run(entry[0].abort)
+        return pb.AbortWriteResponse()
+
+    async def read_meta(self, req: pb.ReadMetaRequest) -> pb.ReadMetaResponse:
+        """The object's metadata on the drive."""
+        store = self._store(req.drive_id)
+        meta = await self._run(store.read_meta, req.bucket, req.key)
+        return pb.ReadMetaResponse(meta=meta)
+
+    async def delete_shard(self, req: pb.DeleteShardRequest) -> pb.DeleteShardResponse:
+        """Remove the object's shard from the drive."""
+        store = self._store(req.drive_id)
+        deleted = await self._run(store.delete, req.bucket, req.key)
+        return pb.DeleteShardResponse(deleted=deleted)
+
+    async def list_shards(self, req: pb.ListShardsRequest) -> pb.ListShardsResponse:
+        """Sorted entries of the drive's index."""
+        store = self._store(req.drive_id)
+        entries = await self._run(
+            store.list, req.bucket, req.prefix, req.start_after, req.limit or 1000
+        )
+        return pb.ListShardsResponse(
+            entries=[
+                pb.ShardEntry(
+                    key=e.key,
+                    size=e.size,
+                    etag=e.etag,
+                    mtime_unix_ns=e.mtime_ns,
+                    is_pointer=e.is_pointer,
+                )
+                for e in entries
+            ]
+        )
+
+    async def verify_shard(self, req: pb.VerifyShardRequest) -> pb.VerifyShardResponse:
+        """The object's bad blocks on the drive (or missing)."""
+        store = self._store(req.drive_id)
+        try:
+            bad = await self._run(store.verify, req.bucket, req.key)
+        except errors.NotFound:
+            return pb.VerifyShardResponse(missing=True)
+        return pb.VerifyShardResponse(bad_blocks=[f"{p}:{b}" for p, b in bad])
+
+    # Housekeeping.
+
+    async def sweep(self) -> int:
+        """Abort staged writes idle longer than write_ttl_s (a writer that vanished)."""
+        now = time.monotonic()
+        stale = [k for k, (_, at) in self._writes.items() if now - at > self._write_ttl_s]
+        for key in stale:
+            staged, _ = self._writes.pop(key)
+            log.warning("aborting staged write %s on %s: idle too long", key[1], key[0])
+            await self._run(staged.abort)
+        return len(stale)
+
+    def _store(self, drive_id: str) -> shards.ShardStore:
+        store = self._stores.get(drive_id)
+        if store is None:
+            raise errors.NotFound(f"no drive {drive_id} on this node")
+        return store
+
+    async def _staged(self, drive_id: str, write_id: str) -> shards.StagedWrite:
+        """The staged write of write_id on the drive, begun by its first WRITE_SHARD call."""
+        key = (drive_id, write_id)
+        entry = self._writes.get(key)
+        if entry is None:
+            opening = self._opening.get(key)
+            if opening is None:  # the first call opens it; concurrent ones wait for it
+                store = self._store(drive_id)
+                opening = asyncio.ensure_future(self._run(store.begin_write, write_id))
+                self._opening[key] = opening
+                opening.add_done_callback(lambda _: self._opening.pop(key, None))
+            staged = await asyncio.shield(opening)
+            entry = self._writes.setdefault(key, (staged, time.monotonic()))
+        self._writes[key] = (entry[0], time.monotonic())
+        return entry[0]
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """fn in the I/O pool. If the caller is cancelled, the job still finishes first: it may
+        be using a staging slot that is handed to another call as soon as we return."""
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        await shm_copy.uncancellable(job)
+        return job.result()
+
+
+def _parse(message_type: type[Any], data: bytes) -> Any:
+    message = message_type()
+    try:
+        message.ParseFromString(data)
+    except Exception as exc:  # protobuf's DecodeError is a bare Exception subclass
+        raise errors.InvalidArgument(f"malformed {message_type.__name__}: {exc}") from None
+    return message

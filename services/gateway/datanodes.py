@@ -1,0 +1,146 @@
+"""The gateway's connections to datanodes: a gRPC shard client and a data-plane session each.
+
+Opened lazily from the cluster map (a datanode's address is in its NodeInfo), kept while the
+node stays in the map, reopened after a broken connection. Shard bytes move as data-plane calls
+(WRITE_SHARD, READ_SHARD); everything else is gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from kvtier import clustermap, errors
+from kvtier.clients import datanode as datanode_client
+from kvtier.clients import dataplane as dataplane_client
+from kvtier.proto.common.v1 import common_pb2
+from kvtier.proto.datanode.v1 import shards_pb2
+from kvtier.transport import base
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(slots=True)
+class _Conn:
+    address: str
+    shards: datanode_client.ShardClient
+    negotiator: dataplane_client.DataPlaneClient
+    session: dataplane_client.DataPlaneSession | None = None
+    opening: asyncio.Future[dataplane_client.DataPlaneSession] | None = None
+
+    async def close(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            await session.close()
+        await self.shards.close()
+        await self.negotiator.close()
+
+
+class Datanodes:
+    """Connections to every datanode of the map, by node id."""
+
+    def __init__(
+        self, view: clustermap.MapView, client_id: str, *, timeout_s: float = 30.0
+    ) -> None:
+        self._view = view
+        self._client_id = client_id
+        self._timeout_s = timeout_s
+        self._conns: dict[str, _Conn] = {}
+
+    def _conn(self, node_id: str) -> _Conn:
+        info = next(
+            (
+                n
+                for n in self._view.current.nodes
+                if n.node_id == node_id and n.role == common_pb2.NODE_ROLE_DATANODE
+            ),
+            None,
+        )
+        if info is None:
+            raise errors.Unavailable(f"datanode {node_id} is not in the cluster map")
+        conn = self._conns.get(node_id)
+        if conn is not None and conn.address != info.grpc_address:
+            asyncio.ensure_future(self._conns.pop(node_id).close())  # noqa: RUF006 - best effort
+            conn = None
+        if conn is None:
+            conn = _Conn(
+                address=info.grpc_address,
+                shards=datanode_client.ShardClient(info.grpc_address, timeout_s=self._timeout_s),
+                negotiator=dataplane_client.DataPlaneClient(
+                    info.grpc_address, timeout_s=self._timeout_s
+                ),
+            )
+            self._conns[node_id] = conn
+        return conn
+
+    def shards(self, node_id: str) -> datanode_client.ShardClient:
+        """The gRPC shard client of a datanode (Unavailable when it is not in the map)."""
+        return self._conn(node_id).shards
+
+    async def call(
+        self,
+        node_id: str,
+        method: int,
+        request: Any,
+        segments: Sequence[Any] = (),
+        intos: Sequence[Any] = (),
+    ) -> base.CallResult:
+        """A data-plane call to a datanode; a broken connection is reopened once."""
+        conn = self._conn(node_id)
+        payload = request.SerializeToString()
+        for retry in (True, False):
+            session = await self._session(conn)
+            try:
+                return await session.transport.call(method, payload, segments, intos)
+            except base.PeerLost:
+                await self._drop(conn, session)
+                if not retry:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def write_shard(
+        self, node_id: str, request: shards_pb2.WriteShardRequest, segments: Sequence[Any]
+    ) -> None:
+        """Append shard bytes to a staged write on one of the node's drives."""
+        await self.call(node_id, shards_pb2.SHARD_CALL_METHOD_WRITE_SHARD, request, segments)
+
+    async def read_shard(
+        self, node_id: str, request: shards_pb2.ReadShardRequest, into: Any
+    ) -> int:
+        """Read verified shard blocks into `into`; returns the bytes read."""
+        result = await self.call(
+            node_id, shards_pb2.SHARD_CALL_METHOD_READ_SHARD, request, intos=[into]
+        )
+        return int(result.lengths[0]) if result.lengths else 0
+
+    async def _session(self, conn: _Conn) -> dataplane_client.DataPlaneSession:
+        if conn.session is not None:
+            return conn.session
+        if conn.opening is None:
+            conn.opening = asyncio.ensure_future(conn.negotiator.open(self._client_id))
+        opening = conn.opening
+        try:
+            session = await asyncio.shield(opening)
+        finally:
+            if conn.opening is opening and opening.done():
+                conn.opening = None
+        if conn.session is None:
+            conn.session = session
+        return conn.session
+
+    async def _drop(self, conn: _Conn, session: dataplane_client.DataPlaneSession) -> None:
+        if conn.session is session:
+            conn.session = None
+        try:
+            await session.close()
+        except Exception:  # broken already: closing is best effort
+            log.debug("closing a broken datanode session failed", exc_info=True)
+
+    async def close(self) -> None:
+        """Close every connection."""
+        conns, self._conns = self._conns, {}
+        for conn in conns.values():
+            await conn.close()

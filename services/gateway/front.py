@@ -1,0 +1,139 @@
+"""The gateway's object front: buckets through the metadata service, calls to the engine.
+
+Buckets live in etcd, kept by the metadata service; the gateway asks a metadata node of the
+map and caches a bucket's existence for a moment (`bucket_cache_s`) so that each object request
+does not cost a metadata round trip. Deleting a bucket first lists it: only an empty bucket is
+deleted, and only the incarnation that was listed (its generation).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Sequence
+from typing import Any
+
+from kvtier import clustermap, errors, names
+from kvtier.clients import metadata as metadata_client
+from kvtier.proto.common.v1 import common_pb2
+from kvtier.proto.gateway.v1 import objects_pb2 as pb
+from kvtier.proto.metadata.v1 import metadata_pb2
+from kvtier.transport import base
+from services.gateway import listing, objects
+
+log = logging.getLogger(__name__)
+
+
+def _bucket(info: metadata_pb2.BucketInfo) -> pb.BucketInfo:
+    return pb.BucketInfo(name=info.name, created_at_unix_ms=info.created_at_unix_ms)
+
+
+class ObjectFront:
+    """What the object servicer and the gateway's data-plane calls use."""
+
+    def __init__(
+        self,
+        view: clustermap.MapView,
+        engine: objects.ObjectEngine,
+        lister: listing.Lister,
+        *,
+        bucket_cache_s: float = 2.0,
+    ) -> None:
+        self._view = view
+        self.engine = engine
+        self.lister = lister
+        self._bucket_cache_s = bucket_cache_s
+        self._known: dict[str, float] = {}
+        self._metadata: metadata_client.MetadataClient | None = None
+
+    def _meta(self) -> metadata_client.MetadataClient:
+        nodes = [n for n in self._view.current.nodes if n.role == common_pb2.NODE_ROLE_METADATA]
+        if not nodes:
+            raise errors.Unavailable("no metadata service in the cluster map")
+        if self._metadata is not None and self._metadata.address in {n.grpc_address for n in nodes}:
+            return self._metadata
+        self._metadata = metadata_client.MetadataClient(nodes[0].grpc_address)
+        return self._metadata
+
+    async def close(self) -> None:
+        """Close the metadata channel."""
+        if self._metadata is not None:
+            await self._metadata.close()
+
+    # Buckets.
+
+    async def check_bucket(self, name: str) -> None:
+        """NotFound (NoSuchBucket) unless the bucket exists."""
+        names.check_bucket(name)
+        if time.monotonic() - self._known.get(name, -1e9) < self._bucket_cache_s:
+            return
+        try:
+            await self._meta().get_bucket(name)
+        except errors.NotFound:
+            self._known.pop(name, None)
+            raise errors.NotFound(f"NoSuchBucket: {name}") from None
+        self._known[name] = time.monotonic()
+
+    async def create_bucket(self, name: str) -> pb.BucketInfo:
+        """Create a bucket (AlreadyExists when taken)."""
+        info = await self._meta().create_bucket(name)
+        self._known[name] = time.monotonic()
+        return _bucket(info)
+
+    async def head_bucket(self, name: str) -> pb.BucketInfo:
+        """The bucket (NotFound)."""
+        names.check_bucket(name)
+        return _bucket(await self._meta().get_bucket(name))
+
+    async def list_buckets(self) -> list[pb.BucketInfo]:
+        """Every bucket, sorted by name."""
+        return [_bucket(b) for b in await self._meta().list_buckets()]
+
+    async def delete_bucket(self, name: str) -> None:
+        """Delete an empty bucket (PreconditionFailed: BucketNotEmpty)."""
+        names.check_bucket(name)
+        info = await self._meta().get_bucket(name)
+        page = await self.lister.list_objects(pb.ListObjectsRequest(bucket=name, max_keys=1))
+        if page.objects or page.common_prefixes:
+            raise errors.PreconditionFailed(f"BucketNotEmpty: {name}")
+        await self._meta().delete_bucket(name, expected_generation=info.generation)
+        self._known.pop(name, None)
+
+    # Objects.
+
+    async def begin_put(self, req: pb.BeginPutRequest) -> pb.BeginPutResponse:
+        """Plan a PUT into an existing bucket."""
+        await self.check_bucket(req.bucket)
+        return self.engine.begin_put(req)
+
+    def handle_call(
+        self,
+        principal: str,
+        method: int,
+        request: bytes,
+        segments: Sequence[int],
+        capacities: Sequence[int],
+    ) -> Awaitable[base.CallPlan]:
+        """The gateway's `kvtier.transport.base.CallHandler`."""
+        if method == pb.OBJECT_CALL_METHOD_WRITE_STRIPES:
+            write = _parse(pb.WriteStripesRequest, request)
+            return self.engine.write_plan(write, segments)
+        if method == pb.OBJECT_CALL_METHOD_READ_RANGE:
+            read = _parse(pb.ReadRangeRequest, request)
+            if segments:
+                raise errors.InvalidArgument("READ_RANGE carries no segments")
+            return self._read(read, capacities)
+        raise errors.InvalidArgument(f"unknown gateway call method {method}")
+
+    async def _read(self, req: pb.ReadRangeRequest, capacities: Sequence[int]) -> base.CallPlan:
+        await self.check_bucket(req.bucket)
+        return await self.engine.read_plan(req, capacities)
+
+
+def _parse(message_type: type[Any], data: bytes) -> Any:
+    message = message_type()
+    try:
+        message.ParseFromString(data)
+    except Exception as exc:  # protobuf's DecodeError is a bare Exception subclass
+        raise errors.InvalidArgument(f"malformed {message_type.__name__}: {exc}") from None
+    return message

@@ -1,0 +1,148 @@
+"""ListObjects without a central index: merge the sorted listings of every erasure set.
+
+Every object has an entry (or, for objects of later pools, a pool record) in the drives of its
+pool-0 set, so listing pool 0 lists everything. Each set's drives are asked for their sorted
+entries after a marker; a key counts when at least the set's read quorum of drives list it (a
+failed write that reached fewer drives stays hidden); the sets' streams are merged in key
+order; a delimiter folds keys into common prefixes. Listing reads only the drives' indexes,
+never object data. The continuation token is the last key or prefix returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import heapq
+import logging
+
+from kvtier import clustermap, errors, names
+from kvtier.proto.common.v1 import common_pb2
+from kvtier.proto.datanode.v1 import shards_pb2
+from kvtier.proto.gateway.v1 import objects_pb2 as pb
+from services.gateway import datanodes as datanodes_mod
+
+log = logging.getLogger(__name__)
+
+MAX_KEYS = 1000
+
+
+def _token(marker: str) -> str:
+    return base64.urlsafe_b64encode(marker.encode()).decode()
+
+
+def _marker(token: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise errors.InvalidArgument("invalid continuation token") from None
+
+
+class Lister:
+    """Listings of one gateway."""
+
+    def __init__(self, view: clustermap.MapView, nodes: datanodes_mod.Datanodes) -> None:
+        self._view = view
+        self._nodes = nodes
+
+    async def list_objects(self, req: pb.ListObjectsRequest) -> pb.ListObjectsResponse:
+        """A page of bucket's objects (S3 ListObjectsV2 semantics)."""
+        names.check_bucket(req.bucket)
+        max_keys = req.max_keys or MAX_KEYS
+        if not 1 <= max_keys <= MAX_KEYS:
+            raise errors.InvalidArgument(f"max_keys must be 1..{MAX_KEYS}")
+        marker = _marker(req.continuation_token) if req.continuation_token else req.start_after
+        reply = pb.ListObjectsResponse()
+        returned = 0
+        while True:
+            batch, horizon = await self._merged(req.bucket, req.prefix, marker, max_keys + 1)
+            skipped = False
+            for entry in batch:
+                if returned == max_keys:  # one more exists: this page is full
+                    reply.is_truncated = True
+                    reply.next_continuation_token = _token(marker)
+                    return reply
+                folded = _fold(entry.key, req.prefix, req.delimiter)
+                returned += 1
+                if folded is not None:
+                    reply.common_prefixes.append(folded)
+                    # Skip the rest of the prefix: every key under it sorts before this.
+                    marker = folded + "\U0010ffff"
+                    skipped = True
+                    break
+                marker = entry.key
+                reply.objects.add(
+                    bucket=req.bucket, key=entry.key, size=entry.size, etag=entry.etag,
+                    mtime_unix_ms=entry.mtime_unix_ns // 1_000_000,
+                )  # fmt: skip
+            if skipped:
+                continue
+            if horizon is None:  # the listing is exhausted
+                return reply
+            if horizon.encode() > marker.encode():
+                marker = horizon  # keys up to the horizon were all seen (some below quorum)
+
+    async def _merged(
+        self, bucket: str, prefix: str, after: str, limit: int
+    ) -> tuple[list[shards_pb2.ShardEntry], str | None]:
+        """Entries after `after` of every set, merged in key order, and the horizon: None when
+        the listing is complete; else the key up to which it is (more may follow)."""
+        cmap = self._view.current
+        if not cmap.pools:
+            raise errors.Unavailable("no pool is formed yet")
+        pool = min(cmap.pools, key=lambda p: p.index)
+        answers = await asyncio.gather(
+            *(self._set_entries(es, bucket, prefix, after, limit) for es in pool.sets)
+        )
+        horizons = [h for _, h in answers if h is not None]
+        horizon = min(horizons, key=str.encode) if horizons else None
+        merged = heapq.merge(*(entries for entries, _ in answers), key=lambda e: e.key.encode())
+        if horizon is None:
+            return list(merged), None
+        return [e for e in merged if e.key.encode() <= horizon.encode()], horizon
+
+    async def _set_entries(
+        self, es: common_pb2.ErasureSet, bucket: str, prefix: str, after: str, limit: int
+    ) -> tuple[list[shards_pb2.ShardEntry], str | None]:
+        async def drive(slot: common_pb2.DriveSlot) -> list[shards_pb2.ShardEntry] | None:
+            try:
+                return await self._nodes.shards(slot.node_id).list_shards(
+                    slot.drive_id, bucket, prefix, after, limit
+                )
+            except errors.KVTierError as exc:
+                log.info("listing %s on %s failed: %s", bucket, slot.drive_id, exc)
+                return None
+
+        answers = [a for a in await asyncio.gather(*(drive(s) for s in es.slots)) if a is not None]
+        quorum = es.data_shards
+        if len(answers) < quorum:
+            raise errors.Unavailable(
+                f"listing {bucket}: {len(answers)} drives of set {es.index} answered, "
+                f"{quorum} needed"
+            )
+        # A drive whose page is full may have more keys: only keys up to the smallest full
+        # page's last key are known on every drive.
+        full = [a[-1].key for a in answers if len(a) >= limit]
+        horizon = min(full, key=str.encode) if full else None
+        counts: collections.Counter[str] = collections.Counter()
+        newest: dict[str, shards_pb2.ShardEntry] = {}
+        for answer in answers:
+            for entry in answer:
+                if horizon is not None and entry.key.encode() > horizon.encode():
+                    break
+                counts[entry.key] += 1
+                known = newest.get(entry.key)
+                if known is None or entry.mtime_unix_ns > known.mtime_unix_ns:
+                    newest[entry.key] = entry
+        entries = sorted(
+            (newest[k] for k, n in counts.items() if n >= quorum), key=lambda e: e.key.encode()
+        )
+        return entries, horizon
+
+
+def _fold(key: str, prefix: str, delimiter: str) -> str | None:
+    """The common prefix key falls under, or None when it is listed itself."""
+    if not delimiter:
+        return None
+    at = key.find(delimiter, len(prefix))
+    return key[: at + len(delimiter)] if at >= 0 else None

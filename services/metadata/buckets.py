@@ -1,0 +1,61 @@
+"""The bucket RPCs of the metadata service: check the request, act on the etcd records.
+
+Buckets live in etcd only (`kvtier.buckets.BucketStore`), so any number of metadata replicas
+serve them and a restarted one has them all. Deleting does not look for objects: the gateway
+lists the bucket first, and deletes only an empty one, passing the generation it saw, so that a
+bucket deleted and created again in between is not removed by mistake.
+
+Never imports grpc.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from kvtier import buckets as bucket_store
+from kvtier.proto.metadata.v1 import metadata_pb2 as pb
+from kvtier.transport import dataplane as transport_dataplane
+
+log = logging.getLogger(__name__)
+
+
+class BucketService:
+    """CreateBucket, DeleteBucket, GetBucket and ListBuckets over a BucketStore.
+
+    Raises errors.InvalidArgument (bad name or tenant), errors.AlreadyExists, errors.NotFound,
+    errors.PreconditionFailed (a generation that is not the bucket's) and errors.Unavailable
+    (etcd).
+    """
+
+    def __init__(
+        self, store: bucket_store.BucketStore, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._store = store
+        self._clock = clock
+
+    async def create_bucket(self, request: pb.CreateBucketRequest) -> pb.CreateBucketResponse:
+        """A new bucket for the request's tenant ("default" when empty)."""
+        tenant = transport_dataplane.check_tenant(
+            request.tenant or transport_dataplane.DEFAULT_TENANT
+        )
+        created_ms = int(self._clock() * 1000)
+        bucket = await self._store.create(request.name, tenant, created_ms)
+        log.info("bucket %s created for tenant %s", bucket.name, bucket.tenant)
+        return pb.CreateBucketResponse(bucket=bucket)
+
+    async def delete_bucket(self, request: pb.DeleteBucketRequest) -> pb.DeleteBucketResponse:
+        """Delete the bucket (only the expected generation, when one is given)."""
+        await self._store.delete(request.name, request.expected_generation)
+        log.info("bucket %s deleted", request.name)
+        return pb.DeleteBucketResponse()
+
+    async def get_bucket(self, request: pb.GetBucketRequest) -> pb.GetBucketResponse:
+        """One bucket, with its generation."""
+        return pb.GetBucketResponse(bucket=await self._store.get(request.name))
+
+    async def list_buckets(self, request: pb.ListBucketsRequest) -> pb.ListBucketsResponse:
+        """Every bucket (of the request's tenant, when it names one), sorted by name."""
+        tenant = transport_dataplane.check_tenant(request.tenant) if request.tenant else None
+        return pb.ListBucketsResponse(buckets=await self._store.list_all(tenant))

@@ -1,0 +1,225 @@
+"""The durable object tier in one process: metadata, 6 datanodes (EC 8+4), a gateway, the SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kvtier import errors, etcdserver, membership, objects
+from services.datanode import __main__ as datanode_main
+from services.datanode import config as datanode_config
+from services.gateway import __main__ as gateway_main
+from services.gateway import config as gateway_config
+from services.metadata import __main__ as metadata_main
+from services.metadata import config as metadata_config
+from tests.component import harness
+
+KIB, MIB = 1024, 1024 * 1024
+
+
+@dataclass
+class Cluster:
+    gateway: harness.Running
+    datanodes: list[harness.Running]
+    stack: contextlib.AsyncExitStack
+
+
+def _data(seed: int, size: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+@contextlib.asynccontextmanager
+async def _cluster(
+    etcd: etcdserver.EtcdServer, prefix: str, store: membership.EtcdMembership, tmp: Path
+) -> AsyncIterator[Cluster]:
+    common: dict[str, Any] = {"etcd_endpoints": (etcd.endpoint,), "etcd_prefix": prefix}
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(
+            harness.run(
+                metadata_config.MetadataConfig,
+                "metadata",
+                metadata_main.build,
+                store,
+                pool_drives=12,
+                **common,
+            )
+        )
+        nodes = []
+        for i in range(6):
+            node = await stack.enter_async_context(
+                harness.run(
+                    datanode_config.DatanodeConfig,
+                    "datanode",
+                    datanode_main.build,
+                    store,
+                    data_dir=str(tmp / f"dn{i}"),
+                    drive_count=2,
+                    staging_bytes=32 * MIB,
+                    staging_slot_bytes=8 * MIB,
+                    **common,
+                )
+            )
+            nodes.append(node)
+        gateway = await stack.enter_async_context(
+            harness.run(
+                gateway_config.GatewayConfig,
+                "gateway",
+                gateway_main.build,
+                store,
+                staging_bytes=128 * MIB,
+                staging_slot_bytes=64 * MIB,
+                **common,
+            )
+        )
+        await harness.wait_map(store, lambda m: len(m.pools) == 1 and len(m.nodes) == 8)
+        await gateway.ctx.map_view.wait_for(lambda m: len(m.pools) == 1, timeout_s=10)
+        yield Cluster(gateway, nodes, stack)
+
+
+@pytest.fixture
+async def cluster(
+    etcd: etcdserver.EtcdServer,
+    etcd_prefix: str,
+    store: membership.EtcdMembership,
+    tmp_path: Path,
+) -> AsyncIterator[Cluster]:
+    async with _cluster(etcd, etcd_prefix, store, tmp_path) as c:
+        yield c
+
+
+SIZES = [0, 1, 4 * KIB, 128 * KIB - 1, 128 * KIB, 128 * KIB + 1, MIB, 8 * MIB + 5, 41 * MIB + 3]
+
+
+async def test_round_trips_are_byte_exact_with_random_ranges(cluster: Cluster) -> None:
+    rng = random.Random(int(os.environ.get("KVTIER_TEST_SEED", "1")))
+    async with await objects.AsyncObjectClient.connect(cluster.gateway.address) as client:
+        await client.create_bucket("models")
+        for i, size in enumerate(SIZES):
+            data = _data(i, size)
+            info = await client.put_object(
+                "models", f"obj/{size}", data, content_type="application/x-test",
+                metadata={"run": "1"}, checksums=["SHA256", "CRC32"],
+            )  # fmt: skip
+            assert info.size == size
+            assert info.etag == hashlib.md5(data).hexdigest()
+            head = await client.head_object("models", f"obj/{size}")
+            assert head.etag == info.etag
+            assert head.headers.content_type == "application/x-test"
+            assert dict(head.headers.user_metadata) == {"run": "1"}
+            assert await client.get_object("models", f"obj/{size}") == data
+            for _ in range(3 if size else 0):
+                start = rng.randrange(size)
+                length = rng.randrange(1, size - start + 1)
+                got = await client.get_object("models", f"obj/{size}", offset=start, length=length)
+                assert got == data[start : start + length], (size, start, length)
+
+
+async def test_listing_deletes_and_bucket_rules(cluster: Cluster) -> None:
+    async with await objects.AsyncObjectClient.connect(cluster.gateway.address) as client:
+        await client.create_bucket("listing")
+        keys = sorted(f"dir{d}/file-{i:03d}" for d in range(3) for i in range(40))
+        for key in keys:
+            await client.put_object("listing", key, key.encode())
+        page = await client.list_objects("listing", max_keys=50)
+        assert [o.key for o in page.objects] == keys[:50]
+        assert page.is_truncated
+        rest = await client.list_objects(
+            "listing", continuation_token=page.next_continuation_token, max_keys=1000
+        )
+        assert [o.key for o in rest.objects] == keys[50:]
+        folded = await client.list_objects("listing", delimiter="/")
+        assert list(folded.common_prefixes) == ["dir0/", "dir1/", "dir2/"]
+        assert [o.key for o in (await client.list_objects("listing", prefix="dir1/")).objects] == [
+            k for k in keys if k.startswith("dir1/")
+        ]
+        with pytest.raises(errors.PreconditionFailed):
+            await client.delete_bucket("listing")
+        for key in keys:
+            await client.delete_object("listing", key)
+        with pytest.raises(errors.NotFound):
+            await client.head_object("listing", keys[0])
+        await client.delete_object("listing", keys[0])  # absent: fine
+        await client.delete_bucket("listing")
+        with pytest.raises(errors.NotFound):
+            await client.put_object("listing", "k", b"x")
+        with pytest.raises(errors.InvalidArgument):
+            await client.create_bucket("Bad_Name")
+        await client.create_bucket("rules")
+        for bad_key in ("", "x" * 1025, "nul\x00key"):
+            with pytest.raises(errors.InvalidArgument):
+                await client.put_object("rules", bad_key, b"x")
+
+
+async def test_put_if_absent_and_digests(cluster: Cluster) -> None:
+    async with await objects.AsyncObjectClient.connect(cluster.gateway.address) as client:
+        await client.create_bucket("cond")
+        await client.put_object("cond", "k", b"first", if_none_match=True)
+        with pytest.raises(errors.PreconditionFailed):
+            await client.put_object("cond", "k", b"second", if_none_match=True)
+        assert await client.get_object("cond", "k") == b"first"
+        copied = await client.copy_object("cond", "k", "cond", "k2")
+        assert copied.etag == hashlib.md5(b"first").hexdigest()
+        assert await client.get_object("cond", "k2") == b"first"
+
+
+async def test_corrupt_and_missing_shards_are_rebuilt_on_read(cluster: Cluster) -> None:
+    data = _data(7, 20 * MIB + 11)
+    async with await objects.AsyncObjectClient.connect(cluster.gateway.address) as client:
+        await client.create_bucket("degraded")
+        await client.put_object("degraded", "weights.bin", data)
+        # Flip bytes in the shard files of two drives, delete the shard of a third.
+        drives = []
+        for node in cluster.datanodes:
+            cfg = node.ctx.cfg
+            assert isinstance(cfg, datanode_config.DatanodeConfig)
+            drives.extend(cfg.drive_paths())
+        await asyncio.to_thread(_damage, drives, "degraded")
+        assert await client.get_object("degraded", "weights.bin") == data
+        start = 9 * MIB + 5
+        assert (
+            await client.get_object("degraded", "weights.bin", offset=start, length=MIB)
+            == (data[start : start + MIB])
+        )
+
+
+def _damage(drives: list[Path], bucket: str) -> None:
+    files = [f for d in drives for f in sorted(d.glob(f"objects/{bucket}/*/*/*/part.1"))]
+    assert len(files) == 12
+    for path in files[:2]:
+        raw = bytearray(path.read_bytes())
+        raw[100:110] = bytes(10)
+        raw[-20:-10] = b"\xff" * 10
+        path.write_bytes(bytes(raw))
+    files[2].unlink()
+
+
+async def test_reads_survive_m_lost_drives_and_fail_cleanly_beyond(cluster: Cluster) -> None:
+    data = _data(11, 9 * MIB + 1)
+    async with await objects.AsyncObjectClient.connect(cluster.gateway.address) as client:
+        await client.create_bucket("quorum")
+        await client.put_object("quorum", "big", data)
+        await client.put_object("quorum", "small", b"tiny object")
+        for node in cluster.datanodes[:2]:  # 4 of 12 drives: m = 4
+            node.stop.set()
+            await node.task
+        assert await client.get_object("quorum", "big") == data
+        assert await client.get_object("quorum", "small") == b"tiny object"
+        # With m drives down a PUT still reaches its write quorum (8 of 12).
+        await client.put_object("quorum", "during", b"written while degraded")
+        assert await client.get_object("quorum", "during") == b"written while degraded"
+        cluster.datanodes[2].stop.set()
+        await cluster.datanodes[2].task
+        with pytest.raises(errors.Unavailable):
+            await client.get_object("quorum", "big")
+        with pytest.raises(errors.Unavailable):
+            await client.put_object("quorum", "refused", b"x")
