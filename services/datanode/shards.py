@@ -141,6 +141,10 @@ def _remove_data_dirs(object_dir: Path, keep: str | None) -> None:
         shutil.rmtree(path)
 
 
+class Superseded(errors.PreconditionFailed):
+    """A commit with only_if_newer found a newer version on the drive."""
+
+
 class StagedWrite:
     """A write of one object version to a drive, invisible until commit.
 
@@ -160,6 +164,8 @@ class StagedWrite:
         self._staged = 0
         self._in_memory = True
         self._state = "open"
+        #: commit only when the drive holds no newer version (mtime, then data_id)
+        self.only_if_newer = False
 
     def __enter__(self) -> StagedWrite:
         return self
@@ -377,6 +383,10 @@ class ShardStore:
         object_dir = self._object_dir(meta.bucket, meta.key)
         inline = is_inline(meta)
         with self._key_lock(object_dir):
+            if write.only_if_newer:
+                current = self._current_version(object_dir)
+                if current is not None and current > (meta.mtime_unix_ns, meta.data_id):
+                    raise Superseded(f"{meta.bucket}/{meta.key}: a newer version is here")
             _makedirs_durable(object_dir)
             if not inline:
                 target = object_dir / meta.data_id
@@ -391,6 +401,15 @@ class ShardStore:
             _fsync_dir(object_dir)
             self._index.put(meta.bucket, _entry(meta))
             _remove_data_dirs(object_dir, None if inline else meta.data_id)
+
+    @staticmethod
+    def _current_version(object_dir: Path) -> tuple[int, str] | None:
+        """(mtime, data_id) of the object's meta here, or None when absent or unreadable."""
+        try:
+            meta = decode_meta((object_dir / META_FILE).read_bytes(), str(object_dir))
+        except (FileNotFoundError, errors.Corrupt):
+            return None
+        return meta.mtime_unix_ns, meta.data_id
 
     def delete(self, bucket: str, key: str) -> bool:
         """Remove the object from this drive (meta first, then data); False when it was absent."""

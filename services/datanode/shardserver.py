@@ -142,8 +142,12 @@ class ShardNode:
         if entry is None:
             raise errors.NotFound(f"no staged write {req.write_id} on drive {req.drive_id}")
         staged = entry[0]
+        staged.only_if_newer = True  # concurrent PUTs of a key converge on the newest
         try:
             await self._run(staged.commit, req.meta)
+        except shards.Superseded:
+            await self._run(staged.abort)
+            return pb.CommitWriteResponse(superseded=True)
         except BaseException:
             await self._run(staged.abort)
             raise

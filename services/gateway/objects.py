@@ -330,6 +330,8 @@ class ObjectEngine:
                 drive_id=slot.drive_id, write_id=up.upload_id, meta=mine
             )
             try:
+                # A superseded commit (a newer PUT of the key got there first) counts: this
+                # PUT happened, and was overwritten at once, as with any later PUT.
                 await self._nodes.shards(slot.node_id).commit_write(request)
             except errors.KVTierError as exc:
                 log.warning(

@@ -223,3 +223,22 @@ async def test_reads_survive_m_lost_drives_and_fail_cleanly_beyond(cluster: Clus
             await client.get_object("quorum", "big")
         with pytest.raises(errors.Unavailable):
             await client.put_object("quorum", "refused", b"x")
+
+
+async def test_concurrent_puts_of_one_key_leave_one_whole_version(cluster: Cluster) -> None:
+    async with await objects.AsyncObjectClient.connect(cluster.gateway.address) as client:
+        await client.create_bucket("race")
+        versions = [_data(100 + i, 3 * MIB + i) for i in range(8)]
+        results = await asyncio.gather(
+            *(client.put_object("race", "same", v) for v in versions), return_exceptions=True
+        )
+        assert all(not isinstance(r, BaseException) for r in results), results
+        got = await client.get_object("race", "same")
+        assert got in versions
+        head = await client.head_object("race", "same")
+        assert head.etag == hashlib.md5(got).hexdigest()
+        # Every drive converged on that version: the object still reads with m drives gone.
+        for node in cluster.datanodes[:2]:
+            node.stop.set()
+            await node.task
+        assert await client.get_object("race", "same") == got

@@ -29,9 +29,11 @@ class ShardClient(base.BaseClient):
         super().__init__(address, **kwargs)
         self._stub = shards_pb2_grpc.ShardServiceStub(self.channel)
 
-    async def commit_write(self, request: shards_pb2.CommitWriteRequest) -> None:
-        """Make a staged write the object's version on a drive."""
-        await self._unary(self._stub.CommitWrite, request)
+    async def commit_write(self, request: shards_pb2.CommitWriteRequest) -> bool:
+        """Make a staged write the object's version on a drive; False when the drive already
+        holds a newer version (the write was dropped: superseded)."""
+        reply: shards_pb2.CommitWriteResponse = await self._unary(self._stub.CommitWrite, request)
+        return not reply.superseded
 
     async def abort_write(self, drive_id: str, write_id: str) -> None:
         """Drop a staged write."""

@@ -127,12 +127,20 @@ Global___CommitWriteRequest: _TypeAlias = CommitWriteRequest  # noqa: Y015
 class CommitWriteResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    SUPERSEDED_FIELD_NUMBER: _builtins.int
+    superseded: _builtins.bool
+    """The drive already holds a newer version (later mtime, or equal mtime and a larger data_id):
+    this write was dropped, the newer one stays. Concurrent PUTs of one key thus converge on
+    the newest version on every drive, whatever order their commits arrive in.
+    """
     def __init__(
         self,
+        *,
+        superseded: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["superseded", b"superseded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
