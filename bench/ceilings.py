@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import mmap
 import multiprocessing
+import os
 import socket
 import statistics
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from typing import Any
 
 import numpy as np
 
@@ -77,6 +82,70 @@ def erasure_gbps(
         if lost <= m:
             result[f"reconstruct_{lost}"] = rate(rebuild(lost))
     return result
+
+
+def disk_gbps(
+    directory: str | os.PathLike[str],
+    total_bytes: int = 512 * MIB,
+    block_bytes: int = 8 * MIB,
+    repeats: int = 2,
+) -> dict[str, Any]:
+    """Sequential write and read of one file in `directory`'s filesystem, in GB/s (best of
+    `repeats`); the file is removed afterwards.
+
+    write_fsync: buffered writes then fsync, timed to the end of the fsync, as a datanode
+    stages and commits a shard. read: O_DIRECT into an aligned buffer, so the page cache
+    serves nothing (`read_method` says "O_DIRECT"); where the filesystem refuses O_DIRECT
+    (tmpfs), buffered reads after posix_fadvise(DONTNEED) and the method says so.
+    """
+    path = os.path.join(directory, f".kvtier-disk-ceiling-{os.getpid()}")
+    buf = mmap.mmap(-1, block_bytes)  # page-aligned, as O_DIRECT needs
+    buf.write(np.random.default_rng(7).integers(0, 256, block_bytes, dtype=np.uint8).tobytes())
+    count = max(1, total_bytes // block_bytes)
+    writes, reads, method = [], [], "O_DIRECT"
+    try:
+        for _ in range(repeats):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            start = time.perf_counter()
+            try:
+                for _ in range(count):
+                    os.write(fd, buf)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            writes.append(count * block_bytes / (time.perf_counter() - start) / 1e9)
+            rate, method = _read_uncached(path, buf, count)
+            reads.append(rate)
+    finally:
+        buf.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    return {"write_fsync": max(writes), "read": max(reads), "read_method": method}
+
+
+def _read_uncached(path: str, buf: mmap.mmap, count: int) -> tuple[float, str]:
+    try:
+        fd, method = os.open(path, os.O_RDONLY | os.O_DIRECT), "O_DIRECT"
+    except OSError:
+        fd, method = os.open(path, os.O_RDONLY), "buffered after fadvise(DONTNEED)"
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    try:
+        start = time.perf_counter()
+        got = 0
+        for _ in range(count):
+            got += os.readv(fd, [buf])
+        return got / (time.perf_counter() - start) / 1e9, method
+    finally:
+        os.close(fd)
+
+
+def md5_gbps(total_bytes: int = 256 * MIB) -> float:
+    """hashlib MD5 (the ETag of an object) over pre-faulted memory on one core, GB/s: one PUT
+    hashes its bytes in order, so this bounds a single PUT stream."""
+    data = np.ones(total_bytes, dtype=np.uint8)
+    start = time.perf_counter()
+    hashlib.md5(data.data).digest()
+    return total_bytes / (time.perf_counter() - start) / 1e9
 
 
 def _sender(port_out: Connection, block_bytes: int, total_bytes: int) -> None:

@@ -1,9 +1,10 @@
 """`make bench`: measure, check the targets as ratios of this run's ceilings, write the report.
 
-Usage: python -m bench.run [--quick] [--no-doc] [--skip-kv]
+Usage: python -m bench.run [--quick] [--no-doc] [--skip-kv] [--skip-objects]
 Writes bench/results/<name>.json, docs/img/<name>.png and the matching section of
 docs/benchmarks.md (between `<!-- <name>:begin -->` and `<!-- <name>:end -->`).
-The KV-cache section (bench/kv_bench.py) installs its peers with scripts/bench_peers.sh first.
+The KV-cache section (bench/kv_bench.py) installs its peers with scripts/bench_peers.sh first;
+the object-tier section (bench/object_bench.py) starts and stops a dev cluster of its own.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from bench import ceilings, eviction_trace, kv_bench, transport_bench
+from bench import ceilings, eviction_trace, kv_bench, object_bench, transport_bench
 from kvtier.transport import registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -218,6 +219,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="shorter runs (smoke test)")
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
     parser.add_argument("--skip-kv", action="store_true", help="skip the KV-cache peer benchmark")
+    parser.add_argument(
+        "--skip-objects", action="store_true", help="skip the object-tier (dev cluster) benchmark"
+    )
     args = parser.parse_args()
     result = run_transport(args.quick)
     print(f"erasure coding ceiling: {_erasure_cell(result['ceilings']['erasure_gbps'])}")
@@ -231,6 +235,9 @@ def main() -> int:
     if not args.skip_kv:
         kv = kv_bench.run_section(args.quick, None if args.no_doc else update_doc)
         result["targets"] += kv["targets"]
+    if not args.skip_objects:
+        objs = object_bench.run_section(args.quick, None if args.no_doc else update_doc)
+        result["targets"] += objs["targets"]
     for check in result["targets"]:
         print(f"{'ok  ' if check['ok'] else 'MISS'} {check['target']}: {check['ratio']:.2f}")
     return 0 if all(c["ok"] for c in result["targets"]) else 1

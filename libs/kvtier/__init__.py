@@ -9,13 +9,14 @@ __version__ = "0.1.0"
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kvtier.kv import AsyncKVClient, PutStatus
+    from kvtier.kv import AsyncKVClient, Durability, PutStatus
     from kvtier.kv_sync import KVClient
     from kvtier.objects import AsyncObjectClient, ObjectClient
 
 __all__ = [
     "AsyncKVClient",
     "AsyncObjectClient",
+    "Durability",
     "KVClient",
     "ObjectClient",
     "PutStatus",
@@ -26,6 +27,7 @@ _LAZY = {
     "KVClient": "kvtier.kv_sync",
     "AsyncKVClient": "kvtier.kv",
     "PutStatus": "kvtier.kv",
+    "Durability": "kvtier.kv",
     "ObjectClient": "kvtier.objects",
     "AsyncObjectClient": "kvtier.objects",
 }

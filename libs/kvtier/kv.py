@@ -60,6 +60,20 @@ class PutStatus(enum.StrEnum):
     UNAVAILABLE = "unavailable"  # no owner node answered
 
 
+class Durability(enum.StrEnum):
+    """Whether a namespace's blocks also live in the durable tier (`set_durability`)."""
+
+    NONE = "none"  # DRAM only: an evicted block is gone
+    WRITE_BACK = "write_back"  # evicted blocks are spilled; misses read through
+    WRITE_THROUGH = "write_through"  # every put is uploaded too; misses read through
+
+
+_DURABILITY = {
+    Durability.NONE: pb.DURABILITY_NONE,
+    Durability.WRITE_BACK: pb.DURABILITY_WRITE_BACK,
+    Durability.WRITE_THROUGH: pb.DURABILITY_WRITE_THROUGH,
+}
+
 _PUT_STATUS = {
     pb.ITEM_STATUS_OK: PutStatus.STORED,
     pb.ITEM_STATUS_EXISTS: PutStatus.EXISTS,
@@ -469,6 +483,23 @@ class AsyncKVClient:
             )
         )
         return {n.node_id: r for n, r in zip(nodes, replies, strict=True) if r is not None}
+
+    async def set_durability(self, durability: Durability | str) -> int:
+        """Operator setting: the durability of this client's namespace on every kvcache node
+        of the map (kept in the nodes' memory; a restarted or new node needs it again, or its
+        `durable_namespaces` setting). Returns how many nodes were set; raises the first
+        node's error (Unavailable, InvalidArgument) if any failed."""
+        value = _DURABILITY[Durability(durability)]
+        await self.refresh()
+        nodes = self._set.nodes()
+        results = await asyncio.gather(
+            *(n.grpc.set_namespace_policy(self.tenant, self.namespace, value) for n in nodes),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return len(nodes)
 
     async def _on_owners(
         self,

@@ -114,6 +114,10 @@ class KVClient:
         """See `kvtier.kv.AsyncKVClient.stats`."""
         return self._run(self._inner.stats())
 
+    def set_durability(self, durability: kv.Durability | str) -> int:
+        """See `kvtier.kv.AsyncKVClient.set_durability`."""
+        return self._run(self._inner.set_durability(durability))
+
     def refresh(self) -> None:
         """Reload the node list now."""
         self._run(self._inner.refresh())

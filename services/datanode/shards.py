@@ -16,6 +16,8 @@ Commit order (a crash at any point leaves the old version or the new one readabl
 fsync part files and the staged data dir → rename it to `<h>/<data_id>` → fsync `<h>` → mark the
 key pending in the index → write `meta` in staging, fsync → rename over `<h>/meta` → fsync `<h>`
 → index entry → remove every other data dir under `<h>` (the previous version, crash leftovers).
+A commit of a data_id whose data dir exists (healing rewrites a drive's shard of the version it
+holds) renames the staged part files over the existing ones instead, one by one.
 Operations on one key are serialized by a striped lock; everything here blocks (run it in the
 datanode's bounded executor).
 """
@@ -139,6 +141,20 @@ def _remove_data_dirs(object_dir: Path, keep: str | None) -> None:
         stale = [e.path for e in entries if e.name != keep and e.is_dir(follow_symlinks=False)]
     for path in stale:
         shutil.rmtree(path)
+
+
+def _replace_files(staged: Path, target: Path) -> None:
+    """Move every file of staged over its namesake in target, each by an atomic rename.
+
+    Used when a commit brings a data dir that already exists: a version's shard rewritten by
+    healing (its data_id names the version, and a drive always holds the same shard index of
+    it, so the new files are byte for byte what the old ones should have been). Whatever file
+    a crash leaves old, the version stays readable where it was intact before.
+    """
+    with os.scandir(staged) as entries:
+        for entry in entries:
+            os.replace(entry.path, target / entry.name)
+    _fsync_dir(target)
 
 
 class Superseded(errors.PreconditionFailed):
@@ -390,9 +406,10 @@ class ShardStore:
             _makedirs_durable(object_dir)
             if not inline:
                 target = object_dir / meta.data_id
-                if target.exists():
-                    raise errors.PreconditionFailed(f"data id {meta.data_id} exists")
-                os.rename(write.data_dir, target)
+                if target.is_dir():
+                    _replace_files(write.data_dir, target)  # healing: the same version again
+                else:
+                    os.rename(write.data_dir, target)
                 _fsync_dir(object_dir)
             self._index.mark_pending(meta.bucket, meta.key)
             staged_meta = write.path / META_FILE

@@ -11,9 +11,25 @@ import grpc
 
 from kvtier import erasure, errors, service
 from kvtier.proto.common.v1 import common_pb2
-from kvtier.proto.gateway.v1 import gateway_pb2, gateway_pb2_grpc, objects_pb2, objects_pb2_grpc
+from kvtier.proto.gateway.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    objects_pb2,
+    objects_pb2_grpc,
+)
 from kvtier.transport import slots
-from services.gateway import config, datanodes, front, listing, objects, servicer
+from services.gateway import (
+    config,
+    datanodes,
+    front,
+    healing,
+    listing,
+    objects,
+    rebuild,
+    servicer,
+)
 
 _SWEEP_S = 60.0
 
@@ -25,6 +41,7 @@ class _Gateway:
         self.executor = erasure.new_executor(cfg.codec_threads)
         self.front: front.ObjectFront | None = None
         self.nodes: datanodes.Datanodes | None = None
+        self.healer: healing.Healer | None = None
 
     def add_servicers(self, server: grpc.aio.Server, ctx: service.Context) -> Sequence[str]:
         dataplane = ctx.dataplane
@@ -38,15 +55,27 @@ class _Gateway:
             ctx.map_view, engine, listing.Lister(ctx.map_view, self.nodes)
         )
         dataplane.ctx.call_handler = self.front.handle_call
+        self.healer = healing.Healer(
+            ctx.map_view,
+            self.front,
+            rebuild.Rebuilder(self.nodes, staging, self.executor),
+            max_objects=self.cfg.heal_max_objects,
+            scan_interval_s=self.cfg.scan_interval_s,
+            scan_objects_per_cycle=self.cfg.scan_objects_per_cycle,
+        )
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
             servicer.GatewayServicer(ctx.map_view), server
         )
         objects_pb2_grpc.add_ObjectServiceServicer_to_server(
             servicer.ObjectServicer(self.front), server
         )
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(
+            servicer.AdminServicer(self.healer), server
+        )
         return [
             gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,
             objects_pb2.DESCRIPTOR.services_by_name["ObjectService"].full_name,
+            admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
         ]
 
     async def sweep_loop(self, ctx: service.Context) -> None:
@@ -62,6 +91,16 @@ class _Gateway:
             if self.nodes is not None:
                 await self.nodes.close()
 
+    async def heal_loop(self, ctx: service.Context) -> None:
+        """Drain the heal queue."""
+        if self.healer is not None:
+            await self.healer.run_queue()
+
+    async def scan_loop(self, ctx: service.Context) -> None:
+        """Verify and heal a slice of the objects every scan_interval_s."""
+        if self.healer is not None:
+            await self.healer.run_scanner()
+
     def close(self) -> None:
         self.executor.shutdown(wait=True)
 
@@ -76,7 +115,7 @@ def build(cfg: config.GatewayConfig) -> service.ServiceSpec:
         node_id=node_id,
         add_servicers=gateway.add_servicers,
         dataplane=True,
-        loops=(gateway.sweep_loop,),
+        loops=(gateway.sweep_loop, gateway.heal_loop, gateway.scan_loop),
         on_close=gateway.close,
     )
 

@@ -20,6 +20,15 @@ class GatewayConfig(config.DataPlaneServiceConfig):
         64 * _MIB, "memory of one object call in flight (its stripes, parity and padding)"
     )
     codec_threads: int = config.setting(2, "threads for erasure coding and hashing")
+    heal_max_objects: int = config.setting(
+        2, "objects healed at once (a rebuild holds one staging slot per batch of stripes)"
+    )
+    scan_interval_s: float = config.setting(
+        60.0, "seconds between cycles of the heal scanner; 0 turns the scanner off"
+    )
+    scan_objects_per_cycle: int = config.setting(
+        1000, "objects the heal scanner verifies (and heals) per cycle"
+    )
 
     def __post_init__(self) -> None:
         config.DataPlaneServiceConfig.__post_init__(self)
@@ -30,3 +39,9 @@ class GatewayConfig(config.DataPlaneServiceConfig):
             )
         if not 1 <= self.codec_threads <= 64:
             raise config.ConfigError(f"codec_threads: {self.codec_threads} is not in 1..64")
+        if not 1 <= self.heal_max_objects <= 64:
+            raise config.ConfigError(f"heal_max_objects: {self.heal_max_objects} is not in 1..64")
+        if self.scan_interval_s < 0:
+            raise config.ConfigError("scan_interval_s: must not be negative (0 turns it off)")
+        if self.scan_objects_per_cycle < 1:
+            raise config.ConfigError("scan_objects_per_cycle: must be at least 1")

@@ -376,19 +376,25 @@ class ObjectEngine:
 
     # Resolution, HEAD, DELETE.
 
-    async def resolve(self, bucket: str, key: str) -> Resolved:
-        """The current version of bucket/key; NotFound, or Unavailable below read quorum."""
+    async def resolve(self, bucket: str, key: str, *, queue_heal: bool = True) -> Resolved:
+        """The current version of bucket/key; NotFound, or Unavailable below read quorum.
+
+        When some drives lack that version the object is queued for healing, unless
+        queue_heal is False (the healer's own look).
+        """
         names.check_bucket(bucket)
         names.check_key(key)
         cmap = self._view.current
         where = placement.locate(cmap, bucket, key, 0)
-        found = await self._resolve_in(where, bucket, key)
+        found = await self._resolve_in(where, bucket, key, queue_heal)
         if found.meta.is_pointer:
             target = placement.locate(cmap, bucket, key, found.meta.pool_pointer)
-            found = await self._resolve_in(target, bucket, key)
+            found = await self._resolve_in(target, bucket, key, queue_heal)
         return found
 
-    async def _resolve_in(self, where: placement.Placement, bucket: str, key: str) -> Resolved:
+    async def _resolve_in(
+        self, where: placement.Placement, bucket: str, key: str, queue_heal: bool = True
+    ) -> Resolved:
         async def read(index: int) -> datanode_pb2.ShardMeta | BaseException:
             slot = where.slots[index]
             try:
@@ -410,7 +416,7 @@ class ObjectEngine:
         agreed = [d for d, holders in versions.items() if len(holders) >= quorum]
         if agreed:
             best = max(agreed, key=lambda d: (metas[d].mtime_unix_ns, d))
-            if len(versions[best]) < len(where.slots):
+            if queue_heal and len(versions[best]) < len(where.slots):
                 self.heal_queue.add((bucket, key))
             return Resolved(metas[best], where, frozenset(versions[best]))
         if missing > len(where.slots) - quorum:
@@ -546,8 +552,9 @@ class ObjectEngine:
                 if i * block < hi and (i + 1) * block > lo:
                     plan.append((s, i, region.view[at + i * block :][:block]))
         failed = await self._read_blocks(found, plan)
+        read = {(s, i) for s, i, _ in plan} - failed
         for s in sorted({s for s, _ in failed}):
-            await self._rebuild_stripe(found, s, s0, failed, region, base_at, scratch_at)
+            await self._rebuild_stripe(found, s, s0, failed, region, base_at, scratch_at, read)
         return offset - s0 * stripe_bytes
 
     async def _read_blocks(
@@ -587,8 +594,10 @@ class ObjectEngine:
         region: base.Region,
         base_at: int,
         scratch_at: int,
+        read: set[tuple[int, int]],
     ) -> None:
-        """Rebuild the failed blocks of stripe s from any k readable shards of it."""
+        """Rebuild the failed blocks of stripe s from any k readable shards of it (`read`: the
+        blocks already in place; a ranged read leaves the stripe's other data blocks unread)."""
         meta = found.meta
         k, m = meta.data_shards, meta.parity_shards
         rest = meta.size - s * k * BLOCK_BYTES
@@ -603,7 +612,7 @@ class ObjectEngine:
         bad = {i for t, i in failed if t == s}
         present: dict[int, memoryview] = {}
         candidates = [i for i in range(k + m) if i not in bad]
-        read_ok = {i for i in range(k) if i not in bad and (s, i) not in failed}
+        read_ok = {i for i in range(k) if (s, i) in read}
         # Data blocks already read for the range count; fetch others until k are present.
         todo = [i for i in candidates if i not in read_ok]
         for i in read_ok:

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from kvtier import clustermap, rpc
-from kvtier.proto.gateway.v1 import gateway_pb2, gateway_pb2_grpc, objects_pb2, objects_pb2_grpc
+from kvtier.proto.gateway.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    objects_pb2,
+    objects_pb2_grpc,
+)
 from services.gateway import front as front_mod
+from services.gateway import healing
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -93,3 +103,17 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
     ) -> objects_pb2.ListObjectsResponse:
         await self._front.check_bucket(request.bucket)
         return await self._front.lister.list_objects(request)
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    """kvtier.gateway.v1.AdminService: healing on demand."""
+
+    def __init__(self, healer: healing.Healer) -> None:
+        self._healer = healer
+
+    async def Heal(
+        self, request: admin_pb2.HealRequest, context: rpc.ServicerContext
+    ) -> AsyncIterator[admin_pb2.HealProgress]:
+        progress = self._healer.heal_tree(request.bucket, request.prefix, dry_run=request.dry_run)
+        async for message in progress:
+            yield message

@@ -14,7 +14,7 @@ from kvtier import errors, identity, service
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
 from kvtier.transport import base
-from services.kvcache import blocks, config, servicer
+from services.kvcache import blocks, config, durable, gatewaylink, servicer, spillqueue
 from services.kvcache import store as block_store
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ class _Node:
     def __init__(self, cfg: config.KVCacheConfig) -> None:
         self.cfg = cfg
         self.blocks: blocks.BlockService | None = None
+        self.tier: durable.DurableTier | None = None
 
     def add_servicers(self, server: grpc.aio.Server, ctx: service.Context) -> Sequence[str]:
         """Allocate the arena in the data plane (registered with every transport at its
@@ -35,6 +36,7 @@ class _Node:
             raise errors.Internal("a kvcache node needs its data plane")
         cfg = self.cfg
         arena = dataplane.regions.create(cfg.arena_bytes, name="kvcache-arena")
+        tier = self._durable_tier(ctx)
         store = block_store.BlockStore(
             cfg.arena_bytes,
             page_bytes=cfg.page_bytes,
@@ -42,7 +44,10 @@ class _Node:
             high_watermark=cfg.high_watermark,
             low_watermark=cfg.low_watermark,
             put_timeout_s=cfg.put_timeout_s,
+            spill_sink=tier.spill,
+            spill_admit=tier.admit,
         )
+        tier.bind(store, arena.view)
         for tenant, quota in cfg.quotas().items():
             store.set_quota(tenant, quota)
 
@@ -56,14 +61,46 @@ class _Node:
             return dataplane.issuer.grant(region, offset, length, rights, principal, ttl_s)
 
         self.blocks = blocks.BlockService(
-            store, arena, grant, read_lease_s=cfg.read_lease_s, epoch=ctx.map_view.epoch
-        )
+            store, arena, grant, read_lease_s=cfg.read_lease_s, epoch=ctx.map_view.epoch,
+            tier=tier,
+        )  # fmt: skip
         dataplane.ctx.call_handler = self.blocks.handle_call
         kvcache_pb2_grpc.add_KVCacheServiceServicer_to_server(
             servicer.KVCacheServicer(self.blocks), server
         )
         log.info("kvcache arena: %d bytes, policy %s", cfg.arena_bytes, cfg.eviction_policy)
         return [kvcache_pb2.DESCRIPTOR.services_by_name["KVCacheService"].full_name]
+
+    def _durable_tier(self, ctx: service.Context) -> durable.DurableTier:
+        """The durable tier through the map's gateways, with the configured policies."""
+        cfg = self.cfg
+        link = gatewaylink.GatewayObjects(
+            ctx.map_view,
+            ctx.node_id,
+            timeout_s=max(cfg.spill_timeout_s, cfg.read_through_timeout_s),
+        )
+        queue = spillqueue.SpillQueue(
+            link,
+            buffer_bytes=cfg.spill_buffer_bytes,
+            page_bytes=cfg.page_bytes,
+            concurrency=cfg.spill_concurrency,
+            retries=cfg.spill_retries,
+            timeout_s=cfg.spill_timeout_s,
+            drain_s=cfg.spill_drain_s,
+        )
+        self.tier = durable.DurableTier(queue, read_timeout_s=cfg.read_through_timeout_s)
+        for (tenant, namespace), mode in cfg.durable_policies().items():
+            self.tier.set_policy(tenant, namespace, durable.parse_durability(mode))
+        return self.tier
+
+    async def spill_loop(self, ctx: service.Context) -> None:
+        """Upload spilled blocks (and at a stop, drain what is queued for spill_drain_s)."""
+        if self.tier is None:
+            return
+        try:
+            await self.tier.queue.run()
+        finally:
+            await self.tier.queue.objects.close()
 
     async def sweep_loop(self, ctx: service.Context) -> None:
         """Expire TTLs, stale leases and stuck puts; refresh the gauges."""
@@ -87,7 +124,7 @@ def build(cfg: config.KVCacheConfig) -> service.ServiceSpec:
         on_close=lock.close,
         dataplane=True,
         add_servicers=node.add_servicers,
-        loops=(node.sweep_loop,),
+        loops=(node.sweep_loop, node.spill_loop),
     )
 
 

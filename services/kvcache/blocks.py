@@ -15,56 +15,28 @@ The tenant of a data-plane call is its session's (from the principal the node mi
 request can reach another tenant's blocks. Over gRPC the tenant comes from the request (the
 control plane is not authenticated until users and tenants arrive with the S3 API).
 
+Durable namespaces (`durable.DurableTier`): a get that misses DRAM, an exists or a lookup that
+finds keys absent from DRAM return an awaitable (plan or reply) that asks the durable tier;
+everything else, and every hit, stays synchronous (no task, no extra loop turn).
+
 Never imports grpc; runs on the event loop (the store is not thread-safe).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
-
-import prometheus_client
 
 from kvtier import errors
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from kvtier.transport import base
 from kvtier.transport import dataplane as transport_dataplane
+from services.kvcache import durable, metrics
 from services.kvcache import store as block_store
 
 log = logging.getLogger(__name__)
-
-_LABELS = ("tenant", "namespace")
-HITS = prometheus_client.Counter("kvtier_kvcache_hits_total", "Blocks found by gets", _LABELS)
-MISSES = prometheus_client.Counter("kvtier_kvcache_misses_total", "Gets of absent keys", _LABELS)
-BYTES_IN = prometheus_client.Counter(
-    "kvtier_kvcache_bytes_in_total", "Block bytes committed by puts", _LABELS
-)
-BYTES_OUT = prometheus_client.Counter(
-    "kvtier_kvcache_bytes_out_total", "Block bytes handed to readers", _LABELS
-)
-PUT_OUTCOMES = prometheus_client.Counter(
-    "kvtier_kvcache_put_items_total", "Put items by outcome", (*_LABELS, "status")
-)
-EVICTIONS = prometheus_client.Gauge(
-    "kvtier_kvcache_evictions",
-    "Blocks evicted since start, by tenant and cause",
-    ("tenant", "cause"),
-)
-QUOTA_REJECTIONS = prometheus_client.Gauge(
-    "kvtier_kvcache_quota_rejections", "Puts refused by the tenant quota since start", ("tenant",)
-)
-LEASE_WAITS = prometheus_client.Gauge(
-    "kvtier_kvcache_lease_waits", "Puts that had to evict first, since start", ("tenant",)
-)
-FILL = prometheus_client.Gauge("kvtier_kvcache_fill_ratio", "Allocated share of the arena")
-ARENA = prometheus_client.Gauge("kvtier_kvcache_arena_bytes", "Size of the DRAM arena")
-TENANT_BYTES = prometheus_client.Gauge(
-    "kvtier_kvcache_tenant_bytes", "Bytes a tenant holds (the quota measure)", ("tenant",)
-)
-FRAGMENTATION = prometheus_client.Gauge(
-    "kvtier_kvcache_fragmentation_ratio", "Arena fragmentation", ("kind",)
-)
 
 #: Grants a descriptor: (region, offset, length, rights, principal, ttl_s) -> Descriptor.
 Grant = Callable[[base.Region, int, int, base.Rights, str, float], base.Descriptor]
@@ -94,6 +66,7 @@ class BlockService:
         *,
         read_lease_s: float = 10.0,
         epoch: Callable[[], int] = lambda: 0,
+        tier: durable.DurableTier | None = None,
     ) -> None:
         if arena.size < store.arena_bytes:
             raise ValueError("the arena region is smaller than the store's arena")
@@ -102,10 +75,11 @@ class BlockService:
         self._grant = grant
         self._read_lease_s = read_lease_s
         self._epoch = epoch  # the node's cluster-map epoch, sent back with every batch reply
+        self.tier = tier
         self._puts: dict[int, block_store.PutTicket] = {}  # gRPC puts awaiting CommitPuts
         self._reads: dict[int, block_store.ReadLease] = {}  # gRPC reads awaiting ReleaseReads
         self._counters: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
-        ARENA.set(store.arena_bytes)
+        metrics.ARENA.set(store.arena_bytes)
 
     # Data-plane calls.
 
@@ -116,7 +90,7 @@ class BlockService:
         request: bytes,
         segments: Sequence[int],
         capacities: Sequence[int],
-    ) -> base.CallPlan:
+    ) -> base.CallPlan | Awaitable[base.CallPlan]:
         """The node's `kvtier.transport.base.CallHandler`."""
         tenant = transport_dataplane.tenant_of(principal)
         if method == pb.CALL_METHOD_BATCH_PUT:
@@ -130,6 +104,8 @@ class BlockService:
             raise errors.InvalidArgument(f"unknown kvcache call method {method}")
         message_type, handler = simple
         reply = handler(self, tenant, _parse(message_type, request))
+        if inspect.isawaitable(reply):
+            return _plan_of(reply)
         return base.CallPlan(reply=reply.SerializeToString())
 
     def _call_put(
@@ -164,13 +140,28 @@ class BlockService:
 
     def _call_get(
         self, tenant: str, req: pb.BatchGetRequest, capacities: Sequence[int]
-    ) -> base.CallPlan:
+    ) -> base.CallPlan | Awaitable[base.CallPlan]:
         namespace = _namespace(tenant, req.namespace, trusted=True)
         if len(capacities) != len(req.keys):
             raise errors.InvalidArgument(f"{len(req.keys)} keys but {len(capacities)} buffers")
+        through = self._through(tenant, namespace)
         items, leases = self._begin_gets(
-            tenant, namespace, req.keys, capacities, self._read_lease_s
+            tenant, namespace, req.keys, capacities, self._read_lease_s, through=through
         )
+        if through and _any_miss(items):
+
+            async def later() -> base.CallPlan:
+                await self._read_through(
+                    tenant, namespace, req.keys, capacities, items, leases, self._read_lease_s
+                )
+                return self._get_plan(items, leases)
+
+            return later()
+        return self._get_plan(items, leases)
+
+    def _get_plan(
+        self, items: list[pb.GetItem], leases: list[block_store.ReadLease | None]
+    ) -> base.CallPlan:
         sources = [
             base.Span(self._arena, lease.extent.offset, lease.extent.requested) if lease else None
             for lease in leases
@@ -222,20 +213,44 @@ class BlockService:
                 statuses.append(self._commit(ticket))
         return pb.CommitPutsResponse(statuses=statuses)
 
-    def grant_reads(self, req: pb.BatchGetRequest) -> pb.BatchGetResponse:
-        """BatchGet over gRPC: lease present blocks, grant read descriptors to req.principal."""
+    def grant_reads(
+        self, req: pb.BatchGetRequest
+    ) -> pb.BatchGetResponse | Awaitable[pb.BatchGetResponse]:
+        """BatchGet over gRPC: lease present blocks, grant read descriptors to req.principal
+        (an awaitable when DRAM misses of a durable namespace are read through first)."""
         tenant, namespace = self._grpc_scope(req.namespace, req.principal)
         lease_s = min(req.lease_s or 5.0, self._read_lease_s)
         if lease_s <= 0:
             raise errors.InvalidArgument("lease_s must be > 0")
         unlimited = [1 << 62] * len(req.keys)  # the caller sizes its buffers from the reply
-        items, leases = self._begin_gets(tenant, namespace, req.keys, unlimited, lease_s)
+        through = self._through(tenant, namespace)
+        items, leases = self._begin_gets(
+            tenant, namespace, req.keys, unlimited, lease_s, through=through
+        )
+        if through and _any_miss(items):
+
+            async def later() -> pb.BatchGetResponse:
+                await self._read_through(
+                    tenant, namespace, req.keys, unlimited, items, leases, lease_s
+                )
+                return self._grant_leases(req.principal, lease_s, items, leases)
+
+            return later()
+        return self._grant_leases(req.principal, lease_s, items, leases)
+
+    def _grant_leases(
+        self,
+        principal: str,
+        lease_s: float,
+        items: list[pb.GetItem],
+        leases: list[block_store.ReadLease | None],
+    ) -> pb.BatchGetResponse:
         for item, lease in zip(items, leases, strict=True):
             if lease is None:
                 continue
             desc = self._grant(
                 self._arena, lease.extent.offset, lease.extent.requested, base.Rights.READ,
-                req.principal, lease_s * 0.9,
+                principal, lease_s * 0.9,
             )  # fmt: skip
             item.descriptor.CopyFrom(desc.to_proto())
             item.lease_id = lease.lease_id
@@ -254,25 +269,52 @@ class BlockService:
 
     # Probes, lifetime and stats (gRPC and calls alike).
 
-    def exists(self, tenant: str, req: pb.BatchExistsRequest) -> pb.BatchExistsResponse:
-        """Whether each key is present."""
+    def exists(
+        self, tenant: str, req: pb.BatchExistsRequest
+    ) -> pb.BatchExistsResponse | Awaitable[pb.BatchExistsResponse]:
+        """Whether each key is present, in either tier (an awaitable when keys absent from DRAM
+        must be looked for in the durable tier)."""
         namespace = _namespace(tenant, req.namespace, trusted=True)
         _check_batch(req.keys)
-        present = self.store.exists(tenant, namespace, req.keys)
-        return pb.BatchExistsResponse(present=present, epoch=self._epoch())
+        in_dram = self.store.exists(tenant, namespace, req.keys)
+        if self.tier is None or all(in_dram) or not self._through(tenant, namespace):
+            return pb.BatchExistsResponse(present=in_dram, in_dram=in_dram, epoch=self._epoch())
+        tier = self.tier
 
-    def lookup(self, tenant: str, req: pb.LookupRequest) -> pb.LookupResponse:
-        """How many leading keys of the chain are present."""
+        async def later() -> pb.BatchExistsResponse:
+            missing = [k for k, hit in zip(req.keys, in_dram, strict=True) if not hit]
+            durable_found = iter(await tier.present(tenant, namespace, missing))
+            present = [hit or next(durable_found) for hit in in_dram]
+            return pb.BatchExistsResponse(present=present, in_dram=in_dram, epoch=self._epoch())
+
+        return later()
+
+    def lookup(
+        self, tenant: str, req: pb.LookupRequest
+    ) -> pb.LookupResponse | Awaitable[pb.LookupResponse]:
+        """How many leading keys of the chain are present, in either tier (an awaitable when
+        the chain goes on past DRAM in a durable namespace)."""
         namespace = _namespace(tenant, req.namespace, trusted=True)
         _check_batch(req.keys)
-        count = self.store.lookup(tenant, namespace, req.keys)
-        return pb.LookupResponse(count=count, epoch=self._epoch())
+        in_dram = self.store.lookup(tenant, namespace, req.keys)
+        if self.tier is None or in_dram == len(req.keys) or not self._through(tenant, namespace):
+            return pb.LookupResponse(count=in_dram, dram_count=in_dram, epoch=self._epoch())
+        tier = self.tier
+
+        async def later() -> pb.LookupResponse:
+            rest = await tier.leading(tenant, namespace, req.keys[in_dram:])
+            return pb.LookupResponse(count=in_dram + rest, dram_count=in_dram, epoch=self._epoch())
+
+        return later()
 
     def delete(self, tenant: str, req: pb.DeleteRequest) -> pb.DeleteResponse:
-        """Unlink the present keys."""
+        """Unlink the present keys (and delete durable copies: queued, invisible at once)."""
         namespace = _namespace(tenant, req.namespace, trusted=True)
         _check_batch(req.keys)
-        return pb.DeleteResponse(deleted=self.store.delete(tenant, namespace, req.keys))
+        deleted = self.store.delete(tenant, namespace, req.keys)
+        if self.tier is not None:
+            self.tier.deleted(tenant, namespace, req.keys)
+        return pb.DeleteResponse(deleted=deleted)
 
     def pin(self, tenant: str, req: pb.PinRequest) -> pb.PinResponse:
         """Protect present keys from capacity eviction for req.pin_s seconds."""
@@ -295,12 +337,14 @@ class BlockService:
     def stats(self, tenant: str | None) -> pb.StatsResponse:
         """Usage and counters of one tenant, or of the node (tenant None)."""
         s = self.store.stats(tenant)
-        reads = s.hits + s.misses
-        return pb.StatsResponse(
+        reads = s.hits + s.durable_hits + s.misses
+        reply = pb.StatsResponse(
             tenant=tenant or "", arena_bytes=s.arena_bytes, fill=s.fill, blocks=s.blocks,
             pending_puts=s.pending_puts, used_bytes=s.used_bytes,
             requested_bytes=s.requested_bytes, hits=s.hits, misses=s.misses,
-            hit_rate=s.hits / reads if reads else 0.0, puts=s.puts,
+            hit_rate=(s.hits + s.durable_hits) / reads if reads else 0.0,
+            dram_hit_rate=s.hits / reads if reads else 0.0, durable_hits=s.durable_hits,
+            puts=s.puts,
             put_conflicts=s.put_conflicts, pending_conflicts=s.pending_conflicts,
             quota_rejections=s.quota_rejections, lease_waits=s.lease_waits,
             overloads=s.overloads, evictions=s.evictions, tenant_bytes=s.tenant_bytes,
@@ -308,6 +352,12 @@ class BlockService:
             external_fragmentation=s.external_fragmentation,
             max_block_bytes=self.store.max_block_bytes,
         )  # fmt: skip
+        if self.tier is not None:
+            for name, value in self.tier.stats(tenant).items():
+                setattr(reply, name, value)
+            reply.spill_queue_bytes = self.tier.queue.queue_bytes
+            reply.durable_available = self.tier.queue.objects.available()
+        return reply
 
     def set_quota(self, req: pb.SetQuotaRequest) -> pb.SetQuotaResponse:
         """A tenant's byte quota on this node (0: none)."""
@@ -322,12 +372,31 @@ class BlockService:
         self.store.set_namespace_ttl(tenant, req.namespace.name, req.ttl_s or None)
         return pb.SetNamespaceTTLResponse()
 
+    def set_namespace_policy(
+        self, req: pb.SetNamespacePolicyRequest
+    ) -> pb.SetNamespacePolicyResponse:
+        """A namespace's durability on this node (NONE: DRAM only)."""
+        tenant = _tenant(req.namespace.tenant)
+        namespace = _namespace(tenant, req.namespace, trusted=False)
+        try:
+            durability = durable.Durability(req.durability)
+        except ValueError:
+            raise errors.InvalidArgument(f"unknown durability {req.durability}") from None
+        if self.tier is None:
+            if durability is not durable.Durability.NONE:
+                raise errors.InvalidArgument("this node has no durable tier")
+        else:
+            self.tier.set_policy(tenant, namespace, durability)
+        return pb.SetNamespacePolicyResponse()
+
     # Housekeeping.
 
     def sweep(self) -> int:
         """Expire TTLs, stale leases and stuck puts; drop gRPC grants that ended; update the
         gauges. Returns the blocks expired by TTL."""
         expired = self.store.expire()
+        if self.tier is not None:
+            self.tier.sweep()
         self._puts = {k: t for k, t in self._puts.items() if self.store.is_pending(t)}
         self._reads = {k: r for k, r in self._reads.items() if self.store.is_leased(r)}
         self.export_gauges()
@@ -336,16 +405,16 @@ class BlockService:
     def export_gauges(self) -> None:
         """Copy the store's counters into the Prometheus gauges."""
         node = self.store.stats()
-        FILL.set(node.fill)
-        FRAGMENTATION.labels("internal").set(node.internal_fragmentation)
-        FRAGMENTATION.labels("external").set(node.external_fragmentation)
+        metrics.FILL.set(node.fill)
+        metrics.FRAGMENTATION.labels("internal").set(node.internal_fragmentation)
+        metrics.FRAGMENTATION.labels("external").set(node.external_fragmentation)
         for tenant, held in node.tenant_bytes.items():
             s = self.store.stats(tenant)
-            TENANT_BYTES.labels(tenant).set(held)
-            QUOTA_REJECTIONS.labels(tenant).set(s.quota_rejections)
-            LEASE_WAITS.labels(tenant).set(s.lease_waits)
+            metrics.TENANT_BYTES.labels(tenant).set(held)
+            metrics.QUOTA_REJECTIONS.labels(tenant).set(s.quota_rejections)
+            metrics.LEASE_WAITS.labels(tenant).set(s.lease_waits)
             for cause, count in s.evictions.items():
-                EVICTIONS.labels(tenant, cause).set(count)
+                metrics.EVICTIONS.labels(tenant, cause).set(count)
 
     # Internals.
 
@@ -382,7 +451,7 @@ class BlockService:
             items.append(pb.PutGrant(status=status))
             tickets.append(ticket)
             if status != pb.ITEM_STATUS_OK:
-                PUT_OUTCOMES.labels(tenant, namespace, _STATUS_NAMES[status]).inc()
+                metrics.PUT_OUTCOMES.labels(tenant, namespace, _STATUS_NAMES[status]).inc()
         return items, tickets, error
 
     def _read_counters(self, tenant: str, namespace: str) -> tuple[Any, Any, Any]:
@@ -392,9 +461,9 @@ class BlockService:
             if len(self._counters) > _MAX_CACHED_LABELS:
                 self._counters.clear()
             found = (
-                HITS.labels(tenant, namespace),
-                BYTES_OUT.labels(tenant, namespace),
-                MISSES.labels(tenant, namespace),
+                metrics.HITS.labels(tenant, namespace),
+                metrics.BYTES_OUT.labels(tenant, namespace),
+                metrics.MISSES.labels(tenant, namespace),
             )
             self._counters[(tenant, namespace)] = found
         return found
@@ -406,8 +475,10 @@ class BlockService:
             status = pb.ITEM_STATUS_EXPIRED
         else:
             status = pb.ITEM_STATUS_OK
-            BYTES_IN.labels(ticket.tenant, ticket.namespace).inc(ticket.extent.requested)
-        PUT_OUTCOMES.labels(ticket.tenant, ticket.namespace, _STATUS_NAMES[status]).inc()
+            metrics.BYTES_IN.labels(ticket.tenant, ticket.namespace).inc(ticket.extent.requested)
+            if self.tier is not None:
+                self.tier.committed(ticket)
+        metrics.PUT_OUTCOMES.labels(ticket.tenant, ticket.namespace, _STATUS_NAMES[status]).inc()
         return status
 
     def _begin_gets(
@@ -417,13 +488,17 @@ class BlockService:
         keys: Sequence[bytes],
         capacities: Sequence[int],
         lease_s: float,
+        *,
+        through: bool = False,
     ) -> tuple[list[pb.GetItem], list[block_store.ReadLease | None]]:
+        """Lease the DRAM hits. With through (misses go on to the durable tier) the misses are
+        left for `_read_through` to count."""
         _check_batch(keys)
         items: list[pb.GetItem] = []
         leases: list[block_store.ReadLease | None] = []
         hits = hit_bytes = 0
         for key, capacity in zip(keys, capacities, strict=True):
-            lease = self.store.begin_get(tenant, namespace, key, lease_s)
+            lease = self.store.begin_get(tenant, namespace, key, lease_s, count=not through)
             if lease is None:
                 items.append(pb.GetItem(status=pb.ITEM_STATUS_MISS))
             elif lease.extent.requested > capacity:
@@ -440,9 +515,57 @@ class BlockService:
             counters = self._read_counters(tenant, namespace)
             counters[0].inc(hits)
             counters[1].inc(hit_bytes)
-        if len(keys) - hits:
+        if through:
+            self.store.record_reads(tenant, hits=hits)
+        elif len(keys) - hits:
             self._read_counters(tenant, namespace)[2].inc(len(keys) - hits)
         return items, leases
+
+    def _through(self, tenant: str, namespace: str) -> bool:
+        return self.tier is not None and self.tier.reads_through(tenant, namespace)
+
+    async def _read_through(
+        self,
+        tenant: str,
+        namespace: str,
+        keys: Sequence[bytes],
+        capacities: Sequence[int],
+        items: list[pb.GetItem],
+        leases: list[block_store.ReadLease | None],
+        lease_s: float,
+    ) -> None:
+        """Fill the misses of items/leases from the durable tier; count every miss's outcome.
+        If cancelled (the caller is gone), every lease of the batch is ended."""
+        assert self.tier is not None
+        missing = [i for i, item in enumerate(items) if item.status == pb.ITEM_STATUS_MISS]
+        try:
+            fetched = await self.tier.read_through(
+                tenant, namespace, [keys[i] for i in missing], lease_s
+            )
+        except BaseException:
+            for lease in leases:
+                if lease is not None:
+                    self.store.end_get(lease)
+            raise
+        found = found_bytes = 0
+        for index, lease in zip(missing, fetched, strict=True):
+            if lease is None:
+                continue
+            found += 1
+            size = lease.extent.requested
+            if size > capacities[index]:
+                self.store.end_get(lease)
+                items[index] = pb.GetItem(status=pb.ITEM_STATUS_BUFFER_TOO_SMALL, size=size)
+                continue
+            found_bytes += size
+            items[index] = pb.GetItem(status=pb.ITEM_STATUS_OK, size=size)
+            leases[index] = lease
+        self.store.record_reads(tenant, durable_hits=found, misses=len(missing) - found)
+        if found:
+            metrics.DURABLE_HITS.labels(tenant, namespace).inc(found)
+            self._read_counters(tenant, namespace)[1].inc(found_bytes)
+        if len(missing) - found:
+            self._read_counters(tenant, namespace)[2].inc(len(missing) - found)
 
 
 _SIMPLE_CALLS: dict[int, tuple[type[Any], Callable[[BlockService, str, Any], Any]]] = {
@@ -454,6 +577,14 @@ _SIMPLE_CALLS: dict[int, tuple[type[Any], Callable[[BlockService, str, Any], Any
     pb.CALL_METHOD_TOUCH: (pb.TouchRequest, BlockService.touch),
     pb.CALL_METHOD_STATS: (pb.StatsRequest, lambda svc, tenant, _req: svc.stats(tenant)),
 }
+
+
+async def _plan_of(reply: Awaitable[Any]) -> base.CallPlan:
+    return base.CallPlan(reply=(await reply).SerializeToString())
+
+
+def _any_miss(items: Sequence[pb.GetItem]) -> bool:
+    return any(item.status == pb.ITEM_STATUS_MISS for item in items)
 
 
 def _parse(message_type: type[Any], data: bytes) -> Any:

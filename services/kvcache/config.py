@@ -35,6 +35,31 @@ class KVCacheConfig(config.DataPlaneServiceConfig):
     tenant_quotas: str = config.setting(
         "", "per-tenant byte quotas on this node: tenant=bytes,tenant=bytes (SetQuota changes them)"
     )
+    durable_namespaces: str = config.setting(
+        "",
+        "namespaces backed by the durable tier: tenant/namespace=write_back|write_through,... "
+        "(SetNamespacePolicy changes them; runtime changes are not persisted)",
+    )
+    spill_buffer_bytes: int = config.setting(
+        256 * _MIB,
+        "DRAM for blocks on their way to the durable tier, allocated on first use (a multiple "
+        "of page_bytes); when full, durable namespaces' victims stay in DRAM",
+    )
+    spill_concurrency: int = config.setting(8, "durable-tier uploads and deletes in flight")
+    spill_retries: int = config.setting(
+        3, "retries of a failed durable-tier upload or delete before it is given up"
+    )
+    spill_timeout_s: float = config.setting(
+        10.0, "deadline of one durable-tier upload or delete (then retried)"
+    )
+    read_through_timeout_s: float = config.setting(
+        2.0,
+        "deadline of a read-through or probe of the durable tier (keep it under clients' "
+        "deadlines: a slow durable tier then turns into misses)",
+    )
+    spill_drain_s: float = config.setting(
+        10.0, "at a clean stop, how long queued spills may take to reach the durable tier"
+    )
 
     def __post_init__(self) -> None:
         config.DataPlaneServiceConfig.__post_init__(self)
@@ -48,10 +73,24 @@ class KVCacheConfig(config.DataPlaneServiceConfig):
             raise config.ConfigError("eviction_policy: must be s3fifo or lru")
         if not 0.0 < self.low_watermark < self.high_watermark <= 1.0:
             raise config.ConfigError("watermarks: need 0 < low_watermark < high_watermark <= 1")
-        for name in ("put_timeout_s", "read_lease_s", "expire_interval_s"):
+        timeouts = ("put_timeout_s", "read_lease_s", "expire_interval_s", "spill_timeout_s")
+        for name in (*timeouts, "read_through_timeout_s"):
             if not getattr(self, name) > 0:
                 raise config.ConfigError(f"{name}: must be > 0")
+        if self.spill_buffer_bytes < self.page_bytes or self.spill_buffer_bytes % self.page_bytes:
+            raise config.ConfigError(
+                "spill_buffer_bytes: must be a positive multiple of page_bytes"
+            )
+        if self.spill_concurrency < 1 or self.spill_retries < 0 or self.spill_drain_s < 0:
+            raise config.ConfigError(
+                "spill settings: need spill_concurrency >= 1, spill_retries >= 0, "
+                "spill_drain_s >= 0"
+            )
+        if self.read_through_timeout_s >= self.put_timeout_s:
+            # A read-through fills a pending put: it must end before the put's deadline.
+            raise config.ConfigError("read_through_timeout_s: must be < put_timeout_s")
         self.quotas()  # raises ConfigError when malformed
+        self.durable_policies()
 
     def quotas(self) -> dict[str, int]:
         """tenant_quotas parsed: tenant -> bytes."""
@@ -67,3 +106,21 @@ class KVCacheConfig(config.DataPlaneServiceConfig):
                     f"tenant_quotas: expected tenant=bytes[,tenant=bytes], got {item!r}"
                 ) from None
         return result
+
+    def durable_policies(self) -> dict[tuple[str, str], str]:
+        """durable_namespaces parsed: (tenant, namespace) -> write_back | write_through | none."""
+        result: dict[tuple[str, str], str] = {}
+        for item in filter(None, (part.strip() for part in self.durable_namespaces.split(","))):
+            name, sep, mode = item.rpartition("=")
+            tenant, slash, namespace = name.partition("/")
+            mode = mode.strip().lower()
+            if not sep or not slash or not tenant or mode not in _DURABILITIES:
+                raise config.ConfigError(
+                    "durable_namespaces: expected tenant/namespace=write_back|write_through"
+                    f"[,...], got {item!r}"
+                )
+            result[(tenant, namespace)] = mode
+        return result
+
+
+_DURABILITIES = ("none", "write_back", "write_through")

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Awaitable
+from typing import TypeVar
+
 from kvtier import rpc
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from kvtier.proto.kvcache.v1 import kvcache_pb2_grpc as pb_grpc
 from kvtier.transport import dataplane as transport_dataplane
 from services.kvcache import blocks
+
+T = TypeVar("T")
+
+
+async def _resolved(reply: T | Awaitable[T]) -> T:
+    """The block API answers at once, or with an awaitable when the durable tier is asked."""
+    if inspect.isawaitable(reply):
+        return await reply
+    return reply
 
 
 def _tenant(ns: pb.Namespace) -> str:
@@ -32,7 +45,7 @@ class KVCacheServicer(pb_grpc.KVCacheServiceServicer):
     async def BatchGet(
         self, request: pb.BatchGetRequest, context: rpc.ServicerContext
     ) -> pb.BatchGetResponse:
-        return self._svc.grant_reads(request)
+        return await _resolved(self._svc.grant_reads(request))
 
     async def ReleaseReads(
         self, request: pb.ReleaseReadsRequest, context: rpc.ServicerContext
@@ -42,12 +55,12 @@ class KVCacheServicer(pb_grpc.KVCacheServiceServicer):
     async def BatchExists(
         self, request: pb.BatchExistsRequest, context: rpc.ServicerContext
     ) -> pb.BatchExistsResponse:
-        return self._svc.exists(_tenant(request.namespace), request)
+        return await _resolved(self._svc.exists(_tenant(request.namespace), request))
 
     async def Lookup(
         self, request: pb.LookupRequest, context: rpc.ServicerContext
     ) -> pb.LookupResponse:
-        return self._svc.lookup(_tenant(request.namespace), request)
+        return await _resolved(self._svc.lookup(_tenant(request.namespace), request))
 
     async def Delete(
         self, request: pb.DeleteRequest, context: rpc.ServicerContext
@@ -82,3 +95,8 @@ class KVCacheServicer(pb_grpc.KVCacheServiceServicer):
         self, request: pb.SetNamespaceTTLRequest, context: rpc.ServicerContext
     ) -> pb.SetNamespaceTTLResponse:
         return self._svc.set_namespace_ttl(request)
+
+    async def SetNamespacePolicy(
+        self, request: pb.SetNamespacePolicyRequest, context: rpc.ServicerContext
+    ) -> pb.SetNamespacePolicyResponse:
+        return self._svc.set_namespace_policy(request)

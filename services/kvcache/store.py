@@ -16,6 +16,12 @@ Tenants are isolated by construction: every index key starts with the tenant, so
 one tenant can name, probe, lease, pin or delete another tenant's block. Capacity eviction is
 the one shared effect; per-tenant quotas bound it.
 
+The durable tier plugs in at two points: `spill_admit` says whether a capacity victim may go
+now (a durable namespace's block may not while the spill buffer is full: it is skipped in place,
+like a leased block), and `spill_sink` receives each victim before its extent is freed. A block
+whose durable copy is known to be current (`commit(durable=True)`, `mark_durable`) is evicted
+without either.
+
 Contract with the data plane: a write grant for a ticket must expire before `put_timeout_s`, and
 a read grant for a lease before the lease does, because an expired ticket or lease no longer
 protects its extent from reuse.
@@ -44,6 +50,9 @@ MAX_NAMESPACE_BYTES = 1024
 
 #: Called with (tenant, namespace, key, extent) for each capacity victim before it is freed.
 SpillSink = Callable[[str, str, bytes, slab.Extent], None]
+#: Called with (tenant, namespace, key, requested bytes) for a capacity-eviction candidate that
+#: would go to the spill sink; False keeps it (skipped in place). True promises the sink call.
+SpillAdmit = Callable[[str, str, bytes, int], bool]
 Clock = Callable[[], float]
 
 _Ident = tuple[str, str, bytes]
@@ -72,6 +81,8 @@ class PutTicket:
     extent: slab.Extent
     ttl_s: float | None
     deadline_s: float
+    #: The put replaces a present block (rather than put-if-absent).
+    overwrite: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -96,6 +107,8 @@ class _Block:
     pinned_until_s: float = 0.0
     leases: dict[int, float] = dataclasses.field(default_factory=dict)  # lease id -> deadline
     linked: bool = True
+    # The durable tier holds this very version: eviction drops it without spilling.
+    durable: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -109,6 +122,7 @@ class _Tenant:
     pending_puts: int = 0
     hits: int = 0
     misses: int = 0
+    durable_hits: int = 0
     puts: int = 0
     put_conflicts: int = 0
     pending_conflicts: int = 0
@@ -119,7 +133,8 @@ class _Tenant:
 
 
 _COUNTERS = (
-    "hits misses puts put_conflicts pending_conflicts quota_rejections lease_waits overloads"
+    "hits misses durable_hits puts put_conflicts pending_conflicts quota_rejections lease_waits"
+    " overloads"
 )
 
 
@@ -141,8 +156,12 @@ class StoreStats:
     arena_bytes: int
     #: used / arena bytes over the whole arena.
     fill: float
+    #: Reads served from DRAM.
     hits: int
+    #: Reads that found the key in neither tier.
     misses: int
+    #: DRAM misses served from the durable tier (read-through, `record_reads`).
+    durable_hits: int
     #: Committed puts.
     puts: int
     #: begin_put found the key present and did not overwrite (put-if-absent).
@@ -197,6 +216,11 @@ def _drop(tenant: str, namespace: str, key: bytes, extent: slab.Extent) -> None:
     """The default spill sink: evicted blocks are dropped."""
 
 
+def _admit_all(tenant: str, namespace: str, key: bytes, nbytes: int) -> bool:
+    """The default spill admission: every victim may go."""
+    return True
+
+
 class BlockStore:
     """The index, allocator and eviction of one kvcache node's arena (see the module docstring).
 
@@ -214,6 +238,7 @@ class BlockStore:
         low_watermark: float = 0.85,
         clock: Clock = time.monotonic,
         spill_sink: SpillSink = _drop,
+        spill_admit: SpillAdmit = _admit_all,
         put_timeout_s: float = 30.0,
     ) -> None:
         if not 0.0 < low_watermark < high_watermark <= 1.0:
@@ -229,6 +254,7 @@ class BlockStore:
         self._low_bytes = int(arena_bytes * low_watermark)
         self._clock = clock
         self._spill_sink = spill_sink
+        self._spill_admit = spill_admit
         self._put_timeout_s = put_timeout_s
         self._index: dict[_Ident, _Block] = {}
         self._unlinked: dict[int, _Block] = {}  # block id -> block waiting for its leases
@@ -312,6 +338,7 @@ class BlockStore:
             extent=extent,
             ttl_s=ttl_s if ttl_s is not None else self._namespace_ttl.get((tenant, namespace)),
             deadline_s=now + self._put_timeout_s,
+            overwrite=overwrite,
         )
         self._pending[ticket.ticket_id] = ticket
         self._pending_keys.add(ident)
@@ -320,10 +347,12 @@ class BlockStore:
             self._evict(self._used_bytes - self._low_bytes, now)
         return ticket
 
-    def commit(self, ticket: PutTicket) -> None:
+    def commit(self, ticket: PutTicket, *, durable: bool = False) -> None:
         """Make the ticket's block visible, replacing (and later freeing) any present block.
 
-        Raises NotFound when the ticket is not pending (committed, aborted or expired).
+        `durable`: the durable tier already holds these very bytes (a read-through), so the
+        block is never spilled. Raises NotFound when the ticket is not pending (committed,
+        aborted or expired).
         """
         self._take_ticket(ticket)
         now = self._clock()
@@ -333,6 +362,7 @@ class BlockStore:
             self._unlink(old, now, cause=None)
         expires_at_s = now + ticket.ttl_s if ticket.ttl_s is not None else None
         block = _Block(ident, ticket.ticket_id, ticket.extent, ticket.ttl_s, expires_at_s)
+        block.durable = durable
         self._index[ident] = block
         self._policy.insert(ident, ticket.extent.capacity)
         if expires_at_s is not None:
@@ -340,6 +370,23 @@ class BlockStore:
         state = self._tenant(ticket.tenant)
         state.blocks += 1
         state.puts += 1
+
+    def mark_durable(self, tenant: str, namespace: str, key: bytes, block_id: int) -> bool:
+        """Note that the durable tier now holds the block committed by ticket `block_id` (its
+        upload finished): eviction will drop it without spilling. False when that version is
+        no longer the visible one (overwritten, deleted, evicted)."""
+        block = self._index.get((tenant, namespace, key))
+        if block is None or block.block_id != block_id:
+            return False
+        block.durable = True
+        return True
+
+    def expires_in_s(self, tenant: str, namespace: str, key: bytes) -> float | None:
+        """Seconds until the visible block of key expires (None: no TTL or no such block)."""
+        block = self._index.get((tenant, namespace, key))
+        if block is None or block.expires_at_s is None:
+            return None
+        return max(block.expires_at_s - self._clock(), 0.0)
 
     def abort(self, ticket: PutTicket) -> None:
         """Free a pending put's extent. Idempotent: an unknown or finished ticket is ignored."""
@@ -351,12 +398,13 @@ class BlockStore:
     # Reads and probes.
 
     def begin_get(
-        self, tenant: str, namespace: str, key: bytes, lease_s: float = 5.0
+        self, tenant: str, namespace: str, key: bytes, lease_s: float = 5.0, *, count: bool = True
     ) -> ReadLease | None:
         """Lease key's extent for `lease_s` seconds, or None on a miss (TTL-expired included).
 
         A leased block is never evicted or reused; call `end_get` when the read is done.
-        Raises InvalidArgument.
+        `count=False` leaves the tenant's hit and miss counters alone (the caller reports the
+        outcome with `record_reads`, e.g. after trying the durable tier). Raises InvalidArgument.
         """
         ident = _ident(tenant, namespace, key)
         _check_duration("lease_s", lease_s, optional=False)
@@ -364,14 +412,23 @@ class BlockStore:
         state = self._tenant(tenant)
         block = self._find(ident, now)
         if block is None:
-            state.misses += 1
+            state.misses += count
             return None
         lease = ReadLease(next(self._ids), tenant, namespace, key, block.extent, now + lease_s)
         block.leases[lease.lease_id] = lease.expires_at_s
         self._leases[lease.lease_id] = (lease, block)
         self._policy.hit(ident)
-        state.hits += 1
+        state.hits += count
         return lease
+
+    def record_reads(
+        self, tenant: str, *, hits: int = 0, durable_hits: int = 0, misses: int = 0
+    ) -> None:
+        """Count reads whose outcome the caller decided (see `begin_get(count=False)`)."""
+        state = self._tenant(tenant)
+        state.hits += hits
+        state.durable_hits += durable_hits
+        state.misses += misses
 
     def end_get(self, lease: ReadLease) -> None:
         """End a read lease. Idempotent: an unknown, ended or expired lease is ignored."""
@@ -577,7 +634,8 @@ class BlockStore:
                 if not self._evict(batch_bytes, now):
                     state.overloads += 1
                     raise errors.Overloaded(
-                        "kvcache arena full of pinned, leased or pending blocks"
+                        "kvcache arena full of pinned, leased or pending blocks "
+                        "(or of blocks waiting for room in the spill buffer)"
                     )
                 extent = self._alloc.alloc(size)
         self._used_bytes += extent.capacity
@@ -597,18 +655,28 @@ class BlockStore:
         block = self._index[ident]
         if block.pinned_until_s > now:
             return False
-        return not any(deadline > now for deadline in block.leases.values())
+        if any(deadline > now for deadline in block.leases.values()):
+            return False
+        if block.durable or self._expired(block, now):
+            return True  # neither goes to the spill sink
+        # Last: a True answer reserves room in the spill buffer, and the policies choose
+        # every candidate this returns True for.
+        return self._spill_admit(*ident, block.extent.requested)
 
     def _evict(self, need_bytes: int, now: float) -> int:
         """Evict policy victims covering need_bytes; return how many blocks were unlinked.
 
-        Expired victims go as TTL expiries; the others go to the spill sink first.
+        Expired victims go as TTL expiries; blocks with a current durable copy are dropped;
+        the others go to the spill sink first.
         """
         victims = self._policy.victims(need_bytes, lambda ident: self._evictable(ident, now))
         for ident in victims:
             block = self._index[ident]
             if self._expired(block, now):
                 self._unlink(block, now, cause=EvictionCause.TTL, in_policy=False)
+                continue
+            if block.durable:
+                self._unlink(block, now, cause=EvictionCause.CAPACITY, in_policy=False)
                 continue
             try:
                 self._spill_sink(*ident, block.extent)

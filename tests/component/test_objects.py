@@ -3,87 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import random
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 
 from kvtier import errors, etcdserver, membership, objects
-from services.datanode import __main__ as datanode_main
 from services.datanode import config as datanode_config
-from services.gateway import __main__ as gateway_main
-from services.gateway import config as gateway_config
-from services.metadata import __main__ as metadata_main
-from services.metadata import config as metadata_config
-from tests.component import harness
+from services.datanode import shards
+from tests.component import objects_cluster
 
-KIB, MIB = 1024, 1024 * 1024
-
-
-@dataclass
-class Cluster:
-    gateway: harness.Running
-    datanodes: list[harness.Running]
-    stack: contextlib.AsyncExitStack
-
-
-def _data(seed: int, size: int) -> bytes:
-    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
-
-
-@contextlib.asynccontextmanager
-async def _cluster(
-    etcd: etcdserver.EtcdServer, prefix: str, store: membership.EtcdMembership, tmp: Path
-) -> AsyncIterator[Cluster]:
-    common: dict[str, Any] = {"etcd_endpoints": (etcd.endpoint,), "etcd_prefix": prefix}
-    async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(
-            harness.run(
-                metadata_config.MetadataConfig,
-                "metadata",
-                metadata_main.build,
-                store,
-                pool_drives=12,
-                **common,
-            )
-        )
-        nodes = []
-        for i in range(6):
-            node = await stack.enter_async_context(
-                harness.run(
-                    datanode_config.DatanodeConfig,
-                    "datanode",
-                    datanode_main.build,
-                    store,
-                    data_dir=str(tmp / f"dn{i}"),
-                    drive_count=2,
-                    staging_bytes=32 * MIB,
-                    staging_slot_bytes=8 * MIB,
-                    **common,
-                )
-            )
-            nodes.append(node)
-        gateway = await stack.enter_async_context(
-            harness.run(
-                gateway_config.GatewayConfig,
-                "gateway",
-                gateway_main.build,
-                store,
-                staging_bytes=128 * MIB,
-                staging_slot_bytes=64 * MIB,
-                **common,
-            )
-        )
-        await harness.wait_map(store, lambda m: len(m.pools) == 1 and len(m.nodes) == 8)
-        await gateway.ctx.map_view.wait_for(lambda m: len(m.pools) == 1, timeout_s=10)
-        yield Cluster(gateway, nodes, stack)
+KIB, MIB = objects_cluster.KIB, objects_cluster.MIB
+Cluster = objects_cluster.Cluster
 
 
 @pytest.fixture
@@ -93,7 +27,7 @@ async def cluster(
     store: membership.EtcdMembership,
     tmp_path: Path,
 ) -> AsyncIterator[Cluster]:
-    async with _cluster(etcd, etcd_prefix, store, tmp_path) as c:
+    async with objects_cluster.object_cluster(etcd, etcd_prefix, store, tmp_path) as c:
         yield c
 
 
@@ -105,7 +39,7 @@ async def test_round_trips_are_byte_exact_with_random_ranges(cluster: Cluster) -
     async with await objects.AsyncObjectClient.connect(cluster.gateway.address) as client:
         await client.create_bucket("models")
         for i, size in enumerate(SIZES):
-            data = _data(i, size)
+            data = objects_cluster.data(i, size)
             info = await client.put_object(
                 "models", f"obj/{size}", data, content_type="application/x-test",
                 metadata={"run": "1"}, checksums=["SHA256", "CRC32"],
@@ -173,7 +107,7 @@ async def test_put_if_absent_and_digests(cluster: Cluster) -> None:
 
 
 async def test_corrupt_and_missing_shards_are_rebuilt_on_read(cluster: Cluster) -> None:
-    data = _data(7, 20 * MIB + 11)
+    data = objects_cluster.data(7, 20 * MIB + 11)
     async with await objects.AsyncObjectClient.connect(cluster.gateway.address) as client:
         await client.create_bucket("degraded")
         await client.put_object("degraded", "weights.bin", data)
@@ -204,7 +138,7 @@ def _damage(drives: list[Path], bucket: str) -> None:
 
 
 async def test_reads_survive_m_lost_drives_and_fail_cleanly_beyond(cluster: Cluster) -> None:
-    data = _data(11, 9 * MIB + 1)
+    data = objects_cluster.data(11, 9 * MIB + 1)
     async with await objects.AsyncObjectClient.connect(cluster.gateway.address) as client:
         await client.create_bucket("quorum")
         await client.put_object("quorum", "big", data)
@@ -228,7 +162,7 @@ async def test_reads_survive_m_lost_drives_and_fail_cleanly_beyond(cluster: Clus
 async def test_concurrent_puts_of_one_key_leave_one_whole_version(cluster: Cluster) -> None:
     async with await objects.AsyncObjectClient.connect(cluster.gateway.address) as client:
         await client.create_bucket("race")
-        versions = [_data(100 + i, 3 * MIB + i) for i in range(8)]
+        versions = [objects_cluster.data(100 + i, 3 * MIB + i) for i in range(8)]
         results = await asyncio.gather(
             *(client.put_object("race", "same", v) for v in versions), return_exceptions=True
         )
@@ -242,3 +176,22 @@ async def test_concurrent_puts_of_one_key_leave_one_whole_version(cluster: Clust
             node.stop.set()
             await node.task
         assert await client.get_object("race", "same") == got
+
+
+async def test_a_ranged_read_rebuilds_a_lost_block_from_the_whole_stripe(
+    cluster: Cluster,
+) -> None:
+    """The range covers one data block; rebuilding it needs the stripe's other blocks read."""
+    data = objects_cluster.data(13, 16 * MIB + 3)
+    async with await objects.AsyncObjectClient.connect(cluster.gateway.address) as client:
+        await client.create_bucket("ranged")
+        await client.put_object("ranged", "k", data)
+        digest = hashlib.sha256(b"k").hexdigest()
+        for drive in cluster.drive_paths():
+            object_dir = drive / "objects" / "ranged" / digest[:2] / digest
+            meta = shards.decode_meta((object_dir / "meta").read_bytes(), "meta")
+            if meta.shard_index == 1:
+                (object_dir / meta.data_id / "part.1").unlink()
+        for start in (MIB + 5, 9 * MIB):  # block 1 of stripes 0 and 1
+            got = await client.get_object("ranged", "k", offset=start, length=1000)
+            assert got == data[start : start + 1000], start

@@ -15,6 +15,12 @@ ALICE = "alice/engine-1/abcd"
 BOB = "bob/engine-2/ef01"
 
 
+def _now(plan: object) -> base.CallPlan:
+    """A plan the block API made at once (no durable tier is asked here)."""
+    assert isinstance(plan, base.CallPlan)
+    return plan
+
+
 @pytest.fixture
 def service() -> blocks.BlockService:
     region = base.Region(1, 4 * MIB)
@@ -27,12 +33,14 @@ def _put(
     svc: blocks.BlockService, principal: str, keys: list[bytes], datas: list[bytes]
 ) -> pb.BatchPutResponse:
     request = pb.BatchPutRequest(namespace=pb.Namespace(name="m"), keys=keys)
-    plan = svc.handle_call(
-        principal,
-        pb.CALL_METHOD_BATCH_PUT,
-        request.SerializeToString(),
-        [len(d) for d in datas],
-        [],
+    plan = _now(
+        svc.handle_call(
+            principal,
+            pb.CALL_METHOD_BATCH_PUT,
+            request.SerializeToString(),
+            [len(d) for d in datas],
+            [],
+        )
     )
     for sink, data in zip(plan.sinks, datas, strict=True):
         if sink is not None:
@@ -50,8 +58,10 @@ def _get(
     svc: blocks.BlockService, principal: str, keys: list[bytes], cap: int
 ) -> tuple[pb.BatchGetResponse, list[bytes | None]]:
     request = pb.BatchGetRequest(namespace=pb.Namespace(name="m"), keys=keys)
-    plan = svc.handle_call(
-        principal, pb.CALL_METHOD_BATCH_GET, request.SerializeToString(), [], [cap] * len(keys)
+    plan = _now(
+        svc.handle_call(
+            principal, pb.CALL_METHOD_BATCH_GET, request.SerializeToString(), [], [cap] * len(keys)
+        )
     )
     datas = [bytes(s.view()) if s is not None else None for s in plan.sources]
     assert plan.on_done is not None
@@ -61,8 +71,8 @@ def _get(
 
 def test_a_call_put_is_visible_only_after_its_bytes_are_in(service: blocks.BlockService) -> None:
     request = pb.BatchPutRequest(namespace=pb.Namespace(name="m"), keys=[b"k"])
-    plan = service.handle_call(
-        ALICE, pb.CALL_METHOD_BATCH_PUT, request.SerializeToString(), [5], []
+    plan = _now(
+        service.handle_call(ALICE, pb.CALL_METHOD_BATCH_PUT, request.SerializeToString(), [5], [])
     )
     assert service.store.exists("alice", "m", [b"k"]) == [False]
     assert plan.sinks[0] is not None
@@ -80,8 +90,8 @@ def test_a_call_put_is_visible_only_after_its_bytes_are_in(service: blocks.Block
 
 def test_a_put_whose_connection_died_is_aborted(service: blocks.BlockService) -> None:
     request = pb.BatchPutRequest(namespace=pb.Namespace(name="m"), keys=[b"k"])
-    plan = service.handle_call(
-        ALICE, pb.CALL_METHOD_BATCH_PUT, request.SerializeToString(), [5], []
+    plan = _now(
+        service.handle_call(ALICE, pb.CALL_METHOD_BATCH_PUT, request.SerializeToString(), [5], [])
     )
     assert plan.on_done is not None
     plan.on_done(False)
@@ -143,6 +153,7 @@ def test_grpc_grants_commit_and_release(service: blocks.BlockService) -> None:
     done = service.commit_puts(pb.CommitPutsRequest(namespace=ns, put_ids=[item.put_id, 999]))
     assert list(done.statuses) == [pb.ITEM_STATUS_OK, pb.ITEM_STATUS_EXPIRED]
     got = service.grant_reads(pb.BatchGetRequest(namespace=ns, keys=[b"k"], principal=ALICE))
+    assert isinstance(got, pb.BatchGetResponse)
     assert got.items[0].status == pb.ITEM_STATUS_OK
     assert got.items[0].lease_id
     assert service.store.stats().blocks == 1
@@ -157,12 +168,14 @@ def test_simple_calls_and_stats(service: blocks.BlockService) -> None:
     _put(service, ALICE, [b"a", b"b", b"c"], [b"1", b"2", b"3"])
     ns = pb.Namespace(name="m")
     lookup = pb.LookupRequest(namespace=ns, keys=[b"a", b"b", b"x", b"c"])
-    plan = service.handle_call(ALICE, pb.CALL_METHOD_LOOKUP, lookup.SerializeToString(), [], [])
+    plan = _now(
+        service.handle_call(ALICE, pb.CALL_METHOD_LOOKUP, lookup.SerializeToString(), [], [])
+    )
     assert pb.LookupResponse.FromString(plan.reply).count == 2
     pin = pb.PinRequest(namespace=ns, keys=[b"a", b"x"], pin_s=10)
-    plan = service.handle_call(ALICE, pb.CALL_METHOD_PIN, pin.SerializeToString(), [], [])
+    plan = _now(service.handle_call(ALICE, pb.CALL_METHOD_PIN, pin.SerializeToString(), [], []))
     assert pb.PinResponse.FromString(plan.reply).pinned == 1
-    plan = service.handle_call(ALICE, pb.CALL_METHOD_STATS, b"", [], [])
+    plan = _now(service.handle_call(ALICE, pb.CALL_METHOD_STATS, b"", [], []))
     stats = pb.StatsResponse.FromString(plan.reply)
     assert stats.tenant == "alice"
     assert stats.blocks == 3

@@ -402,17 +402,28 @@ def test_two_writers_of_one_key_last_commit_wins(store: shards.ShardStore, drive
     assert os.listdir(drive_dir / shards.TMP_DIR) == []
 
 
-def test_same_data_id_twice_is_refused(store: shards.ShardStore) -> None:
-    meta = make_meta(KEY, [content("x", MIB)])
+@pytest.mark.parametrize("sizes", [[MIB + 3], [10], [300 * KIB, 2 * MIB + 1]])
+def test_same_data_id_again_rewrites_the_shard_in_place(
+    store: shards.ShardStore, drive_dir: Path, sizes: list[int]
+) -> None:
+    """Healing commits a version the drive holds (same data_id): its files are replaced."""
+    parts = [content(f"heal{i}", size) for i, size in enumerate(sizes)]
+    meta = make_meta(KEY, parts)
     meta.data_id = "fixed"
-    for _ in range(2):
-        with stage(store, [content("x", MIB)]) as write:
-            if store.list(BUCKET):
-                with pytest.raises(errors.PreconditionFailed):
-                    write.commit(meta)
-            else:
-                write.commit(meta)
-    assert read_parts(store, KEY) == [content("x", MIB)]
+    put(store, KEY, [b"older version"])  # a drive being healed may hold an older one
+    with stage(store, parts, block_bytes=shards.BLOCK_BYTES) as write:
+        write.commit(meta)
+    if not shards.is_inline(meta):
+        flip(part_file(drive_dir, store.read_meta(BUCKET, KEY)), 7)
+        assert store.verify(BUCKET, KEY)
+    with stage(store, parts, block_bytes=shards.BLOCK_BYTES) as write:
+        write.commit(meta)
+    assert store.verify(BUCKET, KEY) == []
+    assert read_parts(store, KEY) == parts
+    assert store.read_meta(BUCKET, KEY).data_id == "fixed"
+    expected = ["meta"] if shards.is_inline(meta) else ["fixed", "meta"]
+    assert sorted(os.listdir(object_dir(drive_dir, KEY))) == expected
+    assert os.listdir(drive_dir / shards.TMP_DIR) == []
 
 
 def test_concurrent_writers_and_readers(store: shards.ShardStore, drive_dir: Path) -> None:
@@ -661,6 +672,37 @@ def test_crash_at_every_commit_step(
         put(store, KEY, [content("after", 2 * MIB)])  # later commits clean up leftovers
         meta = store.read_meta(BUCKET, KEY)
         assert sorted(os.listdir(object_dir(drive, KEY))) == sorted(["meta", meta.data_id])
+        store.close()
+        crashed.close()
+        at += 1
+
+
+def test_crash_at_every_step_of_a_rewrite_keeps_the_version_readable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parts = [content("rw1", 300 * KIB), content("rw2", MIB + 3)]
+    meta = make_meta(KEY, parts)
+    meta.data_id = "version"
+    steps = None
+    at = 0
+    while steps is None or at < steps:
+        drive = tmp_path / (f"drive-{at}" if steps is not None else "count")
+        crashed = open_store(drive)
+        with stage(crashed, parts, block_bytes=64 * KIB) as first:
+            first.commit(meta)
+        write = stage(crashed, parts, block_bytes=64 * KIB)
+        with monkeypatch.context() as patcher:
+            crash = CrashAt(patcher, at if steps is not None else None)
+            if steps is None:
+                write.commit(meta)
+                steps = len(crash.done)
+                assert crash.done.count("replace") == len(parts) + 1  # every part file, meta
+                crashed.close()
+                continue
+            with pytest.raises(SimulatedCrash):
+                write.commit(meta)
+        store = check_after_crash(drive, parts)
+        assert sorted(os.listdir(object_dir(drive, KEY))) == ["meta", "version"]
         store.close()
         crashed.close()
         at += 1

@@ -5,6 +5,8 @@ kvtier down [--state-dir DIR]             stop a detached dev cluster
 kvtier status [--state-dir DIR | --etcd-endpoints H:P] [--json]
 kvtier revive [--state-dir DIR]           restart dev-cluster processes that exited
 kvtier health HOST:PORT                   exit 0 when the node's health is SERVING
+kvtier admin heal [BUCKET[/PREFIX]] [--gateway H:P | --state-dir DIR] [--dry-run]
+                                          check and heal objects; exit 0 when every one is whole
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvtier import devcluster, errors, rpc
+from kvtier.cli import admin as admin_cmd
 from kvtier.cli import status as status_cmd
 
 DEFAULT_STATE_DIR = ".kvtier"
@@ -59,6 +62,22 @@ def _parser() -> argparse.ArgumentParser:
     health = sub.add_parser("health", help="check a node's gRPC health service")
     health.add_argument("address", help="host:port")
     health.add_argument("--timeout-s", type=float, default=2.0)
+
+    admin = sub.add_parser("admin", help="administration of the object tier")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
+    heal = admin_sub.add_parser(
+        "heal",
+        help="check objects and rebuild missing or corrupt shards",
+        description="Check every object of a bucket (or prefix, or of every bucket) and heal "
+        "those whose shards are missing, stale or corrupt on some drive. Exit code 0 when every "
+        "object is whole (healthy or healed), 1 otherwise.",
+    )
+    heal.add_argument("target", nargs="?", default="", help="BUCKET or BUCKET/PREFIX; none: all")
+    heal.add_argument("--gateway", default="", help="gateway gRPC host:port")
+    heal.add_argument(
+        "--state-dir", default=DEFAULT_STATE_DIR, help="dev cluster whose gateway to use"
+    )
+    heal.add_argument("--dry-run", action="store_true", help="only check; write nothing")
     return parser
 
 
@@ -139,6 +158,15 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if result == "SERVING" else 1
 
 
+def _admin(args: argparse.Namespace) -> int:
+    address = admin_cmd.gateway_address(args.gateway, args.state_dir)
+    result = asyncio.run(
+        admin_cmd.heal(address, args.target, dry_run=args.dry_run, out=sys.stdout, err=sys.stderr)
+    )
+    print(admin_cmd.summary(result, dry_run=args.dry_run))
+    return 0 if not (result.unrecoverable or result.skipped) and result.done else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kvtier` command; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -152,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _revive(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "admin":
+            return _admin(args)
         return _health(args)
     except (devcluster.ClusterError, errors.KVTierError) as exc:
         print(f"kvtier {args.command}: error: {exc}", file=sys.stderr)

@@ -34,8 +34,13 @@ async def _kv_stats(info: common_pb2.NodeInfo, timeout_s: float) -> dict[str, An
         "blocks": stats.blocks,
         "hit_rate": stats.hit_rate,
         "hits": stats.hits,
+        "durable_hits": stats.durable_hits,
         "misses": stats.misses,
         "evictions": dict(stats.evictions),
+        "spilled": stats.spilled,
+        "spill_queue_bytes": stats.spill_queue_bytes,
+        "spill_failures": stats.spill_failures,
+        "durable_available": stats.durable_available,
     }
 
 
@@ -151,6 +156,12 @@ def render(state: dict[str, Any]) -> str:
 def _kv_cell(kv: dict[str, Any] | None) -> str:
     if not kv:
         return "-"
-    reads = kv["hits"] + kv["misses"]
+    durable_hits = kv.get("durable_hits", 0)
+    reads = kv["hits"] + durable_hits + kv["misses"]
     hits = f"{kv['hit_rate']:.1%} of {reads}" if reads else "no reads"
-    return f"{kv['fill']:.1%} of {kv['arena_bytes'] >> 20} MiB, {kv['blocks']} blocks / {hits}"
+    if durable_hits:  # by tier: DRAM / read through from the durable tier
+        hits += f" (dram {kv['hits'] / reads:.1%}, durable {durable_hits / reads:.1%})"
+    cell = f"{kv['fill']:.1%} of {kv['arena_bytes'] >> 20} MiB, {kv['blocks']} blocks / {hits}"
+    if kv.get("spilled") or kv.get("spill_queue_bytes"):
+        cell += f" / spilled {kv['spilled']}, {kv['spill_queue_bytes'] >> 10} KiB queued"
+    return cell

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
 from typing import Any
 
+import grpc
+
+from kvtier import errors, rpc
 from kvtier.clients import base
 from kvtier.proto.common.v1 import common_pb2
-from kvtier.proto.gateway.v1 import gateway_pb2, gateway_pb2_grpc, objects_pb2, objects_pb2_grpc
+from kvtier.proto.gateway.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    objects_pb2,
+    objects_pb2_grpc,
+)
 
 
 class GatewayClient(base.BaseClient):
@@ -94,3 +105,29 @@ class ObjectServiceClient(base.BaseClient):
     ) -> objects_pb2.ListObjectsResponse:
         """A page of a bucket's objects."""
         return await self._unary(self._stub.ListObjects, request)
+
+
+class AdminServiceClient(base.BaseClient):
+    """kvtier.gateway.v1.AdminService of one gateway."""
+
+    def __init__(self, address: str, **kwargs: Any) -> None:
+        super().__init__(address, **kwargs)
+        self._stub = admin_pb2_grpc.AdminServiceStub(self.channel)
+
+    async def heal(
+        self, bucket: str = "", prefix: str = "", *, dry_run: bool = False
+    ) -> AsyncGenerator[admin_pb2.HealProgress, None]:
+        """Heal every object of bucket (every bucket when empty) under prefix: progress as it
+        goes, the last message with done set. Raises NotFound for a missing bucket; no deadline
+        (a heal takes as long as the data it reads)."""
+        call = self._stub.Heal(
+            admin_pb2.HealRequest(bucket=bucket, prefix=prefix, dry_run=dry_run),
+            metadata=rpc.call_metadata(),
+        )
+        try:
+            async for progress in call:
+                yield progress
+        except grpc.aio.AioRpcError as exc:
+            raise errors.from_rpc_error(exc) from None
+        finally:
+            call.cancel()

@@ -80,3 +80,12 @@ class KVCacheClient(base.BaseClient):
             namespace=pb.Namespace(tenant=tenant, name=namespace), ttl_s=ttl_s
         )
         await self._unary(self._stub.SetNamespaceTTL, request)
+
+    async def set_namespace_policy(
+        self, tenant: str, namespace: str, durability: pb.Durability.ValueType
+    ) -> None:
+        """A namespace's durability on this node (DURABILITY_NONE: DRAM only)."""
+        request = pb.SetNamespacePolicyRequest(
+            namespace=pb.Namespace(tenant=tenant, name=namespace), durability=durability
+        )
+        await self._unary(self._stub.SetNamespacePolicy, request)

@@ -118,6 +118,30 @@ ITEM_STATUS_EXPIRED: ItemStatus.ValueType  # 9
 """commit: the put took longer than the node's put timeout"""
 Global___ItemStatus: _TypeAlias = ItemStatus  # noqa: Y015
 
+class _Durability:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DurabilityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Durability.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DURABILITY_NONE: _Durability.ValueType  # 0
+    """DRAM only: evicted blocks are gone"""
+    DURABILITY_WRITE_BACK: _Durability.ValueType  # 1
+    """capacity victims are spilled (batched, bounded buffer)"""
+    DURABILITY_WRITE_THROUGH: _Durability.ValueType  # 2
+    """every committed put is uploaded too"""
+
+class Durability(_Durability, metaclass=_DurabilityEnumTypeWrapper):
+    """Whether a namespace's blocks also live in the durable tier (bucket `kvtier-kv`)."""
+
+DURABILITY_NONE: Durability.ValueType  # 0
+"""DRAM only: evicted blocks are gone"""
+DURABILITY_WRITE_BACK: Durability.ValueType  # 1
+"""capacity victims are spilled (batched, bounded buffer)"""
+DURABILITY_WRITE_THROUGH: Durability.ValueType  # 2
+"""every committed put is uploaded too"""
+Global___Durability: _TypeAlias = Durability  # noqa: Y015
+
 @_typing.final
 class Namespace(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -445,20 +469,28 @@ class BatchExistsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PRESENT_FIELD_NUMBER: _builtins.int
+    IN_DRAM_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     """The newest cluster-map epoch the node has seen: a client with an older map refreshes it."""
     @_builtins.property
-    def present(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]: ...
+    def present(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Present in either tier (DRAM, or the durable tier for a durable namespace)."""
+
+    @_builtins.property
+    def in_dram(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """One per key: present in this node's DRAM (a present key with false is only durable)."""
+
     def __init__(
         self,
         *,
         present: _abc.Iterable[_builtins.bool] | None = ...,
+        in_dram: _abc.Iterable[_builtins.bool] | None = ...,
         epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "present", b"present"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "in_dram", b"in_dram", "present", b"present"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -495,20 +527,24 @@ class LookupResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     COUNT_FIELD_NUMBER: _builtins.int
+    DRAM_COUNT_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     count: _builtins.int
-    """How many leading keys of the chain are present."""
+    """How many leading keys of the chain are present (in either tier)."""
+    dram_count: _builtins.int
+    """How many leading keys of the chain are in this node's DRAM (<= count)."""
     epoch: _builtins.int
     """The newest cluster-map epoch the node has seen: a client with an older map refreshes it."""
     def __init__(
         self,
         *,
         count: _builtins.int = ...,
+        dram_count: _builtins.int = ...,
         epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "epoch", b"epoch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "dram_count", b"dram_count", "epoch", b"epoch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -775,6 +811,13 @@ class StatsResponse(_message.Message):
     INTERNAL_FRAGMENTATION_FIELD_NUMBER: _builtins.int
     EXTERNAL_FRAGMENTATION_FIELD_NUMBER: _builtins.int
     MAX_BLOCK_BYTES_FIELD_NUMBER: _builtins.int
+    DURABLE_HITS_FIELD_NUMBER: _builtins.int
+    SPILLED_FIELD_NUMBER: _builtins.int
+    SPILL_FAILURES_FIELD_NUMBER: _builtins.int
+    SPILL_BACKPRESSURE_FIELD_NUMBER: _builtins.int
+    SPILL_QUEUE_BYTES_FIELD_NUMBER: _builtins.int
+    DURABLE_AVAILABLE_FIELD_NUMBER: _builtins.int
+    DRAM_HIT_RATE_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """empty: the whole node"""
     arena_bytes: _builtins.int
@@ -787,9 +830,11 @@ class StatsResponse(_message.Message):
     requested_bytes: _builtins.int
     """bytes callers asked for (the quota measure)"""
     hits: _builtins.int
+    """blocks read from DRAM"""
     misses: _builtins.int
+    """keys found in neither tier"""
     hit_rate: _builtins.float
-    """hits / (hits + misses); 0 before any read"""
+    """(hits + durable_hits) / reads; 0 before any read"""
     puts: _builtins.int
     put_conflicts: _builtins.int
     """put-if-absent found the key present"""
@@ -803,6 +848,22 @@ class StatsResponse(_message.Message):
     internal_fragmentation: _builtins.float
     external_fragmentation: _builtins.float
     max_block_bytes: _builtins.int
+    durable_hits: _builtins.int
+    """The durable tier (durable namespaces only; see SetNamespacePolicy).
+    DRAM misses read through from the durable tier
+    """
+    spilled: _builtins.int
+    """blocks uploaded (capacity spills and write-throughs)"""
+    spill_failures: _builtins.int
+    """uploads and deletes given up after their retries"""
+    spill_backpressure: _builtins.int
+    """times eviction kept victims in DRAM: spill buffer full"""
+    spill_queue_bytes: _builtins.int
+    """whole node: block bytes waiting in the spill buffer"""
+    durable_available: _builtins.bool
+    """whole node: a gateway is known and reachable"""
+    dram_hit_rate: _builtins.float
+    """hits / reads"""
     @_builtins.property
     def evictions(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """by cause: capacity, ttl, delete"""
@@ -833,10 +894,17 @@ class StatsResponse(_message.Message):
         internal_fragmentation: _builtins.float = ...,
         external_fragmentation: _builtins.float = ...,
         max_block_bytes: _builtins.int = ...,
+        durable_hits: _builtins.int = ...,
+        spilled: _builtins.int = ...,
+        spill_failures: _builtins.int = ...,
+        spill_backpressure: _builtins.int = ...,
+        spill_queue_bytes: _builtins.int = ...,
+        durable_available: _builtins.bool = ...,
+        dram_hit_rate: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_bytes", b"arena_bytes", "blocks", b"blocks", "evictions", b"evictions", "external_fragmentation", b"external_fragmentation", "fill", b"fill", "hit_rate", b"hit_rate", "hits", b"hits", "internal_fragmentation", b"internal_fragmentation", "lease_waits", b"lease_waits", "max_block_bytes", b"max_block_bytes", "misses", b"misses", "overloads", b"overloads", "pending_conflicts", b"pending_conflicts", "pending_puts", b"pending_puts", "put_conflicts", b"put_conflicts", "puts", b"puts", "quota_rejections", b"quota_rejections", "requested_bytes", b"requested_bytes", "tenant", b"tenant", "tenant_bytes", b"tenant_bytes", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_bytes", b"arena_bytes", "blocks", b"blocks", "dram_hit_rate", b"dram_hit_rate", "durable_available", b"durable_available", "durable_hits", b"durable_hits", "evictions", b"evictions", "external_fragmentation", b"external_fragmentation", "fill", b"fill", "hit_rate", b"hit_rate", "hits", b"hits", "internal_fragmentation", b"internal_fragmentation", "lease_waits", b"lease_waits", "max_block_bytes", b"max_block_bytes", "misses", b"misses", "overloads", b"overloads", "pending_conflicts", b"pending_conflicts", "pending_puts", b"pending_puts", "put_conflicts", b"put_conflicts", "puts", b"puts", "quota_rejections", b"quota_rejections", "requested_bytes", b"requested_bytes", "spill_backpressure", b"spill_backpressure", "spill_failures", b"spill_failures", "spill_queue_bytes", b"spill_queue_bytes", "spilled", b"spilled", "tenant", b"tenant", "tenant_bytes", b"tenant_bytes", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -918,3 +986,41 @@ class SetNamespaceTTLResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetNamespaceTTLResponse: _TypeAlias = SetNamespaceTTLResponse  # noqa: Y015
+
+@_typing.final
+class SetNamespacePolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    DURABILITY_FIELD_NUMBER: _builtins.int
+    durability: Global___Durability.ValueType
+    @_builtins.property
+    def namespace(self) -> Global___Namespace: ...
+    def __init__(
+        self,
+        *,
+        namespace: Global___Namespace | None = ...,
+        durability: Global___Durability.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["durability", b"durability", "namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetNamespacePolicyRequest: _TypeAlias = SetNamespacePolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetNamespacePolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetNamespacePolicyResponse: _TypeAlias = SetNamespacePolicyResponse  # noqa: Y015

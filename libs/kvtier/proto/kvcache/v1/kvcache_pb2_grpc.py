@@ -100,6 +100,11 @@ class KVCacheServiceStub:
                 request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespaceTTLRequest.SerializeToString,
                 response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespaceTTLResponse.FromString,
                 _registered_method=True)
+        self.SetNamespacePolicy = channel.unary_unary(
+                '/kvtier.kvcache.v1.KVCacheService/SetNamespacePolicy',
+                request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespacePolicyRequest.SerializeToString,
+                response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespacePolicyResponse.FromString,
+                _registered_method=True)
 
 
 class KVCacheServiceServicer:
@@ -178,13 +183,20 @@ class KVCacheServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetQuota(self, request, context):
-        """Operator settings of this node: a tenant's byte quota, a namespace's default TTL.
+        """Operator settings of this node: a tenant's byte quota, a namespace's default TTL, and
+        whether a namespace's blocks also live in the durable tier (spill and read-through).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SetNamespaceTTL(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetNamespacePolicy(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -257,6 +269,11 @@ def add_KVCacheServiceServicer_to_server(servicer, server):
                     servicer.SetNamespaceTTL,
                     request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespaceTTLRequest.FromString,
                     response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespaceTTLResponse.SerializeToString,
+            ),
+            'SetNamespacePolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetNamespacePolicy,
+                    request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespacePolicyRequest.FromString,
+                    response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespacePolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -610,6 +627,33 @@ class KVCacheService:
             '/kvtier.kvcache.v1.KVCacheService/SetNamespaceTTL',
             kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespaceTTLRequest.SerializeToString,
             kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespaceTTLResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetNamespacePolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.kvcache.v1.KVCacheService/SetNamespacePolicy',
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespacePolicyRequest.SerializeToString,
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespacePolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,8 +60,11 @@ class KVCacheServiceStub:
     Touch: _grpc.UnaryUnaryMultiCallable[_kvcache_pb2.TouchRequest, _kvcache_pb2.TouchResponse]
     Stats: _grpc.UnaryUnaryMultiCallable[_kvcache_pb2.StatsRequest, _kvcache_pb2.StatsResponse]
     SetQuota: _grpc.UnaryUnaryMultiCallable[_kvcache_pb2.SetQuotaRequest, _kvcache_pb2.SetQuotaResponse]
-    """Operator settings of this node: a tenant's byte quota, a namespace's default TTL."""
+    """Operator settings of this node: a tenant's byte quota, a namespace's default TTL, and
+    whether a namespace's blocks also live in the durable tier (spill and read-through).
+    """
     SetNamespaceTTL: _grpc.UnaryUnaryMultiCallable[_kvcache_pb2.SetNamespaceTTLRequest, _kvcache_pb2.SetNamespaceTTLResponse]
+    SetNamespacePolicy: _grpc.UnaryUnaryMultiCallable[_kvcache_pb2.SetNamespacePolicyRequest, _kvcache_pb2.SetNamespacePolicyResponse]
 
 @_typing.type_check_only
 class KVCacheServiceAsyncStub(KVCacheServiceStub):
@@ -85,8 +88,11 @@ class KVCacheServiceAsyncStub(KVCacheServiceStub):
     Touch: _aio.UnaryUnaryMultiCallable[_kvcache_pb2.TouchRequest, _kvcache_pb2.TouchResponse]  # type: ignore[assignment]
     Stats: _aio.UnaryUnaryMultiCallable[_kvcache_pb2.StatsRequest, _kvcache_pb2.StatsResponse]  # type: ignore[assignment]
     SetQuota: _aio.UnaryUnaryMultiCallable[_kvcache_pb2.SetQuotaRequest, _kvcache_pb2.SetQuotaResponse]  # type: ignore[assignment]
-    """Operator settings of this node: a tenant's byte quota, a namespace's default TTL."""
+    """Operator settings of this node: a tenant's byte quota, a namespace's default TTL, and
+    whether a namespace's blocks also live in the durable tier (spill and read-through).
+    """
     SetNamespaceTTL: _aio.UnaryUnaryMultiCallable[_kvcache_pb2.SetNamespaceTTLRequest, _kvcache_pb2.SetNamespaceTTLResponse]  # type: ignore[assignment]
+    SetNamespacePolicy: _aio.UnaryUnaryMultiCallable[_kvcache_pb2.SetNamespacePolicyRequest, _kvcache_pb2.SetNamespacePolicyResponse]  # type: ignore[assignment]
 
 class KVCacheServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -179,7 +185,9 @@ class KVCacheServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _kvcache_pb2.SetQuotaRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_kvcache_pb2.SetQuotaResponse, _abc.Awaitable[_kvcache_pb2.SetQuotaResponse]]:
-        """Operator settings of this node: a tenant's byte quota, a namespace's default TTL."""
+        """Operator settings of this node: a tenant's byte quota, a namespace's default TTL, and
+        whether a namespace's blocks also live in the durable tier (spill and read-through).
+        """
 
     @_abc_1.abstractmethod
     def SetNamespaceTTL(
@@ -187,5 +195,12 @@ class KVCacheServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _kvcache_pb2.SetNamespaceTTLRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_kvcache_pb2.SetNamespaceTTLResponse, _abc.Awaitable[_kvcache_pb2.SetNamespaceTTLResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetNamespacePolicy(
+        self,
+        request: _kvcache_pb2.SetNamespacePolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kvcache_pb2.SetNamespacePolicyResponse, _abc.Awaitable[_kvcache_pb2.SetNamespacePolicyResponse]]: ...
 
 def add_KVCacheServiceServicer_to_server(servicer: KVCacheServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,164 @@
+"""`kvtier admin heal`: heal a bucket, a prefix or everything through a gateway, with progress.
+
+Progress goes to stderr: one line redrawn in place (carriage return) when stderr is a terminal,
+a plain line every few seconds otherwise. The objects are counted alongside (a listing, which
+reads no object data) so that the bar can show how far the heal is. Unrecoverable objects and
+the summary (`scanned N, healed N, unrecoverable N`) go to stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import TextIO
+
+from kvtier import devcluster, errors
+from kvtier.clients import gateway as gateway_client
+from kvtier.proto.gateway.v1 import admin_pb2
+from kvtier.proto.gateway.v1 import objects_pb2 as pb
+
+_PLAIN_EVERY_S = 5.0
+_BAR_CELLS = 24
+
+
+def gateway_address(gateway: str, state_dir: str) -> str:
+    """--gateway, or the gateway of the dev cluster in state_dir (its cluster.json)."""
+    if gateway:
+        return gateway
+    info_path = Path(state_dir) / "cluster.json"
+    try:
+        return str(json.loads(info_path.read_text())["gateway_grpc"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise devcluster.ClusterError(
+            f"no running cluster at {info_path}; pass --gateway HOST:PORT"
+        ) from None
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """'bucket/prefix' -> (bucket, prefix); '' -> every bucket."""
+    bucket, _, prefix = target.partition("/")
+    if not bucket and prefix:
+        raise errors.InvalidArgument(f"{target!r}: give a bucket before the prefix")
+    return bucket, prefix
+
+
+async def count_objects(address: str, bucket: str, prefix: str) -> int:
+    """How many objects the heal will look at (a listing: reads no object data)."""
+    async with gateway_client.ObjectServiceClient(address, timeout_s=30.0) as client:
+        buckets = [bucket] if bucket else [b.name for b in await client.list_buckets()]
+        total = 0
+        for name in buckets:
+            token = ""
+            while True:
+                page = await client.list_objects(
+                    pb.ListObjectsRequest(bucket=name, prefix=prefix, continuation_token=token)
+                )
+                total += len(page.objects)
+                if not page.is_truncated:
+                    break
+                token = page.next_continuation_token
+    return total
+
+
+class Display:
+    """Renders progress on a stream: a bar redrawn in place on a terminal, else a line now
+    and then."""
+
+    def __init__(self, stream: TextIO, *, tty: bool | None = None) -> None:
+        self._stream = stream
+        self._tty = stream.isatty() if tty is None else tty
+        self._printed = 0.0
+        self._drawn = False
+
+    def show(self, progress: admin_pb2.HealProgress, total: int | None) -> None:
+        """Progress so far; total: the object count, when known."""
+        if self._tty:
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            line = render_bar(progress, total)[:width]
+            self._stream.write("\r" + line.ljust(width))
+            self._drawn = True
+        elif time.monotonic() - self._printed >= _PLAIN_EVERY_S:
+            self._printed = time.monotonic()
+            self._stream.write(f"heal: {render_counts(progress, total)}\n")
+        self._stream.flush()
+
+    def clear(self) -> None:
+        """Remove the bar (before other output and at the end)."""
+        if self._drawn:
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            self._stream.write("\r" + " " * width + "\r")
+            self._stream.flush()
+            self._drawn = False
+
+
+def render_counts(progress: admin_pb2.HealProgress, total: int | None) -> str:
+    """'scanned 5 of 9, healed 1, unrecoverable 0' (+ skipped when any)."""
+    of = f" of {total}" if total is not None else ""
+    text = (
+        f"scanned {progress.scanned}{of}, healed {progress.healed}, "
+        f"unrecoverable {progress.unrecoverable}"
+    )
+    return text + (f", skipped {progress.skipped}" if progress.skipped else "")
+
+
+def render_bar(progress: admin_pb2.HealProgress, total: int | None) -> str:
+    """One terminal line: a bar (once the total is known), the counts and the current key."""
+    if total:
+        done = min(1.0, progress.scanned / total)
+        filled = round(done * _BAR_CELLS)
+        bar = f"[{'#' * filled}{'.' * (_BAR_CELLS - filled)}] {done:4.0%} "
+    else:
+        bar = ""
+    return f"{bar}{render_counts(progress, total)}  {progress.current_key}"
+
+
+def summary(progress: admin_pb2.HealProgress, *, dry_run: bool) -> str:
+    """The last line: 'scanned N, healed N, unrecoverable N' (+ skipped, dry run)."""
+    text = (
+        f"scanned {progress.scanned}, healed {progress.healed}, "
+        f"unrecoverable {progress.unrecoverable}"
+    )
+    if progress.skipped:
+        text += f", skipped {progress.skipped} (drives unreachable: the gateway retries them)"
+    if dry_run:
+        text += " (dry run: nothing was written)"
+    return text
+
+
+async def heal(
+    address: str,
+    target: str,
+    *,
+    dry_run: bool,
+    out: TextIO,
+    err: TextIO,
+    tty: bool | None = None,
+) -> admin_pb2.HealProgress:
+    """Run a heal through the gateway at address, showing progress on err and unrecoverable
+    objects on out; the final counts."""
+    bucket, prefix = split_target(target)
+    display = Display(err, tty=tty)
+    counting = asyncio.ensure_future(count_objects(address, bucket, prefix))
+    last = admin_pb2.HealProgress()
+    try:
+        async with gateway_client.AdminServiceClient(address) as client:
+            async for progress in client.heal(bucket, prefix, dry_run=dry_run):
+                last = progress
+                if progress.unrecoverable_keys:
+                    display.clear()
+                    for name in progress.unrecoverable_keys:
+                        out.write(f"unrecoverable: {name}\n")
+                    out.flush()
+                total = counting.result() if counting.done() and not counting.exception() else None
+                if not progress.done:
+                    display.show(progress, total)
+    finally:
+        display.clear()
+        counting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, errors.KVTierError):
+            await counting
+    return last

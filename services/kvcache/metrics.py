@@ -1,0 +1,78 @@
+"""Prometheus metrics of a kvcache node (block API, store gauges, the durable tier).
+
+Counters by tenant and namespace are looked up once per (tenant, namespace) by the block API
+(`labels()` costs microseconds); the store's own counters are copied into gauges by the sweep.
+"""
+
+from __future__ import annotations
+
+import prometheus_client
+
+_LABELS = ("tenant", "namespace")
+HITS = prometheus_client.Counter("kvtier_kvcache_hits_total", "Blocks found in DRAM", _LABELS)
+MISSES = prometheus_client.Counter(
+    "kvtier_kvcache_misses_total", "Gets of keys found in neither tier", _LABELS
+)
+DURABLE_HITS = prometheus_client.Counter(
+    "kvtier_kvcache_durable_hits_total", "DRAM misses read through from the durable tier", _LABELS
+)
+BYTES_IN = prometheus_client.Counter(
+    "kvtier_kvcache_bytes_in_total", "Block bytes committed by puts", _LABELS
+)
+BYTES_OUT = prometheus_client.Counter(
+    "kvtier_kvcache_bytes_out_total", "Block bytes handed to readers", _LABELS
+)
+PUT_OUTCOMES = prometheus_client.Counter(
+    "kvtier_kvcache_put_items_total", "Put items by outcome", (*_LABELS, "status")
+)
+EVICTIONS = prometheus_client.Gauge(
+    "kvtier_kvcache_evictions",
+    "Blocks evicted since start, by tenant and cause",
+    ("tenant", "cause"),
+)
+QUOTA_REJECTIONS = prometheus_client.Gauge(
+    "kvtier_kvcache_quota_rejections", "Puts refused by the tenant quota since start", ("tenant",)
+)
+LEASE_WAITS = prometheus_client.Gauge(
+    "kvtier_kvcache_lease_waits", "Puts that had to evict first, since start", ("tenant",)
+)
+FILL = prometheus_client.Gauge("kvtier_kvcache_fill_ratio", "Allocated share of the arena")
+ARENA = prometheus_client.Gauge("kvtier_kvcache_arena_bytes", "Size of the DRAM arena")
+TENANT_BYTES = prometheus_client.Gauge(
+    "kvtier_kvcache_tenant_bytes", "Bytes a tenant holds (the quota measure)", ("tenant",)
+)
+FRAGMENTATION = prometheus_client.Gauge(
+    "kvtier_kvcache_fragmentation_ratio", "Arena fragmentation", ("kind",)
+)
+
+# The durable tier (durable.py, spillqueue.py).
+SPILLED = prometheus_client.Counter(
+    "kvtier_kvcache_spilled_total",
+    "Blocks uploaded to the durable tier, by tenant and cause (capacity, write_through)",
+    ("tenant", "cause"),
+)
+SPILL_FAILURES = prometheus_client.Counter(
+    "kvtier_kvcache_spill_failures_total",
+    "Durable-tier uploads and deletes given up after their retries",
+    ("op",),
+)
+SPILL_QUEUE_BYTES = prometheus_client.Gauge(
+    "kvtier_kvcache_spill_queue_bytes", "Block bytes in the spill buffer, not yet durable"
+)
+BACKPRESSURE = prometheus_client.Counter(
+    "kvtier_kvcache_spill_backpressure_total",
+    "Times eviction found the spill buffer full and kept durable namespaces' victims in DRAM",
+)
+DROPPED = prometheus_client.Counter(
+    "kvtier_kvcache_spill_dropped_total",
+    "Blocks of durable namespaces that left DRAM without reaching the durable tier",
+    ("reason",),
+)
+READ_THROUGH_FAILURES = prometheus_client.Counter(
+    "kvtier_kvcache_read_through_failures_total",
+    "Read-throughs and probes that could not use the durable tier",
+    ("reason",),
+)
+AVAILABLE = prometheus_client.Gauge(
+    "kvtier_kvcache_durable_available", "1 while a durable tier (a gateway) is known"
+)
