@@ -373,11 +373,10 @@ async def _put_all(gateway: str, bucket: str, contents: dict[str, bytes]) -> Non
 @pytest.mark.parametrize(
     "count",
     [
-        pytest.param(1_200, id="1200-keys"),
+        pytest.param(1_200, id="1200-keys", marks=pytest.mark.timeout(240)),
         pytest.param(20_000, id="20k-keys", marks=[pytest.mark.slow, pytest.mark.timeout(1200)]),
     ],
 )
-@pytest.mark.timeout(240)
 def test_listing_matches_a_sorted_model_page_by_page(cluster: dict[str, Any], count: int) -> None:
     seed = _seed(f"listing-{count}")
     rng = random.Random(seed)
