@@ -439,6 +439,7 @@ def run_objects_bench(quick: bool = False, keep_dir: bool = False) -> dict[str, 
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "object_bytes": OBJECT_BYTES,
         "phase_bytes": QUICK_PHASE_BYTES if quick else PHASE_BYTES,
+        "load_average_start": os.getloadavg()[0],
         "cases": [],
     }
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -463,6 +464,7 @@ def run_objects_bench(quick: bool = False, keep_dir: bool = False) -> dict[str, 
         if not keep_dir:
             shutil.rmtree(work, ignore_errors=True)
     result["elapsed_s"] = time.perf_counter() - started
+    result["load_average_end"] = os.getloadavg()[0]
     result["targets"] = object_targets(result)
     return result
 
@@ -555,7 +557,9 @@ def render_objects(result: dict[str, Any]) -> str:
     disk, ec = c["disk"], c["erasure_gbps"]
     lines = [
         f"Measured {result['date']} on {result['machine']}; the objects bench took "
-        f"{result['elapsed_s']:.0f} s (one run; ratios are what count). Dev cluster: "
+        f"{result['elapsed_s']:.0f} s (one run; ratios are what count; 1-minute load average "
+        f"{result['load_average_start']:.1f} before, {result['load_average_end']:.1f} after: "
+        "other jobs on the machine move every number). Dev cluster: "
         f"{result['drives']} drives on 6 datanodes, one erasure set RS {k}+{m}, all on this "
         f"machine's one disk. Each phase moves {_gb(result['phase_bytes'])} across all clients "
         f"in {_label(result['object_bytes'])} objects.",
@@ -622,7 +626,7 @@ def _render_big(big: dict[str, Any]) -> list[str]:
         before = big["servers_before"][name]
         lines.append(
             f"| {name} | {before['VmHWM'] / MIB:.0f} | {during['VmHWM'] / MIB:.0f} | "
-            f"{growth[name] / MIB:.0f} | {during['RssAnon'] / MIB:.0f} | "
+            f"{max(0, growth[name]) / MIB:.0f} | {during['RssAnon'] / MIB:.0f} | "
             f"{during['RssShmem'] / MIB:.0f} |"
         )
     client = big["client_memory"]
