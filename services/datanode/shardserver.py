@@ -21,7 +21,7 @@ import prometheus_client
 
 from kvtier import errors
 from kvtier.proto.datanode.v1 import shards_pb2 as pb
-from kvtier.transport import base, shm_copy, slots
+from kvtier.transport import base, calls, shm_copy, slots
 from services.datanode import shards
 
 log = logging.getLogger(__name__)
@@ -73,10 +73,10 @@ class ShardNode:
     ) -> Awaitable[base.CallPlan]:
         """The node's `kvtier.transport.base.CallHandler` (asynchronous)."""
         if method == pb.SHARD_CALL_METHOD_WRITE_SHARD:
-            write = _parse(pb.WriteShardRequest, request)
+            write = calls.parse_request(pb.WriteShardRequest, request)
             return self._write_plan(write, segments)
         if method == pb.SHARD_CALL_METHOD_READ_SHARD:
-            read = _parse(pb.ReadShardRequest, request)
+            read = calls.parse_request(pb.ReadShardRequest, request)
             if segments or len(capacities) != 1:
                 raise errors.InvalidArgument("READ_SHARD takes no segments and one buffer")
             return self._read_plan(read, capacities[0])
@@ -241,12 +241,3 @@ class ShardNode:
         job = loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
         await shm_copy.uncancellable(job)
         return job.result()
-
-
-def _parse(message_type: type[Any], data: bytes) -> Any:
-    message = message_type()
-    try:
-        message.ParseFromString(data)
-    except Exception as exc:  # protobuf's DecodeError is a bare Exception subclass
-        raise errors.InvalidArgument(f"malformed {message_type.__name__}: {exc}") from None
-    return message

@@ -11,14 +11,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Sequence
-from typing import Any
 
 from kvtier import clustermap, errors, names
 from kvtier.clients import metadata as metadata_client
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
-from kvtier.transport import base
+from kvtier.transport import base, calls
 from services.gateway import listing, objects
 
 log = logging.getLogger(__name__)
@@ -116,10 +115,10 @@ class ObjectFront:
     ) -> Awaitable[base.CallPlan]:
         """The gateway's `kvtier.transport.base.CallHandler`."""
         if method == pb.OBJECT_CALL_METHOD_WRITE_STRIPES:
-            write = _parse(pb.WriteStripesRequest, request)
+            write = calls.parse_request(pb.WriteStripesRequest, request)
             return self.engine.write_plan(write, segments)
         if method == pb.OBJECT_CALL_METHOD_READ_RANGE:
-            read = _parse(pb.ReadRangeRequest, request)
+            read = calls.parse_request(pb.ReadRangeRequest, request)
             if segments:
                 raise errors.InvalidArgument("READ_RANGE carries no segments")
             return self._read(read, capacities)
@@ -128,12 +127,3 @@ class ObjectFront:
     async def _read(self, req: pb.ReadRangeRequest, capacities: Sequence[int]) -> base.CallPlan:
         await self.check_bucket(req.bucket)
         return await self.engine.read_plan(req, capacities)
-
-
-def _parse(message_type: type[Any], data: bytes) -> Any:
-    message = message_type()
-    try:
-        message.ParseFromString(data)
-    except Exception as exc:  # protobuf's DecodeError is a bare Exception subclass
-        raise errors.InvalidArgument(f"malformed {message_type.__name__}: {exc}") from None
-    return message

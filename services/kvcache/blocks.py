@@ -31,7 +31,7 @@ from typing import Any
 
 from kvtier import errors
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
-from kvtier.transport import base
+from kvtier.transport import base, calls
 from kvtier.transport import dataplane as transport_dataplane
 from services.kvcache import durable, metrics
 from services.kvcache import store as block_store
@@ -94,16 +94,20 @@ class BlockService:
         """The node's `kvtier.transport.base.CallHandler`."""
         tenant = transport_dataplane.tenant_of(principal)
         if method == pb.CALL_METHOD_BATCH_PUT:
-            return self._call_put(tenant, _parse(pb.BatchPutRequest, request), segments)
+            return self._call_put(
+                tenant, calls.parse_request(pb.BatchPutRequest, request), segments
+            )
         if segments:
             raise errors.InvalidArgument("only BatchPut calls carry payload segments")
         if method == pb.CALL_METHOD_BATCH_GET:
-            return self._call_get(tenant, _parse(pb.BatchGetRequest, request), capacities)
+            return self._call_get(
+                tenant, calls.parse_request(pb.BatchGetRequest, request), capacities
+            )
         simple = _SIMPLE_CALLS.get(method)
         if simple is None:
             raise errors.InvalidArgument(f"unknown kvcache call method {method}")
         message_type, handler = simple
-        reply = handler(self, tenant, _parse(message_type, request))
+        reply = handler(self, tenant, calls.parse_request(message_type, request))
         if inspect.isawaitable(reply):
             return _plan_of(reply)
         return base.CallPlan(reply=reply.SerializeToString())
@@ -585,15 +589,6 @@ async def _plan_of(reply: Awaitable[Any]) -> base.CallPlan:
 
 def _any_miss(items: Sequence[pb.GetItem]) -> bool:
     return any(item.status == pb.ITEM_STATUS_MISS for item in items)
-
-
-def _parse(message_type: type[Any], data: bytes) -> Any:
-    message = message_type()
-    try:
-        message.ParseFromString(data)
-    except Exception as exc:  # protobuf raises DecodeError, a bare Exception subclass
-        raise errors.InvalidArgument(f"malformed {message_type.__name__}: {exc}") from None
-    return message
 
 
 def _tenant(tenant: str) -> str:

@@ -271,3 +271,16 @@ def _check_span(span: base.Span | None) -> None:
         span.offset < 0 or span.length < 0 or span.offset + span.length > span.region.size
     ):
         raise _bug(f"a span {span.offset}+{span.length} outside its region of {span.region.size}")
+
+
+M = TypeVar("M")
+
+
+def parse_request(message_type: type[M], data: bytes) -> M:
+    """A call's request message; InvalidArgument when the bytes do not parse."""
+    message = message_type()
+    try:
+        message.ParseFromString(data)  # type: ignore[attr-defined]
+    except Exception as exc:  # protobuf's DecodeError is a bare Exception subclass
+        raise errors.InvalidArgument(f"malformed {message_type.__name__}: {exc}") from None
+    return message
