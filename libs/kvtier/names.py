@@ -15,6 +15,13 @@ BUCKET_MIN_CHARS = 3
 BUCKET_MAX_CHARS = 63
 KEY_MAX_BYTES = 1024
 
+#: The bucket of the gateway's own multipart-upload records and parts. Not a valid S3 name
+#: (it starts with '.'), so no user bucket can ever collide with it.
+MULTIPART_BUCKET = ".multipart"
+#: Keys in internal buckets embed a user's bucket and key, so they may be a little longer.
+INTERNAL_KEY_MAX_BYTES = 1200
+_INTERNAL_BUCKETS = frozenset({MULTIPART_BUCKET})
+
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]*[a-z0-9]")
 _IP_ADDRESS = re.compile(r"\d+\.\d+\.\d+\.\d+")
 # Prefixes and suffixes S3 reserves for its own features (access points, aliases, IDNs).
@@ -57,3 +64,21 @@ def check_key(key: str) -> None:
         )
     if "\0" in key:
         raise errors.InvalidArgument("object key: must not contain NUL")
+
+
+def check_stored(bucket: str, key: str) -> None:
+    """What a datanode accepts: a valid bucket and key, or a key of an internal bucket
+    (1-INTERNAL_KEY_MAX_BYTES bytes of UTF-8 without NUL). Raises InvalidArgument."""
+    if bucket not in _INTERNAL_BUCKETS:
+        check_bucket(bucket)
+        check_key(key)
+        return
+    encoded = key.encode("utf-8", "surrogatepass")
+    if not 1 <= len(encoded) <= INTERNAL_KEY_MAX_BYTES or "\0" in key:
+        raise errors.InvalidArgument(f"internal key of {len(encoded)} bytes is not valid")
+
+
+def check_stored_bucket(bucket: str) -> None:
+    """A valid bucket name or an internal bucket's. Raises InvalidArgument."""
+    if bucket not in _INTERNAL_BUCKETS:
+        check_bucket(bucket)

@@ -149,7 +149,8 @@ class AsyncObjectClient:
             return await self._put_file(bucket, key, data, h, checksums, if_none_match)
         view = base.as_buffer(data, writable=False)
         begun = await self._begin(bucket, key, view.nbytes, h, checksums, if_none_match)
-        return await self._send(begun, view.nbytes, lambda at, n: view[at : at + n])
+        reply = await self._send(begun, view.nbytes, lambda at, n: view[at : at + n])
+        return reply.object
 
     async def _begin(
         self,
@@ -166,7 +167,9 @@ class AsyncObjectClient:
         )  # fmt: skip
         return await self._rpc.begin_put(request)
 
-    async def _send(self, begun: pb.BeginPutResponse, size: int, chunk: Any) -> pb.ObjectInfo:
+    async def _send(
+        self, begun: pb.BeginPutResponse, size: int, chunk: Any
+    ) -> pb.CommitPutResponse:
         try:
             at = 0
             while at < size:
@@ -175,7 +178,7 @@ class AsyncObjectClient:
                 request = pb.WriteStripesRequest(upload_id=begun.upload_id, offset=at)
                 await self._call(pb.OBJECT_CALL_METHOD_WRITE_STRIPES, request, segments=[piece])
                 at += n
-            return await self._rpc.commit_put(begun.upload_id)
+            return await self._rpc.commit_write(begun.upload_id)
         except BaseException:
             with contextlib.suppress(errors.KVTierError):  # else the gateway's sweep drops it
                 await self._rpc.abort_put(begun.upload_id)
@@ -200,7 +203,7 @@ class AsyncObjectClient:
                 raise errors.InvalidArgument(f"the file shrank while being read ({at + got})")
             return buffer[:n]
 
-        return await self._send(begun, size, chunk)
+        return (await self._send(begun, size, chunk)).object
 
     # GET.
 
@@ -304,6 +307,130 @@ class AsyncObjectClient:
             if not page.is_truncated:
                 return
             token = page.next_continuation_token
+
+    # Multipart uploads.
+
+    async def create_multipart_upload(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        content_type: str = "",
+        metadata: Mapping[str, str] | None = None,
+        checksum_algorithm: str = "",
+        headers: pb.ObjectHeaders | None = None,
+    ) -> str:
+        """Start a multipart upload; its id. `checksum_algorithm`: each part's checksum is
+        kept, and the object gets the checksum of the part checksums ("-N")."""
+        h = pb.ObjectHeaders()
+        if headers is not None:
+            h.CopyFrom(headers)
+        if content_type:
+            h.content_type = content_type
+        h.user_metadata.update(metadata or {})
+        request = pb.CreateMultipartUploadRequest(
+            bucket=bucket, key=key, headers=h, checksum_algorithm=checksum_algorithm
+        )
+        return await self._rpc.create_multipart_upload(request)
+
+    async def upload_part(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        data: Any,
+        *,
+        content_md5: str = "",
+    ) -> pb.PartInfo:
+        """Upload (or replace) part `part_number` (1-10000) from a buffer; its info (ETag)."""
+        view = base.as_buffer(data, writable=False)
+        request = pb.BeginUploadPartRequest(
+            bucket=bucket, key=key, upload_id=upload_id, part_number=part_number,
+            size=view.nbytes, expected_md5=content_md5,
+        )  # fmt: skip
+        planned = await self._rpc.begin_upload_part(request)
+        begun = pb.BeginPutResponse(
+            upload_id=planned.write_id,
+            stripe_bytes=planned.stripe_bytes,
+            max_call_bytes=planned.max_call_bytes,
+        )
+        reply = await self._send(begun, view.nbytes, lambda at, n: view[at : at + n])
+        return reply.part
+
+    async def upload_part_copy(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        part_number: int,
+        src_bucket: str,
+        src_key: str,
+        *,
+        byte_range: tuple[int, int] | None = None,
+    ) -> pb.PartInfo:
+        """A part made of the source object, or of its bytes [first, last] (inclusive)."""
+        request = pb.UploadPartCopyRequest(
+            bucket=bucket, key=key, upload_id=upload_id, part_number=part_number,
+            src_bucket=src_bucket, src_key=src_key,
+        )  # fmt: skip
+        if byte_range is not None:
+            request.has_range = True
+            request.range_start, request.range_end = byte_range
+        return (await self._rpc.upload_part_copy(request)).part
+
+    async def complete_multipart_upload(
+        self,
+        bucket: str,
+        key: str,
+        upload_id: str,
+        parts: Sequence[pb.PartInfo | tuple[int, str]],
+        *,
+        if_none_match: bool = False,
+    ) -> pb.ObjectInfo:
+        """Make the parts (infos from upload_part, or (number, etag)) the object."""
+        request = pb.CompleteMultipartUploadRequest(
+            bucket=bucket, key=key, upload_id=upload_id, if_none_match=if_none_match
+        )
+        for part in parts:
+            if isinstance(part, pb.PartInfo):
+                request.parts.add(part_number=part.part_number, etag=part.etag)
+            else:
+                request.parts.add(part_number=part[0], etag=part[1])
+        return await self._rpc.complete_multipart_upload(request)
+
+    async def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None:
+        """Drop an upload and its parts (NotFound: no such upload)."""
+        await self._rpc.abort_multipart_upload(bucket, key, upload_id)
+
+    async def list_parts(self, bucket: str, key: str, upload_id: str) -> list[pb.PartInfo]:
+        """Every part uploaded so far, by number."""
+        parts: list[pb.PartInfo] = []
+        marker = 0
+        while True:
+            page = await self._rpc.list_parts(
+                pb.ListPartsRequest(
+                    bucket=bucket, key=key, upload_id=upload_id, part_number_marker=marker
+                )
+            )
+            parts.extend(page.parts)
+            if not page.is_truncated:
+                return parts
+            marker = page.next_part_number_marker
+
+    async def list_multipart_uploads(
+        self, bucket: str, *, prefix: str = ""
+    ) -> list[pb.MultipartUploadInfo]:
+        """Every upload in progress in a bucket, by key then initiation."""
+        uploads: list[pb.MultipartUploadInfo] = []
+        request = pb.ListMultipartUploadsRequest(bucket=bucket, prefix=prefix)
+        while True:
+            page = await self._rpc.list_multipart_uploads(request)
+            uploads.extend(page.uploads)
+            if not page.is_truncated:
+                return uploads
+            request.key_marker = page.next_key_marker
+            request.upload_id_marker = page.next_upload_id_marker
 
 
 class ObjectClient:

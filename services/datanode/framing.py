@@ -57,6 +57,17 @@ class PartStager:
         self.memory: bytearray | None = bytearray()
         self.fd = -1
 
+    @classmethod
+    def finished(cls, block_bytes: int, shard_bytes: int) -> PartStager:
+        """A stager for a shard framed elsewhere (its frames or file are set by the caller)."""
+        stage = cls(block_bytes)
+        full, rest = divmod(shard_bytes, block_bytes)
+        stage.done = dict.fromkeys(range(full), block_bytes)
+        if rest:
+            stage.done[full] = rest
+        stage.staged = shard_bytes
+        return stage
+
     def write(self, offset: int, data: memoryview) -> None:
         """Stage data at offset; InvalidArgument when misaligned or overlapping staged bytes."""
         size = self.block_bytes

@@ -225,6 +225,36 @@ class StagedWrite:
             self._staged += len(view)
         return len(view)
 
+    def adopt_part(
+        self, part_number: int, shard_bytes: int, *, frames: bytes = b"", path: Path | None = None
+    ) -> None:
+        """Take a whole part's shard from a committed object on this drive: its framed bytes
+        (an inline shard) or its part file, hard-linked (no copy; the source may go away later).
+
+        Multipart uploads are completed this way: each uploaded part is an object of its own.
+        """
+        if not 1 <= part_number <= MAX_PART_NUMBER:
+            raise errors.InvalidArgument(f"part number {part_number}: must be 1-{MAX_PART_NUMBER}")
+        with self._lock:
+            self._check_open()
+            if part_number in self._parts:
+                raise errors.InvalidArgument(f"part {part_number} is staged already")
+            if self._in_memory and self._staged + shard_bytes > INLINE_MAX_BYTES:
+                self._spill()
+            stage = framing.PartStager.finished(self.block_bytes, shard_bytes)
+            if path is None:
+                stage.memory = bytearray(frames)
+                if not self._in_memory:
+                    stage.spill(self.data_dir / f"part.{part_number}")
+            elif self._in_memory:
+                stage.memory = bytearray(path.read_bytes())
+            else:
+                target = self.data_dir / f"part.{part_number}"
+                os.link(path, target)
+                stage.fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+            self._parts[part_number] = stage
+            self._staged += shard_bytes
+
     def _spill(self) -> None:
         self.data_dir.mkdir()
         for number, stage in self._parts.items():
@@ -257,8 +287,7 @@ class StagedWrite:
 
     def _seal(self, meta: datanode_pb2.ShardMeta) -> datanode_pb2.ShardMeta:
         """Check meta against the staged parts and complete it; files are synced."""
-        names.check_bucket(meta.bucket)
-        names.check_key(meta.key)
+        names.check_stored(meta.bucket, meta.key)
         stored = ShardMeta()
         stored.CopyFrom(meta)
         where = f"{meta.bucket}/{meta.key}"
@@ -352,8 +381,7 @@ class ShardStore:
         self._index.set_state(boot_id=boot, clean="0")
 
     def _object_dir(self, bucket: str, key: str) -> Path:
-        names.check_bucket(bucket)
-        names.check_key(key)
+        names.check_stored(bucket, key)
         digest = hashlib.sha256(key.encode()).hexdigest()
         return self._objects / bucket / digest[:2] / digest
 
@@ -389,6 +417,41 @@ class ShardStore:
                 raise errors.AlreadyExists(f"write {write_id} exists") from None
             self._active.add(write_id)
         return StagedWrite(self, write_id, path, block_bytes)
+
+    def compose(
+        self, write_id: str, meta: datanode_pb2.ShardMeta, sources: list[tuple[str, str, str]]
+    ) -> datanode_pb2.ShardMeta:
+        """Commit a version whose part i is part 1 of the object version sources[i]
+        ((bucket, key, data_id)) on this drive, without copying shard bytes.
+
+        Raises NotFound when a source version is not here, InvalidArgument when its layout does
+        not match meta, Superseded when the drive holds a newer version of meta's key.
+        """
+        if len(sources) != len(meta.parts):
+            raise errors.InvalidArgument(f"{len(sources)} sources for {len(meta.parts)} parts")
+        with self.begin_write(write_id, block_bytes=meta.block_bytes or BLOCK_BYTES) as write:
+            for part, (bucket, key, data_id) in zip(meta.parts, sources, strict=True):
+                source = self.read_meta(bucket, key)
+                where = f"{bucket}/{key}"
+                if source.data_id != data_id:
+                    raise errors.NotFound(f"{where}: version {data_id} is not on this drive")
+                if (
+                    len(source.parts) != 1
+                    or source.parts[0].shard_bytes != part.shard_bytes
+                    or source.block_bytes != write.block_bytes
+                ):
+                    raise errors.InvalidArgument(f"{where}: layout differs from part {part.number}")
+                if is_inline(source):
+                    write.adopt_part(part.number, part.shard_bytes, frames=source.inline_data)
+                else:
+                    name = f"part.{source.parts[0].number}"
+                    path = self._object_dir(bucket, key) / data_id / name
+                    try:
+                        write.adopt_part(part.number, part.shard_bytes, path=path)
+                    except FileNotFoundError:
+                        raise errors.NotFound(f"{where}: version {data_id} is gone") from None
+            write.only_if_newer = True
+            return write.commit(meta)
 
     def _release(self, write_id: str) -> None:
         with self._active_lock:
@@ -568,7 +631,7 @@ class ShardStore:
 
         Only keys starting with prefix and sorting after start_after; read from the index only.
         """
-        names.check_bucket(bucket)
+        names.check_stored_bucket(bucket)
         if limit < 1:
             raise errors.InvalidArgument(f"limit {limit}: must be positive")
         return self._index.list(bucket, prefix, start_after, limit)

@@ -137,7 +137,16 @@ class ShardNode:
     # gRPC.
 
     async def commit_write(self, req: pb.CommitWriteRequest) -> pb.CommitWriteResponse:
-        """Make a staged write the object's version on the drive."""
+        """Make a staged write the object's version on the drive (or, with part_sources,
+        compose the version from objects already on the drive)."""
+        if req.part_sources:
+            store = self._store(req.drive_id)
+            sources = [(s.bucket, s.key, s.data_id) for s in req.part_sources]
+            try:
+                await self._run(store.compose, req.write_id, req.meta, sources)
+            except shards.Superseded:
+                return pb.CommitWriteResponse(superseded=True)
+            return pb.CommitWriteResponse()
         entry = self._writes.pop((req.drive_id, req.write_id), None)
         if entry is None:
             raise errors.NotFound(f"no staged write {req.write_id} on drive {req.drive_id}")

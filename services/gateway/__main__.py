@@ -85,6 +85,7 @@ class _Gateway:
                 await asyncio.sleep(_SWEEP_S)
                 if self.front is not None:
                     await self.front.engine.sweep()
+                    await self.front.multipart.sweep()
         finally:
             if self.front is not None:
                 await self.front.close()

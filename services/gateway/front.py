@@ -18,7 +18,7 @@ from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
 from kvtier.transport import base, calls
-from services.gateway import listing, objects
+from services.gateway import listing, multipart, objects, versions
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class ObjectFront:
         self._bucket_cache_s = bucket_cache_s
         self._known: dict[str, float] = {}
         self._metadata: metadata_client.MetadataClient | None = None
+        self.multipart = multipart.Multipart(engine, lister)
 
     def _meta(self) -> metadata_client.MetadataClient:
         nodes = [n for n in self._view.current.nodes if n.role == common_pb2.NODE_ROLE_METADATA]
@@ -104,6 +105,57 @@ class ObjectFront:
         """Plan a PUT into an existing bucket."""
         await self.check_bucket(req.bucket)
         return self.engine.begin_put(req)
+
+    async def commit_put(self, req: pb.CommitPutRequest) -> pb.CommitPutResponse:
+        """Finish a PUT or a part's upload."""
+        meta = await self.engine.commit_meta(req.upload_id)
+        if meta.bucket == names.MULTIPART_BUCKET:
+            return pb.CommitPutResponse(part=multipart.part_info(meta))
+        return pb.CommitPutResponse(object=versions.info(meta))
+
+    # Multipart uploads.
+
+    async def create_multipart(
+        self, req: pb.CreateMultipartUploadRequest
+    ) -> pb.CreateMultipartUploadResponse:
+        """Start a multipart upload into an existing bucket."""
+        await self.check_bucket(req.bucket)
+        return pb.CreateMultipartUploadResponse(upload_id=await self.multipart.create(req))
+
+    async def begin_part(self, req: pb.BeginUploadPartRequest) -> pb.BeginUploadPartResponse:
+        """Plan one part's upload."""
+        await self.check_bucket(req.bucket)
+        return await self.multipart.begin_part(req)
+
+    async def copy_part(self, req: pb.UploadPartCopyRequest) -> pb.UploadPartCopyResponse:
+        """A part copied from another object."""
+        await self.check_bucket(req.bucket)
+        await self.check_bucket(req.src_bucket)
+        return await self.multipart.copy_part(req)
+
+    async def complete_multipart(
+        self, req: pb.CompleteMultipartUploadRequest
+    ) -> pb.CompleteMultipartUploadResponse:
+        """Make the listed parts the object."""
+        await self.check_bucket(req.bucket)
+        return pb.CompleteMultipartUploadResponse(object=await self.multipart.complete(req))
+
+    async def abort_multipart(self, req: pb.AbortMultipartUploadRequest) -> None:
+        """Drop an upload and its parts."""
+        await self.check_bucket(req.bucket)
+        await self.multipart.abort(req)
+
+    async def list_parts(self, req: pb.ListPartsRequest) -> pb.ListPartsResponse:
+        """A page of an upload's parts."""
+        await self.check_bucket(req.bucket)
+        return await self.multipart.list_parts(req)
+
+    async def list_uploads(
+        self, req: pb.ListMultipartUploadsRequest
+    ) -> pb.ListMultipartUploadsResponse:
+        """A page of a bucket's uploads in progress."""
+        await self.check_bucket(req.bucket)
+        return await self.multipart.list_uploads(req)
 
     def handle_call(
         self,

@@ -42,7 +42,7 @@ from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.gateway.v1 import admin_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway import front as front_mod
-from services.gateway import placement, rebuild
+from services.gateway import placement, rebuild, versions
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +158,32 @@ class Healer:
             return HealResult(Outcome.SKIPPED, detail=f"{type(exc).__name__}: {exc}")
 
     async def _heal(self, bucket: str, key: str, *, dry_run: bool) -> HealResult:
+        """Heal the object's entry in pool 0 and, when that is a pool record, the object in
+        its pool: the record's result when it is not done, else the object's."""
         try:
-            found = await self._engine.resolve(bucket, key, queue_heal=False)
+            found = await self._engine.resolve(bucket, key, queue_heal=False, follow=False)
         except errors.NotFound:
             return HealResult(Outcome.GONE)
         except errors.Unavailable as exc:
             where = placement.locate(self._view.current, bucket, key, 0)
             return await self._unresolved(where, bucket, key, str(exc))
+        record = await self._heal_version(found, dry_run=dry_run)
+        if not found.meta.is_pointer or record.outcome not in (Outcome.HEALTHY, Outcome.HEALED):
+            return record
+        pool = found.meta.pool_pointer
+        where = placement.locate(self._view.current, bucket, key, pool)
+        try:
+            target = await self._engine.resolve_in(where, bucket, key, queue_heal=False)
+        except errors.NotFound:
+            return HealResult(Outcome.UNRECOVERABLE, detail=f"pool {pool} lacks the object")
+        except errors.Unavailable as exc:
+            return await self._unresolved(where, bucket, key, str(exc))
+        result = await self._heal_version(target, dry_run=dry_run)
+        if result.outcome is Outcome.HEALTHY and record.outcome is Outcome.HEALED:
+            return record
+        return dataclasses.replace(result, shards=result.shards + record.shards)
+
+    async def _heal_version(self, found: versions.Resolved, *, dry_run: bool) -> HealResult:
         meta, where = found.meta, found.where
         k = meta.data_shards
         drives = await self._rebuilder.probe(meta, where)

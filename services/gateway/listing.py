@@ -15,6 +15,7 @@ import base64
 import collections
 import heapq
 import logging
+from collections.abc import AsyncIterator
 
 from kvtier import clustermap, errors, names
 from kvtier.proto.common.v1 import common_pb2
@@ -62,7 +63,7 @@ class Lister:
                     reply.is_truncated = True
                     reply.next_continuation_token = _token(marker)
                     return reply
-                folded = _fold(entry.key, req.prefix, req.delimiter)
+                folded = fold(entry.key, req.prefix, req.delimiter)
                 returned += 1
                 if folded is not None:
                     reply.common_prefixes.append(folded)
@@ -82,15 +83,30 @@ class Lister:
             if horizon.encode() > marker.encode():
                 marker = horizon  # keys up to the horizon were all seen (some below quorum)
 
+    async def scan(
+        self, bucket: str, prefix: str, *, pool_index: int = 0, after: str = ""
+    ) -> AsyncIterator[shards_pb2.ShardEntry]:
+        """Every entry of bucket under prefix in one pool (default pool 0, which lists every
+        object), in key order; for the gateway's internal buckets too."""
+        while True:
+            batch, horizon = await self._merged(bucket, prefix, after, MAX_KEYS, pool_index)
+            for entry in batch:
+                yield entry
+                after = entry.key
+            if horizon is None:
+                return
+            if horizon.encode() > after.encode():
+                after = horizon
+
     async def _merged(
-        self, bucket: str, prefix: str, after: str, limit: int
+        self, bucket: str, prefix: str, after: str, limit: int, pool_index: int = 0
     ) -> tuple[list[shards_pb2.ShardEntry], str | None]:
         """Entries after `after` of every set, merged in key order, and the horizon: None when
         the listing is complete; else the key up to which it is (more may follow)."""
         cmap = self._view.current
-        if not cmap.pools:
-            raise errors.Unavailable("no pool is formed yet")
-        pool = min(cmap.pools, key=lambda p: p.index)
+        pool = next((p for p in cmap.pools if p.index == pool_index), None)
+        if pool is None:
+            raise errors.Unavailable(f"no pool {pool_index} is formed")
         answers = await asyncio.gather(
             *(self._set_entries(es, bucket, prefix, after, limit) for es in pool.sets)
         )
@@ -140,7 +156,7 @@ class Lister:
         return entries, horizon
 
 
-def _fold(key: str, prefix: str, delimiter: str) -> str | None:
+def fold(key: str, prefix: str, delimiter: str) -> str | None:
     """The common prefix key falls under, or None when it is listed itself."""
     if not delimiter:
         return None

@@ -25,53 +25,23 @@ import hashlib
 import logging
 import time
 import uuid
-import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-import prometheus_client
-
 from kvtier import clustermap, erasure, errors, names
+from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.transport import base, shm_copy, slots
 from services.gateway import datanodes as datanodes_mod
-from services.gateway import placement
+from services.gateway import placement, reads, versions
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 BLOCK_BYTES = 1 << 20
-_CHECKSUMS = ("CRC32", "SHA1", "SHA256")
 
-DEGRADED = prometheus_client.Counter(
-    "kvtier_gateway_degraded_reads_total", "Blocks rebuilt from parity on read"
-)
-BYTES = prometheus_client.Counter("kvtier_gateway_object_bytes_total", "Object bytes", ["op"])
-
-
-class _Crc32:
-    """zlib.crc32 behind the hashlib interface."""
-
-    def __init__(self) -> None:
-        self.value = 0
-
-    def update(self, data: Any) -> None:
-        self.value = zlib.crc32(data, self.value)
-
-    def digest(self) -> bytes:
-        return self.value.to_bytes(4, "big")
-
-
-def _hasher(name: str) -> Any:
-    if name == "CRC32":
-        return _Crc32()
-    if name in ("SHA1", "SHA256"):
-        return hashlib.new(name.lower())
-    raise errors.InvalidArgument(
-        f"checksum {name!r} is not supported (use {', '.join(_CHECKSUMS)})"
-    )
 
 
 @dataclasses.dataclass(slots=True)
@@ -97,16 +67,6 @@ class _Upload:
         return self.where.data_shards * BLOCK_BYTES
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Resolved:
-    """An object's current version: its metadata (from one drive) and where its shards are."""
-
-    meta: datanode_pb2.ShardMeta
-    where: placement.Placement
-    #: Shard index -> whether that drive holds this version.
-    holders: frozenset[int]
-
-
 class ObjectEngine:
     """PUT/GET/HEAD/DELETE of erasure-coded objects (see the module docstring)."""
 
@@ -127,6 +87,14 @@ class ObjectEngine:
         self._uploads: dict[str, _Upload] = {}
         self._codecs: dict[tuple[int, int], erasure.Codec] = {}
         self.heal_queue: set[tuple[str, str]] = set()
+        self.reads = reads.Reader(
+            nodes, staging, self._codec, self._call_bytes, self._run, self.heal_queue
+        )
+
+    @property
+    def view(self) -> clustermap.MapView:
+        """The cluster map this engine places by."""
+        return self._view
 
     def _codec(self, k: int, m: int) -> erasure.Codec:
         codec = self._codecs.get((k, m))
@@ -150,7 +118,21 @@ class ObjectEngine:
         names.check_bucket(req.bucket)
         names.check_key(req.key)
         cmap = self._view.current
-        where = placement.locate(cmap, req.bucket, req.key, 0)
+        where = placement.locate(cmap, req.bucket, req.key, self.choose_pool(cmap))
+        return self.begin_write(req, where)
+
+    def choose_pool(self, cmap: common_pb2.ClusterMap) -> int:
+        """The pool of a new object: weighted by free space (placement.choose_pool)."""
+        if len(cmap.pools) <= 1:
+            return cmap.pools[0].index if cmap.pools else 0
+        free = {d.drive_id: d.free_bytes for n in cmap.nodes for d in n.drives}
+        return placement.choose_pool(cmap, placement.pool_free_bytes(cmap, free))
+
+    def begin_write(
+        self, req: pb.BeginPutRequest, where: placement.Placement
+    ) -> pb.BeginPutResponse:
+        """Plan a write of req.bucket/req.key (an object, or an internal one such as a
+        multipart part) onto the drives of `where`."""
         k, m = where.data_shards, where.parity_shards
         upload = _Upload(
             upload_id=uuid.uuid4().hex, bucket=req.bucket, key=req.key, size=req.size,
@@ -158,9 +140,9 @@ class ObjectEngine:
             max_call_bytes=self._call_bytes(k, m),
         )  # fmt: skip
         for name in req.checksum_algorithms:
-            upload.hashers[name.upper()] = _hasher(name.upper())
+            upload.hashers[name.upper()] = versions.new_hasher(name.upper())
         for name in req.expected_checksums:
-            upload.hashers.setdefault(name.upper(), _hasher(name.upper()))
+            upload.hashers.setdefault(name.upper(), versions.new_hasher(name.upper()))
         self._uploads[upload.upload_id] = upload
         return pb.BeginPutResponse(
             upload_id=upload.upload_id,
@@ -208,6 +190,38 @@ class ObjectEngine:
 
         return base.CallPlan(sinks=sinks, on_received=on_received, on_done=on_done)
 
+    async def write_call(
+        self, upload_id: str, length: int, fill: Callable[[memoryview], Awaitable[None]]
+    ) -> None:
+        """Write the upload's next `length` bytes (whole stripes, or the rest of the object):
+        `fill` puts them into the staging slot it is given (the S3 front's body reader)."""
+        up = self._upload(upload_id)
+        if length > up.max_call_bytes or up.written + length > up.size:
+            raise errors.InvalidArgument(f"{length} bytes at {up.written} of {up.size}")
+        if length % up.stripe_bytes and up.written + length != up.size:
+            raise errors.InvalidArgument(f"calls carry whole stripes of {up.stripe_bytes} bytes")
+        slot = await self._staging.acquire(30.0)
+        try:
+            await fill(slot.region.view[slot.offset : slot.offset + length])
+            async with up.lock:
+                await self._store_stripes(up, slot, length)
+        finally:
+            self._staging.release(slot)
+
+    def expect_checksum(self, upload_id: str, algorithm: str, value: str) -> None:
+        """Add a checksum the content must have (one that arrived after the body: a trailer);
+        checked at commit like those of BeginPut (BadDigest)."""
+        up = self._upload(upload_id)
+        name = algorithm.upper()
+        if name not in up.hashers:
+            raise errors.InvalidArgument(f"InvalidRequest: trailer {name} was not announced")
+        up.request.expected_checksums[name] = value
+
+    def upload_limits(self, upload_id: str) -> tuple[int, int]:
+        """(stripe_bytes, max_call_bytes) of a begun write."""
+        up = self._upload(upload_id)
+        return up.stripe_bytes, up.max_call_bytes
+
     async def _store_stripes(self, up: _Upload, slot: base.Span, total: int) -> None:
         k, m = up.where.data_shards, up.where.parity_shards
         region, start = slot.region, slot.offset
@@ -229,7 +243,7 @@ class ObjectEngine:
         await self._send_shards(up, blocks, up.shard_written)
         up.shard_written += shard_bytes
         up.written += total
-        BYTES.labels("put").inc(total)
+        reads.BYTES.labels("put").inc(total)
 
     def _encode_and_hash(
         self, up: _Upload, stripe: memoryview, views: list[memoryview], parity: list[memoryview]
@@ -267,20 +281,24 @@ class ObjectEngine:
 
     async def commit_put(self, req: pb.CommitPutRequest) -> pb.ObjectInfo:
         """Check the digests and commit every staged shard; the object's info."""
-        up = self._upload(req.upload_id)
+        return versions.info(await self.commit_meta(req.upload_id))
+
+    async def commit_meta(self, upload_id: str) -> datanode_pb2.ShardMeta:
+        """commit_put, returning the stored metadata."""
+        up = self._upload(upload_id)
         try:
             return await self._commit(up)
         finally:
             self._uploads.pop(up.upload_id, None)
 
-    async def _commit(self, up: _Upload) -> pb.ObjectInfo:
+    async def _commit(self, up: _Upload) -> datanode_pb2.ShardMeta:
         async with up.lock:
             if up.written != up.size:
                 await self._abort(up)
                 raise errors.InvalidArgument(f"{up.written} of {up.size} bytes were written")
             if up.size == 0:
-                empty: list[list[memoryview]] = [[] for _ in up.where.slots]
-                await self._send_shards(up, empty, 0)
+                await self.stage_empty(up.where, up.bucket, up.key, up.upload_id, up.failed)
+                self._check_write_quorum(up)
             etag = up.md5.hexdigest()
             checksums = {
                 name: base64.b64encode(h.digest()).decode() for name, h in up.hashers.items()
@@ -289,12 +307,56 @@ class ObjectEngine:
             if problem:
                 await self._abort(up)
                 raise errors.InvalidArgument(problem)
-            if up.request.if_none_match and await self._exists(up.bucket, up.key):
+            if up.request.if_none_match and await self.exists(up.bucket, up.key):
                 await self._abort(up)
                 raise errors.PreconditionFailed(f"{up.bucket}/{up.key} exists (If-None-Match)")
             meta = self._meta(up, etag, checksums)
-            await self._commit_shards(up, meta)
-        return _info(meta)
+            await self.publish(up.where, meta, up.upload_id, up.failed)
+        return meta
+
+    async def publish(
+        self,
+        where: placement.Placement,
+        meta: datanode_pb2.ShardMeta,
+        write_id: str,
+        failed: set[int],
+        sources: Sequence[Sequence[shards_pb2.PartSource]] = (),
+    ) -> None:
+        """Commit a version on its drives; an object outside pool 0 also gets its pool record
+        in pool 0, and a previous version in another pool is removed."""
+        internal = meta.bucket == names.MULTIPART_BUCKET
+        old_pool = None
+        if not internal and len(self._view.current.pools) > 1:
+            old_pool = await self._pool_of(meta.bucket, meta.key)
+        await self.commit_shards(where, meta, write_id, failed, sources)
+        if not internal and where.pool_index != placement.FIRST_POOL:
+            await self._write_pool_record(meta, where.pool_index)
+        if old_pool is not None and old_pool not in (where.pool_index, placement.FIRST_POOL):
+            await self.delete_in(meta.bucket, meta.key, old_pool)
+
+    async def _pool_of(self, bucket: str, key: str) -> int | None:
+        """The pool the current version of bucket/key lives in (None: no version)."""
+        where = placement.locate(self._view.current, bucket, key, placement.FIRST_POOL)
+        try:
+            found = await self.resolve_in(where, bucket, key, queue_heal=False)
+        except errors.NotFound:
+            return None
+        return found.meta.pool_pointer if found.meta.is_pointer else placement.FIRST_POOL
+
+    async def _write_pool_record(self, meta: datanode_pb2.ShardMeta, pool_index: int) -> None:
+        """Point pool 0's set of the key at pool_index (what reads and listings look at)."""
+        where = placement.locate(self._view.current, meta.bucket, meta.key, placement.FIRST_POOL)
+        record = datanode_pb2.ShardMeta()
+        record.CopyFrom(meta)
+        del record.parts[:]
+        record.parts.add(number=1, size=0, etag=meta.etag, shard_bytes=0)
+        record.is_pointer, record.pool_pointer = True, pool_index
+        record.data_id = uuid.uuid4().hex
+        record.data_shards, record.parity_shards = where.data_shards, where.parity_shards
+        record.distribution[:] = list(where.positions)
+        failed: set[int] = set()
+        await self.stage_empty(where, record.bucket, record.key, record.data_id, failed)
+        await self.commit_shards(where, record, record.data_id, failed)
 
     @staticmethod
     def _digest_problem(up: _Upload, etag: str, checksums: dict[str, str]) -> str:
@@ -306,50 +368,73 @@ class ObjectEngine:
         return ""
 
     def _meta(self, up: _Upload, etag: str, checksums: dict[str, str]) -> datanode_pb2.ShardMeta:
-        h = up.request.headers
-        meta = datanode_pb2.ShardMeta(
-            bucket=up.bucket, key=up.key, size=up.size, etag=etag,
-            content_type=h.content_type or "application/octet-stream",
-            content_encoding=h.content_encoding, content_disposition=h.content_disposition,
-            cache_control=h.cache_control, expires=h.expires,
-            user_metadata=dict(h.user_metadata), checksums=checksums,
-            mtime_unix_ns=time.time_ns(), data_shards=up.where.data_shards,
-            parity_shards=up.where.parity_shards, distribution=list(up.where.positions),
-            data_id=up.upload_id,
-        )  # fmt: skip
+        meta = versions.new_meta(
+            up.bucket, up.key, up.where, up.request.headers, data_id=up.upload_id
+        )
+        meta.size, meta.etag = up.size, etag
+        meta.checksums.update(checksums)
         meta.parts.add(number=1, size=up.size, etag=etag, shard_bytes=up.shard_written)
         return meta
 
-    async def _commit_shards(self, up: _Upload, meta: datanode_pb2.ShardMeta) -> None:
+    async def stage_empty(
+        self, where: placement.Placement, bucket: str, key: str, write_id: str, failed: set[int]
+    ) -> None:
+        """Open an empty staged write on every drive of where (a shard with no bytes)."""
+
+        async def send(index: int) -> None:
+            slot = where.slots[index]
+            request = shards_pb2.WriteShardRequest(
+                drive_id=slot.drive_id, write_id=write_id, part=1, offset=0
+            )
+            try:
+                await self._nodes.write_shard(slot.node_id, request, [])
+            except errors.KVTierError as exc:
+                log.warning("write of %s/%s on %s failed: %s", bucket, key, slot.drive_id, exc)
+                failed.add(index)
+
+        await asyncio.gather(*(send(i) for i in range(len(where.slots))))
+
+    async def commit_shards(
+        self,
+        where: placement.Placement,
+        meta: datanode_pb2.ShardMeta,
+        write_id: str,
+        failed: set[int],
+        sources: Sequence[Sequence[shards_pb2.PartSource]] = (),
+    ) -> None:
+        """Commit meta (shard_index set per drive) on every drive of where not in failed;
+        Unavailable below the write quorum. sources[i]: drive i's part sources (compose)."""
+
         async def commit(index: int) -> bool:
-            slot = up.where.slots[index]
+            slot = where.slots[index]
             mine = datanode_pb2.ShardMeta()
             mine.CopyFrom(meta)
             mine.shard_index = index
             request = shards_pb2.CommitWriteRequest(
-                drive_id=slot.drive_id, write_id=up.upload_id, meta=mine
-            )
+                drive_id=slot.drive_id, write_id=write_id, meta=mine,
+                part_sources=sources[index] if sources else (),
+            )  # fmt: skip
             try:
                 # A superseded commit (a newer PUT of the key got there first) counts: this
                 # PUT happened, and was overwritten at once, as with any later PUT.
                 await self._nodes.shards(slot.node_id).commit_write(request)
             except errors.KVTierError as exc:
                 log.warning(
-                    "commit of %s/%s on %s failed: %s", up.bucket, up.key, slot.drive_id, exc
+                    "commit of %s/%s on %s failed: %s", meta.bucket, meta.key, slot.drive_id, exc
                 )
                 return False
             return True
 
-        live = [i for i in range(len(up.where.slots)) if i not in up.failed]
+        live = [i for i in range(len(where.slots)) if i not in failed]
         done = await asyncio.gather(*(commit(i) for i in live))
         committed = sum(done)
-        if committed < up.where.write_quorum:
+        if committed < where.write_quorum:
             raise errors.Unavailable(
-                f"PUT {up.bucket}/{up.key}: committed on {committed} drives, "
-                f"the write quorum is {up.where.write_quorum}"
+                f"PUT {meta.bucket}/{meta.key}: committed on {committed} drives, "
+                f"the write quorum is {where.write_quorum}"
             )
-        if committed < len(up.where.slots):
-            self.heal_queue.add((up.bucket, up.key))
+        if committed < len(where.slots) and meta.bucket != names.MULTIPART_BUCKET:
+            self.heal_queue.add((meta.bucket, meta.key))
 
     async def abort_put(self, req: pb.AbortPutRequest) -> None:
         """Drop an upload and its staged shards (unknown ids are ignored)."""
@@ -376,25 +461,28 @@ class ObjectEngine:
 
     # Resolution, HEAD, DELETE.
 
-    async def resolve(self, bucket: str, key: str, *, queue_heal: bool = True) -> Resolved:
+    async def resolve(
+        self, bucket: str, key: str, *, queue_heal: bool = True, follow: bool = True
+    ) -> versions.Resolved:
         """The current version of bucket/key; NotFound, or Unavailable below read quorum.
 
         When some drives lack that version the object is queued for healing, unless
-        queue_heal is False (the healer's own look).
+        queue_heal is False (the healer's own look). follow=False: a pool record is returned
+        as it is, not followed to its pool.
         """
         names.check_bucket(bucket)
         names.check_key(key)
         cmap = self._view.current
         where = placement.locate(cmap, bucket, key, 0)
-        found = await self._resolve_in(where, bucket, key, queue_heal)
-        if found.meta.is_pointer:
+        found = await self.resolve_in(where, bucket, key, queue_heal)
+        if found.meta.is_pointer and follow:
             target = placement.locate(cmap, bucket, key, found.meta.pool_pointer)
-            found = await self._resolve_in(target, bucket, key, queue_heal)
+            found = await self.resolve_in(target, bucket, key, queue_heal)
         return found
 
-    async def _resolve_in(
+    async def resolve_in(
         self, where: placement.Placement, bucket: str, key: str, queue_heal: bool = True
-    ) -> Resolved:
+    ) -> versions.Resolved:
         async def read(index: int) -> datanode_pb2.ShardMeta | BaseException:
             slot = where.slots[index]
             try:
@@ -403,30 +491,30 @@ class ObjectEngine:
                 return exc
 
         answers = await asyncio.gather(*(read(i) for i in range(len(where.slots))))
-        versions: dict[str, list[int]] = {}
+        held: dict[str, list[int]] = {}
         metas: dict[str, datanode_pb2.ShardMeta] = {}
         missing = 0
         for index, answer in enumerate(answers):
             if isinstance(answer, errors.NotFound):
                 missing += 1
             elif isinstance(answer, datanode_pb2.ShardMeta):
-                versions.setdefault(answer.data_id, []).append(index)
+                held.setdefault(answer.data_id, []).append(index)
                 metas[answer.data_id] = answer
         quorum = where.read_quorum
-        agreed = [d for d, holders in versions.items() if len(holders) >= quorum]
+        agreed = [d for d, holders in held.items() if len(holders) >= quorum]
         if agreed:
             best = max(agreed, key=lambda d: (metas[d].mtime_unix_ns, d))
-            if queue_heal and len(versions[best]) < len(where.slots):
+            if queue_heal and len(held[best]) < len(where.slots):
                 self.heal_queue.add((bucket, key))
-            return Resolved(metas[best], where, frozenset(versions[best]))
+            return versions.Resolved(metas[best], where, frozenset(held[best]))
         if missing > len(where.slots) - quorum:
             raise errors.NotFound(f"{bucket}/{key}: no such object")
         raise errors.Unavailable(
             f"{bucket}/{key}: fewer than {quorum} drives agree on a version "
-            f"({len(where.slots) - missing - sum(map(len, versions.values()))} unreachable)"
+            f"({len(where.slots) - missing - sum(map(len, held.values()))} unreachable)"
         )
 
-    async def _exists(self, bucket: str, key: str) -> bool:
+    async def exists(self, bucket: str, key: str) -> bool:
         try:
             await self.resolve(bucket, key)
         except errors.NotFound:
@@ -435,13 +523,25 @@ class ObjectEngine:
 
     async def head(self, bucket: str, key: str) -> pb.ObjectInfo:
         """The object's info."""
-        return _info((await self.resolve(bucket, key)).meta)
+        return versions.info((await self.resolve(bucket, key)).meta)
 
     async def delete(self, bucket: str, key: str) -> None:
-        """Remove the object from every drive of its set (absent objects are not an error)."""
-        names.check_bucket(bucket)
-        names.check_key(key)
-        where = placement.locate(self._view.current, bucket, key, 0)
+        """Remove the object from every drive of its set (absent objects are not an error);
+        an object in a later pool goes first, then its pool record."""
+        if bucket != names.MULTIPART_BUCKET:
+            names.check_bucket(bucket)
+            names.check_key(key)
+        if len(self._view.current.pools) > 1:
+            pool = await self._pool_of(bucket, key)
+            if pool not in (None, placement.FIRST_POOL):
+                await self.delete_in(bucket, key, pool)
+        await self.delete_in(bucket, key, placement.FIRST_POOL)
+
+    async def delete_in(
+        self, bucket: str, key: str, pool_index: int, at: tuple[str, str] | None = None
+    ) -> None:
+        """Delete bucket/key from its set in a pool (placed by `at`, default bucket/key)."""
+        where = placement.locate(self._view.current, *(at or (bucket, key)), pool_index)
 
         async def delete(slot: Any) -> bool:
             try:
@@ -462,44 +562,57 @@ class ObjectEngine:
         one call's worth at a time (the destination's layout may differ)."""
         found = await self.resolve(req.src_bucket, req.src_key)
         src = found.meta
-        headers = req.headers if req.replace_headers else _info(src).headers
+        headers = req.headers if req.replace_headers else versions.info(src).headers
         begun = self.begin_put(
             pb.BeginPutRequest(
                 bucket=req.dst_bucket, key=req.dst_key, size=src.size, headers=headers
             )
         )
-        up = self._upload(begun.upload_id)
-        chunk = min(up.max_call_bytes, self.max_read_bytes(src.data_shards, src.parity_shards))
-        chunk -= chunk % up.stripe_bytes  # the destination takes whole stripes
-        if chunk <= 0:
-            raise errors.Internal("staging slots too small to copy between these layouts")
+        return versions.info(await self.copy_into(begun.upload_id, found, 0, src.size))
+
+    async def copy_into(
+        self, upload_id: str, found: versions.Resolved, offset: int, size: int
+    ) -> datanode_pb2.ShardMeta:
+        """Fill a begun write with bytes [offset, offset + size) of a version, then commit it;
+        the stored metadata. One call's stripes at a time."""
+        up = self._upload(upload_id)
+        chunk = up.max_call_bytes - up.max_call_bytes % up.stripe_bytes  # whole stripes
         try:
-            while up.written < src.size:
-                length = min(chunk, src.size - up.written)
-                slot = await self._staging.acquire(30.0)
+            while up.written < size:
+                length = min(chunk, size - up.written)
+                data = await self._staging.acquire(30.0)
                 try:
-                    first = await self._gather_range(found, up.written, length, slot)
-                    view = slot.region.view[slot.offset + first :][:length]
-                    data = await self._staging.acquire(30.0)
-                    try:
-                        data.region.view[data.offset : data.offset + length] = view
-                        async with up.lock:
-                            await self._store_stripes(up, data, length)
-                    finally:
-                        self._staging.release(data)
+                    view = data.region.view[data.offset : data.offset + length]
+                    await self.read_into(found, offset + up.written, view)
+                    async with up.lock:
+                        await self._store_stripes(up, data, length)
                 finally:
-                    self._staging.release(slot)
+                    self._staging.release(data)
         except BaseException:
             self._uploads.pop(up.upload_id, None)
             await self._abort(up)
             raise
-        return await self.commit_put(pb.CommitPutRequest(upload_id=up.upload_id))
+        return await self.commit_meta(up.upload_id)
+
+    async def read_into(self, found: versions.Resolved, offset: int, dest: memoryview) -> None:
+        """Bytes of a version at offset into dest (reads.Reader.read_into)."""
+        await self.reads.read_into(found, offset, dest)
+
+    async def stream(
+        self,
+        found: versions.Resolved,
+        offset: int,
+        length: int,
+        sink: Callable[[memoryview], Awaitable[None]],
+    ) -> None:
+        """Bytes of a version to sink, a slot at a time (reads.Reader.stream)."""
+        await self.reads.stream(found, offset, length, sink)
 
     # GET.
 
     def max_read_bytes(self, k: int, m: int) -> int:
         """The most object bytes one READ_RANGE call returns for a k+m layout."""
-        return self._call_bytes(k, m) - k * BLOCK_BYTES
+        return self.reads.max_read_bytes(k, m)
 
     async def read_plan(self, req: pb.ReadRangeRequest, capacities: Sequence[int]) -> base.CallPlan:
         """The plan of a READ_RANGE call: blocks of the range into a slot, then out."""
@@ -512,18 +625,20 @@ class ObjectEngine:
         k, m = meta.data_shards, meta.parity_shards
         if req.offset > meta.size or (req.offset == meta.size and meta.size):
             raise errors.InvalidArgument(f"InvalidRange: offset {req.offset} of {meta.size}")
-        limit = min(capacities[0], self.max_read_bytes(k, m), meta.size - req.offset)
+        part, start = versions.part_at(meta, req.offset)
+        # One call reads within one part; the client asks again for the rest.
+        limit = min(capacities[0], self.reads.max_read_bytes(k, m), start + part.size - req.offset)
         length = min(req.length, limit) if req.length else limit
-        reply = pb.ReadRangeResponse(object=_info(meta), length=length)
+        reply = pb.ReadRangeResponse(object=versions.info(meta), length=length)
         if length == 0:
             return base.CallPlan(reply=reply.SerializeToString())
         slot = await self._staging.acquire(30.0)
         try:
-            first = await self._gather_range(found, req.offset, length, slot)
+            first = await self.reads.gather_range(found, part, req.offset - start, length, slot)
         except BaseException:
             self._staging.release(slot)
             raise
-        BYTES.labels("get").inc(length)
+        reads.BYTES.labels("get").inc(length)
         source = base.Span(slot.region, slot.offset + first, length)
         return base.CallPlan(
             reply=reply.SerializeToString(),
@@ -531,123 +646,9 @@ class ObjectEngine:
             on_done=lambda ok: self._staging.release(slot),
         )
 
-    async def _gather_range(
-        self, found: Resolved, offset: int, length: int, slot: base.Span
-    ) -> int:
-        """Fill the slot with the stripes covering the range; returns where the range starts
-        in the slot."""
-        meta = found.meta
-        k, _m = meta.data_shards, meta.parity_shards
-        stripe_bytes = k * BLOCK_BYTES
-        s0, s1 = offset // stripe_bytes, (offset + length - 1) // stripe_bytes
-        region, base_at = slot.region, slot.offset
-        scratch_at = base_at + (s1 - s0 + 1) * stripe_bytes
-        plan: list[tuple[int, int, memoryview]] = []  # (stripe, shard, destination)
-        for s in range(s0, s1 + 1):
-            rest = meta.size - s * stripe_bytes
-            block = BLOCK_BYTES if rest >= stripe_bytes else -(-rest // k)
-            at = base_at + (s - s0) * stripe_bytes
-            lo, hi = offset - s * stripe_bytes, offset + length - s * stripe_bytes
-            for i in range(k):
-                if i * block < hi and (i + 1) * block > lo:
-                    plan.append((s, i, region.view[at + i * block :][:block]))
-        failed = await self._read_blocks(found, plan)
-        read = {(s, i) for s, i, _ in plan} - failed
-        for s in sorted({s for s, _ in failed}):
-            await self._rebuild_stripe(found, s, s0, failed, region, base_at, scratch_at, read)
-        return offset - s0 * stripe_bytes
-
-    async def _read_blocks(
-        self, found: Resolved, plan: Sequence[tuple[int, int, memoryview]]
-    ) -> set[tuple[int, int]]:
-        meta, where = found.meta, found.where
-
-        async def read(s: int, i: int, dest: memoryview) -> tuple[int, int] | None:
-            if i not in found.holders:
-                return (s, i)
-            slot = where.slots[i]
-            request = shards_pb2.ReadShardRequest(
-                drive_id=slot.drive_id, bucket=meta.bucket, key=meta.key, data_id=meta.data_id,
-                part=1, block_offset=s, block_count=1,
-            )  # fmt: skip
-            try:
-                got = await self._nodes.read_shard(slot.node_id, request, dest)
-            except errors.KVTierError as exc:
-                log.warning(
-                    "read of %s/%s shard %d stripe %d: %s", meta.bucket, meta.key, i, s, exc
-                )
-                return (s, i)
-            return None if got == len(dest) else (s, i)
-
-        results = await asyncio.gather(*(read(s, i, d) for s, i, d in plan))
-        failed = {r for r in results if r is not None}
-        if failed:
-            self.heal_queue.add((meta.bucket, meta.key))
-        return failed
-
-    async def _rebuild_stripe(
-        self,
-        found: Resolved,
-        s: int,
-        s0: int,
-        failed: set[tuple[int, int]],
-        region: base.Region,
-        base_at: int,
-        scratch_at: int,
-        read: set[tuple[int, int]],
-    ) -> None:
-        """Rebuild the failed blocks of stripe s from any k readable shards of it (`read`: the
-        blocks already in place; a ranged read leaves the stripe's other data blocks unread)."""
-        meta = found.meta
-        k, m = meta.data_shards, meta.parity_shards
-        rest = meta.size - s * k * BLOCK_BYTES
-        block = BLOCK_BYTES if rest >= k * BLOCK_BYTES else -(-rest // k)
-        at = base_at + (s - s0) * k * BLOCK_BYTES
-
-        def dest(i: int) -> memoryview:
-            if i < k:
-                return region.view[at + i * block :][:block]
-            return region.view[scratch_at + (i - k) * BLOCK_BYTES :][:block]
-
-        bad = {i for t, i in failed if t == s}
-        present: dict[int, memoryview] = {}
-        candidates = [i for i in range(k + m) if i not in bad]
-        read_ok = {i for i in range(k) if (s, i) in read}
-        # Data blocks already read for the range count; fetch others until k are present.
-        todo = [i for i in candidates if i not in read_ok]
-        for i in read_ok:
-            present[i] = dest(i)
-        plan = [(s, i, dest(i)) for i in todo]
-        more_failed = await self._read_blocks(found, plan)
-        for _, i, view in plan:
-            if (s, i) not in more_failed:
-                present[i] = view
-        if len(present) < k:
-            raise errors.Unavailable(
-                f"{meta.bucket}/{meta.key} stripe {s}: {len(present)} of {k + m} shards "
-                f"readable, {k} needed"
-            )
-        wanted = {i: dest(i) for i in range(k) if i not in present}
-        chosen = dict(sorted(present.items())[:k])
-        DEGRADED.inc(len(wanted))
-        await self._run(self._codec(k, m).reconstruct, chosen, wanted)
-
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """fn in the codec pool. If the caller is cancelled, the job still finishes first: it
         uses a staging slot that is handed to another call as soon as we return."""
         job = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         await shm_copy.uncancellable(job)
         return job.result()
-
-
-def _info(meta: datanode_pb2.ShardMeta) -> pb.ObjectInfo:
-    return pb.ObjectInfo(
-        bucket=meta.bucket, key=meta.key, size=meta.size, etag=meta.etag,
-        mtime_unix_ms=meta.mtime_unix_ns // 1_000_000,
-        headers=pb.ObjectHeaders(
-            content_type=meta.content_type, content_encoding=meta.content_encoding,
-            content_disposition=meta.content_disposition, cache_control=meta.cache_control,
-            expires=meta.expires, user_metadata=dict(meta.user_metadata),
-        ),
-        checksums=dict(meta.checksums), parts=len(meta.parts),
-    )  # fmt: skip

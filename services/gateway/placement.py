@@ -21,6 +21,9 @@ from collections.abc import Mapping, Sequence
 from kvtier import errors
 from kvtier.proto.common.v1 import common_pb2
 
+#: The pool that holds every object's entry (the object itself, or its pool record).
+FIRST_POOL = 0
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Placement:

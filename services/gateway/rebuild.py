@@ -32,11 +32,11 @@ from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
 from kvtier.transport import base, shm_copy, slots
 from services.gateway import datanodes as datanodes_mod
-from services.gateway import objects, placement
+from services.gateway import placement, reads
 
 log = logging.getLogger(__name__)
 
-BLOCK_BYTES = objects.BLOCK_BYTES
+BLOCK_BYTES = reads.BLOCK_BYTES
 _SLOT_WAIT_S = 30.0
 
 

@@ -69,7 +69,7 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
     async def CommitPut(
         self, request: objects_pb2.CommitPutRequest, context: rpc.ServicerContext
     ) -> objects_pb2.CommitPutResponse:
-        return objects_pb2.CommitPutResponse(object=await self._front.engine.commit_put(request))
+        return await self._front.commit_put(request)
 
     async def AbortPut(
         self, request: objects_pb2.AbortPutRequest, context: rpc.ServicerContext
@@ -103,6 +103,42 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
     ) -> objects_pb2.ListObjectsResponse:
         await self._front.check_bucket(request.bucket)
         return await self._front.lister.list_objects(request)
+
+    async def CreateMultipartUpload(
+        self, request: objects_pb2.CreateMultipartUploadRequest, context: rpc.ServicerContext
+    ) -> objects_pb2.CreateMultipartUploadResponse:
+        return await self._front.create_multipart(request)
+
+    async def BeginUploadPart(
+        self, request: objects_pb2.BeginUploadPartRequest, context: rpc.ServicerContext
+    ) -> objects_pb2.BeginUploadPartResponse:
+        return await self._front.begin_part(request)
+
+    async def UploadPartCopy(
+        self, request: objects_pb2.UploadPartCopyRequest, context: rpc.ServicerContext
+    ) -> objects_pb2.UploadPartCopyResponse:
+        return await self._front.copy_part(request)
+
+    async def CompleteMultipartUpload(
+        self, request: objects_pb2.CompleteMultipartUploadRequest, context: rpc.ServicerContext
+    ) -> objects_pb2.CompleteMultipartUploadResponse:
+        return await self._front.complete_multipart(request)
+
+    async def AbortMultipartUpload(
+        self, request: objects_pb2.AbortMultipartUploadRequest, context: rpc.ServicerContext
+    ) -> objects_pb2.AbortMultipartUploadResponse:
+        await self._front.abort_multipart(request)
+        return objects_pb2.AbortMultipartUploadResponse()
+
+    async def ListParts(
+        self, request: objects_pb2.ListPartsRequest, context: rpc.ServicerContext
+    ) -> objects_pb2.ListPartsResponse:
+        return await self._front.list_parts(request)
+
+    async def ListMultipartUploads(
+        self, request: objects_pb2.ListMultipartUploadsRequest, context: rpc.ServicerContext
+    ) -> objects_pb2.ListMultipartUploadsResponse:
+        return await self._front.list_uploads(request)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):

@@ -17,7 +17,7 @@ from services.datanode import __main__ as datanode_main
 from services.datanode import config as datanode_config
 from services.gateway import __main__ as gateway_main
 from services.gateway import config as gateway_config
-from services.gateway import healing
+from services.gateway import healing, objects
 from services.metadata import __main__ as metadata_main
 from services.metadata import config as metadata_config
 from tests.component import harness
@@ -43,6 +43,15 @@ class Cluster:
         healer = getattr(owner, "healer", None)
         assert isinstance(healer, healing.Healer)
         return healer
+
+    @property
+    def engine(self) -> objects.ObjectEngine:
+        """The gateway's object engine."""
+        owner = getattr(self.gateway.spec.loops[0], "__self__", None)
+        front = getattr(owner, "front", None)
+        assert front is not None
+        assert isinstance(front.engine, objects.ObjectEngine)
+        return front.engine
 
     def drive_paths(self, node: int | None = None) -> list[Path]:
         """Every drive directory (of one datanode, when given), in node order."""
@@ -97,10 +106,12 @@ async def object_cluster(
     prefix: str,
     store: membership.EtcdMembership,
     tmp: Path,
+    *,
+    pools: int = 1,
     **gateway_settings: Any,
 ) -> AsyncIterator[Cluster]:
-    """Start the cluster; gateway_settings override the gateway's config (the heal scanner is
-    off unless they turn it on)."""
+    """Start the cluster; its drives form `pools` pools of equal size. gateway_settings
+    override the gateway's config (the heal scanner is off unless they turn it on)."""
     common: dict[str, Any] = {"etcd_endpoints": (etcd.endpoint,), "etcd_prefix": prefix}
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(
@@ -109,7 +120,7 @@ async def object_cluster(
                 "metadata",
                 metadata_main.build,
                 store,
-                pool_drives=DATANODES * DRIVES_PER_NODE,
+                pool_drives=DATANODES * DRIVES_PER_NODE // pools,
                 **common,
             )
         )
@@ -133,8 +144,8 @@ async def object_cluster(
                 **common,
             )
         )
-        await harness.wait_map(store, lambda m: len(m.pools) == 1 and len(m.nodes) == 8)
-        await gateway.ctx.map_view.wait_for(lambda m: len(m.pools) == 1, timeout_s=10)
+        await harness.wait_map(store, lambda m: len(m.pools) == pools and len(m.nodes) == 8)
+        await gateway.ctx.map_view.wait_for(lambda m: len(m.pools) == pools, timeout_s=10)
         yield Cluster(gateway, nodes, stack, store, common, tmp)
 
 

@@ -14,6 +14,7 @@ import json
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -191,7 +192,7 @@ async def test_the_scanner_finds_and_heals_damage_nobody_read(
     store: membership.EtcdMembership,
     tmp_path: Path,
 ) -> None:
-    settings = {"scan_interval_s": 0.1, "scan_objects_per_cycle": 2}
+    settings: dict[str, Any] = {"scan_interval_s": 0.1, "scan_objects_per_cycle": 2}
     async with objects_cluster.object_cluster(
         etcd, etcd_prefix, store, tmp_path, **settings
     ) as cluster:

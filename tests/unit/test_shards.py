@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from kvtier import errors
+from kvtier import errors, names
 from kvtier.proto.datanode.v1 import datanode_pb2
 from services.datanode import drives, framing, index, shards
 
@@ -771,3 +771,56 @@ def test_rebuild_skips_strays_and_misplaced_metas(
     assert store.rebuild_index() == 1
     assert [e.key for e in store.list(BUCKET)] == ["a"]
     assert read_parts(store, "a") == [b"1"]
+
+
+# Compose (multipart complete).
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [[3 * KIB, 1], [INLINE // 2, INLINE // 2 + 1], [MIB + 3, 5 * KIB], [2 * MIB, MIB + 7, 10]],
+)
+def test_compose_links_part_objects_into_one_version(
+    store: shards.ShardStore, drive_dir: Path, sizes: list[int]
+) -> None:
+    parts = [content(f"c{i}", size) for i, size in enumerate(sizes)]
+    sources = []
+    for i, data in enumerate(parts):
+        meta = put(store, f"p/{i}", [data], bucket=names.MULTIPART_BUCKET)
+        sources.append((names.MULTIPART_BUCKET, f"p/{i}", meta.data_id))
+    target = make_meta("whole", parts)
+    target.block_bytes = SMALL_BLOCK
+    stored = store.compose(uuid.uuid4().hex, target, sources)
+    assert read_parts(store, "whole") == parts
+    if not shards.is_inline(stored):
+        for number, (bucket, key, _) in enumerate(sources, 1):
+            source = store.read_meta(bucket, key)
+            if not shards.is_inline(source):  # hard-linked, not copied
+                assert part_file(drive_dir, stored, number).stat().st_ino == (
+                    part_file(drive_dir, source).stat().st_ino
+                )
+    for bucket, key, _ in sources:  # the parts go; the object stays whole
+        store.delete(bucket, key)
+    assert read_parts(store, "whole") == parts
+    assert store.verify(BUCKET, "whole") == []
+
+
+def test_compose_refuses_missing_or_mismatched_sources(store: shards.ShardStore) -> None:
+    data = content("x", 2 * KIB)
+    meta = put(store, "p/1", [data], bucket=names.MULTIPART_BUCKET)
+    target = make_meta("whole", [data])
+    target.block_bytes = SMALL_BLOCK
+    with pytest.raises(errors.NotFound):
+        store.compose("w1", target, [(names.MULTIPART_BUCKET, "p/1", "0" * 32)])
+    with pytest.raises(errors.NotFound):
+        store.compose("w2", target, [(names.MULTIPART_BUCKET, "p/9", meta.data_id)])
+    wrong = make_meta("whole", [data + b"!"])
+    wrong.block_bytes = SMALL_BLOCK
+    with pytest.raises(errors.InvalidArgument):
+        store.compose("w3", wrong, [(names.MULTIPART_BUCKET, "p/1", meta.data_id)])
+    with pytest.raises(errors.InvalidArgument):
+        store.compose("w4", target, [])
+    with pytest.raises(errors.NotFound):
+        store.read_meta(BUCKET, "whole")
+    with pytest.raises(errors.InvalidArgument):  # users never reach the internal bucket's name
+        names.check_bucket(names.MULTIPART_BUCKET)

@@ -72,11 +72,14 @@ class ObjectServiceClient(base.BaseClient):
 
     async def commit_put(self, upload_id: str) -> objects_pb2.ObjectInfo:
         """Finish a PUT."""
+        return (await self.commit_write(upload_id)).object
+
+    async def commit_write(self, upload_id: str) -> objects_pb2.CommitPutResponse:
+        """Finish a PUT or a part's upload (the reply has the object or the part)."""
         request = objects_pb2.CommitPutRequest(upload_id=upload_id)
-        reply: objects_pb2.CommitPutResponse = await self._unary(
+        return await self._unary(
             self._stub.CommitPut, request, timeout_s=max(self._timeout_s, 60.0)
         )
-        return reply.object
 
     async def abort_put(self, upload_id: str) -> None:
         """Drop a PUT."""
@@ -105,6 +108,57 @@ class ObjectServiceClient(base.BaseClient):
     ) -> objects_pb2.ListObjectsResponse:
         """A page of a bucket's objects."""
         return await self._unary(self._stub.ListObjects, request)
+
+    async def create_multipart_upload(
+        self, request: objects_pb2.CreateMultipartUploadRequest
+    ) -> str:
+        """Start a multipart upload; its id."""
+        reply: objects_pb2.CreateMultipartUploadResponse = await self._unary(
+            self._stub.CreateMultipartUpload, request
+        )
+        return reply.upload_id
+
+    async def begin_upload_part(
+        self, request: objects_pb2.BeginUploadPartRequest
+    ) -> objects_pb2.BeginUploadPartResponse:
+        """Plan a part's upload (then WRITE_STRIPES calls and commit_write)."""
+        return await self._unary(self._stub.BeginUploadPart, request)
+
+    async def upload_part_copy(
+        self, request: objects_pb2.UploadPartCopyRequest
+    ) -> objects_pb2.UploadPartCopyResponse:
+        """A part copied server-side from another object."""
+        return await self._unary(
+            self._stub.UploadPartCopy, request, timeout_s=max(self._timeout_s, 600.0)
+        )
+
+    async def complete_multipart_upload(
+        self, request: objects_pb2.CompleteMultipartUploadRequest
+    ) -> objects_pb2.ObjectInfo:
+        """Make the listed parts the object."""
+        reply: objects_pb2.CompleteMultipartUploadResponse = await self._unary(
+            self._stub.CompleteMultipartUpload, request, timeout_s=max(self._timeout_s, 120.0)
+        )
+        return reply.object
+
+    async def abort_multipart_upload(self, bucket: str, key: str, upload_id: str) -> None:
+        """Drop an upload and its parts (NotFound: no such upload)."""
+        request = objects_pb2.AbortMultipartUploadRequest(
+            bucket=bucket, key=key, upload_id=upload_id
+        )
+        await self._unary(self._stub.AbortMultipartUpload, request)
+
+    async def list_parts(
+        self, request: objects_pb2.ListPartsRequest
+    ) -> objects_pb2.ListPartsResponse:
+        """A page of an upload's parts."""
+        return await self._unary(self._stub.ListParts, request)
+
+    async def list_multipart_uploads(
+        self, request: objects_pb2.ListMultipartUploadsRequest
+    ) -> objects_pb2.ListMultipartUploadsResponse:
+        """A page of a bucket's uploads in progress."""
+        return await self._unary(self._stub.ListMultipartUploads, request)
 
 
 class AdminServiceClient(base.BaseClient):

@@ -161,6 +161,9 @@ class ShardMeta(_message.Message):
     PARTS_FIELD_NUMBER: _builtins.int
     POOL_POINTER_FIELD_NUMBER: _builtins.int
     IS_POINTER_FIELD_NUMBER: _builtins.int
+    UPLOAD_POOL_FIELD_NUMBER: _builtins.int
+    UPLOAD_CHECKSUM_ALGORITHM_FIELD_NUMBER: _builtins.int
+    CONTENT_LANGUAGE_FIELD_NUMBER: _builtins.int
     format_version: _builtins.int
     bucket: _builtins.str
     key: _builtins.str
@@ -190,6 +193,12 @@ class ShardMeta(_message.Message):
     pool_pointer: _builtins.int
     """A pool record: the object lives in pool `pool_pointer`; no data here."""
     is_pointer: _builtins.bool
+    upload_pool: _builtins.int
+    """A multipart-upload record (internal bucket ".multipart"): the pool its parts and the
+    completed object go to, and the checksum algorithm the client chose at create.
+    """
+    upload_checksum_algorithm: _builtins.str
+    content_language: _builtins.str
     @_builtins.property
     def user_metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -228,10 +237,13 @@ class ShardMeta(_message.Message):
         parts: _abc.Iterable[Global___ShardMeta.Part] | None = ...,
         pool_pointer: _builtins.int = ...,
         is_pointer: _builtins.bool = ...,
+        upload_pool: _builtins.int = ...,
+        upload_checksum_algorithm: _builtins.str = ...,
+        content_language: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "bucket", b"bucket", "cache_control", b"cache_control", "checksums", b"checksums", "content_disposition", b"content_disposition", "content_encoding", b"content_encoding", "content_type", b"content_type", "data_id", b"data_id", "data_shards", b"data_shards", "distribution", b"distribution", "etag", b"etag", "expires", b"expires", "format_version", b"format_version", "inline_data", b"inline_data", "is_pointer", b"is_pointer", "key", b"key", "mtime_unix_ns", b"mtime_unix_ns", "parity_shards", b"parity_shards", "parts", b"parts", "pool_pointer", b"pool_pointer", "shard_index", b"shard_index", "size", b"size", "user_metadata", b"user_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "bucket", b"bucket", "cache_control", b"cache_control", "checksums", b"checksums", "content_disposition", b"content_disposition", "content_encoding", b"content_encoding", "content_language", b"content_language", "content_type", b"content_type", "data_id", b"data_id", "data_shards", b"data_shards", "distribution", b"distribution", "etag", b"etag", "expires", b"expires", "format_version", b"format_version", "inline_data", b"inline_data", "is_pointer", b"is_pointer", "key", b"key", "mtime_unix_ns", b"mtime_unix_ns", "parity_shards", b"parity_shards", "parts", b"parts", "pool_pointer", b"pool_pointer", "shard_index", b"shard_index", "size", b"size", "upload_checksum_algorithm", b"upload_checksum_algorithm", "upload_pool", b"upload_pool", "user_metadata", b"user_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

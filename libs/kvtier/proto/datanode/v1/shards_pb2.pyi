@@ -104,24 +104,57 @@ class CommitWriteRequest(_message.Message):
     DRIVE_ID_FIELD_NUMBER: _builtins.int
     WRITE_ID_FIELD_NUMBER: _builtins.int
     META_FIELD_NUMBER: _builtins.int
+    PART_SOURCES_FIELD_NUMBER: _builtins.int
     drive_id: _builtins.str
     write_id: _builtins.str
     @_builtins.property
     def meta(self) -> _datanode_pb2.ShardMeta: ...
+    @_builtins.property
+    def part_sources(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartSource]:
+        """When set (one per meta.parts): part i is not staged under write_id but is part 1 of the
+        object version part_sources[i] on this drive, linked without a copy (multipart complete).
+        """
+
     def __init__(
         self,
         *,
         drive_id: _builtins.str = ...,
         write_id: _builtins.str = ...,
         meta: _datanode_pb2.ShardMeta | None = ...,
+        part_sources: _abc.Iterable[Global___PartSource] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["drive_id", b"drive_id", "meta", b"meta", "write_id", b"write_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drive_id", b"drive_id", "meta", b"meta", "part_sources", b"part_sources", "write_id", b"write_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CommitWriteRequest: _TypeAlias = CommitWriteRequest  # noqa: Y015
+
+@_typing.final
+class PartSource(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUCKET_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    DATA_ID_FIELD_NUMBER: _builtins.int
+    bucket: _builtins.str
+    key: _builtins.str
+    data_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        bucket: _builtins.str = ...,
+        key: _builtins.str = ...,
+        data_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "data_id", b"data_id", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartSource: _TypeAlias = PartSource  # noqa: Y015
 
 @_typing.final
 class CommitWriteResponse(_message.Message):

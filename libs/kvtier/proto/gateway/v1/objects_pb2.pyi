@@ -506,16 +506,24 @@ class CommitPutResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OBJECT_FIELD_NUMBER: _builtins.int
+    PART_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def object(self) -> Global___ObjectInfo: ...
+    def object(self) -> Global___ObjectInfo:
+        """The object (a PUT)."""
+
+    @_builtins.property
+    def part(self) -> Global___PartInfo:
+        """The part (a BeginUploadPart write)."""
+
     def __init__(
         self,
         *,
         object: Global___ObjectInfo | None = ...,
+        part: Global___PartInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object", "part", b"part"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["object", b"object", "part", b"part"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -810,3 +818,575 @@ class ListObjectsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListObjectsResponse: _TypeAlias = ListObjectsResponse  # noqa: Y015
+
+@_typing.final
+class PartInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ChecksumsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PART_NUMBER_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    MTIME_UNIX_MS_FIELD_NUMBER: _builtins.int
+    CHECKSUMS_FIELD_NUMBER: _builtins.int
+    part_number: _builtins.int
+    size: _builtins.int
+    etag: _builtins.str
+    """Hex MD5 of the part's bytes."""
+    mtime_unix_ms: _builtins.int
+    @_builtins.property
+    def checksums(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """algorithm -> base64, as for objects."""
+
+    def __init__(
+        self,
+        *,
+        part_number: _builtins.int = ...,
+        size: _builtins.int = ...,
+        etag: _builtins.str = ...,
+        mtime_unix_ms: _builtins.int = ...,
+        checksums: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksums", b"checksums", "etag", b"etag", "mtime_unix_ms", b"mtime_unix_ms", "part_number", b"part_number", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PartInfo: _TypeAlias = PartInfo  # noqa: Y015
+
+@_typing.final
+class CreateMultipartUploadRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUCKET_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    CHECKSUM_ALGORITHM_FIELD_NUMBER: _builtins.int
+    bucket: _builtins.str
+    key: _builtins.str
+    checksum_algorithm: _builtins.str
+    """Each part's checksum with this algorithm (CRC32, CRC32C, CRC64NVME, SHA1, SHA256) is
+    computed and kept; the object then gets the checksum of the part checksums, "-N".
+    """
+    @_builtins.property
+    def headers(self) -> Global___ObjectHeaders: ...
+    def __init__(
+        self,
+        *,
+        bucket: _builtins.str = ...,
+        key: _builtins.str = ...,
+        headers: Global___ObjectHeaders | None = ...,
+        checksum_algorithm: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "checksum_algorithm", b"checksum_algorithm", "headers", b"headers", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateMultipartUploadRequest: _TypeAlias = CreateMultipartUploadRequest  # noqa: Y015
+
+@_typing.final
+class CreateMultipartUploadResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    upload_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        upload_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateMultipartUploadResponse: _TypeAlias = CreateMultipartUploadResponse  # noqa: Y015
+
+@_typing.final
+class BeginUploadPartRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ExpectedChecksumsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    BUCKET_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    PART_NUMBER_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    EXPECTED_MD5_FIELD_NUMBER: _builtins.int
+    EXPECTED_CHECKSUMS_FIELD_NUMBER: _builtins.int
+    bucket: _builtins.str
+    key: _builtins.str
+    upload_id: _builtins.str
+    part_number: _builtins.int
+    """1..10000; uploading a number again replaces that part."""
+    size: _builtins.int
+    expected_md5: _builtins.str
+    """Hex MD5 the client claims (Content-MD5): BadDigest at CommitPut on mismatch."""
+    @_builtins.property
+    def expected_checksums(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        bucket: _builtins.str = ...,
+        key: _builtins.str = ...,
+        upload_id: _builtins.str = ...,
+        part_number: _builtins.int = ...,
+        size: _builtins.int = ...,
+        expected_md5: _builtins.str = ...,
+        expected_checksums: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "expected_checksums", b"expected_checksums", "expected_md5", b"expected_md5", "key", b"key", "part_number", b"part_number", "size", b"size", "upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BeginUploadPartRequest: _TypeAlias = BeginUploadPartRequest  # noqa: Y015
+
+@_typing.final
+class BeginUploadPartResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WRITE_ID_FIELD_NUMBER: _builtins.int
+    STRIPE_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_CALL_BYTES_FIELD_NUMBER: _builtins.int
+    write_id: _builtins.str
+    """The id of this part's write: WRITE_STRIPES calls and CommitPut take it."""
+    stripe_bytes: _builtins.int
+    max_call_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        write_id: _builtins.str = ...,
+        stripe_bytes: _builtins.int = ...,
+        max_call_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_call_bytes", b"max_call_bytes", "stripe_bytes", b"stripe_bytes", "write_id", b"write_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BeginUploadPartResponse: _TypeAlias = BeginUploadPartResponse  # noqa: Y015
+
+@_typing.final
+class UploadPartCopyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUCKET_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    PART_NUMBER_FIELD_NUMBER: _builtins.int
+    SRC_BUCKET_FIELD_NUMBER: _builtins.int
+    SRC_KEY_FIELD_NUMBER: _builtins.int
+    HAS_RANGE_FIELD_NUMBER: _builtins.int
+    RANGE_START_FIELD_NUMBER: _builtins.int
+    RANGE_END_FIELD_NUMBER: _builtins.int
+    SRC_IF_MATCH_FIELD_NUMBER: _builtins.int
+    bucket: _builtins.str
+    key: _builtins.str
+    upload_id: _builtins.str
+    part_number: _builtins.int
+    src_bucket: _builtins.str
+    src_key: _builtins.str
+    has_range: _builtins.bool
+    """Bytes [range_start, range_end] of the source (inclusive); has_range false: all of it."""
+    range_start: _builtins.int
+    range_end: _builtins.int
+    src_if_match: _builtins.str
+    """The source's ETag must be this (empty: any)."""
+    def __init__(
+        self,
+        *,
+        bucket: _builtins.str = ...,
+        key: _builtins.str = ...,
+        upload_id: _builtins.str = ...,
+        part_number: _builtins.int = ...,
+        src_bucket: _builtins.str = ...,
+        src_key: _builtins.str = ...,
+        has_range: _builtins.bool = ...,
+        range_start: _builtins.int = ...,
+        range_end: _builtins.int = ...,
+        src_if_match: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "has_range", b"has_range", "key", b"key", "part_number", b"part_number", "range_end", b"range_end", "range_start", b"range_start", "src_bucket", b"src_bucket", "src_if_match", b"src_if_match", "src_key", b"src_key", "upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadPartCopyRequest: _TypeAlias = UploadPartCopyRequest  # noqa: Y015
+
+@_typing.final
+class UploadPartCopyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PART_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def part(self) -> Global___PartInfo: ...
+    @_builtins.property
+    def source(self) -> Global___ObjectInfo: ...
+    def __init__(
+        self,
+        *,
+        part: Global___PartInfo | None = ...,
+        source: Global___ObjectInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["part", b"part", "source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["part", b"part", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadPartCopyResponse: _TypeAlias = UploadPartCopyResponse  # noqa: Y015
+
+@_typing.final
+class CompletedPart(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ChecksumsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PART_NUMBER_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    CHECKSUMS_FIELD_NUMBER: _builtins.int
+    part_number: _builtins.int
+    etag: _builtins.str
+    """The ETag UploadPart returned (quotes are ignored)."""
+    @_builtins.property
+    def checksums(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Checksums the client sends for the part (must match what was stored)."""
+
+    def __init__(
+        self,
+        *,
+        part_number: _builtins.int = ...,
+        etag: _builtins.str = ...,
+        checksums: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksums", b"checksums", "etag", b"etag", "part_number", b"part_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompletedPart: _TypeAlias = CompletedPart  # noqa: Y015
+
+@_typing.final
+class CompleteMultipartUploadRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUCKET_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    PARTS_FIELD_NUMBER: _builtins.int
+    IF_NONE_MATCH_FIELD_NUMBER: _builtins.int
+    bucket: _builtins.str
+    key: _builtins.str
+    upload_id: _builtins.str
+    if_none_match: _builtins.bool
+    """Complete only if the key is absent (If-None-Match: *)."""
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompletedPart]:
+        """Ascending part numbers (InvalidPartOrder otherwise), a subset of the uploaded ones."""
+
+    def __init__(
+        self,
+        *,
+        bucket: _builtins.str = ...,
+        key: _builtins.str = ...,
+        upload_id: _builtins.str = ...,
+        parts: _abc.Iterable[Global___CompletedPart] | None = ...,
+        if_none_match: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "if_none_match", b"if_none_match", "key", b"key", "parts", b"parts", "upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteMultipartUploadRequest: _TypeAlias = CompleteMultipartUploadRequest  # noqa: Y015
+
+@_typing.final
+class CompleteMultipartUploadResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def object(self) -> Global___ObjectInfo: ...
+    def __init__(
+        self,
+        *,
+        object: Global___ObjectInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteMultipartUploadResponse: _TypeAlias = CompleteMultipartUploadResponse  # noqa: Y015
+
+@_typing.final
+class AbortMultipartUploadRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUCKET_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    bucket: _builtins.str
+    key: _builtins.str
+    upload_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        bucket: _builtins.str = ...,
+        key: _builtins.str = ...,
+        upload_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "key", b"key", "upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortMultipartUploadRequest: _TypeAlias = AbortMultipartUploadRequest  # noqa: Y015
+
+@_typing.final
+class AbortMultipartUploadResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortMultipartUploadResponse: _TypeAlias = AbortMultipartUploadResponse  # noqa: Y015
+
+@_typing.final
+class ListPartsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUCKET_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    PART_NUMBER_MARKER_FIELD_NUMBER: _builtins.int
+    MAX_PARTS_FIELD_NUMBER: _builtins.int
+    bucket: _builtins.str
+    key: _builtins.str
+    upload_id: _builtins.str
+    part_number_marker: _builtins.int
+    """Parts after this number."""
+    max_parts: _builtins.int
+    """1..1000; 0: 1000."""
+    def __init__(
+        self,
+        *,
+        bucket: _builtins.str = ...,
+        key: _builtins.str = ...,
+        upload_id: _builtins.str = ...,
+        part_number_marker: _builtins.int = ...,
+        max_parts: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "key", b"key", "max_parts", b"max_parts", "part_number_marker", b"part_number_marker", "upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPartsRequest: _TypeAlias = ListPartsRequest  # noqa: Y015
+
+@_typing.final
+class ListPartsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTS_FIELD_NUMBER: _builtins.int
+    IS_TRUNCATED_FIELD_NUMBER: _builtins.int
+    NEXT_PART_NUMBER_MARKER_FIELD_NUMBER: _builtins.int
+    CHECKSUM_ALGORITHM_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    is_truncated: _builtins.bool
+    next_part_number_marker: _builtins.int
+    checksum_algorithm: _builtins.str
+    @_builtins.property
+    def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartInfo]: ...
+    @_builtins.property
+    def headers(self) -> Global___ObjectHeaders: ...
+    def __init__(
+        self,
+        *,
+        parts: _abc.Iterable[Global___PartInfo] | None = ...,
+        is_truncated: _builtins.bool = ...,
+        next_part_number_marker: _builtins.int = ...,
+        checksum_algorithm: _builtins.str = ...,
+        headers: Global___ObjectHeaders | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum_algorithm", b"checksum_algorithm", "headers", b"headers", "is_truncated", b"is_truncated", "next_part_number_marker", b"next_part_number_marker", "parts", b"parts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPartsResponse: _TypeAlias = ListPartsResponse  # noqa: Y015
+
+@_typing.final
+class MultipartUploadInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    INITIATED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    CHECKSUM_ALGORITHM_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    upload_id: _builtins.str
+    initiated_unix_ms: _builtins.int
+    checksum_algorithm: _builtins.str
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        upload_id: _builtins.str = ...,
+        initiated_unix_ms: _builtins.int = ...,
+        checksum_algorithm: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum_algorithm", b"checksum_algorithm", "initiated_unix_ms", b"initiated_unix_ms", "key", b"key", "upload_id", b"upload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MultipartUploadInfo: _TypeAlias = MultipartUploadInfo  # noqa: Y015
+
+@_typing.final
+class ListMultipartUploadsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUCKET_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    DELIMITER_FIELD_NUMBER: _builtins.int
+    KEY_MARKER_FIELD_NUMBER: _builtins.int
+    UPLOAD_ID_MARKER_FIELD_NUMBER: _builtins.int
+    MAX_UPLOADS_FIELD_NUMBER: _builtins.int
+    bucket: _builtins.str
+    prefix: _builtins.str
+    delimiter: _builtins.str
+    key_marker: _builtins.str
+    upload_id_marker: _builtins.str
+    max_uploads: _builtins.int
+    """1..1000; 0: 1000."""
+    def __init__(
+        self,
+        *,
+        bucket: _builtins.str = ...,
+        prefix: _builtins.str = ...,
+        delimiter: _builtins.str = ...,
+        key_marker: _builtins.str = ...,
+        upload_id_marker: _builtins.str = ...,
+        max_uploads: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "delimiter", b"delimiter", "key_marker", b"key_marker", "max_uploads", b"max_uploads", "prefix", b"prefix", "upload_id_marker", b"upload_id_marker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMultipartUploadsRequest: _TypeAlias = ListMultipartUploadsRequest  # noqa: Y015
+
+@_typing.final
+class ListMultipartUploadsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPLOADS_FIELD_NUMBER: _builtins.int
+    COMMON_PREFIXES_FIELD_NUMBER: _builtins.int
+    IS_TRUNCATED_FIELD_NUMBER: _builtins.int
+    NEXT_KEY_MARKER_FIELD_NUMBER: _builtins.int
+    NEXT_UPLOAD_ID_MARKER_FIELD_NUMBER: _builtins.int
+    is_truncated: _builtins.bool
+    next_key_marker: _builtins.str
+    next_upload_id_marker: _builtins.str
+    @_builtins.property
+    def uploads(self) -> _containers.RepeatedCompositeFieldContainer[Global___MultipartUploadInfo]:
+        """Sorted by key, then by initiation time."""
+
+    @_builtins.property
+    def common_prefixes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        uploads: _abc.Iterable[Global___MultipartUploadInfo] | None = ...,
+        common_prefixes: _abc.Iterable[_builtins.str] | None = ...,
+        is_truncated: _builtins.bool = ...,
+        next_key_marker: _builtins.str = ...,
+        next_upload_id_marker: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["common_prefixes", b"common_prefixes", "is_truncated", b"is_truncated", "next_key_marker", b"next_key_marker", "next_upload_id_marker", b"next_upload_id_marker", "uploads", b"uploads"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMultipartUploadsResponse: _TypeAlias = ListMultipartUploadsResponse  # noqa: Y015

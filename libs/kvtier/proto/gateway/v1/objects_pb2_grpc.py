@@ -90,6 +90,41 @@ class ObjectServiceStub:
                 request_serializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.ListObjectsRequest.SerializeToString,
                 response_deserializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.ListObjectsResponse.FromString,
                 _registered_method=True)
+        self.CreateMultipartUpload = channel.unary_unary(
+                '/kvtier.gateway.v1.ObjectService/CreateMultipartUpload',
+                request_serializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.CreateMultipartUploadRequest.SerializeToString,
+                response_deserializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.CreateMultipartUploadResponse.FromString,
+                _registered_method=True)
+        self.BeginUploadPart = channel.unary_unary(
+                '/kvtier.gateway.v1.ObjectService/BeginUploadPart',
+                request_serializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.BeginUploadPartRequest.SerializeToString,
+                response_deserializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.BeginUploadPartResponse.FromString,
+                _registered_method=True)
+        self.UploadPartCopy = channel.unary_unary(
+                '/kvtier.gateway.v1.ObjectService/UploadPartCopy',
+                request_serializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.UploadPartCopyRequest.SerializeToString,
+                response_deserializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.UploadPartCopyResponse.FromString,
+                _registered_method=True)
+        self.CompleteMultipartUpload = channel.unary_unary(
+                '/kvtier.gateway.v1.ObjectService/CompleteMultipartUpload',
+                request_serializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.CompleteMultipartUploadRequest.SerializeToString,
+                response_deserializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.CompleteMultipartUploadResponse.FromString,
+                _registered_method=True)
+        self.AbortMultipartUpload = channel.unary_unary(
+                '/kvtier.gateway.v1.ObjectService/AbortMultipartUpload',
+                request_serializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.AbortMultipartUploadRequest.SerializeToString,
+                response_deserializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.AbortMultipartUploadResponse.FromString,
+                _registered_method=True)
+        self.ListParts = channel.unary_unary(
+                '/kvtier.gateway.v1.ObjectService/ListParts',
+                request_serializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.ListPartsRequest.SerializeToString,
+                response_deserializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.ListPartsResponse.FromString,
+                _registered_method=True)
+        self.ListMultipartUploads = channel.unary_unary(
+                '/kvtier.gateway.v1.ObjectService/ListMultipartUploads',
+                request_serializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.ListMultipartUploadsRequest.SerializeToString,
+                response_deserializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.ListMultipartUploadsResponse.FromString,
+                _registered_method=True)
 
 
 class ObjectServiceServicer:
@@ -162,6 +197,53 @@ class ObjectServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateMultipartUpload(self, request, context):
+        """Multipart upload: Create, then per part BeginUploadPart + WRITE_STRIPES calls + CommitPut
+        (parts in any order, in parallel, re-uploadable), then Complete (or Abort). Every part is
+        stored, erasure-coded, on the drives the object will live on; Complete links the chosen
+        parts into the object on each drive without copying their bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BeginUploadPart(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadPartCopy(self, request, context):
+        """A part whose bytes come from (a range of) another object (S3 UploadPartCopy).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteMultipartUpload(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortMultipartUpload(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListParts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMultipartUploads(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ObjectServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -219,6 +301,41 @@ def add_ObjectServiceServicer_to_server(servicer, server):
                     servicer.ListObjects,
                     request_deserializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.ListObjectsRequest.FromString,
                     response_serializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.ListObjectsResponse.SerializeToString,
+            ),
+            'CreateMultipartUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateMultipartUpload,
+                    request_deserializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.CreateMultipartUploadRequest.FromString,
+                    response_serializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.CreateMultipartUploadResponse.SerializeToString,
+            ),
+            'BeginUploadPart': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginUploadPart,
+                    request_deserializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.BeginUploadPartRequest.FromString,
+                    response_serializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.BeginUploadPartResponse.SerializeToString,
+            ),
+            'UploadPartCopy': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadPartCopy,
+                    request_deserializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.UploadPartCopyRequest.FromString,
+                    response_serializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.UploadPartCopyResponse.SerializeToString,
+            ),
+            'CompleteMultipartUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteMultipartUpload,
+                    request_deserializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.CompleteMultipartUploadRequest.FromString,
+                    response_serializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.CompleteMultipartUploadResponse.SerializeToString,
+            ),
+            'AbortMultipartUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortMultipartUpload,
+                    request_deserializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.AbortMultipartUploadRequest.FromString,
+                    response_serializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.AbortMultipartUploadResponse.SerializeToString,
+            ),
+            'ListParts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListParts,
+                    request_deserializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.ListPartsRequest.FromString,
+                    response_serializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.ListPartsResponse.SerializeToString,
+            ),
+            'ListMultipartUploads': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMultipartUploads,
+                    request_deserializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.ListMultipartUploadsRequest.FromString,
+                    response_serializer=kvtier_dot_gateway_dot_v1_dot_objects__pb2.ListMultipartUploadsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -518,6 +635,195 @@ class ObjectService:
             '/kvtier.gateway.v1.ObjectService/ListObjects',
             kvtier_dot_gateway_dot_v1_dot_objects__pb2.ListObjectsRequest.SerializeToString,
             kvtier_dot_gateway_dot_v1_dot_objects__pb2.ListObjectsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateMultipartUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.gateway.v1.ObjectService/CreateMultipartUpload',
+            kvtier_dot_gateway_dot_v1_dot_objects__pb2.CreateMultipartUploadRequest.SerializeToString,
+            kvtier_dot_gateway_dot_v1_dot_objects__pb2.CreateMultipartUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BeginUploadPart(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.gateway.v1.ObjectService/BeginUploadPart',
+            kvtier_dot_gateway_dot_v1_dot_objects__pb2.BeginUploadPartRequest.SerializeToString,
+            kvtier_dot_gateway_dot_v1_dot_objects__pb2.BeginUploadPartResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadPartCopy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.gateway.v1.ObjectService/UploadPartCopy',
+            kvtier_dot_gateway_dot_v1_dot_objects__pb2.UploadPartCopyRequest.SerializeToString,
+            kvtier_dot_gateway_dot_v1_dot_objects__pb2.UploadPartCopyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteMultipartUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.gateway.v1.ObjectService/CompleteMultipartUpload',
+            kvtier_dot_gateway_dot_v1_dot_objects__pb2.CompleteMultipartUploadRequest.SerializeToString,
+            kvtier_dot_gateway_dot_v1_dot_objects__pb2.CompleteMultipartUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortMultipartUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.gateway.v1.ObjectService/AbortMultipartUpload',
+            kvtier_dot_gateway_dot_v1_dot_objects__pb2.AbortMultipartUploadRequest.SerializeToString,
+            kvtier_dot_gateway_dot_v1_dot_objects__pb2.AbortMultipartUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListParts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.gateway.v1.ObjectService/ListParts',
+            kvtier_dot_gateway_dot_v1_dot_objects__pb2.ListPartsRequest.SerializeToString,
+            kvtier_dot_gateway_dot_v1_dot_objects__pb2.ListPartsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMultipartUploads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.gateway.v1.ObjectService/ListMultipartUploads',
+            kvtier_dot_gateway_dot_v1_dot_objects__pb2.ListMultipartUploadsRequest.SerializeToString,
+            kvtier_dot_gateway_dot_v1_dot_objects__pb2.ListMultipartUploadsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,19 @@ class ObjectServiceStub:
     DeleteObject: _grpc.UnaryUnaryMultiCallable[_objects_pb2.DeleteObjectRequest, _objects_pb2.DeleteObjectResponse]
     CopyObject: _grpc.UnaryUnaryMultiCallable[_objects_pb2.CopyObjectRequest, _objects_pb2.CopyObjectResponse]
     ListObjects: _grpc.UnaryUnaryMultiCallable[_objects_pb2.ListObjectsRequest, _objects_pb2.ListObjectsResponse]
+    CreateMultipartUpload: _grpc.UnaryUnaryMultiCallable[_objects_pb2.CreateMultipartUploadRequest, _objects_pb2.CreateMultipartUploadResponse]
+    """Multipart upload: Create, then per part BeginUploadPart + WRITE_STRIPES calls + CommitPut
+    (parts in any order, in parallel, re-uploadable), then Complete (or Abort). Every part is
+    stored, erasure-coded, on the drives the object will live on; Complete links the chosen
+    parts into the object on each drive without copying their bytes.
+    """
+    BeginUploadPart: _grpc.UnaryUnaryMultiCallable[_objects_pb2.BeginUploadPartRequest, _objects_pb2.BeginUploadPartResponse]
+    UploadPartCopy: _grpc.UnaryUnaryMultiCallable[_objects_pb2.UploadPartCopyRequest, _objects_pb2.UploadPartCopyResponse]
+    """A part whose bytes come from (a range of) another object (S3 UploadPartCopy)."""
+    CompleteMultipartUpload: _grpc.UnaryUnaryMultiCallable[_objects_pb2.CompleteMultipartUploadRequest, _objects_pb2.CompleteMultipartUploadResponse]
+    AbortMultipartUpload: _grpc.UnaryUnaryMultiCallable[_objects_pb2.AbortMultipartUploadRequest, _objects_pb2.AbortMultipartUploadResponse]
+    ListParts: _grpc.UnaryUnaryMultiCallable[_objects_pb2.ListPartsRequest, _objects_pb2.ListPartsResponse]
+    ListMultipartUploads: _grpc.UnaryUnaryMultiCallable[_objects_pb2.ListMultipartUploadsRequest, _objects_pb2.ListMultipartUploadsResponse]
 
 @_typing.type_check_only
 class ObjectServiceAsyncStub(ObjectServiceStub):
@@ -67,6 +80,19 @@ class ObjectServiceAsyncStub(ObjectServiceStub):
     DeleteObject: _aio.UnaryUnaryMultiCallable[_objects_pb2.DeleteObjectRequest, _objects_pb2.DeleteObjectResponse]  # type: ignore[assignment]
     CopyObject: _aio.UnaryUnaryMultiCallable[_objects_pb2.CopyObjectRequest, _objects_pb2.CopyObjectResponse]  # type: ignore[assignment]
     ListObjects: _aio.UnaryUnaryMultiCallable[_objects_pb2.ListObjectsRequest, _objects_pb2.ListObjectsResponse]  # type: ignore[assignment]
+    CreateMultipartUpload: _aio.UnaryUnaryMultiCallable[_objects_pb2.CreateMultipartUploadRequest, _objects_pb2.CreateMultipartUploadResponse]  # type: ignore[assignment]
+    """Multipart upload: Create, then per part BeginUploadPart + WRITE_STRIPES calls + CommitPut
+    (parts in any order, in parallel, re-uploadable), then Complete (or Abort). Every part is
+    stored, erasure-coded, on the drives the object will live on; Complete links the chosen
+    parts into the object on each drive without copying their bytes.
+    """
+    BeginUploadPart: _aio.UnaryUnaryMultiCallable[_objects_pb2.BeginUploadPartRequest, _objects_pb2.BeginUploadPartResponse]  # type: ignore[assignment]
+    UploadPartCopy: _aio.UnaryUnaryMultiCallable[_objects_pb2.UploadPartCopyRequest, _objects_pb2.UploadPartCopyResponse]  # type: ignore[assignment]
+    """A part whose bytes come from (a range of) another object (S3 UploadPartCopy)."""
+    CompleteMultipartUpload: _aio.UnaryUnaryMultiCallable[_objects_pb2.CompleteMultipartUploadRequest, _objects_pb2.CompleteMultipartUploadResponse]  # type: ignore[assignment]
+    AbortMultipartUpload: _aio.UnaryUnaryMultiCallable[_objects_pb2.AbortMultipartUploadRequest, _objects_pb2.AbortMultipartUploadResponse]  # type: ignore[assignment]
+    ListParts: _aio.UnaryUnaryMultiCallable[_objects_pb2.ListPartsRequest, _objects_pb2.ListPartsResponse]  # type: ignore[assignment]
+    ListMultipartUploads: _aio.UnaryUnaryMultiCallable[_objects_pb2.ListMultipartUploadsRequest, _objects_pb2.ListMultipartUploadsResponse]  # type: ignore[assignment]
 
 class ObjectServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -146,5 +172,60 @@ class ObjectServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _objects_pb2.ListObjectsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_objects_pb2.ListObjectsResponse, _abc.Awaitable[_objects_pb2.ListObjectsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateMultipartUpload(
+        self,
+        request: _objects_pb2.CreateMultipartUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_objects_pb2.CreateMultipartUploadResponse, _abc.Awaitable[_objects_pb2.CreateMultipartUploadResponse]]:
+        """Multipart upload: Create, then per part BeginUploadPart + WRITE_STRIPES calls + CommitPut
+        (parts in any order, in parallel, re-uploadable), then Complete (or Abort). Every part is
+        stored, erasure-coded, on the drives the object will live on; Complete links the chosen
+        parts into the object on each drive without copying their bytes.
+        """
+
+    @_abc_1.abstractmethod
+    def BeginUploadPart(
+        self,
+        request: _objects_pb2.BeginUploadPartRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_objects_pb2.BeginUploadPartResponse, _abc.Awaitable[_objects_pb2.BeginUploadPartResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UploadPartCopy(
+        self,
+        request: _objects_pb2.UploadPartCopyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_objects_pb2.UploadPartCopyResponse, _abc.Awaitable[_objects_pb2.UploadPartCopyResponse]]:
+        """A part whose bytes come from (a range of) another object (S3 UploadPartCopy)."""
+
+    @_abc_1.abstractmethod
+    def CompleteMultipartUpload(
+        self,
+        request: _objects_pb2.CompleteMultipartUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_objects_pb2.CompleteMultipartUploadResponse, _abc.Awaitable[_objects_pb2.CompleteMultipartUploadResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def AbortMultipartUpload(
+        self,
+        request: _objects_pb2.AbortMultipartUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_objects_pb2.AbortMultipartUploadResponse, _abc.Awaitable[_objects_pb2.AbortMultipartUploadResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListParts(
+        self,
+        request: _objects_pb2.ListPartsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_objects_pb2.ListPartsResponse, _abc.Awaitable[_objects_pb2.ListPartsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListMultipartUploads(
+        self,
+        request: _objects_pb2.ListMultipartUploadsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_objects_pb2.ListMultipartUploadsResponse, _abc.Awaitable[_objects_pb2.ListMultipartUploadsResponse]]: ...
 
 def add_ObjectServiceServicer_to_server(servicer: ObjectServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

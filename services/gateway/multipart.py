@@ -1,0 +1,397 @@
+"""Multipart uploads, kept on the datanodes so that any gateway can serve any step.
+
+- The upload's record is an empty object of the internal bucket `.multipart` under
+  `u/<bucket>/<upload_id>/<key>`, placed (like the object's pool record) in pool 0 where
+  bucket/key would live: it holds the headers, the checksum algorithm and the pool the upload's
+  parts and the object go to.
+- Each part is an erasure-coded object of `.multipart` under `p/<upload_id>/<part:05d>`,
+  written like any PUT but placed on the drives (and in the shard order) of the final object;
+  uploading a part again replaces it.
+- Complete checks the listed parts (order, ETags, sizes) and commits the object on every drive
+  from the parts' shards there: each drive hard-links the part files into the new version, so
+  no part byte moves or is re-encoded. Then the upload's parts and record are deleted.
+- Uploads older than `expiry_s` are aborted by the gateway's sweep (S3 lifecycle's
+  AbortIncompleteMultipartUpload, always on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import itertools
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from kvtier import errors, names
+from kvtier.proto.common.v1 import common_pb2
+from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
+from kvtier.proto.gateway.v1 import objects_pb2 as pb
+from services.gateway import listing, objects, placement, versions
+
+log = logging.getLogger(__name__)
+
+MAX_PART_NUMBER = 10_000
+MAX_PARTS_PAGE = 1000
+_UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def record_key(bucket: str, upload_id: str, key: str) -> str:
+    """Where an upload's record lives in the internal bucket."""
+    return f"u/{bucket}/{upload_id}/{key}"
+
+
+def part_key(upload_id: str, number: int) -> str:
+    """Where a part lives in the internal bucket."""
+    return f"p/{upload_id}/{number:05d}"
+
+
+def _number(entry_key: str) -> int:
+    return int(entry_key.rsplit("/", 1)[1])
+
+
+def multipart_etag(md5s: list[str]) -> str:
+    """S3's ETag of a multipart object: MD5 of the parts' binary MD5s, then -N."""
+    joined = b"".join(bytes.fromhex(m) for m in md5s)
+    return f"{hashlib.md5(joined).hexdigest()}-{len(md5s)}"
+
+
+def composite_checksum(algorithm: str, values: list[str]) -> str:
+    """S3's checksum of a multipart object: the checksum of the part checksums, then -N."""
+    hasher = versions.new_hasher(algorithm)
+    for value in values:
+        hasher.update(base64.b64decode(value))
+    return f"{base64.b64encode(hasher.digest()).decode()}-{len(values)}"
+
+
+class Multipart:
+    """Multipart uploads over an ObjectEngine (see the module docstring)."""
+
+    def __init__(
+        self,
+        engine: objects.ObjectEngine,
+        lister: listing.Lister,
+        *,
+        min_part_bytes: int = 5 << 20,
+        expiry_s: float = 7 * 86400.0,
+    ) -> None:
+        self._engine = engine
+        self._lister = lister
+        self._min_part_bytes = min_part_bytes
+        self._expiry_s = expiry_s
+
+    @property
+    def _cmap(self) -> common_pb2.ClusterMap:
+        return self._engine.view.current
+
+    async def create(self, req: pb.CreateMultipartUploadRequest) -> str:
+        """Start an upload; its id."""
+        names.check_bucket(req.bucket)
+        names.check_key(req.key)
+        algorithm = req.checksum_algorithm.upper()
+        if algorithm:
+            versions.new_hasher(algorithm)  # InvalidArgument for an unknown one
+        cmap = self._cmap
+        upload_id = uuid.uuid4().hex
+        where = placement.locate(cmap, req.bucket, req.key, placement.FIRST_POOL)
+        meta = versions.new_meta(
+            names.MULTIPART_BUCKET, record_key(req.bucket, upload_id, req.key), where,
+            req.headers, data_id=uuid.uuid4().hex,
+        )  # fmt: skip
+        meta.upload_pool = self._engine.choose_pool(cmap)
+        meta.upload_checksum_algorithm = algorithm
+        meta.parts.add(number=1, size=0, shard_bytes=0)
+        failed: set[int] = set()
+        await self._engine.stage_empty(where, meta.bucket, meta.key, meta.data_id, failed)
+        await self._engine.commit_shards(where, meta, meta.data_id, failed)
+        return upload_id
+
+    async def _record(self, bucket: str, key: str, upload_id: str) -> datanode_pb2.ShardMeta:
+        names.check_bucket(bucket)
+        names.check_key(key)
+        if not _UPLOAD_ID.fullmatch(upload_id):
+            raise errors.NotFound(f"NoSuchUpload: {upload_id!r}")
+        where = placement.locate(self._cmap, bucket, key, placement.FIRST_POOL)
+        try:
+            found = await self._engine.resolve_in(
+                where, names.MULTIPART_BUCKET, record_key(bucket, upload_id, key), queue_heal=False
+            )
+        except errors.NotFound:
+            raise errors.NotFound(f"NoSuchUpload: {upload_id} of {bucket}/{key}") from None
+        return found.meta
+
+    def _where(self, bucket: str, key: str, record: datanode_pb2.ShardMeta) -> placement.Placement:
+        return placement.locate(self._cmap, bucket, key, record.upload_pool)
+
+    async def begin_part(self, req: pb.BeginUploadPartRequest) -> pb.BeginUploadPartResponse:
+        """Plan the write of one part (then WRITE_STRIPES calls and CommitPut)."""
+        if not 1 <= req.part_number <= MAX_PART_NUMBER:
+            raise errors.InvalidArgument(f"part number {req.part_number}: 1-{MAX_PART_NUMBER}")
+        record = await self._record(req.bucket, req.key, req.upload_id)
+        algorithms = [record.upload_checksum_algorithm] if record.upload_checksum_algorithm else []
+        begun = self._engine.begin_write(
+            pb.BeginPutRequest(
+                bucket=names.MULTIPART_BUCKET, key=part_key(req.upload_id, req.part_number),
+                size=req.size, expected_md5=req.expected_md5,
+                expected_checksums=req.expected_checksums, checksum_algorithms=algorithms,
+            ),
+            self._where(req.bucket, req.key, record),
+        )  # fmt: skip
+        return pb.BeginUploadPartResponse(
+            write_id=begun.upload_id,
+            stripe_bytes=begun.stripe_bytes,
+            max_call_bytes=begun.max_call_bytes,
+        )
+
+    async def copy_part(self, req: pb.UploadPartCopyRequest) -> pb.UploadPartCopyResponse:
+        """A part made of (a range of) another object, copied through the gateway."""
+        found = await self._engine.resolve(req.src_bucket, req.src_key)
+        src = found.meta
+        if req.src_if_match and req.src_if_match.strip('"') != src.etag:
+            raise errors.PreconditionFailed(f"{req.src_bucket}/{req.src_key}: ETag is {src.etag}")
+        start, end = (req.range_start, req.range_end) if req.has_range else (0, src.size - 1)
+        if req.has_range and (start > end or end >= src.size):
+            raise errors.InvalidArgument(f"InvalidRange: bytes {start}-{end} of {src.size}")
+        size = max(0, end - start + 1)
+        begun = await self.begin_part(
+            pb.BeginUploadPartRequest(
+                bucket=req.bucket, key=req.key, upload_id=req.upload_id,
+                part_number=req.part_number, size=size,
+            )
+        )  # fmt: skip
+        meta = await self._engine.copy_into(begun.write_id, found, start, size)
+        return pb.UploadPartCopyResponse(part=part_info(meta), source=versions.info(src))
+
+    async def complete(self, req: pb.CompleteMultipartUploadRequest) -> pb.ObjectInfo:
+        """Make the listed parts the object; its info."""
+        record = await self._record(req.bucket, req.key, req.upload_id)
+        numbers = [p.part_number for p in req.parts]
+        if not numbers:
+            raise errors.InvalidArgument("MalformedXML: a multipart upload needs at least a part")
+        if any(b <= a for a, b in itertools.pairwise(numbers)):
+            raise errors.InvalidArgument("InvalidPartOrder: part numbers must be ascending")
+        where = self._where(req.bucket, req.key, record)
+        found = await asyncio.gather(*(self._part(where, req.upload_id, p) for p in req.parts))
+        for part, (meta, _) in zip(req.parts[:-1], found[:-1], strict=True):
+            if meta.size < self._min_part_bytes:
+                raise errors.InvalidArgument(
+                    f"EntityTooSmall: part {part.part_number} has {meta.size} bytes, "
+                    f"at least {self._min_part_bytes} needed for all but the last part"
+                )
+        if req.if_none_match and await self._engine.exists(req.bucket, req.key):
+            raise errors.PreconditionFailed(f"{req.bucket}/{req.key} exists (If-None-Match)")
+        meta = self._object_meta(req, record, where, [m for m, _ in found])
+        holders = set(range(len(where.slots)))
+        for _, held in found:
+            holders &= held
+        failed = set(range(len(where.slots))) - holders
+        sources = [
+            [
+                shards_pb2.PartSource(bucket=names.MULTIPART_BUCKET, key=m.key, data_id=m.data_id)
+                for m, _ in found
+            ]
+            for _ in where.slots
+        ]
+        await self._engine.publish(where, meta, meta.data_id, failed, sources)
+        await self._discard(req.bucket, req.key, req.upload_id, record)
+        return versions.info(meta)
+
+    async def _part(
+        self, where: placement.Placement, upload_id: str, part: pb.CompletedPart
+    ) -> tuple[datanode_pb2.ShardMeta, frozenset[int]]:
+        try:
+            found = await self._engine.resolve_in(
+                where, names.MULTIPART_BUCKET, part_key(upload_id, part.part_number),
+                queue_heal=False,
+            )  # fmt: skip
+        except errors.NotFound:
+            raise errors.InvalidArgument(
+                f"InvalidPart: part {part.part_number} was not uploaded"
+            ) from None
+        meta = found.meta
+        if part.etag.strip('"') != meta.etag:
+            raise errors.InvalidArgument(
+                f"InvalidPart: part {part.part_number} has ETag {meta.etag}, not {part.etag}"
+            )
+        for name, value in part.checksums.items():
+            if meta.checksums.get(name.upper()) != value:
+                raise errors.InvalidArgument(
+                    f"InvalidPart: part {part.part_number}: {name.upper()} does not match"
+                )
+        if meta.data_shards != where.data_shards or list(meta.distribution) != list(
+            where.positions
+        ):
+            raise errors.Unavailable(
+                f"part {part.part_number} was written to another layout; upload it again"
+            )
+        return meta, found.holders
+
+    @staticmethod
+    def _object_meta(
+        req: pb.CompleteMultipartUploadRequest,
+        record: datanode_pb2.ShardMeta,
+        where: placement.Placement,
+        parts: list[datanode_pb2.ShardMeta],
+    ) -> datanode_pb2.ShardMeta:
+        meta = versions.new_meta(
+            req.bucket, req.key, where, versions.info(record).headers, data_id=uuid.uuid4().hex
+        )
+        meta.size = sum(p.size for p in parts)
+        meta.etag = multipart_etag([p.etag for p in parts])
+        algorithm = record.upload_checksum_algorithm
+        if algorithm and all(algorithm in p.checksums for p in parts):
+            meta.checksums[algorithm] = composite_checksum(
+                algorithm, [p.checksums[algorithm] for p in parts]
+            )
+        for number, p in zip((q.part_number for q in req.parts), parts, strict=True):
+            meta.parts.add(
+                number=number, size=p.size, etag=p.etag, shard_bytes=p.parts[0].shard_bytes
+            )
+        return meta
+
+    async def abort(self, req: pb.AbortMultipartUploadRequest) -> None:
+        """Drop the upload and its parts (NotFound: NoSuchUpload)."""
+        record = await self._record(req.bucket, req.key, req.upload_id)
+        await self._discard(req.bucket, req.key, req.upload_id, record)
+
+    async def _discard(
+        self, bucket: str, key: str, upload_id: str, record: datanode_pb2.ShardMeta
+    ) -> None:
+        """Delete the upload's parts, then its record (a failure leaves them to the sweep)."""
+        try:
+            async for entry in self._lister.scan(
+                names.MULTIPART_BUCKET, f"p/{upload_id}/", pool_index=record.upload_pool
+            ):
+                await self._engine.delete_in(
+                    names.MULTIPART_BUCKET, entry.key, record.upload_pool, at=(bucket, key)
+                )
+            await self._engine.delete_in(
+                names.MULTIPART_BUCKET, record.key, placement.FIRST_POOL, at=(bucket, key)
+            )
+        except errors.KVTierError as exc:
+            log.warning("discarding upload %s of %s/%s: %s", upload_id, bucket, key, exc)
+
+    async def list_parts(self, req: pb.ListPartsRequest) -> pb.ListPartsResponse:
+        """A page of an upload's parts, by number."""
+        record = await self._record(req.bucket, req.key, req.upload_id)
+        most = req.max_parts or MAX_PARTS_PAGE
+        if not 1 <= most <= MAX_PARTS_PAGE:
+            raise errors.InvalidArgument(f"max_parts must be 1..{MAX_PARTS_PAGE}")
+        reply = pb.ListPartsResponse(
+            checksum_algorithm=record.upload_checksum_algorithm,
+            headers=versions.info(record).headers,
+        )
+        after = part_key(req.upload_id, req.part_number_marker) if req.part_number_marker else ""
+        async for entry in self._lister.scan(
+            names.MULTIPART_BUCKET, f"p/{req.upload_id}/",
+            pool_index=record.upload_pool, after=after,
+        ):  # fmt: skip
+            if len(reply.parts) == most:
+                reply.is_truncated = True
+                reply.next_part_number_marker = reply.parts[-1].part_number
+                break
+            reply.parts.add(
+                part_number=_number(entry.key), size=entry.size, etag=entry.etag,
+                mtime_unix_ms=entry.mtime_unix_ns // 1_000_000,
+            )  # fmt: skip
+        if record.upload_checksum_algorithm:
+            await self._fill_checksums(req, record, reply)
+        return reply
+
+    async def _fill_checksums(
+        self,
+        req: pb.ListPartsRequest,
+        record: datanode_pb2.ShardMeta,
+        reply: pb.ListPartsResponse,
+    ) -> None:
+        where = self._where(req.bucket, req.key, record)
+
+        async def fill(part: pb.PartInfo) -> None:
+            key = part_key(req.upload_id, part.part_number)
+            try:
+                found = await self._engine.resolve_in(
+                    where, names.MULTIPART_BUCKET, key, queue_heal=False
+                )
+            except errors.NotFound:
+                return
+            part.checksums.update(found.meta.checksums)
+
+        await asyncio.gather(*(fill(p) for p in reply.parts))
+
+    async def list_uploads(
+        self, req: pb.ListMultipartUploadsRequest
+    ) -> pb.ListMultipartUploadsResponse:
+        """A page of a bucket's uploads in progress, by key then initiation."""
+        names.check_bucket(req.bucket)
+        most = req.max_uploads or MAX_PARTS_PAGE
+        if not 1 <= most <= MAX_PARTS_PAGE:
+            raise errors.InvalidArgument(f"max_uploads must be 1..{MAX_PARTS_PAGE}")
+        uploads = [u async for u in self._uploads_of(req.bucket) if u.key.startswith(req.prefix)]
+        uploads.sort(key=lambda u: (u.key.encode(), u.initiated_unix_ms, u.upload_id))
+        reply = pb.ListMultipartUploadsResponse()
+        for upload in _after_marker(uploads, req):
+            folded = listing.fold(upload.key, req.prefix, req.delimiter)
+            if folded is not None and reply.common_prefixes and reply.common_prefixes[-1] == folded:
+                continue
+            if len(reply.uploads) + len(reply.common_prefixes) == most:
+                reply.is_truncated = True
+                last = reply.uploads[-1] if reply.uploads else None
+                reply.next_key_marker = last.key if last else reply.common_prefixes[-1]
+                reply.next_upload_id_marker = last.upload_id if last else ""
+                break
+            if folded is not None:
+                reply.common_prefixes.append(folded)
+            else:
+                reply.uploads.append(upload)
+        return reply
+
+    async def _uploads_of(self, bucket: str) -> AsyncIterator[pb.MultipartUploadInfo]:
+        prefix = f"u/{bucket}/"
+        async for entry in self._lister.scan(names.MULTIPART_BUCKET, prefix):
+            upload_id, _, key = entry.key[len(prefix) :].partition("/")
+            yield pb.MultipartUploadInfo(
+                key=key, upload_id=upload_id, initiated_unix_ms=entry.mtime_unix_ns // 1_000_000
+            )
+
+    async def sweep(self) -> int:
+        """Abort uploads older than expiry_s; how many."""
+        cutoff_ns = time.time_ns() - int(self._expiry_s * 1e9)
+        stale = []
+        async for entry in self._lister.scan(names.MULTIPART_BUCKET, "u/"):
+            if entry.mtime_unix_ns < cutoff_ns:
+                stale.append(entry.key)
+        for key in stale:
+            bucket, _, rest = key[2:].partition("/")
+            upload_id, _, object_key = rest.partition("/")
+            try:
+                record = await self._record(bucket, object_key, upload_id)
+            except errors.KVTierError:
+                continue
+            log.info("aborting multipart upload %s of %s/%s: expired", upload_id, bucket, key)
+            await self._discard(bucket, object_key, upload_id, record)
+        return len(stale)
+
+
+def _after_marker(
+    uploads: list[pb.MultipartUploadInfo], req: pb.ListMultipartUploadsRequest
+) -> list[pb.MultipartUploadInfo]:
+    """The uploads after (key_marker, upload_id_marker) in listing order."""
+    if not req.key_marker:
+        return uploads
+    marker = req.key_marker.encode()
+    if req.upload_id_marker:
+        for i, upload in enumerate(uploads):
+            if upload.key.encode() == marker and upload.upload_id == req.upload_id_marker:
+                return uploads[i + 1 :]
+    return [u for u in uploads if u.key.encode() > marker]
+
+
+def part_info(meta: datanode_pb2.ShardMeta) -> pb.PartInfo:
+    """A stored part's info."""
+    return pb.PartInfo(
+        part_number=_number(meta.key), size=meta.size, etag=meta.etag,
+        mtime_unix_ms=meta.mtime_unix_ns // 1_000_000, checksums=dict(meta.checksums),
+    )  # fmt: skip

@@ -1,0 +1,206 @@
+"""The read path of the object engine: ranges of a version gathered into staging slots.
+
+Data blocks of the range are read straight into their place in a slot (one READ_SHARD per
+block, every drive at once); a block that is missing, corrupt or on a dead drive is rebuilt from
+any k others of its stripe (ISA-L, off the event loop) and the object queued for healing. Parts
+have their own stripes: one gather stays within one part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import prometheus_client
+
+from kvtier import erasure, errors
+from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
+from kvtier.transport import base, slots
+from services.gateway import datanodes as datanodes_mod
+from services.gateway import versions
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BLOCK_BYTES = 1 << 20
+
+DEGRADED = prometheus_client.Counter(
+    "kvtier_gateway_degraded_reads_total", "Blocks rebuilt from parity on read"
+)
+BYTES = prometheus_client.Counter("kvtier_gateway_object_bytes_total", "Object bytes", ["op"])
+
+
+class Reader:
+    """Reads of resolved versions (see the module docstring)."""
+
+    def __init__(
+        self,
+        nodes: datanodes_mod.Datanodes,
+        staging: slots.SlotPool,
+        codec: Callable[[int, int], erasure.Codec],
+        call_bytes: Callable[[int, int], int],
+        run: Callable[..., Awaitable[Any]],
+        heal_queue: set[tuple[str, str]],
+    ) -> None:
+        self._nodes = nodes
+        self._staging = staging
+        self._codec = codec
+        self._call_bytes = call_bytes
+        self._run = run
+        self.heal_queue = heal_queue
+
+    async def read_into(self, found: versions.Resolved, offset: int, dest: memoryview) -> None:
+        """Read len(dest) bytes of the version at offset into dest (any size, across parts),
+        through one staging slot."""
+        meta = found.meta
+        most = self.max_read_bytes(meta.data_shards, meta.parity_shards)
+        slot = await self._staging.acquire(30.0)
+        try:
+            done = 0
+            while done < len(dest):
+                part, start = versions.part_at(meta, offset + done)
+                length = min(most, len(dest) - done, start + part.size - offset - done)
+                first = await self.gather_range(found, part, offset + done - start, length, slot)
+                dest[done : done + length] = slot.region.view[slot.offset + first :][:length]
+                done += length
+        finally:
+            self._staging.release(slot)
+
+    async def stream(
+        self,
+        found: versions.Resolved,
+        offset: int,
+        length: int,
+        sink: Callable[[memoryview], Awaitable[None]],
+    ) -> None:
+        """Hand bytes [offset, offset + length) of a version to sink, a piece at a time, each
+        piece in a staging slot until sink returns (bounded memory whatever the length)."""
+        meta = found.meta
+        most = self.max_read_bytes(meta.data_shards, meta.parity_shards)
+        slot = await self._staging.acquire(30.0)
+        try:
+            done = 0
+            while done < length:
+                part, start = versions.part_at(meta, offset + done)
+                n = min(most, length - done, start + part.size - offset - done)
+                first = await self.gather_range(found, part, offset + done - start, n, slot)
+                BYTES.labels("get").inc(n)
+                await sink(slot.region.view[slot.offset + first :][:n])
+                done += n
+        finally:
+            self._staging.release(slot)
+
+    def max_read_bytes(self, k: int, m: int) -> int:
+        """The most object bytes one READ_RANGE call returns for a k+m layout."""
+        return self._call_bytes(k, m) - k * BLOCK_BYTES
+
+    async def gather_range(
+        self,
+        found: versions.Resolved,
+        part: datanode_pb2.ShardMeta.Part,
+        offset: int,
+        length: int,
+        slot: base.Span,
+    ) -> int:
+        """Fill the slot with the stripes covering a range of one part (offset within the
+        part); returns where the range starts in the slot."""
+        meta = found.meta
+        k, _m = meta.data_shards, meta.parity_shards
+        stripe_bytes = k * BLOCK_BYTES
+        s0, s1 = offset // stripe_bytes, (offset + length - 1) // stripe_bytes
+        region, base_at = slot.region, slot.offset
+        scratch_at = base_at + (s1 - s0 + 1) * stripe_bytes
+        plan: list[tuple[int, int, memoryview]] = []  # (stripe, shard, destination)
+        for s in range(s0, s1 + 1):
+            rest = part.size - s * stripe_bytes
+            block = BLOCK_BYTES if rest >= stripe_bytes else -(-rest // k)
+            at = base_at + (s - s0) * stripe_bytes
+            lo, hi = offset - s * stripe_bytes, offset + length - s * stripe_bytes
+            for i in range(k):
+                if i * block < hi and (i + 1) * block > lo:
+                    plan.append((s, i, region.view[at + i * block :][:block]))
+        failed = await self._read_blocks(found, part.number, plan)
+        read = {(s, i) for s, i, _ in plan} - failed
+        for s in sorted({s for s, _ in failed}):
+            await self._rebuild_stripe(
+                found, part, s, s0, failed, (region, base_at, scratch_at), read
+            )
+        return offset - s0 * stripe_bytes
+
+    async def _read_blocks(
+        self, found: versions.Resolved, part: int, plan: Sequence[tuple[int, int, memoryview]]
+    ) -> set[tuple[int, int]]:
+        meta, where = found.meta, found.where
+
+        async def read(s: int, i: int, dest: memoryview) -> tuple[int, int] | None:
+            if i not in found.holders:
+                return (s, i)
+            slot = where.slots[i]
+            request = shards_pb2.ReadShardRequest(
+                drive_id=slot.drive_id, bucket=meta.bucket, key=meta.key, data_id=meta.data_id,
+                part=part, block_offset=s, block_count=1,
+            )  # fmt: skip
+            try:
+                got = await self._nodes.read_shard(slot.node_id, request, dest)
+            except errors.KVTierError as exc:
+                log.warning(
+                    "read of %s/%s shard %d stripe %d: %s", meta.bucket, meta.key, i, s, exc
+                )
+                return (s, i)
+            return None if got == len(dest) else (s, i)
+
+        results = await asyncio.gather(*(read(s, i, d) for s, i, d in plan))
+        failed = {r for r in results if r is not None}
+        if failed:
+            self.heal_queue.add((meta.bucket, meta.key))
+        return failed
+
+    async def _rebuild_stripe(
+        self,
+        found: versions.Resolved,
+        part: datanode_pb2.ShardMeta.Part,
+        s: int,
+        s0: int,
+        failed: set[tuple[int, int]],
+        layout: tuple[base.Region, int, int],
+        read: set[tuple[int, int]],
+    ) -> None:
+        """Rebuild the failed blocks of stripe s from any k readable shards of it (`read`: the
+        blocks already in place; a ranged read leaves the stripe's other data blocks unread)."""
+        meta = found.meta
+        region, base_at, scratch_at = layout
+        k, m = meta.data_shards, meta.parity_shards
+        rest = part.size - s * k * BLOCK_BYTES
+        block = BLOCK_BYTES if rest >= k * BLOCK_BYTES else -(-rest // k)
+        at = base_at + (s - s0) * k * BLOCK_BYTES
+
+        def dest(i: int) -> memoryview:
+            if i < k:
+                return region.view[at + i * block :][:block]
+            return region.view[scratch_at + (i - k) * BLOCK_BYTES :][:block]
+
+        bad = {i for t, i in failed if t == s}
+        present: dict[int, memoryview] = {}
+        candidates = [i for i in range(k + m) if i not in bad]
+        read_ok = {i for i in range(k) if (s, i) in read}
+        # Data blocks already read for the range count; fetch others until k are present.
+        todo = [i for i in candidates if i not in read_ok]
+        for i in read_ok:
+            present[i] = dest(i)
+        plan = [(s, i, dest(i)) for i in todo]
+        more_failed = await self._read_blocks(found, part.number, plan)
+        for _, i, view in plan:
+            if (s, i) not in more_failed:
+                present[i] = view
+        if len(present) < k:
+            raise errors.Unavailable(
+                f"{meta.bucket}/{meta.key} stripe {s}: {len(present)} of {k + m} shards "
+                f"readable, {k} needed"
+            )
+        wanted = {i: dest(i) for i in range(k) if i not in present}
+        chosen = dict(sorted(present.items())[:k])
+        DEGRADED.inc(len(wanted))
+        await self._run(self._codec(k, m).reconstruct, chosen, wanted)

@@ -1,0 +1,94 @@
+"""Object versions as the gateway sees them: the resolved version of an object, its metadata
+(new versions, parts, the API's ObjectInfo) and the content hashers. Pure: no I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+import zlib
+from typing import Any
+
+from kvtier import errors
+from kvtier.proto.datanode.v1 import datanode_pb2
+from kvtier.proto.gateway.v1 import objects_pb2 as pb
+from services.gateway import placement
+
+_CHECKSUMS = ("CRC32", "SHA1", "SHA256")
+
+
+class _Crc32:
+    """zlib.crc32 behind the hashlib interface."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: Any) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def digest(self) -> bytes:
+        return self.value.to_bytes(4, "big")
+
+
+def new_hasher(name: str) -> Any:
+    if name == "CRC32":
+        return _Crc32()
+    if name in ("SHA1", "SHA256"):
+        return hashlib.new(name.lower())
+    raise errors.InvalidArgument(
+        f"checksum {name!r} is not supported (use {', '.join(_CHECKSUMS)})"
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Resolved:
+    """An object's current version: its metadata (from one drive) and where its shards are."""
+
+    meta: datanode_pb2.ShardMeta
+    where: placement.Placement
+    #: Shard index -> whether that drive holds this version.
+    holders: frozenset[int]
+
+
+def new_meta(
+    bucket: str, key: str, where: placement.Placement, h: pb.ObjectHeaders, *, data_id: str
+) -> datanode_pb2.ShardMeta:
+    """The metadata of a new version of bucket/key with headers h on where's drives (size,
+    ETag, checksums and parts are the caller's to fill)."""
+    return datanode_pb2.ShardMeta(
+        bucket=bucket, key=key,
+        content_type=h.content_type or "application/octet-stream",
+        content_encoding=h.content_encoding, content_disposition=h.content_disposition,
+        cache_control=h.cache_control, expires=h.expires, content_language=h.content_language,
+        user_metadata=dict(h.user_metadata), mtime_unix_ns=time.time_ns(),
+        data_shards=where.data_shards, parity_shards=where.parity_shards,
+        distribution=list(where.positions), data_id=data_id,
+    )  # fmt: skip
+
+
+def part_at(meta: datanode_pb2.ShardMeta, offset: int) -> tuple[datanode_pb2.ShardMeta.Part, int]:
+    """The part holding object byte `offset` and where that part starts (an offset at the end
+    gives the last part)."""
+    start = 0
+    for part in meta.parts:
+        if offset < start + part.size:
+            return part, start
+        start += part.size
+    if not meta.parts:
+        raise errors.Corrupt(f"{meta.bucket}/{meta.key}: metadata lists no parts")
+    last = meta.parts[-1]
+    return last, start - last.size
+
+
+def info(meta: datanode_pb2.ShardMeta) -> pb.ObjectInfo:
+    return pb.ObjectInfo(
+        bucket=meta.bucket, key=meta.key, size=meta.size, etag=meta.etag,
+        mtime_unix_ms=meta.mtime_unix_ns // 1_000_000,
+        headers=pb.ObjectHeaders(
+            content_type=meta.content_type, content_encoding=meta.content_encoding,
+            content_disposition=meta.content_disposition, cache_control=meta.cache_control,
+            expires=meta.expires, content_language=meta.content_language,
+            user_metadata=dict(meta.user_metadata),
+        ),
+        checksums=dict(meta.checksums), parts=len(meta.parts),
+    )  # fmt: skip
