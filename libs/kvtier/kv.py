@@ -484,6 +484,40 @@ class AsyncKVClient:
         )
         return {n.node_id: r for n, r in zip(nodes, replies, strict=True) if r is not None}
 
+    async def list_keys(
+        self, *, prefix: bytes = b"", start_after: bytes = b"", limit: int = 1000
+    ) -> tuple[list[tuple[bytes, int]], bool]:
+        """Up to limit (key, size) of the namespace's keys in DRAM, sorted by bytes, from every
+        reachable node (replicas once); and whether more may follow. For listings (S3 KV
+        buckets), not the hot path: each node scans its index."""
+        await self._set.fresh()
+        nodes = self._set.nodes()
+        request = pb.ListKeysRequest(
+            namespace=self._ns, prefix=prefix, start_after=start_after, limit=limit
+        )
+        replies = await asyncio.gather(
+            *(
+                self._simple(
+                    n, "list_keys", pb.CALL_METHOD_LIST_KEYS, request, pb.ListKeysResponse,
+                    n.grpc.list_keys,
+                )
+                for n in nodes
+            )
+        )  # fmt: skip
+        merged: dict[bytes, int] = {}
+        horizon: bytes | None = None
+        for reply in replies:
+            if reply is None:
+                continue
+            for entry in reply.entries:
+                merged[entry.key] = entry.size
+            if reply.truncated and reply.entries:
+                last = reply.entries[-1].key
+                horizon = last if horizon is None else min(horizon, last)
+        keys = sorted(k for k in merged if horizon is None or k <= horizon)
+        more = horizon is not None or len(keys) > limit
+        return [(k, merged[k]) for k in keys[:limit]], more
+
     async def set_durability(self, durability: Durability | str) -> int:
         """Operator setting: the durability of this client's namespace on every kvcache node
         of the map (kept in the nodes' memory; a restarted or new node needs it again, or its

@@ -320,6 +320,21 @@ class BlockService:
             self.tier.deleted(tenant, namespace, req.keys)
         return pb.DeleteResponse(deleted=deleted)
 
+    def list_keys(self, tenant: str, req: pb.ListKeysRequest) -> pb.ListKeysResponse:
+        """The namespace's keys in DRAM, sorted (see the store's list_keys)."""
+        namespace = _namespace(tenant, req.namespace, trusted=True)
+        limit = req.limit or 1000
+        if not 1 <= limit <= 10_000:
+            raise errors.InvalidArgument(f"limit {limit}: 1..10000")
+        found, truncated = self.store.list_keys(
+            tenant, namespace, req.prefix, req.start_after, limit
+        )
+        return pb.ListKeysResponse(
+            entries=[pb.KeyEntry(key=k, size=n) for k, n in found],
+            truncated=truncated,
+            epoch=self._epoch(),
+        )
+
     def pin(self, tenant: str, req: pb.PinRequest) -> pb.PinResponse:
         """Protect present keys from capacity eviction for req.pin_s seconds."""
         namespace = _namespace(tenant, req.namespace, trusted=True)
@@ -580,6 +595,7 @@ _SIMPLE_CALLS: dict[int, tuple[type[Any], Callable[[BlockService, str, Any], Any
     pb.CALL_METHOD_UNPIN: (pb.UnpinRequest, BlockService.unpin),
     pb.CALL_METHOD_TOUCH: (pb.TouchRequest, BlockService.touch),
     pb.CALL_METHOD_STATS: (pb.StatsRequest, lambda svc, tenant, _req: svc.stats(tenant)),
+    pb.CALL_METHOD_LIST_KEYS: (pb.ListKeysRequest, BlockService.list_keys),
 }
 
 

@@ -67,6 +67,11 @@ class KVCacheServicer(pb_grpc.KVCacheServiceServicer):
     ) -> pb.DeleteResponse:
         return self._svc.delete(_tenant(request.namespace), request)
 
+    async def ListKeys(
+        self, request: pb.ListKeysRequest, context: rpc.ServicerContext
+    ) -> pb.ListKeysResponse:
+        return self._svc.list_keys(_tenant(request.namespace), request)
+
     async def Pin(self, request: pb.PinRequest, context: rpc.ServicerContext) -> pb.PinResponse:
         return self._svc.pin(_tenant(request.namespace), request)
 

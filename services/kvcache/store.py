@@ -456,6 +456,21 @@ class BlockStore:
                 return count
         return len(idents)
 
+    def list_keys(
+        self, tenant: str, namespace: str, prefix: bytes, start_after: bytes, limit: int
+    ) -> tuple[list[tuple[bytes, int]], bool]:
+        """Up to limit (key, size) of the namespace's present keys starting with prefix and
+        sorting after start_after, by bytes; and whether more follow. A scan of the index."""
+        _check_names(tenant, namespace)
+        now = self._clock()
+        found = sorted(
+            (key, block.extent.requested)
+            for (t, ns, key), block in self._index.items()
+            if t == tenant and ns == namespace and key.startswith(prefix) and key > start_after
+            and not self._expired(block, now)
+        )  # fmt: skip
+        return found[:limit], len(found) > limit
+
     # Lifetime.
 
     def delete(self, tenant: str, namespace: str, keys: Sequence[bytes]) -> int:

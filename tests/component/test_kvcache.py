@@ -468,3 +468,38 @@ async def test_replicas_serve_reads_when_an_owner_is_gone(
             await client.close()
             if not stopped:
                 await third_cm.__aexit__(None, None, None)
+
+
+@pytest.mark.parametrize("use_calls", [True, False])
+async def test_list_keys_merges_nodes_and_pages_in_byte_order(
+    etcd: etcdserver.EtcdServer,
+    etcd_prefix: str,
+    store: membership.EtcdMembership,
+    tmp_path: Path,
+    use_calls: bool,
+) -> None:
+    async with (
+        _nodes(3, etcd, etcd_prefix, store, tmp_path) as nodes,
+        await _client(nodes, transports=["tcp"], replicas=2, use_calls=use_calls) as client,
+        await _client(nodes, transports=["tcp"], namespace="other") as other,
+    ):
+        keys = [f"obj/{i:03d}".encode() for i in range(120)] + [b"zzz", b"a\xff"]
+        sizes = {k: 100 + i for i, k in enumerate(keys)}
+        for key in keys:
+            await client.put_batch([key], [np.full(sizes[key], 1, np.uint8)])
+        await other.put_batch([b"obj/999"], [np.zeros(10, np.uint8)])
+        got, after = [], b""
+        while True:
+            page, more = await client.list_keys(prefix=b"obj/", start_after=after, limit=25)
+            got.extend(page)
+            if not more:
+                break
+            after = page[-1][0]
+        expected = sorted(k for k in keys if k.startswith(b"obj/"))
+        assert [k for k, _ in got] == expected  # replicas once, other namespaces never
+        assert all(size == sizes[k] for k, size in got)
+        whole, more = await client.list_keys()
+        assert [k for k, _ in whole] == sorted(keys)
+        assert not more
+        with pytest.raises(errors.InvalidArgument):
+            await client.list_keys(limit=20_000)

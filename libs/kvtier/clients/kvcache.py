@@ -64,6 +64,10 @@ class KVCacheClient(base.BaseClient):
         """The node's (or one tenant's) usage and counters."""
         return await self._unary(self._stub.Stats, pb.StatsRequest(tenant=tenant))
 
+    async def list_keys(self, request: pb.ListKeysRequest) -> pb.ListKeysResponse:
+        """A page of a namespace's keys on this node."""
+        return await self._unary(self._stub.ListKeys, request)
+
     async def stats_of(self, request: pb.StatsRequest) -> pb.StatsResponse:
         """Stats, with the request built by the caller."""
         return await self._unary(self._stub.Stats, request)

@@ -48,6 +48,7 @@ class _CallMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CallMethod
     CALL_METHOD_UNPIN: _CallMethod.ValueType  # 7
     CALL_METHOD_TOUCH: _CallMethod.ValueType  # 8
     CALL_METHOD_STATS: _CallMethod.ValueType  # 9
+    CALL_METHOD_LIST_KEYS: _CallMethod.ValueType  # 10
 
 class CallMethod(_CallMethod, metaclass=_CallMethodEnumTypeWrapper):
     """Data-plane call method numbers (kvtier.transport.base.CallPlan): the request and reply
@@ -66,6 +67,7 @@ CALL_METHOD_PIN: CallMethod.ValueType  # 6
 CALL_METHOD_UNPIN: CallMethod.ValueType  # 7
 CALL_METHOD_TOUCH: CallMethod.ValueType  # 8
 CALL_METHOD_STATS: CallMethod.ValueType  # 9
+CALL_METHOD_LIST_KEYS: CallMethod.ValueType  # 10
 Global___CallMethod: _TypeAlias = CallMethod  # noqa: Y015
 
 class _ItemStatus:
@@ -1024,3 +1026,83 @@ class SetNamespacePolicyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetNamespacePolicyResponse: _TypeAlias = SetNamespacePolicyResponse  # noqa: Y015
+
+@_typing.final
+class ListKeysRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    START_AFTER_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    prefix: _builtins.bytes
+    start_after: _builtins.bytes
+    """Keys after this one (by bytes)."""
+    limit: _builtins.int
+    """1..10000; 0: 1000."""
+    @_builtins.property
+    def namespace(self) -> Global___Namespace: ...
+    def __init__(
+        self,
+        *,
+        namespace: Global___Namespace | None = ...,
+        prefix: _builtins.bytes = ...,
+        start_after: _builtins.bytes = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "namespace", b"namespace", "prefix", b"prefix", "start_after", b"start_after"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListKeysRequest: _TypeAlias = ListKeysRequest  # noqa: Y015
+
+@_typing.final
+class KeyEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    key: _builtins.bytes
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        key: _builtins.bytes = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyEntry: _TypeAlias = KeyEntry  # noqa: Y015
+
+@_typing.final
+class ListKeysResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """More keys follow the last entry."""
+    epoch: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___KeyEntry] | None = ...,
+        truncated: _builtins.bool = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "epoch", b"epoch", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListKeysResponse: _TypeAlias = ListKeysResponse  # noqa: Y015

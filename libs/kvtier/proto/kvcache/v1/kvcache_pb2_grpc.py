@@ -90,6 +90,11 @@ class KVCacheServiceStub:
                 request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/kvtier.kvcache.v1.KVCacheService/ListKeys',
+                request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
         self.SetQuota = channel.unary_unary(
                 '/kvtier.kvcache.v1.KVCacheService/SetQuota',
                 request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetQuotaRequest.SerializeToString,
@@ -182,6 +187,14 @@ class KVCacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListKeys(self, request, context):
+        """The namespace's keys in this node's DRAM, sorted by their bytes (a scan of the node's
+        index: meant for S3 listings of KV buckets, not the hot path).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetQuota(self, request, context):
         """Operator settings of this node: a tenant's byte quota, a namespace's default TTL, and
         whether a namespace's blocks also live in the durable tier (spill and read-through).
@@ -259,6 +272,11 @@ def add_KVCacheServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.StatsRequest.FromString,
                     response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.StatsResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ListKeysRequest.FromString,
+                    response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ListKeysResponse.SerializeToString,
             ),
             'SetQuota': grpc.unary_unary_rpc_method_handler(
                     servicer.SetQuota,
@@ -573,6 +591,33 @@ class KVCacheService:
             '/kvtier.kvcache.v1.KVCacheService/Stats',
             kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.StatsRequest.SerializeToString,
             kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.kvcache.v1.KVCacheService/ListKeys',
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ListKeysRequest.SerializeToString,
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ListKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

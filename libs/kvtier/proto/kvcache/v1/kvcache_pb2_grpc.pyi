@@ -59,6 +59,10 @@ class KVCacheServiceStub:
     Unpin: _grpc.UnaryUnaryMultiCallable[_kvcache_pb2.UnpinRequest, _kvcache_pb2.UnpinResponse]
     Touch: _grpc.UnaryUnaryMultiCallable[_kvcache_pb2.TouchRequest, _kvcache_pb2.TouchResponse]
     Stats: _grpc.UnaryUnaryMultiCallable[_kvcache_pb2.StatsRequest, _kvcache_pb2.StatsResponse]
+    ListKeys: _grpc.UnaryUnaryMultiCallable[_kvcache_pb2.ListKeysRequest, _kvcache_pb2.ListKeysResponse]
+    """The namespace's keys in this node's DRAM, sorted by their bytes (a scan of the node's
+    index: meant for S3 listings of KV buckets, not the hot path).
+    """
     SetQuota: _grpc.UnaryUnaryMultiCallable[_kvcache_pb2.SetQuotaRequest, _kvcache_pb2.SetQuotaResponse]
     """Operator settings of this node: a tenant's byte quota, a namespace's default TTL, and
     whether a namespace's blocks also live in the durable tier (spill and read-through).
@@ -87,6 +91,10 @@ class KVCacheServiceAsyncStub(KVCacheServiceStub):
     Unpin: _aio.UnaryUnaryMultiCallable[_kvcache_pb2.UnpinRequest, _kvcache_pb2.UnpinResponse]  # type: ignore[assignment]
     Touch: _aio.UnaryUnaryMultiCallable[_kvcache_pb2.TouchRequest, _kvcache_pb2.TouchResponse]  # type: ignore[assignment]
     Stats: _aio.UnaryUnaryMultiCallable[_kvcache_pb2.StatsRequest, _kvcache_pb2.StatsResponse]  # type: ignore[assignment]
+    ListKeys: _aio.UnaryUnaryMultiCallable[_kvcache_pb2.ListKeysRequest, _kvcache_pb2.ListKeysResponse]  # type: ignore[assignment]
+    """The namespace's keys in this node's DRAM, sorted by their bytes (a scan of the node's
+    index: meant for S3 listings of KV buckets, not the hot path).
+    """
     SetQuota: _aio.UnaryUnaryMultiCallable[_kvcache_pb2.SetQuotaRequest, _kvcache_pb2.SetQuotaResponse]  # type: ignore[assignment]
     """Operator settings of this node: a tenant's byte quota, a namespace's default TTL, and
     whether a namespace's blocks also live in the durable tier (spill and read-through).
@@ -178,6 +186,16 @@ class KVCacheServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _kvcache_pb2.StatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_kvcache_pb2.StatsResponse, _abc.Awaitable[_kvcache_pb2.StatsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListKeys(
+        self,
+        request: _kvcache_pb2.ListKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kvcache_pb2.ListKeysResponse, _abc.Awaitable[_kvcache_pb2.ListKeysResponse]]:
+        """The namespace's keys in this node's DRAM, sorted by their bytes (a scan of the node's
+        index: meant for S3 listings of KV buckets, not the hot path).
+        """
 
     @_abc_1.abstractmethod
     def SetQuota(
