@@ -53,7 +53,11 @@ class BucketStore:
         return bucket_key(self._etcd.prefix, name)
 
     async def create(
-        self, name: str, tenant: str, created_at_unix_ms: int
+        self,
+        name: str,
+        tenant: str,
+        created_at_unix_ms: int,
+        kind: metadata_pb2.BucketKind.ValueType = metadata_pb2.BUCKET_KIND_OBJECTS,
     ) -> metadata_pb2.BucketInfo:
         """Create the bucket and return it with its generation.
 
@@ -63,7 +67,7 @@ class BucketStore:
         """
         key = self._key(name)
         record = metadata_pb2.BucketInfo(
-            name=name, tenant=tenant, created_at_unix_ms=created_at_unix_ms
+            name=name, tenant=tenant, created_at_unix_ms=created_at_unix_ms, kind=kind
         )
         ok, responses = await self._etcd.call(_create_only(key, record.SerializeToString()))
         if not ok:

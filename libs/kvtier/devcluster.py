@@ -6,6 +6,7 @@ Layout of the state directory (everything survives `down`/`up`):
     logs/<name>.log       each process's log (and supervisor.log when detached)
     ports.json            etcd's ports, reused on the next `up` when still free
     credentials.json      the admin access/secret key (mode 0600), created once
+    master.key            the key sealing S3 secrets in etcd (mode 0600), created once
     cluster.json          endpoints and credentials of the running cluster (removed at stop)
     supervisor.pid        the supervisor's pid while it runs
 
@@ -36,11 +37,15 @@ from types import FrameType
 from typing import IO, Any
 
 from kvtier import clustermap, errors, etcdserver, identity, membership, rpc
+from kvtier import credentials as kvtier_credentials
+from kvtier.clients import metadata as metadata_client
 from kvtier.proto.common.v1 import common_pb2
+from kvtier.proto.metadata.v1 import metadata_pb2
 
 log = logging.getLogger(__name__)
 
 ETCD_PREFIX = "/kvtier"
+MASTER_KEY_FILE = "master.key"
 
 
 class ClusterError(Exception):
@@ -122,7 +127,8 @@ def _children(opts: ClusterOptions, etcd_endpoint: str) -> list[Child]:
         return Child(name=name, role=role, argv=argv, log_path=state / "logs" / f"{name}.log")
 
     pool_drives = opts.datanodes * opts.drives_per_datanode
-    result = [child("metadata", "metadata-1", f"--pool-drives={pool_drives}")]
+    master_key = f"--master-key-file={state / MASTER_KEY_FILE}"
+    result = [child("metadata", "metadata-1", f"--pool-drives={pool_drives}", master_key)]
     for i in range(1, opts.datanodes + 1):
         data = state / "nodes" / f"datanode-{i}"
         result.append(
@@ -143,7 +149,7 @@ def _children(opts: ClusterOptions, etcd_endpoint: str) -> list[Child]:
                 f"--arena-bytes={opts.kvcache_arena_bytes}",
             )
         )
-    result.append(child("gateway", "gateway-1"))
+    result.append(child("gateway", "gateway-1", master_key, "--s3-port=0"))
     return result
 
 
@@ -190,6 +196,18 @@ def credentials(state: Path) -> dict[str, str]:
     with os.fdopen(fd, "w") as handle:
         json.dump(creds, handle)
     return creds
+
+
+async def _ensure_admin(metadata: str, creds: dict[str, str]) -> None:
+    """The dev cluster's admin user, with the keys of credentials.json (kept across runs)."""
+    async with metadata_client.MetadataClient(metadata, timeout_s=10.0) as client:
+        with contextlib.suppress(errors.AlreadyExists):
+            await client.create_user(
+                metadata_pb2.CreateUserRequest(
+                    tenant="default", display_name="admin", is_admin=True,
+                    access_key=creds["access_key"], secret_key=creds["secret_key"],
+                )
+            )  # fmt: skip
 
 
 def supervisor_pid(state: Path) -> int | None:
@@ -291,6 +309,7 @@ class Supervisor:
         self.etcd.start()
         self.etcd.wait_ready()
         self._say(f"etcd ready at {self.etcd.endpoint}; starting services")
+        kvtier_credentials.write_master_key(state / MASTER_KEY_FILE)
         self.children = _children(self.opts, self.etcd.endpoint)
         for child in self.children:
             child.start()
@@ -298,7 +317,9 @@ class Supervisor:
         if cmap is None:
             return None
         info = self._cluster_info(cmap)
+        asyncio.run(_ensure_admin(info["metadata"], credentials(state)))
         identity.write_atomic(state / "cluster.json", json.dumps(info, indent=2).encode())
+        os.chmod(state / "cluster.json", 0o600)  # it holds the admin's secret
         return info
 
     def _check_children(self) -> None:
@@ -358,8 +379,7 @@ class Supervisor:
             "etcd_prefix": ETCD_PREFIX,
             "metadata": by_id["metadata-1"].grpc_address,
             "gateway_grpc": by_id["gateway-1"].grpc_address,
-            # The S3 API of the gateway lands with its own issue; until then there is none.
-            "gateway_s3": None,
+            "gateway_s3": f"http://{by_id['gateway-1'].s3_address}",
             "access_key": creds["access_key"],
             "secret_key": creds["secret_key"],
             "supervisor_pid": os.getpid(),

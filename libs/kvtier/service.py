@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -71,6 +71,9 @@ class ServiceSpec:
     dataplane: bool = False
     #: Releases what build() took (state-dir locks); called last at shutdown.
     on_close: Callable[[], object] = lambda: None
+    #: Starts what else the node serves (the gateway's S3 HTTP server) once gRPC serves and
+    #: before it registers; may fill in the NodeInfo it will announce.
+    on_serve: Callable[[Context, common_pb2.NodeInfo], Awaitable[None]] | None = None
 
 
 class _NodeServicer(common_pb2_grpc.NodeServiceServicer):
@@ -176,6 +179,8 @@ async def _start(
         info.dataplane.CopyFrom(await ctx.dataplane.start())
     await server.start()
     log.info("%s %s serving gRPC on %s", spec.label, spec.node_id, info.grpc_address)
+    if spec.on_serve is not None:
+        await spec.on_serve(ctx, info)
     await ctx.store.connect(cfg.etcd_wait_s)
     info.drives.extend(await asyncio.to_thread(spec.drives))
     await ctx.store.register(info, cfg.lease_ttl_s)

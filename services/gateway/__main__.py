@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import uuid
 from collections.abc import Sequence
 
 import grpc
+from aiohttp import web
 
 from kvtier import erasure, errors, service
 from kvtier.proto.common.v1 import common_pb2
@@ -30,8 +32,12 @@ from services.gateway import (
     rebuild,
     servicer,
 )
+from services.gateway.s3 import auth as s3_auth
+from services.gateway.s3 import server as s3_server
 
 _SWEEP_S = 60.0
+
+log = logging.getLogger(__name__)
 
 
 class _Gateway:
@@ -42,6 +48,7 @@ class _Gateway:
         self.front: front.ObjectFront | None = None
         self.nodes: datanodes.Datanodes | None = None
         self.healer: healing.Healer | None = None
+        self.s3_runner: web.AppRunner | None = None
 
     def add_servicers(self, server: grpc.aio.Server, ctx: service.Context) -> Sequence[str]:
         dataplane = ctx.dataplane
@@ -92,6 +99,32 @@ class _Gateway:
             if self.nodes is not None:
                 await self.nodes.close()
 
+    async def start_s3(self, ctx: service.Context, info: common_pb2.NodeInfo) -> None:
+        """Serve the S3 HTTP API (unless s3_port is -1) and announce its address."""
+        if self.cfg.s3_port < 0 or self.front is None:
+            return
+        authenticator = s3_auth.Authenticator(
+            s3_auth.users_for(ctx.store, self.cfg.master_key_file), region=self.cfg.s3_region
+        )
+        s3 = s3_server.S3Server(
+            self.front, authenticator, region=self.cfg.s3_region, domain=self.cfg.s3_domain
+        )
+        self.s3_runner = web.AppRunner(s3.app(), access_log=None, handle_signals=False)
+        await self.s3_runner.setup()
+        site = web.TCPSite(self.s3_runner, self.cfg.host, self.cfg.s3_port, backlog=1024)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        info.s3_address = f"{self.cfg.advertised_host()}:{port}"
+        log.info("gateway %s serving S3 on %s", self.node_id, info.s3_address)
+
+    async def s3_loop(self, ctx: service.Context) -> None:
+        """Hold the S3 server; stop it at shutdown."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            if self.s3_runner is not None:
+                await self.s3_runner.cleanup()
+
     async def heal_loop(self, ctx: service.Context) -> None:
         """Drain the heal queue."""
         if self.healer is not None:
@@ -116,8 +149,9 @@ def build(cfg: config.GatewayConfig) -> service.ServiceSpec:
         node_id=node_id,
         add_servicers=gateway.add_servicers,
         dataplane=True,
-        loops=(gateway.sweep_loop, gateway.heal_loop, gateway.scan_loop),
+        loops=(gateway.sweep_loop, gateway.heal_loop, gateway.scan_loop, gateway.s3_loop),
         on_close=gateway.close,
+        on_serve=gateway.start_s3,
     )
 
 

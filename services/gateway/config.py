@@ -29,6 +29,18 @@ class GatewayConfig(config.DataPlaneServiceConfig):
     scan_objects_per_cycle: int = config.setting(
         1000, "objects the heal scanner verifies (and heals) per cycle"
     )
+    s3_port: int = config.setting(
+        0, "port of the S3 HTTP API (0: any free port, announced in the map; -1: off)"
+    )
+    s3_region: str = config.setting("us-east-1", "the region the S3 API reports and signs for")
+    master_key_file: str = config.setting(
+        "",
+        "file of the key that opens S3 secrets in etcd (mode 0600; empty: "
+        "KVTIER_MASTER_KEY, else S3 requests are refused)",
+    )
+    s3_domain: str = config.setting(
+        "", "domain for virtual-host style S3 requests (<bucket>.<domain>); empty: path style"
+    )
 
     def __post_init__(self) -> None:
         config.DataPlaneServiceConfig.__post_init__(self)
@@ -43,5 +55,7 @@ class GatewayConfig(config.DataPlaneServiceConfig):
             raise config.ConfigError(f"heal_max_objects: {self.heal_max_objects} is not in 1..64")
         if self.scan_interval_s < 0:
             raise config.ConfigError("scan_interval_s: must not be negative (0 turns it off)")
+        if not -1 <= self.s3_port <= 65535:
+            raise config.ConfigError(f"s3_port: {self.s3_port} is not a port (or -1: off)")
         if self.scan_objects_per_cycle < 1:
             raise config.ConfigError("scan_objects_per_cycle: must be at least 1")

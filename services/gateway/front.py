@@ -43,6 +43,7 @@ class ObjectFront:
         self.lister = lister
         self._bucket_cache_s = bucket_cache_s
         self._known: dict[str, float] = {}
+        self._infos: dict[str, tuple[float, metadata_pb2.BucketInfo]] = {}
         self._metadata: metadata_client.MetadataClient | None = None
         self.multipart = multipart.Multipart(engine, lister)
 
@@ -54,6 +55,10 @@ class ObjectFront:
             return self._metadata
         self._metadata = metadata_client.MetadataClient(nodes[0].grpc_address)
         return self._metadata
+
+    def metadata_address(self) -> str:
+        """The gRPC address of a metadata node of the map."""
+        return self._meta().address
 
     async def close(self) -> None:
         """Close the metadata channel."""
@@ -74,11 +79,36 @@ class ObjectFront:
             raise errors.NotFound(f"NoSuchBucket: {name}") from None
         self._known[name] = time.monotonic()
 
-    async def create_bucket(self, name: str) -> pb.BucketInfo:
-        """Create a bucket (AlreadyExists when taken)."""
-        info = await self._meta().create_bucket(name)
+    async def create_bucket(
+        self,
+        name: str,
+        tenant: str = "",
+        kind: metadata_pb2.BucketKind.ValueType = metadata_pb2.BUCKET_KIND_OBJECTS,
+    ) -> pb.BucketInfo:
+        """Create a bucket for tenant ("default" when empty; AlreadyExists when taken)."""
+        info = await self._meta().create_bucket(name, tenant, kind)
         self._known[name] = time.monotonic()
+        self._infos[name] = (time.monotonic(), info)
         return _bucket(info)
+
+    async def bucket_info(self, name: str) -> metadata_pb2.BucketInfo:
+        """The bucket's record (tenant, generation...), cached for bucket_cache_s;
+        NotFound (NoSuchBucket)."""
+        names.check_bucket(name)
+        cached = self._infos.get(name)
+        if cached is not None and time.monotonic() - cached[0] < self._bucket_cache_s:
+            return cached[1]
+        try:
+            info = await self._meta().get_bucket(name)
+        except errors.NotFound:
+            self._infos.pop(name, None)
+            raise errors.NotFound(f"NoSuchBucket: {name}") from None
+        self._infos[name] = (time.monotonic(), info)
+        return info
+
+    async def tenant_buckets(self, tenant: str) -> list[metadata_pb2.BucketInfo]:
+        """The buckets of a tenant (every bucket when tenant is empty), sorted by name."""
+        return await self._meta().list_buckets(tenant)
 
     async def head_bucket(self, name: str) -> pb.BucketInfo:
         """The bucket (NotFound)."""
@@ -98,6 +128,7 @@ class ObjectFront:
             raise errors.PreconditionFailed(f"BucketNotEmpty: {name}")
         await self._meta().delete_bucket(name, expected_generation=info.generation)
         self._known.pop(name, None)
+        self._infos.pop(name, None)
 
     # Objects.
 

@@ -43,7 +43,6 @@ T = TypeVar("T")
 BLOCK_BYTES = 1 << 20
 
 
-
 @dataclasses.dataclass(slots=True)
 class _Upload:
     upload_id: str

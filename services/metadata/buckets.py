@@ -41,7 +41,7 @@ class BucketService:
             request.tenant or transport_dataplane.DEFAULT_TENANT
         )
         created_ms = int(self._clock() * 1000)
-        bucket = await self._store.create(request.name, tenant, created_ms)
+        bucket = await self._store.create(request.name, tenant, created_ms, request.kind)
         log.info("bucket %s created for tenant %s", bucket.name, bucket.tenant)
         return pb.CreateBucketResponse(bucket=bucket)
 

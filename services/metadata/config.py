@@ -21,6 +21,11 @@ class MetadataConfig(config.ServiceConfig):
     parity_shards: int = config.setting(
         -1, "parity shards per set; -1 uses MinIO's default for the set size"
     )
+    master_key_file: str = config.setting(
+        "",
+        "file of the 32-byte key sealing S3 secrets in etcd (mode 0600; empty: "
+        "KVTIER_MASTER_KEY, else no S3 users)",
+    )
 
     def __post_init__(self) -> None:
         config.ServiceConfig.__post_init__(self)

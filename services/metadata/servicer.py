@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from kvtier import clustermap, rpc
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.metadata.v1 import metadata_pb2, metadata_pb2_grpc
-from services.metadata import buckets
+from services.metadata import buckets, users
 
 _WATCH_POLL_S = 30.0
 
@@ -15,9 +15,15 @@ _WATCH_POLL_S = 30.0
 class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
     """Serves the cluster map from this process's watched copy, and the buckets."""
 
-    def __init__(self, view: clustermap.MapView, bucket_service: buckets.BucketService) -> None:
+    def __init__(
+        self,
+        view: clustermap.MapView,
+        bucket_service: buckets.BucketService,
+        user_service: users.UserService,
+    ) -> None:
         self._view = view
         self._buckets = bucket_service
+        self._users = user_service
 
     async def GetClusterMap(
         self, request: metadata_pb2.GetClusterMapRequest, context: rpc.ServicerContext
@@ -62,3 +68,18 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
         self, request: metadata_pb2.ListBucketsRequest, context: rpc.ServicerContext
     ) -> metadata_pb2.ListBucketsResponse:
         return await self._buckets.list_buckets(request)
+
+    async def CreateUser(
+        self, request: metadata_pb2.CreateUserRequest, context: rpc.ServicerContext
+    ) -> metadata_pb2.CreateUserResponse:
+        return await self._users.create_user(request)
+
+    async def ListUsers(
+        self, request: metadata_pb2.ListUsersRequest, context: rpc.ServicerContext
+    ) -> metadata_pb2.ListUsersResponse:
+        return await self._users.list_users(request)
+
+    async def DeleteUser(
+        self, request: metadata_pb2.DeleteUserRequest, context: rpc.ServicerContext
+    ) -> metadata_pb2.DeleteUserResponse:
+        return await self._users.delete_user(request)

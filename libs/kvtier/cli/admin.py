@@ -1,4 +1,5 @@
-"""`kvtier admin heal`: heal a bucket, a prefix or everything through a gateway, with progress.
+"""`kvtier admin user` (S3 users, through the metadata service) and `kvtier admin heal`: heal a
+bucket, a prefix or everything through a gateway, with progress.
 
 Progress goes to stderr: one line redrawn in place (carriage return) when stderr is a terminal,
 a plain line every few seconds otherwise. The objects are counted alongside (a listing, which
@@ -8,18 +9,21 @@ the summary (`scanned N, healed N, unrecoverable N`) go to stdout.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
 import shutil
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from kvtier import devcluster, errors
 from kvtier.clients import gateway as gateway_client
+from kvtier.clients import metadata as metadata_client
 from kvtier.proto.gateway.v1 import admin_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
+from kvtier.proto.metadata.v1 import metadata_pb2
 
 _PLAIN_EVERY_S = 5.0
 _BAR_CELLS = 24
@@ -36,6 +40,60 @@ def gateway_address(gateway: str, state_dir: str) -> str:
         raise devcluster.ClusterError(
             f"no running cluster at {info_path}; pass --gateway HOST:PORT"
         ) from None
+
+
+def metadata_address(metadata: str, state_dir: str) -> str:
+    """--metadata, or the metadata node of the dev cluster in state_dir (its cluster.json)."""
+    if metadata:
+        return metadata
+    info_path = Path(state_dir) / "cluster.json"
+    try:
+        return str(json.loads(info_path.read_text())["metadata"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise devcluster.ClusterError(
+            f"no running cluster at {info_path}; pass --metadata HOST:PORT"
+        ) from None
+
+
+async def user_command(address: str, args: argparse.Namespace, out: TextIO) -> int:
+    """`kvtier admin user add|list|remove`."""
+    async with metadata_client.MetadataClient(address, timeout_s=10.0) as client:
+        if args.user_command == "add":
+            reply = await client.create_user(
+                metadata_pb2.CreateUserRequest(
+                    tenant=args.tenant, display_name=args.name, is_admin=args.admin,
+                    access_key=args.access_key, secret_key=args.secret_key,
+                )
+            )  # fmt: skip
+            user = _user_dict(reply.user)
+            user["secret_key"] = reply.secret_key
+            if args.json:
+                out.write(json.dumps(user) + "\n")
+            else:
+                out.write(
+                    f"access key  {user['access_key']}\nsecret key  {user['secret_key']}\n"
+                    f"tenant      {user['tenant']}{' (admin)' if user['is_admin'] else ''}\n"
+                    "The secret is shown this once.\n"
+                )
+        elif args.user_command == "list":
+            users = [_user_dict(u) for u in await client.list_users(args.tenant)]
+            if args.json:
+                out.write(json.dumps(users) + "\n")
+            for u in [] if args.json else users:
+                admin = " admin" if u["is_admin"] else ""
+                out.write(f"{u['access_key']:24} {u['tenant']:16} {u['display_name']}{admin}\n")
+        else:
+            await client.delete_user(args.access_key)
+            out.write(f"removed {args.access_key}\n")
+    return 0
+
+
+def _user_dict(info: metadata_pb2.UserInfo) -> dict[str, Any]:
+    return {
+        "access_key": info.access_key, "tenant": info.tenant,
+        "display_name": info.display_name, "is_admin": info.is_admin,
+        "created_at_unix_ms": info.created_at_unix_ms,
+    }  # fmt: skip
 
 
 def split_target(target: str) -> tuple[str, str]:

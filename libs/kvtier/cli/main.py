@@ -7,6 +7,8 @@ kvtier revive [--state-dir DIR]           restart dev-cluster processes that exi
 kvtier health HOST:PORT                   exit 0 when the node's health is SERVING
 kvtier admin heal [BUCKET[/PREFIX]] [--gateway H:P | --state-dir DIR] [--dry-run]
                                           check and heal objects; exit 0 when every one is whole
+kvtier admin user add|list|remove [...] [--metadata H:P | --state-dir DIR] [--json]
+                                          S3 users (the secret is printed once, at add)
 """
 
 from __future__ import annotations
@@ -78,6 +80,24 @@ def _parser() -> argparse.ArgumentParser:
         "--state-dir", default=DEFAULT_STATE_DIR, help="dev cluster whose gateway to use"
     )
     heal.add_argument("--dry-run", action="store_true", help="only check; write nothing")
+    user = admin_sub.add_parser("user", help="S3 users (access keys)")
+    user_sub = user.add_subparsers(dest="user_command", required=True)
+    add = user_sub.add_parser("add", help="create a user; prints its secret once")
+    add.add_argument("--tenant", default="default", help="the tenant whose buckets it uses")
+    add.add_argument("--name", default="", help="display name")
+    add.add_argument("--admin", action="store_true", help="may use every tenant's buckets")
+    add.add_argument("--access-key", default="", help="choose the access key (with --secret-key)")
+    add.add_argument("--secret-key", default="", help="choose the secret (with --access-key)")
+    listing = user_sub.add_parser("list", help="users, without secrets")
+    listing.add_argument("--tenant", default="", help="only this tenant's users")
+    remove = user_sub.add_parser("remove", help="delete a user")
+    remove.add_argument("access_key")
+    for sub_parser in (add, listing, remove):
+        sub_parser.add_argument("--metadata", default="", help="metadata gRPC host:port")
+        sub_parser.add_argument(
+            "--state-dir", default=DEFAULT_STATE_DIR, help="dev cluster whose metadata to use"
+        )
+        sub_parser.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -159,6 +179,9 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _admin(args: argparse.Namespace) -> int:
+    if args.admin_command == "user":
+        address = admin_cmd.metadata_address(args.metadata, args.state_dir)
+        return asyncio.run(admin_cmd.user_command(address, args, sys.stdout))
     address = admin_cmd.gateway_address(args.gateway, args.state_dir)
     result = asyncio.run(
         admin_cmd.heal(address, args.target, dry_run=args.dry_run, out=sys.stdout, err=sys.stderr)

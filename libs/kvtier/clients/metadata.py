@@ -43,14 +43,20 @@ class MetadataClient(base.BaseClient):
         finally:
             call.cancel()
 
-    async def create_bucket(self, name: str, tenant: str = "") -> metadata_pb2.BucketInfo:
+    async def create_bucket(
+        self,
+        name: str,
+        tenant: str = "",
+        kind: metadata_pb2.BucketKind.ValueType = metadata_pb2.BUCKET_KIND_OBJECTS,
+    ) -> metadata_pb2.BucketInfo:
         """Create a bucket for tenant ("default" when empty); returns it with its generation.
 
         Raises errors.AlreadyExists when the name is taken and errors.InvalidArgument for a bad
         name or tenant.
         """
         reply: metadata_pb2.CreateBucketResponse = await self._unary(
-            self._stub.CreateBucket, metadata_pb2.CreateBucketRequest(name=name, tenant=tenant)
+            self._stub.CreateBucket,
+            metadata_pb2.CreateBucketRequest(name=name, tenant=tenant, kind=kind),
         )
         return reply.bucket
 
@@ -78,3 +84,22 @@ class MetadataClient(base.BaseClient):
             self._stub.ListBuckets, metadata_pb2.ListBucketsRequest(tenant=tenant)
         )
         return list(reply.buckets)
+
+    async def create_user(
+        self, request: metadata_pb2.CreateUserRequest
+    ) -> metadata_pb2.CreateUserResponse:
+        """A new S3 user and its secret (returned this once)."""
+        return await self._unary(self._stub.CreateUser, request)
+
+    async def list_users(self, tenant: str = "") -> list[metadata_pb2.UserInfo]:
+        """Users (of a tenant), without secrets."""
+        reply: metadata_pb2.ListUsersResponse = await self._unary(
+            self._stub.ListUsers, metadata_pb2.ListUsersRequest(tenant=tenant)
+        )
+        return list(reply.users)
+
+    async def delete_user(self, access_key: str) -> None:
+        """Remove a user (NotFound when absent)."""
+        await self._unary(
+            self._stub.DeleteUser, metadata_pb2.DeleteUserRequest(access_key=access_key)
+        )

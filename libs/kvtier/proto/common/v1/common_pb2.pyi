@@ -110,6 +110,7 @@ class NodeInfo(_message.Message):
     STARTED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
     DRIVES_FIELD_NUMBER: _builtins.int
     DATAPLANE_FIELD_NUMBER: _builtins.int
+    S3_ADDRESS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     role: Global___NodeRole.ValueType
     grpc_address: _builtins.str
@@ -120,6 +121,8 @@ class NodeInfo(_message.Message):
     pid: _builtins.int
     version: _builtins.str
     started_at_unix_ms: _builtins.int
+    s3_address: _builtins.str
+    """Gateways only: host:port of the S3 HTTP API (empty when it is off)."""
     @_builtins.property
     def drives(self) -> _containers.RepeatedCompositeFieldContainer[Global___Drive]:
         """Datanodes only."""
@@ -141,10 +144,11 @@ class NodeInfo(_message.Message):
         started_at_unix_ms: _builtins.int = ...,
         drives: _abc.Iterable[Global___Drive] | None = ...,
         dataplane: Global___DataPlaneCapabilities | None = ...,
+        s3_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dataplane", b"dataplane"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataplane", b"dataplane", "drives", b"drives", "grpc_address", b"grpc_address", "hostname", b"hostname", "metrics_address", b"metrics_address", "node_id", b"node_id", "pid", b"pid", "role", b"role", "started_at_unix_ms", b"started_at_unix_ms", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataplane", b"dataplane", "drives", b"drives", "grpc_address", b"grpc_address", "hostname", b"hostname", "metrics_address", b"metrics_address", "node_id", b"node_id", "pid", b"pid", "role", b"role", "s3_address", b"s3_address", "started_at_unix_ms", b"started_at_unix_ms", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,6 +8,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from kvtier.proto.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -19,6 +20,30 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _BucketKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BucketKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BucketKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BUCKET_KIND_OBJECTS: _BucketKind.ValueType  # 0
+    """The erasure-coded durable object tier."""
+    BUCKET_KIND_KV: _BucketKind.ValueType  # 1
+    """The KV-cache tier (DRAM pools: eviction, TTL, pins, quotas); objects up to the largest
+    block, no multipart uploads.
+    """
+
+class BucketKind(_BucketKind, metaclass=_BucketKindEnumTypeWrapper):
+    """What serves a bucket's objects."""
+
+BUCKET_KIND_OBJECTS: BucketKind.ValueType  # 0
+"""The erasure-coded durable object tier."""
+BUCKET_KIND_KV: BucketKind.ValueType  # 1
+"""The KV-cache tier (DRAM pools: eviction, TTL, pins, quotas); objects up to the largest
+block, no multipart uploads.
+"""
+Global___BucketKind: _TypeAlias = BucketKind  # noqa: Y015
 
 @_typing.final
 class GetClusterMapRequest(_message.Message):
@@ -113,6 +138,7 @@ class BucketInfo(_message.Message):
     CREATED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """S3 bucket-name rules (kvtier.names.check_bucket)."""
     created_at_unix_ms: _builtins.int
@@ -123,6 +149,7 @@ class BucketInfo(_message.Message):
     whenever the record does, and a bucket deleted and created again gets a larger one, so it
     names one incarnation of the bucket. Never 0 for a bucket that exists.
     """
+    kind: Global___BucketKind.ValueType
     def __init__(
         self,
         *,
@@ -130,10 +157,11 @@ class BucketInfo(_message.Message):
         created_at_unix_ms: _builtins.int = ...,
         tenant: _builtins.str = ...,
         generation: _builtins.int = ...,
+        kind: Global___BucketKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_unix_ms", b"created_at_unix_ms", "generation", b"generation", "name", b"name", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_unix_ms", b"created_at_unix_ms", "generation", b"generation", "kind", b"kind", "name", b"name", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -145,18 +173,21 @@ class CreateBucketRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     tenant: _builtins.str
     """Empty: "default"."""
+    kind: Global___BucketKind.ValueType
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         tenant: _builtins.str = ...,
+        kind: Global___BucketKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -302,3 +333,210 @@ class ListBucketsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListBucketsResponse: _TypeAlias = ListBucketsResponse  # noqa: Y015
+
+@_typing.final
+class UserRecord(_message.Message):
+    """A user as stored in etcd at `<prefix>/users/<access_key>`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCESS_KEY_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    IS_ADMIN_FIELD_NUMBER: _builtins.int
+    CREATED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    SECRET_NONCE_FIELD_NUMBER: _builtins.int
+    SECRET_CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    MASTER_KEY_ID_FIELD_NUMBER: _builtins.int
+    access_key: _builtins.str
+    tenant: _builtins.str
+    display_name: _builtins.str
+    is_admin: _builtins.bool
+    created_at_unix_ms: _builtins.int
+    secret_nonce: _builtins.bytes
+    """AES-256-GCM of the secret under the master key, the access key as associated data."""
+    secret_ciphertext: _builtins.bytes
+    master_key_id: _builtins.str
+    """Which master key encrypted it (the first 8 hex digits of its SHA-256)."""
+    def __init__(
+        self,
+        *,
+        access_key: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        is_admin: _builtins.bool = ...,
+        created_at_unix_ms: _builtins.int = ...,
+        secret_nonce: _builtins.bytes = ...,
+        secret_ciphertext: _builtins.bytes = ...,
+        master_key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "created_at_unix_ms", b"created_at_unix_ms", "display_name", b"display_name", "is_admin", b"is_admin", "master_key_id", b"master_key_id", "secret_ciphertext", b"secret_ciphertext", "secret_nonce", b"secret_nonce", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserRecord: _TypeAlias = UserRecord  # noqa: Y015
+
+@_typing.final
+class UserInfo(_message.Message):
+    """A user without its secret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCESS_KEY_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    IS_ADMIN_FIELD_NUMBER: _builtins.int
+    CREATED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    access_key: _builtins.str
+    tenant: _builtins.str
+    display_name: _builtins.str
+    is_admin: _builtins.bool
+    created_at_unix_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        access_key: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        is_admin: _builtins.bool = ...,
+        created_at_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "created_at_unix_ms", b"created_at_unix_ms", "display_name", b"display_name", "is_admin", b"is_admin", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserInfo: _TypeAlias = UserInfo  # noqa: Y015
+
+@_typing.final
+class CreateUserRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    IS_ADMIN_FIELD_NUMBER: _builtins.int
+    ACCESS_KEY_FIELD_NUMBER: _builtins.int
+    SECRET_KEY_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """Empty: "default"."""
+    display_name: _builtins.str
+    is_admin: _builtins.bool
+    access_key: _builtins.str
+    """Both empty: generated (20 characters A-Z0-9; 40-character secret)."""
+    secret_key: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        is_admin: _builtins.bool = ...,
+        access_key: _builtins.str = ...,
+        secret_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "display_name", b"display_name", "is_admin", b"is_admin", "secret_key", b"secret_key", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateUserRequest: _TypeAlias = CreateUserRequest  # noqa: Y015
+
+@_typing.final
+class CreateUserResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    SECRET_KEY_FIELD_NUMBER: _builtins.int
+    secret_key: _builtins.str
+    @_builtins.property
+    def user(self) -> Global___UserInfo: ...
+    def __init__(
+        self,
+        *,
+        user: Global___UserInfo | None = ...,
+        secret_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["secret_key", b"secret_key", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateUserResponse: _TypeAlias = CreateUserResponse  # noqa: Y015
+
+@_typing.final
+class ListUsersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """Empty: every tenant."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUsersRequest: _TypeAlias = ListUsersRequest  # noqa: Y015
+
+@_typing.final
+class ListUsersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def users(self) -> _containers.RepeatedCompositeFieldContainer[Global___UserInfo]: ...
+    def __init__(
+        self,
+        *,
+        users: _abc.Iterable[Global___UserInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["users", b"users"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUsersResponse: _TypeAlias = ListUsersResponse  # noqa: Y015
+
+@_typing.final
+class DeleteUserRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCESS_KEY_FIELD_NUMBER: _builtins.int
+    access_key: _builtins.str
+    def __init__(
+        self,
+        *,
+        access_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteUserRequest: _TypeAlias = DeleteUserRequest  # noqa: Y015
+
+@_typing.final
+class DeleteUserResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteUserResponse: _TypeAlias = DeleteUserResponse  # noqa: Y015

@@ -65,6 +65,21 @@ class MetadataServiceStub:
                 request_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListBucketsRequest.SerializeToString,
                 response_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListBucketsResponse.FromString,
                 _registered_method=True)
+        self.CreateUser = channel.unary_unary(
+                '/kvtier.metadata.v1.MetadataService/CreateUser',
+                request_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.CreateUserRequest.SerializeToString,
+                response_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.CreateUserResponse.FromString,
+                _registered_method=True)
+        self.ListUsers = channel.unary_unary(
+                '/kvtier.metadata.v1.MetadataService/ListUsers',
+                request_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListUsersRequest.SerializeToString,
+                response_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListUsersResponse.FromString,
+                _registered_method=True)
+        self.DeleteUser = channel.unary_unary(
+                '/kvtier.metadata.v1.MetadataService/DeleteUser',
+                request_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.DeleteUserRequest.SerializeToString,
+                response_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.DeleteUserResponse.FromString,
+                _registered_method=True)
 
 
 class MetadataServiceServicer:
@@ -119,6 +134,27 @@ class MetadataServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateUser(self, request, context):
+        """S3 users (access keys). The secret is returned by CreateUser only, once; etcd keeps it
+        encrypted under the cluster's master key (gateways decrypt it to check signatures).
+        FAILED_PRECONDITION when this metadata node has no master key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUsers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteUser(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MetadataServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -151,6 +187,21 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     servicer.ListBuckets,
                     request_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListBucketsRequest.FromString,
                     response_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListBucketsResponse.SerializeToString,
+            ),
+            'CreateUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateUser,
+                    request_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.CreateUserRequest.FromString,
+                    response_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.CreateUserResponse.SerializeToString,
+            ),
+            'ListUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsers,
+                    request_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListUsersRequest.FromString,
+                    response_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListUsersResponse.SerializeToString,
+            ),
+            'DeleteUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteUser,
+                    request_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.DeleteUserRequest.FromString,
+                    response_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.DeleteUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -315,6 +366,87 @@ class MetadataService:
             '/kvtier.metadata.v1.MetadataService/ListBuckets',
             kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListBucketsRequest.SerializeToString,
             kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListBucketsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.metadata.v1.MetadataService/CreateUser',
+            kvtier_dot_metadata_dot_v1_dot_metadata__pb2.CreateUserRequest.SerializeToString,
+            kvtier_dot_metadata_dot_v1_dot_metadata__pb2.CreateUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.metadata.v1.MetadataService/ListUsers',
+            kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListUsersRequest.SerializeToString,
+            kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.metadata.v1.MetadataService/DeleteUser',
+            kvtier_dot_metadata_dot_v1_dot_metadata__pb2.DeleteUserRequest.SerializeToString,
+            kvtier_dot_metadata_dot_v1_dot_metadata__pb2.DeleteUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,13 @@ class MetadataServiceStub:
     """One bucket: NOT_FOUND when absent."""
     ListBuckets: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.ListBucketsRequest, _metadata_pb2.ListBucketsResponse]
     """Every bucket (of one tenant), sorted by name."""
+    CreateUser: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.CreateUserRequest, _metadata_pb2.CreateUserResponse]
+    """S3 users (access keys). The secret is returned by CreateUser only, once; etcd keeps it
+    encrypted under the cluster's master key (gateways decrypt it to check signatures).
+    FAILED_PRECONDITION when this metadata node has no master key.
+    """
+    ListUsers: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.ListUsersRequest, _metadata_pb2.ListUsersResponse]
+    DeleteUser: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.DeleteUserRequest, _metadata_pb2.DeleteUserResponse]
 
 @_typing.type_check_only
 class MetadataServiceAsyncStub(MetadataServiceStub):
@@ -78,6 +85,13 @@ class MetadataServiceAsyncStub(MetadataServiceStub):
     """One bucket: NOT_FOUND when absent."""
     ListBuckets: _aio.UnaryUnaryMultiCallable[_metadata_pb2.ListBucketsRequest, _metadata_pb2.ListBucketsResponse]  # type: ignore[assignment]
     """Every bucket (of one tenant), sorted by name."""
+    CreateUser: _aio.UnaryUnaryMultiCallable[_metadata_pb2.CreateUserRequest, _metadata_pb2.CreateUserResponse]  # type: ignore[assignment]
+    """S3 users (access keys). The secret is returned by CreateUser only, once; etcd keeps it
+    encrypted under the cluster's master key (gateways decrypt it to check signatures).
+    FAILED_PRECONDITION when this metadata node has no master key.
+    """
+    ListUsers: _aio.UnaryUnaryMultiCallable[_metadata_pb2.ListUsersRequest, _metadata_pb2.ListUsersResponse]  # type: ignore[assignment]
+    DeleteUser: _aio.UnaryUnaryMultiCallable[_metadata_pb2.DeleteUserRequest, _metadata_pb2.DeleteUserResponse]  # type: ignore[assignment]
 
 class MetadataServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -136,5 +150,30 @@ class MetadataServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_metadata_pb2.ListBucketsResponse, _abc.Awaitable[_metadata_pb2.ListBucketsResponse]]:
         """Every bucket (of one tenant), sorted by name."""
+
+    @_abc_1.abstractmethod
+    def CreateUser(
+        self,
+        request: _metadata_pb2.CreateUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metadata_pb2.CreateUserResponse, _abc.Awaitable[_metadata_pb2.CreateUserResponse]]:
+        """S3 users (access keys). The secret is returned by CreateUser only, once; etcd keeps it
+        encrypted under the cluster's master key (gateways decrypt it to check signatures).
+        FAILED_PRECONDITION when this metadata node has no master key.
+        """
+
+    @_abc_1.abstractmethod
+    def ListUsers(
+        self,
+        request: _metadata_pb2.ListUsersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metadata_pb2.ListUsersResponse, _abc.Awaitable[_metadata_pb2.ListUsersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteUser(
+        self,
+        request: _metadata_pb2.DeleteUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metadata_pb2.DeleteUserResponse, _abc.Awaitable[_metadata_pb2.DeleteUserResponse]]: ...
 
 def add_MetadataServiceServicer_to_server(servicer: MetadataServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

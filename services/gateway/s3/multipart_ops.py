@@ -1,0 +1,198 @@
+"""S3 multipart uploads: Create, UploadPart, UploadPartCopy, Complete, Abort, ListParts and
+ListMultipartUploads, over the gateway's multipart uploads (kept on the datanodes)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from kvtier import errors
+from kvtier.proto.gateway.v1 import objects_pb2 as pb
+from services.gateway import multipart
+from services.gateway.s3 import object_ops, s3errors, xmlio
+
+if TYPE_CHECKING:
+    from services.gateway.s3 import server
+
+MAX_PART_BYTES = 5 << 30
+XML = "application/xml"
+
+
+def _xml(data: bytes) -> web.Response:
+    return web.Response(body=data, content_type=XML)
+
+
+def _part_number(req: server.S3Request) -> int:
+    text = req.query.get("partNumber", "")
+    if not text.isdigit() or not 1 <= int(text) <= multipart.MAX_PART_NUMBER:
+        raise s3errors.S3Error(
+            "InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive"
+        )
+    return int(text)
+
+
+def _no_such_upload(exc: errors.NotFound) -> Exception:
+    if exc.message.startswith("NoSuchUpload"):
+        return s3errors.S3Error("NoSuchUpload", "The specified upload does not exist.")
+    return exc
+
+
+async def create(s3: server.S3Server, req: server.S3Request) -> web.Response:
+    """CreateMultipartUpload."""
+    await s3.owned_bucket(req)
+    object_ops.check_key(req.key)
+    algorithm = req.header("x-amz-checksum-algorithm").upper()
+    if algorithm and algorithm not in object_ops.ALGORITHMS:
+        raise s3errors.S3Error("InvalidRequest", f"unknown checksum algorithm {algorithm}")
+    reply = await s3.front.create_multipart(
+        pb.CreateMultipartUploadRequest(
+            bucket=req.bucket, key=req.key, headers=object_ops.request_headers(req),
+            checksum_algorithm=algorithm,
+        )
+    )  # fmt: skip
+    response = _xml(xmlio.initiate_multipart(req.bucket, req.key, reply.upload_id))
+    if algorithm:
+        response.headers["x-amz-checksum-algorithm"] = algorithm
+    return response
+
+
+async def upload_part(s3: server.S3Server, req: server.S3Request) -> web.Response:
+    """UploadPart (UploadPartCopy when x-amz-copy-source is set)."""
+    if req.header("x-amz-copy-source"):
+        return await upload_part_copy(s3, req)
+    await s3.owned_bucket(req)
+    number = _part_number(req)
+    size = req.payload.size
+    if size < 0:
+        raise s3errors.S3Error("MissingContentLength", "You must provide the Content-Length.")
+    if size > MAX_PART_BYTES:
+        raise s3errors.S3Error("EntityTooLarge", "A part may hold 5 GiB at most.")
+    put = object_ops.begin_request(req, req.bucket, req.key, size)
+    try:
+        planned = await s3.front.begin_part(
+            pb.BeginUploadPartRequest(
+                bucket=req.bucket, key=req.key, upload_id=req.query["uploadId"],
+                part_number=number, size=size, expected_md5=put.expected_md5,
+                expected_checksums=put.expected_checksums,
+            )
+        )  # fmt: skip
+    except errors.NotFound as exc:
+        raise _no_such_upload(exc) from None
+    try:
+        meta = await object_ops.receive(s3, req, planned.write_id, size)
+    except errors.InvalidArgument as exc:
+        raise object_ops.translate_digest_error(req, exc) from None
+    response = web.Response(status=200)
+    response.headers["ETag"] = xmlio.quoted(meta.etag)
+    for name, value in meta.checksums.items():
+        response.headers[f"x-amz-checksum-{name.lower()}"] = value
+    return response
+
+
+async def upload_part_copy(s3: server.S3Server, req: server.S3Request) -> web.Response:
+    """UploadPartCopy: the source (or x-amz-copy-source-range) becomes a part."""
+    await s3.owned_bucket(req)
+    number = _part_number(req)
+    src_bucket, src_key, meta = await object_ops.source_for_copy(s3, req)
+    request = pb.UploadPartCopyRequest(
+        bucket=req.bucket, key=req.key, upload_id=req.query["uploadId"], part_number=number,
+        src_bucket=src_bucket, src_key=src_key, src_if_match=meta.etag,
+    )  # fmt: skip
+    text = req.header("x-amz-copy-source-range")
+    if text:
+        first, _, last = text.removeprefix("bytes=").partition("-")
+        if not (first.isdigit() and last.isdigit()) or int(first) > int(last):
+            raise s3errors.S3Error("InvalidArgument", "The x-amz-copy-source-range is invalid")
+        if int(last) >= meta.size:
+            raise s3errors.S3Error("InvalidRange", "The requested range is not satisfiable")
+        request.has_range, request.range_start, request.range_end = True, int(first), int(last)
+    try:
+        reply = await s3.front.copy_part(request)
+    except errors.NotFound as exc:
+        raise _no_such_upload(exc) from None
+    part = reply.part
+    return _xml(xmlio.copy_result("CopyPartResult", part.etag, part.mtime_unix_ms, {}))
+
+
+async def complete(s3: server.S3Server, req: server.S3Request) -> web.Response:
+    """CompleteMultipartUpload."""
+    await s3.owned_bucket(req)
+    parts = xmlio.parse_complete(await req.payload.read_all(xmlio.MAX_BODY_BYTES))
+    request = pb.CompleteMultipartUploadRequest(
+        bucket=req.bucket, key=req.key, upload_id=req.query["uploadId"],
+        if_none_match=req.header("If-None-Match") == "*",
+    )  # fmt: skip
+    for number, etag, sums in parts:
+        request.parts.add(
+            part_number=number, etag=etag, checksums={k.upper(): v for k, v in sums.items()}
+        )
+    try:
+        reply = await s3.front.complete_multipart(request)
+    except errors.NotFound as exc:
+        raise _no_such_upload(exc) from None
+    info = reply.object
+    url = f"{req.http.scheme}://{req.http.host}/{req.bucket}/{req.key}"
+    return _xml(xmlio.complete_multipart(url, req.bucket, req.key, info.etag, dict(info.checksums)))
+
+
+async def abort(s3: server.S3Server, req: server.S3Request) -> web.Response:
+    """AbortMultipartUpload."""
+    await s3.owned_bucket(req)
+    try:
+        await s3.front.abort_multipart(
+            pb.AbortMultipartUploadRequest(
+                bucket=req.bucket, key=req.key, upload_id=req.query["uploadId"]
+            )
+        )
+    except errors.NotFound as exc:
+        raise _no_such_upload(exc) from None
+    return web.Response(status=204)
+
+
+def _int(req: server.S3Request, name: str, default: int) -> int:
+    text = req.query.get(name, str(default))
+    if not text.isdigit():
+        raise s3errors.S3Error("InvalidArgument", f"{name} must be a non-negative integer")
+    return int(text)
+
+
+async def list_parts(s3: server.S3Server, req: server.S3Request) -> web.Response:
+    """ListParts."""
+    await s3.owned_bucket(req)
+    marker = _int(req, "part-number-marker", 0)
+    most = min(_int(req, "max-parts", 1000), 1000) or 1000
+    try:
+        page = await s3.front.list_parts(
+            pb.ListPartsRequest(
+                bucket=req.bucket, key=req.key, upload_id=req.query["uploadId"],
+                part_number_marker=marker, max_parts=most,
+            )
+        )  # fmt: skip
+    except errors.NotFound as exc:
+        raise _no_such_upload(exc) from None
+    return _xml(
+        xmlio.list_parts(
+            bucket=req.bucket, key=req.key, upload_id=req.query["uploadId"], page=page,
+            marker=marker, max_parts=most, owner=req.principal.owner,
+        )
+    )  # fmt: skip
+
+
+async def list_uploads(s3: server.S3Server, req: server.S3Request) -> web.Response:
+    """ListMultipartUploads."""
+    await s3.owned_bucket(req)
+    enc = xmlio.Encoder(req.query.get("encoding-type", ""))
+    most = min(_int(req, "max-uploads", 1000), 1000) or 1000
+    page = await s3.front.list_uploads(
+        pb.ListMultipartUploadsRequest(
+            bucket=req.bucket, prefix=req.query.get("prefix", ""),
+            delimiter=req.query.get("delimiter", ""), key_marker=req.query.get("key-marker", ""),
+            upload_id_marker=req.query.get("upload-id-marker", ""), max_uploads=most,
+        )
+    )  # fmt: skip
+    return _xml(
+        xmlio.list_uploads(
+            bucket=req.bucket, page=page, params=req.query, enc=enc, owner=req.principal.owner
+        )
+    )

@@ -1,0 +1,454 @@
+"""S3 object operations: PutObject, CopyObject, GetObject, HeadObject, DeleteObject and
+DeleteObjects, with S3's conditional requests, ranges, headers and checksums."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import email.utils
+import hashlib
+import logging
+import urllib.parse
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from kvtier import errors, names
+from kvtier.proto.datanode.v1 import datanode_pb2
+from kvtier.proto.gateway.v1 import objects_pb2 as pb
+from services.gateway import versions
+from services.gateway.s3 import s3errors, xmlio
+
+if TYPE_CHECKING:
+    from services.gateway.s3 import server
+
+log = logging.getLogger(__name__)
+
+MAX_PUT_BYTES = 5 << 30
+MAX_META_BYTES = 2048
+CHECKSUM_HEADER = "x-amz-checksum-"
+ALGORITHMS = ("CRC32", "CRC32C", "CRC64NVME", "SHA1", "SHA256")
+_OVERRIDES = {
+    "response-content-type": "Content-Type",
+    "response-content-language": "Content-Language",
+    "response-expires": "Expires",
+    "response-cache-control": "Cache-Control",
+    "response-content-disposition": "Content-Disposition",
+    "response-content-encoding": "Content-Encoding",
+}
+
+
+def check_key(key: str) -> None:
+    """KeyTooLongError / InvalidArgument per S3's rules (keys never become paths)."""
+    try:
+        names.check_key(key)
+    except errors.InvalidArgument as exc:
+        code = "KeyTooLongError" if "bytes of UTF-8" in exc.message and key else "InvalidArgument"
+        raise s3errors.S3Error(code, exc.message) from None
+
+
+def request_headers(req: server.S3Request) -> pb.ObjectHeaders:
+    """The standard headers and x-amz-meta-* of a PUT (aws-chunked is transport, not stored)."""
+    h = req.http.headers
+    encoding = ",".join(
+        e.strip() for e in h.get("Content-Encoding", "").split(",") if e.strip() != "aws-chunked"
+    )
+    out = pb.ObjectHeaders(
+        content_type=h.get("Content-Type", ""), content_encoding=encoding,
+        content_disposition=h.get("Content-Disposition", ""),
+        cache_control=h.get("Cache-Control", ""), content_language=h.get("Content-Language", ""),
+        expires=h.get("Expires", ""),
+    )  # fmt: skip
+    size = 0
+    for name, value in h.items():
+        if name.lower().startswith("x-amz-meta-"):
+            key = name.lower()[len("x-amz-meta-") :]
+            out.user_metadata[key] = value
+            size += len(key) + len(value.encode())
+    if size > MAX_META_BYTES:
+        raise s3errors.S3Error("MetadataTooLarge", f"user metadata is {size} bytes, 2 KB at most")
+    return out
+
+
+def content_md5(req: server.S3Request) -> str:
+    """The hex MD5 of a Content-MD5 header ('' when absent); InvalidDigest when malformed."""
+    value = req.header("Content-MD5")
+    if not value:
+        return ""
+    try:
+        digest = base64.b64decode(value, validate=True)
+    except binascii.Error:
+        raise s3errors.S3Error(
+            "InvalidDigest", "The Content-MD5 you specified is not valid."
+        ) from None
+    if len(digest) != 16:
+        raise s3errors.S3Error("InvalidDigest", "The Content-MD5 you specified is not valid.")
+    return digest.hex()
+
+
+def checksum_request(req: server.S3Request) -> tuple[list[str], dict[str, str]]:
+    """(algorithms to compute, expected values) from x-amz-checksum-*, the SDK's algorithm
+    header and announced trailers."""
+    wanted: list[str] = []
+    expected: dict[str, str] = {}
+    for name, value in req.http.headers.items():
+        lower = name.lower()
+        if lower.startswith(CHECKSUM_HEADER) and lower != "x-amz-checksum-type":
+            algorithm = lower[len(CHECKSUM_HEADER) :].upper()
+            if algorithm not in ALGORITHMS:
+                raise s3errors.S3Error("InvalidRequest", f"unknown checksum {name}")
+            expected[algorithm] = value
+    announced = [req.header("x-amz-sdk-checksum-algorithm"), req.header("x-amz-checksum-algorithm")]
+    for trailer in req.header("x-amz-trailer").split(","):
+        trailer = trailer.strip().lower()
+        if trailer.startswith(CHECKSUM_HEADER):
+            announced.append(trailer[len(CHECKSUM_HEADER) :])
+    for algorithm in (a.upper() for a in announced if a):
+        if algorithm not in ALGORITHMS:
+            raise s3errors.S3Error("InvalidRequest", f"unknown checksum algorithm {algorithm}")
+        if algorithm not in wanted:
+            wanted.append(algorithm)
+    return wanted, expected
+
+
+async def receive(
+    s3: server.S3Server, req: server.S3Request, write_id: str, size: int
+) -> datanode_pb2.ShardMeta:
+    """Stream the body into a begun write and commit it (aborted on any failure)."""
+    engine = s3.front.engine
+    try:
+        stripe, most = engine.upload_limits(write_id)
+        chunk = most - most % stripe
+        written = 0
+        while written < size:
+            n = min(chunk, size - written)
+            await engine.write_call(write_id, n, req.payload.fill)
+            written += n
+        trailers = await req.payload.finish()
+        for name, value in trailers.items():
+            if name.lower().startswith(CHECKSUM_HEADER):
+                engine.expect_checksum(write_id, name[len(CHECKSUM_HEADER) :], value)
+        return await engine.commit_meta(write_id)
+    except BaseException:
+        await engine.abort_put(pb.AbortPutRequest(upload_id=write_id))
+        raise
+
+
+def translate_digest_error(req: server.S3Request, exc: errors.KVTierError) -> Exception:
+    """A BadDigest on SHA256 that the client did not send itself is the signed payload hash."""
+    if (
+        req.payload.sha256_hex
+        and exc.message.startswith("BadDigest: SHA256")
+        and not req.header("x-amz-checksum-sha256")
+    ):
+        return s3errors.S3Error(
+            "XAmzContentSHA256Mismatch",
+            "The provided 'x-amz-content-sha256' header does not match what was computed.",
+        )
+    return exc
+
+
+def begin_request(req: server.S3Request, bucket: str, key: str, size: int) -> pb.BeginPutRequest:
+    """The BeginPut of a PUT's body, with digests and checksums to check."""
+    wanted, expected = checksum_request(req)
+    if req.payload.sha256_hex:  # the signed payload hash: checked like a checksum
+        raw = bytes.fromhex(req.payload.sha256_hex)
+        expected.setdefault("SHA256", base64.b64encode(raw).decode())
+    return pb.BeginPutRequest(
+        bucket=bucket, key=key, size=size, headers=request_headers(req),
+        checksum_algorithms=wanted, expected_checksums=expected,
+        if_none_match=req.header("If-None-Match") == "*", expected_md5=content_md5(req),
+    )  # fmt: skip
+
+
+async def put_object(s3: server.S3Server, req: server.S3Request) -> web.Response:
+    """PutObject (CopyObject when x-amz-copy-source is set)."""
+    if req.header("x-amz-copy-source"):
+        return await copy_object(s3, req)
+    await s3.owned_bucket(req)
+    check_key(req.key)
+    size = req.payload.size
+    if size < 0:
+        raise s3errors.S3Error("MissingContentLength", "You must provide the Content-Length.")
+    if size > MAX_PUT_BYTES:
+        raise s3errors.S3Error("EntityTooLarge", "Your proposed upload exceeds 5 GiB.")
+    if_match = req.header("If-Match")
+    if if_match:
+        current = await s3.front.engine.head(req.bucket, req.key)
+        if not _etag_matches(if_match, current.etag):
+            raise s3errors.S3Error("PreconditionFailed", "If-Match does not match")
+    if req.header("If-None-Match") not in ("", "*"):
+        raise s3errors.S3Error("NotImplemented", "If-None-Match on PUT supports only *")
+    begun = s3.front.engine.begin_put(begin_request(req, req.bucket, req.key, size))
+    try:
+        meta = await receive(s3, req, begun.upload_id, size)
+    except errors.InvalidArgument as exc:
+        raise translate_digest_error(req, exc) from None
+    response = web.Response(status=200)
+    response.headers["ETag"] = xmlio.quoted(meta.etag)
+    _checksum_headers(response, meta, req)
+    return response
+
+
+def _checksum_headers(
+    response: web.StreamResponse, meta: datanode_pb2.ShardMeta, req: server.S3Request
+) -> None:
+    sent = {a.upper() for a in checksum_request(req)[0]} | {
+        n.lower()[len(CHECKSUM_HEADER) :].upper()
+        for n in req.http.headers
+        if n.lower().startswith(CHECKSUM_HEADER)
+    }
+    for name, value in meta.checksums.items():
+        if name in sent:
+            response.headers[f"{CHECKSUM_HEADER}{name.lower()}"] = value
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    tags = [t.strip().removeprefix("W/").strip('"') for t in header.split(",")]
+    return "*" in tags or etag in tags
+
+
+def _since(header: str) -> int | None:
+    """An HTTP date in unix seconds (None when absent or unparsable: S3 ignores it)."""
+    if not header:
+        return None
+    try:
+        return int(email.utils.parsedate_to_datetime(header).timestamp())
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def check_conditions(
+    get: Callable[[str], str], etag: str, mtime_unix_ms: int, *, for_read: bool
+) -> None:
+    """S3's conditional request rules (412 PreconditionFailed, 304 NotModified)."""
+    mtime = mtime_unix_ms // 1000
+    if_match, if_none = get("If-Match"), get("If-None-Match")
+    unmodified, modified = _since(get("If-Unmodified-Since")), _since(get("If-Modified-Since"))
+    if if_match and not _etag_matches(if_match, etag):
+        raise s3errors.S3Error("PreconditionFailed", "At least one of the pre-conditions failed")
+    if not if_match and unmodified is not None and mtime > unmodified:
+        raise s3errors.S3Error("PreconditionFailed", "At least one of the pre-conditions failed")
+    if if_none and _etag_matches(if_none, etag):
+        if for_read:
+            raise s3errors.S3Error("NotModified", "Not Modified", status=304)
+        raise s3errors.S3Error("PreconditionFailed", "At least one of the pre-conditions failed")
+    if not if_none and modified is not None and mtime <= modified:
+        if for_read:
+            raise s3errors.S3Error("NotModified", "Not Modified", status=304)
+        raise s3errors.S3Error("PreconditionFailed", "At least one of the pre-conditions failed")
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """(first, last) of a single `bytes=` range; None for no or an ignorable range;
+    InvalidRange when it cannot be satisfied."""
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    first_text, _, last_text = header[len("bytes=") :].strip().partition("-")
+    try:
+        if first_text == "":
+            suffix = int(last_text)
+            if suffix <= 0:
+                raise s3errors.S3Error("InvalidRange", "The requested range is not satisfiable")
+            return max(0, size - suffix), size - 1
+        first = int(first_text)
+        last = int(last_text) if last_text else size - 1
+    except ValueError:
+        return None
+    if first >= size:
+        raise s3errors.S3Error("InvalidRange", "The requested range is not satisfiable")
+    if first > last:
+        return None
+    return first, min(last, size - 1)
+
+
+def object_headers(
+    response: web.StreamResponse, meta: datanode_pb2.ShardMeta, req: server.S3Request
+) -> None:
+    """ETag, Last-Modified, the stored standard headers, x-amz-meta-*, and (when asked with
+    x-amz-checksum-mode: ENABLED) the whole object's checksums."""
+    info = versions.info(meta)
+    h = info.headers
+    out = response.headers
+    out["ETag"] = xmlio.quoted(info.etag)
+    out["Last-Modified"] = xmlio.http_time(info.mtime_unix_ms)
+    out["Accept-Ranges"] = "bytes"
+    out["Content-Type"] = h.content_type or "binary/octet-stream"
+    for name, value in (
+        ("Content-Encoding", h.content_encoding), ("Content-Disposition", h.content_disposition),
+        ("Cache-Control", h.cache_control), ("Content-Language", h.content_language),
+        ("Expires", h.expires),
+    ):  # fmt: skip
+        if value:
+            out[name] = value
+    for key, value in h.user_metadata.items():
+        out[f"x-amz-meta-{key}"] = value
+    if len(meta.parts) > 1:
+        out["x-amz-mp-parts-count"] = str(len(meta.parts))
+    if req.header("x-amz-checksum-mode").upper() == "ENABLED" and "Range" not in req.http.headers:
+        for name, value in meta.checksums.items():
+            out[f"{CHECKSUM_HEADER}{name.lower()}"] = value
+            if value.endswith(f"-{len(meta.parts)}") and len(meta.parts) > 1:
+                out["x-amz-checksum-type"] = "COMPOSITE"
+    for param, header in _OVERRIDES.items():
+        if param in req.query:
+            out[header] = req.query[param]
+
+
+async def _resolve(s3: server.S3Server, req: server.S3Request) -> versions.Resolved:
+    await s3.owned_bucket(req)
+    check_key(req.key)
+    try:
+        return await s3.front.engine.resolve(req.bucket, req.key)
+    except errors.NotFound:
+        raise s3errors.S3Error("NoSuchKey", "The specified key does not exist.") from None
+
+
+async def head_object(s3: server.S3Server, req: server.S3Request) -> web.StreamResponse:
+    """The object's headers (conditions apply)."""
+    meta = (await _resolve(s3, req)).meta
+    check_conditions(req.header, meta.etag, meta.mtime_unix_ns // 1_000_000, for_read=True)
+    span = parse_range(req.header("Range"), meta.size)
+    response = web.StreamResponse(status=206 if span else 200)
+    object_headers(response, meta, req)
+    if span:
+        response.headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{meta.size}"
+    response.content_length = span[1] - span[0] + 1 if span else meta.size
+    return response
+
+
+async def get_object(s3: server.S3Server, req: server.S3Request) -> web.StreamResponse:
+    """The object's bytes, whole or one range (206), streamed a staging slot at a time."""
+    found = await _resolve(s3, req)
+    meta = found.meta
+    check_conditions(req.header, meta.etag, meta.mtime_unix_ns // 1_000_000, for_read=True)
+    try:
+        span = parse_range(req.header("Range"), meta.size)
+    except s3errors.S3Error:
+        if meta.size == 0:
+            span = None  # S3 answers a range on an empty object with the (empty) object
+        else:
+            raise
+    first, last = span if span else (0, meta.size - 1)
+    response = web.StreamResponse(status=206 if span else 200)
+    object_headers(response, meta, req)
+    if span:
+        response.headers["Content-Range"] = f"bytes {first}-{last}/{meta.size}"
+    response.content_length = last - first + 1
+    await response.prepare(req.http)
+
+    async def sink(view: memoryview) -> None:
+        # A copy: the event loop's transport may keep a reference to what it could not send
+        # yet (uvloop does), and the slot is refilled as soon as sink returns.
+        await response.write(bytes(view))
+
+    try:
+        await s3.front.engine.stream(found, first, last - first + 1, sink)
+    except (errors.KVTierError, OSError) as exc:
+        # The status line is gone: all that is left is to cut the body short, which the
+        # client sees as fewer bytes than Content-Length.
+        log.warning("GET %s/%s failed mid-body: %s", req.bucket, req.key, exc)
+        if req.http.transport is not None:
+            req.http.transport.close()
+        return response
+    await response.write_eof()
+    return response
+
+
+async def delete_object(s3: server.S3Server, req: server.S3Request) -> web.Response:
+    """204 whether or not the key existed."""
+    await s3.owned_bucket(req)
+    check_key(req.key)
+    await s3.front.engine.delete(req.bucket, req.key)
+    return web.Response(status=204)
+
+
+async def delete_objects(s3: server.S3Server, req: server.S3Request) -> web.Response:
+    """Delete up to 1000 keys; per-key errors in the result, not the status."""
+    await s3.owned_bucket(req)
+    raw = await req.payload.read_all(xmlio.MAX_BODY_BYTES)
+    md5 = content_md5(req)
+    if md5 and hashlib.md5(raw).hexdigest() != md5:
+        raise s3errors.S3Error("BadDigest", "The Content-MD5 you specified did not match.")
+    quiet, keys = xmlio.parse_delete(raw)
+    gate = asyncio.Semaphore(16)
+
+    async def one(key: str) -> tuple[str, str, str] | None:
+        async with gate:
+            try:
+                check_key(key)
+                await s3.front.engine.delete(req.bucket, key)
+            except s3errors.S3Error as exc:
+                return key, exc.code, exc.message
+            except errors.KVTierError as exc:
+                mapped = s3errors.from_domain(exc)
+                return key, mapped.code, mapped.message
+        return None
+
+    results = await asyncio.gather(*(one(k) for k in keys))
+    failed = [r for r in results if r is not None]
+    bad = {f[0] for f in failed}
+    deleted = [k for k in keys if k not in bad]
+    return web.Response(
+        body=xmlio.delete_result(deleted, failed, quiet=quiet), content_type="application/xml"
+    )
+
+
+def copy_source(req: server.S3Request) -> tuple[str, str]:
+    """(bucket, key) of x-amz-copy-source ('bucket/key' or '/bucket/key', URL-encoded)."""
+    raw = req.header("x-amz-copy-source")
+    path, _, query = raw.partition("?")
+    if query and urllib.parse.parse_qs(query).get("versionId", ["null"])[0] != "null":
+        raise s3errors.S3Error("NoSuchVersion", "The specified version does not exist.")
+    bucket, _, key = urllib.parse.unquote(path).lstrip("/").partition("/")
+    if not bucket or not key:
+        raise s3errors.S3Error("InvalidArgument", "Copy Source must mention the bucket and key")
+    return bucket, key
+
+
+async def source_for_copy(
+    s3: server.S3Server, req: server.S3Request
+) -> tuple[str, str, datanode_pb2.ShardMeta]:
+    """The copy source (owned by the principal), its x-amz-copy-source-if-* checked."""
+    bucket, key = copy_source(req)
+    info = await s3.front.bucket_info(bucket)
+    if not req.principal.may_use(info.tenant):
+        raise s3errors.S3Error("AccessDenied", "Access Denied")
+    try:
+        meta = (await s3.front.engine.resolve(bucket, key)).meta
+    except errors.NotFound:
+        raise s3errors.S3Error("NoSuchKey", "The specified key does not exist.") from None
+
+    def get(name: str) -> str:
+        return req.header(f"x-amz-copy-source-{name.lower()}")
+
+    check_conditions(get, meta.etag, meta.mtime_unix_ns // 1_000_000, for_read=False)
+    return bucket, key, meta
+
+
+async def copy_object(s3: server.S3Server, req: server.S3Request) -> web.Response:
+    """CopyObject: metadata directive COPY (default) or REPLACE; conditions on the source."""
+    await s3.owned_bucket(req)
+    check_key(req.key)
+    src_bucket, src_key, _meta = await source_for_copy(s3, req)
+    directive = req.header("x-amz-metadata-directive", "COPY").upper()
+    if directive not in ("COPY", "REPLACE"):
+        raise s3errors.S3Error("InvalidArgument", "Unknown metadata directive.")
+    if (src_bucket, src_key) == (req.bucket, req.key) and directive == "COPY":
+        raise s3errors.S3Error(
+            "InvalidRequest",
+            "This copy request is illegal because it is trying to copy an object to itself "
+            "without changing the object's metadata.",
+        )
+    info = await s3.front.engine.copy(
+        pb.CopyObjectRequest(
+            src_bucket=src_bucket, src_key=src_key, dst_bucket=req.bucket, dst_key=req.key,
+            replace_headers=directive == "REPLACE", headers=request_headers(req),
+        )
+    )  # fmt: skip
+    return web.Response(
+        body=xmlio.copy_result("CopyObjectResult", info.etag, info.mtime_unix_ms, {}),
+        content_type="application/xml",
+    )

@@ -1,0 +1,88 @@
+"""S3 errors: the code, HTTP status and message of every error the S3 front returns, and the
+translation of kvtier's domain errors into them.
+
+Domain errors name a precise S3 code by starting their message with it ("BadDigest: ...",
+"NoSuchBucket: ..."); otherwise the error class's own S3 code applies.
+"""
+
+from __future__ import annotations
+
+import re
+
+from kvtier import errors
+
+#: S3 error code -> HTTP status.
+STATUS: dict[str, int] = {
+    "AccessDenied": 403,
+    "AuthorizationHeaderMalformed": 400,
+    "AuthorizationQueryParametersError": 400,
+    "BadDigest": 400,
+    "BucketAlreadyExists": 409,
+    "BucketAlreadyOwnedByYou": 409,
+    "BucketNotEmpty": 409,
+    "EntityTooLarge": 400,
+    "EntityTooSmall": 400,
+    "IncompleteBody": 400,
+    "InternalError": 500,
+    "InvalidAccessKeyId": 403,
+    "InvalidArgument": 400,
+    "InvalidBucketName": 400,
+    "InvalidChunkSizeError": 400,
+    "InvalidLocationConstraint": 400,
+    "InvalidURI": 400,
+    "InvalidDigest": 400,
+    "InvalidPart": 400,
+    "InvalidPartOrder": 400,
+    "InvalidRange": 416,
+    "InvalidRequest": 400,
+    "KeyTooLongError": 400,
+    "MalformedXML": 400,
+    "MalformedTrailerError": 400,
+    "MetadataTooLarge": 400,
+    "MethodNotAllowed": 405,
+    "MissingContentLength": 411,
+    "MissingSecurityHeader": 400,
+    "NoSuchBucket": 404,
+    "NoSuchKey": 404,
+    "NoSuchUpload": 404,
+    "NoSuchVersion": 404,
+    "NotModified": 304,
+    "NotImplemented": 501,
+    "PreconditionFailed": 412,
+    "QuotaExceeded": 403,
+    "RequestTimeTooSkewed": 403,
+    "RequestTimeout": 400,
+    "ServiceUnavailable": 503,
+    "SignatureDoesNotMatch": 403,
+    "SlowDown": 503,
+    "XAmzContentSHA256Mismatch": 400,
+}
+
+_PREFIX = re.compile(r"([A-Za-z0-9]+): ")
+
+
+class S3Error(Exception):
+    """An error as S3 reports it. `resource` is the path it concerns (Resource element)."""
+
+    def __init__(self, code: str, message: str = "", *, status: int = 0) -> None:
+        super().__init__(message or code)
+        self.code = code
+        self.status = status or STATUS.get(code, 500)
+        self.message = message or code
+
+
+def from_domain(exc: errors.KVTierError, *, default_not_found: str = "NoSuchKey") -> S3Error:
+    """The S3 error of a domain error (a leading "Code: " in its message wins)."""
+    text = exc.message
+    found = _PREFIX.match(text)
+    if found and found[1] in STATUS:
+        return S3Error(found[1], text[found.end() :] or found[1])
+    if isinstance(exc, errors.NotFound):
+        return S3Error(default_not_found, text)
+    if isinstance(exc, errors.InvalidArgument) and text.startswith("bucket name"):
+        return S3Error("InvalidBucketName", text)
+    if isinstance(exc, errors.InvalidArgument) and "object key: must be" in text:
+        return S3Error("KeyTooLongError", text)
+    if isinstance(exc, errors.AlreadyExists):
+        return S3Error("BucketAlreadyExists", text)
+    return S3Error(exc.s3_code, text, status=exc.http_status)

@@ -1,0 +1,223 @@
+"""The S3 HTTP front of the gateway: aiohttp on the gateway's event loop, next to gRPC.
+
+Every request: an id (`x-amz-request-id`) → the bucket and key (path style, or virtual-host
+style under the configured domain) → SigV4 authentication (`auth.Authenticator`) → the operation
+(`bucket_ops`, `object_ops`, `multipart_ops`) on the gateway's object front. Errors become S3 XML
+bodies with the right status. Bodies stream both ways through the engine's staging slots: a PUT
+never holds more than one call's stripes, a GET one slot of the object at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import prometheus_client
+from aiohttp import web
+
+from kvtier import errors
+from kvtier.proto.metadata.v1 import metadata_pb2
+from services.gateway import front as front_mod
+from services.gateway.s3 import auth, body, kv_ops, s3errors, xmlio
+
+log = logging.getLogger(__name__)
+
+REQUESTS = prometheus_client.Counter(
+    "kvtier_gateway_s3_requests_total", "S3 requests", ["op", "status"]
+)
+LATENCY = prometheus_client.Histogram(
+    "kvtier_gateway_s3_request_seconds", "S3 request latency (to the response's start)", ["op"]
+)
+
+#: Sub-resources we do not implement: NotImplemented rather than a wrong answer.
+UNSUPPORTED = frozenset(
+    {
+        "acl", "policy", "cors", "lifecycle", "tagging", "website", "replication", "logging",
+        "notification", "encryption", "object-lock", "retention", "legal-hold", "torrent",
+        "accelerate", "requestPayment", "inventory", "metrics", "analytics", "ownershipControls",
+        "publicAccessBlock", "intelligent-tiering", "restore", "select", "attributes",
+        "policyStatus",
+    }
+)  # fmt: skip
+
+
+@dataclasses.dataclass(slots=True)
+class S3Request:
+    """One request, parsed."""
+
+    http: web.Request
+    request_id: str
+    bucket: str
+    key: str
+    query: dict[str, str]
+    principal: auth.Principal
+    payload: body.Payload
+    op: str = ""
+
+    def header(self, name: str, default: str = "") -> str:
+        """A request header ('' when absent)."""
+        return self.http.headers.get(name, default)
+
+    @property
+    def resource(self) -> str:
+        """The path the request concerns (for error bodies)."""
+        return f"/{self.bucket}/{self.key}" if self.key else f"/{self.bucket}"
+
+
+Handler = Callable[["S3Server", S3Request], Awaitable[web.StreamResponse]]
+
+
+class S3Server:
+    """Routes S3 requests to the operation modules (see the module docstring)."""
+
+    def __init__(
+        self,
+        front: front_mod.ObjectFront,
+        authenticator: auth.Authenticator,
+        *,
+        region: str = "us-east-1",
+        domain: str = "",
+    ) -> None:
+        self.front = front
+        self.auth = authenticator
+        self.region = region
+        self.domain = domain.lower().strip(".")
+        self.routes = _routes()
+        self.kv_buckets = kv_ops.KVBuckets(front.metadata_address)
+
+    def app(self) -> web.Application:
+        """The aiohttp application (one catch-all route: S3 routes on query and headers)."""
+        app = web.Application(client_max_size=xmlio.MAX_BODY_BYTES)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, http: web.Request) -> web.StreamResponse:
+        """Serve one request; every answer carries x-amz-request-id."""
+        request_id = secrets.token_hex(8).upper()
+        op, resource = "Unknown", http.path
+        started = time.perf_counter()
+        try:
+            bucket, key = self.target(http)
+            resource = f"/{bucket}/{key}" if key else f"/{bucket}"
+            op, handler = self.route(http.method, bucket, key, http.query)
+            principal, payload = await self.auth.authenticate(http)
+            request = S3Request(
+                http, request_id, bucket, key, dict(http.query), principal, payload, op
+            )
+            if bucket and op not in kv_ops.SHARED and op != "CreateBucket":
+                handler = await self._kv_handler(request, handler)
+            response = await handler(self, request)
+        except s3errors.S3Error as exc:
+            response = _error(exc, resource, request_id, http.method)
+        except errors.KVTierError as exc:
+            not_found = "NoSuchBucket" if op.endswith("Bucket") or op.startswith("List") else ""
+            mapped = s3errors.from_domain(exc, default_not_found=not_found or "NoSuchKey")
+            response = _error(mapped, resource, request_id, http.method)
+        except (ConnectionResetError, web.HTTPException):
+            raise
+        except Exception:
+            log.exception("S3 %s %s failed", http.method, http.path)
+            internal = s3errors.S3Error("InternalError", "We encountered an internal error.")
+            response = _error(internal, resource, request_id, http.method)
+        LATENCY.labels(op).observe(time.perf_counter() - started)
+        if not response.prepared:
+            response.headers["x-amz-request-id"] = request_id
+            response.headers["x-amz-id-2"] = request_id
+            response.headers["Server"] = "kvtier"
+        REQUESTS.labels(op, str(response.status)).inc()
+        return response
+
+    def target(self, http: web.Request) -> tuple[str, str]:
+        """(bucket, key) of a request: virtual-host style when Host is <bucket>.<domain>,
+        else path style. The key is the percent-decoded rest of the path."""
+        raw = http.rel_url.raw_path
+        host = http.headers.get("Host", "").split(":", 1)[0].lower()
+        if self.domain and host.endswith("." + self.domain):
+            bucket, key = host[: -len(self.domain) - 1], raw.lstrip("/")
+        else:
+            bucket, _, key = raw.lstrip("/").partition("/")
+            bucket = urllib.parse.unquote(bucket)
+        try:
+            return bucket, urllib.parse.unquote(key, errors="strict")
+        except UnicodeDecodeError:
+            raise s3errors.S3Error("InvalidURI", "Couldn't parse the specified URI.") from None
+
+    def route(self, method: str, bucket: str, key: str, query: Any) -> tuple[str, Handler]:
+        """The operation of a request: its name and handler."""
+        if UNSUPPORTED & set(query):
+            sub = sorted(UNSUPPORTED & set(query))[0]
+            raise s3errors.S3Error("NotImplemented", f"?{sub} is not implemented")
+        level = "service" if not bucket else "bucket" if not key else "object"
+        for (m, lvl, needs), (op, handler) in self.routes:
+            if m == method and lvl == level and all(n in query for n in needs):
+                return op, handler
+        raise s3errors.S3Error(
+            "MethodNotAllowed", "The specified method is not allowed against this resource."
+        )
+
+    async def _kv_handler(self, request: S3Request, handler: Handler) -> Handler:
+        """The KV tier's handler when the bucket is a KV bucket (ownership checked)."""
+        info = await self.front.bucket_info(request.bucket)
+        if info.kind != metadata_pb2.BUCKET_KIND_KV:
+            return handler
+        if not request.principal.may_use(info.tenant):
+            raise s3errors.S3Error("AccessDenied", "Access Denied")
+        kv_handler = kv_ops.HANDLERS.get(request.op)
+        if kv_handler is None:
+            raise s3errors.S3Error(
+                "NotImplemented", f"{request.op} is not implemented on KV buckets"
+            )
+        return kv_handler
+
+    async def close(self) -> None:
+        """Close the KV clients."""
+        await self.kv_buckets.close()
+
+    async def owned_bucket(self, request: S3Request) -> None:
+        """NoSuchBucket, or AccessDenied unless the principal's tenant owns the bucket."""
+        info = await self.front.bucket_info(request.bucket)
+        if not request.principal.may_use(info.tenant):
+            raise s3errors.S3Error("AccessDenied", "Access Denied")
+
+
+def _error(exc: s3errors.S3Error, resource: str, request_id: str, method: str) -> web.Response:
+    if exc.status == 304 or method == "HEAD":
+        return web.Response(status=exc.status)
+    return web.Response(
+        status=exc.status,
+        body=xmlio.error(exc.code, exc.message, resource, request_id),
+        content_type="application/xml",
+    )
+
+
+def _routes() -> list[tuple[tuple[str, str, tuple[str, ...]], tuple[str, Handler]]]:
+    """(method, level, query keys it needs) -> (op, handler); first match wins."""
+    from services.gateway.s3 import bucket_ops, multipart_ops, object_ops
+
+    table: list[tuple[str, str, tuple[str, ...], str, Handler]] = [
+        ("GET", "service", (), "ListBuckets", bucket_ops.list_buckets),
+        ("GET", "bucket", ("location",), "GetBucketLocation", bucket_ops.get_location),
+        ("GET", "bucket", ("versioning",), "GetBucketVersioning", bucket_ops.get_versioning),
+        ("GET", "bucket", ("versions",), "ListObjectVersions", bucket_ops.list_versions),
+        ("GET", "bucket", ("uploads",), "ListMultipartUploads", multipart_ops.list_uploads),
+        ("GET", "bucket", (), "ListObjects", bucket_ops.list_objects),
+        ("PUT", "bucket", (), "CreateBucket", bucket_ops.create_bucket),
+        ("HEAD", "bucket", (), "HeadBucket", bucket_ops.head_bucket),
+        ("DELETE", "bucket", (), "DeleteBucket", bucket_ops.delete_bucket),
+        ("POST", "bucket", ("delete",), "DeleteObjects", object_ops.delete_objects),
+        ("PUT", "object", ("partNumber", "uploadId"), "UploadPart", multipart_ops.upload_part),
+        ("PUT", "object", (), "PutObject", object_ops.put_object),
+        ("GET", "object", ("uploadId",), "ListParts", multipart_ops.list_parts),
+        ("GET", "object", (), "GetObject", object_ops.get_object),
+        ("HEAD", "object", (), "HeadObject", object_ops.head_object),
+        ("DELETE", "object", ("uploadId",), "AbortMultipartUpload", multipart_ops.abort),
+        ("DELETE", "object", (), "DeleteObject", object_ops.delete_object),
+        ("POST", "object", ("uploads",), "CreateMultipartUpload", multipart_ops.create),
+        ("POST", "object", ("uploadId",), "CompleteMultipartUpload", multipart_ops.complete),
+    ]
+    return [((m, lvl, needs), (op, h)) for m, lvl, needs, op, h in table]

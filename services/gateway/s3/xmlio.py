@@ -1,0 +1,370 @@
+"""The XML bodies of the S3 API: responses built with ElementTree, request bodies parsed with
+limits (size checked by the caller; expat refuses entity expansion bombs since 2.4.1).
+"""
+
+from __future__ import annotations
+
+import datetime
+import urllib.parse
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from services.gateway.s3 import s3errors
+
+NS = "http://s3.amazonaws.com/doc/2006-03-01/"
+MAX_BODY_BYTES = 2 << 20
+_HEADER = b'<?xml version="1.0" encoding="UTF-8"?>\n'
+
+
+def iso_time(unix_ms: int) -> str:
+    """S3's timestamp in XML: 2026-11-26T20:30:00.000Z."""
+    t = datetime.datetime.fromtimestamp(unix_ms / 1000, datetime.UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{unix_ms % 1000:03d}Z"
+
+
+def http_time(unix_ms: int) -> str:
+    """An HTTP date (Last-Modified): Thu, 26 Nov 2026 20:30:00 GMT."""
+    t = datetime.datetime.fromtimestamp(unix_ms // 1000, datetime.UTC)
+    return t.strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+def quoted(etag: str) -> str:
+    """An ETag as S3 sends it."""
+    return f'"{etag}"'
+
+
+def _add(parent: ET.Element, tag: str, text: Any = None) -> ET.Element:
+    child = ET.SubElement(parent, tag)
+    if text is not None:
+        child.text = str(text).lower() if isinstance(text, bool) else str(text)
+    return child
+
+
+def _doc(root: ET.Element) -> bytes:
+    body: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=False)
+    return _HEADER + body
+
+
+def _root(tag: str) -> ET.Element:
+    return ET.Element(tag, xmlns=NS)
+
+
+def error(code: str, message: str, resource: str, request_id: str) -> bytes:
+    """An error body."""
+    root = ET.Element("Error")
+    for tag, text in (
+        ("Code", code),
+        ("Message", message),
+        ("Resource", resource),
+        ("RequestId", request_id),
+    ):
+        _add(root, tag, text)
+    return _doc(root)
+
+
+def _owner(parent: ET.Element, owner_id: str, display_name: str, tag: str = "Owner") -> None:
+    owner = _add(parent, tag)
+    _add(owner, "ID", owner_id)
+    _add(owner, "DisplayName", display_name)
+
+
+def list_buckets(buckets: Iterable[tuple[str, int]], owner_id: str, display_name: str) -> bytes:
+    """ListAllMyBucketsResult: (name, created unix ms) pairs."""
+    root = _root("ListAllMyBucketsResult")
+    _owner(root, owner_id, display_name)
+    holder = _add(root, "Buckets")
+    for name, created in buckets:
+        bucket = _add(holder, "Bucket")
+        _add(bucket, "Name", name)
+        _add(bucket, "CreationDate", iso_time(created))
+    return _doc(root)
+
+
+def location(region: str) -> bytes:
+    """GetBucketLocation: us-east-1 is an empty constraint, as in S3."""
+    root = _root("LocationConstraint")
+    if region != "us-east-1":
+        root.text = region
+    return _doc(root)
+
+
+def versioning() -> bytes:
+    """GetBucketVersioning of an unversioned bucket."""
+    return _doc(_root("VersioningConfiguration"))
+
+
+class Encoder:
+    """Keys and prefixes as written in listings (encoding-type=url: percent-encoded)."""
+
+    def __init__(self, encoding_type: str) -> None:
+        if encoding_type not in ("", "url"):
+            raise s3errors.S3Error("InvalidArgument", "Invalid Encoding Method specified")
+        self.url = encoding_type == "url"
+
+    def __call__(self, text: str) -> str:
+        return urllib.parse.quote(text, safe="/") if self.url else text
+
+
+def _contents(parent: ET.Element, tag: str, obj: Any, enc: Encoder, owner: Any) -> ET.Element:
+    item = _add(parent, tag)
+    _add(item, "Key", enc(obj.key))
+    if tag == "Version":
+        _add(item, "VersionId", "null")
+        _add(item, "IsLatest", True)
+    _add(item, "LastModified", iso_time(obj.mtime_unix_ms))
+    _add(item, "ETag", quoted(obj.etag))
+    _add(item, "Size", obj.size)
+    if owner is not None:
+        _owner(item, *owner)
+    _add(item, "StorageClass", "STANDARD")
+    return item
+
+
+def list_objects(
+    *,
+    version: int,
+    bucket: str,
+    page: Any,
+    params: dict[str, str],
+    enc: Encoder,
+    owner: tuple[str, str] | None,
+    next_marker: str = "",
+) -> bytes:
+    """ListBucketResult for ListObjects (version 1) and ListObjectsV2 (version 2)."""
+    root = _root("ListBucketResult")
+    _add(root, "Name", bucket)
+    _add(root, "Prefix", enc(params.get("prefix", "")))
+    if version == 1:
+        _add(root, "Marker", enc(params.get("marker", "")))
+        if next_marker:
+            _add(root, "NextMarker", enc(next_marker))
+    else:
+        if params.get("continuation-token"):
+            _add(root, "ContinuationToken", params["continuation-token"])
+        if params.get("start-after"):
+            _add(root, "StartAfter", enc(params["start-after"]))
+        _add(root, "KeyCount", len(page.objects) + len(page.common_prefixes))
+        if page.is_truncated:
+            _add(root, "NextContinuationToken", page.next_continuation_token)
+    _add(root, "MaxKeys", params.get("max-keys", "1000"))
+    if params.get("delimiter"):
+        _add(root, "Delimiter", enc(params["delimiter"]))
+    if enc.url:
+        _add(root, "EncodingType", "url")
+    _add(root, "IsTruncated", page.is_truncated)
+    for obj in page.objects:
+        _contents(root, "Contents", obj, enc, owner)
+    for prefix in page.common_prefixes:
+        _add(_add(root, "CommonPrefixes"), "Prefix", enc(prefix))
+    return _doc(root)
+
+
+def list_versions(
+    *, bucket: str, page: Any, params: dict[str, str], enc: Encoder, owner: tuple[str, str]
+) -> bytes:
+    """ListVersionsResult of an unversioned bucket: each object once, version "null"."""
+    root = _root("ListVersionsResult")
+    _add(root, "Name", bucket)
+    _add(root, "Prefix", enc(params.get("prefix", "")))
+    _add(root, "KeyMarker", enc(params.get("key-marker", "")))
+    _add(root, "VersionIdMarker", params.get("version-id-marker", ""))
+    if page.is_truncated and page.objects:
+        _add(root, "NextKeyMarker", enc(page.objects[-1].key))
+        _add(root, "NextVersionIdMarker", "null")
+    elif page.is_truncated and page.common_prefixes:
+        _add(root, "NextKeyMarker", enc(page.common_prefixes[-1]))
+    _add(root, "MaxKeys", params.get("max-keys", "1000"))
+    if params.get("delimiter"):
+        _add(root, "Delimiter", enc(params["delimiter"]))
+    if enc.url:
+        _add(root, "EncodingType", "url")
+    _add(root, "IsTruncated", page.is_truncated)
+    for obj in page.objects:
+        _contents(root, "Version", obj, enc, owner)
+    for prefix in page.common_prefixes:
+        _add(_add(root, "CommonPrefixes"), "Prefix", enc(prefix))
+    return _doc(root)
+
+
+def copy_result(tag: str, etag: str, mtime_unix_ms: int, checksums: dict[str, str]) -> bytes:
+    """CopyObjectResult / CopyPartResult."""
+    root = _root(tag)
+    _add(root, "LastModified", iso_time(mtime_unix_ms))
+    _add(root, "ETag", quoted(etag))
+    for name, value in sorted(checksums.items()):
+        _add(root, f"Checksum{name}", value)
+    return _doc(root)
+
+
+def initiate_multipart(bucket: str, key: str, upload_id: str) -> bytes:
+    """InitiateMultipartUploadResult."""
+    root = _root("InitiateMultipartUploadResult")
+    _add(root, "Bucket", bucket)
+    _add(root, "Key", key)
+    _add(root, "UploadId", upload_id)
+    return _doc(root)
+
+
+def complete_multipart(
+    location_url: str, bucket: str, key: str, etag: str, checksums: dict[str, str]
+) -> bytes:
+    """CompleteMultipartUploadResult."""
+    root = _root("CompleteMultipartUploadResult")
+    _add(root, "Location", location_url)
+    _add(root, "Bucket", bucket)
+    _add(root, "Key", key)
+    _add(root, "ETag", quoted(etag))
+    for name, value in sorted(checksums.items()):
+        _add(root, f"Checksum{name}", value)
+    return _doc(root)
+
+
+def list_parts(
+    *,
+    bucket: str,
+    key: str,
+    upload_id: str,
+    page: Any,
+    marker: int,
+    max_parts: int,
+    owner: tuple[str, str],
+) -> bytes:
+    """ListPartsResult."""
+    root = _root("ListPartsResult")
+    _add(root, "Bucket", bucket)
+    _add(root, "Key", key)
+    _add(root, "UploadId", upload_id)
+    _owner(root, *owner, tag="Initiator")
+    _owner(root, *owner)
+    _add(root, "StorageClass", "STANDARD")
+    _add(root, "PartNumberMarker", marker)
+    if page.is_truncated:
+        _add(root, "NextPartNumberMarker", page.next_part_number_marker)
+    _add(root, "MaxParts", max_parts)
+    _add(root, "IsTruncated", page.is_truncated)
+    if page.checksum_algorithm:
+        _add(root, "ChecksumAlgorithm", page.checksum_algorithm)
+    for part in page.parts:
+        item = _add(root, "Part")
+        _add(item, "PartNumber", part.part_number)
+        _add(item, "LastModified", iso_time(part.mtime_unix_ms))
+        _add(item, "ETag", quoted(part.etag))
+        _add(item, "Size", part.size)
+        for name, value in sorted(part.checksums.items()):
+            _add(item, f"Checksum{name}", value)
+    return _doc(root)
+
+
+def list_uploads(
+    *, bucket: str, page: Any, params: dict[str, str], enc: Encoder, owner: tuple[str, str]
+) -> bytes:
+    """ListMultipartUploadsResult."""
+    root = _root("ListMultipartUploadsResult")
+    _add(root, "Bucket", bucket)
+    _add(root, "KeyMarker", enc(params.get("key-marker", "")))
+    _add(root, "UploadIdMarker", params.get("upload-id-marker", ""))
+    if page.is_truncated:
+        _add(root, "NextKeyMarker", enc(page.next_key_marker))
+        _add(root, "NextUploadIdMarker", page.next_upload_id_marker)
+    _add(root, "Prefix", enc(params.get("prefix", "")))
+    if params.get("delimiter"):
+        _add(root, "Delimiter", enc(params["delimiter"]))
+    _add(root, "MaxUploads", params.get("max-uploads", "1000"))
+    if enc.url:
+        _add(root, "EncodingType", "url")
+    _add(root, "IsTruncated", page.is_truncated)
+    for upload in page.uploads:
+        item = _add(root, "Upload")
+        _add(item, "Key", enc(upload.key))
+        _add(item, "UploadId", upload.upload_id)
+        _owner(item, *owner, tag="Initiator")
+        _owner(item, *owner)
+        _add(item, "StorageClass", "STANDARD")
+        _add(item, "Initiated", iso_time(upload.initiated_unix_ms))
+    for prefix in page.common_prefixes:
+        _add(_add(root, "CommonPrefixes"), "Prefix", enc(prefix))
+    return _doc(root)
+
+
+def delete_result(
+    deleted: Sequence[str], failed: Sequence[tuple[str, str, str]], *, quiet: bool
+) -> bytes:
+    """DeleteResult: deleted keys (omitted when quiet) and (key, code, message) errors."""
+    root = _root("DeleteResult")
+    if not quiet:
+        for key in deleted:
+            _add(_add(root, "Deleted"), "Key", key)
+    for key, code, message in failed:
+        item = _add(root, "Error")
+        _add(item, "Key", key)
+        _add(item, "Code", code)
+        _add(item, "Message", message)
+    return _doc(root)
+
+
+# Request bodies.
+
+
+def _parse(body: bytes) -> ET.Element:
+    if len(body) > MAX_BODY_BYTES:
+        raise s3errors.S3Error("MalformedXML", "the XML body is too large")
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError:
+        raise s3errors.S3Error("MalformedXML", "The XML you provided was not well-formed") from None
+    for element in root.iter():  # drop namespaces: clients differ in sending them
+        if "}" in element.tag:
+            element.tag = element.tag.split("}", 1)[1]
+    return root
+
+
+def _text(element: ET.Element, tag: str) -> str | None:
+    child = element.find(tag)
+    return None if child is None else (child.text or "")
+
+
+def parse_complete(body: bytes) -> list[tuple[int, str, dict[str, str]]]:
+    """CompleteMultipartUpload: (part number, ETag, checksums) in document order."""
+    root = _parse(body)
+    if root.tag != "CompleteMultipartUpload":
+        raise s3errors.S3Error("MalformedXML", "expected CompleteMultipartUpload")
+    parts = []
+    for part in root.findall("Part"):
+        number, etag = _text(part, "PartNumber"), _text(part, "ETag")
+        if number is None or etag is None or not number.strip().isdigit():
+            raise s3errors.S3Error("MalformedXML", "each Part needs PartNumber and ETag")
+        sums = {
+            child.tag[len("Checksum") :]: child.text or ""
+            for child in part
+            if child.tag.startswith("Checksum")
+        }
+        parts.append((int(number), etag.strip().strip('"'), sums))
+    if not parts:
+        raise s3errors.S3Error("MalformedXML", "CompleteMultipartUpload lists no Part")
+    return parts
+
+
+def parse_delete(body: bytes) -> tuple[bool, list[str]]:
+    """Delete (DeleteObjects): (quiet, keys), at most 1000 keys."""
+    root = _parse(body)
+    if root.tag != "Delete":
+        raise s3errors.S3Error("MalformedXML", "expected Delete")
+    quiet = (_text(root, "Quiet") or "").strip().lower() == "true"
+    keys = []
+    for obj in root.findall("Object"):
+        key = _text(obj, "Key")
+        if key is None:
+            raise s3errors.S3Error("MalformedXML", "each Object needs a Key")
+        keys.append(key)
+    if not 1 <= len(keys) <= 1000:
+        raise s3errors.S3Error("MalformedXML", "Delete takes 1 to 1000 objects")
+    return quiet, keys
+
+
+def parse_location(body: bytes) -> str:
+    """CreateBucketConfiguration: its LocationConstraint ('' when absent or no body)."""
+    if not body.strip():
+        return ""
+    root = _parse(body)
+    return (_text(root, "LocationConstraint") or "").strip()
