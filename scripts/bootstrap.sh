@@ -41,6 +41,10 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+if [ "$mode" = test ]; then
+  # NIXL's OBJ plugin, for the S3 acceptance tests: CPU-only, without its CUDA dependencies.
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'nixl==1.5.*' 'nixl-cu12==1.5.*'
+fi
 
 case "$mode" in
   up) exec .venv/bin/kvtier up --state-dir "${KVTIER_STATE_DIR:-.kvtier}" "$@" ;;
