@@ -309,6 +309,8 @@ def delete_result(
 def _parse(body: bytes) -> ET.Element:
     if len(body) > MAX_BODY_BYTES:
         raise s3errors.S3Error("MalformedXML", "the XML body is too large")
+    if b"<!DOCTYPE" in body or b"<!ENTITY" in body:  # no S3 body has a DTD: no entity games
+        raise s3errors.S3Error("MalformedXML", "DTDs are not allowed")
     try:
         root = ET.fromstring(body)
     except ET.ParseError:
