@@ -5,9 +5,10 @@ Layout of the state directory (everything survives `down`/`up`):
     nodes/<name>/         a node's identity and drives
     logs/<name>.log       each process's log (and supervisor.log when detached)
     ports.json            etcd's ports, reused on the next `up` when still free
-    credentials.json      the admin access/secret key (mode 0600), created once
-    master.key            the key sealing S3 secrets in etcd (mode 0600), created once
-    cluster.json          endpoints and credentials of the running cluster (removed at stop)
+    credentials.json      the admin user's access/secret key (mode 0600), created once
+    master.key            the key sealing S3 secrets in etcd (hex, mode 0600), created once
+    cluster.json          endpoints and admin keys of the running cluster (mode 0600; removed at
+                          stop)
     supervisor.pid        the supervisor's pid while it runs
 
 The supervisor is a plain synchronous loop: signal handlers only set flags. SIGTERM/SIGINT stop
@@ -25,7 +26,6 @@ import fcntl
 import json
 import logging
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -36,16 +36,15 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from kvtier import clustermap, errors, etcdserver, identity, membership, rpc
-from kvtier import credentials as kvtier_credentials
+from kvtier import clustermap, errors, etcdserver, identity, masterkey, membership, rpc, users
 from kvtier.clients import metadata as metadata_client
 from kvtier.proto.common.v1 import common_pb2
-from kvtier.proto.metadata.v1 import metadata_pb2
 
 log = logging.getLogger(__name__)
 
 ETCD_PREFIX = "/kvtier"
 MASTER_KEY_FILE = "master.key"
+ADMIN_TENANT = "default"
 
 
 class ClusterError(Exception):
@@ -183,31 +182,57 @@ def _port_free(port: int) -> bool:
 
 
 def credentials(state: Path) -> dict[str, str]:
-    """The dev cluster's admin keys, created once (file mode 0600)."""
+    """The dev cluster's admin keys, {"access_key", "secret_key"}: those of credentials.json
+    (mode 0600), created there once, so every `up` of a state dir has the same admin."""
     path = state / "credentials.json"
     kept = _load_json(path)
     if kept.get("access_key") and kept.get("secret_key"):
         return {"access_key": str(kept["access_key"]), "secret_key": str(kept["secret_key"])}
-    creds = {
-        "access_key": "KVT" + secrets.token_hex(8).upper(),
-        "secret_key": secrets.token_urlsafe(30),
-    }
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(creds, handle)
+    creds = {"access_key": users.new_access_key(), "secret_key": users.new_secret().reveal()}
+    identity.write_atomic(path, json.dumps(creds).encode(), mode=0o600)
     return creds
 
 
-async def _ensure_admin(metadata: str, creds: dict[str, str]) -> None:
-    """The dev cluster's admin user, with the keys of credentials.json (kept across runs)."""
+def _master_key(state: Path) -> masterkey.MasterKey:
+    """The state dir's master key, created once; ClusterError when it cannot be used."""
+    path = state / MASTER_KEY_FILE
+    masterkey.write_new(path)
+    try:
+        key = masterkey.load(str(path))
+    except errors.InvalidArgument as exc:
+        raise ClusterError(exc.message) from None
+    assert key is not None
+    return key
+
+
+async def ensure_admin(metadata: str, store: users.UserStore, creds: dict[str, str]) -> users.User:
+    """The admin user of credentials.json: created through the metadata service at metadata,
+    or, when its access key exists, checked in etcd (store) to open with today's master key and
+    hold today's secret; a stale one (the master key or credentials.json was replaced) is
+    deleted and created again."""
+    access_key, secret = creds["access_key"], users.Secret(creds["secret_key"])
     async with metadata_client.MetadataClient(metadata, timeout_s=10.0) as client:
-        with contextlib.suppress(errors.AlreadyExists):
-            await client.create_user(
-                metadata_pb2.CreateUserRequest(
-                    tenant="default", display_name="admin", is_admin=True,
-                    access_key=creds["access_key"], secret_key=creds["secret_key"],
+        for _attempt in range(2):
+            try:
+                return await client.create_user(
+                    tenant=ADMIN_TENANT,
+                    display_name="admin",
+                    is_admin=True,
+                    access_key=access_key,
+                    secret=secret,
                 )
-            )  # fmt: skip
+            except errors.AlreadyExists:
+                pass
+            try:
+                user = await store.get(access_key)
+            except (errors.Corrupt, errors.PreconditionFailed) as exc:
+                log.warning("admin user %s is stale (%s): creating it again", access_key, exc)
+            else:
+                if user.secret.reveal() == secret.reveal() and user.is_admin:
+                    return user
+                log.warning("admin user %s has other keys or rights: creating it again", access_key)
+            await client.delete_user(access_key)
+    raise ClusterError(f"could not create the admin user {access_key}")
 
 
 def supervisor_pid(state: Path) -> int | None:
@@ -309,7 +334,7 @@ class Supervisor:
         self.etcd.start()
         self.etcd.wait_ready()
         self._say(f"etcd ready at {self.etcd.endpoint}; starting services")
-        kvtier_credentials.write_master_key(state / MASTER_KEY_FILE)
+        key = _master_key(state)
         self.children = _children(self.opts, self.etcd.endpoint)
         for child in self.children:
             child.start()
@@ -317,10 +342,23 @@ class Supervisor:
         if cmap is None:
             return None
         info = self._cluster_info(cmap)
-        asyncio.run(_ensure_admin(info["metadata"], credentials(state)))
-        identity.write_atomic(state / "cluster.json", json.dumps(info, indent=2).encode())
-        os.chmod(state / "cluster.json", 0o600)  # it holds the admin's secret
+        asyncio.run(self._ensure_admin(info["metadata"], key))
+        # Mode 0600 from the start: it holds the admin's secret.
+        identity.write_atomic(
+            state / "cluster.json", json.dumps(info, indent=2).encode(), mode=0o600
+        )
         return info
+
+    async def _ensure_admin(self, metadata: str, key: masterkey.MasterKey) -> None:
+        assert self.etcd is not None
+        store = membership.EtcdMembership((self.etcd.endpoint,), ETCD_PREFIX)
+        await store.connect(wait_s=10)
+        try:
+            await ensure_admin(
+                metadata, users.UserStore(store, key), credentials(self.opts.state_dir)
+            )
+        finally:
+            await store.close()
 
     def _check_children(self) -> None:
         for child in self.children:
@@ -380,6 +418,9 @@ class Supervisor:
             "metadata": by_id["metadata-1"].grpc_address,
             "gateway_grpc": by_id["gateway-1"].grpc_address,
             "gateway_s3": f"http://{by_id['gateway-1'].s3_address}",
+            "s3_access_key": creds["access_key"],
+            "s3_secret_key": creds["secret_key"],
+            # The former names, still read by older tools and tests.
             "access_key": creds["access_key"],
             "secret_key": creds["secret_key"],
             "supervisor_pid": os.getpid(),
@@ -469,8 +510,8 @@ def render_summary(info: dict[str, Any]) -> str:
         f"  metadata      {info['metadata']}",
         f"  gateway gRPC  {info['gateway_grpc']}",
         f"  gateway S3    {info['gateway_s3'] or '(not yet available)'}",
-        f"  access key    {info['access_key']}",
-        f"  secret key    {info['secret_key']}",
+        f"  access key    {info['s3_access_key']}   (S3 admin, tenant {ADMIN_TENANT})",
+        f"  secret key    {info['s3_secret_key']}",
         f"  map epoch     {info['map_epoch']}",
         f"  cluster file  {Path(info['state_dir']) / 'cluster.json'}",
         "Ctrl-C (or kvtier down --state-dir DIR) stops it.",
@@ -503,9 +544,26 @@ def stop_detached(state: Path, timeout_s: float) -> bool:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if supervisor_pid(state) is None:
-            return True
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
+        # The lock is released a moment before the process is gone: wait for both, so that
+        # a caller may start again (or check the pid) as soon as this returns.
+        if supervisor_pid(state) is None and not _process_alive(pid):
+            return True
         time.sleep(0.1)
     raise ClusterError(f"the supervisor (pid {pid}) did not stop within {timeout_s:g}s")
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether pid runs (a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False

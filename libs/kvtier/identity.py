@@ -54,11 +54,18 @@ def load_or_create(data_dir: Path, configured_id: str, role: str) -> str:
     return node_id
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a small file so that readers see the old or the new content, never a torn one."""
+def write_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
+    """Write a small file so that readers see the old or the new content, never a torn one.
+
+    With mode, the file has that mode from its creation (a secret is never readable by others,
+    not even for a moment); without, the process's default.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with tmp.open("wb") as handle:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
+    if mode is not None:
+        os.fchmod(fd, mode)  # exactly mode, whatever the umask
+    with os.fdopen(fd, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())

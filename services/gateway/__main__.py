@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import grpc
 from aiohttp import web
 
-from kvtier import erasure, errors, service
+from kvtier import erasure, errors, service, users
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.gateway.v1 import (
     admin_pb2,
@@ -49,6 +49,7 @@ class _Gateway:
         self.nodes: datanodes.Datanodes | None = None
         self.healer: healing.Healer | None = None
         self.s3_runner: web.AppRunner | None = None
+        self.users: users.UserCache | None = None
 
     def add_servicers(self, server: grpc.aio.Server, ctx: service.Context) -> Sequence[str]:
         dataplane = ctx.dataplane
@@ -103,8 +104,9 @@ class _Gateway:
         """Serve the S3 HTTP API (unless s3_port is -1) and announce its address."""
         if self.cfg.s3_port < 0 or self.front is None:
             return
+        self.users = s3_auth.user_cache(ctx.store, self.cfg.master_key_file)
         authenticator = s3_auth.Authenticator(
-            s3_auth.users_for(ctx.store, self.cfg.master_key_file), region=self.cfg.s3_region
+            s3_auth.user_lookup(self.users), region=self.cfg.s3_region
         )
         s3 = s3_server.S3Server(
             self.front, authenticator, region=self.cfg.s3_region, domain=self.cfg.s3_domain
@@ -118,8 +120,10 @@ class _Gateway:
         log.info("gateway %s serving S3 on %s", self.node_id, info.s3_address)
 
     async def s3_loop(self, ctx: service.Context) -> None:
-        """Hold the S3 server; stop it at shutdown."""
+        """Keep the users current (an etcd watch) while S3 serves; stop it at shutdown."""
         try:
+            if self.users is not None:
+                await self.users.run()
             await asyncio.Event().wait()
         finally:
             if self.s3_runner is not None:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -198,6 +199,16 @@ def test_detached_cluster_keeps_its_data_across_down_and_up(state_dir: Path) -> 
     assert "secret key" in result.stdout
     first = json.loads((state_dir / "cluster.json").read_text())
     first_map = _etcd_map(first["etcd"])
+    # The admin's keys are printed once at start and kept in private files.
+    assert first["s3_access_key"] in result.stdout
+    assert first["s3_secret_key"] in result.stdout
+    for private in ("cluster.json", "credentials.json", "master.key"):
+        assert stat.S_IMODE((state_dir / private).stat().st_mode) == 0o600, private
+    listed = kvtier_cmd("admin", "user", "list", "--json", "--state-dir", str(state_dir))
+    assert listed.returncode == 0, listed.stderr
+    admins = [u for u in json.loads(listed.stdout) if u["access_key"] == first["s3_access_key"]]
+    assert [(u["tenant"], u["is_admin"]) for u in admins] == [("default", True)]
+    assert first["s3_secret_key"] not in listed.stdout
     again = kvtier_cmd("up", "--state-dir", str(state_dir), timeout_s=30)
     assert again.returncode == 1
     assert "already running" in again.stdout + again.stderr
@@ -213,6 +224,13 @@ def test_detached_cluster_keeps_its_data_across_down_and_up(state_dir: Path) -> 
     try:
         second_map = _etcd_map(second["etcd"])
         assert second["access_key"] == first["access_key"]
+        # The same admin user across restarts, not a second one.
+        assert (second["s3_access_key"], second["s3_secret_key"]) == (
+            first["s3_access_key"],
+            first["s3_secret_key"],
+        )
+        listed = kvtier_cmd("admin", "user", "list", "--json", "--state-dir", str(state_dir))
+        assert [u["access_key"] for u in json.loads(listed.stdout)] == [first["s3_access_key"]]
         assert second_map.deployment_id == first_map.deployment_id
         assert second_map.epoch > first_map.epoch
         assert second_map.pools == first_map.pools  # same drives in the same slots

@@ -14,11 +14,12 @@ import asyncio
 import contextlib
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from kvtier import devcluster, errors
+from kvtier import devcluster, errors, users
 from kvtier.clients import gateway as gateway_client
 from kvtier.clients import metadata as metadata_client
 from kvtier.proto.gateway.v1 import admin_pb2
@@ -55,37 +56,49 @@ def metadata_address(metadata: str, state_dir: str) -> str:
         ) from None
 
 
-async def user_command(address: str, args: argparse.Namespace, out: TextIO) -> int:
-    """`kvtier admin user add|list|remove`."""
+async def user_command(
+    address: str, args: argparse.Namespace, out: TextIO, stdin: TextIO | None = None
+) -> int:
+    """`kvtier admin user add|list|remove` against the metadata service at address."""
     async with metadata_client.MetadataClient(address, timeout_s=10.0) as client:
         if args.user_command == "add":
-            reply = await client.create_user(
-                metadata_pb2.CreateUserRequest(
-                    tenant=args.tenant, display_name=args.name, is_admin=args.admin,
-                    access_key=args.access_key, secret_key=args.secret_key,
-                )
-            )  # fmt: skip
-            user = _user_dict(reply.user)
-            user["secret_key"] = reply.secret_key
-            if args.json:
-                out.write(json.dumps(user) + "\n")
-            else:
-                out.write(
-                    f"access key  {user['access_key']}\nsecret key  {user['secret_key']}\n"
-                    f"tenant      {user['tenant']}{' (admin)' if user['is_admin'] else ''}\n"
-                    "The secret is shown this once.\n"
-                )
+            await _add_user(client, args, out, stdin or sys.stdin)
         elif args.user_command == "list":
-            users = [_user_dict(u) for u in await client.list_users(args.tenant)]
+            found = [_user_dict(u) for u in await client.list_users(args.tenant)]
             if args.json:
-                out.write(json.dumps(users) + "\n")
-            for u in [] if args.json else users:
+                out.write(json.dumps(found) + "\n")
+            for u in [] if args.json else found:
                 admin = " admin" if u["is_admin"] else ""
                 out.write(f"{u['access_key']:24} {u['tenant']:16} {u['display_name']}{admin}\n")
         else:
             await client.delete_user(args.access_key)
-            out.write(f"removed {args.access_key}\n")
+            removed = {"removed": args.access_key}
+            out.write(json.dumps(removed) + "\n" if args.json else f"removed {args.access_key}\n")
     return 0
+
+
+async def _add_user(
+    client: metadata_client.MetadataClient, args: argparse.Namespace, out: TextIO, stdin: TextIO
+) -> None:
+    """Create the user and print its keys: the one time the secret is shown."""
+    secret_text = stdin.readline().rstrip("\r\n") if args.secret_key == "-" else args.secret_key
+    user = await client.create_user(
+        tenant=args.tenant,
+        display_name=args.name,
+        is_admin=args.admin,
+        access_key=args.access_key,
+        secret=users.Secret(secret_text) if secret_text else None,
+    )
+    shown = _user_dict(user.info)
+    shown["secret_key"] = user.secret.reveal()
+    if args.json:
+        out.write(json.dumps(shown) + "\n")
+        return
+    out.write(
+        f"access key  {shown['access_key']}\nsecret key  {shown['secret_key']}\n"
+        f"tenant      {shown['tenant']}{' (admin)' if shown['is_admin'] else ''}\n"
+        "The secret is shown this once: it cannot be read back.\n"
+    )
 
 
 def _user_dict(info: metadata_pb2.UserInfo) -> dict[str, Any]:

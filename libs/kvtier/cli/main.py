@@ -86,8 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--tenant", default="default", help="the tenant whose buckets it uses")
     add.add_argument("--name", default="", help="display name")
     add.add_argument("--admin", action="store_true", help="may use every tenant's buckets")
-    add.add_argument("--access-key", default="", help="choose the access key (with --secret-key)")
-    add.add_argument("--secret-key", default="", help="choose the secret (with --access-key)")
+    add.add_argument("--access-key", default="", help="choose the access key (with --secret)")
+    add.add_argument(
+        "--secret",
+        "--secret-key",
+        dest="secret_key",
+        default="",
+        help="choose the secret (with --access-key); '-' reads it from stdin",
+    )
     listing = user_sub.add_parser("list", help="users, without secrets")
     listing.add_argument("--tenant", default="", help="only this tenant's users")
     remove = user_sub.add_parser("remove", help="delete a user")

@@ -7,14 +7,14 @@ from typing import Any
 
 import grpc
 
-from kvtier import errors, rpc
+from kvtier import errors, rpc, users
 from kvtier.clients import base
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.metadata.v1 import metadata_pb2, metadata_pb2_grpc
 
 
 class MetadataClient(base.BaseClient):
-    """The control plane: the cluster map and buckets."""
+    """The control plane: the cluster map, buckets and S3 users."""
 
     def __init__(self, address: str, **kwargs: Any) -> None:
         super().__init__(address, **kwargs)
@@ -86,20 +86,52 @@ class MetadataClient(base.BaseClient):
         return list(reply.buckets)
 
     async def create_user(
-        self, request: metadata_pb2.CreateUserRequest
-    ) -> metadata_pb2.CreateUserResponse:
-        """A new S3 user and its secret (returned this once)."""
-        return await self._unary(self._stub.CreateUser, request)
+        self,
+        *,
+        tenant: str = "",
+        display_name: str = "",
+        is_admin: bool = False,
+        access_key: str = "",
+        secret: users.Secret | None = None,
+    ) -> users.User:
+        """Create an S3 user of tenant ("default" when empty); returns it with its secret, which
+        no later call returns again.
+
+        Without access_key and secret both are generated. Raises errors.AlreadyExists when the
+        access key is taken, errors.InvalidArgument for a bad tenant, access key or secret (or
+        only one of the two), and errors.PreconditionFailed when the metadata service has no
+        master key (S3 users disabled).
+        """
+        reply: metadata_pb2.CreateUserResponse = await self._unary(
+            self._stub.CreateUser,
+            metadata_pb2.CreateUserRequest(
+                tenant=tenant,
+                display_name=display_name,
+                is_admin=is_admin,
+                access_key=access_key,
+                secret_key=secret.reveal() if secret is not None else "",
+            ),
+        )
+        info = reply.user
+        return users.User(
+            access_key=info.access_key,
+            tenant=info.tenant,
+            display_name=info.display_name,
+            is_admin=info.is_admin,
+            created_at_unix_ms=info.created_at_unix_ms,
+            secret=users.Secret(reply.secret_key),
+        )
 
     async def list_users(self, tenant: str = "") -> list[metadata_pb2.UserInfo]:
-        """Users (of a tenant), without secrets."""
+        """Every S3 user (of tenant, when given), sorted by access key, without secrets."""
         reply: metadata_pb2.ListUsersResponse = await self._unary(
             self._stub.ListUsers, metadata_pb2.ListUsersRequest(tenant=tenant)
         )
         return list(reply.users)
 
     async def delete_user(self, access_key: str) -> None:
-        """Remove a user (NotFound when absent)."""
+        """Remove an S3 user; errors.NotFound when there is none. Gateways running a watch
+        refuse it within moments, others within their cache's ttl_s."""
         await self._unary(
             self._stub.DeleteUser, metadata_pb2.DeleteUserRequest(access_key=access_key)
         )

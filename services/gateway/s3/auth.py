@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from kvtier import credentials, membership
+from kvtier import masterkey, membership, users
 from services.gateway.s3 import awschunked, body, s3errors, signing
 
 
@@ -133,17 +133,20 @@ class Authenticator:
         return body.Payload(http.content, size=length, sha256_hex=mode.lower())
 
 
-def users_for(store: membership.EtcdMembership, master_key_file: str) -> SecretLookup:
-    """The secret lookup of a gateway: the cluster's users in etcd, opened with the master key
-    (without one, every signed request gets InvalidAccessKeyId)."""
-    cache = credentials.UserCache(store, credentials.load_master_key(master_key_file))
+def user_lookup(cache: users.UserCache) -> SecretLookup:
+    """The secret lookup of a gateway over its user cache (without a master key every signed
+    request gets InvalidAccessKeyId)."""
 
     async def lookup(access_key: str) -> tuple[Principal, str] | None:
         user = await cache.get(access_key)
         if user is None:
             return None
-        info = user.info
-        principal = Principal(info.access_key, info.tenant, info.display_name, info.is_admin)
+        principal = Principal(user.access_key, user.tenant, user.display_name, user.is_admin)
         return principal, user.secret.reveal()
 
     return lookup
+
+
+def user_cache(store: membership.EtcdMembership, master_key_file: str) -> users.UserCache:
+    """The cluster's users as a gateway sees them (run its `run()` loop to keep it current)."""
+    return users.UserCache(store, masterkey.load(master_key_file))
