@@ -4,49 +4,19 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
-import zlib
-from collections.abc import Callable
-from typing import Any
 
-from awscrt import checksums as awscrt_checksums
-
-from kvtier import errors
+from kvtier import checksums, errors
 from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway import placement
 
-CHECKSUMS = ("CRC32", "CRC32C", "CRC64NVME", "SHA1", "SHA256")
+CHECKSUMS = checksums.ALGORITHMS
 
 
-class _Crc:
-    """A CRC behind the hashlib interface; digest() big-endian, as S3 encodes checksums.
-    CRC32 from zlib; CRC32C and CRC64NVME from awscrt (AWS's own, hardware-accelerated)."""
-
-    def __init__(self, fn: Callable[[Any, int], int], width: int) -> None:
-        self._fn = fn
-        self._width = width
-        self.value = 0
-
-    def update(self, data: Any) -> None:
-        self.value = self._fn(data, self.value)
-
-    def digest(self) -> bytes:
-        return self.value.to_bytes(self._width, "big")
-
-
-def new_hasher(name: str) -> Any:
+def new_hasher(name: str) -> checksums.Checksum:
     """A hasher (update/digest) for an S3 checksum algorithm; InvalidArgument when unknown."""
-    if name == "CRC32":
-        return _Crc(zlib.crc32, 4)
-    if name == "CRC32C":
-        return _Crc(awscrt_checksums.crc32c, 4)
-    if name == "CRC64NVME":
-        return _Crc(awscrt_checksums.crc64nvme, 8)
-    if name in ("SHA1", "SHA256"):
-        return hashlib.new(name.lower())
-    raise errors.InvalidArgument(f"checksum {name!r} is not supported (use {', '.join(CHECKSUMS)})")
+    return checksums.new(name)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

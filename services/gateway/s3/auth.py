@@ -1,10 +1,10 @@
 """Who an S3 request acts for: AWS Signature V4 checked against the users in etcd.
 
 `Authenticator.authenticate` parses the request's signature (header or presigned query,
-`services.gateway.s3.sigv4`), looks the access key up (`kvtier.users.UserCache`, kept current by
-an etcd watch), verifies the signature with the user's secret and builds the request's
-`body.Payload`: the signed SHA-256 of the body, or an aws-chunked decoder that checks every
-chunk's signature and the trailer (`services.gateway.s3.chunked`). Anonymous requests are refused.
+`sigv4`; V2 presigned URLs, `presign_v2`), looks the access key up (`kvtier.users.UserCache`,
+kept current by an etcd watch), verifies the signature with the user's secret and builds the
+request's `body.Payload`: the signed SHA-256 of the body, or an aws-chunked decoder that checks
+every chunk's signature and the trailer (`chunked`). Anonymous requests are refused.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from kvtier import masterkey, membership, users
-from services.gateway.s3 import awschunked, body, s3errors, signing
+from services.gateway.s3 import body, chunked, presign_v2, s3errors, sigv4
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,6 +38,8 @@ class Principal:
         """(canonical id, display name) as S3 lists owners: the id names the tenant."""
         return hashlib.sha256(self.tenant.encode()).hexdigest(), self.display_name or self.tenant
 
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 SecretLookup = Callable[[str], Awaitable[tuple[Principal, str] | None]]
 
@@ -63,74 +65,68 @@ class Authenticator:
     async def authenticate(self, http: web.Request) -> tuple[Principal, body.Payload]:
         """The principal and the body of a request; S3Error (AccessDenied,
         InvalidAccessKeyId, SignatureDoesNotMatch, RequestTimeTooSkewed...) when it fails."""
-        headers = http.headers
         raw_path, _, raw_query = http.raw_path.partition("?")
-        signed = signing.parse(http.query, headers)
-        if signed is None:
-            return await self._presigned_v2(http, raw_path)
-        found = await self._lookup(signed.access_key)
-        if found is None:
-            raise s3errors.S3Error(
-                "InvalidAccessKeyId",
-                "The AWS Access Key Id you provided does not exist in our records.",
-            )
-        principal, secret = found
-        signing.check_time(signed, self._clock(), self._region)
-        key = signing.verify(
-            signed, secret, method=http.method, raw_path=raw_path, raw_query=raw_query,
-            headers=headers, getall=headers.getall,
-        )  # fmt: skip
-        return principal, self._payload(http, signed, key)
+        try:
+            auth = sigv4.parse(
+                method=http.method, raw_path=raw_path, raw_query=raw_query,
+                headers=http.headers, region=self._region,
+            )  # fmt: skip
+            if auth is None:
+                return await self._presigned_v2(http, raw_path)
+            found = await self._lookup(auth.access_key)
+            if found is None:
+                raise sigv4.invalid_access_key()
+            principal, secret = found
+            verified = sigv4.verify(auth, secret, now=self._clock())
+        except sigv4.S3AuthError as exc:
+            raise translate(exc) from None
+        return principal, self._payload(http, verified)
 
     async def _presigned_v2(
         self, http: web.Request, raw_path: str
     ) -> tuple[Principal, body.Payload]:
-        signed = signing.parse_v2(http.query)
+        signed = presign_v2.parse_v2(http.query)
         if signed is None:
             raise s3errors.S3Error("AccessDenied", "Anonymous access is not allowed")
         found = await self._lookup(signed.access_key)
         if found is None:
-            raise s3errors.S3Error(
-                "InvalidAccessKeyId",
-                "The AWS Access Key Id you provided does not exist in our records.",
-            )
+            raise translate(sigv4.invalid_access_key())
         principal, secret = found
-        signing.verify_v2(
+        presign_v2.verify_v2(
             signed, secret, method=http.method, raw_path=raw_path, query=http.query,
             headers=http.headers, now=self._clock(),
         )  # fmt: skip
         return principal, body.Payload(http.content, size=_content_length(http))
 
     @staticmethod
-    def _payload(http: web.Request, signed: signing.SignedRequest, key: bytes) -> body.Payload:
-        mode = signed.payload_hash
-        length = _content_length(http)
-        if mode in (
-            signing.STREAMING_SIGNED,
-            signing.STREAMING_SIGNED_TRAILER,
-            signing.STREAMING_UNSIGNED_TRAILER,
-        ):
-            decoded = http.headers.get("x-amz-decoded-content-length", "")
-            if not decoded.isdigit():
+    def _payload(http: web.Request, verified: sigv4.Verified) -> body.Payload:
+        request = verified.request
+        mode = request.payload_mode
+        if mode.chunked:
+            if request.decoded_content_length is None:
                 raise s3errors.S3Error(
                     "MissingContentLength", "aws-chunked bodies need x-amz-decoded-content-length"
                 )
-            decoder = awschunked.ChunkDecoder(
-                signed=mode != signing.STREAMING_UNSIGNED_TRAILER,
-                trailer=mode != signing.STREAMING_SIGNED,
-                key=key, seed=signed.signature, amz_date=signed.amz_date, scope=signed.scope,
-            )  # fmt: skip
-            return body.Payload(http.content, size=int(decoded), decoder=decoder)
-        if mode == signing.UNSIGNED:
+            return body.Payload(
+                http.content,
+                size=request.decoded_content_length,
+                decoder=chunked.ChunkDecoder.for_request(verified),
+            )
+        length = _content_length(http)
+        expected = request.expected_sha256
+        if expected is None:  # UNSIGNED-PAYLOAD
             return body.Payload(http.content, size=length)
-        if not signing.is_hex_sha256(mode):
-            raise s3errors.S3Error("InvalidArgument", f"x-amz-content-sha256 {mode[:80]!r}")
-        if length == 0 and mode.lower() != signing.EMPTY_SHA256:
+        if length == 0 and expected != EMPTY_SHA256:
             raise s3errors.S3Error(
                 "XAmzContentSHA256Mismatch",
                 "The provided 'x-amz-content-sha256' header does not match what was computed.",
             )
-        return body.Payload(http.content, size=length, sha256_hex=mode.lower())
+        return body.Payload(http.content, size=length, sha256_hex=expected)
+
+
+def translate(exc: sigv4.S3AuthError) -> s3errors.S3Error:
+    """The S3 error of an authentication failure."""
+    return s3errors.S3Error(exc.code, exc.message, status=exc.status)
 
 
 def user_lookup(cache: users.UserCache) -> SecretLookup:

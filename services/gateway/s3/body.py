@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Sequence
 from typing import Protocol
 
 from aiohttp import streams
@@ -22,7 +23,7 @@ from services.gateway.s3 import s3errors
 class Decoder(Protocol):
     """An incremental body decoder (aws-chunked)."""
 
-    def feed(self, data: bytes) -> list[bytes | memoryview]:
+    def feed(self, data: bytes) -> Sequence[memoryview]:
         """Payload pieces decoded from the next raw bytes."""
 
     def finish(self) -> dict[str, str]:
@@ -58,8 +59,8 @@ class Payload:
             raise s3errors.S3Error("IncompleteBody", f"the body was cut short: {exc}") from None
         if not raw:
             return False
-        pieces = self._decoder.feed(raw) if self._decoder is not None else [raw]
-        self._pending.extend(memoryview(p) for p in pieces if len(p))
+        pieces = self._decoder.feed(raw) if self._decoder is not None else [memoryview(raw)]
+        self._pending.extend(p for p in pieces if len(p))
         return True
 
     async def readinto(self, view: memoryview) -> int:

@@ -23,7 +23,7 @@ from aiohttp import web
 from kvtier import errors
 from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway import front as front_mod
-from services.gateway.s3 import auth, body, kv_ops, s3errors, xmlio
+from services.gateway.s3 import auth, body, kv_ops, s3errors, sigv4, xmlio
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,8 @@ class S3Server:
             response = await handler(self, request)
         except s3errors.S3Error as exc:
             response = _error(exc, resource, request_id, http.method)
+        except sigv4.S3AuthError as exc:  # from an aws-chunked body, mid-stream
+            response = _error(auth.translate(exc), resource, request_id, http.method)
         except errors.KVTierError as exc:
             not_found = "NoSuchBucket" if op.endswith("Bucket") or op.startswith("List") else ""
             mapped = s3errors.from_domain(exc, default_not_found=not_found or "NoSuchKey")

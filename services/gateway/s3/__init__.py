@@ -1,0 +1,1 @@
+"""The S3 HTTP API of the gateway."""
