@@ -223,6 +223,12 @@ def test_bad_requests_are_refused_and_store_nothing(s3_cluster_fixture: Info) ->
         got_status, reply = _raw(info, "PUT", path, payload, headers)
         assert got_status == status, (path, got_status, reply)
         assert f"<Code>{code}</Code>".encode() in reply, (path, reply)
+    # Content-Length shorter than the body the signature covers: the stored bytes would not
+    # be what was signed, so nothing is stored (the rest of the body is not a request either).
+    shorter = _signed(info, "PUT", "/guarded/g", body)
+    shorter["Content-Length"] = str(len(body) - 10)
+    status, reply = _raw(info, "PUT", "/guarded/g", body, shorter)
+    assert (status, b"<Code>XAmzContentSHA256Mismatch</Code>" in reply) == (400, True), reply
     unknown = _signed(info, "GET", "/guarded", b"")
     unknown["Authorization"] = unknown["Authorization"].replace(info["access_key"], "NOSUCHKEY0000")
     status, reply = _raw(info, "GET", "/guarded", b"", unknown)
