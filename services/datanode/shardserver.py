@@ -80,7 +80,15 @@ class ShardNode:
             if segments or len(capacities) != 1:
                 raise errors.InvalidArgument("READ_SHARD takes no segments and one buffer")
             return self._read_plan(read, capacities[0])
+        if method == pb.SHARD_CALL_METHOD_READ_META:
+            meta = calls.parse_request(pb.ReadMetaRequest, request)
+            if segments or capacities:
+                raise errors.InvalidArgument("READ_META takes no segments nor buffers")
+            return self._meta_plan(meta)
         raise errors.InvalidArgument(f"unknown datanode call method {method}")
+
+    async def _meta_plan(self, req: pb.ReadMetaRequest) -> base.CallPlan:
+        return base.CallPlan(reply=(await self.read_meta(req)).SerializeToString())
 
     async def _write_plan(
         self, req: pb.WriteShardRequest, segments: Sequence[int]

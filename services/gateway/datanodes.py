@@ -17,7 +17,7 @@ from kvtier import clustermap, errors
 from kvtier.clients import datanode as datanode_client
 from kvtier.clients import dataplane as dataplane_client
 from kvtier.proto.common.v1 import common_pb2
-from kvtier.proto.datanode.v1 import shards_pb2
+from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
 from kvtier.transport import base
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,14 @@ class Datanodes:
             node_id, shards_pb2.SHARD_CALL_METHOD_READ_SHARD, request, intos=[into]
         )
         return int(result.lengths[0]) if result.lengths else 0
+
+    async def read_meta(
+        self, node_id: str, drive_id: str, bucket: str, key: str
+    ) -> datanode_pb2.ShardMeta:
+        """The object's metadata on one of the node's drives (NotFound when absent)."""
+        request = shards_pb2.ReadMetaRequest(drive_id=drive_id, bucket=bucket, key=key)
+        result = await self.call(node_id, shards_pb2.SHARD_CALL_METHOD_READ_META, request)
+        return shards_pb2.ReadMetaResponse.FromString(result.reply).meta
 
     async def _session(self, conn: _Conn) -> dataplane_client.DataPlaneSession:
         if conn.session is not None:

@@ -485,7 +485,7 @@ class ObjectEngine:
         async def read(index: int) -> datanode_pb2.ShardMeta | BaseException:
             slot = where.slots[index]
             try:
-                return await self._nodes.shards(slot.node_id).read_meta(slot.drive_id, bucket, key)
+                return await self._nodes.read_meta(slot.node_id, slot.drive_id, bucket, key)
             except errors.KVTierError as exc:
                 return exc
 

@@ -37,6 +37,10 @@ class _ShardCallMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Shard
     """WriteShardRequest; segments: shard bytes to append; reply WriteShardResponse."""
     SHARD_CALL_METHOD_READ_SHARD: _ShardCallMethod.ValueType  # 2
     """ReadShardRequest; one receive buffer; reply ReadShardResponse."""
+    SHARD_CALL_METHOD_READ_META: _ShardCallMethod.ValueType  # 3
+    """ReadMetaRequest; no buffers; reply ReadMetaResponse (what every GET and HEAD asks of
+    each drive of the set: a call costs a fraction of a gRPC round trip).
+    """
 
 class ShardCallMethod(_ShardCallMethod, metaclass=_ShardCallMethodEnumTypeWrapper):
     """Data-plane call methods served by a datanode."""
@@ -46,6 +50,10 @@ SHARD_CALL_METHOD_WRITE_SHARD: ShardCallMethod.ValueType  # 1
 """WriteShardRequest; segments: shard bytes to append; reply WriteShardResponse."""
 SHARD_CALL_METHOD_READ_SHARD: ShardCallMethod.ValueType  # 2
 """ReadShardRequest; one receive buffer; reply ReadShardResponse."""
+SHARD_CALL_METHOD_READ_META: ShardCallMethod.ValueType  # 3
+"""ReadMetaRequest; no buffers; reply ReadMetaResponse (what every GET and HEAD asks of
+each drive of the set: a call costs a fraction of a gRPC round trip).
+"""
 Global___ShardCallMethod: _TypeAlias = ShardCallMethod  # noqa: Y015
 
 @_typing.final
