@@ -15,6 +15,8 @@ help:
 	@echo "make bench      benchmarks; writes docs/benchmarks.md and docs/img/*.png"
 	@echo "                (first installs the KV-cache peers into .bench-venvs/: scripts/bench_peers.sh)"
 	@echo "make up|down|status   the dev cluster in .kvtier"
+	@echo "make e2e        restore a transformer's prefix KV from kvtier vs recompute it (bench/e2e;"
+	@echo "                installs the e2e extra first: torch CPU, transformers, redis-py)"
 
 install:
 	scripts/bootstrap.sh install
@@ -53,3 +55,13 @@ down:
 
 status:
 	$(BIN)/kvtier status --state-dir .kvtier
+
+# The end-to-end proof (bench/e2e; also `make bench`'s e2e section): installs the e2e extra and
+# redis-server when missing, then the sweep; writes docs/benchmarks.md's e2e section and
+# docs/img/e2e_*.png. Its correctness check runs in `make test` (tests/e2e).
+.PHONY: e2e
+e2e:
+	@$(BIN)/python -c 'import torch, transformers, redis, hiredis' 2>/dev/null || \
+		$(BIN)/pip install -q -e '.[e2e]'
+	@command -v redis-server >/dev/null 2>&1 || PYTHON=$(BIN)/python scripts/bench_peers.sh redis
+	$(BIN)/python -m bench.e2e

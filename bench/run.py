@@ -1,6 +1,7 @@
 """`make bench`: measure, check the targets as ratios of this run's ceilings, write the report.
 
-Usage: python -m bench.run [--quick] [--no-doc] [--skip-kv] [--skip-objects]
+Usage: python -m bench.run [--quick] [--no-doc] [--skip-kv] [--skip-objects] [--skip-s3]
+                           [--skip-e2e]
 Writes bench/results/<name>.json, docs/img/<name>.png and the matching section of
 docs/benchmarks.md (between `<!-- <name>:begin -->` and `<!-- <name>:end -->`).
 The KV-cache section (bench/kv_bench.py) installs its peers with scripts/bench_peers.sh first;
@@ -24,7 +25,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from bench import ceilings, eviction_trace, kv_bench, object_bench, transport_bench
+from bench import ceilings, eviction_trace, kv_bench, object_bench, s3_bench, transport_bench
+from bench.e2e import sweep as e2e_sweep
 from kvtier.transport import registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,6 +224,12 @@ def main() -> int:
     parser.add_argument(
         "--skip-objects", action="store_true", help="skip the object-tier (dev cluster) benchmark"
     )
+    parser.add_argument(
+        "--skip-s3", action="store_true", help="skip the S3 API (boto3, dev cluster) benchmark"
+    )
+    parser.add_argument(
+        "--skip-e2e", action="store_true", help="skip the end-to-end restore-vs-recompute sweep"
+    )
     args = parser.parse_args()
     result = run_transport(args.quick)
     print(f"erasure coding ceiling: {_erasure_cell(result['ceilings']['erasure_gbps'])}")
@@ -238,6 +246,12 @@ def main() -> int:
     if not args.skip_objects:
         objs = object_bench.run_section(args.quick, None if args.no_doc else update_doc)
         result["targets"] += objs["targets"]
+    if not args.skip_s3:
+        s3 = s3_bench.run_section(args.quick, None if args.no_doc else update_doc)
+        result["targets"] += s3["targets"]
+    if not args.skip_e2e:
+        e2e = e2e_sweep.run_section(args.quick, None if args.no_doc else update_doc)
+        result["targets"] += e2e["targets"]
     for check in result["targets"]:
         print(f"{'ok  ' if check['ok'] else 'MISS'} {check['target']}: {check['ratio']:.2f}")
     return 0 if all(c["ok"] for c in result["targets"]) else 1

@@ -25,6 +25,9 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
 packages=()
 command -v etcd >/dev/null 2>&1 || packages+=(etcd-server)
 command -v make >/dev/null 2>&1 || packages+=(make)
+if [ "$mode" = test ]; then  # the end-to-end proof compares against Redis
+  command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+fi
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || packages+=(python3-venv)
 # ISA-L for erasure coding: checked the way kvtier.erasure loads it (ldconfig is not on a
 # non-root user's PATH on Debian).
@@ -42,8 +45,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 if [ "$mode" = test ]; then
+  # The end-to-end proof's model (torch CPU, transformers) and Redis client for tests/e2e.
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,e2e]'
   # NIXL's OBJ plugin, for the S3 acceptance tests: CPU-only, without its CUDA dependencies.
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'nixl==1.5.*' 'nixl-cu12==1.5.*'
+  # LMCache in a virtualenv of its own (its pins clash with ours), so that the LMCache plugin
+  # is tested with LMCache's own code (tests/integrations/test_lmcache_engine.py).
+  PYTHON=python3 scripts/bench_peers.sh lmcache || echo "bootstrap: LMCache could not be installed" >&2
 fi
 
 case "$mode" in
