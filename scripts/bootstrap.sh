@@ -52,6 +52,15 @@ if [ "$mode" = test ]; then
   # LMCache in a virtualenv of its own (its pins clash with ours), so that the LMCache plugin
   # is tested with LMCache's own code (tests/integrations/test_lmcache_engine.py).
   PYTHON=python3 scripts/bench_peers.sh lmcache || echo "bootstrap: LMCache could not be installed" >&2
+  # vLLM 0.33's own offloading classes for the vLLM plugin's tests: the wheel without its CUDA
+  # dependencies, plus the pure-Python modules vllm.v1.kv_offload imports, kept in .engines/.
+  if [ ! -d .engines/vllm/vllm ]; then
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --target .engines/vllm \
+      vllm==0.33.0 msgspec psutil pyzmq cbor2 requests openai openai-harmony sniffio pybase64 \
+      cachetools cloudpickle py-cpuinfo xgrammar apache-tvm-ffi llguidance fastapi starlette \
+      partial-json-parser opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions \
+      opentelemetry-semantic-conventions-ai || echo "bootstrap: vLLM could not be installed" >&2
+  fi
 fi
 
 case "$mode" in

@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import logging
 import socket
+import sys
 import time
 import types
 import uuid
@@ -42,8 +43,15 @@ CHUNK = 64 * KIB
 NODE_SETTINGS = {"arena_bytes": 64 * MIB, "page_bytes": 4 * MIB}
 
 
+#: Where `scripts/bootstrap.sh test` installs vLLM 0.33 `--no-deps` (with the pure-Python
+#: modules its offloading code imports), apart from the project's packages.
+ENGINE_DIR = Path(__file__).resolve().parents[2] / ".engines" / "vllm"
+
+
 def _vllm() -> types.SimpleNamespace | None:
     """vLLM 0.33's modules the tests use, if vLLM imports here."""
+    if ENGINE_DIR.is_dir() and str(ENGINE_DIR) not in sys.path:
+        sys.path.append(str(ENGINE_DIR))  # after ours: our packages win any overlap
     try:
         names = ("base", "config", "tiering.base", "tiering.factory", "tiering.spec")
         mods = [importlib.import_module(f"vllm.v1.kv_offload.{n}") for n in names]
