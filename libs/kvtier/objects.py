@@ -236,13 +236,14 @@ class AsyncObjectClient:
     async def get_object(
         self, bucket: str, key: str, *, offset: int = 0, length: int | None = None
     ) -> bytes:
-        """The object's bytes (or a range of them)."""
+        """The object's bytes (or a range of them, cut at the object's end)."""
         if length is None:
             length = (await self.head_object(bucket, key)).size - offset
         buffer = bytearray(max(length, 0))
-        if length:
-            await self.get_object_into(bucket, key, buffer, offset=offset)
-        return bytes(buffer)
+        if not length:
+            return b""
+        info = await self.get_object_into(bucket, key, buffer, offset=offset)
+        return bytes(buffer[: max(0, min(length, info.size - offset))])
 
     async def download(self, bucket: str, key: str, path: str | Path) -> pb.ObjectInfo:
         """Write the object to a file, one call's bytes at a time."""

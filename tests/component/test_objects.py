@@ -195,3 +195,13 @@ async def test_a_ranged_read_rebuilds_a_lost_block_from_the_whole_stripe(
         for start in (MIB + 5, 9 * MIB):  # block 1 of stripes 0 and 1
             got = await client.get_object("ranged", "k", offset=start, length=1000)
             assert got == data[start : start + 1000], start
+
+
+async def test_a_range_past_the_end_is_cut_at_the_end(cluster: Cluster) -> None:
+    data = objects_cluster.data(11, 3 * MIB + 7)
+    async with await objects.AsyncObjectClient.connect(cluster.gateway.address) as client:
+        await client.create_bucket("tail")
+        await client.put_object("tail", "k", data)
+        start = len(data) - 100
+        assert await client.get_object("tail", "k", offset=start, length=4096) == data[start:]
+        assert await client.get_object("tail", "k", offset=0, length=len(data) + 5) == data
