@@ -25,6 +25,7 @@ from aiohttp import web
 from kvtier import errors, kv
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
+from services.gateway import listing
 from services.gateway.s3 import object_ops, s3errors, xmlio
 
 if TYPE_CHECKING:
@@ -168,25 +169,6 @@ async def _fetch(client: kv.AsyncKVClient, key: str) -> tuple[pb.ObjectInfo, byt
     raise s3errors.S3Error("NoSuchKey", "The specified key does not exist.")
 
 
-def _headers(response: web.StreamResponse, info: pb.ObjectInfo, req: server.S3Request) -> None:
-    out = response.headers
-    out["ETag"] = xmlio.quoted(info.etag)
-    out["Last-Modified"] = xmlio.http_time(info.mtime_unix_ms)
-    out["Accept-Ranges"] = "bytes"
-    out["Content-Type"] = info.headers.content_type or "binary/octet-stream"
-    for name, value in (
-        ("Content-Encoding", info.headers.content_encoding),
-        ("Content-Disposition", info.headers.content_disposition),
-        ("Cache-Control", info.headers.cache_control),
-        ("Content-Language", info.headers.content_language),
-        ("Expires", info.headers.expires),
-    ):
-        if value:
-            out[name] = value
-    for key, value in info.headers.user_metadata.items():
-        out[f"x-amz-meta-{key}"] = value
-
-
 async def head_object(s3: server.S3Server, req: server.S3Request) -> web.StreamResponse:
     """The object's headers, from its metadata block."""
     object_ops.check_key(req.key)
@@ -196,7 +178,7 @@ async def head_object(s3: server.S3Server, req: server.S3Request) -> web.StreamR
     object_ops.check_conditions(req.header, info.etag, info.mtime_unix_ms, for_read=True)
     span = object_ops.parse_range(req.header("Range"), info.size)
     response = web.StreamResponse(status=206 if span else 200)
-    _headers(response, info, req)
+    object_ops.info_headers(response, info, req)
     if span:
         response.headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{info.size}"
     response.content_length = span[1] - span[0] + 1 if span else info.size
@@ -216,7 +198,7 @@ async def get_object(s3: server.S3Server, req: server.S3Request) -> web.StreamRe
         span = None
     first, last = span if span else (0, info.size - 1)
     response = web.StreamResponse(status=206 if span else 200)
-    _headers(response, info, req)
+    object_ops.info_headers(response, info, req)
     if span:
         response.headers["Content-Range"] = f"bytes {first}-{last}/{info.size}"
     response.content_length = last - first + 1
@@ -264,7 +246,7 @@ async def list_objects(s3: server.S3Server, req: server.S3Request) -> web.Respon
             if key_bytes.startswith(META_PREFIX):
                 continue
             key = key_bytes.decode()
-            folded = _fold(key, prefix, delimiter)
+            folded = listing.fold(key, prefix, delimiter)
             if folded is not None:
                 if not page.common_prefixes or page.common_prefixes[-1] != folded:
                     page.common_prefixes.append(folded)
@@ -286,13 +268,6 @@ async def list_objects(s3: server.S3Server, req: server.S3Request) -> web.Respon
         ),
         content_type="application/xml",
     )  # fmt: skip
-
-
-def _fold(key: str, prefix: str, delimiter: str) -> str | None:
-    if not delimiter:
-        return None
-    at = key.find(delimiter, len(prefix))
-    return key[: at + len(delimiter)] if at >= 0 else None
 
 
 async def _fill_infos(client: kv.AsyncKVClient, page: pb.ListObjectsResponse) -> None:

@@ -264,12 +264,9 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     return first, min(last, size - 1)
 
 
-def object_headers(
-    response: web.StreamResponse, meta: datanode_pb2.ShardMeta, req: server.S3Request
-) -> None:
-    """ETag, Last-Modified, the stored standard headers, x-amz-meta-*, and (when asked with
-    x-amz-checksum-mode: ENABLED) the whole object's checksums."""
-    info = versions.info(meta)
+def info_headers(response: web.StreamResponse, info: pb.ObjectInfo, req: server.S3Request) -> None:
+    """ETag, Last-Modified, the stored standard headers, x-amz-meta-* and the `response-*`
+    overrides of a request (any bucket kind)."""
     h = info.headers
     out = response.headers
     out["ETag"] = xmlio.quoted(info.etag)
@@ -285,6 +282,18 @@ def object_headers(
             out[name] = value
     for key, value in h.user_metadata.items():
         out[f"x-amz-meta-{key}"] = value
+    for param, header in _OVERRIDES.items():
+        if param in req.query:
+            out[header] = req.query[param]
+
+
+def object_headers(
+    response: web.StreamResponse, meta: datanode_pb2.ShardMeta, req: server.S3Request
+) -> None:
+    """info_headers, the parts count, and (when asked with x-amz-checksum-mode: ENABLED) the
+    whole object's checksums."""
+    info_headers(response, versions.info(meta), req)
+    out = response.headers
     if len(meta.parts) > 1:
         out["x-amz-mp-parts-count"] = str(len(meta.parts))
     if req.header("x-amz-checksum-mode").upper() == "ENABLED" and "Range" not in req.http.headers:
@@ -292,9 +301,6 @@ def object_headers(
             out[f"{CHECKSUM_HEADER}{name.lower()}"] = value
             if value.endswith(f"-{len(meta.parts)}") and len(meta.parts) > 1:
                 out["x-amz-checksum-type"] = "COMPOSITE"
-    for param, header in _OVERRIDES.items():
-        if param in req.query:
-            out[header] = req.query[param]
 
 
 async def _resolve(s3: server.S3Server, req: server.S3Request) -> versions.Resolved:
