@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvtier import errors, telemetry
+from kvtier import errors, principal, telemetry
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,8 @@ class _CallScope:
 
     def __enter__(self) -> _CallScope:
         self._token = telemetry.request_id.set(self._rid)
+        # Transitional: every caller has every right until authentication lands (issue 13).
+        self._principal_token = principal.bind(principal.INSECURE)
         self._start = time.perf_counter()
         return self
 
@@ -150,6 +152,7 @@ class _CallScope:
         telemetry.RPC_SECONDS.labels(self._owner._service_label, self._method, self._code).observe(
             time.perf_counter() - self._start
         )
+        principal.unbind(self._principal_token)
         telemetry.request_id.reset(self._token)
 
     async def run(self, call: Callable[[], Awaitable[T]]) -> T:

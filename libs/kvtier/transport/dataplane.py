@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import prometheus_client
 
 from kvtier import errors
+from kvtier import principal as principal_mod
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.transport import base, registry
 
@@ -23,23 +24,26 @@ OPENED = prometheus_client.Counter(
 
 
 #: The tenant of a session that names none.
-DEFAULT_TENANT = "default"
-_TENANT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-MAX_TENANT_BYTES = 64
+DEFAULT_TENANT = principal_mod.DEFAULT_TENANT
+MAX_TENANT_BYTES = principal_mod.MAX_TENANT_BYTES
+check_tenant = principal_mod.check_tenant
 
-
-def check_tenant(tenant: str) -> str:
-    """tenant, if it is a valid tenant name (1-64 of [A-Za-z0-9._-]); else InvalidArgument."""
-    if not 0 < len(tenant) <= MAX_TENANT_BYTES or not set(tenant) <= _TENANT_CHARS:
-        raise errors.InvalidArgument(
-            f"tenant must be 1-{MAX_TENANT_BYTES} characters of [A-Za-z0-9._-], got {tenant!r}"
-        )
-    return tenant
+#: Session principals of services, operators and admins that act for no tenant start with this
+#: (followed by the role): no tenant name can (`check_tenant` refuses '@').
+NO_TENANT_MARK = "@"
 
 
 def tenant_of(principal: str) -> str:
-    """The tenant a session's principal acts for (principals are `tenant/client_id/suffix`)."""
+    """The tenant a session's principal acts for (principals are `tenant/who/suffix`; a session
+    acting for no tenant has `@role` in place of the tenant, which names no tenant)."""
     return principal.split("/", 1)[0]
+
+
+def role_of(principal: str) -> str:
+    """The service role of a session that acts for no tenant (`@gateway/...` -> "gateway"),
+    else "" (a tenant's session)."""
+    head = tenant_of(principal)
+    return head[1:] if head.startswith(NO_TENANT_MARK) else ""
 
 
 class DataPlane:

@@ -23,55 +23,62 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from kvtier.proto.common.v1 import access_pb2 as kvtier_dot_common_dot_v1_dot_access__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dkvtier/common/v1/common.proto\x12\x10kvtier.common.v1\"P\n\x05\x44rive\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x12\n\nfree_bytes\x18\x04 \x01(\x04\"\xb9\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12(\n\x04role\x18\x02 \x01(\x0e\x32\x1a.kvtier.common.v1.NodeRole\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x04 \x01(\t\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\r\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x1a\n\x12started_at_unix_ms\x18\x08 \x01(\x03\x12\'\n\x06\x64rives\x18\t \x03(\x0b\x32\x17.kvtier.common.v1.Drive\x12:\n\tdataplane\x18\n \x01(\x0b\x32\'.kvtier.common.v1.DataPlaneCapabilities\x12\x12\n\ns3_address\x18\x0b \x01(\t\"[\n\tDriveSlot\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.kvtier.common.v1.DriveState\"s\n\nErasureSet\x12\r\n\x05index\x18\x01 \x01(\r\x12\x13\n\x0b\x64\x61ta_shards\x18\x02 \x01(\r\x12\x15\n\rparity_shards\x18\x03 \x01(\r\x12*\n\x05slots\x18\x04 \x03(\x0b\x32\x1b.kvtier.common.v1.DriveSlot\"Z\n\x04Pool\x12\r\n\x05index\x18\x01 \x01(\r\x12*\n\x04sets\x18\x02 \x03(\x0b\x32\x1c.kvtier.common.v1.ErasureSet\x12\x17\n\x0f\x66ormed_at_epoch\x18\x03 \x01(\x04\"1\n\x0cPendingDrive\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"\xbc\x01\n\nClusterMap\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x15\n\rdeployment_id\x18\x02 \x01(\t\x12%\n\x05pools\x18\x03 \x03(\x0b\x32\x16.kvtier.common.v1.Pool\x12\x36\n\x0epending_drives\x18\x04 \x03(\x0b\x32\x1e.kvtier.common.v1.PendingDrive\x12)\n\x05nodes\x18\x05 \x03(\x0b\x32\x1a.kvtier.common.v1.NodeInfo\"\x14\n\x12GetNodeInfoRequest\"d\n\x13GetNodeInfoResponse\x12(\n\x04node\x18\x01 \x01(\x0b\x32\x1a.kvtier.common.v1.NodeInfo\x12\x11\n\tmap_epoch\x18\x02 \x01(\x04\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\"~\n\x11TransportEndpoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0brdma_device\x18\x03 \x01(\t\x12\x11\n\trdma_port\x18\x04 \x01(\r\x12\x10\n\x08rdma_gid\x18\x05 \x01(\x0c\x12\x10\n\x08rdma_lid\x18\x06 \x01(\r\"`\n\x15\x44\x61taPlaneCapabilities\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x36\n\tendpoints\x18\x02 \x03(\x0b\x32#.kvtier.common.v1.TransportEndpoint\"\xac\x01\n\nDescriptor\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tregion_id\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0e\n\x06length\x18\x04 \x01(\x04\x12\x0e\n\x06rights\x18\x05 \x01(\r\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x06 \x01(\x03\x12\x0b\n\x03mac\x18\x07 \x01(\x0c\x12\x0c\n\x04rkey\x18\x08 \x01(\r\x12\x13\n\x0bremote_addr\x18\t \x01(\x04\"\x83\x01\n\x14OpenDataPlaneRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x37\n\x06\x63lient\x18\x02 \x01(\x0b\x32\'.kvtier.common.v1.DataPlaneCapabilities\x12\x0f\n\x07\x61llowed\x18\x03 \x03(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\"\xa5\x01\n\x15OpenDataPlaneResponse\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\x35\n\x08\x65ndpoint\x18\x02 \x01(\x0b\x32#.kvtier.common.v1.TransportEndpoint\x12\r\n\x05token\x18\x03 \x01(\x0c\x12 \n\x18token_expires_at_unix_ms\x18\x04 \x01(\x03\x12\x11\n\tprincipal\x18\x05 \x01(\t\"S\n\rRdmaQueuePair\x12\x0e\n\x06qp_num\x18\x01 \x01(\r\x12\x0b\n\x03psn\x18\x02 \x01(\r\x12\x0b\n\x03gid\x18\x03 \x01(\x0c\x12\x0b\n\x03lid\x18\x04 \x01(\r\x12\x0b\n\x03mtu\x18\x05 \x01(\r\"T\n\x12\x43onnectRdmaRequest\x12\r\n\x05token\x18\x01 \x01(\x0c\x12/\n\x06\x63lient\x18\x02 \x01(\x0b\x32\x1f.kvtier.common.v1.RdmaQueuePair\"F\n\x13\x43onnectRdmaResponse\x12/\n\x06server\x18\x01 \x01(\x0b\x32\x1f.kvtier.common.v1.RdmaQueuePair*\x83\x01\n\x08NodeRole\x12\x19\n\x15NODE_ROLE_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_ROLE_METADATA\x10\x01\x12\x16\n\x12NODE_ROLE_DATANODE\x10\x02\x12\x15\n\x11NODE_ROLE_KVCACHE\x10\x03\x12\x15\n\x11NODE_ROLE_GATEWAY\x10\x04*Z\n\nDriveState\x12\x1b\n\x17\x44RIVE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44RIVE_STATE_ONLINE\x10\x01\x12\x17\n\x13\x44RIVE_STATE_OFFLINE\x10\x02\x32\xd0\x01\n\x10\x44\x61taPlaneService\x12`\n\rOpenDataPlane\x12&.kvtier.common.v1.OpenDataPlaneRequest\x1a\'.kvtier.common.v1.OpenDataPlaneResponse\x12Z\n\x0b\x43onnectRdma\x12$.kvtier.common.v1.ConnectRdmaRequest\x1a%.kvtier.common.v1.ConnectRdmaResponse2i\n\x0bNodeService\x12Z\n\x0bGetNodeInfo\x12$.kvtier.common.v1.GetNodeInfoRequest\x1a%.kvtier.common.v1.GetNodeInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dkvtier/common/v1/common.proto\x12\x10kvtier.common.v1\x1a\x1dkvtier/common/v1/access.proto\"P\n\x05\x44rive\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x12\n\nfree_bytes\x18\x04 \x01(\x04\"\xde\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12(\n\x04role\x18\x02 \x01(\x0e\x32\x1a.kvtier.common.v1.NodeRole\x12\x14\n\x0cgrpc_address\x18\x03 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x04 \x01(\t\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\r\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x1a\n\x12started_at_unix_ms\x18\x08 \x01(\x03\x12\'\n\x06\x64rives\x18\t \x03(\x0b\x32\x17.kvtier.common.v1.Drive\x12:\n\tdataplane\x18\n \x01(\x0b\x32\'.kvtier.common.v1.DataPlaneCapabilities\x12\x12\n\ns3_address\x18\x0b \x01(\t\x12\x16\n\x0e\x63lient_address\x18\x0c \x01(\t\x12\x0b\n\x03tls\x18\r \x01(\x08\"[\n\tDriveSlot\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.kvtier.common.v1.DriveState\"s\n\nErasureSet\x12\r\n\x05index\x18\x01 \x01(\r\x12\x13\n\x0b\x64\x61ta_shards\x18\x02 \x01(\r\x12\x15\n\rparity_shards\x18\x03 \x01(\r\x12*\n\x05slots\x18\x04 \x03(\x0b\x32\x1b.kvtier.common.v1.DriveSlot\"Z\n\x04Pool\x12\r\n\x05index\x18\x01 \x01(\r\x12*\n\x04sets\x18\x02 \x03(\x0b\x32\x1c.kvtier.common.v1.ErasureSet\x12\x17\n\x0f\x66ormed_at_epoch\x18\x03 \x01(\x04\"1\n\x0cPendingDrive\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"\xbc\x01\n\nClusterMap\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x15\n\rdeployment_id\x18\x02 \x01(\t\x12%\n\x05pools\x18\x03 \x03(\x0b\x32\x16.kvtier.common.v1.Pool\x12\x36\n\x0epending_drives\x18\x04 \x03(\x0b\x32\x1e.kvtier.common.v1.PendingDrive\x12)\n\x05nodes\x18\x05 \x03(\x0b\x32\x1a.kvtier.common.v1.NodeInfo\"\x14\n\x12GetNodeInfoRequest\"d\n\x13GetNodeInfoResponse\x12(\n\x04node\x18\x01 \x01(\x0b\x32\x1a.kvtier.common.v1.NodeInfo\x12\x11\n\tmap_epoch\x18\x02 \x01(\x04\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\"~\n\x11TransportEndpoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0brdma_device\x18\x03 \x01(\t\x12\x11\n\trdma_port\x18\x04 \x01(\r\x12\x10\n\x08rdma_gid\x18\x05 \x01(\x0c\x12\x10\n\x08rdma_lid\x18\x06 \x01(\r\"`\n\x15\x44\x61taPlaneCapabilities\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x36\n\tendpoints\x18\x02 \x03(\x0b\x32#.kvtier.common.v1.TransportEndpoint\"\xbe\x01\n\nDescriptor\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tregion_id\x18\x02 \x01(\r\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0e\n\x06length\x18\x04 \x01(\x04\x12\x0e\n\x06rights\x18\x05 \x01(\r\x12\x1a\n\x12\x65xpires_at_unix_ms\x18\x06 \x01(\x03\x12\x0b\n\x03mac\x18\x07 \x01(\x0c\x12\x0c\n\x04rkey\x18\x08 \x01(\r\x12\x13\n\x0bremote_addr\x18\t \x01(\x04\x12\x10\n\x08grant_id\x18\n \x01(\x04\"\x83\x01\n\x14OpenDataPlaneRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x37\n\x06\x63lient\x18\x02 \x01(\x0b\x32\'.kvtier.common.v1.DataPlaneCapabilities\x12\x0f\n\x07\x61llowed\x18\x03 \x03(\t\x12\x0e\n\x06tenant\x18\x04 \x01(\t\"\xa5\x01\n\x15OpenDataPlaneResponse\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\x35\n\x08\x65ndpoint\x18\x02 \x01(\x0b\x32#.kvtier.common.v1.TransportEndpoint\x12\r\n\x05token\x18\x03 \x01(\x0c\x12 \n\x18token_expires_at_unix_ms\x18\x04 \x01(\x03\x12\x11\n\tprincipal\x18\x05 \x01(\t\"S\n\rRdmaQueuePair\x12\x0e\n\x06qp_num\x18\x01 \x01(\r\x12\x0b\n\x03psn\x18\x02 \x01(\r\x12\x0b\n\x03gid\x18\x03 \x01(\x0c\x12\x0b\n\x03lid\x18\x04 \x01(\r\x12\x0b\n\x03mtu\x18\x05 \x01(\r\"T\n\x12\x43onnectRdmaRequest\x12\r\n\x05token\x18\x01 \x01(\x0c\x12/\n\x06\x63lient\x18\x02 \x01(\x0b\x32\x1f.kvtier.common.v1.RdmaQueuePair\"F\n\x13\x43onnectRdmaResponse\x12/\n\x06server\x18\x01 \x01(\x0b\x32\x1f.kvtier.common.v1.RdmaQueuePair*\x83\x01\n\x08NodeRole\x12\x19\n\x15NODE_ROLE_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_ROLE_METADATA\x10\x01\x12\x16\n\x12NODE_ROLE_DATANODE\x10\x02\x12\x15\n\x11NODE_ROLE_KVCACHE\x10\x03\x12\x15\n\x11NODE_ROLE_GATEWAY\x10\x04*Z\n\nDriveState\x12\x1b\n\x17\x44RIVE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44RIVE_STATE_ONLINE\x10\x01\x12\x17\n\x13\x44RIVE_STATE_OFFLINE\x10\x02\x32\x88\x02\n\x10\x44\x61taPlaneService\x12|\n\rOpenDataPlane\x12&.kvtier.common.v1.OpenDataPlaneRequest\x1a\'.kvtier.common.v1.OpenDataPlaneResponse\"\x1a\xaa\x86\x19\x16\n\x07gateway\n\x07kvcache\x10\x01\x18\x01\x12v\n\x0b\x43onnectRdma\x12$.kvtier.common.v1.ConnectRdmaRequest\x1a%.kvtier.common.v1.ConnectRdmaResponse\"\x1a\xaa\x86\x19\x16\n\x07gateway\n\x07kvcache\x10\x01\x18\x01\x32\x9a\x01\n\x0bNodeService\x12\x8a\x01\n\x0bGetNodeInfo\x12$.kvtier.common.v1.GetNodeInfoRequest\x1a%.kvtier.common.v1.GetNodeInfoResponse\".\xaa\x86\x19*\n\x08metadata\n\x08\x64\x61tanode\n\x07kvcache\n\x07gateway\x10\x01\x18\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvtier.common.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NODEROLE']._serialized_start=2064
-  _globals['_NODEROLE']._serialized_end=2195
-  _globals['_DRIVESTATE']._serialized_start=2197
-  _globals['_DRIVESTATE']._serialized_end=2287
-  _globals['_DRIVE']._serialized_start=51
-  _globals['_DRIVE']._serialized_end=131
-  _globals['_NODEINFO']._serialized_start=134
-  _globals['_NODEINFO']._serialized_end=447
-  _globals['_DRIVESLOT']._serialized_start=449
-  _globals['_DRIVESLOT']._serialized_end=540
-  _globals['_ERASURESET']._serialized_start=542
-  _globals['_ERASURESET']._serialized_end=657
-  _globals['_POOL']._serialized_start=659
-  _globals['_POOL']._serialized_end=749
-  _globals['_PENDINGDRIVE']._serialized_start=751
-  _globals['_PENDINGDRIVE']._serialized_end=800
-  _globals['_CLUSTERMAP']._serialized_start=803
-  _globals['_CLUSTERMAP']._serialized_end=991
-  _globals['_GETNODEINFOREQUEST']._serialized_start=993
-  _globals['_GETNODEINFOREQUEST']._serialized_end=1013
-  _globals['_GETNODEINFORESPONSE']._serialized_start=1015
-  _globals['_GETNODEINFORESPONSE']._serialized_end=1115
-  _globals['_TRANSPORTENDPOINT']._serialized_start=1117
-  _globals['_TRANSPORTENDPOINT']._serialized_end=1243
-  _globals['_DATAPLANECAPABILITIES']._serialized_start=1245
-  _globals['_DATAPLANECAPABILITIES']._serialized_end=1341
-  _globals['_DESCRIPTOR']._serialized_start=1344
-  _globals['_DESCRIPTOR']._serialized_end=1516
-  _globals['_OPENDATAPLANEREQUEST']._serialized_start=1519
-  _globals['_OPENDATAPLANEREQUEST']._serialized_end=1650
-  _globals['_OPENDATAPLANERESPONSE']._serialized_start=1653
-  _globals['_OPENDATAPLANERESPONSE']._serialized_end=1818
-  _globals['_RDMAQUEUEPAIR']._serialized_start=1820
-  _globals['_RDMAQUEUEPAIR']._serialized_end=1903
-  _globals['_CONNECTRDMAREQUEST']._serialized_start=1905
-  _globals['_CONNECTRDMAREQUEST']._serialized_end=1989
-  _globals['_CONNECTRDMARESPONSE']._serialized_start=1991
-  _globals['_CONNECTRDMARESPONSE']._serialized_end=2061
-  _globals['_DATAPLANESERVICE']._serialized_start=2290
-  _globals['_DATAPLANESERVICE']._serialized_end=2498
-  _globals['_NODESERVICE']._serialized_start=2500
-  _globals['_NODESERVICE']._serialized_end=2605
+  _globals['_DATAPLANESERVICE'].methods_by_name['OpenDataPlane']._loaded_options = None
+  _globals['_DATAPLANESERVICE'].methods_by_name['OpenDataPlane']._serialized_options = b'\252\206\031\026\n\007gateway\n\007kvcache\020\001\030\001'
+  _globals['_DATAPLANESERVICE'].methods_by_name['ConnectRdma']._loaded_options = None
+  _globals['_DATAPLANESERVICE'].methods_by_name['ConnectRdma']._serialized_options = b'\252\206\031\026\n\007gateway\n\007kvcache\020\001\030\001'
+  _globals['_NODESERVICE'].methods_by_name['GetNodeInfo']._loaded_options = None
+  _globals['_NODESERVICE'].methods_by_name['GetNodeInfo']._serialized_options = b'\252\206\031*\n\010metadata\n\010datanode\n\007kvcache\n\007gateway\020\001\030\001'
+  _globals['_NODEROLE']._serialized_start=2150
+  _globals['_NODEROLE']._serialized_end=2281
+  _globals['_DRIVESTATE']._serialized_start=2283
+  _globals['_DRIVESTATE']._serialized_end=2373
+  _globals['_DRIVE']._serialized_start=82
+  _globals['_DRIVE']._serialized_end=162
+  _globals['_NODEINFO']._serialized_start=165
+  _globals['_NODEINFO']._serialized_end=515
+  _globals['_DRIVESLOT']._serialized_start=517
+  _globals['_DRIVESLOT']._serialized_end=608
+  _globals['_ERASURESET']._serialized_start=610
+  _globals['_ERASURESET']._serialized_end=725
+  _globals['_POOL']._serialized_start=727
+  _globals['_POOL']._serialized_end=817
+  _globals['_PENDINGDRIVE']._serialized_start=819
+  _globals['_PENDINGDRIVE']._serialized_end=868
+  _globals['_CLUSTERMAP']._serialized_start=871
+  _globals['_CLUSTERMAP']._serialized_end=1059
+  _globals['_GETNODEINFOREQUEST']._serialized_start=1061
+  _globals['_GETNODEINFOREQUEST']._serialized_end=1081
+  _globals['_GETNODEINFORESPONSE']._serialized_start=1083
+  _globals['_GETNODEINFORESPONSE']._serialized_end=1183
+  _globals['_TRANSPORTENDPOINT']._serialized_start=1185
+  _globals['_TRANSPORTENDPOINT']._serialized_end=1311
+  _globals['_DATAPLANECAPABILITIES']._serialized_start=1313
+  _globals['_DATAPLANECAPABILITIES']._serialized_end=1409
+  _globals['_DESCRIPTOR']._serialized_start=1412
+  _globals['_DESCRIPTOR']._serialized_end=1602
+  _globals['_OPENDATAPLANEREQUEST']._serialized_start=1605
+  _globals['_OPENDATAPLANEREQUEST']._serialized_end=1736
+  _globals['_OPENDATAPLANERESPONSE']._serialized_start=1739
+  _globals['_OPENDATAPLANERESPONSE']._serialized_end=1904
+  _globals['_RDMAQUEUEPAIR']._serialized_start=1906
+  _globals['_RDMAQUEUEPAIR']._serialized_end=1989
+  _globals['_CONNECTRDMAREQUEST']._serialized_start=1991
+  _globals['_CONNECTRDMAREQUEST']._serialized_end=2075
+  _globals['_CONNECTRDMARESPONSE']._serialized_start=2077
+  _globals['_CONNECTRDMARESPONSE']._serialized_end=2147
+  _globals['_DATAPLANESERVICE']._serialized_start=2376
+  _globals['_DATAPLANESERVICE']._serialized_end=2640
+  _globals['_NODESERVICE']._serialized_start=2643
+  _globals['_NODESERVICE']._serialized_end=2797
 # @@protoc_insertion_point(module_scope)

@@ -111,6 +111,8 @@ class NodeInfo(_message.Message):
     DRIVES_FIELD_NUMBER: _builtins.int
     DATAPLANE_FIELD_NUMBER: _builtins.int
     S3_ADDRESS_FIELD_NUMBER: _builtins.int
+    CLIENT_ADDRESS_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     role: Global___NodeRole.ValueType
     grpc_address: _builtins.str
@@ -123,6 +125,13 @@ class NodeInfo(_message.Message):
     started_at_unix_ms: _builtins.int
     s3_address: _builtins.str
     """Gateways only: host:port of the S3 HTTP API (empty when it is off)."""
+    client_address: _builtins.str
+    """host:port of the port for callers without a cluster certificate (SDK users with a session
+    token): server-authenticated TLS. grpc_address requires mutual TLS (services, operators).
+    Empty when the node serves no users (datanodes) or in an insecure cluster (one port).
+    """
+    tls: _builtins.bool
+    """Whether the node's gRPC ports (and S3, data plane when enabled) speak TLS."""
     @_builtins.property
     def drives(self) -> _containers.RepeatedCompositeFieldContainer[Global___Drive]:
         """Datanodes only."""
@@ -145,10 +154,12 @@ class NodeInfo(_message.Message):
         drives: _abc.Iterable[Global___Drive] | None = ...,
         dataplane: Global___DataPlaneCapabilities | None = ...,
         s3_address: _builtins.str = ...,
+        client_address: _builtins.str = ...,
+        tls: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dataplane", b"dataplane"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataplane", b"dataplane", "drives", b"drives", "grpc_address", b"grpc_address", "hostname", b"hostname", "metrics_address", b"metrics_address", "node_id", b"node_id", "pid", b"pid", "role", b"role", "s3_address", b"s3_address", "started_at_unix_ms", b"started_at_unix_ms", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_address", b"client_address", "dataplane", b"dataplane", "drives", b"drives", "grpc_address", b"grpc_address", "hostname", b"hostname", "metrics_address", b"metrics_address", "node_id", b"node_id", "pid", b"pid", "role", b"role", "s3_address", b"s3_address", "started_at_unix_ms", b"started_at_unix_ms", "tls", b"tls", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -436,6 +447,7 @@ class Descriptor(_message.Message):
     MAC_FIELD_NUMBER: _builtins.int
     RKEY_FIELD_NUMBER: _builtins.int
     REMOTE_ADDR_FIELD_NUMBER: _builtins.int
+    GRANT_ID_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     region_id: _builtins.int
     offset: _builtins.int
@@ -447,6 +459,10 @@ class Descriptor(_message.Message):
     rkey: _builtins.int
     """rdma only: remote key and virtual address of the range's first byte."""
     remote_addr: _builtins.int
+    grant_id: _builtins.int
+    """Names the grant (covered by the MAC): the node revokes it when the put is committed or
+    aborted or the read released, so a descriptor never outlives the memory it grants.
+    """
     def __init__(
         self,
         *,
@@ -459,10 +475,11 @@ class Descriptor(_message.Message):
         mac: _builtins.bytes = ...,
         rkey: _builtins.int = ...,
         remote_addr: _builtins.int = ...,
+        grant_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at_unix_ms", b"expires_at_unix_ms", "length", b"length", "mac", b"mac", "node_id", b"node_id", "offset", b"offset", "region_id", b"region_id", "remote_addr", b"remote_addr", "rights", b"rights", "rkey", b"rkey"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at_unix_ms", b"expires_at_unix_ms", "grant_id", b"grant_id", "length", b"length", "mac", b"mac", "node_id", b"node_id", "offset", b"offset", "region_id", b"region_id", "remote_addr", b"remote_addr", "rights", b"rights", "rkey", b"rkey"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -479,7 +496,10 @@ class OpenDataPlaneRequest(_message.Message):
     client_id: _builtins.str
     """Who is connecting; descriptors granted to it are valid only on its connections."""
     tenant: _builtins.str
-    """The tenant the session acts for (services scope its calls to it); empty: "default"."""
+    """The tenant the session acts for (services scope its calls to it). A user's session acts for
+    the user's tenant (empty or equal here); services, operators and admins may name any
+    tenant (empty: they act for no tenant, as themselves).
+    """
     @_builtins.property
     def client(self) -> Global___DataPlaneCapabilities: ...
     @_builtins.property

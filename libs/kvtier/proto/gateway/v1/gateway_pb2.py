@@ -23,20 +23,23 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from kvtier.proto.common.v1 import access_pb2 as kvtier_dot_common_dot_v1_dot_access__pb2
 from kvtier.proto.common.v1 import common_pb2 as kvtier_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fkvtier/gateway/v1/gateway.proto\x12\x11kvtier.gateway.v1\x1a\x1dkvtier/common/v1/common.proto\"+\n\x14GetClusterMapRequest\x12\x13\n\x0bknown_epoch\x18\x01 \x01(\x04\"U\n\x15GetClusterMapResponse\x12)\n\x03map\x18\x01 \x01(\x0b\x32\x1c.kvtier.common.v1.ClusterMap\x12\x11\n\tunchanged\x18\x02 \x01(\x08\x32t\n\x0eGatewayService\x12\x62\n\rGetClusterMap\x12\'.kvtier.gateway.v1.GetClusterMapRequest\x1a(.kvtier.gateway.v1.GetClusterMapResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fkvtier/gateway/v1/gateway.proto\x12\x11kvtier.gateway.v1\x1a\x1dkvtier/common/v1/access.proto\x1a\x1dkvtier/common/v1/common.proto\"+\n\x14GetClusterMapRequest\x12\x13\n\x0bknown_epoch\x18\x01 \x01(\x04\"U\n\x15GetClusterMapResponse\x12)\n\x03map\x18\x01 \x01(\x0b\x32\x1c.kvtier.common.v1.ClusterMap\x12\x11\n\tunchanged\x18\x02 \x01(\x08\x32\xa5\x01\n\x0eGatewayService\x12\x92\x01\n\rGetClusterMap\x12\'.kvtier.gateway.v1.GetClusterMapRequest\x1a(.kvtier.gateway.v1.GetClusterMapResponse\".\xaa\x86\x19*\n\x08metadata\n\x08\x64\x61tanode\n\x07kvcache\n\x07gateway\x10\x01\x18\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvtier.gateway.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETCLUSTERMAPREQUEST']._serialized_start=85
-  _globals['_GETCLUSTERMAPREQUEST']._serialized_end=128
-  _globals['_GETCLUSTERMAPRESPONSE']._serialized_start=130
-  _globals['_GETCLUSTERMAPRESPONSE']._serialized_end=215
-  _globals['_GATEWAYSERVICE']._serialized_start=217
-  _globals['_GATEWAYSERVICE']._serialized_end=333
+  _globals['_GATEWAYSERVICE'].methods_by_name['GetClusterMap']._loaded_options = None
+  _globals['_GATEWAYSERVICE'].methods_by_name['GetClusterMap']._serialized_options = b'\252\206\031*\n\010metadata\n\010datanode\n\007kvcache\n\007gateway\020\001\030\001'
+  _globals['_GETCLUSTERMAPREQUEST']._serialized_start=116
+  _globals['_GETCLUSTERMAPREQUEST']._serialized_end=159
+  _globals['_GETCLUSTERMAPRESPONSE']._serialized_start=161
+  _globals['_GETCLUSTERMAPRESPONSE']._serialized_end=246
+  _globals['_GATEWAYSERVICE']._serialized_start=249
+  _globals['_GATEWAYSERVICE']._serialized_end=414
 # @@protoc_insertion_point(module_scope)

@@ -139,6 +139,7 @@ class BucketInfo(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     GENERATION_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    STORAGE_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """S3 bucket-name rules (kvtier.names.check_bucket)."""
     created_at_unix_ms: _builtins.int
@@ -150,6 +151,12 @@ class BucketInfo(_message.Message):
     names one incarnation of the bucket. Never 0 for a bucket that exists.
     """
     kind: Global___BucketKind.ValueType
+    storage_id: _builtins.str
+    """Names this incarnation's objects on the datanodes (random, set at creation): objects are
+    stored under `<name>@<storage_id>`, so a bucket deleted and created again (by anyone) never
+    sees the objects of the earlier one. Empty for buckets created before it existed: they use
+    the plain name.
+    """
     def __init__(
         self,
         *,
@@ -158,10 +165,11 @@ class BucketInfo(_message.Message):
         tenant: _builtins.str = ...,
         generation: _builtins.int = ...,
         kind: Global___BucketKind.ValueType = ...,
+        storage_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_unix_ms", b"created_at_unix_ms", "generation", b"generation", "kind", b"kind", "name", b"name", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_unix_ms", b"created_at_unix_ms", "generation", b"generation", "kind", b"kind", "name", b"name", "storage_id", b"storage_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -348,6 +356,7 @@ class UserRecord(_message.Message):
     SECRET_NONCE_FIELD_NUMBER: _builtins.int
     SECRET_CIPHERTEXT_FIELD_NUMBER: _builtins.int
     MASTER_KEY_ID_FIELD_NUMBER: _builtins.int
+    SHM_TRUSTED_FIELD_NUMBER: _builtins.int
     access_key: _builtins.str
     tenant: _builtins.str
     display_name: _builtins.str
@@ -358,6 +367,8 @@ class UserRecord(_message.Message):
     secret_ciphertext: _builtins.bytes
     master_key_id: _builtins.str
     """Which master key encrypted it (the first 8 hex digits of its SHA-256)."""
+    shm_trusted: _builtins.bool
+    """May map a node's whole arena over same-host shared memory (or RDMA): see docs/security.md."""
     def __init__(
         self,
         *,
@@ -369,10 +380,11 @@ class UserRecord(_message.Message):
         secret_nonce: _builtins.bytes = ...,
         secret_ciphertext: _builtins.bytes = ...,
         master_key_id: _builtins.str = ...,
+        shm_trusted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "created_at_unix_ms", b"created_at_unix_ms", "display_name", b"display_name", "is_admin", b"is_admin", "master_key_id", b"master_key_id", "secret_ciphertext", b"secret_ciphertext", "secret_nonce", b"secret_nonce", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "created_at_unix_ms", b"created_at_unix_ms", "display_name", b"display_name", "is_admin", b"is_admin", "master_key_id", b"master_key_id", "secret_ciphertext", b"secret_ciphertext", "secret_nonce", b"secret_nonce", "shm_trusted", b"shm_trusted", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -389,11 +401,13 @@ class UserInfo(_message.Message):
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     IS_ADMIN_FIELD_NUMBER: _builtins.int
     CREATED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    SHM_TRUSTED_FIELD_NUMBER: _builtins.int
     access_key: _builtins.str
     tenant: _builtins.str
     display_name: _builtins.str
     is_admin: _builtins.bool
     created_at_unix_ms: _builtins.int
+    shm_trusted: _builtins.bool
     def __init__(
         self,
         *,
@@ -402,10 +416,11 @@ class UserInfo(_message.Message):
         display_name: _builtins.str = ...,
         is_admin: _builtins.bool = ...,
         created_at_unix_ms: _builtins.int = ...,
+        shm_trusted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "created_at_unix_ms", b"created_at_unix_ms", "display_name", b"display_name", "is_admin", b"is_admin", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "created_at_unix_ms", b"created_at_unix_ms", "display_name", b"display_name", "is_admin", b"is_admin", "shm_trusted", b"shm_trusted", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -420,6 +435,7 @@ class CreateUserRequest(_message.Message):
     IS_ADMIN_FIELD_NUMBER: _builtins.int
     ACCESS_KEY_FIELD_NUMBER: _builtins.int
     SECRET_KEY_FIELD_NUMBER: _builtins.int
+    SHM_TRUSTED_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """Empty: "default"."""
     display_name: _builtins.str
@@ -427,6 +443,10 @@ class CreateUserRequest(_message.Message):
     access_key: _builtins.str
     """Both empty: generated (20 characters A-Z0-9; 40-character secret)."""
     secret_key: _builtins.str
+    shm_trusted: _builtins.bool
+    """Trusted for same-host shared memory (docs/security.md): it can read and write every
+    tenant's blocks on a node it maps.
+    """
     def __init__(
         self,
         *,
@@ -435,10 +455,11 @@ class CreateUserRequest(_message.Message):
         is_admin: _builtins.bool = ...,
         access_key: _builtins.str = ...,
         secret_key: _builtins.str = ...,
+        shm_trusted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "display_name", b"display_name", "is_admin", b"is_admin", "secret_key", b"secret_key", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_key", b"access_key", "display_name", b"display_name", "is_admin", b"is_admin", "secret_key", b"secret_key", "shm_trusted", b"shm_trusted", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
