@@ -11,10 +11,12 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends libisal2 \
     && rm -rf /var/lib/apt/lists/*
 
-# A fixed uid, so that files in named volumes keep one owner across rebuilds.
+# A fixed uid, so that files in named volumes keep one owner across rebuilds. /pki: the
+# cluster's certificates (a fresh named volume takes this directory's owner and mode).
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/kvtier kvtier \
-    && mkdir /data \
-    && chown kvtier:kvtier /data
+    && mkdir /data /pki \
+    && chown kvtier:kvtier /data /pki \
+    && chmod 0700 /pki
 
 WORKDIR /src
 COPY pyproject.toml README.md ./

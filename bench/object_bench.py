@@ -2,9 +2,11 @@
 trip through files with the servers' peak memory, and this machine's ceilings in the same run.
 
 A dev cluster (`kvtier up --detach`: etcd, metadata, 6 datanodes x 2 drives = one EC set, a
-gateway, one kvcache node) is started in a temporary state directory and stopped at the end,
-failure or not. Client processes (1, then 4 at once) connect `kvtier.ObjectClient` to the
-gateway over the shm and tcp data planes: each PUTs its own 64 MiB objects from pre-faulted
+gateway, one kvcache node; secure, as `kvtier up` runs by default) is started in a temporary
+state directory and stopped at the end, failure or not. Client processes (1, then 4 at once)
+connect `kvtier.ObjectClient` to the gateway's client port as a user of tenant `bench` made by
+the operator with `kvtier admin user add --trust-shm` (TLS, session tokens; trusted for shared
+memory), over the shm and tcp data planes: each PUTs its own 64 MiB objects from pre-faulted
 memory, then GETs them back into pre-faulted buffers, first with the shards in the page cache
 (just written), then again after evicting every shard file from it (cold: the disk serves).
 Throughput is the bytes of all clients over the wall time from one shared start instant to the
@@ -42,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import ceilings
+from bench import ceilings, secure
 
 ROOT = Path(__file__).resolve().parent.parent
 KIB, MIB, GIB = 1024, 1024 * 1024, 1024 * 1024 * 1024
@@ -72,22 +74,27 @@ def _label(size: int) -> str:
 class DevCluster:
     """`kvtier up --detach` in a state directory; `stop()` is idempotent."""
 
-    def __init__(self, state: Path) -> None:
+    def __init__(self, state: Path, *args: str) -> None:
         self.state = state
+        self.args = args or ("--kvcache-nodes", "1")  # `kvtier up` shape options
         self.info: dict[str, Any] = {}
+        self.user = secure.BenchUser(insecure=True)
 
     def _kvtier(self, *args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "kvtier.cli.main", *args, "--state-dir", str(self.state)],
             capture_output=True, text=True, timeout=timeout_s, check=False, cwd=ROOT,
+            env=secure.cli_env(),
         )  # fmt: skip
 
     def start(self) -> dict[str, Any]:
-        """Start it and return cluster.json; RuntimeError with the logs' tails on failure."""
-        up = self._kvtier("up", "--detach", "--kvcache-nodes", "1", timeout_s=240)
+        """Start it, make the benchmark's user (tenant `bench`, trusted for shared memory) and
+        return cluster.json; RuntimeError with the logs' tails on failure."""
+        up = self._kvtier("up", "--detach", *self.args, timeout_s=240)
         if up.returncode != 0:
             raise RuntimeError(f"kvtier up failed: {up.stdout}{up.stderr}\n{self.log_tails()}")
         self.info = json.loads((self.state / "cluster.json").read_text())
+        self.user = secure.add_user(self.state, "bench", trusted=True)
         return self.info
 
     def stop(self) -> None:
@@ -107,7 +114,11 @@ class DevCluster:
         from kvtier import membership
 
         async def read() -> tuple[int, int, int]:
-            store = membership.EtcdMembership((self.info["etcd"],), self.info["etcd_prefix"])
+            store = membership.EtcdMembership(
+                (self.info["etcd"],),
+                self.info["etcd_prefix"],
+                security=secure.operator_security(self.state),
+            )
             await store.connect(wait_s=10)
             try:
                 es = (await store.get_map()).map.pools[0].sets[0]
@@ -167,10 +178,12 @@ def reset_peak(pid: int) -> None:
 class _ClientState:
     """What one client process holds: its SDK client, its objects and receive buffers."""
 
-    def __init__(self, gateway: str, transport: str) -> None:
-        from kvtier import objects
+    def __init__(self, gateway: str, transport: str, credentials: dict[str, Any]) -> None:
+        from kvtier import objects, security
 
-        self.client = objects.ObjectClient.connect(gateway, transports=[transport])
+        self.client = objects.ObjectClient.connect(
+            gateway, transports=[transport], security=security.ClientSecurity(**credentials)
+        )
         self.keys: list[str] = []
         self.sources: list[np.ndarray] = []
         self.dests: list[np.ndarray] = []
@@ -239,7 +252,9 @@ class _ClientState:
         return {"put_s": put_s, "get_s": get_s, "memory": memory(os.getpid())}
 
 
-def _client_main(conn: Connection, gateway: str, transport: str) -> None:
+def _client_main(
+    conn: Connection, gateway: str, transport: str, credentials: dict[str, Any]
+) -> None:
     """A client process: answers (command, arg) messages with ("ok", value) or ("error", tb)."""
     state: _ClientState | None = None
     while True:
@@ -251,7 +266,7 @@ def _client_main(conn: Connection, gateway: str, transport: str) -> None:
                 conn.send(("ok", None))
                 return
             if state is None:
-                state = _ClientState(gateway, transport)
+                state = _ClientState(gateway, transport, credentials)
             conn.send(("ok", getattr(state, command)(arg)))
         except Exception:
             conn.send(("error", traceback.format_exc()))
@@ -260,10 +275,10 @@ def _client_main(conn: Connection, gateway: str, transport: str) -> None:
 class Client:
     """The parent's handle on one client process (spawned: no inherited gRPC state)."""
 
-    def __init__(self, gateway: str, transport: str) -> None:
+    def __init__(self, gateway: str, transport: str, credentials: dict[str, Any]) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_client_main, args=(child, gateway, transport))
+        self.proc = ctx.Process(target=_client_main, args=(child, gateway, transport, credentials))
         self.proc.start()
         child.close()
 
@@ -302,10 +317,11 @@ def _call(clients: Sequence[Client], command: str, args: Sequence[Any]) -> list[
 
 
 @contextlib.contextmanager
-def _clients(gateway: str, transport: str, count: int) -> Iterator[list[Client]]:
+def _clients(cluster: DevCluster, transport: str, count: int) -> Iterator[list[Client]]:
     clients: list[Client] = []
+    gateway, credentials = cluster.info["gateway_grpc"], cluster.user.kwargs()
     try:
-        clients = [Client(gateway, transport) for _ in range(count)]
+        clients = [Client(gateway, transport, credentials) for _ in range(count)]
         yield clients
     finally:
         for client in clients:
@@ -325,7 +341,7 @@ def run_case(cluster: DevCluster, transport: str, clients: int, phase_bytes: int
     """One transport and client count: PUT, GET warm, GET cold, each verified."""
     count = max(1, phase_bytes // clients // OBJECT_BYTES)
     moved = clients * count * OBJECT_BYTES
-    with _clients(cluster.info["gateway_grpc"], transport, clients) as procs:
+    with _clients(cluster, transport, clients) as procs:
         prefix = f"{transport}/{clients}"
         args = [
             {"prefix": f"{prefix}/{i}", "count": count, "size": OBJECT_BYTES, "seed": i}
@@ -383,7 +399,7 @@ def run_big(cluster: DevCluster, size: int, work: Path) -> dict[str, Any]:
         before = {name: memory(pid) for name, pid in pids.items()}
         for pid in pids.values():
             reset_peak(pid)
-        with _clients(cluster.info["gateway_grpc"], "shm", 1) as (proc,):
+        with _clients(cluster, "shm", 1) as (proc,):
             proc.send("big", {"key": "big/1", "source": str(source), "dest": str(dest)})
             answer = proc.recv()
         during = {name: memory(pid) for name, pid in pids.items()}
@@ -448,7 +464,7 @@ def run_objects_bench(quick: bool = False, keep_dir: bool = False) -> dict[str, 
         cluster.start()
         k, m, drives = cluster.layout()
         result.update(data_shards=k, parity_shards=m, drives=drives)
-        _create_bucket(cluster.info["gateway_grpc"])
+        _create_bucket(cluster)
         print("objects bench: ceilings ...", file=sys.stderr, flush=True)
         result["ceilings"] = measure_ceilings(cluster.state, k, m, quick)
         for transport in TRANSPORTS:
@@ -469,10 +485,11 @@ def run_objects_bench(quick: bool = False, keep_dir: bool = False) -> dict[str, 
     return result
 
 
-def _create_bucket(gateway: str) -> None:
+def _create_bucket(cluster: DevCluster) -> None:
     from kvtier import objects
 
-    with objects.ObjectClient.connect(gateway) as client:
+    gateway, sec = cluster.info["gateway_grpc"], cluster.user.security()
+    with objects.ObjectClient.connect(gateway, security=sec) as client:
         client.create_bucket(BUCKET)
 
 

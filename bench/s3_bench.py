@@ -40,10 +40,11 @@ CONCURRENCY = (1, 8)
 HEADING = "S3 API: boto3 against the dev cluster"
 
 
-def _client(endpoint: str, access_key: str, secret_key: str) -> Any:
+def _client(endpoint: str, access_key: str, secret_key: str, ca_file: str = "") -> Any:
+    """boto3 as a user configures it: path style, the cluster's CA for an https endpoint."""
     return boto3.client(
         "s3", endpoint_url=endpoint, aws_access_key_id=access_key,
-        aws_secret_access_key=secret_key, region_name="us-east-1",
+        aws_secret_access_key=secret_key, region_name="us-east-1", verify=ca_file or None,
         config=Config(
             s3={"addressing_style": "path"}, max_pool_connections=16,
             retries={"max_attempts": 1}, request_checksum_calculation="when_required",
@@ -97,10 +98,13 @@ def _small_ops(client: Any, bucket: str, count: int) -> dict[str, float]:
     return out
 
 
-def _grpc_throughput(gateway: str, size: int, total: int, data: bytes) -> dict[str, float]:
+def _grpc_throughput(
+    cluster: object_bench.DevCluster, size: int, total: int, data: bytes
+) -> dict[str, float]:
     from kvtier import errors, objects
 
-    with objects.ObjectClient.connect(gateway) as client:
+    gateway, sec = cluster.info["gateway_grpc"], cluster.user.security()
+    with objects.ObjectClient.connect(gateway, security=sec) as client:
         with contextlib.suppress(errors.AlreadyExists):
             client.create_bucket("grpc-bench")
         count = max(1, total // size)
@@ -191,8 +195,14 @@ def run_s3_bench(quick: bool) -> dict[str, Any]:
     cluster = object_bench.DevCluster(state)
     try:
         info = cluster.start()
-        client = _client(info["gateway_s3"], info["access_key"], info["secret_key"])
+        client = _client(
+            info["gateway_s3"],
+            info["s3_access_key"],
+            info["s3_secret_key"],
+            info.get("ca_file", ""),
+        )
         client.create_bucket(Bucket="s3-bench")
+        result["scheme"] = str(info["gateway_s3"]).split("://", 1)[0]
         result["s3"] = {
             f"{size}/{c}": _throughput(client, "s3-bench", size, c, total, data[size])
             for size in SIZES
@@ -200,8 +210,7 @@ def run_s3_bench(quick: bool) -> dict[str, Any]:
         }
         result["small"] = _small_ops(client, "s3-bench", small)
         result["grpc"] = {
-            str(size): _grpc_throughput(info["gateway_grpc"], size, total, data[size])
-            for size in SIZES
+            str(size): _grpc_throughput(cluster, size, total, data[size]) for size in SIZES
         }
     finally:
         cluster.stop()
@@ -213,9 +222,11 @@ def render(r: dict[str, Any]) -> str:
     """The markdown section."""
     loop = r["ceilings"]["loopback_tcp_gbps"]
     lines = [
-        f"Run {r['when']} on {r['machine']}. boto3 {boto3.__version__} (SigV4, signed payloads: "
+        f"Run {r['when']} on {r['machine']}. boto3 {boto3.__version__} over "
+        f"{r.get('scheme', 'http').upper()} (SigV4, signed payloads: "
         "the client hashes every body with SHA-256), path style, one client process with "
-        "threads. Loopback TCP ceiling (one stream, two processes) in the same run: "
+        "threads; the gRPC API as a tenant user (TLS, session token). Loopback TCP ceiling "
+        "(one stream, two processes) in the same run: "
         f"{loop:.2f} GB/s. *HTTP stack* is an aiohttp server on uvloop that discards PUT "
         "bodies and serves GETs from memory, driven by the same boto3 client: what is left "
         "for storage is the difference.",

@@ -3,15 +3,23 @@
 The transport server runs in its own process (as on a real node); the client grants itself
 nothing: the server process grants descriptors and hands them over with the connection token.
 Reads are measured (a KV fetch is a read); writes behave alike. See docs/benchmarks.md.
+
+`tls_cost()` (also `python -m bench.transport_bench --tls`) measures what TLS costs the tcp data
+plane: a cleartext and a TLS server side by side, cases alternated between them in one run, and
+reported as TLS / cleartext ratios (docs/transports.md, "TLS").
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import multiprocessing
 import statistics
+import tempfile
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,12 +35,16 @@ REGION_BYTES = 512 * MIB
 CLIENT_BYTES = 512 * MIB  # destinations beyond this alias (fine for throughput)
 
 
-def _serve(name: str, pipe: Connection) -> None:
+def _serve(name: str, pipe: Connection, tls_files: tuple[str, str] | None = None) -> None:
     async def main() -> None:
-        plane = dataplane.DataPlane("bench-node", [name], registry.ServerSettings())
+        settings = registry.ServerSettings()
+        if tls_files is not None:
+            cert, key = tls_files
+            settings = registry.ServerSettings(tls=True, tls_cert_file=cert, tls_key_file=key)
+        plane = dataplane.DataPlane("bench-node", [name], settings)
         plane.regions.create(REGION_BYTES)
         caps = await plane.start()
-        token, _ = plane.issuer.issue_token("bench", ttl_s=3600)
+        token, _ = plane.issuer.issue_token("bench", ttl_s=3600, transport=name)
         pipe.send((caps.endpoints[0].SerializeToString(), token))
         loop = asyncio.get_running_loop()
         while True:
@@ -57,10 +69,10 @@ def _serve(name: str, pipe: Connection) -> None:
 class Peer:
     """A transport server in a child process."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, tls_files: tuple[str, str] | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._pipe, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(name, child), daemon=True)
+        self._proc = ctx.Process(target=_serve, args=(name, child, tls_files), daemon=True)
         self._proc.start()
         raw_endpoint, self.token = self._pipe.recv()
         self.endpoint = common_pb2.TransportEndpoint.FromString(raw_endpoint)
@@ -144,3 +156,107 @@ def measure(name: str, seconds: float = 0.6) -> dict[str, Any]:
         return uvloop.run(main())
     finally:
         peer.close()
+
+
+#: The block sizes and batches of the TLS comparison: a KV block and a large shard-sized read.
+TLS_CASES = [(64 * KIB, 1), (64 * KIB, 64), (4 * MIB, 1), (4 * MIB, 8)]
+
+
+async def _write_throughput(
+    client: Any, descs: list[base.Descriptor], srcs: list[Any], batch: int, seconds: float
+) -> float:
+    """Write `batch` descriptors at a time, walking all of descs."""
+    groups = [(descs[i : i + batch], srcs[i : i + batch]) for i in range(0, len(descs), batch)]
+    await client.write_batch(*groups[0])
+    moved, i, start = 0, 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        group = groups[i % len(groups)]
+        await client.write_batch(*group)
+        moved += sum(d.length for d in group[0])
+        i += 1
+    return moved / (time.perf_counter() - start) / 1e9
+
+
+def _bench_pki(directory: Path) -> tuple[str, str, str]:
+    """A throwaway CA and a node certificate for 127.0.0.1: (ca, cert, key) paths."""
+    from kvtier import pki  # only the TLS comparison needs the cryptography package
+
+    authority = pki.new_authority("bench")
+    (directory / "ca.crt").write_bytes(authority.cert_pem)
+    cert, key = pki.write_pair(
+        directory, "node", authority.issue("kvcache", "bench", hosts=["127.0.0.1"])
+    )
+    return str(directory / "ca.crt"), str(cert), str(key)
+
+
+def tls_cost(seconds: float = 0.4, rounds: int = 5) -> dict[str, Any]:
+    """tcp with and without TLS in one run: throughput of reads and writes per case and 64 KiB
+    read latency, each case alternated between the two servers `rounds` times; medians, and
+    TLS / cleartext ratios (throughput: below 1 is slower; latency: above 1 is slower)."""
+    with tempfile.TemporaryDirectory(prefix="kvtier-bench-tls-") as tmp:
+        ca, cert, key = _bench_pki(Path(tmp))
+        peers = {"tcp": Peer("tcp"), "tcp+tls": Peer("tcp", (cert, key))}
+        pool = np.ones(CLIENT_BYTES, dtype=np.uint8)
+
+        async def main() -> dict[str, Any]:
+            settings = registry.ClientSettings(tls_ca_file=ca)
+            clients = {
+                kind: await registry.connect(peer.endpoint, peer.token, settings)
+                for kind, peer in peers.items()
+            }
+            samples: dict[str, dict[str, list[float]]] = {kind: {} for kind in peers}
+            try:
+                for block, batch in TLS_CASES:
+                    count = max(batch, (256 * MIB) // block)
+                    count -= count % batch
+                    per = max(1, CLIENT_BYTES // block)
+                    bufs = [pool[(i % per) * block : (i % per + 1) * block] for i in range(count)]
+                    grants = {kind: peer.grant(block, count) for kind, peer in peers.items()}
+                    for _ in range(rounds):
+                        for kind, client in clients.items():
+                            descs = grants[kind]
+                            read = await _throughput(client, descs, bufs, batch, seconds)
+                            write = await _write_throughput(client, descs, bufs, batch, seconds)
+                            case = samples[kind]
+                            case.setdefault(f"read {block}x{batch} GB/s", []).append(read)
+                            case.setdefault(f"write {block}x{batch} GB/s", []).append(write)
+                one = {kind: peer.grant(64 * KIB, 1)[0] for kind, peer in peers.items()}
+                for _ in range(rounds):
+                    for kind, client in clients.items():
+                        p50, p99 = await _latency(client, one[kind], pool[: 64 * KIB], 1000)
+                        samples[kind].setdefault("read 64 KiB p50 us", []).append(p50)
+                        samples[kind].setdefault("read 64 KiB p99 us", []).append(p99)
+            finally:
+                for client in clients.values():
+                    await client.close()
+            medians = {
+                kind: {name: statistics.median(v) for name, v in case.items()}
+                for kind, case in samples.items()
+            }
+            ratios = {
+                name: medians["tcp+tls"][name] / medians["tcp"][name] for name in medians["tcp"]
+            }
+            return {"median": medians, "tls_over_plain": ratios, "rounds": rounds}
+
+        try:
+            return uvloop.run(main())
+        finally:
+            for peer in peers.values():
+                peer.close()
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tls", action="store_true", help="tcp vs tcp+TLS ratios (tls_cost)")
+    parser.add_argument("--seconds", type=float, default=0.4, help="per case and round")
+    parser.add_argument("--rounds", type=int, default=5, help="alternations per case")
+    args = parser.parse_args()
+    if args.tls:
+        result = tls_cost(args.seconds, args.rounds)
+    else:
+        result = {name: measure(name, args.seconds) for name in registry.available()}
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    _main()

@@ -11,6 +11,12 @@ from pathlib import Path
 import pytest
 
 from kvtier import etcdserver
+from tests import pki as test_pki
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The session's PKI, before any test builds a client (see tests/pki.py)."""
+    test_pki.session()
 
 
 def pytest_report_header() -> str:
@@ -21,12 +27,14 @@ def pytest_report_header() -> str:
 
 
 def start_etcd(base: Path) -> etcdserver.EtcdServer:
-    """A fresh etcd on free ports with its data under base, already healthy."""
+    """A fresh etcd on free ports with its data under base, already healthy; over TLS with
+    client certificates required, as in a real cluster."""
     server = etcdserver.EtcdServer(
         base / "etcd",
         client_port=etcdserver.free_port(),
         peer_port=etcdserver.free_port(),
         log_path=base / "etcd.log",
+        tls=test_pki.session().etcd_tls(),
     )
     server.start()
     server.wait_ready()

@@ -1,9 +1,13 @@
 """The servers of an end-to-end run: a kvtier dev cluster and a redis-server, on 127.0.0.1.
 
 The dev cluster is the real one (`kvtier up --detach`: etcd, metadata, datanodes, kvcache nodes,
-gateway) in a temporary state directory, ready when `kvtier up` says so. Redis is started the way
-the KV-cache benchmark starts it (`bench.kv_peers.redis_server`: no persistence, noeviction,
-ready on PING); its client here is redis-py from the project's environment (the `e2e` extra).
+gateway) in a temporary state directory, ready when `kvtier up` says so, secure as `kvtier up` runs
+by default. The "GPU server" processes reach it as a user would: a user of tenant `e2e` made by the
+operator with `kvtier admin user add --trust-shm` (same-host shared memory is only negotiated for
+credentials trusted for it), configured through KVTIER_CA_FILE, KVTIER_ACCESS_KEY and
+KVTIER_SECRET_KEY, calling the metadata service's client port. Redis is started the way the KV-cache
+benchmark starts it (`bench.kv_peers.redis_server`: no persistence, noeviction, ready on PING); its
+client here is redis-py from the project's environment (the `e2e` extra).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench import secure
 from bench.kv_peers import redis_server
+from kvtier import security
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,11 +39,13 @@ class DevCluster:
         self.state = state
         self.kvcache_nodes = kvcache_nodes
         self.info: dict[str, Any] = {}
+        self.user = secure.BenchUser(insecure=True)
 
     def _kvtier(self, *args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "kvtier.cli.main", *args, "--state-dir", str(self.state)],
             capture_output=True, text=True, timeout=timeout_s, check=False, cwd=ROOT,
+            env=secure.cli_env(),
         )  # fmt: skip
 
     def start(self) -> dict[str, Any]:
@@ -50,11 +58,21 @@ class DevCluster:
         if up.returncode != 0:
             raise RuntimeError(f"kvtier up failed: {up.stdout}{up.stderr}\n{self.log_tails()}")
         self.info = json.loads((self.state / "cluster.json").read_text())
+        self.user = secure.add_user(self.state, "e2e", trusted=True)
         return self.info
 
     @property
     def metadata(self) -> str:
-        return str(self.info["metadata"])
+        """The metadata service's port for users (TLS + session tokens)."""
+        return str(self.info.get("metadata_client") or self.info["metadata"])
+
+    def client_env(self) -> dict[str, str]:
+        """The environment of a process that uses kvtier as the e2e user (see the module)."""
+        return secure.cli_env(self.user.env())
+
+    def security(self) -> security.ClientSecurity:
+        """The e2e user's credentials, for a client in this process."""
+        return self.user.security()
 
     def stop(self) -> None:
         self._kvtier("down", timeout_s=120)

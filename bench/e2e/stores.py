@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 import kvtier
+from kvtier import security as security_mod
 
 Buffer = npt.NDArray[np.uint8]
 TIMEOUT_S = 30.0
@@ -50,15 +51,24 @@ class BlockStore(Protocol):
 
 
 class KVTierStore:
-    """kvtier's KV-cache tier through the SDK (`kvtier.KVClient`), zero-copy both ways."""
+    """kvtier's KV-cache tier through the SDK (`kvtier.KVClient`), zero-copy both ways.
+
+    Credentials: `security`, else the KVTIER_* environment variables (as an engine's process
+    has them)."""
 
     def __init__(
-        self, name: str, metadata: str, namespace: str, transports: Sequence[str] = ()
+        self,
+        name: str,
+        metadata: str,
+        namespace: str,
+        transports: Sequence[str] = (),
+        security: security_mod.ClientSecurity | None = None,
     ) -> None:
         self.name = name
         self.client = kvtier.KVClient.connect(
-            metadata=metadata, namespace=namespace, transports=list(transports), timeout_s=TIMEOUT_S
-        )
+            metadata=metadata, namespace=namespace, transports=list(transports),
+            timeout_s=TIMEOUT_S, security=security,
+        )  # fmt: skip
 
     def put(self, keys: Sequence[bytes], blocks: Sequence[Buffer]) -> None:
         ok = (kvtier.PutStatus.STORED, kvtier.PutStatus.EXISTS)

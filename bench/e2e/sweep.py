@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +57,12 @@ def missing_dependencies() -> str | None:
     return None
 
 
-def _worker(role: str, job_path: Path, out_path: Path, log_path: Path) -> dict[str, Any]:
+def _worker(
+    role: str, job_path: Path, out_path: Path, log_path: Path, env: Mapping[str, str]
+) -> dict[str, Any]:
     # Every worker runs with glibc keeping freed memory, as the kv bench's clients do (a client
     # that gets a new bytes object per block, redis-py, otherwise pays page faults on each).
-    env = {**os.environ, **kv_bench.CLIENT_ENV, "PYTHONPATH": str(ROOT)}
+    env = {**env, **kv_bench.CLIENT_ENV, "PYTHONPATH": str(ROOT)}
     argv = [sys.executable, "-m", "bench.e2e.worker", role, str(job_path), str(out_path)]
     with log_path.open("wb") as log:
         proc = subprocess.run(
@@ -74,13 +76,18 @@ def _worker(role: str, job_path: Path, out_path: Path, log_path: Path) -> dict[s
     return value
 
 
-def run_workers(job: jobs.Job, workdir: Path) -> dict[str, Any]:
-    """The producer, then a fresh restorer, against the servers job names; both outputs."""
+def run_workers(
+    job: jobs.Job, workdir: Path, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The producer, then a fresh restorer, against the servers job names; both outputs. env:
+    the workers' environment (default: this process's), with the kvtier credentials a user
+    would configure (`servers.DevCluster.client_env`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     job_path = workdir / "job.json"
     job.save(job_path)
-    produced = _worker("produce", job_path, workdir / "produced.json", workdir / "produce.log")
-    restored = _worker("restore", job_path, workdir / "restored.json", workdir / "restore.log")
+    env = dict(os.environ if env is None else env)
+    produced = _worker("produce", job_path, workdir / "produced.json", workdir / "produce.log", env)
+    restored = _worker("restore", job_path, workdir / "restored.json", workdir / "restore.log", env)
     if produced["weights_digest"] != restored["weights_digest"]:
         raise WorkerFailed("the two processes built different weights from the same seed")
     return {"job": dataclasses.asdict(job), "produced": produced, "restored": restored}
@@ -191,7 +198,7 @@ def run_e2e(job: jobs.Job, workdir: Path) -> dict[str, Any]:
             disk_dir=str(workdir / "files"),
         )  # fmt: skip
         try:
-            run = run_workers(job, workdir / "workers")
+            run = run_workers(job, workdir / "workers", cluster.client_env())
         except WorkerFailed as exc:
             raise WorkerFailed(f"{exc}\n{cluster.log_tails()}") from None
         if port:

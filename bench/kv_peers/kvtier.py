@@ -1,10 +1,14 @@
 """kvtier itself in the KV-cache benchmark: one kvcache node, driven by `kvtier.KVClient`.
 
 Server: a real etcd and one kvcache node (`python -m services.kvcache`, 2 GiB arena) on
-127.0.0.1, ready when the node's gRPC health says SERVING. One system per data-plane transport
+127.0.0.1, secure as a cluster runs by default: a cluster CA made for the run
+(`bench.secure.StandalonePKI`), etcd over TLS with client certificates, the node's gRPC port
+mutual TLS; ready when the node's gRPC health says SERVING. One system per data-plane transport
 (`kvtier-tcp`, `kvtier-shm`): the client narrows negotiation to it. Client: the SDK's sync
-`KVClient` in the project's interpreter; gets land straight in the caller's buffers and puts
-leave straight from them (no copies in Python).
+`KVClient` in the project's interpreter with the run's operator certificate (a lone kvcache
+node issues no session tokens; operators are trusted for shared memory); gets land straight in
+the caller's buffers and puts leave straight from them (no copies in Python). What the
+security costs is measured on its own: bench/security_bench.py.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ ARENA_BYTES = 2 * 1024**3
 
 
 class KVTierClient(base.BaseClient):
-    def __init__(self, nodes: Sequence[str], transport: str) -> None:
+    def __init__(self, nodes: Sequence[str], transport: str, security: Mapping[str, Any]) -> None:
         import kvtier  # the project's interpreter only (client processes of this system)
+        from kvtier import security as security_mod
 
         self._kvtier: Any = kvtier
         self.client = kvtier.KVClient.connect(
-            nodes=list(nodes), namespace="bench", transports=[transport], timeout_s=60.0
-        )
+            nodes=list(nodes), namespace="bench", transports=[transport], timeout_s=60.0,
+            security=security_mod.ClientSecurity(**security),
+        )  # fmt: skip
 
     def put_batch(self, keys: Sequence[bytes], bufs: Sequence[base.Buffer]) -> None:
         statuses = self.client.put_batch(keys, bufs)
@@ -57,9 +63,11 @@ class KVTierSpec:
     transport: str
     python: str = sys.executable
     env: Mapping[str, str] = field(default_factory=dict)
+    #: `kvtier.security.ClientSecurity` arguments (the run's operator certificate).
+    security: Mapping[str, Any] = field(default_factory=dict)
 
     def make_client(self) -> base.KVClient:
-        return KVTierClient(self.nodes, self.transport)
+        return KVTierClient(self.nodes, self.transport, self.security)
 
     def version(self) -> str:
         import kvtier
@@ -79,6 +87,7 @@ class KVTierSystem:
         self._etcd: Any = None
         self._node: base.ServerProcess | None = None
         self._address = ""
+        self._pki: Any = None
 
     def unavailable(self) -> str | None:
         if shutil.which("etcd") is None:
@@ -86,14 +95,17 @@ class KVTierSystem:
         return None
 
     def start(self) -> None:
-        from kvtier import etcdserver, rpc
+        from bench import secure
+        from kvtier import etcdserver, rpc, security
 
         self._tmp = Path(tempfile.mkdtemp(prefix=f"bench-{self.name}-"))
+        self._pki = made = secure.StandalonePKI(self._tmp / "pki")
         self._etcd = etcdserver.EtcdServer(
             self._tmp / "etcd",
             client_port=etcdserver.free_port(),
             peer_port=etcdserver.free_port(),
             log_path=self._tmp / "etcd.log",
+            tls=etcdserver.EtcdTLS(made.ca_file, made.cert("etcd"), made.key("etcd")),
         )
         self._etcd.start()
         self._etcd.wait_ready()
@@ -104,13 +116,16 @@ class KVTierSystem:
                 sys.executable, "-m", "services.kvcache", f"--grpc-port={port}",
                 f"--etcd-endpoints={self._etcd.endpoint}", f"--data-dir={self._tmp / 'kv'}",
                 f"--arena-bytes={ARENA_BYTES}", "--metrics-port=-1", "--log-level=warning",
+                *made.service_flags("kvcache"),
             ],
             self._tmp / "kvcache.log",
             env={"PYTHONPATH": str(base.ROOT)},
         )  # fmt: skip
+        operator = security.ClientSecurity(**made.operator_kwargs())
 
         def serving() -> bool:
-            return asyncio.run(rpc.check_health(self._address, timeout_s=1.0)) == "SERVING"
+            health = rpc.check_health(self._address, timeout_s=1.0, security=operator)
+            return asyncio.run(health) == "SERVING"
 
         self._node.wait_ready(serving, "kvcache node")
 
@@ -126,14 +141,18 @@ class KVTierSystem:
             self._tmp = None
 
     def client_spec(self) -> KVTierSpec:
-        return KVTierSpec(nodes=(self._address,), transport=self.transport)
+        assert self._pki is not None
+        return KVTierSpec(
+            nodes=(self._address,), transport=self.transport, security=self._pki.operator_kwargs()
+        )
 
     def describe(self) -> str:
         import kvtier
 
         return (
-            f"kvtier {kvtier.__version__}: one kvcache node ({ARENA_BYTES >> 30} GiB arena), "
-            f"SDK KVClient over {self.transport} data-plane calls"
+            f"kvtier {kvtier.__version__}: one kvcache node ({ARENA_BYTES >> 30} GiB arena, "
+            f"mutual TLS, operator certificate), SDK KVClient over {self.transport} data-plane "
+            "calls"
         )
 
 

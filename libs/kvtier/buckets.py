@@ -59,7 +59,9 @@ class BucketStore:
         created_at_unix_ms: int,
         kind: metadata_pb2.BucketKind.ValueType = metadata_pb2.BUCKET_KIND_OBJECTS,
     ) -> metadata_pb2.BucketInfo:
-        """Create the bucket and return it with its generation.
+        """Create the bucket and return it with its generation and a fresh storage id (the
+        objects of this incarnation are stored under `names.storage_name`, so they are never
+        visible to a later bucket of the same name).
 
         Raises errors.AlreadyExists when the name is taken (by any tenant). After an
         errors.Unavailable the create may or may not have been applied: a retry that gets
@@ -67,8 +69,9 @@ class BucketStore:
         """
         key = self._key(name)
         record = metadata_pb2.BucketInfo(
-            name=name, tenant=tenant, created_at_unix_ms=created_at_unix_ms, kind=kind
-        )
+            name=name, tenant=tenant, created_at_unix_ms=created_at_unix_ms, kind=kind,
+            storage_id=names.new_storage_id(),
+        )  # fmt: skip
         ok, responses = await self._etcd.call(_create_only(key, record.SerializeToString()))
         if not ok:
             raise errors.AlreadyExists(f"bucket {name} already exists")
@@ -84,7 +87,9 @@ class BucketStore:
         return _decode(kv)
 
     async def delete(self, name: str, expected_generation: int = 0) -> None:
-        """Delete the bucket; objects in it are not looked at (the gateway checks emptiness).
+        """Delete the bucket; objects in it are not looked at (the gateway checks emptiness; a
+        bucket deleted with objects leaves them unreachable: the next bucket of the name has
+        another storage id).
 
         With expected_generation, only that incarnation is deleted: errors.PreconditionFailed
         when the bucket has another generation. Raises errors.NotFound when there is no bucket.

@@ -72,9 +72,32 @@ class ServiceConfig:
     max_message_bytes: int = setting(4 * 1024 * 1024, "largest gRPC message (control plane only)")
     log_level: str = setting("info", "debug, info, warning or error")
     log_format: str = setting("text", "text or json")
+    client_port: int = setting(
+        0,
+        "gRPC port for callers without a cluster certificate (TLS + session tokens: SDK users); "
+        "0 picks a free one, -1: none (grpc_port requires mutual TLS)",
+    )
+    tls_ca_file: str = setting("", "the cluster CA certificate (PEM): the trust anchor")
+    tls_cert_file: str = setting(
+        "", "this node's certificate (PEM, from kvtier admin certs issue); re-read when replaced"
+    )
+    tls_key_file: str = setting("", "this node's private key (PEM, mode 0600)")
+    insecure: bool = setting(
+        False,
+        "run without TLS and without authentication: every caller has every right (trusted "
+        "test rigs and benchmarks only; never on a network)",
+    )
 
     def __post_init__(self) -> None:
         _check_port("grpc_port", self.grpc_port)
+        _check_port("client_port", self.client_port, allow_disabled=True)
+        if not self.insecure:
+            for name in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+                if not getattr(self, name):
+                    raise ConfigError(
+                        f"{name}: required (kvtier admin certs issue makes one), unless "
+                        "insecure=true"
+                    )
         _check_port("metrics_port", self.metrics_port, allow_disabled=True)
         if not self.etcd_endpoints:
             raise ConfigError("etcd_endpoints: at least one host:port is needed")
@@ -212,6 +235,11 @@ class DataPlaneServiceConfig(ServiceConfig):
     dataplane_max_inflight_bytes: int = setting(
         256 * 1024 * 1024, "bytes in flight per data-plane peer before new requests wait"
     )
+    dataplane_max_connections_per_principal: int = setting(
+        64,
+        "data-plane connections one identity (a user, or a service or operator per tenant it "
+        "acts for) may hold open to this node over all transports; more are refused (Overloaded)",
+    )
     rdma_device: str = setting("", "RDMA device for the rdma transport; empty: the first found")
 
     def __post_init__(self) -> None:
@@ -224,3 +252,5 @@ class DataPlaneServiceConfig(ServiceConfig):
             raise ConfigError(f"dataplane_transports: unknown {unknown}; known: rdma, shm, tcp")
         if self.dataplane_max_inflight_bytes < 64 * 1024:
             raise ConfigError("dataplane_max_inflight_bytes: must be at least 65536")
+        if self.dataplane_max_connections_per_principal < 1:
+            raise ConfigError("dataplane_max_connections_per_principal: must be at least 1")

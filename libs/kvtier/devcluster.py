@@ -1,15 +1,23 @@
 """`kvtier up`: a whole cluster on 127.0.0.1 from one state directory, supervised in the foreground.
 
-Layout of the state directory (everything survives `down`/`up`):
+Layout of the state directory (mode 0700; everything survives `down`/`up`):
     etcd/                 etcd's data (the cluster map, memberships)
+    pki/                  the cluster CA (ca.crt, ca.key) and a certificate + key per node, for
+                          etcd and for the operator (the CLI); created once, renewed when close
+                          to expiry
     nodes/<name>/         a node's identity and drives
-    logs/<name>.log       each process's log (and supervisor.log when detached)
+    logs/<name>.log       each process's log (and supervisor.log when detached), mode 0600
     ports.json            etcd's ports, reused on the next `up` when still free
     credentials.json      the admin user's access/secret key (mode 0600), created once
     master.key            the key sealing S3 secrets in etcd (hex, mode 0600), created once
-    cluster.json          endpoints and admin keys of the running cluster (mode 0600; removed at
-                          stop)
+    cluster.json          endpoints, the CA file, the operator certificate and the admin keys of
+                          the running cluster (mode 0600; removed at stop)
     supervisor.pid        the supervisor's pid while it runs
+
+Secure by default: every process speaks TLS (mutual between nodes, to etcd and for the CLI),
+users authenticate with the admin keys of cluster.json; nothing is printed or logged with a
+secret in it. `insecure=True` (kvtier up --insecure) runs without TLS or authentication, for
+benchmarks that compare the two.
 
 The supervisor is a plain synchronous loop: signal handlers only set flags. SIGTERM/SIGINT stop
 the cluster (gateway, kvcache, datanodes, then metadata, then etcd); SIGHUP restarts children that
@@ -36,7 +44,18 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
-from kvtier import clustermap, errors, etcdserver, identity, masterkey, membership, rpc, users
+from kvtier import (
+    clustermap,
+    errors,
+    etcdserver,
+    identity,
+    masterkey,
+    membership,
+    pki,
+    rpc,
+    security,
+    users,
+)
 from kvtier.clients import metadata as metadata_client
 from kvtier.proto.common.v1 import common_pb2
 
@@ -64,6 +83,8 @@ class ClusterOptions:
     shutdown_grace_s: float = 5.0
     ready_timeout_s: float = 90.0
     etcd_binary: str = "etcd"
+    #: No TLS, no authentication (benchmarks comparing the cost of security).
+    insecure: bool = False
 
     def expected_roles(self) -> dict[str, int]:
         """How many live nodes of each role a ready cluster has."""
@@ -89,8 +110,8 @@ class Child:
 
     def start(self) -> None:
         """Launch (or relaunch) the process."""
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as out:
+        pki.ensure_private_dir(self.log_path.parent)
+        with open_log(self.log_path) as out:
             self.proc = subprocess.Popen(
                 self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
@@ -109,6 +130,52 @@ class Child:
         return " | ".join(text[-lines:])
 
 
+def open_log(path: Path) -> IO[bytes]:
+    """A log file for appending, readable by its owner only (logs may name users and keys)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
+
+
+def pki_dir(state: Path) -> Path:
+    """Where the dev cluster's CA and certificates live."""
+    return state / "pki"
+
+
+def ensure_pki(state: Path, names: list[tuple[str, str]]) -> pki.Authority:
+    """The state dir's CA (created once) and a certificate for each (role, name) that has none
+    or one expiring within 30 days (also when the CA changed)."""
+    directory = pki_dir(state)
+    try:
+        authority = pki.load_authority(directory)
+    except errors.InvalidArgument:
+        authority = pki.new_authority(f"kvtier-dev-{os.urandom(3).hex()}")
+        pki.write_authority(directory, authority)
+    for role, name in names:
+        if not pki.is_current(directory, name, authority, days_left=30):
+            pair = authority.issue(role, name, hosts=pki.local_hosts())
+            pki.write_pair(directory, name, pair)
+    return authority
+
+
+def _node_names(opts: ClusterOptions) -> list[tuple[str, str]]:
+    """(role, name) of every certificate holder of a dev cluster."""
+    names = [("etcd", "etcd"), ("operator", "operator"), ("metadata", "metadata-1")]
+    names += [("datanode", f"datanode-{i}") for i in range(1, opts.datanodes + 1)]
+    names += [("kvcache", f"kvcache-{i}") for i in range(1, opts.kvcache_nodes + 1)]
+    return [*names, ("gateway", "gateway-1")]
+
+
+def operator_security(state: Path) -> security.ClientSecurity:
+    """Mutual TLS as the dev cluster's operator (the supervisor and the CLI use it)."""
+    directory = pki_dir(state)
+    return security.ClientSecurity(
+        ca_file=str(directory / pki.CA_CERT),
+        cert_file=str(directory / "operator.crt"),
+        key_file=str(directory / "operator.key"),
+    )
+
+
 def _children(opts: ClusterOptions, etcd_endpoint: str) -> list[Child]:
     state = opts.state_dir
     common = [
@@ -116,13 +183,24 @@ def _children(opts: ClusterOptions, etcd_endpoint: str) -> list[Child]:
         f"--etcd-prefix={ETCD_PREFIX}",
         "--host=127.0.0.1",
         "--grpc-port=0",
+        "--client-port=0",
         "--metrics-port=0",
         f"--lease-ttl-s={opts.lease_ttl_s}",
         f"--shutdown-grace-s={opts.shutdown_grace_s}",
     ]
+    if opts.insecure:
+        common.append("--insecure=true")
+    certs = pki_dir(state)
 
     def child(role: str, name: str, *extra: str) -> Child:
-        argv = [sys.executable, "-m", f"services.{role}", f"--node-id={name}", *common, *extra]
+        tls = [] if opts.insecure else [
+            f"--tls-ca-file={certs / pki.CA_CERT}",
+            f"--tls-cert-file={certs / f'{name}.crt'}",
+            f"--tls-key-file={certs / f'{name}.key'}",
+        ]  # fmt: skip
+        argv = [
+            sys.executable, "-m", f"services.{role}", f"--node-id={name}", *common, *tls, *extra,
+        ]  # fmt: skip
         return Child(name=name, role=role, argv=argv, log_path=state / "logs" / f"{name}.log")
 
     pool_drives = opts.datanodes * opts.drives_per_datanode
@@ -205,13 +283,18 @@ def _master_key(state: Path) -> masterkey.MasterKey:
     return key
 
 
-async def ensure_admin(metadata: str, store: users.UserStore, creds: dict[str, str]) -> users.User:
+async def ensure_admin(
+    metadata: str,
+    store: users.UserStore,
+    creds: dict[str, str],
+    sec: security.ClientSecurity | None = None,
+) -> users.User:
     """The admin user of credentials.json: created through the metadata service at metadata,
     or, when its access key exists, checked in etcd (store) to open with today's master key and
     hold today's secret; a stale one (the master key or credentials.json was replaced) is
     deleted and created again."""
     access_key, secret = creds["access_key"], users.Secret(creds["secret_key"])
-    async with metadata_client.MetadataClient(metadata, timeout_s=10.0) as client:
+    async with metadata_client.MetadataClient(metadata, timeout_s=10.0, security=sec) as client:
         for _attempt in range(2):
             try:
                 return await client.create_user(
@@ -301,6 +384,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_revive)
+        pki.ensure_private_dir(self.opts.state_dir)  # holds keys, secrets and logs
         self._take_lock()
         state = self.opts.state_dir
         (state / "cluster.json").unlink(missing_ok=True)
@@ -324,12 +408,21 @@ class Supervisor:
     def _start(self) -> dict[str, Any] | None:
         state = self.opts.state_dir
         client_port, peer_port = _etcd_ports(state)
+        tls = None
+        if not self.opts.insecure:
+            ensure_pki(state, _node_names(self.opts))
+            certs = pki_dir(state)
+            tls = etcdserver.EtcdTLS(
+                str(certs / pki.CA_CERT), str(certs / "etcd.crt"), str(certs / "etcd.key")
+            )
+        pki.ensure_private_dir(state / "logs")
         self.etcd = etcdserver.EtcdServer(
             state / "etcd",
             client_port=client_port,
             peer_port=peer_port,
             log_path=state / "logs" / "etcd.log",
             binary=self.opts.etcd_binary,
+            tls=tls,
         )
         self.etcd.start()
         self.etcd.wait_ready()
@@ -349,13 +442,19 @@ class Supervisor:
         )
         return info
 
+    def _security(self) -> security.ClientSecurity:
+        if self.opts.insecure:
+            return security.ClientSecurity(insecure=True)
+        return operator_security(self.opts.state_dir)
+
     async def _ensure_admin(self, metadata: str, key: masterkey.MasterKey) -> None:
         assert self.etcd is not None
-        store = membership.EtcdMembership((self.etcd.endpoint,), ETCD_PREFIX)
+        sec = self._security()
+        store = membership.EtcdMembership((self.etcd.endpoint,), ETCD_PREFIX, security=sec)
         await store.connect(wait_s=10)
         try:
             await ensure_admin(
-                metadata, users.UserStore(store, key), credentials(self.opts.state_dir)
+                metadata, users.UserStore(store, key), credentials(self.opts.state_dir), sec
             )
         finally:
             await store.close()
@@ -368,7 +467,8 @@ class Supervisor:
 
     async def _wait_ready(self) -> common_pb2.ClusterMap | None:
         assert self.etcd is not None
-        store = membership.EtcdMembership((self.etcd.endpoint,), ETCD_PREFIX)
+        sec = self._security()
+        store = membership.EtcdMembership((self.etcd.endpoint,), ETCD_PREFIX, security=sec)
         await store.connect(wait_s=10)
         try:
             deadline = time.monotonic() + self.opts.ready_timeout_s
@@ -383,7 +483,7 @@ class Supervisor:
                     last = str(exc)
                     await asyncio.sleep(0.2)
                     continue
-                ok, last = await _ready(cmap, self.opts.expected_roles())
+                ok, last = await _ready(cmap, self.opts.expected_roles(), sec)
                 if ok:
                     return cmap
                 if last != shown:  # progress: say what the cluster is waiting for
@@ -411,13 +511,27 @@ class Supervisor:
                     "log": str(child.log_path),
                 }
             )
+        certs = pki_dir(self.opts.state_dir)
+        secure = {} if self.opts.insecure else {
+            # The trust anchor for every client, and the operator's certificate (the CLI's).
+            "ca_file": str(certs / pki.CA_CERT),
+            "operator_cert": str(certs / "operator.crt"),
+            "operator_key": str(certs / "operator.key"),
+        }  # fmt: skip
+        metadata, gateway = by_id["metadata-1"], by_id["gateway-1"]
         return {
             "state_dir": str(self.opts.state_dir),
+            "insecure": self.opts.insecure,
+            **secure,
             "etcd": self.etcd.endpoint,
             "etcd_prefix": ETCD_PREFIX,
-            "metadata": by_id["metadata-1"].grpc_address,
-            "gateway_grpc": by_id["gateway-1"].grpc_address,
-            "gateway_s3": f"http://{by_id['gateway-1'].s3_address}",
+            # Service ports (mutual TLS: the operator certificate) ...
+            "metadata": metadata.grpc_address,
+            "gateway_grpc_service": gateway.grpc_address,
+            # ... and the ports users reach with the admin keys (session tokens over TLS).
+            "metadata_client": metadata.client_address or metadata.grpc_address,
+            "gateway_grpc": gateway.client_address or gateway.grpc_address,
+            "gateway_s3": f"{'https' if gateway.tls else 'http'}://{gateway.s3_address}",
             "s3_access_key": creds["access_key"],
             "s3_secret_key": creds["secret_key"],
             # The former names, still read by older tools and tests.
@@ -478,7 +592,9 @@ class Supervisor:
         return 0
 
 
-async def _ready(cmap: common_pb2.ClusterMap, expected: dict[str, int]) -> tuple[bool, str]:
+async def _ready(
+    cmap: common_pb2.ClusterMap, expected: dict[str, int], sec: security.ClientSecurity
+) -> tuple[bool, str]:
     """Whether the map shows the expected nodes, a formed pool and every node SERVING."""
     counts = collections.Counter(clustermap.role_name(n.role) for n in cmap.nodes)
     if dict(counts) != expected:
@@ -494,7 +610,9 @@ async def _ready(cmap: common_pb2.ClusterMap, expected: dict[str, int]) -> tuple
     ]
     if offline:
         return False, f"{len(offline)} drives offline"
-    health = await asyncio.gather(*(rpc.check_health(n.grpc_address) for n in cmap.nodes))
+    health = await asyncio.gather(
+        *(rpc.check_health(n.grpc_address, security=sec) for n in cmap.nodes)
+    )
     bad = [n.node_id for n, h in zip(cmap.nodes, health, strict=True) if h != "SERVING"]
     if bad:
         return False, f"not serving yet: {', '.join(bad)}"
@@ -511,9 +629,10 @@ def render_summary(info: dict[str, Any]) -> str:
         f"  gateway gRPC  {info['gateway_grpc']}",
         f"  gateway S3    {info['gateway_s3'] or '(not yet available)'}",
         f"  access key    {info['s3_access_key']}   (S3 admin, tenant {ADMIN_TENANT})",
-        f"  secret key    {info['s3_secret_key']}",
+        "  secret key    in the cluster file (never printed: this output may be logged)",
+        f"  CA            {info.get('ca_file') or '(insecure: no TLS, no authentication)'}",
         f"  map epoch     {info['map_epoch']}",
-        f"  cluster file  {Path(info['state_dir']) / 'cluster.json'}",
+        f"  cluster file  {Path(info['state_dir']) / 'cluster.json'} (mode 0600)",
         "Ctrl-C (or kvtier down --state-dir DIR) stops it.",
     ]
     return "\n".join(lines)

@@ -1,14 +1,18 @@
 """Start and stop a local etcd server (the dev cluster and the test fixtures use it).
 
 etcd is a real server process: Debian's `etcd-server` package or any `etcd` binary on PATH.
+With `EtcdTLS` it serves clients and peers over TLS and requires a client certificate signed by
+the cluster CA (`--client-cert-auth`): only kvtier nodes and operators reach it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -38,8 +42,36 @@ def find_binary(name: str = "etcd") -> str:
     return path
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class EtcdTLS:
+    """The etcd server's certificate (role etcd) and the cluster CA its clients must chain to."""
+
+    ca_file: str
+    cert_file: str
+    key_file: str
+
+    def args(self) -> list[str]:
+        """etcd's flags for TLS on the client and peer URLs, client certificates required."""
+        return [
+            f"--cert-file={self.cert_file}",
+            f"--key-file={self.key_file}",
+            f"--trusted-ca-file={self.ca_file}",
+            "--client-cert-auth",
+            f"--peer-cert-file={self.cert_file}",
+            f"--peer-key-file={self.key_file}",
+            f"--peer-trusted-ca-file={self.ca_file}",
+            "--peer-client-cert-auth",
+        ]
+
+    def context(self) -> ssl.SSLContext:
+        """A client context for the health check (etcd's own certificate as the client's)."""
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        ctx.load_cert_chain(self.cert_file, self.key_file)
+        return ctx
+
+
 class EtcdServer:
-    """One single-member etcd on 127.0.0.1 with its data under data_dir."""
+    """One single-member etcd on 127.0.0.1 with its data under data_dir (TLS with `tls`)."""
 
     def __init__(
         self,
@@ -49,13 +81,20 @@ class EtcdServer:
         peer_port: int,
         log_path: Path,
         binary: str = "etcd",
+        tls: EtcdTLS | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.client_port = client_port
         self.peer_port = peer_port
         self.log_path = log_path
         self._binary = binary
+        self.tls = tls
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def scheme(self) -> str:
+        """http, or https with TLS."""
+        return "https" if self.tls is not None else "http"
 
     @property
     def endpoint(self) -> str:
@@ -72,8 +111,8 @@ class EtcdServer:
         binary = find_binary(self._binary)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        client = f"http://127.0.0.1:{self.client_port}"
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        client = f"{self.scheme}://127.0.0.1:{self.client_port}"
+        peer = f"{self.scheme}://127.0.0.1:{self.peer_port}"
         argv = [
             binary,
             "--name=kvtier",
@@ -84,6 +123,7 @@ class EtcdServer:
             f"--initial-advertise-peer-urls={peer}",
             f"--initial-cluster=kvtier={peer}",
             "--log-level=warn",
+            *(self.tls.args() if self.tls is not None else ()),
         ]
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
@@ -93,12 +133,13 @@ class EtcdServer:
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Block until etcd reports healthy; EtcdError when it exits or times out."""
         deadline = time.monotonic() + timeout_s
-        url = f"http://{self.endpoint}/health"
+        url = f"{self.scheme}://{self.endpoint}/health"
+        context = self.tls.context() if self.tls is not None else None
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
                 raise EtcdError(f"etcd exited with {self._proc.returncode}: {self.log_tail()}")
             try:
-                with urllib.request.urlopen(url, timeout=1.0) as reply:
+                with urllib.request.urlopen(url, timeout=1.0, context=context) as reply:
                     if json.loads(reply.read()).get("health") == "true":
                         return
             except (urllib.error.URLError, OSError, ValueError):

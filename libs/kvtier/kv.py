@@ -31,6 +31,7 @@ from typing import Any
 import prometheus_client
 
 from kvtier import errors, kvnodes
+from kvtier import security as security_mod
 from kvtier.clients import dataplane as dataplane_client
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from kvtier.transport import base, registry
@@ -107,6 +108,9 @@ class AsyncKVClient:
     - `replicas`: copies per block (R nodes); `timeout_s`: deadline per node and operation;
       `refresh_s`: how old the node list may get; `use_calls`: False forces the gRPC path
       with descriptors (what rdma uses).
+    - `security`: TLS trust anchors and credentials (`kvtier.security.ClientSecurity`: a user's
+      access key and secret, exchanged for session tokens at the metadata service; or a
+      certificate); default: from KVTIER_* environment variables (`ClientSecurity.from_env`).
 
     `put_batch`, `get_batch`, `exists_batch` and `lookup` take `timeout_s`, a deadline for that
     call alone: an owner that has not answered by then counts as a miss (or UNAVAILABLE) without
@@ -127,6 +131,7 @@ class AsyncKVClient:
         client_id: str = "",
         use_calls: bool = True,
         settings: registry.ClientSettings | None = None,
+        security: security_mod.ClientSecurity | None = None,
     ) -> None:
         self.namespace = namespace
         self.tenant = tenant
@@ -135,7 +140,7 @@ class AsyncKVClient:
         self._set = kvnodes.NodeSet(
             namespace=namespace, tenant=tenant, metadata=metadata, nodes=nodes,
             transports=transports, replicas=replicas, timeout_s=timeout_s, refresh_s=refresh_s,
-            client_id=client_id, settings=settings,
+            client_id=client_id, settings=settings, security=security,
         )  # fmt: skip
         self.replicas = replicas
 
@@ -473,7 +478,8 @@ class AsyncKVClient:
         """Each reachable node's statistics for this client's tenant."""
         await self._set.fresh()
         nodes = self._set.nodes()
-        request = pb.StatsRequest(tenant=self.tenant or "default")
+        # A user's empty tenant means its own; certificate holders name one ("default").
+        request = pb.StatsRequest(tenant=self._set._session_tenant())
         replies = await asyncio.gather(
             *(
                 self._simple(

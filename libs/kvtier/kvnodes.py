@@ -18,7 +18,8 @@ from typing import TypeVar
 
 import prometheus_client
 
-from kvtier import errors, rendezvous
+from kvtier import errors, principal, rendezvous
+from kvtier import security as security_mod
 from kvtier.clients import dataplane as dataplane_client
 from kvtier.clients import kvcache as kvcache_client
 from kvtier.clients import metadata as metadata_client
@@ -91,6 +92,7 @@ class NodeSet:
         refresh_s: float,
         client_id: str,
         settings: registry.ClientSettings | None,
+        security: security_mod.ClientSecurity | None = None,
     ) -> None:
         if bool(metadata) == bool(nodes):
             raise errors.InvalidArgument("give either metadata (an address) or nodes (addresses)")
@@ -99,6 +101,17 @@ class NodeSet:
         if timeout_s <= 0:
             raise errors.InvalidArgument("timeout_s must be > 0")
         self.tenant = tenant
+        self.security = security or security_mod.default()
+        # Users' session tokens: from the metadata service (or the configured issuer).
+        self._tokens: security_mod.TokenSource | None = None
+        if self.security.has_user:
+            issuer = self.security.token_address or metadata
+            if not issuer:
+                raise errors.InvalidArgument(
+                    "with fixed nodes, a user's credentials need token_address (a metadata or "
+                    "gateway client port that issues session tokens)"
+                )
+            self._tokens = security_mod.token_source(self.security, issuer)
         self.replicas = replicas
         self.timeout_s = timeout_s
         self._ns_prefix = namespace.encode() + b"\0"
@@ -160,7 +173,10 @@ class NodeSet:
     async def _from_metadata(self) -> tuple[list[common_pb2.NodeInfo], int]:
         if self._metadata is None:
             self._metadata = metadata_client.MetadataClient(
-                self._metadata_address, timeout_s=self.timeout_s
+                self._metadata_address,
+                timeout_s=self.timeout_s,
+                security=self.security,
+                tokens=self._tokens,
             )
         cmap = await self._metadata.get_cluster_map()
         assert cmap is not None  # known_epoch 0: always a map
@@ -170,7 +186,9 @@ class NodeSet:
     async def _from_static(self) -> tuple[list[common_pb2.NodeInfo], int]:
         async def probe(address: str) -> common_pb2.NodeInfo | None:
             try:
-                async with node_client.NodeClient(address, timeout_s=self.timeout_s) as probe:
+                async with node_client.NodeClient(
+                    address, timeout_s=self.timeout_s, security=self.security, tokens=self._tokens
+                ) as probe:
                     reply = await probe.get_node_info()
             except errors.KVTierError as exc:
                 log.warning("kvcache node %s does not answer: %s", address, exc)
@@ -178,6 +196,7 @@ class NodeSet:
             info = common_pb2.NodeInfo()
             info.CopyFrom(reply.node)
             info.grpc_address = address  # as the caller reaches it
+            info.client_address = address
             return info
 
         found = await asyncio.gather(*(probe(a) for a in self._static))
@@ -191,17 +210,26 @@ class NodeSet:
         for node_id in [n for n in self._nodes if n not in by_id]:
             asyncio.ensure_future(self._nodes.pop(node_id).close())  # noqa: RUF006 - best effort
         for node_id, info in by_id.items():
+            address = self.security.address_of(info.grpc_address, info.client_address)
             known = self._nodes.get(node_id)
-            if known is not None and known.address != info.grpc_address:
+            if known is not None and known.address != address:
                 asyncio.ensure_future(self._nodes.pop(node_id).close())  # noqa: RUF006
                 known = None
             if known is None:
                 self._nodes[node_id] = Node(
                     node_id=node_id,
-                    address=info.grpc_address,
-                    grpc=kvcache_client.KVCacheClient(info.grpc_address, timeout_s=self.timeout_s),
+                    address=address,
+                    grpc=kvcache_client.KVCacheClient(
+                        address,
+                        timeout_s=self.timeout_s,
+                        security=self.security,
+                        tokens=self._tokens,
+                    ),
                     negotiator=dataplane_client.DataPlaneClient(
-                        info.grpc_address, timeout_s=self.timeout_s
+                        address,
+                        timeout_s=self.timeout_s,
+                        security=self.security,
+                        tokens=self._tokens,
                     ),
                 )
         self._node_ids = sorted(self._nodes)
@@ -243,7 +271,7 @@ class NodeSet:
         if node.opening is None:
             node.opening = asyncio.ensure_future(
                 node.negotiator.open(
-                    self._client_id, self._allowed, self._settings, tenant=self.tenant
+                    self._client_id, self._allowed, self._settings, tenant=self._session_tenant()
                 )
             )
         opening = node.opening
@@ -255,6 +283,13 @@ class NodeSet:
         if node.session is None:
             node.session = session
         return node.session
+
+    def _session_tenant(self) -> str:
+        """The tenant data-plane sessions act for: a user's own (empty: the node takes it from
+        the token); certificate holders act for the tenant they name, "default" when none."""
+        if self.tenant or self.security.has_user:
+            return self.tenant
+        return principal.DEFAULT_TENANT
 
     def _usable(self, node: Node) -> bool:
         return node.down_until <= time.monotonic()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kvtier import errors
+from kvtier import security as security_mod
 from kvtier.clients import dataplane as dataplane_client
 from kvtier.clients import gateway as gateway_client
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
@@ -42,13 +43,21 @@ class AsyncObjectClient:
         transports: Sequence[str] = (),
         timeout_s: float = 60.0,
         client_id: str = "",
+        security: security_mod.ClientSecurity | None = None,
     ) -> None:
         self.gateway = gateway
         self._allowed = list(transports)
         self._timeout_s = timeout_s
         self._client_id = client_id or f"{socket.gethostname()}:{os.getpid()}"
-        self._rpc = gateway_client.ObjectServiceClient(gateway, timeout_s=timeout_s)
-        self._negotiator = dataplane_client.DataPlaneClient(gateway, timeout_s=timeout_s)
+        sec = security or security_mod.default()
+        # Users get session tokens from the gateway itself (it issues them).
+        tokens = security_mod.token_source(sec, gateway) if sec.has_user else None
+        self._rpc = gateway_client.ObjectServiceClient(
+            gateway, timeout_s=timeout_s, security=sec, tokens=tokens
+        )
+        self._negotiator = dataplane_client.DataPlaneClient(
+            gateway, timeout_s=timeout_s, security=sec, tokens=tokens
+        )
         self._session: dataplane_client.DataPlaneSession | None = None
 
     @classmethod

@@ -118,7 +118,7 @@ class Principal:
             return f"user {self.name} (tenant {self.tenant}{', admin' if self.is_admin else ''})"
         if self.kind in (Kind.SERVICE, Kind.OPERATOR):
             return f"{self.role} {self.name}"
-        return self.kind.value
+        return str(self.kind.value)
 
 
 ANONYMOUS = Principal(Kind.ANONYMOUS)

@@ -1,13 +1,17 @@
 """The one way to build a kvtier gRPC server and channel.
 
 `build_server` returns a grpc.aio server with the shared options (message size, keepalive), the
-interceptor that sets request ids, checks cluster-map epochs, records metrics and maps domain
-errors to statuses, plus the standard health and reflection services. `open_channel` is its
-client-side twin; `invoke` is how typed clients call a stub (deadline, request id, epoch, errors).
+interceptor that authenticates the caller (`Authenticator`: a cluster certificate over mutual
+TLS, or a session token), enforces the authorization table (`kvtier.authz`), binds the caller as
+`kvtier.principal.current()`, sets request ids, checks cluster-map epochs, records metrics and
+maps domain errors to statuses, plus the standard health and reflection services.
+`open_channel` is its client-side twin (TLS, or mutual TLS with a certificate); `invoke` is how
+typed clients call a stub (deadline, request id, epoch, session token, errors).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -18,7 +22,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvtier import errors, principal, telemetry
+from kvtier import authz, errors, pki, principal, telemetry, tokens
+from kvtier import security as security_mod
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +60,58 @@ def _metadata_value(metadata: Iterable[tuple[str, Any]] | None, key: str) -> str
     return None
 
 
-class _ServerInterceptor(grpc.aio.ServerInterceptor):
-    """Request ids, epoch checks, metrics and error mapping for every RPC of a server."""
+class Authenticator:
+    """Who is calling: the peer's cluster certificate (mutual TLS on the service port), else a
+    session token in the `authorization` metadata (client port), else nobody.
 
-    def __init__(self, service_label: str, epoch_source: EpochSource) -> None:
+    `insecure` (a cluster run without authentication): everyone is `principal.INSECURE`.
+    """
+
+    def __init__(
+        self,
+        *,
+        insecure: bool = False,
+        cluster: str = "",
+        verifier: tokens.TokenVerifier | None = None,
+    ) -> None:
+        self.insecure = insecure
+        self._cluster = cluster
+        self._verifier = verifier
+
+    def identify(
+        self, context: ServicerContext, metadata: Iterable[tuple[str, Any]] | None
+    ) -> principal.Principal:
+        """The caller of one RPC; Unauthenticated for a bad token or a foreign certificate."""
+        if self.insecure:
+            return principal.INSECURE
+        auth = context.auth_context()
+        spiffe = list(auth.get("peer_spiffe_id") or auth.get("peer_uri") or ())
+        if spiffe:
+            ident = pki.parse_uri(spiffe[0].decode(errors="replace"))
+            if ident is None or ident.cluster != self._cluster or ident.role == "etcd":
+                raise errors.Unauthenticated("the peer certificate names no role of this cluster")
+            return principal.service(ident.role, ident.name)
+        if auth.get("x509_pem_cert"):
+            raise errors.Unauthenticated("the peer certificate names no kvtier role")
+        bearer = _metadata_value(metadata, tokens.AUTHORIZATION_KEY)
+        if bearer is None:
+            return principal.ANONYMOUS
+        scheme, _, token = bearer.partition(" ")
+        if scheme.lower() != "bearer" or self._verifier is None:
+            raise errors.Unauthenticated("authorization must be 'Bearer <session token>'")
+        return self._verifier.verify(token.strip())
+
+
+class _ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Authentication, authorization, request ids, epoch checks, metrics and error mapping for
+    every RPC of a server."""
+
+    def __init__(
+        self, service_label: str, epoch_source: EpochSource, authenticator: Authenticator
+    ) -> None:
         self._service_label = service_label
         self._epoch_source = epoch_source
+        self.authenticator = authenticator
 
     async def intercept_service(
         self,
@@ -73,11 +124,12 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):
         method = details.method.rsplit("/", 1)[-1]
         rid = _metadata_value(details.invocation_metadata, REQUEST_ID_KEY) or uuid.uuid4().hex
         caller_epoch = _metadata_value(details.invocation_metadata, errors.EPOCH_KEY)
+        call = _CallInfo(details.method, method, rid, caller_epoch, details.invocation_metadata)
         if handler.unary_unary is not None:
             inner: Any = handler.unary_unary
 
             async def unary(request: Any, context: ServicerContext) -> Any:
-                with self._scope(method, rid, caller_epoch, context) as scope:
+                with self._scope(call, context) as scope:
                     return await scope.run(lambda: inner(request, context))
 
             return grpc.unary_unary_rpc_method_handler(
@@ -87,7 +139,7 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):
             inner_stream: Any = handler.unary_stream
 
             async def stream(request: Any, context: ServicerContext) -> AsyncIterator[Any]:
-                with self._scope(method, rid, caller_epoch, context) as scope:
+                with self._scope(call, context) as scope:
                     async for item in scope.iterate(lambda: inner_stream(request, context)):
                         yield item
 
@@ -97,14 +149,8 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):
         # Client-streaming handlers are wrapped when a service first defines one.
         return handler
 
-    def _scope(
-        self,
-        method: str,
-        rid: str,
-        caller_epoch: str | None,
-        context: ServicerContext,
-    ) -> _CallScope:
-        return _CallScope(self, method, rid, caller_epoch, context)
+    def _scope(self, call: _CallInfo, context: ServicerContext) -> _CallScope:
+        return _CallScope(self, call, context)
 
     def check_epoch(self, caller_epoch: str | None) -> None:
         """Raise StaleEpoch when the caller's map is older than ours."""
@@ -121,30 +167,36 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):
             )
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _CallInfo:
+    """What the interceptor knows of a call before its handler runs."""
+
+    path: str
+    method: str
+    rid: str
+    caller_epoch: str | None
+    metadata: Any
+
+
 class _CallScope:
-    """One RPC: sets the request id, times it, and maps what it raises."""
+    """One RPC: authenticates and authorizes the caller, sets the request id, times it, and
+    maps what it raises."""
 
     def __init__(
-        self,
-        owner: _ServerInterceptor,
-        method: str,
-        rid: str,
-        caller_epoch: str | None,
-        context: ServicerContext,
+        self, owner: _ServerInterceptor, call: _CallInfo, context: ServicerContext
     ) -> None:
         self._owner = owner
-        self._method = method
-        self._rid = rid
-        self._caller_epoch = caller_epoch
+        self._call = call
+        self._method = call.method
+        self._rid = call.rid
         self._context = context
         self._code = "OK"
         self._token: Any = None
+        self._principal_token: Any = None
         self._start = 0.0
 
     def __enter__(self) -> _CallScope:
         self._token = telemetry.request_id.set(self._rid)
-        # Transitional: every caller has every right until authentication lands (issue 13).
-        self._principal_token = principal.bind(principal.INSECURE)
         self._start = time.perf_counter()
         return self
 
@@ -152,12 +204,20 @@ class _CallScope:
         telemetry.RPC_SECONDS.labels(self._owner._service_label, self._method, self._code).observe(
             time.perf_counter() - self._start
         )
-        principal.unbind(self._principal_token)
+        if self._principal_token is not None:
+            principal.unbind(self._principal_token)
         telemetry.request_id.reset(self._token)
+
+    def _admit(self) -> None:
+        """Authenticate, authorize, bind the caller, check the epoch (raises on refusal)."""
+        who = self._owner.authenticator.identify(self._context, self._call.metadata)
+        authz.check(self._call.path, who)
+        self._principal_token = principal.bind(who)
+        self._owner.check_epoch(self._call.caller_epoch)
 
     async def run(self, call: Callable[[], Awaitable[T]]) -> T:
         try:
-            self._owner.check_epoch(self._caller_epoch)
+            self._admit()
             return await call()
         except BaseException as exc:
             await self._fail(exc)
@@ -165,7 +225,7 @@ class _CallScope:
 
     async def iterate(self, items: Callable[[], AsyncIterator[T]]) -> AsyncIterator[T]:
         try:
-            self._owner.check_epoch(self._caller_epoch)
+            self._admit()
             async for item in items():
                 yield item
         except BaseException as exc:
@@ -201,10 +261,17 @@ def build_server(
     service_label: str,
     max_message_bytes: int,
     epoch_source: EpochSource,
+    authenticator: Authenticator | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """A grpc.aio server with the kvtier interceptor and a health service (NOT_SERVING)."""
+    """A grpc.aio server with the kvtier interceptor and a health service (NOT_SERVING).
+
+    Without an authenticator every caller is `principal.INSECURE` (an insecure server)."""
     server = grpc.aio.server(
-        interceptors=[_ServerInterceptor(service_label, epoch_source)],
+        interceptors=[
+            _ServerInterceptor(
+                service_label, epoch_source, authenticator or Authenticator(insecure=True)
+            )
+        ],
         options=channel_options(max_message_bytes),
     )
     health_servicer = health.aio.HealthServicer()
@@ -222,17 +289,32 @@ def enable_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> 
     reflection.enable_server_reflection(names, server)
 
 
-def open_channel(address: str, *, max_message_bytes: int = 4 * 1024 * 1024) -> grpc.aio.Channel:
-    """An insecure channel to a kvtier node with the shared options."""
-    return grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes))
+def open_channel(
+    address: str,
+    *,
+    security: security_mod.ClientSecurity | None = None,
+    max_message_bytes: int = 4 * 1024 * 1024,
+) -> grpc.aio.Channel:
+    """A channel to a kvtier node with the shared options: TLS (mutual with a certificate)
+    unless the security is insecure. Without one, the process default (`KVTIER_*` env)."""
+    sec = security or security_mod.default()
+    options = channel_options(max_message_bytes)
+    if sec.insecure:
+        return grpc.aio.insecure_channel(address, options=options)
+    return grpc.aio.secure_channel(address, sec.channel_credentials(), options=options)
 
 
-def call_metadata(epoch: int | None = None) -> tuple[tuple[str, str], ...]:
-    """Metadata for one call: a fresh request id (or the current one) and the caller's epoch."""
+def call_metadata(
+    epoch: int | None = None, token: str | None = None
+) -> tuple[tuple[str, str], ...]:
+    """Metadata for one call: a fresh request id (or the current one), the caller's epoch and
+    its session token."""
     rid = telemetry.request_id.get()
     meta: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, rid if rid != "-" else uuid.uuid4().hex),)
     if epoch is not None:
         meta += ((errors.EPOCH_KEY, str(epoch)),)
+    if token:
+        meta += ((tokens.AUTHORIZATION_KEY, f"Bearer {token}"),)
     return meta
 
 
@@ -242,17 +324,24 @@ async def invoke(
     *,
     timeout_s: float,
     epoch: int | None = None,
+    token: str | None = None,
 ) -> T:
     """Call a unary stub method with a deadline; failures come back as kvtier errors."""
     try:
-        return await method(request, timeout=timeout_s, metadata=call_metadata(epoch))
+        return await method(request, timeout=timeout_s, metadata=call_metadata(epoch, token))
     except grpc.aio.AioRpcError as exc:
         raise errors.from_rpc_error(exc) from None
 
 
-async def check_health(address: str, *, timeout_s: float = 2.0, service: str = "") -> str:
+async def check_health(
+    address: str,
+    *,
+    timeout_s: float = 2.0,
+    service: str = "",
+    security: security_mod.ClientSecurity | None = None,
+) -> str:
     """The health status name of a node ("SERVING", "NOT_SERVING", ...) or "UNREACHABLE"."""
-    async with open_channel(address) as channel:
+    async with open_channel(address, security=security) as channel:
         stub: Any = health_pb2_grpc.HealthStub(channel)  # typeshed types only the sync stub
         try:
             reply = await stub.Check(

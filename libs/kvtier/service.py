@@ -1,7 +1,9 @@
 """The lifecycle every kvtier service shares: one `run_service()` from config to clean exit.
 
-Start: metrics endpoint → gRPC server on host:port (health NOT_SERVING) → etcd (retried with
-backoff) → register under a lease → health SERVING → background loops in one TaskGroup.
+Start: TLS material (unless insecure) → metrics endpoint → gRPC server (health NOT_SERVING) on
+host:grpc_port (mutual TLS: services and operators) and host:client_port (TLS: users with session
+tokens) → etcd over mutual TLS (retried with backoff) → register under a lease → health SERVING
+→ background loops in one TaskGroup.
 Stop (SIGTERM/SIGINT only set an Event): cancel loops → revoke the lease → health NOT_SERVING →
 drain RPCs for `shutdown_grace_s` → close etcd → stop metrics. Shutdown is idempotent.
 """
@@ -26,7 +28,19 @@ import uvloop
 from grpc_health.v1 import health_pb2
 
 import kvtier
-from kvtier import clustermap, config, errors, membership, rpc, telemetry
+from kvtier import (
+    authservice,
+    clustermap,
+    config,
+    errors,
+    membership,
+    principal,
+    rpc,
+    security,
+    telemetry,
+    tokens,
+)
+from kvtier.proto.auth.v1 import auth_pb2, auth_pb2_grpc
 from kvtier.proto.common.v1 import common_pb2, common_pb2_grpc
 from kvtier.transport import dataplane as transport_dataplane
 from kvtier.transport import grpc_service as dataplane_grpc
@@ -50,6 +64,12 @@ class Context:
     map_view: clustermap.MapView
     #: The node's data plane (regions, grants, transports) when spec.dataplane is set.
     dataplane: transport_dataplane.DataPlane | None = None
+    #: The node's TLS identity (None in an insecure cluster).
+    tls: security.ServerTLS | None = None
+    #: How the node calls other nodes: mutual TLS as itself (or insecure).
+    security: security.ClientSecurity = field(
+        default_factory=lambda: security.ClientSecurity(insecure=True)
+    )
 
 
 @dataclass(slots=True)
@@ -74,6 +94,12 @@ class ServiceSpec:
     #: Starts what else the node serves (the gateway's S3 HTTP server) once gRPC serves and
     #: before it registers; may fill in the NodeInfo it will announce.
     on_serve: Callable[[Context, common_pb2.NodeInfo], Awaitable[None]] | None = None
+    #: Whether users (session tokens) call this node: it then also serves client_port.
+    serves_users: bool = True
+    #: Nodes that can open users' secrets serve AuthService with this user lookup.
+    user_lookup: Callable[[Context], authservice.UserLookup] | None = None
+    #: Who may open data-plane sessions (default: every authenticated caller).
+    dataplane_access: Callable[[principal.Principal], bool] | None = None
 
 
 class _NodeServicer(common_pb2_grpc.NodeServiceServicer):
@@ -99,10 +125,21 @@ async def run_service(cfg: config.ServiceConfig, spec: ServiceSpec, stop: asynci
     errors.AlreadyExists when the node id is held by another live process. A stop during
     start-up (etcd still unreachable, an old lease still held) ends it at once.
     """
-    store = membership.EtcdMembership(cfg.etcd_endpoints, cfg.etcd_prefix)
+    tls = _server_tls(cfg, spec)
+    client_security = (
+        tls.client_security() if tls is not None else security.ClientSecurity(insecure=True)
+    )
+    store = membership.EtcdMembership(cfg.etcd_endpoints, cfg.etcd_prefix, security=client_security)
     view = clustermap.MapView(store)
-    ctx = Context(cfg=cfg, node_id=spec.node_id, store=store, map_view=view)
-    metrics = telemetry.MetricsServer(cfg.host, cfg.metrics_port)
+    ctx = Context(
+        cfg=cfg, node_id=spec.node_id, store=store, map_view=view, tls=tls,
+        security=client_security,
+    )  # fmt: skip
+    metrics = telemetry.MetricsServer(
+        cfg.host,
+        cfg.metrics_port,
+        tls=(cfg.tls_ca_file, cfg.tls_cert_file, cfg.tls_key_file) if tls is not None else None,
+    )
     server: grpc.aio.Server | None = None
     health: Any = None
     try:
@@ -125,6 +162,47 @@ async def run_service(cfg: config.ServiceConfig, spec: ServiceSpec, stop: asynci
         await _shutdown(cfg, ctx, health, server, metrics, spec)
 
 
+def _server_tls(cfg: config.ServiceConfig, spec: ServiceSpec) -> security.ServerTLS | None:
+    """The node's TLS identity; ConfigError when its certificate is not of this role."""
+    tls = security.ServerTLS.from_config(cfg)
+    if tls is None:
+        log.warning(
+            "insecure: no TLS and no authentication; every caller has every right. Never "
+            "run this on a network."
+        )
+        return None
+    if tls.identity.role != spec.label:
+        raise config.ConfigError(
+            f"tls_cert_file: the certificate is for role {tls.identity.role!r}, this node is "
+            f"a {spec.label}"
+        )
+    return tls
+
+
+def _authenticator(ctx: Context) -> rpc.Authenticator:
+    tls = ctx.tls
+    if tls is None:
+        return rpc.Authenticator(insecure=True)
+    files = tls.files
+    verifier = tokens.TokenVerifier(lambda: files.material.ca_pem)
+    return rpc.Authenticator(cluster=tls.identity.cluster, verifier=verifier)
+
+
+def _add_ports(
+    cfg: config.ServiceConfig, spec: ServiceSpec, ctx: Context, server: grpc.aio.Server
+) -> tuple[int, int | None]:
+    """Bind the service port (mutual TLS) and the client port (TLS) when users call this
+    node; insecure: one plaintext port. Returns (grpc port, client port or None)."""
+    if ctx.tls is None:
+        return server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}"), None
+    mutual = ctx.tls.credentials(require_client_cert=True)
+    port = server.add_secure_port(f"{cfg.host}:{cfg.grpc_port}", mutual)
+    if not spec.serves_users or cfg.client_port < 0:
+        return port, None
+    plain = ctx.tls.credentials(require_client_cert=False)
+    return port, server.add_secure_port(f"{cfg.host}:{cfg.client_port}", plain)
+
+
 def _build(
     cfg: config.ServiceConfig, spec: ServiceSpec, ctx: Context, metrics_port: int | None
 ) -> tuple[grpc.aio.Server, Any, common_pb2.NodeInfo, list[str]]:
@@ -134,22 +212,30 @@ def _build(
         service_label=spec.label,
         max_message_bytes=cfg.max_message_bytes,
         epoch_source=view.epoch if spec.watches_map else (lambda: None),
+        authenticator=_authenticator(ctx),
     )
     advertised = cfg.advertised_host()
     if spec.dataplane:  # before the servicers, which register their regions in it
-        ctx.dataplane = _make_dataplane(cfg, spec.node_id, advertised)
+        ctx.dataplane = _make_dataplane(cfg, spec, advertised)
     names = list(spec.add_servicers(server, ctx))
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
+    port, client_port = _add_ports(cfg, spec, ctx, server)
     info = common_pb2.NodeInfo(
         node_id=spec.node_id,
         role=spec.role,  # type: ignore[arg-type]
         grpc_address=f"{advertised}:{port}",
+        client_address=f"{advertised}:{client_port}" if client_port is not None else "",
+        tls=ctx.tls is not None,
         metrics_address=f"{advertised}:{metrics_port}" if metrics_port is not None else "",
         hostname=socket.gethostname(),
         pid=os.getpid(),
         version=kvtier.__version__,
         started_at_unix_ms=int(time.time() * 1000),
     )
+    if spec.user_lookup is not None:
+        auth_pb2_grpc.add_AuthServiceServicer_to_server(
+            authservice.AuthServicer(spec.user_lookup(ctx), ctx.tls), server
+        )
+        names.append(auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name)
     common_pb2_grpc.add_NodeServiceServicer_to_server(
         _NodeServicer(info, view if spec.watches_map else None), server
     )
@@ -190,7 +276,7 @@ async def _start(
 
 
 def _make_dataplane(
-    cfg: config.ServiceConfig, node_id: str, advertised: str
+    cfg: config.ServiceConfig, spec: ServiceSpec, advertised: str
 ) -> transport_dataplane.DataPlane:
     if not isinstance(cfg, config.DataPlaneServiceConfig):
         raise TypeError("a data-plane service needs a DataPlaneServiceConfig")
@@ -201,7 +287,11 @@ def _make_dataplane(
         rdma_device=cfg.rdma_device,
         max_inflight_bytes=cfg.dataplane_max_inflight_bytes,
     )
-    return transport_dataplane.DataPlane(node_id, cfg.dataplane_transports, settings)
+    if spec.dataplane_access is None:
+        return transport_dataplane.DataPlane(spec.node_id, cfg.dataplane_transports, settings)
+    return transport_dataplane.DataPlane(
+        spec.node_id, cfg.dataplane_transports, settings, may_open=spec.dataplane_access
+    )
 
 
 async def _run_loops(ctx: Context, spec: ServiceSpec, stop: asyncio.Event) -> None:
@@ -285,6 +375,9 @@ def main(
 
     try:
         uvloop.run(_main())
+    except config.ConfigError as exc:  # TLS material found unusable at start
+        print(f"{prog}: error: {exc}", file=sys.stderr)  # noqa: T201
+        return config.EXIT_BAD_CONFIG
     except errors.KVTierError as exc:
         print(f"{prog}: error: {exc.message}", file=sys.stderr)  # noqa: T201
         return EXIT_FAILED

@@ -75,16 +75,33 @@ def configure_logging(level: str, fmt: str, *, node_id: str = "") -> None:
 
 
 class MetricsServer:
-    """The Prometheus endpoint of a process (a small threaded HTTP server)."""
+    """The Prometheus endpoint of a process (a small threaded HTTP server).
 
-    def __init__(self, host: str, port: int) -> None:
+    With `tls` = (CA file, certificate file, key file) it serves HTTPS and requires a client
+    certificate of the cluster CA (Prometheus scrapes with one: docs/security.md), because the
+    series name tenants and namespaces.
+    """
+
+    def __init__(self, host: str, port: int, tls: tuple[str, str, str] | None = None) -> None:
         self._server: WSGIServer | None = None
         self._host = host
         self._port = port
+        self._tls = tls
 
     def start(self) -> int:
         """Start serving; returns the bound port."""
-        server, _thread = prometheus_client.start_http_server(self._port, addr=self._host)
+        if self._tls is None:
+            server, _thread = prometheus_client.start_http_server(self._port, addr=self._host)
+        else:
+            ca, cert, key = self._tls
+            server, _thread = prometheus_client.start_http_server(
+                self._port,
+                addr=self._host,
+                certfile=cert,
+                keyfile=key,
+                client_cafile=ca,
+                client_auth_required=True,
+            )
         self._server = server
         return int(server.server_port)
 

@@ -1,10 +1,12 @@
 """S3 users: access keys and their secrets, in etcd at `<prefix>/users/<access_key>`.
 
 A record is a serialized `kvtier.metadata.v1.UserRecord`: access key, tenant, display name,
-admin flag, creation time, and the secret sealed with the cluster's master key
-(`kvtier.masterkey`: AES-256-GCM, a random nonce per record, the access key as associated data so
-that a sealed secret copied into another user's record does not open) plus the id of the key that
-sealed it. etcd never holds a secret in plaintext.
+admin flag, creation time, the shared-memory trust flag (`shm_trusted`: the user may map a
+node's whole arena over same-host shared memory; an admin decides, see docs/security.md), and
+the secret sealed with the cluster's master key (`kvtier.masterkey`: AES-256-GCM, a random nonce
+per record, the access key as associated data so that a sealed secret copied into another
+user's record does not open) plus the id of the key that sealed it. etcd never holds a secret
+in plaintext.
 
 The metadata service creates and deletes records (`UserStore`, create-only transactions, like
 `kvtier.buckets`); gateways read them directly from etcd (`UserCache`: every user in memory, kept
@@ -72,6 +74,8 @@ class User:
     is_admin: bool
     created_at_unix_ms: int
     secret: Secret
+    #: Trusted for same-host shared memory (it can then read every tenant's blocks it maps).
+    shm_trusted: bool = False
 
     @property
     def info(self) -> metadata_pb2.UserInfo:
@@ -82,6 +86,7 @@ class User:
             display_name=self.display_name,
             is_admin=self.is_admin,
             created_at_unix_ms=self.created_at_unix_ms,
+            shm_trusted=self.shm_trusted,
         )
 
 
@@ -134,6 +139,7 @@ def seal(
         display_name=info.display_name,
         is_admin=info.is_admin,
         created_at_unix_ms=info.created_at_unix_ms,
+        shm_trusted=info.shm_trusted,
         secret_nonce=nonce,
         secret_ciphertext=ciphertext,
         master_key_id=key.key_id,
@@ -160,6 +166,7 @@ def unseal(key: masterkey.MasterKey, record: metadata_pb2.UserRecord) -> User:
         is_admin=record.is_admin,
         created_at_unix_ms=record.created_at_unix_ms,
         secret=Secret(plain.decode()),
+        shm_trusted=record.shm_trusted,
     )
 
 
@@ -171,6 +178,7 @@ def info_of(record: metadata_pb2.UserRecord) -> metadata_pb2.UserInfo:
         display_name=record.display_name,
         is_admin=record.is_admin,
         created_at_unix_ms=record.created_at_unix_ms,
+        shm_trusted=record.shm_trusted,
     )
 
 
@@ -214,8 +222,10 @@ class UserStore:
         is_admin: bool = False,
         access_key: str = "",
         secret: Secret | None = None,
+        shm_trusted: bool = False,
     ) -> User:
-        """A new user of tenant ("default" when empty), with its secret (for showing once).
+        """A new user of tenant ("default" when empty), with its secret (for showing once);
+        shm_trusted marks its credential trusted for same-host shared memory.
 
         Without access_key and secret both are generated; giving only one is InvalidArgument,
         as is a bad tenant, access key or secret. Raises errors.AlreadyExists when the access
@@ -230,6 +240,7 @@ class UserStore:
             display_name=display_name,
             is_admin=is_admin,
             created_at_unix_ms=int(self._clock() * 1000),
+            shm_trusted=shm_trusted,
         )
         if secret is None:
             secret = new_secret()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from kvtier import errors, identity, service
+from kvtier import errors, identity, principal, service
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2, datanode_pb2_grpc, shards_pb2, shards_pb2_grpc
 from kvtier.transport import slots
@@ -92,7 +92,15 @@ def build(cfg: config.DatanodeConfig) -> service.ServiceSpec:
         add_servicers=node.add_servicers,
         drives=lambda: servicer.describe(local),
         loops=(node.sweep_loop,),
+        # Only gateways (and operators) move shards: no users' port, no users' sessions.
+        serves_users=False,
+        dataplane_access=_gateways_only,
     )
+
+
+def _gateways_only(who: principal.Principal) -> bool:
+    """Who may open a data-plane session to a datanode."""
+    return who.role == "gateway" or who.kind in (principal.Kind.OPERATOR, principal.Kind.INSECURE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -157,6 +157,10 @@ def _replace_files(staged: Path, target: Path) -> None:
     _fsync_dir(target)
 
 
+#: How far ahead of this node's clock a version's mtime may be (clock skew between hosts).
+MAX_FUTURE_MTIME_NS = 300 * 1_000_000_000
+
+
 class Superseded(errors.PreconditionFailed):
     """A commit with only_if_newer found a newer version on the drive."""
 
@@ -295,7 +299,12 @@ class StagedWrite:
             raise errors.InvalidArgument(f"{where}: block_bytes differs from the staged write")
         stored.block_bytes = self.block_bytes
         stored.format_version = FORMAT_VERSION
-        stored.mtime_unix_ns = stored.mtime_unix_ns or time.time_ns()
+        now = time.time_ns()
+        if stored.mtime_unix_ns > now + MAX_FUTURE_MTIME_NS:
+            # A version stamped far in the future would win every later write (commits keep the
+            # newest mtime): refused, whoever sent it (gateways' clocks are NTP-synced).
+            raise errors.InvalidArgument(f"{where}: mtime is in the future")
+        stored.mtime_unix_ns = stored.mtime_unix_ns or now
         numbers = [p.number for p in stored.parts]
         if numbers != sorted(set(numbers)) or not set(self._parts) <= set(numbers):
             raise errors.InvalidArgument(f"{where}: parts must be unique, ascending and complete")

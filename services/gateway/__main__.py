@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import grpc
 from aiohttp import web
 
-from kvtier import erasure, errors, service, users
+from kvtier import authservice, erasure, errors, service, users
+from kvtier import config as kvtier_config
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.gateway.v1 import (
     admin_pb2,
@@ -34,6 +35,7 @@ from services.gateway import (
 )
 from services.gateway.s3 import auth as s3_auth
 from services.gateway.s3 import server as s3_server
+from services.gateway.s3 import tls as s3_tls
 
 _SWEEP_S = 60.0
 
@@ -49,6 +51,7 @@ class _Gateway:
         self.nodes: datanodes.Datanodes | None = None
         self.healer: healing.Healer | None = None
         self.s3_runner: web.AppRunner | None = None
+        self.s3_tls: s3_tls.S3TLS | None = None
         self.users: users.UserCache | None = None
 
     def add_servicers(self, server: grpc.aio.Server, ctx: service.Context) -> Sequence[str]:
@@ -57,11 +60,18 @@ class _Gateway:
             raise errors.Internal("the gateway needs its data plane")
         region = dataplane.regions.create(self.cfg.staging_bytes, name="gateway-staging")
         staging = slots.SlotPool(region, self.cfg.staging_slot_bytes)
-        self.nodes = datanodes.Datanodes(ctx.map_view, client_id=self.node_id)
-        engine = objects.ObjectEngine(ctx.map_view, self.nodes, staging, self.executor)
-        self.front = front.ObjectFront(
-            ctx.map_view, engine, listing.Lister(ctx.map_view, self.nodes)
+        self.nodes = datanodes.Datanodes(
+            ctx.map_view, client_id=self.node_id, security=ctx.security
         )
+        engine = objects.ObjectEngine(
+            ctx.map_view, self.nodes, staging, self.executor,
+            max_staged_writes_per_tenant=self.cfg.max_staged_writes_per_tenant,
+        )  # fmt: skip
+        self.front = front.ObjectFront(
+            ctx.map_view, engine, listing.Lister(ctx.map_view, self.nodes),
+            # A cluster without authentication lets every data-plane session in.
+            insecure=self.cfg.insecure, security=ctx.security,
+        )  # fmt: skip
         dataplane.ctx.call_handler = self.front.handle_call
         self.healer = healing.Healer(
             ctx.map_view,
@@ -104,20 +114,51 @@ class _Gateway:
         """Serve the S3 HTTP API (unless s3_port is -1) and announce its address."""
         if self.cfg.s3_port < 0 or self.front is None:
             return
-        self.users = s3_auth.user_cache(ctx.store, self.cfg.master_key_file)
+        assert self.users is not None
         authenticator = s3_auth.Authenticator(
             s3_auth.user_lookup(self.users), region=self.cfg.s3_region
         )
         s3 = s3_server.S3Server(
             self.front, authenticator, region=self.cfg.s3_region, domain=self.cfg.s3_domain
         )
+        self.s3_tls = self._s3_tls(ctx)
         self.s3_runner = web.AppRunner(s3.app(), access_log=None, handle_signals=False)
         await self.s3_runner.setup()
-        site = web.TCPSite(self.s3_runner, self.cfg.host, self.cfg.s3_port, backlog=1024)
+        site = web.TCPSite(
+            self.s3_runner, self.cfg.host, self.cfg.s3_port, backlog=1024,
+            ssl_context=self.s3_tls.context if self.s3_tls is not None else None,
+        )  # fmt: skip
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         info.s3_address = f"{self.cfg.advertised_host()}:{port}"
-        log.info("gateway %s serving S3 on %s", self.node_id, info.s3_address)
+        scheme = "https" if self.s3_tls is not None else "http"
+        log.info("gateway %s serving S3 on %s://%s", self.node_id, scheme, info.s3_address)
+        if self.s3_tls is None and ctx.tls is not None:
+            log.warning("s3_plain_http: S3 bodies and presigned URLs travel in clear")
+
+    def _s3_tls(self, ctx: service.Context) -> s3_tls.S3TLS | None:
+        """HTTPS with the operator's certificate, else the gateway's cluster certificate;
+        None (plain HTTP) in an insecure cluster or with s3_plain_http."""
+        try:
+            if self.cfg.s3_tls_cert_file:
+                return s3_tls.S3TLS.from_files(self.cfg.s3_tls_cert_file, self.cfg.s3_tls_key_file)
+            if ctx.tls is None or self.cfg.s3_plain_http:
+                return None
+            return s3_tls.S3TLS(ctx.tls.files)
+        except errors.InvalidArgument as exc:
+            raise kvtier_config.ConfigError(f"s3 tls: {exc.message}") from None
+
+    async def s3_tls_loop(self, ctx: service.Context) -> None:
+        """Serve a replaced S3 certificate on new connections (see s3/tls.py)."""
+        while self.s3_tls is not None:
+            await asyncio.sleep(s3_tls.RELOAD_CHECK_S)
+            self.s3_tls.reload_if_changed()
+
+    def user_lookup(self, ctx: service.Context) -> authservice.UserLookup:
+        """The users (and their secrets) as this gateway sees them: for S3 signatures and for
+        session tokens (AuthService). Kept current by s3_loop's etcd watch."""
+        self.users = s3_auth.user_cache(ctx.store, self.cfg.master_key_file)
+        return self.users.get
 
     async def s3_loop(self, ctx: service.Context) -> None:
         """Keep the users current (an etcd watch) while S3 serves; stop it at shutdown."""
@@ -153,9 +194,16 @@ def build(cfg: config.GatewayConfig) -> service.ServiceSpec:
         node_id=node_id,
         add_servicers=gateway.add_servicers,
         dataplane=True,
-        loops=(gateway.sweep_loop, gateway.heal_loop, gateway.scan_loop, gateway.s3_loop),
+        loops=(
+            gateway.sweep_loop,
+            gateway.heal_loop,
+            gateway.scan_loop,
+            gateway.s3_loop,
+            gateway.s3_tls_loop,
+        ),
         on_close=gateway.close,
         on_serve=gateway.start_s3,
+        user_lookup=gateway.user_lookup,
     )
 
 

@@ -11,7 +11,7 @@ _MIB = 1024 * 1024
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class GatewayConfig(config.DataPlaneServiceConfig):
-    """The stateless front door: the gRPC object API (S3 arrives with a later issue)."""
+    """The stateless front door: the gRPC object API and the S3 API (HTTPS by default)."""
 
     staging_bytes: int = config.setting(
         256 * _MIB, "data-plane staging memory for stripes being encoded or decoded"
@@ -33,6 +33,17 @@ class GatewayConfig(config.DataPlaneServiceConfig):
         0, "port of the S3 HTTP API (0: any free port, announced in the map; -1: off)"
     )
     s3_region: str = config.setting("us-east-1", "the region the S3 API reports and signs for")
+    s3_tls_cert_file: str = config.setting(
+        "",
+        "certificate chain (PEM) the S3 API presents, e.g. from a public CA; re-read when "
+        "replaced; empty: the gateway's cluster certificate (tls_cert_file)",
+    )
+    s3_tls_key_file: str = config.setting("", "private key of s3_tls_cert_file (PEM, mode 0600)")
+    s3_plain_http: bool = config.setting(
+        False,
+        "serve S3 over plain HTTP in a secure cluster: bodies and presigned URLs travel in "
+        "clear (trusted networks only); an insecure cluster always serves plain HTTP",
+    )
     master_key_file: str = config.setting(
         "",
         "file of the key that opens S3 secrets in etcd (mode 0600; empty: "
@@ -40,6 +51,9 @@ class GatewayConfig(config.DataPlaneServiceConfig):
     )
     s3_domain: str = config.setting(
         "", "domain for virtual-host style S3 requests (<bucket>.<domain>); empty: path style"
+    )
+    max_staged_writes_per_tenant: int = config.setting(
+        64, "PUTs and parts one tenant may have in flight on this gateway (more: Overloaded)"
     )
 
     def __post_init__(self) -> None:
@@ -57,5 +71,14 @@ class GatewayConfig(config.DataPlaneServiceConfig):
             raise config.ConfigError("scan_interval_s: must not be negative (0 turns it off)")
         if not -1 <= self.s3_port <= 65535:
             raise config.ConfigError(f"s3_port: {self.s3_port} is not a port (or -1: off)")
+        if bool(self.s3_tls_cert_file) != bool(self.s3_tls_key_file):
+            raise config.ConfigError("s3_tls_cert_file and s3_tls_key_file: give both or neither")
+        if self.s3_tls_cert_file and (self.s3_plain_http or self.insecure):
+            raise config.ConfigError(
+                "s3_tls_cert_file: S3 serves plain HTTP with s3_plain_http or insecure, and "
+                "presents no certificate"
+            )
         if self.scan_objects_per_cycle < 1:
             raise config.ConfigError("scan_objects_per_cycle: must be at least 1")
+        if self.max_staged_writes_per_tenant < 1:
+            raise config.ConfigError("max_staged_writes_per_tenant: must be at least 1")

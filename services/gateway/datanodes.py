@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvtier import clustermap, errors
+from kvtier import security as security_mod
 from kvtier.clients import datanode as datanode_client
 from kvtier.clients import dataplane as dataplane_client
 from kvtier.proto.common.v1 import common_pb2
@@ -43,11 +44,18 @@ class Datanodes:
     """Connections to every datanode of the map, by node id."""
 
     def __init__(
-        self, view: clustermap.MapView, client_id: str, *, timeout_s: float = 30.0
+        self,
+        view: clustermap.MapView,
+        client_id: str,
+        *,
+        timeout_s: float = 30.0,
+        security: security_mod.ClientSecurity | None = None,
     ) -> None:
         self._view = view
         self._client_id = client_id
         self._timeout_s = timeout_s
+        #: Mutual TLS as this gateway (datanodes serve services only).
+        self._security = security
         self._conns: dict[str, _Conn] = {}
 
     def _conn(self, node_id: str) -> _Conn:
@@ -68,9 +76,11 @@ class Datanodes:
         if conn is None:
             conn = _Conn(
                 address=info.grpc_address,
-                shards=datanode_client.ShardClient(info.grpc_address, timeout_s=self._timeout_s),
+                shards=datanode_client.ShardClient(
+                    info.grpc_address, timeout_s=self._timeout_s, security=self._security
+                ),
                 negotiator=dataplane_client.DataPlaneClient(
-                    info.grpc_address, timeout_s=self._timeout_s
+                    info.grpc_address, timeout_s=self._timeout_s, security=self._security
                 ),
             )
             self._conns[node_id] = conn

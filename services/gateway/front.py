@@ -1,9 +1,30 @@
-"""The gateway's object front: buckets through the metadata service, calls to the engine.
+"""The gateway's object front: buckets through the metadata service, who may use them, calls to
+the engine.
 
 Buckets live in etcd, kept by the metadata service; the gateway asks a metadata node of the
-map and caches a bucket's existence for a moment (`bucket_cache_s`) so that each object request
+map and caches a bucket's record for a moment (`bucket_cache_s`) so that each object request
 does not cost a metadata round trip. Deleting a bucket first lists it: only an empty bucket is
 deleted, and only the incarnation that was listed (its generation).
+
+**Who.** Every operation acts for the caller, `kvtier.principal.current()` (bound by the gRPC
+interceptor, and by the S3 front for each request): a bucket is used only by its tenant's users
+and by privileged callers (services, operators, admins; PermissionDenied "AccessDenied"
+otherwise, copy sources included); CreateBucket creates for the caller's tenant; ListBuckets
+lists the caller's tenant's buckets (privileged callers: all). A write begun here (BeginPut, a
+part, a copy) belongs to the caller's tenant ("" for callers acting for no tenant): only that
+tenant or a privileged caller may send its stripes, commit or abort it.
+
+**Names.** Users see a bucket's name; the engine, listings, multipart uploads and healing work
+on its storage name (`names.storage_name`: `<name>@<storage_id>`), resolved here, so the objects
+of a deleted bucket are never visible to the next bucket of that name. Replies carry the
+user-facing name (`versions.info`, listings). The kvcache nodes' durable KV bucket
+(`names.KV_DURABLE_BUCKET`) is implicit: never recorded at the metadata service, never listed,
+usable by kvcache nodes only.
+
+**Data plane.** Calls carry their session's principal (`tenant/who/suffix`; `@role/...` for a
+session acting for no tenant, which is privileged): READ_RANGE checks the bucket's tenant against
+it, WRITE_STRIPES the write's owner. A front built with `insecure=True` (a cluster run without
+authentication, whose sessions are all `default/...`) lets every session in.
 """
 
 from __future__ import annotations
@@ -11,24 +32,71 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Sequence
+from typing import TypeVar
 
-from kvtier import clustermap, errors, names
+from google.protobuf import message
+
+from kvtier import clustermap, errors, names, principal
+from kvtier import security as security_mod
 from kvtier.clients import metadata as metadata_client
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
-from kvtier.transport import base, calls
+from kvtier.transport import base, calls, dataplane
 from services.gateway import listing, multipart, objects, versions
 
 log = logging.getLogger(__name__)
+
+#: The service role that may use the durable KV bucket.
+KV_ROLE = "kvcache"
+#: The durable KV bucket's record (implicit: no tenant, stored under its own name).
+_DURABLE = metadata_pb2.BucketInfo(name=names.KV_DURABLE_BUCKET)
+
+M = TypeVar("M", bound=message.Message)
 
 
 def _bucket(info: metadata_pb2.BucketInfo) -> pb.BucketInfo:
     return pb.BucketInfo(name=info.name, created_at_unix_ms=info.created_at_unix_ms)
 
 
+def storage(info: metadata_pb2.BucketInfo) -> str:
+    """The storage name of a bucket's objects."""
+    return names.storage_name(info.name, info.storage_id)
+
+
+def _with(req: M, **fields: str) -> M:
+    """A copy of req with fields replaced (bucket names mapped to storage names)."""
+    copy = type(req)()
+    copy.CopyFrom(req)
+    for name, value in fields.items():
+        setattr(copy, name, value)
+    return copy
+
+
+def _denied(what: str) -> errors.PermissionDenied:
+    return errors.PermissionDenied(f"AccessDenied: {what}")
+
+
+def may_use(caller: principal.Principal, tenant: str) -> bool:
+    """Whether caller may use a resource of tenant ("": a resource of no tenant, privileged
+    callers only)."""
+    return caller.privileged or (bool(tenant) and caller.may_use(tenant))
+
+
+def may_use_durable(caller: principal.Principal) -> bool:
+    """Whether caller may use the durable KV bucket: kvcache nodes (or an insecure cluster)."""
+    return caller.kind is principal.Kind.INSECURE or (
+        caller.kind is principal.Kind.SERVICE and caller.role == KV_ROLE
+    )
+
+
+def owner_of(caller: principal.Principal) -> str:
+    """The tenant a write begun by caller belongs to ("" for callers acting for no tenant)."""
+    return caller.tenant if caller.kind is principal.Kind.USER else ""
+
+
 class ObjectFront:
-    """What the object servicer and the gateway's data-plane calls use."""
+    """What the object servicer, the S3 front and the gateway's data-plane calls use."""
 
     def __init__(
         self,
@@ -37,12 +105,18 @@ class ObjectFront:
         lister: listing.Lister,
         *,
         bucket_cache_s: float = 2.0,
+        insecure: bool = False,
+        security: security_mod.ClientSecurity | None = None,
     ) -> None:
+        """insecure: a cluster run without authentication (every data-plane session may use
+        everything; gRPC callers are all `principal.INSECURE` there anyway)."""
         self._view = view
+        #: How this gateway calls the metadata service (mutual TLS as itself).
+        self.security = security
         self.engine = engine
         self.lister = lister
         self._bucket_cache_s = bucket_cache_s
-        self._known: dict[str, float] = {}
+        self._insecure = insecure
         self._infos: dict[str, tuple[float, metadata_pb2.BucketInfo]] = {}
         self._metadata: metadata_client.MetadataClient | None = None
         self.multipart = multipart.Multipart(engine, lister)
@@ -53,7 +127,9 @@ class ObjectFront:
             raise errors.Unavailable("no metadata service in the cluster map")
         if self._metadata is not None and self._metadata.address in {n.grpc_address for n in nodes}:
             return self._metadata
-        self._metadata = metadata_client.MetadataClient(nodes[0].grpc_address)
+        self._metadata = metadata_client.MetadataClient(
+            nodes[0].grpc_address, security=self.security
+        )
         return self._metadata
 
     def metadata_address(self) -> str:
@@ -65,38 +141,14 @@ class ObjectFront:
         if self._metadata is not None:
             await self._metadata.close()
 
-    # Buckets.
+    # Buckets, as the gateway itself sees them (no access check).
 
-    async def check_bucket(self, name: str) -> None:
-        """NotFound (NoSuchBucket) unless the bucket exists."""
-        names.check_bucket(name)
-        if time.monotonic() - self._known.get(name, -1e9) < self._bucket_cache_s:
-            return
-        try:
-            await self._meta().get_bucket(name)
-        except errors.NotFound:
-            self._known.pop(name, None)
-            raise errors.NotFound(f"NoSuchBucket: {name}") from None
-        self._known[name] = time.monotonic()
-
-    async def create_bucket(
-        self,
-        name: str,
-        tenant: str = "",
-        kind: metadata_pb2.BucketKind.ValueType = metadata_pb2.BUCKET_KIND_OBJECTS,
-    ) -> pb.BucketInfo:
-        """Create a bucket for tenant ("default" when empty; AlreadyExists when taken)."""
-        info = await self._meta().create_bucket(name, tenant, kind)
-        self._known[name] = time.monotonic()
-        self._infos[name] = (time.monotonic(), info)
-        return _bucket(info)
-
-    async def bucket_info(self, name: str) -> metadata_pb2.BucketInfo:
-        """The bucket's record (tenant, generation...), cached for bucket_cache_s;
-        NotFound (NoSuchBucket)."""
+    async def bucket_info(self, name: str, *, fresh: bool = False) -> metadata_pb2.BucketInfo:
+        """The bucket's record (tenant, generation, storage id...), cached for bucket_cache_s
+        unless fresh; NotFound (NoSuchBucket), InvalidArgument for a name S3 refuses."""
         names.check_bucket(name)
         cached = self._infos.get(name)
-        if cached is not None and time.monotonic() - cached[0] < self._bucket_cache_s:
+        if not fresh and cached is not None and time.monotonic() - cached[0] < self._bucket_cache_s:
             return cached[1]
         try:
             info = await self._meta().get_bucket(name)
@@ -106,87 +158,199 @@ class ObjectFront:
         self._infos[name] = (time.monotonic(), info)
         return info
 
-    async def tenant_buckets(self, tenant: str) -> list[metadata_pb2.BucketInfo]:
-        """The buckets of a tenant (every bucket when tenant is empty), sorted by name."""
-        return await self._meta().list_buckets(tenant)
+    async def storage_name(self, name: str) -> str:
+        """The storage name of a bucket (the durable KV bucket's own); NotFound."""
+        if name == names.KV_DURABLE_BUCKET:
+            return name
+        return storage(await self.bucket_info(name, fresh=True))
+
+    async def storage_buckets(self) -> list[str]:
+        """The storage names of every bucket, the durable KV bucket's included, sorted (what
+        healing walks)."""
+        infos = await self._meta().list_buckets()
+        return sorted([storage(b) for b in infos] + [names.KV_DURABLE_BUCKET])
+
+    # Buckets, for the caller.
+
+    async def bucket_for(self, name: str, *, fresh: bool = False) -> metadata_pb2.BucketInfo:
+        """The record of a bucket the caller may use: NotFound (NoSuchBucket),
+        PermissionDenied (AccessDenied), InvalidArgument."""
+        caller = principal.current()
+        if name == names.KV_DURABLE_BUCKET:
+            if not may_use_durable(caller):
+                raise _denied(f"{name} is internal to the KV tier")
+            return _DURABLE
+        info = await self.bucket_info(name, fresh=fresh)
+        if not may_use(caller, info.tenant):
+            raise _denied(f"{caller.describe()} may not use bucket {name}")
+        return info
+
+    async def storage_of(self, name: str) -> str:
+        """The storage name of a bucket the caller may use (see bucket_for)."""
+        return storage(await self.bucket_for(name))
+
+    async def create_bucket(
+        self,
+        name: str,
+        tenant: str = "",
+        kind: metadata_pb2.BucketKind.ValueType = metadata_pb2.BUCKET_KIND_OBJECTS,
+    ) -> pb.BucketInfo:
+        """Create a bucket for the caller's tenant (a privileged caller's: for tenant, "default"
+        when empty); AlreadyExists when taken, PermissionDenied for a user naming another
+        tenant, InvalidArgument for a name S3 refuses (the durable KV bucket's included)."""
+        names.check_bucket(name)
+        owner = principal.current().acting_tenant(tenant)
+        info = await self._meta().create_bucket(name, owner, kind)
+        self._infos[name] = (time.monotonic(), info)
+        return _bucket(info)
 
     async def head_bucket(self, name: str) -> pb.BucketInfo:
-        """The bucket (NotFound)."""
-        names.check_bucket(name)
-        return _bucket(await self._meta().get_bucket(name))
+        """The bucket (NotFound, PermissionDenied)."""
+        return _bucket(await self.bucket_for(name, fresh=True))
 
     async def list_buckets(self) -> list[pb.BucketInfo]:
-        """Every bucket, sorted by name."""
-        return [_bucket(b) for b in await self._meta().list_buckets()]
+        """The caller's tenant's buckets (a privileged caller's: every bucket), sorted by name;
+        never the durable KV bucket."""
+        caller = principal.current()
+        if caller.privileged:
+            infos = await self._meta().list_buckets()
+        else:
+            infos = await self._meta().list_buckets(caller.acting_tenant())
+        return [_bucket(b) for b in infos]
 
     async def delete_bucket(self, name: str) -> None:
-        """Delete an empty bucket (PreconditionFailed: BucketNotEmpty)."""
-        names.check_bucket(name)
-        info = await self._meta().get_bucket(name)
-        page = await self.lister.list_objects(pb.ListObjectsRequest(bucket=name, max_keys=1))
+        """Delete an empty bucket (PreconditionFailed: BucketNotEmpty, objects or multipart
+        uploads in progress; PermissionDenied)."""
+        if name == names.KV_DURABLE_BUCKET:
+            raise _denied(f"{name} is internal to the KV tier")
+        info = await self.bucket_for(name, fresh=True)
+        stored = storage(info)
+        page = await self.lister.list_objects(pb.ListObjectsRequest(bucket=stored, max_keys=1))
         if page.objects or page.common_prefixes:
             raise errors.PreconditionFailed(f"BucketNotEmpty: {name}")
+        uploads = await self.multipart.list_uploads(
+            pb.ListMultipartUploadsRequest(bucket=stored, max_uploads=1)
+        )
+        if uploads.uploads:
+            raise errors.PreconditionFailed(f"BucketNotEmpty: {name} has uploads in progress")
         await self._meta().delete_bucket(name, expected_generation=info.generation)
-        self._known.pop(name, None)
         self._infos.pop(name, None)
 
     # Objects.
 
+    def _check_write(self, upload_id: str) -> None:
+        """PermissionDenied unless the caller may continue the begun write (NotFound)."""
+        owner = self.engine.upload_owner(upload_id)
+        caller = principal.current()
+        if not may_use(caller, owner):
+            raise _denied(f"{caller.describe()} may not use upload {upload_id}")
+
     async def begin_put(self, req: pb.BeginPutRequest) -> pb.BeginPutResponse:
-        """Plan a PUT into an existing bucket."""
-        await self.check_bucket(req.bucket)
-        return self.engine.begin_put(req)
+        """Plan a PUT into a bucket the caller may use (Overloaded: too many in flight)."""
+        stored = await self.storage_of(req.bucket)
+        return self.engine.begin_put(_with(req, bucket=stored), owner=owner_of(principal.current()))
 
     async def commit_put(self, req: pb.CommitPutRequest) -> pb.CommitPutResponse:
-        """Finish a PUT or a part's upload."""
+        """Finish a PUT or a part's upload begun by the caller's tenant."""
+        self._check_write(req.upload_id)
         meta = await self.engine.commit_meta(req.upload_id)
         if meta.bucket == names.MULTIPART_BUCKET:
             return pb.CommitPutResponse(part=multipart.part_info(meta))
         return pb.CommitPutResponse(object=versions.info(meta))
 
-    # Multipart uploads.
+    async def abort_put(self, req: pb.AbortPutRequest) -> None:
+        """Drop a write begun by the caller's tenant (unknown ids are ignored)."""
+        try:
+            self._check_write(req.upload_id)
+        except errors.NotFound:
+            return
+        await self.engine.abort_put(req)
+
+    async def resolve(self, bucket: str, key: str) -> versions.Resolved:
+        """The current version of an object of a bucket the caller may use."""
+        return await self.engine.resolve(await self.storage_of(bucket), key)
+
+    async def head_object(self, bucket: str, key: str) -> pb.ObjectInfo:
+        """An object's info."""
+        return await self.engine.head(await self.storage_of(bucket), key)
+
+    async def delete_object(self, bucket: str, key: str) -> None:
+        """Delete an object (absent: fine)."""
+        await self.engine.delete(await self.storage_of(bucket), key)
+
+    async def copy_object(self, req: pb.CopyObjectRequest) -> pb.ObjectInfo:
+        """A server-side copy between buckets the caller may use."""
+        src = await self.storage_of(req.src_bucket)
+        dst = await self.storage_of(req.dst_bucket)
+        return await self.engine.copy(
+            _with(req, src_bucket=src, dst_bucket=dst), owner=owner_of(principal.current())
+        )
+
+    async def list_objects(self, req: pb.ListObjectsRequest) -> pb.ListObjectsResponse:
+        """A page of a bucket's objects."""
+        return await self.lister.list_objects(_with(req, bucket=await self.storage_of(req.bucket)))
+
+    # Multipart uploads (an upload lives under its bucket's storage name: only who may use
+    # the bucket reaches it).
 
     async def create_multipart(
         self, req: pb.CreateMultipartUploadRequest
     ) -> pb.CreateMultipartUploadResponse:
-        """Start a multipart upload into an existing bucket."""
-        await self.check_bucket(req.bucket)
-        return pb.CreateMultipartUploadResponse(upload_id=await self.multipart.create(req))
+        """Start a multipart upload into a bucket the caller may use."""
+        stored = await self.storage_of(req.bucket)
+        upload_id = await self.multipart.create(_with(req, bucket=stored))
+        return pb.CreateMultipartUploadResponse(upload_id=upload_id)
 
-    async def begin_part(self, req: pb.BeginUploadPartRequest) -> pb.BeginUploadPartResponse:
-        """Plan one part's upload."""
-        await self.check_bucket(req.bucket)
-        return await self.multipart.begin_part(req)
+    async def begin_part(
+        self, req: pb.BeginUploadPartRequest, *, checksum_algorithms: Sequence[str] = ()
+    ) -> pb.BeginUploadPartResponse:
+        """Plan one part's upload (hashed also with checksum_algorithms: trailers to come)."""
+        stored = await self.storage_of(req.bucket)
+        return await self.multipart.begin_part(
+            _with(req, bucket=stored),
+            owner=owner_of(principal.current()),
+            checksum_algorithms=checksum_algorithms,
+        )
 
     async def copy_part(self, req: pb.UploadPartCopyRequest) -> pb.UploadPartCopyResponse:
-        """A part copied from another object."""
-        await self.check_bucket(req.bucket)
-        await self.check_bucket(req.src_bucket)
-        return await self.multipart.copy_part(req)
+        """A part copied from another object (both buckets the caller's)."""
+        stored = await self.storage_of(req.bucket)
+        src = await self.storage_of(req.src_bucket)
+        return await self.multipart.copy_part(
+            _with(req, bucket=stored, src_bucket=src), owner=owner_of(principal.current())
+        )
 
     async def complete_multipart(
         self, req: pb.CompleteMultipartUploadRequest
     ) -> pb.CompleteMultipartUploadResponse:
         """Make the listed parts the object."""
-        await self.check_bucket(req.bucket)
-        return pb.CompleteMultipartUploadResponse(object=await self.multipart.complete(req))
+        stored = await self.storage_of(req.bucket)
+        info = await self.multipart.complete(_with(req, bucket=stored))
+        return pb.CompleteMultipartUploadResponse(object=info)
 
     async def abort_multipart(self, req: pb.AbortMultipartUploadRequest) -> None:
         """Drop an upload and its parts."""
-        await self.check_bucket(req.bucket)
-        await self.multipart.abort(req)
+        await self.multipart.abort(_with(req, bucket=await self.storage_of(req.bucket)))
 
     async def list_parts(self, req: pb.ListPartsRequest) -> pb.ListPartsResponse:
         """A page of an upload's parts."""
-        await self.check_bucket(req.bucket)
-        return await self.multipart.list_parts(req)
+        return await self.multipart.list_parts(_with(req, bucket=await self.storage_of(req.bucket)))
 
     async def list_uploads(
         self, req: pb.ListMultipartUploadsRequest
     ) -> pb.ListMultipartUploadsResponse:
         """A page of a bucket's uploads in progress."""
-        await self.check_bucket(req.bucket)
-        return await self.multipart.list_uploads(req)
+        return await self.multipart.list_uploads(
+            _with(req, bucket=await self.storage_of(req.bucket))
+        )
+
+    # Data-plane calls.
+
+    def _session_may_use(self, session: str, tenant: str) -> bool:
+        """Whether a data-plane session may use a resource of tenant ("": of no tenant)."""
+        if self._insecure or dataplane.role_of(session):
+            return True
+        return bool(tenant) and dataplane.tenant_of(session) == tenant
 
     def handle_call(
         self,
@@ -196,17 +360,30 @@ class ObjectFront:
         segments: Sequence[int],
         capacities: Sequence[int],
     ) -> Awaitable[base.CallPlan]:
-        """The gateway's `kvtier.transport.base.CallHandler`."""
+        """The gateway's `kvtier.transport.base.CallHandler` (principal: the session's, a
+        string, named as the protocol names it; it shadows the module here)."""
         if method == pb.OBJECT_CALL_METHOD_WRITE_STRIPES:
             write = calls.parse_request(pb.WriteStripesRequest, request)
+            if not self._session_may_use(principal, self.engine.upload_owner(write.upload_id)):
+                raise _denied(f"session {principal} may not write upload {write.upload_id}")
             return self.engine.write_plan(write, segments)
         if method == pb.OBJECT_CALL_METHOD_READ_RANGE:
             read = calls.parse_request(pb.ReadRangeRequest, request)
             if segments:
                 raise errors.InvalidArgument("READ_RANGE carries no segments")
-            return self._read(read, capacities)
+            return self._read(principal, read, capacities)
         raise errors.InvalidArgument(f"unknown gateway call method {method}")
 
-    async def _read(self, req: pb.ReadRangeRequest, capacities: Sequence[int]) -> base.CallPlan:
-        await self.check_bucket(req.bucket)
-        return await self.engine.read_plan(req, capacities)
+    async def _read(
+        self, session: str, req: pb.ReadRangeRequest, capacities: Sequence[int]
+    ) -> base.CallPlan:
+        if req.bucket == names.KV_DURABLE_BUCKET:
+            if not (self._insecure or dataplane.role_of(session) == KV_ROLE):
+                raise _denied(f"{req.bucket} is internal to the KV tier")
+            stored = req.bucket
+        else:
+            info = await self.bucket_info(req.bucket)
+            if not self._session_may_use(session, info.tenant):
+                raise _denied(f"session {session} may not read bucket {req.bucket}")
+            stored = storage(info)
+        return await self.engine.read_plan(_with(req, bucket=stored), capacities)

@@ -19,6 +19,9 @@ Three callers:
 - `AdminService.Heal` (`heal_tree`, `kvtier admin heal`): every object of a bucket or prefix,
   with progress.
 
+Buckets here are storage names (`kvtier.names.storage_name`, from `ObjectFront.storage_buckets`
+and `storage_name`), the durable KV bucket included; progress shows the user-facing names.
+
 Known gap: a heal racing a DELETE of the same object may put one drive's shard back after the
 delete; below the read quorum it stays invisible (reads and listings need k copies).
 """
@@ -37,7 +40,7 @@ from typing import Any
 
 import prometheus_client
 
-from kvtier import clustermap, errors
+from kvtier import clustermap, errors, names
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.gateway.v1 import admin_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
@@ -350,7 +353,7 @@ class Healer:
     async def scan_slice(self) -> int:
         """Verify and heal up to scan_objects_per_cycle objects after the last position;
         returns how many were looked at."""
-        buckets = sorted(b.name for b in await self._front.list_buckets())
+        buckets = await self._front.storage_buckets()
         at_bucket, at_key = self._scan_at
         budget = self._scan_objects
         for bucket in (b for b in buckets if b >= at_bucket):
@@ -382,10 +385,9 @@ class Healer:
         """Heal every object of bucket (every bucket when empty) under prefix; progress now and
         then, and a last message with done set. NotFound when the bucket does not exist."""
         if bucket:
-            await self._front.head_bucket(bucket)
-            buckets = [bucket]
+            buckets = [await self._front.storage_name(bucket)]
         else:
-            buckets = [b.name for b in await self._front.list_buckets()]
+            buckets = await self._front.storage_buckets()
         progress = admin_pb2.HealProgress()
         sent = time.monotonic()
         for name in buckets:
@@ -397,7 +399,7 @@ class Healer:
                 page = await self._front.lister.list_objects(request)
                 keys = [o.key for o in page.objects]
                 async for key, result in self._heal_each(name, keys, dry_run=dry_run):
-                    _tally(progress, f"{name}/{key}", result)
+                    _tally(progress, f"{names.user_bucket(name)}/{key}", result)
                     if result.outcome is Outcome.SKIPPED and not dry_run:
                         self.enqueue(name, key, result=result)
                     if time.monotonic() - sent >= _PROGRESS_EVERY_S:

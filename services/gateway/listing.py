@@ -47,8 +47,10 @@ class Lister:
         self._nodes = nodes
 
     async def list_objects(self, req: pb.ListObjectsRequest) -> pb.ListObjectsResponse:
-        """A page of bucket's objects (S3 ListObjectsV2 semantics)."""
-        names.check_bucket(req.bucket)
+        """A page of bucket's objects (S3 ListObjectsV2 semantics); req.bucket is a storage
+        name, the objects carry the user-facing one."""
+        names.check_storage_bucket(req.bucket)
+        shown = names.user_bucket(req.bucket)
         max_keys = req.max_keys or MAX_KEYS
         if not 1 <= max_keys <= MAX_KEYS:
             raise errors.InvalidArgument(f"max_keys must be 1..{MAX_KEYS}")
@@ -73,7 +75,7 @@ class Lister:
                     break
                 marker = entry.key
                 reply.objects.add(
-                    bucket=req.bucket, key=entry.key, size=entry.size, etag=entry.etag,
+                    bucket=shown, key=entry.key, size=entry.size, etag=entry.etag,
                     mtime_unix_ms=entry.mtime_unix_ns // 1_000_000,
                 )  # fmt: skip
             if skipped:

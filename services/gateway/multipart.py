@@ -12,6 +12,10 @@
   no part byte moves or is re-encoded. Then the upload's parts and record are deleted.
 - Uploads older than `expiry_s` are aborted by the gateway's sweep (S3 lifecycle's
   AbortIncompleteMultipartUpload, always on).
+
+Buckets here are storage names (`kvtier.names.storage_name`): an upload belongs to one
+incarnation of its bucket, so the bucket's next owner never sees it. Who may use the bucket is
+the front's check; part writes are begun for an owner like any PUT (`ObjectEngine.begin_write`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from kvtier import errors, names
 from kvtier.proto.common.v1 import common_pb2
@@ -89,8 +93,7 @@ class Multipart:
 
     async def create(self, req: pb.CreateMultipartUploadRequest) -> str:
         """Start an upload; its id."""
-        names.check_bucket(req.bucket)
-        names.check_key(req.key)
+        names.check_stored(req.bucket, req.key)
         algorithm = req.checksum_algorithm.upper()
         if algorithm:
             versions.new_hasher(algorithm)  # InvalidArgument for an unknown one
@@ -110,8 +113,7 @@ class Multipart:
         return upload_id
 
     async def _record(self, bucket: str, key: str, upload_id: str) -> datanode_pb2.ShardMeta:
-        names.check_bucket(bucket)
-        names.check_key(key)
+        names.check_stored(bucket, key)
         if not _UPLOAD_ID.fullmatch(upload_id):
             raise errors.NotFound(f"NoSuchUpload: {upload_id!r}")
         where = placement.locate(self._cmap, bucket, key, placement.FIRST_POOL)
@@ -126,12 +128,21 @@ class Multipart:
     def _where(self, bucket: str, key: str, record: datanode_pb2.ShardMeta) -> placement.Placement:
         return placement.locate(self._cmap, bucket, key, record.upload_pool)
 
-    async def begin_part(self, req: pb.BeginUploadPartRequest) -> pb.BeginUploadPartResponse:
-        """Plan the write of one part (then WRITE_STRIPES calls and CommitPut)."""
+    async def begin_part(
+        self,
+        req: pb.BeginUploadPartRequest,
+        *,
+        owner: str = "",
+        checksum_algorithms: Sequence[str] = (),
+    ) -> pb.BeginUploadPartResponse:
+        """Plan the write of one part for owner (then WRITE_STRIPES calls and CommitPut). The
+        part is hashed with the upload's checksum algorithm and checksum_algorithms (those an
+        S3 request announces for a trailer: its value arrives after the body)."""
         if not 1 <= req.part_number <= MAX_PART_NUMBER:
             raise errors.InvalidArgument(f"part number {req.part_number}: 1-{MAX_PART_NUMBER}")
         record = await self._record(req.bucket, req.key, req.upload_id)
-        algorithms = [record.upload_checksum_algorithm] if record.upload_checksum_algorithm else []
+        announced = [record.upload_checksum_algorithm, *checksum_algorithms]
+        algorithms = [a for a in dict.fromkeys(announced) if a]
         begun = self._engine.begin_write(
             pb.BeginPutRequest(
                 bucket=names.MULTIPART_BUCKET, key=part_key(req.upload_id, req.part_number),
@@ -139,6 +150,7 @@ class Multipart:
                 expected_checksums=req.expected_checksums, checksum_algorithms=algorithms,
             ),
             self._where(req.bucket, req.key, record),
+            owner=owner,
         )  # fmt: skip
         return pb.BeginUploadPartResponse(
             write_id=begun.upload_id,
@@ -146,8 +158,11 @@ class Multipart:
             max_call_bytes=begun.max_call_bytes,
         )
 
-    async def copy_part(self, req: pb.UploadPartCopyRequest) -> pb.UploadPartCopyResponse:
-        """A part made of (a range of) another object, copied through the gateway."""
+    async def copy_part(
+        self, req: pb.UploadPartCopyRequest, *, owner: str = ""
+    ) -> pb.UploadPartCopyResponse:
+        """A part made of (a range of) another object, copied through the gateway (a write of
+        owner's)."""
         found = await self._engine.resolve(req.src_bucket, req.src_key)
         src = found.meta
         if req.src_if_match and req.src_if_match.strip('"') != src.etag:
@@ -160,7 +175,8 @@ class Multipart:
             pb.BeginUploadPartRequest(
                 bucket=req.bucket, key=req.key, upload_id=req.upload_id,
                 part_number=req.part_number, size=size,
-            )
+            ),
+            owner=owner,
         )  # fmt: skip
         meta = await self._engine.copy_into(begun.write_id, found, start, size)
         return pb.UploadPartCopyResponse(part=part_info(meta), source=versions.info(src))
@@ -325,7 +341,7 @@ class Multipart:
         self, req: pb.ListMultipartUploadsRequest
     ) -> pb.ListMultipartUploadsResponse:
         """A page of a bucket's uploads in progress, by key then initiation."""
-        names.check_bucket(req.bucket)
+        names.check_storage_bucket(req.bucket)
         most = req.max_uploads or MAX_PARTS_PAGE
         if not 1 <= most <= MAX_PARTS_PAGE:
             raise errors.InvalidArgument(f"max_uploads must be 1..{MAX_PARTS_PAGE}")

@@ -13,12 +13,19 @@ read quorum (k) wins. Data blocks of the requested range are read straight into 
 staging slot (one READ_SHARD per block, every drive at once); a block that is missing, corrupt
 or on a dead drive is rebuilt from any k others of its stripe. The range then leaves the slot
 straight into the caller's buffer.
+
+Buckets here are storage names (`kvtier.names.storage_name`): the front maps user-facing names
+and checks who may use them. Every begun write has an owner, the tenant it was begun for ("" for
+callers acting for no tenant: services, operators, insecure clusters); the front lets only that
+tenant (or a privileged caller) continue it, and a tenant has at most
+`max_staged_writes_per_tenant` writes in flight here (Overloaded beyond).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -53,6 +60,8 @@ class _Upload:
     where: placement.Placement
     codec: erasure.Codec
     max_call_bytes: int
+    #: The tenant the write was begun for ("" for callers acting for no tenant).
+    owner: str = ""
     md5: Any = dataclasses.field(default_factory=hashlib.md5)
     hashers: dict[str, Any] = dataclasses.field(default_factory=dict)
     written: int = 0
@@ -77,13 +86,16 @@ class ObjectEngine:
         executor: concurrent.futures.Executor,
         *,
         upload_ttl_s: float = 3600.0,
+        max_staged_writes_per_tenant: int = 64,
     ) -> None:
         self._view = view
         self._nodes = nodes
         self._staging = staging
         self._executor = executor
         self._upload_ttl_s = upload_ttl_s
+        self._max_staged_per_tenant = max_staged_writes_per_tenant
         self._uploads: dict[str, _Upload] = {}
+        self._staged: collections.Counter[str] = collections.Counter()  # owner -> writes
         self._codecs: dict[tuple[int, int], erasure.Codec] = {}
         self.heal_queue: set[tuple[str, str]] = set()
         self.reads = reads.Reader(
@@ -112,13 +124,13 @@ class ObjectEngine:
 
     # PUT.
 
-    def begin_put(self, req: pb.BeginPutRequest) -> pb.BeginPutResponse:
-        """Plan a PUT (the bucket's existence is the caller's check)."""
-        names.check_bucket(req.bucket)
-        names.check_key(req.key)
+    def begin_put(self, req: pb.BeginPutRequest, *, owner: str = "") -> pb.BeginPutResponse:
+        """Plan a PUT of req.bucket (a storage name: the bucket's existence and access are the
+        caller's checks) for owner (see the module docstring)."""
+        names.check_stored(req.bucket, req.key)
         cmap = self._view.current
         where = placement.locate(cmap, req.bucket, req.key, self.choose_pool(cmap))
-        return self.begin_write(req, where)
+        return self.begin_write(req, where, owner=owner)
 
     def choose_pool(self, cmap: common_pb2.ClusterMap) -> int:
         """The pool of a new object: weighted by free space (placement.choose_pool)."""
@@ -128,21 +140,28 @@ class ObjectEngine:
         return placement.choose_pool(cmap, placement.pool_free_bytes(cmap, free))
 
     def begin_write(
-        self, req: pb.BeginPutRequest, where: placement.Placement
+        self, req: pb.BeginPutRequest, where: placement.Placement, *, owner: str = ""
     ) -> pb.BeginPutResponse:
         """Plan a write of req.bucket/req.key (an object, or an internal one such as a
-        multipart part) onto the drives of `where`."""
+        multipart part) onto the drives of `where`, for owner; Overloaded when owner (a
+        tenant) already has max_staged_writes_per_tenant writes in flight here."""
+        if owner and self._staged[owner] >= self._max_staged_per_tenant:
+            raise errors.Overloaded(
+                f"SlowDown: tenant {owner} has {self._staged[owner]} writes in flight on this "
+                f"gateway (at most {self._max_staged_per_tenant})"
+            )
         k, m = where.data_shards, where.parity_shards
         upload = _Upload(
             upload_id=uuid.uuid4().hex, bucket=req.bucket, key=req.key, size=req.size,
             request=req, where=where, codec=self._codec(k, m),
-            max_call_bytes=self._call_bytes(k, m),
+            max_call_bytes=self._call_bytes(k, m), owner=owner,
         )  # fmt: skip
         for name in req.checksum_algorithms:
             upload.hashers[name.upper()] = versions.new_hasher(name.upper())
         for name in req.expected_checksums:
             upload.hashers.setdefault(name.upper(), versions.new_hasher(name.upper()))
         self._uploads[upload.upload_id] = upload
+        self._staged[owner] += 1
         return pb.BeginPutResponse(
             upload_id=upload.upload_id,
             stripe_bytes=upload.stripe_bytes,
@@ -154,6 +173,23 @@ class ObjectEngine:
         if upload is None:
             raise errors.NotFound(f"no upload {upload_id} (finished, aborted or expired)")
         return upload
+
+    def _forget(self, upload_id: str) -> _Upload | None:
+        """Drop a begun write from the table (its staged shards are the caller's to abort)."""
+        up = self._uploads.pop(upload_id, None)
+        if up is not None:
+            self._staged[up.owner] -= 1
+            if self._staged[up.owner] <= 0:
+                del self._staged[up.owner]
+        return up
+
+    def upload_owner(self, upload_id: str) -> str:
+        """The owner of a begun write (NotFound when finished, aborted or expired)."""
+        return self._upload(upload_id).owner
+
+    def staged_writes(self, owner: str) -> int:
+        """Writes of owner in flight here."""
+        return self._staged[owner]
 
     async def write_plan(
         self, req: pb.WriteStripesRequest, segments: Sequence[int]
@@ -291,7 +327,7 @@ class ObjectEngine:
         try:
             return await self._commit(up)
         finally:
-            self._uploads.pop(up.upload_id, None)
+            self._forget(up.upload_id)
 
     async def _commit(self, up: _Upload) -> datanode_pb2.ShardMeta:
         async with up.lock:
@@ -440,7 +476,7 @@ class ObjectEngine:
 
     async def abort_put(self, req: pb.AbortPutRequest) -> None:
         """Drop an upload and its staged shards (unknown ids are ignored)."""
-        up = self._uploads.pop(req.upload_id, None)
+        up = self._forget(req.upload_id)
         if up is not None:
             async with up.lock:
                 await self._abort(up)
@@ -458,7 +494,7 @@ class ObjectEngine:
         """Abort uploads their client abandoned."""
         now = time.monotonic()
         for up in [u for u in self._uploads.values() if now - u.started > self._upload_ttl_s]:
-            self._uploads.pop(up.upload_id, None)
+            self._forget(up.upload_id)
             await self._abort(up)
 
     # Resolution, HEAD, DELETE.
@@ -470,10 +506,9 @@ class ObjectEngine:
 
         When some drives lack that version the object is queued for healing, unless
         queue_heal is False (the healer's own look). follow=False: a pool record is returned
-        as it is, not followed to its pool.
+        as it is, not followed to its pool. bucket is a storage name.
         """
-        names.check_bucket(bucket)
-        names.check_key(key)
+        names.check_stored(bucket, key)
         cmap = self._view.current
         where = placement.locate(cmap, bucket, key, 0)
         found = await self.resolve_in(where, bucket, key, queue_heal)
@@ -530,9 +565,7 @@ class ObjectEngine:
     async def delete(self, bucket: str, key: str) -> None:
         """Remove the object from every drive of its set (absent objects are not an error);
         an object in a later pool goes first, then its pool record."""
-        if bucket != names.MULTIPART_BUCKET:
-            names.check_bucket(bucket)
-            names.check_key(key)
+        names.check_stored(bucket, key)
         if len(self._view.current.pools) > 1:
             pool = await self._pool_of(bucket, key)
             if pool not in (None, placement.FIRST_POOL):
@@ -559,16 +592,18 @@ class ObjectEngine:
                 f"DELETE {bucket}/{key}: {done} drives answered, the quorum is {where.write_quorum}"
             )
 
-    async def copy(self, req: pb.CopyObjectRequest) -> pb.ObjectInfo:
-        """Server-side copy: the source's stripes are read into a slot and written from there,
-        one call's worth at a time (the destination's layout may differ)."""
+    async def copy(self, req: pb.CopyObjectRequest, *, owner: str = "") -> pb.ObjectInfo:
+        """Server-side copy (storage names; the write is owner's): the source's stripes are
+        read into a slot and written from there, one call's worth at a time (the
+        destination's layout may differ)."""
         found = await self.resolve(req.src_bucket, req.src_key)
         src = found.meta
         headers = req.headers if req.replace_headers else versions.info(src).headers
         begun = self.begin_put(
             pb.BeginPutRequest(
                 bucket=req.dst_bucket, key=req.dst_key, size=src.size, headers=headers
-            )
+            ),
+            owner=owner,
         )
         return versions.info(await self.copy_into(begun.upload_id, found, 0, src.size))
 
@@ -591,7 +626,7 @@ class ObjectEngine:
                 finally:
                     self._staging.release(data)
         except BaseException:
-            self._uploads.pop(up.upload_id, None)
+            self._forget(up.upload_id)
             await self._abort(up)
             raise
         return await self.commit_meta(up.upload_id)

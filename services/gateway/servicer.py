@@ -33,7 +33,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
 
 class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
-    """kvtier.gateway.v1.ObjectService: buckets (kept by the metadata service), objects."""
+    """kvtier.gateway.v1.ObjectService: buckets (kept by the metadata service), objects; every
+    call acts for the caller (`front.ObjectFront` checks who may use what)."""
 
     def __init__(self, front: front_mod.ObjectFront) -> None:
         self._front = front
@@ -74,35 +75,30 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
     async def AbortPut(
         self, request: objects_pb2.AbortPutRequest, context: rpc.ServicerContext
     ) -> objects_pb2.AbortPutResponse:
-        await self._front.engine.abort_put(request)
+        await self._front.abort_put(request)
         return objects_pb2.AbortPutResponse()
 
     async def HeadObject(
         self, request: objects_pb2.HeadObjectRequest, context: rpc.ServicerContext
     ) -> objects_pb2.HeadObjectResponse:
-        await self._front.check_bucket(request.bucket)
-        info = await self._front.engine.head(request.bucket, request.key)
+        info = await self._front.head_object(request.bucket, request.key)
         return objects_pb2.HeadObjectResponse(object=info)
 
     async def DeleteObject(
         self, request: objects_pb2.DeleteObjectRequest, context: rpc.ServicerContext
     ) -> objects_pb2.DeleteObjectResponse:
-        await self._front.check_bucket(request.bucket)
-        await self._front.engine.delete(request.bucket, request.key)
+        await self._front.delete_object(request.bucket, request.key)
         return objects_pb2.DeleteObjectResponse()
 
     async def CopyObject(
         self, request: objects_pb2.CopyObjectRequest, context: rpc.ServicerContext
     ) -> objects_pb2.CopyObjectResponse:
-        await self._front.check_bucket(request.src_bucket)
-        await self._front.check_bucket(request.dst_bucket)
-        return objects_pb2.CopyObjectResponse(object=await self._front.engine.copy(request))
+        return objects_pb2.CopyObjectResponse(object=await self._front.copy_object(request))
 
     async def ListObjects(
         self, request: objects_pb2.ListObjectsRequest, context: rpc.ServicerContext
     ) -> objects_pb2.ListObjectsResponse:
-        await self._front.check_bucket(request.bucket)
-        return await self._front.lister.list_objects(request)
+        return await self._front.list_objects(request)
 
     async def CreateMultipartUpload(
         self, request: objects_pb2.CreateMultipartUploadRequest, context: rpc.ServicerContext
@@ -150,6 +146,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def Heal(
         self, request: admin_pb2.HealRequest, context: rpc.ServicerContext
     ) -> AsyncIterator[admin_pb2.HealProgress]:
+        # Admins only (the authorization table): every bucket, by its storage name.
         progress = self._healer.heal_tree(request.bucket, request.prefix, dry_run=request.dry_run)
         async for message in progress:
             yield message

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from kvtier import checksums, errors
+from kvtier import checksums, errors, names
 from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway import placement
@@ -60,8 +60,9 @@ def part_at(meta: datanode_pb2.ShardMeta, offset: int) -> tuple[datanode_pb2.Sha
 
 
 def info(meta: datanode_pb2.ShardMeta) -> pb.ObjectInfo:
+    """The API's view of a stored version (its bucket by the user-facing name)."""
     return pb.ObjectInfo(
-        bucket=meta.bucket, key=meta.key, size=meta.size, etag=meta.etag,
+        bucket=names.user_bucket(meta.bucket), key=meta.key, size=meta.size, etag=meta.etag,
         mtime_unix_ms=meta.mtime_unix_ns // 1_000_000,
         headers=pb.ObjectHeaders(
             content_type=meta.content_type, content_encoding=meta.content_encoding,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 from collections.abc import Sequence
@@ -13,7 +14,6 @@ import grpc
 from kvtier import errors, identity, service
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
-from kvtier.transport import base
 from services.kvcache import blocks, config, durable, gatewaylink, servicer, spillqueue
 from services.kvcache import store as block_store
 
@@ -44,25 +44,24 @@ class _Node:
             high_watermark=cfg.high_watermark,
             low_watermark=cfg.low_watermark,
             put_timeout_s=cfg.put_timeout_s,
+            max_pin_s=cfg.max_pin_s,
+            max_pinned_fraction=cfg.max_pinned_fraction,
+            default_quota_bytes=cfg.default_tenant_quota_bytes or None,
             spill_sink=tier.spill,
             spill_admit=tier.admit,
+            # An extent a transport still moves bytes in, or a live descriptor still names, is
+            # quarantined instead of reused (the descriptor reuse attack).
+            reuse_guard=functools.partial(dataplane.in_use, arena.region_id),
         )
         tier.bind(store, arena.view)
         for tenant, quota in cfg.quotas().items():
             store.set_quota(tenant, quota)
 
-        def grant(
-            region: base.Region, offset: int, length: int, rights: base.Rights, principal: str,
-            ttl_s: float,
-        ) -> base.Descriptor:  # fmt: skip
-            if "rdma" in {e.name for e in dataplane.capabilities.endpoints}:
-                rdma: object = dataplane.server("rdma")
-                return rdma.grant(region, offset, length, rights, principal, ttl_s)  # type: ignore[attr-defined,no-any-return]
-            return dataplane.issuer.grant(region, offset, length, rights, principal, ttl_s)
-
+        # gRPC puts and gets grant descriptors (with the rkey when rdma is served: the rdma
+        # server's grant wraps the issuer's, so revoke works for every transport's grants).
         self.blocks = blocks.BlockService(
-            store, arena, grant, read_lease_s=cfg.read_lease_s, epoch=ctx.map_view.epoch,
-            tier=tier,
+            store, arena, dataplane.grant, read_lease_s=cfg.read_lease_s,
+            epoch=ctx.map_view.epoch, tier=tier, revoke=dataplane.issuer.revoke,
         )  # fmt: skip
         dataplane.ctx.call_handler = self.blocks.handle_call
         kvcache_pb2_grpc.add_KVCacheServiceServicer_to_server(
@@ -78,6 +77,7 @@ class _Node:
             ctx.map_view,
             ctx.node_id,
             timeout_s=max(cfg.spill_timeout_s, cfg.read_through_timeout_s),
+            security=ctx.security,
         )
         queue = spillqueue.SpillQueue(
             link,

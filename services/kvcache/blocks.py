@@ -12,8 +12,11 @@ arena and answers with the response messages. Two ways in:
   data-plane principal; the caller moves the bytes, then commits or releases.
 
 The tenant of a data-plane call is its session's (from the principal the node minted), so no
-request can reach another tenant's blocks. Over gRPC the tenant comes from the request (the
-control plane is not authenticated until users and tenants arrive with the S3 API).
+request can reach another tenant's blocks; a session that acts for no tenant (`@role/...`)
+reaches none (PermissionDenied). Over gRPC the servicer puts the caller's acting tenant
+(`kvtier.principal`: a user's own, or the one a privileged caller names) into the request
+before it gets here, and puts, commits, gets and releases also check that the data-plane
+principal, put ids and lease ids belong to that tenant.
 
 Durable namespaces (`durable.DurableTier`): a get that misses DRAM, an exists or a lookup that
 finds keys absent from DRAM return an awaitable (plan or reply) that asks the durable tier;
@@ -24,6 +27,7 @@ Never imports grpc; runs on the event loop (the store is not thread-safe).
 
 from __future__ import annotations
 
+import collections
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: Grants a descriptor: (region, offset, length, rights, principal, ttl_s) -> Descriptor.
 Grant = Callable[[base.Region, int, int, base.Rights, str, float], base.Descriptor]
+#: Revokes a grant by its id (`base.Issuer.revoke`): its descriptor is refused from then on.
+Revoke = Callable[[int], object]
 
 _PUT_ERRORS: tuple[tuple[type[errors.KVTierError], pb.ItemStatus.ValueType], ...] = (
     (errors.AlreadyExists, pb.ITEM_STATUS_BUSY),
@@ -67,7 +73,10 @@ class BlockService:
         read_lease_s: float = 10.0,
         epoch: Callable[[], int] = lambda: 0,
         tier: durable.DurableTier | None = None,
+        revoke: Revoke | None = None,
     ) -> None:
+        """grant hands out the descriptors of gRPC puts and gets; revoke ends one when its
+        put is committed, aborted or expired and when its read is released or expires."""
         if arena.size < store.arena_bytes:
             raise ValueError("the arena region is smaller than the store's arena")
         self.store = store
@@ -78,6 +87,9 @@ class BlockService:
         self.tier = tier
         self._puts: dict[int, block_store.PutTicket] = {}  # gRPC puts awaiting CommitPuts
         self._reads: dict[int, block_store.ReadLease] = {}  # gRPC reads awaiting ReleaseReads
+        self._revoke = revoke
+        # Ticket or lease id (one id space in the store) -> the grant of its descriptor.
+        self._grant_ids: dict[int, int] = {}
         self._counters: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         metrics.ARENA.set(store.arena_bytes)
 
@@ -92,7 +104,7 @@ class BlockService:
         capacities: Sequence[int],
     ) -> base.CallPlan | Awaitable[base.CallPlan]:
         """The node's `kvtier.transport.base.CallHandler`."""
-        tenant = transport_dataplane.tenant_of(principal)
+        tenant = _session_tenant(principal)
         if method == pb.CALL_METHOD_BATCH_PUT:
             return self._call_put(
                 tenant, calls.parse_request(pb.BatchPutRequest, request), segments
@@ -198,6 +210,7 @@ class BlockService:
             item.descriptor.CopyFrom(desc.to_proto())
             item.put_id = ticket.ticket_id
             self._puts[ticket.ticket_id] = ticket
+            self._grant_ids[ticket.ticket_id] = desc.grant_id
         return pb.BatchPutResponse(items=items, error=error, epoch=self._epoch())
 
     def commit_puts(self, req: pb.CommitPutsRequest) -> pb.CommitPutsResponse:
@@ -210,6 +223,7 @@ class BlockService:
                 statuses.append(pb.ITEM_STATUS_EXPIRED)
                 continue
             del self._puts[put_id]
+            self._end_grant(put_id)  # before the extent can be freed: no write lands later
             if req.abort:
                 self.store.abort(ticket)
                 statuses.append(pb.ITEM_STATUS_OK)
@@ -259,6 +273,7 @@ class BlockService:
             item.descriptor.CopyFrom(desc.to_proto())
             item.lease_id = lease.lease_id
             self._reads[lease.lease_id] = lease
+            self._grant_ids[lease.lease_id] = desc.grant_id
         return pb.BatchGetResponse(items=items, epoch=self._epoch())
 
     def release_reads(self, req: pb.ReleaseReadsRequest) -> pb.ReleaseReadsResponse:
@@ -268,6 +283,7 @@ class BlockService:
             lease = self._reads.get(lease_id)
             if lease is not None and lease.tenant == tenant:
                 del self._reads[lease_id]
+                self._end_grant(lease_id)
                 self.store.end_get(lease)
         return pb.ReleaseReadsResponse()
 
@@ -418,6 +434,8 @@ class BlockService:
             self.tier.sweep()
         self._puts = {k: t for k, t in self._puts.items() if self.store.is_pending(t)}
         self._reads = {k: r for k, r in self._reads.items() if self.store.is_leased(r)}
+        for ended in [k for k in self._grant_ids if k not in self._puts and k not in self._reads]:
+            self._end_grant(ended)  # its ticket or lease expired (its grant had, too, by design)
         self.export_gauges()
         return expired
 
@@ -427,13 +445,19 @@ class BlockService:
         metrics.FILL.set(node.fill)
         metrics.FRAGMENTATION.labels("internal").set(node.internal_fragmentation)
         metrics.FRAGMENTATION.labels("external").set(node.external_fragmentation)
+        # Tenants past the label cap share one series: sum them rather than let the last win.
+        by_label: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         for tenant, held in node.tenant_bytes.items():
             s = self.store.stats(tenant)
-            metrics.TENANT_BYTES.labels(tenant).set(held)
-            metrics.QUOTA_REJECTIONS.labels(tenant).set(s.quota_rejections)
-            metrics.LEASE_WAITS.labels(tenant).set(s.lease_waits)
-            for cause, count in s.evictions.items():
-                metrics.EVICTIONS.labels(tenant, cause).set(count)
+            sums = by_label[metrics.LABELS.tenant(tenant)]
+            sums.update(held=held, quota_rejections=s.quota_rejections, lease_waits=s.lease_waits)
+            sums.update({f"evictions.{cause}": count for cause, count in s.evictions.items()})
+        for label, sums in by_label.items():
+            metrics.TENANT_BYTES.labels(label).set(sums["held"])
+            metrics.QUOTA_REJECTIONS.labels(label).set(sums["quota_rejections"])
+            metrics.LEASE_WAITS.labels(label).set(sums["lease_waits"])
+            for cause in block_store.EvictionCause:
+                metrics.EVICTIONS.labels(label, cause.value).set(sums[f"evictions.{cause.value}"])
 
     # Internals.
 
@@ -444,6 +468,12 @@ class BlockService:
         if transport_dataplane.tenant_of(principal) != tenant:
             raise errors.PermissionDenied("the data-plane session belongs to another tenant")
         return tenant, _namespace(tenant, ns, trusted=False)
+
+    def _end_grant(self, store_id: int) -> None:
+        """Revoke the descriptor granted for a ticket or lease (if any)."""
+        grant_id = self._grant_ids.pop(store_id, None)
+        if grant_id is not None and self._revoke is not None:
+            self._revoke(grant_id)
 
     def _begin_puts(
         self, tenant: str, namespace: str, req: pb.BatchPutRequest, sizes: Sequence[int]
@@ -470,7 +500,8 @@ class BlockService:
             items.append(pb.PutGrant(status=status))
             tickets.append(ticket)
             if status != pb.ITEM_STATUS_OK:
-                metrics.PUT_OUTCOMES.labels(tenant, namespace, _STATUS_NAMES[status]).inc()
+                labels = metrics.LABELS.namespace(tenant, namespace)
+                metrics.PUT_OUTCOMES.labels(*labels, _STATUS_NAMES[status]).inc()
         return items, tickets, error
 
     def _read_counters(self, tenant: str, namespace: str) -> tuple[Any, Any, Any]:
@@ -479,25 +510,27 @@ class BlockService:
         if found is None:
             if len(self._counters) > _MAX_CACHED_LABELS:
                 self._counters.clear()
+            labels = metrics.LABELS.namespace(tenant, namespace)
             found = (
-                metrics.HITS.labels(tenant, namespace),
-                metrics.BYTES_OUT.labels(tenant, namespace),
-                metrics.MISSES.labels(tenant, namespace),
+                metrics.HITS.labels(*labels),
+                metrics.BYTES_OUT.labels(*labels),
+                metrics.MISSES.labels(*labels),
             )
             self._counters[(tenant, namespace)] = found
         return found
 
     def _commit(self, ticket: block_store.PutTicket) -> pb.ItemStatus.ValueType:
+        labels = metrics.LABELS.namespace(ticket.tenant, ticket.namespace)
         try:
             self.store.commit(ticket)
         except errors.NotFound:
             status = pb.ITEM_STATUS_EXPIRED
         else:
             status = pb.ITEM_STATUS_OK
-            metrics.BYTES_IN.labels(ticket.tenant, ticket.namespace).inc(ticket.extent.requested)
+            metrics.BYTES_IN.labels(*labels).inc(ticket.extent.requested)
             if self.tier is not None:
                 self.tier.committed(ticket)
-        metrics.PUT_OUTCOMES.labels(ticket.tenant, ticket.namespace, _STATUS_NAMES[status]).inc()
+        metrics.PUT_OUTCOMES.labels(*labels, _STATUS_NAMES[status]).inc()
         return status
 
     def _begin_gets(
@@ -581,7 +614,7 @@ class BlockService:
             leases[index] = lease
         self.store.record_reads(tenant, durable_hits=found, misses=len(missing) - found)
         if found:
-            metrics.DURABLE_HITS.labels(tenant, namespace).inc(found)
+            metrics.DURABLE_HITS.labels(*metrics.LABELS.namespace(tenant, namespace)).inc(found)
             self._read_counters(tenant, namespace)[1].inc(found_bytes)
         if len(missing) - found:
             self._read_counters(tenant, namespace)[2].inc(len(missing) - found)
@@ -609,6 +642,17 @@ def _any_miss(items: Sequence[pb.GetItem]) -> bool:
 
 def _tenant(tenant: str) -> str:
     return transport_dataplane.check_tenant(tenant or transport_dataplane.DEFAULT_TENANT)
+
+
+def _session_tenant(principal: str) -> str:
+    """The tenant of a data-plane session's principal. PermissionDenied for a session that acts
+    for no tenant (`@gateway/...`): it may not reach, or create, any tenant's blocks."""
+    tenant = transport_dataplane.tenant_of(principal)
+    if not tenant or tenant.startswith(transport_dataplane.NO_TENANT_MARK):
+        raise errors.PermissionDenied(
+            f"the data-plane session {tenant or '?'} acts for no tenant: it has no blocks here"
+        )
+    return tenant
 
 
 def _namespace(tenant: str, ns: pb.Namespace, *, trusted: bool) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from kvtier import config
 
@@ -34,6 +35,18 @@ class KVCacheConfig(config.DataPlaneServiceConfig):
     )
     tenant_quotas: str = config.setting(
         "", "per-tenant byte quotas on this node: tenant=bytes,tenant=bytes (SetQuota changes them)"
+    )
+    default_tenant_quota_bytes: int = config.setting(
+        0,
+        "byte quota on this node of every tenant without one in tenant_quotas or from SetQuota "
+        "(0: none)",
+    )
+    max_pin_s: float = config.setting(
+        3600.0, "longest pin a Pin request may ask for (longer ones are InvalidArgument)"
+    )
+    max_pinned_fraction: float = config.setting(
+        0.5,
+        "share (0-1] of the arena one tenant's pinned blocks may hold; keys past it stay unpinned",
     )
     durable_namespaces: str = config.setting(
         "",
@@ -89,6 +102,12 @@ class KVCacheConfig(config.DataPlaneServiceConfig):
         if self.read_through_timeout_s >= self.put_timeout_s:
             # A read-through fills a pending put: it must end before the put's deadline.
             raise config.ConfigError("read_through_timeout_s: must be < put_timeout_s")
+        if not (math.isfinite(self.max_pin_s) and self.max_pin_s > 0):
+            raise config.ConfigError("max_pin_s: must be finite and > 0")
+        if not 0.0 < self.max_pinned_fraction <= 1.0:
+            raise config.ConfigError("max_pinned_fraction: must be in (0, 1]")
+        if self.default_tenant_quota_bytes < 0:
+            raise config.ConfigError("default_tenant_quota_bytes: must be >= 0 (0: none)")
         self.quotas()  # raises ConfigError when malformed
         self.durable_policies()
 

@@ -19,9 +19,11 @@ and served; exists and lookup count blocks present in either tier (HEAD, bounded
 A delete also deletes the durable copy, and an overwrite deletes (write-back) or replaces
 (write-through) it, so no older version can come back.
 
-Where a block lives: bucket `kvtier-kv`, key `<tenant>/<namespace>/<key>` where namespace and key
-are hex (any bytes are safe; over 192 bytes: `h` + their SHA-256). No node id: whichever node
-owns the key after a failure finds it. The tenant prefix keeps tenants apart.
+Where a block lives: the internal bucket `.kvtier-kv` (`kvtier.names.KV_DURABLE_BUCKET`: not a
+valid S3 name, never recorded at the metadata service; gateways serve it to kvcache nodes only,
+so no user can create, read or overwrite it), key `<tenant>/<namespace>/<key>` where namespace
+and key are hex (any bytes are safe; over 192 bytes: `h` + their SHA-256). No node id: whichever
+node owns the key after a failure finds it. The tenant prefix keeps tenants apart.
 
 With no gateway in the map, durable namespaces degrade to DRAM only (victims are dropped and
 counted; `kvtier_kvcache_durable_available` is 0).
@@ -40,13 +42,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from kvtier import errors
+from kvtier import errors, names
 from services.kvcache import metrics, slab, spillqueue
 from services.kvcache import store as block_store
 
 log = logging.getLogger(__name__)
 
-BUCKET = "kvtier-kv"
+BUCKET = names.KV_DURABLE_BUCKET
 #: Namespace and key parts longer than this are named by their SHA-256 (object keys <= 1 KiB).
 HEX_LIMIT_BYTES = 192
 #: Concurrent HEADs of one exists/lookup request; concurrent fetches of one get.

@@ -2,7 +2,8 @@
 
 The gateway is found in the cluster map (role GATEWAY), as the SDK finds kvcache nodes; with
 several, each kvcache node prefers its own rendezvous choice, and one that fails is passed
-over for a while. The bucket (`durable.BUCKET`) is created on first use (AlreadyExists is fine).
+over for a while. The bucket (`durable.BUCKET`, `.kvtier-kv`) is internal: gateways serve it to
+kvcache nodes without it being created or recorded anywhere.
 Bytes move with `kvtier.objects.AsyncObjectClient`: uploads straight from the spill buffer,
 read-throughs straight into the node's arena.
 """
@@ -15,6 +16,7 @@ import logging
 import time
 
 from kvtier import clustermap, errors, objects, rendezvous
+from kvtier import security as security_mod
 from kvtier.proto.common.v1 import common_pb2
 from services.kvcache import durable, spillqueue
 
@@ -34,8 +36,11 @@ class GatewayObjects:
         *,
         timeout_s: float = 10.0,
         transports: tuple[str, ...] = (),
+        security: security_mod.ClientSecurity | None = None,
     ) -> None:
         self._view = map_view
+        #: Mutual TLS as this kvcache node (the internal durable bucket is theirs alone).
+        self._security = security
         self._node_id = node_id
         self._timeout_s = timeout_s
         self._transports = transports
@@ -74,14 +79,9 @@ class GatewayObjects:
             await self._drop()
             address = gateways[0]
             client = await objects.AsyncObjectClient.connect(
-                address, transports=self._transports, timeout_s=self._timeout_s
-            )
-            try:
-                with contextlib.suppress(errors.AlreadyExists):
-                    await client.create_bucket(durable.BUCKET)
-            except BaseException:
-                await client.close()
-                raise
+                address, transports=self._transports, timeout_s=self._timeout_s,
+                security=self._security,
+            )  # fmt: skip
             self._client, self._address = client, address
             log.info("durable tier: gateway %s", address)
             return client

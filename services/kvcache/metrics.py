@@ -2,11 +2,70 @@
 
 Counters by tenant and namespace are looked up once per (tenant, namespace) by the block API
 (`labels()` costs microseconds); the store's own counters are copied into gauges by the sweep.
+
+Tenant and namespace labels go through `LABELS` (a `LabelBound`): namespaces are names clients
+choose, and tenants come from whoever opens a session, so each label's distinct values are
+capped and the rest are counted under `OTHER`. No client can grow the number of series.
 """
 
 from __future__ import annotations
 
 import prometheus_client
+
+#: The label value of tenants and namespaces past the caps.
+OTHER = "_other"
+#: Distinct tenant label values per process (then OTHER).
+MAX_TENANT_LABELS = 1024
+#: Distinct namespace label values per tenant (then OTHER).
+MAX_NAMESPACE_LABELS = 64
+#: Distinct (tenant, namespace) label pairs per process, all tenants together (then OTHER).
+MAX_NAMESPACE_PAIRS = 4096
+
+
+class LabelBound:
+    """Maps tenants and namespaces to label values, at most `max_tenants` tenants,
+    `max_namespaces` namespaces per tenant and `max_pairs` namespaces in all; the first ones
+    seen keep their own value, later ones read as OTHER. Cheap enough for the hot path (two
+    dict/set lookups)."""
+
+    def __init__(
+        self,
+        max_tenants: int = MAX_TENANT_LABELS,
+        max_namespaces: int = MAX_NAMESPACE_LABELS,
+        max_pairs: int = MAX_NAMESPACE_PAIRS,
+    ) -> None:
+        self._max_tenants = max_tenants
+        self._max_namespaces = max_namespaces
+        self._max_pairs = max_pairs
+        self._pairs = 0
+        self._namespaces: dict[str, set[str]] = {}  # tenant label -> its namespace labels
+
+    def tenant(self, tenant: str) -> str:
+        """The label value of tenant."""
+        if tenant in self._namespaces:
+            return tenant
+        if len(self._namespaces) >= self._max_tenants:
+            return OTHER
+        self._namespaces[tenant] = set()
+        return tenant
+
+    def namespace(self, tenant: str, namespace: str) -> tuple[str, str]:
+        """The (tenant, namespace) label values."""
+        label = self.tenant(tenant)
+        seen = self._namespaces.get(label)
+        if seen is None:  # a tenant past the cap
+            return OTHER, OTHER
+        if namespace in seen:
+            return label, namespace
+        if len(seen) >= self._max_namespaces or self._pairs >= self._max_pairs:
+            return label, OTHER
+        seen.add(namespace)
+        self._pairs += 1
+        return label, namespace
+
+
+#: The bound every kvcache metric labelled by tenant or namespace goes through.
+LABELS = LabelBound()
 
 _LABELS = ("tenant", "namespace")
 HITS = prometheus_client.Counter("kvtier_kvcache_hits_total", "Blocks found in DRAM", _LABELS)

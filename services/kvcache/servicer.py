@@ -1,4 +1,12 @@
-"""gRPC surface of a kvcache node (thin: decode, call `blocks.BlockService`, encode)."""
+"""gRPC surface of a kvcache node (thin: decode, call `blocks.BlockService`, encode).
+
+Every method acts for the caller's tenant (`kvtier.principal`): a user for its own (naming
+another is PermissionDenied), a privileged caller (service, operator, admin) for the tenant it
+names. The acting tenant replaces the request's before the block API sees it, so no request
+names its way into another tenant's blocks. Which roles may call which RPC is the
+authorization table's (the interceptor in `kvtier.rpc`); the operator settings also check
+for an admin here.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +14,9 @@ import inspect
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from kvtier import rpc
+from kvtier import errors, principal, rpc
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from kvtier.proto.kvcache.v1 import kvcache_pb2_grpc as pb_grpc
-from kvtier.transport import dataplane as transport_dataplane
 from services.kvcache import blocks
 
 T = TypeVar("T")
@@ -23,7 +30,17 @@ async def _resolved(reply: T | Awaitable[T]) -> T:
 
 
 def _tenant(ns: pb.Namespace) -> str:
-    return transport_dataplane.check_tenant(ns.tenant or transport_dataplane.DEFAULT_TENANT)
+    """The caller's acting tenant for ns (written into ns for the block API). Raises
+    PermissionDenied (a user naming another tenant), InvalidArgument, Unauthenticated."""
+    ns.tenant = principal.current().acting_tenant(ns.tenant)
+    return ns.tenant
+
+
+def _require_admin() -> None:
+    """Operator settings: admins only (the authorization table says so too)."""
+    caller = principal.current()
+    if not caller.is_admin:
+        raise errors.PermissionDenied(f"{caller.describe()} may not change node settings")
 
 
 class KVCacheServicer(pb_grpc.KVCacheServiceServicer):
@@ -35,21 +52,25 @@ class KVCacheServicer(pb_grpc.KVCacheServiceServicer):
     async def BatchPut(
         self, request: pb.BatchPutRequest, context: rpc.ServicerContext
     ) -> pb.BatchPutResponse:
+        _tenant(request.namespace)
         return self._svc.grant_puts(request)
 
     async def CommitPuts(
         self, request: pb.CommitPutsRequest, context: rpc.ServicerContext
     ) -> pb.CommitPutsResponse:
+        _tenant(request.namespace)  # only the tenant that got the put ids commits them
         return self._svc.commit_puts(request)
 
     async def BatchGet(
         self, request: pb.BatchGetRequest, context: rpc.ServicerContext
     ) -> pb.BatchGetResponse:
+        _tenant(request.namespace)
         return await _resolved(self._svc.grant_reads(request))
 
     async def ReleaseReads(
         self, request: pb.ReleaseReadsRequest, context: rpc.ServicerContext
     ) -> pb.ReleaseReadsResponse:
+        _tenant(request.namespace)  # only the tenant that got the leases ends them
         return self._svc.release_reads(request)
 
     async def BatchExists(
@@ -88,20 +109,29 @@ class KVCacheServicer(pb_grpc.KVCacheServiceServicer):
     async def Stats(
         self, request: pb.StatsRequest, context: rpc.ServicerContext
     ) -> pb.StatsResponse:
-        tenant = transport_dataplane.check_tenant(request.tenant) if request.tenant else None
-        return self._svc.stats(tenant)
+        """A user gets its own tenant's stats; privileged callers the node's when they name no
+        tenant."""
+        caller = principal.current()
+        if not request.tenant and caller.privileged:
+            return self._svc.stats(None)
+        return self._svc.stats(caller.acting_tenant(request.tenant))
 
     async def SetQuota(
         self, request: pb.SetQuotaRequest, context: rpc.ServicerContext
     ) -> pb.SetQuotaResponse:
+        _require_admin()
+        request.tenant = principal.current().acting_tenant(request.tenant)
         return self._svc.set_quota(request)
 
     async def SetNamespaceTTL(
         self, request: pb.SetNamespaceTTLRequest, context: rpc.ServicerContext
     ) -> pb.SetNamespaceTTLResponse:
+        _tenant(request.namespace)
         return self._svc.set_namespace_ttl(request)
 
     async def SetNamespacePolicy(
         self, request: pb.SetNamespacePolicyRequest, context: rpc.ServicerContext
     ) -> pb.SetNamespacePolicyResponse:
+        _require_admin()
+        _tenant(request.namespace)
         return self._svc.set_namespace_policy(request)

@@ -330,7 +330,7 @@ class SpillQueue:
         if op.extent is None:
             return
         self.spilled[op.tenant] += 1
-        metrics.SPILLED.labels(op.tenant, op.cause.value).inc()
+        metrics.SPILLED.labels(metrics.LABELS.tenant(op.tenant), op.cause.value).inc()
         if op.on_durable is not None:
             op.on_durable()
 

@@ -23,8 +23,12 @@ whose durable copy is known to be current (`commit(durable=True)`, `mark_durable
 without either.
 
 Contract with the data plane: a write grant for a ticket must expire before `put_timeout_s`, and
-a read grant for a lease before the lease does, because an expired ticket or lease no longer
-protects its extent from reuse.
+a read grant for a lease before the lease does, and the caller revokes a grant when its ticket or
+lease ends. As a second line, `reuse_guard(offset, length)` says whether a transport still moves
+bytes in a range or a live grant still names it: an extent freed while it says so is
+*quarantined* (still charged as used, `StoreStats.quarantined_bytes`) and only returned to the
+allocator once it says no (retried by `expire` and when an allocation finds no room), so a
+descriptor that outlives its ticket or lease never reaches another block's bytes.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import enum
 import heapq
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -54,6 +59,9 @@ SpillSink = Callable[[str, str, bytes, slab.Extent], None]
 #: would go to the spill sink; False keeps it (skipped in place). True promises the sink call.
 SpillAdmit = Callable[[str, str, bytes, int], bool]
 Clock = Callable[[], float]
+#: Called with (offset, length) of an extent about to be freed: True while the data plane still
+#: uses the range (a transport lease or a live grant), so it must not be reused yet.
+ReuseGuard = Callable[[int, int], bool]
 
 _Ident = tuple[str, str, bytes]
 
@@ -114,6 +122,12 @@ class _Block:
 @dataclasses.dataclass(slots=True)
 class _Tenant:
     quota_bytes: int | None = None
+    # Blocks with a pin (block id -> block) and their slot bytes: what max_pinned_fraction
+    # bounds. Each has an entry in pin_expiries (until_s, block id), re-queued when the pin was
+    # extended and dropped (with the block) once the pin has ended.
+    pins: dict[int, _Block] = dataclasses.field(default_factory=dict)
+    pinned_bytes: int = 0
+    pin_expiries: list[tuple[float, int]] = dataclasses.field(default_factory=list)
     # Requested and capacity bytes of every extent the tenant holds: pending, linked, and
     # unlinked-but-leased. Quota counts requested bytes, so it is independent of slab classes.
     held_bytes: int = 0
@@ -179,6 +193,9 @@ class StoreStats:
     tenant_bytes: dict[str, int]
     internal_fragmentation: float
     external_fragmentation: float
+    #: Slot bytes freed but held back while the data plane still used them (`reuse_guard`);
+    #: included in used_bytes.
+    quarantined_bytes: int = 0
 
 
 def _make_policy(name: str, capacity_bytes: int) -> eviction.EvictionPolicy[_Ident]:
@@ -224,8 +241,12 @@ def _admit_all(tenant: str, namespace: str, key: bytes, nbytes: int) -> bool:
 class BlockStore:
     """The index, allocator and eviction of one kvcache node's arena (see the module docstring).
 
-    Raises ValueError for an invalid geometry (see `slab.SlabAllocator`), an unknown policy, or
-    watermarks outside 0 < low < high <= 1. Request errors are `kvtier.errors`.
+    Bounds on what one tenant can hold: a pin lasts at most `max_pin_s`, a tenant's pinned
+    blocks hold at most `max_pinned_fraction` of the arena (slot bytes), and a tenant with no
+    quota of its own (`set_quota`) gets `default_quota_bytes` (None: no quota).
+
+    Raises ValueError for an invalid geometry (see `slab.SlabAllocator`), an unknown policy,
+    watermarks outside 0 < low < high <= 1, or invalid bounds. Request errors are `kvtier.errors`.
     """
 
     def __init__(
@@ -240,6 +261,10 @@ class BlockStore:
         spill_sink: SpillSink = _drop,
         spill_admit: SpillAdmit = _admit_all,
         put_timeout_s: float = 30.0,
+        max_pin_s: float = 3600.0,
+        max_pinned_fraction: float = 0.5,
+        default_quota_bytes: int | None = None,
+        reuse_guard: ReuseGuard | None = None,
     ) -> None:
         if not 0.0 < low_watermark < high_watermark <= 1.0:
             raise ValueError(
@@ -248,6 +273,12 @@ class BlockStore:
             )
         if not put_timeout_s > 0:
             raise ValueError(f"put_timeout_s must be > 0, got {put_timeout_s}")
+        if not (math.isfinite(max_pin_s) and max_pin_s > 0):
+            raise ValueError(f"max_pin_s must be finite and > 0, got {max_pin_s}")
+        if not 0.0 < max_pinned_fraction <= 1.0:
+            raise ValueError(f"max_pinned_fraction must be in (0, 1], got {max_pinned_fraction}")
+        if default_quota_bytes is not None and default_quota_bytes < 0:
+            raise ValueError(f"default_quota_bytes must be >= 0, got {default_quota_bytes}")
         self._alloc = slab.SlabAllocator(arena_bytes, page_bytes=page_bytes)
         self._policy = _make_policy(policy, arena_bytes)
         self._high_bytes = int(arena_bytes * high_watermark)
@@ -256,6 +287,13 @@ class BlockStore:
         self._spill_sink = spill_sink
         self._spill_admit = spill_admit
         self._put_timeout_s = put_timeout_s
+        self._max_pin_s = max_pin_s
+        self._max_pinned_bytes = int(arena_bytes * max_pinned_fraction)
+        self._default_quota_bytes = default_quota_bytes
+        self._reuse_guard = reuse_guard
+        # Extents freed while reuse_guard said they were in use, with their tenant: still
+        # charged, returned to the allocator by _free_quarantined.
+        self._quarantine: list[tuple[str, slab.Extent]] = []
         self._index: dict[_Ident, _Block] = {}
         self._unlinked: dict[int, _Block] = {}  # block id -> block waiting for its leases
         self._pending: dict[int, PutTicket] = {}
@@ -481,24 +519,55 @@ class BlockStore:
     def pin(self, tenant: str, namespace: str, keys: Sequence[bytes], pin_s: float) -> int:
         """Protect the present keys from capacity eviction for `pin_s` seconds from now.
 
-        A pin only extends an existing one; TTL expiry and delete still apply. Returns how
-        many keys were pinned. Raises InvalidArgument.
+        `pin_s` must be finite, > 0 and at most `max_pin_s`. A pin only extends an existing
+        one; TTL expiry and delete still apply. The tenant's pinned blocks may hold at most
+        `max_pinned_fraction` of the arena: a key whose block would pass that share is left
+        unpinned (the keys are taken in order; a key already pinned is still extended).
+        Returns how many keys were pinned. Raises InvalidArgument.
         """
         _check_duration("pin_s", pin_s, optional=False)
-        until_s = self._clock() + pin_s
+        if not math.isfinite(pin_s) or pin_s > self._max_pin_s:
+            # An endless pin would hold its share of the arena for good.
+            raise errors.InvalidArgument(f"pin_s must be at most {self._max_pin_s} s, got {pin_s}")
+        now = self._clock()
+        until_s = now + pin_s
+        state = self._tenants.get(tenant)
+        if state is not None:
+            self._expire_pins(state, now)
+        pinned = 0
 
         def pin_one(block: _Block, _now: float) -> None:
+            nonlocal pinned
+            owner = self._tenant(block.ident[0])
+            if block.block_id not in owner.pins:
+                if owner.pinned_bytes + block.extent.capacity > self._max_pinned_bytes:
+                    return
+                owner.pins[block.block_id] = block
+                owner.pinned_bytes += block.extent.capacity
+                heapq.heappush(owner.pin_expiries, (until_s, block.block_id))
             block.pinned_until_s = max(block.pinned_until_s, until_s)
+            pinned += 1
 
-        return self._each(tenant, namespace, keys, pin_one)
+        self._each(tenant, namespace, keys, pin_one)
+        return pinned
 
     def unpin(self, tenant: str, namespace: str, keys: Sequence[bytes]) -> int:
         """Drop the pins of the present keys; return how many keys were present."""
 
         def unpin_one(block: _Block, _now: float) -> None:
             block.pinned_until_s = 0.0
+            self._forget_pin(self._tenant(block.ident[0]), block)
 
         return self._each(tenant, namespace, keys, unpin_one)
+
+    def pinned_bytes(self, tenant: str) -> int:
+        """Slot bytes of the tenant's blocks whose pin has not ended (what `max_pinned_fraction`
+        bounds)."""
+        state = self._tenants.get(tenant)
+        if state is None:
+            return 0
+        self._expire_pins(state, self._clock())
+        return state.pinned_bytes
 
     def touch(self, tenant: str, namespace: str, keys: Sequence[bytes]) -> int:
         """Count an access to the present keys (for the policy) and restart their TTLs.
@@ -508,8 +577,9 @@ class BlockStore:
         return self._each(tenant, namespace, keys, self._touch_one)
 
     def set_quota(self, tenant: str, quota_bytes: int | None) -> None:
-        """Cap the tenant's held bytes (None: no cap). Blocks already held stay; new puts over
-        the cap are refused. Raises InvalidArgument for a negative quota."""
+        """Cap the tenant's held bytes (None: no cap, not even the default quota). Blocks
+        already held stay; new puts over the cap are refused. Raises InvalidArgument for a
+        negative quota."""
         _check_names(tenant, "")
         if quota_bytes is not None and quota_bytes < 0:
             raise errors.InvalidArgument(f"quota_bytes must be >= 0, got {quota_bytes}")
@@ -547,6 +617,7 @@ class BlockStore:
                 "aborting put %d of tenant %s: past its deadline", ticket.ticket_id, ticket.tenant
             )
             self.abort(ticket)
+        self._free_quarantined()
         return expired
 
     def stats(self, tenant: str | None = None) -> StoreStats:
@@ -576,6 +647,9 @@ class BlockStore:
             tenant_bytes=tenant_bytes,
             internal_fragmentation=slab_stats.internal_fragmentation,
             external_fragmentation=slab_stats.external_fragmentation,
+            quarantined_bytes=sum(
+                e.capacity for t, e in self._quarantine if tenant is None or t == tenant
+            ),
             **counters,
         )
 
@@ -584,8 +658,29 @@ class BlockStore:
     def _tenant(self, tenant: str) -> _Tenant:
         state = self._tenants.get(tenant)
         if state is None:
-            state = self._tenants[tenant] = _Tenant()
+            state = self._tenants[tenant] = _Tenant(quota_bytes=self._default_quota_bytes)
         return state
+
+    def _expire_pins(self, state: _Tenant, now: float) -> None:
+        """Stop counting the tenant's pins that have ended."""
+        heap = state.pin_expiries
+        while heap and heap[0][0] <= now:
+            _, block_id = heapq.heappop(heap)
+            block = state.pins.get(block_id)
+            if block is None:
+                continue  # unpinned or unlinked since
+            if block.pinned_until_s > now:  # extended: look again when the new pin ends
+                heapq.heappush(heap, (block.pinned_until_s, block_id))
+            else:
+                self._forget_pin(state, block)
+        if len(heap) > 2 * len(state.pins) + 64:  # entries of pins dropped early pile up
+            state.pin_expiries = [(b.pinned_until_s, i) for i, b in state.pins.items()]
+            heapq.heapify(state.pin_expiries)
+
+    def _forget_pin(self, state: _Tenant, block: _Block) -> None:
+        """The block no longer counts against the tenant's pinned share."""
+        if state.pins.pop(block.block_id, None) is not None:
+            state.pinned_bytes -= block.extent.capacity
 
     def _expired(self, block: _Block, now: float) -> bool:
         return block.expires_at_s is not None and block.expires_at_s <= now
@@ -639,6 +734,7 @@ class BlockStore:
         if extent is None:
             for block in list(self._unlinked.values()):  # stale leases may hold memory
                 self._free_if_unleased(block, now)
+            self._free_quarantined()
             extent = self._alloc.alloc(size)
         if extent is None:
             state.lease_waits += 1
@@ -659,7 +755,29 @@ class BlockStore:
         return extent
 
     def _release(self, tenant: str, extent: slab.Extent) -> None:
-        """Return an extent to the allocator and the tenant's quota."""
+        """Return an extent to the allocator and the tenant's quota, or quarantine it while the
+        data plane still uses it (see the module docstring)."""
+        if self._reuse_guard is not None and self._reuse_guard(extent.offset, extent.capacity):
+            self._quarantine.append((tenant, extent))
+            return
+        self._free_extent(tenant, extent)
+
+    def _free_quarantined(self) -> int:
+        """Free the quarantined extents the data plane no longer uses; returns how many."""
+        if not self._quarantine:
+            return 0
+        guard = self._reuse_guard
+        held, freed = [], 0
+        for tenant, extent in self._quarantine:
+            if guard is not None and guard(extent.offset, extent.capacity):
+                held.append((tenant, extent))
+            else:
+                self._free_extent(tenant, extent)
+                freed += 1
+        self._quarantine = held
+        return freed
+
+    def _free_extent(self, tenant: str, extent: slab.Extent) -> None:
         self._alloc.free(extent)
         self._used_bytes -= extent.capacity
         state = self._tenant(tenant)
@@ -710,6 +828,7 @@ class BlockStore:
         block.linked = False
         state = self._tenant(block.ident[0])
         state.blocks -= 1
+        self._forget_pin(state, block)
         if cause is not None:
             state.evictions[cause] += 1
         self._unlinked[block.block_id] = block

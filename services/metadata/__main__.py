@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import grpc
 
+from kvtier import authservice, errors, masterkey, service
 from kvtier import buckets as bucket_store
 from kvtier import config as kvtier_config
-from kvtier import errors, masterkey, service
 from kvtier import users as user_store
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.metadata.v1 import metadata_pb2, metadata_pb2_grpc
@@ -54,7 +54,25 @@ def build(cfg: config.MetadataConfig) -> service.ServiceSpec:
         node_id=cfg.node_id or f"metadata-{uuid.uuid4().hex[:8]}",
         add_servicers=functools.partial(_add_servicers, master_key=master_key),
         loops=[functools.partial(reconciler.run, policy=cfg.policy())],
+        user_lookup=functools.partial(_user_lookup, master_key=master_key),
     )
+
+
+def _user_lookup(
+    ctx: service.Context, *, master_key: masterkey.MasterKey | None
+) -> authservice.UserLookup:
+    """Users with their secrets, read from etcd for each session-token request."""
+    store = user_store.UserStore(ctx.store, master_key)
+
+    async def lookup(access_key: str) -> user_store.User | None:
+        if not store.enabled:
+            raise errors.PreconditionFailed("no master key: users are disabled on this node")
+        try:
+            return await store.get(access_key)
+        except errors.NotFound:
+            return None
+
+    return lookup
 
 
 def main(argv: Sequence[str] | None = None) -> int:

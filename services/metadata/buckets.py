@@ -1,9 +1,15 @@
 """The bucket RPCs of the metadata service: check the request, act on the etcd records.
 
 Buckets live in etcd only (`kvtier.buckets.BucketStore`), so any number of metadata replicas
-serve them and a restarted one has them all. Deleting does not look for objects: the gateway
-lists the bucket first, and deletes only an empty one, passing the generation it saw, so that a
-bucket deleted and created again in between is not removed by mistake.
+serve them and a restarted one has them all. Deleting does not look for objects, and need not:
+each incarnation of a bucket has its own storage id, its objects are stored under
+`<name>@<storage_id>`, so a bucket deleted with objects in it leaves them unreachable (garbage on
+the datanodes), never visible to the next bucket of that name. The gateway still deletes only an
+empty bucket (S3's BucketNotEmpty), passing the generation it listed, so that a bucket deleted
+and created again in between is not removed by mistake.
+
+A bucket is created for the caller's tenant (`kvtier.principal.current().acting_tenant`): a
+gateway or an admin names the tenant it acts for.
 
 Never imports grpc.
 """
@@ -15,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from kvtier import buckets as bucket_store
+from kvtier import principal
 from kvtier.proto.metadata.v1 import metadata_pb2 as pb
 from kvtier.transport import dataplane as transport_dataplane
 
@@ -36,10 +43,9 @@ class BucketService:
         self._clock = clock
 
     async def create_bucket(self, request: pb.CreateBucketRequest) -> pb.CreateBucketResponse:
-        """A new bucket for the request's tenant ("default" when empty)."""
-        tenant = transport_dataplane.check_tenant(
-            request.tenant or transport_dataplane.DEFAULT_TENANT
-        )
+        """A new bucket for the tenant the caller acts for (the request's for services and
+        admins, "default" when empty; a user's own)."""
+        tenant = principal.current().acting_tenant(request.tenant)
         created_ms = int(self._clock() * 1000)
         bucket = await self._store.create(request.name, tenant, created_ms, request.kind)
         log.info("bucket %s created for tenant %s", bucket.name, bucket.tenant)

@@ -36,12 +36,14 @@ class UserService:
             is_admin=request.is_admin,
             access_key=request.access_key,
             secret=users.Secret(request.secret_key) if request.secret_key else None,
+            shm_trusted=request.shm_trusted,
         )
         log.info(
-            "user %s created for tenant %s%s",
+            "user %s created for tenant %s%s%s",
             user.access_key,
             user.tenant,
             " (admin)" if user.is_admin else "",
+            " (trusted for shared memory)" if user.shm_trusted else "",
         )
         return pb.CreateUserResponse(user=user.info, secret_key=user.secret.reveal())
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from kvtier import config, errors, membership, service
 from kvtier.proto.common.v1 import common_pb2
+from tests import pki as test_pki
 
 
 @dataclass
@@ -81,6 +82,8 @@ async def run(
     }
     if any(f.name == "arena_bytes" for f in dataclasses.fields(cfg_cls)):
         defaults.update(arena_bytes=16 * 1024 * 1024, page_bytes=4 * 1024 * 1024)  # kvcache
+    if not settings.get("insecure"):
+        defaults.update(test_pki.session().service_settings(service_name))
     cfg = cfg_cls(**{**defaults, **settings})
     spec = build(cfg)
     captured: list[service.Context] = []

@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from kvtier import etcdserver, membership
+from kvtier import etcdserver, membership, names
 from services.datanode import __main__ as datanode_main
 from services.datanode import config as datanode_config
 from services.gateway import __main__ as gateway_main
 from services.gateway import config as gateway_config
+from services.gateway import front as front_mod
 from services.gateway import healing, objects
 from services.metadata import __main__ as metadata_main
 from services.metadata import config as metadata_config
@@ -45,13 +46,25 @@ class Cluster:
         return healer
 
     @property
+    def front(self) -> front_mod.ObjectFront:
+        """The gateway's object front."""
+        owner = getattr(self.gateway.spec.loops[0], "__self__", None)
+        found = getattr(owner, "front", None)
+        assert isinstance(found, front_mod.ObjectFront)
+        return found
+
+    @property
     def engine(self) -> objects.ObjectEngine:
         """The gateway's object engine."""
-        owner = getattr(self.gateway.spec.loops[0], "__self__", None)
-        front = getattr(owner, "front", None)
-        assert front is not None
-        assert isinstance(front.engine, objects.ObjectEngine)
-        return front.engine
+        return self.front.engine
+
+    async def stored_keys(self, bucket: str) -> list[str]:
+        """Every key of a storage name (or an internal bucket), as the gateway lists it."""
+        return [e.key async for e in self.front.lister.scan(bucket, "")]
+
+    def stored(self, bucket: str) -> str:
+        """The storage name of bucket's objects (see stored_name)."""
+        return stored_name(self.tmp, bucket)
 
     def drive_paths(self, node: int | None = None) -> list[Path]:
         """Every drive directory (of one datanode, when given), in node order."""
@@ -78,6 +91,19 @@ class Cluster:
         else:
             self.datanodes.append(node)
         return node
+
+
+def stored_name(root: Path, bucket: str) -> str:
+    """The storage name (`<bucket>@<storage_id>`) bucket's objects have on the drives of the
+    cluster in root (a drive's parent's parent), found on disk: each test names its buckets
+    once, so exactly one incarnation is there."""
+    found = {
+        p.name
+        for p in root.glob("dn*/drive*/objects/*")
+        if p.name.partition(names.STORAGE_MARK)[0] == bucket
+    }
+    assert len(found) == 1, (bucket, found)
+    return found.pop()
 
 
 def data(seed: int, size: int) -> bytes:

@@ -50,7 +50,8 @@ async def cluster(
 
 def _object_dir(drive: Path, bucket: str, key: str) -> Path:
     digest = hashlib.sha256(key.encode()).hexdigest()
-    return drive / "objects" / bucket / digest[:2] / digest
+    stored = objects_cluster.stored_name(drive.parent.parent, bucket)
+    return drive / "objects" / stored / digest[:2] / digest
 
 
 def _meta(drive: Path, bucket: str, key: str) -> ShardMeta:
@@ -82,6 +83,7 @@ async def _verified(cluster: Cluster, drive: Path, bucket: str, key: str, data_i
     """Whether the datanode says the drive holds the version whole."""
     address = cluster.datanodes[_node_of(cluster, drive)].address
     drive_id = cluster.drive_id(drive)
+    bucket = cluster.stored(bucket)
     async with datanode_client.ShardClient(address) as client:
         try:
             reply = await client.verify_shard(drive_id, bucket, key)
@@ -179,7 +181,7 @@ async def test_a_partial_write_waits_for_its_drives_and_is_healed_when_they_retu
 
 
 async def _waiting(cluster: Cluster) -> bool:
-    queued = cluster.healer.queued("partial", "k")
+    queued = cluster.healer.queued(cluster.stored("partial"), "k")
     return queued is not None and queued[0] > 0 and len(queued[1]) == 2
 
 

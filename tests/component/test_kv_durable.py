@@ -16,13 +16,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvtier import etcdserver, kv, membership, objects
+from kvtier import errors, etcdserver, kv, membership, principal
 from kvtier.proto.common.v1 import common_pb2
+from kvtier.proto.gateway.v1 import objects_pb2
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from services.kvcache import __main__ as kvcache_main
 from services.kvcache import config as kvcache_config
 from services.kvcache import durable
-from tests.component import harness, objects_cluster
+from tests.component import harness, objects_cluster, tenants
 
 KIB, MIB = 1024, 1024 * 1024
 BLOCK = 128 * KIB
@@ -240,11 +241,83 @@ async def test_tenants_and_deletes_hold_in_the_durable_tier(
             None,
             _digest(blocks[keys.index(spilled[2])]),
         ]
-        async with await objects.AsyncObjectClient.connect(objects_tier.gateway.address) as oc:
-            names = [o.key for o in (await oc.list_objects(durable.BUCKET, max_keys=1000)).objects]
+        names = await objects_tier.stored_keys(durable.BUCKET)  # internal: the gateway's view
         assert names
         assert all(n.startswith("alice/") for n in names)
         assert durable.object_key("alice", "shared", spilled[0]) not in names
+
+
+async def test_the_durable_bucket_is_internal_and_its_old_name_is_just_a_user_bucket(
+    objects_tier: objects_cluster.Cluster,
+    etcd: etcdserver.EtcdServer,
+    etcd_prefix: str,
+    store: membership.EtcdMembership,
+    tmp_path: Path,
+) -> None:
+    """The `kvtier-kv` takeover (issue 13): a tenant's user can neither create, list, read,
+    write nor delete the durable KV bucket, and a user bucket named `kvtier-kv` (the durable
+    bucket's name before) holding forged blocks changes nothing for spill or read-through."""
+    front, bucket = objects_tier.front, durable.BUCKET
+    assert bucket == ".kvtier-kv"
+    mallory = principal.user("AKMALLORY", "team-m", is_admin=False, shm_trusted=False)
+    policy = {"durable_namespaces": "alice/shared=write_back"}
+    async with (
+        _kvcache(etcd, etcd_prefix, store, tmp_path / "kv", **policy) as node,
+        await kv.AsyncKVClient.connect(
+            nodes=[node.address], namespace="shared", tenant="alice"
+        ) as alice,
+    ):
+        keys = [b"blk-%d" % i for i in range(2 * 8 * MIB // BLOCK)]
+        blocks = [_block(100 + i) for i in range(len(keys))]
+        await _put_all(alice, keys, blocks)
+        await _drained(alice)
+        spilled = [k for k, p in zip(keys, await _in_dram(alice, keys), strict=True) if not p]
+        assert len(spilled) > 8
+        wanted = {durable.object_key("alice", "shared", k): k for k in spilled}
+        assert set(wanted) <= set(await objects_tier.stored_keys(bucket))
+        victim = next(iter(wanted))
+        with tenants.acting(mallory):
+            with pytest.raises(errors.InvalidArgument):
+                await front.create_bucket(bucket)
+            refused = [
+                front.head_bucket(bucket),
+                front.delete_bucket(bucket),
+                front.list_objects(objects_pb2.ListObjectsRequest(bucket=bucket)),
+                front.head_object(bucket, victim),
+                tenants.get(front, bucket, victim),
+                tenants.put(front, bucket, victim, b"forged"),
+                front.delete_object(bucket, victim),
+                front.create_multipart(
+                    objects_pb2.CreateMultipartUploadRequest(bucket=bucket, key=victim)
+                ),
+            ]
+            for call in refused:
+                with pytest.raises(errors.PermissionDenied, match="AccessDenied"):
+                    await call
+            assert bucket not in [b.name for b in await front.list_buckets()]
+            # The old name is an ordinary bucket of Mallory's, unrelated to the KV tier.
+            await front.create_bucket("kvtier-kv")
+            for key in wanted:
+                await tenants.put(front, "kvtier-kv", key, b"forged block " * 64)
+        read = objects_pb2.ReadRangeRequest(bucket=bucket, key=victim).SerializeToString()
+        with pytest.raises(errors.PermissionDenied):
+            await front.handle_call(
+                tenants.session(mallory), objects_pb2.OBJECT_CALL_METHOD_READ_RANGE, read, [],
+                [MIB],
+            )  # fmt: skip
+        # Read-through serves Alice's own bytes; more spill still lands in the internal bucket.
+        first = spilled[:8]
+        assert await _read_all(alice, first) == [_digest(blocks[keys.index(k)]) for k in first]
+        more = [b"more-%d" % i for i in range(8 * MIB // BLOCK)]
+        await _put_all(alice, more, [_block(500 + i) for i in range(len(more))])
+        await _drained(alice)
+        internal = set(await objects_tier.stored_keys(bucket))
+        assert any(durable.object_key("alice", "shared", k) in internal for k in more)
+        with tenants.acting(mallory):
+            page = await front.list_objects(
+                objects_pb2.ListObjectsRequest(bucket="kvtier-kv", max_keys=1000)
+            )
+        assert {o.key for o in page.objects} == set(wanted)  # only Mallory's forgeries
 
 
 async def _in_dram(

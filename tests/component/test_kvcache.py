@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvtier import errors, etcdserver, kv, membership
+from kvtier import config, errors, etcdserver, kv, membership
 from kvtier.clients import kvcache as kvcache_client
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from kvtier.transport import base
@@ -279,6 +279,92 @@ async def test_tenant_quota_rejects_puts_over_it(
             await other.close()
 
 
+@pytest.mark.parametrize("pin_s", [float("inf"), 1e12, 61.0])
+async def test_endless_or_overlong_pins_are_refused_over_calls_and_grpc(
+    etcd: etcdserver.EtcdServer,
+    etcd_prefix: str,
+    store: membership.EtcdMembership,
+    tmp_path: Path,
+    pin_s: float,
+) -> None:
+    """Regression (issue 13): pin_s=inf was accepted, so a tenant could pin blocks forever."""
+    async with (
+        _nodes(1, etcd, etcd_prefix, store, tmp_path, max_pin_s=60.0) as nodes,
+        await _client(nodes, tenant="t1", transports=["tcp"]) as client,
+        kvcache_client.KVCacheClient(nodes[0].address) as grpc_client,
+    ):
+        await client.put(b"k", _block(1, 4 * KIB))
+        with pytest.raises(errors.InvalidArgument, match="pin_s"):
+            await client.pin([b"k"], pin_s=pin_s)
+        request = pb.PinRequest(
+            namespace=pb.Namespace(tenant="t1", name="model-a"), keys=[b"k"], pin_s=pin_s
+        )
+        with pytest.raises(errors.InvalidArgument, match="pin_s"):
+            await grpc_client.pin(request)
+        assert await client.pin([b"k"], pin_s=60.0) == 1  # max_pin_s itself is fine
+
+
+async def test_a_tenant_pins_at_most_its_share_of_the_arena(
+    etcd: etcdserver.EtcdServer,
+    etcd_prefix: str,
+    store: membership.EtcdMembership,
+    tmp_path: Path,
+) -> None:
+    async with (
+        _nodes(
+            1, etcd, etcd_prefix, store, tmp_path,
+            arena_bytes=8 * MIB, page_bytes=1 * MIB, max_pinned_fraction=0.25,
+        ) as nodes,
+        await _client(nodes, tenant="greedy", transports=["tcp"]) as greedy,
+        await _client(nodes, tenant="other", transports=["tcp"]) as other,
+    ):  # fmt: skip
+        keys = [f"p{i}".encode() for i in range(16)]
+        blocks = [_block(i, 256 * KIB) for i in range(16)]
+        assert await greedy.put_batch(keys, blocks) == [kv.PutStatus.STORED] * 16
+        pinned = await greedy.pin(keys, pin_s=600)
+        assert 0 < pinned <= 8  # a quarter of 8 MiB: at most 8 blocks of 256 KiB
+        assert await greedy.pin(keys, pin_s=600) == pinned  # asking again pins nothing more
+        # The other tenant's puts evict the unpinned blocks, never the pinned ones.
+        for round_ in range(4):
+            flood = [f"f{round_}-{i}".encode() for i in range(16)]
+            await other.put_batch(flood, [_block(100 + i, 256 * KIB) for i in range(16)])
+        present = await greedy.exists_batch(keys)
+        assert present[:pinned] == [True] * pinned
+        assert not all(present)
+        outs = [np.zeros(256 * KIB, np.uint8) for _ in range(pinned)]
+        assert await greedy.get_batch(keys[:pinned], outs) == [256 * KIB] * pinned
+        assert [_digest(o) for o in outs] == [_digest(b) for b in blocks[:pinned]]
+
+
+async def test_a_default_quota_applies_to_every_new_tenant(
+    etcd: etcdserver.EtcdServer,
+    etcd_prefix: str,
+    store: membership.EtcdMembership,
+    tmp_path: Path,
+) -> None:
+    async with (
+        _nodes(
+            1, etcd, etcd_prefix, store, tmp_path,
+            default_tenant_quota_bytes=1 * MIB, tenant_quotas="big=4194304",
+        ) as nodes,
+        await _client(nodes, tenant="fresh", transports=["tcp"]) as fresh,
+        await _client(nodes, tenant="big", transports=["tcp"]) as big,
+    ):  # fmt: skip
+        keys = [f"q{i}".encode() for i in range(8)]
+        blocks = [_block(i, 256 * KIB) for i in range(8)]
+        statuses = await fresh.put_batch(keys, blocks)
+        assert statuses == [kv.PutStatus.STORED] * 4 + [kv.PutStatus.QUOTA_EXCEEDED] * 4
+        assert await big.put_batch(keys, blocks) == [kv.PutStatus.STORED] * 8  # its own quota
+        async with kvcache_client.KVCacheClient(nodes[0].address) as admin:
+            await admin.set_quota("fresh", 2 * MIB)
+        assert await fresh.put_batch(keys, blocks) == (
+            [kv.PutStatus.EXISTS] * 4 + [kv.PutStatus.STORED] * 4
+        )
+        outs = [np.zeros(256 * KIB, np.uint8) for _ in keys]
+        assert await fresh.get_batch(keys, outs) == [256 * KIB] * 8
+        assert [_digest(o) for o in outs] == [_digest(b) for b in blocks]
+
+
 async def test_tenants_are_isolated_with_the_same_keys(
     etcd: etcdserver.EtcdServer,
     etcd_prefix: str,
@@ -503,3 +589,21 @@ async def test_list_keys_merges_nodes_and_pages_in_byte_order(
         assert not more
         with pytest.raises(errors.InvalidArgument):
             await client.list_keys(limit=20_000)
+
+
+def test_node_settings_bound_pins_and_default_quota() -> None:
+    cfg = kvcache_config.KVCacheConfig(insecure=True)
+    assert (cfg.max_pin_s, cfg.max_pinned_fraction, cfg.default_tenant_quota_bytes) == (
+        3600.0,
+        0.5,
+        0,
+    )
+    for bad in (
+        {"max_pin_s": float("inf")},
+        {"max_pin_s": 0.0},
+        {"max_pinned_fraction": 0.0},
+        {"max_pinned_fraction": 1.01},
+        {"default_tenant_quota_bytes": -1},
+    ):
+        with pytest.raises(config.ConfigError, match=next(iter(bad))):
+            kvcache_config.KVCacheConfig(insecure=True, **bad)

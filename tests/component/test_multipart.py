@@ -201,7 +201,7 @@ async def test_checksums_copy_parts_and_degraded_reads(cluster: Cluster) -> None
         assert info.checksums["CRC32"] == expected
         whole = src[MIB : 7 * MIB] + tail
         # Flip bytes in one drive's part files: reads are still exact.
-        files = sorted(f for d in _drives(cluster) for f in d.glob("objects/sums/*/*/*/part.*"))
+        files = sorted(f for d in _drives(cluster) for f in d.glob("objects/sums@*/*/*/*/part.*"))
         assert files
         for path in files[:3]:
             raw = bytearray(path.read_bytes())

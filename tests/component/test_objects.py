@@ -127,7 +127,7 @@ async def test_corrupt_and_missing_shards_are_rebuilt_on_read(cluster: Cluster) 
 
 
 def _damage(drives: list[Path], bucket: str) -> None:
-    files = [f for d in drives for f in sorted(d.glob(f"objects/{bucket}/*/*/*/part.1"))]
+    files = [f for d in drives for f in sorted(d.glob(f"objects/{bucket}@*/*/*/*/part.1"))]
     assert len(files) == 12
     for path in files[:2]:
         raw = bytearray(path.read_bytes())
@@ -188,7 +188,7 @@ async def test_a_ranged_read_rebuilds_a_lost_block_from_the_whole_stripe(
         await client.put_object("ranged", "k", data)
         digest = hashlib.sha256(b"k").hexdigest()
         for drive in cluster.drive_paths():
-            object_dir = drive / "objects" / "ranged" / digest[:2] / digest
+            object_dir = drive / "objects" / cluster.stored("ranged") / digest[:2] / digest
             meta = shards.decode_meta((object_dir / "meta").read_bytes(), "meta")
             if meta.shard_index == 1:
                 (object_dir / meta.data_id / "part.1").unlink()

@@ -43,7 +43,7 @@ async def test_objects_spread_over_pools_and_read_through_records(cluster: Clust
             await client.put_object("spread", key, data)
         pools: collections.Counter[int | None] = collections.Counter()
         for key in blobs:
-            pool = await engine._pool_of("spread", key)
+            pool = await engine._pool_of(cluster.stored("spread"), key)
             pools[pool] += 1
         assert pools[0] > 0, pools  # equal free space: both pools get objects
         assert pools[1] > 0, pools
@@ -70,7 +70,7 @@ async def test_objects_spread_over_pools_and_read_through_records(cluster: Clust
         # is pool 1, a pool record on pool 0's 6 drives.
         versions: collections.Counter[tuple[str, bool]] = collections.Counter()
         for drive in cluster.drive_paths():
-            for path in drive.glob("objects/spread/*/*/meta"):
+            for path in drive.glob("objects/spread@*/*/*/meta"):
                 meta = shards.decode_meta(path.read_bytes(), str(path))
                 versions[(meta.key, meta.is_pointer)] += 1
         for key in left:
@@ -99,7 +99,7 @@ async def test_multipart_upload_into_either_pool(cluster: Cluster) -> None:
 def _versions(cluster: Cluster, bucket: str) -> collections.Counter[tuple[str, bool]]:
     versions: collections.Counter[tuple[str, bool]] = collections.Counter()
     for drive in cluster.drive_paths():
-        for path in drive.glob(f"objects/{bucket}/*/*/meta"):
+        for path in drive.glob(f"objects/{bucket}@*/*/*/meta"):
             meta = shards.decode_meta(path.read_bytes(), str(path))
             versions[(meta.key, meta.is_pointer)] += 1
     return versions

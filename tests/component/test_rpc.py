@@ -8,10 +8,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from kvtier import errors, rpc, telemetry
+from kvtier import errors, rpc, security, telemetry
 
 Req = health_pb2.HealthCheckRequest
 Rep = health_pb2.HealthCheckResponse
+
+#: The test servers here are built without an authenticator: plaintext, every right.
+INSECURE = security.ClientSecurity(insecure=True)
 
 
 async def _boom(request: Req, context: rpc.ServicerContext) -> Rep:
@@ -58,7 +61,7 @@ def _method(channel: grpc.aio.Channel, name: str) -> grpc.aio.UnaryUnaryMultiCal
 
 
 async def test_unknown_exception_becomes_internal_without_details(server_address: str) -> None:
-    async with rpc.open_channel(server_address) as channel:
+    async with rpc.open_channel(server_address, security=INSECURE) as channel:
         with pytest.raises(errors.Internal) as caught:
             await rpc.invoke(_method(channel, "Boom"), Req(service="value"), timeout_s=5)
     assert "secret" not in caught.value.message
@@ -72,7 +75,7 @@ async def test_unknown_exception_becomes_internal_without_details(server_address
 async def test_domain_errors_round_trip(
     server_address: str, kind: str, expected: type[errors.KVTierError]
 ) -> None:
-    async with rpc.open_channel(server_address) as channel:
+    async with rpc.open_channel(server_address, security=INSECURE) as channel:
         with pytest.raises(expected) as caught:
             await rpc.invoke(_method(channel, "Boom"), Req(service=kind), timeout_s=5)
     # QuotaExceeded and Overloaded share RESOURCE_EXHAUSTED: the kind key keeps them apart.
@@ -80,7 +83,7 @@ async def test_domain_errors_round_trip(
 
 
 async def test_epoch_checks(server_address: str) -> None:
-    async with rpc.open_channel(server_address) as channel:
+    async with rpc.open_channel(server_address, security=INSECURE) as channel:
         method = _method(channel, "Boom")
         with pytest.raises(errors.StaleEpoch) as caught:
             await rpc.invoke(method, Req(service="ok"), timeout_s=5, epoch=6)
@@ -94,7 +97,7 @@ async def test_epoch_checks(server_address: str) -> None:
 
 
 async def test_request_id_reaches_the_handler(server_address: str) -> None:
-    async with rpc.open_channel(server_address) as channel:
+    async with rpc.open_channel(server_address, security=INSECURE) as channel:
         method = _method(channel, "EchoRid")
         reply = await method(
             Req(service="rid-123"), metadata=((rpc.REQUEST_ID_KEY, "rid-123"),), timeout=5

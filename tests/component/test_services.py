@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ssl
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +28,7 @@ from services.kvcache import __main__ as kvcache_main
 from services.kvcache import config as kvcache_config
 from services.metadata import __main__ as metadata_main
 from services.metadata import config as metadata_config
+from tests import pki as test_pki
 from tests.component import harness
 
 SERVICES: dict[str, tuple[type[config.ServiceConfig], Callable[[Any], Any], int, str]] = {
@@ -280,9 +283,20 @@ async def test_metrics_endpoint_exports_rpc_latency(
     ) as gw:
         async with node_client.NodeClient(gw.address) as client:
             await client.get_node_info()
-        url = f"http://{gw.info.metrics_address}/metrics"
-        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read())
+        url = f"https://{gw.info.metrics_address}/metrics"
+        session = test_pki.session()
+        scraper = ssl.create_default_context(cafile=session.ca_file)
+        scraper.load_cert_chain(session.cert("operator"), session.key("operator"))
+        body = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(url, timeout=5, context=scraper).read()
+        )
         text = body.decode()
+        # Without a client certificate of the cluster (series name tenants): refused.
+        anonymous = ssl.create_default_context(cafile=session.ca_file)
+        with pytest.raises((ssl.SSLError, ConnectionError, urllib.error.URLError)):
+            await asyncio.to_thread(
+                lambda: urllib.request.urlopen(url, timeout=5, context=anonymous).read()
+            )
         assert (
             'kvtier_rpc_server_seconds_count{code="OK",method="GetNodeInfo",service="gateway"}'
             in text
@@ -293,8 +307,9 @@ async def test_metrics_endpoint_exports_rpc_latency(
 async def test_unreachable_etcd_fails_with_one_line_after_retrying(tmp_path: Path) -> None:
     port = etcdserver.free_port()
     cfg = gateway_config.GatewayConfig(
-        etcd_endpoints=(f"127.0.0.1:{port}",), etcd_wait_s=1.0, metrics_port=-1
-    )
+        etcd_endpoints=(f"127.0.0.1:{port}",), etcd_wait_s=1.0, metrics_port=-1,
+        **test_pki.session().service_settings("gateway"),
+    )  # fmt: skip
     spec = gateway_main.build(cfg)
     from kvtier import service
 
@@ -349,12 +364,11 @@ async def test_data_plane_is_negotiated_over_grpc(
             # Same host: shm wins over tcp; a client may narrow the choice.
             assert (await client.negotiate("c1")).transport == "shm"
             assert (await client.negotiate("c1", ["tcp"])).transport == "tcp"
-            with pytest.raises(errors.InvalidArgument):
-                await client.negotiate("")
             for allowed in (["shm"], ["tcp"]):
                 session = await client.open("c1", allowed)
                 assert session.name == allowed[0]
-                assert session.principal.startswith("default/c1/")  # tenant/client/random
+                # Minted from the caller's certificate: an operator acting for no tenant.
+                assert session.principal.startswith("@operator/test-operator/")
                 desc = plane.issuer.grant(
                     region, 0, 4096, transport_base.Rights.WRITE, session.principal
                 )

@@ -319,12 +319,15 @@ async def test_cli_add_list_remove(
         (state / "cluster.json").write_text(json.dumps({"metadata": address}))
         code, out, err = await _cli(
             "admin", "user", "add", "--admin", "--access-key", "chosen-key", "--secret", "-",
-            "--state-dir", str(state), stdin=SECRET + "\n",
+            "--trust-shm", "--state-dir", str(state), stdin=SECRET + "\n",
         )  # fmt: skip
         assert code == 0, err
         assert "access key  chosen-key" in out
         assert f"secret key  {SECRET}" in out
-        assert (await user_store.get("chosen-key")).is_admin
+        assert "(trusted for shared memory)" in out
+        chosen = await user_store.get("chosen-key")
+        assert (chosen.is_admin, chosen.shm_trusted) == (True, True)
+        assert not (await user_store.get(added["access_key"])).shm_trusted
 
         code, out, err = await _cli("admin", "user", "list", "--json", "--metadata", address)
         assert code == 0, err
@@ -333,6 +336,10 @@ async def test_cli_add_list_remove(
             [added["access_key"], "chosen-key"]
         )
         assert not [u for u in listed if "secret_key" in u]
+        assert {u["access_key"]: u["shm_trusted"] for u in listed} == {
+            added["access_key"]: False,
+            "chosen-key": True,
+        }
         assert SECRET not in out
         assert added["secret_key"] not in out
         code, out, err = await _cli(

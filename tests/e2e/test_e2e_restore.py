@@ -1,10 +1,13 @@
 """Issue 7's end-to-end proof in CI: a transformer's prefix KV cache restored from kvtier (and from
 files and Redis) in a fresh process gives the recompute's logits, KV and greedy tokens.
 
-A real dev cluster (`kvtier up --detach`, 2 kvcache nodes) and a real redis-server run on
-127.0.0.1 for the module. The model is `bench.e2e.layout.SMALL` (a Llama config with seeded random
-weights, no download); the processes are `bench.e2e.worker`'s, as in `make e2e`. Redis is skipped
-only when redis-server is not installed; kvtier never is.
+A real dev cluster (`kvtier up --detach`, 2 kvcache nodes, secure by default) and a real
+redis-server run on 127.0.0.1 for the module. The worker processes use kvtier as a user of the
+cluster would: a user trusted for same-host shared memory (`kvtier admin user add --trust-shm`) in
+KVTIER_CA_FILE / KVTIER_ACCESS_KEY / KVTIER_SECRET_KEY, none of the test's own credentials. The
+model is `bench.e2e.layout.SMALL` (a Llama config with seeded random weights, no download); the
+processes are `bench.e2e.worker`'s, as in `make e2e`. Redis is skipped only when redis-server is not
+installed; kvtier never is.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def restored(
         disk_dir=str(work / "files"),
     )
     try:
-        return sweep.run_workers(job, work / "workers")
+        return sweep.run_workers(job, work / "workers", cluster.client_env())
     except sweep.WorkerFailed as exc:
         pytest.fail(f"{exc}\n{cluster.log_tails()}")
 
@@ -120,9 +123,14 @@ def test_chain_keys_find_the_shared_prefix(cluster: servers.DevCluster) -> None:
     keys = layout.chain_keys(spec.model_id, SALT, tokens, CHUNK)
     rng = np.random.default_rng(11)
     blocks = [rng.integers(0, 256, block, dtype=np.uint8) for _ in keys]
-    store = stores.KVTierStore("kvtier", cluster.metadata, f"{spec.model_id}@{SALT}")
+    store = stores.KVTierStore(
+        "kvtier", cluster.metadata, f"{spec.model_id}@{SALT}", security=cluster.security()
+    )
     try:
         store.warm_up()
+        # The user is trusted for shared memory: every node's session is the shm fast path.
+        sessions = [n.session for n in store.client._inner._set.nodes()]
+        assert [s.name if s else None for s in sessions] == ["shm"] * len(sessions)
         store.put(keys, blocks)
         forked = tokens.copy()
         forked[2 * CHUNK + 5] = (forked[2 * CHUNK + 5] + 1) % spec.vocab_size

@@ -13,10 +13,45 @@ from typing import Any
 
 import pytest
 
+from kvtier import security
+from tests import pki as test_pki
+
 pytestmark = pytest.mark.integration
 
 
-def kvtier_cmd(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a `kvtier` command: this process's, without the test session's own
+    credentials (KVTIER_CA_FILE etc. name the test PKI, not the dev cluster's)."""
+    env = {k: v for k, v in os.environ.items() if k not in _SESSION_CREDENTIALS}
+    env.update(extra)
+    return env
+
+
+_SESSION_CREDENTIALS = frozenset({"KVTIER_CA_FILE", "KVTIER_CERT_FILE", "KVTIER_KEY_FILE"})
+
+
+def cluster_security(state_dir: Path) -> security.ClientSecurity:
+    """Mutual TLS as the operator of the dev cluster in state_dir (from its cluster.json)."""
+    return security.ClientSecurity.from_cluster_file(state_dir / "cluster.json", as_operator=True)
+
+
+def user_security(state_dir: Path) -> security.ClientSecurity:
+    """The admin user of the dev cluster in state_dir (its keys and CA from cluster.json), as
+    SDK users connect: session tokens over TLS to the client ports (`metadata_client`,
+    `gateway_grpc`)."""
+    return security.ClientSecurity.from_cluster_file(state_dir / "cluster.json")
+
+
+def service_tls_flags(role: str) -> list[str]:
+    """The TLS flags of a service of role started as a subprocess against the test session's
+    etcd (tests/pki.py): its certificate from the session's PKI."""
+    settings = test_pki.session().service_settings(role)
+    return [f"--{name.replace('_', '-')}={value}" for name, value in settings.items()]
+
+
+def kvtier_cmd(
+    *args: str, timeout_s: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run `kvtier ARGS` (through this interpreter) and capture its output."""
     return subprocess.run(
         [sys.executable, "-m", "kvtier.cli.main", *args],
@@ -24,6 +59,7 @@ def kvtier_cmd(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess
         text=True,
         timeout=timeout_s,
         check=False,
+        env=env or cli_env(),
     )
 
 

@@ -1,5 +1,10 @@
 """NIXL's OBJ backend against a kvtier bucket, run as its own process by test_s3_nixl.py (NIXL's
-C++ agent keeps threads of its own). Prints one JSON line with what it saw."""
+C++ agent keeps threads of its own).
+
+    python nixl_obj_client.py PARAMS_JSON
+
+PARAMS_JSON: the OBJ backend's parameters (bucket, endpoint, https with the cluster's CA as
+`ca_bundle`, keys). Prints one JSON line with what it saw."""
 
 from __future__ import annotations
 
@@ -22,16 +27,9 @@ def _wait(agent: Any, handle: Any) -> str:
 
 
 def main() -> None:
-    endpoint, access_key, secret_key, bucket = sys.argv[1:5]
+    params = json.loads(sys.argv[1])  # the OBJ backend's parameters (s3_cluster.nixl_params)
     agent = nixl_agent("kvtier-test", nixl_agent_config(backends=[]))
-    agent.create_backend(
-        "OBJ",
-        {
-            "bucket": bucket, "endpoint_override": endpoint, "scheme": "http",
-            "access_key": access_key, "secret_key": secret_key, "region": "us-east-1",
-            "use_virtual_addressing": "false",
-        },
-    )  # fmt: skip
+    agent.create_backend("OBJ", params)
     size = 3 * 1024 * 1024 + 17
     block = np.random.default_rng(7).integers(0, 256, size, dtype=np.uint8)
     agent.register_memory([(block.ctypes.data, size, 0, "")], "DRAM", backends=["OBJ"])

@@ -1,13 +1,16 @@
-"""A detached dev cluster (`kvtier up`) shared by the S3 acceptance tests of one module, and
-helpers to build real S3 clients against it."""
+"""A detached dev cluster (`kvtier up`, secure: HTTPS with the cluster CA's certificate) shared
+by the S3 acceptance tests of one module, and helpers to build real S3 clients against it, each
+configured to trust the cluster's CA the way that client expects."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,15 +39,42 @@ def s3_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
 
 
 def client(info: dict[str, Any], access_key: str = "", secret_key: str = "", **config: Any) -> Any:
-    """A boto3 S3 client (path style, us-east-1) for the admin or the given user."""
+    """A boto3 S3 client (path style, us-east-1) for the admin or the given user, trusting the
+    cluster's CA (`verify=`: the S3 API serves HTTPS with the gateway's cluster certificate)."""
     return boto3.client(
         "s3",
         endpoint_url=info["gateway_s3"],
-        aws_access_key_id=access_key or info["access_key"],
-        aws_secret_access_key=secret_key or info["secret_key"],
+        aws_access_key_id=access_key or info["s3_access_key"],
+        aws_secret_access_key=secret_key or info["s3_secret_key"],
         region_name="us-east-1",
+        verify=info["ca_file"],
         config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}, **config),
     )
+
+
+def tls_context(info: dict[str, Any]) -> ssl.SSLContext:
+    """A client TLS context that trusts the cluster's CA (for urllib and http.client)."""
+    return ssl.create_default_context(cafile=info["ca_file"])
+
+
+def nixl_params(info: dict[str, Any], bucket: str) -> dict[str, str]:
+    """The OBJ backend parameters NIXL needs for the cluster's S3 API (what Dynamo KVBM's G4
+    tier passes, `NixlS3Config::to_nixl_params`, and docs/integrations.md tells users to set):
+    `scheme=https` and `ca_bundle`, the CA file its AWS SDK trusts (NIXL reads no
+    environment variable for it)."""
+    url = urllib.parse.urlparse(info["gateway_s3"])
+    params = {
+        "bucket": bucket,
+        "endpoint_override": info["gateway_s3"],
+        "scheme": url.scheme,
+        "region": "us-east-1",
+        "use_virtual_addressing": "false",
+        "access_key": info["s3_access_key"],
+        "secret_key": info["s3_secret_key"],
+    }
+    if url.scheme == "https":
+        params["ca_bundle"] = info["ca_file"]
+    return params
 
 
 def add_user(info: dict[str, Any], tenant: str, *, admin: bool = False) -> tuple[str, str]:
@@ -59,13 +89,15 @@ def add_user(info: dict[str, Any], tenant: str, *, admin: bool = False) -> tuple
 def aws_cli(
     info: dict[str, Any], *args: str, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    """Run the real awscli against the cluster as the admin."""
+    """Run the real awscli against the cluster as the admin (trusting the cluster's CA through
+    AWS_CA_BUNDLE, as `--ca-bundle` would)."""
     aws = shutil.which("aws", path=os.path.dirname(sys.executable)) or "aws"
     env = {
         **os.environ,
-        "AWS_ACCESS_KEY_ID": info["access_key"],
-        "AWS_SECRET_ACCESS_KEY": info["secret_key"],
+        "AWS_ACCESS_KEY_ID": info["s3_access_key"],
+        "AWS_SECRET_ACCESS_KEY": info["s3_secret_key"],
         "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CA_BUNDLE": info["ca_file"],
         "AWS_CONFIG_FILE": "/dev/null",
         "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
     }

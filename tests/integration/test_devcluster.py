@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import signal
+import ssl
 import stat
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 import kvtier
-from kvtier import membership
+from kvtier import membership, rpc, security
 from kvtier.proto.common.v1 import common_pb2
-from tests.integration.conftest import kvtier_cmd, pid_alive, wait_file_json
+from tests.integration.conftest import (
+    cluster_security,
+    kvtier_cmd,
+    pid_alive,
+    user_security,
+    wait_file_json,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -35,9 +47,12 @@ def _status(state_dir: Path) -> dict[str, Any]:
     return value
 
 
-def _etcd_map(endpoint: str) -> common_pb2.ClusterMap:
+def _etcd_map(info: dict[str, Any]) -> common_pb2.ClusterMap:
+    """The cluster map in the dev cluster's etcd (mutual TLS as its operator)."""
+    sec = cluster_security(Path(info["state_dir"]))
+
     async def read() -> common_pb2.ClusterMap:
-        store = membership.EtcdMembership((endpoint,), "/kvtier")
+        store = membership.EtcdMembership((info["etcd"],), "/kvtier", security=sec)
         await store.connect(wait_s=5)
         try:
             return (await store.get_map()).map
@@ -48,15 +63,114 @@ def _etcd_map(endpoint: str) -> common_pb2.ClusterMap:
 
 
 def _wait_map(
-    endpoint: str, predicate: Any, timeout_s: float
+    info: dict[str, Any], predicate: Any, timeout_s: float
 ) -> tuple[common_pb2.ClusterMap, float]:
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
-        cmap = _etcd_map(endpoint)
+        cmap = _etcd_map(info)
         if predicate(cmap):
             return cmap, time.monotonic() - start
         time.sleep(0.1)
-    raise AssertionError(f"map condition not met within {timeout_s}s: {_etcd_map(endpoint)}")
+    raise AssertionError(f"map condition not met within {timeout_s}s: {_etcd_map(info)}")
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _secrets(state_dir: Path, info: dict[str, Any]) -> list[str]:
+    """What must never appear in a log or in `kvtier up`'s output: the admin's secret, the
+    master key, and every base64 line of every private key of the PKI."""
+    found = [info["s3_secret_key"], (state_dir / "master.key").read_text().strip()]
+    for key in (state_dir / "pki").glob("*.key"):
+        found += [line for line in key.read_text().splitlines() if not line.startswith("-----")]
+    return found
+
+
+def _check_no_secret_leaks(state_dir: Path, info: dict[str, Any], up_output: str) -> None:
+    """No log file and no `kvtier up` output holds a secret or a private key."""
+    secrets = _secrets(state_dir, info)
+    texts = {"kvtier up": up_output}
+    texts.update((p.name, p.read_text(errors="replace")) for p in (state_dir / "logs").iterdir())
+    for name, text in texts.items():
+        assert "PRIVATE KEY" not in text, name
+        leaked = [i for i, secret in enumerate(secrets) if secret in text]
+        assert not leaked, f"{name} holds secret #{leaked} (0: the admin's, 1: the master key)"
+
+
+def _check_secure_by_default(state_dir: Path, info: dict[str, Any], up_output: str) -> None:
+    """What a dev cluster promises without being asked (issue 13): private files and folders,
+    no secret in a log or on the terminal, TLS on every port, no call without credentials."""
+    for private in ("cluster.json", "credentials.json", "master.key"):
+        assert _mode(state_dir / private) == 0o600, private
+    for folder in (state_dir, state_dir / "pki", state_dir / "logs"):
+        assert _mode(folder) == 0o700, folder
+    keys = sorted((state_dir / "pki").glob("*.key"))
+    assert {k.stem for k in keys} >= {"ca", "etcd", "operator", "metadata-1", "gateway-1"}
+    assert [k.name for k in keys if _mode(k) != 0o600] == []
+    logs = sorted((state_dir / "logs").iterdir())
+    assert {p.name for p in logs} >= {"supervisor.log", "etcd.log", "gateway-1.log"}
+    assert [p.name for p in logs if _mode(p) != 0o600] == []
+    _check_no_secret_leaks(state_dir, info, up_output)
+    assert info["ca_file"] == str(state_dir / "pki" / "ca.crt")
+    # Nothing listens on a wildcard address: every endpoint is 127.0.0.1.
+    endpoints = [info[k] for k in ("etcd", "metadata", "metadata_client", "gateway_grpc")]
+    endpoints += [n["grpc_address"] for n in info["nodes"]]
+    endpoints.append(urllib.parse.urlparse(info["gateway_s3"]).netloc)
+    assert {e.rsplit(":", 1)[0] for e in endpoints} == {"127.0.0.1"}, endpoints
+    # kvtier status authenticates with the operator certificate of cluster.json.
+    status = _status(state_dir)
+    assert {n["health"] for n in status["nodes"]} == {"SERVING"}, status
+    # S3 is HTTPS only: plain HTTP gets no HTTP answer.
+    s3 = urllib.parse.urlparse(info["gateway_s3"])
+    assert s3.scheme == "https"
+    plain = http.client.HTTPConnection(str(s3.hostname), s3.port, timeout=10)
+    plain.request("GET", "/")
+    with pytest.raises((ConnectionError, http.client.HTTPException)):
+        plain.getresponse()
+    plain.close()
+    # etcd: TLS with client certificates only.
+    with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+        urllib.request.urlopen(f"http://{info['etcd']}/health", timeout=10)
+    no_cert = ssl.create_default_context(cafile=info["ca_file"])
+    with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+        urllib.request.urlopen(f"https://{info['etcd']}/health", timeout=10, context=no_cert)
+    ca_pem = Path(info["ca_file"]).read_bytes()
+    asyncio.run(_check_grpc_ports(info, ca_pem, cluster_security(state_dir)))
+
+
+async def _call_node_info(address: str, creds: grpc.ChannelCredentials, token: str = "") -> Any:
+    """NodeService.GetNodeInfo (every node serves it; authenticated callers only)."""
+    async with grpc.aio.secure_channel(address, creds) as channel:
+        call = channel.unary_unary(
+            "/kvtier.common.v1.NodeService/GetNodeInfo",
+            request_serializer=common_pb2.GetNodeInfoRequest.SerializeToString,
+            response_deserializer=common_pb2.GetNodeInfoResponse.FromString,
+        )
+        metadata = (("authorization", f"Bearer {token}"),) if token else None
+        return await call(common_pb2.GetNodeInfoRequest(), metadata=metadata, timeout=10)
+
+
+async def _check_grpc_ports(
+    info: dict[str, Any], ca_pem: bytes, operator: security.ClientSecurity
+) -> None:
+    """Client ports: TLS, and UNAUTHENTICATED without a session token (or with a forged one).
+    Service ports: the TLS handshake fails without a client certificate; the operator's works."""
+    ca_only = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    for address in (info["metadata_client"], info["gateway_grpc"]):
+        for token in ("", "forged.token"):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await _call_node_info(address, ca_only, token)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, (address, token)
+        assert await rpc.check_health(address, security=security.ClientSecurity(
+            ca_file=info["ca_file"])) == "SERVING"  # fmt: skip
+    for address in (info["metadata"], info["gateway_grpc_service"]):
+        with pytest.raises(grpc.aio.AioRpcError) as no_handshake:
+            await _call_node_info(address, ca_only)
+        assert no_handshake.value.code() == grpc.StatusCode.UNAVAILABLE, address
+        assert await rpc.check_health(address, security=operator) == "SERVING"
+        reply = await _call_node_info(address, operator.channel_credentials())
+        assert reply.node.tls
 
 
 def _start_cluster(state_dir: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
@@ -112,15 +226,18 @@ def test_dev_cluster_lifecycle(state_dir: Path) -> None:
                 assert node["dataplane"] == "shm"
             else:
                 assert node["dataplane"] is None
-        cmap = _etcd_map(info["etcd"])
+        cmap = _etcd_map(info)
         assert sorted(n.node_id for n in cmap.nodes) == sorted(
             n["node_id"] for n in status["nodes"]
         )
         assert len(cmap.pools) == 1
         assert len(cmap.pools[0].sets[0].slots) == 12
-        # The KV tier works through the metadata address in cluster.json, and status shows
-        # each kvcache node's fill and hit rate.
-        with kvtier.KVClient.connect(metadata=info["metadata"], namespace="devcluster") as kv:
+        # The KV tier works through the metadata client address in cluster.json with the
+        # admin's keys (a user), and status shows each kvcache node's fill and hit rate.
+        with kvtier.KVClient.connect(
+            metadata=info["metadata_client"], namespace="devcluster",
+            security=user_security(state_dir),
+        ) as kv:  # fmt: skip
             keys = [f"dev-{i}".encode() for i in range(32)]
             blocks = [bytes([i]) * 65536 for i in range(32)]
             assert kv.put_batch(keys, blocks) == [kvtier.PutStatus.STORED] * 32
@@ -143,7 +260,7 @@ def test_dev_cluster_lifecycle(state_dir: Path) -> None:
         drives_before = next(n.drives for n in cmap.nodes if n.node_id == "datanode-3")
         os.kill(victim["pid"], signal.SIGKILL)
         gone, elapsed = _wait_map(
-            info["etcd"], lambda m: all(n.node_id != "datanode-3" for n in m.nodes), 30
+            info, lambda m: all(n.node_id != "datanode-3" for n in m.nodes), 30
         )
         assert elapsed <= LEASE_TTL_S + 1.5, f"left after {elapsed:.1f}s, lease is {LEASE_TTL_S}s"
         offline = [
@@ -157,7 +274,7 @@ def test_dev_cluster_lifecycle(state_dir: Path) -> None:
         result = kvtier_cmd("revive", "--state-dir", str(state_dir))
         assert result.returncode == 0, result.stderr
         back, _ = _wait_map(
-            info["etcd"],
+            info,
             lambda m: (
                 any(n.node_id == "datanode-3" for n in m.nodes)
                 and all(s.state == common_pb2.DRIVE_STATE_ONLINE for s in m.pools[0].sets[0].slots)
@@ -177,6 +294,8 @@ def test_dev_cluster_lifecycle(state_dir: Path) -> None:
     live_pids = [n["pid"] for n in info["nodes"] if n["name"] != "datanode-3"] + [info["etcd_pid"]]
     code, elapsed, out = _stop_cluster(proc)
     assert code == 0, out
+    assert info["s3_secret_key"] not in out  # the foreground `kvtier up` printed no secret
+    assert "PRIVATE KEY" not in out
     assert "every process exited 0" in out
     assert elapsed < GRACE_S + 5, f"stop took {elapsed:.1f}s"
     assert not [pid for pid in live_pids if pid_alive(pid)]
@@ -198,12 +317,10 @@ def test_detached_cluster_keeps_its_data_across_down_and_up(state_dir: Path) -> 
     assert "gateway gRPC" in result.stdout
     assert "secret key" in result.stdout
     first = json.loads((state_dir / "cluster.json").read_text())
-    first_map = _etcd_map(first["etcd"])
-    # The admin's keys are printed once at start and kept in private files.
+    first_map = _etcd_map(first)
+    # The admin's access key is printed, its secret only kept in private files.
     assert first["s3_access_key"] in result.stdout
-    assert first["s3_secret_key"] in result.stdout
-    for private in ("cluster.json", "credentials.json", "master.key"):
-        assert stat.S_IMODE((state_dir / private).stat().st_mode) == 0o600, private
+    _check_secure_by_default(state_dir, first, result.stdout + result.stderr)
     listed = kvtier_cmd("admin", "user", "list", "--json", "--state-dir", str(state_dir))
     assert listed.returncode == 0, listed.stderr
     admins = [u for u in json.loads(listed.stdout) if u["access_key"] == first["s3_access_key"]]
@@ -222,7 +339,7 @@ def test_detached_cluster_keeps_its_data_across_down_and_up(state_dir: Path) -> 
     assert result.returncode == 0, result.stdout + result.stderr
     second = json.loads((state_dir / "cluster.json").read_text())
     try:
-        second_map = _etcd_map(second["etcd"])
+        second_map = _etcd_map(second)
         assert second["access_key"] == first["access_key"]
         # The same admin user across restarts, not a second one.
         assert (second["s3_access_key"], second["s3_secret_key"]) == (

@@ -33,7 +33,13 @@ import pytest
 from kvtier import errors, membership, objects
 from kvtier.proto.common.v1 import common_pb2
 from services.datanode import shards
-from tests.integration.conftest import dump_logs, kvtier_cmd, pid_alive
+from tests.integration.conftest import (
+    cluster_security,
+    dump_logs,
+    kvtier_cmd,
+    pid_alive,
+    user_security,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -61,14 +67,18 @@ def _sha(data: bytes) -> str:
 
 @pytest.fixture
 def cluster(state_dir: Path) -> Iterator[dict[str, Any]]:
-    """A detached dev cluster (one kvcache node); cluster.json's content. Stopped afterwards."""
+    """A detached dev cluster (one kvcache node); cluster.json's content, with "user" and
+    "operator": how to connect as the admin user and as the operator. Stopped afterwards."""
     up = kvtier_cmd(
         "up", "--state-dir", str(state_dir), "--detach", "--kvcache-nodes", "1",
         "--lease-ttl-s", str(LEASE_TTL_S), "--shutdown-grace-s", "2", timeout_s=150,
     )  # fmt: skip
     assert up.returncode == 0, up.stdout + up.stderr + dump_logs(state_dir)
     try:
-        yield json.loads((state_dir / "cluster.json").read_text())
+        info = json.loads((state_dir / "cluster.json").read_text())
+        # Users reach the gateway's client port with the admin's keys, the operator etcd.
+        info["user"], info["operator"] = user_security(state_dir), cluster_security(state_dir)
+        yield info
     finally:
         kvtier_cmd("down", "--state-dir", str(state_dir), timeout_s=90)
 
@@ -78,7 +88,9 @@ def cluster(state_dir: Path) -> Iterator[dict[str, Any]]:
 
 def _slots(info: dict[str, Any]) -> list[common_pb2.DriveSlot]:
     async def read() -> list[common_pb2.DriveSlot]:
-        store = membership.EtcdMembership((info["etcd"],), info["etcd_prefix"])
+        store = membership.EtcdMembership(
+            (info["etcd"],), info["etcd_prefix"], security=info["operator"]
+        )
         await store.connect(wait_s=5)
         try:
             cmap = (await store.get_map()).map
@@ -165,7 +177,7 @@ def test_reads_survive_m_stopped_datanodes_fail_cleanly_beyond_and_recover(
         for i, size in enumerate(SIZES)
     }
     victims = rng.sample(DATANODES, 3)
-    with objects.ObjectClient.connect(cluster["gateway_grpc"]) as client:
+    with objects.ObjectClient.connect(cluster["gateway_grpc"], security=cluster["user"]) as client:
         client.create_bucket("quorum")
         for key, data in objs.items():
             info = client.put_object("quorum", key, data)
@@ -202,9 +214,12 @@ class _Writer(threading.Thread):
     """PUTs every version of one key from its own event loop, PUT_CONCURRENCY at a time;
     records (version, error or None) as each finishes and sets `halfway` after KILL_AFTER."""
 
-    def __init__(self, gateway: str, bucket: str, key: str, versions: list[bytes]) -> None:
+    def __init__(
+        self, cluster: dict[str, Any], bucket: str, key: str, versions: list[bytes]
+    ) -> None:
         super().__init__(daemon=True)
-        self.gateway, self.bucket, self.key, self.versions = gateway, bucket, key, versions
+        self.gateway, self.security = cluster["gateway_grpc"], cluster["user"]
+        self.bucket, self.key, self.versions = bucket, key, versions
         self.done: list[tuple[int, BaseException | None]] = []
         self.halfway = threading.Event()
         self.crash: BaseException | None = None
@@ -219,7 +234,9 @@ class _Writer(threading.Thread):
 
     async def _main(self) -> None:
         gate = asyncio.Semaphore(PUT_CONCURRENCY)
-        async with await objects.AsyncObjectClient.connect(self.gateway) as client:
+        async with await objects.AsyncObjectClient.connect(
+            self.gateway, security=self.security
+        ) as client:
 
             async def put(i: int) -> None:
                 async with gate:
@@ -249,9 +266,9 @@ def test_sigkill_amid_puts_of_one_key_leaves_only_whole_versions(
     written = {_sha(v): i for i, v in enumerate(versions)}
     assert len(written) == PUTS
     victim = rng.choice(DATANODES)
-    with objects.ObjectClient.connect(cluster["gateway_grpc"]) as setup:
+    with objects.ObjectClient.connect(cluster["gateway_grpc"], security=cluster["user"]) as setup:
         setup.create_bucket("race")
-    writer = _Writer(cluster["gateway_grpc"], "race", "same", versions)
+    writer = _Writer(cluster, "race", "same", versions)
     writer.start()
     assert writer.halfway.wait(150), "the PUTs did not get halfway"
     assert writer.crash is None, writer.crash
@@ -277,7 +294,7 @@ def test_sigkill_amid_puts_of_one_key_leaves_only_whole_versions(
         assert client.get_object("race", "same", offset=start, length=4096) == got[start:][:4096]
         return got
 
-    with objects.ObjectClient.connect(cluster["gateway_grpc"]) as client:
+    with objects.ObjectClient.connect(cluster["gateway_grpc"], security=cluster["user"]) as client:
         current = whole_version()
         for _ in range(3):
             assert whole_version() == current
@@ -360,8 +377,10 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-async def _put_all(gateway: str, bucket: str, contents: dict[str, bytes]) -> None:
-    async with await objects.AsyncObjectClient.connect(gateway) as client:
+async def _put_all(cluster: dict[str, Any], bucket: str, contents: dict[str, bytes]) -> None:
+    async with await objects.AsyncObjectClient.connect(
+        cluster["gateway_grpc"], security=cluster["user"]
+    ) as client:
         await client.create_bucket(bucket)
         queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         for item in contents.items():
@@ -388,11 +407,11 @@ def test_listing_matches_a_sorted_model_page_by_page(cluster: dict[str, Any], co
     keys = _key_set(rng, count)
     contents = {k: k.encode()[: rng.randrange(0, 12)] for k in keys}
     started = time.monotonic()
-    asyncio.run(_put_all(cluster["gateway_grpc"], "listing", contents))
+    asyncio.run(_put_all(cluster, "listing", contents))
     log.info("%d PUTs in %.1f s", count, time.monotonic() - started)
     started = time.monotonic()
 
-    with objects.ObjectClient.connect(cluster["gateway_grpc"]) as client:
+    with objects.ObjectClient.connect(cluster["gateway_grpc"], security=cluster["user"]) as client:
         for key in rng.sample(keys, 20):
             assert client.get_object("listing", key) == contents[key]
 
@@ -438,7 +457,7 @@ def test_a_wiped_drive_is_rebuilt_by_admin_heal(cluster: dict[str, Any], state_d
     objs = {f"w/{i:02d}": _data(seed + i, size) for i, size in enumerate(sizes)}
     victim = rng.choice(DATANODES)
     drive = state_dir / "nodes" / victim / "drive0"
-    with objects.ObjectClient.connect(cluster["gateway_grpc"]) as client:
+    with objects.ObjectClient.connect(cluster["gateway_grpc"], security=cluster["user"]) as client:
         client.create_bucket("wipe")
         for key, data in objs.items():
             client.put_object("wipe", key, data)
@@ -494,10 +513,10 @@ def test_flipped_bytes_are_read_exactly_and_the_shard_rewritten(
     seed = _seed("flip")
     rng = random.Random(seed)
     data = _data(seed, 5 * MIB + 3)
-    with objects.ObjectClient.connect(cluster["gateway_grpc"]) as client:
+    with objects.ObjectClient.connect(cluster["gateway_grpc"], security=cluster["user"]) as client:
         client.create_bucket("flip")
         client.put_object("flip", "obj", data)
-        files = sorted(state_dir.glob("nodes/*/drive*/objects/flip/*/*/*/part.1"))
+        files = sorted(state_dir.glob("nodes/*/drive*/objects/flip@*/*/*/*/part.1"))
         assert len(files) == 12
         # A data shard (parity is not read by a healthy GET).
         data_files = [

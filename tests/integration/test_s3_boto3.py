@@ -267,17 +267,19 @@ def test_presigned_urls_v4_and_v2(s3: Any, s3_cluster_fixture: dict[str, Any]) -
     data = _data(4, 2 * MIB + 3)
     s3.put_object(Bucket="presign", Key="a b/ü.bin", Body=data)
     v4 = s3_cluster.client(s3_cluster_fixture, signature_version="s3v4")
+    tls = s3_cluster.tls_context(s3_cluster_fixture)  # the URLs are https://, the CA ours
     for signer in (s3, v4):
         url = signer.generate_presigned_url(
             "get_object", Params={"Bucket": "presign", "Key": "a b/ü.bin"}, ExpiresIn=60
         )
-        with urllib.request.urlopen(url) as response:
+        assert url.startswith("https://")
+        with urllib.request.urlopen(url, context=tls) as response:
             assert response.read() == data
     expired = v4.generate_presigned_url(
         "get_object", Params={"Bucket": "presign", "Key": "a b/ü.bin"}, ExpiresIn=1
     )
     time.sleep(2.2)
     with pytest.raises(urllib.error.HTTPError) as old:
-        urllib.request.urlopen(expired)
+        urllib.request.urlopen(expired, context=tls)
     assert old.value.code == 403
     assert b"<Code>AccessDenied</Code>" in old.value.read()

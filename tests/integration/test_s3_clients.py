@@ -7,22 +7,29 @@ import datetime
 import hashlib
 import http.client
 import io
+import socket
+import ssl
+import sys
+import time
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import boto3
 import botocore.auth
 import numpy as np
 import pytest
+import urllib3
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, SSLError
 from minio import Minio
 from minio.error import S3Error as MinioError
 
+from kvtier import pki
 from tests.integration import s3_cluster
 from tests.integration.s3_cluster import s3_cluster as s3_cluster_fixture  # noqa: F401
 
@@ -77,10 +84,13 @@ def test_awscli_high_level_and_s3api(s3_cluster_fixture: Info, tmp_path: Path) -
 
 def test_minio_client(s3_cluster_fixture: Info) -> None:  # noqa: F811
     info = s3_cluster_fixture
-    endpoint = urllib.parse.urlparse(info["gateway_s3"]).netloc
+    url = urllib.parse.urlparse(info["gateway_s3"])
+    assert url.scheme == "https"
+    # minio-py trusts a CA through the urllib3 pool it is given (or SSL_CERT_FILE).
+    pool = urllib3.PoolManager(cert_reqs="CERT_REQUIRED", ca_certs=info["ca_file"])
     mc = Minio(
-        endpoint, access_key=info["access_key"], secret_key=info["secret_key"], secure=False,
-        region="us-east-1",
+        url.netloc, access_key=info["s3_access_key"], secret_key=info["s3_secret_key"],
+        secure=True, region="us-east-1", http_client=pool,
     )  # fmt: skip
     mc.make_bucket("minio-bucket")
     assert mc.bucket_exists("minio-bucket")
@@ -156,12 +166,19 @@ def test_tenants_are_isolated(s3_cluster_fixture: Info) -> None:  # noqa: F811
     ]
 
 
+def _connection(info: Info) -> http.client.HTTPSConnection:
+    """An HTTPS connection to the S3 API that trusts the cluster's CA."""
+    url = urllib.parse.urlparse(info["gateway_s3"])
+    return http.client.HTTPSConnection(
+        str(url.hostname), url.port, timeout=30, context=s3_cluster.tls_context(info)
+    )
+
+
 def _raw(
     info: Info, method: str, path: str, body: bytes, headers: dict[str, str]
 ) -> tuple[int, bytes]:
     """One HTTP request with exactly these headers and body (no client-side fixing up)."""
-    url = urllib.parse.urlparse(info["gateway_s3"])
-    conn = http.client.HTTPConnection(str(url.hostname), url.port, timeout=30)
+    conn = _connection(info)
     try:
         conn.putrequest(method, path, skip_accept_encoding=True)
         for name, value in headers.items():
@@ -189,7 +206,7 @@ def _signed(
     request = AWSRequest(method=method, url=url, data=body)
     request.headers["x-amz-content-sha256"] = hashlib.sha256(body).hexdigest()
     signer = S3SigV4Auth(
-        Credentials(info["access_key"], secret or info["secret_key"]), "s3", "us-east-1"
+        Credentials(info["s3_access_key"], secret or info["s3_secret_key"]), "s3", "us-east-1"
     )
     if when is None:
         signer.add_auth(request)
@@ -230,26 +247,23 @@ def test_bad_requests_are_refused_and_store_nothing(s3_cluster_fixture: Info) ->
     status, reply = _raw(info, "PUT", "/guarded/g", body, shorter)
     assert (status, b"<Code>XAmzContentSHA256Mismatch</Code>" in reply) == (400, True), reply
     unknown = _signed(info, "GET", "/guarded", b"")
-    unknown["Authorization"] = unknown["Authorization"].replace(info["access_key"], "NOSUCHKEY0000")
+    unknown["Authorization"] = unknown["Authorization"].replace(
+        info["s3_access_key"], "NOSUCHKEY0000"
+    )
     status, reply = _raw(info, "GET", "/guarded", b"", unknown)
     assert (status, b"<Code>InvalidAccessKeyId</Code>" in reply) == (403, True), reply
     # A truncated body: Content-Length promises more than is sent (the connection then closes).
     short = _signed(info, "PUT", "/guarded/e", body)
-    url = urllib.parse.urlparse(info["gateway_s3"])
-    conn = http.client.HTTPConnection(str(url.hostname), url.port, timeout=30)
+    conn = _connection(info)
     conn.putrequest("PUT", "/guarded/e", skip_accept_encoding=True)
     for name, value in short.items():
         conn.putheader(name, value)
     conn.endheaders()
     conn.send(body[: len(body) // 2])
-    conn.sock.shutdown(1)  # half-close: the server sees the body end early
-    try:
-        response = conn.getresponse()
-        assert response.status == 400
-    except (ConnectionError, http.client.HTTPException):
-        pass  # the server may drop the connection instead of answering
-    finally:
-        conn.close()
+    # Half-close TCP under TLS (SSLSocket.shutdown drops TLS without a close_notify): the
+    # server sees the body end early. Its answer, if any, can no longer be read as TLS.
+    conn.sock.shutdown(1)
+    conn.close()
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="guarded").get("Contents", []))
     assert keys == ["ok"]  # nothing else was stored, not even partly
 
@@ -318,3 +332,60 @@ def test_kv_bucket_serves_s3_from_dram(s3_cluster_fixture: Info) -> None:  # noq
     assert _code(full) == ("BucketNotEmpty", 409)
     s3.delete_objects(Bucket="kv-blocks", Delete={"Objects": [{"Key": k} for k in blocks]})
     s3.delete_bucket(Bucket="kv-blocks")
+
+
+def _served_cert(info: Info) -> bytes:
+    """The certificate (DER) a new TLS handshake with the S3 port gets."""
+    url = urllib.parse.urlparse(info["gateway_s3"])
+    context = s3_cluster.tls_context(info)
+    with (
+        socket.create_connection((str(url.hostname), url.port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=url.hostname) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def test_s3_is_https_only_and_reloads_a_replaced_certificate(s3_cluster_fixture: Info) -> None:  # noqa: F811
+    info = s3_cluster_fixture
+    url = urllib.parse.urlparse(info["gateway_s3"])
+    assert url.scheme == "https"
+    assert url.hostname == "127.0.0.1"  # nothing listens on a wildcard address unless asked
+    # Plain HTTP to the S3 port gets no HTTP answer.
+    plain = http.client.HTTPConnection(str(url.hostname), url.port, timeout=10)
+    plain.request("GET", "/")
+    with pytest.raises((ConnectionError, http.client.HTTPException)):
+        plain.getresponse()
+    plain.close()
+    # A client that does not trust the cluster's CA refuses the server.
+    untrusting = boto3.client(
+        "s3", endpoint_url=info["gateway_s3"], region_name="us-east-1",
+        aws_access_key_id=info["s3_access_key"], aws_secret_access_key=info["s3_secret_key"],
+    )  # fmt: skip
+    with pytest.raises(SSLError):
+        untrusting.list_buckets()
+
+    # Rotation: a new gateway certificate in the same files is served on new connections
+    # within the gateway's check interval (s3/tls.py: 1 s), without a restart.
+    certs = Path(info["ca_file"]).parent
+    assert _served_cert(info) == ssl.PEM_cert_to_DER_cert((certs / "gateway-1.crt").read_text())
+    authority = pki.load_authority(certs)
+    took = []
+    for _ in range(3):
+        before = _served_cert(info)
+        fresh = authority.issue("gateway", "gateway-1", hosts=pki.local_hosts())
+        pki.write_pair(certs, "gateway-1", fresh)
+        replaced = time.monotonic()
+        while (served := _served_cert(info)) == before:
+            assert time.monotonic() - replaced < 10, "the S3 port still serves the old certificate"
+            time.sleep(0.02)
+        took.append(time.monotonic() - replaced)
+        assert served == ssl.PEM_cert_to_DER_cert(fresh[0].decode())
+    sys.stderr.write(
+        f"S3 served a replaced certificate after {', '.join(f'{t:.2f}' for t in took)} s\n"
+    )
+    s3 = s3_cluster.client(info)
+    s3.create_bucket(Bucket="after-rotation")
+    s3.put_object(Bucket="after-rotation", Key="k", Body=b"rotated")
+    assert s3.get_object(Bucket="after-rotation", Key="k")["Body"].read() == b"rotated"

@@ -1,6 +1,7 @@
 """NIXL's OBJ backend (what vLLM's object tier, Dynamo KVBM's G4 tier and LMCache's nixl store
-use), unmodified and CPU-only, against an ordinary bucket and a KV bucket of a dev cluster:
-WRITE a buffer, READ a range of it back byte-exact, query_memory for present and absent keys."""
+use), unmodified and CPU-only, against an ordinary bucket and a KV bucket of a secure dev cluster
+(HTTPS: `scheme=https` and the cluster's CA as `ca_bundle`): WRITE a buffer, READ a range of it
+back byte-exact, query_memory for present and absent keys."""
 
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ def test_nixl_obj_write_ranged_read_and_query(
 
     s3.meta.events.register("before-sign.s3.CreateBucket", kind_header)
     s3.create_bucket(Bucket=bucket)
+    params = s3_cluster.nixl_params(info, bucket)
+    assert (params["scheme"], params["ca_bundle"]) == ("https", info["ca_file"])
     run = subprocess.run(
-        [sys.executable, str(CLIENT), info["gateway_s3"], info["access_key"],
-         info["secret_key"], bucket],
+        [sys.executable, str(CLIENT), json.dumps(params)],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr

@@ -3,9 +3,13 @@ Python of LMCache's virtualenv (LMCache 0.5.6 pins protobuf < 7 and numpy <= 2.2
 share the project's). kvtier's SDK is put on the path after LMCache's packages: LMCache's numpy,
 torch and prometheus_client win, kvtier's protobuf and grpc fill in what LMCache lacks.
 
-    python lmcache_driver.py LIBS_DIR EXTRA_SITE NODES
+    python lmcache_driver.py LIBS_DIR EXTRA_SITE NODES [USERS_JSON]
 
-NODES: comma-separated kvcache node addresses (real nodes, over TCP). Prints one JSON line.
+NODES: comma-separated kvcache node addresses (real nodes, over TCP), reached as the operator
+(its certificate from KVTIER_CERT_FILE / KVTIER_KEY_FILE, inherited from the test). USERS_JSON:
+the credential settings of tenant users (`alice`, `bob`, and `wrong`: alice's access key with a
+wrong secret), as an operator writes them into LMCache's extra_config; the driver then also runs
+as those users. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -58,11 +62,12 @@ def backend(nodes: str, loop: asyncio.AbstractEventLoop, *, worker: int = 0, wor
     extra = {
         prefix + "module_path": "kvtier.integrations.lmcache",
         prefix + "class_name": class_name,
-        prefix + "nodes": nodes,
         prefix + "timeout_s": 1.0,
         prefix + "transports": "tcp",
         **{prefix + k: v for k, v in settings.items()},
     }
+    if nodes:  # else the settings name the metadata service
+        extra[prefix + "nodes"] = nodes
     cfg = load_engine_config_with_overrides(
         overrides={
             "chunk_size": CHUNK, "local_cpu": False, "max_local_cpu_size": 0.25,
@@ -186,6 +191,44 @@ def run(nodes: str, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
     return seen
 
 
+def run_users(nodes: str, users: dict[str, dict[str, Any]], loop: asyncio.AbstractEventLoop
+              ) -> dict[str, Any]:  # fmt: skip
+    """Tenant users' credentials in the extra config: alice's chunks are hers alone."""
+    seen: dict[str, Any] = {}
+    alice, cpu = backend("", loop, **users["alice"])
+    keys = [key(200 + i) for i in range(4)]
+    objs = [chunk(cpu, 200 + i) for i in range(4)]
+    alice.batched_submit_put_task(keys, objs)
+    settle(alice)
+    reader, _ = backend("", loop, class_name="KVTierConnector", plugin="mycache", **users["alice"])
+    got = reader.batched_get_blocking(keys)
+    seen["alice_exact"] = [
+        g is not None and digest(g) == digest(o) for g, o in zip(got, objs, strict=True)
+    ]
+    reader.close()
+    cases = {
+        "bob": ("", users["bob"]),
+        "alice_naming_team_b": ("", {**users["alice"], "tenant": "team-b"}),
+        "operator_default": (nodes, {}),
+        "operator_team_a": (nodes, {"tenant": "team-a"}),
+    }
+    for name, (where, settings) in cases.items():
+        other, _ = backend(where, loop, **settings)
+        seen[name] = other.batched_contains(keys)
+        other.close()
+    wrong, wrong_cpu = backend("", loop, retry_s=60, **users["wrong"])
+    wrong.submit_put_task(key(300), chunk(wrong_cpu, 300))
+    settle(wrong)
+    seen["wrong_secret"] = {
+        "contains": wrong.contains(keys[0]),
+        "batched_contains": wrong.batched_contains(keys),
+        "get": wrong.get_blocking(keys[0]),
+    }
+    wrong.close()
+    alice.close()
+    return seen
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     loop = asyncio.new_event_loop()
@@ -193,6 +236,8 @@ def main() -> None:
     thread.start()
     try:
         seen = run(sys.argv[3], loop)
+        if len(sys.argv) > 4:
+            seen["users"] = run_users(sys.argv[3], json.loads(sys.argv[4]), loop)
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)

@@ -4,11 +4,13 @@ parameters KVBM's config gives it for an S3-compatible endpoint (`NixlS3Config::
 plus credentials: bucket, endpoint_override, scheme, region, path style, access and secret key)
 against a KV bucket of a dev cluster (`kvtier up`, one kvcache node with a 256 MiB arena):
 
+- over HTTPS, trusting the cluster's CA through the backend's `ca_bundle` parameter (NIXL's
+  AWS SDK reads neither AWS_CA_BUNDLE nor SSL_CERT_FILE nor CURL_CA_BUNDLE);
 - WRITE, a ranged READ byte-exact, existence queries (HEAD) for present and absent objects;
 - writing past the arena evicts blocks: `kvtier.KVClient.stats()` and `kvtier status` count
   capacity evictions, and NIXL's queries see the evicted objects gone;
-- a namespace TTL (`SetNamespaceTTL` on `s3:<bucket>`) makes an object disappear: NIXL's query
-  reports it absent, and the nodes count a TTL eviction.
+- a namespace TTL (`SetNamespaceTTL` on the bucket's namespace, `s3:<bucket>@<storage id>`)
+  makes an object disappear: NIXL's query reports it absent, and the nodes count a TTL eviction.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from typing import Any
 import pytest
 
 import kvtier
+from kvtier import names
 from kvtier.clients import kvcache as kvcache_client
+from kvtier.clients import metadata as metadata_client
 from tests.integration import s3_cluster
-from tests.integration.conftest import kvtier_cmd
+from tests.integration.conftest import cluster_security, kvtier_cmd, user_security
 from tests.integration.s3_cluster import s3_cluster as s3_cluster_fixture  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -38,16 +42,11 @@ ADMIN_TENANT = "default"  # the dev cluster's admin user: buckets it makes are t
 
 def dynamo_obj_params(info: dict[str, Any], bucket: str) -> dict[str, str]:
     """The OBJ backend parameters Dynamo KVBM's G4 tier passes NIXL for an S3-compatible
-    endpoint (`NixlS3Config::to_nixl_params`): what docs/integrations.md tells users to set."""
-    return {
-        "bucket": bucket,
-        "endpoint_override": info["gateway_s3"],
-        "scheme": "http",
-        "region": "us-east-1",
-        "use_virtual_addressing": "false",
-        "access_key": info["access_key"],
-        "secret_key": info["secret_key"],
-    }
+    endpoint (`NixlS3Config::to_nixl_params`): what docs/integrations.md tells users to set,
+    with `scheme=https` and the cluster's CA as `ca_bundle`."""
+    params = s3_cluster.nixl_params(info, bucket)
+    assert (params["scheme"], params["ca_bundle"]) == ("https", info["ca_file"])
+    return params
 
 
 def nixl(params: dict[str, str], plan: list[dict[str, Any]]) -> list[Any]:
@@ -74,8 +73,10 @@ def kv_bucket(info: dict[str, Any], bucket: str) -> None:
 def namespace_stats(info: dict[str, Any], bucket: str) -> dict[str, Any]:
     """The bucket's tenant's counters on every kvcache node, through the SDK."""
     with kvtier.KVClient.connect(
-        metadata=info["metadata"], namespace=f"s3:{bucket}", tenant=ADMIN_TENANT
-    ) as client:
+        metadata=info["metadata_client"], namespace=bucket_namespace(info, bucket),
+        tenant=ADMIN_TENANT,
+        security=user_security(info["state"]),
+    ) as client:  # fmt: skip
         stats = client.stats()
     evictions: dict[str, int] = {}
     for reply in stats.values():
@@ -84,14 +85,30 @@ def namespace_stats(info: dict[str, Any], bucket: str) -> dict[str, Any]:
     return {"evictions": evictions, "fill": max(r.fill for r in stats.values())}
 
 
+def bucket_namespace(info: dict[str, Any], bucket: str) -> str:
+    """The KV namespace of a KV bucket: `s3:<bucket>@<storage id>` (this incarnation)."""
+
+    async def get() -> str:
+        operator = cluster_security(info["state"])
+        async with metadata_client.MetadataClient(info["metadata"], security=operator) as meta:
+            found = await meta.get_bucket(bucket)
+        return f"s3:{names.storage_name(bucket, found.storage_id)}"
+
+    return asyncio.run(get())
+
+
 def set_namespace_ttl(info: dict[str, Any], bucket: str, ttl_s: float) -> None:
     """SetNamespaceTTL on every kvcache node (operators' gRPC; 0 removes it)."""
+    operator = cluster_security(info["state"])
+    namespace = bucket_namespace(info, bucket)
 
     async def apply() -> None:
         for node in info["nodes"]:
             if node["role"] == "kvcache":
-                async with kvcache_client.KVCacheClient(node["grpc_address"]) as client:
-                    await client.set_namespace_ttl(ADMIN_TENANT, f"s3:{bucket}", ttl_s)
+                async with kvcache_client.KVCacheClient(
+                    node["grpc_address"], security=operator
+                ) as client:
+                    await client.set_namespace_ttl(ADMIN_TENANT, namespace, ttl_s)
 
     asyncio.run(apply())
 

@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import hashlib
 import importlib
+import logging
 import subprocess
 import sys
 import threading
@@ -29,7 +30,7 @@ import pytest
 
 from kvtier import etcdserver, kv, membership
 from tests.component import harness
-from tests.integrations.conftest import kvcache_nodes, stop_node
+from tests.integrations.conftest import kvcache_nodes, secure_cluster, stop_node
 
 T = TypeVar("T")
 MODULE = "kvtier.integrations.lmcache"
@@ -211,7 +212,8 @@ def make_engine(
     md = md or metadata()
     cpu = LocalCPUBackend(md)
     nodes = addresses if isinstance(addresses, str) else ",".join(addresses)
-    settings = {"nodes": nodes, "timeout_s": 1.0, "transports": "tcp", **settings}
+    where = {} if "metadata" in settings else {"nodes": nodes}
+    settings = {**where, "timeout_s": 1.0, "transports": "tcp", **settings}
     if via_adapter:
         config = engine_config("kvtier", "KVTierConnectorAdapter", **settings)
         adapter = plugin.KVTierConnectorAdapter()
@@ -376,6 +378,76 @@ async def test_tenants_salts_and_tp_ranks(
         asked = [key(i, world=world, worker=worker) for i in range(3)]
         got = await reader.run(reader.connector.batched_get(asked))
         assert [digest(g) for g in got] == [digest(o) for o in mla_objs]
+
+
+async def test_a_tenant_user_reaches_only_its_own_tenants_chunks(
+    etcd: etcdserver.EtcdServer,
+    etcd_prefix: str,
+    store: membership.EtcdMembership,
+    tmp_path: Path,
+    engines: list[Engine],
+    lmcache_loop: asyncio.AbstractEventLoop,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with secure_cluster(2, etcd, etcd_prefix, store, tmp_path) as c:
+        alice, bob = await c.user("team-a"), await c.user("team-b")
+        as_alice = c.credentials(alice)
+        writer = make_engine(engines, lmcache_loop, "", **as_alice)
+        reader = make_engine(engines, lmcache_loop, "", via_adapter=False, **as_alice)
+        keys = [key(i) for i in range(4)]
+        objs = [chunk(writer, 30 + i) for i in range(4)]
+        await writer.run(writer.connector.batched_put(keys, objs))
+        got = await reader.run(reader.connector.batched_get(keys))
+        assert [digest(g) for g in got] == [digest(o) for o in objs]
+        service = {"metadata": c.metadata.address}
+        cases: list[tuple[str, dict[str, Any], int]] = [
+            ("bob (team-b)", c.credentials(bob), 0),
+            ("alice naming team-b", {**as_alice, "tenant": "team-b"}, 0),
+            ("operator, default tenant", service, 0),
+            ("operator acting for team-a", {**service, "tenant": "team-a"}, 4),
+        ]
+        for name, who, expected in cases:
+            other = make_engine(engines, lmcache_loop, "", **who)
+            assert await other.sync(other.connector.batched_contains, keys) == expected, name
+            if name == "alice naming team-b":  # refused: a dropped put, never an exception
+                await other.run(other.connector.batched_put(keys[:1], [chunk(other, 1)]))
+                assert await other.run(other.connector.get(keys[0])) is None
+        for engine in engines:  # before the cluster stops
+            await engine.run(engine.connector.close())
+    assert alice.secret.reveal() not in caplog.text
+    assert bob.secret.reveal() not in caplog.text
+    assert alice.secret.reveal() not in repr(writer.connector.settings)
+    assert any("as user " + alice.access_key in r.getMessage() for r in caplog.records)
+
+
+async def test_a_wrong_secret_is_all_misses(
+    etcd: etcdserver.EtcdServer,
+    etcd_prefix: str,
+    store: membership.EtcdMembership,
+    tmp_path: Path,
+    engines: list[Engine],
+    lmcache_loop: asyncio.AbstractEventLoop,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    wrong = "not-the-secret-of-this-user"
+    async with secure_cluster(1, etcd, etcd_prefix, store, tmp_path) as c:
+        user = await c.user("team-a")
+        settings = {**c.credentials(user, secret=wrong), "retry_s": 60}
+        engine = make_engine(engines, lmcache_loop, "", **settings)
+        keys = [key(i) for i in range(3)]
+        await engine.run(engine.connector.batched_put(keys, [chunk(engine, i) for i in range(3)]))
+        assert await engine.run(engine.connector.batched_get(keys)) == [None] * 3
+        assert await engine.run(engine.connector.batched_async_contains("r", keys, True)) == 0
+        assert await engine.sync(engine.connector.batched_contains, keys) == 0
+        assert await engine.run(engine.connector.ping()) == 1
+        assert engine.cpu.live == 3  # the chunks put; the gets' buffers went back
+    connects = [r for r in caplog.records if "connect failed" in r.getMessage()]
+    assert len(connects) == 1
+    assert "Unauthenticated" in connects[0].getMessage()
+    assert wrong not in caplog.text
+    assert user.secret.reveal() not in caplog.text
 
 
 def test_the_plugin_modules_import_no_engine() -> None:

@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import hashlib
 import importlib
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,7 @@ import pytest
 
 from kvtier import etcdserver, kv_sync, membership
 from tests.component import harness
-from tests.integrations.conftest import kvcache_nodes, stop_node
+from tests.integrations.conftest import kvcache_nodes, secure_cluster, stop_node
 
 MODULE = "kvtier.integrations.sglang"
 STORAGE_BATCH_SIZE = 128  # sglang.srt.mem_cache.hicache_storage.STORAGE_BATCH_SIZE
@@ -615,3 +616,85 @@ async def test_tenants_and_cache_salts_never_share_pages(
             ]
         finally:
             await close(owner, *others, other_model, same)
+
+
+# Credentials: tenant users with an access key and a secret in the extra config.
+
+
+async def test_a_tenant_user_reaches_only_its_own_tenants_pages(
+    etcd: etcdserver.EtcdServer,
+    etcd_prefix: str,
+    store: membership.EtcdMembership,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    hashes = page_hashes(6, seed=21)
+    async with secure_cluster(2, etcd, etcd_prefix, store, tmp_path) as c:
+        alice, bob = await c.user("team-a"), await c.user("team-b")
+        as_alice = {**c.credentials(alice), "interface_v1": 1, "timeout_s": 2.0}
+        pool = HostPool(layout="page_first", seed=22)
+        writer = make_backend(pool, as_alice)
+        reader_pool = HostPool(layout="page_first", seed=None)
+        reader = make_backend(reader_pool, as_alice)
+        service = {"metadata": c.metadata.address, "interface_v1": 1, "timeout_s": 2.0}
+        others = {
+            "bob (team-b)": (make_backend(HostPool(layout="page_first", seed=None),
+                                          {**c.credentials(bob), "interface_v1": 1}), 0),
+            "alice naming team-b": (make_backend(HostPool(layout="page_first", seed=None),
+                                                 {**as_alice, "tenant": "team-b"}), 0),
+            "operator, default tenant": (make_backend(HostPool(layout="page_first"), service), 0),
+            "operator acting for team-a": (
+                make_backend(HostPool(layout="page_first"), {**service, "tenant": "team-a"}), 6
+            ),
+        }  # fmt: skip
+        try:
+            assert await asyncio.to_thread(backup, writer, pool, hashes, 0, True)
+            assert await asyncio.to_thread(prefetch, reader, reader_pool, hashes, 10, True) == 6
+            for p in range(6):
+                assert reader_pool.page_digest(10 + p) == pool.page_digest(p)
+            for name, (backend, expected) in others.items():
+                assert await asyncio.to_thread(hit_query, backend, hashes) == expected, name
+            impostor = others["alice naming team-b"][0]
+            flags = await asyncio.to_thread(impostor.batch_set_v1, hashes, slots(0, 6), None)
+            assert flags == [False] * 6
+        finally:
+            await close(writer, reader, *(b for b, _ in others.values()))
+    assert alice.secret.reveal() not in caplog.text
+    assert bob.secret.reveal() not in caplog.text
+    assert alice.secret.reveal() not in repr(writer.settings)
+    assert any("as user " + alice.access_key in r.getMessage() for r in caplog.records)
+
+
+async def test_a_wrong_secret_is_all_misses_not_errors(
+    etcd: etcdserver.EtcdServer,
+    etcd_prefix: str,
+    store: membership.EtcdMembership,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    wrong = "not-the-secret-of-this-user"
+    hashes = page_hashes(4, seed=24)
+    async with secure_cluster(1, etcd, etcd_prefix, store, tmp_path) as c:
+        user = await c.user("team-a")
+        settings = {**c.credentials(user, secret=wrong), "interface_v1": 1, "retry_s": 60}
+        pool = HostPool(layout="page_first", seed=25)
+        backend = make_backend(pool, settings)
+        try:
+            assert (
+                await asyncio.to_thread(backend.batch_set_v1, hashes, slots(0, 4), None)
+                == [False] * 4
+            )
+            assert await asyncio.to_thread(backend.batch_exists, hashes, None) == 0
+            assert (
+                await asyncio.to_thread(backend.batch_get_v1, hashes, slots(0, 4), None)
+                == [False] * 4
+            )
+        finally:
+            await close(backend)
+    connects = [r for r in caplog.records if "connect failed" in r.getMessage()]
+    assert len(connects) == 1
+    assert "Unauthenticated" in connects[0].getMessage()
+    assert wrong not in caplog.text
+    assert user.secret.reveal() not in caplog.text

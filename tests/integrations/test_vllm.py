@@ -19,6 +19,7 @@ import enum
 import hashlib
 import importlib
 import logging
+import os
 import socket
 import sys
 import time
@@ -35,7 +36,7 @@ from kvtier import etcdserver, kv, membership
 from kvtier.integrations import keys
 from kvtier.integrations import vllm as tier_module
 from tests.component import harness
-from tests.integrations.conftest import kvcache_nodes, stop_node
+from tests.integrations.conftest import kvcache_nodes, secure_cluster, stop_node
 
 MODULE = "kvtier.integrations.vllm"
 KIB, MIB = 1024, 1024 * 1024
@@ -576,6 +577,134 @@ async def test_drain_and_shutdown_report_every_job(
             assert not engine.results[late].success
         finally:
             await shutdown(engine)
+
+
+# Credentials: tenant users with an access key and a secret, as vLLM's tier dict names them.
+
+
+def negotiated(engine: Engine) -> set[str]:
+    """The data-plane transports the tier's client opened (one session per node)."""
+    client = engine.tier._client
+    assert client is not None
+    return {n.session.name for n in client._set.nodes() if n.session is not None}
+
+
+async def test_a_tenant_user_reaches_only_its_own_tenants_blocks(
+    etcd: etcdserver.EtcdServer,
+    etcd_prefix: str,
+    store: membership.EtcdMembership,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with secure_cluster(2, etcd, etcd_prefix, store, tmp_path, **NODE_SETTINGS) as c:
+        alice, bob = await c.user("team-a"), await c.user("team-b")
+        as_alice = {**c.credentials(alice), "timeout_s": 2.0}
+        writer, reader = Engine(as_alice), Engine(as_alice)
+        service = {"metadata": c.metadata.address, "timeout_s": 2.0}  # the operator's port
+        others = {
+            "bob (team-b)": (Engine({**c.credentials(bob), "timeout_s": 2.0}), 0),
+            "alice naming team-b": (Engine({**as_alice, "tenant": "team-b"}), 0),
+            "operator, default tenant": (Engine(service), 0),
+            "operator acting for team-a": (Engine({**service, "tenant": "team-a"}), 8),
+        }
+        try:
+            chain = chain_of(8)
+            digests = writer.fill(list(range(8)), seed=21)
+            result = await asyncio.to_thread(writer.run, False, chain, list(range(8)))
+            assert result.success
+            assert await asyncio.to_thread(reader.lookup_prefix, chain, "q") == 8
+            result = await asyncio.to_thread(reader.run, True, chain, list(range(20, 28)), "q")
+            assert result.success
+            assert reader.digests(list(range(20, 28))) == digests
+            assert negotiated(reader) == {"tcp"}  # not trusted for shared memory
+            for name, (engine, expected) in others.items():
+                assert await asyncio.to_thread(engine.lookup_prefix, chain, "q") == expected, name
+            # Alice claiming team-b is refused at every call: misses and failed jobs, no crash.
+            impostor = others["alice naming team-b"][0]
+            impostor.fill([0], seed=22)
+            for load in (False, True):
+                assert not (await asyncio.to_thread(impostor.run, load, chain[:1], [0])).success
+        finally:
+            await shutdown(writer, reader, *(e for e, _ in others.values()))
+    secret = alice.secret.reveal()
+    assert secret not in caplog.text
+    assert bob.secret.reveal() not in caplog.text
+    assert secret not in repr(writer.tier.settings)
+    assert secret not in repr(writer.tier._connect_kwargs)
+    assert any("as user " + alice.access_key in r.getMessage() for r in caplog.records)
+
+
+async def test_shared_memory_only_for_principals_trusted_for_it(
+    etcd: etcdserver.EtcdServer, etcd_prefix: str, store: membership.EtcdMembership, tmp_path: Path
+) -> None:
+    async with secure_cluster(1, etcd, etcd_prefix, store, tmp_path, **NODE_SETTINGS) as c:
+        trusted = await c.user("team-t", trusted=True)
+        plain = await c.user("team-t")
+        engines = {
+            "trusted user": (Engine(c.credentials(trusted)), "shm"),
+            "operator": (Engine({"metadata": c.metadata.address, "tenant": "team-t"}), "shm"),
+            "user": (Engine(c.credentials(plain)), "tcp"),
+        }
+        try:
+            for seed, (name, (engine, transport)) in enumerate(engines.items()):
+                chain = chain_of(4, name)
+                digests = engine.fill([0, 1, 2, 3], seed=seed)
+                assert (await asyncio.to_thread(engine.run, False, chain, [0, 1, 2, 3])).success
+                loaded = await asyncio.to_thread(engine.run, True, chain, [8, 9, 10, 11])
+                assert loaded.success
+                assert engine.digests([8, 9, 10, 11]) == digests
+                assert negotiated(engine) == {transport}, name
+        finally:
+            await shutdown(*(e for e, _ in engines.values()))
+
+
+async def test_a_wrong_secret_is_misses_and_failed_jobs(
+    etcd: etcdserver.EtcdServer,
+    etcd_prefix: str,
+    store: membership.EtcdMembership,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    wrong = "not-the-secret-of-this-user"
+    async with secure_cluster(1, etcd, etcd_prefix, store, tmp_path, **NODE_SETTINGS) as c:
+        user = await c.user("team-a")
+        settings = {**c.credentials(user, secret=wrong), "timeout_s": 1.0, "retry_s": 60}
+        engine = Engine(settings)
+        try:
+            chain = chain_of(4)
+            assert await asyncio.to_thread(engine.lookup_prefix, chain, "q") == 0
+            engine.fill([0, 1], seed=23)
+            for load in (False, True):
+                result = await asyncio.to_thread(engine.run, load, chain[:2], [0, 1])
+                assert not result.success
+                assert not result.successful_keys
+            await asyncio.to_thread(engine.wait_idle)
+        finally:
+            await shutdown(engine)
+    connects = [r for r in caplog.records if "connect failed" in r.getMessage()]
+    assert len(connects) == 1
+    assert "Unauthenticated" in connects[0].getMessage()
+    assert wrong not in caplog.text
+    assert user.secret.reveal() not in caplog.text
+
+
+def test_credential_settings_that_cannot_work_raise_at_startup(tmp_path: Path) -> None:
+    secret = "a-secret-that-must-not-leak"
+    loose = tmp_path / "loose.secret"
+    loose.write_text(secret)
+    os.chmod(loose, 0o644)
+    base = {"metadata": "127.0.0.1:1", "access_key": "AKUSER"}
+    with pytest.raises(ValueError, match="mode 0644") as raised:
+        Engine({**base, "secret_key_file": str(loose)})
+    assert secret not in str(raised.value)
+    with pytest.raises(ValueError, match="not both"):
+        Engine({**base, "secret_key": secret, "secret_key_file": str(loose)})
+    with pytest.raises(ValueError, match="needs its access_key"):
+        Engine({"metadata": "127.0.0.1:1", "secret_key": secret})
+    with pytest.raises(ValueError, match="insecure must be true or false"):
+        Engine({"metadata": "127.0.0.1:1", "insecure": "maybe"})
 
 
 # Without nodes.

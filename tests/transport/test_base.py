@@ -10,7 +10,7 @@ import pytest
 
 from kvtier import errors
 from kvtier.proto.common.v1 import common_pb2
-from kvtier.transport import base, registry
+from kvtier.transport import base, grants, registry
 
 RW = base.Rights.READ | base.Rights.WRITE
 
@@ -25,7 +25,7 @@ def regions() -> base.RegionTable:
 def _check(issuer: base.Issuer, regions: base.RegionTable, d: base.Descriptor, who: str) -> None:
     issuer.check(
         regions, who, base.Rights.READ, d.region_id, d.offset, d.length, d.rights,
-        d.expires_at_ms, d.mac,
+        d.expires_at_ms, d.mac, d.grant_id,
     )  # fmt: skip
 
 
@@ -46,6 +46,7 @@ def test_grant_and_check_round_trip_through_the_wire_form(regions: base.RegionTa
         {"region_id": 2},
         {"expires_at_ms": 1},
         {"mac": bytes(16)},
+        {"grant_id": 2},
     ],
 )
 def test_any_altered_field_is_rejected(regions: base.RegionTable, change: dict[str, int]) -> None:
@@ -70,18 +71,74 @@ def test_principal_expiry_and_other_issuers(regions: base.RegionTable) -> None:
 
 def test_tokens() -> None:
     issuer = base.Issuer("n1")
-    token, expires = issuer.issue_token("client-7")
+    token, expires = issuer.issue_token("client-7", transport="tcp")
     assert expires > base.now_ms()
-    assert issuer.check_token(token) == "client-7"
+    assert issuer.check_token(token, "tcp") == "client-7"
     for bad in (
         token[:-1] + bytes([token[-1] ^ 1]),
         b"short",
-        base.Issuer("n1").issue_token("x")[0],
+        base.Issuer("n1").issue_token("x", transport="tcp")[0],
     ):
         with pytest.raises(errors.PermissionDenied):
-            issuer.check_token(bad)
+            issuer.check_token(bad, "tcp")
     with pytest.raises(errors.PermissionDenied):
-        issuer.check_token(issuer.issue_token("late", ttl_s=-1)[0])
+        issuer.check_token(issuer.issue_token("late", ttl_s=-1, transport="tcp")[0], "tcp")
+
+
+@pytest.mark.parametrize(("issued", "presented"), [("tcp", "shm"), ("shm", "tcp"), ("tcp", "rdma")])
+def test_a_token_is_only_good_for_its_transport(issued: str, presented: str) -> None:
+    issuer = base.Issuer("n1")
+    token, _ = issuer.issue_token("client-7", transport=issued)
+    with pytest.raises(errors.PermissionDenied, match=f"issued for {issued}, not {presented}"):
+        issuer.check_token(token, presented)
+
+
+def test_revoked_grants_are_refused_and_forgotten(regions: base.RegionTable) -> None:
+    issuer = base.Issuer("n1")
+    region = regions.get(1)
+    first = issuer.grant(region, 0, 4096, RW, "alice")
+    second = issuer.grant(region, 0, 4096, RW, "alice")
+    assert first.grant_id != second.grant_id
+    assert issuer.in_use(1, 4095, 1)
+    assert not issuer.in_use(1, 4096, 100)
+    assert issuer.revoke(first.grant_id)
+    assert not issuer.revoke(first.grant_id)  # idempotent
+    with pytest.raises(base.DescriptorRejected, match="revoked"):
+        _check(issuer, regions, first, "alice")
+    _check(issuer, regions, second, "alice")  # another grant of the same range is untouched
+    assert issuer.in_use(1, 0, 10)
+    issuer.revoke(second.grant_id)
+    assert not issuer.in_use(1, 0, 4096)
+    assert len(issuer.grants) == 0
+
+
+def test_grant_table_drops_expired_grants_and_finds_overlaps() -> None:
+    table = grants.GrantTable()
+    table.add(1, 1, 1000, 100, until_ms=50, now=0)
+    table.add(2, 1, 5000, 10_000, until_ms=500, now=0)
+    table.add(3, 2, 0, 10, until_ms=500, now=0)
+    assert table.overlaps(1, 1099, 1, now=10)
+    assert not table.overlaps(1, 1100, 1, now=10)
+    assert table.overlaps(1, 14_999, 5, now=10)  # found through the longest grant's window
+    assert not table.overlaps(1, 15_000, 5, now=10)
+    assert not table.overlaps(1, 1000, 100, now=60)  # expired, though still listed
+    table.add(4, 1, 0, 1, until_ms=500, now=100)  # adding drops the expired grant 1
+    assert len(table) == 3
+    assert not table.is_live(1, now=0)
+    assert table.expire(now=1000) == 3
+    assert len(table) == 0
+
+
+def test_connections_are_counted_per_identity() -> None:
+    counts = grants.ConnectionCounts()
+    assert grants.identity_of("acme/AKID/1f2e") == "acme/AKID"
+    who = [counts.admit(f"acme/AKID/{i}", limit=2) for i in range(2)]
+    with pytest.raises(errors.Overloaded):
+        counts.admit("acme/AKID/new", limit=2)
+    counts.admit("acme/OTHER/1", limit=2)  # another identity has its own count
+    counts.release(who[0])
+    counts.admit("acme/AKID/again", limit=2)
+    assert counts.count("acme/AKID/x") == 2
 
 
 def test_lease_table() -> None:
@@ -160,6 +217,18 @@ def test_choose_prefers_rdma_then_shm_then_tcp() -> None:
         registry.choose(_caps("h1", "shm"), _caps("h2", "shm", "tcp"))
     with pytest.raises(errors.InvalidArgument):
         registry.load("carrier-pigeon")
+
+
+def test_choose_gives_shm_and_rdma_only_to_trusted_callers() -> None:
+    server = _caps("h1", "tcp", "shm", "rdma")
+    everything = _caps("h1", "tcp", "shm", "rdma")
+    assert registry.choose(server, everything, trusted=False).name == "tcp"
+    with pytest.raises(errors.PermissionDenied, match="shm hand out a node's whole memory"):
+        registry.choose(server, everything, ["shm"], trusted=False)
+    with pytest.raises(errors.PermissionDenied, match="rdma and shm"):
+        registry.choose(server, _caps("h1", "shm", "rdma"), trusted=False)
+    with pytest.raises(errors.Unavailable):  # nothing common at all: not a trust question
+        registry.choose(_caps("h1", "tcp"), _caps("h1", "shm"), trusted=False)
 
 
 def test_region_is_shared_memory_and_closes() -> None:

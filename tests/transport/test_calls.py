@@ -194,7 +194,7 @@ async def _node(name: str) -> AsyncIterator[Setup]:
     clients: list[base.Transport] = []
 
     async def connect(**settings: Any) -> base.Transport:
-        token, _ = plane.issuer.issue_token("client-a")
+        token, _ = plane.issuer.issue_token("client-a", transport=name)
         client: base.Transport = await registry.connect(
             endpoint, token, registry.ClientSettings(**{"timeout_s": 20.0, **settings})
         )
@@ -559,8 +559,8 @@ async def _node_on_a_thread(name: str) -> AsyncIterator[Setup]:
         node = holder[0]
 
         async def connect(**settings: Any) -> base.Transport:
-            token, _ = node.plane.issuer.issue_token("client-a")
             endpoint = node.plane.capabilities.endpoints[0]
+            token, _ = node.plane.issuer.issue_token("client-a", transport=endpoint.name)
             client: base.Transport = await registry.connect(
                 endpoint, token, registry.ClientSettings(**settings)
             )

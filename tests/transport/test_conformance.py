@@ -97,7 +97,7 @@ async def setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
     clients: list[base.Transport] = []
 
     async def connect(principal: str) -> base.Transport:
-        token, _ = plane.issuer.issue_token(principal)
+        token, _ = plane.issuer.issue_token(principal, transport=name)
         client: base.Transport = await registry.connect(
             endpoint, token, _settings(plane, name, principal)
         )
@@ -200,8 +200,9 @@ async def test_expired_descriptor_is_rejected_and_nothing_is_written(setup: Setu
         lambda d: replace(d, expires_at_ms=d.expires_at_ms + 3_600_000),
         lambda d: replace(d, mac=bytes(16)),
         lambda d: replace(d, region_id=d.region_id + 7),
+        lambda d: replace(d, grant_id=d.grant_id + 1),
     ],
-    ids=["offset", "length", "rights", "expiry", "mac", "region"],
+    ids=["offset", "length", "rights", "expiry", "mac", "region", "grant"],
 )
 async def test_forged_descriptors_are_rejected(
     setup: Setup, forge: Callable[[base.Descriptor], base.Descriptor]
@@ -234,12 +235,72 @@ async def test_rights_are_enforced(setup: Setup) -> None:
 async def test_bad_tokens_are_refused_at_connect(setup: Setup) -> None:
     _skip_on_rdma(setup, "the token is checked by the ConnectRdma RPC, before the transport")
     other = base.Issuer("impostor")
-    forged, _ = other.issue_token("client-a")
+    forged, _ = other.issue_token("client-a", transport=setup.name)
     with pytest.raises(errors.PermissionDenied):
         await registry.connect(setup.endpoint, forged, registry.ClientSettings(timeout_s=5))  # type: ignore[arg-type]
-    expired, _ = setup.plane.issuer.issue_token("client-a", ttl_s=-1)
+    expired, _ = setup.plane.issuer.issue_token("client-a", ttl_s=-1, transport=setup.name)
     with pytest.raises(errors.PermissionDenied):
         await registry.connect(setup.endpoint, expired, registry.ClientSettings(timeout_s=5))  # type: ignore[arg-type]
+
+
+async def test_a_token_for_another_transport_is_refused(setup: Setup) -> None:
+    _skip_on_rdma(setup, "the token is checked by the ConnectRdma RPC, before the transport")
+    for other in {"tcp", "shm", "rdma"} - {setup.name}:
+        token, _ = setup.plane.issuer.issue_token("client-a", transport=other)
+        with pytest.raises(errors.PermissionDenied, match=f"issued for {other}"):
+            await registry.connect(setup.endpoint, token, registry.ClientSettings(timeout_s=5))  # type: ignore[arg-type]
+
+
+async def test_revoked_descriptors_are_refused_and_nothing_moves(setup: Setup) -> None:
+    _skip_on_rdma(setup, "the HCA checks the region's rkey, not grants (docs/transports.md)")
+    client = await setup.connect("client-a")
+    writable, readable = setup.grant(0, 4096), setup.grant(0, 4096, base.Rights.READ)
+    await client.write(writable, b"\x11" * 4096)
+    assert setup.plane.issuer.revoke(writable.grant_id)
+    assert setup.plane.issuer.revoke(readable.grant_id)
+    with pytest.raises(base.DescriptorRejected, match="revoked"):
+        await client.write(writable, b"\x22" * 4096)
+    out = bytearray(4096)
+    with pytest.raises(base.DescriptorRejected, match="revoked"):
+        await client.read(readable, out)
+    assert bytes(out) == bytes(4096)
+    assert bytes(setup.region.view[:4096]) == b"\x11" * 4096
+    # The connection stays usable with a live grant.
+    await client.read(setup.grant(0, 4096, base.Rights.READ), out)
+    assert bytes(out) == b"\x11" * 4096
+
+
+async def test_connections_per_identity_are_bounded(setup: Setup) -> None:
+    _skip_on_rdma(setup, "rdma drops an identity's oldest queue pairs instead (unit-tested)")
+    settings = registry.ServerSettings(max_connections_per_principal=2)
+    plane = dataplane.DataPlane("bounded", [setup.name], settings)
+    plane.regions.create(MIB)
+    (endpoint,) = (await plane.start()).endpoints
+    one = registry.ClientSettings(connections=1, timeout_s=5)
+    clients: list[base.Transport] = []
+
+    async def connect(principal: str) -> base.Transport:
+        token, _ = plane.issuer.issue_token(principal, transport=setup.name)
+        client: base.Transport = await registry.connect(endpoint, token, one)
+        clients.append(client)
+        return client
+
+    try:
+        first = await connect("acme/AKID/s1")
+        await connect("acme/AKID/s2")
+        with pytest.raises(errors.Overloaded, match="acme/AKID already has 2"):
+            await connect("acme/AKID/s3")  # another session of the same identity
+        await connect("acme/OTHER/s1")  # other identities are not affected
+        await first.close()
+        for _ in range(200):
+            if plane.ctx.connections.count("acme/AKID/x") < 2:
+                break
+            await asyncio.sleep(0.01)
+        await connect("acme/AKID/s4")
+    finally:
+        for client in clients:
+            await client.close()
+        await plane.stop()
 
 
 async def test_buffer_size_mismatch_is_invalid_argument(setup: Setup) -> None:
@@ -265,7 +326,7 @@ async def test_server_dying_mid_transfer_gives_a_typed_error_and_recovery(setup:
     region = plane.regions.create(4 * MIB)
     caps = await plane.start()
     try:
-        token, _ = plane.issuer.issue_token("client-a")
+        token, _ = plane.issuer.issue_token("client-a", transport=setup.name)
         fresh = await registry.connect(
             caps.endpoints[0], token, _settings(plane, setup.name, "client-a")
         )

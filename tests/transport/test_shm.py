@@ -30,7 +30,7 @@ import uvloop
 
 from kvtier import errors
 from kvtier.proto.common.v1 import common_pb2
-from kvtier.transport import base, dataplane, registry, shm, shm_wire
+from kvtier.transport import base, dataplane, registry, shm, shm_server, shm_wire
 
 KIB, MIB = 1024, 1024 * 1024
 RW = base.Rights.READ | base.Rights.WRITE
@@ -55,7 +55,7 @@ class Node:
         return self.plane.issuer.grant(self.region, offset, length, rights, "client", ttl_s)
 
     async def connect(self, *, max_inflight_bytes: int = 256 * MIB) -> shm.Client:
-        token, _ = self.plane.issuer.issue_token("client")
+        token, _ = self.plane.issuer.issue_token("client", transport="shm")
         settings = registry.ClientSettings(max_inflight_bytes=max_inflight_bytes, timeout_s=20)
         client = await shm.connect(self.endpoint, token, settings)
         self.clients.append(client)
@@ -332,7 +332,7 @@ uvloop.run(main())
 
 
 async def test_client_killed_mid_batch_leaves_no_lease_and_others_are_served(node: Node) -> None:
-    token, _ = node.plane.issuer.issue_token("victim")
+    token, _ = node.plane.issuer.issue_token("victim", transport="shm")
     descs = [node.plane.issuer.grant(node.region, i * MIB, MIB, RW, "victim") for i in range(64)]
     victim = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _VICTIM, node.endpoint.address, token.hex(),
@@ -394,7 +394,7 @@ async def test_a_client_of_another_uid_is_refused(open_dir: str) -> None:
     started = await start_node(4 * MIB, registry.ServerSettings(shm_dir=open_dir))
     try:
         os.chmod(started.endpoint.address, 0o666)
-        token, _ = started.plane.issuer.issue_token("client")
+        token, _ = started.plane.issuer.issue_token("client", transport="shm")
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", _STRANGER, started.endpoint.address, token.hex(),
             stdout=asyncio.subprocess.PIPE,
@@ -418,7 +418,7 @@ async def main() -> None:
     region = plane.regions.create(8 * 1024 * 1024)
     region.view[:4096] = bytes(range(256)) * 16
     caps = await plane.start()
-    token, _ = plane.issuer.issue_token("client", ttl_s=600)
+    token, _ = plane.issuer.issue_token("client", ttl_s=600, transport="shm")
     desc = plane.issuer.grant(region, 0, 4096, base.Rights.READ, "client", 600)
     print(json.dumps({
         "address": caps.endpoints[0].address, "token": token.hex(),
@@ -481,3 +481,17 @@ def test_under_uvloop() -> None:
             await started.stop()
 
     uvloop.run(scenario())
+
+
+async def test_a_connection_holds_a_bounded_number_of_leases_and_calls(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await node.connect()
+    monkeypatch.setattr(shm_server, "_MAX_HELD_ITEMS", 2)
+    outs = [bytearray(4 * KIB) for _ in range(3)]
+    with pytest.raises(errors.Overloaded, match="ranges leased on this connection"):
+        await client.read_batch([node.grant(i * 4 * KIB, 4 * KIB) for i in range(3)], outs)
+    await client.read_batch([node.grant(0, 4 * KIB)] * 2, outs[:2])  # within the bound: fine
+    monkeypatch.setattr(shm_server, "_MAX_OPEN_CALLS", 0)
+    with pytest.raises(errors.Overloaded, match="calls open on this connection"):
+        await client.call(1, b"hello")

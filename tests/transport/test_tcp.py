@@ -50,7 +50,7 @@ class Node:
     async def connect(
         self, *, connections: int = 4, max_inflight_bytes: int = 256 * MIB
     ) -> tcp.Client:
-        token, _ = self.plane.issuer.issue_token("client")
+        token, _ = self.plane.issuer.issue_token("client", transport="tcp")
         settings = registry.ClientSettings(
             connections=connections, max_inflight_bytes=max_inflight_bytes, timeout_s=20
         )
@@ -113,7 +113,7 @@ async def test_refused_and_foreign_connections_do_not_linger(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tcp_server, "_HELLO_TIMEOUT_S", 0.2)
-    impostor, _ = base.Issuer("elsewhere").issue_token("client")
+    impostor, _ = base.Issuer("elsewhere").issue_token("client", transport="tcp")
     with pytest.raises(errors.PermissionDenied):
         await tcp.connect(node.endpoint, impostor, registry.ClientSettings(timeout_s=5))
     host, port = node.endpoint.address.rsplit(":", 1)
@@ -236,7 +236,7 @@ uvloop.run(main())
 
 
 async def test_client_killed_mid_write_leaves_no_lease_and_others_are_served(node: Node) -> None:
-    token, _ = node.plane.issuer.issue_token("victim")
+    token, _ = node.plane.issuer.issue_token("victim", transport="tcp")
     desc = node.plane.issuer.grant(node.region, 0, 32 * MIB, RW, "victim")
     victim = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _WRITER, node.endpoint.address, token.hex(),
@@ -272,7 +272,7 @@ async def main() -> None:
     plane = dataplane.DataPlane("frozen", ["tcp"], registry.ServerSettings())
     region = plane.regions.create(64 * 1024 * 1024)
     caps = await plane.start()
-    token, _ = plane.issuer.issue_token("client", ttl_s=600)
+    token, _ = plane.issuer.issue_token("client", ttl_s=600, transport="tcp")
     rw = base.Rights.READ | base.Rights.WRITE
     descs = [
         plane.issuer.grant(region, 0, n, rw, "client", 600).to_proto().SerializeToString().hex()
@@ -396,3 +396,21 @@ def test_under_uvloop() -> None:
             await node.stop()
 
     uvloop.run(scenario())
+
+
+async def test_connections_without_hello_are_bounded(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tcp_server, "_MAX_HANDSHAKING", 1)
+    host, _, port = node.endpoint.address.rpartition(":")
+    silent = socket.create_connection((host, int(port)))  # connects, never says HELLO
+    try:
+        await eventually(lambda: node.server.connection_count() == 1)
+        with pytest.raises(errors.Unavailable):  # refused while the silent one is pending
+            await node.connect(connections=1)
+    finally:
+        silent.close()
+    await eventually(lambda: node.server.connection_count() == 0)
+    client = await node.connect(connections=1)
+    out = bytearray(16)
+    await client.read(node.grant(0, 16), out)

@@ -39,6 +39,7 @@ CONFIG_CLASSES: dict[str, type[config.ServiceConfig]] = {
 EXPECTED_COUNTS = {"metadata": 1, "datanode": 6, "kvcache": 2, "gateway": 1}
 STATEFUL_KINDS = {"datanode", "kvcache"}
 ETCD_SERVICE = "etcd"
+PKI_SERVICE = "pki"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +163,7 @@ def configs(nodes: list[Node]) -> dict[str, config.ServiceConfig]:
 
 def test_every_service_but_etcd_runs_a_kvtier_module(services: dict[str, dict[str, Any]]) -> None:
     for name, spec in services.items():
-        if name == ETCD_SERVICE:
+        if name in (ETCD_SERVICE, PKI_SERVICE):
             continue
         kind = _kind(spec)
         assert kind is not None, f"{name}: command {_command(spec)} is not python -m services.X"
@@ -214,9 +215,13 @@ def test_etcd_endpoints_name_the_etcd_service_and_client_port(
 ) -> None:
     etcd = services[ETCD_SERVICE]
     assert str(etcd["image"]).startswith("gcr.io/etcd-development/etcd:")
-    flags = dict(arg.split("=", 1) for arg in _command(etcd) if arg.startswith("--"))
+    flags = dict(arg.split("=", 1) for arg in _command(etcd) if arg.startswith("--") and "=" in arg)
+    assert all(url.startswith("https://") for url in flags["--advertise-client-urls"].split(",")), (
+        "etcd speaks TLS only"
+    )
+    assert "--client-cert-auth" in _command(etcd), "etcd requires client certificates"
     advertised = {
-        url.removeprefix("http://") for url in flags["--advertise-client-urls"].split(",")
+        url.removeprefix("https://") for url in flags["--advertise-client-urls"].split(",")
     }
     listen_ports = {url.rpartition(":")[2] for url in flags["--listen-client-urls"].split(",")}
     assert {a.rpartition(":")[0] for a in advertised} == {ETCD_SERVICE}
@@ -235,6 +240,9 @@ def test_depends_on_waits_for_healthy_services(
         assert isinstance(depends_on, dict), f"{name}: depends_on needs conditions"
         for target, condition in depends_on.items():
             assert target in services, f"{name}: depends on unknown {target}"
+            if target == PKI_SERVICE:  # a one-shot step: it must have finished, not be healthy
+                assert condition.get("condition") == "service_completed_successfully", name
+                continue
             assert condition.get("condition") == "service_healthy", f"{name} → {target}"
             assert "healthcheck" in services[target], f"{name} → {target}: no healthcheck"
     for node in nodes:
@@ -249,7 +257,8 @@ def test_healthchecks_query_the_grpc_health_service_on_the_own_port(
 ) -> None:
     for node in nodes:
         port = configs[node.name].grpc_port
-        assert node.spec["healthcheck"]["test"] == ["CMD", "kvtier", "health", f"127.0.0.1:{port}"]
+        test = ["CMD", "kvtier", "health", "--from-env", f"127.0.0.1:{port}"]
+        assert node.spec["healthcheck"]["test"] == test
     etcd_test = services[ETCD_SERVICE]["healthcheck"]["test"]
     assert etcd_test[0] == "CMD"
     assert etcd_test[1] == "etcdctl"
@@ -361,3 +370,34 @@ def test_dockerignore_keeps_state_out_and_sources_in() -> None:
         assert ignored(path), f".dockerignore lets {path} in"
     for source in (s.rstrip("/") for s in _copied_sources()):
         assert not ignored(source), f".dockerignore drops {source}, which the Dockerfile copies"
+
+
+def test_every_node_is_secure_with_its_own_certificate(
+    services: dict[str, dict[str, Any]], nodes: list[Node], configs: dict[str, config.ServiceConfig]
+) -> None:
+    """Secure by default: no node runs insecure; each has the certificate the pki step issues
+    for its name, mounted read-only, and waits for that step."""
+    command = _command(services[PKI_SERVICE])
+    issued = {arg.split(":")[1] for arg in command if arg.startswith("--node=")}
+    roles = {
+        arg.split("=")[1].split(":")[1]: arg.split("=")[1].split(":")[0]
+        for arg in command
+        if arg.startswith("--node=")
+    }
+    assert {"etcd", "operator"} <= issued
+    for node in nodes:
+        cfg = configs[node.name]
+        assert not cfg.insecure, node.name
+        assert cfg.tls_cert_file == f"/pki/{node.name}.crt", node.name
+        assert cfg.tls_key_file == f"/pki/{node.name}.key", node.name
+        assert cfg.tls_ca_file == "/pki/ca.crt", node.name
+        assert node.name in issued, f"{node.name}: the pki step issues it no certificate"
+        assert roles[node.name] == node.kind, node.name
+        assert "pki:/pki:ro" in node.spec.get("volumes", []), node.name
+        assert PKI_SERVICE in node.spec.get("depends_on", {}), node.name
+
+
+def test_published_ports_listen_on_loopback_only(nodes: list[Node]) -> None:
+    for node in nodes:
+        for host, _ in _published(node.spec):
+            assert host.startswith("127.0.0.1:"), f"{node.name}: {host} is not loopback"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +15,19 @@ from services.gateway import config as gateway_config
 from services.kvcache import config as kvcache_config
 from services.metadata import config as metadata_config
 from services.metadata import placement
+
+#: The TLS settings every secure service needs (load() does not open the files).
+TLS: dict[str, Any] = {
+    "tls_ca_file": "/pki/ca.crt",
+    "tls_cert_file": "/pki/node.crt",
+    "tls_key_file": "/pki/node.key",
+}
+
+
+def _tls(service: str) -> dict[str, str]:
+    """TLS settings as environment variables of service."""
+    return {config.env_name(service, name): value for name, value in TLS.items()}
+
 
 SERVICES: list[tuple[str, type[config.ServiceConfig]]] = [
     ("datanode", datanode_config.DatanodeConfig),
@@ -27,7 +41,10 @@ def load_datanode(
     argv: Sequence[str] = (), environ: Mapping[str, str] | None = None
 ) -> datanode_config.DatanodeConfig:
     return config.load(
-        datanode_config.DatanodeConfig, service="datanode", argv=argv, environ=environ or {}
+        datanode_config.DatanodeConfig,
+        service="datanode",
+        argv=argv,
+        environ={**_tls("datanode"), **(environ or {})},
     )
 
 
@@ -35,7 +52,10 @@ def load_metadata(
     argv: Sequence[str] = (), environ: Mapping[str, str] | None = None
 ) -> metadata_config.MetadataConfig:
     return config.load(
-        metadata_config.MetadataConfig, service="metadata", argv=argv, environ=environ or {}
+        metadata_config.MetadataConfig,
+        service="metadata",
+        argv=argv,
+        environ={**_tls("metadata"), **(environ or {})},
     )
 
 
@@ -47,7 +67,7 @@ def config_error(
 ) -> str:
     """The one-line message of the ConfigError that loading these settings raises."""
     with pytest.raises(config.ConfigError) as info:
-        config.load(cls, service=service, argv=argv, environ=environ or {})
+        config.load(cls, service=service, argv=argv, environ={**_tls(service), **(environ or {})})
     message = str(info.value)
     assert message
     assert "\n" not in message
@@ -60,8 +80,8 @@ def config_error(
 
 @pytest.mark.parametrize(("service", "cls"), SERVICES)
 def test_defaults_load_for_every_service(service: str, cls: type[config.ServiceConfig]) -> None:
-    cfg = config.load(cls, service=service, argv=[], environ={})
-    assert cfg == cls()
+    cfg = config.load(cls, service=service, argv=[], environ=_tls(service))
+    assert cfg == cls(**TLS)
     assert cfg.grpc_port == 0
     assert cfg.metrics_port == 0
     assert cfg.etcd_endpoints == ("127.0.0.1:2379",)
@@ -117,6 +137,8 @@ def test_cli_overrides_env() -> None:
 
 def test_load_reads_process_environment_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KVTIER_DATANODE_GRPC_PORT", "7010")
+    for name, value in _tls("datanode").items():
+        monkeypatch.setenv(name, value)
     cfg = config.load(datanode_config.DatanodeConfig, service="datanode", argv=[])
     assert cfg.grpc_port == 7010
 
@@ -157,7 +179,7 @@ def test_env_of_other_services_is_ignored() -> None:
             "PATH": "/usr/bin",
         }
     )
-    assert cfg == datanode_config.DatanodeConfig()
+    assert cfg == datanode_config.DatanodeConfig(**TLS)
 
 
 def test_setting_of_another_service_is_unknown_here() -> None:
@@ -315,14 +337,15 @@ class _FlagConfig(config.ServiceConfig):
     verbose: bool = config.setting(False, "test-only bool setting")
 
 
-def test_real_configs_have_no_bool_fields_yet() -> None:
-    bool_fields = [
-        f"{service}.{f.name}"
-        for service, cls in SERVICES
+def test_bool_settings_are_the_security_switches() -> None:
+    bool_fields = {
+        f.name
+        for _service, cls in SERVICES
         for f in dataclasses.fields(cls)
         if f.type in (bool, "bool")
-    ]
-    assert bool_fields == []
+    }
+    assert "insecure" in bool_fields
+    assert bool_fields <= {"insecure", "s3_plain_http", "dataplane_tls"}
 
 
 @pytest.mark.parametrize(
@@ -339,9 +362,11 @@ def test_real_configs_have_no_bool_fields_yet() -> None:
     ],
 )
 def test_bool_parsing(raw: str, expected: bool) -> None:
-    from_cli = config.load(_FlagConfig, service="flagged", argv=["--verbose", raw], environ={})
+    from_cli = config.load(
+        _FlagConfig, service="flagged", argv=["--verbose", raw], environ=_tls("flagged")
+    )
     assert from_cli.verbose is expected
-    env = {"KVTIER_FLAGGED_VERBOSE": raw}
+    env = {"KVTIER_FLAGGED_VERBOSE": raw, **_tls("flagged")}
     assert config.load(_FlagConfig, service="flagged", argv=[], environ=env).verbose is expected
 
 
@@ -358,7 +383,7 @@ def test_data_plane_settings_are_validated() -> None:
         kvcache_config.KVCacheConfig,
         service="kvcache",
         argv=["--dataplane-transports", "tcp,shm"],
-        environ={},
+        environ=_tls("kvcache"),
     )
     assert cfg.dataplane_transports == ("tcp", "shm")
     for argv, needle in (
@@ -367,4 +392,25 @@ def test_data_plane_settings_are_validated() -> None:
         (["--dataplane-max-inflight-bytes", "10"], "dataplane_max_inflight_bytes"),
     ):
         with pytest.raises(config.ConfigError, match=needle):
-            config.load(kvcache_config.KVCacheConfig, service="kvcache", argv=argv, environ={})
+            config.load(
+                kvcache_config.KVCacheConfig, service="kvcache", argv=argv, environ=_tls("kvcache")
+            )
+
+
+# --- security settings ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("service", "cls"), SERVICES)
+def test_a_service_needs_tls_files_unless_insecure(
+    service: str, cls: type[config.ServiceConfig]
+) -> None:
+    with pytest.raises(config.ConfigError, match="tls_ca_file: required"):
+        config.load(cls, service=service, argv=[], environ={})
+    insecure = config.load(cls, service=service, argv=["--insecure", "true"], environ={})
+    assert insecure.insecure
+    assert not cls(**TLS).insecure  # secure unless asked
+
+
+def test_client_port_is_validated() -> None:
+    assert load_datanode(["--client-port", "-1"]).client_port == -1
+    assert "client_port" in config_error(["--client-port", "70000"])

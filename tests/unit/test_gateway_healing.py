@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from kvtier import devcluster, errors
+from kvtier import devcluster, errors, security
 from kvtier.cli import admin
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.gateway.v1 import admin_pb2
 from services.gateway import rebuild
+from tests import pki as test_pki
 
 State = rebuild.State
 
@@ -63,8 +64,13 @@ def test_bar_without_a_total() -> None:
 
 
 def test_gateway_address(tmp_path: Path) -> None:
-    assert admin.gateway_address("h:1", str(tmp_path)) == "h:1"
+    user = security.ClientSecurity(access_key="AK", secret_key="secret-secret")
+    operator = test_pki.session().client("operator")
+    assert admin.gateway_address("h:1", str(tmp_path), user) == "h:1"
     with pytest.raises(devcluster.ClusterError, match="pass --gateway"):
-        admin.gateway_address("", str(tmp_path))
-    (tmp_path / "cluster.json").write_text(json.dumps({"gateway_grpc": "127.0.0.1:7"}))
-    assert admin.gateway_address("", str(tmp_path)) == "127.0.0.1:7"
+        admin.gateway_address("", str(tmp_path), user)
+    info = {"gateway_grpc": "127.0.0.1:7", "gateway_grpc_service": "127.0.0.1:8"}
+    (tmp_path / "cluster.json").write_text(json.dumps(info))
+    # Users reach the gateway's client port, certificate holders its service port.
+    assert admin.gateway_address("", str(tmp_path), user) == "127.0.0.1:7"
+    assert admin.gateway_address("", str(tmp_path), operator) == "127.0.0.1:8"

@@ -439,7 +439,7 @@ def test_durable_namespaces_setting_parses_and_rejects_bad_items() -> None:
         kvcache_config.KVCacheConfig,
         service="kvcache",
         argv=["--durable-namespaces", "team-a/llama=write_back, team-b/m/x=WRITE_THROUGH"],
-        environ={},
+        environ={"KVTIER_KVCACHE_INSECURE": "true"},
     )
     assert cfg.durable_policies() == {
         ("team-a", "llama"): "write_back",
@@ -452,7 +452,12 @@ def test_durable_namespaces_setting_parses_and_rejects_bad_items() -> None:
         (["--read-through-timeout-s", "60"], "read_through_timeout_s"),
     ):
         with pytest.raises(config.ConfigError, match=needle):
-            config.load(kvcache_config.KVCacheConfig, service="kvcache", argv=argv, environ={})
+            config.load(
+                kvcache_config.KVCacheConfig,
+                service="kvcache",
+                argv=argv,
+                environ={"KVTIER_KVCACHE_INSECURE": "true"},
+            )
 
 
 async def test_a_failed_durable_read_pauses_read_through_briefly() -> None:

@@ -89,3 +89,53 @@ def test_valid_keys_pass(key: str) -> None:
 def test_invalid_keys_raise(key: str) -> None:
     with pytest.raises(errors.InvalidArgument, match="object key"):
         names.check_key(key)
+
+
+STORAGE_ID = "0123456789abcdef"
+
+
+def test_storage_names_bind_objects_to_one_incarnation() -> None:
+    first, second = names.new_storage_id(), names.new_storage_id()
+    assert first != second
+    assert len(first) == names.STORAGE_ID_CHARS
+    stored = names.storage_name("weights", first)
+    assert stored == f"weights@{first}"
+    names.check_storage_bucket(stored)
+    names.check_stored(stored, "k")
+    names.check_stored_bucket(stored)
+    assert names.user_bucket(stored) == "weights"
+    # Buckets older than storage ids keep their plain name.
+    assert names.storage_name("weights", "") == "weights"
+    assert names.user_bucket("weights") == "weights"
+
+
+@pytest.mark.parametrize(
+    "bucket",
+    [
+        f"Bad@{STORAGE_ID}",
+        "weights@",
+        "weights@0123",
+        f"weights@{STORAGE_ID.upper()}",
+        f"weights@{STORAGE_ID}0",
+        f"weights@{STORAGE_ID}@{STORAGE_ID}",
+        f"weights@../{STORAGE_ID[3:]}",
+        f"@{STORAGE_ID}",
+        ".other-internal",
+    ],
+)
+def test_bad_storage_names_are_refused(bucket: str) -> None:
+    with pytest.raises(errors.InvalidArgument):
+        names.check_storage_bucket(bucket)
+    with pytest.raises(errors.InvalidArgument):
+        names.check_stored(bucket, "k")
+
+
+def test_internal_buckets_are_stored_but_no_user_may_name_them() -> None:
+    for bucket in (names.MULTIPART_BUCKET, names.KV_DURABLE_BUCKET):
+        names.check_stored(bucket, "x" * names.INTERNAL_KEY_MAX_BYTES)
+        names.check_storage_bucket(bucket)
+        with pytest.raises(errors.InvalidArgument):
+            names.check_bucket(bucket)
+    for user_name in (f"weights@{STORAGE_ID}", names.KV_DURABLE_BUCKET):
+        with pytest.raises(errors.InvalidArgument):
+            names.check_bucket(user_name)  # what every user-facing entry point checks

@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -260,6 +261,21 @@ def test_bad_writes_are_refused(store: shards.ShardStore) -> None:
     assert not os.listdir(store.drive.path / shards.TMP_DIR)
 
 
+def test_a_version_from_the_future_is_refused(store: shards.ShardStore) -> None:
+    """A forged ShardMeta with a far-future mtime would become a permanent version (every later
+    write loses against it): refused; a small clock skew is fine."""
+    forged = make_meta(KEY, [b"x"])
+    forged.mtime_unix_ns = time.time_ns() + 3600 * 10**9
+    with stage(store, [b"x"]) as write, pytest.raises(errors.InvalidArgument, match="future"):
+        write.commit(forged)
+    skewed = make_meta(KEY, [b"y"])
+    skewed.mtime_unix_ns = time.time_ns() + 10**9
+    with stage(store, [b"y"]) as write:
+        assert write.commit(skewed).mtime_unix_ns == skewed.mtime_unix_ns
+    later = put(store, KEY, [b"z"])  # a later write still wins over the skewed one
+    assert store.read_meta(BUCKET, KEY).data_id == later.data_id
+
+
 def test_write_ids_and_names_are_checked(store: shards.ShardStore) -> None:
     for bad in ["", "../x", ".hidden", "a/b", "x" * 200]:
         with pytest.raises(errors.InvalidArgument):
@@ -277,6 +293,29 @@ def test_write_ids_and_names_are_checked(store: shards.ShardStore) -> None:
             store.read_meta(bucket, key)
     with pytest.raises(errors.InvalidArgument):
         store.list("..")
+
+
+def test_storage_names_and_internal_buckets_are_path_components(drive_dir: Path) -> None:
+    """Buckets are stored under `<name>@<storage_id>` (one incarnation each) and the gateway's
+    internal buckets under their own names; nothing else with '@' is accepted."""
+    store = open_store(drive_dir)
+    stored = names.storage_name(BUCKET, "0123456789abcdef")
+    for bucket in (stored, names.KV_DURABLE_BUCKET, BUCKET):
+        put(store, KEY, [bucket.encode()], bucket=bucket)
+        assert read_parts(store, KEY, bucket=bucket) == [bucket.encode()]
+        assert object_dir(drive_dir, KEY, bucket).is_dir()
+        assert [e.key for e in store.list(bucket)] == [KEY]
+    assert sorted(p.name for p in (drive_dir / "objects").iterdir()) == sorted(
+        [stored, names.KV_DURABLE_BUCKET, BUCKET]
+    )
+    for bad in (f"{BUCKET}@", f"{BUCKET}@../x", f"{BUCKET}@0123456789ABCDEF", ".elsewhere"):
+        with pytest.raises(errors.InvalidArgument):
+            store.read_meta(bad, KEY)
+        with pytest.raises(errors.InvalidArgument):
+            store.list(bad)
+    reopened = open_store(drive_dir)  # the index rebuilt from disk keeps every bucket
+    assert reopened.rebuild_index() == 3
+    assert [e.key for e in reopened.list(stored)] == [KEY]
 
 
 def test_sweep_tmp_removes_abandoned_writes(drive_dir: Path) -> None:

@@ -12,6 +12,7 @@ import itertools
 import logging
 import os
 import random
+from typing import Any
 
 import pytest
 
@@ -360,7 +361,9 @@ def test_pin_of_one_tenant_does_not_protect_another() -> None:
 
 
 def test_all_pinned_is_overloaded_until_unpinned() -> None:
-    env = make_env(arena_bytes=4 * PAGE_BYTES, high_watermark=1.0, low_watermark=0.9)
+    env = make_env(
+        arena_bytes=4 * PAGE_BYTES, high_watermark=1.0, low_watermark=0.9, max_pinned_fraction=1.0
+    )
     keys = [b"k%d" % i for i in range(4)]
     for k in keys:
         env.put(T1, k, PAGE_BYTES)
@@ -375,6 +378,96 @@ def test_all_pinned_is_overloaded_until_unpinned() -> None:
     env.clock.advance(60.0)  # the other pins expired
     env.put(T2, b"y", PAGE_BYTES)
     assert len(env.spilled) == 2
+
+
+@pytest.mark.parametrize("pin_s", [float("inf"), 1e12, float("nan"), 3600.5, 0.0, -1.0])
+def test_endless_or_overlong_pins_are_refused(pin_s: float, env: Env) -> None:
+    """Regression (issue 13): pin_s=inf was accepted, so one tenant could pin blocks forever."""
+    env.put(T1, b"k", 4096)
+    with pytest.raises(errors.InvalidArgument, match="pin_s"):
+        env.kv.pin(T1, NS, [b"k"], pin_s)
+    assert env.kv.pinned_bytes(T1) == 0
+    assert env.kv.pin(T1, NS, [b"k"], 3600.0) == 1  # max_pin_s (the default) itself is fine
+
+
+def test_max_pin_s_is_configurable() -> None:
+    env = make_env(max_pin_s=10.0)
+    env.put(T1, b"k", 4096)
+    with pytest.raises(errors.InvalidArgument, match=r"at most 10\.0 s"):
+        env.kv.pin(T1, NS, [b"k"], 10.5)
+    assert env.kv.pin(T1, NS, [b"k"], 10.0) == 1
+
+
+def test_a_tenant_cannot_pin_more_than_its_share_of_the_arena() -> None:
+    env = make_env(arena_bytes=8 * PAGE_BYTES, high_watermark=1.0, low_watermark=0.9)
+    keys = [b"k%d" % i for i in range(6)]
+    for k in keys:
+        env.put(T1, k, PAGE_BYTES)
+        if k < b"k2":
+            env.put(T2, k, PAGE_BYTES)
+    # Half of the arena: four of the six pages; the keys past it stay unpinned.
+    assert env.kv.pin(T1, NS, keys, 60.0) == 4
+    assert env.kv.pinned_bytes(T1) == 4 * PAGE_BYTES
+    assert env.kv.pin(T1, NS, keys, 60.0) == 4  # extending is free, the rest still refused
+    assert env.kv.pin(T2, NS, keys, 60.0) == 2  # another tenant has a share of its own
+    # The unpinned keys are evictable: a flood of T2 puts takes k4 and k5, never k0..k3.
+    for i in range(2):
+        env.put(T2, b"new%d" % i, PAGE_BYTES)
+    assert env.kv.exists(T1, NS, keys) == [True] * 4 + [False] * 2
+    # Unpinning or deleting gives the share back.
+    assert env.kv.unpin(T1, NS, keys[:1]) == 1
+    assert env.kv.delete(T1, NS, keys[1:2]) == 1
+    assert env.kv.pinned_bytes(T1) == 2 * PAGE_BYTES
+    env.put(T1, b"more", PAGE_BYTES // 2)
+    assert env.kv.pin(T1, NS, [b"k0", b"more"], 60.0) == 2
+    assert env.kv.pinned_bytes(T1) == 3 * PAGE_BYTES + PAGE_BYTES // 2
+
+
+def test_expired_pins_stop_protecting_blocks_and_free_the_share() -> None:
+    env = make_env(arena_bytes=4 * PAGE_BYTES, high_watermark=1.0, low_watermark=0.9)
+    for k in (b"a", b"b"):
+        env.put(T1, k, PAGE_BYTES)
+    assert env.kv.pin(T1, NS, [b"a", b"b"], 10.0) == 2
+    env.put(T1, b"c", PAGE_BYTES)
+    assert env.kv.pin(T1, NS, [b"c"], 3600.0) == 0  # the share is taken
+    env.clock.advance(5.0)
+    assert env.kv.pin(T1, NS, [b"a"], 10.0) == 1  # extended to t+15
+    env.clock.advance(5.0)  # b's pin ended, a's goes on
+    assert env.kv.pinned_bytes(T1) == PAGE_BYTES
+    assert env.kv.pin(T1, NS, [b"c"], 60.0) == 1
+    env.put(T2, b"x", PAGE_BYTES)
+    env.put(T2, b"y", PAGE_BYTES)  # the arena is full: b, unpinned since its pin ended, goes
+    assert env.kv.exists(T1, NS, [b"a", b"b", b"c"]) == [True, False, True]
+    env.clock.advance(5.0)  # a's extended pin ended too
+    env.put(T2, b"z", PAGE_BYTES)
+    assert env.kv.exists(T1, NS, [b"a", b"c"]) == [False, True]
+    assert [k for t, _, k, _ in env.spilled if t == T1] == [b"b", b"a"]
+
+
+def test_pin_bookkeeping_stays_bounded_under_repeated_pins(env: Env) -> None:
+    env.put(T1, b"k", 4096)
+    for _ in range(1000):
+        assert env.kv.pin(T1, NS, [b"k"], 60.0) == 1
+        assert env.kv.unpin(T1, NS, [b"k"]) == 1
+    env.kv.pin(T1, NS, [b"k"], 60.0)
+    state = env.kv._tenants[T1]
+    assert len(state.pin_expiries) <= 2 * len(state.pins) + 65
+    assert env.kv.pinned_bytes(T1) == 4096
+
+
+def test_default_quota_applies_to_every_tenant_without_one() -> None:
+    env = make_env(default_quota_bytes=40000)
+    env.kv.set_quota(T1, 100000)  # an explicit quota overrides the default
+    env.put("new-tenant", b"a", 40000)
+    with pytest.raises(errors.QuotaExceeded, match="40000"):
+        env.kv.begin_put("new-tenant", NS, b"b", 1)
+    env.put(T1, b"a", 60000)
+    env.put(T1, b"b", 30000)  # past the default, within its own quota
+    with pytest.raises(errors.QuotaExceeded):
+        env.kv.begin_put(T2, NS, b"a", 40001)
+    assert env.kv.stats("new-tenant").quota_rejections == 1
+    env.kv.set_quota("new-tenant", None)  # explicitly none: the default no longer applies
+    env.put("new-tenant", b"b", 60000)
 
 
 def test_leases_block_eviction_until_they_expire() -> None:
@@ -474,6 +567,16 @@ def test_construction_errors() -> None:
         store.BlockStore(PAGE_BYTES, page_bytes=PAGE_BYTES, policy="fifo")
     with pytest.raises(ValueError, match="watermark"):
         store.BlockStore(PAGE_BYTES, page_bytes=PAGE_BYTES, high_watermark=0.5, low_watermark=0.6)
+    bad: dict[str, Any]
+    for bad in (
+        {"max_pin_s": float("inf")},
+        {"max_pin_s": 0.0},
+        {"max_pinned_fraction": 0.0},
+        {"max_pinned_fraction": 1.5},
+        {"default_quota_bytes": -1},
+    ):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            store.BlockStore(PAGE_BYTES, page_bytes=PAGE_BYTES, **bad)
 
 
 SEEDS = [1, 2, int(os.environ.get("KVTIER_TEST_SEED", random.randrange(2**32)))]

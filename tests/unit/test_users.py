@@ -49,6 +49,19 @@ def test_seal_round_trip_keeps_every_field() -> None:
     assert users.info_of(record) == _info()
 
 
+def test_the_shared_memory_trust_flag_survives_sealing() -> None:
+    key = masterkey.MasterKey.generate()
+    trusted = _info()
+    trusted.shm_trusted = True
+    record = users.seal(key, trusted, users.Secret(SECRET))
+    assert record.shm_trusted
+    user = users.unseal(key, metadata_pb2.UserRecord.FromString(record.SerializeToString()))
+    assert user.shm_trusted
+    assert user.info == trusted
+    assert users.info_of(record) == trusted
+    assert not users.unseal(key, users.seal(key, _info(), users.Secret(SECRET))).shm_trusted
+
+
 def test_every_seal_takes_a_fresh_nonce() -> None:
     key = masterkey.MasterKey.generate()
     first = users.seal(key, _info(), users.Secret(SECRET))
@@ -168,12 +181,13 @@ def test_write_new_creates_a_private_key_once(tmp_path: Path) -> None:
 
 def test_metadata_refuses_to_start_with_a_readable_key_file(tmp_path: Path) -> None:
     path = _key_file(tmp_path, os.urandom(32).hex().encode(), mode=0o644)
-    cfg = metadata_config.MetadataConfig(master_key_file=str(path))
+    cfg = metadata_config.MetadataConfig(master_key_file=str(path), insecure=True)
     with pytest.raises(config.ConfigError, match="chmod 600"):
         metadata_main.build(cfg)
     path.chmod(0o600)
     assert metadata_main.build(cfg).label == "metadata"
-    assert metadata_main.build(metadata_config.MetadataConfig()).label == "metadata"  # no key
+    no_key = metadata_config.MetadataConfig(insecure=True)
+    assert metadata_main.build(no_key).label == "metadata"
 
 
 @pytest.mark.parametrize("access_key", ["AKIA1234567890ABCDEF", "abc", "a.b_c-d", "x" * 128])
@@ -232,7 +246,7 @@ def test_dev_cluster_credentials_are_private_and_kept(tmp_path: Path) -> None:
     assert devcluster.credentials(tmp_path) == creds
 
 
-def test_dev_cluster_summary_shows_the_admin_keys() -> None:
+def test_dev_cluster_summary_shows_the_access_key_but_never_the_secret() -> None:
     info = {
         "state_dir": "/s",
         "etcd": "e",
@@ -245,4 +259,5 @@ def test_dev_cluster_summary_shows_the_admin_keys() -> None:
     }
     text = devcluster.render_summary(info)
     assert "access key    AK" in text
-    assert "secret key    SK" in text
+    assert "SK" not in text  # the output of a detached `kvtier up` goes to a log file
+    assert "secret key    in the cluster file" in text

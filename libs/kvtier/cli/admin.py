@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from kvtier import devcluster, errors, users
+from kvtier import devcluster, errors, security, users
 from kvtier.clients import gateway as gateway_client
 from kvtier.clients import metadata as metadata_client
 from kvtier.proto.gateway.v1 import admin_pb2
@@ -30,37 +30,48 @@ _PLAIN_EVERY_S = 5.0
 _BAR_CELLS = 24
 
 
-def gateway_address(gateway: str, state_dir: str) -> str:
-    """--gateway, or the gateway of the dev cluster in state_dir (its cluster.json)."""
-    if gateway:
-        return gateway
+def _cluster_info(state_dir: str, flag: str) -> dict[str, Any]:
     info_path = Path(state_dir) / "cluster.json"
     try:
-        return str(json.loads(info_path.read_text())["gateway_grpc"])
-    except (OSError, ValueError, KeyError, TypeError):
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError):
         raise devcluster.ClusterError(
-            f"no running cluster at {info_path}; pass --gateway HOST:PORT"
+            f"no running cluster at {info_path}; pass {flag} HOST:PORT"
         ) from None
+    return info if isinstance(info, dict) else {}
 
 
-def metadata_address(metadata: str, state_dir: str) -> str:
+def gateway_address(gateway: str, state_dir: str, sec: security.ClientSecurity) -> str:
+    """--gateway, or the gateway of the dev cluster in state_dir (its cluster.json): its
+    service port for a certificate holder, its client port for a user."""
+    if gateway:
+        return gateway
+    info = _cluster_info(state_dir, "--gateway")
+    key = "gateway_grpc_service" if sec.has_cert and "gateway_grpc_service" in info else (
+        "gateway_grpc"
+    )  # fmt: skip
+    return str(info[key])
+
+
+def metadata_address(metadata: str, state_dir: str, sec: security.ClientSecurity) -> str:
     """--metadata, or the metadata node of the dev cluster in state_dir (its cluster.json)."""
     if metadata:
         return metadata
-    info_path = Path(state_dir) / "cluster.json"
-    try:
-        return str(json.loads(info_path.read_text())["metadata"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise devcluster.ClusterError(
-            f"no running cluster at {info_path}; pass --metadata HOST:PORT"
-        ) from None
+    info = _cluster_info(state_dir, "--metadata")
+    key = "metadata" if sec.has_cert or "metadata_client" not in info else "metadata_client"
+    return str(info[key])
 
 
 async def user_command(
-    address: str, args: argparse.Namespace, out: TextIO, stdin: TextIO | None = None
+    address: str,
+    args: argparse.Namespace,
+    out: TextIO,
+    stdin: TextIO | None = None,
+    *,
+    security: security.ClientSecurity | None = None,
 ) -> int:
     """`kvtier admin user add|list|remove` against the metadata service at address."""
-    async with metadata_client.MetadataClient(address, timeout_s=10.0) as client:
+    async with metadata_client.MetadataClient(address, timeout_s=10.0, security=security) as client:
         if args.user_command == "add":
             await _add_user(client, args, out, stdin or sys.stdin)
         elif args.user_command == "list":
@@ -68,8 +79,8 @@ async def user_command(
             if args.json:
                 out.write(json.dumps(found) + "\n")
             for u in [] if args.json else found:
-                admin = " admin" if u["is_admin"] else ""
-                out.write(f"{u['access_key']:24} {u['tenant']:16} {u['display_name']}{admin}\n")
+                flags = (" admin" if u["is_admin"] else "") + (" shm" if u["shm_trusted"] else "")
+                out.write(f"{u['access_key']:24} {u['tenant']:16} {u['display_name']}{flags}\n")
         else:
             await client.delete_user(args.access_key)
             removed = {"removed": args.access_key}
@@ -88,6 +99,7 @@ async def _add_user(
         is_admin=args.admin,
         access_key=args.access_key,
         secret=users.Secret(secret_text) if secret_text else None,
+        shm_trusted=getattr(args, "trust_shm", False),
     )
     shown = _user_dict(user.info)
     shown["secret_key"] = user.secret.reveal()
@@ -96,7 +108,8 @@ async def _add_user(
         return
     out.write(
         f"access key  {shown['access_key']}\nsecret key  {shown['secret_key']}\n"
-        f"tenant      {shown['tenant']}{' (admin)' if shown['is_admin'] else ''}\n"
+        f"tenant      {shown['tenant']}{' (admin)' if shown['is_admin'] else ''}"
+        f"{' (trusted for shared memory)' if shown['shm_trusted'] else ''}\n"
         "The secret is shown this once: it cannot be read back.\n"
     )
 
@@ -105,7 +118,7 @@ def _user_dict(info: metadata_pb2.UserInfo) -> dict[str, Any]:
     return {
         "access_key": info.access_key, "tenant": info.tenant,
         "display_name": info.display_name, "is_admin": info.is_admin,
-        "created_at_unix_ms": info.created_at_unix_ms,
+        "shm_trusted": info.shm_trusted, "created_at_unix_ms": info.created_at_unix_ms,
     }  # fmt: skip
 
 
@@ -117,9 +130,11 @@ def split_target(target: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-async def count_objects(address: str, bucket: str, prefix: str) -> int:
+async def count_objects(
+    address: str, bucket: str, prefix: str, sec: security.ClientSecurity | None = None
+) -> int:
     """How many objects the heal will look at (a listing: reads no object data)."""
-    async with gateway_client.ObjectServiceClient(address, timeout_s=30.0) as client:
+    async with gateway_client.ObjectServiceClient(address, timeout_s=30.0, security=sec) as client:
         buckets = [bucket] if bucket else [b.name for b in await client.list_buckets()]
         total = 0
         for name in buckets:
@@ -208,15 +223,16 @@ async def heal(
     out: TextIO,
     err: TextIO,
     tty: bool | None = None,
+    security: security.ClientSecurity | None = None,
 ) -> admin_pb2.HealProgress:
     """Run a heal through the gateway at address, showing progress on err and unrecoverable
     objects on out; the final counts."""
     bucket, prefix = split_target(target)
     display = Display(err, tty=tty)
-    counting = asyncio.ensure_future(count_objects(address, bucket, prefix))
+    counting = asyncio.ensure_future(count_objects(address, bucket, prefix, security))
     last = admin_pb2.HealProgress()
     try:
-        async with gateway_client.AdminServiceClient(address) as client:
+        async with gateway_client.AdminServiceClient(address, security=security) as client:
             async for progress in client.heal(bucket, prefix, dry_run=dry_run):
                 last = progress
                 if progress.unrecoverable_keys:

@@ -9,6 +9,14 @@ kvtier admin heal [BUCKET[/PREFIX]] [--gateway H:P | --state-dir DIR] [--dry-run
                                           check and heal objects; exit 0 when every one is whole
 kvtier admin user add|list|remove [...] [--metadata H:P | --state-dir DIR] [--json]
                                           S3 users (the secret is printed once, at add)
+kvtier admin certs init --dir DIR --cluster NAME
+kvtier admin certs issue --dir DIR --role ROLE --name NAME [--host H ...] [--days N]
+                                          the cluster CA and node/operator certificates
+
+Every command that talks to a cluster authenticates: with the dev cluster's operator
+certificate (--state-dir's cluster.json), or with KVTIER_* environment variables
+(KVTIER_CA_FILE, KVTIER_CERT_FILE/KVTIER_KEY_FILE, KVTIER_ACCESS_KEY/KVTIER_SECRET_KEY,
+KVTIER_CLUSTER_FILE, KVTIER_INSECURE=1).
 """
 
 from __future__ import annotations
@@ -20,11 +28,12 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from kvtier import devcluster, errors, rpc
+from kvtier import devcluster, errors, rpc, security
 from kvtier.cli import admin as admin_cmd
+from kvtier.cli import certs as certs_cmd
 from kvtier.cli import status as status_cmd
 
 DEFAULT_STATE_DIR = ".kvtier"
@@ -44,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--shutdown-grace-s", type=float, default=5.0)
     up.add_argument("--ready-timeout-s", type=float, default=90.0)
     up.add_argument("--etcd-binary", default="etcd")
+    up.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS and no authentication: every caller has every right (benchmarks only)",
+    )
 
     down = sub.add_parser("down", help="stop a detached dev cluster")
     down.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
@@ -64,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     health = sub.add_parser("health", help="check a node's gRPC health service")
     health.add_argument("address", help="host:port")
     health.add_argument("--timeout-s", type=float, default=2.0)
+    health.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="whose credentials to use")
+    health.add_argument(
+        "--from-env",
+        action="store_true",
+        help="use the TLS files of the kvtier service configured in this environment "
+        "(KVTIER_<SERVICE>_TLS_*): a container's health check with the node's own certificate",
+    )
 
     admin = sub.add_parser("admin", help="administration of the object tier")
     admin_sub = admin.add_subparsers(dest="admin_command", required=True)
@@ -80,12 +101,18 @@ def _parser() -> argparse.ArgumentParser:
         "--state-dir", default=DEFAULT_STATE_DIR, help="dev cluster whose gateway to use"
     )
     heal.add_argument("--dry-run", action="store_true", help="only check; write nothing")
+    certs_cmd.add_parser(admin_sub)
     user = admin_sub.add_parser("user", help="S3 users (access keys)")
     user_sub = user.add_subparsers(dest="user_command", required=True)
     add = user_sub.add_parser("add", help="create a user; prints its secret once")
     add.add_argument("--tenant", default="default", help="the tenant whose buckets it uses")
     add.add_argument("--name", default="", help="display name")
     add.add_argument("--admin", action="store_true", help="may use every tenant's buckets")
+    add.add_argument(
+        "--trust-shm",
+        action="store_true",
+        help="may map a node's whole arena over same-host shared memory (docs/security.md)",
+    )
     add.add_argument("--access-key", default="", help="choose the access key (with --secret)")
     add.add_argument(
         "--secret",
@@ -99,7 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     remove = user_sub.add_parser("remove", help="delete a user")
     remove.add_argument("access_key")
     for sub_parser in (add, listing, remove):
-        sub_parser.add_argument("--metadata", default="", help="metadata gRPC host:port")
+        sub_parser.add_argument(
+            "--metadata", default="", help="metadata gRPC host:port (its service port)"
+        )
         sub_parser.add_argument(
             "--state-dir", default=DEFAULT_STATE_DIR, help="dev cluster whose metadata to use"
         )
@@ -120,6 +149,7 @@ def _options(args: argparse.Namespace) -> devcluster.ClusterOptions:
         shutdown_grace_s=args.shutdown_grace_s,
         ready_timeout_s=args.ready_timeout_s,
         etcd_binary=args.etcd_binary,
+        insecure=args.insecure,
     )
 
 
@@ -173,24 +203,72 @@ def _status(args: argparse.Namespace) -> int:
             raise devcluster.ClusterError(
                 f"no running cluster at {info_path}; pass --etcd-endpoints"
             ) from None
-    state = asyncio.run(status_cmd.collect(endpoints, args.etcd_prefix, args.timeout_s))
+    sec = cli_security(args.state_dir)
+    state = asyncio.run(status_cmd.collect(endpoints, args.etcd_prefix, args.timeout_s, sec))
     print(json.dumps(state, indent=2) if args.json else status_cmd.render(state))
     return 0
 
 
+def cli_security(state_dir: str) -> security.ClientSecurity:
+    """How the CLI authenticates: KVTIER_* variables when any is set, else the operator
+    certificate of the dev cluster in state_dir (its cluster.json), else TLS with the
+    system's trust store and no credential."""
+    if any(name.startswith("KVTIER_") and name not in _NOT_CREDENTIALS for name in os.environ):
+        return security.ClientSecurity.from_env()
+    info = Path(state_dir) / "cluster.json"
+    if info.exists():
+        return security.ClientSecurity.from_cluster_file(info, as_operator=True)
+    return security.ClientSecurity.from_env()
+
+
+_NOT_CREDENTIALS = frozenset({"KVTIER_STATE_DIR", "KVTIER_TEST_SEED"})
+
+
+def service_security(environ: Mapping[str, str]) -> security.ClientSecurity:
+    """Mutual TLS with the TLS files of the one kvtier service configured in environ
+    (KVTIER_<SERVICE>_TLS_CA_FILE / _CERT_FILE / _KEY_FILE), or insecure when it is."""
+    found: dict[str, dict[str, str]] = {}
+    for name, value in environ.items():
+        parts = name.split("_", 2)
+        if len(parts) == 3 and parts[0] == "KVTIER":
+            found.setdefault(parts[1], {})[parts[2]] = value
+    services = {s: v for s, v in found.items() if "TLS_CERT_FILE" in v or "INSECURE" in v}
+    if len(services) != 1:
+        raise errors.InvalidArgument("--from-env: no single kvtier service configured here")
+    settings = next(iter(services.values()))
+    if settings.get("INSECURE", "").lower() in {"1", "true", "yes", "on"}:
+        return security.ClientSecurity(insecure=True)
+    return security.ClientSecurity(
+        ca_file=settings.get("TLS_CA_FILE", ""),
+        cert_file=settings.get("TLS_CERT_FILE", ""),
+        key_file=settings.get("TLS_KEY_FILE", ""),
+    )
+
+
 def _health(args: argparse.Namespace) -> int:
-    result = asyncio.run(rpc.check_health(args.address, timeout_s=args.timeout_s))
+    sec = service_security(os.environ) if args.from_env else cli_security(args.state_dir)
+    result = asyncio.run(rpc.check_health(args.address, timeout_s=args.timeout_s, security=sec))
     print(result)
     return 0 if result == "SERVING" else 1
 
 
 def _admin(args: argparse.Namespace) -> int:
+    if args.admin_command == "certs":
+        return certs_cmd.run(args, sys.stdout)
+    sec = cli_security(args.state_dir)
     if args.admin_command == "user":
-        address = admin_cmd.metadata_address(args.metadata, args.state_dir)
-        return asyncio.run(admin_cmd.user_command(address, args, sys.stdout))
-    address = admin_cmd.gateway_address(args.gateway, args.state_dir)
+        address = admin_cmd.metadata_address(args.metadata, args.state_dir, sec)
+        return asyncio.run(admin_cmd.user_command(address, args, sys.stdout, security=sec))
+    address = admin_cmd.gateway_address(args.gateway, args.state_dir, sec)
     result = asyncio.run(
-        admin_cmd.heal(address, args.target, dry_run=args.dry_run, out=sys.stdout, err=sys.stderr)
+        admin_cmd.heal(
+            address,
+            args.target,
+            dry_run=args.dry_run,
+            out=sys.stdout,
+            err=sys.stderr,
+            security=sec,
+        )
     )
     print(admin_cmd.summary(result, dry_run=args.dry_run))
     return 0 if not (result.unrecoverable or result.skipped) and result.done else 1

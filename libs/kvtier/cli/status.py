@@ -5,25 +5,31 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from kvtier import clustermap, errors, membership, rpc
+from kvtier import clustermap, errors, membership, rpc, security
 from kvtier.clients import kvcache, node
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.transport import registry
 
 
-async def _node_epoch(address: str, timeout_s: float) -> int | None:
-    async with node.NodeClient(address, timeout_s=timeout_s) as client:
+async def _node_epoch(
+    address: str, timeout_s: float, sec: security.ClientSecurity | None
+) -> int | None:
+    async with node.NodeClient(address, timeout_s=timeout_s, security=sec) as client:
         try:
             return int((await client.get_node_info()).map_epoch)
         except errors.KVTierError:
             return None
 
 
-async def _kv_stats(info: common_pb2.NodeInfo, timeout_s: float) -> dict[str, Any] | None:
+async def _kv_stats(
+    info: common_pb2.NodeInfo, timeout_s: float, sec: security.ClientSecurity | None
+) -> dict[str, Any] | None:
     """A kvcache node's fill and hit rate (None for other roles or when it does not answer)."""
     if info.role != common_pb2.NODE_ROLE_KVCACHE:
         return None
-    async with kvcache.KVCacheClient(info.grpc_address, timeout_s=timeout_s) as client:
+    async with kvcache.KVCacheClient(
+        info.grpc_address, timeout_s=timeout_s, security=sec
+    ) as client:
         try:
             stats = await client.stats()
         except errors.KVTierError:
@@ -56,19 +62,27 @@ def _chosen(
         return "none in common"
 
 
-async def collect(endpoints: tuple[str, ...], prefix: str, timeout_s: float) -> dict[str, Any]:
-    """The cluster's state: the map from etcd, plus each live node's health and epoch."""
-    store = membership.EtcdMembership(endpoints, prefix)
+async def collect(
+    endpoints: tuple[str, ...],
+    prefix: str,
+    timeout_s: float,
+    sec: security.ClientSecurity | None = None,
+) -> dict[str, Any]:
+    """The cluster's state: the map from etcd, plus each live node's health and epoch (as an
+    operator: sec holds the operator certificate)."""
+    store = membership.EtcdMembership(endpoints, prefix, security=sec)
     await store.connect(wait_s=timeout_s)
     try:
         cmap = (await store.get_map()).map
     finally:
         await store.close()
     health = await asyncio.gather(
-        *(rpc.check_health(n.grpc_address, timeout_s=timeout_s) for n in cmap.nodes)
+        *(rpc.check_health(n.grpc_address, timeout_s=timeout_s, security=sec) for n in cmap.nodes)
     )
-    epochs = await asyncio.gather(*(_node_epoch(n.grpc_address, timeout_s) for n in cmap.nodes))
-    kv_stats = await asyncio.gather(*(_kv_stats(n, timeout_s) for n in cmap.nodes))
+    epochs = await asyncio.gather(
+        *(_node_epoch(n.grpc_address, timeout_s, sec) for n in cmap.nodes)
+    )
+    kv_stats = await asyncio.gather(*(_kv_stats(n, timeout_s, sec) for n in cmap.nodes))
     local = registry.client_capabilities()
     nodes = [
         {

@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from kvtier import errors, rpc
+from kvtier import errors
 from kvtier.clients import base
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.gateway.v1 import (
@@ -176,7 +176,7 @@ class AdminServiceClient(base.BaseClient):
         (a heal takes as long as the data it reads)."""
         call = self._stub.Heal(
             admin_pb2.HealRequest(bucket=bucket, prefix=prefix, dry_run=dry_run),
-            metadata=rpc.call_metadata(),
+            metadata=await self.call_metadata(),
         )
         try:
             async for progress in call:

@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from kvtier import errors, rpc, users
+from kvtier import errors, users
 from kvtier.clients import base
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.metadata.v1 import metadata_pb2, metadata_pb2_grpc
@@ -33,7 +33,7 @@ class MetadataClient(base.BaseClient):
         """Every map newer than after_epoch, as it is committed (runs until cancelled)."""
         call = self._stub.WatchClusterMap(
             metadata_pb2.WatchClusterMapRequest(after_epoch=after_epoch),
-            metadata=rpc.call_metadata(),
+            metadata=await self.call_metadata(),
         )
         try:
             async for reply in call:
@@ -93,9 +93,11 @@ class MetadataClient(base.BaseClient):
         is_admin: bool = False,
         access_key: str = "",
         secret: users.Secret | None = None,
+        shm_trusted: bool = False,
     ) -> users.User:
         """Create an S3 user of tenant ("default" when empty); returns it with its secret, which
-        no later call returns again.
+        no later call returns again. shm_trusted: its credential may map a node's whole arena
+        over same-host shared memory.
 
         Without access_key and secret both are generated. Raises errors.AlreadyExists when the
         access key is taken, errors.InvalidArgument for a bad tenant, access key or secret (or
@@ -110,6 +112,7 @@ class MetadataClient(base.BaseClient):
                 is_admin=is_admin,
                 access_key=access_key,
                 secret_key=secret.reveal() if secret is not None else "",
+                shm_trusted=shm_trusted,
             ),
         )
         info = reply.user
@@ -120,6 +123,7 @@ class MetadataClient(base.BaseClient):
             is_admin=info.is_admin,
             created_at_unix_ms=info.created_at_unix_ms,
             secret=users.Secret(reply.secret_key),
+            shm_trusted=info.shm_trusted,
         )
 
     async def list_users(self, tenant: str = "") -> list[metadata_pb2.UserInfo]:

@@ -8,9 +8,16 @@
 - **Layout**: engines whose bytes for a key depend on more than the key (dtype, block size,
   parallel layout) scope the namespace with `with_layout` (`"<namespace>#<digest>"`).
 - **TierSettings**: what every plugin reads from its engine's configuration (where the
-  cluster is, who we are, deadlines), and the `KVClient.connect` arguments made from it.
+  cluster is, who we are, deadlines, credentials), and the `KVClient.connect` arguments made
+  from it.
+- **Credentials**: a plugin's config may name the trust anchor (`ca_file`, `cluster_file`,
+  `insecure`) and an identity (a user's `access_key` with `secret_key` or `secret_key_file`;
+  or a cluster certificate, `cert_file` + `key_file`); what it does not name comes from the
+  `KVTIER_*` environment variables (`kvtier.security.ClientSecurity.from_env`). An identity
+  named in the config replaces the environment's whole. Secrets never appear in a repr, an
+  exception or a log line.
 
-Nothing here imports the SDK or an engine.
+Nothing here imports an engine.
 """
 
 from __future__ import annotations
@@ -18,10 +25,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import stat
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from kvtier import errors, security
+
 KEY_MAX_BYTES = 1024
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+#: The settings that say how the plugin authenticates (the rest say where and what).
+CREDENTIAL_SETTINGS = (
+    "ca_file", "access_key", "secret_key", "secret_key_file", "cert_file", "key_file",
+    "cluster_file", "token_address", "insecure",
+)  # fmt: skip
 
 
 def namespace(model: str, cache_salt: str = "") -> str:
@@ -60,12 +78,30 @@ class TierSettings:
     transports: tuple[str, ...] = ()  # data-plane transports allowed (empty: rdma, shm, tcp)
     ttl_s: float = 0.0  # lifetime of stored blocks (0: the namespace's default, or none)
     retry_s: float = 5.0  # after a failed connect, answer misses this long before trying again
+    # Credentials: what is not set here comes from KVTIER_* environment variables.
+    ca_file: str = ""  # the cluster CA (PEM): the trust anchor of TLS
+    access_key: str = ""  # a kvtier user (`kvtier admin user add`): acts for its own tenant
+    secret_key: str = dataclasses.field(default="", repr=False)  # its secret (or the file:)
+    secret_key_file: str = ""  # a file holding the secret, mode 0600 (keeps it off cmd lines)
+    cert_file: str = ""  # or a cluster certificate (operators, services): mutual TLS
+    key_file: str = ""  # its private key
+    cluster_file: str = ""  # a cluster.json of `kvtier up`: its CA and admin user
+    token_address: str = ""  # where a user gets session tokens when `nodes` is fixed
+    insecure: bool = False  # the cluster runs without TLS and authentication
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.retry_s < 0 or self.ttl_s < 0:
             raise ValueError("timeout_s must be > 0, retry_s and ttl_s >= 0")
         if self.replicas < 1:
             raise ValueError("replicas must be >= 1")
+        if self.secret_key and self.secret_key_file:
+            raise ValueError("give secret_key or secret_key_file, not both")
+        if (self.secret_key or self.secret_key_file) and not self.access_key:
+            raise ValueError("a secret_key needs its access_key")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("give cert_file and key_file together")
+        if self.cert_file and self.access_key:
+            raise ValueError("authenticate with access_key or cert_file, not both")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], prefix: str = "") -> TierSettings:
@@ -84,6 +120,8 @@ class TierSettings:
                 kwargs[field.name] = int(raw)
             elif field.name in ("timeout_s", "ttl_s", "retry_s"):
                 kwargs[field.name] = float(raw)
+            elif field.name == "insecure":
+                kwargs[field.name] = _flag(field.name, raw)
             else:
                 kwargs[field.name] = str(raw)
         return cls(**kwargs)
@@ -108,7 +146,121 @@ class TierSettings:
             kwargs["metadata"] = self.metadata
         else:
             kwargs["nodes"] = list(self.nodes)
+        client_security = self.client_security()
+        if client_security is not None:
+            kwargs["security"] = client_security
         return kwargs
+
+    @property
+    def names_credentials(self) -> bool:
+        """Whether the engine's config says how to authenticate (else: the environment)."""
+        return any(getattr(self, name) for name in CREDENTIAL_SETTINGS)
+
+    def client_security(
+        self, environ: Mapping[str, str] | None = None
+    ) -> security.ClientSecurity | None:
+        """The SDK's `security` argument: None when the config names no credential (the SDK
+        then reads KVTIER_* itself). Raises ValueError for unusable credentials (a secret
+        file that others may read, a missing secret, a certificate without its key)."""
+        if not self.names_credentials:
+            return None
+        env = os.environ if environ is None else environ
+        base = self._base_security(env)
+        cert_file, key_file = base.cert_file, base.key_file
+        access_key, secret_key = base.access_key, base.secret_key
+        if self.cert_file:
+            cert_file, key_file, access_key, secret_key = self.cert_file, self.key_file, "", ""
+        elif self.access_key:
+            cert_file, key_file, access_key = "", "", self.access_key
+            secret_key = self._secret(env)
+        try:
+            return security.ClientSecurity(
+                insecure=self.insecure or base.insecure,
+                ca_file=self.ca_file or base.ca_file,
+                cert_file=cert_file,
+                key_file=key_file,
+                access_key=access_key,
+                secret_key=secret_key,
+                token_address=self.token_address or base.token_address,
+            )
+        except errors.InvalidArgument as exc:
+            raise ValueError(f"kvtier credentials: {exc.message}") from None
+
+    def _base_security(self, env: Mapping[str, str]) -> security.ClientSecurity:
+        """What the config does not name: its cluster file's, else the environment's (only
+        the trust anchors when the config names its own identity)."""
+        try:
+            if self.cluster_file:
+                return security.ClientSecurity.from_cluster_file(self.cluster_file)
+            if not (self.cert_file or self.access_key):
+                return security.ClientSecurity.from_env(env)
+            cluster = env.get(security.ENV_CLUSTER_FILE, "")
+            trust = security.ClientSecurity.from_cluster_file(cluster) if cluster else None
+            return security.ClientSecurity(
+                insecure=_flag(security.ENV_INSECURE, env.get(security.ENV_INSECURE, ""))
+                or (trust is not None and trust.insecure),
+                ca_file=env.get(security.ENV_CA_FILE) or (trust.ca_file if trust else ""),
+                token_address=trust.token_address if trust else "",
+            )
+        except errors.InvalidArgument as exc:
+            raise ValueError(f"kvtier credentials: {exc.message}") from None
+
+    def _secret(self, env: Mapping[str, str]) -> str:
+        """The user's secret: secret_key, secret_key_file, else KVTIER_SECRET_KEY (when
+        KVTIER_ACCESS_KEY is unset or names the same user)."""
+        if self.secret_key:
+            return self.secret_key
+        if self.secret_key_file:
+            return read_secret_file(self.secret_key_file)
+        env_secret = env.get(security.ENV_SECRET_KEY, "")
+        if env_secret and env.get(security.ENV_ACCESS_KEY, self.access_key) == self.access_key:
+            return env_secret
+        raise ValueError(
+            f"access_key {self.access_key} needs secret_key_file, secret_key or "
+            f"{security.ENV_SECRET_KEY}"
+        )
+
+    def identity(self) -> str:
+        """Who the plugin authenticates as, for its start-up log line (never a secret)."""
+        if self.insecure:
+            return "insecure (no TLS, no authentication)"
+        if self.cert_file:
+            return f"certificate {self.cert_file}"
+        if self.access_key:
+            return f"user {self.access_key}"
+        if self.cluster_file:
+            return f"the admin user of {self.cluster_file}"
+        return "the KVTIER_* environment"
+
+
+def read_secret_file(path: str) -> str:
+    """The secret in path (surrounding whitespace dropped). Raises ValueError when the file
+    cannot be read, is empty, or may be read by its group or others (it must be 0600 or
+    stricter: a secret readable by other users is no secret)."""
+    try:
+        mode = os.stat(path).st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ValueError(
+                f"secret_key_file {path} has mode {stat.S_IMODE(mode):04o}: make it 0600 "
+                "(chmod 600), it holds a secret"
+            )
+        secret = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"secret_key_file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"secret_key_file {path} is not text") from None
+    if not secret:
+        raise ValueError(f"secret_key_file {path} is empty")
+    return secret
+
+
+def _flag(name: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ValueError(f"{name} must be true or false, got {raw!r}")
 
 
 LAYOUT_DIGEST_CHARS = 12

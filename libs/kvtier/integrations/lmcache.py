@@ -9,8 +9,10 @@ remote_storage_plugins: ["kvtier"]
 extra_config:
   remote_storage_plugin.kvtier.module_path: kvtier.integrations.lmcache
   remote_storage_plugin.kvtier.class_name: KVTierConnectorAdapter
-  remote_storage_plugin.kvtier.metadata: "10.0.0.5:7001"
-  remote_storage_plugin.kvtier.tenant: team-a
+  remote_storage_plugin.kvtier.metadata: "10.0.0.5:7443"   # its client port
+  remote_storage_plugin.kvtier.ca_file: /etc/kvtier/ca.crt
+  remote_storage_plugin.kvtier.access_key: AKTEAMA
+  remote_storage_plugin.kvtier.secret_key_file: /etc/kvtier/team-a.secret   # mode 0600
 ```
 
 LMCache's `ConnectorManager` imports `module_path` and takes `class_name`: `KVTierConnectorAdapter`
@@ -19,8 +21,11 @@ itself (a `RemoteConnector`, which LMCache wraps in its `DynamicConnectorAdapter
 name). Both classes are made on first access (module `__getattr__`), so importing this module
 imports no LMCache. The other `remote_storage_plugin.<name>.*` keys are
 `kvtier.integrations.keys.TierSettings` fields (`metadata` or `nodes`, `tenant`, `cache_salt`,
-`namespace`, `timeout_s`, `replicas`, `transports`, `ttl_s`, `retry_s`) and `pin_s`: how long a
-lookup that LMCache asks to pin keeps its hits from eviction (default 30 s).
+`namespace`, `timeout_s`, `replicas`, `transports`, `ttl_s`, `retry_s`; the credentials
+`ca_file`, `access_key`, `secret_key` / `secret_key_file`, `cert_file` / `key_file`,
+`cluster_file`, `token_address`, `insecure`, which fall back to the `KVTIER_*` environment
+variables) and `pin_s`: how long a lookup that LMCache asks to pin keeps its hits from eviction
+(default 30 s).
 
 **Names.** Namespace: the served model (`LMCacheMetadata.model_name`) + `cache_salt`. A
 `CacheEngineKey` (`model@world_size@worker_id@chunk_hash@dtype[@tags]`) loses its model (it is
@@ -35,7 +40,8 @@ concurrently); gets land straight in the `MemoryObj`s LMCache allocates (partial
 are sized by what kvtier returns, so no chunk metadata is stored). A pinning lookup pins its
 hits in kvtier until the matching get (or `pin_s`).
 
-**Failures are misses.** An unreachable or slow cluster, a dead node, quota or space refusals:
+**Failures are misses.** An unreachable or slow cluster, a dead node, quota or space refusals,
+a refused credential:
 lookups count misses, gets return None, puts are dropped (logged, at most every 30 s); LMCache
 recomputes. Only a configuration error (no address, no model name) raises.
 """
@@ -109,8 +115,9 @@ class KVTierRemote:
         self._logged_at: dict[str, float] = {}
         self._pinned: dict[str, list[bytes]] = {}
         log.info(
-            "kvtier LMCache connector %s: namespace %s, tenant %s, MLA keys shared: %s",
-            name, self.namespace, self.settings.tenant or "default", self._mla,
+            "kvtier LMCache connector %s: namespace %s, tenant %s, as %s, MLA keys shared: %s",
+            name, self.namespace, self.settings.tenant or "(from the credentials)",
+            self.settings.identity(), self._mla,
         )  # fmt: skip
 
     # Probes.

@@ -6,7 +6,8 @@ python -m sglang.launch_server --model-path meta-llama/Llama-3.1-8B-Instruct \\
   --hicache-storage-backend dynamic \\
   --hicache-storage-backend-extra-config '{"backend_name": "kvtier",
     "module_path": "kvtier.integrations.sglang", "class_name": "KVTierHiCacheStorage",
-    "interface_v1": 1, "metadata": "10.0.0.5:7001", "tenant": "team-a"}'
+    "interface_v1": 1, "metadata": "10.0.0.5:7443", "ca_file": "/etc/kvtier/ca.crt",
+    "access_key": "AKTEAMA", "secret_key_file": "/etc/kvtier/team-a.secret"}'
 ```
 
 SGLang's `StorageBackendFactory` imports this module, checks that `KVTierHiCacheStorage` is a
@@ -14,7 +15,10 @@ SGLang's `StorageBackendFactory` imports this module, checks that `KVTierHiCache
 first access (module `__getattr__`), so importing this module imports neither SGLang nor torch.
 The other keys of the extra config are `kvtier.integrations.keys.TierSettings` fields
 (`metadata` or `nodes`, `tenant`, `cache_salt`, `namespace`, `timeout_s`, `replicas`,
-`transports`, `ttl_s`, `retry_s`); `interface_v1: 1` makes SGLang use the zero-copy calls.
+`transports`, `ttl_s`, `retry_s`, and the credentials `ca_file`, `access_key`, `secret_key` /
+`secret_key_file`, `cert_file` / `key_file`, `cluster_file`, `token_address`, `insecure`, which
+fall back to the `KVTIER_*` environment variables); `interface_v1: 1` makes SGLang use the
+zero-copy calls.
 
 **Names.** Namespace: the served model + `cache_salt` (`keys.TierSettings.namespace_for`).
 SGLang hands the backend chained SHA-256 page hashes (a request's own cache salt is already
@@ -41,8 +45,9 @@ generic calls (`batch_get` / `batch_set`) store the flat page SGLang hands over 
 A page counts as present when all its blocks are; `batch_exists` asks every owner node once.
 
 **Failures are misses.** An unreachable or slow cluster, a node that dies, quota or space
-refusals: gets and probes report misses, sets report failure, and SGLang recomputes. Only a
-configuration error (no address, no model name, a layout without zero-copy metadata) raises.
+refusals, a refused credential: gets and probes report misses, sets report failure, and SGLang
+recomputes. Only a configuration error (no address, no model name, a layout without zero-copy
+metadata, an unusable credential setting) raises.
 """
 
 from __future__ import annotations
@@ -104,8 +109,9 @@ class HiCacheKVTier:
         self._components: list[str] = []  # block suffixes of one page (zero-copy)
         self._split_factor = 0
         log.info(
-            "kvtier HiCache storage: namespace %s, tenant %s, scope %s, zero-copy %s",
-            self.namespace, self.settings.tenant or "default", self._scope or "-", self.zero_copy,
+            "kvtier HiCache storage: namespace %s, tenant %s, as %s, scope %s, zero-copy %s",
+            self.namespace, self.settings.tenant or "(from the credentials)",
+            self.settings.identity(), self._scope or "-", self.zero_copy,
         )  # fmt: skip
 
     # Host pool.

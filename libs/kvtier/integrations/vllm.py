@@ -6,14 +6,18 @@ vllm serve meta-llama/Llama-3.1-8B-Instruct --kv-transfer-config '{
   "kv_connector_extra_config": {
     "spec_name": "TieringOffloadingSpec", "cpu_bytes_to_use": 8589934592,
     "secondary_tiers": [{"type": "KVTierSecondaryTier", "module_path": "kvtier.integrations.vllm",
-                         "metadata": "10.0.0.5:7001", "tenant": "team-a"}]}}'
+                         "metadata": "10.0.0.5:7443", "ca_file": "/etc/kvtier/ca.crt",
+                         "access_key": "AKTEAMA",
+                         "secret_key_file": "/etc/kvtier/team-a.secret"}]}}'
 ```
 
 vLLM's `SecondaryTierFactory` imports this module, takes `KVTierSecondaryTier` from it (made on
 first access against the installed vLLM: importing the module imports no vLLM) and builds it
 with the tier dict's other keys: `kvtier.integrations.keys.TierSettings` fields (`metadata` or
 `nodes`, `tenant`, `cache_salt`, `namespace`, `timeout_s`, `replicas`, `transports`, `ttl_s`,
-`retry_s`), `locality` (vLLM's, default REMOTE), `max_inflight_jobs` (16) and
+`retry_s`, and the credentials `ca_file`, `access_key`, `secret_key` / `secret_key_file`,
+`cert_file` / `key_file`, `cluster_file`, `token_address`, `insecure`, which fall back to the
+`KVTIER_*` environment variables), `locality` (vLLM's, default REMOTE), `max_inflight_jobs` (16) and
 `touch_interval_s` (1; 0 turns forwarding vLLM's touches off).
 
 **Where it sits.** vLLM copies blocks GPU -> CPU (its primary tier, `cpu_bytes_to_use`) and
@@ -37,7 +41,8 @@ chunk bytes, and the parallel sizes unless vLLM says the bytes are parallelism-a
 TP2 and a TP4 deployment share blocks exactly when their bytes are the same. A request's own
 `cache_salt` is already mixed into vLLM's block hashes.
 
-**Failures are misses.** An unreachable or slow cluster, a dead node, quota or space refusals:
+**Failures are misses.** An unreachable or slow cluster, a dead node, quota or space refusals,
+a refused credential (a wrong secret, a tenant the user may not act for):
 lookups answer MISS, stores and loads report failed jobs (vLLM recomputes; a failed load also
 turns its keys' cached verdicts into misses, so vLLM does not retry the same promotion), and the
 tier logs once per kind of failure every 30 s. Only a configuration error raises.
@@ -215,9 +220,10 @@ class KVTierTier:
         # Connect now, so that the first lookups need not wait for it.
         self._connecting = self._on_loop(self._connected())
         log.info(
-            "kvtier vLLM tier %s: namespace %s, tenant %s, %s, chunk %d B",
-            tier_type, self.namespace, self.settings.tenant or "default",
-            self.settings.metadata or ",".join(self.settings.nodes), self._chunk_bytes,
+            "kvtier vLLM tier %s: namespace %s, tenant %s, as %s, %s, chunk %d B",
+            tier_type, self.namespace, self.settings.tenant or "(from the credentials)",
+            self.settings.identity(), self.settings.metadata or ",".join(self.settings.nodes),
+            self._chunk_bytes,
         )  # fmt: skip
 
     # Lookups: answered from this step's batch, one exists_batch per step.

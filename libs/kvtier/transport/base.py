@@ -12,6 +12,7 @@ import ctypes
 import enum
 import hashlib
 import hmac
+import itertools
 import mmap
 import os
 import secrets
@@ -24,9 +25,11 @@ from typing import Any, ClassVar, Protocol
 
 from kvtier import errors
 from kvtier.proto.common.v1 import common_pb2
+from kvtier.transport import grants as grant_table
 
 MAC_BYTES = 16
-_MAC_FIELDS = struct.Struct("<IQQBq")  # region_id, offset, length, rights, expires_at_ms
+_MAC_FIELDS = struct.Struct("<IQQBqQ")  # region_id, offset, length, rights, expires_at_ms, grant
+_TOKEN_HEAD = struct.Struct("<qHB")  # expires_at_ms, principal bytes, transport bytes
 
 
 class Rights(enum.IntFlag):
@@ -41,7 +44,7 @@ class DescriptorExpired(errors.PermissionDenied):
 
 
 class DescriptorRejected(errors.PermissionDenied):
-    """The descriptor is forged, altered, out of range, or lacks the needed right."""
+    """The descriptor is forged, altered, out of range, revoked, or lacks the needed right."""
 
 
 class PeerLost(errors.Unavailable):
@@ -55,7 +58,8 @@ def now_ms() -> int:
 
 @dataclass(frozen=True, slots=True)
 class Descriptor:
-    """A grant to access [offset, offset+length) of a peer's region until expires_at_ms."""
+    """A grant to access [offset, offset+length) of a peer's region until expires_at_ms, or
+    until the grant `grant_id` is revoked, whichever comes first."""
 
     node_id: str
     region_id: int
@@ -66,6 +70,7 @@ class Descriptor:
     mac: bytes
     rkey: int = 0
     remote_addr: int = 0
+    grant_id: int = 0
 
     def to_proto(self) -> common_pb2.Descriptor:
         """The wire form that travels in gRPC messages."""
@@ -79,6 +84,7 @@ class Descriptor:
             mac=self.mac,
             rkey=self.rkey,
             remote_addr=self.remote_addr,
+            grant_id=self.grant_id,
         )
 
     @classmethod
@@ -94,6 +100,7 @@ class Descriptor:
             mac=bytes(msg.mac),
             rkey=msg.rkey,
             remote_addr=msg.remote_addr,
+            grant_id=msg.grant_id,
         )
 
 
@@ -167,20 +174,26 @@ class RegionTable:
 class Issuer:
     """Grants descriptors and connection tokens, and checks them (HMAC-SHA256, per-process key).
 
-    A descriptor's MAC covers region, range, rights and expiry and is keyed to the principal
-    (client id) it was granted to, so it is only valid on that client's connections. The key
-    lives in memory only: a restarted node invalidates every outstanding grant.
+    A descriptor's MAC covers region, range, rights, expiry and its grant id and is keyed to the
+    principal (client id) it was granted to, so it is only valid on that client's connections.
+    Every grant is recorded live (`grants`) until it expires or is revoked (`revoke`): a
+    revoked descriptor is refused even though its MAC is good. A token names the transport it
+    was negotiated for; each server accepts only its own. The key lives in memory only: a
+    restarted node invalidates every outstanding grant and token.
     """
 
     def __init__(self, node_id: str, secret: bytes | None = None) -> None:
         self.node_id = node_id
         self._secret = secret or secrets.token_bytes(32)
+        self.grants = grant_table.GrantTable()
+        self._grant_ids = itertools.count(1)
 
     def _mac(
-        self, principal: str, region_id: int, offset: int, length: int, rights: int, exp: int
-    ) -> bytes:
-        msg = _MAC_FIELDS.pack(region_id, offset, length, rights, exp) + principal.encode()
-        return hmac.digest(self._secret, msg, hashlib.sha256)[:MAC_BYTES]
+        self, principal: str, region_id: int, offset: int, length: int, rights: int, exp: int,
+        grant_id: int,
+    ) -> bytes:  # fmt: skip
+        fields = _MAC_FIELDS.pack(region_id, offset, length, rights, exp, grant_id)
+        return hmac.digest(self._secret, fields + principal.encode(), hashlib.sha256)[:MAC_BYTES]
 
     def grant(
         self,
@@ -193,13 +206,16 @@ class Issuer:
         *,
         rkey: int = 0,
     ) -> Descriptor:
-        """A descriptor of region[offset:offset+length] for principal, valid for ttl_s."""
+        """A descriptor of region[offset:offset+length] for principal, valid for ttl_s or until
+        `revoke(descriptor.grant_id)`."""
         if offset < 0 or length < 0 or offset + length > region.size:
             raise errors.InvalidArgument(
                 f"range {offset}+{length} outside region {region.region_id} of {region.size} bytes"
             )
         exp = now_ms() + int(ttl_s * 1000)
-        mac = self._mac(principal, region.region_id, offset, length, int(rights), exp)
+        grant_id = next(self._grant_ids)
+        mac = self._mac(principal, region.region_id, offset, length, int(rights), exp, grant_id)
+        self.grants.add(grant_id, region.region_id, offset, length, exp, now_ms())
         return Descriptor(
             node_id=self.node_id,
             region_id=region.region_id,
@@ -210,7 +226,18 @@ class Issuer:
             mac=mac,
             rkey=rkey,
             remote_addr=region.address + offset if rkey else 0,
+            grant_id=grant_id,
         )
+
+    def revoke(self, grant_id: int) -> bool:
+        """End a grant before its expiry: its descriptor is refused from now on (tcp, shm;
+        on rdma only the client-side checks know, see docs/transports.md). False when the
+        grant had already ended."""
+        return self.grants.revoke(grant_id)
+
+    def in_use(self, region_id: int, offset: int, length: int) -> bool:
+        """Whether a live grant still names bytes of region[offset:offset+length]."""
+        return self.grants.overlaps(region_id, offset, length, now_ms())
 
     def check(
         self,
@@ -223,45 +250,60 @@ class Issuer:
         rights: int,
         expires_at_ms: int,
         mac: bytes,
+        grant_id: int,
     ) -> Region:
         """Verify a descriptor's fields for principal; returns its region.
 
-        Raises DescriptorRejected (bad MAC, missing right, range outside the region) or
-        DescriptorExpired.
+        Raises DescriptorRejected (bad MAC, missing right, revoked grant, range outside the
+        region) or DescriptorExpired.
         """
-        expected = self._mac(principal, region_id, offset, length, rights, expires_at_ms)
+        expected = self._mac(principal, region_id, offset, length, rights, expires_at_ms, grant_id)
         if not hmac.compare_digest(expected, mac):
             raise DescriptorRejected("descriptor not granted to this client (bad MAC)")
         if rights & need != need:
             raise DescriptorRejected(f"descriptor lacks the {need.name} right")
-        if expires_at_ms < now_ms():
+        now = now_ms()
+        if expires_at_ms < now:
             raise DescriptorExpired("descriptor expired")
+        if not self.grants.is_live(grant_id, now):
+            raise DescriptorRejected(
+                "descriptor revoked: its grant has ended (commit, abort or release)"
+            )
         region = regions.get(region_id)
         if offset + length > region.size:
             raise DescriptorRejected("descriptor range outside its region")
         return region
 
-    def issue_token(self, principal: str, ttl_s: float = 300.0) -> tuple[bytes, int]:
-        """A data-plane connection token for principal and its expiry (ms)."""
+    def issue_token(
+        self, principal: str, ttl_s: float = 300.0, *, transport: str
+    ) -> tuple[bytes, int]:
+        """A data-plane connection token for principal over `transport` (only that transport's
+        server accepts it) and its expiry (ms)."""
         exp = now_ms() + int(ttl_s * 1000)
-        name = principal.encode()
-        body = struct.pack("<qH", exp, len(name)) + name
+        name, kind = principal.encode(), transport.encode()
+        body = _TOKEN_HEAD.pack(exp, len(name), len(kind)) + name + kind
         return body + hmac.digest(self._secret, b"token" + body, hashlib.sha256)[:MAC_BYTES], exp
 
-    def check_token(self, token: bytes) -> str:
-        """The principal a token was issued to; PermissionDenied when forged or expired."""
-        if len(token) < 10 + MAC_BYTES:
+    def check_token(self, token: bytes, transport: str) -> str:
+        """The principal a token was issued to; PermissionDenied when forged, expired, or
+        issued for another transport."""
+        if len(token) < _TOKEN_HEAD.size + MAC_BYTES:
             raise errors.PermissionDenied("malformed data-plane token")
         body, mac = token[:-MAC_BYTES], token[-MAC_BYTES:]
         expected = hmac.digest(self._secret, b"token" + body, hashlib.sha256)[:MAC_BYTES]
         if not hmac.compare_digest(expected, mac):
             raise errors.PermissionDenied("data-plane token not issued by this node")
-        exp, size = struct.unpack_from("<qH", body)
+        exp, size, kind_size = _TOKEN_HEAD.unpack_from(body)
         if exp < now_ms():
             raise errors.PermissionDenied("data-plane token expired")
-        if 10 + size != len(body):
+        if _TOKEN_HEAD.size + size + kind_size != len(body):
             raise errors.PermissionDenied("malformed data-plane token")
-        return body[10:].decode()
+        kind = body[_TOKEN_HEAD.size + size :].decode(errors="replace")
+        if kind != transport:
+            raise errors.PermissionDenied(
+                f"data-plane token issued for {kind or 'no transport'}, not {transport}"
+            )
+        return body[_TOKEN_HEAD.size : _TOKEN_HEAD.size + size].decode()
 
 
 class ByteBudget:
@@ -336,12 +378,12 @@ class LeaseTable:
     A transport leases a range before bytes move and releases it when they have moved (or its
     connection dies). Whoever reuses region memory (the KV pool's eviction, a datanode's buffer
     pool) must not reuse a range while `overlaps()` says it is leased: so a range is never
-    reused under a reader.
+    reused under a reader. Leases past their end are forgotten as new ones come.
     """
 
     def __init__(self) -> None:
         self._next = 1
-        self._leases: dict[int, tuple[int, int, int, object, int]] = {}
+        self._ranges = grant_table.RangeIndex()
 
     def acquire(
         self, region_id: int, offset: int, length: int, owner: object, until_ms: int
@@ -349,39 +391,27 @@ class LeaseTable:
         """Lease a range for owner until until_ms; returns the lease id."""
         lease_id = self._next
         self._next += 1
-        self._leases[lease_id] = (region_id, offset, length, owner, until_ms)
+        self._ranges.add(lease_id, region_id, offset, length, until_ms, now_ms(), owner)
         return lease_id
 
     def release(self, lease_id: int) -> None:
         """End one lease (unknown ids are ignored: release is idempotent)."""
-        self._leases.pop(lease_id, None)
+        self._ranges.remove(lease_id)
 
     def release_owner(self, owner: object) -> int:
         """End every lease of owner (its connection closed); returns how many."""
-        doomed = [k for k, v in self._leases.items() if v[3] is owner]
-        for lease_id in doomed:
-            del self._leases[lease_id]
-        return len(doomed)
+        return self._ranges.remove_owner(owner)
 
     def expire(self, now: int | None = None) -> int:
         """Drop leases past their end; returns how many."""
-        now = now_ms() if now is None else now
-        doomed = [k for k, v in self._leases.items() if v[4] < now]
-        for lease_id in doomed:
-            del self._leases[lease_id]
-        return len(doomed)
+        return self._ranges.expire(now_ms() if now is None else now)
 
     def overlaps(self, region_id: int, offset: int, length: int) -> bool:
         """Whether any live lease touches region[offset:offset+length]."""
-        now = now_ms()
-        end = offset + length
-        return any(
-            r == region_id and o < end and offset < o + n and until >= now
-            for r, o, n, _owner, until in self._leases.values()
-        )
+        return self._ranges.overlaps(region_id, offset, length, now_ms())
 
     def __len__(self) -> int:
-        return len(self._leases)
+        return len(self._ranges)
 
 
 # Calls: a small request to the node's service, answered in the same round trip, whose bulk
@@ -478,8 +508,18 @@ class ServerContext:
     issuer: Issuer
     leases: LeaseTable = field(default_factory=LeaseTable)
     max_inflight_bytes: int = 256 * 1024 * 1024
+    #: Data-plane connections one identity (`identity_of`) may hold open, over every transport.
+    max_connections_per_principal: int = 64
+    connections: grant_table.ConnectionCounts = field(default_factory=grant_table.ConnectionCounts)
     #: The service's call handler; None: calls fail with Unavailable.
     call_handler: CallHandler | None = None
+
+    def in_use(self, region_id: int, offset: int, length: int) -> bool:
+        """Whether region[offset:offset+length] must not be reused yet: a transport moves
+        bytes in it (a lease) or a live grant still names it (a descriptor that still works)."""
+        return self.leases.overlaps(region_id, offset, length) or self.issuer.in_use(
+            region_id, offset, length
+        )
 
 
 class Transport(Protocol):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, cast
 
 import prometheus_client
 
@@ -13,6 +15,9 @@ from kvtier import errors
 from kvtier import principal as principal_mod
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.transport import base, registry
+
+if TYPE_CHECKING:  # transports load lazily, by name (registry.load); rdma is only a type here
+    from kvtier.transport import rdma_server
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,53 @@ def role_of(principal: str) -> str:
     return head[1:] if head.startswith(NO_TENANT_MARK) else ""
 
 
+#: Longest caller name kept in a session principal.
+_MAX_NAME_CHARS = 128
+
+
+def _part(name: str) -> str:
+    """A caller-chosen name made safe as one part of a session principal: no '/' (which
+    separates the parts), no control characters, bounded."""
+    cleaned = "".join("_" if c == "/" or not c.isprintable() else c for c in name)
+    return cleaned[:_MAX_NAME_CHARS] or "_"
+
+
+def session_principal(
+    caller: principal_mod.Principal, request: common_pb2.OpenDataPlaneRequest
+) -> str:
+    """The principal of a new data-plane session, minted from its authenticated caller:
+
+    - a user acting for its own tenant: `tenant/access_key/random`;
+    - a service, operator or admin naming a tenant: `tenant/role:name/random` (`admin:` for
+      an admin user);
+    - a service or operator naming none: `@role/name/random` (names no tenant);
+    - INSECURE (a cluster run without authentication): `tenant/client_id/random`, the tenant
+      the request names (default: DEFAULT_TENANT).
+
+    Raises Unauthenticated (anonymous), PermissionDenied (a user naming another tenant),
+    InvalidArgument (a malformed tenant; INSECURE without client_id).
+    """
+    suffix = secrets.token_hex(8)
+    kind = caller.kind
+    if kind is principal_mod.Kind.INSECURE:
+        if not request.client_id:
+            raise errors.InvalidArgument("client_id is required")
+        tenant = check_tenant(request.tenant or DEFAULT_TENANT)
+        return f"{tenant}/{_part(request.client_id)}/{suffix}"
+    tenant = caller.acting_tenant(request.tenant)  # Unauthenticated, PermissionDenied
+    if kind is principal_mod.Kind.USER:
+        if tenant == caller.tenant:
+            return f"{tenant}/{_part(caller.name)}/{suffix}"
+        return f"{tenant}/admin:{_part(caller.name)}/{suffix}"
+    if request.tenant:
+        return f"{tenant}/{_part(caller.role or 'admin')}:{_part(caller.name)}/{suffix}"
+    return f"{NO_TENANT_MARK}{_part(caller.role)}/{_part(caller.name)}/{suffix}"
+
+
+def _authenticated(caller: principal_mod.Principal) -> bool:
+    return caller.authenticated
+
+
 class DataPlane:
     """Regions + issuer + transport servers of one node."""
 
@@ -54,7 +106,11 @@ class DataPlane:
         node_id: str,
         transports: Sequence[str],
         settings: registry.ServerSettings,
+        *,
+        may_open: Callable[[principal_mod.Principal], bool] = _authenticated,
     ) -> None:
+        """may_open: who may open sessions on this node at all (default: every authenticated
+        caller; e.g. a datanode admits only gateways and operators)."""
         self.regions = base.RegionTable()
         self.issuer = base.Issuer(node_id)
         self.ctx = base.ServerContext(
@@ -62,12 +118,38 @@ class DataPlane:
             regions=self.regions,
             issuer=self.issuer,
             max_inflight_bytes=settings.max_inflight_bytes,
+            max_connections_per_principal=settings.max_connections_per_principal,
         )
+        self._may_open = may_open
         self._wanted = list(transports)
         self._settings = settings
         self._servers: dict[str, base.TransportServer] = {}
         self._owned_dir = ""
         self.capabilities = common_pb2.DataPlaneCapabilities(host_id=base.host_id())
+
+    def grant(
+        self,
+        region: base.Region,
+        offset: int,
+        length: int,
+        rights: base.Rights,
+        principal: str,
+        ttl_s: float = 30.0,
+    ) -> base.Descriptor:
+        """A descriptor of region[offset:offset+length] for principal (`Issuer.grant`), with
+        the rkey of its rights when rdma is served here (an rkey is useless without a queue
+        pair, which only an rdma token gets). Revoke it with `issuer.revoke(d.grant_id)`."""
+        rdma = self._servers.get("rdma")
+        if rdma is not None:
+            return cast("rdma_server.Server", rdma).grant(
+                region, offset, length, rights, principal, ttl_s
+            )
+        return self.issuer.grant(region, offset, length, rights, principal, ttl_s)
+
+    def in_use(self, region_id: int, offset: int, length: int) -> bool:
+        """Whether region[offset:offset+length] must not be reused yet (`ServerContext.in_use`:
+        a transport lease or a live grant): the reuse guard of a pool over a region."""
+        return self.ctx.in_use(region_id, offset, length)
 
     def server(self, name: str) -> base.TransportServer:
         """The running server of a transport (rdma needs it for queue-pair set-up)."""
@@ -81,14 +163,7 @@ class DataPlane:
         settings = self._settings
         if "shm" in self._wanted and not settings.shm_dir:
             self._owned_dir = registry.private_dir()
-            settings = registry.ServerSettings(
-                host=settings.host,
-                advertise_host=settings.advertise_host,
-                tcp_port=settings.tcp_port,
-                shm_dir=self._owned_dir,
-                rdma_device=settings.rdma_device,
-                max_inflight_bytes=settings.max_inflight_bytes,
-            )
+            settings = dataclasses.replace(settings, shm_dir=self._owned_dir)
         for name in self._wanted:
             try:
                 module = registry.load(name)
@@ -104,14 +179,30 @@ class DataPlane:
             raise errors.Unavailable(f"none of the data-plane transports {self._wanted} can run")
         return self.capabilities
 
-    def open(self, request: common_pb2.OpenDataPlaneRequest) -> common_pb2.OpenDataPlaneResponse:
-        """Negotiate a transport for a client and issue its connection token."""
-        if not request.client_id:
-            raise errors.InvalidArgument("client_id is required")
-        tenant = check_tenant(request.tenant or DEFAULT_TENANT)
-        endpoint = registry.choose(self.capabilities, request.client, list(request.allowed))
-        principal = f"{tenant}/{request.client_id}/{secrets.token_hex(8)}"
-        token, expires = self.issuer.issue_token(principal)
+    def open(
+        self, request: common_pb2.OpenDataPlaneRequest, caller: principal_mod.Principal
+    ) -> common_pb2.OpenDataPlaneResponse:
+        """Negotiate a transport for an authenticated caller, mint its session principal
+        (`session_principal`) and issue a token for that transport only.
+
+        shm and rdma are only chosen for callers trusted with whole regions
+        (`caller.shm_trusted`). Raises Unauthenticated (anonymous), PermissionDenied (refused by
+        may_open, a user naming another tenant, only untrusted-for transports allowed),
+        InvalidArgument, Unavailable (no common transport).
+        """
+        if not caller.authenticated:
+            raise errors.Unauthenticated(
+                "opening a data-plane session needs an authenticated caller"
+            )
+        if not self._may_open(caller):
+            raise errors.PermissionDenied(
+                f"{caller.describe()} may not open data-plane sessions on this node"
+            )
+        principal = session_principal(caller, request)
+        endpoint = registry.choose(
+            self.capabilities, request.client, list(request.allowed), trusted=caller.shm_trusted
+        )
+        token, expires = self.issuer.issue_token(principal, transport=endpoint.name)
         OPENED.labels(endpoint.name).inc()
         log.info("data plane opened for %s over %s", principal, endpoint.name)
         return common_pb2.OpenDataPlaneResponse(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast
 
-from kvtier import rpc
+from kvtier import principal, rpc
 from kvtier.proto.common.v1 import common_pb2, common_pb2_grpc
 from kvtier.transport import dataplane
 
@@ -21,12 +21,12 @@ class DataPlaneServicer(common_pb2_grpc.DataPlaneServiceServicer):
     async def OpenDataPlane(
         self, request: common_pb2.OpenDataPlaneRequest, context: rpc.ServicerContext
     ) -> common_pb2.OpenDataPlaneResponse:
-        return self._plane.open(request)
+        return self._plane.open(request, principal.current())
 
     async def ConnectRdma(
         self, request: common_pb2.ConnectRdmaRequest, context: rpc.ServicerContext
     ) -> common_pb2.ConnectRdmaResponse:
-        principal = self._plane.issuer.check_token(request.token)
+        session = self._plane.issuer.check_token(request.token, "rdma")
         server = cast("rdma.Server", self._plane.server("rdma"))
-        accepted = await server.accept(request.client, principal)
+        accepted = await server.accept(request.client, session)
         return common_pb2.ConnectRdmaResponse(server=accepted)

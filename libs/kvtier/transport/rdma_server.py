@@ -15,14 +15,14 @@ from typing import Any, ClassVar
 
 from kvtier import errors
 from kvtier.proto.common.v1 import common_pb2
-from kvtier.transport import base, rdma_device, rdma_logic, rdma_verbs_consts, registry
+from kvtier.transport import base, grants, rdma_device, rdma_logic, rdma_verbs_consts, registry
 
 log = logging.getLogger(__name__)
 
 #: How often the server drops queue pairs that went to the ERR state.
 REAP_INTERVAL_S = 5.0
-#: Queue pairs one principal may hold on a server; its oldest go first (leaked by crashed peers).
-MAX_QPS_PER_PRINCIPAL = 64
+# Queue pairs one identity (`grants.identity_of`) may hold: ServerContext's
+# max_connections_per_principal; past it its oldest go first (leaked by crashed peers).
 MAX_CONNECTIONS = 4096
 
 
@@ -223,10 +223,13 @@ class Server:
         return await self._drop([n for n, c in self._conns.items() if c.principal == principal])
 
     async def _evict_oldest(self, principal: str) -> None:
+        who = grants.identity_of(principal)
         mine = sorted(
-            (c.accepted_at, n) for n, c in self._conns.items() if c.principal == principal
+            (c.accepted_at, n)
+            for n, c in self._conns.items()
+            if grants.identity_of(c.principal) == who
         )
-        excess = len(mine) - MAX_QPS_PER_PRINCIPAL + 1
+        excess = len(mine) - self._ctx.max_connections_per_principal + 1
         if excess > 0:
             await self._drop([n for _, n in mine[:excess]])
 

@@ -26,6 +26,9 @@ RdmaExchange = Callable[[common_pb2.RdmaQueuePair], Awaitable[common_pb2.RdmaQue
 
 #: Every transport, in default order of preference.
 PREFERENCE = ("rdma", "shm", "tcp")
+#: Transports that hand a client a whole region (shm: its memfd; rdma: an rkey of the whole
+#: MR), whatever its descriptors say: only trusted principals get them (`choose`).
+WHOLE_REGION = ("rdma", "shm")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -40,6 +43,17 @@ class ServerSettings:
     #: RDMA device to use (empty: the first one found).
     rdma_device: str = ""
     max_inflight_bytes: int = 256 * 1024 * 1024
+    #: Data-plane connections one identity (a session principal without its random suffix)
+    #: may hold open to this node, over every transport; past it HELLO gets Overloaded.
+    max_connections_per_principal: int = 64
+    #: Serve the tcp data plane over TLS with the node's certificate (tls_cert_file and
+    #: tls_key_file, PEM); its endpoint then reads `tls://host:port`. Off: cleartext, only for
+    #: networks the operator trusts (docs/transports.md, "TLS").
+    tls: bool = False
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    #: The cluster CA (unused by the tcp server: clients authenticate with their token).
+    tls_ca_file: str = ""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -53,6 +67,9 @@ class ClientSettings:
     #: Deadline of one data-plane operation.
     timeout_s: float = 30.0
     rdma_device: str = ""
+    #: The cluster CA (PEM) that a TLS tcp endpoint's certificate must chain to; needed only
+    #: for endpoints served over TLS (`tls://host:port`).
+    tls_ca_file: str = ""
     #: rdma only: exchanges queue-pair info with the server over gRPC (ConnectRdma).
     rdma_exchange: (
         Callable[[common_pb2.RdmaQueuePair], Awaitable[common_pb2.RdmaQueuePair]] | None
@@ -86,16 +103,33 @@ def choose(
     server: common_pb2.DataPlaneCapabilities,
     client: common_pb2.DataPlaneCapabilities,
     allowed: Sequence[str] = PREFERENCE,
+    *,
+    trusted: bool = True,
 ) -> common_pb2.TransportEndpoint:
-    """The server endpoint: the first of `allowed` both sides offer (shm: same host only)."""
+    """The server endpoint: the first of `allowed` both sides offer (shm: same host only; shm
+    and rdma only for a `trusted` caller, see WHOLE_REGION).
+
+    Raises PermissionDenied when only transports the caller is not trusted with would do,
+    Unavailable when no transport is common at all.
+    """
     offered = {e.name: e for e in server.endpoints}
     client_side = {e.name for e in client.endpoints}
+    withheld = []
     for name in allowed or PREFERENCE:
         if name not in offered or name not in client_side:
             continue
         if name == "shm" and server.host_id != client.host_id:
             continue
+        if name in WHOLE_REGION and not trusted:
+            withheld.append(name)
+            continue
         return offered[name]
+    if withheld:
+        raise errors.PermissionDenied(
+            f"{' and '.join(withheld)} hand out a node's whole memory region: only services, "
+            "operators and users an admin marked trusted for shared memory may use them; "
+            "allow tcp"
+        )
     raise errors.Unavailable(
         f"no common data-plane transport (server offers {sorted(offered)}, "
         f"client {sorted(client_side)}, allowed {list(allowed)})"

@@ -3,7 +3,8 @@
 Protocol, over a Unix SOCK_SEQPACKET socket (one message per send, fds travel with it):
 
     client                                       server
-    HELLO token                        ->        check_token, SO_PEERCRED uid == ours or 0
+    HELLO token                        ->        check_token (an shm token), connections of the
+                                                 identity < max, SO_PEERCRED uid == ours or 0
                                        <-        WELCOME ok | error code + message
     LEASE need, [descriptor...]        ->        issuer.check each; leases.acquire the good ones
                                        <-        ACK per-item status, first error, fds of regions
@@ -40,11 +41,13 @@ and mapped once; a client that has only leased for reading gets a read-only fd (
 /proc/self/fd) and a read-only mapping, so a stray write by a buggy reader faults instead of
 corrupting the pool; a writable fd follows on its first write lease.
 
-Trust model: shm peers are same-host processes of the same uid (or root). Leases and descriptors are
-enforced by this protocol, but a malicious local process holding a mapping could touch other ranges
-of a region it was handed (or reopen a read-only memfd writable through /proc; same-uid processes
-can ptrace each other anyway). The fd is only given to a peer that presented a valid token over a
-socket in a 0700 directory, and whose uid the kernel vouches for (SO_PEERCRED).
+Trust model: shm peers are same-host processes of the same uid (or root), and principals trusted
+with whole regions (only they get shm tokens: `registry.choose`). Leases and descriptors (grant ids
+included: a revoked grant is refused at LEASE) are enforced by this protocol, but a malicious local
+process holding a mapping could touch other ranges of a region it was handed (or reopen a read-only
+memfd writable through /proc; same-uid processes can ptrace each other anyway). The fd is only given
+to a peer that presented a valid token over a socket in a 0700 directory, and whose uid the kernel
+vouches for (SO_PEERCRED).
 
 Performance (measured on the 2-vCPU VMs we run on; numbers in the constants' comments, which live
 in shm_client and shm_copy):

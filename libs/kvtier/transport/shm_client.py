@@ -317,8 +317,9 @@ class Client:
         try:
             for d in window.descs:
                 shm_wire.ITEM.pack_into(
-                    msg, pos, d.region_id, d.offset, d.length, int(d.rights), d.expires_at_ms, d.mac
-                )
+                    msg, pos, d.region_id, d.offset, d.length, int(d.rights), d.expires_at_ms,
+                    d.grant_id, d.mac,
+                )  # fmt: skip
                 pos += shm_wire.ITEM.size
         except struct.error as exc:
             raise base.DescriptorRejected(f"descriptor field out of range: {exc}") from None

@@ -25,6 +25,11 @@ from kvtier.transport import base, calls, registry, shm_wire
 log = logging.getLogger(__name__)
 
 _HELLO_TIMEOUT_S = 10.0
+# What one connection may hold at once (a client that never releases would otherwise grow the
+# server's tables without end): ranges leased by LEASE and not released or committed yet (the
+# client leases at most a few windows of MAX_ITEMS ahead), and calls whose plan is open or awaited.
+_MAX_HELD_ITEMS = 64 * shm_wire.MAX_ITEMS
+_MAX_OPEN_CALLS = 4096
 
 
 class _ServerConnection(shm_wire.Channel):
@@ -34,7 +39,9 @@ class _ServerConnection(shm_wire.Channel):
         self._server = server
         self._ctx = server.ctx
         self.principal: str | None = None
+        self._identity = ""  # counted in ctx.connections once HELLO is accepted
         self._held: dict[int, list[int]] = {}  # request id -> lease ids
+        self._held_items = 0  # lease ids in _held
         self._handed: dict[int, bool] = {}  # region id -> writable fd handed
         # Calls whose plan is open, by request id: (call, replied). Not replied: the client is
         # filling the sinks (CALL_DONE or RELEASE next); replied: it is copying the sources out.
@@ -117,9 +124,12 @@ class _ServerConnection(shm_wire.Channel):
         if version != shm_wire.VERSION:
             self.reject(errors.InvalidArgument(f"shm protocol {version} unsupported"))
             return
+        ctx = self._ctx
         try:
-            principal = self._ctx.issuer.check_token(token)
-        except errors.PermissionDenied as exc:
+            principal = ctx.issuer.check_token(token, shm_wire.NAME)
+            self._identity = ctx.connections.admit(principal, ctx.max_connections_per_principal)
+        except (errors.PermissionDenied, errors.Overloaded) as exc:
+            log.info("shm data plane: refused a connection: %s", exc)
             self.reject(exc)
             return
         self.principal = principal
@@ -139,17 +149,22 @@ class _ServerConnection(shm_wire.Channel):
         ctx, end = self._ctx, start + shm_wire.ITEM.size * count
         if len(msg) != end:
             raise ValueError(f"LEASE of {count} items in {len(msg)} bytes")
+        if self._held_items + count > _MAX_HELD_ITEMS:
+            self._refuse_lease(count, request, errors.Overloaded(
+                f"{self._held_items} ranges leased on this connection and not released"
+            ))  # fmt: skip
+            return
         writable = need is base.Rights.WRITE
         statuses = bytearray(count)
         first, first_text, leases = shm_wire.NO_ERROR, b"", []
         fd_entries: list[bytes] = []
         fds: list[int] = []
         for index, fields in enumerate(shm_wire.ITEM.iter_unpack(msg[start:end])):
-            region_id, offset, length, rights, expires_at_ms, mac = fields
+            region_id, offset, length, rights, expires_at_ms, grant_id, mac = fields
             try:
                 region = ctx.issuer.check(
                     ctx.regions, self.principal, need, region_id, offset, length, rights,
-                    expires_at_ms, mac,
+                    expires_at_ms, mac, grant_id,
                 )  # fmt: skip
             except errors.KVTierError as exc:
                 statuses[index] = shm_wire.code_of(exc)
@@ -163,13 +178,23 @@ class _ServerConnection(shm_wire.Channel):
                 self._handed[region_id] = writable
         if leases:
             self._held[request] = leases
+            self._held_items += len(leases)
         code = statuses[first] if first != shm_wire.NO_ERROR else 0
         info = shm_wire.ACK_INFO.pack(len(fds), first, len(first_text), code)
         header = shm_wire.HEADER.pack(shm_wire.ACK, 0, count, request)
         self.send(b"".join((header, info, statuses, *fd_entries, first_text)), fds)
 
+    def _refuse_lease(self, count: int, request: int, exc: errors.KVTierError) -> None:
+        """ACK every item of a LEASE with exc (nothing leased)."""
+        code, text = shm_wire.code_of(exc), exc.message.encode()[: shm_wire.MAX_ERROR_TEXT]
+        info = shm_wire.ACK_INFO.pack(0, 0, len(text), code)
+        header = shm_wire.HEADER.pack(shm_wire.ACK, 0, count, request)
+        self.send(b"".join((header, info, bytes([code]) * count, text)))
+
     def _release(self, request: int) -> None:
-        for lease_id in self._held.pop(request, ()):
+        held = self._held.pop(request, ())
+        self._held_items -= len(held)
+        for lease_id in held:
             self._ctx.leases.release(lease_id)
         entry = self._calls.pop(request, None)
         if entry is not None:  # the client is done with a call: its sources went out, or it quit
@@ -202,6 +227,11 @@ class _ServerConnection(shm_wire.Channel):
             raise ValueError(f"CALL of {body.nbytes} bytes does not add up")
         if n_releases:
             self._release_all(body, shm_wire.CALL_INFO.size, n_releases)
+        if len(self._calls) + len(self._awaiting) >= _MAX_OPEN_CALLS:
+            self._call_error(request, errors.Overloaded(
+                f"{_MAX_OPEN_CALLS} calls open on this connection; release some first"
+            ))  # fmt: skip
+            return
         sizes_at = start + message_len
         sizes = calls.unpack_u64s(body, sizes_at, n_segs + n_caps)
         call = calls.ServerCall(request, sizes[:n_segs], sizes[n_segs:])
@@ -364,12 +394,16 @@ class _ServerConnection(shm_wire.Channel):
             self._hello_timer.cancel()
         self.shutdown()
         self._held.clear()
+        self._held_items = 0
         self._awaits.cancel()  # nothing they return may touch this connection any more
         self._ctx.leases.release_owner(self)
         open_calls, self._calls = self._calls, {}
         awaiting, self._awaiting = self._awaiting, {}
         for call in [*(c for c, _ in open_calls.values()), *awaiting.values()]:
             call.finish(False)
+        if self._identity:
+            self._ctx.connections.release(self._identity)
+            self._identity = ""
         self._server.forget(self)
 
 

@@ -20,13 +20,13 @@ from kvtier import errors
 from kvtier.transport import base
 
 NAME = "shm"
-VERSION = 1
+VERSION = 2  # 1 had no grant id in ITEM
 
 # Message types.
 HELLO, WELCOME, LEASE, ACK, RELEASE, COMMIT, COMMITTED = range(1, 8)
 CALL, SINKS, CALL_DONE, CALL_REPLY, MORE = range(8, 13)
 HEADER = struct.Struct("<BBHI")  # type, flags (need / status / version), count, request id
-ITEM = struct.Struct("<IQQBq16s")  # region_id, offset, length, rights, expires_at_ms, mac
+ITEM = struct.Struct("<IQQBqQ16s")  # region_id, offset, length, rights, expires_at_ms, grant, mac
 ACK_INFO = struct.Struct("<HHHB")  # fds, first error index, message bytes, first error code
 FD_ENTRY = struct.Struct("<IQB")  # region_id, size, writable
 REQUEST = struct.Struct("<I")
@@ -39,7 +39,7 @@ _FIRST = struct.Struct(HEADER.format + LONG.format[1:])  # HEADER and LONG in on
 _CRED = struct.Struct("3i")  # pid, uid, gid
 
 MAX_MESSAGE = 64 * 1024
-MAX_ITEMS = 1024  # per LEASE: 1024 * 45 bytes fit a message
+MAX_ITEMS = 1024  # per LEASE: 1024 * 53 bytes fit a message
 MAX_REGIONS = 128  # distinct regions per LEASE, so an ACK never carries more fds than SCM allows
 MAX_ERROR_TEXT = 512
 # A call's body: its message and 8 bytes per segment and capacity, or a span per item.

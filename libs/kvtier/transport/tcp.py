@@ -5,8 +5,9 @@ Wire protocol (little endian). Each TCP connection is one ordered pipeline:
 
     client → server  HELLO     magic, token length (u16), token
     server → client  RESPONSE  for request id 0: OK, or an error after which the server closes
-    client → server  REQUEST   op, rights, region, request id, offset, length, expiry, MAC
-                               (the descriptor's fields), then `length` payload bytes if a WRITE
+    client → server  REQUEST   op, rights, region, request id, offset, length, expiry, grant id,
+                               MAC (the descriptor's fields), then `length` payload bytes if a
+                               WRITE
     client → server  CALL      op, method (u32), request id, message length, payload length,
                                segments (u32), capacities (u32): as long as a REQUEST; then the
                                request message, the segment lengths and the capacities (u64
@@ -16,10 +17,14 @@ Wire protocol (little endian). Each TCP connection is one ordered pipeline:
                                CALL that succeeded the reply message, one u64 length per
                                capacity and the payload (each buffer's bytes, in order)
 
-The server checks every request against the descriptor's MAC for the connection's principal,
-leases the range while bytes move, receives WRITE payloads straight into region memory (an
-invalid WRITE's payload is drained into a shared scratch buffer, so the connection stays usable)
-and sends READ payloads straight from it. Responses come back in request order.
+HELLO's token must have been issued for tcp (a shm or rdma token is refused), and each identity
+(the principal without its random suffix) may hold `ServerContext.max_connections_per_principal`
+connections to the node (Overloaded past it). The server checks every request against the
+descriptor's MAC for the connection's principal and against the issuer's live grants (a revoked
+grant is refused), leases the range while bytes move, receives WRITE payloads straight into
+region memory (an invalid WRITE's payload is drained into a shared scratch buffer, so the
+connection stays usable) and sends READ payloads straight from it. Responses come back in
+request order.
 
 A CALL's body goes to the node's `ServerContext.call_handler` before its payload is read; each
 segment is received straight into the sink the handler chose (or drained), then on_received
@@ -45,12 +50,13 @@ import asyncio
 import collections
 import itertools
 import socket
+import ssl
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from kvtier import errors
 from kvtier.proto.common.v1 import common_pb2
-from kvtier.transport import base, calls, registry, tcp_client, tcp_server, tcp_wire
+from kvtier.transport import base, calls, registry, tcp_client, tcp_server, tcp_tls, tcp_wire
 
 NAME = tcp_wire.NAME
 
@@ -321,50 +327,69 @@ async def connect(
         raise errors.InvalidArgument("ClientSettings.connections must be at least 1")
     if len(token) > tcp_wire.MAX_TOKEN_BYTES:
         raise errors.InvalidArgument("data-plane token too long")
-    host, _, port = endpoint.address.rpartition(":")
+    tls, address = tcp_tls.split_address(endpoint.address)
+    host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise errors.InvalidArgument(f"tcp endpoint address {endpoint.address!r} is not host:port")
+    host = host.strip("[]")
+    context = tcp_tls.client_context(settings.tls_ca_file) if tls else None
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(settings.timeout_s):
-            infos = await loop.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+            infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
             results = await asyncio.gather(
-                *(_open(loop, infos[0], token) for _ in range(settings.connections)),
+                *(_open(loop, infos[0], token, context, host) for _ in range(settings.connections)),
                 return_exceptions=True,
             )
     except TimeoutError:
         raise errors.DeadlineExceeded(f"tcp data plane at {endpoint.address}: no answer") from None
     except OSError as exc:
         raise errors.Unavailable(f"tcp data plane at {endpoint.address}: {exc}") from None
-    socks = [r for r in results if isinstance(r, socket.socket)]
-    failed = [r for r in results if not isinstance(r, socket.socket)]
+    opened = [r for r in results if isinstance(r, tuple)]
+    failed = [r for r in results if not isinstance(r, tuple)]
     if failed:
-        for sock in socks:
+        for sock, _ in opened:
             sock.close()
         first = failed[0]
         if isinstance(first, OSError):
             raise errors.Unavailable(f"tcp data plane at {endpoint.address}: {first}") from first
         raise first
-    return Client([tcp_client.Connection(sock, loop) for sock in socks], settings)
+    return Client([tcp_client.Connection(sock, loop, tls) for sock, tls in opened], settings)
 
 
-async def _open(loop: asyncio.AbstractEventLoop, info: Any, token: bytes) -> socket.socket:
-    """A connected, tuned socket whose HELLO the server accepted."""
+async def _open(
+    loop: asyncio.AbstractEventLoop, info: Any, token: bytes, context: ssl.SSLContext | None,
+    host: str,
+) -> tuple[socket.socket, tcp_tls.Session | None]:  # fmt: skip
+    """A connected, tuned socket (and its TLS session) whose HELLO the server accepted."""
     family, kind, proto, _, address = info
     sock = socket.socket(family, kind, proto)
+    tls = None
     try:
         tcp_wire.tune(sock)
         await loop.sock_connect(sock, address)
-        await loop.sock_sendall(sock, tcp_wire.HELLO.pack(tcp_wire.MAGIC, len(token)) + token)
-        header = await _recv_exactly(loop, sock, tcp_wire.RESPONSE.size)
-        _, status, message_len, _ = tcp_wire.RESPONSE.unpack(header)
-        message = await _recv_exactly(loop, sock, min(message_len, tcp_wire.MAX_MESSAGE_BYTES))
+        hello = tcp_wire.HELLO.pack(tcp_wire.MAGIC, len(token)) + token
+        if context is None:
+            await loop.sock_sendall(sock, hello)
+            header = await _recv_exactly(loop, sock, tcp_wire.RESPONSE.size)
+            _, status, message_len, _ = tcp_wire.RESPONSE.unpack(header)
+            size = min(message_len, tcp_wire.MAX_MESSAGE_BYTES)
+            message = await _recv_exactly(loop, sock, size)
+        else:
+            tls = tcp_tls.Session(context, server_side=False, server_hostname=host)
+            await tls.handshake(loop, sock, f"{host}:{address[1]}")
+            tls.encrypt([hello])
+            await tls.flush_async(loop, sock)
+            header = await tls.recv_exactly(loop, sock, tcp_wire.RESPONSE.size)
+            _, status, message_len, _ = tcp_wire.RESPONSE.unpack(header)
+            size = min(message_len, tcp_wire.MAX_MESSAGE_BYTES)
+            message = await tls.recv_exactly(loop, sock, size)
         if status != tcp_wire.Status.OK:
             raise tcp_wire.error_of(status, message.decode(errors="replace"))
     except BaseException:
         sock.close()
         raise
-    return sock
+    return sock, tls
 
 
 async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int) -> bytes:

@@ -14,7 +14,7 @@ import struct
 from collections.abc import Sequence
 
 from kvtier import errors
-from kvtier.transport import base, calls, tcp_wire
+from kvtier.transport import base, calls, tcp_tls, tcp_wire
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def rw_op(
     try:
         header = tcp_wire.REQUEST.pack(
             kind, int(desc.rights), 0, desc.region_id, request_id, desc.offset, desc.length,
-            desc.expires_at_ms, desc.mac,
+            desc.expires_at_ms, desc.grant_id, desc.mac,
         )  # fmt: skip
     except struct.error as exc:
         raise errors.InvalidArgument(f"descriptor field out of range: {exc}") from None
@@ -147,8 +147,13 @@ class CallOp(Op):
 class Connection(tcp_wire.Channel):
     """One pipelined connection to the server: requests out in order, responses back in order."""
 
-    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(sock, loop)
+    def __init__(
+        self,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        tls: tcp_tls.Session | None = None,
+    ) -> None:
+        super().__init__(sock, loop, tls)
         self._pending: collections.deque[Op] = collections.deque()  # awaiting their responses
         self._rx: Op | None = None  # the READ whose payload is arriving
         self._rx_call: CallOp | None = None  # the CALL whose reply body or payload is arriving

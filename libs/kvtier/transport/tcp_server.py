@@ -20,13 +20,21 @@ from typing import ClassVar
 
 from kvtier import errors
 from kvtier.proto.common.v1 import common_pb2
-from kvtier.transport import base, calls, registry, tcp_wire
+from kvtier.transport import base, calls, registry, tcp_tls, tcp_wire
 
 log = logging.getLogger(__name__)
 
 _MAX_OP_BYTES = 1 << 34  # a length beyond this is a broken peer, not a request
 _MAX_CALL_BYTES = 1 << 40  # the same for the payload of a call
 _HELLO_TIMEOUT_S = 10.0  # a connection that has not presented its token by then is dropped
+# Connections that have not presented a token yet: anyone who reaches the port can open them,
+# so they are bounded apart from the per-principal bound that applies after HELLO.
+_MAX_HANDSHAKING = 1024
+# Frames queued on one connection before it stops reading requests. Queued bytes are bounded by
+# ServerContext.max_inflight_bytes, but payloads are region memory (never copied) while each
+# frame's header, reply and bookkeeping are not: a client that sends small calls and never reads
+# their replies would otherwise hold max_inflight_bytes / ~100 objects.
+_MAX_QUEUED_FRAMES = 16384
 # A call's reply message shorter than this is copied behind its header (one buffer to send).
 _JOIN_BYTES = 4 * tcp_wire.KIB
 
@@ -74,11 +82,14 @@ class _Slot:
 class _ServerConnection(tcp_wire.Channel):
     """One client's connection: HELLO, then requests checked, served and answered in order."""
 
-    def __init__(self, server: Server, sock: socket.socket) -> None:
-        super().__init__(sock, server.loop)
+    def __init__(
+        self, server: Server, sock: socket.socket, tls: tcp_tls.Session | None = None
+    ) -> None:
+        super().__init__(sock, server.loop, tls)
         self._server = server
         self._ctx = server.ctx
         self.principal: str | None = None
+        self._identity = ""  # counted in ctx.connections once HELLO is accepted
         self._queued_bytes = 0
         self._paused = False
         # The WRITE payload being received: into (None: drain it), position, length, lease, reply.
@@ -126,19 +137,23 @@ class _ServerConnection(tcp_wire.Channel):
 
     def _hello(self, token: bytes) -> None:
         self._hello_timer.cancel()
+        ctx = self._ctx
         try:
-            self.principal = self._ctx.issuer.check_token(token)
+            principal = ctx.issuer.check_token(token, tcp_wire.NAME)
+            self._identity = ctx.connections.admit(principal, ctx.max_connections_per_principal)
         except errors.KVTierError as exc:
             log.info("tcp data plane: refused a connection: %s", exc)
             self._queue(tcp_wire.Frame(tcp_wire.error_response(0, exc)))
             self.flush()
             self._lost("refused")
             return
+        self.principal = principal
+        self._server.authenticated(self)
         self._queue(tcp_wire.Frame(tcp_wire.RESPONSE.pack(0, tcp_wire.Status.OK, 0, 0)))
 
     def _request(
         self, op: int, rights: int, _pad: int, region_id: int, request_id: int, offset: int,
-        length: int, expires_at_ms: int, mac: bytes,
+        length: int, expires_at_ms: int, grant_id: int, mac: bytes,
     ) -> None:  # fmt: skip
         if op not in (tcp_wire.READ, tcp_wire.WRITE) or length > _MAX_OP_BYTES:
             raise tcp_wire.ProtocolError(f"bad request: op {op}, length {length}")
@@ -146,7 +161,7 @@ class _ServerConnection(tcp_wire.Channel):
         try:
             region = self._ctx.issuer.check(
                 self._ctx.regions, self.principal or "", need, region_id, offset, length, rights,
-                expires_at_ms, mac,
+                expires_at_ms, mac, grant_id,
             )  # fmt: skip
         except Exception as exc:  # every failure is answered; the connection stays usable
             reply = tcp_wire.error_response(request_id, exc)
@@ -373,7 +388,12 @@ class _ServerConnection(tcp_wire.Channel):
 
     def _count(self, frame: tcp_wire.Frame) -> None:
         self._queued_bytes += frame.size
-        if self._queued_bytes > self._ctx.max_inflight_bytes and not self._paused:
+        if self._paused:
+            return
+        if (
+            self._queued_bytes > self._ctx.max_inflight_bytes
+            or len(self._out) + len(self._held) > _MAX_QUEUED_FRAMES
+        ):
             self._paused = True  # the client is not taking its replies: stop taking requests
             self._set_reading(False)
 
@@ -384,7 +404,11 @@ class _ServerConnection(tcp_wire.Channel):
             frame.call.unlease(self._ctx)
             frame.call.finish(True)
         self._queued_bytes -= frame.size
-        if self._paused and self._queued_bytes <= self._ctx.max_inflight_bytes // 2:
+        if (
+            self._paused
+            and self._queued_bytes <= self._ctx.max_inflight_bytes // 2
+            and len(self._out) + len(self._held) <= _MAX_QUEUED_FRAMES // 2
+        ):
             self._paused = False
             self._resume()
 
@@ -429,6 +453,9 @@ class _ServerConnection(tcp_wire.Channel):
         self._ctx.leases.release_owner(self)
         for call in unfinished:
             call.finish(False)
+        if self._identity:
+            self._ctx.connections.release(self._identity)
+            self._identity = ""
         self._server.forget(self)
 
     def close(self) -> None:
@@ -447,7 +474,13 @@ class Server:
         self._settings = settings
         self._listener: socket.socket | None = None
         self._conns: set[_ServerConnection] = set()
+        self._handshaking: set[_ServerConnection] = set()  # no HELLO accepted yet
         self._scratch: memoryview | None = None
+        self._credentials = (
+            tcp_tls.ServerCredentials(settings.tls_cert_file, settings.tls_key_file)
+            if settings.tls
+            else None
+        )
 
     @property
     def scratch(self) -> memoryview:
@@ -478,8 +511,9 @@ class Server:
         self._listener = listener
         self.loop.add_reader(listener.fileno(), self._on_accept)
         port = listener.getsockname()[1]
+        scheme = tcp_tls.SCHEME if self._credentials is not None else ""
         return common_pb2.TransportEndpoint(
-            name=tcp_wire.NAME, address=f"{self._settings.advertise_host}:{port}"
+            name=tcp_wire.NAME, address=f"{scheme}{self._settings.advertise_host}:{port}"
         )
 
     def _on_accept(self) -> None:
@@ -493,16 +527,31 @@ class Server:
             except OSError as exc:  # e.g. out of file descriptors: keep serving the others
                 log.warning("tcp data plane: accept failed: %s", exc)
                 return
+            if len(self._handshaking) >= _MAX_HANDSHAKING:
+                log.warning("tcp data plane: %d connections without HELLO; refusing more",
+                            len(self._handshaking))  # fmt: skip
+                sock.close()
+                continue
             try:
                 tcp_wire.tune(sock)
             except OSError:
                 sock.close()
                 continue
-            self._conns.add(_ServerConnection(self, sock))
+            tls = None
+            if self._credentials is not None:
+                tls = tcp_tls.Session(self._credentials.context(), server_side=True)
+            conn = _ServerConnection(self, sock, tls)
+            self._conns.add(conn)
+            self._handshaking.add(conn)
+
+    def authenticated(self, conn: _ServerConnection) -> None:
+        """A connection's HELLO was accepted."""
+        self._handshaking.discard(conn)
 
     def forget(self, conn: _ServerConnection) -> None:
         """A connection has closed."""
         self._conns.discard(conn)
+        self._handshaking.discard(conn)
 
     async def stop(self) -> None:
         """Stop listening and drop every connection (their leases end); idempotent."""

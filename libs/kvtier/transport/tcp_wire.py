@@ -17,18 +17,19 @@ import time
 from typing import Any
 
 from kvtier import errors
-from kvtier.transport import base
+from kvtier.transport import base, tcp_tls
 
 log = logging.getLogger(__name__)
 
 NAME = "tcp"
 
 KIB, MIB = 1024, 1024 * 1024
-MAGIC = b"KVT1"
+MAGIC = b"KVT2"  # KVT1 had no grant id in REQUEST
 HELLO = struct.Struct("<4sH")  # magic, token length
-REQUEST = struct.Struct("<BBHIQQQq16s")  # op, rights, 0, region, id, offset, length, expiry, mac
+# op, rights, 0, region, id, offset, length, expiry, grant id, mac
+REQUEST = struct.Struct("<BBHIQQQqQ16s")
 # op, 0, 0, method, id, message length, payload length, segments, capacities (as long as REQUEST)
-CALL_REQUEST = struct.Struct("<BBHIQQQII16x")
+CALL_REQUEST = struct.Struct("<BBHIQQQII24x")
 RESPONSE = struct.Struct("<QB3xIQ")  # request id, status, message length, payload length
 READ, WRITE, CALL = 1, 2, 3
 
@@ -196,11 +197,18 @@ class Channel(abc.ABC):
     """A non-blocking socket driven by loop callbacks: an ordered send queue and a staging buffer.
 
     Subclasses parse what arrives in `_step` (False when the socket has nothing more for now),
-    hear of each frame that went out completely in `_sent`, and clean up in `_lost`.
+    hear of each frame that went out completely in `_sent`, and clean up in `_lost`. With a
+    `tcp_tls.Session` the bytes are encrypted and decrypted on their way (see `tcp_tls`).
     """
 
-    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        tls: tcp_tls.Session | None = None,
+    ) -> None:
         self.sock = sock
+        self._tls = tls
         self.closed = False
         self._fd = sock.fileno()
         self._loop = loop
@@ -255,14 +263,21 @@ class Channel(abc.ABC):
             self._lost("internal error")
         else:
             self.kick()
+            tls = self._tls
+            if tls is not None and not tls.starved and self._reading and not self.closed:
+                # Decrypted or received bytes may wait inside TLS: no readiness would wake us.
+                self._loop.call_soon(self._on_readable)
 
     def kick(self) -> None:
         """Send what is queued now, unless the socket is full (then the writer callback will)."""
-        if self._out and not self._writing:
+        if (self._out or (self._tls is not None and self._tls.cipher)) and not self._writing:
             self.flush()
 
     def flush(self) -> None:
         """Send queued frames until none is left or the socket is full (then wait for writable)."""
+        if self._tls is not None:
+            self._flush_tls(self._tls)
+            return
         out = self._out
         while out and not self.closed:
             iov: list[bytes | memoryview] = []
@@ -280,6 +295,44 @@ class Channel(abc.ABC):
                 return
             self._advance(sent)
             if sent < wanted:
+                if not self._writing and not self.closed:
+                    self._loop.add_writer(self._fd, self.flush)
+                    self._writing = True
+                return
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+            self._writing = False
+
+    def _flush_tls(self, tls: tcp_tls.Session) -> None:
+        """flush() over TLS: encrypt up to tcp_tls.CHUNK_BYTES of queued frames at a time (they
+        count as sent once encrypted) and send the ciphertext."""
+        out = self._out
+        while not self.closed:
+            if not tls.cipher:
+                if not out:
+                    break
+                iov: list[bytes | memoryview] = []
+                for frame in itertools.islice(out, _GATHER_ITEMS):
+                    frame.unsent(iov)
+                    if len(iov) >= IOV_LIMIT:
+                        break
+                chunk, room = [], tcp_tls.CHUNK_BYTES
+                for buf in iov:
+                    view = memoryview(buf)
+                    chunk.append(view[:room])
+                    room -= min(view.nbytes, room)
+                    if not room:
+                        break
+                taken = tls.encrypt(chunk)
+                if not taken:
+                    break
+                self._advance(taken)
+            try:
+                done = tls.send(self.sock)
+            except OSError as exc:
+                self._lost(f"{type(exc).__name__}: {exc}")
+                return
+            if not done:
                 if not self._writing and not self.closed:
                     self._loop.add_writer(self._fd, self.flush)
                     self._writing = True
@@ -320,6 +373,8 @@ class Channel(abc.ABC):
         if self._recvs_left <= 0:
             return 0  # let other connections go first: the reader callback will come back
         self._recvs_left -= 1
+        if self._tls is not None:
+            return self._tls.recv_into(self.sock, into)  # staged TLS bytes need no readiness
         try:
             got = self.sock.recv_into(into)
         except BlockingIOError:

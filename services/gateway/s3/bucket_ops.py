@@ -10,7 +10,7 @@ from aiohttp import web
 from kvtier import errors, names
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
-from services.gateway.s3 import kv_ops, s3errors, xmlio
+from services.gateway.s3 import kv_ops, params, s3errors, xmlio
 
 if TYPE_CHECKING:
     from services.gateway.s3 import server
@@ -33,8 +33,7 @@ def _xml(data: bytes, status: int = 200) -> web.Response:
 
 async def list_buckets(s3: server.S3Server, req: server.S3Request) -> web.Response:
     """The principal's tenant's buckets (an admin's: every bucket)."""
-    tenant = "" if req.principal.is_admin else req.principal.tenant
-    infos = await s3.front.tenant_buckets(tenant)
+    infos = await s3.front.list_buckets()
     owner = req.principal.owner
     return _xml(xmlio.list_buckets(((b.name, b.created_at_unix_ms) for b in infos), *owner))
 
@@ -78,14 +77,10 @@ async def head_bucket(s3: server.S3Server, req: server.S3Request) -> web.Respons
 
 async def delete_bucket(s3: server.S3Server, req: server.S3Request) -> web.Response:
     """Delete an empty bucket (BucketNotEmpty: uploads in progress count too)."""
-    await s3.owned_bucket(req)
-    info = await s3.front.bucket_info(req.bucket)
+    info = await s3.owned_bucket(req)
     if info.kind == metadata_pb2.BUCKET_KIND_KV and not await kv_ops.is_empty(s3, info):
         raise s3errors.S3Error("BucketNotEmpty", "The bucket you tried to delete is not empty.")
-    uploads = await s3.front.list_uploads(pb.ListMultipartUploadsRequest(bucket=req.bucket))
-    if uploads.uploads:
-        raise s3errors.S3Error("BucketNotEmpty", "The bucket has multipart uploads in progress.")
-    await s3.front.delete_bucket(req.bucket)
+    await s3.front.delete_bucket(req.bucket)  # objects or uploads in progress: BucketNotEmpty
     return web.Response(status=204)
 
 
@@ -102,10 +97,10 @@ async def get_versioning(s3: server.S3Server, req: server.S3Request) -> web.Resp
 
 
 def _max_keys(req: server.S3Request, name: str = "max-keys") -> int:
-    text = req.query.get(name, "1000")
-    if not text.isdigit():
+    value = params.uint(req.query.get(name, "1000"))
+    if value is None:
         raise s3errors.S3Error("InvalidArgument", f"{name} must be a non-negative integer")
-    return min(int(text), 1000)
+    return min(value, 1000)
 
 
 async def _page(
@@ -113,7 +108,7 @@ async def _page(
 ) -> pb.ListObjectsResponse:
     if max_keys == 0:
         return pb.ListObjectsResponse()
-    return await s3.front.lister.list_objects(
+    return await s3.front.list_objects(
         pb.ListObjectsRequest(
             bucket=req.bucket, prefix=req.query.get("prefix", ""),
             delimiter=req.query.get("delimiter", ""), start_after=after,

@@ -2,7 +2,9 @@
 and quotas) instead of the erasure-coded tier. Put, Get (ranges), Head, Delete, DeleteObjects and
 ListObjects(V2) behave as on any bucket; copies and multipart uploads are NotImplemented.
 
-Each object is two KV blocks of the bucket's namespace (`s3:<bucket>`, the bucket's tenant):
+Each object is two KV blocks of the bucket's namespace (`s3:<storage name>`, i.e.
+`s3:<bucket>@<storage_id>`, plain `s3:<bucket>` for buckets older than storage ids, so a bucket
+deleted and created again never sees the earlier one's blocks; the bucket's tenant):
 - the data block under the key's bytes: a 16-byte version id, then the object's bytes;
 - the metadata block under NUL "m" NUL + key (keys never hold NUL, so never collide): a
   serialized ObjectInfo carrying the same version id as its `etag`-independent field.
@@ -22,11 +24,12 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from kvtier import errors, kv
+from kvtier import errors, kv, names
+from kvtier import security as security_mod
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway import listing
-from services.gateway.s3 import object_ops, s3errors, xmlio
+from services.gateway.s3 import object_ops, params, s3errors, xmlio
 
 if TYPE_CHECKING:
     from services.gateway.s3 import server
@@ -38,28 +41,46 @@ MAX_KV_OBJECT_BYTES = 64 << 20
 _GET_ATTEMPTS = 4
 
 
+def namespace(info: metadata_pb2.BucketInfo) -> str:
+    """The KV namespace of a KV bucket's incarnation."""
+    return f"s3:{names.storage_name(info.name, info.storage_id)}"
+
+
 class KVBuckets:
     """One KV client per KV bucket (its namespace and tenant), opened on first use."""
 
-    def __init__(self, metadata_address: object) -> None:
+    def __init__(
+        self, metadata_address: object, security: security_mod.ClientSecurity | None = None
+    ) -> None:
         self._address = metadata_address
+        #: Mutual TLS as this gateway, acting explicitly for each bucket's tenant.
+        self._security = security
         self._clients: dict[str, kv.AsyncKVClient] = {}
         self._lock = asyncio.Lock()
 
-    async def client(self, info: metadata_pb2.BucketInfo) -> kv.AsyncKVClient:
-        """The client of a KV bucket."""
+    def _current(self, info: metadata_pb2.BucketInfo) -> kv.AsyncKVClient | None:
         found = self._clients.get(info.name)
-        if found is not None and found.tenant == info.tenant:
+        if found is None or found.tenant != info.tenant or found.namespace != namespace(info):
+            return None
+        return found
+
+    async def client(self, info: metadata_pb2.BucketInfo) -> kv.AsyncKVClient:
+        """The client of a KV bucket (a new one when the bucket was created again)."""
+        found = self._current(info)
+        if found is not None:
             return found
         async with self._lock:
-            found = self._clients.get(info.name)
-            if found is None or found.tenant != info.tenant:
+            found = self._current(info)
+            if found is None:
                 address = self._address() if callable(self._address) else str(self._address)
                 found = await kv.AsyncKVClient.connect(
-                    namespace=f"s3:{info.name}", tenant=info.tenant, metadata=address,
-                    replicas=1, timeout_s=10.0,
+                    namespace=namespace(info), tenant=info.tenant, metadata=address,
+                    replicas=1, timeout_s=10.0, security=self._security,
                 )  # fmt: skip
+                stale = self._clients.get(info.name)
                 self._clients[info.name] = found
+                if stale is not None:
+                    await stale.close()
         return found
 
     async def close(self) -> None:
@@ -226,17 +247,30 @@ async def delete_objects(s3: server.S3Server, req: server.S3Request) -> web.Resp
     return web.Response(body=body, content_type="application/xml")
 
 
+def _start_after(req: server.S3Request, v2: bool) -> bytes:
+    """The key a listing starts after: a v2 continuation token (hex), else start-after/marker."""
+    token = req.query.get("continuation-token", "")
+    if not (v2 and token):
+        return req.query.get("start-after" if v2 else "marker", "").encode()
+    try:
+        return bytes.fromhex(token)
+    except ValueError:
+        raise s3errors.S3Error(
+            "InvalidArgument", "The continuation token provided is incorrect"
+        ) from None
+
+
 async def list_objects(s3: server.S3Server, req: server.S3Request) -> web.Response:
     """ListObjects (v1 and v2) of the keys in DRAM, with each object's metadata."""
     client = await _client(s3, req)
     enc = xmlio.Encoder(req.query.get("encoding-type", ""))
     prefix, delimiter = req.query.get("prefix", ""), req.query.get("delimiter", "")
     v2 = req.query.get("list-type") == "2"
-    token = req.query.get("continuation-token", "")
-    after = bytes.fromhex(token) if v2 and token else (
-        req.query.get("start-after" if v2 else "marker", "").encode()
-    )  # fmt: skip
-    max_keys = min(int(req.query.get("max-keys", "1000") or 1000), 1000)
+    after = _start_after(req, v2)
+    max_keys = params.uint(req.query.get("max-keys", "") or "1000")
+    if max_keys is None:
+        raise s3errors.S3Error("InvalidArgument", "max-keys must be a non-negative integer")
+    max_keys = min(max_keys, 1000)
     page = pb.ListObjectsResponse()
     last = after
     while len(page.objects) + len(page.common_prefixes) < max_keys:

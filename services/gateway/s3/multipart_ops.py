@@ -10,7 +10,7 @@ from aiohttp import web
 from kvtier import errors
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway import multipart
-from services.gateway.s3 import object_ops, s3errors, xmlio
+from services.gateway.s3 import object_ops, params, s3errors, xmlio
 
 if TYPE_CHECKING:
     from services.gateway.s3 import server
@@ -24,12 +24,12 @@ def _xml(data: bytes) -> web.Response:
 
 
 def _part_number(req: server.S3Request) -> int:
-    text = req.query.get("partNumber", "")
-    if not text.isdigit() or not 1 <= int(text) <= multipart.MAX_PART_NUMBER:
+    number = params.uint(req.query.get("partNumber", ""))
+    if number is None or not 1 <= number <= multipart.MAX_PART_NUMBER:
         raise s3errors.S3Error(
             "InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive"
         )
-    return int(text)
+    return number
 
 
 def _no_such_upload(exc: errors.NotFound) -> Exception:
@@ -75,7 +75,9 @@ async def upload_part(s3: server.S3Server, req: server.S3Request) -> web.Respons
                 bucket=req.bucket, key=req.key, upload_id=req.query["uploadId"],
                 part_number=number, size=size, expected_md5=put.expected_md5,
                 expected_checksums=put.expected_checksums,
-            )
+            ),
+            # Announced checksums (a trailer's, e.g. boto3's default CRC32 over HTTPS).
+            checksum_algorithms=put.checksum_algorithms,
         )  # fmt: skip
     except errors.NotFound as exc:
         raise _no_such_upload(exc) from None
@@ -101,12 +103,8 @@ async def upload_part_copy(s3: server.S3Server, req: server.S3Request) -> web.Re
     )  # fmt: skip
     text = req.header("x-amz-copy-source-range")
     if text:
-        first, _, last = text.removeprefix("bytes=").partition("-")
-        if not (first.isdigit() and last.isdigit()) or int(first) > int(last):
-            raise s3errors.S3Error("InvalidArgument", "The x-amz-copy-source-range is invalid")
-        if int(last) >= meta.size:
-            raise s3errors.S3Error("InvalidRange", "The requested range is not satisfiable")
-        request.has_range, request.range_start, request.range_end = True, int(first), int(last)
+        first, last = object_ops.parse_copy_range(text, meta.size)
+        request.has_range, request.range_start, request.range_end = True, first, last
     try:
         reply = await s3.front.copy_part(request)
     except errors.NotFound as exc:
@@ -151,10 +149,11 @@ async def abort(s3: server.S3Server, req: server.S3Request) -> web.Response:
 
 
 def _int(req: server.S3Request, name: str, default: int) -> int:
-    text = req.query.get(name, str(default))
-    if not text.isdigit():
+    # The values go into uint32 fields: 9 digits always fit.
+    value = params.uint(req.query.get(name, str(default)), max_digits=9)
+    if value is None:
         raise s3errors.S3Error("InvalidArgument", f"{name} must be a non-negative integer")
-    return int(text)
+    return value
 
 
 async def list_parts(s3: server.S3Server, req: server.S3Request) -> web.Response:

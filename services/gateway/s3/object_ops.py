@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import email.utils
 import hashlib
 import logging
 import urllib.parse
@@ -19,7 +18,7 @@ from kvtier import errors, names
 from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway import versions
-from services.gateway.s3 import s3errors, xmlio
+from services.gateway.s3 import params, s3errors, xmlio
 
 if TYPE_CHECKING:
     from services.gateway.s3 import server
@@ -176,12 +175,12 @@ async def put_object(s3: server.S3Server, req: server.S3Request) -> web.Response
         raise s3errors.S3Error("EntityTooLarge", "Your proposed upload exceeds 5 GiB.")
     if_match = req.header("If-Match")
     if if_match:
-        current = await s3.front.engine.head(req.bucket, req.key)
+        current = await s3.front.head_object(req.bucket, req.key)
         if not _etag_matches(if_match, current.etag):
             raise s3errors.S3Error("PreconditionFailed", "If-Match does not match")
     if req.header("If-None-Match") not in ("", "*"):
         raise s3errors.S3Error("NotImplemented", "If-None-Match on PUT supports only *")
-    begun = s3.front.engine.begin_put(begin_request(req, req.bucket, req.key, size))
+    begun = await s3.front.begin_put(begin_request(req, req.bucket, req.key, size))
     try:
         meta = await receive(s3, req, begun.upload_id, size)
     except errors.InvalidArgument as exc:
@@ -212,12 +211,8 @@ def _etag_matches(header: str, etag: str) -> bool:
 
 def _since(header: str) -> int | None:
     """An HTTP date in unix seconds (None when absent or unparsable: S3 ignores it)."""
-    if not header:
-        return None
-    try:
-        return int(email.utils.parsedate_to_datetime(header).timestamp())
-    except (TypeError, ValueError, IndexError):
-        return None
+    when = params.http_date(header) if header else None
+    return None if when is None else int(when)
 
 
 def check_conditions(
@@ -242,26 +237,42 @@ def check_conditions(
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """(first, last) of a single `bytes=` range; None for no or an ignorable range;
-    InvalidRange when it cannot be satisfied."""
+    """(first, last) of a single `bytes=` range; None for no or an ignorable range (several
+    ranges, another unit, anything but ASCII digits); InvalidRange when it cannot be
+    satisfied."""
     if not header or not header.startswith("bytes=") or "," in header:
         return None
     first_text, _, last_text = header[len("bytes=") :].strip().partition("-")
-    try:
-        if first_text == "":
-            suffix = int(last_text)
-            if suffix <= 0:
-                raise s3errors.S3Error("InvalidRange", "The requested range is not satisfiable")
-            return max(0, size - suffix), size - 1
-        first = int(first_text)
-        last = int(last_text) if last_text else size - 1
-    except ValueError:
+    first_text, last_text = first_text.strip(), last_text.strip()
+    if first_text == "":
+        suffix = params.uint(last_text)
+        if suffix is None:
+            return None
+        if suffix == 0:
+            raise s3errors.S3Error("InvalidRange", "The requested range is not satisfiable")
+        return max(0, size - suffix), size - 1
+    first = params.uint(first_text)
+    last = params.uint(last_text) if last_text else size - 1
+    if first is None or last is None:
         return None
     if first >= size:
         raise s3errors.S3Error("InvalidRange", "The requested range is not satisfiable")
     if first > last:
         return None
     return first, min(last, size - 1)
+
+
+def parse_copy_range(header: str, size: int) -> tuple[int, int]:
+    """(first, last) of x-amz-copy-source-range `bytes=first-last` over a source of size
+    bytes: InvalidArgument unless both are ASCII digits and first <= last, InvalidRange when
+    last is past the source's end."""
+    first_text, _, last_text = header.removeprefix("bytes=").partition("-")
+    first, last = params.uint(first_text), params.uint(last_text)
+    if first is None or last is None or first > last:
+        raise s3errors.S3Error("InvalidArgument", "The x-amz-copy-source-range is invalid")
+    if last >= size:
+        raise s3errors.S3Error("InvalidRange", "The requested range is not satisfiable")
+    return first, last
 
 
 def info_headers(response: web.StreamResponse, info: pb.ObjectInfo, req: server.S3Request) -> None:
@@ -307,7 +318,7 @@ async def _resolve(s3: server.S3Server, req: server.S3Request) -> versions.Resol
     await s3.owned_bucket(req)
     check_key(req.key)
     try:
-        return await s3.front.engine.resolve(req.bucket, req.key)
+        return await s3.front.resolve(req.bucket, req.key)
     except errors.NotFound:
         raise s3errors.S3Error("NoSuchKey", "The specified key does not exist.") from None
 
@@ -367,7 +378,7 @@ async def delete_object(s3: server.S3Server, req: server.S3Request) -> web.Respo
     """204 whether or not the key existed."""
     await s3.owned_bucket(req)
     check_key(req.key)
-    await s3.front.engine.delete(req.bucket, req.key)
+    await s3.front.delete_object(req.bucket, req.key)
     return web.Response(status=204)
 
 
@@ -385,7 +396,7 @@ async def delete_objects(s3: server.S3Server, req: server.S3Request) -> web.Resp
         async with gate:
             try:
                 check_key(key)
-                await s3.front.engine.delete(req.bucket, key)
+                await s3.front.delete_object(req.bucket, key)
             except s3errors.S3Error as exc:
                 return key, exc.code, exc.message
             except errors.KVTierError as exc:
@@ -419,11 +430,9 @@ async def source_for_copy(
 ) -> tuple[str, str, datanode_pb2.ShardMeta]:
     """The copy source (owned by the principal), its x-amz-copy-source-if-* checked."""
     bucket, key = copy_source(req)
-    info = await s3.front.bucket_info(bucket)
-    if not req.principal.may_use(info.tenant):
-        raise s3errors.S3Error("AccessDenied", "Access Denied")
+    await s3.front.bucket_for(bucket)  # NoSuchBucket, AccessDenied
     try:
-        meta = (await s3.front.engine.resolve(bucket, key)).meta
+        meta = (await s3.front.resolve(bucket, key)).meta
     except errors.NotFound:
         raise s3errors.S3Error("NoSuchKey", "The specified key does not exist.") from None
 
@@ -448,7 +457,7 @@ async def copy_object(s3: server.S3Server, req: server.S3Request) -> web.Respons
             "This copy request is illegal because it is trying to copy an object to itself "
             "without changing the object's metadata.",
         )
-    info = await s3.front.engine.copy(
+    info = await s3.front.copy_object(
         pb.CopyObjectRequest(
             src_bucket=src_bucket, src_key=src_key, dst_bucket=req.bucket, dst_key=req.key,
             replace_headers=directive == "REPLACE", headers=request_headers(req),

@@ -2,6 +2,10 @@
 to use s3v4): HMAC-SHA1 over the method, Content-MD5, Content-Type, Expires, x-amz-* headers and
 the resource with its sub-resources. Only presigned URLs: V2 Authorization headers are refused
 (no current SDK sends them). Signature V4 lives in `sigv4`.
+
+Like V4's X-Amz-Expires, a V2 URL may not outlive the request by more than 7 days: `Expires`
+(a unix time) further ahead than that is refused (AccessDenied), so that no URL grants access
+for years. A signature in any script is only a mismatch (SignatureDoesNotMatch).
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 
-from services.gateway.s3 import s3errors
+from services.gateway.s3 import params, s3errors, sigv4
+
+#: The longest a V2 presigned URL may still be valid at the time of a request (as V4's cap).
+MAX_EXPIRES_S = sigv4.MAX_PRESIGN_EXPIRES_S
 
 V2_SUBRESOURCES = frozenset(
     {
@@ -35,13 +42,26 @@ class PresignedV2:
 
 
 def parse_v2(query: Mapping[str, str]) -> PresignedV2 | None:
-    """The V2 presigned signature of a request (None when it has none)."""
+    """The V2 presigned signature of a request (None when it has none); AccessDenied when its
+    Expires is not a unix time in ASCII digits."""
     if "AWSAccessKeyId" not in query or "Signature" not in query:
         return None
-    expires = query.get("Expires", "")
-    if not expires.isdigit():
+    expires = params.uint(query.get("Expires", ""))
+    if expires is None:
         raise s3errors.S3Error("AccessDenied", "a presigned URL needs Expires")
-    return PresignedV2(query["AWSAccessKeyId"], int(expires), query["Signature"])
+    return PresignedV2(query["AWSAccessKeyId"], expires, query["Signature"])
+
+
+def check_time(signed: PresignedV2, now: float) -> None:
+    """AccessDenied when the URL has expired, or expires more than MAX_EXPIRES_S after now."""
+    if now > signed.expires:
+        raise s3errors.S3Error("AccessDenied", "Request has expired")
+    if signed.expires > now + MAX_EXPIRES_S:
+        raise s3errors.S3Error(
+            "AccessDenied",
+            f"Expires is too far in the future: a presigned URL may be valid for at most "
+            f"{MAX_EXPIRES_S} seconds (7 days) from now",
+        )
 
 
 def verify_v2(
@@ -54,9 +74,9 @@ def verify_v2(
     headers: Mapping[str, str],
     now: float,
 ) -> None:
-    """Check a V2 presigned URL: not expired, and its HMAC-SHA1 matches."""
-    if now > signed.expires:
-        raise s3errors.S3Error("AccessDenied", "Request has expired")
+    """Check a V2 presigned URL: AccessDenied when expired or valid too long (`check_time`),
+    SignatureDoesNotMatch unless its HMAC-SHA1 matches."""
+    check_time(signed, now)
     amz = sorted(
         (k.lower(), v.strip()) for k, v in headers.items() if k.lower().startswith("x-amz-")
     )
@@ -70,9 +90,9 @@ def verify_v2(
             str(signed.expires), *(f"{k}:{v}" for k, v in amz),
         )
     ) + "\n" + resource  # fmt: skip
-    digest = hmac.new(secret.encode(), to_sign.encode(), hashlib.sha1).digest()
-    expected = base64.b64encode(digest).decode()
-    if not hmac.compare_digest(expected, signed.signature):
+    raw = to_sign.encode("utf-8", "surrogateescape")  # as the HTTP layer decoded it
+    expected = base64.b64encode(hmac.new(secret.encode(), raw, hashlib.sha1).digest())
+    if not hmac.compare_digest(expected, sigv4.signature_bytes(signed.signature)):
         raise s3errors.S3Error(
             "SignatureDoesNotMatch",
             "The request signature we calculated does not match the signature you provided.",

@@ -1,7 +1,9 @@
 """The S3 HTTP front of the gateway: aiohttp on the gateway's event loop, next to gRPC.
 
 Every request: an id (`x-amz-request-id`) → the bucket and key (path style, or virtual-host
-style under the configured domain) → SigV4 authentication (`auth.Authenticator`) → the operation
+style under the configured domain) → SigV4 authentication (`auth.Authenticator`) → the user
+bound as the request's `kvtier.principal` (so the object front checks S3 and gRPC callers alike:
+its tenant's buckets only, admins all, never the KV tier's internal bucket) → the operation
 (`bucket_ops`, `object_ops`, `multipart_ops`) on the gateway's object front. Errors become S3 XML
 bodies with the right status. Bodies stream both ways through the engine's staging slots: a PUT
 never holds more than one call's stripes, a GET one slot of the object at a time.
@@ -21,6 +23,7 @@ import prometheus_client
 from aiohttp import web
 
 from kvtier import errors
+from kvtier import principal as principal_mod
 from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway import front as front_mod
 from services.gateway.s3 import auth, body, kv_ops, s3errors, sigv4, xmlio
@@ -88,7 +91,7 @@ class S3Server:
         self.region = region
         self.domain = domain.lower().strip(".")
         self.routes = _routes()
-        self.kv_buckets = kv_ops.KVBuckets(front.metadata_address)
+        self.kv_buckets = kv_ops.KVBuckets(front.metadata_address, front.security)
 
     def app(self) -> web.Application:
         """The aiohttp application (one catch-all route: S3 routes on query and headers)."""
@@ -109,9 +112,13 @@ class S3Server:
             request = S3Request(
                 http, request_id, bucket, key, dict(http.query), principal, payload, op
             )
-            if bucket and op not in kv_ops.SHARED and op != "CreateBucket":
-                handler = await self._kv_handler(request, handler)
-            response = await handler(self, request)
+            bound = principal_mod.bind(kvtier_principal(principal))
+            try:
+                if bucket and op not in kv_ops.SHARED and op != "CreateBucket":
+                    handler = await self._kv_handler(request, handler)
+                response = await handler(self, request)
+            finally:
+                principal_mod.unbind(bound)
         except s3errors.S3Error as exc:
             response = _error(exc, resource, request_id, http.method)
         except sigv4.S3AuthError as exc:  # from an aws-chunked body, mid-stream
@@ -164,11 +171,9 @@ class S3Server:
 
     async def _kv_handler(self, request: S3Request, handler: Handler) -> Handler:
         """The KV tier's handler when the bucket is a KV bucket (ownership checked)."""
-        info = await self.front.bucket_info(request.bucket)
+        info = await self.front.bucket_for(request.bucket)
         if info.kind != metadata_pb2.BUCKET_KIND_KV:
             return handler
-        if not request.principal.may_use(info.tenant):
-            raise s3errors.S3Error("AccessDenied", "Access Denied")
         kv_handler = kv_ops.HANDLERS.get(request.op)
         if kv_handler is None:
             raise s3errors.S3Error(
@@ -180,11 +185,17 @@ class S3Server:
         """Close the KV clients."""
         await self.kv_buckets.close()
 
-    async def owned_bucket(self, request: S3Request) -> None:
-        """NoSuchBucket, or AccessDenied unless the principal's tenant owns the bucket."""
-        info = await self.front.bucket_info(request.bucket)
-        if not request.principal.may_use(info.tenant):
-            raise s3errors.S3Error("AccessDenied", "Access Denied")
+    async def owned_bucket(self, request: S3Request) -> metadata_pb2.BucketInfo:
+        """The request's bucket: NoSuchBucket, or AccessDenied unless the principal may use it
+        (the front's check on the bound principal)."""
+        return await self.front.bucket_for(request.bucket)
+
+
+def kvtier_principal(user: auth.Principal) -> principal_mod.Principal:
+    """The kvtier principal of an S3 user (S3 never maps shared memory)."""
+    return principal_mod.user(
+        user.access_key, user.tenant, is_admin=user.is_admin, shm_trusted=False
+    )
 
 
 def _error(exc: s3errors.S3Error, resource: str, request_id: str, method: str) -> web.Response:

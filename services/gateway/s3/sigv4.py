@@ -21,15 +21,16 @@ What S3 does, and so does this module:
 - the credential scope names our region (else AuthorizationHeaderMalformed with the region
   to use, as S3 answers so SDKs can redirect), the service `s3` and X-Amz-Date's day.
 
-Header values are `str` decoded as aiohttp does (UTF-8, surrogateescape) and encoded back so.
-Comparisons are constant-time; secrets and signing keys never reach messages or reprs.
+Header values, the raw path and the raw query are `str` decoded as aiohttp does (UTF-8,
+surrogateescape) and encoded back so. Comparisons are constant-time and of bytes, so a signature
+in any script is only a mismatch (SignatureDoesNotMatch); numbers are ASCII digits
+(`params.uint`); secrets and signing keys never reach messages or reprs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import email.utils
 import enum
 import functools
 import hashlib
@@ -38,6 +39,8 @@ import re
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
+
+from services.gateway.s3 import params
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -63,7 +66,7 @@ _STATUS = {
     "MissingContentLength": 411,
 }
 _HEX_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
-_DAY = re.compile(r"\d{8}")
+_DAY = re.compile(r"[0-9]{8}")
 _SAFE = "-_.~"  # RFC 3986 unreserved, besides letters and digits
 _PRESIGN_MARKERS = ("X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Signature")
 _PRESIGN_PARAMS = (*_PRESIGN_MARKERS, "X-Amz-Date", "X-Amz-SignedHeaders", "X-Amz-Expires")
@@ -202,7 +205,20 @@ def sign(key: bytes, string_to_sign: str) -> str:
     return hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
 
 
-_unquote = urllib.parse.unquote_to_bytes
+def signature_bytes(text: str) -> bytes:
+    """A client's signature as bytes to compare with `hmac.compare_digest`, whatever it holds:
+    compare_digest refuses non-ASCII `str` (TypeError), and 'surrogatepass' encodes every `str`
+    (a non-ASCII signature then only fails to match)."""
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _raw(text: str) -> bytes:
+    """The bytes of text as the HTTP layer received them (UTF-8, surrogateescape)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _unquote(text: str) -> bytes:
+    return urllib.parse.unquote_to_bytes(_raw(text))
 
 
 def _encode(raw: bytes) -> str:
@@ -211,7 +227,7 @@ def _encode(raw: bytes) -> str:
 
 def canonical_uri(raw_path: str) -> str:
     """The canonical URI of a path as sent: decoded once, re-encoded per RFC 3986 ('/' kept)."""
-    decoded = urllib.parse.unquote_to_bytes(raw_path or "/")
+    decoded = _unquote(raw_path or "/")
     return urllib.parse.quote(decoded, safe="/" + _SAFE)
 
 
@@ -301,6 +317,8 @@ def _credential(text: str, amz_date: str, *, presigned: bool, region: str) -> tu
 
 
 def _parse_amz_date(text: str) -> float | None:
+    if not text.isascii():
+        return None
     try:
         stamp = datetime.datetime.strptime(text, AMZ_DATE_FORMAT)
     except ValueError:
@@ -316,13 +334,10 @@ def _header_date(table: Mapping[str, list[str]]) -> tuple[str, float]:
     """The signed time of a header-signed request: x-amz-date, else Date (RFC 1123)."""
     amz_date, date = _one(table, "x-amz-date"), _one(table, "date")
     when: float | None = None
-    try:
-        if amz_date is not None:
-            when = _parse_amz_date(amz_date)
-        elif date:
-            when = email.utils.parsedate_to_datetime(date).timestamp()
-    except (TypeError, ValueError):
-        pass
+    if amz_date is not None:
+        when = _parse_amz_date(amz_date)
+    elif date:
+        when = params.http_date(date)
     if when is None:
         raise S3AuthError(
             "AccessDenied", "AWS authentication requires a valid Date or x-amz-date header"
@@ -358,10 +373,11 @@ def _streaming(
         raise S3AuthError(
             "MissingContentLength", "You must provide the Content-Length HTTP header."
         )
-    if not decoded.isascii() or not decoded.isdigit():
+    length = params.uint(decoded)
+    if length is None:
         raise S3AuthError("InvalidArgument", "x-amz-decoded-content-length must be a number")
     names = ",".join(table.get("x-amz-trailer", ())).split(",") if mode.trailer else []
-    return int(decoded), tuple(n.strip().lower() for n in names if n.strip())
+    return length, tuple(n.strip().lower() for n in names if n.strip())
 
 
 def _signed_header_names(text: str, table: Mapping[str, list[str]]) -> tuple[str, ...]:
@@ -459,9 +475,9 @@ def _presign_params(pairs: list[tuple[bytes, bytes]]) -> dict[str, str]:
 
 def _expires(text: str) -> int:
     code = "AuthorizationQueryParametersError"
-    if not text.isascii() or not text.isdigit():
+    expires = params.uint(text)
+    if expires is None:
         raise S3AuthError(code, "X-Amz-Expires should be a number")
-    expires = int(text)
     if expires < 1:
         raise S3AuthError(code, "X-Amz-Expires must be at least 1 second")
     if expires > MAX_PRESIGN_EXPIRES_S:
@@ -589,7 +605,7 @@ def verify(auth: AuthRequest, secret: str, *, now: float) -> Verified:
     check_time(auth, now)
     key = signing_key(secret, auth.day, auth.region)
     expected = sign(key, auth.string_to_sign).encode()
-    if not hmac.compare_digest(expected, auth.signature.encode("utf-8", "surrogateescape")):
+    if not hmac.compare_digest(expected, signature_bytes(auth.signature)):
         raise S3AuthError(
             "SignatureDoesNotMatch",
             "The request signature we calculated does not match the signature you provided. "

@@ -1,19 +1,30 @@
 """The XML bodies of the S3 API: responses built with ElementTree, request bodies parsed with
-limits (size checked by the caller; expat refuses entity expansion bombs since 2.4.1).
+limits (size checked by the caller too).
+
+Request bodies are UTF-8 (a declared encoding is ignored; UTF-16 and UTF-32, with or without a
+byte order mark, are refused) and hold no NUL and no DTD, so no entity is ever declared. They
+are parsed as a stream, one child of the root at a time, never as a whole tree (which takes
+20-40 times the body's size): nesting, elements per child, children and runs of text are
+bounded (`MAX_DEPTH` ...), so a body of n bytes costs about n bytes. Every refusal is
+MalformedXML, but part numbers: ASCII digits (else MalformedXML) from 1 to 10000 (else
+InvalidArgument).
 """
 
 from __future__ import annotations
 
 import datetime
+import re
 import urllib.parse
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from services.gateway.s3 import s3errors
+from services.gateway.s3 import params, s3errors
 
 NS = "http://s3.amazonaws.com/doc/2006-03-01/"
 MAX_BODY_BYTES = 2 << 20
+#: Part numbers of a multipart upload, as S3 allows them.
+MAX_PART_NUMBER = 10000
 _HEADER = b'<?xml version="1.0" encoding="UTF-8"?>\n'
 
 
@@ -305,20 +316,108 @@ def delete_result(
 
 # Request bodies.
 
+#: Limits of a request body's shape (S3's bodies nest 3 deep, a Part holds 8 elements at most).
+MAX_DEPTH = 8
+MAX_CHILD_ELEMENTS = 32  # in one child of the root, itself included
+MAX_DELETE_KEYS = 1000
+#: The longest run of bytes without '<': no S3 body has one (a key is 1024 bytes, at most ~6 KiB
+#: escaped), and it bounds a start tag, whose attributes expat would expand twentyfold.
+MAX_RUN_BYTES = 16 << 10
+_LONG_RUN = re.compile(rb"(?<![^<])[^<]{%d}" % (MAX_RUN_BYTES + 1))  # from a run's start only
+_FEED_BYTES = 64 << 10  # expat's buffers grow with what one feed hands it
 
-def _parse(body: bytes) -> ET.Element:
+
+def _malformed(message: str = "The XML you provided was not well-formed") -> s3errors.S3Error:
+    return s3errors.S3Error("MalformedXML", message)
+
+
+def _local(tag: str) -> str:
+    """A tag without its namespace: clients differ in sending one."""
+    return tag.rpartition("}")[2]
+
+
+class _Children:
+    """An XMLParser target that builds each child of the root as a small tree of its own and
+    hands it to `take` once complete, so that a document is never held whole (memory stays
+    near the body's size, not the 20-40 times of a full tree). Refuses (MalformedXML) a
+    document nested deeper than MAX_DEPTH, with more than max_children children or a child of
+    more than MAX_CHILD_ELEMENTS elements. Attributes and the root's own text are dropped."""
+
+    def __init__(self, take: Callable[[ET.Element], None], max_children: int) -> None:
+        self.root_tag = ""
+        self._take = take
+        self._max_children = max_children
+        self._children = 0
+        self._depth = 0
+        self._elements = 0  # in the current child
+        self._builder: ET.TreeBuilder | None = None
+
+    def start(self, tag: str, _attrib: dict[str, str]) -> None:
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise _malformed("the XML is nested too deep")
+        if self._depth == 1:
+            self.root_tag = _local(tag)
+            return
+        if self._depth == 2:
+            self._children += 1
+            if self._children > self._max_children:
+                raise _malformed("the XML has too many elements")
+            self._builder, self._elements = ET.TreeBuilder(), 0
+        self._elements += 1
+        if self._elements > MAX_CHILD_ELEMENTS:
+            raise _malformed("the XML has too many elements")
+        assert self._builder is not None
+        self._builder.start(_local(tag), {})
+
+    def end(self, tag: str) -> None:
+        self._depth -= 1
+        if self._builder is None:
+            return
+        element = self._builder.end(_local(tag))
+        if self._depth == 1:
+            self._builder = None
+            self._take(element)
+
+    def data(self, text: str) -> None:
+        if self._builder is not None:
+            self._builder.data(text)
+
+    def close(self) -> str:
+        return self.root_tag
+
+
+def _check_bytes(body: bytes) -> None:
     if len(body) > MAX_BODY_BYTES:
-        raise s3errors.S3Error("MalformedXML", "the XML body is too large")
-    if b"<!DOCTYPE" in body or b"<!ENTITY" in body:  # no S3 body has a DTD: no entity games
-        raise s3errors.S3Error("MalformedXML", "DTDs are not allowed")
+        raise _malformed("the XML body is too large")
     try:
-        root = ET.fromstring(body)
+        body.decode("utf-8")  # no byte order mark but UTF-8's, no other encoding
+    except UnicodeDecodeError:
+        raise _malformed() from None
+    if b"\0" in body:  # UTF-16 or UTF-32 without a byte order mark (and never valid XML)
+        raise _malformed()
+    # As the parser reads UTF-8 whatever the document declares, a DTD can only be spelled so.
+    if b"<!DOCTYPE" in body or b"<!ENTITY" in body:  # no S3 body has a DTD: no entity games
+        raise _malformed("DTDs are not allowed")
+    if _LONG_RUN.search(body):
+        raise _malformed("the XML has a text or tag too long")
+
+
+def _parse(body: bytes, take: Callable[[ET.Element], None], *, max_children: int) -> str:
+    """Parse body, handing each child of its root to `take` (see `_Children`); the root's tag.
+    MalformedXML for anything but a well-formed UTF-8 document within the limits."""
+    _check_bytes(body)
+    target = _Children(take, max_children)
+    # encoding: a declared encoding is ignored (never looked up among Python's codecs).
+    parser = ET.XMLParser(target=target, encoding="utf-8")
+    view = memoryview(body)
+    try:
+        for start in range(0, len(body), _FEED_BYTES):
+            parser.feed(bytes(view[start : start + _FEED_BYTES]))
+        parser.close()
     except ET.ParseError:
-        raise s3errors.S3Error("MalformedXML", "The XML you provided was not well-formed") from None
-    for element in root.iter():  # drop namespaces: clients differ in sending them
-        if "}" in element.tag:
-            element.tag = element.tag.split("}", 1)[1]
-    return root
+        raise _malformed() from None
+    return target.root_tag
 
 
 def _text(element: ET.Element, tag: str) -> str | None:
@@ -327,46 +426,76 @@ def _text(element: ET.Element, tag: str) -> str | None:
 
 
 def parse_complete(body: bytes) -> list[tuple[int, str, dict[str, str]]]:
-    """CompleteMultipartUpload: (part number, ETag, checksums) in document order."""
-    root = _parse(body)
-    if root.tag != "CompleteMultipartUpload":
-        raise s3errors.S3Error("MalformedXML", "expected CompleteMultipartUpload")
+    """CompleteMultipartUpload: (part number, ETag, checksums) in document order, at most
+    MAX_PART_NUMBER parts."""
     parts = []
-    for part in root.findall("Part"):
-        number, etag = _text(part, "PartNumber"), _text(part, "ETag")
-        if number is None or etag is None or not number.strip().isdigit():
-            raise s3errors.S3Error("MalformedXML", "each Part needs PartNumber and ETag")
-        sums = {
-            child.tag[len("Checksum") :]: child.text or ""
-            for child in part
-            if child.tag.startswith("Checksum")
-        }
-        parts.append((int(number), etag.strip().strip('"'), sums))
+
+    def take(child: ET.Element) -> None:
+        if child.tag == "Part":
+            parts.append(_part(child))
+
+    if _parse(body, take, max_children=MAX_PART_NUMBER) != "CompleteMultipartUpload":
+        raise _malformed("expected CompleteMultipartUpload")
     if not parts:
-        raise s3errors.S3Error("MalformedXML", "CompleteMultipartUpload lists no Part")
+        raise _malformed("CompleteMultipartUpload lists no Part")
     return parts
 
 
+def _part(part: ET.Element) -> tuple[int, str, dict[str, str]]:
+    number, etag = _text(part, "PartNumber"), _text(part, "ETag")
+    if number is None or etag is None:
+        raise _malformed("each Part needs PartNumber and ETag")
+    sums = {
+        child.tag[len("Checksum") :]: child.text or ""
+        for child in part
+        if child.tag.startswith("Checksum")
+    }
+    return _part_number(number), etag.strip().strip('"'), sums
+
+
+def _part_number(text: str) -> int:
+    number = params.uint(text.strip())
+    if number is None:
+        raise _malformed("a PartNumber is not a number")
+    if not 1 <= number <= MAX_PART_NUMBER:
+        raise s3errors.S3Error(
+            "InvalidArgument",
+            f"Part number must be an integer between 1 and {MAX_PART_NUMBER}, inclusive",
+        )
+    return number
+
+
 def parse_delete(body: bytes) -> tuple[bool, list[str]]:
-    """Delete (DeleteObjects): (quiet, keys), at most 1000 keys."""
-    root = _parse(body)
-    if root.tag != "Delete":
-        raise s3errors.S3Error("MalformedXML", "expected Delete")
-    quiet = (_text(root, "Quiet") or "").strip().lower() == "true"
-    keys = []
-    for obj in root.findall("Object"):
-        key = _text(obj, "Key")
-        if key is None:
-            raise s3errors.S3Error("MalformedXML", "each Object needs a Key")
-        keys.append(key)
-    if not 1 <= len(keys) <= 1000:
-        raise s3errors.S3Error("MalformedXML", "Delete takes 1 to 1000 objects")
-    return quiet, keys
+    """Delete (DeleteObjects): (quiet, keys), at most MAX_DELETE_KEYS keys."""
+    quiet: list[str] = []
+    keys: list[str] = []
+
+    def take(child: ET.Element) -> None:
+        if child.tag == "Quiet":
+            quiet.append(child.text or "")
+        elif child.tag == "Object":
+            key = _text(child, "Key")
+            if key is None:
+                raise _malformed("each Object needs a Key")
+            keys.append(key)
+
+    # A Quiet, the keys, and a little room for elements S3 ignores (e.g. a second Quiet).
+    if _parse(body, take, max_children=MAX_DELETE_KEYS + 8) != "Delete":
+        raise _malformed("expected Delete")
+    if not 1 <= len(keys) <= MAX_DELETE_KEYS:
+        raise _malformed(f"Delete takes 1 to {MAX_DELETE_KEYS} objects")
+    return bool(quiet) and quiet[0].strip().lower() == "true", keys
 
 
 def parse_location(body: bytes) -> str:
     """CreateBucketConfiguration: its LocationConstraint ('' when absent or no body)."""
     if not body.strip():
         return ""
-    root = _parse(body)
-    return (_text(root, "LocationConstraint") or "").strip()
+    found: list[str] = []
+
+    def take(child: ET.Element) -> None:
+        if child.tag == "LocationConstraint":
+            found.append(child.text or "")
+
+    _parse(body, take, max_children=16)
+    return found[0].strip() if found else ""
