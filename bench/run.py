@@ -1,11 +1,13 @@
 """`make bench`: measure, check the targets as ratios of this run's ceilings, write the report.
 
 Usage: python -m bench.run [--quick] [--no-doc] [--skip-kv] [--skip-objects] [--skip-s3]
-                           [--skip-e2e]
+                           [--skip-security] [--skip-e2e]
 Writes bench/results/<name>.json, docs/img/<name>.png and the matching section of
 docs/benchmarks.md (between `<!-- <name>:begin -->` and `<!-- <name>:end -->`).
 The KV-cache section (bench/kv_bench.py) installs its peers with scripts/bench_peers.sh first;
-the object-tier section (bench/object_bench.py) starts and stops a dev cluster of its own.
+the object-tier section (bench/object_bench.py) starts and stops a dev cluster of its own; the
+security section (bench/security_bench.py) an insecure and a secure one, and reports what
+authentication and TLS cost as ratios between them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from bench import ceilings, eviction_trace, kv_bench, object_bench, s3_bench, transport_bench
+from bench import (
+    ceilings,
+    eviction_trace,
+    kv_bench,
+    object_bench,
+    s3_bench,
+    security_bench,
+    transport_bench,
+)
 from bench.e2e import sweep as e2e_sweep
 from kvtier.transport import registry
 
@@ -228,6 +238,11 @@ def main() -> int:
         "--skip-s3", action="store_true", help="skip the S3 API (boto3, dev cluster) benchmark"
     )
     parser.add_argument(
+        "--skip-security",
+        action="store_true",
+        help="skip the cost of security (an insecure and a secure dev cluster)",
+    )
+    parser.add_argument(
         "--skip-e2e", action="store_true", help="skip the end-to-end restore-vs-recompute sweep"
     )
     args = parser.parse_args()
@@ -249,6 +264,9 @@ def main() -> int:
     if not args.skip_s3:
         s3 = s3_bench.run_section(args.quick, None if args.no_doc else update_doc)
         result["targets"] += s3["targets"]
+    if not args.skip_security:
+        sec = security_bench.run_section(args.quick, None if args.no_doc else update_doc)
+        result["targets"] += sec["targets"]
     if not args.skip_e2e:
         e2e = e2e_sweep.run_section(args.quick, None if args.no_doc else update_doc)
         result["targets"] += e2e["targets"]

@@ -226,10 +226,10 @@ def render(r: dict[str, Any]) -> str:
         f"{r.get('scheme', 'http').upper()} (SigV4, signed payloads: "
         "the client hashes every body with SHA-256), path style, one client process with "
         "threads; the gRPC API as a tenant user (TLS, session token). Loopback TCP ceiling "
-        "(one stream, two processes) in the same run: "
-        f"{loop:.2f} GB/s. *HTTP stack* is an aiohttp server on uvloop that discards PUT "
-        "bodies and serves GETs from memory, driven by the same boto3 client: what is left "
-        "for storage is the difference.",
+        f"(one stream, two processes) in the same run: {loop:.2f} GB/s. *HTTP stack* is an "
+        "aiohttp server on uvloop (plain HTTP) that discards PUT bodies and serves GETs from "
+        "memory, driven by the same boto3 client: what is left for storage (and TLS) is the "
+        "difference; what HTTPS costs alone: the security section.",
         "",
         "| object | conc. | S3 PUT GB/s | S3 GET GB/s | HTTP stack PUT / GET "
         "| gRPC API PUT / GET (conc. 1) | S3 GET / gRPC GET | S3 GET / loopback |",

@@ -63,20 +63,23 @@ THROUGHPUT_RATIO_MIN = 0.95
 
 @dataclass(frozen=True)
 class Settings:
-    rounds: int
+    rounds: int  # KV and RPC rounds (short: many pairs make the median ratio steady)
     latency_samples: int  # per side and transport, over all rounds
     kv_batches: int  # 2 MiB batches put and got per side, transport and round
-    s3_objects: int  # 64 MiB objects per side and round
+    s3_rounds: int
+    s3_objects: int  # 64 MiB objects per side and S3 round
     rpc_samples: int
     token_samples: int
 
 
 QUICK = Settings(
-    rounds=6, latency_samples=1200, kv_batches=1, s3_objects=1, rpc_samples=600, token_samples=40
-)
+    rounds=30, latency_samples=3000, kv_batches=1, s3_rounds=6, s3_objects=1, rpc_samples=1500,
+    token_samples=40,
+)  # fmt: skip
 FULL = Settings(
-    rounds=10, latency_samples=3000, kv_batches=2, s3_objects=1, rpc_samples=2000, token_samples=100
-)
+    rounds=60, latency_samples=6000, kv_batches=1, s3_rounds=12, s3_objects=1, rpc_samples=3000,
+    token_samples=100,
+)  # fmt: skip
 
 
 @dataclass
@@ -172,7 +175,7 @@ def kv_latency(sides: dict[str, Side], transport: str, s: Settings) -> dict[str,
             elapsed = time.perf_counter() - started
             if sizes[0] != LATENCY_BLOCK:
                 raise RuntimeError(f"{name}: get {key!r}: {sizes[0]} bytes")
-            if i >= 20:  # the first of a round warm the path
+            if i >= 20:  # the first gets of a round warm the path
                 got.append(elapsed * 1e6)
         samples[name].append(got)
     if not np.array_equal(out, block):
@@ -237,7 +240,7 @@ def s3_throughput(sides: dict[str, Side], s: Settings) -> dict[str, Any]:
     for name in SIDES:  # untimed: connections (the TLS handshake) and the gateway's pools
         sides[name].s3.put_object(Bucket="security-bench", Key="warm", Body=data[: 4 * MIB])
         sides[name].s3.get_object(Bucket="security-bench", Key="warm")["Body"].read()
-    return _rates(one_round, s.rounds)
+    return _rates(one_round, s.s3_rounds)
 
 
 def _rates(one_round: Callable[[str, int], dict[str, float]], rounds: int) -> dict[str, Any]:
@@ -401,6 +404,23 @@ def _ratio(r: dict[str, Any], step: str, key: str) -> float:
     return float(r[step]["ratio"][key])
 
 
+def _spread(r: dict[str, Any], step: str, key: str) -> str:
+    """The middle half (25th-75th percentile) of the per-round ratios behind _ratio: how much
+    the machine moved the pairs."""
+    result = r[step]
+    if step.startswith("kv_latency"):
+        pairs = zip(result["secure"]["rounds_p50"], result["insecure"]["rounds_p50"], strict=True)
+        ratios = [a / b for a, b in pairs]
+    elif step == "rpc":
+        pairs = zip(result[key]["rounds_p50"], result["plaintext"]["rounds_p50"], strict=True)
+        ratios = [a / b for a, b in pairs]
+    else:
+        pairs = zip(result["secure"]["rounds"], result["insecure"]["rounds"], strict=True)
+        ratios = [a[key] / b[key] for a, b in pairs]
+    low, high = np.percentile(ratios, [25, 75])
+    return f"{low:.2f}–{high:.2f}"
+
+
 def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's cost targets as ratios secure / insecure in this run."""
     checks = []
@@ -436,24 +456,26 @@ def render(r: dict[str, Any]) -> str:
         f"{r['load_average_end']:.1f} after: other jobs share these cores, which is why both "
         "sides run at once and alternate round by round). Two dev clusters of one shape "
         f"(`kvtier up {r['shape']}`), one `--insecure`, both up during the whole run; "
-        f"{s['rounds']} rounds, each side first in every other one. Clients in the benchmark's "
-        "process: on the secure side tenant users made with `kvtier admin user add` (TLS and a "
-        "session token; `--trust-shm` for the shm rows), on the insecure side no credential. "
-        "Each ratio is secure / insecure: the median over rounds of the two sides' back-to-back "
-        "values (p50s for latency, GB/s for throughput), which cancels slow drift in the "
-        "machine's load; the absolute latencies are p50s of all samples, throughputs medians "
-        "over rounds. "
-        "`python -m bench.security_bench` reruns it.",
+        f"{s['rounds']} rounds of each KV and RPC workload ({s['kv_batches']} batch of 16 × "
+        f"2 MiB, {s['latency_samples'] // s['rounds']} gets a round), {s['s3_rounds']} of S3 "
+        f"({s['s3_objects']} object), each side first in every other round. Clients in the "
+        "benchmark's process: on the secure side tenant users made with `kvtier admin user "
+        "add` (TLS and a session token; `--trust-shm` for the shm rows), on the insecure side "
+        "no credential. Each ratio is secure / insecure: the median over rounds of the two "
+        "sides' back-to-back values (p50s for latency, GB/s for throughput), which cancels slow "
+        "drift in the machine's load; the absolute latencies are p50s of all samples, "
+        "throughputs medians over rounds. `python -m bench.security_bench` reruns it.",
         "",
-        "| workload | insecure | secure | ratio | target |",
-        "|---|---:|---:|---:|---|",
+        "| workload | insecure | secure | ratio | rounds' middle half | target |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for transport in ("tcp", "shm"):
         lat = r[f"kv_latency_{transport}"]
         lines.append(
             f"| KV 64 KiB get p50 ({transport}, {int(lat['insecure']['n'])} gets a side) | "
             f"{lat['insecure']['p50']:.0f} µs | {lat['secure']['p50']:.0f} µs | "
-            f"{_ratio(r, f'kv_latency_{transport}', 'p50'):.2f} | ≤ {LATENCY_RATIO_MAX} |"
+            f"{_ratio(r, f'kv_latency_{transport}', 'p50'):.2f} | "
+            f"{_spread(r, f'kv_latency_{transport}', 'p50')} | ≤ {LATENCY_RATIO_MAX} |"
         )
     for transport in ("tcp", "shm"):
         tp = r[f"kv_throughput_{transport}"]
@@ -461,14 +483,15 @@ def render(r: dict[str, Any]) -> str:
             lines.append(
                 f"| KV 2 MiB {op}, batches of {BATCH} ({transport}) | "
                 f"{tp['insecure'][op]:.2f} GB/s | {tp['secure'][op]:.2f} GB/s | "
-                f"{_ratio(r, f'kv_throughput_{transport}', op):.2f} | ≥ {THROUGHPUT_RATIO_MIN} |"
+                f"{_ratio(r, f'kv_throughput_{transport}', op):.2f} | "
+                f"{_spread(r, f'kv_throughput_{transport}', op)} | ≥ {THROUGHPUT_RATIO_MIN} |"
             )
     schemes = r["s3_scheme"]
     for op in ("put", "get"):
         lines.append(
             f"| S3 64 MiB {op.upper()}, boto3 ({schemes['insecure']} → {schemes['secure']}) | "
             f"{r['s3']['insecure'][op]:.2f} GB/s | {r['s3']['secure'][op]:.2f} GB/s | "
-            f"{_ratio(r, 's3', op):.2f} | ≥ {THROUGHPUT_RATIO_MIN} |"
+            f"{_ratio(r, 's3', op):.2f} | {_spread(r, 's3', op)} | ≥ {THROUGHPUT_RATIO_MIN} |"
         )
     rpc = r["rpc"]
     base = rpc["plaintext"]["p50"]
@@ -476,7 +499,8 @@ def render(r: dict[str, Any]) -> str:
         if name != "plaintext":
             lines.append(
                 f"| tiny gRPC RPC p50 (GetNodeInfo), {name} | {base:.0f} µs | "
-                f"{rpc[name]['p50']:.0f} µs | {ratio:.2f} | (informative) |"
+                f"{rpc[name]['p50']:.0f} µs | {ratio:.2f} | {_spread(r, 'rpc', name)} | "
+                "(informative) |"
             )
     tok = r["token"]
     lines += [

@@ -191,10 +191,10 @@ def run_e2e(job: jobs.Job, workdir: Path) -> dict[str, Any]:
         methods.remove("redis")
         notes["redis"] = f"skipped: {reason}"
     try:
-        info = cluster.start()
+        cluster.start()
         port = redis.start() if "redis" in methods else 0
         job = dataclasses.replace(
-            job, methods=tuple(methods), metadata=info["metadata"], redis_port=port,
+            job, methods=tuple(methods), metadata=cluster.metadata, redis_port=port,
             disk_dir=str(workdir / "files"),
         )  # fmt: skip
         try:

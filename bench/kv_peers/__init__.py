@@ -11,13 +11,16 @@ against each peer. Its spec runs in the project's interpreter, e.g.:
         transport: str
         python: str = sys.executable
         env: Mapping[str, str] = field(default_factory=dict)
+        security: Mapping[str, Any] = field(default_factory=dict)  # ClientSecurity arguments
 
         def make_client(self) -> base.KVClient:
             return KVTierClient(kvtier.KVClient.connect(
-                nodes=list(self.nodes), namespace="bench", transports=[self.transport]))
+                nodes=list(self.nodes), namespace="bench", transports=[self.transport],
+                security=kvtier.security.ClientSecurity(**self.security)))
 
 with `KVTierClient(base.BaseClient)` forwarding put_batch/get_batch (and delete_batch, close),
-and a system whose start() runs the servers (ready when healthy) and stop() ends them.
+and a system whose start() runs the servers (ready when healthy; secure, with a cluster CA and
+certificates of its own) and stop() ends them.
 Importing this package imports nothing beyond the standard library and numpy: client processes
 run it under each peer's own virtualenv.
 """

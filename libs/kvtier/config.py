@@ -240,6 +240,12 @@ class DataPlaneServiceConfig(ServiceConfig):
         "data-plane connections one identity (a user, or a service or operator per tenant it "
         "acts for) may hold open to this node over all transports; more are refused (Overloaded)",
     )
+    dataplane_tls: bool = setting(
+        False,
+        "serve the tcp data plane over TLS with the node's certificate (tls_cert_file, "
+        "tls_key_file); off sends KV blocks and shards in cleartext: only on networks the "
+        "operator trusts (docs/transports.md, TLS)",
+    )
     rdma_device: str = setting("", "RDMA device for the rdma transport; empty: the first found")
 
     def __post_init__(self) -> None:
@@ -254,3 +260,5 @@ class DataPlaneServiceConfig(ServiceConfig):
             raise ConfigError("dataplane_max_inflight_bytes: must be at least 65536")
         if self.dataplane_max_connections_per_principal < 1:
             raise ConfigError("dataplane_max_connections_per_principal: must be at least 1")
+        if self.dataplane_tls and not (self.tls_cert_file and self.tls_key_file):
+            raise ConfigError("dataplane_tls: needs tls_cert_file and tls_key_file")

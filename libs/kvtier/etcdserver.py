@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import socket
@@ -125,7 +126,10 @@ class EtcdServer:
             "--log-level=warn",
             *(self.tls.args() if self.tls is not None else ()),
         ]
-        with self.log_path.open("ab") as log:
+        # Readable by its owner only, like every log of a dev cluster.
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "ab") as log:
             self._proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )

@@ -126,6 +126,7 @@ class NodeSet:
             max_inflight_bytes=base_settings.max_inflight_bytes,
             timeout_s=timeout_s,
             rdma_device=base_settings.rdma_device,
+            tls_ca_file=base_settings.tls_ca_file,
         )
         self._metadata: metadata_client.MetadataClient | None = None
         self._nodes: dict[str, Node] = {}

@@ -245,6 +245,7 @@ class EtcdMembership:
             async with asyncio.timeout(self._timeout_s):
                 return await coro
         except _ETCD_ERRORS as exc:
+            _reraise_cancellation(exc)
             raise errors.Unavailable(f"etcd at {self.endpoint}: {_reason(exc)}") from None
 
     # --- registration -------------------------------------------------------------------------
@@ -306,6 +307,7 @@ class EtcdMembership:
                 await self._refresh_once()
                 backoff.reset()
             except errors.Unavailable as exc:
+                _reraise_cancellation(exc)
                 if backoff.attempt == 0:
                     backoff.next_delay()
                 log.warning("lease keepalive failed (%s); retrying", exc)
@@ -385,6 +387,7 @@ class EtcdMembership:
                         async with asyncio.timeout(self._timeout_s):
                             await watch.cancel()
             except (errors.Unavailable, *_ETCD_ERRORS) as exc:
+                _reraise_cancellation(exc)
                 delay = backoff.next_delay()
                 log.warning("watch on %s broke (%s); retrying in %.1fs", key, _reason(exc), delay)
                 await asyncio.sleep(delay)
@@ -405,6 +408,15 @@ class EtcdMembership:
 
         async for current in self.watch_changes(map_key(self._prefix), False, self.get_map):
             yield current
+
+
+def _reraise_cancellation(exc: BaseException) -> None:
+    """Raise CancelledError when this task is being cancelled: aetcd and grpc sometimes turn a
+    cancellation into one of their errors, and a retry loop would then never stop (a service
+    hung at shutdown this way while etcd was unreachable)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc
 
 
 def _reason(exc: BaseException) -> str:

@@ -12,6 +12,7 @@ typed clients call a stub (deadline, request id, epoch, session token, errors).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import time
 import uuid
@@ -146,8 +147,26 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer
             )
-        # Client-streaming handlers are wrapped when a service first defines one.
-        return handler
+        if handler.stream_unary is not None:
+            inner_su: Any = handler.stream_unary
+
+            async def stream_unary(requests: Any, context: ServicerContext) -> Any:
+                with self._scope(call, context) as scope:
+                    return await scope.run(lambda: inner_su(requests, context))
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary, handler.request_deserializer, handler.response_serializer
+            )
+        inner_ss: Any = handler.stream_stream  # every handler is authenticated: none slips by
+
+        async def stream_stream(requests: Any, context: ServicerContext) -> AsyncIterator[Any]:
+            with self._scope(call, context) as scope:
+                async for item in scope.iterate(lambda: inner_ss(requests, context)):
+                    yield item
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream_stream, handler.request_deserializer, handler.response_serializer
+        )
 
     def _scope(self, call: _CallInfo, context: ServicerContext) -> _CallScope:
         return _CallScope(self, call, context)
@@ -223,11 +242,17 @@ class _CallScope:
             await self._fail(exc)
             raise
 
-    async def iterate(self, items: Callable[[], AsyncIterator[T]]) -> AsyncIterator[T]:
+    async def iterate(
+        self, items: Callable[[], AsyncIterator[T] | Awaitable[None]]
+    ) -> AsyncIterator[T]:
         try:
             self._admit()
-            async for item in items():
-                yield item
+            produced = items()
+            if inspect.isawaitable(produced):  # a handler that sends with context.write
+                await produced  # (the standard health service's Watch)
+            else:
+                async for item in produced:
+                    yield item
         except BaseException as exc:
             await self._fail(exc)
             raise
@@ -241,6 +266,9 @@ class _CallScope:
         elif _is_abort(exc):
             code = self._context.code()
             self._code = code.name if isinstance(code, grpc.StatusCode) else "ABORTED"
+        elif isinstance(exc, NotImplementedError):  # a generated base servicer's method
+            self._code = grpc.StatusCode.UNIMPLEMENTED.name
+            await self._context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
         elif isinstance(exc, Exception):
             self._code = grpc.StatusCode.INTERNAL.name
             log.exception("unhandled error in %s", self._method)

@@ -286,6 +286,11 @@ def _make_dataplane(
         tcp_port=cfg.dataplane_port,
         rdma_device=cfg.rdma_device,
         max_inflight_bytes=cfg.dataplane_max_inflight_bytes,
+        max_connections_per_principal=cfg.dataplane_max_connections_per_principal,
+        tls=cfg.dataplane_tls,
+        tls_cert_file=cfg.tls_cert_file,
+        tls_key_file=cfg.tls_key_file,
+        tls_ca_file=cfg.tls_ca_file,
     )
     if spec.dataplane_access is None:
         return transport_dataplane.DataPlane(spec.node_id, cfg.dataplane_transports, settings)

@@ -11,7 +11,8 @@ import hashlib
 import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,10 +27,11 @@ REGION_BYTES = 160 * MIB
 
 
 def _transports() -> list[str]:
-    names = ["tcp", "shm"]
+    """Transports to test; "tcp+tls" is tcp with `ServerSettings.tls`."""
+    names = ["tcp", "tcp+tls", "shm"]
     if os.environ.get("KVTIER_RDMA_DEVICE"):
         names.insert(0, "rdma")
-    return [n for n in names if n in registry.available()]
+    return [n for n in names if n.split("+")[0] in registry.available()]
 
 
 @dataclass
@@ -39,6 +41,13 @@ class Setup:
     region: base.Region
     endpoint: object
     connect: Callable[[str], Awaitable[base.Transport]]
+    #: How the node under test serves (tcp+tls: with its certificate).
+    server_settings: registry.ServerSettings = field(default_factory=registry.ServerSettings)
+    #: The cluster CA a client needs (tcp+tls only).
+    ca_file: str = ""
+
+    def client_settings(self, **kwargs: Any) -> registry.ClientSettings:
+        return registry.ClientSettings(tls_ca_file=self.ca_file, **kwargs)
 
     def grant(
         self,
@@ -69,10 +78,11 @@ def _grant(
 
 
 def _settings(
-    plane: dataplane.DataPlane, name: str, principal: str, timeout_s: float = 20.0
-) -> registry.ClientSettings:
+    plane: dataplane.DataPlane, name: str, principal: str, timeout_s: float = 20.0,
+    ca_file: str = "",
+) -> registry.ClientSettings:  # fmt: skip
     if name != "rdma":
-        return registry.ClientSettings(timeout_s=timeout_s)
+        return registry.ClientSettings(timeout_s=timeout_s, tls_ca_file=ca_file)
     server: Any = plane.server("rdma")
 
     async def exchange(mine: common_pb2.RdmaQueuePair) -> common_pb2.RdmaQueuePair:
@@ -87,10 +97,26 @@ def _skip_on_rdma(setup: Setup, why: str) -> None:
         pytest.skip(f"rdma: {why} (docs/transports.md, 'What the hardware enforces')")
 
 
+def _tls_files(directory: Path) -> tuple[str, str, str]:
+    """A throwaway cluster CA and a certificate for 127.0.0.1: (ca, cert, key) paths."""
+    from kvtier import pki
+
+    directory.mkdir(parents=True, exist_ok=True)
+    authority = pki.new_authority("conformance")
+    (directory / "ca.crt").write_bytes(authority.cert_pem)
+    pair = authority.issue("kvcache", "node-under-test", hosts=["127.0.0.1"])
+    cert, key = pki.write_pair(directory, "node", pair)
+    return str(directory / "ca.crt"), str(cert), str(key)
+
+
 @pytest.fixture(params=_transports())
-async def setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
-    name = request.param
-    plane = dataplane.DataPlane("node-under-test", [name], registry.ServerSettings())
+async def setup(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Setup]:
+    name, _, variant = request.param.partition("+")
+    server_settings, ca_file = registry.ServerSettings(), ""
+    if variant == "tls":
+        ca_file, cert, key = _tls_files(tmp_path / "pki")
+        server_settings = registry.ServerSettings(tls=True, tls_cert_file=cert, tls_key_file=key)
+    plane = dataplane.DataPlane("node-under-test", [name], server_settings)
     region = plane.regions.create(REGION_BYTES)
     caps = await plane.start()
     (endpoint,) = [e for e in caps.endpoints if e.name == name]
@@ -99,12 +125,12 @@ async def setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
     async def connect(principal: str) -> base.Transport:
         token, _ = plane.issuer.issue_token(principal, transport=name)
         client: base.Transport = await registry.connect(
-            endpoint, token, _settings(plane, name, principal)
+            endpoint, token, _settings(plane, name, principal, ca_file=ca_file)
         )
         clients.append(client)
         return client
 
-    yield Setup(name, plane, region, endpoint, connect)
+    yield Setup(name, plane, region, endpoint, connect, server_settings, ca_file)
     for client in clients:
         await client.close()
     await plane.stop()
@@ -237,10 +263,10 @@ async def test_bad_tokens_are_refused_at_connect(setup: Setup) -> None:
     other = base.Issuer("impostor")
     forged, _ = other.issue_token("client-a", transport=setup.name)
     with pytest.raises(errors.PermissionDenied):
-        await registry.connect(setup.endpoint, forged, registry.ClientSettings(timeout_s=5))  # type: ignore[arg-type]
+        await registry.connect(setup.endpoint, forged, setup.client_settings(timeout_s=5))  # type: ignore[arg-type]
     expired, _ = setup.plane.issuer.issue_token("client-a", ttl_s=-1, transport=setup.name)
     with pytest.raises(errors.PermissionDenied):
-        await registry.connect(setup.endpoint, expired, registry.ClientSettings(timeout_s=5))  # type: ignore[arg-type]
+        await registry.connect(setup.endpoint, expired, setup.client_settings(timeout_s=5))  # type: ignore[arg-type]
 
 
 async def test_a_token_for_another_transport_is_refused(setup: Setup) -> None:
@@ -248,7 +274,7 @@ async def test_a_token_for_another_transport_is_refused(setup: Setup) -> None:
     for other in {"tcp", "shm", "rdma"} - {setup.name}:
         token, _ = setup.plane.issuer.issue_token("client-a", transport=other)
         with pytest.raises(errors.PermissionDenied, match=f"issued for {other}"):
-            await registry.connect(setup.endpoint, token, registry.ClientSettings(timeout_s=5))  # type: ignore[arg-type]
+            await registry.connect(setup.endpoint, token, setup.client_settings(timeout_s=5))  # type: ignore[arg-type]
 
 
 async def test_revoked_descriptors_are_refused_and_nothing_moves(setup: Setup) -> None:
@@ -272,11 +298,11 @@ async def test_revoked_descriptors_are_refused_and_nothing_moves(setup: Setup) -
 
 async def test_connections_per_identity_are_bounded(setup: Setup) -> None:
     _skip_on_rdma(setup, "rdma drops an identity's oldest queue pairs instead (unit-tested)")
-    settings = registry.ServerSettings(max_connections_per_principal=2)
+    settings = replace(setup.server_settings, max_connections_per_principal=2)
     plane = dataplane.DataPlane("bounded", [setup.name], settings)
     plane.regions.create(MIB)
     (endpoint,) = (await plane.start()).endpoints
-    one = registry.ClientSettings(connections=1, timeout_s=5)
+    one = setup.client_settings(connections=1, timeout_s=5)
     clients: list[base.Transport] = []
 
     async def connect(principal: str) -> base.Transport:
@@ -322,13 +348,15 @@ async def test_server_dying_mid_transfer_gives_a_typed_error_and_recovery(setup:
         await asyncio.wait_for(transfer, 20)
     # Nothing is leaked on the server and a new server takes clients again.
     assert len(setup.plane.ctx.leases) == 0
-    plane = dataplane.DataPlane("node-under-test", [setup.name], registry.ServerSettings())
+    plane = dataplane.DataPlane("node-under-test", [setup.name], setup.server_settings)
     region = plane.regions.create(4 * MIB)
     caps = await plane.start()
     try:
         token, _ = plane.issuer.issue_token("client-a", transport=setup.name)
         fresh = await registry.connect(
-            caps.endpoints[0], token, _settings(plane, setup.name, "client-a")
+            caps.endpoints[0],
+            token,
+            _settings(plane, setup.name, "client-a", ca_file=setup.ca_file),
         )
         desc = _grant(
             plane, setup.name, region, 0, 1 * MIB, base.Rights.READ | base.Rights.WRITE, "client-a"

@@ -517,3 +517,14 @@ def test_misuse_is_a_value_error() -> None:
         chunked.ChunkDecoder(mode=Mode.UNSIGNED)
     with pytest.raises(ValueError, match="Verified"):
         chunked.ChunkDecoder(mode=Mode.STREAMING_SIGNED)
+
+
+@pytest.mark.parametrize(
+    "signature", ["é" * 32, "\u2603" * 21 + "a", "\udcff" * 64, "\uff41" * 21 + "a"]
+)
+def test_a_non_ascii_chunk_or_trailer_signature_is_a_403(signature: str) -> None:
+    forged = signature.encode("utf-8", "surrogateescape")
+    body = EXAMPLE_BODY.replace(SIGNATURES[1].encode(), forged)
+    assert refused("SignatureDoesNotMatch", body, signed_decoder()).status == 403
+    body = EXAMPLE_TRAILER_BODY.replace(TRAILER_SIGNATURE.encode(), forged)
+    assert refused("SignatureDoesNotMatch", body, signed_decoder(trailer=True)).status == 403

@@ -4,12 +4,23 @@ conditional requests and the XML bodies (SigV4 and aws-chunked: test_sigv4.py, t
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
+from typing import Any
 from unittest import mock
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from services.gateway.s3 import object_ops, s3errors, server, xmlio
+from services.gateway.s3 import (
+    bucket_ops,
+    kv_ops,
+    multipart_ops,
+    object_ops,
+    params,
+    s3errors,
+    server,
+    xmlio,
+)
 
 
 def _server(domain: str = "") -> server.S3Server:
@@ -148,3 +159,114 @@ def test_xml_bodies_parse_and_refuse_garbage() -> None:
         assert error.value.code == "MalformedXML"
     with pytest.raises(s3errors.S3Error):
         xmlio.parse_complete(b"<CompleteMultipartUpload></CompleteMultipartUpload>")
+
+
+# --- found by fuzzing (tests/fuzz/): typed refusals, never a 500 ---
+
+
+@pytest.mark.parametrize(
+    "header", ["bytes=²-5", "bytes=٣-", "bytes=-٣", "bytes=1_0-20", "bytes=+1-2", "bytes=--5"]
+)
+def test_ranges_of_anything_but_ascii_digits_are_ignored(header: str) -> None:
+    assert object_ops.parse_range(header, 100) is None
+    assert object_ops.parse_range("bytes= 1 - 2 ", 100) == (1, 2)
+
+
+def test_conditions_with_dates_datetime_cannot_hold_are_ignored() -> None:
+    for date in ("1 Jan 99999999999 00:00:00 GMT", "Fri, 31 Dec 9999 23:59:59 -2359"):
+        assert _conditions({"If-Modified-Since": date}) == 200
+        assert _conditions({"If-Unmodified-Since": date}) == 200
+
+
+@pytest.mark.parametrize(
+    ("header", "size", "expected"),
+    [
+        ("bytes=0-9", 10, (0, 9)),
+        ("bytes=3-3", 10, (3, 3)),
+        ("bytes=0-10", 10, "InvalidRange"),
+        ("bytes=5-4", 10, "InvalidArgument"),
+        ("bytes=²-5", 10, "InvalidArgument"),
+        ("bytes=0-٣", 10, "InvalidArgument"),
+        ("bytes=0-" + "9" * 5000, 10, "InvalidArgument"),
+        ("bytes=-5", 10, "InvalidArgument"),
+        ("items=0-1", 10, "InvalidArgument"),
+    ],
+)
+def test_copy_source_ranges(header: str, size: int, expected: tuple[int, int] | str) -> None:
+    if isinstance(expected, tuple):
+        assert object_ops.parse_copy_range(header, size) == expected
+        return
+    with pytest.raises(s3errors.S3Error) as error:
+        object_ops.parse_copy_range(header, size)
+    assert error.value.code == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("0", 0), ("007", 7), ("9" * 19, 10**19 - 1), ("9" * 20, None), ("", None), ("²", None),
+     ("٣", None), ("1_0", None), (" 1", None), ("+1", None), ("-1", None), ("1.0", None)],
+)  # fmt: skip
+def test_numbers_are_ascii_digits(text: str, value: int | None) -> None:
+    assert params.uint(text) == value
+
+
+def _refused(code: str, call: Callable[[], object]) -> None:
+    with pytest.raises(s3errors.S3Error) as error:
+        call()
+    assert error.value.code == code
+
+
+@pytest.mark.parametrize("value", ["²", "٣", "9" * 5000, "99999999999", "-1"])
+def test_number_parameters_are_ascii_digits(value: str) -> None:
+    req: Any = mock.Mock(query={"partNumber": value, "max-keys": value, "max-parts": value})
+    _refused("InvalidArgument", lambda: multipart_ops._part_number(req))
+    if value != "99999999999":  # max-keys: at most 1000 are listed anyway
+        _refused("InvalidArgument", lambda: bucket_ops._max_keys(req))
+    _refused("InvalidArgument", lambda: multipart_ops._int(req, "max-parts", 1000))
+
+
+def test_a_bad_kv_continuation_token_is_an_invalid_argument() -> None:
+    req: Any = mock.Mock(query={"continuation-token": "not hex"})
+    _refused("InvalidArgument", lambda: kv_ops._start_after(req, True))
+    req = mock.Mock(query={"continuation-token": b"k".hex()})
+    assert kv_ops._start_after(req, True) == b"k"
+
+
+def _complete(number: str) -> bytes:
+    return (
+        b"<CompleteMultipartUpload><Part><PartNumber>%s</PartNumber><ETag>e</ETag></Part>"
+        b"</CompleteMultipartUpload>" % number.encode()
+    )
+
+
+@pytest.mark.parametrize(
+    ("number", "code"),
+    [("²", "MalformedXML"), ("٣", "MalformedXML"), ("9" * 5000, "MalformedXML"),
+     ("0", "InvalidArgument"), ("10001", "InvalidArgument"), ("4294967296", "InvalidArgument")],
+)  # fmt: skip
+def test_part_numbers_are_ascii_digits_from_1_to_10000(number: str, code: str) -> None:
+    _refused(code, lambda: xmlio.parse_complete(_complete(number)))
+    assert xmlio.parse_complete(_complete(" 10000 ")) == [(10000, "e", {})]
+
+
+BOMB = (
+    '<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE d [<!ENTITY a "aaaaaaaaaa">]>'
+    "<Delete><Quiet>&a;</Quiet><Object><Key>&a;</Key></Object></Delete>"
+)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [BOMB.encode("utf-16"), BOMB.encode("utf-16-le"), BOMB.encode("utf-32"), b"<a>\x00</a>"],
+    ids=["utf-16", "utf-16-without-bom", "utf-32", "nul"],
+)
+def test_dtds_in_other_encodings_are_refused(body: bytes) -> None:
+    _refused("MalformedXML", lambda: xmlio.parse_delete(body))
+
+
+@pytest.mark.parametrize("encoding", ["no-such", "rot13", "idna", "utf-7", "UTF-32", "punycode"])
+def test_declared_encodings_are_ignored(encoding: str) -> None:
+    body = (
+        f'<?xml version="1.0" encoding="{encoding}"?><Delete><Object><Key>k</Key></Object></Delete>'
+    ).encode()
+    assert xmlio.parse_delete(body) == (False, ["k"])

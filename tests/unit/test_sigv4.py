@@ -820,3 +820,60 @@ def test_headers_as_a_multidict() -> None:
     auth = sigv4.parse(method="GET", raw_path="/test.txt", raw_query="", headers=headers)
     assert auth is not None
     sigv4.verify(auth, SECRET, now=EXAMPLE_NOW)
+
+
+# --- found by fuzzing (tests/fuzz/test_sigv4_fuzz.py): refusals, never a 500 ---
+
+_EXAMPLE_SIGNATURE = "aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404"
+
+
+def _presigned_with(old: str, new: str) -> Sent:
+    return dataclasses.replace(
+        PRESIGNED_EXAMPLE, raw_query=PRESIGNED_EXAMPLE.raw_query.replace(old, new)
+    )
+
+
+@pytest.mark.parametrize(
+    "signature", ["%C3%A9" * 32, "é" * 64, "%FF" * 32, "\udcff" * 64, "%E2%98%83", ""]
+)
+def test_a_non_ascii_presigned_signature_is_a_403(signature: str) -> None:
+    sent = _presigned_with(_EXAMPLE_SIGNATURE, signature)
+    error = refused("SignatureDoesNotMatch", lambda: verify(sent, now=EXAMPLE_NOW))
+    assert error.status == 403
+
+
+def test_undecodable_paths_and_queries_are_signed_as_their_bytes() -> None:
+    # aiohttp hands over bytes that are not UTF-8 as surrogate escapes.
+    assert sigv4.canonical_uri("/b/\udcff%41") == "/b/%FFA"
+    assert sigv4.canonical_query("k=\udcff&\udcfe=v") == "%FE=v&k=%FF"
+    sent = dataclasses.replace(
+        PRESIGNED_EXAMPLE, raw_path="/t\udcff", raw_query=PRESIGNED_EXAMPLE.raw_query + "&\udcff"
+    )
+    refused("SignatureDoesNotMatch", lambda: verify(sent, now=EXAMPLE_NOW))
+
+
+@pytest.mark.parametrize("expires", ["²", "٣", "1_000", "+5", " 5", "9" * 5000])
+def test_x_amz_expires_is_ascii_digits(expires: str) -> None:
+    sent = _presigned_with("X-Amz-Expires=86400", f"X-Amz-Expires={expires}")
+    assert "number" in refused("AuthorizationQueryParametersError", lambda: parse(sent)).message
+
+
+@pytest.mark.parametrize("length", ["²", "٣", "-1", "9" * 5000])
+def test_decoded_content_length_is_ascii_digits(length: str) -> None:
+    sent = EXAMPLES["PUT Object, chunked (seed)"].replace_header(
+        "x-amz-decoded-content-length", length
+    )
+    refused("InvalidArgument", lambda: parse(sent))
+
+
+@pytest.mark.parametrize(
+    "date",
+    ["Fri, 31 Dec 9999 23:59:59 -2359", "1 Jan 99999999999 00:00:00 GMT", "Mon, 1 Jan 1"],
+)
+def test_dates_datetime_cannot_hold_are_refused(good: Sent, date: str) -> None:
+    without = dataclasses.replace(
+        good, headers=[(n, v) for n, v in good.headers if n != "X-Amz-Date"]
+    )
+    assert (
+        refused("AccessDenied", lambda: parse(without.replace_header("Date", date))).status == 403
+    )

@@ -31,7 +31,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from kvtier import devcluster, errors, rpc, security
+from kvtier import devcluster, errors, pki, rpc, security
 from kvtier.cli import admin as admin_cmd
 from kvtier.cli import certs as certs_cmd
 from kvtier.cli import status as status_cmd
@@ -157,11 +157,12 @@ def _up(args: argparse.Namespace, argv: Sequence[str]) -> int:
     opts = _options(args)
     if not args.detach:
         return devcluster.Supervisor(opts, sys.stdout).run()
-    opts.state_dir.mkdir(parents=True, exist_ok=True)
+    # Private from the start: the state dir holds keys, secrets and logs.
+    pki.ensure_private_dir(opts.state_dir)
     log_path = opts.state_dir / "logs" / "supervisor.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    pki.ensure_private_dir(log_path.parent)
     foreground = [a for a in argv if a != "--detach"]
-    with log_path.open("ab") as log:
+    with devcluster.open_log(log_path) as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "kvtier.cli.main", *foreground],
             stdout=log,

@@ -65,9 +65,13 @@ class DataPlaneClient(base.BaseClient):
         tenant: str = "",
     ) -> DataPlaneSession:
         """A connected transport to the node (rdma > shm > tcp unless `allowed` narrows it),
-        acting for `tenant` (empty: the default tenant)."""
+        acting for `tenant` (a user: empty or its own; certificate holders: the tenant they act
+        for, empty for none)."""
         reply = await self.negotiate(client_id, allowed, tenant)
         settings = settings or registry.ClientSettings()
+        if not settings.tls_ca_file and self.security.ca_file:
+            # A tcp endpoint served over TLS is checked against the same CA as gRPC.
+            settings = dataclasses.replace(settings, tls_ca_file=self.security.ca_file)
         if reply.transport == "rdma":
             settings = dataclasses.replace(settings, rdma_exchange=self._rdma_exchange(reply.token))
         transport: transport_base.Transport = await registry.connect(

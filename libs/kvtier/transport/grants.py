@@ -4,16 +4,19 @@ data structures, times in ms."""
 
 from __future__ import annotations
 
-import bisect
 import collections
 import heapq
 
 from kvtier import errors
 
+#: Ranges are indexed by the 1 MiB buckets of their region they touch.
+_BUCKET_SHIFT = 20
+
 
 class RangeIndex:
-    """Ranges of regions, each with an id, an owner and an end time (ms): added, removed,
-    forgotten once ended, and found by overlap in O(log n + ranges near the query).
+    """Ranges of regions, each with an id, an owner and an end time (ms): added and removed in
+    O(1) per MiB they span, forgotten once ended, and found by overlap looking only at ranges
+    in the same MiBs.
 
     Memory is bounded by what was added within one lifetime: ended entries are dropped on
     every `add` (and by `expire`), removed ones at once.
@@ -22,8 +25,7 @@ class RangeIndex:
     def __init__(self) -> None:
         # id -> region, offset, length, until, owner
         self._live: dict[int, tuple[int, int, int, int, object]] = {}
-        self._starts: dict[int, list[tuple[int, int]]] = {}  # region -> sorted (offset, id)
-        self._longest: dict[int, int] = {}  # region -> longest range indexed (search window)
+        self._buckets: dict[tuple[int, int], set[int]] = {}  # (region, MiB) -> ids
         self._ends: list[tuple[int, int]] = []  # heap of (until, id)
 
     def add(
@@ -31,10 +33,16 @@ class RangeIndex:
         owner: object = None,
     ) -> None:  # fmt: skip
         """Record a live range (those ended by now, in ms, are dropped first)."""
-        self.expire(now)
+        if self._ends and self._ends[0][0] < now:
+            self.expire(now)
         self._live[item_id] = (region_id, offset, length, until_ms, owner)
-        bisect.insort(self._starts.setdefault(region_id, []), (offset, item_id))
-        self._longest[region_id] = max(self._longest.get(region_id, 0), length)
+        buckets = self._buckets
+        for bucket in _spanned(offset, length):
+            ids = buckets.get((region_id, bucket))
+            if ids is None:
+                buckets[(region_id, bucket)] = {item_id}
+            else:
+                ids.add(item_id)
         heapq.heappush(self._ends, (until_ms, item_id))
 
     def is_live(self, item_id: int, now: int) -> bool:
@@ -73,30 +81,33 @@ class RangeIndex:
 
     def overlaps(self, region_id: int, offset: int, length: int, now: int) -> bool:
         """Whether a range live at now (ms) touches region[offset:offset+length]."""
-        starts = self._starts.get(region_id)
-        if not starts or length <= 0:
+        if length <= 0 or not self._live:
             return False
-        end = offset + length
-        index = bisect.bisect_left(starts, (offset - self._longest[region_id] + 1,))
-        stop = bisect.bisect_left(starts, (end,))
-        live = self._live
-        for position in range(index, stop):
-            start, item_id = starts[position]
-            entry = live[item_id]
-            if start + entry[2] > offset and entry[3] >= now:
-                return True
+        end, live, buckets = offset + length, self._live, self._buckets
+        for bucket in _spanned(offset, length):
+            for item_id in buckets.get((region_id, bucket), ()):
+                _, start, size, until, _ = live[item_id]
+                if size and start < end and offset < start + size and until >= now:
+                    return True
         return False
 
     def _unindex(self, item_id: int, entry: tuple[int, int, int, int, object]) -> None:
-        region_id, offset = entry[0], entry[1]
-        starts = self._starts[region_id]
-        del starts[bisect.bisect_left(starts, (offset, item_id))]
-        if not starts:
-            del self._starts[region_id]
-            del self._longest[region_id]
+        region_id, offset, length = entry[0], entry[1], entry[2]
+        buckets = self._buckets
+        for bucket in _spanned(offset, length):
+            ids = buckets[(region_id, bucket)]
+            ids.discard(item_id)
+            if not ids:
+                del buckets[(region_id, bucket)]
 
     def __len__(self) -> int:
         return len(self._live)
+
+
+def _spanned(offset: int, length: int) -> range:
+    """The buckets a range touches (a zero-length range: the one its offset falls in)."""
+    first = offset >> _BUCKET_SHIFT
+    return range(first, ((offset + max(length, 1) - 1) >> _BUCKET_SHIFT) + 1)
 
 
 class GrantTable(RangeIndex):

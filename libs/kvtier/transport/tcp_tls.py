@@ -140,20 +140,23 @@ class Session:
         return True
 
     def recv_into(self, sock: socket.socket, into: memoryview) -> int:
-        """Decrypt into `into` what has arrived (receiving ciphertext from sock as needed);
-        returns the bytes decrypted, 0 when none are there yet (`starved`).
-        ConnectionResetError at the end of the stream; ssl.SSLError (an OSError) on a broken
-        or refused TLS stream."""
+        """Decrypt into `into` what has arrived (receiving ciphertext from sock as needed):
+        every record already received, up to into's size; returns the bytes decrypted, 0 when
+        none are there yet (`starved`). ConnectionResetError at the end of the stream;
+        ssl.SSLError (an OSError) on a broken or refused TLS stream."""
+        size, total = into.nbytes, 0
         while True:
             try:
-                got = _read_into(self.obj, into.nbytes, into)
+                while total < size:  # one record per read: take all that are here
+                    total += _read_into(self.obj, size - total, into[total:] if total else into)
             except ssl.SSLWantReadError:
                 self._drain()  # handshake or post-handshake messages may need to go out
             except ssl.SSLZeroReturnError:
-                raise ConnectionResetError("peer closed the TLS session") from None
-            else:
+                if not total:
+                    raise ConnectionResetError("peer closed the TLS session") from None
+            if total:
                 self.starved = False
-                return got
+                return total
             try:
                 raw = sock.recv_into(self._raw)
             except BlockingIOError:

@@ -206,19 +206,14 @@ def sign(key: bytes, string_to_sign: str) -> str:
 
 
 def signature_bytes(text: str) -> bytes:
-    """A client's signature as bytes to compare with `hmac.compare_digest`, whatever it holds:
-    compare_digest refuses non-ASCII `str` (TypeError), and 'surrogatepass' encodes every `str`
-    (a non-ASCII signature then only fails to match)."""
+    """A client's signature as bytes for `hmac.compare_digest` (which refuses non-ASCII `str`):
+    'surrogatepass' encodes any `str`, so a non-ASCII signature only fails to match."""
     return text.encode("utf-8", "surrogatepass")
 
 
-def _raw(text: str) -> bytes:
-    """The bytes of text as the HTTP layer received them (UTF-8, surrogateescape)."""
-    return text.encode("utf-8", "surrogateescape")
-
-
 def _unquote(text: str) -> bytes:
-    return urllib.parse.unquote_to_bytes(_raw(text))
+    """text as the HTTP layer received it (UTF-8, surrogateescape), percent-decoded."""
+    return urllib.parse.unquote_to_bytes(text.encode("utf-8", "surrogateescape"))
 
 
 def _encode(raw: bytes) -> str:

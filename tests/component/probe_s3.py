@@ -1,0 +1,170 @@
+"""Probing S3: every operation of the gateway's route table (`s3.server._routes`, so a new
+route is probed without a line here) on tenant A's buckets (its object bucket and its KV bucket),
+objects and upload, plus the copies that read A's objects into B's own bucket and upload, sent
+over HTTPS (the test CA) with each credential mode of `MODES`, signed by botocore."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import enum
+import hashlib
+import urllib.parse
+
+import aiohttp
+import botocore.auth
+import botocore.awsrequest
+import botocore.credentials
+import yarl
+
+from kvtier import names
+from services.gateway.s3 import server as s3_server
+from tests.component import probe_cluster
+
+
+class Mode(enum.Enum):
+    """How a probe request is signed."""
+
+    UNSIGNED = "no signature"
+    WRONG_SECRET = "A's access key, a wrong secret (SigV4 header)"
+    B_HEADER = "tenant B, valid SigV4 header"
+    B_PRESIGNED_V4 = "tenant B, valid SigV4 presigned URL"
+    B_PRESIGNED_V2 = "tenant B, valid SigV2 presigned URL"
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One S3 request of a probe."""
+
+    op: str
+    method: str
+    path: str
+    query: tuple[tuple[str, str], ...] = ()
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+    #: A's resource named as the target (else: only as a copy source, or nothing: ListBuckets).
+    targets_a: bool = True
+
+
+#: Variants one route serves: ListObjects V2 is ListObjects with list-type=2.
+EXTRA_QUERIES: dict[str, list[tuple[tuple[str, str], ...]]] = {
+    "ListObjects": [(("list-type", "2"),)],
+}
+
+
+def routes() -> list[tuple[str, str, tuple[str, ...], str]]:
+    """(method, level, query keys it needs, op) of every S3 route."""
+    return [(m, level, needs, op) for (m, level, needs), (op, _) in s3_server._routes()]
+
+
+def _query(needs: tuple[str, ...], upload_id: str) -> tuple[tuple[str, str], ...]:
+    values = {"uploadId": upload_id, "partNumber": "1"}
+    return tuple((n, values.get(n, "")) for n in needs)
+
+
+def _body(op: str, keys: list[str], etag: str) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+    if op in ("PutObject", "UploadPart"):
+        return b"forged by the probe", ()
+    if op == "DeleteObjects":
+        objects = "".join(f"<Object><Key>{k}</Key></Object>" for k in keys)
+        body = f"<Delete>{objects}</Delete>".encode()
+        md5 = base64.b64encode(hashlib.md5(body).digest()).decode()
+        return body, (("Content-MD5", md5),)
+    if op == "CompleteMultipartUpload":
+        part = f"<Part><PartNumber>1</PartNumber><ETag>&quot;{etag}&quot;</ETag></Part>"
+        return f"<CompleteMultipartUpload>{part}</CompleteMultipartUpload>".encode(), ()
+    return b"", ()
+
+
+def requests(world: probe_cluster.World) -> list[Request]:
+    """Every route on each of A's buckets, and the copies of A's objects into B's own."""
+    out: list[Request] = []
+    object_keys = [k for k, v in world.objects.items() if v]
+    buckets = {
+        world.bucket: (object_keys[0], object_keys),
+        world.kv_bucket: (next(iter(world.kv_bucket_objects)), list(world.kv_bucket_objects)),
+        # Every tenant's spilled KV blocks live here: nobody's over S3.
+        names.KV_DURABLE_BUCKET: ("a-block-0", ["a-block-0"]),
+    }
+    for method, level, needs, op in routes():
+        if level == "service":
+            out.append(Request(op, method, "/", _query(needs, ""), targets_a=False))
+            continue
+        for bucket, (key, keys) in buckets.items():
+            target = world.upload_key if "uploadId" in needs else key
+            path = f"/{bucket}" if level == "bucket" else f"/{bucket}/{_quote(target)}"
+            body, headers = _body(op, keys, world.part_etag)
+            query = _query(needs, world.upload_id)
+            out.append(Request(op, method, path, query, body, headers))
+            for extra in EXTRA_QUERIES.get(op, ()):
+                out.append(Request(op, method, path, query + extra, body, headers))
+    for bucket, (key, _) in buckets.items():
+        source = (("x-amz-copy-source", f"/{bucket}/{_quote(key)}"),)
+        out.append(
+            Request(
+                "CopyObject", "PUT", f"/{world.b_bucket}/copied", headers=source, targets_a=False
+            )
+        )
+        out.append(
+            Request(
+                "UploadPartCopy",
+                "PUT",
+                f"/{world.b_bucket}/{world.b_upload_key}",
+                _query(("partNumber", "uploadId"), world.b_upload_id),
+                headers=source,
+                targets_a=False,
+            )
+        )
+    return out
+
+
+def _quote(key: str) -> str:
+    return urllib.parse.quote(key, safe="/-_.~")
+
+
+def _credentials(world: probe_cluster.World, mode: Mode) -> botocore.credentials.Credentials:
+    if mode is Mode.WRONG_SECRET:
+        return botocore.credentials.Credentials(world.a.access_key, "not-the-secret-of-a-at-all")
+    return world.b.credentials()
+
+
+def prepare(world: probe_cluster.World, request: Request, mode: Mode) -> tuple[str, dict[str, str]]:
+    """(URL, headers) of request signed as mode says."""
+    # Sub-resources without a value go bare (`?uploads`), as S3 clients send them.
+    query = "&".join(f"{k}={urllib.parse.quote(v, safe='')}" if v else k for k, v in request.query)
+    url = f"{world.cluster.s3_url}{request.path}" + (f"?{query}" if query else "")
+    presigned = mode in (Mode.B_PRESIGNED_V4, Mode.B_PRESIGNED_V2)
+    aws = botocore.awsrequest.AWSRequest(
+        method=request.method,
+        url=url,
+        data=b"" if presigned else request.body,  # a presigned URL signs no body
+        # Explicit, so the HTTP client adds none after signing (SigV2 signs Content-Type).
+        headers={"Content-Type": "application/octet-stream", **dict(request.headers)},
+    )
+    if mode is Mode.UNSIGNED:
+        return url, dict(aws.headers)
+    creds = _credentials(world, mode)
+    if mode in (Mode.WRONG_SECRET, Mode.B_HEADER):
+        aws.headers["x-amz-content-sha256"] = hashlib.sha256(request.body).hexdigest()
+        botocore.auth.S3SigV4Auth(creds, "s3", probe_cluster.REGION).add_auth(aws)
+    elif mode is Mode.B_PRESIGNED_V4:
+        botocore.auth.S3SigV4QueryAuth(creds, "s3", probe_cluster.REGION, expires=300).add_auth(aws)
+    else:
+        botocore.auth.HmacV1QueryAuth(creds, expires=300).add_auth(aws)
+    prepared = aws.prepare()
+    return prepared.url, dict(prepared.headers)
+
+
+async def send(
+    http: aiohttp.ClientSession, world: probe_cluster.World, request: Request, mode: Mode
+) -> tuple[int, bytes]:
+    """The status and body of request sent as mode says."""
+    url, headers = prepare(world, request, mode)
+    async with http.request(
+        request.method,
+        yarl.URL(url, encoded=True),
+        data=request.body or None,
+        headers=headers,
+        ssl=probe_cluster.tls_context(),
+    ) as response:
+        return response.status, await response.read()
