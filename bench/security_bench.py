@@ -47,8 +47,7 @@ from bench import object_bench, s3_bench, secure
 
 ROOT = Path(__file__).resolve().parent.parent
 KIB, MIB = 1024, 1024 * 1024
-#: The object bench's shape (one RS 8+4 set). Smaller sets fail 64 MiB PUTs today: with k = 2 a
-#: gateway call carries 15 MiB per shard, past the datanodes' 8 MiB staging slot.
+#: The object bench's shape (one RS 8+4 set).
 SHAPE = ("--datanodes", "6", "--drives-per-datanode", "2", "--kvcache-nodes", "1")
 SIDES = ("insecure", "secure")
 HEADING = "Security: what authentication and TLS cost"

@@ -61,8 +61,9 @@ class _Gateway:
         region = dataplane.regions.create(self.cfg.staging_bytes, name="gateway-staging")
         staging = slots.SlotPool(region, self.cfg.staging_slot_bytes)
         self.nodes = datanodes.Datanodes(
-            ctx.map_view, client_id=self.node_id, security=ctx.security
-        )
+            ctx.map_view, client_id=self.node_id, security=ctx.security,
+            max_write_bytes=self.cfg.datanode_call_bytes,
+        )  # fmt: skip
         engine = objects.ObjectEngine(
             ctx.map_view, self.nodes, staging, self.executor,
             max_staged_writes_per_tenant=self.cfg.max_staged_writes_per_tenant,

@@ -19,6 +19,11 @@ class GatewayConfig(config.DataPlaneServiceConfig):
     staging_slot_bytes: int = config.setting(
         64 * _MIB, "memory of one object call in flight (its stripes, parity and padding)"
     )
+    datanode_call_bytes: int = config.setting(
+        8 * _MIB,
+        "most shard bytes sent to a datanode in one WRITE_SHARD call (a shard's bytes of a "
+        "larger call go in several): at most the datanodes' staging_slot_bytes",
+    )
     codec_threads: int = config.setting(2, "threads for erasure coding and hashing")
     heal_max_objects: int = config.setting(
         2, "objects healed at once (a rebuild holds one staging slot per batch of stripes)"
@@ -63,6 +68,8 @@ class GatewayConfig(config.DataPlaneServiceConfig):
                 "staging_slot_bytes: at least 32 MiB (two 16-drive stripes) and at most "
                 "staging_bytes"
             )
+        if self.datanode_call_bytes < _MIB:
+            raise config.ConfigError("datanode_call_bytes: at least 1 MiB (one shard block)")
         if not 1 <= self.codec_threads <= 64:
             raise config.ConfigError(f"codec_threads: {self.codec_threads} is not in 1..64")
         if not 1 <= self.heal_max_objects <= 64:

@@ -50,10 +50,14 @@ class Datanodes:
         *,
         timeout_s: float = 30.0,
         security: security_mod.ClientSecurity | None = None,
+        max_write_bytes: int = 8 << 20,
     ) -> None:
         self._view = view
         self._client_id = client_id
         self._timeout_s = timeout_s
+        #: The most shard bytes of one WRITE_SHARD call: a datanode lands a call's bytes in
+        #: one of its staging slots and refuses a call larger than that.
+        self._max_write_bytes = max_write_bytes
         #: Mutual TLS as this gateway (datanodes serve services only).
         self._security = security
         self._conns: dict[str, _Conn] = {}
@@ -114,8 +118,16 @@ class Datanodes:
     async def write_shard(
         self, node_id: str, request: shards_pb2.WriteShardRequest, segments: Sequence[Any]
     ) -> None:
-        """Append shard bytes to a staged write on one of the node's drives."""
-        await self.call(node_id, shards_pb2.SHARD_CALL_METHOD_WRITE_SHARD, request, segments)
+        """Append shard bytes (at request.offset) to a staged write on one of the node's
+        drives: one WRITE_SHARD call per `max_write_bytes` of them, in order (a datanode takes
+        at most one staging slot per call, whatever the erasure set's shape made of them)."""
+        offset = request.offset
+        for batch in write_batches(segments, self._max_write_bytes):
+            call = shards_pb2.WriteShardRequest()
+            call.CopyFrom(request)
+            call.offset = offset
+            await self.call(node_id, shards_pb2.SHARD_CALL_METHOD_WRITE_SHARD, call, batch)
+            offset += sum(len(s) for s in batch)
 
     async def read_shard(
         self, node_id: str, request: shards_pb2.ReadShardRequest, into: Any
@@ -162,3 +174,20 @@ class Datanodes:
         conns, self._conns = self._conns, {}
         for conn in conns.values():
             await conn.close()
+
+
+def write_batches(segments: Sequence[Any], most: int) -> list[list[memoryview]]:
+    """segments (buffers) cut into consecutive batches of at most `most` bytes each, a segment
+    split where a batch ends; one empty batch when there are no bytes (a call is still made)."""
+    batches: list[list[memoryview]] = [[]]
+    room = most
+    for segment in segments:
+        view = memoryview(segment).cast("B")
+        while view:
+            if not room:
+                batches.append([])
+                room = most
+            batches[-1].append(view[:room])
+            room -= len(batches[-1][-1])
+            view = view[len(batches[-1][-1]) :]
+    return batches

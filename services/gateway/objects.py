@@ -1,12 +1,13 @@
 """The gateway's object engine: erasure-coded PUT, GET of byte ranges, HEAD and DELETE.
 
-PUT: BeginPut picks the placement; each WRITE_STRIPES call lands the next bytes of the object in
-a staging slot, the stripes are hashed and encoded (ISA-L, off the event loop), and every shard's
-blocks go to its drive as one WRITE_SHARD call, all drives at once. A drive that fails is
-dropped from the write; once fewer than the write quorum are left the PUT fails. CommitPut checks
-the digests and commits the staged shards on every drive (meta replaced by rename there): the
-new version is visible once the write quorum has committed; the previous one stays intact until
-then. Memory: one call's stripes at a time, never the whole object.
+PUT: BeginPut picks the placement; each WRITE_STRIPES call lands the next bytes of the object in a
+staging slot, the stripes are hashed and encoded (ISA-L, off the event loop), and every shard's
+blocks go to its drive, all drives at once (in WRITE_SHARD calls that fit a datanode's staging slot:
+`Datanodes.write_shard`). A drive that fails is dropped from the write; once fewer than the write
+quorum are left the PUT fails. CommitPut checks the digests and commits the staged shards on every
+drive (meta replaced by rename there): the new version is visible once the write quorum has
+committed; the previous one stays intact until then. Memory: one call's stripes at a time, never the
+whole object.
 
 GET: the metadata of the object's set is read from every drive; the version held by at least the
 read quorum (k) wins. Data blocks of the requested range are read straight into their place in a

@@ -111,7 +111,11 @@ def data(seed: int, size: int) -> bytes:
 
 
 def _datanode(
-    store: membership.EtcdMembership, tmp: Path, i: int, common: dict[str, Any]
+    store: membership.EtcdMembership,
+    tmp: Path,
+    i: int,
+    common: dict[str, Any],
+    drives: int = DRIVES_PER_NODE,
 ) -> contextlib.AbstractAsyncContextManager[harness.Running]:
     return harness.run(
         datanode_config.DatanodeConfig,
@@ -119,7 +123,7 @@ def _datanode(
         datanode_main.build,
         store,
         data_dir=str(tmp / f"dn{i}"),
-        drive_count=DRIVES_PER_NODE,
+        drive_count=drives,
         staging_bytes=32 * MIB,
         staging_slot_bytes=8 * MIB,
         **common,
@@ -134,10 +138,14 @@ async def object_cluster(
     tmp: Path,
     *,
     pools: int = 1,
+    datanodes: int = DATANODES,
+    drives_per_node: int = DRIVES_PER_NODE,
     **gateway_settings: Any,
 ) -> AsyncIterator[Cluster]:
     """Start the cluster; its drives form `pools` pools of equal size. gateway_settings
-    override the gateway's config (the heal scanner is off unless they turn it on)."""
+    override the gateway's config (the heal scanner is off unless they turn it on). Another
+    shape (`datanodes` x `drives_per_node`) is for tests of the engine alone: the Cluster's
+    drive helpers assume the default one."""
     common: dict[str, Any] = {"etcd_endpoints": (etcd.endpoint,), "etcd_prefix": prefix}
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(
@@ -146,13 +154,13 @@ async def object_cluster(
                 "metadata",
                 metadata_main.build,
                 store,
-                pool_drives=DATANODES * DRIVES_PER_NODE // pools,
+                pool_drives=datanodes * drives_per_node // pools,
                 **common,
             )
         )
         nodes = [
-            await stack.enter_async_context(_datanode(store, tmp, i, common))
-            for i in range(DATANODES)
+            await stack.enter_async_context(_datanode(store, tmp, i, common, drives_per_node))
+            for i in range(datanodes)
         ]
         settings = {
             "staging_bytes": 128 * MIB,
@@ -170,7 +178,9 @@ async def object_cluster(
                 **common,
             )
         )
-        await harness.wait_map(store, lambda m: len(m.pools) == pools and len(m.nodes) == 8)
+        await harness.wait_map(
+            store, lambda m: len(m.pools) == pools and len(m.nodes) == datanodes + 2
+        )
         await gateway.ctx.map_view.wait_for(lambda m: len(m.pools) == pools, timeout_s=10)
         yield Cluster(gateway, nodes, stack, store, common, tmp)
 

@@ -18,7 +18,7 @@ from kvtier import errors, names
 from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway import versions
-from services.gateway.s3 import params, s3errors, xmlio
+from services.gateway.s3 import params, response_body, s3errors, xmlio
 
 if TYPE_CHECKING:
     from services.gateway.s3 import server
@@ -337,7 +337,8 @@ async def head_object(s3: server.S3Server, req: server.S3Request) -> web.StreamR
 
 
 async def get_object(s3: server.S3Server, req: server.S3Request) -> web.StreamResponse:
-    """The object's bytes, whole or one range (206), streamed a staging slot at a time."""
+    """The object's bytes, whole or one range (206), streamed a staging slot at a time (each
+    written while the engine gathers the next: response_body)."""
     found = await _resolve(s3, req)
     meta = found.meta
     check_conditions(req.header, meta.etag, meta.mtime_unix_ns // 1_000_000, for_read=True)
@@ -355,14 +356,10 @@ async def get_object(s3: server.S3Server, req: server.S3Request) -> web.StreamRe
         response.headers["Content-Range"] = f"bytes {first}-{last}/{meta.size}"
     response.content_length = last - first + 1
     await response.prepare(req.http)
-
-    async def sink(view: memoryview) -> None:
-        # A copy: the event loop's transport may keep a reference to what it could not send
-        # yet (uvloop does), and the slot is refilled as soon as sink returns.
-        await response.write(bytes(view))
-
+    body = response_body.BodyWriter(response)
     try:
-        await s3.front.engine.stream(found, first, last - first + 1, sink)
+        await s3.front.engine.stream(found, first, last - first + 1, body.sink)
+        await body.finish()
     except (errors.KVTierError, OSError) as exc:
         # The status line is gone: all that is left is to cut the body short, which the
         # client sees as fewer bytes than Content-Length.
@@ -370,6 +367,8 @@ async def get_object(s3: server.S3Server, req: server.S3Request) -> web.StreamRe
         if req.http.transport is not None:
             req.http.transport.close()
         return response
+    finally:
+        body.close()
     await response.write_eof()
     return response
 
