@@ -479,7 +479,7 @@ class AsyncKVClient:
         await self._set.fresh()
         nodes = self._set.nodes()
         # A user's empty tenant means its own; certificate holders name one ("default").
-        request = pb.StatsRequest(tenant=self._set._session_tenant())
+        request = pb.StatsRequest(tenant=self._set.session_tenant())
         replies = await asyncio.gather(
             *(
                 self._simple(

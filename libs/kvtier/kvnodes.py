@@ -272,7 +272,7 @@ class NodeSet:
         if node.opening is None:
             node.opening = asyncio.ensure_future(
                 node.negotiator.open(
-                    self._client_id, self._allowed, self._settings, tenant=self._session_tenant()
+                    self._client_id, self._allowed, self._settings, tenant=self.session_tenant()
                 )
             )
         opening = node.opening
@@ -285,7 +285,7 @@ class NodeSet:
             node.session = session
         return node.session
 
-    def _session_tenant(self) -> str:
+    def session_tenant(self) -> str:
         """The tenant data-plane sessions act for: a user's own (empty: the node takes it from
         the token); certificate holders act for the tenant they name, "default" when none."""
         if self.tenant or self.security.has_user:
