@@ -271,7 +271,7 @@ class TokenVerifier:
             raise errors.Unauthenticated("session token issuer certificate unparsable") from None
         if not any(_issued_by(cert, ca) for ca in cas):
             raise errors.Unauthenticated("session token issuer not certified by this cluster")
-        now = x509_now()
+        now = datetime.datetime.now(datetime.UTC)
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise errors.Unauthenticated("session token issuer certificate expired")
         ident = pki.identity_of(cert)
@@ -284,11 +284,6 @@ class TokenVerifier:
             self._issuers.clear()
         self._issuers[der] = public
         return public, clusters
-
-
-def x509_now() -> datetime.datetime:
-    """Now, as certificates' validity is compared (timezone-aware UTC)."""
-    return datetime.datetime.now(datetime.UTC)
 
 
 def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
