@@ -3,8 +3,9 @@ the engine.
 
 Buckets live in etcd, kept by the metadata service; the gateway asks a metadata node of the
 map and caches a bucket's record for a moment (`bucket_cache_s`) so that each object request
-does not cost a metadata round trip. Deleting a bucket first lists it: only an empty bucket is
-deleted, and only the incarnation that was listed (its generation).
+does not cost a metadata round trip (access is denied on a fresh record only). Deleting a
+bucket first lists it: only a bucket without objects is deleted, and only the incarnation that
+was listed (its generation); its multipart uploads in progress are aborted with it.
 
 **Who.** Every operation acts for the caller, `kvtier.principal.current()` (bound by the gRPC
 interceptor, and by the S3 front for each request): a bucket is used only by its tenant's users
@@ -29,6 +30,7 @@ authentication, whose sessions are all `default/...`) lets every session in.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Sequence
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 KV_ROLE = "kvcache"
 #: The durable KV bucket's record (implicit: no tenant, stored under its own name).
 _DURABLE = metadata_pb2.BucketInfo(name=names.KV_DURABLE_BUCKET)
+#: Multipart uploads aborted at once when their bucket is deleted.
+_ABORTS_IN_FLIGHT = 8
 
 M = TypeVar("M", bound=message.Message)
 
@@ -181,6 +185,10 @@ class ObjectFront:
                 raise _denied(f"{name} is internal to the KV tier")
             return _DURABLE
         info = await self.bucket_info(name, fresh=fresh)
+        if not fresh and not may_use(caller, info.tenant):
+            # Deny on a fresh record only: a cached one may name a bucket deleted (or created
+            # again by the caller's tenant) through another gateway since: NoSuchBucket then.
+            info = await self.bucket_info(name, fresh=True)
         if not may_use(caller, info.tenant):
             raise _denied(f"{caller.describe()} may not use bucket {name}")
         return info
@@ -219,8 +227,11 @@ class ObjectFront:
         return [_bucket(b) for b in infos]
 
     async def delete_bucket(self, name: str) -> None:
-        """Delete an empty bucket (PreconditionFailed: BucketNotEmpty, objects or multipart
-        uploads in progress; PermissionDenied)."""
+        """Delete a bucket that holds no object (PreconditionFailed: BucketNotEmpty;
+        PermissionDenied). Its multipart uploads in progress go with it, as in S3: once the
+        record is gone no request reaches them (they live under this incarnation's storage
+        name), and their parts are deleted before this returns (what a failure leaves, the
+        multipart expiry sweep deletes)."""
         if name == names.KV_DURABLE_BUCKET:
             raise _denied(f"{name} is internal to the KV tier")
         info = await self.bucket_for(name, fresh=True)
@@ -228,13 +239,39 @@ class ObjectFront:
         page = await self.lister.list_objects(pb.ListObjectsRequest(bucket=stored, max_keys=1))
         if page.objects or page.common_prefixes:
             raise errors.PreconditionFailed(f"BucketNotEmpty: {name}")
-        uploads = await self.multipart.list_uploads(
-            pb.ListMultipartUploadsRequest(bucket=stored, max_uploads=1)
-        )
-        if uploads.uploads:
-            raise errors.PreconditionFailed(f"BucketNotEmpty: {name} has uploads in progress")
         await self._meta().delete_bucket(name, expected_generation=info.generation)
         self._infos.pop(name, None)
+        await self._abort_uploads(stored)
+
+    async def _abort_uploads(self, stored: str) -> None:
+        """Abort every multipart upload of a deleted bucket's storage name (failures logged)."""
+        gate = asyncio.Semaphore(_ABORTS_IN_FLIGHT)
+
+        async def abort(upload: pb.MultipartUploadInfo) -> None:
+            async with gate:
+                try:
+                    await self.multipart.abort(
+                        pb.AbortMultipartUploadRequest(
+                            bucket=stored, key=upload.key, upload_id=upload.upload_id
+                        )
+                    )
+                except errors.KVTierError as exc:  # gone meanwhile, or a drive unreachable
+                    log.warning("aborting upload %s of %s: %s", upload.upload_id, stored, exc)
+
+        tried: set[str] = set()
+        while True:  # from the start each time: what is aborted leaves the listing
+            try:
+                page = await self.multipart.list_uploads(
+                    pb.ListMultipartUploadsRequest(bucket=stored)
+                )
+            except errors.KVTierError as exc:  # the bucket is gone: the sweep finishes
+                log.warning("listing the uploads of deleted %s: %s", stored, exc)
+                return
+            todo = [u for u in page.uploads if u.upload_id not in tried]
+            if not todo:
+                return
+            tried.update(u.upload_id for u in todo)
+            await asyncio.gather(*(abort(u) for u in todo))
 
     # Objects.
 
@@ -383,6 +420,8 @@ class ObjectFront:
             stored = req.bucket
         else:
             info = await self.bucket_info(req.bucket)
+            if not self._session_may_use(session, info.tenant):  # deny on a fresh record only
+                info = await self.bucket_info(req.bucket, fresh=True)
             if not self._session_may_use(session, info.tenant):
                 raise _denied(f"session {session} may not read bucket {req.bucket}")
             stored = storage(info)

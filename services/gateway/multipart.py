@@ -9,7 +9,11 @@
   uploading a part again replaces it.
 - Complete checks the listed parts (order, ETags, sizes) and commits the object on every drive
   from the parts' shards there: each drive hard-links the part files into the new version, so
-  no part byte moves or is re-encoded. Then the upload's parts and record are deleted.
+  no part byte moves or is re-encoded. Then the upload's parts and record are deleted. The
+  object's version id (`data_id`) is `<upload_id>-<uuid hex>`: it names the upload the object
+  came from, on the datanodes with the object, so that Complete sent again (a client retrying
+  after a lost reply, to any gateway, after any restart) answers that object while it is still
+  the current version (`completed`). Its metadata lists every part's number, size and ETag.
 - Uploads older than `expiry_s` are aborted by the gateway's sweep (S3 lifecycle's
   AbortIncompleteMultipartUpload, always on).
 
@@ -41,6 +45,10 @@ log = logging.getLogger(__name__)
 MAX_PART_NUMBER = 10_000
 MAX_PARTS_PAGE = 1000
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
+#: The data_id of a completed upload's object: the upload id, then a fresh id (two Completes
+#: of one upload racing each other must not commit different versions under one data_id).
+_COMPLETED_ID = re.compile(r"([0-9a-f]{32})-[0-9a-f]{32}")
+_MULTIPART_ETAG = re.compile(r"[0-9a-f]{32}-[0-9]+")
 
 
 def record_key(bucket: str, upload_id: str, key: str) -> str:
@@ -61,6 +69,27 @@ def multipart_etag(md5s: list[str]) -> str:
     """S3's ETag of a multipart object: MD5 of the parts' binary MD5s, then -N."""
     joined = b"".join(bytes.fromhex(m) for m in md5s)
     return f"{hashlib.md5(joined).hexdigest()}-{len(md5s)}"
+
+
+def completed_upload(meta: datanode_pb2.ShardMeta) -> str:
+    """The id of the upload a stored version was completed from ('' for any other version)."""
+    found = _COMPLETED_ID.fullmatch(meta.data_id)
+    return found[1] if found else ""
+
+
+def is_multipart(meta: datanode_pb2.ShardMeta) -> bool:
+    """Whether a stored version is a completed multipart upload (its ETag ends in -N)."""
+    return bool(_MULTIPART_ETAG.fullmatch(meta.etag))
+
+
+def part_span(meta: datanode_pb2.ShardMeta, number: int) -> tuple[int, int] | None:
+    """(offset, size) of a stored version's part `number`, counted 1.. in part order (the parts
+    a Complete listed as 1, 3, 7 are 1, 2, 3 here, as GetObject's partNumber counts them up to
+    x-amz-mp-parts-count); None past the last part. A plain object has one part: all of it."""
+    if not 1 <= number <= len(meta.parts):
+        return None
+    offset = sum(p.size for p in meta.parts[: number - 1])
+    return offset, meta.parts[number - 1].size
 
 
 def composite_checksum(algorithm: str, values: list[str]) -> str:
@@ -182,8 +211,46 @@ class Multipart:
         return pb.UploadPartCopyResponse(part=part_info(meta), source=versions.info(src))
 
     async def complete(self, req: pb.CompleteMultipartUploadRequest) -> pb.ObjectInfo:
-        """Make the listed parts the object; its info."""
-        record = await self._record(req.bucket, req.key, req.upload_id)
+        """Make the listed parts the object; its info.
+
+        An upload that already completed (Complete sent again: a client retrying after a lost
+        reply, to any gateway) answers the object it made while that object is the key's
+        current version, whatever parts the request lists (as S3 does); once the object was
+        overwritten or deleted, NotFound (NoSuchUpload) as for any unknown upload. Else
+        InvalidArgument (MalformedXML, InvalidPartOrder, InvalidPart, EntityTooSmall),
+        PreconditionFailed (if_none_match and the key exists).
+        """
+        try:
+            record = await self._record(req.bucket, req.key, req.upload_id)
+            return await self._complete(req, record)
+        except (errors.NotFound, errors.InvalidArgument) as exc:
+            # No record: completed (or aborted). InvalidPart: a part vanished under us, which
+            # is what a Complete racing another one of the same upload sees.
+            if isinstance(exc, errors.InvalidArgument) and not exc.message.startswith(
+                "InvalidPart:"
+            ):
+                raise
+            done = await self.completed(req.bucket, req.key, req.upload_id)
+            if done is None:
+                raise
+            return done
+
+    async def completed(self, bucket: str, key: str, upload_id: str) -> pb.ObjectInfo | None:
+        """The info of bucket/key when its current version is the object upload_id completed
+        into; None when it is not (never completed, or overwritten or deleted since)."""
+        if not _UPLOAD_ID.fullmatch(upload_id):
+            return None
+        try:
+            found = await self._engine.resolve(bucket, key, queue_heal=False)
+        except errors.NotFound:
+            return None
+        if completed_upload(found.meta) != upload_id:
+            return None
+        return versions.info(found.meta)
+
+    async def _complete(
+        self, req: pb.CompleteMultipartUploadRequest, record: datanode_pb2.ShardMeta
+    ) -> pb.ObjectInfo:
         numbers = [p.part_number for p in req.parts]
         if not numbers:
             raise errors.InvalidArgument("MalformedXML: a multipart upload needs at least a part")
@@ -253,8 +320,9 @@ class Multipart:
         parts: list[datanode_pb2.ShardMeta],
     ) -> datanode_pb2.ShardMeta:
         meta = versions.new_meta(
-            req.bucket, req.key, where, versions.info(record).headers, data_id=uuid.uuid4().hex
-        )
+            req.bucket, req.key, where, versions.info(record).headers,
+            data_id=f"{req.upload_id}-{uuid.uuid4().hex}",
+        )  # fmt: skip
         meta.size = sum(p.size for p in parts)
         meta.etag = multipart_etag([p.etag for p in parts])
         algorithm = record.upload_checksum_algorithm
@@ -348,20 +416,21 @@ class Multipart:
         uploads = [u async for u in self._uploads_of(req.bucket) if u.key.startswith(req.prefix)]
         uploads.sort(key=lambda u: (u.key.encode(), u.initiated_unix_ms, u.upload_id))
         reply = pb.ListMultipartUploadsResponse()
+        last = ("", "")  # the (key or common prefix, upload id) listed last: the next marker
         for upload in _after_marker(uploads, req):
             folded = listing.fold(upload.key, req.prefix, req.delimiter)
             if folded is not None and reply.common_prefixes and reply.common_prefixes[-1] == folded:
                 continue
             if len(reply.uploads) + len(reply.common_prefixes) == most:
                 reply.is_truncated = True
-                last = reply.uploads[-1] if reply.uploads else None
-                reply.next_key_marker = last.key if last else reply.common_prefixes[-1]
-                reply.next_upload_id_marker = last.upload_id if last else ""
+                reply.next_key_marker, reply.next_upload_id_marker = last
                 break
             if folded is not None:
                 reply.common_prefixes.append(folded)
+                last = (folded, "")
             else:
                 reply.uploads.append(upload)
+                last = (upload.key, upload.upload_id)
         return reply
 
     async def _uploads_of(self, bucket: str) -> AsyncIterator[pb.MultipartUploadInfo]:
@@ -394,15 +463,27 @@ class Multipart:
 def _after_marker(
     uploads: list[pb.MultipartUploadInfo], req: pb.ListMultipartUploadsRequest
 ) -> list[pb.MultipartUploadInfo]:
-    """The uploads after (key_marker, upload_id_marker) in listing order."""
+    """The uploads after (key_marker, upload_id_marker) in listing order (S3's rules): without
+    upload_id_marker, the keys after key_marker; with it, also key_marker's own uploads after
+    that one (when it is gone: those whose id sorts after it). A key_marker that is a common
+    prefix of the listing (a page's NextKeyMarker) skips every key under it."""
     if not req.key_marker:
         return uploads
     marker = req.key_marker.encode()
-    if req.upload_id_marker:
-        for i, upload in enumerate(uploads):
-            if upload.key.encode() == marker and upload.upload_id == req.upload_id_marker:
-                return uploads[i + 1 :]
-    return [u for u in uploads if u.key.encode() > marker]
+    rolled_up = listing.fold(req.key_marker, req.prefix, req.delimiter) == req.key_marker
+    same = [u for u in uploads if u.key.encode() == marker]
+    ids = [u.upload_id for u in same]
+    if rolled_up or not req.upload_id_marker:
+        same = []
+    elif req.upload_id_marker in ids:
+        same = same[ids.index(req.upload_id_marker) + 1 :]
+    else:
+        same = [u for u in same if u.upload_id > req.upload_id_marker]
+    later = [
+        u for u in uploads
+        if u.key.encode() > marker and not (rolled_up and u.key.startswith(req.key_marker))
+    ]  # fmt: skip
+    return same + later
 
 
 def part_info(meta: datanode_pb2.ShardMeta) -> pb.PartInfo:

@@ -227,10 +227,13 @@ class ObjectEngine:
         return base.CallPlan(sinks=sinks, on_received=on_received, on_done=on_done)
 
     async def write_call(
-        self, upload_id: str, length: int, fill: Callable[[memoryview], Awaitable[None]]
-    ) -> None:
+        self, upload_id: str, length: int, fill: Callable[[memoryview], Awaitable[int | None]]
+    ) -> int:
         """Write the upload's next `length` bytes (whole stripes, or the rest of the object):
-        `fill` puts them into the staging slot it is given (the S3 front's body reader)."""
+        `fill` puts them into the staging slot it is given (the S3 front's body reader). A fill
+        that reports fewer bytes met the end of a body of unknown length (a write begun with
+        its bound as size): the write ends with them, its size is what it holds. The bytes
+        written."""
         up = self._upload(upload_id)
         if length > up.max_call_bytes or up.written + length > up.size:
             raise errors.InvalidArgument(f"{length} bytes at {up.written} of {up.size}")
@@ -238,11 +241,15 @@ class ObjectEngine:
             raise errors.InvalidArgument(f"calls carry whole stripes of {up.stripe_bytes} bytes")
         slot = await self._staging.acquire(30.0)
         try:
-            await fill(slot.region.view[slot.offset : slot.offset + length])
+            got = await fill(slot.region.view[slot.offset : slot.offset + length])
             async with up.lock:
-                await self._store_stripes(up, slot, length)
+                if got is not None and got < length:
+                    up.size, length = up.written + got, got
+                if length:
+                    await self._store_stripes(up, slot, length)
         finally:
             self._staging.release(slot)
+        return length
 
     def expect_checksum(self, upload_id: str, algorithm: str, value: str) -> None:
         """Add a checksum the content must have (one that arrived after the body: a trailer);

@@ -89,8 +89,11 @@ async def test_multipart_upload_into_either_pool(cluster: Cluster) -> None:
             upload = await client.create_multipart_upload("mp2", key)
             one = await client.upload_part("mp2", key, upload, 1, part)
             two = await client.upload_part("mp2", key, upload, 2, b"tail")
-            await client.complete_multipart_upload("mp2", key, upload, [one, two])
+            done = await client.complete_multipart_upload("mp2", key, upload, [one, two])
             assert await client.get_object("mp2", key) == part + b"tail"
+            # Complete sent again finds the object through pool 0's record, in either pool.
+            again = await client.complete_multipart_upload("mp2", key, upload, [one, two])
+            assert (again.etag, again.size) == (done.etag, done.size)
         assert [o.key for o in (await client.list_objects("mp2")).objects] == [
             f"m{i}" for i in range(6)
         ]

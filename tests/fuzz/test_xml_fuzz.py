@@ -1,5 +1,5 @@
 """Fuzzing the S3 XML request bodies (`services.gateway.s3.xmlio`): CompleteMultipartUpload,
-Delete (DeleteObjects) and CreateBucketConfiguration.
+Delete (DeleteObjects), CreateBucketConfiguration and VersioningConfiguration.
 
 Properties: the parsers raise nothing but `s3errors.S3Error` on random bytes, on generated
 documents (any declared encoding, byte order marks, UTF-16, DTDs and entities, comments, CDATA,
@@ -26,6 +26,7 @@ PARSERS: dict[str, Callable[[bytes], object]] = {
     "complete": xmlio.parse_complete,
     "delete": xmlio.parse_delete,
     "location": xmlio.parse_location,
+    "versioning": xmlio.parse_versioning,
 }
 
 
@@ -53,6 +54,11 @@ def check_result(name: str, result: object) -> None:
         quiet, keys = result
         assert isinstance(quiet, bool)
         assert 1 <= len(keys) <= xmlio.MAX_DELETE_KEYS
+    elif name == "versioning":
+        assert isinstance(result, tuple)
+        status, mfa_delete = result
+        assert status in ("", "Enabled", "Suspended")
+        assert mfa_delete in ("", "Enabled", "Disabled")
     else:
         assert isinstance(result, str)
 
@@ -155,6 +161,10 @@ def test_valid_bodies_round_trip(
     assert xmlio.parse_delete(delete_body(quiet, keys)) == (quiet, keys)
     location = f"<CreateBucketConfiguration{NS}><LocationConstraint>eu-1</LocationConstraint>"
     assert xmlio.parse_location((location + "</CreateBucketConfiguration>").encode()) == "eu-1"
+    versioning = f"<VersioningConfiguration{NS}><Status>Suspended</Status>"
+    assert xmlio.parse_versioning((versioning + "</VersioningConfiguration>").encode()) == (
+        "Suspended", "",
+    )  # fmt: skip
 
 
 @st.composite

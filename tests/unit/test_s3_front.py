@@ -108,6 +108,14 @@ def test_unsatisfiable_ranges(header: str) -> None:
     assert (error.value.code, error.value.status) == ("InvalidRange", 416)
 
 
+@pytest.mark.parametrize("header", ["bytes=0-", "bytes=0-0", "bytes=3-9", "bytes=-0"])
+def test_ranges_of_an_empty_object_are_unsatisfiable(header: str) -> None:
+    with pytest.raises(s3errors.S3Error) as error:
+        object_ops.parse_range(header, 0)
+    assert (error.value.code, error.value.status) == ("InvalidRange", 416)
+    assert object_ops.parse_range("bytes=-5", 0) is None  # a suffix: all of it (nothing)
+
+
 def _conditions(headers: dict[str, str], *, for_read: bool = True) -> int:
     mtime_ms = int(datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC).timestamp() * 1000)
     try:

@@ -1,5 +1,6 @@
-"""`kvtier admin user` (S3 users, through the metadata service) and `kvtier admin heal`: heal a
-bucket, a prefix or everything through a gateway, with progress.
+"""`kvtier admin user` (S3 users) and `kvtier admin bucket` (buckets of either kind, for any
+tenant), through the metadata service, and `kvtier admin heal`: heal a bucket, a prefix or
+everything through a gateway, with progress.
 
 Progress goes to stderr: one line redrawn in place (carriage return) when stderr is a terminal,
 a plain line every few seconds otherwise. The objects are counted alongside (a listing, which
@@ -119,6 +120,42 @@ def _user_dict(info: metadata_pb2.UserInfo) -> dict[str, Any]:
         "access_key": info.access_key, "tenant": info.tenant,
         "display_name": info.display_name, "is_admin": info.is_admin,
         "shm_trusted": info.shm_trusted, "created_at_unix_ms": info.created_at_unix_ms,
+    }  # fmt: skip
+
+
+#: Bucket kinds by their CLI name (the S3 header x-kvtier-bucket-kind takes the same names).
+BUCKET_KINDS = {"objects": metadata_pb2.BUCKET_KIND_OBJECTS, "kv": metadata_pb2.BUCKET_KIND_KV}
+
+
+async def bucket_command(
+    address: str,
+    args: argparse.Namespace,
+    out: TextIO,
+    *,
+    security: security.ClientSecurity | None = None,
+) -> int:
+    """`kvtier admin bucket create|list` against the metadata service at address: what an
+    operator uses to make a KV bucket for S3 tools that cannot send x-kvtier-bucket-kind."""
+    async with metadata_client.MetadataClient(address, timeout_s=10.0, security=security) as client:
+        if args.bucket_command == "create":
+            info = await client.create_bucket(args.name, args.tenant, BUCKET_KINDS[args.kind])
+            made = _bucket_dict(info)
+            text = f"created {made['kind']} bucket {made['name']} for tenant {made['tenant']}"
+            out.write((json.dumps(made) if args.json else text) + "\n")
+            return 0
+        found = [_bucket_dict(b) for b in await client.list_buckets(args.tenant)]
+        if args.json:
+            out.write(json.dumps(found) + "\n")
+        for b in [] if args.json else found:
+            out.write(f"{b['name']:40} {b['kind']:8} {b['tenant']}\n")
+    return 0
+
+
+def _bucket_dict(info: metadata_pb2.BucketInfo) -> dict[str, Any]:
+    kind = next((k for k, v in BUCKET_KINDS.items() if v == info.kind), str(info.kind))
+    return {
+        "name": info.name, "tenant": info.tenant, "kind": kind,
+        "created_at_unix_ms": info.created_at_unix_ms,
     }  # fmt: skip
 
 

@@ -9,6 +9,9 @@ kvtier admin heal [BUCKET[/PREFIX]] [--gateway H:P | --state-dir DIR] [--dry-run
                                           check and heal objects; exit 0 when every one is whole
 kvtier admin user add|list|remove [...] [--metadata H:P | --state-dir DIR] [--json]
                                           S3 users (the secret is printed once, at add)
+kvtier admin bucket create NAME [--kind objects|kv] [--tenant T] | list [--tenant T]
+                                          buckets (a KV bucket for S3 tools that cannot send
+                                          x-kvtier-bucket-kind)
 kvtier admin certs init --dir DIR --cluster NAME
 kvtier admin certs issue --dir DIR --role ROLE --name NAME [--host H ...] [--days N]
                                           the cluster CA and node/operator certificates
@@ -125,7 +128,20 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--tenant", default="", help="only this tenant's users")
     remove = user_sub.add_parser("remove", help="delete a user")
     remove.add_argument("access_key")
-    for sub_parser in (add, listing, remove):
+    bucket = admin_sub.add_parser("bucket", help="buckets (through the metadata service)")
+    bucket_sub = bucket.add_subparsers(dest="bucket_command", required=True)
+    make = bucket_sub.add_parser("create", help="create a bucket of a kind for a tenant")
+    make.add_argument("name", help="the bucket's name (S3's rules)")
+    make.add_argument(
+        "--kind",
+        choices=sorted(admin_cmd.BUCKET_KINDS),
+        default="objects",
+        help="objects: the erasure-coded tier; kv: the KV-cache tier (docs/s3.md, KV buckets)",
+    )
+    make.add_argument("--tenant", default="", help="the owning tenant (default: default)")
+    buckets = bucket_sub.add_parser("list", help="buckets with their kind and tenant")
+    buckets.add_argument("--tenant", default="", help="only this tenant's buckets")
+    for sub_parser in (add, listing, remove, make, buckets):
         sub_parser.add_argument(
             "--metadata", default="", help="metadata gRPC host:port (its service port)"
         )
@@ -260,6 +276,9 @@ def _admin(args: argparse.Namespace) -> int:
     if args.admin_command == "user":
         address = admin_cmd.metadata_address(args.metadata, args.state_dir, sec)
         return asyncio.run(admin_cmd.user_command(address, args, sys.stdout, security=sec))
+    if args.admin_command == "bucket":
+        address = admin_cmd.metadata_address(args.metadata, args.state_dir, sec)
+        return asyncio.run(admin_cmd.bucket_command(address, args, sys.stdout, security=sec))
     address = admin_cmd.gateway_address(args.gateway, args.state_dir, sec)
     result = asyncio.run(
         admin_cmd.heal(

@@ -2,10 +2,12 @@
 
 A `Payload` hands out the decoded bytes in whatever pieces the connection delivers, copied
 straight into the caller's buffer (an engine staging slot for a PUT). Its size is known up front
-(Content-Length, or x-amz-decoded-content-length for aws-chunked bodies). A body shorter than
-announced is IncompleteBody; one longer cannot happen (aiohttp frames by Content-Length and the
-chunk decoder checks its own total). Small bodies (XML) are read whole and their
-x-amz-content-sha256 checked here; large bodies have it checked by the engine at commit.
+(Content-Length, or x-amz-decoded-content-length for aws-chunked bodies), except for a plain
+HTTP chunked body (`Transfer-Encoding: chunked`, size -1), which ends where its last chunk
+does. A body shorter than announced is IncompleteBody; one longer cannot happen (aiohttp
+frames by Content-Length and the chunk decoder checks its own total). Small bodies (XML) are
+read whole and their x-amz-content-sha256 checked here; large bodies have it checked by the
+engine at commit.
 """
 
 from __future__ import annotations
@@ -80,16 +82,28 @@ class Payload:
 
     async def fill(self, view: memoryview) -> None:
         """Fill view exactly (IncompleteBody when the body ends first)."""
+        if await self.fill_to_end(view) < len(view):
+            raise s3errors.S3Error(
+                "IncompleteBody",
+                f"You did not provide the number of bytes specified ({self.size}); got {self.read}",
+            )
+
+    async def fill_to_end(self, view: memoryview) -> int:
+        """Fill view as far as the body goes: len(view), or fewer bytes at its end."""
         got = 0
         while got < len(view):
             n = await self.readinto(view[got:])
             if n == 0:
-                raise s3errors.S3Error(
-                    "IncompleteBody",
-                    f"You did not provide the number of bytes specified ({self.size}); "
-                    f"got {self.read}",
-                )
+                break
             got += n
+        return got
+
+    async def at_end(self) -> bool:
+        """Whether no byte of the body is left (reads ahead to know)."""
+        while not self._pending:
+            if not await self._more():
+                return True
+        return False
 
     async def finish(self) -> dict[str, str]:
         """After the last byte: nothing may follow; the trailers of an aws-chunked body."""

@@ -1,41 +1,107 @@
 """S3 bucket operations: ListBuckets, CreateBucket, HeadBucket, DeleteBucket, GetBucketLocation,
-GetBucketVersioning, ListObjects (v1 and v2) and ListObjectVersions."""
+GetBucketVersioning, PutBucketVersioning, ListObjects (v1 and v2) and ListObjectVersions."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import logging
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from kvtier import errors, names
+from kvtier import errors, kv, names
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
-from services.gateway.s3 import kv_ops, params, s3errors, xmlio
+from services.gateway.s3 import kv_layout, object_ops, params, s3errors, xmlio
 
 if TYPE_CHECKING:
     from services.gateway.s3 import server
 
+log = logging.getLogger(__name__)
+
 XML = "application/xml"
-#: CreateBucket header choosing the tier that serves the bucket: "objects" (default) or "kv".
+#: CreateBucket header choosing the tier that serves the bucket: "objects" (default) or "kv";
+#: HeadBucket answers it.
 BUCKET_KIND_HEADER = "x-kvtier-bucket-kind"
+#: The header's values.
+KINDS = {"objects": metadata_pb2.BUCKET_KIND_OBJECTS, "kv": metadata_pb2.BUCKET_KIND_KV}
+#: Key prefixes of a KV bucket's blocks that belong to multipart uploads, not to objects
+#: (parts first: a record outlives its parts).
+_KV_UPLOAD_PREFIXES = (kv_layout.PART_PREFIX, kv_layout.UPLOAD_PREFIX)
+_KV_PAGE = 1000
+#: ListBuckets' max-buckets, as S3 bounds it.
+MAX_BUCKETS = 10000
+#: ListBuckets' parameters: with any of them, S3 lists each bucket's region.
+_LIST_BUCKETS_PARAMS = frozenset({"max-buckets", "continuation-token", "prefix", "bucket-region"})
 
 
 def _kind(text: str) -> metadata_pb2.BucketKind.ValueType:
-    kinds = {"objects": metadata_pb2.BUCKET_KIND_OBJECTS, "kv": metadata_pb2.BUCKET_KIND_KV}
-    if text.lower() not in kinds:
+    if text.lower() not in KINDS:
         raise s3errors.S3Error("InvalidArgument", f"{BUCKET_KIND_HEADER}: objects or kv")
-    return kinds[text.lower()]
+    return KINDS[text.lower()]
+
+
+def kind_name(kind: metadata_pb2.BucketKind.ValueType) -> str:
+    """The header value of a bucket kind."""
+    return next((name for name, value in KINDS.items() if value == kind), "objects")
 
 
 def _xml(data: bytes, status: int = 200) -> web.Response:
     return web.Response(body=data, status=status, content_type=XML)
 
 
+def _max_buckets(text: str) -> int:
+    value = params.uint(text)
+    if value is None or not 1 <= value <= MAX_BUCKETS:
+        raise s3errors.S3Error(
+            "InvalidArgument", f"max-buckets must be an integer between 1 and {MAX_BUCKETS}"
+        )
+    return value
+
+
+def _bucket_token(name: str) -> str:
+    """ListBuckets' continuation token after the bucket name (opaque to clients)."""
+    return base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
+
+
+def _after_token(token: str) -> str:
+    """The bucket name a continuation token continues after; InvalidArgument when it is not
+    one of ours (an empty one included)."""
+    try:
+        name = base64.b64decode(token + "=" * (-len(token) % 4), b"-_", validate=True).decode()
+        names.check_bucket(name)
+    except (binascii.Error, UnicodeError, ValueError, errors.InvalidArgument):
+        raise s3errors.S3Error(
+            "InvalidArgument", "The continuation token provided is incorrect"
+        ) from None
+    return name
+
+
 async def list_buckets(s3: server.S3Server, req: server.S3Request) -> web.Response:
-    """The principal's tenant's buckets (an admin's: every bucket)."""
-    infos = await s3.front.list_buckets()
-    owner = req.principal.owner
-    return _xml(xmlio.list_buckets(((b.name, b.created_at_unix_ms) for b in infos), *owner))
+    """The principal's tenant's buckets (an admin's: every bucket), by name: those starting
+    with `prefix`, in pages of `max-buckets` (1-10000; absent: all) continued by
+    `continuation-token`; none for a `bucket-region` other than ours."""
+    query = req.query
+    most = _max_buckets(query.get("max-buckets", str(MAX_BUCKETS)))
+    after = _after_token(query["continuation-token"]) if "continuation-token" in query else ""
+    prefix = query.get("prefix", "")
+    infos = [
+        b for b in await s3.front.list_buckets() if b.name > after and b.name.startswith(prefix)
+    ]
+    if query.get("bucket-region", s3.region) != s3.region:
+        infos = []
+    page = infos[:most]
+    token = _bucket_token(page[-1].name) if len(infos) > most else ""
+    asked = bool(_LIST_BUCKETS_PARAMS & set(query))
+    return _xml(
+        xmlio.list_buckets(
+            ((b.name, b.created_at_unix_ms) for b in page), *req.principal.owner,
+            region=s3.region if asked else "", prefix=prefix if "prefix" in query else None,
+            continuation_token=token,
+        )
+    )  # fmt: skip
 
 
 async def create_bucket(s3: server.S3Server, req: server.S3Request) -> web.Response:
@@ -68,20 +134,53 @@ async def create_bucket(s3: server.S3Server, req: server.S3Request) -> web.Respo
 
 
 async def head_bucket(s3: server.S3Server, req: server.S3Request) -> web.Response:
-    """200, 404 or 403."""
-    await s3.owned_bucket(req)
+    """200 with the region and the bucket's kind (BUCKET_KIND_HEADER), 404 or 403."""
+    info = await s3.owned_bucket(req)
     response = web.Response(status=200)
     response.headers["x-amz-bucket-region"] = s3.region
+    response.headers[BUCKET_KIND_HEADER] = kind_name(info.kind)
     return response
 
 
 async def delete_bucket(s3: server.S3Server, req: server.S3Request) -> web.Response:
-    """Delete an empty bucket (BucketNotEmpty: uploads in progress count too)."""
+    """Delete a bucket without objects (BucketNotEmpty); its multipart uploads in progress
+    are aborted with it, as in S3, on either kind of bucket (a KV bucket's staged blocks are
+    deleted after its record: nothing reaches them by then, and their TTL ends them anyway)."""
     info = await s3.owned_bucket(req)
-    if info.kind == metadata_pb2.BUCKET_KIND_KV and not await kv_ops.is_empty(s3, info):
-        raise s3errors.S3Error("BucketNotEmpty", "The bucket you tried to delete is not empty.")
-    await s3.front.delete_bucket(req.bucket)  # objects or uploads in progress: BucketNotEmpty
+    client = None
+    if info.kind == metadata_pb2.BUCKET_KIND_KV:
+        client = await s3.kv_buckets.client(info)
+        if await _kv_holds_objects(client):
+            raise s3errors.S3Error("BucketNotEmpty", "The bucket you tried to delete is not empty.")
+    await s3.front.delete_bucket(req.bucket)  # objects: BucketNotEmpty
+    if client is not None:
+        try:
+            await _kv_discard_uploads(client)
+        except errors.KVTierError as exc:
+            log.warning("deleting the upload blocks of KV bucket %s: %s", req.bucket, exc)
     return web.Response(status=204)
+
+
+async def _kv_holds_objects(client: kv.AsyncKVClient) -> bool:
+    """Whether a KV bucket holds a block of an object (blocks of uploads do not count)."""
+    after = b""
+    while True:
+        entries, more = await client.list_keys(start_after=after, limit=_KV_PAGE)
+        if any(not key.startswith(_KV_UPLOAD_PREFIXES) for key, _ in entries):
+            return True
+        if not more or not entries:
+            return False
+        after = entries[-1][0]
+
+
+async def _kv_discard_uploads(client: kv.AsyncKVClient) -> None:
+    """Delete every block of a KV bucket's multipart uploads: parts, then records."""
+    for prefix in _KV_UPLOAD_PREFIXES:
+        while True:
+            entries, more = await client.list_keys(prefix=prefix, limit=_KV_PAGE)
+            deleted = await client.delete([key for key, _ in entries]) if entries else 0
+            if not more or not deleted:  # none left, or none deletable: their TTL ends them
+                break
 
 
 async def get_location(s3: server.S3Server, req: server.S3Request) -> web.Response:
@@ -94,6 +193,32 @@ async def get_versioning(s3: server.S3Server, req: server.S3Request) -> web.Resp
     """Never enabled."""
     await s3.owned_bucket(req)
     return _xml(xmlio.versioning())
+
+
+async def put_versioning(s3: server.S3Server, req: server.S3Request) -> web.Response:
+    """PutBucketVersioning. Buckets are never versioned, so Suspended (and MfaDelete Disabled)
+    asks for what already is: 200, nothing changes. Enabled, MfaDelete Enabled and an
+    x-amz-mfa header: NotImplemented, never a 200 that leaves the bucket unversioned."""
+    await s3.owned_bucket(req)
+    raw = await req.payload.read_all(64 << 10)
+    md5 = object_ops.content_md5(req)
+    if md5 and hashlib.md5(raw).hexdigest() != md5:
+        raise s3errors.S3Error("BadDigest", "The Content-MD5 you specified did not match.")
+    status, mfa_delete = xmlio.parse_versioning(raw)
+    if status == "Enabled":
+        raise s3errors.S3Error(
+            "NotImplemented", "versioning is not supported yet: buckets stay unversioned"
+        )
+    if mfa_delete == "Enabled" or req.header("x-amz-mfa"):
+        raise s3errors.S3Error("NotImplemented", "MFA delete is not supported")
+    return web.Response(status=200)
+
+
+def check_continuation_token(req: server.S3Request) -> None:
+    """ListObjectsV2: a continuation-token that is present must not be empty (InvalidArgument,
+    as S3 answers; a client sending one has lost its place)."""
+    if req.query.get("continuation-token") == "":
+        raise s3errors.S3Error("InvalidArgument", "The continuation token provided is incorrect")
 
 
 def _max_keys(req: server.S3Request, name: str = "max-keys") -> int:
@@ -123,6 +248,7 @@ async def list_objects(s3: server.S3Server, req: server.S3Request) -> web.Respon
     enc = xmlio.Encoder(req.query.get("encoding-type", ""))
     max_keys = _max_keys(req)
     if req.query.get("list-type") == "2":
+        check_continuation_token(req)
         token = req.query.get("continuation-token", "")
         page = await _page(
             s3, req, after=req.query.get("start-after", ""), token=token, max_keys=max_keys

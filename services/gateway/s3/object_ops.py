@@ -9,7 +9,7 @@ import binascii
 import hashlib
 import logging
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -17,7 +17,7 @@ from aiohttp import web
 from kvtier import errors, names
 from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
-from services.gateway import versions
+from services.gateway import multipart, versions
 from services.gateway.s3 import params, response_body, s3errors, xmlio
 
 if TYPE_CHECKING:
@@ -115,16 +115,25 @@ def checksum_request(req: server.S3Request) -> tuple[list[str], dict[str, str]]:
 async def receive(
     s3: server.S3Server, req: server.S3Request, write_id: str, size: int
 ) -> datanode_pb2.ShardMeta:
-    """Stream the body into a begun write and commit it (aborted on any failure)."""
+    """Stream the body into a begun write and commit it (aborted on any failure). A body of
+    unknown length (plain HTTP chunked) goes in until it ends, size being its bound
+    (EntityTooLarge past it)."""
     engine = s3.front.engine
+    open_ended = req.payload.size < 0
+    fill: Callable[[memoryview], Awaitable[int | None]]
+    fill = req.payload.fill_to_end if open_ended else req.payload.fill
     try:
         stripe, most = engine.upload_limits(write_id)
         chunk = most - most % stripe
         written = 0
         while written < size:
             n = min(chunk, size - written)
-            await engine.write_call(write_id, n, req.payload.fill)
-            written += n
+            got = await engine.write_call(write_id, n, fill)
+            written += got
+            if got < n:  # the end of an open-ended body
+                break
+        if open_ended and written == size and not await req.payload.at_end():
+            raise s3errors.S3Error("EntityTooLarge", f"Your proposed upload exceeds {size} bytes.")
         trailers = await req.payload.finish()
         for name, value in trailers.items():
             if name.lower().startswith(CHECKSUM_HEADER):
@@ -169,10 +178,11 @@ async def put_object(s3: server.S3Server, req: server.S3Request) -> web.Response
     await s3.owned_bucket(req)
     check_key(req.key)
     size = req.payload.size
-    if size < 0:
+    if size < 0 and "chunked" not in req.header("Transfer-Encoding").lower():
         raise s3errors.S3Error("MissingContentLength", "You must provide the Content-Length.")
     if size > MAX_PUT_BYTES:
         raise s3errors.S3Error("EntityTooLarge", "Your proposed upload exceeds 5 GiB.")
+    bound = size if size >= 0 else MAX_PUT_BYTES  # a chunked body: until it ends
     if_match = req.header("If-Match")
     if if_match:
         current = await s3.front.head_object(req.bucket, req.key)
@@ -180,9 +190,9 @@ async def put_object(s3: server.S3Server, req: server.S3Request) -> web.Response
             raise s3errors.S3Error("PreconditionFailed", "If-Match does not match")
     if req.header("If-None-Match") not in ("", "*"):
         raise s3errors.S3Error("NotImplemented", "If-None-Match on PUT supports only *")
-    begun = await s3.front.begin_put(begin_request(req, req.bucket, req.key, size))
+    begun = await s3.front.begin_put(begin_request(req, req.bucket, req.key, bound))
     try:
-        meta = await receive(s3, req, begun.upload_id, size)
+        meta = await receive(s3, req, begun.upload_id, bound)
     except errors.InvalidArgument as exc:
         raise translate_digest_error(req, exc) from None
     response = web.Response(status=200)
@@ -215,10 +225,18 @@ def _since(header: str) -> int | None:
     return None if when is None else int(when)
 
 
+def _not_modified(etag: str, mtime_unix_ms: int) -> s3errors.S3Error:
+    return s3errors.S3Error(
+        "NotModified", "Not Modified", status=304,
+        headers={"ETag": xmlio.quoted(etag), "Last-Modified": xmlio.http_time(mtime_unix_ms)},
+    )  # fmt: skip
+
+
 def check_conditions(
     get: Callable[[str], str], etag: str, mtime_unix_ms: int, *, for_read: bool
 ) -> None:
-    """S3's conditional request rules (412 PreconditionFailed, 304 NotModified)."""
+    """S3's conditional request rules (412 PreconditionFailed, 304 NotModified: with the
+    object's ETag and Last-Modified, as S3 sends them)."""
     mtime = mtime_unix_ms // 1000
     if_match, if_none = get("If-Match"), get("If-None-Match")
     unmodified, modified = _since(get("If-Unmodified-Since")), _since(get("If-Modified-Since"))
@@ -228,18 +246,19 @@ def check_conditions(
         raise s3errors.S3Error("PreconditionFailed", "At least one of the pre-conditions failed")
     if if_none and _etag_matches(if_none, etag):
         if for_read:
-            raise s3errors.S3Error("NotModified", "Not Modified", status=304)
+            raise _not_modified(etag, mtime_unix_ms)
         raise s3errors.S3Error("PreconditionFailed", "At least one of the pre-conditions failed")
     if not if_none and modified is not None and mtime <= modified:
         if for_read:
-            raise s3errors.S3Error("NotModified", "Not Modified", status=304)
+            raise _not_modified(etag, mtime_unix_ms)
         raise s3errors.S3Error("PreconditionFailed", "At least one of the pre-conditions failed")
 
 
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
     """(first, last) of a single `bytes=` range; None for no or an ignorable range (several
-    ranges, another unit, anything but ASCII digits); InvalidRange when it cannot be
-    satisfied."""
+    ranges, another unit, anything but ASCII digits) and for a suffix range of an empty object
+    (all of it); InvalidRange when it cannot be satisfied (any other range of an empty object,
+    as in S3)."""
     if not header or not header.startswith("bytes=") or "," in header:
         return None
     first_text, _, last_text = header[len("bytes=") :].strip().partition("-")
@@ -250,7 +269,7 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
             return None
         if suffix == 0:
             raise s3errors.S3Error("InvalidRange", "The requested range is not satisfiable")
-        return max(0, size - suffix), size - 1
+        return (max(0, size - suffix), size - 1) if size else None
     first = params.uint(first_text)
     last = params.uint(last_text) if last_text else size - 1
     if first is None or last is None:
@@ -305,9 +324,12 @@ def object_headers(
     whole object's checksums."""
     info_headers(response, versions.info(meta), req)
     out = response.headers
-    if len(meta.parts) > 1:
+    one_part = "partNumber" in req.query and multipart.is_multipart(meta)
+    if len(meta.parts) > 1 or one_part:
         out["x-amz-mp-parts-count"] = str(len(meta.parts))
-    if req.header("x-amz-checksum-mode").upper() == "ENABLED" and "Range" not in req.http.headers:
+    # A part of a multipart object does not have the whole object's checksum.
+    whole = "Range" not in req.http.headers and not one_part
+    if req.header("x-amz-checksum-mode").upper() == "ENABLED" and whole:
         for name, value in meta.checksums.items():
             out[f"{CHECKSUM_HEADER}{name.lower()}"] = value
             if value.endswith(f"-{len(meta.parts)}") and len(meta.parts) > 1:
@@ -327,13 +349,39 @@ async def head_object(s3: server.S3Server, req: server.S3Request) -> web.StreamR
     """The object's headers (conditions apply)."""
     meta = (await _resolve(s3, req)).meta
     check_conditions(req.header, meta.etag, meta.mtime_unix_ns // 1_000_000, for_read=True)
-    span = parse_range(req.header("Range"), meta.size)
-    response = web.StreamResponse(status=206 if span else 200)
+    part = requested_part(req, meta)
+    span = part if part is not None else parse_range(req.header("Range"), meta.size)
+    partial = span is not None and span[1] >= span[0]  # an empty part: 200, no Content-Range
+    response = web.StreamResponse(status=206 if partial else 200)
     object_headers(response, meta, req)
-    if span:
+    if span and partial:
         response.headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{meta.size}"
     response.content_length = span[1] - span[0] + 1 if span else meta.size
     return response
+
+
+def requested_part(req: server.S3Request, meta: datanode_pb2.ShardMeta) -> tuple[int, int] | None:
+    """(first, last) byte of the part GetObject/HeadObject's `partNumber` names (last is
+    first - 1 for an empty part); None without partNumber. InvalidArgument outside 1..10000,
+    InvalidRequest with a Range header too, 416 InvalidPartNumber past the last part (part 1
+    of a plain object is all of it; multipart.part_span counts the parts)."""
+    if "partNumber" not in req.query:
+        return None
+    number = params.uint(req.query["partNumber"])
+    if number is None or not 1 <= number <= multipart.MAX_PART_NUMBER:
+        raise s3errors.S3Error(
+            "InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive"
+        )
+    if "Range" in req.http.headers:
+        raise s3errors.S3Error(
+            "InvalidRequest", "Cannot specify both Range header and partNumber query parameter"
+        )
+    span = multipart.part_span(meta, number)
+    if span is None:
+        raise s3errors.S3Error(
+            "InvalidPartNumber", "The requested partnumber is not satisfiable", status=416
+        )
+    return span[0], span[0] + span[1] - 1
 
 
 async def get_object(s3: server.S3Server, req: server.S3Request) -> web.StreamResponse:
@@ -342,17 +390,12 @@ async def get_object(s3: server.S3Server, req: server.S3Request) -> web.StreamRe
     found = await _resolve(s3, req)
     meta = found.meta
     check_conditions(req.header, meta.etag, meta.mtime_unix_ns // 1_000_000, for_read=True)
-    try:
-        span = parse_range(req.header("Range"), meta.size)
-    except s3errors.S3Error:
-        if meta.size == 0:
-            span = None  # S3 answers a range on an empty object with the (empty) object
-        else:
-            raise
+    span = requested_part(req, meta)
+    span = span if span is not None else parse_range(req.header("Range"), meta.size)
     first, last = span if span else (0, meta.size - 1)
-    response = web.StreamResponse(status=206 if span else 200)
+    response = web.StreamResponse(status=206 if last >= first and span else 200)
     object_headers(response, meta, req)
-    if span:
+    if span and last >= first:  # an empty part: 200, no Content-Range
         response.headers["Content-Range"] = f"bytes {first}-{last}/{meta.size}"
     response.content_length = last - first + 1
     await response.prepare(req.http)

@@ -62,13 +62,22 @@ _PREFIX = re.compile(r"([A-Za-z0-9]+): ")
 
 
 class S3Error(Exception):
-    """An error as S3 reports it. `resource` is the path it concerns (Resource element)."""
+    """An error as S3 reports it. `resource` is the path it concerns (Resource element);
+    `headers` go out with it (a 304's ETag and Last-Modified)."""
 
-    def __init__(self, code: str, message: str = "", *, status: int = 0) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str = "",
+        *,
+        status: int = 0,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message or code)
         self.code = code
         self.status = status or STATUS.get(code, 500)
         self.message = message or code
+        self.headers = dict(headers or {})
 
 
 def from_domain(exc: errors.KVTierError, *, default_not_found: str = "NoSuchKey") -> S3Error:

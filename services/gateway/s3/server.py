@@ -5,8 +5,9 @@ style under the configured domain) → SigV4 authentication (`auth.Authenticator
 bound as the request's `kvtier.principal` (so the object front checks S3 and gRPC callers alike:
 its tenant's buckets only, admins all, never the KV tier's internal bucket) → the operation
 (`bucket_ops`, `object_ops`, `multipart_ops`) on the gateway's object front. Errors become S3 XML
-bodies with the right status. Bodies stream both ways through the engine's staging slots: a PUT
-never holds more than one call's stripes, a GET one slot of the object at a time.
+bodies with the right status. `Expect: 100-continue` is answered only once the headers
+authenticate (`S3Server.expect`). Bodies stream both ways through the engine's staging slots: a
+PUT never holds more than one call's stripes, a GET one slot of the object at a time.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import prometheus_client
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from kvtier import errors
 from kvtier import principal as principal_mod
@@ -45,8 +47,15 @@ UNSUPPORTED = frozenset(
         "accelerate", "requestPayment", "inventory", "metrics", "analytics", "ownershipControls",
         "publicAccessBlock", "intelligent-tiering", "restore", "select", "attributes",
         "policyStatus",
+        # Else routed as the plain operation: CreateBucket, DeleteBucket (deleting the bucket),
+        # PutObject (overwriting the object), DeleteObject.
+        "abac", "default-storage-class", "metadataConfiguration", "metadataTable",
+        "metadataAnnotationTable", "metadataInventoryTable", "metadataJournalTable", "session",
+        "annotation", "renameObject",
     }
 )  # fmt: skip
+#: Where `S3Server.expect` leaves the (principal, payload) it authenticated for `handle`.
+_AUTHENTICATED = "kvtier.s3.authenticated"
 
 
 @dataclasses.dataclass(slots=True)
@@ -96,8 +105,36 @@ class S3Server:
     def app(self) -> web.Application:
         """The aiohttp application (one catch-all route: S3 routes on query and headers)."""
         app = web.Application(client_max_size=xmlio.MAX_BODY_BYTES)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.router.add_route("*", "/{tail:.*}", self.handle, expect_handler=self.expect)
         return app
+
+    async def expect(self, http: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue`, answered once the headers authenticate (the signature covers
+        x-amz-content-sha256, not the body): a refused request gets its S3 error on a closing
+        connection instead of `100 Continue` and an upload. Otherwise as aiohttp's default."""
+        expect = http.headers.get(hdrs.EXPECT, "")
+        if http.version != aiohttp.HttpVersion11:
+            return None
+        if expect.lower() != "100-continue":
+            raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
+        op, resource = "Unknown", http.path
+        try:
+            bucket, key = self.target(http)
+            resource = f"/{bucket}/{key}" if key else f"/{bucket}"
+            op, _ = self.route(http.method, bucket, key, http.query)
+            http[_AUTHENTICATED] = await self.auth.authenticate(http)
+        except s3errors.S3Error as exc:
+            request_id = secrets.token_hex(8).upper()
+            response = _error(exc, resource, request_id, http.method)
+            response.force_close()  # whatever body follows is never read
+            _stamp(response, request_id)
+            REQUESTS.labels(op, str(response.status)).inc()
+            return response
+        except errors.KVTierError:  # e.g. the users unavailable: handle() answers it
+            pass
+        await http.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        http.writer.output_size = 0  # the response proper has not started
+        return None
 
     async def handle(self, http: web.Request) -> web.StreamResponse:
         """Serve one request; every answer carries x-amz-request-id."""
@@ -108,7 +145,7 @@ class S3Server:
             bucket, key = self.target(http)
             resource = f"/{bucket}/{key}" if key else f"/{bucket}"
             op, handler = self.route(http.method, bucket, key, http.query)
-            principal, payload = await self.auth.authenticate(http)
+            principal, payload = http.get(_AUTHENTICATED) or await self.auth.authenticate(http)
             request = S3Request(
                 http, request_id, bucket, key, dict(http.query), principal, payload, op
             )
@@ -135,9 +172,7 @@ class S3Server:
             response = _error(internal, resource, request_id, http.method)
         LATENCY.labels(op).observe(time.perf_counter() - started)
         if not response.prepared:
-            response.headers["x-amz-request-id"] = request_id
-            response.headers["x-amz-id-2"] = request_id
-            response.headers["Server"] = "kvtier"
+            _stamp(response, request_id)
         REQUESTS.labels(op, str(response.status)).inc()
         return response
 
@@ -198,14 +233,23 @@ def kvtier_principal(user: auth.Principal) -> principal_mod.Principal:
     )
 
 
+def _stamp(response: web.StreamResponse, request_id: str) -> None:
+    response.headers["x-amz-request-id"] = request_id
+    response.headers["x-amz-id-2"] = request_id
+    response.headers["Server"] = "kvtier"
+
+
 def _error(exc: s3errors.S3Error, resource: str, request_id: str, method: str) -> web.Response:
     if exc.status == 304 or method == "HEAD":
-        return web.Response(status=exc.status)
-    return web.Response(
-        status=exc.status,
-        body=xmlio.error(exc.code, exc.message, resource, request_id),
-        content_type="application/xml",
-    )
+        response = web.Response(status=exc.status)
+    else:
+        response = web.Response(
+            status=exc.status,
+            body=xmlio.error(exc.code, exc.message, resource, request_id),
+            content_type="application/xml",
+        )
+    response.headers.update(exc.headers)
+    return response
 
 
 def _routes() -> list[tuple[tuple[str, str, tuple[str, ...]], tuple[str, Handler]]]:
@@ -219,6 +263,7 @@ def _routes() -> list[tuple[tuple[str, str, tuple[str, ...]], tuple[str, Handler
         ("GET", "bucket", ("versions",), "ListObjectVersions", bucket_ops.list_versions),
         ("GET", "bucket", ("uploads",), "ListMultipartUploads", multipart_ops.list_uploads),
         ("GET", "bucket", (), "ListObjects", bucket_ops.list_objects),
+        ("PUT", "bucket", ("versioning",), "PutBucketVersioning", bucket_ops.put_versioning),
         ("PUT", "bucket", (), "CreateBucket", bucket_ops.create_bucket),
         ("HEAD", "bucket", (), "HeadBucket", bucket_ops.head_bucket),
         ("DELETE", "bucket", (), "DeleteBucket", bucket_ops.delete_bucket),

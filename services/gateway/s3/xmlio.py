@@ -80,8 +80,18 @@ def _owner(parent: ET.Element, owner_id: str, display_name: str, tag: str = "Own
     _add(owner, "DisplayName", display_name)
 
 
-def list_buckets(buckets: Iterable[tuple[str, int]], owner_id: str, display_name: str) -> bytes:
-    """ListAllMyBucketsResult: (name, created unix ms) pairs."""
+def list_buckets(
+    buckets: Iterable[tuple[str, int]],
+    owner_id: str,
+    display_name: str,
+    *,
+    region: str = "",
+    prefix: str | None = None,
+    continuation_token: str = "",
+) -> bytes:
+    """ListAllMyBucketsResult: (name, created unix ms) pairs; with region each bucket's
+    BucketRegion (S3 sends it when the request had a parameter), prefix as asked, and the
+    token of the next page."""
     root = _root("ListAllMyBucketsResult")
     _owner(root, owner_id, display_name)
     holder = _add(root, "Buckets")
@@ -89,6 +99,12 @@ def list_buckets(buckets: Iterable[tuple[str, int]], owner_id: str, display_name
         bucket = _add(holder, "Bucket")
         _add(bucket, "Name", name)
         _add(bucket, "CreationDate", iso_time(created))
+        if region:
+            _add(bucket, "BucketRegion", region)
+    if continuation_token:
+        _add(root, "ContinuationToken", continuation_token)
+    if prefix is not None:
+        _add(root, "Prefix", prefix)
     return _doc(root)
 
 
@@ -499,3 +515,20 @@ def parse_location(body: bytes) -> str:
 
     _parse(body, take, max_children=16)
     return found[0].strip() if found else ""
+
+
+def parse_versioning(body: bytes) -> tuple[str, str]:
+    """VersioningConfiguration (PutBucketVersioning): (Status, MfaDelete), each '' when absent;
+    MalformedXML for another document or a value S3 does not define."""
+    found: dict[str, str] = {}
+
+    def take(child: ET.Element) -> None:
+        if child.tag in ("Status", "MfaDelete"):
+            found.setdefault(child.tag, (child.text or "").strip())
+
+    if _parse(body, take, max_children=16) != "VersioningConfiguration":
+        raise _malformed("expected VersioningConfiguration")
+    status, mfa_delete = found.get("Status", ""), found.get("MfaDelete", "")
+    if status not in ("", "Enabled", "Suspended") or mfa_delete not in ("", "Enabled", "Disabled"):
+        raise _malformed("Status is Enabled or Suspended, MfaDelete Enabled or Disabled")
+    return status, mfa_delete

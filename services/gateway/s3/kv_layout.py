@@ -1,0 +1,277 @@
+"""How the S3 objects and multipart uploads of a KV bucket are laid out as KV blocks of the
+bucket's namespace (`kv_ops.namespace`), and how a request body becomes them.
+
+A *blob* (an object's or a part's bytes) is one data block, a 16-byte version id then the
+bytes, and, only when the bytes do not fit one block with the id, a tail block: the same
+version id then the rest (at most 16 bytes for a 64 MiB blob). The id binds a blob's blocks to
+its metadata block (a serialized `ObjectInfo` whose `checksums["VERSION"]` holds the id): a
+reader that finds another id (a concurrent overwrite) never mixes writers.
+
+Keys (object keys never hold NUL, so internal keys, which start with NUL, never collide):
+- object: data block under the key's bytes, tail under NUL "t" NUL + key, metadata under
+  NUL "m" NUL + key;
+- upload: record (the CreateMultipartUpload request: key, headers, checksum algorithm) under
+  NUL "u" NUL + upload id; part N under NUL "p" NUL + upload id + NUL + "d" (data), "t" (tail)
+  or "m" (metadata) + N as 5 digits. Upload ids are 32 hex digits, the first 16 the initiation
+  time in ns, so they sort by initiation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from kvtier import checksums, errors, kv
+from kvtier.proto.gateway.v1 import objects_pb2 as pb
+from services.gateway.s3 import object_ops, s3errors
+
+if TYPE_CHECKING:
+    from services.gateway.s3 import server
+
+#: The largest KV object, the S3 body of a PUT or of a completed multipart upload.
+MAX_KV_OBJECT_BYTES = 64 << 20
+#: The largest block a kvcache node stores: its slab allocator's largest class with the default
+#: 64 MiB pages (services/kvcache/slab.py MAX_BLOCK_BYTES; smaller `page_bytes` make it smaller,
+#: and then objects near MAX_KV_OBJECT_BYTES are refused as ServiceUnavailable).
+KV_BLOCK_BYTES = 64 << 20
+VERSION_BYTES = 16
+#: Bytes of a blob in its data block; the rest goes to the tail block.
+HEAD_BYTES = KV_BLOCK_BYTES - VERSION_BYTES
+META_MAX_BYTES = 16 << 10
+META_PREFIX = b"\x00m\x00"
+TAIL_PREFIX = b"\x00t\x00"
+UPLOAD_PREFIX = b"\x00u\x00"
+PART_PREFIX = b"\x00p\x00"
+_VERSION = "VERSION"
+_GET_ATTEMPTS = 4
+_INLINE_DIGEST_BYTES = 256 << 10
+
+
+class Blob:
+    """A blob's bytes held as its blocks ([version | head], then [version | tail] when the
+    bytes exceed HEAD_BYTES), so that they go to and come from the KV tier without a copy."""
+
+    def __init__(self, size: int, version: bytes | None = None) -> None:
+        self.size = size
+        self.version = secrets.token_bytes(VERSION_BYTES) if version is None else version
+        self.blocks = [bytearray(VERSION_BYTES + min(size, HEAD_BYTES))]
+        if size > HEAD_BYTES:
+            self.blocks.append(bytearray(VERSION_BYTES + size - HEAD_BYTES))
+        for block in self.blocks:
+            block[:VERSION_BYTES] = self.version
+
+    def pieces(self, first: int = 0, last: int | None = None) -> list[memoryview]:
+        """The bytes first..last (inclusive; default: all) as views into the blocks."""
+        end = self.size if last is None else last + 1
+        out, offset = [], 0
+        for block in self.blocks:
+            data = memoryview(block)[VERSION_BYTES:]
+            lo, hi = max(first - offset, 0), min(end - offset, len(data))
+            if lo < hi:
+                out.append(data[lo:hi])
+            offset += len(data)
+        return out
+
+    def intact(self, sizes: Sequence[int | None]) -> bool:
+        """Whether blocks read with these sizes are this blob's whole blocks, of its version."""
+        return all(
+            size == len(block) and block[:VERSION_BYTES] == self.version
+            for block, size in zip(self.blocks, sizes, strict=True)
+        )
+
+
+def object_keys(key: str) -> tuple[bytes, bytes]:
+    """(data, tail) block keys of an object."""
+    return key.encode(), TAIL_PREFIX + key.encode()
+
+
+def meta_key(key: str) -> bytes:
+    """The metadata block's key of an object key."""
+    return META_PREFIX + key.encode()
+
+
+def record_key(upload_id: str) -> bytes:
+    """The record block's key of an upload."""
+    return UPLOAD_PREFIX + upload_id.encode()
+
+
+def parts_prefix(upload_id: str, kind: bytes = b"") -> bytes:
+    """The prefix of an upload's part blocks (of one kind: b"d", b"t" or b"m")."""
+    return PART_PREFIX + upload_id.encode() + b"\x00" + kind
+
+
+def part_keys(upload_id: str, number: int) -> tuple[bytes, bytes, bytes]:
+    """(data, tail, metadata) block keys of part number of an upload."""
+    suffix = f"{number:05d}".encode()
+    return (
+        parts_prefix(upload_id, b"d") + suffix,
+        parts_prefix(upload_id, b"t") + suffix,
+        parts_prefix(upload_id, b"m") + suffix,
+    )
+
+
+def stored(status: kv.PutStatus) -> None:
+    """Raise the S3 error of a put that did not store its block."""
+    if status == kv.PutStatus.QUOTA_EXCEEDED:
+        raise s3errors.S3Error("QuotaExceeded", "the bucket's tenant is over its KV quota")
+    if status not in (kv.PutStatus.STORED, kv.PutStatus.EXISTS):
+        raise s3errors.S3Error("ServiceUnavailable", f"the KV tier refused the block: {status}")
+
+
+async def client_of(s3: server.S3Server, req: server.S3Request) -> kv.AsyncKVClient:
+    """The KV client of the request's bucket (whose ownership the server checked)."""
+    info = await s3.front.bucket_info(req.bucket)
+    return await s3.kv_buckets.client(info)
+
+
+async def read_info(client: kv.AsyncKVClient, key: bytes) -> pb.ObjectInfo | None:
+    """A metadata block (of an object or a part), None when absent."""
+    (info,) = await read_infos(client, [key])
+    return info
+
+
+async def read_infos(client: kv.AsyncKVClient, keys: Sequence[bytes]) -> list[pb.ObjectInfo | None]:
+    """Metadata blocks, None for each absent one."""
+    buffers = [bytearray(META_MAX_BYTES) for _ in keys]
+    sizes = await client.get_batch(keys, buffers)
+    return [
+        None if size is None else pb.ObjectInfo.FromString(bytes(buffer[:size]))
+        for buffer, size in zip(buffers, sizes, strict=True)
+    ]
+
+
+def encode_info(info: pb.ObjectInfo, blob: Blob) -> bytes:
+    """The metadata block of blob (its version id recorded); MetadataTooLarge past the limit."""
+    info.checksums[_VERSION] = blob.version.hex()
+    meta = info.SerializeToString()
+    if len(meta) > META_MAX_BYTES:
+        raise s3errors.S3Error("MetadataTooLarge", "the object's headers are too large")
+    return meta
+
+
+def public_checksums(info: pb.ObjectInfo) -> dict[str, str]:
+    """The S3 checksums of a metadata block (without the version id)."""
+    return {k: v for k, v in info.checksums.items() if k != _VERSION}
+
+
+async def write_blob(
+    client: kv.AsyncKVClient, keys: Sequence[bytes], blob: Blob, *, ttl_s: float | None = None
+) -> None:
+    """Store a blob's blocks (overwriting) under keys (data, tail)."""
+    n = len(blob.blocks)
+    statuses = await client.put_batch(keys[:n], blob.blocks, overwrite=True, ttl_s=ttl_s)
+    for status in statuses:
+        stored(status)
+
+
+async def read_blob(
+    client: kv.AsyncKVClient, keys: Sequence[bytes], info: pb.ObjectInfo
+) -> Blob | None:
+    """The blob info describes, None when a block is gone or of another version."""
+    try:
+        blob = Blob(info.size, bytes.fromhex(info.checksums[_VERSION]))
+    except (KeyError, ValueError):
+        return None
+    try:
+        sizes = await client.get_batch(keys[: len(blob.blocks)], blob.blocks)
+    except errors.InvalidArgument:  # overwritten by a larger version meanwhile
+        return None
+    return blob if blob.intact(sizes) else None
+
+
+async def store_object(
+    client: kv.AsyncKVClient, key: str, blob: Blob, info: pb.ObjectInfo, *, if_none_match: bool
+) -> None:
+    """Make blob the object key: the data blocks, then the metadata block (put-if-absent
+    with If-None-Match: * claims the metadata block first: PreconditionFailed when taken)."""
+    meta = encode_info(info, blob)
+    if if_none_match:
+        (claimed,) = await client.put_batch([meta_key(key)], [meta])
+        if claimed == kv.PutStatus.EXISTS:
+            raise s3errors.S3Error(
+                "PreconditionFailed", "At least one of the pre-conditions failed"
+            )
+        stored(claimed)
+        await write_blob(client, object_keys(key), blob)
+    else:
+        await write_blob(client, object_keys(key), blob)
+        (status,) = await client.put_batch([meta_key(key)], [meta], overwrite=True)
+        stored(status)
+
+
+async def fetch_object(client: kv.AsyncKVClient, key: str) -> tuple[pb.ObjectInfo, Blob]:
+    """An object's info and bytes, consistent with each other (NoSuchKey when gone)."""
+    for _ in range(_GET_ATTEMPTS):
+        info = await read_info(client, meta_key(key))
+        if info is None:
+            break
+        blob = await read_blob(client, object_keys(key), info)
+        if blob is not None:
+            return info, blob
+        await asyncio.sleep(0.01)
+    raise s3errors.S3Error("NoSuchKey", "The specified key does not exist.")
+
+
+def object_block_keys(key: str) -> list[bytes]:
+    """Every block key of an object (metadata first: a reader then sees it gone)."""
+    return [meta_key(key), *object_keys(key)]
+
+
+async def receive(
+    req: server.S3Request, blob: Blob, algorithms: Sequence[str] = ()
+) -> tuple[str, dict[str, str]]:
+    """Read the request's body into blob and check it: (hex MD5, {algorithm: base64}) of the
+    checksums the request sent or announced and of `algorithms`. Raises InvalidDigest,
+    BadDigest, XAmzContentSHA256Mismatch, IncompleteBody, InvalidRequest."""
+    md5 = object_ops.content_md5(req)
+    wanted, expected = object_ops.checksum_request(req)
+    for piece in blob.pieces():
+        await req.payload.fill(piece)
+    trailers = await req.payload.finish()
+    for name, value in trailers.items():
+        if name.lower().startswith(object_ops.CHECKSUM_HEADER):
+            expected[name[len(object_ops.CHECKSUM_HEADER) :].upper()] = value
+    names = sorted({*wanted, *expected, *(a.upper() for a in algorithms if a)})
+    signed = bool(req.payload.sha256_hex)
+    if blob.size < _INLINE_DIGEST_BYTES:  # a thread hop would cost more than the hashing
+        etag, sums, sha256 = _digests(blob.pieces(), names, signed)
+    else:
+        etag, sums, sha256 = await asyncio.to_thread(_digests, blob.pieces(), names, signed)
+    if md5 and md5 != etag:
+        raise s3errors.S3Error("BadDigest", "The Content-MD5 you specified did not match.")
+    if signed and sha256 != req.payload.sha256_hex.lower():
+        raise s3errors.S3Error(
+            "XAmzContentSHA256Mismatch",
+            "The provided 'x-amz-content-sha256' header does not match what was computed.",
+        )
+    for name, value in expected.items():
+        if sums.get(name) != value:
+            raise s3errors.S3Error(
+                "BadDigest", f"The {name} you specified did not match the calculated checksum."
+            )
+    return etag, sums
+
+
+def _digests(
+    pieces: Sequence[memoryview], names: Sequence[str], signed: bool
+) -> tuple[str, dict[str, str], str]:
+    """(hex MD5, base64 checksums, hex SHA-256 when signed) of the pieces (off the loop)."""
+    md5 = hashlib.md5()
+    hashers = {name: checksums.new(name) for name in names}
+    sha256 = hashlib.sha256() if signed else None
+    for piece in pieces:
+        md5.update(piece)
+        for hasher in hashers.values():
+            hasher.update(piece)
+        if sha256 is not None:
+            sha256.update(piece)
+    sums = {name: checksums.b64(h.digest()) for name, h in hashers.items()}
+    return md5.hexdigest(), sums, sha256.hexdigest() if sha256 is not None else ""
+
+
+def checksum_headers(sums: dict[str, str]) -> dict[str, str]:
+    """The x-amz-checksum-* response headers of an upload's checksums."""
+    return {f"{object_ops.CHECKSUM_HEADER}{n.lower()}": v for n, v in sums.items()}

@@ -1,0 +1,317 @@
+"""Multipart behaviours as S3 has them, with boto3 against a real dev cluster: Complete sent
+again answers the completed object, GetObject/HeadObject of one part (`partNumber`), and the
+pagination of ListParts and ListMultipartUploads. Every read compares bytes."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import pytest
+from botocore.exceptions import ClientError
+
+from tests.integration import s3_cluster
+from tests.integration.s3_cluster import s3_cluster as s3_cluster_fixture  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+MIB = 1024 * 1024
+
+
+def _data(seed: int, size: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+def _code(exc: pytest.ExceptionInfo[ClientError]) -> tuple[str, int]:
+    error = exc.value.response
+    return error["Error"]["Code"], error["ResponseMetadata"]["HTTPStatusCode"]
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def s3(s3_cluster_fixture: dict[str, Any]) -> Any:  # noqa: F811
+    return s3_cluster.client(s3_cluster_fixture)
+
+
+@pytest.fixture(scope="module")
+def other(s3_cluster_fixture: dict[str, Any]) -> Any:  # noqa: F811
+    """A user of another tenant."""
+    keys = s3_cluster.add_user(s3_cluster_fixture, "t-mp-other")
+    return s3_cluster.client(s3_cluster_fixture, *keys)
+
+
+def _upload(
+    s3: Any, bucket: str, key: str, parts: dict[int, bytes], **checksum: str
+) -> tuple[str, list[Any]]:
+    """An upload with parts {number: bytes} (ChecksumAlgorithm=... for the upload and its
+    parts): (upload id, the CompletedPart list)."""
+    uid = s3.create_multipart_upload(Bucket=bucket, Key=key, **checksum)["UploadId"]
+    done = []
+    for number, body in parts.items():
+        etag = s3.upload_part(
+            Bucket=bucket, Key=key, UploadId=uid, PartNumber=number, Body=body, **checksum
+        )["ETag"]
+        done.append({"PartNumber": number, "ETag": etag})
+    return uid, done
+
+
+def _complete(s3: Any, bucket: str, key: str, uid: str, parts: list[Any]) -> Any:
+    return s3.complete_multipart_upload(
+        Bucket=bucket, Key=key, UploadId=uid, MultipartUpload={"Parts": parts}
+    )
+
+
+# 1. CompleteMultipartUpload sent again.
+
+
+def test_complete_again_answers_the_completed_object(s3: Any, other: Any) -> None:
+    s3.create_bucket(Bucket="mp-again")
+    first, last = _data(1, 5 * MIB), _data(2, 1000)
+    uid, parts = _upload(s3, "mp-again", "k", {1: first, 2: last})
+    done = _complete(s3, "mp-again", "k", uid, parts)
+    assert done["ETag"].endswith('-2"')
+    fields = ("ETag", "Location", "Bucket", "Key")
+
+    # A retry (the reply was lost): 200 and the same answer, the object untouched.
+    again = _complete(s3, "mp-again", "k", uid, parts)
+    assert again["ResponseMetadata"]["HTTPStatusCode"] == 200
+    assert {f: again[f] for f in fields} == {f: done[f] for f in fields}
+    # Another parts list on the retry: S3 still answers the completed upload.
+    fewer = _complete(s3, "mp-again", "k", uid, parts[:1])
+    assert {f: fewer[f] for f in fields} == {f: done[f] for f in fields}
+    got = s3.get_object(Bucket="mp-again", Key="k")
+    assert (got["ETag"], _sha(got["Body"].read())) == (done["ETag"], _sha(first + last))
+    # The upload itself is gone: ListParts and Abort know nothing of it.
+    with pytest.raises(ClientError) as listed:
+        s3.list_parts(Bucket="mp-again", Key="k", UploadId=uid)
+    assert _code(listed) == ("NoSuchUpload", 404)
+    assert s3.list_multipart_uploads(Bucket="mp-again").get("Uploads", []) == []
+
+    # Another tenant may not learn anything from a retry.
+    with pytest.raises(ClientError) as denied:
+        _complete(other, "mp-again", "k", uid, parts)
+    assert _code(denied) == ("AccessDenied", 403)
+
+    # A later upload of the key completes: the first one's retry is NoSuchUpload now.
+    uid2, parts2 = _upload(s3, "mp-again", "k", {1: last})
+    done2 = _complete(s3, "mp-again", "k", uid2, parts2)
+    with pytest.raises(ClientError) as replaced:
+        _complete(s3, "mp-again", "k", uid, parts)
+    assert _code(replaced) == ("NoSuchUpload", 404)
+    assert _complete(s3, "mp-again", "k", uid2, parts2)["ETag"] == done2["ETag"]
+
+    # Overwritten by a PUT, or deleted: NoSuchUpload.
+    s3.put_object(Bucket="mp-again", Key="k", Body=b"plain")
+    with pytest.raises(ClientError) as overwritten:
+        _complete(s3, "mp-again", "k", uid2, parts2)
+    assert _code(overwritten) == ("NoSuchUpload", 404)
+    uid3, parts3 = _upload(s3, "mp-again", "gone", {1: last})
+    _complete(s3, "mp-again", "gone", uid3, parts3)
+    s3.delete_object(Bucket="mp-again", Key="gone")
+    with pytest.raises(ClientError) as deleted:
+        _complete(s3, "mp-again", "gone", uid3, parts3)
+    assert _code(deleted) == ("NoSuchUpload", 404)
+    # The upload id names one key: the same id on another key is no upload.
+    with pytest.raises(ClientError) as elsewhere:
+        _complete(s3, "mp-again", "other-key", uid, parts)
+    assert _code(elsewhere) == ("NoSuchUpload", 404)
+    # An aborted upload stays unknown.
+    uid4, parts4 = _upload(s3, "mp-again", "aborted", {1: last})
+    s3.abort_multipart_upload(Bucket="mp-again", Key="aborted", UploadId=uid4)
+    with pytest.raises(ClientError) as aborted:
+        _complete(s3, "mp-again", "aborted", uid4, parts4)
+    assert _code(aborted) == ("NoSuchUpload", 404)
+    with pytest.raises(ClientError) as missing:
+        s3.head_object(Bucket="mp-again", Key="aborted")
+    assert _code(missing)[1] == 404
+
+
+# 2. GetObject / HeadObject with partNumber.
+
+
+def test_get_and_head_one_part(s3: Any, other: Any) -> None:
+    s3.create_bucket(Bucket="mp-parts")
+    # Part numbers with gaps: the object's parts are 1..3 in order, as S3 counts them.
+    bodies = {1: _data(3, 5 * MIB), 3: _data(4, 5 * MIB + 3), 7: _data(5, 1234)}
+    uid, parts = _upload(s3, "mp-parts", "obj", bodies, ChecksumAlgorithm="CRC32")
+    etag = _complete(s3, "mp-parts", "obj", uid, parts)["ETag"]
+    whole = b"".join(bodies.values())
+    offset = 0
+    for index, body in enumerate(bodies.values(), start=1):
+        span = f"bytes {offset}-{offset + len(body) - 1}/{len(whole)}"
+        head = s3.head_object(Bucket="mp-parts", Key="obj", PartNumber=index)
+        got = s3.get_object(Bucket="mp-parts", Key="obj", PartNumber=index)
+        for answer in (head, got):
+            assert answer["ResponseMetadata"]["HTTPStatusCode"] == 206
+            assert answer["ContentLength"] == len(body)
+            assert answer["ContentRange"] == span
+            assert answer["PartsCount"] == 3
+            assert answer["ETag"] == etag  # the whole object's
+        assert _sha(got["Body"].read()) == _sha(body)
+        offset += len(body)
+    # A part's bytes do not have the whole object's checksum: none is sent for one.
+    composite = s3.head_object(Bucket="mp-parts", Key="obj", ChecksumMode="ENABLED")
+    assert composite["ChecksumCRC32"].endswith("-3")
+    got = s3.get_object(Bucket="mp-parts", Key="obj", PartNumber=2, ChecksumMode="ENABLED")
+    assert not [k for k in got if k.startswith("Checksum")]
+    assert _sha(got["Body"].read()) == _sha(bodies[3])
+    # Past the last part: 416 InvalidPartNumber (HEAD: the status alone).
+    with pytest.raises(ClientError) as past:
+        s3.get_object(Bucket="mp-parts", Key="obj", PartNumber=4)
+    assert _code(past) == ("InvalidPartNumber", 416)
+    with pytest.raises(ClientError) as past_head:
+        s3.head_object(Bucket="mp-parts", Key="obj", PartNumber=4)
+    assert _code(past_head)[1] == 416
+    with pytest.raises(ClientError) as too_big:
+        s3.get_object(Bucket="mp-parts", Key="obj", PartNumber=10001)
+    assert _code(too_big) == ("InvalidArgument", 400)
+    with pytest.raises(ClientError) as both:
+        s3.get_object(Bucket="mp-parts", Key="obj", PartNumber=1, Range="bytes=0-9")
+    assert _code(both) == ("InvalidRequest", 400)
+    with pytest.raises(ClientError) as denied:
+        other.get_object(Bucket="mp-parts", Key="obj", PartNumber=1)
+    assert _code(denied) == ("AccessDenied", 403)
+    # The whole object is as before.
+    got = s3.get_object(Bucket="mp-parts", Key="obj")
+    assert got["ResponseMetadata"]["HTTPStatusCode"] == 200
+    assert _sha(got["Body"].read()) == _sha(whole)
+
+
+def test_part_number_of_plain_and_one_part_objects(s3: Any) -> None:
+    s3.create_bucket(Bucket="mp-plain")
+    data = _data(6, 3 * MIB + 1)
+    etag = s3.put_object(Bucket="mp-plain", Key="plain", Body=data)["ETag"]
+    # Part 1 of an object not uploaded in parts is all of it, as a range (S3: 206).
+    for call in (s3.get_object, s3.head_object):
+        answer = call(Bucket="mp-plain", Key="plain", PartNumber=1)
+        assert answer["ResponseMetadata"]["HTTPStatusCode"] == 206
+        assert answer["ContentRange"] == f"bytes 0-{len(data) - 1}/{len(data)}"
+        assert (answer["ContentLength"], answer["ETag"]) == (len(data), etag)
+        assert "PartsCount" not in answer
+        if call is s3.get_object:
+            assert _sha(answer["Body"].read()) == _sha(data)
+    with pytest.raises(ClientError) as second:
+        s3.get_object(Bucket="mp-plain", Key="plain", PartNumber=2)
+    assert _code(second) == ("InvalidPartNumber", 416)
+    # An empty object: part 1 is empty.
+    s3.put_object(Bucket="mp-plain", Key="empty", Body=b"")
+    empty = s3.get_object(Bucket="mp-plain", Key="empty", PartNumber=1)
+    assert (empty["ContentLength"], empty["Body"].read()) == (0, b"")
+    # A multipart object of one part says so.
+    uid, parts = _upload(s3, "mp-plain", "one", {5: data})
+    _complete(s3, "mp-plain", "one", uid, parts)
+    one = s3.head_object(Bucket="mp-plain", Key="one", PartNumber=1)
+    assert (one["PartsCount"], one["ContentLength"]) == (1, len(data))
+    got = s3.get_object(Bucket="mp-plain", Key="one", PartNumber=1)
+    assert _sha(got["Body"].read()) == _sha(data)
+
+
+# 3. Pagination of ListParts and ListMultipartUploads.
+
+
+def test_list_parts_pages(s3: Any, other: Any) -> None:
+    s3.create_bucket(Bucket="mp-lp")
+    numbers = [1, 2, 3, 5, 8]
+    bodies = {n: _data(10 + n, 100 + n) for n in numbers}
+    uid, _ = _upload(s3, "mp-lp", "k", bodies)
+
+    def page(**kwargs: Any) -> Any:
+        return s3.list_parts(Bucket="mp-lp", Key="k", UploadId=uid, **kwargs)
+
+    first = page(MaxParts=2)
+    assert [p["PartNumber"] for p in first["Parts"]] == [1, 2]
+    assert [p["Size"] for p in first["Parts"]] == [101, 102]
+    assert (first["IsTruncated"], first["NextPartNumberMarker"], first["MaxParts"]) == (True, 2, 2)
+    assert first["PartNumberMarker"] == 0
+    second = page(MaxParts=2, PartNumberMarker=2)
+    assert [p["PartNumber"] for p in second["Parts"]] == [3, 5]
+    assert (second["IsTruncated"], second["NextPartNumberMarker"]) == (True, 5)
+    third = page(MaxParts=2, PartNumberMarker=5)
+    assert [p["PartNumber"] for p in third["Parts"]] == [8]
+    assert third["IsTruncated"] is False
+    # A marker that is no part: the parts above it.
+    assert [p["PartNumber"] for p in page(PartNumberMarker=4)["Parts"]] == [5, 8]
+    assert page(PartNumberMarker=8).get("Parts", []) == []
+    # Exactly a page's worth left: not truncated.
+    exact = page(MaxParts=2, PartNumberMarker=3)
+    assert ([p["PartNumber"] for p in exact["Parts"]], exact["IsTruncated"]) == ([5, 8], False)
+    everything = page()
+    assert (everything["MaxParts"], everything["IsTruncated"]) == (1000, False)
+    paged = s3.get_paginator("list_parts").paginate(
+        Bucket="mp-lp", Key="k", UploadId=uid, PaginationConfig={"PageSize": 2}
+    )
+    listed = [(p["PartNumber"], p["ETag"]) for r in paged for p in r.get("Parts", [])]
+    assert listed == [(p["PartNumber"], p["ETag"]) for p in everything["Parts"]]
+    assert [n for n, _ in listed] == numbers
+    with pytest.raises(ClientError) as denied:
+        other.list_parts(Bucket="mp-lp", Key="k", UploadId=uid)
+    assert _code(denied) == ("AccessDenied", 403)
+
+
+def test_list_multipart_uploads_pages(s3: Any, other: Any) -> None:
+    s3.create_bucket(Bucket="mp-lu")
+
+    def create(key: str) -> str:
+        return str(s3.create_multipart_upload(Bucket="mp-lu", Key=key)["UploadId"])
+
+    a1, a2 = create("a"), create("a")  # one key's uploads: listed by initiation
+    b1, b2, c1, d1 = create("b/1"), create("b/2"), create("c"), create("d/x")
+    order = [("a", a1), ("a", a2), ("b/1", b1), ("b/2", b2), ("c", c1), ("d/x", d1)]
+
+    def page(**kwargs: Any) -> Any:
+        return s3.list_multipart_uploads(Bucket="mp-lu", **kwargs)
+
+    def uploads(reply: Any) -> list[tuple[str, str]]:
+        return [(u["Key"], u["UploadId"]) for u in reply.get("Uploads", [])]
+
+    assert uploads(page()) == order
+    first = page(MaxUploads=2)
+    assert uploads(first) == order[:2]
+    assert (first["IsTruncated"], first["MaxUploads"]) == (True, 2)
+    assert (first["NextKeyMarker"], first["NextUploadIdMarker"]) == ("a", a2)
+    second = page(MaxUploads=2, KeyMarker="a", UploadIdMarker=a2)
+    assert uploads(second) == order[2:4]
+    assert (second["NextKeyMarker"], second["NextUploadIdMarker"]) == ("b/2", b2)
+    third = page(MaxUploads=2, KeyMarker="b/2", UploadIdMarker=b2)
+    assert (uploads(third), third["IsTruncated"]) == (order[4:], False)
+    # key-marker alone: the keys after it; with upload-id-marker: that key's later uploads too.
+    assert uploads(page(KeyMarker="a")) == order[2:]
+    assert uploads(page(KeyMarker="a", UploadIdMarker=a1)) == order[1:]
+    # upload-id-marker without key-marker is ignored.
+    assert uploads(page(UploadIdMarker=a1)) == order
+    paged = s3.get_paginator("list_multipart_uploads").paginate(
+        Bucket="mp-lu", PaginationConfig={"PageSize": 4}
+    )
+    assert [x for r in paged for x in uploads(r)] == order
+
+    # With a delimiter a page ending in a common prefix continues after all of it.
+    one = page(Delimiter="/", MaxUploads=3)
+    assert uploads(one) == order[:2]
+    assert [p["Prefix"] for p in one["CommonPrefixes"]] == ["b/"]
+    assert (one["IsTruncated"], one["NextKeyMarker"]) == (True, "b/")
+    two = page(Delimiter="/", MaxUploads=3, KeyMarker=one["NextKeyMarker"])
+    assert uploads(two) == [("c", c1)]
+    assert [p["Prefix"] for p in two["CommonPrefixes"]] == ["d/"]
+    assert two["IsTruncated"] is False
+    folded = s3.get_paginator("list_multipart_uploads").paginate(
+        Bucket="mp-lu", Delimiter="/", PaginationConfig={"PageSize": 1}
+    )
+    seen = [
+        x
+        for r in folded
+        for x in uploads(r) + [(p["Prefix"], "") for p in r.get("CommonPrefixes", [])]
+    ]
+    assert seen == [("a", a1), ("a", a2), ("b/", ""), ("c", c1), ("d/", "")]
+
+    # The upload a marker names was aborted: that key's uploads whose id sorts after it.
+    s3.abort_multipart_upload(Bucket="mp-lu", Key="a", UploadId=a1)
+    after = page(KeyMarker="a", UploadIdMarker=a1)
+    assert uploads(after) == ([("a", a2)] if a2 > a1 else []) + order[2:]
+
+    with pytest.raises(ClientError) as denied:
+        other.list_multipart_uploads(Bucket="mp-lu")
+    assert _code(denied) == ("AccessDenied", 403)
