@@ -17,6 +17,12 @@ Idempotent operations (reads, probes, put-if-absent, delete, pin) are retried on
 connection when a connection turns out to be broken; overwriting puts are not retried. Every
 reply carries the node's map epoch: a newer one makes the client refresh its map before the
 next operation (it also refreshes every `refresh_s`).
+
+Integrity: every block carries an xxh3-64 checksum, computed here before a put (the node
+checks the bytes it received against it) and returned with every get; the bytes that land in
+the caller's buffer are checked against it before the get returns. A block that does not match
+is a miss (the next replica is tried), counted (`corrupt_blocks`, a Prometheus counter), logged,
+and deleted on the node that served it. `verify_checksums=False` turns both sides off.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Any
 
 import prometheus_client
 
-from kvtier import errors, kvnodes
+from kvtier import blocksums, errors, kvnodes
 from kvtier import security as security_mod
 from kvtier.clients import dataplane as dataplane_client
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
@@ -46,6 +52,10 @@ OPS = prometheus_client.Histogram(
 )
 
 _OPS_PUT, _OPS_GET, _OPS_EXISTS = (OPS.labels(op) for op in ("put", "get", "exists"))
+CORRUPT_BLOCKS = prometheus_client.Counter(
+    "kvtier_kv_client_corrupt_blocks_total",
+    "Blocks read whose bytes did not match their checksum (served as misses, then deleted)",
+)
 
 
 class PutStatus(enum.StrEnum):
@@ -58,6 +68,7 @@ class PutStatus(enum.StrEnum):
     NO_SPACE = "no_space"  # the node has nothing left to evict
     INVALID = "invalid"
     EXPIRED = "expired"  # the put outlived the node's put timeout
+    CORRUPT = "corrupt"  # the bytes the node received did not match their checksum
     UNAVAILABLE = "unavailable"  # no owner node answered
 
 
@@ -83,6 +94,7 @@ _PUT_STATUS = {
     pb.ITEM_STATUS_NO_SPACE: PutStatus.NO_SPACE,
     pb.ITEM_STATUS_INVALID: PutStatus.INVALID,
     pb.ITEM_STATUS_EXPIRED: PutStatus.EXPIRED,
+    pb.ITEM_STATUS_CORRUPT: PutStatus.CORRUPT,
 }
 _PUT_ERRORS: dict[PutStatus, type[errors.KVTierError]] = {
     PutStatus.BUSY: errors.AlreadyExists,
@@ -90,7 +102,11 @@ _PUT_ERRORS: dict[PutStatus, type[errors.KVTierError]] = {
     PutStatus.NO_SPACE: errors.Overloaded,
     PutStatus.INVALID: errors.InvalidArgument,
     PutStatus.EXPIRED: errors.DeadlineExceeded,
+    PutStatus.CORRUPT: errors.Corrupt,
     PutStatus.UNAVAILABLE: errors.Unavailable,
+}
+_PUT_MEANINGS = {
+    PutStatus.CORRUPT: "the bytes the node received do not match their checksum; nothing stored",
 }
 
 
@@ -108,6 +124,9 @@ class AsyncKVClient:
     - `replicas`: copies per block (R nodes); `timeout_s`: deadline per node and operation;
       `refresh_s`: how old the node list may get; `use_calls`: False forces the gRPC path
       with descriptors (what rdma uses).
+    - `verify_checksums`: checksum each block on put and check the bytes of each get against
+      the block's checksum (default True; see the module docstring). `corrupt_blocks` counts
+      the blocks this client found corrupt.
     - `security`: TLS trust anchors and credentials (`kvtier.security.ClientSecurity`: a user's
       access key and secret, exchanged for session tokens at the metadata service; or a
       certificate); default: from KVTIER_* environment variables (`ClientSecurity.from_env`).
@@ -132,8 +151,12 @@ class AsyncKVClient:
         use_calls: bool = True,
         settings: registry.ClientSettings | None = None,
         security: security_mod.ClientSecurity | None = None,
+        verify_checksums: bool = True,
     ) -> None:
         self.namespace = namespace
+        self.verify_checksums = verify_checksums
+        #: Blocks this client read whose bytes did not match their checksum (served as misses).
+        self.corrupt_blocks = 0
         self.tenant = tenant
         self._ns = pb.Namespace(tenant=tenant, name=namespace)
         self._use_calls = use_calls
@@ -208,12 +231,13 @@ class AsyncKVClient:
             if ttl_s is not None and ttl_s <= 0:
                 raise errors.InvalidArgument("ttl_s must be > 0")
             started = time.perf_counter()
+            sums = await blocksums.checksums(views) if self.verify_checksums else []
             await self._set.fresh()
             results: list[list[PutStatus | None]] = [
                 [None] * len(keys) for _ in range(self.replicas)
             ]
             jobs = [
-                self._put_on(plan, rank, keys, views, overwrite, ttl_s or 0.0, results[rank])
+                self._put_on(plan, rank, keys, views, sums, overwrite, ttl_s or 0.0, results[rank])
                 for rank in range(self.replicas)
                 for plan in self._set.plans(keys, rank)
             ]
@@ -227,6 +251,7 @@ class AsyncKVClient:
         rank: int,
         keys: Sequence[bytes],
         views: Sequence[memoryview],
+        sums: Sequence[int],
         overwrite: bool,
         ttl_s: float,
         out: list[PutStatus | None],
@@ -239,6 +264,7 @@ class AsyncKVClient:
             sizes=[v.nbytes for v in sub_views],
             overwrite=overwrite,
             ttl_s=ttl_s,
+            checksums=[sums[i] for i in plan.indices] if sums else (),
         )
 
         async def attempt(session: dataplane_client.DataPlaneSession) -> list[PutStatus]:
@@ -295,7 +321,8 @@ class AsyncKVClient:
         (status,) = await self.put_batch([key], [block], overwrite=overwrite, ttl_s=ttl_s)
         if status in (PutStatus.STORED, PutStatus.EXISTS):
             return status is PutStatus.STORED
-        raise _PUT_ERRORS[status](f"put of one block: {status.value}")
+        meaning = _PUT_MEANINGS.get(status, status.value)
+        raise _PUT_ERRORS[status](f"put of one block: {meaning}")
 
     # Gets and probes.
 
@@ -359,6 +386,57 @@ class AsyncKVClient:
                 raise errors.InvalidArgument(
                     f"buffer {index} holds {view.nbytes} bytes; its block has {item.size}"
                 )
+        if self.verify_checksums:
+            await self._verify(plan, keys, sub_views, items, sizes)
+
+    async def _verify(
+        self,
+        plan: kvnodes.Plan,
+        keys: Sequence[bytes],
+        views: Sequence[memoryview],
+        items: Sequence[pb.GetItem],
+        sizes: list[int | None],
+    ) -> None:
+        """Check the bytes read into views against their blocks' checksums (items the node
+        sent none for pass); a block that fails becomes a miss, is counted, logged, and
+        deleted on the node that served it."""
+        checked = [
+            (index, view[: item.size], item.checksum)
+            for index, view, item in zip(plan.indices, views, items, strict=True)
+            if item.status == pb.ITEM_STATUS_OK and item.HasField("checksum")
+        ]
+        found = await blocksums.checksums([view for _, view, _ in checked])
+        bad: list[bytes] = []
+        for (index, _, expected), got in zip(checked, found, strict=True):
+            if got == expected:
+                continue
+            sizes[index] = None
+            bad.append(keys[index])
+            self.corrupt_blocks += 1
+            CORRUPT_BLOCKS.inc()
+            log.warning(
+                "corrupt block from kvcache node %s: namespace %r key %s: read %016x, expected "
+                "%016x; served as a miss and deleted there",
+                plan.node.node_id, self.namespace[:64], keys[index][:16].hex(), got, expected,
+            )  # fmt: skip
+        if bad:
+            await self._drop_corrupt(plan.node, bad)
+
+    async def _drop_corrupt(self, node: kvnodes.Node, keys: list[bytes]) -> None:
+        """Delete blocks found corrupt on the node that served them (with this client's own
+        rights, as any delete); a failure is logged, never raised into the get."""
+        request = pb.DeleteRequest(namespace=self._ns, keys=keys)
+        try:
+            reply = await self._simple(
+                node, "delete", pb.CALL_METHOD_DELETE, request, pb.DeleteResponse,
+                node.grpc.delete,
+            )  # fmt: skip
+        except (errors.KVTierError, OSError) as exc:
+            reply, reason = None, str(exc)
+        else:
+            reason = "the node did not answer"
+        if reply is None:
+            log.warning("corrupt blocks left on %s (%d): %s", node.node_id, len(keys), reason)
 
     async def _get_with_descriptors(
         self,

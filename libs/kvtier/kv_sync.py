@@ -50,6 +50,12 @@ class KVClient:
         """The kvcache nodes keys are placed on."""
         return self._inner.node_ids
 
+    @property
+    def corrupt_blocks(self) -> int:
+        """Blocks this client read whose bytes did not match their checksum (see
+        `kvtier.kv.AsyncKVClient`: served as misses and deleted where they were found)."""
+        return self._inner.corrupt_blocks
+
     def owners(self, key: bytes) -> list[str]:
         """The nodes that own key, best first."""
         return self._inner.owners(key)

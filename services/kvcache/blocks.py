@@ -18,6 +18,10 @@ reaches none (PermissionDenied). Over gRPC the servicer puts the caller's acting
 before it gets here, and puts, commits, gets and releases also check that the data-plane
 principal, put ids and lease ids belong to that tenant.
 
+Checksums (`integrity`): a put's bytes are checked against the xxh3-64 its writer sent, or
+checksummed, when it is committed (a mismatch: ITEM_STATUS_CORRUPT, nothing stored); the
+checksum is kept with the block and sent with every hit; a delete checks what it removes.
+
 Durable namespaces (`durable.DurableTier`): a get that misses DRAM, an exists or a lookup that
 finds keys absent from DRAM return an awaitable (plan or reply) that asks the durable tier;
 everything else, and every hit, stays synchronous (no task, no extra loop turn).
@@ -33,11 +37,11 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from kvtier import errors
+from kvtier import blocksums, errors
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from kvtier.transport import base, calls
 from kvtier.transport import dataplane as transport_dataplane
-from services.kvcache import durable, metrics
+from services.kvcache import durable, integrity, metrics, slab
 from services.kvcache import store as block_store
 
 log = logging.getLogger(__name__)
@@ -86,6 +90,7 @@ class BlockService:
         self._epoch = epoch  # the node's cluster-map epoch, sent back with every batch reply
         self.tier = tier
         self._puts: dict[int, block_store.PutTicket] = {}  # gRPC puts awaiting CommitPuts
+        self._sent_checksums: dict[int, int] = {}  # their checksums, as the writers sent them
         self._reads: dict[int, block_store.ReadLease] = {}  # gRPC reads awaiting ReleaseReads
         self._revoke = revoke
         # Ticket or lease id (one id space in the store) -> the grant of its descriptor.
@@ -134,18 +139,38 @@ class BlockService:
         if list(segments) != sizes:
             raise errors.InvalidArgument("each segment must be as long as its key's size")
         items, tickets, error = self._begin_puts(tenant, namespace, req, sizes)
+        sent = list(req.checksums)
+        # A local writer (shm) copied its bytes into the arena itself, after checksumming them:
+        # nothing crossed a network, so its checksums are kept as sent (readers verify them);
+        # bytes that came over a network are checksummed again here.
+        trusted = bool(sent) and base.LOCAL_WRITER.get()
         sinks = [
             base.Span(self._arena, t.extent.offset, t.extent.requested) if t else None
             for t in tickets
         ]
         pending = {i: t for i, t in enumerate(tickets) if t is not None}
 
-        def on_received() -> bytes:
-            for index, ticket in list(pending.items()):
-                items[index].status = self._commit(ticket)
+        def commit(received: Sequence[int]) -> bytes:
+            nonlocal error
+            for (index, ticket), found in zip(list(pending.items()), received, strict=True):
+                items[index].status = self._commit(ticket, sent[index] if sent else None, found)
+                if items[index].status == pb.ITEM_STATUS_CORRUPT:
+                    error = error or _corrupt_error(ticket.key)
                 del pending[index]
             reply = pb.BatchPutResponse(items=items, error=error, epoch=self._epoch())
             return reply.SerializeToString()
+
+        def on_received() -> bytes | Awaitable[bytes]:
+            if trusted:
+                return commit([sent[index] for index in pending])
+            extents = [self._bytes(t.extent) for t in pending.values()]
+            if not blocksums.parallel(extents):
+                return commit([integrity.checksum(e) for e in extents])
+
+            async def later() -> bytes:  # a large batch: hashed on a few threads
+                return commit(await blocksums.checksums(extents))
+
+            return later()
 
         def on_done(ok: bool) -> None:
             for ticket in pending.values():  # never received in full, or the call failed
@@ -200,9 +225,11 @@ class BlockService:
             raise errors.InvalidArgument(f"{len(req.keys)} keys but {len(req.sizes)} sizes")
         items, tickets, error = self._begin_puts(tenant, namespace, req, list(req.sizes))
         ttl_s = self.store.put_timeout_s * 0.9  # the grant must die before the ticket does
-        for item, ticket in zip(items, tickets, strict=True):
+        for index, (item, ticket) in enumerate(zip(items, tickets, strict=True)):
             if ticket is None:
                 continue
+            if req.checksums:
+                self._sent_checksums[ticket.ticket_id] = req.checksums[index]
             desc = self._grant(
                 self._arena, ticket.extent.offset, ticket.extent.requested,
                 base.Rights.WRITE, req.principal, ttl_s,
@@ -223,12 +250,13 @@ class BlockService:
                 statuses.append(pb.ITEM_STATUS_EXPIRED)
                 continue
             del self._puts[put_id]
+            sent = self._sent_checksums.pop(put_id, None)
             self._end_grant(put_id)  # before the extent can be freed: no write lands later
             if req.abort:
                 self.store.abort(ticket)
                 statuses.append(pb.ITEM_STATUS_OK)
             else:
-                statuses.append(self._commit(ticket))
+                statuses.append(self._commit(ticket, sent))
         return pb.CommitPutsResponse(statuses=statuses)
 
     def grant_reads(
@@ -331,6 +359,7 @@ class BlockService:
         """Unlink the present keys (and delete durable copies: queued, invisible at once)."""
         namespace = _namespace(tenant, req.namespace, trusted=True)
         _check_batch(req.keys)
+        integrity.scrub(self.store, self._arena.view, tenant, namespace, req.keys)
         deleted = self.store.delete(tenant, namespace, req.keys)
         if self.tier is not None:
             self.tier.deleted(tenant, namespace, req.keys)
@@ -383,6 +412,7 @@ class BlockService:
             put_conflicts=s.put_conflicts, pending_conflicts=s.pending_conflicts,
             quota_rejections=s.quota_rejections, lease_waits=s.lease_waits,
             overloads=s.overloads, evictions=s.evictions, tenant_bytes=s.tenant_bytes,
+            corrupt_blocks=s.corrupt_blocks,
             internal_fragmentation=s.internal_fragmentation,
             external_fragmentation=s.external_fragmentation,
             max_block_bytes=self.store.max_block_bytes,
@@ -433,6 +463,7 @@ class BlockService:
         if self.tier is not None:
             self.tier.sweep()
         self._puts = {k: t for k, t in self._puts.items() if self.store.is_pending(t)}
+        self._sent_checksums = {k: c for k, c in self._sent_checksums.items() if k in self._puts}
         self._reads = {k: r for k, r in self._reads.items() if self.store.is_leased(r)}
         for ended in [k for k in self._grant_ids if k not in self._puts and k not in self._reads]:
             self._end_grant(ended)  # its ticket or lease expired (its grant had, too, by design)
@@ -481,6 +512,10 @@ class BlockService:
         _check_batch(req.keys)
         if req.ttl_s < 0:
             raise errors.InvalidArgument("ttl_s must be >= 0")
+        if req.checksums and len(req.checksums) != len(req.keys):
+            raise errors.InvalidArgument(
+                f"{len(req.keys)} keys but {len(req.checksums)} checksums (give one per key)"
+            )
         items: list[pb.PutGrant] = []
         tickets: list[block_store.PutTicket | None] = []
         error = ""
@@ -519,13 +554,29 @@ class BlockService:
             self._counters[(tenant, namespace)] = found
         return found
 
-    def _commit(self, ticket: block_store.PutTicket) -> pb.ItemStatus.ValueType:
+    def _commit(
+        self, ticket: block_store.PutTicket, sent: int | None, received: int | None = None
+    ) -> pb.ItemStatus.ValueType:
+        """Commit a put whose bytes are in: the checksum of what was received (computed here
+        unless given) is checked against the one its writer sent (a mismatch: CORRUPT, nothing
+        stored) and kept with the block."""
         labels = metrics.LABELS.namespace(ticket.tenant, ticket.namespace)
-        try:
-            self.store.commit(ticket)
-        except errors.NotFound:
+        if not self.store.is_pending(ticket):  # expired: its extent may hold others' bytes
+            received = None
+        elif received is None:
+            received = integrity.checksum(self._bytes(ticket.extent))
+        if received is not None and sent is not None and received != sent:
+            self.store.abort(ticket)
+            self.store.record_corrupt(ticket.tenant)
+            integrity.corrupt(
+                "put", ticket.tenant, ticket.namespace, ticket.key,
+                f"received {received:016x}, the writer sent {sent:016x}",
+            )  # fmt: skip
+            status = pb.ITEM_STATUS_CORRUPT
+        elif received is None:
             status = pb.ITEM_STATUS_EXPIRED
         else:
+            self.store.commit(ticket, checksum=received)
             status = pb.ITEM_STATUS_OK
             metrics.BYTES_IN.labels(*labels).inc(ticket.extent.requested)
             if self.tier is not None:
@@ -561,7 +612,10 @@ class BlockService:
             else:
                 hits += 1
                 hit_bytes += lease.extent.requested
-                items.append(pb.GetItem(status=pb.ITEM_STATUS_OK, size=lease.extent.requested))
+                ok = pb.GetItem(
+                    status=pb.ITEM_STATUS_OK, size=lease.extent.requested, checksum=lease.checksum
+                )
+                items.append(ok)
             leases.append(lease)
         if hits:
             counters = self._read_counters(tenant, namespace)
@@ -572,6 +626,9 @@ class BlockService:
         elif len(keys) - hits:
             self._read_counters(tenant, namespace)[2].inc(len(keys) - hits)
         return items, leases
+
+    def _bytes(self, extent: slab.Extent) -> memoryview:
+        return self._arena.view[extent.offset : extent.offset + extent.requested]
 
     def _through(self, tenant: str, namespace: str) -> bool:
         return self.tier is not None and self.tier.reads_through(tenant, namespace)
@@ -610,7 +667,7 @@ class BlockService:
                 items[index] = pb.GetItem(status=pb.ITEM_STATUS_BUFFER_TOO_SMALL, size=size)
                 continue
             found_bytes += size
-            items[index] = pb.GetItem(status=pb.ITEM_STATUS_OK, size=size)
+            items[index] = pb.GetItem(status=pb.ITEM_STATUS_OK, size=size, checksum=lease.checksum)
             leases[index] = lease
         self.store.record_reads(tenant, durable_hits=found, misses=len(missing) - found)
         if found:
@@ -634,6 +691,13 @@ _SIMPLE_CALLS: dict[int, tuple[type[Any], Callable[[BlockService, str, Any], Any
 
 async def _plan_of(reply: Awaitable[Any]) -> base.CallPlan:
     return base.CallPlan(reply=(await reply).SerializeToString())
+
+
+def _corrupt_error(key: bytes) -> str:
+    return (
+        f"key {key[:32].hex()}: the bytes received do not match the checksum sent with them"
+        " (nothing stored)"
+    )
 
 
 def _any_miss(items: Sequence[pb.GetItem]) -> bool:

@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from kvtier import errors, names
-from services.kvcache import metrics, slab, spillqueue
+from services.kvcache import integrity, metrics, slab, spillqueue
 from services.kvcache import store as block_store
 
 log = logging.getLogger(__name__)
@@ -184,8 +184,9 @@ class DurableTier:
             self.queue.release(room)
             raise
         op = spillqueue.Op(
-            object_key(tenant, namespace, key), tenant, spillqueue.Cause.CAPACITY, room, expires
-        )
+            object_key(tenant, namespace, key), tenant, spillqueue.Cause.CAPACITY, room, expires,
+            checksum=self.store.checksum_of(tenant, namespace, key),
+        )  # fmt: skip
         self._enqueue(op)
 
     def committed(self, ticket: block_store.PutTicket) -> None:
@@ -201,6 +202,7 @@ class DurableTier:
                 op = spillqueue.Op(
                     key, ticket.tenant, spillqueue.Cause.WRITE_THROUGH, room,
                     self._expires_ms(ticket.ttl_s),
+                    checksum=self.store.checksum_of(ticket.tenant, ticket.namespace, ticket.key),
                     on_durable=self._marker(ticket.tenant, ticket.namespace, ticket.key,
                                             ticket.ticket_id),
                 )  # fmt: skip
@@ -309,8 +311,20 @@ class DurableTier:
         if self.queue.latest(key) is not None or not self.store.is_pending(ticket):
             self.store.abort(ticket)  # deleted meanwhile, or the put timed out
             return None
-        self.store.commit(ticket, durable=True)
+        found = integrity.checksum(self._block(ticket.extent))
+        if meta.checksum is not None and found != meta.checksum:
+            self.store.abort(ticket)
+            self._corrupt(ident, key, f"holds {found:016x}, uploaded as {meta.checksum:016x}")
+            return None
+        self.store.commit(ticket, durable=True, checksum=found)
         return self.store.begin_get(*ident, lease_s, count=False)
+
+    def _corrupt(self, ident: _Ident, key: str, detail: str) -> None:
+        """A durable copy whose bytes do not match its checksum: count it, log it and delete
+        it (a miss for the reader; the block is put again by whoever computes it next)."""
+        self.store.record_corrupt(ident[0])
+        integrity.corrupt("durable", *ident, detail)
+        self._enqueue(spillqueue.Op(key, ident[0], spillqueue.Cause.DELETE, None))
 
     def _from_buffer(
         self, ident: _Ident, op: spillqueue.Op, lease_s: float
@@ -321,7 +335,7 @@ class DurableTier:
         if ticket is None:
             return self.store.begin_get(*ident, lease_s, count=False)
         self._block(ticket.extent)[:] = self.queue.view(op.extent)
-        self.store.commit(ticket)
+        self.store.commit(ticket, checksum=op.checksum)
         # The queued upload now also makes this copy durable.
         op.on_durable = self._marker(*ident, ticket.ticket_id)
         return self.store.begin_get(*ident, lease_s, count=False)

@@ -23,6 +23,8 @@ from services.kvcache import durable, spillqueue
 log = logging.getLogger(__name__)
 
 EXPIRES_META = "kvtier-expires-unix-ms"
+#: The block's xxh3-64, 16 hex digits (`integrity`): checked on read-through.
+CHECKSUM_META = "kvtier-xxh3-64"
 _DOWN_S = 2.0
 
 
@@ -98,12 +100,16 @@ class GatewayObjects:
         if isinstance(exc, errors.Unavailable | errors.DeadlineExceeded | OSError):
             self._down_until[self._address] = time.monotonic() + _DOWN_S
 
-    async def put(self, key: str, data: memoryview, expires_unix_ms: int) -> None:
-        """Upload data as key (the newest version wins)."""
-        metadata = {EXPIRES_META: str(expires_unix_ms)} if expires_unix_ms else None
+    async def put(
+        self, key: str, data: memoryview, expires_unix_ms: int, checksum: int | None
+    ) -> None:
+        """Upload data as key (the newest version wins), its expiry and checksum as metadata."""
+        metadata = {EXPIRES_META: str(expires_unix_ms)} if expires_unix_ms else {}
+        if checksum is not None:
+            metadata[CHECKSUM_META] = f"{checksum:016x}"
         client = await self._connected()
         try:
-            await client.put_object(durable.BUCKET, key, data, metadata=metadata)
+            await client.put_object(durable.BUCKET, key, data, metadata=metadata or None)
         except (errors.KVTierError, OSError) as exc:
             self._failed(exc)
             raise
@@ -118,9 +124,13 @@ class GatewayObjects:
         except (errors.KVTierError, OSError) as exc:
             self._failed(exc)
             raise
-        expires = info.headers.user_metadata.get(EXPIRES_META, "0")
+        meta = info.headers.user_metadata
+        expires = meta.get(EXPIRES_META, "0")
         return spillqueue.ObjectMeta(
-            size=info.size, etag=info.etag, expires_unix_ms=int(expires) if expires.isdigit() else 0
+            size=info.size,
+            etag=info.etag,
+            expires_unix_ms=int(expires) if expires.isdigit() else 0,
+            checksum=_checksum(meta.get(CHECKSUM_META, "")),
         )
 
     async def get_into(self, key: str, into: memoryview, etag: str) -> None:
@@ -146,3 +156,14 @@ class GatewayObjects:
     async def close(self) -> None:
         """Close the gateway connection; idempotent."""
         await self._drop()
+
+
+def _checksum(text: str) -> int | None:
+    """A checksum kept as metadata (16 hex digits); None when absent or malformed (the
+    read-through then computes one, as for blocks uploaded before checksums were kept)."""
+    if len(text) != 16:
+        return None
+    try:
+        return int(text, 16)
+    except ValueError:
+        return None

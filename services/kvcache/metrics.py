@@ -103,6 +103,12 @@ TENANT_BYTES = prometheus_client.Gauge(
 FRAGMENTATION = prometheus_client.Gauge(
     "kvtier_kvcache_fragmentation_ratio", "Arena fragmentation", ("kind",)
 )
+CORRUPT_BLOCKS = prometheus_client.Counter(
+    "kvtier_kvcache_corrupt_blocks_total",
+    "Blocks dropped because their bytes did not match their xxh3-64 checksum, by where it was"
+    " found (put, delete, durable)",
+    ("where",),
+)
 
 # The durable tier (durable.py, spillqueue.py).
 SPILLED = prometheus_client.Counter(

@@ -48,6 +48,8 @@ class ObjectMeta:
     etag: str
     #: Wall-clock expiry of the block's TTL in Unix milliseconds; 0: none.
     expires_unix_ms: int = 0
+    #: The block's xxh3-64 as uploaded (None: uploaded before checksums were kept).
+    checksum: int | None = None
 
 
 class ObjectStore(Protocol):
@@ -60,8 +62,11 @@ class ObjectStore(Protocol):
         """Whether a durable tier is configured and known (a gateway is in the map)."""
         ...
 
-    async def put(self, key: str, data: memoryview, expires_unix_ms: int) -> None:
-        """Store data under key (replacing any older version)."""
+    async def put(
+        self, key: str, data: memoryview, expires_unix_ms: int, checksum: int | None
+    ) -> None:
+        """Store data under key (replacing any older version), with its checksum (xxh3-64)
+        kept as object metadata when known."""
         ...
 
     async def head(self, key: str) -> ObjectMeta | None:
@@ -101,6 +106,8 @@ class Op:
     cause: Cause
     extent: slab.Extent | None
     expires_unix_ms: int = 0
+    #: The block's xxh3-64 (None: not known), kept with the durable copy.
+    checksum: int | None = None
     #: Called after a successful upload (e.g. to mark the DRAM copy durable); may be replaced.
     on_durable: Callable[[], object] | None = None
 
@@ -313,7 +320,9 @@ class SpillQueue:
                     if op.extent is None:
                         await self.objects.delete(op.key)
                     else:
-                        await self.objects.put(op.key, self.view(op.extent), op.expires_unix_ms)
+                        await self.objects.put(
+                            op.key, self.view(op.extent), op.expires_unix_ms, op.checksum
+                        )
             except (errors.KVTierError, TimeoutError, OSError) as exc:
                 retryable = not isinstance(exc, errors.KVTierError) or exc.retryable
                 if not retryable or attempt == self._retries or op.key in self._after:

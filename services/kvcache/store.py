@@ -103,6 +103,8 @@ class ReadLease:
     key: bytes
     extent: slab.Extent
     expires_at_s: float
+    #: The block's xxh3-64 as committed (None: committed without one).
+    checksum: int | None = None
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -117,6 +119,7 @@ class _Block:
     linked: bool = True
     # The durable tier holds this very version: eviction drops it without spilling.
     durable: bool = False
+    checksum: int | None = None  # xxh3-64 of its bytes, as committed
 
 
 @dataclasses.dataclass(slots=True)
@@ -143,12 +146,13 @@ class _Tenant:
     quota_rejections: int = 0
     lease_waits: int = 0
     overloads: int = 0
+    corrupt_blocks: int = 0
     evictions: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
 
 _COUNTERS = (
     "hits misses durable_hits puts put_conflicts pending_conflicts quota_rejections lease_waits"
-    " overloads"
+    " overloads corrupt_blocks"
 )
 
 
@@ -196,6 +200,8 @@ class StoreStats:
     #: Slot bytes freed but held back while the data plane still used them (`reuse_guard`);
     #: included in used_bytes.
     quarantined_bytes: int = 0
+    #: Blocks dropped because their bytes did not match their checksum (`record_corrupt`).
+    corrupt_blocks: int = 0
 
 
 def _make_policy(name: str, capacity_bytes: int) -> eviction.EvictionPolicy[_Ident]:
@@ -385,11 +391,14 @@ class BlockStore:
             self._evict(self._used_bytes - self._low_bytes, now)
         return ticket
 
-    def commit(self, ticket: PutTicket, *, durable: bool = False) -> None:
+    def commit(
+        self, ticket: PutTicket, *, durable: bool = False, checksum: int | None = None
+    ) -> None:
         """Make the ticket's block visible, replacing (and later freeing) any present block.
 
         `durable`: the durable tier already holds these very bytes (a read-through), so the
-        block is never spilled. Raises NotFound when the ticket is not pending (committed,
+        block is never spilled. `checksum`: the xxh3-64 of its bytes, kept with the block and
+        handed to every read lease. Raises NotFound when the ticket is not pending (committed,
         aborted or expired).
         """
         self._take_ticket(ticket)
@@ -401,6 +410,7 @@ class BlockStore:
         expires_at_s = now + ticket.ttl_s if ticket.ttl_s is not None else None
         block = _Block(ident, ticket.ticket_id, ticket.extent, ticket.ttl_s, expires_at_s)
         block.durable = durable
+        block.checksum = checksum
         self._index[ident] = block
         self._policy.insert(ident, ticket.extent.capacity)
         if expires_at_s is not None:
@@ -418,6 +428,29 @@ class BlockStore:
             return False
         block.durable = True
         return True
+
+    def checksum_of(self, tenant: str, namespace: str, key: bytes) -> int | None:
+        """The checksum of key's visible block (None: no such block, or none was kept)."""
+        block = self._index.get((tenant, namespace, key))
+        return block.checksum if block is not None else None
+
+    def checksummed(
+        self, tenant: str, namespace: str, keys: Sequence[bytes]
+    ) -> list[tuple[bytes, slab.Extent, int]]:
+        """(key, extent, checksum) of each present key whose block has a checksum. Raises
+        InvalidArgument."""
+        found: list[tuple[bytes, slab.Extent, int]] = []
+
+        def note(block: _Block, _now: float) -> None:
+            if block.checksum is not None:
+                found.append((block.ident[2], block.extent, block.checksum))
+
+        self._each(tenant, namespace, keys, note)
+        return found
+
+    def record_corrupt(self, tenant: str, count: int = 1) -> None:
+        """Count blocks of tenant dropped because their bytes did not match their checksum."""
+        self._tenant(tenant).corrupt_blocks += count
 
     def expires_in_s(self, tenant: str, namespace: str, key: bytes) -> float | None:
         """Seconds until the visible block of key expires (None: no TTL or no such block)."""
@@ -452,7 +485,9 @@ class BlockStore:
         if block is None:
             state.misses += count
             return None
-        lease = ReadLease(next(self._ids), tenant, namespace, key, block.extent, now + lease_s)
+        lease = ReadLease(
+            next(self._ids), tenant, namespace, key, block.extent, now + lease_s, block.checksum
+        )
         block.leases[lease.lease_id] = lease.expires_at_s
         self._leases[lease.lease_id] = (lease, block)
         self._policy.hit(ident)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import xxhash
 
 from kvtier import errors, etcdserver, kv, membership, principal
 from kvtier.proto.common.v1 import common_pb2
@@ -405,3 +406,54 @@ KVCACHE, METADATA = common_pb2.NODE_ROLE_KVCACHE, common_pb2.NODE_ROLE_METADATA
 
 def _count(cmap: common_pb2.ClusterMap, role: int) -> int:
     return sum(n.role == role for n in cmap.nodes)
+
+
+def _kv_node(node: harness.Running) -> Any:
+    """The running kvcache node's internals (its tier and block API): the service's loops are
+    methods of it."""
+    return node.spec.loops[0].__self__  # type: ignore[attr-defined]
+
+
+async def test_durable_copies_carry_the_checksum_and_read_through_verifies_it(
+    objects_tier: objects_cluster.Cluster,
+    etcd: etcdserver.EtcdServer,
+    etcd_prefix: str,
+    store: membership.EtcdMembership,
+    tmp_path: Path,
+) -> None:
+    policy = {"durable_namespaces": "team-a/sum=write_through"}
+    keys = [b"sum-0", b"sum-1", b"sum-2"]
+    blocks = [_block(300 + i, 64 * KIB) for i in range(len(keys))]
+    names = [durable.object_key("team-a", "sum", k) for k in keys]
+    connect = {"namespace": "sum", "tenant": "team-a"}
+    async with (
+        _kvcache(etcd, etcd_prefix, store, tmp_path / "kv", **policy) as node,
+        await kv.AsyncKVClient.connect(nodes=[node.address], **connect) as client,
+    ):
+        assert await client.put_batch(keys, blocks) == [kv.PutStatus.STORED] * len(keys)
+        await _drained(client)
+        link = _kv_node(node).tier.queue.objects  # the node's own way to the durable tier
+        metas = [await link.head(n) for n in names]
+        sums = [xxhash.xxh3_64_intdigest(b.tobytes()) for b in blocks]
+        assert [m.checksum for m in metas] == sums
+        rotten = bytearray(blocks[0].tobytes())
+        rotten[5] ^= 1  # rot under the block's checksum
+        await link.put(names[0], memoryview(rotten), 0, metas[0].checksum)
+        await link.put(names[1], memoryview(blocks[1].tobytes()), 0, None)  # an older copy
+    async with (
+        _kvcache(etcd, etcd_prefix, store, tmp_path / "kv", **policy) as node,
+        await kv.AsyncKVClient.connect(nodes=[node.address], **connect) as client,
+    ):
+        outs = [np.zeros(64 * KIB, np.uint8) for _ in keys]
+        assert await client.get_batch(keys, outs) == [None, 64 * KIB, 64 * KIB]
+        assert [_digest(o) for o in outs[1:]] == [_digest(b) for b in blocks[1:]]
+        (s,) = (await client.stats()).values()
+        assert (s.durable_hits, s.misses, s.corrupt_blocks) == (2, 1, 1)
+        assert client.corrupt_blocks == 0  # caught by the node: no bad byte left it
+        kv_node = _kv_node(node)
+        # The older copy got its checksum on the way into DRAM; the rotten one is deleted.
+        checksum = kv_node.blocks.store.checksum_of("team-a", "sum", keys[1])
+        assert checksum == xxhash.xxh3_64_intdigest(blocks[1].tobytes())
+        await _drained(client)
+        assert await kv_node.tier.queue.objects.head(names[0]) is None
+        assert await client.get_batch(keys, outs) == [None, 64 * KIB, 64 * KIB]

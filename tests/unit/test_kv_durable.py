@@ -29,6 +29,7 @@ class FakeObjects:
 
     def __init__(self) -> None:
         self.data: dict[str, tuple[bytes, int]] = {}
+        self.checksums: dict[str, int] = {}  # the checksum metadata of each key that has one
         self.gate = asyncio.Event()
         self.gate.set()
         self.fail = 0
@@ -46,11 +47,16 @@ class FakeObjects:
             self.fail -= 1
             raise self.error
 
-    async def put(self, key: str, data: memoryview, expires_unix_ms: int) -> None:
+    async def put(
+        self, key: str, data: memoryview, expires_unix_ms: int, checksum: int | None
+    ) -> None:
         await self.gate.wait()
         self._maybe_fail()
         self.puts += 1
         self.data[key] = (bytes(data), expires_unix_ms)
+        self.checksums.pop(key, None)
+        if checksum is not None:
+            self.checksums[key] = checksum
 
     async def head(self, key: str) -> spillqueue.ObjectMeta | None:
         self.heads += 1
@@ -58,7 +64,8 @@ class FakeObjects:
         if key not in self.data:
             return None
         body, expires = self.data[key]
-        return spillqueue.ObjectMeta(len(body), hashlib.md5(body).hexdigest(), expires)
+        md5 = hashlib.md5(body).hexdigest()
+        return spillqueue.ObjectMeta(len(body), md5, expires, self.checksums.get(key))
 
     async def get_into(self, key: str, into: memoryview, etag: str) -> None:
         self.gets += 1
@@ -72,6 +79,7 @@ class FakeObjects:
         await self.gate.wait()
         self._maybe_fail()
         self.data.pop(key, None)
+        self.checksums.pop(key, None)
 
     async def close(self) -> None:
         pass

@@ -123,3 +123,11 @@ def test_no_repr_shows_the_secret(tmp_path: Path) -> None:
     kwargs = settings.client_kwargs("model")
     assert kwargs["security"].secret_key == SECRET
     assert SECRET not in repr(kwargs)
+
+
+def test_checksum_verification_is_on_unless_the_config_turns_it_off() -> None:
+    assert _settings().client_kwargs("m")["verify_checksums"] is True
+    assert _settings(verify_checksums="false").client_kwargs("m")["verify_checksums"] is False
+    assert _settings(verify_checksums=False).verify_checksums is False
+    with pytest.raises(ValueError, match="verify_checksums"):
+        _settings(verify_checksums="sometimes")

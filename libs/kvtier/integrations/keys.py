@@ -78,6 +78,7 @@ class TierSettings:
     transports: tuple[str, ...] = ()  # data-plane transports allowed (empty: rdma, shm, tcp)
     ttl_s: float = 0.0  # lifetime of stored blocks (0: the namespace's default, or none)
     retry_s: float = 5.0  # after a failed connect, answer misses this long before trying again
+    verify_checksums: bool = True  # checksum puts, check gets' bytes before the engine sees them
     # Credentials: what is not set here comes from KVTIER_* environment variables.
     ca_file: str = ""  # the cluster CA (PEM): the trust anchor of TLS
     access_key: str = ""  # a kvtier user (`kvtier admin user add`): acts for its own tenant
@@ -120,7 +121,7 @@ class TierSettings:
                 kwargs[field.name] = int(raw)
             elif field.name in ("timeout_s", "ttl_s", "retry_s"):
                 kwargs[field.name] = float(raw)
-            elif field.name == "insecure":
+            elif field.name in ("insecure", "verify_checksums"):
                 kwargs[field.name] = _flag(field.name, raw)
             else:
                 kwargs[field.name] = str(raw)
@@ -141,6 +142,7 @@ class TierSettings:
             "replicas": self.replicas,
             "timeout_s": self.timeout_s,
             "transports": list(self.transports),
+            "verify_checksums": self.verify_checksums,
         }
         if self.metadata:
             kwargs["metadata"] = self.metadata

@@ -21,8 +21,8 @@ itself (a `RemoteConnector`, which LMCache wraps in its `DynamicConnectorAdapter
 name). Both classes are made on first access (module `__getattr__`), so importing this module
 imports no LMCache. The other `remote_storage_plugin.<name>.*` keys are
 `kvtier.integrations.keys.TierSettings` fields (`metadata` or `nodes`, `tenant`, `cache_salt`,
-`namespace`, `timeout_s`, `replicas`, `transports`, `ttl_s`, `retry_s`; the credentials
-`ca_file`, `access_key`, `secret_key` / `secret_key_file`, `cert_file` / `key_file`,
+`namespace`, `timeout_s`, `replicas`, `transports`, `ttl_s`, `retry_s`, `verify_checksums`; the
+credentials `ca_file`, `access_key`, `secret_key` / `secret_key_file`, `cert_file` / `key_file`,
 `cluster_file`, `token_address`, `insecure`, which fall back to the `KVTIER_*` environment
 variables) and `pin_s`: how long a lookup that LMCache asks to pin keeps its hits from eviction
 (default 30 s).

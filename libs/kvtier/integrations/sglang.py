@@ -15,10 +15,10 @@ SGLang's `StorageBackendFactory` imports this module, checks that `KVTierHiCache
 first access (module `__getattr__`), so importing this module imports neither SGLang nor torch.
 The other keys of the extra config are `kvtier.integrations.keys.TierSettings` fields
 (`metadata` or `nodes`, `tenant`, `cache_salt`, `namespace`, `timeout_s`, `replicas`,
-`transports`, `ttl_s`, `retry_s`, and the credentials `ca_file`, `access_key`, `secret_key` /
-`secret_key_file`, `cert_file` / `key_file`, `cluster_file`, `token_address`, `insecure`, which
-fall back to the `KVTIER_*` environment variables); `interface_v1: 1` makes SGLang use the
-zero-copy calls.
+`transports`, `ttl_s`, `retry_s`, `verify_checksums`, and the credentials `ca_file`,
+`access_key`, `secret_key` / `secret_key_file`, `cert_file` / `key_file`, `cluster_file`,
+`token_address`, `insecure`, which fall back to the `KVTIER_*` environment variables);
+`interface_v1: 1` makes SGLang use the zero-copy calls.
 
 **Names.** Namespace: the served model + `cache_salt` (`keys.TierSettings.namespace_for`).
 SGLang hands the backend chained SHA-256 page hashes (a request's own cache salt is already

@@ -15,10 +15,10 @@ vLLM's `SecondaryTierFactory` imports this module, takes `KVTierSecondaryTier` f
 first access against the installed vLLM: importing the module imports no vLLM) and builds it
 with the tier dict's other keys: `kvtier.integrations.keys.TierSettings` fields (`metadata` or
 `nodes`, `tenant`, `cache_salt`, `namespace`, `timeout_s`, `replicas`, `transports`, `ttl_s`,
-`retry_s`, and the credentials `ca_file`, `access_key`, `secret_key` / `secret_key_file`,
-`cert_file` / `key_file`, `cluster_file`, `token_address`, `insecure`, which fall back to the
-`KVTIER_*` environment variables), `locality` (vLLM's, default REMOTE), `max_inflight_jobs` (16) and
-`touch_interval_s` (1; 0 turns forwarding vLLM's touches off).
+`retry_s`, `verify_checksums`, and the credentials `ca_file`, `access_key`, `secret_key` /
+`secret_key_file`, `cert_file` / `key_file`, `cluster_file`, `token_address`, `insecure`, which
+fall back to the `KVTIER_*` environment variables), `locality` (vLLM's, default REMOTE),
+`max_inflight_jobs` (16) and `touch_interval_s` (1; 0 turns forwarding vLLM's touches off).
 
 **Where it sits.** vLLM copies blocks GPU -> CPU (its primary tier, `cpu_bytes_to_use`) and
 cascades every stored chunk to its secondary tiers; a chunk missing from the CPU tier is looked

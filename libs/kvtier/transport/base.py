@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ctypes
 import enum
 import hashlib
@@ -436,6 +437,14 @@ class Span:
     def view(self) -> memoryview:
         """The range as a memoryview of region memory."""
         return self.region.view[self.offset : self.offset + self.length]
+
+
+#: True while a handler serves a call whose payload its caller writes into this node's memory
+#: itself (shm: a process of this host, no network between): a handler may then keep the
+#: writer's own checksums of that payload instead of reading it all again.
+LOCAL_WRITER: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "kvtier_local_writer", default=False
+)
 
 
 @dataclass(slots=True)

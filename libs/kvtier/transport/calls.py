@@ -82,15 +82,26 @@ class ServerCall:
         self.abandoned = False  # shm: the client gave up while an awaitable was pending
 
     def start(
-        self, ctx: base.ServerContext, principal: str, method: int, request: bytes
+        self,
+        ctx: base.ServerContext,
+        principal: str,
+        method: int,
+        request: bytes,
+        *,
+        local_writer: bool = False,
     ) -> Awaitable[base.CallPlan] | None:
         """Run the handler: None once the plan is made and its sinks checked, or the handler's
         awaitable (give its plan to `planned`). Raises the handler's error (no plan then),
         Unavailable without a handler, or Internal for a plan that does not fit the call (it is
-        finished with on_done(False) first)."""
+        finished with on_done(False) first). local_writer: the caller fills the sinks itself
+        (`base.LOCAL_WRITER`, seen by the handler)."""
         if ctx.call_handler is None:
             raise errors.Unavailable("this node serves no data-plane calls")
-        plan = ctx.call_handler(principal, method, request, self.segments, self.capacities)
+        token = base.LOCAL_WRITER.set(local_writer)
+        try:
+            plan = ctx.call_handler(principal, method, request, self.segments, self.capacities)
+        finally:
+            base.LOCAL_WRITER.reset(token)
         if not isinstance(plan, base.CallPlan) and inspect.isawaitable(plan):
             return plan
         self.planned(plan)

@@ -237,8 +237,9 @@ class _ServerConnection(shm_wire.Channel):
         call = calls.ServerCall(request, sizes[:n_segs], sizes[n_segs:])
         try:
             pending = call.start(
-                self._ctx, self.principal or "", method, bytes(body[start:sizes_at])
-            )
+                self._ctx, self.principal or "", method, bytes(body[start:sizes_at]),
+                local_writer=True,
+            )  # fmt: skip
         except Exception as exc:  # answered; the connection stays usable
             self._call_error(request, exc)
             return

@@ -95,6 +95,8 @@ class _ItemStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ItemStatus
     """get: the caller's buffer is smaller than the block (size says how big)"""
     ITEM_STATUS_EXPIRED: _ItemStatus.ValueType  # 9
     """commit: the put took longer than the node's put timeout"""
+    ITEM_STATUS_CORRUPT: _ItemStatus.ValueType  # 10
+    """put: the bytes that arrived do not match the block's checksum (nothing stored)"""
 
 class ItemStatus(_ItemStatus, metaclass=_ItemStatusEnumTypeWrapper):
     """The outcome for one key."""
@@ -118,6 +120,8 @@ ITEM_STATUS_BUFFER_TOO_SMALL: ItemStatus.ValueType  # 8
 """get: the caller's buffer is smaller than the block (size says how big)"""
 ITEM_STATUS_EXPIRED: ItemStatus.ValueType  # 9
 """commit: the put took longer than the node's put timeout"""
+ITEM_STATUS_CORRUPT: ItemStatus.ValueType  # 10
+"""put: the bytes that arrived do not match the block's checksum (nothing stored)"""
 Global___ItemStatus: _TypeAlias = ItemStatus  # noqa: Y015
 
 class _Durability:
@@ -179,6 +183,7 @@ class BatchPutRequest(_message.Message):
     OVERWRITE_FIELD_NUMBER: _builtins.int
     TTL_S_FIELD_NUMBER: _builtins.int
     PRINCIPAL_FIELD_NUMBER: _builtins.int
+    CHECKSUMS_FIELD_NUMBER: _builtins.int
     overwrite: _builtins.bool
     """Replace present blocks (default: put-if-absent)."""
     ttl_s: _builtins.float
@@ -193,6 +198,13 @@ class BatchPutRequest(_message.Message):
     def sizes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """One per key, in bytes (1 B .. 64 MiB)."""
 
+    @_builtins.property
+    def checksums(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The xxh3-64 of each block, one per key, computed where the bytes were produced (empty: the
+        node computes them from what it received). Stored with the block, returned with every get,
+        carried into the durable tier.
+        """
+
     def __init__(
         self,
         *,
@@ -202,10 +214,11 @@ class BatchPutRequest(_message.Message):
         overwrite: _builtins.bool = ...,
         ttl_s: _builtins.float = ...,
         principal: _builtins.str = ...,
+        checksums: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "namespace", b"namespace", "overwrite", b"overwrite", "principal", b"principal", "sizes", b"sizes", "ttl_s", b"ttl_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksums", b"checksums", "keys", b"keys", "namespace", b"namespace", "overwrite", b"overwrite", "principal", b"principal", "sizes", b"sizes", "ttl_s", b"ttl_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -356,9 +369,14 @@ class GetItem(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     DESCRIPTOR_FIELD_NUMBER: _builtins.int
     LEASE_ID_FIELD_NUMBER: _builtins.int
+    CHECKSUM_FIELD_NUMBER: _builtins.int
     status: Global___ItemStatus.ValueType
     size: _builtins.int
     lease_id: _builtins.int
+    checksum: _builtins.int
+    """When status is OK: the block's xxh3-64 (absent from nodes older than checksums), for the
+    reader to verify the bytes it received before it uses them.
+    """
     @_builtins.property
     def descriptor(self) -> _common_pb2.Descriptor:
         """gRPC only, when status is OK."""
@@ -370,12 +388,15 @@ class GetItem(_message.Message):
         size: _builtins.int = ...,
         descriptor: _common_pb2.Descriptor | None = ...,
         lease_id: _builtins.int = ...,
+        checksum: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_checksum", b"_checksum", "checksum", b"checksum", "descriptor", b"descriptor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor", "lease_id", b"lease_id", "size", b"size", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_checksum", b"_checksum", "checksum", b"checksum", "descriptor", b"descriptor", "lease_id", b"lease_id", "size", b"size", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__checksum: _TypeAlias = _typing.Literal["checksum"]  # noqa: Y015
+    _WhichOneofArgType__checksum: _TypeAlias = _typing.Literal["_checksum", b"_checksum"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__checksum) -> _WhichOneofReturnType__checksum | None: ...
 
 Global___GetItem: _TypeAlias = GetItem  # noqa: Y015
 
@@ -820,6 +841,7 @@ class StatsResponse(_message.Message):
     SPILL_QUEUE_BYTES_FIELD_NUMBER: _builtins.int
     DURABLE_AVAILABLE_FIELD_NUMBER: _builtins.int
     DRAM_HIT_RATE_FIELD_NUMBER: _builtins.int
+    CORRUPT_BLOCKS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     """empty: the whole node"""
     arena_bytes: _builtins.int
@@ -866,6 +888,8 @@ class StatsResponse(_message.Message):
     """whole node: a gateway is known and reachable"""
     dram_hit_rate: _builtins.float
     """hits / reads"""
+    corrupt_blocks: _builtins.int
+    """blocks dropped because their bytes did not match their checksum"""
     @_builtins.property
     def evictions(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """by cause: capacity, ttl, delete"""
@@ -903,10 +927,11 @@ class StatsResponse(_message.Message):
         spill_queue_bytes: _builtins.int = ...,
         durable_available: _builtins.bool = ...,
         dram_hit_rate: _builtins.float = ...,
+        corrupt_blocks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_bytes", b"arena_bytes", "blocks", b"blocks", "dram_hit_rate", b"dram_hit_rate", "durable_available", b"durable_available", "durable_hits", b"durable_hits", "evictions", b"evictions", "external_fragmentation", b"external_fragmentation", "fill", b"fill", "hit_rate", b"hit_rate", "hits", b"hits", "internal_fragmentation", b"internal_fragmentation", "lease_waits", b"lease_waits", "max_block_bytes", b"max_block_bytes", "misses", b"misses", "overloads", b"overloads", "pending_conflicts", b"pending_conflicts", "pending_puts", b"pending_puts", "put_conflicts", b"put_conflicts", "puts", b"puts", "quota_rejections", b"quota_rejections", "requested_bytes", b"requested_bytes", "spill_backpressure", b"spill_backpressure", "spill_failures", b"spill_failures", "spill_queue_bytes", b"spill_queue_bytes", "spilled", b"spilled", "tenant", b"tenant", "tenant_bytes", b"tenant_bytes", "used_bytes", b"used_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_bytes", b"arena_bytes", "blocks", b"blocks", "corrupt_blocks", b"corrupt_blocks", "dram_hit_rate", b"dram_hit_rate", "durable_available", b"durable_available", "durable_hits", b"durable_hits", "evictions", b"evictions", "external_fragmentation", b"external_fragmentation", "fill", b"fill", "hit_rate", b"hit_rate", "hits", b"hits", "internal_fragmentation", b"internal_fragmentation", "lease_waits", b"lease_waits", "max_block_bytes", b"max_block_bytes", "misses", b"misses", "overloads", b"overloads", "pending_conflicts", b"pending_conflicts", "pending_puts", b"pending_puts", "put_conflicts", b"put_conflicts", "puts", b"puts", "quota_rejections", b"quota_rejections", "requested_bytes", b"requested_bytes", "spill_backpressure", b"spill_backpressure", "spill_failures", b"spill_failures", "spill_queue_bytes", b"spill_queue_bytes", "spilled", b"spilled", "tenant", b"tenant", "tenant_bytes", b"tenant_bytes", "used_bytes", b"used_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
