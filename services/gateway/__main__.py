@@ -120,8 +120,9 @@ class _Gateway:
             s3_auth.user_lookup(self.users), region=self.cfg.s3_region
         )
         s3 = s3_server.S3Server(
-            self.front, authenticator, region=self.cfg.s3_region, domain=self.cfg.s3_domain
-        )
+            self.front, authenticator, region=self.cfg.s3_region, domain=self.cfg.s3_domain,
+            body_timeout_s=self.cfg.s3_body_timeout_s, send_timeout_s=self.cfg.s3_send_timeout_s,
+        )  # fmt: skip
         self.s3_tls = self._s3_tls(ctx)
         self.s3_runner = web.AppRunner(s3.app(), access_log=None, handle_signals=False)
         await self.s3_runner.setup()

@@ -60,6 +60,16 @@ class GatewayConfig(config.DataPlaneServiceConfig):
     max_staged_writes_per_tenant: int = config.setting(
         64, "PUTs and parts one tenant may have in flight on this gateway (more: Overloaded)"
     )
+    s3_body_timeout_s: float = config.setting(
+        20.0,
+        "seconds an S3 request body may send nothing before the request fails with 400 "
+        "RequestTimeout (nothing stored)",
+    )
+    s3_send_timeout_s: float = config.setting(
+        20.0,
+        "seconds an S3 response (a GET's body) may wait for its client to read before the "
+        "connection is closed",
+    )
 
     def __post_init__(self) -> None:
         config.DataPlaneServiceConfig.__post_init__(self)
@@ -89,3 +99,5 @@ class GatewayConfig(config.DataPlaneServiceConfig):
             raise config.ConfigError("scan_objects_per_cycle: must be at least 1")
         if self.max_staged_writes_per_tenant < 1:
             raise config.ConfigError("max_staged_writes_per_tenant: must be at least 1")
+        if self.s3_body_timeout_s <= 0 or self.s3_send_timeout_s <= 0:
+            raise config.ConfigError("s3_body_timeout_s, s3_send_timeout_s: must be positive")

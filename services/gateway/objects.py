@@ -649,9 +649,11 @@ class ObjectEngine:
         offset: int,
         length: int,
         sink: Callable[[memoryview], Awaitable[None]],
+        ready: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """Bytes of a version to sink, a slot at a time (reads.Reader.stream)."""
-        await self.reads.stream(found, offset, length, sink)
+        """Bytes of a version to sink, a slot at a time, each once ready returns
+        (reads.Reader.stream)."""
+        await self.reads.stream(found, offset, length, sink, ready)
 
     # GET.
 

@@ -75,23 +75,28 @@ class Reader:
         offset: int,
         length: int,
         sink: Callable[[memoryview], Awaitable[None]],
+        ready: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Hand bytes [offset, offset + length) of a version to sink, a piece at a time, each
-        piece in a staging slot until sink returns (bounded memory whatever the length)."""
+        piece in a staging slot until sink returns (bounded memory whatever the length). The
+        slot is taken for each piece once `ready` returns (a consumer that waits for a slow
+        client there holds no slot), and given back after sink."""
         meta = found.meta
         most = self.max_read_bytes(meta.data_shards, meta.parity_shards)
-        slot = await self._staging.acquire(30.0)
-        try:
-            done = 0
-            while done < length:
-                part, start = versions.part_at(meta, offset + done)
-                n = min(most, length - done, start + part.size - offset - done)
+        done = 0
+        while done < length:
+            if ready is not None:
+                await ready()
+            part, start = versions.part_at(meta, offset + done)
+            n = min(most, length - done, start + part.size - offset - done)
+            slot = await self._staging.acquire(30.0)
+            try:
                 first = await self.gather_range(found, part, offset + done - start, n, slot)
                 BYTES.labels("get").inc(n)
                 await sink(slot.region.view[slot.offset + first :][:n])
-                done += n
-        finally:
-            self._staging.release(slot)
+            finally:
+                self._staging.release(slot)
+            done += n
 
     def max_read_bytes(self, k: int, m: int) -> int:
         """The most object bytes one READ_RANGE call returns for a k+m layout."""

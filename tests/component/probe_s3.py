@@ -1,7 +1,9 @@
 """Probing S3: every operation of the gateway's route table (`s3.server._routes`, so a new
 route is probed without a line here) on tenant A's buckets (its object bucket and its KV bucket),
 objects and upload, plus the copies that read A's objects into B's own bucket and upload, sent
-over HTTPS (the test CA) with each credential mode of `MODES`, signed by botocore."""
+over HTTPS (the test CA) with each credential mode of `MODES`, signed by botocore. PostObject
+carries its credentials in a form: a form with none, or one whose policy botocore signed (V4, or
+V2 for the SigV2 mode) with the mode's credentials."""
 
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ import hashlib
 import urllib.parse
 
 import aiohttp
+import boto3
 import botocore.auth
 import botocore.awsrequest
 import botocore.credentials
 import yarl
+from botocore.config import Config
 
 from kvtier import names
 from services.gateway.s3 import server as s3_server
@@ -159,6 +163,11 @@ async def send(
     http: aiohttp.ClientSession, world: probe_cluster.World, request: Request, mode: Mode
 ) -> tuple[int, bytes]:
     """The status and body of request sent as mode says."""
+    if request.op == "PostObject":
+        url = f"{world.cluster.s3_url}{request.path}"
+        form = _post_form(world, request.path.strip("/"), mode)
+        async with http.post(url, data=form, ssl=probe_cluster.tls_context()) as response:
+            return response.status, await response.read()
     url, headers = prepare(world, request, mode)
     async with http.request(
         request.method,
@@ -168,3 +177,25 @@ async def send(
         ssl=probe_cluster.tls_context(),
     ) as response:
         return response.status, await response.read()
+
+
+def _post_form(world: probe_cluster.World, bucket: str, mode: Mode) -> aiohttp.FormData:
+    """A POST Object form for bucket: no credentials (UNSIGNED), else a policy signed with the
+    mode's credentials."""
+    fields = {"key": "forged-by-the-probe"}
+    if mode is not Mode.UNSIGNED:
+        creds = _credentials(world, mode)
+        client = boto3.client(
+            "s3", endpoint_url=world.cluster.s3_url, region_name=probe_cluster.REGION,
+            aws_access_key_id=creds.access_key, aws_secret_access_key=creds.secret_key,
+            config=Config(
+                signature_version="s3" if mode is Mode.B_PRESIGNED_V2 else "s3v4",
+                s3={"addressing_style": "path"},
+            ),
+        )  # fmt: skip
+        fields = client.generate_presigned_post(bucket, fields["key"], ExpiresIn=300)["fields"]
+    form = aiohttp.FormData()
+    for name, value in fields.items():
+        form.add_field(name, value)
+    form.add_field("file", b"forged by the probe", filename="probe.bin")
+    return form

@@ -7,6 +7,7 @@ import datetime
 import hashlib
 import http.client
 import io
+import re
 import socket
 import ssl
 import sys
@@ -309,7 +310,8 @@ def test_kv_bucket_serves_s3_from_dram(s3_cluster_fixture: Info) -> None:  # noq
     blocks = {f"model/r0/{i:03d}.bin": _data(10 + i, 2 * MIB + i) for i in range(5)}
     for key, block in blocks.items():
         put = s3.put_object(Bucket="kv-blocks", Key=key, Body=block)
-        assert put["ETag"] == f'"{hashlib.md5(block).hexdigest()}"'
+        # boto3's trailing CRC32 vouched for the bytes: the ETag is the version's, not an MD5.
+        assert re.fullmatch(r'"[0-9a-f]{32}-1"', put["ETag"])
     for key, block in blocks.items():
         assert s3.get_object(Bucket="kv-blocks", Key=key)["Body"].read() == block
         part = s3.get_object(Bucket="kv-blocks", Key=key, Range="bytes=1000-1999")

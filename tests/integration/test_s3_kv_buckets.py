@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
+import re
+import urllib.parse
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 from boto3.s3.transfer import TransferConfig
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
 from tests.integration import s3_cluster
@@ -25,6 +32,8 @@ MIB = 1024 * 1024
 #: The documented largest KV object (services/gateway/s3/kv_layout.py MAX_KV_OBJECT_BYTES).
 MAX_KV_OBJECT = 64 * MIB
 Info = dict[str, Any]
+#: The ETag of a KV object PUT with a trailing checksum and no Content-MD5 (docs/s3.md).
+VERSION_ETAG = re.compile(r'"[0-9a-f]{32}-1"')
 
 
 def _data(seed: int, size: int) -> bytes:
@@ -64,7 +73,7 @@ def test_put_of_exactly_the_maximum_is_stored_and_one_byte_more_is_too_large(s3:
     _kv_bucket(s3, "kv-max")
     data = _data(1, MAX_KV_OBJECT)
     put = s3.put_object(Bucket="kv-max", Key="max.bin", Body=data)
-    assert put["ETag"] == f'"{hashlib.md5(data).hexdigest()}"'
+    assert VERSION_ETAG.fullmatch(put["ETag"])  # boto3's trailing CRC32 vouched for the bytes
     assert s3.head_object(Bucket="kv-max", Key="max.bin")["ContentLength"] == MAX_KV_OBJECT
     back = s3.get_object(Bucket="kv-max", Key="max.bin")["Body"].read()
     assert hashlib.sha256(back).digest() == hashlib.sha256(data).digest()
@@ -316,3 +325,92 @@ def test_another_tenant_cannot_touch_a_kv_upload(s3: Any, s3_cluster_fixture: In
     assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == mine
     s3.delete_object(Bucket=bucket, Key=key)
     s3.delete_bucket(Bucket=bucket)
+
+
+def test_put_etag_is_the_md5_unless_a_trailing_checksum_vouches_for_the_body(
+    s3: Any,
+    s3_cluster_fixture: Info,  # noqa: F811
+) -> None:
+    _kv_bucket(s3, "kv-etags")
+    data = _data(21, 2 * MIB + 5)
+    md5 = f'"{hashlib.md5(data).hexdigest()}"'
+    # boto3's default over HTTPS: aws-chunked with a trailing x-amz-checksum-crc32, no MD5.
+    first = s3.put_object(Bucket="kv-etags", Key="trailer", Body=data)["ETag"]
+    second = s3.put_object(Bucket="kv-etags", Key="trailer", Body=data)["ETag"]
+    assert VERSION_ETAG.fullmatch(first)
+    assert VERSION_ETAG.fullmatch(second)
+    assert first != second  # a new entity tag for every write, even of the same bytes
+    got = s3.get_object(Bucket="kv-etags", Key="trailer")
+    assert (got["ETag"], hashlib.sha256(got["Body"].read()).digest()) == (
+        second, hashlib.sha256(data).digest(),
+    )  # fmt: skip
+    assert s3.head_object(Bucket="kv-etags", Key="trailer")["ETag"] == second
+    listed = s3.list_objects_v2(Bucket="kv-etags")["Contents"]
+    assert [(o["Key"], o["ETag"]) for o in listed] == [("trailer", second)]
+    with pytest.raises(ClientError) as stale:
+        s3.get_object(Bucket="kv-etags", Key="trailer", IfMatch=first)
+    assert _code(stale) == ("PreconditionFailed", 412)
+    with pytest.raises(ClientError) as same:
+        s3.get_object(Bucket="kv-etags", Key="trailer", IfNoneMatch=second)
+    assert _code(same)[1] == 304
+    # No trailing checksum, or a Content-MD5 beside it: the ETag is the MD5, as in S3.
+    plain = s3_cluster.client(s3_cluster_fixture, request_checksum_calculation="when_required")
+    assert plain.put_object(Bucket="kv-etags", Key="plain", Body=data)["ETag"] == md5
+    content_md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+    sent = s3.put_object(Bucket="kv-etags", Key="md5", Body=data, ContentMD5=content_md5)
+    assert sent["ETag"] == md5
+    wrong = base64.b64encode(hashlib.md5(b"other").digest()).decode()
+    with pytest.raises(ClientError) as bad:
+        s3.put_object(Bucket="kv-etags", Key="bad", Body=data, ContentMD5=wrong)
+    assert _code(bad) == ("BadDigest", 400)
+    with pytest.raises(ClientError) as absent:
+        s3.head_object(Bucket="kv-etags", Key="bad")
+    assert _code(absent)[1] == 404
+
+
+def _trailer_put(info: Info, path: str, data: bytes, crc32: bytes) -> tuple[int, bytes]:
+    """A PUT as the AWS SDKs send one with a flexible checksum: aws-chunked, unsigned, and
+    x-amz-checksum-crc32 (here: crc32, right or wrong) in the trailer."""
+    trailer = f"x-amz-checksum-crc32:{base64.b64encode(crc32).decode()}"
+    body = f"{len(data):x}\r\n".encode() + data + f"\r\n0\r\n{trailer}\r\n\r\n".encode()
+    url = info["gateway_s3"].rstrip("/") + path
+    headers = {
+        "x-amz-content-sha256": "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+        "Content-Encoding": "aws-chunked", "x-amz-trailer": "x-amz-checksum-crc32",
+        "x-amz-decoded-content-length": str(len(data)), "Content-Length": str(len(body)),
+    }  # fmt: skip
+    request = AWSRequest(method="PUT", url=url, headers=headers)
+    SigV4Auth(
+        Credentials(info["s3_access_key"], info["s3_secret_key"]), "s3", "us-east-1"
+    ).add_auth(request)
+    split = urllib.parse.urlsplit(url)
+    assert split.hostname
+    conn = http.client.HTTPSConnection(
+        split.hostname, split.port, context=s3_cluster.tls_context(info), timeout=60
+    )
+    try:
+        conn.request("PUT", path, body=body, headers=dict(request.headers.items()))
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_a_wrong_trailing_checksum_stores_nothing_in_a_kv_bucket(
+    s3: Any,
+    s3_cluster_fixture: Info,  # noqa: F811
+) -> None:
+    """Without an MD5, the trailing checksum is what vouches for a KV PUT's bytes."""
+    _kv_bucket(s3, "kv-trailer")
+    data = _data(22, MIB + 3)
+    right = zlib.crc32(data).to_bytes(4, "big")
+    status, body = _trailer_put(s3_cluster_fixture, "/kv-trailer/k", data, right)
+    assert status == 200, body
+    stored = s3.get_object(Bucket="kv-trailer", Key="k")
+    assert VERSION_ETAG.fullmatch(stored["ETag"])
+    assert stored["Body"].read() == data
+    wrong = zlib.crc32(b"other").to_bytes(4, "big")
+    status, body = _trailer_put(s3_cluster_fixture, "/kv-trailer/k", _data(23, MIB + 3), wrong)
+    assert status == 400
+    assert b"<Code>BadDigest</Code>" in body
+    assert s3.get_object(Bucket="kv-trailer", Key="k")["Body"].read() == data  # untouched

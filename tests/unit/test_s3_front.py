@@ -61,6 +61,7 @@ def test_invalid_utf8_path_is_refused() -> None:
         ("GET", "b", "", {"uploads": ""}, "ListMultipartUploads"),
         ("GET", "b", "", {"versions": ""}, "ListObjectVersions"),
         ("POST", "b", "", {"delete": ""}, "DeleteObjects"),
+        ("POST", "b", "", {}, "PostObject"),
         ("PUT", "b", "k", {"partNumber": "1", "uploadId": "u"}, "UploadPart"),
         ("PUT", "b", "k", {}, "PutObject"),
         ("POST", "b", "k", {"uploads": ""}, "CreateMultipartUpload"),

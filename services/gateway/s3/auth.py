@@ -62,6 +62,18 @@ class Authenticator:
         self._region = region
         self._clock = clock
 
+    async def user(self, access_key: str) -> tuple[Principal, str]:
+        """The principal and secret of an access key (InvalidAccessKeyId when there is none):
+        for signatures checked elsewhere (a POST form's policy, `post_object`)."""
+        found = await self._lookup(access_key)
+        if found is None:
+            raise translate(sigv4.invalid_access_key())
+        return found
+
+    def now(self) -> float:
+        """The time signatures and policies are checked against."""
+        return self._clock()
+
     async def authenticate(self, http: web.Request) -> tuple[Principal, body.Payload]:
         """The principal and the body of a request; S3Error (AccessDenied,
         InvalidAccessKeyId, SignatureDoesNotMatch, RequestTimeTooSkewed...) when it fails."""

@@ -220,13 +220,34 @@ def object_block_keys(key: str) -> list[bytes]:
     return [meta_key(key), *object_keys(key)]
 
 
+def trailer_checked(req: server.S3Request) -> bool:
+    """Whether the body's integrity rests on a trailing x-amz-checksum-* (aws-chunked, as the
+    AWS SDKs' flexible checksums send it) and nothing asks for an MD5 (no Content-MD5)."""
+    mode = req.header("x-amz-content-sha256")  # the decoder then insists on the trailer
+    trailer = req.header("x-amz-trailer").strip().lower()
+    return (
+        mode.startswith("STREAMING-")
+        and mode.endswith("-TRAILER")
+        and trailer.startswith(object_ops.CHECKSUM_HEADER)
+        and not req.header("Content-MD5")
+    )
+
+
+def version_etag(blob: Blob) -> str:
+    """The ETag of a KV object stored without an MD5 (`trailer_checked`): its version id in hex
+    and "-1". Never mistaken for an MD5: clients that compare ETags with MD5s skip ETags with a
+    "-" (multipart uploads), and it changes with every write, as an entity tag must."""
+    return f"{blob.version.hex()}-1"
+
+
 async def receive(
-    req: server.S3Request, blob: Blob, algorithms: Sequence[str] = ()
+    req: server.S3Request, blob: Blob, algorithms: Sequence[str] = (), *, md5: bool = True
 ) -> tuple[str, dict[str, str]]:
-    """Read the request's body into blob and check it: (hex MD5, {algorithm: base64}) of the
-    checksums the request sent or announced and of `algorithms`. Raises InvalidDigest,
-    BadDigest, XAmzContentSHA256Mismatch, IncompleteBody, InvalidRequest."""
-    md5 = object_ops.content_md5(req)
+    """Read the request's body into blob and check it: (hex MD5, '' when not `md5`;
+    {algorithm: base64}) of the checksums the request sent or announced and of `algorithms`.
+    Raises InvalidDigest, BadDigest, XAmzContentSHA256Mismatch, IncompleteBody,
+    InvalidRequest."""
+    content_md5 = object_ops.content_md5(req)
     wanted, expected = object_ops.checksum_request(req)
     for piece in blob.pieces():
         await req.payload.fill(piece)
@@ -237,10 +258,12 @@ async def receive(
     names = sorted({*wanted, *expected, *(a.upper() for a in algorithms if a)})
     signed = bool(req.payload.sha256_hex)
     if blob.size < _INLINE_DIGEST_BYTES:  # a thread hop would cost more than the hashing
-        etag, sums, sha256 = _digests(blob.pieces(), names, signed)
+        etag, sums, sha256 = _digests(blob.pieces(), names, signed, md5 or bool(content_md5))
     else:
-        etag, sums, sha256 = await asyncio.to_thread(_digests, blob.pieces(), names, signed)
-    if md5 and md5 != etag:
+        etag, sums, sha256 = await asyncio.to_thread(
+            _digests, blob.pieces(), names, signed, md5 or bool(content_md5)
+        )
+    if content_md5 and content_md5 != etag:
         raise s3errors.S3Error("BadDigest", "The Content-MD5 you specified did not match.")
     if signed and sha256 != req.payload.sha256_hex.lower():
         raise s3errors.S3Error(
@@ -256,20 +279,23 @@ async def receive(
 
 
 def _digests(
-    pieces: Sequence[memoryview], names: Sequence[str], signed: bool
+    pieces: Sequence[memoryview], names: Sequence[str], signed: bool, with_md5: bool = True
 ) -> tuple[str, dict[str, str], str]:
-    """(hex MD5, base64 checksums, hex SHA-256 when signed) of the pieces (off the loop)."""
-    md5 = hashlib.md5()
+    """(hex MD5 when with_md5, base64 checksums, hex SHA-256 when signed) of the pieces (off
+    the loop)."""
+    md5 = hashlib.md5() if with_md5 else None
     hashers = {name: checksums.new(name) for name in names}
     sha256 = hashlib.sha256() if signed else None
     for piece in pieces:
-        md5.update(piece)
+        if md5 is not None:
+            md5.update(piece)
         for hasher in hashers.values():
             hasher.update(piece)
         if sha256 is not None:
             sha256.update(piece)
     sums = {name: checksums.b64(h.digest()) for name, h in hashers.items()}
-    return md5.hexdigest(), sums, sha256.hexdigest() if sha256 is not None else ""
+    etag = md5.hexdigest() if md5 is not None else ""
+    return etag, sums, sha256.hexdigest() if sha256 is not None else ""
 
 
 def checksum_headers(sums: dict[str, str]) -> dict[str, str]:

@@ -98,7 +98,9 @@ async def put_object(s3: server.S3Server, req: server.S3Request) -> web.Response
         )
     client = await kv_layout.client_of(s3, req)
     blob = kv_layout.Blob(size)
-    etag, sums = await kv_layout.receive(req, blob)
+    md5 = not kv_layout.trailer_checked(req)  # else the trailing checksum vouches for the bytes
+    etag, sums = await kv_layout.receive(req, blob, md5=md5)
+    etag = etag if md5 else kv_layout.version_etag(blob)
     info = pb.ObjectInfo(
         bucket=req.bucket, key=req.key, size=size, etag=etag,
         mtime_unix_ms=int(time.time() * 1000), headers=object_ops.request_headers(req), parts=1,

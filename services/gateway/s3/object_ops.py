@@ -9,7 +9,7 @@ import binascii
 import hashlib
 import logging
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -18,7 +18,7 @@ from kvtier import errors, names
 from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway import multipart, versions
-from services.gateway.s3 import params, response_body, s3errors, xmlio
+from services.gateway.s3 import body, params, response_body, s3errors, xmlio
 
 if TYPE_CHECKING:
     from services.gateway.s3 import server
@@ -117,18 +117,28 @@ async def receive(
 ) -> datanode_pb2.ShardMeta:
     """Stream the body into a begun write and commit it (aborted on any failure). A body of
     unknown length (plain HTTP chunked) goes in until it ends, size being its bound
-    (EntityTooLarge past it)."""
+    (EntityTooLarge past it). A call takes its staging slot only once its bytes come, and
+    gives it up while they pause (`body.Payload.stage`)."""
     engine = s3.front.engine
-    open_ended = req.payload.size < 0
-    fill: Callable[[memoryview], Awaitable[int | None]]
-    fill = req.payload.fill_to_end if open_ended else req.payload.fill
+    payload = req.payload
+    open_ended = payload.size < 0
+
+    async def fill(view: memoryview) -> int:
+        return await payload.stage(view, to_end=open_ended)
+
     try:
         stripe, most = engine.upload_limits(write_id)
         chunk = most - most % stripe
         written = 0
         while written < size:
             n = min(chunk, size - written)
-            got = await engine.write_call(write_id, n, fill)
+            if not payload.spilled:
+                await payload.at_end()  # a byte is here (or the end): now a slot is worth taking
+            try:
+                got = await engine.write_call(write_id, n, fill)
+            except body.Stalled:
+                await payload.spill(n)  # the call's bytes, no slot held; then stage again
+                continue
             written += got
             if got < n:  # the end of an open-ended body
                 break
@@ -399,19 +409,24 @@ async def get_object(s3: server.S3Server, req: server.S3Request) -> web.StreamRe
         response.headers["Content-Range"] = f"bytes {first}-{last}/{meta.size}"
     response.content_length = last - first + 1
     await response.prepare(req.http)
-    body = response_body.BodyWriter(response)
+    writer = response_body.BodyWriter(response, s3.send_timeout_s)
     try:
-        await s3.front.engine.stream(found, first, last - first + 1, body.sink)
-        await body.finish()
+        await s3.front.engine.stream(found, first, last - first + 1, writer.sink, writer.ready)
+        await writer.finish()
     except (errors.KVTierError, OSError) as exc:
         # The status line is gone: all that is left is to cut the body short, which the
         # client sees as fewer bytes than Content-Length.
         log.warning("GET %s/%s failed mid-body: %s", req.bucket, req.key, exc)
         if req.http.transport is not None:
-            req.http.transport.close()
+            if isinstance(exc, TimeoutError):
+                # A client that reads nothing would keep a closing connection (and what it
+                # left unread) open forever.
+                req.http.transport.abort()
+            else:
+                req.http.transport.close()
         return response
     finally:
-        body.close()
+        writer.close()
     await response.write_eof()
     return response
 

@@ -64,6 +64,11 @@ def check_time(signed: PresignedV2, now: float) -> None:
         )
 
 
+def hmac_sha1(secret: str, data: bytes) -> bytes:
+    """The base64 HMAC-SHA1 of data under secret: a V2 signature (URLs and POST policies)."""
+    return base64.b64encode(hmac.new(secret.encode(), data, hashlib.sha1).digest())
+
+
 def verify_v2(
     signed: PresignedV2,
     secret: str,
@@ -91,7 +96,7 @@ def verify_v2(
         )
     ) + "\n" + resource  # fmt: skip
     raw = to_sign.encode("utf-8", "surrogateescape")  # as the HTTP layer decoded it
-    expected = base64.b64encode(hmac.new(secret.encode(), raw, hashlib.sha1).digest())
+    expected = hmac_sha1(secret, raw)
     if not hmac.compare_digest(expected, sigv4.signature_bytes(signed.signature)):
         raise s3errors.S3Error(
             "SignatureDoesNotMatch",

@@ -7,7 +7,9 @@ its tenant's buckets only, admins all, never the KV tier's internal bucket) → 
 (`bucket_ops`, `object_ops`, `multipart_ops`) on the gateway's object front. Errors become S3 XML
 bodies with the right status. `Expect: 100-continue` is answered only once the headers
 authenticate (`S3Server.expect`). Bodies stream both ways through the engine's staging slots: a
-PUT never holds more than one call's stripes, a GET one slot of the object at a time.
+PUT never holds more than one call's stripes, a GET one slot of the object at a time, and neither
+holds a slot while its client sends or reads nothing (`body`, `response_body`; idle ones end
+after body_timeout_s / send_timeout_s).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from kvtier import errors
 from kvtier import principal as principal_mod
 from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway import front as front_mod
-from services.gateway.s3 import auth, body, kv_ops, s3errors, sigv4, xmlio
+from services.gateway.s3 import auth, body, kv_ops, post_object, s3errors, sigv4, xmlio
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +96,15 @@ class S3Server:
         *,
         region: str = "us-east-1",
         domain: str = "",
+        body_timeout_s: float = body.BODY_TIMEOUT_S,
+        send_timeout_s: float = body.BODY_TIMEOUT_S,
     ) -> None:
         self.front = front
         self.auth = authenticator
         self.region = region
         self.domain = domain.lower().strip(".")
+        #: Seconds a request body may send nothing (RequestTimeout), a response wait unread.
+        self.body_timeout_s, self.send_timeout_s = body_timeout_s, send_timeout_s
         self.routes = _routes()
         self.kv_buckets = kv_ops.KVBuckets(front.metadata_address, front.security)
 
@@ -122,7 +128,8 @@ class S3Server:
             bucket, key = self.target(http)
             resource = f"/{bucket}/{key}" if key else f"/{bucket}"
             op, _ = self.route(http.method, bucket, key, http.query)
-            http[_AUTHENTICATED] = await self.auth.authenticate(http)
+            if op != "PostObject":  # its credentials are fields of the body
+                http[_AUTHENTICATED] = await self.auth.authenticate(http)
         except s3errors.S3Error as exc:
             request_id = secrets.token_hex(8).upper()
             response = _error(exc, resource, request_id, http.method)
@@ -145,7 +152,8 @@ class S3Server:
             bucket, key = self.target(http)
             resource = f"/{bucket}/{key}" if key else f"/{bucket}"
             op, handler = self.route(http.method, bucket, key, http.query)
-            principal, payload = http.get(_AUTHENTICATED) or await self.auth.authenticate(http)
+            principal, payload = http.get(_AUTHENTICATED) or await self._authenticate(http, op)
+            payload.timeout_s = self.body_timeout_s
             request = S3Request(
                 http, request_id, bucket, key, dict(http.query), principal, payload, op
             )
@@ -203,6 +211,15 @@ class S3Server:
         raise s3errors.S3Error(
             "MethodNotAllowed", "The specified method is not allowed against this resource."
         )
+
+    async def _authenticate(
+        self, http: web.Request, op: str
+    ) -> tuple[auth.Principal, body.Payload]:
+        """The user and body of a request: a POST form signs its policy (`post_object`), any
+        other request its headers or query (`auth`)."""
+        if op == "PostObject":
+            return await post_object.authenticate(self, http)
+        return await self.auth.authenticate(http)
 
     async def _kv_handler(self, request: S3Request, handler: Handler) -> Handler:
         """The KV tier's handler when the bucket is a KV bucket (ownership checked)."""
@@ -268,6 +285,7 @@ def _routes() -> list[tuple[tuple[str, str, tuple[str, ...]], tuple[str, Handler
         ("HEAD", "bucket", (), "HeadBucket", bucket_ops.head_bucket),
         ("DELETE", "bucket", (), "DeleteBucket", bucket_ops.delete_bucket),
         ("POST", "bucket", ("delete",), "DeleteObjects", object_ops.delete_objects),
+        ("POST", "bucket", (), "PostObject", post_object.post_object),
         ("PUT", "object", ("partNumber", "uploadId"), "UploadPart", multipart_ops.upload_part),
         ("PUT", "object", (), "PutObject", object_ops.put_object),
         ("GET", "object", ("uploadId",), "ListParts", multipart_ops.list_parts),

@@ -1,0 +1,304 @@
+"""POST Object (browser-form uploads with a signed POST policy) against a real dev cluster:
+boto3's `generate_presigned_post` (V4 and V2) posted as real multipart/form-data over HTTPS
+(urllib3 trusting the cluster CA), every stored object read back byte for byte, and S3's
+errors, each with nothing stored: an expired, tampered or wrongly signed policy, a field no
+condition names, content-length-range, starts-with, an anonymous form, another tenant."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import urllib.parse
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import urllib3
+from botocore.exceptions import ClientError
+
+from tests.integration import s3_cluster
+from tests.integration.s3_cluster import s3_cluster as s3_cluster_fixture  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+MIB = 1024 * 1024
+BUCKET = "post-objects"
+
+Fields = list[tuple[str, Any]]
+
+
+def _data(seed: int, size: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+@pytest.fixture(scope="module")
+def info(s3_cluster_fixture: dict[str, Any]) -> dict[str, Any]:  # noqa: F811
+    return s3_cluster_fixture
+
+
+@pytest.fixture(scope="module")
+def users(info: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Two tenants' users (not admins): the bucket's owner and a stranger."""
+    return {"owner": s3_cluster.add_user(info, "t-post"), "other": s3_cluster.add_user(info, "t-x")}
+
+
+@pytest.fixture(scope="module")
+def s3(info: dict[str, Any], users: dict[str, tuple[str, str]]) -> Any:
+    client = s3_cluster.client(info, *users["owner"], signature_version="s3v4")
+    client.create_bucket(Bucket=BUCKET)
+    return client
+
+
+@pytest.fixture(scope="module")
+def http(info: dict[str, Any]) -> urllib3.PoolManager:
+    return urllib3.PoolManager(cert_reqs="CERT_REQUIRED", ca_certs=info["ca_file"])
+
+
+def _form(post: dict[str, Any], file: Any, *, drop: str = "") -> Fields:
+    """The form of a presigned POST: its fields (but drop), the file last."""
+    return [*((k, v) for k, v in post["fields"].items() if k != drop), ("file", file)]
+
+
+def _send(
+    http: urllib3.PoolManager, url: str, form: Fields, **headers: str
+) -> urllib3.BaseHTTPResponse:
+    body, content_type = urllib3.encode_multipart_formdata(form)
+    return http.request(
+        "POST", url, body=body, headers={"Content-Type": content_type, **headers},
+        redirect=False, retries=False,
+    )  # fmt: skip
+
+
+def _error(response: urllib3.BaseHTTPResponse) -> tuple[int, str, str]:
+    root = ET.fromstring(response.data)
+    return response.status, root.findtext("Code") or "", root.findtext("Message") or ""
+
+
+def _absent(s3: Any, key: str) -> None:
+    with pytest.raises(ClientError) as missing:
+        s3.head_object(Bucket=BUCKET, Key=key)
+    assert missing.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+
+
+def test_v4_post_with_filename_metadata_and_201(
+    s3: Any, http: urllib3.PoolManager, info: dict[str, Any]
+) -> None:
+    data = _data(1, 3 * MIB + 5)
+    sha = base64.b64encode(hashlib.sha256(data).digest()).decode()
+    post = s3.generate_presigned_post(
+        BUCKET, "up/${filename}",
+        Fields={"Content-Type": "text/plain", "x-amz-meta-owner": "alice",
+                "success_action_status": "201", "x-amz-checksum-sha256": sha},
+        Conditions=[{"Content-Type": "text/plain"}, ["starts-with", "$x-amz-meta-owner", "al"],
+                    {"success_action_status": "201"}, ["content-length-range", 1, 10 * MIB],
+                    {"x-amz-checksum-sha256": sha}],
+    )  # fmt: skip
+    assert post["url"] == f"{info['gateway_s3']}/{BUCKET}"
+    response = _send(http, post["url"], _form(post, ("data.bin", data, "application/x-raw")))
+    assert response.status == 201, response.data
+    root = ET.fromstring(response.data)
+    assert root.tag == "PostResponse"
+    assert (root.findtext("Bucket"), root.findtext("Key")) == (BUCKET, "up/data.bin")
+    assert root.findtext("ETag") == response.headers["ETag"]
+    assert response.headers["x-amz-checksum-sha256"] == sha
+    assert root.findtext("Location") == f"{info['gateway_s3']}/{BUCKET}/up%2Fdata.bin"
+    got = s3.get_object(Bucket=BUCKET, Key="up/data.bin")
+    assert hashlib.sha256(got["Body"].read()).digest() == hashlib.sha256(data).digest()
+    assert got["ETag"] == response.headers["ETag"]
+    assert got["ContentType"] == "text/plain"
+    assert got["Metadata"] == {"owner": "alice"}
+
+
+def test_v4_post_default_204_and_v2_post(
+    s3: Any, http: urllib3.PoolManager, info: dict[str, Any], users: dict[str, tuple[str, str]]
+) -> None:
+    data = _data(2, 1000)
+    post = s3.generate_presigned_post(BUCKET, "plain.bin")
+    # Expect: 100-continue is answered without authenticating headers (the form signs).
+    response = _send(http, post["url"], _form(post, ("x", data)), Expect="100-continue")
+    assert (response.status, response.data) == (204, b""), response.data
+    assert response.headers["ETag"] == f'"{hashlib.md5(data).hexdigest()}"'
+    assert s3.get_object(Bucket=BUCKET, Key="plain.bin")["Body"].read() == data
+    # Signature Version 2 (AWSAccessKeyId, signature: what ceph's s3-tests send), an empty file.
+    v2 = s3_cluster.client(info, *users["owner"], signature_version="s3")
+    post = v2.generate_presigned_post(BUCKET, "v2.bin", Fields={"x-ignore-me": "1"})
+    assert "AWSAccessKeyId" in post["fields"]
+    # As s3-tests send forms (requests' files=): every part with a filename, here its name.
+    form = [(k, (k, v)) for k, v in post["fields"].items()]
+    response = _send(http, post["url"], [*form, ("file", ("v2", b""))])
+    assert response.status == 204, response.data
+    assert s3.get_object(Bucket=BUCKET, Key="v2.bin")["Body"].read() == b""
+
+
+def test_success_action_redirect(s3: Any, http: urllib3.PoolManager) -> None:
+    target = "https://app.example/done?x=1"
+    post = s3.generate_presigned_post(
+        BUCKET, "redirected.txt", Fields={"success_action_redirect": target},
+        Conditions=[{"success_action_redirect": target}],
+    )  # fmt: skip
+    response = _send(http, post["url"], _form(post, ("r", b"hello")))
+    assert response.status == 303, response.data
+    etag = f'"{hashlib.md5(b"hello").hexdigest()}"'
+    query = urllib.parse.urlencode({"bucket": BUCKET, "key": "redirected.txt", "etag": etag})
+    assert response.headers["Location"] == f"{target}&{query}"
+    assert s3.get_object(Bucket=BUCKET, Key="redirected.txt")["Body"].read() == b"hello"
+
+
+Case = Callable[[Any], tuple[str, Fields]]
+
+
+def _fields(post: dict[str, Any], **replace: str) -> tuple[str, Fields]:
+    return post["url"], [(k, replace.get(k, v)) for k, v in post["fields"].items()]
+
+
+def _tampered(s3: Any) -> tuple[str, Fields]:
+    post = s3.generate_presigned_post(BUCKET, "bad/tampered")
+    other = s3.generate_presigned_post(BUCKET, "bad/tampered", ExpiresIn=7200)
+    return _fields(post, policy=other["fields"]["policy"])
+
+
+def _wrong_signature(s3: Any) -> tuple[str, Fields]:
+    post = s3.generate_presigned_post(BUCKET, "bad/signature")
+    signature = post["fields"]["x-amz-signature"]
+    flipped = ("0" if signature[0] != "0" else "1") + signature[1:]
+    return _fields(post, **{"x-amz-signature": flipped})
+
+
+def _extra(s3: Any) -> tuple[str, Fields]:
+    url, fields = _fields(s3.generate_presigned_post(BUCKET, "bad/extra"))
+    return url, [*fields, ("x-amz-meta-note", "hi")]
+
+
+def _bad_digest(s3: Any) -> tuple[str, Fields]:
+    wrong = base64.b64encode(hashlib.sha256(b"other").digest()).decode()
+    post = s3.generate_presigned_post(
+        BUCKET, "bad/digest", Fields={"x-amz-checksum-sha256": wrong},
+        Conditions=[{"x-amz-checksum-sha256": wrong}],
+    )  # fmt: skip
+    return _fields(post)
+
+
+def _range(low: int, high: int) -> Case:
+    def case(s3: Any) -> tuple[str, Fields]:
+        key = "bad/small" if low else "bad/large"
+        conditions = [["content-length-range", low, high]]
+        return _fields(s3.generate_presigned_post(BUCKET, key, Conditions=conditions))
+
+    return case
+
+
+@pytest.mark.parametrize(
+    ("key", "case", "status", "code", "message"),
+    [
+        ("bad/expired", lambda s3: _fields(s3.generate_presigned_post(
+         BUCKET, "bad/expired", ExpiresIn=-60)),
+         403, "AccessDenied", "Invalid according to Policy: Policy expired."),
+        ("bad/tampered", _tampered, 403, "SignatureDoesNotMatch", ""),
+        ("bad/signature", _wrong_signature, 403, "SignatureDoesNotMatch", ""),
+        ("bad/extra", _extra, 403, "AccessDenied",
+         "Invalid according to Policy: Extra input fields: x-amz-meta-note"),
+        ("bad/starts", lambda s3: _fields(s3.generate_presigned_post(
+         BUCKET, "up/${filename}"), key="bad/starts"), 403, "AccessDenied",
+         'Invalid according to Policy: Policy Condition failed: ["starts-with", "$key", "up/"]'),
+        ("bad/small", _range(100, 200), 400, "EntityTooSmall", ""),
+        ("bad/large", _range(0, MIB), 400, "EntityTooLarge", ""),
+        ("bad/digest", _bad_digest, 400, "BadDigest", ""),
+    ],
+)  # fmt: skip
+def test_refused_forms_store_nothing(
+    s3: Any,
+    http: urllib3.PoolManager,
+    key: str,
+    case: Case,
+    status: int,
+    code: str,
+    message: str,
+) -> None:
+    url, fields = case(s3)
+    size = 3 * MIB if key == "bad/large" else 50
+    response = _send(http, url, [*fields, ("file", ("f.bin", _data(3, size)))])
+    got_status, got_code, got_message = _error(response)
+    assert (got_status, got_code) == (status, code), response.data
+    assert not message or got_message == message
+    _absent(s3, key)
+
+
+def _sign_v4(secret: str, day: str, policy: str) -> str:
+    """The V4 signature of a policy (AWS's HMAC chain, written out independently)."""
+    key = f"AWS4{secret}".encode()
+    for part in (day, "us-east-1", "s3", "aws4_request", policy):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return key.hex()
+
+
+def test_malformed_forms(
+    s3: Any, http: urllib3.PoolManager, info: dict[str, Any], users: dict[str, tuple[str, str]]
+) -> None:
+    url = f"{info['gateway_s3']}/{BUCKET}"
+    anonymous = _send(http, url, [("key", "bad/anon"), ("file", ("a", b"x"))])
+    assert _error(anonymous)[:2] == (403, "AccessDenied")
+    post = s3.generate_presigned_post(BUCKET, "bad/nokey")
+    no_key = _send(http, url, _form(post, ("a", b"x"), drop="key"))
+    assert _error(no_key)[:2] == (400, "InvalidArgument")
+    no_file = _send(http, url, [(k, v) for k, v in post["fields"].items()])
+    assert _error(no_file)[:2] == (400, "InvalidArgument")
+    after = _send(http, url, [("key", "bad/after"), ("file", ("a", b"x")), *post["fields"].items()])
+    assert _error(after)[:2] == (403, "AccessDenied")  # fields after the file are ignored
+    not_form = http.request("POST", url, body=b"key=a", headers={"Content-Type": "text/plain"})
+    assert _error(not_form)[:2] == (412, "PreconditionFailed")
+    for content_type, body in (
+        ("multipart/form-data", b"x"),
+        ("multipart/form-data; boundary=b", b"x"),
+    ):
+        malformed = http.request("POST", url, body=body, headers={"Content-Type": content_type})
+        assert _error(malformed)[:2] == (400, "MalformedPOSTRequest")
+    too_big = _send(http, url, [("x-ignore-pad", "p" * 30000), *_form(post, ("a", b"x"))])
+    assert _error(too_big)[:2] == (400, "MaxPostPreDataLengthExceeded")
+    unknown = s3_cluster.client(info, "NOSUCHKEY", "secret", signature_version="s3v4")
+    bad_key = unknown.generate_presigned_post(BUCKET, "bad/nokey")
+    assert _error(_send(http, url, _form(bad_key, ("a", b"x"))))[:2] == (
+        403, "InvalidAccessKeyId",
+    )  # fmt: skip
+    # A policy signed right but not a policy (no conditions): 400 InvalidPolicyDocument.
+    broken = base64.b64encode(b'{"expiration": "2099-01-01T00:00:00Z"}').decode()
+    fields = dict(post["fields"], key="bad/policy", policy=broken)
+    fields["x-amz-signature"] = _sign_v4(users["owner"][1], fields["x-amz-date"][:8], broken)
+    invalid = _send(http, url, [*fields.items(), ("file", ("a", b"x"))])
+    assert _error(invalid)[:2] == (400, "InvalidPolicyDocument")
+    for key in ("bad/anon", "bad/nokey", "bad/after", "bad/policy"):
+        _absent(s3, key)
+
+
+def test_another_tenant_is_denied_and_nothing_stored(
+    s3: Any, http: urllib3.PoolManager, info: dict[str, Any], users: dict[str, tuple[str, str]]
+) -> None:
+    other = s3_cluster.client(info, *users["other"], signature_version="s3v4")
+    post = other.generate_presigned_post(BUCKET, "stolen.bin")
+    response = _send(http, post["url"], _form(post, ("s", _data(4, 4096))))
+    assert _error(response)[:2] == (403, "AccessDenied")
+    _absent(s3, "stolen.bin")
+    # The stranger's own policy replayed for the owner's credentials is a bad signature.
+    mine = s3.generate_presigned_post(BUCKET, "stolen.bin")
+    post["fields"]["x-amz-credential"] = mine["fields"]["x-amz-credential"]
+    assert _error(_send(http, post["url"], _form(post, ("s", b"x"))))[:2] == (
+        403, "SignatureDoesNotMatch",
+    )  # fmt: skip
+    _absent(s3, "stolen.bin")
+
+
+def test_kv_bucket_is_not_implemented(s3: Any, http: urllib3.PoolManager) -> None:
+    def kv_kind(request: Any, **_: Any) -> None:
+        request.headers["x-kvtier-bucket-kind"] = "kv"
+
+    s3.meta.events.register("before-sign.s3.CreateBucket", kv_kind)
+    try:
+        s3.create_bucket(Bucket="post-kv")
+    finally:
+        s3.meta.events.unregister("before-sign.s3.CreateBucket", kv_kind)
+    post = s3.generate_presigned_post("post-kv", "k")
+    assert _error(_send(http, post["url"], _form(post, ("k", b"x"))))[:2] == (
+        501, "NotImplemented",
+    )  # fmt: skip
