@@ -1,13 +1,15 @@
 """`make bench`: measure, check the targets as ratios of this run's ceilings, write the report.
 
 Usage: python -m bench.run [--quick] [--no-doc] [--skip-kv] [--skip-objects] [--skip-s3]
-                           [--skip-security] [--skip-e2e]
+                           [--skip-rgw] [--skip-security] [--skip-e2e] [--skip-nixl]
 Writes bench/results/<name>.json, docs/img/<name>.png and the matching section of
 docs/benchmarks.md (between `<!-- <name>:begin -->` and `<!-- <name>:end -->`).
 The KV-cache section (bench/kv_bench.py) installs its peers with scripts/bench_peers.sh first;
 the object-tier section (bench/object_bench.py) starts and stops a dev cluster of its own; the
 security section (bench/security_bench.py) an insecure and a secure one, and reports what
-authentication and TLS cost as ratios between them.
+authentication and TLS cost as ratios between them; the S3-against-RGW section
+(bench/s3_rgw_bench.py) installs Ceph from Debian when it is missing and starts and stops a
+one-OSD Ceph cluster with radosgw (bench/rgw.py) beside two dev clusters.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from bench import (
     ceilings,
     eviction_trace,
     kv_bench,
+    nixl_bench,
     object_bench,
     s3_bench,
+    s3_rgw_bench,
     security_bench,
     transport_bench,
 )
@@ -238,12 +242,20 @@ def main() -> int:
         "--skip-s3", action="store_true", help="skip the S3 API (boto3, dev cluster) benchmark"
     )
     parser.add_argument(
+        "--skip-rgw",
+        action="store_true",
+        help="skip kvtier's S3 against Ceph RGW (installs Ceph from Debian when missing)",
+    )
+    parser.add_argument(
         "--skip-security",
         action="store_true",
         help="skip the cost of security (an insecure and a secure dev cluster)",
     )
     parser.add_argument(
         "--skip-e2e", action="store_true", help="skip the end-to-end restore-vs-recompute sweep"
+    )
+    parser.add_argument(
+        "--skip-nixl", action="store_true", help="skip NIXL OBJ against the S3 gateway"
     )
     args = parser.parse_args()
     result = run_transport(args.quick)
@@ -264,6 +276,12 @@ def main() -> int:
     if not args.skip_s3:
         s3 = s3_bench.run_section(args.quick, None if args.no_doc else update_doc)
         result["targets"] += s3["targets"]
+    if not args.skip_nixl:
+        nixl = nixl_bench.run_section(args.quick, None if args.no_doc else update_doc)
+        result["targets"] += nixl["targets"]
+    if not args.skip_rgw:
+        rgw = s3_rgw_bench.run_section(args.quick, None if args.no_doc else update_doc)
+        result["targets"] += rgw["targets"]
     if not args.skip_security:
         sec = security_bench.run_section(args.quick, None if args.no_doc else update_doc)
         result["targets"] += sec["targets"]

@@ -40,14 +40,23 @@ CONCURRENCY = (1, 8)
 HEADING = "S3 API: boto3 against the dev cluster"
 
 
-def _client(endpoint: str, access_key: str, secret_key: str, ca_file: str = "") -> Any:
-    """boto3 as a user configures it: path style, the cluster's CA for an https endpoint."""
+def _client(
+    endpoint: str, access_key: str, secret_key: str, ca_file: str = "", *,
+    unsigned_payload: bool = False,
+) -> Any:  # fmt: skip
+    """boto3 as a user configures it: path style, the cluster's CA for an https endpoint.
+    `unsigned_payload`: send `x-amz-content-sha256: UNSIGNED-PAYLOAD` (no SHA-256 of bodies in
+    the client, over HTTP too) and validate response checksums only when required."""
+    s3: dict[str, Any] = {"addressing_style": "path"}
+    if unsigned_payload:
+        s3["payload_signing_enabled"] = False
     return boto3.client(
         "s3", endpoint_url=endpoint, aws_access_key_id=access_key,
         aws_secret_access_key=secret_key, region_name="us-east-1", verify=ca_file or None,
         config=Config(
-            s3={"addressing_style": "path"}, max_pool_connections=16,
-            retries={"max_attempts": 1}, request_checksum_calculation="when_required",
+            s3=s3, max_pool_connections=16, retries={"max_attempts": 1},
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required" if unsigned_payload else None,
         ),
     )  # fmt: skip
 
