@@ -48,8 +48,9 @@ from services.kvcache import eviction, slab
 
 log = logging.getLogger(__name__)
 
-#: The longest key accepted (chained prefix hashes are far shorter).
-MAX_KEY_BYTES = 1024
+#: The longest key accepted (chained prefix hashes are far shorter): 1024 bytes, plus room for
+#: the short prefixes S3 KV buckets put before an S3 key (up to 1024 bytes) in their block keys.
+MAX_KEY_BYTES = 1024 + 16
 #: The longest namespace name accepted.
 MAX_NAMESPACE_BYTES = 1024
 

@@ -102,6 +102,33 @@ def test_put_of_exactly_the_maximum_is_stored_and_one_byte_more_is_too_large(s3:
     s3.delete_bucket(Bucket="kv-max")  # no block left behind (the tail included)
 
 
+def test_keys_of_the_longest_length_s3_allows(s3: Any) -> None:
+    """S3 keys of 1024 bytes are stored, listed and deleted (a KV bucket's block keys carry a
+    3-byte prefix on top), and multipart works for them; 1025 bytes is KeyTooLongError."""
+    _kv_bucket(s3, "kv-long-keys")
+    longest = "k" * 1022 + "é"  # 1024 bytes of UTF-8
+    assert len(longest.encode()) == 1024
+    s3.put_object(Bucket="kv-long-keys", Key=longest, Body=b"long key")
+    assert s3.head_object(Bucket="kv-long-keys", Key=longest)["ContentLength"] == 8
+    assert s3.get_object(Bucket="kv-long-keys", Key=longest)["Body"].read() == b"long key"
+    listed = s3.list_objects_v2(Bucket="kv-long-keys")["Contents"]
+    assert [o["Key"] for o in listed] == [longest]
+    upload = s3.create_multipart_upload(Bucket="kv-long-keys", Key=longest)["UploadId"]
+    part = s3.upload_part(
+        Bucket="kv-long-keys", Key=longest, UploadId=upload, PartNumber=1, Body=b"in parts"
+    )
+    s3.complete_multipart_upload(
+        Bucket="kv-long-keys", Key=longest, UploadId=upload,
+        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]},
+    )  # fmt: skip
+    assert s3.get_object(Bucket="kv-long-keys", Key=longest)["Body"].read() == b"in parts"
+    with pytest.raises(ClientError) as too_long:
+        s3.put_object(Bucket="kv-long-keys", Key=longest + "k", Body=b"x")
+    assert _code(too_long) == ("KeyTooLongError", 400)
+    s3.delete_object(Bucket="kv-long-keys", Key=longest)
+    s3.delete_bucket(Bucket="kv-long-keys")
+
+
 def test_awscli_copies_a_file_in_parts_into_a_kv_bucket(
     s3: Any,
     s3_cluster_fixture: Info,  # noqa: F811
