@@ -20,6 +20,7 @@ from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from kvtier.transport import base
 from services.kvcache import __main__ as kvcache_main
 from services.kvcache import config as kvcache_config
+from services.kvcache import store as kvcache_store
 from services.metadata import __main__ as metadata_main
 from services.metadata import config as metadata_config
 from tests.component import harness
@@ -415,7 +416,8 @@ async def test_bad_requests_get_typed_errors_and_store_nothing(
         await _client(nodes) as client,
     ):
         assert await client.put_batch([b""], [b"x"]) == [kv.PutStatus.INVALID]
-        assert await client.put_batch([b"k" * 1025], [b"x"]) == [kv.PutStatus.INVALID]
+        too_long = b"k" * (kvcache_store.MAX_KEY_BYTES + 1)
+        assert await client.put_batch([too_long], [b"x"]) == [kv.PutStatus.INVALID]
         assert await client.put_batch([b"big"], [bytearray(64 * MIB + 1)]) == [kv.PutStatus.INVALID]
         with pytest.raises(errors.InvalidArgument):
             await client.put_batch([b"a", b"b"], [b"x"])

@@ -256,7 +256,10 @@ def drive(ctx: base.ServerContext, principal: str, method: int, request: bytes,
 
 
 Call = tuple[str, int, bytes, list[int], list[int]]
-KEYS = st.sampled_from([b"a", b"b", b"c", b"a", b"b", b"c", b"k" * 1024, b"k" * 1025, b""])
+_LONGEST = block_store.MAX_KEY_BYTES
+KEYS = st.sampled_from(
+    [b"a", b"b", b"c", b"a", b"b", b"c", b"k" * _LONGEST, b"k" * (_LONGEST + 1), b""]
+)
 
 
 @st.composite

@@ -540,7 +540,7 @@ def test_failing_spill_sink_drops_the_block() -> None:
     ("call", "match"),
     [
         (lambda kv: kv.begin_put(T1, NS, b"", 4096), "key"),
-        (lambda kv: kv.begin_put(T1, NS, b"x" * 1025, 4096), "key"),
+        (lambda kv: kv.begin_put(T1, NS, b"x" * (store.MAX_KEY_BYTES + 1), 4096), "key"),
         (lambda kv: kv.begin_put(T1, NS, b"k", 0), "size"),
         (lambda kv: kv.begin_put(T1, NS, b"k", PAGE_BYTES + 1), "size"),
         (lambda kv: kv.begin_put(T1, NS, b"k", 1, ttl_s=0), "ttl_s"),
