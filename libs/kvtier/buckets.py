@@ -1,8 +1,11 @@
 """Buckets in etcd: `<prefix>/buckets/<name>` = a serialized `kvtier.metadata.v1.BucketInfo`.
 
-The metadata service creates buckets with a create-only transaction and deletes them with one
-that compares the key's mod revision; gateways read and watch the keys directly. A bucket's
-`generation` is that mod revision, filled in on every read (the stored value has 0).
+The metadata service creates buckets with a create-only transaction, changes their
+configuration (ACL, CORS, lifecycle) with read-modify-write transactions that compare the key's
+mod revision, and deletes them with one that compares the key's create revision; gateways read
+and watch the keys directly. A bucket's `generation` is that create revision, filled in on every
+read (the stored value has 0): it names one incarnation of the bucket, unchanged by configuration
+updates, and a bucket deleted and created again gets a larger one.
 
 `BucketStore` keeps no etcd client of its own: it runs every operation through an
 `EtcdMembership` session (`call`, `watch_changes`), so it shares that session's client, call
@@ -19,6 +22,10 @@ from kvtier import errors, membership, names
 from kvtier.proto.metadata.v1 import metadata_pb2
 
 log = logging.getLogger(__name__)
+
+#: Read-modify-write attempts of a configuration update before it gives up (the record keeps
+#: changing under it).
+_MAX_UPDATE_ATTEMPTS = 20
 
 #: Compare-and-delete attempts before an unconditional delete gives up (the bucket keeps
 #: being replaced under it).
@@ -102,13 +109,53 @@ class BucketStore:
                 return
             if not responses[0]:
                 raise errors.NotFound(f"bucket {name} does not exist")
-            current = int(responses[0][0][1].mod_revision)
+            current = int(responses[0][0][1].create_revision)
             if expected_generation:
                 raise errors.PreconditionFailed(
                     f"bucket {name} is at generation {current}, not {expected_generation}"
                 )
             generation = current  # replaced since our read: delete what is there now
         raise errors.Unavailable(f"bucket {name} kept changing under compare-and-delete")
+
+    async def update(
+        self,
+        name: str,
+        change: Callable[[metadata_pb2.BucketInfo], None],
+        expected_generation: int = 0,
+    ) -> metadata_pb2.BucketInfo:
+        """Apply change to the bucket's record (its configuration; never its name, tenant, kind
+        or storage id) and return the stored result.
+
+        Read-modify-write under a mod-revision compare, retried when another update lands in
+        between, so concurrent updates of different parts never lose one another. Raises
+        errors.NotFound, errors.PreconditionFailed (expected_generation given and the bucket is
+        another incarnation) and errors.Unavailable.
+        """
+        key = self._key(name)
+        for _attempt in range(_MAX_UPDATE_ATTEMPTS):
+            kv = await self._etcd.call(lambda client: client.get(key))
+            if kv is None:
+                raise errors.NotFound(f"bucket {name} does not exist")
+            record = _decode(kv)
+            if expected_generation and record.generation != expected_generation:
+                raise errors.PreconditionFailed(
+                    f"bucket {name} is at generation {record.generation}, not {expected_generation}"
+                )
+            identity = (record.name, record.tenant, record.kind, record.storage_id)
+            change(record)
+            if (record.name, record.tenant, record.kind, record.storage_id) != identity:
+                raise errors.InvalidArgument(
+                    "a configuration update may not change who owns a bucket"
+                )
+            record.generation = 0  # never stored
+            value = record.SerializeToString()
+            ok, responses = await self._etcd.call(
+                _compare_and_put(key, int(kv.mod_revision), value)
+            )
+            if ok:
+                ((_value, stored),) = responses[1]
+                return _decode(stored)
+        raise errors.Unavailable(f"bucket {name} kept changing under its configuration update")
 
     async def list_all(self, tenant: str | None = None) -> list[metadata_pb2.BucketInfo]:
         """Every bucket (of `tenant`, when given), sorted by name."""
@@ -149,13 +196,31 @@ def _create_only(key: bytes, value: bytes) -> Callable[[Any], Awaitable[Any]]:
     return op
 
 
-def _compare_and_delete(key: bytes, generation: int) -> Callable[[Any], Awaitable[Any]]:
-    """The transaction deleting key at mod revision `generation`; on failure it reads key."""
+def _compare_and_put(
+    key: bytes, mod_revision: int, value: bytes
+) -> Callable[[Any], Awaitable[Any]]:
+    """The transaction replacing key's value at mod revision `mod_revision`; on success it reads
+    key back (the new record and its revisions, atomically)."""
 
     def op(client: Any) -> Any:
         tx = client.transactions
         return client.transaction(
-            compare=[tx.mod(key) == generation],
+            compare=[tx.mod(key) == mod_revision],
+            success=[tx.put(key, value), tx.get(key)],
+            failure=[],
+        )
+
+    return op
+
+
+def _compare_and_delete(key: bytes, generation: int) -> Callable[[Any], Awaitable[Any]]:
+    """The transaction deleting key of create revision `generation` (that incarnation, whatever
+    its configuration); on failure it reads key."""
+
+    def op(client: Any) -> Any:
+        tx = client.transactions
+        return client.transaction(
+            compare=[tx.create(key) == generation],
             success=[tx.delete(key)],
             failure=[tx.get(key)],
         )
@@ -166,5 +231,5 @@ def _compare_and_delete(key: bytes, generation: int) -> Callable[[Any], Awaitabl
 def _decode(kv: Any) -> metadata_pb2.BucketInfo:
     info = metadata_pb2.BucketInfo()
     info.ParseFromString(kv.value)
-    info.generation = int(kv.mod_revision)
+    info.generation = int(kv.create_revision)
     return info

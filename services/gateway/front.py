@@ -216,6 +216,23 @@ class ObjectFront:
         """The bucket (NotFound, PermissionDenied)."""
         return _bucket(await self.bucket_for(name, fresh=True))
 
+    async def set_bucket_config(
+        self, name: str, request: metadata_pb2.SetBucketConfigRequest
+    ) -> metadata_pb2.BucketInfo:
+        """Replace one part of the configuration (ACL, CORS, lifecycle) of a bucket the caller
+        may use (bucket_for: its tenant's users and privileged callers; a caller admitted by an
+        ACL grant is the S3 layer's to check before); returns the stored record. The change is
+        seen here at once and by other gateways within bucket_cache_s. NotFound,
+        PermissionDenied, InvalidArgument."""
+        if name == names.KV_DURABLE_BUCKET:
+            raise _denied(f"{name} is internal to the KV tier")
+        info = await self.bucket_for(name, fresh=True)
+        request.name = name
+        request.expected_generation = info.generation  # never another incarnation's
+        stored = await self._meta().set_bucket_config(request)
+        self._infos[name] = (time.monotonic(), stored)
+        return stored
+
     async def list_buckets(self) -> list[pb.BucketInfo]:
         """The caller's tenant's buckets (a privileged caller's: every bucket), sorted by name;
         never the durable KV bucket."""

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 from kvtier import buckets as bucket_store
-from kvtier import principal
+from kvtier import errors, principal
 from kvtier.proto.metadata.v1 import metadata_pb2 as pb
 from kvtier.transport import dataplane as transport_dataplane
 
@@ -56,6 +56,22 @@ class BucketService:
         await self._store.delete(request.name, request.expected_generation)
         log.info("bucket %s deleted", request.name)
         return pb.DeleteBucketResponse()
+
+    async def set_bucket_config(
+        self, request: pb.SetBucketConfigRequest
+    ) -> pb.SetBucketConfigResponse:
+        """Replace one part of the bucket's configuration (whoever may is the gateway's to
+        check: the owner or an admin)."""
+        part = request.WhichOneof("config")
+        if part is None:
+            raise errors.InvalidArgument("SetBucketConfig names no configuration to set")
+
+        def change(record: pb.BucketInfo) -> None:
+            getattr(record, part).CopyFrom(getattr(request, part))
+
+        bucket = await self._store.update(request.name, change, request.expected_generation)
+        log.info("bucket %s: %s configuration set", request.name, part)
+        return pb.SetBucketConfigResponse(bucket=bucket)
 
     async def get_bucket(self, request: pb.GetBucketRequest) -> pb.GetBucketResponse:
         """One bucket, with its generation."""

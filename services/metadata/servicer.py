@@ -64,6 +64,11 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
     ) -> metadata_pb2.GetBucketResponse:
         return await self._buckets.get_bucket(request)
 
+    async def SetBucketConfig(
+        self, request: metadata_pb2.SetBucketConfigRequest, context: rpc.ServicerContext
+    ) -> metadata_pb2.SetBucketConfigResponse:
+        return await self._buckets.set_bucket_config(request)
+
     async def ListBuckets(
         self, request: metadata_pb2.ListBucketsRequest, context: rpc.ServicerContext
     ) -> metadata_pb2.ListBucketsResponse:

@@ -13,6 +13,7 @@ import pytest
 
 from kvtier import buckets, errors, etcdserver, membership, rpc
 from kvtier.clients import metadata as metadata_client
+from kvtier.proto.common.v1 import acl_pb2
 from kvtier.proto.metadata.v1 import metadata_pb2, metadata_pb2_grpc
 from services.metadata import __main__ as metadata_main
 from services.metadata import config as metadata_config
@@ -62,7 +63,7 @@ async def _stored(store: membership.EtcdMembership, name: str) -> metadata_pb2.B
     info = metadata_pb2.BucketInfo()
     info.ParseFromString(kv.value)
     assert info.generation == 0  # the generation is etcd's revision, never stored
-    info.generation = kv.mod_revision
+    info.generation = kv.create_revision
     return info
 
 
@@ -253,3 +254,49 @@ async def test_store_watch_follows_creates_and_deletes(
                 seen = await asyncio.wait_for(anext(watch), 10)
     finally:
         await watch.aclose()
+
+
+async def test_configuration_updates_keep_the_incarnation(
+    etcd: etcdserver.EtcdServer, etcd_prefix: str, store: membership.EtcdMembership
+) -> None:
+    """ACL, CORS and lifecycle are set part by part, concurrently, and never change the bucket's
+    generation (a gateway that listed it empty may still delete it)."""
+    async with _metadata(etcd, etcd_prefix, store) as client:
+        made = await client.create_bucket("configured", tenant="t")
+        acl = metadata_pb2.SetBucketConfigRequest(name="configured")
+        grant = acl.acl.grants.add()
+        grant.grantee_type = acl_pb2.GRANTEE_TYPE_ALL_USERS
+        grant.permission = acl_pb2.ACL_PERMISSION_READ
+        cors = metadata_pb2.SetBucketConfigRequest(name="configured")
+        cors.cors.rules.add(allowed_origins=["*"], allowed_methods=["GET"])
+        lifecycle = metadata_pb2.SetBucketConfigRequest(
+            name="configured", expected_generation=made.generation
+        )
+        lifecycle.lifecycle.rules.add(id="old", enabled=True, prefix="tmp/", expiration_days=1)
+        await asyncio.gather(*(client.set_bucket_config(r) for r in (acl, cors, lifecycle) * 3))
+        got = await client.get_bucket("configured")
+        assert got.generation == made.generation
+        assert (got.name, got.tenant, got.storage_id) == (made.name, made.tenant, made.storage_id)
+        assert got.acl == acl.acl
+        assert got.cors == cors.cors
+        assert got.lifecycle == lifecycle.lifecycle
+        # An empty part removes it; the rest stays.
+        await client.set_bucket_config(
+            metadata_pb2.SetBucketConfigRequest(
+                name="configured", cors=metadata_pb2.CorsConfiguration()
+            )
+        )
+        got = await client.get_bucket("configured")
+        assert not got.cors.rules
+        assert got.lifecycle == lifecycle.lifecycle
+        with pytest.raises(errors.InvalidArgument):
+            await client.set_bucket_config(metadata_pb2.SetBucketConfigRequest(name="configured"))
+        with pytest.raises(errors.NotFound):
+            await client.set_bucket_config(
+                metadata_pb2.SetBucketConfigRequest(name="missing", acl=acl.acl)
+            )
+        await client.delete_bucket("configured", expected_generation=made.generation)
+        reborn = await client.create_bucket("configured", tenant="t")
+        assert not reborn.HasField("acl")  # a new incarnation starts with S3's defaults
+        with pytest.raises(errors.PreconditionFailed):
+            await client.set_bucket_config(lifecycle)  # the old incarnation's generation

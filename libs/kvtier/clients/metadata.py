@@ -78,6 +78,17 @@ class MetadataClient(base.BaseClient):
         )
         return reply.bucket
 
+    async def set_bucket_config(
+        self, request: metadata_pb2.SetBucketConfigRequest
+    ) -> metadata_pb2.BucketInfo:
+        """Replace one part of a bucket's configuration (request.acl, .cors or .lifecycle); returns
+        the bucket as stored. Raises errors.NotFound, errors.PreconditionFailed (another
+        incarnation than request.expected_generation) and errors.InvalidArgument."""
+        reply: metadata_pb2.SetBucketConfigResponse = await self._unary(
+            self._stub.SetBucketConfig, request
+        )
+        return reply.bucket
+
     async def list_buckets(self, tenant: str = "") -> list[metadata_pb2.BucketInfo]:
         """Every bucket (of tenant, when given), sorted by name."""
         reply = await self._unary(

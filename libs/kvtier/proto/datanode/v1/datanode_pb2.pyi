@@ -8,6 +8,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from kvtier.proto.common.v1 import acl_pb2 as _acl_pb2
 from kvtier.proto.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -138,6 +139,26 @@ class ShardMeta(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class TagsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     FORMAT_VERSION_FIELD_NUMBER: _builtins.int
     BUCKET_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
@@ -164,6 +185,8 @@ class ShardMeta(_message.Message):
     UPLOAD_POOL_FIELD_NUMBER: _builtins.int
     UPLOAD_CHECKSUM_ALGORITHM_FIELD_NUMBER: _builtins.int
     CONTENT_LANGUAGE_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    ACL_FIELD_NUMBER: _builtins.int
     format_version: _builtins.int
     bucket: _builtins.str
     key: _builtins.str
@@ -211,6 +234,14 @@ class ShardMeta(_message.Message):
 
     @_builtins.property
     def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShardMeta.Part]: ...
+    @_builtins.property
+    def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """S3 object tags (at most 10; UpdateMeta replaces them without a new version)."""
+
+    @_builtins.property
+    def acl(self) -> _acl_pb2.Acl:
+        """The object's ACL (unset: private); UpdateMeta replaces it without a new version."""
+
     def __init__(
         self,
         *,
@@ -240,10 +271,12 @@ class ShardMeta(_message.Message):
         upload_pool: _builtins.int = ...,
         upload_checksum_algorithm: _builtins.str = ...,
         content_language: _builtins.str = ...,
+        tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        acl: _acl_pb2.Acl | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "bucket", b"bucket", "cache_control", b"cache_control", "checksums", b"checksums", "content_disposition", b"content_disposition", "content_encoding", b"content_encoding", "content_language", b"content_language", "content_type", b"content_type", "data_id", b"data_id", "data_shards", b"data_shards", "distribution", b"distribution", "etag", b"etag", "expires", b"expires", "format_version", b"format_version", "inline_data", b"inline_data", "is_pointer", b"is_pointer", "key", b"key", "mtime_unix_ns", b"mtime_unix_ns", "parity_shards", b"parity_shards", "parts", b"parts", "pool_pointer", b"pool_pointer", "shard_index", b"shard_index", "size", b"size", "upload_checksum_algorithm", b"upload_checksum_algorithm", "upload_pool", b"upload_pool", "user_metadata", b"user_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "block_bytes", b"block_bytes", "bucket", b"bucket", "cache_control", b"cache_control", "checksums", b"checksums", "content_disposition", b"content_disposition", "content_encoding", b"content_encoding", "content_language", b"content_language", "content_type", b"content_type", "data_id", b"data_id", "data_shards", b"data_shards", "distribution", b"distribution", "etag", b"etag", "expires", b"expires", "format_version", b"format_version", "inline_data", b"inline_data", "is_pointer", b"is_pointer", "key", b"key", "mtime_unix_ns", b"mtime_unix_ns", "parity_shards", b"parity_shards", "parts", b"parts", "pool_pointer", b"pool_pointer", "shard_index", b"shard_index", "size", b"size", "tags", b"tags", "upload_checksum_algorithm", b"upload_checksum_algorithm", "upload_pool", b"upload_pool", "user_metadata", b"user_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

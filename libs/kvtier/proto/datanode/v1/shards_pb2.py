@@ -24,16 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 from kvtier.proto.common.v1 import access_pb2 as kvtier_dot_common_dot_v1_dot_access__pb2
+from kvtier.proto.common.v1 import acl_pb2 as kvtier_dot_common_dot_v1_dot_acl__pb2
 from kvtier.proto.datanode.v1 import datanode_pb2 as kvtier_dot_datanode_dot_v1_dot_datanode__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fkvtier/datanode/v1/shards.proto\x12\x12kvtier.datanode.v1\x1a\x1dkvtier/common/v1/access.proto\x1a!kvtier/datanode/v1/datanode.proto\"U\n\x11WriteShardRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x10\n\x08write_id\x18\x02 \x01(\t\x12\x0c\n\x04part\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"%\n\x12WriteShardResponse\x12\x0f\n\x07written\x18\x01 \x01(\x04\"\x9b\x01\n\x12\x43ommitWriteRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x10\n\x08write_id\x18\x02 \x01(\t\x12+\n\x04meta\x18\x03 \x01(\x0b\x32\x1d.kvtier.datanode.v1.ShardMeta\x12\x34\n\x0cpart_sources\x18\x04 \x03(\x0b\x32\x1e.kvtier.datanode.v1.PartSource\":\n\nPartSource\x12\x0e\n\x06\x62ucket\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x61ta_id\x18\x03 \x01(\t\")\n\x13\x43ommitWriteResponse\x12\x12\n\nsuperseded\x18\x01 \x01(\x08\"7\n\x11\x41\x62ortWriteRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x10\n\x08write_id\x18\x02 \x01(\t\"\x14\n\x12\x41\x62ortWriteResponse\"@\n\x0fReadMetaRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\"?\n\x10ReadMetaResponse\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.kvtier.datanode.v1.ShardMeta\"\x8b\x01\n\x10ReadShardRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61ta_id\x18\x04 \x01(\t\x12\x0c\n\x04part\x18\x05 \x01(\r\x12\x14\n\x0c\x62lock_offset\x18\x06 \x01(\x04\x12\x13\n\x0b\x62lock_count\x18\x07 \x01(\r\"#\n\x11ReadShardResponse\x12\x0e\n\x06length\x18\x01 \x01(\x04\"C\n\x12\x44\x65leteShardRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\"&\n\x13\x44\x65leteShardResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"i\n\x11ListShardsRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\x13\n\x0bstart_after\x18\x04 \x01(\t\x12\r\n\x05limit\x18\x05 \x01(\r\"`\n\nShardEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\x12\x15\n\rmtime_unix_ns\x18\x04 \x01(\x03\x12\x12\n\nis_pointer\x18\x05 \x01(\x08\"E\n\x12ListShardsResponse\x12/\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1e.kvtier.datanode.v1.ShardEntry\"C\n\x12VerifyShardRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\":\n\x13VerifyShardResponse\x12\x12\n\nbad_blocks\x18\x01 \x03(\t\x12\x0f\n\x07missing\x18\x02 \x01(\x08*\x9a\x01\n\x0fShardCallMethod\x12!\n\x1dSHARD_CALL_METHOD_UNSPECIFIED\x10\x00\x12!\n\x1dSHARD_CALL_METHOD_WRITE_SHARD\x10\x01\x12 \n\x1cSHARD_CALL_METHOD_READ_SHARD\x10\x02\x12\x1f\n\x1bSHARD_CALL_METHOD_READ_META\x10\x03\x32\xa5\x05\n\x0cShardService\x12o\n\x0b\x43ommitWrite\x12&.kvtier.datanode.v1.CommitWriteRequest\x1a\'.kvtier.datanode.v1.CommitWriteResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12l\n\nAbortWrite\x12%.kvtier.datanode.v1.AbortWriteRequest\x1a&.kvtier.datanode.v1.AbortWriteResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12\x66\n\x08ReadMeta\x12#.kvtier.datanode.v1.ReadMetaRequest\x1a$.kvtier.datanode.v1.ReadMetaResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12o\n\x0b\x44\x65leteShard\x12&.kvtier.datanode.v1.DeleteShardRequest\x1a\'.kvtier.datanode.v1.DeleteShardResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12l\n\nListShards\x12%.kvtier.datanode.v1.ListShardsRequest\x1a&.kvtier.datanode.v1.ListShardsResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12o\n\x0bVerifyShard\x12&.kvtier.datanode.v1.VerifyShardRequest\x1a\'.kvtier.datanode.v1.VerifyShardResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fkvtier/datanode/v1/shards.proto\x12\x12kvtier.datanode.v1\x1a\x1dkvtier/common/v1/access.proto\x1a\x1akvtier/common/v1/acl.proto\x1a!kvtier/datanode/v1/datanode.proto\"U\n\x11WriteShardRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x10\n\x08write_id\x18\x02 \x01(\t\x12\x0c\n\x04part\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"%\n\x12WriteShardResponse\x12\x0f\n\x07written\x18\x01 \x01(\x04\"\x9b\x01\n\x12\x43ommitWriteRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x10\n\x08write_id\x18\x02 \x01(\t\x12+\n\x04meta\x18\x03 \x01(\x0b\x32\x1d.kvtier.datanode.v1.ShardMeta\x12\x34\n\x0cpart_sources\x18\x04 \x03(\x0b\x32\x1e.kvtier.datanode.v1.PartSource\":\n\nPartSource\x12\x0e\n\x06\x62ucket\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x61ta_id\x18\x03 \x01(\t\")\n\x13\x43ommitWriteResponse\x12\x12\n\nsuperseded\x18\x01 \x01(\x08\"7\n\x11\x41\x62ortWriteRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x10\n\x08write_id\x18\x02 \x01(\t\"\x14\n\x12\x41\x62ortWriteResponse\"@\n\x0fReadMetaRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\"?\n\x10ReadMetaResponse\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.kvtier.datanode.v1.ShardMeta\"\xf9\x01\n\x11UpdateMetaRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61ta_id\x18\x04 \x01(\t\x12\x14\n\x0creplace_tags\x18\x05 \x01(\x08\x12=\n\x04tags\x18\x06 \x03(\x0b\x32/.kvtier.datanode.v1.UpdateMetaRequest.TagsEntry\x12\"\n\x03\x61\x63l\x18\x07 \x01(\x0b\x32\x15.kvtier.common.v1.Acl\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x12UpdateMetaResponse\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.kvtier.datanode.v1.ShardMeta\"\x8b\x01\n\x10ReadShardRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61ta_id\x18\x04 \x01(\t\x12\x0c\n\x04part\x18\x05 \x01(\r\x12\x14\n\x0c\x62lock_offset\x18\x06 \x01(\x04\x12\x13\n\x0b\x62lock_count\x18\x07 \x01(\r\"#\n\x11ReadShardResponse\x12\x0e\n\x06length\x18\x01 \x01(\x04\"C\n\x12\x44\x65leteShardRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\"&\n\x13\x44\x65leteShardResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"i\n\x11ListShardsRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\x13\n\x0bstart_after\x18\x04 \x01(\t\x12\r\n\x05limit\x18\x05 \x01(\r\"`\n\nShardEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\x12\x15\n\rmtime_unix_ns\x18\x04 \x01(\x03\x12\x12\n\nis_pointer\x18\x05 \x01(\x08\"E\n\x12ListShardsResponse\x12/\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1e.kvtier.datanode.v1.ShardEntry\"C\n\x12VerifyShardRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\":\n\x13VerifyShardResponse\x12\x12\n\nbad_blocks\x18\x01 \x03(\t\x12\x0f\n\x07missing\x18\x02 \x01(\x08*\x9a\x01\n\x0fShardCallMethod\x12!\n\x1dSHARD_CALL_METHOD_UNSPECIFIED\x10\x00\x12!\n\x1dSHARD_CALL_METHOD_WRITE_SHARD\x10\x01\x12 \n\x1cSHARD_CALL_METHOD_READ_SHARD\x10\x02\x12\x1f\n\x1bSHARD_CALL_METHOD_READ_META\x10\x03\x32\x93\x06\n\x0cShardService\x12o\n\x0b\x43ommitWrite\x12&.kvtier.datanode.v1.CommitWriteRequest\x1a\'.kvtier.datanode.v1.CommitWriteResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12l\n\nAbortWrite\x12%.kvtier.datanode.v1.AbortWriteRequest\x1a&.kvtier.datanode.v1.AbortWriteResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12\x66\n\x08ReadMeta\x12#.kvtier.datanode.v1.ReadMetaRequest\x1a$.kvtier.datanode.v1.ReadMetaResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12o\n\x0b\x44\x65leteShard\x12&.kvtier.datanode.v1.DeleteShardRequest\x1a\'.kvtier.datanode.v1.DeleteShardResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12l\n\nUpdateMeta\x12%.kvtier.datanode.v1.UpdateMetaRequest\x1a&.kvtier.datanode.v1.UpdateMetaResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12l\n\nListShards\x12%.kvtier.datanode.v1.ListShardsRequest\x1a&.kvtier.datanode.v1.ListShardsResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12o\n\x0bVerifyShard\x12&.kvtier.datanode.v1.VerifyShardRequest\x1a\'.kvtier.datanode.v1.VerifyShardResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvtier.datanode.v1.shards_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_UPDATEMETAREQUEST_TAGSENTRY']._loaded_options = None
+  _globals['_UPDATEMETAREQUEST_TAGSENTRY']._serialized_options = b'8\001'
   _globals['_SHARDSERVICE'].methods_by_name['CommitWrite']._loaded_options = None
   _globals['_SHARDSERVICE'].methods_by_name['CommitWrite']._serialized_options = b'\252\206\031\013\n\007gateway\020\001'
   _globals['_SHARDSERVICE'].methods_by_name['AbortWrite']._loaded_options = None
@@ -42,48 +45,56 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SHARDSERVICE'].methods_by_name['ReadMeta']._serialized_options = b'\252\206\031\013\n\007gateway\020\001'
   _globals['_SHARDSERVICE'].methods_by_name['DeleteShard']._loaded_options = None
   _globals['_SHARDSERVICE'].methods_by_name['DeleteShard']._serialized_options = b'\252\206\031\013\n\007gateway\020\001'
+  _globals['_SHARDSERVICE'].methods_by_name['UpdateMeta']._loaded_options = None
+  _globals['_SHARDSERVICE'].methods_by_name['UpdateMeta']._serialized_options = b'\252\206\031\013\n\007gateway\020\001'
   _globals['_SHARDSERVICE'].methods_by_name['ListShards']._loaded_options = None
   _globals['_SHARDSERVICE'].methods_by_name['ListShards']._serialized_options = b'\252\206\031\013\n\007gateway\020\001'
   _globals['_SHARDSERVICE'].methods_by_name['VerifyShard']._loaded_options = None
   _globals['_SHARDSERVICE'].methods_by_name['VerifyShard']._serialized_options = b'\252\206\031\013\n\007gateway\020\001'
-  _globals['_SHARDCALLMETHOD']._serialized_start=1412
-  _globals['_SHARDCALLMETHOD']._serialized_end=1566
-  _globals['_WRITESHARDREQUEST']._serialized_start=121
-  _globals['_WRITESHARDREQUEST']._serialized_end=206
-  _globals['_WRITESHARDRESPONSE']._serialized_start=208
-  _globals['_WRITESHARDRESPONSE']._serialized_end=245
-  _globals['_COMMITWRITEREQUEST']._serialized_start=248
-  _globals['_COMMITWRITEREQUEST']._serialized_end=403
-  _globals['_PARTSOURCE']._serialized_start=405
-  _globals['_PARTSOURCE']._serialized_end=463
-  _globals['_COMMITWRITERESPONSE']._serialized_start=465
-  _globals['_COMMITWRITERESPONSE']._serialized_end=506
-  _globals['_ABORTWRITEREQUEST']._serialized_start=508
-  _globals['_ABORTWRITEREQUEST']._serialized_end=563
-  _globals['_ABORTWRITERESPONSE']._serialized_start=565
-  _globals['_ABORTWRITERESPONSE']._serialized_end=585
-  _globals['_READMETAREQUEST']._serialized_start=587
-  _globals['_READMETAREQUEST']._serialized_end=651
-  _globals['_READMETARESPONSE']._serialized_start=653
-  _globals['_READMETARESPONSE']._serialized_end=716
-  _globals['_READSHARDREQUEST']._serialized_start=719
-  _globals['_READSHARDREQUEST']._serialized_end=858
-  _globals['_READSHARDRESPONSE']._serialized_start=860
-  _globals['_READSHARDRESPONSE']._serialized_end=895
-  _globals['_DELETESHARDREQUEST']._serialized_start=897
-  _globals['_DELETESHARDREQUEST']._serialized_end=964
-  _globals['_DELETESHARDRESPONSE']._serialized_start=966
-  _globals['_DELETESHARDRESPONSE']._serialized_end=1004
-  _globals['_LISTSHARDSREQUEST']._serialized_start=1006
-  _globals['_LISTSHARDSREQUEST']._serialized_end=1111
-  _globals['_SHARDENTRY']._serialized_start=1113
-  _globals['_SHARDENTRY']._serialized_end=1209
-  _globals['_LISTSHARDSRESPONSE']._serialized_start=1211
-  _globals['_LISTSHARDSRESPONSE']._serialized_end=1280
-  _globals['_VERIFYSHARDREQUEST']._serialized_start=1282
-  _globals['_VERIFYSHARDREQUEST']._serialized_end=1349
-  _globals['_VERIFYSHARDRESPONSE']._serialized_start=1351
-  _globals['_VERIFYSHARDRESPONSE']._serialized_end=1409
-  _globals['_SHARDSERVICE']._serialized_start=1569
-  _globals['_SHARDSERVICE']._serialized_end=2246
+  _globals['_SHARDCALLMETHOD']._serialized_start=1759
+  _globals['_SHARDCALLMETHOD']._serialized_end=1913
+  _globals['_WRITESHARDREQUEST']._serialized_start=149
+  _globals['_WRITESHARDREQUEST']._serialized_end=234
+  _globals['_WRITESHARDRESPONSE']._serialized_start=236
+  _globals['_WRITESHARDRESPONSE']._serialized_end=273
+  _globals['_COMMITWRITEREQUEST']._serialized_start=276
+  _globals['_COMMITWRITEREQUEST']._serialized_end=431
+  _globals['_PARTSOURCE']._serialized_start=433
+  _globals['_PARTSOURCE']._serialized_end=491
+  _globals['_COMMITWRITERESPONSE']._serialized_start=493
+  _globals['_COMMITWRITERESPONSE']._serialized_end=534
+  _globals['_ABORTWRITEREQUEST']._serialized_start=536
+  _globals['_ABORTWRITEREQUEST']._serialized_end=591
+  _globals['_ABORTWRITERESPONSE']._serialized_start=593
+  _globals['_ABORTWRITERESPONSE']._serialized_end=613
+  _globals['_READMETAREQUEST']._serialized_start=615
+  _globals['_READMETAREQUEST']._serialized_end=679
+  _globals['_READMETARESPONSE']._serialized_start=681
+  _globals['_READMETARESPONSE']._serialized_end=744
+  _globals['_UPDATEMETAREQUEST']._serialized_start=747
+  _globals['_UPDATEMETAREQUEST']._serialized_end=996
+  _globals['_UPDATEMETAREQUEST_TAGSENTRY']._serialized_start=953
+  _globals['_UPDATEMETAREQUEST_TAGSENTRY']._serialized_end=996
+  _globals['_UPDATEMETARESPONSE']._serialized_start=998
+  _globals['_UPDATEMETARESPONSE']._serialized_end=1063
+  _globals['_READSHARDREQUEST']._serialized_start=1066
+  _globals['_READSHARDREQUEST']._serialized_end=1205
+  _globals['_READSHARDRESPONSE']._serialized_start=1207
+  _globals['_READSHARDRESPONSE']._serialized_end=1242
+  _globals['_DELETESHARDREQUEST']._serialized_start=1244
+  _globals['_DELETESHARDREQUEST']._serialized_end=1311
+  _globals['_DELETESHARDRESPONSE']._serialized_start=1313
+  _globals['_DELETESHARDRESPONSE']._serialized_end=1351
+  _globals['_LISTSHARDSREQUEST']._serialized_start=1353
+  _globals['_LISTSHARDSREQUEST']._serialized_end=1458
+  _globals['_SHARDENTRY']._serialized_start=1460
+  _globals['_SHARDENTRY']._serialized_end=1556
+  _globals['_LISTSHARDSRESPONSE']._serialized_start=1558
+  _globals['_LISTSHARDSRESPONSE']._serialized_end=1627
+  _globals['_VERIFYSHARDREQUEST']._serialized_start=1629
+  _globals['_VERIFYSHARDREQUEST']._serialized_end=1696
+  _globals['_VERIFYSHARDRESPONSE']._serialized_start=1698
+  _globals['_VERIFYSHARDRESPONSE']._serialized_end=1756
+  _globals['_SHARDSERVICE']._serialized_start=1916
+  _globals['_SHARDSERVICE']._serialized_end=2703
 # @@protoc_insertion_point(module_scope)

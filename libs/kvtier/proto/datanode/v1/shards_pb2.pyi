@@ -14,6 +14,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from kvtier.proto.common.v1 import acl_pb2 as _acl_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2 as _datanode_pb2
 import builtins as _builtins
 import sys
@@ -268,6 +269,88 @@ class ReadMetaResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReadMetaResponse: _TypeAlias = ReadMetaResponse  # noqa: Y015
+
+@_typing.final
+class UpdateMetaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TagsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    DRIVE_ID_FIELD_NUMBER: _builtins.int
+    BUCKET_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    DATA_ID_FIELD_NUMBER: _builtins.int
+    REPLACE_TAGS_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    ACL_FIELD_NUMBER: _builtins.int
+    drive_id: _builtins.str
+    bucket: _builtins.str
+    key: _builtins.str
+    data_id: _builtins.str
+    replace_tags: _builtins.bool
+    """Replace the tags with `tags` (an empty map removes them)."""
+    @_builtins.property
+    def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def acl(self) -> _acl_pb2.Acl:
+        """Replace the ACL when set."""
+
+    def __init__(
+        self,
+        *,
+        drive_id: _builtins.str = ...,
+        bucket: _builtins.str = ...,
+        key: _builtins.str = ...,
+        data_id: _builtins.str = ...,
+        replace_tags: _builtins.bool = ...,
+        tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        acl: _acl_pb2.Acl | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "bucket", b"bucket", "data_id", b"data_id", "drive_id", b"drive_id", "key", b"key", "replace_tags", b"replace_tags", "tags", b"tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateMetaRequest: _TypeAlias = UpdateMetaRequest  # noqa: Y015
+
+@_typing.final
+class UpdateMetaResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    META_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def meta(self) -> _datanode_pb2.ShardMeta: ...
+    def __init__(
+        self,
+        *,
+        meta: _datanode_pb2.ShardMeta | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateMetaResponse: _TypeAlias = UpdateMetaResponse  # noqa: Y015
 
 @_typing.final
 class ReadShardRequest(_message.Message):

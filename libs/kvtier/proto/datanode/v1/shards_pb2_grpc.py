@@ -55,6 +55,11 @@ class ShardServiceStub:
                 request_serializer=kvtier_dot_datanode_dot_v1_dot_shards__pb2.DeleteShardRequest.SerializeToString,
                 response_deserializer=kvtier_dot_datanode_dot_v1_dot_shards__pb2.DeleteShardResponse.FromString,
                 _registered_method=True)
+        self.UpdateMeta = channel.unary_unary(
+                '/kvtier.datanode.v1.ShardService/UpdateMeta',
+                request_serializer=kvtier_dot_datanode_dot_v1_dot_shards__pb2.UpdateMetaRequest.SerializeToString,
+                response_deserializer=kvtier_dot_datanode_dot_v1_dot_shards__pb2.UpdateMetaResponse.FromString,
+                _registered_method=True)
         self.ListShards = channel.unary_unary(
                 '/kvtier.datanode.v1.ShardService/ListShards',
                 request_serializer=kvtier_dot_datanode_dot_v1_dot_shards__pb2.ListShardsRequest.SerializeToString,
@@ -97,6 +102,15 @@ class ShardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateMeta(self, request, context):
+        """Replace the tags or the ACL of one version of an object (data_id) on this drive, in place:
+        no new version, same mtime and ETag (S3's PutObjectTagging / PutObjectAcl). NOT_FOUND when
+        the drive holds no such object, FAILED_PRECONDITION when it holds another version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListShards(self, request, context):
         """Sorted (bucket, key) entries of this drive's index; never reads object data.
         """
@@ -133,6 +147,11 @@ def add_ShardServiceServicer_to_server(servicer, server):
                     servicer.DeleteShard,
                     request_deserializer=kvtier_dot_datanode_dot_v1_dot_shards__pb2.DeleteShardRequest.FromString,
                     response_serializer=kvtier_dot_datanode_dot_v1_dot_shards__pb2.DeleteShardResponse.SerializeToString,
+            ),
+            'UpdateMeta': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateMeta,
+                    request_deserializer=kvtier_dot_datanode_dot_v1_dot_shards__pb2.UpdateMetaRequest.FromString,
+                    response_serializer=kvtier_dot_datanode_dot_v1_dot_shards__pb2.UpdateMetaResponse.SerializeToString,
             ),
             'ListShards': grpc.unary_unary_rpc_method_handler(
                     servicer.ListShards,
@@ -253,6 +272,33 @@ class ShardService:
             '/kvtier.datanode.v1.ShardService/DeleteShard',
             kvtier_dot_datanode_dot_v1_dot_shards__pb2.DeleteShardRequest.SerializeToString,
             kvtier_dot_datanode_dot_v1_dot_shards__pb2.DeleteShardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateMeta(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.datanode.v1.ShardService/UpdateMeta',
+            kvtier_dot_datanode_dot_v1_dot_shards__pb2.UpdateMetaRequest.SerializeToString,
+            kvtier_dot_datanode_dot_v1_dot_shards__pb2.UpdateMetaResponse.FromString,
             options,
             channel_credentials,
             insecure,

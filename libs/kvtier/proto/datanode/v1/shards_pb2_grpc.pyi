@@ -44,6 +44,11 @@ class ShardServiceStub:
     ReadMeta: _grpc.UnaryUnaryMultiCallable[_shards_pb2.ReadMetaRequest, _shards_pb2.ReadMetaResponse]
     """The object's metadata on this drive (NotFound when the drive has none)."""
     DeleteShard: _grpc.UnaryUnaryMultiCallable[_shards_pb2.DeleteShardRequest, _shards_pb2.DeleteShardResponse]
+    UpdateMeta: _grpc.UnaryUnaryMultiCallable[_shards_pb2.UpdateMetaRequest, _shards_pb2.UpdateMetaResponse]
+    """Replace the tags or the ACL of one version of an object (data_id) on this drive, in place:
+    no new version, same mtime and ETag (S3's PutObjectTagging / PutObjectAcl). NOT_FOUND when
+    the drive holds no such object, FAILED_PRECONDITION when it holds another version.
+    """
     ListShards: _grpc.UnaryUnaryMultiCallable[_shards_pb2.ListShardsRequest, _shards_pb2.ListShardsResponse]
     """Sorted (bucket, key) entries of this drive's index; never reads object data."""
     VerifyShard: _grpc.UnaryUnaryMultiCallable[_shards_pb2.VerifyShardRequest, _shards_pb2.VerifyShardResponse]
@@ -59,6 +64,11 @@ class ShardServiceAsyncStub(ShardServiceStub):
     ReadMeta: _aio.UnaryUnaryMultiCallable[_shards_pb2.ReadMetaRequest, _shards_pb2.ReadMetaResponse]  # type: ignore[assignment]
     """The object's metadata on this drive (NotFound when the drive has none)."""
     DeleteShard: _aio.UnaryUnaryMultiCallable[_shards_pb2.DeleteShardRequest, _shards_pb2.DeleteShardResponse]  # type: ignore[assignment]
+    UpdateMeta: _aio.UnaryUnaryMultiCallable[_shards_pb2.UpdateMetaRequest, _shards_pb2.UpdateMetaResponse]  # type: ignore[assignment]
+    """Replace the tags or the ACL of one version of an object (data_id) on this drive, in place:
+    no new version, same mtime and ETag (S3's PutObjectTagging / PutObjectAcl). NOT_FOUND when
+    the drive holds no such object, FAILED_PRECONDITION when it holds another version.
+    """
     ListShards: _aio.UnaryUnaryMultiCallable[_shards_pb2.ListShardsRequest, _shards_pb2.ListShardsResponse]  # type: ignore[assignment]
     """Sorted (bucket, key) entries of this drive's index; never reads object data."""
     VerifyShard: _aio.UnaryUnaryMultiCallable[_shards_pb2.VerifyShardRequest, _shards_pb2.VerifyShardResponse]  # type: ignore[assignment]
@@ -95,6 +105,17 @@ class ShardServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _shards_pb2.DeleteShardRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_shards_pb2.DeleteShardResponse, _abc.Awaitable[_shards_pb2.DeleteShardResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UpdateMeta(
+        self,
+        request: _shards_pb2.UpdateMetaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_shards_pb2.UpdateMetaResponse, _abc.Awaitable[_shards_pb2.UpdateMetaResponse]]:
+        """Replace the tags or the ACL of one version of an object (data_id) on this drive, in place:
+        no new version, same mtime and ETag (S3's PutObjectTagging / PutObjectAcl). NOT_FOUND when
+        the drive holds no such object, FAILED_PRECONDITION when it holds another version.
+        """
 
     @_abc_1.abstractmethod
     def ListShards(

@@ -16,6 +16,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from kvtier.proto.common.v1 import acl_pb2 as _acl_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -244,6 +245,26 @@ class ObjectHeaders(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class TagsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     CONTENT_ENCODING_FIELD_NUMBER: _builtins.int
     CONTENT_DISPOSITION_FIELD_NUMBER: _builtins.int
@@ -251,6 +272,8 @@ class ObjectHeaders(_message.Message):
     CONTENT_LANGUAGE_FIELD_NUMBER: _builtins.int
     EXPIRES_FIELD_NUMBER: _builtins.int
     USER_METADATA_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    ACL_FIELD_NUMBER: _builtins.int
     content_type: _builtins.str
     content_encoding: _builtins.str
     content_disposition: _builtins.str
@@ -259,6 +282,14 @@ class ObjectHeaders(_message.Message):
     expires: _builtins.str
     @_builtins.property
     def user_metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """S3 object tags (x-amz-tagging at PUT; PutObjectTagging replaces them in place)."""
+
+    @_builtins.property
+    def acl(self) -> _acl_pb2.Acl:
+        """The object's ACL (x-amz-acl / x-amz-grant-* at PUT); unset: private."""
+
     def __init__(
         self,
         *,
@@ -269,10 +300,12 @@ class ObjectHeaders(_message.Message):
         content_language: _builtins.str = ...,
         expires: _builtins.str = ...,
         user_metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        acl: _acl_pb2.Acl | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_control", b"cache_control", "content_disposition", b"content_disposition", "content_encoding", b"content_encoding", "content_language", b"content_language", "content_type", b"content_type", "expires", b"expires", "user_metadata", b"user_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "cache_control", b"cache_control", "content_disposition", b"content_disposition", "content_encoding", b"content_encoding", "content_language", b"content_language", "content_type", b"content_type", "expires", b"expires", "tags", b"tags", "user_metadata", b"user_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

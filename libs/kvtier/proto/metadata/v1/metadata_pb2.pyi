@@ -9,6 +9,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from kvtier.proto.common.v1 import acl_pb2 as _acl_pb2
 from kvtier.proto.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -140,6 +141,9 @@ class BucketInfo(_message.Message):
     GENERATION_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     STORAGE_ID_FIELD_NUMBER: _builtins.int
+    ACL_FIELD_NUMBER: _builtins.int
+    CORS_FIELD_NUMBER: _builtins.int
+    LIFECYCLE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """S3 bucket-name rules (kvtier.names.check_bucket)."""
     created_at_unix_ms: _builtins.int
@@ -157,6 +161,16 @@ class BucketInfo(_message.Message):
     sees the objects of the earlier one. Empty for buckets created before it existed: they use
     the plain name.
     """
+    @_builtins.property
+    def acl(self) -> _acl_pb2.Acl:
+        """Bucket configuration (SetBucketConfig). Unset or empty: S3's defaults (private, no CORS,
+        no lifecycle rules).
+        """
+
+    @_builtins.property
+    def cors(self) -> Global___CorsConfiguration: ...
+    @_builtins.property
+    def lifecycle(self) -> Global___LifecycleConfiguration: ...
     def __init__(
         self,
         *,
@@ -166,14 +180,176 @@ class BucketInfo(_message.Message):
         generation: _builtins.int = ...,
         kind: Global___BucketKind.ValueType = ...,
         storage_id: _builtins.str = ...,
+        acl: _acl_pb2.Acl | None = ...,
+        cors: Global___CorsConfiguration | None = ...,
+        lifecycle: Global___LifecycleConfiguration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "cors", b"cors", "lifecycle", b"lifecycle"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at_unix_ms", b"created_at_unix_ms", "generation", b"generation", "kind", b"kind", "name", b"name", "storage_id", b"storage_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "cors", b"cors", "created_at_unix_ms", b"created_at_unix_ms", "generation", b"generation", "kind", b"kind", "lifecycle", b"lifecycle", "name", b"name", "storage_id", b"storage_id", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BucketInfo: _TypeAlias = BucketInfo  # noqa: Y015
+
+@_typing.final
+class CorsConfiguration(_message.Message):
+    """S3's CORSConfiguration: the first rule matching a request's origin, method and headers
+    answers it. No rules: cross-origin requests get no CORS headers (preflights are 403).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___CorsRule]: ...
+    def __init__(
+        self,
+        *,
+        rules: _abc.Iterable[Global___CorsRule] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rules", b"rules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CorsConfiguration: _TypeAlias = CorsConfiguration  # noqa: Y015
+
+@_typing.final
+class CorsRule(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ALLOWED_ORIGINS_FIELD_NUMBER: _builtins.int
+    ALLOWED_METHODS_FIELD_NUMBER: _builtins.int
+    ALLOWED_HEADERS_FIELD_NUMBER: _builtins.int
+    EXPOSE_HEADERS_FIELD_NUMBER: _builtins.int
+    MAX_AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    max_age_seconds: _builtins.int
+    """Access-Control-Max-Age of preflight answers; unset: none sent."""
+    @_builtins.property
+    def allowed_origins(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Origins (at most one "*" wildcard each), methods (GET, PUT, POST, DELETE, HEAD), request
+        headers allowed in a preflight (wildcards allowed), response headers exposed to scripts.
+        """
+
+    @_builtins.property
+    def allowed_methods(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def allowed_headers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def expose_headers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        allowed_origins: _abc.Iterable[_builtins.str] | None = ...,
+        allowed_methods: _abc.Iterable[_builtins.str] | None = ...,
+        allowed_headers: _abc.Iterable[_builtins.str] | None = ...,
+        expose_headers: _abc.Iterable[_builtins.str] | None = ...,
+        max_age_seconds: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_age_seconds", b"_max_age_seconds", "max_age_seconds", b"max_age_seconds"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_age_seconds", b"_max_age_seconds", "allowed_headers", b"allowed_headers", "allowed_methods", b"allowed_methods", "allowed_origins", b"allowed_origins", "expose_headers", b"expose_headers", "id", b"id", "max_age_seconds", b"max_age_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_age_seconds: _TypeAlias = _typing.Literal["max_age_seconds"]  # noqa: Y015
+    _WhichOneofArgType__max_age_seconds: _TypeAlias = _typing.Literal["_max_age_seconds", b"_max_age_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_age_seconds) -> _WhichOneofReturnType__max_age_seconds | None: ...
+
+Global___CorsRule: _TypeAlias = CorsRule  # noqa: Y015
+
+@_typing.final
+class LifecycleConfiguration(_message.Message):
+    """S3's LifecycleConfiguration (expiration only: kvtier has no storage classes to transition to)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___LifecycleRule]: ...
+    def __init__(
+        self,
+        *,
+        rules: _abc.Iterable[Global___LifecycleRule] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rules", b"rules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LifecycleConfiguration: _TypeAlias = LifecycleConfiguration  # noqa: Y015
+
+@_typing.final
+class LifecycleRule(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TagsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    ENABLED_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    OBJECT_SIZE_GREATER_THAN_FIELD_NUMBER: _builtins.int
+    OBJECT_SIZE_LESS_THAN_FIELD_NUMBER: _builtins.int
+    EXPIRATION_DAYS_FIELD_NUMBER: _builtins.int
+    EXPIRATION_DATE_UNIX_S_FIELD_NUMBER: _builtins.int
+    ABORT_INCOMPLETE_MULTIPART_DAYS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    enabled: _builtins.bool
+    prefix: _builtins.str
+    """The filter: every condition set must hold (empty prefix and no tags: every object)."""
+    object_size_greater_than: _builtins.int
+    object_size_less_than: _builtins.int
+    expiration_days: _builtins.int
+    """Expire objects this many days after their last modification (0: not by age) ..."""
+    expiration_date_unix_s: _builtins.int
+    """... or from this date on (midnight UTC, unix seconds; 0: not by date)."""
+    abort_incomplete_multipart_days: _builtins.int
+    """Abort multipart uploads this many days after they were created (0: never)."""
+    @_builtins.property
+    def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        enabled: _builtins.bool = ...,
+        prefix: _builtins.str = ...,
+        tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        object_size_greater_than: _builtins.int = ...,
+        object_size_less_than: _builtins.int = ...,
+        expiration_days: _builtins.int = ...,
+        expiration_date_unix_s: _builtins.int = ...,
+        abort_incomplete_multipart_days: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_incomplete_multipart_days", b"abort_incomplete_multipart_days", "enabled", b"enabled", "expiration_date_unix_s", b"expiration_date_unix_s", "expiration_days", b"expiration_days", "id", b"id", "object_size_greater_than", b"object_size_greater_than", "object_size_less_than", b"object_size_less_than", "prefix", b"prefix", "tags", b"tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LifecycleRule: _TypeAlias = LifecycleRule  # noqa: Y015
 
 @_typing.final
 class CreateBucketRequest(_message.Message):
@@ -299,6 +475,65 @@ class GetBucketResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetBucketResponse: _TypeAlias = GetBucketResponse  # noqa: Y015
+
+@_typing.final
+class SetBucketConfigRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    EXPECTED_GENERATION_FIELD_NUMBER: _builtins.int
+    ACL_FIELD_NUMBER: _builtins.int
+    CORS_FIELD_NUMBER: _builtins.int
+    LIFECYCLE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    expected_generation: _builtins.int
+    """Only this incarnation (BucketInfo.generation); FAILED_PRECONDITION when the bucket was
+    deleted and created again since. 0: whatever incarnation is there.
+    """
+    @_builtins.property
+    def acl(self) -> _acl_pb2.Acl: ...
+    @_builtins.property
+    def cors(self) -> Global___CorsConfiguration: ...
+    @_builtins.property
+    def lifecycle(self) -> Global___LifecycleConfiguration: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        expected_generation: _builtins.int = ...,
+        acl: _acl_pb2.Acl | None = ...,
+        cors: Global___CorsConfiguration | None = ...,
+        lifecycle: Global___LifecycleConfiguration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "config", b"config", "cors", b"cors", "lifecycle", b"lifecycle"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "config", b"config", "cors", b"cors", "expected_generation", b"expected_generation", "lifecycle", b"lifecycle", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_config: _TypeAlias = _typing.Literal["acl", "cors", "lifecycle"]  # noqa: Y015
+    _WhichOneofArgType_config: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_config) -> _WhichOneofReturnType_config | None: ...
+
+Global___SetBucketConfigRequest: _TypeAlias = SetBucketConfigRequest  # noqa: Y015
+
+@_typing.final
+class SetBucketConfigResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUCKET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def bucket(self) -> Global___BucketInfo: ...
+    def __init__(
+        self,
+        *,
+        bucket: Global___BucketInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetBucketConfigResponse: _TypeAlias = SetBucketConfigResponse  # noqa: Y015
 
 @_typing.final
 class ListBucketsRequest(_message.Message):

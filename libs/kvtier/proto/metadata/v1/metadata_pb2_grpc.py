@@ -60,6 +60,11 @@ class MetadataServiceStub:
                 request_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.GetBucketRequest.SerializeToString,
                 response_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.GetBucketResponse.FromString,
                 _registered_method=True)
+        self.SetBucketConfig = channel.unary_unary(
+                '/kvtier.metadata.v1.MetadataService/SetBucketConfig',
+                request_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.SetBucketConfigRequest.SerializeToString,
+                response_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.SetBucketConfigResponse.FromString,
+                _registered_method=True)
         self.ListBuckets = channel.unary_unary(
                 '/kvtier.metadata.v1.MetadataService/ListBuckets',
                 request_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListBucketsRequest.SerializeToString,
@@ -127,6 +132,14 @@ class MetadataServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetBucketConfig(self, request, context):
+        """Replace one part of a bucket's configuration (ACL, CORS, lifecycle): NOT_FOUND when absent,
+        INVALID_ARGUMENT when no part is given. The gateway checks the caller may (owner or admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListBuckets(self, request, context):
         """Every bucket (of one tenant), sorted by name.
         """
@@ -182,6 +195,11 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     servicer.GetBucket,
                     request_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.GetBucketRequest.FromString,
                     response_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.GetBucketResponse.SerializeToString,
+            ),
+            'SetBucketConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBucketConfig,
+                    request_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.SetBucketConfigRequest.FromString,
+                    response_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.SetBucketConfigResponse.SerializeToString,
             ),
             'ListBuckets': grpc.unary_unary_rpc_method_handler(
                     servicer.ListBuckets,
@@ -339,6 +357,33 @@ class MetadataService:
             '/kvtier.metadata.v1.MetadataService/GetBucket',
             kvtier_dot_metadata_dot_v1_dot_metadata__pb2.GetBucketRequest.SerializeToString,
             kvtier_dot_metadata_dot_v1_dot_metadata__pb2.GetBucketResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetBucketConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.metadata.v1.MetadataService/SetBucketConfig',
+            kvtier_dot_metadata_dot_v1_dot_metadata__pb2.SetBucketConfigRequest.SerializeToString,
+            kvtier_dot_metadata_dot_v1_dot_metadata__pb2.SetBucketConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,

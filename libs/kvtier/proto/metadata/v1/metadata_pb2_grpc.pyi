@@ -51,6 +51,10 @@ class MetadataServiceStub:
     """
     GetBucket: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.GetBucketRequest, _metadata_pb2.GetBucketResponse]
     """One bucket: NOT_FOUND when absent."""
+    SetBucketConfig: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.SetBucketConfigRequest, _metadata_pb2.SetBucketConfigResponse]
+    """Replace one part of a bucket's configuration (ACL, CORS, lifecycle): NOT_FOUND when absent,
+    INVALID_ARGUMENT when no part is given. The gateway checks the caller may (owner or admin).
+    """
     ListBuckets: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.ListBucketsRequest, _metadata_pb2.ListBucketsResponse]
     """Every bucket (of one tenant), sorted by name."""
     CreateUser: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.CreateUserRequest, _metadata_pb2.CreateUserResponse]
@@ -83,6 +87,10 @@ class MetadataServiceAsyncStub(MetadataServiceStub):
     """
     GetBucket: _aio.UnaryUnaryMultiCallable[_metadata_pb2.GetBucketRequest, _metadata_pb2.GetBucketResponse]  # type: ignore[assignment]
     """One bucket: NOT_FOUND when absent."""
+    SetBucketConfig: _aio.UnaryUnaryMultiCallable[_metadata_pb2.SetBucketConfigRequest, _metadata_pb2.SetBucketConfigResponse]  # type: ignore[assignment]
+    """Replace one part of a bucket's configuration (ACL, CORS, lifecycle): NOT_FOUND when absent,
+    INVALID_ARGUMENT when no part is given. The gateway checks the caller may (owner or admin).
+    """
     ListBuckets: _aio.UnaryUnaryMultiCallable[_metadata_pb2.ListBucketsRequest, _metadata_pb2.ListBucketsResponse]  # type: ignore[assignment]
     """Every bucket (of one tenant), sorted by name."""
     CreateUser: _aio.UnaryUnaryMultiCallable[_metadata_pb2.CreateUserRequest, _metadata_pb2.CreateUserResponse]  # type: ignore[assignment]
@@ -142,6 +150,16 @@ class MetadataServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_metadata_pb2.GetBucketResponse, _abc.Awaitable[_metadata_pb2.GetBucketResponse]]:
         """One bucket: NOT_FOUND when absent."""
+
+    @_abc_1.abstractmethod
+    def SetBucketConfig(
+        self,
+        request: _metadata_pb2.SetBucketConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metadata_pb2.SetBucketConfigResponse, _abc.Awaitable[_metadata_pb2.SetBucketConfigResponse]]:
+        """Replace one part of a bucket's configuration (ACL, CORS, lifecycle): NOT_FOUND when absent,
+        INVALID_ARGUMENT when no part is given. The gateway checks the caller may (owner or admin).
+        """
 
     @_abc_1.abstractmethod
     def ListBuckets(
