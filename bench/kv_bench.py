@@ -22,6 +22,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,11 +46,17 @@ LATENCY_BLOCK = 64 * KIB
 LATENCY_KEYS = 64
 LATENCY_SAMPLES = 3000
 LATENCY_WARMUP = 300
+LATENCY_CLIENTS = [1, 4]  # client processes timing single-key gets at once
+LOOKUP_SAMPLES = 1000  # lookups of the LATENCY_KEYS keys as one chain, per client
 REPLY_TIMEOUT_S = 300.0
 # The issue's targets: kvtier's best transport against each peer at >= 2 MiB, and 64 KiB get p50.
 THROUGHPUT_FACTORS = {"redis": 1.5, "mooncake": 2.0, "lmcache": 2.0}
 TARGET_MIN_BLOCK = 2 * MIB
-LATENCY_P50_TARGET_US = 200.0
+# Issue 15: 64 KiB get p50 <= 100 µs and <= 0.7x Redis's, p99 <= 250 µs (1 and 4 clients);
+# a 64-block lookup's p50 <= the Redis EXISTS pipeline's.
+LATENCY_P50_TARGET_US = 100.0
+LATENCY_P99_TARGET_US = 250.0
+LATENCY_REDIS_FACTOR = 0.7
 HEADING = "KV-cache store against peers (Redis, Mooncake Store, LMCache)"
 # Every client process, of every system, runs with glibc keeping freed memory instead of
 # returning it (no per-value mmap, no trim). Clients whose API returns a new bytes object per
@@ -182,23 +189,53 @@ def _measure(system: base.KVSystem, phase_bytes: int, tmp: Path) -> dict[str, An
             for clients in CLIENTS:
                 print(f"  {system.name}: {label(block)}, {clients_label(clients)}", file=sys.stderr)
                 cases.append(_run_case(workers[:clients], system.name, block, phase_bytes))
-        (latency,) = _call(
-            workers[:1],
-            "latency",
-            [
-                {
-                    "block": LATENCY_BLOCK,
-                    "keys": LATENCY_KEYS,
-                    "samples": LATENCY_SAMPLES,
-                    "warmup": LATENCY_WARMUP,
-                    "prefix": f"kvbench/{system.name}/latency",
-                }
-            ],
-        )
-        return {"client_version": versions[0], "cases": cases, "latency_us": latency}
+        latency = {
+            str(clients): _latency(workers[:clients], system.name) for clients in LATENCY_CLIENTS
+        }
+        return {
+            "client_version": versions[0],
+            "cases": cases,
+            "latency_us": latency["1"],
+            "latency_by_clients": latency,
+        }
     finally:
         for worker in workers:
             worker.close()
+
+
+def _latency(workers: Sequence[Worker], name: str) -> dict[str, Any]:
+    """Single-key 64 KiB gets, then 64-key chain lookups, from every worker at once (their own
+    keys); percentiles over all their samples."""
+    print(f"  {name}: latency, {clients_label(len(workers))}", file=sys.stderr)
+    start_at = time.perf_counter() + 2.0  # after every worker's put and warm-up
+    answers = _call(
+        workers,
+        "latency",
+        [
+            {
+                "block": LATENCY_BLOCK,
+                "keys": LATENCY_KEYS,
+                "samples": LATENCY_SAMPLES,
+                "warmup": LATENCY_WARMUP,
+                "lookups": LOOKUP_SAMPLES,
+                "start_at": start_at,
+                "prefix": f"kvbench/{name}/latency/{i}",
+            }
+            for i in range(len(workers))
+        ],
+    )
+    times = sorted(t for a in answers for t in a["times"])
+    result: dict[str, Any] = {
+        "p50": statistics.median(times),
+        "p99": times[int(len(times) * 0.99)],
+        "samples": len(times),
+        "verified": all(a["verified"] for a in answers),
+    }
+    lookups = sorted(t for a in answers for t in a["lookup_times"])
+    if lookups:
+        result["lookup_p50"] = statistics.median(lookups)
+        result["lookup_p99"] = lookups[int(len(lookups) * 0.99)]
+    return result
 
 
 def run_system(system: base.KVSystem, phase_bytes: int) -> dict[str, Any]:
@@ -294,8 +331,8 @@ def kv_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets as ratios within this run: kvtier's best transport against each peer.
 
     One check per peer, block size >= 2 MiB and client count; its ratio is the smaller of the put
-    and get ratios. Plus the 64 KiB get p50 of kvtier's best transport against 200 µs. Empty
-    until a kvtier system has results (bench/kv_peers/kvtier.py).
+    and get ratios. Plus issue 15's small-operation targets (`_latency_targets`). Empty until a
+    kvtier system has results (bench/kv_peers/kvtier.py).
     """
     kvtier, peers = _ok(result, "kvtier"), _ok(result, "peer")
     if not kvtier:
@@ -326,18 +363,50 @@ def kv_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                     "ok": min(put, get) >= factor,
                 }
             )
-    name, s = min(kvtier.items(), key=lambda item: item[1]["latency_us"]["p50"])
-    p50 = s["latency_us"]["p50"]
-    checks.append(
-        {
-            "target": f"kvtier 64 KiB get p50 < {LATENCY_P50_TARGET_US:.0f} µs (ratio = p50 / "
-            f"{LATENCY_P50_TARGET_US:.0f} µs)",
-            "ratio": p50 / LATENCY_P50_TARGET_US,
-            "detail": f"{name}: {p50:.0f} µs",
-            "ok": p50 < LATENCY_P50_TARGET_US,
-        }
-    )
+    return checks + _latency_targets(kvtier, peers.get("redis"))
+
+
+def _latency_targets(
+    kvtier: dict[str, dict[str, Any]], redis: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """Issue 15's small-operation targets for the kvtier tcp system (the best kvtier system
+    when there is none), per client count: get p50 and p99, get p50 against Redis's, and the
+    64-key lookup p50 against Redis's EXISTS pipeline."""
+    name = "kvtier-tcp" if "kvtier-tcp" in kvtier else min(kvtier)
+    mine = kvtier[name].get("latency_by_clients", {})
+    theirs = (redis or {}).get("latency_by_clients", {})
+    checks = []
+    for clients, lat in mine.items():
+        who = f"{name}, {clients_label(int(clients))}"
+        checks.append(_check(
+            f"64 KiB get p50 ≤ {LATENCY_P50_TARGET_US:.0f} µs ({who}; ratio = p50 / target)",
+            lat["p50"] / LATENCY_P50_TARGET_US, f"{lat['p50']:.0f} µs",
+        ))  # fmt: skip
+        checks.append(_check(
+            f"64 KiB get p99 ≤ {LATENCY_P99_TARGET_US:.0f} µs ({who}; ratio = p99 / target)",
+            lat["p99"] / LATENCY_P99_TARGET_US, f"{lat['p99']:.0f} µs",
+        ))  # fmt: skip
+        peer = theirs.get(clients)
+        if peer is None:
+            continue
+        checks.append(_check(
+            f"64 KiB get p50 ≤ {LATENCY_REDIS_FACTOR}× Redis's ({who}; ratio = kvtier / "
+            f"({LATENCY_REDIS_FACTOR} × Redis))",
+            lat["p50"] / (LATENCY_REDIS_FACTOR * peer["p50"]),
+            f"{lat['p50']:.0f} µs vs Redis {peer['p50']:.0f} µs",
+        ))  # fmt: skip
+        if "lookup_p50" in lat and "lookup_p50" in peer:
+            checks.append(_check(
+                f"64-key lookup p50 ≤ Redis EXISTS pipeline's ({who}; ratio = kvtier / Redis)",
+                lat["lookup_p50"] / peer["lookup_p50"],
+                f"{lat['lookup_p50']:.0f} µs vs Redis {peer['lookup_p50']:.0f} µs",
+            ))  # fmt: skip
     return checks
+
+
+def _check(target: str, ratio: float, detail: str) -> dict[str, Any]:
+    """A target whose ratio must be at most 1."""
+    return {"target": target, "ratio": ratio, "detail": detail, "ok": ratio <= 1.0}
 
 
 def _per_transport(result: dict[str, Any]) -> list[str]:
@@ -401,11 +470,13 @@ def render_kv(result: dict[str, Any]) -> str:
     ]
     latency = [
         "",
-        f"Single-key {label(LATENCY_BLOCK)} get from 1 client ({LATENCY_KEYS} keys cycled, "
-        f"{LATENCY_WARMUP} warm-up gets):",
+        f"Single-key {label(LATENCY_BLOCK)} gets ({LATENCY_KEYS} keys cycled, {LATENCY_WARMUP} "
+        f"warm-up gets per client), then {LOOKUP_SAMPLES} lookups per client of those "
+        f"{LATENCY_KEYS} keys as one chain (Redis: one pipeline of EXISTS; peers without a "
+        "probe: blank); all client processes at once, percentiles over all their samples:",
         "",
-        "| system | p50 µs | p99 µs | gets |",
-        "|---|---:|---:|---:|",
+        "| system | clients | get p50 µs | get p99 µs | gets | lookup p50 µs | lookup p99 µs |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     setups = ["", "| system | status | client | setup |", "|---|---|---|---|"]
     for name, s in result["systems"].items():
@@ -414,7 +485,7 @@ def render_kv(result: dict[str, Any]) -> str:
         )
         if s["status"] != "ok":
             lines.append(f"| {name} | | | {s['status']} | | |")
-            latency.append(f"| {name} | {s['status']} | | |")
+            latency.append(f"| {name} | | {s['status']} | | | | |")
             continue
         for case in s["cases"]:
             lines.append(
@@ -422,8 +493,17 @@ def render_kv(result: dict[str, Any]) -> str:
                 f"{case['put_gbps']:.2f} | {case['get_gbps']:.2f} | "
                 f"{'yes' if case['verified'] else 'NO'} |"
             )
-        lat = s["latency_us"]
-        latency.append(f"| {name} | {lat['p50']:.0f} | {lat['p99']:.0f} | {lat['samples']} |")
+        by_clients = s.get("latency_by_clients") or {"1": s["latency_us"]}
+        for clients, lat in by_clients.items():
+            lookup = (
+                f"{lat['lookup_p50']:.0f} | {lat['lookup_p99']:.0f}"
+                if "lookup_p50" in lat
+                else " | "
+            )
+            latency.append(
+                f"| {name} | {clients} | {lat['p50']:.0f} | {lat['p99']:.0f} | {lat['samples']} | "
+                f"{lookup} |"
+            )
     lines += latency + setups
     lines += ["", "| target | ratio in this run | detail | met |", "|---|---:|---|---|"]
     for check in result["targets"]:

@@ -51,6 +51,10 @@ class KVClient(Protocol):
     def delete_batch(self, keys: Sequence[bytes]) -> None:
         """Remove keys, to keep the server's memory bounded between cases."""
 
+    def lookup(self, chain: Sequence[bytes]) -> int:
+        """How many leading keys of chain are present (one prefix probe, as an engine asks on
+        every request); NotImplementedError when the system's client has no such probe."""
+
     def close(self) -> None:
         """Close the connection."""
 
@@ -111,6 +115,9 @@ class BaseClient:
 
     def delete_batch(self, keys: Sequence[bytes]) -> None:
         del keys
+
+    def lookup(self, chain: Sequence[bytes]) -> int:
+        raise NotImplementedError
 
     def close(self) -> None:
         pass

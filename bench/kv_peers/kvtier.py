@@ -1,14 +1,15 @@
-"""kvtier itself in the KV-cache benchmark: one kvcache node, driven by `kvtier.KVClient`.
+"""kvtier itself in the KV-cache benchmark: two kvcache nodes, driven by `kvtier.KVClient`.
 
-Server: a real etcd and one kvcache node (`python -m services.kvcache`, 2 GiB arena) on
-127.0.0.1, secure as a cluster runs by default: a cluster CA made for the run
-(`bench.secure.StandalonePKI`), etcd over TLS with client certificates, the node's gRPC port
-mutual TLS; ready when the node's gRPC health says SERVING. One system per data-plane transport
-(`kvtier-tcp`, `kvtier-shm`): the client narrows negotiation to it. Client: the SDK's sync
-`KVClient` in the project's interpreter with the run's operator certificate (a lone kvcache
-node issues no session tokens; operators are trusted for shared memory); gets land straight in
-the caller's buffers and puts leave straight from them (no copies in Python). What the
-security costs is measured on its own: bench/security_bench.py.
+Server: a real etcd and NODES kvcache nodes (`python -m services.kvcache`, 2 GiB arena each) on
+127.0.0.1 (issue 15's setup: keys spread over the nodes by rendezvous hashing), secure as a
+cluster runs by default: a cluster CA made for the run (`bench.secure.StandalonePKI`), etcd over
+TLS with client certificates, the nodes' gRPC ports mutual TLS; ready when every node's gRPC
+health says SERVING. One system per data-plane transport (`kvtier-tcp`, `kvtier-shm`): the
+client narrows negotiation to it. Client: the SDK's sync `KVClient` in the project's
+interpreter with the run's operator certificate (kvcache nodes without a metadata service
+issue no session tokens; operators are trusted for shared memory); gets land straight in the
+caller's buffers and puts leave straight from them (no copies in Python). What the security
+costs is measured on its own: bench/security_bench.py.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from bench.kv_peers import base
 
 ARENA_BYTES = 2 * 1024**3
+NODES = 2
 
 
 class KVTierClient(base.BaseClient):
@@ -49,6 +51,9 @@ class KVTierClient(base.BaseClient):
         for key, buf, size in zip(keys, bufs, sizes, strict=True):
             if size != len(buf):
                 raise KeyError(f"get {key!r}: {size} bytes")
+
+    def lookup(self, chain: Sequence[bytes]) -> int:
+        return int(self.client.lookup(chain))
 
     def delete_batch(self, keys: Sequence[bytes]) -> None:
         self.client.delete(keys)
@@ -85,8 +90,8 @@ class KVTierSystem:
         self.name = f"kvtier-{transport}"
         self._tmp: Path | None = None
         self._etcd: Any = None
-        self._node: base.ServerProcess | None = None
-        self._address = ""
+        self._nodes: list[base.ServerProcess] = []
+        self._addresses: list[str] = []
         self._pki: Any = None
 
     def unavailable(self) -> str | None:
@@ -109,30 +114,33 @@ class KVTierSystem:
         )
         self._etcd.start()
         self._etcd.wait_ready()
-        port = base.free_port()
-        self._address = f"127.0.0.1:{port}"
-        self._node = base.ServerProcess(
-            [
-                sys.executable, "-m", "services.kvcache", f"--grpc-port={port}",
-                f"--etcd-endpoints={self._etcd.endpoint}", f"--data-dir={self._tmp / 'kv'}",
-                f"--arena-bytes={ARENA_BYTES}", "--metrics-port=-1", "--log-level=warning",
-                *made.service_flags("kvcache"),
-            ],
-            self._tmp / "kvcache.log",
-            env={"PYTHONPATH": str(base.ROOT)},
-        )  # fmt: skip
         operator = security.ClientSecurity(**made.operator_kwargs())
+        for index in range(NODES):
+            port = base.free_port()
+            address = f"127.0.0.1:{port}"
+            node = base.ServerProcess(
+                [
+                    sys.executable, "-m", "services.kvcache", f"--grpc-port={port}",
+                    f"--etcd-endpoints={self._etcd.endpoint}",
+                    f"--data-dir={self._tmp / f'kv{index}'}", f"--arena-bytes={ARENA_BYTES}",
+                    "--metrics-port=-1", "--log-level=warning", *made.service_flags("kvcache"),
+                ],
+                self._tmp / f"kvcache{index}.log",
+                env={"PYTHONPATH": str(base.ROOT)},
+            )  # fmt: skip
+            self._nodes.append(node)
+            self._addresses.append(address)
 
-        def serving() -> bool:
-            health = rpc.check_health(self._address, timeout_s=1.0, security=operator)
-            return asyncio.run(health) == "SERVING"
+            def serving(address: str = address) -> bool:
+                health = rpc.check_health(address, timeout_s=1.0, security=operator)
+                return asyncio.run(health) == "SERVING"
 
-        self._node.wait_ready(serving, "kvcache node")
+            node.wait_ready(serving, f"kvcache node {index}")
 
     def stop(self) -> None:
-        if self._node is not None:
-            self._node.stop()
-            self._node = None
+        for node in self._nodes:
+            node.stop()
+        self._nodes, self._addresses = [], []
         if self._etcd is not None:
             self._etcd.stop()
             self._etcd = None
@@ -143,14 +151,17 @@ class KVTierSystem:
     def client_spec(self) -> KVTierSpec:
         assert self._pki is not None
         return KVTierSpec(
-            nodes=(self._address,), transport=self.transport, security=self._pki.operator_kwargs()
+            nodes=tuple(self._addresses),
+            transport=self.transport,
+            security=self._pki.operator_kwargs(),
         )
 
     def describe(self) -> str:
         import kvtier
 
         return (
-            f"kvtier {kvtier.__version__}: one kvcache node ({ARENA_BYTES >> 30} GiB arena, "
+            f"kvtier {kvtier.__version__}: {NODES} kvcache nodes ({ARENA_BYTES >> 30} GiB arena "
+            "each, "
             f"mutual TLS, operator certificate), SDK KVClient over {self.transport} data-plane "
             "calls"
         )

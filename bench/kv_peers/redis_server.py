@@ -77,6 +77,14 @@ class RedisClient(base.BaseClient):
                 raise KeyError(f"GET {key!r}: {None if value is None else len(value)} bytes")
             np.copyto(buf, np.frombuffer(value, dtype=np.uint8))
 
+    def lookup(self, chain: Sequence[bytes]) -> int:
+        """One non-transactional pipeline of EXISTS, one per key; the leading run."""
+        pipe = self.conn.pipeline(transaction=False)
+        for key in chain:
+            pipe.exists(key)
+        found = pipe.execute()
+        return next((i for i, n in enumerate(found) if not n), len(chain))
+
     def delete_batch(self, keys: Sequence[bytes]) -> None:
         removed = self.conn.delete(*keys)
         if removed != len(keys):
@@ -156,5 +164,6 @@ class RedisSystem:
         return (
             f"Redis {version} (Debian redis-server), no persistence, maxmemory "
             f"{MAXMEMORY_BYTES // 1024**3} GiB; redis-py pipelines SET/GET per batch "
-            "(hiredis parser, zero-copy command packing)"
+            "(hiredis parser, zero-copy command packing); a chain lookup is one pipeline of "
+            "EXISTS"
         )

@@ -153,8 +153,11 @@ class Worker:
             self._client().unregister(self.case.dst)
             self.case = None
 
-    def do_latency(self, arg: dict[str, Any]) -> dict[str, float]:
-        """p50/p99 of single-key gets of `block` bytes, cycling over `keys` keys after a warm-up."""
+    def do_latency(self, arg: dict[str, Any]) -> dict[str, Any]:
+        """Single-key gets of `block` bytes, cycling over `keys` keys after a warm-up, then (when
+        the client has one) lookups of those keys as one chain; timed from `start_at` on (every
+        client of a run leaves the same barrier). Returns the sorted samples in µs and the
+        get p50/p99 of this client."""
         block, nkeys, samples, warmup = arg["block"], arg["keys"], arg["samples"], arg["warmup"]
         self.do_prepare(
             {"block": block, "count": nkeys, "batch": 1, "prefix": arg["prefix"], "seed": 7}
@@ -164,12 +167,14 @@ class Worker:
         bufs = case.blocks(case.dst)
         for i in range(warmup):
             client.get_batch([case.keys[i % nkeys]], [bufs[i % nkeys]])
+        _wait_for(arg.get("start_at", 0.0))
         times = []
         for i in range(samples):
             key, buf = [case.keys[i % nkeys]], [bufs[i % nkeys]]
             t0 = time.perf_counter_ns()
             client.get_batch(key, buf)
             times.append((time.perf_counter_ns() - t0) / 1000)
+        lookups = self._lookups(case.keys, arg.get("lookups", 0))
         times.sort()
         verified = self.do_verify(None)
         client.delete_batch(case.keys)
@@ -180,7 +185,28 @@ class Worker:
             "mean": statistics.fmean(times),
             "samples": len(times),
             "verified": float(verified),
+            "times": times,
+            "lookup_times": lookups,
         }
+
+    def _lookups(self, chain: list[bytes], samples: int) -> list[float]:
+        """Sorted µs of `samples` lookups of the whole chain (every key present); [] when the
+        client has no lookup."""
+        client = self._client()
+        if not samples:
+            return []
+        try:
+            found = client.lookup(chain)
+        except NotImplementedError:
+            return []
+        if found != len(chain):
+            raise RuntimeError(f"lookup found {found} of {len(chain)} keys")
+        times = []
+        for _ in range(samples):
+            t0 = time.perf_counter_ns()
+            client.lookup(chain)
+            times.append((time.perf_counter_ns() - t0) / 1000)
+        return sorted(times)
 
     def do_close(self, _: None) -> None:
         self.do_release(None)

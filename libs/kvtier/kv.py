@@ -51,7 +51,9 @@ OPS = prometheus_client.Histogram(
     buckets=(50e-6, 100e-6, 200e-6, 500e-6, 1e-3, 2e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1, 5),
 )
 
-_OPS_PUT, _OPS_GET, _OPS_EXISTS = (OPS.labels(op) for op in ("put", "get", "exists"))
+_OPS_PUT, _OPS_GET, _OPS_EXISTS, _OPS_LOOKUP = (
+    OPS.labels(op) for op in ("put", "get", "exists", "lookup")
+)
 CORRUPT_BLOCKS = prometheus_client.Counter(
     "kvtier_kv_client_corrupt_blocks_total",
     "Blocks read whose bytes did not match their checksum (served as misses, then deleted)",
@@ -201,7 +203,7 @@ class AsyncKVClient:
 
     def owners(self, key: bytes) -> list[str]:
         """The nodes that own key (best first; up to `replicas`)."""
-        return self._set.owners(key)
+        return list(self._set.owners(key))
 
     async def refresh(self) -> None:
         """Reload the kvcache node list now."""
@@ -400,12 +402,22 @@ class AsyncKVClient:
         """Check the bytes read into views against their blocks' checksums (items the node
         sent none for pass); a block that fails becomes a miss, is counted, logged, and
         deleted on the node that served it."""
-        checked = [
-            (index, view[: item.size], item.checksum)
-            for index, view, item in zip(plan.indices, views, items, strict=True)
-            if item.status == pb.ITEM_STATUS_OK and item.HasField("checksum")
-        ]
+        checked = checksummed(plan, views, items)
         found = await blocksums.checksums([view for _, view, _ in checked])
+        bad = self.mismatches(plan, keys, checked, found, sizes)
+        if bad:
+            await self._drop_corrupt(plan.node, bad)
+
+    def mismatches(
+        self,
+        plan: kvnodes.Plan,
+        keys: Sequence[bytes],
+        checked: Sequence[tuple[int, memoryview, int]],
+        found: Sequence[int],
+        sizes: list[int | None],
+    ) -> list[bytes]:
+        """The keys whose bytes do not match their checksums: each becomes a miss, is counted
+        and logged (the caller deletes them on the node with `_drop_corrupt`)."""
         bad: list[bytes] = []
         for (index, _, expected), got in zip(checked, found, strict=True):
             if got == expected:
@@ -419,8 +431,7 @@ class AsyncKVClient:
                 "%016x; served as a miss and deleted there",
                 plan.node.node_id, self.namespace[:64], keys[index][:16].hex(), got, expected,
             )  # fmt: skip
-        if bad:
-            await self._drop_corrupt(plan.node, bad)
+        return bad
 
     async def _drop_corrupt(self, node: kvnodes.Node, keys: list[bytes]) -> None:
         """Delete blocks found corrupt on the node that served them (with this client's own
@@ -509,12 +520,29 @@ class AsyncKVClient:
 
     async def lookup(self, chain: Sequence[bytes], *, timeout_s: float | None = None) -> int:
         """How many leading keys of a chain (e.g. a prompt's chained block hashes) are
-        present, asking every owner node once and concurrently."""
+        present: one round trip, each owner node asked concurrently for the leading run of
+        the keys it owns (`kvnodes.ChainProbe`); further replicas only from where it stopped."""
         with kvnodes.deadline(timeout_s):
-            if not chain:
-                return 0
-            present = await self.exists_batch(chain)
-            return next((i for i, flag in enumerate(present) if not flag), len(chain))
+            started = time.perf_counter()
+            await self._set.fresh()
+            probe = kvnodes.ChainProbe(chain, self.replicas)
+            while (plans := probe.next_plans(self._set)) is not None:
+                counts = await asyncio.gather(*(self._lookup_on(plan, probe) for plan in plans))
+                probe.answered(plans, counts)
+            _OPS_LOOKUP.observe(time.perf_counter() - started)
+            return probe.run
+
+    async def _lookup_on(self, plan: kvnodes.Plan, probe: kvnodes.ChainProbe) -> int | None:
+        """The leading run of plan's keys present on its node (None: it did not answer)."""
+        request = pb.LookupRequest(namespace=self._ns, keys=probe.keys_of(plan))
+        reply = await self._simple(
+            plan.node, "lookup", pb.CALL_METHOD_LOOKUP, request, pb.LookupResponse,
+            plan.node.grpc.lookup,
+        )  # fmt: skip
+        if reply is None:
+            return None
+        self._set.saw_epoch(reply.epoch)
+        return int(reply.count)
 
         # Lifetime.
 
@@ -659,6 +687,17 @@ class AsyncKVClient:
             return await rpc(request)
 
         return await self._set.run(node, op, attempt, idempotent=True)
+
+
+def checksummed(
+    plan: kvnodes.Plan, views: Sequence[memoryview], items: Sequence[pb.GetItem]
+) -> list[tuple[int, memoryview, int]]:
+    """(position, bytes read, expected checksum) of the hits the node sent a checksum for."""
+    return [
+        (index, view[: item.size], item.checksum)
+        for index, view, item in zip(plan.indices, views, items, strict=True)
+        if item.status == pb.ITEM_STATUS_OK and item.HasField("checksum")
+    ]
 
 
 def _first(statuses: Sequence[PutStatus | None]) -> PutStatus:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-from kvtier import errors, kv
+from kvtier import errors, kv, kv_now
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 
 T = TypeVar("T")
@@ -18,8 +18,9 @@ class KVClient:
 
     It owns a private event loop and runs each operation on it in the calling thread (no
     hand-off to another thread, which would cost tens of microseconds per call); calls from
-    several threads take turns. Build with `KVClient.connect(...)` (same arguments as
-    `kvtier.kv.AsyncKVClient`); close with `close()` or use `with`.
+    several threads take turns. Small gets, probes and lookups skip the loop altogether when
+    their nodes' tcp sessions are open (`kvtier.kv_now`). Build with `KVClient.connect(...)`
+    (same arguments as `kvtier.kv.AsyncKVClient`); close with `close()` or use `with`.
     """
 
     def __init__(self, inner: kv.AsyncKVClient, loop: asyncio.AbstractEventLoop) -> None:
@@ -37,6 +38,18 @@ class KVClient:
             loop.close()
             raise
         return cls(inner, loop)
+
+    def _short(
+        self, short: Callable[[], T | None], full: Callable[[], Coroutine[Any, Any, T]]
+    ) -> T:
+        """The short path (`kvtier.kv_now`), else the full operation on the loop."""
+        with self._lock:
+            if self._loop.is_closed():
+                raise errors.Unavailable("the KV client is closed")
+            result = short()
+            if result is not None:
+                return result
+            return self._loop.run_until_complete(full())
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         with self._lock:
@@ -85,20 +98,36 @@ class KVClient:
     def get_batch(
         self, keys: Sequence[bytes], buffers: Sequence[Any], *, timeout_s: float | None = None
     ) -> list[int | None]:
-        """See `kvtier.kv.AsyncKVClient.get_batch`."""
-        return self._run(self._inner.get_batch(keys, buffers, timeout_s=timeout_s))
+        """See `kvtier.kv.AsyncKVClient.get_batch` (small ones take the short path)."""
+        if timeout_s is not None:
+            return self._run(self._inner.get_batch(keys, buffers, timeout_s=timeout_s))
+        return self._short(
+            lambda: kv_now.get_batch(self._inner, self._loop, keys, buffers),
+            lambda: self._inner.get_batch(keys, buffers),
+        )
 
     def get(self, key: bytes, buffer: Any) -> int | None:
         """See `kvtier.kv.AsyncKVClient.get`."""
-        return self._run(self._inner.get(key, buffer))
+        (size,) = self.get_batch([key], [buffer])
+        return size
 
     def exists_batch(self, keys: Sequence[bytes], *, timeout_s: float | None = None) -> list[bool]:
         """See `kvtier.kv.AsyncKVClient.exists_batch`."""
-        return self._run(self._inner.exists_batch(keys, timeout_s=timeout_s))
+        if timeout_s is not None:
+            return self._run(self._inner.exists_batch(keys, timeout_s=timeout_s))
+        return self._short(
+            lambda: kv_now.exists_batch(self._inner, self._loop, keys),
+            lambda: self._inner.exists_batch(keys),
+        )
 
     def lookup(self, chain: Sequence[bytes], *, timeout_s: float | None = None) -> int:
         """See `kvtier.kv.AsyncKVClient.lookup`."""
-        return self._run(self._inner.lookup(chain, timeout_s=timeout_s))
+        if timeout_s is not None:
+            return self._run(self._inner.lookup(chain, timeout_s=timeout_s))
+        return self._short(
+            lambda: kv_now.lookup(self._inner, self._loop, chain),
+            lambda: self._inner.lookup(chain),
+        )
 
     def delete(self, keys: Sequence[bytes]) -> int:
         """See `kvtier.kv.AsyncKVClient.delete`."""

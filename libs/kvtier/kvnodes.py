@@ -41,10 +41,13 @@ call_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "kvtier_kv_call_deadline", default=None
 )
 
+#: Keys whose owners a client remembers (see `NodeSet.owners`); past it the memory starts over.
+_OWNERS_CACHED = 1 << 16
 _DOWN_FIRST_S = 0.5
 _DOWN_MAX_S = 8.0
 # Errors that mean "this node cannot answer now": its keys become misses.
-_NODE_ERRORS = (errors.Unavailable, errors.DeadlineExceeded, errors.Overloaded, OSError)
+NODE_ERRORS = (errors.Unavailable, errors.DeadlineExceeded, errors.Overloaded, OSError)
+_NODE_ERRORS = NODE_ERRORS
 
 
 @dataclass(slots=True)
@@ -74,6 +77,54 @@ class Plan:
 
     node: Node
     indices: list[int] = field(default_factory=list)
+
+
+class ChainProbe:
+    """`lookup`'s search for the leading run of a chain that is present.
+
+    A chain is a prefix: its run ends at the first missing key. Each round asks the owners of
+    one rank for the keys from `run` on, each node only the keys it owns, in one request
+    (the node answers how many of them lead present); the new run is the smallest position
+    of a node's first miss. The key there is missing on its owner of that rank: the next
+    round asks the next rank from there, and a round of a later rank that moves the run on
+    starts over at the primaries. The search stops at the end of the chain or when the last
+    rank does not move it: with one replica, one round trip.
+    """
+
+    def __init__(self, chain: Sequence[bytes], replicas: int) -> None:
+        self.chain = chain
+        self.run = 0
+        self._replicas = replicas
+        self._rank = 0
+        self._start = 0
+
+    def next_plans(self, nodes: NodeSet) -> list[Plan] | None:
+        """The next round's plans (positions relative to `run`), or None when the run is known."""
+        while self.run < len(self.chain) and self._rank < self._replicas:
+            self._start = self.run
+            plans = nodes.plans(self.chain[self.run :], self._rank)
+            if plans:
+                return plans
+            self._rank += 1  # no node of this rank (fewer nodes than replicas)
+        return None
+
+    def keys_of(self, plan: Plan) -> list[bytes]:
+        """The keys plan's node is asked about, in chain order."""
+        return [self.chain[self._start + i] for i in plan.indices]
+
+    def answered(self, plans: Sequence[Plan], counts: Sequence[int | None]) -> None:
+        """Each node's leading count of its keys (None: it did not answer, all misses)."""
+        end = len(self.chain)
+        for plan, count in zip(plans, counts, strict=True):
+            owned = plan.indices
+            if count is None:
+                count = 0
+            if count < len(owned):
+                end = min(end, self._start + owned[count])
+        if end > self.run and self._rank:
+            self.run, self._rank = end, 0  # later keys may be on their primaries again
+        else:
+            self.run, self._rank = max(end, self.run), self._rank + 1
 
 
 class NodeSet:
@@ -115,6 +166,7 @@ class NodeSet:
         self.replicas = replicas
         self.timeout_s = timeout_s
         self._ns_prefix = namespace.encode() + b"\0"
+        self._owners: dict[bytes, list[str]] = {}  # see owners()
         self._metadata_address = metadata
         self._static = list(nodes)
         self._allowed = list(transports)
@@ -157,8 +209,16 @@ class NodeSet:
         return [self._nodes[n] for n in self._node_ids]
 
     def owners(self, key: bytes) -> list[str]:
-        """The nodes that own key (best first; up to `replicas`)."""
-        return rendezvous.owners(self._node_ids, self._ns_prefix + key, self.replicas)
+        """The nodes that own key (best first; up to `replicas`). Remembered per key until the
+        node list changes: hashing costs ~2.5 µs per key and node, and engines ask about the
+        same prefix chains over and over."""
+        found = self._owners.get(key)
+        if found is None:
+            if len(self._owners) >= _OWNERS_CACHED:
+                self._owners.clear()
+            found = rendezvous.owners(self._node_ids, self._ns_prefix + key, self.replicas)
+            self._owners[key] = found
+        return found
 
     async def refresh(self) -> None:
         """Reload the kvcache node list (from the metadata service, or probe the fixed nodes)."""
@@ -233,7 +293,10 @@ class NodeSet:
                         tokens=self._tokens,
                     ),
                 )
-        self._node_ids = sorted(self._nodes)
+        node_ids = sorted(self._nodes)
+        if node_ids != self._node_ids:
+            self._owners.clear()
+        self._node_ids = node_ids
         self.epoch = max(self.epoch, epoch)
         self._stale = False
         self._refreshed_at = time.monotonic()
@@ -249,6 +312,26 @@ class NodeSet:
                 self._refreshed_at = time.monotonic()  # keep the old map; try again later
                 log.warning("could not refresh the kvcache node list: %s", exc)
 
+    def current(self) -> bool:
+        """Whether the map may be used without a refresh (`fresh` would do nothing)."""
+        return (
+            not self._closed
+            and not self._stale
+            and time.monotonic() - self._refreshed_at <= self._refresh_s
+        )
+
+    def open_session(self, node: Node) -> dataplane_client.DataPlaneSession | None:
+        """node's data-plane session when it is open and the node is not marked down."""
+        return node.session if self._usable(node) else None
+
+    def succeeded(self, node: Node) -> None:
+        """node answered (see `run`)."""
+        node.down_for_s = 0.0
+
+    async def failed(self, node: Node, op: str, exc: BaseException) -> None:
+        """node could not answer (see `run`): mark it down for a moment, drop its session."""
+        await self._failed(node, op, exc)
+
     def saw_epoch(self, epoch: int) -> None:
         """A node replied with its epoch: a newer one than ours makes the next op refresh."""
         if epoch > self.epoch and self._metadata_address:
@@ -257,11 +340,14 @@ class NodeSet:
     def plans(self, keys: Sequence[bytes], rank: int) -> list[Plan]:
         """Group key positions by their owner of the given rank (0 = primary)."""
         plans: dict[str, Plan] = {}
+        owners_of = self.owners
         for index, key in enumerate(keys):
-            owners = self.owners(key)
+            owners = owners_of(key)
             if rank < len(owners):
-                node = self._nodes[owners[rank]]
-                plans.setdefault(node.node_id, Plan(node)).indices.append(index)
+                plan = plans.get(owners[rank])
+                if plan is None:
+                    plan = plans[owners[rank]] = Plan(self._nodes[owners[rank]])
+                plan.indices.append(index)
         return list(plans.values())
 
     # Connections.

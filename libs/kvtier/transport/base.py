@@ -332,6 +332,18 @@ class ByteBudget:
             self._used -= n
             self._cond.notify_all()
 
+    def take_now(self, n: int) -> bool:
+        """Take n bytes at once when nothing is in flight (the synchronous short path, whose
+        caller runs the loop only between its own operations); whether they were taken."""
+        if self._used:
+            return False
+        self._used = n
+        return True
+
+    def give_now(self, n: int) -> None:
+        """Return bytes taken by `take_now` (nobody can be waiting: nothing else was in flight)."""
+        self._used -= n
+
 
 def as_buffer(obj: Any, *, writable: bool) -> memoryview:
     """A flat byte view of a buffer-protocol object (memoryview, bytearray, numpy, torch CPU).

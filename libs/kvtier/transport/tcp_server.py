@@ -16,7 +16,7 @@ import functools
 import logging
 import socket
 from collections.abc import Iterator, Sequence
-from typing import ClassVar
+from typing import ClassVar, overload
 
 from kvtier import errors
 from kvtier.proto.common.v1 import common_pb2
@@ -326,7 +326,9 @@ class _ServerConnection(tcp_wire.Channel):
                     if len(self._awaits) >= calls.MAX_AWAITING:
                         self._set_reading(False)  # backpressure: resumed as they complete
                     return
-        self._queue(self._answer(call, reply, error))
+        frame = self._answer(call, reply, error, now=True)
+        if frame is not None:
+            self._queue(frame)
 
     def _received(
         self, slot: _Slot, call: calls.ServerCall, reply: object, error: BaseException | None
@@ -348,11 +350,22 @@ class _ServerConnection(tcp_wire.Channel):
             self.kick()
             self._resume()
 
+    @overload
     def _answer(
         self, call: calls.ServerCall, reply: object, error: BaseException | None
-    ) -> tcp_wire.Frame:
+    ) -> tcp_wire.Frame: ...
+    @overload
+    def _answer(
+        self, call: calls.ServerCall, reply: object, error: BaseException | None, *, now: bool
+    ) -> tcp_wire.Frame | None: ...
+    def _answer(
+        self, call: calls.ServerCall, reply: object, error: BaseException | None, *,
+        now: bool = False,
+    ) -> tcp_wire.Frame | None:  # fmt: skip
         """The frame that answers a call: its error, or its reply and sources (leased until
-        the frame is out). The sinks' leases end here."""
+        the frame is out). The sinks' leases end here. now: when nothing is queued before it,
+        the reply is sent at once, in one sendmsg; None when all of it went (no frame, no
+        lease: its bytes are in the kernel), else the frame of what is left."""
         call.unlease(self._ctx)
         try:
             if error is not None:
@@ -361,7 +374,6 @@ class _ServerConnection(tcp_wire.Channel):
         except Exception as exc:
             call.finish(False)
             return tcp_wire.Frame(tcp_wire.error_response(call.request_id, exc))
-        call.lease(self._ctx, sources, self)
         lengths = [source.length if source is not None else 0 for source in sources]
         header = tcp_wire.RESPONSE.pack(
             call.request_id, tcp_wire.Status.OK, len(message), sum(lengths)
@@ -377,7 +389,31 @@ class _ServerConnection(tcp_wire.Channel):
             if source is not None and source.length:
                 items.append(source.view())
                 sizes.append(source.length)
-        return _CallReply(tcp_wire.Parts(items, sizes), call)
+        sent = self._send_now(items) if now else 0
+        if sent == len(header) + len(message) + 8 * len(lengths) + sum(lengths):
+            call.finish(True)
+            return None
+        call.lease(self._ctx, sources, self)
+        frame = _CallReply(tcp_wire.Parts(items, sizes), call)
+        frame.sent = sent
+        return frame
+
+    def _send_now(self, items: list[bytes | memoryview]) -> int:
+        """Send items in one sendmsg when nothing waits before them; how many bytes went (0
+        when they must be queued: a failure is found again by the flush that follows)."""
+        if (
+            self._out
+            or self._held
+            or self._writing
+            or self._tls is not None
+            or self.closed
+            or len(items) > tcp_wire.IOV_LIMIT
+        ):
+            return 0
+        try:
+            return self.sock.sendmsg(items)
+        except OSError:
+            return 0
 
     def _queue(self, frame: tcp_wire.Frame) -> None:
         if self._held:

@@ -11,6 +11,7 @@ import collections
 import enum
 import itertools
 import logging
+import select
 import socket
 import struct
 import time
@@ -250,6 +251,24 @@ class Channel(abc.ABC):
         while not future.done() and self._reading and time.perf_counter() < end:
             self._on_readable()
         return future.done()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop whose callbacks drive this channel."""
+        return self._loop
+
+    @property
+    def send_blocked(self) -> bool:
+        """Whether queued bytes wait for the socket to drain (only the loop sends them)."""
+        return self._writing
+
+    def wait_readable(self, seconds: float) -> None:
+        """Sleep until the socket is readable or seconds pass, then take what arrived: outside
+        the loop (the synchronous short path; bytes already inside TLS count as readable)."""
+        if self._tls is None or self._tls.starved:
+            select.select([self._fd], [], [], seconds)
+        if self._reading:
+            self._on_readable()
 
     def _on_readable(self) -> None:
         self._recvs_left = RECV_ROUNDS
