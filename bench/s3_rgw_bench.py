@@ -320,15 +320,26 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and objects")
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
     parser.add_argument(
+        "--only", default="", metavar="TEXT",
+        help="run only the workloads whose name contains TEXT (e.g. '4 KiB'); nothing is saved",
+    )  # fmt: skip
+    parser.add_argument(
         "--no-plain-http", action="store_true", help="skip kvtier over plain HTTP (--insecure)"
     )
     args = parser.parse_args()
+    for name in [w for w in WORKLOADS if args.only not in w]:
+        del WORKLOADS[name]
+    if not WORKLOADS:
+        parser.error(f"no workload's name contains {args.only!r}")
     write_doc = None
-    if not args.no_doc:
+    if not args.no_doc and not args.only:
         from bench.run import update_doc
 
         write_doc = update_doc
-    result = run_section(args.quick, write_doc, plain_http=not args.no_plain_http)
+    if args.only:  # a partial run: neither the results file nor the doc is rewritten
+        result = run_rgw_bench(args.quick, plain_http=not args.no_plain_http)
+    else:
+        result = run_section(args.quick, write_doc, plain_http=not args.no_plain_http)
     print(render(result))
     for check in result["targets"]:
         print(f"{'ok  ' if check['ok'] else 'MISS'} {check['target']}: {check['ratio']:.2f}")

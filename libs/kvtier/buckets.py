@@ -181,6 +181,35 @@ class BucketStore:
             yield snapshot
 
 
+class BucketCache:
+    """Every bucket's record as etcd last said, kept current by a watch (`run`): what a gateway
+    serves its object requests from, with no call per request, and what it keeps serving
+    while etcd (or the metadata service) is away (issue 16's policy: object reads and writes
+    of the buckets known go on; creating, deleting and configuring buckets fail).
+
+    `get` answers only once the first snapshot arrived (`synced`); a name it does not hold may
+    have been created a moment ago, so a caller confirms NotFound with a read of its own.
+    """
+
+    def __init__(self, store: BucketStore) -> None:
+        self._store = store
+        self._records: dict[str, metadata_pb2.BucketInfo] | None = None
+
+    @property
+    def synced(self) -> bool:
+        """Whether a snapshot arrived (get answers)."""
+        return self._records is not None
+
+    def get(self, name: str) -> metadata_pb2.BucketInfo | None:
+        """The bucket's record in the last snapshot (None: not in it, or no snapshot yet)."""
+        return None if self._records is None else self._records.get(name)
+
+    async def run(self) -> None:
+        """Follow the buckets until cancelled (etcd outages keep the last snapshot)."""
+        async for snapshot in self._store.watch():
+            self._records = snapshot
+
+
 def _create_only(key: bytes, value: bytes) -> Callable[[Any], Awaitable[Any]]:
     """The transaction creating key unless it exists; on success it reads key back."""
 

@@ -15,6 +15,8 @@ import grpc
 ERROR_KIND_KEY = "x-kvtier-error"
 #: Trailing-metadata key carrying the server's current cluster-map epoch with StaleEpoch.
 EPOCH_KEY = "x-kvtier-epoch"
+#: Trailing-metadata key carrying an error's reason (`KVTierError.reason`).
+REASON_KEY = "x-kvtier-reason"
 
 
 class KVTierError(Exception):
@@ -25,8 +27,12 @@ class KVTierError(Exception):
     http_status: ClassVar[int] = 500
     retryable: ClassVar[bool] = False
 
-    def __init__(self, message: str = "") -> None:
+    def __init__(self, message: str = "", *, reason: str = "") -> None:
         super().__init__(message or type(self).__name__)
+        #: The precise cause, in S3's error vocabulary where one applies ("NoSuchBucket",
+        #: "BadDigest", "InvalidPart"...): the S3 front answers with it instead of the class's
+        #: s3_code, and gRPC carries it in trailing metadata, so clients see it too. "": none.
+        self.reason = reason
 
     @property
     def message(self) -> str:
@@ -115,8 +121,10 @@ class StaleEpoch(KVTierError):
     http_status = 503
     retryable = True
 
-    def __init__(self, message: str = "", *, current_epoch: int = 0) -> None:
-        super().__init__(message or f"stale cluster-map epoch; current is {current_epoch}")
+    def __init__(self, message: str = "", *, current_epoch: int = 0, reason: str = "") -> None:
+        super().__init__(
+            message or f"stale cluster-map epoch; current is {current_epoch}", reason=reason
+        )
         self.current_epoch = current_epoch
 
 
@@ -161,6 +169,8 @@ def trailing_metadata(error: KVTierError) -> tuple[tuple[str, str], ...]:
     meta: tuple[tuple[str, str], ...] = ((ERROR_KIND_KEY, type(error).__name__),)
     if isinstance(error, StaleEpoch):
         meta += ((EPOCH_KEY, str(error.current_epoch)),)
+    if error.reason:
+        meta += ((REASON_KEY, error.reason),)
     return meta
 
 
@@ -169,9 +179,10 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> KVTierError:
     meta = {k: v for k, v in (error.trailing_metadata() or ()) if isinstance(v, str)}
     details = error.details() or error.code().name
     cls = _BY_NAME.get(meta.get(ERROR_KIND_KEY, ""))
+    reason = meta.get(REASON_KEY, "")
     if cls is StaleEpoch:
         raw = meta.get(EPOCH_KEY, "0")
-        return StaleEpoch(details, current_epoch=int(raw) if raw.isdigit() else 0)
+        return StaleEpoch(details, current_epoch=int(raw) if raw.isdigit() else 0, reason=reason)
     if cls is None:
         cls = _BY_CODE.get(error.code(), Internal)
-    return cls(details)
+    return cls(details, reason=reason)

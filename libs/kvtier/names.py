@@ -14,6 +14,7 @@ their storage name is the plain name.
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 
@@ -51,21 +52,20 @@ def check_bucket(name: str) -> None:
     3-63 characters of lowercase letters, digits, '.' and '-'; starts and ends with a letter or
     digit; no '..'; not formatted as an IPv4 address; none of S3's reserved prefixes or suffixes.
     """
+    bad = functools.partial(errors.InvalidArgument, reason="InvalidBucketName")
     if not BUCKET_MIN_CHARS <= len(name) <= BUCKET_MAX_CHARS:
-        raise errors.InvalidArgument(
-            f"bucket name {name!r}: must be {BUCKET_MIN_CHARS}-{BUCKET_MAX_CHARS} characters"
-        )
+        raise bad(f"bucket name {name!r}: must be {BUCKET_MIN_CHARS}-{BUCKET_MAX_CHARS} characters")
     if not _BUCKET.fullmatch(name):
-        raise errors.InvalidArgument(
+        raise bad(
             f"bucket name {name!r}: only lowercase letters, digits, '.' and '-', "
             "starting and ending with a letter or digit"
         )
     if ".." in name:
-        raise errors.InvalidArgument(f"bucket name {name!r}: must not contain '..'")
+        raise bad(f"bucket name {name!r}: must not contain '..'")
     if _IP_ADDRESS.fullmatch(name):
-        raise errors.InvalidArgument(f"bucket name {name!r}: must not be an IP address")
+        raise bad(f"bucket name {name!r}: must not be an IP address")
     if name.startswith(_RESERVED_PREFIXES) or name.endswith(_RESERVED_SUFFIXES):
-        raise errors.InvalidArgument(f"bucket name {name!r}: uses a prefix or suffix S3 reserves")
+        raise bad(f"bucket name {name!r}: uses a prefix or suffix S3 reserves")
 
 
 def check_key(key: str) -> None:
@@ -76,7 +76,8 @@ def check_key(key: str) -> None:
         raise errors.InvalidArgument("object key: not valid UTF-8") from None
     if not 1 <= len(encoded) <= KEY_MAX_BYTES:
         raise errors.InvalidArgument(
-            f"object key: must be 1-{KEY_MAX_BYTES} bytes of UTF-8, got {len(encoded)}"
+            f"object key: must be 1-{KEY_MAX_BYTES} bytes of UTF-8, got {len(encoded)}",
+            reason="KeyTooLongError",
         )
     if "\0" in key:
         raise errors.InvalidArgument("object key: must not contain NUL")

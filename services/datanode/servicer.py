@@ -59,6 +59,11 @@ class ShardServicer(shards_pb2_grpc.ShardServiceServicer):
     ) -> shards_pb2.ReadMetaResponse:
         return await self._node.read_meta(request)
 
+    async def UpdateMeta(
+        self, request: shards_pb2.UpdateMetaRequest, context: rpc.ServicerContext
+    ) -> shards_pb2.UpdateMetaResponse:
+        return await self._node.update_meta(request)
+
     async def DeleteShard(
         self, request: shards_pb2.DeleteShardRequest, context: rpc.ServicerContext
     ) -> shards_pb2.DeleteShardResponse:

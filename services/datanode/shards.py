@@ -8,6 +8,8 @@ Layout under the drive (ARCHITECTURE.md, "The durable object tier"), h = hex SHA
                                                    services.datanode.framing)
     .kvtier/tmp/<write_id>/                        a staged write (data/part.N, meta)
     .kvtier/index.sqlite                           the listing index (services.datanode.index)
+    .kvtier/journal                                small commits and their removals, not yet
+                                                   synced in the files (services.datanode.journal)
 
 A shard of at most INLINE_MAX_BYTES in total (all parts) has no data directory: its framed blocks
 live in `meta.inline_data`, in part order.
@@ -18,6 +20,14 @@ key pending in the index → write `meta` in staging, fsync → rename over `<h>
 → index entry → remove every other data dir under `<h>` (the previous version, crash leftovers).
 A commit of a data_id whose data dir exists (healing rewrites a drive's shard of the version it
 holds) renames the staged part files over the existing ones instead, one by one.
+A small write (`ShardStore.write_small`: one part, the whole shard of at most INLINE_MAX_BYTES in
+one call) takes another path: its meta (the shard inline) is appended to the drive's journal and
+synced there, one fdatasync for every commit that arrived meanwhile (group commit), then written
+over `<h>/meta` by rename without a sync of its own; a removal of a key whose last change is
+journaled is journaled too. Opening the store replays the journal (each record installed only
+over an older version, removed only over one as old or older) before anything is read; a
+checkpoint (syncfs, then an empty journal) runs when the journal grows past
+JOURNAL_CHECKPOINT_BYTES and at close.
 Operations on one key are serialized by a striped lock; everything here blocks (run it in the
 datanode's bounded executor).
 """
@@ -34,14 +44,14 @@ import threading
 import time
 import types
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from google.protobuf import message as pb_message
 
 from kvtier import errors, names
 from kvtier.proto.datanode.v1 import datanode_pb2
-from services.datanode import drives, framing, index
+from services.datanode import drives, framing, index, journal
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +63,8 @@ MAX_PART_NUMBER = 10_000
 OBJECTS_DIR = "objects"
 TMP_DIR = Path(".kvtier") / "tmp"
 INDEX_FILE = Path(".kvtier") / "index.sqlite"
+JOURNAL_FILE = Path(".kvtier") / "journal"
+JOURNAL_CHECKPOINT_BYTES = 64 << 20
 META_FILE = "meta"
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
@@ -159,6 +171,47 @@ def _replace_files(staged: Path, target: Path) -> None:
 
 #: How far ahead of this node's clock a version's mtime may be (clock skew between hosts).
 MAX_FUTURE_MTIME_NS = 300 * 1_000_000_000
+
+
+def _stamp(stored: datanode_pb2.ShardMeta, where: str) -> None:
+    """Set the format version and a missing mtime (now); InvalidArgument for one in the future."""
+    stored.format_version = FORMAT_VERSION
+    now = time.time_ns()
+    if stored.mtime_unix_ns > now + MAX_FUTURE_MTIME_NS:
+        # A version stamped far in the future would win every later write (commits keep the
+        # newest mtime): refused, whoever sent it (gateways' clocks are NTP-synced).
+        raise errors.InvalidArgument(f"{where}: mtime is in the future")
+    stored.mtime_unix_ns = stored.mtime_unix_ns or now
+
+
+def _name_version(stored: datanode_pb2.ShardMeta, where: str) -> None:
+    """Set a missing data_id (a new uuid); InvalidArgument for one that is no safe name."""
+    stored.data_id = stored.data_id or uuid.uuid4().hex
+    if not _SAFE_ID.fullmatch(stored.data_id) or stored.data_id == META_FILE:
+        raise errors.InvalidArgument(f"{where}: data_id {stored.data_id!r} is not a safe name")
+
+
+def seal_small(meta: datanode_pb2.ShardMeta, shard: framing.Buffer) -> datanode_pb2.ShardMeta:
+    """The meta to store for a small write: meta completed (as a commit does) with the shard's
+    framed blocks inline. InvalidArgument unless meta has one part whose shard_bytes is
+    len(shard), at most INLINE_MAX_BYTES."""
+    names.check_stored(meta.bucket, meta.key)
+    where = f"{meta.bucket}/{meta.key}"
+    view = memoryview(shard).cast("B")
+    if len(meta.parts) != 1 or meta.parts[0].shard_bytes != len(view):
+        raise errors.InvalidArgument(f"{where}: a small write has one part of the shard's bytes")
+    if len(view) > INLINE_MAX_BYTES or not 1 <= meta.parts[0].number <= MAX_PART_NUMBER:
+        raise errors.InvalidArgument(f"{where}: not a small write ({len(view)} shard bytes)")
+    stored = ShardMeta()
+    stored.CopyFrom(meta)
+    size = stored.block_bytes = stored.block_bytes or BLOCK_BYTES
+    if not 0 < size <= MAX_BLOCK_BYTES:
+        raise errors.InvalidArgument(f"{where}: block_bytes {size}: 1-{MAX_BLOCK_BYTES}")
+    _stamp(stored, where)
+    _name_version(stored, where)
+    blocks = (view[at : at + size] for at in range(0, len(view), size))
+    stored.inline_data = b"".join(bytes(b) + framing.digest(b) for b in blocks)
+    return stored
 
 
 class Superseded(errors.PreconditionFailed):
@@ -298,13 +351,7 @@ class StagedWrite:
         if stored.block_bytes not in (0, self.block_bytes):
             raise errors.InvalidArgument(f"{where}: block_bytes differs from the staged write")
         stored.block_bytes = self.block_bytes
-        stored.format_version = FORMAT_VERSION
-        now = time.time_ns()
-        if stored.mtime_unix_ns > now + MAX_FUTURE_MTIME_NS:
-            # A version stamped far in the future would win every later write (commits keep the
-            # newest mtime): refused, whoever sent it (gateways' clocks are NTP-synced).
-            raise errors.InvalidArgument(f"{where}: mtime is in the future")
-        stored.mtime_unix_ns = stored.mtime_unix_ns or now
+        _stamp(stored, where)
         numbers = [p.number for p in stored.parts]
         if numbers != sorted(set(numbers)) or not set(self._parts) <= set(numbers):
             raise errors.InvalidArgument(f"{where}: parts must be unique, ascending and complete")
@@ -314,9 +361,7 @@ class StagedWrite:
                 raise errors.InvalidArgument(f"{where}: part {part.number} shard_bytes mismatch")
             if stage:
                 stage.finish(f"{where} part {part.number}")
-        stored.data_id = stored.data_id or uuid.uuid4().hex
-        if not _SAFE_ID.fullmatch(stored.data_id) or stored.data_id == META_FILE:
-            raise errors.InvalidArgument(f"{where}: data_id {stored.data_id!r} is not a safe name")
+        _name_version(stored, where)
         if is_inline(stored):
             stored.inline_data = b"".join(
                 self._parts[p.number].frames(framing.framed_bytes(p.shard_bytes, self.block_bytes))
@@ -365,13 +410,20 @@ class ShardStore:
         self._active_lock = threading.Lock()
         fresh = not (drive.path / INDEX_FILE).exists()
         self._index = index.ShardIndex(drive.path / INDEX_FILE)
+        self._journal = journal.Journal(drive.path / JOURNAL_FILE)
+        #: keys whose last change is in the journal (their removal is journaled too)
+        self._journaled: set[tuple[str, str]] = set()
+        self._checkpoint_lock = threading.Lock()
         self._closed = False
+        self._replay()
         self._recover(fresh)
 
     def close(self) -> None:
-        """Mark the index clean and close it (idempotent)."""
+        """Checkpoint the journal, mark the index clean and close both (idempotent)."""
         if not self._closed:
             self._closed = True
+            self.checkpoint()
+            self._journal.close()
             self._index.set_state(clean="1")
             self._index.close()
 
@@ -392,7 +444,7 @@ class ShardStore:
     def _object_dir(self, bucket: str, key: str) -> Path:
         names.check_stored(bucket, key)
         digest = hashlib.sha256(key.encode()).hexdigest()
-        return self._objects / bucket / digest[:2] / digest
+        return Path(f"{self._objects}/{bucket}/{digest[:2]}/{digest}")  # one parse: a hot path
 
     def _key_lock(self, object_dir: Path) -> threading.Lock:
         return self._locks[int(object_dir.name[:8], 16) % _LOCK_STRIPES]
@@ -466,10 +518,113 @@ class ShardStore:
         with self._active_lock:
             self._active.discard(write_id)
 
+    def write_small(
+        self, meta: datanode_pb2.ShardMeta, shard: framing.Buffer
+    ) -> datanode_pb2.ShardMeta:
+        """Commit a version of one part whose whole shard is `shard` (at most INLINE_MAX_BYTES)
+        in one step, through the journal (module docstring); the stored meta once durable.
+
+        Raises InvalidArgument as seal_small and commit do, Superseded when the drive holds a
+        newer version, Unavailable when the journal's sync failed.
+        """
+        stored = seal_small(meta, shard)
+        object_dir = self._object_dir(stored.bucket, stored.key)
+        raw = encode_meta(stored)
+        with self._key_lock(object_dir):
+            current = self._current_version(object_dir)
+            if current is not None and current > (stored.mtime_unix_ns, stored.data_id):
+                raise Superseded(f"{stored.bucket}/{stored.key}: a newer version is here")
+            self._journal.commit(journal.encode(journal.Kind.INSTALL, raw))
+            self._journaled.add((stored.bucket, stored.key))
+            self._apply(object_dir, stored, raw)
+        if self._journal.bytes > JOURNAL_CHECKPOINT_BYTES:
+            try:
+                self.checkpoint(JOURNAL_CHECKPOINT_BYTES)
+            except OSError as exc:  # this write is durable already; a later one tries again
+                log.warning("drive %s: journal checkpoint failed: %s", self.drive.path, exc)
+        return stored
+
+    def _apply(self, object_dir: Path, meta: datanode_pb2.ShardMeta, raw: bytes) -> None:
+        """Replace the object's meta by raw (journaled: no sync here) and index it."""
+        fresh = True  # a directory made now holds no data dirs to remove
+        try:  # (os rather than pathlib on this path: it is most of the CPU of a small write)
+            os.mkdir(object_dir)
+        except FileExistsError:
+            fresh = False
+        except FileNotFoundError:
+            os.makedirs(object_dir, exist_ok=True)
+        staged = f"{self._tmp}/meta-{threading.get_ident()}"
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            framing.pwrite_all(fd, [raw], 0)
+        finally:
+            os.close(fd)
+        os.replace(staged, f"{object_dir}/{META_FILE}")
+        self._index.put(meta.bucket, _entry(meta))
+        if not fresh:
+            _remove_data_dirs(object_dir, None)
+
+    def _remove_journaled(self, object_dir: Path, bucket: str, key: str) -> None:
+        """Remove a key whose last change is journaled: the removal is journaled too (a replay
+        must not bring back what was journaled before it)."""
+        removed = ShardMeta(bucket=bucket, key=key)
+        current = self._current_version(object_dir)
+        if current is not None:
+            removed.mtime_unix_ns, removed.data_id = current
+        body = removed.SerializeToString()
+        self._journal.commit(journal.encode(journal.Kind.REMOVE, body))
+        os.unlink(object_dir / META_FILE)
+
+    def checkpoint(self, over_bytes: int = 0) -> None:
+        """When the journal holds more than over_bytes: sync the drive's filesystem (every
+        journaled change is then in durable files) and empty the journal. Holds off every
+        writer meanwhile."""
+        with self._checkpoint_lock:
+            if self._journal.bytes <= over_bytes:
+                return
+            with self._all_locks():
+                journal.sync_filesystem(self.drive.path)
+                self._journal.reset()
+                self._journaled.clear()
+
+    def _replay(self) -> None:
+        """Apply the journal's records again (module docstring), sync, empty the journal; the
+        index entries of every key in it are read again (a crash may have come between a meta
+        file and its index entry)."""
+        records = self._journal.read()
+        touched: set[tuple[str, str]] = set()
+        for kind, body in records:
+            try:
+                if kind is journal.Kind.INSTALL:
+                    meta = decode_meta(body, "journal record")
+                else:
+                    meta = ShardMeta.FromString(body)
+                object_dir = self._object_dir(meta.bucket, meta.key)
+            except (errors.KVTierError, pb_message.DecodeError) as exc:
+                log.warning("drive %s: journal record skipped: %s", self.drive.path, exc)
+                continue
+            touched.add((meta.bucket, meta.key))
+            current = self._current_version(object_dir)
+            version = (meta.mtime_unix_ns, meta.data_id)
+            if kind is journal.Kind.INSTALL and (current is None or current < version):
+                self._apply(object_dir, meta, body)
+            elif kind is journal.Kind.REMOVE and current is not None and current <= version:
+                os.unlink(object_dir / META_FILE)
+                _remove_data_dirs(object_dir, None)
+        for bucket, key in touched:
+            self._reindex(bucket, key)
+        if records:
+            log.info("drive %s: %d journal records replayed", self.drive.path, len(records))
+        if self._journal.bytes:
+            journal.sync_filesystem(self.drive.path)
+            self._journal.reset()
+
     def _install(self, write: StagedWrite, meta: datanode_pb2.ShardMeta) -> None:
         """Steps of a commit that touch the object's directory (module docstring)."""
         object_dir = self._object_dir(meta.bucket, meta.key)
         inline = is_inline(meta)
+        if not write.only_if_newer and (meta.bucket, meta.key) in self._journaled:
+            self.checkpoint()  # a replay would put the journaled, newer version back
         with self._key_lock(object_dir):
             if write.only_if_newer:
                 current = self._current_version(object_dir)
@@ -495,7 +650,8 @@ class ShardStore:
     def _current_version(object_dir: Path) -> tuple[int, str] | None:
         """(mtime, data_id) of the object's meta here, or None when absent or unreadable."""
         try:
-            meta = decode_meta((object_dir / META_FILE).read_bytes(), str(object_dir))
+            with open(f"{object_dir}/{META_FILE}", "rb") as file:
+                meta = decode_meta(file.read(), str(object_dir))
         except (FileNotFoundError, errors.Corrupt):
             return None
         return meta.mtime_unix_ns, meta.data_id
@@ -510,14 +666,33 @@ class ShardStore:
                 with contextlib.suppress(OSError):
                     object_dir.rmdir()
                 return False
-            self._index.mark_pending(bucket, key)
-            os.unlink(object_dir / META_FILE)
-            _fsync_dir(object_dir)
+            if (bucket, key) in self._journaled:
+                self._remove_journaled(object_dir, bucket, key)
+            else:
+                self._index.mark_pending(bucket, key)
+                os.unlink(object_dir / META_FILE)
+                _fsync_dir(object_dir)
             self._index.remove(bucket, key)
             _remove_data_dirs(object_dir, None)
             with contextlib.suppress(OSError):
                 object_dir.rmdir()
         return True
+
+    def rewrite_meta(
+        self, bucket: str, key: str, change: Callable[[ShardMeta], ShardMeta]
+    ) -> ShardMeta:
+        """Replace the object's meta by change(current meta), under the key's lock, atomically
+        and durably as a commit writes it (staged, fsync, rename, fsync); the listing index is
+        not touched, so change must keep the listed fields. NotFound when absent; what change
+        raises. Returns the stored meta (services.datanode.metaupdate)."""
+        object_dir = self._object_dir(bucket, key)
+        with self._key_lock(object_dir):
+            meta = change(self.read_meta(bucket, key))
+            staged = self._tmp / f"meta-{uuid.uuid4().hex}"
+            _write_synced(staged, encode_meta(meta))
+            os.replace(staged, object_dir / META_FILE)
+            _fsync_dir(object_dir)
+        return meta
 
     def sweep_tmp(self, older_than_s: float) -> int:
         """Remove staged writes (not in progress here) older than older_than_s; returns how many."""

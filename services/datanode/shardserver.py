@@ -2,10 +2,13 @@
 
 Bytes travel as data-plane calls (`handle_call`): WRITE_SHARD lands a write's shard bytes in a
 staging slot of the node's region, then appends them to the staged write on disk; READ_SHARD
-reads verified blocks from disk into a staging slot and sends them from there. Control requests
-(commit, abort, metadata, delete, listing, verify) come over gRPC through the servicer. Disk work
-runs in a bounded thread pool, never on the event loop; a full set of staging slots makes new
-calls wait (backpressure) up to `slot_wait_s`, then Overloaded.
+reads verified blocks from disk into a staging slot and sends them from there; WRITE_SMALL stages
+and commits small shards of one object on any of the node's drives in one call
+(`shards.ShardStore.write_small`: inline in the meta, durable by the drive's journal), and
+READ_METAS reads the object's meta on several of its drives in one call (a small object's GET).
+Control requests (commit, abort, metadata, delete, listing, verify) come over gRPC through the
+servicer. Disk work runs in a bounded thread pool, never on the event loop; a full set of
+staging slots makes new calls wait (backpressure) up to `slot_wait_s`, then Overloaded.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import prometheus_client
 from kvtier import errors
 from kvtier.proto.datanode.v1 import shards_pb2 as pb
 from kvtier.transport import base, calls, shm_copy, slots
-from services.datanode import shards
+from services.datanode import metaupdate, shards
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,9 @@ T = TypeVar("T")
 SHARD_BYTES = prometheus_client.Counter(
     "kvtier_datanode_shard_bytes_total", "Shard bytes moved", ["op"]
 )
+#: The most drives one WRITE_SMALL or READ_METAS call may name (a node's drives of one set).
+_MAX_DRIVES_PER_CALL = 64
+
 CORRUPT = prometheus_client.Counter(
     "kvtier_datanode_corrupt_blocks_total", "Shard reads that found a bad block"
 )
@@ -80,6 +86,16 @@ class ShardNode:
             if segments or len(capacities) != 1:
                 raise errors.InvalidArgument("READ_SHARD takes no segments and one buffer")
             return self._read_plan(read, capacities[0])
+        if method == pb.SHARD_CALL_METHOD_WRITE_SMALL:
+            small = calls.parse_request(pb.WriteSmallRequest, request)
+            if capacities:
+                raise errors.InvalidArgument("WRITE_SMALL takes no buffers")
+            return self._small_plan(small, segments)
+        if method == pb.SHARD_CALL_METHOD_READ_METAS:
+            metas = calls.parse_request(pb.ReadMetasRequest, request)
+            if segments or capacities:
+                raise errors.InvalidArgument("READ_METAS takes no segments nor buffers")
+            return self._metas_plan(metas)
         if method == pb.SHARD_CALL_METHOD_READ_META:
             meta = calls.parse_request(pb.ReadMetaRequest, request)
             if segments or capacities:
@@ -116,6 +132,84 @@ class ShardNode:
             self._staging.release(slot)
 
         return base.CallPlan(sinks=sinks, on_received=on_received, on_done=on_done)
+
+    async def _small_plan(
+        self, req: pb.WriteSmallRequest, segments: Sequence[int]
+    ) -> base.CallPlan:
+        sizes = [e.meta.parts[0].shard_bytes if len(e.meta.parts) == 1 else -1 for e in req.shards]
+        total = sum(segments)
+        if not 1 <= len(sizes) <= _MAX_DRIVES_PER_CALL or min(sizes) < 0 or sum(sizes) != total:
+            raise errors.InvalidArgument(
+                "WRITE_SMALL: 1-64 shards, each of one part, whose shard_bytes add up to the "
+                "segments' bytes"
+            )
+        if max(sizes) > shards.INLINE_MAX_BYTES:
+            raise errors.InvalidArgument(f"WRITE_SMALL: a shard is over {shards.INLINE_MAX_BYTES}")
+        slot = await self._staging.acquire(self._slot_wait_s)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._staging.release(slot)
+
+        sinks = []
+        at = slot.offset
+        for length in segments:
+            sinks.append(base.Span(slot.region, at, length))
+            at += length
+
+        async def on_received() -> bytes:
+            # The shards are copied out at once: the slot is not held through the journals' syncs.
+            view, pieces, at = slot.region.view[slot.offset :], [], 0
+            for size in sizes:
+                pieces.append(bytes(view[at : at + size]))
+                at += size
+            release()
+            # One pool job for the call's drives: a hop to the pool costs about what a drive's
+            # write does, and concurrent calls keep the pool busy.
+            results = await self._run(self._write_smalls, req.shards, pieces)
+            SHARD_BYTES.labels("write").inc(total)
+            return pb.WriteSmallResponse(results=results).SerializeToString()
+
+        return base.CallPlan(sinks=sinks, on_received=on_received, on_done=lambda ok: release())
+
+    def _write_smalls(
+        self, entries: Sequence[pb.SmallShard], pieces: Sequence[bytes]
+    ) -> list[pb.ShardResult]:
+        """Each drive's small write, its error in its result (the call's other drives go on;
+        blocking: in the pool)."""
+        results = []
+        for entry, shard in zip(entries, pieces, strict=True):
+            try:
+                self._store(entry.drive_id).write_small(entry.meta, shard)
+            except shards.Superseded:
+                results.append(pb.ShardResult(superseded=True))
+            except errors.KVTierError as exc:
+                results.append(pb.ShardResult(error_kind=type(exc).__name__, error=str(exc)))
+            else:
+                results.append(pb.ShardResult())
+        return results
+
+    async def _metas_plan(self, req: pb.ReadMetasRequest) -> base.CallPlan:
+        if not 1 <= len(req.drive_ids) <= _MAX_DRIVES_PER_CALL:
+            raise errors.InvalidArgument("READ_METAS: 1-64 drives")
+        metas = await self._run(self._read_metas, req)
+        return base.CallPlan(reply=pb.ReadMetasResponse(metas=metas).SerializeToString())
+
+    def _read_metas(self, req: pb.ReadMetasRequest) -> list[pb.DriveMeta]:
+        """The object's meta on each drive, or that drive's error (blocking: in the pool)."""
+        out = []
+        for drive_id in req.drive_ids:
+            try:
+                meta = self._store(drive_id).read_meta(req.bucket, req.key)
+            except errors.KVTierError as exc:
+                result = pb.ShardResult(error_kind=type(exc).__name__, error=str(exc))
+                out.append(pb.DriveMeta(result=result))
+            else:
+                out.append(pb.DriveMeta(meta=meta))
+        return out
 
     async def _read_plan(self, req: pb.ReadShardRequest, capacity: int) -> base.CallPlan:
         store = self._store(req.drive_id)
@@ -182,6 +276,11 @@ class ShardNode:
         store = self._store(req.drive_id)
         meta = await self._run(store.read_meta, req.bucket, req.key)
         return pb.ReadMetaResponse(meta=meta)
+
+    async def update_meta(self, req: pb.UpdateMetaRequest) -> pb.UpdateMetaResponse:
+        """Replace the tags or the ACL of a version on the drive, in place (metaupdate)."""
+        store = self._store(req.drive_id)
+        return pb.UpdateMetaResponse(meta=await self._run(metaupdate.update_meta, store, req))
 
     async def delete_shard(self, req: pb.DeleteShardRequest) -> pb.DeleteShardResponse:
         """Remove the object's shard from the drive."""

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import grpc
 from aiohttp import web
 
-from kvtier import authservice, erasure, errors, service, users
+from kvtier import authservice, buckets, erasure, errors, principal, service, users
 from kvtier import config as kvtier_config
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.gateway.v1 import (
@@ -28,6 +28,7 @@ from services.gateway import (
     datanodes,
     front,
     healing,
+    lifecycle,
     listing,
     objects,
     rebuild,
@@ -50,9 +51,11 @@ class _Gateway:
         self.front: front.ObjectFront | None = None
         self.nodes: datanodes.Datanodes | None = None
         self.healer: healing.Healer | None = None
+        self.expirer: lifecycle.Expirer | None = None
         self.s3_runner: web.AppRunner | None = None
         self.s3_tls: s3_tls.S3TLS | None = None
         self.users: users.UserCache | None = None
+        self.buckets: buckets.BucketCache | None = None
 
     def add_servicers(self, server: grpc.aio.Server, ctx: service.Context) -> Sequence[str]:
         dataplane = ctx.dataplane
@@ -68,8 +71,9 @@ class _Gateway:
             ctx.map_view, self.nodes, staging, self.executor,
             max_staged_writes_per_tenant=self.cfg.max_staged_writes_per_tenant,
         )  # fmt: skip
+        self.buckets = buckets.BucketCache(buckets.BucketStore(ctx.store))
         self.front = front.ObjectFront(
-            ctx.map_view, engine, listing.Lister(ctx.map_view, self.nodes),
+            ctx.map_view, engine, listing.Lister(ctx.map_view, self.nodes), watched=self.buckets,
             # A cluster without authentication lets every data-plane session in.
             insecure=self.cfg.insecure, security=ctx.security,
         )  # fmt: skip
@@ -82,6 +86,11 @@ class _Gateway:
             scan_interval_s=self.cfg.scan_interval_s,
             scan_objects_per_cycle=self.cfg.scan_objects_per_cycle,
         )
+        self.expirer = lifecycle.Expirer(
+            self.front, interval_s=self.cfg.lifecycle_interval_s, day_s=self.cfg.lifecycle_day_s,
+            identity=principal.service("gateway", self.node_id),
+            leader=lifecycle.lowest_gateway(ctx.map_view, self.node_id),
+        )  # fmt: skip
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
             servicer.GatewayServicer(ctx.map_view), server
         )
@@ -122,6 +131,7 @@ class _Gateway:
         s3 = s3_server.S3Server(
             self.front, authenticator, region=self.cfg.s3_region, domain=self.cfg.s3_domain,
             body_timeout_s=self.cfg.s3_body_timeout_s, send_timeout_s=self.cfg.s3_send_timeout_s,
+            lifecycle_day_s=self.cfg.lifecycle_day_s,
         )  # fmt: skip
         self.s3_tls = self._s3_tls(ctx)
         self.s3_runner = web.AppRunner(s3.app(), access_log=None, handle_signals=False)
@@ -172,6 +182,11 @@ class _Gateway:
             if self.s3_runner is not None:
                 await self.s3_runner.cleanup()
 
+    async def bucket_loop(self, ctx: service.Context) -> None:
+        """Follow every bucket's record in etcd (what object requests are served from)."""
+        if self.buckets is not None:
+            await self.buckets.run()
+
     async def heal_loop(self, ctx: service.Context) -> None:
         """Drain the heal queue."""
         if self.healer is not None:
@@ -181,6 +196,12 @@ class _Gateway:
         """Verify and heal a slice of the objects every scan_interval_s."""
         if self.healer is not None:
             await self.healer.run_scanner()
+
+    async def lifecycle_loop(self, ctx: service.Context) -> None:
+        """Expire objects and uploads by the buckets' lifecycle rules every
+        lifecycle_interval_s."""
+        if self.expirer is not None:
+            await self.expirer.run()
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
@@ -198,8 +219,10 @@ def build(cfg: config.GatewayConfig) -> service.ServiceSpec:
         dataplane=True,
         loops=(
             gateway.sweep_loop,
+            gateway.bucket_loop,
             gateway.heal_loop,
             gateway.scan_loop,
+            gateway.lifecycle_loop,
             gateway.s3_loop,
             gateway.s3_tls_loop,
         ),

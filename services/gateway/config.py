@@ -34,6 +34,17 @@ class GatewayConfig(config.DataPlaneServiceConfig):
     scan_objects_per_cycle: int = config.setting(
         1000, "objects the heal scanner verifies (and heals) per cycle"
     )
+    lifecycle_interval_s: float = config.setting(
+        3600.0,
+        "seconds between passes of the lifecycle expirer (S3 lifecycle rules of erasure-coded "
+        "buckets; run by the lowest gateway id of the map); 0 turns it off (KV buckets' TTLs "
+        "still apply)",
+    )
+    lifecycle_day_s: float = config.setting(
+        86400.0,
+        "seconds in a lifecycle rule's day (Days, DaysAfterInitiation, the rounding to "
+        "midnight): 86400; smaller only to test rules, as Ceph RGW's rgw_lc_debug_interval",
+    )
     s3_port: int = config.setting(
         0, "port of the S3 HTTP API (0: any free port, announced in the map; -1: off)"
     )
@@ -94,6 +105,10 @@ class GatewayConfig(config.DataPlaneServiceConfig):
             raise config.ConfigError(
                 "s3_tls_cert_file: S3 serves plain HTTP with s3_plain_http or insecure, and "
                 "presents no certificate"
+            )
+        if self.lifecycle_interval_s < 0 or self.lifecycle_day_s <= 0:
+            raise config.ConfigError(
+                "lifecycle_interval_s: must not be negative (0: off); lifecycle_day_s: positive"
             )
         if self.scan_objects_per_cycle < 1:
             raise config.ConfigError("scan_objects_per_cycle: must be at least 1")

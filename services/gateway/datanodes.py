@@ -2,7 +2,8 @@
 
 Opened lazily from the cluster map (a datanode's address is in its NodeInfo), kept while the
 node stays in the map, reopened after a broken connection. Shard bytes move as data-plane calls
-(WRITE_SHARD, READ_SHARD); everything else is gRPC.
+(WRITE_SHARD, READ_SHARD; WRITE_SMALL: small shards and their commit, and READ_METAS: metadata,
+for all the node's drives of an object in one call); everything else is gRPC.
 """
 
 from __future__ import annotations
@@ -129,6 +130,36 @@ class Datanodes:
             await self.call(node_id, shards_pb2.SHARD_CALL_METHOD_WRITE_SHARD, call, batch)
             offset += sum(len(s) for s in batch)
 
+    async def write_small(
+        self, node_id: str, shards: Sequence[tuple[str, datanode_pb2.ShardMeta, bytes]]
+    ) -> list[shards_pb2.ShardResult]:
+        """Stage and commit small one-part shards ((drive_id, meta, shard bytes), at most
+        128 KiB each) on drives of the node in one call; each drive's result, in order (its
+        error there, or whether a newer version was there already: superseded)."""
+        request = shards_pb2.WriteSmallRequest(
+            shards=[shards_pb2.SmallShard(drive_id=d, meta=m) for d, m, _ in shards]
+        )
+        segments = [shard for _, _, shard in shards if len(shard)]
+        result = await self.call(
+            node_id, shards_pb2.SHARD_CALL_METHOD_WRITE_SMALL, request, segments
+        )
+        results = list(shards_pb2.WriteSmallResponse.FromString(result.reply).results)
+        if len(results) != len(shards):
+            raise errors.Internal(f"datanode {node_id}: {len(results)} results for {len(shards)}")
+        return results
+
+    async def read_metas(
+        self, node_id: str, drive_ids: Sequence[str], bucket: str, key: str
+    ) -> list[datanode_pb2.ShardMeta | errors.KVTierError]:
+        """The object's metadata on drives of the node (one call): per drive, in order, its
+        meta or its error (NotFound when the drive has none)."""
+        request = shards_pb2.ReadMetasRequest(drive_ids=drive_ids, bucket=bucket, key=key)
+        result = await self.call(node_id, shards_pb2.SHARD_CALL_METHOD_READ_METAS, request)
+        metas = shards_pb2.ReadMetasResponse.FromString(result.reply).metas
+        if len(metas) != len(drive_ids):
+            raise errors.Internal(f"datanode {node_id}: {len(metas)} metas for {len(drive_ids)}")
+        return [m.meta if not m.result.error_kind else error_of(m.result) for m in metas]
+
     async def read_shard(
         self, node_id: str, request: shards_pb2.ReadShardRequest, into: Any
     ) -> int:
@@ -174,6 +205,14 @@ class Datanodes:
         conns, self._conns = self._conns, {}
         for conn in conns.values():
             await conn.close()
+
+
+def error_of(result: shards_pb2.ShardResult) -> errors.KVTierError:
+    """The error a drive's result reports (Internal for a kind this gateway does not know)."""
+    kind = getattr(errors, result.error_kind, None)
+    if not (isinstance(kind, type) and issubclass(kind, errors.KVTierError)):
+        kind = errors.Internal
+    return kind(result.error)
 
 
 def write_batches(segments: Sequence[Any], most: int) -> list[list[memoryview]]:

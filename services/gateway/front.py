@@ -15,6 +15,14 @@ lists the caller's tenant's buckets (privileged callers: all). A write begun her
 part, a copy) belongs to the caller's tenant ("" for callers acting for no tenant): only that
 tenant or a privileged caller may send its stripes, commit or abort it.
 
+**ACL grants.** The S3 front alone may admit a request that `bucket_for` refuses (an anonymous
+one, another tenant's user) to one bucket for one scope, once an ACL grant allowed its
+operation (`Admission`, `admit`; `s3.acl_ops`): listing ("read"), writing objects ("write"),
+reading an object or its ACL, or setting its ACL, as the version's own ACL decides ("object",
+checked here on the resolved version), the bucket's ACL ("read_acp", "write_acp"). Only the
+methods that name a scope honour it; a copy's source, deleting the bucket, its other
+configuration and multipart listings stay `bucket_for`'s.
+
 **Names.** Users see a bucket's name; the engine, listings, multipart uploads and healing work
 on its storage name (`names.storage_name`: `<name>@<storage_id>`), resolved here, so the objects
 of a deleted bucket are never visible to the next bucket of that name. Replies carry the
@@ -31,17 +39,19 @@ authentication, whose sessions are all `default/...`) lets every session in.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from google.protobuf import message
 
-from kvtier import clustermap, errors, names, principal
+from kvtier import buckets, clustermap, errors, names, principal
 from kvtier import security as security_mod
 from kvtier.clients import metadata as metadata_client
-from kvtier.proto.common.v1 import common_pb2
+from kvtier.proto.common.v1 import acl_pb2, common_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
 from kvtier.transport import base, calls, dataplane
@@ -78,7 +88,40 @@ def _with(req: M, **fields: str) -> M:
 
 
 def _denied(what: str) -> errors.PermissionDenied:
-    return errors.PermissionDenied(f"AccessDenied: {what}")
+    return errors.PermissionDenied(what, reason="AccessDenied")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Admission:
+    """What an ACL grant lets the request being served do in one bucket that its caller may
+    not use otherwise (an anonymous caller, another tenant's user). Only the S3 front admits,
+    once it checked the grant for the request's operation (`s3.acl_ops`); gRPC callers never
+    are. Scopes: "read" (list the objects), "write" (put, delete and multipart-upload
+    objects), "object" (read an object or its ACL, or set its ACL: `check_object` decides on
+    the version's own ACL), "read_acp" / "write_acp" (the bucket's ACL)."""
+
+    bucket: str
+    scope: str
+    #: For scope "object": raises PermissionDenied unless the version's ACL allows.
+    check_object: Callable[[acl_pb2.Acl], None] | None = None
+    #: Whether a missing object may be told apart (NoSuchKey) from a refusal (AccessDenied):
+    #: the caller may list the bucket.
+    may_list: bool = False
+
+
+_admission: contextvars.ContextVar[Admission | None] = contextvars.ContextVar(
+    "kvtier_gateway_admission", default=None
+)
+
+
+def admit(admission: Admission) -> contextvars.Token[Admission | None]:
+    """Admit the request being served (the S3 front, after its ACL check)."""
+    return _admission.set(admission)
+
+
+def unadmit(token: contextvars.Token[Admission | None]) -> None:
+    """Undo an admit()."""
+    _admission.reset(token)
 
 
 def may_use(caller: principal.Principal, tenant: str) -> bool:
@@ -109,6 +152,7 @@ class ObjectFront:
         lister: listing.Lister,
         *,
         bucket_cache_s: float = 2.0,
+        watched: buckets.BucketCache | None = None,
         insecure: bool = False,
         security: security_mod.ClientSecurity | None = None,
     ) -> None:
@@ -122,6 +166,8 @@ class ObjectFront:
         self._bucket_cache_s = bucket_cache_s
         self._insecure = insecure
         self._infos: dict[str, tuple[float, metadata_pb2.BucketInfo]] = {}
+        #: Every bucket as etcd last said (kept current by the gateway's bucket loop).
+        self._watched = watched
         self._metadata: metadata_client.MetadataClient | None = None
         self.multipart = multipart.Multipart(engine, lister)
 
@@ -148,17 +194,30 @@ class ObjectFront:
     # Buckets, as the gateway itself sees them (no access check).
 
     async def bucket_info(self, name: str, *, fresh: bool = False) -> metadata_pb2.BucketInfo:
-        """The bucket's record (tenant, generation, storage id...), cached for bucket_cache_s
-        unless fresh; NotFound (NoSuchBucket), InvalidArgument for a name S3 refuses."""
+        """The bucket's record (tenant, generation, storage id, configuration): unless fresh,
+        one this gateway read or wrote within bucket_cache_s, else the watched one
+        (`buckets.BucketCache`, no call), else read from the metadata service. A fresh read
+        that finds etcd or the metadata service away falls back to the watched record, so
+        object traffic goes on through an etcd outage. NotFound (NoSuchBucket) only from a
+        read (a bucket created a moment ago may not be watched yet), InvalidArgument for a
+        name S3 refuses, Unavailable."""
         names.check_bucket(name)
         cached = self._infos.get(name)
         if not fresh and cached is not None and time.monotonic() - cached[0] < self._bucket_cache_s:
             return cached[1]
+        watched = self._watched.get(name) if self._watched is not None else None
+        if not fresh and watched is not None:
+            return watched
         try:
             info = await self._meta().get_bucket(name)
         except errors.NotFound:
             self._infos.pop(name, None)
-            raise errors.NotFound(f"NoSuchBucket: {name}") from None
+            raise errors.NotFound(f"bucket {name} does not exist", reason="NoSuchBucket") from None
+        except errors.Unavailable:
+            if watched is None:
+                raise
+            log.debug("bucket %s: the metadata service is away, serving the watched record", name)
+            return watched
         self._infos[name] = (time.monotonic(), info)
         return info
 
@@ -197,6 +256,37 @@ class ObjectFront:
         """The storage name of a bucket the caller may use (see bucket_for)."""
         return storage(await self.bucket_for(name))
 
+    async def _granted(self, name: str, scope: str) -> metadata_pb2.BucketInfo | None:
+        """The record of bucket name when the request's admission covers scope there."""
+        admission = _admission.get()
+        if admission is None or admission.bucket != name or name == names.KV_DURABLE_BUCKET:
+            return None
+        if scope != "any" and admission.scope != scope:
+            return None
+        return await self.bucket_info(name)
+
+    async def request_bucket(self, name: str) -> metadata_pb2.BucketInfo:
+        """The record of a bucket the caller may use (bucket_for) or that the request was
+        admitted to by an ACL grant (`Admission`, any scope). The record only: an admitted
+        request reaches objects through the methods that check its scope (resolve, head_object,
+        list_objects, begin_put...), never through the engine with the storage name."""
+        info = await self._granted(name, "any")
+        return info if info is not None else await self.bucket_for(name)
+
+    async def _storage_for(self, name: str, scope: str) -> str:
+        """storage_of, or the storage name of a bucket admitted for scope."""
+        info = await self._granted(name, scope)
+        return storage(info) if info is not None else await self.storage_of(name)
+
+    async def _admitted_object(self, bucket: str, key: str) -> tuple[str, Admission] | None:
+        """(storage name, admission) when the request was admitted to bucket's objects by
+        their own ACLs."""
+        info = await self._granted(bucket, "object")
+        admission = _admission.get()
+        if info is None or admission is None or admission.check_object is None:
+            return None
+        return storage(info), admission
+
     async def create_bucket(
         self,
         name: str,
@@ -220,13 +310,20 @@ class ObjectFront:
         self, name: str, request: metadata_pb2.SetBucketConfigRequest
     ) -> metadata_pb2.BucketInfo:
         """Replace one part of the configuration (ACL, CORS, lifecycle) of a bucket the caller
-        may use (bucket_for: its tenant's users and privileged callers; a caller admitted by an
-        ACL grant is the S3 layer's to check before); returns the stored record. The change is
+        may use (bucket_for: its tenant's users and privileged callers; the ACL alone also
+        when the request was admitted for "write_acp": the S3 gate checked the grant on a
+        fresh record); returns the stored record. The change is
         seen here at once and by other gateways within bucket_cache_s. NotFound,
         PermissionDenied, InvalidArgument."""
         if name == names.KV_DURABLE_BUCKET:
             raise _denied(f"{name} is internal to the KV tier")
-        info = await self.bucket_for(name, fresh=True)
+        info = None
+        if request.WhichOneof("config") == "acl":  # a WRITE_ACP grant admits the ACL alone
+            info = await self._granted(name, "write_acp")
+        if info is None:
+            info = await self.bucket_for(name, fresh=True)
+        else:
+            info = await self.bucket_info(name, fresh=True)
         request.name = name
         request.expected_generation = info.generation  # never another incarnation's
         stored = await self._meta().set_bucket_config(request)
@@ -255,7 +352,7 @@ class ObjectFront:
         stored = storage(info)
         page = await self.lister.list_objects(pb.ListObjectsRequest(bucket=stored, max_keys=1))
         if page.objects or page.common_prefixes:
-            raise errors.PreconditionFailed(f"BucketNotEmpty: {name}")
+            raise errors.PreconditionFailed(f"bucket {name} is not empty", reason="BucketNotEmpty")
         await self._meta().delete_bucket(name, expected_generation=info.generation)
         self._infos.pop(name, None)
         await self._abort_uploads(stored)
@@ -301,7 +398,7 @@ class ObjectFront:
 
     async def begin_put(self, req: pb.BeginPutRequest) -> pb.BeginPutResponse:
         """Plan a PUT into a bucket the caller may use (Overloaded: too many in flight)."""
-        stored = await self.storage_of(req.bucket)
+        stored = await self._storage_for(req.bucket, "write")
         return self.engine.begin_put(_with(req, bucket=stored), owner=owner_of(principal.current()))
 
     async def commit_put(self, req: pb.CommitPutRequest) -> pb.CommitPutResponse:
@@ -321,28 +418,59 @@ class ObjectFront:
         await self.engine.abort_put(req)
 
     async def resolve(self, bucket: str, key: str) -> versions.Resolved:
-        """The current version of an object of a bucket the caller may use."""
-        return await self.engine.resolve(await self.storage_of(bucket), key)
+        """The current version of an object of a bucket the caller may use, or of one whose
+        own ACL admits the request (PermissionDenied otherwise, and for a missing object when
+        the caller may not list the bucket)."""
+        admitted = await self._admitted_object(bucket, key)
+        if admitted is None:
+            return await self.engine.resolve(await self.storage_of(bucket), key)
+        stored, admission = admitted
+        try:
+            found = await self.engine.resolve(stored, key)
+        except errors.NotFound:
+            if not admission.may_list:
+                who = principal.current().describe()
+                raise _denied(f"{who} may not read {bucket}/{key}") from None
+            raise
+        assert admission.check_object is not None
+        admission.check_object(found.meta.acl)
+        return found
 
     async def head_object(self, bucket: str, key: str) -> pb.ObjectInfo:
-        """An object's info."""
+        """An object's info (admitted as in resolve)."""
+        if await self._admitted_object(bucket, key) is not None:
+            return versions.info((await self.resolve(bucket, key)).meta)
         return await self.engine.head(await self.storage_of(bucket), key)
+
+    async def set_object_acl(self, bucket: str, key: str, acl: acl_pb2.Acl) -> None:
+        """Replace the ACL of an object's current version in place, in a bucket the caller
+        may use or when the version's own ACL admits the request (resolve); NotFound,
+        PermissionDenied, Unavailable."""
+        admitted = await self._admitted_object(bucket, key)
+        if admitted is None:
+            stored = await self.storage_of(bucket)
+        else:
+            await self.resolve(bucket, key)  # the object's ACL decides (WRITE_ACP)
+            stored = admitted[0]
+        await self.engine.meta_updater.update(stored, key, acl=acl)
 
     async def delete_object(self, bucket: str, key: str) -> None:
         """Delete an object (absent: fine)."""
-        await self.engine.delete(await self.storage_of(bucket), key)
+        await self.engine.delete(await self._storage_for(bucket, "write"), key)
 
     async def copy_object(self, req: pb.CopyObjectRequest) -> pb.ObjectInfo:
-        """A server-side copy between buckets the caller may use."""
+        """A server-side copy between buckets the caller may use (into one a WRITE grant
+        admits it to; never from one: the source is the caller's own)."""
         src = await self.storage_of(req.src_bucket)
-        dst = await self.storage_of(req.dst_bucket)
+        dst = await self._storage_for(req.dst_bucket, "write")
         return await self.engine.copy(
             _with(req, src_bucket=src, dst_bucket=dst), owner=owner_of(principal.current())
         )
 
     async def list_objects(self, req: pb.ListObjectsRequest) -> pb.ListObjectsResponse:
         """A page of a bucket's objects."""
-        return await self.lister.list_objects(_with(req, bucket=await self.storage_of(req.bucket)))
+        stored = await self._storage_for(req.bucket, "read")
+        return await self.lister.list_objects(_with(req, bucket=stored))
 
     # Multipart uploads (an upload lives under its bucket's storage name: only who may use
     # the bucket reaches it).
@@ -351,7 +479,7 @@ class ObjectFront:
         self, req: pb.CreateMultipartUploadRequest
     ) -> pb.CreateMultipartUploadResponse:
         """Start a multipart upload into a bucket the caller may use."""
-        stored = await self.storage_of(req.bucket)
+        stored = await self._storage_for(req.bucket, "write")
         upload_id = await self.multipart.create(_with(req, bucket=stored))
         return pb.CreateMultipartUploadResponse(upload_id=upload_id)
 
@@ -359,7 +487,7 @@ class ObjectFront:
         self, req: pb.BeginUploadPartRequest, *, checksum_algorithms: Sequence[str] = ()
     ) -> pb.BeginUploadPartResponse:
         """Plan one part's upload (hashed also with checksum_algorithms: trailers to come)."""
-        stored = await self.storage_of(req.bucket)
+        stored = await self._storage_for(req.bucket, "write")
         return await self.multipart.begin_part(
             _with(req, bucket=stored),
             owner=owner_of(principal.current()),
@@ -367,8 +495,8 @@ class ObjectFront:
         )
 
     async def copy_part(self, req: pb.UploadPartCopyRequest) -> pb.UploadPartCopyResponse:
-        """A part copied from another object (both buckets the caller's)."""
-        stored = await self.storage_of(req.bucket)
+        """A part copied from another object (the source's bucket the caller's own)."""
+        stored = await self._storage_for(req.bucket, "write")
         src = await self.storage_of(req.src_bucket)
         return await self.multipart.copy_part(
             _with(req, bucket=stored, src_bucket=src), owner=owner_of(principal.current())
@@ -378,13 +506,14 @@ class ObjectFront:
         self, req: pb.CompleteMultipartUploadRequest
     ) -> pb.CompleteMultipartUploadResponse:
         """Make the listed parts the object."""
-        stored = await self.storage_of(req.bucket)
+        stored = await self._storage_for(req.bucket, "write")
         info = await self.multipart.complete(_with(req, bucket=stored))
         return pb.CompleteMultipartUploadResponse(object=info)
 
     async def abort_multipart(self, req: pb.AbortMultipartUploadRequest) -> None:
         """Drop an upload and its parts."""
-        await self.multipart.abort(_with(req, bucket=await self.storage_of(req.bucket)))
+        stored = await self._storage_for(req.bucket, "write")
+        await self.multipart.abort(_with(req, bucket=stored))
 
     async def list_parts(self, req: pb.ListPartsRequest) -> pb.ListPartsResponse:
         """A page of an upload's parts."""

@@ -144,14 +144,16 @@ class Multipart:
     async def _record(self, bucket: str, key: str, upload_id: str) -> datanode_pb2.ShardMeta:
         names.check_stored(bucket, key)
         if not _UPLOAD_ID.fullmatch(upload_id):
-            raise errors.NotFound(f"NoSuchUpload: {upload_id!r}")
+            raise errors.NotFound(f"no upload {upload_id!r}", reason="NoSuchUpload")
         where = placement.locate(self._cmap, bucket, key, placement.FIRST_POOL)
         try:
             found = await self._engine.resolve_in(
                 where, names.MULTIPART_BUCKET, record_key(bucket, upload_id, key), queue_heal=False
             )
         except errors.NotFound:
-            raise errors.NotFound(f"NoSuchUpload: {upload_id} of {bucket}/{key}") from None
+            raise errors.NotFound(
+                f"no upload {upload_id} of {bucket}/{key}", reason="NoSuchUpload"
+            ) from None
         return found.meta
 
     def _where(self, bucket: str, key: str, record: datanode_pb2.ShardMeta) -> placement.Placement:
@@ -198,7 +200,9 @@ class Multipart:
             raise errors.PreconditionFailed(f"{req.src_bucket}/{req.src_key}: ETag is {src.etag}")
         start, end = (req.range_start, req.range_end) if req.has_range else (0, src.size - 1)
         if req.has_range and (start > end or end >= src.size):
-            raise errors.InvalidArgument(f"InvalidRange: bytes {start}-{end} of {src.size}")
+            raise errors.InvalidArgument(
+                f"bytes {start}-{end} of {src.size}", reason="InvalidRange"
+            )
         size = max(0, end - start + 1)
         begun = await self.begin_part(
             pb.BeginUploadPartRequest(
@@ -226,9 +230,7 @@ class Multipart:
         except (errors.NotFound, errors.InvalidArgument) as exc:
             # No record: completed (or aborted). InvalidPart: a part vanished under us, which
             # is what a Complete racing another one of the same upload sees.
-            if isinstance(exc, errors.InvalidArgument) and not exc.message.startswith(
-                "InvalidPart:"
-            ):
+            if isinstance(exc, errors.InvalidArgument) and exc.reason != "InvalidPart":
                 raise
             done = await self.completed(req.bucket, req.key, req.upload_id)
             if done is None:
@@ -253,16 +255,21 @@ class Multipart:
     ) -> pb.ObjectInfo:
         numbers = [p.part_number for p in req.parts]
         if not numbers:
-            raise errors.InvalidArgument("MalformedXML: a multipart upload needs at least a part")
+            raise errors.InvalidArgument(
+                "a multipart upload needs at least a part", reason="MalformedXML"
+            )
         if any(b <= a for a, b in itertools.pairwise(numbers)):
-            raise errors.InvalidArgument("InvalidPartOrder: part numbers must be ascending")
+            raise errors.InvalidArgument(
+                "part numbers must be ascending", reason="InvalidPartOrder"
+            )
         where = self._where(req.bucket, req.key, record)
         found = await asyncio.gather(*(self._part(where, req.upload_id, p) for p in req.parts))
         for part, (meta, _) in zip(req.parts[:-1], found[:-1], strict=True):
             if meta.size < self._min_part_bytes:
                 raise errors.InvalidArgument(
-                    f"EntityTooSmall: part {part.part_number} has {meta.size} bytes, "
-                    f"at least {self._min_part_bytes} needed for all but the last part"
+                    f"part {part.part_number} has {meta.size} bytes, "
+                    f"at least {self._min_part_bytes} needed for all but the last part",
+                    reason="EntityTooSmall",
                 )
         if req.if_none_match and await self._engine.exists(req.bucket, req.key):
             raise errors.PreconditionFailed(f"{req.bucket}/{req.key} exists (If-None-Match)")
@@ -292,17 +299,19 @@ class Multipart:
             )  # fmt: skip
         except errors.NotFound:
             raise errors.InvalidArgument(
-                f"InvalidPart: part {part.part_number} was not uploaded"
+                f"part {part.part_number} was not uploaded", reason="InvalidPart"
             ) from None
         meta = found.meta
         if part.etag.strip('"') != meta.etag:
             raise errors.InvalidArgument(
-                f"InvalidPart: part {part.part_number} has ETag {meta.etag}, not {part.etag}"
+                f"part {part.part_number} has ETag {meta.etag}, not {part.etag}",
+                reason="InvalidPart",
             )
         for name, value in part.checksums.items():
             if meta.checksums.get(name.upper()) != value:
                 raise errors.InvalidArgument(
-                    f"InvalidPart: part {part.part_number}: {name.upper()} does not match"
+                    f"part {part.part_number}: {name.upper()} does not match",
+                    reason="InvalidPart",
                 )
         if meta.data_shards != where.data_shards or list(meta.distribution) != list(
             where.positions

@@ -7,13 +7,16 @@ blocks go to its drive, all drives at once (in WRITE_SHARD calls that fit a data
 quorum are left the PUT fails. CommitPut checks the digests and commits the staged shards on every
 drive (meta replaced by rename there): the new version is visible once the write quorum has
 committed; the previous one stays intact until then. Memory: one call's stripes at a time, never the
-whole object.
+whole object. A small object (every shard at most SMALL_SHARD_BYTES, the whole object in one call)
+sends nothing before the commit: each drive gets its shard and its meta in one WRITE_SMALL call
+per datanode (stored inline in the meta, made durable by the drive's group-committed journal).
 
-GET: the metadata of the object's set is read from every drive; the version held by at least the
-read quorum (k) wins. Data blocks of the requested range are read straight into their place in a
-staging slot (one READ_SHARD per block, every drive at once); a block that is missing, corrupt
-or on a dead drive is rebuilt from any k others of its stripe. The range then leaves the slot
-straight into the caller's buffer.
+GET: the metadata of the object's set is read from every drive (one READ_METAS call per
+datanode); the version held by at least the read quorum (k) wins. A small object's shards come
+inline in those replies: its GET reads nothing more. Data blocks of the requested range are read
+straight into their place in a staging slot (one READ_SHARD per block, every drive at once); a
+block that is missing, corrupt or on a dead drive is rebuilt from any k others of its stripe. The
+range then leaves the slot straight into the caller's buffer.
 
 Buckets here are storage names (`kvtier.names.storage_name`): the front maps user-facing names
 and checks who may use them. Every begun write has an owner, the tenant it was begun for ("" for
@@ -42,13 +45,16 @@ from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.transport import base, shm_copy, slots
 from services.gateway import datanodes as datanodes_mod
-from services.gateway import placement, reads, versions
+from services.gateway import fanout, objectmeta, placement, reads, versions
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 BLOCK_BYTES = 1 << 20
+#: Shards up to this size go in one WRITE_SMALL call (the datanodes' inline limit,
+#: services.datanode.shards.INLINE_MAX_BYTES).
+SMALL_SHARD_BYTES = 128 << 10
 
 
 @dataclasses.dataclass(slots=True)
@@ -68,6 +74,10 @@ class _Upload:
     written: int = 0
     shard_written: int = 0
     failed: set[int] = dataclasses.field(default_factory=set)
+    #: A small object's shards, kept for the commit (WRITE_SMALL); None: sent as they came.
+    small: list[bytes] | None = None
+    #: Whether any drive has staged bytes of this write (an abort has something to drop).
+    sent: bool = False
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     started: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -102,6 +112,8 @@ class ObjectEngine:
         self.reads = reads.Reader(
             nodes, staging, self._codec, self._call_bytes, self._run, self.heal_queue
         )
+        #: Tags and ACL of current versions, changed in place (objectmeta.MetaUpdater.update).
+        self.meta_updater = objectmeta.MetaUpdater(nodes, self.resolve, self.heal_queue)
 
     @property
     def view(self) -> clustermap.MapView:
@@ -148,8 +160,9 @@ class ObjectEngine:
         tenant) already has max_staged_writes_per_tenant writes in flight here."""
         if owner and self._staged[owner] >= self._max_staged_per_tenant:
             raise errors.Overloaded(
-                f"SlowDown: tenant {owner} has {self._staged[owner]} writes in flight on this "
-                f"gateway (at most {self._max_staged_per_tenant})"
+                f"tenant {owner} has {self._staged[owner]} writes in flight on this "
+                f"gateway (at most {self._max_staged_per_tenant})",
+                reason="SlowDown",
             )
         k, m = where.data_shards, where.parity_shards
         upload = _Upload(
@@ -257,7 +270,9 @@ class ObjectEngine:
         up = self._upload(upload_id)
         name = algorithm.upper()
         if name not in up.hashers:
-            raise errors.InvalidArgument(f"InvalidRequest: trailer {name} was not announced")
+            raise errors.InvalidArgument(
+                f"trailer {name} was not announced", reason="InvalidRequest"
+            )
         up.request.expected_checksums[name] = value
 
     def upload_limits(self, upload_id: str) -> tuple[int, int]:
@@ -290,7 +305,10 @@ class ObjectEngine:
                     blocks[i].append(v)  # a short last stripe's views point into the pad area
                 await self._run(up.codec.encode, views, par)
             shard_bytes = sum(len(b) for b in blocks[0])
-            await self._send_shards(up, blocks, up.shard_written)
+            if up.written == 0 and total == up.size and shard_bytes <= SMALL_SHARD_BYTES:
+                up.small = [b"".join(bytes(v) for v in shard) for shard in blocks]
+            else:
+                await self._send_shards(up, blocks, up.shard_written)
         finally:
             # The slot is released when we return: the hashing must be done with it.
             await shm_copy.uncancellable(hashing)
@@ -300,6 +318,8 @@ class ObjectEngine:
         reads.BYTES.labels("put").inc(total)
 
     async def _send_shards(self, up: _Upload, blocks: list[list[memoryview]], offset: int) -> None:
+        up.sent = True
+
         async def send(index: int) -> None:
             slot = up.where.slots[index]
             request = shards_pb2.WriteShardRequest(
@@ -343,8 +363,7 @@ class ObjectEngine:
                 await self._abort(up)
                 raise errors.InvalidArgument(f"{up.written} of {up.size} bytes were written")
             if up.size == 0:
-                await self.stage_empty(up.where, up.bucket, up.key, up.upload_id, up.failed)
-                self._check_write_quorum(up)
+                up.small = [b""] * len(up.where.slots)
             etag = up.md5.hexdigest()
             checksums = {
                 name: base64.b64encode(h.digest()).decode() for name, h in up.hashers.items()
@@ -352,12 +371,12 @@ class ObjectEngine:
             problem = self._digest_problem(up, etag, checksums)
             if problem:
                 await self._abort(up)
-                raise errors.InvalidArgument(problem)
+                raise errors.InvalidArgument(problem, reason="BadDigest")
             if up.request.if_none_match and await self.exists(up.bucket, up.key):
                 await self._abort(up)
                 raise errors.PreconditionFailed(f"{up.bucket}/{up.key} exists (If-None-Match)")
             meta = self._meta(up, etag, checksums)
-            await self.publish(up.where, meta, up.upload_id, up.failed)
+            await self.publish(up.where, meta, up.upload_id, up.failed, small=up.small)
         return meta
 
     async def publish(
@@ -367,14 +386,17 @@ class ObjectEngine:
         write_id: str,
         failed: set[int],
         sources: Sequence[Sequence[shards_pb2.PartSource]] = (),
+        *,
+        small: Sequence[bytes] | None = None,
     ) -> None:
-        """Commit a version on its drives; an object outside pool 0 also gets its pool record
-        in pool 0, and a previous version in another pool is removed."""
+        """Commit a version on its drives (small: every drive's whole shard, not staged yet);
+        an object outside pool 0 also gets its pool record in pool 0, and a previous version
+        in another pool is removed."""
         internal = meta.bucket == names.MULTIPART_BUCKET
         old_pool = None
         if not internal and len(self._view.current.pools) > 1:
             old_pool = await self._pool_of(meta.bucket, meta.key)
-        await self.commit_shards(where, meta, write_id, failed, sources)
+        await self.commit_shards(where, meta, write_id, failed, sources, small=small)
         if not internal and where.pool_index != placement.FIRST_POOL:
             await self._write_pool_record(meta, where.pool_index)
         if old_pool is not None and old_pool not in (where.pool_index, placement.FIRST_POOL):
@@ -407,10 +429,10 @@ class ObjectEngine:
     @staticmethod
     def _digest_problem(up: _Upload, etag: str, checksums: dict[str, str]) -> str:
         if up.request.expected_md5 and up.request.expected_md5.lower() != etag:
-            return f"BadDigest: content MD5 is {etag}, not {up.request.expected_md5}"
+            return f"content MD5 is {etag}, not {up.request.expected_md5}"
         for name, value in up.request.expected_checksums.items():
             if checksums.get(name.upper()) != value:
-                return f"BadDigest: {name.upper()} is {checksums.get(name.upper())}, not {value}"
+                return f"{name.upper()} is {checksums.get(name.upper())}, not {value}"
         return ""
 
     def _meta(self, up: _Upload, etag: str, checksums: dict[str, str]) -> datanode_pb2.ShardMeta:
@@ -447,9 +469,13 @@ class ObjectEngine:
         write_id: str,
         failed: set[int],
         sources: Sequence[Sequence[shards_pb2.PartSource]] = (),
+        *,
+        small: Sequence[bytes] | None = None,
     ) -> None:
         """Commit meta (shard_index set per drive) on every drive of where not in failed;
-        Unavailable below the write quorum. sources[i]: drive i's part sources (compose)."""
+        Unavailable below the write quorum. sources[i]: drive i's part sources (compose);
+        small[i]: drive i's whole shard, staged and committed with the drive's meta in one
+        WRITE_SMALL call per datanode (fanout.write_small)."""
 
         async def commit(index: int) -> bool:
             slot = where.slots[index]
@@ -472,8 +498,10 @@ class ObjectEngine:
             return True
 
         live = [i for i in range(len(where.slots)) if i not in failed]
-        done = await asyncio.gather(*(commit(i) for i in live))
-        committed = sum(done)
+        if small is not None:
+            committed = await fanout.write_small(self._nodes, where, meta, live, small)
+        else:
+            committed = sum(await asyncio.gather(*(commit(i) for i in live)))
         if committed < where.write_quorum:
             raise errors.Unavailable(
                 f"PUT {meta.bucket}/{meta.key}: committed on {committed} drives, "
@@ -490,6 +518,9 @@ class ObjectEngine:
                 await self._abort(up)
 
     async def _abort(self, up: _Upload) -> None:
+        if not up.sent:
+            return  # nothing staged on any drive (a small write sends at its commit)
+
         async def abort(slot: Any) -> None:
             try:
                 await self._nodes.shards(slot.node_id).abort_write(slot.drive_id, up.upload_id)
@@ -528,14 +559,7 @@ class ObjectEngine:
     async def resolve_in(
         self, where: placement.Placement, bucket: str, key: str, queue_heal: bool = True
     ) -> versions.Resolved:
-        async def read(index: int) -> datanode_pb2.ShardMeta | BaseException:
-            slot = where.slots[index]
-            try:
-                return await self._nodes.read_meta(slot.node_id, slot.drive_id, bucket, key)
-            except errors.KVTierError as exc:
-                return exc
-
-        answers = await asyncio.gather(*(read(i) for i in range(len(where.slots))))
+        answers = await fanout.read_metas(self._nodes, where, bucket, key)
         held: dict[str, list[int]] = {}
         metas: dict[str, datanode_pb2.ShardMeta] = {}
         missing = 0
@@ -549,9 +573,18 @@ class ObjectEngine:
         agreed = [d for d, holders in held.items() if len(holders) >= quorum]
         if agreed:
             best = max(agreed, key=lambda d: (metas[d].mtime_unix_ns, d))
+            metas[best] = versions.prevailing(
+                [a for a in answers if isinstance(a, datanode_pb2.ShardMeta) and a.data_id == best]
+            )
             if queue_heal and len(held[best]) < len(where.slots):
                 self.heal_queue.add((bucket, key))
-            return versions.Resolved(metas[best], where, frozenset(held[best]))
+            shards = {i: answers[i] for i in held[best]}
+            inline = {
+                i: a.inline_data
+                for i, a in shards.items()
+                if isinstance(a, datanode_pb2.ShardMeta) and reads.is_inline(metas[best])
+            }
+            return versions.Resolved(metas[best], where, frozenset(held[best]), inline)
         if missing > len(where.slots) - quorum:
             raise errors.NotFound(f"{bucket}/{key}: no such object")
         raise errors.Unavailable(
@@ -607,6 +640,8 @@ class ObjectEngine:
         found = await self.resolve(req.src_bucket, req.src_key)
         src = found.meta
         headers = req.headers if req.replace_headers else versions.info(src).headers
+        if not req.replace_headers:  # a copy's ACL is the request's, never the source's
+            headers.acl.CopyFrom(req.headers.acl)
         begun = self.begin_put(
             pb.BeginPutRequest(
                 bucket=req.dst_bucket, key=req.dst_key, size=src.size, headers=headers
@@ -671,7 +706,9 @@ class ObjectEngine:
             raise errors.PreconditionFailed(f"{req.bucket}/{req.key}: ETag is {meta.etag}")
         k, m = meta.data_shards, meta.parity_shards
         if req.offset > meta.size or (req.offset == meta.size and meta.size):
-            raise errors.InvalidArgument(f"InvalidRange: offset {req.offset} of {meta.size}")
+            raise errors.InvalidArgument(
+                f"offset {req.offset} of {meta.size}", reason="InvalidRange"
+            )
         part, start = versions.part_at(meta, req.offset)
         # One call reads within one part; the client asks again for the rest.
         limit = min(capacities[0], self.reads.max_read_bytes(k, m), start + part.size - req.offset)

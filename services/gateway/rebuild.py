@@ -1,7 +1,8 @@
 """What the drives of an object's set hold of its version, and rebuilding the shards they lack.
 
 `Rebuilder.probe` asks every drive: ReadMeta (no copy / another version / this version / an
-unreadable meta), then VerifyShard on the drives holding the version (blocks that fail their
+unreadable meta / this version without a change of its tags or ACL that the others have:
+stale, `objectmeta`), then VerifyShard on the drives holding the version (blocks that fail their
 checksum or are missing).
 
 `Rebuilder.rebuild` rewrites whole shards of some drives (the targets), a batch of stripes at a
@@ -32,7 +33,7 @@ from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
 from kvtier.transport import base, shm_copy, slots
 from services.gateway import datanodes as datanodes_mod
-from services.gateway import placement, reads
+from services.gateway import placement, reads, versions
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,8 @@ class Rebuilder:
             if held.data_id != meta.data_id:
                 newer = (held.mtime_unix_ns, held.data_id) > (meta.mtime_unix_ns, meta.data_id)
                 return Drive(index, slot, State.AHEAD if newer else State.STALE)
+            if not versions.same_changes(held, meta):  # it missed a change of tags or ACL
+                return Drive(index, slot, State.STALE)
             reply = await client.verify_shard(slot.drive_id, meta.bucket, meta.key)
         except (errors.NotFound, errors.Corrupt):
             return Drive(index, slot, State.STALE)

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
+from collections.abc import Mapping, Sequence
 
 from kvtier import checksums, errors, names
 from kvtier.proto.datanode.v1 import datanode_pb2
@@ -27,6 +29,9 @@ class Resolved:
     where: placement.Placement
     #: Shard index -> whether that drive holds this version.
     holders: frozenset[int]
+    #: Shard index -> that drive's shard of a small version (its framed blocks, from the meta
+    #: read: reads.Reader needs no further call for them).
+    inline: Mapping[int, bytes] = dataclasses.field(default_factory=dict)
 
 
 def new_meta(
@@ -39,8 +44,8 @@ def new_meta(
         content_type=h.content_type or "application/octet-stream",
         content_encoding=h.content_encoding, content_disposition=h.content_disposition,
         cache_control=h.cache_control, expires=h.expires, content_language=h.content_language,
-        user_metadata=dict(h.user_metadata), mtime_unix_ns=time.time_ns(),
-        data_shards=where.data_shards, parity_shards=where.parity_shards,
+        user_metadata=dict(h.user_metadata), tags=dict(h.tags), mtime_unix_ns=time.time_ns(),
+        acl=h.acl, data_shards=where.data_shards, parity_shards=where.parity_shards,
         distribution=list(where.positions), data_id=data_id,
     )  # fmt: skip
 
@@ -68,7 +73,35 @@ def info(meta: datanode_pb2.ShardMeta) -> pb.ObjectInfo:
             content_type=meta.content_type, content_encoding=meta.content_encoding,
             content_disposition=meta.content_disposition, cache_control=meta.cache_control,
             expires=meta.expires, content_language=meta.content_language,
-            user_metadata=dict(meta.user_metadata),
+            user_metadata=dict(meta.user_metadata), tags=dict(meta.tags), acl=meta.acl,
         ),
         checksums=dict(meta.checksums), parts=len(meta.parts),
     )  # fmt: skip
+
+
+def prevailing(metas: Sequence[datanode_pb2.ShardMeta]) -> datanode_pb2.ShardMeta:
+    """Of metas of one version (from the drives holding it), one with the latest in-place change
+    of its tags and ACL (objectmeta stamps each change once, `meta_changed_unix_ns`): a drive
+    that missed a change, or took an older concurrent one, is outvoted; among metas of one stamp
+    (none should differ) the variant most hold (ties: the first, in shard order)."""
+    if len(metas) == 1:
+        return metas[0]
+    latest = max(m.meta_changed_unix_ns for m in metas)
+    metas = [m for m in metas if m.meta_changed_unix_ns == latest]
+    variants = collections.Counter(_changeable(m) for m in metas)
+    best = variants.most_common(1)[0][0]
+    return next(m for m in metas if _changeable(m) == best)
+
+
+def same_changes(a: datanode_pb2.ShardMeta, b: datanode_pb2.ShardMeta) -> bool:
+    """Whether two metas of one version agree on what objectmeta changes in place."""
+    return _changeable(a) == _changeable(b)
+
+
+def _changeable(meta: datanode_pb2.ShardMeta) -> tuple[int, tuple[tuple[str, str], ...], bytes]:
+    """What an in-place change may differ in: its stamp, the tags and the ACL."""
+    return (
+        meta.meta_changed_unix_ns,
+        tuple(sorted(meta.tags.items())),
+        meta.acl.SerializeToString(deterministic=True),
+    )

@@ -123,6 +123,11 @@ class World:
     #: Clients A keeps open while the probes run (its open PUT lives on A's session).
     a_objects: AsyncObjectClient
     a_kv: AsyncKVClient
+    #: A's public-read bucket (x-amz-acl), its public-read objects and its private ones:
+    #: anonymous requests may list it and read the open ones, nothing else (probe (e)).
+    public_bucket: str = ""
+    public_open: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    public_closed: dict[str, bytes] = dataclasses.field(default_factory=dict)
 
     def canaries(self) -> list[bytes]:
         """Byte strings that only a response leaking something of tenant A's would hold."""
@@ -291,6 +296,11 @@ async def _s3(
         return payload
 
 
+PUBLIC_BUCKET = "probe-a-public"
+PUBLIC_OPEN = {"public-open": data(90, 700)}
+PUBLIC_CLOSED = {"public-closed": data(91, 900)}
+
+
 @contextlib.asynccontextmanager
 async def world(cluster: Cluster) -> AsyncIterator[World]:
     """Make tenant A's (and B's own) resources as those users; yields the world."""
@@ -327,6 +337,12 @@ async def world(cluster: Cluster) -> AsyncIterator[World]:
             await _s3(http, a, "PUT", url, headers={"x-kvtier-bucket-kind": "kv"})
             for key, blob in kv_objects.items():
                 await _s3(http, a, "PUT", f"{url}/{key}", blob)
+            public = f"{cluster.s3_url}/{PUBLIC_BUCKET}"
+            await _s3(http, a, "PUT", public, headers={"x-amz-acl": "public-read"})
+            for key, blob in PUBLIC_OPEN.items():
+                await _s3(http, a, "PUT", f"{public}/{key}", blob, {"x-amz-acl": "public-read"})
+            for key, blob in PUBLIC_CLOSED.items():
+                await _s3(http, a, "PUT", f"{public}/{key}", blob)
         # KV blocks in A's namespace, some pinned; a pending put and a read lease over gRPC.
         namespace = "probe-a-ns"
         blocks = {f"a-block-{i}".encode(): data(100 + i, 4 * KIB + i) for i in range(6)}
@@ -370,6 +386,9 @@ async def world(cluster: Cluster) -> AsyncIterator[World]:
             b_upload_id=b_upload_id,
             a_objects=a_objects,
             a_kv=a_kv,
+            public_bucket=PUBLIC_BUCKET,
+            public_open=PUBLIC_OPEN,
+            public_closed=PUBLIC_CLOSED,
         )
 
 

@@ -22,6 +22,8 @@ import yarl
 from botocore.config import Config
 
 from kvtier import names
+from services.gateway.s3 import acl
+from services.gateway.s3 import cors as s3_cors
 from services.gateway.s3 import server as s3_server
 from tests.component import probe_cluster
 
@@ -74,6 +76,21 @@ def _body(op: str, keys: list[str], etag: str) -> tuple[bytes, tuple[tuple[str, 
         body = f"<Delete>{objects}</Delete>".encode()
         md5 = base64.b64encode(hashlib.md5(body).digest()).decode()
         return body, (("Content-MD5", md5),)
+    if op == "PutBucketCors":  # a valid configuration allowing every origin: refused all the same
+        rule = "<AllowedOrigin>*</AllowedOrigin><AllowedMethod>GET</AllowedMethod>"
+        body = f"<CORSConfiguration><CORSRule>{rule}</CORSRule></CORSConfiguration>".encode()
+        return body, (("Content-MD5", base64.b64encode(hashlib.md5(body).digest()).decode()),)
+    if op == s3_cors.PREFLIGHT:  # a complete preflight: A's buckets have no CORS rules (403)
+        return b"", (("Origin", "https://probe.example"), ("Access-Control-Request-Method", "GET"))
+    if op in ("PutBucketAcl", "PutObjectAcl"):  # a valid ACL opening everything to everyone
+        return b"", (("x-amz-grant-full-control", f'uri="{acl.ALL_USERS_URI}"'),)
+    if op == "PutBucketLifecycleConfiguration":  # valid, expiring everything: refused the same
+        rule = "<ID>x</ID><Filter/><Status>Enabled</Status><Expiration><Days>1</Days></Expiration>"
+        body = f"<LifecycleConfiguration><Rule>{rule}</Rule></LifecycleConfiguration>".encode()
+        return body, (("Content-MD5", base64.b64encode(hashlib.md5(body).digest()).decode()),)
+    if op == "PutObjectTagging":  # a valid tag set: refused all the same
+        body = b"<Tagging><TagSet><Tag><Key>probe</Key><Value>1</Value></Tag></TagSet></Tagging>"
+        return body, (("Content-MD5", base64.b64encode(hashlib.md5(body).digest()).decode()),)
     if op == "CompleteMultipartUpload":
         part = f"<Part><PartNumber>1</PartNumber><ETag>&quot;{etag}&quot;</ETag></Part>"
         return f"<CompleteMultipartUpload>{part}</CompleteMultipartUpload>".encode(), ()
@@ -119,6 +136,37 @@ def requests(world: probe_cluster.World) -> list[Request]:
                 targets_a=False,
             )
         )
+    return out
+
+
+#: What S3's public-read grants anyone on a bucket and on a public-read object: listing the
+#: bucket, HeadBucket, and reading the object (its own ACL decides). Nothing else.
+PUBLIC_READ_BUCKET_OPS = frozenset({"ListObjects", "HeadBucket"})
+PUBLIC_READ_OBJECT_OPS = frozenset({"GetObject", "HeadObject"})
+
+
+def public_requests(world: probe_cluster.World) -> list[tuple[Request, bool]]:
+    """Every route on A's public-read bucket, on its public-read object and on its private
+    one, with whether a public-read ACL grants it to anyone (request, granted)."""
+    open_key, closed_key = next(iter(world.public_open)), next(iter(world.public_closed))
+    keys = [open_key, closed_key]
+    out: list[tuple[Request, bool]] = []
+    for method, level, needs, op in routes():
+        if level == "service":
+            continue
+        for key in [""] if level == "bucket" else keys:
+            path = f"/{world.public_bucket}" + (f"/{_quote(key)}" if key else "")
+            body, headers = _body(op, keys, world.part_etag)
+            query = _query(needs, "no-such-upload")
+            granted = op in PUBLIC_READ_BUCKET_OPS or (
+                op in PUBLIC_READ_OBJECT_OPS and key == open_key
+            )
+            out.append((Request(op, method, path, query, body, headers), granted))
+            extras = list(EXTRA_QUERIES.get(op, ()))
+            if key == closed_key and method in ("GET", "HEAD"):
+                extras.append((("versionId", "null"),))  # a version, as private as the object
+            for extra in extras:
+                out.append((Request(op, method, path, query + extra, body, headers), granted))
     return out
 
 

@@ -327,6 +327,8 @@ async def test_forged_datanode_commits_and_deletes_are_refused(
                     await c.commit_write(forged)
                 with pytest.raises(errors.PermissionDenied):
                     await c.delete_shard(drive, "victim", "k")
+                with pytest.raises(errors.PermissionDenied):  # tags and ACLs in place
+                    await c.update_meta(drive, "victim", "k", "d" * 32, tags={"x": "1"})
         async with datanode_client.ShardClient(dn.address, security=_anonymous(), timeout_s=3) as c:
             with pytest.raises(errors.Unavailable):
                 await c.delete_shard(drive, "victim", "k")

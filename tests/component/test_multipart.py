@@ -119,20 +119,27 @@ async def test_complete_checks_parts_and_abort_drops_everything(cluster: Cluster
         upload = await client.create_multipart_upload("checks", "k")
         one = await client.upload_part("checks", "k", upload, 1, small)
         two = await client.upload_part("checks", "k", upload, 2, big)
-        with pytest.raises(errors.InvalidArgument, match="EntityTooSmall"):
+        with pytest.raises(errors.InvalidArgument) as caught:
             await client.complete_multipart_upload("checks", "k", upload, [one, two])
-        with pytest.raises(errors.InvalidArgument, match="InvalidPartOrder"):
+        assert caught.value.reason == "EntityTooSmall"  # typed, over gRPC too
+        with pytest.raises(errors.InvalidArgument) as caught:
             await client.complete_multipart_upload("checks", "k", upload, [two, one])
-        with pytest.raises(errors.InvalidArgument, match="InvalidPart"):
+        assert caught.value.reason == "InvalidPartOrder"  # typed, over gRPC too
+        with pytest.raises(errors.InvalidArgument) as caught:
             await client.complete_multipart_upload("checks", "k", upload, [(1, "0" * 32)])
-        with pytest.raises(errors.InvalidArgument, match="InvalidPart"):
+        assert caught.value.reason == "InvalidPart"  # typed, over gRPC too
+        with pytest.raises(errors.InvalidArgument) as caught:
             await client.complete_multipart_upload("checks", "k", upload, [(3, one.etag)])
-        with pytest.raises(errors.InvalidArgument, match="BadDigest"):
+        assert caught.value.reason == "InvalidPart"  # typed, over gRPC too
+        with pytest.raises(errors.InvalidArgument) as caught:
             await client.upload_part("checks", "k", upload, 3, big, content_md5="0" * 32)
-        with pytest.raises(errors.NotFound, match="NoSuchUpload"):
+        assert caught.value.reason == "BadDigest"  # typed, over gRPC too
+        with pytest.raises(errors.NotFound) as missing:
             await client.upload_part("checks", "other-key", upload, 1, small)
-        with pytest.raises(errors.NotFound, match="NoSuchUpload"):
+        assert missing.value.reason == "NoSuchUpload"  # typed, over gRPC too
+        with pytest.raises(errors.NotFound) as missing:
             await client.complete_multipart_upload("checks", "k", "f" * 32, [one])
+        assert missing.value.reason == "NoSuchUpload"  # typed, over gRPC too
         with pytest.raises(errors.InvalidArgument):
             await client.upload_part("checks", "k", upload, 10_001, small)
         with pytest.raises(errors.NotFound):

@@ -471,6 +471,37 @@ async def _s3_probe(
 
 
 @pytest.mark.timeout(120)
+async def test_e_anonymous_gets_exactly_what_a_public_read_acl_grants(
+    probing: probe_tally.Probing,
+) -> None:
+    """A's public-read bucket (a public-read object, a private one): every route, unsigned,
+    answers 2xx exactly where S3's public-read grants it (listing, HeadBucket, reading the
+    public object, bytes compared) and 403 everywhere else; the private object's bytes are
+    never in a reply (and test_z: nothing changed)."""
+    world = probing.world
+    closed = list(world.public_closed.values())
+    problems: list[str] = []
+    async with aiohttp.ClientSession() as http:
+        for request, granted in probe_s3.public_requests(world):
+            status, body = await probe_s3.send(http, world, request, probe_s3.Mode.UNSIGNED)
+            target = f"{request.op} {request.method} {request.path} {request.query}"
+            key = request.path.rpartition("/")[2]
+            if any(blob in body for blob in closed if blob):
+                problems.append(f"{target}: LEAKED the private object")
+            if not granted and status != 403:
+                problems.append(f"{target}: {status}, expected 403")
+            elif granted and status != 200:
+                problems.append(f"{target}: {status}, expected 200 (granted by the ACL)")
+            elif granted and request.op == "GetObject" and body != world.public_open[key]:
+                problems.append(f"{target}: the public object's bytes differ")
+            elif granted and request.op == "ListObjects":
+                listed = all(k.encode() in body for k in (*world.public_open, *world.public_closed))
+                if not listed:
+                    problems.append(f"{target}: the listing misses keys")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.timeout(120)
 async def test_z_nothing_changed_and_nothing_was_accepted(probing: probe_tally.Probing) -> None:
     """Runs last: the state digest is unchanged; A's open PUT and upload are still A's."""
     world = probing.world

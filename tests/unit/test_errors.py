@@ -100,6 +100,18 @@ def test_round_trip_through_trailing_metadata(cls: type[errors.KVTierError]) -> 
     assert received.message == sent.message
 
 
+@pytest.mark.parametrize("cls", ALL_ERRORS)
+def test_the_reason_travels_with_the_error(cls: type[errors.KVTierError]) -> None:
+    sent = cls("bucket b does not exist", reason="NoSuchBucket")
+
+    received = errors.from_rpc_error(as_seen_by_client(sent))
+
+    assert type(received) is cls
+    assert received.reason == "NoSuchBucket"
+    assert received.message == "bucket b does not exist"
+    assert errors.from_rpc_error(as_seen_by_client(cls("x"))).reason == ""
+
+
 def test_trailing_metadata_names_the_class() -> None:
     assert errors.trailing_metadata(errors.NotFound("x")) == (("x-kvtier-error", "NotFound"),)
 

@@ -11,6 +11,7 @@ from unittest import mock
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
+from kvtier import errors, names
 from services.gateway.s3 import (
     bucket_ops,
     kv_ops,
@@ -76,9 +77,9 @@ def test_routing(method: str, bucket: str, key: str, query: dict[str, str], op: 
 
 
 def test_unsupported_subresources_and_methods() -> None:
-    with pytest.raises(s3errors.S3Error) as acl:
-        _server().route("GET", "b", "k", {"acl": ""})
-    assert (acl.value.code, acl.value.status) == ("NotImplemented", 501)
+    with pytest.raises(s3errors.S3Error) as policy:
+        _server().route("GET", "b", "", {"policy": ""})
+    assert (policy.value.code, policy.value.status) == ("NotImplemented", 501)
     with pytest.raises(s3errors.S3Error) as method:
         _server().route("POST", "", "", {})
     assert (method.value.code, method.value.status) == ("MethodNotAllowed", 405)
@@ -279,3 +280,23 @@ def test_declared_encodings_are_ignored(encoding: str) -> None:
         f'<?xml version="1.0" encoding="{encoding}"?><Delete><Object><Key>k</Key></Object></Delete>'
     ).encode()
     assert xmlio.parse_delete(body) == (False, ["k"])
+
+
+def test_domain_errors_map_by_reason_not_by_message() -> None:
+    """The S3 code comes from the error's typed reason; a message that happens to start with
+    an S3 code changes nothing."""
+    by_reason = s3errors.from_domain(errors.NotFound("upload u", reason="NoSuchUpload"))
+    assert (by_reason.code, by_reason.status, by_reason.message) == (
+        "NoSuchUpload",
+        404,
+        "upload u",
+    )
+    spoofed = s3errors.from_domain(errors.InvalidArgument("BucketNotEmpty: a user's text"))
+    assert (spoofed.code, spoofed.status) == ("InvalidArgument", 400)
+    unknown = s3errors.from_domain(
+        errors.NotFound("k", reason="NotAnS3Code"), default_not_found="NoSuchBucket"
+    )
+    assert unknown.code == "NoSuchBucket"
+    with pytest.raises(errors.InvalidArgument) as caught:
+        names.check_bucket("Bad_Name")
+    assert s3errors.from_domain(caught.value).code == "InvalidBucketName"

@@ -521,7 +521,7 @@ def expected(model: list[str], prefix: str, start_after: str, limit: int) -> lis
 
 
 ALLOWED_PATHS = re.compile(
-    r"\.kvtier/(format\.json|index\.sqlite(-wal|-shm)?|tmp)"
+    r"\.kvtier/(format\.json|index\.sqlite(-wal|-shm)?|tmp|journal)"
     r"|objects(/[a-z0-9.-]{3,63}(/[0-9a-f]{2}(/[0-9a-f]{64}(/meta|/[0-9a-f]{32}(/part\.\d+)?)?)?)?)?"
     r"|\.kvtier|\.kvtier/\.format\.json\.[0-9a-f]+\.tmp"
 )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from kvtier.clients import base
-from kvtier.proto.common.v1 import common_pb2
+from kvtier.proto.common.v1 import acl_pb2, common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2, datanode_pb2_grpc, shards_pb2, shards_pb2_grpc
 
 
@@ -44,6 +45,29 @@ class ShardClient(base.BaseClient):
         """The object's metadata on a drive (NotFound when absent)."""
         request = shards_pb2.ReadMetaRequest(drive_id=drive_id, bucket=bucket, key=key)
         reply: shards_pb2.ReadMetaResponse = await self._unary(self._stub.ReadMeta, request)
+        return reply.meta
+
+    async def update_meta(
+        self,
+        drive_id: str,
+        bucket: str,
+        key: str,
+        data_id: str,
+        *,
+        tags: Mapping[str, str] | None = None,
+        acl: acl_pb2.Acl | None = None,
+        changed_unix_ns: int = 0,
+    ) -> datanode_pb2.ShardMeta:
+        """Replace the tags (when tags is not None; empty removes them) and/or the ACL (when
+        given) of version data_id on a drive, in place, unless the drive holds a change later
+        than changed_unix_ns; the stored meta. NotFound when the drive holds no such object,
+        PreconditionFailed when it holds another version."""
+        request = shards_pb2.UpdateMetaRequest(
+            drive_id=drive_id, bucket=bucket, key=key, data_id=data_id,
+            replace_tags=tags is not None, tags=dict(tags or {}), acl=acl,
+            changed_unix_ns=changed_unix_ns,
+        )  # fmt: skip
+        reply: shards_pb2.UpdateMetaResponse = await self._unary(self._stub.UpdateMeta, request)
         return reply.meta
 
     async def delete_shard(self, drive_id: str, bucket: str, key: str) -> bool:

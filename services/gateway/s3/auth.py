@@ -4,20 +4,23 @@
 `sigv4`; V2 presigned URLs, `presign_v2`), looks the access key up (`kvtier.users.UserCache`,
 kept current by an etcd watch), verifies the signature with the user's secret and builds the
 request's `body.Payload`: the signed SHA-256 of the body, or an aws-chunked decoder that checks
-every chunk's signature and the trailer (`chunked`). Anonymous requests are refused.
+every chunk's signature and the trailer (`chunked`). A request without any credential (no
+Authorization header, no presigned query) is `ANONYMOUS`: what it may do, the ACL gate decides
+(`acl_ops`); it may send a plain body only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from kvtier import masterkey, membership, users
-from services.gateway.s3 import body, chunked, presign_v2, s3errors, sigv4
+from services.gateway.s3 import body, chunked, params, presign_v2, s3errors, sigv4
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -28,16 +31,23 @@ class Principal:
     tenant: str
     display_name: str
     is_admin: bool = False
+    #: An unsigned request: no tenant, no rights but what ACLs grant to everyone.
+    anonymous: bool = False
 
     def may_use(self, tenant: str) -> bool:
-        """Whether this user may use a bucket of tenant (its own tenant's; admins: any)."""
-        return self.is_admin or tenant == self.tenant
+        """Whether this user may use a bucket of tenant (its own tenant's; admins: any;
+        anonymous: none)."""
+        return not self.anonymous and (self.is_admin or tenant == self.tenant)
 
     @property
     def owner(self) -> tuple[str, str]:
-        """(canonical id, display name) as S3 lists owners: the id names the tenant."""
-        return hashlib.sha256(self.tenant.encode()).hexdigest(), self.display_name or self.tenant
+        """(canonical id, display name) as S3 lists owners: the tenant's name both (the id
+        ACL grants name: `s3.acl`)."""
+        return self.tenant, self.tenant
 
+
+#: The principal of a request without credentials.
+ANONYMOUS = Principal(access_key="", tenant="", display_name="", anonymous=True)
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
@@ -99,7 +109,13 @@ class Authenticator:
     ) -> tuple[Principal, body.Payload]:
         signed = presign_v2.parse_v2(http.query)
         if signed is None:
-            raise s3errors.S3Error("AccessDenied", "Anonymous access is not allowed")
+            if any(name in http.query for name in ("AWSAccessKeyId", "Signature", "Expires")):
+                raise s3errors.S3Error(
+                    "AccessDenied",
+                    "Query-string authentication requires the Signature, Expires and "
+                    "AWSAccessKeyId parameters",
+                )
+            return ANONYMOUS, _anonymous_payload(http)
         found = await self._lookup(signed.access_key)
         if found is None:
             raise translate(sigv4.invalid_access_key())
@@ -134,6 +150,31 @@ class Authenticator:
                 "The provided 'x-amz-content-sha256' header does not match what was computed.",
             )
         return body.Payload(http.content, size=length, sha256_hex=expected)
+
+
+def _anonymous_payload(http: web.Request) -> body.Payload:
+    """The body of an unsigned request: plain bytes, checked against x-amz-content-sha256 when
+    that is a digest, or aws-chunked with unsigned chunks (what SDKs send unsigned over HTTPS:
+    the trailing checksum checked); signed chunks need a signed request (InvalidRequest)."""
+    declared = http.headers.get("x-amz-content-sha256", "")
+    encoding = http.headers.get("Content-Encoding", "").lower()
+    if declared.startswith("STREAMING-") or "aws-chunked" in encoding:
+        unsigned = sigv4.PayloadMode.STREAMING_UNSIGNED_TRAILER
+        if declared not in ("", unsigned.value):
+            raise s3errors.S3Error("InvalidRequest", "signed aws-chunked bodies need a signature")
+        size = params.uint(http.headers.get("x-amz-decoded-content-length", ""))
+        if size is None:
+            raise s3errors.S3Error(
+                "MissingContentLength", "aws-chunked bodies need x-amz-decoded-content-length"
+            )
+        trailers = http.headers.get("x-amz-trailer", "").split(",")
+        decoder = chunked.ChunkDecoder(
+            mode=unsigned, decoded_content_length=size,
+            trailer_names=[n.strip().lower() for n in trailers if n.strip()],
+        )  # fmt: skip
+        return body.Payload(http.content, size=size, decoder=decoder)
+    digest = declared.lower() if re.fullmatch(r"[0-9a-fA-F]{64}", declared) else ""
+    return body.Payload(http.content, size=_content_length(http), sha256_hex=digest)
 
 
 def translate(exc: sigv4.S3AuthError) -> s3errors.S3Error:

@@ -7,17 +7,13 @@ import base64
 import binascii
 import hashlib
 import logging
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from kvtier import errors, kv, names
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
-from services.gateway.s3 import kv_layout, object_ops, params, s3errors, xmlio
-
-if TYPE_CHECKING:
-    from services.gateway.s3 import server
+from services.gateway.s3 import acl, kv_layout, object_ops, params, s3errors, s3request, xmlio
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +75,7 @@ def _after_token(token: str) -> str:
     return name
 
 
-async def list_buckets(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def list_buckets(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """The principal's tenant's buckets (an admin's: every bucket), by name: those starting
     with `prefix`, in pages of `max-buckets` (1-10000; absent: all) continued by
     `continuation-token`; none for a `bucket-region` other than ours."""
@@ -104,7 +100,7 @@ async def list_buckets(s3: server.S3Server, req: server.S3Request) -> web.Respon
     )  # fmt: skip
 
 
-async def create_bucket(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def create_bucket(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """Create a bucket owned by the principal's tenant; again by its owner: 200 (us-east-1)."""
     try:
         names.check_bucket(req.bucket)
@@ -116,6 +112,10 @@ async def create_bucket(s3: server.S3Server, req: server.S3Request) -> web.Respo
             "InvalidLocationConstraint", f"this endpoint serves region {s3.region}"
         )
     kind = _kind(req.header(BUCKET_KIND_HEADER) or "objects")
+    wanted = acl.from_headers(req.http.headers, req.principal.tenant)  # checked before creating
+    kv = kind == metadata_pb2.BUCKET_KIND_KV
+    if wanted is not None and kv and not acl.is_private(wanted, req.principal.tenant):
+        raise s3errors.S3Error("NotImplemented", "KV buckets have no ACLs: they are private")
     try:
         await s3.front.create_bucket(req.bucket, req.principal.tenant, kind)
     except errors.AlreadyExists:
@@ -128,12 +128,15 @@ async def create_bucket(s3: server.S3Server, req: server.S3Request) -> web.Respo
             raise s3errors.S3Error(
                 "BucketAlreadyOwnedByYou", "Your previous request to create it succeeded."
             ) from None
+    if wanted is not None:  # made private: a failure here leaves it so
+        config = metadata_pb2.SetBucketConfigRequest(acl=wanted)
+        await s3.front.set_bucket_config(req.bucket, config)
     response = web.Response(status=200)
     response.headers["Location"] = f"/{req.bucket}"
     return response
 
 
-async def head_bucket(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def head_bucket(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """200 with the region and the bucket's kind (BUCKET_KIND_HEADER), 404 or 403."""
     info = await s3.owned_bucket(req)
     response = web.Response(status=200)
@@ -142,7 +145,7 @@ async def head_bucket(s3: server.S3Server, req: server.S3Request) -> web.Respons
     return response
 
 
-async def delete_bucket(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def delete_bucket(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """Delete a bucket without objects (BucketNotEmpty); its multipart uploads in progress
     are aborted with it, as in S3, on either kind of bucket (a KV bucket's staged blocks are
     deleted after its record: nothing reaches them by then, and their TTL ends them anyway)."""
@@ -183,19 +186,19 @@ async def _kv_discard_uploads(client: kv.AsyncKVClient) -> None:
                 break
 
 
-async def get_location(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def get_location(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """The region (empty for us-east-1)."""
     await s3.owned_bucket(req)
     return _xml(xmlio.location(s3.region))
 
 
-async def get_versioning(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def get_versioning(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """Never enabled."""
     await s3.owned_bucket(req)
     return _xml(xmlio.versioning())
 
 
-async def put_versioning(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def put_versioning(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """PutBucketVersioning. Buckets are never versioned, so Suspended (and MfaDelete Disabled)
     asks for what already is: 200, nothing changes. Enabled, MfaDelete Enabled and an
     x-amz-mfa header: NotImplemented, never a 200 that leaves the bucket unversioned."""
@@ -214,14 +217,14 @@ async def put_versioning(s3: server.S3Server, req: server.S3Request) -> web.Resp
     return web.Response(status=200)
 
 
-def check_continuation_token(req: server.S3Request) -> None:
+def check_continuation_token(req: s3request.S3Request) -> None:
     """ListObjectsV2: a continuation-token that is present must not be empty (InvalidArgument,
     as S3 answers; a client sending one has lost its place)."""
     if req.query.get("continuation-token") == "":
         raise s3errors.S3Error("InvalidArgument", "The continuation token provided is incorrect")
 
 
-def _max_keys(req: server.S3Request, name: str = "max-keys") -> int:
+def _max_keys(req: s3request.S3Request, name: str = "max-keys") -> int:
     value = params.uint(req.query.get(name, "1000"))
     if value is None:
         raise s3errors.S3Error("InvalidArgument", f"{name} must be a non-negative integer")
@@ -229,7 +232,7 @@ def _max_keys(req: server.S3Request, name: str = "max-keys") -> int:
 
 
 async def _page(
-    s3: server.S3Server, req: server.S3Request, *, after: str, token: str, max_keys: int
+    s3: s3request.Door, req: s3request.S3Request, *, after: str, token: str, max_keys: int
 ) -> pb.ListObjectsResponse:
     if max_keys == 0:
         return pb.ListObjectsResponse()
@@ -242,7 +245,7 @@ async def _page(
     )  # fmt: skip
 
 
-async def list_objects(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def list_objects(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """ListObjectsV2 (list-type=2) or ListObjects (v1)."""
     await s3.owned_bucket(req)
     enc = xmlio.Encoder(req.query.get("encoding-type", ""))
@@ -253,7 +256,7 @@ async def list_objects(s3: server.S3Server, req: server.S3Request) -> web.Respon
         page = await _page(
             s3, req, after=req.query.get("start-after", ""), token=token, max_keys=max_keys
         )
-        owner = req.principal.owner if req.query.get("fetch-owner") == "true" else None
+        owner = req.owner if req.query.get("fetch-owner") == "true" else None
         return _xml(
             xmlio.list_objects(
                 version=2, bucket=req.bucket, page=page, params=req.query, enc=enc, owner=owner
@@ -267,12 +270,12 @@ async def list_objects(s3: server.S3Server, req: server.S3Request) -> web.Respon
     return _xml(
         xmlio.list_objects(
             version=1, bucket=req.bucket, page=page, params=req.query, enc=enc,
-            owner=req.principal.owner, next_marker=next_marker,
+            owner=req.owner, next_marker=next_marker,
         )
     )  # fmt: skip
 
 
-async def list_versions(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def list_versions(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """ListObjectVersions of an unversioned bucket: every object once, version "null"."""
     await s3.owned_bucket(req)
     enc = xmlio.Encoder(req.query.get("encoding-type", ""))
@@ -281,6 +284,6 @@ async def list_versions(s3: server.S3Server, req: server.S3Request) -> web.Respo
     )
     return _xml(
         xmlio.list_versions(
-            bucket=req.bucket, page=page, params=req.query, enc=enc, owner=req.principal.owner
+            bucket=req.bucket, page=page, params=req.query, enc=enc, owner=req.owner
         )
     )

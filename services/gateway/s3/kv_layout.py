@@ -22,14 +22,10 @@ import asyncio
 import hashlib
 import secrets
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from kvtier import checksums, errors, kv
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
-from services.gateway.s3 import object_ops, s3errors
-
-if TYPE_CHECKING:
-    from services.gateway.s3 import server
+from services.gateway.s3 import object_ops, s3errors, s3request
 
 #: The largest KV object, the S3 body of a PUT or of a completed multipart upload.
 MAX_KV_OBJECT_BYTES = 64 << 20
@@ -121,7 +117,7 @@ def stored(status: kv.PutStatus) -> None:
         raise s3errors.S3Error("ServiceUnavailable", f"the KV tier refused the block: {status}")
 
 
-async def client_of(s3: server.S3Server, req: server.S3Request) -> kv.AsyncKVClient:
+async def client_of(s3: s3request.Door, req: s3request.S3Request) -> kv.AsyncKVClient:
     """The KV client of the request's bucket (whose ownership the server checked)."""
     info = await s3.front.bucket_info(req.bucket)
     return await s3.kv_buckets.client(info)
@@ -183,22 +179,29 @@ async def read_blob(
 
 
 async def store_object(
-    client: kv.AsyncKVClient, key: str, blob: Blob, info: pb.ObjectInfo, *, if_none_match: bool
+    client: kv.AsyncKVClient,
+    key: str,
+    blob: Blob,
+    info: pb.ObjectInfo,
+    *,
+    if_none_match: bool,
+    ttl_s: float | None = None,
 ) -> None:
     """Make blob the object key: the data blocks, then the metadata block (put-if-absent
-    with If-None-Match: * claims the metadata block first: PreconditionFailed when taken)."""
+    with If-None-Match: * claims the metadata block first: PreconditionFailed when taken);
+    every block expires after ttl_s (None: never; the bucket's lifecycle rules)."""
     meta = encode_info(info, blob)
     if if_none_match:
-        (claimed,) = await client.put_batch([meta_key(key)], [meta])
+        (claimed,) = await client.put_batch([meta_key(key)], [meta], ttl_s=ttl_s)
         if claimed == kv.PutStatus.EXISTS:
             raise s3errors.S3Error(
                 "PreconditionFailed", "At least one of the pre-conditions failed"
             )
         stored(claimed)
-        await write_blob(client, object_keys(key), blob)
+        await write_blob(client, object_keys(key), blob, ttl_s=ttl_s)
     else:
-        await write_blob(client, object_keys(key), blob)
-        (status,) = await client.put_batch([meta_key(key)], [meta], overwrite=True)
+        await write_blob(client, object_keys(key), blob, ttl_s=ttl_s)
+        (status,) = await client.put_batch([meta_key(key)], [meta], overwrite=True, ttl_s=ttl_s)
         stored(status)
 
 
@@ -220,7 +223,7 @@ def object_block_keys(key: str) -> list[bytes]:
     return [meta_key(key), *object_keys(key)]
 
 
-def trailer_checked(req: server.S3Request) -> bool:
+def trailer_checked(req: s3request.S3Request) -> bool:
     """Whether the body's integrity rests on a trailing x-amz-checksum-* (aws-chunked, as the
     AWS SDKs' flexible checksums send it) and nothing asks for an MD5 (no Content-MD5)."""
     mode = req.header("x-amz-content-sha256")  # the decoder then insists on the trailer
@@ -241,7 +244,7 @@ def version_etag(blob: Blob) -> str:
 
 
 async def receive(
-    req: server.S3Request, blob: Blob, algorithms: Sequence[str] = (), *, md5: bool = True
+    req: s3request.S3Request, blob: Blob, algorithms: Sequence[str] = (), *, md5: bool = True
 ) -> tuple[str, dict[str, str]]:
     """Read the request's body into blob and check it: (hex MD5, '' when not `md5`;
     {algorithm: base64}) of the checksums the request sent or announced and of `algorithms`.

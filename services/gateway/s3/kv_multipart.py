@@ -23,17 +23,21 @@ import itertools
 import re
 import secrets
 import time
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from kvtier import kv
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway import listing, multipart
-from services.gateway.s3 import kv_layout, object_ops, params, s3errors, xmlio
-
-if TYPE_CHECKING:
-    from services.gateway.s3 import server
+from services.gateway.s3 import (
+    kv_layout,
+    lifecycle_ops,
+    object_ops,
+    params,
+    s3errors,
+    s3request,
+    xmlio,
+)
 
 #: How long staged blocks of an upload live without activity.
 UPLOAD_TTL_S = 3600.0
@@ -62,7 +66,7 @@ def _initiated_ms(upload_id: str) -> int:
 
 
 async def _record(
-    client: kv.AsyncKVClient, req: server.S3Request
+    client: kv.AsyncKVClient, req: s3request.S3Request
 ) -> pb.CreateMultipartUploadRequest:
     """The request's upload (NoSuchUpload unless it exists, for this key)."""
     upload_id = req.query.get("uploadId", "")
@@ -78,7 +82,7 @@ async def _record(
     return record
 
 
-async def create(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def create(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """CreateMultipartUpload: a record block (key, headers, checksum algorithm)."""
     object_ops.check_key(req.key)
     algorithm = req.header("x-amz-checksum-algorithm").upper()
@@ -100,7 +104,7 @@ async def create(s3: server.S3Server, req: server.S3Request) -> web.Response:
     return response
 
 
-def _part_number(req: server.S3Request) -> int:
+def _part_number(req: s3request.S3Request) -> int:
     number = params.uint(req.query.get("partNumber", ""))
     if number is None or not 1 <= number <= multipart.MAX_PART_NUMBER:
         raise s3errors.S3Error(
@@ -109,7 +113,7 @@ def _part_number(req: server.S3Request) -> int:
     return number
 
 
-async def upload_part(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def upload_part(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """UploadPart: the part's blocks (at most MAX_KV_OBJECT_BYTES: no object could hold more)."""
     if req.header("x-amz-copy-source"):
         raise s3errors.S3Error("NotImplemented", "UploadPartCopy is not implemented on KV buckets")
@@ -201,7 +205,7 @@ async def _assemble(
     return blob
 
 
-async def complete(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def complete(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """CompleteMultipartUpload: the listed parts become the object; the upload is deleted."""
     listed = xmlio.parse_complete(await req.payload.read_all(xmlio.MAX_BODY_BYTES))
     client = await kv_layout.client_of(s3, req)
@@ -221,7 +225,10 @@ async def complete(s3: server.S3Server, req: server.S3Request) -> web.Response:
             algorithm, [i.checksums[algorithm] for i in infos]
         )
     if_none_match = req.header("If-None-Match") == "*"
-    await kv_layout.store_object(client, req.key, blob, info, if_none_match=if_none_match)
+    ttl_s = await lifecycle_ops.kv_ttl_s(s3, req, blob.size, dict(record.headers.tags))
+    await kv_layout.store_object(
+        client, req.key, blob, info, if_none_match=if_none_match, ttl_s=ttl_s
+    )
     await _discard(client, upload_id)
     url = f"{req.http.scheme}://{req.http.host}/{req.bucket}/{req.key}"
     sums = kv_layout.public_checksums(info)
@@ -240,7 +247,7 @@ async def _discard(client: kv.AsyncKVClient, upload_id: str) -> None:
     await client.delete([kv_layout.record_key(upload_id)])
 
 
-async def abort(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def abort(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """AbortMultipartUpload: the upload's blocks are deleted (NoSuchUpload when unknown)."""
     client = await kv_layout.client_of(s3, req)
     await _record(client, req)
@@ -248,14 +255,14 @@ async def abort(s3: server.S3Server, req: server.S3Request) -> web.Response:
     return web.Response(status=204)
 
 
-def _int(req: server.S3Request, name: str, default: int) -> int:
+def _int(req: s3request.S3Request, name: str, default: int) -> int:
     value = params.uint(req.query.get(name, str(default)), max_digits=9)
     if value is None:
         raise s3errors.S3Error("InvalidArgument", f"{name} must be a non-negative integer")
     return value
 
 
-async def list_parts(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def list_parts(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """ListParts, by part number (part-number-marker, max-parts)."""
     client = await kv_layout.client_of(s3, req)
     record = await _record(client, req)
@@ -338,7 +345,7 @@ def _after_marker(
     return [u for u in uploads if u.key.encode() > marker]
 
 
-async def list_uploads(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def list_uploads(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """ListMultipartUploads (prefix, delimiter, key-marker, upload-id-marker, max-uploads)."""
     client = await kv_layout.client_of(s3, req)
     enc = xmlio.Encoder(req.query.get("encoding-type", ""))

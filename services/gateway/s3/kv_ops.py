@@ -17,74 +17,28 @@ bytes. Any block may be evicted: the object is then gone (NoSuchKey).
 
 from __future__ import annotations
 
-import asyncio
 import time
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from kvtier import kv, names
-from kvtier import security as security_mod
+from kvtier import kv
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
-from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway import listing
-from services.gateway.s3 import kv_layout, kv_multipart, object_ops, params, s3errors, xmlio
-
-if TYPE_CHECKING:
-    from services.gateway.s3 import server
+from services.gateway.s3 import (
+    kv_layout,
+    kv_multipart,
+    lifecycle_ops,
+    object_ops,
+    params,
+    s3errors,
+    s3request,
+    xmlio,
+)
 
 MAX_KV_OBJECT_BYTES = kv_layout.MAX_KV_OBJECT_BYTES
 
 
-def namespace(info: metadata_pb2.BucketInfo) -> str:
-    """The KV namespace of a KV bucket's incarnation."""
-    return f"s3:{names.storage_name(info.name, info.storage_id)}"
-
-
-class KVBuckets:
-    """One KV client per KV bucket (its namespace and tenant), opened on first use."""
-
-    def __init__(
-        self, metadata_address: object, security: security_mod.ClientSecurity | None = None
-    ) -> None:
-        self._address = metadata_address
-        #: Mutual TLS as this gateway, acting explicitly for each bucket's tenant.
-        self._security = security
-        self._clients: dict[str, kv.AsyncKVClient] = {}
-        self._lock = asyncio.Lock()
-
-    def _current(self, info: metadata_pb2.BucketInfo) -> kv.AsyncKVClient | None:
-        found = self._clients.get(info.name)
-        if found is None or found.tenant != info.tenant or found.namespace != namespace(info):
-            return None
-        return found
-
-    async def client(self, info: metadata_pb2.BucketInfo) -> kv.AsyncKVClient:
-        """The client of a KV bucket (a new one when the bucket was created again)."""
-        found = self._current(info)
-        if found is not None:
-            return found
-        async with self._lock:
-            found = self._current(info)
-            if found is None:
-                address = self._address() if callable(self._address) else str(self._address)
-                found = await kv.AsyncKVClient.connect(
-                    namespace=namespace(info), tenant=info.tenant, metadata=address,
-                    replicas=1, timeout_s=10.0, security=self._security,
-                )  # fmt: skip
-                stale = self._clients.get(info.name)
-                self._clients[info.name] = found
-                if stale is not None:
-                    await stale.close()
-        return found
-
-    async def close(self) -> None:
-        """Close every client."""
-        clients, self._clients = list(self._clients.values()), {}
-        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
-
-
-async def put_object(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def put_object(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """PutObject into DRAM blocks (the body is read whole: KV objects are blocks)."""
     if req.header("x-amz-copy-source"):
         raise s3errors.S3Error("NotImplemented", "CopyObject is not implemented on KV buckets")
@@ -106,14 +60,19 @@ async def put_object(s3: server.S3Server, req: server.S3Request) -> web.Response
         mtime_unix_ms=int(time.time() * 1000), headers=object_ops.request_headers(req), parts=1,
     )  # fmt: skip
     if_none_match = req.header("If-None-Match") == "*"
-    await kv_layout.store_object(client, req.key, blob, info, if_none_match=if_none_match)
+    ttl_s = await lifecycle_ops.kv_ttl_s(  # the bucket's lifecycle rules, as the blocks' TTL
+        s3, req, size, lifecycle_ops.tags_of(req, info.headers)
+    )
+    await kv_layout.store_object(
+        client, req.key, blob, info, if_none_match=if_none_match, ttl_s=ttl_s
+    )
     response = web.Response(status=200)
     response.headers["ETag"] = xmlio.quoted(etag)
     response.headers.update(kv_layout.checksum_headers(sums))
     return response
 
 
-async def head_object(s3: server.S3Server, req: server.S3Request) -> web.StreamResponse:
+async def head_object(s3: s3request.Door, req: s3request.S3Request) -> web.StreamResponse:
     """The object's headers, from its metadata block."""
     object_ops.check_key(req.key)
     client = await kv_layout.client_of(s3, req)
@@ -130,7 +89,7 @@ async def head_object(s3: server.S3Server, req: server.S3Request) -> web.StreamR
     return response
 
 
-async def get_object(s3: server.S3Server, req: server.S3Request) -> web.StreamResponse:
+async def get_object(s3: s3request.Door, req: s3request.S3Request) -> web.StreamResponse:
     """The object's bytes, whole or one range."""
     object_ops.check_key(req.key)
     info, blob = await kv_layout.fetch_object(await kv_layout.client_of(s3, req), req.key)
@@ -149,7 +108,7 @@ async def get_object(s3: server.S3Server, req: server.S3Request) -> web.StreamRe
     return response
 
 
-async def delete_object(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def delete_object(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """204 whether or not the key existed."""
     object_ops.check_key(req.key)
     client = await kv_layout.client_of(s3, req)
@@ -157,7 +116,7 @@ async def delete_object(s3: server.S3Server, req: server.S3Request) -> web.Respo
     return web.Response(status=204)
 
 
-async def delete_objects(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def delete_objects(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """DeleteObjects on a KV bucket."""
     quiet, keys = xmlio.parse_delete(await req.payload.read_all(xmlio.MAX_BODY_BYTES))
     client = await kv_layout.client_of(s3, req)
@@ -167,7 +126,7 @@ async def delete_objects(s3: server.S3Server, req: server.S3Request) -> web.Resp
     return web.Response(body=body, content_type="application/xml")
 
 
-def _start_after(req: server.S3Request, v2: bool) -> bytes:
+def _start_after(req: s3request.S3Request, v2: bool) -> bytes:
     """The key a listing starts after: a v2 continuation token (hex), else start-after/marker."""
     token = req.query.get("continuation-token", "")
     if v2 and "continuation-token" in req.query and not token:
@@ -182,7 +141,7 @@ def _start_after(req: server.S3Request, v2: bool) -> bytes:
         ) from None
 
 
-async def list_objects(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def list_objects(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """ListObjects (v1 and v2) of the keys in DRAM, with each object's metadata."""
     client = await kv_layout.client_of(s3, req)
     enc = xmlio.Encoder(req.query.get("encoding-type", ""))
@@ -253,6 +212,8 @@ HANDLERS = {
 SHARED = frozenset(
     {
         "CreateBucket", "HeadBucket", "DeleteBucket", "GetBucketLocation", "GetBucketVersioning",
-        "PutBucketVersioning",
+        "PutBucketVersioning", "GetBucketCors", "PutBucketCors", "DeleteBucketCors",
+        "OptionsPreflight",
     }
+    | lifecycle_ops.OPS
 )  # fmt: skip

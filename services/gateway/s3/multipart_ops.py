@@ -3,17 +3,12 @@ ListMultipartUploads, over the gateway's multipart uploads (kept on the datanode
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
 from kvtier import errors
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway import multipart
-from services.gateway.s3 import object_ops, params, s3errors, xmlio
-
-if TYPE_CHECKING:
-    from services.gateway.s3 import server
+from services.gateway.s3 import object_ops, params, s3errors, s3request, xmlio
 
 MAX_PART_BYTES = 5 << 30
 XML = "application/xml"
@@ -23,7 +18,7 @@ def _xml(data: bytes) -> web.Response:
     return web.Response(body=data, content_type=XML)
 
 
-def _part_number(req: server.S3Request) -> int:
+def _part_number(req: s3request.S3Request) -> int:
     number = params.uint(req.query.get("partNumber", ""))
     if number is None or not 1 <= number <= multipart.MAX_PART_NUMBER:
         raise s3errors.S3Error(
@@ -33,12 +28,12 @@ def _part_number(req: server.S3Request) -> int:
 
 
 def _no_such_upload(exc: errors.NotFound) -> Exception:
-    if exc.message.startswith("NoSuchUpload"):
+    if exc.reason == "NoSuchUpload":
         return s3errors.S3Error("NoSuchUpload", "The specified upload does not exist.")
     return exc
 
 
-async def create(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def create(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """CreateMultipartUpload."""
     await s3.owned_bucket(req)
     object_ops.check_key(req.key)
@@ -57,7 +52,7 @@ async def create(s3: server.S3Server, req: server.S3Request) -> web.Response:
     return response
 
 
-async def upload_part(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def upload_part(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """UploadPart (UploadPartCopy when x-amz-copy-source is set)."""
     if req.header("x-amz-copy-source"):
         return await upload_part_copy(s3, req)
@@ -92,7 +87,7 @@ async def upload_part(s3: server.S3Server, req: server.S3Request) -> web.Respons
     return response
 
 
-async def upload_part_copy(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def upload_part_copy(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """UploadPartCopy: the source (or x-amz-copy-source-range) becomes a part."""
     await s3.owned_bucket(req)
     number = _part_number(req)
@@ -113,7 +108,7 @@ async def upload_part_copy(s3: server.S3Server, req: server.S3Request) -> web.Re
     return _xml(xmlio.copy_result("CopyPartResult", part.etag, part.mtime_unix_ms, {}))
 
 
-async def complete(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def complete(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """CompleteMultipartUpload."""
     await s3.owned_bucket(req)
     parts = xmlio.parse_complete(await req.payload.read_all(xmlio.MAX_BODY_BYTES))
@@ -134,7 +129,7 @@ async def complete(s3: server.S3Server, req: server.S3Request) -> web.Response:
     return _xml(xmlio.complete_multipart(url, req.bucket, req.key, info.etag, dict(info.checksums)))
 
 
-async def abort(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def abort(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """AbortMultipartUpload."""
     await s3.owned_bucket(req)
     try:
@@ -148,7 +143,7 @@ async def abort(s3: server.S3Server, req: server.S3Request) -> web.Response:
     return web.Response(status=204)
 
 
-def _int(req: server.S3Request, name: str, default: int) -> int:
+def _int(req: s3request.S3Request, name: str, default: int) -> int:
     # The values go into uint32 fields: 9 digits always fit.
     value = params.uint(req.query.get(name, str(default)), max_digits=9)
     if value is None:
@@ -156,7 +151,7 @@ def _int(req: server.S3Request, name: str, default: int) -> int:
     return value
 
 
-async def list_parts(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def list_parts(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """ListParts."""
     await s3.owned_bucket(req)
     marker = _int(req, "part-number-marker", 0)
@@ -178,7 +173,7 @@ async def list_parts(s3: server.S3Server, req: server.S3Request) -> web.Response
     )  # fmt: skip
 
 
-async def list_uploads(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def list_uploads(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """ListMultipartUploads."""
     await s3.owned_bucket(req)
     enc = xmlio.Encoder(req.query.get("encoding-type", ""))

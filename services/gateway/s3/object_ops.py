@@ -10,7 +10,6 @@ import hashlib
 import logging
 import urllib.parse
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -18,10 +17,7 @@ from kvtier import errors, names
 from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway import multipart, versions
-from services.gateway.s3 import body, params, response_body, s3errors, xmlio
-
-if TYPE_CHECKING:
-    from services.gateway.s3 import server
+from services.gateway.s3 import acl, body, params, response_body, s3errors, s3request, tags, xmlio
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +44,9 @@ def check_key(key: str) -> None:
         raise s3errors.S3Error(code, exc.message) from None
 
 
-def request_headers(req: server.S3Request) -> pb.ObjectHeaders:
-    """The standard headers and x-amz-meta-* of a PUT (aws-chunked is transport, not stored)."""
+def request_headers(req: s3request.S3Request) -> pb.ObjectHeaders:
+    """The standard headers, x-amz-meta-* and ACL of a PUT (aws-chunked is transport, not
+    stored)."""
     h = req.http.headers
     encoding = ",".join(
         e.strip() for e in h.get("Content-Encoding", "").split(",") if e.strip() != "aws-chunked"
@@ -68,10 +65,15 @@ def request_headers(req: server.S3Request) -> pb.ObjectHeaders:
             size += len(key) + len(value.encode())
     if size > MAX_META_BYTES:
         raise s3errors.S3Error("MetadataTooLarge", f"user metadata is {size} bytes, 2 KB at most")
+    out.tags.update(tags.parse_header(req.header("x-amz-tagging")))
+    # x-amz-acl / x-amz-grant-*: the new object's ACL (none: private; never the source's).
+    wanted = acl.from_headers(h, req.bucket_owner)
+    if wanted is not None:
+        out.acl.CopyFrom(wanted)
     return out
 
 
-def content_md5(req: server.S3Request) -> str:
+def content_md5(req: s3request.S3Request) -> str:
     """The hex MD5 of a Content-MD5 header ('' when absent); InvalidDigest when malformed."""
     value = req.header("Content-MD5")
     if not value:
@@ -87,7 +89,7 @@ def content_md5(req: server.S3Request) -> str:
     return digest.hex()
 
 
-def checksum_request(req: server.S3Request) -> tuple[list[str], dict[str, str]]:
+def checksum_request(req: s3request.S3Request) -> tuple[list[str], dict[str, str]]:
     """(algorithms to compute, expected values) from x-amz-checksum-*, the SDK's algorithm
     header and announced trailers."""
     wanted: list[str] = []
@@ -113,7 +115,7 @@ def checksum_request(req: server.S3Request) -> tuple[list[str], dict[str, str]]:
 
 
 async def receive(
-    s3: server.S3Server, req: server.S3Request, write_id: str, size: int
+    s3: s3request.Door, req: s3request.S3Request, write_id: str, size: int
 ) -> datanode_pb2.ShardMeta:
     """Stream the body into a begun write and commit it (aborted on any failure). A body of
     unknown length (plain HTTP chunked) goes in until it ends, size being its bound
@@ -154,11 +156,12 @@ async def receive(
         raise
 
 
-def translate_digest_error(req: server.S3Request, exc: errors.KVTierError) -> Exception:
+def translate_digest_error(req: s3request.S3Request, exc: errors.KVTierError) -> Exception:
     """A BadDigest on SHA256 that the client did not send itself is the signed payload hash."""
     if (
         req.payload.sha256_hex
-        and exc.message.startswith("BadDigest: SHA256")
+        and exc.reason == "BadDigest"
+        and exc.message.startswith("SHA256")
         and not req.header("x-amz-checksum-sha256")
     ):
         return s3errors.S3Error(
@@ -168,7 +171,7 @@ def translate_digest_error(req: server.S3Request, exc: errors.KVTierError) -> Ex
     return exc
 
 
-def begin_request(req: server.S3Request, bucket: str, key: str, size: int) -> pb.BeginPutRequest:
+def begin_request(req: s3request.S3Request, bucket: str, key: str, size: int) -> pb.BeginPutRequest:
     """The BeginPut of a PUT's body, with digests and checksums to check."""
     wanted, expected = checksum_request(req)
     if req.payload.sha256_hex:  # the signed payload hash: checked like a checksum
@@ -181,7 +184,7 @@ def begin_request(req: server.S3Request, bucket: str, key: str, size: int) -> pb
     )  # fmt: skip
 
 
-async def put_object(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def put_object(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """PutObject (CopyObject when x-amz-copy-source is set)."""
     if req.header("x-amz-copy-source"):
         return await copy_object(s3, req)
@@ -212,7 +215,7 @@ async def put_object(s3: server.S3Server, req: server.S3Request) -> web.Response
 
 
 def _checksum_headers(
-    response: web.StreamResponse, meta: datanode_pb2.ShardMeta, req: server.S3Request
+    response: web.StreamResponse, meta: datanode_pb2.ShardMeta, req: s3request.S3Request
 ) -> None:
     sent = {a.upper() for a in checksum_request(req)[0]} | {
         n.lower()[len(CHECKSUM_HEADER) :].upper()
@@ -304,7 +307,9 @@ def parse_copy_range(header: str, size: int) -> tuple[int, int]:
     return first, last
 
 
-def info_headers(response: web.StreamResponse, info: pb.ObjectInfo, req: server.S3Request) -> None:
+def info_headers(
+    response: web.StreamResponse, info: pb.ObjectInfo, req: s3request.S3Request
+) -> None:
     """ETag, Last-Modified, the stored standard headers, x-amz-meta-* and the `response-*`
     overrides of a request (any bucket kind)."""
     h = info.headers
@@ -322,13 +327,15 @@ def info_headers(response: web.StreamResponse, info: pb.ObjectInfo, req: server.
             out[name] = value
     for key, value in h.user_metadata.items():
         out[f"x-amz-meta-{key}"] = value
+    if h.tags:
+        out["x-amz-tagging-count"] = str(len(h.tags))
     for param, header in _OVERRIDES.items():
         if param in req.query:
             out[header] = req.query[param]
 
 
 def object_headers(
-    response: web.StreamResponse, meta: datanode_pb2.ShardMeta, req: server.S3Request
+    response: web.StreamResponse, meta: datanode_pb2.ShardMeta, req: s3request.S3Request
 ) -> None:
     """info_headers, the parts count, and (when asked with x-amz-checksum-mode: ENABLED) the
     whole object's checksums."""
@@ -346,7 +353,7 @@ def object_headers(
                 out["x-amz-checksum-type"] = "COMPOSITE"
 
 
-async def _resolve(s3: server.S3Server, req: server.S3Request) -> versions.Resolved:
+async def _resolve(s3: s3request.Door, req: s3request.S3Request) -> versions.Resolved:
     await s3.owned_bucket(req)
     check_key(req.key)
     try:
@@ -355,7 +362,7 @@ async def _resolve(s3: server.S3Server, req: server.S3Request) -> versions.Resol
         raise s3errors.S3Error("NoSuchKey", "The specified key does not exist.") from None
 
 
-async def head_object(s3: server.S3Server, req: server.S3Request) -> web.StreamResponse:
+async def head_object(s3: s3request.Door, req: s3request.S3Request) -> web.StreamResponse:
     """The object's headers (conditions apply)."""
     meta = (await _resolve(s3, req)).meta
     check_conditions(req.header, meta.etag, meta.mtime_unix_ns // 1_000_000, for_read=True)
@@ -370,7 +377,9 @@ async def head_object(s3: server.S3Server, req: server.S3Request) -> web.StreamR
     return response
 
 
-def requested_part(req: server.S3Request, meta: datanode_pb2.ShardMeta) -> tuple[int, int] | None:
+def requested_part(
+    req: s3request.S3Request, meta: datanode_pb2.ShardMeta
+) -> tuple[int, int] | None:
     """(first, last) byte of the part GetObject/HeadObject's `partNumber` names (last is
     first - 1 for an empty part); None without partNumber. InvalidArgument outside 1..10000,
     InvalidRequest with a Range header too, 416 InvalidPartNumber past the last part (part 1
@@ -394,7 +403,7 @@ def requested_part(req: server.S3Request, meta: datanode_pb2.ShardMeta) -> tuple
     return span[0], span[0] + span[1] - 1
 
 
-async def get_object(s3: server.S3Server, req: server.S3Request) -> web.StreamResponse:
+async def get_object(s3: s3request.Door, req: s3request.S3Request) -> web.StreamResponse:
     """The object's bytes, whole or one range (206), streamed a staging slot at a time (each
     written while the engine gathers the next: response_body)."""
     found = await _resolve(s3, req)
@@ -431,7 +440,7 @@ async def get_object(s3: server.S3Server, req: server.S3Request) -> web.StreamRe
     return response
 
 
-async def delete_object(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def delete_object(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """204 whether or not the key existed."""
     await s3.owned_bucket(req)
     check_key(req.key)
@@ -439,7 +448,7 @@ async def delete_object(s3: server.S3Server, req: server.S3Request) -> web.Respo
     return web.Response(status=204)
 
 
-async def delete_objects(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def delete_objects(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """Delete up to 1000 keys; per-key errors in the result, not the status."""
     await s3.owned_bucket(req)
     raw = await req.payload.read_all(xmlio.MAX_BODY_BYTES)
@@ -470,7 +479,7 @@ async def delete_objects(s3: server.S3Server, req: server.S3Request) -> web.Resp
     )
 
 
-def copy_source(req: server.S3Request) -> tuple[str, str]:
+def copy_source(req: s3request.S3Request) -> tuple[str, str]:
     """(bucket, key) of x-amz-copy-source ('bucket/key' or '/bucket/key', URL-encoded)."""
     raw = req.header("x-amz-copy-source")
     path, _, query = raw.partition("?")
@@ -483,7 +492,7 @@ def copy_source(req: server.S3Request) -> tuple[str, str]:
 
 
 async def source_for_copy(
-    s3: server.S3Server, req: server.S3Request
+    s3: s3request.Door, req: s3request.S3Request
 ) -> tuple[str, str, datanode_pb2.ShardMeta]:
     """The copy source (owned by the principal), its x-amz-copy-source-if-* checked."""
     bucket, key = copy_source(req)
@@ -500,11 +509,11 @@ async def source_for_copy(
     return bucket, key, meta
 
 
-async def copy_object(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def copy_object(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """CopyObject: metadata directive COPY (default) or REPLACE; conditions on the source."""
     await s3.owned_bucket(req)
     check_key(req.key)
-    src_bucket, src_key, _meta = await source_for_copy(s3, req)
+    src_bucket, src_key, src = await source_for_copy(s3, req)
     directive = req.header("x-amz-metadata-directive", "COPY").upper()
     if directive not in ("COPY", "REPLACE"):
         raise s3errors.S3Error("InvalidArgument", "Unknown metadata directive.")
@@ -514,10 +523,15 @@ async def copy_object(s3: server.S3Server, req: server.S3Request) -> web.Respons
             "This copy request is illegal because it is trying to copy an object to itself "
             "without changing the object's metadata.",
         )
+    headers = request_headers(req)
+    if directive == "COPY":  # the source's headers; the ACL stays the request's
+        copied = versions.info(src).headers
+        copied.acl.CopyFrom(headers.acl)
+        headers = copied
     info = await s3.front.copy_object(
         pb.CopyObjectRequest(
             src_bucket=src_bucket, src_key=src_key, dst_bucket=req.bucket, dst_key=req.key,
-            replace_headers=directive == "REPLACE", headers=request_headers(req),
+            replace_headers=True, headers=tags.for_copy(req.header, headers, src.tags),
         )
     )  # fmt: skip
     return web.Response(

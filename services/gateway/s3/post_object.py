@@ -13,8 +13,9 @@ the file.
 Fields: key (`${filename}` is the file part's filename), policy, x-amz-algorithm /
 x-amz-credential / x-amz-date / x-amz-signature (V4) or AWSAccessKeyId / signature (V2),
 Content-Type, Content-Encoding, Content-Disposition, Content-Language, Cache-Control, Expires,
-x-amz-meta-*, x-amz-checksum-* (checked like a PUT's headers), success_action_status,
-success_action_redirect (or redirect); acl, tagging, x-amz-storage-class and other x-amz-*
+x-amz-meta-*, x-amz-checksum-* (checked like a PUT's headers), tagging (a Tagging document,
+`tags.parse_xml`), success_action_status,
+success_action_redirect (or redirect); acl, x-amz-storage-class and other x-amz-*
 fields are accepted (a condition must still name them) and not applied, as their headers are
 not on PutObject. Without signature fields a POST is anonymous: AccessDenied (no bucket is
 public). KV buckets answer NotImplemented (their PUT needs the size up front).
@@ -32,10 +33,16 @@ from aiohttp import http_exceptions, multipart, streams, web
 
 from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
-from services.gateway.s3 import auth, body, object_ops, post_policy, s3errors, xmlio
-
-if typing.TYPE_CHECKING:
-    from services.gateway.s3 import server
+from services.gateway.s3 import (
+    auth,
+    body,
+    object_ops,
+    post_policy,
+    s3errors,
+    s3request,
+    tags,
+    xmlio,
+)
 
 #: Where `authenticate` leaves the form for `post_object`.
 FORM_KEY = "kvtier.s3.post_form"
@@ -199,7 +206,7 @@ async def _field(part: multipart.BodyPartReader, budget: int) -> bytes:
 
 
 async def authenticate(
-    s3: server.S3Server, http: web.Request
+    s3: s3request.Door, http: web.Request
 ) -> tuple[auth.Principal, body.Payload]:
     """The user of a POST form (V4 or V2 signature of its policy, checked before the policy
     is decoded) and its file as the request's body; the form is left at FORM_KEY."""
@@ -231,7 +238,7 @@ async def authenticate(
     return principal, FilePayload(part, min_bytes=policy.min_bytes)
 
 
-async def post_object(s3: server.S3Server, req: server.S3Request) -> web.Response:
+async def post_object(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """Store the form's file under its key once the policy allows the form (AccessDenied)."""
     form: Form = req.http[FORM_KEY]
     await s3.owned_bucket(req)
@@ -262,7 +269,8 @@ async def post_object(s3: server.S3Server, req: server.S3Request) -> web.Respons
 
 
 def _headers(fields: dict[str, str]) -> pb.ObjectHeaders:
-    """The standard headers and x-amz-meta-* the form sets (MetadataTooLarge past 2 KB)."""
+    """The standard headers, x-amz-meta-* (MetadataTooLarge past 2 KB) and tags (the `tagging`
+    field: a Tagging document, as PutObjectTagging's body) the form sets."""
     out = pb.ObjectHeaders()
     for name, attr in _HEADERS.items():
         setattr(out, attr, fields.get(name, ""))
@@ -273,6 +281,8 @@ def _headers(fields: dict[str, str]) -> pb.ObjectHeaders:
             size += len(name) - len("x-amz-meta-") + len(value.encode())
     if size > object_ops.MAX_META_BYTES:
         raise s3errors.S3Error("MetadataTooLarge", f"user metadata is {size} bytes, 2 KB at most")
+    if fields.get("tagging"):
+        out.tags.update(tags.parse_xml(fields["tagging"].encode()))
     return out
 
 
@@ -292,7 +302,7 @@ def _checksums(fields: dict[str, str]) -> tuple[list[str], dict[str, str]]:
 
 
 def _answer(
-    req: server.S3Request, form: Form, key: str, meta: datanode_pb2.ShardMeta, sums: list[str]
+    req: s3request.S3Request, form: Form, key: str, meta: datanode_pb2.ShardMeta, sums: list[str]
 ) -> web.Response:
     """303 to success_action_redirect (an absolute http(s) URL) with bucket, key and etag in
     its query; else success_action_status 200, 201 (a PostResponse document) or 204."""
@@ -329,7 +339,7 @@ def _answer(
     return response
 
 
-def _location(req: server.S3Request, key: str) -> str:
+def _location(req: s3request.S3Request, key: str) -> str:
     """The object's URL, in the addressing style of the request (the key's '/' as %2F)."""
     path_style = bool(req.http.rel_url.raw_path.strip("/"))
     bucket = f"/{urllib.parse.quote(req.bucket, safe='')}" if path_style else ""

@@ -23,7 +23,7 @@ MAX_EXPIRES_S = sigv4.MAX_PRESIGN_EXPIRES_S
 
 V2_SUBRESOURCES = frozenset(
     {
-        "acl", "delete", "lifecycle", "location", "logging", "notification", "partNumber",
+        "acl", "cors", "delete", "lifecycle", "location", "logging", "notification", "partNumber",
         "policy", "requestPayment", "response-cache-control", "response-content-disposition",
         "response-content-encoding", "response-content-language", "response-content-type",
         "response-expires", "restore", "tagging", "torrent", "uploadId", "uploads",

@@ -1,13 +1,11 @@
 """S3 errors: the code, HTTP status and message of every error the S3 front returns, and the
 translation of kvtier's domain errors into them.
 
-Domain errors name a precise S3 code by starting their message with it ("BadDigest: ...",
-"NoSuchBucket: ..."); otherwise the error class's own S3 code applies.
+Domain errors name a precise S3 code in their `reason` (`errors.KVTierError.reason`: set where
+they are raised, carried over gRPC); otherwise the error class's own S3 code applies.
 """
 
 from __future__ import annotations
-
-import re
 
 from kvtier import errors
 
@@ -37,6 +35,7 @@ STATUS: dict[str, int] = {
     "InvalidRange": 416,
     "InvalidRequest": 400,
     "KeyTooLongError": 400,
+    "MalformedACLError": 400,
     "MalformedPOSTRequest": 400,
     "MalformedXML": 400,
     "MalformedTrailerError": 400,
@@ -58,10 +57,10 @@ STATUS: dict[str, int] = {
     "ServiceUnavailable": 503,
     "SignatureDoesNotMatch": 403,
     "SlowDown": 503,
+    "UnexpectedContent": 400,
+    "UnresolvableGrantByEmailAddress": 400,
     "XAmzContentSHA256Mismatch": 400,
 }
-
-_PREFIX = re.compile(r"([A-Za-z0-9]+): ")
 
 
 class S3Error(Exception):
@@ -84,17 +83,12 @@ class S3Error(Exception):
 
 
 def from_domain(exc: errors.KVTierError, *, default_not_found: str = "NoSuchKey") -> S3Error:
-    """The S3 error of a domain error (a leading "Code: " in its message wins)."""
+    """The S3 error of a domain error: its reason when that is an S3 code, else by class."""
     text = exc.message
-    found = _PREFIX.match(text)
-    if found and found[1] in STATUS:
-        return S3Error(found[1], text[found.end() :] or found[1])
+    if exc.reason in STATUS:
+        return S3Error(exc.reason, text)
     if isinstance(exc, errors.NotFound):
         return S3Error(default_not_found, text)
-    if isinstance(exc, errors.InvalidArgument) and text.startswith("bucket name"):
-        return S3Error("InvalidBucketName", text)
-    if isinstance(exc, errors.InvalidArgument) and "object key: must be" in text:
-        return S3Error("KeyTooLongError", text)
     if isinstance(exc, errors.AlreadyExists):
         return S3Error("BucketAlreadyExists", text)
     return S3Error(exc.s3_code, text, status=exc.http_status)

@@ -1,25 +1,26 @@
 """The S3 HTTP front of the gateway: aiohttp on the gateway's event loop, next to gRPC.
 
 Every request: an id (`x-amz-request-id`) → the bucket and key (path style, or virtual-host
-style under the configured domain) → SigV4 authentication (`auth.Authenticator`) → the user
-bound as the request's `kvtier.principal` (so the object front checks S3 and gRPC callers alike:
-its tenant's buckets only, admins all, never the KV tier's internal bucket) → the operation
+style under the configured domain) → SigV4 authentication (`auth.Authenticator`; no credential
+at all: anonymous) → the user bound as the request's `kvtier.principal` (so the object front
+checks S3 and gRPC callers alike: its tenant's buckets only, admins all, never the KV tier's
+internal bucket) → the ACL gate (`acl_ops.admit`: what a grant lets an anonymous request or
+another tenant's user do, admitted to that bucket for that alone) → the operation
 (`bucket_ops`, `object_ops`, `multipart_ops`) on the gateway's object front. Errors become S3 XML
 bodies with the right status. `Expect: 100-continue` is answered only once the headers
-authenticate (`S3Server.expect`). Bodies stream both ways through the engine's staging slots: a
-PUT never holds more than one call's stripes, a GET one slot of the object at a time, and neither
-holds a slot while its client sends or reads nothing (`body`, `response_body`; idle ones end
-after body_timeout_s / send_timeout_s).
+authenticate and pass the ACL gate (`S3Server.expect`). Bodies stream both ways through the
+engine's staging slots: a PUT never holds more than one call's stripes, a GET one slot of the
+object at a time, and neither holds a slot while its client sends or reads nothing (`body`,
+`response_body`; idle ones end after body_timeout_s / send_timeout_s).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import logging
 import secrets
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -28,9 +29,27 @@ from aiohttp import hdrs, web
 
 from kvtier import errors
 from kvtier import principal as principal_mod
+from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway import front as front_mod
-from services.gateway.s3 import auth, body, kv_ops, post_object, s3errors, sigv4, xmlio
+from services.gateway.s3 import (
+    acl_ops,
+    auth,
+    body,
+    bucket_ops,
+    cors,
+    kv_clients,
+    kv_ops,
+    lifecycle_ops,
+    multipart_ops,
+    object_ops,
+    post_object,
+    s3errors,
+    s3request,
+    sigv4,
+    tagging_ops,
+    xmlio,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +63,7 @@ LATENCY = prometheus_client.Histogram(
 #: Sub-resources we do not implement: NotImplemented rather than a wrong answer.
 UNSUPPORTED = frozenset(
     {
-        "acl", "policy", "cors", "lifecycle", "tagging", "website", "replication", "logging",
+        "policy", "website", "replication", "logging",
         "notification", "encryption", "object-lock", "retention", "legal-hold", "torrent",
         "accelerate", "requestPayment", "inventory", "metrics", "analytics", "ownershipControls",
         "publicAccessBlock", "intelligent-tiering", "restore", "select", "attributes",
@@ -60,30 +79,16 @@ UNSUPPORTED = frozenset(
 _AUTHENTICATED = "kvtier.s3.authenticated"
 
 
-@dataclasses.dataclass(slots=True)
-class S3Request:
-    """One request, parsed."""
-
-    http: web.Request
-    request_id: str
-    bucket: str
-    key: str
-    query: dict[str, str]
-    principal: auth.Principal
-    payload: body.Payload
-    op: str = ""
-
-    def header(self, name: str, default: str = "") -> str:
-        """A request header ('' when absent)."""
-        return self.http.headers.get(name, default)
-
-    @property
-    def resource(self) -> str:
-        """The path the request concerns (for error bodies)."""
-        return f"/{self.bucket}/{self.key}" if self.key else f"/{self.bucket}"
+#: The request and handler types live in `s3request` (the handlers import it, never this
+#: router: no import cycle); named here too for the router's callers and tests.
+S3Request = s3request.S3Request
+Handler = s3request.Handler
 
 
-Handler = Callable[["S3Server", S3Request], Awaitable[web.StreamResponse]]
+#: The unauthenticated probes (docs/operations.md, docs/security.md). No bucket's path is one of
+#: them: a bucket name cannot hold '_'. They answer up or ready and nothing else.
+HEALTH_LIVE = "/_kvtier/health/live"
+HEALTH_READY = "/_kvtier/health/ready"
 
 
 class S3Server:
@@ -98,6 +103,7 @@ class S3Server:
         domain: str = "",
         body_timeout_s: float = body.BODY_TIMEOUT_S,
         send_timeout_s: float = body.BODY_TIMEOUT_S,
+        lifecycle_day_s: float = 86400.0,
     ) -> None:
         self.front = front
         self.auth = authenticator
@@ -106,13 +112,28 @@ class S3Server:
         #: Seconds a request body may send nothing (RequestTimeout), a response wait unread.
         self.body_timeout_s, self.send_timeout_s = body_timeout_s, send_timeout_s
         self.routes = _routes()
-        self.kv_buckets = kv_ops.KVBuckets(front.metadata_address, front.security)
+        self.kv_buckets = kv_clients.KVBuckets(front.metadata_address, front.security)
+        #: Seconds in a lifecycle rule's day (the TTL of KV objects: lifecycle_ops.kv_ttl_s).
+        self.lifecycle_day_s = lifecycle_day_s
 
     def app(self) -> web.Application:
         """The aiohttp application (one catch-all route: S3 routes on query and headers)."""
         app = web.Application(client_max_size=xmlio.MAX_BODY_BYTES)
+        for path in (HEALTH_LIVE, HEALTH_READY):  # GET and HEAD, before routing and auth
+            app.router.add_get(path, self.health)
         app.router.add_route("*", "/{tail:.*}", self.handle, expect_handler=self.expect)
+        app.on_response_prepare.append(functools.partial(cors.add_headers, self))
         return app
+
+    async def health(self, http: web.Request) -> web.StreamResponse:
+        """live: 200 while this gateway answers HTTP; ready: 200 when its cluster map has a
+        metadata node and a pool whose every set has its data shards online, else 503. A
+        virtual-host style request names an object of its bucket: served as S3."""
+        host = http.headers.get("Host", "").split(":", 1)[0].lower()
+        if self.domain and host.endswith("." + self.domain):
+            return await self.handle(http)
+        ok = http.path == HEALTH_LIVE or _ready(self.front.engine.view.current)
+        return web.Response(status=200 if ok else 503, text="ok\n" if ok else "not ready\n")
 
     async def expect(self, http: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue`, answered once the headers authenticate (the signature covers
@@ -130,6 +151,8 @@ class S3Server:
             op, _ = self.route(http.method, bucket, key, http.query)
             if op != "PostObject":  # its credentials are fields of the body
                 http[_AUTHENTICATED] = await self.auth.authenticate(http)
+                # Refused by the ACL gate (anonymous, another tenant): refused before the body.
+                await acl_ops.admit(self.front, op, bucket, http[_AUTHENTICATED][0], http.headers)
         except s3errors.S3Error as exc:
             request_id = secrets.token_hex(8).upper()
             response = _error(exc, resource, request_id, http.method)
@@ -158,11 +181,20 @@ class S3Server:
                 http, request_id, bucket, key, dict(http.query), principal, payload, op
             )
             bound = principal_mod.bind(kvtier_principal(principal))
+            admitted = None
             try:
+                admission, info = await acl_ops.admit(
+                    self.front, op, bucket, principal, http.headers
+                )
+                request.bucket_owner = info.tenant if info is not None else ""
+                if admission is not None:
+                    admitted = front_mod.admit(admission)
                 if bucket and op not in kv_ops.SHARED and op != "CreateBucket":
                     handler = await self._kv_handler(request, handler)
                 response = await handler(self, request)
             finally:
+                if admitted is not None:
+                    front_mod.unadmit(admitted)
                 principal_mod.unbind(bound)
         except s3errors.S3Error as exc:
             response = _error(exc, resource, request_id, http.method)
@@ -201,7 +233,8 @@ class S3Server:
 
     def route(self, method: str, bucket: str, key: str, query: Any) -> tuple[str, Handler]:
         """The operation of a request: its name and handler."""
-        if UNSUPPORTED & set(query):
+        # A preflight carries the actual request's parameters, whatever they are.
+        if method != "OPTIONS" and UNSUPPORTED & set(query):
             sub = sorted(UNSUPPORTED & set(query))[0]
             raise s3errors.S3Error("NotImplemented", f"?{sub} is not implemented")
         level = "service" if not bucket else "bucket" if not key else "object"
@@ -219,11 +252,13 @@ class S3Server:
         other request its headers or query (`auth`)."""
         if op == "PostObject":
             return await post_object.authenticate(self, http)
+        if op == cors.PREFLIGHT:  # never signed (browsers do not): it reads only CORS rules
+            return cors.NOBODY, body.Payload(http.content, size=0)
         return await self.auth.authenticate(http)
 
     async def _kv_handler(self, request: S3Request, handler: Handler) -> Handler:
         """The KV tier's handler when the bucket is a KV bucket (ownership checked)."""
-        info = await self.front.bucket_for(request.bucket)
+        info = await self.owned_bucket(request)
         if info.kind != metadata_pb2.BUCKET_KIND_KV:
             return handler
         kv_handler = kv_ops.HANDLERS.get(request.op)
@@ -239,12 +274,28 @@ class S3Server:
 
     async def owned_bucket(self, request: S3Request) -> metadata_pb2.BucketInfo:
         """The request's bucket: NoSuchBucket, or AccessDenied unless the principal may use it
-        (the front's check on the bound principal)."""
-        return await self.front.bucket_for(request.bucket)
+        or the ACL gate admitted the request to it (the front's check on the bound principal
+        and admission: `ObjectFront.request_bucket`)."""
+        return await self.front.request_bucket(request.bucket)
+
+
+def _ready(cmap: common_pb2.ClusterMap) -> bool:
+    """Whether a gateway with this map can serve S3 (a metadata node, readable sets)."""
+    metadata = any(n.role == common_pb2.NODE_ROLE_METADATA for n in cmap.nodes)
+    sets = [es for pool in cmap.pools for es in pool.sets]
+    online = common_pb2.DRIVE_STATE_ONLINE
+    return (
+        metadata
+        and bool(sets)
+        and all(sum(slot.state == online for slot in es.slots) >= es.data_shards for es in sets)
+    )
 
 
 def kvtier_principal(user: auth.Principal) -> principal_mod.Principal:
-    """The kvtier principal of an S3 user (S3 never maps shared memory)."""
+    """The kvtier principal of an S3 user (S3 never maps shared memory; an unsigned request
+    is anonymous)."""
+    if user.anonymous:
+        return principal_mod.ANONYMOUS
     return principal_mod.user(
         user.access_key, user.tenant, is_admin=user.is_admin, shm_trusted=False
     )
@@ -271,13 +322,22 @@ def _error(exc: s3errors.S3Error, resource: str, request_id: str, method: str) -
 
 def _routes() -> list[tuple[tuple[str, str, tuple[str, ...]], tuple[str, Handler]]]:
     """(method, level, query keys it needs) -> (op, handler); first match wins."""
-    from services.gateway.s3 import bucket_ops, multipart_ops, object_ops
-
     table: list[tuple[str, str, tuple[str, ...], str, Handler]] = [
         ("GET", "service", (), "ListBuckets", bucket_ops.list_buckets),
         ("GET", "bucket", ("location",), "GetBucketLocation", bucket_ops.get_location),
         ("GET", "bucket", ("versioning",), "GetBucketVersioning", bucket_ops.get_versioning),
         ("GET", "bucket", ("versions",), "ListObjectVersions", bucket_ops.list_versions),
+        *lifecycle_ops.ROUTES,
+        *tagging_ops.ROUTES,  # ?tagging: objects' tags; buckets' NotImplemented
+        ("GET", "bucket", ("cors",), "GetBucketCors", cors.get_bucket_cors),
+        ("PUT", "bucket", ("cors",), "PutBucketCors", cors.put_bucket_cors),
+        ("DELETE", "bucket", ("cors",), "DeleteBucketCors", cors.delete_bucket_cors),
+        ("OPTIONS", "bucket", (), cors.PREFLIGHT, cors.preflight),
+        ("OPTIONS", "object", (), cors.PREFLIGHT, cors.preflight),
+        ("GET", "bucket", ("acl",), "GetBucketAcl", acl_ops.get_bucket_acl),
+        ("PUT", "bucket", ("acl",), "PutBucketAcl", acl_ops.put_bucket_acl),
+        ("GET", "object", ("acl",), "GetObjectAcl", acl_ops.get_object_acl),
+        ("PUT", "object", ("acl",), "PutObjectAcl", acl_ops.put_object_acl),
         ("GET", "bucket", ("uploads",), "ListMultipartUploads", multipart_ops.list_uploads),
         ("GET", "bucket", (), "ListObjects", bucket_ops.list_objects),
         ("PUT", "bucket", ("versioning",), "PutBucketVersioning", bucket_ops.put_versioning),

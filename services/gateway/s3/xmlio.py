@@ -359,10 +359,16 @@ class _Children:
     document nested deeper than MAX_DEPTH, with more than max_children children or a child of
     more than MAX_CHILD_ELEMENTS elements. Attributes and the root's own text are dropped."""
 
-    def __init__(self, take: Callable[[ET.Element], None], max_children: int) -> None:
+    def __init__(
+        self,
+        take: Callable[[ET.Element], None],
+        max_children: int,
+        max_elements: int = MAX_CHILD_ELEMENTS,
+    ) -> None:
         self.root_tag = ""
         self._take = take
         self._max_children = max_children
+        self._max_elements = max_elements
         self._children = 0
         self._depth = 0
         self._elements = 0  # in the current child
@@ -381,7 +387,7 @@ class _Children:
                 raise _malformed("the XML has too many elements")
             self._builder, self._elements = ET.TreeBuilder(), 0
         self._elements += 1
-        if self._elements > MAX_CHILD_ELEMENTS:
+        if self._elements > self._max_elements:
             raise _malformed("the XML has too many elements")
         assert self._builder is not None
         self._builder.start(_local(tag), {})
@@ -419,11 +425,17 @@ def _check_bytes(body: bytes) -> None:
         raise _malformed("the XML has a text or tag too long")
 
 
-def _parse(body: bytes, take: Callable[[ET.Element], None], *, max_children: int) -> str:
+def _parse(
+    body: bytes,
+    take: Callable[[ET.Element], None],
+    *,
+    max_children: int,
+    max_child_elements: int = MAX_CHILD_ELEMENTS,
+) -> str:
     """Parse body, handing each child of its root to `take` (see `_Children`); the root's tag.
     MalformedXML for anything but a well-formed UTF-8 document within the limits."""
     _check_bytes(body)
-    target = _Children(take, max_children)
+    target = _Children(take, max_children, max_child_elements)
     # encoding: a declared encoding is ignored (never looked up among Python's codecs).
     parser = ET.XMLParser(target=target, encoding="utf-8")
     view = memoryview(body)
@@ -434,6 +446,16 @@ def _parse(body: bytes, take: Callable[[ET.Element], None], *, max_children: int
     except ET.ParseError:
         raise _malformed() from None
     return target.root_tag
+
+
+def parse_children(
+    body: bytes, take: Callable[[ET.Element], None], *, max_children: int, max_child_elements: int
+) -> str:
+    """Parse a request body of another module's schema within the limits of the module
+    docstring (max_child_elements in one child of the root): each child of the root goes to
+    `take` as a small tree (tags without namespace, attributes dropped); the root's tag.
+    MalformedXML when malformed or past a limit."""
+    return _parse(body, take, max_children=max_children, max_child_elements=max_child_elements)
 
 
 def _text(element: ET.Element, tag: str) -> str | None:

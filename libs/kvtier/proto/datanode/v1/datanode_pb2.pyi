@@ -187,6 +187,7 @@ class ShardMeta(_message.Message):
     CONTENT_LANGUAGE_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     ACL_FIELD_NUMBER: _builtins.int
+    META_CHANGED_UNIX_NS_FIELD_NUMBER: _builtins.int
     format_version: _builtins.int
     bucket: _builtins.str
     key: _builtins.str
@@ -222,6 +223,11 @@ class ShardMeta(_message.Message):
     """
     upload_checksum_algorithm: _builtins.str
     content_language: _builtins.str
+    meta_changed_unix_ns: _builtins.int
+    """When the tags or the ACL last changed in place (UpdateMeta: the changing gateway's clock,
+    ns; 0: never). Of two variants of one version on different drives, the later one prevails,
+    and a drive never takes a change older than the one it holds.
+    """
     @_builtins.property
     def user_metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -273,10 +279,11 @@ class ShardMeta(_message.Message):
         content_language: _builtins.str = ...,
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         acl: _acl_pb2.Acl | None = ...,
+        meta_changed_unix_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "block_bytes", b"block_bytes", "bucket", b"bucket", "cache_control", b"cache_control", "checksums", b"checksums", "content_disposition", b"content_disposition", "content_encoding", b"content_encoding", "content_language", b"content_language", "content_type", b"content_type", "data_id", b"data_id", "data_shards", b"data_shards", "distribution", b"distribution", "etag", b"etag", "expires", b"expires", "format_version", b"format_version", "inline_data", b"inline_data", "is_pointer", b"is_pointer", "key", b"key", "mtime_unix_ns", b"mtime_unix_ns", "parity_shards", b"parity_shards", "parts", b"parts", "pool_pointer", b"pool_pointer", "shard_index", b"shard_index", "size", b"size", "tags", b"tags", "upload_checksum_algorithm", b"upload_checksum_algorithm", "upload_pool", b"upload_pool", "user_metadata", b"user_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "block_bytes", b"block_bytes", "bucket", b"bucket", "cache_control", b"cache_control", "checksums", b"checksums", "content_disposition", b"content_disposition", "content_encoding", b"content_encoding", "content_language", b"content_language", "content_type", b"content_type", "data_id", b"data_id", "data_shards", b"data_shards", "distribution", b"distribution", "etag", b"etag", "expires", b"expires", "format_version", b"format_version", "inline_data", b"inline_data", "is_pointer", b"is_pointer", "key", b"key", "meta_changed_unix_ns", b"meta_changed_unix_ns", "mtime_unix_ns", b"mtime_unix_ns", "parity_shards", b"parity_shards", "parts", b"parts", "pool_pointer", b"pool_pointer", "shard_index", b"shard_index", "size", b"size", "tags", b"tags", "upload_checksum_algorithm", b"upload_checksum_algorithm", "upload_pool", b"upload_pool", "user_metadata", b"user_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

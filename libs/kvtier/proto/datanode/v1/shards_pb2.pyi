@@ -42,6 +42,16 @@ class _ShardCallMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Shard
     """ReadMetaRequest; no buffers; reply ReadMetaResponse (what every GET and HEAD asks of
     each drive of the set: a call costs a fraction of a gRPC round trip).
     """
+    SHARD_CALL_METHOD_WRITE_SMALL: _ShardCallMethod.ValueType  # 4
+    """WriteSmallRequest; segments: the shards, in order (an empty shard has none); reply
+    WriteSmallResponse. Stages and commits small shards (one part, at most 128 KiB each) on
+    one or more drives of the node in one call: each is stored inline in its meta, made durable
+    by its drive's journal (one group fsync for concurrent commits).
+    """
+    SHARD_CALL_METHOD_READ_METAS: _ShardCallMethod.ValueType  # 5
+    """ReadMetasRequest; no buffers; reply ReadMetasResponse: READ_META of one object on one or
+    more drives of the node in one call (a small object's shards come inline).
+    """
 
 class ShardCallMethod(_ShardCallMethod, metaclass=_ShardCallMethodEnumTypeWrapper):
     """Data-plane call methods served by a datanode."""
@@ -54,6 +64,16 @@ SHARD_CALL_METHOD_READ_SHARD: ShardCallMethod.ValueType  # 2
 SHARD_CALL_METHOD_READ_META: ShardCallMethod.ValueType  # 3
 """ReadMetaRequest; no buffers; reply ReadMetaResponse (what every GET and HEAD asks of
 each drive of the set: a call costs a fraction of a gRPC round trip).
+"""
+SHARD_CALL_METHOD_WRITE_SMALL: ShardCallMethod.ValueType  # 4
+"""WriteSmallRequest; segments: the shards, in order (an empty shard has none); reply
+WriteSmallResponse. Stages and commits small shards (one part, at most 128 KiB each) on
+one or more drives of the node in one call: each is stored inline in its meta, made durable
+by its drive's journal (one group fsync for concurrent commits).
+"""
+SHARD_CALL_METHOD_READ_METAS: ShardCallMethod.ValueType  # 5
+"""ReadMetasRequest; no buffers; reply ReadMetasResponse: READ_META of one object on one or
+more drives of the node in one call (a small object's shards come inline).
 """
 Global___ShardCallMethod: _TypeAlias = ShardCallMethod  # noqa: Y015
 
@@ -105,6 +125,177 @@ class WriteShardResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WriteShardResponse: _TypeAlias = WriteShardResponse  # noqa: Y015
+
+@_typing.final
+class WriteSmallRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___SmallShard]: ...
+    def __init__(
+        self,
+        *,
+        shards: _abc.Iterable[Global___SmallShard] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["shards", b"shards"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteSmallRequest: _TypeAlias = WriteSmallRequest  # noqa: Y015
+
+@_typing.final
+class SmallShard(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRIVE_ID_FIELD_NUMBER: _builtins.int
+    META_FIELD_NUMBER: _builtins.int
+    drive_id: _builtins.str
+    @_builtins.property
+    def meta(self) -> _datanode_pb2.ShardMeta:
+        """The version's meta for this drive (shard_index set; one part whose shard_bytes are this
+        shard's bytes in the call's segments; data_id chosen by the writer). Committed only if
+        the drive holds no newer version, as CommitWrite.
+        """
+
+    def __init__(
+        self,
+        *,
+        drive_id: _builtins.str = ...,
+        meta: _datanode_pb2.ShardMeta | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drive_id", b"drive_id", "meta", b"meta"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SmallShard: _TypeAlias = SmallShard  # noqa: Y015
+
+@_typing.final
+class WriteSmallResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShardResult]:
+        """One per shard of the request, in order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ShardResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteSmallResponse: _TypeAlias = WriteSmallResponse  # noqa: Y015
+
+@_typing.final
+class ShardResult(_message.Message):
+    """How one drive's part of a call went: done, or its error (the others are unaffected)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUPERSEDED_FIELD_NUMBER: _builtins.int
+    ERROR_KIND_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    superseded: _builtins.bool
+    """As CommitWriteResponse.superseded."""
+    error_kind: _builtins.str
+    """The error's kind (a kvtier.errors class name) and message; empty when it succeeded."""
+    error: _builtins.str
+    def __init__(
+        self,
+        *,
+        superseded: _builtins.bool = ...,
+        error_kind: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "error_kind", b"error_kind", "superseded", b"superseded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShardResult: _TypeAlias = ShardResult  # noqa: Y015
+
+@_typing.final
+class ReadMetasRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRIVE_IDS_FIELD_NUMBER: _builtins.int
+    BUCKET_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    bucket: _builtins.str
+    key: _builtins.str
+    @_builtins.property
+    def drive_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        drive_ids: _abc.Iterable[_builtins.str] | None = ...,
+        bucket: _builtins.str = ...,
+        key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "drive_ids", b"drive_ids", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadMetasRequest: _TypeAlias = ReadMetasRequest  # noqa: Y015
+
+@_typing.final
+class ReadMetasResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METAS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def metas(self) -> _containers.RepeatedCompositeFieldContainer[Global___DriveMeta]:
+        """One per drive of the request, in order: the meta, or the drive's error (result)."""
+
+    def __init__(
+        self,
+        *,
+        metas: _abc.Iterable[Global___DriveMeta] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metas", b"metas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadMetasResponse: _TypeAlias = ReadMetasResponse  # noqa: Y015
+
+@_typing.final
+class DriveMeta(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    META_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def meta(self) -> _datanode_pb2.ShardMeta: ...
+    @_builtins.property
+    def result(self) -> Global___ShardResult: ...
+    def __init__(
+        self,
+        *,
+        meta: _datanode_pb2.ShardMeta | None = ...,
+        result: Global___ShardResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriveMeta: _TypeAlias = DriveMeta  # noqa: Y015
 
 @_typing.final
 class CommitWriteRequest(_message.Message):
@@ -301,12 +492,17 @@ class UpdateMetaRequest(_message.Message):
     REPLACE_TAGS_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     ACL_FIELD_NUMBER: _builtins.int
+    CHANGED_UNIX_NS_FIELD_NUMBER: _builtins.int
     drive_id: _builtins.str
     bucket: _builtins.str
     key: _builtins.str
     data_id: _builtins.str
     replace_tags: _builtins.bool
     """Replace the tags with `tags` (an empty map removes them)."""
+    changed_unix_ns: _builtins.int
+    """The change's time (the gateway's clock, ns, the same for every drive of the set): a drive
+    whose meta holds a later change keeps it and answers with it (0: apply unconditionally).
+    """
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -323,10 +519,11 @@ class UpdateMetaRequest(_message.Message):
         replace_tags: _builtins.bool = ...,
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         acl: _acl_pb2.Acl | None = ...,
+        changed_unix_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "bucket", b"bucket", "data_id", b"data_id", "drive_id", b"drive_id", "key", b"key", "replace_tags", b"replace_tags", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "bucket", b"bucket", "changed_unix_ns", b"changed_unix_ns", "data_id", b"data_id", "drive_id", b"drive_id", "key", b"key", "replace_tags", b"replace_tags", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,176 @@
+"""A drive's commit journal: small commits made durable by one group fsync for many writers.
+
+`<drive>/.kvtier/journal` is a sequence of records, each `kind (u8) | length (u32 LE) | body |
+xxh3-64 of the previous fields and body (8 bytes LE)`; a body is a `ShardMeta`. A commit appends
+its record and returns once an fdatasync covers it: writers that arrive while a sync is in
+flight queue their records, and the next sync (made by the first of them, the leader) covers
+them all. A failed write or sync fails every commit of its batch and leaves the journal broken
+(Unavailable for every later commit) until the datanode restarts: the tail after the last good
+sync is unknown, and replay stops at the first record that does not check.
+
+The store (services.datanode.shards) applies a journaled change to the drive's files without
+syncing them, replays the journal when it opens (a crash may have lost the applied files), and
+empties it at a checkpoint once those files are synced (`syncfs`). Everything here blocks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import logging
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from kvtier import errors
+from services.datanode import framing
+
+log = logging.getLogger(__name__)
+
+_HEAD = struct.Struct("<BI")
+
+
+class Kind(enum.IntEnum):
+    """What a record does at replay."""
+
+    #: Install the meta (inline shard included) unless the drive holds a version as new or newer.
+    INSTALL = 1
+    #: Remove the key unless the drive holds a newer version than the meta's (mtime, data_id).
+    REMOVE = 2
+
+
+_KINDS = frozenset(k.value for k in Kind)
+
+
+def encode(kind: Kind, body: bytes) -> bytes:
+    """One record's bytes."""
+    head = _HEAD.pack(int(kind), len(body))
+    return head + body + framing.digest(head + body)
+
+
+def decode(raw: bytes) -> Iterator[tuple[Kind, bytes]]:
+    """The records of raw, up to the first one that is torn or does not check."""
+    at, view = 0, memoryview(raw)
+    while at + _HEAD.size <= len(raw):
+        kind, length = _HEAD.unpack_from(raw, at)
+        end = at + _HEAD.size + length
+        if end + framing.HASH_BYTES > len(raw) or kind not in _KINDS:
+            return
+        if framing.digest(view[at:end]) != raw[end : end + framing.HASH_BYTES]:
+            return
+        yield Kind(kind), raw[at + _HEAD.size : end]
+        at = end + framing.HASH_BYTES
+
+
+class Journal:
+    """One drive's journal (see the module docstring); thread-safe."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._cond = threading.Condition()
+        self._queued: list[bytes] = []
+        self._appended = 0  # sequence number of the last record queued
+        self._durable = 0  # ... of the last record a sync covered
+        self._failed: list[tuple[int, int, str]] = []  # (first, last, why) of failed batches
+        self._syncing = False
+        self._broken = ""
+        self.bytes = os.fstat(self._fd).st_size
+        #: syncs made (for tests and metrics)
+        self.syncs = 0
+
+    def read(self) -> list[tuple[Kind, bytes]]:
+        """Every good record in the journal, in order (for replay at open)."""
+        return list(decode(self.path.read_bytes()))
+
+    def commit(self, record: bytes) -> None:
+        """Append record (from `encode`) and return once it is durable; Unavailable when the
+        write or sync of its batch failed, or the journal broke before."""
+        with self._cond:
+            if self._broken:
+                raise errors.Unavailable(f"journal {self.path} is broken: {self._broken}")
+            self._queued.append(record)
+            self._appended += 1
+            mine = self._appended
+            while self._syncing and self._durable < mine:
+                self._cond.wait()
+            if self._durable >= mine:
+                return
+            self._raise_if_failed(mine)
+            batch, self._queued = self._queued, []
+            first, last = self._appended - len(batch) + 1, self._appended
+            self._syncing = True
+        why = self._write(batch)
+        with self._cond:
+            self._syncing = False
+            if why:
+                self._broken = why
+                self._failed.append((first, last, why))
+            else:
+                self._durable = last
+            self._cond.notify_all()
+            self._raise_if_failed(mine)
+
+    def _write(self, batch: list[bytes]) -> str:
+        """Write and sync a batch (no lock held); an error's text, or ""."""
+        data = b"".join(batch)
+        try:
+            framing.pwrite_all(self._fd, [data], self.bytes)
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            log.error("journal %s: %s; failing %d commits", self.path, exc, len(batch))
+            try:  # best effort: a replay should not bring back commits that were refused
+                os.ftruncate(self._fd, self.bytes)
+            except OSError:
+                log.warning("journal %s: the failed batch could not be cut off", self.path)
+            return str(exc)
+        self.bytes += len(data)
+        self.syncs += 1
+        return ""
+
+    def _raise_if_failed(self, seq: int) -> None:
+        for first, last, why in self._failed:
+            if first <= seq <= last:
+                raise errors.Unavailable(f"journal {self.path}: the commit failed: {why}")
+        if self._broken:
+            raise errors.Unavailable(f"journal {self.path} is broken: {self._broken}")
+
+    def reset(self) -> None:
+        """Empty the journal (a checkpoint: the caller has made every applied change durable
+        and holds off new commits)."""
+        with self._cond:
+            if self._syncing or self._queued:
+                raise errors.Internal("journal reset while commits are in flight")
+            os.ftruncate(self._fd, 0)
+            os.fsync(self._fd)
+            self.bytes = 0
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        with self._cond:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def sync_filesystem(path: Path) -> None:
+    """Make every write to the filesystem holding path durable (syncfs(2); sync(2) without it)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    syncfs = getattr(_libc, "syncfs", None)
+    if syncfs is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)

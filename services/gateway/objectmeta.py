@@ -1,0 +1,115 @@
+"""Metadata changes of an object's current version in place: its tags and its ACL.
+
+S3's PutObjectTagging, DeleteObjectTagging and PutObjectAcl change no bytes, no ETag and no
+LastModified: the current version is resolved (the read quorum's, `ObjectEngine.resolve`, pool
+records followed), then every drive of its set rewrites its meta of that version (UpdateMeta,
+all drives at once). The change is done once the write quorum has it, the rule of a commit; drives
+that missed it are queued for healing, which rewrites their shard with the prevailing meta
+(`versions.prevailing`: the latest change, `meta_changed_unix_ns`, stamped once per change and
+sent to every drive; a drive never takes an older change than it holds, so concurrent changes
+converge on the later one). A version replaced meanwhile (a concurrent
+PUT won on the drives) is resolved again and the change applied to the new version, as S3 orders
+the two requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+from kvtier import errors
+from kvtier.proto.common.v1 import acl_pb2, common_pb2
+from kvtier.proto.datanode.v1 import datanode_pb2
+from services.gateway import datanodes as datanodes_mod
+from services.gateway import versions
+
+log = logging.getLogger(__name__)
+
+#: Resolutions of a key before a change gives up on versions replaced under it (Unavailable).
+ATTEMPTS = 3
+
+Resolve = Callable[[str, str], Awaitable[versions.Resolved]]
+
+
+class MetaUpdater:
+    """Tags and ACL of current versions, changed in place (see the module docstring)."""
+
+    def __init__(
+        self,
+        nodes: datanodes_mod.Datanodes,
+        resolve: Resolve,
+        heal_queue: set[tuple[str, str]],
+    ) -> None:
+        self._nodes = nodes
+        self._resolve = resolve
+        self._heal_queue = heal_queue
+
+    async def update(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        tags: Mapping[str, str] | None = None,
+        acl: acl_pb2.Acl | None = None,
+    ) -> datanode_pb2.ShardMeta:
+        """Replace the tags (when tags is not None; empty removes them) and/or the ACL (when
+        given) of the current version of bucket/key (a storage name: access is the caller's
+        check). Returns the version's new meta.
+
+        Raises NotFound when there is no such object, InvalidArgument for tags beyond S3's
+        limits (the datanodes check them), Unavailable below the write quorum or when the
+        version kept being replaced for ATTEMPTS resolutions.
+        """
+        tried = ""
+        for _ in range(ATTEMPTS):
+            found = await self._resolve(bucket, key)
+            if found.meta.data_id == tried:  # not replaced: drives behind it refused
+                break
+            updated = await self._update_version(found, tags, acl)
+            if updated is not None:
+                return updated
+            tried = found.meta.data_id
+        raise errors.Unavailable(f"{bucket}/{key}: the write quorum did not take the change")
+
+    async def _update_version(
+        self,
+        found: versions.Resolved,
+        tags: Mapping[str, str] | None,
+        acl: acl_pb2.Acl | None,
+    ) -> datanode_pb2.ShardMeta | None:
+        """The change on every drive of found's set; the new meta, or None when the version
+        may have been replaced meanwhile (a drive holds another one)."""
+        meta, where = found.meta, found.where
+        # One stamp for every drive: the later of two concurrent changes prevails everywhere.
+        stamp = max(time.time_ns(), meta.meta_changed_unix_ns + 1)
+
+        async def update(slot: common_pb2.DriveSlot) -> datanode_pb2.ShardMeta | BaseException:
+            try:
+                return await self._nodes.shards(slot.node_id).update_meta(
+                    slot.drive_id, meta.bucket, meta.key, meta.data_id, tags=tags, acl=acl,
+                    changed_unix_ns=stamp,
+                )  # fmt: skip
+            except errors.InvalidArgument:
+                raise  # the change itself is refused: every drive would say so
+            except errors.KVTierError as exc:
+                return exc
+
+        answers = await asyncio.gather(*(update(s) for s in where.slots))
+        done = [a for a in answers if isinstance(a, datanode_pb2.ShardMeta)]
+        if len(done) >= where.write_quorum:
+            if len(done) < len(where.slots):
+                self._heal_queue.add((meta.bucket, meta.key))
+            return done[0]
+        for slot, answer in zip(where.slots, answers, strict=True):
+            if isinstance(answer, BaseException):
+                log.warning(
+                    "meta update of %s/%s on %s: %s", meta.bucket, meta.key, slot.drive_id, answer
+                )
+        if any(isinstance(a, errors.PreconditionFailed) for a in answers):
+            return None  # another version on some drives: maybe replaced, resolve again
+        raise errors.Unavailable(
+            f"{meta.bucket}/{meta.key}: metadata changed on {len(done)} drives, "
+            f"the write quorum is {where.write_quorum}"
+        )

@@ -1,0 +1,205 @@
+"""Who may do what on a bucket that is not the caller's own: the ACL gate of every S3 request,
+and GetBucketAcl, PutBucketAcl, GetObjectAcl and PutObjectAcl.
+
+The gate (`admit`) runs once a request is authenticated (or found to carry no credential: an
+anonymous request), before its handler, and again in `S3Server.expect` before `100 Continue`:
+
+- `x-amz-expected-bucket-owner` other than the bucket's tenant: AccessDenied, for everyone.
+- The bucket's tenant's users and admins: nothing to admit, the object front checks them as
+  it always did (`ObjectFront.bucket_for`).
+- Anyone else (another tenant's user, an anonymous request) may only do the operations of
+  `GRANTED`, when the ACL grants them the permission: the bucket's ACL for listing, writing
+  and the bucket's ACL, the object's own ACL for reading an object or its ACL. The request is
+  then admitted (`front.Admission`) to that bucket for that scope alone; everything else
+  (deleting the bucket, its configuration, multipart listings, copying *from* the bucket...)
+  stays AccessDenied, as does any request on a KV bucket or on the KV tier's internal bucket:
+  KV buckets have no ACLs (a non-private ACL on one is NotImplemented).
+- Anonymous requests never reach service-level operations (ListBuckets) or CreateBucket.
+
+Objects written through a WRITE grant belong to the bucket's tenant, as every object of the
+bucket does (S3's "bucket owner preferred" ownership): the writer keeps no right on them but
+what an ACL grants it.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from kvtier import errors, names
+from kvtier.proto.common.v1 import acl_pb2
+from kvtier.proto.metadata.v1 import metadata_pb2
+from services.gateway import front as front_mod
+from services.gateway.s3 import acl, auth, cors, s3errors, s3request
+
+#: Operations an ACL grant may admit another tenant's user or an anonymous request to:
+#: (scope of the admission, the permission needed). Scope "object": the object's own ACL
+#: decides; the others: the bucket's.
+GRANTED: dict[str, tuple[str, acl.Permission]] = {
+    "ListObjects": ("read", acl.READ),
+    "HeadBucket": ("read", acl.READ),
+    "GetObject": ("object", acl.READ),
+    "HeadObject": ("object", acl.READ),
+    "PutObject": ("write", acl.WRITE),
+    "DeleteObject": ("write", acl.WRITE),
+    "DeleteObjects": ("write", acl.WRITE),
+    "CreateMultipartUpload": ("write", acl.WRITE),
+    "UploadPart": ("write", acl.WRITE),
+    "CompleteMultipartUpload": ("write", acl.WRITE),
+    "AbortMultipartUpload": ("write", acl.WRITE),
+    "GetBucketAcl": ("read_acp", acl.READ_ACP),
+    "PutBucketAcl": ("write_acp", acl.WRITE_ACP),
+    "GetObjectAcl": ("object", acl.READ_ACP),
+    "PutObjectAcl": ("object", acl.WRITE_ACP),
+}
+#: Operations on no bucket, or on one that need not exist yet: never anonymous.
+_NO_BUCKET_YET = frozenset({"ListBuckets", "CreateBucket"})
+#: Not gated: a POST form carries its own credentials (a signed policy: post_object), a CORS
+#: preflight is never signed and reads only the bucket's CORS rules.
+_UNGATED = frozenset({"PostObject", cors.PREFLIGHT})
+#: The largest AccessControlPolicy body read (S3's 100 grants fit many times).
+MAX_POLICY_BYTES = 256 << 10
+XML = "application/xml"
+
+
+def _denied(message: str = "Access Denied") -> s3errors.S3Error:
+    return s3errors.S3Error("AccessDenied", message)
+
+
+async def admit(
+    front: front_mod.ObjectFront,
+    op: str,
+    bucket: str,
+    who: auth.Principal,
+    headers: CIMultiDictProxy[str],
+) -> tuple[front_mod.Admission | None, metadata_pb2.BucketInfo | None]:
+    """The gate (see the module docstring): (the admission of a request the bucket's owner
+    did not make, None for the owner's; the bucket's record, None when not looked up).
+    AccessDenied, NoSuchBucket (the front's NotFound), NotImplemented."""
+    if op in _UNGATED:
+        return None, None
+    if not bucket or op in _NO_BUCKET_YET:
+        if who.anonymous:
+            raise _denied()
+        return None, None
+    if bucket == names.KV_DURABLE_BUCKET:
+        if who.anonymous:
+            raise _denied()
+        return None, None  # the front lets kvcache nodes alone in (never an S3 user)
+    # A WRITE_ACP grant is checked on a fresh record; others on the cached one (a change made
+    # through another gateway is seen within bucket_cache_s), but a signed caller is denied on
+    # a fresh one only (the cached one may be another incarnation's). Anonymous ones are denied
+    # on the cached record: an unsigned flood costs the metadata service nothing more.
+    fresh = op == "PutBucketAcl"
+    info = await front.bucket_info(bucket, fresh=fresh)
+    try:
+        return _decide(op, who, headers, info), info
+    except s3errors.S3Error as exc:
+        if fresh or who.anonymous or exc.code != "AccessDenied":
+            raise
+    info = await front.bucket_info(bucket, fresh=True)
+    return _decide(op, who, headers, info), info
+
+
+def _decide(
+    op: str, who: auth.Principal, headers: CIMultiDictProxy[str], info: metadata_pb2.BucketInfo
+) -> front_mod.Admission | None:
+    """admit's decision on a bucket's record (None: the owner's request)."""
+    expected = headers.get("x-amz-expected-bucket-owner")
+    if expected is not None and expected != info.tenant:
+        raise _denied("The bucket is not owned by the expected owner")
+    if who.may_use(info.tenant):
+        if info.kind == metadata_pb2.BUCKET_KIND_KV:
+            wanted = acl.from_headers(headers, info.tenant)
+            if wanted is not None and not acl.is_private(wanted, info.tenant):
+                raise s3errors.S3Error("NotImplemented", "KV buckets have no ACLs: private only")
+        return None
+    if info.kind == metadata_pb2.BUCKET_KIND_KV or op not in GRANTED:
+        raise _denied()
+    scope, permission = GRANTED[op]
+    if scope == "object":
+        return _object_admission(info, who, permission)
+    if not acl.allows(info.acl, info.tenant, who, permission):
+        raise _denied()
+    return front_mod.Admission(info.name, scope)
+
+
+def _object_admission(
+    info: metadata_pb2.BucketInfo, who: auth.Principal, permission: acl.Permission
+) -> front_mod.Admission:
+    owner = info.tenant
+
+    def check(object_acl: acl_pb2.Acl) -> None:
+        if not acl.allows(object_acl, owner, who, permission):
+            raise errors.PermissionDenied(
+                "the object's ACL does not allow it", reason="AccessDenied"
+            )
+
+    may_list = acl.allows(info.acl, owner, who, acl.READ)
+    return front_mod.Admission(info.name, "object", check_object=check, may_list=may_list)
+
+
+async def _wanted_acl(req: s3request.S3Request, owner: str) -> acl_pb2.Acl:
+    """The ACL a Put*Acl request sets: its headers, or its AccessControlPolicy body (both:
+    UnexpectedContent; neither: MalformedACLError)."""
+    body = await req.payload.read_all(MAX_POLICY_BYTES)
+    wanted = acl.from_headers(req.http.headers, owner)
+    if wanted is not None:
+        if body:
+            raise s3errors.S3Error(
+                "UnexpectedContent", "This request does not support content with ACL headers"
+            )
+        return wanted
+    if not body:
+        raise s3errors.S3Error(
+            "MalformedACLError", "An ACL needs x-amz-acl, x-amz-grant-* or an XML body"
+        )
+    return acl.parse_policy(body, owner)
+
+
+def _check_version(req: s3request.S3Request) -> None:
+    """Only the current version's ACL is kept apart (versionId "null" names it)."""
+    if req.query.get("versionId", "null") != "null":
+        raise s3errors.S3Error("NoSuchVersion", "The specified version does not exist.")
+
+
+def _xml(data: bytes) -> web.Response:
+    return web.Response(body=data, content_type=XML)
+
+
+async def get_bucket_acl(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
+    """The bucket's AccessControlPolicy (owner: its tenant)."""
+    info = await s3.owned_bucket(req)
+    return _xml(acl.policy_xml(info.acl, info.tenant))
+
+
+async def put_bucket_acl(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
+    """Replace the bucket's ACL (canned, grant headers or an AccessControlPolicy body)."""
+    info = await s3.owned_bucket(req)
+    wanted = await _wanted_acl(req, info.tenant)
+    await s3.front.set_bucket_config(req.bucket, metadata_pb2.SetBucketConfigRequest(acl=wanted))
+    return web.Response(status=200)
+
+
+async def get_object_acl(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
+    """The current version's AccessControlPolicy (owner: the bucket's tenant)."""
+    info = await s3.owned_bucket(req)
+    try:
+        found = await s3.front.resolve(req.bucket, req.key)
+    except errors.NotFound:
+        raise s3errors.S3Error("NoSuchKey", "The specified key does not exist.") from None
+    _check_version(req)  # once access is decided
+    return _xml(acl.policy_xml(found.meta.acl, info.tenant))
+
+
+async def put_object_acl(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
+    """Replace the current version's ACL in place (no new version, same ETag)."""
+    info = await s3.owned_bucket(req)
+    try:
+        await s3.front.resolve(req.bucket, req.key)  # refused before the body is read
+        _check_version(req)
+        wanted = await _wanted_acl(req, info.tenant)
+        await s3.front.set_object_acl(req.bucket, req.key, wanted)
+    except errors.NotFound:
+        raise s3errors.S3Error("NoSuchKey", "The specified key does not exist.") from None
+    return web.Response(status=200)

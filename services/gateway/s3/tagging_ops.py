@@ -1,0 +1,88 @@
+"""S3 object tagging: PutObjectTagging, GetObjectTagging and DeleteObjectTagging (`?tagging` on
+an object). The tag set's rules and encodings: `tags`; x-amz-tagging on PutObject,
+CreateMultipartUpload and CopyObject (x-amz-tagging-directive) and the `tagging` field of POST
+Object are read where those build the object's headers.
+
+Tags change in place (`objectmeta.MetaUpdater`): no new version, the same ETag and
+Last-Modified. A new PUT of the key replaces them with its own (none without x-amz-tagging), as
+in S3. A PutObjectTagging without Content-MD5 or x-amz-checksum-* is InvalidRequest (S3 requires
+one); nothing changes unless the whole tag set is valid.
+
+Not implemented (501): `?tagging` on a bucket (a bucket record has no place for tags yet), and
+object tagging on KV buckets (their objects have no metadata to change in place: `S3Server`
+answers NotImplemented for any operation kv_ops does not serve).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from kvtier import errors
+from services.gateway.s3 import cors, object_ops, s3errors, s3request, tags
+
+#: The largest Tagging document read (S3's largest valid one is about 4 KiB of tags).
+MAX_BODY_BYTES = 64 << 10
+
+
+def _check_version(req: s3request.S3Request) -> None:
+    """Only the current version has tags here (versionId "null" names it)."""
+    if req.query.get("versionId", "null") != "null":
+        raise s3errors.S3Error("NoSuchVersion", "The specified version does not exist.")
+
+
+async def _storage(s3: s3request.Door, req: s3request.S3Request) -> str:
+    """The storage name of the request's bucket (NoSuchBucket, AccessDenied), its key checked."""
+    object_ops.check_key(req.key)
+    _check_version(req)
+    return await s3.front.storage_of(req.bucket)
+
+
+async def _update(
+    s3: s3request.Door, req: s3request.S3Request, stored: str, tag_set: dict[str, str]
+) -> None:
+    try:
+        await s3.front.engine.meta_updater.update(stored, req.key, tags=tag_set)
+    except errors.NotFound:
+        raise s3errors.S3Error("NoSuchKey", "The specified key does not exist.") from None
+
+
+async def put_object_tagging(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
+    """PutObjectTagging: replace the object's tag set (nothing changes on any error)."""
+    stored = await _storage(s3, req)
+    raw = await req.payload.read_all(MAX_BODY_BYTES)
+    cors.check_integrity(req, raw)
+    await _update(s3, req, stored, tags.parse_xml(raw))
+    return web.Response(status=200)
+
+
+async def get_object_tagging(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
+    """GetObjectTagging: the object's tag set (an empty TagSet when it has none)."""
+    stored = await _storage(s3, req)
+    try:
+        found = await s3.front.engine.resolve(stored, req.key)
+    except errors.NotFound:
+        raise s3errors.S3Error("NoSuchKey", "The specified key does not exist.") from None
+    return web.Response(body=tags.render(found.meta.tags), content_type="application/xml")
+
+
+async def delete_object_tagging(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
+    """DeleteObjectTagging: remove the object's tags (204)."""
+    await _update(s3, req, await _storage(s3, req), {})
+    return web.Response(status=204)
+
+
+async def bucket_tagging(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
+    """?tagging on a bucket: NotImplemented (once the bucket is known to be the caller's)."""
+    await s3.owned_bucket(req)
+    raise s3errors.S3Error("NotImplemented", "bucket tagging is not implemented")
+
+
+#: (method, level, query keys it needs, op, handler): ahead of the plain object routes.
+ROUTES: list[tuple[str, str, tuple[str, ...], str, s3request.Handler]] = [
+    ("GET", "object", ("tagging",), "GetObjectTagging", get_object_tagging),
+    ("PUT", "object", ("tagging",), "PutObjectTagging", put_object_tagging),
+    ("DELETE", "object", ("tagging",), "DeleteObjectTagging", delete_object_tagging),
+    ("GET", "bucket", ("tagging",), "GetBucketTagging", bucket_tagging),
+    ("PUT", "bucket", ("tagging",), "PutBucketTagging", bucket_tagging),
+    ("DELETE", "bucket", ("tagging",), "DeleteBucketTagging", bucket_tagging),
+]

@@ -1,0 +1,563 @@
+"""S3 ACLs against a real secure dev cluster, as AWS S3 documents them: canned ACLs and grant
+headers at CreateBucket, PutObject, CreateMultipartUpload and CopyObject; Get/Put Bucket/Object
+Acl with boto3 and awscli; anonymous reads of public-read buckets and objects (an UNSIGNED
+boto3 client, minio-py without credentials, raw HTTPS); x-amz-expected-bucket-owner; and the
+denials: anonymous on private buckets and objects, another tenant without a grant, a READ grant
+that opens no write and no ACL change, anonymous bucket deletion and CORS changes, KV buckets.
+Every read compares bytes."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.client
+import json
+import socket
+import ssl
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+import boto3
+import botocore
+import pytest
+import urllib3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+from minio import Minio
+from minio.error import S3Error as MinioError
+
+from services.gateway.s3 import acl
+from tests.integration import s3_cluster
+from tests.integration.s3_cluster import s3_cluster as s3_cluster_fixture  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+Info = dict[str, Any]
+OWNER, OTHER, THIRD = "acl-a", "acl-b", "acl-c"
+ALL = acl.ALL_USERS_URI
+SIGNED = acl.AUTHENTICATED_USERS_URI
+
+
+def _fails(call: Callable[[], Any]) -> tuple[str, int]:
+    with pytest.raises(ClientError) as failed:
+        call()
+    error = failed.value.response
+    return error["Error"].get("Code", ""), error["ResponseMetadata"]["HTTPStatusCode"]
+
+
+def _denied(call: Callable[[], Any]) -> None:
+    code, status = _fails(call)
+    assert status == 403, code
+    assert code in ("AccessDenied", "403"), code  # HEAD answers carry no body
+
+
+@pytest.fixture(scope="module")
+def owner(s3_cluster_fixture: Info) -> Any:  # noqa: F811
+    """A plain (not admin) user of tenant acl-a: owns every bucket here."""
+    return s3_cluster.client(s3_cluster_fixture, *s3_cluster.add_user(s3_cluster_fixture, OWNER))
+
+
+@pytest.fixture(scope="module")
+def other(s3_cluster_fixture: Info) -> Any:  # noqa: F811
+    """A user of tenant acl-b (the grantee of some grants)."""
+    return s3_cluster.client(s3_cluster_fixture, *s3_cluster.add_user(s3_cluster_fixture, OTHER))
+
+
+@pytest.fixture(scope="module")
+def third(s3_cluster_fixture: Info) -> Any:  # noqa: F811
+    """A user of tenant acl-c (granted nothing by name)."""
+    return s3_cluster.client(s3_cluster_fixture, *s3_cluster.add_user(s3_cluster_fixture, THIRD))
+
+
+@pytest.fixture(scope="module")
+def anon(s3_cluster_fixture: Info) -> Any:  # noqa: F811
+    """An unsigned boto3 client (no credentials at all)."""
+    return boto3.client(
+        "s3", endpoint_url=s3_cluster_fixture["gateway_s3"], region_name="us-east-1",
+        verify=s3_cluster_fixture["ca_file"],
+        config=Config(
+            signature_version=botocore.UNSIGNED, s3={"addressing_style": "path"},
+            retries={"max_attempts": 1},
+        ),
+    )  # fmt: skip
+
+
+def _grants(policy: dict[str, Any]) -> set[tuple[str, str]]:
+    """(grantee: tenant id or group URI, permission) of a Get*Acl answer."""
+    out = set()
+    for grant in policy["Grants"]:
+        grantee = grant["Grantee"]
+        out.add((grantee.get("ID") or grantee.get("URI", ""), grant["Permission"]))
+    return out
+
+
+def _body(s3: Any, bucket: str, key: str) -> bytes:
+    data: bytes = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    return data
+
+
+def _connection(info: Info) -> http.client.HTTPSConnection:
+    url = urllib.parse.urlsplit(info["gateway_s3"])
+    assert url.hostname
+    assert url.port
+    return http.client.HTTPSConnection(
+        url.hostname, url.port, context=s3_cluster.tls_context(info), timeout=60
+    )
+
+
+def _raw(info: Info, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+    """An unsigned request over HTTPS: (status, body)."""
+    conn = _connection(info)
+    try:
+        conn.request(method, path, body=body or None)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _code(body: bytes) -> str:
+    return body.partition(b"<Code>")[2].partition(b"</Code>")[0].decode()
+
+
+def test_canned_and_explicit_bucket_acls(owner: Any) -> None:
+    owner.create_bucket(Bucket="acl-canned", ACL="public-read")
+    policy = owner.get_bucket_acl(Bucket="acl-canned")
+    assert policy["Owner"] == {"ID": OWNER, "DisplayName": OWNER}
+    assert _grants(policy) == {(OWNER, "FULL_CONTROL"), (ALL, "READ")}
+    owner.put_bucket_acl(Bucket="acl-canned", ACL="authenticated-read")
+    assert _grants(owner.get_bucket_acl(Bucket="acl-canned")) == {
+        (OWNER, "FULL_CONTROL"),
+        (SIGNED, "READ"),
+    }
+    owner.put_bucket_acl(
+        Bucket="acl-canned", GrantRead=f'id="{OTHER}", uri="{ALL}"', GrantWriteACP=f'id="{THIRD}"'
+    )
+    assert _grants(owner.get_bucket_acl(Bucket="acl-canned")) == {
+        (OTHER, "READ"),
+        (ALL, "READ"),
+        (THIRD, "WRITE_ACP"),
+    }
+    # The document form, read back as sent.
+    owner.put_bucket_acl(
+        Bucket="acl-canned",
+        AccessControlPolicy={
+            "Owner": {"ID": OWNER},
+            "Grants": [
+                {"Grantee": {"Type": "CanonicalUser", "ID": OWNER}, "Permission": "FULL_CONTROL"},
+                {"Grantee": {"Type": "Group", "URI": SIGNED}, "Permission": "READ_ACP"},
+            ],
+        },
+    )
+    assert _grants(owner.get_bucket_acl(Bucket="acl-canned")) == {
+        (OWNER, "FULL_CONTROL"),
+        (SIGNED, "READ_ACP"),
+    }
+
+
+def test_bad_acls_are_refused_and_change_nothing(owner: Any) -> None:
+    owner.create_bucket(Bucket="acl-bad", ACL="public-read")
+    before = _grants(owner.get_bucket_acl(Bucket="acl-bad"))
+    assert _fails(lambda: owner.put_bucket_acl(Bucket="acl-bad", ACL="wide-open")) == (
+        "InvalidArgument",
+        400,
+    )
+    assert _fails(
+        lambda: owner.put_bucket_acl(Bucket="acl-bad", GrantRead='emailAddress="a@example.com"')
+    ) == ("UnresolvableGrantByEmailAddress", 400)
+    assert _fails(
+        lambda: owner.put_bucket_acl(Bucket="acl-bad", ACL="private", GrantRead=f'uri="{ALL}"')
+    ) == ("InvalidRequest", 400)
+    assert _fails(
+        lambda: owner.put_bucket_acl(
+            Bucket="acl-bad",
+            AccessControlPolicy={
+                "Owner": {"ID": OTHER},
+                "Grants": [{"Grantee": {"Type": "Group", "URI": ALL}, "Permission": "WRITE"}],
+            },
+        )
+    ) == ("AccessDenied", 403)
+    assert _fails(
+        lambda: owner.put_bucket_acl(
+            Bucket="acl-bad",
+            AccessControlPolicy={
+                "Owner": {"ID": OWNER},
+                "Grants": [{"Grantee": {"Type": "Group", "URI": ALL}, "Permission": "ALL"}],
+            },
+        )
+    ) == ("MalformedACLError", 400)
+    assert _grants(owner.get_bucket_acl(Bucket="acl-bad")) == before
+    # A bad ACL at CreateBucket creates nothing.
+    assert _fails(lambda: owner.create_bucket(Bucket="acl-never", ACL="nope"))[1] == 400
+    assert _fails(lambda: owner.head_bucket(Bucket="acl-never"))[1] == 404
+
+
+def test_anonymous_reads_of_public_buckets_and_objects(
+    s3_cluster_fixture: Info,  # noqa: F811
+    owner: Any,
+    anon: Any,
+) -> None:
+    info = s3_cluster_fixture
+    owner.create_bucket(Bucket="acl-public", ACL="public-read")
+    public, secret = b"for everyone " * 999, b"not for anyone " * 77
+    owner.put_object(Bucket="acl-public", Key="open", Body=public, ACL="public-read")
+    owner.put_object(Bucket="acl-public", Key="closed", Body=secret)
+    listed = anon.list_objects_v2(Bucket="acl-public")
+    assert sorted(o["Key"] for o in listed["Contents"]) == ["closed", "open"]
+    assert all(
+        o["Owner"]["ID"] == OWNER for o in anon.list_objects(Bucket="acl-public")["Contents"]
+    )
+    assert _body(anon, "acl-public", "open") == public
+    assert anon.head_object(Bucket="acl-public", Key="open")["ContentLength"] == len(public)
+    # The object's own ACL decides its reads: a private object of a public bucket is closed.
+    _denied(lambda: anon.get_object(Bucket="acl-public", Key="closed"))
+    _denied(lambda: anon.head_object(Bucket="acl-public", Key="closed"))
+    # Listing is granted, so a missing key may be told apart.
+    assert _fails(lambda: anon.get_object(Bucket="acl-public", Key="nothing")) == ("NoSuchKey", 404)
+    # Raw HTTPS, no SDK.
+    status, body = _raw(info, "GET", "/acl-public/open")
+    assert (status, hashlib.sha256(body).digest()) == (200, hashlib.sha256(public).digest())
+    status, body = _raw(info, "GET", "/acl-public/closed")
+    assert (status, _code(body)) == (403, "AccessDenied")
+    assert secret not in body
+    # minio-py without credentials.
+    url = urllib.parse.urlparse(info["gateway_s3"])
+    pool = urllib3.PoolManager(cert_reqs="CERT_REQUIRED", ca_certs=info["ca_file"])
+    mc = Minio(url.netloc, secure=True, region="us-east-1", http_client=pool)
+    response = mc.get_object("acl-public", "open")
+    try:
+        assert response.read() == public
+    finally:
+        response.close()
+        response.release_conn()
+    with pytest.raises(MinioError) as refused:
+        mc.get_object("acl-public", "closed")
+    assert refused.value.code == "AccessDenied"
+
+
+def test_anonymous_may_do_nothing_else(
+    s3_cluster_fixture: Info,  # noqa: F811
+    owner: Any,
+    anon: Any,
+) -> None:
+    info = s3_cluster_fixture
+    owner.create_bucket(Bucket="acl-readonly", ACL="public-read")
+    data = b"stays " * 100
+    owner.put_object(Bucket="acl-readonly", Key="k", Body=data, ACL="public-read")
+    _denied(lambda: anon.put_object(Bucket="acl-readonly", Key="k", Body=b"overwritten"))
+    _denied(lambda: anon.put_object(Bucket="acl-readonly", Key="new", Body=b"x"))
+    _denied(lambda: anon.delete_object(Bucket="acl-readonly", Key="k"))
+    _denied(lambda: anon.delete_bucket(Bucket="acl-readonly"))
+    _denied(lambda: anon.get_bucket_acl(Bucket="acl-readonly"))
+    _denied(lambda: anon.get_object_acl(Bucket="acl-readonly", Key="k"))
+    _denied(lambda: anon.put_bucket_acl(Bucket="acl-readonly", ACL="public-read-write"))
+    _denied(lambda: anon.put_object_acl(Bucket="acl-readonly", Key="k", ACL="public-read-write"))
+    _denied(lambda: anon.create_multipart_upload(Bucket="acl-readonly", Key="mp"))
+    _denied(lambda: anon.list_multipart_uploads(Bucket="acl-readonly"))
+    _denied(lambda: anon.get_bucket_location(Bucket="acl-readonly"))
+    _denied(
+        lambda: anon.put_bucket_cors(
+            Bucket="acl-readonly",
+            CORSConfiguration={"CORSRules": [{"AllowedMethods": ["GET"], "AllowedOrigins": ["*"]}]},
+        )
+    )
+    _denied(lambda: anon.list_buckets())
+    _denied(lambda: anon.create_bucket(Bucket="acl-anon-made"))
+    status, body = _raw(info, "DELETE", "/acl-readonly")
+    assert (status, _code(body)) == (403, "AccessDenied")
+    # Nothing changed.
+    assert _body(owner, "acl-readonly", "k") == data
+    assert [o["Key"] for o in owner.list_objects_v2(Bucket="acl-readonly")["Contents"]] == ["k"]
+    assert _grants(owner.get_bucket_acl(Bucket="acl-readonly")) == {
+        (OWNER, "FULL_CONTROL"),
+        (ALL, "READ"),
+    }
+    assert _fails(lambda: owner.get_bucket_cors(Bucket="acl-readonly"))[1] == 404
+
+
+def test_private_buckets_refuse_anonymous_and_other_tenants(
+    s3_cluster_fixture: Info,  # noqa: F811
+    owner: Any,
+    other: Any,
+    anon: Any,
+) -> None:
+    owner.create_bucket(Bucket="acl-private")
+    data = b"private " * 100
+    owner.put_object(Bucket="acl-private", Key="k", Body=data)
+    for client in (anon, other):
+        _denied(functools.partial(client.list_objects_v2, Bucket="acl-private"))
+        _denied(functools.partial(client.get_object, Bucket="acl-private", Key="k"))
+        _denied(functools.partial(client.head_object, Bucket="acl-private", Key="k"))
+        _denied(functools.partial(client.head_bucket, Bucket="acl-private"))
+        # A missing key is not told apart from a refused one without a listing grant.
+        _denied(functools.partial(client.get_object, Bucket="acl-private", Key="missing"))
+        _denied(functools.partial(client.put_object, Bucket="acl-private", Key="k", Body=b"x"))
+        _denied(functools.partial(client.delete_object, Bucket="acl-private", Key="k"))
+        _denied(functools.partial(client.get_bucket_acl, Bucket="acl-private"))
+        _denied(functools.partial(client.put_bucket_acl, Bucket="acl-private", ACL="public-read"))
+        _denied(functools.partial(client.get_object_acl, Bucket="acl-private", Key="k"))
+    # Another tenant may not copy from it either.
+    other.create_bucket(Bucket="acl-other-own")
+    _denied(
+        lambda: other.copy_object(
+            Bucket="acl-other-own", Key="stolen", CopySource={"Bucket": "acl-private", "Key": "k"}
+        )
+    )
+    assert _body(owner, "acl-private", "k") == data
+    assert "Contents" not in other.list_objects_v2(Bucket="acl-other-own")
+    # A public object of a private bucket is readable, as in S3 (its own ACL decides).
+    owner.put_object(Bucket="acl-private", Key="shared", Body=b"shared", ACL="public-read")
+    assert _body(anon, "acl-private", "shared") == b"shared"
+    _denied(lambda: anon.list_objects_v2(Bucket="acl-private"))
+
+
+def test_a_read_grant_opens_no_write_and_no_acl_change(
+    owner: Any, other: Any, third: Any, anon: Any
+) -> None:
+    owner.create_bucket(Bucket="acl-granted", GrantRead=f'id="{OTHER}"')
+    data = b"granted " * 50
+    owner.put_object(Bucket="acl-granted", Key="k", Body=data, GrantRead=f'id="{OTHER}"')
+    assert [o["Key"] for o in other.list_objects_v2(Bucket="acl-granted")["Contents"]] == ["k"]
+    assert _body(other, "acl-granted", "k") == data
+    other.head_bucket(Bucket="acl-granted")
+    _denied(lambda: other.put_object(Bucket="acl-granted", Key="k", Body=b"overwritten"))
+    _denied(lambda: other.delete_object(Bucket="acl-granted", Key="k"))
+    _denied(lambda: other.delete_objects(Bucket="acl-granted", Delete={"Objects": [{"Key": "k"}]}))
+    _denied(lambda: other.put_bucket_acl(Bucket="acl-granted", ACL="public-read-write"))
+    _denied(lambda: other.put_object_acl(Bucket="acl-granted", Key="k", ACL="public-read"))
+    _denied(lambda: other.get_bucket_acl(Bucket="acl-granted"))
+    _denied(lambda: other.get_object_acl(Bucket="acl-granted", Key="k"))
+    _denied(lambda: other.delete_bucket(Bucket="acl-granted"))
+    _denied(lambda: other.list_multipart_uploads(Bucket="acl-granted"))
+    for stranger in (third, anon):
+        _denied(functools.partial(stranger.list_objects_v2, Bucket="acl-granted"))
+        _denied(functools.partial(stranger.get_object, Bucket="acl-granted", Key="k"))
+    assert _body(owner, "acl-granted", "k") == data
+    # READ_ACP and WRITE_ACP grants open the ACL, nothing else.
+    owner.put_bucket_acl(
+        Bucket="acl-granted", GrantReadACP=f'id="{OTHER}"', GrantWriteACP=f'id="{THIRD}"'
+    )
+    assert _grants(other.get_bucket_acl(Bucket="acl-granted")) == {
+        (OTHER, "READ_ACP"),
+        (THIRD, "WRITE_ACP"),
+    }
+    _denied(lambda: other.list_objects_v2(Bucket="acl-granted"))
+    _denied(lambda: third.get_bucket_acl(Bucket="acl-granted"))
+    third.put_bucket_acl(Bucket="acl-granted", GrantRead=f'id="{THIRD}"')
+    assert [o["Key"] for o in third.list_objects_v2(Bucket="acl-granted")["Contents"]] == ["k"]
+    _denied(lambda: third.put_bucket_acl(Bucket="acl-granted", ACL="public-read"))  # WRITE_ACP gone
+    _denied(lambda: third.delete_bucket(Bucket="acl-granted"))
+
+
+def test_write_grants_and_object_ownership(
+    s3_cluster_fixture: Info,  # noqa: F811
+    owner: Any,
+    other: Any,
+    anon: Any,
+) -> None:
+    owner.create_bucket(Bucket="acl-dropbox", ACL="public-read-write")
+    data = b"dropped " * 4000
+    anon.put_object(Bucket="acl-dropbox", Key="from-anon", Body=data)
+    other.put_object(Bucket="acl-dropbox", Key="from-b", Body=data[::-1])
+    # Objects belong to the bucket's owner, private unless the writer's ACL opens them.
+    assert _body(owner, "acl-dropbox", "from-anon") == data
+    assert _body(owner, "acl-dropbox", "from-b") == data[::-1]
+    assert owner.get_object_acl(Bucket="acl-dropbox", Key="from-b")["Owner"]["ID"] == OWNER
+    _denied(lambda: anon.get_object(Bucket="acl-dropbox", Key="from-anon"))
+    _denied(lambda: other.get_object(Bucket="acl-dropbox", Key="from-b"))
+    anon.put_object(Bucket="acl-dropbox", Key="open", Body=b"open", ACL="public-read")
+    assert _body(anon, "acl-dropbox", "open") == b"open"
+    # Multipart through the grant.
+    upload = anon.create_multipart_upload(Bucket="acl-dropbox", Key="mp", ACL="public-read")
+    part = anon.upload_part(
+        Bucket="acl-dropbox", Key="mp", UploadId=upload["UploadId"], PartNumber=1, Body=data
+    )
+    anon.complete_multipart_upload(
+        Bucket="acl-dropbox", Key="mp", UploadId=upload["UploadId"],
+        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]},
+    )  # fmt: skip
+    assert _body(anon, "acl-dropbox", "mp") == data
+    anon.delete_object(Bucket="acl-dropbox", Key="from-anon")
+    assert _fails(lambda: owner.head_object(Bucket="acl-dropbox", Key="from-anon"))[1] == 404
+    # WRITE opens no bucket administration.
+    _denied(lambda: anon.delete_bucket(Bucket="acl-dropbox"))
+    _denied(lambda: other.delete_bucket(Bucket="acl-dropbox"))
+    _denied(lambda: anon.put_bucket_acl(Bucket="acl-dropbox", ACL="private"))
+    _denied(lambda: anon.list_multipart_uploads(Bucket="acl-dropbox"))
+    _denied(
+        lambda: other.put_bucket_cors(
+            Bucket="acl-dropbox",
+            CORSConfiguration={"CORSRules": [{"AllowedMethods": ["GET"], "AllowedOrigins": ["*"]}]},
+        )
+    )
+    # Copying *from* a bucket one does not own is refused, even through a write grant.
+    owner.put_object(Bucket="acl-dropbox", Key="private-src", Body=b"private")
+    _denied(
+        lambda: other.copy_object(
+            Bucket="acl-dropbox", Key="copied",
+            CopySource={"Bucket": "acl-dropbox", "Key": "private-src"}, ACL="public-read",
+        )
+    )  # fmt: skip
+    assert _fails(lambda: owner.head_object(Bucket="acl-dropbox", Key="copied"))[1] == 404
+
+
+def test_object_acls(owner: Any, other: Any, anon: Any) -> None:
+    owner.create_bucket(Bucket="acl-objects")
+    data = b"object acl " * 300
+    put = owner.put_object(Bucket="acl-objects", Key="k", Body=data, ACL="public-read")
+    assert _grants(owner.get_object_acl(Bucket="acl-objects", Key="k")) == {
+        (OWNER, "FULL_CONTROL"),
+        (ALL, "READ"),
+    }
+    assert _body(anon, "acl-objects", "k") == data
+    # Replaced in place: same ETag, no longer public.
+    owner.put_object_acl(Bucket="acl-objects", Key="k", ACL="private")
+    _denied(lambda: anon.get_object(Bucket="acl-objects", Key="k"))
+    assert owner.head_object(Bucket="acl-objects", Key="k")["ETag"] == put["ETag"]
+    assert _body(owner, "acl-objects", "k") == data
+    owner.put_object_acl(
+        Bucket="acl-objects", Key="k", GrantRead=f'id="{OTHER}"', GrantReadACP=f'id="{OTHER}"'
+    )
+    assert _body(other, "acl-objects", "k") == data
+    assert _grants(other.get_object_acl(Bucket="acl-objects", Key="k")) == {
+        (OTHER, "READ"),
+        (OTHER, "READ_ACP"),
+    }
+    _denied(lambda: other.put_object_acl(Bucket="acl-objects", Key="k", ACL="public-read"))
+    _denied(lambda: other.put_object(Bucket="acl-objects", Key="k", Body=b"x"))
+    _denied(lambda: anon.get_object(Bucket="acl-objects", Key="k"))
+    assert _fails(lambda: owner.get_object_acl(Bucket="acl-objects", Key="none")) == (
+        "NoSuchKey",
+        404,
+    )
+    # A copy gets the request's ACL, never the source's.
+    owner.put_object(Bucket="acl-objects", Key="pub", Body=b"pub", ACL="public-read")
+    owner.copy_object(
+        Bucket="acl-objects", Key="copy", CopySource={"Bucket": "acl-objects", "Key": "pub"}
+    )
+    _denied(lambda: anon.get_object(Bucket="acl-objects", Key="copy"))
+    owner.copy_object(
+        Bucket="acl-objects", Key="copy2", CopySource={"Bucket": "acl-objects", "Key": "k"},
+        ACL="public-read",
+    )  # fmt: skip
+    assert _body(anon, "acl-objects", "copy2") == data
+    # CreateMultipartUpload's ACL is the completed object's.
+    upload = owner.create_multipart_upload(
+        Bucket="acl-objects", Key="mp", GrantRead=f'uri="{SIGNED}"'
+    )
+    part = owner.upload_part(
+        Bucket="acl-objects", Key="mp", UploadId=upload["UploadId"], PartNumber=1, Body=data
+    )
+    owner.complete_multipart_upload(
+        Bucket="acl-objects", Key="mp", UploadId=upload["UploadId"],
+        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]},
+    )  # fmt: skip
+    assert _body(other, "acl-objects", "mp") == data
+    _denied(lambda: anon.get_object(Bucket="acl-objects", Key="mp"))
+
+
+def test_expected_bucket_owner(owner: Any) -> None:
+    owner.create_bucket(Bucket="acl-expected")
+    owner.put_object(Bucket="acl-expected", Key="k", Body=b"v", ExpectedBucketOwner=OWNER)
+    assert (
+        owner.get_object(Bucket="acl-expected", Key="k", ExpectedBucketOwner=OWNER)["Body"].read()
+        == b"v"
+    )
+    owner.list_objects_v2(Bucket="acl-expected", ExpectedBucketOwner=OWNER)
+    for call in (
+        lambda: owner.get_object(Bucket="acl-expected", Key="k", ExpectedBucketOwner=OTHER),
+        lambda: owner.put_object(
+            Bucket="acl-expected", Key="k", Body=b"w", ExpectedBucketOwner=OTHER
+        ),
+        lambda: owner.list_objects_v2(Bucket="acl-expected", ExpectedBucketOwner=OTHER),
+        lambda: owner.get_bucket_acl(Bucket="acl-expected", ExpectedBucketOwner=OTHER),
+        lambda: owner.delete_bucket(Bucket="acl-expected", ExpectedBucketOwner=OTHER),
+    ):
+        _denied(call)
+    assert _body(owner, "acl-expected", "k") == b"v"
+
+
+def test_awscli_put_bucket_acl_and_get_object_acl(
+    s3_cluster_fixture: Info,  # noqa: F811
+    owner: Any,
+    anon: Any,
+) -> None:
+    info = s3_cluster_fixture
+    owner.create_bucket(Bucket="acl-cli")
+    owner.put_object(Bucket="acl-cli", Key="k", Body=b"cli", ACL="authenticated-read")
+    # awscli runs as the cluster's admin, who may manage every tenant's bucket.
+    s3_cluster.aws_cli(
+        info, "s3api", "put-bucket-acl", "--bucket", "acl-cli", "--acl", "public-read"
+    )
+    got = json.loads(
+        s3_cluster.aws_cli(info, "s3api", "get-bucket-acl", "--bucket", "acl-cli").stdout
+    )
+    assert _grants(got) == {(OWNER, "FULL_CONTROL"), (ALL, "READ")}
+    assert [o["Key"] for o in anon.list_objects_v2(Bucket="acl-cli")["Contents"]] == ["k"]
+    got = json.loads(
+        s3_cluster.aws_cli(
+            info, "s3api", "get-object-acl", "--bucket", "acl-cli", "--key", "k"
+        ).stdout
+    )
+    assert got["Owner"]["ID"] == OWNER
+    assert _grants(got) == {(OWNER, "FULL_CONTROL"), (SIGNED, "READ")}
+    _denied(lambda: anon.get_object(Bucket="acl-cli", Key="k"))
+
+
+def test_kv_buckets_have_no_acls(owner: Any, anon: Any) -> None:
+    def kv_kind(request: Any, **_: Any) -> None:
+        request.headers["x-kvtier-bucket-kind"] = "kv"
+
+    owner.meta.events.register("before-sign.s3.CreateBucket", kv_kind)
+    try:
+        assert _fails(lambda: owner.create_bucket(Bucket="acl-kv", ACL="public-read"))[1] == 501
+        owner.create_bucket(Bucket="acl-kv")
+    finally:
+        owner.meta.events.unregister("before-sign.s3.CreateBucket", kv_kind)
+    owner.put_object(Bucket="acl-kv", Key="k", Body=b"kv")
+    assert (
+        _fails(lambda: owner.put_object(Bucket="acl-kv", Key="p", Body=b"x", ACL="public-read"))[1]
+        == 501
+    )
+    _denied(lambda: anon.get_object(Bucket="acl-kv", Key="k"))
+    _denied(lambda: anon.list_objects_v2(Bucket="acl-kv"))
+    _denied(lambda: anon.put_object(Bucket="acl-kv", Key="n", Body=b"x"))
+    assert _body(owner, "acl-kv", "k") == b"kv"
+
+
+def _expect_continue(info: Info, path: str, length: int) -> bytes:
+    """The first answer to an unsigned PUT's headers sent with Expect: 100-continue."""
+    url = urllib.parse.urlsplit(info["gateway_s3"])
+    assert url.hostname
+    context = s3_cluster.tls_context(info)
+    with (
+        socket.create_connection((url.hostname, url.port), timeout=30) as raw,
+        context.wrap_socket(raw, server_hostname=url.hostname) as tls,
+    ):
+        tls.sendall(
+            f"PUT {path} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Length: {length}\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        return _first_line(tls)
+
+
+def _first_line(tls: ssl.SSLSocket) -> bytes:
+    line = b""
+    while not line.endswith(b"\r\n"):
+        chunk = tls.recv(1)
+        if not chunk:
+            break
+        line += chunk
+    return line
+
+
+def test_expect_100_continue_follows_the_acl(
+    s3_cluster_fixture: Info,  # noqa: F811
+    owner: Any,
+) -> None:
+    info = s3_cluster_fixture
+    owner.create_bucket(Bucket="acl-expect-private")
+    owner.create_bucket(Bucket="acl-expect-open", ACL="public-read-write")
+    assert _expect_continue(info, "/acl-expect-private/k", 10).startswith(b"HTTP/1.1 403")
+    assert _expect_continue(info, "/acl-expect-open/k", 10).startswith(b"HTTP/1.1 100")
