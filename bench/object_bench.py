@@ -90,7 +90,7 @@ class DevCluster:
     def start(self) -> dict[str, Any]:
         """Start it, make the benchmark's user (tenant `bench`, trusted for shared memory) and
         return cluster.json; RuntimeError with the logs' tails on failure."""
-        up = self._kvtier("up", "--detach", *self.args, timeout_s=240)
+        up = self._kvtier("up", "--detach", "--ports", "auto", *self.args, timeout_s=240)
         if up.returncode != 0:
             raise RuntimeError(f"kvtier up failed: {up.stdout}{up.stderr}\n{self.log_tails()}")
         self.info = json.loads((self.state / "cluster.json").read_text())

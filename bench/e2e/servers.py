@@ -51,7 +51,7 @@ class DevCluster:
     def start(self) -> dict[str, Any]:
         """Start it; cluster.json's content. RuntimeError with the logs' tails on failure."""
         up = self._kvtier(
-            "up", "--detach", "--datanodes", "2", "--drives-per-datanode", "2",
+            "up", "--detach", "--ports", "auto", "--datanodes", "2", "--drives-per-datanode", "2",
             "--kvcache-nodes", str(self.kvcache_nodes), "--lease-ttl-s", "3",
             "--shutdown-grace-s", "2", timeout_s=180,
         )  # fmt: skip

@@ -7,7 +7,8 @@ Layout of the state directory (mode 0700; everything survives `down`/`up`):
                           to expiry
     nodes/<name>/         a node's identity and drives
     logs/<name>.log       each process's log (and supervisor.log when detached), mode 0600
-    ports.json            etcd's ports, reused on the next `up` when still free
+    ports.json            etcd's ports under `--ports auto`, reused on the next `up` when still
+                          free (the fixed plan, `kvtier up`'s default, is devports.PortPlan)
     credentials.json      the admin user's access/secret key (mode 0600), created once
     master.key            the key sealing S3 secrets in etcd (hex, mode 0600), created once
     cluster.json          endpoints, the CA file, the operator certificate and the admin keys of
@@ -35,7 +36,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,6 +46,7 @@ from typing import IO, Any
 
 from kvtier import (
     clustermap,
+    devports,
     errors,
     etcdserver,
     identity,
@@ -85,6 +86,9 @@ class ClusterOptions:
     etcd_binary: str = "etcd"
     #: No TLS, no authentication (benchmarks comparing the cost of security).
     insecure: bool = False
+    #: Which ports the processes bind; the library's default is every port ephemeral (tests
+    #: run many clusters at once), `kvtier up`'s the fixed plan of devports.
+    ports: devports.PortPlan = field(default_factory=lambda: devports.PortPlan(auto=True))
 
     def expected_roles(self) -> dict[str, int]:
         """How many live nodes of each role a ready cluster has."""
@@ -182,9 +186,6 @@ def _children(opts: ClusterOptions, etcd_endpoint: str) -> list[Child]:
         f"--etcd-endpoints={etcd_endpoint}",
         f"--etcd-prefix={ETCD_PREFIX}",
         "--host=127.0.0.1",
-        "--grpc-port=0",
-        "--client-port=0",
-        "--metrics-port=0",
         f"--lease-ttl-s={opts.lease_ttl_s}",
         f"--shutdown-grace-s={opts.shutdown_grace_s}",
     ]
@@ -193,13 +194,18 @@ def _children(opts: ClusterOptions, etcd_endpoint: str) -> list[Child]:
     certs = pki_dir(state)
 
     def child(role: str, name: str, *extra: str) -> Child:
+        index = int(name.rsplit("-", 1)[1])
+        ports = [
+            f"--{k.replace('_', '-')}={v}" for k, v in opts.ports.node_ports(role, index).items()
+        ]
         tls = [] if opts.insecure else [
             f"--tls-ca-file={certs / pki.CA_CERT}",
             f"--tls-cert-file={certs / f'{name}.crt'}",
             f"--tls-key-file={certs / f'{name}.key'}",
         ]  # fmt: skip
         argv = [
-            sys.executable, "-m", f"services.{role}", f"--node-id={name}", *common, *tls, *extra,
+            sys.executable, "-m", f"services.{role}", f"--node-id={name}", *common, *ports, *tls,
+            *extra,
         ]  # fmt: skip
         return Child(name=name, role=role, argv=argv, log_path=state / "logs" / f"{name}.log")
 
@@ -226,7 +232,7 @@ def _children(opts: ClusterOptions, etcd_endpoint: str) -> list[Child]:
                 f"--arena-bytes={opts.kvcache_arena_bytes}",
             )
         )
-    result.append(child("gateway", "gateway-1", master_key, "--s3-port=0"))
+    result.append(child("gateway", "gateway-1", master_key))
     return result
 
 
@@ -238,25 +244,18 @@ def _load_json(path: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _etcd_ports(state: Path) -> tuple[int, int]:
+def _etcd_ports(state: Path, plan: devports.PortPlan) -> tuple[int, int]:
+    if not plan.auto:
+        return plan.etcd_ports()
     kept = _load_json(state / "ports.json")
     ports = (int(kept.get("etcd_client", 0)), int(kept.get("etcd_peer", 0)))
-    if not all(ports) or not all(_port_free(p) for p in ports):
+    if not all(ports) or not all(devports.port_free(p) for p in ports):
         ports = (etcdserver.free_port(), etcdserver.free_port())
         identity.write_atomic(
             state / "ports.json",
             json.dumps({"etcd_client": ports[0], "etcd_peer": ports[1]}).encode(),
         )
     return ports
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def credentials(state: Path) -> dict[str, str]:
@@ -407,7 +406,8 @@ class Supervisor:
 
     def _start(self) -> dict[str, Any] | None:
         state = self.opts.state_dir
-        client_port, peer_port = _etcd_ports(state)
+        self.opts.ports.check(self.opts.expected_roles())  # again: `up` checked before forking
+        client_port, peer_port = _etcd_ports(state, self.opts.ports)
         tls = None
         if not self.opts.insecure:
             ensure_pki(state, _node_names(self.opts))
@@ -560,7 +560,18 @@ class Supervisor:
                     if not child.running():
                         self._say(f"restarting {child.name}")
                         child.start()
+                self._record_pids()
             time.sleep(0.1)
+
+    def _record_pids(self) -> None:
+        """Rewrite cluster.json with the children's current pids (after a revive)."""
+        path = self.opts.state_dir / "cluster.json"
+        info = _load_json(path)
+        pids = {c.name: c.proc.pid for c in self.children if c.proc is not None}
+        for node in info.get("nodes", []):
+            node["pid"] = pids.get(node.get("name"), node.get("pid"))
+        if info:
+            identity.write_atomic(path, json.dumps(info, indent=2).encode(), mode=0o600)
 
     def _shutdown(self) -> int:
         """Stop children in dependency order, then etcd; 0 when every child exited 0."""

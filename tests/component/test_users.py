@@ -346,7 +346,9 @@ async def test_cli_add_list_remove(
             "admin", "user", "list", "--tenant", "team-c", "--state-dir", str(state)
         )
         assert code == 0, err
-        assert out.split()[:3] == [added["access_key"], "team-c", "Cy"]
+        header, row = out.splitlines()
+        assert header.split() == ["ACCESS", "KEY", "TENANT", "NAME", "RIGHTS"]
+        assert row.split() == [added["access_key"], "team-c", "Cy", "-"]
 
         code, out, err = await _cli("admin", "user", "remove", "chosen-key", "--metadata", address)
         assert (code, out) == (0, "removed chosen-key\n"), err

@@ -52,7 +52,10 @@ def service_tls_flags(role: str) -> list[str]:
 def kvtier_cmd(
     *args: str, timeout_s: float = 60, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run `kvtier ARGS` (through this interpreter) and capture its output."""
+    """Run `kvtier ARGS` (through this interpreter) and capture its output. `up` gets
+    `--ports auto` unless args name --ports: tests run many clusters at once."""
+    if args[:1] == ("up",) and "--ports" not in args:
+        args = ("up", "--ports", "auto", *args[1:])
     return subprocess.run(
         [sys.executable, "-m", "kvtier.cli.main", *args],
         capture_output=True,

@@ -79,9 +79,14 @@ async def user_command(
             found = [_user_dict(u) for u in await client.list_users(args.tenant)]
             if args.json:
                 out.write(json.dumps(found) + "\n")
+            else:
+                out.write(f"{'ACCESS KEY':24} {'TENANT':16} {'NAME':16} RIGHTS\n")
             for u in [] if args.json else found:
-                flags = (" admin" if u["is_admin"] else "") + (" shm" if u["shm_trusted"] else "")
-                out.write(f"{u['access_key']:24} {u['tenant']:16} {u['display_name']}{flags}\n")
+                rights = [
+                    r for r, on in (("admin", u["is_admin"]), ("shm", u["shm_trusted"])) if on
+                ]
+                row = f"{u['access_key']:24} {u['tenant']:16} {u['display_name'] or '-':16}"
+                out.write(f"{row} {','.join(rights) or '-'}\n")
         else:
             await client.delete_user(args.access_key)
             removed = {"removed": args.access_key}

@@ -1,10 +1,15 @@
 """`kvtier`: run and inspect clusters.
 
-kvtier up [--state-dir DIR] [--detach]    start a dev cluster on 127.0.0.1
+kvtier up [--state-dir DIR] [--detach] [--ports fixed|auto] [--port-offset N]
+                                          start a dev cluster on 127.0.0.1 (fixed ports:
+                                          S3 9000, gateway 7000, metadata 7001, etcd 7379)
 kvtier down [--state-dir DIR]             stop a detached dev cluster
 kvtier status [--state-dir DIR | --etcd-endpoints H:P] [--json]
+                                          exit 0 when healthy, 1 when degraded
 kvtier revive [--state-dir DIR]           restart dev-cluster processes that exited
-kvtier health HOST:PORT                   exit 0 when the node's health is SERVING
+kvtier health [HOST:PORT]                 exit 0 when the node's health is SERVING; without
+                                          an address: every node, and the cluster's verdict
+kvtier --version
 kvtier admin heal [BUCKET[/PREFIX]] [--gateway H:P | --state-dir DIR] [--dry-run]
                                           check and heal objects; exit 0 when every one is whole
 kvtier admin user add|list|remove [...] [--metadata H:P | --state-dir DIR] [--json]
@@ -12,9 +17,14 @@ kvtier admin user add|list|remove [...] [--metadata H:P | --state-dir DIR] [--js
 kvtier admin bucket create NAME [--kind objects|kv] [--tenant T] | list [--tenant T]
                                           buckets (a KV bucket for S3 tools that cannot send
                                           x-kvtier-bucket-kind)
+kvtier admin kv quota TENANT BYTES | ttl TENANT NAMESPACE SECONDS
+                | durability TENANT NAMESPACE none|write-back|write-through
+                                          KV settings, on every kvcache node of the map
 kvtier admin certs init --dir DIR --cluster NAME
 kvtier admin certs issue --dir DIR --role ROLE --name NAME [--host H ...] [--days N]
                                           the cluster CA and node/operator certificates
+
+Exit codes: 0 success, 1 failure (or a degraded cluster), 2 a bad flag or state dir (one line).
 
 Every command that talks to a cluster authenticates: with the dev cluster's operator
 certificate (--state-dir's cluster.json), or with KVTIER_* environment variables
@@ -33,34 +43,118 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NoReturn
 
-from kvtier import devcluster, errors, pki, rpc, security
+import kvtier
+from kvtier import devcluster, devports, errors, pki, rpc, security
 from kvtier.cli import admin as admin_cmd
 from kvtier.cli import certs as certs_cmd
+from kvtier.cli import kvadmin
 from kvtier.cli import status as status_cmd
 
 DEFAULT_STATE_DIR = ".kvtier"
+EXIT_USAGE = 2
+#: File systems a state dir must never be on (they are the kernel's, not storage).
+_VIRTUAL_ROOTS = frozenset({"proc", "sys", "dev"})
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvtier", description="kvtier command line")
-    sub = parser.add_subparsers(dest="command", required=True)
+class UsageError(Exception):
+    """A bad flag or state dir: one line, exit 2."""
 
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless it is empty or off (nothing to tell)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, "", False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Help with defaults; an error is one line naming the command, exit 2 (not the usage)."""
+
+    def __init__(self, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", _Help)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+
+    def add_argument(self, *args: object, **kwargs: object) -> argparse.Action:
+        """As argparse's; an option without help still shows its default."""
+        if "help" not in kwargs and kwargs.get("default") not in (None, "", False):
+            kwargs["help"] = "default: %(default)s"
+        return super().add_argument(*args, **kwargs)  # type: ignore[arg-type]
+
+    def error(self, message: str) -> NoReturn:
+        text = " ".join(message.split())
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
+
+
+def _count(text: str) -> int:
+    """A node or drive count: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not in 1..65535")
+    return value
+
+
+def _add_up(sub: argparse._SubParsersAction[_Parser]) -> None:
+    plan = devports.PortPlan()
     up = sub.add_parser("up", help="start a dev cluster (etcd + every service) on 127.0.0.1")
     up.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="where all data lives")
     up.add_argument("--detach", action="store_true", help="run in the background")
-    up.add_argument("--datanodes", type=int, default=6)
-    up.add_argument("--drives-per-datanode", type=int, default=2)
-    up.add_argument("--kvcache-nodes", type=int, default=2)
-    up.add_argument("--lease-ttl-s", type=int, default=5)
-    up.add_argument("--shutdown-grace-s", type=float, default=5.0)
-    up.add_argument("--ready-timeout-s", type=float, default=90.0)
-    up.add_argument("--etcd-binary", default="etcd")
+    up.add_argument("--datanodes", type=_count, default=6, help="datanode processes")
+    up.add_argument("--drives-per-datanode", type=_count, default=2, help="drives of each")
+    up.add_argument("--kvcache-nodes", type=_count, default=2, help="kvcache processes")
+    up.add_argument("--lease-ttl-s", type=int, default=5, help="membership lease of each node")
+    up.add_argument("--shutdown-grace-s", type=float, default=5.0, help="grace at stop")
+    up.add_argument("--ready-timeout-s", type=float, default=90.0, help="wait for SERVING")
+    up.add_argument("--etcd-binary", default="etcd", help="the etcd executable")
     up.add_argument(
         "--insecure",
         action="store_true",
         help="no TLS and no authentication: every caller has every right (benchmarks only)",
     )
+    up.add_argument(
+        "--ports",
+        choices=("fixed", "auto"),
+        default="fixed",
+        help="fixed: the documented ports (docs/operations.md), the same at every start; "
+        "auto: any free ports (many clusters at once, e.g. tests)",
+    )
+    up.add_argument(
+        "--port-offset", type=int, default=0, help="added to every fixed port (a 2nd cluster)"
+    )
+    up.add_argument("--s3-port", type=_port, default=plan.s3, help="the gateway's S3 API")
+    up.add_argument(
+        "--gateway-port", type=_port, default=plan.gateway, help="the gateway's gRPC service"
+    )
+    up.add_argument(
+        "--metadata-port", type=_port, default=plan.metadata, help="the metadata gRPC service"
+    )
+    up.add_argument(
+        "--etcd-port", type=_port, default=plan.etcd, help="etcd's client port (peer: +1)"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kvtier", description="kvtier command line")
+    parser.add_argument("--version", action="version", version=f"kvtier {kvtier.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_up(sub)
 
     down = sub.add_parser("down", help="stop a detached dev cluster")
     down.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
@@ -78,8 +172,16 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout-s", type=float, default=3.0)
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
-    health = sub.add_parser("health", help="check a node's gRPC health service")
-    health.add_argument("address", help="host:port")
+    health = sub.add_parser(
+        "health", help="check a node's gRPC health service, or (no address) every node's"
+    )
+    health.add_argument(
+        "address", nargs="?", default="", help="host:port; none: every node of the cluster"
+    )
+    health.add_argument(
+        "--etcd-endpoints", default="", help="without an address: the cluster's etcd host:port list"
+    )
+    health.add_argument("--etcd-prefix", default=devcluster.ETCD_PREFIX)
     health.add_argument("--timeout-s", type=float, default=2.0)
     health.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="whose credentials to use")
     health.add_argument(
@@ -105,6 +207,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     heal.add_argument("--dry-run", action="store_true", help="only check; write nothing")
     certs_cmd.add_parser(admin_sub)
+    kvadmin.add_parser(admin_sub, DEFAULT_STATE_DIR, devcluster.ETCD_PREFIX)
     user = admin_sub.add_parser("user", help="S3 users (access keys)")
     user_sub = user.add_subparsers(dest="user_command", required=True)
     add = user_sub.add_parser("add", help="create a user; prints its secret once")
@@ -152,12 +255,39 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def state_dir(raw: str, *, create: bool = False) -> Path:
+    """The resolved --state-dir; UsageError when it is empty, not a directory, on a kernel file
+    system (/proc, /sys, /dev but /dev/shm) or (create) cannot be made private."""
+    if not raw.strip():
+        raise UsageError("--state-dir: must not be empty")
+    path = Path(raw).resolve()
+    shm = path.parts[1:3] == ("dev", "shm")  # a tmpfs: a fine home for a throwaway cluster
+    if len(path.parts) > 1 and path.parts[1] in _VIRTUAL_ROOTS and not shm:
+        raise UsageError(f"--state-dir {path}: on /{path.parts[1]}, not a storage file system")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--state-dir {path}: exists and is not a directory")
+    if create:
+        try:
+            pki.ensure_private_dir(path)
+        except OSError as exc:
+            raise UsageError(f"--state-dir {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def _ports(args: argparse.Namespace) -> devports.PortPlan:
+    return devports.PortPlan(
+        auto=args.ports == "auto",
+        offset=args.port_offset,
+        s3=args.s3_port,
+        gateway=args.gateway_port,
+        metadata=args.metadata_port,
+        etcd=args.etcd_port,
+    )
+
+
 def _options(args: argparse.Namespace) -> devcluster.ClusterOptions:
-    for name in ("datanodes", "drives_per_datanode", "kvcache_nodes"):
-        if getattr(args, name) < 1:
-            raise devcluster.ClusterError(f"--{name.replace('_', '-')} must be at least 1")
     return devcluster.ClusterOptions(
-        state_dir=Path(args.state_dir).resolve(),
+        state_dir=state_dir(args.state_dir, create=True),
         datanodes=args.datanodes,
         drives_per_datanode=args.drives_per_datanode,
         kvcache_nodes=args.kvcache_nodes,
@@ -166,11 +296,19 @@ def _options(args: argparse.Namespace) -> devcluster.ClusterOptions:
         ready_timeout_s=args.ready_timeout_s,
         etcd_binary=args.etcd_binary,
         insecure=args.insecure,
+        ports=_ports(args),
     )
 
 
 def _up(args: argparse.Namespace, argv: Sequence[str]) -> int:
     opts = _options(args)
+    pid = devcluster.supervisor_pid(opts.state_dir)
+    if pid is not None:  # before its log is opened: the running cluster's log stays its own
+        raise devcluster.ClusterError(
+            f"a dev cluster is already running from {opts.state_dir} (pid {pid}); "
+            f"stop it with: kvtier down --state-dir {opts.state_dir}"
+        )
+    opts.ports.check(opts.expected_roles())
     if not args.detach:
         return devcluster.Supervisor(opts, sys.stdout).run()
     # Private from the start: the state dir holds keys, secrets and logs.
@@ -211,19 +349,25 @@ def _revive(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    endpoints = tuple(e for e in args.etcd_endpoints.split(",") if e)
-    if not endpoints:
-        info_path = Path(args.state_dir) / "cluster.json"
-        try:
-            endpoints = (json.loads(info_path.read_text())["etcd"],)
-        except (OSError, ValueError, KeyError):
-            raise devcluster.ClusterError(
-                f"no running cluster at {info_path}; pass --etcd-endpoints"
-            ) from None
+    endpoints = _etcd_endpoints(args)
     sec = cli_security(args.state_dir)
     state = asyncio.run(status_cmd.collect(endpoints, args.etcd_prefix, args.timeout_s, sec))
     print(json.dumps(state, indent=2) if args.json else status_cmd.render(state))
-    return 0
+    return 0 if state["healthy"] else 1
+
+
+def _etcd_endpoints(args: argparse.Namespace) -> tuple[str, ...]:
+    """--etcd-endpoints, else the etcd of the dev cluster in --state-dir."""
+    endpoints = tuple(e for e in args.etcd_endpoints.split(",") if e)
+    if endpoints:
+        return endpoints
+    info_path = Path(args.state_dir) / "cluster.json"
+    try:
+        return (str(json.loads(info_path.read_text())["etcd"]),)
+    except (OSError, ValueError, KeyError):
+        raise devcluster.ClusterError(
+            f"no running cluster at {info_path}; pass --etcd-endpoints"
+        ) from None
 
 
 def cli_security(state_dir: str) -> security.ClientSecurity:
@@ -264,6 +408,11 @@ def service_security(environ: Mapping[str, str]) -> security.ClientSecurity:
 
 def _health(args: argparse.Namespace) -> int:
     sec = service_security(os.environ) if args.from_env else cli_security(args.state_dir)
+    if not args.address:  # cluster-wide: every node of the map, and the verdict
+        endpoints = _etcd_endpoints(args)
+        state = asyncio.run(status_cmd.collect(endpoints, args.etcd_prefix, args.timeout_s, sec))
+        print(status_cmd.render_health(state))
+        return 0 if state["healthy"] else 1
     result = asyncio.run(rpc.check_health(args.address, timeout_s=args.timeout_s, security=sec))
     print(result)
     return 0 if result == "SERVING" else 1
@@ -273,6 +422,8 @@ def _admin(args: argparse.Namespace) -> int:
     if args.admin_command == "certs":
         return certs_cmd.run(args, sys.stdout)
     sec = cli_security(args.state_dir)
+    if args.admin_command == "kv":
+        return asyncio.run(kvadmin.run(_etcd_endpoints(args), args, sys.stdout, sec))
     if args.admin_command == "user":
         address = admin_cmd.metadata_address(args.metadata, args.state_dir, sec)
         return asyncio.run(admin_cmd.user_command(address, args, sys.stdout, security=sec))
@@ -297,8 +448,17 @@ def _admin(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kvtier` command; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    args, extra = _parser().parse_known_args(argv)
+    if extra:  # named with the command, not the top-level usage
+        print(
+            f"kvtier {args.command}: error: unrecognized arguments: {' '.join(extra)} "
+            f"(see kvtier {args.command} --help)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     try:
+        if args.command != "up" and getattr(args, "state_dir", None) is not None:
+            state_dir(args.state_dir)
         if args.command == "up":
             return _up(args, argv)
         if args.command == "down":
@@ -310,6 +470,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "admin":
             return _admin(args)
         return _health(args)
+    except (UsageError, devports.PortError) as exc:
+        print(f"kvtier {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # `kvtier status | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (devcluster.ClusterError, errors.KVTierError) as exc:
         print(f"kvtier {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -1,4 +1,5 @@
-"""`kvtier status`: every node of a cluster with its role, address, health and epoch."""
+"""`kvtier status` and `kvtier health` (no address): every node of a cluster with its role,
+addresses, health and epoch, and whether the cluster is degraded (`problems`)."""
 
 from __future__ import annotations
 
@@ -90,6 +91,7 @@ async def collect(
             "role": clustermap.role_name(n.role),
             "address": n.grpc_address,
             "metrics": n.metrics_address,
+            "s3": f"{'https' if n.tls else 'http'}://{n.s3_address}" if n.s3_address else None,
             "health": h,
             "epoch": e,
             "pid": n.pid,
@@ -125,7 +127,7 @@ async def collect(
         }
         for pool in cmap.pools
     ]
-    return {
+    state: dict[str, Any] = {
         "epoch": cmap.epoch,
         "deployment_id": cmap.deployment_id,
         "nodes": nodes,
@@ -133,18 +135,60 @@ async def collect(
         "pools": pools,
         "pending_drives": len(cmap.pending_drives),
     }
+    state["problems"] = problems(state)
+    state["healthy"] = not state["problems"]
+    return state
+
+
+def problems(state: dict[str, Any]) -> list[str]:
+    """What makes the cluster degraded, one phrase each: a node not SERVING, a datanode DOWN
+    (in a set but not in the map), a set with drives offline, a role with no node, no pool."""
+    found = [f"{n['node_id']} is {n['health']}" for n in state["nodes"] if n["health"] != "SERVING"]
+    found += [f"{node_id} is DOWN" for node_id in state["down"]]
+    for pool in state["pools"]:
+        found += [
+            f"pool {pool['index']} set {s['index']}: {s['online']}/{s['drives']} drives online"
+            for s in pool["sets"]
+            if s["online"] < s["drives"]
+        ]
+    roles = {n["role"] for n in state["nodes"]}
+    found += [
+        f"no {role} in the cluster map" for role in ("metadata", "gateway") if role not in roles
+    ]
+    if not state["pools"]:
+        found.append(f"no pool formed ({state['pending_drives']} drives pending)")
+    return found
+
+
+def render_health(state: dict[str, Any]) -> str:
+    """`kvtier health`'s cluster-wide lines: each node's health, then the verdict."""
+    lines = [
+        f"{n['node_id']:14} {n['role']:9} {n['address']:22} {n['health']}" for n in state["nodes"]
+    ]
+    lines += [f"{node_id:14} {'datanode':9} {'-':22} DOWN" for node_id in state["down"]]
+    return "\n".join([*lines, _verdict(state)])
+
+
+def _verdict(state: dict[str, Any]) -> str:
+    if state["problems"]:
+        return "cluster DEGRADED: " + "; ".join(state["problems"])
+    return "cluster healthy"
 
 
 def render(state: dict[str, Any]) -> str:
     """A human-readable table of collect()'s result."""
     rows = [
-        ("NODE", "ROLE", "ADDRESS", "HEALTH", "EPOCH", "DATA PLANE (offered)", "KV FILL / HITS")
-    ]
+        (
+            "NODE", "ROLE", "ADDRESS", "METRICS", "HEALTH", "EPOCH", "DATA PLANE (offered)",
+            "KV FILL / HITS",
+        )
+    ]  # fmt: skip
     rows += [
         (
             n["node_id"],
             n["role"],
             n["address"],
+            n.get("metrics") or "-",
             n["health"],
             str(n["epoch"] or "-"),
             f"{n['dataplane']} ({','.join(n['dataplane_offered'])})" if n["dataplane"] else "-",
@@ -152,9 +196,11 @@ def render(state: dict[str, Any]) -> str:
         )
         for n in state["nodes"]
     ]
-    rows += [(node_id, "datanode", "-", "DOWN", "-", "-", "-") for node_id in state["down"]]
+    rows += [(node_id, "datanode", "-", "-", "DOWN", "-", "-", "-") for node_id in state["down"]]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"cluster map epoch {state['epoch']}  deployment {state['deployment_id']}"]
+    endpoints = [n["s3"] for n in state["nodes"] if n.get("s3")]
+    lines.append(f"S3 endpoint: {', '.join(endpoints) or '(none: no gateway serves S3)'}")
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
     for pool in state["pools"]:
         sets = ", ".join(
@@ -164,6 +210,7 @@ def render(state: dict[str, Any]) -> str:
         lines.append(f"pool {pool['index']}: {sets}")
     if state["pending_drives"]:
         lines.append(f"{state['pending_drives']} drives pending (not yet in a pool)")
+    lines.append(_verdict(state))
     return "\n".join(lines)
 
 
