@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import math
 import os
+import pathlib
 import socket
 import typing
 from collections.abc import Mapping, Sequence
@@ -36,6 +37,23 @@ def _check_port(name: str, value: int, *, allow_disabled: bool = False) -> None:
     if not low <= value <= 65535:
         hint = " (-1 disables)" if allow_disabled else ""
         raise ConfigError(f"{name}: {value} is not a port number 0..65535{hint}")
+
+
+#: Kernel file systems, never storage (/dev/shm, a tmpfs, is allowed).
+_VIRTUAL_ROOTS = frozenset({"proc", "sys", "dev"})
+
+
+def check_storage_dir(name: str, value: str) -> None:
+    """ConfigError unless value can be a directory kvtier keeps state in: not empty, not on
+    /proc, /sys or /dev (but /dev/shm), not an existing file."""
+    if not value.strip():
+        raise ConfigError(f"{name}: must not be empty")
+    path = pathlib.Path(value).resolve()
+    shm = path.parts[1:3] == ("dev", "shm")
+    if len(path.parts) > 1 and path.parts[1] in _VIRTUAL_ROOTS and not shm:
+        raise ConfigError(f"{name}: {path} is on /{path.parts[1]}, not a storage file system")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{name}: {path} exists and is not a directory")
 
 
 def _check_endpoint(name: str, value: str) -> None:

@@ -27,8 +27,9 @@ class DatanodeConfig(config.DataPlaneServiceConfig):
 
     def __post_init__(self) -> None:
         config.DataPlaneServiceConfig.__post_init__(self)
-        if not self.data_dir:
-            raise config.ConfigError("data_dir: must not be empty")
+        config.check_storage_dir("data_dir", self.data_dir)
+        for drive in self.drives:
+            config.check_storage_dir("drives", drive)
         if not self.drives and not 1 <= self.drive_count <= 64:
             raise config.ConfigError(f"drive_count: {self.drive_count} is not in 1..64")
         if self.staging_slot_bytes < 64 * 1024 or self.staging_bytes < self.staging_slot_bytes:

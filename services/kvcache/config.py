@@ -76,8 +76,7 @@ class KVCacheConfig(config.DataPlaneServiceConfig):
 
     def __post_init__(self) -> None:
         config.DataPlaneServiceConfig.__post_init__(self)
-        if not self.data_dir:
-            raise config.ConfigError("data_dir: must not be empty")
+        config.check_storage_dir("data_dir", self.data_dir)
         if self.page_bytes < 4096 or self.page_bytes % 4096:
             raise config.ConfigError("page_bytes: must be a positive multiple of 4096")
         if self.arena_bytes < self.page_bytes or self.arena_bytes % self.page_bytes:

@@ -244,6 +244,13 @@ def test_drives_parse_as_a_comma_list_from_env() -> None:
     assert cfg.drive_paths() == [Path("/mnt/a"), Path("/mnt/b")]
 
 
+def test_a_data_dir_that_is_a_file_is_rejected(tmp_path: Path) -> None:
+    file = tmp_path / "file"
+    file.write_text("x")
+    assert "exists and is not a directory" in config_error(["--data-dir", str(file)])
+    assert load_datanode(["--data-dir", "/dev/shm/kvtier-test"]).data_dir  # a tmpfs is fine
+
+
 def test_drive_listed_twice_is_rejected() -> None:
     assert "twice" in config_error(["--drives", "/mnt/a,/mnt/b,/mnt/a/"])
 
@@ -275,6 +282,10 @@ def test_lease_ttl_below_etcd_minimum_is_rejected() -> None:
         (["--etcd-wait-s", "-1"], "etcd_wait_s"),
         (["--shutdown-grace-s", "-0.5"], "shutdown_grace_s"),
         (["--data-dir", ""], "data_dir"),
+        (["--data-dir", "/proc"], "data_dir: /proc is on /proc"),
+        (["--data-dir", "/sys/kvtier"], "data_dir: /sys/kvtier is on /sys"),
+        (["--data-dir", "/dev/kvtier"], "on /dev"),
+        (["--drives", "/mnt/a,/proc/b"], "drives: /proc/b is on /proc"),
     ],
 )
 def test_bad_values_name_their_setting(argv: list[str], setting: str) -> None:

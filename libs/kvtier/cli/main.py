@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import kvtier
+from kvtier import config as kvtier_config
 from kvtier import devcluster, devports, errors, pki, rpc, security
 from kvtier.cli import admin as admin_cmd
 from kvtier.cli import certs as certs_cmd
@@ -54,8 +55,6 @@ from kvtier.cli import status as status_cmd
 
 DEFAULT_STATE_DIR = ".kvtier"
 EXIT_USAGE = 2
-#: File systems a state dir must never be on (they are the kernel's, not storage).
-_VIRTUAL_ROOTS = frozenset({"proc", "sys", "dev"})
 
 
 class UsageError(Exception):
@@ -258,14 +257,11 @@ def _parser() -> argparse.ArgumentParser:
 def state_dir(raw: str, *, create: bool = False) -> Path:
     """The resolved --state-dir; UsageError when it is empty, not a directory, on a kernel file
     system (/proc, /sys, /dev but /dev/shm) or (create) cannot be made private."""
-    if not raw.strip():
-        raise UsageError("--state-dir: must not be empty")
+    try:
+        kvtier_config.check_storage_dir("--state-dir", raw)
+    except kvtier_config.ConfigError as exc:
+        raise UsageError(str(exc)) from None
     path = Path(raw).resolve()
-    shm = path.parts[1:3] == ("dev", "shm")  # a tmpfs: a fine home for a throwaway cluster
-    if len(path.parts) > 1 and path.parts[1] in _VIRTUAL_ROOTS and not shm:
-        raise UsageError(f"--state-dir {path}: on /{path.parts[1]}, not a storage file system")
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--state-dir {path}: exists and is not a directory")
     if create:
         try:
             pki.ensure_private_dir(path)
