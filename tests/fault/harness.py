@@ -1,0 +1,453 @@
+"""The fault harness: a secure dev cluster whose every node runs in its own network namespace.
+
+Nodes: etcd, metadata-1, datanode-1..N (each drive a small tmpfs, so a drive can be filled to
+ENOSPC), kvcache-1..M and gateway-1, each in a namespace on one bridge (tests/fault/netns.py)
+with its own 127.77.S.x address; the test process stays in the root namespace and reaches them
+through the bridge. Services are started as `ip netns exec NS python -m services.<role>` with
+the flags `kvtier up` passes (libs/kvtier/devcluster.py), bound to the node's address, with
+certificates whose IP SANs name it (mutual TLS everywhere, as in a real cluster).
+
+Faults: `partition(a, b)` / `heal`, `impair(node, delay_ms, loss, jitter_ms)` (user-space
+netem, tests/fault/netem.py), `signal(node, sig)` (SIGKILL, SIGSTOP, SIGCONT), `restart(node)`,
+`fill_drive(node, i)` / `free_drive`. Ready means visible in the cluster map and SERVING
+(devcluster's own check), never a sleep; every wait has a deadline. `close()` undoes
+everything and is idempotent; `start()` first removes what a dead run of this harness left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal as signals
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from kvtier import devcluster, etcdserver, masterkey, membership, pki, security, users
+from kvtier.proto.common.v1 import common_pb2
+from tests.fault import netns
+
+ETCD_CLIENT_PORT = 2379
+READY_TIMEOUT_S = 150.0
+LEASE_TTL_S = 2
+
+
+class FaultCluster:
+    """One cluster in namespaces; see the module docstring. Use as a context manager."""
+
+    def __init__(
+        self,
+        base: Path,
+        *,
+        datanodes: int = 4,
+        drives_per_datanode: int = 2,
+        kvcache_nodes: int = 1,
+        drive_bytes: int = 96 << 20,
+    ) -> None:
+        self.base = base
+        self.state = base / "state"
+        self.datanodes = datanodes
+        self.drives_per_datanode = drives_per_datanode
+        self.kvcache_nodes = kvcache_nodes
+        self.drive_bytes = drive_bytes
+        self.fabric = netns.Fabric(subnet=os.getpid() % 200 + 20)
+        self.children: dict[str, devcluster.Child] = {}
+        self.etcd: devcluster.Child | None = None
+        self.impairments: dict[str, subprocess.Popen[bytes]] = {}
+        self.mounts: list[Path] = []
+        self.info: dict[str, Any] = {}
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> FaultCluster:
+        try:
+            self.start()
+        except BaseException:
+            sys.stderr.write(self.logs())
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def node_names(self) -> list[str]:
+        """Every node, in start order."""
+        names = ["etcd", "metadata-1"]
+        names += [f"datanode-{i}" for i in range(1, self.datanodes + 1)]
+        names += [f"kvcache-{i}" for i in range(1, self.kvcache_nodes + 1)]
+        return [*names, "gateway-1"]
+
+    def address(self, node: str) -> str:
+        """The node's address on the bridge."""
+        return self.fabric.endpoints[node].address
+
+    @property
+    def etcd_endpoint(self) -> str:
+        """etcd's host:port as every node dials it."""
+        return f"{self.address('etcd')}:{ETCD_CLIENT_PORT}"
+
+    def start(self) -> None:
+        """Build the fabric, certificates and drives; start etcd and every service; wait ready."""
+        netns.cleanup_stale()
+        _cleanup_stale_mounts()
+        pki.ensure_private_dir(self.state)
+        pki.ensure_private_dir(self.state / "logs")
+        (self.base / "owner.pid").write_text(str(os.getpid()))
+        self.fabric.open()
+        for node in self.node_names():
+            self.fabric.add(node)
+        self._issue_certificates()
+        masterkey.write_new(self.state / devcluster.MASTER_KEY_FILE)
+        self._start_etcd()
+        for node in self.node_names()[1:]:
+            self.children[node] = self._child(node)
+            self.children[node].start()
+        cmap = asyncio.run(self._wait_ready())
+        asyncio.run(self._ensure_admin(cmap))
+        self.info = self._cluster_info(cmap)
+
+    def close(self) -> None:
+        """Stop every process (SIGTERM, then SIGKILL), undo faults, remove namespaces, drives."""
+        for proc in self.impairments.values():
+            _terminate(proc, 5)
+        self.impairments.clear()
+        for role in ("gateway", "kvcache", "datanode", "metadata"):
+            group = [c for c in self.children.values() if c.role == role and c.proc is not None]
+            for child in group:
+                assert child.proc is not None
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(signals.SIGCONT)  # a stopped process cannot exit
+            for child in group:
+                assert child.proc is not None
+                _terminate(child.proc, 10)
+        if self.etcd is not None and self.etcd.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.etcd.proc.send_signal(signals.SIGCONT)
+            _terminate(self.etcd.proc, 10)
+        self.fabric.close()
+        for mount in self.mounts:
+            subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True)
+        self.mounts.clear()
+
+    # -- faults -------------------------------------------------------------------------------
+
+    def partition(self, a: str, b: str) -> None:
+        """Silently drop every packet between nodes a and b (both ways) until heal(a, b)."""
+        self.fabric.partition(a, b)
+
+    def heal(self, a: str, b: str) -> None:
+        """Undo partition(a, b)."""
+        self.fabric.heal(a, b)
+
+    def impair(self, node: str, *, delay_ms: float, loss: float = 0.0, jitter_ms: float = 0.0,
+               seed: int = 0) -> None:  # fmt: skip
+        """Delay (± jitter: reordering) and drop node's outgoing packets until unimpair(node)."""
+        end = self.fabric.endpoints[node]
+        ready = self.base / f"netem-{node}.ready"
+        ready.unlink(missing_ok=True)
+        argv = [
+            "ip", "netns", "exec", end.ns, sys.executable, "-m", "tests.fault.netem",
+            f"--subnet=127.77.{self.fabric.subnet}.0/24", f"--address={end.address}",
+            f"--macs={json.dumps(self.fabric.mac_table())}", f"--delay-ms={delay_ms}",
+            f"--jitter-ms={jitter_ms}", f"--loss={loss}", f"--seed={seed}",
+            f"--ready-file={ready}",
+        ]  # fmt: skip
+        with devcluster.open_log(self.state / "logs" / f"netem-{node}.log") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=_repo_root())
+        self.impairments[node] = proc
+        _wait(lambda: ready.exists() or proc.poll() is not None, 20, f"netem on {node}")
+        if proc.poll() is not None:
+            raise AssertionError(f"netem on {node} exited {proc.returncode}: {self.logs()}")
+
+    def unimpair(self, node: str) -> None:
+        """Undo impair(node): the route goes back to eth0."""
+        proc = self.impairments.pop(node, None)
+        if proc is not None:
+            _terminate(proc, 10)
+
+    def signal(self, node: str, sig: signals.Signals) -> None:
+        """Send sig to node's process (etcd included); for SIGKILL, SIGSTOP and SIGCONT, return
+        once it took effect."""
+        child = self.etcd if node == "etcd" else self.children[node]
+        assert child is not None
+        assert child.proc is not None
+        child.proc.send_signal(sig)
+        if sig == signals.SIGKILL:
+            child.proc.wait(30)
+        elif sig == signals.SIGSTOP:  # delivered asynchronously: return once it is stopped
+            _wait(lambda: self.process_state(node) == "T", 10, f"{node} stopped")
+        elif sig == signals.SIGCONT:
+            _wait(lambda: self.process_state(node) != "T", 10, f"{node} running")
+
+    def restart(self, node: str) -> None:
+        """Start node again (same identity, data and flags) and wait until the cluster is ready."""
+        child = self.children[node]
+        if child.running():
+            assert child.proc is not None
+            _terminate(child.proc, 15)
+        child.start()
+        asyncio.run(self._wait_ready())
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> float:
+        """Wait until every node is in the map and SERVING; returns the seconds it took."""
+        started = time.monotonic()
+        asyncio.run(self._wait_ready(timeout_s))
+        return time.monotonic() - started
+
+    def drive_path(self, node: str, index: int) -> Path:
+        """Drive index of datanode node (a tmpfs of drive_bytes)."""
+        return self.state / "nodes" / node / f"kvtft-drive{index}"
+
+    def fill_drive(self, node: str, index: int) -> int:
+        """Fill drive index of node until the filesystem says ENOSPC; returns bytes written."""
+        filler = self.drive_path(node, index) / "kvtft-filler"
+        written = 0
+        chunk = b"\0" * (1 << 20)
+        with filler.open("ab") as out:
+            try:
+                while True:
+                    out.write(chunk)
+                    out.flush()
+                    written += len(chunk)
+            except OSError:
+                pass
+        return written
+
+    def free_drive(self, node: str, index: int) -> None:
+        """Undo fill_drive."""
+        (self.drive_path(node, index) / "kvtft-filler").unlink(missing_ok=True)
+
+    def connect_s(self, src: str, dst: str, port: int, timeout_s: float = 1.5) -> float | None:
+        """Seconds a TCP connect from src's namespace to dst:port takes; None when it times out
+        (a partition) or is refused. Checks that a fault is in place."""
+        code = (
+            "import socket, sys, time\n"
+            "t = time.monotonic()\n"
+            "try:\n"
+            f"    socket.create_connection(({self.address(dst)!r}, {port}), timeout={timeout_s})\n"
+            "except OSError:\n"
+            "    sys.exit(1)\n"
+            "print(time.monotonic() - t)\n"
+        )
+        argv = ["ip", "netns", "exec", self.fabric.endpoints[src].ns, sys.executable, "-c", code]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        return float(result.stdout) if result.returncode == 0 else None
+
+    def process_state(self, node: str) -> str:
+        """The node's process state letter from /proc (R, S, T for stopped, ...)."""
+        child = self.etcd if node == "etcd" else self.children[node]
+        assert child is not None
+        assert child.proc is not None
+        with open(f"/proc/{child.proc.pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[-1].split()[0]
+
+    def logs(self, tail_chars: int = 4000) -> str:
+        """Every node's log tail, for failure reports."""
+        parts = []
+        for log in sorted((self.state / "logs").glob("*.log")):
+            parts.append(f"===== {log.name}\n{log.read_text(errors='replace')[-tail_chars:]}")
+        return "\n".join(parts)
+
+    # -- start-up -----------------------------------------------------------------------------
+
+    def _issue_certificates(self) -> None:
+        directory = devcluster.pki_dir(self.state)
+        authority = pki.new_authority(f"kvtier-fault-{os.urandom(3).hex()}")
+        pki.write_authority(directory, authority)
+        roles = {"etcd": "etcd", "metadata-1": "metadata", "gateway-1": "gateway"}
+        for node in self.node_names():
+            role = roles.get(node, node.split("-")[0])
+            hosts = [self.address(node), "127.0.0.1", "localhost"]
+            pki.write_pair(directory, node, authority.issue(role, node, hosts=hosts))
+        pki.write_pair(directory, "operator", authority.issue("operator", "operator"))
+
+    def _etcd_tls(self) -> etcdserver.EtcdTLS:
+        certs = devcluster.pki_dir(self.state)
+        return etcdserver.EtcdTLS(
+            str(certs / pki.CA_CERT), str(certs / "etcd.crt"), str(certs / "etcd.key")
+        )
+
+    def _start_etcd(self) -> None:
+        end = self.fabric.endpoints["etcd"]
+        client = f"https://{end.address}:{ETCD_CLIENT_PORT}"
+        peer = "https://127.0.0.1:2380"
+        argv = [
+            "ip", "netns", "exec", end.ns, etcdserver.find_binary("etcd"), "--name=kvtier",
+            f"--data-dir={self.state / 'etcd'}", f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}", f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}", f"--initial-cluster=kvtier={peer}",
+            "--log-level=warn", *self._etcd_tls().args(),
+        ]  # fmt: skip
+        self.etcd = devcluster.Child("etcd", "etcd", argv, self.state / "logs" / "etcd.log")
+        self.etcd.start()
+        context = self._etcd_tls().context()
+
+        def healthy() -> bool:
+            assert self.etcd is not None
+            if not self.etcd.running():
+                raise AssertionError(f"etcd exited: {self.etcd.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{client}/health", timeout=1, context=context) as r:
+                    return bool(json.loads(r.read()).get("health") == "true")
+            except (OSError, ValueError):
+                return False
+
+        _wait(healthy, 30, "etcd healthy")
+
+    def _child(self, node: str) -> devcluster.Child:
+        role = node.split("-")[0]
+        end = self.fabric.endpoints[node]
+        certs = devcluster.pki_dir(self.state)
+        master_key = f"--master-key-file={self.state / devcluster.MASTER_KEY_FILE}"
+        data = self.state / "nodes" / node
+        extra: list[str] = {
+            "metadata": [f"--pool-drives={self.datanodes * self.drives_per_datanode}", master_key],
+            "kvcache": [f"--data-dir={data}", "--arena-bytes=67108864", "--page-bytes=4194304"],
+            "gateway": [master_key, "--s3-port=0"],
+        }.get(role, [])
+        if role == "datanode":
+            extra = [f"--data-dir={data}", f"--drives={','.join(map(str, self._drives(node)))}"]
+        argv = [
+            "ip", "netns", "exec", end.ns, sys.executable, "-m", f"services.{role}",
+            f"--node-id={node}", f"--etcd-endpoints={self.etcd_endpoint}",
+            f"--etcd-prefix={devcluster.ETCD_PREFIX}", f"--host={end.address}",
+            "--grpc-port=0", "--client-port=0", "--metrics-port=-1",
+            f"--lease-ttl-s={LEASE_TTL_S}", "--shutdown-grace-s=2",
+            f"--tls-ca-file={certs / pki.CA_CERT}", f"--tls-cert-file={certs / f'{node}.crt'}",
+            f"--tls-key-file={certs / f'{node}.key'}", *extra,
+        ]  # fmt: skip
+        return devcluster.Child(node, role, argv, self.state / "logs" / f"{node}.log")
+
+    def _drives(self, node: str) -> list[Path]:
+        paths = []
+        for index in range(self.drives_per_datanode):
+            path = self.drive_path(node, index)
+            if not path.exists():
+                path.mkdir(parents=True)
+                subprocess.run(
+                    ["mount", "-t", "tmpfs", "-o", f"size={self.drive_bytes},mode=0700",
+                     "kvtft-drive", str(path)],
+                    check=True, capture_output=True, timeout=30,
+                )  # fmt: skip
+                self.mounts.append(path)
+            paths.append(path)
+        return paths
+
+    def operator_security(self) -> security.ClientSecurity:
+        """Mutual TLS as the operator (etcd, service ports)."""
+        return devcluster.operator_security(self.state)
+
+    def user_security(self) -> security.ClientSecurity:
+        """The admin user over TLS to the client ports (what SDK users do)."""
+        return security.ClientSecurity(
+            ca_file=str(devcluster.pki_dir(self.state) / pki.CA_CERT),
+            access_key=self.info["s3_access_key"],
+            secret_key=self.info["s3_secret_key"],
+            token_address=self.info["metadata_client"],
+        )
+
+    async def _store(self) -> membership.EtcdMembership:
+        store = membership.EtcdMembership(
+            (self.etcd_endpoint,), devcluster.ETCD_PREFIX, security=self.operator_security()
+        )
+        await store.connect(wait_s=10)
+        return store
+
+    async def _wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> common_pb2.ClusterMap:
+        expected = {"metadata": 1, "datanode": self.datanodes, "kvcache": self.kvcache_nodes,
+                    "gateway": 1}  # fmt: skip
+        store = await self._store()
+        try:
+            deadline = time.monotonic() + timeout_s
+            last = "no map yet"
+            while time.monotonic() < deadline:
+                for child in self.children.values():
+                    if child.proc is not None and not child.running():
+                        raise AssertionError(f"{child.name} exited: {child.log_tail()}")
+                try:
+                    cmap = (await asyncio.wait_for(store.get_map(), 5)).map
+                    ok, last = await asyncio.wait_for(
+                        devcluster._ready(cmap, expected, self.operator_security()), 10
+                    )
+                except Exception as exc:  # a loaded machine: not ready yet
+                    ok, last = False, repr(exc)
+                if ok:
+                    return cmap
+                await asyncio.sleep(0.2)
+            raise AssertionError(f"cluster not ready after {timeout_s:g}s: {last}")
+        finally:
+            await store.close()
+
+    async def _ensure_admin(self, cmap: common_pb2.ClusterMap) -> None:
+        metadata = next(n for n in cmap.nodes if n.node_id == "metadata-1")
+        store = await self._store()
+        try:
+            key = masterkey.load(str(self.state / devcluster.MASTER_KEY_FILE))
+            assert key is not None
+            await devcluster.ensure_admin(
+                metadata.grpc_address, users.UserStore(store, key),
+                devcluster.credentials(self.state), self.operator_security(),
+            )  # fmt: skip
+        finally:
+            await store.close()
+
+    def _cluster_info(self, cmap: common_pb2.ClusterMap) -> dict[str, Any]:
+        by_id = {n.node_id: n for n in cmap.nodes}
+        creds = devcluster.credentials(self.state)
+        metadata, gateway = by_id["metadata-1"], by_id["gateway-1"]
+        return {
+            "ca_file": str(devcluster.pki_dir(self.state) / pki.CA_CERT),
+            "etcd": self.etcd_endpoint,
+            "metadata": metadata.grpc_address,
+            "metadata_client": metadata.client_address or metadata.grpc_address,
+            "gateway_grpc": gateway.client_address or gateway.grpc_address,
+            "gateway_s3": f"https://{gateway.s3_address}",
+            "s3_access_key": creds["access_key"],
+            "s3_secret_key": creds["secret_key"],
+        }
+
+
+def _wait(check: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s:g}s")
+        time.sleep(0.05)
+
+
+def _terminate(proc: subprocess.Popen[bytes], grace_s: float) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signals.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+
+
+def _cleanup_stale_mounts() -> None:
+    """Unmount drives of earlier runs (the tmpfs device name is the harness's own)."""
+    with open("/proc/mounts") as mounts:
+        stale = [line.split()[1] for line in mounts if line.startswith("kvtft-drive ")]
+    for path in stale:
+        owner = _owner_pid(path)
+        if owner is None or not netns.pid_alive(owner) or owner == os.getpid():
+            subprocess.run(["umount", "-l", path], check=False, capture_output=True)
+
+
+def _owner_pid(path: str) -> int | None:
+    marker = Path(path).parent.parent.parent.parent / "owner.pid"
+    try:
+        return int(marker.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _repo_root() -> str:
+    return str(Path(__file__).resolve().parents[2])
