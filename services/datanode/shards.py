@@ -64,6 +64,12 @@ OBJECTS_DIR = "objects"
 TMP_DIR = Path(".kvtier") / "tmp"
 INDEX_FILE = Path(".kvtier") / "index.sqlite"
 JOURNAL_FILE = Path(".kvtier") / "journal"
+#: Present only while the drive is closed cleanly (its index checkpointed and synced): created
+#: durably at close, removed durably at open before anything changes. Its absence at open on a
+#: new boot means the index may have lost transactions: it is rebuilt. A file, not a row of the
+#: index: the index's own writes are not synced (synchronous=NORMAL), so a "dirty" row could be
+#: lost with a power loss and the next boot would trust a stale index.
+CLEAN_FILE = Path(".kvtier") / "index.clean"
 JOURNAL_CHECKPOINT_BYTES = 64 << 20
 META_FILE = "meta"
 
@@ -424,22 +430,24 @@ class ShardStore:
             self._closed = True
             self.checkpoint()
             self._journal.close()
-            self._index.set_state(clean="1")
-            self._index.close()
+            self._index.close(synced=True)
+            _write_synced(self.drive.path / CLEAN_FILE, b"clean\n")
+            _fsync_dir((self.drive.path / CLEAN_FILE).parent)
 
     def _recover(self, fresh: bool) -> None:
+        marker = self.drive.path / CLEAN_FILE
+        clean = marker.exists()
         state, boot = self._index.get_state(), _boot_id()
-        if (
-            fresh
-            or "boot_id" not in state
-            or (state.get("clean") != "1" and state["boot_id"] != boot)
-        ):
+        if fresh or "boot_id" not in state or (not clean and state["boot_id"] != boot):
             count = self.rebuild_index()
             log.info("drive %s: index rebuilt, %d objects", self.drive.path, count)
         else:
             for bucket, key in self._index.pending():
                 self._reindex(bucket, key)
-        self._index.set_state(boot_id=boot, clean="0")
+        self._index.set_state(boot_id=boot)
+        if clean:  # dirty from now on, durably, before the first change
+            marker.unlink()
+            _fsync_dir(marker.parent)
 
     def _object_dir(self, bucket: str, key: str) -> Path:
         names.check_stored(bucket, key)
