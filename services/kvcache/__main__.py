@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from kvtier import errors, identity, service
+from kvtier import errors, identity, kvsettings, service
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
 from services.kvcache import blocks, config, durable, gatewaylink, servicer, spillqueue
@@ -27,6 +27,7 @@ class _Node:
         self.cfg = cfg
         self.blocks: blocks.BlockService | None = None
         self.tier: durable.DurableTier | None = None
+        self.settings: kvsettings.KVSettingsStore | None = None
 
     def add_servicers(self, server: grpc.aio.Server, ctx: service.Context) -> Sequence[str]:
         """Allocate the arena in the data plane (registered with every transport at its
@@ -64,8 +65,9 @@ class _Node:
             epoch=ctx.map_view.epoch, tier=tier, revoke=dataplane.issuer.revoke,
         )  # fmt: skip
         dataplane.ctx.call_handler = self.blocks.handle_call
+        self.settings = kvsettings.KVSettingsStore(ctx.store)
         kvcache_pb2_grpc.add_KVCacheServiceServicer_to_server(
-            servicer.KVCacheServicer(self.blocks), server
+            servicer.KVCacheServicer(self.blocks, self.settings), server
         )
         log.info("kvcache arena: %d bytes, policy %s", cfg.arena_bytes, cfg.eviction_policy)
         return [kvcache_pb2.DESCRIPTOR.services_by_name["KVCacheService"].full_name]
@@ -102,6 +104,18 @@ class _Node:
         finally:
             await self.tier.queue.objects.close()
 
+    async def settings_loop(self, ctx: service.Context) -> None:
+        """Apply the cluster's KV settings (quotas, namespace TTLs and durability) from etcd, at
+        start and after every change: they override this node's configuration."""
+        if self.settings is None or self.blocks is None:
+            return
+        async for snapshot in self.settings.watch():
+            for setting in snapshot:
+                try:
+                    self.blocks.apply_setting(setting)
+                except errors.KVTierError as exc:  # e.g. durability on a node without a tier
+                    log.warning("KV setting not applied here: %s", exc.message)
+
     async def sweep_loop(self, ctx: service.Context) -> None:
         """Expire TTLs, stale leases and stuck puts; refresh the gauges."""
         while True:
@@ -124,7 +138,7 @@ def build(cfg: config.KVCacheConfig) -> service.ServiceSpec:
         on_close=lock.close,
         dataplane=True,
         add_servicers=node.add_servicers,
-        loops=(node.sweep_loop, node.spill_loop),
+        loops=(node.sweep_loop, node.spill_loop, node.settings_loop),
     )
 
 

@@ -34,10 +34,11 @@ from __future__ import annotations
 import collections
 import inspect
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from kvtier import blocksums, errors
+from kvtier import blocksums, errors, kvsettings
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from kvtier.transport import base, calls
 from kvtier.transport import dataplane as transport_dataplane
@@ -453,6 +454,34 @@ class BlockService:
         else:
             self.tier.set_policy(tenant, namespace, durability)
         return pb.SetNamespacePolicyResponse()
+
+    def check_setting(self, req: kvsettings.Setting) -> None:
+        """Raise what applying req would (InvalidArgument), changing nothing: what the servicer
+        checks before it stores a setting in etcd."""
+        if isinstance(req, pb.SetQuotaRequest):
+            _tenant(req.tenant)
+            return
+        tenant = _tenant(req.namespace.tenant)
+        _namespace(tenant, req.namespace, trusted=False)
+        if isinstance(req, pb.SetNamespaceTTLRequest):
+            if not math.isfinite(req.ttl_s) or req.ttl_s < 0:
+                raise errors.InvalidArgument("ttl_s must be a finite number >= 0")
+            return
+        try:
+            durability = durable.Durability(req.durability)
+        except ValueError:
+            raise errors.InvalidArgument(f"unknown durability {req.durability}") from None
+        if self.tier is None and durability is not durable.Durability.NONE:
+            raise errors.InvalidArgument("this node has no durable tier")
+
+    def apply_setting(self, req: kvsettings.Setting) -> None:
+        """Apply a quota, namespace TTL or durability setting on this node."""
+        if isinstance(req, pb.SetQuotaRequest):
+            self.set_quota(req)
+        elif isinstance(req, pb.SetNamespaceTTLRequest):
+            self.set_namespace_ttl(req)
+        else:
+            self.set_namespace_policy(req)
 
     # Housekeeping.
 

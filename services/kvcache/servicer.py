@@ -14,7 +14,7 @@ import inspect
 from collections.abc import Awaitable
 from typing import TypeVar
 
-from kvtier import errors, principal, rpc
+from kvtier import errors, kvsettings, principal, rpc
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from kvtier.proto.kvcache.v1 import kvcache_pb2_grpc as pb_grpc
 from services.kvcache import blocks
@@ -46,8 +46,23 @@ def _require_admin() -> None:
 class KVCacheServicer(pb_grpc.KVCacheServiceServicer):
     """kvtier.kvcache.v1.KVCacheService over one node's BlockService."""
 
-    def __init__(self, service: blocks.BlockService) -> None:
+    def __init__(
+        self,
+        service: blocks.BlockService,
+        settings: kvsettings.KVSettingsStore | None = None,
+    ) -> None:
+        """settings: where quota, TTL and durability settings persist (every node watches it
+        and applies them); None: this node only, until it restarts."""
         self._svc = service
+        self._settings = settings
+
+    async def _set(self, request: kvsettings.Setting) -> None:
+        """Check, persist (so every node gets it, a restarted one too), then apply here: a
+        refused or unstored setting changes nothing."""
+        self._svc.check_setting(request)
+        if self._settings is not None:
+            await self._settings.save(request)
+        self._svc.apply_setting(request)
 
     async def BatchPut(
         self, request: pb.BatchPutRequest, context: rpc.ServicerContext
@@ -121,17 +136,20 @@ class KVCacheServicer(pb_grpc.KVCacheServiceServicer):
     ) -> pb.SetQuotaResponse:
         _require_admin()
         request.tenant = principal.current().acting_tenant(request.tenant)
-        return self._svc.set_quota(request)
+        await self._set(request)
+        return pb.SetQuotaResponse()
 
     async def SetNamespaceTTL(
         self, request: pb.SetNamespaceTTLRequest, context: rpc.ServicerContext
     ) -> pb.SetNamespaceTTLResponse:
         _tenant(request.namespace)
-        return self._svc.set_namespace_ttl(request)
+        await self._set(request)
+        return pb.SetNamespaceTTLResponse()
 
     async def SetNamespacePolicy(
         self, request: pb.SetNamespacePolicyRequest, context: rpc.ServicerContext
     ) -> pb.SetNamespacePolicyResponse:
         _require_admin()
         _tenant(request.namespace)
-        return self._svc.set_namespace_policy(request)
+        await self._set(request)
+        return pb.SetNamespacePolicyResponse()
