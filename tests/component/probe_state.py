@@ -15,7 +15,9 @@
   multipart parts, staging; the SQLite listing index by its rows (its -wal and -shm side files
   change on mere reads and checkpoints);
 - every key and value in etcd under the cluster's prefix (`etcd:<key>`), read directly with the
-  operator's certificate. Nothing is excluded: node registrations are written once at start and
+  operator's certificate, but tenant B's own KV settings (`kv-settings/*/<B>`: B may set its
+  own namespaces' TTLs, as it may write its own blocks). Nothing else is excluded: node
+  registrations are written once at start and
   kept alive by lease keepalives, which change no value; the cluster map (and its epoch) is only
   rewritten when membership or drives change, which no probe does; buckets, users and the
   deployment id change only through the RPCs the probes try. `etcd_is_stable` checks this
@@ -61,7 +63,7 @@ async def snapshot(world: probe_cluster.World) -> Snapshot:
         _s3_kv(world),
         _kv_blocks(world),
         asyncio.to_thread(_drives, world.cluster.drive_dirs()),
-        etcd_contents(world.cluster.store),
+        etcd_contents(world.cluster.store, skip_tenant=world.b.tenant),
     )
     out: Snapshot = {}
     for part in parts:
@@ -82,13 +84,20 @@ def diff(before: Snapshot, after: Snapshot) -> list[str]:
     return lines
 
 
-async def etcd_contents(store: membership.EtcdMembership) -> Snapshot:
-    """Every key and value under the cluster's prefix (see the module docstring)."""
+async def etcd_contents(store: membership.EtcdMembership, skip_tenant: str = "") -> Snapshot:
+    """Every key and value under the cluster's prefix (see the module docstring), but the KV
+    settings of skip_tenant (tenant B's own namespace TTLs: its probes may set them)."""
     prefix = store.prefix.encode()
     found = await store.call(lambda client: client.get_prefix(prefix))
+    own = [
+        f"{store.prefix}/kv-settings/{kind}/{skip_tenant}".encode()
+        for kind in ("quota", "ttl", "policy")
+    ]
     out: Snapshot = {}
     for item in found:
         key = bytes(item.key)
+        if skip_tenant and any(key == o or key.startswith(o + b"/") for o in own):
+            continue
         out[f"etcd:{key.decode(errors='replace')}"] = _sha(key, bytes(item.value))
     assert out, "nothing in etcd under the prefix"
     return out
