@@ -88,7 +88,7 @@ def _body(op: str, keys: list[str], etag: str) -> tuple[bytes, tuple[tuple[str, 
         rule = "<ID>x</ID><Filter/><Status>Enabled</Status><Expiration><Days>1</Days></Expiration>"
         body = f"<LifecycleConfiguration><Rule>{rule}</Rule></LifecycleConfiguration>".encode()
         return body, (("Content-MD5", base64.b64encode(hashlib.md5(body).digest()).decode()),)
-    if op == "PutObjectTagging":  # a valid tag set: refused all the same
+    if op in ("PutObjectTagging", "PutBucketTagging"):  # a valid tag set: refused all the same
         body = b"<Tagging><TagSet><Tag><Key>probe</Key><Value>1</Value></Tag></TagSet></Tagging>"
         return body, (("Content-MD5", base64.b64encode(hashlib.md5(body).digest()).decode()),)
     if op == "CompleteMultipartUpload":

@@ -318,7 +318,7 @@ def test_post_object_tagging_field(info: Info, s3: Any) -> None:
     assert s3.get_object(Bucket=BUCKET, Key="posted")["Body"].read() == b"posted bytes"
 
 
-def test_kv_buckets_and_bucket_tagging_are_not_implemented(s3: Any) -> None:
+def test_kv_buckets_have_no_object_tagging(s3: Any) -> None:
     def kv_kind(request: Any, **_: Any) -> None:
         request.headers["x-kvtier-bucket-kind"] = "kv"
 
@@ -334,11 +334,42 @@ def test_kv_buckets_and_bucket_tagging_are_not_implemented(s3: Any) -> None:
     assert _fails(lambda: s3.get_object_tagging(Bucket="tagging-kv", Key="k")) == (
         "NotImplemented", 501,
     )  # fmt: skip
-    assert _fails(lambda: s3.put_bucket_tagging(Bucket=BUCKET, Tagging=_tag_set({"a": "b"}))) == (
-        "NotImplemented",
-        501,
-    )
-    assert _fails(lambda: s3.get_bucket_tagging(Bucket=BUCKET)) == ("NotImplemented", 501)
-    assert _fails(lambda: s3.delete_bucket_tagging(Bucket=BUCKET)) == ("NotImplemented", 501)
-    s3.head_bucket(Bucket=BUCKET)  # DeleteBucketTagging did not delete the bucket
+    # Bucket tags are the bucket's configuration: a KV bucket has them too.
+    s3.put_bucket_tagging(Bucket="tagging-kv", Tagging=_tag_set({"tier": "dram"}))
+    assert s3.get_bucket_tagging(Bucket="tagging-kv")["TagSet"] == [
+        {"Key": "tier", "Value": "dram"}
+    ]
     assert s3.get_object(Bucket="tagging-kv", Key="k")["Body"].read() == b"kv"
+
+
+def test_bucket_tagging(info: Info, s3: Any, users: Any) -> None:
+    assert _fails(lambda: s3.get_bucket_tagging(Bucket=BUCKET)) == ("NoSuchTagSet", 404)
+    fifty = {f"k{i:02}": f"v{i}" for i in range(50)}
+    s3.put_bucket_tagging(Bucket=BUCKET, Tagging=_tag_set(fifty))
+    got = s3.get_bucket_tagging(Bucket=BUCKET)["TagSet"]
+    assert {t["Key"]: t["Value"] for t in got} == fifty
+    # Refused sets change nothing: 51 tags, an aws: key, a duplicate key.
+    refused: list[dict[str, Any]] = [
+        _tag_set({f"k{i}": "v" for i in range(51)}),
+        _tag_set({"aws:cost": "1"}),
+        {"TagSet": [{"Key": "a", "Value": "1"}, {"Key": "a", "Value": "2"}]},
+    ]
+    for bad in refused:
+        put = functools.partial(s3.put_bucket_tagging, Bucket=BUCKET, Tagging=bad)
+        assert _fails(put) == ("InvalidTag", 400)
+    assert len(s3.get_bucket_tagging(Bucket=BUCKET)["TagSet"]) == 50
+    # Another tenant's user may neither read nor change them.
+    other = s3_cluster.client(info, *users["other"])
+    for call in (
+        lambda: other.get_bucket_tagging(Bucket=BUCKET),
+        lambda: other.put_bucket_tagging(Bucket=BUCKET, Tagging=_tag_set({"x": "1"})),
+        lambda: other.delete_bucket_tagging(Bucket=BUCKET),
+    ):
+        assert _fails(call) == ("AccessDenied", 403)
+    assert len(s3.get_bucket_tagging(Bucket=BUCKET)["TagSet"]) == 50
+    # awscli reads them; DeleteBucketTagging removes them and keeps the bucket.
+    got_cli = s3_cluster.aws_cli(info, "s3api", "get-bucket-tagging", "--bucket", BUCKET)
+    assert '"k49"' in got_cli.stdout
+    s3.delete_bucket_tagging(Bucket=BUCKET)
+    assert _fails(lambda: s3.get_bucket_tagging(Bucket=BUCKET)) == ("NoSuchTagSet", 404)
+    s3.head_bucket(Bucket=BUCKET)

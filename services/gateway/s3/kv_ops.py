@@ -32,6 +32,7 @@ from services.gateway.s3 import (
     params,
     s3errors,
     s3request,
+    tagging_ops,
     xmlio,
 )
 
@@ -216,4 +217,5 @@ SHARED = frozenset(
         "OptionsPreflight",
     }
     | lifecycle_ops.OPS
+    | tagging_ops.BUCKET_OPS
 )  # fmt: skip

@@ -46,6 +46,7 @@ STATUS: dict[str, int] = {
     "MissingSecurityHeader": 400,
     "NoSuchBucket": 404,
     "NoSuchKey": 404,
+    "NoSuchTagSet": 404,
     "NoSuchUpload": 404,
     "NoSuchVersion": 404,
     "NotModified": 304,

@@ -8,9 +8,11 @@ Last-Modified. A new PUT of the key replaces them with its own (none without x-a
 in S3. A PutObjectTagging without Content-MD5 or x-amz-checksum-* is InvalidRequest (S3 requires
 one); nothing changes unless the whole tag set is valid.
 
-Not implemented (501): `?tagging` on a bucket (a bucket record has no place for tags yet), and
-object tagging on KV buckets (their objects have no metadata to change in place: `S3Server`
-answers NotImplemented for any operation kv_ops does not serve).
+Bucket tagging (Put/Get/DeleteBucketTagging) keeps up to 50 tags in the bucket's record
+(`SetBucketConfig`), on both kinds of bucket, owner or admin only.
+
+Not implemented (501): object tagging on KV buckets (their objects have no metadata to change
+in place: `S3Server` answers NotImplemented for any operation kv_ops does not serve).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from kvtier import errors
+from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway.s3 import cors, object_ops, s3errors, s3request, tags
 
 #: The largest Tagging document read (S3's largest valid one is about 4 KiB of tags).
@@ -71,10 +74,35 @@ async def delete_object_tagging(s3: s3request.Door, req: s3request.S3Request) ->
     return web.Response(status=204)
 
 
-async def bucket_tagging(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """?tagging on a bucket: NotImplemented (once the bucket is known to be the caller's)."""
+async def put_bucket_tagging(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
+    """PutBucketTagging: replace the bucket's tags (owner or admin; at most 50; nothing changes
+    on any error). Tags are the bucket's configuration, on both kinds of bucket."""
     await s3.owned_bucket(req)
-    raise s3errors.S3Error("NotImplemented", "bucket tagging is not implemented")
+    raw = await req.payload.read_all(MAX_BODY_BYTES)
+    cors.check_integrity(req, raw)
+    tag_set = metadata_pb2.BucketTags(tags=tags.parse_xml(raw, bucket=True))
+    await s3.front.set_bucket_config(req.bucket, metadata_pb2.SetBucketConfigRequest(tags=tag_set))
+    return web.Response(status=204)
+
+
+async def get_bucket_tagging(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
+    """GetBucketTagging: the bucket's tags, or 404 NoSuchTagSet (a fresh record)."""
+    info = await s3.front.bucket_for(req.bucket, fresh=True)
+    if not info.tags.tags:
+        raise s3errors.S3Error("NoSuchTagSet", "The TagSet does not exist", status=404)
+    return web.Response(body=tags.render(info.tags.tags), content_type="application/xml")
+
+
+async def delete_bucket_tagging(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
+    """DeleteBucketTagging: 204, with tags or without."""
+    await s3.owned_bucket(req)
+    empty = metadata_pb2.SetBucketConfigRequest(tags=metadata_pb2.BucketTags())
+    await s3.front.set_bucket_config(req.bucket, empty)
+    return web.Response(status=204)
+
+
+#: Bucket-level tagging operations (served on KV buckets too: `kv_ops.SHARED`).
+BUCKET_OPS = frozenset({"GetBucketTagging", "PutBucketTagging", "DeleteBucketTagging"})
 
 
 #: (method, level, query keys it needs, op, handler): ahead of the plain object routes.
@@ -82,7 +110,7 @@ ROUTES: list[tuple[str, str, tuple[str, ...], str, s3request.Handler]] = [
     ("GET", "object", ("tagging",), "GetObjectTagging", get_object_tagging),
     ("PUT", "object", ("tagging",), "PutObjectTagging", put_object_tagging),
     ("DELETE", "object", ("tagging",), "DeleteObjectTagging", delete_object_tagging),
-    ("GET", "bucket", ("tagging",), "GetBucketTagging", bucket_tagging),
-    ("PUT", "bucket", ("tagging",), "PutBucketTagging", bucket_tagging),
-    ("DELETE", "bucket", ("tagging",), "DeleteBucketTagging", bucket_tagging),
+    ("GET", "bucket", ("tagging",), "GetBucketTagging", get_bucket_tagging),
+    ("PUT", "bucket", ("tagging",), "PutBucketTagging", put_bucket_tagging),
+    ("DELETE", "bucket", ("tagging",), "DeleteBucketTagging", delete_bucket_tagging),
 ]

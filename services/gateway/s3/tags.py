@@ -18,9 +18,12 @@ from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway.s3 import s3errors, xmlio
 
 MAX_TAGS = 10
+#: A bucket's (PutBucketTagging).
+MAX_BUCKET_TAGS = 50
 MAX_KEY_CHARS = 128
 MAX_VALUE_CHARS = 256
-#: Elements of a TagSet parsed before MalformedXML (10 tags take 31; more get BadRequest).
+#: Elements of a TagSet parsed before MalformedXML (10 tags take 31, a bucket's 50 take 151;
+#: more get BadRequest / InvalidTag).
 _MAX_TAGSET_ELEMENTS = 1 + 3 * 64
 _ALLOWED = re.compile(r"[\w\s+\-=.:/@]*")
 
@@ -29,10 +32,12 @@ def _invalid(message: str) -> s3errors.S3Error:
     return s3errors.S3Error("InvalidTag", message, status=400)
 
 
-def check(tags: list[tuple[str, str]]) -> dict[str, str]:
+def check(tags: list[tuple[str, str]], *, bucket: bool = False) -> dict[str, str]:
     """The tag set of (key, value) pairs in the order given, checked as S3 does (module
-    docstring); raises its S3 error."""
-    if len(tags) > MAX_TAGS:
+    docstring; a bucket may have MAX_BUCKET_TAGS); raises its S3 error."""
+    if bucket and len(tags) > MAX_BUCKET_TAGS:
+        raise _invalid(f"Bucket tags cannot be greater than {MAX_BUCKET_TAGS}")
+    if not bucket and len(tags) > MAX_TAGS:
         raise s3errors.S3Error(
             "BadRequest", f"Object tags cannot be greater than {MAX_TAGS}", status=400
         )
@@ -66,7 +71,7 @@ def parse_header(value: str) -> dict[str, str]:
     return check(pairs)
 
 
-def parse_xml(body: bytes) -> dict[str, str]:
+def parse_xml(body: bytes, *, bucket: bool = False) -> dict[str, str]:
     """The tags of a Tagging document (`<Tagging><TagSet><Tag><Key/><Value/></Tag>...`)."""
     pairs: list[tuple[str, str]] = []
     sets = 0
@@ -85,7 +90,7 @@ def parse_xml(body: bytes) -> dict[str, str]:
     root = xmlio.parse_children(body, take, max_children=1, max_child_elements=_MAX_TAGSET_ELEMENTS)
     if root != "Tagging" or sets != 1:
         raise s3errors.S3Error("MalformedXML", "The XML you provided was not well-formed")
-    return check(pairs)
+    return check(pairs, bucket=bucket)
 
 
 def render(tags: Mapping[str, str]) -> bytes:

@@ -28,13 +28,15 @@ from kvtier.proto.common.v1 import acl_pb2 as kvtier_dot_common_dot_v1_dot_acl__
 from kvtier.proto.common.v1 import common_pb2 as kvtier_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!kvtier/metadata/v1/metadata.proto\x12\x12kvtier.metadata.v1\x1a\x1dkvtier/common/v1/access.proto\x1a\x1akvtier/common/v1/acl.proto\x1a\x1dkvtier/common/v1/common.proto\"+\n\x14GetClusterMapRequest\x12\x13\n\x0bknown_epoch\x18\x01 \x01(\x04\"U\n\x15GetClusterMapResponse\x12)\n\x03map\x18\x01 \x01(\x0b\x32\x1c.kvtier.common.v1.ClusterMap\x12\x11\n\tunchanged\x18\x02 \x01(\x08\"-\n\x16WatchClusterMapRequest\x12\x13\n\x0b\x61\x66ter_epoch\x18\x01 \x01(\x04\"D\n\x17WatchClusterMapResponse\x12)\n\x03map\x18\x01 \x01(\x0b\x32\x1c.kvtier.common.v1.ClusterMap\"\xb4\x02\n\nBucketInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12\x63reated_at_unix_ms\x18\x02 \x01(\x04\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12,\n\x04kind\x18\x05 \x01(\x0e\x32\x1e.kvtier.metadata.v1.BucketKind\x12\x12\n\nstorage_id\x18\x06 \x01(\t\x12\"\n\x03\x61\x63l\x18\x07 \x01(\x0b\x32\x15.kvtier.common.v1.Acl\x12\x33\n\x04\x63ors\x18\x08 \x01(\x0b\x32%.kvtier.metadata.v1.CorsConfiguration\x12=\n\tlifecycle\x18\t \x01(\x0b\x32*.kvtier.metadata.v1.LifecycleConfiguration\"@\n\x11\x43orsConfiguration\x12+\n\x05rules\x18\x01 \x03(\x0b\x32\x1c.kvtier.metadata.v1.CorsRule\"\xab\x01\n\x08\x43orsRule\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0f\x61llowed_origins\x18\x02 \x03(\t\x12\x17\n\x0f\x61llowed_methods\x18\x03 \x03(\t\x12\x17\n\x0f\x61llowed_headers\x18\x04 \x03(\t\x12\x16\n\x0e\x65xpose_headers\x18\x05 \x03(\t\x12\x1c\n\x0fmax_age_seconds\x18\x06 \x01(\x05H\x00\x88\x01\x01\x42\x12\n\x10_max_age_seconds\"J\n\x16LifecycleConfiguration\x12\x30\n\x05rules\x18\x01 \x03(\x0b\x32!.kvtier.metadata.v1.LifecycleRule\"\xc7\x02\n\rLifecycleRule\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\x39\n\x04tags\x18\x04 \x03(\x0b\x32+.kvtier.metadata.v1.LifecycleRule.TagsEntry\x12 \n\x18object_size_greater_than\x18\x05 \x01(\x04\x12\x1d\n\x15object_size_less_than\x18\x06 \x01(\x04\x12\x17\n\x0f\x65xpiration_days\x18\x07 \x01(\r\x12\x1e\n\x16\x65xpiration_date_unix_s\x18\x08 \x01(\x03\x12\'\n\x1f\x61\x62ort_incomplete_multipart_days\x18\t \x01(\r\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"a\n\x13\x43reateBucketRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.kvtier.metadata.v1.BucketKind\"F\n\x14\x43reateBucketResponse\x12.\n\x06\x62ucket\x18\x01 \x01(\x0b\x32\x1e.kvtier.metadata.v1.BucketInfo\"@\n\x13\x44\x65leteBucketRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1b\n\x13\x65xpected_generation\x18\x02 \x01(\x04\"\x16\n\x14\x44\x65leteBucketResponse\" \n\x10GetBucketRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x11GetBucketResponse\x12.\n\x06\x62ucket\x18\x01 \x01(\x0b\x32\x1e.kvtier.metadata.v1.BucketInfo\"\xeb\x01\n\x16SetBucketConfigRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1b\n\x13\x65xpected_generation\x18\x02 \x01(\x04\x12$\n\x03\x61\x63l\x18\x03 \x01(\x0b\x32\x15.kvtier.common.v1.AclH\x00\x12\x35\n\x04\x63ors\x18\x04 \x01(\x0b\x32%.kvtier.metadata.v1.CorsConfigurationH\x00\x12?\n\tlifecycle\x18\x05 \x01(\x0b\x32*.kvtier.metadata.v1.LifecycleConfigurationH\x00\x42\x08\n\x06\x63onfig\"I\n\x17SetBucketConfigResponse\x12.\n\x06\x62ucket\x18\x01 \x01(\x0b\x32\x1e.kvtier.metadata.v1.BucketInfo\"$\n\x12ListBucketsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"F\n\x13ListBucketsResponse\x12/\n\x07\x62uckets\x18\x01 \x03(\x0b\x32\x1e.kvtier.metadata.v1.BucketInfo\"\xd1\x01\n\nUserRecord\x12\x12\n\naccess_key\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x10\n\x08is_admin\x18\x04 \x01(\x08\x12\x1a\n\x12\x63reated_at_unix_ms\x18\x05 \x01(\x04\x12\x14\n\x0csecret_nonce\x18\x06 \x01(\x0c\x12\x19\n\x11secret_ciphertext\x18\x07 \x01(\x0c\x12\x15\n\rmaster_key_id\x18\x08 \x01(\t\x12\x13\n\x0bshm_trusted\x18\t \x01(\x08\"\x87\x01\n\x08UserInfo\x12\x12\n\naccess_key\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x10\n\x08is_admin\x18\x04 \x01(\x08\x12\x1a\n\x12\x63reated_at_unix_ms\x18\x05 \x01(\x04\x12\x13\n\x0bshm_trusted\x18\x06 \x01(\x08\"\x88\x01\n\x11\x43reateUserRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x10\n\x08is_admin\x18\x03 \x01(\x08\x12\x12\n\naccess_key\x18\x04 \x01(\t\x12\x12\n\nsecret_key\x18\x05 \x01(\t\x12\x13\n\x0bshm_trusted\x18\x06 \x01(\x08\"T\n\x12\x43reateUserResponse\x12*\n\x04user\x18\x01 \x01(\x0b\x32\x1c.kvtier.metadata.v1.UserInfo\x12\x12\n\nsecret_key\x18\x02 \x01(\t\"\"\n\x10ListUsersRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"@\n\x11ListUsersResponse\x12+\n\x05users\x18\x01 \x03(\x0b\x32\x1c.kvtier.metadata.v1.UserInfo\"\'\n\x11\x44\x65leteUserRequest\x12\x12\n\naccess_key\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteUserResponse*9\n\nBucketKind\x12\x17\n\x13\x42UCKET_KIND_OBJECTS\x10\x00\x12\x12\n\x0e\x42UCKET_KIND_KV\x10\x01\x32\xb4\t\n\x0fMetadataService\x12\x94\x01\n\rGetClusterMap\x12(.kvtier.metadata.v1.GetClusterMapRequest\x1a).kvtier.metadata.v1.GetClusterMapResponse\".\xaa\x86\x19*\n\x08metadata\n\x08\x64\x61tanode\n\x07kvcache\n\x07gateway\x10\x01\x18\x01\x12\x9c\x01\n\x0fWatchClusterMap\x12*.kvtier.metadata.v1.WatchClusterMapRequest\x1a+.kvtier.metadata.v1.WatchClusterMapResponse\".\xaa\x86\x19*\n\x08metadata\n\x08\x64\x61tanode\n\x07kvcache\n\x07gateway\x10\x01\x18\x01\x30\x01\x12r\n\x0c\x43reateBucket\x12\'.kvtier.metadata.v1.CreateBucketRequest\x1a(.kvtier.metadata.v1.CreateBucketResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12r\n\x0c\x44\x65leteBucket\x12\'.kvtier.metadata.v1.DeleteBucketRequest\x1a(.kvtier.metadata.v1.DeleteBucketResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12i\n\tGetBucket\x12$.kvtier.metadata.v1.GetBucketRequest\x1a%.kvtier.metadata.v1.GetBucketResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12{\n\x0fSetBucketConfig\x12*.kvtier.metadata.v1.SetBucketConfigRequest\x1a+.kvtier.metadata.v1.SetBucketConfigResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12o\n\x0bListBuckets\x12&.kvtier.metadata.v1.ListBucketsRequest\x1a\'.kvtier.metadata.v1.ListBucketsResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12\x63\n\nCreateUser\x12%.kvtier.metadata.v1.CreateUserRequest\x1a&.kvtier.metadata.v1.CreateUserResponse\"\x06\xaa\x86\x19\x02\x10\x01\x12`\n\tListUsers\x12$.kvtier.metadata.v1.ListUsersRequest\x1a%.kvtier.metadata.v1.ListUsersResponse\"\x06\xaa\x86\x19\x02\x10\x01\x12\x63\n\nDeleteUser\x12%.kvtier.metadata.v1.DeleteUserRequest\x1a&.kvtier.metadata.v1.DeleteUserResponse\"\x06\xaa\x86\x19\x02\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!kvtier/metadata/v1/metadata.proto\x12\x12kvtier.metadata.v1\x1a\x1dkvtier/common/v1/access.proto\x1a\x1akvtier/common/v1/acl.proto\x1a\x1dkvtier/common/v1/common.proto\"+\n\x14GetClusterMapRequest\x12\x13\n\x0bknown_epoch\x18\x01 \x01(\x04\"U\n\x15GetClusterMapResponse\x12)\n\x03map\x18\x01 \x01(\x0b\x32\x1c.kvtier.common.v1.ClusterMap\x12\x11\n\tunchanged\x18\x02 \x01(\x08\"-\n\x16WatchClusterMapRequest\x12\x13\n\x0b\x61\x66ter_epoch\x18\x01 \x01(\x04\"D\n\x17WatchClusterMapResponse\x12)\n\x03map\x18\x01 \x01(\x0b\x32\x1c.kvtier.common.v1.ClusterMap\"\xe2\x02\n\nBucketInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1a\n\x12\x63reated_at_unix_ms\x18\x02 \x01(\x04\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12,\n\x04kind\x18\x05 \x01(\x0e\x32\x1e.kvtier.metadata.v1.BucketKind\x12\x12\n\nstorage_id\x18\x06 \x01(\t\x12\"\n\x03\x61\x63l\x18\x07 \x01(\x0b\x32\x15.kvtier.common.v1.Acl\x12\x33\n\x04\x63ors\x18\x08 \x01(\x0b\x32%.kvtier.metadata.v1.CorsConfiguration\x12=\n\tlifecycle\x18\t \x01(\x0b\x32*.kvtier.metadata.v1.LifecycleConfiguration\x12,\n\x04tags\x18\n \x01(\x0b\x32\x1e.kvtier.metadata.v1.BucketTags\"q\n\nBucketTags\x12\x36\n\x04tags\x18\x01 \x03(\x0b\x32(.kvtier.metadata.v1.BucketTags.TagsEntry\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"@\n\x11\x43orsConfiguration\x12+\n\x05rules\x18\x01 \x03(\x0b\x32\x1c.kvtier.metadata.v1.CorsRule\"\xab\x01\n\x08\x43orsRule\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0f\x61llowed_origins\x18\x02 \x03(\t\x12\x17\n\x0f\x61llowed_methods\x18\x03 \x03(\t\x12\x17\n\x0f\x61llowed_headers\x18\x04 \x03(\t\x12\x16\n\x0e\x65xpose_headers\x18\x05 \x03(\t\x12\x1c\n\x0fmax_age_seconds\x18\x06 \x01(\x05H\x00\x88\x01\x01\x42\x12\n\x10_max_age_seconds\"J\n\x16LifecycleConfiguration\x12\x30\n\x05rules\x18\x01 \x03(\x0b\x32!.kvtier.metadata.v1.LifecycleRule\"\xc7\x02\n\rLifecycleRule\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\x39\n\x04tags\x18\x04 \x03(\x0b\x32+.kvtier.metadata.v1.LifecycleRule.TagsEntry\x12 \n\x18object_size_greater_than\x18\x05 \x01(\x04\x12\x1d\n\x15object_size_less_than\x18\x06 \x01(\x04\x12\x17\n\x0f\x65xpiration_days\x18\x07 \x01(\r\x12\x1e\n\x16\x65xpiration_date_unix_s\x18\x08 \x01(\x03\x12\'\n\x1f\x61\x62ort_incomplete_multipart_days\x18\t \x01(\r\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"a\n\x13\x43reateBucketRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.kvtier.metadata.v1.BucketKind\"F\n\x14\x43reateBucketResponse\x12.\n\x06\x62ucket\x18\x01 \x01(\x0b\x32\x1e.kvtier.metadata.v1.BucketInfo\"@\n\x13\x44\x65leteBucketRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1b\n\x13\x65xpected_generation\x18\x02 \x01(\x04\"\x16\n\x14\x44\x65leteBucketResponse\" \n\x10GetBucketRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x11GetBucketResponse\x12.\n\x06\x62ucket\x18\x01 \x01(\x0b\x32\x1e.kvtier.metadata.v1.BucketInfo\"\x9b\x02\n\x16SetBucketConfigRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1b\n\x13\x65xpected_generation\x18\x02 \x01(\x04\x12$\n\x03\x61\x63l\x18\x03 \x01(\x0b\x32\x15.kvtier.common.v1.AclH\x00\x12\x35\n\x04\x63ors\x18\x04 \x01(\x0b\x32%.kvtier.metadata.v1.CorsConfigurationH\x00\x12?\n\tlifecycle\x18\x05 \x01(\x0b\x32*.kvtier.metadata.v1.LifecycleConfigurationH\x00\x12.\n\x04tags\x18\x06 \x01(\x0b\x32\x1e.kvtier.metadata.v1.BucketTagsH\x00\x42\x08\n\x06\x63onfig\"I\n\x17SetBucketConfigResponse\x12.\n\x06\x62ucket\x18\x01 \x01(\x0b\x32\x1e.kvtier.metadata.v1.BucketInfo\"$\n\x12ListBucketsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"F\n\x13ListBucketsResponse\x12/\n\x07\x62uckets\x18\x01 \x03(\x0b\x32\x1e.kvtier.metadata.v1.BucketInfo\"\xd1\x01\n\nUserRecord\x12\x12\n\naccess_key\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x10\n\x08is_admin\x18\x04 \x01(\x08\x12\x1a\n\x12\x63reated_at_unix_ms\x18\x05 \x01(\x04\x12\x14\n\x0csecret_nonce\x18\x06 \x01(\x0c\x12\x19\n\x11secret_ciphertext\x18\x07 \x01(\x0c\x12\x15\n\rmaster_key_id\x18\x08 \x01(\t\x12\x13\n\x0bshm_trusted\x18\t \x01(\x08\"\x87\x01\n\x08UserInfo\x12\x12\n\naccess_key\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x10\n\x08is_admin\x18\x04 \x01(\x08\x12\x1a\n\x12\x63reated_at_unix_ms\x18\x05 \x01(\x04\x12\x13\n\x0bshm_trusted\x18\x06 \x01(\x08\"\x88\x01\n\x11\x43reateUserRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x10\n\x08is_admin\x18\x03 \x01(\x08\x12\x12\n\naccess_key\x18\x04 \x01(\t\x12\x12\n\nsecret_key\x18\x05 \x01(\t\x12\x13\n\x0bshm_trusted\x18\x06 \x01(\x08\"T\n\x12\x43reateUserResponse\x12*\n\x04user\x18\x01 \x01(\x0b\x32\x1c.kvtier.metadata.v1.UserInfo\x12\x12\n\nsecret_key\x18\x02 \x01(\t\"\"\n\x10ListUsersRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"@\n\x11ListUsersResponse\x12+\n\x05users\x18\x01 \x03(\x0b\x32\x1c.kvtier.metadata.v1.UserInfo\"\'\n\x11\x44\x65leteUserRequest\x12\x12\n\naccess_key\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteUserResponse*9\n\nBucketKind\x12\x17\n\x13\x42UCKET_KIND_OBJECTS\x10\x00\x12\x12\n\x0e\x42UCKET_KIND_KV\x10\x01\x32\xb4\t\n\x0fMetadataService\x12\x94\x01\n\rGetClusterMap\x12(.kvtier.metadata.v1.GetClusterMapRequest\x1a).kvtier.metadata.v1.GetClusterMapResponse\".\xaa\x86\x19*\n\x08metadata\n\x08\x64\x61tanode\n\x07kvcache\n\x07gateway\x10\x01\x18\x01\x12\x9c\x01\n\x0fWatchClusterMap\x12*.kvtier.metadata.v1.WatchClusterMapRequest\x1a+.kvtier.metadata.v1.WatchClusterMapResponse\".\xaa\x86\x19*\n\x08metadata\n\x08\x64\x61tanode\n\x07kvcache\n\x07gateway\x10\x01\x18\x01\x30\x01\x12r\n\x0c\x43reateBucket\x12\'.kvtier.metadata.v1.CreateBucketRequest\x1a(.kvtier.metadata.v1.CreateBucketResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12r\n\x0c\x44\x65leteBucket\x12\'.kvtier.metadata.v1.DeleteBucketRequest\x1a(.kvtier.metadata.v1.DeleteBucketResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12i\n\tGetBucket\x12$.kvtier.metadata.v1.GetBucketRequest\x1a%.kvtier.metadata.v1.GetBucketResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12{\n\x0fSetBucketConfig\x12*.kvtier.metadata.v1.SetBucketConfigRequest\x1a+.kvtier.metadata.v1.SetBucketConfigResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12o\n\x0bListBuckets\x12&.kvtier.metadata.v1.ListBucketsRequest\x1a\'.kvtier.metadata.v1.ListBucketsResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12\x63\n\nCreateUser\x12%.kvtier.metadata.v1.CreateUserRequest\x1a&.kvtier.metadata.v1.CreateUserResponse\"\x06\xaa\x86\x19\x02\x10\x01\x12`\n\tListUsers\x12$.kvtier.metadata.v1.ListUsersRequest\x1a%.kvtier.metadata.v1.ListUsersResponse\"\x06\xaa\x86\x19\x02\x10\x01\x12\x63\n\nDeleteUser\x12%.kvtier.metadata.v1.DeleteUserRequest\x1a&.kvtier.metadata.v1.DeleteUserResponse\"\x06\xaa\x86\x19\x02\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvtier.metadata.v1.metadata_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_BUCKETTAGS_TAGSENTRY']._loaded_options = None
+  _globals['_BUCKETTAGS_TAGSENTRY']._serialized_options = b'8\001'
   _globals['_LIFECYCLERULE_TAGSENTRY']._loaded_options = None
   _globals['_LIFECYCLERULE_TAGSENTRY']._serialized_options = b'8\001'
   _globals['_METADATASERVICE'].methods_by_name['GetClusterMap']._loaded_options = None
@@ -57,8 +59,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METADATASERVICE'].methods_by_name['ListUsers']._serialized_options = b'\252\206\031\002\020\001'
   _globals['_METADATASERVICE'].methods_by_name['DeleteUser']._loaded_options = None
   _globals['_METADATASERVICE'].methods_by_name['DeleteUser']._serialized_options = b'\252\206\031\002\020\001'
-  _globals['_BUCKETKIND']._serialized_start=2880
-  _globals['_BUCKETKIND']._serialized_end=2937
+  _globals['_BUCKETKIND']._serialized_start=3089
+  _globals['_BUCKETKIND']._serialized_end=3146
   _globals['_GETCLUSTERMAPREQUEST']._serialized_start=147
   _globals['_GETCLUSTERMAPREQUEST']._serialized_end=190
   _globals['_GETCLUSTERMAPRESPONSE']._serialized_start=192
@@ -68,53 +70,57 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHCLUSTERMAPRESPONSE']._serialized_start=326
   _globals['_WATCHCLUSTERMAPRESPONSE']._serialized_end=394
   _globals['_BUCKETINFO']._serialized_start=397
-  _globals['_BUCKETINFO']._serialized_end=705
-  _globals['_CORSCONFIGURATION']._serialized_start=707
-  _globals['_CORSCONFIGURATION']._serialized_end=771
-  _globals['_CORSRULE']._serialized_start=774
-  _globals['_CORSRULE']._serialized_end=945
-  _globals['_LIFECYCLECONFIGURATION']._serialized_start=947
-  _globals['_LIFECYCLECONFIGURATION']._serialized_end=1021
-  _globals['_LIFECYCLERULE']._serialized_start=1024
-  _globals['_LIFECYCLERULE']._serialized_end=1351
-  _globals['_LIFECYCLERULE_TAGSENTRY']._serialized_start=1308
-  _globals['_LIFECYCLERULE_TAGSENTRY']._serialized_end=1351
-  _globals['_CREATEBUCKETREQUEST']._serialized_start=1353
-  _globals['_CREATEBUCKETREQUEST']._serialized_end=1450
-  _globals['_CREATEBUCKETRESPONSE']._serialized_start=1452
-  _globals['_CREATEBUCKETRESPONSE']._serialized_end=1522
-  _globals['_DELETEBUCKETREQUEST']._serialized_start=1524
-  _globals['_DELETEBUCKETREQUEST']._serialized_end=1588
-  _globals['_DELETEBUCKETRESPONSE']._serialized_start=1590
-  _globals['_DELETEBUCKETRESPONSE']._serialized_end=1612
-  _globals['_GETBUCKETREQUEST']._serialized_start=1614
-  _globals['_GETBUCKETREQUEST']._serialized_end=1646
-  _globals['_GETBUCKETRESPONSE']._serialized_start=1648
-  _globals['_GETBUCKETRESPONSE']._serialized_end=1715
-  _globals['_SETBUCKETCONFIGREQUEST']._serialized_start=1718
-  _globals['_SETBUCKETCONFIGREQUEST']._serialized_end=1953
-  _globals['_SETBUCKETCONFIGRESPONSE']._serialized_start=1955
-  _globals['_SETBUCKETCONFIGRESPONSE']._serialized_end=2028
-  _globals['_LISTBUCKETSREQUEST']._serialized_start=2030
-  _globals['_LISTBUCKETSREQUEST']._serialized_end=2066
-  _globals['_LISTBUCKETSRESPONSE']._serialized_start=2068
-  _globals['_LISTBUCKETSRESPONSE']._serialized_end=2138
-  _globals['_USERRECORD']._serialized_start=2141
-  _globals['_USERRECORD']._serialized_end=2350
-  _globals['_USERINFO']._serialized_start=2353
-  _globals['_USERINFO']._serialized_end=2488
-  _globals['_CREATEUSERREQUEST']._serialized_start=2491
-  _globals['_CREATEUSERREQUEST']._serialized_end=2627
-  _globals['_CREATEUSERRESPONSE']._serialized_start=2629
-  _globals['_CREATEUSERRESPONSE']._serialized_end=2713
-  _globals['_LISTUSERSREQUEST']._serialized_start=2715
-  _globals['_LISTUSERSREQUEST']._serialized_end=2749
-  _globals['_LISTUSERSRESPONSE']._serialized_start=2751
-  _globals['_LISTUSERSRESPONSE']._serialized_end=2815
-  _globals['_DELETEUSERREQUEST']._serialized_start=2817
-  _globals['_DELETEUSERREQUEST']._serialized_end=2856
-  _globals['_DELETEUSERRESPONSE']._serialized_start=2858
-  _globals['_DELETEUSERRESPONSE']._serialized_end=2878
-  _globals['_METADATASERVICE']._serialized_start=2940
-  _globals['_METADATASERVICE']._serialized_end=4144
+  _globals['_BUCKETINFO']._serialized_end=751
+  _globals['_BUCKETTAGS']._serialized_start=753
+  _globals['_BUCKETTAGS']._serialized_end=866
+  _globals['_BUCKETTAGS_TAGSENTRY']._serialized_start=823
+  _globals['_BUCKETTAGS_TAGSENTRY']._serialized_end=866
+  _globals['_CORSCONFIGURATION']._serialized_start=868
+  _globals['_CORSCONFIGURATION']._serialized_end=932
+  _globals['_CORSRULE']._serialized_start=935
+  _globals['_CORSRULE']._serialized_end=1106
+  _globals['_LIFECYCLECONFIGURATION']._serialized_start=1108
+  _globals['_LIFECYCLECONFIGURATION']._serialized_end=1182
+  _globals['_LIFECYCLERULE']._serialized_start=1185
+  _globals['_LIFECYCLERULE']._serialized_end=1512
+  _globals['_LIFECYCLERULE_TAGSENTRY']._serialized_start=823
+  _globals['_LIFECYCLERULE_TAGSENTRY']._serialized_end=866
+  _globals['_CREATEBUCKETREQUEST']._serialized_start=1514
+  _globals['_CREATEBUCKETREQUEST']._serialized_end=1611
+  _globals['_CREATEBUCKETRESPONSE']._serialized_start=1613
+  _globals['_CREATEBUCKETRESPONSE']._serialized_end=1683
+  _globals['_DELETEBUCKETREQUEST']._serialized_start=1685
+  _globals['_DELETEBUCKETREQUEST']._serialized_end=1749
+  _globals['_DELETEBUCKETRESPONSE']._serialized_start=1751
+  _globals['_DELETEBUCKETRESPONSE']._serialized_end=1773
+  _globals['_GETBUCKETREQUEST']._serialized_start=1775
+  _globals['_GETBUCKETREQUEST']._serialized_end=1807
+  _globals['_GETBUCKETRESPONSE']._serialized_start=1809
+  _globals['_GETBUCKETRESPONSE']._serialized_end=1876
+  _globals['_SETBUCKETCONFIGREQUEST']._serialized_start=1879
+  _globals['_SETBUCKETCONFIGREQUEST']._serialized_end=2162
+  _globals['_SETBUCKETCONFIGRESPONSE']._serialized_start=2164
+  _globals['_SETBUCKETCONFIGRESPONSE']._serialized_end=2237
+  _globals['_LISTBUCKETSREQUEST']._serialized_start=2239
+  _globals['_LISTBUCKETSREQUEST']._serialized_end=2275
+  _globals['_LISTBUCKETSRESPONSE']._serialized_start=2277
+  _globals['_LISTBUCKETSRESPONSE']._serialized_end=2347
+  _globals['_USERRECORD']._serialized_start=2350
+  _globals['_USERRECORD']._serialized_end=2559
+  _globals['_USERINFO']._serialized_start=2562
+  _globals['_USERINFO']._serialized_end=2697
+  _globals['_CREATEUSERREQUEST']._serialized_start=2700
+  _globals['_CREATEUSERREQUEST']._serialized_end=2836
+  _globals['_CREATEUSERRESPONSE']._serialized_start=2838
+  _globals['_CREATEUSERRESPONSE']._serialized_end=2922
+  _globals['_LISTUSERSREQUEST']._serialized_start=2924
+  _globals['_LISTUSERSREQUEST']._serialized_end=2958
+  _globals['_LISTUSERSRESPONSE']._serialized_start=2960
+  _globals['_LISTUSERSRESPONSE']._serialized_end=3024
+  _globals['_DELETEUSERREQUEST']._serialized_start=3026
+  _globals['_DELETEUSERREQUEST']._serialized_end=3065
+  _globals['_DELETEUSERRESPONSE']._serialized_start=3067
+  _globals['_DELETEUSERRESPONSE']._serialized_end=3087
+  _globals['_METADATASERVICE']._serialized_start=3149
+  _globals['_METADATASERVICE']._serialized_end=4353
 # @@protoc_insertion_point(module_scope)

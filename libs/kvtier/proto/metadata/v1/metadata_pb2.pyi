@@ -144,6 +144,7 @@ class BucketInfo(_message.Message):
     ACL_FIELD_NUMBER: _builtins.int
     CORS_FIELD_NUMBER: _builtins.int
     LIFECYCLE_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """S3 bucket-name rules (kvtier.names.check_bucket)."""
     created_at_unix_ms: _builtins.int
@@ -171,6 +172,8 @@ class BucketInfo(_message.Message):
     def cors(self) -> Global___CorsConfiguration: ...
     @_builtins.property
     def lifecycle(self) -> Global___LifecycleConfiguration: ...
+    @_builtins.property
+    def tags(self) -> Global___BucketTags: ...
     def __init__(
         self,
         *,
@@ -183,14 +186,57 @@ class BucketInfo(_message.Message):
         acl: _acl_pb2.Acl | None = ...,
         cors: Global___CorsConfiguration | None = ...,
         lifecycle: Global___LifecycleConfiguration | None = ...,
+        tags: Global___BucketTags | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "cors", b"cors", "lifecycle", b"lifecycle"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "cors", b"cors", "lifecycle", b"lifecycle", "tags", b"tags"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "cors", b"cors", "created_at_unix_ms", b"created_at_unix_ms", "generation", b"generation", "kind", b"kind", "lifecycle", b"lifecycle", "name", b"name", "storage_id", b"storage_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "cors", b"cors", "created_at_unix_ms", b"created_at_unix_ms", "generation", b"generation", "kind", b"kind", "lifecycle", b"lifecycle", "name", b"name", "storage_id", b"storage_id", "tags", b"tags", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BucketInfo: _TypeAlias = BucketInfo  # noqa: Y015
+
+@_typing.final
+class BucketTags(_message.Message):
+    """S3 bucket tags (PutBucketTagging: at most 50). None: GetBucketTagging is NoSuchTagSet."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TagsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TAGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tags", b"tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BucketTags: _TypeAlias = BucketTags  # noqa: Y015
 
 @_typing.final
 class CorsConfiguration(_message.Message):
@@ -485,6 +531,7 @@ class SetBucketConfigRequest(_message.Message):
     ACL_FIELD_NUMBER: _builtins.int
     CORS_FIELD_NUMBER: _builtins.int
     LIFECYCLE_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     expected_generation: _builtins.int
     """Only this incarnation (BucketInfo.generation); FAILED_PRECONDITION when the bucket was
@@ -496,6 +543,8 @@ class SetBucketConfigRequest(_message.Message):
     def cors(self) -> Global___CorsConfiguration: ...
     @_builtins.property
     def lifecycle(self) -> Global___LifecycleConfiguration: ...
+    @_builtins.property
+    def tags(self) -> Global___BucketTags: ...
     def __init__(
         self,
         *,
@@ -504,12 +553,13 @@ class SetBucketConfigRequest(_message.Message):
         acl: _acl_pb2.Acl | None = ...,
         cors: Global___CorsConfiguration | None = ...,
         lifecycle: Global___LifecycleConfiguration | None = ...,
+        tags: Global___BucketTags | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "config", b"config", "cors", b"cors", "lifecycle", b"lifecycle"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "config", b"config", "cors", b"cors", "lifecycle", b"lifecycle", "tags", b"tags"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "config", b"config", "cors", b"cors", "expected_generation", b"expected_generation", "lifecycle", b"lifecycle", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "config", b"config", "cors", b"cors", "expected_generation", b"expected_generation", "lifecycle", b"lifecycle", "name", b"name", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_config: _TypeAlias = _typing.Literal["acl", "cors", "lifecycle"]  # noqa: Y015
+    _WhichOneofReturnType_config: _TypeAlias = _typing.Literal["acl", "cors", "lifecycle", "tags"]  # noqa: Y015
     _WhichOneofArgType_config: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_config) -> _WhichOneofReturnType_config | None: ...
 

@@ -133,7 +133,7 @@ class MetadataServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetBucketConfig(self, request, context):
-        """Replace one part of a bucket's configuration (ACL, CORS, lifecycle): NOT_FOUND when absent,
+        """Replace one part of a bucket's configuration (ACL, CORS, lifecycle, tags): NOT_FOUND when absent,
         INVALID_ARGUMENT when no part is given. The gateway checks the caller may (owner or admin).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -52,7 +52,7 @@ class MetadataServiceStub:
     GetBucket: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.GetBucketRequest, _metadata_pb2.GetBucketResponse]
     """One bucket: NOT_FOUND when absent."""
     SetBucketConfig: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.SetBucketConfigRequest, _metadata_pb2.SetBucketConfigResponse]
-    """Replace one part of a bucket's configuration (ACL, CORS, lifecycle): NOT_FOUND when absent,
+    """Replace one part of a bucket's configuration (ACL, CORS, lifecycle, tags): NOT_FOUND when absent,
     INVALID_ARGUMENT when no part is given. The gateway checks the caller may (owner or admin).
     """
     ListBuckets: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.ListBucketsRequest, _metadata_pb2.ListBucketsResponse]
@@ -88,7 +88,7 @@ class MetadataServiceAsyncStub(MetadataServiceStub):
     GetBucket: _aio.UnaryUnaryMultiCallable[_metadata_pb2.GetBucketRequest, _metadata_pb2.GetBucketResponse]  # type: ignore[assignment]
     """One bucket: NOT_FOUND when absent."""
     SetBucketConfig: _aio.UnaryUnaryMultiCallable[_metadata_pb2.SetBucketConfigRequest, _metadata_pb2.SetBucketConfigResponse]  # type: ignore[assignment]
-    """Replace one part of a bucket's configuration (ACL, CORS, lifecycle): NOT_FOUND when absent,
+    """Replace one part of a bucket's configuration (ACL, CORS, lifecycle, tags): NOT_FOUND when absent,
     INVALID_ARGUMENT when no part is given. The gateway checks the caller may (owner or admin).
     """
     ListBuckets: _aio.UnaryUnaryMultiCallable[_metadata_pb2.ListBucketsRequest, _metadata_pb2.ListBucketsResponse]  # type: ignore[assignment]
@@ -157,7 +157,7 @@ class MetadataServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _metadata_pb2.SetBucketConfigRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_metadata_pb2.SetBucketConfigResponse, _abc.Awaitable[_metadata_pb2.SetBucketConfigResponse]]:
-        """Replace one part of a bucket's configuration (ACL, CORS, lifecycle): NOT_FOUND when absent,
+        """Replace one part of a bucket's configuration (ACL, CORS, lifecycle, tags): NOT_FOUND when absent,
         INVALID_ARGUMENT when no part is given. The gateway checks the caller may (owner or admin).
         """
 
