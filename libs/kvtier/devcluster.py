@@ -7,6 +7,7 @@ Layout of the state directory (mode 0700; everything survives `down`/`up`):
                           to expiry
     nodes/<name>/         a node's identity and drives
     logs/<name>.log       each process's log (and supervisor.log when detached), mode 0600
+    logs/s3-access.log    the gateway's S3 access log (one JSON line per request)
     ports.json            etcd's ports under `--ports auto`, reused on the next `up` when still
                           free (the fixed plan, `kvtier up`'s default, is devports.PortPlan)
     credentials.json      the admin user's access/secret key (mode 0600), created once
@@ -232,7 +233,8 @@ def _children(opts: ClusterOptions, etcd_endpoint: str) -> list[Child]:
                 f"--arena-bytes={opts.kvcache_arena_bytes}",
             )
         )
-    result.append(child("gateway", "gateway-1", master_key))
+    access = f"--s3-access-log={state / 'logs' / 's3-access.log'}"
+    result.append(child("gateway", "gateway-1", master_key, access))
     return result
 
 

@@ -34,6 +34,7 @@ from services.gateway import (
     rebuild,
     servicer,
 )
+from services.gateway.s3 import access_log as s3_access_log
 from services.gateway.s3 import auth as s3_auth
 from services.gateway.s3 import server as s3_server
 from services.gateway.s3 import tls as s3_tls
@@ -55,6 +56,7 @@ class _Gateway:
         self.s3_runner: web.AppRunner | None = None
         self.s3_tls: s3_tls.S3TLS | None = None
         self.users: users.UserCache | None = None
+        self.access: s3_access_log.AccessLog | None = None
         self.buckets: buckets.BucketCache | None = None
 
     def add_servicers(self, server: grpc.aio.Server, ctx: service.Context) -> Sequence[str]:
@@ -128,10 +130,11 @@ class _Gateway:
         authenticator = s3_auth.Authenticator(
             s3_auth.user_lookup(self.users), region=self.cfg.s3_region
         )
+        self.access = s3_access_log.AccessLog(self.cfg.s3_access_log)
         s3 = s3_server.S3Server(
             self.front, authenticator, region=self.cfg.s3_region, domain=self.cfg.s3_domain,
             body_timeout_s=self.cfg.s3_body_timeout_s, send_timeout_s=self.cfg.s3_send_timeout_s,
-            lifecycle_day_s=self.cfg.lifecycle_day_s,
+            lifecycle_day_s=self.cfg.lifecycle_day_s, access=self.access,
         )  # fmt: skip
         self.s3_tls = self._s3_tls(ctx)
         self.s3_runner = web.AppRunner(s3.app(), access_log=None, handle_signals=False)
@@ -181,6 +184,8 @@ class _Gateway:
         finally:
             if self.s3_runner is not None:
                 await self.s3_runner.cleanup()
+            if self.access is not None:
+                self.access.close()
 
     async def bucket_loop(self, ctx: service.Context) -> None:
         """Follow every bucket's record in etcd (what object requests are served from)."""

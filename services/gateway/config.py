@@ -82,6 +82,12 @@ class GatewayConfig(config.DataPlaneServiceConfig):
         "connection is closed",
     )
 
+    s3_access_log: str = config.setting(
+        "",
+        "the S3 access log, one JSON line per request: empty off, '-' the service log, else a "
+        "file path (appended)",
+    )
+
     def __post_init__(self) -> None:
         config.DataPlaneServiceConfig.__post_init__(self)
         if self.staging_slot_bytes < 32 * _MIB or self.staging_bytes < self.staging_slot_bytes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import io
+import json
 import os
 import random
 import time
@@ -283,3 +284,53 @@ def test_presigned_urls_v4_and_v2(s3: Any, s3_cluster_fixture: dict[str, Any]) -
         urllib.request.urlopen(expired, context=tls)
     assert old.value.code == 403
     assert b"<Code>AccessDenied</Code>" in old.value.read()
+
+
+def test_every_request_has_an_access_log_line(
+    s3: Any,
+    s3_cluster_fixture: dict[str, Any],  # noqa: F811
+) -> None:
+    """`kvtier up` writes the gateway's S3 access log to logs/s3-access.log: one JSON line per
+    request, found by the request id the client saw, with no secret in it."""
+    s3.create_bucket(Bucket="access-log")
+    put = s3.put_object(Bucket="access-log", Key="a/b.bin", Body=b"x" * 1000)
+    got = s3.get_object(Bucket="access-log", Key="a/b.bin")
+    assert got["Body"].read() == b"x" * 1000
+    with pytest.raises(ClientError) as missing:
+        s3.get_object(Bucket="access-log", Key="absent")
+    url = s3.generate_presigned_url(
+        "get_object", Params={"Bucket": "access-log", "Key": "a/b.bin"}, ExpiresIn=60
+    )
+    anonymous = urllib.request.Request(url.split("?", 1)[0])  # the same URL, unsigned
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(anonymous, context=s3_cluster.tls_context(s3_cluster_fixture))
+    ids = {
+        "put": put["ResponseMetadata"]["HTTPHeaders"]["x-amz-request-id"],
+        "get": got["ResponseMetadata"]["HTTPHeaders"]["x-amz-request-id"],
+        "missing": missing.value.response["ResponseMetadata"]["HTTPHeaders"]["x-amz-request-id"],
+        "anonymous": refused.value.headers["x-amz-request-id"],
+    }
+    path = s3_cluster_fixture["state"] / "logs" / "s3-access.log"
+    lines: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + 10
+    while set(ids.values()) - set(lines) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        text = path.read_text() if path.exists() else ""
+        lines = {entry["request_id"]: entry for entry in map(json.loads, text.splitlines())}
+    assert set(ids.values()) <= set(lines), "no access line for some requests"
+    access_key = s3_cluster_fixture["s3_access_key"]
+    line = lines[ids["put"]]
+    assert (line["op"], line["status"], line["bytes_in"], line["principal"]) == (
+        "PutObject", 200, 1000, access_key,
+    )  # fmt: skip
+    assert (line["bucket"], line["key"], line["error"]) == ("access-log", "a/b.bin", "")
+    line = lines[ids["get"]]
+    assert (line["op"], line["status"], line["bytes_out"]) == ("GetObject", 200, 1000)
+    assert line["latency_ms"] >= 0
+    line = lines[ids["missing"]]
+    assert (line["status"], line["error"]) == (404, "NoSuchKey")
+    line = lines[ids["anonymous"]]
+    assert (line["principal"], line["status"], line["error"]) == ("anonymous", 403, "AccessDenied")
+    text = path.read_text()
+    assert s3_cluster_fixture["s3_secret_key"] not in text
+    assert "X-Amz-Signature" not in text  # no query strings: presigned URLs carry signatures

@@ -33,6 +33,7 @@ from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway import front as front_mod
 from services.gateway.s3 import (
+    access_log,
     acl_ops,
     auth,
     body,
@@ -75,6 +76,8 @@ UNSUPPORTED = frozenset(
         "annotation", "renameObject",
     }
 )  # fmt: skip
+#: Where `S3Server.handle` leaves the request's id (for responses prepared by their handler).
+_REQUEST_ID = "kvtier.s3.request_id"
 #: Where `S3Server.expect` leaves the (principal, payload) it authenticated for `handle`.
 _AUTHENTICATED = "kvtier.s3.authenticated"
 
@@ -104,6 +107,7 @@ class S3Server:
         body_timeout_s: float = body.BODY_TIMEOUT_S,
         send_timeout_s: float = body.BODY_TIMEOUT_S,
         lifecycle_day_s: float = 86400.0,
+        access: access_log.AccessLog | None = None,
     ) -> None:
         self.front = front
         self.auth = authenticator
@@ -115,6 +119,8 @@ class S3Server:
         self.kv_buckets = kv_clients.KVBuckets(front.metadata_address, front.security)
         #: Seconds in a lifecycle rule's day (the TTL of KV objects: lifecycle_ops.kv_ttl_s).
         self.lifecycle_day_s = lifecycle_day_s
+        #: One JSON line per request (off unless configured: `s3_access_log`).
+        self.access = access or access_log.AccessLog("")
 
     def app(self) -> web.Application:
         """The aiohttp application (one catch-all route: S3 routes on query and headers)."""
@@ -123,6 +129,7 @@ class S3Server:
             app.router.add_get(path, self.health)
         app.router.add_route("*", "/{tail:.*}", self.handle, expect_handler=self.expect)
         app.on_response_prepare.append(functools.partial(cors.add_headers, self))
+        app.on_response_prepare.append(_stamp_streamed)
         return app
 
     async def health(self, http: web.Request) -> web.StreamResponse:
@@ -169,8 +176,12 @@ class S3Server:
     async def handle(self, http: web.Request) -> web.StreamResponse:
         """Serve one request; every answer carries x-amz-request-id."""
         request_id = secrets.token_hex(8).upper()
+        http[_REQUEST_ID] = request_id  # for a response its handler streams (_stamp_streamed)
         op, resource = "Unknown", http.path
         started = time.perf_counter()
+        bucket = key = error = ""
+        principal: auth.Principal | None = None
+        payload: body.Payload | None = None
         try:
             bucket, key = self.target(http)
             resource = f"/{bucket}/{key}" if key else f"/{bucket}"
@@ -197,23 +208,34 @@ class S3Server:
                     front_mod.unadmit(admitted)
                 principal_mod.unbind(bound)
         except s3errors.S3Error as exc:
-            response = _error(exc, resource, request_id, http.method)
+            response, error = _error(exc, resource, request_id, http.method), exc.code
         except sigv4.S3AuthError as exc:  # from an aws-chunked body, mid-stream
-            response = _error(auth.translate(exc), resource, request_id, http.method)
+            refused = auth.translate(exc)
+            response, error = _error(refused, resource, request_id, http.method), refused.code
         except errors.KVTierError as exc:
             not_found = "NoSuchBucket" if op.endswith("Bucket") or op.startswith("List") else ""
             mapped = s3errors.from_domain(exc, default_not_found=not_found or "NoSuchKey")
-            response = _error(mapped, resource, request_id, http.method)
+            response, error = _error(mapped, resource, request_id, http.method), mapped.code
         except (ConnectionResetError, web.HTTPException):
             raise
         except Exception:
             log.exception("S3 %s %s failed", http.method, http.path)
             internal = s3errors.S3Error("InternalError", "We encountered an internal error.")
-            response = _error(internal, resource, request_id, http.method)
-        LATENCY.labels(op).observe(time.perf_counter() - started)
+            response, error = _error(internal, resource, request_id, http.method), internal.code
+        elapsed = time.perf_counter() - started
+        LATENCY.labels(op).observe(elapsed)
         if not response.prepared:
             _stamp(response, request_id)
         REQUESTS.labels(op, str(response.status)).inc()
+        if self.access.enabled:
+            who = "-" if principal is None else principal.access_key or "anonymous"
+            self.access.write(
+                request_id=request_id, remote=http.remote or "", principal=who,
+                tenant=principal.tenant if principal is not None else "", op=op,
+                method=http.method, bucket=bucket, key=key, status=response.status,
+                bytes_in=payload.read if payload is not None else 0,
+                bytes_out=_bytes_out(response), latency_ms=round(elapsed * 1e3, 3), error=error,
+            )  # fmt: skip
         return response
 
     def target(self, http: web.Request) -> tuple[str, str]:
@@ -299,6 +321,24 @@ def kvtier_principal(user: auth.Principal) -> principal_mod.Principal:
     return principal_mod.user(
         user.access_key, user.tenant, is_admin=user.is_admin, shm_trusted=False
     )
+
+
+def _bytes_out(response: web.StreamResponse) -> int:
+    """Body bytes of a response: its Content-Length (a streamed one sent it all or failed
+    mid-way, which the client sees), or what a plain one is about to send."""
+    if response.prepared:
+        length = response.content_length
+        return length if length is not None else response.body_length
+    raw = getattr(response, "body", None)
+    return len(raw) if isinstance(raw, bytes | bytearray) else 0
+
+
+async def _stamp_streamed(http: web.Request, response: web.StreamResponse) -> None:
+    """Stamp a response its handler prepares itself (a GET's streamed body) before its headers
+    go out: handle() stamps the others."""
+    request_id = http.get(_REQUEST_ID)
+    if request_id and "x-amz-request-id" not in response.headers:
+        _stamp(response, request_id)
 
 
 def _stamp(response: web.StreamResponse, request_id: str) -> None:
