@@ -15,7 +15,7 @@ from kvtier import errors, identity, principal, service
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2, datanode_pb2_grpc, shards_pb2, shards_pb2_grpc
 from kvtier.transport import slots
-from services.datanode import config, drives, servicer, shards, shardserver
+from services.datanode import config, drivemetrics, drives, servicer, shards, shardserver
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,13 @@ class _Node:
             for store in self.stores.values():
                 await asyncio.to_thread(store.sweep_tmp, _STALE_TMP_S)
 
+    async def drive_loop(self, ctx: service.Context) -> None:
+        """Refresh the drive gauges (capacity, free bytes, online) every REFRESH_S."""
+        local = [store.drive for store in self.stores.values()]
+        while True:
+            await asyncio.to_thread(drivemetrics.refresh, local)
+            await asyncio.sleep(drivemetrics.REFRESH_S)
+
     def close(self) -> None:
         self.executor.shutdown(wait=True)
         for store in self.stores.values():
@@ -91,7 +98,7 @@ def build(cfg: config.DatanodeConfig) -> service.ServiceSpec:
         dataplane=True,
         add_servicers=node.add_servicers,
         drives=lambda: servicer.describe(local),
-        loops=(node.sweep_loop,),
+        loops=(node.sweep_loop, node.drive_loop),
         # Only gateways (and operators) move shards: no users' port, no users' sessions.
         serves_users=False,
         dataplane_access=_gateways_only,

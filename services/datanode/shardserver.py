@@ -25,7 +25,7 @@ import prometheus_client
 from kvtier import errors
 from kvtier.proto.datanode.v1 import shards_pb2 as pb
 from kvtier.transport import base, calls, shm_copy, slots
-from services.datanode import metaupdate, shards
+from services.datanode import drivemetrics, metaupdate, shards
 
 log = logging.getLogger(__name__)
 
@@ -354,6 +354,10 @@ class ShardNode:
         """fn in the I/O pool. If the caller is cancelled, the job still finishes first: it may
         be using a staging slot that is handed to another call as soon as we return."""
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         job = loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
         await shm_copy.uncancellable(job)
+        drivemetrics.IO_SECONDS.labels(getattr(fn, "__name__", "other")).observe(
+            time.perf_counter() - started
+        )
         return job.result()
