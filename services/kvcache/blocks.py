@@ -514,10 +514,11 @@ class BlockService:
             sums.update({f"evictions.{cause}": count for cause, count in s.evictions.items()})
         for label, sums in by_label.items():
             metrics.TENANT_BYTES.labels(label).set(sums["held"])
-            metrics.QUOTA_REJECTIONS.labels(label).set(sums["quota_rejections"])
-            metrics.LEASE_WAITS.labels(label).set(sums["lease_waits"])
+            counters = metrics.STORE_COUNTERS
+            counters.set("quota_rejections", (label,), sums["quota_rejections"])
+            counters.set("lease_waits", (label,), sums["lease_waits"])
             for cause in block_store.EvictionCause:
-                metrics.EVICTIONS.labels(label, cause.value).set(sums[f"evictions.{cause.value}"])
+                counters.set("evictions", (label, cause.value), sums[f"evictions.{cause.value}"])
 
     # Internals.
 

@@ -10,7 +10,11 @@ capped and the rest are counted under `OTHER`. No client can grow the number of 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Final
+
 import prometheus_client
+from prometheus_client.core import CounterMetricFamily
 
 #: The label value of tenants and namespaces past the caps.
 OTHER = "_other"
@@ -84,17 +88,39 @@ BYTES_OUT = prometheus_client.Counter(
 PUT_OUTCOMES = prometheus_client.Counter(
     "kvtier_kvcache_put_items_total", "Put items by outcome", (*_LABELS, "status")
 )
-EVICTIONS = prometheus_client.Gauge(
-    "kvtier_kvcache_evictions",
-    "Blocks evicted since start, by tenant and cause",
-    ("tenant", "cause"),
-)
-QUOTA_REJECTIONS = prometheus_client.Gauge(
-    "kvtier_kvcache_quota_rejections", "Puts refused by the tenant quota since start", ("tenant",)
-)
-LEASE_WAITS = prometheus_client.Gauge(
-    "kvtier_kvcache_lease_waits", "Puts that had to evict first, since start", ("tenant",)
-)
+
+
+class StoreCounters:
+    """Counts the block store keeps since start (evictions, quota rejections, lease waits),
+    exported at scrape time as Prometheus counters (`_total`): the store owns the counting, and
+    prometheus_client's own counters can only be incremented, not set from a count."""
+
+    _FAMILIES: Final = {
+        "evictions": ("Blocks evicted since start, by tenant and cause", ("tenant", "cause")),
+        "quota_rejections": ("Puts refused by the tenant quota since start", ("tenant",)),
+        "lease_waits": ("Puts that had to evict first, since start", ("tenant",)),
+    }
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[str, tuple[str, ...]], float] = {}
+
+    def set(self, family: str, labels: tuple[str, ...], value: float) -> None:
+        """The current count of one series (family: a key of _FAMILIES)."""
+        self._values[(family, labels)] = value
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """The families, as prometheus_client's registry asks at each scrape."""
+        families = {
+            name: CounterMetricFamily(f"kvtier_kvcache_{name}", text, labels=list(labels))
+            for name, (text, labels) in self._FAMILIES.items()
+        }
+        for (family, labels), value in sorted(self._values.items()):
+            families[family].add_metric(list(labels), value)
+        yield from families.values()
+
+
+STORE_COUNTERS = StoreCounters()
+prometheus_client.REGISTRY.register(STORE_COUNTERS)
 FILL = prometheus_client.Gauge("kvtier_kvcache_fill_ratio", "Allocated share of the arena")
 ARENA = prometheus_client.Gauge("kvtier_kvcache_arena_bytes", "Size of the DRAM arena")
 TENANT_BYTES = prometheus_client.Gauge(

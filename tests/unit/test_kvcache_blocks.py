@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import prometheus_client
 import pytest
 
 from kvtier import errors, principal
@@ -421,3 +422,23 @@ def test_client_chosen_namespaces_do_not_grow_the_metric_series(
     }
     assert len(names) == metrics.MAX_NAMESPACE_LABELS + 1
     assert metrics.OTHER in names
+
+
+def test_store_counts_are_exported_as_counters(service: blocks.BlockService) -> None:
+    """Evictions, quota rejections and lease waits are cumulative: counters named `_total`
+    (they were gauges without the suffix)."""
+    svc = service
+    svc.store.set_quota("counted", 1 * MIB)
+    principal_name = "counted/alice"
+    datas = [bytes([i]) * (1 * MIB) for i in range(2)]
+    reply = _put(svc, principal_name, [b"a", b"b"], datas)
+    assert [i.status for i in reply.items].count(pb.ITEM_STATUS_QUOTA_EXCEEDED) == 1
+    svc.export_gauges()
+    registry = prometheus_client.REGISTRY
+    sample = registry.get_sample_value
+    assert sample("kvtier_kvcache_quota_rejections_total", {"tenant": "counted"}) == 1
+    assert sample("kvtier_kvcache_lease_waits_total", {"tenant": "counted"}) is not None
+    assert sample("kvtier_kvcache_evictions_total", {"tenant": "counted", "cause": "ttl"}) == 0
+    kinds = {m.name: m.type for m in registry.collect() if m.name.startswith("kvtier_kvcache_")}
+    assert kinds["kvtier_kvcache_evictions"] == "counter"
+    assert kinds["kvtier_kvcache_quota_rejections"] == "counter"
