@@ -268,7 +268,7 @@ class _CallScope:
             self._code = code.name if isinstance(code, grpc.StatusCode) else "ABORTED"
         elif isinstance(exc, NotImplementedError):  # a generated base servicer's method
             self._code = grpc.StatusCode.UNIMPLEMENTED.name
-            await self._context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
+            await self._context.abort(grpc.StatusCode.UNIMPLEMENTED, _NOT_IMPLEMENTED)
         elif isinstance(exc, Exception):
             self._code = grpc.StatusCode.INTERNAL.name
             log.exception("unhandled error in %s", self._method)
@@ -358,7 +358,28 @@ async def invoke(
     try:
         return await method(request, timeout=timeout_s, metadata=call_metadata(epoch, token))
     except grpc.aio.AioRpcError as exc:
+        unknown = exc.code() == grpc.StatusCode.UNIMPLEMENTED and not _names_a_kind(exc)
+        if unknown and exc.details() != _NOT_IMPLEMENTED:
+            # grpc's own answer: the server has no such service (a gateway's address given
+            # where the metadata service's belongs, say): say so rather than "Method not found!".
+            path = getattr(method, "_method", b"") or b"this RPC"
+            name = path.decode(errors="replace") if isinstance(path, bytes) else str(path)
+            raise errors.InvalidArgument(
+                f"the server at this address does not serve {name}: is it the address of the "
+                "right service?",
+                reason="WrongService",
+            ) from None
         raise errors.from_rpc_error(exc) from None
+
+
+#: What a kvtier server says of an RPC its servicer lacks (grpc says "Method not found!" of a
+#: service it does not serve at all).
+_NOT_IMPLEMENTED = "method not implemented"
+
+
+def _names_a_kind(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether a failed call carries a kvtier error kind (a kvtier server raised it)."""
+    return any(key == errors.ERROR_KIND_KEY for key, _ in exc.trailing_metadata() or ())
 
 
 async def check_health(

@@ -93,3 +93,18 @@ async def test_a_namespace_ttl_survives_a_restart_and_bad_settings_store_nothing
             return await client.get_batch([b"k"], [out]) == [None]
 
         await _until(expires, timeout_s=20)  # the restarted node applies the stored TTL
+
+
+async def test_a_wrong_metadata_address_is_named_as_such(
+    etcd: etcdserver.EtcdServer,
+    etcd_prefix: str,
+    store: membership.EtcdMembership,
+    tmp_path: Path,
+) -> None:
+    """Issue 17: `KVClient.connect(metadata=<another service>)` said `Internal: Method not
+    found!`; it now says the address serves no such API."""
+    async with _nodes(1, etcd, etcd_prefix, store, tmp_path) as nodes:
+        with pytest.raises(errors.InvalidArgument) as caught:
+            await kv.AsyncKVClient.connect(metadata=nodes[0].address, tenant="t", namespace="n")
+        assert caught.value.reason == "WrongService"
+        assert "does not serve /kvtier.metadata.v1.MetadataService/" in caught.value.message
