@@ -510,8 +510,8 @@ def test_concurrent_writers_and_readers(store: shards.ShardStore, drive_dir: Pat
 def random_key(rng: random.Random) -> str:
     pieces = ["a", "b", "z", "A", "0", "9", "/", ".", "..", "-", "_", " ", "~", "é", "日本"]
     pieces += ["𝄞", "\x7f", "\x01", "ÿ", "\U0010fffd", "../", "//"]
-    if rng.random() < 0.03:
-        return rng.choice(["x", "日"]) * rng.randint(200, 340) + "/" + rng.choice(pieces)
+    if rng.random() < 0.03:  # long keys: 339 x 3 bytes + "/" + a 6-byte piece is 1024 bytes
+        return rng.choice(["x", "日"]) * rng.randint(200, 339) + "/" + rng.choice(pieces)
     return "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
 
 

@@ -9,9 +9,9 @@ route), `method`, `bucket`, `key`, `status`, `bytes_in` (request body bytes read
 (response bytes sent), `latency_ms`, `error` (the S3 error code, "" on success).
 
 Destination (`s3_access_log`): "" off, "-" the service's own log (logger
-`kvtier.s3.access`, INFO), or a file path: JSON lines appended, through a queue so the event
-loop never waits for the disk. Secrets never appear: no headers, no query strings (presigned
-URLs carry signatures), keys as sent.
+`kvtier.s3.access`, INFO), or a file path (mode 0600): JSON lines appended, through a queue so
+the event loop never waits for the disk. Secrets never appear: no headers, no query strings
+(presigned URLs carry signatures), keys as sent.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import datetime
 import json
 import logging
 import logging.handlers
+import os
 import queue
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ class AccessLog:
         path = Path(destination)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            # Owner-only, like every log of ours: access lines name users and keys.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+            os.chmod(path, 0o600)
             handler = logging.FileHandler(path, encoding="utf-8")
         except OSError as exc:
             raise config.ConfigError(f"s3_access_log: {path}: {exc.strerror or exc}") from None
