@@ -12,7 +12,9 @@ granian is installed on demand into a folder of its own (not a project dependenc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -71,7 +73,7 @@ class Granian:
              "--port", str(self.port), "--workers", "1", "--runtime-threads", str(threads),
              "--loop", "uvloop", "--log-level", "warning", "--ssl-certificate", cert,
              "--ssl-keyfile", key, "granian_app:app"],
-            env=env, cwd=directory,
+            env=env, cwd=directory, start_new_session=True,  # its workers die with it (close)
         )  # fmt: skip
         deadline = time.monotonic() + 30
         while True:
@@ -91,7 +93,9 @@ class Granian:
         return sum(nixl_bench.cpu_s(pid) for pid in [self.proc.pid, *map(int, children)])
 
     def close(self) -> None:
-        self.proc.kill()
+        """Stop granian and its worker processes (one process group)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
 
