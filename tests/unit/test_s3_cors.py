@@ -14,7 +14,7 @@ from aiohttp import streams
 from aiohttp.test_utils import make_mocked_request
 
 from kvtier.proto.metadata.v1 import metadata_pb2
-from services.gateway.s3 import body, cors, kv_ops, s3errors, server
+from services.gateway.s3 import body, cors, kv_ops, object_ops, s3errors, server
 
 NS = 'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"'
 MINIMAL = "<AllowedOrigin>https://a.example</AllowedOrigin><AllowedMethod>GET</AllowedMethod>"
@@ -228,10 +228,10 @@ def test_a_configuration_body_needs_a_matching_digest() -> None:
     raw = _doc(MINIMAL)
     md5 = base64.b64encode(hashlib.md5(raw).digest()).decode()
     crc32 = base64.b64encode(zlib.crc32(raw).to_bytes(4, "big")).decode()
-    cors.check_integrity(_request({"Content-MD5": md5}, raw), raw)
-    cors.check_integrity(_request({"x-amz-checksum-crc32": crc32}, raw), raw)
+    object_ops.check_body_digest(_request({"Content-MD5": md5}, raw), raw)
+    object_ops.check_body_digest(_request({"x-amz-checksum-crc32": crc32}, raw), raw)
     announced = {"x-amz-checksum-algorithm": "CRC32", "x-amz-checksum-crc32": crc32}
-    cors.check_integrity(_request(announced, raw), raw)
+    object_ops.check_body_digest(_request(announced, raw), raw)
     refused = [
         ({}, "InvalidRequest"),
         ({"Content-MD5": base64.b64encode(hashlib.md5(b"x").digest()).decode()}, "BadDigest"),
@@ -243,7 +243,7 @@ def test_a_configuration_body_needs_a_matching_digest() -> None:
     ]
     for headers, code in refused:
         with pytest.raises(s3errors.S3Error) as failed:
-            cors.check_integrity(_request(headers, raw), raw)
+            object_ops.check_body_digest(_request(headers, raw), raw)
         assert failed.value.code == code, headers
 
 

@@ -23,14 +23,13 @@ same headers, on its errors too (`add_headers`, run as each response is prepared
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 
 from aiohttp import web
 
-from kvtier import checksums, errors, names
+from kvtier import errors, names
 from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway.s3 import auth, object_ops, s3errors, s3request, xmlio
 
@@ -63,7 +62,6 @@ _RULE_TAGS = frozenset(
 )
 _MAX_AGE_LIMIT = (1 << 31) - 1  # the record's int32
 #: x-amz-checksum-* headers that carry no checksum (a type, an announced algorithm).
-_NOT_CHECKSUMS = frozenset({"x-amz-checksum-type", "x-amz-checksum-algorithm"})
 
 
 def _malformed(message: str = _SCHEMA) -> s3errors.S3Error:
@@ -240,35 +238,6 @@ def response_headers(
     return out
 
 
-# The body's integrity.
-
-
-def check_integrity(req: s3request.S3Request, raw: bytes) -> None:
-    """S3's rule for configuration bodies: Content-MD5 or an x-amz-checksum-* value (a header,
-    or a trailer of an aws-chunked body) is required (InvalidRequest) and must match
-    (BadDigest; a malformed Content-MD5 is InvalidDigest)."""
-    sums = {
-        name.lower()[len("x-amz-checksum-") :].upper(): value
-        for name, value in [*req.http.headers.items(), *req.payload.trailers.items()]
-        if name.lower().startswith("x-amz-checksum-") and name.lower() not in _NOT_CHECKSUMS
-    }
-    md5 = object_ops.content_md5(req)  # hex; InvalidDigest when malformed
-    if not md5 and not sums:
-        raise _invalid("Missing required header for this request: Content-MD5")
-    if md5 and hashlib.md5(raw).hexdigest() != md5:
-        raise s3errors.S3Error("BadDigest", "The Content-MD5 you specified did not match.")
-    for algorithm, value in sums.items():
-        try:
-            hasher = checksums.new(algorithm)
-        except errors.InvalidArgument:
-            raise _invalid(f"unknown checksum x-amz-checksum-{algorithm.lower()}") from None
-        hasher.update(raw)
-        if checksums.b64(hasher.digest()) != value.strip():
-            raise s3errors.S3Error(
-                "BadDigest", f"The {algorithm} you specified did not match the calculated checksum."
-            )
-
-
 # The operations.
 
 
@@ -276,7 +245,7 @@ async def put_bucket_cors(s3: s3request.Door, req: s3request.S3Request) -> web.R
     """PutBucketCors: replace the bucket's CORS configuration (nothing stored on any error)."""
     await s3.owned_bucket(req)
     raw = await req.payload.read_all(MAX_BODY_BYTES)
-    check_integrity(req, raw)
+    object_ops.check_body_digest(req, raw)
     config = parse(raw)
     await s3.front.set_bucket_config(req.bucket, metadata_pb2.SetBucketConfigRequest(cors=config))
     return web.Response(status=200)

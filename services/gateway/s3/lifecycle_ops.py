@@ -25,7 +25,6 @@ Nothing is stored unless the whole configuration is valid.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import re
 import secrets
 import time
@@ -34,7 +33,6 @@ import xml.etree.ElementTree as ET
 
 from aiohttp import web
 
-from kvtier import checksums
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway import lifecycle
@@ -318,33 +316,6 @@ def render(config: metadata_pb2.LifecycleConfiguration) -> bytes:
     return b'<?xml version="1.0" encoding="UTF-8"?>\n' + body
 
 
-# Integrity.
-
-
-def check_integrity(req: s3request.S3Request, body: bytes) -> None:
-    """S3 requires Content-MD5 or an x-amz-checksum-* (header or aws-chunked trailer) on this
-    PUT: InvalidRequest without one, BadDigest when one does not match, InvalidDigest when
-    Content-MD5 is malformed."""
-    md5 = object_ops.content_md5(req)
-    _, expected = object_ops.checksum_request(req)
-    for name, value in req.payload.trailers.items():
-        if name.lower().startswith(object_ops.CHECKSUM_HEADER):
-            expected[name[len(object_ops.CHECKSUM_HEADER) :].upper()] = value
-    if not md5 and not expected:
-        raise s3errors.S3Error(
-            "InvalidRequest", "Missing required header for this request: Content-MD5"
-        )
-    if md5 and hashlib.md5(body).hexdigest() != md5:
-        raise s3errors.S3Error("BadDigest", "The Content-MD5 you specified did not match.")
-    for algorithm, value in expected.items():
-        hasher = checksums.new(algorithm)
-        hasher.update(body)
-        if checksums.b64(hasher.digest()) != value:
-            raise s3errors.S3Error(
-                "BadDigest", f"The {algorithm} you specified did not match the calculated checksum."
-            )
-
-
 # Handlers.
 
 
@@ -352,7 +323,7 @@ async def put_lifecycle(s3: s3request.Door, req: s3request.S3Request) -> web.Res
     """PutBucketLifecycleConfiguration: replace the bucket's rules (owner or admin)."""
     await s3.owned_bucket(req)
     body = await req.payload.read_all(xmlio.MAX_BODY_BYTES)
-    check_integrity(req, body)
+    object_ops.check_body_digest(req, body)
     config = parse(body)
     await s3.front.set_bucket_config(
         req.bucket, metadata_pb2.SetBucketConfigRequest(lifecycle=config)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from kvtier import errors, names
+from kvtier import checksums, errors, names
 from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway import multipart, versions
@@ -87,6 +87,39 @@ def content_md5(req: s3request.S3Request) -> str:
     if len(digest) != 16:
         raise s3errors.S3Error("InvalidDigest", "The Content-MD5 you specified is not valid.")
     return digest.hex()
+
+
+#: x-amz-checksum-* headers that name no checksum value.
+_NOT_CHECKSUM_VALUES = frozenset({"x-amz-checksum-type", "x-amz-checksum-algorithm"})
+
+
+def check_body_digest(req: s3request.S3Request, raw: bytes) -> None:
+    """S3's rule for configuration bodies (CORS, lifecycle, tagging): Content-MD5 or an
+    x-amz-checksum-* value (a header, or a trailer of an aws-chunked body) is required
+    (InvalidRequest) and must match (BadDigest; a malformed Content-MD5 is InvalidDigest)."""
+    sums = {
+        name.lower()[len(CHECKSUM_HEADER) :].upper(): value
+        for name, value in [*req.http.headers.items(), *req.payload.trailers.items()]
+        if name.lower().startswith(CHECKSUM_HEADER) and name.lower() not in _NOT_CHECKSUM_VALUES
+    }
+    md5 = content_md5(req)
+    if not md5 and not sums:
+        raise s3errors.S3Error(
+            "InvalidRequest", "Missing required header for this request: Content-MD5"
+        )
+    if md5 and hashlib.md5(raw).hexdigest() != md5:
+        raise s3errors.S3Error("BadDigest", "The Content-MD5 you specified did not match.")
+    for algorithm, value in sums.items():
+        if algorithm not in ALGORITHMS:
+            raise s3errors.S3Error(
+                "InvalidRequest", f"unknown checksum {CHECKSUM_HEADER}{algorithm.lower()}"
+            )
+        hasher = checksums.new(algorithm)
+        hasher.update(raw)
+        if checksums.b64(hasher.digest()) != value.strip():
+            raise s3errors.S3Error(
+                "BadDigest", f"The {algorithm} you specified did not match the calculated checksum."
+            )
 
 
 def checksum_request(req: s3request.S3Request) -> tuple[list[str], dict[str, str]]:

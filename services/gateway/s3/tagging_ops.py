@@ -21,7 +21,7 @@ from aiohttp import web
 
 from kvtier import errors
 from kvtier.proto.metadata.v1 import metadata_pb2
-from services.gateway.s3 import cors, object_ops, s3errors, s3request, tags
+from services.gateway.s3 import object_ops, s3errors, s3request, tags
 
 #: The largest Tagging document read (S3's largest valid one is about 4 KiB of tags).
 MAX_BODY_BYTES = 64 << 10
@@ -53,7 +53,7 @@ async def put_object_tagging(s3: s3request.Door, req: s3request.S3Request) -> we
     """PutObjectTagging: replace the object's tag set (nothing changes on any error)."""
     stored = await _storage(s3, req)
     raw = await req.payload.read_all(MAX_BODY_BYTES)
-    cors.check_integrity(req, raw)
+    object_ops.check_body_digest(req, raw)
     await _update(s3, req, stored, tags.parse_xml(raw))
     return web.Response(status=200)
 
@@ -79,7 +79,7 @@ async def put_bucket_tagging(s3: s3request.Door, req: s3request.S3Request) -> we
     on any error). Tags are the bucket's configuration, on both kinds of bucket."""
     await s3.owned_bucket(req)
     raw = await req.payload.read_all(MAX_BODY_BYTES)
-    cors.check_integrity(req, raw)
+    object_ops.check_body_digest(req, raw)
     tag_set = metadata_pb2.BucketTags(tags=tags.parse_xml(raw, bucket=True))
     await s3.front.set_bucket_config(req.bucket, metadata_pb2.SetBucketConfigRequest(tags=tag_set))
     return web.Response(status=204)
