@@ -107,12 +107,16 @@ def dump_logs(state_dir: Path) -> str:
 
 @pytest.fixture
 def state_dir(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
-    """A dev-cluster state dir whose logs are printed when the test fails."""
+    """A dev-cluster state dir whose logs are printed when the test fails, and whose detached
+    cluster is stopped however the test ended (an assertion before its own `down` would
+    otherwise leave the cluster running for the rest of the suite)."""
     path = tmp_path / "state"
     yield path
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
         sys.stderr.write(dump_logs(path))
+    if (path / "cluster.json").exists():
+        kvtier_cmd("down", "--state-dir", str(path), timeout_s=60)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

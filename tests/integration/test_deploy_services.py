@@ -61,6 +61,45 @@ def _local_environment(
     return env, probe
 
 
+def _serving(probe: list[str], env: dict[str, str]) -> bool:
+    result = subprocess.run(
+        probe, env={**os.environ, **env}, capture_output=True, text=True, timeout=30
+    )
+    return result.returncode == 0 and result.stdout.strip() == "SERVING"
+
+
+def _start(
+    component: str, tmp_path: Path, etcd: etcdserver.EtcdServer, etcd_prefix: str
+) -> tuple[subprocess.Popen[bytes], tuple[str, dict[str, str], list[str], Path]]:
+    """Start one component and wait until its probe answers SERVING or it exits.
+
+    Free ports are picked before the process binds them, so another process (any client's
+    ephemeral port) can take one in between; a start that fails with EADDRINUSE is retried
+    on fresh ports — what a pod would never meet, as its ports are its own.
+    """
+    for attempt in range(3):
+        env, probe = _local_environment(component, tmp_path, etcd)
+        env[config.env_name(component, "etcd_prefix")] = etcd_prefix
+        probe[0] = str(Path(sys.executable).parent / probe[0])  # the venv's kvtier
+        log = tmp_path / f"{component}.{attempt}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", f"services.{component}"],
+                env={**os.environ, **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            if _serving(probe, env):
+                break
+            time.sleep(0.5)
+        if proc.poll() is not None and "Address already in use" in log.read_text():
+            continue
+        return proc, (component, env, probe, log)
+    raise AssertionError(f"{component} found no free ports in 3 tries: {log.read_text()[-2000:]}")
+
+
 @pytest.fixture
 def started(
     tmp_path: Path, etcd: etcdserver.EtcdServer, etcd_prefix: str
@@ -69,19 +108,9 @@ def started(
     nodes = []
     try:
         for component in COMPONENTS:
-            env, probe = _local_environment(component, tmp_path, etcd)
-            env[config.env_name(component, "etcd_prefix")] = etcd_prefix
-            log = tmp_path / f"{component}.log"
-            with log.open("wb") as out:
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", f"services.{component}"],
-                        env={**os.environ, **env},
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
-            nodes.append((component, env, probe, log))
+            proc, node = _start(component, tmp_path, etcd, etcd_prefix)
+            procs.append(proc)
+            nodes.append(node)
         yield nodes
     finally:
         for proc in procs:
@@ -90,18 +119,12 @@ def started(
             proc.wait(timeout=30)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(400)
 def test_each_service_serves_with_its_manifest_environment(
     started: list[tuple[str, dict[str, str], list[str], Path]],
 ) -> None:
     for component, env, probe, log in started:
-        probe[0] = str(Path(sys.executable).parent / probe[0])  # the venv's kvtier
-        deadline = time.monotonic() + 60
-        while True:
-            result = subprocess.run(
-                probe, env={**os.environ, **env}, capture_output=True, text=True, timeout=30
-            )
-            if result.returncode == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+        result = subprocess.run(
+            probe, env={**os.environ, **env}, capture_output=True, text=True, timeout=30
+        )
         assert result.stdout.strip() == "SERVING", (component, log.read_text()[-2000:])
