@@ -113,6 +113,8 @@ class NodeInfo(_message.Message):
     S3_ADDRESS_FIELD_NUMBER: _builtins.int
     CLIENT_ADDRESS_FIELD_NUMBER: _builtins.int
     TLS_FIELD_NUMBER: _builtins.int
+    KV_EVENTS_ENDPOINT_FIELD_NUMBER: _builtins.int
+    KV_EVENTS_REPLAY_ENDPOINT_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     role: Global___NodeRole.ValueType
     grpc_address: _builtins.str
@@ -132,6 +134,12 @@ class NodeInfo(_message.Message):
     """
     tls: _builtins.bool
     """Whether the node's gRPC ports (and S3, data plane when enabled) speak TLS."""
+    kv_events_endpoint: _builtins.str
+    """kvcache nodes with KV events on (docs/routing.md): tcp://host:port of the ZMQ PUB socket
+    (vLLM's KV-event wire format) and of the ROUTER socket that replays from a sequence
+    number. Empty when events are off. Trusted networks only (docs/security.md).
+    """
+    kv_events_replay_endpoint: _builtins.str
     @_builtins.property
     def drives(self) -> _containers.RepeatedCompositeFieldContainer[Global___Drive]:
         """Datanodes only."""
@@ -156,10 +164,12 @@ class NodeInfo(_message.Message):
         s3_address: _builtins.str = ...,
         client_address: _builtins.str = ...,
         tls: _builtins.bool = ...,
+        kv_events_endpoint: _builtins.str = ...,
+        kv_events_replay_endpoint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dataplane", b"dataplane"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_address", b"client_address", "dataplane", b"dataplane", "drives", b"drives", "grpc_address", b"grpc_address", "hostname", b"hostname", "metrics_address", b"metrics_address", "node_id", b"node_id", "pid", b"pid", "role", b"role", "s3_address", b"s3_address", "started_at_unix_ms", b"started_at_unix_ms", "tls", b"tls", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_address", b"client_address", "dataplane", b"dataplane", "drives", b"drives", "grpc_address", b"grpc_address", "hostname", b"hostname", "kv_events_endpoint", b"kv_events_endpoint", "kv_events_replay_endpoint", b"kv_events_replay_endpoint", "metrics_address", b"metrics_address", "node_id", b"node_id", "pid", b"pid", "role", b"role", "s3_address", b"s3_address", "started_at_unix_ms", b"started_at_unix_ms", "tls", b"tls", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

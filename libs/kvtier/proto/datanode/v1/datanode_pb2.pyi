@@ -188,6 +188,9 @@ class ShardMeta(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     ACL_FIELD_NUMBER: _builtins.int
     META_CHANGED_UNIX_NS_FIELD_NUMBER: _builtins.int
+    KEEP_VERSIONS_FIELD_NUMBER: _builtins.int
+    NULL_VERSION_FIELD_NUMBER: _builtins.int
+    DELETE_MARKER_FIELD_NUMBER: _builtins.int
     format_version: _builtins.int
     bucket: _builtins.str
     key: _builtins.str
@@ -228,6 +231,18 @@ class ShardMeta(_message.Message):
     ns; 0: never). Of two variants of one version on different drives, the later one prevails,
     and a drive never takes a change older than the one it holds.
     """
+    keep_versions: _builtins.bool
+    """S3 versioning (numbers from 40: other fields may take 30+). keep_versions: written in a
+    bucket with versioning Enabled or Suspended: earlier versions of the key stay on the drive
+    as non-current ones (objects/<bucket>/<h[:2]>/<h>/versions/<version id>), except a null
+    version, which a new null version replaces. Unset: the drive keeps this version only.
+    """
+    null_version: _builtins.bool
+    """This version's id is "null" (written while versioning was Suspended). A version written
+    without keep_versions is null too. Otherwise its id is data_id.
+    """
+    delete_marker: _builtins.bool
+    """An S3 delete marker: no data, never listed as an object; GET of it is 404."""
     @_builtins.property
     def user_metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -280,10 +295,13 @@ class ShardMeta(_message.Message):
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         acl: _acl_pb2.Acl | None = ...,
         meta_changed_unix_ns: _builtins.int = ...,
+        keep_versions: _builtins.bool = ...,
+        null_version: _builtins.bool = ...,
+        delete_marker: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "block_bytes", b"block_bytes", "bucket", b"bucket", "cache_control", b"cache_control", "checksums", b"checksums", "content_disposition", b"content_disposition", "content_encoding", b"content_encoding", "content_language", b"content_language", "content_type", b"content_type", "data_id", b"data_id", "data_shards", b"data_shards", "distribution", b"distribution", "etag", b"etag", "expires", b"expires", "format_version", b"format_version", "inline_data", b"inline_data", "is_pointer", b"is_pointer", "key", b"key", "meta_changed_unix_ns", b"meta_changed_unix_ns", "mtime_unix_ns", b"mtime_unix_ns", "parity_shards", b"parity_shards", "parts", b"parts", "pool_pointer", b"pool_pointer", "shard_index", b"shard_index", "size", b"size", "tags", b"tags", "upload_checksum_algorithm", b"upload_checksum_algorithm", "upload_pool", b"upload_pool", "user_metadata", b"user_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "block_bytes", b"block_bytes", "bucket", b"bucket", "cache_control", b"cache_control", "checksums", b"checksums", "content_disposition", b"content_disposition", "content_encoding", b"content_encoding", "content_language", b"content_language", "content_type", b"content_type", "data_id", b"data_id", "data_shards", b"data_shards", "delete_marker", b"delete_marker", "distribution", b"distribution", "etag", b"etag", "expires", b"expires", "format_version", b"format_version", "inline_data", b"inline_data", "is_pointer", b"is_pointer", "keep_versions", b"keep_versions", "key", b"key", "meta_changed_unix_ns", b"meta_changed_unix_ns", "mtime_unix_ns", b"mtime_unix_ns", "null_version", b"null_version", "parity_shards", b"parity_shards", "parts", b"parts", "pool_pointer", b"pool_pointer", "shard_index", b"shard_index", "size", b"size", "tags", b"tags", "upload_checksum_algorithm", b"upload_checksum_algorithm", "upload_pool", b"upload_pool", "user_metadata", b"user_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -85,12 +85,21 @@ class WriteShardRequest(_message.Message):
     WRITE_ID_FIELD_NUMBER: _builtins.int
     PART_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
+    BUCKET_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
     drive_id: _builtins.str
     write_id: _builtins.str
     """Chosen by the writer (gateway), unique per object version; the staging directory's name."""
     part: _builtins.int
     offset: _builtins.int
     """Where the segments start in the part's shard bytes (block-aligned; in order)."""
+    bucket: _builtins.str
+    """The object the write is a version of, sent with a write's first call: the reply then
+    carries the stamp of the drive's current version of it, which the writer's hybrid
+    logical clock observes before it stamps the commit (versions are ordered by stamp, so a
+    write begun after another was acknowledged is stamped above it, whatever the clocks).
+    """
+    key: _builtins.str
     def __init__(
         self,
         *,
@@ -98,10 +107,12 @@ class WriteShardRequest(_message.Message):
         write_id: _builtins.str = ...,
         part: _builtins.int = ...,
         offset: _builtins.int = ...,
+        bucket: _builtins.str = ...,
+        key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["drive_id", b"drive_id", "offset", b"offset", "part", b"part", "write_id", b"write_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "drive_id", b"drive_id", "key", b"key", "offset", b"offset", "part", b"part", "write_id", b"write_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -112,15 +123,19 @@ class WriteShardResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WRITTEN_FIELD_NUMBER: _builtins.int
+    CURRENT_MTIME_UNIX_NS_FIELD_NUMBER: _builtins.int
     written: _builtins.int
+    current_mtime_unix_ns: _builtins.int
+    """With bucket and key: the mtime_unix_ns of the drive's current version (0: none)."""
     def __init__(
         self,
         *,
         written: _builtins.int = ...,
+        current_mtime_unix_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["written", b"written"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_mtime_unix_ns", b"current_mtime_unix_ns", "written", b"written"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -205,21 +220,25 @@ class ShardResult(_message.Message):
     SUPERSEDED_FIELD_NUMBER: _builtins.int
     ERROR_KIND_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    CURRENT_MTIME_UNIX_NS_FIELD_NUMBER: _builtins.int
     superseded: _builtins.bool
     """As CommitWriteResponse.superseded."""
     error_kind: _builtins.str
     """The error's kind (a kvtier.errors class name) and message; empty when it succeeded."""
     error: _builtins.str
+    current_mtime_unix_ns: _builtins.int
+    """As CommitWriteResponse.current_mtime_unix_ns."""
     def __init__(
         self,
         *,
         superseded: _builtins.bool = ...,
         error_kind: _builtins.str = ...,
         error: _builtins.str = ...,
+        current_mtime_unix_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "error_kind", b"error_kind", "superseded", b"superseded"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_mtime_unix_ns", b"current_mtime_unix_ns", "error", b"error", "error_kind", b"error_kind", "superseded", b"superseded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -232,8 +251,11 @@ class ReadMetasRequest(_message.Message):
     DRIVE_IDS_FIELD_NUMBER: _builtins.int
     BUCKET_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
     bucket: _builtins.str
     key: _builtins.str
+    version_id: _builtins.str
+    """One version ("null" or a data_id, current or not); empty: the current version."""
     @_builtins.property
     def drive_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -242,10 +264,11 @@ class ReadMetasRequest(_message.Message):
         drive_ids: _abc.Iterable[_builtins.str] | None = ...,
         bucket: _builtins.str = ...,
         key: _builtins.str = ...,
+        version_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "drive_ids", b"drive_ids", "key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "drive_ids", b"drive_ids", "key", b"key", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -361,19 +384,25 @@ class CommitWriteResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SUPERSEDED_FIELD_NUMBER: _builtins.int
+    CURRENT_MTIME_UNIX_NS_FIELD_NUMBER: _builtins.int
     superseded: _builtins.bool
     """The drive already holds a newer version (later mtime, or equal mtime and a larger data_id):
     this write was dropped, the newer one stays. Concurrent PUTs of one key thus converge on
     the newest version on every drive, whatever order their commits arrive in.
     """
+    current_mtime_unix_ns: _builtins.int
+    """With superseded: the newer version's mtime_unix_ns. A writer that began after that
+    version was acknowledged (its clock was behind) stamps above it and commits again.
+    """
     def __init__(
         self,
         *,
         superseded: _builtins.bool = ...,
+        current_mtime_unix_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["superseded", b"superseded"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_mtime_unix_ns", b"current_mtime_unix_ns", "superseded", b"superseded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -423,19 +452,23 @@ class ReadMetaRequest(_message.Message):
     DRIVE_ID_FIELD_NUMBER: _builtins.int
     BUCKET_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
     drive_id: _builtins.str
     bucket: _builtins.str
     key: _builtins.str
+    version_id: _builtins.str
+    """As ReadMetasRequest.version_id."""
     def __init__(
         self,
         *,
         drive_id: _builtins.str = ...,
         bucket: _builtins.str = ...,
         key: _builtins.str = ...,
+        version_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "drive_id", b"drive_id", "key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "drive_id", b"drive_id", "key", b"key", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -613,19 +646,25 @@ class DeleteShardRequest(_message.Message):
     DRIVE_ID_FIELD_NUMBER: _builtins.int
     BUCKET_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
     drive_id: _builtins.str
     bucket: _builtins.str
     key: _builtins.str
+    version_id: _builtins.str
+    """Remove this version only ("null" or a data_id); when it is the current one, the newest
+    non-current version becomes current. Empty: the key and every version of it.
+    """
     def __init__(
         self,
         *,
         drive_id: _builtins.str = ...,
         bucket: _builtins.str = ...,
         key: _builtins.str = ...,
+        version_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "drive_id", b"drive_id", "key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "drive_id", b"drive_id", "key", b"key", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -659,11 +698,18 @@ class ListShardsRequest(_message.Message):
     PREFIX_FIELD_NUMBER: _builtins.int
     START_AFTER_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    START_AFTER_VERSION_FIELD_NUMBER: _builtins.int
     drive_id: _builtins.str
     bucket: _builtins.str
     prefix: _builtins.str
     start_after: _builtins.str
     limit: _builtins.int
+    versions: _builtins.bool
+    """Every version (current and not, delete markers too), by key then newest first; `limit`
+    counts versions. start_after with start_after_version: after that version of that key.
+    """
+    start_after_version: _builtins.str
     def __init__(
         self,
         *,
@@ -672,10 +718,12 @@ class ListShardsRequest(_message.Message):
         prefix: _builtins.str = ...,
         start_after: _builtins.str = ...,
         limit: _builtins.int = ...,
+        versions: _builtins.bool = ...,
+        start_after_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "drive_id", b"drive_id", "limit", b"limit", "prefix", b"prefix", "start_after", b"start_after"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "drive_id", b"drive_id", "limit", b"limit", "prefix", b"prefix", "start_after", b"start_after", "start_after_version", b"start_after_version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -690,11 +738,21 @@ class ShardEntry(_message.Message):
     ETAG_FIELD_NUMBER: _builtins.int
     MTIME_UNIX_NS_FIELD_NUMBER: _builtins.int
     IS_POINTER_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    IS_LATEST_FIELD_NUMBER: _builtins.int
+    DELETE_MARKER_FIELD_NUMBER: _builtins.int
+    DATA_ID_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     size: _builtins.int
     etag: _builtins.str
     mtime_unix_ns: _builtins.int
     is_pointer: _builtins.bool
+    version_id: _builtins.str
+    """Versions listings (and current entries, for delete markers)."""
+    is_latest: _builtins.bool
+    delete_marker: _builtins.bool
+    data_id: _builtins.str
+    """The version's data_id (versions listings: orders versions of equal mtime)."""
     def __init__(
         self,
         *,
@@ -703,10 +761,14 @@ class ShardEntry(_message.Message):
         etag: _builtins.str = ...,
         mtime_unix_ns: _builtins.int = ...,
         is_pointer: _builtins.bool = ...,
+        version_id: _builtins.str = ...,
+        is_latest: _builtins.bool = ...,
+        delete_marker: _builtins.bool = ...,
+        data_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "is_pointer", b"is_pointer", "key", b"key", "mtime_unix_ns", b"mtime_unix_ns", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_id", b"data_id", "delete_marker", b"delete_marker", "etag", b"etag", "is_latest", b"is_latest", "is_pointer", b"is_pointer", "key", b"key", "mtime_unix_ns", b"mtime_unix_ns", "size", b"size", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -61,6 +61,8 @@ class HealProgress(_message.Message):
     CURRENT_KEY_FIELD_NUMBER: _builtins.int
     UNRECOVERABLE_KEYS_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
+    BYTES_SCANNED_FIELD_NUMBER: _builtins.int
+    BYTES_HEALED_FIELD_NUMBER: _builtins.int
     scanned: _builtins.int
     """Objects looked at."""
     healthy: _builtins.int
@@ -83,6 +85,12 @@ class HealProgress(_message.Message):
     """The object being looked at (bucket/key)."""
     done: _builtins.bool
     """The last message: the walk is complete."""
+    bytes_scanned: _builtins.int
+    """Object bytes (sizes, as listed) of the objects looked at: what a progress bar and an ETA
+    measure, since a heal reads about that much.
+    """
+    bytes_healed: _builtins.int
+    """Object bytes of the objects healed (with dry_run: that would be)."""
     @_builtins.property
     def unrecoverable_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """bucket/key of the objects found unrecoverable since the previous message."""
@@ -99,10 +107,12 @@ class HealProgress(_message.Message):
         current_key: _builtins.str = ...,
         unrecoverable_keys: _abc.Iterable[_builtins.str] | None = ...,
         done: _builtins.bool = ...,
+        bytes_scanned: _builtins.int = ...,
+        bytes_healed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_key", b"current_key", "done", b"done", "healed", b"healed", "healthy", b"healthy", "scanned", b"scanned", "shards_healed", b"shards_healed", "skipped", b"skipped", "unrecoverable", b"unrecoverable", "unrecoverable_keys", b"unrecoverable_keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_healed", b"bytes_healed", "bytes_scanned", b"bytes_scanned", "current_key", b"current_key", "done", b"done", "healed", b"healed", "healthy", b"healthy", "scanned", b"scanned", "shards_healed", b"shards_healed", "skipped", b"skipped", "unrecoverable", b"unrecoverable", "unrecoverable_keys", b"unrecoverable_keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

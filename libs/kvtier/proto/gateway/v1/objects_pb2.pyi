@@ -274,12 +274,19 @@ class ObjectHeaders(_message.Message):
     USER_METADATA_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     ACL_FIELD_NUMBER: _builtins.int
+    KEEP_VERSIONS_FIELD_NUMBER: _builtins.int
+    NULL_VERSION_FIELD_NUMBER: _builtins.int
     content_type: _builtins.str
     content_encoding: _builtins.str
     content_disposition: _builtins.str
     cache_control: _builtins.str
     content_language: _builtins.str
     expires: _builtins.str
+    keep_versions: _builtins.bool
+    """S3 versioning of the write (ShardMeta.keep_versions / null_version): set by the gateway's
+    front from the bucket's record, whatever a caller sends.
+    """
+    null_version: _builtins.bool
     @_builtins.property
     def user_metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -302,10 +309,12 @@ class ObjectHeaders(_message.Message):
         user_metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         acl: _acl_pb2.Acl | None = ...,
+        keep_versions: _builtins.bool = ...,
+        null_version: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "cache_control", b"cache_control", "content_disposition", b"content_disposition", "content_encoding", b"content_encoding", "content_language", b"content_language", "content_type", b"content_type", "expires", b"expires", "tags", b"tags", "user_metadata", b"user_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "cache_control", b"cache_control", "content_disposition", b"content_disposition", "content_encoding", b"content_encoding", "content_language", b"content_language", "content_type", b"content_type", "expires", b"expires", "keep_versions", b"keep_versions", "null_version", b"null_version", "tags", b"tags", "user_metadata", b"user_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -343,6 +352,8 @@ class ObjectInfo(_message.Message):
     HEADERS_FIELD_NUMBER: _builtins.int
     CHECKSUMS_FIELD_NUMBER: _builtins.int
     PARTS_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    DELETE_MARKER_FIELD_NUMBER: _builtins.int
     bucket: _builtins.str
     key: _builtins.str
     size: _builtins.int
@@ -350,6 +361,9 @@ class ObjectInfo(_message.Message):
     """MD5 of the content, hex; multipart: MD5 of the part MD5s + "-N"."""
     mtime_unix_ms: _builtins.int
     parts: _builtins.int
+    version_id: _builtins.str
+    """The S3 version id ("null" for a version of an unversioned write)."""
+    delete_marker: _builtins.bool
     @_builtins.property
     def headers(self) -> Global___ObjectHeaders: ...
     @_builtins.property
@@ -367,10 +381,12 @@ class ObjectInfo(_message.Message):
         headers: Global___ObjectHeaders | None = ...,
         checksums: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         parts: _builtins.int = ...,
+        version_id: _builtins.str = ...,
+        delete_marker: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "checksums", b"checksums", "etag", b"etag", "headers", b"headers", "key", b"key", "mtime_unix_ms", b"mtime_unix_ms", "parts", b"parts", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "checksums", b"checksums", "delete_marker", b"delete_marker", "etag", b"etag", "headers", b"headers", "key", b"key", "mtime_unix_ms", b"mtime_unix_ms", "parts", b"parts", "size", b"size", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -741,12 +757,15 @@ class CopyObjectRequest(_message.Message):
     DST_KEY_FIELD_NUMBER: _builtins.int
     REPLACE_HEADERS_FIELD_NUMBER: _builtins.int
     HEADERS_FIELD_NUMBER: _builtins.int
+    SRC_VERSION_ID_FIELD_NUMBER: _builtins.int
     src_bucket: _builtins.str
     src_key: _builtins.str
     dst_bucket: _builtins.str
     dst_key: _builtins.str
     replace_headers: _builtins.bool
     """Replace the headers (S3 MetadataDirective REPLACE) instead of copying them."""
+    src_version_id: _builtins.str
+    """The source's S3 version (empty: its current one)."""
     @_builtins.property
     def headers(self) -> Global___ObjectHeaders: ...
     def __init__(
@@ -758,10 +777,11 @@ class CopyObjectRequest(_message.Message):
         dst_key: _builtins.str = ...,
         replace_headers: _builtins.bool = ...,
         headers: Global___ObjectHeaders | None = ...,
+        src_version_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dst_bucket", b"dst_bucket", "dst_key", b"dst_key", "headers", b"headers", "replace_headers", b"replace_headers", "src_bucket", b"src_bucket", "src_key", b"src_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dst_bucket", b"dst_bucket", "dst_key", b"dst_key", "headers", b"headers", "replace_headers", b"replace_headers", "src_bucket", b"src_bucket", "src_key", b"src_key", "src_version_id", b"src_version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

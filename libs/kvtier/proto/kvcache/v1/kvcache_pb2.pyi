@@ -49,6 +49,7 @@ class _CallMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CallMethod
     CALL_METHOD_TOUCH: _CallMethod.ValueType  # 8
     CALL_METHOD_STATS: _CallMethod.ValueType  # 9
     CALL_METHOD_LIST_KEYS: _CallMethod.ValueType  # 10
+    CALL_METHOD_SCORE: _CallMethod.ValueType  # 11
 
 class CallMethod(_CallMethod, metaclass=_CallMethodEnumTypeWrapper):
     """Data-plane call method numbers (kvtier.transport.base.CallPlan): the request and reply
@@ -68,6 +69,7 @@ CALL_METHOD_UNPIN: CallMethod.ValueType  # 7
 CALL_METHOD_TOUCH: CallMethod.ValueType  # 8
 CALL_METHOD_STATS: CallMethod.ValueType  # 9
 CALL_METHOD_LIST_KEYS: CallMethod.ValueType  # 10
+CALL_METHOD_SCORE: CallMethod.ValueType  # 11
 Global___CallMethod: _TypeAlias = CallMethod  # noqa: Y015
 
 class _ItemStatus:
@@ -184,6 +186,8 @@ class BatchPutRequest(_message.Message):
     TTL_S_FIELD_NUMBER: _builtins.int
     PRINCIPAL_FIELD_NUMBER: _builtins.int
     CHECKSUMS_FIELD_NUMBER: _builtins.int
+    ENGINE_HASHES_FIELD_NUMBER: _builtins.int
+    ENGINE_PARENT_HASHES_FIELD_NUMBER: _builtins.int
     overwrite: _builtins.bool
     """Replace present blocks (default: put-if-absent)."""
     ttl_s: _builtins.float
@@ -205,6 +209,15 @@ class BatchPutRequest(_message.Message):
         carried into the durable tier.
         """
 
+    @_builtins.property
+    def engine_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Optional, for KV events (docs/routing.md): the engine's own hash of each block, one per key
+        (empty: events name the block by its key), and the hash of its parent block in the chain
+        (one per key; empty bytes: none). Routers index what the engine would publish.
+        """
+
+    @_builtins.property
+    def engine_parent_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     def __init__(
         self,
         *,
@@ -215,10 +228,12 @@ class BatchPutRequest(_message.Message):
         ttl_s: _builtins.float = ...,
         principal: _builtins.str = ...,
         checksums: _abc.Iterable[_builtins.int] | None = ...,
+        engine_hashes: _abc.Iterable[_builtins.bytes] | None = ...,
+        engine_parent_hashes: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksums", b"checksums", "keys", b"keys", "namespace", b"namespace", "overwrite", b"overwrite", "principal", b"principal", "sizes", b"sizes", "ttl_s", b"ttl_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksums", b"checksums", "engine_hashes", b"engine_hashes", "engine_parent_hashes", b"engine_parent_hashes", "keys", b"keys", "namespace", b"namespace", "overwrite", b"overwrite", "principal", b"principal", "sizes", b"sizes", "ttl_s", b"ttl_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -231,8 +246,13 @@ class PutGrant(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     DESCRIPTOR_FIELD_NUMBER: _builtins.int
     PUT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     status: Global___ItemStatus.ValueType
     put_id: _builtins.int
+    reason: _builtins.str
+    """When the key was refused (INVALID, QUOTA_EXCEEDED, NO_SPACE, BUSY, CORRUPT): why, in one
+    line (e.g. "key of 1041 bytes: keys are 1..1040 bytes"). Empty otherwise.
+    """
     @_builtins.property
     def descriptor(self) -> _common_pb2.Descriptor:
         """gRPC only, when status is OK: where to write the block, and the id to commit."""
@@ -243,10 +263,11 @@ class PutGrant(_message.Message):
         status: Global___ItemStatus.ValueType = ...,
         descriptor: _common_pb2.Descriptor | None = ...,
         put_id: _builtins.int = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor", "put_id", b"put_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["descriptor", b"descriptor", "put_id", b"put_id", "reason", b"reason", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -572,6 +593,62 @@ class LookupResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LookupResponse: _TypeAlias = LookupResponse  # noqa: Y015
+
+@_typing.final
+class ScoreRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def namespace(self) -> Global___Namespace: ...
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """A chain of keys (e.g. chained prefix hashes), in order: those of the chain this node owns."""
+
+    def __init__(
+        self,
+        *,
+        namespace: Global___Namespace | None = ...,
+        keys: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScoreRequest: _TypeAlias = ScoreRequest  # noqa: Y015
+
+@_typing.final
+class ScoreResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRAM_COUNT_FIELD_NUMBER: _builtins.int
+    DURABLE_COUNT_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    dram_count: _builtins.int
+    """How many leading keys of the chain are in this node's DRAM."""
+    durable_count: _builtins.int
+    """How many keys after those lead on in the durable tier (0 outside durable namespaces): the
+    chain is served up to dram_count + durable_count.
+    """
+    epoch: _builtins.int
+    """The newest cluster-map epoch the node has seen: a client with an older map refreshes it."""
+    def __init__(
+        self,
+        *,
+        dram_count: _builtins.int = ...,
+        durable_count: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dram_count", b"dram_count", "durable_count", b"durable_count", "epoch", b"epoch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScoreResponse: _TypeAlias = ScoreResponse  # noqa: Y015
 
 @_typing.final
 class DeleteRequest(_message.Message):

@@ -65,6 +65,11 @@ class KVCacheServiceStub:
                 request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.LookupRequest.SerializeToString,
                 response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/kvtier.kvcache.v1.KVCacheService/Score',
+                request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ScoreResponse.FromString,
+                _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/kvtier.kvcache.v1.KVCacheService/Delete',
                 request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.DeleteRequest.SerializeToString,
@@ -152,6 +157,15 @@ class KVCacheServiceServicer:
 
     def Lookup(self, request, context):
         """The number of leading keys of a chain present on this node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Score(self, request, context):
+        """For routers (docs/routing.md): how much of a chain this node can serve, per tier: the
+        leading run in DRAM and how far the durable tier carries it on. Same rights, tenancy and
+        answer as Lookup (a chain of another tenant scores 0: it is looked up in the caller's own).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -247,6 +261,11 @@ def add_KVCacheServiceServicer_to_server(servicer, server):
                     servicer.Lookup,
                     request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.LookupRequest.FromString,
                     response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.LookupResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ScoreRequest.FromString,
+                    response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ScoreResponse.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
@@ -456,6 +475,33 @@ class KVCacheService:
             '/kvtier.kvcache.v1.KVCacheService/Lookup',
             kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.LookupRequest.SerializeToString,
             kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.kvcache.v1.KVCacheService/Score',
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ScoreRequest.SerializeToString,
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,11 @@ class KVCacheServiceStub:
     BatchExists: _grpc.UnaryUnaryMultiCallable[_kvcache_pb2.BatchExistsRequest, _kvcache_pb2.BatchExistsResponse]
     Lookup: _grpc.UnaryUnaryMultiCallable[_kvcache_pb2.LookupRequest, _kvcache_pb2.LookupResponse]
     """The number of leading keys of a chain present on this node."""
+    Score: _grpc.UnaryUnaryMultiCallable[_kvcache_pb2.ScoreRequest, _kvcache_pb2.ScoreResponse]
+    """For routers (docs/routing.md): how much of a chain this node can serve, per tier: the
+    leading run in DRAM and how far the durable tier carries it on. Same rights, tenancy and
+    answer as Lookup (a chain of another tenant scores 0: it is looked up in the caller's own).
+    """
     Delete: _grpc.UnaryUnaryMultiCallable[_kvcache_pb2.DeleteRequest, _kvcache_pb2.DeleteResponse]
     Pin: _grpc.UnaryUnaryMultiCallable[_kvcache_pb2.PinRequest, _kvcache_pb2.PinResponse]
     Unpin: _grpc.UnaryUnaryMultiCallable[_kvcache_pb2.UnpinRequest, _kvcache_pb2.UnpinResponse]
@@ -86,6 +91,11 @@ class KVCacheServiceAsyncStub(KVCacheServiceStub):
     BatchExists: _aio.UnaryUnaryMultiCallable[_kvcache_pb2.BatchExistsRequest, _kvcache_pb2.BatchExistsResponse]  # type: ignore[assignment]
     Lookup: _aio.UnaryUnaryMultiCallable[_kvcache_pb2.LookupRequest, _kvcache_pb2.LookupResponse]  # type: ignore[assignment]
     """The number of leading keys of a chain present on this node."""
+    Score: _aio.UnaryUnaryMultiCallable[_kvcache_pb2.ScoreRequest, _kvcache_pb2.ScoreResponse]  # type: ignore[assignment]
+    """For routers (docs/routing.md): how much of a chain this node can serve, per tier: the
+    leading run in DRAM and how far the durable tier carries it on. Same rights, tenancy and
+    answer as Lookup (a chain of another tenant scores 0: it is looked up in the caller's own).
+    """
     Delete: _aio.UnaryUnaryMultiCallable[_kvcache_pb2.DeleteRequest, _kvcache_pb2.DeleteResponse]  # type: ignore[assignment]
     Pin: _aio.UnaryUnaryMultiCallable[_kvcache_pb2.PinRequest, _kvcache_pb2.PinResponse]  # type: ignore[assignment]
     Unpin: _aio.UnaryUnaryMultiCallable[_kvcache_pb2.UnpinRequest, _kvcache_pb2.UnpinResponse]  # type: ignore[assignment]
@@ -151,6 +161,17 @@ class KVCacheServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_kvcache_pb2.LookupResponse, _abc.Awaitable[_kvcache_pb2.LookupResponse]]:
         """The number of leading keys of a chain present on this node."""
+
+    @_abc_1.abstractmethod
+    def Score(
+        self,
+        request: _kvcache_pb2.ScoreRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kvcache_pb2.ScoreResponse, _abc.Awaitable[_kvcache_pb2.ScoreResponse]]:
+        """For routers (docs/routing.md): how much of a chain this node can serve, per tier: the
+        leading run in DRAM and how far the durable tier carries it on. Same rights, tenancy and
+        answer as Lookup (a chain of another tenant scores 0: it is looked up in the caller's own).
+        """
 
     @_abc_1.abstractmethod
     def Delete(

@@ -22,6 +22,29 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _VersioningStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VersioningStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VersioningStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VERSIONING_STATUS_UNSET: _VersioningStatus.ValueType  # 0
+    """Never enabled: one version per key, its id is "null"."""
+    VERSIONING_STATUS_ENABLED: _VersioningStatus.ValueType  # 1
+    """Every write makes a new version with its own id; deletes write delete markers."""
+    VERSIONING_STATUS_SUSPENDED: _VersioningStatus.ValueType  # 2
+    """Writes make the "null" version (replacing the previous null version); others are kept."""
+
+class VersioningStatus(_VersioningStatus, metaclass=_VersioningStatusEnumTypeWrapper): ...
+
+VERSIONING_STATUS_UNSET: VersioningStatus.ValueType  # 0
+"""Never enabled: one version per key, its id is "null"."""
+VERSIONING_STATUS_ENABLED: VersioningStatus.ValueType  # 1
+"""Every write makes a new version with its own id; deletes write delete markers."""
+VERSIONING_STATUS_SUSPENDED: VersioningStatus.ValueType  # 2
+"""Writes make the "null" version (replacing the previous null version); others are kept."""
+Global___VersioningStatus: _TypeAlias = VersioningStatus  # noqa: Y015
+
 class _BucketKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -145,6 +168,7 @@ class BucketInfo(_message.Message):
     CORS_FIELD_NUMBER: _builtins.int
     LIFECYCLE_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
+    VERSIONING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """S3 bucket-name rules (kvtier.names.check_bucket)."""
     created_at_unix_ms: _builtins.int
@@ -174,6 +198,12 @@ class BucketInfo(_message.Message):
     def lifecycle(self) -> Global___LifecycleConfiguration: ...
     @_builtins.property
     def tags(self) -> Global___BucketTags: ...
+    @_builtins.property
+    def versioning(self) -> Global___BucketVersioning:
+        """S3 bucket versioning (PutBucketVersioning); unset: never enabled. Once enabled a bucket
+        is Enabled or Suspended for good, as in S3. Ordinary buckets only.
+        """
+
     def __init__(
         self,
         *,
@@ -187,14 +217,34 @@ class BucketInfo(_message.Message):
         cors: Global___CorsConfiguration | None = ...,
         lifecycle: Global___LifecycleConfiguration | None = ...,
         tags: Global___BucketTags | None = ...,
+        versioning: Global___BucketVersioning | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "cors", b"cors", "lifecycle", b"lifecycle", "tags", b"tags"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "cors", b"cors", "lifecycle", b"lifecycle", "tags", b"tags", "versioning", b"versioning"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "cors", b"cors", "created_at_unix_ms", b"created_at_unix_ms", "generation", b"generation", "kind", b"kind", "lifecycle", b"lifecycle", "name", b"name", "storage_id", b"storage_id", "tags", b"tags", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "cors", b"cors", "created_at_unix_ms", b"created_at_unix_ms", "generation", b"generation", "kind", b"kind", "lifecycle", b"lifecycle", "name", b"name", "storage_id", b"storage_id", "tags", b"tags", "tenant", b"tenant", "versioning", b"versioning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BucketInfo: _TypeAlias = BucketInfo  # noqa: Y015
+
+@_typing.final
+class BucketVersioning(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    status: Global___VersioningStatus.ValueType
+    def __init__(
+        self,
+        *,
+        status: Global___VersioningStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BucketVersioning: _TypeAlias = BucketVersioning  # noqa: Y015
 
 @_typing.final
 class BucketTags(_message.Message):
@@ -532,6 +582,7 @@ class SetBucketConfigRequest(_message.Message):
     CORS_FIELD_NUMBER: _builtins.int
     LIFECYCLE_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
+    VERSIONING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     expected_generation: _builtins.int
     """Only this incarnation (BucketInfo.generation); FAILED_PRECONDITION when the bucket was
@@ -545,6 +596,10 @@ class SetBucketConfigRequest(_message.Message):
     def lifecycle(self) -> Global___LifecycleConfiguration: ...
     @_builtins.property
     def tags(self) -> Global___BucketTags: ...
+    @_builtins.property
+    def versioning(self) -> Global___BucketVersioning:
+        """Enabled or Suspended (UNSET is refused: a versioned bucket never goes back)."""
+
     def __init__(
         self,
         *,
@@ -554,12 +609,13 @@ class SetBucketConfigRequest(_message.Message):
         cors: Global___CorsConfiguration | None = ...,
         lifecycle: Global___LifecycleConfiguration | None = ...,
         tags: Global___BucketTags | None = ...,
+        versioning: Global___BucketVersioning | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "config", b"config", "cors", b"cors", "lifecycle", b"lifecycle", "tags", b"tags"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "config", b"config", "cors", b"cors", "lifecycle", b"lifecycle", "tags", b"tags", "versioning", b"versioning"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "config", b"config", "cors", b"cors", "expected_generation", b"expected_generation", "lifecycle", b"lifecycle", "name", b"name", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "config", b"config", "cors", b"cors", "expected_generation", b"expected_generation", "lifecycle", b"lifecycle", "name", b"name", "tags", b"tags", "versioning", b"versioning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_config: _TypeAlias = _typing.Literal["acl", "cors", "lifecycle", "tags"]  # noqa: Y015
+    _WhichOneofReturnType_config: _TypeAlias = _typing.Literal["acl", "cors", "lifecycle", "tags", "versioning"]  # noqa: Y015
     _WhichOneofArgType_config: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_config) -> _WhichOneofReturnType_config | None: ...
 
