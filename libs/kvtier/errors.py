@@ -128,6 +128,12 @@ class StaleEpoch(KVTierError):
         self.current_epoch = current_epoch
 
 
+class ClockSkew(Unavailable):
+    """A version stamp beyond the datanodes' bound on clock skew (the writing gateway's clock,
+    or its hybrid logical clock, runs too far ahead of the drive's): the write is refused, so
+    no version can win every later write. Fix the clocks; another gateway may take the write."""
+
+
 _BY_NAME: dict[str, type[KVTierError]] = {
     cls.__name__: cls
     for cls in (
@@ -144,6 +150,7 @@ _BY_NAME: dict[str, type[KVTierError]] = {
         DeadlineExceeded,
         Internal,
         StaleEpoch,
+        ClockSkew,
     )
 }
 

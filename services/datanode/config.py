@@ -5,12 +5,23 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from kvtier import config
+from kvtier import config, devports
+
+_PORTS = devports.PortPlan().node_ports("datanode", 1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class DatanodeConfig(config.DataPlaneServiceConfig):
     """A datanode: shard storage on local drives."""
+
+    # Fixed defaults, the ports of the dev cluster's first datanode (docs/operations.md, Ports).
+    grpc_port: int = config.setting(
+        _PORTS["grpc_port"],
+        "gRPC port for the cluster (mutual TLS); 0 picks a free one (registered in etcd)",
+    )
+    metrics_port: int = config.setting(
+        _PORTS["metrics_port"], "Prometheus metrics port (HTTPS); 0 picks a free one, -1 disables"
+    )
 
     data_dir: str = config.setting("./kvtier-data/datanode", "node state (identity, lock)")
     drives: tuple[str, ...] = config.setting(

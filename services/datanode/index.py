@@ -47,6 +47,18 @@ CREATE TABLE IF NOT EXISTS pending (
   PRIMARY KEY (bucket, key)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS versions (
+  bucket TEXT NOT NULL,
+  key BLOB NOT NULL,
+  mtime_ns INTEGER NOT NULL,
+  data_id TEXT NOT NULL,
+  version_id TEXT NOT NULL,
+  size INTEGER NOT NULL,
+  etag TEXT NOT NULL,
+  is_latest INTEGER NOT NULL,
+  delete_marker INTEGER NOT NULL,
+  PRIMARY KEY (bucket, key, mtime_ns, data_id)
+) WITHOUT ROWID;
 """
 
 
@@ -58,6 +70,21 @@ class ListEntry(NamedTuple):
     etag: str
     mtime_ns: int
     is_pointer: bool
+    #: The key's current version is an S3 delete marker (listings of objects skip it).
+    delete_marker: bool = False
+
+
+class VersionEntry(NamedTuple):
+    """One version of a key in a versioned bucket (ListObjectVersions)."""
+
+    key: str
+    mtime_ns: int
+    data_id: str
+    version_id: str
+    size: int
+    etag: str
+    is_latest: bool
+    delete_marker: bool
 
 
 Rows = list[tuple[str, ListEntry]]
@@ -83,6 +110,12 @@ class ShardIndex:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(objects)")}
+        if "delete_marker" not in columns:  # an index made before versioning
+            self._db.execute(
+                "ALTER TABLE objects ADD COLUMN delete_marker INTEGER NOT NULL DEFAULT 0"
+            )
+            self._db.commit()
 
     def close(self, *, synced: bool = False) -> None:
         """Close the connection (idempotent); synced: checkpoint the WAL into the database first
@@ -96,17 +129,87 @@ class ShardIndex:
     def put(self, bucket: str, entry: ListEntry) -> None:
         """Insert or replace the entry of (bucket, entry.key) and clear its pending mark."""
         key = entry.key.encode()
-        row = (bucket, key, entry.size, entry.etag, entry.mtime_ns, int(entry.is_pointer))
+        row = (bucket, key, *_columns(entry))
         with self._lock, self._db:
-            self._db.execute("INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?)", row)
+            self._db.execute(_INSERT_OBJECT, row)
             self._db.execute("DELETE FROM pending WHERE bucket = ? AND key = ?", (bucket, key))
 
-    def remove(self, bucket: str, key: str) -> None:
-        """Remove the entry of (bucket, key), if any, and clear its pending mark."""
+    def remove(self, bucket: str, key: str, *, versions: bool = False) -> None:
+        """Remove the entry of (bucket, key), if any (versions: its versions' too), and clear
+        its pending mark."""
         args = (bucket, key.encode())
         with self._lock, self._db:
             self._db.execute("DELETE FROM objects WHERE bucket = ? AND key = ?", args)
             self._db.execute("DELETE FROM pending WHERE bucket = ? AND key = ?", args)
+            if versions:
+                self._db.execute("DELETE FROM versions WHERE bucket = ? AND key = ?", args)
+
+    def put_key(
+        self, bucket: str, key: str, current: ListEntry | None, versions: Iterable[VersionEntry]
+    ) -> None:
+        """Replace everything indexed of a versioned key (its current entry, absent when None,
+        and its versions) and clear its pending mark, in one transaction."""
+        raw = key.encode()
+        args = (bucket, raw)
+        with self._lock, self._db:
+            self._db.execute("DELETE FROM versions WHERE bucket = ? AND key = ?", args)
+            self._db.executemany(_INSERT_VERSION, ((bucket, *_version_row(v)) for v in versions))
+            if current is None:
+                self._db.execute("DELETE FROM objects WHERE bucket = ? AND key = ?", args)
+            else:
+                self._db.execute(_INSERT_OBJECT, (bucket, raw, *_columns(current)))
+            self._db.execute("DELETE FROM pending WHERE bucket = ? AND key = ?", args)
+
+    def list_versions(
+        self, bucket: str, prefix: str, after_key: str, after: tuple[int, str] | None, limit: int
+    ) -> list[VersionEntry]:
+        """Up to limit versions by key (byte order), newest first: those of keys under prefix
+        after after_key, and when `after` ((mtime_ns, data_id) of a version of after_key) is
+        given, first after_key's versions older than it. Keys never versioned (only an
+        `objects` entry) come as their one "null" version."""
+        end = prefix_end(prefix.encode())
+        out: list[VersionEntry] = []
+        with self._lock:
+            if after is not None:
+                rows = self._db.execute(
+                    _SELECT_VERSIONS + " WHERE bucket = ? AND key = ?"
+                    " AND (mtime_ns, data_id) < (?, ?)"
+                    " ORDER BY mtime_ns DESC, data_id DESC LIMIT ?",
+                    (bucket, after_key.encode(), *after, limit),
+                ).fetchall()
+                out.extend(_version_entry(r) for r in rows)
+            low = max(prefix.encode(), after_key.encode())
+            op = ">" if after_key and low == after_key.encode() else ">="
+            bound = " AND key < ?" if end is not None else ""
+            tail = [end] if end is not None else []
+            rows = self._db.execute(
+                _SELECT_VERSIONS + f" WHERE bucket = ? AND key {op} ?{bound}"
+                " ORDER BY key, mtime_ns DESC, data_id DESC LIMIT ?",
+                (bucket, low, *tail, limit),
+            ).fetchall()
+            versioned = [_version_entry(r) for r in rows]
+            plain = self._db.execute(
+                "SELECT key, size, etag, mtime_ns FROM objects o WHERE bucket = ?"
+                f" AND key {op} ?{bound} AND NOT EXISTS (SELECT 1 FROM versions v"
+                " WHERE v.bucket = o.bucket AND v.key = o.key) ORDER BY key LIMIT ?",
+                (bucket, low, *tail, limit),
+            ).fetchall()
+        unversioned = [
+            VersionEntry(bytes(k).decode(), m, "", "null", s, e, True, False)
+            for k, s, e, m in plain
+        ]
+        merged = sorted(versioned + unversioned, key=lambda v: (v.key.encode(), -v.mtime_ns))
+        return (out + merged)[:limit]
+
+    def version_of(self, bucket: str, key: str, version_id: str) -> tuple[int, str] | None:
+        """(mtime_ns, data_id) of an indexed version of a key, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT mtime_ns, data_id FROM versions WHERE bucket = ? AND key = ?"
+                " AND version_id = ?",
+                (bucket, key.encode(), version_id),
+            ).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
 
     def mark_pending(self, bucket: str, key: str) -> None:
         """Record that (bucket, key)'s meta is about to change on disk."""
@@ -129,7 +232,7 @@ class ShardIndex:
         low = max(prefix.encode(), start_after.encode())
         op = ">" if start_after and low == start_after.encode() else ">="
         sql = (
-            "SELECT key, size, etag, mtime_ns, is_pointer FROM objects"
+            "SELECT key, size, etag, mtime_ns, is_pointer, delete_marker FROM objects"
             f" WHERE bucket = ? AND key {op} ?"
         )
         args: list[object] = [bucket, low]
@@ -141,20 +244,25 @@ class ShardIndex:
         args.append(limit)
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
-        return [ListEntry(bytes(k).decode(), s, e, m, bool(p)) for k, s, e, m, p in rows]
+        return [
+            ListEntry(bytes(k).decode(), s, e, m, bool(p), bool(d)) for k, s, e, m, p, d in rows
+        ]
 
-    def replace_all(self, rows: Iterable[tuple[str, ListEntry]]) -> None:
-        """Replace the whole index by rows of (bucket, entry) in one transaction; clears pending."""
+    def replace_all(
+        self,
+        rows: Iterable[tuple[str, ListEntry]],
+        versions: Iterable[tuple[str, VersionEntry]] = (),
+    ) -> None:
+        """Replace the whole index by rows of (bucket, entry) and versions of (bucket,
+        version) in one transaction; clears pending."""
         with self._lock, self._db:
             self._db.execute("DELETE FROM objects")
             self._db.execute("DELETE FROM pending")
+            self._db.execute("DELETE FROM versions")
             self._db.executemany(
-                "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    (b, e.key.encode(), e.size, e.etag, e.mtime_ns, int(e.is_pointer))
-                    for b, e in rows
-                ),
+                _INSERT_OBJECT, ((b, e.key.encode(), *_columns(e)) for b, e in rows)
             )
+            self._db.executemany(_INSERT_VERSION, ((b, *_version_row(v)) for b, v in versions))
 
     def dump(self) -> Rows:
         """Every (bucket, entry), sorted: for tests and consistency checks."""
@@ -175,3 +283,26 @@ class ShardIndex:
         """Set bookkeeping values."""
         with self._lock, self._db:
             self._db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", values.items())
+
+
+_INSERT_OBJECT = "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)"
+_INSERT_VERSION = "INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_SELECT_VERSIONS = (
+    "SELECT key, mtime_ns, data_id, version_id, size, etag, is_latest, delete_marker FROM versions"
+)
+
+
+def _columns(entry: ListEntry) -> tuple[int, str, int, int, int]:
+    return (entry.size, entry.etag, entry.mtime_ns, int(entry.is_pointer), int(entry.delete_marker))
+
+
+def _version_row(v: VersionEntry) -> tuple[bytes, int, str, str, int, str, int, int]:
+    return (
+        v.key.encode(), v.mtime_ns, v.data_id, v.version_id, v.size, v.etag,
+        int(v.is_latest), int(v.delete_marker),
+    )  # fmt: skip
+
+
+def _version_entry(row: tuple[bytes, int, str, str, int, str, int, int]) -> VersionEntry:
+    k, m, d, v, s, e, latest, marker = row
+    return VersionEntry(bytes(k).decode(), m, d, v, s, e, bool(latest), bool(marker))

@@ -49,9 +49,9 @@ from pathlib import Path
 
 from google.protobuf import message as pb_message
 
-from kvtier import errors, names
+from kvtier import errors, names, objversions
 from kvtier.proto.datanode.v1 import datanode_pb2
-from services.datanode import drives, framing, index, journal
+from services.datanode import drives, framing, index, journal, versionstore
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ JOURNAL_CHECKPOINT_BYTES = 64 << 20
 META_FILE = "meta"
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
+#: Names in a key's directory that no data dir may take.
+_RESERVED_IDS = frozenset({META_FILE, versionstore.VERSIONS_DIR, objversions.NULL})
 _LOCK_STRIPES = 64
 _VERIFY_BLOCKS = 4
 
@@ -111,7 +113,9 @@ def decode_meta(raw: bytes, where: str) -> datanode_pb2.ShardMeta:
 
 
 def _entry(meta: datanode_pb2.ShardMeta) -> index.ListEntry:
-    return index.ListEntry(meta.key, meta.size, meta.etag, meta.mtime_unix_ns, meta.is_pointer)
+    return index.ListEntry(
+        meta.key, meta.size, meta.etag, meta.mtime_unix_ns, meta.is_pointer, meta.delete_marker
+    )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -153,10 +157,19 @@ def _boot_id() -> str:
 
 
 def _remove_data_dirs(object_dir: Path, keep: str | None) -> None:
-    """Remove every data dir of object_dir except keep (old versions, crash leftovers)."""
+    """Remove every data dir of object_dir except keep (old versions, crash leftovers) and
+    those of the key's non-current S3 versions (versionstore), which stay."""
     stale = []
+    versioned = False
     with contextlib.suppress(FileNotFoundError), os.scandir(object_dir) as entries:
-        stale = [e.path for e in entries if e.name != keep and e.is_dir(follow_symlinks=False)]
+        for e in entries:
+            if e.name == versionstore.VERSIONS_DIR:
+                versioned = True
+            elif e.name != keep and e.is_dir(follow_symlinks=False):
+                stale.append(e.path)
+    if versioned and stale:  # only keys of versioned buckets pay this
+        held = {m.data_id for m in versionstore.noncurrent(object_dir, None, decode_meta)}
+        stale = [p for p in stale if os.path.basename(p) not in held]
     for path in stale:
         shutil.rmtree(path)
 
@@ -175,25 +188,34 @@ def _replace_files(staged: Path, target: Path) -> None:
     _fsync_dir(target)
 
 
-#: How far ahead of this node's clock a version's mtime may be (clock skew between hosts).
-MAX_FUTURE_MTIME_NS = 300 * 1_000_000_000
+#: How far ahead of this node's clock a version's stamp may be. Stamps come from the gateways'
+#: hybrid logical clocks (kvtier.hlc), which run ahead of real time by at most the largest
+#: clock skew among the gateways: 30 min tolerates gateways skewed ±10 min (the fault suite's
+#: scenario) with room to spare, and still refuses a stamp that would win every later write
+#: for hours.
+MAX_FUTURE_MTIME_NS = 1800 * 1_000_000_000
 
 
 def _stamp(stored: datanode_pb2.ShardMeta, where: str) -> None:
-    """Set the format version and a missing mtime (now); InvalidArgument for one in the future."""
+    """Set the format version and a missing mtime (now); ClockSkew for one more than
+    MAX_FUTURE_MTIME_NS ahead of this node's clock."""
     stored.format_version = FORMAT_VERSION
     now = time.time_ns()
     if stored.mtime_unix_ns > now + MAX_FUTURE_MTIME_NS:
         # A version stamped far in the future would win every later write (commits keep the
-        # newest mtime): refused, whoever sent it (gateways' clocks are NTP-synced).
-        raise errors.InvalidArgument(f"{where}: mtime is in the future")
+        # newest stamp): refused, whoever sent it.
+        ahead_s = (stored.mtime_unix_ns - now) // 1_000_000_000
+        raise errors.ClockSkew(
+            f"{where}: mtime is {ahead_s} s ahead of this datanode's clock (at most "
+            f"{MAX_FUTURE_MTIME_NS // 1_000_000_000} s): the writer's clock is skewed"
+        )
     stored.mtime_unix_ns = stored.mtime_unix_ns or now
 
 
 def _name_version(stored: datanode_pb2.ShardMeta, where: str) -> None:
     """Set a missing data_id (a new uuid); InvalidArgument for one that is no safe name."""
     stored.data_id = stored.data_id or uuid.uuid4().hex
-    if not _SAFE_ID.fullmatch(stored.data_id) or stored.data_id == META_FILE:
+    if not _SAFE_ID.fullmatch(stored.data_id) or stored.data_id in _RESERVED_IDS:
         raise errors.InvalidArgument(f"{where}: data_id {stored.data_id!r} is not a safe name")
 
 
@@ -221,7 +243,12 @@ def seal_small(meta: datanode_pb2.ShardMeta, shard: framing.Buffer) -> datanode_
 
 
 class Superseded(errors.PreconditionFailed):
-    """A commit with only_if_newer found a newer version on the drive."""
+    """A commit with only_if_newer found a newer version on the drive, stamped
+    `current_mtime_unix_ns` (the writer may stamp its version above it and commit again)."""
+
+    def __init__(self, message: str = "", *, current_mtime_unix_ns: int = 0) -> None:
+        super().__init__(message)
+        self.current_mtime_unix_ns = current_mtime_unix_ns
 
 
 class StagedWrite:
@@ -245,6 +272,9 @@ class StagedWrite:
         self._state = "open"
         #: commit only when the drive holds no newer version (mtime, then data_id)
         self.only_if_newer = False
+        #: a versioned bucket's write the gateway can send again (compose): refused like an
+        #: unversioned one when older, so the gateway restamps it (see _refuse_older)
+        self.resendable = False
 
     def __enter__(self) -> StagedWrite:
         return self
@@ -519,7 +549,7 @@ class ShardStore:
                         write.adopt_part(part.number, part.shard_bytes, path=path)
                     except FileNotFoundError:
                         raise errors.NotFound(f"{where}: version {data_id} is gone") from None
-            write.only_if_newer = True
+            write.only_if_newer = write.resendable = True
             return write.commit(meta)
 
     def _release(self, write_id: str) -> None:
@@ -537,11 +567,16 @@ class ShardStore:
         """
         stored = seal_small(meta, shard)
         object_dir = self._object_dir(stored.bucket, stored.key)
+        if stored.keep_versions:  # versioned buckets: synced in place, never journaled
+            if (stored.bucket, stored.key) in self._journaled:
+                self.checkpoint()
+            with self._key_lock(object_dir):
+                self._refuse_older(object_dir, stored)
+                self._install_versioned(object_dir, stored, None)
+            return stored
         raw = encode_meta(stored)
         with self._key_lock(object_dir):
-            current = self._current_version(object_dir)
-            if current is not None and current > (stored.mtime_unix_ns, stored.data_id):
-                raise Superseded(f"{stored.bucket}/{stored.key}: a newer version is here")
+            self._refuse_older(object_dir, stored)
             self._journal.commit(journal.encode(journal.Kind.INSTALL, raw))
             self._journaled.add((stored.bucket, stored.key))
             self._apply(object_dir, stored, raw)
@@ -631,13 +666,21 @@ class ShardStore:
         """Steps of a commit that touch the object's directory (module docstring)."""
         object_dir = self._object_dir(meta.bucket, meta.key)
         inline = is_inline(meta)
-        if not write.only_if_newer and (meta.bucket, meta.key) in self._journaled:
+        if (meta.keep_versions or not write.only_if_newer) and (
+            meta.bucket,
+            meta.key,
+        ) in self._journaled:
             self.checkpoint()  # a replay would put the journaled, newer version back
         with self._key_lock(object_dir):
+            if meta.keep_versions and write.resendable:
+                self._refuse_older(object_dir, meta)
+            if meta.keep_versions:
+                # Staged writes learnt the drives' stamps first (WRITE_SHARD's reply): one still
+                # below the current version here was concurrent and is kept as a non-current one.
+                self._install_versioned(object_dir, meta, None if inline else write.data_dir)
+                return
             if write.only_if_newer:
-                current = self._current_version(object_dir)
-                if current is not None and current > (meta.mtime_unix_ns, meta.data_id):
-                    raise Superseded(f"{meta.bucket}/{meta.key}: a newer version is here")
+                self._refuse_older(object_dir, meta)
             _makedirs_durable(object_dir)
             if not inline:
                 target = object_dir / meta.data_id
@@ -654,6 +697,132 @@ class ShardStore:
             self._index.put(meta.bucket, _entry(meta))
             _remove_data_dirs(object_dir, None if inline else meta.data_id)
 
+    def _refuse_older(self, object_dir: Path, meta: datanode_pb2.ShardMeta) -> None:
+        """Superseded (with the current stamp) when the drive's current version is newer than
+        meta. Small writes to versioned buckets too: the gateway stamps them without asking the
+        drives first, so one stamped below the current version may come from a lagging gateway
+        after the current one was acknowledged; the gateway restamps it above (and it becomes
+        current) rather than it being kept as a non-current version."""
+        current = self._current_version(object_dir)
+        if current is not None and current > (meta.mtime_unix_ns, meta.data_id):
+            raise Superseded(
+                f"{meta.bucket}/{meta.key}: a newer version is here",
+                current_mtime_unix_ns=current[0],
+            )
+
+    # S3 versions (services.datanode.versionstore: layout and crash rules).
+
+    @staticmethod
+    def _current_meta(object_dir: Path) -> datanode_pb2.ShardMeta | None:
+        return versionstore.read_file(object_dir / META_FILE, decode_meta)
+
+    def _install_versioned(
+        self, object_dir: Path, meta: datanode_pb2.ShardMeta, data_dir: Path | None
+    ) -> None:
+        """Commit a version that keeps the key's earlier ones (caller holds the key's lock)."""
+        current = self._current_meta(object_dir)
+        _makedirs_durable(object_dir)
+        if data_dir is not None:
+            target = object_dir / meta.data_id
+            if target.is_dir():
+                _replace_files(data_dir, target)  # healing: the same version again
+            else:
+                os.rename(data_dir, target)
+            _fsync_dir(object_dir)
+        self._index.mark_pending(meta.bucket, meta.key)
+        new_id = objversions.version_id(meta)
+        if current is not None and objversions.order(current) > objversions.order(meta):
+            # A concurrent write that lost: it is a non-current version (a null one only when
+            # no newer null version is here).
+            held = versionstore.find(object_dir, current, new_id, decode_meta)
+            if held is None or objversions.order(held) <= objversions.order(meta):
+                versionstore.write_version(
+                    self._tmp, object_dir, encode_meta(meta), new_id, _write_synced
+                )
+        else:
+            if current is not None and objversions.order(current) != objversions.order(meta):
+                old_id = objversions.version_id(current)
+                if old_id != new_id:  # a null version replaces the null version
+                    versionstore.write_version(
+                        self._tmp, object_dir, encode_meta(current), old_id, _write_synced
+                    )
+            staged = self._tmp / f"meta-{uuid.uuid4().hex}"
+            _write_synced(staged, encode_meta(meta))
+            os.replace(staged, object_dir / META_FILE)
+            _fsync_dir(object_dir)
+            if new_id == objversions.NULL:
+                versionstore.drop_version(object_dir, objversions.NULL)
+            current = meta
+        self._reindex_versions(object_dir, meta.bucket, meta.key, current)
+
+    def _reindex_versions(
+        self, object_dir: Path, bucket: str, key: str, current: datanode_pb2.ShardMeta | None
+    ) -> None:
+        """Drop unreferenced data dirs and index a versioned key's current entry and versions."""
+        others = versionstore.noncurrent(object_dir, current, decode_meta)
+        versionstore.prune(object_dir, current, others, is_inline)
+        entry, rows = versionstore.entries(current, others)
+        self._index.put_key(bucket, key, entry, rows)
+
+    def read_version(self, bucket: str, key: str, version: str) -> datanode_pb2.ShardMeta:
+        """One S3 version of the key ("null" or a data_id), current or not; NotFound."""
+        object_dir = self._object_dir(bucket, key)
+        objversions.check(version)
+        found = versionstore.find(object_dir, self._current_meta(object_dir), version, decode_meta)
+        if found is None or found.bucket != bucket or found.key != key:
+            raise errors.NotFound(f"{bucket}/{key}: no version {version} on this drive")
+        return found
+
+    def delete_version(self, bucket: str, key: str, version: str) -> bool:
+        """Remove one S3 version of the key; the current one is replaced by the newest
+        non-current one (one rename), or the key is gone when none is left. False: absent."""
+        object_dir = self._object_dir(bucket, key)
+        objversions.check(version)
+        if (bucket, key) in self._journaled:
+            self.checkpoint()  # a replay must not bring back a removed journaled version
+        with self._key_lock(object_dir):
+            current = self._current_meta(object_dir)
+            if current is not None and objversions.version_id(current) == version:
+                self._index.mark_pending(bucket, key)
+                others = versionstore.noncurrent(object_dir, current, decode_meta)
+                if others:
+                    newest = objversions.version_id(others[0])
+                    os.replace(versionstore.path_of(object_dir, newest), object_dir / META_FILE)
+                    _fsync_dir(object_dir / versionstore.VERSIONS_DIR)
+                    current = others[0]
+                else:
+                    os.unlink(object_dir / META_FILE)
+                    current = None
+                _fsync_dir(object_dir)
+            elif versionstore.drop_version(object_dir, version):
+                self._index.mark_pending(bucket, key)
+            else:
+                return False
+            self._reindex_versions(object_dir, bucket, key, current)
+            if current is None:
+                with contextlib.suppress(OSError):
+                    (object_dir / versionstore.VERSIONS_DIR).rmdir()
+                    object_dir.rmdir()
+        return True
+
+    def list_versions(
+        self, bucket: str, prefix: str, after_key: str, after_version: str, limit: int
+    ) -> list[index.VersionEntry]:
+        """Up to limit versions (ShardIndex.list_versions) after the version after_version
+        of after_key (empty, or not indexed here: after the whole key)."""
+        names.check_stored_bucket(bucket)
+        if limit < 1:
+            raise errors.InvalidArgument(f"limit {limit}: must be positive")
+        after = None
+        if after_version:
+            after = self._index.version_of(bucket, after_key, objversions.check(after_version))
+        return self._index.list_versions(bucket, prefix, after_key, after, limit)
+
+    def current_stamp(self, bucket: str, key: str) -> int:
+        """The stamp (mtime) of the object's current version here; 0 when there is none."""
+        current = self._current_version(self._object_dir(bucket, key))
+        return current[0] if current is not None else 0
+
     @staticmethod
     def _current_version(object_dir: Path) -> tuple[int, str] | None:
         """(mtime, data_id) of the object's meta here, or None when absent or unreadable."""
@@ -664,10 +833,17 @@ class ShardStore:
             return None
         return meta.mtime_unix_ns, meta.data_id
 
-    def delete(self, bucket: str, key: str) -> bool:
-        """Remove the object from this drive (meta first, then data); False when it was absent."""
+    def delete(self, bucket: str, key: str, version: str = "") -> bool:
+        """Remove the object from this drive (meta first, then data), every S3 version of it
+        included; False when it was absent. version: remove that version only (delete_version)."""
+        if version:
+            return self.delete_version(bucket, key, version)
         object_dir = self._object_dir(bucket, key)
         with self._key_lock(object_dir):
+            versions_dir = object_dir / versionstore.VERSIONS_DIR
+            if versions_dir.is_dir():  # a versioned key: its versions go first
+                shutil.rmtree(versions_dir)
+                self._index.remove(bucket, key, versions=True)
             if not (object_dir / META_FILE).exists():
                 self._index.remove(bucket, key)
                 _remove_data_dirs(object_dir, None)  # leftovers of a crash
@@ -727,8 +903,11 @@ class ShardStore:
 
     # Reads.
 
-    def read_meta(self, bucket: str, key: str) -> datanode_pb2.ShardMeta:
-        """The object's meta on this drive; NotFound when absent, Corrupt when unreadable."""
+    def read_meta(self, bucket: str, key: str, version: str = "") -> datanode_pb2.ShardMeta:
+        """The object's meta on this drive (version: that S3 version's, current or not);
+        NotFound when absent, Corrupt when unreadable."""
+        if version:
+            return self.read_version(bucket, key, version)
         path = self._object_dir(bucket, key) / META_FILE
         try:
             raw = path.read_bytes()
@@ -758,7 +937,10 @@ class ShardStore:
         """
         meta = self.read_meta(bucket, key)
         if data_id and meta.data_id != data_id:
-            raise errors.PreconditionFailed(f"{bucket}/{key}: version {data_id} is gone")
+            older = versionstore.find_data(self._object_dir(bucket, key), data_id, decode_meta)
+            if older is None:
+                raise errors.PreconditionFailed(f"{bucket}/{key}: version {data_id} is gone")
+            meta = older
         shard_bytes, _ = _locate_part(meta, part)
         size = meta.block_bytes
         blocks = -(-shard_bytes // size)
@@ -773,12 +955,22 @@ class ShardStore:
         try:
             bad = self._read_blocks(meta, part, block_offset, end, dest[:length])
         except FileNotFoundError:
-            if self.read_meta(bucket, key).data_id != meta.data_id:
+            if self._version_gone(bucket, key, meta.data_id):
                 raise errors.PreconditionFailed(f"{where}: replaced during the read") from None
             raise errors.Corrupt(f"{where}: shard file missing") from None
         if bad:
             raise errors.Corrupt(f"{where} block {bad[0]}: checksum mismatch or short")
         return length
+
+    def _version_gone(self, bucket: str, key: str, data_id: str) -> bool:
+        """Whether the version data_id is neither the current one nor a kept one any more."""
+        try:
+            if self.read_meta(bucket, key).data_id == data_id:
+                return False
+        except errors.NotFound:
+            return True
+        found = versionstore.find_data(self._object_dir(bucket, key), data_id, decode_meta)
+        return found is None
 
     def verify(self, bucket: str, key: str) -> list[BadBlock]:
         """Every (part, block) of the object's shard here that is missing or fails its checksum.
@@ -834,13 +1026,24 @@ class ShardStore:
         Also removes data dirs no meta refers to. Returns the number of objects indexed.
         """
         rows: list[tuple[str, ListEntry]] = []
+        kept: list[tuple[str, index.VersionEntry]] = []
         with self._all_locks():
             for bucket_dir in sorted(self._objects.iterdir()):
                 for object_dir in sorted(bucket_dir.glob("*/*")):
                     meta = self._scan_object(bucket_dir.name, object_dir)
-                    if meta is not None:
+                    if (object_dir / versionstore.VERSIONS_DIR).is_dir():
+                        others = versionstore.noncurrent(object_dir, meta, decode_meta)
+                        versionstore.prune(object_dir, meta, others, is_inline)
+                        entry, versions = versionstore.entries(meta, others)
+                        kept.extend((bucket_dir.name, v) for v in versions)
+                        if entry is not None:
+                            rows.append((bucket_dir.name, entry))
+                    elif meta is not None:
+                        if meta.keep_versions:
+                            _, versions = versionstore.entries(meta, [])
+                            kept.extend((bucket_dir.name, v) for v in versions)
                         rows.append((bucket_dir.name, _entry(meta)))
-            self._index.replace_all(rows)
+            self._index.replace_all(rows, kept)
         return len(rows)
 
     def _scan_object(self, bucket: str, object_dir: Path) -> datanode_pb2.ShardMeta | None:
@@ -865,6 +1068,11 @@ class ShardStore:
     def _reindex(self, bucket: str, key: str) -> None:
         object_dir = self._object_dir(bucket, key)
         with self._key_lock(object_dir):
+            current = self._current_meta(object_dir)
+            versioned = current is not None and current.keep_versions
+            if versioned or (object_dir / versionstore.VERSIONS_DIR).is_dir():
+                self._reindex_versions(object_dir, bucket, key, current)
+                return
             try:
                 self._index.put(bucket, _entry(self.read_meta(bucket, key)))
             except (errors.NotFound, errors.Corrupt):

@@ -22,10 +22,10 @@ from typing import Any, TypeVar
 
 import prometheus_client
 
-from kvtier import errors
+from kvtier import errors, tracing
 from kvtier.proto.datanode.v1 import shards_pb2 as pb
 from kvtier.transport import base, calls, shm_copy, slots
-from services.datanode import drivemetrics, metaupdate, shards
+from services.datanode import drivemetrics, index, metaupdate, shards
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class ShardNode:
         capacities: Sequence[int],
     ) -> Awaitable[base.CallPlan]:
         """The node's `kvtier.transport.base.CallHandler` (asynchronous)."""
+        tracing.name_call("datanode", pb.ShardCallMethod, method)
         if method == pb.SHARD_CALL_METHOD_WRITE_SHARD:
             write = calls.parse_request(pb.WriteShardRequest, request)
             return self._write_plan(write, segments)
@@ -126,7 +127,13 @@ class ShardNode:
         async def on_received() -> bytes:
             await self._run(staged.write_part, req.part, req.offset, view)
             SHARD_BYTES.labels("write").inc(total)
-            return pb.WriteShardResponse(written=total).SerializeToString()
+            reply = pb.WriteShardResponse(written=total)
+            if req.bucket:  # a write's first call: the stamp its commit must exceed
+                store = self._store(req.drive_id)
+                reply.current_mtime_unix_ns = await self._run(
+                    store.current_stamp, req.bucket, req.key
+                )
+            return reply.SerializeToString()
 
         def on_done(ok: bool) -> None:
             self._staging.release(slot)
@@ -184,8 +191,10 @@ class ShardNode:
         for entry, shard in zip(entries, pieces, strict=True):
             try:
                 self._store(entry.drive_id).write_small(entry.meta, shard)
-            except shards.Superseded:
-                results.append(pb.ShardResult(superseded=True))
+            except shards.Superseded as exc:
+                results.append(
+                    pb.ShardResult(superseded=True, current_mtime_unix_ns=exc.current_mtime_unix_ns)
+                )
             except errors.KVTierError as exc:
                 results.append(pb.ShardResult(error_kind=type(exc).__name__, error=str(exc)))
             else:
@@ -203,7 +212,7 @@ class ShardNode:
         out = []
         for drive_id in req.drive_ids:
             try:
-                meta = self._store(drive_id).read_meta(req.bucket, req.key)
+                meta = self._store(drive_id).read_meta(req.bucket, req.key, req.version_id)
             except errors.KVTierError as exc:
                 result = pb.ShardResult(error_kind=type(exc).__name__, error=str(exc))
                 out.append(pb.DriveMeta(result=result))
@@ -246,8 +255,8 @@ class ShardNode:
             sources = [(s.bucket, s.key, s.data_id) for s in req.part_sources]
             try:
                 await self._run(store.compose, req.write_id, req.meta, sources)
-            except shards.Superseded:
-                return pb.CommitWriteResponse(superseded=True)
+            except shards.Superseded as exc:
+                return _superseded(exc)
             return pb.CommitWriteResponse()
         entry = self._writes.pop((req.drive_id, req.write_id), None)
         if entry is None:
@@ -256,9 +265,9 @@ class ShardNode:
         staged.only_if_newer = True  # concurrent PUTs of a key converge on the newest
         try:
             await self._run(staged.commit, req.meta)
-        except shards.Superseded:
+        except shards.Superseded as exc:
             await self._run(staged.abort)
-            return pb.CommitWriteResponse(superseded=True)
+            return _superseded(exc)
         except BaseException:
             await self._run(staged.abort)
             raise
@@ -274,7 +283,7 @@ class ShardNode:
     async def read_meta(self, req: pb.ReadMetaRequest) -> pb.ReadMetaResponse:
         """The object's metadata on the drive."""
         store = self._store(req.drive_id)
-        meta = await self._run(store.read_meta, req.bucket, req.key)
+        meta = await self._run(store.read_meta, req.bucket, req.key, req.version_id)
         return pb.ReadMetaResponse(meta=meta)
 
     async def update_meta(self, req: pb.UpdateMetaRequest) -> pb.UpdateMetaResponse:
@@ -285,12 +294,18 @@ class ShardNode:
     async def delete_shard(self, req: pb.DeleteShardRequest) -> pb.DeleteShardResponse:
         """Remove the object's shard from the drive."""
         store = self._store(req.drive_id)
-        deleted = await self._run(store.delete, req.bucket, req.key)
+        deleted = await self._run(store.delete, req.bucket, req.key, req.version_id)
         return pb.DeleteShardResponse(deleted=deleted)
 
     async def list_shards(self, req: pb.ListShardsRequest) -> pb.ListShardsResponse:
         """Sorted entries of the drive's index."""
         store = self._store(req.drive_id)
+        if req.versions:
+            versions = await self._run(
+                store.list_versions, req.bucket, req.prefix, req.start_after,
+                req.start_after_version, req.limit or 1000,
+            )  # fmt: skip
+            return pb.ListShardsResponse(entries=[_version_entry(v) for v in versions])
         entries = await self._run(
             store.list, req.bucket, req.prefix, req.start_after, req.limit or 1000
         )
@@ -302,6 +317,7 @@ class ShardNode:
                     etag=e.etag,
                     mtime_unix_ns=e.mtime_ns,
                     is_pointer=e.is_pointer,
+                    delete_marker=e.delete_marker,
                 )
                 for e in entries
             ]
@@ -355,9 +371,21 @@ class ShardNode:
         be using a staging slot that is handed to another call as soon as we return."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        job = loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
-        await shm_copy.uncancellable(job)
-        drivemetrics.IO_SECONDS.labels(getattr(fn, "__name__", "other")).observe(
-            time.perf_counter() - started
-        )
+        op = getattr(fn, "__name__", "other")
+        with tracing.child_span(f"datanode.disk {op}"):  # inside a sampled trace only
+            job = loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+            await shm_copy.uncancellable(job)
+        drivemetrics.IO_SECONDS.labels(op).observe(time.perf_counter() - started)
         return job.result()
+
+
+def _version_entry(v: index.VersionEntry) -> pb.ShardEntry:
+    return pb.ShardEntry(
+        key=v.key, size=v.size, etag=v.etag, mtime_unix_ns=v.mtime_ns, version_id=v.version_id,
+        is_latest=v.is_latest, delete_marker=v.delete_marker, data_id=v.data_id,
+    )  # fmt: skip
+
+
+def _superseded(exc: shards.Superseded) -> pb.CommitWriteResponse:
+    """A commit's reply when the drive holds a newer version: that version's stamp with it."""
+    return pb.CommitWriteResponse(superseded=True, current_mtime_unix_ns=exc.current_mtime_unix_ns)

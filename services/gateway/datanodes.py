@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from kvtier import clustermap, errors
+from kvtier import clustermap, errors, tracing
 from kvtier import security as security_mod
 from kvtier.clients import datanode as datanode_client
 from kvtier.clients import dataplane as dataplane_client
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(slots=True)
 class _Conn:
     address: str
+    #: NodeInfo.started_at_unix_ms of the incarnation these connections reach.
+    started_at: int
     shards: datanode_client.ShardClient
     negotiator: dataplane_client.DataPlaneClient
     session: dataplane_client.DataPlaneSession | None = None
@@ -75,12 +77,17 @@ class Datanodes:
         if info is None:
             raise errors.Unavailable(f"datanode {node_id} is not in the cluster map")
         conn = self._conns.get(node_id)
-        if conn is not None and conn.address != info.grpc_address:
+        # A new incarnation (the node restarted, maybe at the same address): new channels. The
+        # old ones may sit in gRPC's reconnect backoff, failing every call for seconds.
+        if conn is not None and (conn.address, conn.started_at) != (
+            info.grpc_address, info.started_at_unix_ms,
+        ):  # fmt: skip
             asyncio.ensure_future(self._conns.pop(node_id).close())  # noqa: RUF006 - best effort
             conn = None
         if conn is None:
             conn = _Conn(
                 address=info.grpc_address,
+                started_at=info.started_at_unix_ms,
                 shards=datanode_client.ShardClient(
                     info.grpc_address, timeout_s=self._timeout_s, security=self._security
                 ),
@@ -109,7 +116,11 @@ class Datanodes:
         for retry in (True, False):
             session = await self._session(conn)
             try:
-                return await session.transport.call(method, payload, segments, intos)
+                with tracing.child_span(  # the datanode continues it (the call's header)
+                    "datanode.call", kind=tracing.CLIENT, attributes={"kvtier.node_id": node_id}
+                ):
+                    tracing.name_call("datanode", shards_pb2.ShardCallMethod, method)
+                    return await session.transport.call(method, payload, segments, intos)
             except base.PeerLost:
                 await self._drop(conn, session)
                 if not retry:
@@ -118,17 +129,25 @@ class Datanodes:
 
     async def write_shard(
         self, node_id: str, request: shards_pb2.WriteShardRequest, segments: Sequence[Any]
-    ) -> None:
+    ) -> int:
         """Append shard bytes (at request.offset) to a staged write on one of the node's
         drives: one WRITE_SHARD call per `max_write_bytes` of them, in order (a datanode takes
-        at most one staging slot per call, whatever the erasure set's shape made of them)."""
-        offset = request.offset
+        at most one staging slot per call, whatever the erasure set's shape made of them).
+        With request.bucket and key (a write's first call): the stamp of the drive's current
+        version of that object, which the first call asks for (0: none, or not asked)."""
+        offset, current = request.offset, 0
         for batch in write_batches(segments, self._max_write_bytes):
             call = shards_pb2.WriteShardRequest()
             call.CopyFrom(request)
             call.offset = offset
-            await self.call(node_id, shards_pb2.SHARD_CALL_METHOD_WRITE_SHARD, call, batch)
+            if offset != request.offset:
+                call.bucket = call.key = ""  # asked once
+            result = await self.call(node_id, shards_pb2.SHARD_CALL_METHOD_WRITE_SHARD, call, batch)
+            if call.bucket:
+                reply = shards_pb2.WriteShardResponse.FromString(result.reply)
+                current = reply.current_mtime_unix_ns
             offset += sum(len(s) for s in batch)
+        return current
 
     async def write_small(
         self, node_id: str, shards: Sequence[tuple[str, datanode_pb2.ShardMeta, bytes]]
@@ -149,11 +168,13 @@ class Datanodes:
         return results
 
     async def read_metas(
-        self, node_id: str, drive_ids: Sequence[str], bucket: str, key: str
+        self, node_id: str, drive_ids: Sequence[str], bucket: str, key: str, version_id: str = ""
     ) -> list[datanode_pb2.ShardMeta | errors.KVTierError]:
         """The object's metadata on drives of the node (one call): per drive, in order, its
-        meta or its error (NotFound when the drive has none)."""
-        request = shards_pb2.ReadMetasRequest(drive_ids=drive_ids, bucket=bucket, key=key)
+        meta or its error (NotFound when the drive has none); version_id: that S3 version's."""
+        request = shards_pb2.ReadMetasRequest(
+            drive_ids=drive_ids, bucket=bucket, key=key, version_id=version_id
+        )
         result = await self.call(node_id, shards_pb2.SHARD_CALL_METHOD_READ_METAS, request)
         metas = shards_pb2.ReadMetasResponse.FromString(result.reply).metas
         if len(metas) != len(drive_ids):

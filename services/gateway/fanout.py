@@ -9,6 +9,7 @@ for itself (its error fails that drive only).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -20,6 +21,25 @@ from services.gateway import placement
 log = logging.getLogger(__name__)
 
 Answer = datanode_pb2.ShardMeta | errors.KVTierError
+
+
+@dataclasses.dataclass(slots=True)
+class Committed:
+    """How a commit went on drives of a set."""
+
+    #: Drives that took the version, or hold a newer one (superseded: the write happened and
+    #: was overwritten at once, as by any later write).
+    drives: int = 0
+    #: The largest stamp of a newer version that superseded the commit on a drive (0: none).
+    newer_ns: int = 0
+    #: A drive's ClockSkew refusal (the stamp was beyond its bound), or "".
+    skew: str = ""
+
+    def add(self, other: Committed) -> None:
+        """Take in another part of the same commit."""
+        self.drives += other.drives
+        self.newer_ns = max(self.newer_ns, other.newer_ns)
+        self.skew = self.skew or other.skew
 
 
 def by_node(where: placement.Placement, indices: Sequence[int]) -> dict[str, list[int]]:
@@ -36,11 +56,11 @@ async def write_small(
     meta: datanode_pb2.ShardMeta,
     live: Sequence[int],
     shards: Sequence[bytes],
-) -> int:
+) -> Committed:
     """Commit meta (shard_index set per drive) with shards[i] inline on each drive i of live;
-    how many drives committed (a superseded commit counts: a newer PUT got there first)."""
+    how it went (a superseded commit counts: a newer PUT got there first)."""
 
-    async def node_call(node_id: str, indices: list[int]) -> int:
+    async def node_call(node_id: str, indices: list[int]) -> Committed:
         entries = []
         for index in indices:
             mine = datanode_pb2.ShardMeta()
@@ -51,30 +71,46 @@ async def write_small(
             results = await nodes.write_small(node_id, entries)
         except errors.KVTierError as exc:
             log.warning("write of %s/%s on %s failed: %s", meta.bucket, meta.key, node_id, exc)
-            return 0
+            return Committed()
+        done = Committed()
         for (drive_id, _, _), result in zip(entries, results, strict=True):
             if result.error_kind:
                 log.warning(
                     "write of %s/%s on %s failed: %s: %s", meta.bucket, meta.key, drive_id,
                     result.error_kind, result.error,
                 )  # fmt: skip
-        return sum(not r.error_kind for r in results)
+                if result.error_kind == errors.ClockSkew.__name__:
+                    done.skew = result.error
+            else:
+                done.drives += 1
+                done.newer_ns = max(done.newer_ns, result.current_mtime_unix_ns)
+        return done
 
     groups = by_node(where, live)
-    return sum(await asyncio.gather(*(node_call(n, i) for n, i in groups.items())))
+    total = Committed()
+    for part in await asyncio.gather(*(node_call(n, i) for n, i in groups.items())):
+        total.add(part)
+    return total
 
 
 async def read_metas(
-    nodes: datanodes_mod.Datanodes, where: placement.Placement, bucket: str, key: str
+    nodes: datanodes_mod.Datanodes,
+    where: placement.Placement,
+    bucket: str,
+    key: str,
+    version_id: str = "",
 ) -> list[Answer]:
     """The object's meta on every drive of where (by shard index): the meta or that drive's
-    error (NotFound when it has none; a node that fails fails each of its drives)."""
+    error (NotFound when it has none; a node that fails fails each of its drives);
+    version_id: that S3 version's."""
     answers: list[Answer] = [errors.Unavailable("not asked")] * len(where.slots)
 
     async def node_call(node_id: str, indices: list[int]) -> None:
         drive_ids = [where.slots[i].drive_id for i in indices]
         try:
-            got: Sequence[Answer] = await nodes.read_metas(node_id, drive_ids, bucket, key)
+            got: Sequence[Answer] = await nodes.read_metas(
+                node_id, drive_ids, bucket, key, version_id
+            )
         except errors.KVTierError as exc:
             got = [exc] * len(indices)
         for index, answer in zip(indices, got, strict=True):

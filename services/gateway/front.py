@@ -48,14 +48,14 @@ from typing import TypeVar
 
 from google.protobuf import message
 
-from kvtier import buckets, clustermap, errors, names, principal
+from kvtier import buckets, clustermap, errors, names, principal, tracing
 from kvtier import security as security_mod
 from kvtier.clients import metadata as metadata_client
 from kvtier.proto.common.v1 import acl_pb2, common_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
 from kvtier.transport import base, calls, dataplane
-from services.gateway import listing, multipart, objects, versions
+from services.gateway import listing, multipart, objects, versioned, versionlisting, versions
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,7 @@ class ObjectFront:
         self.security = security
         self.engine = engine
         self.lister = lister
+        self.version_lister = versionlisting.VersionLister(lister.view, lister.nodes)
         self._bucket_cache_s = bucket_cache_s
         self._insecure = insecure
         self._infos: dict[str, tuple[float, metadata_pb2.BucketInfo]] = {}
@@ -275,8 +276,12 @@ class ObjectFront:
 
     async def _storage_for(self, name: str, scope: str) -> str:
         """storage_of, or the storage name of a bucket admitted for scope."""
+        return storage(await self._info_for(name, scope))
+
+    async def _info_for(self, name: str, scope: str) -> metadata_pb2.BucketInfo:
+        """bucket_for, or the record of a bucket admitted for scope."""
         info = await self._granted(name, scope)
-        return storage(info) if info is not None else await self.storage_of(name)
+        return info if info is not None else await self.bucket_for(name)
 
     async def _admitted_object(self, bucket: str, key: str) -> tuple[str, Admission] | None:
         """(storage name, admission) when the request was admitted to bucket's objects by
@@ -351,7 +356,10 @@ class ObjectFront:
         info = await self.bucket_for(name, fresh=True)
         stored = storage(info)
         page = await self.lister.list_objects(pb.ListObjectsRequest(bucket=stored, max_keys=1))
-        if page.objects or page.common_prefixes:
+        held = bool(page.objects or page.common_prefixes)
+        if not held and info.versioning.status:  # delete markers and non-current versions
+            held = bool((await self.version_lister.list_versions(stored, max_keys=1)).versions)
+        if held:
             raise errors.PreconditionFailed(f"bucket {name} is not empty", reason="BucketNotEmpty")
         await self._meta().delete_bucket(name, expected_generation=info.generation)
         self._infos.pop(name, None)
@@ -398,8 +406,10 @@ class ObjectFront:
 
     async def begin_put(self, req: pb.BeginPutRequest) -> pb.BeginPutResponse:
         """Plan a PUT into a bucket the caller may use (Overloaded: too many in flight)."""
-        stored = await self._storage_for(req.bucket, "write")
-        return self.engine.begin_put(_with(req, bucket=stored), owner=owner_of(principal.current()))
+        info = await self._info_for(req.bucket, "write")
+        begun = _with(req, bucket=storage(info))
+        versions.mark_versioning(begun.headers, info.versioning.status)
+        return self.engine.begin_put(begun, owner=owner_of(principal.current()))
 
     async def commit_put(self, req: pb.CommitPutRequest) -> pb.CommitPutResponse:
         """Finish a PUT or a part's upload begun by the caller's tenant."""
@@ -417,16 +427,18 @@ class ObjectFront:
             return
         await self.engine.abort_put(req)
 
-    async def resolve(self, bucket: str, key: str) -> versions.Resolved:
-        """The current version of an object of a bucket the caller may use, or of one whose
-        own ACL admits the request (PermissionDenied otherwise, and for a missing object when
-        the caller may not list the bucket)."""
+    async def resolve(self, bucket: str, key: str, version_id: str = "") -> versions.Resolved:
+        """The current version (version_id: that S3 version) of an object of a bucket the
+        caller may use, or of one whose own ACL admits the request (PermissionDenied
+        otherwise, and for a missing object when the caller may not list the bucket);
+        versions.DeleteMarker (a NotFound) for a delete marker."""
         admitted = await self._admitted_object(bucket, key)
         if admitted is None:
-            return await self.engine.resolve(await self.storage_of(bucket), key)
+            stored = await self.storage_of(bucket)
+            return await self.engine.resolve(stored, key, version_id=version_id)
         stored, admission = admitted
         try:
-            found = await self.engine.resolve(stored, key)
+            found = await self.engine.resolve(stored, key, version_id=version_id)
         except errors.NotFound:
             if not admission.may_list:
                 who = principal.current().describe()
@@ -436,10 +448,10 @@ class ObjectFront:
         admission.check_object(found.meta.acl)
         return found
 
-    async def head_object(self, bucket: str, key: str) -> pb.ObjectInfo:
+    async def head_object(self, bucket: str, key: str, version_id: str = "") -> pb.ObjectInfo:
         """An object's info (admitted as in resolve)."""
-        if await self._admitted_object(bucket, key) is not None:
-            return versions.info((await self.resolve(bucket, key)).meta)
+        if version_id or await self._admitted_object(bucket, key) is not None:
+            return versions.info((await self.resolve(bucket, key, version_id)).meta)
         return await self.engine.head(await self.storage_of(bucket), key)
 
     async def set_object_acl(self, bucket: str, key: str, acl: acl_pb2.Acl) -> None:
@@ -454,23 +466,33 @@ class ObjectFront:
             stored = admitted[0]
         await self.engine.meta_updater.update(stored, key, acl=acl)
 
-    async def delete_object(self, bucket: str, key: str) -> None:
-        """Delete an object (absent: fine)."""
-        await self.engine.delete(await self._storage_for(bucket, "write"), key)
+    async def delete_object(self, bucket: str, key: str, version_id: str = "") -> pb.ObjectInfo:
+        """Delete an object (absent: fine). In a versioned bucket: without version_id, write
+        a delete marker (its info); with one, remove that version for good (the info of what
+        was removed: its version id, whether it was a marker; absent: fine). An empty info
+        for an unversioned bucket's delete."""
+        info = await self._info_for(bucket, "write")
+        status = info.versioning.status
+        return await versioned.delete(self.engine, storage(info), key, status, version_id)
 
     async def copy_object(self, req: pb.CopyObjectRequest) -> pb.ObjectInfo:
         """A server-side copy between buckets the caller may use (into one a WRITE grant
         admits it to; never from one: the source is the caller's own)."""
         src = await self.storage_of(req.src_bucket)
-        dst = await self._storage_for(req.dst_bucket, "write")
-        return await self.engine.copy(
-            _with(req, src_bucket=src, dst_bucket=dst), owner=owner_of(principal.current())
-        )
+        info = await self._info_for(req.dst_bucket, "write")
+        copy = _with(req, src_bucket=src, dst_bucket=storage(info))
+        versions.mark_versioning(copy.headers, info.versioning.status)
+        return await self.engine.copy(copy, owner=owner_of(principal.current()))
 
     async def list_objects(self, req: pb.ListObjectsRequest) -> pb.ListObjectsResponse:
         """A page of a bucket's objects."""
         stored = await self._storage_for(req.bucket, "read")
         return await self.lister.list_objects(_with(req, bucket=stored))
+
+    async def list_versions(self, bucket: str, **page: str | int) -> versionlisting.VersionPage:
+        """A page of a bucket's S3 versions (the caller's own bucket: VersionLister)."""
+        stored = await self.storage_of(bucket)
+        return await self.version_lister.list_versions(stored, **page)  # type: ignore[arg-type]
 
     # Multipart uploads (an upload lives under its bucket's storage name: only who may use
     # the bucket reaches it).
@@ -479,8 +501,10 @@ class ObjectFront:
         self, req: pb.CreateMultipartUploadRequest
     ) -> pb.CreateMultipartUploadResponse:
         """Start a multipart upload into a bucket the caller may use."""
-        stored = await self._storage_for(req.bucket, "write")
-        upload_id = await self.multipart.create(_with(req, bucket=stored))
+        info = await self._info_for(req.bucket, "write")
+        begun = _with(req, bucket=storage(info))
+        versions.mark_versioning(begun.headers, info.versioning.status)  # pool 0 if versioned
+        upload_id = await self.multipart.create(begun)
         return pb.CreateMultipartUploadResponse(upload_id=upload_id)
 
     async def begin_part(
@@ -506,8 +530,10 @@ class ObjectFront:
         self, req: pb.CompleteMultipartUploadRequest
     ) -> pb.CompleteMultipartUploadResponse:
         """Make the listed parts the object."""
-        stored = await self._storage_for(req.bucket, "write")
-        info = await self.multipart.complete(_with(req, bucket=stored))
+        bucket = await self._info_for(req.bucket, "write")
+        info = await self.multipart.complete(
+            _with(req, bucket=storage(bucket)), versioning=bucket.versioning.status
+        )
         return pb.CompleteMultipartUploadResponse(object=info)
 
     async def abort_multipart(self, req: pb.AbortMultipartUploadRequest) -> None:
@@ -545,6 +571,7 @@ class ObjectFront:
     ) -> Awaitable[base.CallPlan]:
         """The gateway's `kvtier.transport.base.CallHandler` (principal: the session's, a
         string, named as the protocol names it; it shadows the module here)."""
+        tracing.name_call("gateway", pb.ObjectCallMethod, method)
         if method == pb.OBJECT_CALL_METHOD_WRITE_STRIPES:
             write = calls.parse_request(pb.WriteStripesRequest, request)
             if not self._session_may_use(principal, self.engine.upload_owner(write.upload_id)):

@@ -164,7 +164,9 @@ class Healer:
         """Heal the object's entry in pool 0 and, when that is a pool record, the object in
         its pool: the record's result when it is not done, else the object's."""
         try:
-            found = await self._engine.resolve(bucket, key, queue_heal=False, follow=False)
+            found = await self._engine.resolve(
+                bucket, key, queue_heal=False, follow=False, markers=True
+            )
         except errors.NotFound:
             return HealResult(Outcome.GONE)
         except errors.Unavailable as exc:
@@ -398,8 +400,9 @@ class Healer:
                 )
                 page = await self._front.lister.list_objects(request)
                 keys = [o.key for o in page.objects]
+                sizes = {o.key: o.size for o in page.objects}
                 async for key, result in self._heal_each(name, keys, dry_run=dry_run):
-                    _tally(progress, f"{names.user_bucket(name)}/{key}", result)
+                    _tally(progress, f"{names.user_bucket(name)}/{key}", result, sizes[key])
                     if result.outcome is Outcome.SKIPPED and not dry_run:
                         self.enqueue(name, key, result=result)
                     if time.monotonic() - sent >= _PROGRESS_EVERY_S:
@@ -428,13 +431,15 @@ class Healer:
             await self._cancel(tasks)
 
 
-def _tally(progress: admin_pb2.HealProgress, name: str, result: HealResult) -> None:
+def _tally(progress: admin_pb2.HealProgress, name: str, result: HealResult, size: int) -> None:
     progress.scanned += 1
+    progress.bytes_scanned += size
     progress.current_key = name
     if result.outcome is Outcome.HEALTHY:
         progress.healthy += 1
     elif result.outcome is Outcome.HEALED:
         progress.healed += 1
+        progress.bytes_healed += size
     elif result.outcome is Outcome.UNRECOVERABLE:
         progress.unrecoverable += 1
         progress.unrecoverable_keys.append(name)

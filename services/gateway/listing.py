@@ -46,6 +46,14 @@ class Lister:
         self._view = view
         self._nodes = nodes
 
+    @property
+    def view(self) -> clustermap.MapView:
+        return self._view
+
+    @property
+    def nodes(self) -> datanodes_mod.Datanodes:
+        return self._nodes
+
     async def list_objects(self, req: pb.ListObjectsRequest) -> pb.ListObjectsResponse:
         """A page of bucket's objects (S3 ListObjectsV2 semantics); req.bucket is a storage
         name, the objects carry the user-facing one."""
@@ -61,6 +69,9 @@ class Lister:
             batch, horizon = await self._merged(req.bucket, req.prefix, marker, max_keys + 1)
             skipped = False
             for entry in batch:
+                if entry.delete_marker:  # a versioned key whose current version is deleted
+                    marker = entry.key
+                    continue
                 if returned == max_keys:  # one more exists: this page is full
                     reply.is_truncated = True
                     reply.next_continuation_token = _token(marker)
@@ -93,7 +104,8 @@ class Lister:
         while True:
             batch, horizon = await self._merged(bucket, prefix, after, MAX_KEYS, pool_index)
             for entry in batch:
-                yield entry
+                if not entry.delete_marker:
+                    yield entry
                 after = entry.key
             if horizon is None:
                 return

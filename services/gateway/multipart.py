@@ -133,7 +133,8 @@ class Multipart:
             names.MULTIPART_BUCKET, record_key(req.bucket, upload_id, req.key), where,
             req.headers, data_id=uuid.uuid4().hex,
         )  # fmt: skip
-        meta.upload_pool = self._engine.choose_pool(cmap)
+        versioned = req.headers.keep_versions  # every version in pool 0
+        meta.upload_pool = placement.FIRST_POOL if versioned else self._engine.choose_pool(cmap)
         meta.upload_checksum_algorithm = algorithm
         meta.parts.add(number=1, size=0, shard_bytes=0)
         failed: set[int] = set()
@@ -214,7 +215,9 @@ class Multipart:
         meta = await self._engine.copy_into(begun.write_id, found, start, size)
         return pb.UploadPartCopyResponse(part=part_info(meta), source=versions.info(src))
 
-    async def complete(self, req: pb.CompleteMultipartUploadRequest) -> pb.ObjectInfo:
+    async def complete(
+        self, req: pb.CompleteMultipartUploadRequest, *, versioning: int = 0
+    ) -> pb.ObjectInfo:
         """Make the listed parts the object; its info.
 
         An upload that already completed (Complete sent again: a client retrying after a lost
@@ -222,11 +225,12 @@ class Multipart:
         current version, whatever parts the request lists (as S3 does); once the object was
         overwritten or deleted, NotFound (NoSuchUpload) as for any unknown upload. Else
         InvalidArgument (MalformedXML, InvalidPartOrder, InvalidPart, EntityTooSmall),
-        PreconditionFailed (if_none_match and the key exists).
+        PreconditionFailed (if_none_match and the key exists). versioning: the bucket's
+        versioning status now (the object's version is made by this Complete, as in S3).
         """
         try:
             record = await self._record(req.bucket, req.key, req.upload_id)
-            return await self._complete(req, record)
+            return await self._complete(req, record, versioning)
         except (errors.NotFound, errors.InvalidArgument) as exc:
             # No record: completed (or aborted). InvalidPart: a part vanished under us, which
             # is what a Complete racing another one of the same upload sees.
@@ -251,7 +255,10 @@ class Multipart:
         return versions.info(found.meta)
 
     async def _complete(
-        self, req: pb.CompleteMultipartUploadRequest, record: datanode_pb2.ShardMeta
+        self,
+        req: pb.CompleteMultipartUploadRequest,
+        record: datanode_pb2.ShardMeta,
+        versioning: int = 0,
     ) -> pb.ObjectInfo:
         numbers = [p.part_number for p in req.parts]
         if not numbers:
@@ -274,6 +281,7 @@ class Multipart:
         if req.if_none_match and await self._engine.exists(req.bucket, req.key):
             raise errors.PreconditionFailed(f"{req.bucket}/{req.key} exists (If-None-Match)")
         meta = self._object_meta(req, record, where, [m for m, _ in found])
+        meta.keep_versions, meta.null_version = versions.versioning(versioning)
         holders = set(range(len(where.slots)))
         for _, held in found:
             holders &= held

@@ -39,13 +39,13 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from kvtier import clustermap, erasure, errors, names
+from kvtier import clustermap, erasure, errors, hlc, names, objversions
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.transport import base, shm_copy, slots
+from services.gateway import commits, fanout, objectmeta, placement, reads, versions
 from services.gateway import datanodes as datanodes_mod
-from services.gateway import fanout, objectmeta, placement, reads, versions
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class ObjectEngine:
         *,
         upload_ttl_s: float = 3600.0,
         max_staged_writes_per_tenant: int = 64,
+        clock: hlc.HybridClock | None = None,
     ) -> None:
         self._view = view
         self._nodes = nodes
@@ -108,6 +109,8 @@ class ObjectEngine:
         self._uploads: dict[str, _Upload] = {}
         self._staged: collections.Counter[str] = collections.Counter()  # owner -> writes
         self._codecs: dict[tuple[int, int], erasure.Codec] = {}
+        #: Stamps new versions (services.gateway.commits: how it learns the drives' stamps).
+        self.clock = clock or hlc.HybridClock()
         self.heal_queue: set[tuple[str, str]] = set()
         self.reads = reads.Reader(
             nodes, staging, self._codec, self._call_bytes, self._run, self.heal_queue
@@ -142,7 +145,9 @@ class ObjectEngine:
         caller's checks) for owner (see the module docstring)."""
         names.check_stored(req.bucket, req.key)
         cmap = self._view.current
-        where = placement.locate(cmap, req.bucket, req.key, self.choose_pool(cmap))
+        # Every version of a key of a versioned bucket lives in pool 0 (no pool records).
+        pool = placement.FIRST_POOL if req.headers.keep_versions else self.choose_pool(cmap)
+        where = placement.locate(cmap, req.bucket, req.key, pool)
         return self.begin_write(req, where, owner=owner)
 
     def choose_pool(self, cmap: common_pb2.ClusterMap) -> int:
@@ -320,13 +325,18 @@ class ObjectEngine:
     async def _send_shards(self, up: _Upload, blocks: list[list[memoryview]], offset: int) -> None:
         up.sent = True
 
+        first = offset == 0  # names the key: the reply says the drive's current stamp
+
         async def send(index: int) -> None:
             slot = up.where.slots[index]
             request = shards_pb2.WriteShardRequest(
-                drive_id=slot.drive_id, write_id=up.upload_id, part=1, offset=offset
-            )
+                drive_id=slot.drive_id, write_id=up.upload_id, part=1, offset=offset,
+                bucket=up.bucket if first else "", key=up.key if first else "",
+            )  # fmt: skip
             try:
-                await self._nodes.write_shard(slot.node_id, request, blocks[index])
+                self.clock.observe(
+                    await self._nodes.write_shard(slot.node_id, request, blocks[index])
+                )
             except errors.KVTierError as exc:
                 log.warning(
                     "PUT %s/%s: shard %d on %s failed: %s", up.bucket, up.key, index,
@@ -409,6 +419,7 @@ class ObjectEngine:
             found = await self.resolve_in(where, bucket, key, queue_heal=False)
         except errors.NotFound:
             return None
+        self.clock.observe(found.meta.mtime_unix_ns)  # the new version's record goes above it
         return found.meta.pool_pointer if found.meta.is_pointer else placement.FIRST_POOL
 
     async def _write_pool_record(self, meta: datanode_pb2.ShardMeta, pool_index: int) -> None:
@@ -422,9 +433,9 @@ class ObjectEngine:
         record.data_id = uuid.uuid4().hex
         record.data_shards, record.parity_shards = where.data_shards, where.parity_shards
         record.distribution[:] = list(where.positions)
-        failed: set[int] = set()
-        await self.stage_empty(where, record.bucket, record.key, record.data_id, failed)
-        await self.commit_shards(where, record, record.data_id, failed)
+        # A small write (no bytes): it can be stamped again above a newer version in pool 0.
+        empty = [b""] * len(where.slots)
+        await self.commit_shards(where, record, record.data_id, set(), small=empty, stamp=False)
 
     @staticmethod
     def _digest_problem(up: _Upload, etag: str, checksums: dict[str, str]) -> str:
@@ -452,10 +463,10 @@ class ObjectEngine:
         async def send(index: int) -> None:
             slot = where.slots[index]
             request = shards_pb2.WriteShardRequest(
-                drive_id=slot.drive_id, write_id=write_id, part=1, offset=0
+                drive_id=slot.drive_id, write_id=write_id, part=1, offset=0, bucket=bucket, key=key
             )
             try:
-                await self._nodes.write_shard(slot.node_id, request, [])
+                self.clock.observe(await self._nodes.write_shard(slot.node_id, request, []))
             except errors.KVTierError as exc:
                 log.warning("write of %s/%s on %s failed: %s", bucket, key, slot.drive_id, exc)
                 failed.add(index)
@@ -471,42 +482,18 @@ class ObjectEngine:
         sources: Sequence[Sequence[shards_pb2.PartSource]] = (),
         *,
         small: Sequence[bytes] | None = None,
+        stamp: bool = True,
     ) -> None:
-        """Commit meta (shard_index set per drive) on every drive of where not in failed;
-        Unavailable below the write quorum. sources[i]: drive i's part sources (compose);
-        small[i]: drive i's whole shard, staged and committed with the drive's meta in one
-        WRITE_SMALL call per datanode (fanout.write_small)."""
-
-        async def commit(index: int) -> bool:
-            slot = where.slots[index]
-            mine = datanode_pb2.ShardMeta()
-            mine.CopyFrom(meta)
-            mine.shard_index = index
-            request = shards_pb2.CommitWriteRequest(
-                drive_id=slot.drive_id, write_id=write_id, meta=mine,
-                part_sources=sources[index] if sources else (),
-            )  # fmt: skip
-            try:
-                # A superseded commit (a newer PUT of the key got there first) counts: this
-                # PUT happened, and was overwritten at once, as with any later PUT.
-                await self._nodes.shards(slot.node_id).commit_write(request)
-            except errors.KVTierError as exc:
-                log.warning(
-                    "commit of %s/%s on %s failed: %s", meta.bucket, meta.key, slot.drive_id, exc
-                )
-                return False
-            return True
-
+        """Commit meta (shard_index set per drive) on every drive of where not in failed,
+        stamped by this gateway's clock (stamp=False: meta's own stamp first) and stamped
+        again above a newer version the drives hold when the write can be sent again
+        (commits.commit_version); Unavailable (ClockSkew) below the write quorum.
+        sources[i]: drive i's part sources (compose); small[i]: drive i's whole shard, staged
+        and committed with the drive's meta in one WRITE_SMALL call per datanode."""
         live = [i for i in range(len(where.slots)) if i not in failed]
-        if small is not None:
-            committed = await fanout.write_small(self._nodes, where, meta, live, small)
-        else:
-            committed = sum(await asyncio.gather(*(commit(i) for i in live)))
-        if committed < where.write_quorum:
-            raise errors.Unavailable(
-                f"PUT {meta.bucket}/{meta.key}: committed on {committed} drives, "
-                f"the write quorum is {where.write_quorum}"
-            )
+        committed = await commits.commit_version(
+            self._nodes, self.clock, where, meta, write_id, live, sources, small, stamp=stamp
+        )
         if committed < len(where.slots) and meta.bucket != names.MULTIPART_BUCKET:
             self.heal_queue.add((meta.bucket, meta.key))
 
@@ -539,27 +526,48 @@ class ObjectEngine:
     # Resolution, HEAD, DELETE.
 
     async def resolve(
-        self, bucket: str, key: str, *, queue_heal: bool = True, follow: bool = True
+        self,
+        bucket: str,
+        key: str,
+        *,
+        queue_heal: bool = True,
+        follow: bool = True,
+        version_id: str = "",
+        markers: bool = False,
     ) -> versions.Resolved:
-        """The current version of bucket/key; NotFound, or Unavailable below read quorum.
+        """The current version of bucket/key (version_id: that S3 version); NotFound, or
+        Unavailable below read quorum; versions.DeleteMarker (a NotFound) when it is a delete
+        marker, unless markers is True.
 
         When some drives lack that version the object is queued for healing, unless
         queue_heal is False (the healer's own look). follow=False: a pool record is returned
         as it is, not followed to its pool. bucket is a storage name.
         """
         names.check_stored(bucket, key)
+        if version_id:
+            objversions.check(version_id)
         cmap = self._view.current
         where = placement.locate(cmap, bucket, key, 0)
-        found = await self.resolve_in(where, bucket, key, queue_heal)
+        found = await self.resolve_in(where, bucket, key, queue_heal, version_id)
         if found.meta.is_pointer and follow:
             target = placement.locate(cmap, bucket, key, found.meta.pool_pointer)
-            found = await self.resolve_in(target, bucket, key, queue_heal)
+            found = await self.resolve_in(target, bucket, key, queue_heal, version_id)
+        if found.meta.delete_marker and not markers:
+            raise versions.DeleteMarker(
+                f"{bucket}/{key}: a delete marker",
+                version_id=objversions.version_id(found.meta), by_id=bool(version_id),
+            )  # fmt: skip
         return found
 
     async def resolve_in(
-        self, where: placement.Placement, bucket: str, key: str, queue_heal: bool = True
+        self,
+        where: placement.Placement,
+        bucket: str,
+        key: str,
+        queue_heal: bool = True,
+        version_id: str = "",
     ) -> versions.Resolved:
-        answers = await fanout.read_metas(self._nodes, where, bucket, key)
+        answers = await fanout.read_metas(self._nodes, where, bucket, key, version_id)
         held: dict[str, list[int]] = {}
         metas: dict[str, datanode_pb2.ShardMeta] = {}
         missing = 0
@@ -576,7 +584,7 @@ class ObjectEngine:
             metas[best] = versions.prevailing(
                 [a for a in answers if isinstance(a, datanode_pb2.ShardMeta) and a.data_id == best]
             )
-            if queue_heal and len(held[best]) < len(where.slots):
+            if queue_heal and not version_id and len(held[best]) < len(where.slots):
                 self.heal_queue.add((bucket, key))
             shards = {i: answers[i] for i in held[best]}
             inline = {
@@ -614,14 +622,23 @@ class ObjectEngine:
         await self.delete_in(bucket, key, placement.FIRST_POOL)
 
     async def delete_in(
-        self, bucket: str, key: str, pool_index: int, at: tuple[str, str] | None = None
+        self,
+        bucket: str,
+        key: str,
+        pool_index: int,
+        at: tuple[str, str] | None = None,
+        *,
+        version_id: str = "",
     ) -> None:
-        """Delete bucket/key from its set in a pool (placed by `at`, default bucket/key)."""
+        """Delete bucket/key (version_id: that S3 version only) from its set in a pool (placed
+        by `at`, default bucket/key)."""
         where = placement.locate(self._view.current, *(at or (bucket, key)), pool_index)
 
         async def delete(slot: Any) -> bool:
             try:
-                await self._nodes.shards(slot.node_id).delete_shard(slot.drive_id, bucket, key)
+                await self._nodes.shards(slot.node_id).delete_shard(
+                    slot.drive_id, bucket, key, version_id
+                )
             except errors.KVTierError as exc:
                 log.warning("delete of %s/%s on %s failed: %s", bucket, key, slot.drive_id, exc)
                 return False
@@ -637,11 +654,13 @@ class ObjectEngine:
         """Server-side copy (storage names; the write is owner's): the source's stripes are
         read into a slot and written from there, one call's worth at a time (the
         destination's layout may differ)."""
-        found = await self.resolve(req.src_bucket, req.src_key)
+        found = await self.resolve(req.src_bucket, req.src_key, version_id=req.src_version_id)
         src = found.meta
         headers = req.headers if req.replace_headers else versions.info(src).headers
         if not req.replace_headers:  # a copy's ACL is the request's, never the source's
             headers.acl.CopyFrom(req.headers.acl)
+            headers.keep_versions = req.headers.keep_versions  # the destination's versioning
+            headers.null_version = req.headers.null_version
         begun = self.begin_put(
             pb.BeginPutRequest(
                 bucket=req.dst_bucket, key=req.dst_key, size=src.size, headers=headers

@@ -8,7 +8,7 @@ import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 
-from kvtier import checksums, errors, names
+from kvtier import checksums, errors, names, objversions
 from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway import placement
@@ -34,11 +34,33 @@ class Resolved:
     inline: Mapping[int, bytes] = dataclasses.field(default_factory=dict)
 
 
+class DeleteMarker(errors.NotFound):
+    """The version asked for (the key's current one, or one by id) is an S3 delete marker."""
+
+    def __init__(self, message: str, *, version_id: str, by_id: bool) -> None:
+        super().__init__(message)
+        self.version_id = version_id
+        #: asked for by its version id (S3: 405 MethodNotAllowed), not as the current one (404)
+        self.by_id = by_id
+
+
+def versioning(status: int) -> tuple[bool, bool]:
+    """(keep_versions, null_version) of a write into a bucket of versioning status (the
+    metadata proto's VersioningStatus: 0 never enabled, 1 Enabled, 2 Suspended)."""
+    return status != 0, status == 2
+
+
+def mark_versioning(headers: pb.ObjectHeaders, status: int) -> None:
+    """Set the write's versioning from the bucket's status (whatever the caller sent)."""
+    headers.keep_versions, headers.null_version = versioning(status)
+
+
 def new_meta(
     bucket: str, key: str, where: placement.Placement, h: pb.ObjectHeaders, *, data_id: str
 ) -> datanode_pb2.ShardMeta:
     """The metadata of a new version of bucket/key with headers h on where's drives (size,
-    ETag, checksums and parts are the caller's to fill)."""
+    ETag, checksums and parts are the caller's to fill). Its mtime is provisional: the engine
+    stamps the version from its hybrid logical clock when it commits (commits.py)."""
     return datanode_pb2.ShardMeta(
         bucket=bucket, key=key,
         content_type=h.content_type or "application/octet-stream",
@@ -47,6 +69,7 @@ def new_meta(
         user_metadata=dict(h.user_metadata), tags=dict(h.tags), mtime_unix_ns=time.time_ns(),
         acl=h.acl, data_shards=where.data_shards, parity_shards=where.parity_shards,
         distribution=list(where.positions), data_id=data_id,
+        keep_versions=h.keep_versions, null_version=h.keep_versions and h.null_version,
     )  # fmt: skip
 
 
@@ -74,8 +97,10 @@ def info(meta: datanode_pb2.ShardMeta) -> pb.ObjectInfo:
             content_disposition=meta.content_disposition, cache_control=meta.cache_control,
             expires=meta.expires, content_language=meta.content_language,
             user_metadata=dict(meta.user_metadata), tags=dict(meta.tags), acl=meta.acl,
+            keep_versions=meta.keep_versions, null_version=meta.null_version,
         ),
         checksums=dict(meta.checksums), parts=len(meta.parts),
+        version_id=objversions.version_id(meta), delete_marker=meta.delete_marker,
     )  # fmt: skip
 
 

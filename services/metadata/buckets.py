@@ -66,7 +66,12 @@ class BucketService:
         if part is None:
             raise errors.InvalidArgument("SetBucketConfig names no configuration to set")
 
+        if part == "versioning" and not request.versioning.status:
+            raise errors.InvalidArgument("versioning: Enabled or Suspended (never back to unset)")
+
         def change(record: pb.BucketInfo) -> None:
+            if part == "versioning" and record.kind == pb.BUCKET_KIND_KV:
+                raise errors.InvalidArgument("KV buckets are not versioned")
             getattr(record, part).CopyFrom(getattr(request, part))
 
         bucket = await self._store.update(request.name, change, request.expected_generation)

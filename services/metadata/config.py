@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 
-from kvtier import config
+from kvtier import config, devports
 from services.metadata import placement
+
+_PORTS = devports.PortPlan().node_ports("metadata", 1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class MetadataConfig(config.ServiceConfig):
     """The metadata service: owner of the cluster map."""
+
+    # Fixed defaults, the ports of the dev cluster's first metadata (docs/operations.md, Ports).
+    grpc_port: int = config.setting(
+        _PORTS["grpc_port"],
+        "gRPC port for the cluster (mutual TLS); 0 picks a free one (registered in etcd)",
+    )
+    client_port: int = config.setting(
+        _PORTS["client_port"],
+        "gRPC port for users (TLS + session tokens); 0 picks a free one, -1: none",
+    )
+    metrics_port: int = config.setting(
+        _PORTS["metrics_port"], "Prometheus metrics port (HTTPS); 0 picks a free one, -1 disables"
+    )
 
     pool_drives: int = config.setting(
         12, "pending datanode drives that form a new pool (the dev cluster: 6 nodes x 2 drives)"

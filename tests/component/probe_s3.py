@@ -52,9 +52,16 @@ class Request:
     targets_a: bool = True
 
 
+_VERSIONED_OPS = (
+    "GetObject", "HeadObject", "DeleteObject", "GetObjectTagging", "PutObjectTagging",
+    "DeleteObjectTagging", "GetObjectAcl", "PutObjectAcl",
+)  # fmt: skip
 #: Variants one route serves: ListObjects V2 is ListObjects with list-type=2.
 EXTRA_QUERIES: dict[str, list[tuple[tuple[str, str], ...]]] = {
     "ListObjects": [(("list-type", "2"),)],
+    # One version of A's object (its objects are unversioned: their version is "null").
+    **{op: [(("versionId", "null"),)] for op in _VERSIONED_OPS},
+    "ListObjectVersions": [(("key-marker", "a"), ("version-id-marker", "null"))],
 }
 
 
@@ -71,8 +78,11 @@ def _query(needs: tuple[str, ...], upload_id: str) -> tuple[tuple[str, str], ...
 def _body(op: str, keys: list[str], etag: str) -> tuple[bytes, tuple[tuple[str, str], ...]]:
     if op in ("PutObject", "UploadPart"):
         return b"forged by the probe", ()
-    if op == "DeleteObjects":
+    if op == "DeleteObjects":  # each key, and each key's version "null" for good
         objects = "".join(f"<Object><Key>{k}</Key></Object>" for k in keys)
+        objects += "".join(
+            f"<Object><Key>{k}</Key><VersionId>null</VersionId></Object>" for k in keys
+        )
         body = f"<Delete>{objects}</Delete>".encode()
         md5 = base64.b64encode(hashlib.md5(body).digest()).decode()
         return body, (("Content-MD5", md5),)
@@ -87,6 +97,9 @@ def _body(op: str, keys: list[str], etag: str) -> tuple[bytes, tuple[tuple[str, 
     if op == "PutBucketLifecycleConfiguration":  # valid, expiring everything: refused the same
         rule = "<ID>x</ID><Filter/><Status>Enabled</Status><Expiration><Days>1</Days></Expiration>"
         body = f"<LifecycleConfiguration><Rule>{rule}</Rule></LifecycleConfiguration>".encode()
+        return body, (("Content-MD5", base64.b64encode(hashlib.md5(body).digest()).decode()),)
+    if op == "PutBucketVersioning":  # valid, turning it on: refused all the same
+        body = b"<VersioningConfiguration><Status>Enabled</Status></VersioningConfiguration>"
         return body, (("Content-MD5", base64.b64encode(hashlib.md5(body).digest()).decode()),)
     if op in ("PutObjectTagging", "PutBucketTagging"):  # a valid tag set: refused all the same
         body = b"<Tagging><TagSet><Tag><Key>probe</Key><Value>1</Value></Tag></TagSet></Tagging>"

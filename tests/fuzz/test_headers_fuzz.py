@@ -132,6 +132,6 @@ def test_copy_sources_parse_or_are_refused(source: str) -> None:
     request = mock.Mock()
     request.header = lambda name, default="": source if name == "x-amz-copy-source" else default
     with _support.bounded_memory(LIMIT), contextlib.suppress(s3errors.S3Error):
-        bucket, key = object_ops.copy_source(request)
+        bucket, key, _version = object_ops.copy_source(request)
         assert bucket
         assert key

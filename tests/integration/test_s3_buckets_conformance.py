@@ -345,11 +345,7 @@ def test_put_bucket_versioning(s3: Any, other: Any) -> None:
     )
     assert suspended["ResponseMetadata"]["HTTPStatusCode"] == 200
     assert "Status" not in s3.get_bucket_versioning(Bucket="ver-put")
-    with pytest.raises(ClientError) as enabled:
-        s3.put_bucket_versioning(Bucket="ver-put", VersioningConfiguration={"Status": "Enabled"})
-    assert _code(enabled) == ("NotImplemented", 501)
-    assert "not supported yet" in enabled.value.response["Error"]["Message"]
-    assert "Status" not in s3.get_bucket_versioning(Bucket="ver-put"), "never turned on"
+    # Enabled (and Suspended after it): tests/integration/test_s3_versioning.py.
     mfa = {"Status": "Suspended", "MFADelete": "Enabled"}
     assert _fails(
         lambda: s3.put_bucket_versioning(Bucket="ver-put", VersioningConfiguration=mfa)

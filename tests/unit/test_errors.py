@@ -213,3 +213,13 @@ def test_malformed_epoch_still_maps_to_stale_epoch() -> None:
         )
     )
     assert isinstance(received, errors.StaleEpoch)
+
+
+def test_clock_skew_is_unavailable_and_maps_back_as_itself() -> None:
+    """A datanode's refusal of a stamp beyond its skew bound reaches the gateway typed (it is
+    an Unavailable: 503 to S3 clients, who may retry at another gateway)."""
+    sent = errors.ClockSkew("mtime 1900 s ahead of this drive's clock")
+    received = errors.from_rpc_error(as_seen_by_client(sent))
+    assert type(received) is errors.ClockSkew
+    assert isinstance(received, errors.Unavailable)
+    assert (received.grpc_code, received.http_status) == (grpc.StatusCode.UNAVAILABLE, 503)

@@ -33,17 +33,28 @@ class ShardClient(base.BaseClient):
     async def commit_write(self, request: shards_pb2.CommitWriteRequest) -> bool:
         """Make a staged write the object's version on a drive; False when the drive already
         holds a newer version (the write was dropped: superseded)."""
+        return not (await self.commit(request)).superseded
+
+    async def commit(
+        self, request: shards_pb2.CommitWriteRequest
+    ) -> shards_pb2.CommitWriteResponse:
+        """commit_write's whole reply: superseded, and then the newer version's stamp."""
         reply: shards_pb2.CommitWriteResponse = await self._unary(self._stub.CommitWrite, request)
-        return not reply.superseded
+        return reply
 
     async def abort_write(self, drive_id: str, write_id: str) -> None:
         """Drop a staged write."""
         request = shards_pb2.AbortWriteRequest(drive_id=drive_id, write_id=write_id)
         await self._unary(self._stub.AbortWrite, request)
 
-    async def read_meta(self, drive_id: str, bucket: str, key: str) -> datanode_pb2.ShardMeta:
-        """The object's metadata on a drive (NotFound when absent)."""
-        request = shards_pb2.ReadMetaRequest(drive_id=drive_id, bucket=bucket, key=key)
+    async def read_meta(
+        self, drive_id: str, bucket: str, key: str, version_id: str = ""
+    ) -> datanode_pb2.ShardMeta:
+        """The object's metadata on a drive (version_id: that S3 version's; NotFound when
+        absent)."""
+        request = shards_pb2.ReadMetaRequest(
+            drive_id=drive_id, bucket=bucket, key=key, version_id=version_id
+        )
         reply: shards_pb2.ReadMetaResponse = await self._unary(self._stub.ReadMeta, request)
         return reply.meta
 
@@ -70,19 +81,34 @@ class ShardClient(base.BaseClient):
         reply: shards_pb2.UpdateMetaResponse = await self._unary(self._stub.UpdateMeta, request)
         return reply.meta
 
-    async def delete_shard(self, drive_id: str, bucket: str, key: str) -> bool:
-        """Remove the object's shard from a drive; whether there was one."""
-        request = shards_pb2.DeleteShardRequest(drive_id=drive_id, bucket=bucket, key=key)
+    async def delete_shard(
+        self, drive_id: str, bucket: str, key: str, version_id: str = ""
+    ) -> bool:
+        """Remove the object's shard from a drive (version_id: that S3 version only);
+        whether there was one."""
+        request = shards_pb2.DeleteShardRequest(
+            drive_id=drive_id, bucket=bucket, key=key, version_id=version_id
+        )
         reply: shards_pb2.DeleteShardResponse = await self._unary(self._stub.DeleteShard, request)
         return reply.deleted
 
     async def list_shards(
-        self, drive_id: str, bucket: str, prefix: str, start_after: str, limit: int
+        self,
+        drive_id: str,
+        bucket: str,
+        prefix: str,
+        start_after: str,
+        limit: int,
+        *,
+        versions: bool = False,
+        start_after_version: str = "",
     ) -> list[shards_pb2.ShardEntry]:
-        """Sorted entries of a drive's index."""
+        """Sorted entries of a drive's index (versions: every S3 version, newest first per
+        key, after start_after's version start_after_version when given)."""
         request = shards_pb2.ListShardsRequest(
-            drive_id=drive_id, bucket=bucket, prefix=prefix, start_after=start_after, limit=limit
-        )
+            drive_id=drive_id, bucket=bucket, prefix=prefix, start_after=start_after, limit=limit,
+            versions=versions, start_after_version=start_after_version,
+        )  # fmt: skip
         reply: shards_pb2.ListShardsResponse = await self._unary(self._stub.ListShards, request)
         return list(reply.entries)
 

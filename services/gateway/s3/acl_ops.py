@@ -30,7 +30,7 @@ from kvtier import errors, names
 from kvtier.proto.common.v1 import acl_pb2
 from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway import front as front_mod
-from services.gateway.s3 import acl, auth, cors, s3errors, s3request
+from services.gateway.s3 import acl, auth, cors, s3errors, s3request, versioning_ops
 
 #: Operations an ACL grant may admit another tenant's user or an anonymous request to:
 #: (scope of the admission, the permission needed). Scope "object": the object's own ACL
@@ -157,12 +157,6 @@ async def _wanted_acl(req: s3request.S3Request, owner: str) -> acl_pb2.Acl:
     return acl.parse_policy(body, owner)
 
 
-def _check_version(req: s3request.S3Request) -> None:
-    """Only the current version's ACL is kept apart (versionId "null" names it)."""
-    if req.query.get("versionId", "null") != "null":
-        raise s3errors.S3Error("NoSuchVersion", "The specified version does not exist.")
-
-
 def _xml(data: bytes) -> web.Response:
     return web.Response(body=data, content_type=XML)
 
@@ -182,22 +176,26 @@ async def put_bucket_acl(s3: s3request.Door, req: s3request.S3Request) -> web.Re
 
 
 async def get_object_acl(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """The current version's AccessControlPolicy (owner: the bucket's tenant)."""
+    """The current version's AccessControlPolicy, or one version's (versionId; owner: the
+    bucket's tenant)."""
     info = await s3.owned_bucket(req)
+    version = versioning_ops.requested(req)
     try:
-        found = await s3.front.resolve(req.bucket, req.key)
-    except errors.NotFound:
-        raise s3errors.S3Error("NoSuchKey", "The specified key does not exist.") from None
-    _check_version(req)  # once access is decided
+        found = await s3.front.resolve(req.bucket, req.key, version)
+    except errors.NotFound as exc:
+        raise versioning_ops.not_found(exc, version) from None
     return _xml(acl.policy_xml(found.meta.acl, info.tenant))
 
 
 async def put_object_acl(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """Replace the current version's ACL in place (no new version, same ETag)."""
     info = await s3.owned_bucket(req)
+    version = versioning_ops.requested(req)
     try:
-        await s3.front.resolve(req.bucket, req.key)  # refused before the body is read
-        _check_version(req)
+        found = await s3.front.resolve(req.bucket, req.key)  # refused before the body is read
+        if version:
+            await s3.front.resolve(req.bucket, req.key, version)  # NoSuchVersion
+            versioning_ops.only_current(found, version)
         wanted = await _wanted_acl(req, info.tenant)
         await s3.front.set_object_acl(req.bucket, req.key, wanted)
     except errors.NotFound:

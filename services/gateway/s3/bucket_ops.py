@@ -13,7 +13,16 @@ from aiohttp import web
 from kvtier import errors, kv, names
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
-from services.gateway.s3 import acl, kv_layout, object_ops, params, s3errors, s3request, xmlio
+from services.gateway.s3 import (
+    acl,
+    kv_layout,
+    object_ops,
+    params,
+    s3errors,
+    s3request,
+    versioning_ops,
+    xmlio,
+)
 
 log = logging.getLogger(__name__)
 
@@ -193,27 +202,37 @@ async def get_location(s3: s3request.Door, req: s3request.S3Request) -> web.Resp
 
 
 async def get_versioning(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """Never enabled."""
-    await s3.owned_bucket(req)
-    return _xml(xmlio.versioning())
+    """The bucket's status: an empty configuration when never enabled."""
+    info = await s3.owned_bucket(req)
+    root = xmlio._root("VersioningConfiguration")
+    if info.versioning.status in versioning_ops.NAMES:
+        xmlio._add(root, "Status", versioning_ops.NAMES[info.versioning.status])
+    return web.Response(body=xmlio._doc(root), content_type="application/xml")
 
 
 async def put_versioning(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """PutBucketVersioning. Buckets are never versioned, so Suspended (and MfaDelete Disabled)
-    asks for what already is: 200, nothing changes. Enabled, MfaDelete Enabled and an
-    x-amz-mfa header: NotImplemented, never a 200 that leaves the bucket unversioned."""
-    await s3.owned_bucket(req)
+    """Enabled or Suspended, in the bucket's record (other gateways see it within
+    bucket_cache_s). MFA delete (MfaDelete Enabled, an x-amz-mfa header): 501 NotImplemented;
+    a KV bucket: 501 NotImplemented (its objects are DRAM blocks: one version each);
+    Suspended on a never-versioned bucket: 200, nothing stored (it stays unversioned)."""
+    info = await s3.owned_bucket(req)
     raw = await req.payload.read_all(64 << 10)
     md5 = object_ops.content_md5(req)
     if md5 and hashlib.md5(raw).hexdigest() != md5:
         raise s3errors.S3Error("BadDigest", "The Content-MD5 you specified did not match.")
-    status, mfa_delete = xmlio.parse_versioning(raw)
-    if status == "Enabled":
-        raise s3errors.S3Error(
-            "NotImplemented", "versioning is not supported yet: buckets stay unversioned"
-        )
+    wanted, mfa_delete = xmlio.parse_versioning(raw)
     if mfa_delete == "Enabled" or req.header("x-amz-mfa"):
         raise s3errors.S3Error("NotImplemented", "MFA delete is not supported")
+    if not wanted:
+        raise s3errors.S3Error("MalformedXML", "The XML you provided was not well-formed.")
+    if wanted == "Suspended" and not info.versioning.status:
+        return web.Response(status=200)
+    if info.kind == metadata_pb2.BUCKET_KIND_KV:
+        raise s3errors.S3Error("NotImplemented", "KV buckets cannot be versioned")
+    config = metadata_pb2.SetBucketConfigRequest(
+        versioning=metadata_pb2.BucketVersioning(status=versioning_ops.STATUS[wanted])
+    )
+    await s3.front.set_bucket_config(req.bucket, config)
     return web.Response(status=200)
 
 

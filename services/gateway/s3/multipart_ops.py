@@ -8,7 +8,7 @@ from aiohttp import web
 from kvtier import errors
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway import multipart
-from services.gateway.s3 import object_ops, params, s3errors, s3request, xmlio
+from services.gateway.s3 import object_ops, params, s3errors, s3request, versioning_ops, xmlio
 
 MAX_PART_BYTES = 5 << 30
 XML = "application/xml"
@@ -91,6 +91,8 @@ async def upload_part_copy(s3: s3request.Door, req: s3request.S3Request) -> web.
     """UploadPartCopy: the source (or x-amz-copy-source-range) becomes a part."""
     await s3.owned_bucket(req)
     number = _part_number(req)
+    if object_ops.copy_source(req)[2]:
+        raise s3errors.S3Error("NotImplemented", "UploadPartCopy from a source version")
     src_bucket, src_key, meta = await object_ops.source_for_copy(s3, req)
     request = pb.UploadPartCopyRequest(
         bucket=req.bucket, key=req.key, upload_id=req.query["uploadId"], part_number=number,
@@ -126,7 +128,11 @@ async def complete(s3: s3request.Door, req: s3request.S3Request) -> web.Response
         raise _no_such_upload(exc) from None
     info = reply.object
     url = f"{req.http.scheme}://{req.http.host}/{req.bucket}/{req.key}"
-    return _xml(xmlio.complete_multipart(url, req.bucket, req.key, info.etag, dict(info.checksums)))
+    response = _xml(
+        xmlio.complete_multipart(url, req.bucket, req.key, info.etag, dict(info.checksums))
+    )
+    versioning_ops.stamp(response, info, False)
+    return response
 
 
 async def abort(s3: s3request.Door, req: s3request.S3Request) -> web.Response:

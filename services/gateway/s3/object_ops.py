@@ -17,7 +17,17 @@ from kvtier import checksums, errors, names
 from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway import multipart, versions
-from services.gateway.s3 import acl, body, params, response_body, s3errors, s3request, tags, xmlio
+from services.gateway.s3 import (
+    acl,
+    body,
+    params,
+    response_body,
+    s3errors,
+    s3request,
+    tags,
+    versioning_ops,
+    xmlio,
+)
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +254,7 @@ async def put_object(s3: s3request.Door, req: s3request.S3Request) -> web.Respon
     response = web.Response(status=200)
     response.headers["ETag"] = xmlio.quoted(meta.etag)
     _checksum_headers(response, meta, req)
+    versioning_ops.stamp(response, versions.info(meta), False)
     return response
 
 
@@ -389,10 +400,11 @@ def object_headers(
 async def _resolve(s3: s3request.Door, req: s3request.S3Request) -> versions.Resolved:
     await s3.owned_bucket(req)
     check_key(req.key)
+    version = versioning_ops.requested(req)
     try:
-        return await s3.front.resolve(req.bucket, req.key)
-    except errors.NotFound:
-        raise s3errors.S3Error("NoSuchKey", "The specified key does not exist.") from None
+        return await s3.front.resolve(req.bucket, req.key, version)
+    except errors.NotFound as exc:
+        raise versioning_ops.not_found(exc, version) from None
 
 
 async def head_object(s3: s3request.Door, req: s3request.S3Request) -> web.StreamResponse:
@@ -404,6 +416,7 @@ async def head_object(s3: s3request.Door, req: s3request.S3Request) -> web.Strea
     partial = span is not None and span[1] >= span[0]  # an empty part: 200, no Content-Range
     response = web.StreamResponse(status=206 if partial else 200)
     object_headers(response, meta, req)
+    await versioning_ops.stamp_read(s3, req.bucket, response, meta)
     if span and partial:
         response.headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{meta.size}"
     response.content_length = span[1] - span[0] + 1 if span else meta.size
@@ -447,6 +460,7 @@ async def get_object(s3: s3request.Door, req: s3request.S3Request) -> web.Stream
     first, last = span if span else (0, meta.size - 1)
     response = web.StreamResponse(status=206 if last >= first and span else 200)
     object_headers(response, meta, req)
+    await versioning_ops.stamp_read(s3, req.bucket, response, meta)
     if span and last >= first:  # an empty part: 200, no Content-Range
         response.headers["Content-Range"] = f"bytes {first}-{last}/{meta.size}"
     response.content_length = last - first + 1
@@ -474,11 +488,16 @@ async def get_object(s3: s3request.Door, req: s3request.S3Request) -> web.Stream
 
 
 async def delete_object(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """204 whether or not the key existed."""
+    """204 whether or not the key existed; in a versioned bucket a delete marker is written
+    (without versionId) or the version removed (x-amz-version-id, x-amz-delete-marker)."""
     await s3.owned_bucket(req)
     check_key(req.key)
-    await s3.front.delete_object(req.bucket, req.key)
-    return web.Response(status=204)
+    version = versioning_ops.requested(req)
+    info = await s3.front.delete_object(req.bucket, req.key, version)
+    response = web.Response(status=204)
+    if info.version_id:
+        versioning_ops.stamp(response, info, True)
+    return response
 
 
 async def delete_objects(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
@@ -488,52 +507,51 @@ async def delete_objects(s3: s3request.Door, req: s3request.S3Request) -> web.Re
     md5 = content_md5(req)
     if md5 and hashlib.md5(raw).hexdigest() != md5:
         raise s3errors.S3Error("BadDigest", "The Content-MD5 you specified did not match.")
-    quiet, keys = xmlio.parse_delete(raw)
+    quiet, targets = versioning_ops.parse_delete(raw)
     gate = asyncio.Semaphore(16)
 
-    async def one(key: str) -> tuple[str, str, str] | None:
+    async def one(key: str, version: str) -> pb.ObjectInfo | s3errors.S3Error:
         async with gate:
             try:
                 check_key(key)
-                await s3.front.delete_object(req.bucket, key)
+                return await s3.front.delete_object(req.bucket, key, version)
             except s3errors.S3Error as exc:
-                return key, exc.code, exc.message
+                return exc
             except errors.KVTierError as exc:
-                mapped = s3errors.from_domain(exc)
-                return key, mapped.code, mapped.message
-        return None
+                return s3errors.from_domain(exc)
 
-    results = await asyncio.gather(*(one(k) for k in keys))
-    failed = [r for r in results if r is not None]
-    bad = {f[0] for f in failed}
-    deleted = [k for k in keys if k not in bad]
-    return web.Response(
-        body=xmlio.delete_result(deleted, failed, quiet=quiet), content_type="application/xml"
-    )
+    results = await asyncio.gather(*(one(k, v) for k, v in targets))
+    body = versioning_ops.delete_result(targets, results, quiet=quiet)
+    return web.Response(body=body, content_type="application/xml")
 
 
-def copy_source(req: s3request.S3Request) -> tuple[str, str]:
-    """(bucket, key) of x-amz-copy-source ('bucket/key' or '/bucket/key', URL-encoded)."""
+def copy_source(req: s3request.S3Request) -> tuple[str, str, str]:
+    """(bucket, key, version id or '') of x-amz-copy-source ('bucket/key' or '/bucket/key',
+    URL-encoded, optionally '?versionId=...')."""
     raw = req.header("x-amz-copy-source")
     path, _, query = raw.partition("?")
-    if query and urllib.parse.parse_qs(query).get("versionId", ["null"])[0] != "null":
-        raise s3errors.S3Error("NoSuchVersion", "The specified version does not exist.")
+    found = urllib.parse.parse_qs(query, keep_blank_values=True).get("versionId")
+    version = versioning_ops.check(found[0]) if found else ""
     bucket, _, key = urllib.parse.unquote(path).lstrip("/").partition("/")
     if not bucket or not key:
         raise s3errors.S3Error("InvalidArgument", "Copy Source must mention the bucket and key")
-    return bucket, key
+    return bucket, key, version
 
 
 async def source_for_copy(
     s3: s3request.Door, req: s3request.S3Request
 ) -> tuple[str, str, datanode_pb2.ShardMeta]:
-    """The copy source (owned by the principal), its x-amz-copy-source-if-* checked."""
-    bucket, key = copy_source(req)
+    """The copy source (owned by the principal), its x-amz-copy-source-if-* checked; a
+    source version (versionId) is that version's."""
+    bucket, key, version = copy_source(req)
     await s3.front.bucket_for(bucket)  # NoSuchBucket, AccessDenied
     try:
-        meta = (await s3.front.resolve(bucket, key)).meta
-    except errors.NotFound:
-        raise s3errors.S3Error("NoSuchKey", "The specified key does not exist.") from None
+        meta = (await s3.front.resolve(bucket, key, version)).meta
+    except errors.NotFound as exc:
+        mapped = versioning_ops.not_found(exc, version)
+        if mapped.code == "MethodNotAllowed":  # S3: copying a delete marker is a 400
+            mapped = s3errors.S3Error("InvalidRequest", "The source of a copy is a delete marker")
+        raise mapped from None
 
     def get(name: str) -> str:
         return req.header(f"x-amz-copy-source-{name.lower()}")
@@ -565,9 +583,14 @@ async def copy_object(s3: s3request.Door, req: s3request.S3Request) -> web.Respo
         pb.CopyObjectRequest(
             src_bucket=src_bucket, src_key=src_key, dst_bucket=req.bucket, dst_key=req.key,
             replace_headers=True, headers=tags.for_copy(req.header, headers, src.tags),
+            src_version_id=copy_source(req)[2],
         )
     )  # fmt: skip
-    return web.Response(
+    response = web.Response(
         body=xmlio.copy_result("CopyObjectResult", info.etag, info.mtime_unix_ms, {}),
         content_type="application/xml",
     )
+    versioning_ops.stamp(response, info, False)
+    if src.keep_versions:
+        response.headers["x-amz-copy-source-version-id"] = versions.info(src).version_id
+    return response

@@ -33,6 +33,7 @@ from aiohttp import http_exceptions, multipart, streams, web
 
 from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
+from services.gateway import versions
 from services.gateway.s3 import (
     auth,
     body,
@@ -41,6 +42,7 @@ from services.gateway.s3 import (
     s3errors,
     s3request,
     tags,
+    versioning_ops,
     xmlio,
 )
 
@@ -265,7 +267,9 @@ async def post_object(s3: s3request.Door, req: s3request.S3Request) -> web.Respo
     finally:
         if isinstance(req.payload, FilePayload):
             req.payload.close()
-    return _answer(req, form, key, meta, wanted + list(expected))
+    response = _answer(req, form, key, meta, wanted + list(expected))
+    versioning_ops.stamp(response, versions.info(meta), False)
+    return response
 
 
 def _headers(fields: dict[str, str]) -> pb.ObjectHeaders:

@@ -21,23 +21,25 @@ from aiohttp import web
 
 from kvtier import errors
 from kvtier.proto.metadata.v1 import metadata_pb2
-from services.gateway.s3 import object_ops, s3errors, s3request, tags
+from services.gateway.s3 import object_ops, s3errors, s3request, tags, versioning_ops
 
 #: The largest Tagging document read (S3's largest valid one is about 4 KiB of tags).
 MAX_BODY_BYTES = 64 << 10
 
 
-def _check_version(req: s3request.S3Request) -> None:
-    """Only the current version has tags here (versionId "null" names it)."""
-    if req.query.get("versionId", "null") != "null":
-        raise s3errors.S3Error("NoSuchVersion", "The specified version does not exist.")
-
-
 async def _storage(s3: s3request.Door, req: s3request.S3Request) -> str:
-    """The storage name of the request's bucket (NoSuchBucket, AccessDenied), its key checked."""
+    """The storage name of the request's bucket (NoSuchBucket, AccessDenied), its key checked;
+    a versionId must name the current version (versioning_ops.only_current)."""
     object_ops.check_key(req.key)
-    _check_version(req)
-    return await s3.front.storage_of(req.bucket)
+    stored = await s3.front.storage_of(req.bucket)
+    version = versioning_ops.requested(req)
+    if version:
+        try:
+            await s3.front.engine.resolve(stored, req.key, version_id=version)
+        except errors.NotFound as exc:
+            raise versioning_ops.not_found(exc, version) from None
+        versioning_ops.only_current(await s3.front.engine.resolve(stored, req.key), version)
+    return stored
 
 
 async def _update(
@@ -59,13 +61,18 @@ async def put_object_tagging(s3: s3request.Door, req: s3request.S3Request) -> we
 
 
 async def get_object_tagging(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """GetObjectTagging: the object's tag set (an empty TagSet when it has none)."""
-    stored = await _storage(s3, req)
+    """GetObjectTagging: the object's tag set (an empty TagSet when it has none); of one
+    version with versionId."""
+    object_ops.check_key(req.key)
+    stored = await s3.front.storage_of(req.bucket)
+    version = versioning_ops.requested(req)
     try:
-        found = await s3.front.engine.resolve(stored, req.key)
-    except errors.NotFound:
-        raise s3errors.S3Error("NoSuchKey", "The specified key does not exist.") from None
-    return web.Response(body=tags.render(found.meta.tags), content_type="application/xml")
+        found = await s3.front.engine.resolve(stored, req.key, version_id=version)
+    except errors.NotFound as exc:
+        raise versioning_ops.not_found(exc, version) from None
+    response = web.Response(body=tags.render(found.meta.tags), content_type="application/xml")
+    await versioning_ops.stamp_read(s3, req.bucket, response, found.meta)
+    return response
 
 
 async def delete_object_tagging(s3: s3request.Door, req: s3request.S3Request) -> web.Response:

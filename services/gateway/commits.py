@@ -1,0 +1,138 @@
+"""Committing a version on the drives of its set, stamped by the gateway's hybrid logical clock.
+
+A drive keeps the version of a key with the newest (stamp, data_id) and refuses an older one
+(superseded), so versions are ordered by stamp. Stamps come from `kvtier.hlc.HybridClock`, and
+the clock learns what the drives hold without a round trip of its own:
+- a staged write's first WRITE_SHARD call names the key, and each drive's reply carries the
+  stamp of its current version (objects.ObjectEngine._send_shards observes it): the commit is
+  then stamped above every version a drive held when the write began;
+- every superseded commit answers with the newer version's stamp. A write that can be sent
+  again (a small one: WRITE_SMALL carries its shards; a compose: multipart Complete links the
+  parts again) is then stamped above every answer and committed again on every live drive,
+  once, with the same data_id, so the drives end with one (stamp, data_id).
+
+Either way a write begun after another was acknowledged is ordered after it whatever the
+gateways' clocks say: the earlier write is on a write quorum of drives, the later one reaches a
+write quorum, and two write quorums of a set share a drive. What is still superseded after that
+was written concurrently (committed after this write began), where either order is right.
+A staged write's commit that is superseded anyway (a concurrent write landed between its first
+call and its commit) cannot be sent again: its staged shards are gone. It counts as done, as
+before; the clock still learns the stamp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+import prometheus_client
+
+from kvtier import errors, hlc
+from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
+from services.gateway import datanodes as datanodes_mod
+from services.gateway import fanout, placement
+
+log = logging.getLogger(__name__)
+
+RESTAMPS = prometheus_client.Counter(
+    "kvtier_gateway_version_restamps_total",
+    "Writes stamped again and committed again because the drives held a version stamped above "
+    "this gateway's clock (a sign of clock skew between gateways)",
+)
+#: At most one warning about a lagging clock per this many seconds.
+_WARN_EVERY_S = 60.0
+_warned_at = -_WARN_EVERY_S
+
+
+async def commit_version(
+    nodes: datanodes_mod.Datanodes,
+    clock: hlc.HybridClock,
+    where: placement.Placement,
+    meta: datanode_pb2.ShardMeta,
+    write_id: str,
+    live: Sequence[int],
+    sources: Sequence[Sequence[shards_pb2.PartSource]] = (),
+    small: Sequence[bytes] | None = None,
+    *,
+    stamp: bool = True,
+) -> int:
+    """Commit meta on the drives `live` of where (module docstring) and return on how many it
+    is (or a newer version is). meta.mtime_unix_ns is set from the clock first (stamp=False:
+    meta's own stamp is tried first) and holds the committed stamp on return.
+
+    Raises ClockSkew when drives refused the stamp as too far ahead and the rest miss the write
+    quorum, Unavailable for any other shortfall."""
+    if stamp:
+        meta.mtime_unix_ns = clock.now()
+    done = await _round(nodes, where, meta, write_id, live, sources, small)
+    clock.observe(done.newer_ns)
+    if done.newer_ns > meta.mtime_unix_ns and (small is not None or sources):
+        _lagging(meta, done.newer_ns)
+        meta.mtime_unix_ns = clock.now()
+        RESTAMPS.inc()
+        done = await _round(nodes, where, meta, write_id, live, sources, small)
+        clock.observe(done.newer_ns)
+    if done.drives < where.write_quorum:
+        problem = (
+            f"PUT {meta.bucket}/{meta.key}: committed on {done.drives} drives, "
+            f"the write quorum is {where.write_quorum}"
+        )
+        if done.skew:
+            raise errors.ClockSkew(f"{problem}; drives refused the stamp: {done.skew}")
+        raise errors.Unavailable(problem)
+    return done.drives
+
+
+async def _round(
+    nodes: datanodes_mod.Datanodes,
+    where: placement.Placement,
+    meta: datanode_pb2.ShardMeta,
+    write_id: str,
+    live: Sequence[int],
+    sources: Sequence[Sequence[shards_pb2.PartSource]],
+    small: Sequence[bytes] | None,
+) -> fanout.Committed:
+    """One commit of meta on every live drive."""
+    if small is not None:
+        return await fanout.write_small(nodes, where, meta, live, small)
+
+    async def commit(index: int) -> fanout.Committed:
+        slot = where.slots[index]
+        mine = datanode_pb2.ShardMeta()
+        mine.CopyFrom(meta)
+        mine.shard_index = index
+        request = shards_pb2.CommitWriteRequest(
+            drive_id=slot.drive_id, write_id=write_id, meta=mine,
+            part_sources=sources[index] if sources else (),
+        )  # fmt: skip
+        try:
+            reply = await nodes.shards(slot.node_id).commit(request)
+        except errors.KVTierError as exc:
+            log.warning(
+                "commit of %s/%s on %s failed: %s", meta.bucket, meta.key, slot.drive_id, exc
+            )
+            return fanout.Committed(skew=str(exc) if isinstance(exc, errors.ClockSkew) else "")
+        return fanout.Committed(drives=1, newer_ns=reply.current_mtime_unix_ns)
+
+    total = fanout.Committed()
+    for part in await asyncio.gather(*(commit(i) for i in live)):
+        total.add(part)
+    return total
+
+
+def _lagging(meta: datanode_pb2.ShardMeta, newer_ns: int) -> None:
+    """Say (once a minute at most) that the drives hold a version stamped above this clock."""
+    global _warned_at
+    gap_s = (newer_ns - meta.mtime_unix_ns) / 1e9
+    now = time.monotonic()
+    if gap_s < 1.0 or now - _warned_at < _WARN_EVERY_S:
+        log.debug("%s/%s: stamped again, %.3f s above", meta.bucket, meta.key, gap_s)
+        return
+    _warned_at = now
+    log.warning(
+        "%s/%s: the drives hold a version stamped %.1f s ahead of this gateway's clock; the "
+        "write was stamped above it and committed again (is this host's clock behind?)",
+        meta.bucket, meta.key, gap_s,
+    )  # fmt: skip
