@@ -22,7 +22,7 @@ import aetcd.rpc
 import aetcd.watcher
 import grpc
 
-from kvtier import errors, telemetry
+from kvtier import errors, telemetry, tracing
 from kvtier import security as security_mod
 from kvtier.proto.common.v1 import common_pb2
 
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _ETCD_ERRORS = (aetcd.ClientError, OSError, asyncio.TimeoutError, grpc.aio.UsageError)
+#: The attributes of an etcd call's span.
+_DB_ETCD = {"db.system": "etcd"}
 #: How long a replaced etcd client stays open for calls still in flight on it.
 _RETIRE_GRACE_S = 10.0
 
@@ -241,9 +243,12 @@ class EtcdMembership:
     async def _call(self, coro: Any) -> Any:
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
         # races with the inner call's completion, and a service would then never stop.
+        op = f"etcd {getattr(coro, '__name__', 'call')}"
         try:
-            async with asyncio.timeout(self._timeout_s):
-                return await coro
+            # A span only inside a sampled trace (a bucket created for an S3 request, say).
+            with tracing.child_span(op, kind=tracing.CLIENT, attributes=_DB_ETCD):
+                async with asyncio.timeout(self._timeout_s):
+                    return await coro
         except _ETCD_ERRORS as exc:
             _reraise_cancellation(exc)
             raise errors.Unavailable(f"etcd at {self.endpoint}: {_reason(exc)}") from None

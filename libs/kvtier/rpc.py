@@ -3,7 +3,8 @@
 `build_server` returns a grpc.aio server with the shared options (message size, keepalive), the
 interceptor that authenticates the caller (`Authenticator`: a cluster certificate over mutual
 TLS, or a session token), enforces the authorization table (`kvtier.authz`), binds the caller as
-`kvtier.principal.current()`, sets request ids, checks cluster-map epochs, records metrics and
+`kvtier.principal.current()`, sets request ids, checks cluster-map epochs, records metrics,
+traces the call (`kvtier.tracing`: a SERVER span continuing the caller's W3C `traceparent`) and
 maps domain errors to statuses, plus the standard health and reflection services.
 `open_channel` is its client-side twin (TLS, or mutual TLS with a certificate); `invoke` is how
 typed clients call a stub (deadline, request id, epoch, session token, errors).
@@ -23,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvtier import authz, errors, pki, principal, telemetry, tokens
+from kvtier import authz, errors, pki, principal, telemetry, tokens, tracing
 from kvtier import security as security_mod
 
 log = logging.getLogger(__name__)
@@ -213,16 +214,22 @@ class _CallScope:
         self._token: Any = None
         self._principal_token: Any = None
         self._start = 0.0
+        self._trace: tracing.Scope | None = None
 
     def __enter__(self) -> _CallScope:
         self._token = telemetry.request_id.set(self._rid)
         self._start = time.perf_counter()
+        if tracing.enabled() and not self._call.path.startswith(_UNTRACED):
+            self._trace = _server_trace(self._call, self._owner._service_label)
         return self
 
     def __exit__(self, *exc: object) -> None:
         telemetry.RPC_SECONDS.labels(self._owner._service_label, self._method, self._code).observe(
             time.perf_counter() - self._start
         )
+        if self._trace is not None:
+            self._trace.span.set_attribute("rpc.grpc.status_code", self._code)
+            self._trace.end(error="" if self._code == "OK" else self._code)
         if self._principal_token is not None:
             principal.unbind(self._principal_token)
         telemetry.request_id.reset(self._token)
@@ -277,6 +284,27 @@ class _CallScope:
             )
         else:
             self._code = grpc.StatusCode.CANCELLED.name
+
+
+#: Services whose calls start no trace (probes and tooling, not work).
+_UNTRACED = ("/grpc.health.", "/grpc.reflection.")
+
+
+def _server_trace(call: _CallInfo, service_label: str) -> tracing.Scope | None:
+    """The SERVER span of a call, child of the caller's (W3C traceparent in its metadata) or
+    the root of a new trace (sampled by the ratio); current while the handler runs."""
+    service, _, method = call.path.lstrip("/").rpartition("/")
+    return tracing.server_scope(
+        call.path.lstrip("/"),
+        tracing.extract_pairs(call.metadata),
+        {
+            "rpc.system": "grpc",
+            "rpc.service": service,
+            "rpc.method": method,
+            "kvtier.request_id": call.rid,
+            "kvtier.service": service_label,
+        },
+    )
 
 
 def _is_abort(exc: BaseException) -> bool:
@@ -343,6 +371,8 @@ def call_metadata(
         meta += ((errors.EPOCH_KEY, str(epoch)),)
     if token:
         meta += ((tokens.AUTHORIZATION_KEY, f"Bearer {token}"),)
+    if tracing.enabled():  # the current span's W3C context (traceparent), when there is one
+        meta += tuple(tracing.inject())
     return meta
 
 
@@ -354,7 +384,24 @@ async def invoke(
     epoch: int | None = None,
     token: str | None = None,
 ) -> T:
-    """Call a unary stub method with a deadline; failures come back as kvtier errors."""
+    """Call a unary stub method with a deadline; failures come back as kvtier errors. Inside
+    a trace the call gets a CLIENT span, whose context the server continues."""
+    if not tracing.in_trace():
+        return await _invoke(method, request, timeout_s=timeout_s, epoch=epoch, token=token)
+    path = getattr(method, "_method", b"")
+    name = path.decode(errors="replace").lstrip("/") if isinstance(path, bytes) else "grpc"
+    with tracing.span(name, kind=tracing.CLIENT, attributes={"rpc.system": "grpc"}):
+        return await _invoke(method, request, timeout_s=timeout_s, epoch=epoch, token=token)
+
+
+async def _invoke(
+    method: Callable[..., Awaitable[T]],
+    request: Any,
+    *,
+    timeout_s: float,
+    epoch: int | None = None,
+    token: str | None = None,
+) -> T:
     try:
         return await method(request, timeout=timeout_s, metadata=call_metadata(epoch, token))
     except grpc.aio.AioRpcError as exc:

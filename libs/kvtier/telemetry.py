@@ -1,7 +1,8 @@
 """Logging, request ids and Prometheus metrics shared by every process.
 
 Logging is configured once, in a service's `__main__`, through `configure_logging`. Each log
-record carries the request id of the RPC being served (set by the interceptor in `kvtier.rpc`).
+record carries the request id of the RPC being served (set by the interceptor in `kvtier.rpc`)
+and, inside a sampled trace, its trace and span ids (`kvtier.tracing`).
 Metrics live in the default Prometheus registry and are served by `start_metrics_server`.
 """
 
@@ -15,6 +16,8 @@ from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import prometheus_client
+
+from kvtier import tracing
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("kvtier_request_id", default="-")
 
@@ -36,6 +39,9 @@ NODE_INFO = prometheus_client.Info("kvtier_node", "Identity of this kvtier proce
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
+        ids = tracing.log_ids()  # None at once while tracing is off
+        record.trace_id, record.span_id = ids if ids is not None else ("", "")
+        record.trace = f" trace={ids[0]}" if ids is not None else ""
         return True
 
 
@@ -48,6 +54,9 @@ class _JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
             "request_id": getattr(record, "request_id", "-"),
         }
+        trace_id = getattr(record, "trace_id", "")
+        if trace_id:  # the sampled trace the record was logged in (docs/operations.md, Traces)
+            entry["trace_id"], entry["span_id"] = trace_id, getattr(record, "span_id", "")
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, separators=(",", ":"))
@@ -63,7 +72,7 @@ def configure_logging(level: str, fmt: str, *, node_id: str = "") -> None:
         who = f" {node_id}" if node_id else ""
         handler.setFormatter(
             logging.Formatter(
-                f"%(asctime)s %(levelname)-7s{who} %(name)s [%(request_id)s] %(message)s"
+                f"%(asctime)s %(levelname)-7s{who} %(name)s [%(request_id)s%(trace)s] %(message)s"
             )
         )
     root = logging.getLogger()

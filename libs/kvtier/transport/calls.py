@@ -9,6 +9,7 @@ The wire formats live with each transport (`tcp_wire`, `shm_wire`); docs/transpo
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import logging
@@ -16,7 +17,7 @@ import struct
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeGuard, TypeVar
 
-from kvtier import errors
+from kvtier import errors, tracing
 from kvtier.transport import base
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,13 @@ class ServerCall:
     (on_received) and `replied` (checks the reply); when the handler or on_received returns an
     awaitable, the server awaits it (`Awaits`) and hands its result to `planned` or `replied`.
     `finish` runs the plan's on_done exactly once, however the call ends.
+
+    A traced call (the caller's span in its header) has a SERVER span, `span`, current in
+    `run_in`, the context its handler and completions run in; it ends with the call.
     """
 
     __slots__ = ("abandoned", "capacities", "finished", "leases", "plan", "request_id",
-                 "segments")  # fmt: skip
+                 "run_in", "segments", "span")  # fmt: skip
 
     def __init__(self, request_id: int, segments: Sequence[int], capacities: Sequence[int]) -> None:
         self.request_id = request_id
@@ -80,6 +84,8 @@ class ServerCall:
         self.leases: list[int] = []
         self.finished = False
         self.abandoned = False  # shm: the client gave up while an awaitable was pending
+        self.span: Any = None  # tracing: the call's span while it is open
+        self.run_in: contextvars.Context | None = None
 
     def start(
         self,
@@ -89,23 +95,51 @@ class ServerCall:
         request: bytes,
         *,
         local_writer: bool = False,
+        trace: bytes = b"",
     ) -> Awaitable[base.CallPlan] | None:
         """Run the handler: None once the plan is made and its sinks checked, or the handler's
         awaitable (give its plan to `planned`). Raises the handler's error (no plan then),
         Unavailable without a handler, or Internal for a plan that does not fit the call (it is
         finished with on_done(False) first). local_writer: the caller fills the sinks itself
-        (`base.LOCAL_WRITER`, seen by the handler)."""
-        if ctx.call_handler is None:
+        (`base.LOCAL_WRITER`, seen by the handler). trace: the header's trace field (the
+        caller's span, `tracing.wire_context`; empty or zeros: not traced)."""
+        handler = ctx.call_handler
+        if handler is None:
             raise errors.Unavailable("this node serves no data-plane calls")
         token = base.LOCAL_WRITER.set(local_writer)
         try:
-            plan = ctx.call_handler(principal, method, request, self.segments, self.capacities)
+            if trace and trace != tracing.NO_WIRE:
+                plan = self._start_traced(handler, principal, method, request, trace)
+            else:
+                plan = handler(principal, method, request, self.segments, self.capacities)
         finally:
             base.LOCAL_WRITER.reset(token)
         if not isinstance(plan, base.CallPlan) and inspect.isawaitable(plan):
             return plan
         self.planned(plan)
         return None
+
+    def _start_traced(
+        self, handler: base.CallHandler, principal: str, method: int, request: bytes, trace: bytes
+    ) -> Any:
+        """The handler run in the call's span (when this process traces)."""
+        traced = tracing.call_context(trace, f"dataplane.call {method}", {"kvtier.call": method})
+        if traced is None:
+            return handler(principal, method, request, self.segments, self.capacities)
+        self.span, self.run_in = traced
+        try:
+            return self.run_in.run(
+                handler, principal, method, request, self.segments, self.capacities
+            )
+        except BaseException as exc:
+            self.end_trace(exc)
+            raise
+
+    def end_trace(self, error: BaseException | str | None = None) -> None:
+        """End the call's span, if it has one and it is open (error: the call failed)."""
+        if self.span is not None:
+            tracing.end_span(self.span, error)
+            self.span = None
 
     def planned(self, plan: object) -> None:
         """The handler's plan is in: check its sinks (Internal, finished with on_done(False)
@@ -139,6 +173,8 @@ class ServerCall:
         if plan.on_received is None:
             return plan.reply
         try:
+            if self.run_in is not None:
+                return self.run_in.run(plan.on_received)
             return plan.on_received()
         except BaseException:
             self.finish(False)
@@ -191,6 +227,8 @@ class ServerCall:
         if self.finished:
             return
         self.finished = True
+        if self.span is not None:
+            self.end_trace(None if ok else "the call did not complete")
         on_done = self.plan.on_done if self.plan is not None else None
         if on_done is None:
             return
@@ -236,15 +274,21 @@ class Awaits:
     def run(self, call: ServerCall, awaitable: Awaitable[_T], then: Then[_T]) -> None:
         """Await awaitable for call; then(call, result, None) or then(call, None, error) follows
         on the loop (a cancellation counts as an error), unless `cancel` comes first."""
-        task = asyncio.ensure_future(awaitable)
+        if call.run_in is not None and asyncio.iscoroutine(awaitable):  # a traced call
+            task: asyncio.Future[Any] = asyncio.get_running_loop().create_task(
+                awaitable, context=call.run_in
+            )
+        else:
+            task = asyncio.ensure_future(awaitable)
         self._tasks[task] = call
         task.add_done_callback(functools.partial(self._settle, then))
 
     def cancel(self) -> None:
         """Cancel every pending awaitable; their outcomes are dropped (see `_late`)."""
         tasks, self._tasks = self._tasks, {}
-        for task in tasks:
+        for task, call in tasks.items():
             task.cancel()  # one that is done already has its callback coming: it drops it
+            call.end_trace("the connection was lost")
 
     def _settle(self, then: Then[Any], task: asyncio.Future[Any]) -> None:
         call = self._tasks.pop(task, None)
@@ -252,8 +296,10 @@ class Awaits:
             self._late(task)
         elif task.cancelled():  # not by us: the service cancelled its own awaitable
             log.error("data-plane call %d: the service's awaitable was cancelled", call.request_id)
+            call.end_trace("cancelled")
             then(call, None, errors.Internal("the node's call service was cancelled"))
         elif (error := task.exception()) is not None:
+            call.end_trace(error)
             then(call, None, error)
         else:
             then(call, task.result(), None)

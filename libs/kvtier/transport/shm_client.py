@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from kvtier import errors
+from kvtier import errors, tracing
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.transport import base, calls, registry, shm_copy, shm_wire
 
@@ -191,7 +191,7 @@ class Client:
         releases = self._releases[: shm_wire.MAX_ITEMS]  # pending releases ride along
         del self._releases[: len(releases)]
         sizes = [seg.nbytes for seg in segs], [buf.nbytes for buf in bufs]
-        body = shm_wire.call_body(method, message, *sizes, releases)
+        body = shm_wire.call_body(method, message, *sizes, releases, tracing.wire_context())
         shm_wire.send_long(self._channel, shm_wire.CALL, request, body)
 
     async def _fill_sinks(self, spans: list[tuple[int, int, int]], segs: list[memoryview]) -> None:

@@ -18,7 +18,7 @@ import struct
 from collections.abc import Awaitable, Sequence
 from typing import Any, ClassVar
 
-from kvtier import errors
+from kvtier import errors, tracing
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.transport import base, calls, registry, shm_wire
 
@@ -219,10 +219,11 @@ class _ServerConnection(shm_wire.Channel):
         """Run the handler; then hand out the sinks (the client fills them) or answer."""
         method, message_len, n_segs, n_caps, n_releases = shm_wire.CALL_INFO.unpack_from(body)
         start = shm_wire.CALL_INFO.size + 4 * n_releases
+        end = start + message_len + 8 * (n_segs + n_caps)
         if (
             message_len > base.MAX_CALL_MESSAGE_BYTES
             or max(n_segs, n_caps) > base.MAX_CALL_ITEMS
-            or body.nbytes != start + message_len + 8 * (n_segs + n_caps)
+            or (body.nbytes != end and body.nbytes != end + tracing.WIRE_BYTES)
         ):
             raise ValueError(f"CALL of {body.nbytes} bytes does not add up")
         if n_releases:
@@ -238,7 +239,7 @@ class _ServerConnection(shm_wire.Channel):
         try:
             pending = call.start(
                 self._ctx, self.principal or "", method, bytes(body[start:sizes_at]),
-                local_writer=True,
+                local_writer=True, trace=bytes(body[end:]) if body.nbytes > end else b"",
             )  # fmt: skip
         except Exception as exc:  # answered; the connection stays usable
             self._call_error(request, exc)

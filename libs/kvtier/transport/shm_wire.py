@@ -233,8 +233,11 @@ def call_body(
     segments: Sequence[int],
     capacities: Sequence[int],
     releases: Sequence[int],
+    trace: bytes = b"",
 ) -> bytes:
-    """The body of a CALL: CALL_INFO, the releases riding along, message, lengths, capacities."""
+    """The body of a CALL: CALL_INFO, the releases riding along, message, lengths, capacities,
+    and, only when the call is traced, the caller's span (`kvtier.tracing.wire_context`, 24
+    bytes; the server tells by the body's length)."""
     info = CALL_INFO.pack(method, message.nbytes, len(segments), len(capacities), len(releases))
     return b"".join((
         info,
@@ -242,6 +245,7 @@ def call_body(
         message,
         struct.pack(f"<{len(segments)}Q", *segments),
         struct.pack(f"<{len(capacities)}Q", *capacities),
+        trace,
     ))  # fmt: skip
 
 

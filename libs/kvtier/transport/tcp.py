@@ -9,9 +9,10 @@ Wire protocol (little endian). Each TCP connection is one ordered pipeline:
                                MAC (the descriptor's fields), then `length` payload bytes if a
                                WRITE
     client → server  CALL      op, method (u32), request id, message length, payload length,
-                               segments (u32), capacities (u32): as long as a REQUEST; then the
-                               request message, the segment lengths and the capacities (u64
-                               each), then the segments' bytes
+                               segments (u32), capacities (u32), trace context (24 bytes:
+                               zeros, or the caller's sampled trace and span id): as long as
+                               a REQUEST; then the request message, the segment lengths and
+                               the capacities (u64 each), then the segments' bytes
     server → client  RESPONSE  request id, status, message length, payload length, then the
                                error message or, for a READ that succeeded, the bytes; for a
                                CALL that succeeded the reply message, one u64 length per

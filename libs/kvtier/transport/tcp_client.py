@@ -13,7 +13,7 @@ import socket
 import struct
 from collections.abc import Sequence
 
-from kvtier import errors
+from kvtier import errors, tracing
 from kvtier.transport import base, calls, tcp_tls, tcp_wire
 
 log = logging.getLogger(__name__)
@@ -107,10 +107,17 @@ class CallOp(Op):
         seg_lengths = [seg.nbytes for seg in segments]
         capacities = [into.nbytes for into in intos]
         payload = sum(seg_lengths)
-        header = tcp_wire.CALL_REQUEST.pack(
-            tcp_wire.CALL, 0, 0, method, request_id, message.nbytes, payload, len(segments),
-            len(intos),
-        )  # fmt: skip
+        trace = tracing.wire_context()  # b"" unless a sampled span is current
+        if trace:
+            header = tcp_wire.CALL_TRACED.pack(
+                tcp_wire.CALL, 0, 0, method, request_id, message.nbytes, payload,
+                len(segments), len(intos), trace,
+            )  # fmt: skip
+        else:
+            header = tcp_wire.CALL_REQUEST.pack(
+                tcp_wire.CALL, 0, 0, method, request_id, message.nbytes, payload,
+                len(segments), len(intos),
+            )  # fmt: skip
         lengths = calls.pack_u64s(seg_lengths + capacities)
         items: list[bytes | memoryview]
         if message.nbytes < _JOIN_BYTES:

@@ -43,13 +43,14 @@ class _Arriving:
     """A call whose body (message, segment lengths, capacities) or segments are arriving."""
 
     __slots__ = ("body", "call", "error", "index", "message_len", "method", "n_caps", "n_segs",
-                 "payload_len", "request_id", "sinks")  # fmt: skip
+                 "payload_len", "request_id", "sinks", "trace")  # fmt: skip
 
     def __init__(
         self, request_id: int, method: int, message_len: int, payload_len: int, n_segs: int,
-        n_caps: int,
+        n_caps: int, trace: bytes = b"",
     ) -> None:  # fmt: skip
         self.request_id, self.method = request_id, method
+        self.trace = trace  # the caller's span (tracing.wire_context), zeros when untraced
         self.message_len, self.payload_len = message_len, payload_len
         self.n_segs, self.n_caps = n_segs, n_caps
         self.body: bytearray | None = None  # set while a body too long for staging arrives
@@ -125,8 +126,8 @@ class _ServerConnection(tcp_wire.Channel):
                     return True
         elif staged >= tcp_wire.REQUEST.size:
             if self._staging[self._head] == tcp_wire.CALL:
-                call = tcp_wire.CALL_REQUEST.unpack_from(self._staging, self._head)
-                self._head += tcp_wire.CALL_REQUEST.size
+                call = tcp_wire.CALL_TRACED.unpack_from(self._staging, self._head)
+                self._head += tcp_wire.CALL_TRACED.size
                 self._call(*call[3:])
             else:
                 fields = tcp_wire.REQUEST.unpack_from(self._staging, self._head)
@@ -212,7 +213,7 @@ class _ServerConnection(tcp_wire.Channel):
 
     def _call(
         self, method: int, request_id: int, message_len: int, payload_len: int, n_segs: int,
-        n_caps: int,
+        n_caps: int, trace: bytes,
     ) -> None:  # fmt: skip
         """A CALL header: take its body from staging, or receive it into a buffer of its own."""
         if (
@@ -223,7 +224,7 @@ class _ServerConnection(tcp_wire.Channel):
             raise tcp_wire.ProtocolError(
                 f"bad call: {message_len} message bytes, {n_segs} segments, {n_caps} buffers"
             )
-        head = _Arriving(request_id, method, message_len, payload_len, n_segs, n_caps)
+        head = _Arriving(request_id, method, message_len, payload_len, n_segs, n_caps, trace)
         body_len = message_len + 8 * (n_segs + n_caps)
         if self._tail - self._head >= body_len:
             body = self._view[self._head : self._head + body_len]
@@ -252,8 +253,9 @@ class _ServerConnection(tcp_wire.Channel):
         self._arriving = head
         try:
             pending = call.start(
-                self._ctx, self.principal or "", head.method, bytes(body[: head.message_len])
-            )
+                self._ctx, self.principal or "", head.method, bytes(body[: head.message_len]),
+                trace=head.trace,
+            )  # fmt: skip
         except Exception as exc:  # answered; the payload that follows is drained
             head.error = exc
         else:

@@ -31,6 +31,9 @@ HELLO = struct.Struct("<4sH")  # magic, token length
 REQUEST = struct.Struct("<BBHIQQQqQ16s")
 # op, 0, 0, method, id, message length, payload length, segments, capacities (as long as REQUEST)
 CALL_REQUEST = struct.Struct("<BBHIQQQII24x")
+# CALL_REQUEST whose last 24 bytes carry the caller's sampled span (`kvtier.tracing.wire_context`:
+# trace id, span id); all zero, as CALL_REQUEST sends them, when the call is not traced.
+CALL_TRACED = struct.Struct("<BBHIQQQII24s")
 RESPONSE = struct.Struct("<QB3xIQ")  # request id, status, message length, payload length
 READ, WRITE, CALL = 1, 2, 3
 

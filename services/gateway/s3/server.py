@@ -27,7 +27,7 @@ import aiohttp
 import prometheus_client
 from aiohttp import hdrs, web
 
-from kvtier import errors
+from kvtier import errors, tracing
 from kvtier import principal as principal_mod
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.metadata.v1 import metadata_pb2
@@ -49,6 +49,7 @@ from services.gateway.s3 import (
     s3request,
     sigv4,
     tagging_ops,
+    versioning_ops,
     xmlio,
 )
 
@@ -124,7 +125,9 @@ class S3Server:
 
     def app(self) -> web.Application:
         """The aiohttp application (one catch-all route: S3 routes on query and headers)."""
-        app = web.Application(client_max_size=xmlio.MAX_BODY_BYTES)
+        # Tracing on: one span per request (off: no middleware at all).
+        traced = [_traced(self)] if tracing.enabled() else []
+        app = web.Application(client_max_size=xmlio.MAX_BODY_BYTES, middlewares=traced)
         for path in (HEALTH_LIVE, HEALTH_READY):  # GET and HEAD, before routing and auth
             app.router.add_get(path, self.health)
         app.router.add_route("*", "/{tail:.*}", self.handle, expect_handler=self.expect)
@@ -288,6 +291,8 @@ class S3Server:
             raise s3errors.S3Error(
                 "NotImplemented", f"{request.op} is not implemented on KV buckets"
             )
+        if request.query.get("versionId", "null") != "null":  # one version each: "null"
+            raise s3errors.S3Error("NoSuchVersion", "The specified version does not exist.")
         return kv_handler
 
     async def close(self) -> None:
@@ -299,6 +304,43 @@ class S3Server:
         or the ACL gate admitted the request to it (the front's check on the bound principal
         and admission: `ObjectFront.request_bucket`)."""
         return await self.front.request_bucket(request.bucket)
+
+
+def _traced(server: S3Server) -> Any:
+    """The tracing middleware: one SERVER span per request, named after its S3 operation
+    (`S3 PutObject`), continuing a caller's W3C traceparent, with the bucket and status; the
+    gateway's gRPC and data-plane calls for it are its children. Probes are not traced."""
+
+    @web.middleware
+    async def trace(http: web.Request, handler: Any) -> web.StreamResponse:
+        if http.path in (HEALTH_LIVE, HEALTH_READY):
+            return await handler(http)  # type: ignore[no-any-return]
+        op, bucket = "Unknown", ""
+        try:  # the route handle() will take (it raises the same error there, answered)
+            bucket, key = server.target(http)
+            op, _ = server.route(http.method, bucket, key, http.query)
+        except s3errors.S3Error:
+            pass
+        attributes = {"http.request.method": http.method, "s3.operation": op}
+        scope = tracing.server_scope(
+            f"S3 {op}", tracing.extract(http.headers), {**attributes, "aws.s3.bucket": bucket}
+        )
+        if scope is None:
+            return await handler(http)  # type: ignore[no-any-return]
+        status = 500
+        try:
+            response: web.StreamResponse = await handler(http)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            scope.span.set_attribute("http.response.status_code", status)
+            scope.span.set_attribute("aws.request_id", http.get(_REQUEST_ID, ""))
+            scope.end(error=str(status) if status >= 500 else "")
+
+    return trace
 
 
 def _ready(cmap: common_pb2.ClusterMap) -> bool:
@@ -366,7 +408,7 @@ def _routes() -> list[tuple[tuple[str, str, tuple[str, ...]], tuple[str, Handler
         ("GET", "service", (), "ListBuckets", bucket_ops.list_buckets),
         ("GET", "bucket", ("location",), "GetBucketLocation", bucket_ops.get_location),
         ("GET", "bucket", ("versioning",), "GetBucketVersioning", bucket_ops.get_versioning),
-        ("GET", "bucket", ("versions",), "ListObjectVersions", bucket_ops.list_versions),
+        ("GET", "bucket", ("versions",), "ListObjectVersions", versioning_ops.list_versions),
         *lifecycle_ops.ROUTES,
         *tagging_ops.ROUTES,  # ?tagging: objects' tags; buckets' NotImplemented
         ("GET", "bucket", ("cors",), "GetBucketCors", cors.get_bucket_cors),
