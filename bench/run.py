@@ -2,6 +2,7 @@
 
 Usage: python -m bench.run [--quick] [--no-doc] [--skip-kv] [--skip-objects] [--skip-s3]
                            [--skip-rgw] [--skip-security] [--skip-e2e] [--skip-nixl]
+                           [--skip-tracing] [--skip-kv-events]
 Writes bench/results/<name>.json, docs/img/<name>.png and the matching section of
 docs/benchmarks.md (between `<!-- <name>:begin -->` and `<!-- <name>:end -->`).
 The KV-cache section (bench/kv_bench.py) installs its peers with scripts/bench_peers.sh first;
@@ -33,11 +34,13 @@ from bench import (
     ceilings,
     eviction_trace,
     kv_bench,
+    kv_events_bench,
     nixl_bench,
     object_bench,
     s3_bench,
     s3_rgw_bench,
     security_bench,
+    tracing_bench,
     transport_bench,
 )
 from bench.e2e import sweep as e2e_sweep
@@ -255,6 +258,16 @@ def main() -> int:
         "--skip-e2e", action="store_true", help="skip the end-to-end restore-vs-recompute sweep"
     )
     parser.add_argument(
+        "--skip-tracing",
+        action="store_true",
+        help="skip the cost of tracing when sampled out (one dev cluster)",
+    )
+    parser.add_argument(
+        "--skip-kv-events",
+        action="store_true",
+        help="skip what KV events cost and Score's latency (two dev clusters)",
+    )
+    parser.add_argument(
         "--skip-nixl", action="store_true", help="skip NIXL OBJ against the S3 gateway"
     )
     args = parser.parse_args()
@@ -285,6 +298,12 @@ def main() -> int:
     if not args.skip_security:
         sec = security_bench.run_section(args.quick, None if args.no_doc else update_doc)
         result["targets"] += sec["targets"]
+    if not args.skip_tracing:
+        traced = tracing_bench.run_section(args.quick, None if args.no_doc else update_doc)
+        result["targets"] += traced["targets"]
+    if not args.skip_kv_events:
+        events = kv_events_bench.run_section(args.quick, None if args.no_doc else update_doc)
+        result["targets"] += events["targets"]
     if not args.skip_e2e:
         e2e = e2e_sweep.run_section(args.quick, None if args.no_doc else update_doc)
         result["targets"] += e2e["targets"]

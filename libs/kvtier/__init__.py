@@ -9,7 +9,8 @@ __version__ = "0.1.0"
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kvtier.kv import AsyncKVClient, Durability, PutStatus
+    from kvtier.kv import AsyncKVClient, Durability, PutResult, PutStatus
+    from kvtier.kv_stats import KVStats
     from kvtier.kv_sync import KVClient
     from kvtier.objects import AsyncObjectClient, ObjectClient
 
@@ -18,7 +19,9 @@ __all__ = [
     "AsyncObjectClient",
     "Durability",
     "KVClient",
+    "KVStats",
     "ObjectClient",
+    "PutResult",
     "PutStatus",
     "__version__",
 ]
@@ -27,6 +30,8 @@ _LAZY = {
     "KVClient": "kvtier.kv_sync",
     "AsyncKVClient": "kvtier.kv",
     "PutStatus": "kvtier.kv",
+    "PutResult": "kvtier.kv",
+    "KVStats": "kvtier.kv_stats",
     "Durability": "kvtier.kv",
     "ObjectClient": "kvtier.objects",
     "AsyncObjectClient": "kvtier.objects",

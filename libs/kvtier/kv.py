@@ -28,6 +28,7 @@ and deleted on the node that served it. `verify_checksums=False` turns both side
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import time
@@ -36,7 +37,7 @@ from typing import Any
 
 import prometheus_client
 
-from kvtier import blocksums, errors, kvnodes
+from kvtier import blocksums, errors, kv_routing, kv_stats, kvnodes, tracing
 from kvtier import security as security_mod
 from kvtier.clients import dataplane as dataplane_client
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
@@ -54,6 +55,8 @@ OPS = prometheus_client.Histogram(
 _OPS_PUT, _OPS_GET, _OPS_EXISTS, _OPS_LOOKUP = (
     OPS.labels(op) for op in ("put", "get", "exists", "lookup")
 )
+#: The span of a get (`kvtier.tracing.op_span`; the sync client's short path makes the same).
+GET_SPAN = "kvtier.kv get_batch"
 CORRUPT_BLOCKS = prometheus_client.Counter(
     "kvtier_kv_client_corrupt_blocks_total",
     "Blocks read whose bytes did not match their checksum (served as misses, then deleted)",
@@ -72,6 +75,23 @@ class PutStatus(enum.StrEnum):
     EXPIRED = "expired"  # the put outlived the node's put timeout
     CORRUPT = "corrupt"  # the bytes the node received did not match their checksum
     UNAVAILABLE = "unavailable"  # no owner node answered
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PutResult:
+    """The outcome of one key of a put (`AsyncKVClient.put_batch_results`): its status and,
+    when the key was refused, why: one line from the node that refused it (e.g. "key of 1041
+    bytes: keys must be 1..1040 bytes") or from the SDK ("no owner node answered"). The reason
+    is empty for STORED and EXISTS."""
+
+    status: PutStatus
+    reason: str = ""
+
+
+_NO_OWNER = PutResult(PutStatus.UNAVAILABLE, "no owner node answered")
+#: Backoff (s) of the rounds that put again keys whose owners did not answer, once the map
+#: moved them (`AsyncKVClient._put_moved`).
+_MOVED_RETRY_S = (0.05, 0.25)
 
 
 class Durability(enum.StrEnum):
@@ -107,7 +127,13 @@ _PUT_ERRORS: dict[PutStatus, type[errors.KVTierError]] = {
     PutStatus.CORRUPT: errors.Corrupt,
     PutStatus.UNAVAILABLE: errors.Unavailable,
 }
+#: The reason of a refused key whose node sent none (older nodes; gRPC commits).
 _PUT_MEANINGS = {
+    PutStatus.BUSY: "another put of this key is in progress",
+    PutStatus.QUOTA_EXCEEDED: "the tenant's quota on the node is full",
+    PutStatus.NO_SPACE: "the node has nothing left to evict",
+    PutStatus.INVALID: "bad key or size (the node gave no reason)",
+    PutStatus.EXPIRED: "the put outlived the node's put timeout; nothing stored",
     PutStatus.CORRUPT: "the bytes the node received do not match their checksum; nothing stored",
 }
 
@@ -219,14 +245,40 @@ class AsyncKVClient:
         overwrite: bool = False,
         ttl_s: float | None = None,
         timeout_s: float | None = None,
+        engine_hashes: Sequence[bytes] | None = None,
+        parent_hashes: Sequence[bytes | None] | None = None,
     ) -> list[PutStatus]:
         """Store blocks under keys (put-if-absent unless overwrite); a status per key.
 
+        engine_hashes / parent_hashes (optional, one per key): the engine's own hash of each
+        block and of its parent, published in the nodes' KV events (docs/routing.md).
+
         Each block is stored on every owner node (`replicas`); the status is that of the
         best-ranked owner that answered. A block becomes readable once all of its bytes are
-        in. Raises InvalidArgument for mismatched lists or unusable buffers.
+        in. Raises InvalidArgument for mismatched lists or unusable buffers. Why a key was
+        refused: `put_batch_results`.
         """
-        with kvnodes.deadline(timeout_s):
+        results = await self.put_batch_results(
+            keys, blocks, overwrite=overwrite, ttl_s=ttl_s, timeout_s=timeout_s,
+            engine_hashes=engine_hashes, parent_hashes=parent_hashes,
+        )  # fmt: skip
+        return [r.status for r in results]
+
+    async def put_batch_results(
+        self,
+        keys: Sequence[bytes],
+        blocks: Sequence[Any],
+        *,
+        overwrite: bool = False,
+        ttl_s: float | None = None,
+        timeout_s: float | None = None,
+        engine_hashes: Sequence[bytes] | None = None,
+        parent_hashes: Sequence[bytes | None] | None = None,
+    ) -> list[PutResult]:
+        """`put_batch`, with each refused key's reason (`PutResult`)."""
+        hashes = kv_routing.engine_hashes(keys, engine_hashes, parent_hashes)
+        traced = tracing.op_span("kvtier.kv put_batch", attributes={"kvtier.kv.keys": len(keys)})
+        with kvnodes.deadline(timeout_s), hashes, traced:
             if len(keys) != len(blocks):
                 raise errors.InvalidArgument(f"{len(keys)} keys but {len(blocks)} blocks")
             views = [base.as_buffer(b, writable=False) for b in blocks]
@@ -235,7 +287,7 @@ class AsyncKVClient:
             started = time.perf_counter()
             sums = await blocksums.checksums(views) if self.verify_checksums else []
             await self._set.fresh()
-            results: list[list[PutStatus | None]] = [
+            results: list[list[PutResult | None]] = [
                 [None] * len(keys) for _ in range(self.replicas)
             ]
             jobs = [
@@ -244,8 +296,50 @@ class AsyncKVClient:
                 for plan in self._set.plans(keys, rank)
             ]
             await _all(jobs)
+            if not overwrite:  # put-if-absent is safe to repeat (see _put_moved)
+                await self._put_moved(keys, views, sums, ttl_s or 0.0, results)
             _OPS_PUT.observe(time.perf_counter() - started)
             return [_first([r[i] for r in results]) for i in range(len(keys))]
+
+    async def _put_moved(
+        self,
+        keys: Sequence[bytes],
+        views: Sequence[memoryview],
+        sums: Sequence[int],
+        ttl_s: float,
+        results: list[list[PutResult | None]],
+    ) -> None:
+        """Put again the keys no owner answered for, once a refreshed map places them on
+        other nodes (a node that drains leaves the map first: a rolling restart costs no
+        put). Bounded: `_MOVED_RETRY_S` rounds, within the caller's deadline. Only
+        put-if-absent is repeated: the key was free, so a repeat stores it or, if the first
+        attempt did land, answers EXISTS; it never makes a second version."""
+        for delay_s in _MOVED_RETRY_S:
+            lost = [i for i in range(len(keys)) if all(r[i] is None for r in results)]
+            deadline = kvnodes.call_deadline.get()
+            loop = asyncio.get_running_loop()
+            if not lost or (deadline is not None and loop.time() + delay_s >= deadline):
+                return
+            before = {i: self._set.owners(keys[i]) for i in lost}
+            await asyncio.sleep(delay_s)
+            try:
+                await self._set.refresh()
+            except errors.KVTierError:
+                continue
+            moved = [i for i in lost if self._set.owners(keys[i]) != before[i]]
+            if not moved:
+                continue
+            again: list[list[PutResult | None]] = [[None] * len(moved) for _ in results]
+            sub_keys, sub_views = [keys[i] for i in moved], [views[i] for i in moved]
+            sub_sums = [sums[i] for i in moved] if sums else []
+            await _all([
+                self._put_on(plan, rank, sub_keys, sub_views, sub_sums, False, ttl_s, again[rank])
+                for rank in range(self.replicas)
+                for plan in self._set.plans(sub_keys, rank)
+            ])  # fmt: skip
+            for rank, row in enumerate(again):
+                for j, i in enumerate(moved):
+                    results[rank][i] = row[j] if row[j] is not None else results[rank][i]
 
     async def _put_on(
         self,
@@ -256,7 +350,7 @@ class AsyncKVClient:
         sums: Sequence[int],
         overwrite: bool,
         ttl_s: float,
-        out: list[PutStatus | None],
+        out: list[PutResult | None],
     ) -> None:
         sub_keys = [keys[i] for i in plan.indices]
         sub_views = [views[i] for i in plan.indices]
@@ -268,15 +362,16 @@ class AsyncKVClient:
             ttl_s=ttl_s,
             checksums=[sums[i] for i in plan.indices] if sums else (),
         )
+        kv_routing.add_engine_hashes(request, sub_keys)
 
-        async def attempt(session: dataplane_client.DataPlaneSession) -> list[PutStatus]:
+        async def attempt(session: dataplane_client.DataPlaneSession) -> list[PutResult]:
             if self._use_calls and session.transport.supports_calls:
                 result = await session.transport.call(
                     pb.CALL_METHOD_BATCH_PUT, request.SerializeToString(), segments=sub_views
                 )
                 reply = pb.BatchPutResponse.FromString(result.reply)
                 self._set.saw_epoch(reply.epoch)
-                return [_PUT_STATUS.get(item.status, PutStatus.INVALID) for item in reply.items]
+                return [_put_result(item) for item in reply.items]
             return await self._put_with_descriptors(plan.node, session, request, sub_views)
 
         statuses = await self._set.run(plan.node, "put", attempt, idempotent=not overwrite)
@@ -290,7 +385,7 @@ class AsyncKVClient:
         session: dataplane_client.DataPlaneSession,
         request: pb.BatchPutRequest,
         views: Sequence[memoryview],
-    ) -> list[PutStatus]:
+    ) -> list[PutResult]:
         """The gRPC path: grants, one-sided writes, commit (abort when a write fails)."""
         request.principal = session.principal
         reply = await node.grpc.batch_put(request)
@@ -309,22 +404,24 @@ class AsyncKVClient:
         done = await node.grpc.commit_puts(
             pb.CommitPutsRequest(namespace=self._ns, put_ids=put_ids)
         )
-        statuses = [_PUT_STATUS.get(item.status, PutStatus.INVALID) for item in reply.items]
+        results = [_put_result(item) for item in reply.items]
         for index, status in zip(granted, done.statuses, strict=True):
-            statuses[index] = _PUT_STATUS.get(status, PutStatus.INVALID)
-        return statuses
+            results[index] = _put_result(pb.PutGrant(status=status))
+        return results
 
     async def put(
         self, key: bytes, block: Any, *, overwrite: bool = False, ttl_s: float | None = None
     ) -> bool:
         """Store one block: True when stored, False when present (put-if-absent). Raises
         QuotaExceeded, Overloaded (no room), AlreadyExists (a put of it is in progress),
-        Unavailable (no owner answered), InvalidArgument."""
-        (status,) = await self.put_batch([key], [block], overwrite=overwrite, ttl_s=ttl_s)
+        Unavailable (no owner answered), InvalidArgument, Corrupt, DeadlineExceeded; the
+        message names the cause (e.g. "put of one block: invalid: key of 1041 bytes: keys must
+        be 1..1040 bytes")."""
+        (result,) = await self.put_batch_results([key], [block], overwrite=overwrite, ttl_s=ttl_s)
+        status = result.status
         if status in (PutStatus.STORED, PutStatus.EXISTS):
             return status is PutStatus.STORED
-        meaning = _PUT_MEANINGS.get(status, status.value)
-        raise _PUT_ERRORS[status](f"put of one block: {meaning}")
+        raise _PUT_ERRORS[status](f"put of one block: {status.value}: {result.reason}")
 
     # Gets and probes.
 
@@ -337,7 +434,8 @@ class AsyncKVClient:
         owner's keys are misses (or come from the next replica). Raises InvalidArgument for
         mismatched lists, unusable buffers, or a buffer too small for its block.
         """
-        with kvnodes.deadline(timeout_s):
+        traced = tracing.op_span(GET_SPAN, attributes={"kvtier.kv.keys": len(keys)})
+        with kvnodes.deadline(timeout_s), traced:
             if len(keys) != len(buffers):
                 raise errors.InvalidArgument(f"{len(keys)} keys but {len(buffers)} buffers")
             views = [base.as_buffer(b, writable=True) for b in buffers]
@@ -532,6 +630,30 @@ class AsyncKVClient:
             _OPS_LOOKUP.observe(time.perf_counter() - started)
             return probe.run
 
+    async def score(
+        self, chain: Sequence[bytes], *, timeout_s: float | None = None
+    ) -> kv_routing.ChainScore:
+        """For routers: the chain's leading run per tier (DRAM, then the durable tier), in one
+        concurrent round trip to the primary owners of its keys (replicas are not asked: a
+        key whose primary misses ends the run). Raises InvalidArgument."""
+        with kvnodes.deadline(timeout_s):
+            await self._set.fresh()
+            plans = self._set.plans(chain, 0)
+            replies = await asyncio.gather(*(self._score_on(plan, chain) for plan in plans))
+            return kv_routing.leading_runs(len(chain), [p.indices for p in plans], replies)
+
+    async def _score_on(
+        self, plan: kvnodes.Plan, chain: Sequence[bytes]
+    ) -> pb.ScoreResponse | None:
+        request = pb.ScoreRequest(namespace=self._ns, keys=[chain[i] for i in plan.indices])
+        reply = await self._simple(
+            plan.node, "score", pb.CALL_METHOD_SCORE, request, pb.ScoreResponse,
+            plan.node.grpc.score,
+        )  # fmt: skip
+        if reply is not None:
+            self._set.saw_epoch(reply.epoch)
+        return reply  # type: ignore[no-any-return]
+
     async def _lookup_on(self, plan: kvnodes.Plan, probe: kvnodes.ChainProbe) -> int | None:
         """The leading run of plan's keys present on its node (None: it did not answer)."""
         request = pb.LookupRequest(namespace=self._ns, keys=probe.keys_of(plan))
@@ -580,8 +702,10 @@ class AsyncKVClient:
         )  # fmt: skip
         return sum(r.touched for r in replies)
 
-    async def stats(self) -> dict[str, pb.StatsResponse]:
-        """Each reachable node's statistics for this client's tenant."""
+    async def stats(self) -> dict[str, kv_stats.KVStats]:
+        """Each reachable node's statistics for this client's tenant, by node id
+        (`kvtier.kv_stats.KVStats`: blocks, bytes, hit rates, evictions...; `kv_stats.render`
+        prints them)."""
         await self._set.fresh()
         nodes = self._set.nodes()
         # A user's empty tenant means its own; certificate holders name one ("default").
@@ -594,7 +718,11 @@ class AsyncKVClient:
                 for n in nodes
             )
         )
-        return {n.node_id: r for n, r in zip(nodes, replies, strict=True) if r is not None}
+        return {
+            n.node_id: kv_stats.KVStats.from_proto(r)
+            for n, r in zip(nodes, replies, strict=True)
+            if r is not None
+        }
 
     async def list_keys(
         self, *, prefix: bytes = b"", start_after: bytes = b"", limit: int = 1000
@@ -700,9 +828,17 @@ def checksummed(
     ]
 
 
-def _first(statuses: Sequence[PutStatus | None]) -> PutStatus:
-    """The status of the best-ranked owner that answered."""
-    return next((s for s in statuses if s is not None), PutStatus.UNAVAILABLE)
+def _first(results: Sequence[PutResult | None]) -> PutResult:
+    """The outcome on the best-ranked owner that answered."""
+    return next((r for r in results if r is not None), _NO_OWNER)
+
+
+def _put_result(item: pb.PutGrant) -> PutResult:
+    """One key's outcome from a node's reply (a status this SDK does not know: INVALID)."""
+    status = _PUT_STATUS.get(item.status)
+    if status is None:
+        return PutResult(PutStatus.INVALID, f"the node answered status {item.status}")
+    return PutResult(status, item.reason or _PUT_MEANINGS.get(status, ""))
 
 
 async def _all(jobs: Sequence[Coroutine[Any, Any, None]]) -> None:

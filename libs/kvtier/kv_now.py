@@ -25,7 +25,7 @@ from typing import Any
 
 import prometheus_client
 
-from kvtier import blocksums, errors, kv, kvnodes
+from kvtier import blocksums, errors, kv, kv_routing, kvnodes
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from kvtier.transport import base, tcp, tcp_client
 
@@ -40,8 +40,8 @@ SHORT_OPS = prometheus_client.Counter(
     "Sync KV client operations served on the short path (no event loop)",
     ["op"],
 )
-_SHORT_GET, _SHORT_EXISTS, _SHORT_LOOKUP = (
-    SHORT_OPS.labels(op) for op in ("get", "exists", "lookup")
+_SHORT_GET, _SHORT_EXISTS, _SHORT_LOOKUP, _SHORT_SCORE = (
+    SHORT_OPS.labels(op) for op in ("get", "exists", "lookup", "score")
 )
 
 
@@ -177,6 +177,32 @@ def lookup(
     kv._OPS_LOOKUP.observe(time.perf_counter() - started)
     _SHORT_LOOKUP.inc()
     return probe.run
+
+
+def score(
+    client: kv.AsyncKVClient, loop: asyncio.AbstractEventLoop, chain: Sequence[bytes]
+) -> kv_routing.ChainScore | None:
+    """`AsyncKVClient.score`, or None when it must run in full."""
+    if not client._set.current():
+        return None
+    plans = client._set.plans(chain, 0)
+    jobs = _sessions(client, plans, lambda plan: ())
+    if jobs is None:
+        return None
+    for job in jobs:
+        keys = [chain[i] for i in job.plan.indices]
+        job.request = pb.ScoreRequest(namespace=client._ns, keys=keys).SerializeToString()
+    replies = _run(client, loop, jobs, pb.CALL_METHOD_SCORE, "score")
+    if replies is None:
+        return None
+    answers: list[pb.ScoreResponse | None] = []
+    for reply in replies:
+        answer = pb.ScoreResponse.FromString(reply) if reply is not None else None
+        if answer is not None:
+            client._set.saw_epoch(answer.epoch)
+        answers.append(answer)
+    _SHORT_SCORE.inc()
+    return kv_routing.leading_runs(len(chain), [p.indices for p in plans], answers)
 
 
 def _jobs(

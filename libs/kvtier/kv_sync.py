@@ -7,8 +7,7 @@ import threading
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-from kvtier import errors, kv, kv_now
-from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
+from kvtier import errors, kv, kv_now, kv_routing, kv_stats, tracing
 
 T = TypeVar("T")
 
@@ -81,10 +80,28 @@ class KVClient:
         overwrite: bool = False,
         ttl_s: float | None = None,
         timeout_s: float | None = None,
+        engine_hashes: Sequence[bytes] | None = None,
+        parent_hashes: Sequence[bytes | None] | None = None,
     ) -> list[kv.PutStatus]:
         """See `kvtier.kv.AsyncKVClient.put_batch`."""
+        put = self._inner.put_batch(
+            keys, blocks, overwrite=overwrite, ttl_s=ttl_s, timeout_s=timeout_s,
+            engine_hashes=engine_hashes, parent_hashes=parent_hashes,
+        )  # fmt: skip
+        return self._run(put)
+
+    def put_batch_results(
+        self,
+        keys: Sequence[bytes],
+        blocks: Sequence[Any],
+        *,
+        overwrite: bool = False,
+        ttl_s: float | None = None,
+        timeout_s: float | None = None,
+    ) -> list[kv.PutResult]:
+        """See `kvtier.kv.AsyncKVClient.put_batch_results` (each refused key's reason)."""
         return self._run(
-            self._inner.put_batch(
+            self._inner.put_batch_results(
                 keys, blocks, overwrite=overwrite, ttl_s=ttl_s, timeout_s=timeout_s
             )
         )
@@ -101,10 +118,11 @@ class KVClient:
         """See `kvtier.kv.AsyncKVClient.get_batch` (small ones take the short path)."""
         if timeout_s is not None:
             return self._run(self._inner.get_batch(keys, buffers, timeout_s=timeout_s))
-        return self._short(
-            lambda: kv_now.get_batch(self._inner, self._loop, keys, buffers),
-            lambda: self._inner.get_batch(keys, buffers),
-        )
+        with tracing.op_span(kv.GET_SPAN, attributes={"kvtier.kv.keys": len(keys)}):
+            return self._short(
+                lambda: kv_now.get_batch(self._inner, self._loop, keys, buffers),
+                lambda: self._inner.get_batch(keys, buffers),
+            )
 
     def get(self, key: bytes, buffer: Any) -> int | None:
         """See `kvtier.kv.AsyncKVClient.get`."""
@@ -118,6 +136,17 @@ class KVClient:
         return self._short(
             lambda: kv_now.exists_batch(self._inner, self._loop, keys),
             lambda: self._inner.exists_batch(keys),
+        )
+
+    def score(
+        self, chain: Sequence[bytes], *, timeout_s: float | None = None
+    ) -> kv_routing.ChainScore:
+        """See `kvtier.kv.AsyncKVClient.score` (it takes the short path when it can)."""
+        if timeout_s is not None:
+            return self._run(self._inner.score(chain, timeout_s=timeout_s))
+        return self._short(
+            lambda: kv_now.score(self._inner, self._loop, chain),
+            lambda: self._inner.score(chain),
         )
 
     def lookup(self, chain: Sequence[bytes], *, timeout_s: float | None = None) -> int:
@@ -145,7 +174,7 @@ class KVClient:
         """See `kvtier.kv.AsyncKVClient.touch`."""
         return self._run(self._inner.touch(keys))
 
-    def stats(self) -> dict[str, pb.StatsResponse]:
+    def stats(self) -> dict[str, kv_stats.KVStats]:
         """See `kvtier.kv.AsyncKVClient.stats`."""
         return self._run(self._inner.stats())
 

@@ -8,13 +8,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 import grpc
 
 from kvtier import errors, identity, kvsettings, service
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
-from services.kvcache import blocks, config, durable, gatewaylink, servicer, spillqueue
+from services.kvcache import blocks, config, durable, events, gatewaylink, servicer, spillqueue
 from services.kvcache import store as block_store
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class _Node:
         self.blocks: blocks.BlockService | None = None
         self.tier: durable.DurableTier | None = None
         self.settings: kvsettings.KVSettingsStore | None = None
+        self.events: events.EventPublisher | None = None
 
     def add_servicers(self, server: grpc.aio.Server, ctx: service.Context) -> Sequence[str]:
         """Allocate the arena in the data plane (registered with every transport at its
@@ -55,6 +57,14 @@ class _Node:
             reuse_guard=functools.partial(dataplane.in_use, arena.region_id),
         )
         tier.bind(store, arena.view)
+        if cfg.kv_events:  # listening before the first put; bound and started in start_events
+            self.events = events.EventPublisher(
+                ctx.node_id, host=cfg.advertised_host(), port=cfg.kv_events_port,
+                replay_port=cfg.kv_events_replay_port,
+                queue_batches=cfg.kv_events_queue_batches,
+                replay_batches=cfg.kv_events_replay_batches,
+            )  # fmt: skip
+            store.listener = tier.events = self.events
         for tenant, quota in cfg.quotas().items():
             store.set_quota(tenant, quota)
 
@@ -94,6 +104,19 @@ class _Node:
         for (tenant, namespace), mode in cfg.durable_policies().items():
             self.tier.set_policy(tenant, namespace, durable.parse_durability(mode))
         return self.tier
+
+    async def start_events(self, ctx: service.Context, info: common_pb2.NodeInfo) -> None:
+        """Bind the KV-event sockets and announce them in the NodeInfo (before it registers)."""
+        if self.events is not None:
+            self.events.start()
+            info.kv_events_endpoint = self.events.endpoint
+            info.kv_events_replay_endpoint = self.events.replay_endpoint
+
+    def close(self, lock: IO[bytes]) -> None:
+        """Stop the KV events, then release the state dir."""
+        if self.events is not None:
+            self.events.close()
+        lock.close()
 
     async def spill_loop(self, ctx: service.Context) -> None:
         """Upload spilled blocks (and at a stop, drain what is queued for spill_drain_s)."""
@@ -135,9 +158,10 @@ def build(cfg: config.KVCacheConfig) -> service.ServiceSpec:
         role=common_pb2.NODE_ROLE_KVCACHE,
         label="kvcache",
         node_id=identity.load_or_create(data_dir, cfg.node_id, "kvcache"),
-        on_close=lock.close,
+        on_close=functools.partial(node.close, lock),
         dataplane=True,
         add_servicers=node.add_servicers,
+        on_serve=node.start_events,
         loops=(node.sweep_loop, node.spill_loop, node.settings_loop),
     )
 

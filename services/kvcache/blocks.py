@@ -38,11 +38,11 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from kvtier import blocksums, errors, kvsettings
+from kvtier import blocksums, errors, kvsettings, tracing
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from kvtier.transport import base, calls
 from kvtier.transport import dataplane as transport_dataplane
-from services.kvcache import durable, integrity, metrics, slab
+from services.kvcache import durable, events, integrity, metrics, slab
 from services.kvcache import store as block_store
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ class BlockService:
         capacities: Sequence[int],
     ) -> base.CallPlan | Awaitable[base.CallPlan]:
         """The node's `kvtier.transport.base.CallHandler`."""
+        tracing.name_call("kvcache", pb.CallMethod, method)
         tenant = _session_tenant(principal)
         if method == pb.CALL_METHOD_BATCH_PUT:
             return self._call_put(
@@ -156,6 +157,7 @@ class BlockService:
             for (index, ticket), found in zip(list(pending.items()), received, strict=True):
                 items[index].status = self._commit(ticket, sent[index] if sent else None, found)
                 if items[index].status == pb.ITEM_STATUS_CORRUPT:
+                    items[index].reason = CORRUPT_REASON
                     error = error or _corrupt_error(ticket.key)
                 del pending[index]
             reply = pb.BatchPutResponse(items=items, error=error, epoch=self._epoch())
@@ -356,6 +358,20 @@ class BlockService:
 
         return later()
 
+    def score(
+        self, tenant: str, req: pb.ScoreRequest
+    ) -> pb.ScoreResponse | Awaitable[pb.ScoreResponse]:
+        """For routers: lookup's answer per tier (the leading run in DRAM, then how many keys
+        the durable tier carries it on)."""
+        found = self.lookup(tenant, pb.LookupRequest(namespace=req.namespace, keys=req.keys))
+        if not inspect.isawaitable(found):
+            return _score_of(found)
+
+        async def later() -> pb.ScoreResponse:
+            return _score_of(await found)
+
+        return later()
+
     def delete(self, tenant: str, req: pb.DeleteRequest) -> pb.DeleteResponse:
         """Unlink the present keys (and delete durable copies: queued, invisible at once)."""
         namespace = _namespace(tenant, req.namespace, trusted=True)
@@ -546,23 +562,27 @@ class BlockService:
             raise errors.InvalidArgument(
                 f"{len(req.keys)} keys but {len(req.checksums)} checksums (give one per key)"
             )
+        tags = events.engine_tags(req) or [None] * len(req.keys)  # raises InvalidArgument
         items: list[pb.PutGrant] = []
         tickets: list[block_store.PutTicket | None] = []
         error = ""
-        for key, size in zip(req.keys, sizes, strict=True):
+        for key, size, tag in zip(req.keys, sizes, tags, strict=True):
             ticket: block_store.PutTicket | None = None
+            reason = ""
             try:
                 ticket = self.store.begin_put(
-                    tenant, namespace, key, size, overwrite=req.overwrite, ttl_s=req.ttl_s or None
-                )
+                    tenant, namespace, key, size, overwrite=req.overwrite,
+                    ttl_s=req.ttl_s or None, tag=tag,
+                )  # fmt: skip
                 status = pb.ITEM_STATUS_OK if ticket else pb.ITEM_STATUS_EXISTS
             except errors.KVTierError as exc:
                 found = [s for cls, s in _PUT_ERRORS if isinstance(exc, cls)]
                 if not found:
                     raise
                 status = found[0]
+                reason = exc.message
                 error = error or f"key {bytes(key)[:32].hex()}: {exc}"
-            items.append(pb.PutGrant(status=status))
+            items.append(pb.PutGrant(status=status, reason=reason))
             tickets.append(ticket)
             if status != pb.ITEM_STATUS_OK:
                 labels = metrics.LABELS.namespace(tenant, namespace)
@@ -710,6 +730,7 @@ class BlockService:
 _SIMPLE_CALLS: dict[int, tuple[type[Any], Callable[[BlockService, str, Any], Any]]] = {
     pb.CALL_METHOD_BATCH_EXISTS: (pb.BatchExistsRequest, BlockService.exists),
     pb.CALL_METHOD_LOOKUP: (pb.LookupRequest, BlockService.lookup),
+    pb.CALL_METHOD_SCORE: (pb.ScoreRequest, BlockService.score),
     pb.CALL_METHOD_DELETE: (pb.DeleteRequest, BlockService.delete),
     pb.CALL_METHOD_PIN: (pb.PinRequest, BlockService.pin),
     pb.CALL_METHOD_UNPIN: (pb.UnpinRequest, BlockService.unpin),
@@ -723,10 +744,19 @@ async def _plan_of(reply: Awaitable[Any]) -> base.CallPlan:
     return base.CallPlan(reply=(await reply).SerializeToString())
 
 
+#: PutGrant.reason of a CORRUPT put.
+CORRUPT_REASON = "the bytes received do not match the checksum sent with them (nothing stored)"
+
+
 def _corrupt_error(key: bytes) -> str:
-    return (
-        f"key {key[:32].hex()}: the bytes received do not match the checksum sent with them"
-        " (nothing stored)"
+    return f"key {key[:32].hex()}: {CORRUPT_REASON}"
+
+
+def _score_of(found: pb.LookupResponse) -> pb.ScoreResponse:
+    return pb.ScoreResponse(
+        dram_count=found.dram_count,
+        durable_count=found.count - found.dram_count,
+        epoch=found.epoch,
     )
 
 

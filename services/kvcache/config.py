@@ -5,14 +5,28 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from kvtier import config
+from kvtier import config, devports
 
 _MIB = 1024 * 1024
+_PORTS = devports.PortPlan().node_ports("kvcache", 1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class KVCacheConfig(config.DataPlaneServiceConfig):
     """A kvcache node: one DRAM arena of KV-cache blocks, served over gRPC and the data plane."""
+
+    # Fixed defaults, the ports of the dev cluster's first kvcache (docs/operations.md, Ports).
+    grpc_port: int = config.setting(
+        _PORTS["grpc_port"],
+        "gRPC port for the cluster (mutual TLS); 0 picks a free one (registered in etcd)",
+    )
+    client_port: int = config.setting(
+        _PORTS["client_port"],
+        "gRPC port for users (TLS + session tokens); 0 picks a free one, -1: none",
+    )
+    metrics_port: int = config.setting(
+        _PORTS["metrics_port"], "Prometheus metrics port (HTTPS); 0 picks a free one, -1 disables"
+    )
 
     data_dir: str = config.setting("./kvtier-data/kvcache", "node state (identity, lock)")
     arena_bytes: int = config.setting(
@@ -73,6 +87,21 @@ class KVCacheConfig(config.DataPlaneServiceConfig):
     spill_drain_s: float = config.setting(
         10.0, "at a clean stop, how long queued spills may take to reach the durable tier"
     )
+    kv_events: bool = config.setting(
+        False,
+        "publish KV events in vLLM's format (ZMQ PUB + replay) on the advertised host, for "
+        "cache-aware routers; unauthenticated: trusted networks only (docs/routing.md)",
+    )
+    kv_events_port: int = config.setting(0, "KV-event PUB port; 0 picks a free one (announced)")
+    kv_events_replay_port: int = config.setting(
+        0, "KV-event replay (ROUTER) port; 0 picks a free one (announced)"
+    )
+    kv_events_queue_batches: int = config.setting(
+        4096, "KV-event batches waiting to be sent; past it batches are dropped (a sequence gap)"
+    )
+    kv_events_replay_batches: int = config.setting(
+        10_000, "KV-event batches kept for replay to subscribers that missed them"
+    )
 
     def __post_init__(self) -> None:
         config.DataPlaneServiceConfig.__post_init__(self)
@@ -107,6 +136,11 @@ class KVCacheConfig(config.DataPlaneServiceConfig):
             raise config.ConfigError("max_pinned_fraction: must be in (0, 1]")
         if self.default_tenant_quota_bytes < 0:
             raise config.ConfigError("default_tenant_quota_bytes: must be >= 0 (0: none)")
+        for name in ("kv_events_port", "kv_events_replay_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise config.ConfigError(f"{name}: not a port number 0..65535")
+        if self.kv_events_queue_batches < 1 or self.kv_events_replay_batches < 1:
+            raise config.ConfigError("kv_events_queue_batches, _replay_batches: must be >= 1")
         self.quotas()  # raises ConfigError when malformed
         self.durable_policies()
 

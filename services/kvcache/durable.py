@@ -41,10 +41,14 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from kvtier import errors, names
 from services.kvcache import integrity, metrics, slab, spillqueue
 from services.kvcache import store as block_store
+
+if TYPE_CHECKING:
+    from services.kvcache import events as kv_events
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +119,8 @@ class DurableTier:
         self._admitted: dict[_Ident, slab.Extent] = {}  # victims admitted, about to be spilled
         self._fetching: dict[_Ident, asyncio.Future[None]] = {}
         self.backpressure: collections.Counter[str] = collections.Counter()  # tenant -> victims
+        #: Told when uploads commit and durable copies are deleted (KV events); None: off.
+        self.events: kv_events.EventPublisher | None = None
 
     def bind(self, store: block_store.BlockStore, arena: memoryview) -> None:
         """Attach the store whose victims come here and the arena its extents index."""
@@ -186,6 +192,7 @@ class DurableTier:
         op = spillqueue.Op(
             object_key(tenant, namespace, key), tenant, spillqueue.Cause.CAPACITY, room, expires,
             checksum=self.store.checksum_of(tenant, namespace, key),
+            on_durable=self._announce(tenant, namespace, key, None),
         )  # fmt: skip
         self._enqueue(op)
 
@@ -203,14 +210,20 @@ class DurableTier:
                     key, ticket.tenant, spillqueue.Cause.WRITE_THROUGH, room,
                     self._expires_ms(ticket.ttl_s),
                     checksum=self.store.checksum_of(ticket.tenant, ticket.namespace, ticket.key),
-                    on_durable=self._marker(ticket.tenant, ticket.namespace, ticket.key,
-                                            ticket.ticket_id),
+                    on_durable=self._announce(
+                        ticket.tenant, ticket.namespace, ticket.key,
+                        self._marker(ticket.tenant, ticket.namespace, ticket.key,
+                                     ticket.ticket_id),
+                        ticket.tag,
+                    ),
                 )  # fmt: skip
                 self._enqueue(op)
                 return
             # No room now: the block is spilled when it is evicted, as in write-back.
         if ticket.overwrite:  # the durable tier may hold an older version: retire it
             self._enqueue(spillqueue.Op(key, ticket.tenant, spillqueue.Cause.DELETE, None))
+            if self.events is not None:
+                self.events.durable_removed(ticket.tenant, ticket.namespace, ticket.key)
 
     def deleted(self, tenant: str, namespace: str, keys: Sequence[bytes]) -> None:
         """Keys were deleted: delete their durable copies too (queued; reads see it at once).
@@ -224,6 +237,8 @@ class DurableTier:
                 object_key(tenant, namespace, key), tenant, spillqueue.Cause.DELETE, None
             )
             self.queue.enqueue(op)
+            if self.events is not None:
+                self.events.durable_removed(tenant, namespace, key)
 
     def _enqueue(self, op: spillqueue.Op) -> None:
         try:
@@ -231,6 +246,29 @@ class DurableTier:
         except errors.Overloaded:  # only a delete (of an overwritten version) gets here
             metrics.DROPPED.labels("queue_full").inc()
             log.warning("durable tier: op queue full; the delete of %s is dropped", op.key[:80])
+
+    def _announce(
+        self,
+        tenant: str,
+        namespace: str,
+        key: bytes,
+        then: Callable[[], object] | None,
+        tag: object = None,
+    ) -> Callable[[], object] | None:
+        """An upload's on_durable: then, and a KV event (the block's engine hashes are read
+        now, while it is still in DRAM)."""
+        events = self.events
+        if events is None:
+            return then
+        if tag is None:
+            tag = self.store.tag_of(tenant, namespace, key)
+
+        def done() -> None:
+            if then is not None:
+                then()
+            events.durable_stored(tenant, namespace, key, tag)
+
+        return done
 
     def _marker(self, tenant: str, namespace: str, key: bytes, block_id: int) -> Callable[[], bool]:
         return lambda: self.store.mark_durable(tenant, namespace, key, block_id)
@@ -344,7 +382,9 @@ class DurableTier:
         """A put-if-absent of the fetched block, or None when DRAM has it now. Raises a
         KVTierError (as a miss for the caller) when there is no room or a put is under way."""
         try:
-            return self.store.begin_put(*ident, size)
+            # The engine hashes it was spilled with (KV events), so its events name it alike.
+            tag = self.events.durable_tag(*ident) if self.events is not None else None
+            return self.store.begin_put(*ident, size, tag=tag)
         except errors.KVTierError as exc:
             self._failed("no_room", exc)
             raise _NoRoom from exc

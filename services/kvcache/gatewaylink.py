@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from kvtier import clustermap, errors, objects, rendezvous
 from kvtier import security as security_mod
@@ -26,6 +28,10 @@ EXPIRES_META = "kvtier-expires-unix-ms"
 #: The block's xxh3-64, 16 hex digits (`integrity`): checked on read-through.
 CHECKSUM_META = "kvtier-xxh3-64"
 _DOWN_S = 2.0
+#: Seconds before an operation is repeated on another gateway (`GatewayObjects._on_gateway`).
+_RETRY_S = 0.1
+
+T = TypeVar("T")
 
 
 class GatewayObjects:
@@ -100,6 +106,29 @@ class GatewayObjects:
         if isinstance(exc, errors.Unavailable | errors.DeadlineExceeded | OSError):
             self._down_until[self._address] = time.monotonic() + _DOWN_S
 
+    async def _on_gateway(self, op: Callable[[objects.AsyncObjectClient], Awaitable[T]]) -> T:
+        """op on the preferred gateway. A gateway that is going away (Unavailable: draining,
+        restarting; a broken connection) is passed over and op repeated once, after
+        `_RETRY_S`, on the next one (the same one when it is alone). Every operation here is
+        safe to repeat: a PUT writes the same bytes and metadata under the same key (the newest
+        version wins), HEAD and GET read, a DELETE of an absent key succeeds. A deadline
+        (DeadlineExceeded) is not repeated: the caller's own retries (spill_retries) decide."""
+        for tries_left in (1, 0):
+            client = await self._connected()
+            try:
+                return await op(client)
+            except (errors.Unavailable, OSError) as exc:
+                self._failed(exc)
+                if not tries_left:
+                    raise
+                log.info("durable tier: gateway %s unavailable (%s); trying again", self._address,
+                         exc)  # fmt: skip
+                await asyncio.sleep(_RETRY_S)
+            except errors.KVTierError as exc:
+                self._failed(exc)
+                raise
+        raise AssertionError("unreachable")
+
     async def put(
         self, key: str, data: memoryview, expires_unix_ms: int, checksum: int | None
     ) -> None:
@@ -107,23 +136,22 @@ class GatewayObjects:
         metadata = {EXPIRES_META: str(expires_unix_ms)} if expires_unix_ms else {}
         if checksum is not None:
             metadata[CHECKSUM_META] = f"{checksum:016x}"
-        client = await self._connected()
-        try:
-            await client.put_object(durable.BUCKET, key, data, metadata=metadata or None)
-        except (errors.KVTierError, OSError) as exc:
-            self._failed(exc)
-            raise
+        await self._on_gateway(
+            lambda c: c.put_object(durable.BUCKET, key, data, metadata=metadata or None)
+        )
 
     async def head(self, key: str) -> spillqueue.ObjectMeta | None:
         """The object's size, ETag and expiry, or None when absent."""
-        client = await self._connected()
-        try:
-            info = await client.head_object(durable.BUCKET, key)
-        except errors.NotFound:
+
+        async def head(client: objects.AsyncObjectClient) -> objects.ObjectInfo | None:
+            try:
+                return await client.head_object(durable.BUCKET, key)
+            except errors.NotFound:
+                return None
+
+        info = await self._on_gateway(head)
+        if info is None:
             return None
-        except (errors.KVTierError, OSError) as exc:
-            self._failed(exc)
-            raise
         meta = info.headers.user_metadata
         expires = meta.get(EXPIRES_META, "0")
         return spillqueue.ObjectMeta(
@@ -135,23 +163,15 @@ class GatewayObjects:
 
     async def get_into(self, key: str, into: memoryview, etag: str) -> None:
         """Read the whole object, version etag, into `into` (exactly its size)."""
-        client = await self._connected()
-        try:
-            info = await client.get_object_into(durable.BUCKET, key, into, if_match=etag)
-        except (errors.KVTierError, OSError) as exc:
-            self._failed(exc)
-            raise
+        info = await self._on_gateway(
+            lambda c: c.get_object_into(durable.BUCKET, key, into, if_match=etag)
+        )
         if info.size != into.nbytes:
             raise errors.PreconditionFailed(f"{key}: {info.size} B stored, {into.nbytes} B asked")
 
     async def delete(self, key: str) -> None:
         """Delete key (absent: fine)."""
-        client = await self._connected()
-        try:
-            await client.delete_object(durable.BUCKET, key)
-        except (errors.KVTierError, OSError) as exc:
-            self._failed(exc)
-            raise
+        await self._on_gateway(lambda c: c.delete_object(durable.BUCKET, key))
 
     async def close(self) -> None:
         """Close the gateway connection; idempotent."""

@@ -167,3 +167,10 @@ READ_THROUGH_FAILURES = prometheus_client.Counter(
 AVAILABLE = prometheus_client.Gauge(
     "kvtier_kvcache_durable_available", "1 while a durable tier (a gateway) is known"
 )
+# KV events (services/kvcache/events.py).
+EVENT_BATCHES = prometheus_client.Counter(
+    "kvtier_kvcache_event_batches_total",
+    "KV-event batches by outcome: published, or dropped because the publisher's queue was "
+    "full (a dropped batch is a gap in the sequence numbers subscribers see)",
+    ("outcome",),
+)

@@ -98,6 +98,11 @@ class KVCacheServicer(pb_grpc.KVCacheServiceServicer):
     ) -> pb.LookupResponse:
         return await _resolved(self._svc.lookup(_tenant(request.namespace), request))
 
+    async def Score(
+        self, request: pb.ScoreRequest, context: rpc.ServicerContext
+    ) -> pb.ScoreResponse:
+        return await _resolved(self._svc.score(_tenant(request.namespace), request))
+
     async def Delete(
         self, request: pb.DeleteRequest, context: rpc.ServicerContext
     ) -> pb.DeleteResponse:

@@ -42,6 +42,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from kvtier import errors
 from services.kvcache import eviction, slab
@@ -65,6 +66,18 @@ Clock = Callable[[], float]
 ReuseGuard = Callable[[int, int], bool]
 
 _Ident = tuple[str, str, bytes]
+
+
+class BlockListener(Protocol):
+    """Told synchronously of every block that becomes visible and every one that leaves the
+    index (KV events). Must be cheap and must not raise: it runs on the data path."""
+
+    def linked(self, tenant: str, namespace: str, key: bytes, tag: object) -> None: ...
+
+    def unlinked(
+        self, tenant: str, namespace: str, key: bytes, tag: object, cause: EvictionCause | None
+    ) -> None:
+        """cause None: replaced by an overwrite (linked is called for the new block next)."""
 
 
 class EvictionCause(enum.StrEnum):
@@ -92,6 +105,9 @@ class PutTicket:
     deadline_s: float
     #: The put replaces a present block (rather than put-if-absent).
     overwrite: bool = False
+    #: Opaque to the store, kept with the block and handed to the listener (KV events: the
+    #: engine's block hashes).
+    tag: object = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -121,6 +137,7 @@ class _Block:
     # The durable tier holds this very version: eviction drops it without spilling.
     durable: bool = False
     checksum: int | None = None  # xxh3-64 of its bytes, as committed
+    tag: object = None  # the put's PutTicket.tag
 
 
 @dataclasses.dataclass(slots=True)
@@ -224,8 +241,12 @@ def _check_names(tenant: str, namespace: str) -> None:
 def _ident(tenant: str, namespace: str, key: bytes) -> _Ident:
     """The index key; InvalidArgument for a bad tenant, namespace or key."""
     _check_names(tenant, namespace)
-    if not isinstance(key, bytes) or not 1 <= len(key) <= MAX_KEY_BYTES:
-        raise errors.InvalidArgument(f"key must be 1..{MAX_KEY_BYTES} bytes")
+    if not isinstance(key, bytes):
+        raise errors.InvalidArgument(f"key must be bytes, not {type(key).__name__}")
+    if not 1 <= len(key) <= MAX_KEY_BYTES:
+        raise errors.InvalidArgument(
+            f"key of {len(key)} bytes: keys must be 1..{MAX_KEY_BYTES} bytes"
+        )
     return (tenant, namespace, key)
 
 
@@ -312,6 +333,8 @@ class BlockStore:
         self._tenants: dict[str, _Tenant] = {}
         self._used_bytes = 0
         self._ids = itertools.count(1)
+        #: Told of blocks linked and unlinked (KV events); None: nobody listens.
+        self.listener: BlockListener | None = None
 
     @property
     def arena_bytes(self) -> int:
@@ -348,6 +371,7 @@ class BlockStore:
         *,
         overwrite: bool = False,
         ttl_s: float | None = None,
+        tag: object = None,
     ) -> PutTicket | None:
         """Reserve `size` bytes for key; the block is invisible until `commit(ticket)`.
 
@@ -359,7 +383,9 @@ class BlockStore:
         """
         ident = _ident(tenant, namespace, key)
         if not isinstance(size, int) or not 1 <= size <= self._alloc.max_block_bytes:
-            raise errors.InvalidArgument(f"size must be 1..{self._alloc.max_block_bytes} bytes")
+            raise errors.InvalidArgument(
+                f"block of {size} bytes: block size must be 1..{self._alloc.max_block_bytes} bytes"
+            )
         _check_duration("ttl_s", ttl_s, optional=True)
         now = self._clock()
         state = self._tenant(tenant)
@@ -384,6 +410,7 @@ class BlockStore:
             ttl_s=ttl_s if ttl_s is not None else self._namespace_ttl.get((tenant, namespace)),
             deadline_s=now + self._put_timeout_s,
             overwrite=overwrite,
+            tag=tag,
         )
         self._pending[ticket.ticket_id] = ticket
         self._pending_keys.add(ident)
@@ -412,7 +439,10 @@ class BlockStore:
         block = _Block(ident, ticket.ticket_id, ticket.extent, ticket.ttl_s, expires_at_s)
         block.durable = durable
         block.checksum = checksum
+        block.tag = ticket.tag
         self._index[ident] = block
+        if self.listener is not None:
+            self.listener.linked(ticket.tenant, ticket.namespace, ticket.key, ticket.tag)
         self._policy.insert(ident, ticket.extent.capacity)
         if expires_at_s is not None:
             heapq.heappush(self._expiries, (expires_at_s, ident))
@@ -434,6 +464,11 @@ class BlockStore:
         """The checksum of key's visible block (None: no such block, or none was kept)."""
         block = self._index.get((tenant, namespace, key))
         return block.checksum if block is not None else None
+
+    def tag_of(self, tenant: str, namespace: str, key: bytes) -> object:
+        """The tag key's visible block was put with (None: no such block, or none)."""
+        block = self._index.get((tenant, namespace, key))
+        return block.tag if block is not None else None
 
     def checksummed(
         self, tenant: str, namespace: str, keys: Sequence[bytes]
@@ -867,6 +902,8 @@ class BlockStore:
         self._forget_pin(state, block)
         if cause is not None:
             state.evictions[cause] += 1
+        if self.listener is not None:
+            self.listener.unlinked(*block.ident, block.tag, cause)
         self._unlinked[block.block_id] = block
         self._free_if_unleased(block, now)
 

@@ -192,7 +192,7 @@ async def token_of(user: probe_cluster.User, world: probe_cluster.World) -> str:
 
 
 #: Reply fields that count what a request found or changed: B naming nothing must find nothing.
-_COUNTS = ("count", "dram_count", "deleted", "pinned", "unpinned", "touched")
+_COUNTS = ("count", "dram_count", "durable_count", "deleted", "pinned", "unpinned", "touched")
 
 
 def nothing_of_a(probing: Probing, method: str, reply: message.Message) -> str:

@@ -76,6 +76,7 @@ A_CONTROLS = frozenset(
         "ListMultipartUploads",
         "BatchExists",
         "Lookup",
+        "Score",
         "ListKeys",
         "Stats",
         "OpenDataPlane",

@@ -44,6 +44,10 @@ class KVCacheClient(base.BaseClient):
         """How many leading keys of a chain are present on this node."""
         return await self._unary(self._stub.Lookup, request)
 
+    async def score(self, request: pb.ScoreRequest) -> pb.ScoreResponse:
+        """How much of a chain this node serves, per tier (DRAM, then the durable tier)."""
+        return await self._unary(self._stub.Score, request)
+
     async def delete(self, request: pb.DeleteRequest) -> pb.DeleteResponse:
         """Unlink present keys."""
         return await self._unary(self._stub.Delete, request)

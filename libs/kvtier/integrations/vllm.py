@@ -446,7 +446,9 @@ class KVTierTier:
             started = time.perf_counter()
             try:
                 ttl_s = self.settings.ttl_s or None
-                statuses = await client.put_batch(names, views, ttl_s=ttl_s)
+                statuses = await client.put_batch(
+                    names, views, ttl_s=ttl_s, engine_hashes=[_block_hash(n) for n in names]
+                )
             except Exception as exc:  # the engine's boundary: a failed store is reported
                 self._note("store", repr(exc))
                 return _Outcome(False)
@@ -503,6 +505,12 @@ class KVTierTier:
             self._notes[op] = (now, 0)
         more = f" ({skipped} more since the last report)" if skipped else ""
         log.warning("kvtier vLLM tier: %s failed, served as misses: %s%s", op, what, more)
+
+
+def _block_hash(name: bytes) -> bytes:
+    """vLLM's block hash in an OffloadKey (the hash, then the KV-cache group as 4 bytes): what
+    vLLM's own KV events publish, so the tier's events name the block the same way."""
+    return name[:-4] if len(name) > 4 else name
 
 
 def _outcome_of(future: concurrent.futures.Future[_Outcome]) -> _Outcome:
