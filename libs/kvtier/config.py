@@ -87,9 +87,23 @@ class ServiceConfig:
     )
     lease_ttl_s: int = setting(10, "membership lease TTL; a dead node leaves the map within it")
     shutdown_grace_s: float = setting(5.0, "time in-flight RPCs get to finish on shutdown")
+    drain_linger_s: float = setting(
+        1.0,
+        "on shutdown, seconds a node with a data plane still answers every call after it left "
+        "the map (a lame duck, within shutdown_grace_s; docs/upgrades.md); 0: none",
+    )
     max_message_bytes: int = setting(4 * 1024 * 1024, "largest gRPC message (control plane only)")
     log_level: str = setting("info", "debug, info, warning or error")
     log_format: str = setting("text", "text or json")
+    otlp_endpoint: str = setting(
+        "",
+        "OTLP/gRPC collector to send traces to (http://host:4317 plaintext, https://host:4317 "
+        "TLS; docs/operations.md, Traces); empty: OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing",
+    )
+    trace_sample_ratio: float = setting(
+        0.01,
+        "share of new traces recorded, 0..1 (a traced caller's decision is always followed)",
+    )
     client_port: int = setting(
         0,
         "gRPC port for callers without a cluster certificate (TLS + session tokens: SDK users); "
@@ -125,7 +139,7 @@ class ServiceConfig:
             raise ConfigError(f"etcd_prefix: {self.etcd_prefix!r} must start and not end with '/'")
         if self.lease_ttl_s < 2:
             raise ConfigError(f"lease_ttl_s: {self.lease_ttl_s} is below etcd's minimum of 2")
-        for name in ("etcd_wait_s", "shutdown_grace_s"):
+        for name in ("etcd_wait_s", "shutdown_grace_s", "drain_linger_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name}: {value} must be a finite number >= 0")
@@ -135,6 +149,10 @@ class ServiceConfig:
             raise ConfigError(f"log_level: {self.log_level!r} is not debug/info/warning/error")
         if self.log_format not in {"text", "json"}:
             raise ConfigError(f"log_format: {self.log_format!r} is not text or json")
+        if not (math.isfinite(self.trace_sample_ratio) and 0 <= self.trace_sample_ratio <= 1):
+            raise ConfigError(f"trace_sample_ratio: {self.trace_sample_ratio} is not within 0..1")
+        if any(c.isspace() for c in self.otlp_endpoint):
+            raise ConfigError(f"otlp_endpoint: {self.otlp_endpoint!r} holds whitespace")
         if self.node_id and not all(c.isalnum() or c in "-_." for c in self.node_id):
             raise ConfigError(
                 f"node_id: {self.node_id!r} may hold only letters, digits, '-', '_', '.'"

@@ -5,7 +5,9 @@ host:grpc_port (mutual TLS: services and operators) and host:client_port (TLS: u
 tokens) → etcd over mutual TLS (retried with backoff) → register under a lease → health SERVING
 → background loops in one TaskGroup.
 Stop (SIGTERM/SIGINT only set an Event): cancel loops → revoke the lease → health NOT_SERVING →
-drain RPCs for `shutdown_grace_s` → close etcd → stop metrics. Shutdown is idempotent.
+drain for `shutdown_grace_s` (gRPC calls, the service's own servers: `ServiceSpec.on_drain`,
+data-plane calls: `_drain`) → close what the drained calls used (`on_drained`) and the data
+plane → close etcd → stop metrics. Shutdown is idempotent.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from kvtier import (
     security,
     telemetry,
     tokens,
+    tracing,
 )
 from kvtier.proto.auth.v1 import auth_pb2, auth_pb2_grpc
 from kvtier.proto.common.v1 import common_pb2, common_pb2_grpc
@@ -100,6 +103,12 @@ class ServiceSpec:
     user_lookup: Callable[[Context], authservice.UserLookup] | None = None
     #: Who may open data-plane sessions (default: every authenticated caller).
     dataplane_access: Callable[[principal.Principal], bool] | None = None
+    #: Drains what else the node serves (the gateway's S3 server: stop accepting, finish what
+    #: is in flight) within the grace period given; runs while gRPC drains, after the lease
+    #: is revoked and health says NOT_SERVING.
+    on_drain: Callable[[Context, float], Awaitable[None]] | None = None
+    #: Closes what in-flight calls used (connections to other nodes), once they are drained.
+    on_drained: Callable[[Context], Awaitable[None]] | None = None
 
 
 class _NodeServicer(common_pb2_grpc.NodeServiceServicer):
@@ -143,7 +152,12 @@ async def run_service(cfg: config.ServiceConfig, spec: ServiceSpec, stop: asynci
     server: grpc.aio.Server | None = None
     health: Any = None
     try:
-        metrics_port = metrics.start() if cfg.metrics_port >= 0 else None
+        try:
+            metrics_port = metrics.start() if cfg.metrics_port >= 0 else None
+        except OSError:
+            raise config.ConfigError(
+                port_taken("metrics_port", f"{cfg.host}:{cfg.metrics_port}")
+            ) from None
         server, health, info, names = _build(cfg, spec, ctx, metrics_port)
         starting = asyncio.ensure_future(_start(cfg, spec, ctx, server, health, info, names))
         stopping = asyncio.ensure_future(stop.wait())
@@ -194,13 +208,34 @@ def _add_ports(
     """Bind the service port (mutual TLS) and the client port (TLS) when users call this
     node; insecure: one plaintext port. Returns (grpc port, client port or None)."""
     if ctx.tls is None:
-        return server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}"), None
+        return _bind(server, "grpc_port", f"{cfg.host}:{cfg.grpc_port}", None), None
     mutual = ctx.tls.credentials(require_client_cert=True)
-    port = server.add_secure_port(f"{cfg.host}:{cfg.grpc_port}", mutual)
+    port = _bind(server, "grpc_port", f"{cfg.host}:{cfg.grpc_port}", mutual)
     if not spec.serves_users or cfg.client_port < 0:
         return port, None
     plain = ctx.tls.credentials(require_client_cert=False)
-    return port, server.add_secure_port(f"{cfg.host}:{cfg.client_port}", plain)
+    return port, _bind(server, "client_port", f"{cfg.host}:{cfg.client_port}", plain)
+
+
+def _bind(
+    server: grpc.aio.Server, setting: str, address: str, creds: grpc.ServerCredentials | None
+) -> int:
+    """Bind address; ConfigError (one line, exit 2) when it cannot be: a taken port is the
+    likely cause, since the services' default ports are fixed (docs/operations.md)."""
+    try:
+        if creds is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, creds)
+    except RuntimeError:
+        raise config.ConfigError(port_taken(setting, address)) from None
+
+
+def port_taken(setting: str, address: str) -> str:
+    """The one-line error of a port that cannot be bound."""
+    return (
+        f"{setting}: cannot listen on {address} (in use by another process?); set "
+        f"--{setting.replace('_', '-')} (0: any free port)"
+    )
 
 
 def _build(
@@ -320,7 +355,8 @@ async def _shutdown(
     metrics: telemetry.MetricsServer,
     spec: ServiceSpec,
 ) -> None:
-    """Revoke the lease → NOT_SERVING → drain RPCs → close etcd, transports, metrics, locks.
+    """Revoke the lease → NOT_SERVING → drain (gRPC, the service's own servers, data-plane
+    calls) → close etcd, transports, metrics, locks.
 
     Each step runs even when an earlier one failed.
     """
@@ -329,16 +365,46 @@ async def _shutdown(
         if health is not None:
             await health.enter_graceful_shutdown()
         if server is not None:
-            await server.stop(cfg.shutdown_grace_s)
+            await _drain(cfg, ctx, server, spec)
         await ctx.store.close()
     finally:
         try:
+            if spec.on_drained is not None and server is not None:
+                await spec.on_drained(ctx)
             if ctx.dataplane is not None:
                 await ctx.dataplane.stop()
         finally:
             await asyncio.to_thread(metrics.stop)  # blocks up to its poll interval
             spec.on_close()
             log.info("stopped")
+
+
+async def _drain(
+    cfg: config.ServiceConfig, ctx: Context, server: grpc.aio.Server, spec: ServiceSpec
+) -> None:
+    """Finish what is in flight within shutdown_grace_s.
+
+    A data-plane node (datanode, kvcache, gateway) is first a lame duck for drain_linger_s
+    (within the grace): out of the map and NOT_SERVING, it still answers
+    gRPC and data-plane calls, because its clients hold sessions and learn that it left from
+    the map (every reply carries the newer epoch): calls already on their way, and the staged
+    writes they continue (a datanode's CommitWrite after its WRITE_SHARDs), complete instead
+    of failing. Then gRPC refuses new calls and lets running ones end. The service's own
+    servers (`on_drain`: the gateway's S3) drain meanwhile.
+    """
+    grace_s = cfg.shutdown_grace_s
+
+    async def grpc_drain() -> None:
+        linger_s = min(cfg.drain_linger_s, grace_s) if ctx.dataplane is not None else 0.0
+        await asyncio.sleep(linger_s)
+        await server.stop(grace_s - linger_s)
+
+    drains: list[Awaitable[None]] = [grpc_drain()]
+    if spec.on_drain is not None:
+        drains.append(spec.on_drain(ctx, grace_s))
+    for result in await asyncio.gather(*drains, return_exceptions=True):
+        if isinstance(result, Exception):
+            log.warning("draining: %s", result)
 
 
 def main(
@@ -370,6 +436,8 @@ def main(
         return EXIT_FAILED
     telemetry.configure_logging(cfg.log_level, cfg.log_format, node_id=spec.node_id)
     log.info("starting %s with %s", prog, config.describe(cfg))
+    if tracing.configure_service(cfg, service=service, node_id=spec.node_id):
+        log.info("tracing to %s", tracing.endpoint_from(cfg.otlp_endpoint))
 
     async def _main() -> None:
         stop = asyncio.Event()

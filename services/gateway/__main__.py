@@ -36,6 +36,7 @@ from services.gateway import (
 )
 from services.gateway.s3 import access_log as s3_access_log
 from services.gateway.s3 import auth as s3_auth
+from services.gateway.s3 import http_log as s3_http_log
 from services.gateway.s3 import server as s3_server
 from services.gateway.s3 import tls as s3_tls
 
@@ -58,6 +59,8 @@ class _Gateway:
         self.users: users.UserCache | None = None
         self.access: s3_access_log.AccessLog | None = None
         self.buckets: buckets.BucketCache | None = None
+        #: Set when the shutdown drain begins: S3 responses then close their connections.
+        self.draining = False
 
     def add_servicers(self, server: grpc.aio.Server, ctx: service.Context) -> Sequence[str]:
         dataplane = ctx.dataplane
@@ -109,18 +112,31 @@ class _Gateway:
         ]
 
     async def sweep_loop(self, ctx: service.Context) -> None:
-        """Abort uploads whose client vanished; close connections at shutdown."""
-        try:
-            while True:
-                await asyncio.sleep(_SWEEP_S)
-                if self.front is not None:
-                    await self.front.engine.sweep()
-                    await self.front.multipart.sweep()
-        finally:
+        """Abort uploads whose client vanished."""
+        while True:
+            await asyncio.sleep(_SWEEP_S)
             if self.front is not None:
-                await self.front.close()
-            if self.nodes is not None:
-                await self.nodes.close()
+                await self.front.engine.sweep()
+                await self.front.multipart.sweep()
+
+    async def drain(self, ctx: service.Context, grace_s: float) -> None:
+        """Shutdown, once out of the map: S3 stops accepting connections at once (a load
+        balancer's next connect goes to another gateway), requests in flight finish within
+        grace_s and their responses say `Connection: close`, idle keep-alive connections
+        close; what is still running after grace_s is cancelled."""
+        self.draining = True
+        if self.s3_runner is not None:
+            runner, self.s3_runner = self.s3_runner, None
+            await runner.cleanup()  # its shutdown_timeout is the grace
+
+    async def drained(self, ctx: service.Context) -> None:
+        """After the drain: close the connections to datanodes and kvcache nodes."""
+        if self.front is not None:
+            await self.front.close()
+        if self.nodes is not None:
+            await self.nodes.close()
+        if self.access is not None:
+            self.access.close()
 
     async def start_s3(self, ctx: service.Context, info: common_pb2.NodeInfo) -> None:
         """Serve the S3 HTTP API (unless s3_port is -1) and announce its address."""
@@ -137,19 +153,36 @@ class _Gateway:
             lifecycle_day_s=self.cfg.lifecycle_day_s, access=self.access,
         )  # fmt: skip
         self.s3_tls = self._s3_tls(ctx)
-        self.s3_runner = web.AppRunner(s3.app(), access_log=None, handle_signals=False)
+        app = s3.app()
+        app.on_response_prepare.append(self._closing)
+        # cleanup() (at drain) waits this long for requests in flight, then cancels them.
+        self.s3_runner = web.AppRunner(
+            app, access_log=None, handle_signals=False,
+            shutdown_timeout=ctx.cfg.shutdown_grace_s,
+            logger=s3_http_log.S3ServerLogger(),  # not-HTTP bytes: one line, no traceback
+        )  # fmt: skip
         await self.s3_runner.setup()
         site = web.TCPSite(
             self.s3_runner, self.cfg.host, self.cfg.s3_port, backlog=1024,
             ssl_context=self.s3_tls.context if self.s3_tls is not None else None,
         )  # fmt: skip
-        await site.start()
+        try:
+            await site.start()
+        except OSError:
+            address = f"{self.cfg.host}:{self.cfg.s3_port}"
+            raise kvtier_config.ConfigError(service.port_taken("s3_port", address)) from None
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         info.s3_address = f"{self.cfg.advertised_host()}:{port}"
         scheme = "https" if self.s3_tls is not None else "http"
         log.info("gateway %s serving S3 on %s://%s", self.node_id, scheme, info.s3_address)
         if self.s3_tls is None and ctx.tls is not None:
             log.warning("s3_plain_http: S3 bodies and presigned URLs travel in clear")
+
+    async def _closing(self, request: web.Request, response: web.StreamResponse) -> None:
+        """While draining, every response ends its connection (the client reconnects, through
+        its load balancer, to a gateway that stays)."""
+        if self.draining:
+            response.force_close()
 
     def _s3_tls(self, ctx: service.Context) -> s3_tls.S3TLS | None:
         """HTTPS with the operator's certificate, else the gateway's cluster certificate;
@@ -176,16 +209,9 @@ class _Gateway:
         return self.users.get
 
     async def s3_loop(self, ctx: service.Context) -> None:
-        """Keep the users current (an etcd watch) while S3 serves; stop it at shutdown."""
-        try:
-            if self.users is not None:
-                await self.users.run()
-            await asyncio.Event().wait()
-        finally:
-            if self.s3_runner is not None:
-                await self.s3_runner.cleanup()
-            if self.access is not None:
-                self.access.close()
+        """Keep the users current (an etcd watch) while S3 serves (drained by `drain`)."""
+        if self.users is not None:
+            await self.users.run()
 
     async def bucket_loop(self, ctx: service.Context) -> None:
         """Follow every bucket's record in etcd (what object requests are served from)."""
@@ -233,6 +259,8 @@ def build(cfg: config.GatewayConfig) -> service.ServiceSpec:
         ),
         on_close=gateway.close,
         on_serve=gateway.start_s3,
+        on_drain=gateway.drain,
+        on_drained=gateway.drained,
         user_lookup=gateway.user_lookup,
     )
 

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 
-from kvtier import config
+from kvtier import config, devports
 
 _MIB = 1024 * 1024
+_PORTS = devports.PortPlan().node_ports("gateway", 1)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class GatewayConfig(config.DataPlaneServiceConfig):
     """The stateless front door: the gRPC object API and the S3 API (HTTPS by default)."""
+
+    # Fixed defaults, the ports of the dev cluster's first gateway (docs/operations.md, Ports).
+    grpc_port: int = config.setting(
+        _PORTS["grpc_port"],
+        "gRPC port for the cluster (mutual TLS); 0 picks a free one (registered in etcd)",
+    )
+    client_port: int = config.setting(
+        _PORTS["client_port"],
+        "gRPC port for users (TLS + session tokens); 0 picks a free one, -1: none",
+    )
+    metrics_port: int = config.setting(
+        _PORTS["metrics_port"], "Prometheus metrics port (HTTPS); 0 picks a free one, -1 disables"
+    )
 
     staging_bytes: int = config.setting(
         256 * _MIB, "data-plane staging memory for stripes being encoded or decoded"
@@ -46,7 +60,8 @@ class GatewayConfig(config.DataPlaneServiceConfig):
         "midnight): 86400; smaller only to test rules, as Ceph RGW's rgw_lc_debug_interval",
     )
     s3_port: int = config.setting(
-        0, "port of the S3 HTTP API (0: any free port, announced in the map; -1: off)"
+        _PORTS["s3_port"],
+        "port of the S3 HTTP API (0: any free port, announced in the map; -1: off)",
     )
     s3_region: str = config.setting("us-east-1", "the region the S3 API reports and signs for")
     s3_tls_cert_file: str = config.setting(

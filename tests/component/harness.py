@@ -74,12 +74,18 @@ async def run(
     """Start one service in-process; stop it cleanly on exit."""
     defaults = {
         "host": "127.0.0.1",
-        "grpc_port": 0,
+        "grpc_port": 0,  # the services' own defaults are fixed ports (docs/operations.md)
+        "client_port": 0,
         "metrics_port": -1,
         "lease_ttl_s": 2,
         "shutdown_grace_s": 1.0,
+        # No lame duck (1 s more per stop, in every test); the fault suite runs with it
+        # (tests/fault/test_rolling.py, docs/upgrades.md).
+        "drain_linger_s": 0.0,
         "etcd_wait_s": 5.0,
     }
+    if any(f.name == "s3_port" for f in dataclasses.fields(cfg_cls)):
+        defaults["s3_port"] = 0  # gateway
     if any(f.name == "arena_bytes" for f in dataclasses.fields(cfg_cls)):
         defaults.update(arena_bytes=16 * 1024 * 1024, page_bytes=4 * 1024 * 1024)  # kvcache
     if not settings.get("insecure"):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from kvtier import errors, etcdserver, kv, membership, principal
+from kvtier import errors, etcdserver, kv, kv_stats, membership, principal
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.gateway.v1 import objects_pb2
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
@@ -108,7 +108,7 @@ async def _read_all(
 
 async def _drained(
     client: kv.AsyncKVClient, timeout_s: float = 30.0
-) -> dict[str, pb.StatsResponse]:
+) -> dict[str, kv_stats.KVStats]:
     """Wait until no node has spill bytes queued; the nodes' stats then."""
     async with asyncio.timeout(timeout_s):
         while True:

@@ -308,6 +308,7 @@ async def test_unreachable_etcd_fails_with_one_line_after_retrying(tmp_path: Pat
     port = etcdserver.free_port()
     cfg = gateway_config.GatewayConfig(
         etcd_endpoints=(f"127.0.0.1:{port}",), etcd_wait_s=1.0, metrics_port=-1,
+        grpc_port=0, client_port=0, s3_port=0,
         **test_pki.session().service_settings("gateway"),
     )  # fmt: skip
     spec = gateway_main.build(cfg)

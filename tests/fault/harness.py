@@ -9,7 +9,8 @@ certificates whose IP SANs name it (mutual TLS everywhere, as in a real cluster)
 
 Faults: `partition(a, b)` / `heal`, `impair(node, delay_ms, loss, jitter_ms)` (user-space
 netem, tests/fault/netem.py), `signal(node, sig)` (SIGKILL, SIGSTOP, SIGCONT), `restart(node)`,
-`fill_drive(node, i)` / `free_drive`. Ready means visible in the cluster map and SERVING
+`fill_drive(node, i)` / `free_drive`; `clock_offsets` skews a node's wall clock from its start
+(tests/fault/skewclock.py). Ready means visible in the cluster map and SERVING
 (devcluster's own check), never a sleep; every wait has a deadline. `close()` undoes
 everything and is idempotent; `start()` first removes what a dead run of this harness left.
 """
@@ -33,6 +34,9 @@ from kvtier.proto.common.v1 import common_pb2
 from tests.fault import netns
 
 ETCD_CLIENT_PORT = 2379
+GRPC_PORT = 7100
+CLIENT_PORT = 7101
+S3_PORT = 7102
 READY_TIMEOUT_S = 150.0
 LEASE_TTL_S = 2
 
@@ -47,14 +51,25 @@ class FaultCluster:
         datanodes: int = 4,
         drives_per_datanode: int = 2,
         kvcache_nodes: int = 1,
+        gateways: int = 1,
         drive_bytes: int = 96 << 20,
+        tree: Path | None = None,
+        clock_offsets: dict[str, float] | None = None,
     ) -> None:
         self.base = base
         self.state = base / "state"
         self.datanodes = datanodes
         self.drives_per_datanode = drives_per_datanode
         self.kvcache_nodes = kvcache_nodes
+        self.gateways = gateways
+        #: The source tree (a checkout with libs/ and services/) each node runs; absent: this
+        #: one. The upgrade test points nodes at an older release's tree (set_tree + restart).
+        self.trees: dict[str, Path] = (
+            {n: tree for n in self.node_names()[1:]} if tree is not None else {}
+        )
         self.drive_bytes = drive_bytes
+        #: Seconds each named node's wall clock runs off real time (tests/fault/skewclock.py).
+        self.clock_offsets = dict(clock_offsets or {})
         self.fabric = netns.Fabric(subnet=os.getpid() % 200 + 20)
         self.children: dict[str, devcluster.Child] = {}
         self.etcd: devcluster.Child | None = None
@@ -81,7 +96,7 @@ class FaultCluster:
         names = ["etcd", "metadata-1"]
         names += [f"datanode-{i}" for i in range(1, self.datanodes + 1)]
         names += [f"kvcache-{i}" for i in range(1, self.kvcache_nodes + 1)]
-        return [*names, "gateway-1"]
+        return [*names, *(f"gateway-{i}" for i in range(1, self.gateways + 1))]
 
     def address(self, node: str) -> str:
         """The node's address on the bridge."""
@@ -187,12 +202,27 @@ class FaultCluster:
 
     def restart(self, node: str) -> None:
         """Start node again (same identity, data and flags) and wait until the cluster is ready."""
-        child = self.children[node]
-        if child.running():
-            assert child.proc is not None
-            _terminate(child.proc, 15)
-        child.start()
+        self.stop(node)
+        self.children[node] = self._child(node)  # its tree may have changed (set_tree)
+        self.children[node].start()
         asyncio.run(self._wait_ready())
+
+    def stop(self, node: str, grace_s: float = 15) -> int | None:
+        """Stop node as an operator does (SIGTERM; SIGKILL after grace_s); its exit code
+        (None when it was not running)."""
+        child = self.children[node]
+        if not child.running():
+            return None
+        assert child.proc is not None
+        _terminate(child.proc, grace_s)
+        return child.proc.returncode
+
+    def set_tree(self, node: str, tree: Path | None) -> None:
+        """Run node from another source tree (None: this checkout) from its next start."""
+        if tree is None:
+            self.trees.pop(node, None)
+        else:
+            self.trees[node] = tree
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> float:
         """Wait until every node is in the map and SERVING; returns the seconds it took."""
@@ -309,20 +339,38 @@ class FaultCluster:
         extra: list[str] = {
             "metadata": [f"--pool-drives={self.datanodes * self.drives_per_datanode}", master_key],
             "kvcache": [f"--data-dir={data}", "--arena-bytes=67108864", "--page-bytes=4194304"],
-            "gateway": [master_key, "--s3-port=0"],
+            "gateway": [master_key, f"--s3-port={S3_PORT}"],
         }.get(role, [])
         if role == "datanode":
             extra = [f"--data-dir={data}", f"--drives={','.join(map(str, self._drives(node)))}"]
+        tree = self.trees.get(node)
+        # Another tree: its directory first on the path (`-m services.x` and `import kvtier`
+        # resolve there before the venv's editable install of this checkout); env execs.
+        python = (
+            ["env", "-C", str(tree), f"PYTHONPATH={tree / 'libs'}:{tree}", sys.executable]
+            if tree is not None
+            else [sys.executable]
+        )
+        # Fixed ports: each node has an address of its own, and a restarted node must come
+        # back where its clients (the KV SDK's metadata address, S3 clients) know it.
         argv = [
-            "ip", "netns", "exec", end.ns, sys.executable, "-m", f"services.{role}",
+            "ip", "netns", "exec", end.ns, *python, *self._launch(node, role),
             f"--node-id={node}", f"--etcd-endpoints={self.etcd_endpoint}",
             f"--etcd-prefix={devcluster.ETCD_PREFIX}", f"--host={end.address}",
-            "--grpc-port=0", "--client-port=0", "--metrics-port=-1",
+            f"--grpc-port={GRPC_PORT}", f"--client-port={CLIENT_PORT}", "--metrics-port=-1",
             f"--lease-ttl-s={LEASE_TTL_S}", "--shutdown-grace-s=2",
             f"--tls-ca-file={certs / pki.CA_CERT}", f"--tls-cert-file={certs / f'{node}.crt'}",
             f"--tls-key-file={certs / f'{node}.key'}", *extra,
         ]  # fmt: skip
         return devcluster.Child(node, role, argv, self.state / "logs" / f"{node}.log")
+
+    def _launch(self, node: str, role: str) -> list[str]:
+        """How python runs the node's service: `-m services.<role>`, through skewclock.py when
+        the node's clock is skewed."""
+        offset = self.clock_offsets.get(node)
+        if not offset:
+            return ["-m", f"services.{role}"]
+        return [str(Path(__file__).with_name("skewclock.py")), str(offset), f"services.{role}"]
 
     def _drives(self, node: str) -> list[Path]:
         paths = []
@@ -361,7 +409,7 @@ class FaultCluster:
 
     async def _wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> common_pb2.ClusterMap:
         expected = {"metadata": 1, "datanode": self.datanodes, "kvcache": self.kvcache_nodes,
-                    "gateway": 1}  # fmt: skip
+                    "gateway": self.gateways}  # fmt: skip
         store = await self._store()
         try:
             deadline = time.monotonic() + timeout_s
@@ -408,6 +456,9 @@ class FaultCluster:
             "metadata_client": metadata.client_address or metadata.grpc_address,
             "gateway_grpc": gateway.client_address or gateway.grpc_address,
             "gateway_s3": f"https://{gateway.s3_address}",
+            "gateways_s3": [
+                by_id[n].s3_address for n in self.node_names() if n.startswith("gateway-")
+            ],
             "s3_access_key": creds["access_key"],
             "s3_secret_key": creds["secret_key"],
         }

@@ -14,7 +14,9 @@ Neighbours are static (permanent entries for every peer, no ARP), so a partition
 entry pointing at a MAC address nobody has: frames are flooded by the bridge and dropped by
 every receiver as not theirs. That is a silent DROP, in both directions when set on both sides,
 and needs neither iptables nor nft (absent from this machine's image; the kernel has no netem
-either, see tests/fault/netem.py).
+either, see tests/fault/netem.py). One exception: where br_netfilter is loaded (Docker loads it
+and sets iptables' FORWARD policy to DROP), frames between bridge ports traverse iptables, so the
+fabric accepts its own bridge's in FORWARD while it exists (`Fabric._forwarding`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -77,10 +80,12 @@ def cleanup_stale() -> list[str]:
     """Remove the namespaces and bridges of harness runs whose process is gone; returns them."""
     removed = []
     names = [p.name for p in NETNS_DIR.glob(f"{PREFIX}*")] if NETNS_DIR.exists() else []
+    # Only our bridges (kvtft-<pid>b): a line of another run's veth port names its namespace
+    # (link-netns kvtft-...) too, and its own name is no pid.
     links = [
-        line.split(":")[1].strip().split("@")[0]
+        name
         for line in ip("-o", "link", "show").splitlines()
-        if f" {PREFIX}" in line
+        if (name := line.split(":")[1].strip().split("@")[0]).startswith(PREFIX)
     ]
     for name in [*names, *links]:
         try:
@@ -128,6 +133,18 @@ class Fabric:
         sysctl(None, f"net.ipv4.conf.{self.bridge}.route_localnet=1")
         ip("addr", "add", f"{self.gateway_address}/24", "dev", self.bridge)
         ip("link", "set", self.bridge, "up")
+        self._forwarding("-I")
+
+    def _forwarding(self, action: str) -> None:
+        """With br_netfilter loaded (Docker loads it and sets iptables' FORWARD policy to DROP),
+        frames between two ports of a bridge pass the FORWARD chain: accept those of our bridge,
+        as Docker does for its own (`-I`: insert, `-D`: delete). Nothing to do without it."""
+        nf = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+        if shutil.which("iptables") is None or not nf.exists() or nf.read_text().strip() != "1":
+            return
+        rule = ["FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
+        subprocess.run(["iptables", action, *rule], check=action == "-I", capture_output=True,
+                       timeout=30)  # fmt: skip
 
     def add(self, node: str) -> Endpoint:
         """A namespace for node on the bridge, with the next address; static neighbours."""
@@ -200,3 +217,4 @@ class Fabric:
                 ip("netns", "delete", end.ns, check=False)
         self.endpoints.clear()
         ip("link", "delete", self.bridge, check=False)
+        self._forwarding("-D")

@@ -281,6 +281,11 @@ class Workload:
                 self.kv_keys += [
                     k for k, s in zip(keys, stored, strict=True) if s == kvtier.PutStatus.STORED
                 ]
+                refused = [s for s in stored if s != kvtier.PutStatus.STORED]
+                with self._lock:  # a key no node stored (e.g. unavailable) failed for the caller
+                    for status in refused:
+                        self.report.failed[f"kv_put_key:{status}"] += 1
+                        self.report.failures_at.append(time.time())
         elif n % 3 == 1:
             keys = self.rng.sample(self.kv_keys, min(4, len(self.kv_keys)))
             outs = [np.zeros(KV_BLOCK_BYTES, np.uint8) for _ in keys]

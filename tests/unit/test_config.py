@@ -82,8 +82,8 @@ def config_error(
 def test_defaults_load_for_every_service(service: str, cls: type[config.ServiceConfig]) -> None:
     cfg = config.load(cls, service=service, argv=[], environ=_tls(service))
     assert cfg == cls(**TLS)
-    assert cfg.grpc_port == 0
-    assert cfg.metrics_port == 0
+    assert cfg.grpc_port > 0  # fixed, documented defaults: tests/unit/test_service_ports.py
+    assert cfg.metrics_port == cfg.grpc_port + 50
     assert cfg.etcd_endpoints == ("127.0.0.1:2379",)
     assert cfg.etcd_prefix == "/kvtier"
     assert cfg.lease_ttl_s == 10
@@ -356,7 +356,8 @@ def test_bool_settings_are_the_security_switches() -> None:
         if f.type in (bool, "bool")
     }
     assert "insecure" in bool_fields
-    assert bool_fields <= {"insecure", "s3_plain_http", "dataplane_tls"}
+    # kv_events too: it opens an unauthenticated endpoint (docs/security.md).
+    assert bool_fields <= {"insecure", "s3_plain_http", "dataplane_tls", "kv_events"}
 
 
 @pytest.mark.parametrize(
