@@ -5,7 +5,8 @@
 #   scripts/bootstrap.sh test    install everything, then lint, type-check and run the test suite
 #   scripts/bootstrap.sh install install everything and stop
 #
-# Installs etcd (Debian's etcd-server), make and ISA-L (libisal2) with apt when they are missing,
+# Installs etcd (Debian's etcd-server), make and ISA-L (libisal2) with apt when they are missing
+# (for `test` also redis-server and chromium),
 # creates .venv and installs kvtier with its dev tools into it. Safe to run again: it only does
 # what is missing.
 set -euo pipefail
@@ -27,6 +28,14 @@ command -v etcd >/dev/null 2>&1 || packages+=(etcd-server)
 command -v make >/dev/null 2>&1 || packages+=(make)
 if [ "$mode" = test ]; then  # the end-to-end proof compares against Redis
   command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+  # The console's browser test drives headless Chromium (tests/integration/test_console.py).
+  command -v chromium >/dev/null 2>&1 || packages+=(chromium)
+  # docker-compose.yml run for real (tests/compose): Debian's Docker engine and compose, and
+  # debootstrap for the registry-free base image (scripts/compose_base_image.sh).
+  command -v dockerd >/dev/null 2>&1 || [ -x /usr/sbin/dockerd ] || packages+=(docker.io)
+  command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 \
+    || packages+=(docker-compose)
+  command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || packages+=(debootstrap)
 fi
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || packages+=(python3-venv)
 # ISA-L for erasure coding: checked the way kvtier.erasure loads it (ldconfig is not on a

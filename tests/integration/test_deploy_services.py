@@ -80,7 +80,7 @@ def _start(
     for attempt in range(3):
         env, probe = _local_environment(component, tmp_path, etcd)
         env[config.env_name(component, "etcd_prefix")] = etcd_prefix
-        probe[0] = str(Path(sys.executable).parent / probe[0])  # the venv's kvtier
+        probe[0] = sys.executable  # the container's `python`: the image's venv
         log = tmp_path / f"{component}.{attempt}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(

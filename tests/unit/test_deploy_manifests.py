@@ -22,7 +22,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
-from kvtier import config
+from kvtier import config, healthprobe
 from kvtier.cli import main as cli_main
 from services.datanode import config as datanode_config
 from services.gateway import config as gateway_config
@@ -52,7 +52,9 @@ FIELD_VALUES = {
     "metadata.namespace": "kvtier",
     "status.podIP": "10.1.2.3",
 }
-_HEALTH_COMMAND = ["kvtier", "health", "--from-env"]
+#: The probe that imports only grpc (kvtier.healthprobe): the CLI's imports cost seconds of
+#: CPU at every probe interval.
+_HEALTH_COMMAND = ["python", "-m", "kvtier.healthprobe"]
 _MIB = 1024 * 1024
 
 
@@ -199,8 +201,9 @@ def test_kvtier_probes_ask_grpc_health_on_the_grpc_port(overlay: str) -> None:
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             command = container[probe]["exec"]["command"]
             assert command == [*_HEALTH_COMMAND, f"127.0.0.1:{port}"], (service, probe)
-        # What `--from-env` makes of this environment: the node's own certificate (the files
-        # the init container installs, here the test PKI's certificate of the role).
+        # What the probe (like `kvtier health --from-env`) makes of this environment: the node's
+        # own certificate (the files the init container installs, here the test PKI's
+        # certificate of the role).
         installed = {
             "/run/kvtier/ca.crt": test_pki.session().ca_file,
             "/run/kvtier/tls.crt": test_pki.session().cert(service),
@@ -210,6 +213,11 @@ def test_kvtier_probes_ask_grpc_health_on_the_grpc_port(overlay: str) -> None:
         credentials = cli_main.service_security(env)
         assert credentials.cert_file == env[config.env_name(service, "tls_cert_file")]
         assert credentials.key_file == env[config.env_name(service, "tls_key_file")]
+        assert healthprobe.service_tls(env) == {
+            "CA_FILE": env[config.env_name(service, "tls_ca_file")],
+            "CERT_FILE": credentials.cert_file,
+            "KEY_FILE": credentials.key_file,
+        }
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
