@@ -44,14 +44,17 @@ class AsyncObjectClient:
         timeout_s: float = 60.0,
         client_id: str = "",
         security: security_mod.ClientSecurity | None = None,
+        tokens: security_mod.TokenSource | None = None,
     ) -> None:
         self.gateway = gateway
         self._allowed = list(transports)
         self._timeout_s = timeout_s
         self._client_id = client_id or f"{socket.gethostname()}:{os.getpid()}"
         sec = security or security_mod.default()
-        # Users get session tokens from the gateway itself (it issues them).
-        tokens = security_mod.token_source(sec, gateway) if sec.has_user else None
+        # Users get session tokens from the gateway itself (it issues them), unless the
+        # caller brings its own (the console: a login's token).
+        if tokens is None and sec.has_user:
+            tokens = security_mod.token_source(sec, gateway)
         self._rpc = gateway_client.ObjectServiceClient(
             gateway, timeout_s=timeout_s, security=sec, tokens=tokens
         )

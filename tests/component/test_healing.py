@@ -21,6 +21,7 @@ import pytest
 from kvtier import errors, etcdserver, membership, objects
 from kvtier.cli import admin as admin_cli
 from kvtier.cli import main as cli_main
+from kvtier.cli import progress as progress_cli
 from kvtier.clients import datanode as datanode_client
 from kvtier.clients import gateway as gateway_client
 from kvtier.proto.common.v1 import common_pb2
@@ -277,11 +278,14 @@ async def test_dry_run_reports_and_writes_nothing(cluster: Cluster) -> None:
 
     last, _ = await _heal(cluster, "dry", dry_run=True)
     assert (last.scanned, last.healed, last.healthy, last.shards_healed) == (3, 2, 1, 3)
+    # Bytes: the listed sizes of the objects looked at, and of those healed (would be).
+    assert (last.bytes_scanned, last.bytes_healed) == (3 * 2 * MIB, 2 * 2 * MIB)
     assert _snapshot(cluster.drive_paths()) == before
     assert cluster.healer.queue_length == 0  # a dry run queues nothing either
 
     last, _ = await _heal(cluster, "dry", "t")  # the prefix selects "two" only
     assert (last.scanned, last.healed, last.shards_healed) == (1, 1, 1)
+    assert (last.bytes_scanned, last.bytes_healed) == (2 * MIB, 2 * MIB)
     last, _ = await _heal(cluster, "dry")
     assert (last.scanned, last.healed, last.healthy, last.shards_healed) == (3, 1, 2, 2)
 
@@ -357,11 +361,19 @@ async def test_cli_progress_bar_on_a_terminal(cluster: Cluster) -> None:
         for i in range(3):
             await client.put_object("bar", f"k{i}", b"x" * i)
     err, out = io.StringIO(), io.StringIO()
-    display = admin_cli.Display(err, tty=True)
-    progress = admin_pb2.HealProgress(scanned=1, healed=1, current_key="bar/k0")
-    display.show(progress, 3)
-    assert err.getvalue().startswith("\r[########................]  33% scanned 1 of 3, healed 1")
+    # What the bar measures: the listing's objects and bytes (0 + 1 + 2).
+    totals = await admin_cli.count_objects(cluster.gateway.address, "bar", "")
+    assert totals == progress_cli.Totals(objects=3, bytes=3)
+    now = [100.0]
+    display = admin_cli.Display(err, tty=True, clock=lambda: now[0])
+    progress = admin_pb2.HealProgress(scanned=2, healed=1, bytes_scanned=1, current_key="bar/k1")
+    now[0] += 2.0
+    display.show(progress, totals)
+    assert err.getvalue().startswith(  # cut at the terminal's width (100 columns without one)
+        "\r[########................]  33% 1 B of 3 B, 0.5 B/s, ETA 4s; scanned 2 of 3, healed 1"
+    )
     display.clear()
     assert err.getvalue().endswith("\r")
     last = await admin_cli.heal(cluster.gateway.address, "bar", dry_run=False, out=out, err=err)
     assert (last.done, last.scanned, last.healthy) == (True, 3, 3)
+    assert (last.bytes_scanned, last.bytes_healed) == (3, 0)

@@ -42,6 +42,11 @@ def user_security(state_dir: Path) -> security.ClientSecurity:
     return security.ClientSecurity.from_cluster_file(state_dir / "cluster.json")
 
 
+#: Port flags of a service started as a subprocess in a test: any free ports, since the services'
+#: own defaults are the fixed ports (docs/operations.md) that a dev cluster may hold.
+EPHEMERAL_PORTS = ("--grpc-port=0", "--client-port=0", "--metrics-port=0")
+
+
 def service_tls_flags(role: str) -> list[str]:
     """The TLS flags of a service of role started as a subprocess against the test session's
     etcd (tests/pki.py): its certificate from the session's PKI."""

@@ -14,7 +14,7 @@ import pytest
 
 from kvtier import etcdserver, membership
 from kvtier.proto.common.v1 import common_pb2
-from tests.integration.conftest import service_tls_flags
+from tests.integration.conftest import EPHEMERAL_PORTS, service_tls_flags
 
 pytestmark = pytest.mark.integration
 
@@ -56,6 +56,7 @@ def test_sigstopped_node_leaves_and_reregisters_after_sigcont(
             f"--lease-ttl-s={TTL_S}",
             f"--data-dir={tmp_path / 'kv'}",
             "--arena-bytes=67108864",
+            *EPHEMERAL_PORTS,
             *service_tls_flags("kvcache"),
         ],
         stdout=log,

@@ -101,6 +101,7 @@ def _probes(info: dict[str, Any]) -> None:
     assert b"ok" not in body
 
 
+@pytest.mark.timeout(420)  # two `up`s and some twenty commands on a shared machine
 def test_fixed_ports_probes_degraded_status_and_revive(tmp_path: Path) -> None:
     state = tmp_path / "state"
     offset = _free_offset()
@@ -223,3 +224,37 @@ def _kv_settings(state: Path, info: dict[str, Any]) -> None:
         out = bytearray(len(block))
         assert kv.get_batch([b"first", b"second"], [out, bytearray(8)]) == [len(block), None]
         assert out == block
+        # Refusals name their cause (issue 17: INVALID / QUOTA_EXCEEDED said nothing).
+        assert kv.put_batch_results([b"second", b"k" * 1041], [block, b"x"]) == [
+            kvtier.PutResult(
+                kvtier.PutStatus.QUOTA_EXCEEDED,
+                "tenant quota 65536 B: 65536 B held, 65536 B asked",
+            ),
+            kvtier.PutResult(
+                kvtier.PutStatus.INVALID, "key of 1041 bytes: keys must be 1..1040 bytes"
+            ),
+        ]
+        (mine,) = kv.stats().values()  # typed: the tenant's own figures
+        assert (mine.tenant, mine.blocks, mine.requested_bytes) == ("team-q", 1, len(block))
+    _kv_stats(state)
+
+
+def _kv_stats(state: Path) -> None:
+    """`admin kv stats`: every kvcache node's figures, as text or JSON (not protobuf text)."""
+    where = ("--state-dir", str(state))
+    found = kvtier_cmd("admin", "kv", "stats", "--tenant", "team-q", "--json", *where)
+    assert found.returncode == 0, found.stderr
+    shown = json.loads(found.stdout)
+    assert shown["failed"] == {}
+    node = shown["nodes"]["kvcache-1"]
+    assert (node["tenant"], node["blocks"], node["requested_bytes"]) == ("team-q", 1, 65536)
+    assert node["quota_rejections"] == 2  # "second", twice
+    text = kvtier_cmd("admin", "kv", "stats", "--tenant", "team-q", *where)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[0] == "kvcache-1 (tenant team-q)"
+    assert lines[1] == "  blocks          1 (pending puts 0)"
+    assert "requested 64.0 KiB; node: arena " in lines[2]
+    whole = kvtier_cmd("admin", "kv", "stats", *where)
+    assert whole.returncode == 0, whole.stderr
+    assert whole.stdout.splitlines()[0] == "kvcache-1 (whole node)"

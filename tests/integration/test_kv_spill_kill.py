@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvtier import errors, etcdserver, kv
+from kvtier import errors, etcdserver, kv, kv_stats
 from kvtier.clients import kvcache as kvcache_client
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from tests.integration.conftest import service_tls_flags
@@ -118,7 +118,7 @@ async def _connect(cluster: _Cluster) -> kv.AsyncKVClient:
             await asyncio.sleep(0.2)
 
 
-async def _stats(client: kv.AsyncKVClient, ready: bool = False) -> dict[str, pb.StatsResponse]:
+async def _stats(client: kv.AsyncKVClient, ready: bool = False) -> dict[str, kv_stats.KVStats]:
     """Both nodes' stats; with ready, once both see the durable tier and queue nothing."""
     async with asyncio.timeout(120):
         while True:

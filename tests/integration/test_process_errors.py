@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvtier import etcdserver
-from tests.integration.conftest import service_tls_flags
+from tests.integration.conftest import EPHEMERAL_PORTS, service_tls_flags
 
 pytestmark = pytest.mark.integration
 
@@ -75,6 +75,7 @@ def test_unreachable_etcd_retries_then_fails_with_one_line(tmp_path: Path) -> No
         "--etcd-wait-s=2",
         f"--data-dir={tmp_path / 'kv'}",
         "--arena-bytes=67108864",
+        *EPHEMERAL_PORTS,
         *service_tls_flags("kvcache"),
     )
     assert result.returncode == 1
@@ -97,6 +98,7 @@ def test_sigterm_stops_a_service_with_exit_zero(
             f"--etcd-endpoints={private_etcd.endpoint}",
             f"--data-dir={tmp_path / 'dn'}",
             "--shutdown-grace-s=2",
+            *EPHEMERAL_PORTS,
             *service_tls_flags("datanode"),
         ],
         stderr=subprocess.PIPE,
@@ -126,6 +128,8 @@ def test_sigterm_during_startup_stops_at_once(tmp_path: Path) -> None:
             "services.gateway",
             f"--etcd-endpoints=127.0.0.1:{port}",
             "--etcd-wait-s=0",
+            *EPHEMERAL_PORTS,
+            "--s3-port=0",
             *service_tls_flags("gateway"),
         ],
         stderr=subprocess.PIPE,

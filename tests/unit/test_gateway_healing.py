@@ -10,12 +10,14 @@ import pytest
 
 from kvtier import devcluster, errors, security
 from kvtier.cli import admin
+from kvtier.cli import progress as progress_cli
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.gateway.v1 import admin_pb2
 from services.gateway import rebuild
 from tests import pki as test_pki
 
 State = rebuild.State
+MIB, GIB = 1 << 20, 1 << 30
 
 
 def _drive(index: int, state: rebuild.State, *bad: tuple[int, int]) -> rebuild.Drive:
@@ -48,19 +50,55 @@ def test_summary_and_plain_progress() -> None:
         "scanned 12, healed 3, unrecoverable 1, skipped 2 (drives unreachable: the gateway "
         "retries them) (dry run: nothing was written)"
     )
+    progress.bytes_scanned = 12 * MIB
     out = io.StringIO()
-    display = admin.Display(out, tty=False)
-    display.show(progress, 40)
-    display.show(progress, 40)  # within 5 s: no second line
-    assert out.getvalue() == "heal: scanned 12 of 40, healed 3, unrecoverable 1, skipped 2\n"
+    now = [50.0]
+    display = admin.Display(out, tty=False, clock=lambda: now[0])
+    now[0] += 4.0
+    totals = progress_cli.Totals(objects=40, bytes=40 * MIB)
+    display.show(progress, totals)
+    now[0] += 1.0
+    display.show(progress, totals)  # within 5 s: no second line
+    assert out.getvalue() == (
+        "heal: scanned 12 of 40, healed 3, unrecoverable 1, skipped 2; "
+        "12.0 MiB of 40.0 MiB, 3.0 MiB/s, ETA 9s\n"
+    )
+    now[0] += 4.0
+    display.show(progress, None)  # 5 s on: a line; no total, no ETA
+    assert out.getvalue().splitlines()[-1] == (
+        "heal: scanned 12, healed 3, unrecoverable 1, skipped 2; 12.0 MiB, 1.3 MiB/s"
+    )
     display.clear()  # nothing drawn in place: nothing to clear
-    assert out.getvalue().count("\n") == 1
+    assert out.getvalue().count("\n") == 2
 
 
-def test_bar_without_a_total() -> None:
-    progress = admin_pb2.HealProgress(scanned=5, current_key="b/k")
-    assert admin.render_bar(progress, None) == "scanned 5, healed 0, unrecoverable 0  b/k"
-    assert admin.render_bar(progress, 10).startswith("[" + "#" * 12 + "." * 12 + "]  50% ")
+def test_bar_by_bytes_then_objects() -> None:
+    meter = progress_cli.Meter(clock=iter([0.0, 10.0, 10.0, 10.0]).__next__)
+    progress = admin_pb2.HealProgress(scanned=5, current_key="b/k", bytes_scanned=3 * GIB)
+    assert admin.render_bar(progress, None, meter) == (
+        "3.0 GiB, 307.2 MiB/s; scanned 5, healed 0, unrecoverable 0  b/k"
+    )
+    # By bytes: 3 GiB of 4 GiB is 75 % though only half the objects are done.
+    totals = progress_cli.Totals(objects=10, bytes=4 * GIB)
+    assert admin.render_bar(progress, totals, meter) == (
+        "[" + "#" * 18 + "." * 6 + "]  75% 3.0 GiB of 4.0 GiB, 307.2 MiB/s, ETA 3s; "
+        "scanned 5 of 10, healed 0, unrecoverable 0  b/k"
+    )
+    # Empty objects only: by objects (5 of 10 in 10 s: 10 s left).
+    empty = admin_pb2.HealProgress(scanned=5, current_key="b/e")
+    assert admin.render_bar(empty, progress_cli.Totals(objects=10, bytes=0), meter) == (
+        "[" + "#" * 12 + "." * 12 + "]  50% 0 B of 0 B, 0.5 objects/s, ETA 10s; "
+        "scanned 5 of 10, healed 0, unrecoverable 0  b/e"
+    )
+
+
+def test_durations() -> None:
+    assert [progress_cli.duration_text(s) for s in (0, 44.6, 185, 7620)] == [
+        "0s",
+        "45s",
+        "3m05s",
+        "2h07m",
+    ]
 
 
 def test_gateway_address(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@ tenant), through the metadata service, and `kvtier admin heal`: heal a bucket, a
 everything through a gateway, with progress.
 
 Progress goes to stderr: one line redrawn in place (carriage return) when stderr is a terminal,
-a plain line every few seconds otherwise. The objects are counted alongside (a listing, which
+a plain line every few seconds otherwise; both show objects and bytes done of the total, the
+rate and the time left. The objects and their bytes are counted alongside (a listing, which
 reads no object data) so that the bar can show how far the heal is. Unrecoverable objects and
 the summary (`scanned N, healed N, unrecoverable N`) go to stdout.
 """
@@ -17,10 +18,12 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 from kvtier import devcluster, errors, security, users
+from kvtier.cli import progress as progress_mod
 from kvtier.clients import gateway as gateway_client
 from kvtier.clients import metadata as metadata_client
 from kvtier.proto.gateway.v1 import admin_pb2
@@ -174,11 +177,11 @@ def split_target(target: str) -> tuple[str, str]:
 
 async def count_objects(
     address: str, bucket: str, prefix: str, sec: security.ClientSecurity | None = None
-) -> int:
-    """How many objects the heal will look at (a listing: reads no object data)."""
+) -> progress_mod.Totals:
+    """How many objects, and bytes, the heal will look at (a listing: reads no object data)."""
     async with gateway_client.ObjectServiceClient(address, timeout_s=30.0, security=sec) as client:
         buckets = [bucket] if bucket else [b.name for b in await client.list_buckets()]
-        total = 0
+        total = nbytes = 0
         for name in buckets:
             token = ""
             while True:
@@ -186,32 +189,42 @@ async def count_objects(
                     pb.ListObjectsRequest(bucket=name, prefix=prefix, continuation_token=token)
                 )
                 total += len(page.objects)
+                nbytes += sum(o.size for o in page.objects)
                 if not page.is_truncated:
                     break
                 token = page.next_continuation_token
-    return total
+    return progress_mod.Totals(objects=total, bytes=nbytes)
 
 
 class Display:
     """Renders progress on a stream: a bar redrawn in place on a terminal, else a line now
     and then."""
 
-    def __init__(self, stream: TextIO, *, tty: bool | None = None) -> None:
+    def __init__(
+        self,
+        stream: TextIO,
+        *,
+        tty: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._stream = stream
         self._tty = stream.isatty() if tty is None else tty
-        self._printed = 0.0
+        self._clock = clock
+        self._printed: float | None = None
         self._drawn = False
+        self.meter = progress_mod.Meter(clock)
 
-    def show(self, progress: admin_pb2.HealProgress, total: int | None) -> None:
-        """Progress so far; total: the object count, when known."""
+    def show(self, progress: admin_pb2.HealProgress, total: progress_mod.Totals | None) -> None:
+        """Progress so far; total: the objects and bytes of the whole heal, when known."""
         if self._tty:
             width = shutil.get_terminal_size((100, 20)).columns - 1
-            line = render_bar(progress, total)[:width]
+            line = render_bar(progress, total, self.meter)[:width]
             self._stream.write("\r" + line.ljust(width))
             self._drawn = True
-        elif time.monotonic() - self._printed >= _PLAIN_EVERY_S:
-            self._printed = time.monotonic()
-            self._stream.write(f"heal: {render_counts(progress, total)}\n")
+        elif self._printed is None or self._clock() - self._printed >= _PLAIN_EVERY_S:
+            self._printed = self._clock()
+            rate = self.meter.text(progress.scanned, progress.bytes_scanned, total)
+            self._stream.write(f"heal: {render_counts(progress, total)}; {rate}\n")
         self._stream.flush()
 
     def clear(self) -> None:
@@ -223,9 +236,9 @@ class Display:
             self._drawn = False
 
 
-def render_counts(progress: admin_pb2.HealProgress, total: int | None) -> str:
+def render_counts(progress: admin_pb2.HealProgress, total: progress_mod.Totals | None) -> str:
     """'scanned 5 of 9, healed 1, unrecoverable 0' (+ skipped when any)."""
-    of = f" of {total}" if total is not None else ""
+    of = f" of {total.objects}" if total is not None else ""
     text = (
         f"scanned {progress.scanned}{of}, healed {progress.healed}, "
         f"unrecoverable {progress.unrecoverable}"
@@ -233,15 +246,21 @@ def render_counts(progress: admin_pb2.HealProgress, total: int | None) -> str:
     return text + (f", skipped {progress.skipped}" if progress.skipped else "")
 
 
-def render_bar(progress: admin_pb2.HealProgress, total: int | None) -> str:
-    """One terminal line: a bar (once the total is known), the counts and the current key."""
-    if total:
-        done = min(1.0, progress.scanned / total)
+def render_bar(
+    progress: admin_pb2.HealProgress,
+    total: progress_mod.Totals | None,
+    meter: progress_mod.Meter,
+) -> str:
+    """One terminal line: a bar (once the total is known: by bytes, or objects when they are
+    all empty), bytes, rate and time left (first: a narrow terminal cuts the end), the counts
+    and the current key."""
+    done = meter.fraction(progress.scanned, progress.bytes_scanned, total)
+    bar = ""
+    if done is not None:
         filled = round(done * _BAR_CELLS)
         bar = f"[{'#' * filled}{'.' * (_BAR_CELLS - filled)}] {done:4.0%} "
-    else:
-        bar = ""
-    return f"{bar}{render_counts(progress, total)}  {progress.current_key}"
+    rate = meter.text(progress.scanned, progress.bytes_scanned, total)
+    return f"{bar}{rate}; {render_counts(progress, total)}  {progress.current_key}"
 
 
 def summary(progress: admin_pb2.HealProgress, *, dry_run: bool) -> str:

@@ -1,5 +1,6 @@
 """`kvtier admin kv quota|ttl|durability`: the KV tier's operator settings (kvcache's SetQuota,
-SetNamespaceTTL and SetNamespacePolicy RPCs), applied to every kvcache node of the cluster map.
+SetNamespaceTTL and SetNamespacePolicy RPCs), applied to every kvcache node of the cluster map;
+`kvtier admin kv stats`: every kvcache node's statistics (`kvtier.kv_stats`), as text or JSON.
 
 They are run-time settings of each node: a node started later, or restarted, has its start-time
 settings (`tenant_quotas`, `default_tenant_quota_bytes`; docs/kvcache.md) until set again.
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 from typing import Any, TextIO
 
-from kvtier import errors, membership, security
+from kvtier import errors, kv_stats, membership, security
 from kvtier.clients import kvcache
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.kvcache.v1 import kvcache_pb2
@@ -64,7 +66,10 @@ def add_parser(admin_sub: Any, state_dir_default: str, etcd_prefix: str) -> None
     durability.add_argument("tenant", help="the namespace's tenant")
     durability.add_argument("namespace", help="the namespace")
     durability.add_argument("level", choices=sorted(DURABILITY), help="none: DRAM only")
-    for parser in (quota, ttl, durability):
+    stats = kv_sub.add_parser("stats", help="every kvcache node's blocks, bytes, hit rates...")
+    stats.add_argument("--tenant", default="", help="one tenant's figures; none: whole nodes")
+    stats.add_argument("--json", action="store_true", help="machine-readable: {node id: stats}")
+    for parser in (quota, ttl, durability, stats):
         parser.add_argument("--state-dir", default=state_dir_default, help="the dev cluster")
         parser.add_argument(
             "--etcd-endpoints", default="", help="host:port list; default: the state dir's"
@@ -102,6 +107,8 @@ async def run(
     nodes = [n for n in cmap.nodes if n.role == common_pb2.NODE_ROLE_KVCACHE]
     if not nodes:
         raise errors.Unavailable("no kvcache node in the cluster map")
+    if args.kv_command == "stats":
+        return await _stats(nodes, args, out, sec)
     results = await asyncio.gather(
         *(_apply(n.grpc_address, args, sec) for n in nodes), return_exceptions=True
     )
@@ -114,4 +121,40 @@ async def run(
             raise result
         else:
             out.write(f"{node.node_id}: set\n")
+    return 1 if failed else 0
+
+
+async def _one_stats(
+    address: str, args: argparse.Namespace, sec: security.ClientSecurity | None
+) -> kv_stats.KVStats:
+    async with kvcache.KVCacheClient(address, timeout_s=args.timeout_s, security=sec) as client:
+        return kv_stats.KVStats.from_proto(await client.stats(args.tenant))
+
+
+async def _stats(
+    nodes: list[common_pb2.NodeInfo],
+    args: argparse.Namespace,
+    out: TextIO,
+    sec: security.ClientSecurity | None,
+) -> int:
+    """`kv stats`: each node's statistics; a node that did not answer is named (and exit 1)."""
+    results = await asyncio.gather(
+        *(_one_stats(n.grpc_address, args, sec) for n in nodes), return_exceptions=True
+    )
+    found: dict[str, kv_stats.KVStats] = {}
+    failed: dict[str, str] = {}
+    for node, result in zip(nodes, results, strict=True):
+        if isinstance(result, errors.KVTierError):
+            failed[node.node_id] = str(result)
+        elif isinstance(result, BaseException):
+            raise result
+        else:
+            found[node.node_id] = result
+    if args.json:
+        shown = {node_id: s.as_dict() for node_id, s in sorted(found.items())}
+        out.write(json.dumps({"nodes": shown, "failed": failed}, indent=2) + "\n")
+    else:
+        out.write(kv_stats.render(found) + "\n")
+        for node_id, why in sorted(failed.items()):
+            out.write(f"{node_id}: failed: {why}\n")
     return 1 if failed else 0

@@ -23,6 +23,9 @@ kvtier admin kv quota TENANT BYTES | ttl TENANT NAMESPACE SECONDS
 kvtier admin certs init --dir DIR --cluster NAME
 kvtier admin certs issue --dir DIR --role ROLE --name NAME [--host H ...] [--days N]
                                           the cluster CA and node/operator certificates
+kvtier console [--state-dir DIR | --metadata H:P --ca-file F --tls-cert-file F --tls-key-file F]
+                                          the operator console (HTTPS, port 9001): log in with
+                                          an access key and secret
 
 Exit codes: 0 success, 1 failure (or a degraded cluster), 2 a bad flag or state dir (one line).
 
@@ -52,6 +55,7 @@ from kvtier.cli import admin as admin_cmd
 from kvtier.cli import certs as certs_cmd
 from kvtier.cli import kvadmin
 from kvtier.cli import status as status_cmd
+from kvtier.console import cli as console_cli
 
 DEFAULT_STATE_DIR = ".kvtier"
 EXIT_USAGE = 2
@@ -170,6 +174,8 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--etcd-prefix", default=devcluster.ETCD_PREFIX)
     status.add_argument("--timeout-s", type=float, default=3.0)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    console_cli.add_parser(sub, DEFAULT_STATE_DIR)
 
     health = sub.add_parser(
         "health", help="check a node's gRPC health service, or (no address) every node's"
@@ -465,6 +471,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args)
         if args.command == "admin":
             return _admin(args)
+        if args.command == "console":
+            try:
+                return console_cli.run(args)
+            except errors.InvalidArgument as exc:  # bad flags or files: exit 2
+                raise UsageError(exc.message) from None
         return _health(args)
     except (UsageError, devports.PortError) as exc:
         print(f"kvtier {args.command}: error: {exc}", file=sys.stderr)

@@ -11,11 +11,19 @@ from kvtier.clients import kvcache, node
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.transport import registry
 
+#: The health of a node a user cannot probe (no users' port) that holds its lease.
+LEASED = "LEASED"
+
 
 async def _node_epoch(
-    address: str, timeout_s: float, sec: security.ClientSecurity | None
+    address: str | None,
+    timeout_s: float,
+    sec: security.ClientSecurity | None,
+    tokens: security.TokenSource | None = None,
 ) -> int | None:
-    async with node.NodeClient(address, timeout_s=timeout_s, security=sec) as client:
+    if address is None:
+        return None
+    async with node.NodeClient(address, timeout_s=timeout_s, security=sec, tokens=tokens) as client:
         try:
             return int((await client.get_node_info()).map_epoch)
         except errors.KVTierError:
@@ -23,13 +31,17 @@ async def _node_epoch(
 
 
 async def _kv_stats(
-    info: common_pb2.NodeInfo, timeout_s: float, sec: security.ClientSecurity | None
+    info: common_pb2.NodeInfo,
+    address: str | None,
+    timeout_s: float,
+    sec: security.ClientSecurity | None,
+    tokens: security.TokenSource | None = None,
 ) -> dict[str, Any] | None:
     """A kvcache node's fill and hit rate (None for other roles or when it does not answer)."""
-    if info.role != common_pb2.NODE_ROLE_KVCACHE:
+    if info.role != common_pb2.NODE_ROLE_KVCACHE or address is None:
         return None
     async with kvcache.KVCacheClient(
-        info.grpc_address, timeout_s=timeout_s, security=sec
+        address, timeout_s=timeout_s, security=sec, tokens=tokens
     ) as client:
         try:
             stats = await client.stats()
@@ -77,13 +89,37 @@ async def collect(
         cmap = (await store.get_map()).map
     finally:
         await store.close()
-    health = await asyncio.gather(
-        *(rpc.check_health(n.grpc_address, timeout_s=timeout_s, security=sec) for n in cmap.nodes)
-    )
+    return await describe(cmap, timeout_s, sec)
+
+
+async def describe(
+    cmap: common_pb2.ClusterMap,
+    timeout_s: float,
+    sec: security.ClientSecurity | None = None,
+    tokens: security.TokenSource | None = None,
+) -> dict[str, Any]:
+    """collect()'s result for a map in hand. With tokens (a user's session, the console) each
+    node is asked on its users' port; a node without one (datanodes) is not probed: its
+    health is LEASED (it holds its etcd lease, or it would not be in the map)."""
+
+    def address(n: common_pb2.NodeInfo) -> str | None:
+        if tokens is None:
+            return str(n.grpc_address)
+        return str(n.client_address) or None
+
+    async def health_of(n: common_pb2.NodeInfo) -> str:
+        where = address(n)
+        if where is None:
+            return LEASED
+        return await rpc.check_health(where, timeout_s=timeout_s, security=sec)
+
+    health = await asyncio.gather(*(health_of(n) for n in cmap.nodes))
     epochs = await asyncio.gather(
-        *(_node_epoch(n.grpc_address, timeout_s, sec) for n in cmap.nodes)
+        *(_node_epoch(address(n), timeout_s, sec, tokens) for n in cmap.nodes)
     )
-    kv_stats = await asyncio.gather(*(_kv_stats(n, timeout_s, sec) for n in cmap.nodes))
+    kv_stats = await asyncio.gather(
+        *(_kv_stats(n, address(n), timeout_s, sec, tokens) for n in cmap.nodes)
+    )
     local = registry.client_capabilities()
     nodes = [
         {
@@ -143,7 +179,11 @@ async def collect(
 def problems(state: dict[str, Any]) -> list[str]:
     """What makes the cluster degraded, one phrase each: a node not SERVING, a datanode DOWN
     (in a set but not in the map), a set with drives offline, a role with no node, no pool."""
-    found = [f"{n['node_id']} is {n['health']}" for n in state["nodes"] if n["health"] != "SERVING"]
+    found = [
+        f"{n['node_id']} is {n['health']}"
+        for n in state["nodes"]
+        if n["health"] not in ("SERVING", LEASED)
+    ]
     found += [f"{node_id} is DOWN" for node_id in state["down"]]
     for pool in state["pools"]:
         found += [
