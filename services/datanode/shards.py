@@ -2,11 +2,15 @@
 
 Layout under the drive (ARCHITECTURE.md, "The durable object tier"), h = hex SHA-256 of the key:
 
-    objects/<bucket>/<h[:2]>/<h>/meta              ShardMeta bytes + their xxh3-64 (8 bytes LE)
+    objects/<bucket>/<h[:2]>/<h>/meta              ShardMeta bytes + their xxh3-64 (8 bytes LE;
+                                                   services.datanode.shardmeta)
     objects/<bucket>/<h[:2]>/<h>/<data_id>/part.N  the part's shard: blocks of <= block_bytes,
                                                    each followed by its xxh3-64 (8 bytes LE;
                                                    services.datanode.framing)
-    .kvtier/tmp/<write_id>/                        a staged write (data/part.N, meta)
+    objects/<bucket>/<h[:2]>/<h>/versions/         a versioned key's non-current versions
+                                                   (services.datanode.versionstore)
+    .kvtier/tmp/<write_id>/                        a staged write (data/part.N, meta;
+                                                   services.datanode.stagedwrite)
     .kvtier/index.sqlite                           the listing index (services.datanode.index)
     .kvtier/journal                                small commits and their removals, not yet
                                                    synced in the files (services.datanode.journal)
@@ -30,216 +34,75 @@ checkpoint (syncfs, then an empty journal) runs when the journal grows past
 JOURNAL_CHECKPOINT_BYTES and at close.
 Operations on one key are serialized by a striped lock; everything here blocks (run it in the
 datanode's bounded executor).
+
+This module is the store's entry point: import ShardStore and the names below from here. The
+code lives in these modules; ShardStore is built in layers, each class on the one listed before
+it (ShardStoreBase → VersionedShards → ShardReads → ShardRecovery → ShardStore):
+    shardmeta      the meta file's format (encode, decode), stamps, version names, small writes'
+                   sealed metas
+    shardfiles     the durable file steps (fsync, write then rename, data dir removal)
+    stagedwrite    StagedWrite: a write staged under `.kvtier/tmp` until its commit
+    shardbase      ShardStoreBase: paths, per-key locks, the index, the journal's checkpoint
+    shardversions  S3 versions of a key (layout and crash rules: versionstore)
+    shardreads     reads of metas and blocks, verification, listings
+    shardrecovery  the index's repair at open, rebuilds, the sweep of staged writes
+    shards         ShardStore: opening and closing, commits, small writes and the journal
+                   (its replay), removals, rewrites of a meta
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
-import re
 import shutil
 import threading
-import time
-import types
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from google.protobuf import message as pb_message
 
-from kvtier import errors, names, objversions
+from kvtier import errors
 from kvtier.proto.datanode.v1 import datanode_pb2
-from services.datanode import drives, framing, index, journal, versionstore
+from services.datanode import (
+    drives,
+    framing,
+    journal,
+    shardbase,
+    shardfiles,
+    shardmeta,
+    shardreads,
+    shardrecovery,
+    stagedwrite,
+    versionstore,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-BLOCK_BYTES = 1 << 20
-MAX_BLOCK_BYTES = 16 << 20
-INLINE_MAX_BYTES = 128 << 10
-MAX_PART_NUMBER = 10_000
-OBJECTS_DIR = "objects"
-TMP_DIR = Path(".kvtier") / "tmp"
-INDEX_FILE = Path(".kvtier") / "index.sqlite"
-JOURNAL_FILE = Path(".kvtier") / "journal"
-#: Present only while the drive is closed cleanly (its index checkpointed and synced): created
-#: durably at close, removed durably at open before anything changes. Its absence at open on a
-#: new boot means the index may have lost transactions: it is rebuilt. A file, not a row of the
-#: index: the index's own writes are not synced (synchronous=NORMAL), so a "dirty" row could be
-#: lost with a power loss and the next boot would trust a stale index.
-CLEAN_FILE = Path(".kvtier") / "index.clean"
+# What other modules use of the store, from the modules that define it.
+FORMAT_VERSION = shardmeta.FORMAT_VERSION
+BLOCK_BYTES = shardmeta.BLOCK_BYTES
+MAX_BLOCK_BYTES = shardmeta.MAX_BLOCK_BYTES
+INLINE_MAX_BYTES = shardmeta.INLINE_MAX_BYTES
+MAX_PART_NUMBER = shardmeta.MAX_PART_NUMBER
+MAX_FUTURE_MTIME_NS = shardmeta.MAX_FUTURE_MTIME_NS
+META_FILE = shardmeta.META_FILE
+OBJECTS_DIR = shardbase.OBJECTS_DIR
+TMP_DIR = shardbase.TMP_DIR
+INDEX_FILE = shardbase.INDEX_FILE
+JOURNAL_FILE = shardbase.JOURNAL_FILE
+CLEAN_FILE = shardbase.CLEAN_FILE
+ShardMeta = shardmeta.ShardMeta
+ListEntry = shardreads.ListEntry
+BadBlock = shardreads.BadBlock
+StagedWrite = stagedwrite.StagedWrite
+is_inline = shardmeta.is_inline
+encode_meta = shardmeta.encode_meta
+decode_meta = shardmeta.decode_meta
+seal_small = shardmeta.seal_small
+
 JOURNAL_CHECKPOINT_BYTES = 64 << 20
-META_FILE = "meta"
-
-_SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
-#: Names in a key's directory that no data dir may take.
-_RESERVED_IDS = frozenset({META_FILE, versionstore.VERSIONS_DIR, objversions.NULL})
-_LOCK_STRIPES = 64
-_VERIFY_BLOCKS = 4
-
-ShardMeta = datanode_pb2.ShardMeta
-ListEntry = index.ListEntry
-BadBlock = tuple[int, int]
-
-
-def is_inline(meta: datanode_pb2.ShardMeta) -> bool:
-    """Whether the object's shard lives in its meta (small shards, pool records) or in files."""
-    return sum(p.shard_bytes for p in meta.parts) <= INLINE_MAX_BYTES
-
-
-def encode_meta(meta: datanode_pb2.ShardMeta) -> bytes:
-    """The bytes of a meta file: the message and its checksum."""
-    body = meta.SerializeToString(deterministic=True)
-    return body + framing.digest(body)
-
-
-def decode_meta(raw: bytes, where: str) -> datanode_pb2.ShardMeta:
-    """Parse a meta file; raises Corrupt when its checksum, encoding or version is wrong."""
-    body = raw[: -framing.HASH_BYTES]
-    if len(raw) < framing.HASH_BYTES or framing.digest(body) != raw[-framing.HASH_BYTES :]:
-        raise errors.Corrupt(f"{where}: meta checksum mismatch")
-    meta = ShardMeta()
-    try:
-        meta.ParseFromString(body)
-    except pb_message.DecodeError:
-        raise errors.Corrupt(f"{where}: meta does not parse") from None
-    if meta.format_version != FORMAT_VERSION:
-        raise errors.Corrupt(f"{where}: unknown meta format version {meta.format_version}")
-    if not 0 < meta.block_bytes <= MAX_BLOCK_BYTES:
-        raise errors.Corrupt(f"{where}: meta has block_bytes {meta.block_bytes}")
-    return meta
-
-
-def _entry(meta: datanode_pb2.ShardMeta) -> index.ListEntry:
-    return index.ListEntry(
-        meta.key, meta.size, meta.etag, meta.mtime_unix_ns, meta.is_pointer, meta.delete_marker
-    )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _makedirs_durable(path: Path) -> None:
-    """Create path and its missing parents, each made durable in its parent."""
-    missing = []
-    while not path.is_dir():
-        missing.append(path)
-        path = path.parent
-    for directory in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            directory.mkdir()
-        _fsync_dir(directory.parent)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _remove_data_dirs(object_dir: Path, keep: str | None) -> None:
-    """Remove every data dir of object_dir except keep (old versions, crash leftovers) and
-    those of the key's non-current S3 versions (versionstore), which stay."""
-    stale = []
-    versioned = False
-    with contextlib.suppress(FileNotFoundError), os.scandir(object_dir) as entries:
-        for e in entries:
-            if e.name == versionstore.VERSIONS_DIR:
-                versioned = True
-            elif e.name != keep and e.is_dir(follow_symlinks=False):
-                stale.append(e.path)
-    if versioned and stale:  # only keys of versioned buckets pay this
-        held = {m.data_id for m in versionstore.noncurrent(object_dir, None, decode_meta)}
-        stale = [p for p in stale if os.path.basename(p) not in held]
-    for path in stale:
-        shutil.rmtree(path)
-
-
-def _replace_files(staged: Path, target: Path) -> None:
-    """Move every file of staged over its namesake in target, each by an atomic rename.
-
-    Used when a commit brings a data dir that already exists: a version's shard rewritten by
-    healing (its data_id names the version, and a drive always holds the same shard index of
-    it, so the new files are byte for byte what the old ones should have been). Whatever file
-    a crash leaves old, the version stays readable where it was intact before.
-    """
-    with os.scandir(staged) as entries:
-        for entry in entries:
-            os.replace(entry.path, target / entry.name)
-    _fsync_dir(target)
-
-
-#: How far ahead of this node's clock a version's stamp may be. Stamps come from the gateways'
-#: hybrid logical clocks (kvtier.hlc), which run ahead of real time by at most the largest
-#: clock skew among the gateways: 30 min tolerates gateways skewed ±10 min (the fault suite's
-#: scenario) with room to spare, and still refuses a stamp that would win every later write
-#: for hours.
-MAX_FUTURE_MTIME_NS = 1800 * 1_000_000_000
-
-
-def _stamp(stored: datanode_pb2.ShardMeta, where: str) -> None:
-    """Set the format version and a missing mtime (now); ClockSkew for one more than
-    MAX_FUTURE_MTIME_NS ahead of this node's clock."""
-    stored.format_version = FORMAT_VERSION
-    now = time.time_ns()
-    if stored.mtime_unix_ns > now + MAX_FUTURE_MTIME_NS:
-        # A version stamped far in the future would win every later write (commits keep the
-        # newest stamp): refused, whoever sent it.
-        ahead_s = (stored.mtime_unix_ns - now) // 1_000_000_000
-        raise errors.ClockSkew(
-            f"{where}: mtime is {ahead_s} s ahead of this datanode's clock (at most "
-            f"{MAX_FUTURE_MTIME_NS // 1_000_000_000} s): the writer's clock is skewed"
-        )
-    stored.mtime_unix_ns = stored.mtime_unix_ns or now
-
-
-def _name_version(stored: datanode_pb2.ShardMeta, where: str) -> None:
-    """Set a missing data_id (a new uuid); InvalidArgument for one that is no safe name."""
-    stored.data_id = stored.data_id or uuid.uuid4().hex
-    if not _SAFE_ID.fullmatch(stored.data_id) or stored.data_id in _RESERVED_IDS:
-        raise errors.InvalidArgument(f"{where}: data_id {stored.data_id!r} is not a safe name")
-
-
-def seal_small(meta: datanode_pb2.ShardMeta, shard: framing.Buffer) -> datanode_pb2.ShardMeta:
-    """The meta to store for a small write: meta completed (as a commit does) with the shard's
-    framed blocks inline. InvalidArgument unless meta has one part whose shard_bytes is
-    len(shard), at most INLINE_MAX_BYTES."""
-    names.check_stored(meta.bucket, meta.key)
-    where = f"{meta.bucket}/{meta.key}"
-    view = memoryview(shard).cast("B")
-    if len(meta.parts) != 1 or meta.parts[0].shard_bytes != len(view):
-        raise errors.InvalidArgument(f"{where}: a small write has one part of the shard's bytes")
-    if len(view) > INLINE_MAX_BYTES or not 1 <= meta.parts[0].number <= MAX_PART_NUMBER:
-        raise errors.InvalidArgument(f"{where}: not a small write ({len(view)} shard bytes)")
-    stored = ShardMeta()
-    stored.CopyFrom(meta)
-    size = stored.block_bytes = stored.block_bytes or BLOCK_BYTES
-    if not 0 < size <= MAX_BLOCK_BYTES:
-        raise errors.InvalidArgument(f"{where}: block_bytes {size}: 1-{MAX_BLOCK_BYTES}")
-    _stamp(stored, where)
-    _name_version(stored, where)
-    blocks = (view[at : at + size] for at in range(0, len(view), size))
-    stored.inline_data = b"".join(bytes(b) + framing.digest(b) for b in blocks)
-    return stored
 
 
 class Superseded(errors.PreconditionFailed):
@@ -251,183 +114,7 @@ class Superseded(errors.PreconditionFailed):
         self.current_mtime_unix_ns = current_mtime_unix_ns
 
 
-class StagedWrite:
-    """A write of one object version to a drive, invisible until commit.
-
-    Shard bytes arrive through write_part (appends in order, or block-aligned writes); the store
-    frames them into checksummed blocks on arrival, in memory while the whole shard could still
-    be inline, then in files under the staging dir. A write whose commit raised must be aborted.
-    Usable as a context manager that aborts unless committed.
-    """
-
-    def __init__(self, store: ShardStore, write_id: str, path: Path, block_bytes: int) -> None:
-        self.write_id = write_id
-        self.path = path
-        self.block_bytes = block_bytes
-        self._store = store
-        self._lock = threading.Lock()
-        self._parts: dict[int, framing.PartStager] = {}
-        self._staged = 0
-        self._in_memory = True
-        self._state = "open"
-        #: commit only when the drive holds no newer version (mtime, then data_id)
-        self.only_if_newer = False
-        #: a versioned bucket's write the gateway can send again (compose): refused like an
-        #: unversioned one when older, so the gateway restamps it (see _refuse_older)
-        self.resendable = False
-
-    def __enter__(self) -> StagedWrite:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
-    ) -> None:
-        self.abort()
-
-    @property
-    def data_dir(self) -> Path:
-        return self.path / "data"
-
-    def write_part(
-        self, part_number: int, offset: int, data: bytes | bytearray | memoryview
-    ) -> int:
-        """Stage data (raw shard bytes) at offset of the part's shard; returns len(data).
-
-        offset must be a multiple of block_bytes or the end of the previous write of a block still
-        filling; bytes already written cannot be written again (InvalidArgument).
-        """
-        if not 1 <= part_number <= MAX_PART_NUMBER:
-            raise errors.InvalidArgument(f"part number {part_number}: must be 1-{MAX_PART_NUMBER}")
-        if offset < 0:
-            raise errors.InvalidArgument(f"offset {offset}: must not be negative")
-        view = memoryview(data).cast("B")
-        with self._lock:
-            self._check_open()
-            stage = self._parts.get(part_number)
-            if stage is None:
-                stage = self._parts[part_number] = framing.PartStager(self.block_bytes)
-                if not self._in_memory:
-                    stage.spill(self.data_dir / f"part.{part_number}")
-            end = offset + len(view)
-            if self._in_memory and max(end, self._staged + len(view)) > INLINE_MAX_BYTES:
-                self._spill()
-            stage.write(offset, view)
-            self._staged += len(view)
-        return len(view)
-
-    def adopt_part(
-        self, part_number: int, shard_bytes: int, *, frames: bytes = b"", path: Path | None = None
-    ) -> None:
-        """Take a whole part's shard from a committed object on this drive: its framed bytes
-        (an inline shard) or its part file, hard-linked (no copy; the source may go away later).
-
-        Multipart uploads are completed this way: each uploaded part is an object of its own.
-        """
-        if not 1 <= part_number <= MAX_PART_NUMBER:
-            raise errors.InvalidArgument(f"part number {part_number}: must be 1-{MAX_PART_NUMBER}")
-        with self._lock:
-            self._check_open()
-            if part_number in self._parts:
-                raise errors.InvalidArgument(f"part {part_number} is staged already")
-            if self._in_memory and self._staged + shard_bytes > INLINE_MAX_BYTES:
-                self._spill()
-            stage = framing.PartStager.finished(self.block_bytes, shard_bytes)
-            if path is None:
-                stage.memory = bytearray(frames)
-                if not self._in_memory:
-                    stage.spill(self.data_dir / f"part.{part_number}")
-            elif self._in_memory:
-                stage.memory = bytearray(path.read_bytes())
-            else:
-                target = self.data_dir / f"part.{part_number}"
-                os.link(path, target)
-                stage.fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
-            self._parts[part_number] = stage
-            self._staged += shard_bytes
-
-    def _spill(self) -> None:
-        self.data_dir.mkdir()
-        for number, stage in self._parts.items():
-            stage.spill(self.data_dir / f"part.{number}")
-        self._in_memory = False
-
-    def commit(self, meta: datanode_pb2.ShardMeta) -> datanode_pb2.ShardMeta:
-        """Make the staged shard, described by meta, the object's version on this drive.
-
-        meta names the bucket, key, parts (number and shard_bytes, matching what was written) and
-        the rest of the object's metadata. The store sets format_version, block_bytes and
-        inline_data, and fills an empty mtime_unix_ns (now) and data_id (a new uuid). Returns the
-        stored meta. Raises InvalidArgument when meta does not match the staged bytes and
-        PreconditionFailed when the data_id already exists for the key.
-        """
-        with self._lock:
-            self._check_open()
-            try:
-                stored = self._seal(meta)
-                self._store._install(self, stored)
-            except Exception:
-                self._state = "failed"
-                raise
-            self._state = "committed"
-            for stage in self._parts.values():
-                stage.close()
-        self._store._release(self.write_id)
-        shutil.rmtree(self.path, ignore_errors=True)
-        return stored
-
-    def _seal(self, meta: datanode_pb2.ShardMeta) -> datanode_pb2.ShardMeta:
-        """Check meta against the staged parts and complete it; files are synced."""
-        names.check_stored(meta.bucket, meta.key)
-        stored = ShardMeta()
-        stored.CopyFrom(meta)
-        where = f"{meta.bucket}/{meta.key}"
-        if stored.block_bytes not in (0, self.block_bytes):
-            raise errors.InvalidArgument(f"{where}: block_bytes differs from the staged write")
-        stored.block_bytes = self.block_bytes
-        _stamp(stored, where)
-        numbers = [p.number for p in stored.parts]
-        if numbers != sorted(set(numbers)) or not set(self._parts) <= set(numbers):
-            raise errors.InvalidArgument(f"{where}: parts must be unique, ascending and complete")
-        for part in stored.parts:
-            stage = self._parts.get(part.number)
-            if (stage.staged if stage else 0) != part.shard_bytes:
-                raise errors.InvalidArgument(f"{where}: part {part.number} shard_bytes mismatch")
-            if stage:
-                stage.finish(f"{where} part {part.number}")
-        _name_version(stored, where)
-        if is_inline(stored):
-            stored.inline_data = b"".join(
-                self._parts[p.number].frames(framing.framed_bytes(p.shard_bytes, self.block_bytes))
-                for p in stored.parts
-                if p.number in self._parts
-            )
-            return stored
-        stored.inline_data = b""
-        for stage in self._parts.values():
-            stage.sync_and_close()
-        _fsync_dir(self.data_dir)
-        return stored
-
-    def abort(self) -> None:
-        """Drop the staged bytes (idempotent; a no-op after a successful commit)."""
-        with self._lock:
-            if self._state in ("committed", "aborted"):
-                return
-            self._state = "aborted"
-            for stage in self._parts.values():
-                stage.close()
-        self._store._release(self.write_id)
-        shutil.rmtree(self.path, ignore_errors=True)
-
-    def _check_open(self) -> None:
-        if self._state != "open":
-            raise errors.PreconditionFailed(f"write {self.write_id} is {self._state}")
-
-
-class ShardStore:
+class ShardStore(shardrecovery.ShardRecovery):
     """The shards of one drive (see the module docstring for the format).
 
     Opening it repairs the listing index after a crash (pending keys re-read; after an unclean
@@ -436,21 +123,8 @@ class ShardStore:
     """
 
     def __init__(self, drive: drives.LocalDrive) -> None:
-        self.drive = drive
-        self._objects = drive.path / OBJECTS_DIR
-        self._tmp = drive.path / TMP_DIR
-        self._objects.mkdir(parents=True, exist_ok=True)
-        self._tmp.mkdir(parents=True, exist_ok=True)
-        self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
-        self._active: set[str] = set()
-        self._active_lock = threading.Lock()
         fresh = not (drive.path / INDEX_FILE).exists()
-        self._index = index.ShardIndex(drive.path / INDEX_FILE)
-        self._journal = journal.Journal(drive.path / JOURNAL_FILE)
-        #: keys whose last change is in the journal (their removal is journaled too)
-        self._journaled: set[tuple[str, str]] = set()
-        self._checkpoint_lock = threading.Lock()
-        self._closed = False
+        super().__init__(drive)
         self._replay()
         self._recover(fresh)
 
@@ -461,38 +135,8 @@ class ShardStore:
             self.checkpoint()
             self._journal.close()
             self._index.close(synced=True)
-            _write_synced(self.drive.path / CLEAN_FILE, b"clean\n")
-            _fsync_dir((self.drive.path / CLEAN_FILE).parent)
-
-    def _recover(self, fresh: bool) -> None:
-        marker = self.drive.path / CLEAN_FILE
-        clean = marker.exists()
-        state, boot = self._index.get_state(), _boot_id()
-        if fresh or "boot_id" not in state or (not clean and state["boot_id"] != boot):
-            count = self.rebuild_index()
-            log.info("drive %s: index rebuilt, %d objects", self.drive.path, count)
-        else:
-            for bucket, key in self._index.pending():
-                self._reindex(bucket, key)
-        self._index.set_state(boot_id=boot)
-        if clean:  # dirty from now on, durably, before the first change
-            marker.unlink()
-            _fsync_dir(marker.parent)
-
-    def _object_dir(self, bucket: str, key: str) -> Path:
-        names.check_stored(bucket, key)
-        digest = hashlib.sha256(key.encode()).hexdigest()
-        return Path(f"{self._objects}/{bucket}/{digest[:2]}/{digest}")  # one parse: a hot path
-
-    def _key_lock(self, object_dir: Path) -> threading.Lock:
-        return self._locks[int(object_dir.name[:8], 16) % _LOCK_STRIPES]
-
-    @contextlib.contextmanager
-    def _all_locks(self) -> Iterator[None]:
-        with contextlib.ExitStack() as stack:
-            for lock in self._locks:
-                stack.enter_context(lock)
-            yield
+            shardfiles.write_synced(self.drive.path / CLEAN_FILE, b"clean\n")
+            shardfiles.fsync_dir((self.drive.path / CLEAN_FILE).parent)
 
     # Writes.
 
@@ -502,7 +146,7 @@ class ShardStore:
         Raises InvalidArgument for an unsafe write id or block size, AlreadyExists when the
         write id is in use.
         """
-        if not _SAFE_ID.fullmatch(write_id):
+        if not shardmeta.SAFE_ID.fullmatch(write_id):
             raise errors.InvalidArgument(f"write id {write_id!r}: 1-128 of [A-Za-z0-9_.-]")
         if not 0 < block_bytes <= MAX_BLOCK_BYTES:
             raise errors.InvalidArgument(f"block_bytes {block_bytes}: 1-{MAX_BLOCK_BYTES}")
@@ -552,10 +196,6 @@ class ShardStore:
             write.only_if_newer = write.resendable = True
             return write.commit(meta)
 
-    def _release(self, write_id: str) -> None:
-        with self._active_lock:
-            self._active.discard(write_id)
-
     def write_small(
         self, meta: datanode_pb2.ShardMeta, shard: framing.Buffer
     ) -> datanode_pb2.ShardMeta:
@@ -603,9 +243,9 @@ class ShardStore:
         finally:
             os.close(fd)
         os.replace(staged, f"{object_dir}/{META_FILE}")
-        self._index.put(meta.bucket, _entry(meta))
+        self._index.put(meta.bucket, shardmeta.list_entry(meta))
         if not fresh:
-            _remove_data_dirs(object_dir, None)
+            shardfiles.remove_data_dirs(object_dir, None)
 
     def _remove_journaled(self, object_dir: Path, bucket: str, key: str) -> None:
         """Remove a key whose last change is journaled: the removal is journaled too (a replay
@@ -617,18 +257,6 @@ class ShardStore:
         body = removed.SerializeToString()
         self._journal.commit(journal.encode(journal.Kind.REMOVE, body))
         os.unlink(object_dir / META_FILE)
-
-    def checkpoint(self, over_bytes: int = 0) -> None:
-        """When the journal holds more than over_bytes: sync the drive's filesystem (every
-        journaled change is then in durable files) and empty the journal. Holds off every
-        writer meanwhile."""
-        with self._checkpoint_lock:
-            if self._journal.bytes <= over_bytes:
-                return
-            with self._all_locks():
-                journal.sync_filesystem(self.drive.path)
-                self._journal.reset()
-                self._journaled.clear()
 
     def _replay(self) -> None:
         """Apply the journal's records again (module docstring), sync, empty the journal; the
@@ -653,7 +281,7 @@ class ShardStore:
                 self._apply(object_dir, meta, body)
             elif kind is journal.Kind.REMOVE and current is not None and current <= version:
                 os.unlink(object_dir / META_FILE)
-                _remove_data_dirs(object_dir, None)
+                shardfiles.remove_data_dirs(object_dir, None)
         for bucket, key in touched:
             self._reindex(bucket, key)
         if records:
@@ -681,21 +309,23 @@ class ShardStore:
                 return
             if write.only_if_newer:
                 self._refuse_older(object_dir, meta)
-            _makedirs_durable(object_dir)
+            shardfiles.makedirs_durable(object_dir)
             if not inline:
                 target = object_dir / meta.data_id
                 if target.is_dir():
-                    _replace_files(write.data_dir, target)  # healing: the same version again
+                    shardfiles.replace_files(
+                        write.data_dir, target
+                    )  # healing: the same version again
                 else:
                     os.rename(write.data_dir, target)
-                _fsync_dir(object_dir)
+                shardfiles.fsync_dir(object_dir)
             self._index.mark_pending(meta.bucket, meta.key)
             staged_meta = write.path / META_FILE
-            _write_synced(staged_meta, encode_meta(meta))
+            shardfiles.write_synced(staged_meta, encode_meta(meta))
             os.replace(staged_meta, object_dir / META_FILE)
-            _fsync_dir(object_dir)
-            self._index.put(meta.bucket, _entry(meta))
-            _remove_data_dirs(object_dir, None if inline else meta.data_id)
+            shardfiles.fsync_dir(object_dir)
+            self._index.put(meta.bucket, shardmeta.list_entry(meta))
+            shardfiles.remove_data_dirs(object_dir, None if inline else meta.data_id)
 
     def _refuse_older(self, object_dir: Path, meta: datanode_pb2.ShardMeta) -> None:
         """Superseded (with the current stamp) when the drive's current version is newer than
@@ -710,128 +340,7 @@ class ShardStore:
                 current_mtime_unix_ns=current[0],
             )
 
-    # S3 versions (services.datanode.versionstore: layout and crash rules).
-
-    @staticmethod
-    def _current_meta(object_dir: Path) -> datanode_pb2.ShardMeta | None:
-        return versionstore.read_file(object_dir / META_FILE, decode_meta)
-
-    def _install_versioned(
-        self, object_dir: Path, meta: datanode_pb2.ShardMeta, data_dir: Path | None
-    ) -> None:
-        """Commit a version that keeps the key's earlier ones (caller holds the key's lock)."""
-        current = self._current_meta(object_dir)
-        _makedirs_durable(object_dir)
-        if data_dir is not None:
-            target = object_dir / meta.data_id
-            if target.is_dir():
-                _replace_files(data_dir, target)  # healing: the same version again
-            else:
-                os.rename(data_dir, target)
-            _fsync_dir(object_dir)
-        self._index.mark_pending(meta.bucket, meta.key)
-        new_id = objversions.version_id(meta)
-        if current is not None and objversions.order(current) > objversions.order(meta):
-            # A concurrent write that lost: it is a non-current version (a null one only when
-            # no newer null version is here).
-            held = versionstore.find(object_dir, current, new_id, decode_meta)
-            if held is None or objversions.order(held) <= objversions.order(meta):
-                versionstore.write_version(
-                    self._tmp, object_dir, encode_meta(meta), new_id, _write_synced
-                )
-        else:
-            if current is not None and objversions.order(current) != objversions.order(meta):
-                old_id = objversions.version_id(current)
-                if old_id != new_id:  # a null version replaces the null version
-                    versionstore.write_version(
-                        self._tmp, object_dir, encode_meta(current), old_id, _write_synced
-                    )
-            staged = self._tmp / f"meta-{uuid.uuid4().hex}"
-            _write_synced(staged, encode_meta(meta))
-            os.replace(staged, object_dir / META_FILE)
-            _fsync_dir(object_dir)
-            if new_id == objversions.NULL:
-                versionstore.drop_version(object_dir, objversions.NULL)
-            current = meta
-        self._reindex_versions(object_dir, meta.bucket, meta.key, current)
-
-    def _reindex_versions(
-        self, object_dir: Path, bucket: str, key: str, current: datanode_pb2.ShardMeta | None
-    ) -> None:
-        """Drop unreferenced data dirs and index a versioned key's current entry and versions."""
-        others = versionstore.noncurrent(object_dir, current, decode_meta)
-        versionstore.prune(object_dir, current, others, is_inline)
-        entry, rows = versionstore.entries(current, others)
-        self._index.put_key(bucket, key, entry, rows)
-
-    def read_version(self, bucket: str, key: str, version: str) -> datanode_pb2.ShardMeta:
-        """One S3 version of the key ("null" or a data_id), current or not; NotFound."""
-        object_dir = self._object_dir(bucket, key)
-        objversions.check(version)
-        found = versionstore.find(object_dir, self._current_meta(object_dir), version, decode_meta)
-        if found is None or found.bucket != bucket or found.key != key:
-            raise errors.NotFound(f"{bucket}/{key}: no version {version} on this drive")
-        return found
-
-    def delete_version(self, bucket: str, key: str, version: str) -> bool:
-        """Remove one S3 version of the key; the current one is replaced by the newest
-        non-current one (one rename), or the key is gone when none is left. False: absent."""
-        object_dir = self._object_dir(bucket, key)
-        objversions.check(version)
-        if (bucket, key) in self._journaled:
-            self.checkpoint()  # a replay must not bring back a removed journaled version
-        with self._key_lock(object_dir):
-            current = self._current_meta(object_dir)
-            if current is not None and objversions.version_id(current) == version:
-                self._index.mark_pending(bucket, key)
-                others = versionstore.noncurrent(object_dir, current, decode_meta)
-                if others:
-                    newest = objversions.version_id(others[0])
-                    os.replace(versionstore.path_of(object_dir, newest), object_dir / META_FILE)
-                    _fsync_dir(object_dir / versionstore.VERSIONS_DIR)
-                    current = others[0]
-                else:
-                    os.unlink(object_dir / META_FILE)
-                    current = None
-                _fsync_dir(object_dir)
-            elif versionstore.drop_version(object_dir, version):
-                self._index.mark_pending(bucket, key)
-            else:
-                return False
-            self._reindex_versions(object_dir, bucket, key, current)
-            if current is None:
-                with contextlib.suppress(OSError):
-                    (object_dir / versionstore.VERSIONS_DIR).rmdir()
-                    object_dir.rmdir()
-        return True
-
-    def list_versions(
-        self, bucket: str, prefix: str, after_key: str, after_version: str, limit: int
-    ) -> list[index.VersionEntry]:
-        """Up to limit versions (ShardIndex.list_versions) after the version after_version
-        of after_key (empty, or not indexed here: after the whole key)."""
-        names.check_stored_bucket(bucket)
-        if limit < 1:
-            raise errors.InvalidArgument(f"limit {limit}: must be positive")
-        after = None
-        if after_version:
-            after = self._index.version_of(bucket, after_key, objversions.check(after_version))
-        return self._index.list_versions(bucket, prefix, after_key, after, limit)
-
-    def current_stamp(self, bucket: str, key: str) -> int:
-        """The stamp (mtime) of the object's current version here; 0 when there is none."""
-        current = self._current_version(self._object_dir(bucket, key))
-        return current[0] if current is not None else 0
-
-    @staticmethod
-    def _current_version(object_dir: Path) -> tuple[int, str] | None:
-        """(mtime, data_id) of the object's meta here, or None when absent or unreadable."""
-        try:
-            with open(f"{object_dir}/{META_FILE}", "rb") as file:
-                meta = decode_meta(file.read(), str(object_dir))
-        except (FileNotFoundError, errors.Corrupt):
-            return None
-        return meta.mtime_unix_ns, meta.data_id
+    # Removals.
 
     def delete(self, bucket: str, key: str, version: str = "") -> bool:
         """Remove the object from this drive (meta first, then data), every S3 version of it
@@ -846,7 +355,7 @@ class ShardStore:
                 self._index.remove(bucket, key, versions=True)
             if not (object_dir / META_FILE).exists():
                 self._index.remove(bucket, key)
-                _remove_data_dirs(object_dir, None)  # leftovers of a crash
+                shardfiles.remove_data_dirs(object_dir, None)  # leftovers of a crash
                 with contextlib.suppress(OSError):
                     object_dir.rmdir()
                 return False
@@ -855,9 +364,9 @@ class ShardStore:
             else:
                 self._index.mark_pending(bucket, key)
                 os.unlink(object_dir / META_FILE)
-                _fsync_dir(object_dir)
+                shardfiles.fsync_dir(object_dir)
             self._index.remove(bucket, key)
-            _remove_data_dirs(object_dir, None)
+            shardfiles.remove_data_dirs(object_dir, None)
             with contextlib.suppress(OSError):
                 object_dir.rmdir()
         return True
@@ -873,217 +382,7 @@ class ShardStore:
         with self._key_lock(object_dir):
             meta = change(self.read_meta(bucket, key))
             staged = self._tmp / f"meta-{uuid.uuid4().hex}"
-            _write_synced(staged, encode_meta(meta))
+            shardfiles.write_synced(staged, encode_meta(meta))
             os.replace(staged, object_dir / META_FILE)
-            _fsync_dir(object_dir)
+            shardfiles.fsync_dir(object_dir)
         return meta
-
-    def sweep_tmp(self, older_than_s: float) -> int:
-        """Remove staged writes (not in progress here) older than older_than_s; returns how many."""
-        cutoff = time.time() - older_than_s
-        removed = 0
-        with os.scandir(self._tmp) as entries:
-            for entry in entries:
-                with self._active_lock:
-                    if entry.name in self._active:
-                        continue
-                try:
-                    if entry.stat(follow_symlinks=False).st_mtime > cutoff:
-                        continue
-                    if entry.is_dir(follow_symlinks=False):
-                        shutil.rmtree(entry.path)
-                    else:
-                        os.unlink(entry.path)
-                except FileNotFoundError:
-                    continue
-                removed += 1
-        if removed:
-            log.info("drive %s: swept %d stale staged writes", self.drive.path, removed)
-        return removed
-
-    # Reads.
-
-    def read_meta(self, bucket: str, key: str, version: str = "") -> datanode_pb2.ShardMeta:
-        """The object's meta on this drive (version: that S3 version's, current or not);
-        NotFound when absent, Corrupt when unreadable."""
-        if version:
-            return self.read_version(bucket, key, version)
-        path = self._object_dir(bucket, key) / META_FILE
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise errors.NotFound(f"{bucket}/{key}: not on this drive") from None
-        meta = decode_meta(raw, f"{bucket}/{key}")
-        if meta.bucket != bucket or meta.key != key:
-            raise errors.Corrupt(f"{bucket}/{key}: meta names {meta.bucket}/{meta.key}")
-        return meta
-
-    def read_shard(
-        self,
-        bucket: str,
-        key: str,
-        part: int,
-        block_offset: int,
-        block_count: int,
-        into: bytearray | memoryview,
-        *,
-        data_id: str = "",
-    ) -> int:
-        """Read blocks [block_offset, block_offset + block_count) of a part's shard into `into`.
-
-        The count is cut at the shard's end; returns the bytes read. Every block's checksum is
-        checked: Corrupt names the first bad block. A data_id that is not the current version's
-        raises PreconditionFailed (also when the version changes during the read).
-        """
-        meta = self.read_meta(bucket, key)
-        if data_id and meta.data_id != data_id:
-            older = versionstore.find_data(self._object_dir(bucket, key), data_id, decode_meta)
-            if older is None:
-                raise errors.PreconditionFailed(f"{bucket}/{key}: version {data_id} is gone")
-            meta = older
-        shard_bytes, _ = _locate_part(meta, part)
-        size = meta.block_bytes
-        blocks = -(-shard_bytes // size)
-        if not 0 <= block_offset <= blocks or block_count < 0:
-            raise errors.InvalidArgument(f"block offset {block_offset}: the part has {blocks}")
-        end = min(blocks, block_offset + block_count)
-        length = max(0, min(end * size, shard_bytes) - block_offset * size)
-        dest = memoryview(into).cast("B")
-        if dest.readonly or len(dest) < length:
-            raise errors.InvalidArgument(f"buffer: needs {length} writable bytes")
-        where = f"{bucket}/{key} part {part}"
-        try:
-            bad = self._read_blocks(meta, part, block_offset, end, dest[:length])
-        except FileNotFoundError:
-            if self._version_gone(bucket, key, meta.data_id):
-                raise errors.PreconditionFailed(f"{where}: replaced during the read") from None
-            raise errors.Corrupt(f"{where}: shard file missing") from None
-        if bad:
-            raise errors.Corrupt(f"{where} block {bad[0]}: checksum mismatch or short")
-        return length
-
-    def _version_gone(self, bucket: str, key: str, data_id: str) -> bool:
-        """Whether the version data_id is neither the current one nor a kept one any more."""
-        try:
-            if self.read_meta(bucket, key).data_id == data_id:
-                return False
-        except errors.NotFound:
-            return True
-        found = versionstore.find_data(self._object_dir(bucket, key), data_id, decode_meta)
-        return found is None
-
-    def verify(self, bucket: str, key: str) -> list[BadBlock]:
-        """Every (part, block) of the object's shard here that is missing or fails its checksum.
-
-        Raises NotFound when the object is absent and Corrupt when its meta is unreadable.
-        """
-        meta = self.read_meta(bucket, key)
-        size = meta.block_bytes
-        largest = max((p.shard_bytes for p in meta.parts), default=0)
-        scratch = memoryview(bytearray(min(_VERIFY_BLOCKS * size, largest)))
-        bad: list[BadBlock] = []
-        for part in meta.parts:
-            blocks = -(-part.shard_bytes // size)
-            for first in range(0, blocks, _VERIFY_BLOCKS):
-                end = min(blocks, first + _VERIFY_BLOCKS)
-                try:
-                    failed = self._read_blocks(meta, part.number, first, end, scratch)
-                except FileNotFoundError:
-                    failed = list(range(first, end))
-                bad.extend((part.number, block) for block in failed)
-        return bad
-
-    def _read_blocks(
-        self, meta: datanode_pb2.ShardMeta, part: int, first: int, end: int, dest: memoryview
-    ) -> list[int]:
-        """Read blocks [first, end) of a part into dest; returns the bad ones."""
-        shard_bytes, inline_at = _locate_part(meta, part)
-        if first >= end:
-            return []  # an empty part has no file
-        span = framing.BlockSpan(shard_bytes, meta.block_bytes, first, end, dest)
-        if is_inline(meta):
-            return span.from_frames(memoryview(meta.inline_data)[inline_at:])
-        object_dir = self._object_dir(meta.bucket, meta.key)
-        return span.from_file(object_dir / meta.data_id / f"part.{part}")
-
-    # Listing.
-
-    def list(
-        self, bucket: str, prefix: str = "", start_after: str = "", limit: int = 1000
-    ) -> list[ListEntry]:
-        """Up to limit objects of bucket on this drive, sorted by the bytes of their keys.
-
-        Only keys starting with prefix and sorting after start_after; read from the index only.
-        """
-        names.check_stored_bucket(bucket)
-        if limit < 1:
-            raise errors.InvalidArgument(f"limit {limit}: must be positive")
-        return self._index.list(bucket, prefix, start_after, limit)
-
-    def rebuild_index(self) -> int:
-        """Rebuild the listing index from the meta files (blocks writers meanwhile).
-
-        Also removes data dirs no meta refers to. Returns the number of objects indexed.
-        """
-        rows: list[tuple[str, ListEntry]] = []
-        kept: list[tuple[str, index.VersionEntry]] = []
-        with self._all_locks():
-            for bucket_dir in sorted(self._objects.iterdir()):
-                for object_dir in sorted(bucket_dir.glob("*/*")):
-                    meta = self._scan_object(bucket_dir.name, object_dir)
-                    if (object_dir / versionstore.VERSIONS_DIR).is_dir():
-                        others = versionstore.noncurrent(object_dir, meta, decode_meta)
-                        versionstore.prune(object_dir, meta, others, is_inline)
-                        entry, versions = versionstore.entries(meta, others)
-                        kept.extend((bucket_dir.name, v) for v in versions)
-                        if entry is not None:
-                            rows.append((bucket_dir.name, entry))
-                    elif meta is not None:
-                        if meta.keep_versions:
-                            _, versions = versionstore.entries(meta, [])
-                            kept.extend((bucket_dir.name, v) for v in versions)
-                        rows.append((bucket_dir.name, _entry(meta)))
-            self._index.replace_all(rows, kept)
-        return len(rows)
-
-    def _scan_object(self, bucket: str, object_dir: Path) -> datanode_pb2.ShardMeta | None:
-        if not object_dir.is_dir():
-            return None
-        try:
-            meta = decode_meta((object_dir / META_FILE).read_bytes(), str(object_dir))
-            digest = hashlib.sha256(meta.key.encode()).hexdigest()
-            if (meta.bucket, digest) != (bucket, object_dir.name):
-                raise errors.Corrupt(f"{object_dir}: meta names {meta.bucket}/{meta.key}")
-        except FileNotFoundError:
-            _remove_data_dirs(object_dir, None)  # a crash after the data rename
-            with contextlib.suppress(OSError):
-                object_dir.rmdir()
-            return None
-        except errors.Corrupt as exc:
-            log.warning("drive %s: not indexed: %s", self.drive.path, exc)
-            return None
-        _remove_data_dirs(object_dir, None if is_inline(meta) else meta.data_id)
-        return meta
-
-    def _reindex(self, bucket: str, key: str) -> None:
-        object_dir = self._object_dir(bucket, key)
-        with self._key_lock(object_dir):
-            current = self._current_meta(object_dir)
-            versioned = current is not None and current.keep_versions
-            if versioned or (object_dir / versionstore.VERSIONS_DIR).is_dir():
-                self._reindex_versions(object_dir, bucket, key, current)
-                return
-            try:
-                self._index.put(bucket, _entry(self.read_meta(bucket, key)))
-            except (errors.NotFound, errors.Corrupt):
-                self._index.remove(bucket, key)
-
-
-def _locate_part(meta: datanode_pb2.ShardMeta, number: int) -> tuple[int, int]:
-    """(shard bytes of the part, where its frames start in inline_data)."""
-    at = 0
-    for part in meta.parts:
-        if part.number == number:
-            return part.shard_bytes, at
-        at += framing.framed_bytes(part.shard_bytes, meta.block_bytes)
-    raise errors.InvalidArgument(f"{meta.bucket}/{meta.key}: no part {number}")

@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 VERSIONS_DIR = "versions"
 SUFFIX = ".meta"
 ShardMeta = datanode_pb2.ShardMeta
-#: shards.decode_meta, shards._write_synced and shards.is_inline (passed in: no import cycle).
+#: shardmeta.decode_meta, shardfiles.write_synced and shardmeta.is_inline (passed in: shardmeta
+#: imports this module).
 Decode = Callable[[bytes, str], ShardMeta]
 Sync = Callable[[Path, bytes], None]
 Inline = Callable[[ShardMeta], bool]

@@ -24,7 +24,7 @@ import pytest
 
 from kvtier import errors, names
 from kvtier.proto.datanode.v1 import datanode_pb2
-from services.datanode import drives, framing, index, shards
+from services.datanode import drives, framing, index, shardrecovery, shards
 
 log = logging.getLogger(__name__)
 
@@ -601,7 +601,7 @@ def test_lost_index_transactions_are_rebuilt_after_a_reboot(
     store = open_store(drive_dir)
     put(store, KEY, [b"x"])
     store._index.remove(BUCKET, KEY)  # as if a power loss dropped the WAL's tail
-    monkeypatch.setattr(shards, "_boot_id", lambda: "another-boot")
+    monkeypatch.setattr(shardrecovery, "_boot_id", lambda: "another-boot")
     reopened = open_store(drive_dir)  # no clean close, another boot: rebuild
     assert [e.key for e in reopened.list(BUCKET)] == [KEY]
     reopened.close()
@@ -629,7 +629,7 @@ def test_a_power_loss_after_a_clean_restart_still_rebuilds_the_index(
         path.unlink(missing_ok=True)
         if n in synced:
             path.write_bytes(synced[n])
-    monkeypatch.setattr(shards, "_boot_id", lambda: "after-the-power-loss")
+    monkeypatch.setattr(shardrecovery, "_boot_id", lambda: "after-the-power-loss")
     reopened = open_store(drive_dir)
     assert [e.key for e in reopened.list(BUCKET)] == ["after", "before"]
     reopened.close()

@@ -1,0 +1,124 @@
+"""A drive's meta files: their format, and the rules that stamp and name a version.
+
+A meta file (`<h>/meta`, `<h>/versions/<version id>.meta`; layout in services.datanode.shards) is a
+deterministically encoded `ShardMeta` followed by its xxh3-64 (8 bytes LE). A shard of at most
+INLINE_MAX_BYTES in total (all parts) lives in the meta (`inline_data`, framed blocks in part
+order) and has no data directory. A committed meta carries FORMAT_VERSION, its block size, a
+stamp (`mtime_unix_ns`, at most MAX_FUTURE_MTIME_NS ahead of this node's clock) and a `data_id`
+that is a safe name in the key's directory. Pure functions: nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+from google.protobuf import message as pb_message
+
+from kvtier import errors, names, objversions
+from kvtier.proto.datanode.v1 import datanode_pb2
+from services.datanode import framing, index, versionstore
+
+FORMAT_VERSION = 1
+BLOCK_BYTES = 1 << 20
+MAX_BLOCK_BYTES = 16 << 20
+INLINE_MAX_BYTES = 128 << 10
+MAX_PART_NUMBER = 10_000
+META_FILE = "meta"
+
+#: Write ids and data_ids: names safe in a directory.
+SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
+#: Names in a key's directory that no data dir may take.
+_RESERVED_IDS = frozenset({META_FILE, versionstore.VERSIONS_DIR, objversions.NULL})
+
+ShardMeta = datanode_pb2.ShardMeta
+
+
+def is_inline(meta: datanode_pb2.ShardMeta) -> bool:
+    """Whether the object's shard lives in its meta (small shards, pool records) or in files."""
+    return sum(p.shard_bytes for p in meta.parts) <= INLINE_MAX_BYTES
+
+
+def encode_meta(meta: datanode_pb2.ShardMeta) -> bytes:
+    """The bytes of a meta file: the message and its checksum."""
+    body = meta.SerializeToString(deterministic=True)
+    return body + framing.digest(body)
+
+
+def decode_meta(raw: bytes, where: str) -> datanode_pb2.ShardMeta:
+    """Parse a meta file; raises Corrupt when its checksum, encoding or version is wrong."""
+    body = raw[: -framing.HASH_BYTES]
+    if len(raw) < framing.HASH_BYTES or framing.digest(body) != raw[-framing.HASH_BYTES :]:
+        raise errors.Corrupt(f"{where}: meta checksum mismatch")
+    meta = ShardMeta()
+    try:
+        meta.ParseFromString(body)
+    except pb_message.DecodeError:
+        raise errors.Corrupt(f"{where}: meta does not parse") from None
+    if meta.format_version != FORMAT_VERSION:
+        raise errors.Corrupt(f"{where}: unknown meta format version {meta.format_version}")
+    if not 0 < meta.block_bytes <= MAX_BLOCK_BYTES:
+        raise errors.Corrupt(f"{where}: meta has block_bytes {meta.block_bytes}")
+    return meta
+
+
+def list_entry(meta: datanode_pb2.ShardMeta) -> index.ListEntry:
+    """The listing index's entry of a key whose current version is meta."""
+    return index.ListEntry(
+        meta.key, meta.size, meta.etag, meta.mtime_unix_ns, meta.is_pointer, meta.delete_marker
+    )
+
+
+#: How far ahead of this node's clock a version's stamp may be. Stamps come from the gateways'
+#: hybrid logical clocks (kvtier.hlc), which run ahead of real time by at most the largest
+#: clock skew among the gateways: 30 min tolerates gateways skewed ±10 min (the fault suite's
+#: scenario) with room to spare, and still refuses a stamp that would win every later write
+#: for hours.
+MAX_FUTURE_MTIME_NS = 1800 * 1_000_000_000
+
+
+def stamp(stored: datanode_pb2.ShardMeta, where: str) -> None:
+    """Set the format version and a missing mtime (now); ClockSkew for one more than
+    MAX_FUTURE_MTIME_NS ahead of this node's clock."""
+    stored.format_version = FORMAT_VERSION
+    now = time.time_ns()
+    if stored.mtime_unix_ns > now + MAX_FUTURE_MTIME_NS:
+        # A version stamped far in the future would win every later write (commits keep the
+        # newest stamp): refused, whoever sent it.
+        ahead_s = (stored.mtime_unix_ns - now) // 1_000_000_000
+        raise errors.ClockSkew(
+            f"{where}: mtime is {ahead_s} s ahead of this datanode's clock (at most "
+            f"{MAX_FUTURE_MTIME_NS // 1_000_000_000} s): the writer's clock is skewed"
+        )
+    stored.mtime_unix_ns = stored.mtime_unix_ns or now
+
+
+def name_version(stored: datanode_pb2.ShardMeta, where: str) -> None:
+    """Set a missing data_id (a new uuid); InvalidArgument for one that is no safe name."""
+    stored.data_id = stored.data_id or uuid.uuid4().hex
+    if not SAFE_ID.fullmatch(stored.data_id) or stored.data_id in _RESERVED_IDS:
+        raise errors.InvalidArgument(f"{where}: data_id {stored.data_id!r} is not a safe name")
+
+
+def seal_small(meta: datanode_pb2.ShardMeta, shard: framing.Buffer) -> datanode_pb2.ShardMeta:
+    """The meta to store for a small write: meta completed (as a commit does) with the shard's
+    framed blocks inline. InvalidArgument unless meta has one part whose shard_bytes is
+    len(shard), at most INLINE_MAX_BYTES."""
+    names.check_stored(meta.bucket, meta.key)
+    where = f"{meta.bucket}/{meta.key}"
+    view = memoryview(shard).cast("B")
+    if len(meta.parts) != 1 or meta.parts[0].shard_bytes != len(view):
+        raise errors.InvalidArgument(f"{where}: a small write has one part of the shard's bytes")
+    if len(view) > INLINE_MAX_BYTES or not 1 <= meta.parts[0].number <= MAX_PART_NUMBER:
+        raise errors.InvalidArgument(f"{where}: not a small write ({len(view)} shard bytes)")
+    stored = ShardMeta()
+    stored.CopyFrom(meta)
+    size = stored.block_bytes = stored.block_bytes or BLOCK_BYTES
+    if not 0 < size <= MAX_BLOCK_BYTES:
+        raise errors.InvalidArgument(f"{where}: block_bytes {size}: 1-{MAX_BLOCK_BYTES}")
+    stamp(stored, where)
+    name_version(stored, where)
+    blocks = (view[at : at + size] for at in range(0, len(view), size))
+    stored.inline_data = b"".join(bytes(b) + framing.digest(b) for b in blocks)
+    return stored

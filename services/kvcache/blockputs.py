@@ -1,0 +1,203 @@
+"""Puts of the block API: the BatchPut call, and BatchPut/CommitPuts over gRPC.
+
+A call's bytes land straight in freshly allocated extents and are committed when the last one is
+in; over gRPC the caller gets write descriptors, writes, then commits or aborts. Every commit
+checks the bytes against the checksum their writer sent (`integrity`; a mismatch:
+ITEM_STATUS_CORRUPT, nothing stored). Part of `blocks.BlockService`; see the `blocks` module
+docstring. Never imports grpc.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Sequence
+
+from kvtier import blocksums, errors
+from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
+from kvtier.transport import base
+from services.kvcache import blockbase, events, integrity, metrics, slab
+from services.kvcache import store as block_store
+
+_PUT_ERRORS: tuple[tuple[type[errors.KVTierError], pb.ItemStatus.ValueType], ...] = (
+    (errors.AlreadyExists, pb.ITEM_STATUS_BUSY),
+    (errors.QuotaExceeded, pb.ITEM_STATUS_QUOTA_EXCEEDED),
+    (errors.Overloaded, pb.ITEM_STATUS_NO_SPACE),
+    (errors.InvalidArgument, pb.ITEM_STATUS_INVALID),
+)
+#: PutGrant.reason of a CORRUPT put.
+CORRUPT_REASON = "the bytes received do not match the checksum sent with them (nothing stored)"
+
+
+class PutCalls(blockbase.BlockServiceBase):
+    """Puts of `blocks.BlockService` (see the module docstring)."""
+
+    # Data-plane calls.
+
+    def _call_put(
+        self, tenant: str, req: pb.BatchPutRequest, segments: Sequence[int]
+    ) -> base.CallPlan:
+        namespace = blockbase.namespace_name(tenant, req.namespace, trusted=True)
+        if len(segments) != len(req.keys):
+            raise errors.InvalidArgument(f"{len(req.keys)} keys but {len(segments)} segments")
+        sizes = list(req.sizes) or list(segments)
+        if list(segments) != sizes:
+            raise errors.InvalidArgument("each segment must be as long as its key's size")
+        items, tickets, error = self._begin_puts(tenant, namespace, req, sizes)
+        sent = list(req.checksums)
+        # A local writer (shm) copied its bytes into the arena itself, after checksumming them:
+        # nothing crossed a network, so its checksums are kept as sent (readers verify them);
+        # bytes that came over a network are checksummed again here.
+        trusted = bool(sent) and base.LOCAL_WRITER.get()
+        sinks = [
+            base.Span(self._arena, t.extent.offset, t.extent.requested) if t else None
+            for t in tickets
+        ]
+        pending = {i: t for i, t in enumerate(tickets) if t is not None}
+
+        def commit(received: Sequence[int]) -> bytes:
+            nonlocal error
+            for (index, ticket), found in zip(list(pending.items()), received, strict=True):
+                items[index].status = self._commit(ticket, sent[index] if sent else None, found)
+                if items[index].status == pb.ITEM_STATUS_CORRUPT:
+                    items[index].reason = CORRUPT_REASON
+                    error = error or _corrupt_error(ticket.key)
+                del pending[index]
+            reply = pb.BatchPutResponse(items=items, error=error, epoch=self._epoch())
+            return reply.SerializeToString()
+
+        def on_received() -> bytes | Awaitable[bytes]:
+            if trusted:
+                return commit([sent[index] for index in pending])
+            extents = [self._bytes(t.extent) for t in pending.values()]
+            if not blocksums.parallel(extents):
+                return commit([integrity.checksum(e) for e in extents])
+
+            async def later() -> bytes:  # a large batch: hashed on a few threads
+                return commit(await blocksums.checksums(extents))
+
+            return later()
+
+        def on_done(ok: bool) -> None:
+            for ticket in pending.values():  # never received in full, or the call failed
+                self.store.abort(ticket)
+            pending.clear()
+
+        return base.CallPlan(sinks=sinks, on_received=on_received, on_done=on_done)
+
+    # gRPC: puts with descriptors.
+
+    def grant_puts(self, req: pb.BatchPutRequest) -> pb.BatchPutResponse:
+        """BatchPut over gRPC: reserve room and grant write descriptors to req.principal."""
+        tenant, namespace = self._grpc_scope(req.namespace, req.principal)
+        if len(req.sizes) != len(req.keys):
+            raise errors.InvalidArgument(f"{len(req.keys)} keys but {len(req.sizes)} sizes")
+        items, tickets, error = self._begin_puts(tenant, namespace, req, list(req.sizes))
+        ttl_s = self.store.put_timeout_s * 0.9  # the grant must die before the ticket does
+        for index, (item, ticket) in enumerate(zip(items, tickets, strict=True)):
+            if ticket is None:
+                continue
+            if req.checksums:
+                self._sent_checksums[ticket.ticket_id] = req.checksums[index]
+            desc = self._grant(
+                self._arena, ticket.extent.offset, ticket.extent.requested,
+                base.Rights.WRITE, req.principal, ttl_s,
+            )  # fmt: skip
+            item.descriptor.CopyFrom(desc.to_proto())
+            item.put_id = ticket.ticket_id
+            self._puts[ticket.ticket_id] = ticket
+            self._grant_ids[ticket.ticket_id] = desc.grant_id
+        return pb.BatchPutResponse(items=items, error=error, epoch=self._epoch())
+
+    def commit_puts(self, req: pb.CommitPutsRequest) -> pb.CommitPutsResponse:
+        """CommitPuts: make written blocks visible (or abort them)."""
+        tenant = blockbase.checked_tenant(req.namespace.tenant)
+        statuses: list[pb.ItemStatus.ValueType] = []
+        for put_id in req.put_ids:
+            ticket = self._puts.get(put_id)
+            if ticket is None or ticket.tenant != tenant:
+                statuses.append(pb.ITEM_STATUS_EXPIRED)
+                continue
+            del self._puts[put_id]
+            sent = self._sent_checksums.pop(put_id, None)
+            self._end_grant(put_id)  # before the extent can be freed: no write lands later
+            if req.abort:
+                self.store.abort(ticket)
+                statuses.append(pb.ITEM_STATUS_OK)
+            else:
+                statuses.append(self._commit(ticket, sent))
+        return pb.CommitPutsResponse(statuses=statuses)
+
+    # Internals.
+
+    def _begin_puts(
+        self, tenant: str, namespace: str, req: pb.BatchPutRequest, sizes: Sequence[int]
+    ) -> tuple[list[pb.PutGrant], list[block_store.PutTicket | None], str]:
+        blockbase.check_batch(req.keys)
+        if req.ttl_s < 0:
+            raise errors.InvalidArgument("ttl_s must be >= 0")
+        if req.checksums and len(req.checksums) != len(req.keys):
+            raise errors.InvalidArgument(
+                f"{len(req.keys)} keys but {len(req.checksums)} checksums (give one per key)"
+            )
+        tags = events.engine_tags(req) or [None] * len(req.keys)  # raises InvalidArgument
+        items: list[pb.PutGrant] = []
+        tickets: list[block_store.PutTicket | None] = []
+        error = ""
+        for key, size, tag in zip(req.keys, sizes, tags, strict=True):
+            ticket: block_store.PutTicket | None = None
+            reason = ""
+            try:
+                ticket = self.store.begin_put(
+                    tenant, namespace, key, size, overwrite=req.overwrite,
+                    ttl_s=req.ttl_s or None, tag=tag,
+                )  # fmt: skip
+                status = pb.ITEM_STATUS_OK if ticket else pb.ITEM_STATUS_EXISTS
+            except errors.KVTierError as exc:
+                found = [s for cls, s in _PUT_ERRORS if isinstance(exc, cls)]
+                if not found:
+                    raise
+                status = found[0]
+                reason = exc.message
+                error = error or f"key {bytes(key)[:32].hex()}: {exc}"
+            items.append(pb.PutGrant(status=status, reason=reason))
+            tickets.append(ticket)
+            if status != pb.ITEM_STATUS_OK:
+                labels = metrics.LABELS.namespace(tenant, namespace)
+                metrics.PUT_OUTCOMES.labels(*labels, blockbase.STATUS_NAMES[status]).inc()
+        return items, tickets, error
+
+    def _commit(
+        self, ticket: block_store.PutTicket, sent: int | None, received: int | None = None
+    ) -> pb.ItemStatus.ValueType:
+        """Commit a put whose bytes are in: the checksum of what was received (computed here
+        unless given) is checked against the one its writer sent (a mismatch: CORRUPT, nothing
+        stored) and kept with the block."""
+        labels = metrics.LABELS.namespace(ticket.tenant, ticket.namespace)
+        if not self.store.is_pending(ticket):  # expired: its extent may hold others' bytes
+            received = None
+        elif received is None:
+            received = integrity.checksum(self._bytes(ticket.extent))
+        if received is not None and sent is not None and received != sent:
+            self.store.abort(ticket)
+            self.store.record_corrupt(ticket.tenant)
+            integrity.corrupt(
+                "put", ticket.tenant, ticket.namespace, ticket.key,
+                f"received {received:016x}, the writer sent {sent:016x}",
+            )  # fmt: skip
+            status = pb.ITEM_STATUS_CORRUPT
+        elif received is None:
+            status = pb.ITEM_STATUS_EXPIRED
+        else:
+            self.store.commit(ticket, checksum=received)
+            status = pb.ITEM_STATUS_OK
+            metrics.BYTES_IN.labels(*labels).inc(ticket.extent.requested)
+            if self.tier is not None:
+                self.tier.committed(ticket)
+        metrics.PUT_OUTCOMES.labels(*labels, blockbase.STATUS_NAMES[status]).inc()
+        return status
+
+    def _bytes(self, extent: slab.Extent) -> memoryview:
+        return self._arena.view[extent.offset : extent.offset + extent.requested]
+
+
+def _corrupt_error(key: bytes) -> str:
+    return f"key {key[:32].hex()}: {CORRUPT_REASON}"
