@@ -74,6 +74,12 @@ class ServiceConfig:
     advertise_host: str = setting(
         "", "host others use to reach this node; empty: host (or hostname when host is a wildcard)"
     )
+    advertise_client_host: str = setting(
+        "",
+        "host SDK users dial: announced in the client port's address and in the tcp data-plane "
+        "endpoint given to users' sessions, where users reach the node another way than nodes "
+        "do (docker-compose: 127.0.0.1 with published ports); empty: the advertised host",
+    )
     grpc_port: int = setting(
         0, "gRPC port; 0 picks a free one (the real port is registered in etcd)"
     )
@@ -151,6 +157,8 @@ class ServiceConfig:
             raise ConfigError(f"log_format: {self.log_format!r} is not text or json")
         if not (math.isfinite(self.trace_sample_ratio) and 0 <= self.trace_sample_ratio <= 1):
             raise ConfigError(f"trace_sample_ratio: {self.trace_sample_ratio} is not within 0..1")
+        if any(c.isspace() or c in "/@:" for c in self.advertise_client_host):
+            raise ConfigError(f"advertise_client_host: {self.advertise_client_host!r} is no host")
         if any(c.isspace() for c in self.otlp_endpoint):
             raise ConfigError(f"otlp_endpoint: {self.otlp_endpoint!r} holds whitespace")
         if self.node_id and not all(c.isalnum() or c in "-_." for c in self.node_id):
@@ -165,6 +173,10 @@ class ServiceConfig:
         if self.host in {"0.0.0.0", "::", ""}:
             return socket.gethostname()
         return self.host
+
+    def advertised_client_host(self) -> str:
+        """The host SDK users dial to reach this node (its client port, its data plane)."""
+        return self.advertise_client_host or self.advertised_host()
 
 
 def env_name(service: str, field_name: str) -> str:

@@ -258,7 +258,9 @@ def _build(
         node_id=spec.node_id,
         role=spec.role,  # type: ignore[arg-type]
         grpc_address=f"{advertised}:{port}",
-        client_address=f"{advertised}:{client_port}" if client_port is not None else "",
+        client_address=(
+            f"{cfg.advertised_client_host()}:{client_port}" if client_port is not None else ""
+        ),
         tls=ctx.tls is not None,
         metrics_address=f"{advertised}:{metrics_port}" if metrics_port is not None else "",
         hostname=socket.gethostname(),
@@ -318,6 +320,7 @@ def _make_dataplane(
     settings = transport_registry.ServerSettings(
         host=cfg.host,
         advertise_host=advertised,
+        client_advertise_host=cfg.advertise_client_host,
         tcp_port=cfg.dataplane_port,
         rdma_device=cfg.rdma_device,
         max_inflight_bytes=cfg.dataplane_max_inflight_bytes,
@@ -427,6 +430,9 @@ def main(
             argv=sys.argv[1:] if argv is None else argv,
             description=description,
         )
+        # Before build(): opening state logs what recovery did (a datanode's journal replay
+        # and index rebuild after a crash); again below with the node id build() settled.
+        telemetry.configure_logging(cfg.log_level, cfg.log_format, node_id=cfg.node_id)
         spec = build(cfg)
     except config.ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)  # noqa: T201

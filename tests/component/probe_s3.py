@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import enum
 import hashlib
+import json
 import urllib.parse
 
 import aiohttp
@@ -22,7 +23,7 @@ import yarl
 from botocore.config import Config
 
 from kvtier import names
-from services.gateway.s3 import acl
+from services.gateway.s3 import acl, kv_score
 from services.gateway.s3 import cors as s3_cors
 from services.gateway.s3 import server as s3_server
 from tests.component import probe_cluster
@@ -149,7 +150,16 @@ def requests(world: probe_cluster.World) -> list[Request]:
                 targets_a=False,
             )
         )
+    # Score over HTTP (on no bucket, so in no route table row): A's chain, naming A's tenant.
+    out.append(Request(kv_score.OP, "POST", kv_score.PATH, body=score_body(world)))
     return out
+
+
+def score_body(world: probe_cluster.World, *, tenant: str | None = None) -> bytes:
+    """A Score request for A's blocks in A's namespace, naming tenant (default: A's)."""
+    keys = [base64.b64encode(key).decode() for key in world.blocks]
+    doc = {"tenant": world.a.tenant if tenant is None else tenant, "namespace": world.namespace}
+    return json.dumps({**doc, "keys": keys}).encode()
 
 
 #: What S3's public-read grants anyone on a bucket and on a public-read object: listing the

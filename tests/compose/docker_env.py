@@ -27,6 +27,10 @@ PORT_VARIABLES = (
     "GATEWAY_CLIENT_PORT",
     "METADATA_PORT",
     "METADATA_CLIENT_PORT",
+    "KVCACHE_1_CLIENT_PORT",
+    "KVCACHE_1_DATAPLANE_PORT",
+    "KVCACHE_2_CLIENT_PORT",
+    "KVCACHE_2_DATAPLANE_PORT",
 )
 #: The containers' user (Dockerfile): the owner the services require of the master key.
 CONTAINER_UID = 10001

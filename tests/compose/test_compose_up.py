@@ -3,9 +3,10 @@
 On a Docker engine of this machine (started here as root when none runs) and the registry-free
 base image (scripts/compose_base_image.sh), `up --build` must bring every service to healthy;
 then, over the published ports on 127.0.0.1 with the cluster's own PKI: the operator CLI adds a
-user, boto3 does PUT / GET / LIST over HTTPS, the KV SDK stores and reads blocks (from a client
-container on the compose network: the kvcache data plane is only reachable there), `kvtier
-status` sees every node, and reads stay byte-exact with a datanode container stopped.
+user, boto3 does PUT / GET / LIST over HTTPS, the KV SDK on the host stores and reads blocks (the
+kvcache nodes publish their users' port and data plane on 127.0.0.1 and announce it to users),
+the gateway still reaches the kvcache nodes by name on the compose network (an S3 KV bucket),
+`kvtier status` sees every node, and reads stay byte-exact with a datanode container stopped.
 `down --volumes` runs whatever happens. Skips, saying why, only where Docker cannot run.
 """
 
@@ -37,14 +38,14 @@ KV_BLOCK_BYTES = 256 * 1024
 KV_KEYS = [b"compose-chain-0", b"compose-chain-1", b"compose-chain-2"]
 STOPPED_DATANODE = "datanode-3"
 
-# Run in a client container on the compose network with KVTIER_CA_FILE / KVTIER_ACCESS_KEY /
+# Run on the host (a new process each) with KVTIER_CA_FILE / KVTIER_ACCESS_KEY /
 # KVTIER_SECRET_KEY set: put (argv[1] == "put") or only get the blocks, print what was read.
 KV_SCRIPT = """
 import hashlib, json, sys
 import kvtier
 keys = [k.encode() for k in sys.argv[2].split(",")]
 size = int(sys.argv[3])
-kv = kvtier.KVClient.connect(metadata="metadata:7443", namespace=sys.argv[4])
+kv = kvtier.KVClient.connect(metadata=sys.argv[5], namespace=sys.argv[4], transports=["tcp"])
 put = []
 if sys.argv[1] == "put":
     blocks = [hashlib.shake_256(k).digest(size) for k in keys]
@@ -142,6 +143,17 @@ def _payload() -> bytes:
     return hashlib.shake_256(b"compose object").digest(OBJECT_BYTES)
 
 
+def _host_python(script: str, *args: str, env: dict[str, str]) -> Any:
+    """Run a Python script on the host with only the given kvtier settings; stdout as JSON."""
+    full = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")} | env
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=full, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _exec(cluster: dict[str, Any], service: str, *command: str, **env: str) -> Any:
     """Run a command in a running service's container; its stdout as JSON."""
     project: docker_env.Project = cluster["project"]
@@ -164,22 +176,41 @@ def test_s3_put_get_list_over_https(cluster: dict[str, Any]) -> None:
 
 
 def test_kv_blocks_round_trip_through_the_sdk(cluster: dict[str, Any]) -> None:
-    """Blocks put by one SDK client are read back byte-exact by another (a new process)."""
+    """Blocks put by one SDK client on the host are read back byte-exact by another (a new
+    process), over the ports the kvcache nodes publish on 127.0.0.1."""
+    project: docker_env.Project = cluster["project"]
     user = {
-        "KVTIER_CA_FILE": "/pki/ca.crt",
+        "KVTIER_CA_FILE": cluster["ca_file"],
         "KVTIER_ACCESS_KEY": cluster["access_key"],
         "KVTIER_SECRET_KEY": cluster["secret_key"],
     }
     keys = ",".join(k.decode() for k in KV_KEYS)
-    args = (keys, str(KV_BLOCK_BYTES), KV_NAMESPACE)
-    put = _exec(cluster, "gateway", "python", "-c", KV_SCRIPT, "put", *args, **user)
+    metadata = f"127.0.0.1:{project.ports['METADATA_CLIENT_PORT']}"
+    args = (keys, str(KV_BLOCK_BYTES), KV_NAMESPACE, metadata)
+    put = _host_python(KV_SCRIPT, "put", *args, env=user)
     assert put["put"] == ["stored"] * len(KV_KEYS), put
     assert sorted(put["nodes"]) == ["kvcache-1", "kvcache-2"], put
-    read = _exec(cluster, "gateway", "python", "-c", KV_SCRIPT, "get", *args, **user)
+    read = _host_python(KV_SCRIPT, "get", *args, env=user)
     expected = [hashlib.sha256(hashlib.shake_256(k).digest(KV_BLOCK_BYTES)).hexdigest()
                 for k in KV_KEYS]  # fmt: skip
     assert read["got"] == [KV_BLOCK_BYTES] * len(KV_KEYS), read
     assert read["sha256"] == expected
+
+
+def test_kv_bucket_through_the_gateway_on_the_compose_network(cluster: dict[str, Any]) -> None:
+    """The gateway still reaches the kvcache nodes by their service names (a KV bucket's
+    objects live in the KV tier): what the nodes announce to users changed nothing for it."""
+    s3 = _s3(cluster)
+
+    def kv_kind(request: Any, **_: Any) -> None:
+        request.headers["x-kvtier-bucket-kind"] = "kv"
+
+    s3.meta.events.register("before-sign.s3.CreateBucket", kv_kind)
+    s3.create_bucket(Bucket="compose-kv-bucket")
+    data = hashlib.shake_256(b"compose kv object").digest(300 * 1024)
+    s3.put_object(Bucket="compose-kv-bucket", Key="block.bin", Body=data)
+    got = s3.get_object(Bucket="compose-kv-bucket", Key="block.bin")["Body"].read()
+    assert hashlib.sha256(got).hexdigest() == hashlib.sha256(data).hexdigest()
 
 
 def test_status_sees_every_node(cluster: dict[str, Any]) -> None:

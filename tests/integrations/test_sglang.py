@@ -549,7 +549,9 @@ async def test_a_dead_node_turns_its_pages_into_misses_not_errors(
             for p, ok in enumerate(flags):
                 if ok:
                     assert reader_pool.page_digest(p) == pool.page_digest(p)
-            assert 0 < sum(stored) < 24, stored
+            # New pages all land: the stopped node left the map (its lease is revoked as it
+            # drains), and the SDK re-sends the keys it refused to the node that now owns them.
+            assert all(stored), stored
             assert elapsed < 5.0  # one deadline (timeout_s 1.0) per call, not one per page
         finally:
             await close(backend, reader)

@@ -24,6 +24,7 @@ from services.datanode import config as datanode_config
 from services.gateway import config as gateway_config
 from services.kvcache import config as kvcache_config
 from services.metadata import config as metadata_config
+from tests.compose import docker_env
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_PATH = ROOT / "docker-compose.yml"
@@ -61,13 +62,23 @@ def _command(spec: dict[str, Any]) -> list[str]:
     return shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
 
 
+#: `${NAME:-default}`: the only form of variable the compose file uses.
+_VARIABLE = re.compile(r"\$\{([A-Z0-9_]+):-([^}]*)\}")
+
+
+def _interpolate(value: str) -> str:
+    """value as compose resolves it with no variable set (every variable needs a default)."""
+    assert "$" not in _VARIABLE.sub("", value), f"{value!r}: a variable without a default"
+    return _VARIABLE.sub(lambda m: m.group(2), value)
+
+
 def _environment(spec: dict[str, Any]) -> dict[str, str]:
     raw = spec.get("environment") or {}
     if isinstance(raw, list):
         assert all("=" in str(item) for item in raw), "pass-through env is not allowed"
         raw = dict(str(item).partition("=")[::2] for item in raw)
     assert all(value is not None for value in raw.values()), "pass-through env is not allowed"
-    return {str(key): str(value) for key, value in raw.items()}
+    return {str(key): _interpolate(str(value)) for key, value in raw.items()}
 
 
 def _kind(spec: dict[str, Any]) -> str | None:
@@ -107,7 +118,7 @@ def _published(spec: dict[str, Any]) -> list[tuple[str, int]]:
         if isinstance(port, dict):
             published.append((str(port.get("published", "")), int(port["target"])))
         else:
-            host, _, container = str(port).rpartition(":")
+            host, _, container = _interpolate(str(port)).rpartition(":")
             published.append((host, int(container.split("/")[0])))
     return published
 
@@ -419,3 +430,41 @@ def test_published_ports_listen_on_loopback_only(nodes: list[Node]) -> None:
     for node in nodes:
         for host, _ in _published(node.spec):
             assert host.startswith("127.0.0.1:"), f"{node.name}: {host} is not loopback"
+
+
+def test_kvcache_nodes_publish_the_users_door_they_announce(
+    nodes: list[Node], configs: dict[str, config.ServiceConfig]
+) -> None:
+    """The KV tier from the host (issue 17): each kvcache node publishes its client port and
+    its tcp data plane on 127.0.0.1 under the numbers it listens on, and announces 127.0.0.1 to
+    SDK users (its client address, its users' data-plane endpoint); nodes still dial its name."""
+    kvcache = [node for node in nodes if node.kind == "kvcache"]
+    assert kvcache
+    for node in kvcache:
+        cfg = configs[node.name]
+        assert isinstance(cfg, kvcache_config.KVCacheConfig)
+        assert cfg.advertised_client_host() == "127.0.0.1", node.name
+        assert cfg.advertised_host() == node.name, node.name
+        assert "tcp" in cfg.dataplane_transports, node.name
+        for port in (cfg.client_port, cfg.dataplane_port):
+            assert port > 0, f"{node.name}: a published port must be fixed"
+            assert (f"127.0.0.1:{port}", port) in _published(node.spec), f"{node.name}: {port}"
+        # One variable moves both sides of each mapping, and the setting the node listens on.
+        for raw in node.spec["ports"]:
+            mapping = str(raw).removeprefix("127.0.0.1:")
+            half = len(mapping) // 2
+            host_port, colon, container_port = mapping[:half], mapping[half], mapping[half + 1 :]
+            assert (colon, host_port) == (":", container_port), f"{node.name}: {raw}"
+            raw_env = {str(v) for v in node.spec["environment"].values()}
+            assert host_port in raw_env, f"{node.name}: {raw} is no port the node listens on"
+
+
+def test_the_compose_test_moves_every_published_port(services: dict[str, dict[str, Any]]) -> None:
+    """Every variable of a published port is one the compose test sets to a free port."""
+    used = {
+        name
+        for spec in services.values()
+        for port in spec.get("ports", [])
+        for name, _ in _VARIABLE.findall(str(port))
+    }
+    assert used == set(docker_env.PORT_VARIABLES)

@@ -38,7 +38,8 @@ client lives (connected on first use). `batched_get`, `batched_put`, `batched_as
 and `batched_get_non_blocking` are one kvtier batch each (every owner node asked once,
 concurrently); gets land straight in the `MemoryObj`s LMCache allocates (partial last chunks
 are sized by what kvtier returns, so no chunk metadata is stored). A pinning lookup pins its
-hits in kvtier until the matching get (or `pin_s`).
+hits in kvtier until the matching get (or `pin_s`). Puts carry each chunk's `chunk_hash` as its
+engine hash (`engine_hashes`), so the nodes' KV events name chunks by LMCache's hash.
 
 **Failures are misses.** An unreachable or slow cluster, a dead node, quota or space refusals,
 a refused credential:
@@ -238,9 +239,10 @@ class KVTierRemote:
         blocks = [self._key(k) for k in keys]
         views = [obj.byte_array for obj in memory_objs]
         ttl_s = self.settings.ttl_s or None
+        hashes = engine_hashes(keys)
         statuses = await self._call(
             "put",
-            lambda c: c.put_batch(blocks, views, ttl_s=ttl_s),
+            lambda c: c.put_batch(blocks, views, ttl_s=ttl_s, engine_hashes=hashes),
             [kv.PutStatus.UNAVAILABLE] * len(blocks),
         )
         refused = sorted({s.value for s in statuses if s not in _STORED})
@@ -333,6 +335,23 @@ class KVTierRemote:
         if now - self._logged_at.get(op, -_LOG_EVERY_S) >= _LOG_EVERY_S:
             self._logged_at[op] = now
             log.warning("kvtier LMCache %s failed (served as misses): %s", op, what)
+
+
+def engine_hashes(keys: Sequence[Any]) -> list[bytes] | None:
+    """LMCache's own hash of each chunk (`CacheEngineKey.chunk_hash`, an integer) as bytes:
+    8 bytes big-endian for a 64-bit hash (signed ones in two's complement), the fewest bytes
+    that hold a longer one. None (the events then name the kvtier keys) when a key has none."""
+    out = []
+    for key in keys:
+        value = getattr(key, "chunk_hash", None)
+        if not isinstance(value, int) or isinstance(value, bool):
+            return None
+        if -(1 << 63) <= value < (1 << 64):
+            out.append(value.to_bytes(8, "big", signed=value < 0))
+        else:
+            length = (value.bit_length() + (8 if value < 0 else 7)) // 8  # room for a sign
+            out.append(value.to_bytes(length, "big", signed=value < 0))
+    return out
 
 
 async def _key_strings(client: kv.AsyncKVClient) -> list[str]:

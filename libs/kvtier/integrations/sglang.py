@@ -44,6 +44,10 @@ straight between the pool's memory and the kvcache node (no copy into a staging 
 generic calls (`batch_get` / `batch_set`) store the flat page SGLang hands over as one block.
 A page counts as present when all its blocks are; `batch_exists` asks every owner node once.
 
+**Engine hashes.** Every put carries SGLang's own page hash (`page_hashes`: the page key as
+bytes, its parent the page before it or the last of `extra_info.prefix_keys`), so the nodes' KV
+events name pages as SGLang's storage layer does (docs/routing.md).
+
 **Failures are misses.** An unreachable or slow cluster, a node that dies, quota or space
 refusals, a refused credential: gets and probes report misses, sets report failure, and SGLang
 recomputes. Only a configuration error (no address, no model name, a layout without zero-copy
@@ -180,7 +184,9 @@ class HiCacheKVTier:
         """Store flat pages (put-if-absent: pages name their content); True when all are in."""
         pages = values if values is not None else target_locations
         views = [_byte_view(p) for p in pages]
-        return all(self._put([self._key(k, self._tp, "flat") for k in keys], views))
+        hashes, parents = page_hashes(keys, None, 1)
+        block_keys = [self._key(k, self._tp, "flat") for k in keys]
+        return all(self._put(block_keys, views, hashes, parents))
 
     def exists(self, key: str) -> bool:
         """Whether the page of key is in kvtier (all of its blocks)."""
@@ -219,7 +225,8 @@ class HiCacheKVTier:
     ) -> list[bool]:
         """Store pages straight from the host pool at host_indices: a flag per page."""
         block_keys, views = self._page_blocks(keys, host_indices)
-        return _per_page(self._put(block_keys, views), len(keys))
+        hashes, parents = page_hashes(keys, extra_info, len(self._components))
+        return _per_page(self._put(block_keys, views, hashes, parents), len(keys))
 
     def _page_blocks(self, keys: list[str], host_indices: Any) -> tuple[list[bytes], list[Any]]:
         if self._split_factor:
@@ -264,11 +271,19 @@ class HiCacheKVTier:
     def _get(self, block_keys: list[bytes], views: list[Any]) -> list[int | None]:
         return self._call("get", lambda c: c.get_batch(block_keys, views), [None] * len(block_keys))
 
-    def _put(self, block_keys: list[bytes], views: list[Any]) -> list[bool]:
+    def _put(
+        self,
+        block_keys: list[bytes],
+        views: list[Any],
+        hashes: list[bytes],
+        parents: list[bytes | None],
+    ) -> list[bool]:
         ttl_s = self.settings.ttl_s or None
         statuses = self._call(
             "put",
-            lambda c: c.put_batch(block_keys, views, ttl_s=ttl_s),
+            lambda c: c.put_batch(
+                block_keys, views, ttl_s=ttl_s, engine_hashes=hashes, parent_hashes=parents
+            ),
             [kv.PutStatus.UNAVAILABLE] * len(block_keys),
         )
         refused = sorted({s.value for s in statuses if s not in _STORED})
@@ -317,6 +332,29 @@ def _rank_scope(config: Any) -> str:
     if dcp_size > 1:
         parts.append(f"dcp{config.dcp_rank}of{dcp_size}")
     return ".".join(parts)
+
+
+def page_hashes(
+    page_keys: Sequence[str], extra_info: Any, blocks_per_page: int
+) -> tuple[list[bytes], list[bytes | None]]:
+    """The engine hashes of a put's blocks (blocks_per_page per page, in order) and their
+    parents: SGLang's own page hash (the chained SHA-256 hex digest HiCache names a page by,
+    as its 32 bytes; another key as its UTF-8 bytes), the parent being the page before it in
+    the batch or, for the first, the last of `extra_info.prefix_keys` when SGLang gives them
+    (None: the chain's first page, or a parent SGLang did not say)."""
+    hashes = [_hash_bytes(k) for k in page_keys]
+    prefix = list(getattr(extra_info, "prefix_keys", None) or [])
+    first = _hash_bytes(prefix[-1]) if prefix else None
+    parents = [first, *hashes[:-1]] if hashes else []
+    width = range(blocks_per_page)
+    return [h for h in hashes for _ in width], [p for p in parents for _ in width]
+
+
+def _hash_bytes(page_key: str) -> bytes:
+    try:
+        return bytes.fromhex(page_key) or page_key.encode()
+    except ValueError:
+        return page_key.encode()
 
 
 def _tp(config: Any) -> str:

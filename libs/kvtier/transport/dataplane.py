@@ -94,6 +94,20 @@ def session_principal(
     return f"{NO_TENANT_MARK}{_part(caller.role)}/{_part(caller.name)}/{suffix}"
 
 
+def for_users(endpoint: common_pb2.TransportEndpoint, host: str) -> common_pb2.TransportEndpoint:
+    """The tcp endpoint as users dial it: its host replaced by host (the node's
+    `advertise_client_host`; empty: unchanged), its port and scheme kept. Other transports
+    (shm, rdma) are the same for everyone."""
+    if not host or endpoint.name != "tcp":
+        return endpoint
+    scheme, sep, address = endpoint.address.rpartition("://")
+    port = address.rpartition(":")[2]
+    dialed = common_pb2.TransportEndpoint()
+    dialed.CopyFrom(endpoint)
+    dialed.address = f"{scheme}{sep}{host}:{port}"
+    return dialed
+
+
 def _authenticated(caller: principal_mod.Principal) -> bool:
     return caller.authenticated
 
@@ -202,6 +216,8 @@ class DataPlane:
         endpoint = registry.choose(
             self.capabilities, request.client, list(request.allowed), trusted=caller.shm_trusted
         )
+        if caller.kind is principal_mod.Kind.USER:  # users come in through the client port
+            endpoint = for_users(endpoint, self._settings.client_advertise_host)
         token, expires = self.issuer.issue_token(principal, transport=endpoint.name)
         OPENED.labels(endpoint.name).inc()
         log.info("data plane opened for %s over %s", principal, endpoint.name)

@@ -37,6 +37,9 @@ class ServerSettings:
 
     host: str = "127.0.0.1"
     advertise_host: str = "127.0.0.1"
+    #: The host users' sessions are told to dial for tcp (where users reach the node another
+    #: way than nodes do: published ports); empty: advertise_host.
+    client_advertise_host: str = ""
     tcp_port: int = 0
     #: Where the shm Unix socket lives (a private 0700 directory when empty).
     shm_dir: str = ""

@@ -52,8 +52,9 @@ GRANTED: dict[str, tuple[str, acl.Permission]] = {
     "GetObjectAcl": ("object", acl.READ_ACP),
     "PutObjectAcl": ("object", acl.WRITE_ACP),
 }
-#: Operations on no bucket, or on one that need not exist yet: never anonymous.
-_NO_BUCKET_YET = frozenset({"ListBuckets", "CreateBucket"})
+#: Operations on no bucket, or on one that need not exist yet: never anonymous. KVScore
+#: (`kv_score`, on no bucket) checks its tenant itself.
+_NO_BUCKET_YET = frozenset({"ListBuckets", "CreateBucket", "KVScore"})
 #: Not gated: a POST form carries its own credentials (a signed policy: post_object), a CORS
 #: preflight is never signed and reads only the bucket's CORS rules.
 _UNGATED = frozenset({"PostObject", cors.PREFLIGHT})

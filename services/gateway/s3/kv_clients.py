@@ -1,9 +1,14 @@
 """The gateway's KV clients of KV buckets: one per bucket incarnation (its namespace and tenant),
-opened on first use, acting for the bucket's tenant over the gateway's mutual TLS."""
+opened on first use, acting for the bucket's tenant over the gateway's mutual TLS; and those of
+`Score` over HTTP (`kv_score`): one per (tenant, namespace) scored, the last
+`MAX_SCORING_CLIENTS` kept open."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncIterator
 
 from kvtier import kv, names
 from kvtier import security as security_mod
@@ -15,8 +20,13 @@ def namespace(info: metadata_pb2.BucketInfo) -> str:
     return f"s3:{names.storage_name(info.name, info.storage_id)}"
 
 
+#: Score clients kept open (least recently used closed first, once no request holds them).
+MAX_SCORING_CLIENTS = 64
+
+
 class KVBuckets:
-    """One KV client per KV bucket (its namespace and tenant), opened on first use."""
+    """One KV client per KV bucket (its namespace and tenant), opened on first use; and the
+    clients that score chains (`scoring`)."""
 
     def __init__(
         self, metadata_address: object, security: security_mod.ClientSecurity | None = None
@@ -26,6 +36,13 @@ class KVBuckets:
         self._security = security
         self._clients: dict[str, kv.AsyncKVClient] = {}
         self._lock = asyncio.Lock()
+        #: (tenant, namespace) -> its scoring client, least recently used first.
+        self._scoring: collections.OrderedDict[tuple[str, str], kv.AsyncKVClient] = (
+            collections.OrderedDict()
+        )
+        #: Requests using each scoring client (an evicted one is closed when none does).
+        self._users: collections.Counter[kv.AsyncKVClient] = collections.Counter()
+        self._evicted: set[kv.AsyncKVClient] = set()
 
     def _current(self, info: metadata_pb2.BucketInfo) -> kv.AsyncKVClient | None:
         found = self._clients.get(info.name)
@@ -52,7 +69,49 @@ class KVBuckets:
                     await stale.close()
         return found
 
+    @contextlib.asynccontextmanager
+    async def scoring(self, tenant: str, namespace: str) -> AsyncIterator[kv.AsyncKVClient]:
+        """A client acting for tenant in namespace, held open while the block runs. The caller
+        has checked that its user may act for tenant."""
+        client = await self._scoring_client(tenant, namespace)
+        self._users[client] += 1
+        try:
+            yield client
+        finally:
+            self._users[client] -= 1
+            if not self._users[client]:
+                del self._users[client]
+                if client in self._evicted:
+                    self._evicted.discard(client)
+                    await client.close()
+
+    async def _scoring_client(self, tenant: str, namespace: str) -> kv.AsyncKVClient:
+        found = self._scoring.get((tenant, namespace))
+        if found is not None:
+            self._scoring.move_to_end((tenant, namespace))
+            return found
+        async with self._lock:
+            found = self._scoring.get((tenant, namespace))
+            if found is None:
+                address = self._address() if callable(self._address) else str(self._address)
+                found = await kv.AsyncKVClient.connect(
+                    namespace=namespace, tenant=tenant, metadata=address, replicas=1,
+                    timeout_s=2.0, security=self._security,
+                )  # fmt: skip
+                self._scoring[(tenant, namespace)] = found
+                while len(self._scoring) > MAX_SCORING_CLIENTS:
+                    _, oldest = self._scoring.popitem(last=False)
+                    if self._users[oldest]:
+                        self._evicted.add(oldest)  # closed by its last user
+                    else:
+                        del self._users[oldest]
+                        await oldest.close()
+        return found
+
     async def close(self) -> None:
         """Close every client."""
         clients, self._clients = list(self._clients.values()), {}
+        clients += [*self._scoring.values(), *self._evicted]
+        self._scoring.clear()
+        self._evicted.clear()
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)

@@ -41,6 +41,7 @@ from services.gateway.s3 import (
     cors,
     kv_clients,
     kv_ops,
+    kv_score,
     lifecycle_ops,
     multipart_ops,
     object_ops,
@@ -203,7 +204,7 @@ class S3Server:
                 request.bucket_owner = info.tenant if info is not None else ""
                 if admission is not None:
                     admitted = front_mod.admit(admission)
-                if bucket and op not in kv_ops.SHARED and op != "CreateBucket":
+                if bucket and op not in kv_ops.SHARED and op not in ("CreateBucket", kv_score.OP):
                     handler = await self._kv_handler(request, handler)
                 response = await handler(self, request)
             finally:
@@ -258,6 +259,8 @@ class S3Server:
 
     def route(self, method: str, bucket: str, key: str, query: Any) -> tuple[str, Handler]:
         """The operation of a request: its name and handler."""
+        if kv_score.is_score(bucket, key):  # Score over HTTP: on no bucket
+            return kv_score.route(method)
         # A preflight carries the actual request's parameters, whatever they are.
         if method != "OPTIONS" and UNSUPPORTED & set(query):
             sub = sorted(UNSUPPORTED & set(query))[0]
