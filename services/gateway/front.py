@@ -170,17 +170,26 @@ class ObjectFront:
         #: Every bucket as etcd last said (kept current by the gateway's bucket loop).
         self._watched = watched
         self._metadata: metadata_client.MetadataClient | None = None
+        #: NodeInfo.started_at_unix_ms of the metadata node incarnation _metadata reaches.
+        self._metadata_started_at = 0
         self.multipart = multipart.Multipart(engine, lister)
 
     def _meta(self) -> metadata_client.MetadataClient:
         nodes = [n for n in self._view.current.nodes if n.role == common_pb2.NODE_ROLE_METADATA]
         if not nodes:
             raise errors.Unavailable("no metadata service in the cluster map")
-        if self._metadata is not None and self._metadata.address in {n.grpc_address for n in nodes}:
-            return self._metadata
+        current = {(n.grpc_address, n.started_at_unix_ms) for n in nodes}
+        if self._metadata is not None:
+            if (self._metadata.address, self._metadata_started_at) in current:
+                return self._metadata
+            # Gone, or a new incarnation (restarted, maybe at the same address): a new channel.
+            # The old one may sit in gRPC's reconnect backoff after the outage (~15 s after a
+            # minute of refused connects), failing every bucket operation meanwhile.
+            asyncio.ensure_future(self._metadata.close())  # noqa: RUF006 - best effort
         self._metadata = metadata_client.MetadataClient(
             nodes[0].grpc_address, security=self.security
         )
+        self._metadata_started_at = nodes[0].started_at_unix_ms
         return self._metadata
 
     def metadata_address(self) -> str:

@@ -10,7 +10,9 @@ certificates whose IP SANs name it (mutual TLS everywhere, as in a real cluster)
 Faults: `partition(a, b)` / `heal`, `impair(node, delay_ms, loss, jitter_ms)` (user-space
 netem, tests/fault/netem.py), `signal(node, sig)` (SIGKILL, SIGSTOP, SIGCONT), `restart(node)`,
 `fill_drive(node, i)` / `free_drive`; `clock_offsets` skews a node's wall clock from its start
-(tests/fault/skewclock.py). Ready means visible in the cluster map and SERVING
+(tests/fault/skewclock.py); `power_nodes` puts a datanode's drives on ext4 over loop devices
+whose power can be cut (tests/fault/powercut.py: unsynced writes discarded, a new boot id at
+the restart). Ready means visible in the cluster map and SERVING
 (devcluster's own check), never a sleep; every wait has a deadline. `close()` undoes
 everything and is idempotent; `start()` first removes what a dead run of this harness left.
 """
@@ -31,7 +33,7 @@ from typing import Any
 
 from kvtier import devcluster, etcdserver, masterkey, membership, pki, security, users
 from kvtier.proto.common.v1 import common_pb2
-from tests.fault import netns
+from tests.fault import netns, powercut
 
 ETCD_CLIENT_PORT = 2379
 GRPC_PORT = 7100
@@ -55,6 +57,7 @@ class FaultCluster:
         drive_bytes: int = 96 << 20,
         tree: Path | None = None,
         clock_offsets: dict[str, float] | None = None,
+        power_nodes: tuple[str, ...] = (),
     ) -> None:
         self.base = base
         self.state = base / "state"
@@ -70,6 +73,11 @@ class FaultCluster:
         self.drive_bytes = drive_bytes
         #: Seconds each named node's wall clock runs off real time (tests/fault/skewclock.py).
         self.clock_offsets = dict(clock_offsets or {})
+        #: Datanodes whose drives can lose power (tests/fault/powercut.py): ext4 on loop devices.
+        self.power_nodes = set(power_nodes)
+        self.power_drives: dict[str, list[powercut.PowerDrive]] = {}
+        #: node -> a file whose content the node's processes see as the boot id (a "reboot").
+        self.boot_ids: dict[str, Path] = {}
         self.fabric = netns.Fabric(subnet=os.getpid() % 200 + 20)
         self.children: dict[str, devcluster.Child] = {}
         self.etcd: devcluster.Child | None = None
@@ -111,6 +119,7 @@ class FaultCluster:
         """Build the fabric, certificates and drives; start etcd and every service; wait ready."""
         netns.cleanup_stale()
         _cleanup_stale_mounts()
+        powercut.cleanup_stale()
         pki.ensure_private_dir(self.state)
         pki.ensure_private_dir(self.state / "logs")
         (self.base / "owner.pid").write_text(str(os.getpid()))
@@ -149,6 +158,10 @@ class FaultCluster:
         for mount in self.mounts:
             subprocess.run(["umount", "-l", str(mount)], check=False, capture_output=True)
         self.mounts.clear()
+        for drives in self.power_drives.values():
+            for drive in drives:
+                drive.close()
+        self.power_drives.clear()
 
     # -- faults -------------------------------------------------------------------------------
 
@@ -344,6 +357,7 @@ class FaultCluster:
         if role == "datanode":
             extra = [f"--data-dir={data}", f"--drives={','.join(map(str, self._drives(node)))}"]
         tree = self.trees.get(node)
+        reboot = powercut.reboot_argv(self.boot_ids[node]) if node in self.boot_ids else []
         # Another tree: its directory first on the path (`-m services.x` and `import kvtier`
         # resolve there before the venv's editable install of this checkout); env execs.
         python = (
@@ -354,7 +368,7 @@ class FaultCluster:
         # Fixed ports: each node has an address of its own, and a restarted node must come
         # back where its clients (the KV SDK's metadata address, S3 clients) know it.
         argv = [
-            "ip", "netns", "exec", end.ns, *python, *self._launch(node, role),
+            "ip", "netns", "exec", end.ns, *reboot, *python, *self._launch(node, role),
             f"--node-id={node}", f"--etcd-endpoints={self.etcd_endpoint}",
             f"--etcd-prefix={devcluster.ETCD_PREFIX}", f"--host={end.address}",
             f"--grpc-port={GRPC_PORT}", f"--client-port={CLIENT_PORT}", "--metrics-port=-1",
@@ -376,7 +390,13 @@ class FaultCluster:
         paths = []
         for index in range(self.drives_per_datanode):
             path = self.drive_path(node, index)
-            if not path.exists():
+            if node in self.power_nodes and len(self.power_drives.get(node, [])) <= index:
+                drive = powercut.PowerDrive(
+                    powercut.image_path(node, index), path, self.drive_bytes
+                )
+                self.power_drives.setdefault(node, []).append(drive)
+                drive.create()
+            elif not path.exists():
                 path.mkdir(parents=True)
                 subprocess.run(
                     ["mount", "-t", "tmpfs", "-o", f"size={self.drive_bytes},mode=0700",
