@@ -19,7 +19,7 @@ import pytest
 from kvtier import errors, etcdserver, kv, kv_stats
 from kvtier.clients import kvcache as kvcache_client
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
-from tests.integration.conftest import service_tls_flags
+from tests.integration.conftest import EPHEMERAL_PORTS, service_tls_flags
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +48,8 @@ class _Cluster:
             [
                 sys.executable, "-m", f"services.{role}", f"--node-id={name}",
                 f"--etcd-endpoints={self.etcd.endpoint}", "--lease-ttl-s=2",
-                "--metrics-port=-1", "--shutdown-grace-s=1", *service_tls_flags(role), *extra,
+                *EPHEMERAL_PORTS, "--metrics-port=-1", "--shutdown-grace-s=1",
+                *service_tls_flags(role), *extra,
             ],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip

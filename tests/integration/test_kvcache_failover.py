@@ -18,7 +18,7 @@ import pytest
 
 import kvtier
 from kvtier import errors, etcdserver
-from tests.integration.conftest import service_tls_flags
+from tests.integration.conftest import EPHEMERAL_PORTS, service_tls_flags
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,8 @@ class _Cluster:
             [
                 sys.executable, "-m", f"services.{role}", f"--node-id={name}",
                 f"--etcd-endpoints={self.etcd.endpoint}", f"--lease-ttl-s={TTL_S}",
-                "--metrics-port=-1", "--shutdown-grace-s=1", *service_tls_flags(role), *extra,
+                *EPHEMERAL_PORTS, "--metrics-port=-1", "--shutdown-grace-s=1",
+                *service_tls_flags(role), *extra,
             ],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
