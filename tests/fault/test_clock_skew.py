@@ -41,7 +41,7 @@ DURATIONS = [
     pytest.param("short", id="short", marks=[pytest.mark.timeout(240)]),
     pytest.param("full", id="full", marks=[pytest.mark.fault_full, pytest.mark.timeout(600)]),
 ]
-RUN_S = {"short": 20.0, "full": 120.0}
+RUN_S = {"short": 12.0, "full": 120.0}
 KEYS = 5  # prime to the 9 operation kinds: every key gets every kind, via both gateways
 #: Sizes by the path they take: small (WRITE_SMALL, one call per datanode) and staged
 #: (WRITE_SHARD, then a commit): 4 data shards here, 128 KiB inline shards at most.

@@ -13,7 +13,7 @@ Asserted: 0 wrong bytes, 0 wrong listings, 0 lost acknowledged writes, 0 failed 
 operations (reads, writes to the existing bucket, multipart, KV); the metadata operations fail
 during the outage with those errors, and succeed after the restart: a bucket can be created
 again within RECOVER_S of the cluster being ready (the gateway reconnects to the new
-incarnation at once). Short (30 s outage) by default; `-m fault_full`: 60 s.
+incarnation at once). Short (15 s outage) by default; `-m fault_full`: 60 s.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ DURATIONS = [
     pytest.param("short", id="short", marks=pytest.mark.timeout(420)),
     pytest.param("full", id="full", marks=[pytest.mark.fault_full, pytest.mark.timeout(600)]),
 ]
-DOWN_S = {"short": 30.0, "full": 60.0}
+DOWN_S = {"short": 15.0, "full": 60.0}
 #: Seconds after the cluster is ready again within which a bucket can be created.
 RECOVER_S = 5.0
 AFTER_S = {"short": 4.0, "full": 15.0}
