@@ -38,7 +38,7 @@ typecheck:
 
 # pytest exits 5 when it collected no tests: that is a failure here.
 test:
-	@$(BIN)/pytest --durations=10; rc=$$?; \
+	@$(BIN)/pytest --durations=30; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest ran no tests" >&2; exit 1; fi; exit $$rc
 
 check: lint typecheck test
