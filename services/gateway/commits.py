@@ -4,7 +4,7 @@ A drive keeps the version of a key with the newest (stamp, data_id) and refuses 
 (superseded), so versions are ordered by stamp. Stamps come from `kvtier.hlc.HybridClock`, and
 the clock learns what the drives hold without a round trip of its own:
 - a staged write's first WRITE_SHARD call names the key, and each drive's reply carries the
-  stamp of its current version (objects.ObjectEngine._send_shards observes it): the commit is
+  stamp of its current version (objectwrites.ObjectWrites._send_shards observes it): the commit is
   then stamped above every version a drive held when the write began;
 - every superseded commit answers with the newer version's stamp. A write that can be sent
   again (a small one: WRITE_SMALL carries its shards; a compose: multipart Complete links the

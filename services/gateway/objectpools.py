@@ -1,0 +1,155 @@
+"""Committing and removing versions across pools: the engine's layer above objectbase.
+
+A version outside pool 0 gets a pool record in pool 0 (what reads and listings look at); a new
+version in another pool removes the previous one; a DELETE removes the object in its pool, then
+its pool record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from kvtier import errors, names
+from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
+from services.gateway import commits, objectbase, placement
+
+log = logging.getLogger(__name__)
+
+
+class PooledObjects(objectbase.EngineBase):
+    """Commits and deletes of versions, pool records included."""
+
+    async def publish(
+        self,
+        where: placement.Placement,
+        meta: datanode_pb2.ShardMeta,
+        write_id: str,
+        failed: set[int],
+        sources: Sequence[Sequence[shards_pb2.PartSource]] = (),
+        *,
+        small: Sequence[bytes] | None = None,
+    ) -> None:
+        """Commit a version on its drives (small: every drive's whole shard, not staged yet);
+        an object outside pool 0 also gets its pool record in pool 0, and a previous version
+        in another pool is removed."""
+        internal = meta.bucket == names.MULTIPART_BUCKET
+        old_pool = None
+        if not internal and len(self._view.current.pools) > 1:
+            old_pool = await self._pool_of(meta.bucket, meta.key)
+        await self.commit_shards(where, meta, write_id, failed, sources, small=small)
+        if not internal and where.pool_index != placement.FIRST_POOL:
+            await self._write_pool_record(meta, where.pool_index)
+        if old_pool is not None and old_pool not in (where.pool_index, placement.FIRST_POOL):
+            await self.delete_in(meta.bucket, meta.key, old_pool)
+
+    async def _pool_of(self, bucket: str, key: str) -> int | None:
+        """The pool the current version of bucket/key lives in (None: no version)."""
+        where = placement.locate(self._view.current, bucket, key, placement.FIRST_POOL)
+        try:
+            found = await self.resolve_in(where, bucket, key, queue_heal=False)
+        except errors.NotFound:
+            return None
+        self.clock.observe(found.meta.mtime_unix_ns)  # the new version's record goes above it
+        return found.meta.pool_pointer if found.meta.is_pointer else placement.FIRST_POOL
+
+    async def _write_pool_record(self, meta: datanode_pb2.ShardMeta, pool_index: int) -> None:
+        """Point pool 0's set of the key at pool_index (what reads and listings look at)."""
+        where = placement.locate(self._view.current, meta.bucket, meta.key, placement.FIRST_POOL)
+        record = datanode_pb2.ShardMeta()
+        record.CopyFrom(meta)
+        del record.parts[:]
+        record.parts.add(number=1, size=0, etag=meta.etag, shard_bytes=0)
+        record.is_pointer, record.pool_pointer = True, pool_index
+        record.data_id = uuid.uuid4().hex
+        record.data_shards, record.parity_shards = where.data_shards, where.parity_shards
+        record.distribution[:] = list(where.positions)
+        # A small write (no bytes): it can be stamped again above a newer version in pool 0.
+        empty = [b""] * len(where.slots)
+        await self.commit_shards(where, record, record.data_id, set(), small=empty, stamp=False)
+
+    async def stage_empty(
+        self, where: placement.Placement, bucket: str, key: str, write_id: str, failed: set[int]
+    ) -> None:
+        """Open an empty staged write on every drive of where (a shard with no bytes)."""
+
+        async def send(index: int) -> None:
+            slot = where.slots[index]
+            request = shards_pb2.WriteShardRequest(
+                drive_id=slot.drive_id, write_id=write_id, part=1, offset=0, bucket=bucket, key=key
+            )
+            try:
+                self.clock.observe(await self._nodes.write_shard(slot.node_id, request, []))
+            except errors.KVTierError as exc:
+                log.warning("write of %s/%s on %s failed: %s", bucket, key, slot.drive_id, exc)
+                failed.add(index)
+
+        await asyncio.gather(*(send(i) for i in range(len(where.slots))))
+
+    async def commit_shards(
+        self,
+        where: placement.Placement,
+        meta: datanode_pb2.ShardMeta,
+        write_id: str,
+        failed: set[int],
+        sources: Sequence[Sequence[shards_pb2.PartSource]] = (),
+        *,
+        small: Sequence[bytes] | None = None,
+        stamp: bool = True,
+    ) -> None:
+        """Commit meta (shard_index set per drive) on every drive of where not in failed,
+        stamped by this gateway's clock (stamp=False: meta's own stamp first) and stamped
+        again above a newer version the drives hold when the write can be sent again
+        (commits.commit_version); Unavailable (ClockSkew) below the write quorum.
+        sources[i]: drive i's part sources (compose); small[i]: drive i's whole shard, staged
+        and committed with the drive's meta in one WRITE_SMALL call per datanode."""
+        live = [i for i in range(len(where.slots)) if i not in failed]
+        committed = await commits.commit_version(
+            self._nodes, self.clock, where, meta, write_id, live, sources, small, stamp=stamp
+        )
+        if committed < len(where.slots) and meta.bucket != names.MULTIPART_BUCKET:
+            self.heal_queue.add((meta.bucket, meta.key))
+
+    # DELETE.
+
+    async def delete(self, bucket: str, key: str) -> None:
+        """Remove the object from every drive of its set (absent objects are not an error);
+        an object in a later pool goes first, then its pool record."""
+        names.check_stored(bucket, key)
+        if len(self._view.current.pools) > 1:
+            pool = await self._pool_of(bucket, key)
+            if pool not in (None, placement.FIRST_POOL):
+                await self.delete_in(bucket, key, pool)
+        await self.delete_in(bucket, key, placement.FIRST_POOL)
+
+    async def delete_in(
+        self,
+        bucket: str,
+        key: str,
+        pool_index: int,
+        at: tuple[str, str] | None = None,
+        *,
+        version_id: str = "",
+    ) -> None:
+        """Delete bucket/key (version_id: that S3 version only) from its set in a pool (placed
+        by `at`, default bucket/key)."""
+        where = placement.locate(self._view.current, *(at or (bucket, key)), pool_index)
+
+        async def delete(slot: Any) -> bool:
+            try:
+                await self._nodes.shards(slot.node_id).delete_shard(
+                    slot.drive_id, bucket, key, version_id
+                )
+            except errors.KVTierError as exc:
+                log.warning("delete of %s/%s on %s failed: %s", bucket, key, slot.drive_id, exc)
+                return False
+            return True
+
+        done = sum(await asyncio.gather(*(delete(s) for s in where.slots)))
+        if done < where.write_quorum:
+            raise errors.Unavailable(
+                f"DELETE {bucket}/{key}: {done} drives answered, the quorum is {where.write_quorum}"
+            )
