@@ -9,25 +9,22 @@ I/O under them); one KV get is one chain from the SDK's span to the kvcache node
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import json
 import os
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk import resources
 from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace import export, sampling
 
 import kvtier
+from bench import otlp_receiver
 from kvtier import tracing
 from tests.integration import s3_cluster
 from tests.integration.conftest import cli_env, dump_logs, kvtier_cmd, user_security
@@ -38,59 +35,14 @@ SERVICES = ("metadata", "datanode", "kvcache", "gateway")
 DATANODES = {f"datanode-{i}" for i in range(1, 7)}
 
 
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP/gRPC trace receiver that keeps every span it is sent, flattened with its
-    resource's attributes."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._spans: list[dict[str, Any]] = []
-
-    def Export(
-        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
-        rows = []
-        for resource_spans in request.resource_spans:
-            resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
-            for scope in resource_spans.scope_spans:
-                for span in scope.spans:
-                    rows.append(
-                        {
-                            "trace_id": span.trace_id.hex(),
-                            "span_id": span.span_id.hex(),
-                            "parent": span.parent_span_id.hex(),
-                            "name": span.name,
-                            "service": resource.get("service.name", ""),
-                            "node": resource.get("service.instance.id", ""),
-                            "attributes": {a.key: a.value for a in span.attributes},
-                        }
-                    )
-        with self._lock:
-            self._spans.extend(rows)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def spans(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(self._spans)
-
-    def trace_of(self, trace_id: str) -> list[dict[str, Any]]:
-        return [s for s in self.spans() if s["trace_id"] == trace_id]
+Receiver = otlp_receiver.Receiver
 
 
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[tuple[Receiver, str]]:
     """The receiver and its endpoint (http://127.0.0.1:<port>: plaintext gRPC)."""
-    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
-    servicer = Receiver()
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        servicer, server
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield servicer, f"http://127.0.0.1:{port}"
-    finally:
-        server.stop(grace=None)
+    with otlp_receiver.serve() as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
