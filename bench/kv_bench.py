@@ -19,7 +19,6 @@ import datetime
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from bench import ceilings, kv_peers
+from bench import common as bench_common
 from bench.kv_peers import base
 
 KIB, MIB = 1024, 1024 * 1024
@@ -269,18 +269,6 @@ def install_peers() -> None:
     subprocess.run(["bash", str(base.INSTALL_SCRIPT)], env=env, check=False)
 
 
-def _machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} vCPU {cpu}, Python {platform.python_version()}"
-
-
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -290,7 +278,7 @@ def run_kv_bench(systems: Sequence[base.KVSystem], quick: bool = False) -> dict[
     phase_bytes = QUICK_PHASE_BYTES if quick else PHASE_BYTES
     started = time.perf_counter()
     result: dict[str, Any] = {
-        "machine": _machine(),
+        "machine": bench_common.machine(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "phase_bytes": phase_bytes,
         "batch_bytes": BATCH_BYTES,

@@ -18,13 +18,11 @@ docs/benchmarks.md. `make bench` runs it through bench/run.py.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,6 +35,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from bench import common as bench_common
 from bench import object_bench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,7 +163,7 @@ def run_kv_events_bench(quick: bool) -> dict[str, Any]:
         result = measure(clients, rounds, batches, samples)
         time.sleep(0.3)  # the last batches reach the router
         result["router_batches"], result["router_gaps"] = router.batches, router.gaps
-    result["machine"] = _machine()
+    result["machine"] = bench_common.machine()
     result["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     result["quick"] = quick
     result["targets"] = targets(result)
@@ -215,16 +214,6 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{os.cpu_count()} vCPU {cpu}, Python {platform.python_version()}"
-
-
 def run_section(quick: bool, write_doc: Callable[[str, str, str], None] | None) -> dict[str, Any]:
     """What `make bench` runs: measure, write results (and the doc section)."""
     result = run_kv_events_bench(quick)
@@ -237,18 +226,9 @@ def run_section(quick: bool, write_doc: Callable[[str, str, str], None] | None) 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.kv_events_bench")
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (smoke test)")
-    parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
-    args = parser.parse_args()
-    write_doc = None
-    if not args.no_doc:
-        from bench.run import update_doc
-
-        write_doc = update_doc
-    result = run_section(args.quick, write_doc)
-    print(render(result))
-    return 0 if all(c["ok"] for c in result["targets"]) else 1
+    return bench_common.section_main(
+        "python -m bench.kv_events_bench", "fewer rounds (smoke test)", run_section, render
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -45,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from bench import ceilings, secure
+from bench import common as bench_common
 
 ROOT = Path(__file__).resolve().parent.parent
 KIB, MIB, GIB = 1024, 1024 * 1024, 1024 * 1024 * 1024
@@ -451,7 +451,7 @@ def run_objects_bench(quick: bool = False, keep_dir: bool = False) -> dict[str, 
     work = Path(tempfile.mkdtemp(prefix="kvtier-objbench-"))
     cluster = DevCluster(work / "state")
     result: dict[str, Any] = {
-        "machine": _machine(),
+        "machine": bench_common.machine(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "object_bytes": OBJECT_BYTES,
         "phase_bytes": QUICK_PHASE_BYTES if quick else PHASE_BYTES,
@@ -491,16 +491,6 @@ def _create_bucket(cluster: DevCluster) -> None:
     gateway, sec = cluster.info["gateway_grpc"], cluster.user.security()
     with objects.ObjectClient.connect(gateway, security=sec) as client:
         client.create_bucket(BUCKET)
-
-
-def _machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{os.cpu_count()} vCPU {cpu}, Python {platform.python_version()}"
 
 
 def _growth(big: dict[str, Any]) -> dict[str, int]:

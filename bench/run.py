@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+
+from bench import common as bench_common
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -55,22 +55,10 @@ def _label(block: int) -> str:
     return f"{block // MIB} MiB" if block >= MIB else f"{block // KIB} KiB"
 
 
-def _machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} vCPU {cpu}, Python {platform.python_version()}"
-
-
 def run_transport(quick: bool) -> dict[str, Any]:
     seconds = 0.25 if quick else 0.6
     result: dict[str, Any] = {
-        "machine": _machine(),
+        "machine": bench_common.machine(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "ceilings": {
             "memcpy_gbps": {str(b): ceilings.memcpy_gbps(b) for b in (2 * MIB, 32 * MIB)},

@@ -24,14 +24,12 @@ Writes bench/results/security.json and, unless --no-doc, docs/img/security.png a
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import datetime
 import hashlib
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -43,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import common as bench_common
 from bench import object_bench, s3_bench, secure
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -360,7 +359,7 @@ def run_security_bench(quick: bool) -> dict[str, Any]:
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="kvtier-secbench-"))
     result: dict[str, Any] = {
-        "machine": _machine(),
+        "machine": bench_common.machine(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "settings": s.__dict__,
         "shape": " ".join(SHAPE),
@@ -568,16 +567,6 @@ def plot(r: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{os.cpu_count()} vCPU {cpu}, Python {platform.python_version()}"
-
-
 def run_section(quick: bool, write_doc: Callable[[str, str, str], None] | None) -> dict[str, Any]:
     """What `make bench` runs: measure, write results (and the doc section)."""
     result = run_security_bench(quick)
@@ -591,18 +580,9 @@ def run_section(quick: bool, write_doc: Callable[[str, str, str], None] | None) 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.security_bench")
-    parser.add_argument("--quick", action="store_true", help="fewer samples (smoke test)")
-    parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
-    args = parser.parse_args()
-    write_doc = None
-    if not args.no_doc:
-        from bench.run import update_doc
-
-        write_doc = update_doc
-    result = run_section(args.quick, write_doc)
-    print(render(result))
-    return 0 if all(c["ok"] for c in result["targets"]) else 1
+    return bench_common.section_main(
+        "python -m bench.security_bench", "fewer samples (smoke test)", run_section, render
+    )
 
 
 if __name__ == "__main__":

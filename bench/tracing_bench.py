@@ -18,13 +18,11 @@ docs/benchmarks.md. `make bench` runs it through bench/run.py.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import contextlib
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,6 +37,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace import export, sampling
 
+from bench import common as bench_common
 from bench import object_bench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,7 +147,7 @@ def run_tracing_bench(quick: bool) -> dict[str, Any]:
             cluster.stop()
             os.environ.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
         result["service_spans_received"] = sink.spans
-    result["machine"] = _machine()
+    result["machine"] = bench_common.machine()
     result["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     result["quick"] = quick
     result["targets"] = targets(result)
@@ -196,16 +195,6 @@ def render(r: dict[str, Any]) -> str:
     return "\n".join(lines + lines_after)
 
 
-def _machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{os.cpu_count()} vCPU {cpu}, Python {platform.python_version()}"
-
-
 def run_section(quick: bool, write_doc: Callable[[str, str, str], None] | None) -> dict[str, Any]:
     """What `make bench` runs: measure, write results (and the doc section)."""
     result = run_tracing_bench(quick)
@@ -218,18 +207,9 @@ def run_section(quick: bool, write_doc: Callable[[str, str, str], None] | None) 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.tracing_bench")
-    parser.add_argument("--quick", action="store_true", help="fewer samples (smoke test)")
-    parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
-    args = parser.parse_args()
-    write_doc = None
-    if not args.no_doc:
-        from bench.run import update_doc
-
-        write_doc = update_doc
-    result = run_section(args.quick, write_doc)
-    print(render(result))
-    return 0 if all(c["ok"] for c in result["targets"]) else 1
+    return bench_common.section_main(
+        "python -m bench.tracing_bench", "fewer samples (smoke test)", run_section, render
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import common as bench_common
 from bench import kv_bench
 from bench.e2e import jobs, layout, servers
 
@@ -210,18 +210,6 @@ def run_e2e(job: jobs.Job, workdir: Path) -> dict[str, Any]:
         cluster.stop()
 
 
-def _machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} vCPU {cpu}, no GPU, Python {platform.python_version()}"
-
-
 def bench_job(quick: bool, model: str = "bench", lengths: Sequence[int] = ()) -> jobs.Job:
     """The sweep's job (servers are filled in by run_e2e)."""
     return jobs.Job(
@@ -254,7 +242,7 @@ def run_section(
         shutil.rmtree(workdir, ignore_errors=True)
     # Other jobs share these 2 vCPUs: the 5-minute load average says how much, before and after.
     run["load_average_5m"] = [load_before, os.getloadavg()[1]]
-    run["machine"] = _machine()
+    run["machine"] = bench_common.machine("no GPU")
     run["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     run["elapsed_s"] = time.perf_counter() - started
     run["checks"] = checks(run)
