@@ -74,9 +74,14 @@ class Datanodes:
             ),
             None,
         )
-        if info is None:
-            raise errors.Unavailable(f"datanode {node_id} is not in the cluster map")
         conn = self._conns.get(node_id)
+        if info is None:
+            # Not among the live nodes (its lease lapsed, e.g. while etcd was stopped, and it
+            # has not registered again yet): a node this gateway knows is still tried at its
+            # last address. A dead one fails fast there; one that kept serving answers.
+            if conn is None:
+                raise errors.Unavailable(f"datanode {node_id} is not in the cluster map")
+            return conn
         # A new incarnation (the node restarted, maybe at the same address): new channels. The
         # old ones may sit in gRPC's reconnect backoff, failing every call for seconds.
         if conn is not None and (conn.address, conn.started_at) != (

@@ -27,12 +27,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import botocore.exceptions
 import numpy as np
 import pytest
 
 from kvtier import errors, membership, objects
 from kvtier.proto.common.v1 import common_pb2
 from services.datanode import shards
+from tests.integration import s3_cluster
 from tests.integration.conftest import (
     cluster_security,
     dump_logs,
@@ -536,3 +538,14 @@ def test_flipped_bytes_are_read_exactly_and_the_shard_rewritten(
             assert time.monotonic() < deadline, f"{victim} was not rewritten"
             time.sleep(0.2)
         assert _sha(client.get_object("flip", "obj")) == _sha(data)
+    # Bytes flipped in more shards than parity covers: the S3 GET answers a typed 503 before
+    # any byte (SDKs retry it), never a 200 whose body stops short.
+    for victim in files[:5]:
+        damaged = bytearray(victim.read_bytes())
+        damaged[:16] = bytes(b ^ 0xFF for b in damaged[:16])
+        victim.write_bytes(bytes(damaged))
+    s3 = s3_cluster.client(cluster)
+    with pytest.raises(botocore.exceptions.ClientError) as refused:
+        s3.get_object(Bucket="flip", Key="obj")
+    assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 503
+    assert refused.value.response["Error"]["Code"] == "ServiceUnavailable"

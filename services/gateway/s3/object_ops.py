@@ -464,12 +464,24 @@ async def get_object(s3: s3request.Door, req: s3request.S3Request) -> web.Stream
     if span and last >= first:  # an empty part: 200, no Content-Range
         response.headers["Content-Range"] = f"bytes {first}-{last}/{meta.size}"
     response.content_length = last - first + 1
-    await response.prepare(req.http)
     writer = response_body.BodyWriter(response, s3.send_timeout_s)
+
+    async def sink(view: memoryview) -> None:
+        # The status line goes out with the first piece: a GET whose first piece cannot be
+        # gathered (too few shards readable right now) answers a typed 503 that SDKs retry,
+        # instead of a 200 whose body stops at byte 0.
+        if not response.prepared:
+            await response.prepare(req.http)
+        await writer.sink(view)
+
     try:
-        await s3.front.engine.stream(found, first, last - first + 1, writer.sink, writer.ready)
+        await s3.front.engine.stream(found, first, last - first + 1, sink, writer.ready)
+        if not response.prepared:  # an empty body
+            await response.prepare(req.http)
         await writer.finish()
     except (errors.KVTierError, OSError) as exc:
+        if not response.prepared:
+            raise  # nothing sent yet: the error's own S3 reply (finally closes the writer)
         # The status line is gone: all that is left is to cut the body short, which the
         # client sees as fewer bytes than Content-Length.
         log.warning("GET %s/%s failed mid-body: %s", req.bucket, req.key, exc)
