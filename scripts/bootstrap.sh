@@ -52,28 +52,70 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
+# For `test`, the two engines kept apart from .venv (LMCache's own virtualenv, vLLM's wheel in
+# .engines/) download and install in the background while .venv is set up, linted and
+# type-checked: they are large, mostly network time, and only their tests need them.
+background=()
+bg_logs=""
+if [ "$mode" = test ]; then
+  bg_logs=$(mktemp -d)
+  # The compose test's Docker engine and images (tests/compose/prebuild.py; standard library
+  # only, so it starts before .venv exists). Best effort: the test builds what is missing.
+  python3 -m tests.compose.prebuild "$bg_logs/compose" >"$bg_logs/compose.log" 2>&1 &
+  background+=($!)
+  # LMCache in a virtualenv of its own (its pins clash with ours), so that the LMCache plugin
+  # is tested with LMCache's own code (tests/integrations/test_lmcache_engine.py).
+  (PYTHON=python3 scripts/bench_peers.sh lmcache || echo "bootstrap: LMCache could not be installed" >&2) \
+    >"$bg_logs/lmcache.log" 2>&1 &
+  background+=($!)
+  # vLLM 0.33's own offloading classes for the vLLM plugin's tests: the wheel without its CUDA
+  # dependencies, plus the pure-Python modules vllm.v1.kv_offload imports, kept in .engines/.
+  if [ ! -d .engines/vllm/vllm ]; then
+    (.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --target .engines/vllm \
+      vllm==0.33.0 msgspec psutil pyzmq cbor2 requests openai openai-harmony sniffio pybase64 \
+      cachetools cloudpickle py-cpuinfo xgrammar apache-tvm-ffi llguidance fastapi starlette \
+      partial-json-parser opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions \
+      opentelemetry-semantic-conventions-ai || echo "bootstrap: vLLM could not be installed" >&2) \
+      >"$bg_logs/vllm.log" 2>&1 &
+    background+=($!)
+  fi
+fi
+wait_background() {
+  for pid in "${background[@]}"; do wait "$pid" || true; done
+  if [ -n "$bg_logs" ]; then
+    cat "$bg_logs"/*.log 2>/dev/null || true
+  fi
+}
+# After the tests: stop the dockerd the prebuild started (the compose test leaves an engine it
+# did not start running).
+stop_background() {
+  [ -n "$bg_logs" ] || return 0
+  local pid
+  pid=$(cat "$bg_logs/compose/dockerd.pid" 2>/dev/null || true)
+  if [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null; then
+    for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -rf "$bg_logs"
+}
+
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 if [ "$mode" = test ]; then
   # The end-to-end proof's model (torch CPU, transformers) and Redis client for tests/e2e.
   .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,e2e]'
   # NIXL's OBJ plugin, for the S3 acceptance tests: CPU-only, without its CUDA dependencies.
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'nixl==1.5.*' 'nixl-cu12==1.5.*'
-  # LMCache in a virtualenv of its own (its pins clash with ours), so that the LMCache plugin
-  # is tested with LMCache's own code (tests/integrations/test_lmcache_engine.py).
-  PYTHON=python3 scripts/bench_peers.sh lmcache || echo "bootstrap: LMCache could not be installed" >&2
-  # vLLM 0.33's own offloading classes for the vLLM plugin's tests: the wheel without its CUDA
-  # dependencies, plus the pure-Python modules vllm.v1.kv_offload imports, kept in .engines/.
-  if [ ! -d .engines/vllm/vllm ]; then
-    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --target .engines/vllm \
-      vllm==0.33.0 msgspec psutil pyzmq cbor2 requests openai openai-harmony sniffio pybase64 \
-      cachetools cloudpickle py-cpuinfo xgrammar apache-tvm-ffi llguidance fastapi starlette \
-      partial-json-parser opentelemetry-api opentelemetry-sdk opentelemetry-semantic-conventions \
-      opentelemetry-semantic-conventions-ai || echo "bootstrap: vLLM could not be installed" >&2
-  fi
 fi
 
 case "$mode" in
   up) exec .venv/bin/kvtier up --state-dir "${KVTIER_STATE_DIR:-.kvtier}" "$@" ;;
-  test) exec make check VENV=.venv ;;
+  test)
+    # `make check`, with the background installs finished before the tests that need them.
+    make lint typecheck VENV=.venv || { wait_background; stop_background; exit 1; }
+    wait_background
+    rc=0
+    make test VENV=.venv || rc=$?
+    stop_background
+    exit "$rc" ;;
   install) echo "installed: .venv/bin/kvtier, etcd at $(command -v etcd)" ;;
 esac

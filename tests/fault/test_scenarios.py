@@ -1,7 +1,7 @@
 """Fault scenarios under a steady mixed workload (issue 16): 0 wrong bytes, 0 lost acknowledged
 writes, each scenario's numbers recorded.
 
-Each scenario runs short by default (an 8 s fault, in CI) and full behind `-m fault_full`
+Each scenario runs short by default (a 6 s fault, in CI) and full behind `-m fault_full`
 (a 60 s fault). KVTIER_FAULT_RESULTS=FILE appends each run's report as a JSON line (what
 docs/reliability.md's table is made from).
 """
@@ -24,8 +24,8 @@ DURATIONS = [
     pytest.param("short", id="short"),
     pytest.param("full", id="full", marks=[pytest.mark.fault_full, pytest.mark.timeout(480)]),
 ]
-FAULT_S = {"short": 8.0, "full": 60.0}
-AFTER_S = {"short": 4.0, "full": 15.0}
+FAULT_S = {"short": 6.0, "full": 60.0}
+AFTER_S = {"short": 3.0, "full": 15.0}
 
 Opener = Callable[..., harness.FaultCluster]
 
