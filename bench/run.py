@@ -2,7 +2,7 @@
 
 Usage: python -m bench.run [--quick] [--no-doc] [--skip-kv] [--skip-objects] [--skip-s3]
                            [--skip-rgw] [--skip-security] [--skip-e2e] [--skip-nixl]
-                           [--skip-tracing] [--skip-kv-events]
+                           [--skip-tracing] [--skip-kv-events] [--skip-scale]
 Writes bench/results/<name>.json, docs/img/<name>.png and the matching section of
 docs/benchmarks.md (between `<!-- <name>:begin -->` and `<!-- <name>:end -->`).
 The KV-cache section (bench/kv_bench.py) installs its peers with scripts/bench_peers.sh first;
@@ -39,6 +39,7 @@ from bench import (
     object_bench,
     s3_bench,
     s3_rgw_bench,
+    scale_model,
     security_bench,
     tracing_bench,
     transport_bench,
@@ -258,6 +259,9 @@ def main() -> int:
     parser.add_argument(
         "--skip-nixl", action="store_true", help="skip NIXL OBJ against the S3 gateway"
     )
+    parser.add_argument(
+        "--skip-scale", action="store_true", help="skip the scale model (a simulation, no cluster)"
+    )
     args = parser.parse_args()
     result = run_transport(args.quick)
     print(f"erasure coding ceiling: {_erasure_cell(result['ceilings']['erasure_gbps'])}")
@@ -289,6 +293,9 @@ def main() -> int:
     if not args.skip_tracing:
         traced = tracing_bench.run_section(args.quick, None if args.no_doc else update_doc)
         result["targets"] += traced["targets"]
+    if not args.skip_scale:
+        scale = scale_model.run_section(args.quick, None if args.no_doc else update_doc)
+        result["targets"] += scale["targets"]
     if not args.skip_kv_events:
         events = kv_events_bench.run_section(args.quick, None if args.no_doc else update_doc)
         result["targets"] += events["targets"]

@@ -20,6 +20,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+#: etcd keeps one hour of history (the dev cluster, compose and the Kubernetes manifests alike).
+AUTO_COMPACTION = ("--auto-compaction-mode=periodic", "--auto-compaction-retention=1h")
+
 
 class EtcdError(Exception):
     """etcd could not be found or started; the message is one line."""
@@ -124,6 +127,10 @@ class EtcdServer:
             f"--initial-advertise-peer-urls={peer}",
             f"--initial-cluster=kvtier={peer}",
             "--log-level=warn",
+            # Every membership change rewrites the map key: without compaction etcd's history
+            # grows until its quota stops all writes (docs/scaling.md). Watches never resume
+            # from an old revision (kvtier.membership), so compaction cannot break them.
+            *AUTO_COMPACTION,
             *(self.tls.args() if self.tls is not None else ()),
         ]
         # Readable by its owner only, like every log of a dev cluster.
