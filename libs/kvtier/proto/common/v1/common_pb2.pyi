@@ -63,6 +63,40 @@ DRIVE_STATE_OFFLINE: DriveState.ValueType  # 2
 """The node is gone or no longer announces the drive; its slot is kept."""
 Global___DriveState: _TypeAlias = DriveState  # noqa: Y015
 
+class _PoolState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PoolStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PoolState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    POOL_STATE_ACTIVE: _PoolState.ValueType  # 0
+    """New objects and multipart uploads may be placed here."""
+    POOL_STATE_DRAINING: _PoolState.ValueType  # 1
+    """Being emptied (`kvtier admin pool drain`): nothing new is placed here; reads and deletes
+    still follow pool records into it.
+    """
+    POOL_STATE_DRAINED: _PoolState.ValueType  # 2
+    """A drain found it empty: nothing is placed or read here. `kvtier admin pool remove` retires it."""
+    POOL_STATE_RETIRED: _PoolState.ValueType  # 3
+    """Removed: a tombstone (its slots stay so indexes never move); never read, written or healed."""
+
+class PoolState(_PoolState, metaclass=_PoolStateEnumTypeWrapper):
+    """Where a pool is in its life (ARCHITECTURE.md, "Pool states"). A pool keeps its index
+    forever: pool records name pools by index.
+    """
+
+POOL_STATE_ACTIVE: PoolState.ValueType  # 0
+"""New objects and multipart uploads may be placed here."""
+POOL_STATE_DRAINING: PoolState.ValueType  # 1
+"""Being emptied (`kvtier admin pool drain`): nothing new is placed here; reads and deletes
+still follow pool records into it.
+"""
+POOL_STATE_DRAINED: PoolState.ValueType  # 2
+"""A drain found it empty: nothing is placed or read here. `kvtier admin pool remove` retires it."""
+POOL_STATE_RETIRED: PoolState.ValueType  # 3
+"""Removed: a tombstone (its slots stay so indexes never move); never read, written or healed."""
+Global___PoolState: _TypeAlias = PoolState  # noqa: Y015
+
 @_typing.final
 class Drive(_message.Message):
     """A local drive of a datanode, as the datanode announces it."""
@@ -242,9 +276,11 @@ class Pool(_message.Message):
     INDEX_FIELD_NUMBER: _builtins.int
     SETS_FIELD_NUMBER: _builtins.int
     FORMED_AT_EPOCH_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     formed_at_epoch: _builtins.int
     """Epoch of the map that first contained this pool."""
+    state: Global___PoolState.ValueType
     @_builtins.property
     def sets(self) -> _containers.RepeatedCompositeFieldContainer[Global___ErasureSet]: ...
     def __init__(
@@ -253,10 +289,11 @@ class Pool(_message.Message):
         index: _builtins.int = ...,
         sets: _abc.Iterable[Global___ErasureSet] | None = ...,
         formed_at_epoch: _builtins.int = ...,
+        state: Global___PoolState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["formed_at_epoch", b"formed_at_epoch", "index", b"index", "sets", b"sets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["formed_at_epoch", b"formed_at_epoch", "index", b"index", "sets", b"sets", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -297,10 +334,15 @@ class ClusterMap(_message.Message):
     POOLS_FIELD_NUMBER: _builtins.int
     PENDING_DRIVES_FIELD_NUMBER: _builtins.int
     NODES_FIELD_NUMBER: _builtins.int
+    POOL_DRIVES_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     """Monotonically increasing; bumped on every change."""
     deployment_id: _builtins.str
     """Random identity of this deployment, created once; keys placement hashes."""
+    pool_drives: _builtins.int
+    """The metadata service's pool_drives setting: this many pending drives form a new pool
+    (0: pools are not formed automatically).
+    """
     @_builtins.property
     def pools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Pool]: ...
     @_builtins.property
@@ -317,10 +359,11 @@ class ClusterMap(_message.Message):
         pools: _abc.Iterable[Global___Pool] | None = ...,
         pending_drives: _abc.Iterable[Global___PendingDrive] | None = ...,
         nodes: _abc.Iterable[Global___NodeInfo] | None = ...,
+        pool_drives: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment_id", b"deployment_id", "epoch", b"epoch", "nodes", b"nodes", "pending_drives", b"pending_drives", "pools", b"pools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment_id", b"deployment_id", "epoch", b"epoch", "nodes", b"nodes", "pending_drives", b"pending_drives", "pool_drives", b"pool_drives", "pools", b"pools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -647,12 +647,17 @@ class DeleteShardRequest(_message.Message):
     BUCKET_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
     VERSION_ID_FIELD_NUMBER: _builtins.int
+    IF_DATA_ID_FIELD_NUMBER: _builtins.int
     drive_id: _builtins.str
     bucket: _builtins.str
     key: _builtins.str
     version_id: _builtins.str
     """Remove this version only ("null" or a data_id); when it is the current one, the newest
     non-current version becomes current. Empty: the key and every version of it.
+    """
+    if_data_id: _builtins.str
+    """Remove only when the key's current version has this data_id (else nothing: deleted is
+    false). A pool drain removes the copy it moved and nothing written since.
     """
     def __init__(
         self,
@@ -661,10 +666,11 @@ class DeleteShardRequest(_message.Message):
         bucket: _builtins.str = ...,
         key: _builtins.str = ...,
         version_id: _builtins.str = ...,
+        if_data_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "drive_id", b"drive_id", "key", b"key", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "drive_id", b"drive_id", "if_data_id", b"if_data_id", "key", b"key", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

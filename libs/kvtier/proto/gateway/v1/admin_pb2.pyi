@@ -20,6 +20,130 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class DrainPoolRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainPoolRequest: _TypeAlias = DrainPoolRequest  # noqa: Y015
+
+@_typing.final
+class DrainProgress(_message.Message):
+    """Counts so far (every message carries the totals, not increments)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECTS_TOTAL_FIELD_NUMBER: _builtins.int
+    BYTES_TOTAL_FIELD_NUMBER: _builtins.int
+    OBJECTS_MOVED_FIELD_NUMBER: _builtins.int
+    BYTES_MOVED_FIELD_NUMBER: _builtins.int
+    OBJECTS_DROPPED_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    CURRENT_KEY_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    PASSES_FIELD_NUMBER: _builtins.int
+    UPLOADS_PENDING_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    DRAINED_FIELD_NUMBER: _builtins.int
+    objects_total: _builtins.int
+    """Objects and their bytes found in the pool (grows while the drain walks it)."""
+    bytes_total: _builtins.int
+    objects_moved: _builtins.int
+    """Objects moved to another pool, and their bytes."""
+    bytes_moved: _builtins.int
+    objects_dropped: _builtins.int
+    """Copies no pool-0 entry names any more (a newer version was written elsewhere, or the
+    object was deleted, meanwhile): deleted from the pool without a move.
+    """
+    errors: _builtins.int
+    """Objects that could not be moved now (drives unreachable, errors): run the drain again."""
+    current_key: _builtins.str
+    """The object being moved (bucket/key) and the last error's text."""
+    last_error: _builtins.str
+    passes: _builtins.int
+    """Passes over the pool so far (a pass that finds nothing to move ends the drain)."""
+    uploads_pending: _builtins.int
+    """Multipart uploads still placing parts in the pool (begun before the drain): the pool is
+    drained once they complete (their objects are moved by a later run) or expire.
+    """
+    done: _builtins.bool
+    """The last message: the drain is over (drained says whether the pool is now DRAINED)."""
+    drained: _builtins.bool
+    def __init__(
+        self,
+        *,
+        objects_total: _builtins.int = ...,
+        bytes_total: _builtins.int = ...,
+        objects_moved: _builtins.int = ...,
+        bytes_moved: _builtins.int = ...,
+        objects_dropped: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        current_key: _builtins.str = ...,
+        last_error: _builtins.str = ...,
+        passes: _builtins.int = ...,
+        uploads_pending: _builtins.int = ...,
+        done: _builtins.bool = ...,
+        drained: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_moved", b"bytes_moved", "bytes_total", b"bytes_total", "current_key", b"current_key", "done", b"done", "drained", b"drained", "errors", b"errors", "last_error", b"last_error", "objects_dropped", b"objects_dropped", "objects_moved", b"objects_moved", "objects_total", b"objects_total", "passes", b"passes", "uploads_pending", b"uploads_pending"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainProgress: _TypeAlias = DrainProgress  # noqa: Y015
+
+@_typing.final
+class RemovePoolRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index", b"index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemovePoolRequest: _TypeAlias = RemovePoolRequest  # noqa: Y015
+
+@_typing.final
+class RemovePoolResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """The epoch of the map in which the pool is RETIRED."""
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemovePoolResponse: _TypeAlias = RemovePoolResponse  # noqa: Y015
+
+@_typing.final
 class HealRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -40,6 +40,16 @@ class AdminServiceStub:
                 request_serializer=kvtier_dot_gateway_dot_v1_dot_admin__pb2.HealRequest.SerializeToString,
                 response_deserializer=kvtier_dot_gateway_dot_v1_dot_admin__pb2.HealProgress.FromString,
                 _registered_method=True)
+        self.DrainPool = channel.unary_stream(
+                '/kvtier.gateway.v1.AdminService/DrainPool',
+                request_serializer=kvtier_dot_gateway_dot_v1_dot_admin__pb2.DrainPoolRequest.SerializeToString,
+                response_deserializer=kvtier_dot_gateway_dot_v1_dot_admin__pb2.DrainProgress.FromString,
+                _registered_method=True)
+        self.RemovePool = channel.unary_unary(
+                '/kvtier.gateway.v1.AdminService/RemovePool',
+                request_serializer=kvtier_dot_gateway_dot_v1_dot_admin__pb2.RemovePoolRequest.SerializeToString,
+                response_deserializer=kvtier_dot_gateway_dot_v1_dot_admin__pb2.RemovePoolResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -54,6 +64,28 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainPool(self, request, context):
+        """Move every object of a pool to the other active pools (ARCHITECTURE.md, "Draining a
+        pool"): the pool is marked DRAINING first (nothing new is placed there), each object is
+        copied, its pool-0 entry switched to the copy, then the old copy deleted; reads go on
+        throughout. Streams progress and a last message with done set; the pool is marked DRAINED
+        when a pass found it empty. Idempotent: run it again after an error or an interruption.
+        FAILED_PRECONDITION for pool 0, the last active pool, or a pool already drained or
+        retired; NOT_FOUND for no such pool.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemovePool(self, request, context):
+        """Retire a drained pool (it stays in the map as a tombstone: indexes never move) after
+        checking again that its drives hold nothing. FAILED_PRECONDITION unless it is DRAINED and
+        empty; NOT_FOUND for no such pool.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +93,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.Heal,
                     request_deserializer=kvtier_dot_gateway_dot_v1_dot_admin__pb2.HealRequest.FromString,
                     response_serializer=kvtier_dot_gateway_dot_v1_dot_admin__pb2.HealProgress.SerializeToString,
+            ),
+            'DrainPool': grpc.unary_stream_rpc_method_handler(
+                    servicer.DrainPool,
+                    request_deserializer=kvtier_dot_gateway_dot_v1_dot_admin__pb2.DrainPoolRequest.FromString,
+                    response_serializer=kvtier_dot_gateway_dot_v1_dot_admin__pb2.DrainProgress.SerializeToString,
+            ),
+            'RemovePool': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemovePool,
+                    request_deserializer=kvtier_dot_gateway_dot_v1_dot_admin__pb2.RemovePoolRequest.FromString,
+                    response_serializer=kvtier_dot_gateway_dot_v1_dot_admin__pb2.RemovePoolResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +132,60 @@ class AdminService:
             '/kvtier.gateway.v1.AdminService/Heal',
             kvtier_dot_gateway_dot_v1_dot_admin__pb2.HealRequest.SerializeToString,
             kvtier_dot_gateway_dot_v1_dot_admin__pb2.HealProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainPool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvtier.gateway.v1.AdminService/DrainPool',
+            kvtier_dot_gateway_dot_v1_dot_admin__pb2.DrainPoolRequest.SerializeToString,
+            kvtier_dot_gateway_dot_v1_dot_admin__pb2.DrainProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemovePool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.gateway.v1.AdminService/RemovePool',
+            kvtier_dot_gateway_dot_v1_dot_admin__pb2.RemovePoolRequest.SerializeToString,
+            kvtier_dot_gateway_dot_v1_dot_admin__pb2.RemovePoolResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,20 @@ class AdminServiceStub:
     shards are missing, stale or corrupt on some drive. Streams progress now and then and a last
     message with done set. NotFound when the bucket does not exist.
     """
+    DrainPool: _grpc.UnaryStreamMultiCallable[_admin_pb2.DrainPoolRequest, _admin_pb2.DrainProgress]
+    """Move every object of a pool to the other active pools (ARCHITECTURE.md, "Draining a
+    pool"): the pool is marked DRAINING first (nothing new is placed there), each object is
+    copied, its pool-0 entry switched to the copy, then the old copy deleted; reads go on
+    throughout. Streams progress and a last message with done set; the pool is marked DRAINED
+    when a pass found it empty. Idempotent: run it again after an error or an interruption.
+    FAILED_PRECONDITION for pool 0, the last active pool, or a pool already drained or
+    retired; NOT_FOUND for no such pool.
+    """
+    RemovePool: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RemovePoolRequest, _admin_pb2.RemovePoolResponse]
+    """Retire a drained pool (it stays in the map as a tombstone: indexes never move) after
+    checking again that its drives hold nothing. FAILED_PRECONDITION unless it is DRAINED and
+    empty; NOT_FOUND for no such pool.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -45,6 +59,20 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Check every object of a bucket (or of every bucket) under a prefix and heal those whose
     shards are missing, stale or corrupt on some drive. Streams progress now and then and a last
     message with done set. NotFound when the bucket does not exist.
+    """
+    DrainPool: _aio.UnaryStreamMultiCallable[_admin_pb2.DrainPoolRequest, _admin_pb2.DrainProgress]  # type: ignore[assignment]
+    """Move every object of a pool to the other active pools (ARCHITECTURE.md, "Draining a
+    pool"): the pool is marked DRAINING first (nothing new is placed there), each object is
+    copied, its pool-0 entry switched to the copy, then the old copy deleted; reads go on
+    throughout. Streams progress and a last message with done set; the pool is marked DRAINED
+    when a pass found it empty. Idempotent: run it again after an error or an interruption.
+    FAILED_PRECONDITION for pool 0, the last active pool, or a pool already drained or
+    retired; NOT_FOUND for no such pool.
+    """
+    RemovePool: _aio.UnaryUnaryMultiCallable[_admin_pb2.RemovePoolRequest, _admin_pb2.RemovePoolResponse]  # type: ignore[assignment]
+    """Retire a drained pool (it stays in the map as a tombstone: indexes never move) after
+    checking again that its drives hold nothing. FAILED_PRECONDITION unless it is DRAINED and
+    empty; NOT_FOUND for no such pool.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -57,6 +85,32 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Check every object of a bucket (or of every bucket) under a prefix and heal those whose
         shards are missing, stale or corrupt on some drive. Streams progress now and then and a last
         message with done set. NotFound when the bucket does not exist.
+        """
+
+    @_abc_1.abstractmethod
+    def DrainPool(
+        self,
+        request: _admin_pb2.DrainPoolRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_admin_pb2.DrainProgress], _abc.AsyncIterator[_admin_pb2.DrainProgress]]:
+        """Move every object of a pool to the other active pools (ARCHITECTURE.md, "Draining a
+        pool"): the pool is marked DRAINING first (nothing new is placed there), each object is
+        copied, its pool-0 entry switched to the copy, then the old copy deleted; reads go on
+        throughout. Streams progress and a last message with done set; the pool is marked DRAINED
+        when a pass found it empty. Idempotent: run it again after an error or an interruption.
+        FAILED_PRECONDITION for pool 0, the last active pool, or a pool already drained or
+        retired; NOT_FOUND for no such pool.
+        """
+
+    @_abc_1.abstractmethod
+    def RemovePool(
+        self,
+        request: _admin_pb2.RemovePoolRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RemovePoolResponse, _abc.Awaitable[_admin_pb2.RemovePoolResponse]]:
+        """Retire a drained pool (it stays in the map as a tombstone: indexes never move) after
+        checking again that its drives hold nothing. FAILED_PRECONDITION unless it is DRAINED and
+        empty; NOT_FOUND for no such pool.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

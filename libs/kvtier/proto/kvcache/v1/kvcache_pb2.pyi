@@ -1130,6 +1130,55 @@ class SetNamespacePolicyResponse(_message.Message):
 Global___SetNamespacePolicyResponse: _TypeAlias = SetNamespacePolicyResponse  # noqa: Y015
 
 @_typing.final
+class ListSettingsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSettingsRequest: _TypeAlias = ListSettingsRequest  # noqa: Y015
+
+@_typing.final
+class ListSettingsResponse(_message.Message):
+    """Each setting is the request that stored it, in key order (by tenant, then namespace)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUOTAS_FIELD_NUMBER: _builtins.int
+    TTLS_FIELD_NUMBER: _builtins.int
+    POLICIES_FIELD_NUMBER: _builtins.int
+    PERSISTED_FIELD_NUMBER: _builtins.int
+    persisted: _builtins.bool
+    """false: this node keeps no cluster-wide settings store (a node without etcd): nothing to list."""
+    @_builtins.property
+    def quotas(self) -> _containers.RepeatedCompositeFieldContainer[Global___SetQuotaRequest]: ...
+    @_builtins.property
+    def ttls(self) -> _containers.RepeatedCompositeFieldContainer[Global___SetNamespaceTTLRequest]: ...
+    @_builtins.property
+    def policies(self) -> _containers.RepeatedCompositeFieldContainer[Global___SetNamespacePolicyRequest]: ...
+    def __init__(
+        self,
+        *,
+        quotas: _abc.Iterable[Global___SetQuotaRequest] | None = ...,
+        ttls: _abc.Iterable[Global___SetNamespaceTTLRequest] | None = ...,
+        policies: _abc.Iterable[Global___SetNamespacePolicyRequest] | None = ...,
+        persisted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["persisted", b"persisted", "policies", b"policies", "quotas", b"quotas", "ttls", b"ttls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSettingsResponse: _TypeAlias = ListSettingsResponse  # noqa: Y015
+
+@_typing.final
 class ListKeysRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

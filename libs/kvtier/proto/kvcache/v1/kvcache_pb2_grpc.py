@@ -115,6 +115,11 @@ class KVCacheServiceStub:
                 request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespacePolicyRequest.SerializeToString,
                 response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespacePolicyResponse.FromString,
                 _registered_method=True)
+        self.ListSettings = channel.unary_unary(
+                '/kvtier.kvcache.v1.KVCacheService/ListSettings',
+                request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ListSettingsRequest.SerializeToString,
+                response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ListSettingsResponse.FromString,
+                _registered_method=True)
 
 
 class KVCacheServiceServicer:
@@ -229,6 +234,14 @@ class KVCacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSettings(self, request, context):
+        """The operator settings the cluster keeps (every node applies them): what SetQuota,
+        SetNamespaceTTL and SetNamespacePolicy stored, read-only (the operator console). Admins.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVCacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -311,6 +324,11 @@ def add_KVCacheServiceServicer_to_server(servicer, server):
                     servicer.SetNamespacePolicy,
                     request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespacePolicyRequest.FromString,
                     response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespacePolicyResponse.SerializeToString,
+            ),
+            'ListSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSettings,
+                    request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ListSettingsRequest.FromString,
+                    response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ListSettingsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -745,6 +763,33 @@ class KVCacheService:
             '/kvtier.kvcache.v1.KVCacheService/SetNamespacePolicy',
             kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespacePolicyRequest.SerializeToString,
             kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.SetNamespacePolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.kvcache.v1.KVCacheService/ListSettings',
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ListSettingsRequest.SerializeToString,
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ListSettingsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -74,6 +74,10 @@ class KVCacheServiceStub:
     """
     SetNamespaceTTL: _grpc.UnaryUnaryMultiCallable[_kvcache_pb2.SetNamespaceTTLRequest, _kvcache_pb2.SetNamespaceTTLResponse]
     SetNamespacePolicy: _grpc.UnaryUnaryMultiCallable[_kvcache_pb2.SetNamespacePolicyRequest, _kvcache_pb2.SetNamespacePolicyResponse]
+    ListSettings: _grpc.UnaryUnaryMultiCallable[_kvcache_pb2.ListSettingsRequest, _kvcache_pb2.ListSettingsResponse]
+    """The operator settings the cluster keeps (every node applies them): what SetQuota,
+    SetNamespaceTTL and SetNamespacePolicy stored, read-only (the operator console). Admins.
+    """
 
 @_typing.type_check_only
 class KVCacheServiceAsyncStub(KVCacheServiceStub):
@@ -111,6 +115,10 @@ class KVCacheServiceAsyncStub(KVCacheServiceStub):
     """
     SetNamespaceTTL: _aio.UnaryUnaryMultiCallable[_kvcache_pb2.SetNamespaceTTLRequest, _kvcache_pb2.SetNamespaceTTLResponse]  # type: ignore[assignment]
     SetNamespacePolicy: _aio.UnaryUnaryMultiCallable[_kvcache_pb2.SetNamespacePolicyRequest, _kvcache_pb2.SetNamespacePolicyResponse]  # type: ignore[assignment]
+    ListSettings: _aio.UnaryUnaryMultiCallable[_kvcache_pb2.ListSettingsRequest, _kvcache_pb2.ListSettingsResponse]  # type: ignore[assignment]
+    """The operator settings the cluster keeps (every node applies them): what SetQuota,
+    SetNamespaceTTL and SetNamespacePolicy stored, read-only (the operator console). Admins.
+    """
 
 class KVCacheServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -241,5 +249,15 @@ class KVCacheServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _kvcache_pb2.SetNamespacePolicyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_kvcache_pb2.SetNamespacePolicyResponse, _abc.Awaitable[_kvcache_pb2.SetNamespacePolicyResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListSettings(
+        self,
+        request: _kvcache_pb2.ListSettingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kvcache_pb2.ListSettingsResponse, _abc.Awaitable[_kvcache_pb2.ListSettingsResponse]]:
+        """The operator settings the cluster keeps (every node applies them): what SetQuota,
+        SetNamespaceTTL and SetNamespacePolicy stored, read-only (the operator console). Admins.
+        """
 
 def add_KVCacheServiceServicer_to_server(servicer: KVCacheServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -70,6 +70,11 @@ class MetadataServiceStub:
                 request_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListBucketsRequest.SerializeToString,
                 response_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListBucketsResponse.FromString,
                 _registered_method=True)
+        self.SetPoolState = channel.unary_unary(
+                '/kvtier.metadata.v1.MetadataService/SetPoolState',
+                request_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.SetPoolStateRequest.SerializeToString,
+                response_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.SetPoolStateResponse.FromString,
+                _registered_method=True)
         self.CreateUser = channel.unary_unary(
                 '/kvtier.metadata.v1.MetadataService/CreateUser',
                 request_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.CreateUserRequest.SerializeToString,
@@ -147,6 +152,19 @@ class MetadataServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPoolState(self, request, context):
+        """Move a pool to another state (ARCHITECTURE.md, "Pool states"), with compare-and-swap on the
+        map: ACTIVE -> DRAINING (a drain begins; again while DRAINING: unchanged), DRAINING ->
+        ACTIVE (the drain is cancelled), DRAINING -> DRAINED (a drain found the pool empty),
+        DRAINED -> DRAINING (drained again), DRAINED -> RETIRED (removed). FAILED_PRECONDITION for any other move, for pool 0 (it holds
+        every pool record) and for draining the last active pool; NOT_FOUND for no such pool.
+        Gateways only: an operator drains and removes through the gateway's AdminService, which
+        moves the objects and checks the pool is empty first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateUser(self, request, context):
         """S3 users (access keys). The secret is returned by CreateUser only, once; etcd keeps it
         encrypted under the cluster's master key (gateways decrypt it to check signatures).
@@ -205,6 +223,11 @@ def add_MetadataServiceServicer_to_server(servicer, server):
                     servicer.ListBuckets,
                     request_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListBucketsRequest.FromString,
                     response_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListBucketsResponse.SerializeToString,
+            ),
+            'SetPoolState': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPoolState,
+                    request_deserializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.SetPoolStateRequest.FromString,
+                    response_serializer=kvtier_dot_metadata_dot_v1_dot_metadata__pb2.SetPoolStateResponse.SerializeToString,
             ),
             'CreateUser': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateUser,
@@ -411,6 +434,33 @@ class MetadataService:
             '/kvtier.metadata.v1.MetadataService/ListBuckets',
             kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListBucketsRequest.SerializeToString,
             kvtier_dot_metadata_dot_v1_dot_metadata__pb2.ListBucketsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPoolState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.metadata.v1.MetadataService/SetPoolState',
+            kvtier_dot_metadata_dot_v1_dot_metadata__pb2.SetPoolStateRequest.SerializeToString,
+            kvtier_dot_metadata_dot_v1_dot_metadata__pb2.SetPoolStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,15 @@ class MetadataServiceStub:
     """
     ListBuckets: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.ListBucketsRequest, _metadata_pb2.ListBucketsResponse]
     """Every bucket (of one tenant), sorted by name."""
+    SetPoolState: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.SetPoolStateRequest, _metadata_pb2.SetPoolStateResponse]
+    """Move a pool to another state (ARCHITECTURE.md, "Pool states"), with compare-and-swap on the
+    map: ACTIVE -> DRAINING (a drain begins; again while DRAINING: unchanged), DRAINING ->
+    ACTIVE (the drain is cancelled), DRAINING -> DRAINED (a drain found the pool empty),
+    DRAINED -> DRAINING (drained again), DRAINED -> RETIRED (removed). FAILED_PRECONDITION for any other move, for pool 0 (it holds
+    every pool record) and for draining the last active pool; NOT_FOUND for no such pool.
+    Gateways only: an operator drains and removes through the gateway's AdminService, which
+    moves the objects and checks the pool is empty first.
+    """
     CreateUser: _grpc.UnaryUnaryMultiCallable[_metadata_pb2.CreateUserRequest, _metadata_pb2.CreateUserResponse]
     """S3 users (access keys). The secret is returned by CreateUser only, once; etcd keeps it
     encrypted under the cluster's master key (gateways decrypt it to check signatures).
@@ -93,6 +102,15 @@ class MetadataServiceAsyncStub(MetadataServiceStub):
     """
     ListBuckets: _aio.UnaryUnaryMultiCallable[_metadata_pb2.ListBucketsRequest, _metadata_pb2.ListBucketsResponse]  # type: ignore[assignment]
     """Every bucket (of one tenant), sorted by name."""
+    SetPoolState: _aio.UnaryUnaryMultiCallable[_metadata_pb2.SetPoolStateRequest, _metadata_pb2.SetPoolStateResponse]  # type: ignore[assignment]
+    """Move a pool to another state (ARCHITECTURE.md, "Pool states"), with compare-and-swap on the
+    map: ACTIVE -> DRAINING (a drain begins; again while DRAINING: unchanged), DRAINING ->
+    ACTIVE (the drain is cancelled), DRAINING -> DRAINED (a drain found the pool empty),
+    DRAINED -> DRAINING (drained again), DRAINED -> RETIRED (removed). FAILED_PRECONDITION for any other move, for pool 0 (it holds
+    every pool record) and for draining the last active pool; NOT_FOUND for no such pool.
+    Gateways only: an operator drains and removes through the gateway's AdminService, which
+    moves the objects and checks the pool is empty first.
+    """
     CreateUser: _aio.UnaryUnaryMultiCallable[_metadata_pb2.CreateUserRequest, _metadata_pb2.CreateUserResponse]  # type: ignore[assignment]
     """S3 users (access keys). The secret is returned by CreateUser only, once; etcd keeps it
     encrypted under the cluster's master key (gateways decrypt it to check signatures).
@@ -168,6 +186,21 @@ class MetadataServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_metadata_pb2.ListBucketsResponse, _abc.Awaitable[_metadata_pb2.ListBucketsResponse]]:
         """Every bucket (of one tenant), sorted by name."""
+
+    @_abc_1.abstractmethod
+    def SetPoolState(
+        self,
+        request: _metadata_pb2.SetPoolStateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metadata_pb2.SetPoolStateResponse, _abc.Awaitable[_metadata_pb2.SetPoolStateResponse]]:
+        """Move a pool to another state (ARCHITECTURE.md, "Pool states"), with compare-and-swap on the
+        map: ACTIVE -> DRAINING (a drain begins; again while DRAINING: unchanged), DRAINING ->
+        ACTIVE (the drain is cancelled), DRAINING -> DRAINED (a drain found the pool empty),
+        DRAINED -> DRAINING (drained again), DRAINED -> RETIRED (removed). FAILED_PRECONDITION for any other move, for pool 0 (it holds
+        every pool record) and for draining the last active pool; NOT_FOUND for no such pool.
+        Gateways only: an operator drains and removes through the gateway's AdminService, which
+        moves the objects and checks the pool is empty first.
+        """
 
     @_abc_1.abstractmethod
     def CreateUser(
