@@ -617,6 +617,7 @@ async def _ready(
     offline = [
         slot.drive_id
         for pool in cmap.pools
+        if pool.state != common_pb2.POOL_STATE_RETIRED  # a tombstone: drives may be gone
         for es in pool.sets
         for slot in es.slots
         if slot.state != common_pb2.DRIVE_STATE_ONLINE

@@ -342,13 +342,16 @@ class ShardStore(shardrecovery.ShardRecovery):
 
     # Removals.
 
-    def delete(self, bucket: str, key: str, version: str = "") -> bool:
+    def delete(self, bucket: str, key: str, version: str = "", if_data_id: str = "") -> bool:
         """Remove the object from this drive (meta first, then data), every S3 version of it
-        included; False when it was absent. version: remove that version only (delete_version)."""
+        included; False when it was absent. version: remove that version only (delete_version).
+        if_data_id: only when the current version is that one (else False, nothing removed)."""
         if version:
             return self.delete_version(bucket, key, version)
         object_dir = self._object_dir(bucket, key)
         with self._key_lock(object_dir):
+            if if_data_id and (self._current_version(object_dir) or (0, ""))[1] != if_data_id:
+                return False
             versions_dir = object_dir / versionstore.VERSIONS_DIR
             if versions_dir.is_dir():  # a versioned key: its versions go first
                 shutil.rmtree(versions_dir)

@@ -294,7 +294,7 @@ class ShardNode:
     async def delete_shard(self, req: pb.DeleteShardRequest) -> pb.DeleteShardResponse:
         """Remove the object's shard from the drive."""
         store = self._store(req.drive_id)
-        deleted = await self._run(store.delete, req.bucket, req.key, req.version_id)
+        deleted = await self._run(store.delete, req.bucket, req.key, req.version_id, req.if_data_id)
         return pb.DeleteShardResponse(deleted=deleted)
 
     async def list_shards(self, req: pb.ListShardsRequest) -> pb.ListShardsResponse:

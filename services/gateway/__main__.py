@@ -31,6 +31,7 @@ from services.gateway import (
     lifecycle,
     listing,
     objects,
+    pooldrain,
     rebuild,
     servicer,
 )
@@ -53,6 +54,7 @@ class _Gateway:
         self.front: front.ObjectFront | None = None
         self.nodes: datanodes.Datanodes | None = None
         self.healer: healing.Healer | None = None
+        self.drainer: pooldrain.Drainer | None = None
         self.expirer: lifecycle.Expirer | None = None
         self.s3_runner: web.AppRunner | None = None
         self.s3_tls: s3_tls.S3TLS | None = None
@@ -102,8 +104,11 @@ class _Gateway:
         objects_pb2_grpc.add_ObjectServiceServicer_to_server(
             servicer.ObjectServicer(self.front), server
         )
+        self.drainer = pooldrain.Drainer(
+            ctx.map_view, self.front, grace_s=self.cfg.pool_drain_grace_s
+        )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(
-            servicer.AdminServicer(self.healer), server
+            servicer.AdminServicer(self.healer, self.drainer), server
         )
         return [
             gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,

@@ -57,10 +57,12 @@ async def commit_version(
     small: Sequence[bytes] | None = None,
     *,
     stamp: bool = True,
+    restamp: bool = True,
 ) -> int:
     """Commit meta on the drives `live` of where (module docstring) and return on how many it
     is (or a newer version is). meta.mtime_unix_ns is set from the clock first (stamp=False:
-    meta's own stamp is tried first) and holds the committed stamp on return.
+    meta's own stamp is tried first) and holds the committed stamp on return. restamp=False:
+    never stamped again above a newer version (a pool drain's copy loses to every write).
 
     Raises ClockSkew when drives refused the stamp as too far ahead and the rest miss the write
     quorum, Unavailable for any other shortfall."""
@@ -68,7 +70,7 @@ async def commit_version(
         meta.mtime_unix_ns = clock.now()
     done = await _round(nodes, where, meta, write_id, live, sources, small)
     clock.observe(done.newer_ns)
-    if done.newer_ns > meta.mtime_unix_ns and (small is not None or sources):
+    if restamp and done.newer_ns > meta.mtime_unix_ns and (small is not None or sources):
         _lagging(meta, done.newer_ns)
         meta.mtime_unix_ns = clock.now()
         RESTAMPS.inc()

@@ -45,6 +45,11 @@ class GatewayConfig(config.DataPlaneServiceConfig):
     scan_interval_s: float = config.setting(
         60.0, "seconds between cycles of the heal scanner; 0 turns the scanner off"
     )
+    pool_drain_grace_s: float = config.setting(
+        5.0,
+        "seconds a pool drain waits after switching an object's pool-0 entry to its new copy "
+        "before it deletes the old copy (a GET that read the entry just before still reads it)",
+    )
     scan_objects_per_cycle: int = config.setting(
         1000, "objects the heal scanner verifies (and heals) per cycle"
     )

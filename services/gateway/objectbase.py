@@ -144,14 +144,33 @@ class EngineBase:
         where = placement.locate(cmap, bucket, key, 0)
         found = await self.resolve_in(where, bucket, key, queue_heal, version_id)
         if found.meta.is_pointer and follow:
-            target = placement.locate(cmap, bucket, key, found.meta.pool_pointer)
-            found = await self.resolve_in(target, bucket, key, queue_heal, version_id)
+            found = await self._follow(found, queue_heal, version_id)
         if found.meta.delete_marker and not markers:
             raise versions.DeleteMarker(
                 f"{bucket}/{key}: a delete marker",
                 version_id=objversions.version_id(found.meta), by_id=bool(version_id),
             )  # fmt: skip
         return found
+
+    async def _follow(
+        self, record: versions.Resolved, queue_heal: bool, version_id: str
+    ) -> versions.Resolved:
+        """The version a pool record names, in its pool. NotFound there may mean a pool drain
+        moved the object meanwhile (record switched, old copy deleted): the entry in pool 0 is
+        read again, once, and a new one followed."""
+        bucket, key = record.meta.bucket, record.meta.key
+        cmap = self._view.current
+        target = placement.locate(cmap, bucket, key, record.meta.pool_pointer)
+        try:
+            return await self.resolve_in(target, bucket, key, queue_heal, version_id)
+        except errors.NotFound:
+            again = await self.resolve_in(record.where, bucket, key, queue_heal, version_id)
+            if again.meta.data_id == record.meta.data_id:
+                raise
+        if not again.meta.is_pointer:
+            return again
+        target = placement.locate(cmap, bucket, key, again.meta.pool_pointer)
+        return await self.resolve_in(target, bucket, key, queue_heal, version_id)
 
     async def resolve_in(
         self,

@@ -58,6 +58,16 @@ class PooledObjects(objectbase.EngineBase):
 
     async def _write_pool_record(self, meta: datanode_pb2.ShardMeta, pool_index: int) -> None:
         """Point pool 0's set of the key at pool_index (what reads and listings look at)."""
+        where, record = self.pool_record(meta, pool_index)
+        # A small write (no bytes): it can be stamped again above a newer version in pool 0.
+        empty = [b""] * len(where.slots)
+        await self.commit_shards(where, record, record.data_id, set(), small=empty, stamp=False)
+
+    def pool_record(
+        self, meta: datanode_pb2.ShardMeta, pool_index: int
+    ) -> tuple[placement.Placement, datanode_pb2.ShardMeta]:
+        """The pool record of meta's version in pool_index (a new data_id, meta's stamp) and
+        where it goes in pool 0."""
         where = placement.locate(self._view.current, meta.bucket, meta.key, placement.FIRST_POOL)
         record = datanode_pb2.ShardMeta()
         record.CopyFrom(meta)
@@ -67,9 +77,7 @@ class PooledObjects(objectbase.EngineBase):
         record.data_id = uuid.uuid4().hex
         record.data_shards, record.parity_shards = where.data_shards, where.parity_shards
         record.distribution[:] = list(where.positions)
-        # A small write (no bytes): it can be stamped again above a newer version in pool 0.
-        empty = [b""] * len(where.slots)
-        await self.commit_shards(where, record, record.data_id, set(), small=empty, stamp=False)
+        return where, record
 
     async def stage_empty(
         self, where: placement.Placement, bucket: str, key: str, write_id: str, failed: set[int]
@@ -99,17 +107,20 @@ class PooledObjects(objectbase.EngineBase):
         *,
         small: Sequence[bytes] | None = None,
         stamp: bool = True,
+        restamp: bool = True,
     ) -> None:
         """Commit meta (shard_index set per drive) on every drive of where not in failed,
         stamped by this gateway's clock (stamp=False: meta's own stamp first) and stamped
         again above a newer version the drives hold when the write can be sent again
         (commits.commit_version); Unavailable (ClockSkew) below the write quorum.
         sources[i]: drive i's part sources (compose); small[i]: drive i's whole shard, staged
-        and committed with the drive's meta in one WRITE_SMALL call per datanode."""
+        and committed with the drive's meta in one WRITE_SMALL call per datanode.
+        restamp=False: never stamped again (superseded by any newer version)."""
         live = [i for i in range(len(where.slots)) if i not in failed]
         committed = await commits.commit_version(
-            self._nodes, self.clock, where, meta, write_id, live, sources, small, stamp=stamp
-        )
+            self._nodes, self.clock, where, meta, write_id, live, sources, small,
+            stamp=stamp, restamp=restamp,
+        )  # fmt: skip
         if committed < len(where.slots) and meta.bucket != names.MULTIPART_BUCKET:
             self.heal_queue.add((meta.bucket, meta.key))
 
@@ -133,15 +144,17 @@ class PooledObjects(objectbase.EngineBase):
         at: tuple[str, str] | None = None,
         *,
         version_id: str = "",
+        if_data_id: str = "",
     ) -> None:
-        """Delete bucket/key (version_id: that S3 version only) from its set in a pool (placed
-        by `at`, default bucket/key)."""
+        """Delete bucket/key (version_id: that S3 version only; if_data_id: only from drives
+        whose current version is that one) from its set in a pool (placed by `at`, default
+        bucket/key)."""
         where = placement.locate(self._view.current, *(at or (bucket, key)), pool_index)
 
         async def delete(slot: Any) -> bool:
             try:
                 await self._nodes.shards(slot.node_id).delete_shard(
-                    slot.drive_id, bucket, key, version_id
+                    slot.drive_id, bucket, key, version_id, if_data_id
                 )
             except errors.KVTierError as exc:
                 log.warning("delete of %s/%s on %s failed: %s", bucket, key, slot.drive_id, exc)

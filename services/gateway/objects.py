@@ -36,7 +36,7 @@ from kvtier import errors
 from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.transport import base
-from services.gateway import objectbase, objectwrites, reads, versions
+from services.gateway import commits, objectbase, objectwrites, reads, versions
 
 BLOCK_BYTES = objectbase.BLOCK_BYTES
 SMALL_SHARD_BYTES = objectwrites.SMALL_SHARD_BYTES
@@ -71,6 +71,12 @@ class ObjectEngine(objectwrites.ObjectWrites):
     ) -> datanode_pb2.ShardMeta:
         """Fill a begun write with bytes [offset, offset + size) of a version, then commit it;
         the stored metadata. One call's stripes at a time."""
+        await self.fill(upload_id, found, offset, size)
+        return await self.commit_meta(upload_id)
+
+    async def fill(self, upload_id: str, found: versions.Resolved, offset: int, size: int) -> None:
+        """Fill a begun write with bytes [offset, offset + size) of a version, one call's
+        stripes at a time (not committed); the write is aborted when this raises."""
         up = self._upload(upload_id)
         chunk = up.max_call_bytes - up.max_call_bytes % up.stripe_bytes  # whole stripes
         try:
@@ -88,7 +94,34 @@ class ObjectEngine(objectwrites.ObjectWrites):
             self._forget(up.upload_id)
             await self._abort(up)
             raise
-        return await self.commit_meta(up.upload_id)
+
+    async def commit_moved(self, upload_id: str, meta: datanode_pb2.ShardMeta) -> int:
+        """Commit a filled write (fill) as meta says, at meta's own stamp and data_id, never
+        stamped again: any newer version of the key supersedes it (services.gateway.pooldrain:
+        a moved copy must never hide a client's write). meta's layout and parts are set from
+        the write. The drives it is on (or a newer version is); the write is gone either way."""
+        up = self._upload(upload_id)
+        try:
+            async with up.lock:
+                if up.size == 0:
+                    up.small = [b""] * len(up.where.slots)
+                meta.data_shards, meta.parity_shards = up.where.data_shards, up.where.parity_shards
+                meta.distribution[:] = list(up.where.positions)
+                del meta.parts[:]
+                meta.parts.add(number=1, size=up.size, etag=meta.etag, shard_bytes=up.shard_written)
+                live = [i for i in range(len(up.where.slots)) if i not in up.failed]
+                committed = await commits.commit_version(
+                    self._nodes, self.clock, up.where, meta, up.upload_id, live,
+                    small=up.small, stamp=False, restamp=False,
+                )  # fmt: skip
+                if committed < len(up.where.slots):
+                    self.heal_queue.add((meta.bucket, meta.key))
+                return committed
+        except BaseException:
+            await self._abort(up)
+            raise
+        finally:
+            self._forget(up.upload_id)
 
     async def read_into(self, found: versions.Resolved, offset: int, dest: memoryview) -> None:
         """Bytes of a version at offset into dest (reads.Reader.read_into)."""

@@ -4,7 +4,8 @@
   nobody who lacks the deployment id can pick keys that pile onto one set.
 - shard order: shard i of the object goes to slot `(start + i) mod n` of its set, `start` from
   the same hash: per object a different rotation, so parity and data load spread over the drives.
-- pool: a new object goes to a pool drawn at random, weighted by free space. Objects in a pool
+- pool: a new object goes to an active pool drawn at random, weighted by free space (a draining
+  or retired pool gets nothing new). Objects in a pool
   other than 0 leave a *pool record* where they would live in pool 0, so a read asks pool 0's set
   first (one round trip with one pool) and follows the record (two), never asking every pool.
 - quorum: write quorum k (k + 1 when k == m, so two disjoint halves can never both succeed),
@@ -69,6 +70,8 @@ def locate(cmap: common_pb2.ClusterMap, bucket: str, key: str, pool_index: int =
     pool = next((p for p in cmap.pools if p.index == pool_index), None)
     if pool is None or not pool.sets:
         raise errors.Unavailable(f"no pool {pool_index} in cluster map epoch {cmap.epoch}")
+    if pool.state == common_pb2.POOL_STATE_RETIRED:
+        raise errors.Unavailable(f"pool {pool_index} is retired")
     h = object_hash(cmap.deployment_id, bucket, key)
     sets = sorted(pool.sets, key=lambda s: s.index)
     es = sets[h % len(sets)]
@@ -88,14 +91,15 @@ def locate(cmap: common_pb2.ClusterMap, bucket: str, key: str, pool_index: int =
 def choose_pool(
     cmap: common_pb2.ClusterMap, free_bytes: Mapping[int, int], rng: random.Random | None = None
 ) -> int:
-    """The pool a new object goes to: random, weighted by each pool's free bytes.
+    """The pool a new object goes to: random among the active pools (never one draining or
+    retired), weighted by each pool's free bytes.
 
     `free_bytes` maps pool index to free bytes (pools missing from it count as empty). With one
     pool, or no free-space figures at all, the answer is the first pool.
     """
-    indices = sorted(p.index for p in cmap.pools)
+    indices = sorted(p.index for p in cmap.pools if p.state == common_pb2.POOL_STATE_ACTIVE)
     if not indices:
-        raise errors.Unavailable("no pool is formed yet")
+        raise errors.Unavailable("no active pool is formed yet")
     weights = [max(0, free_bytes.get(i, 0)) for i in indices]
     if len(indices) == 1 or not any(weights):
         return indices[0]

@@ -33,7 +33,8 @@ def _add_servicers(
         log.info("S3 users enabled with master key %s", master_key.key_id)
     user_service = users.UserService(user_store.UserStore(ctx.store, master_key))
     metadata_pb2_grpc.add_MetadataServiceServicer_to_server(
-        servicer.MetadataServicer(ctx.map_view, bucket_service, user_service), server
+        servicer.MetadataServicer(ctx.map_view, bucket_service, user_service, ctx.store),
+        server,
     )
     return [metadata_pb2.DESCRIPTOR.services_by_name["MetadataService"].full_name]
 

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from kvtier import errors
 from kvtier.proto.common.v1 import common_pb2
 
 MIN_SET_DRIVES = 4
@@ -155,7 +156,51 @@ def reconcile(
         new.pools.append(pool)
     del new.pending_drives[:]
     new.pending_drives.extend(pending)
+    new.pool_drives = max(0, policy.pool_drives)
     if new == current:
         return None
+    new.epoch = current.epoch + 1
+    return new
+
+
+#: The moves between pool states (ARCHITECTURE.md, "Pool states"); a move to the state a pool
+#: is already in is no change.
+_POOL_MOVES = {
+    (common_pb2.POOL_STATE_ACTIVE, common_pb2.POOL_STATE_DRAINING),
+    (common_pb2.POOL_STATE_DRAINING, common_pb2.POOL_STATE_ACTIVE),
+    (common_pb2.POOL_STATE_DRAINING, common_pb2.POOL_STATE_DRAINED),
+    (common_pb2.POOL_STATE_DRAINED, common_pb2.POOL_STATE_RETIRED),
+    (common_pb2.POOL_STATE_DRAINED, common_pb2.POOL_STATE_DRAINING),
+}
+
+
+def set_pool_state(
+    current: common_pb2.ClusterMap, index: int, state: common_pb2.PoolState.ValueType
+) -> common_pb2.ClusterMap | None:
+    """The next map with pool `index` in `state`, or None when it is already there.
+
+    NotFound for no such pool; PreconditionFailed for a move not in _POOL_MOVES, for pool 0
+    (it holds every pool record and multipart upload record) and for draining the last
+    active pool (its objects would have nowhere to go)."""
+    pool = next((p for p in current.pools if p.index == index), None)
+    if pool is None:
+        raise errors.NotFound(f"no pool {index} in cluster map epoch {current.epoch}")
+    if pool.state == state:
+        return None
+    name = common_pb2.PoolState.Name
+    if index == 0:
+        raise errors.PreconditionFailed(
+            "pool 0 cannot be drained or removed: it holds every object's entry (pool records)"
+        )
+    if (pool.state, state) not in _POOL_MOVES:
+        raise errors.PreconditionFailed(
+            f"pool {index} is {name(pool.state)}: it cannot become {name(state)}"
+        )
+    active = [p for p in current.pools if p.state == common_pb2.POOL_STATE_ACTIVE]
+    if state == common_pb2.POOL_STATE_DRAINING and active == [pool]:
+        raise errors.PreconditionFailed(f"pool {index} is the last active pool")
+    new = common_pb2.ClusterMap()
+    new.CopyFrom(current)
+    next(p for p in new.pools if p.index == index).state = state
     new.epoch = current.epoch + 1
     return new

@@ -54,3 +54,22 @@ async def apply(
             )
             return new
     raise errors.Unavailable("cluster map kept changing under compare-and-swap")
+
+
+async def set_pool_state(
+    store: membership.Membership, index: int, state: common_pb2.PoolState.ValueType
+) -> common_pb2.ClusterMap:
+    """Move a pool to state (placement.set_pool_state), with compare-and-swap on the map
+    (retried when the map changed meanwhile); the map with the pool in that state."""
+    for _attempt in range(_MAX_CAS_ATTEMPTS):
+        current = await store.get_map()
+        new = placement.set_pool_state(current.map, index, state)
+        if new is None:
+            return current.map
+        if await store.swap_map(new, current.mod_revision):
+            log.info(
+                "cluster map epoch %d: pool %d is %s",
+                new.epoch, index, common_pb2.PoolState.Name(state),
+            )  # fmt: skip
+            return new
+    raise errors.Unavailable("cluster map kept changing under compare-and-swap")

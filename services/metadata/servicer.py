@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from kvtier import clustermap, rpc
+from kvtier import clustermap, membership, rpc
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.metadata.v1 import metadata_pb2, metadata_pb2_grpc
-from services.metadata import buckets, users
+from services.metadata import buckets, reconciler, users
 
 _WATCH_POLL_S = 30.0
 
@@ -20,10 +20,12 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
         view: clustermap.MapView,
         bucket_service: buckets.BucketService,
         user_service: users.UserService,
+        store: membership.Membership,
     ) -> None:
         self._view = view
         self._buckets = bucket_service
         self._users = user_service
+        self._store = store
 
     async def GetClusterMap(
         self, request: metadata_pb2.GetClusterMapRequest, context: rpc.ServicerContext
@@ -48,6 +50,12 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
                 continue
             sent = current.epoch
             yield metadata_pb2.WatchClusterMapResponse(map=current)
+
+    async def SetPoolState(
+        self, request: metadata_pb2.SetPoolStateRequest, context: rpc.ServicerContext
+    ) -> metadata_pb2.SetPoolStateResponse:
+        cmap = await reconciler.set_pool_state(self._store, request.index, request.state)
+        return metadata_pb2.SetPoolStateResponse(map=cmap)
 
     async def CreateBucket(
         self, request: metadata_pb2.CreateBucketRequest, context: rpc.ServicerContext

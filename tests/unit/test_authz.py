@@ -43,8 +43,11 @@ def test_rules_name_only_known_roles_and_public_only_for_the_token_exchange() ->
         "/kvtier.metadata.v1.MetadataService/DeleteUser",
         "/kvtier.metadata.v1.MetadataService/ListUsers",
         "/kvtier.gateway.v1.AdminService/Heal",
+        "/kvtier.gateway.v1.AdminService/DrainPool",
+        "/kvtier.gateway.v1.AdminService/RemovePool",
         "/kvtier.kvcache.v1.KVCacheService/SetQuota",
         "/kvtier.kvcache.v1.KVCacheService/SetNamespacePolicy",
+        "/kvtier.kvcache.v1.KVCacheService/ListSettings",
     ],
 )
 def test_admin_rpcs_refuse_tenant_users_and_services(path: str) -> None:
@@ -63,6 +66,7 @@ def test_admin_rpcs_refuse_tenant_users_and_services(path: str) -> None:
         "/kvtier.datanode.v1.ShardService/DeleteShard",
         "/kvtier.metadata.v1.MetadataService/DeleteBucket",
         "/kvtier.metadata.v1.MetadataService/CreateBucket",
+        "/kvtier.metadata.v1.MetadataService/SetPoolState",
     ],
 )
 def test_service_rpcs_refuse_tenant_users(path: str) -> None:
@@ -107,3 +111,12 @@ def test_acting_tenant() -> None:
     assert not USER.may_use("team-b")
     with pytest.raises(errors.PermissionDenied):
         principal.service("etcd", "e")
+
+
+def test_pool_states_are_set_by_gateways_only() -> None:
+    """An operator drains and removes through the gateway (which moves the objects first);
+    setting a pool's state at the metadata service directly could retire a pool with data."""
+    path = "/kvtier.metadata.v1.MetadataService/SetPoolState"
+    for who in (USER, ADMIN, OPERATOR):
+        with pytest.raises(errors.PermissionDenied):
+            authz.check(path, who)

@@ -421,6 +421,18 @@ def test_delete(store: shards.ShardStore, drive_dir: Path) -> None:
     assert read_parts(store, "other") == [b"keep"]
 
 
+def test_delete_if_data_id_removes_only_that_version(store: shards.ShardStore) -> None:
+    """A pool drain deletes the copy it moved, never a version written since."""
+    old = put(store, KEY, [content("old", MIB)])
+    new = put(store, KEY, [content("new", MIB)])
+    assert not store.delete(BUCKET, KEY, if_data_id=old.data_id)
+    assert store.read_meta(BUCKET, KEY).data_id == new.data_id
+    assert store.delete(BUCKET, KEY, if_data_id=new.data_id)
+    with pytest.raises(errors.NotFound):
+        store.read_meta(BUCKET, KEY)
+    assert not store.delete(BUCKET, KEY, if_data_id=new.data_id)
+
+
 def test_overwrite_removes_previous_data(store: shards.ShardStore, drive_dir: Path) -> None:
     first = put(store, KEY, [content("v1", MIB)])
     second = put(store, KEY, [content("v2", 2 * MIB)])

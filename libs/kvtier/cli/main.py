@@ -12,6 +12,10 @@ kvtier health [HOST:PORT]                 exit 0 when the node's health is SERVI
 kvtier --version
 kvtier admin heal [BUCKET[/PREFIX]] [--gateway H:P | --state-dir DIR] [--dry-run]
                                           check and heal objects; exit 0 when every one is whole
+kvtier admin pool status|add [--metadata H:P | --state-dir DIR] [--json]
+kvtier admin pool drain|remove INDEX [--gateway H:P | --state-dir DIR]
+                                          pools: state and capacity, how a new one forms,
+                                          move a pool's objects away (progress), retire it
 kvtier admin user add|list|remove [...] [--metadata H:P | --state-dir DIR] [--json]
                                           S3 users (the secret is printed once, at add)
 kvtier admin bucket create NAME [--kind objects|kv] [--tenant T] | list [--tenant T]
@@ -26,6 +30,9 @@ kvtier admin certs issue --dir DIR --role ROLE --name NAME [--host H ...] [--day
 kvtier console [--state-dir DIR | --metadata H:P --ca-file F --tls-cert-file F --tls-key-file F]
                                           the operator console (HTTPS, port 9001): log in with
                                           an access key and secret
+kvtier cp FILE s3://BUCKET/KEY | cp s3://BUCKET/KEY FILE [--gateway H:P | --state-dir DIR]
+                                          upload or download one object, with progress (as the
+                                          KVTIER_* user, else the dev cluster's admin user)
 
 Exit codes: 0 success, 1 failure (or a degraded cluster), 2 a bad flag or state dir (one line).
 
@@ -54,7 +61,9 @@ from kvtier import devcluster, devports, errors, pki, rpc, security
 from kvtier.cli import admin as admin_cmd
 from kvtier.cli import certs as certs_cmd
 from kvtier.cli import kvadmin
+from kvtier.cli import pools as pools_cmd
 from kvtier.cli import status as status_cmd
+from kvtier.cli import transfer as transfer_cmd
 from kvtier.console import cli as console_cli
 
 DEFAULT_STATE_DIR = ".kvtier"
@@ -176,6 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
     console_cli.add_parser(sub, DEFAULT_STATE_DIR)
+    transfer_cmd.add_parser(sub, DEFAULT_STATE_DIR)
 
     health = sub.add_parser(
         "health", help="check a node's gRPC health service, or (no address) every node's"
@@ -213,6 +223,7 @@ def _parser() -> argparse.ArgumentParser:
     heal.add_argument("--dry-run", action="store_true", help="only check; write nothing")
     certs_cmd.add_parser(admin_sub)
     kvadmin.add_parser(admin_sub, DEFAULT_STATE_DIR, devcluster.ETCD_PREFIX)
+    pools_cmd.add_parser(admin_sub, DEFAULT_STATE_DIR)
     user = admin_sub.add_parser("user", help="S3 users (access keys)")
     user_sub = user.add_subparsers(dest="user_command", required=True)
     add = user_sub.add_parser("add", help="create a user; prints its secret once")
@@ -426,6 +437,8 @@ def _admin(args: argparse.Namespace) -> int:
     sec = cli_security(args.state_dir)
     if args.admin_command == "kv":
         return asyncio.run(kvadmin.run(_etcd_endpoints(args), args, sys.stdout, sec))
+    if args.admin_command == "pool":
+        return asyncio.run(pools_cmd.run(args, sys.stdout, sys.stderr, sec))
     if args.admin_command == "user":
         address = admin_cmd.metadata_address(args.metadata, args.state_dir, sec)
         return asyncio.run(admin_cmd.user_command(address, args, sys.stdout, security=sec))
@@ -471,6 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args)
         if args.command == "admin":
             return _admin(args)
+        if args.command == "cp":
+            return transfer_cmd.run(args)
         if args.command == "console":
             try:
                 return console_cli.run(args)

@@ -139,10 +139,12 @@ async def describe(
         for n, h, e, kv in zip(cmap.nodes, health, epochs, kv_stats, strict=True)
     ]
     live = {n.node_id for n in cmap.nodes}
+    # A retired pool is a tombstone (ARCHITECTURE.md, "Pool states"): its drives may be gone.
+    in_use = [p for p in cmap.pools if p.state != common_pb2.POOL_STATE_RETIRED]
     absent = sorted(
         {
             slot.node_id
-            for pool in cmap.pools
+            for pool in in_use
             for es in pool.sets
             for slot in es.slots
             if slot.node_id not in live
@@ -161,7 +163,7 @@ async def describe(
                 for es in pool.sets
             ],
         }
-        for pool in cmap.pools
+        for pool in in_use
     ]
     state: dict[str, Any] = {
         "epoch": cmap.epoch,

@@ -185,3 +185,27 @@ class AdminServiceClient(base.BaseClient):
             raise errors.from_rpc_error(exc) from None
         finally:
             call.cancel()
+
+    async def drain_pool(self, index: int) -> AsyncGenerator[admin_pb2.DrainProgress, None]:
+        """Move every object of pool index to the other active pools: progress as it goes,
+        the last message with done set (drained: the pool is now DRAINED). Raises NotFound
+        for no such pool, PreconditionFailed for pool 0, the last active pool or a retired
+        one; no deadline (a drain takes as long as the data it moves)."""
+        call = self._stub.DrainPool(
+            admin_pb2.DrainPoolRequest(index=index), metadata=await self.call_metadata()
+        )
+        try:
+            async for progress in call:
+                yield progress
+        except grpc.aio.AioRpcError as exc:
+            raise errors.from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    async def remove_pool(self, index: int) -> int:
+        """Retire a drained pool that holds nothing; the epoch of the map saying so. Raises
+        NotFound for no such pool, PreconditionFailed when it is not drained or not empty."""
+        reply: admin_pb2.RemovePoolResponse = await self._unary(
+            self._stub.RemovePool, admin_pb2.RemovePoolRequest(index=index)
+        )
+        return reply.epoch

@@ -96,6 +96,17 @@ class MetadataClient(base.BaseClient):
         )
         return list(reply.buckets)
 
+    async def set_pool_state(
+        self, index: int, state: common_pb2.PoolState.ValueType
+    ) -> common_pb2.ClusterMap:
+        """Move pool index to state (gateways only: AdminService drains and removes pools);
+        the map with the pool in that state. Raises errors.NotFound for no such pool and
+        errors.PreconditionFailed for a move the pool's state does not allow."""
+        reply: metadata_pb2.SetPoolStateResponse = await self._unary(
+            self._stub.SetPoolState, metadata_pb2.SetPoolStateRequest(index=index, state=state)
+        )
+        return reply.map
+
     async def create_user(
         self,
         *,
