@@ -158,3 +158,18 @@ class KVCacheServicer(pb_grpc.KVCacheServiceServicer):
         _tenant(request.namespace)
         await self._set(request)
         return pb.SetNamespacePolicyResponse()
+
+    async def ListSettings(
+        self, request: pb.ListSettingsRequest, context: rpc.ServicerContext
+    ) -> pb.ListSettingsResponse:
+        """What the settings store holds (admins; Unavailable when etcd is away)."""
+        _require_admin()
+        reply = pb.ListSettingsResponse(persisted=self._settings is not None)
+        for setting in await self._settings.load() if self._settings is not None else []:
+            if isinstance(setting, pb.SetQuotaRequest):
+                reply.quotas.append(setting)
+            elif isinstance(setting, pb.SetNamespaceTTLRequest):
+                reply.ttls.append(setting)
+            else:
+                reply.policies.append(setting)
+        return reply

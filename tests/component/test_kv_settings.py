@@ -102,9 +102,36 @@ async def test_a_wrong_metadata_address_is_named_as_such(
     tmp_path: Path,
 ) -> None:
     """Issue 17: `KVClient.connect(metadata=<another service>)` said `Internal: Method not
-    found!`; it now says the address serves no such API."""
+    found!`; it now says the address serves no such API (`metadata` may list several
+    endpoints, metadata nodes or gateways: kvtier.kv_mapsource names each that failed)."""
     async with _nodes(1, etcd, etcd_prefix, store, tmp_path) as nodes:
-        with pytest.raises(errors.InvalidArgument) as caught:
+        with pytest.raises(errors.Unavailable) as caught:
             await kv.AsyncKVClient.connect(metadata=nodes[0].address, tenant="t", namespace="n")
-        assert caught.value.reason == "WrongService"
-        assert "does not serve /kvtier.metadata.v1.MetadataService/" in caught.value.message
+        assert (
+            f"{nodes[0].address}: serves neither the metadata nor the gateway API"
+            in caught.value.message
+        )
+
+
+async def test_list_settings_returns_what_the_cluster_keeps(
+    etcd: etcdserver.EtcdServer,
+    etcd_prefix: str,
+    store: membership.EtcdMembership,
+    tmp_path: Path,
+) -> None:
+    """ListSettings (the console's KV settings page) reads the store, so a node that never
+    served the SetX calls lists them too."""
+    async with _nodes(2, etcd, etcd_prefix, store, tmp_path) as nodes:
+        async with kvcache_client.KVCacheClient(nodes[0].address) as first:
+            assert (await first.list_settings()).quotas == []
+            await first.set_quota("team-a", 8 * MIB)
+            await first.set_namespace_ttl("team-a", "ns\x00bin", 30.0)
+            await first.set_namespace_policy("team-b", "m", pb.DURABILITY_NONE)
+        async with kvcache_client.KVCacheClient(nodes[1].address) as other:
+            listed = await other.list_settings()
+    assert listed.persisted
+    assert list(listed.quotas) == [pb.SetQuotaRequest(tenant="team-a", quota_bytes=8 * MIB)]
+    ns = pb.Namespace(tenant="team-a", name="ns\x00bin")
+    assert list(listed.ttls) == [pb.SetNamespaceTTLRequest(namespace=ns, ttl_s=30.0)]
+    (policy,) = listed.policies
+    assert (policy.namespace.tenant, policy.namespace.name) == ("team-b", "m")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import io
 import json
 import os
 import re
@@ -30,6 +31,12 @@ from botocore.exceptions import ClientError
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from kvtier import errors, security
+from kvtier.cli import main as cli_main
+from kvtier.cli import transfer
+from kvtier.clients import kvcache as kvcache_client
+from kvtier.clients import metadata as metadata_client
+from kvtier.proto.common.v1 import common_pb2
 from tests.integration import s3_cluster as helpers
 from tests.integration.conftest import cli_env
 from tests.integration.s3_cluster import s3_cluster as s3_cluster_fixture  # noqa: F401
@@ -90,10 +97,14 @@ def users(cluster: Info) -> dict[str, tuple[str, str]]:
 class Browser:
     """Cookies, forms and redirects by hand (urllib3), so every status is visible."""
 
-    def __init__(self, base: str, ca_file: str) -> None:
+    def __init__(self, base: str, ca_file: str, source: str = "") -> None:
         self.base = base
         self.origin = base
-        self.http = urllib3.PoolManager(cert_reqs="CERT_REQUIRED", ca_certs=ca_file)
+        self.http = urllib3.PoolManager(
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=ca_file,
+            source_address=(source, 0) if source else None,  # another client address
+        )
         self.cookies: dict[str, str] = {}
         self.set_cookie_headers: list[str] = []
         self.csrf = ""
@@ -186,6 +197,23 @@ def test_login_wrong_secret_refused(cluster: Info, console: str) -> None:
     resp = b.login("AKIANOSUCHUSER000000", "whatever-secret-0123456789")
     assert resp.status == 401
     assert "kvtier_console" not in b.cookies
+
+
+def test_login_throttled_per_address(cluster: Info, console: str) -> None:
+    # Loopback addresses other than 127.0.0.1: the rest of the module's logins stay unthrottled.
+    attacker = Browser(console, cluster["ca_file"], source="127.0.0.2")
+    key, secret = cluster["s3_access_key"], cluster["s3_secret_key"]
+    replies = [attacker.login(key, f"wrong-secret-{i:020d}") for i in range(7)]
+    assert [r.status for r in replies] == [401] * 5 + [429] * 2
+    assert 1 <= int(replies[-1].headers["Retry-After"]) <= 15
+    assert "too many failed logins" in attacker.text(replies[-1])
+    # Locked out, the right secret is not even checked from that address...
+    assert attacker.login(key, secret).status == 429
+    assert "kvtier_console" not in attacker.cookies
+    # ...while the key's owner logs in from another address (a success resets the key).
+    owner = Browser(console, cluster["ca_file"], source="127.0.0.3")
+    assert owner.login(key, secret).status == 303
+    assert owner.get("/").status == 200
 
 
 def test_login_overview_cookie_and_logout(cluster: Info, console: str) -> None:
@@ -408,6 +436,172 @@ def test_admin_heal_dry_run(cluster: Info, console: str) -> None:
     assert result is not None
     assert result.group(1).startswith("scanned 3, healed 0, unrecoverable 0")
     assert "dry run" in result.group(1)
+    # The Heal page keeps it: who, what, the counts and bytes, done.
+    page = b.text(b.get("/heal"))
+    (row,) = [r for r in re.findall(r"<tr>(.*?)</tr>", page) if "console-heal" in r]
+    cells = re.findall(r"<td>(.*?)</td>", row)
+    assert cells[1:4] == ["console-heal", "dry run", cluster["s3_access_key"]]
+    assert re.search(r">done<", cells[4])
+    assert cells[6:12] == ["3", "3", "0", "0", "0", "0"]  # scanned, healthy, healed...
+    assert cells[12] == "2.9 KiB"  # 1000 + 1001 + 1002 bytes scanned
+    assert "kvtier_gateway_heal_queue_length" in page
+
+
+def test_heal_page_admins_only(
+    cluster: Info, console: str, users: dict[str, tuple[str, str]]
+) -> None:
+    anonymous = browser(cluster, console)
+    assert anonymous.get("/heal").status == 303
+    user = browser(cluster, console)
+    assert user.login(*users[TENANT_A]).status == 303
+    resp = user.get("/heal")
+    assert resp.status == 403
+    assert "heal-runs" not in user.text(resp)
+    assert 'href="/heal"' not in user.text(user.get("/"))
+
+
+def test_kv_settings_shown_as_the_cluster_keeps_them(
+    cluster: Info, console: str, users: dict[str, tuple[str, str]]
+) -> None:
+    b = admin(cluster, console)
+    b.get("/kv")
+    namespace = "<ns&1>"  # shown escaped
+    for kind, value in (("quota", "3GiB"), ("ttl", "45"), ("durability", "none")):
+        resp = b.post(f"/kv/{kind}", {"tenant": TENANT_B, "namespace": namespace, "value": value})
+        assert "kvcache-1: set" in b.text(resp), kind
+    page = b.text(b.get("/kv"))
+    shown = "<td>&lt;ns&amp;1&gt;</td>"
+    assert f"<td>{TENANT_B}</td><td>3.0 GiB (3221225472 bytes)</td>" in _table(page, "kv-quotas")
+    assert f"<td>{TENANT_B}</td>{shown}<td>45 s</td>" in _table(page, "kv-ttls")
+    assert f"<td>{TENANT_B}</td>{shown}<td>none</td>" in _table(page, "kv-policies")
+    # A user sees no settings, and the kvcache node refuses ListSettings to a user.
+    user = browser(cluster, console)
+    assert user.login(*users[TENANT_A]).status == 303
+    assert "kv-quotas" not in user.text(user.get("/kv"))
+    with pytest.raises(errors.PermissionDenied):
+        asyncio.run(_list_settings_as(cluster, *users[TENANT_A]))
+
+
+def _table(page: str, table_id: str) -> str:
+    found = re.search(rf'<table id="{table_id}">(.*?)</table>', page)
+    assert found, table_id
+    return found.group(1)
+
+
+async def _list_settings_as(info: Info, access_key: str, secret: str) -> Any:
+    sec = security.ClientSecurity(
+        ca_file=info["ca_file"], access_key=access_key, secret_key=secret,
+        token_address=info["metadata_client"],
+    )  # fmt: skip
+    async with metadata_client.MetadataClient(info["metadata_client"], security=sec) as md:
+        cmap = await md.get_cluster_map()
+    assert cmap is not None
+    (node,) = [n for n in cmap.nodes if n.role == common_pb2.NODE_ROLE_KVCACHE]
+    async with kvcache_client.KVCacheClient(node.client_address, security=sec) as kvc:
+        return await kvc.list_settings()
+
+
+# `kvtier cp` (here, not in a module of its own, to share this module's cluster: CI time).
+
+
+def _cp(info: Info, *args: str, env: dict[str, str] | None = None) -> Any:
+    return subprocess.run(
+        [sys.executable, "-m", "kvtier.cli.main", "cp", *args, "--state-dir", str(info["state"])],
+        capture_output=True, text=True, env=env or cli_env(), timeout=120,
+    )  # fmt: skip
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _cp_here(info: Info, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """`kvtier cp` in this process (no interpreter start: CI time): (exit code, stdout,
+    stderr), with the credentials the command would take from env."""
+    state = str(info["state"])
+    parsed = cli_main._parser().parse_args(["cp", *args, "--state-dir", state])
+    sec = transfer.client_security(state, env if env is not None else cli_env())
+    out, err = io.StringIO(), io.StringIO()
+    code = transfer.run(parsed, out, err, sec)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cp_round_trip_single_put_and_multipart(cluster: Info, tmp_path: Path) -> None:
+    s3 = helpers.client(cluster)
+    s3.create_bucket(Bucket="cli-cp")
+    small, big = os.urandom((1 << 20) + 123), os.urandom((6 << 20) + 7)
+    (tmp_path / "small.bin").write_bytes(small)
+    (tmp_path / "big.bin").write_bytes(big)
+    # The real command once (its progress on stderr); in this process after that (CI time).
+    up = _cp(cluster, str(tmp_path / "big.bin"), "s3://cli-cp/dir/", "--multipart-threshold",
+             "6MiB", "--part-size", "5MiB")  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    assert re.search(r"upload: \[#{20}\] 100% 6.0 MiB of 6.0 MiB, .*/s, ETA 0s", up.stderr)
+    assert "big.bin -> s3://cli-cp/dir/big.bin (6.0 MiB, ETag " in up.stdout
+    code, _, stderr = _cp_here(cluster, str(tmp_path / "small.bin"), "s3://cli-cp/dir/small.bin")
+    assert code == 0, stderr
+    for name, data in (("small.bin", small), ("big.bin", big)):
+        got = s3.get_object(Bucket="cli-cp", Key=f"dir/{name}")
+        assert _sha(got["Body"].read()) == _sha(data)
+        assert got["ETag"].strip('"').endswith("-2") == (name == "big.bin")  # 5 + 1 MiB parts
+        (tmp_path / name).unlink()
+        code, _, stderr = _cp_here(cluster, f"s3://cli-cp/dir/{name}", str(tmp_path))  # a folder
+        assert code == 0, stderr
+        assert "download: [####################] 100%" in stderr
+        assert _sha((tmp_path / name).read_bytes()) == _sha(data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin", "small.bin"]  # no temp left
+
+
+def test_cp_errors_are_one_line_with_exit_codes(cluster: Info, tmp_path: Path) -> None:
+    local = tmp_path / "f.txt"
+    local.write_bytes(b"hello")
+    for args in (
+        (str(local), "s3://cli-cp-no-such-bucket/k"),
+        ("s3://cli-cp-no-such-bucket/k", str(tmp_path / "out")),
+    ):
+        code, _, stderr = _cp_here(cluster, *args)
+        assert code == 1, stderr
+        (line,) = stderr.splitlines()
+        assert line.startswith("kvtier cp: error: NotFound: ")
+        assert "cli-cp-no-such-bucket" in line
+    assert not (tmp_path / "out").exists()
+    # Bad arguments (exit 2): tests/unit/test_cli_transfer.py.
+
+
+def test_cp_other_tenant_cannot_read_or_write(
+    cluster: Info, users: dict[str, tuple[str, str]], tmp_path: Path
+) -> None:
+    s3_a = helpers.client(cluster, *users[TENANT_A])
+    s3_a.create_bucket(Bucket="cli-cp-a")
+    s3_a.put_object(Bucket="cli-cp-a", Key="secret.bin", Body=b"tenant a only")
+
+    def as_user(tenant: str) -> dict[str, str]:
+        key, secret = users[tenant]
+        return cli_env(
+            KVTIER_ACCESS_KEY=key, KVTIER_SECRET_KEY=secret, KVTIER_CA_FILE=cluster["ca_file"]
+        )
+
+    stolen = tmp_path / "stolen.bin"
+    code, _, stderr = _cp_here(
+        cluster, "s3://cli-cp-a/secret.bin", str(stolen), env=as_user(TENANT_B)
+    )
+    assert code == 1
+    assert re.match(r"kvtier cp: error: (PermissionDenied|NotFound): ", stderr)
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary file
+    planted = tmp_path / "planted.bin"
+    planted.write_bytes(b"from b")
+    code, _, stderr = _cp_here(
+        cluster, str(planted), "s3://cli-cp-a/planted.bin", env=as_user(TENANT_B)
+    )
+    assert code == 1, stderr
+    with pytest.raises(ClientError):
+        s3_a.head_object(Bucket="cli-cp-a", Key="planted.bin")
+    # The same command as the owner works (the refusal is the tenant's, not the command's).
+    code, _, stderr = _cp_here(
+        cluster, "s3://cli-cp-a/secret.bin", str(stolen), env=as_user(TENANT_A)
+    )
+    assert code == 0, stderr
+    assert stolen.read_bytes() == b"tenant a only"
 
 
 # Headless Chromium over the DevTools protocol.
@@ -493,7 +687,41 @@ async def _drive_chromium(
                 "counts": json.loads(counts),
                 "verdict": verdict,
                 "document_cookie": cookie_visible["result"].get("value", ""),
+                **await _kv_and_heal_pages(tools, console, shot.parent),
             }
+
+
+async def _screenshot(tools: DevTools, path: Path) -> None:
+    png = await tools.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+    await asyncio.to_thread(path.write_bytes, base64.b64decode(png["data"]))
+
+
+async def _kv_and_heal_pages(tools: DevTools, console: str, shots: Path) -> dict[str, Any]:
+    """Set a quota through the KV page's form and read it back from the settings table; run a
+    dry-run heal from the Heal page and read its row. Screenshots of both pages."""
+    await tools.call("Page.navigate", url=console + "/kv")
+    await tools.wait_for("!!document.getElementById('set-quota')")
+    fill = (
+        "const f = document.querySelector('form[action=\"/kv/quota\"]');"
+        "f.querySelector('[name=tenant]').value = 'chromium-tenant';"
+        "f.querySelector('[name=value]').value = '2GiB';"
+        "document.getElementById('set-quota').click(); true"
+    )
+    await tools.call("Runtime.evaluate", expression=fill)
+    quotas = await tools.wait_for(
+        "(document.getElementById('kv-quotas') || {}).textContent?.includes('chromium-tenant')"
+        " && document.getElementById('kv-quotas').textContent"
+    )
+    await _screenshot(tools, shots / "console-kv.png")
+    await tools.call("Page.navigate", url=console + "/heal")
+    await tools.wait_for("!!document.getElementById('heal')")
+    await tools.call("Runtime.evaluate", expression="document.getElementById('heal').click(); true")
+    result = await tools.wait_for(
+        "(document.getElementById('heal-result') || {}).textContent", timeout_s=90
+    )
+    first_run = await tools.wait_for("document.querySelector('#heal-runs tbody tr').textContent")
+    await _screenshot(tools, shots / "console-heal.png")
+    return {"quotas": quotas, "heal_result": result, "heal_run": first_run}
 
 
 def test_chromium_logs_in_and_sees_the_overview(cluster: Info, console: str) -> None:
@@ -539,3 +767,7 @@ def test_chromium_logs_in_and_sees_the_overview(cluster: Info, console: str) -> 
     assert result["verdict"] == "cluster healthy"
     assert "kvtier_console" not in result["document_cookie"]  # HttpOnly: no script reads it
     assert shot_bytes > 10_000  # a rendered page, not a blank one
+    assert "chromium-tenant2.0 GiB (2147483648 bytes)" in result["quotas"]
+    assert result["heal_result"].startswith("scanned ")
+    assert "(every bucket)dry run" in result["heal_run"]
+    assert "done" in result["heal_run"]

@@ -129,7 +129,8 @@ def _service_of(container: dict[str, Any]) -> str:
 
 
 def _kvtier_workloads(overlay: str) -> list[dict[str, Any]]:
-    return [w for w in _workloads(overlay) if _component(w) != "etcd"]
+    """The cluster's services (not etcd; not the console: tests/unit/test_deploy_console.py)."""
+    return [w for w in _workloads(overlay) if _component(w) not in ("etcd", "console")]
 
 
 def _quantity_bytes(quantity: str) -> int:

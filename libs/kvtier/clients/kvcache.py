@@ -97,3 +97,10 @@ class KVCacheClient(base.BaseClient):
             namespace=pb.Namespace(tenant=tenant, name=namespace), durability=durability
         )
         await self._unary(self._stub.SetNamespacePolicy, request)
+
+    async def list_settings(self) -> pb.ListSettingsResponse:
+        """The quota, TTL and durability settings the cluster keeps (admins)."""
+        reply: pb.ListSettingsResponse = await self._unary(
+            self._stub.ListSettings, pb.ListSettingsRequest()
+        )
+        return reply

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import secrets
 import ssl
 from collections.abc import Awaitable, Callable
@@ -20,13 +21,15 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from kvtier import errors
-from kvtier.console import cluster, config, pages, sessions
+from kvtier.console import cluster, config, heals, pages, sessions, statuspages, throttle
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CFG = web.AppKey("cfg", config.ConsoleConfig)
 STORE = web.AppKey("store", sessions.SessionStore)
+THROTTLE = web.AppKey("throttle", throttle.LoginThrottle)
+HEALS = web.AppKey("heals", heals.HealLog)
 _PUBLIC = frozenset({"/login", "/static/console.css", "/favicon.ico"})
 #: POST paths (prefixes) only admins may use; GET /users too.
 _ADMIN_POSTS = ("/users", "/kv/quota", "/kv/durability", "/heal")
@@ -118,7 +121,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 def _admin_only(request: web.Request) -> bool:
-    if request.path == "/users" or request.path.startswith("/users/"):
+    if request.path in ("/users", "/heal") or request.path.startswith("/users/"):
         return True
     return request.method not in _SAFE and request.path.startswith(_ADMIN_POSTS)
 
@@ -167,16 +170,23 @@ async def login(request: web.Request) -> web.StreamResponse:
     access_key, secret = form.get("access_key"), form.get("secret_key")
     if not (isinstance(access_key, str) and isinstance(secret, str) and access_key and secret):
         return html(pages.login_page(cookie, "give an access key and its secret"), 400)
-    cfg = request.app[CFG]
+    cfg, limiter, address = request.app[CFG], request.app[THROTTLE], request.remote or ""
+    access_key = access_key.strip()
+    wait_s = limiter.retry_after_s(address, access_key)
+    if wait_s > 0:  # refused before the cluster is asked: guessing gets no answer
+        log.warning("console: login throttled for %s (%r)", address, access_key[:32])
+        return _throttled(cookie, wait_s)
     try:
-        reply = await cluster.login(cfg, access_key.strip(), secret)
+        reply = await cluster.login(cfg, access_key, secret)
     except (errors.Unauthenticated, errors.InvalidArgument):
-        log.info("console: login refused for %r", access_key[:32])
+        log.info("console: login refused for %r from %s", access_key[:32], address)
+        limiter.failed(address, access_key)
         return html(pages.login_page(cookie, "wrong access key or secret"), 401)
     except errors.KVTierError as exc:
         return html(pages.login_page(cookie, f"the cluster did not answer: {exc}"), 503)
+    limiter.succeeded(address, access_key)
     session = request.app[STORE].create(
-        access_key=access_key.strip(),
+        access_key=access_key,
         tenant=reply.tenant,
         is_admin=reply.is_admin,
         token=reply.token,
@@ -186,6 +196,15 @@ async def login(request: web.Request) -> web.StreamResponse:
     response = web.HTTPSeeOther("/")
     _cookie(response, sessions.COOKIE, session.session_id, int(cfg.session_ttl_s))
     response.del_cookie(sessions.LOGIN_COOKIE, path="/")
+    return response
+
+
+def _throttled(login_csrf: str, wait_s: float) -> web.Response:
+    """429 with Retry-After (whole seconds) and the login form."""
+    seconds = max(1, math.ceil(wait_s))
+    text = f"too many failed logins: try again in {seconds} s"
+    response = html(pages.login_page(login_csrf, text), 429)
+    response.headers["Retry-After"] = str(seconds)
     return response
 
 
@@ -219,14 +238,29 @@ async def overview(request: web.Request) -> web.StreamResponse:
 
 
 async def heal(request: web.Request) -> web.StreamResponse:
-    """Admins: a heal (or dry run) of a bucket/prefix or everything, for up to HEAL_LIMIT_S."""
+    """Admins: a heal (or dry run) of a bucket/prefix or everything, followed for up to
+    HEAL_LIMIT_S (the Heal page shows it meanwhile); then the Heal page with its result."""
     session, form = _session(request), await request.post()
     target = str(form.get("target") or "").strip()
-    result = await _user(request).heal(
-        target, dry_run=bool(form.get("dry_run")), limit_s=HEAL_LIMIT_S
-    )
-    state = await _user(request).overview()
-    return html(pages.overview_page(state, session, pages.heal_form(session, result)))
+    dry_run = bool(form.get("dry_run"))
+    run = request.app[HEALS].start(target, dry_run=dry_run, by=session.access_key)
+    try:
+        result = await _user(request).heal(
+            target, dry_run=dry_run, limit_s=HEAL_LIMIT_S, on_progress=run.update
+        )
+    except errors.KVTierError as exc:
+        run.end(f"failed: {exc}")
+        raise
+    except BaseException:
+        run.end("failed")
+        raise
+    run.end("done" if run.progress.done else "gave up waiting")
+    return html(statuspages.heal_page(request.app[HEALS].runs(), session, result))
+
+
+async def heal_status(request: web.Request) -> web.StreamResponse:
+    """Admins: the heals run through this console, live while running."""
+    return html(statuspages.heal_page(request.app[HEALS].runs(), _session(request)))
 
 
 async def buckets(request: web.Request, message: str = "", error: str = "") -> web.Response:
@@ -304,8 +338,16 @@ async def kv(
     request: web.Request, lines: tuple[str, ...] = (), error: str = ""
 ) -> web.StreamResponse:
     """Per kvcache node fill and hit rates; settings forms."""
+    session = _session(request)
     stats = await _user(request).kv_stats()
-    return html(pages.kv_page(stats, _session(request), lines, error), 200 if not error else 400)
+    settings = ""
+    if session.is_admin:  # ListSettings is admins' (users see the forms only)
+        try:
+            settings = statuspages.kv_settings_section(await _user(request).kv_settings())
+        except errors.KVTierError as exc:
+            settings = statuspages.kv_settings_section(f"the settings could not be read: {exc}")
+    page = pages.kv_page(stats, session, lines, error, settings)
+    return html(page, 200 if not error else 400)
 
 
 async def kv_setting(request: web.Request) -> web.StreamResponse:
@@ -355,12 +397,15 @@ def build_app(cfg: config.ConsoleConfig) -> web.Application:
     )
     app[CFG] = cfg
     app[STORE] = sessions.SessionStore()
+    app[THROTTLE] = throttle.LoginThrottle(cfg.login_limits)
+    app[HEALS] = heals.HealLog()
     app.router.add_get("/login", login_form)
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)
     app.router.add_get("/static/console.css", stylesheet)
     app.router.add_get("/favicon.ico", favicon)
     app.router.add_get("/", overview)
+    app.router.add_get("/heal", heal_status)
     app.router.add_post("/heal", heal)
     app.router.add_get("/buckets", buckets)
     app.router.add_post("/buckets", create_bucket)

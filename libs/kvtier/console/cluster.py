@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -26,6 +27,7 @@ from kvtier.clients import kvcache, metadata
 from kvtier.console import config, sessions
 from kvtier.proto.auth.v1 import auth_pb2, auth_pb2_grpc
 from kvtier.proto.common.v1 import common_pb2
+from kvtier.proto.gateway.v1 import admin_pb2
 from kvtier.proto.kvcache.v1 import kvcache_pb2
 
 
@@ -121,9 +123,16 @@ class UserCluster:
             raise errors.Unavailable("no gateway in the cluster map")
         return str(gateways[0].client_address or gateways[0].grpc_address)
 
-    async def heal(self, target: str, *, dry_run: bool, limit_s: float) -> str:
-        """Run `kvtier admin heal` (admins; the gateway refuses others) for at most limit_s;
-        the summary of its counts."""
+    async def heal(
+        self,
+        target: str,
+        *,
+        dry_run: bool,
+        limit_s: float,
+        on_progress: Callable[[admin_pb2.HealProgress], None] | None = None,
+    ) -> str:
+        """Run `kvtier admin heal` (admins; the gateway refuses others) for at most limit_s,
+        passing each progress message to on_progress; the summary of its counts."""
         bucket, prefix = admin_cmd.split_target(target)
         async with gateway_client.AdminServiceClient(
             await self._gateway(), security=self._security, tokens=self._tokens
@@ -133,6 +142,8 @@ class UserCluster:
                 async with asyncio.timeout(limit_s):
                     async for progress in client.heal(bucket, prefix, dry_run=dry_run):
                         last = progress
+                        if on_progress is not None:
+                            on_progress(progress)
         if last is None:
             return "no progress reported"
         text = admin_cmd.summary(last, dry_run=dry_run)
@@ -255,6 +266,18 @@ class UserCluster:
         return list(
             zip([n.node_id for n in nodes], await asyncio.gather(*map(one, nodes)), strict=True)
         )
+
+    async def kv_settings(self) -> kvcache_pb2.ListSettingsResponse:
+        """The quota, TTL and durability settings the cluster keeps (admins; every kvcache
+        node reads the same store: the first that answers). Unavailable when none does."""
+        failures: list[str] = []
+        for node in await self._kv_nodes():
+            async with self._kv_client(node) as client:
+                try:
+                    return await client.list_settings()
+                except (errors.Unavailable, errors.Overloaded) as exc:
+                    failures.append(f"{node.node_id}: {exc}")
+        raise errors.Unavailable("; ".join(failures) or "no kvcache node in the cluster map")
 
     async def kv_setting(self, kind: str, tenant: str, namespace: str, value: str) -> list[str]:
         """Apply quota / ttl / durability on every kvcache node (as `kvtier admin kv`): one

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from kvtier import errors
+from kvtier.console import throttle
 
 DEFAULT_PORT = 9001
 #: Shortest console session: tests of expiry use a few seconds; the cluster's token lives longer.
@@ -34,6 +35,10 @@ class ConsoleConfig:
     rpc_timeout_s: float = 10.0
     #: Largest object uploaded through the console (a browser form, held in memory).
     max_upload_bytes: int = 16 << 20
+    #: When failed logins lock a client address or an access key out (429, Retry-After).
+    login_limits: throttle.ThrottleLimits = dataclasses.field(
+        default_factory=throttle.ThrottleLimits
+    )
 
     def __post_init__(self) -> None:
         if not (self.tls_cert_file and self.tls_key_file):

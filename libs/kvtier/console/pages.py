@@ -82,7 +82,7 @@ def layout(title: str, body: str, session: sessions.Session | None) -> str:
     if session is not None:
         links = [("/", "Overview"), ("/buckets", "Buckets"), ("/kv", "KV cache")]
         if session.is_admin:
-            links.append(("/users", "Users"))
+            links += [("/heal", "Heal"), ("/users", "Users")]
         nav = "".join(f'<a href="{href}">{esc(text)}</a>' for href, text in links)
         role = "admin" if session.is_admin else "user"
         nav += (
@@ -277,9 +277,11 @@ def kv_page(
     session: sessions.Session,
     lines: Sequence[str] = (),
     error: str = "",
+    settings: str = "",
 ) -> str:
     """Per kvcache node: fill, blocks, hit rates by tier (the user's tenant, or the whole node
-    for admins); forms for quota (admins), namespace TTL and durability."""
+    for admins); forms for quota (admins), namespace TTL and durability; then settings (HTML:
+    the cluster's settings, for admins)."""
     rows = []
     for node_id, st in stats:
         if isinstance(st, str):
@@ -317,6 +319,7 @@ def kv_page(
         + f"<p>Scope: {esc(scope)}.</p>"
         + table
         + forms
+        + settings
     )
     return layout("KV cache", body, session)
 
