@@ -204,6 +204,14 @@ class BucketCache:
         """The bucket's record in the last snapshot (None: not in it, or no snapshot yet)."""
         return None if self._records is None else self._records.get(name)
 
+    def records(self, tenant: str | None = None) -> list[metadata_pb2.BucketInfo] | None:
+        """Every bucket (of tenant, when given) in the last snapshot, sorted by name, as
+        `BucketStore.list_all` lists them (None: no snapshot yet)."""
+        if self._records is None:
+            return None
+        found = (b for b in self._records.values() if tenant is None or b.tenant == tenant)
+        return sorted(found, key=lambda b: b.name)
+
     async def run(self) -> None:
         """Follow the buckets until cancelled (etcd outages keep the last snapshot)."""
         async for snapshot in self._store.watch():

@@ -128,6 +128,19 @@ class StaleEpoch(KVTierError):
         self.current_epoch = current_epoch
 
 
+class DigestMismatch(InvalidArgument):
+    """A body's bytes do not match the MD5 or checksum its writer sent (S3: BadDigest).
+    `algorithm` names which ("MD5", "SHA256", "CRC32"...), so a front can tell a signed
+    payload hash apart without reading the message; over gRPC it arrives as InvalidArgument
+    with the reason."""
+
+    def __init__(
+        self, message: str = "", *, algorithm: str = "", reason: str = "BadDigest"
+    ) -> None:
+        super().__init__(message, reason=reason)
+        self.algorithm = algorithm
+
+
 class ClockSkew(Unavailable):
     """A version stamp beyond the datanodes' bound on clock skew (the writing gateway's clock,
     or its hybrid logical clock, runs too far ahead of the drive's): the write is refused, so

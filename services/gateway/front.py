@@ -39,11 +39,9 @@ authentication, whose sessions are all `default/...`) lets every session in.
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TypeVar
 
 from google.protobuf import message
@@ -55,12 +53,21 @@ from kvtier.proto.common.v1 import acl_pb2, common_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
 from kvtier.transport import base, calls, dataplane
-from services.gateway import listing, multipart, objects, versioned, versionlisting, versions
+from services.gateway import (
+    access,
+    listing,
+    multipart,
+    objects,
+    versioned,
+    versionlisting,
+    versions,
+)
 
 log = logging.getLogger(__name__)
 
-#: The service role that may use the durable KV bucket.
-KV_ROLE = "kvcache"
+#: A metadata service that cannot answer now: down (UNAVAILABLE, or gone from the map) or
+#: stopped (its calls time out).
+METADATA_AWAY = (errors.Unavailable, errors.DeadlineExceeded)
 #: The durable KV bucket's record (implicit: no tenant, stored under its own name).
 _DURABLE = metadata_pb2.BucketInfo(name=names.KV_DURABLE_BUCKET)
 #: Multipart uploads aborted at once when their bucket is deleted.
@@ -87,59 +94,15 @@ def _with(req: M, **fields: str) -> M:
     return copy
 
 
-def _denied(what: str) -> errors.PermissionDenied:
-    return errors.PermissionDenied(what, reason="AccessDenied")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Admission:
-    """What an ACL grant lets the request being served do in one bucket that its caller may
-    not use otherwise (an anonymous caller, another tenant's user). Only the S3 front admits,
-    once it checked the grant for the request's operation (`s3.acl_ops`); gRPC callers never
-    are. Scopes: "read" (list the objects), "write" (put, delete and multipart-upload
-    objects), "object" (read an object or its ACL, or set its ACL: `check_object` decides on
-    the version's own ACL), "read_acp" / "write_acp" (the bucket's ACL)."""
-
-    bucket: str
-    scope: str
-    #: For scope "object": raises PermissionDenied unless the version's ACL allows.
-    check_object: Callable[[acl_pb2.Acl], None] | None = None
-    #: Whether a missing object may be told apart (NoSuchKey) from a refusal (AccessDenied):
-    #: the caller may list the bucket.
-    may_list: bool = False
-
-
-_admission: contextvars.ContextVar[Admission | None] = contextvars.ContextVar(
-    "kvtier_gateway_admission", default=None
-)
-
-
-def admit(admission: Admission) -> contextvars.Token[Admission | None]:
-    """Admit the request being served (the S3 front, after its ACL check)."""
-    return _admission.set(admission)
-
-
-def unadmit(token: contextvars.Token[Admission | None]) -> None:
-    """Undo an admit()."""
-    _admission.reset(token)
-
-
-def may_use(caller: principal.Principal, tenant: str) -> bool:
-    """Whether caller may use a resource of tenant ("": a resource of no tenant, privileged
-    callers only)."""
-    return caller.privileged or (bool(tenant) and caller.may_use(tenant))
-
-
-def may_use_durable(caller: principal.Principal) -> bool:
-    """Whether caller may use the durable KV bucket: kvcache nodes (or an insecure cluster)."""
-    return caller.kind is principal.Kind.INSECURE or (
-        caller.kind is principal.Kind.SERVICE and caller.role == KV_ROLE
-    )
-
-
-def owner_of(caller: principal.Principal) -> str:
-    """The tenant a write begun by caller belongs to ("" for callers acting for no tenant)."""
-    return caller.tenant if caller.kind is principal.Kind.USER else ""
+# Who may use what lives in `access`; its names are re-exported here for importers.
+KV_ROLE = access.KV_ROLE
+Admission = access.Admission
+admit = access.admit
+unadmit = access.unadmit
+may_use = access.may_use
+may_use_durable = access.may_use_durable
+owner_of = access.owner_of
+_denied = access.denied
 
 
 class ObjectFront:
@@ -172,6 +135,8 @@ class ObjectFront:
         self._metadata: metadata_client.MetadataClient | None = None
         #: NodeInfo.started_at_unix_ms of the metadata node incarnation _metadata reaches.
         self._metadata_started_at = 0
+        #: Whether bucket lists come from the watched records (the metadata service is away).
+        self._listing_watched = False
         self.multipart = multipart.Multipart(engine, lister)
 
     def _meta(self) -> metadata_client.MetadataClient:
@@ -223,7 +188,7 @@ class ObjectFront:
         except errors.NotFound:
             self._infos.pop(name, None)
             raise errors.NotFound(f"bucket {name} does not exist", reason="NoSuchBucket") from None
-        except errors.Unavailable:
+        except METADATA_AWAY:
             if watched is None:
                 raise
             log.debug("bucket %s: the metadata service is away, serving the watched record", name)
@@ -240,8 +205,31 @@ class ObjectFront:
     async def storage_buckets(self) -> list[str]:
         """The storage names of every bucket, the durable KV bucket's included, sorted (what
         healing walks)."""
-        infos = await self._meta().list_buckets()
+        infos = await self._bucket_records(None)
         return sorted([storage(b) for b in infos] + [names.KV_DURABLE_BUCKET])
+
+    async def _bucket_records(self, tenant: str | None) -> list[metadata_pb2.BucketInfo]:
+        """Every bucket's record (tenant's, when given), sorted by name: from the metadata
+        service or, while it cannot answer, from the watched records (the scanner, the
+        lifecycle pass and ListBuckets go on through a metadata outage; a warning when that
+        begins). Unavailable when neither answers."""
+        try:
+            infos = await self._meta().list_buckets("" if tenant is None else tenant)
+        except METADATA_AWAY as exc:
+            watched = self._watched.records(tenant) if self._watched is not None else None
+            if watched is None:
+                raise
+            if not self._listing_watched:
+                self._listing_watched = True
+                log.warning(
+                    "the metadata service cannot answer (%s): bucket lists come from the "
+                    "watched records until it does", exc,
+                )  # fmt: skip
+            return watched
+        if self._listing_watched:
+            self._listing_watched = False
+            log.info("the metadata service answers again: bucket lists come from it")
+        return infos
 
     # Buckets, for the caller.
 
@@ -268,7 +256,7 @@ class ObjectFront:
 
     async def _granted(self, name: str, scope: str) -> metadata_pb2.BucketInfo | None:
         """The record of bucket name when the request's admission covers scope there."""
-        admission = _admission.get()
+        admission = access.current()
         if admission is None or admission.bucket != name or name == names.KV_DURABLE_BUCKET:
             return None
         if scope != "any" and admission.scope != scope:
@@ -296,7 +284,7 @@ class ObjectFront:
         """(storage name, admission) when the request was admitted to bucket's objects by
         their own ACLs."""
         info = await self._granted(bucket, "object")
-        admission = _admission.get()
+        admission = access.current()
         if info is None or admission is None or admission.check_object is None:
             return None
         return storage(info), admission
@@ -349,9 +337,9 @@ class ObjectFront:
         never the durable KV bucket."""
         caller = principal.current()
         if caller.privileged:
-            infos = await self._meta().list_buckets()
+            infos = await self._bucket_records(None)
         else:
-            infos = await self._meta().list_buckets(caller.acting_tenant())
+            infos = await self._bucket_records(caller.acting_tenant())
         return [_bucket(b) for b in infos]
 
     async def delete_bucket(self, name: str) -> None:

@@ -280,9 +280,9 @@ class ObjectWrites(objectpools.PooledObjects):
                 name: base64.b64encode(h.digest()).decode() for name, h in up.hashers.items()
             }
             problem = self._digest_problem(up, etag, checksums)
-            if problem:
+            if problem is not None:
                 await self._abort(up)
-                raise errors.InvalidArgument(problem, reason="BadDigest")
+                raise problem
             if up.request.if_none_match and await self.exists(up.bucket, up.key):
                 await self._abort(up)
                 raise errors.PreconditionFailed(f"{up.bucket}/{up.key} exists (If-None-Match)")
@@ -291,13 +291,17 @@ class ObjectWrites(objectpools.PooledObjects):
         return meta
 
     @staticmethod
-    def _digest_problem(up: objectbase.Upload, etag: str, checksums: dict[str, str]) -> str:
+    def _digest_problem(
+        up: objectbase.Upload, etag: str, checksums: dict[str, str]
+    ) -> errors.DigestMismatch | None:
         if up.request.expected_md5 and up.request.expected_md5.lower() != etag:
-            return f"content MD5 is {etag}, not {up.request.expected_md5}"
+            problem = f"content MD5 is {etag}, not {up.request.expected_md5}"
+            return errors.DigestMismatch(problem, algorithm="MD5")
         for name, value in up.request.expected_checksums.items():
             if checksums.get(name.upper()) != value:
-                return f"{name.upper()} is {checksums.get(name.upper())}, not {value}"
-        return ""
+                problem = f"{name.upper()} is {checksums.get(name.upper())}, not {value}"
+                return errors.DigestMismatch(problem, algorithm=name.upper())
+        return None
 
     def _meta(
         self, up: objectbase.Upload, etag: str, checksums: dict[str, str]

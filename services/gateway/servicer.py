@@ -14,7 +14,7 @@ from kvtier.proto.gateway.v1 import (
     objects_pb2_grpc,
 )
 from services.gateway import front as front_mod
-from services.gateway import healing
+from services.gateway import healing, objectlayer, pooldrain
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -34,10 +34,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
 class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
     """kvtier.gateway.v1.ObjectService: buckets (kept by the metadata service), objects; every
-    call acts for the caller (`front.ObjectFront` checks who may use what)."""
+    call acts for the caller (`front.ObjectFront` checks who may use what). Objects go through
+    the object layer of erasure-coded buckets (`objectlayer.ErasureLayer`, the S3 handlers'
+    seam too); bucket records and the data-plane writes (BeginPut, parts) through the front."""
 
     def __init__(self, front: front_mod.ObjectFront) -> None:
         self._front = front
+        self._objects: objectlayer.ObjectLayer = objectlayer.ErasureLayer(front)
 
     async def CreateBucket(
         self, request: objects_pb2.CreateBucketRequest, context: rpc.ServicerContext
@@ -81,29 +84,29 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
     async def HeadObject(
         self, request: objects_pb2.HeadObjectRequest, context: rpc.ServicerContext
     ) -> objects_pb2.HeadObjectResponse:
-        info = await self._front.head_object(request.bucket, request.key)
+        info = await self._objects.head(request.bucket, request.key)
         return objects_pb2.HeadObjectResponse(object=info)
 
     async def DeleteObject(
         self, request: objects_pb2.DeleteObjectRequest, context: rpc.ServicerContext
     ) -> objects_pb2.DeleteObjectResponse:
-        await self._front.delete_object(request.bucket, request.key)
+        await self._objects.delete(request.bucket, request.key)
         return objects_pb2.DeleteObjectResponse()
 
     async def CopyObject(
         self, request: objects_pb2.CopyObjectRequest, context: rpc.ServicerContext
     ) -> objects_pb2.CopyObjectResponse:
-        return objects_pb2.CopyObjectResponse(object=await self._front.copy_object(request))
+        return objects_pb2.CopyObjectResponse(object=await self._objects.copy(request))
 
     async def ListObjects(
         self, request: objects_pb2.ListObjectsRequest, context: rpc.ServicerContext
     ) -> objects_pb2.ListObjectsResponse:
-        return await self._front.list_objects(request)
+        return await self._objects.list(request)
 
     async def CreateMultipartUpload(
         self, request: objects_pb2.CreateMultipartUploadRequest, context: rpc.ServicerContext
     ) -> objects_pb2.CreateMultipartUploadResponse:
-        return await self._front.create_multipart(request)
+        return await self._objects.create_multipart(request)
 
     async def BeginUploadPart(
         self, request: objects_pb2.BeginUploadPartRequest, context: rpc.ServicerContext
@@ -123,7 +126,7 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
     async def AbortMultipartUpload(
         self, request: objects_pb2.AbortMultipartUploadRequest, context: rpc.ServicerContext
     ) -> objects_pb2.AbortMultipartUploadResponse:
-        await self._front.abort_multipart(request)
+        await self._objects.abort_multipart(request)
         return objects_pb2.AbortMultipartUploadResponse()
 
     async def ListParts(
@@ -134,14 +137,26 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
     async def ListMultipartUploads(
         self, request: objects_pb2.ListMultipartUploadsRequest, context: rpc.ServicerContext
     ) -> objects_pb2.ListMultipartUploadsResponse:
-        return await self._front.list_uploads(request)
+        return await self._objects.list_uploads(request)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    """kvtier.gateway.v1.AdminService: healing on demand."""
+    """kvtier.gateway.v1.AdminService: healing on demand, draining and removing pools."""
 
-    def __init__(self, healer: healing.Healer) -> None:
+    def __init__(self, healer: healing.Healer, drainer: pooldrain.Drainer) -> None:
         self._healer = healer
+        self._drainer = drainer
+
+    async def DrainPool(
+        self, request: admin_pb2.DrainPoolRequest, context: rpc.ServicerContext
+    ) -> AsyncIterator[admin_pb2.DrainProgress]:
+        async for message in self._drainer.drain(request.index):
+            yield message
+
+    async def RemovePool(
+        self, request: admin_pb2.RemovePoolRequest, context: rpc.ServicerContext
+    ) -> admin_pb2.RemovePoolResponse:
+        return admin_pb2.RemovePoolResponse(epoch=await self._drainer.remove(request.index))
 
     async def Heal(
         self, request: admin_pb2.HealRequest, context: rpc.ServicerContext

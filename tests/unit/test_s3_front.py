@@ -12,9 +12,10 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 
 from kvtier import errors, names
+from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway.s3 import (
     bucket_ops,
-    kv_ops,
+    kv_layer,
     multipart_ops,
     object_ops,
     params,
@@ -236,10 +237,11 @@ def test_number_parameters_are_ascii_digits(value: str) -> None:
 
 
 def test_a_bad_kv_continuation_token_is_an_invalid_argument() -> None:
-    req: Any = mock.Mock(query={"continuation-token": "not hex"})
-    _refused("InvalidArgument", lambda: kv_ops._start_after(req, True))
-    req = mock.Mock(query={"continuation-token": b"k".hex()})
-    assert kv_ops._start_after(req, True) == b"k"
+    with pytest.raises(errors.InvalidArgument) as refused:
+        kv_layer.start_after(pb.ListObjectsRequest(continuation_token="not hex"))
+    assert s3errors.from_domain(refused.value).code == "InvalidArgument"
+    assert kv_layer.start_after(pb.ListObjectsRequest(continuation_token=b"k".hex())) == b"k"
+    assert kv_layer.start_after(pb.ListObjectsRequest(start_after="a")) == b"a"
 
 
 def _complete(number: str) -> bytes:

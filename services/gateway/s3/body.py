@@ -27,6 +27,7 @@ from typing import Protocol
 import prometheus_client
 from aiohttp import streams
 
+from services.gateway import objectlayer
 from services.gateway.s3 import s3errors
 
 TIMEOUTS = prometheus_client.Counter(
@@ -42,9 +43,8 @@ SLOT_IDLE_S = 0.5
 BODY_TIMEOUT_S = 20.0
 
 
-class Stalled(Exception):
-    """The body paused while filling a staging slot; its bytes so far are out of the slot
-    (`Payload.spill` receives the rest of the call, then `Payload.stage` starts with them)."""
+#: The body paused while filling a staging slot (defined with the object layer that catches it).
+Stalled = objectlayer.Stalled
 
 
 def request_timeout() -> s3errors.S3Error:

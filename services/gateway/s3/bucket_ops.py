@@ -255,7 +255,8 @@ async def _page(
 ) -> pb.ListObjectsResponse:
     if max_keys == 0:
         return pb.ListObjectsResponse()
-    return await s3.front.list_objects(
+    layer = await s3.layer(req)  # either bucket kind
+    return await layer.list(
         pb.ListObjectsRequest(
             bucket=req.bucket, prefix=req.query.get("prefix", ""),
             delimiter=req.query.get("delimiter", ""), start_after=after,
@@ -265,7 +266,7 @@ async def _page(
 
 
 async def list_objects(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """ListObjectsV2 (list-type=2) or ListObjects (v1)."""
+    """ListObjectsV2 (list-type=2) or ListObjects (v1), on either bucket kind."""
     await s3.owned_bucket(req)
     enc = xmlio.Encoder(req.query.get("encoding-type", ""))
     max_keys = _max_keys(req)

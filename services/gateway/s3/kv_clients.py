@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from kvtier import kv, names
 from kvtier import security as security_mod
+from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.metadata.v1 import metadata_pb2
 
 
@@ -29,9 +31,17 @@ class KVBuckets:
     clients that score chains (`scoring`)."""
 
     def __init__(
-        self, metadata_address: object, security: security_mod.ClientSecurity | None = None
+        self,
+        metadata_address: object = "",
+        security: security_mod.ClientSecurity | None = None,
+        *,
+        cluster_map: Callable[[], common_pb2.ClusterMap] | None = None,
     ) -> None:
+        """cluster_map: the map the gateway watches itself; when given, the clients place keys
+        by it (no metadata call: KV buckets work through a metadata outage), else they read
+        it from metadata_address (an address, or a function returning one)."""
         self._address = metadata_address
+        self._cluster_map = cluster_map
         #: Mutual TLS as this gateway, acting explicitly for each bucket's tenant.
         self._security = security
         self._clients: dict[str, kv.AsyncKVClient] = {}
@@ -58,10 +68,9 @@ class KVBuckets:
         async with self._lock:
             found = self._current(info)
             if found is None:
-                address = self._address() if callable(self._address) else str(self._address)
                 found = await kv.AsyncKVClient.connect(
-                    namespace=namespace(info), tenant=info.tenant, metadata=address,
-                    replicas=1, timeout_s=10.0, security=self._security,
+                    namespace=namespace(info), tenant=info.tenant, replicas=1, timeout_s=10.0,
+                    security=self._security, **self._map(),
                 )  # fmt: skip
                 stale = self._clients.get(info.name)
                 self._clients[info.name] = found
@@ -93,10 +102,9 @@ class KVBuckets:
         async with self._lock:
             found = self._scoring.get((tenant, namespace))
             if found is None:
-                address = self._address() if callable(self._address) else str(self._address)
                 found = await kv.AsyncKVClient.connect(
-                    namespace=namespace, tenant=tenant, metadata=address, replicas=1,
-                    timeout_s=2.0, security=self._security,
+                    namespace=namespace, tenant=tenant, replicas=1, timeout_s=2.0,
+                    security=self._security, **self._map(),
                 )  # fmt: skip
                 self._scoring[(tenant, namespace)] = found
                 while len(self._scoring) > MAX_SCORING_CLIENTS:
@@ -107,6 +115,12 @@ class KVBuckets:
                         del self._users[oldest]
                         await oldest.close()
         return found
+
+    def _map(self) -> dict[str, Any]:
+        """Where a new client finds the kvcache nodes (its connect arguments)."""
+        if self._cluster_map is not None:
+            return {"map_source": self._cluster_map}
+        return {"metadata": self._address() if callable(self._address) else str(self._address)}
 
     async def close(self) -> None:
         """Close every client."""

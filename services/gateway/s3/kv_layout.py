@@ -215,7 +215,7 @@ async def fetch_object(client: kv.AsyncKVClient, key: str) -> tuple[pb.ObjectInf
         if blob is not None:
             return info, blob
         await asyncio.sleep(0.01)
-    raise s3errors.S3Error("NoSuchKey", "The specified key does not exist.")
+    raise errors.NotFound("The specified key does not exist.", reason="NoSuchKey")
 
 
 def object_block_keys(key: str) -> list[bytes]:
@@ -261,10 +261,10 @@ async def receive(
     names = sorted({*wanted, *expected, *(a.upper() for a in algorithms if a)})
     signed = bool(req.payload.sha256_hex)
     if blob.size < _INLINE_DIGEST_BYTES:  # a thread hop would cost more than the hashing
-        etag, sums, sha256 = _digests(blob.pieces(), names, signed, md5 or bool(content_md5))
+        etag, sums, sha256 = digests(blob.pieces(), names, signed, md5 or bool(content_md5))
     else:
         etag, sums, sha256 = await asyncio.to_thread(
-            _digests, blob.pieces(), names, signed, md5 or bool(content_md5)
+            digests, blob.pieces(), names, signed, md5 or bool(content_md5)
         )
     if content_md5 and content_md5 != etag:
         raise s3errors.S3Error("BadDigest", "The Content-MD5 you specified did not match.")
@@ -281,7 +281,7 @@ async def receive(
     return etag, sums
 
 
-def _digests(
+def digests(
     pieces: Sequence[memoryview], names: Sequence[str], signed: bool, with_md5: bool = True
 ) -> tuple[str, dict[str, str], str]:
     """(hex MD5 when with_md5, base64 checksums, hex SHA-256 when signed) of the pieces (off

@@ -26,13 +26,12 @@ import time
 
 from aiohttp import web
 
-from kvtier import kv
+from kvtier import errors, kv
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway import listing, multipart
 from services.gateway.s3 import (
     kv_layout,
     lifecycle_ops,
-    object_ops,
     params,
     s3errors,
     s3request,
@@ -69,39 +68,43 @@ async def _record(
     client: kv.AsyncKVClient, req: s3request.S3Request
 ) -> pb.CreateMultipartUploadRequest:
     """The request's upload (NoSuchUpload unless it exists, for this key)."""
-    upload_id = req.query.get("uploadId", "")
+    try:
+        return await upload_record(client, req.query.get("uploadId", ""), req.key)
+    except errors.NotFound:
+        raise _no_such_upload() from None
+
+
+async def upload_record(
+    client: kv.AsyncKVClient, upload_id: str, key: str
+) -> pb.CreateMultipartUploadRequest:
+    """An upload's record (NotFound, reason NoSuchUpload, unless it exists, for key)."""
+    gone = errors.NotFound("The specified upload does not exist.", reason="NoSuchUpload")
     if not _UPLOAD_ID.fullmatch(upload_id):
-        raise _no_such_upload()
+        raise gone
     buffer = bytearray(kv_layout.META_MAX_BYTES)
     (size,) = await client.get_batch([kv_layout.record_key(upload_id)], [buffer])
     if size is None:
-        raise _no_such_upload()
+        raise gone
     record = pb.CreateMultipartUploadRequest.FromString(bytes(buffer[:size]))
-    if record.key != req.key:
-        raise _no_such_upload()
+    if record.key != key:
+        raise gone
     return record
 
 
-async def create(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """CreateMultipartUpload: a record block (key, headers, checksum algorithm)."""
-    object_ops.check_key(req.key)
-    algorithm = req.header("x-amz-checksum-algorithm").upper()
-    if algorithm and algorithm not in object_ops.ALGORITHMS:
-        raise s3errors.S3Error("InvalidRequest", f"unknown checksum algorithm {algorithm}")
-    record = pb.CreateMultipartUploadRequest(
-        bucket=req.bucket, key=req.key, headers=object_ops.request_headers(req),
-        checksum_algorithm=algorithm,
-    )  # fmt: skip
+async def create_upload(client: kv.AsyncKVClient, record: pb.CreateMultipartUploadRequest) -> str:
+    """Start an upload: its record block (key, headers, checksum algorithm); its id."""
     upload_id = _new_upload_id()
-    client = await kv_layout.client_of(s3, req)
     (status,) = await client.put_batch(
         [kv_layout.record_key(upload_id)], [record.SerializeToString()], ttl_s=UPLOAD_TTL_S
     )
     kv_layout.stored(status)
-    response = _xml(xmlio.initiate_multipart(req.bucket, req.key, upload_id))
-    if algorithm:
-        response.headers["x-amz-checksum-algorithm"] = algorithm
-    return response
+    return upload_id
+
+
+async def abort_upload(client: kv.AsyncKVClient, upload_id: str, key: str) -> None:
+    """Delete an upload's blocks (NotFound, reason NoSuchUpload, when unknown)."""
+    await upload_record(client, upload_id, key)
+    await _discard(client, upload_id)
 
 
 def _part_number(req: s3request.S3Request) -> int:
@@ -247,14 +250,6 @@ async def _discard(client: kv.AsyncKVClient, upload_id: str) -> None:
     await client.delete([kv_layout.record_key(upload_id)])
 
 
-async def abort(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """AbortMultipartUpload: the upload's blocks are deleted (NoSuchUpload when unknown)."""
-    client = await kv_layout.client_of(s3, req)
-    await _record(client, req)
-    await _discard(client, req.query["uploadId"])
-    return web.Response(status=204)
-
-
 def _int(req: s3request.S3Request, name: str, default: int) -> int:
     value = params.uint(req.query.get(name, str(default)), max_digits=9)
     if value is None:
@@ -345,19 +340,18 @@ def _after_marker(
     return [u for u in uploads if u.key.encode() > marker]
 
 
-async def list_uploads(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """ListMultipartUploads (prefix, delimiter, key-marker, upload-id-marker, max-uploads)."""
-    client = await kv_layout.client_of(s3, req)
-    enc = xmlio.Encoder(req.query.get("encoding-type", ""))
-    prefix, delimiter = req.query.get("prefix", ""), req.query.get("delimiter", "")
-    most = min(_int(req, "max-uploads", _PAGE), _PAGE) or _PAGE
+async def uploads_page(
+    client: kv.AsyncKVClient, req: pb.ListMultipartUploadsRequest
+) -> pb.ListMultipartUploadsResponse:
+    """A page of a bucket's uploads (prefix, delimiter, key marker, upload id marker, at most
+    max_uploads: 1000 when 0)."""
+    most = min(req.max_uploads, _PAGE) or _PAGE
     uploads = _after_marker(
-        await _uploads(client, prefix),
-        req.query.get("key-marker", ""), req.query.get("upload-id-marker", ""),
-    )  # fmt: skip
+        await _uploads(client, req.prefix), req.key_marker, req.upload_id_marker
+    )
     page = pb.ListMultipartUploadsResponse()
     for upload in uploads:
-        folded = listing.fold(upload.key, prefix, delimiter)
+        folded = listing.fold(upload.key, req.prefix, req.delimiter)
         if folded is not None and page.common_prefixes and page.common_prefixes[-1] == folded:
             continue
         if len(page.uploads) + len(page.common_prefixes) == most:
@@ -370,19 +364,12 @@ async def list_uploads(s3: s3request.Door, req: s3request.S3Request) -> web.Resp
             page.common_prefixes.append(folded)
         else:
             page.uploads.append(upload)
-    return _xml(
-        xmlio.list_uploads(
-            bucket=req.bucket, page=page, params=req.query, enc=enc, owner=req.principal.owner
-        )
-    )
+    return page
 
 
 #: Operation -> handler on a KV bucket.
 HANDLERS = {
-    "CreateMultipartUpload": create,
     "UploadPart": upload_part,
     "CompleteMultipartUpload": complete,
-    "AbortMultipartUpload": abort,
     "ListParts": list_parts,
-    "ListMultipartUploads": list_uploads,
 }

@@ -17,19 +17,17 @@ bytes. Any block may be evicted: the object is then gone (NoSuchKey).
 
 from __future__ import annotations
 
-import time
-
 from aiohttp import web
 
-from kvtier import kv
-from kvtier.proto.gateway.v1 import objects_pb2 as pb
-from services.gateway import listing
+from kvtier import errors
 from services.gateway.s3 import (
+    bucket_ops,
+    kv_layer,
     kv_layout,
     kv_multipart,
     lifecycle_ops,
+    multipart_ops,
     object_ops,
-    params,
     s3errors,
     s3request,
     tagging_ops,
@@ -51,35 +49,24 @@ async def put_object(s3: s3request.Door, req: s3request.S3Request) -> web.Respon
         raise s3errors.S3Error(
             "EntityTooLarge", f"KV bucket objects hold {MAX_KV_OBJECT_BYTES} bytes at most"
         )
-    client = await kv_layout.client_of(s3, req)
-    blob = kv_layout.Blob(size)
+    layer = kv_layer.KVLayer(s3.front, s3.kv_buckets, lifecycle_day_s=s3.lifecycle_day_s)
     md5 = not kv_layout.trailer_checked(req)  # else the trailing checksum vouches for the bytes
-    etag, sums = await kv_layout.receive(req, blob, md5=md5)
-    etag = etag if md5 else kv_layout.version_etag(blob)
-    info = pb.ObjectInfo(
-        bucket=req.bucket, key=req.key, size=size, etag=etag,
-        mtime_unix_ms=int(time.time() * 1000), headers=object_ops.request_headers(req), parts=1,
-    )  # fmt: skip
-    if_none_match = req.header("If-None-Match") == "*"
-    ttl_s = await lifecycle_ops.kv_ttl_s(  # the bucket's lifecycle rules, as the blocks' TTL
-        s3, req, size, lifecycle_ops.tags_of(req, info.headers)
-    )
-    await kv_layout.store_object(
-        client, req.key, blob, info, if_none_match=if_none_match, ttl_s=ttl_s
-    )
+    try:
+        info = await layer.put(
+            object_ops.begin_request(req, req.bucket, req.key, size), req.payload, md5=md5
+        )
+    except errors.InvalidArgument as exc:
+        raise object_ops.translate_digest_error(req, exc) from None
     response = web.Response(status=200)
-    response.headers["ETag"] = xmlio.quoted(etag)
-    response.headers.update(kv_layout.checksum_headers(sums))
+    response.headers["ETag"] = xmlio.quoted(info.etag)
+    object_ops.checksum_headers(response, info.checksums, req)
     return response
 
 
 async def head_object(s3: s3request.Door, req: s3request.S3Request) -> web.StreamResponse:
     """The object's headers, from its metadata block."""
     object_ops.check_key(req.key)
-    client = await kv_layout.client_of(s3, req)
-    info = await kv_layout.read_info(client, kv_layout.meta_key(req.key))
-    if info is None:
-        raise s3errors.S3Error("NoSuchKey", "The specified key does not exist.")
+    info = await (await s3.layer(req)).head(req.bucket, req.key)
     object_ops.check_conditions(req.header, info.etag, info.mtime_unix_ms, for_read=True)
     span = object_ops.parse_range(req.header("Range"), info.size)
     response = web.StreamResponse(status=206 if span else 200)
@@ -93,7 +80,8 @@ async def head_object(s3: s3request.Door, req: s3request.S3Request) -> web.Strea
 async def get_object(s3: s3request.Door, req: s3request.S3Request) -> web.StreamResponse:
     """The object's bytes, whole or one range."""
     object_ops.check_key(req.key)
-    info, blob = await kv_layout.fetch_object(await kv_layout.client_of(s3, req), req.key)
+    reader = await (await s3.layer(req)).open_read(req.bucket, req.key)
+    info = reader.info
     object_ops.check_conditions(req.header, info.etag, info.mtime_unix_ms, for_read=True)
     span = object_ops.parse_range(req.header("Range"), info.size)  # empty: InvalidRange too
     first, last = span if span else (0, info.size - 1)
@@ -102,101 +90,7 @@ async def get_object(s3: s3request.Door, req: s3request.S3Request) -> web.Stream
     if span:
         response.headers["Content-Range"] = f"bytes {first}-{last}/{info.size}"
     response.content_length = last - first + 1
-    await response.prepare(req.http)
-    for piece in blob.pieces(first, last):
-        await response.write(piece)
-    await response.write_eof()
-    return response
-
-
-async def delete_object(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """204 whether or not the key existed."""
-    object_ops.check_key(req.key)
-    client = await kv_layout.client_of(s3, req)
-    await client.delete(kv_layout.object_block_keys(req.key))
-    return web.Response(status=204)
-
-
-async def delete_objects(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """DeleteObjects on a KV bucket."""
-    quiet, keys = xmlio.parse_delete(await req.payload.read_all(xmlio.MAX_BODY_BYTES))
-    client = await kv_layout.client_of(s3, req)
-    blocks = [b for k in keys for b in kv_layout.object_block_keys(k)]
-    await client.delete(blocks)
-    body = xmlio.delete_result(keys, [], quiet=quiet)
-    return web.Response(body=body, content_type="application/xml")
-
-
-def _start_after(req: s3request.S3Request, v2: bool) -> bytes:
-    """The key a listing starts after: a v2 continuation token (hex), else start-after/marker."""
-    token = req.query.get("continuation-token", "")
-    if v2 and "continuation-token" in req.query and not token:
-        raise s3errors.S3Error("InvalidArgument", "The continuation token provided is incorrect")
-    if not (v2 and token):
-        return req.query.get("start-after" if v2 else "marker", "").encode()
-    try:
-        return bytes.fromhex(token)
-    except ValueError:
-        raise s3errors.S3Error(
-            "InvalidArgument", "The continuation token provided is incorrect"
-        ) from None
-
-
-async def list_objects(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """ListObjects (v1 and v2) of the keys in DRAM, with each object's metadata."""
-    client = await kv_layout.client_of(s3, req)
-    enc = xmlio.Encoder(req.query.get("encoding-type", ""))
-    prefix, delimiter = req.query.get("prefix", ""), req.query.get("delimiter", "")
-    v2 = req.query.get("list-type") == "2"
-    after = _start_after(req, v2)
-    max_keys = params.uint(req.query.get("max-keys", "") or "1000")
-    if max_keys is None:
-        raise s3errors.S3Error("InvalidArgument", "max-keys must be a non-negative integer")
-    max_keys = min(max_keys, 1000)
-    page = pb.ListObjectsResponse()
-    last = after
-    while len(page.objects) + len(page.common_prefixes) < max_keys:
-        entries, more = await client.list_keys(prefix=prefix.encode(), start_after=last, limit=1000)
-        for key_bytes, _size in entries:
-            last = key_bytes
-            if key_bytes.startswith(b"\x00"):  # metadata, tails, uploads: never keys
-                continue
-            key = key_bytes.decode()
-            folded = listing.fold(key, prefix, delimiter)
-            if folded is not None:
-                if not page.common_prefixes or page.common_prefixes[-1] != folded:
-                    page.common_prefixes.append(folded)
-            else:
-                page.objects.add(key=key)
-            if len(page.objects) + len(page.common_prefixes) == max_keys:
-                page.is_truncated = more or key_bytes != entries[-1][0]
-                break
-        if not more:
-            break
-    if page.is_truncated:
-        page.next_continuation_token = last.hex()
-    await _fill_infos(client, page)
-    return web.Response(
-        body=xmlio.list_objects(
-            version=2 if v2 else 1, bucket=req.bucket, page=page, params=req.query, enc=enc,
-            owner=req.principal.owner if not v2 or req.query.get("fetch-owner") == "true" else None,
-            next_marker=last.decode(errors="replace") if page.is_truncated and not v2 else "",
-        ),
-        content_type="application/xml",
-    )  # fmt: skip
-
-
-async def _fill_infos(client: kv.AsyncKVClient, page: pb.ListObjectsResponse) -> None:
-    """Each listed object's size, ETag and time; objects whose metadata is gone are dropped."""
-    infos = await kv_layout.read_infos(client, [kv_layout.meta_key(o.key) for o in page.objects])
-    kept = []
-    for obj, info in zip(page.objects, infos, strict=True):
-        if info is None:
-            continue
-        obj.size, obj.etag, obj.mtime_unix_ms = info.size, info.etag, info.mtime_unix_ms
-        kept.append(obj)
-    del page.objects[:]
-    page.objects.extend(kept)
+    return await object_ops.send_body(s3, req, response, reader, first, last - first + 1)
 
 
 #: Operation -> handler on a KV bucket (the others are NotImplemented there).
@@ -204,9 +98,13 @@ HANDLERS = {
     "PutObject": put_object,
     "GetObject": get_object,
     "HeadObject": head_object,
-    "DeleteObject": delete_object,
-    "DeleteObjects": delete_objects,
-    "ListObjects": list_objects,
+    # The same handlers as on erasure-coded buckets, through the bucket's object layer.
+    "ListObjects": bucket_ops.list_objects,
+    "DeleteObject": object_ops.delete_object,
+    "DeleteObjects": object_ops.delete_objects,
+    "CreateMultipartUpload": multipart_ops.create,
+    "AbortMultipartUpload": multipart_ops.abort,
+    "ListMultipartUploads": multipart_ops.list_uploads,
     **kv_multipart.HANDLERS,
 }
 #: Operations that work the same on every bucket kind.

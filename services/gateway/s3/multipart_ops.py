@@ -34,13 +34,13 @@ def _no_such_upload(exc: errors.NotFound) -> Exception:
 
 
 async def create(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """CreateMultipartUpload."""
-    await s3.owned_bucket(req)
+    """CreateMultipartUpload (either bucket kind: `Door.layer`)."""
+    layer = await s3.layer(req)
     object_ops.check_key(req.key)
     algorithm = req.header("x-amz-checksum-algorithm").upper()
     if algorithm and algorithm not in object_ops.ALGORITHMS:
         raise s3errors.S3Error("InvalidRequest", f"unknown checksum algorithm {algorithm}")
-    reply = await s3.front.create_multipart(
+    reply = await layer.create_multipart(
         pb.CreateMultipartUploadRequest(
             bucket=req.bucket, key=req.key, headers=object_ops.request_headers(req),
             checksum_algorithm=algorithm,
@@ -136,10 +136,10 @@ async def complete(s3: s3request.Door, req: s3request.S3Request) -> web.Response
 
 
 async def abort(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """AbortMultipartUpload."""
-    await s3.owned_bucket(req)
+    """AbortMultipartUpload (either bucket kind)."""
+    layer = await s3.layer(req)
     try:
-        await s3.front.abort_multipart(
+        await layer.abort_multipart(
             pb.AbortMultipartUploadRequest(
                 bucket=req.bucket, key=req.key, upload_id=req.query["uploadId"]
             )
@@ -180,11 +180,11 @@ async def list_parts(s3: s3request.Door, req: s3request.S3Request) -> web.Respon
 
 
 async def list_uploads(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """ListMultipartUploads."""
-    await s3.owned_bucket(req)
+    """ListMultipartUploads (either bucket kind)."""
+    layer = await s3.layer(req)
     enc = xmlio.Encoder(req.query.get("encoding-type", ""))
     most = min(_int(req, "max-uploads", 1000), 1000) or 1000
-    page = await s3.front.list_uploads(
+    page = await layer.list_uploads(
         pb.ListMultipartUploadsRequest(
             bucket=req.bucket, prefix=req.query.get("prefix", ""),
             delimiter=req.query.get("delimiter", ""), key_marker=req.query.get("key-marker", ""),

@@ -9,18 +9,17 @@ import binascii
 import hashlib
 import logging
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Mapping
 
 from aiohttp import web
 
 from kvtier import checksums, errors, names
 from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
-from services.gateway import multipart, versions
+from services.gateway import multipart, objectlayer, versions
 from services.gateway.s3 import (
     acl,
-    body,
-    params,
+    conditions,
     response_body,
     s3errors,
     s3request,
@@ -30,6 +29,12 @@ from services.gateway.s3 import (
 )
 
 log = logging.getLogger(__name__)
+
+# Conditions and ranges live in `conditions`; re-exported here for importers.
+check_conditions = conditions.check_conditions
+parse_range = conditions.parse_range
+parse_copy_range = conditions.parse_copy_range
+requested_part = conditions.requested_part
 
 MAX_PUT_BYTES = 5 << 30
 MAX_META_BYTES = 2048
@@ -50,7 +55,7 @@ def check_key(key: str) -> None:
     try:
         names.check_key(key)
     except errors.InvalidArgument as exc:
-        code = "KeyTooLongError" if "bytes of UTF-8" in exc.message and key else "InvalidArgument"
+        code = "KeyTooLongError" if exc.reason == "KeyTooLongError" and key else "InvalidArgument"
         raise s3errors.S3Error(code, exc.message) from None
 
 
@@ -160,51 +165,16 @@ def checksum_request(req: s3request.S3Request) -> tuple[list[str], dict[str, str
 async def receive(
     s3: s3request.Door, req: s3request.S3Request, write_id: str, size: int
 ) -> datanode_pb2.ShardMeta:
-    """Stream the body into a begun write and commit it (aborted on any failure). A body of
-    unknown length (plain HTTP chunked) goes in until it ends, size being its bound
-    (EntityTooLarge past it). A call takes its staging slot only once its bytes come, and
-    gives it up while they pause (`body.Payload.stage`)."""
-    engine = s3.front.engine
-    payload = req.payload
-    open_ended = payload.size < 0
-
-    async def fill(view: memoryview) -> int:
-        return await payload.stage(view, to_end=open_ended)
-
-    try:
-        stripe, most = engine.upload_limits(write_id)
-        chunk = most - most % stripe
-        written = 0
-        while written < size:
-            n = min(chunk, size - written)
-            if not payload.spilled:
-                await payload.at_end()  # a byte is here (or the end): now a slot is worth taking
-            try:
-                got = await engine.write_call(write_id, n, fill)
-            except body.Stalled:
-                await payload.spill(n)  # the call's bytes, no slot held; then stage again
-                continue
-            written += got
-            if got < n:  # the end of an open-ended body
-                break
-        if open_ended and written == size and not await req.payload.at_end():
-            raise s3errors.S3Error("EntityTooLarge", f"Your proposed upload exceeds {size} bytes.")
-        trailers = await req.payload.finish()
-        for name, value in trailers.items():
-            if name.lower().startswith(CHECKSUM_HEADER):
-                engine.expect_checksum(write_id, name[len(CHECKSUM_HEADER) :], value)
-        return await engine.commit_meta(write_id)
-    except BaseException:
-        await engine.abort_put(pb.AbortPutRequest(upload_id=write_id))
-        raise
+    """Stream the body into a begun write and commit it (`objectlayer.receive`)."""
+    return await objectlayer.receive(s3.front.engine, req.payload, write_id, size)
 
 
 def translate_digest_error(req: s3request.S3Request, exc: errors.KVTierError) -> Exception:
     """A BadDigest on SHA256 that the client did not send itself is the signed payload hash."""
     if (
         req.payload.sha256_hex
-        and exc.reason == "BadDigest"
-        and exc.message.startswith("SHA256")
+        and isinstance(exc, errors.DigestMismatch)
+        and exc.algorithm == "SHA256"
         and not req.header("x-amz-checksum-sha256")
     ):
         return s3errors.S3Error(
@@ -231,7 +201,7 @@ async def put_object(s3: s3request.Door, req: s3request.S3Request) -> web.Respon
     """PutObject (CopyObject when x-amz-copy-source is set)."""
     if req.header("x-amz-copy-source"):
         return await copy_object(s3, req)
-    await s3.owned_bucket(req)
+    layer = await s3.layer(req)
     check_key(req.key)
     size = req.payload.size
     if size < 0 and "chunked" not in req.header("Transfer-Encoding").lower():
@@ -241,114 +211,34 @@ async def put_object(s3: s3request.Door, req: s3request.S3Request) -> web.Respon
     bound = size if size >= 0 else MAX_PUT_BYTES  # a chunked body: until it ends
     if_match = req.header("If-Match")
     if if_match:
-        current = await s3.front.head_object(req.bucket, req.key)
-        if not _etag_matches(if_match, current.etag):
+        current = await layer.head(req.bucket, req.key)
+        if not conditions.etag_matches(if_match, current.etag):
             raise s3errors.S3Error("PreconditionFailed", "If-Match does not match")
     if req.header("If-None-Match") not in ("", "*"):
         raise s3errors.S3Error("NotImplemented", "If-None-Match on PUT supports only *")
-    begun = await s3.front.begin_put(begin_request(req, req.bucket, req.key, bound))
     try:
-        meta = await receive(s3, req, begun.upload_id, bound)
+        info = await layer.put(begin_request(req, req.bucket, req.key, bound), req.payload)
     except errors.InvalidArgument as exc:
         raise translate_digest_error(req, exc) from None
     response = web.Response(status=200)
-    response.headers["ETag"] = xmlio.quoted(meta.etag)
-    _checksum_headers(response, meta, req)
-    versioning_ops.stamp(response, versions.info(meta), False)
+    response.headers["ETag"] = xmlio.quoted(info.etag)
+    checksum_headers(response, info.checksums, req)
+    versioning_ops.stamp(response, info, False)
     return response
 
 
-def _checksum_headers(
-    response: web.StreamResponse, meta: datanode_pb2.ShardMeta, req: s3request.S3Request
+def checksum_headers(
+    response: web.StreamResponse, sums: Mapping[str, str], req: s3request.S3Request
 ) -> None:
+    """x-amz-checksum-* of the checksums (sums) the request sent or asked for."""
     sent = {a.upper() for a in checksum_request(req)[0]} | {
         n.lower()[len(CHECKSUM_HEADER) :].upper()
         for n in req.http.headers
         if n.lower().startswith(CHECKSUM_HEADER)
     }
-    for name, value in meta.checksums.items():
+    for name, value in sums.items():
         if name in sent:
             response.headers[f"{CHECKSUM_HEADER}{name.lower()}"] = value
-
-
-def _etag_matches(header: str, etag: str) -> bool:
-    tags = [t.strip().removeprefix("W/").strip('"') for t in header.split(",")]
-    return "*" in tags or etag in tags
-
-
-def _since(header: str) -> int | None:
-    """An HTTP date in unix seconds (None when absent or unparsable: S3 ignores it)."""
-    when = params.http_date(header) if header else None
-    return None if when is None else int(when)
-
-
-def _not_modified(etag: str, mtime_unix_ms: int) -> s3errors.S3Error:
-    return s3errors.S3Error(
-        "NotModified", "Not Modified", status=304,
-        headers={"ETag": xmlio.quoted(etag), "Last-Modified": xmlio.http_time(mtime_unix_ms)},
-    )  # fmt: skip
-
-
-def check_conditions(
-    get: Callable[[str], str], etag: str, mtime_unix_ms: int, *, for_read: bool
-) -> None:
-    """S3's conditional request rules (412 PreconditionFailed, 304 NotModified: with the
-    object's ETag and Last-Modified, as S3 sends them)."""
-    mtime = mtime_unix_ms // 1000
-    if_match, if_none = get("If-Match"), get("If-None-Match")
-    unmodified, modified = _since(get("If-Unmodified-Since")), _since(get("If-Modified-Since"))
-    if if_match and not _etag_matches(if_match, etag):
-        raise s3errors.S3Error("PreconditionFailed", "At least one of the pre-conditions failed")
-    if not if_match and unmodified is not None and mtime > unmodified:
-        raise s3errors.S3Error("PreconditionFailed", "At least one of the pre-conditions failed")
-    if if_none and _etag_matches(if_none, etag):
-        if for_read:
-            raise _not_modified(etag, mtime_unix_ms)
-        raise s3errors.S3Error("PreconditionFailed", "At least one of the pre-conditions failed")
-    if not if_none and modified is not None and mtime <= modified:
-        if for_read:
-            raise _not_modified(etag, mtime_unix_ms)
-        raise s3errors.S3Error("PreconditionFailed", "At least one of the pre-conditions failed")
-
-
-def parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """(first, last) of a single `bytes=` range; None for no or an ignorable range (several
-    ranges, another unit, anything but ASCII digits) and for a suffix range of an empty object
-    (all of it); InvalidRange when it cannot be satisfied (any other range of an empty object,
-    as in S3)."""
-    if not header or not header.startswith("bytes=") or "," in header:
-        return None
-    first_text, _, last_text = header[len("bytes=") :].strip().partition("-")
-    first_text, last_text = first_text.strip(), last_text.strip()
-    if first_text == "":
-        suffix = params.uint(last_text)
-        if suffix is None:
-            return None
-        if suffix == 0:
-            raise s3errors.S3Error("InvalidRange", "The requested range is not satisfiable")
-        return (max(0, size - suffix), size - 1) if size else None
-    first = params.uint(first_text)
-    last = params.uint(last_text) if last_text else size - 1
-    if first is None or last is None:
-        return None
-    if first >= size:
-        raise s3errors.S3Error("InvalidRange", "The requested range is not satisfiable")
-    if first > last:
-        return None
-    return first, min(last, size - 1)
-
-
-def parse_copy_range(header: str, size: int) -> tuple[int, int]:
-    """(first, last) of x-amz-copy-source-range `bytes=first-last` over a source of size
-    bytes: InvalidArgument unless both are ASCII digits and first <= last, InvalidRange when
-    last is past the source's end."""
-    first_text, _, last_text = header.removeprefix("bytes=").partition("-")
-    first, last = params.uint(first_text), params.uint(last_text)
-    if first is None or last is None or first > last:
-        raise s3errors.S3Error("InvalidArgument", "The x-amz-copy-source-range is invalid")
-    if last >= size:
-        raise s3errors.S3Error("InvalidRange", "The requested range is not satisfiable")
-    return first, last
 
 
 def info_headers(
@@ -397,12 +287,12 @@ def object_headers(
                 out["x-amz-checksum-type"] = "COMPOSITE"
 
 
-async def _resolve(s3: s3request.Door, req: s3request.S3Request) -> versions.Resolved:
+async def _resolve(s3: s3request.Door, req: s3request.S3Request) -> objectlayer.ErasureReader:
     await s3.owned_bucket(req)
     check_key(req.key)
     version = versioning_ops.requested(req)
     try:
-        return await s3.front.resolve(req.bucket, req.key, version)
+        return await s3.objects.open_read(req.bucket, req.key, version)
     except errors.NotFound as exc:
         raise versioning_ops.not_found(exc, version) from None
 
@@ -423,32 +313,6 @@ async def head_object(s3: s3request.Door, req: s3request.S3Request) -> web.Strea
     return response
 
 
-def requested_part(
-    req: s3request.S3Request, meta: datanode_pb2.ShardMeta
-) -> tuple[int, int] | None:
-    """(first, last) byte of the part GetObject/HeadObject's `partNumber` names (last is
-    first - 1 for an empty part); None without partNumber. InvalidArgument outside 1..10000,
-    InvalidRequest with a Range header too, 416 InvalidPartNumber past the last part (part 1
-    of a plain object is all of it; multipart.part_span counts the parts)."""
-    if "partNumber" not in req.query:
-        return None
-    number = params.uint(req.query["partNumber"])
-    if number is None or not 1 <= number <= multipart.MAX_PART_NUMBER:
-        raise s3errors.S3Error(
-            "InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive"
-        )
-    if "Range" in req.http.headers:
-        raise s3errors.S3Error(
-            "InvalidRequest", "Cannot specify both Range header and partNumber query parameter"
-        )
-    span = multipart.part_span(meta, number)
-    if span is None:
-        raise s3errors.S3Error(
-            "InvalidPartNumber", "The requested partnumber is not satisfiable", status=416
-        )
-    return span[0], span[0] + span[1] - 1
-
-
 async def get_object(s3: s3request.Door, req: s3request.S3Request) -> web.StreamResponse:
     """The object's bytes, whole or one range (206), streamed a staging slot at a time (each
     written while the engine gathers the next: response_body)."""
@@ -464,6 +328,20 @@ async def get_object(s3: s3request.Door, req: s3request.S3Request) -> web.Stream
     if span and last >= first:  # an empty part: 200, no Content-Range
         response.headers["Content-Range"] = f"bytes {first}-{last}/{meta.size}"
     response.content_length = last - first + 1
+    return await send_body(s3, req, response, found, first, last - first + 1)
+
+
+async def send_body(
+    s3: s3request.Door,
+    req: s3request.S3Request,
+    response: web.StreamResponse,
+    reader: objectlayer.ObjectReader,
+    first: int,
+    length: int,
+) -> web.StreamResponse:
+    """Stream length bytes of reader from first as response's body (any bucket kind), each
+    piece written while the next is gathered (response_body); the status line goes out with
+    the first piece."""
     writer = response_body.BodyWriter(response, s3.send_timeout_s)
 
     async def sink(view: memoryview) -> None:
@@ -475,7 +353,7 @@ async def get_object(s3: s3request.Door, req: s3request.S3Request) -> web.Stream
         await writer.sink(view)
 
     try:
-        await s3.front.engine.stream(found, first, last - first + 1, sink, writer.ready)
+        await reader.stream(first, length, sink, writer.ready)
         if not response.prepared:  # an empty body
             await response.prepare(req.http)
         await writer.finish()
@@ -502,10 +380,10 @@ async def get_object(s3: s3request.Door, req: s3request.S3Request) -> web.Stream
 async def delete_object(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """204 whether or not the key existed; in a versioned bucket a delete marker is written
     (without versionId) or the version removed (x-amz-version-id, x-amz-delete-marker)."""
-    await s3.owned_bucket(req)
+    layer = await s3.layer(req)
     check_key(req.key)
     version = versioning_ops.requested(req)
-    info = await s3.front.delete_object(req.bucket, req.key, version)
+    info = await layer.delete(req.bucket, req.key, version)
     response = web.Response(status=204)
     if info.version_id:
         versioning_ops.stamp(response, info, True)
@@ -514,7 +392,7 @@ async def delete_object(s3: s3request.Door, req: s3request.S3Request) -> web.Res
 
 async def delete_objects(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """Delete up to 1000 keys; per-key errors in the result, not the status."""
-    await s3.owned_bucket(req)
+    layer = await s3.layer(req)
     raw = await req.payload.read_all(xmlio.MAX_BODY_BYTES)
     md5 = content_md5(req)
     if md5 and hashlib.md5(raw).hexdigest() != md5:
@@ -526,7 +404,7 @@ async def delete_objects(s3: s3request.Door, req: s3request.S3Request) -> web.Re
         async with gate:
             try:
                 check_key(key)
-                return await s3.front.delete_object(req.bucket, key, version)
+                return await layer.delete(req.bucket, key, version)
             except s3errors.S3Error as exc:
                 return exc
             except errors.KVTierError as exc:

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway import front as front_mod
+from services.gateway import objectlayer
 from services.gateway.s3 import auth, body, kv_clients
 
 
@@ -53,6 +54,8 @@ class Door(Protocol):
     """The S3 server as its handlers see it (`server.S3Server` is the one implementation)."""
 
     front: front_mod.ObjectFront
+    #: The erasure-coded buckets' object layer (`layer` picks by the bucket's kind).
+    objects: objectlayer.ErasureLayer
     auth: auth.Authenticator
     region: str
     kv_buckets: kv_clients.KVBuckets
@@ -68,6 +71,11 @@ class Door(Protocol):
     async def owned_bucket(self, request: S3Request) -> metadata_pb2.BucketInfo:
         """The request's bucket: NoSuchBucket, or AccessDenied unless the principal may use it
         or the ACL gate admitted the request to it."""
+        ...
+
+    async def layer(self, request: S3Request) -> objectlayer.ObjectLayer:
+        """The object layer of the request's bucket, by the bucket's kind (erasure-coded or
+        KV), once owned_bucket admitted the request."""
         ...
 
 

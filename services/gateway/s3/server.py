@@ -32,6 +32,7 @@ from kvtier import principal as principal_mod
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway import front as front_mod
+from services.gateway import objectlayer
 from services.gateway.s3 import (
     access_log,
     acl_ops,
@@ -40,6 +41,7 @@ from services.gateway.s3 import (
     bucket_ops,
     cors,
     kv_clients,
+    kv_layer,
     kv_ops,
     kv_score,
     lifecycle_ops,
@@ -118,9 +120,14 @@ class S3Server:
         #: Seconds a request body may send nothing (RequestTimeout), a response wait unread.
         self.body_timeout_s, self.send_timeout_s = body_timeout_s, send_timeout_s
         self.routes = _routes()
-        self.kv_buckets = kv_clients.KVBuckets(front.metadata_address, front.security)
+        self.kv_buckets = kv_clients.KVBuckets(
+            security=front.security, cluster_map=lambda: front.lister.view.current
+        )
         #: Seconds in a lifecycle rule's day (the TTL of KV objects: lifecycle_ops.kv_ttl_s).
         self.lifecycle_day_s = lifecycle_day_s
+        #: The object layers of erasure-coded and of KV buckets (`layer` picks one).
+        self.objects = objectlayer.ErasureLayer(front)
+        self.kv_objects = kv_layer.KVLayer(front, self.kv_buckets, lifecycle_day_s=lifecycle_day_s)
         #: One JSON line per request (off unless configured: `s3_access_log`).
         self.access = access or access_log.AccessLog("")
 
@@ -298,6 +305,13 @@ class S3Server:
             raise s3errors.S3Error("NoSuchVersion", "The specified version does not exist.")
         return kv_handler
 
+    async def layer(self, request: S3Request) -> objectlayer.ObjectLayer:
+        """The object layer of the request's bucket, by its kind (owned_bucket's check)."""
+        info = await self.owned_bucket(request)
+        if info.kind == metadata_pb2.BUCKET_KIND_KV:
+            return self.kv_objects
+        return self.objects
+
     async def close(self) -> None:
         """Close the KV clients."""
         await self.kv_buckets.close()
@@ -349,7 +363,8 @@ def _traced(server: S3Server) -> Any:
 def _ready(cmap: common_pb2.ClusterMap) -> bool:
     """Whether a gateway with this map can serve S3 (a metadata node, readable sets)."""
     metadata = any(n.role == common_pb2.NODE_ROLE_METADATA for n in cmap.nodes)
-    sets = [es for pool in cmap.pools for es in pool.sets]
+    retired = common_pb2.POOL_STATE_RETIRED  # a tombstone: its drives may be gone for good
+    sets = [es for pool in cmap.pools if pool.state != retired for es in pool.sets]
     online = common_pb2.DRIVE_STATE_ONLINE
     return (
         metadata

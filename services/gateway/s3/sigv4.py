@@ -36,10 +36,10 @@ import functools
 import hashlib
 import hmac
 import re
-import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from services.gateway.s3 import canonical as canon
 from services.gateway.s3 import params
 
 if TYPE_CHECKING:
@@ -54,9 +54,12 @@ MAX_PRESIGN_EXPIRES_S = 7 * 24 * 3600
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 AMZ_DATE_FORMAT = "%Y%m%dT%H%M%SZ"
 
-#: A request's headers: a (multi-)mapping such as aiohttp's CIMultiDictProxy (whose items()
-#: yields every value) or (name, value) pairs; names in any case.
-Headers = Mapping[str, str] | Iterable[tuple[str, str]]
+#: A request's headers (`canon.Headers`).
+Headers = canon.Headers
+#: The canonical forms (re-exported: importers name them here).
+canonical_uri = canon.canonical_uri
+canonical_query = canon.canonical_query
+canonical_headers = canon.canonical_headers
 
 _STATUS = {
     "AccessDenied": 403,
@@ -67,7 +70,6 @@ _STATUS = {
 }
 _HEX_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _DAY = re.compile(r"[0-9]{8}")
-_SAFE = "-_.~"  # RFC 3986 unreserved, besides letters and digits
 _PRESIGN_MARKERS = ("X-Amz-Algorithm", "X-Amz-Credential", "X-Amz-Signature")
 _PRESIGN_PARAMS = (*_PRESIGN_MARKERS, "X-Amz-Date", "X-Amz-SignedHeaders", "X-Amz-Expires")
 _HEADER_MALFORMED = "The authorization header is malformed; "
@@ -211,49 +213,6 @@ def signature_bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-def _unquote(text: str) -> bytes:
-    """text as the HTTP layer received it (UTF-8, surrogateescape), percent-decoded."""
-    return urllib.parse.unquote_to_bytes(text.encode("utf-8", "surrogateescape"))
-
-
-def _encode(raw: bytes) -> str:
-    return urllib.parse.quote(raw, safe=_SAFE)
-
-
-def canonical_uri(raw_path: str) -> str:
-    """The canonical URI of a path as sent: decoded once, re-encoded per RFC 3986 ('/' kept)."""
-    decoded = _unquote(raw_path or "/")
-    return urllib.parse.quote(decoded, safe="/" + _SAFE)
-
-
-def _query_pairs(raw_query: str) -> list[tuple[bytes, bytes]]:
-    """Decoded (name, value) of every item of a raw query, in order ('+' is a space)."""
-    split = (item.replace("+", " ").partition("=") for item in raw_query.split("&") if item)
-    return [(_unquote(name), _unquote(value)) for name, _, value in split]
-
-
-def canonical_query(raw_query: str, *, presigned: bool = False) -> str:
-    """The canonical query string of a raw query (X-Amz-Signature left out when presigned)."""
-    return _canonical_query(_query_pairs(raw_query), presigned=presigned)
-
-
-def _canonical_query(pairs: list[tuple[bytes, bytes]], *, presigned: bool) -> str:
-    encoded = sorted(
-        (_encode(name), _encode(value))
-        for name, value in pairs
-        if not (presigned and name == b"X-Amz-Signature")
-    )
-    return "&".join(f"{name}={value}" for name, value in encoded)
-
-
-def _header_table(headers: Headers) -> dict[str, list[str]]:
-    pairs = headers.items() if isinstance(headers, Mapping) else headers
-    table: dict[str, list[str]] = {}
-    for name, value in pairs:
-        table.setdefault(name.lower(), []).append(value)
-    return table
-
-
 def _one(table: Mapping[str, list[str]], name: str) -> str | None:
     values = table.get(name)
     if not values:
@@ -261,15 +220,6 @@ def _one(table: Mapping[str, list[str]], name: str) -> str | None:
     if len(values) > 1:
         raise S3AuthError("InvalidArgument", f"the {name} header must appear once")
     return values[0]
-
-
-def canonical_headers(table: Mapping[str, list[str]], names: Iterable[str]) -> str:
-    """`name:value\\n` lines of the signed headers (an absent one has an empty value)."""
-    lines = []
-    for name in names:
-        value = ",".join(" ".join(v.split()) for v in table.get(name, ()))
-        lines.append(f"{name}:{value}\n")
-    return "".join(lines)
 
 
 def _malformed(presigned: bool, message: str, **details: str) -> S3AuthError:
@@ -529,8 +479,8 @@ def parse(
     unsupported, scoped to another region, service or day, leaves x-amz-* headers or host
     unsigned, or lacks x-amz-content-sha256 (header signatures).
     """
-    table = _header_table(headers)
-    pairs = _query_pairs(raw_query)
+    table = canon.header_table(headers)
+    pairs = canon.query_pairs(raw_query)
     authorization = _one(table, "authorization")
     presigned = any(name.decode("latin-1") in _PRESIGN_MARKERS for name, _ in pairs)
     if presigned and authorization is not None:
@@ -551,7 +501,7 @@ def parse(
         (
             method,
             canonical_uri(raw_path),
-            _canonical_query(pairs, presigned=presigned),
+            canon.canonical_pairs(pairs, presigned=presigned),
             canonical_headers(table, found.signed_headers),
             ";".join(found.signed_headers),
             found.content_sha256,

@@ -1,0 +1,76 @@
+"""Who may use what in the gateway's object front (`front.ObjectFront`): a bucket's tenant, the
+callers acting for it, the owner of a begun write, and the ACL admission of the S3 request
+being served (`Admission`: only the S3 front admits, after its grant check)."""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+from collections.abc import Callable
+
+from kvtier import errors, principal
+from kvtier.proto.common.v1 import acl_pb2
+
+#: The service role that may use the durable KV bucket.
+KV_ROLE = "kvcache"
+
+
+def denied(what: str) -> errors.PermissionDenied:
+    """PermissionDenied with S3's AccessDenied."""
+    return errors.PermissionDenied(what, reason="AccessDenied")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Admission:
+    """What an ACL grant lets the request being served do in one bucket that its caller may
+    not use otherwise (an anonymous caller, another tenant's user). Only the S3 front admits,
+    once it checked the grant for the request's operation (`s3.acl_ops`); gRPC callers never
+    are. Scopes: "read" (list the objects), "write" (put, delete and multipart-upload
+    objects), "object" (read an object or its ACL, or set its ACL: `check_object` decides on
+    the version's own ACL), "read_acp" / "write_acp" (the bucket's ACL)."""
+
+    bucket: str
+    scope: str
+    #: For scope "object": raises PermissionDenied unless the version's ACL allows.
+    check_object: Callable[[acl_pb2.Acl], None] | None = None
+    #: Whether a missing object may be told apart (NoSuchKey) from a refusal (AccessDenied):
+    #: the caller may list the bucket.
+    may_list: bool = False
+
+
+_admission: contextvars.ContextVar[Admission | None] = contextvars.ContextVar(
+    "kvtier_gateway_admission", default=None
+)
+
+
+def admit(admission: Admission) -> contextvars.Token[Admission | None]:
+    """Admit the request being served (the S3 front, after its ACL check)."""
+    return _admission.set(admission)
+
+
+def unadmit(token: contextvars.Token[Admission | None]) -> None:
+    """Undo an admit()."""
+    _admission.reset(token)
+
+
+def current() -> Admission | None:
+    """The admission of the request being served (None: not admitted)."""
+    return _admission.get()
+
+
+def may_use(caller: principal.Principal, tenant: str) -> bool:
+    """Whether caller may use a resource of tenant ("": a resource of no tenant, privileged
+    callers only)."""
+    return caller.privileged or (bool(tenant) and caller.may_use(tenant))
+
+
+def may_use_durable(caller: principal.Principal) -> bool:
+    """Whether caller may use the durable KV bucket: kvcache nodes (or an insecure cluster)."""
+    return caller.kind is principal.Kind.INSECURE or (
+        caller.kind is principal.Kind.SERVICE and caller.role == KV_ROLE
+    )
+
+
+def owner_of(caller: principal.Principal) -> str:
+    """The tenant a write begun by caller belongs to ("" for callers acting for no tenant)."""
+    return caller.tenant if caller.kind is principal.Kind.USER else ""

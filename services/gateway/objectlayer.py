@@ -1,0 +1,296 @@
+"""The object layer: the one seam between the gateway's fronts (the S3 handlers, the gRPC
+`ObjectService`) and what stores a bucket's objects, in domain terms (as MinIO's ObjectLayer).
+
+Every method names a bucket by its user-facing name and checks, inside and once, that the
+caller (`kvtier.principal.current()`, and the S3 request's ACL admission: `access`) may use
+it for that operation; replies are domain messages (`ObjectInfo`, listing pages) and failures
+domain errors (`kvtier.errors`) whose `reason` is S3's code where one applies, so a front only
+translates. Two implementations:
+
+- `ErasureLayer` (here): erasure-coded buckets, a thin adapter over `front.ObjectFront` (the
+  bucket's record, its tenant, the ACL admission, storage names) and the engine under it;
+- `s3.kv_layer.KVLayer`: KV buckets, whose objects are blocks of the bucket's namespace on
+  the kvcache nodes (`s3.kv_layout`). What a KV bucket cannot do (copies, ACLs, versions,
+  tags) is InvalidArgument with reason NotImplemented.
+
+The S3 front picks one by the bucket's kind (`S3Server.layer`); the gRPC servicer serves
+erasure-coded buckets through `ErasureLayer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol
+
+from kvtier import errors
+from kvtier.proto.common.v1 import acl_pb2
+from kvtier.proto.datanode.v1 import datanode_pb2
+from kvtier.proto.gateway.v1 import objects_pb2 as pb
+from services.gateway import front as front_mod
+from services.gateway import multipart, objects, versionlisting, versions
+
+#: Where a read's bytes go, a piece at a time (a piece's view is valid only during the call).
+Sink = Callable[[memoryview], Awaitable[None]]
+#: Awaited before each piece is gathered (the S3 writer: until its client took the last one).
+Ready = Callable[[], Awaitable[None]]
+#: The x-amz-checksum-* trailers of a body, by this prefix.
+CHECKSUM_TRAILER = "x-amz-checksum-"
+
+
+class Stalled(Exception):
+    """The body paused while filling a staging slot; its bytes so far are out of the slot
+    (`Payload.spill` receives the rest of the call, then `Payload.stage` starts with them)."""
+
+
+class PutBody(Protocol):
+    """A PUT's bytes as they arrive (the S3 front's `body.Payload`)."""
+
+    #: The length the client declared (-1: unknown, until the body ends).
+    size: int
+
+    @property
+    def spilled(self) -> int:
+        """Bytes `spill` holds for the next `stage`."""
+        ...
+
+    async def stage(self, view: memoryview, *, to_end: bool = False) -> int:
+        """Fill view (to_end: up to the body's end); raises Stalled when the body pauses."""
+        ...
+
+    async def spill(self, length: int) -> None:
+        """Take the rest of a stalled call's length bytes without a slot."""
+        ...
+
+    async def at_end(self) -> bool:
+        """Whether no byte of the body is left."""
+        ...
+
+    async def fill(self, view: memoryview) -> None:
+        """Fill view exactly (IncompleteBody when the body ends first)."""
+        ...
+
+    async def finish(self) -> dict[str, str]:
+        """The body's trailers, once every byte was read."""
+        ...
+
+
+class ObjectReader(Protocol):
+    """One version of an object, opened for reading: its info, then any range of its bytes."""
+
+    @property
+    def info(self) -> pb.ObjectInfo:
+        """The version's info (size, ETag, time, headers, checksums, version id)."""
+        ...
+
+    def part_span(self, number: int) -> tuple[int, int] | None:
+        """(offset, size) of part number (1-based; part 1 of a plain object: all of it);
+        None past the last part."""
+        ...
+
+    async def stream(self, first: int, length: int, sink: Sink, ready: Ready | None) -> None:
+        """length bytes from first to sink, a piece at a time."""
+        ...
+
+
+class ObjectLayer(Protocol):
+    """What the fronts do with a bucket's objects (see the module docstring). Raises
+    NotFound (reason NoSuchBucket, NoSuchKey, NoSuchVersion, NoSuchUpload),
+    PermissionDenied (AccessDenied), InvalidArgument, PreconditionFailed, Unavailable."""
+
+    async def head(self, bucket: str, key: str, version_id: str = "") -> pb.ObjectInfo:
+        """A version's info (the current one without version_id)."""
+        ...
+
+    async def open_read(self, bucket: str, key: str, version_id: str = "") -> ObjectReader:
+        """A version, to read (the current one without version_id)."""
+        ...
+
+    async def put(self, req: pb.BeginPutRequest, body: PutBody) -> pb.ObjectInfo:
+        """Store body (at most req.size bytes) as req.key, its digests checked
+        (errors.DigestMismatch) once every byte is in; nothing is visible before."""
+        ...
+
+    async def delete(self, bucket: str, key: str, version_id: str = "") -> pb.ObjectInfo:
+        """Delete an object or one version (absent: fine); the info of a delete marker
+        written or a version removed, else an empty one."""
+        ...
+
+    async def copy(self, req: pb.CopyObjectRequest) -> pb.ObjectInfo:
+        """A server-side copy (the source's bucket the caller's own)."""
+        ...
+
+    async def list(self, req: pb.ListObjectsRequest) -> pb.ListObjectsResponse:
+        """A page of a bucket's objects (start_after / continuation_token: where to go on)."""
+        ...
+
+    async def create_multipart(
+        self, req: pb.CreateMultipartUploadRequest
+    ) -> pb.CreateMultipartUploadResponse:
+        """Start a multipart upload."""
+        ...
+
+    async def abort_multipart(self, req: pb.AbortMultipartUploadRequest) -> None:
+        """Drop an upload and its parts (NoSuchUpload)."""
+        ...
+
+    async def list_uploads(
+        self, req: pb.ListMultipartUploadsRequest
+    ) -> pb.ListMultipartUploadsResponse:
+        """A bucket's uploads in progress (prefix; the front pages them)."""
+        ...
+
+    async def set_acl(self, bucket: str, key: str, acl: acl_pb2.Acl) -> None:
+        """Replace the ACL of an object's current version."""
+        ...
+
+    async def list_versions(
+        self, bucket: str, *, prefix: str = "", key_marker: str = "", max_keys: int = 1000
+    ) -> versionlisting.VersionPage:
+        """A page of a bucket's S3 versions."""
+        ...
+
+    async def set_tags(self, bucket: str, key: str, tags: Mapping[str, str]) -> None:
+        """Replace the tags of an object's current version."""
+        ...
+
+
+async def receive(
+    engine: objects.ObjectEngine, body: PutBody, write_id: str, size: int
+) -> datanode_pb2.ShardMeta:
+    """Stream the body into a begun write and commit it (aborted on any failure). A body of
+    unknown length (plain HTTP chunked) goes in until it ends, size being its bound
+    (EntityTooLarge past it). A call takes its staging slot only once its bytes come, and
+    gives it up while they pause (`body.Payload.stage`)."""
+    open_ended = body.size < 0
+
+    async def fill(view: memoryview) -> int:
+        return await body.stage(view, to_end=open_ended)
+
+    try:
+        stripe, most = engine.upload_limits(write_id)
+        chunk = most - most % stripe
+        written = 0
+        while written < size:
+            n = min(chunk, size - written)
+            if not body.spilled:
+                await body.at_end()  # a byte is here (or the end): now a slot is worth taking
+            try:
+                got = await engine.write_call(write_id, n, fill)
+            except Stalled:
+                await body.spill(n)  # the call's bytes, no slot held; then stage again
+                continue
+            written += got
+            if got < n:  # the end of an open-ended body
+                break
+        if open_ended and written == size and not await body.at_end():
+            raise errors.InvalidArgument(
+                f"Your proposed upload exceeds {size} bytes.", reason="EntityTooLarge"
+            )
+        trailers = await body.finish()
+        for name, value in trailers.items():
+            if name.lower().startswith(CHECKSUM_TRAILER):
+                engine.expect_checksum(write_id, name[len(CHECKSUM_TRAILER) :], value)
+        return await engine.commit_meta(write_id)
+    except BaseException:
+        await engine.abort_put(pb.AbortPutRequest(upload_id=write_id))
+        raise
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ErasureReader:
+    """An erasure-coded version opened for reading (`ObjectReader`)."""
+
+    engine: objects.ObjectEngine
+    found: versions.Resolved
+
+    @property
+    def meta(self) -> datanode_pb2.ShardMeta:
+        """The version's stored metadata (parts, checksums, versioning flags)."""
+        return self.found.meta
+
+    @property
+    def info(self) -> pb.ObjectInfo:
+        """The version's info."""
+        return versions.info(self.found.meta)
+
+    def part_span(self, number: int) -> tuple[int, int] | None:
+        """(offset, size) of part number (`multipart.part_span`)."""
+        return multipart.part_span(self.found.meta, number)
+
+    async def stream(self, first: int, length: int, sink: Sink, ready: Ready | None) -> None:
+        """length bytes from first, a staging slot at a time (`ObjectEngine.stream`)."""
+        await self.engine.stream(self.found, first, length, sink, ready)
+
+
+class ErasureLayer:
+    """Erasure-coded buckets (`ObjectLayer`) over the object front: each call checks the
+    bucket and its tenant there (`ObjectFront.bucket_for`, or the request's ACL admission)."""
+
+    def __init__(self, front: front_mod.ObjectFront) -> None:
+        self.front = front
+
+    async def head(self, bucket: str, key: str, version_id: str = "") -> pb.ObjectInfo:
+        """`ObjectFront.head_object`."""
+        return await self.front.head_object(bucket, key, version_id)
+
+    async def open_read(self, bucket: str, key: str, version_id: str = "") -> ErasureReader:
+        """The version `ObjectFront.resolve` finds (versions.DeleteMarker: a NotFound)."""
+        found = await self.front.resolve(bucket, key, version_id)
+        return ErasureReader(self.front.engine, found)
+
+    async def put(self, req: pb.BeginPutRequest, body: PutBody) -> pb.ObjectInfo:
+        """BeginPut, the body through the engine's staging slots (`receive`), commit."""
+        begun = await self.front.begin_put(req)
+        return versions.info(await receive(self.front.engine, body, begun.upload_id, req.size))
+
+    async def delete(self, bucket: str, key: str, version_id: str = "") -> pb.ObjectInfo:
+        """`ObjectFront.delete_object`."""
+        return await self.front.delete_object(bucket, key, version_id)
+
+    async def copy(self, req: pb.CopyObjectRequest) -> pb.ObjectInfo:
+        """`ObjectFront.copy_object`."""
+        return await self.front.copy_object(req)
+
+    async def list(self, req: pb.ListObjectsRequest) -> pb.ListObjectsResponse:
+        """`ObjectFront.list_objects`."""
+        return await self.front.list_objects(req)
+
+    async def create_multipart(
+        self, req: pb.CreateMultipartUploadRequest
+    ) -> pb.CreateMultipartUploadResponse:
+        """`ObjectFront.create_multipart`."""
+        return await self.front.create_multipart(req)
+
+    async def abort_multipart(self, req: pb.AbortMultipartUploadRequest) -> None:
+        """`ObjectFront.abort_multipart`."""
+        await self.front.abort_multipart(req)
+
+    async def list_uploads(
+        self, req: pb.ListMultipartUploadsRequest
+    ) -> pb.ListMultipartUploadsResponse:
+        """`ObjectFront.list_uploads`."""
+        return await self.front.list_uploads(req)
+
+    async def set_acl(self, bucket: str, key: str, acl: acl_pb2.Acl) -> None:
+        """`ObjectFront.set_object_acl`."""
+        await self.front.set_object_acl(bucket, key, acl)
+
+    async def list_versions(
+        self, bucket: str, *, prefix: str = "", key_marker: str = "", max_keys: int = 1000
+    ) -> versionlisting.VersionPage:
+        """`ObjectFront.list_versions`."""
+        return await self.front.list_versions(
+            bucket, prefix=prefix, key_marker=key_marker, max_keys=max_keys
+        )
+
+    async def set_tags(self, bucket: str, key: str, tags: Mapping[str, str]) -> None:
+        """Replace the current version's tags in place (on each drive of its set)."""
+        stored = await self.front.storage_of(bucket)
+        await self.front.engine.resolve(stored, key)  # NoSuchKey
+        await self.front.engine.meta_updater.update(stored, key, tags=dict(tags))
+
+
+def _erasure_is_a_layer(front: front_mod.ObjectFront) -> ObjectLayer:
+    """mypy checks here that ErasureLayer is an ObjectLayer."""
+    return ErasureLayer(front)

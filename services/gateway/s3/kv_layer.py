@@ -1,0 +1,279 @@
+"""KV buckets as an `objectlayer.ObjectLayer`: objects are blocks of the bucket's namespace on
+the kvcache nodes (layout: `kv_layout`; multipart uploads: `kv_multipart`), one version each
+("null"), at most `kv_layout.MAX_KV_OBJECT_BYTES`, gone when evicted.
+
+Each call checks the bucket once (`ObjectFront.request_bucket`: its tenant's users,
+privileged callers, or the request's ACL admission) and that it is a KV bucket, then acts
+through the bucket's client (`kv_clients.KVBuckets`, acting for the bucket's tenant). What a KV
+bucket cannot do (copies, ACLs, versions, tags) is InvalidArgument with reason NotImplemented.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Mapping
+
+from kvtier import errors, kv
+from kvtier.proto.common.v1 import acl_pb2
+from kvtier.proto.gateway.v1 import objects_pb2 as pb
+from kvtier.proto.metadata.v1 import metadata_pb2
+from services.gateway import front as front_mod
+from services.gateway import lifecycle, listing, objectlayer, versionlisting
+from services.gateway.s3 import kv_clients, kv_layout, kv_multipart
+
+#: Bodies hashed on the event loop below this size (a thread hop would cost more).
+_INLINE_DIGEST_BYTES = 256 << 10
+
+
+def _not_implemented(what: str) -> errors.InvalidArgument:
+    return errors.InvalidArgument(
+        f"{what} is not implemented on KV buckets", reason="NotImplemented"
+    )
+
+
+def _check_version(version_id: str) -> None:
+    """A KV object has one version, "null" (NoSuchVersion for any other)."""
+    if version_id not in ("", "null"):
+        raise errors.NotFound("The specified version does not exist.", reason="NoSuchVersion")
+
+
+def _no_such_key() -> errors.NotFound:
+    return errors.NotFound("The specified key does not exist.", reason="NoSuchKey")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KVReader:
+    """A KV object read whole (`objectlayer.ObjectReader`): its blocks are in memory."""
+
+    stored: pb.ObjectInfo
+    blob: kv_layout.Blob
+
+    @property
+    def info(self) -> pb.ObjectInfo:
+        """The object's info (its S3 checksums only)."""
+        info = pb.ObjectInfo()
+        info.CopyFrom(self.stored)
+        info.checksums.clear()
+        info.checksums.update(kv_layout.public_checksums(self.stored))
+        return info
+
+    def part_span(self, number: int) -> tuple[int, int] | None:
+        """Part 1 is all of it (parts are not kept apart once completed)."""
+        return (0, self.blob.size) if number == 1 else None
+
+    async def stream(
+        self, first: int, length: int, sink: objectlayer.Sink, ready: objectlayer.Ready | None
+    ) -> None:
+        """length bytes from first, a block's view at a time."""
+        if length <= 0:
+            return
+        for piece in self.blob.pieces(first, first + length - 1):
+            if ready is not None:
+                await ready()
+            await sink(piece)
+
+
+class KVLayer:
+    """KV buckets (see the module docstring)."""
+
+    def __init__(
+        self,
+        front: front_mod.ObjectFront,
+        clients: kv_clients.KVBuckets,
+        *,
+        lifecycle_day_s: float = lifecycle.DAY_S,
+    ) -> None:
+        self.front = front
+        self.clients = clients
+        #: Seconds in a lifecycle rule's day (the blocks' TTL).
+        self.lifecycle_day_s = lifecycle_day_s
+
+    async def bucket(self, name: str) -> tuple[metadata_pb2.BucketInfo, kv.AsyncKVClient]:
+        """The record and client of a KV bucket the request may use (the one check)."""
+        info = await self.front.request_bucket(name)
+        if info.kind != metadata_pb2.BUCKET_KIND_KV:
+            raise errors.InvalidArgument(f"bucket {name} is not a KV bucket")
+        return info, await self.clients.client(info)
+
+    async def head(self, bucket: str, key: str, version_id: str = "") -> pb.ObjectInfo:
+        """The object's metadata block."""
+        _check_version(version_id)
+        _, client = await self.bucket(bucket)
+        info = await kv_layout.read_info(client, kv_layout.meta_key(key))
+        if info is None:
+            raise _no_such_key()
+        return info
+
+    async def open_read(self, bucket: str, key: str, version_id: str = "") -> KVReader:
+        """The object's info and bytes, consistent with each other."""
+        _check_version(version_id)
+        _, client = await self.bucket(bucket)
+        info, blob = await kv_layout.fetch_object(client, key)
+        return KVReader(info, blob)
+
+    async def put(
+        self, req: pb.BeginPutRequest, body: objectlayer.PutBody, *, md5: bool = True
+    ) -> pb.ObjectInfo:
+        """Read the body (req.size bytes) into the object's blocks, check its digests
+        (DigestMismatch), then store it: the data blocks, then the metadata block (claimed
+        first with if_none_match: PreconditionFailed when taken); the blocks live as long as
+        the bucket's lifecycle rules say. The ETag is the MD5 unless not md5 (the body's
+        trailing checksum vouched for it: `kv_layout.version_etag`)."""
+        info, client = await self.bucket(req.bucket)
+        blob = kv_layout.Blob(req.size)
+        for piece in blob.pieces():
+            await body.fill(piece)
+        expected = dict(req.expected_checksums)
+        for name, value in (await body.finish()).items():
+            if name.lower().startswith(objectlayer.CHECKSUM_TRAILER):
+                expected[name[len(objectlayer.CHECKSUM_TRAILER) :].upper()] = value
+        etag, sums = await _digests(blob, req, expected, md5=md5 or bool(req.expected_md5))
+        stored = pb.ObjectInfo(
+            bucket=req.bucket, key=req.key, size=req.size,
+            etag=etag if md5 else kv_layout.version_etag(blob),
+            mtime_unix_ms=int(time.time() * 1000), headers=req.headers, parts=1,
+        )  # fmt: skip
+        ttl_s = None
+        if info.lifecycle.rules:
+            ttl_s = lifecycle.kv_ttl_s(
+                info.lifecycle, req.key, req.size, dict(req.headers.tags),
+                now_s=time.time(), day_s=self.lifecycle_day_s,
+            )  # fmt: skip
+        await kv_layout.store_object(
+            client, req.key, blob, stored, if_none_match=req.if_none_match, ttl_s=ttl_s
+        )
+        stored.checksums.clear()
+        stored.checksums.update(sums)
+        return stored
+
+    async def delete(self, bucket: str, key: str, version_id: str = "") -> pb.ObjectInfo:
+        """Delete the object's blocks, metadata first (absent: fine)."""
+        _check_version(version_id)
+        _, client = await self.bucket(bucket)
+        await client.delete(kv_layout.object_block_keys(key))
+        return pb.ObjectInfo()
+
+    async def copy(self, req: pb.CopyObjectRequest) -> pb.ObjectInfo:
+        """NotImplemented."""
+        raise _not_implemented("CopyObject")
+
+    async def list(self, req: pb.ListObjectsRequest) -> pb.ListObjectsResponse:
+        """A page of the keys in DRAM, each with its metadata (objects whose metadata is gone
+        are left out); next_continuation_token is the last key seen, in hex."""
+        after = start_after(req)
+        _, client = await self.bucket(req.bucket)
+        max_keys = min(req.max_keys or 1000, 1000)
+        page = pb.ListObjectsResponse()
+        last = after
+        while len(page.objects) + len(page.common_prefixes) < max_keys:
+            entries, more = await client.list_keys(
+                prefix=req.prefix.encode(), start_after=last, limit=1000
+            )
+            for key_bytes, _size in entries:
+                last = key_bytes
+                if key_bytes.startswith(b"\x00"):  # metadata, tails, uploads: never keys
+                    continue
+                key = key_bytes.decode()
+                folded = listing.fold(key, req.prefix, req.delimiter)
+                if folded is not None:
+                    if not page.common_prefixes or page.common_prefixes[-1] != folded:
+                        page.common_prefixes.append(folded)
+                else:
+                    page.objects.add(key=key)
+                if len(page.objects) + len(page.common_prefixes) == max_keys:
+                    page.is_truncated = more or key_bytes != entries[-1][0]
+                    break
+            if not more:
+                break
+        if page.is_truncated:
+            page.next_continuation_token = last.hex()
+        await _fill_infos(client, page)
+        return page
+
+    async def create_multipart(
+        self, req: pb.CreateMultipartUploadRequest
+    ) -> pb.CreateMultipartUploadResponse:
+        """The upload's record block (`kv_multipart.create_upload`)."""
+        _, client = await self.bucket(req.bucket)
+        return pb.CreateMultipartUploadResponse(
+            upload_id=await kv_multipart.create_upload(client, req)
+        )
+
+    async def abort_multipart(self, req: pb.AbortMultipartUploadRequest) -> None:
+        """Delete the upload's blocks (NoSuchUpload when unknown, or of another key)."""
+        _, client = await self.bucket(req.bucket)
+        await kv_multipart.abort_upload(client, req.upload_id, req.key)
+
+    async def list_uploads(
+        self, req: pb.ListMultipartUploadsRequest
+    ) -> pb.ListMultipartUploadsResponse:
+        """A page of the bucket's uploads (`kv_multipart.uploads_page`)."""
+        _, client = await self.bucket(req.bucket)
+        return await kv_multipart.uploads_page(client, req)
+
+    async def set_acl(self, bucket: str, key: str, acl: acl_pb2.Acl) -> None:
+        """NotImplemented."""
+        raise _not_implemented("PutObjectAcl")
+
+    async def list_versions(
+        self, bucket: str, *, prefix: str = "", key_marker: str = "", max_keys: int = 1000
+    ) -> versionlisting.VersionPage:
+        """NotImplemented (a KV bucket is never versioned)."""
+        raise _not_implemented("ListObjectVersions")
+
+    async def set_tags(self, bucket: str, key: str, tags: Mapping[str, str]) -> None:
+        """NotImplemented."""
+        raise _not_implemented("PutObjectTagging")
+
+
+def start_after(req: pb.ListObjectsRequest) -> bytes:
+    """The key a KV listing starts after: its continuation token (the hex of the last key a
+    page saw), else start_after; InvalidArgument for a token that is not hex."""
+    if not req.continuation_token:
+        return req.start_after.encode()
+    try:
+        return bytes.fromhex(req.continuation_token)
+    except ValueError:
+        raise errors.InvalidArgument(
+            "The continuation token provided is incorrect", reason="InvalidArgument"
+        ) from None
+
+
+async def _digests(
+    blob: kv_layout.Blob, req: pb.BeginPutRequest, expected: dict[str, str], *, md5: bool
+) -> tuple[str, dict[str, str]]:
+    """(hex MD5, '' unless md5; {algorithm: base64}) of a body, checked against the request's
+    Content-MD5 and the expected checksums (DigestMismatch)."""
+    names = sorted({*(a.upper() for a in req.checksum_algorithms if a), *expected})
+    if blob.size < _INLINE_DIGEST_BYTES:
+        etag, sums, _ = kv_layout.digests(blob.pieces(), names, False, md5)
+    else:
+        etag, sums, _ = await asyncio.to_thread(kv_layout.digests, blob.pieces(), names, False, md5)
+    if req.expected_md5 and req.expected_md5.lower() != etag:
+        raise errors.DigestMismatch("The Content-MD5 you specified did not match.", algorithm="MD5")
+    for name, value in expected.items():
+        if sums.get(name) != value:
+            raise errors.DigestMismatch(
+                f"The {name} you specified did not match the calculated checksum.", algorithm=name
+            )
+    return etag, sums
+
+
+async def _fill_infos(client: kv.AsyncKVClient, page: pb.ListObjectsResponse) -> None:
+    """Each listed object's size, ETag and time; objects whose metadata is gone are dropped."""
+    infos = await kv_layout.read_infos(client, [kv_layout.meta_key(o.key) for o in page.objects])
+    kept = []
+    for obj, info in zip(page.objects, infos, strict=True):
+        if info is None:
+            continue
+        obj.size, obj.etag, obj.mtime_unix_ms = info.size, info.etag, info.mtime_unix_ms
+        kept.append(obj)
+    del page.objects[:]
+    page.objects.extend(kept)
+
+
+def _kv_is_a_layer(layer: KVLayer) -> objectlayer.ObjectLayer:
+    """mypy checks here that KVLayer is an ObjectLayer."""
+    return layer
