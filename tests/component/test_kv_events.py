@@ -233,6 +233,16 @@ async def test_a_late_subscriber_replays_from_a_sequence_number(
         try:
             for i in range(6):  # one batch each (one put per loop iteration at least)
                 await client.put_batch([f"early-{i}".encode()], [np.ones(4 * KIB, np.uint8)])
+            # The publisher sends from its own queue: wait until every batch went out (the
+            # replay buffer holds them all), so the late subscriber misses them for sure.
+            sent = Subscriber(node)
+            try:
+                deadline = asyncio.get_running_loop().time() + 10
+                while len(await sent.replay(0)) < 7:
+                    assert asyncio.get_running_loop().time() < deadline, "batches not sent"
+                    await asyncio.sleep(0.05)
+            finally:
+                sent.close()
             late = Subscriber(node)  # joins now: saw none of it
             try:
                 assert not await late.receive(0.1)
