@@ -40,6 +40,7 @@ import prometheus_client
 from kvtier import blocksums, errors, kv_routing, kv_stats, kvnodes, tracing
 from kvtier import security as security_mod
 from kvtier.clients import dataplane as dataplane_client
+from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from kvtier.transport import base, registry
 
@@ -146,8 +147,12 @@ class AsyncKVClient:
 
     - `namespace`: the name blocks live under (model, cache salt); `tenant`: who the client
       acts for (empty: "default"); a tenant never sees another's blocks.
-    - `metadata`: a metadata service address (the cluster map, refreshed as it changes), or
-      `nodes`: kvcache node addresses (a fixed set).
+    - `metadata`: where the cluster map is read (refreshed as it changes): a metadata node's
+      address, or several (a sequence or a comma-separated string), metadata nodes and/or
+      gateways, tried in order (`kvtier.kv_mapsource`: a client starts while the metadata
+      service is down when a gateway is listed); or `nodes`: kvcache node addresses (a fixed
+      set); or `map_source`: a function returning the map a service watches itself (the
+      gateway's KV buckets).
     - `transports`: data-plane transports allowed, in preference order (empty: rdma, shm, tcp).
     - `replicas`: copies per block (R nodes); `timeout_s`: deadline per node and operation;
       `refresh_s`: how old the node list may get; `use_calls`: False forces the gRPC path
@@ -156,8 +161,9 @@ class AsyncKVClient:
       the block's checksum (default True; see the module docstring). `corrupt_blocks` counts
       the blocks this client found corrupt.
     - `security`: TLS trust anchors and credentials (`kvtier.security.ClientSecurity`: a user's
-      access key and secret, exchanged for session tokens at the metadata service; or a
-      certificate); default: from KVTIER_* environment variables (`ClientSecurity.from_env`).
+      access key and secret, exchanged for session tokens at its `token_address` or the first
+      `metadata` endpoint that answers; or a certificate); default: from KVTIER_* environment
+      variables (`ClientSecurity.from_env`).
 
     `put_batch`, `get_batch`, `exists_batch` and `lookup` take `timeout_s`, a deadline for that
     call alone: an owner that has not answered by then counts as a miss (or UNAVAILABLE) without
@@ -169,7 +175,7 @@ class AsyncKVClient:
         *,
         namespace: str,
         tenant: str = "",
-        metadata: str = "",
+        metadata: str | Sequence[str] = "",
         nodes: Sequence[str] = (),
         transports: Sequence[str] = (),
         replicas: int = 1,
@@ -180,6 +186,7 @@ class AsyncKVClient:
         settings: registry.ClientSettings | None = None,
         security: security_mod.ClientSecurity | None = None,
         verify_checksums: bool = True,
+        map_source: Callable[[], common_pb2.ClusterMap] | None = None,
     ) -> None:
         self.namespace = namespace
         self.verify_checksums = verify_checksums
@@ -191,7 +198,7 @@ class AsyncKVClient:
         self._set = kvnodes.NodeSet(
             namespace=namespace, tenant=tenant, metadata=metadata, nodes=nodes,
             transports=transports, replicas=replicas, timeout_s=timeout_s, refresh_s=refresh_s,
-            client_id=client_id, settings=settings, security=security,
+            client_id=client_id, settings=settings, security=security, map_source=map_source,
         )  # fmt: skip
         self.replicas = replicas
 

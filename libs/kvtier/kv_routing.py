@@ -18,9 +18,8 @@ import contextvars
 import dataclasses
 from collections.abc import Iterator, Sequence
 
-from kvtier import errors
+from kvtier import errors, kv_mapsource
 from kvtier import security as security_mod
-from kvtier.clients import metadata as metadata_client
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 
@@ -112,20 +111,23 @@ class EventEndpoints:
 
 
 async def event_endpoints(
-    metadata: str,
+    metadata: str | Sequence[str],
     *,
     security: security_mod.ClientSecurity | None = None,
     timeout_s: float = 5.0,
 ) -> list[EventEndpoints]:
     """The KV-event endpoints of every kvcache node of the cluster map that publishes them,
-    read from the metadata service at `metadata` (as `KVClient.connect(metadata=...)` does).
-    Raises Unavailable, Unauthenticated."""
+    read from `metadata` (one or several metadata or gateway addresses, tried in order, as
+    `KVClient.connect(metadata=...)` reads them: `kvtier.kv_mapsource`). Raises Unavailable,
+    Unauthenticated."""
     sec = security or security_mod.default()
-    tokens = security_mod.token_source(sec, sec.token_address or metadata) if sec.has_user else None
-    async with metadata_client.MetadataClient(
-        metadata, timeout_s=timeout_s, security=sec, tokens=tokens
-    ) as client:
-        cmap = await client.get_cluster_map()
+    endpoints = kv_mapsource.endpoints(metadata)
+    tokens = kv_mapsource.user_tokens(sec, endpoints)
+    sources = kv_mapsource.MapSources(endpoints, timeout_s=timeout_s, security=sec, tokens=tokens)
+    try:
+        cmap = await sources.cluster_map()
+    finally:
+        await sources.close()
     assert cmap is not None  # known_epoch 0: always a map
     return [
         EventEndpoints(n.node_id, n.kv_events_endpoint, n.kv_events_replay_endpoint)

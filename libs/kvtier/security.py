@@ -221,7 +221,11 @@ def reset_default() -> None:
 
 
 class TokenSource:
-    """A user's session token from one issuer, renewed before it expires.
+    """A user's session token from an issuer, renewed before it expires.
+
+    issuer_address may name several issuers separated by commas (metadata nodes and gateways
+    both issue tokens every node accepts): each fetch tries them in order, the one that
+    answered last first, and moves on when one cannot answer (UNAVAILABLE, deadline).
 
     Safe to share between event loops and threads: each fetch opens its own short-lived
     channel, and concurrent fetches at worst fetch twice.
@@ -234,6 +238,7 @@ class TokenSource:
             raise errors.InvalidArgument("a token source needs a user's access key and secret")
         self._security = security
         self.issuer_address = issuer_address
+        self._issuers = [a.strip() for a in issuer_address.split(",") if a.strip()]
         self._timeout_s = timeout_s
         self._token = ""
         self._renew_at_ms = 0
@@ -245,25 +250,55 @@ class TokenSource:
     async def token(self) -> str:
         """A valid token (fetching one when there is none or it is about to expire).
 
-        Raises Unauthenticated (wrong key or secret), Unavailable (issuer unreachable)."""
+        Raises Unauthenticated (wrong key or secret), Unavailable (no issuer reachable: each
+        named), InvalidArgument (the one issuer issues no tokens)."""
         if self._token and tokens.now_ms() < self._renew_at_ms:
             return self._token
+        failures: list[str] = []
+        for issuer in list(self._issuers):
+            try:
+                reply = await self._fetch(issuer)
+            except (errors.Unavailable, errors.DeadlineExceeded, errors.InvalidArgument) as exc:
+                if len(self._issuers) == 1 or (
+                    isinstance(exc, errors.InvalidArgument) and exc.reason != "WrongService"
+                ):
+                    raise
+                failures.append(f"{issuer}: {type(exc).__name__}: {exc.message}")
+                continue
+            if issuer != self._issuers[0]:
+                self._issuers.remove(issuer)
+                self._issuers.insert(0, issuer)
+            break
+        else:
+            raise errors.Unavailable(
+                f"no session token issuer answered: {'; '.join(failures)} (a user's access "
+                "key needs one; a gateway issues them too)"
+            )
+        now = tokens.now_ms()
+        life = max(reply.expires_at_unix_ms - now, 0)
+        self._token = reply.token
+        self._renew_at_ms = reply.expires_at_unix_ms - int(life * _RENEW_FRACTION)
+        return self._token
+
+    async def _fetch(self, issuer: str) -> auth_pb2.GetSessionTokenResponse:
+        """A new token from one issuer (a freshly signed request)."""
         request = tokens.sign_request(self._security.access_key, self._security.secret_key)
-        channel = grpc.aio.secure_channel(self.issuer_address, self._security.channel_credentials())
+        channel = grpc.aio.secure_channel(issuer, self._security.channel_credentials())
         try:
             stub = auth_pb2_grpc.AuthServiceStub(channel)
             reply: auth_pb2.GetSessionTokenResponse = await stub.GetSessionToken(
                 request, timeout=self._timeout_s
             )
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise errors.InvalidArgument(
+                    f"{issuer} issues no session tokens (not a metadata node or a gateway)",
+                    reason="WrongService",
+                ) from None
             raise errors.from_rpc_error(exc) from None
         finally:
             await channel.close()
-        now = tokens.now_ms()
-        life = max(reply.expires_at_unix_ms - now, 0)
-        self._token = reply.token
-        self._renew_at_ms = reply.expires_at_unix_ms - int(life * _RENEW_FRACTION)
-        return self._token
+        return reply
 
 
 _SOURCES: dict[tuple[str, str], TokenSource] = {}

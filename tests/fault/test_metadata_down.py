@@ -8,6 +8,9 @@ call it; the KV SDK keeps its map when a refresh fails and its session token (15
 must renew it. What needs it fails with a typed error and works again once it is back: creating
 a bucket (S3 503 ServiceUnavailable, nothing created), creating a user (UNAVAILABLE), a session
 token from the metadata node (UNAVAILABLE; gateways issue tokens too and go on doing so).
+What must go on without it is probed too: a KV client started during the outage (its map
+endpoints the metadata node, then the gateway) puts and gets byte-exact, a heal of every bucket
+completes (the gateway lists buckets from its watched records), S3 ListBuckets answers.
 
 Asserted: 0 wrong bytes, 0 wrong listings, 0 lost acknowledged writes, 0 failed client
 operations (reads, writes to the existing bucket, multipart, KV); the metadata operations fail
@@ -29,7 +32,9 @@ from typing import Any
 
 import pytest
 
+import kvtier
 from kvtier import errors, security
+from kvtier.clients import gateway as gateway_client
 from kvtier.clients import metadata as metadata_client
 from tests.fault import harness, workload
 
@@ -78,6 +83,9 @@ class Probes:
             "token_from_gateway": self._try(
                 lambda: asyncio.run(self._token(self.cluster.info["gateway_grpc"]))
             ),
+            "kv_client_started": self._try(lambda: asyncio.run(self._kv_client())),
+            "heal_every_bucket": self._try(lambda: asyncio.run(self._heal())),
+            "list_buckets": self._try(self.s3.list_buckets),
         }
         for op, outcome in results.items():
             self.outcomes[f"{phase}:{op}"][outcome] += 1
@@ -99,6 +107,30 @@ class Probes:
             await client.create_user(tenant="mdprobe", display_name=f"probe {self.serial}")
         finally:
             await client.close()
+
+    async def _kv_client(self) -> None:
+        """A KV client started now, its map endpoints the metadata node, then the gateway:
+        a put and a byte-exact get."""
+        info = self.cluster.info
+        key, block = b"md-probe-%d" % self.serial, os.urandom(4096)
+        async with await kvtier.AsyncKVClient.connect(
+            namespace="md-probe", metadata=[info["metadata_client"], info["gateway_grpc"]],
+            security=self.cluster.user_security(), timeout_s=5.0,
+        ) as client:  # fmt: skip
+            assert await client.put_batch([key], [block]) == [kvtier.PutStatus.STORED]
+            out = bytearray(len(block))
+            assert await client.get_batch([key], [out]) == [len(block)]
+            assert bytes(out) == block
+
+    async def _heal(self) -> None:
+        """A heal of every bucket (the admin user; a prefix no object has: the walk over every
+        bucket's listing, no object read)."""
+        async with gateway_client.AdminServiceClient(
+            self.cluster.info["gateway_grpc"], security=self.cluster.user_security()
+        ) as admin:
+            last = [p async for p in admin.heal(prefix="md-probe-none/", dry_run=True)]
+        assert last
+        assert last[-1].done
 
     async def _token(self, address: str) -> None:
         # A source of its own: the process's shared one caches its token.
@@ -169,6 +201,9 @@ def test_metadata_service_down(
             "create_user": errors.Unavailable.__name__,
             "token_from_metadata": errors.Unavailable.__name__,
             "token_from_gateway": "ok",
+            "kv_client_started": "ok",
+            "heal_every_bucket": "ok",
+            "list_buckets": "ok",
         }, probes.outcomes
     assert set(after.values()) == {"ok"}, after
     # The gateway's channel to the dead incarnation sits in gRPC's reconnect backoff (~15 s

@@ -68,7 +68,7 @@ class TierSettings:
     except the address (`metadata` or `nodes`).
     """
 
-    metadata: str = ""  # a metadata service address: the cluster map, followed as it changes
+    metadata: str = ""  # metadata/gateway addresses (comma-separated): the cluster map
     nodes: tuple[str, ...] = ()  # or a fixed list of kvcache node addresses
     tenant: str = ""  # who the engine acts for (empty: "default")
     namespace: str = ""  # overrides the namespace made from the model and cache_salt
