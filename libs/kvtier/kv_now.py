@@ -4,9 +4,9 @@
 them the data-plane connections are idle, so a get, exists or lookup whose owners all have an
 open tcp session is sent straight from the calling thread (`tcp.Client.begin_call_now`), and its
 reply is received on the socket in the same thread: a short spin, then a sleep in `select` until
-the reply or the deadline (`tcp.Client.wait_now`). Only what needs the loop goes to it: a send
-that waits for the socket, a failed node (marked down as `kvnodes.NodeSet.run` does), corrupt
-blocks to delete.
+the reply or the deadline (`tcp.Client.wait_now`; with several owner nodes only the last reply
+is spun for). Only what needs the loop goes to it: a send that waits for the socket, a failed
+node (marked down as `kvnodes.NodeSet.run` does), corrupt blocks to delete.
 
 Each function returns None when the short path does not apply (map to refresh, no session yet,
 not tcp, bytes in flight, a connection lost); nothing was then changed, and the caller runs the
@@ -251,7 +251,11 @@ def _run(
     replies: list[object] = []
     try:
         for job in jobs:
-            replies.append(_reply(client, loop, job, op))
+            # Only the last reply is spun for: while earlier ones are awaited the caller sleeps,
+            # and the nodes still working have the CPUs (on a small host a spinning caller
+            # would leave one node waiting for a core until the other is done).
+            spin_s = SPIN_S if job is jobs[-1] else 0.0
+            replies.append(_reply(client, loop, job, op, spin_s))
     except errors.KVTierError:
         for job in jobs[len(replies) + 1 :]:  # the node's error is raised: the rest still end
             _reply(client, loop, job, op, quiet=True)
@@ -266,15 +270,16 @@ _LOST = object()
 
 def _reply(
     client: kv.AsyncKVClient, loop: asyncio.AbstractEventLoop, job: _Job, op: str,
-    *, quiet: bool = False,
+    spin_s: float = SPIN_S, *, quiet: bool = False,
 ) -> object:  # fmt: skip
     """job's reply message; None when its node failed (marked down); _LOST when the connection
-    was lost (the caller retries). quiet: the result is dropped, errors included."""
+    was lost (the caller retries). quiet: the result is dropped, errors included. spin_s: how
+    long to spin for it before sleeping."""
     call = job.op
     assert call is not None
     transport = job.transport
     try:
-        if transport.wait_now(call, SPIN_S):
+        if transport.wait_now(call, spin_s):
             result = transport.end_call_now(call)
         else:
             result = loop.run_until_complete(transport.finish_call(call))

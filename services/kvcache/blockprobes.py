@@ -7,12 +7,14 @@ synchronous. Part of `blocks.BlockService`; see the `blocks` module docstring. N
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from kvtier import errors
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from services.kvcache import blockbase, integrity
+
+R = TypeVar("R")
 
 
 class ProbeCalls(blockbase.BlockServiceBase):
@@ -45,30 +47,36 @@ class ProbeCalls(blockbase.BlockServiceBase):
     ) -> pb.LookupResponse | Awaitable[pb.LookupResponse]:
         """How many leading keys of the chain are present, in either tier (an awaitable when
         the chain goes on past DRAM in a durable namespace)."""
-        namespace = blockbase.namespace_name(tenant, req.namespace, trusted=True)
-        blockbase.check_batch(req.keys)
-        in_dram = self.store.lookup(tenant, namespace, req.keys)
-        if self.tier is None or in_dram == len(req.keys) or not self._through(tenant, namespace):
-            return pb.LookupResponse(count=in_dram, dram_count=in_dram, epoch=self._epoch())
-        tier = self.tier
-
-        async def later() -> pb.LookupResponse:
-            rest = await tier.leading(tenant, namespace, req.keys[in_dram:])
-            return pb.LookupResponse(count=in_dram + rest, dram_count=in_dram, epoch=self._epoch())
-
-        return later()
+        return self._leading(tenant, req.namespace, req.keys, _lookup_reply)
 
     def score(
         self, tenant: str, req: pb.ScoreRequest
     ) -> pb.ScoreResponse | Awaitable[pb.ScoreResponse]:
         """For routers: lookup's answer per tier (the leading run in DRAM, then how many keys
         the durable tier carries it on)."""
-        found = self.lookup(tenant, pb.LookupRequest(namespace=req.namespace, keys=req.keys))
-        if not inspect.isawaitable(found):
-            return _score_of(found)
+        return self._leading(tenant, req.namespace, req.keys, _score_reply)
 
-        async def later() -> pb.ScoreResponse:
-            return _score_of(await found)
+    def _leading(
+        self,
+        tenant: str,
+        ns: pb.Namespace,
+        keys: Sequence[bytes],
+        reply: Callable[[int, int, int], R],
+    ) -> R | Awaitable[R]:
+        """reply(the chain's leading run in DRAM, its run in either tier, the epoch): the durable
+        tier is asked (an awaitable) only when the run goes on past DRAM in a durable namespace.
+        Lookup and score share it: no request is copied from one type into the other."""
+        namespace = blockbase.namespace_name(tenant, ns, trusted=True)
+        blockbase.check_batch(keys)
+        keys = list(keys)  # out of the message once: the store walks the keys twice
+        in_dram = self.store.lookup(tenant, namespace, keys)
+        if self.tier is None or in_dram == len(keys) or not self._through(tenant, namespace):
+            return reply(in_dram, in_dram, self._epoch())
+        tier = self.tier
+
+        async def later() -> R:
+            rest = await tier.leading(tenant, namespace, keys[in_dram:])
+            return reply(in_dram, in_dram + rest, self._epoch())
 
         return later()
 
@@ -116,9 +124,9 @@ class ProbeCalls(blockbase.BlockServiceBase):
         return pb.TouchResponse(touched=self.store.touch(tenant, namespace, req.keys))
 
 
-def _score_of(found: pb.LookupResponse) -> pb.ScoreResponse:
-    return pb.ScoreResponse(
-        dram_count=found.dram_count,
-        durable_count=found.count - found.dram_count,
-        epoch=found.epoch,
-    )
+def _lookup_reply(dram: int, total: int, epoch: int) -> pb.LookupResponse:
+    return pb.LookupResponse(count=total, dram_count=dram, epoch=epoch)
+
+
+def _score_reply(dram: int, total: int, epoch: int) -> pb.ScoreResponse:
+    return pb.ScoreResponse(dram_count=dram, durable_count=total - dram, epoch=epoch)

@@ -169,13 +169,18 @@ class BlockTable(storebase.StoreBase):
         return [self._find(ident, now) is not None for ident in idents]
 
     def lookup(self, tenant: str, namespace: str, keys: Sequence[bytes]) -> int:
-        """The number of leading keys of a prefix chain that are present."""
-        idents = [storetypes.ident_of(tenant, namespace, key) for key in keys]
+        """The number of leading keys of a prefix chain that are present. Raises
+        InvalidArgument for any bad key of the chain, also past the run's end."""
+        storetypes.check_keys(tenant, namespace, keys)
         now = self._clock()
-        for count, ident in enumerate(idents):
-            if self._find(ident, now) is None:
+        index = self._index
+        for count, key in enumerate(keys):
+            ident = (tenant, namespace, key)
+            block = index.get(ident)
+            # _find's answer; it is called only for a block with a TTL (it may have expired).
+            if block is None or (block.expires_at_s is not None and self._find(ident, now) is None):
                 return count
-        return len(idents)
+        return len(keys)
 
     def list_keys(
         self, tenant: str, namespace: str, prefix: bytes, start_after: bytes, limit: int

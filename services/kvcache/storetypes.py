@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from kvtier import errors
@@ -214,6 +214,17 @@ def ident_of(tenant: str, namespace: str, key: bytes) -> Ident:
             f"key of {len(key)} bytes: keys must be 1..{MAX_KEY_BYTES} bytes"
         )
     return (tenant, namespace, key)
+
+
+def check_keys(tenant: str, namespace: str, keys: Sequence[bytes]) -> None:
+    """`ident_of`'s checks of every key (the same InvalidArgument, for the first bad key), the
+    names checked once: a probe of a long chain pays ~0.1 µs per key instead of ~0.5."""
+    if not keys:
+        return
+    check_names(tenant, namespace)
+    for key in keys:
+        if type(key) is not bytes or not 1 <= len(key) <= MAX_KEY_BYTES:
+            ident_of(tenant, namespace, key)  # raises its error (or accepts a bytes subclass)
 
 
 def check_duration(name: str, value_s: float | None, *, optional: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 
 from kvtier import rendezvous
 
@@ -42,3 +43,21 @@ def test_a_leave_moves_only_the_leavers_keys_to_their_second_choice() -> None:
         first, second = rendezvous.owners(nodes, key, 2)
         now = rendezvous.owners(left, key)[0]
         assert now == (second if first == nodes[2] else first)
+
+
+def test_owners_follow_keyed_blake2b_so_every_client_agrees() -> None:
+    """Placement is a contract between every client, gateway and node: a node's weight for a
+    key is BLAKE2b-64 of the key keyed with the node id (its first 64 bytes), little-endian.
+    Remembered hashers must not change it, first use or later, for any id or key length."""
+
+    def weight(node: str, key: bytes) -> int:
+        digest = hashlib.blake2b(key, digest_size=8, key=node.encode()[:64]).digest()
+        return int.from_bytes(digest, "little")
+
+    nodes = ["kvcache-1", "kvcache-2", "n" * 80, "nœud-é", "kvcache-3"]
+    for key in [*KEYS[:300], b"x" * 1040, b"\0"]:
+        weights = {node: weight(node, key) for node in nodes}
+        for _ in range(2):
+            ranked = sorted(nodes, key=weights.__getitem__, reverse=True)
+            assert rendezvous.owners(nodes, key, 5) == ranked
+            assert rendezvous.owners(nodes, key) == ranked[:1]

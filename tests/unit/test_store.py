@@ -240,6 +240,27 @@ def test_lookup_counts_leading_keys_of_a_chain(env: Env) -> None:
     assert env.kv.lookup(T1, NS, chain) == 0
 
 
+def test_lookup_ends_at_an_expired_block_and_checks_every_key(env: Env) -> None:
+    """The run ends at a block whose TTL passed (unlinked on the way: a TTL eviction); a bad key
+    or name is InvalidArgument wherever it is in the chain, past the run's end too."""
+    chain = [b"c0", b"c1", b"c2"]
+    env.put(T1, chain[0], 4096)
+    env.put(T1, chain[1], 4096, ttl_s=5.0)
+    env.put(T1, chain[2], 4096)
+    assert env.kv.lookup(T1, NS, chain) == 3
+    env.clock.advance(6.0)
+    assert env.kv.lookup(T1, NS, chain) == 1
+    assert env.kv.stats(T1).evictions["ttl"] == 1
+    assert env.kv.exists(T1, NS, chain) == [True, False, True]
+    for bad in ([b"absent", b""], [chain[0], b"x" * 2000], [chain[0], "text"]):
+        with pytest.raises(errors.InvalidArgument):
+            env.kv.lookup(T1, NS, bad)  # type: ignore[arg-type]
+    with pytest.raises(errors.InvalidArgument):
+        env.kv.lookup("", NS, chain)
+    with pytest.raises(errors.InvalidArgument):
+        env.kv.lookup(T1, "n" * 2000, chain)
+
+
 def test_block_ttl_expires_and_touch_refreshes(env: Env) -> None:
     env.put(T1, b"short", 4096, ttl_s=10.0)
     env.put(T1, b"touched", 4096, ttl_s=10.0)

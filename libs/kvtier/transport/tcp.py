@@ -195,10 +195,12 @@ class Client:
         """Wait for op's reply outside the loop: spin up to spin_s (unless recent replies came
         later than that: see `_poll`), then sleep on the socket until it is done or its deadline
         passes (it then fails with DeadlineExceeded). False when only the loop can move it on
-        (a send waits for the socket): use `finish_call`."""
+        (a send waits for the socket): use `finish_call`. spin_s 0: no spin (and no miss
+        counted against later spins)."""
         conn = op.conn
         assert conn is not None
-        self._poll(conn, op.fut, spin_s)
+        if spin_s > 0:
+            self._poll(conn, op.fut, spin_s)
         while not op.fut.done():
             if conn.send_blocked or conn.closed:
                 return op.fut.done()
