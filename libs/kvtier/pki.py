@@ -42,6 +42,10 @@ CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 DEFAULT_CA_DAYS = 3650
 DEFAULT_CERT_DAYS = 365
+#: How far before its issue a certificate is valid from: a peer checks it against its own wall
+#: clock, and one whose clock runs behind (up to the 30 min the datanodes tolerate in version
+#: stamps) must accept a certificate issued now (tests/unit/test_pki_clock_skew.py).
+NOT_BEFORE_BACKDATE = datetime.timedelta(hours=1)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -149,7 +153,7 @@ class Authority:
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_before(now - NOT_BEFORE_BACKDATE)
             .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -195,7 +199,7 @@ def new_authority(cluster: str, *, days: int = DEFAULT_CA_DAYS) -> Authority:
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_before(now - NOT_BEFORE_BACKDATE)
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(

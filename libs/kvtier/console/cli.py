@@ -71,7 +71,7 @@ def dev_certificate(state: Path, hosts: list[str]) -> tuple[Path, Path]:
         .issuer_name(authority.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_before(now - pki.NOT_BEFORE_BACKDATE)
         .not_valid_after(now + datetime.timedelta(days=pki.DEFAULT_CERT_DAYS))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
