@@ -1,8 +1,9 @@
 """What KV events cost, and how fast a router's Score is (issue 18).
 
-Two dev clusters at once (`kvtier up --insecure`, one datanode, one kvcache node each): one
-with KV events off, one with them on (`KVTIER_KVCACHE_KV_EVENTS=true`) and a subscriber
-thread in this process reading every batch (a router). One sync `kvtier.KVClient` per cluster,
+Two dev clusters at once (`kvtier up --insecure`, one datanode and two kvcache nodes each, as
+the issue's dev cluster): one with KV events off, one with them on
+(`KVTIER_KVCACHE_KV_EVENTS=true`) and a subscriber thread per node in this process reading
+every batch (a router). One sync `kvtier.KVClient` per cluster,
 over tcp; rounds alternate A B B A ... so that what other jobs on the machine do falls on both:
 
 - 2 MiB puts: batches of 16 blocks overwriting the same 16 keys (each put announces a removal
@@ -44,7 +45,7 @@ HEADING = "KV events: what publishing costs, and Score for routers"
 #: The issue's targets: put throughput with events on >= 0.95x off; Score p50 <= 200 µs.
 PUT_RATIO_MIN = 0.95
 SCORE_P50_MAX_US = 200.0
-SHAPE = ("--insecure", "--datanodes", "1", "--drives-per-datanode", "1", "--kvcache-nodes", "1")
+SHAPE = ("--insecure", "--datanodes", "1", "--drives-per-datanode", "1", "--kvcache-nodes", "2")
 #: (rounds, put batches per round, gets / scores per side)
 QUICK, FULL = (6, 3, 400), (12, 6, 2000)
 
@@ -149,10 +150,11 @@ def run_kv_events_bench(quick: bool) -> dict[str, Any]:
             clusters[side] = cluster
         metadata = clusters["on"].info["metadata_client"]
         security = clusters["on"].user.security()
-        (node,) = asyncio.run(kv_routing.event_endpoints(metadata, security=security))
-        router = _Router(node.events)
-        router.start()
-        stack.callback(router.close)
+        nodes = asyncio.run(kv_routing.event_endpoints(metadata, security=security))
+        routers = [_Router(node.events) for node in nodes]
+        for router in routers:
+            router.start()
+            stack.callback(router.close)
         clients = {}
         for side, c in clusters.items():
             connect = kvtier.KVClient.connect(
@@ -162,7 +164,8 @@ def run_kv_events_bench(quick: bool) -> dict[str, Any]:
             clients[side] = stack.enter_context(connect)
         result = measure(clients, rounds, batches, samples)
         time.sleep(0.3)  # the last batches reach the router
-        result["router_batches"], result["router_gaps"] = router.batches, router.gaps
+        result["router_batches"] = sum(r.batches for r in routers)
+        result["router_gaps"] = sum(r.gaps for r in routers)
     result["machine"] = bench_common.machine()
     result["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     result["quick"] = quick
