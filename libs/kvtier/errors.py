@@ -147,6 +147,12 @@ class ClockSkew(Unavailable):
     no version can win every later write. Fix the clocks; another gateway may take the write."""
 
 
+class StorageFull(Unavailable):
+    """A drive has no space left (ENOSPC, EDQUOT): the write is refused on that drive, the
+    others go on; a write that then misses its quorum is refused whole (503, retryable: space
+    may be freed or a pool added). `kvtier status` and the drive metrics show free space."""
+
+
 _BY_NAME: dict[str, type[KVTierError]] = {
     cls.__name__: cls
     for cls in (
@@ -163,6 +169,7 @@ _BY_NAME: dict[str, type[KVTierError]] = {
         DeadlineExceeded,
         Internal,
         StaleEpoch,
+        StorageFull,
         ClockSkew,
     )
 }

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -40,6 +41,20 @@ _MAX_DRIVES_PER_CALL = 64
 CORRUPT = prometheus_client.Counter(
     "kvtier_datanode_corrupt_blocks_total", "Shard reads that found a bad block"
 )
+FULL = prometheus_client.Counter(
+    "kvtier_datanode_drive_full_total", "Writes a drive refused for want of space"
+)
+#: What a full drive (or a user over its disk quota) answers a write with.
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def storage_full(exc: OSError) -> errors.StorageFull | None:
+    """The typed error for an OSError that says the drive is full (None: another error)."""
+    if exc.errno not in _FULL_ERRNOS:
+        return None
+    FULL.inc()
+    where = f" ({exc.filename})" if exc.filename else ""
+    return errors.StorageFull(f"drive full: {exc.strerror}{where}")
 
 
 class ShardNode:
@@ -190,7 +205,13 @@ class ShardNode:
         results = []
         for entry, shard in zip(entries, pieces, strict=True):
             try:
-                self._store(entry.drive_id).write_small(entry.meta, shard)
+                try:
+                    self._store(entry.drive_id).write_small(entry.meta, shard)
+                except OSError as exc:
+                    full = storage_full(exc)
+                    if full is None:
+                        raise
+                    raise full from exc
             except shards.Superseded as exc:
                 results.append(
                     pb.ShardResult(superseded=True, current_mtime_unix_ns=exc.current_mtime_unix_ns)
@@ -374,7 +395,13 @@ class ShardNode:
         op = getattr(fn, "__name__", "other")
         with tracing.child_span(f"datanode.disk {op}"):  # inside a sampled trace only
             job = loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
-            await shm_copy.uncancellable(job)
+            try:
+                await shm_copy.uncancellable(job)
+            except OSError as exc:  # a full drive is a typed refusal, not an internal error
+                full = storage_full(exc)
+                if full is None:
+                    raise
+                raise full from exc
         drivemetrics.IO_SECONDS.labels(op).observe(time.perf_counter() - started)
         return job.result()
 

@@ -83,6 +83,8 @@ async def commit_version(
         )
         if done.skew:
             raise errors.ClockSkew(f"{problem}; drives refused the stamp: {done.skew}")
+        if done.full:
+            raise errors.StorageFull(f"{problem}; {done.full}")
         raise errors.Unavailable(problem)
     return done.drives
 
@@ -115,7 +117,10 @@ async def _round(
             log.warning(
                 "commit of %s/%s on %s failed: %s", meta.bucket, meta.key, slot.drive_id, exc
             )
-            return fanout.Committed(skew=str(exc) if isinstance(exc, errors.ClockSkew) else "")
+            return fanout.Committed(
+                skew=str(exc) if isinstance(exc, errors.ClockSkew) else "",
+                full=str(exc) if isinstance(exc, errors.StorageFull) else "",
+            )
         return fanout.Committed(drives=1, newer_ns=reply.current_mtime_unix_ns)
 
     total = fanout.Committed()

@@ -34,12 +34,15 @@ class Committed:
     newer_ns: int = 0
     #: A drive's ClockSkew refusal (the stamp was beyond its bound), or "".
     skew: str = ""
+    #: A drive's StorageFull refusal (no space left), or "".
+    full: str = ""
 
     def add(self, other: Committed) -> None:
         """Take in another part of the same commit."""
         self.drives += other.drives
         self.newer_ns = max(self.newer_ns, other.newer_ns)
         self.skew = self.skew or other.skew
+        self.full = self.full or other.full
 
 
 def by_node(where: placement.Placement, indices: Sequence[int]) -> dict[str, list[int]]:
@@ -81,6 +84,8 @@ async def write_small(
                 )  # fmt: skip
                 if result.error_kind == errors.ClockSkew.__name__:
                     done.skew = result.error
+                elif result.error_kind == errors.StorageFull.__name__:
+                    done.full = f"{drive_id}: {result.error}"
             else:
                 done.drives += 1
                 done.newer_ns = max(done.newer_ns, result.current_mtime_unix_ns)

@@ -223,3 +223,12 @@ def test_clock_skew_is_unavailable_and_maps_back_as_itself() -> None:
     assert type(received) is errors.ClockSkew
     assert isinstance(received, errors.Unavailable)
     assert (received.grpc_code, received.http_status) == (grpc.StatusCode.UNAVAILABLE, 503)
+
+
+def test_storage_full_is_unavailable_and_maps_back_as_itself() -> None:
+    """A full drive's refusal reaches the gateway typed (503, retryable), not as Internal."""
+    sent = errors.StorageFull("drive full: No space left on device")
+    received = errors.from_rpc_error(as_seen_by_client(sent))
+    assert type(received) is errors.StorageFull
+    assert isinstance(received, errors.Unavailable)
+    assert (received.grpc_code, received.http_status) == (grpc.StatusCode.UNAVAILABLE, 503)
