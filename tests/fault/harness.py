@@ -479,6 +479,11 @@ class FaultCluster:
             ],
             "s3_access_key": creds["access_key"],
             "s3_secret_key": creds["secret_key"],
+            "kvcache_clients": [
+                by_id[n].client_address or by_id[n].grpc_address
+                for n in self.node_names()
+                if n.startswith("kvcache-") and n in by_id
+            ],
         }
 
 

@@ -11,6 +11,7 @@ a miss, never as lost; a block that reads with other bytes is a wrong read, alwa
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import functools
@@ -26,9 +27,12 @@ import numpy as np
 from botocore.config import Config
 
 import kvtier
-from kvtier import security
+from kvtier import errors, security
 
 KV_BLOCK_BYTES = 16 << 10
+#: How long after its put a write-through block is surely uploaded (an upload of 16 KiB takes
+#: milliseconds; this leaves a loaded 2-vCPU host a wide margin).
+WRITE_THROUGH_WINDOW_S = 3.0
 PART_BYTES = 5 << 20  # S3's smallest non-last part
 
 
@@ -108,8 +112,19 @@ class Workload:
         seed: int,
         bucket: str = "fault",
         ops_per_s: float = 12.0,
+        kv_write_through: bool = False,
     ) -> None:
         self.info = info
+        #: The KV namespace is write-through: every stored block is uploaded to the durable
+        #: tier at once, but after its put is acknowledged (docs/kvcache.md, "What survives
+        #: what"). A block acknowledged more than WRITE_THROUGH_WINDOW_S before the fault that
+        #: reads as a miss after it is a lost write; one acknowledged later (its upload may
+        #: still have been queued when its node died) counts as a KV miss.
+        self.kv_write_through = kv_write_through
+        self.kv_acked_at: dict[bytes, float] = {}
+        #: Write-through blocks verified that were acknowledged before the window (the check
+        #: means something only when there are some).
+        self.kv_settled_verified = 0
         self.user = user
         self.bucket = bucket
         self.rng = random.Random(seed)
@@ -140,6 +155,8 @@ class Workload:
     def start(self) -> None:
         """Create the bucket and start both threads."""
         self.s3.create_bucket(Bucket=self.bucket)
+        if self.kv_write_through:
+            asyncio.run(self._write_through())
         kv = kvtier.KVClient.connect(
             metadata=self.info["metadata_client"], namespace=f"fault-{self.seed}",
             transports=["tcp"], timeout_s=2.0, refresh_s=0.5, security=self.user,
@@ -150,6 +167,20 @@ class Workload:
         ]
         for thread in self._threads:
             thread.start()
+
+    async def _write_through(self) -> None:
+        """The namespace's durability, set as an operator does (kept in etcd; every node
+        applies it), then waited for on every kvcache node."""
+        from kvtier.clients import kvcache as kvcache_client
+        from kvtier.proto.kvcache.v1 import kvcache_pb2
+
+        addresses = self.info["kvcache_clients"]
+        namespace = f"fault-{self.seed}"
+        for address in addresses:
+            async with kvcache_client.KVCacheClient(address, security=self.user) as node:
+                await node.set_namespace_policy(
+                    "default", namespace, kvcache_pb2.DURABILITY_WRITE_THROUGH
+                )
 
     def fault_started(self) -> None:
         """Mark the start of the fault."""
@@ -278,9 +309,11 @@ class Workload:
             keys = [f"kv-{n}-{i}".encode() for i in range(4)]
             stored = self._record("kv_put", lambda: kv.put_batch(keys, [kv_block(k) for k in keys]))
             if stored is not None:
-                self.kv_keys += [
-                    k for k, s in zip(keys, stored, strict=True) if s == kvtier.PutStatus.STORED
-                ]
+                now = time.time()
+                for k, status in zip(keys, stored, strict=True):
+                    if status == kvtier.PutStatus.STORED:
+                        self.kv_keys.append(k)
+                        self.kv_acked_at[k] = now
                 refused = [s for s in stored if s != kvtier.PutStatus.STORED]
                 with self._lock:  # a key no node stored (e.g. unavailable) failed for the caller
                     for status in refused:
@@ -325,3 +358,33 @@ class Workload:
                   for o in page.get("Contents", [])}  # fmt: skip
         for key in sorted(set(self.objects) - listed):
             self.report.lost_acknowledged.append(f"{key}: not listed")
+        if self.kv_write_through:
+            self._verify_kv(deadline)
+
+    def _verify_kv(self, deadline: float) -> None:
+        """Every block a put acknowledged as stored reads back exact (write-through: a miss is
+        a lost acknowledged write), through a new client."""
+        with kvtier.KVClient.connect(
+            metadata=self.info["metadata_client"], namespace=f"fault-{self.seed}",
+            transports=["tcp"], timeout_s=5.0, security=self.user,
+        ) as kv:  # fmt: skip
+            for key in self.kv_keys:
+                settled = self.kv_acked_at[key] < self.started_at - WRITE_THROUGH_WINDOW_S
+                self.kv_settled_verified += settled
+                out = np.zeros(KV_BLOCK_BYTES, np.uint8)
+                while True:
+                    try:
+                        (size,) = kv.get_batch([key], [out])
+                        break
+                    except errors.KVTierError:
+                        if time.monotonic() > deadline:
+                            size = None
+                            break
+                        time.sleep(0.5)
+                if size is None:
+                    if settled:
+                        self.report.lost_acknowledged.append(f"KV {key!r}: a miss")
+                    else:  # its upload may still have been queued when the node died
+                        self.report.kv_misses += 1
+                elif size != KV_BLOCK_BYTES or not np.array_equal(out, kv_block(key)):
+                    self.report.wrong_bytes.append(f"KV verify {key!r}: other bytes")
