@@ -44,7 +44,10 @@ from tests.integration.conftest import (
     user_security,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+# Behind `slow`: its dev cluster costs ~30 s of CI, where tests/fault/test_metadata_down.py (short)
+# checks the same during its outage (a KV client started through the gateway, a heal of every
+# bucket, ListBuckets) and tests/component/test_kv_map_endpoints.py the client's errors.
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
 BLOCK = 16 << 10
 
