@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -29,9 +28,6 @@ from kvtier.clients import metadata as metadata_client
 from kvtier.proto.gateway.v1 import admin_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
-
-_PLAIN_EVERY_S = 5.0
-_BAR_CELLS = 24
 
 
 def _cluster_info(state_dir: str, flag: str) -> dict[str, Any]:
@@ -197,8 +193,8 @@ async def count_objects(
 
 
 class Display:
-    """Renders progress on a stream: a bar redrawn in place on a terminal, else a line now
-    and then."""
+    """Renders heal progress on a stream (`progress.Line`: a bar redrawn in place on a
+    terminal, else a line now and then)."""
 
     def __init__(
         self,
@@ -207,33 +203,21 @@ class Display:
         tty: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._stream = stream
-        self._tty = stream.isatty() if tty is None else tty
-        self._clock = clock
-        self._printed: float | None = None
-        self._drawn = False
+        self._line = progress_mod.Line(stream, tty=tty, clock=clock)
         self.meter = progress_mod.Meter(clock)
 
     def show(self, progress: admin_pb2.HealProgress, total: progress_mod.Totals | None) -> None:
         """Progress so far; total: the objects and bytes of the whole heal, when known."""
-        if self._tty:
-            width = shutil.get_terminal_size((100, 20)).columns - 1
-            line = render_bar(progress, total, self.meter)[:width]
-            self._stream.write("\r" + line.ljust(width))
-            self._drawn = True
-        elif self._printed is None or self._clock() - self._printed >= _PLAIN_EVERY_S:
-            self._printed = self._clock()
+
+        def plain() -> str:
             rate = self.meter.text(progress.scanned, progress.bytes_scanned, total)
-            self._stream.write(f"heal: {render_counts(progress, total)}; {rate}\n")
-        self._stream.flush()
+            return f"heal: {render_counts(progress, total)}; {rate}"
+
+        self._line.show(lambda: render_bar(progress, total, self.meter), plain)
 
     def clear(self) -> None:
         """Remove the bar (before other output and at the end)."""
-        if self._drawn:
-            width = shutil.get_terminal_size((100, 20)).columns - 1
-            self._stream.write("\r" + " " * width + "\r")
-            self._stream.flush()
-            self._drawn = False
+        self._line.clear()
 
 
 def render_counts(progress: admin_pb2.HealProgress, total: progress_mod.Totals | None) -> str:
@@ -255,10 +239,7 @@ def render_bar(
     all empty), bytes, rate and time left (first: a narrow terminal cuts the end), the counts
     and the current key."""
     done = meter.fraction(progress.scanned, progress.bytes_scanned, total)
-    bar = ""
-    if done is not None:
-        filled = round(done * _BAR_CELLS)
-        bar = f"[{'#' * filled}{'.' * (_BAR_CELLS - filled)}] {done:4.0%} "
+    bar = progress_mod.bar_text(done) if done is not None else ""
     rate = meter.text(progress.scanned, progress.bytes_scanned, total)
     return f"{bar}{rate}; {render_counts(progress, total)}  {progress.current_key}"
 

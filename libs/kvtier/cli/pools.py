@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -27,9 +26,6 @@ from kvtier.clients import gateway as gateway_client
 from kvtier.clients import metadata as metadata_client
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.gateway.v1 import admin_pb2
-
-_PLAIN_EVERY_S = 5.0
-_BAR_CELLS = 24
 
 
 def add_parser(admin_sub: Any, default_state_dir: str) -> None:
@@ -182,8 +178,8 @@ def _pending_line(cmap: common_pb2.ClusterMap) -> str:
 
 
 class DrainDisplay:
-    """Drain progress on a stream: a bar redrawn in place on a terminal, else a line now and
-    then (as `kvtier admin heal` shows its progress)."""
+    """Drain progress on a stream (`progress.Line`, as `kvtier admin heal` shows its
+    progress)."""
 
     def __init__(
         self,
@@ -192,31 +188,19 @@ class DrainDisplay:
         tty: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._stream = stream
-        self._tty = stream.isatty() if tty is None else tty
-        self._clock = clock
-        self._printed: float | None = None
-        self._drawn = False
+        self._line = progress_mod.Line(stream, tty=tty, clock=clock)
         self.meter = progress_mod.Meter(clock)
 
     def show(self, progress: admin_pb2.DrainProgress) -> None:
         """Progress so far."""
-        if self._tty:
-            width = shutil.get_terminal_size((100, 20)).columns - 1
-            self._stream.write("\r" + render_bar(progress, self.meter)[:width].ljust(width))
-            self._drawn = True
-        elif self._printed is None or self._clock() - self._printed >= _PLAIN_EVERY_S:
-            self._printed = self._clock()
-            self._stream.write(f"drain: {render_bar(progress, self.meter, bar=False)}\n")
-        self._stream.flush()
+        self._line.show(
+            lambda: render_bar(progress, self.meter),
+            lambda: f"drain: {render_bar(progress, self.meter, bar=False)}",
+        )
 
     def clear(self) -> None:
         """Remove the bar (at the end)."""
-        if self._drawn:
-            width = shutil.get_terminal_size((100, 20)).columns - 1
-            self._stream.write("\r" + " " * width + "\r")
-            self._stream.flush()
-            self._drawn = False
+        self._line.clear()
 
 
 def render_bar(
@@ -228,9 +212,7 @@ def render_bar(
     rate = meter.text(done, progress.bytes_moved, totals)
     head = ""
     if bar:
-        fraction = meter.fraction(done, progress.bytes_moved, totals) or 0.0
-        filled = round(fraction * _BAR_CELLS)
-        head = f"[{'#' * filled}{'.' * (_BAR_CELLS - filled)}] {fraction:4.0%} "
+        head = progress_mod.bar_text(meter.fraction(done, progress.bytes_moved, totals) or 0.0)
     return f"{head}{rate}; {render_counts(progress)}  {progress.current_key}"
 
 

@@ -4,10 +4,17 @@ bytes, the rate and the time left, as short text for a terminal bar or a plain l
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Callable
+from typing import TextIO
 
 from kvtier import kv_stats
+
+#: Without a terminal, a progress line is printed at most this often.
+PLAIN_EVERY_S = 5.0
+#: Cells of a terminal bar.
+BAR_CELLS = 24
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -69,3 +76,48 @@ class Meter:
         if left is not None:
             parts.append(f"ETA {duration_text(max(0.0, left))}")
         return ", ".join(parts)
+
+
+def bar_text(fraction: float) -> str:
+    """'[############............]  50% ' (fraction 0..1)."""
+    filled = round(fraction * BAR_CELLS)
+    return f"[{'#' * filled}{'.' * (BAR_CELLS - filled)}] {fraction:4.0%} "
+
+
+class Line:
+    """One progress line on a stream: redrawn in place on a terminal, else printed now and
+    then (every `every_s`), as `kvtier admin heal` and `kvtier admin pool drain` show theirs."""
+
+    def __init__(
+        self,
+        stream: TextIO,
+        *,
+        tty: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        every_s: float = PLAIN_EVERY_S,
+    ) -> None:
+        self._stream = stream
+        self._tty = stream.isatty() if tty is None else tty
+        self._clock = clock
+        self._every_s = every_s
+        self._printed: float | None = None
+        self._drawn = False
+
+    def show(self, bar: Callable[[], str], plain: Callable[[], str]) -> None:
+        """The terminal line bar() (cut to the width), or the log line plain() when due."""
+        if self._tty:
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            self._stream.write("\r" + bar()[:width].ljust(width))
+            self._drawn = True
+        elif self._printed is None or self._clock() - self._printed >= self._every_s:
+            self._printed = self._clock()
+            self._stream.write(plain() + "\n")
+        self._stream.flush()
+
+    def clear(self) -> None:
+        """Remove the bar (before other output and at the end)."""
+        if self._drawn:
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            self._stream.write("\r" + " " * width + "\r")
+            self._stream.flush()
+            self._drawn = False
