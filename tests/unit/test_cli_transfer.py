@@ -40,6 +40,8 @@ def local(tmp_path: Path) -> Path:
         lambda d, f: [str(f), "s3://b/k", "--part-size", "1MiB"],
         lambda d, f: [str(f), "s3://b/k", "--part-size", "lots"],
         lambda d, f: [str(f), "s3://b/k", "--no-such-flag"],
+        lambda d, f: ["s3://b/", str(d)],  # a download names an object
+        lambda d, f: [str(f), "s3://b"],  # no key and no slash
         lambda d, f: [str(f)],
     ],
 )
@@ -56,8 +58,10 @@ def test_bad_arguments_exit_2_with_one_line(
 def test_paths_parsed() -> None:
     assert transfer.parse_s3("s3://b/dir/k") == transfer.S3Path("b", "dir/k")
     assert transfer.parse_s3("./s3:/x") is None
-    with pytest.raises(transfer.BadArguments):
-        transfer.parse_s3("s3://b/")
+    assert transfer.parse_s3("s3://b/") == transfer.S3Path("b", "")  # the bucket: uploads only
+    for text in ("s3://b", "s3:///k"):
+        with pytest.raises(transfer.BadArguments):
+            transfer.parse_s3(text)
 
 
 def test_no_cluster_is_one_line_exit_1(

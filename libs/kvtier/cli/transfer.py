@@ -62,11 +62,12 @@ class S3Path:
 
 def parse_s3(text: str) -> S3Path | None:
     """The S3 location text names; None when it is a local path. BadArguments when it has no
-    bucket or no key."""
+    bucket, or no key and no trailing slash (`s3://BUCKET/` names the bucket itself: an upload
+    takes the file's name there, as awscli does)."""
     if not text.startswith(S3_SCHEME):
         return None
-    bucket, _, key = text.removeprefix(S3_SCHEME).partition("/")
-    if not bucket or not key:
+    bucket, slash, key = text.removeprefix(S3_SCHEME).partition("/")
+    if not bucket or not slash:
         raise BadArguments(f"{text!r}: expected s3://BUCKET/KEY")
     return S3Path(bucket, key)
 
@@ -113,10 +114,12 @@ def plan(args: argparse.Namespace) -> Plan:
         if not local.is_file():
             why = "is a directory" if local.is_dir() else "is not a readable file"
             raise BadArguments(f"{args.source}: {why}")
-        if destination.key.endswith("/"):
+        if not destination.key or destination.key.endswith("/"):
             destination = S3Path(destination.bucket, destination.key + local.name)
         return Plan(upload=True, local=local, remote=destination)
     assert source is not None
+    if not source.key or source.key.endswith("/"):
+        raise BadArguments(f"{args.source!r}: name an object to download (s3://BUCKET/KEY)")
     local = Path(args.destination)
     if local.is_dir():
         local = local / source.key.rsplit("/", 1)[-1]
