@@ -149,6 +149,7 @@ class NodeInfo(_message.Message):
     TLS_FIELD_NUMBER: _builtins.int
     KV_EVENTS_ENDPOINT_FIELD_NUMBER: _builtins.int
     KV_EVENTS_REPLAY_ENDPOINT_FIELD_NUMBER: _builtins.int
+    KV_EVENTS_SERVER_KEY_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     role: Global___NodeRole.ValueType
     grpc_address: _builtins.str
@@ -171,9 +172,15 @@ class NodeInfo(_message.Message):
     kv_events_endpoint: _builtins.str
     """kvcache nodes with KV events on (docs/routing.md): tcp://host:port of the ZMQ PUB socket
     (vLLM's KV-event wire format) and of the ROUTER socket that replays from a sequence
-    number. Empty when events are off. Trusted networks only (docs/security.md).
+    number. Empty when events are off.
     """
     kv_events_replay_endpoint: _builtins.str
+    kv_events_server_key: _builtins.str
+    """The node's CURVE public key (Z85) when both sockets are CURVE servers (kv_events_auth =
+    curve): subscribers connect with it as curve_serverkey, with a key pair whose public key
+    KVCacheService.AuthorizeEventsSubscriber admitted. Empty: unauthenticated (trusted
+    networks only, docs/security.md).
+    """
     @_builtins.property
     def drives(self) -> _containers.RepeatedCompositeFieldContainer[Global___Drive]:
         """Datanodes only."""
@@ -200,10 +207,11 @@ class NodeInfo(_message.Message):
         tls: _builtins.bool = ...,
         kv_events_endpoint: _builtins.str = ...,
         kv_events_replay_endpoint: _builtins.str = ...,
+        kv_events_server_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dataplane", b"dataplane"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_address", b"client_address", "dataplane", b"dataplane", "drives", b"drives", "grpc_address", b"grpc_address", "hostname", b"hostname", "kv_events_endpoint", b"kv_events_endpoint", "kv_events_replay_endpoint", b"kv_events_replay_endpoint", "metrics_address", b"metrics_address", "node_id", b"node_id", "pid", b"pid", "role", b"role", "s3_address", b"s3_address", "started_at_unix_ms", b"started_at_unix_ms", "tls", b"tls", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_address", b"client_address", "dataplane", b"dataplane", "drives", b"drives", "grpc_address", b"grpc_address", "hostname", b"hostname", "kv_events_endpoint", b"kv_events_endpoint", "kv_events_replay_endpoint", b"kv_events_replay_endpoint", "kv_events_server_key", b"kv_events_server_key", "metrics_address", b"metrics_address", "node_id", b"node_id", "pid", b"pid", "role", b"role", "s3_address", b"s3_address", "started_at_unix_ms", b"started_at_unix_ms", "tls", b"tls", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

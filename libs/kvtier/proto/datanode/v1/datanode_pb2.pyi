@@ -191,6 +191,8 @@ class ShardMeta(_message.Message):
     KEEP_VERSIONS_FIELD_NUMBER: _builtins.int
     NULL_VERSION_FIELD_NUMBER: _builtins.int
     DELETE_MARKER_FIELD_NUMBER: _builtins.int
+    STORED_UNIX_NS_FIELD_NUMBER: _builtins.int
+    STORED_AGE_MS_FIELD_NUMBER: _builtins.int
     format_version: _builtins.int
     bucket: _builtins.str
     key: _builtins.str
@@ -243,6 +245,17 @@ class ShardMeta(_message.Message):
     """
     delete_marker: _builtins.bool
     """An S3 delete marker: no data, never listed as an object; GET of it is 404."""
+    stored_unix_ns: _builtins.int
+    """When this drive stored this version (its commit, by the datanode's own wall clock, ns):
+    set by the datanode at every commit (healing included), whatever the writer sent.
+    """
+    stored_age_ms: _builtins.int
+    """Set by the datanode in the metas a READ_METAS call answers with, never stored:
+    how long ago this drive stored this version, by the datanode's own clock at both ends
+    (stored_unix_ns, or the meta file's mtime for a version stored before that field), in ms,
+    at least 1; 0: not known (an older datanode). A pool drain ages orphaned copies by it,
+    so no gateway's clock decides (services/gateway/pooldrain.py).
+    """
     @_builtins.property
     def user_metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -298,10 +311,12 @@ class ShardMeta(_message.Message):
         keep_versions: _builtins.bool = ...,
         null_version: _builtins.bool = ...,
         delete_marker: _builtins.bool = ...,
+        stored_unix_ns: _builtins.int = ...,
+        stored_age_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "block_bytes", b"block_bytes", "bucket", b"bucket", "cache_control", b"cache_control", "checksums", b"checksums", "content_disposition", b"content_disposition", "content_encoding", b"content_encoding", "content_language", b"content_language", "content_type", b"content_type", "data_id", b"data_id", "data_shards", b"data_shards", "delete_marker", b"delete_marker", "distribution", b"distribution", "etag", b"etag", "expires", b"expires", "format_version", b"format_version", "inline_data", b"inline_data", "is_pointer", b"is_pointer", "keep_versions", b"keep_versions", "key", b"key", "meta_changed_unix_ns", b"meta_changed_unix_ns", "mtime_unix_ns", b"mtime_unix_ns", "null_version", b"null_version", "parity_shards", b"parity_shards", "parts", b"parts", "pool_pointer", b"pool_pointer", "shard_index", b"shard_index", "size", b"size", "tags", b"tags", "upload_checksum_algorithm", b"upload_checksum_algorithm", "upload_pool", b"upload_pool", "user_metadata", b"user_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "block_bytes", b"block_bytes", "bucket", b"bucket", "cache_control", b"cache_control", "checksums", b"checksums", "content_disposition", b"content_disposition", "content_encoding", b"content_encoding", "content_language", b"content_language", "content_type", b"content_type", "data_id", b"data_id", "data_shards", b"data_shards", "delete_marker", b"delete_marker", "distribution", b"distribution", "etag", b"etag", "expires", b"expires", "format_version", b"format_version", "inline_data", b"inline_data", "is_pointer", b"is_pointer", "keep_versions", b"keep_versions", "key", b"key", "meta_changed_unix_ns", b"meta_changed_unix_ns", "mtime_unix_ns", b"mtime_unix_ns", "null_version", b"null_version", "parity_shards", b"parity_shards", "parts", b"parts", "pool_pointer", b"pool_pointer", "shard_index", b"shard_index", "size", b"size", "stored_age_ms", b"stored_age_ms", "stored_unix_ns", b"stored_unix_ns", "tags", b"tags", "upload_checksum_algorithm", b"upload_checksum_algorithm", "upload_pool", b"upload_pool", "user_metadata", b"user_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

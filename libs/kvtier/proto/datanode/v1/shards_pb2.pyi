@@ -657,7 +657,9 @@ class DeleteShardRequest(_message.Message):
     """
     if_data_id: _builtins.str
     """Remove only when the key's current version has this data_id (else nothing: deleted is
-    false). A pool drain removes the copy it moved and nothing written since.
+    false); with version_id, only when that version has this data_id. A pool drain removes
+    the copy it moved and nothing written since; a gateway undoes a commit that missed its
+    write quorum (services/gateway/commits.py) without touching a newer write.
     """
     def __init__(
         self,

@@ -105,7 +105,8 @@ class ShardServiceServicer:
     def UpdateMeta(self, request, context):
         """Replace the tags or the ACL of one version of an object (data_id) on this drive, in place:
         no new version, same mtime and ETag (S3's PutObjectTagging / PutObjectAcl). NOT_FOUND when
-        the drive holds no such object, FAILED_PRECONDITION when it holds another version.
+        the drive holds no such object, FAILED_PRECONDITION when it holds no version with that
+        data_id (the current one or a kept non-current one).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -47,7 +47,8 @@ class ShardServiceStub:
     UpdateMeta: _grpc.UnaryUnaryMultiCallable[_shards_pb2.UpdateMetaRequest, _shards_pb2.UpdateMetaResponse]
     """Replace the tags or the ACL of one version of an object (data_id) on this drive, in place:
     no new version, same mtime and ETag (S3's PutObjectTagging / PutObjectAcl). NOT_FOUND when
-    the drive holds no such object, FAILED_PRECONDITION when it holds another version.
+    the drive holds no such object, FAILED_PRECONDITION when it holds no version with that
+    data_id (the current one or a kept non-current one).
     """
     ListShards: _grpc.UnaryUnaryMultiCallable[_shards_pb2.ListShardsRequest, _shards_pb2.ListShardsResponse]
     """Sorted (bucket, key) entries of this drive's index; never reads object data."""
@@ -67,7 +68,8 @@ class ShardServiceAsyncStub(ShardServiceStub):
     UpdateMeta: _aio.UnaryUnaryMultiCallable[_shards_pb2.UpdateMetaRequest, _shards_pb2.UpdateMetaResponse]  # type: ignore[assignment]
     """Replace the tags or the ACL of one version of an object (data_id) on this drive, in place:
     no new version, same mtime and ETag (S3's PutObjectTagging / PutObjectAcl). NOT_FOUND when
-    the drive holds no such object, FAILED_PRECONDITION when it holds another version.
+    the drive holds no such object, FAILED_PRECONDITION when it holds no version with that
+    data_id (the current one or a kept non-current one).
     """
     ListShards: _aio.UnaryUnaryMultiCallable[_shards_pb2.ListShardsRequest, _shards_pb2.ListShardsResponse]  # type: ignore[assignment]
     """Sorted (bucket, key) entries of this drive's index; never reads object data."""
@@ -114,7 +116,8 @@ class ShardServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_shards_pb2.UpdateMetaResponse, _abc.Awaitable[_shards_pb2.UpdateMetaResponse]]:
         """Replace the tags or the ACL of one version of an object (data_id) on this drive, in place:
         no new version, same mtime and ETag (S3's PutObjectTagging / PutObjectAcl). NOT_FOUND when
-        the drive holds no such object, FAILED_PRECONDITION when it holds another version.
+        the drive holds no such object, FAILED_PRECONDITION when it holds no version with that
+        data_id (the current one or a kept non-current one).
         """
 
     @_abc_1.abstractmethod

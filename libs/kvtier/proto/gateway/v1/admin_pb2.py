@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from kvtier.proto.common.v1 import access_pb2 as kvtier_dot_common_dot_v1_dot_access__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dkvtier/gateway/v1/admin.proto\x12\x11kvtier.gateway.v1\x1a\x1dkvtier/common/v1/access.proto\"!\n\x10\x44rainPoolRequest\x12\r\n\x05index\x18\x01 \x01(\r\"\x81\x02\n\rDrainProgress\x12\x15\n\robjects_total\x18\x01 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x02 \x01(\x04\x12\x15\n\robjects_moved\x18\x03 \x01(\x04\x12\x13\n\x0b\x62ytes_moved\x18\x04 \x01(\x04\x12\x17\n\x0fobjects_dropped\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\x12\x13\n\x0b\x63urrent_key\x18\x07 \x01(\t\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12\x0e\n\x06passes\x18\t \x01(\r\x12\x17\n\x0fuploads_pending\x18\n \x01(\x04\x12\x0c\n\x04\x64one\x18\x0b \x01(\x08\x12\x0f\n\x07\x64rained\x18\x0c \x01(\x08\"\"\n\x11RemovePoolRequest\x12\r\n\x05index\x18\x01 \x01(\r\"#\n\x12RemovePoolResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\">\n\x0bHealRequest\x12\x0e\n\x06\x62ucket\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"\xeb\x01\n\x0cHealProgress\x12\x0f\n\x07scanned\x18\x01 \x01(\x04\x12\x0f\n\x07healthy\x18\x02 \x01(\x04\x12\x0e\n\x06healed\x18\x03 \x01(\x04\x12\x15\n\runrecoverable\x18\x04 \x01(\x04\x12\x0f\n\x07skipped\x18\x05 \x01(\x04\x12\x15\n\rshards_healed\x18\x06 \x01(\x04\x12\x13\n\x0b\x63urrent_key\x18\x07 \x01(\t\x12\x1a\n\x12unrecoverable_keys\x18\x08 \x03(\t\x12\x0c\n\x04\x64one\x18\t \x01(\x08\x12\x15\n\rbytes_scanned\x18\n \x01(\x04\x12\x14\n\x0c\x62ytes_healed\x18\x0b \x01(\x04\x32\xa2\x02\n\x0c\x41\x64minService\x12Q\n\x04Heal\x12\x1e.kvtier.gateway.v1.HealRequest\x1a\x1f.kvtier.gateway.v1.HealProgress\"\x06\xaa\x86\x19\x02\x10\x01\x30\x01\x12\\\n\tDrainPool\x12#.kvtier.gateway.v1.DrainPoolRequest\x1a .kvtier.gateway.v1.DrainProgress\"\x06\xaa\x86\x19\x02\x10\x01\x30\x01\x12\x61\n\nRemovePool\x12$.kvtier.gateway.v1.RemovePoolRequest\x1a%.kvtier.gateway.v1.RemovePoolResponse\"\x06\xaa\x86\x19\x02\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dkvtier/gateway/v1/admin.proto\x12\x11kvtier.gateway.v1\x1a\x1dkvtier/common/v1/access.proto\"%\n\x14ListHealQueueRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"\xc4\x01\n\x0eHealQueueEntry\x12\x0e\n\x06\x62ucket\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x12\n\nversion_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\r\n\x05\x61ge_s\x18\x05 \x01(\x01\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\r\x12\r\n\x05state\x18\x07 \x01(\t\x12\x19\n\x11next_attempt_in_s\x18\x08 \x01(\x01\x12\x12\n\nwaiting_on\x18\t \x03(\t\x12\x12\n\nlast_error\x18\n \x01(\t\"\xad\x01\n\x15ListHealQueueResponse\x12\x32\n\x07\x65ntries\x18\x01 \x03(\x0b\x32!.kvtier.gateway.v1.HealQueueEntry\x12\r\n\x05total\x18\x02 \x01(\x04\x12\x0c\n\x04more\x18\x03 \x01(\x04\x12\x0f\n\x07waiting\x18\x04 \x01(\x04\x12\x10\n\x08retrying\x18\x05 \x01(\x04\x12\x0f\n\x07healing\x18\x06 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x07 \x01(\x04\"!\n\x10\x44rainPoolRequest\x12\r\n\x05index\x18\x01 \x01(\r\"\x81\x02\n\rDrainProgress\x12\x15\n\robjects_total\x18\x01 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x02 \x01(\x04\x12\x15\n\robjects_moved\x18\x03 \x01(\x04\x12\x13\n\x0b\x62ytes_moved\x18\x04 \x01(\x04\x12\x17\n\x0fobjects_dropped\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\x12\x13\n\x0b\x63urrent_key\x18\x07 \x01(\t\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12\x0e\n\x06passes\x18\t \x01(\r\x12\x17\n\x0fuploads_pending\x18\n \x01(\x04\x12\x0c\n\x04\x64one\x18\x0b \x01(\x08\x12\x0f\n\x07\x64rained\x18\x0c \x01(\x08\"\"\n\x11RemovePoolRequest\x12\r\n\x05index\x18\x01 \x01(\r\"#\n\x12RemovePoolResponse\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\">\n\x0bHealRequest\x12\x0e\n\x06\x62ucket\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\"\xeb\x01\n\x0cHealProgress\x12\x0f\n\x07scanned\x18\x01 \x01(\x04\x12\x0f\n\x07healthy\x18\x02 \x01(\x04\x12\x0e\n\x06healed\x18\x03 \x01(\x04\x12\x15\n\runrecoverable\x18\x04 \x01(\x04\x12\x0f\n\x07skipped\x18\x05 \x01(\x04\x12\x15\n\rshards_healed\x18\x06 \x01(\x04\x12\x13\n\x0b\x63urrent_key\x18\x07 \x01(\t\x12\x1a\n\x12unrecoverable_keys\x18\x08 \x03(\t\x12\x0c\n\x04\x64one\x18\t \x01(\x08\x12\x15\n\rbytes_scanned\x18\n \x01(\x04\x12\x14\n\x0c\x62ytes_healed\x18\x0b \x01(\x04\x32\x8e\x03\n\x0c\x41\x64minService\x12Q\n\x04Heal\x12\x1e.kvtier.gateway.v1.HealRequest\x1a\x1f.kvtier.gateway.v1.HealProgress\"\x06\xaa\x86\x19\x02\x10\x01\x30\x01\x12\\\n\tDrainPool\x12#.kvtier.gateway.v1.DrainPoolRequest\x1a .kvtier.gateway.v1.DrainProgress\"\x06\xaa\x86\x19\x02\x10\x01\x30\x01\x12\x61\n\nRemovePool\x12$.kvtier.gateway.v1.RemovePoolRequest\x1a%.kvtier.gateway.v1.RemovePoolResponse\"\x06\xaa\x86\x19\x02\x10\x01\x12j\n\rListHealQueue\x12\'.kvtier.gateway.v1.ListHealQueueRequest\x1a(.kvtier.gateway.v1.ListHealQueueResponse\"\x06\xaa\x86\x19\x02\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,18 +39,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADMINSERVICE'].methods_by_name['DrainPool']._serialized_options = b'\252\206\031\002\020\001'
   _globals['_ADMINSERVICE'].methods_by_name['RemovePool']._loaded_options = None
   _globals['_ADMINSERVICE'].methods_by_name['RemovePool']._serialized_options = b'\252\206\031\002\020\001'
-  _globals['_DRAINPOOLREQUEST']._serialized_start=83
-  _globals['_DRAINPOOLREQUEST']._serialized_end=116
-  _globals['_DRAINPROGRESS']._serialized_start=119
-  _globals['_DRAINPROGRESS']._serialized_end=376
-  _globals['_REMOVEPOOLREQUEST']._serialized_start=378
-  _globals['_REMOVEPOOLREQUEST']._serialized_end=412
-  _globals['_REMOVEPOOLRESPONSE']._serialized_start=414
-  _globals['_REMOVEPOOLRESPONSE']._serialized_end=449
-  _globals['_HEALREQUEST']._serialized_start=451
-  _globals['_HEALREQUEST']._serialized_end=513
-  _globals['_HEALPROGRESS']._serialized_start=516
-  _globals['_HEALPROGRESS']._serialized_end=751
-  _globals['_ADMINSERVICE']._serialized_start=754
-  _globals['_ADMINSERVICE']._serialized_end=1044
+  _globals['_ADMINSERVICE'].methods_by_name['ListHealQueue']._loaded_options = None
+  _globals['_ADMINSERVICE'].methods_by_name['ListHealQueue']._serialized_options = b'\252\206\031\002\020\001'
+  _globals['_LISTHEALQUEUEREQUEST']._serialized_start=83
+  _globals['_LISTHEALQUEUEREQUEST']._serialized_end=120
+  _globals['_HEALQUEUEENTRY']._serialized_start=123
+  _globals['_HEALQUEUEENTRY']._serialized_end=319
+  _globals['_LISTHEALQUEUERESPONSE']._serialized_start=322
+  _globals['_LISTHEALQUEUERESPONSE']._serialized_end=495
+  _globals['_DRAINPOOLREQUEST']._serialized_start=497
+  _globals['_DRAINPOOLREQUEST']._serialized_end=530
+  _globals['_DRAINPROGRESS']._serialized_start=533
+  _globals['_DRAINPROGRESS']._serialized_end=790
+  _globals['_REMOVEPOOLREQUEST']._serialized_start=792
+  _globals['_REMOVEPOOLREQUEST']._serialized_end=826
+  _globals['_REMOVEPOOLRESPONSE']._serialized_start=828
+  _globals['_REMOVEPOOLRESPONSE']._serialized_end=863
+  _globals['_HEALREQUEST']._serialized_start=865
+  _globals['_HEALREQUEST']._serialized_end=927
+  _globals['_HEALPROGRESS']._serialized_start=930
+  _globals['_HEALPROGRESS']._serialized_end=1165
+  _globals['_ADMINSERVICE']._serialized_start=1168
+  _globals['_ADMINSERVICE']._serialized_end=1566
 # @@protoc_insertion_point(module_scope)

@@ -20,6 +20,140 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class ListHealQueueRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """Entries to return at most (0: 1000; more than 10000 is taken as 10000)."""
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListHealQueueRequest: _TypeAlias = ListHealQueueRequest  # noqa: Y015
+
+@_typing.final
+class HealQueueEntry(_message.Message):
+    """One object in the heal queue."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUCKET_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    AGE_S_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_IN_S_FIELD_NUMBER: _builtins.int
+    WAITING_ON_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    bucket: _builtins.str
+    """The user-facing bucket name (internal buckets by their own names) and the key."""
+    key: _builtins.str
+    version_id: _builtins.str
+    """The S3 version found degraded ("null" for an unversioned object; empty when the object
+    was queued without its version being known, e.g. after a failed heal). The heal checks the
+    key's current version.
+    """
+    reason: _builtins.str
+    """Why it was queued first (e.g. "read rebuilt a block", "write committed on 10 of 12
+    drives", "scanner: ...").
+    """
+    age_s: _builtins.float
+    """Seconds since it was first queued."""
+    attempts: _builtins.int
+    """Heals tried so far (each failed one is retried with backoff)."""
+    state: _builtins.str
+    """"new" (not tried yet), "retrying" (after a failed try; next_attempt_in_s), "waiting" (for
+    the drives in waiting_on to come back online) or "healing" (being healed now).
+    """
+    next_attempt_in_s: _builtins.float
+    """Seconds until the next try ("retrying" only)."""
+    last_error: _builtins.str
+    """Why the last try did not finish it."""
+    @_builtins.property
+    def waiting_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Drives it waits for (unreachable at the last try)."""
+
+    def __init__(
+        self,
+        *,
+        bucket: _builtins.str = ...,
+        key: _builtins.str = ...,
+        version_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        age_s: _builtins.float = ...,
+        attempts: _builtins.int = ...,
+        state: _builtins.str = ...,
+        next_attempt_in_s: _builtins.float = ...,
+        waiting_on: _abc.Iterable[_builtins.str] | None = ...,
+        last_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_s", b"age_s", "attempts", b"attempts", "bucket", b"bucket", "key", b"key", "last_error", b"last_error", "next_attempt_in_s", b"next_attempt_in_s", "reason", b"reason", "state", b"state", "version_id", b"version_id", "waiting_on", b"waiting_on"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HealQueueEntry: _TypeAlias = HealQueueEntry  # noqa: Y015
+
+@_typing.final
+class ListHealQueueResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
+    RETRYING_FIELD_NUMBER: _builtins.int
+    HEALING_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    total: _builtins.int
+    """Objects in the queue (the metric kvtier_gateway_heal_queue_length, which may count an
+    object reported again while queued twice for a moment).
+    """
+    more: _builtins.int
+    """Queued objects not returned (beyond limit)."""
+    waiting: _builtins.int
+    """Of total: objects waiting for drives, retrying after a failed try, being healed now."""
+    retrying: _builtins.int
+    healing: _builtins.int
+    dropped: _builtins.int
+    """Objects not queued since the gateway started because the queue was full (the scanner
+    finds them later).
+    """
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___HealQueueEntry]:
+        """Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___HealQueueEntry] | None = ...,
+        total: _builtins.int = ...,
+        more: _builtins.int = ...,
+        waiting: _builtins.int = ...,
+        retrying: _builtins.int = ...,
+        healing: _builtins.int = ...,
+        dropped: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "entries", b"entries", "healing", b"healing", "more", b"more", "retrying", b"retrying", "total", b"total", "waiting", b"waiting"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListHealQueueResponse: _TypeAlias = ListHealQueueResponse  # noqa: Y015
+
+@_typing.final
 class DrainPoolRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

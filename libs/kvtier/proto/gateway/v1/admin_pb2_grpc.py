@@ -50,6 +50,11 @@ class AdminServiceStub:
                 request_serializer=kvtier_dot_gateway_dot_v1_dot_admin__pb2.RemovePoolRequest.SerializeToString,
                 response_deserializer=kvtier_dot_gateway_dot_v1_dot_admin__pb2.RemovePoolResponse.FromString,
                 _registered_method=True)
+        self.ListHealQueue = channel.unary_unary(
+                '/kvtier.gateway.v1.AdminService/ListHealQueue',
+                request_serializer=kvtier_dot_gateway_dot_v1_dot_admin__pb2.ListHealQueueRequest.SerializeToString,
+                response_deserializer=kvtier_dot_gateway_dot_v1_dot_admin__pb2.ListHealQueueResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -86,6 +91,17 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListHealQueue(self, request, context):
+        """What this gateway's heal queue holds (`kvtier admin heal queue`, the console's Heal page):
+        the objects a read, a write, the scanner or an admin heal found degraded and that wait to
+        be healed (new, retrying with backoff, waiting for drives that are down, or being healed
+        now), oldest first, at most `limit` of them, and the queue's totals. Every tenant's
+        objects: admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -103,6 +119,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RemovePool,
                     request_deserializer=kvtier_dot_gateway_dot_v1_dot_admin__pb2.RemovePoolRequest.FromString,
                     response_serializer=kvtier_dot_gateway_dot_v1_dot_admin__pb2.RemovePoolResponse.SerializeToString,
+            ),
+            'ListHealQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHealQueue,
+                    request_deserializer=kvtier_dot_gateway_dot_v1_dot_admin__pb2.ListHealQueueRequest.FromString,
+                    response_serializer=kvtier_dot_gateway_dot_v1_dot_admin__pb2.ListHealQueueResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -186,6 +207,33 @@ class AdminService:
             '/kvtier.gateway.v1.AdminService/RemovePool',
             kvtier_dot_gateway_dot_v1_dot_admin__pb2.RemovePoolRequest.SerializeToString,
             kvtier_dot_gateway_dot_v1_dot_admin__pb2.RemovePoolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListHealQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.gateway.v1.AdminService/ListHealQueue',
+            kvtier_dot_gateway_dot_v1_dot_admin__pb2.ListHealQueueRequest.SerializeToString,
+            kvtier_dot_gateway_dot_v1_dot_admin__pb2.ListHealQueueResponse.FromString,
             options,
             channel_credentials,
             insecure,

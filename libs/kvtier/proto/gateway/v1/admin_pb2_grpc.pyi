@@ -51,6 +51,13 @@ class AdminServiceStub:
     checking again that its drives hold nothing. FAILED_PRECONDITION unless it is DRAINED and
     empty; NOT_FOUND for no such pool.
     """
+    ListHealQueue: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListHealQueueRequest, _admin_pb2.ListHealQueueResponse]
+    """What this gateway's heal queue holds (`kvtier admin heal queue`, the console's Heal page):
+    the objects a read, a write, the scanner or an admin heal found degraded and that wait to
+    be healed (new, retrying with backoff, waiting for drives that are down, or being healed
+    now), oldest first, at most `limit` of them, and the queue's totals. Every tenant's
+    objects: admins only.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -73,6 +80,13 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Retire a drained pool (it stays in the map as a tombstone: indexes never move) after
     checking again that its drives hold nothing. FAILED_PRECONDITION unless it is DRAINED and
     empty; NOT_FOUND for no such pool.
+    """
+    ListHealQueue: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListHealQueueRequest, _admin_pb2.ListHealQueueResponse]  # type: ignore[assignment]
+    """What this gateway's heal queue holds (`kvtier admin heal queue`, the console's Heal page):
+    the objects a read, a write, the scanner or an admin heal found degraded and that wait to
+    be healed (new, retrying with backoff, waiting for drives that are down, or being healed
+    now), oldest first, at most `limit` of them, and the queue's totals. Every tenant's
+    objects: admins only.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -111,6 +125,19 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Retire a drained pool (it stays in the map as a tombstone: indexes never move) after
         checking again that its drives hold nothing. FAILED_PRECONDITION unless it is DRAINED and
         empty; NOT_FOUND for no such pool.
+        """
+
+    @_abc_1.abstractmethod
+    def ListHealQueue(
+        self,
+        request: _admin_pb2.ListHealQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListHealQueueResponse, _abc.Awaitable[_admin_pb2.ListHealQueueResponse]]:
+        """What this gateway's heal queue holds (`kvtier admin heal queue`, the console's Heal page):
+        the objects a read, a write, the scanner or an admin heal found degraded and that wait to
+        be healed (new, retrying with backoff, waiting for drives that are down, or being healed
+        now), oldest first, at most `limit` of them, and the queue's totals. Every tenant's
+        objects: admins only.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -99,6 +99,8 @@ class _ItemStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ItemStatus
     """commit: the put took longer than the node's put timeout"""
     ITEM_STATUS_CORRUPT: _ItemStatus.ValueType  # 10
     """put: the bytes that arrived do not match the block's checksum (nothing stored)"""
+    ITEM_STATUS_UNAVAILABLE: _ItemStatus.ValueType  # 11
+    """put, write-through namespace: the durable tier did not commit the block's copy in time (not stored in DRAM)"""
 
 class ItemStatus(_ItemStatus, metaclass=_ItemStatusEnumTypeWrapper):
     """The outcome for one key."""
@@ -124,6 +126,8 @@ ITEM_STATUS_EXPIRED: ItemStatus.ValueType  # 9
 """commit: the put took longer than the node's put timeout"""
 ITEM_STATUS_CORRUPT: ItemStatus.ValueType  # 10
 """put: the bytes that arrived do not match the block's checksum (nothing stored)"""
+ITEM_STATUS_UNAVAILABLE: ItemStatus.ValueType  # 11
+"""put, write-through namespace: the durable tier did not commit the block's copy in time (not stored in DRAM)"""
 Global___ItemStatus: _TypeAlias = ItemStatus  # noqa: Y015
 
 class _Durability:
@@ -1177,6 +1181,57 @@ class ListSettingsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListSettingsResponse: _TypeAlias = ListSettingsResponse  # noqa: Y015
+
+@_typing.final
+class AuthorizeEventsSubscriberRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENT_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    client_public_key: _builtins.str
+    """The subscriber's CURVE public key, Z85 (40 characters). Only ever the public key: the
+    secret key stays with the subscriber.
+    """
+    def __init__(
+        self,
+        *,
+        client_public_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_public_key", b"client_public_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthorizeEventsSubscriberRequest: _TypeAlias = AuthorizeEventsSubscriberRequest  # noqa: Y015
+
+@_typing.final
+class AuthorizeEventsSubscriberResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVER_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    EXPIRES_S_FIELD_NUMBER: _builtins.int
+    server_public_key: _builtins.str
+    """The node's CURVE public key (Z85, as NodeInfo.kv_events_server_key): the subscriber's
+    curve_serverkey. Empty: this node's events are unauthenticated (kv_events_auth = none, or
+    an insecure cluster): connect without CURVE.
+    """
+    expires_s: _builtins.float
+    """Seconds from now during which the key may open connections and ask for replays (0:
+    nothing was registered). A SUB connection opened in time is not cut when it expires.
+    """
+    def __init__(
+        self,
+        *,
+        server_public_key: _builtins.str = ...,
+        expires_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_s", b"expires_s", "server_public_key", b"server_public_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthorizeEventsSubscriberResponse: _TypeAlias = AuthorizeEventsSubscriberResponse  # noqa: Y015
 
 @_typing.final
 class ListKeysRequest(_message.Message):

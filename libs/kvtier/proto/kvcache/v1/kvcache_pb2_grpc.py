@@ -120,6 +120,11 @@ class KVCacheServiceStub:
                 request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ListSettingsRequest.SerializeToString,
                 response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ListSettingsResponse.FromString,
                 _registered_method=True)
+        self.AuthorizeEventsSubscriber = channel.unary_unary(
+                '/kvtier.kvcache.v1.KVCacheService/AuthorizeEventsSubscriber',
+                request_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.AuthorizeEventsSubscriberRequest.SerializeToString,
+                response_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.AuthorizeEventsSubscriberResponse.FromString,
+                _registered_method=True)
 
 
 class KVCacheServiceServicer:
@@ -242,6 +247,15 @@ class KVCacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuthorizeEventsSubscriber(self, request, context):
+        """KV events (docs/routing.md): admit a subscriber's CURVE public key on this node's event
+        sockets (PUB and replay) for new connections, for a while. The events of every tenant share
+        the sockets (a topic filter is no boundary): operators and admins only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVCacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -329,6 +343,11 @@ def add_KVCacheServiceServicer_to_server(servicer, server):
                     servicer.ListSettings,
                     request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ListSettingsRequest.FromString,
                     response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ListSettingsResponse.SerializeToString,
+            ),
+            'AuthorizeEventsSubscriber': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuthorizeEventsSubscriber,
+                    request_deserializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.AuthorizeEventsSubscriberRequest.FromString,
+                    response_serializer=kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.AuthorizeEventsSubscriberResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -790,6 +809,33 @@ class KVCacheService:
             '/kvtier.kvcache.v1.KVCacheService/ListSettings',
             kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ListSettingsRequest.SerializeToString,
             kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.ListSettingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuthorizeEventsSubscriber(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvtier.kvcache.v1.KVCacheService/AuthorizeEventsSubscriber',
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.AuthorizeEventsSubscriberRequest.SerializeToString,
+            kvtier_dot_kvcache_dot_v1_dot_kvcache__pb2.AuthorizeEventsSubscriberResponse.FromString,
             options,
             channel_credentials,
             insecure,

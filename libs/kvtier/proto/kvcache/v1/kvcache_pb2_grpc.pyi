@@ -78,6 +78,11 @@ class KVCacheServiceStub:
     """The operator settings the cluster keeps (every node applies them): what SetQuota,
     SetNamespaceTTL and SetNamespacePolicy stored, read-only (the operator console). Admins.
     """
+    AuthorizeEventsSubscriber: _grpc.UnaryUnaryMultiCallable[_kvcache_pb2.AuthorizeEventsSubscriberRequest, _kvcache_pb2.AuthorizeEventsSubscriberResponse]
+    """KV events (docs/routing.md): admit a subscriber's CURVE public key on this node's event
+    sockets (PUB and replay) for new connections, for a while. The events of every tenant share
+    the sockets (a topic filter is no boundary): operators and admins only.
+    """
 
 @_typing.type_check_only
 class KVCacheServiceAsyncStub(KVCacheServiceStub):
@@ -118,6 +123,11 @@ class KVCacheServiceAsyncStub(KVCacheServiceStub):
     ListSettings: _aio.UnaryUnaryMultiCallable[_kvcache_pb2.ListSettingsRequest, _kvcache_pb2.ListSettingsResponse]  # type: ignore[assignment]
     """The operator settings the cluster keeps (every node applies them): what SetQuota,
     SetNamespaceTTL and SetNamespacePolicy stored, read-only (the operator console). Admins.
+    """
+    AuthorizeEventsSubscriber: _aio.UnaryUnaryMultiCallable[_kvcache_pb2.AuthorizeEventsSubscriberRequest, _kvcache_pb2.AuthorizeEventsSubscriberResponse]  # type: ignore[assignment]
+    """KV events (docs/routing.md): admit a subscriber's CURVE public key on this node's event
+    sockets (PUB and replay) for new connections, for a while. The events of every tenant share
+    the sockets (a topic filter is no boundary): operators and admins only.
     """
 
 class KVCacheServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -258,6 +268,17 @@ class KVCacheServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_kvcache_pb2.ListSettingsResponse, _abc.Awaitable[_kvcache_pb2.ListSettingsResponse]]:
         """The operator settings the cluster keeps (every node applies them): what SetQuota,
         SetNamespaceTTL and SetNamespacePolicy stored, read-only (the operator console). Admins.
+        """
+
+    @_abc_1.abstractmethod
+    def AuthorizeEventsSubscriber(
+        self,
+        request: _kvcache_pb2.AuthorizeEventsSubscriberRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kvcache_pb2.AuthorizeEventsSubscriberResponse, _abc.Awaitable[_kvcache_pb2.AuthorizeEventsSubscriberResponse]]:
+        """KV events (docs/routing.md): admit a subscriber's CURVE public key on this node's event
+        sockets (PUB and replay) for new connections, for a while. The events of every tenant share
+        the sockets (a topic filter is no boundary): operators and admins only.
         """
 
 def add_KVCacheServiceServicer_to_server(servicer: KVCacheServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
