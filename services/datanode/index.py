@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -133,6 +133,15 @@ class ShardIndex:
         with self._lock, self._db:
             self._db.execute(_INSERT_OBJECT, row)
             self._db.execute("DELETE FROM pending WHERE bucket = ? AND key = ?", (bucket, key))
+
+    def put_many(self, entries: Sequence[tuple[str, ListEntry]]) -> None:
+        """put of several (bucket, entry) in one transaction, in order."""
+        rows = [(bucket, entry.key.encode(), *_columns(entry)) for bucket, entry in entries]
+        with self._lock, self._db:
+            self._db.executemany(_INSERT_OBJECT, rows)
+            self._db.executemany(
+                "DELETE FROM pending WHERE bucket = ? AND key = ?", [row[:2] for row in rows]
+            )
 
     def remove(self, bucket: str, key: str, *, versions: bool = False) -> None:
         """Remove the entry of (bucket, key), if any (versions: its versions' too), and clear

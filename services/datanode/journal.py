@@ -21,7 +21,7 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from kvtier import errors
@@ -88,11 +88,16 @@ class Journal:
     def commit(self, record: bytes) -> None:
         """Append record (from `encode`) and return once it is durable; Unavailable when the
         write or sync of its batch failed, or the journal broke before."""
+        self.commit_many((record,))
+
+    def commit_many(self, records: Sequence[bytes]) -> None:
+        """Append records (in order, in one sync batch) and return once all are durable; as
+        `commit` (a failure fails them all)."""
         with self._cond:
             if self._broken:
                 raise errors.Unavailable(f"journal {self.path} is broken: {self._broken}")
-            self._queued.append(record)
-            self._appended += 1
+            self._queued.extend(records)
+            self._appended += len(records)
             mine = self._appended
             while self._syncing and self._durable < mine:
                 self._cond.wait()

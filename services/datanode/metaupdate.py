@@ -1,4 +1,5 @@
-"""UpdateMeta: replace the tags or the ACL of one version of an object on a drive, in place.
+"""UpdateMeta: replace the tags or the ACL of one version of an object on a drive, in place
+(the current version or a kept, non-current one of a versioned key).
 
 S3's PutObjectTagging, DeleteObjectTagging and PutObjectAcl change an object's metadata without a
 new version: same data_id, mtime and ETag, same shard bytes. The drive's meta file of that version
@@ -34,9 +35,11 @@ def update_meta(store: shards.ShardStore, req: pb.UpdateMetaRequest) -> datanode
     """Apply req to the drive's meta of req.bucket/req.key (blocking: run it in the I/O pool).
 
     Tags are replaced when req.replace_tags (an empty map removes them), the ACL when req.acl is
-    set; the rest of the meta stays as it is. Returns the stored meta. Raises NotFound when the
-    drive holds no such object, PreconditionFailed (FAILED_PRECONDITION) when it holds another
-    version than req.data_id, InvalidArgument for an empty data_id or tags beyond S3's limits.
+    set; the rest of the meta stays as it is. The version is req.data_id's, current or kept
+    (a non-current S3 version: `ShardStore.rewrite_meta`). Returns the stored meta. Raises
+    NotFound when the drive holds no such object, PreconditionFailed (FAILED_PRECONDITION) when
+    it holds no version req.data_id, InvalidArgument for an empty data_id or tags beyond S3's
+    limits.
     """
     where = f"{req.bucket}/{req.key}"
     if not req.data_id:
@@ -62,4 +65,4 @@ def update_meta(store: shards.ShardStore, req: pb.UpdateMetaRequest) -> datanode
             meta.acl.CopyFrom(req.acl)
         return meta
 
-    return store.rewrite_meta(req.bucket, req.key, change)
+    return store.rewrite_meta(req.bucket, req.key, change, data_id=req.data_id)

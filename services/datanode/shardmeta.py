@@ -79,8 +79,9 @@ MAX_FUTURE_MTIME_NS = 1800 * 1_000_000_000
 
 
 def stamp(stored: datanode_pb2.ShardMeta, where: str) -> None:
-    """Set the format version and a missing mtime (now); ClockSkew for one more than
-    MAX_FUTURE_MTIME_NS ahead of this node's clock."""
+    """Set the format version, a missing mtime (now) and when this drive stores the version
+    (stored_unix_ns: this node's clock; stored_age_ms is for replies only); ClockSkew for an
+    mtime more than MAX_FUTURE_MTIME_NS ahead of this node's clock."""
     stored.format_version = FORMAT_VERSION
     now = time.time_ns()
     if stored.mtime_unix_ns > now + MAX_FUTURE_MTIME_NS:
@@ -92,6 +93,16 @@ def stamp(stored: datanode_pb2.ShardMeta, where: str) -> None:
             f"{MAX_FUTURE_MTIME_NS // 1_000_000_000} s): the writer's clock is skewed"
         )
     stored.mtime_unix_ns = stored.mtime_unix_ns or now
+    stored.stored_unix_ns, stored.stored_age_ms = now, 0
+
+
+def stored_age_ms(meta: datanode_pb2.ShardMeta, file_mtime_ns: int, now_ns: int) -> int:
+    """How long ago (ms, at least 1) this drive stored meta, by this node's clock at both ends:
+    its stored_unix_ns, or file_mtime_ns (its meta file's) for a version stored before the
+    field existed (0: not known, nor the age). No gateway's clock takes part (a pool drain ages
+    orphaned copies by it)."""
+    since_ns = meta.stored_unix_ns or file_mtime_ns
+    return max(1, (now_ns - since_ns) // 1_000_000) if since_ns else 0
 
 
 def name_version(stored: datanode_pb2.ShardMeta, where: str) -> None:

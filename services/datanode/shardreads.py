@@ -5,6 +5,9 @@ inline data or from `<h>/<data_id>/part.N` (services.datanode.framing checks the
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 from kvtier import errors, names
 from kvtier.proto.datanode.v1 import datanode_pb2
 from services.datanode import framing, index, shardmeta, shardversions, versionstore
@@ -31,6 +34,18 @@ class ShardReads(shardversions.VersionedShards):
         meta = shardmeta.decode_meta(raw, f"{bucket}/{key}")
         if meta.bucket != bucket or meta.key != key:
             raise errors.Corrupt(f"{bucket}/{key}: meta names {meta.bucket}/{meta.key}")
+        return meta
+
+    def read_meta_aged(self, bucket: str, key: str, version: str = "") -> datanode_pb2.ShardMeta:
+        """read_meta's meta with stored_age_ms set (this node's clock: shardmeta.stored_age_ms),
+        as a READ_METAS call answers with it."""
+        meta = self.read_meta(bucket, key, version)
+        mtime_ns = 0
+        if not meta.stored_unix_ns and not version:  # stored before the field: the file's
+            with contextlib.suppress(OSError):
+                path = self._object_dir(bucket, key) / shardmeta.META_FILE
+                mtime_ns = path.stat().st_mtime_ns
+        meta.stored_age_ms = shardmeta.stored_age_ms(meta, mtime_ns, time.time_ns())
         return meta
 
     def read_shard(

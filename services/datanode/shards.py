@@ -27,8 +27,9 @@ holds) renames the staged part files over the existing ones instead, one by one.
 A small write (`ShardStore.write_small`: one part, the whole shard of at most INLINE_MAX_BYTES in
 one call) takes another path: its meta (the shard inline) is appended to the drive's journal and
 synced there, one fdatasync for every commit that arrived meanwhile (group commit), then written
-over `<h>/meta` by rename without a sync of its own; a removal of a key whose last change is
-journaled is journaled too. Opening the store replays the journal (each record installed only
+over `<h>/meta` by rename without a sync of its own (`write_smalls`: several objects' small
+writes with one append and sync, and one index transaction); a removal of a key whose last change
+is journaled is journaled too. Opening the store replays the journal (each record installed only
 over an older version, removed only over one as old or older) before anything is read; a
 checkpoint (syncfs, then an empty journal) runs when the journal grows past
 JOURNAL_CHECKPOINT_BYTES and at close.
@@ -58,12 +59,12 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from google.protobuf import message as pb_message
 
-from kvtier import errors
+from kvtier import errors, objversions
 from kvtier.proto.datanode.v1 import datanode_pb2
 from services.datanode import (
     drives,
@@ -227,8 +228,102 @@ class ShardStore(shardrecovery.ShardRecovery):
                 log.warning("drive %s: journal checkpoint failed: %s", self.drive.path, exc)
         return stored
 
-    def _apply(self, object_dir: Path, meta: datanode_pb2.ShardMeta, raw: bytes) -> None:
-        """Replace the object's meta by raw (journaled: no sync here) and index it."""
+    def write_smalls(
+        self, items: Sequence[tuple[datanode_pb2.ShardMeta, framing.Buffer]]
+    ) -> list[datanode_pb2.ShardMeta | Exception]:
+        """write_small of several shards (of several objects; two versions of a key go in
+        their order) whose journal records share one append and sync; per item, in order, its
+        stored meta once durable or its own error (what write_small raises, or an OSError of
+        its drive): one item's refusal leaves the others as they go. A failed journal sync
+        fails every item it carried."""
+        out: list[datanode_pb2.ShardMeta | Exception] = []
+        plain: list[tuple[int, Path, datanode_pb2.ShardMeta]] = []
+        for meta, shard in items:
+            try:
+                if meta.keep_versions:  # synced in place, never journaled: one at a time
+                    out.append(self.write_small(meta, shard))
+                    continue
+                stored = seal_small(meta, shard)
+                plain.append((len(out), self._object_dir(stored.bucket, stored.key), stored))
+                out.append(stored)
+            except (errors.KVTierError, OSError) as exc:
+                out.append(exc)
+        if plain:
+            self._journal_smalls(plain, out)
+            self._checkpoint_if_big()
+        return out
+
+    def _journal_smalls(
+        self,
+        plain: Sequence[tuple[int, Path, datanode_pb2.ShardMeta]],
+        out: list[datanode_pb2.ShardMeta | Exception],
+    ) -> None:
+        """The journaled part of write_smalls: every key's lock held (in stripe order, as
+        _all_locks takes them) from the check of its current version to the apply."""
+        locks = sorted({self._key_lock(d) for _, d, _ in plain}, key=self._locks.index)
+        with contextlib.ExitStack() as stack:
+            for lock in locks:
+                stack.enter_context(lock)
+            newest: dict[Path, tuple[int, str]] = {}  # what this batch installs before
+            accepted, records = [], []
+            for at, object_dir, stored in plain:
+                try:
+                    self._refuse_older_than(object_dir, stored, newest.get(object_dir))
+                    raw = encode_meta(stored)
+                except (errors.KVTierError, OSError) as exc:
+                    out[at] = exc
+                    continue
+                newest[object_dir] = (stored.mtime_unix_ns, stored.data_id)
+                accepted.append((at, object_dir, stored, raw))
+                records.append(journal.encode(journal.Kind.INSTALL, raw))
+            if not records:
+                return
+            try:
+                self._journal.commit_many(records)
+            except errors.KVTierError as exc:
+                for at, *_ in accepted:
+                    out[at] = exc
+                return
+            applied = []
+            for at, object_dir, stored, raw in accepted:
+                self._journaled.add((stored.bucket, stored.key))
+                try:
+                    self._apply(object_dir, stored, raw, index=False)
+                except OSError as exc:  # journaled: a replay installs it; the writer hears
+                    out[at] = exc
+                else:
+                    applied.append(stored)
+            # One index transaction for the batch (one each costs about what a file step does).
+            self._index.put_many([(m.bucket, shardmeta.list_entry(m)) for m in applied])
+
+    def _refuse_older_than(
+        self,
+        object_dir: Path,
+        meta: datanode_pb2.ShardMeta,
+        before: tuple[int, str] | None,
+    ) -> None:
+        """_refuse_older, against `before` (the version an earlier item of the same batch
+        installs, already checked against the drive's) when there is one."""
+        if before is None:
+            self._refuse_older(object_dir, meta)
+        elif before > (meta.mtime_unix_ns, meta.data_id):
+            raise Superseded(
+                f"{meta.bucket}/{meta.key}: a newer version is here",
+                current_mtime_unix_ns=before[0],
+            )
+
+    def _checkpoint_if_big(self) -> None:
+        if self._journal.bytes > JOURNAL_CHECKPOINT_BYTES:
+            try:
+                self.checkpoint(JOURNAL_CHECKPOINT_BYTES)
+            except OSError as exc:  # the writes are durable already; a later one tries again
+                log.warning("drive %s: journal checkpoint failed: %s", self.drive.path, exc)
+
+    def _apply(
+        self, object_dir: Path, meta: datanode_pb2.ShardMeta, raw: bytes, *, index: bool = True
+    ) -> None:
+        """Replace the object's meta by raw (journaled: no sync here) and index it (unless
+        index=False: the caller indexes a batch at once)."""
         fresh = True  # a directory made now holds no data dirs to remove
         try:  # (os rather than pathlib on this path: it is most of the CPU of a small write)
             os.mkdir(object_dir)
@@ -243,7 +338,8 @@ class ShardStore(shardrecovery.ShardRecovery):
         finally:
             os.close(fd)
         os.replace(staged, f"{object_dir}/{META_FILE}")
-        self._index.put(meta.bucket, shardmeta.list_entry(meta))
+        if index:
+            self._index.put(meta.bucket, shardmeta.list_entry(meta))
         if not fresh:
             shardfiles.remove_data_dirs(object_dir, None)
 
@@ -345,9 +441,10 @@ class ShardStore(shardrecovery.ShardRecovery):
     def delete(self, bucket: str, key: str, version: str = "", if_data_id: str = "") -> bool:
         """Remove the object from this drive (meta first, then data), every S3 version of it
         included; False when it was absent. version: remove that version only (delete_version).
-        if_data_id: only when the current version is that one (else False, nothing removed)."""
+        if_data_id: only when the current version is that one (with version: when that version
+        is), else False and nothing removed."""
         if version:
-            return self.delete_version(bucket, key, version)
+            return self.delete_version(bucket, key, version, if_data_id)
         object_dir = self._object_dir(bucket, key)
         with self._key_lock(object_dir):
             if if_data_id and (self._current_version(object_dir) or (0, ""))[1] != if_data_id:
@@ -375,15 +472,28 @@ class ShardStore(shardrecovery.ShardRecovery):
         return True
 
     def rewrite_meta(
-        self, bucket: str, key: str, change: Callable[[ShardMeta], ShardMeta]
+        self, bucket: str, key: str, change: Callable[[ShardMeta], ShardMeta], data_id: str = ""
     ) -> ShardMeta:
         """Replace the object's meta by change(current meta), under the key's lock, atomically
         and durably as a commit writes it (staged, fsync, rename, fsync); the listing index is
-        not touched, so change must keep the listed fields. NotFound when absent; what change
-        raises. Returns the stored meta (services.datanode.metaupdate)."""
+        not touched, so change must keep the listed fields. data_id: when the current version
+        is another one, a kept (non-current) version with that data_id is changed instead
+        (`versionstore.write_version`); none: change(current meta) decides. NotFound when
+        absent; what change raises. Returns the stored meta (services.datanode.metaupdate)."""
         object_dir = self._object_dir(bucket, key)
         with self._key_lock(object_dir):
-            meta = change(self.read_meta(bucket, key))
+            current = self.read_meta(bucket, key)
+            if data_id and current.data_id != data_id:
+                kept = versionstore.find_data(object_dir, data_id, decode_meta)
+                if kept is not None:
+                    meta = change(kept)
+                    version = objversions.version_id(meta)
+                    raw = encode_meta(meta)
+                    versionstore.write_version(
+                        self._tmp, object_dir, raw, version, shardfiles.write_synced
+                    )
+                    return meta
+            meta = change(current)
             staged = self._tmp / f"meta-{uuid.uuid4().hex}"
             shardfiles.write_synced(staged, encode_meta(meta))
             os.replace(staged, object_dir / META_FILE)

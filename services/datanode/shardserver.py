@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import prometheus_client
 
 from kvtier import errors, tracing
+from kvtier.proto.datanode.v1 import datanode_pb2 as pb_meta
 from kvtier.proto.datanode.v1 import shards_pb2 as pb
 from kvtier.transport import base, calls, shm_copy, slots
 from services.datanode import drivemetrics, index, metaupdate, shards
@@ -165,8 +166,11 @@ class ShardNode:
                 "WRITE_SMALL: 1-64 shards, each of one part, whose shard_bytes add up to the "
                 "segments' bytes"
             )
-        if max(sizes) > shards.INLINE_MAX_BYTES:
-            raise errors.InvalidArgument(f"WRITE_SMALL: a shard is over {shards.INLINE_MAX_BYTES}")
+        if max(sizes) > shards.INLINE_MAX_BYTES or total > self._staging.slot_bytes:
+            raise errors.InvalidArgument(
+                f"WRITE_SMALL: a shard is over {shards.INLINE_MAX_BYTES} or the call's "
+                f"{total} bytes over {self._staging.slot_bytes}"
+            )
         slot = await self._staging.acquire(self._slot_wait_s)
         released = False
 
@@ -189,38 +193,46 @@ class ShardNode:
                 pieces.append(bytes(view[at : at + size]))
                 at += size
             release()
-            # One pool job for the call's drives: a hop to the pool costs about what a drive's
-            # write does, and concurrent calls keep the pool busy.
-            results = await self._run(self._write_smalls, req.shards, pieces)
+            results = await self._write_smalls(req.shards, pieces)
             SHARD_BYTES.labels("write").inc(total)
             return pb.WriteSmallResponse(results=results).SerializeToString()
 
         return base.CallPlan(sinks=sinks, on_received=on_received, on_done=lambda ok: release())
 
-    def _write_smalls(
+    async def _write_smalls(
         self, entries: Sequence[pb.SmallShard], pieces: Sequence[bytes]
     ) -> list[pb.ShardResult]:
-        """Each drive's small write, its error in its result (the call's other drives go on;
-        blocking: in the pool)."""
-        results = []
-        for entry, shard in zip(entries, pieces, strict=True):
-            try:
-                try:
-                    self._store(entry.drive_id).write_small(entry.meta, shard)
-                except OSError as exc:
-                    full = storage_full(exc)
-                    if full is None:
-                        raise
-                    raise full from exc
-            except shards.Superseded as exc:
-                results.append(
-                    pb.ShardResult(superseded=True, current_mtime_unix_ns=exc.current_mtime_unix_ns)
-                )
-            except errors.KVTierError as exc:
-                results.append(pb.ShardResult(error_kind=type(exc).__name__, error=str(exc)))
-            else:
-                results.append(pb.ShardResult())
-        return results
+        """Each shard's small write, its error in its result (the call's other shards go on).
+        A call may carry several objects' shards (the gateway batches concurrent small PUTs):
+        a drive's shards then share one journal sync (ShardStore.write_smalls), the drives in
+        parallel. One object's shards (one per drive) go in one pool job: a hop to the pool
+        costs about what a drive's write does, and concurrent calls keep the pool busy."""
+        drives: dict[str, list[int]] = {}
+        for at, entry in enumerate(entries):
+            drives.setdefault(entry.drive_id, []).append(at)
+        results: dict[int, pb.ShardResult] = {}
+
+        def write_smalls(groups: Sequence[tuple[str, list[int]]]) -> None:
+            for drive_id, ats in groups:
+                items = [(entries[at].meta, pieces[at]) for at in ats]
+                results.update(zip(ats, self._drive_smalls(drive_id, items), strict=True))
+
+        groups = list(drives.items())
+        if len(groups) == len(entries):
+            await self._run(write_smalls, groups)
+        else:
+            await asyncio.gather(*(self._run(write_smalls, [group]) for group in groups))
+        return [results[at] for at in range(len(entries))]
+
+    def _drive_smalls(
+        self, drive_id: str, items: Sequence[tuple[pb_meta.ShardMeta, bytes]]
+    ) -> list[pb.ShardResult]:
+        """The small writes of one drive, a result each (blocking: in the pool)."""
+        try:
+            got: Sequence[pb_meta.ShardMeta | Exception] = self._store(drive_id).write_smalls(items)
+        except errors.KVTierError as exc:  # no such drive here
+            got = [exc] * len(items)
+        return [_small_result(one) for one in got]
 
     async def _metas_plan(self, req: pb.ReadMetasRequest) -> base.CallPlan:
         if not 1 <= len(req.drive_ids) <= _MAX_DRIVES_PER_CALL:
@@ -233,7 +245,7 @@ class ShardNode:
         out = []
         for drive_id in req.drive_ids:
             try:
-                meta = self._store(drive_id).read_meta(req.bucket, req.key, req.version_id)
+                meta = self._store(drive_id).read_meta_aged(req.bucket, req.key, req.version_id)
             except errors.KVTierError as exc:
                 result = pb.ShardResult(error_kind=type(exc).__name__, error=str(exc))
                 out.append(pb.DriveMeta(result=result))
@@ -411,6 +423,17 @@ def _version_entry(v: index.VersionEntry) -> pb.ShardEntry:
         key=v.key, size=v.size, etag=v.etag, mtime_unix_ns=v.mtime_ns, version_id=v.version_id,
         is_latest=v.is_latest, delete_marker=v.delete_marker, data_id=v.data_id,
     )  # fmt: skip
+
+
+def _small_result(got: pb_meta.ShardMeta | Exception) -> pb.ShardResult:
+    """A small write's result: done, superseded, or its typed error."""
+    if isinstance(got, shards.Superseded):
+        return pb.ShardResult(superseded=True, current_mtime_unix_ns=got.current_mtime_unix_ns)
+    if isinstance(got, OSError):
+        got = storage_full(got) or errors.Internal(f"drive I/O failed: {got}")
+    if isinstance(got, Exception):
+        return pb.ShardResult(error_kind=type(got).__name__, error=str(got))
+    return pb.ShardResult()
 
 
 def _superseded(exc: shards.Superseded) -> pb.CommitWriteResponse:

@@ -86,15 +86,20 @@ class VersionedShards(shardbase.ShardStoreBase):
             raise errors.NotFound(f"{bucket}/{key}: no version {version} on this drive")
         return found
 
-    def delete_version(self, bucket: str, key: str, version: str) -> bool:
+    def delete_version(self, bucket: str, key: str, version: str, if_data_id: str = "") -> bool:
         """Remove one S3 version of the key; the current one is replaced by the newest
-        non-current one (one rename), or the key is gone when none is left. False: absent."""
+        non-current one (one rename), or the key is gone when none is left. False: absent, or
+        (if_data_id) that version is not the one with this data_id (a newer null version)."""
         object_dir = self._object_dir(bucket, key)
         objversions.check(version)
         if (bucket, key) in self._journaled:
             self.checkpoint()  # a replay must not bring back a removed journaled version
         with self._key_lock(object_dir):
             current = self._current_meta(object_dir)
+            if if_data_id:
+                found = versionstore.find(object_dir, current, version, shardmeta.decode_meta)
+                if found is None or found.data_id != if_data_id:
+                    return False
             if current is not None and objversions.version_id(current) == version:
                 self._index.mark_pending(bucket, key)
                 others = versionstore.noncurrent(object_dir, current, shardmeta.decode_meta)

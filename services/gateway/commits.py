@@ -11,6 +11,15 @@ the clock learns what the drives hold without a round trip of its own:
   parts again) is then stamped above every answer and committed again on every live drive,
   once, with the same data_id, so the drives end with one (stamp, data_id).
 
+A commit that misses the write quorum fails (ClockSkew when drives refused the stamp as too
+far ahead, StorageFull, Unavailable), and the drives that took it must not keep it: a version
+left on some drives could be read or listed after its PUT was answered with an error, and one
+stamped far ahead would supersede every later write on them. It is removed again (`_undo`) with
+a conditional delete that names its data_id (and its S3 version id in a versioned bucket), so
+a newer write of the key that landed meanwhile is never touched; a commit that reached its
+write quorum is never undone. Undoing is best effort: a drive that cannot be reached then
+keeps the version (logged).
+
 Either way a write begun after another was acknowledged is ordered after it whatever the
 gateways' clocks say: the earlier write is on a write quorum of drives, the later one reaches a
 write quorum, and two write quorums of a set share a drive. What is still superseded after that
@@ -29,7 +38,7 @@ from collections.abc import Sequence
 
 import prometheus_client
 
-from kvtier import errors, hlc
+from kvtier import errors, hlc, objversions
 from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
 from services.gateway import datanodes as datanodes_mod
 from services.gateway import fanout, placement
@@ -40,6 +49,10 @@ RESTAMPS = prometheus_client.Counter(
     "kvtier_gateway_version_restamps_total",
     "Writes stamped again and committed again because the drives held a version stamped above "
     "this gateway's clock (a sign of clock skew between gateways)",
+)
+UNDONE = prometheus_client.Counter(
+    "kvtier_gateway_commits_undone_total",
+    "Drives from which a commit that missed the write quorum was removed again",
 )
 #: At most one warning about a lagging clock per this many seconds.
 _WARN_EVERY_S = 60.0
@@ -65,7 +78,8 @@ async def commit_version(
     never stamped again above a newer version (a pool drain's copy loses to every write).
 
     Raises ClockSkew when drives refused the stamp as too far ahead and the rest miss the write
-    quorum, Unavailable for any other shortfall."""
+    quorum, StorageFull or Unavailable for any other shortfall; the drives that took the
+    version then no longer hold it (_undo)."""
     if stamp:
         meta.mtime_unix_ns = clock.now()
     done = await _round(nodes, where, meta, write_id, live, sources, small)
@@ -81,6 +95,7 @@ async def commit_version(
             f"PUT {meta.bucket}/{meta.key}: committed on {done.drives} drives, "
             f"the write quorum is {where.write_quorum}"
         )
+        await _undo(nodes, where, meta, live)
         if done.skew:
             raise errors.ClockSkew(f"{problem}; drives refused the stamp: {done.skew}")
         if done.full:
@@ -127,6 +142,41 @@ async def _round(
     for part in await asyncio.gather(*(commit(i) for i in live)):
         total.add(part)
     return total
+
+
+async def _undo(
+    nodes: datanodes_mod.Datanodes,
+    where: placement.Placement,
+    meta: datanode_pb2.ShardMeta,
+    live: Sequence[int],
+) -> None:
+    """Remove meta's version (a commit that missed the write quorum) from the drives of live
+    that hold it: only that version (data_id; its version id where versions are kept), so a
+    newer write of the key is never removed. A drive that fails keeps it (logged)."""
+    if not meta.data_id:  # nothing to name it by (the gateway always sets one)
+        return
+    version = objversions.version_id(meta) if meta.keep_versions else ""
+
+    async def undo(index: int) -> bool:
+        slot = where.slots[index]
+        try:
+            return await nodes.shards(slot.node_id).delete_shard(
+                slot.drive_id, meta.bucket, meta.key, version, if_data_id=meta.data_id
+            )
+        except errors.KVTierError as exc:
+            log.warning(
+                "undo of the failed commit of %s/%s on %s failed: %s",
+                meta.bucket, meta.key, slot.drive_id, exc,
+            )  # fmt: skip
+            return False
+
+    removed = sum(await asyncio.gather(*(undo(i) for i in live)))
+    if removed:
+        UNDONE.inc(removed)
+        log.info(
+            "%s/%s: the failed commit of version %s removed again from %d drives",
+            meta.bucket, meta.key, meta.data_id, removed,
+        )  # fmt: skip
 
 
 def _lagging(meta: datanode_pb2.ShardMeta, newer_ns: int) -> None:

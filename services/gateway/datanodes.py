@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from kvtier.clients import dataplane as dataplane_client
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
 from kvtier.transport import base
+from services.gateway import smallbatch
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class Datanodes:
         #: Mutual TLS as this gateway (datanodes serve services only).
         self._security = security
         self._conns: dict[str, _Conn] = {}
+        self._small: dict[str, smallbatch.SmallWrites] = {}
 
     def _conn(self, node_id: str) -> _Conn:
         info = next(
@@ -158,8 +161,20 @@ class Datanodes:
         self, node_id: str, shards: Sequence[tuple[str, datanode_pb2.ShardMeta, bytes]]
     ) -> list[shards_pb2.ShardResult]:
         """Stage and commit small one-part shards ((drive_id, meta, shard bytes), at most
-        128 KiB each) on drives of the node in one call; each drive's result, in order (its
-        error there, or whether a newer version was there already: superseded)."""
+        128 KiB each) on drives of the node; each drive's result, in order (its error there,
+        or whether a newer version was there already: superseded). One call, or one shared
+        with other objects' concurrent small writes to the node (services.gateway.smallbatch)."""
+        batcher = self._small.get(node_id)
+        if batcher is None:
+            batcher = self._small[node_id] = smallbatch.SmallWrites(
+                functools.partial(self._write_small_call, node_id), max_bytes=self._max_write_bytes
+            )
+        return await batcher.write(shards)
+
+    async def _write_small_call(
+        self, node_id: str, shards: Sequence[tuple[str, datanode_pb2.ShardMeta, bytes]]
+    ) -> list[shards_pb2.ShardResult]:
+        """One WRITE_SMALL call (write_small)."""
         request = shards_pb2.WriteSmallRequest(
             shards=[shards_pb2.SmallShard(drive_id=d, meta=m) for d, m, _ in shards]
         )
@@ -228,6 +243,9 @@ class Datanodes:
 
     async def close(self) -> None:
         """Close every connection."""
+        small, self._small = self._small, {}
+        for batcher in small.values():
+            await batcher.close()
         conns, self._conns = self._conns, {}
         for conn in conns.values():
             await conn.close()

@@ -451,17 +451,19 @@ class ObjectFront:
             return versions.info((await self.resolve(bucket, key, version_id)).meta)
         return await self.engine.head(await self.storage_of(bucket), key)
 
-    async def set_object_acl(self, bucket: str, key: str, acl: acl_pb2.Acl) -> None:
-        """Replace the ACL of an object's current version in place, in a bucket the caller
-        may use or when the version's own ACL admits the request (resolve); NotFound,
-        PermissionDenied, Unavailable."""
+    async def set_object_acl(
+        self, bucket: str, key: str, acl: acl_pb2.Acl, version_id: str = ""
+    ) -> pb.ObjectInfo:
+        """Replace the ACL of an object's current version (or version_id's) in place, where the
+        caller may use the bucket or its own ACL admits it; its info (NotFound, AccessDenied)."""
         admitted = await self._admitted_object(bucket, key)
         if admitted is None:
             stored = await self.storage_of(bucket)
         else:
-            await self.resolve(bucket, key)  # the object's ACL decides (WRITE_ACP)
+            await self.resolve(bucket, key, version_id)  # its ACL decides (WRITE_ACP)
             stored = admitted[0]
-        await self.engine.meta_updater.update(stored, key, acl=acl)
+        update = self.engine.meta_updater.update
+        return versions.info(await update(stored, key, acl=acl, version_id=version_id))
 
     async def delete_object(self, bucket: str, key: str, version_id: str = "") -> pb.ObjectInfo:
         """Delete an object (absent: fine). In a versioned bucket: without version_id, write

@@ -1,15 +1,18 @@
-"""Metadata changes of an object's current version in place: its tags and its ACL.
+"""Metadata changes of an object's version in place: its tags and its ACL.
 
 S3's PutObjectTagging, DeleteObjectTagging and PutObjectAcl change no bytes, no ETag and no
-LastModified: the current version is resolved (the read quorum's, `ObjectEngine.resolve`, pool
-records followed), then every drive of its set rewrites its meta of that version (UpdateMeta,
-all drives at once). The change is done once the write quorum has it, the rule of a commit; drives
-that missed it are queued for healing, which rewrites their shard with the prevailing meta
-(`versions.prevailing`: the latest change, `meta_changed_unix_ns`, stamped once per change and
-sent to every drive; a drive never takes an older change than it holds, so concurrent changes
-converge on the later one). A version replaced meanwhile (a concurrent
-PUT won on the drives) is resolved again and the change applied to the new version, as S3 orders
-the two requests.
+LastModified: the current version (or, with a version id, that S3 version, current or not) is
+resolved (the read quorum's, `ObjectEngine.resolve`, pool records followed), then every drive of
+its set rewrites its meta of that version (UpdateMeta by data_id, all drives at once; a drive
+finds a non-current version among the key's kept ones). The change is done once the write quorum
+has it, the rule of a commit; drives that missed it are queued for healing, which rewrites their
+shard of the current version with the prevailing meta (`versions.prevailing`: the latest change,
+`meta_changed_unix_ns`, stamped once per change and sent to every drive; a drive never takes an
+older change than it holds, so concurrent changes converge on the later one; a read of a
+non-current version takes the prevailing meta of the drives it asks). A current version replaced
+meanwhile (a concurrent PUT won on the drives) keeps the change when the drives kept it (a
+versioned key: the change came first); gone from them, the key is resolved again and the change
+applied to the new version, as S3 orders the two requests.
 """
 
 from __future__ import annotations
@@ -17,30 +20,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Mapping
+from typing import Protocol
 
-from kvtier import errors
+from kvtier import errors, objversions
 from kvtier.proto.common.v1 import acl_pb2, common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2
 from services.gateway import datanodes as datanodes_mod
-from services.gateway import versions
+from services.gateway import healqueue, versions
 
 log = logging.getLogger(__name__)
 
 #: Resolutions of a key before a change gives up on versions replaced under it (Unavailable).
 ATTEMPTS = 3
 
-Resolve = Callable[[str, str], Awaitable[versions.Resolved]]
+
+class Resolve(Protocol):
+    """`ObjectEngine.resolve`: the current version of bucket/key, or version_id's."""
+
+    def __call__(
+        self, bucket: str, key: str, *, version_id: str = ""
+    ) -> Awaitable[versions.Resolved]: ...
 
 
 class MetaUpdater:
-    """Tags and ACL of current versions, changed in place (see the module docstring)."""
+    """Tags and ACL of versions, changed in place (see the module docstring)."""
 
     def __init__(
         self,
         nodes: datanodes_mod.Datanodes,
         resolve: Resolve,
-        heal_queue: set[tuple[str, str]],
+        heal_queue: healqueue.HealQueue,
     ) -> None:
         self._nodes = nodes
         self._resolve = resolve
@@ -53,18 +63,20 @@ class MetaUpdater:
         *,
         tags: Mapping[str, str] | None = None,
         acl: acl_pb2.Acl | None = None,
+        version_id: str = "",
     ) -> datanode_pb2.ShardMeta:
         """Replace the tags (when tags is not None; empty removes them) and/or the ACL (when
-        given) of the current version of bucket/key (a storage name: access is the caller's
-        check). Returns the version's new meta.
+        given) of the current version of bucket/key, or of the S3 version version_id (a storage
+        name: access is the caller's check). Returns the version's new meta.
 
-        Raises NotFound when there is no such object, InvalidArgument for tags beyond S3's
+        Raises NotFound when there is no such object or version (versions.DeleteMarker for a
+        delete marker: it has no tags nor ACL), InvalidArgument for tags beyond S3's
         limits (the datanodes check them), Unavailable below the write quorum or when the
         version kept being replaced for ATTEMPTS resolutions.
         """
         tried = ""
         for _ in range(ATTEMPTS):
-            found = await self._resolve(bucket, key)
+            found = await self._resolve(bucket, key, version_id=version_id)
             if found.meta.data_id == tried:  # not replaced: drives behind it refused
                 break
             updated = await self._update_version(found, tags, acl)
@@ -100,7 +112,8 @@ class MetaUpdater:
         done = [a for a in answers if isinstance(a, datanode_pb2.ShardMeta)]
         if len(done) >= where.write_quorum:
             if len(done) < len(where.slots):
-                self._heal_queue.add((meta.bucket, meta.key))
+                why = f"metadata update applied on {len(done)} of {len(where.slots)} drives"
+                self._heal_queue.add((meta.bucket, meta.key), why, objversions.version_id(meta))
             return done[0]
         for slot, answer in zip(where.slots, answers, strict=True):
             if isinstance(answer, BaseException):

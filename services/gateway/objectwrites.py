@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 #: Shards up to this size go in one WRITE_SMALL call (the datanodes' inline limit,
 #: services.datanode.shards.INLINE_MAX_BYTES).
 SMALL_SHARD_BYTES = 128 << 10
+#: Calls of at most this many bytes are hashed and encoded on the event loop (_store_stripes).
+INLINE_WORK_BYTES = 16 << 10
 
 
 class ObjectWrites(objectpools.PooledObjects):
@@ -182,11 +184,18 @@ class ObjectWrites(objectpools.PooledObjects):
     async def _store_stripes(self, up: objectbase.Upload, slot: base.Span, total: int) -> None:
         """Encode the call's stripes and send every shard's blocks, while another codec thread
         hashes the call's bytes (MD5 and checksums: one core at ~0.8 GB/s, the slowest stage)
-        alongside. The hashes finish before this returns, so calls hash in order."""
+        alongside. The hashes finish before this returns, so calls hash in order. A call of at
+        most INLINE_WORK_BYTES is hashed and encoded here, on the event loop: two hops to the
+        codec pool would cost more CPU than the work (a 4 KiB PUT's hashing and encoding take
+        tens of microseconds)."""
         k, m = up.where.data_shards, up.where.parity_shards
         region, start = slot.region, slot.offset
         data = region.view[start : start + total]
-        hashing = asyncio.get_running_loop().run_in_executor(self._executor, _hash, up, data)
+        hashing: asyncio.Future[None] | None = None
+        if total <= INLINE_WORK_BYTES:
+            _hash(up, data)
+        else:
+            hashing = asyncio.get_running_loop().run_in_executor(self._executor, _hash, up, data)
         try:
             nstripes = -(-total // up.stripe_bytes)
             parity_at = start + up.max_call_bytes
@@ -207,7 +216,10 @@ class ObjectWrites(objectpools.PooledObjects):
                 ]
                 for i, v in enumerate([*views, *par]):
                     blocks[i].append(v)  # a short last stripe's views point into the pad area
-                await self._run(up.codec.encode, views, par)
+                if hashing is None:
+                    up.codec.encode(views, par)
+                else:
+                    await self._run(up.codec.encode, views, par)
             shard_bytes = sum(len(b) for b in blocks[0])
             if up.written == 0 and total == up.size and shard_bytes <= SMALL_SHARD_BYTES:
                 up.small = [b"".join(bytes(v) for v in shard) for shard in blocks]
@@ -215,8 +227,10 @@ class ObjectWrites(objectpools.PooledObjects):
                 await self._send_shards(up, blocks, up.shard_written)
         finally:
             # The slot is released when we return: the hashing must be done with it.
-            await shm_copy.uncancellable(hashing)
-        hashing.result()
+            if hashing is not None:
+                await shm_copy.uncancellable(hashing)
+        if hashing is not None:
+            hashing.result()
         up.shard_written += shard_bytes
         up.written += total
         reads.BYTES.labels("put").inc(total)

@@ -28,8 +28,12 @@ A drain empties pool P while every object stays readable and no client write is 
       one that finds M gone reads the entry again (objectbase.EngineBase._follow). When the
       switch lost, the copy in T is deleted the same way (nothing names it).
    A copy in P that pool 0's entry does not name (its key was overwritten elsewhere or deleted,
-   or a PUT died between its data and its record) is deleted once older than _ORPHAN_AGE_S
-   (younger: a PUT may be about to write its record; left for a later pass). A record naming
+   or a PUT died between its data and its record) is deleted once older than orphan_age_s
+   (younger: a PUT may be about to write its record; left for a later pass). Its age is the
+   one its drive reports (`ShardMeta.stored_age_ms`: when the datanode stored it, by the
+   datanode's own clock at both ends), never a gateway's clock against the writer's stamp:
+   gateways skewed ±10 min must not make an in-flight PUT's copy look old (a copy whose
+   datanode reports no age, an older release, is left alone). A record naming
    P whose object P lacks is deleted (the key was unreadable; a DELETE may be half-way).
 3. A pass that finds P empty (no object, no multipart part) marks it DRAINED. After three
    passes in a row that move nothing while objects are left (errors, writes in flight), or
@@ -77,8 +81,8 @@ _MAX_PASSES = 8
 #: the pause between them (a PUT's record follows its data within a round trip).
 _STALLED_PASSES = 3
 _STALLED_PAUSE_S = 1.0
-#: A copy no pool-0 entry names is deleted only when older than this: a PUT writes its record
-#: right after its data, so one younger may be about to.
+#: A copy no pool-0 entry names is deleted only when older than this (by its datanode's clock):
+#: a PUT writes its record right after its data, so one younger may be about to.
 _ORPHAN_AGE_S = 60.0
 _MAX_DATA_ID = 118
 
@@ -105,6 +109,7 @@ class Drainer:
         grace_s: float = 5.0,
         parallel: int = 4,
         gateway_wait_s: float = 15.0,
+        orphan_age_s: float = _ORPHAN_AGE_S,
     ) -> None:
         self._view = view
         self._front = front
@@ -112,6 +117,7 @@ class Drainer:
         self._grace_s = grace_s
         self._parallel = parallel
         self._gateway_wait_s = gateway_wait_s
+        self._orphan_age_s = orphan_age_s
         self._doomed: collections.deque[_Doomed] = collections.deque()
         #: One copy's bytes at a time: a copy holds a staging slot and its reads take another,
         #: so copies side by side could hold every slot and wait for one another.
@@ -220,8 +226,8 @@ class Drainer:
         if not named:
             if found is None:
                 return None
-            age_s = (time.time_ns() - found.meta.mtime_unix_ns) / 1e9
-            if age_s < _ORPHAN_AGE_S:
+            age_s = found.meta.stored_age_ms / 1e3  # its datanode's clock, no gateway's
+            if not age_s or age_s < self._orphan_age_s:
                 raise errors.Unavailable(f"a write of {age_s:.0f} s ago has no record yet")
             await self._engine.delete_in(bucket, key, index, if_data_id=found.meta.data_id)
             return False

@@ -82,12 +82,12 @@ async def test_a_small_put_is_one_call_per_drive_and_a_get_one_meta_read(
         await client.create_bucket("small")
         calls.take()
         io = "kvtier_datanode_io_seconds_count"
-        before = prometheus_client.REGISTRY.get_sample_value(io, {"op": "_write_smalls"}) or 0
+        before = prometheus_client.REGISTRY.get_sample_value(io, {"op": "write_smalls"}) or 0
         info = await client.put_object("small", "k", data)
         assert info.etag == hashlib.md5(data).hexdigest()
         assert calls.take() == {"SHARD_CALL_METHOD_WRITE_SMALL": 6}
         # The datanodes' disk work is timed (one job per call: 6).
-        after = prometheus_client.REGISTRY.get_sample_value(io, {"op": "_write_smalls"})
+        after = prometheus_client.REGISTRY.get_sample_value(io, {"op": "write_smalls"})
         assert after == before + 6
         into = bytearray(len(data))  # get_object would HEAD first: a request of its own
         await client.get_object_into("small", "k", into)

@@ -49,7 +49,8 @@ def test_small_writes_on_a_full_drive_are_refused_typed(full_soon: Path) -> None
     for i in range(64):  # 64 x 96 KiB: far more than 2 MiB
         shard = os.urandom(96 << 10)
         meta = test_small_writes.small_meta(f"k{i}", shard)
-        (result,) = node._write_smalls([pb.SmallShard(drive_id="d1", meta=meta)], [shard])
+        entry = pb.SmallShard(drive_id="d1", meta=meta)
+        (result,) = asyncio.run(node._write_smalls([entry], [shard]))
         results.append(result)
         if result.error_kind:
             break
