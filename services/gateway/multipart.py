@@ -79,7 +79,12 @@ def completed_upload(meta: datanode_pb2.ShardMeta) -> str:
 
 def is_multipart(meta: datanode_pb2.ShardMeta) -> bool:
     """Whether a stored version is a completed multipart upload (its ETag ends in -N)."""
-    return bool(_MULTIPART_ETAG.fullmatch(meta.etag))
+    return is_multipart_etag(meta.etag)
+
+
+def is_multipart_etag(etag: str) -> bool:
+    """Whether an ETag is a multipart upload's (the MD5 of the part MD5s, then -N)."""
+    return bool(_MULTIPART_ETAG.fullmatch(etag))
 
 
 def part_span(meta: datanode_pb2.ShardMeta, number: int) -> tuple[int, int] | None:

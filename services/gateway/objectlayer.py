@@ -10,8 +10,8 @@ translates. Two implementations:
 - `ErasureLayer` (here): erasure-coded buckets, a thin adapter over `front.ObjectFront` (the
   bucket's record, its tenant, the ACL admission, storage names) and the engine under it;
 - `s3.kv_layer.KVLayer`: KV buckets, whose objects are blocks of the bucket's namespace on
-  the kvcache nodes (`s3.kv_layout`). What a KV bucket cannot do (copies, ACLs, versions,
-  tags) is InvalidArgument with reason NotImplemented.
+  the kvcache nodes (`s3.kv_layout`). What a KV bucket cannot do (copies, ACLs but private,
+  versions, tags changed after the PUT) is InvalidArgument with reason NotImplemented.
 
 The S3 front picks one by the bucket's kind (`S3Server.layer`); the gRPC servicer serves
 erasure-coded buckets through `ErasureLayer`.
@@ -27,6 +27,7 @@ from kvtier import errors
 from kvtier.proto.common.v1 import acl_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
+from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway import front as front_mod
 from services.gateway import multipart, objects, versionlisting, versions
 
@@ -98,17 +99,29 @@ class ObjectLayer(Protocol):
     NotFound (reason NoSuchBucket, NoSuchKey, NoSuchVersion, NoSuchUpload),
     PermissionDenied (AccessDenied), InvalidArgument, PreconditionFailed, Unavailable."""
 
+    #: Whether the layer's buckets take server-side copies (`copy`); without, a front refuses
+    #: one (NotImplemented) before it looks at the copy's source.
+    copies: bool
+
     async def head(self, bucket: str, key: str, version_id: str = "") -> pb.ObjectInfo:
         """A version's info (the current one without version_id)."""
         ...
 
-    async def open_read(self, bucket: str, key: str, version_id: str = "") -> ObjectReader:
-        """A version, to read (the current one without version_id)."""
+    async def open_read(
+        self, bucket: str, key: str, version_id: str = "", *, data: bool = True
+    ) -> ObjectReader:
+        """A version, to read (the current one without version_id); data False: for its info
+        and part spans only (a HEAD: the reader's stream is never called)."""
         ...
 
-    async def put(self, req: pb.BeginPutRequest, body: PutBody) -> pb.ObjectInfo:
-        """Store body (at most req.size bytes) as req.key, its digests checked
-        (errors.DigestMismatch) once every byte is in; nothing is visible before."""
+    async def put(
+        self, req: pb.BeginPutRequest, body: PutBody, *, md5: bool = True
+    ) -> pb.ObjectInfo:
+        """Store body (at most req.size bytes; body.size -1: until it ends) as req.key, its
+        digests checked (errors.DigestMismatch) once every byte is in; nothing is visible
+        before. The layer's own limits are InvalidArgument (EntityTooLarge,
+        MissingContentLength). md5 False: the body's trailing checksum vouches for its bytes,
+        and the ETag need not be their MD5 (a layer may skip computing it)."""
         ...
 
     async def delete(self, bucket: str, key: str, version_id: str = "") -> pb.ObjectInfo:
@@ -122,6 +135,18 @@ class ObjectLayer(Protocol):
 
     async def list(self, req: pb.ListObjectsRequest) -> pb.ListObjectsResponse:
         """A page of a bucket's objects (start_after / continuation_token: where to go on)."""
+        ...
+
+    async def delete_bucket(self, bucket: str) -> None:
+        """Delete a bucket that holds no object (PreconditionFailed, reason BucketNotEmpty),
+        its multipart uploads in progress with it."""
+        ...
+
+    async def set_versioning(
+        self, bucket: str, status: metadata_pb2.VersioningStatus.ValueType
+    ) -> None:
+        """Set the bucket's versioning status (InvalidArgument, reason NotImplemented, where
+        the layer's objects have one version each)."""
         ...
 
     async def create_multipart(
@@ -140,8 +165,11 @@ class ObjectLayer(Protocol):
         """A bucket's uploads in progress (prefix; the front pages them)."""
         ...
 
-    async def set_acl(self, bucket: str, key: str, acl: acl_pb2.Acl) -> None:
-        """Replace the ACL of an object's current version."""
+    async def set_acl(
+        self, bucket: str, key: str, acl: acl_pb2.Acl, version_id: str = ""
+    ) -> pb.ObjectInfo:
+        """Replace the ACL of an object's current version (version_id: that version's, current
+        or not) in place; the version's info. `head` reads it (headers.acl)."""
         ...
 
     async def list_versions(
@@ -150,8 +178,12 @@ class ObjectLayer(Protocol):
         """A page of a bucket's S3 versions."""
         ...
 
-    async def set_tags(self, bucket: str, key: str, tags: Mapping[str, str]) -> None:
-        """Replace the tags of an object's current version."""
+    async def set_tags(
+        self, bucket: str, key: str, tags: Mapping[str, str], version_id: str = ""
+    ) -> pb.ObjectInfo:
+        """Replace the tags of an object's current version (version_id: that version's, current
+        or not) in place (empty: remove them); the version's info. `head` reads them
+        (headers.tags)."""
         ...
 
 
@@ -227,6 +259,8 @@ class ErasureLayer:
     """Erasure-coded buckets (`ObjectLayer`) over the object front: each call checks the
     bucket and its tenant there (`ObjectFront.bucket_for`, or the request's ACL admission)."""
 
+    copies = True
+
     def __init__(self, front: front_mod.ObjectFront) -> None:
         self.front = front
 
@@ -234,13 +268,19 @@ class ErasureLayer:
         """`ObjectFront.head_object`."""
         return await self.front.head_object(bucket, key, version_id)
 
-    async def open_read(self, bucket: str, key: str, version_id: str = "") -> ErasureReader:
-        """The version `ObjectFront.resolve` finds (versions.DeleteMarker: a NotFound)."""
+    async def open_read(
+        self, bucket: str, key: str, version_id: str = "", *, data: bool = True
+    ) -> ErasureReader:
+        """The version `ObjectFront.resolve` finds (versions.DeleteMarker: a NotFound); its
+        metadata only either way (the stream reads the bytes)."""
         found = await self.front.resolve(bucket, key, version_id)
         return ErasureReader(self.front.engine, found)
 
-    async def put(self, req: pb.BeginPutRequest, body: PutBody) -> pb.ObjectInfo:
-        """BeginPut, the body through the engine's staging slots (`receive`), commit."""
+    async def put(
+        self, req: pb.BeginPutRequest, body: PutBody, *, md5: bool = True
+    ) -> pb.ObjectInfo:
+        """BeginPut, the body through the engine's staging slots (`receive`), commit (the
+        ETag is always the MD5, computed as the body streams)."""
         begun = await self.front.begin_put(req)
         return versions.info(await receive(self.front.engine, body, begun.upload_id, req.size))
 
@@ -255,6 +295,19 @@ class ErasureLayer:
     async def list(self, req: pb.ListObjectsRequest) -> pb.ListObjectsResponse:
         """`ObjectFront.list_objects`."""
         return await self.front.list_objects(req)
+
+    async def delete_bucket(self, bucket: str) -> None:
+        """`ObjectFront.delete_bucket`."""
+        await self.front.delete_bucket(bucket)
+
+    async def set_versioning(
+        self, bucket: str, status: metadata_pb2.VersioningStatus.ValueType
+    ) -> None:
+        """The bucket's record (`ObjectFront.set_bucket_config`)."""
+        versioning = metadata_pb2.BucketVersioning(status=status)
+        await self.front.set_bucket_config(
+            bucket, metadata_pb2.SetBucketConfigRequest(versioning=versioning)
+        )
 
     async def create_multipart(
         self, req: pb.CreateMultipartUploadRequest
@@ -272,9 +325,11 @@ class ErasureLayer:
         """`ObjectFront.list_uploads`."""
         return await self.front.list_uploads(req)
 
-    async def set_acl(self, bucket: str, key: str, acl: acl_pb2.Acl) -> None:
+    async def set_acl(
+        self, bucket: str, key: str, acl: acl_pb2.Acl, version_id: str = ""
+    ) -> pb.ObjectInfo:
         """`ObjectFront.set_object_acl`."""
-        await self.front.set_object_acl(bucket, key, acl)
+        return await self.front.set_object_acl(bucket, key, acl, version_id)
 
     async def list_versions(
         self, bucket: str, *, prefix: str = "", key_marker: str = "", max_keys: int = 1000
@@ -284,11 +339,14 @@ class ErasureLayer:
             bucket, prefix=prefix, key_marker=key_marker, max_keys=max_keys
         )
 
-    async def set_tags(self, bucket: str, key: str, tags: Mapping[str, str]) -> None:
-        """Replace the current version's tags in place (on each drive of its set)."""
+    async def set_tags(
+        self, bucket: str, key: str, tags: Mapping[str, str], version_id: str = ""
+    ) -> pb.ObjectInfo:
+        """Replace a version's tags in place, on each drive of its set (`MetaUpdater.update`:
+        NoSuchKey, NoSuchVersion, versions.DeleteMarker); the caller's own bucket only."""
         stored = await self.front.storage_of(bucket)
-        await self.front.engine.resolve(stored, key)  # NoSuchKey
-        await self.front.engine.meta_updater.update(stored, key, tags=dict(tags))
+        update = self.front.engine.meta_updater.update
+        return versions.info(await update(stored, key, tags=dict(tags), version_id=version_id))
 
 
 def _erasure_is_a_layer(front: front_mod.ObjectFront) -> ObjectLayer:

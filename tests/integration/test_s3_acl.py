@@ -524,6 +524,20 @@ def test_kv_buckets_have_no_acls(owner: Any, anon: Any) -> None:
     _denied(lambda: anon.list_objects_v2(Bucket="acl-kv"))
     _denied(lambda: anon.put_object(Bucket="acl-kv", Key="n", Body=b"x"))
     assert _body(owner, "acl-kv", "k") == b"kv"
+    # A KV object's ACL is private, always: shown, set again as it is, never another one.
+    assert _grants(owner.get_object_acl(Bucket="acl-kv", Key="k")) == {(OWNER, "FULL_CONTROL")}
+    owner.put_object_acl(Bucket="acl-kv", Key="k", ACL="private")
+    public = {
+        "Owner": {"ID": OWNER},
+        "Grants": [{"Grantee": {"Type": "Group", "URI": ALL}, "Permission": "READ"}],
+    }
+    assert _fails(
+        lambda: owner.put_object_acl(Bucket="acl-kv", Key="k", AccessControlPolicy=public)
+    ) == ("NotImplemented", 501)
+    assert _fails(lambda: owner.get_object_acl(Bucket="acl-kv", Key="no")) == ("NoSuchKey", 404)
+    _denied(lambda: anon.get_object_acl(Bucket="acl-kv", Key="k"))
+    _denied(lambda: anon.put_object_acl(Bucket="acl-kv", Key="k", ACL="private"))
+    assert _body(owner, "acl-kv", "k") == b"kv"
 
 
 def _expect_continue(info: Info, path: str, length: int) -> bytes:

@@ -1,11 +1,14 @@
 """S3 object-level behaviours against a real dev cluster, as AWS S3 documents them: 304s that
 carry the validators, ranges on empty objects, PUT bodies of unknown length (plain HTTP chunked),
-`Expect: 100-continue` authenticated before the body, and copies that stay inside the caller's
-tenant. boto3 where it can say it; http.client or a raw TLS socket, signed with botocore's
-SigV4Auth, where it cannot. Every read compares bytes."""
+`Expect: 100-continue` authenticated before the body, copies that stay inside the caller's
+tenant, and GET / HEAD / PUT behaving the same on both bucket kinds (one handler each, through
+the bucket's object layer: partNumber, checksum mode, If-Match on a PUT, versionId). boto3
+where it can say it; http.client or a raw TLS socket, signed with botocore's SigV4Auth, where it
+cannot. Every read compares bytes."""
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import http.client
@@ -371,3 +374,95 @@ def test_copy_from_another_tenants_bucket_is_denied(
     # The owner copies within its tenant as ever.
     other.copy_object(Bucket="conf-b-src", Key="copy", CopySource="conf-b-src/secret")
     assert other.get_object(Bucket="conf-b-src", Key="copy")["Body"].read() == secret
+
+
+# 6. GetObject, HeadObject and PutObject are one handler for both bucket kinds (through the
+# bucket's object layer): what was once served on erasure-coded buckets only now holds on KV
+# buckets too.
+
+
+def _bucket(s3: Any, kv_bucket: str, kind: str, name: str) -> str:
+    if kind == "kv":
+        return kv_bucket
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.mark.parametrize("kind", ["objects", "kv"])
+def test_part_number_reads_one_part(s3: Any, kv_bucket: str, kind: str) -> None:
+    bucket = _bucket(s3, kv_bucket, kind, "conf-parts")
+    plain = _data(11, 1000)
+    s3.put_object(Bucket=bucket, Key="plain", Body=plain)
+    for call in (s3.get_object, s3.head_object):
+        one = call(Bucket=bucket, Key="plain", PartNumber=1)  # a plain object: one part
+        assert one["ResponseMetadata"]["HTTPStatusCode"] == 206
+        assert one["ContentRange"] == "bytes 0-999/1000"
+        with pytest.raises(ClientError) as past:
+            call(Bucket=bucket, Key="plain", PartNumber=2)
+        assert _code(past)[1] == 416
+        with pytest.raises(ClientError) as both:
+            call(Bucket=bucket, Key="plain", PartNumber=1, Range="bytes=0-1")
+        assert _code(both)[1] == 400
+    with pytest.raises(ClientError) as past:
+        s3.get_object(Bucket=bucket, Key="plain", PartNumber=2)
+    assert _code(past) == ("InvalidPartNumber", 416)
+    assert s3.get_object(Bucket=bucket, Key="plain", PartNumber=1)["Body"].read() == plain
+    parts = [_data(12, 5 * MIB), _data(13, MIB + 3)]
+    upload = s3.create_multipart_upload(Bucket=bucket, Key="mp")["UploadId"]
+    done = [
+        {"PartNumber": n, "ETag": s3.upload_part(
+            Bucket=bucket, Key="mp", UploadId=upload, PartNumber=n, Body=body
+        )["ETag"]}
+        for n, body in enumerate(parts, 1)
+    ]  # fmt: skip
+    s3.complete_multipart_upload(
+        Bucket=bucket, Key="mp", UploadId=upload, MultipartUpload={"Parts": done}
+    )
+    second = s3.get_object(Bucket=bucket, Key="mp", PartNumber=2)
+    total = 6 * MIB + 3
+    assert second["ContentRange"] == f"bytes {5 * MIB}-{total - 1}/{total}"
+    assert second["PartsCount"] == 2
+    assert hashlib.sha256(second["Body"].read()).digest() == hashlib.sha256(parts[1]).digest()
+    first = s3.head_object(Bucket=bucket, Key="mp", PartNumber=1)
+    assert (first["ContentLength"], first["PartsCount"]) == (5 * MIB, 2)
+
+
+@pytest.mark.parametrize("kind", ["objects", "kv"])
+def test_checksum_mode_returns_the_stored_checksum(s3: Any, kv_bucket: str, kind: str) -> None:
+    bucket = _bucket(s3, kv_bucket, kind, "conf-sums")
+    data = _data(14, 100_000)
+    want = base64.b64encode(hashlib.sha256(data).digest()).decode()
+    put = s3.put_object(Bucket=bucket, Key="k", Body=data, ChecksumAlgorithm="SHA256")
+    assert put["ChecksumSHA256"] == want
+    for call in (s3.get_object, s3.head_object):
+        assert call(Bucket=bucket, Key="k", ChecksumMode="ENABLED")["ChecksumSHA256"] == want
+        # A range is not the whole object: no whole-object checksum.
+        ranged = call(Bucket=bucket, Key="k", ChecksumMode="ENABLED", Range="bytes=0-9")
+        assert "ChecksumSHA256" not in ranged
+    assert "ChecksumSHA256" not in s3.head_object(Bucket=bucket, Key="k")  # not asked for
+    assert s3.get_object(Bucket=bucket, Key="k")["Body"].read() == data
+
+
+@pytest.mark.parametrize("kind", ["objects", "kv"])
+def test_put_conditions_and_version_ids(s3: Any, kv_bucket: str, kind: str) -> None:
+    bucket = _bucket(s3, kv_bucket, kind, "conf-put-if")
+    old, new = _data(15, 2000), _data(16, 3000)
+    etag = s3.put_object(Bucket=bucket, Key="k", Body=old)["ETag"]
+    with pytest.raises(ClientError) as stale:
+        s3.put_object(Bucket=bucket, Key="k", Body=new, IfMatch='"0123"')
+    assert _code(stale) == ("PreconditionFailed", 412)
+    with pytest.raises(ClientError) as absent:
+        s3.put_object(Bucket=bucket, Key="absent", Body=new, IfMatch=etag)
+    assert _code(absent)[1] == 404
+    with pytest.raises(ClientError) as unsupported:
+        s3.put_object(Bucket=bucket, Key="k", Body=new, IfNoneMatch=etag)
+    assert _code(unsupported) == ("NotImplemented", 501)
+    assert s3.get_object(Bucket=bucket, Key="k")["Body"].read() == old  # nothing replaced
+    s3.put_object(Bucket=bucket, Key="k", Body=new, IfMatch=etag)
+    assert s3.get_object(Bucket=bucket, Key="k", VersionId="null")["Body"].read() == new
+    with pytest.raises(ClientError) as malformed:
+        s3.get_object(Bucket=bucket, Key="k", VersionId="not/a-version")
+    assert _code(malformed) == ("InvalidArgument", 400)
+    with pytest.raises(ClientError) as other:
+        s3.get_object(Bucket=bucket, Key="k", VersionId="0123abc")
+    assert _code(other) == ("NoSuchVersion", 404)

@@ -2,8 +2,8 @@
 Put/Get/DeleteObjectTagging with boto3, awscli and minio-py; x-amz-tagging on PutObject,
 CreateMultipartUpload, CopyObject (x-amz-tagging-directive) and POST Object; x-amz-tagging-count
 on GET and HEAD; the tag sets S3 refuses (with nothing changed); another tenant's user refused;
-KV buckets and bucket tagging NotImplemented. Tagging changes no ETag and no Last-Modified, and
-every read compares bytes."""
+KV buckets (the PUT's tags, changes NotImplemented) and bucket tagging. Tagging changes no ETag
+and no Last-Modified, and every read compares bytes."""
 
 from __future__ import annotations
 
@@ -318,7 +318,7 @@ def test_post_object_tagging_field(info: Info, s3: Any) -> None:
     assert s3.get_object(Bucket=BUCKET, Key="posted")["Body"].read() == b"posted bytes"
 
 
-def test_kv_buckets_have_no_object_tagging(s3: Any) -> None:
+def test_kv_buckets_keep_the_tags_of_the_put(s3: Any) -> None:
     def kv_kind(request: Any, **_: Any) -> None:
         request.headers["x-kvtier-bucket-kind"] = "kv"
 
@@ -327,12 +327,16 @@ def test_kv_buckets_have_no_object_tagging(s3: Any) -> None:
         s3.create_bucket(Bucket="tagging-kv")
     finally:
         s3.meta.events.unregister("before-sign.s3.CreateBucket", kv_kind)
-    s3.put_object(Bucket="tagging-kv", Key="k", Body=b"kv")
+    s3.put_object(Bucket="tagging-kv", Key="k", Body=b"kv", Tagging="at=put")
     assert _fails(
         lambda: s3.put_object_tagging(Bucket="tagging-kv", Key="k", Tagging=_tag_set({"a": "b"}))
     ) == ("NotImplemented", 501)
-    assert _fails(lambda: s3.get_object_tagging(Bucket="tagging-kv", Key="k")) == (
+    assert _fails(lambda: s3.delete_object_tagging(Bucket="tagging-kv", Key="k")) == (
         "NotImplemented", 501,
+    )  # fmt: skip
+    assert _tags(s3, "k", bucket="tagging-kv") == {"at": "put"}  # unchanged
+    assert _fails(lambda: s3.get_object_tagging(Bucket="tagging-kv", Key="absent")) == (
+        "NoSuchKey", 404,
     )  # fmt: skip
     # Bucket tags are the bucket's configuration: a KV bucket has them too.
     s3.put_bucket_tagging(Bucket="tagging-kv", Tagging=_tag_set({"tier": "dram"}))

@@ -25,6 +25,7 @@ def test_the_seam_names_the_domain_operations() -> None:
     assert {"head", "open_read", "put", "delete", "copy", "list"} <= set(_OPERATIONS)
     assert {"create_multipart", "abort_multipart", "list_uploads"} <= set(_OPERATIONS)
     assert {"set_acl", "list_versions", "set_tags"} <= set(_OPERATIONS)
+    assert {"delete_bucket", "set_versioning"} <= set(_OPERATIONS)
 
 
 @pytest.mark.parametrize("implementation", [objectlayer.ErasureLayer, kv_layer.KVLayer])

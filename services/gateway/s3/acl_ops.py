@@ -177,28 +177,33 @@ async def put_bucket_acl(s3: s3request.Door, req: s3request.S3Request) -> web.Re
 
 
 async def get_object_acl(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """The current version's AccessControlPolicy, or one version's (versionId; owner: the
-    bucket's tenant)."""
+    """The AccessControlPolicy of the current version, or of versionId's (owner: the bucket's
+    tenant), through the bucket's object layer (`head`); x-amz-version-id in a versioned
+    bucket. A missing version is NoSuchVersion, a delete marker's id 405 MethodNotAllowed."""
     info = await s3.owned_bucket(req)
     version = versioning_ops.requested(req)
+    layer = await s3.layer(req)
     try:
-        found = await s3.front.resolve(req.bucket, req.key, version)
+        found = await layer.head(req.bucket, req.key, version)
     except errors.NotFound as exc:
         raise versioning_ops.not_found(exc, version) from None
-    return _xml(acl.policy_xml(found.meta.acl, info.tenant))
+    response = _xml(acl.policy_xml(found.headers.acl, info.tenant))
+    await versioning_ops.stamp_info(s3, req.bucket, response, found)
+    return response
 
 
 async def put_object_acl(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """Replace the current version's ACL in place (no new version, same ETag)."""
+    """Replace the ACL of the current version, or of versionId's (current or not), in place
+    (no new version, same ETag), through the bucket's object layer (`set_acl`)."""
     info = await s3.owned_bucket(req)
     version = versioning_ops.requested(req)
+    layer = await s3.layer(req)
     try:
-        found = await s3.front.resolve(req.bucket, req.key)  # refused before the body is read
-        if version:
-            await s3.front.resolve(req.bucket, req.key, version)  # NoSuchVersion
-            versioning_ops.only_current(found, version)
+        await layer.head(req.bucket, req.key, version)  # refused before the body is read
         wanted = await _wanted_acl(req, info.tenant)
-        await s3.front.set_object_acl(req.bucket, req.key, wanted)
-    except errors.NotFound:
-        raise s3errors.S3Error("NoSuchKey", "The specified key does not exist.") from None
-    return web.Response(status=200)
+        found = await layer.set_acl(req.bucket, req.key, wanted, version)
+    except errors.NotFound as exc:
+        raise versioning_ops.not_found(exc, version) from None
+    response = web.Response(status=200)
+    await versioning_ops.stamp_info(s3, req.bucket, response, found)
+    return response

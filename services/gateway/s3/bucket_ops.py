@@ -6,16 +6,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import logging
 
 from aiohttp import web
 
-from kvtier import errors, kv, names
+from kvtier import errors, names
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway.s3 import (
     acl,
-    kv_layout,
     object_ops,
     params,
     s3errors,
@@ -24,18 +22,12 @@ from services.gateway.s3 import (
     xmlio,
 )
 
-log = logging.getLogger(__name__)
-
 XML = "application/xml"
 #: CreateBucket header choosing the tier that serves the bucket: "objects" (default) or "kv";
 #: HeadBucket answers it.
 BUCKET_KIND_HEADER = "x-kvtier-bucket-kind"
 #: The header's values.
 KINDS = {"objects": metadata_pb2.BUCKET_KIND_OBJECTS, "kv": metadata_pb2.BUCKET_KIND_KV}
-#: Key prefixes of a KV bucket's blocks that belong to multipart uploads, not to objects
-#: (parts first: a record outlives its parts).
-_KV_UPLOAD_PREFIXES = (kv_layout.PART_PREFIX, kv_layout.UPLOAD_PREFIX)
-_KV_PAGE = 1000
 #: ListBuckets' max-buckets, as S3 bounds it.
 MAX_BUCKETS = 10000
 #: ListBuckets' parameters: with any of them, S3 lists each bucket's region.
@@ -156,43 +148,10 @@ async def head_bucket(s3: s3request.Door, req: s3request.S3Request) -> web.Respo
 
 async def delete_bucket(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """Delete a bucket without objects (BucketNotEmpty); its multipart uploads in progress
-    are aborted with it, as in S3, on either kind of bucket (a KV bucket's staged blocks are
-    deleted after its record: nothing reaches them by then, and their TTL ends them anyway)."""
-    info = await s3.owned_bucket(req)
-    client = None
-    if info.kind == metadata_pb2.BUCKET_KIND_KV:
-        client = await s3.kv_buckets.client(info)
-        if await _kv_holds_objects(client):
-            raise s3errors.S3Error("BucketNotEmpty", "The bucket you tried to delete is not empty.")
-    await s3.front.delete_bucket(req.bucket)  # objects: BucketNotEmpty
-    if client is not None:
-        try:
-            await _kv_discard_uploads(client)
-        except errors.KVTierError as exc:
-            log.warning("deleting the upload blocks of KV bucket %s: %s", req.bucket, exc)
+    are aborted with it, as in S3, on either kind of bucket (its object layer's
+    `delete_bucket`)."""
+    await (await s3.layer(req)).delete_bucket(req.bucket)
     return web.Response(status=204)
-
-
-async def _kv_holds_objects(client: kv.AsyncKVClient) -> bool:
-    """Whether a KV bucket holds a block of an object (blocks of uploads do not count)."""
-    after = b""
-    while True:
-        entries, more = await client.list_keys(start_after=after, limit=_KV_PAGE)
-        if any(not key.startswith(_KV_UPLOAD_PREFIXES) for key, _ in entries):
-            return True
-        if not more or not entries:
-            return False
-        after = entries[-1][0]
-
-
-async def _kv_discard_uploads(client: kv.AsyncKVClient) -> None:
-    """Delete every block of a KV bucket's multipart uploads: parts, then records."""
-    for prefix in _KV_UPLOAD_PREFIXES:
-        while True:
-            entries, more = await client.list_keys(prefix=prefix, limit=_KV_PAGE)
-            deleted = await client.delete([key for key, _ in entries]) if entries else 0
-            if not more or not deleted:  # none left, or none deletable: their TTL ends them
-                break
 
 
 async def get_location(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
@@ -213,8 +172,9 @@ async def get_versioning(s3: s3request.Door, req: s3request.S3Request) -> web.Re
 async def put_versioning(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """Enabled or Suspended, in the bucket's record (other gateways see it within
     bucket_cache_s). MFA delete (MfaDelete Enabled, an x-amz-mfa header): 501 NotImplemented;
-    a KV bucket: 501 NotImplemented (its objects are DRAM blocks: one version each);
-    Suspended on a never-versioned bucket: 200, nothing stored (it stays unversioned)."""
+    where the bucket's object layer has one version per object (a KV bucket's DRAM blocks):
+    501 NotImplemented; Suspended on a never-versioned bucket: 200, nothing stored (it stays
+    unversioned)."""
     info = await s3.owned_bucket(req)
     raw = await req.payload.read_all(64 << 10)
     md5 = object_ops.content_md5(req)
@@ -227,12 +187,7 @@ async def put_versioning(s3: s3request.Door, req: s3request.S3Request) -> web.Re
         raise s3errors.S3Error("MalformedXML", "The XML you provided was not well-formed.")
     if wanted == "Suspended" and not info.versioning.status:
         return web.Response(status=200)
-    if info.kind == metadata_pb2.BUCKET_KIND_KV:
-        raise s3errors.S3Error("NotImplemented", "KV buckets cannot be versioned")
-    config = metadata_pb2.SetBucketConfigRequest(
-        versioning=metadata_pb2.BucketVersioning(status=versioning_ops.STATUS[wanted])
-    )
-    await s3.front.set_bucket_config(req.bucket, config)
+    await (await s3.layer(req)).set_versioning(req.bucket, versioning_ops.STATUS[wanted])
     return web.Response(status=200)
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from kvtier.proto.datanode.v1 import datanode_pb2
-from services.gateway import multipart
+from services.gateway import multipart, objectlayer
 from services.gateway.s3 import params, s3errors, s3request, xmlio
 
 
@@ -92,12 +91,12 @@ def parse_copy_range(header: str, size: int) -> tuple[int, int]:
 
 
 def requested_part(
-    req: s3request.S3Request, meta: datanode_pb2.ShardMeta
+    req: s3request.S3Request, reader: objectlayer.ObjectReader
 ) -> tuple[int, int] | None:
     """(first, last) byte of the part GetObject/HeadObject's `partNumber` names (last is
     first - 1 for an empty part); None without partNumber. InvalidArgument outside 1..10000,
     InvalidRequest with a Range header too, 416 InvalidPartNumber past the last part (part 1
-    of a plain object is all of it; multipart.part_span counts the parts)."""
+    of a plain object is all of it; the reader's part_span counts the parts)."""
     if "partNumber" not in req.query:
         return None
     number = params.uint(req.query["partNumber"])
@@ -109,7 +108,7 @@ def requested_part(
         raise s3errors.S3Error(
             "InvalidRequest", "Cannot specify both Range header and partNumber query parameter"
         )
-    span = multipart.part_span(meta, number)
+    span = reader.part_span(number)
     if span is None:
         raise s3errors.S3Error(
             "InvalidPartNumber", "The requested partnumber is not satisfiable", status=416

@@ -5,13 +5,15 @@ the kvcache nodes (layout: `kv_layout`; multipart uploads: `kv_multipart`), one 
 Each call checks the bucket once (`ObjectFront.request_bucket`: its tenant's users,
 privileged callers, or the request's ACL admission) and that it is a KV bucket, then acts
 through the bucket's client (`kv_clients.KVBuckets`, acting for the bucket's tenant). What a KV
-bucket cannot do (copies, ACLs, versions, tags) is InvalidArgument with reason NotImplemented.
+bucket cannot do (copies, ACLs but private, versions, changing tags after the PUT) is
+InvalidArgument with reason NotImplemented.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import Mapping
 
@@ -21,10 +23,17 @@ from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway import front as front_mod
 from services.gateway import lifecycle, listing, objectlayer, versionlisting
+from services.gateway.s3 import acl as s3acl
 from services.gateway.s3 import kv_clients, kv_layout, kv_multipart
+
+log = logging.getLogger(__name__)
 
 #: Bodies hashed on the event loop below this size (a thread hop would cost more).
 _INLINE_DIGEST_BYTES = 256 << 10
+#: Key prefixes of a KV bucket's blocks that belong to multipart uploads, not to objects
+#: (parts first: a record outlives its parts).
+_UPLOAD_PREFIXES = (kv_layout.PART_PREFIX, kv_layout.UPLOAD_PREFIX)
+_PAGE = 1000
 
 
 def _not_implemented(what: str) -> errors.InvalidArgument:
@@ -45,10 +54,11 @@ def _no_such_key() -> errors.NotFound:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class KVReader:
-    """A KV object read whole (`objectlayer.ObjectReader`): its blocks are in memory."""
+    """A KV object read whole (`objectlayer.ObjectReader`): its blocks are in memory (blob
+    None: opened for its info only)."""
 
     stored: pb.ObjectInfo
-    blob: kv_layout.Blob
+    blob: kv_layout.Blob | None
 
     @property
     def info(self) -> pb.ObjectInfo:
@@ -60,13 +70,15 @@ class KVReader:
         return info
 
     def part_span(self, number: int) -> tuple[int, int] | None:
-        """Part 1 is all of it (parts are not kept apart once completed)."""
-        return (0, self.blob.size) if number == 1 else None
+        """(offset, size) of part number, from the part sizes its metadata block keeps."""
+        return kv_layout.part_span(self.stored, number)
 
     async def stream(
         self, first: int, length: int, sink: objectlayer.Sink, ready: objectlayer.Ready | None
     ) -> None:
         """length bytes from first, a block's view at a time."""
+        if self.blob is None:
+            raise RuntimeError("a KV object opened without its data was read")
         if length <= 0:
             return
         for piece in self.blob.pieces(first, first + length - 1):
@@ -77,6 +89,8 @@ class KVReader:
 
 class KVLayer:
     """KV buckets (see the module docstring)."""
+
+    copies = False
 
     def __init__(
         self,
@@ -98,7 +112,11 @@ class KVLayer:
         return info, await self.clients.client(info)
 
     async def head(self, bucket: str, key: str, version_id: str = "") -> pb.ObjectInfo:
-        """The object's metadata block."""
+        """The object's info, from its metadata block (its S3 checksums only)."""
+        return KVReader(await self._stored(bucket, key, version_id), None).info
+
+    async def _stored(self, bucket: str, key: str, version_id: str) -> pb.ObjectInfo:
+        """The object's metadata block as stored (NoSuchKey, NoSuchVersion)."""
         _check_version(version_id)
         _, client = await self.bucket(bucket)
         info = await kv_layout.read_info(client, kv_layout.meta_key(key))
@@ -106,8 +124,13 @@ class KVLayer:
             raise _no_such_key()
         return info
 
-    async def open_read(self, bucket: str, key: str, version_id: str = "") -> KVReader:
-        """The object's info and bytes, consistent with each other."""
+    async def open_read(
+        self, bucket: str, key: str, version_id: str = "", *, data: bool = True
+    ) -> KVReader:
+        """The object's info and bytes, consistent with each other (data False: its metadata
+        block only)."""
+        if not data:
+            return KVReader(await self._stored(bucket, key, version_id), None)
         _check_version(version_id)
         _, client = await self.bucket(bucket)
         info, blob = await kv_layout.fetch_object(client, key)
@@ -116,11 +139,21 @@ class KVLayer:
     async def put(
         self, req: pb.BeginPutRequest, body: objectlayer.PutBody, *, md5: bool = True
     ) -> pb.ObjectInfo:
-        """Read the body (req.size bytes) into the object's blocks, check its digests
-        (DigestMismatch), then store it: the data blocks, then the metadata block (claimed
-        first with if_none_match: PreconditionFailed when taken); the blocks live as long as
-        the bucket's lifecycle rules say. The ETag is the MD5 unless not md5 (the body's
-        trailing checksum vouched for it: `kv_layout.version_etag`)."""
+        """Read the body (body.size bytes: MissingContentLength when unknown, EntityTooLarge
+        past `kv_layout.MAX_KV_OBJECT_BYTES`, before any byte) into the object's blocks,
+        check its digests (DigestMismatch), then store it: the data blocks, then the metadata
+        block (claimed first with if_none_match: PreconditionFailed when taken); the blocks
+        live as long as the bucket's lifecycle rules say. The ETag is the MD5 unless not md5
+        (the body's trailing checksum vouched for it: `kv_layout.version_etag`)."""
+        if body.size < 0:  # the blocks are sized before the body comes
+            raise errors.InvalidArgument(
+                "You must provide the Content-Length.", reason="MissingContentLength"
+            )
+        if body.size > kv_layout.MAX_KV_OBJECT_BYTES:
+            raise errors.InvalidArgument(
+                f"KV bucket objects hold {kv_layout.MAX_KV_OBJECT_BYTES} bytes at most",
+                reason="EntityTooLarge",
+            )
         info, client = await self.bucket(req.bucket)
         blob = kv_layout.Blob(req.size)
         for piece in blob.pieces():
@@ -134,6 +167,7 @@ class KVLayer:
             bucket=req.bucket, key=req.key, size=req.size,
             etag=etag if md5 else kv_layout.version_etag(blob),
             mtime_unix_ms=int(time.time() * 1000), headers=req.headers, parts=1,
+            checksums=sums,  # kept for GET / HEAD with x-amz-checksum-mode: ENABLED
         )  # fmt: skip
         ttl_s = None
         if info.lifecycle.rules:
@@ -144,7 +178,7 @@ class KVLayer:
         await kv_layout.store_object(
             client, req.key, blob, stored, if_none_match=req.if_none_match, ttl_s=ttl_s
         )
-        stored.checksums.clear()
+        stored.checksums.clear()  # the version id the metadata block carries is not one
         stored.checksums.update(sums)
         return stored
 
@@ -192,6 +226,28 @@ class KVLayer:
         await _fill_infos(client, page)
         return page
 
+    async def delete_bucket(self, bucket: str) -> None:
+        """BucketNotEmpty while a block of an object is left (blocks of uploads do not count);
+        else the record (`ObjectFront.delete_bucket`), then the blocks of its uploads in
+        progress: nothing reaches them by then, and their TTL ends them anyway (a failure is
+        logged)."""
+        _, client = await self.bucket(bucket)
+        if await _holds_objects(client):
+            raise errors.PreconditionFailed(
+                "The bucket you tried to delete is not empty.", reason="BucketNotEmpty"
+            )
+        await self.front.delete_bucket(bucket)
+        try:
+            await _discard_uploads(client)
+        except errors.KVTierError as exc:
+            log.warning("deleting the upload blocks of KV bucket %s: %s", bucket, exc)
+
+    async def set_versioning(
+        self, bucket: str, status: metadata_pb2.VersioningStatus.ValueType
+    ) -> None:
+        """NotImplemented: a KV object is DRAM blocks, one version each."""
+        raise errors.InvalidArgument("KV buckets cannot be versioned", reason="NotImplemented")
+
     async def create_multipart(
         self, req: pb.CreateMultipartUploadRequest
     ) -> pb.CreateMultipartUploadResponse:
@@ -213,9 +269,19 @@ class KVLayer:
         _, client = await self.bucket(req.bucket)
         return await kv_multipart.uploads_page(client, req)
 
-    async def set_acl(self, bucket: str, key: str, acl: acl_pb2.Acl) -> None:
-        """NotImplemented."""
-        raise _not_implemented("PutObjectAcl")
+    async def set_acl(
+        self, bucket: str, key: str, acl: acl_pb2.Acl, version_id: str = ""
+    ) -> pb.ObjectInfo:
+        """A KV object's ACL is private (its tenant's full control, what `head` shows): a
+        private ACL changes nothing (the object's info; NoSuchKey), another is NotImplemented."""
+        _check_version(version_id)
+        record, client = await self.bucket(bucket)
+        if not s3acl.is_private(acl, record.tenant):
+            raise _not_implemented("An ACL other than private")
+        info = await kv_layout.read_info(client, kv_layout.meta_key(key))
+        if info is None:
+            raise _no_such_key()
+        return info
 
     async def list_versions(
         self, bucket: str, *, prefix: str = "", key_marker: str = "", max_keys: int = 1000
@@ -223,9 +289,13 @@ class KVLayer:
         """NotImplemented (a KV bucket is never versioned)."""
         raise _not_implemented("ListObjectVersions")
 
-    async def set_tags(self, bucket: str, key: str, tags: Mapping[str, str]) -> None:
-        """NotImplemented."""
-        raise _not_implemented("PutObjectTagging")
+    async def set_tags(
+        self, bucket: str, key: str, tags: Mapping[str, str], version_id: str = ""
+    ) -> pb.ObjectInfo:
+        """NotImplemented: a KV object's tags are those of its PUT (x-amz-tagging, what `head`
+        shows), its blocks are never changed in place (NoSuchVersion first: one version each)."""
+        _check_version(version_id)
+        raise _not_implemented("Changing an object's tags")
 
 
 def start_after(req: pb.ListObjectsRequest) -> bytes:
@@ -259,6 +329,28 @@ async def _digests(
                 f"The {name} you specified did not match the calculated checksum.", algorithm=name
             )
     return etag, sums
+
+
+async def _holds_objects(client: kv.AsyncKVClient) -> bool:
+    """Whether a KV bucket holds a block of an object (blocks of uploads do not count)."""
+    after = b""
+    while True:
+        entries, more = await client.list_keys(start_after=after, limit=_PAGE)
+        if any(not key.startswith(_UPLOAD_PREFIXES) for key, _ in entries):
+            return True
+        if not more or not entries:
+            return False
+        after = entries[-1][0]
+
+
+async def _discard_uploads(client: kv.AsyncKVClient) -> None:
+    """Delete every block of a KV bucket's multipart uploads: parts, then records."""
+    for prefix in _UPLOAD_PREFIXES:
+        while True:
+            entries, more = await client.list_keys(prefix=prefix, limit=_PAGE)
+            deleted = await client.delete([key for key, _ in entries]) if entries else 0
+            if not more or not deleted:  # none left, or none deletable: their TTL ends them
+                break
 
 
 async def _fill_infos(client: kv.AsyncKVClient, page: pb.ListObjectsResponse) -> None:

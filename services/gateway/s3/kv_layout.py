@@ -42,6 +42,8 @@ TAIL_PREFIX = b"\x00t\x00"
 UPLOAD_PREFIX = b"\x00u\x00"
 PART_PREFIX = b"\x00p\x00"
 _VERSION = "VERSION"
+#: The part sizes of a completed upload, in its metadata block ("size,size,...").
+_PART_SIZES = "PART_SIZES"
 _GET_ATTEMPTS = 4
 _INLINE_DIGEST_BYTES = 256 << 10
 
@@ -149,8 +151,24 @@ def encode_info(info: pb.ObjectInfo, blob: Blob) -> bytes:
 
 
 def public_checksums(info: pb.ObjectInfo) -> dict[str, str]:
-    """The S3 checksums of a metadata block (without the version id)."""
-    return {k: v for k, v in info.checksums.items() if k != _VERSION}
+    """The S3 checksums of a metadata block (without the version id and part sizes)."""
+    return {k: v for k, v in info.checksums.items() if k not in (_VERSION, _PART_SIZES)}
+
+
+def keep_part_sizes(info: pb.ObjectInfo, sizes: Sequence[int]) -> None:
+    """Record a completed upload's part sizes in its metadata block (for `part_span`)."""
+    info.checksums[_PART_SIZES] = ",".join(str(size) for size in sizes)
+
+
+def part_span(info: pb.ObjectInfo, number: int) -> tuple[int, int] | None:
+    """(offset, size) of part number of an object (GetObject's partNumber, counted 1.. as
+    x-amz-mp-parts-count counts them); None past the last part. A PUT's object has one part:
+    all of it (as has an upload completed before part sizes were kept)."""
+    text = info.checksums.get(_PART_SIZES, "")
+    sizes = [int(size) for size in text.split(",")] if text else [info.size]
+    if not 1 <= number <= len(sizes):
+        return None
+    return sum(sizes[: number - 1]), sizes[number - 1]
 
 
 async def write_blob(
@@ -223,23 +241,11 @@ def object_block_keys(key: str) -> list[bytes]:
     return [meta_key(key), *object_keys(key)]
 
 
-def trailer_checked(req: s3request.S3Request) -> bool:
-    """Whether the body's integrity rests on a trailing x-amz-checksum-* (aws-chunked, as the
-    AWS SDKs' flexible checksums send it) and nothing asks for an MD5 (no Content-MD5)."""
-    mode = req.header("x-amz-content-sha256")  # the decoder then insists on the trailer
-    trailer = req.header("x-amz-trailer").strip().lower()
-    return (
-        mode.startswith("STREAMING-")
-        and mode.endswith("-TRAILER")
-        and trailer.startswith(object_ops.CHECKSUM_HEADER)
-        and not req.header("Content-MD5")
-    )
-
-
 def version_etag(blob: Blob) -> str:
-    """The ETag of a KV object stored without an MD5 (`trailer_checked`): its version id in hex
-    and "-1". Never mistaken for an MD5: clients that compare ETags with MD5s skip ETags with a
-    "-" (multipart uploads), and it changes with every write, as an entity tag must."""
+    """The ETag of a KV object stored without an MD5 (`object_ops.trailer_checked`): its
+    version id in hex and "-1". Never mistaken for an MD5: clients that compare ETags with MD5s
+    skip ETags with a "-" (multipart uploads), and it changes with every write, as an entity
+    tag must."""
     return f"{blob.version.hex()}-1"
 
 

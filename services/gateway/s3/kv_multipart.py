@@ -222,6 +222,7 @@ async def complete(s3: s3request.Door, req: s3request.S3Request) -> web.Response
         etag=multipart.multipart_etag([i.etag for i in infos]),
         mtime_unix_ms=int(time.time() * 1000), headers=record.headers, parts=len(infos),
     )  # fmt: skip
+    kv_layout.keep_part_sizes(info, [i.size for i in infos])  # GetObject's partNumber
     algorithm = record.checksum_algorithm
     if algorithm and all(algorithm in i.checksums for i in infos):
         info.checksums[algorithm] = multipart.composite_checksum(

@@ -197,11 +197,25 @@ def begin_request(req: s3request.S3Request, bucket: str, key: str, size: int) ->
     )  # fmt: skip
 
 
+def trailer_checked(req: s3request.S3Request) -> bool:
+    """Whether the body's integrity rests on a trailing x-amz-checksum-* (aws-chunked, as the
+    AWS SDKs' flexible checksums send it) and nothing asks for an MD5 (no Content-MD5)."""
+    mode = req.header("x-amz-content-sha256")  # the decoder then insists on the trailer
+    trailer = req.header("x-amz-trailer").strip().lower()
+    return (
+        mode.startswith("STREAMING-")
+        and mode.endswith("-TRAILER")
+        and trailer.startswith(CHECKSUM_HEADER)
+        and not req.header("Content-MD5")
+    )
+
+
 async def put_object(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """PutObject (CopyObject when x-amz-copy-source is set)."""
-    if req.header("x-amz-copy-source"):
-        return await copy_object(s3, req)
+    """PutObject (CopyObject when x-amz-copy-source is set) on either bucket kind, through
+    its object layer (whose own limits apply: a KV bucket's size, its Content-Length)."""
     layer = await s3.layer(req)
+    if req.header("x-amz-copy-source"):
+        return await copy_object(s3, req, layer)
     check_key(req.key)
     size = req.payload.size
     if size < 0 and "chunked" not in req.header("Transfer-Encoding").lower():
@@ -216,8 +230,9 @@ async def put_object(s3: s3request.Door, req: s3request.S3Request) -> web.Respon
             raise s3errors.S3Error("PreconditionFailed", "If-Match does not match")
     if req.header("If-None-Match") not in ("", "*"):
         raise s3errors.S3Error("NotImplemented", "If-None-Match on PUT supports only *")
+    md5 = not trailer_checked(req)  # else the trailing checksum vouches for the bytes
     try:
-        info = await layer.put(begin_request(req, req.bucket, req.key, bound), req.payload)
+        info = await layer.put(begin_request(req, req.bucket, req.key, bound), req.payload, md5=md5)
     except errors.InvalidArgument as exc:
         raise translate_digest_error(req, exc) from None
     response = web.Response(status=200)
@@ -269,66 +284,63 @@ def info_headers(
 
 
 def object_headers(
-    response: web.StreamResponse, meta: datanode_pb2.ShardMeta, req: s3request.S3Request
+    response: web.StreamResponse, info: pb.ObjectInfo, req: s3request.S3Request
 ) -> None:
     """info_headers, the parts count, and (when asked with x-amz-checksum-mode: ENABLED) the
     whole object's checksums."""
-    info_headers(response, versions.info(meta), req)
+    info_headers(response, info, req)
     out = response.headers
-    one_part = "partNumber" in req.query and multipart.is_multipart(meta)
-    if len(meta.parts) > 1 or one_part:
-        out["x-amz-mp-parts-count"] = str(len(meta.parts))
+    one_part = "partNumber" in req.query and multipart.is_multipart_etag(info.etag)
+    if info.parts > 1 or one_part:
+        out["x-amz-mp-parts-count"] = str(info.parts)
     # A part of a multipart object does not have the whole object's checksum.
     whole = "Range" not in req.http.headers and not one_part
     if req.header("x-amz-checksum-mode").upper() == "ENABLED" and whole:
-        for name, value in meta.checksums.items():
+        for name, value in info.checksums.items():
             out[f"{CHECKSUM_HEADER}{name.lower()}"] = value
-            if value.endswith(f"-{len(meta.parts)}") and len(meta.parts) > 1:
+            if value.endswith(f"-{info.parts}") and info.parts > 1:
                 out["x-amz-checksum-type"] = "COMPOSITE"
 
 
-async def _resolve(s3: s3request.Door, req: s3request.S3Request) -> objectlayer.ErasureReader:
-    await s3.owned_bucket(req)
+async def _read(
+    s3: s3request.Door, req: s3request.S3Request, *, data: bool
+) -> tuple[objectlayer.ObjectReader, int, int, web.StreamResponse]:
+    """What a GET or HEAD reads, on either bucket kind: the version (versionId) opened through
+    the bucket's object layer, its conditions checked (304, 412), then the part (partNumber),
+    the range (Range: 206, 416) or all of it: (reader, first byte, length, the response with
+    its status and headers)."""
+    layer = await s3.layer(req)
     check_key(req.key)
     version = versioning_ops.requested(req)
     try:
-        return await s3.objects.open_read(req.bucket, req.key, version)
+        reader = await layer.open_read(req.bucket, req.key, version, data=data)
     except errors.NotFound as exc:
         raise versioning_ops.not_found(exc, version) from None
+    info = reader.info
+    check_conditions(req.header, info.etag, info.mtime_unix_ms, for_read=True)
+    span = requested_part(req, reader)
+    span = span if span is not None else parse_range(req.header("Range"), info.size)
+    first, last = span if span else (0, info.size - 1)
+    partial = span is not None and last >= first  # an empty part: 200, no Content-Range
+    response = web.StreamResponse(status=206 if partial else 200)
+    object_headers(response, info, req)
+    await versioning_ops.stamp_info(s3, req.bucket, response, info)
+    if partial:
+        response.headers["Content-Range"] = f"bytes {first}-{last}/{info.size}"
+    response.content_length = last - first + 1
+    return reader, first, last - first + 1, response
 
 
 async def head_object(s3: s3request.Door, req: s3request.S3Request) -> web.StreamResponse:
-    """The object's headers (conditions apply)."""
-    meta = (await _resolve(s3, req)).meta
-    check_conditions(req.header, meta.etag, meta.mtime_unix_ns // 1_000_000, for_read=True)
-    part = requested_part(req, meta)
-    span = part if part is not None else parse_range(req.header("Range"), meta.size)
-    partial = span is not None and span[1] >= span[0]  # an empty part: 200, no Content-Range
-    response = web.StreamResponse(status=206 if partial else 200)
-    object_headers(response, meta, req)
-    await versioning_ops.stamp_read(s3, req.bucket, response, meta)
-    if span and partial:
-        response.headers["Content-Range"] = f"bytes {span[0]}-{span[1]}/{meta.size}"
-    response.content_length = span[1] - span[0] + 1 if span else meta.size
-    return response
+    """The object's headers (conditions apply), its metadata only read."""
+    return (await _read(s3, req, data=False))[3]
 
 
 async def get_object(s3: s3request.Door, req: s3request.S3Request) -> web.StreamResponse:
-    """The object's bytes, whole or one range (206), streamed a staging slot at a time (each
-    written while the engine gathers the next: response_body)."""
-    found = await _resolve(s3, req)
-    meta = found.meta
-    check_conditions(req.header, meta.etag, meta.mtime_unix_ns // 1_000_000, for_read=True)
-    span = requested_part(req, meta)
-    span = span if span is not None else parse_range(req.header("Range"), meta.size)
-    first, last = span if span else (0, meta.size - 1)
-    response = web.StreamResponse(status=206 if last >= first and span else 200)
-    object_headers(response, meta, req)
-    await versioning_ops.stamp_read(s3, req.bucket, response, meta)
-    if span and last >= first:  # an empty part: 200, no Content-Range
-        response.headers["Content-Range"] = f"bytes {first}-{last}/{meta.size}"
-    response.content_length = last - first + 1
-    return await send_body(s3, req, response, found, first, last - first + 1)
+    """The object's bytes, whole, one part or one range (206), streamed a piece at a time
+    (each written while the layer gathers the next: send_body)."""
+    reader, first, length, response = await _read(s3, req, data=True)
+    return await send_body(s3, req, response, reader, first, length)
 
 
 async def send_body(
@@ -450,9 +462,13 @@ async def source_for_copy(
     return bucket, key, meta
 
 
-async def copy_object(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """CopyObject: metadata directive COPY (default) or REPLACE; conditions on the source."""
-    await s3.owned_bucket(req)
+async def copy_object(
+    s3: s3request.Door, req: s3request.S3Request, layer: objectlayer.ObjectLayer
+) -> web.Response:
+    """CopyObject into the request's bucket (its object layer: NotImplemented on KV buckets):
+    metadata directive COPY (default) or REPLACE; conditions on the source."""
+    if not layer.copies:
+        raise s3errors.S3Error("NotImplemented", "CopyObject is not implemented on this bucket")
     check_key(req.key)
     src_bucket, src_key, src = await source_for_copy(s3, req)
     directive = req.header("x-amz-metadata-directive", "COPY").upper()
@@ -469,7 +485,7 @@ async def copy_object(s3: s3request.Door, req: s3request.S3Request) -> web.Respo
         copied = versions.info(src).headers
         copied.acl.CopyFrom(headers.acl)
         headers = copied
-    info = await s3.front.copy_object(
+    info = await layer.copy(
         pb.CopyObjectRequest(
             src_bucket=src_bucket, src_key=src_key, dst_bucket=req.bucket, dst_key=req.key,
             replace_headers=True, headers=tags.for_copy(req.header, headers, src.tags),

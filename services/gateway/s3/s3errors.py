@@ -92,4 +92,9 @@ def from_domain(exc: errors.KVTierError, *, default_not_found: str = "NoSuchKey"
         return S3Error(default_not_found, text)
     if isinstance(exc, errors.AlreadyExists):
         return S3Error("BucketAlreadyExists", text)
+    if isinstance(exc, errors.DeadlineExceeded):
+        # A call inside the cluster (the metadata service, a datanode) ran out of time: the
+        # service's fault, a 503 to retry, not S3's RequestTimeout (400: the client's socket
+        # went quiet, which the body reader reports itself).
+        return S3Error("ServiceUnavailable", text)
     return S3Error(exc.s3_code, text, status=exc.http_status)

@@ -54,8 +54,6 @@ class Door(Protocol):
     """The S3 server as its handlers see it (`server.S3Server` is the one implementation)."""
 
     front: front_mod.ObjectFront
-    #: The erasure-coded buckets' object layer (`layer` picks by the bucket's kind).
-    objects: objectlayer.ErasureLayer
     auth: auth.Authenticator
     region: str
     kv_buckets: kv_clients.KVBuckets

@@ -292,17 +292,17 @@ class S3Server:
         return await self.auth.authenticate(http)
 
     async def _kv_handler(self, request: S3Request, handler: Handler) -> Handler:
-        """The KV tier's handler when the bucket is a KV bucket (ownership checked)."""
+        """The handler on a KV bucket (ownership checked): the same one through the bucket's
+        object layer (`kv_ops.LAYERED`: the layer checks versionId, one version each),
+        the KV tier's own (`kv_ops.HANDLERS`), else NotImplemented."""
         info = await self.owned_bucket(request)
-        if info.kind != metadata_pb2.BUCKET_KIND_KV:
+        if info.kind != metadata_pb2.BUCKET_KIND_KV or request.op in kv_ops.LAYERED:
             return handler
         kv_handler = kv_ops.HANDLERS.get(request.op)
         if kv_handler is None:
             raise s3errors.S3Error(
                 "NotImplemented", f"{request.op} is not implemented on KV buckets"
             )
-        if request.query.get("versionId", "null") != "null":  # one version each: "null"
-            raise s3errors.S3Error("NoSuchVersion", "The specified version does not exist.")
         return kv_handler
 
     async def layer(self, request: S3Request) -> objectlayer.ObjectLayer:

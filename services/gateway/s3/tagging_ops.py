@@ -11,8 +11,12 @@ one); nothing changes unless the whole tag set is valid.
 Bucket tagging (Put/Get/DeleteBucketTagging) keeps up to 50 tags in the bucket's record
 (`SetBucketConfig`), on both kinds of bucket, owner or admin only.
 
-Not implemented (501): object tagging on KV buckets (their objects have no metadata to change
-in place: `S3Server` answers NotImplemented for any operation kv_ops does not serve).
+Object tagging goes through the bucket's object layer (`objectlayer.ObjectLayer.set_tags`; reads:
+`head`): with versionId, of that version, current or not (the reply's x-amz-version-id names the
+version in a versioned bucket); a missing version is NoSuchVersion, a delete marker's version id
+405 MethodNotAllowed (the current version a marker: 404 NoSuchKey), as S3 answers. KV buckets:
+GetObjectTagging shows the tags of the object's PUT; changing them is NotImplemented (501: their
+blocks are never changed in place).
 """
 
 from __future__ import annotations
@@ -20,65 +24,73 @@ from __future__ import annotations
 from aiohttp import web
 
 from kvtier import errors
+from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
+from services.gateway import objectlayer
 from services.gateway.s3 import object_ops, s3errors, s3request, tags, versioning_ops
 
 #: The largest Tagging document read (S3's largest valid one is about 4 KiB of tags).
 MAX_BODY_BYTES = 64 << 10
 
 
-async def _storage(s3: s3request.Door, req: s3request.S3Request) -> str:
-    """The storage name of the request's bucket (NoSuchBucket, AccessDenied), its key checked;
-    a versionId must name the current version (versioning_ops.only_current)."""
+async def _target(
+    s3: s3request.Door, req: s3request.S3Request
+) -> tuple[objectlayer.ObjectLayer, str]:
+    """The object layer of the request's bucket (NoSuchBucket, AccessDenied) and the versionId
+    asked for ('' for the current version), the key checked."""
     object_ops.check_key(req.key)
-    stored = await s3.front.storage_of(req.bucket)
     version = versioning_ops.requested(req)
-    if version:
-        try:
-            await s3.front.engine.resolve(stored, req.key, version_id=version)
-        except errors.NotFound as exc:
-            raise versioning_ops.not_found(exc, version) from None
-        versioning_ops.only_current(await s3.front.engine.resolve(stored, req.key), version)
-    return stored
+    return await s3.layer(req), version
 
 
-async def _update(
-    s3: s3request.Door, req: s3request.S3Request, stored: str, tag_set: dict[str, str]
-) -> None:
+async def _tagged(
+    s3: s3request.Door, req: s3request.S3Request, status: int, info: pb.ObjectInfo
+) -> web.Response:
+    """An answer about a version's tags, with its x-amz-version-id in a versioned bucket."""
+    response = web.Response(status=status)
+    await versioning_ops.stamp_info(s3, req.bucket, response, info)
+    return response
+
+
+async def _set(
+    s3: s3request.Door, req: s3request.S3Request, target: tuple[objectlayer.ObjectLayer, str],
+    tag_set: dict[str, str], status: int,
+) -> web.Response:  # fmt: skip
+    """Replace the tags of the version target names (NoSuchKey, NoSuchVersion...)."""
+    layer, version = target
     try:
-        await s3.front.engine.meta_updater.update(stored, req.key, tags=tag_set)
-    except errors.NotFound:
-        raise s3errors.S3Error("NoSuchKey", "The specified key does not exist.") from None
+        info = await layer.set_tags(req.bucket, req.key, tag_set, version)
+    except errors.NotFound as exc:
+        raise versioning_ops.not_found(exc, version) from None
+    return await _tagged(s3, req, status, info)
 
 
 async def put_object_tagging(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """PutObjectTagging: replace the object's tag set (nothing changes on any error)."""
-    stored = await _storage(s3, req)
+    """PutObjectTagging: replace the tag set of the current version, or of versionId's
+    (nothing changes on any error)."""
+    target = await _target(s3, req)  # refused before the body is read
     raw = await req.payload.read_all(MAX_BODY_BYTES)
     object_ops.check_body_digest(req, raw)
-    await _update(s3, req, stored, tags.parse_xml(raw))
-    return web.Response(status=200)
+    return await _set(s3, req, target, tags.parse_xml(raw), 200)
 
 
 async def get_object_tagging(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """GetObjectTagging: the object's tag set (an empty TagSet when it has none); of one
-    version with versionId."""
-    object_ops.check_key(req.key)
-    stored = await s3.front.storage_of(req.bucket)
-    version = versioning_ops.requested(req)
+    """GetObjectTagging: the tag set of the current version, or of versionId's (an empty
+    TagSet when it has none)."""
+    layer, version = await _target(s3, req)
     try:
-        found = await s3.front.engine.resolve(stored, req.key, version_id=version)
+        info = await layer.head(req.bucket, req.key, version)
     except errors.NotFound as exc:
         raise versioning_ops.not_found(exc, version) from None
-    response = web.Response(body=tags.render(found.meta.tags), content_type="application/xml")
-    await versioning_ops.stamp_read(s3, req.bucket, response, found.meta)
+    response = await _tagged(s3, req, 200, info)
+    response.body = tags.render(info.headers.tags)
+    response.content_type = "application/xml"
     return response
 
 
 async def delete_object_tagging(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """DeleteObjectTagging: remove the object's tags (204)."""
-    await _update(s3, req, await _storage(s3, req), {})
-    return web.Response(status=204)
+    """DeleteObjectTagging: remove the tags of the current version, or of versionId's (204)."""
+    return await _set(s3, req, await _target(s3, req), {}, 204)
 
 
 async def put_bucket_tagging(s3: s3request.Door, req: s3request.S3Request) -> web.Response:

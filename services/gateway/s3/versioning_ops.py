@@ -70,13 +70,12 @@ async def stamp_read(
         response.headers[VERSION_HEADER] = objversions.version_id(meta)
 
 
-def only_current(found: versions.Resolved, version: str) -> None:
-    """An in-place change (tags, ACL) names the current version or none: a non-current one
-    is 501 NotImplemented (their metadata is not changed in place here)."""
-    if version and objversions.version_id(found.meta) != version:
-        raise s3errors.S3Error(
-            "NotImplemented", "changing the tags or ACL of a non-current version"
-        )
+async def stamp_info(
+    s3: s3request.Door, bucket: str, response: web.StreamResponse, info: pb.ObjectInfo
+) -> None:
+    """x-amz-version-id of a version's sub-resource (tagging, ACL), as stamp_read does."""
+    if info.headers.keep_versions or await status(s3, bucket):
+        response.headers[VERSION_HEADER] = info.version_id or objversions.NULL
 
 
 def not_found(exc: errors.NotFound, version: str) -> s3errors.S3Error:
