@@ -11,7 +11,8 @@ at most `max_objects` objects are healed at once.
 
 Three callers:
 - the heal queue: the engine adds objects it found degraded (a read rebuilt a block, a PUT
-  committed on fewer than every drive, drives disagreed on the version); `run_queue` drains it.
+  committed on fewer than every drive, drives disagreed on the version), each with its reason
+  (`healqueue`; `list_queue` answers `AdminService.ListHealQueue`); `run_queue` drains it.
   What was skipped is retried with exponential backoff; an object waiting for a drive that is
   down stays queued and is retried as soon as the map shows the drive online again;
 - the scanner (`run_scanner`): every `scan_interval_s` a slice of the objects, in listing order
@@ -45,7 +46,7 @@ from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.gateway.v1 import admin_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway import front as front_mod
-from services.gateway import placement, rebuild, versions
+from services.gateway import healqueue, placement, rebuild, versions
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +89,6 @@ class HealResult:
     detail: str = ""
 
 
-@dataclasses.dataclass(slots=True)
-class _Pending:
-    attempts: int = 0
-    due: float = 0.0
-    waiting_on: frozenset[str] = frozenset()
-    was_offline: bool = False  # a drive it waits for was OFFLINE in the map at the last try
-
-
 class Healer:
     """The gateway's healing (see the module docstring)."""
 
@@ -119,7 +112,7 @@ class Healer:
         self._scan_objects = scan_objects_per_cycle
         self._scan_at = ("", "")  # (bucket, last key scanned)
         self._busy: dict[tuple[str, str], asyncio.Event] = {}
-        self._pending: dict[tuple[str, str], _Pending] = {}
+        self._pending: dict[tuple[str, str], healqueue.Pending] = {}
         self._running: set[tuple[str, str]] = set()
         self._dropped = 0  # objects not queued because the queue was full
 
@@ -241,8 +234,16 @@ class Healer:
 
     # The heal queue.
 
-    def enqueue(self, bucket: str, key: str, result: HealResult | None = None) -> None:
-        """Queue an object for healing (again, after result when given)."""
+    def enqueue(
+        self,
+        bucket: str,
+        key: str,
+        result: HealResult | None = None,
+        *,
+        intake: healqueue.Intake | None = None,
+    ) -> None:
+        """Queue an object for healing (again, after result when given); intake: why and
+        when it was first queued (kept while it stays queued)."""
         name = (bucket, key)
         item = self._pending.get(name)
         if item is None:
@@ -251,9 +252,13 @@ class Healer:
                 if self._dropped == 1 or self._dropped % 10_000 == 0:
                     log.warning("heal queue full: %d objects left to the scanner", self._dropped)
                 return
-            item = self._pending[name] = _Pending()
+            intake = intake or healqueue.Intake(f"heal {result.outcome.value}" if result else "")
+            item = self._pending[name] = healqueue.Pending(
+                reason=intake.reason, version_id=intake.version_id, queued_at=intake.queued_at
+            )
         if result is not None:
             item.attempts += 1
+            item.last_error = result.detail or result.outcome.value
             delay = min(_BACKOFF_MAX_S, _BACKOFF_S * 2 ** min(item.attempts, 16))
             item.due = time.monotonic() + delay * random.uniform(0.5, 1.0)
             item.waiting_on = result.waiting_on
@@ -274,9 +279,17 @@ class Healer:
         """Move the engine's new entries into the queue (known ones keep their schedule)."""
         queue = self._engine.heal_queue
         while queue:
-            name = queue.pop()
+            name, intake = queue.pop()
             if name not in self._pending and name not in self._running:
-                self.enqueue(*name)
+                self.enqueue(*name, intake=intake)
+
+    def list_queue(self, limit: int) -> admin_pb2.ListHealQueueResponse:
+        """What the queue holds, oldest first (at most limit: `healqueue.clamp_limit`), and
+        its totals (`AdminService.ListHealQueue`)."""
+        return healqueue.listing(
+            self._pending, self._engine.heal_queue, self._running, self._online_drives(),
+            limit=limit, dropped=self._dropped,
+        )  # fmt: skip
 
     def _online_drives(self) -> set[str]:
         return {
@@ -368,7 +381,8 @@ class Healer:
                 keys = [o.key for o in page.objects]
                 async for key, result in self._heal_each(bucket, keys, dry_run=False):
                     if result.outcome is Outcome.SKIPPED:
-                        self.enqueue(bucket, key, result=result)
+                        intake = healqueue.Intake(f"scanner: {result.detail or 'skipped'}")
+                        self.enqueue(bucket, key, result=result, intake=intake)
                 budget -= len(keys)
                 after = keys[-1] if keys else after
                 if not page.is_truncated:
@@ -404,7 +418,8 @@ class Healer:
                 async for key, result in self._heal_each(name, keys, dry_run=dry_run):
                     _tally(progress, f"{names.user_bucket(name)}/{key}", result, sizes[key])
                     if result.outcome is Outcome.SKIPPED and not dry_run:
-                        self.enqueue(name, key, result=result)
+                        intake = healqueue.Intake(f"admin heal: {result.detail or 'skipped'}")
+                        self.enqueue(name, key, result=result, intake=intake)
                     if time.monotonic() - sent >= _PROGRESS_EVERY_S:
                         sent = time.monotonic()
                         yield _copy(progress)

@@ -24,7 +24,7 @@ from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.transport import shm_copy, slots
 from services.gateway import datanodes as datanodes_mod
-from services.gateway import fanout, objectmeta, placement, reads, versions
+from services.gateway import fanout, healqueue, objectmeta, placement, reads, versions
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class EngineBase:
         self._codecs: dict[tuple[int, int], erasure.Codec] = {}
         #: Stamps new versions (services.gateway.commits: how it learns the drives' stamps).
         self.clock = clock or hlc.HybridClock()
-        self.heal_queue: set[tuple[str, str]] = set()
+        self.heal_queue = healqueue.HealQueue()
         self.reads = reads.Reader(
             nodes, staging, self._codec, self._call_bytes, self._run, self.heal_queue
         )
@@ -198,7 +198,8 @@ class EngineBase:
                 [a for a in answers if isinstance(a, datanode_pb2.ShardMeta) and a.data_id == best]
             )
             if queue_heal and not version_id and len(held[best]) < len(where.slots):
-                self.heal_queue.add((bucket, key))
+                why = f"read found the version on {len(held[best])} of {len(where.slots)} drives"
+                self.heal_queue.add((bucket, key), why, objversions.version_id(metas[best]))
             shards = {i: answers[i] for i in held[best]}
             inline = {
                 i: a.inline_data

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from kvtier import errors, names
+from kvtier import errors, names, objversions
 from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
 from services.gateway import commits, objectbase, placement
 
@@ -122,7 +122,8 @@ class PooledObjects(objectbase.EngineBase):
             stamp=stamp, restamp=restamp,
         )  # fmt: skip
         if committed < len(where.slots) and meta.bucket != names.MULTIPART_BUCKET:
-            self.heal_queue.add((meta.bucket, meta.key))
+            why = f"write committed on {committed} of {len(where.slots)} drives"
+            self.heal_queue.add((meta.bucket, meta.key), why, objversions.version_id(meta))
 
     # DELETE.
 

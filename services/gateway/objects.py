@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 
-from kvtier import errors
+from kvtier import errors, objversions
 from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.transport import base
@@ -115,7 +115,8 @@ class ObjectEngine(objectwrites.ObjectWrites):
                     small=up.small, stamp=False, restamp=False,
                 )  # fmt: skip
                 if committed < len(up.where.slots):
-                    self.heal_queue.add((meta.bucket, meta.key))
+                    why = f"write committed on {committed} of {len(up.where.slots)} drives"
+                    self.heal_queue.add((meta.bucket, meta.key), why, objversions.version_id(meta))
                 return committed
         except BaseException:
             await self._abort(up)

@@ -18,11 +18,11 @@ from typing import Any, TypeVar
 import prometheus_client
 import xxhash
 
-from kvtier import erasure, errors
+from kvtier import erasure, errors, objversions
 from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
 from kvtier.transport import base, slots
 from services.gateway import datanodes as datanodes_mod
-from services.gateway import versions
+from services.gateway import healqueue, versions
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Reader:
         codec: Callable[[int, int], erasure.Codec],
         call_bytes: Callable[[int, int], int],
         run: Callable[..., Awaitable[Any]],
-        heal_queue: set[tuple[str, str]],
+        heal_queue: healqueue.HealQueue,
     ) -> None:
         self._nodes = nodes
         self._staging = staging
@@ -203,7 +203,8 @@ class Reader:
         results = await asyncio.gather(*(read(s, i, d) for s, i, d in plan))
         failed = {r for r in results if r is not None}
         if failed:
-            self.heal_queue.add((meta.bucket, meta.key))
+            why = f"read rebuilt {len(failed)} damaged or missing blocks"
+            self.heal_queue.add((meta.bucket, meta.key), why, objversions.version_id(meta))
         return failed
 
     async def _rebuild_stripe(

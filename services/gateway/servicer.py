@@ -165,3 +165,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         progress = self._healer.heal_tree(request.bucket, request.prefix, dry_run=request.dry_run)
         async for message in progress:
             yield message
+
+    async def ListHealQueue(
+        self, request: admin_pb2.ListHealQueueRequest, context: rpc.ServicerContext
+    ) -> admin_pb2.ListHealQueueResponse:
+        # Admins only (the authorization table): every tenant's objects.
+        return self._healer.list_queue(request.limit)

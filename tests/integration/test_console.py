@@ -32,13 +32,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from kvtier import errors, security
+from kvtier.cli import healqueue as healqueue_cli
 from kvtier.cli import main as cli_main
 from kvtier.cli import transfer
+from kvtier.clients import gateway as gateway_client
 from kvtier.clients import kvcache as kvcache_client
 from kvtier.clients import metadata as metadata_client
 from kvtier.proto.common.v1 import common_pb2
 from tests.integration import s3_cluster as helpers
-from tests.integration.conftest import cli_env
+from tests.integration.conftest import cli_env, cluster_security
 from tests.integration.s3_cluster import s3_cluster as s3_cluster_fixture  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -460,6 +462,49 @@ def test_heal_page_admins_only(
     assert 'href="/heal"' not in user.text(user.get("/"))
 
 
+def test_heal_page_and_cli_list_every_gateways_heal_queue(
+    cluster: Info, console: str, users: dict[str, tuple[str, str]]
+) -> None:
+    """The Heal page shows what the gateways' heal queues hold (asked as the admin); the CLI
+    asks every gateway of the map with the operator's certificate; a tenant user's own
+    ListHealQueue call is refused (PERMISSION_DENIED) and so is the page (403)."""
+    sec = cluster_security(Path(cluster["state"]))
+    gateways = asyncio.run(healqueue_cli.cluster_gateways(cluster["metadata"], sec))
+    assert gateways
+    out = io.StringIO()
+    assert asyncio.run(healqueue_cli.run(gateways, 5, out, sec)) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0] == healqueue_cli.HEADER
+    n = len(gateways)
+    assert re.fullmatch(rf"queued \d+ on {n} gateways? \(waiting \d+, .*\); \d+ shown, \d+ more",
+                        lines[-1]), lines  # fmt: skip
+    b = admin(cluster, console)
+    page = b.text(b.get("/heal"))
+    assert 'id="heal-queue-error"' not in page
+    assert re.search(rf'id="heal-queue-totals">queued \d+ on {n} gateways? ', page)
+    assert '<table id="heal-queue"><thead><tr><th>gateway</th><th>age</th>' in page
+    with pytest.raises(errors.PermissionDenied):
+        asyncio.run(_list_heal_queue_as(cluster, *users[TENANT_A]))
+    user = browser(cluster, console)
+    assert user.login(*users[TENANT_A]).status == 303
+    resp = user.get("/heal")
+    assert resp.status == 403
+    assert "heal-queue" not in user.text(resp)
+
+
+async def _list_heal_queue_as(info: Info, access_key: str, secret: str) -> Any:
+    sec = security.ClientSecurity(
+        ca_file=info["ca_file"], access_key=access_key, secret_key=secret,
+        token_address=info["metadata_client"],
+    )  # fmt: skip
+    async with metadata_client.MetadataClient(info["metadata_client"], security=sec) as md:
+        cmap = await md.get_cluster_map()
+    assert cmap is not None
+    gateway = healqueue_cli.gateways_of(cmap, service_port=False)[0]
+    async with gateway_client.AdminServiceClient(gateway.address, security=sec) as client:
+        return await client.list_heal_queue()
+
+
 def test_kv_settings_shown_as_the_cluster_keeps_them(
     cluster: Info, console: str, users: dict[str, tuple[str, str]]
 ) -> None:
@@ -564,6 +609,13 @@ def test_cp_errors_are_one_line_with_exit_codes(cluster: Info, tmp_path: Path) -
         (line,) = stderr.splitlines()
         assert line.startswith("kvtier cp: error: NotFound: ")
         assert "cli-cp-no-such-bucket" in line
+    assert not (tmp_path / "out").exists()
+    # A missing object in a bucket that exists: named as typed, not by its storage name.
+    helpers.client(cluster).create_bucket(Bucket="cli-cp-missing")
+    code, _, stderr = _cp_here(cluster, "s3://cli-cp-missing/no/such.bin", str(tmp_path / "out"))
+    assert (code, stderr) == (
+        1, "kvtier cp: error: NotFound: s3://cli-cp-missing/no/such.bin: no such object\n"
+    )  # fmt: skip
     assert not (tmp_path / "out").exists()
     # Bad arguments (exit 2): tests/unit/test_cli_transfer.py.
 

@@ -67,6 +67,8 @@ def test_help_shows_defaults_and_the_fixed_ports(capsys: pytest.CaptureFixture[s
         (["up", "--ports", "some"], "invalid choice"),
         (["status", "--jsn"], "unrecognized arguments: --jsn"),
         (["health", "--timeout-s", "soon"], "--timeout-s"),
+        (["admin", "heal", "b", "--json"], "--json and --limit go with `kvtier admin heal queue`"),
+        (["admin", "heal", "queue", "--limit", "0"], "--limit 0: give at least 1"),
     ],
 )
 def test_a_bad_flag_or_state_dir_is_one_line_and_exit_2(

@@ -1,8 +1,10 @@
 """The console's KV settings section and Heal page without a cluster: values escaped, a running
-heal shown with its current key, the heal log bounded and newest first."""
+heal shown with its current key, the heal log bounded and newest first, the gateways' heal
+queues escaped with their totals."""
 
 from __future__ import annotations
 
+from kvtier.cli import healqueue
 from kvtier.console import heals, sessions, statuspages
 from kvtier.proto.gateway.v1 import admin_pb2
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
@@ -51,3 +53,32 @@ def test_heal_page_live_then_done_and_bounded() -> None:
         log.start(f"t{i}", dry_run=True, by="AK")
     assert [r.target for r in log.runs()] == ["t4", "t3", "t2"]
     assert 'id="no-heals"' in statuspages.heal_page([], _session())
+
+
+def test_heal_queue_section_escaped_with_totals_and_errors() -> None:
+    entry = admin_pb2.HealQueueEntry(
+        bucket="b<1>", key="<script>alert(1)</script>", version_id="null", age_s=75.0,
+        attempts=2, state="waiting", waiting_on=["drive-<x>"], reason="write & <more>",
+    )  # fmt: skip
+    merged = healqueue.Merged(
+        rows=[healqueue.Row("gw<1>", entry)],
+        replies={"gw<1>": admin_pb2.ListHealQueueResponse(entries=[entry], total=3, waiting=1)},
+        failed={"gw-2": "Unavailable: <down>"},
+    )
+    page = statuspages.heal_page([], _session(), queue=merged)
+    assert "<script>" not in page
+    assert "drive-<x>" not in page
+    row = (
+        "<td>gw&lt;1&gt;</td><td>1m15s</td><td>waiting</td><td>2</td><td>b&lt;1&gt;</td>"
+        "<td>&lt;script&gt;alert(1)&lt;/script&gt;</td><td>null</td>"
+        "<td>write &amp; &lt;more&gt;; waiting for drive-&lt;x&gt;</td>"
+    )
+    assert row in page
+    assert (
+        'id="heal-queue-totals">queued 3 on 1 gateway (waiting 1, retrying 0, healing 0); ' in page
+    )
+    assert "1 shown, 2 more" in page
+    assert "gw-2: Unavailable: &lt;down&gt;" in page
+    failed = statuspages.heal_page([], _session(), queue="etcd <away>")
+    assert 'id="heal-queue-error">etcd &lt;away&gt;<' in failed
+    assert 'id="heal-queue"' not in statuspages.heal_page([], _session())

@@ -12,6 +12,8 @@ kvtier health [HOST:PORT]                 exit 0 when the node's health is SERVI
 kvtier --version
 kvtier admin heal [BUCKET[/PREFIX]] [--gateway H:P | --state-dir DIR] [--dry-run]
                                           check and heal objects; exit 0 when every one is whole
+kvtier admin heal queue [--limit N] [--gateway H:P | --metadata H:P | --state-dir DIR] [--json]
+                                          what every gateway's heal queue holds (oldest first)
 kvtier admin pool status|add [--metadata H:P | --state-dir DIR] [--json]
 kvtier admin pool drain|remove INDEX [--gateway H:P | --state-dir DIR]
                                           pools: state and capacity, how a new one forms,
@@ -60,6 +62,7 @@ from kvtier import config as kvtier_config
 from kvtier import devcluster, devports, errors, pki, rpc, security
 from kvtier.cli import admin as admin_cmd
 from kvtier.cli import certs as certs_cmd
+from kvtier.cli import healqueue as healqueue_cmd
 from kvtier.cli import kvadmin
 from kvtier.cli import pools as pools_cmd
 from kvtier.cli import status as status_cmd
@@ -213,10 +216,21 @@ def _parser() -> argparse.ArgumentParser:
         help="check objects and rebuild missing or corrupt shards",
         description="Check every object of a bucket (or prefix, or of every bucket) and heal "
         "those whose shards are missing, stale or corrupt on some drive. Exit code 0 when every "
-        "object is whole (healthy or healed), 1 otherwise.",
+        "object is whole (healthy or healed), 1 otherwise. `kvtier admin heal queue` lists what "
+        "the heal queues of every gateway (or of --gateway) hold instead: exit 0 when every "
+        "gateway answered (a bucket named queue: `kvtier admin heal queue/`).",
     )
-    heal.add_argument("target", nargs="?", default="", help="BUCKET or BUCKET/PREFIX; none: all")
+    heal.add_argument(
+        "target", nargs="?", default="", help="BUCKET or BUCKET/PREFIX; none: all; queue: list"
+    )
     heal.add_argument("--gateway", default="", help="gateway gRPC host:port")
+    heal.add_argument(
+        "--metadata", default="", help="heal queue: metadata gRPC host:port (finds the gateways)"
+    )
+    heal.add_argument(
+        "--limit", type=int, default=healqueue_cmd.DEFAULT_LIMIT, help="heal queue: entries shown"
+    )
+    heal.add_argument("--json", action="store_true", help="heal queue: machine-readable output")
     heal.add_argument(
         "--state-dir", default=DEFAULT_STATE_DIR, help="dev cluster whose gateway to use"
     )
@@ -445,6 +459,10 @@ def _admin(args: argparse.Namespace) -> int:
     if args.admin_command == "bucket":
         address = admin_cmd.metadata_address(args.metadata, args.state_dir, sec)
         return asyncio.run(admin_cmd.bucket_command(address, args, sys.stdout, security=sec))
+    if args.target == "queue":
+        return asyncio.run(_heal_queue(args, sec))
+    if args.json or args.limit != healqueue_cmd.DEFAULT_LIMIT:
+        raise UsageError("--json and --limit go with `kvtier admin heal queue`")
     address = admin_cmd.gateway_address(args.gateway, args.state_dir, sec)
     result = asyncio.run(
         admin_cmd.heal(
@@ -458,6 +476,18 @@ def _admin(args: argparse.Namespace) -> int:
     )
     print(admin_cmd.summary(result, dry_run=args.dry_run))
     return 0 if not (result.unrecoverable or result.skipped) and result.done else 1
+
+
+async def _heal_queue(args: argparse.Namespace, sec: security.ClientSecurity) -> int:
+    """`kvtier admin heal queue`: --gateway's queue, else every gateway's of the map."""
+    if args.limit < 1:
+        raise UsageError(f"--limit {args.limit}: give at least 1")
+    if args.gateway:
+        gateways = [healqueue_cmd.Gateway(args.gateway, args.gateway)]
+    else:
+        address = admin_cmd.metadata_address(args.metadata, args.state_dir, sec)
+        gateways = await healqueue_cmd.cluster_gateways(address, sec)
+    return await healqueue_cmd.run(gateways, args.limit, sys.stdout, sec, as_json=args.json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -279,10 +279,7 @@ async def _copy(
     err: TextIO,
 ) -> objects.ObjectInfo:
     async with objects.AsyncObjectClient(address, timeout_s=args.timeout_s, security=sec) as obj:
-        if job.upload:
-            total = job.local.stat().st_size
-        else:
-            total = (await obj.head_object(job.remote.bucket, job.remote.key)).size
+        total = job.local.stat().st_size if job.upload else (await _head(obj, job.remote)).size
         display = Display(err, "upload" if job.upload else "download", total, quiet=args.quiet)
         ticker = asyncio.ensure_future(_ticking(display))
         try:
@@ -299,6 +296,17 @@ async def _copy(
                 await ticker
         display.finish()
         return info
+
+
+async def _head(client: objects.AsyncObjectClient, remote: S3Path) -> objects.ObjectInfo:
+    """The object's info; a missing object is NotFound naming s3://bucket/key as the user
+    wrote it (the gateway's message names its internal storage name)."""
+    try:
+        return await client.head_object(remote.bucket, remote.key)
+    except errors.NotFound as exc:
+        if exc.reason == "NoSuchBucket":
+            raise
+        raise errors.NotFound(f"{remote}: no such object", reason=exc.reason) from None
 
 
 def client_security(

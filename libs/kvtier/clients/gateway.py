@@ -209,3 +209,11 @@ class AdminServiceClient(base.BaseClient):
             self._stub.RemovePool, admin_pb2.RemovePoolRequest(index=index)
         )
         return reply.epoch
+
+    async def list_heal_queue(self, limit: int = 0) -> admin_pb2.ListHealQueueResponse:
+        """What this gateway's heal queue holds, oldest first (at most limit; 0: the
+        gateway's default, 1000) and its totals. Raises PermissionDenied for a non-admin."""
+        reply: admin_pb2.ListHealQueueResponse = await self._unary(
+            self._stub.ListHealQueue, admin_pb2.ListHealQueueRequest(limit=limit)
+        )
+        return reply

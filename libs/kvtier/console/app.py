@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from kvtier import errors
+from kvtier.cli import healqueue
 from kvtier.console import cluster, config, heals, pages, sessions, statuspages, throttle
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ _ADMIN_POSTS = ("/users", "/kv/quota", "/kv/durability", "/heal")
 _SAFE = frozenset({"GET", "HEAD"})
 #: How long the overview's heal form waits for the heal to finish.
 HEAL_LIMIT_S = 60.0
+#: Heal-queue entries the Heal page shows at most (`kvtier admin heal queue --limit` for more).
+HEAL_QUEUE_LIMIT = 200
 _HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
@@ -255,12 +258,26 @@ async def heal(request: web.Request) -> web.StreamResponse:
         run.end("failed")
         raise
     run.end("done" if run.progress.done else "gave up waiting")
-    return html(statuspages.heal_page(request.app[HEALS].runs(), session, result))
+    queue = await _heal_queue(request)
+    return html(statuspages.heal_page(request.app[HEALS].runs(), session, result, queue))
 
 
 async def heal_status(request: web.Request) -> web.StreamResponse:
-    """Admins: the heals run through this console, live while running."""
-    return html(statuspages.heal_page(request.app[HEALS].runs(), _session(request)))
+    """Admins: the heals run through this console, live while running, and what the
+    gateways' heal queues hold."""
+    queue = await _heal_queue(request)
+    return html(statuspages.heal_page(request.app[HEALS].runs(), _session(request), "", queue))
+
+
+async def _heal_queue(request: web.Request) -> healqueue.Merged | str:
+    """The gateways' heal queues, or why they could not be read (the page shows the rest).
+    A refusal is the page's (403, 401)."""
+    try:
+        return await _user(request).heal_queue(HEAL_QUEUE_LIMIT)
+    except (errors.PermissionDenied, errors.Unauthenticated):
+        raise
+    except errors.KVTierError as exc:
+        return f"the heal queues could not be read: {exc}"
 
 
 async def buckets(request: web.Request, message: str = "", error: str = "") -> web.Response:

@@ -20,7 +20,7 @@ import grpc
 
 from kvtier import clustermap, errors, objects, rpc, security, tokens
 from kvtier.cli import admin as admin_cmd
-from kvtier.cli import kvadmin
+from kvtier.cli import healqueue, kvadmin
 from kvtier.cli import status as status_cmd
 from kvtier.clients import gateway as gateway_client
 from kvtier.clients import kvcache, metadata
@@ -148,6 +148,16 @@ class UserCluster:
             return "no progress reported"
         text = admin_cmd.summary(last, dry_run=dry_run)
         return text if last.done else f"{text} (still running when the page gave up)"
+
+    async def heal_queue(self, limit: int) -> healqueue.Merged:
+        """What every gateway's heal queue holds, merged (`kvtier admin heal queue`; admins:
+        the gateways refuse others with PermissionDenied)."""
+        gateways = healqueue.gateways_of(await self.cluster_map(), service_port=False)
+        if not gateways:
+            raise errors.Unavailable("no gateway in the cluster map")
+        return await healqueue.collect(
+            gateways, limit, self._security, tokens=self._tokens, timeout_s=self.cfg.rpc_timeout_s
+        )
 
     async def _objects(self) -> objects.AsyncObjectClient:
         address = await self._gateway()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvtier.cli import kvadmin
+from kvtier.cli import healqueue, kvadmin
 from kvtier.console import heals, pages, sessions
 from kvtier.proto.kvcache.v1 import kvcache_pb2
 
@@ -63,9 +63,51 @@ def _state(run: heals.HealRun) -> str:
     return f'<span class="{"ok" if good else "bad"}">{pages.esc(run.ended)}</span>'
 
 
-def heal_page(runs: Sequence[heals.HealRun], session: sessions.Session, result: str = "") -> str:
+def heal_queue_section(queue: healqueue.Merged | str | None) -> str:
+    """What the gateways' heal queues hold (oldest first, as `kvtier admin heal queue`), or
+    why they could not be read; None: not asked."""
+    head = (
+        "<h2>The gateways' heal queues</h2><p>Each gateway also heals on its own: objects a read, "
+        "a write or its scanner found degraded wait in its heal queue and are retried with "
+        "backoff, or when the drives they need come back. Oldest first. The length is also the "
+        "metric <code>kvtier_gateway_heal_queue_length</code> (Grafana: the "
+        "&quot;Heal queue&quot; panel of deploy/grafana/kvtier.json), and objects healed by "
+        "outcome <code>kvtier_gateway_heal_objects_total</code>.</p>"
+    )
+    if queue is None:
+        return head
+    if isinstance(queue, str):
+        return head + f'<p class="msg err" id="heal-queue-error">{pages.esc(queue)}</p>'
+    rows = [
+        (
+            pages.esc(r.gateway), pages.esc(healqueue.age_text(r.entry.age_s)),
+            pages.esc(r.entry.state), pages.esc(r.entry.attempts), pages.esc(r.entry.bucket),
+            pages.esc(r.entry.key), pages.esc(r.entry.version_id or "-"),
+            pages.esc(healqueue.detail(r.entry)),
+        )
+        for r in queue.rows
+    ]  # fmt: skip
+    table = pages._table(
+        ["gateway", "age", "state", "tries", "bucket", "key", "version", "reason"],
+        rows,
+        "heal-queue",
+    )
+    failed = "".join(
+        f'<p class="msg err">{pages.esc(g)}: {pages.esc(why)}</p>'
+        for g, why in sorted(queue.failed.items())
+    )
+    totals = f'<p id="heal-queue-totals">{pages.esc(healqueue.summary(queue))}</p>'
+    return head + totals + failed + table
+
+
+def heal_page(
+    runs: Sequence[heals.HealRun],
+    session: sessions.Session,
+    result: str = "",
+    queue: healqueue.Merged | str | None = None,
+) -> str:
     """Admins: the heals run through this console (newest first, live while running), the
-    form to start one, and where the gateway's own heal queue shows."""
+    form to start one, and what the gateways' own heal queues hold."""
     p = "progress"
     rows = [
         (
@@ -87,14 +129,8 @@ def heal_page(runs: Sequence[heals.HealRun], session: sessions.Session, result: 
         "heal-runs",
     )  # fmt: skip
     none = "" if runs else '<p id="no-heals">No heal has been run through this console yet.</p>'
-    queue = (
-        "<h2>The gateways' heal queues</h2><p>Each gateway also heals on its own: objects a read, "
-        "a write or its scanner found degraded wait in its heal queue and are retried with "
-        "backoff, or when the drives they need come back. No RPC lists a queue; its length is "
-        "the metric <code>kvtier_gateway_heal_queue_length</code> (Grafana: the "
-        "&quot;Heal queue&quot; panel of deploy/grafana/kvtier.json), and objects healed by "
-        "outcome "
-        "<code>kvtier_gateway_heal_objects_total</code>.</p>"
-    )
-    body = "<h2>Heals run here</h2>" + none + table + pages.heal_form(session, result) + queue
+    body = (
+        "<h2>Heals run here</h2>" + none + table + pages.heal_form(session, result)
+        + heal_queue_section(queue)
+    )  # fmt: skip
     return pages.layout("Heal status", body, session)
