@@ -2,12 +2,16 @@
 prompts against the tier (docs/routing.md).
 
     python examples/kv_router.py --metadata 127.0.0.1:7001 [--insecure] [--seconds 30]
-    python examples/kv_router.py --events tcp://10.0.0.5:5557=tcp://10.0.0.5:5558 ...
+    python examples/kv_router.py --events tcp://10.0.0.5:5557=tcp://10.0.0.5:5558 ...  # nodes
+        # with kv_events_auth = none only (anyone may connect: trusted networks)
     python examples/kv_router.py --metadata ... --tenant team-a --namespace llama@s1 \\
         --score 00ab...,01cd...   # kvtier keys (hex) of a prompt's chain
 
 It finds the nodes' endpoints in the cluster map (`NodeInfo.kv_events_endpoint`), subscribes
-to each (ZMQ SUB, vLLM's wire format: `[topic, seq, msgpack(EventBatch)]`), asks the replay
+to each as an authorized subscriber (`kvtier.kv_events.subscribe`: a CURVE key pair whose
+public key the node admits through `AuthorizeEventsSubscriber`, which needs an operator
+certificate or an admin user; ZMQ SUB, vLLM's wire format:
+`[topic, seq, msgpack(EventBatch)]`), asks the replay
 socket for everything buffered first, asks again from the last sequence it saw whenever it
 sees a gap (or `AllBlocksCleared`: the node restarted, its DRAM is empty), and keeps an index
 (tenant, namespace) -> block hash -> the media (`CPU`: the node's DRAM, `STORAGE`: the durable
@@ -31,7 +35,7 @@ import zmq
 import zmq.asyncio
 
 import kvtier
-from kvtier import kv_routing
+from kvtier import kv_events, kv_routing
 from kvtier import security as security_mod
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
@@ -103,17 +107,13 @@ class PrefixIndex:
         return lines
 
 
-async def follow(
-    ctx: zmq.asyncio.Context, node: kv_routing.EventEndpoints, index: PrefixIndex, stop_at: float
-) -> None:
-    """Subscribe, replay what was buffered, then apply live batches, replaying over gaps."""
+async def follow(subscription: kv_events.Subscription, index: PrefixIndex, stop_at: float) -> None:
+    """Replay what was buffered, then apply live batches, replaying over gaps."""
     decoder = msgspec.msgpack.Decoder(type=EventBatch)
-    sub = ctx.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")  # or b"kv@<node id>@<tenant>@" for one tenant
-    sub.connect(node.events)
+    node, sub = subscription.node, subscription.sub
     last = -1
     try:
-        last = await replay(ctx, node, decoder, index, last)
+        last = await replay(subscription, decoder, index, last)
         while (left := stop_at - time.monotonic()) > 0:
             if not await sub.poll(min(left, 0.5) * 1000):
                 continue
@@ -123,25 +123,21 @@ async def follow(
                 continue  # already applied from a replay
             if seq != last + 1:  # a gap (dropped batches, or a restarted node): catch up
                 print(f"{node.node_id}: gap {last + 1}..{seq - 1}, replaying")  # noqa: T201
-                last = await replay(ctx, node, decoder, index, last)
+                last = await replay(subscription, decoder, index, last)
                 if seq <= last:
                     continue
             index.apply(node.node_id, decoder.decode(payload))
             last = seq
     finally:
-        sub.close(linger=0)
+        await subscription.close()
 
 
 async def replay(
-    ctx: zmq.asyncio.Context,
-    node: kv_routing.EventEndpoints,
-    decoder: Any,
-    index: PrefixIndex,
-    last: int,
+    subscription: kv_events.Subscription, decoder: Any, index: PrefixIndex, last: int
 ) -> int:
     """Ask the node's replay socket for every batch after last; apply them; the new last."""
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.connect(node.replay)
+    node = subscription.node
+    dealer = await subscription.replay_socket()
     try:
         await dealer.send_multipart((b"", (last + 1).to_bytes(8, "big")))
         while await dealer.poll(5000):
@@ -157,16 +153,39 @@ async def replay(
     return last
 
 
+async def subscribe(
+    args: argparse.Namespace,
+    ctx: zmq.asyncio.Context,
+    security: security_mod.ClientSecurity | None,
+) -> list[kv_events.Subscription]:
+    """Every node of the cluster map (authorized: CURVE), or the --events pairs (plain)."""
+    # topics=[b"kv@<node id>@<tenant>@"] for one tenant's events
+    if not args.events:
+        return await kv_events.subscribe_all(args.metadata, ctx=ctx, security=security)
+    out = []
+    for i, pair in enumerate(args.events.split(",")):
+        events, _, replay_endpoint = pair.partition("=")
+        node = kv_routing.EventEndpoints(f"node-{i}", events, replay_endpoint)
+        out.append(await kv_events.subscribe(node, ctx=ctx))
+    return out
+
+
 async def main_async(args: argparse.Namespace) -> int:
     security = security_mod.ClientSecurity(insecure=True) if args.insecure else None
-    if args.events:
-        nodes = []
-        for i, pair in enumerate(args.events.split(",")):
-            events, _, replay_endpoint = pair.partition("=")
-            nodes.append(kv_routing.EventEndpoints(f"node-{i}", events, replay_endpoint))
-    else:
-        nodes = await kv_routing.event_endpoints(args.metadata, security=security)
-    if not nodes:
+    ctx = zmq.asyncio.Context()
+    try:
+        return await run(args, ctx, security)
+    finally:
+        ctx.destroy(linger=0)  # closes the sockets an error left open
+
+
+async def run(
+    args: argparse.Namespace,
+    ctx: zmq.asyncio.Context,
+    security: security_mod.ClientSecurity | None,
+) -> int:
+    subscriptions = await subscribe(args, ctx, security)
+    if not subscriptions:
         print("no kvcache node publishes KV events (set kv_events=true)")  # noqa: T201
         return 1
     if args.score:
@@ -179,13 +198,9 @@ async def main_async(args: argparse.Namespace) -> int:
         weighted = score.dram * WEIGHTS["CPU"] + score.durable * WEIGHTS["STORAGE"]
         print(f"score: {score.dram} blocks in DRAM, {score.durable} more durable; "  # noqa: T201
               f"weighted {weighted:.2f}")  # fmt: skip
-    ctx = zmq.asyncio.Context()
     index = PrefixIndex()
     stop_at = time.monotonic() + args.seconds
-    try:
-        await asyncio.gather(*(follow(ctx, n, index, stop_at) for n in nodes))
-    finally:
-        ctx.term()
+    await asyncio.gather(*(follow(s, index, stop_at) for s in subscriptions))
     for line in index.summary():
         print(line)  # noqa: T201
     return 0

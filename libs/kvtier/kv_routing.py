@@ -5,7 +5,8 @@
   node's KV events name blocks the way the engine's own events do. They travel in
   `BatchPutRequest.engine_hashes` / `engine_parent_hashes`, scoped to one put call.
 - **Where the events are**: `event_endpoints(metadata)`: the PUB and replay endpoints every
-  kvcache node announces in the cluster map (`NodeInfo.kv_events_endpoint`, `_replay_endpoint`).
+  kvcache node announces in the cluster map (`NodeInfo.kv_events_endpoint`, `_replay_endpoint`),
+  with its CURVE server key (`kv_events_server_key`); `kvtier.kv_events` subscribes to them.
 - **Score**: `AsyncKVClient.score(chain)` asks each node owning keys of the chain (primaries,
   one concurrent round trip) how far it serves them from DRAM and from the durable tier, and
   returns the chain's leading run per tier (`ChainScore`).
@@ -103,11 +104,15 @@ def leading_runs(
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class EventEndpoints:
-    """Where one kvcache node publishes its KV events (ZMQ tcp:// endpoints)."""
+    """Where one kvcache node publishes its KV events (ZMQ tcp:// endpoints); server_key: its
+    CURVE public key (Z85; empty: unauthenticated events), address: its gRPC address for this
+    caller (`kvtier.kv_events` authorizes the subscriber's key there)."""
 
     node_id: str
     events: str
     replay: str
+    server_key: str = ""
+    address: str = ""
 
 
 async def event_endpoints(
@@ -130,7 +135,13 @@ async def event_endpoints(
         await sources.close()
     assert cmap is not None  # known_epoch 0: always a map
     return [
-        EventEndpoints(n.node_id, n.kv_events_endpoint, n.kv_events_replay_endpoint)
+        EventEndpoints(
+            n.node_id,
+            n.kv_events_endpoint,
+            n.kv_events_replay_endpoint,
+            server_key=n.kv_events_server_key,
+            address=sec.address_of(n.grpc_address, n.client_address),
+        )
         for n in cmap.nodes
         if n.role == common_pb2.NODE_ROLE_KVCACHE and n.kv_events_endpoint
     ]

@@ -38,7 +38,9 @@ topic at its end, each batch gets the next sequence number and goes into a bound
 full queue drops the batch (`kvtier_kvcache_event_batches_total{outcome="dropped"}`, a gap in
 the sequence subscribers see). A thread encodes and sends (a PUB socket drops messages for a
 subscriber past its high-water mark; it never blocks) and serves replays. Sockets bind to the
-node's advertised host only: the endpoint is for trusted networks (docs/security.md).
+node's advertised host only. With `keys` (kv_events_auth = curve) both sockets are CURVE servers
+that admit only the subscriber keys an admin registered (`eventsauth`); without, anyone who
+reaches the ports reads every tenant's events (trusted networks only, docs/security.md).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ import zmq
 
 from kvtier import errors
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
-from services.kvcache import metrics
+from services.kvcache import eventsauth, metrics
 from services.kvcache import store as block_store
 
 log = logging.getLogger(__name__)
@@ -149,7 +151,8 @@ _Item = tuple[bytes, int, EventBatch]
 
 class EventPublisher:
     """One node's KV events (see the module docstring): a `store.BlockListener`, plus the
-    durable tier's hooks. `start()` binds and starts the sender thread; `close()` stops it."""
+    durable tier's hooks. `start()` binds and starts the sender thread; `close()` stops it.
+    keys: admit only registered CURVE subscribers (None: anyone who reaches the ports)."""
 
     def __init__(
         self,
@@ -161,8 +164,10 @@ class EventPublisher:
         queue_batches: int = 4096,
         replay_batches: int = 10_000,
         hwm: int = 100_000,
+        keys: eventsauth.SubscriberKeys | None = None,
     ) -> None:
         self.node_id = node_id
+        self.keys = keys
         self._host, self._port, self._replay_port = host, port, replay_port
         self._hwm = hwm
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=queue_batches)
@@ -196,16 +201,24 @@ class EventPublisher:
         zmq.ZMQError when a port cannot be bound."""
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._ctx = ctx
+        if self.keys is not None:
+            self.keys.start(ctx)  # the ZAP handler must answer before the first handshake
         self._pub = ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.SNDHWM, self._hwm)
         self._replay = ctx.socket(zmq.ROUTER)
+        if self.keys is not None:
+            self.keys.serve(self._pub)
+            self.keys.serve(self._replay)
         # A full replay plus its end marker fits however slowly the subscriber reads (as vLLM).
         self._replay.setsockopt(zmq.SNDHWM, 2 * ((self._buffer.maxlen or 0) + 1))
         self.endpoint = _bind(self._pub, self._host, self._port)
         self.replay_endpoint = _bind(self._replay, self._host, self._replay_port)
         self._thread = threading.Thread(target=self._run, name="kv-events", daemon=True)
         self._thread.start()
-        log.info("KV events on %s (replay %s)", self.endpoint, self.replay_endpoint)
+        log.info(
+            "KV events on %s (replay %s), %s", self.endpoint, self.replay_endpoint,
+            "CURVE: registered subscribers only" if self.keys else "unauthenticated",
+        )  # fmt: skip
 
     def close(self) -> None:
         """Send what is queued (up to 1 s), stop the thread, close the sockets. Idempotent."""
@@ -218,6 +231,8 @@ class EventPublisher:
             if sock is not None:
                 sock.close(linger=0)
         self._pub = self._replay = None
+        if self.keys is not None:
+            self.keys.stop()
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
@@ -326,7 +341,15 @@ class EventPublisher:
             self._published.inc()
 
     def _serve_replay(self, replay: zmq.Socket[bytes]) -> None:
-        frames = replay.recv_multipart(flags=zmq.NOBLOCK)
+        message = replay.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+        if self.keys is not None and not self.keys.admitted(
+            str(message[-1].get("User-Id")).encode()  # the ZAP handler's: the Z85 public key
+        ):
+            # Each replay is authorized again: a connection whose key's registration expired
+            # gets no more history (the PUB socket cannot cut one subscriber: docs/routing.md).
+            log.debug("KV events: replay refused, the subscriber's registration expired")
+            return
+        frames = [frame.bytes for frame in message]
         if len(frames) != 3 or frames[1] or len(frames[2]) != 8:
             log.warning("KV events: malformed replay request (%d frames)", len(frames))
             return

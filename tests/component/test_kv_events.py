@@ -23,7 +23,8 @@ import zmq
 import zmq.asyncio
 
 import kvtier
-from kvtier import errors, etcdserver, kv, kv_routing, membership
+from kvtier import errors, etcdserver, kv, kv_events, kv_routing, membership
+from kvtier.clients import kvcache as kvcache_client
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from services.kvcache import __main__ as kvcache_main
 from services.kvcache import config as kvcache_config
@@ -82,22 +83,33 @@ async def _client(node: harness.Running, **kwargs: Any) -> kv.AsyncKVClient:
     return await kv.AsyncKVClient.connect(nodes=[node.address], transports=["tcp"], **kwargs)
 
 
-class Subscriber:
-    """A router's side: SUB on the events, DEALER on the replay socket, vLLM's decoder."""
+def endpoints(node: harness.Running) -> kv_routing.EventEndpoints:
+    """node's events as the cluster map announces them to an operator."""
+    info = node.info
+    return kv_routing.EventEndpoints(
+        info.node_id, info.kv_events_endpoint, info.kv_events_replay_endpoint,
+        server_key=info.kv_events_server_key, address=node.address,
+    )  # fmt: skip
 
-    def __init__(self, node: harness.Running, **options: int) -> None:
-        self.ctx = zmq.asyncio.Context()
-        self.sub = self.ctx.socket(zmq.SUB)
-        for name, value in options.items():
-            self.sub.setsockopt(getattr(zmq, name), value)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sub.connect(node.info.kv_events_endpoint)
-        self.replay_endpoint = node.info.kv_events_replay_endpoint
-        self.decoder = msgspec.msgpack.Decoder(type=_vllm_events().KVEventBatch)
+
+class Subscriber:
+    """A router's side: an authorized subscription (`kvtier.kv_events`, as the operator: SUB
+    on the events, DEALERs on the replay socket, over CURVE), vLLM's decoder."""
+
+    def __init__(self, subscription: kv_events.Subscription) -> None:
+        self.subscription = subscription
+        self.ctx = subscription.ctx
+        self.sub = subscription.sub
         self.live: list[tuple[bytes, int, bytes]] = []
 
-    def close(self) -> None:
-        self.sub.close(linger=0)
+    @classmethod
+    async def open(cls, node: harness.Running, **options: int) -> Subscriber:
+        ctx = zmq.asyncio.Context()
+        sockopts = {getattr(zmq, name): value for name, value in options.items()}
+        return cls(await kv_events.subscribe(endpoints(node), ctx=ctx, options=sockopts))
+
+    async def close(self) -> None:
+        await self.subscription.close()
         self.ctx.term()
 
     async def receive(self, timeout_s: float = 0.2) -> bool:
@@ -111,8 +123,7 @@ class Subscriber:
 
     async def replay(self, start_seq: int) -> list[tuple[bytes, int, bytes]]:
         """Everything buffered from start_seq on, as vLLM's replay protocol answers it."""
-        dealer = self.ctx.socket(zmq.DEALER)
-        dealer.connect(self.replay_endpoint)
+        dealer = await self.subscription.replay_socket()
         try:
             await dealer.send_multipart((b"", start_seq.to_bytes(8, "big")))
             out: list[tuple[bytes, int, bytes]] = []
@@ -128,10 +139,9 @@ class Subscriber:
             dealer.close(linger=0)
 
     def decode(self, batches: Sequence[tuple[bytes, int, bytes]]) -> list[tuple[bytes, Any]]:
-        """(topic, event) in order."""
-        return [
-            (name, e) for name, _, payload in batches for e in self.decoder.decode(payload).events
-        ]
+        """(topic, event) in order, decoded with vLLM's classes."""
+        decoder = msgspec.msgpack.Decoder(type=_vllm_events().KVEventBatch)
+        return [(name, e) for name, _, payload in batches for e in decoder.decode(payload).events]
 
 
 def _index(decoded: Sequence[tuple[bytes, Any]], vllm: Any) -> dict[bytes, list[str]]:
@@ -158,7 +168,7 @@ async def test_events_follow_puts_evictions_ttl_expiry_and_deletes_in_order_gap_
     ) as node:
         assert node.info.kv_events_endpoint.startswith("tcp://127.0.0.1:")
         assert node.info.kv_events_replay_endpoint.startswith("tcp://127.0.0.1:")
-        sub = Subscriber(node)
+        sub = await Subscriber.open(node)
         client = await _client(node, tenant="team-a")
         try:
             # A chain with the engine's hashes, then a block without (named by its key).
@@ -188,7 +198,7 @@ async def test_events_follow_puts_evictions_ttl_expiry_and_deletes_in_order_gap_
             dropped = _inner(node).events.dropped_batches
         finally:
             await client.close()
-            sub.close()
+            await sub.close()
     # Gap-free from 0 (AllBlocksCleared at start), and what the live subscriber got is the
     # same bytes under the same sequence numbers.
     assert [seq for _, seq, _ in everything] == list(range(len(everything)))
@@ -235,21 +245,21 @@ async def test_a_late_subscriber_replays_from_a_sequence_number(
                 await client.put_batch([f"early-{i}".encode()], [np.ones(4 * KIB, np.uint8)])
             # The publisher sends from its own queue: wait until every batch went out (the
             # replay buffer holds them all), so the late subscriber misses them for sure.
-            sent = Subscriber(node)
+            sent = await Subscriber.open(node)
             try:
                 deadline = asyncio.get_running_loop().time() + 10
                 while len(await sent.replay(0)) < 7:
                     assert asyncio.get_running_loop().time() < deadline, "batches not sent"
                     await asyncio.sleep(0.05)
             finally:
-                sent.close()
-            late = Subscriber(node)  # joins now: saw none of it
+                await sent.close()
+            late = await Subscriber.open(node)  # joins now: saw none of it
             try:
                 assert not await late.receive(0.1)
                 missed = await late.replay(3)
                 everything = await late.replay(0)
             finally:
-                late.close()
+                await late.close()
         finally:
             await client.close()
     assert everything[3:] == missed
@@ -283,20 +293,18 @@ async def test_a_stalled_or_dead_subscriber_never_slows_puts(
 
         try:
             alone = await put_p50("alone")
-            stalled = Subscriber(node, RCVHWM=1, RCVBUF=4096)
-            greedy = stalled.ctx.socket(zmq.DEALER)
-            greedy.setsockopt(zmq.RCVHWM, 1)
-            greedy.connect(stalled.replay_endpoint)
+            stalled = await Subscriber.open(node, RCVHWM=1, RCVBUF=4096)
+            greedy = await stalled.subscription.replay_socket({zmq.RCVHWM: 1})
             await greedy.send_multipart((b"", (0).to_bytes(8, "big")))  # never collected
             with_stalled = await put_p50("stalled")
             greedy.close(linger=0)
-            stalled.close()  # killed
+            await stalled.close()  # killed
             after = await put_p50("after")
-            fresh = Subscriber(node)
+            fresh = await Subscriber.open(node)
             try:
                 tail = await fresh.replay(0)
             finally:
-                fresh.close()
+                await fresh.close()
         finally:
             await client.close()
     # A shared 2-core machine: generous bounds, but a put waiting on a subscriber would take
@@ -423,26 +431,33 @@ async def test_the_router_example_indexes_what_a_node_holds(
     store: membership.EtcdMembership,
     tmp_path: Path,
 ) -> None:
-    """examples/kv_router.py (docs/routing.md) runs: it replays a node's events and indexes
-    the blocks it holds."""
+    """examples/kv_router.py (docs/routing.md) runs: it finds the node in the cluster map,
+    subscribes as an authorized subscriber (the operator certificate of KVTIER_*), replays the
+    node's events and indexes the blocks it holds."""
     example = EXAMPLE
-    async with _node(etcd, etcd_prefix, store, tmp_path, kv_events=True) as node:
+    settings = {"etcd_endpoints": (etcd.endpoint,), "etcd_prefix": etcd_prefix}
+    async with (
+        harness.run(
+            metadata_config.MetadataConfig, "metadata", metadata_main.build, store, **settings
+        ) as meta,
+        _node(etcd, etcd_prefix, store, tmp_path, kv_events=True) as node,
+    ):
+        await harness.wait_map(store, lambda m: len(m.nodes) == 2)
         client = await _client(node, tenant="team-a")
         try:
             keys = [b"ex-%d" % i for i in range(3)]
             await client.put_batch(keys, [np.ones(4 * KIB, np.uint8)] * 3)
             assert await client.delete(keys[:1]) == 1
-            info = node.info
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, str(example), "--events",
-                f"{info.kv_events_endpoint}={info.kv_events_replay_endpoint}", "--seconds", "1",
+                sys.executable, str(example), "--metadata", meta.address, "--seconds", "1",
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             )  # fmt: skip
             out, _ = await asyncio.wait_for(proc.communicate(), 60)
         finally:
             await client.close()
     assert proc.returncode == 0, out.decode()
-    assert f"node-0 team-a/{NAMESPACE}: {{'CPU': 2}}" in out.decode(), out.decode()
+    line = f"{node.info.node_id} team-a/{NAMESPACE}: {{'CPU': 2}}"
+    assert line in out.decode(), out.decode()
 
 
 async def test_sync_score_takes_the_short_path_and_matches_the_full_one(
@@ -491,7 +506,13 @@ async def test_the_cluster_map_announces_the_event_endpoints(
     ):
         await harness.wait_map(store, lambda m: len(m.nodes) == 3)
         assert not off.info.kv_events_endpoint
+        assert not off.info.kv_events_server_key
+        async with kvcache_client.KVCacheClient(off.address) as client:
+            with pytest.raises(errors.PreconditionFailed, match="KV events are off"):
+                await client.authorize_events_subscriber(zmq.curve_keypair()[0].decode())
         (found,) = await kv_routing.event_endpoints(meta.address)
+    assert len(on.info.kv_events_server_key) == 40  # CURVE (Z85) on a secure cluster
     assert found == kv_routing.EventEndpoints(
-        on.info.node_id, on.info.kv_events_endpoint, on.info.kv_events_replay_endpoint
-    )
+        on.info.node_id, on.info.kv_events_endpoint, on.info.kv_events_replay_endpoint,
+        server_key=on.info.kv_events_server_key, address=on.address,
+    )  # fmt: skip

@@ -101,7 +101,7 @@ async def test_spills_and_read_backs_are_announced_per_medium_and_scored_per_tie
         await node.ctx.map_view.wait_for(
             lambda m: any(n.role == common_pb2.NODE_ROLE_GATEWAY for n in m.nodes), timeout_s=10
         )
-        sub = Subscriber(node)
+        sub = await Subscriber.open(node)
         client = await kv.AsyncKVClient.connect(
             nodes=[node.address], namespace="wb", tenant="team-a", transports=["tcp"]
         )
@@ -116,7 +116,7 @@ async def test_spills_and_read_backs_are_announced_per_medium_and_scored_per_tie
             history = _history(sub.decode(await sub.replay(0)), vllm)
         finally:
             await client.close()
-            sub.close()
+            await sub.close()
     # The first blocks left DRAM first: the chain is served from the durable tier.
     assert (score.dram, score.durable) == (0, len(keys))
     spilled = [k for k in keys if ("stored", durable) in history[_hash(k)]]

@@ -248,6 +248,16 @@ async def test_b_tenant_users_may_not_call_service_or_admin_rpcs(
         await probe_tally.bounded(jobs)
     problems = probing.tally.problems(probe_tally.B_TENANT_ON_PRIVILEGED)
     assert not problems, "\n".join(problems)
+    # The gateway's admin RPCs were among them, ListHealQueue (every tenant's queued keys) too.
+    probed = {
+        r.target.split(" ")[1]
+        for r in probing.tally.results
+        if r.category == probe_tally.B_TENANT_ON_PRIVILEGED
+        and r.door == probe_rpc.Door.CLIENT_USER.value
+        and not r.problem
+    }
+    for name in ("Heal", "DrainPool", "RemovePool", "ListHealQueue"):
+        assert f"/kvtier.gateway.v1.AdminService/{name}" in probed, name
 
 
 def _b_variants(

@@ -8,7 +8,8 @@ its KV events for their puts names blocks by the engine's own hash, not by kvtie
   parent).
 
 The plugins run as in test_sglang.py / test_lmcache.py (their stand-ins of the engines), against
-a real kvcache node with KV events on; a SUB socket decodes the batches (msgspec, vLLM's shape).
+a real kvcache node with KV events on; an authorized SUB socket (`kvtier.kv_events`, as the
+operator) decodes the batches (msgspec, vLLM's shape).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from kvtier import etcdserver, membership
+from kvtier import etcdserver, kv_events, kv_routing, membership
 from services.kvcache import events
 from tests.component import harness
 from tests.integrations import test_lmcache, test_sglang
@@ -58,15 +59,18 @@ async def _publishing(
 ) -> AsyncIterator[tuple[harness.Running, zmq.asyncio.Socket]]:
     """One kvcache node with KV events on, and a SUB socket on them (everything)."""
     async with kvcache_nodes(1, etcd, prefix, store, tmp, kv_events=True) as (node,):
+        info = node.info
+        where = kv_routing.EventEndpoints(
+            info.node_id, info.kv_events_endpoint, info.kv_events_replay_endpoint,
+            server_key=info.kv_events_server_key, address=node.address,
+        )  # fmt: skip
         ctx = zmq.asyncio.Context()
-        sub = ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(node.info.kv_events_endpoint)
+        subscription = await kv_events.subscribe(where, ctx=ctx)
         try:
-            await _stored(sub, 1.0)  # joined: AllBlocksCleared went before we subscribed
-            yield node, sub
+            await _stored(subscription.sub, 1.0)  # joined: AllBlocksCleared went before
+            yield node, subscription.sub
         finally:
-            sub.close(linger=0)
+            await subscription.close()
             ctx.term()
 
 

@@ -45,9 +45,11 @@ def test_rules_name_only_known_roles_and_public_only_for_the_token_exchange() ->
         "/kvtier.gateway.v1.AdminService/Heal",
         "/kvtier.gateway.v1.AdminService/DrainPool",
         "/kvtier.gateway.v1.AdminService/RemovePool",
+        "/kvtier.gateway.v1.AdminService/ListHealQueue",
         "/kvtier.kvcache.v1.KVCacheService/SetQuota",
         "/kvtier.kvcache.v1.KVCacheService/SetNamespacePolicy",
         "/kvtier.kvcache.v1.KVCacheService/ListSettings",
+        "/kvtier.kvcache.v1.KVCacheService/AuthorizeEventsSubscriber",
     ],
 )
 def test_admin_rpcs_refuse_tenant_users_and_services(path: str) -> None:

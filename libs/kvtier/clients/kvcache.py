@@ -104,3 +104,13 @@ class KVCacheClient(base.BaseClient):
             self._stub.ListSettings, pb.ListSettingsRequest()
         )
         return reply
+
+    async def authorize_events_subscriber(
+        self, client_public_key: str
+    ) -> pb.AuthorizeEventsSubscriberResponse:
+        """Admit a CURVE public key (Z85) on the node's KV-event sockets for a while (admins)."""
+        reply: pb.AuthorizeEventsSubscriberResponse = await self._unary(
+            self._stub.AuthorizeEventsSubscriber,
+            pb.AuthorizeEventsSubscriberRequest(client_public_key=client_public_key),
+        )
+        return reply
