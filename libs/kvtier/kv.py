@@ -75,7 +75,9 @@ class PutStatus(enum.StrEnum):
     INVALID = "invalid"
     EXPIRED = "expired"  # the put outlived the node's put timeout
     CORRUPT = "corrupt"  # the bytes the node received did not match their checksum
-    UNAVAILABLE = "unavailable"  # no owner node answered
+    # No owner node answered, or (write-through namespace) the node's durable tier did not
+    # commit the block's copy in time: the put is not acknowledged (reason: which).
+    UNAVAILABLE = "unavailable"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -118,6 +120,7 @@ _PUT_STATUS = {
     pb.ITEM_STATUS_INVALID: PutStatus.INVALID,
     pb.ITEM_STATUS_EXPIRED: PutStatus.EXPIRED,
     pb.ITEM_STATUS_CORRUPT: PutStatus.CORRUPT,
+    pb.ITEM_STATUS_UNAVAILABLE: PutStatus.UNAVAILABLE,
 }
 _PUT_ERRORS: dict[PutStatus, type[errors.KVTierError]] = {
     PutStatus.BUSY: errors.AlreadyExists,
@@ -136,6 +139,7 @@ _PUT_MEANINGS = {
     PutStatus.INVALID: "bad key or size (the node gave no reason)",
     PutStatus.EXPIRED: "the put outlived the node's put timeout; nothing stored",
     PutStatus.CORRUPT: "the bytes the node received do not match their checksum; nothing stored",
+    PutStatus.UNAVAILABLE: "write-through: the durable tier did not commit the block's copy",
 }
 
 
@@ -154,9 +158,11 @@ class AsyncKVClient:
       set); or `map_source`: a function returning the map a service watches itself (the
       gateway's KV buckets).
     - `transports`: data-plane transports allowed, in preference order (empty: rdma, shm, tcp).
-    - `replicas`: copies per block (R nodes); `timeout_s`: deadline per node and operation;
-      `refresh_s`: how old the node list may get; `use_calls`: False forces the gRPC path
-      with descriptors (what rdma uses).
+    - `replicas`: copies per block (R nodes); `timeout_s`: deadline per node and operation
+      (a put into a write-through namespace waits for the node's upload to the durable tier,
+      which the node bounds by its write_through_timeout_s, 3 s by default: keep timeout_s
+      above that); `refresh_s`: how old the node list may get; `use_calls`: False forces the
+      gRPC path with descriptors (what rdma uses).
     - `verify_checksums`: checksum each block on put and check the bytes of each get against
       the block's checksum (default True; see the module docstring). `corrupt_blocks` counts
       the blocks this client found corrupt.
@@ -262,8 +268,9 @@ class AsyncKVClient:
 
         Each block is stored on every owner node (`replicas`); the status is that of the
         best-ranked owner that answered. A block becomes readable once all of its bytes are
-        in. Raises InvalidArgument for mismatched lists or unusable buffers. Why a key was
-        refused: `put_batch_results`.
+        in; in a write-through namespace it is STORED only once its durable copy is committed
+        (else UNAVAILABLE, nothing stored in DRAM). Raises InvalidArgument for mismatched lists
+        or unusable buffers. Why a key was refused: `put_batch_results`.
         """
         results = await self.put_batch_results(
             keys, blocks, overwrite=overwrite, ttl_s=ttl_s, timeout_s=timeout_s,
@@ -421,9 +428,10 @@ class AsyncKVClient:
     ) -> bool:
         """Store one block: True when stored, False when present (put-if-absent). Raises
         QuotaExceeded, Overloaded (no room), AlreadyExists (a put of it is in progress),
-        Unavailable (no owner answered), InvalidArgument, Corrupt, DeadlineExceeded; the
-        message names the cause (e.g. "put of one block: invalid: key of 1041 bytes: keys must
-        be 1..1040 bytes")."""
+        Unavailable (no owner answered, or in a write-through namespace the durable tier did
+        not commit the copy: nothing stored in DRAM; safe to retry), InvalidArgument, Corrupt,
+        DeadlineExceeded; the message names the cause (e.g. "put of one block: invalid: key of
+        1041 bytes: keys must be 1..1040 bytes")."""
         (result,) = await self.put_batch_results([key], [block], overwrite=overwrite, ttl_s=ttl_s)
         status = result.status
         if status in (PutStatus.STORED, PutStatus.EXISTS):

@@ -8,6 +8,11 @@ the reply or the deadline (`tcp.Client.wait_now`; with several owner nodes only 
 is spun for). Only what needs the loop goes to it: a send that waits for the socket, a failed
 node (marked down as `kvnodes.NodeSet.run` does), corrupt blocks to delete.
 
+Puts never take this path: a put into a write-through namespace is answered only once the
+node's upload committed (up to its write_through_timeout_s), which no spin should wait for; they
+run on the loop. A reply that comes after the spin is waited for in `select` until the call's
+deadline (the transport's timeout_s), never a shorter one.
+
 Each function returns None when the short path does not apply (map to refresh, no session yet,
 not tcp, bytes in flight, a connection lost); nothing was then changed, and the caller runs the
 full asynchronous operation of `kvtier.kv.AsyncKVClient`, which behaves the same (the operations

@@ -18,7 +18,10 @@ class KVClient:
     It owns a private event loop and runs each operation on it in the calling thread (no
     hand-off to another thread, which would cost tens of microseconds per call); calls from
     several threads take turns. Small gets, probes and lookups skip the loop altogether when
-    their nodes' tcp sessions are open (`kvtier.kv_now`). Build with `KVClient.connect(...)`
+    their nodes' tcp sessions are open (`kvtier.kv_now`). Puts always run on the loop: in a
+    write-through namespace a put's reply comes only once the node's upload to the durable
+    tier committed (the node bounds that by its write_through_timeout_s, 3 s by default; the
+    transport's timeout_s, 5 s by default, bounds the call). Build with `KVClient.connect(...)`
     (same arguments as `kvtier.kv.AsyncKVClient`); close with `close()` or use `with`.
     """
 

@@ -15,7 +15,16 @@ import grpc
 from kvtier import errors, identity, kvsettings, service
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
-from services.kvcache import blocks, config, durable, events, gatewaylink, servicer, spillqueue
+from services.kvcache import (
+    blocks,
+    config,
+    durable,
+    events,
+    eventsauth,
+    gatewaylink,
+    servicer,
+    spillqueue,
+)
 from services.kvcache import store as block_store
 
 log = logging.getLogger(__name__)
@@ -58,11 +67,17 @@ class _Node:
         )
         tier.bind(store, arena.view)
         if cfg.kv_events:  # listening before the first put; bound and started in start_events
+            keys = None
+            if cfg.events_authenticated():
+                keys = eventsauth.SubscriberKeys(ttl_s=cfg.kv_events_key_ttl_s)
+            elif not cfg.insecure:
+                log.warning("kv_events_auth=none: anyone who reaches the KV-event ports reads "
+                            "every tenant's block hashes")  # fmt: skip
             self.events = events.EventPublisher(
                 ctx.node_id, host=cfg.advertised_host(), port=cfg.kv_events_port,
                 replay_port=cfg.kv_events_replay_port,
                 queue_batches=cfg.kv_events_queue_batches,
-                replay_batches=cfg.kv_events_replay_batches,
+                replay_batches=cfg.kv_events_replay_batches, keys=keys,
             )  # fmt: skip
             store.listener = tier.events = self.events
         for tenant, quota in cfg.quotas().items():
@@ -77,7 +92,7 @@ class _Node:
         dataplane.ctx.call_handler = self.blocks.handle_call
         self.settings = kvsettings.KVSettingsStore(ctx.store)
         kvcache_pb2_grpc.add_KVCacheServiceServicer_to_server(
-            servicer.KVCacheServicer(self.blocks, self.settings), server
+            servicer.KVCacheServicer(self.blocks, self.settings, events=self.events), server
         )
         log.info("kvcache arena: %d bytes, policy %s", cfg.arena_bytes, cfg.eviction_policy)
         return [kvcache_pb2.DESCRIPTOR.services_by_name["KVCacheService"].full_name]
@@ -100,7 +115,10 @@ class _Node:
             timeout_s=cfg.spill_timeout_s,
             drain_s=cfg.spill_drain_s,
         )
-        self.tier = durable.DurableTier(queue, read_timeout_s=cfg.read_through_timeout_s)
+        self.tier = durable.DurableTier(
+            queue, read_timeout_s=cfg.read_through_timeout_s,
+            write_through_timeout_s=cfg.write_through_timeout_s,
+        )  # fmt: skip
         for (tenant, namespace), mode in cfg.durable_policies().items():
             self.tier.set_policy(tenant, namespace, durable.parse_durability(mode))
         return self.tier
@@ -111,6 +129,8 @@ class _Node:
             self.events.start()
             info.kv_events_endpoint = self.events.endpoint
             info.kv_events_replay_endpoint = self.events.replay_endpoint
+            if self.events.keys is not None:
+                info.kv_events_server_key = self.events.keys.public_key
 
     def close(self, lock: IO[bytes]) -> None:
         """Stop the KV events, then release the state dir."""

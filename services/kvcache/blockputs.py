@@ -5,6 +5,11 @@ in; over gRPC the caller gets write descriptors, writes, then commits or aborts.
 checks the bytes against the checksum their writer sent (`integrity`; a mismatch:
 ITEM_STATUS_CORRUPT, nothing stored). Part of `blocks.BlockService`; see the `blocks` module
 docstring. Never imports grpc.
+
+In a write-through namespace (`durable.DurableTier.write_through`) a commit first uploads the
+checked bytes and waits for the durable copy (the reply is deferred: an awaitable); a put whose
+copy did not commit is aborted and answers ITEM_STATUS_UNAVAILABLE with the reason. Other
+namespaces commit and reply inline, as before.
 """
 
 from __future__ import annotations
@@ -53,13 +58,31 @@ class PutCalls(blockbase.BlockServiceBase):
         ]
         pending = {i: t for i, t in enumerate(tickets) if t is not None}
 
-        def commit(received: Sequence[int]) -> bytes:
+        def commit(received: Sequence[int]) -> bytes | Awaitable[bytes]:
             nonlocal error
+            if self.tier is not None and self.tier.writes_through(tenant, namespace):
+                return through(received)
             for (index, ticket), found in zip(list(pending.items()), received, strict=True):
                 items[index].status = self._commit(ticket, sent[index] if sent else None, found)
                 if items[index].status == pb.ITEM_STATUS_CORRUPT:
                     items[index].reason = CORRUPT_REASON
                     error = error or _corrupt_error(ticket.key)
+                del pending[index]
+            reply = pb.BatchPutResponse(items=items, error=error, epoch=self._epoch())
+            return reply.SerializeToString()
+
+        async def through(received: Sequence[int]) -> bytes:
+            nonlocal error
+            entries = list(pending.items())
+            checks = zip(entries, received, strict=True)
+            outcomes = await self._commit_through(
+                [(t, sent[i] if sent else None, r) for (i, t), r in checks]
+            )
+            for (index, ticket), (status, reason) in zip(entries, outcomes, strict=True):
+                items[index].status = status
+                if reason:
+                    items[index].reason = reason
+                    error = error or f"key {ticket.key[:32].hex()}: {reason}"
                 del pending[index]
             reply = pb.BatchPutResponse(items=items, error=error, epoch=self._epoch())
             return reply.SerializeToString()
@@ -72,7 +95,8 @@ class PutCalls(blockbase.BlockServiceBase):
                 return commit([integrity.checksum(e) for e in extents])
 
             async def later() -> bytes:  # a large batch: hashed on a few threads
-                return commit(await blocksums.checksums(extents))
+                reply = commit(await blocksums.checksums(extents))
+                return reply if isinstance(reply, bytes) else await reply
 
             return later()
 
@@ -107,10 +131,14 @@ class PutCalls(blockbase.BlockServiceBase):
             self._grant_ids[ticket.ticket_id] = desc.grant_id
         return pb.BatchPutResponse(items=items, error=error, epoch=self._epoch())
 
-    def commit_puts(self, req: pb.CommitPutsRequest) -> pb.CommitPutsResponse:
-        """CommitPuts: make written blocks visible (or abort them)."""
+    def commit_puts(
+        self, req: pb.CommitPutsRequest
+    ) -> pb.CommitPutsResponse | Awaitable[pb.CommitPutsResponse]:
+        """CommitPuts: make written blocks visible (or abort them); an awaitable when a
+        write-through namespace's puts wait for their durable copies."""
         tenant = blockbase.checked_tenant(req.namespace.tenant)
         statuses: list[pb.ItemStatus.ValueType] = []
+        through: list[tuple[int, block_store.PutTicket, int | None]] = []
         for put_id in req.put_ids:
             ticket = self._puts.get(put_id)
             if ticket is None or ticket.tenant != tenant:
@@ -122,8 +150,23 @@ class PutCalls(blockbase.BlockServiceBase):
             if req.abort:
                 self.store.abort(ticket)
                 statuses.append(pb.ITEM_STATUS_OK)
+            elif self.tier is not None and self.tier.writes_through(tenant, ticket.namespace):
+                through.append((len(statuses), ticket, sent))
+                statuses.append(pb.ITEM_STATUS_UNAVAILABLE)  # until its copy is committed
             else:
                 statuses.append(self._commit(ticket, sent))
+        if through:
+            return self._commit_puts_through(statuses, through)
+        return pb.CommitPutsResponse(statuses=statuses)
+
+    async def _commit_puts_through(
+        self,
+        statuses: list[pb.ItemStatus.ValueType],
+        through: Sequence[tuple[int, block_store.PutTicket, int | None]],
+    ) -> pb.CommitPutsResponse:
+        outcomes = await self._commit_through([(t, s, None) for _, t, s in through])
+        for (position, _, _), (status, _reason) in zip(through, outcomes, strict=True):
+            statuses[position] = status
         return pb.CommitPutsResponse(statuses=statuses)
 
     # Internals.
@@ -165,12 +208,52 @@ class PutCalls(blockbase.BlockServiceBase):
                 metrics.PUT_OUTCOMES.labels(*labels, blockbase.STATUS_NAMES[status]).inc()
         return items, tickets, error
 
+    async def _commit_through(
+        self, entries: Sequence[tuple[block_store.PutTicket, int | None, int | None]]
+    ) -> list[tuple[pb.ItemStatus.ValueType, str]]:
+        """Commit write-through puts (ticket, checksum sent, checksum received or None) once
+        their durable copies are committed: (status, reason) each. Checked bytes are uploaded
+        together; a put whose copy did not commit is aborted: UNAVAILABLE, with the reason."""
+        assert self.tier is not None
+        outcomes: list[tuple[pb.ItemStatus.ValueType, str]] = []
+        uploads: list[tuple[int, block_store.PutTicket, int]] = []
+        for ticket, sent, received in entries:
+            if self.store.is_pending(ticket):
+                if received is None:
+                    received = integrity.checksum(self._bytes(ticket.extent))
+                if sent is None or received == sent:
+                    uploads.append((len(outcomes), ticket, received))
+                    outcomes.append((pb.ITEM_STATUS_UNAVAILABLE, ""))
+                    continue
+            status = self._commit(ticket, sent, received)  # CORRUPT or EXPIRED: nothing stored
+            outcomes.append((status, CORRUPT_REASON if status == pb.ITEM_STATUS_CORRUPT else ""))
+        try:
+            reasons = await self.tier.write_through([(t, c) for _, t, c in uploads])
+        except BaseException:  # cancelled (the caller is gone): nothing is committed
+            for _, ticket, _ in uploads:
+                self.store.abort(ticket)
+            raise
+        for (position, ticket, checksum), reason in zip(uploads, reasons, strict=True):
+            if reason:
+                self.store.abort(ticket)
+                labels = metrics.LABELS.namespace(ticket.tenant, ticket.namespace)
+                metrics.PUT_OUTCOMES.labels(*labels, "unavailable").inc()
+                outcomes[position] = (pb.ITEM_STATUS_UNAVAILABLE, reason)
+            else:
+                outcomes[position] = (self._commit(ticket, None, checksum, durable=True), "")
+        return outcomes
+
     def _commit(
-        self, ticket: block_store.PutTicket, sent: int | None, received: int | None = None
+        self,
+        ticket: block_store.PutTicket,
+        sent: int | None,
+        received: int | None = None,
+        *,
+        durable: bool = False,
     ) -> pb.ItemStatus.ValueType:
         """Commit a put whose bytes are in: the checksum of what was received (computed here
         unless given) is checked against the one its writer sent (a mismatch: CORRUPT, nothing
-        stored) and kept with the block."""
+        stored) and kept with the block. durable: its durable copy is committed already."""
         labels = metrics.LABELS.namespace(ticket.tenant, ticket.namespace)
         if not self.store.is_pending(ticket):  # expired: its extent may hold others' bytes
             received = None
@@ -187,11 +270,11 @@ class PutCalls(blockbase.BlockServiceBase):
         elif received is None:
             status = pb.ITEM_STATUS_EXPIRED
         else:
-            self.store.commit(ticket, checksum=received)
+            self.store.commit(ticket, checksum=received, durable=durable)
             status = pb.ITEM_STATUS_OK
             metrics.BYTES_IN.labels(*labels).inc(ticket.extent.requested)
             if self.tier is not None:
-                self.tier.committed(ticket)
+                self.tier.committed(ticket, durable=durable)
         metrics.PUT_OUTCOMES.labels(*labels, blockbase.STATUS_NAMES[status]).inc()
         return status
 

@@ -74,7 +74,9 @@ class KVCacheConfig(config.DataPlaneServiceConfig):
     )
     spill_concurrency: int = config.setting(8, "durable-tier uploads and deletes in flight")
     spill_retries: int = config.setting(
-        3, "retries of a failed durable-tier upload or delete before it is given up"
+        3,
+        "retries of a failed durable-tier upload or delete before it is given up (a write-back "
+        "victim's upload is retried for as long as a gateway is in the map)",
     )
     spill_timeout_s: float = config.setting(
         10.0, "deadline of one durable-tier upload or delete (then retried)"
@@ -84,13 +86,28 @@ class KVCacheConfig(config.DataPlaneServiceConfig):
         "deadline of a read-through or probe of the durable tier (keep it under clients' "
         "deadlines: a slow durable tier then turns into misses)",
     )
+    write_through_timeout_s: float = config.setting(
+        3.0,
+        "how long a write-through put waits for its durable copy before it fails UNAVAILABLE "
+        "(keep it under clients' timeout_s, 5 s by default, or they give up on the node first)",
+    )
     spill_drain_s: float = config.setting(
         10.0, "at a clean stop, how long queued spills may take to reach the durable tier"
     )
     kv_events: bool = config.setting(
         False,
         "publish KV events in vLLM's format (ZMQ PUB + replay) on the advertised host, for "
-        "cache-aware routers; unauthenticated: trusted networks only (docs/routing.md)",
+        "cache-aware routers (docs/routing.md)",
+    )
+    kv_events_auth: str = config.setting(
+        "curve",
+        "who may read the KV events: curve (subscribers an admin authorized, ZMQ CURVE) or none "
+        "(anyone who reaches the ports: trusted networks only); an insecure cluster is always none",
+    )
+    kv_events_key_ttl_s: float = config.setting(
+        900.0,
+        "how long a subscriber key AuthorizeEventsSubscriber admitted may open connections "
+        "(open ones are not cut)",
     )
     kv_events_port: int = config.setting(0, "KV-event PUB port; 0 picks a free one (announced)")
     kv_events_replay_port: int = config.setting(
@@ -115,7 +132,7 @@ class KVCacheConfig(config.DataPlaneServiceConfig):
         if not 0.0 < self.low_watermark < self.high_watermark <= 1.0:
             raise config.ConfigError("watermarks: need 0 < low_watermark < high_watermark <= 1")
         timeouts = ("put_timeout_s", "read_lease_s", "expire_interval_s", "spill_timeout_s")
-        for name in (*timeouts, "read_through_timeout_s"):
+        for name in (*timeouts, "read_through_timeout_s", "write_through_timeout_s"):
             if not getattr(self, name) > 0:
                 raise config.ConfigError(f"{name}: must be > 0")
         if self.spill_buffer_bytes < self.page_bytes or self.spill_buffer_bytes % self.page_bytes:
@@ -130,6 +147,9 @@ class KVCacheConfig(config.DataPlaneServiceConfig):
         if self.read_through_timeout_s >= self.put_timeout_s:
             # A read-through fills a pending put: it must end before the put's deadline.
             raise config.ConfigError("read_through_timeout_s: must be < put_timeout_s")
+        if self.write_through_timeout_s >= self.put_timeout_s:
+            # A write-through put stays pending while it waits: it must end before its deadline.
+            raise config.ConfigError("write_through_timeout_s: must be < put_timeout_s")
         if not (math.isfinite(self.max_pin_s) and self.max_pin_s > 0):
             raise config.ConfigError("max_pin_s: must be finite and > 0")
         if not 0.0 < self.max_pinned_fraction <= 1.0:
@@ -141,8 +161,17 @@ class KVCacheConfig(config.DataPlaneServiceConfig):
                 raise config.ConfigError(f"{name}: not a port number 0..65535")
         if self.kv_events_queue_batches < 1 or self.kv_events_replay_batches < 1:
             raise config.ConfigError("kv_events_queue_batches, _replay_batches: must be >= 1")
+        if self.kv_events_auth not in ("curve", "none"):
+            raise config.ConfigError("kv_events_auth: must be curve or none")
+        if not (math.isfinite(self.kv_events_key_ttl_s) and self.kv_events_key_ttl_s > 0):
+            raise config.ConfigError("kv_events_key_ttl_s: must be finite and > 0")
         self.quotas()  # raises ConfigError when malformed
         self.durable_policies()
+
+    def events_authenticated(self) -> bool:
+        """Whether the KV-event sockets admit only authorized CURVE subscribers: kv_events_auth
+        is curve and the cluster is secure (an insecure cluster authenticates nobody)."""
+        return self.kv_events_auth == "curve" and not self.insecure
 
     def quotas(self) -> dict[str, int]:
         """tenant_quotas parsed: tenant -> bytes."""

@@ -9,9 +9,14 @@ An operator gives a namespace (tenant, name) a `Durability` (`SetNamespacePolicy
   skipped in place like leased blocks: other blocks go first, and when nothing else is
   evictable the put that needed room gets NO_SPACE (Overloaded). Nothing a durable namespace
   evicts is dropped silently while a durable tier exists.
-- WRITE_THROUGH: every committed put is also copied and uploaded at once; once its upload is
-  done the DRAM copy is marked durable and later leaves without a spill. A put the buffer had
-  no room for is spilled on eviction instead, as in write-back.
+- WRITE_THROUGH: a put is acknowledged only once its durable copy is committed
+  (`write_through`): its bytes, checked, are copied into the spill buffer (waiting for room
+  while it is full), uploaded, and only then is the block committed to DRAM, marked durable
+  (it later leaves without a spill). A put whose upload does not commit within
+  `write_through_timeout_s` (no gateway, gateway unreachable or refusing, no buffer room, a
+  newer write or delete of the key meanwhile) is aborted: nothing in DRAM, and the caller gets
+  ITEM_STATUS_UNAVAILABLE with the reason. Its upload may still land later (a new version the
+  caller was not promised: write again, or delete, to settle it).
 
 In both durable modes a DRAM miss reads through: the block is fetched from the durable tier into
 a freshly allocated extent (a put-if-absent the node makes itself), committed (marked durable)
@@ -25,8 +30,8 @@ so no user can create, read or overwrite it), key `<tenant>/<namespace>/<key>` w
 and key are hex (any bytes are safe; over 192 bytes: `h` + their SHA-256). No node id: whichever
 node owns the key after a failure finds it. The tenant prefix keeps tenants apart.
 
-With no gateway in the map, durable namespaces degrade to DRAM only (victims are dropped and
-counted; `kvtier_kvcache_durable_available` is 0).
+With no gateway in the map, write-back namespaces degrade to DRAM only (victims are dropped and
+counted; `kvtier_kvcache_durable_available` is 0) and write-through puts fail (UNAVAILABLE).
 
 Never imports grpc: the durable tier is an `ObjectStore` (the gateway link is in
 `gatewaylink`). Not thread-safe: the node's event loop owns it.
@@ -60,6 +65,7 @@ PROBE_CONCURRENCY = 32
 FETCH_CONCURRENCY = 8
 #: After a durable read fails transiently, DRAM misses skip the durable tier this long.
 READ_PAUSE_S = 1.0
+NO_GATEWAY = "write-through: no gateway in the cluster map (the durable tier is unavailable)"
 
 
 _Ident = tuple[str, str, bytes]
@@ -106,11 +112,13 @@ class DurableTier:
         queue: spillqueue.SpillQueue,
         *,
         read_timeout_s: float = 2.0,
+        write_through_timeout_s: float = 3.0,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.queue = queue
         self._objects = queue.objects
         self._read_timeout_s = read_timeout_s
+        self._write_timeout_s = write_through_timeout_s
         self._reads_off_until = 0.0  # monotonic: durable reads skipped after a failure
         self._wall = wall_clock
         self._store: block_store.BlockStore | None = None
@@ -150,6 +158,10 @@ class DurableTier:
         """The namespace's durability (NONE unless set)."""
         return self._policies.get((tenant, namespace), Durability.NONE)
 
+    def writes_through(self, tenant: str, namespace: str) -> bool:
+        """Whether the namespace's puts wait for their durable copy (`write_through`)."""
+        return self._policies.get((tenant, namespace)) is Durability.WRITE_THROUGH
+
     def reads_through(self, tenant: str, namespace: str) -> bool:
         """Whether a DRAM miss in the namespace should try the durable tier: a durable
         namespace, a known gateway, and no durable read failed in the last READ_PAUSE_S (a
@@ -183,6 +195,10 @@ class DurableTier:
             if (tenant, namespace) in self._policies:
                 metrics.DROPPED.labels("no_gateway").inc()
             return
+        queued = self.queue.latest(object_key(tenant, namespace, key))
+        if queued is not None and queued.waiter is not None and not queued.waiter.done():
+            self.queue.release(room)  # a write-through put of a newer version is on its way
+            return
         try:
             expires = self._expires_ms(self.store.expires_in_s(tenant, namespace, key))
             self.queue.view(room)[:] = self._block(extent)
@@ -196,34 +212,74 @@ class DurableTier:
         )  # fmt: skip
         self._enqueue(op)
 
-    def committed(self, ticket: block_store.PutTicket) -> None:
-        """A put was committed: write it through, or retire an older durable version."""
+    def committed(self, ticket: block_store.PutTicket, *, durable: bool = False) -> None:
+        """A put was committed: durable (written through first): announce its durable copy;
+        else in a durable namespace retire an older durable version it replaced."""
+        if durable:
+            if self.events is not None:
+                self.events.durable_stored(ticket.tenant, ticket.namespace, ticket.key, ticket.tag)
+            return
         mode = self.policy(ticket.tenant, ticket.namespace)
         if mode is Durability.NONE or not self._objects.available():
             return
         key = object_key(ticket.tenant, ticket.namespace, ticket.key)
-        if mode is Durability.WRITE_THROUGH:
-            room = self.queue.reserve(ticket.extent.requested)
-            if room is not None:
-                self.queue.view(room)[:] = self._block(ticket.extent)
-                op = spillqueue.Op(
-                    key, ticket.tenant, spillqueue.Cause.WRITE_THROUGH, room,
-                    self._expires_ms(ticket.ttl_s),
-                    checksum=self.store.checksum_of(ticket.tenant, ticket.namespace, ticket.key),
-                    on_durable=self._announce(
-                        ticket.tenant, ticket.namespace, ticket.key,
-                        self._marker(ticket.tenant, ticket.namespace, ticket.key,
-                                     ticket.ticket_id),
-                        ticket.tag,
-                    ),
-                )  # fmt: skip
-                self._enqueue(op)
-                return
-            # No room now: the block is spilled when it is evicted, as in write-back.
         if ticket.overwrite:  # the durable tier may hold an older version: retire it
             self._enqueue(spillqueue.Op(key, ticket.tenant, spillqueue.Cause.DELETE, None))
             if self.events is not None:
                 self.events.durable_removed(ticket.tenant, ticket.namespace, ticket.key)
+
+    async def write_through(
+        self, puts: Sequence[tuple[block_store.PutTicket, int | None]]
+    ) -> list[str]:
+        """Upload the bytes of pending puts (ticket, checksum), all at once (the queue bounds
+        the uploads in flight), and wait until each is committed in the durable tier, for at
+        most write_through_timeout_s. Per put: "" (commit it now, as durable: nothing else runs
+        first) or why its copy is not there (abort it). Tickets must stay pending meanwhile."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._write_timeout_s
+        waits: list[asyncio.Future[str] | str] = []
+        for ticket, checksum in puts:
+            waits.append(await self._upload(ticket, checksum, deadline))
+        pending = [w for w in waits if not isinstance(w, str)]
+        if pending:
+            await asyncio.wait(pending, timeout=max(deadline - loop.time(), 0.0))
+        late = (
+            f"write-through: the durable tier did not commit the copy within "
+            f"{self._write_timeout_s:g} s"
+        )
+        outcomes = [w if isinstance(w, str) else (w.result() if w.done() else late) for w in waits]
+        for index, (ticket, _) in enumerate(puts):  # a newer op of the key would undo it
+            key = object_key(ticket.tenant, ticket.namespace, ticket.key)
+            if not outcomes[index] and self.queue.latest(key) is not None:
+                outcomes[index] = spillqueue.SUPERSEDED
+        return outcomes
+
+    async def _upload(
+        self, ticket: block_store.PutTicket, checksum: int | None, deadline: float
+    ) -> asyncio.Future[str] | str:
+        """Queue the upload of a pending put's bytes: its waiter, or why it cannot be."""
+        if not self._objects.available():
+            return NO_GATEWAY
+        nbytes = ticket.extent.requested
+        room = self.queue.reserve(nbytes)
+        if room is None:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    room = await self.queue.reserve_wait(nbytes)
+            except TimeoutError:
+                return "write-through: no room in the spill buffer (the durable tier is slow)"
+            if not self.store.is_pending(ticket):
+                self.queue.release(room)
+                return "write-through: the put expired"
+        self.queue.view(room)[:] = self._block(ticket.extent)
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        op = spillqueue.Op(
+            object_key(ticket.tenant, ticket.namespace, ticket.key), ticket.tenant,
+            spillqueue.Cause.WRITE_THROUGH, room, self._expires_ms(ticket.ttl_s),
+            checksum=checksum, waiter=waiter,
+        )  # fmt: skip
+        self.queue.enqueue(op)
+        return waiter
 
     def deleted(self, tenant: str, namespace: str, keys: Sequence[bytes]) -> None:
         """Keys were deleted: delete their durable copies too (queued; reads see it at once).

@@ -17,7 +17,8 @@ from typing import TypeVar
 from kvtier import errors, kvsettings, principal, rpc
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from kvtier.proto.kvcache.v1 import kvcache_pb2_grpc as pb_grpc
-from services.kvcache import blocks
+from services.kvcache import blocks, eventsauth
+from services.kvcache import events as events_mod
 
 T = TypeVar("T")
 
@@ -50,11 +51,15 @@ class KVCacheServicer(pb_grpc.KVCacheServiceServicer):
         self,
         service: blocks.BlockService,
         settings: kvsettings.KVSettingsStore | None = None,
+        *,
+        events: events_mod.EventPublisher | None = None,
     ) -> None:
         """settings: where quota, TTL and durability settings persist (every node watches it
-        and applies them); None: this node only, until it restarts."""
+        and applies them); None: this node only, until it restarts. events: the node's KV
+        events (None: off)."""
         self._svc = service
         self._settings = settings
+        self._events = events
 
     async def _set(self, request: kvsettings.Setting) -> None:
         """Check, persist (so every node gets it, a restarted one too), then apply here: a
@@ -74,7 +79,7 @@ class KVCacheServicer(pb_grpc.KVCacheServiceServicer):
         self, request: pb.CommitPutsRequest, context: rpc.ServicerContext
     ) -> pb.CommitPutsResponse:
         _tenant(request.namespace)  # only the tenant that got the put ids commits them
-        return self._svc.commit_puts(request)
+        return await _resolved(self._svc.commit_puts(request))
 
     async def BatchGet(
         self, request: pb.BatchGetRequest, context: rpc.ServicerContext
@@ -173,3 +178,21 @@ class KVCacheServicer(pb_grpc.KVCacheServiceServicer):
             else:
                 reply.policies.append(setting)
         return reply
+
+    async def AuthorizeEventsSubscriber(
+        self, request: pb.AuthorizeEventsSubscriberRequest, context: rpc.ServicerContext
+    ) -> pb.AuthorizeEventsSubscriberResponse:
+        """Admit a subscriber's CURVE public key on the KV-event sockets for a while (admins:
+        every tenant's events share them). PreconditionFailed when events are off; an empty
+        answer when they are unauthenticated (kv_events_auth = none, an insecure cluster)."""
+        _require_admin()
+        eventsauth.check_public_key(request.client_public_key)
+        if self._events is None:
+            raise errors.PreconditionFailed("KV events are off on this node (kv_events=false)")
+        keys = self._events.keys
+        if keys is None:
+            return pb.AuthorizeEventsSubscriberResponse()
+        expires_s = keys.authorize(request.client_public_key)
+        return pb.AuthorizeEventsSubscriberResponse(
+            server_public_key=keys.public_key, expires_s=expires_s
+        )

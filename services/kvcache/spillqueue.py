@@ -6,13 +6,19 @@ write-through ones) are copied into the **spill buffer**, a staging arena of
 freed at once. Each copy becomes an upload op; a delete (of a block, or of an older version an
 overwrite replaced) is an op without bytes. `concurrency` workers apply the ops through an
 `ObjectStore` (the gateway), retrying transient errors with backoff; an op given up is counted
-and logged, and its buffer freed, so an unreachable gateway can never wedge the buffer for longer
-than one op's retries.
+and logged, and its buffer freed. A write-back victim's upload is never given up while a gateway
+is in the map (its buffered bytes are the acknowledged block's only copy): it is retried, backing
+off, until the gateway answers, and a buffer full of such uploads holds further victims in DRAM
+(backpressure: puts that need them evicted get NO_SPACE) rather than dropping any.
 
 Ops of one object key stay in order: a newer op replaces a queued older one (its bytes are
 freed), and waits behind one already in flight. The queue doubles as a read overlay: until an
 op is applied, `latest(key)` says what the durable tier is about to hold, so a read or probe
 right after a spill sees the block, and one right after a delete does not.
+
+A write-through put waits for its upload (`Op.waiter`): the waiter learns "" once the upload is
+applied, or why not (given up, or superseded by a newer op of its key before or while it ran).
+Ops with a waiter start before the other queued ones (a client waits for them; spills can wait).
 
 Pure asyncio; never imports grpc. Not thread-safe: the node's event loop owns it.
 """
@@ -24,6 +30,7 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import itertools
 import logging
 from collections.abc import Callable
 from typing import Protocol
@@ -38,6 +45,8 @@ log = logging.getLogger(__name__)
 MAX_QUEUED_OPS = 1 << 16
 _BACKOFF_FIRST_S = 0.1
 _BACKOFF_MAX_S = 2.0
+#: A write-through waiter's outcome when a newer op of its key came first.
+SUPERSEDED = "write-through: a newer write or delete of the key came first"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -110,6 +119,9 @@ class Op:
     checksum: int | None = None
     #: Called after a successful upload (e.g. to mark the DRAM copy durable); may be replaced.
     on_durable: Callable[[], object] | None = None
+    #: A write-through put waiting for this upload: "" once applied, else why it was not
+    #: (a result, never an exception: nobody may be left to retrieve it).
+    waiter: asyncio.Future[str] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -152,9 +164,11 @@ class SpillQueue:
         self._queued: dict[str, Op] = {}  # ordered: the next op to start is the first
         self._inflight: dict[str, Op] = {}
         self._after: dict[str, Op] = {}  # the next op of a key whose op is in flight
+        self._urgent: collections.deque[str] = collections.deque()  # keys of queued waited ops
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()  # set while no op is pending
         self._idle.set()
+        self._room = asyncio.Event()  # set when buffer room is released (for `reserve_wait`)
         self.queue_bytes = 0
         #: Whether the last reservation failed (and nothing was released since).
         self.full = False
@@ -179,11 +193,19 @@ class SpillQueue:
             self.full = True
         return extent
 
+    async def reserve_wait(self, nbytes: int) -> slab.Extent:
+        """Room for nbytes, waiting while the buffer is full (bound it with a timeout)."""
+        while (extent := self.reserve(nbytes)) is None:
+            self._room.clear()
+            await self._room.wait()
+        return extent
+
     def release(self, extent: slab.Extent) -> None:
         """Give back room that `reserve` returned and no op holds."""
         assert self._alloc is not None
         self._alloc.free(extent)
         self.full = False
+        self._room.set()
 
     def view(self, extent: slab.Extent) -> memoryview:
         """The reserved bytes of extent (writable)."""
@@ -208,6 +230,8 @@ class SpillQueue:
         if replaced is None and op.extent is None and waiting_ops >= MAX_QUEUED_OPS:
             raise errors.Overloaded(f"{MAX_QUEUED_OPS} durable-tier operations are waiting")
         waiting[op.key] = op  # a replaced op's place is kept
+        if op.waiter is not None and waiting is self._queued:
+            self._urgent.append(op.key)
         self.queue_bytes += op.nbytes - (replaced.nbytes if replaced is not None else 0)
         metrics.SPILL_QUEUE_BYTES.set(self.queue_bytes)
         self._drop(replaced)
@@ -215,8 +239,11 @@ class SpillQueue:
         self._wake.set()
 
     def _drop(self, op: Op | None) -> None:
-        if op is not None and op.extent is not None:
+        if op is None:
+            return
+        if op.extent is not None:
             self.release(op.extent)
+        _tell(op, SUPERSEDED)
 
     @property
     def inflight(self) -> int:
@@ -280,9 +307,14 @@ class SpillQueue:
         while not self._queued:
             self._wake.clear()
             await self._wake.wait()
-        key = next(iter(self._queued))
-        op = self._queued.pop(key)
-        self._inflight[key] = op
+        op = None
+        while self._urgent and op is None:  # (a key whose waited op left the queue: skipped)
+            found = self._queued.get(self._urgent.popleft())
+            op = found if found is not None and found.waiter is not None else None
+        if op is None:
+            op = next(iter(self._queued.values()))
+        del self._queued[op.key]
+        self._inflight[op.key] = op
         return op
 
     def _requeue(self, op: Op) -> None:
@@ -300,6 +332,8 @@ class SpillQueue:
         newer = self._after.pop(op.key, None)
         if newer is not None:
             self._queued[op.key] = newer
+            if newer.waiter is not None:
+                self._urgent.append(op.key)
             self._wake.set()
         self._settle(op)
 
@@ -314,7 +348,7 @@ class SpillQueue:
     async def _apply(self, op: Op) -> None:
         """Apply op, retrying transient failures; never raises except CancelledError."""
         backoff_s = _BACKOFF_FIRST_S
-        for attempt in range(self._retries + 1):
+        for attempt in itertools.count():
             try:
                 async with asyncio.timeout(self._timeout_s):
                     if op.extent is None:
@@ -325,15 +359,25 @@ class SpillQueue:
                         )
             except (errors.KVTierError, TimeoutError, OSError) as exc:
                 retryable = not isinstance(exc, errors.KVTierError) or exc.retryable
-                if not retryable or attempt == self._retries or op.key in self._after:
+                spent = attempt >= self._retries and not self._kept(op)
+                if not retryable or spent or op.key in self._after:
                     if op.key not in self._after:  # superseded: the newer op decides
                         self._failed(op, exc)
+                    _tell(op, SUPERSEDED)  # (a given-up op's waiter was told why already)
                     return
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, _BACKOFF_MAX_S)
             else:
                 self._applied(op)
                 return
+
+    def _kept(self, op: Op) -> bool:
+        """Whether op is retried past `retries`: the upload of a write-back victim while a
+        gateway is known. Its bytes in the buffer are the block's only copy, and its put was
+        acknowledged, so giving up would lose it (a gateway partition longer than the retries
+        did, tests/fault/test_partitions.py); the buffer filling up meanwhile holds further
+        victims in DRAM (backpressure) instead."""
+        return op.cause is Cause.CAPACITY and op.extent is not None and self.objects.available()
 
     def _applied(self, op: Op) -> None:
         if op.extent is None:
@@ -342,6 +386,8 @@ class SpillQueue:
         metrics.SPILLED.labels(metrics.LABELS.tenant(op.tenant), op.cause.value).inc()
         if op.on_durable is not None:
             op.on_durable()
+        if op.waiter is not None:  # a newer op of the key waiting would undo this one
+            _tell(op, SUPERSEDED if op.key in self._after else "")
 
     def _failed(self, op: Op, exc: BaseException) -> None:
         kind = "delete" if op.extent is None else "put"
@@ -351,3 +397,10 @@ class SpillQueue:
             "durable tier: gave up the %s of %s (%d B, %s): %s",
             kind, op.key[:80], op.nbytes, op.cause.value, exc,
         )  # fmt: skip
+        _tell(op, f"write-through: the durable tier did not take the upload: {exc}")
+
+
+def _tell(op: Op, outcome: str) -> None:
+    """Give op's waiter (if any, and not told yet) its outcome ("": stored)."""
+    if op.waiter is not None and not op.waiter.done():
+        op.waiter.set_result(outcome)

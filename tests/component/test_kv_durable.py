@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import xxhash
 
+import kvtier
 from kvtier import errors, etcdserver, kv, kv_stats, membership, principal
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.gateway.v1 import objects_pb2
@@ -164,14 +165,14 @@ async def test_write_back_fill_three_arenas_reads_back_every_block(
         assert p.durable_hits == after.durable_hits  # the tenant's: no new durable hits
 
 
-async def test_write_through_survives_a_node_restart(
+async def test_write_through_survives_a_node_restart_and_fails_without_a_durable_tier(
     objects_tier: objects_cluster.Cluster,
     etcd: etcdserver.EtcdServer,
     etcd_prefix: str,
     store: membership.EtcdMembership,
     tmp_path: Path,
 ) -> None:
-    policy = {"durable_namespaces": "team-a/wt=write_through"}
+    policy = {"durable_namespaces": "team-a/wt=write_through,team-a/wb=write_back"}
     keys = [b"wt-%d" % i for i in range(24)]
     blocks = [_block(100 + i, 64 * KIB + i) for i in range(len(keys))]
     async with (
@@ -181,6 +182,15 @@ async def test_write_through_survives_a_node_restart(
         ) as client,
     ):
         assert await client.put_batch(keys, blocks) == [kv.PutStatus.STORED] * len(keys)
+        # Acknowledged means durable: every copy is in the bucket already (no drain first).
+        names = [durable.object_key("team-a", "wt", k) for k in keys]
+        assert set(names) <= set(await objects_tier.stored_keys(durable.BUCKET))
+        link = _kv_node(node).tier.queue.objects
+        meta = await link.head(names[-1])
+        assert meta is not None
+        last = bytearray(blocks[-1].nbytes)
+        await link.get_into(names[-1], memoryview(last), meta.etag)
+        assert _digest(last) == _digest(blocks[-1])
         (s,) = (await _drained(client)).values()
         assert s.spilled == len(keys)
         assert s.evictions["capacity"] == 0
@@ -204,6 +214,37 @@ async def test_write_through_survives_a_node_restart(
         assert await _read_all(client, keys[:4], 64 * KIB + 64) == [_digest(b) for b in blocks[:4]]
         (s,) = (await client.stats()).values()
         assert s.hits == 4
+        await _without_a_durable_tier(objects_tier, node, client)
+
+
+async def _without_a_durable_tier(
+    objects_tier: objects_cluster.Cluster, node: harness.Running, wt: kv.AsyncKVClient
+) -> None:
+    """The gateway stops: a write-through put fails, typed (both SDKs), and keeps nothing; a
+    write-back put is acknowledged from DRAM as before (it waits for no upload)."""
+    objects_tier.gateway.stop.set()
+    await objects_tier.gateway.task
+    with pytest.raises(errors.Unavailable, match="write-through"):
+        await wt.put(b"after", _block(2))
+    (result,) = await wt.put_batch_results([b"after"], [_block(2)])
+    assert result.status is kv.PutStatus.UNAVAILABLE
+    assert "write-through" in result.reason
+    assert await _in_dram(wt, [b"after"]) == [False]
+
+    def sync_put() -> None:
+        with (
+            kvtier.KVClient.connect(nodes=[node.address], namespace="wt", tenant="team-a") as sync,
+            pytest.raises(errors.Unavailable, match="write-through"),
+        ):
+            sync.put(b"after", _block(2))
+
+    await asyncio.to_thread(sync_put)
+    async with await kv.AsyncKVClient.connect(
+        nodes=[node.address], namespace="wb", tenant="team-a"
+    ) as wb:
+        keys = [b"wb-%d" % i for i in range(4)]
+        statuses = await wb.put_batch(keys, [_block(10 + i) for i in range(4)])
+        assert statuses == [kv.PutStatus.STORED] * len(keys)
 
 
 async def test_tenants_and_deletes_hold_in_the_durable_tier(

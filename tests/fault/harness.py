@@ -58,6 +58,9 @@ class FaultCluster:
         tree: Path | None = None,
         clock_offsets: dict[str, float] | None = None,
         power_nodes: tuple[str, ...] = (),
+        pool_drives: int = 0,
+        kvcache_args: tuple[str, ...] = (),
+        dataplane_transports: str = "",
     ) -> None:
         self.base = base
         self.state = base / "state"
@@ -76,6 +79,15 @@ class FaultCluster:
         #: Datanodes whose drives can lose power (tests/fault/powercut.py): ext4 on loop devices.
         self.power_nodes = set(power_nodes)
         self.power_drives: dict[str, list[powercut.PowerDrive]] = {}
+        #: Drives per pool (the metadata's `pool_drives`); 0: every drive in one pool.
+        self.pool_drives = pool_drives
+        #: Flags added to every kvcache node's command line (arena size, durable-tier timeouts).
+        self.kvcache_args = kvcache_args
+        #: The data-plane transports datanodes, kvcache nodes and gateways serve ("tcp"; empty:
+        #: their default, shm first). Over shm (a unix socket: not in any network namespace)
+        #: bulk bytes between services bypass partitions and netem; only tcp puts them on the
+        #: faulted network.
+        self.dataplane_transports = dataplane_transports
         #: node -> a file whose content the node's processes see as the boot id (a "reboot").
         self.boot_ids: dict[str, Path] = {}
         self.fabric = netns.Fabric(subnet=os.getpid() % 200 + 20)
@@ -348,12 +360,16 @@ class FaultCluster:
         master_key = f"--master-key-file={self.state / devcluster.MASTER_KEY_FILE}"
         data = self.state / "nodes" / node
         extra: list[str] = {
-            "metadata": [f"--pool-drives={self.datanodes * self.drives_per_datanode}", master_key],
+            "metadata": [f"--pool-drives={self._pool_drives()}", master_key],
             "kvcache": [f"--data-dir={data}", "--arena-bytes=67108864", "--page-bytes=4194304"],
             "gateway": [master_key, f"--s3-port={S3_PORT}"],
         }.get(role, [])
         if role == "datanode":
             extra = [f"--data-dir={data}", f"--drives={','.join(map(str, self._drives(node)))}"]
+        elif role == "kvcache":
+            extra += self.kvcache_args  # later flags win: arena size, durable-tier timeouts
+        if self.dataplane_transports and role in ("datanode", "kvcache", "gateway"):
+            extra.append(f"--dataplane-transports={self.dataplane_transports}")
         tree = self.trees.get(node)
         reboot = powercut.reboot_argv(self.boot_ids[node]) if node in self.boot_ids else []
         # Another tree: its directory first on the path (`-m services.x` and `import kvtier`
@@ -375,6 +391,9 @@ class FaultCluster:
             f"--tls-key-file={certs / f'{node}.key'}", *extra,
         ]  # fmt: skip
         return devcluster.Child(node, role, argv, self.state / "logs" / f"{node}.log")
+
+    def _pool_drives(self) -> int:
+        return self.pool_drives or self.datanodes * self.drives_per_datanode
 
     def _launch(self, node: str, role: str) -> list[str]:
         """How python runs the node's service: `-m services.<role>`, through skewclock.py when

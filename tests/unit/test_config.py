@@ -356,7 +356,7 @@ def test_bool_settings_are_the_security_switches() -> None:
         if f.type in (bool, "bool")
     }
     assert "insecure" in bool_fields
-    # kv_events too: it opens an unauthenticated endpoint (docs/security.md).
+    # kv_events too: it opens an endpoint (CURVE-authenticated unless kv_events_auth=none).
     assert bool_fields <= {"insecure", "s3_plain_http", "dataplane_tls", "kv_events"}
 
 

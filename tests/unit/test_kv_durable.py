@@ -88,7 +88,9 @@ class FakeObjects:
 class Node:
     """A store, its arena bytes and a tier, wired as the node wires them."""
 
-    def __init__(self, *, buffer_bytes: int = 4 * PAGE, wall: float = 1_000_000.0) -> None:
+    def __init__(
+        self, *, buffer_bytes: int = 4 * PAGE, wall: float = 1_000_000.0, through_s: float = 3.0
+    ) -> None:
         self.objects = FakeObjects()
         self.queue = spillqueue.SpillQueue(
             self.objects, buffer_bytes=buffer_bytes, page_bytes=PAGE, concurrency=2,
@@ -96,8 +98,9 @@ class Node:
         )  # fmt: skip
         self.wall = wall
         self.tier = durable.DurableTier(
-            self.queue, read_timeout_s=5.0, wall_clock=lambda: self.wall
-        )
+            self.queue, read_timeout_s=5.0, write_through_timeout_s=through_s,
+            wall_clock=lambda: self.wall,
+        )  # fmt: skip
         self.store = block_store.BlockStore(
             ARENA, page_bytes=PAGE, spill_sink=self.tier.spill, spill_admit=self.tier.admit
         )
@@ -111,6 +114,27 @@ class Node:
         self.arena[ticket.extent.offset : ticket.extent.offset + len(data)] = data
         self.store.commit(ticket)
         self.tier.committed(ticket)
+
+    async def put_through(self, key: bytes, data: bytes) -> str:
+        """A write-through put as the block API makes it: "" once committed (its durable copy
+        first), else why not (then nothing is in DRAM)."""
+        ticket = self.store.begin_put(T, NS, key, len(data))
+        assert ticket is not None
+        self.arena[ticket.extent.offset : ticket.extent.offset + len(data)] = data
+        (outcome,) = await self.tier.write_through([(ticket, None)])
+        if outcome:
+            self.store.abort(ticket)
+        else:
+            self.store.commit(ticket, durable=True)
+        return outcome
+
+    def upload(self, key: bytes, data: bytes) -> None:
+        """Queue an upload of data as key's durable copy, as a spill does."""
+        room = self.queue.reserve(len(data))
+        assert room is not None
+        self.queue.view(room)[:] = data
+        key_name = durable.object_key(T, NS, key)
+        self.queue.enqueue(spillqueue.Op(key_name, T, spillqueue.Cause.CAPACITY, room))
 
     async def put_backing_off(self, key: bytes, data: bytes) -> int:
         """put, waiting for the spill buffer to drain while the store is Overloaded; returns
@@ -243,14 +267,12 @@ async def test_ops_of_one_key_stay_in_order_and_reads_see_the_newest() -> None:
     node.objects.gate.clear()
     worker = asyncio.create_task(node.queue.run())
     try:
-        node.tier.set_policy(T, NS, durable.Durability.WRITE_THROUGH)
-        node.put(b"k", _data(1))
+        node.upload(b"k", _data(1))
         await _until(lambda: node.queue.inflight == 1)  # the upload waits at the gate
-        node.put(b"k", _data(2), overwrite=True)  # waits behind the first
-        node.put(b"k", _data(3), overwrite=True)  # replaces the waiting one
+        node.upload(b"k", _data(2))  # waits behind the first
+        node.upload(b"k", _data(3))  # replaces the waiting one
         assert node.queue.pending() == 2
         assert await node.tier.present(T, NS, [b"k"]) == [True]
-        node.store.delete(T, NS, [b"k"])
         node.tier.deleted(T, NS, [b"k"])  # replaces the waiting upload
         assert await node.tier.present(T, NS, [b"k"]) == [False]
         assert await node.read(b"k") is None
@@ -297,26 +319,82 @@ async def test_concurrent_reads_of_one_key_fetch_it_once_and_ttl_is_kept() -> No
     assert await node.tier.leading(T, NS, [b"k", b"none", b"k"]) == 1
 
 
-async def test_uploads_retry_then_give_up_and_free_the_buffer() -> None:
-    node = Node()
+async def test_write_through_puts_wait_for_their_copy_retried_and_fail_without_one() -> None:
+    node = Node(through_s=0.5)
     node.tier.set_policy(T, NS, durable.Durability.WRITE_THROUGH)
     worker = asyncio.create_task(node.queue.run())
     try:
-        node.objects.fail = 2  # two transient failures: the third try lands
-        node.put(b"a", _data(1))
-        await node.queue.drained()
-        assert node.stored(b"a") == _data(1)
-        node.objects.fail = 10  # more than the retries
-        node.put(b"b", _data(2))
-        await node.queue.drained()
-        assert node.stored(b"b") is None
+        node.objects.fail = 2  # two transient failures: the third try lands, then the put
+        assert await node.put_through(b"a", _data(1)) == ""
+        assert node.stored(b"a") == _data(1)  # no drain: committed before the put returned
+        assert node.dram(b"a") == _data(1)
+        node.objects.fail = 10  # more than the retries: refused, and nothing in DRAM
+        reason = await node.put_through(b"b", _data(2))
+        assert "did not take the upload" in reason
+        assert "fake gateway down" in reason
+        assert (node.stored(b"b"), node.dram(b"b")) == (None, None)
         assert node.tier.stats(T)["spill_failures"] == 1
         assert node.queue.queue_bytes == 0
         node.objects.error = errors.InvalidArgument("bad")  # not retryable: one try
         node.objects.fail = 1
-        node.put(b"c", _data(3))
-        await node.queue.drained()
+        assert "bad" in await node.put_through(b"c", _data(3))
         assert node.tier.stats(None)["spill_failures"] == 2
+        node.objects.gate.clear()  # the tier hangs: the put fails at write_through_timeout_s
+        assert "within 0.5 s" in await node.put_through(b"d", _data(4))
+        assert node.dram(b"d") is None
+        # A delete of the key while its upload is on the way: the put is not acknowledged.
+        racing = asyncio.create_task(node.put_through(b"e", _data(5)))
+        await _until(lambda: node.queue.latest(durable.object_key(T, NS, b"e")) is not None)
+        node.tier.deleted(T, NS, [b"e"])
+        assert await racing == spillqueue.SUPERSEDED
+        node.objects.gate.set()
+        await node.queue.drained()
+        assert node.stored(b"d") == _data(4)  # it landed late: the caller was told it failed
+        assert (node.stored(b"e"), node.dram(b"e")) == (None, None)
+        node.objects.up = False  # no gateway in the map: write-through refuses at once
+        assert await node.put_through(b"f", _data(6)) == durable.NO_GATEWAY
+    finally:
+        worker.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await worker
+
+
+async def test_write_through_uploads_of_a_batch_run_together_and_wait_for_buffer_room() -> None:
+    node = Node(buffer_bytes=1 * PAGE)  # two 32 KiB blocks fit
+    node.tier.set_policy(T, NS, durable.Durability.WRITE_THROUGH)
+    node.objects.gate.clear()
+    worker = asyncio.create_task(node.queue.run())
+    try:
+        puts = [asyncio.create_task(node.put_through(b"k%d" % i, _data(i))) for i in range(4)]
+        await _until(lambda: node.queue.inflight == 2)  # both in flight, two wait for room
+        assert not any(p.done() for p in puts)
+        assert all(node.dram(b"k%d" % i) is None for i in range(4))  # not acknowledged yet
+        node.objects.gate.set()
+        assert await asyncio.gather(*puts) == [""] * 4
+        assert all(node.stored(b"k%d" % i) == _data(i) for i in range(4))
+    finally:
+        worker.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await worker
+
+
+async def test_a_write_through_upload_starts_before_queued_spills() -> None:
+    node = Node(buffer_bytes=16 * PAGE)
+    node.tier.set_policy(T, NS, durable.Durability.WRITE_THROUGH)
+    node.objects.gate.clear()
+    worker = asyncio.create_task(node.queue.run())
+    try:
+        for i in range(5):  # two in flight (concurrency 2), three queued
+            node.upload(b"spill-%d" % i, _data(i))
+        await _until(lambda: node.queue.inflight == 2)
+        put = asyncio.create_task(node.put_through(b"wt", _data(9)))
+        await _until(lambda: node.queue.pending() == 6)
+        node.objects.gate.set()
+        assert await put == ""
+        order = list(node.objects.data)
+        queued = [order.index(durable.object_key(T, NS, b"spill-%d" % i)) for i in (2, 3, 4)]
+        assert order.index(durable.object_key(T, NS, b"wt")) < min(queued)  # it went first
+        await node.queue.drained()
     finally:
         worker.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -325,11 +403,10 @@ async def test_uploads_retry_then_give_up_and_free_the_buffer() -> None:
 
 async def test_a_cancelled_queue_drains_before_it_stops() -> None:
     node = Node(buffer_bytes=16 * PAGE)
-    node.tier.set_policy(T, NS, durable.Durability.WRITE_THROUGH)
     node.objects.gate.clear()
     worker = asyncio.create_task(node.queue.run())
     for i in range(6):
-        node.put(b"k%d" % i, _data(i))
+        node.upload(b"k%d" % i, _data(i))
     await _until(lambda: node.queue.inflight == 2)
     worker.cancel()  # a clean stop while uploads are held
     await asyncio.sleep(0)

@@ -156,6 +156,7 @@ def test_grpc_grants_commit_and_release(service: blocks.BlockService) -> None:
     assert item.descriptor.length == 4
     assert item.descriptor.rights == int(base.Rights.WRITE)
     done = service.commit_puts(pb.CommitPutsRequest(namespace=ns, put_ids=[item.put_id, 999]))
+    assert isinstance(done, pb.CommitPutsResponse)  # not write-through: answered at once
     assert list(done.statuses) == [pb.ITEM_STATUS_OK, pb.ITEM_STATUS_EXPIRED]
     got = service.grant_reads(pb.BatchGetRequest(namespace=ns, keys=[b"k"], principal=ALICE))
     assert isinstance(got, pb.BatchGetResponse)

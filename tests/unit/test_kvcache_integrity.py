@@ -112,6 +112,7 @@ def test_a_grpc_commit_checks_the_one_sided_writes(service: blocks.BlockService)
     done = service.commit_puts(
         pb.CommitPutsRequest(namespace=ns, put_ids=[i.put_id for i in reply.items])
     )
+    assert isinstance(done, pb.CommitPutsResponse)  # not write-through: answered at once
     assert list(done.statuses) == [pb.ITEM_STATUS_OK, pb.ITEM_STATUS_CORRUPT]
     got = service.grant_reads(
         pb.BatchGetRequest(namespace=ns, keys=[b"ok", b"bad"], principal=ALICE)
