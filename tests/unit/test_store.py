@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import itertools
 import logging
-import os
 import random
 from typing import Any
 
@@ -18,6 +17,7 @@ import pytest
 
 from kvtier import errors
 from services.kvcache import slab, store
+from tests import seeds
 
 log = logging.getLogger(__name__)
 
@@ -600,7 +600,7 @@ def test_construction_errors() -> None:
             store.BlockStore(PAGE_BYTES, page_bytes=PAGE_BYTES, **bad)
 
 
-SEEDS = [1, 2, int(os.environ.get("KVTIER_TEST_SEED", random.randrange(2**32)))]
+SEEDS = [1, 2, seeds.RUN_SEED]
 
 
 @pytest.mark.parametrize("policy", ["s3fifo", "lru"])

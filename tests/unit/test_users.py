@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import stat
 from pathlib import Path
 
@@ -14,8 +15,10 @@ from kvtier import config, devcluster, errors, identity, masterkey, users
 from kvtier.proto.metadata.v1 import metadata_pb2
 from services.metadata import __main__ as metadata_main
 from services.metadata import config as metadata_config
+from tests import seeds
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+_RNG = random.Random(seeds.RUN_SEED)  # random key bytes, the same in every xdist worker
 
 
 @pytest.fixture(autouse=True)
@@ -154,7 +157,8 @@ def test_a_key_file_others_may_touch_is_refused(tmp_path: Path, mode: int) -> No
 
 
 @pytest.mark.parametrize(
-    "content", [b"", b"abc", os.urandom(31), os.urandom(33), b"zz" * 32, b"00" * 31, b"00" * 33]
+    "content",
+    [b"", b"abc", _RNG.randbytes(31), _RNG.randbytes(33), b"zz" * 32, b"00" * 31, b"00" * 33],
 )
 def test_a_key_that_is_not_32_bytes_is_refused(tmp_path: Path, content: bytes) -> None:
     path = _key_file(tmp_path, content)
