@@ -57,13 +57,15 @@ class _Node:
         ]
 
     async def sweep_loop(self, ctx: service.Context) -> None:
-        """Abort staged writes whose writer vanished; drop stale staging directories."""
+        """Abort staged writes whose writer vanished; drop stale staging directories and the
+        superseded versions kept past superseded_keep_s (services.datanode.supersede)."""
         while True:
             await asyncio.sleep(_SWEEP_S)
             if self.shards is not None:
                 await self.shards.sweep()
             for store in self.stores.values():
                 await asyncio.to_thread(store.sweep_tmp, _STALE_TMP_S)
+                await asyncio.to_thread(store.reclaim_superseded, self.cfg.superseded_keep_s)
 
     async def drive_loop(self, ctx: service.Context) -> None:
         """Refresh the drive gauges (capacity, free bytes, online) every REFRESH_S."""

@@ -35,6 +35,12 @@ class DatanodeConfig(config.DataPlaneServiceConfig):
         8 * 1024 * 1024, "largest shard transfer of one call (a staging slot)"
     )
     io_threads: int = config.setting(8, "threads doing disk I/O (bounded: the rest waits)")
+    superseded_keep_s: float = config.setting(
+        120.0,
+        "how long a drive keeps the version an overwrite replaced, so that undoing a commit "
+        "that missed its write quorum brings it back (by this process's monotonic clock; "
+        "longer than a commit's and its undo's call deadlines, 30 s each)",
+    )
 
     def __post_init__(self) -> None:
         config.DataPlaneServiceConfig.__post_init__(self)
@@ -47,6 +53,10 @@ class DatanodeConfig(config.DataPlaneServiceConfig):
             raise config.ConfigError("staging_slot_bytes: at least 65536 and at most staging_bytes")
         if not 1 <= self.io_threads <= 256:
             raise config.ConfigError(f"io_threads: {self.io_threads} is not in 1..256")
+        if not 60 <= self.superseded_keep_s <= 86_400:
+            raise config.ConfigError(
+                f"superseded_keep_s: {self.superseded_keep_s} is not in 60..86400"
+            )
         paths = self.drive_paths()
         if len({p.resolve() for p in paths}) != len(paths):
             raise config.ConfigError("drives: a directory is listed twice")

@@ -106,7 +106,10 @@ class ShardRecovery(shardreads.ShardReads):
             if (meta.bucket, digest) != (bucket, object_dir.name):
                 raise errors.Corrupt(f"{object_dir}: meta names {meta.bucket}/{meta.key}")
         except FileNotFoundError:
-            shardfiles.remove_data_dirs(object_dir, None)  # a crash after the data rename
+            # A crash after the data rename, or an older datanode's removal of a key that
+            # kept a superseded version (services.datanode.supersede).
+            (object_dir / shardmeta.PREV_FILE).unlink(missing_ok=True)
+            shardfiles.remove_data_dirs(object_dir, None)
             with contextlib.suppress(OSError):
                 object_dir.rmdir()
             return None

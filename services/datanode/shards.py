@@ -9,6 +9,9 @@ Layout under the drive (ARCHITECTURE.md, "The durable object tier"), h = hex SHA
                                                    services.datanode.framing)
     objects/<bucket>/<h[:2]>/<h>/versions/         a versioned key's non-current versions
                                                    (services.datanode.versionstore)
+    objects/<bucket>/<h[:2]>/<h>/meta.prev         an unversioned key's superseded version
+                                                   (the one the last overwrite replaced), kept
+                                                   for an undo (services.datanode.supersede)
     .kvtier/tmp/<write_id>/                        a staged write (data/part.N, meta;
                                                    services.datanode.stagedwrite)
     .kvtier/index.sqlite                           the listing index (services.datanode.index)
@@ -20,8 +23,10 @@ live in `meta.inline_data`, in part order.
 
 Commit order (a crash at any point leaves the old version or the new one readable, whole):
 fsync part files and the staged data dir → rename it to `<h>/<data_id>` → fsync `<h>` → mark the
-key pending in the index → write `meta` in staging, fsync → rename over `<h>/meta` → fsync `<h>`
-→ index entry → remove every other data dir under `<h>` (the previous version, crash leftovers).
+key pending in the index → write `meta` in staging, fsync → hard-link `<h>/meta` as
+`<h>/meta.prev` (an overwrite of an unversioned key) → rename over `<h>/meta` → fsync `<h>` →
+index entry → remove every other data dir under `<h>` (crash leftovers, the version before the
+superseded one; the superseded one's stays until it is reclaimed).
 A commit of a data_id whose data dir exists (healing rewrites a drive's shard of the version it
 holds) renames the staged part files over the existing ones instead, one by one.
 A small write (`ShardStore.write_small`: one part, the whole shard of at most INLINE_MAX_BYTES in
@@ -76,6 +81,7 @@ from services.datanode import (
     shardreads,
     shardrecovery,
     stagedwrite,
+    supersede,
     versionstore,
 )
 
@@ -126,6 +132,7 @@ class ShardStore(shardrecovery.ShardRecovery):
     def __init__(self, drive: drives.LocalDrive) -> None:
         fresh = not (drive.path / INDEX_FILE).exists()
         super().__init__(drive)
+        self._superseded = supersede.Registry(drive.path, self._objects)
         self._replay()
         self._recover(fresh)
 
@@ -217,9 +224,10 @@ class ShardStore(shardrecovery.ShardRecovery):
             return stored
         raw = encode_meta(stored)
         with self._key_lock(object_dir):
-            self._refuse_older(object_dir, stored)
+            current = self._refuse_older(object_dir, stored)
             self._journal.commit(journal.encode(journal.Kind.INSTALL, raw))
             self._journaled.add((stored.bucket, stored.key))
+            self._superseded.keep(object_dir, current, stored.data_id)
             self._apply(object_dir, stored, raw)
         if self._journal.bytes > JOURNAL_CHECKPOINT_BYTES:
             try:
@@ -268,13 +276,13 @@ class ShardStore(shardrecovery.ShardRecovery):
             accepted, records = [], []
             for at, object_dir, stored in plain:
                 try:
-                    self._refuse_older_than(object_dir, stored, newest.get(object_dir))
+                    current = self._refuse_older_than(object_dir, stored, newest.get(object_dir))
                     raw = encode_meta(stored)
                 except (errors.KVTierError, OSError) as exc:
                     out[at] = exc
                     continue
                 newest[object_dir] = (stored.mtime_unix_ns, stored.data_id)
-                accepted.append((at, object_dir, stored, raw))
+                accepted.append((at, object_dir, stored, raw, current))
                 records.append(journal.encode(journal.Kind.INSTALL, raw))
             if not records:
                 return
@@ -285,9 +293,10 @@ class ShardStore(shardrecovery.ShardRecovery):
                     out[at] = exc
                 return
             applied = []
-            for at, object_dir, stored, raw in accepted:
+            for at, object_dir, stored, raw, current in accepted:
                 self._journaled.add((stored.bucket, stored.key))
                 try:
+                    self._superseded.keep(object_dir, current, stored.data_id)
                     self._apply(object_dir, stored, raw, index=False)
                 except OSError as exc:  # journaled: a replay installs it; the writer hears
                     out[at] = exc
@@ -301,16 +310,18 @@ class ShardStore(shardrecovery.ShardRecovery):
         object_dir: Path,
         meta: datanode_pb2.ShardMeta,
         before: tuple[int, str] | None,
-    ) -> None:
+    ) -> tuple[int, str] | None:
         """_refuse_older, against `before` (the version an earlier item of the same batch
-        installs, already checked against the drive's) when there is one."""
+        installs, already checked against the drive's) when there is one; returns the version
+        meta replaces."""
         if before is None:
-            self._refuse_older(object_dir, meta)
-        elif before > (meta.mtime_unix_ns, meta.data_id):
+            return self._refuse_older(object_dir, meta)
+        if before > (meta.mtime_unix_ns, meta.data_id):
             raise Superseded(
                 f"{meta.bucket}/{meta.key}: a newer version is here",
                 current_mtime_unix_ns=before[0],
             )
+        return before
 
     def _checkpoint_if_big(self) -> None:
         if self._journal.bytes > JOURNAL_CHECKPOINT_BYTES:
@@ -374,6 +385,7 @@ class ShardStore(shardrecovery.ShardRecovery):
             current = self._current_version(object_dir)
             version = (meta.mtime_unix_ns, meta.data_id)
             if kind is journal.Kind.INSTALL and (current is None or current < version):
+                self._superseded.keep(object_dir, current, meta.data_id)
                 self._apply(object_dir, meta, body)
             elif kind is journal.Kind.REMOVE and current is not None and current <= version:
                 os.unlink(object_dir / META_FILE)
@@ -404,7 +416,9 @@ class ShardStore(shardrecovery.ShardRecovery):
                 self._install_versioned(object_dir, meta, None if inline else write.data_dir)
                 return
             if write.only_if_newer:
-                self._refuse_older(object_dir, meta)
+                current = self._refuse_older(object_dir, meta)
+            else:
+                current = self._current_version(object_dir)
             shardfiles.makedirs_durable(object_dir)
             if not inline:
                 target = object_dir / meta.data_id
@@ -418,37 +432,58 @@ class ShardStore(shardrecovery.ShardRecovery):
             self._index.mark_pending(meta.bucket, meta.key)
             staged_meta = write.path / META_FILE
             shardfiles.write_synced(staged_meta, encode_meta(meta))
+            self._superseded.keep(object_dir, current, meta.data_id)
             os.replace(staged_meta, object_dir / META_FILE)
             shardfiles.fsync_dir(object_dir)
             self._index.put(meta.bucket, shardmeta.list_entry(meta))
             shardfiles.remove_data_dirs(object_dir, None if inline else meta.data_id)
 
-    def _refuse_older(self, object_dir: Path, meta: datanode_pb2.ShardMeta) -> None:
+    def _refuse_older(
+        self, object_dir: Path, meta: datanode_pb2.ShardMeta
+    ) -> tuple[int, str] | None:
         """Superseded (with the current stamp) when the drive's current version is newer than
-        meta. Small writes to versioned buckets too: the gateway stamps them without asking the
-        drives first, so one stamped below the current version may come from a lagging gateway
-        after the current one was acknowledged; the gateway restamps it above (and it becomes
-        current) rather than it being kept as a non-current version."""
+        meta; else that version (None: none). Small writes to versioned buckets too: the
+        gateway stamps them without asking the drives first, so one stamped below the current
+        version may come from a lagging gateway after the current one was acknowledged; the
+        gateway restamps it above (and it becomes current) rather than it being kept as a
+        non-current version."""
         current = self._current_version(object_dir)
         if current is not None and current > (meta.mtime_unix_ns, meta.data_id):
             raise Superseded(
                 f"{meta.bucket}/{meta.key}: a newer version is here",
                 current_mtime_unix_ns=current[0],
             )
+        return current
 
     # Removals.
 
-    def delete(self, bucket: str, key: str, version: str = "", if_data_id: str = "") -> bool:
+    def delete(
+        self,
+        bucket: str,
+        key: str,
+        version: str = "",
+        if_data_id: str = "",
+        *,
+        restore_previous: bool = False,
+    ) -> bool:
         """Remove the object from this drive (meta first, then data), every S3 version of it
         included; False when it was absent. version: remove that version only (delete_version).
         if_data_id: only when the current version is that one (with version: when that version
-        is), else False and nothing removed."""
+        is), else False and nothing removed. restore_previous (with if_data_id, no version: a
+        failed commit's undo): the superseded version this one replaced, when the drive still
+        keeps it (services.datanode.supersede), becomes current again instead."""
         if version:
             return self.delete_version(bucket, key, version, if_data_id)
         object_dir = self._object_dir(bucket, key)
+        if restore_previous and (bucket, key) in self._journaled:
+            self.checkpoint()  # a replay must not install the undone version again
         with self._key_lock(object_dir):
             if if_data_id and (self._current_version(object_dir) or (0, ""))[1] != if_data_id:
                 return False
+            if restore_previous and if_data_id and self._restore_previous(object_dir):
+                return True
+            supersede.remove_prev(object_dir)
+            self._superseded.drop(object_dir)
             versions_dir = object_dir / versionstore.VERSIONS_DIR
             if versions_dir.is_dir():  # a versioned key: its versions go first
                 shutil.rmtree(versions_dir)
@@ -470,6 +505,56 @@ class ShardStore(shardrecovery.ShardRecovery):
             with contextlib.suppress(OSError):
                 object_dir.rmdir()
         return True
+
+    def _restore_previous(self, object_dir: Path) -> bool:
+        """Make the key's superseded version current again (its meta renamed over `meta`, then
+        the data dirs of the undone version removed); False when there is none to restore:
+        none kept, already reclaimed, its data gone (an older datanode overwrote the key), or
+        the key journaled again since the caller's checkpoint (rare: it is then removed)."""
+        prev = versionstore.read_file(object_dir / supersede.PREV_FILE, decode_meta)
+        current = self._current_version(object_dir)
+        if prev is None or current is None or prev.data_id == current[1]:
+            return False
+        inline = is_inline(prev)
+        if (prev.bucket, prev.key) in self._journaled or (
+            not inline and not (object_dir / prev.data_id).is_dir()
+        ):
+            return False
+        self._index.mark_pending(prev.bucket, prev.key)
+        os.replace(object_dir / supersede.PREV_FILE, object_dir / META_FILE)
+        shardfiles.fsync_dir(object_dir)
+        self._index.put(prev.bucket, shardmeta.list_entry(prev))
+        shardfiles.remove_data_dirs(object_dir, None if inline else prev.data_id)
+        self._superseded.drop(object_dir)
+        log.info(
+            "drive %s: %s/%s: version %s undone, version %s current again",
+            self.drive.path, prev.bucket, prev.key, current[1], prev.data_id,
+        )  # fmt: skip
+        return True
+
+    def reclaim_superseded(self, older_than_s: float = supersede.KEEP_S) -> int:
+        """Remove the superseded versions kept longer than older_than_s (by this process's
+        monotonic clock; services.datanode.supersede); returns how many keys were visited."""
+        reclaimed = 0
+        for object_dir in self._superseded.expired(older_than_s):
+            with self._key_lock(object_dir):
+                if not self._superseded.still_expired(object_dir, older_than_s):
+                    continue  # overwritten again meanwhile: kept from then on
+                supersede.remove_prev(object_dir)
+                current = self._current_meta(object_dir)
+                if current is not None:
+                    shardfiles.remove_data_dirs(
+                        object_dir, None if is_inline(current) else current.data_id
+                    )
+                elif not (object_dir / META_FILE).exists():  # (an unreadable one: data stays)
+                    shardfiles.remove_data_dirs(object_dir, None)
+                    with contextlib.suppress(OSError):
+                        object_dir.rmdir()
+                self._superseded.drop(object_dir)
+                reclaimed += 1
+        if reclaimed:
+            log.info("drive %s: %d superseded versions reclaimed", self.drive.path, reclaimed)
+        return reclaimed
 
     def rewrite_meta(
         self, bucket: str, key: str, change: Callable[[ShardMeta], ShardMeta], data_id: str = ""

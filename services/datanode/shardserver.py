@@ -327,7 +327,10 @@ class ShardNode:
     async def delete_shard(self, req: pb.DeleteShardRequest) -> pb.DeleteShardResponse:
         """Remove the object's shard from the drive."""
         store = self._store(req.drive_id)
-        deleted = await self._run(store.delete, req.bucket, req.key, req.version_id, req.if_data_id)
+        deleted = await self._run(
+            store.delete, req.bucket, req.key, req.version_id, req.if_data_id,
+            restore_previous=req.restore_previous,
+        )  # fmt: skip
         return pb.DeleteShardResponse(deleted=deleted)
 
     async def list_shards(self, req: pb.ListShardsRequest) -> pb.ListShardsResponse:

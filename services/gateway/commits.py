@@ -17,8 +17,11 @@ left on some drives could be read or listed after its PUT was answered with an e
 stamped far ahead would supersede every later write on them. It is removed again (`_undo`) with
 a conditional delete that names its data_id (and its S3 version id in a versioned bucket), so
 a newer write of the key that landed meanwhile is never touched; a commit that reached its
-write quorum is never undone. Undoing is best effort: a drive that cannot be reached then
-keeps the version (logged).
+write quorum is never undone. In an unversioned bucket the undo also asks for the version the
+commit replaced back (restore_previous: a drive keeps it a while after each overwrite,
+services/datanode/supersede.py): otherwise a failed overwrite that more drives took than
+parity can lose would leave the acknowledged version on too few drives to read. Undoing is
+best effort: a drive that cannot be reached then keeps the version (logged).
 
 Either way a write begun after another was acknowledged is ordered after it whatever the
 gateways' clocks say: the earlier write is on a write quorum of drives, the later one reaches a
@@ -161,8 +164,9 @@ async def _undo(
         slot = where.slots[index]
         try:
             return await nodes.shards(slot.node_id).delete_shard(
-                slot.drive_id, meta.bucket, meta.key, version, if_data_id=meta.data_id
-            )
+                slot.drive_id, meta.bucket, meta.key, version, if_data_id=meta.data_id,
+                restore_previous=not version,
+            )  # fmt: skip
         except errors.KVTierError as exc:
             log.warning(
                 "undo of the failed commit of %s/%s on %s failed: %s",

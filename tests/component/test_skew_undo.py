@@ -24,7 +24,7 @@ import pytest
 
 from kvtier import errors, etcdserver, hlc, membership, objects
 from kvtier.proto.datanode.v1 import datanode_pb2
-from services.datanode import shardmeta, shards
+from services.datanode import shardmeta, shards, supersede
 from services.gateway import commits, placement, pooldrain
 from tests.component import objects_cluster
 
@@ -237,3 +237,55 @@ async def test_an_orphan_copy_is_aged_by_its_datanode_not_by_a_gateway_clock(
         await asyncio.sleep(0.6)
         assert await drainer._move(1, bucket, "old") is False
         assert await in_pool_1("old") is None
+
+
+async def test_a_failed_overwrite_leaves_the_version_before_it_readable(
+    one_pool: Cluster, drives_full: Callable[[set[int]], None]
+) -> None:
+    """6 of 12 drives take an overwrite: more than the 4 parity shards can lose, fewer than the
+    write quorum of 8. The PUT fails and is undone; before, those 6 drives had replaced the
+    acknowledged version and the undo removed the key there, leaving it on 6 drives, fewer than
+    its 8 data shards: GET failed. Now they bring it back (services/datanode/supersede.py), and
+    the copies every overwrite keeps are gone after the datanodes' reclaim."""
+    sizes = {"small": 4 * KIB, "staged": 2 * MIB + 3}
+    stored = one_pool.stored
+    async with await objects.AsyncObjectClient.connect(one_pool.gateway.address) as client:
+        await client.create_bucket("over")
+        for n, (key, size) in enumerate(sizes.items()):
+            await client.put_object("over", key, objects_cluster.data(n, size))
+            await client.put_object("over", key, objects_cluster.data(n + 10, size))  # acked
+        kept = {key: {m.data_id for m in key_metas(one_pool, "over", key)} for key in sizes}
+        assert all(len(ids) == 1 for ids in kept.values())
+        drives_full(set(range(6, 12)))
+        for n, (key, size) in enumerate(sizes.items()):
+            with pytest.raises(errors.StorageFull):
+                await client.put_object("over", key, objects_cluster.data(n + 20, size))
+            assert {m.data_id for m in key_metas(one_pool, "over", key)} == kept[key], key
+        drives_full(set())
+        listed = {o.key: o.size for o in (await client.list_objects("over")).objects}
+        assert listed == sizes
+        for n, (key, size) in enumerate(sizes.items()):
+            assert await client.get_object("over", key) == objects_cluster.data(n + 10, size), key
+
+        def superseded() -> list[Path]:
+            prev = f"objects/{stored('over')}/*/*/{supersede.PREV_FILE}"
+            drives = one_pool.drive_paths()
+            return [
+                *(p for d in drives for p in d.glob(prev)),
+                *(p for d in drives for p in d.glob(".kvtier/superseded/*")),
+            ]
+
+        assert superseded()  # the first versions, kept by the acknowledged overwrites
+        for node in one_pool.datanodes:
+            for shard_store in getattr(node.spec.loops[0], "__self__").stores.values():  # noqa: B009
+                shard_store.reclaim_superseded(0)
+        assert superseded() == []
+        data_dirs = {
+            p.name
+            for d in one_pool.drive_paths()
+            for p in d.glob(f"objects/{stored('over')}/*/*/*")
+            if p.is_dir()
+        }
+        assert data_dirs == kept["staged"]
+        for n, (key, size) in enumerate(sizes.items()):
+            assert await client.get_object("over", key) == objects_cluster.data(n + 10, size), key

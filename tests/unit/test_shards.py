@@ -434,12 +434,17 @@ def test_delete_if_data_id_removes_only_that_version(store: shards.ShardStore) -
 
 
 def test_overwrite_removes_previous_data(store: shards.ShardStore, drive_dir: Path) -> None:
+    """Once its superseded copy (kept for an undo: services.datanode.supersede) is reclaimed."""
     first = put(store, KEY, [content("v1", MIB)])
     second = put(store, KEY, [content("v2", 2 * MIB)])
-    assert sorted(os.listdir(object_dir(drive_dir, KEY))) == sorted(["meta", second.data_id])
+    kept = ["meta", "meta.prev", first.data_id, second.data_id]
+    assert sorted(os.listdir(object_dir(drive_dir, KEY))) == sorted(kept)
     with pytest.raises(errors.PreconditionFailed):
         store.read_shard(BUCKET, KEY, 1, 0, 1, bytearray(MIB), data_id=first.data_id)
+    assert store.reclaim_superseded(0) == 1
+    assert sorted(os.listdir(object_dir(drive_dir, KEY))) == sorted(["meta", second.data_id])
     put(store, KEY, [b"now inline"])
+    store.reclaim_superseded(0)
     assert os.listdir(object_dir(drive_dir, KEY)) == ["meta"]
     assert read_parts(store, KEY) == [b"now inline"]
 
@@ -450,6 +455,7 @@ def test_two_writers_of_one_key_last_commit_wins(store: shards.ShardStore, drive
     write_a.commit(make_meta(KEY, [a]))
     meta_b = write_b.commit(make_meta(KEY, [b]))
     assert read_parts(store, KEY) == [b]
+    store.reclaim_superseded(0)  # a's copy, kept for an undo (services.datanode.supersede)
     assert sorted(os.listdir(object_dir(drive_dir, KEY))) == sorted(["meta", meta_b.data_id])
     assert os.listdir(drive_dir / shards.TMP_DIR) == []
 
@@ -473,6 +479,7 @@ def test_same_data_id_again_rewrites_the_shard_in_place(
     assert store.verify(BUCKET, KEY) == []
     assert read_parts(store, KEY) == parts
     assert store.read_meta(BUCKET, KEY).data_id == "fixed"
+    store.reclaim_superseded(0)  # the older version's copy (services.datanode.supersede)
     expected = ["meta"] if shards.is_inline(meta) else ["fixed", "meta"]
     assert sorted(os.listdir(object_dir(drive_dir, KEY))) == expected
     assert os.listdir(drive_dir / shards.TMP_DIR) == []
@@ -513,6 +520,7 @@ def test_concurrent_writers_and_readers(store: shards.ShardStore, drive_dir: Pat
     assert failures == []
     meta = store.read_meta(BUCKET, KEY)
     assert read_parts(store, KEY) == [versions[meta.etag]]
+    store.reclaim_superseded(0)
     assert sorted(os.listdir(object_dir(drive_dir, KEY))) == sorted(["meta", meta.data_id])
     assert [(e.key, e.etag) for e in store.list(BUCKET)] == [(KEY, meta.etag)]
 
@@ -535,7 +543,9 @@ def expected(model: list[str], prefix: str, start_after: str, limit: int) -> lis
 
 ALLOWED_PATHS = re.compile(
     r"\.kvtier/(format\.json|index\.sqlite(-wal|-shm)?|index\.clean|tmp|journal)"
-    r"|objects(/[a-z0-9.-]{3,63}(/[0-9a-f]{2}(/[0-9a-f]{64}(/meta|/[0-9a-f]{32}(/part\.\d+)?)?)?)?)?"
+    r"|\.kvtier/superseded(/[a-z0-9.-]{3,63}@[0-9a-f]{64})?"
+    r"|objects(/[a-z0-9.-]{3,63}(/[0-9a-f]{2}(/[0-9a-f]{64}"
+    r"(/meta|/meta\.prev|/[0-9a-f]{32}(/part\.\d+)?)?)?)?)?"
     r"|\.kvtier|\.kvtier/\.format\.json\.[0-9a-f]+\.tmp"
 )
 
@@ -669,6 +679,7 @@ class CrashAt:
         (os, "rename"),
         (os, "replace"),
         (os, "unlink"),
+        (os, "link"),
         (shutil, "rmtree"),
         (index.ShardIndex, "mark_pending"),
         (index.ShardIndex, "put"),
@@ -749,6 +760,7 @@ def test_crash_at_every_commit_step(
         replaced = "replace" in crash.done
         store = check_after_crash(drive, new if replaced else old)
         put(store, KEY, [content("after", 2 * MIB)])  # later commits clean up leftovers
+        store.reclaim_superseded(0)  # and the reclaim the copy each overwrite keeps
         meta = store.read_meta(BUCKET, KEY)
         assert sorted(os.listdir(object_dir(drive, KEY))) == sorted(["meta", meta.data_id])
         store.close()

@@ -82,13 +82,22 @@ class ShardClient(base.BaseClient):
         return reply.meta
 
     async def delete_shard(
-        self, drive_id: str, bucket: str, key: str, version_id: str = "", if_data_id: str = ""
+        self,
+        drive_id: str,
+        bucket: str,
+        key: str,
+        version_id: str = "",
+        if_data_id: str = "",
+        *,
+        restore_previous: bool = False,
     ) -> bool:
         """Remove the object's shard from a drive (version_id: that S3 version only;
-        if_data_id: only when the current version is that one); whether one was removed."""
+        if_data_id: only when the current version is that one; restore_previous: the undo of a
+        failed commit, which brings back the version it replaced where the drive keeps it);
+        whether one was removed."""
         request = shards_pb2.DeleteShardRequest(
             drive_id=drive_id, bucket=bucket, key=key, version_id=version_id,
-            if_data_id=if_data_id,
+            if_data_id=if_data_id, restore_previous=restore_previous,
         )  # fmt: skip
         reply: shards_pb2.DeleteShardResponse = await self._unary(self._stub.DeleteShard, request)
         return reply.deleted

@@ -648,6 +648,7 @@ class DeleteShardRequest(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     VERSION_ID_FIELD_NUMBER: _builtins.int
     IF_DATA_ID_FIELD_NUMBER: _builtins.int
+    RESTORE_PREVIOUS_FIELD_NUMBER: _builtins.int
     drive_id: _builtins.str
     bucket: _builtins.str
     key: _builtins.str
@@ -661,6 +662,12 @@ class DeleteShardRequest(_message.Message):
     the copy it moved and nothing written since; a gateway undoes a commit that missed its
     write quorum (services/gateway/commits.py) without touching a newer write.
     """
+    restore_previous: _builtins.bool
+    """With if_data_id and no version_id (an unversioned key): that undo. When the drive still
+    holds the version this one replaced (kept as superseded for a while after each
+    overwrite), that version becomes current again instead of the key being removed. An
+    older datanode ignores it and removes the key.
+    """
     def __init__(
         self,
         *,
@@ -669,10 +676,11 @@ class DeleteShardRequest(_message.Message):
         key: _builtins.str = ...,
         version_id: _builtins.str = ...,
         if_data_id: _builtins.str = ...,
+        restore_previous: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "drive_id", b"drive_id", "if_data_id", b"if_data_id", "key", b"key", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "drive_id", b"drive_id", "if_data_id", b"if_data_id", "key", b"key", "restore_previous", b"restore_previous", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
