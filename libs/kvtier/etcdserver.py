@@ -7,6 +7,7 @@ the cluster CA (`--client-cert-auth`): only kvtier nodes and operators reach it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -28,11 +29,23 @@ class EtcdError(Exception):
     """etcd could not be found or started; the message is one line."""
 
 
+#: Ports free_port handed out lately: a port released after its check can come back from the
+#: next bind, and two servers told the same port collide.
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=256)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (for servers that cannot bind port 0, like etcd)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port that was free a moment ago (for servers that cannot bind port 0, like etcd),
+    and not one this process was given lately."""
+    port = 0
+    for _ in range(32):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            break
+    _HANDED_OUT.append(port)
+    return port
 
 
 def find_binary(name: str = "etcd") -> str:

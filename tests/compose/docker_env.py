@@ -8,6 +8,7 @@ Debian's docker-compose 1.29 otherwise (which has no --wait: the health checks a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -121,11 +122,16 @@ def base_image() -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_ports(count: int) -> list[int]:
+    """count distinct free ports: every socket stays bound until all are picked (one released
+    before the next bind may come back, and two published ports then collide: seen in CI)."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+        return ports
 
 
 @dataclasses.dataclass
@@ -137,7 +143,9 @@ class Project:
     base_image: str
     master_key_file: Path
     ports: dict[str, int] = dataclasses.field(
-        default_factory=lambda: {name: free_port() for name in PORT_VARIABLES}
+        default_factory=lambda: dict(
+            zip(PORT_VARIABLES, free_ports(len(PORT_VARIABLES)), strict=True)
+        )
     )
 
     @property
