@@ -142,8 +142,20 @@ async def _round(
         return fanout.Committed(drives=1, newer_ns=reply.current_mtime_unix_ns)
 
     total = fanout.Committed()
-    for part in await asyncio.gather(*(commit(i) for i in live)):
-        total.add(part)
+    ended = [False]
+
+    async def counted(index: int) -> None:
+        part = await commit(index)
+        if not ended[0]:  # a straggler's late answer changes nothing the caller was told
+            total.add(part)
+
+    await fanout.until_decided(
+        "commit",
+        [(where.slots[i].node_id, counted(i)) for i in live],
+        lambda: total.drives >= where.write_quorum,
+        nodes.straggling,
+    )
+    ended[0] = True
     return total
 
 

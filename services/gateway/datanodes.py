@@ -67,6 +67,9 @@ class Datanodes:
         self._security = security
         self._conns: dict[str, _Conn] = {}
         self._small: dict[str, smallbatch.SmallWrites] = {}
+        #: Calls left behind per node, still running (services.gateway.fanout: a node with any
+        #: is not waited for again once a call is decided without it).
+        self.straggling: dict[str, int] = {}
 
     def _conn(self, node_id: str) -> _Conn:
         info = next(
