@@ -15,6 +15,11 @@ whose power can be cut (tests/fault/powercut.py: unsynced writes discarded, a ne
 the restart). Ready means visible in the cluster map and SERVING
 (devcluster's own check), never a sleep; every wait has a deadline. `close()` undoes
 everything and is idempotent; `start()` first removes what a dead run of this harness left.
+
+Data plane: each node plays a host of its own, so its services move bulk bytes over tcp, across
+the faulted network, as between hosts (`dataplane_transports`, "tcp" by default). A scenario
+whose faults are not network faults may opt out (`SAME_HOST_DATAPLANE`: the services' default,
+shm between the processes of this one host, which no partition or netem reaches).
 """
 
 from __future__ import annotations
@@ -41,6 +46,11 @@ CLIENT_PORT = 7101
 S3_PORT = 7102
 READY_TIMEOUT_S = 150.0
 LEASE_TTL_S = 2
+#: `FaultCluster(dataplane_transports=SAME_HOST_DATAPLANE)`: no flag, the services' default
+#: (rdma,shm,tcp: shm here, every node being on one host), for scenarios whose faults are not
+#: network faults (process kills and stops, power loss, clock skew, restarts): they keep the
+#: same-host path covered, whose bytes bypass partitions and netem.
+SAME_HOST_DATAPLANE = ""
 
 
 class FaultCluster:
@@ -60,7 +70,7 @@ class FaultCluster:
         power_nodes: tuple[str, ...] = (),
         pool_drives: int = 0,
         kvcache_args: tuple[str, ...] = (),
-        dataplane_transports: str = "",
+        dataplane_transports: str = "tcp",
     ) -> None:
         self.base = base
         self.state = base / "state"
@@ -83,10 +93,10 @@ class FaultCluster:
         self.pool_drives = pool_drives
         #: Flags added to every kvcache node's command line (arena size, durable-tier timeouts).
         self.kvcache_args = kvcache_args
-        #: The data-plane transports datanodes, kvcache nodes and gateways serve ("tcp"; empty:
-        #: their default, shm first). Over shm (a unix socket: not in any network namespace)
-        #: bulk bytes between services bypass partitions and netem; only tcp puts them on the
-        #: faulted network.
+        #: The data-plane transports datanodes, kvcache nodes and gateways serve. "tcp" (the
+        #: default) puts their bulk bytes on the faulted network, so partitions and netem reach
+        #: them; SAME_HOST_DATAPLANE (""): the services' default, shm first (a unix socket and
+        #: shared memory, in no network namespace), which they bypass.
         self.dataplane_transports = dataplane_transports
         #: node -> a file whose content the node's processes see as the boot id (a "reboot").
         self.boot_ids: dict[str, Path] = {}

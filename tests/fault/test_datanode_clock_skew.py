@@ -68,6 +68,7 @@ def test_datanodes_ten_minutes_apart(
         gateways=2,
         clock_offsets={"datanode-1": SKEW_S, "datanode-2": -SKEW_S},
         drive_bytes=DRIVE_BYTES[duration],
+        dataplane_transports=harness.SAME_HOST_DATAPLANE,
     )
     load = workload.Workload(cluster.info, cluster.user_security(), seed=SEED)
     checker = test_clock_skew.SkewChecker(cluster.info, seed=SEED)
@@ -109,7 +110,9 @@ def test_datanodes_past_the_bound(open_cluster: Any, request: pytest.FixtureRequ
     """One datanode 40 min behind: its drives refuse every stamp, writes still meet their
     quorum (and the heal finds them short of its shards); two: every PUT answers a typed 503
     (ServiceUnavailable, naming the refused stamp), what was stored before reads byte-exact."""
-    cluster: harness.FaultCluster = open_cluster(clock_offsets={"datanode-1": -BEYOND_S})
+    cluster: harness.FaultCluster = open_cluster(
+        clock_offsets={"datanode-1": -BEYOND_S}, dataplane_transports=harness.SAME_HOST_DATAPLANE
+    )
     s3 = _s3_once(cluster.info)
     s3.create_bucket(Bucket="beyond")
     small, staged = workload.body(1, 40 << 10), workload.body(2, 1536 << 10)

@@ -4,6 +4,7 @@ filled drive says ENOSPC, SIGSTOP stops; stale namespaces of dead runs are remov
 from __future__ import annotations
 
 import hashlib
+import re
 import signal
 from collections.abc import Callable
 
@@ -51,6 +52,12 @@ def test_faults_take_effect_and_are_undone(
     s3.put_object(Bucket="full", Key="k", Body=data)  # a write quorum without the full drive
     assert s3.get_object(Bucket="full", Key="k")["Body"].read() == data
     cluster.free_drive("datanode-1", 0)
+    # The shards crossed the faulted network: the gateway's data plane to the datanodes is tcp
+    # (the harness's default), not shm, which no partition or netem reaches.
+    gateway_log = (cluster.state / "logs" / "gateway-1.log").read_text(errors="replace")
+    transports = re.findall(r"data plane to \S+ over (\w+)", gateway_log)
+    assert transports, gateway_log
+    assert set(transports) == {"tcp"}, transports
 
     cluster.signal("datanode-2", signal.SIGSTOP)
     assert cluster.process_state("datanode-2") == "T"

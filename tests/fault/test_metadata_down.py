@@ -55,7 +55,7 @@ Opener = Callable[..., harness.FaultCluster]
 
 def _code(exc: BaseException) -> str:
     """The S3 error code, or the kvtier error's class name."""
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+    code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code", "")
     return str(code) if code else type(exc).__name__
 
 
@@ -143,7 +143,7 @@ def test_metadata_service_down(
 ) -> None:
     """Object and KV traffic goes on without the metadata service; metadata operations fail
     typed and recover."""
-    cluster = open_cluster()
+    cluster = open_cluster(dataplane_transports=harness.SAME_HOST_DATAPLANE)
     seed = int(os.environ.get("KVTIER_TEST_SEED", "1"))
     load = workload.Workload(cluster.info, cluster.user_security(), seed=seed)
     probes = Probes(cluster, load.s3_client())

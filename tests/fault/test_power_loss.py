@@ -114,7 +114,7 @@ def test_datanode_power_loss(
 ) -> None:
     """Power cut on datanode-1 under load: nothing acknowledged is lost or changed; the node
     recovers its journal and index and heals back to whole."""
-    cluster = open_cluster(power_nodes=(NODE,))
+    cluster = open_cluster(power_nodes=(NODE,), dataplane_transports=harness.SAME_HOST_DATAPLANE)
     seed = int(os.environ.get("KVTIER_TEST_SEED", "1"))
     load = workload.Workload(cluster.info, cluster.user_security(), seed=seed)
     log = cluster.state / "logs" / f"{NODE}.log"

@@ -187,7 +187,9 @@ def test_rolling_restart(
     open_cluster: Opener, duration: str, request: pytest.FixtureRequest
 ) -> None:
     """Every service restarted one at a time under load: 0 failed client operations."""
-    cluster = open_cluster(kvcache_nodes=2, gateways=2)
+    cluster = open_cluster(
+        kvcache_nodes=2, gateways=2, dataplane_transports=harness.SAME_HOST_DATAPLANE
+    )
 
     def roll(load: workload.Workload) -> list[Step]:
         return [

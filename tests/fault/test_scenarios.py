@@ -123,7 +123,7 @@ def test_kvcache_killed_under_load(
 ) -> None:
     """SIGKILL one of two kvcache nodes: its blocks become misses (memory durability), never
     other bytes; objects are untouched; the node restarts with the same identity."""
-    cluster = open_cluster(kvcache_nodes=2)
+    cluster = open_cluster(kvcache_nodes=2, dataplane_transports=harness.SAME_HOST_DATAPLANE)
     _scenario(
         "kvcache-1 SIGKILL, restarted after the fault", duration, cluster,
         lambda: cluster.signal("kvcache-1", signal.SIGKILL),
@@ -139,7 +139,7 @@ def test_kvcache_killed_under_write_through(
     durable before it is acknowledged): no acknowledged block is lost, up to the instant of
     the kill — each reads back exact, through the surviving node (read-through) and after the
     restart."""
-    cluster = open_cluster(kvcache_nodes=2)
+    cluster = open_cluster(kvcache_nodes=2, dataplane_transports=harness.SAME_HOST_DATAPLANE)
     _scenario(
         "kvcache-1 SIGKILL under write-through, restarted after the fault", duration, cluster,
         lambda: cluster.signal("kvcache-1", signal.SIGKILL),
@@ -166,7 +166,7 @@ def test_gateway_partitioned_from_etcd(
 def test_etcd_stopped(open_cluster: Opener, duration: str, request: pytest.FixtureRequest) -> None:
     """etcd SIGSTOPped (it neither answers nor closes connections) for the outage: 0 failed
     reads (object GET and LIST, KV get and lookup) throughout."""
-    cluster = open_cluster()
+    cluster = open_cluster(dataplane_transports=harness.SAME_HOST_DATAPLANE)
     report = _scenario(
         "etcd SIGSTOP", duration, cluster,
         lambda: cluster.signal("etcd", signal.SIGSTOP),

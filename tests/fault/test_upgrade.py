@@ -106,7 +106,10 @@ def test_rolling_upgrade_from_previous_release(
 ) -> None:
     """v0.1.0 cluster → this checkout, node by node, under load: 0 wrong bytes, 0 lost
     acknowledged writes, 0 failed client operations; new writes work mid-upgrade."""
-    cluster = open_cluster(kvcache_nodes=2, gateways=2, tree=previous_release)
+    cluster = open_cluster(
+        kvcache_nodes=2, gateways=2, tree=previous_release,
+        dataplane_transports=harness.SAME_HOST_DATAPLANE,
+    )  # fmt: skip
     order = test_rolling.roll_order(cluster)
     assert {runs_tree(cluster, n) for n in order} == {previous_release.resolve()}
     s3 = s3_direct(cluster, cluster.info["gateways_s3"][0])

@@ -252,7 +252,7 @@ class Workload:
                 self.report.fault_latencies_s.append(time.time() - started)
             return result
         except Exception as exc:
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+            code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code", "")
             with self._lock:
                 self.report.failed[f"{kind}:{code or type(exc).__name__}"] += 1
                 self.report.failures_at.append(time.time())
@@ -377,7 +377,7 @@ class Workload:
                     data = client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
                     break
                 except Exception as exc:
-                    code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+                    code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code", "")
                     if code == "NoSuchKey" or time.monotonic() > deadline:
                         self.report.lost_acknowledged.append(f"{key}: {code or exc!r}")
                         data = None
