@@ -39,8 +39,10 @@ full queue drops the batch (`kvtier_kvcache_event_batches_total{outcome="dropped
 the sequence subscribers see). A thread encodes and sends (a PUB socket drops messages for a
 subscriber past its high-water mark; it never blocks) and serves replays. Sockets bind to the
 node's advertised host only. With `keys` (kv_events_auth = curve) both sockets are CURVE servers
-that admit only the subscriber keys an admin registered (`eventsauth`); without, anyone who
-reaches the ports reads every tenant's events (trusted networks only, docs/security.md).
+that admit only the subscriber keys an admin registered (`eventsauth`), and a subscriber whose
+registration lapses is cut within about 0.1 s (`eventspub`: the PUB socket is an XPUB that is
+rebound, registered subscribers rejoin with no gap); without, anyone who reaches the ports
+reads every tenant's events (trusted networks only, docs/security.md).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ import zmq
 
 from kvtier import errors
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
-from services.kvcache import eventsauth, metrics
+from services.kvcache import eventsauth, eventspub, metrics
 from services.kvcache import store as block_store
 
 log = logging.getLogger(__name__)
@@ -183,7 +185,7 @@ class EventPublisher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
-        self._pub: zmq.Socket[bytes] | None = None
+        self._pub: eventspub.PubSocket | None = None
         self._replay: zmq.Socket[bytes] | None = None
         self.endpoint = ""
         self.replay_endpoint = ""
@@ -203,15 +205,13 @@ class EventPublisher:
         self._ctx = ctx
         if self.keys is not None:
             self.keys.start(ctx)  # the ZAP handler must answer before the first handshake
-        self._pub = ctx.socket(zmq.PUB)
-        self._pub.setsockopt(zmq.SNDHWM, self._hwm)
+        self._pub = eventspub.PubSocket(ctx, hwm=self._hwm, keys=self.keys)
         self._replay = ctx.socket(zmq.ROUTER)
         if self.keys is not None:
-            self.keys.serve(self._pub)
             self.keys.serve(self._replay)
         # A full replay plus its end marker fits however slowly the subscriber reads (as vLLM).
         self._replay.setsockopt(zmq.SNDHWM, 2 * ((self._buffer.maxlen or 0) + 1))
-        self.endpoint = _bind(self._pub, self._host, self._port)
+        self.endpoint = self._pub.bind(self._host, self._port)
         self.replay_endpoint = _bind(self._replay, self._host, self._replay_port)
         self._thread = threading.Thread(target=self._run, name="kv-events", daemon=True)
         self._thread.start()
@@ -227,15 +227,21 @@ class EventPublisher:
         if self._thread is not None:
             self._thread.join(timeout=2.0)
             self._thread = None
-        for sock in (self._pub, self._replay):
-            if sock is not None:
-                sock.close(linger=0)
+        if self._pub is not None:
+            self._pub.close()
+        if self._replay is not None:
+            self._replay.close(linger=0)
         self._pub = self._replay = None
         if self.keys is not None:
             self.keys.stop()
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
+
+    @property
+    def rotations(self) -> int:
+        """How often the PUB socket was rebound to cut subscribers whose registration lapsed."""
+        return 0 if self._pub is None else self._pub.rotations
 
     # store.BlockListener and the durable tier's hooks (event loop; never raise, never wait).
 
@@ -324,17 +330,18 @@ class EventPublisher:
             try:
                 while replay.poll(0):
                     self._serve_replay(replay)
+                if not pub.service():  # registered subscribers rejoin after a rotation
+                    pub.wait(0.02)
+                    continue
                 name, seq, batch = self._queue.get(timeout=0.02)
             except queue.Empty:
                 continue
             except Exception:  # the thread's boundary: log, keep serving
-                log.exception("KV events: replay failed")
+                log.exception("KV events: replay or subscription handling failed")
                 continue
             message = (name, seq.to_bytes(8, "big"), encoder.encode(batch))
             try:
-                pub.send_multipart(message, flags=zmq.NOBLOCK)
-            except zmq.Again:  # PUB drops past the HWM rather than block; be explicit anyway
-                pass
+                pub.send(message)
             except Exception:
                 log.exception("KV events: send failed")
             self._buffer.append(message)
@@ -346,7 +353,7 @@ class EventPublisher:
             str(message[-1].get("User-Id")).encode()  # the ZAP handler's: the Z85 public key
         ):
             # Each replay is authorized again: a connection whose key's registration expired
-            # gets no more history (the PUB socket cannot cut one subscriber: docs/routing.md).
+            # gets no more history (a DEALER may stay connected; eventspub cuts lapsed SUBs).
             log.debug("KV events: replay refused, the subscriber's registration expired")
             return
         frames = [frame.bytes for frame in message]

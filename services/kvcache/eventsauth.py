@@ -14,8 +14,9 @@ so with `kv_events_auth = curve` (the default of a secure cluster):
   `SubscriberKeys.callback` at every handshake: registered and unexpired keys pass, every
   other one (and every peer not speaking CURVE) is refused before it sees a byte. Replay
   requests are checked again each (`events.EventPublisher`: the ZAP handler's User-Id is the
-  key). An established PUB connection is not cut when its key's registration expires (ZMQ
-  cannot drop one subscriber of a PUB socket); it ends when either side closes it.
+  key). ZAP runs only at a handshake, so an established PUB connection whose key's
+  registration expires is cut by rebinding the PUB socket (`eventspub`: every subscriber goes
+  through ZAP again; the registered ones rejoin without a gap).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from kvtier import errors
 
 log = logging.getLogger(__name__)
 
-#: Most keys registered at once; past it the oldest registration goes (its connections stay).
+#: Most keys registered at once; past it the oldest registration goes (and its SUB is cut).
 MAX_KEYS = 4096
 #: A Z85 CURVE key: 40 characters for 32 bytes.
 Z85_KEY_CHARS = 40

@@ -174,3 +174,8 @@ EVENT_BATCHES = prometheus_client.Counter(
     "full (a dropped batch is a gap in the sequence numbers subscribers see)",
     ("outcome",),
 )
+EVENT_SOCKET_ROTATIONS = prometheus_client.Counter(
+    "kvtier_kvcache_event_socket_rotations_total",
+    "KV-event PUB socket rebinds that cut subscribers whose registration lapsed "
+    "(services/kvcache/eventspub.py)",
+)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -164,20 +165,22 @@ async def test_kv_events_auth_none_serves_any_subscriber_as_before(
             await sdk.close()
 
 
-def test_an_expired_registration_opens_no_connection_and_gets_no_replay() -> None:
-    """Past kv_events_key_ttl_s a key opens no new connection and its open replay connection
-    is answered no more; its open SUB connection is not cut (docs/routing.md says so)."""
+def test_an_expired_registration_is_cut_and_gets_no_replay_a_renewed_one_misses_nothing() -> None:
+    """Past kv_events_key_ttl_s a key's open SUB connection is cut (the PUB socket is rebound),
+    it opens no new one and its open replay connection is answered no more; a key renewed in
+    time reconnects by itself and gets every batch, the ones published meanwhile included."""
     now = [100.0]
     keys = eventsauth.SubscriberKeys(ttl_s=10.0, clock=lambda: now[0])
     publisher = events.EventPublisher("node-x", host="127.0.0.1", keys=keys)
-    public, secret = zmq.curve_keypair()
-    keys.authorize(public.decode())
+    lapsing, renewed = zmq.curve_keypair(), zmq.curve_keypair()
+    keys.authorize(lapsing[0].decode())
+    keys.authorize(renewed[0].decode())
     ctx = zmq.Context()
 
-    def connect(kind: int, endpoint: str) -> zmq.Socket[bytes]:
+    def connect(kind: int, endpoint: str, pair: tuple[bytes, bytes]) -> zmq.Socket[bytes]:
         sock = ctx.socket(kind)
         sock.curve_serverkey = keys.public_key.encode()
-        sock.curve_publickey, sock.curve_secretkey = public, secret
+        sock.curve_publickey, sock.curve_secretkey = pair
         if kind == zmq.SUB:
             sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.connect(endpoint)
@@ -192,23 +195,44 @@ def test_an_expired_registration_opens_no_connection_and_gets_no_replay() -> Non
             count += 1
         return -1  # no answer
 
+    def seqs(sub: zmq.Socket[bytes], timeout_s: float) -> list[int]:
+        out = []
+        while sub.poll(int(timeout_s * 1000)):
+            out.append(int.from_bytes(sub.recv_multipart()[1], "big"))
+            timeout_s = 0.05
+        return out
+
     try:
         publisher.start()
-        sub, dealer = (
-            connect(zmq.SUB, publisher.endpoint),
-            connect(zmq.DEALER, publisher.replay_endpoint),
+        sub, dealer, kept = (
+            connect(zmq.SUB, publisher.endpoint, lapsing),
+            connect(zmq.DEALER, publisher.replay_endpoint, lapsing),
+            connect(zmq.SUB, publisher.endpoint, renewed),
         )
-        for i in range(100):  # until the SUB's connection carries events
+        for i in range(100):  # until both SUBs' connections carry events
             publisher.linked("t", "ns", b"k%d" % i, None)
-            if sub.poll(100):
+            if sub.poll(100) and kept.poll(100):
                 break
         assert replayed(dealer, 5.0) >= 1
-        now[0] += 10.0  # the registration expires
-        late = connect(zmq.SUB, publisher.endpoint)
-        publisher.linked("t", "ns", b"after", None)
-        assert sub.poll(5000)  # the open connection is not cut
-        assert replayed(dealer, SILENCE_S) == -1  # but its replays are refused
+        before = seqs(kept, 0.1)
+        seqs(sub, 0.1)
+        now[0] += 5.0
+        keys.authorize(renewed[0].decode())  # renewed until 115
+        now[0] += 5.0  # the other registration expires
+        for _ in range(100):  # the sender notices within CHECK_INTERVAL_S
+            if publisher.rotations:
+                break
+            time.sleep(0.02)
+        assert publisher.rotations == 1
+        late = connect(zmq.SUB, publisher.endpoint, lapsing)
+        for i in range(3):  # published while the renewed subscriber reconnects: held for it
+            publisher.linked("t", "ns", b"after-%d" % i, None)
+        after = seqs(kept, 5.0)
+        assert after == list(range(before[-1] + 1, before[-1] + 4))  # no gap
+        assert seqs(sub, SILENCE_S) == []  # the lapsed connection is cut
+        assert replayed(dealer, SILENCE_S) == -1  # its replays are refused
         assert not late.poll(int(SILENCE_S * 1000))  # and no new connection opens
+        assert publisher.rotations == 1
     finally:
         ctx.destroy(linger=0)
         publisher.close()
