@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from kvtier import errors, identity, principal, service
+from kvtier import errors, features, identity, principal, service
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2, datanode_pb2_grpc, shards_pb2, shards_pb2_grpc
 from kvtier.transport import slots
@@ -104,7 +104,14 @@ def build(cfg: config.DatanodeConfig) -> service.ServiceSpec:
         # Only gateways (and operators) move shards: no users' port, no users' sessions.
         serves_users=False,
         dataplane_access=_gateways_only,
+        on_serve=_advertise,
     )
+
+
+async def _advertise(ctx: service.Context, info: common_pb2.NodeInfo) -> None:
+    """What this datanode does that an older one does not (kvtier.features), in the NodeInfo
+    it registers: gateways send its conditional undos only to a datanode that says so."""
+    info.features.append(features.DATANODE_CONDITIONAL_UNDO)
 
 
 def _gateways_only(who: principal.Principal) -> bool:

@@ -50,23 +50,23 @@ def write_synced(path: Path, data: bytes) -> None:
 
 def remove_data_dirs(object_dir: Path, keep: str | None) -> None:
     """Remove every data dir of object_dir except keep (old versions, crash leftovers), those
-    of the key's non-current S3 versions (versionstore) and that of its superseded version
-    (shardmeta.PREV_FILE, services.datanode.supersede), which stay."""
+    of the key's non-current S3 versions (versionstore) and those of its superseded versions
+    (shardmeta.PREV_FILES, services.datanode.supersede), which stay."""
     stale = []
-    versioned = superseded = False
+    versioned, superseded = False, []
     with contextlib.suppress(FileNotFoundError), os.scandir(object_dir) as entries:
         for e in entries:
             if e.name == versionstore.VERSIONS_DIR:
                 versioned = True
-            elif e.name == shardmeta.PREV_FILE:
-                superseded = True
+            elif e.name in shardmeta.PREV_FILES:
+                superseded.append(e.name)
             elif e.name != keep and e.is_dir(follow_symlinks=False):
                 stale.append(e.path)
     if versioned and stale:  # only keys of versioned buckets pay this
         held = {m.data_id for m in versionstore.noncurrent(object_dir, None, shardmeta.decode_meta)}
         stale = [p for p in stale if os.path.basename(p) not in held]
-    if superseded and stale:
-        prev = versionstore.read_file(object_dir / shardmeta.PREV_FILE, shardmeta.decode_meta)
+    for name in superseded if stale else ():
+        prev = versionstore.read_file(object_dir / name, shardmeta.decode_meta)
         if prev is not None:
             stale = [p for p in stale if os.path.basename(p) != prev.data_id]
     for path in stale:

@@ -108,7 +108,8 @@ class ShardRecovery(shardreads.ShardReads):
         except FileNotFoundError:
             # A crash after the data rename, or an older datanode's removal of a key that
             # kept a superseded version (services.datanode.supersede).
-            (object_dir / shardmeta.PREV_FILE).unlink(missing_ok=True)
+            for name in shardmeta.PREV_FILES:
+                (object_dir / name).unlink(missing_ok=True)
             shardfiles.remove_data_dirs(object_dir, None)
             with contextlib.suppress(OSError):
                 object_dir.rmdir()

@@ -9,8 +9,8 @@ Layout under the drive (ARCHITECTURE.md, "The durable object tier"), h = hex SHA
                                                    services.datanode.framing)
     objects/<bucket>/<h[:2]>/<h>/versions/         a versioned key's non-current versions
                                                    (services.datanode.versionstore)
-    objects/<bucket>/<h[:2]>/<h>/meta.prev         an unversioned key's superseded version
-                                                   (the one the last overwrite replaced), kept
+    objects/<bucket>/<h[:2]>/<h>/meta.prev[.N]     an unversioned key's superseded versions
+                                                   (those the last overwrites replaced), kept
                                                    for an undo (services.datanode.supersede)
     .kvtier/tmp/<write_id>/                        a staged write (data/part.N, meta;
                                                    services.datanode.stagedwrite)
@@ -470,8 +470,10 @@ class ShardStore(shardrecovery.ShardRecovery):
         included; False when it was absent. version: remove that version only (delete_version).
         if_data_id: only when the current version is that one (with version: when that version
         is), else False and nothing removed. restore_previous (with if_data_id, no version: a
-        failed commit's undo): the superseded version this one replaced, when the drive still
-        keeps it (services.datanode.supersede), becomes current again instead."""
+        failed commit's undo): the newest superseded version, when the drive still keeps it
+        (services.datanode.supersede), becomes current again instead; and when if_data_id is
+        not current but kept as superseded, that kept version alone is removed (still False:
+        the key's current version is untouched)."""
         if version:
             return self.delete_version(bucket, key, version, if_data_id)
         object_dir = self._object_dir(bucket, key)
@@ -479,6 +481,8 @@ class ShardStore(shardrecovery.ShardRecovery):
             self.checkpoint()  # a replay must not install the undone version again
         with self._key_lock(object_dir):
             if if_data_id and (self._current_version(object_dir) or (0, ""))[1] != if_data_id:
+                if restore_previous:  # an undo of a write a newer one replaced here
+                    self._superseded.forget(object_dir, if_data_id)  # its kept copy alone goes
                 return False
             if restore_previous and if_data_id and self._restore_previous(object_dir):
                 return True
@@ -507,11 +511,12 @@ class ShardStore(shardrecovery.ShardRecovery):
         return True
 
     def _restore_previous(self, object_dir: Path) -> bool:
-        """Make the key's superseded version current again (its meta renamed over `meta`, then
-        the data dirs of the undone version removed); False when there is none to restore:
-        none kept, already reclaimed, its data gone (an older datanode overwrote the key), or
-        the key journaled again since the caller's checkpoint (rare: it is then removed)."""
-        prev = versionstore.read_file(object_dir / supersede.PREV_FILE, decode_meta)
+        """Make the key's newest superseded version current again (its meta renamed over
+        `meta`, then the data dirs of the undone version removed); False when there is none to
+        restore: none kept, already reclaimed, its data gone (an older datanode overwrote the
+        key), or the key journaled again since the caller's checkpoint (rare: it is then
+        removed)."""
+        name, prev = self._superseded.newest(object_dir) or ("", None)
         current = self._current_version(object_dir)
         if prev is None or current is None or prev.data_id == current[1]:
             return False
@@ -521,11 +526,11 @@ class ShardStore(shardrecovery.ShardRecovery):
         ):
             return False
         self._index.mark_pending(prev.bucket, prev.key)
-        os.replace(object_dir / supersede.PREV_FILE, object_dir / META_FILE)
+        os.replace(object_dir / name, object_dir / META_FILE)
         shardfiles.fsync_dir(object_dir)
         self._index.put(prev.bucket, shardmeta.list_entry(prev))
         shardfiles.remove_data_dirs(object_dir, None if inline else prev.data_id)
-        self._superseded.drop(object_dir)
+        self._superseded.restored(object_dir)
         log.info(
             "drive %s: %s/%s: version %s undone, version %s current again",
             self.drive.path, prev.bucket, prev.key, current[1], prev.data_id,
@@ -538,9 +543,9 @@ class ShardStore(shardrecovery.ShardRecovery):
         reclaimed = 0
         for object_dir in self._superseded.expired(older_than_s):
             with self._key_lock(object_dir):
-                if not self._superseded.still_expired(object_dir, older_than_s):
-                    continue  # overwritten again meanwhile: kept from then on
-                supersede.remove_prev(object_dir)
+                left = self._superseded.reclaim(object_dir, older_than_s)
+                if left is None:
+                    continue  # overwritten or undone meanwhile: kept from then on
                 current = self._current_meta(object_dir)
                 if current is not None:
                     shardfiles.remove_data_dirs(
@@ -550,7 +555,8 @@ class ShardStore(shardrecovery.ShardRecovery):
                     shardfiles.remove_data_dirs(object_dir, None)
                     with contextlib.suppress(OSError):
                         object_dir.rmdir()
-                self._superseded.drop(object_dir)
+                if not left:
+                    self._superseded.drop(object_dir)
                 reclaimed += 1
         if reclaimed:
             log.info("drive %s: %d superseded versions reclaimed", self.drive.path, reclaimed)

@@ -20,8 +20,11 @@ a newer write of the key that landed meanwhile is never touched; a commit that r
 write quorum is never undone. In an unversioned bucket the undo also asks for the version the
 commit replaced back (restore_previous: a drive keeps it a while after each overwrite,
 services/datanode/supersede.py): otherwise a failed overwrite that more drives took than
-parity can lose would leave the acknowledged version on too few drives to read. Undoing is
-best effort: a drive that cannot be reached then keeps the version (logged).
+parity can lose would leave the acknowledged version on too few drives to read. A drive the
+undo cannot reach keeps the version until a retry in the background gets there (bounded, with
+backoff: `_retry_undo`, `kvtier_gateway_commit_undo_retries_total`), and the object is queued
+for healing ("undo of a failed commit could not reach drive X"): once the undo got there, the
+heal gives that drive the version the others hold.
 
 Either way a write begun after another was acknowledged is ordered after it whatever the
 gateways' clocks say: the earlier write is on a write quorum of drives, the later one reaches a
@@ -41,10 +44,11 @@ from collections.abc import Sequence
 
 import prometheus_client
 
-from kvtier import errors, hlc, objversions
+from kvtier import errors, features, hlc, names, objversions
+from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
 from services.gateway import datanodes as datanodes_mod
-from services.gateway import fanout, placement
+from services.gateway import fanout, healqueue, placement, suspects
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,17 @@ UNDONE = prometheus_client.Counter(
     "kvtier_gateway_commits_undone_total",
     "Drives from which a commit that missed the write quorum was removed again",
 )
+UNDO_RETRIED = prometheus_client.Counter(
+    "kvtier_gateway_commit_undo_retries_total",
+    "Undos of failed commits that could not reach a drive at first and were retried in the "
+    "background, by outcome (removed, absent: the drive did not hold it, given_up)",
+    ["outcome"],
+)
+#: An undo that cannot reach a drive is tried again this many times in the background...
+UNDO_RETRIES = 10
+#: ... first after this long, then twice as long each time, at most UNDO_RETRY_MAX_S.
+UNDO_RETRY_FIRST_S = 1.0
+UNDO_RETRY_MAX_S = 60.0
 #: At most one warning about a lagging clock per this many seconds.
 _WARN_EVERY_S = 60.0
 _warned_at = -_WARN_EVERY_S
@@ -74,11 +89,13 @@ async def commit_version(
     *,
     stamp: bool = True,
     restamp: bool = True,
+    heal_queue: healqueue.HealQueue | None = None,
 ) -> int:
     """Commit meta on the drives `live` of where (module docstring) and return on how many it
     is (or a newer version is). meta.mtime_unix_ns is set from the clock first (stamp=False:
     meta's own stamp is tried first) and holds the committed stamp on return. restamp=False:
     never stamped again above a newer version (a pool drain's copy loses to every write).
+    heal_queue: where an object goes whose undo could not reach a drive.
 
     Raises ClockSkew when drives refused the stamp as too far ahead and the rest miss the write
     quorum, StorageFull or Unavailable for any other shortfall; the drives that took the
@@ -98,7 +115,7 @@ async def commit_version(
             f"PUT {meta.bucket}/{meta.key}: committed on {done.drives} drives, "
             f"the write quorum is {where.write_quorum}"
         )
-        await _undo(nodes, where, meta, live)
+        await _undo(nodes, where, meta, live, heal_queue)
         if done.skew:
             raise errors.ClockSkew(f"{problem}; drives refused the stamp: {done.skew}")
         if done.full:
@@ -135,10 +152,13 @@ async def _round(
             log.warning(
                 "commit of %s/%s on %s failed: %s", meta.bucket, meta.key, slot.drive_id, exc
             )
+            if not suspects.is_silence(exc):
+                nodes.suspects.heard(slot.node_id)
             return fanout.Committed(
                 skew=str(exc) if isinstance(exc, errors.ClockSkew) else "",
                 full=str(exc) if isinstance(exc, errors.StorageFull) else "",
             )
+        nodes.suspects.heard(slot.node_id)
         return fanout.Committed(drives=1, newer_ns=reply.current_mtime_unix_ns)
 
     total = fanout.Committed()
@@ -153,7 +173,7 @@ async def _round(
         "commit",
         [(where.slots[i].node_id, counted(i)) for i in live],
         lambda: total.drives >= where.write_quorum,
-        nodes.straggling,
+        nodes.suspects,
     )
     ended[0] = True
     return total
@@ -164,35 +184,92 @@ async def _undo(
     where: placement.Placement,
     meta: datanode_pb2.ShardMeta,
     live: Sequence[int],
+    heal_queue: healqueue.HealQueue | None,
 ) -> None:
     """Remove meta's version (a commit that missed the write quorum) from the drives of live
     that hold it: only that version (data_id; its version id where versions are kept), so a
-    newer write of the key is never removed. A drive that fails keeps it (logged)."""
+    newer write of the key is never removed. A drive that fails is tried again in the
+    background (`_retry_undo`; the delete is conditional, so trying again is safe) and the
+    object is queued for healing (heal_queue, unless None), which brings the drive back to
+    the version the others hold once the undo got there."""
     if not meta.data_id:  # nothing to name it by (the gateway always sets one)
         return
-    version = objversions.version_id(meta) if meta.keep_versions else ""
-
-    async def undo(index: int) -> bool:
-        slot = where.slots[index]
-        try:
-            return await nodes.shards(slot.node_id).delete_shard(
-                slot.drive_id, meta.bucket, meta.key, version, if_data_id=meta.data_id,
-                restore_previous=not version,
-            )  # fmt: skip
-        except errors.KVTierError as exc:
-            log.warning(
-                "undo of the failed commit of %s/%s on %s failed: %s",
-                meta.bucket, meta.key, slot.drive_id, exc,
-            )  # fmt: skip
-            return False
-
-    removed = sum(await asyncio.gather(*(undo(i) for i in live)))
+    results = await asyncio.gather(*(_undo_on(nodes, where.slots[i], meta) for i in live))
+    removed = sum(1 for r in results if r is True)
     if removed:
         UNDONE.inc(removed)
         log.info(
             "%s/%s: the failed commit of version %s removed again from %d drives",
             meta.bucket, meta.key, meta.data_id, removed,
         )  # fmt: skip
+    unreached = [where.slots[i] for i, r in zip(live, results, strict=True) if r is None]
+    if not unreached:
+        return
+    if heal_queue is not None and meta.bucket != names.MULTIPART_BUCKET:
+        drives = ", ".join(s.drive_id for s in unreached)
+        why = f"undo of a failed commit could not reach drive {drives}"
+        heal_queue.add((meta.bucket, meta.key), why, objversions.version_id(meta))
+    for slot in unreached:
+        nodes.in_background(_retry_undo(nodes, slot, meta))
+
+
+async def _undo_on(
+    nodes: datanodes_mod.Datanodes, slot: common_pb2.DriveSlot, meta: datanode_pb2.ShardMeta
+) -> bool | None:
+    """The undo of meta's version on one drive: whether it was removed there; None when the
+    drive could not be reached (or failed: worth trying again)."""
+    version = objversions.version_id(meta) if meta.keep_versions else ""
+    if not nodes.supports(slot.node_id, features.DATANODE_CONDITIONAL_UNDO):
+        # An older datanode (a rolling upgrade) drops if_data_id, version_id and
+        # restore_previous and removes the key outright: a newer acknowledged write that landed
+        # there meanwhile too. It never kept the version this one replaced, so no undo can
+        # bring that back there; left alone, the drive holds the failed version (the others
+        # restore theirs, so it is not on a write quorum). Counted as unreached: the object is
+        # queued for healing and the undo tried again later, when the node may run a build
+        # that takes it (a conditional removal; the heal then rebuilds the version there).
+        log.info("undo of %s/%s: %s is an older datanode, not yet", meta.bucket, meta.key,
+                 slot.node_id)  # fmt: skip
+        return None
+    try:
+        return await nodes.shards(slot.node_id).delete_shard(
+            slot.drive_id, meta.bucket, meta.key, version, if_data_id=meta.data_id,
+            restore_previous=not version,
+        )  # fmt: skip
+    except errors.NotFound:
+        return False
+    except errors.KVTierError as exc:
+        log.warning(
+            "undo of the failed commit of %s/%s on %s failed: %s",
+            meta.bucket, meta.key, slot.drive_id, exc,
+        )  # fmt: skip
+        return None
+
+
+async def _retry_undo(
+    nodes: datanodes_mod.Datanodes, slot: common_pb2.DriveSlot, meta: datanode_pb2.ShardMeta
+) -> None:
+    """Try an undo that could not reach its drive again, UNDO_RETRIES times at most, backing
+    off from UNDO_RETRY_FIRST_S (doubled each time, at most UNDO_RETRY_MAX_S)."""
+    delay = UNDO_RETRY_FIRST_S
+    for _ in range(UNDO_RETRIES):
+        await asyncio.sleep(delay)
+        removed = await _undo_on(nodes, slot, meta)
+        if removed is not None:
+            UNDO_RETRIED.labels("removed" if removed else "absent").inc()
+            if removed:
+                UNDONE.inc()
+                log.info(
+                    "%s/%s: the failed commit of version %s removed again from %s (retried)",
+                    meta.bucket, meta.key, meta.data_id, slot.drive_id,
+                )  # fmt: skip
+            return
+        delay = min(2 * delay, UNDO_RETRY_MAX_S)
+    UNDO_RETRIED.labels("given_up").inc()
+    log.error(
+        "%s/%s: the undo of the failed commit of version %s never reached %s (%d tries): that "
+        "drive keeps it (the heal queue has the object)",
+        meta.bucket, meta.key, meta.data_id, slot.drive_id, UNDO_RETRIES + 1,
+    )  # fmt: skip
 
 
 def _lagging(meta: datanode_pb2.ShardMeta, newer_ns: int) -> None:

@@ -12,19 +12,24 @@ import asyncio
 import dataclasses
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from kvtier import clustermap, errors, tracing
+from kvtier import clustermap, errors, features, tracing
 from kvtier import security as security_mod
 from kvtier.clients import datanode as datanode_client
 from kvtier.clients import dataplane as dataplane_client
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
 from kvtier.transport import base
-from services.gateway import smallbatch
+from services.gateway import smallbatch, suspects
 
 log = logging.getLogger(__name__)
+
+#: A WRITE_SMALL call of at most this many shard bytes carries them in its request: over shm a
+#: call with segments takes two round trips (the node says where they land, then the reply),
+#: which cost more than copying a few KiB through the message.
+INLINE_CALL_BYTES = 32 << 10
 
 
 @dataclasses.dataclass(slots=True)
@@ -67,9 +72,11 @@ class Datanodes:
         self._security = security
         self._conns: dict[str, _Conn] = {}
         self._small: dict[str, smallbatch.SmallWrites] = {}
-        #: Calls left behind per node, still running (services.gateway.fanout: a node with any
-        #: is not waited for again once a call is decided without it).
-        self.straggling: dict[str, int] = {}
+        #: Nodes whose calls were left behind and that have not answered since
+        #: (services.gateway.fanout: no grace for them once a call is decided without them).
+        self.suspects = suspects.Suspects()
+        #: Calls that outlive the request that made them (an undo's retries), cancelled at close.
+        self._background: set[asyncio.Task[None]] = set()
 
     def _conn(self, node_id: str) -> _Conn:
         info = next(
@@ -109,6 +116,11 @@ class Datanodes:
             self._conns[node_id] = conn
         return conn
 
+    def supports(self, node_id: str, feature: str) -> bool:
+        """Whether the map's NodeInfo of node_id advertises feature (kvtier.features): False
+        for an older datanode (a rolling upgrade) and for one not in the map."""
+        return features.advertised(self._view.current, node_id, feature)
+
     def shards(self, node_id: str) -> datanode_client.ShardClient:
         """The gRPC shard client of a datanode (Unavailable when it is not in the map)."""
         return self._conn(node_id).shards
@@ -131,11 +143,18 @@ class Datanodes:
                     "datanode.call", kind=tracing.CLIENT, attributes={"kvtier.node_id": node_id}
                 ):
                     tracing.name_call("datanode", shards_pb2.ShardCallMethod, method)
-                    return await session.transport.call(method, payload, segments, intos)
+                    result = await session.transport.call(method, payload, segments, intos)
             except base.PeerLost:
                 await self._drop(conn, session)
                 if not retry:
                     raise
+                continue
+            except errors.KVTierError as exc:
+                if not suspects.is_silence(exc):
+                    self.suspects.heard(node_id)  # its service answered
+                raise
+            self.suspects.heard(node_id)
+            return result
         raise AssertionError("unreachable")
 
     async def write_shard(
@@ -177,11 +196,18 @@ class Datanodes:
     async def _write_small_call(
         self, node_id: str, shards: Sequence[tuple[str, datanode_pb2.ShardMeta, bytes]]
     ) -> list[shards_pb2.ShardResult]:
-        """One WRITE_SMALL call (write_small)."""
-        request = shards_pb2.WriteSmallRequest(
-            shards=[shards_pb2.SmallShard(drive_id=d, meta=m) for d, m, _ in shards]
-        )
-        segments = [shard for _, _, shard in shards if len(shard)]
+        """One WRITE_SMALL call (write_small): the shards inline in the request when they are
+        at most INLINE_CALL_BYTES in all (one round trip on shm), else as segments."""
+        segments: list[bytes] = []
+        if sum(len(shard) for _, _, shard in shards) <= INLINE_CALL_BYTES:
+            request = shards_pb2.WriteSmallRequest(
+                shards=[shards_pb2.SmallShard(drive_id=d, meta=m, data=s) for d, m, s in shards]
+            )
+        else:
+            request = shards_pb2.WriteSmallRequest(
+                shards=[shards_pb2.SmallShard(drive_id=d, meta=m) for d, m, _ in shards]
+            )
+            segments = [shard for _, _, shard in shards if len(shard)]
         result = await self.call(
             node_id, shards_pb2.SHARD_CALL_METHOD_WRITE_SMALL, request, segments
         )
@@ -244,8 +270,24 @@ class Datanodes:
         except Exception:  # broken already: closing is best effort
             log.debug("closing a broken datanode session failed", exc_info=True)
 
+    def in_background(self, call: Coroutine[Any, Any, None]) -> None:
+        """Run a call past the request that made it (it logs its own errors); cancelled at
+        close."""
+        task = asyncio.ensure_future(call)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def background_idle(self) -> None:
+        """Wait for the calls in the background (tests)."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
     async def close(self) -> None:
         """Close every connection."""
+        background, self._background = self._background, set()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         small, self._small = self._small, {}
         for batcher in small.values():
             await batcher.close()

@@ -5,14 +5,18 @@ A datanode holds several drives of a set (2 of 12 on the dev cluster): one call 
 them, so a small PUT or a GET costs a call per node, not per drive; each drive still answers
 for itself (its error fails that drive only).
 
-Stragglers (`until_decided`, also for the commits of staged writes): once the answers in hand
-decide the call as a down node would leave it decided (a commit on its write quorum of drives;
-metas from all drives but at most the parity count), the
+Stragglers (`until_decided`, also for the commits and shard sends of staged writes): once the
+answers in hand decide the call as a down node would leave it decided (a commit or a block of
+shards on its write quorum of drives; metas from all drives but at most the parity count), the
 nodes still out get STRAGGLER_GRACE_S (or STRAGGLER_FACTOR x the time taken so far, whichever is
-longer) and are then left behind, counted as unavailable, their calls left to end on their own.
-A datanode that drops packets silently (a partition, found by the fault suite on the tcp data
-plane) would otherwise hold every GET and small PUT of its sets for the data-plane deadline (30
-s), past S3 clients' read timeouts, while the other drives answered in milliseconds.
+longer; the wait ends as soon as they have all answered) and are then left behind, counted as
+unavailable, their calls left to end on their own (a shard send's is cancelled: its bytes are a
+staging slot the write gives back). A node left behind is suspect (services.gateway.suspects)
+until it answers a call again, and gets no grace meanwhile: a silent node costs the first
+operation through its sets the grace, not every one. A datanode that drops packets silently (a
+partition, found by the fault suite on the tcp data plane) would otherwise hold every GET and
+PUT of its sets for the data-plane deadline (30 s), past S3 clients' read timeouts, while the
+other drives answered in milliseconds.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from kvtier import errors
 from kvtier.proto.datanode.v1 import datanode_pb2
 from services.gateway import datanodes as datanodes_mod
 from services.gateway import placement
+from services.gateway import suspects as suspects_mod
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +46,8 @@ STRAGGLER_GRACE_S = 2.0
 STRAGGLER_FACTOR = 3.0
 STRAGGLERS = prometheus_client.Counter(
     "kvtier_gateway_straggler_calls_total",
-    "Datanode calls left behind once a commit or metadata read was decided without them",
+    "Datanode calls left behind once a metadata read, a commit or a block of a staged write's "
+    "shards was decided without them (after the grace, or at once for a suspect node)",
     ["op"],
 )
 
@@ -50,45 +56,106 @@ async def until_decided(
     op: str,
     calls: Sequence[tuple[str, Coroutine[Any, Any, None]]],
     decided: Callable[[], bool],
-    straggling: dict[str, int],
-) -> None:
+    suspects: suspects_mod.Suspects,
+    *,
+    cancel_left_behind: bool = False,
+) -> list[int]:
     """Run calls (node id, a call that records its own outcome) until all have ended, or until
-    decided() holds and the grace after it has passed: those still running are left to end on
-    their own, counted in straggling (by node). Nodes that still have calls left behind get no
-    grace: a silent node costs each request the grace once, not every request."""
+    decided() holds and the nodes still out have had their grace: the positions (in calls) of
+    those still running then, left behind (suspect from now on). Suspect nodes get no grace:
+    once decided, their calls are left behind at once; the others are waited for up to the
+    grace, which ends early when they have all answered.
+
+    Left-behind calls run on to their own end (counted in suspects), or with
+    cancel_left_behind are cancelled and waited for (their buffers are the caller's again:
+    a transport never touches a cancelled call's buffers once it has ended)."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    node_of = {asyncio.ensure_future(call): node_id for node_id, call in calls}
-    pending = set(node_of)
+    wait = _Wait(loop, decided, [n for n, _ in calls], suspects)
+    tasks = []
+    for position, (_, call) in enumerate(calls):
+        task = asyncio.ensure_future(call)
+        task.add_done_callback(functools.partial(wait.ended, position))
+        tasks.append(task)
     try:
-        while pending:
-            if decided():
-                if any(not straggling.get(node_of[t]) for t in pending):
-                    grace = max(STRAGGLER_GRACE_S, STRAGGLER_FACTOR * (loop.time() - started))
-                    _, pending = await asyncio.wait(pending, timeout=grace)
-                break
-            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        await wait.until_woken()
+        if wait.out and wait.grace_for():
+            elapsed = loop.time() - started
+            await wait.until_woken(max(STRAGGLER_GRACE_S, STRAGGLER_FACTOR * elapsed))
     except BaseException:  # our caller is gone: so are its calls
-        for task in pending:
+        for task in tasks:
             task.cancel()
         raise
-    for task in pending:
-        node_id = node_of[task]
+    behind = sorted(p for p in wait.out if not tasks[p].done())  # (a callback may be due)
+    for position in behind:
         STRAGGLERS.labels(op).inc()
-        straggling[node_id] = straggling.get(node_id, 0) + 1
-        task.add_done_callback(functools.partial(_forget, straggling, node_id))
+        node_id, task = calls[position][0], tasks[position]
+        if cancel_left_behind:
+            task.cancel()
+        suspects.left_behind(node_id, None if cancel_left_behind else task)
+    if cancel_left_behind and behind:
+        await asyncio.wait([tasks[p] for p in behind])
+    return behind
 
 
-def _forget(straggling: dict[str, int], node_id: str, task: asyncio.Task[None]) -> None:
-    """A left-behind call ended: uncount it, retrieve its outcome (its errors were logged
-    where raised)."""
-    left = straggling.get(node_id, 1) - 1
-    if left > 0:
-        straggling[node_id] = left
-    else:
-        straggling.pop(node_id, None)
-    if not task.cancelled():
-        task.exception()
+class _Wait:
+    """until_decided's state: the calls still out, counted by done-callbacks that wake its one
+    waiter when what it waits for has happened (decided, or every call answered; then every
+    call of a node that is not suspect answered), so a call costs about what a gather did."""
+
+    __slots__ = ("_decided", "_graced", "_loop", "_nodes", "_suspects", "_waiter", "out")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        decided: Callable[[], bool],
+        nodes: list[str],
+        suspects: suspects_mod.Suspects,
+    ) -> None:
+        self._loop = loop
+        self._decided = decided
+        self._nodes = nodes
+        self._suspects = suspects
+        self.out = set(range(len(nodes)))
+        #: In the grace: the calls still waited for (None: not in the grace yet).
+        self._graced: set[int] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def grace_for(self) -> bool:
+        """Enter the grace: whether any call still out is of a node that is not suspect."""
+        self._graced = {p for p in self.out if not self._suspects.suspect(self._nodes[p])}
+        return bool(self._graced)
+
+    def _satisfied(self) -> bool:
+        if self._graced is None:
+            return not self.out or self._decided()
+        return not self._graced
+
+    async def until_woken(self, timeout_s: float | None = None) -> None:
+        """Wait until what is waited for has happened (or timeout_s has passed)."""
+        if self._satisfied():
+            return
+        waiter = self._waiter = self._loop.create_future()
+        timer = None if timeout_s is None else self._loop.call_later(timeout_s, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def ended(self, position: int, _: asyncio.Future[None]) -> None:
+        """A call ended (its outcome is recorded): wake the waiter when it is done waiting."""
+        self.out.discard(position)
+        if self._graced is not None:
+            self._graced.discard(position)
+        if self._waiter is not None and self._satisfied():
+            _wake(self._waiter)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 @dataclasses.dataclass(slots=True)
@@ -172,7 +239,7 @@ async def write_small(
         "write_small",
         [(n, counted(n, i)) for n, i in groups.items()],
         lambda: total.drives >= where.write_quorum,
-        nodes.straggling,
+        nodes.suspects,
     )
     ended[0] = True
     return total
@@ -211,6 +278,6 @@ async def read_metas(
         "read_metas",
         [(n, node_call(n, i)) for n, i in groups.items()],
         lambda: answered[0] >= len(where.slots) - where.parity_shards,
-        nodes.straggling,
+        nodes.suspects,
     )
     return list(answers)  # (a straggler's late answer lands in the old list)

@@ -15,7 +15,7 @@ from typing import Any
 
 from kvtier import errors, names, objversions
 from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
-from services.gateway import commits, objectbase, placement
+from services.gateway import commits, fanout, objectbase, placement
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,10 @@ class PooledObjects(objectbase.EngineBase):
     async def stage_empty(
         self, where: placement.Placement, bucket: str, key: str, write_id: str, failed: set[int]
     ) -> None:
-        """Open an empty staged write on every drive of where (a shard with no bytes)."""
+        """Open an empty staged write on every drive of where (a shard with no bytes); the
+        drives that fail, or are still out once the write quorum has theirs and the straggler
+        grace passed (fanout.until_decided), go into failed."""
+        opened = [0]
 
         async def send(index: int) -> None:
             slot = where.slots[index]
@@ -94,8 +97,17 @@ class PooledObjects(objectbase.EngineBase):
             except errors.KVTierError as exc:
                 log.warning("write of %s/%s on %s failed: %s", bucket, key, slot.drive_id, exc)
                 failed.add(index)
+            else:
+                opened[0] += 1
 
-        await asyncio.gather(*(send(i) for i in range(len(where.slots))))
+        behind = await fanout.until_decided(
+            "write_shard",
+            [(slot.node_id, send(i)) for i, slot in enumerate(where.slots)],
+            lambda: opened[0] >= where.write_quorum,
+            self._nodes.suspects,
+            cancel_left_behind=True,
+        )
+        failed.update(behind)
 
     async def commit_shards(
         self,
@@ -119,7 +131,7 @@ class PooledObjects(objectbase.EngineBase):
         live = [i for i in range(len(where.slots)) if i not in failed]
         committed = await commits.commit_version(
             self._nodes, self.clock, where, meta, write_id, live, sources, small,
-            stamp=stamp, restamp=restamp,
+            stamp=stamp, restamp=restamp, heal_queue=self.heal_queue,
         )  # fmt: skip
         if committed < len(where.slots) and meta.bucket != names.MULTIPART_BUCKET:
             why = f"write committed on {committed} of {len(where.slots)} drives"

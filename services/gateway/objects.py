@@ -112,7 +112,7 @@ class ObjectEngine(objectwrites.ObjectWrites):
                 live = [i for i in range(len(up.where.slots)) if i not in up.failed]
                 committed = await commits.commit_version(
                     self._nodes, self.clock, up.where, meta, up.upload_id, live,
-                    small=up.small, stamp=False, restamp=False,
+                    small=up.small, stamp=False, restamp=False, heal_queue=self.heal_queue,
                 )  # fmt: skip
                 if committed < len(up.where.slots):
                     why = f"write committed on {committed} of {len(up.where.slots)} drives"

@@ -20,7 +20,7 @@ from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.transport import base, shm_copy
-from services.gateway import objectbase, objectpools, placement, reads, versions
+from services.gateway import fanout, objectbase, objectpools, placement, reads, versions
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +238,13 @@ class ObjectWrites(objectpools.PooledObjects):
     async def _send_shards(
         self, up: objectbase.Upload, blocks: list[list[memoryview]], offset: int
     ) -> None:
+        """Send every live drive its blocks of this call (at offset in its shard). Once the
+        write quorum of them took theirs, the drives still out get the straggler grace
+        (services.gateway.fanout.until_decided), then their sends are cancelled (the blocks
+        are a staging slot given back when this returns) and they join up.failed: skipped for
+        the rest of the write and left out of its commit (healed from the others later)."""
         up.sent = True
-
+        sent = [0]
         first = offset == 0  # names the key: the reply says the drive's current stamp
 
         async def send(index: int) -> None:
@@ -258,9 +263,24 @@ class ObjectWrites(objectpools.PooledObjects):
                     slot.drive_id, exc,
                 )  # fmt: skip
                 up.failed.add(index)
+            else:
+                sent[0] += 1
 
         live = [i for i in range(len(up.where.slots)) if i not in up.failed]
-        await asyncio.gather(*(send(i) for i in live))
+        behind = await fanout.until_decided(
+            "write_shard",
+            [(up.where.slots[i].node_id, send(i)) for i in live],
+            lambda: sent[0] >= up.where.write_quorum,
+            self._nodes.suspects,
+            cancel_left_behind=True,
+        )
+        for position in behind:
+            index = live[position]
+            log.warning(
+                "PUT %s/%s: shard %d on %s left behind (no answer in time); the write goes on "
+                "without it", up.bucket, up.key, index, up.where.slots[index].drive_id,
+            )  # fmt: skip
+            up.failed.add(index)
         self._check_write_quorum(up)
 
     def _check_write_quorum(self, up: objectbase.Upload) -> None:

@@ -71,6 +71,8 @@ class Report:
     ready_s: float = 0.0
     #: Latencies (s) of the operations that started during the fault.
     fault_latencies_s: list[float] = dataclasses.field(default_factory=list)
+    #: Operations started during the fault that took over a second: kind -> latencies (s).
+    fault_slow_s: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     failures_at: list[float] = dataclasses.field(default_factory=list)
 
     def row(self, name: str) -> str:
@@ -102,6 +104,8 @@ class Report:
             "lost_acknowledged": self.lost_acknowledged,
             "kv_misses": self.kv_misses,
             "p99_fault_ms": round(self.p99_fault_ms(), 1),
+            "fault_ops": len(self.fault_latencies_s),
+            "fault_slow_s": {k: [round(s, 2) for s in v] for k, v in self.fault_slow_s.items()},
             "ready_s": round(self.ready_s, 2),
             "recovery_s": round(self.recovery_s, 2),
         }
@@ -249,7 +253,10 @@ class Workload:
         try:
             result = call()
             if in_fault:
-                self.report.fault_latencies_s.append(time.time() - started)
+                took = time.time() - started
+                self.report.fault_latencies_s.append(took)
+                if took > 1.0:
+                    self.report.fault_slow_s.setdefault(kind, []).append(took)
             return result
         except Exception as exc:
             code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code", "")

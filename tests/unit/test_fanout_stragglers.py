@@ -1,5 +1,6 @@
 """A datanode that never answers (a silent partition) costs a GET's metadata read or a small
-commit the straggler grace, not the data plane's 30 s deadline, once the others decide it."""
+commit the straggler grace, not the data plane's 30 s deadline, once the others decide it; and
+only the first one: it is suspect (no grace) until it answers again."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from kvtier import errors
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
-from services.gateway import fanout, placement
+from services.gateway import fanout, placement, suspects
 
 # 6 datanodes of 2 drives, 8 data + 4 parity shards (the dev cluster's shape).
 NODES = [f"dn-{n}" for n in range(6)]
@@ -30,7 +31,7 @@ class Nodes:
     def __init__(self, silent: set[str], slow: set[str] = frozenset()) -> None:  # type: ignore[assignment]
         self.silent, self.slow = silent, slow
         self.asked: list[str] = []
-        self.straggling: dict[str, int] = {}
+        self.suspects = suspects.Suspects()
         self.released = asyncio.Event()  # ends the silent nodes' calls (as their deadline)
 
     async def _answer(self, node_id: str) -> None:
@@ -40,6 +41,7 @@ class Nodes:
             raise errors.Unavailable(f"{node_id}: call deadline")
         if node_id in self.slow:
             await asyncio.sleep(0.2)
+        self.suspects.heard(node_id)  # as Datanodes.call does on a reply
 
     async def read_metas(
         self, node_id: str, drive_ids: Sequence[str], *_: Any
@@ -74,14 +76,23 @@ async def test_a_silent_node_is_left_behind_after_the_grace() -> None:
     done, took = await _timed(
         fanout.write_small(nodes, where, datanode_pb2.ShardMeta(), range(12), [b"x"] * 12)  # type: ignore[arg-type]
     )
-    assert took < 0.3, took  # dn-3 is still straggling: no grace again
+    assert took < 0.3, took  # dn-3 is suspect: no grace again
     assert done.drives == 10  # the write quorum (8) and more: committed
-    assert nodes.straggling == {"dn-3": 2}
-    nodes.released.set()  # its calls end (their deadline): waited for with a grace again
+    assert nodes.suspects.suspect("dn-3")
+    assert nodes.suspects.left("dn-3") == 2
+    nodes.released.set()  # its calls end at their deadline, unanswered: still suspect
     await asyncio.sleep(0)
     await asyncio.sleep(0)
-    assert nodes.straggling == {}
+    assert nodes.suspects.left("dn-3") == 0
+    assert nodes.suspects.suspect("dn-3")
     nodes.released = asyncio.Event()
+    for _ in range(3):
+        _, took = await _timed(fanout.read_metas(nodes, where, "b", "k"))  # type: ignore[arg-type]
+        assert took < 0.3, took
+    nodes.silent.clear()  # it answers again: no longer suspect, waited for as any node
+    await _timed(fanout.read_metas(nodes, where, "b", "k"))  # type: ignore[arg-type]
+    assert not nodes.suspects.suspect("dn-3")
+    nodes.silent.add("dn-3")
     _, took = await _timed(fanout.read_metas(nodes, where, "b", "k"))  # type: ignore[arg-type]
     assert 0.4 < took < 3, took
 
@@ -109,3 +120,86 @@ async def test_an_undecided_call_waits_for_every_node() -> None:
             fanout.write_small(nodes, where, datanode_pb2.ShardMeta(), range(12), [b"x"] * 12),  # type: ignore[arg-type]
             timeout=1.5,
         )
+
+
+async def test_the_grace_ends_once_the_nodes_not_suspect_answered() -> None:
+    """A read is decided while a healthy node (slow here) is still out besides the silent one:
+    the grace waits for the healthy one only, so reads after the first take its time, not the
+    grace each (the fault suite's 60 s partition: every S3 operation through the cut-off
+    node's sets took the 2 s grace)."""
+    where = _where()
+    nodes = Nodes(silent={"dn-3"}, slow={"dn-1"})
+    _, took = await _timed(fanout.read_metas(nodes, where, "b", "k"))  # type: ignore[arg-type]
+    assert 0.4 < took < 3, took  # the first pays the grace
+    for _ in range(4):
+        answers, took = await _timed(fanout.read_metas(nodes, where, "b", "k"))  # type: ignore[arg-type]
+        assert took < 0.4, took  # dn-1's 0.2 s, not the grace
+        assert all(
+            isinstance(a, datanode_pb2.ShardMeta) for i, a in enumerate(answers) if i // 2 != 3
+        )
+    nodes.released.set()
+
+
+async def test_left_behind_calls_can_be_cancelled() -> None:
+    """cancel_left_behind (a staged write's shard sends): the silent node's call is cancelled
+    and has ended when until_decided returns; its position is returned; it is suspect."""
+    outcome: dict[int, str] = {}
+
+    async def call(position: int, silent: bool) -> None:
+        try:
+            if silent:
+                await asyncio.Event().wait()
+            outcome[position] = "done"
+        except asyncio.CancelledError:
+            outcome[position] = "cancelled"
+            raise
+
+    book = suspects.Suspects()
+    calls = [(f"dn-{p}", call(p, p == 2)) for p in range(4)]
+    behind, took = await _timed(
+        fanout.until_decided(
+            "write_shard", calls, lambda: len(outcome) >= 3, book, cancel_left_behind=True
+        )
+    )
+    assert behind == [2]
+    assert outcome == {0: "done", 1: "done", 2: "cancelled", 3: "done"}
+    assert book.suspect("dn-2")
+    assert book.left("dn-2") == 0
+    assert 0.4 < took < 3, took
+
+
+class _CountingTask(asyncio.Task):  # type: ignore[type-arg]
+    callbacks = 0
+
+    def add_done_callback(self, fn: Any, *, context: Any = None) -> None:
+        _CountingTask.callbacks += 1
+        super().add_done_callback(fn, context=context)
+
+
+async def test_the_happy_path_costs_what_a_gather_does() -> None:
+    """12 calls answering one after another (a staged commit: a call per drive): one done
+    callback per call, as asyncio.gather registers, not one per call per wait (waiting
+    FIRST_COMPLETED in a loop registered 42 here)."""
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(lambda lp, coro, **kw: _CountingTask(coro, loop=lp, **kw))
+    try:
+        answered = [0]
+
+        async def call(turns: int) -> None:
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            answered[0] += 1
+
+        _CountingTask.callbacks = 0
+        await asyncio.gather(*(call(t) for t in range(12)))
+        gathered = _CountingTask.callbacks
+        answered[0] = _CountingTask.callbacks = 0
+        calls = [(f"dn-{t // 2}", call(t)) for t in range(12)]
+        behind = await fanout.until_decided(
+            "commit", calls, lambda: answered[0] >= 12, suspects.Suspects()
+        )
+        assert behind == []
+        assert answered[0] == 12
+        assert _CountingTask.callbacks <= gathered, (_CountingTask.callbacks, gathered)
+    finally:
+        loop.set_task_factory(None)

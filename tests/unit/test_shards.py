@@ -545,7 +545,7 @@ ALLOWED_PATHS = re.compile(
     r"\.kvtier/(format\.json|index\.sqlite(-wal|-shm)?|index\.clean|tmp|journal)"
     r"|\.kvtier/superseded(/[a-z0-9.-]{3,63}@[0-9a-f]{64})?"
     r"|objects(/[a-z0-9.-]{3,63}(/[0-9a-f]{2}(/[0-9a-f]{64}"
-    r"(/meta|/meta\.prev|/[0-9a-f]{32}(/part\.\d+)?)?)?)?)?"
+    r"(/meta|/meta\.prev(\.[1-3])?|/[0-9a-f]{32}(/part\.\d+)?)?)?)?)?"
     r"|\.kvtier|\.kvtier/\.format\.json\.[0-9a-f]+\.tmp"
 )
 

@@ -150,6 +150,7 @@ class NodeInfo(_message.Message):
     KV_EVENTS_ENDPOINT_FIELD_NUMBER: _builtins.int
     KV_EVENTS_REPLAY_ENDPOINT_FIELD_NUMBER: _builtins.int
     KV_EVENTS_SERVER_KEY_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     role: Global___NodeRole.ValueType
     grpc_address: _builtins.str
@@ -189,6 +190,13 @@ class NodeInfo(_message.Message):
     def dataplane(self) -> Global___DataPlaneCapabilities:
         """How peers can reach this node's registered memory (nodes that own bulk bytes only)."""
 
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What this node's build does that an older build of its role does not, named in
+        libs/kvtier/features.py: a peer checks before it sends a request that an older build would
+        misread (a mixed-version rolling upgrade, docs/upgrades.md). An older node sends none.
+        """
+
     def __init__(
         self,
         *,
@@ -208,10 +216,11 @@ class NodeInfo(_message.Message):
         kv_events_endpoint: _builtins.str = ...,
         kv_events_replay_endpoint: _builtins.str = ...,
         kv_events_server_key: _builtins.str = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dataplane", b"dataplane"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_address", b"client_address", "dataplane", b"dataplane", "drives", b"drives", "grpc_address", b"grpc_address", "hostname", b"hostname", "kv_events_endpoint", b"kv_events_endpoint", "kv_events_replay_endpoint", b"kv_events_replay_endpoint", "kv_events_server_key", b"kv_events_server_key", "metrics_address", b"metrics_address", "node_id", b"node_id", "pid", b"pid", "role", b"role", "s3_address", b"s3_address", "started_at_unix_ms", b"started_at_unix_ms", "tls", b"tls", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_address", b"client_address", "dataplane", b"dataplane", "drives", b"drives", "features", b"features", "grpc_address", b"grpc_address", "hostname", b"hostname", "kv_events_endpoint", b"kv_events_endpoint", "kv_events_replay_endpoint", b"kv_events_replay_endpoint", "kv_events_server_key", b"kv_events_server_key", "metrics_address", b"metrics_address", "node_id", b"node_id", "pid", b"pid", "role", b"role", "s3_address", b"s3_address", "started_at_unix_ms", b"started_at_unix_ms", "tls", b"tls", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,25 @@
+"""Features a node advertises in its NodeInfo (`features`, carried in the cluster map).
+
+In a mixed-version rolling upgrade (docs/upgrades.md) a newer node may send a request that an
+older build of its peer's role misreads: protobuf drops the fields that build does not know,
+so the request means something else there. A feature names what a build does; an older node
+advertises none of them, so a peer checks `advertised` before it relies on one and does the
+safe thing otherwise. Pure functions: nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from kvtier.proto.common.v1 import common_pb2
+
+#: A datanode whose DeleteShard honours its conditions: `if_data_id` and `version_id` (only
+#: that version of the key, only while it is the one named) and `restore_previous` (a failed
+#: overwrite's undo makes the newest superseded version current again, or drops the undone
+#: version from the stack it keeps: services/datanode/supersede.py). An older datanode reads
+#: such a request as "remove the key": every version of it, a newer write that landed
+#: meanwhile included (services/gateway/commits.py sends it no undo).
+DATANODE_CONDITIONAL_UNDO = "datanode.conditional-undo"
+
+
+def advertised(cmap: common_pb2.ClusterMap, node_id: str, feature: str) -> bool:
+    """Whether node_id's NodeInfo in cmap advertises feature (False for a node not in it)."""
+    return any(n.node_id == node_id and feature in n.features for n in cmap.nodes)
