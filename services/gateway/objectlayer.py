@@ -20,7 +20,7 @@ erasure-coded buckets through `ErasureLayer`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
 from kvtier import errors
@@ -69,6 +69,10 @@ class PutBody(Protocol):
 
     async def fill(self, view: memoryview) -> None:
         """Fill view exactly (IncompleteBody when the body ends first)."""
+        ...
+
+    async def fill_to_end(self, view: memoryview) -> int:
+        """Fill view as far as the body goes: len(view) bytes, or fewer at its end."""
         ...
 
     async def finish(self) -> dict[str, str]:
@@ -155,8 +159,39 @@ class ObjectLayer(Protocol):
         """Start a multipart upload."""
         ...
 
+    async def upload_part(
+        self,
+        req: pb.BeginUploadPartRequest,
+        body: PutBody,
+        *,
+        checksum_algorithms: Sequence[str] = (),
+    ) -> pb.PartInfo:
+        """Store body (req.size bytes) as a part of an upload (NoSuchUpload), hashed also with
+        checksum_algorithms (trailers to come) and its digests checked (errors.DigestMismatch)
+        as `put` checks them; the part's info (its ETag the MD5). The layer's own limits are
+        InvalidArgument (EntityTooLarge)."""
+        ...
+
+    async def copy_part(self, req: pb.UploadPartCopyRequest) -> pb.UploadPartCopyResponse:
+        """A part copied from (a range of) an object of the caller's own (where `copies`)."""
+        ...
+
+    async def complete_multipart(
+        self, req: pb.CompleteMultipartUploadRequest
+    ) -> pb.CompleteMultipartUploadResponse:
+        """Make the listed parts the object (InvalidArgument: MalformedXML, InvalidPartOrder,
+        InvalidPart, EntityTooSmall, the layer's EntityTooLarge; PreconditionFailed with
+        if_none_match when the key exists). Sent again for an upload that completed, while its
+        object is the key's current version: that object, whatever parts are listed (as S3);
+        else NoSuchUpload."""
+        ...
+
     async def abort_multipart(self, req: pb.AbortMultipartUploadRequest) -> None:
         """Drop an upload and its parts (NoSuchUpload)."""
+        ...
+
+    async def list_parts(self, req: pb.ListPartsRequest) -> pb.ListPartsResponse:
+        """A page of an upload's parts, by number (NoSuchUpload)."""
         ...
 
     async def list_uploads(
@@ -315,9 +350,36 @@ class ErasureLayer:
         """`ObjectFront.create_multipart`."""
         return await self.front.create_multipart(req)
 
+    async def upload_part(
+        self,
+        req: pb.BeginUploadPartRequest,
+        body: PutBody,
+        *,
+        checksum_algorithms: Sequence[str] = (),
+    ) -> pb.PartInfo:
+        """`ObjectFront.begin_part`, then the body through the engine's staging slots
+        (`receive`)."""
+        begun = await self.front.begin_part(req, checksum_algorithms=checksum_algorithms)
+        meta = await receive(self.front.engine, body, begun.write_id, req.size)
+        return multipart.part_info(meta)
+
+    async def copy_part(self, req: pb.UploadPartCopyRequest) -> pb.UploadPartCopyResponse:
+        """`ObjectFront.copy_part`."""
+        return await self.front.copy_part(req)
+
+    async def complete_multipart(
+        self, req: pb.CompleteMultipartUploadRequest
+    ) -> pb.CompleteMultipartUploadResponse:
+        """`ObjectFront.complete_multipart`."""
+        return await self.front.complete_multipart(req)
+
     async def abort_multipart(self, req: pb.AbortMultipartUploadRequest) -> None:
         """`ObjectFront.abort_multipart`."""
         await self.front.abort_multipart(req)
+
+    async def list_parts(self, req: pb.ListPartsRequest) -> pb.ListPartsResponse:
+        """`ObjectFront.list_parts`."""
+        return await self.front.list_parts(req)
 
     async def list_uploads(
         self, req: pb.ListMultipartUploadsRequest

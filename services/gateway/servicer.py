@@ -36,7 +36,8 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
     """kvtier.gateway.v1.ObjectService: buckets (kept by the metadata service), objects; every
     call acts for the caller (`front.ObjectFront` checks who may use what). Objects go through
     the object layer of erasure-coded buckets (`objectlayer.ErasureLayer`, the S3 handlers'
-    seam too); bucket records and the data-plane writes (BeginPut, parts) through the front."""
+    seam too); bucket records and the data-plane writes (BeginPut, BeginUploadPart) through the
+    front."""
 
     def __init__(self, front: front_mod.ObjectFront) -> None:
         self._front = front
@@ -116,12 +117,12 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
     async def UploadPartCopy(
         self, request: objects_pb2.UploadPartCopyRequest, context: rpc.ServicerContext
     ) -> objects_pb2.UploadPartCopyResponse:
-        return await self._front.copy_part(request)
+        return await self._objects.copy_part(request)
 
     async def CompleteMultipartUpload(
         self, request: objects_pb2.CompleteMultipartUploadRequest, context: rpc.ServicerContext
     ) -> objects_pb2.CompleteMultipartUploadResponse:
-        return await self._front.complete_multipart(request)
+        return await self._objects.complete_multipart(request)
 
     async def AbortMultipartUpload(
         self, request: objects_pb2.AbortMultipartUploadRequest, context: rpc.ServicerContext
@@ -132,7 +133,7 @@ class ObjectServicer(objects_pb2_grpc.ObjectServiceServicer):
     async def ListParts(
         self, request: objects_pb2.ListPartsRequest, context: rpc.ServicerContext
     ) -> objects_pb2.ListPartsResponse:
-        return await self._front.list_parts(request)
+        return await self._objects.list_parts(request)
 
     async def ListMultipartUploads(
         self, request: objects_pb2.ListMultipartUploadsRequest, context: rpc.ServicerContext

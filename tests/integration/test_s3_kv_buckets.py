@@ -230,12 +230,13 @@ def test_multipart_api_on_a_kv_bucket_behaves_as_s3(s3: Any) -> None:
     assert ranged["Body"].read() == whole[boundary - 9 : boundary + 10]
     suffix = s3.get_object(Bucket=bucket, Key=key, Range="bytes=-1000")
     assert suffix["Body"].read() == whole[-1000:]
-    # The upload is gone with its parts (part 2 too, which was not used).
+    # The upload is gone with its parts (part 2 too, which was not used); Complete sent again
+    # answers the object it made, as S3 does (test_s3_multipart_conformance).
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert complete([(1, etags[1])])["ETag"] == done["ETag"]
     gone_calls: list[Callable[[], Any]] = [
         lambda: s3.list_parts(Bucket=bucket, Key=key, UploadId=uid),
         lambda: s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=uid),
-        lambda: complete([(1, etags[1])]),
         lambda: s3.upload_part(Bucket=bucket, Key=key, UploadId=uid, PartNumber=1, Body=b"x"),
     ]
     for call in gone_calls:
@@ -341,11 +342,20 @@ def test_another_tenant_cannot_touch_a_kv_upload(s3: Any, s3_cluster_fixture: In
             Bucket=bucket, Key=key, UploadId=uid, MultipartUpload=parts
         ),
         lambda: other.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=uid),
+        lambda: other.upload_part_copy(
+            Bucket=bucket, Key=key, UploadId=uid, PartNumber=2, CopySource=f"{bucket}/{key}"
+        ),
     ]
     for call in denied_calls:
         with pytest.raises(ClientError) as denied:
             call()
         assert _code(denied) == ("AccessDenied", 403)
+    # The owner's UploadPartCopy: NotImplemented, as CopyObject (the source never looked at).
+    with pytest.raises(ClientError) as copy:
+        s3.upload_part_copy(
+            Bucket=bucket, Key=key, UploadId=uid, PartNumber=2, CopySource="nowhere/at-all"
+        )
+    assert _code(copy) == ("NotImplemented", 501)
     listed = s3.list_parts(Bucket=bucket, Key=key, UploadId=uid)["Parts"]
     assert [(p["PartNumber"], p["ETag"]) for p in listed] == [(1, etag)]  # untouched
     s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=uid, MultipartUpload=parts)

@@ -1,6 +1,7 @@
 """Multipart behaviours as S3 has them, with boto3 against a real dev cluster: Complete sent
-again answers the completed object, GetObject/HeadObject of one part (`partNumber`), and the
-pagination of ListParts and ListMultipartUploads. Every read compares bytes."""
+again answers the completed object (on both bucket kinds), GetObject/HeadObject of one part
+(`partNumber`), and the pagination of ListParts and ListMultipartUploads. Every read compares
+bytes."""
 
 from __future__ import annotations
 
@@ -59,6 +60,20 @@ def _upload(
     return uid, done
 
 
+def _create_bucket(s3: Any, bucket: str, kind: str) -> None:
+    """An erasure-coded bucket, or a KV bucket (CreateBucket with x-kvtier-bucket-kind: kv)."""
+
+    def kv_kind(request: Any, **_: Any) -> None:
+        request.headers["x-kvtier-bucket-kind"] = "kv"
+
+    if kind == "kv":
+        s3.meta.events.register("before-sign.s3.CreateBucket", kv_kind)
+    try:
+        s3.create_bucket(Bucket=bucket)
+    finally:
+        s3.meta.events.unregister("before-sign.s3.CreateBucket", kv_kind)
+
+
 def _complete(s3: Any, bucket: str, key: str, uid: str, parts: list[Any]) -> Any:
     return s3.complete_multipart_upload(
         Bucket=bucket, Key=key, UploadId=uid, MultipartUpload={"Parts": parts}
@@ -68,65 +83,68 @@ def _complete(s3: Any, bucket: str, key: str, uid: str, parts: list[Any]) -> Any
 # 1. CompleteMultipartUpload sent again.
 
 
-def test_complete_again_answers_the_completed_object(s3: Any, other: Any) -> None:
-    s3.create_bucket(Bucket="mp-again")
+@pytest.mark.parametrize("kind", ["objects", "kv"])
+def test_complete_again_answers_the_completed_object(s3: Any, other: Any, kind: str) -> None:
+    """The same on both bucket kinds (one handler, through the bucket's object layer)."""
+    bucket = "mp-again" if kind == "objects" else "mp-again-kv"
+    _create_bucket(s3, bucket, kind)
     first, last = _data(1, 5 * MIB), _data(2, 1000)
-    uid, parts = _upload(s3, "mp-again", "k", {1: first, 2: last})
-    done = _complete(s3, "mp-again", "k", uid, parts)
+    uid, parts = _upload(s3, bucket, "k", {1: first, 2: last})
+    done = _complete(s3, bucket, "k", uid, parts)
     assert done["ETag"].endswith('-2"')
     fields = ("ETag", "Location", "Bucket", "Key")
 
     # A retry (the reply was lost): 200 and the same answer, the object untouched.
-    again = _complete(s3, "mp-again", "k", uid, parts)
+    again = _complete(s3, bucket, "k", uid, parts)
     assert again["ResponseMetadata"]["HTTPStatusCode"] == 200
     assert {f: again[f] for f in fields} == {f: done[f] for f in fields}
     # Another parts list on the retry: S3 still answers the completed upload.
-    fewer = _complete(s3, "mp-again", "k", uid, parts[:1])
+    fewer = _complete(s3, bucket, "k", uid, parts[:1])
     assert {f: fewer[f] for f in fields} == {f: done[f] for f in fields}
-    got = s3.get_object(Bucket="mp-again", Key="k")
+    got = s3.get_object(Bucket=bucket, Key="k")
     assert (got["ETag"], _sha(got["Body"].read())) == (done["ETag"], _sha(first + last))
     # The upload itself is gone: ListParts and Abort know nothing of it.
     with pytest.raises(ClientError) as listed:
-        s3.list_parts(Bucket="mp-again", Key="k", UploadId=uid)
+        s3.list_parts(Bucket=bucket, Key="k", UploadId=uid)
     assert _code(listed) == ("NoSuchUpload", 404)
-    assert s3.list_multipart_uploads(Bucket="mp-again").get("Uploads", []) == []
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
     # Another tenant may not learn anything from a retry.
     with pytest.raises(ClientError) as denied:
-        _complete(other, "mp-again", "k", uid, parts)
+        _complete(other, bucket, "k", uid, parts)
     assert _code(denied) == ("AccessDenied", 403)
 
     # A later upload of the key completes: the first one's retry is NoSuchUpload now.
-    uid2, parts2 = _upload(s3, "mp-again", "k", {1: last})
-    done2 = _complete(s3, "mp-again", "k", uid2, parts2)
+    uid2, parts2 = _upload(s3, bucket, "k", {1: last})
+    done2 = _complete(s3, bucket, "k", uid2, parts2)
     with pytest.raises(ClientError) as replaced:
-        _complete(s3, "mp-again", "k", uid, parts)
+        _complete(s3, bucket, "k", uid, parts)
     assert _code(replaced) == ("NoSuchUpload", 404)
-    assert _complete(s3, "mp-again", "k", uid2, parts2)["ETag"] == done2["ETag"]
+    assert _complete(s3, bucket, "k", uid2, parts2)["ETag"] == done2["ETag"]
 
     # Overwritten by a PUT, or deleted: NoSuchUpload.
-    s3.put_object(Bucket="mp-again", Key="k", Body=b"plain")
+    s3.put_object(Bucket=bucket, Key="k", Body=b"plain")
     with pytest.raises(ClientError) as overwritten:
-        _complete(s3, "mp-again", "k", uid2, parts2)
+        _complete(s3, bucket, "k", uid2, parts2)
     assert _code(overwritten) == ("NoSuchUpload", 404)
-    uid3, parts3 = _upload(s3, "mp-again", "gone", {1: last})
-    _complete(s3, "mp-again", "gone", uid3, parts3)
-    s3.delete_object(Bucket="mp-again", Key="gone")
+    uid3, parts3 = _upload(s3, bucket, "gone", {1: last})
+    _complete(s3, bucket, "gone", uid3, parts3)
+    s3.delete_object(Bucket=bucket, Key="gone")
     with pytest.raises(ClientError) as deleted:
-        _complete(s3, "mp-again", "gone", uid3, parts3)
+        _complete(s3, bucket, "gone", uid3, parts3)
     assert _code(deleted) == ("NoSuchUpload", 404)
     # The upload id names one key: the same id on another key is no upload.
     with pytest.raises(ClientError) as elsewhere:
-        _complete(s3, "mp-again", "other-key", uid, parts)
+        _complete(s3, bucket, "other-key", uid, parts)
     assert _code(elsewhere) == ("NoSuchUpload", 404)
     # An aborted upload stays unknown.
-    uid4, parts4 = _upload(s3, "mp-again", "aborted", {1: last})
-    s3.abort_multipart_upload(Bucket="mp-again", Key="aborted", UploadId=uid4)
+    uid4, parts4 = _upload(s3, bucket, "aborted", {1: last})
+    s3.abort_multipart_upload(Bucket=bucket, Key="aborted", UploadId=uid4)
     with pytest.raises(ClientError) as aborted:
-        _complete(s3, "mp-again", "aborted", uid4, parts4)
+        _complete(s3, bucket, "aborted", uid4, parts4)
     assert _code(aborted) == ("NoSuchUpload", 404)
     with pytest.raises(ClientError) as missing:
-        s3.head_object(Bucket="mp-again", Key="aborted")
+        s3.head_object(Bucket=bucket, Key="aborted")
     assert _code(missing)[1] == 404
 
 

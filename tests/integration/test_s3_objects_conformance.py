@@ -245,6 +245,65 @@ def test_chunked_put_into_another_tenants_bucket_is_denied(
     assert _code(missing)[1] == 404
 
 
+#: The largest KV object (services/gateway/s3/kv_layout.py MAX_KV_OBJECT_BYTES).
+MAX_KV_OBJECT = 64 * MIB
+
+
+def test_put_with_plain_chunked_body_into_a_kv_bucket(
+    s3: Any,
+    s3_cluster_fixture: Info,  # noqa: F811
+    alice: tuple[str, str],
+    kv_bucket: str,
+) -> None:
+    """The body streams into the object's blocks as it comes: exactly the maximum is stored,
+    one byte more is EntityTooLarge (counted while streaming) and stores nothing."""
+    info = s3_cluster_fixture
+    biggest = _data(5, MAX_KV_OBJECT + 1)
+    most = biggest[:MAX_KV_OBJECT]
+    status, body = _chunked_put(info, alice, f"/{kv_bucket}/chunked-max", most, "UNSIGNED-PAYLOAD")
+    assert status == 200, body
+    got = s3.get_object(Bucket=kv_bucket, Key="chunked-max")
+    assert got["ETag"] == f'"{hashlib.md5(most).hexdigest()}"'
+    assert hashlib.sha256(got["Body"].read()).digest() == hashlib.sha256(most).digest()
+    for key in ("chunked-max", "chunked-over"):  # an overwrite, a new key: nothing stored
+        status, body = _chunked_put(info, alice, f"/{kv_bucket}/{key}", biggest, "UNSIGNED-PAYLOAD")
+        assert status == 400
+        assert b"<Code>EntityTooLarge</Code>" in body
+    again = s3.get_object(Bucket=kv_bucket, Key="chunked-max", Range="bytes=-100")
+    assert again["Body"].read() == most[-100:]
+    with pytest.raises(ClientError) as absent:
+        s3.head_object(Bucket=kv_bucket, Key="chunked-over")
+    assert _code(absent)[1] == 404
+    small = _data(6, 3 * MIB + 11)  # more than the first read, across the pieces
+    signed = hashlib.sha256(small).hexdigest()
+    status, body = _chunked_put(info, alice, f"/{kv_bucket}/chunked-small", small, signed)
+    assert status == 200, body
+    assert s3.get_object(Bucket=kv_bucket, Key="chunked-small")["Body"].read() == small
+    status, body = _chunked_put(info, alice, f"/{kv_bucket}/chunked-small", small[1:], signed)
+    assert status == 400
+    assert b"<Code>XAmzContentSHA256Mismatch</Code>" in body
+    assert s3.get_object(Bucket=kv_bucket, Key="chunked-small")["Body"].read() == small
+    status, _ = _chunked_put(info, alice, f"/{kv_bucket}/chunked-empty", b"", "UNSIGNED-PAYLOAD")
+    assert status == 200
+    assert s3.get_object(Bucket=kv_bucket, Key="chunked-empty")["Body"].read() == b""
+
+
+def test_chunked_put_into_another_tenants_kv_bucket_is_denied(
+    s3: Any,
+    s3_cluster_fixture: Info,  # noqa: F811
+    kv_bucket: str,
+) -> None:
+    info = s3_cluster_fixture
+    intruder = s3_cluster.add_user(info, "conf-kv-intruder")
+    path = f"/{kv_bucket}/theirs"
+    status, body = _chunked_put(info, intruder, path, b"x" * 100, "UNSIGNED-PAYLOAD")
+    assert status == 403
+    assert b"<Code>AccessDenied</Code>" in body
+    with pytest.raises(ClientError) as missing:
+        s3.head_object(Bucket=kv_bucket, Key="theirs")
+    assert _code(missing)[1] == 404
+
+
 # 4. Expect: 100-continue is answered only once the signature holds.
 
 

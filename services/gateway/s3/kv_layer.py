@@ -11,11 +11,10 @@ InvalidArgument with reason NotImplemented.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from kvtier import errors, kv
 from kvtier.proto.common.v1 import acl_pb2
@@ -28,8 +27,6 @@ from services.gateway.s3 import kv_clients, kv_layout, kv_multipart
 
 log = logging.getLogger(__name__)
 
-#: Bodies hashed on the event loop below this size (a thread hop would cost more).
-_INLINE_DIGEST_BYTES = 256 << 10
 #: Key prefixes of a KV bucket's blocks that belong to multipart uploads, not to objects
 #: (parts first: a record outlives its parts).
 _UPLOAD_PREFIXES = (kv_layout.PART_PREFIX, kv_layout.UPLOAD_PREFIX)
@@ -111,6 +108,16 @@ class KVLayer:
             raise errors.InvalidArgument(f"bucket {name} is not a KV bucket")
         return info, await self.clients.client(info)
 
+    def _ttl_s(
+        self, info: metadata_pb2.BucketInfo, key: str, size: int, tags: Mapping[str, str]
+    ) -> float | None:
+        """The TTL the bucket's lifecycle rules give an object written now (None: none)."""
+        if not info.lifecycle.rules:
+            return None
+        return lifecycle.kv_ttl_s(
+            info.lifecycle, key, size, dict(tags), now_s=time.time(), day_s=self.lifecycle_day_s
+        )
+
     async def head(self, bucket: str, key: str, version_id: str = "") -> pb.ObjectInfo:
         """The object's info, from its metadata block (its S3 checksums only)."""
         return KVReader(await self._stored(bucket, key, version_id), None).info
@@ -139,42 +146,29 @@ class KVLayer:
     async def put(
         self, req: pb.BeginPutRequest, body: objectlayer.PutBody, *, md5: bool = True
     ) -> pb.ObjectInfo:
-        """Read the body (body.size bytes: MissingContentLength when unknown, EntityTooLarge
-        past `kv_layout.MAX_KV_OBJECT_BYTES`, before any byte) into the object's blocks,
-        check its digests (DigestMismatch), then store it: the data blocks, then the metadata
-        block (claimed first with if_none_match: PreconditionFailed when taken); the blocks
-        live as long as the bucket's lifecycle rules say. The ETag is the MD5 unless not md5
-        (the body's trailing checksum vouched for it: `kv_layout.version_etag`)."""
-        if body.size < 0:  # the blocks are sized before the body comes
-            raise errors.InvalidArgument(
-                "You must provide the Content-Length.", reason="MissingContentLength"
-            )
-        if body.size > kv_layout.MAX_KV_OBJECT_BYTES:
-            raise errors.InvalidArgument(
-                f"KV bucket objects hold {kv_layout.MAX_KV_OBJECT_BYTES} bytes at most",
-                reason="EntityTooLarge",
-            )
+        """Read the body into the object's blocks (`kv_layout.receive`: body.size bytes, or
+        for a plain HTTP chunked body as many as come; EntityTooLarge past
+        `kv_layout.MAX_KV_OBJECT_BYTES`, before any byte for a known size, once it is passed
+        for a chunked one), check its digests (DigestMismatch), then store it: the data blocks,
+        then the metadata block (claimed first with if_none_match: PreconditionFailed when
+        taken); the blocks live as long as the bucket's lifecycle rules say. The ETag is the
+        MD5 unless not md5 (the body's trailing checksum vouched for it:
+        `kv_layout.version_etag`)."""
+        most = kv_layout.MAX_KV_OBJECT_BYTES
+        if body.size > most:
+            raise kv_layout.too_large(most)
         info, client = await self.bucket(req.bucket)
-        blob = kv_layout.Blob(req.size)
-        for piece in blob.pieces():
-            await body.fill(piece)
-        expected = dict(req.expected_checksums)
-        for name, value in (await body.finish()).items():
-            if name.lower().startswith(objectlayer.CHECKSUM_TRAILER):
-                expected[name[len(objectlayer.CHECKSUM_TRAILER) :].upper()] = value
-        etag, sums = await _digests(blob, req, expected, md5=md5 or bool(req.expected_md5))
+        blob, etag, sums = await kv_layout.receive(
+            body, most=most, algorithms=req.checksum_algorithms,
+            expected=req.expected_checksums, expected_md5=req.expected_md5, md5=md5,
+        )  # fmt: skip
         stored = pb.ObjectInfo(
-            bucket=req.bucket, key=req.key, size=req.size,
+            bucket=req.bucket, key=req.key, size=blob.size,
             etag=etag if md5 else kv_layout.version_etag(blob),
             mtime_unix_ms=int(time.time() * 1000), headers=req.headers, parts=1,
             checksums=sums,  # kept for GET / HEAD with x-amz-checksum-mode: ENABLED
         )  # fmt: skip
-        ttl_s = None
-        if info.lifecycle.rules:
-            ttl_s = lifecycle.kv_ttl_s(
-                info.lifecycle, req.key, req.size, dict(req.headers.tags),
-                now_s=time.time(), day_s=self.lifecycle_day_s,
-            )  # fmt: skip
+        ttl_s = self._ttl_s(info, req.key, blob.size, req.headers.tags)
         await kv_layout.store_object(
             client, req.key, blob, stored, if_none_match=req.if_none_match, ttl_s=ttl_s
         )
@@ -257,10 +251,44 @@ class KVLayer:
             upload_id=await kv_multipart.create_upload(client, req)
         )
 
+    async def upload_part(
+        self,
+        req: pb.BeginUploadPartRequest,
+        body: objectlayer.PutBody,
+        *,
+        checksum_algorithms: Sequence[str] = (),
+    ) -> pb.PartInfo:
+        """The part's blocks (`kv_multipart.upload_part`: NoSuchUpload, EntityTooLarge past
+        `kv_layout.MAX_KV_OBJECT_BYTES`, DigestMismatch)."""
+        _, client = await self.bucket(req.bucket)
+        return await kv_multipart.upload_part(client, req, body, checksum_algorithms)
+
+    async def copy_part(self, req: pb.UploadPartCopyRequest) -> pb.UploadPartCopyResponse:
+        """NotImplemented (as CopyObject)."""
+        raise _not_implemented("UploadPartCopy")
+
+    async def complete_multipart(
+        self, req: pb.CompleteMultipartUploadRequest
+    ) -> pb.CompleteMultipartUploadResponse:
+        """The listed parts assembled into one object (`kv_multipart.complete`), which lives
+        as long as the bucket's lifecycle rules say."""
+        info, client = await self.bucket(req.bucket)
+
+        def ttl_s(size: int, tags: Mapping[str, str]) -> float | None:
+            return self._ttl_s(info, req.key, size, tags)
+
+        done = await kv_multipart.complete(client, req, ttl_s)
+        return pb.CompleteMultipartUploadResponse(object=done)
+
     async def abort_multipart(self, req: pb.AbortMultipartUploadRequest) -> None:
         """Delete the upload's blocks (NoSuchUpload when unknown, or of another key)."""
         _, client = await self.bucket(req.bucket)
         await kv_multipart.abort_upload(client, req.upload_id, req.key)
+
+    async def list_parts(self, req: pb.ListPartsRequest) -> pb.ListPartsResponse:
+        """A page of the upload's parts (`kv_multipart.list_parts`)."""
+        _, client = await self.bucket(req.bucket)
+        return await kv_multipart.list_parts(client, req)
 
     async def list_uploads(
         self, req: pb.ListMultipartUploadsRequest
@@ -309,26 +337,6 @@ def start_after(req: pb.ListObjectsRequest) -> bytes:
         raise errors.InvalidArgument(
             "The continuation token provided is incorrect", reason="InvalidArgument"
         ) from None
-
-
-async def _digests(
-    blob: kv_layout.Blob, req: pb.BeginPutRequest, expected: dict[str, str], *, md5: bool
-) -> tuple[str, dict[str, str]]:
-    """(hex MD5, '' unless md5; {algorithm: base64}) of a body, checked against the request's
-    Content-MD5 and the expected checksums (DigestMismatch)."""
-    names = sorted({*(a.upper() for a in req.checksum_algorithms if a), *expected})
-    if blob.size < _INLINE_DIGEST_BYTES:
-        etag, sums, _ = kv_layout.digests(blob.pieces(), names, False, md5)
-    else:
-        etag, sums, _ = await asyncio.to_thread(kv_layout.digests, blob.pieces(), names, False, md5)
-    if req.expected_md5 and req.expected_md5.lower() != etag:
-        raise errors.DigestMismatch("The Content-MD5 you specified did not match.", algorithm="MD5")
-    for name, value in expected.items():
-        if sums.get(name) != value:
-            raise errors.DigestMismatch(
-                f"The {name} you specified did not match the calculated checksum.", algorithm=name
-            )
-    return etag, sums
 
 
 async def _holds_objects(client: kv.AsyncKVClient) -> bool:

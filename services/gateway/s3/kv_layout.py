@@ -21,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from kvtier import checksums, errors, kv
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
-from services.gateway.s3 import object_ops, s3errors, s3request
+from services.gateway import objectlayer
+from services.gateway.s3 import s3errors
 
 #: The largest KV object, the S3 body of a PUT or of a completed multipart upload.
 MAX_KV_OBJECT_BYTES = 64 << 20
@@ -44,8 +45,14 @@ PART_PREFIX = b"\x00p\x00"
 _VERSION = "VERSION"
 #: The part sizes of a completed upload, in its metadata block ("size,size,...").
 _PART_SIZES = "PART_SIZES"
+#: The upload a completed object was made by, in its metadata block (a Complete sent again).
+_UPLOAD = "UPLOAD"
+#: What a metadata block's checksums hold that is no S3 checksum.
+_INTERNAL = frozenset({_VERSION, _PART_SIZES, _UPLOAD})
 _GET_ATTEMPTS = 4
 _INLINE_DIGEST_BYTES = 256 << 10
+#: The first read of a body of unknown length (the blocks then double as it keeps coming).
+_FIRST_READ_BYTES = 1 << 20
 
 
 class Blob:
@@ -60,6 +67,22 @@ class Blob:
             self.blocks.append(bytearray(VERSION_BYTES + size - HEAD_BYTES))
         for block in self.blocks:
             block[:VERSION_BYTES] = self.version
+
+    def resize(self, size: int) -> None:
+        """Make the blob size bytes long, the bytes it holds kept (up to size); no view of its
+        blocks may be alive (BufferError)."""
+        if size > HEAD_BYTES and len(self.blocks) == 1:
+            self.blocks.append(bytearray(self.version))
+        elif size <= HEAD_BYTES:
+            del self.blocks[1:]
+        lengths = (min(size, HEAD_BYTES), size - HEAD_BYTES)
+        for block, length in zip(self.blocks, lengths[: len(self.blocks)], strict=True):
+            want = VERSION_BYTES + length
+            if len(block) < want:
+                block += bytes(want - len(block))
+            else:
+                del block[want:]
+        self.size = size
 
     def pieces(self, first: int = 0, last: int | None = None) -> list[memoryview]:
         """The bytes first..last (inclusive; default: all) as views into the blocks."""
@@ -119,12 +142,6 @@ def stored(status: kv.PutStatus) -> None:
         raise s3errors.S3Error("ServiceUnavailable", f"the KV tier refused the block: {status}")
 
 
-async def client_of(s3: s3request.Door, req: s3request.S3Request) -> kv.AsyncKVClient:
-    """The KV client of the request's bucket (whose ownership the server checked)."""
-    info = await s3.front.bucket_info(req.bucket)
-    return await s3.kv_buckets.client(info)
-
-
 async def read_info(client: kv.AsyncKVClient, key: bytes) -> pb.ObjectInfo | None:
     """A metadata block (of an object or a part), None when absent."""
     (info,) = await read_infos(client, [key])
@@ -151,13 +168,23 @@ def encode_info(info: pb.ObjectInfo, blob: Blob) -> bytes:
 
 
 def public_checksums(info: pb.ObjectInfo) -> dict[str, str]:
-    """The S3 checksums of a metadata block (without the version id and part sizes)."""
-    return {k: v for k, v in info.checksums.items() if k not in (_VERSION, _PART_SIZES)}
+    """The S3 checksums of a metadata block (without the version id, part sizes, upload id)."""
+    return {k: v for k, v in info.checksums.items() if k not in _INTERNAL}
 
 
 def keep_part_sizes(info: pb.ObjectInfo, sizes: Sequence[int]) -> None:
     """Record a completed upload's part sizes in its metadata block (for `part_span`)."""
     info.checksums[_PART_SIZES] = ",".join(str(size) for size in sizes)
+
+
+def keep_upload_id(info: pb.ObjectInfo, upload_id: str) -> None:
+    """Record in a completed upload's metadata block which upload made it."""
+    info.checksums[_UPLOAD] = upload_id
+
+
+def completed_upload(info: pb.ObjectInfo) -> str:
+    """The id of the upload an object was completed from ('' for any other object)."""
+    return info.checksums.get(_UPLOAD, "")
 
 
 def part_span(info: pb.ObjectInfo, number: int) -> tuple[int, int] | None:
@@ -250,41 +277,88 @@ def version_etag(blob: Blob) -> str:
 
 
 async def receive(
-    req: s3request.S3Request, blob: Blob, algorithms: Sequence[str] = (), *, md5: bool = True
-) -> tuple[str, dict[str, str]]:
-    """Read the request's body into blob and check it: (hex MD5, '' when not `md5`;
-    {algorithm: base64}) of the checksums the request sent or announced and of `algorithms`.
-    Raises InvalidDigest, BadDigest, XAmzContentSHA256Mismatch, IncompleteBody,
-    InvalidRequest."""
-    content_md5 = object_ops.content_md5(req)
-    wanted, expected = object_ops.checksum_request(req)
-    for piece in blob.pieces():
-        await req.payload.fill(piece)
-    trailers = await req.payload.finish()
-    for name, value in trailers.items():
-        if name.lower().startswith(object_ops.CHECKSUM_HEADER):
-            expected[name[len(object_ops.CHECKSUM_HEADER) :].upper()] = value
-    names = sorted({*wanted, *expected, *(a.upper() for a in algorithms if a)})
-    signed = bool(req.payload.sha256_hex)
+    body: objectlayer.PutBody,
+    *,
+    most: int,
+    algorithms: Sequence[str] = (),
+    expected: Mapping[str, str] | None = None,
+    expected_md5: str = "",
+    md5: bool = True,
+) -> tuple[Blob, str, dict[str, str]]:
+    """Read a PUT's or a part's body into a blob (`read_body`) and check it: (the blob, its hex
+    MD5, '' unless md5 or expected_md5; {algorithm: base64} of algorithms, of the expected
+    checksums and of the body's trailing ones). Raises InvalidArgument (EntityTooLarge) and
+    DigestMismatch (MD5 or the algorithm's name), before any block is stored."""
+    blob = await read_body(body, most)
+    wanted = dict(expected or {})
+    for name, value in (await body.finish()).items():
+        if name.lower().startswith(objectlayer.CHECKSUM_TRAILER):
+            wanted[name[len(objectlayer.CHECKSUM_TRAILER) :].upper()] = value
+    names = sorted({*(a.upper() for a in algorithms if a), *wanted})
+    with_md5 = md5 or bool(expected_md5)
     if blob.size < _INLINE_DIGEST_BYTES:  # a thread hop would cost more than the hashing
-        etag, sums, sha256 = digests(blob.pieces(), names, signed, md5 or bool(content_md5))
+        etag, sums, _ = digests(blob.pieces(), names, False, with_md5)
     else:
-        etag, sums, sha256 = await asyncio.to_thread(
-            digests, blob.pieces(), names, signed, md5 or bool(content_md5)
-        )
-    if content_md5 and content_md5 != etag:
-        raise s3errors.S3Error("BadDigest", "The Content-MD5 you specified did not match.")
-    if signed and sha256 != req.payload.sha256_hex.lower():
-        raise s3errors.S3Error(
-            "XAmzContentSHA256Mismatch",
-            "The provided 'x-amz-content-sha256' header does not match what was computed.",
-        )
-    for name, value in expected.items():
+        etag, sums, _ = await asyncio.to_thread(digests, blob.pieces(), names, False, with_md5)
+    if expected_md5 and expected_md5.lower() != etag:
+        raise errors.DigestMismatch("The Content-MD5 you specified did not match.", algorithm="MD5")
+    for name, value in wanted.items():
         if sums.get(name) != value:
-            raise s3errors.S3Error(
-                "BadDigest", f"The {name} you specified did not match the calculated checksum."
+            raise errors.DigestMismatch(
+                f"The {name} you specified did not match the calculated checksum.", algorithm=name
             )
-    return etag, sums
+    return blob, etag, sums
+
+
+def too_large(most: int) -> errors.InvalidArgument:
+    """S3's error for a body over a KV bucket's limit."""
+    return errors.InvalidArgument(
+        f"Your proposed upload exceeds the maximum allowed size: a KV bucket's objects and "
+        f"parts hold {most} bytes at most",
+        reason="EntityTooLarge",
+    )
+
+
+async def read_body(body: objectlayer.PutBody, most: int) -> Blob:
+    """A body's bytes in a blob's blocks: body.size of them (IncompleteBody when it ends
+    first), or for a body of unknown length (body.size -1: plain HTTP chunked) as many as
+    come, the blocks growing as they do; over most bytes either way is InvalidArgument
+    (EntityTooLarge), before any block is stored."""
+    if body.size > most:
+        raise too_large(most)
+    if body.size >= 0:
+        blob = Blob(body.size)
+        for piece in blob.pieces():
+            await body.fill(piece)
+        return blob
+    blob, size = Blob(0), 0
+    while size < most:
+        target = min(max(2 * size, _FIRST_READ_BYTES), most)
+        blob.resize(target)
+        size += await _fill(body, blob, size, target)
+        if size < target:  # the body ended
+            blob.resize(size)
+            return blob
+    if not await body.at_end():
+        raise too_large(most)
+    return blob
+
+
+async def _fill(body: objectlayer.PutBody, blob: Blob, first: int, end: int) -> int:
+    """Fill bytes first..end (exclusive) of blob from body as far as it goes; how many."""
+    got, offset = 0, 0
+    for block in blob.blocks:
+        length = len(block) - VERSION_BYTES
+        lo, hi = max(first - offset, 0), min(end - offset, length)
+        offset += length
+        if lo >= hi:
+            continue
+        with memoryview(block) as whole:  # released before the blocks grow again
+            n = await body.fill_to_end(whole[VERSION_BYTES + lo : VERSION_BYTES + hi])
+        got += n
+        if n < hi - lo:
+            break
+    return got
 
 
 def digests(
@@ -305,8 +379,3 @@ def digests(
     sums = {name: checksums.b64(h.digest()) for name, h in hashers.items()}
     etag = md5.hexdigest() if md5 is not None else ""
     return etag, sums, sha256.hexdigest() if sha256 is not None else ""
-
-
-def checksum_headers(sums: dict[str, str]) -> dict[str, str]:
-    """The x-amz-checksum-* response headers of an upload's checksums."""
-    return {f"{object_ops.CHECKSUM_HEADER}{n.lower()}": v for n, v in sums.items()}

@@ -1,6 +1,8 @@
 """Multipart uploads on KV buckets: CreateMultipartUpload, UploadPart, CompleteMultipartUpload,
-AbortMultipartUpload, ListParts and ListMultipartUploads with S3's semantics and errors
-(UploadPartCopy is NotImplemented, as CopyObject is on KV buckets).
+AbortMultipartUpload, ListParts and ListMultipartUploads with S3's semantics and errors, in
+domain terms (requests and replies of `objects_pb2`, `kvtier.errors` whose reason is the S3
+code) for `kv_layer.KVLayer`: the S3 handlers (`multipart_ops`) are those of every bucket.
+UploadPartCopy is NotImplemented, as CopyObject is on KV buckets (`KVLayer.copy_part`).
 
 Design: parts are staged as KV blocks of the bucket's namespace under upload-scoped keys
 (`kv_layout`: a record block per upload, a data, tail and metadata block per part), and
@@ -13,8 +15,10 @@ Staged blocks live UPLOAD_TTL_S after their put (the record restarts its TTL at 
 UploadPart), so an abandoned upload's parts free their DRAM and their tenant's quota: an upload
 has that long between parts and until Complete. They are ordinary blocks: under memory pressure
 they may be evicted sooner, and a part that is gone makes Complete fail with InvalidPart (upload
-it again). Who may use an upload is who may use its bucket: the server checks the bucket's
-tenant before any of these run, and upload ids name blocks in that tenant's namespace only.
+it again). A Complete sent again answers the object it made while that is the key's current
+object: the object's metadata block records the upload's id (`kv_layout.keep_upload_id`).
+Who may use an upload is who may use its bucket: the layer checks the bucket's tenant before
+any of these run, and upload ids name blocks in that tenant's namespace only.
 """
 
 from __future__ import annotations
@@ -23,20 +27,12 @@ import itertools
 import re
 import secrets
 import time
-
-from aiohttp import web
+from collections.abc import Callable, Mapping, Sequence
 
 from kvtier import errors, kv
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
-from services.gateway import listing, multipart
-from services.gateway.s3 import (
-    kv_layout,
-    lifecycle_ops,
-    params,
-    s3errors,
-    s3request,
-    xmlio,
-)
+from services.gateway import listing, multipart, objectlayer
+from services.gateway.s3 import kv_layout
 
 #: How long staged blocks of an upload live without activity.
 UPLOAD_TTL_S = 3600.0
@@ -44,15 +40,6 @@ UPLOAD_TTL_S = 3600.0
 MIN_PART_BYTES = 5 << 20
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 _PAGE = 1000
-XML = "application/xml"
-
-
-def _xml(data: bytes) -> web.Response:
-    return web.Response(body=data, content_type=XML)
-
-
-def _no_such_upload() -> s3errors.S3Error:
-    return s3errors.S3Error("NoSuchUpload", "The specified upload does not exist.")
 
 
 def _new_upload_id() -> str:
@@ -62,16 +49,6 @@ def _new_upload_id() -> str:
 
 def _initiated_ms(upload_id: str) -> int:
     return int(upload_id[:16], 16) // 1_000_000
-
-
-async def _record(
-    client: kv.AsyncKVClient, req: s3request.S3Request
-) -> pb.CreateMultipartUploadRequest:
-    """The request's upload (NoSuchUpload unless it exists, for this key)."""
-    try:
-        return await upload_record(client, req.query.get("uploadId", ""), req.key)
-    except errors.NotFound:
-        raise _no_such_upload() from None
 
 
 async def upload_record(
@@ -107,82 +84,84 @@ async def abort_upload(client: kv.AsyncKVClient, upload_id: str, key: str) -> No
     await _discard(client, upload_id)
 
 
-def _part_number(req: s3request.S3Request) -> int:
-    number = params.uint(req.query.get("partNumber", ""))
-    if number is None or not 1 <= number <= multipart.MAX_PART_NUMBER:
-        raise s3errors.S3Error(
-            "InvalidArgument", "Part number must be an integer between 1 and 10000, inclusive"
-        )
-    return number
+def _invalid_part(message: str) -> errors.InvalidArgument:
+    return errors.InvalidArgument(message, reason="InvalidPart")
 
 
-async def upload_part(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """UploadPart: the part's blocks (at most MAX_KV_OBJECT_BYTES: no object could hold more)."""
-    if req.header("x-amz-copy-source"):
-        raise s3errors.S3Error("NotImplemented", "UploadPartCopy is not implemented on KV buckets")
-    number = _part_number(req)
-    size = req.payload.size
-    if size < 0:
-        raise s3errors.S3Error("MissingContentLength", "You must provide the Content-Length.")
-    if size > kv_layout.MAX_KV_OBJECT_BYTES:
-        raise s3errors.S3Error(
-            "EntityTooLarge",
-            f"a KV bucket's part holds {kv_layout.MAX_KV_OBJECT_BYTES} bytes at most",
+async def upload_part(
+    client: kv.AsyncKVClient,
+    req: pb.BeginUploadPartRequest,
+    body: objectlayer.PutBody,
+    algorithms: Sequence[str] = (),
+) -> pb.PartInfo:
+    """UploadPart: the part's blocks (at most MAX_KV_OBJECT_BYTES, EntityTooLarge before the
+    upload is looked at: no object could hold more), hashed with the upload's checksum
+    algorithm and algorithms, its digests checked (`kv_layout.receive`); the part's info."""
+    if body.size > kv_layout.MAX_KV_OBJECT_BYTES:
+        raise kv_layout.too_large(kv_layout.MAX_KV_OBJECT_BYTES)
+    if not 1 <= req.part_number <= multipart.MAX_PART_NUMBER:
+        raise errors.InvalidArgument(
+            "Part number must be an integer between 1 and 10000, inclusive",
+            reason="InvalidArgument",
         )
-    client = await kv_layout.client_of(s3, req)
-    record = await _record(client, req)
-    blob = kv_layout.Blob(size)
-    etag, sums = await kv_layout.receive(req, blob, [record.checksum_algorithm])
+    record = await upload_record(client, req.upload_id, req.key)
+    blob, etag, sums = await kv_layout.receive(
+        body, most=kv_layout.MAX_KV_OBJECT_BYTES,
+        algorithms=[record.checksum_algorithm, *algorithms],
+        expected=req.expected_checksums, expected_md5=req.expected_md5,
+    )  # fmt: skip
     info = pb.ObjectInfo(
-        bucket=req.bucket, key=req.key, size=size, etag=etag,
+        bucket=req.bucket, key=req.key, size=blob.size, etag=etag,
         mtime_unix_ms=int(time.time() * 1000), checksums=sums,
     )  # fmt: skip
-    upload_id = req.query["uploadId"]
-    data, tail, meta = kv_layout.part_keys(upload_id, number)
+    data, tail, meta = kv_layout.part_keys(req.upload_id, req.part_number)
     encoded = kv_layout.encode_info(info, blob)
     await kv_layout.write_blob(client, (data, tail), blob, ttl_s=UPLOAD_TTL_S)
     (status,) = await client.put_batch([meta], [encoded], overwrite=True, ttl_s=UPLOAD_TTL_S)
     kv_layout.stored(status)
-    await client.touch([kv_layout.record_key(upload_id)])  # the upload is alive: restart its TTL
-    response = web.Response(status=200)
-    response.headers["ETag"] = xmlio.quoted(etag)
-    response.headers.update(kv_layout.checksum_headers(sums))
-    return response
+    await client.touch([kv_layout.record_key(req.upload_id)])  # alive: restart its TTL
+    return pb.PartInfo(
+        part_number=req.part_number, size=blob.size, etag=etag,
+        mtime_unix_ms=info.mtime_unix_ms, checksums=sums,
+    )  # fmt: skip
 
 
 async def _checked_parts(
-    client: kv.AsyncKVClient, upload_id: str, parts: list[tuple[int, str, dict[str, str]]]
+    client: kv.AsyncKVClient, upload_id: str, parts: Sequence[pb.CompletedPart]
 ) -> list[pb.ObjectInfo]:
     """The metadata of the parts a Complete lists, checked as S3 checks them."""
-    numbers = [number for number, _, _ in parts]
+    numbers = [part.part_number for part in parts]
+    if not numbers:
+        raise errors.InvalidArgument(
+            "a multipart upload needs at least a part", reason="MalformedXML"
+        )
     if any(b <= a for a, b in itertools.pairwise(numbers)):
-        raise s3errors.S3Error("InvalidPartOrder", "The list of parts was not in ascending order.")
+        raise errors.InvalidArgument(
+            "The list of parts was not in ascending order.", reason="InvalidPartOrder"
+        )
     infos = await kv_layout.read_infos(
         client, [kv_layout.part_keys(upload_id, n)[2] for n in numbers]
     )
     found: list[pb.ObjectInfo] = []
-    for (number, etag, sums), info in zip(parts, infos, strict=True):
+    for part, info in zip(parts, infos, strict=True):
+        number = part.part_number
         if info is None:
-            raise s3errors.S3Error("InvalidPart", f"Part {number} was not uploaded (or is gone).")
-        if etag.strip('"') != info.etag:
-            raise s3errors.S3Error("InvalidPart", f"Part {number}'s ETag does not match.")
-        for name, value in sums.items():
+            raise _invalid_part(f"Part {number} was not uploaded (or is gone).")
+        if part.etag.strip('"') != info.etag:
+            raise _invalid_part(f"Part {number}'s ETag does not match.")
+        for name, value in part.checksums.items():
             if info.checksums.get(name.upper()) != value:
-                raise s3errors.S3Error("InvalidPart", f"Part {number}'s {name} does not match.")
+                raise _invalid_part(f"Part {number}'s {name} does not match.")
         found.append(info)
     for number, info in zip(numbers[:-1], found[:-1], strict=True):
         if info.size < MIN_PART_BYTES:
-            raise s3errors.S3Error(
-                "EntityTooSmall",
+            raise errors.InvalidArgument(
                 f"Part {number} has {info.size} bytes; all but the last need {MIN_PART_BYTES}.",
+                reason="EntityTooSmall",
             )
     total = sum(info.size for info in found)
     if total > kv_layout.MAX_KV_OBJECT_BYTES:
-        raise s3errors.S3Error(
-            "EntityTooLarge",
-            f"the parts hold {total} bytes; KV bucket objects hold "
-            f"{kv_layout.MAX_KV_OBJECT_BYTES} at most",
-        )
+        raise kv_layout.too_large(kv_layout.MAX_KV_OBJECT_BYTES)
     return found
 
 
@@ -196,7 +175,7 @@ async def _assemble(
         data, tail, _ = kv_layout.part_keys(upload_id, number)
         part = await kv_layout.read_blob(client, (data, tail), info)
         if part is None:
-            raise s3errors.S3Error("InvalidPart", f"Part {number} is gone; upload it again.")
+            raise _invalid_part(f"Part {number} is gone; upload it again.")
         position = offset
         for piece in part.pieces():
             for target in blob.pieces(position, position + len(piece) - 1):
@@ -208,35 +187,75 @@ async def _assemble(
     return blob
 
 
-async def complete(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """CompleteMultipartUpload: the listed parts become the object; the upload is deleted."""
-    listed = xmlio.parse_complete(await req.payload.read_all(xmlio.MAX_BODY_BYTES))
-    client = await kv_layout.client_of(s3, req)
-    record = await _record(client, req)
-    upload_id = req.query["uploadId"]
-    infos = await _checked_parts(client, upload_id, listed)
-    numbers = [number for number, _, _ in listed]
-    blob = await _assemble(client, upload_id, numbers, infos)
+#: The TTL of an object written now, of (size, tags) (None: none; the bucket's lifecycle).
+TTL = Callable[[int, Mapping[str, str]], float | None]
+
+
+async def complete(
+    client: kv.AsyncKVClient, req: pb.CompleteMultipartUploadRequest, ttl_s: TTL
+) -> pb.ObjectInfo:
+    """CompleteMultipartUpload: the listed parts become the object (its info, S3 checksums
+    only), then the upload is deleted. An upload completed already answers the object it made
+    while that is the key's current object, whatever parts are listed (as S3: a client retrying
+    after a lost reply); else NoSuchUpload."""
+    try:
+        record = await upload_record(client, req.upload_id, req.key)
+        return await _complete(client, req, record, ttl_s)
+    except (errors.NotFound, errors.InvalidArgument) as exc:
+        # No record: completed (or aborted, or never there). InvalidPart: a part vanished
+        # under us, which is what a Complete racing another one of the same upload sees.
+        if isinstance(exc, errors.InvalidArgument) and exc.reason != "InvalidPart":
+            raise
+        done = await completed(client, req.key, req.upload_id)
+        if done is None:
+            raise
+        return done
+
+
+async def _complete(
+    client: kv.AsyncKVClient,
+    req: pb.CompleteMultipartUploadRequest,
+    record: pb.CreateMultipartUploadRequest,
+    ttl_s: TTL,
+) -> pb.ObjectInfo:
+    infos = await _checked_parts(client, req.upload_id, req.parts)
+    numbers = [part.part_number for part in req.parts]
+    blob = await _assemble(client, req.upload_id, numbers, infos)
     info = pb.ObjectInfo(
         bucket=req.bucket, key=req.key, size=blob.size,
         etag=multipart.multipart_etag([i.etag for i in infos]),
         mtime_unix_ms=int(time.time() * 1000), headers=record.headers, parts=len(infos),
     )  # fmt: skip
-    kv_layout.keep_part_sizes(info, [i.size for i in infos])  # GetObject's partNumber
     algorithm = record.checksum_algorithm
     if algorithm and all(algorithm in i.checksums for i in infos):
         info.checksums[algorithm] = multipart.composite_checksum(
             algorithm, [i.checksums[algorithm] for i in infos]
         )
-    if_none_match = req.header("If-None-Match") == "*"
-    ttl_s = await lifecycle_ops.kv_ttl_s(s3, req, blob.size, dict(record.headers.tags))
+    public = dict(info.checksums)
+    kv_layout.keep_part_sizes(info, [i.size for i in infos])  # GetObject's partNumber
+    kv_layout.keep_upload_id(info, req.upload_id)  # Complete sent again answers it
     await kv_layout.store_object(
-        client, req.key, blob, info, if_none_match=if_none_match, ttl_s=ttl_s
-    )
-    await _discard(client, upload_id)
-    url = f"{req.http.scheme}://{req.http.host}/{req.bucket}/{req.key}"
-    sums = kv_layout.public_checksums(info)
-    return _xml(xmlio.complete_multipart(url, req.bucket, req.key, info.etag, sums))
+        client, req.key, blob, info, if_none_match=req.if_none_match,
+        ttl_s=ttl_s(blob.size, record.headers.tags),
+    )  # fmt: skip
+    await _discard(client, req.upload_id)
+    info.checksums.clear()
+    info.checksums.update(public)
+    return info
+
+
+async def completed(client: kv.AsyncKVClient, key: str, upload_id: str) -> pb.ObjectInfo | None:
+    """The info of key (S3 checksums only) when its current object is the one upload_id
+    completed into; None when it is not (never completed, or overwritten or deleted since)."""
+    if not _UPLOAD_ID.fullmatch(upload_id):
+        return None
+    info = await kv_layout.read_info(client, kv_layout.meta_key(key))
+    if info is None or kv_layout.completed_upload(info) != upload_id:
+        return None
+    public = kv_layout.public_checksums(info)
+    info.checksums.clear()
+    info.checksums.update(public)
+    return info
 
 
 async def _discard(client: kv.AsyncKVClient, upload_id: str) -> None:
@@ -251,21 +270,12 @@ async def _discard(client: kv.AsyncKVClient, upload_id: str) -> None:
     await client.delete([kv_layout.record_key(upload_id)])
 
 
-def _int(req: s3request.S3Request, name: str, default: int) -> int:
-    value = params.uint(req.query.get(name, str(default)), max_digits=9)
-    if value is None:
-        raise s3errors.S3Error("InvalidArgument", f"{name} must be a non-negative integer")
-    return value
-
-
-async def list_parts(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """ListParts, by part number (part-number-marker, max-parts)."""
-    client = await kv_layout.client_of(s3, req)
-    record = await _record(client, req)
-    upload_id = req.query["uploadId"]
-    marker = _int(req, "part-number-marker", 0)
-    most = min(_int(req, "max-parts", _PAGE), _PAGE) or _PAGE
-    prefix = kv_layout.parts_prefix(upload_id, b"m")
+async def list_parts(client: kv.AsyncKVClient, req: pb.ListPartsRequest) -> pb.ListPartsResponse:
+    """ListParts, by part number (part_number_marker, at most max_parts: 1000 when 0)."""
+    record = await upload_record(client, req.upload_id, req.key)
+    most = min(req.max_parts, _PAGE) or _PAGE
+    prefix = kv_layout.parts_prefix(req.upload_id, b"m")
+    marker = req.part_number_marker
     after = prefix + f"{marker:05d}".encode() if marker else b""
     entries, more = await client.list_keys(prefix=prefix, start_after=after, limit=most)
     infos = await kv_layout.read_infos(client, [key for key, _ in entries])
@@ -281,12 +291,7 @@ async def list_parts(s3: s3request.Door, req: s3request.S3Request) -> web.Respon
     if more and entries:
         page.is_truncated = True
         page.next_part_number_marker = int(entries[-1][0][len(prefix) :])
-    return _xml(
-        xmlio.list_parts(
-            bucket=req.bucket, key=req.key, upload_id=upload_id, page=page, marker=marker,
-            max_parts=most, owner=req.principal.owner,
-        )
-    )  # fmt: skip
+    return page
 
 
 async def _uploads(client: kv.AsyncKVClient, prefix: str) -> list[pb.MultipartUploadInfo]:
@@ -366,11 +371,3 @@ async def uploads_page(
         else:
             page.uploads.append(upload)
     return page
-
-
-#: Operation -> handler on a KV bucket.
-HANDLERS = {
-    "UploadPart": upload_part,
-    "CompleteMultipartUpload": complete,
-    "ListParts": list_parts,
-}

@@ -2,9 +2,10 @@
 tier (DRAM pools with eviction, TTL, pins and quotas) instead of the erasure-coded tier. Put,
 Get (ranges, partNumber), Head, Delete, DeleteObjects, ListObjects(V2) and multipart uploads
 behave as on any bucket: the same handlers, through the bucket's object layer
-(`kv_layer.KVLayer`), but UploadPart, CompleteMultipartUpload and ListParts (`kv_multipart`);
-copies are NotImplemented. Objects hold at most `kv_layout.MAX_KV_OBJECT_BYTES` (64 MiB),
-exactly: one byte more is EntityTooLarge (the layer's limit).
+(`kv_layer.KVLayer`; its uploads' parts staged as KV blocks: `kv_multipart`); copies (and
+UploadPartCopy) are NotImplemented. Objects hold at most `kv_layout.MAX_KV_OBJECT_BYTES`
+(64 MiB), exactly: one byte more is EntityTooLarge (the layer's limit), a PUT's plain HTTP
+chunked body included (counted as it comes).
 
 Blocks live in the bucket's namespace (`s3:<storage name>`, i.e. `s3:<bucket>@<storage_id>`,
 plain `s3:<bucket>` for buckets older than storage ids, so a bucket deleted and created again
@@ -19,23 +20,22 @@ bytes. Any block may be evicted: the object is then gone (NoSuchKey).
 
 from __future__ import annotations
 
-from services.gateway.s3 import kv_multipart, lifecycle_ops, tagging_ops
+from services.gateway.s3 import lifecycle_ops, tagging_ops
 
 #: Operations whose handlers serve either bucket kind through the bucket's object layer
 #: (`S3Server.layer`: a `kv_layer.KVLayer` for a KV bucket), conditions, ranges, parts and
-#: checksums in one place (`object_ops`).
+#: checksums in one place (`object_ops`, `multipart_ops`); the operations in neither this
+#: nor SHARED are NotImplemented on a KV bucket.
 LAYERED = frozenset(
     {
         "PutObject", "GetObject", "HeadObject", "ListObjects", "DeleteObject", "DeleteObjects",
-        "CreateMultipartUpload", "AbortMultipartUpload", "ListMultipartUploads",
+        "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload", "ListParts",
+        "AbortMultipartUpload", "ListMultipartUploads",
         # A KV object's tags are its PUT's (changes NotImplemented), its ACL private.
         "GetObjectTagging", "PutObjectTagging", "DeleteObjectTagging", "GetObjectAcl",
         "PutObjectAcl",
     }
 )  # fmt: skip
-#: Operation -> the KV tier's own handler on a KV bucket (parts staged as KV blocks); the
-#: operations in neither are NotImplemented there.
-HANDLERS = kv_multipart.HANDLERS
 #: Operations that work the same on every bucket kind.
 SHARED = frozenset(
     {

@@ -1,7 +1,7 @@
 """S3 bucket lifecycle: PutBucketLifecycleConfiguration, GetBucketLifecycleConfiguration and
-DeleteBucketLifecycle (`?lifecycle` on a bucket, of either kind), the XML, its validation, and
-the TTL a rule gives a KV bucket's object (`kv_ttl_s`). What the rules do:
-`services.gateway.lifecycle`.
+DeleteBucketLifecycle (`?lifecycle` on a bucket, of either kind), the XML and its validation.
+What the rules do: `services.gateway.lifecycle` (a KV bucket's objects: their TTL,
+`kv_layer.KVLayer`).
 
 The configuration (S3's LifecycleConfiguration): 1 to 1000 Rules, each with an optional ID
 (at most 255 characters, unique; a random one when absent), a Status (Enabled or Disabled),
@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime
 import re
 import secrets
-import time
 import urllib.parse
 import xml.etree.ElementTree as ET
 
@@ -35,7 +34,6 @@ from aiohttp import web
 
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
-from services.gateway import lifecycle
 from services.gateway.s3 import object_ops, s3errors, s3request, xmlio
 
 MAX_RULES = 1000
@@ -361,18 +359,6 @@ def tags_of(req: s3request.S3Request, headers: pb.ObjectHeaders) -> dict[str, st
     if headers.tags:
         return dict(headers.tags)
     return dict(urllib.parse.parse_qsl(req.header("x-amz-tagging"), keep_blank_values=True))
-
-
-async def kv_ttl_s(
-    s3: s3request.Door, req: s3request.S3Request, size: int, tags: dict[str, str]
-) -> float | None:
-    """The TTL a KV bucket's lifecycle rules give an object written now (None: none)."""
-    info = await s3.front.bucket_info(req.bucket)
-    if not info.lifecycle.rules:
-        return None
-    return lifecycle.kv_ttl_s(
-        info.lifecycle, req.key, size, tags, now_s=time.time(), day_s=s3.lifecycle_day_s
-    )
 
 
 #: server._routes entries: (method, level, query keys, op, handler).

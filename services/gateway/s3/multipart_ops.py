@@ -1,5 +1,6 @@
 """S3 multipart uploads: Create, UploadPart, UploadPartCopy, Complete, Abort, ListParts and
-ListMultipartUploads, over the gateway's multipart uploads (kept on the datanodes)."""
+ListMultipartUploads, one handler each for both bucket kinds, through the bucket's object layer
+(`Door.layer`: uploads kept on the datanodes, or a KV bucket's staged as KV blocks)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from aiohttp import web
 
 from kvtier import errors
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
-from services.gateway import multipart
+from services.gateway import multipart, objectlayer
 from services.gateway.s3 import object_ops, params, s3errors, s3request, versioning_ops, xmlio
 
 MAX_PART_BYTES = 5 << 30
@@ -53,10 +54,11 @@ async def create(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
 
 
 async def upload_part(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """UploadPart (UploadPartCopy when x-amz-copy-source is set)."""
+    """UploadPart (UploadPartCopy when x-amz-copy-source is set), on either bucket kind
+    through its object layer (whose own limits apply: a KV bucket's size)."""
+    layer = await s3.layer(req)
     if req.header("x-amz-copy-source"):
-        return await upload_part_copy(s3, req)
-    await s3.owned_bucket(req)
+        return await upload_part_copy(s3, req, layer)
     number = _part_number(req)
     size = req.payload.size
     if size < 0:
@@ -64,32 +66,33 @@ async def upload_part(s3: s3request.Door, req: s3request.S3Request) -> web.Respo
     if size > MAX_PART_BYTES:
         raise s3errors.S3Error("EntityTooLarge", "A part may hold 5 GiB at most.")
     put = object_ops.begin_request(req, req.bucket, req.key, size)
+    request = pb.BeginUploadPartRequest(
+        bucket=req.bucket, key=req.key, upload_id=req.query["uploadId"], part_number=number,
+        size=size, expected_md5=put.expected_md5, expected_checksums=put.expected_checksums,
+    )  # fmt: skip
     try:
-        planned = await s3.front.begin_part(
-            pb.BeginUploadPartRequest(
-                bucket=req.bucket, key=req.key, upload_id=req.query["uploadId"],
-                part_number=number, size=size, expected_md5=put.expected_md5,
-                expected_checksums=put.expected_checksums,
-            ),
-            # Announced checksums (a trailer's, e.g. boto3's default CRC32 over HTTPS).
-            checksum_algorithms=put.checksum_algorithms,
-        )  # fmt: skip
+        # Announced checksums too (a trailer's, e.g. boto3's default CRC32 over HTTPS).
+        part = await layer.upload_part(
+            request, req.payload, checksum_algorithms=put.checksum_algorithms
+        )
     except errors.NotFound as exc:
         raise _no_such_upload(exc) from None
-    try:
-        meta = await object_ops.receive(s3, req, planned.write_id, size)
     except errors.InvalidArgument as exc:
         raise object_ops.translate_digest_error(req, exc) from None
     response = web.Response(status=200)
-    response.headers["ETag"] = xmlio.quoted(meta.etag)
-    for name, value in meta.checksums.items():
+    response.headers["ETag"] = xmlio.quoted(part.etag)
+    for name, value in part.checksums.items():
         response.headers[f"x-amz-checksum-{name.lower()}"] = value
     return response
 
 
-async def upload_part_copy(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """UploadPartCopy: the source (or x-amz-copy-source-range) becomes a part."""
-    await s3.owned_bucket(req)
+async def upload_part_copy(
+    s3: s3request.Door, req: s3request.S3Request, layer: objectlayer.ObjectLayer
+) -> web.Response:
+    """UploadPartCopy: the source (or x-amz-copy-source-range) becomes a part (the bucket's
+    object layer: NotImplemented on KV buckets, before the source is looked at)."""
+    if not layer.copies:
+        raise s3errors.S3Error("NotImplemented", "UploadPartCopy is not implemented on this bucket")
     number = _part_number(req)
     if object_ops.copy_source(req)[2]:
         raise s3errors.S3Error("NotImplemented", "UploadPartCopy from a source version")
@@ -103,7 +106,7 @@ async def upload_part_copy(s3: s3request.Door, req: s3request.S3Request) -> web.
         first, last = object_ops.parse_copy_range(text, meta.size)
         request.has_range, request.range_start, request.range_end = True, first, last
     try:
-        reply = await s3.front.copy_part(request)
+        reply = await layer.copy_part(request)
     except errors.NotFound as exc:
         raise _no_such_upload(exc) from None
     part = reply.part
@@ -111,8 +114,9 @@ async def upload_part_copy(s3: s3request.Door, req: s3request.S3Request) -> web.
 
 
 async def complete(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """CompleteMultipartUpload."""
-    await s3.owned_bucket(req)
+    """CompleteMultipartUpload (either bucket kind; sent again for a completed upload: the
+    object it made, as S3 answers)."""
+    layer = await s3.layer(req)
     parts = xmlio.parse_complete(await req.payload.read_all(xmlio.MAX_BODY_BYTES))
     request = pb.CompleteMultipartUploadRequest(
         bucket=req.bucket, key=req.key, upload_id=req.query["uploadId"],
@@ -123,7 +127,7 @@ async def complete(s3: s3request.Door, req: s3request.S3Request) -> web.Response
             part_number=number, etag=etag, checksums={k.upper(): v for k, v in sums.items()}
         )
     try:
-        reply = await s3.front.complete_multipart(request)
+        reply = await layer.complete_multipart(request)
     except errors.NotFound as exc:
         raise _no_such_upload(exc) from None
     info = reply.object
@@ -158,12 +162,12 @@ def _int(req: s3request.S3Request, name: str, default: int) -> int:
 
 
 async def list_parts(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """ListParts."""
-    await s3.owned_bucket(req)
+    """ListParts (either bucket kind)."""
+    layer = await s3.layer(req)
     marker = _int(req, "part-number-marker", 0)
     most = min(_int(req, "max-parts", 1000), 1000) or 1000
     try:
-        page = await s3.front.list_parts(
+        page = await layer.list_parts(
             pb.ListPartsRequest(
                 bucket=req.bucket, key=req.key, upload_id=req.query["uploadId"],
                 part_number_marker=marker, max_parts=most,

@@ -123,7 +123,7 @@ class S3Server:
         self.kv_buckets = kv_clients.KVBuckets(
             security=front.security, cluster_map=lambda: front.lister.view.current
         )
-        #: Seconds in a lifecycle rule's day (the TTL of KV objects: lifecycle_ops.kv_ttl_s).
+        #: Seconds in a lifecycle rule's day (the TTL of KV objects: kv_layer.KVLayer).
         self.lifecycle_day_s = lifecycle_day_s
         #: The object layers of erasure-coded and of KV buckets (`layer` picks one).
         self.objects = objectlayer.ErasureLayer(front)
@@ -292,18 +292,13 @@ class S3Server:
         return await self.auth.authenticate(http)
 
     async def _kv_handler(self, request: S3Request, handler: Handler) -> Handler:
-        """The handler on a KV bucket (ownership checked): the same one through the bucket's
-        object layer (`kv_ops.LAYERED`: the layer checks versionId, one version each),
-        the KV tier's own (`kv_ops.HANDLERS`), else NotImplemented."""
+        """The handler on a KV bucket (ownership checked): the same one, through the bucket's
+        object layer (`kv_ops.LAYERED`: the layer checks versionId, one version each), else
+        NotImplemented."""
         info = await self.owned_bucket(request)
         if info.kind != metadata_pb2.BUCKET_KIND_KV or request.op in kv_ops.LAYERED:
             return handler
-        kv_handler = kv_ops.HANDLERS.get(request.op)
-        if kv_handler is None:
-            raise s3errors.S3Error(
-                "NotImplemented", f"{request.op} is not implemented on KV buckets"
-            )
-        return kv_handler
+        raise s3errors.S3Error("NotImplemented", f"{request.op} is not implemented on KV buckets")
 
     async def layer(self, request: S3Request) -> objectlayer.ObjectLayer:
         """The object layer of the request's bucket, by its kind (owned_bucket's check)."""
