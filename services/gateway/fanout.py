@@ -5,7 +5,8 @@ A datanode holds several drives of a set (2 of 12 on the dev cluster): one call 
 them, so a small PUT or a GET costs a call per node, not per drive; each drive still answers
 for itself (its error fails that drive only).
 
-Stragglers (`until_decided`, also for the commits and shard sends of staged writes): once the
+Stragglers (`until_decided`, also for the commits and shard sends of staged writes, a GET's
+shard reads, and, per drive over gRPC (`each_drive`), listings, deletes and aborts): once the
 answers in hand decide the call as a down node would leave it decided (a commit or a block of
 shards on its write quorum of drives; metas from all drives but at most the parity count), the
 nodes still out get STRAGGLER_GRACE_S (or STRAGGLER_FACTOR x the time taken so far, whichever is
@@ -25,12 +26,13 @@ import asyncio
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 import prometheus_client
 
 from kvtier import errors
+from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2
 from services.gateway import datanodes as datanodes_mod
 from services.gateway import placement
@@ -39,6 +41,7 @@ from services.gateway import suspects as suspects_mod
 log = logging.getLogger(__name__)
 
 Answer = datanode_pb2.ShardMeta | errors.KVTierError
+T = TypeVar("T")
 
 #: The least a straggling node is waited for once the call is decided without it.
 STRAGGLER_GRACE_S = 2.0
@@ -95,6 +98,10 @@ async def until_decided(
         suspects.left_behind(node_id, None if cancel_left_behind else task)
     if cancel_left_behind and behind:
         await asyncio.wait([tasks[p] for p in behind])
+    for position, task in enumerate(tasks):  # a call's own bug is never a silent answer
+        ended = position not in behind and task.done() and not task.cancelled()
+        if ended and (exc := task.exception()) is not None:
+            raise exc
     return behind
 
 
@@ -278,6 +285,45 @@ async def read_metas(
         "read_metas",
         [(n, node_call(n, i)) for n, i in groups.items()],
         lambda: answered[0] >= len(where.slots) - where.parity_shards,
+        nodes.suspects,
+    )
+    return list(answers)  # (a straggler's late answer lands in the old list)
+
+
+async def each_drive(
+    op: str,
+    nodes: datanodes_mod.Datanodes,
+    slots: Sequence[common_pb2.DriveSlot],
+    call: Callable[[common_pb2.DriveSlot], Awaitable[T]],
+    needed: int,
+) -> list[T | errors.KVTierError]:
+    """call (a gRPC call to one drive) on every drive of slots until `needed` of them answered
+    with a reply and the rest had their straggler grace (until_decided; a suspect node's at
+    once): per slot, the reply or the error (Unavailable for a call left behind, which runs on
+    to its own deadline). For listings (needed: the set's read quorum) and deletes (its write
+    quorum), which would otherwise wait for a silent node's gRPC deadline (30 s). A reply or a
+    service's own error clears the node's suspicion (services.gateway.suspects)."""
+    answers: list[T | errors.KVTierError] = [
+        errors.Unavailable(f"{s.node_id} did not answer in time") for s in slots
+    ]
+    replied = [0]
+
+    async def one(position: int, slot: common_pb2.DriveSlot) -> None:
+        try:
+            answer: T | errors.KVTierError = await call(slot)
+        except errors.KVTierError as exc:
+            answer = exc
+            if not suspects_mod.is_silence(exc):
+                nodes.suspects.heard(slot.node_id)
+        else:
+            replied[0] += 1
+            nodes.suspects.heard(slot.node_id)
+        answers[position] = answer
+
+    await until_decided(
+        op,
+        [(slot.node_id, one(p, slot)) for p, slot in enumerate(slots)],
+        lambda: replied[0] >= needed,
         nodes.suspects,
     )
     return list(answers)  # (a straggler's late answer lands in the old list)

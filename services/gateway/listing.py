@@ -2,8 +2,10 @@
 
 Every object has an entry (or, for objects of later pools, a pool record) in the drives of its
 pool-0 set, so listing pool 0 lists everything. Each set's drives are asked for their sorted
-entries after a marker; a key counts when at least the set's read quorum of drives list it (a
-failed write that reached fewer drives stays hidden); the sets' streams are merged in key
+entries after a marker (decided once the read quorum answered, a silent node left behind after
+the straggler grace: fanout.each_drive); a key counts when at least the set's read quorum of
+drives list it (a failed write that reached fewer drives stays hidden), shown as its newest
+entry the read quorum lists; the sets' streams are merged in key
 order; a delimiter folds keys into common prefixes. Listing reads only the drives' indexes,
 never object data. The continuation token is the last key or prefix returned.
 """
@@ -15,13 +17,14 @@ import base64
 import collections
 import heapq
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from kvtier import clustermap, errors, names
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import shards_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway import datanodes as datanodes_mod
+from services.gateway import fanout
 
 log = logging.getLogger(__name__)
 
@@ -134,17 +137,16 @@ class Lister:
     async def _set_entries(
         self, es: common_pb2.ErasureSet, bucket: str, prefix: str, after: str, limit: int
     ) -> tuple[list[shards_pb2.ShardEntry], str | None]:
-        async def drive(slot: common_pb2.DriveSlot) -> list[shards_pb2.ShardEntry] | None:
-            try:
-                return await self._nodes.shards(slot.node_id).list_shards(
-                    slot.drive_id, bucket, prefix, after, limit
-                )
-            except errors.KVTierError as exc:
-                log.info("listing %s on %s failed: %s", bucket, slot.drive_id, exc)
-                return None
+        async def drive(slot: common_pb2.DriveSlot) -> list[shards_pb2.ShardEntry]:
+            return await self._nodes.shards(slot.node_id).list_shards(
+                slot.drive_id, bucket, prefix, after, limit
+            )
 
-        answers = [a for a in await asyncio.gather(*(drive(s) for s in es.slots)) if a is not None]
         quorum = es.data_shards
+        answers = answered(
+            await fanout.each_drive("list_shards", self._nodes, es.slots, drive, quorum),
+            f"listing {bucket}", es.slots,
+        )  # fmt: skip
         if len(answers) < quorum:
             raise errors.Unavailable(
                 f"listing {bucket}: {len(answers)} drives of set {es.index} answered, "
@@ -155,19 +157,43 @@ class Lister:
         full = [a[-1].key for a in answers if len(a) >= limit]
         horizon = min(full, key=str.encode) if full else None
         counts: collections.Counter[str] = collections.Counter()
-        newest: dict[str, shards_pb2.ShardEntry] = {}
+        held: collections.Counter[bytes] = collections.Counter()
+        seen: dict[str, list[shards_pb2.ShardEntry]] = collections.defaultdict(list)
         for answer in answers:
             for entry in answer:
                 if horizon is not None and entry.key.encode() > horizon.encode():
                     break
                 counts[entry.key] += 1
-                known = newest.get(entry.key)
-                if known is None or entry.mtime_unix_ns > known.mtime_unix_ns:
-                    newest[entry.key] = entry
+                held[entry.SerializeToString(deterministic=True)] += 1
+                seen[entry.key].append(entry)
         entries = sorted(
-            (newest[k] for k, n in counts.items() if n >= quorum), key=lambda e: e.key.encode()
+            (_current(seen[k], held, quorum) for k, n in counts.items() if n >= quorum),
+            key=lambda e: e.key.encode(),
         )
         return entries, horizon
+
+
+def _current(
+    entries: list[shards_pb2.ShardEntry], held: collections.Counter[bytes], quorum: int
+) -> shards_pb2.ShardEntry:
+    """Of a key's entries on the drives, the newest one the read quorum of drives list (as a
+    GET resolves it): a version left on fewer drives (a delete of that version that missed
+    them, a failed write not yet undone) does not shadow the current one; the newest of all
+    when drives disagree so much that none has the quorum."""
+    agreed = [e for e in entries if held[e.SerializeToString(deterministic=True)] >= quorum]
+    return max(agreed or entries, key=lambda e: e.mtime_unix_ns)
+
+
+def answered(
+    answers: Sequence[list[shards_pb2.ShardEntry] | errors.KVTierError],
+    what: str,
+    slots: Sequence[common_pb2.DriveSlot],
+) -> list[list[shards_pb2.ShardEntry]]:
+    """The drives' listings that arrived (fanout.each_drive); the others are logged."""
+    for slot, answer in zip(slots, answers, strict=True):
+        if isinstance(answer, errors.KVTierError):
+            log.info("%s on %s failed: %s", what, slot.drive_id, answer)
+    return [a for a in answers if not isinstance(a, errors.KVTierError)]
 
 
 def fold(key: str, prefix: str, delimiter: str) -> str | None:

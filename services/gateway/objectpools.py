@@ -7,13 +7,12 @@ its pool record.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from collections.abc import Sequence
-from typing import Any
 
-from kvtier import errors, names, objversions
+from kvtier import errors, features, names, objversions
+from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
 from services.gateway import commits, fanout, objectbase, placement
 
@@ -158,24 +157,58 @@ class PooledObjects(objectbase.EngineBase):
         *,
         version_id: str = "",
         if_data_id: str = "",
-    ) -> None:
+    ) -> list[str]:
         """Delete bucket/key (version_id: that S3 version only; if_data_id: only from drives
         whose current version is that one) from its set in a pool (placed by `at`, default
-        bucket/key)."""
+        bucket/key); the drives skipped as older datanodes (below). Unavailable when fewer
+        than the write quorum of drives took the delete.
+
+        Decided on the write quorum, as a commit is (fanout.each_drive): a silent node is left
+        behind after the straggler grace. A drive that missed a delete (down, silent) keeps
+        the version it held: on at most n - write quorum < k drives, below every read's and
+        listing's quorum, so it is never read or listed again (docs/reliability.md).
+        A conditional delete (if_data_id) skips the drives of datanodes that do not advertise
+        datanode.conditional-undo (kvtier.features): an older build would drop the condition
+        and remove whatever version is current there; those drives keep the version."""
         where = placement.locate(self._view.current, *(at or (bucket, key)), pool_index)
+        slots, older = list(where.slots), list[common_pb2.DriveSlot]()
+        if if_data_id:
+            slots, older = conditional_split(self._view.current, where.slots)
+            if older:
+                log.warning(
+                    "conditional delete of %s/%s: drives %s are on older datanodes (no %s): "
+                    "skipped, they keep the version", bucket, key,
+                    ", ".join(s.drive_id for s in older), features.DATANODE_CONDITIONAL_UNDO,
+                )  # fmt: skip
 
-        async def delete(slot: Any) -> bool:
-            try:
-                await self._nodes.shards(slot.node_id).delete_shard(
-                    slot.drive_id, bucket, key, version_id, if_data_id
-                )
-            except errors.KVTierError as exc:
-                log.warning("delete of %s/%s on %s failed: %s", bucket, key, slot.drive_id, exc)
-                return False
-            return True
+        async def delete(slot: common_pb2.DriveSlot) -> bool:
+            return await self._nodes.shards(slot.node_id).delete_shard(
+                slot.drive_id, bucket, key, version_id, if_data_id
+            )
 
-        done = sum(await asyncio.gather(*(delete(s) for s in where.slots)))
+        answers = await fanout.each_drive(
+            "delete_shard", self._nodes, slots, delete, where.write_quorum
+        )
+        for slot, answer in zip(slots, answers, strict=True):
+            if isinstance(answer, errors.KVTierError):
+                log.warning("delete of %s/%s on %s failed: %s", bucket, key, slot.drive_id,
+                            answer)  # fmt: skip
+        done = sum(1 for a in answers if not isinstance(a, errors.KVTierError))
         if done < where.write_quorum:
             raise errors.Unavailable(
                 f"DELETE {bucket}/{key}: {done} drives answered, the quorum is {where.write_quorum}"
             )
+        return [s.drive_id for s in older]
+
+
+def conditional_split(
+    cmap: common_pb2.ClusterMap, slots: Sequence[common_pb2.DriveSlot]
+) -> tuple[list[common_pb2.DriveSlot], list[common_pb2.DriveSlot]]:
+    """(slots whose datanode honours a conditional DeleteShard, slots of older datanodes that
+    would read it as a plain delete: kvtier.features.DATANODE_CONDITIONAL_UNDO)."""
+    honours: list[common_pb2.DriveSlot] = []
+    older: list[common_pb2.DriveSlot] = []
+    for slot in slots:
+        supported = features.advertised(cmap, slot.node_id, features.DATANODE_CONDITIONAL_UNDO)
+        (honours if supported else older).append(slot)
+    return honours, older

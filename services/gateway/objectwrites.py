@@ -13,7 +13,6 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 from kvtier import erasure, errors, names
 from kvtier.proto.common.v1 import common_pb2
@@ -356,16 +355,23 @@ class ObjectWrites(objectpools.PooledObjects):
                 await self._abort(up)
 
     async def _abort(self, up: objectbase.Upload) -> None:
+        """Drop the upload's staged shards from its drives: decided on the write quorum, as a
+        commit is (a silent node is left behind after the straggler grace); a drive that
+        failed or was left behind keeps its staged write until the datanode's sweep drops it
+        (services/datanode: `sweep_tmp`)."""
         if not up.sent:
             return  # nothing staged on any drive (a small write sends at its commit)
 
-        async def abort(slot: Any) -> None:
-            try:
-                await self._nodes.shards(slot.node_id).abort_write(slot.drive_id, up.upload_id)
-            except errors.KVTierError as exc:  # the datanode's sweep drops it later
-                log.info("abort of %s on %s failed: %s", up.upload_id, slot.drive_id, exc)
+        async def abort(slot: common_pb2.DriveSlot) -> None:
+            await self._nodes.shards(slot.node_id).abort_write(slot.drive_id, up.upload_id)
 
-        await asyncio.gather(*(abort(s) for s in up.where.slots))
+        slots = up.where.slots
+        answers = await fanout.each_drive(
+            "abort_write", self._nodes, slots, abort, up.where.write_quorum
+        )
+        for slot, answer in zip(slots, answers, strict=True):
+            if isinstance(answer, errors.KVTierError):  # the datanode's sweep drops it later
+                log.info("abort of %s on %s failed: %s", up.upload_id, slot.drive_id, answer)
 
     async def sweep(self) -> None:
         """Abort uploads their client abandoned."""

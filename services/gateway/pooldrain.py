@@ -24,9 +24,11 @@ A drain empties pool P while every object stays readable and no client write is 
    was written is stamped above t (the drives told its gateway t), so it wins over the switch
    whichever lands first; copies and switches are never stamped again (restamp=False).
    d. grace_s later the old copy M is deleted from P, only on drives where it is still the
-      current version (`if_data_id`): a GET that read R just before the switch still reads M,
-      one that finds M gone reads the entry again (objectbase.EngineBase._follow). When the
-      switch lost, the copy in T is deleted the same way (nothing names it).
+      current version (`if_data_id`; drives of older datanodes, which would read the condition
+      as a plain delete, are skipped and keep it: `_delete_if`): a GET that read R just
+      before the switch still reads M, one that finds M gone reads the entry again
+      (objectbase.EngineBase._follow). When the switch lost, the copy in T is deleted the same
+      way (nothing names it).
    A copy in P that pool 0's entry does not name (its key was overwritten elsewhere or deleted,
    or a PUT died between its data and its record) is deleted once older than orphan_age_s
    (younger: a PUT may be about to write its record; left for a later pass). Its age is the
@@ -63,7 +65,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
-from kvtier import clustermap, errors, names
+from kvtier import clustermap, errors, features, names
 from kvtier.clients import metadata as metadata_client
 from kvtier.clients import node as node_client
 from kvtier.proto.common.v1 import common_pb2
@@ -122,6 +124,9 @@ class Drainer:
         #: One copy's bytes at a time: a copy holds a staging slot and its reads take another,
         #: so copies side by side could hold every slot and wait for one another.
         self._copying = asyncio.Semaphore(1)
+        #: What the last conditional delete skipped on older datanodes ("": nothing), for the
+        #: drain's progress (`last_error`).
+        self.kept_note = ""
 
     # Drain.
 
@@ -150,6 +155,7 @@ class Drainer:
             async for message in self._move_all(index, entries, progress):
                 yield message
             await self._reap(force=True)
+            self._note_kept(progress)
             if (progress.objects_moved, progress.objects_dropped) == before:
                 stalled += 1  # nothing could be moved: errors, or writes in flight
                 if stalled >= _STALLED_PASSES:
@@ -207,6 +213,7 @@ class Drainer:
             while any(not t.done() for t in tasks):
                 await asyncio.wait(tasks, timeout=_PROGRESS_EVERY_S)
                 await self._reap(force=False)
+                self._note_kept(progress)
                 yield _copy(progress)
             for task in tasks:
                 task.result()  # what is not a KVTierError is a bug: it ends the drain
@@ -229,11 +236,11 @@ class Drainer:
             age_s = found.meta.stored_age_ms / 1e3  # its datanode's clock, no gateway's
             if not age_s or age_s < self._orphan_age_s:
                 raise errors.Unavailable(f"a write of {age_s:.0f} s ago has no record yet")
-            await self._engine.delete_in(bucket, key, index, if_data_id=found.meta.data_id)
+            await self._delete_if(bucket, key, index, found.meta.data_id)
             return False
         assert entry is not None
         if found is None:  # the record names nothing: the key was unreadable
-            await self._engine.delete_in(bucket, key, 0, if_data_id=entry.meta.data_id)
+            await self._delete_if(bucket, key, 0, entry.meta.data_id)
             return False
         switched = await self._copy_and_switch(cmap, entry, found)
         self._doom(bucket, key, index, found.meta.data_id)
@@ -283,7 +290,7 @@ class Drainer:
         if switched and still is None:
             # M went before the switch landed: a DELETE (data first, then the entry) ran
             # meanwhile, and the switch must not bring the key back.
-            await self._engine.delete_in(bucket, key, 0, if_data_id=switch_id)
+            await self._delete_if(bucket, key, 0, switch_id)
             switched = False
         elif still is not None and still.meta.meta_changed_unix_ns != src.meta_changed_unix_ns:
             # Tags or the ACL were changed in place on M while it was copied: carry them over.
@@ -339,6 +346,21 @@ class Drainer:
                         at=(bucket, key),
                     )  # fmt: skip
 
+    async def _delete_if(self, bucket: str, key: str, pool: int, data_id: str) -> None:
+        """Delete bucket/key from pool's drives whose current version is data_id. Drives of
+        older datanodes (no datanode.conditional-undo: they would read it as a plain delete,
+        a newer write included) are skipped and keep the copy: said in the log and the
+        progress (below every quorum there, so never read or listed; space until the node
+        runs a newer build and a later drain or the heal gets there)."""
+        older = await self._engine.delete_in(bucket, key, pool, if_data_id=data_id)
+        if older:
+            self.kept_note = (
+                f"{names.user_bucket(bucket)}/{key} in pool {pool}: drives {', '.join(older)} "
+                f"are on older datanodes (no {features.DATANODE_CONDITIONAL_UNDO}): the "
+                "conditional delete skipped them, they keep the copy"
+            )
+            log.warning("drain: %s", self.kept_note)
+
     # Deletes of old copies, grace_s after their switch.
 
     def _doom(self, bucket: str, key: str, pool: int, data_id: str) -> None:
@@ -356,12 +378,15 @@ class Drainer:
                 await asyncio.sleep(wait_s)
             self._doomed.popleft()
             try:
-                await self._engine.delete_in(
-                    item.bucket, item.key, item.pool, if_data_id=item.data_id
-                )
+                await self._delete_if(item.bucket, item.key, item.pool, item.data_id)
             except errors.KVTierError as exc:  # the next pass finds the copy again
                 log.warning("drain: delete of %s/%s in pool %d failed: %s",
                             item.bucket, item.key, item.pool, exc)  # fmt: skip
+
+    def _note_kept(self, progress: admin_pb2.DrainProgress) -> None:
+        """Put what a conditional delete skipped (kept_note) into progress.last_error."""
+        if self.kept_note:
+            progress.last_error, self.kept_note = self.kept_note, ""
 
     # Remove.
 

@@ -10,7 +10,7 @@ no call; a block whose checksum fails there is read like a missing one (rebuilt)
 
 from __future__ import annotations
 
-import asyncio
+import collections
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -22,7 +22,7 @@ from kvtier import erasure, errors, objversions
 from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
 from kvtier.transport import base, slots
 from services.gateway import datanodes as datanodes_mod
-from services.gateway import healqueue, versions
+from services.gateway import fanout, healqueue, versions
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,14 @@ class Reader:
             for i in range(k):
                 if i * block < hi and (i + 1) * block > lo:
                     plan.append((s, i, region.view[at + i * block :][:block]))
-        failed = await self._read_blocks(found, part.number, plan)
+        planned = collections.Counter(s for s, _, _ in plan)
+
+        def rebuildable(ok: set[tuple[int, int]]) -> bool:
+            # Each stripe's blocks still out (or failed) could be rebuilt from its parity.
+            done = collections.Counter(s for s, _ in ok)
+            return all(n - done[s] <= meta.parity_shards for s, n in planned.items())
+
+        failed = await self._read_blocks(found, part.number, plan, rebuildable)
         read = {(s, i) for s, i, _ in plan} - failed
         for s in sorted({s for s, _ in failed}):
             await self._rebuild_stripe(
@@ -173,8 +180,16 @@ class Reader:
         return offset - s0 * stripe_bytes
 
     async def _read_blocks(
-        self, found: versions.Resolved, part: int, plan: Sequence[tuple[int, int, memoryview]]
+        self,
+        found: versions.Resolved,
+        part: int,
+        plan: Sequence[tuple[int, int, memoryview]],
+        enough: Callable[[set[tuple[int, int]]], bool],
     ) -> set[tuple[int, int]]:
+        """Read the planned blocks (stripe, shard, destination); the ones that failed. Once
+        enough(the blocks read) holds, reads still out get the straggler grace (a suspect
+        node's none: fanout.until_decided) and are then cancelled and count as failed: rebuilt
+        from parity by the caller, instead of waiting out a silent node's deadline (30 s)."""
         meta, where = found.meta, found.where
 
         async def read(s: int, i: int, dest: memoryview) -> tuple[int, int] | None:
@@ -200,8 +215,27 @@ class Reader:
                 return (s, i)
             return None if got == len(dest) else (s, i)
 
-        results = await asyncio.gather(*(read(s, i, d) for s, i, d in plan))
-        failed = {r for r in results if r is not None}
+        ok: set[tuple[int, int]] = set()
+        failed: set[tuple[int, int]] = set()
+
+        async def counted(s: int, i: int, dest: memoryview) -> None:
+            bad = await read(s, i, dest)
+            (ok if bad is None else failed).add((s, i))
+
+        behind = await fanout.until_decided(
+            "read_shard",
+            [(where.slots[i].node_id, counted(s, i, d)) for s, i, d in plan],
+            lambda: enough(ok),
+            self._nodes.suspects,
+            cancel_left_behind=True,
+        )
+        for position in behind:
+            s, i, _ = plan[position]
+            log.warning(
+                "read of %s/%s shard %d stripe %d: %s did not answer in time, rebuilt from "
+                "parity", meta.bucket, meta.key, i, s, where.slots[i].drive_id,
+            )  # fmt: skip
+            failed.add((s, i))
         if failed:
             why = f"read rebuilt {len(failed)} damaged or missing blocks"
             self.heal_queue.add((meta.bucket, meta.key), why, objversions.version_id(meta))
@@ -240,7 +274,10 @@ class Reader:
         for i in read_ok:
             present[i] = dest(i)
         plan = [(s, i, dest(i)) for i in todo]
-        more_failed = await self._read_blocks(found, part.number, plan)
+        needed = k - len(read_ok)
+        more_failed = await self._read_blocks(
+            found, part.number, plan, lambda ok: len(ok) >= needed
+        )
         for _, i, view in plan:
             if (s, i) not in more_failed:
                 present[i] = view

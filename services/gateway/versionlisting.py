@@ -19,7 +19,7 @@ from kvtier import clustermap, errors, names
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import shards_pb2
 from services.gateway import datanodes as datanodes_mod
-from services.gateway import listing
+from services.gateway import fanout, listing
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +119,17 @@ class VersionLister:
         self, es: common_pb2.ErasureSet, bucket: str, prefix: str, key: str, version: str,
         limit: int,
     ) -> tuple[list[Entry], Entry | None]:  # fmt: skip
-        async def drive(slot: common_pb2.DriveSlot) -> list[Entry] | None:
-            try:
-                return await self._nodes.shards(slot.node_id).list_shards(
-                    slot.drive_id, bucket, prefix, key, limit,
-                    versions=True, start_after_version=version,
-                )  # fmt: skip
-            except errors.KVTierError as exc:
-                log.info("listing versions of %s on %s failed: %s", bucket, slot.drive_id, exc)
-                return None
+        async def drive(slot: common_pb2.DriveSlot) -> list[Entry]:
+            return await self._nodes.shards(slot.node_id).list_shards(
+                slot.drive_id, bucket, prefix, key, limit,
+                versions=True, start_after_version=version,
+            )  # fmt: skip
 
-        answers = [a for a in await asyncio.gather(*(drive(s) for s in es.slots)) if a is not None]
         quorum = es.data_shards
+        answers = listing.answered(
+            await fanout.each_drive("list_shards", self._nodes, es.slots, drive, quorum),
+            f"listing versions of {bucket}", es.slots,
+        )  # fmt: skip
         if len(answers) < quorum:
             raise errors.Unavailable(
                 f"listing {bucket}: {len(answers)} drives of set {es.index} answered, "

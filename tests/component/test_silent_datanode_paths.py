@@ -1,0 +1,240 @@
+"""The rest of the gateway's paths with a silent datanode (issue 16, the tcp partition of one
+datanode): listings (LIST, ListObjectVersions, multipart Complete's and Abort's scan of the
+parts), deletes (DELETE, the parts' clean-up), a staged write's abort, and a GET whose shard
+reads hang on a node that answered its metadata read. Each is decided without the silent node
+after one straggler grace (none once it is suspect), not after the 30 s deadline of its calls;
+a deleted object stays deleted once the node answers again and the heal ran.
+
+The silence is played as in test_silent_datanode: on the gateway's side, its data-plane calls
+(`Silence`) and its gRPC shard calls (`GrpcSilence`) to that node get no reply until the test
+ends them. Every operation runs under asyncio.wait_for(OP_TIMEOUT_S): before the change each
+of them waited for the silent node (here: until the test's timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from kvtier import errors, objects, principal
+from kvtier.proto.datanode.v1 import shards_pb2
+from kvtier.proto.gateway.v1 import objects_pb2 as pb
+from kvtier.proto.metadata.v1 import metadata_pb2
+from services.gateway import datanodes, fanout, healing, placement, versioned
+from tests.component import objects_cluster
+from tests.component.test_silent_datanode import Silence, _key_drives, _nodes, one_pool
+
+KIB, MIB = objects_cluster.KIB, objects_cluster.MIB
+Cluster = objects_cluster.Cluster
+GRACE_S = 1.0
+#: Well under the data plane's and gRPC's 30 s deadline, above one grace on a busy machine.
+OP_TIMEOUT_S = 8.0
+
+__all__ = ["one_pool"]
+
+
+class GrpcSilence:
+    """gRPC shard calls (ListShards, DeleteShard, AbortWrite, commits, ...) to one datanode
+    get no reply until `end()` (then DeadlineExceeded, as gRPC's deadline would)."""
+
+    def __init__(self, nodes: datanodes.Datanodes, node_id: str) -> None:
+        self.real = nodes.shards
+        self.node_id = node_id
+        self.ended = asyncio.Event()
+        #: Calls it swallowed, by method name.
+        self.calls: list[str] = []
+
+    def shards(self, node_id: str) -> Any:
+        client = self.real(node_id)
+        return _Hanging(self, client) if node_id == self.node_id else client
+
+    def end(self) -> None:
+        self.ended.set()
+
+
+class _Hanging:
+    def __init__(self, outer: GrpcSilence, client: Any) -> None:
+        self._outer, self._client = outer, client
+
+    def __getattr__(self, name: str) -> Any:
+        real = getattr(self._client, name)
+        if not asyncio.iscoroutinefunction(real):
+            return real
+
+        async def hang(*args: Any, **kwargs: Any) -> Any:
+            outer = self._outer
+            if outer.ended.is_set():
+                return await real(*args, **kwargs)
+            outer.calls.append(name)
+            await outer.ended.wait()
+            raise errors.DeadlineExceeded("gRPC call took over 30 s (test)")
+
+        return hang
+
+
+async def _quick(coro: Any) -> Any:
+    """coro's result; TimeoutError when it waited for the silent node."""
+    return await asyncio.wait_for(coro, OP_TIMEOUT_S)
+
+
+async def _listed(client: objects.AsyncObjectClient, bucket: str) -> list[str]:
+    page = await _quick(client.list_objects(bucket))
+    return [o.key for o in page.objects]
+
+
+async def test_listings_deletes_and_aborts_leave_a_silent_datanode_behind(
+    one_pool: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One datanode (2 of the 12 drives) goes silent on both planes. LIST, ListObjectVersions,
+    DELETE, CompleteMultipartUpload (its parts' scan and clean-up), AbortMultipartUpload and
+    a staged write's abort each finish well within OP_TIMEOUT_S, with the right answers. Once
+    the node answers again (its drives still hold the deleted object and the parts) and the
+    heal ran, the deleted object is neither listed nor readable."""
+    monkeypatch.setattr(fanout, "STRAGGLER_GRACE_S", GRACE_S)
+    engine, nodes = one_pool.engine, _nodes(one_pool)
+    monkeypatch.setattr(one_pool.healer, "_absorb", lambda: None)
+    blobs = {f"k{n}": objects_cluster.data(n, 4 * KIB) for n in range(4)}
+    blobs["big"] = objects_cluster.data(9, 3 * MIB + 5)
+    parts = [objects_cluster.data(20, 5 * MIB), objects_cluster.data(21, MIB + 7)]
+    async with await objects.AsyncObjectClient.connect(one_pool.gateway.address) as client:
+        await client.create_bucket("quiet")
+        for key, blob in blobs.items():
+            await client.put_object("quiet", key, blob)
+        done_id = await client.create_multipart_upload("quiet", "mp")
+        done_parts = [
+            await client.upload_part("quiet", "mp", done_id, n, blob)
+            for n, blob in enumerate(parts, 1)
+        ]
+        dropped_id = await client.create_multipart_upload("quiet", "dropped")
+        await client.upload_part("quiet", "dropped", dropped_id, 1, parts[1])
+        stored = one_pool.stored("quiet")
+        node_id = placement.locate(engine.view.current, stored, "k0").slots[0].node_id
+        plane = Silence(nodes, node_id)
+        grpc = GrpcSilence(nodes, node_id)
+        monkeypatch.setattr(nodes, "call", plane.call)
+        monkeypatch.setattr(nodes, "shards", grpc.shards)
+
+        assert await _listed(client, "quiet") == sorted(blobs)  # the grace, once
+        assert nodes.suspects.suspect(node_id)
+        # Suspect: no grace any more (a grace past the timeout would show).
+        monkeypatch.setattr(fanout, "STRAGGLER_GRACE_S", 30.0)
+        page = await _quick(one_pool.front.version_lister.list_versions(stored))
+        assert sorted(v.key for v in page.versions) == sorted(blobs)
+        await _quick(client.delete_object("quiet", "k1"))
+        assert await _listed(client, "quiet") == sorted(set(blobs) - {"k1"})
+        with pytest.raises(errors.NotFound):
+            await _quick(client.get_object("quiet", "k1"))
+        await _quick(client.complete_multipart_upload("quiet", "mp", done_id, done_parts))
+        assert await _quick(client.get_object("quiet", "mp")) == b"".join(parts)
+        await _quick(client.abort_multipart_upload("quiet", "dropped", dropped_id))
+        assert await _quick(client.list_multipart_uploads("quiet")) == []
+        # A staged write's abort (a copy into a write, then AbortPut).
+        found = await engine.resolve(stored, "big")
+        begun = engine.begin_write(
+            pb.BeginPutRequest(bucket=stored, key="aborted", size=len(blobs["big"])), found.where
+        )
+        await _quick(engine.fill(begun.upload_id, found, 0, len(blobs["big"])))
+        await _quick(engine.abort_put(pb.AbortPutRequest(upload_id=begun.upload_id)))
+        assert "abort_write" in grpc.calls
+        assert {"list_shards", "delete_shard"} <= set(grpc.calls)
+        assert await _listed(client, "quiet") == sorted({*blobs, "mp"} - {"k1"})
+
+        cut = {s.drive_id for s in placement.locate(engine.view.current, stored, "k1").slots
+               if s.node_id == node_id}  # fmt: skip
+        assert set(_key_drives(one_pool, "quiet", "k1")) == cut  # the delete missed them
+        plane.end()
+        grpc.end()  # the partition heals: the node's drives still hold k1
+        for key in blobs:
+            result = await one_pool.healer.heal_object(stored, key)
+            assert result.outcome is not healing.Outcome.UNRECOVERABLE, key
+        assert (await one_pool.healer.heal_object(stored, "k1")).outcome is healing.Outcome.GONE
+        assert await _listed(client, "quiet") == sorted({*blobs, "mp"} - {"k1"})
+        page = await _quick(one_pool.front.version_lister.list_versions(stored))
+        assert "k1" not in {v.key for v in page.versions}
+        with pytest.raises(errors.NotFound):
+            await client.get_object("quiet", "k1")
+        for key, blob in blobs.items():
+            if key != "k1":
+                assert await client.get_object("quiet", key) == blob, key
+
+
+async def test_a_get_whose_shard_reads_hang_rebuilds_from_parity(
+    one_pool: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A datanode answers a GET's metadata read, then its shard reads hang: once the other
+    blocks arrived and the grace passed, its blocks are rebuilt from parity (the object
+    queued for healing); the next GET, the node now silent to every call and suspect, waits
+    no grace."""
+    monkeypatch.setattr(fanout, "STRAGGLER_GRACE_S", GRACE_S)
+    engine, nodes = one_pool.engine, _nodes(one_pool)
+    monkeypatch.setattr(one_pool.healer, "_absorb", lambda: None)
+    blob = objects_cluster.data(30, 16 * MIB + 3)
+    async with await objects.AsyncObjectClient.connect(one_pool.gateway.address) as client:
+        await client.create_bucket("reads")
+        await client.put_object("reads", "big", blob)
+        stored = one_pool.stored("reads")
+        where = placement.locate(engine.view.current, stored, "big")
+        node_id = where.slots[0].node_id  # shard 0: a data shard of every stripe
+        plane = Silence(nodes, node_id)
+        real = plane.call
+
+        async def reads_hang(node: str, method: int, *args: Any, **kwargs: Any) -> Any:
+            if method == shards_pb2.SHARD_CALL_METHOD_READ_SHARD:
+                return await real(node, method, *args, **kwargs)
+            return await plane.real(node, method, *args, **kwargs)
+
+        monkeypatch.setattr(nodes, "call", reads_hang)
+        assert await _quick(client.get_object("reads", "big")) == blob
+        assert plane.calls
+        assert plane.cancelled == len(plane.calls)
+        assert nodes.suspects.suspect(node_id)
+        assert (stored, "big") in dict(engine.heal_queue.items())
+        monkeypatch.setattr(nodes, "call", plane.call)  # now silent to every call
+        monkeypatch.setattr(fanout, "STRAGGLER_GRACE_S", 30.0)  # past the timeout: none taken
+        assert await _quick(client.get_object("reads", "big")) == blob
+        plane.end()
+
+
+async def test_a_version_deleted_past_a_silent_datanode_stays_deleted(
+    one_pool: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A versioned key's current version v2 is deleted (by its version id) while a datanode is
+    silent: quick, and LIST shows v1 as current. The node answers again with v2 still current
+    on its 2 drives (the heal leaves a drive ahead alone): LIST and ListObjectVersions still
+    show v1 and no v2, and a GET reads v1. Before, LIST took the newest entry of any drive."""
+    monkeypatch.setattr(fanout, "STRAGGLER_GRACE_S", GRACE_S)
+    engine, nodes = one_pool.engine, _nodes(one_pool)
+    monkeypatch.setattr(one_pool.healer, "_absorb", lambda: None)
+    v1, v2 = objects_cluster.data(40, 3 * KIB), objects_cluster.data(41, 5 * KIB)
+    bound = principal.bind(principal.INSECURE)
+    try:
+        async with await objects.AsyncObjectClient.connect(one_pool.gateway.address) as client:
+            await client.create_bucket("kept")
+            enabled = metadata_pb2.BucketVersioning(status=metadata_pb2.VERSIONING_STATUS_ENABLED)
+            await one_pool.front.set_bucket_config(
+                "kept", metadata_pb2.SetBucketConfigRequest(versioning=enabled)
+            )
+            first = await client.put_object("kept", "v", v1)
+            second = await client.put_object("kept", "v", v2)
+            stored = one_pool.stored("kept")
+            node_id = placement.locate(engine.view.current, stored, "v").slots[0].node_id
+            plane, grpc = Silence(nodes, node_id), GrpcSilence(nodes, node_id)
+            monkeypatch.setattr(nodes, "call", plane.call)
+            monkeypatch.setattr(nodes, "shards", grpc.shards)
+            await _quick(versioned.delete_version(engine, stored, "v", second.version_id))
+            page = await _quick(client.list_objects("kept"))
+            assert [(o.key, o.etag) for o in page.objects] == [("v", first.etag)]
+            plane.end()
+            grpc.end()
+            assert (await one_pool.healer.heal_object(stored, "v")).outcome in (
+                healing.Outcome.HEALTHY, healing.Outcome.SKIPPED,
+            )  # fmt: skip
+            page = await client.list_objects("kept")
+            assert [(o.key, o.etag) for o in page.objects] == [("v", first.etag)]
+            listed = await one_pool.front.version_lister.list_versions(stored)
+            assert [v.version_id for v in listed.versions] == [first.version_id]
+            assert await client.get_object("kept", "v") == v1
+    finally:
+        principal.unbind(bound)
