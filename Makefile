@@ -15,6 +15,8 @@ help:
 	@echo "make bench      benchmarks; writes docs/benchmarks.md and docs/img/*.png"
 	@echo "                (first installs the KV-cache peers into .bench-venvs/: scripts/bench_peers.sh)"
 	@echo "make up|down|status   the dev cluster in .kvtier"
+	@echo "make dashboard  deploy/grafana/kvtier.json's expressions on a dev cluster through Debian's"
+	@echo "                prometheus (installed via apt when missing); draws docs/img/dashboard.png"
 	@echo "make e2e        restore a transformer's prefix KV from kvtier vs recompute it (bench/e2e;"
 	@echo "                installs the e2e extra first: torch CPU, transformers, redis-py)"
 
@@ -65,3 +67,13 @@ e2e:
 		$(BIN)/pip install -q -e '.[e2e]'
 	@command -v redis-server >/dev/null 2>&1 || PYTHON=$(BIN)/python scripts/bench_peers.sh redis
 	$(BIN)/python -m bench.e2e
+
+# The Grafana board proved on real data (bench/dashboard_figure.py): a dev cluster, a short
+# workload, Debian's prometheus scraping it; every panel's expression evaluated, then drawn
+# (matplotlib, not Grafana) into docs/img/dashboard.png. Fails on a PromQL error or a panel
+# without data that the script does not expect.
+.PHONY: dashboard
+dashboard:
+	@command -v prometheus >/dev/null 2>&1 || { sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends prometheus; }
+	$(BIN)/python -m bench.dashboard_figure

@@ -80,17 +80,22 @@ class DevCluster:
         self.info: dict[str, Any] = {}
         self.user = secure.BenchUser(insecure=True)
 
-    def _kvtier(self, *args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    def _kvtier(
+        self, *args: str, timeout_s: float, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "kvtier.cli.main", *args, "--state-dir", str(self.state)],
             capture_output=True, text=True, timeout=timeout_s, check=False, cwd=ROOT,
-            env=secure.cli_env(),
+            env=secure.cli_env(env),
         )  # fmt: skip
 
-    def start(self) -> dict[str, Any]:
+    def start(self, service_env: dict[str, str] | None = None) -> dict[str, Any]:
         """Start it, make the benchmark's user (tenant `bench`, trusted for shared memory) and
-        return cluster.json; RuntimeError with the logs' tails on failure."""
-        up = self._kvtier("up", "--detach", "--ports", "auto", *self.args, timeout_s=240)
+        return cluster.json; RuntimeError with the logs' tails on failure. service_env: extra
+        variables of `up` (the services inherit them; the later CLI calls do not see them)."""
+        up = self._kvtier(
+            "up", "--detach", "--ports", "auto", *self.args, timeout_s=240, env=service_env
+        )
         if up.returncode != 0:
             raise RuntimeError(f"kvtier up failed: {up.stdout}{up.stderr}\n{self.log_tails()}")
         self.info = json.loads((self.state / "cluster.json").read_text())
