@@ -191,10 +191,24 @@ async def _undo(
     newer write of the key is never removed. A drive that fails is tried again in the
     background (`_retry_undo`; the delete is conditional, so trying again is safe) and the
     object is queued for healing (heal_queue, unless None), which brings the drive back to
-    the version the others hold once the undo got there."""
+    the version the others hold once the undo got there. So is a drive whose node is silent:
+    there is no quorum to wait for, so each node gets the straggler grace (a suspect one none)
+    and a call still out then is cancelled and handed to the retry (fanout.until_decided),
+    not waited for up to its deadline (30 s)."""
     if not meta.data_id:  # nothing to name it by (the gateway always sets one)
         return
-    results = await asyncio.gather(*(_undo_on(nodes, where.slots[i], meta) for i in live))
+    results: list[bool | None] = [None] * len(live)
+
+    async def undo_on(position: int, index: int) -> None:
+        results[position] = await _undo_on(nodes, where.slots[index], meta)
+
+    await fanout.until_decided(
+        "undo",
+        [(where.slots[i].node_id, undo_on(p, i)) for p, i in enumerate(live)],
+        lambda: True,  # decided from the start: only the grace is waited
+        nodes.suspects,
+        cancel_left_behind=True,  # (None: unreached, retried below)
+    )
     removed = sum(1 for r in results if r is True)
     if removed:
         UNDONE.inc(removed)
@@ -231,18 +245,23 @@ async def _undo_on(
                  slot.node_id)  # fmt: skip
         return None
     try:
-        return await nodes.shards(slot.node_id).delete_shard(
+        removed = await nodes.shards(slot.node_id).delete_shard(
             slot.drive_id, meta.bucket, meta.key, version, if_data_id=meta.data_id,
             restore_previous=not version,
         )  # fmt: skip
     except errors.NotFound:
+        nodes.suspects.heard(slot.node_id)
         return False
     except errors.KVTierError as exc:
         log.warning(
             "undo of the failed commit of %s/%s on %s failed: %s",
             meta.bucket, meta.key, slot.drive_id, exc,
         )  # fmt: skip
+        if not suspects.is_silence(exc):
+            nodes.suspects.heard(slot.node_id)
         return None
+    nodes.suspects.heard(slot.node_id)
+    return removed
 
 
 async def _retry_undo(

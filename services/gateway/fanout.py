@@ -6,7 +6,8 @@ them, so a small PUT or a GET costs a call per node, not per drive; each drive s
 for itself (its error fails that drive only).
 
 Stragglers (`until_decided`, also for the commits and shard sends of staged writes, a GET's
-shard reads, and, per drive over gRPC (`each_drive`), listings, deletes and aborts): once the
+shard reads, and, per drive over gRPC (`each_drive`), listings, deletes, aborts and tag/ACL
+changes; a failed commit's undo, decided from the start, waits only the grace): once the
 answers in hand decide the call as a down node would leave it decided (a commit or a block of
 shards on its write quorum of drives; metas from all drives but at most the parity count), the
 nodes still out get STRAGGLER_GRACE_S (or STRAGGLER_FACTOR x the time taken so far, whichever is

@@ -5,7 +5,9 @@ LastModified: the current version (or, with a version id, that S3 version, curre
 resolved (the read quorum's, `ObjectEngine.resolve`, pool records followed), then every drive of
 its set rewrites its meta of that version (UpdateMeta by data_id, all drives at once; a drive
 finds a non-current version among the key's kept ones). The change is done once the write quorum
-has it, the rule of a commit; drives that missed it are queued for healing, which rewrites their
+has it, the rule of a commit, and decided there (fanout.each_drive: a silent datanode is left
+behind after the straggler grace, at once while it is suspect, its call running on to its own
+deadline); drives that missed it are queued for healing, which rewrites their
 shard of the current version with the prevailing meta (`versions.prevailing`: the latest change,
 `meta_changed_unix_ns`, stamped once per change and sent to every drive; a drive never takes an
 older change than it holds, so concurrent changes converge on the later one; a read of a
@@ -17,7 +19,6 @@ applied to the new version, as S3 orders the two requests.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Mapping
@@ -27,7 +28,7 @@ from kvtier import errors, objversions
 from kvtier.proto.common.v1 import acl_pb2, common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2
 from services.gateway import datanodes as datanodes_mod
-from services.gateway import healqueue, versions
+from services.gateway import fanout, healqueue, versions
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +98,23 @@ class MetaUpdater:
         # One stamp for every drive: the later of two concurrent changes prevails everywhere.
         stamp = max(time.time_ns(), meta.meta_changed_unix_ns + 1)
 
-        async def update(slot: common_pb2.DriveSlot) -> datanode_pb2.ShardMeta | BaseException:
+        async def update(
+            slot: common_pb2.DriveSlot,
+        ) -> datanode_pb2.ShardMeta | errors.InvalidArgument:
             try:
                 return await self._nodes.shards(slot.node_id).update_meta(
                     slot.drive_id, meta.bucket, meta.key, meta.data_id, tags=tags, acl=acl,
                     changed_unix_ns=stamp,
                 )  # fmt: skip
-            except errors.InvalidArgument:
-                raise  # the change itself is refused: every drive would say so
-            except errors.KVTierError as exc:
+            except errors.InvalidArgument as exc:  # an answer: it counts towards the quorum
                 return exc
 
-        answers = await asyncio.gather(*(update(s) for s in where.slots))
+        answers = await fanout.each_drive(
+            "update_meta", self._nodes, where.slots, update, where.write_quorum
+        )
+        refused = [a for a in answers if isinstance(a, errors.InvalidArgument)]
+        if refused:
+            raise refused[0]  # the change itself is refused: every drive would say so
         done = [a for a in answers if isinstance(a, datanode_pb2.ShardMeta)]
         if len(done) >= where.write_quorum:
             if len(done) < len(where.slots):

@@ -1,7 +1,8 @@
 """The rest of the gateway's paths with a silent datanode (issue 16, the tcp partition of one
 datanode): listings (LIST, ListObjectVersions, multipart Complete's and Abort's scan of the
-parts), deletes (DELETE, the parts' clean-up), a staged write's abort, and a GET whose shard
-reads hang on a node that answered its metadata read. Each is decided without the silent node
+parts), deletes (DELETE, the parts' clean-up), a staged write's abort, tag and ACL changes, a
+DeleteBucket's aborts, the undo of a failed commit, and a GET whose shard reads hang on a node
+that answered its metadata read. Each is decided without the silent node
 after one straggler grace (none once it is suspect), not after the 30 s deadline of its calls;
 a deleted object stays deleted once the node answers again and the heal ran.
 
@@ -14,16 +15,20 @@ of them waited for the silent node (here: until the test's timeout).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from kvtier import errors, objects, principal
-from kvtier.proto.datanode.v1 import shards_pb2
+from kvtier.proto.common.v1 import acl_pb2
+from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
-from services.gateway import datanodes, fanout, healing, placement, versioned
+from services.datanode import shards
+from services.gateway import commits, datanodes, fanout, healing, objectlayer, placement, versioned
 from tests.component import objects_cluster
+from tests.component import test_skew_undo as skew
 from tests.component.test_silent_datanode import Silence, _key_drives, _nodes, one_pool
 
 KIB, MIB = objects_cluster.KIB, objects_cluster.MIB
@@ -32,7 +37,8 @@ GRACE_S = 1.0
 #: Well under the data plane's and gRPC's 30 s deadline, above one grace on a busy machine.
 OP_TIMEOUT_S = 8.0
 
-__all__ = ["one_pool"]
+drives_full = skew.drives_full
+__all__ = ["drives_full", "one_pool"]
 
 
 class GrpcSilence:
@@ -236,5 +242,127 @@ async def test_a_version_deleted_past_a_silent_datanode_stays_deleted(
             listed = await one_pool.front.version_lister.list_versions(stored)
             assert [v.version_id for v in listed.versions] == [first.version_id]
             assert await client.get_object("kept", "v") == v1
+    finally:
+        principal.unbind(bound)
+
+
+_READER = acl_pb2.Acl(
+    grants=[
+        acl_pb2.AclGrant(
+            grantee_type=acl_pb2.GRANTEE_TYPE_ALL_USERS, permission=acl_pb2.ACL_PERMISSION_READ
+        )
+    ]
+)
+
+
+def _drive_metas(cluster: Cluster, bucket: str, key: str) -> dict[str, datanode_pb2.ShardMeta]:
+    """drive id -> the meta of the current version of bucket/key (a storage name) on each
+    drive holding one."""
+    found = {}
+    for drive in cluster.drive_paths():
+        for path in drive.glob(f"objects/{bucket}/*/*/meta"):
+            meta = shards.decode_meta(path.read_bytes(), str(path))
+            if meta.key == key:
+                found[cluster.drive_id(drive)] = meta
+    return found
+
+
+def _upload_drives(cluster: Cluster, upload_id: str) -> set[str]:
+    """The drives still holding the record or a part of a multipart upload."""
+    return {
+        cluster.drive_id(drive)
+        for drive in cluster.drive_paths()
+        for path in drive.glob("objects/*/*/*/meta")
+        if upload_id in shards.decode_meta(path.read_bytes(), str(path)).key
+    }
+
+
+async def test_tags_acl_bucket_aborts_and_undos_leave_a_silent_datanode_behind(
+    one_pool: Cluster, monkeypatch: pytest.MonkeyPatch,
+    drives_full: Callable[[set[int]], None],
+) -> None:  # fmt: skip
+    """One datanode (2 of the 12 drives) goes silent on both planes. PutObjectTagging,
+    PutObjectAcl, DeleteObjectTagging and a DeleteBucket that aborts an upload in progress each
+    finish well within OP_TIMEOUT_S (decided on the write quorum), the tags and ACL read as
+    written. Then the node answers data-plane calls again but not gRPC: a small PUT that misses
+    the write quorum (5 other drives full) fails at once, its undo leaving that node behind
+    after the grace (a retry in the background gets there later). Once the node answers again
+    and the heal ran, its drives hold the new tags and ACL. Before, each waited for the silent
+    node's calls (here: until the test's timeout)."""
+    monkeypatch.setattr(fanout, "STRAGGLER_GRACE_S", GRACE_S)
+    monkeypatch.setattr(commits, "UNDO_RETRY_FIRST_S", 0.05)
+    engine, nodes = one_pool.engine, _nodes(one_pool)
+    monkeypatch.setattr(one_pool.healer, "_absorb", lambda: None)
+    layer = objectlayer.ErasureLayer(one_pool.front)
+    blobs = {key: objects_cluster.data(n, 4 * KIB) for n, key in enumerate(("t", "d", "u"))}
+    tags = {"team": "infra", "tier": "hot"}
+    bound = principal.bind(principal.INSECURE)
+    try:
+        async with await objects.AsyncObjectClient.connect(one_pool.gateway.address) as client:
+            await client.create_bucket("meta")
+            await client.create_bucket("gone")
+            for key, blob in blobs.items():
+                await client.put_object("meta", key, blob)
+            await layer.set_tags("meta", "d", {"old": "1"})
+            upload_id = await client.create_multipart_upload("gone", "mp")
+            await client.upload_part("gone", "mp", upload_id, 1, blobs["t"])
+            stored = one_pool.stored("meta")
+            where = placement.locate(engine.view.current, stored, "t")
+            node_id = where.slots[0].node_id
+            cut = {s.drive_id for s in where.slots if s.node_id == node_id}
+            plane, grpc = Silence(nodes, node_id), GrpcSilence(nodes, node_id)
+            monkeypatch.setattr(nodes, "call", plane.call)
+            monkeypatch.setattr(nodes, "shards", grpc.shards)
+
+            await _quick(layer.set_tags("meta", "t", tags))  # PutObjectTagging: the grace, once
+            assert nodes.suspects.suspect(node_id)
+            monkeypatch.setattr(fanout, "STRAGGLER_GRACE_S", 30.0)  # suspect: no grace
+            await _quick(one_pool.front.set_object_acl("meta", "t", _READER))  # PutObjectAcl
+            await _quick(layer.set_tags("meta", "d", {}))  # DeleteObjectTagging
+            assert grpc.calls.count("update_meta") == 3 * len(cut)  # per drive
+            head = await _quick(layer.head("meta", "t"))
+            assert dict(head.headers.tags) == tags
+            assert (await _quick(engine.resolve(stored, "t"))).meta.acl == _READER
+            assert not (await _quick(layer.head("meta", "d"))).headers.tags
+            assert {(stored, "t"), (stored, "d")} <= set(dict(engine.heal_queue.items()))
+            await _quick(client.delete_bucket("gone"))  # aborts "mp" (front._abort_uploads)
+            assert _upload_drives(one_pool, upload_id) <= cut
+
+            # The node answers the data plane again (a small PUT's commit), not gRPC (the undo).
+            monkeypatch.setattr(nodes, "call", plane.real)
+            monkeypatch.setattr(fanout, "STRAGGLER_GRACE_S", GRACE_S)  # it is heard: the grace
+            where_u = placement.locate(engine.view.current, stored, "u")
+            assert {s.drive_id for s in where_u.slots if s.node_id == node_id} == cut
+            acked = {m.data_id for m in _drive_metas(one_pool, stored, "u").values()}
+            assert len(acked) == 1
+            others = [i for i, s in enumerate(where_u.slots) if s.node_id != node_id]
+            drives_full(set(others[:5]))  # 7 of 12 take it: below the write quorum (8)
+            with pytest.raises(errors.StorageFull):
+                await _quick(client.put_object("meta", "u", objects_cluster.data(50, 4 * KIB)))
+            drives_full(set())
+            assert "delete_shard" in grpc.calls
+            held = {d: m.data_id for d, m in _drive_metas(one_pool, stored, "u").items()}
+            assert {held[d] for d in held if d not in cut} == acked  # undone there
+            assert {held[d] for d in cut}.isdisjoint(acked)  # the undo is still to get there
+            assert await _quick(client.get_object("meta", "u")) == blobs["u"]
+            assert (stored, "u") in dict(engine.heal_queue.items())
+
+            plane.end()
+            grpc.end()  # the partition heals: its drives lack the changes and keep "u"'s
+            metas = _drive_metas(one_pool, stored, "t")
+            assert all(dict(metas[d].tags) == {} for d in cut)
+            for _ in range(100):  # the undo's retry in the background gets there
+                if {m.data_id for m in _drive_metas(one_pool, stored, "u").values()} == acked:
+                    break
+                await asyncio.sleep(0.05)
+            for key in blobs:
+                result = await one_pool.healer.heal_object(stored, key)
+                assert result.outcome is not healing.Outcome.UNRECOVERABLE, key
+            for drive, meta in _drive_metas(one_pool, stored, "t").items():
+                assert (dict(meta.tags), meta.acl) == (tags, _READER), drive
+            assert all(not m.tags for m in _drive_metas(one_pool, stored, "d").values())
+            assert {m.data_id for m in _drive_metas(one_pool, stored, "u").values()} == acked
+            for key, blob in blobs.items():
+                assert await client.get_object("meta", key) == blob, key
     finally:
         principal.unbind(bound)
