@@ -174,6 +174,7 @@ async def _round(
         [(where.slots[i].node_id, counted(i)) for i in live],
         lambda: total.drives >= where.write_quorum,
         nodes.suspects,
+        lacking=lambda: where.write_quorum - total.drives,  # (lost: no wait for a silent node)
     )
     ended[0] = True
     return total

@@ -13,12 +13,14 @@ shards on its write quorum of drives; metas from all drives but at most the pari
 nodes still out get STRAGGLER_GRACE_S (or STRAGGLER_FACTOR x the time taken so far, whichever is
 longer; the wait ends as soon as they have all answered) and are then left behind, counted as
 unavailable, their calls left to end on their own (a shard send's is cancelled: its bytes are a
-staging slot the write gives back). A node left behind is suspect (services.gateway.suspects)
-until it answers a call again, and gets no grace meanwhile: a silent node costs the first
-operation through its sets the grace, not every one. A datanode that drops packets silently (a
-partition, found by the fault suite on the tcp data plane) would otherwise hold every GET and
-PUT of its sets for the data-plane deadline (30 s), past S3 clients' read timeouts, while the
-other drives answered in milliseconds.
+staging slot the write gives back); so once a call on a quorum is lost (the nodes still out, a
+suspect's aside, cannot make up the successes it lacks: a commit that misses its write quorum
+without a silent node fails after the grace, not at that node's deadline). A node left
+behind is suspect (services.gateway.suspects) until it answers a call again, and gets no grace
+meanwhile: a silent node costs the first operation through its sets the grace, not every one.
+A datanode that drops packets silently (a partition, found by the fault suite on the tcp data
+plane) would otherwise hold every GET and PUT of its sets for the data-plane deadline (30 s),
+past S3 clients' read timeouts, while the other drives answered in milliseconds.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ async def until_decided(
     suspects: suspects_mod.Suspects,
     *,
     cancel_left_behind: bool = False,
+    lacking: Callable[[], int] | None = None,
+    weights: Sequence[int] | None = None,
 ) -> list[int]:
     """Run calls (node id, a call that records its own outcome) until all have ended, or until
     decided() holds and the nodes still out have had their grace: the positions (in calls) of
@@ -70,12 +74,21 @@ async def until_decided(
     once decided, their calls are left behind at once; the others are waited for up to the
     grace, which ends early when they have all answered.
 
+    lacking (a call decided on a quorum of successes: how many it still lacks; weights[p]: how
+    many call p can add, 1 each by default): once the calls still out of nodes not suspect
+    cannot make up what is lacking even if all succeed (a suspect's count for nothing: it gets
+    no grace), the call is lost as surely as decided, and ends the same way: the nodes still out
+    get the grace, a suspect none. So a commit that misses its quorum without a silent node
+    fails after the grace at most, not at that node's deadline (30 s).
+
     Left-behind calls run on to their own end (counted in suspects), or with
     cancel_left_behind are cancelled and waited for (their buffers are the caller's again:
     a transport never touches a cancelled call's buffers once it has ended)."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     wait = _Wait(loop, decided, [n for n, _ in calls], suspects)
+    if lacking is not None:
+        wait.count_hope(lacking, weights or [1] * len(calls))
     tasks = []
     for position, (_, call) in enumerate(calls):
         task = asyncio.ensure_future(call)
@@ -109,9 +122,13 @@ async def until_decided(
 class _Wait:
     """until_decided's state: the calls still out, counted by done-callbacks that wake its one
     waiter when what it waits for has happened (decided, or every call answered; then every
-    call of a node that is not suspect answered), so a call costs about what a gather did."""
+    call of a node that is not suspect answered, or the call is lost: `count_hope`), so a call
+    costs about what a gather did."""
 
-    __slots__ = ("_decided", "_graced", "_loop", "_nodes", "_suspects", "_waiter", "out")
+    __slots__ = (
+        "_decided", "_graced", "_hope", "_lacking", "_loop", "_nodes", "_suspects", "_waiter",
+        "_weights", "out",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -128,6 +145,19 @@ class _Wait:
         #: In the grace: the calls still waited for (None: not in the grace yet).
         self._graced: set[int] | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._lacking: Callable[[], int] | None = None
+        #: Per call: the successes it can add (0 for a suspect node's: no grace, no hope).
+        self._weights: list[int] = []
+        #: What the calls still out can add.
+        self._hope = 0
+
+    def count_hope(self, lacking: Callable[[], int], weights: Sequence[int]) -> None:
+        """Also end once the calls still out cannot make up what lacking() says is lacking."""
+        self._lacking = lacking
+        self._weights = [
+            0 if self._suspects.suspect(n) else w for n, w in zip(self._nodes, weights, strict=True)
+        ]
+        self._hope = sum(self._weights)
 
     def grace_for(self) -> bool:
         """Enter the grace: whether any call still out is of a node that is not suspect."""
@@ -136,7 +166,9 @@ class _Wait:
 
     def _satisfied(self) -> bool:
         if self._graced is None:
-            return not self.out or self._decided()
+            if not self.out or self._decided():
+                return True
+            return self._lacking is not None and self._hope < self._lacking()
         return not self._graced
 
     async def until_woken(self, timeout_s: float | None = None) -> None:
@@ -155,6 +187,8 @@ class _Wait:
     def ended(self, position: int, _: asyncio.Future[None]) -> None:
         """A call ended (its outcome is recorded): wake the waiter when it is done waiting."""
         self.out.discard(position)
+        if self._lacking is not None:
+            self._hope -= self._weights[position]
         if self._graced is not None:
             self._graced.discard(position)
         if self._waiter is not None and self._satisfied():
@@ -248,6 +282,8 @@ async def write_small(
         [(n, counted(n, i)) for n, i in groups.items()],
         lambda: total.drives >= where.write_quorum,
         nodes.suspects,
+        lacking=lambda: where.write_quorum - total.drives,
+        weights=[len(i) for i in groups.values()],
     )
     ended[0] = True
     return total
@@ -326,5 +362,6 @@ async def each_drive(
         [(slot.node_id, one(p, slot)) for p, slot in enumerate(slots)],
         lambda: replied[0] >= needed,
         nodes.suspects,
+        lacking=lambda: needed - replied[0],
     )
     return list(answers)  # (a straggler's late answer lands in the old list)

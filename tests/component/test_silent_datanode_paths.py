@@ -286,7 +286,8 @@ async def test_tags_acl_bucket_aborts_and_undos_leave_a_silent_datanode_behind(
     finish well within OP_TIMEOUT_S (decided on the write quorum), the tags and ACL read as
     written. Then the node answers data-plane calls again but not gRPC: a small PUT that misses
     the write quorum (5 other drives full) fails at once, its undo leaving that node behind
-    after the grace (a retry in the background gets there later). Once the node answers again
+    after the grace (a retry in the background gets there later); silent on both planes again,
+    a small PUT that misses the quorum without it fails at once too. Once the node answers again
     and the heal ran, its drives hold the new tags and ACL. Before, each waited for the silent
     node's calls (here: until the test's timeout)."""
     monkeypatch.setattr(fanout, "STRAGGLER_GRACE_S", GRACE_S)
@@ -346,6 +347,16 @@ async def test_tags_acl_bucket_aborts_and_undos_leave_a_silent_datanode_behind(
             assert {held[d] for d in cut}.isdisjoint(acked)  # the undo is still to get there
             assert await _quick(client.get_object("meta", "u")) == blobs["u"]
             assert (stored, "u") in dict(engine.heal_queue.items())
+            # Silent on both planes again (not suspect: the GET heard it): a small PUT that
+            # cannot reach the write quorum even with its drives fails after the grace, not at
+            # its calls' deadline (fanout.until_decided's lacking), and the undo restores "u".
+            monkeypatch.setattr(nodes, "call", plane.call)
+            drives_full(set(others[:5]))  # 5 + its 2 drives: below the write quorum (8)
+            with pytest.raises(errors.StorageFull):
+                await _quick(client.put_object("meta", "u", objects_cluster.data(51, 4 * KIB)))
+            drives_full(set())
+            held = {d: m.data_id for d, m in _drive_metas(one_pool, stored, "u").items()}
+            assert {held[d] for d in held if d not in cut} == acked
 
             plane.end()
             grpc.end()  # the partition heals: its drives lack the changes and keep "u"'s

@@ -196,10 +196,97 @@ async def test_the_happy_path_costs_what_a_gather_does() -> None:
         answered[0] = _CountingTask.callbacks = 0
         calls = [(f"dn-{t // 2}", call(t)) for t in range(12)]
         behind = await fanout.until_decided(
-            "commit", calls, lambda: answered[0] >= 12, suspects.Suspects()
+            "commit",
+            calls,
+            lambda: answered[0] >= 12,
+            suspects.Suspects(),
+            lacking=lambda: 12 - answered[0],
         )
         assert behind == []
         assert answered[0] == 12
         assert _CountingTask.callbacks <= gathered, (_CountingTask.callbacks, gathered)
     finally:
         loop.set_task_factory(None)
+
+
+async def _node(outcome: str, took: list[str], node_id: str) -> None:
+    """A datanode's commit of its 2 drives: "ok" (both took it), "fail" (a refusal), "hang"."""
+    if outcome == "hang":
+        await asyncio.Event().wait()
+    elif outcome == "ok":
+        took.extend([node_id] * 2)
+
+
+async def _commit(outcomes: dict[str, str], book: suspects.Suspects) -> tuple[list[int], float]:
+    """A commit on 6 datanodes of 2 drives each (write quorum 8 drives), as until_decided
+    runs it: the calls left behind and how long it took."""
+    took: list[str] = []
+    calls = [(n, _node(outcomes.get(n, "ok"), took, n)) for n in NODES]
+    return await _timed(
+        fanout.until_decided(
+            "commit",
+            calls,
+            lambda: len(took) >= 8,
+            book,
+            lacking=lambda: 8 - len(took),
+            weights=[2] * len(calls),
+        )
+    )
+
+
+async def test_a_commit_lost_but_for_a_suspect_node_ends_at_once() -> None:
+    """Two nodes refuse, a suspect one hangs: only it could still bring the write quorum, and
+    a suspect gets no grace: the commit is lost at once (before: it waited for the suspect's
+    call, the data plane's 30 s deadline)."""
+    book = suspects.Suspects()
+    book.left_behind("dn-5")
+    behind, took = await _commit({"dn-0": "fail", "dn-1": "fail", "dn-5": "hang"}, book)
+    assert behind == [5]
+    assert took < 0.3, took
+
+
+async def test_a_commit_that_cannot_reach_its_quorum_waits_only_the_grace() -> None:
+    """Three nodes refuse, so even a hanging node that is not suspect cannot bring the quorum:
+    it gets the grace (and is then suspect), a suspect hanging node none."""
+    book = suspects.Suspects()
+    book.left_behind("dn-5")
+    outcomes = {"dn-0": "fail", "dn-1": "fail", "dn-2": "fail", "dn-4": "hang", "dn-5": "hang"}
+    behind, took = await _commit(outcomes, book)
+    assert behind == [4, 5]
+    assert 0.4 < took < 3, took
+    assert book.suspect("dn-4")
+
+
+async def test_a_commit_waits_for_nodes_that_could_still_reach_its_quorum() -> None:
+    """Two nodes refuse and one that is not suspect hangs: its drives could still bring the
+    quorum, so the commit waits for it (here: until the test's bound), as for every node of
+    an undecided call."""
+    book = suspects.Suspects()
+    outcomes = {"dn-0": "fail", "dn-1": "fail", "dn-4": "hang"}
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(_commit(outcomes, book), timeout=1.5)
+    assert not book.suspect("dn-4")
+
+
+async def test_a_small_write_lost_but_for_a_suspect_node_ends_at_once() -> None:
+    """fanout.write_small counts a node's drives: 4 drives full and a suspect node's 2 out
+    leave 6, below the write quorum (8) without the suspect: the write ends at once."""
+    where = _where()
+    nodes = Nodes(silent={"dn-5"})
+    nodes.suspects.left_behind("dn-5")
+    real = nodes.write_small
+
+    async def full_on_two(node_id: str, entries: Sequence[Any]) -> list[Any]:
+        results = await real(node_id, entries)
+        if node_id in ("dn-0", "dn-1"):
+            return [shards_pb2.ShardResult(error_kind="StorageFull") for _ in entries]
+        return results
+
+    nodes.write_small = full_on_two  # type: ignore[method-assign]
+    done, took = await _timed(
+        fanout.write_small(nodes, where, datanode_pb2.ShardMeta(), range(12), [b"x"] * 12)  # type: ignore[arg-type]
+    )
+    assert done.drives == 6
+    assert done.full
+    assert took < 0.3, took
+    nodes.released.set()
