@@ -76,7 +76,7 @@ def get_batch(
     views = [base.as_buffer(b, writable=True) for b in buffers]
     if blocksums.parallel(views):
         return None  # a large batch: hashed on threads by the full path
-    jobs = _jobs(client, keys, 0, lambda plan: [views[i] for i in plan.indices])
+    jobs = _jobs(client, keys, 0, views)
     if jobs is None:
         return None
     for job in jobs:
@@ -103,20 +103,25 @@ def _got(
 ) -> None:  # fmt: skip
     """Take one node's get reply: sizes of the hits, verified against their checksums."""
     client._set.saw_epoch(reply.epoch)
-    items = reply.items
-    for index, view, item in zip(job.plan.indices, job.intos, items, strict=True):
-        if item.status == pb.ITEM_STATUS_OK:
-            sizes[index] = item.size
-        elif item.status == pb.ITEM_STATUS_BUFFER_TOO_SMALL:
+    verify = client.verify_checksums
+    wrong: list[tuple[int, memoryview, int]] = []  # (position, bytes read, expected checksum)
+    found: list[int] = []
+    for index, view, item in zip(job.plan.indices, job.intos, reply.items, strict=True):
+        status = item.status
+        if status == pb.ITEM_STATUS_OK:
+            size = sizes[index] = item.size
+            # Checked as the hits are taken (`kv.checksummed`, without a list per reply).
+            if verify and item.HasField("checksum"):
+                got = blocksums.checksum(view[:size])
+                if got != item.checksum:
+                    wrong.append((index, view[:size], item.checksum))
+                    found.append(got)
+        elif status == pb.ITEM_STATUS_BUFFER_TOO_SMALL:
             raise errors.InvalidArgument(
                 f"buffer {index} holds {view.nbytes} bytes; its block has {item.size}"
             )
-    if not client.verify_checksums:
-        return
-    checked = kv.checksummed(job.plan, job.intos, items)
-    found = [blocksums.checksum(view) for _, view, _ in checked]
-    bad = client.mismatches(job.plan, keys, checked, found, sizes)
-    if bad:
+    if wrong:
+        bad = client.mismatches(job.plan, keys, wrong, found, sizes)
         loop.run_until_complete(client._drop_corrupt(job.plan.node, bad))
 
 
@@ -127,7 +132,7 @@ def exists_batch(
     if not keys:
         return None
     started = time.perf_counter()
-    jobs = _jobs(client, keys, 0, lambda plan: ())
+    jobs = _jobs(client, keys, 0, None)
     if jobs is None:
         return None
     for job in jobs:
@@ -160,7 +165,7 @@ def lookup(
         return None
     probe = kvnodes.ChainProbe(chain, client.replicas)
     while (plans := probe.next_plans(client._set)) is not None:
-        jobs = _sessions(client, plans, lambda plan: ())
+        jobs = _sessions(client, plans, None)
         if jobs is None:
             return None
         for job in jobs:
@@ -191,7 +196,7 @@ def score(
     if not client._set.current():
         return None
     plans = client._set.plans(chain, 0)
-    jobs = _sessions(client, plans, lambda plan: ())
+    jobs = _sessions(client, plans, None)
     if jobs is None:
         return None
     for job in jobs:
@@ -211,17 +216,18 @@ def score(
 
 
 def _jobs(
-    client: kv.AsyncKVClient, keys: Sequence[bytes], rank: int, intos: Any
+    client: kv.AsyncKVClient, keys: Sequence[bytes], rank: int, views: list[memoryview] | None
 ) -> list[_Job] | None:
     """One job per owner node of the keys, or None when the map or a session is not ready."""
     if not client._set.current():
         return None
-    return _sessions(client, client._set.plans(keys, rank), intos)
+    return _sessions(client, client._set.plans(keys, rank), views)
 
 
 def _sessions(
-    client: kv.AsyncKVClient, plans: Sequence[kvnodes.Plan], intos: Any
+    client: kv.AsyncKVClient, plans: Sequence[kvnodes.Plan], views: list[memoryview] | None
 ) -> list[_Job] | None:
+    """One job per plan; views: the receive buffers of the keys (each job takes its plan's)."""
     if not client._use_calls:
         return None
     jobs = []
@@ -229,7 +235,13 @@ def _sessions(
         session = client._set.open_session(plan.node)
         if session is None or not isinstance(session.transport, tcp.Client):
             return None
-        jobs.append(_Job(plan, session.transport, b"", intos(plan)))
+        if views is None:
+            intos: Sequence[memoryview] = ()
+        elif len(plans) == 1 and len(plan.indices) == len(views):
+            intos = views  # one node owns them all, in order
+        else:
+            intos = [views[i] for i in plan.indices]
+        jobs.append(_Job(plan, session.transport, b"", intos))
     return jobs
 
 
@@ -240,6 +252,8 @@ def _run(
     """Send every job's call, then take the replies in turn: each reply message, None for a
     node that could not answer (marked down), or None for all when a call could not be sent
     (the connection is lost or busy; what was sent is still waited for)."""
+    if len(jobs) == 1:
+        return _run_one(client, loop, jobs[0], method, op)
     sent: list[_Job] = []
     try:
         for job in jobs:
@@ -268,6 +282,22 @@ def _run(
     if any(reply is _LOST for reply in replies):
         return None  # the full path retries on a fresh connection
     return [reply if isinstance(reply, bytes) else None for reply in replies]
+
+
+def _run_one(
+    client: kv.AsyncKVClient, loop: asyncio.AbstractEventLoop, job: _Job, method: int, op: str
+) -> list[bytes | None] | None:
+    """`_run` of a single job (one owner node: every single-key operation)."""
+    try:
+        job.op = job.transport.begin_call_now(method, job.request, job.intos)
+    except base.PeerLost:
+        return None
+    if job.op is None:
+        return None
+    reply = _reply(client, loop, job, op, SPIN_S)
+    if reply is _LOST:
+        return None
+    return [reply if isinstance(reply, bytes) else None]
 
 
 _LOST = object()

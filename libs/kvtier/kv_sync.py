@@ -42,16 +42,20 @@ class KVClient:
         return cls(inner, loop)
 
     def _short(
-        self, short: Callable[[], T | None], full: Callable[[], Coroutine[Any, Any, T]]
+        self,
+        short: Callable[..., T | None],
+        full: Callable[..., Coroutine[Any, Any, T]],
+        *args: Any,
     ) -> T:
-        """The short path (`kvtier.kv_now`), else the full operation on the loop."""
+        """The short path, `short(inner, loop, *args)` (`kvtier.kv_now`), else the full
+        operation on the loop, `full(*args)` (no closures built per call)."""
         with self._lock:
             if self._loop.is_closed():
                 raise errors.Unavailable("the KV client is closed")
-            result = short()
+            result = short(self._inner, self._loop, *args)
             if result is not None:
                 return result
-            return self._loop.run_until_complete(full())
+            return self._loop.run_until_complete(full(*args))
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         with self._lock:
@@ -122,10 +126,7 @@ class KVClient:
         if timeout_s is not None:
             return self._run(self._inner.get_batch(keys, buffers, timeout_s=timeout_s))
         with tracing.op_span(kv.GET_SPAN, attributes={"kvtier.kv.keys": len(keys)}):
-            return self._short(
-                lambda: kv_now.get_batch(self._inner, self._loop, keys, buffers),
-                lambda: self._inner.get_batch(keys, buffers),
-            )
+            return self._short(kv_now.get_batch, self._inner.get_batch, keys, buffers)
 
     def get(self, key: bytes, buffer: Any) -> int | None:
         """See `kvtier.kv.AsyncKVClient.get`."""
@@ -136,10 +137,7 @@ class KVClient:
         """See `kvtier.kv.AsyncKVClient.exists_batch`."""
         if timeout_s is not None:
             return self._run(self._inner.exists_batch(keys, timeout_s=timeout_s))
-        return self._short(
-            lambda: kv_now.exists_batch(self._inner, self._loop, keys),
-            lambda: self._inner.exists_batch(keys),
-        )
+        return self._short(kv_now.exists_batch, self._inner.exists_batch, keys)
 
     def score(
         self, chain: Sequence[bytes], *, timeout_s: float | None = None
@@ -147,19 +145,13 @@ class KVClient:
         """See `kvtier.kv.AsyncKVClient.score` (it takes the short path when it can)."""
         if timeout_s is not None:
             return self._run(self._inner.score(chain, timeout_s=timeout_s))
-        return self._short(
-            lambda: kv_now.score(self._inner, self._loop, chain),
-            lambda: self._inner.score(chain),
-        )
+        return self._short(kv_now.score, self._inner.score, chain)
 
     def lookup(self, chain: Sequence[bytes], *, timeout_s: float | None = None) -> int:
         """See `kvtier.kv.AsyncKVClient.lookup`."""
         if timeout_s is not None:
             return self._run(self._inner.lookup(chain, timeout_s=timeout_s))
-        return self._short(
-            lambda: kv_now.lookup(self._inner, self._loop, chain),
-            lambda: self._inner.lookup(chain),
-        )
+        return self._short(kv_now.lookup, self._inner.lookup, chain)
 
     def delete(self, keys: Sequence[bytes]) -> int:
         """See `kvtier.kv.AsyncKVClient.delete`."""

@@ -74,7 +74,7 @@ class BlockService(
     ) -> base.CallPlan | Awaitable[base.CallPlan]:
         """The node's `kvtier.transport.base.CallHandler`."""
         tracing.name_call("kvcache", pb.CallMethod, method)
-        tenant = _session_tenant(principal)
+        tenant = _TENANTS.get(principal) or _session_tenant(principal)
         if method == pb.CALL_METHOD_BATCH_PUT:
             return self._call_put(
                 tenant, calls.parse_request(pb.BatchPutRequest, request), segments
@@ -112,6 +112,11 @@ async def _plan_of(reply: Awaitable[Any]) -> base.CallPlan:
     return base.CallPlan(reply=(await reply).SerializeToString())
 
 
+#: The tenants of the session principals seen lately (a principal's tenant never changes).
+_TENANTS: dict[str, str] = {}
+_MAX_TENANTS = 4096
+
+
 def _session_tenant(principal: str) -> str:
     """The tenant of a data-plane session's principal. PermissionDenied for a session that acts
     for no tenant (`@gateway/...`): it may not reach, or create, any tenant's blocks."""
@@ -120,4 +125,7 @@ def _session_tenant(principal: str) -> str:
         raise errors.PermissionDenied(
             f"the data-plane session {tenant or '?'} acts for no tenant: it has no blocks here"
         )
+    if len(_TENANTS) >= _MAX_TENANTS:
+        _TENANTS.clear()
+    _TENANTS[principal] = tenant
     return tenant

@@ -51,14 +51,22 @@ def check_request(
     return message
 
 
+#: Compiled formats of the u64 runs that calls carry, by count (a call's hot path: no format
+#: string built and looked up per call).
+_U64S = [struct.Struct(f"<{count}Q") for count in range(65)]
+
+
 def pack_u64s(values: Sequence[int]) -> bytes:
     """Little-endian u64s (segment lengths, capacities, reply lengths)."""
-    return struct.pack(f"<{len(values)}Q", *values)
+    count = len(values)
+    form = _U64S[count] if count < len(_U64S) else struct.Struct(f"<{count}Q")
+    return form.pack(*values)
 
 
 def unpack_u64s(data: Any, offset: int, count: int) -> tuple[int, ...]:
     """count little-endian u64s from data[offset:]."""
-    return struct.unpack_from(f"<{count}Q", data, offset)
+    form = _U64S[count] if count < len(_U64S) else struct.Struct(f"<{count}Q")
+    return form.unpack_from(data, offset)
 
 
 class ServerCall:
@@ -106,15 +114,17 @@ class ServerCall:
         handler = ctx.call_handler
         if handler is None:
             raise errors.Unavailable("this node serves no data-plane calls")
-        token = base.LOCAL_WRITER.set(local_writer)
+        # LOCAL_WRITER is False outside a handler's run: set only for the calls that change it.
+        token = base.LOCAL_WRITER.set(True) if local_writer else None
         try:
             if trace and trace != tracing.NO_WIRE:
                 plan = self._start_traced(handler, principal, method, request, trace)
             else:
                 plan = handler(principal, method, request, self.segments, self.capacities)
         finally:
-            base.LOCAL_WRITER.reset(token)
-        if not isinstance(plan, base.CallPlan) and inspect.isawaitable(plan):
+            if token is not None:
+                base.LOCAL_WRITER.reset(token)
+        if type(plan) is not base.CallPlan and inspect.isawaitable(plan):
             return plan
         self.planned(plan)
         return None
@@ -148,9 +158,11 @@ class ServerCall:
             self.finish(False)
             raise _bug(f"a {type(plan).__name__} instead of a CallPlan")
         self.plan = plan
+        sinks = plan.sinks
+        if not sinks:
+            return  # every segment (if any) is dropped: nothing to check
         try:
-            sinks = plan.sinks
-            if sinks and len(sinks) != len(self.segments):
+            if len(sinks) != len(self.segments):
                 raise _bug(f"{len(sinks)} sinks for {len(self.segments)} segments")
             for sink, length in zip(sinks, self.segments, strict=False):
                 if sink is not None and sink.length != length:
@@ -207,6 +219,8 @@ class ServerCall:
         self, ctx: base.ServerContext, spans: Sequence[base.Span | None], owner: object
     ) -> None:
         """Lease the spans that move bytes (for whoever reuses region memory; see LeaseTable)."""
+        if not spans:
+            return
         until = base.now_ms() + int(LEASE_S * 1000)
         for span in spans:
             if span is not None and span.length:

@@ -179,16 +179,22 @@ class Client:
         Raises InvalidArgument as `call` does."""
         bufs = [base.as_buffer(into, writable=True) for into in intos]
         message = calls.check_request(method, request, (), bufs)
-        if self._closed or any(conn.send_blocked for conn in self._conns):
+        if self._closed:
             return None
-        conn = self._pick()
+        conn: tcp_client.Connection | None = None
+        for each in self._conns:  # `_pick`, and no connection may wait for the loop to send
+            if each._writing:  # send_blocked, without a property call per connection
+                return None
+            if not each.closed and (conn is None or each.load < conn.load):
+                conn = each
+        if conn is None:
+            raise base.PeerLost("every tcp data-plane connection to the peer is lost")
         loop = conn.loop
         op = tcp_client.CallOp(method, message, (), bufs, next(self._ids), loop)
         if not self._budget.take_now(op.nbytes):
             return None
         op.deadline = loop.time() + self._settings.timeout_s
-        conn.enqueue(op)
-        conn.kick()
+        conn.send_now(op)
         return op
 
     def wait_now(self, op: tcp_client.CallOp, spin_s: float) -> bool:

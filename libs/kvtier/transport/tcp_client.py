@@ -176,6 +176,28 @@ class Connection(tcp_wire.Channel):
         self._out.append(op)
         self.load += op.nbytes + _PER_OP_LOAD
 
+    def send_now(self, op: CallOp) -> None:
+        """`enqueue` and `kick` for a call without segments: sent in one sendmsg when nothing
+        is queued before it (no iov gathered, no frame bookkeeping), else queued as usual."""
+        op.conn, op.state = self, _QUEUED
+        self._pending.append(op)
+        self.load += op.nbytes + _PER_OP_LOAD
+        if self._out or self._tls is not None or self.closed:
+            self._out.append(op)
+            self.kick()
+            return
+        try:
+            sent = self.sock.sendmsg(op.parts.items)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._lost(f"{type(exc).__name__}: {exc}")
+            return
+        op.sent = sent  # what went out (`abandon` tells a call that left from one that did not)
+        if sent < op.size:  # the socket is full: the rest goes as any queued frame's does
+            self._out.append(op)
+            self.flush()
+
     def abandon(self, op: Op) -> None:
         """Forget op if it has not left yet; else keep the stream intact without its buffer."""
         if op.state != _QUEUED or self.closed:
@@ -335,7 +357,26 @@ class Connection(tcp_wire.Channel):
         ):
             raise tcp_wire.ProtocolError("call reply lengths do not fit the receive buffers")
         self._rx_pos = 0
-        self._next_into(op, 0)
+        if op.total and len(op.intos) == 1 and not op.fut.done():
+            self._one_into(op, op.intos[0][: op.total])
+        else:
+            self._next_into(op, 0)
+
+    def _one_into(self, op: CallOp, into: memoryview) -> None:
+        """The payload of a call with one receive buffer (a single get): the staged bytes, then
+        straight from the socket, in this turn as far as it has them (what `_take_call` does,
+        without a parser step per recv); the rest, if any, arrives through `_take_call`."""
+        op.index, self._rx_call = 0, op  # a connection lost meanwhile fails op (`_lost`)
+        need = into.nbytes
+        got = self._unstage(into, need) if self._tail > self._head else 0
+        while got < need:
+            self._rx_pos = got
+            more = self._recv(into[got:])
+            if not more:
+                return
+            got += more
+        self._rx_pos, self._rx_call = 0, None
+        self._done(op, None)
 
     def _next_into(self, op: CallOp, index: int) -> None:
         """Point at the next buffer that gets bytes, or complete op when none is left."""

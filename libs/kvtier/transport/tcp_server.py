@@ -134,7 +134,7 @@ class _ServerConnection(tcp_wire.Channel):
                 self._head += tcp_wire.REQUEST.size
                 self._request(*fields)
             return True
-        return self._fill()
+        return self._recvs_left > 0 and self._fill()  # none left: the socket is drained
 
     def _hello(self, token: bytes) -> None:
         self._hello_timer.cancel()
@@ -262,6 +262,10 @@ class _ServerConnection(tcp_wire.Channel):
             if pending is not None:  # the sinks are not known yet: parse nothing until they are
                 self._planning = True
                 self._awaits.run(call, pending, functools.partial(self._planned, head))
+                return
+            if not head.n_segs:  # nothing to receive (gets, probes): answer now
+                self._arriving = None
+                self._call_reply(call, None)
                 return
             head.sinks = call.sinks()
             call.lease(self._ctx, head.sinks, self)
