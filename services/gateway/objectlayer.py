@@ -166,10 +166,10 @@ class ObjectLayer(Protocol):
         *,
         checksum_algorithms: Sequence[str] = (),
     ) -> pb.PartInfo:
-        """Store body (req.size bytes) as a part of an upload (NoSuchUpload), hashed also with
-        checksum_algorithms (trailers to come) and its digests checked (errors.DigestMismatch)
-        as `put` checks them; the part's info (its ETag the MD5). The layer's own limits are
-        InvalidArgument (EntityTooLarge)."""
+        """Store body (req.size bytes; body.size -1: until it ends, req.size its bound) as a
+        part of an upload (NoSuchUpload), hashed also with checksum_algorithms (trailers to
+        come) and its digests checked (errors.DigestMismatch) as `put` checks them; the part's
+        info (its ETag the MD5). The layer's own limits are InvalidArgument (EntityTooLarge)."""
         ...
 
     async def copy_part(self, req: pb.UploadPartCopyRequest) -> pb.UploadPartCopyResponse:

@@ -1,15 +1,23 @@
 """Multipart behaviours as S3 has them, with boto3 against a real dev cluster: Complete sent
 again answers the completed object (on both bucket kinds), GetObject/HeadObject of one part
-(`partNumber`), and the pagination of ListParts and ListMultipartUploads. Every read compares
-bytes."""
+(`partNumber`), the pagination of ListParts and ListMultipartUploads, and UploadPart with a
+plain `Transfer-Encoding: chunked` body (http.client, signed with botocore's SigV4Auth). Every
+read compares bytes."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import http.client
+import urllib.parse
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
 from tests.integration import s3_cluster
@@ -39,10 +47,15 @@ def s3(s3_cluster_fixture: dict[str, Any]) -> Any:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def other(s3_cluster_fixture: dict[str, Any]) -> Any:  # noqa: F811
+def other_keys(s3_cluster_fixture: dict[str, Any]) -> tuple[str, str]:  # noqa: F811
+    """(access key, secret) of a user of another tenant."""
+    return s3_cluster.add_user(s3_cluster_fixture, "t-mp-other")
+
+
+@pytest.fixture(scope="module")
+def other(s3_cluster_fixture: dict[str, Any], other_keys: tuple[str, str]) -> Any:  # noqa: F811
     """A user of another tenant."""
-    keys = s3_cluster.add_user(s3_cluster_fixture, "t-mp-other")
-    return s3_cluster.client(s3_cluster_fixture, *keys)
+    return s3_cluster.client(s3_cluster_fixture, *other_keys)
 
 
 def _upload(
@@ -333,3 +346,110 @@ def test_list_multipart_uploads_pages(s3: Any, other: Any) -> None:
     with pytest.raises(ClientError) as denied:
         other.list_multipart_uploads(Bucket="mp-lu")
     assert _code(denied) == ("AccessDenied", 403)
+
+
+# 6. UploadPart with a plain chunked body (Transfer-Encoding: chunked, no Content-Length).
+
+#: The largest KV part (services/gateway/s3/kv_layout.py MAX_KV_OBJECT_BYTES).
+MAX_KV_PART = 64 * MIB
+
+
+def _chunked_part(
+    info: dict[str, Any],
+    keys: tuple[str, str],
+    where: tuple[str, str, str, int],
+    data: bytes,
+    payload_hash: str,
+    extra: dict[str, str] | None = None,
+) -> tuple[int, bytes, str]:
+    """An UploadPart of data to where (bucket, key, upload id, part number) with a chunked
+    body, signed for keys with payload_hash: (status, body, ETag header)."""
+    bucket, key, uid, number = where
+    path = f"/{bucket}/{key}?partNumber={number}&uploadId={urllib.parse.quote(uid, safe='')}"
+    url = info["gateway_s3"].rstrip("/") + path
+    request = AWSRequest(
+        method="PUT", url=url, headers={"x-amz-content-sha256": payload_hash, **(extra or {})}
+    )
+    SigV4Auth(Credentials(*keys), "s3", "us-east-1").add_auth(request)
+    split = urllib.parse.urlsplit(url)
+    headers = {**dict(request.headers.items()), "Host": split.netloc}
+    assert split.hostname
+    conn = http.client.HTTPSConnection(
+        split.hostname, split.port, context=s3_cluster.tls_context(info), timeout=60
+    )
+    step = 3 * MIB + 7
+
+    def pieces() -> Iterator[bytes]:
+        for at in range(0, len(data), step):
+            yield data[at : at + step]
+
+    try:
+        # An iterable body and no Content-Length: http.client sends Transfer-Encoding: chunked.
+        conn.request("PUT", path, body=pieces(), headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read(), response.getheader("ETag", "")
+    finally:
+        conn.close()
+
+
+def _listed(s3: Any, bucket: str, key: str, uid: str) -> list[tuple[int, int, str]]:
+    parts = s3.list_parts(Bucket=bucket, Key=key, UploadId=uid).get("Parts", [])
+    return [(p["PartNumber"], p["Size"], p["ETag"]) for p in parts]
+
+
+@pytest.mark.parametrize("kind", ["objects", "kv"])
+def test_upload_part_with_plain_chunked_body(
+    s3: Any,
+    s3_cluster_fixture: dict[str, Any],  # noqa: F811
+    other_keys: tuple[str, str],
+    kind: str,
+) -> None:
+    """A part streamed without Content-Length is stored as it comes (S3 takes it when the
+    request is signed, UNSIGNED-PAYLOAD or the body's hash), its digests checked as a PUT's,
+    its ETag the MD5; on a KV bucket past the KV bound it is EntityTooLarge, counted while
+    streaming, and nothing is stored. (An erasure-coded part's bound is S3's 5 GiB, which has
+    no smaller setting: too big to send here.)"""
+    info = s3_cluster_fixture
+    admin = (info["s3_access_key"], info["s3_secret_key"])
+    bucket = "mp-chunked" if kind == "objects" else "mp-chunked-kv"
+    _create_bucket(s3, bucket, kind)
+    uid = s3.create_multipart_upload(Bucket=bucket, Key="k")["UploadId"]
+    first, last = _data(20, 5 * MIB + 321), _data(21, 1000)
+    status, body, etag1 = _chunked_part(
+        info, admin, (bucket, "k", uid, 1), first, "UNSIGNED-PAYLOAD"
+    )
+    assert status == 200, body
+    assert etag1 == f'"{hashlib.md5(first).hexdigest()}"'
+    signed = _sha(last)
+    status, body, etag2 = _chunked_part(info, admin, (bucket, "k", uid, 2), last, signed)
+    assert status == 200, body
+    assert etag2 == f'"{hashlib.md5(last).hexdigest()}"'
+    stored = [(1, len(first), etag1), (2, len(last), etag2)]
+    assert _listed(s3, bucket, "k", uid) == stored
+
+    # Digests are checked once the body is in; a failed part is not stored.
+    status, body, _ = _chunked_part(info, admin, (bucket, "k", uid, 3), last[1:], signed)
+    assert (status, b"<Code>XAmzContentSHA256Mismatch</Code>" in body) == (400, True), body
+    wrong_md5 = {"Content-MD5": base64.b64encode(hashlib.md5(first).digest()).decode()}
+    status, body, _ = _chunked_part(
+        info, admin, (bucket, "k", uid, 2), last, "UNSIGNED-PAYLOAD", wrong_md5
+    )
+    assert (status, b"<Code>BadDigest</Code>" in body) == (400, True), body
+    if kind == "kv":  # one byte over the bound, over part 1: refused, part 1 stays as it was
+        over = _data(22, MAX_KV_PART + 1)
+        status, body, _ = _chunked_part(
+            info, admin, (bucket, "k", uid, 1), over, "UNSIGNED-PAYLOAD"
+        )
+        assert (status, b"<Code>EntityTooLarge</Code>" in body) == (400, True), body
+    # Another tenant's chunked UploadPart is denied.
+    status, body, _ = _chunked_part(
+        info, other_keys, (bucket, "k", uid, 3), last, "UNSIGNED-PAYLOAD"
+    )
+    assert (status, b"<Code>AccessDenied</Code>" in body) == (403, True), body
+    assert _listed(s3, bucket, "k", uid) == stored
+
+    parts = [{"PartNumber": 1, "ETag": etag1}, {"PartNumber": 2, "ETag": etag2}]
+    done = _complete(s3, bucket, "k", uid, parts)
+    assert done["ETag"].endswith('-2"')
+    got = s3.get_object(Bucket=bucket, Key="k")
+    assert (got["ETag"], _sha(got["Body"].read())) == (done["ETag"], _sha(first + last))

@@ -95,8 +95,9 @@ async def upload_part(
     algorithms: Sequence[str] = (),
 ) -> pb.PartInfo:
     """UploadPart: the part's blocks (at most MAX_KV_OBJECT_BYTES, EntityTooLarge before the
-    upload is looked at: no object could hold more), hashed with the upload's checksum
-    algorithm and algorithms, its digests checked (`kv_layout.receive`); the part's info."""
+    upload is looked at: no object could hold more; a plain chunked body's once it passes
+    them, nothing stored), hashed with the upload's checksum algorithm and algorithms, its
+    digests checked (`kv_layout.receive`); the part's info."""
     if body.size > kv_layout.MAX_KV_OBJECT_BYTES:
         raise kv_layout.too_large(kv_layout.MAX_KV_OBJECT_BYTES)
     if not 1 <= req.part_number <= multipart.MAX_PART_NUMBER:

@@ -61,14 +61,17 @@ async def upload_part(s3: s3request.Door, req: s3request.S3Request) -> web.Respo
         return await upload_part_copy(s3, req, layer)
     number = _part_number(req)
     size = req.payload.size
-    if size < 0:
+    if size < 0 and "chunked" not in req.header("Transfer-Encoding").lower():
         raise s3errors.S3Error("MissingContentLength", "You must provide the Content-Length.")
     if size > MAX_PART_BYTES:
         raise s3errors.S3Error("EntityTooLarge", "A part may hold 5 GiB at most.")
-    put = object_ops.begin_request(req, req.bucket, req.key, size)
+    # A plain chunked body streams until it ends, the bound enforced as it comes (the layer's
+    # own where smaller: a KV bucket's).
+    bound = size if size >= 0 else MAX_PART_BYTES
+    put = object_ops.begin_request(req, req.bucket, req.key, bound)
     request = pb.BeginUploadPartRequest(
         bucket=req.bucket, key=req.key, upload_id=req.query["uploadId"], part_number=number,
-        size=size, expected_md5=put.expected_md5, expected_checksums=put.expected_checksums,
+        size=bound, expected_md5=put.expected_md5, expected_checksums=put.expected_checksums,
     )  # fmt: skip
     try:
         # Announced checksums too (a trailer's, e.g. boto3's default CRC32 over HTTPS).
