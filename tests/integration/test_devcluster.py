@@ -25,6 +25,7 @@ import kvtier
 from kvtier import membership, rpc, security
 from kvtier.proto.common.v1 import common_pb2
 from tests.integration.conftest import (
+    cli_env,
     cluster_security,
     kvtier_cmd,
     pid_alive,
@@ -306,11 +307,15 @@ def test_dev_cluster_lifecycle(state_dir: Path) -> None:
 
 
 def _up_small_detached(state_dir: Path) -> subprocess.CompletedProcess[str]:
-    """`kvtier up --detach` with a small cluster (2 datanodes x 2 drives, 1 kvcache node)."""
+    """`kvtier up --detach` with a small cluster (2 datanodes x 2 drives, 1 kvcache node),
+    its services without the lame-duck linger on shutdown (drain_linger_s, covered by
+    tests/fault/test_rolling.py and by test_dev_cluster_lifecycle's stop): `down` stops the
+    roles one after another, and 1 s per data-plane role was most of its time."""
+    roles = ("DATANODE", "KVCACHE", "GATEWAY")
     return kvtier_cmd(
         "up", "--state-dir", str(state_dir), "--detach", "--datanodes", "2",
         "--drives-per-datanode", "2", "--kvcache-nodes", "1", "--lease-ttl-s", "2",
-        timeout_s=150,
+        timeout_s=150, env=cli_env(**{f"KVTIER_{role}_DRAIN_LINGER_S": "0" for role in roles}),
     )  # fmt: skip
 
 
