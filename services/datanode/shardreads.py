@@ -106,12 +106,13 @@ class ShardReads(shardversions.VersionedShards):
         )
         return found is None
 
-    def verify(self, bucket: str, key: str) -> list[BadBlock]:
-        """Every (part, block) of the object's shard here that is missing or fails its checksum.
+    def verify(self, bucket: str, key: str, version: str = "") -> list[BadBlock]:
+        """Every (part, block) of the object's shard here (version: that S3 version's,
+        current or not) that is missing or fails its checksum.
 
         Raises NotFound when the object is absent and Corrupt when its meta is unreadable.
         """
-        meta = self.read_meta(bucket, key)
+        meta = self.read_meta(bucket, key, version)
         size = meta.block_bytes
         largest = max((p.shard_bytes for p in meta.parts), default=0)
         scratch = memoryview(bytearray(min(_VERIFY_BLOCKS * size, largest)))

@@ -408,6 +408,8 @@ class ShardStore(shardrecovery.ShardRecovery):
         ) in self._journaled:
             self.checkpoint()  # a replay would put the journaled, newer version back
         with self._key_lock(object_dir):
+            if write.noncurrent:
+                self._refuse_as_current(object_dir, meta)
             if meta.keep_versions and write.resendable:
                 self._refuse_older(object_dir, meta)
             if meta.keep_versions:

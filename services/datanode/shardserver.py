@@ -4,7 +4,9 @@ Bytes travel as data-plane calls (`handle_call`): WRITE_SHARD lands a write's sh
 staging slot of the node's region, then appends them to the staged write on disk; READ_SHARD
 reads verified blocks from disk into a staging slot and sends them from there; WRITE_SMALL stages
 and commits small shards of one object on any of the node's drives in one call
-(`shards.ShardStore.write_small`: inline in the meta, durable by the drive's journal), and
+(`shards.ShardStore.write_small`: inline in the meta, durable by the drive's journal; the
+shards come in the call's segments, landed in a staging slot, or in the request itself, the
+gateway's choice for a call of a few KiB: no slot, and one round trip on shm), and
 READ_METAS reads the object's meta on several of its drives in one call (a small object's GET).
 Control requests (commit, abort, metadata, delete, listing, verify) come over gRPC through the
 servicer. Disk work runs in a bounded thread pool, never on the event loop; a full set of
@@ -92,8 +94,9 @@ class ShardNode:
         request: bytes,
         segments: Sequence[int],
         capacities: Sequence[int],
-    ) -> Awaitable[base.CallPlan]:
-        """The node's `kvtier.transport.base.CallHandler` (asynchronous)."""
+    ) -> base.CallPlan | Awaitable[base.CallPlan]:
+        """The node's `kvtier.transport.base.CallHandler` (asynchronous but for WRITE_SMALL
+        with its shards inline)."""
         tracing.name_call("datanode", pb.ShardCallMethod, method)
         if method == pb.SHARD_CALL_METHOD_WRITE_SHARD:
             write = calls.parse_request(pb.WriteShardRequest, request)
@@ -156,21 +159,49 @@ class ShardNode:
 
         return base.CallPlan(sinks=sinks, on_received=on_received, on_done=on_done)
 
-    async def _small_plan(
+    def _small_plan(
         self, req: pb.WriteSmallRequest, segments: Sequence[int]
-    ) -> base.CallPlan:
+    ) -> base.CallPlan | Awaitable[base.CallPlan]:
+        """WRITE_SMALL's plan: shards inline in the request (no segments: no staging slot, and
+        one round trip on shm) or in the segments (landed in a staging slot)."""
         sizes = [e.meta.parts[0].shard_bytes if len(e.meta.parts) == 1 else -1 for e in req.shards]
-        total = sum(segments)
-        if not 1 <= len(sizes) <= _MAX_DRIVES_PER_CALL or min(sizes) < 0 or sum(sizes) != total:
+        held = [len(e.data) for e in req.shards]
+        inline = not segments
+        total = sum(sizes) if inline else sum(segments)
+        if (
+            not 1 <= len(sizes) <= _MAX_DRIVES_PER_CALL
+            or min(sizes) < 0
+            or sum(sizes) != total
+            or held != (sizes if inline else [0] * len(sizes))
+        ):
             raise errors.InvalidArgument(
                 "WRITE_SMALL: 1-64 shards, each of one part, whose shard_bytes add up to the "
-                "segments' bytes"
+                "segments' bytes, or each in its data when the call has no segments"
             )
         if max(sizes) > shards.INLINE_MAX_BYTES or total > self._staging.slot_bytes:
             raise errors.InvalidArgument(
                 f"WRITE_SMALL: a shard is over {shards.INLINE_MAX_BYTES} or the call's "
                 f"{total} bytes over {self._staging.slot_bytes}"
             )
+        if inline:  # the request holds the bytes (bounded by the transport's message limit)
+            pieces = [e.data for e in req.shards]
+            return base.CallPlan(on_received=lambda: self._small_reply(req.shards, pieces, total))
+        return self._small_slot_plan(req, sizes, segments, total)
+
+    async def _small_reply(
+        self, entries: Sequence[pb.SmallShard], pieces: Sequence[bytes], total: int
+    ) -> bytes:
+        results = await self._write_smalls(entries, pieces)
+        SHARD_BYTES.labels("write").inc(total)
+        return pb.WriteSmallResponse(results=results).SerializeToString()
+
+    async def _small_slot_plan(
+        self,
+        req: pb.WriteSmallRequest,
+        sizes: Sequence[int],
+        segments: Sequence[int],
+        total: int,
+    ) -> base.CallPlan:
         slot = await self._staging.acquire(self._slot_wait_s)
         released = False
 
@@ -193,9 +224,7 @@ class ShardNode:
                 pieces.append(bytes(view[at : at + size]))
                 at += size
             release()
-            results = await self._write_smalls(req.shards, pieces)
-            SHARD_BYTES.labels("write").inc(total)
-            return pb.WriteSmallResponse(results=results).SerializeToString()
+            return await self._small_reply(req.shards, pieces, total)
 
         return base.CallPlan(sinks=sinks, on_received=on_received, on_done=lambda ok: release())
 
@@ -296,6 +325,7 @@ class ShardNode:
             raise errors.NotFound(f"no staged write {req.write_id} on drive {req.drive_id}")
         staged = entry[0]
         staged.only_if_newer = True  # concurrent PUTs of a key converge on the newest
+        staged.noncurrent = req.noncurrent
         try:
             await self._run(staged.commit, req.meta)
         except shards.Superseded as exc:
@@ -360,10 +390,10 @@ class ShardNode:
         )
 
     async def verify_shard(self, req: pb.VerifyShardRequest) -> pb.VerifyShardResponse:
-        """The object's bad blocks on the drive (or missing)."""
+        """The object's (version_id: that version's) bad blocks on the drive (or missing)."""
         store = self._store(req.drive_id)
         try:
-            bad = await self._run(store.verify, req.bucket, req.key)
+            bad = await self._run(store.verify, req.bucket, req.key, req.version_id)
         except errors.NotFound:
             return pb.VerifyShardResponse(missing=True)
         return pb.VerifyShardResponse(bad_blocks=[f"{p}:{b}" for p, b in bad])

@@ -66,6 +66,19 @@ class VersionedShards(shardbase.ShardStoreBase):
             current = meta
         self._reindex_versions(object_dir, meta.bucket, meta.key, current)
 
+    def _refuse_as_current(self, object_dir: Path, meta: datanode_pb2.ShardMeta) -> None:
+        """A heal of a non-current version must not become (or outrank) the key's current
+        version here: PreconditionFailed unless the drive's current version is newer, so the
+        commit below keeps meta as a non-current one (caller holds the key's lock)."""
+        if not meta.keep_versions:
+            raise errors.InvalidArgument(f"{meta.bucket}/{meta.key}: not a versioned write")
+        current = self._current_meta(object_dir)
+        if current is None or objversions.order(current) <= objversions.order(meta):
+            raise errors.PreconditionFailed(
+                f"{meta.bucket}/{meta.key}: the current version here is not newer than "
+                f"{objversions.version_id(meta)}: heal the current version first"
+            )
+
     def _reindex_versions(
         self, object_dir: Path, bucket: str, key: str, current: datanode_pb2.ShardMeta | None
     ) -> None:

@@ -55,6 +55,8 @@ class StagedWrite:
         #: a versioned bucket's write the gateway can send again (compose): refused like an
         #: unversioned one when older, so the gateway restamps it (see _refuse_older)
         self.resendable = False
+        #: a heal of a non-current version: installed as non-current only (shards._install)
+        self.noncurrent = False
 
     def __enter__(self) -> StagedWrite:
         return self

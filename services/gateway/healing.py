@@ -7,18 +7,25 @@ their whole shard rebuilt from the others and committed as the same version
 (`rebuild.Rebuilder.rebuild`). The outcome is healthy, healed, unrecoverable (some stripe is
 intact on fewer than k drives that answered: nothing is written), gone (deleted meanwhile) or
 skipped (drives unreachable or errors: retried). Concurrent heals of one object share one run;
-at most `max_objects` objects are healed at once.
+at most `max_objects` objects are healed at once. A non-current version of a versioned bucket's
+key is healed the same way, by its version id (`heal_object`'s version_id): probed and verified
+as that version on each drive and committed as a non-current one (a drive whose current version
+is not newer refuses it: never made current; the current version is healed first).
 
 Three callers:
 - the heal queue: the engine adds objects it found degraded (a read rebuilt a block, a PUT
   committed on fewer than every drive, drives disagreed on the version), each with its reason
-  (`healqueue`; `list_queue` answers `AdminService.ListHealQueue`); `run_queue` drains it.
+  (`healqueue`; `list_queue` answers `AdminService.ListHealQueue`); `run_queue` drains it,
+  healing the version each entry recorded and the current one when that is another.
   What was skipped is retried with exponential backoff; an object waiting for a drive that is
   down stays queued and is retried as soon as the map shows the drive online again;
 - the scanner (`run_scanner`): every `scan_interval_s` a slice of the objects, in listing order
-  bucket after bucket, resumed where the previous cycle stopped and wrapping around at the end;
+  bucket after bucket (a versioned bucket's every version, delete markers included, in
+  ListObjectVersions order, each counting as one object of the slice), resumed where the
+  previous cycle stopped and wrapping around at the end;
 - `AdminService.Heal` (`heal_tree`, `kvtier admin heal`): every object of a bucket or prefix,
-  with progress.
+  then every other version of a versioned bucket's keys (non-current versions and delete
+  markers), as ListObjectVersions lists them, with progress.
 
 Buckets here are storage names (`kvtier.names.storage_name`, from `ObjectFront.storage_buckets`
 and `storage_name`), the durable KV bucket included; progress shows the user-facing names.
@@ -41,7 +48,7 @@ from typing import Any
 
 import prometheus_client
 
-from kvtier import clustermap, errors, names
+from kvtier import clustermap, errors, names, objversions
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.gateway.v1 import admin_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
@@ -110,7 +117,7 @@ class Healer:
         self._limit = asyncio.Semaphore(max_objects)
         self._scan_interval_s = scan_interval_s
         self._scan_objects = scan_objects_per_cycle
-        self._scan_at = ("", "")  # (bucket, last key scanned)
+        self._scan_at = ("", "", "")  # (bucket, last key scanned, its version id or "")
         self._busy: dict[tuple[str, str], asyncio.Event] = {}
         self._pending: dict[tuple[str, str], healqueue.Pending] = {}
         self._running: set[tuple[str, str]] = set()
@@ -118,73 +125,115 @@ class Healer:
 
     # One object.
 
-    async def heal_object(self, bucket: str, key: str, *, dry_run: bool = False) -> HealResult:
+    async def heal_object(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        version_id: str = "",
+        dry_run: bool = False,
+        and_current: bool = False,
+    ) -> HealResult:
         """Check one object and rebuild what its drives lack (with dry_run: only check).
 
-        Heals of one object run one after the other (the second finds it healthy); at most
-        max_objects objects at once. Errors of the cluster come back as SKIPPED.
+        version_id: that S3 version of the key, current or not (a non-current one is rebuilt
+        as non-current: `rebuild.Rebuilder.rebuild`); with and_current, the current version
+        too when it is another (a queue entry names the version its report saw). Heals of one
+        object run one after the other (the second finds it healthy); at most max_objects
+        objects at once. Errors of the cluster come back as SKIPPED.
         """
+        version = (version_id, and_current)
         if dry_run:
             async with self._limit:
-                return await self._guarded(bucket, key, dry_run=True)
+                return await self._guarded(bucket, key, version, dry_run=True)
         name = (bucket, key)
         while (busy := self._busy.get(name)) is not None:
             await busy.wait()
         done = self._busy[name] = asyncio.Event()
         try:
             async with self._limit:
-                result = await self._guarded(bucket, key, dry_run=False)
+                result = await self._guarded(bucket, key, version, dry_run=False)
         finally:
             del self._busy[name]
             done.set()
         HEALED.labels(result.outcome.value).inc()
         HEALED_SHARDS.inc(result.shards)
-        if result.outcome is not Outcome.SKIPPED and name not in self._running:
+        item = self._pending.get(name)
+        settled = item is not None and (not version_id or item.version_id == version_id)
+        if result.outcome is not Outcome.SKIPPED and name not in self._running and settled:
             self._pending.pop(name, None)  # settled by the scanner or an admin heal
         if result.outcome not in (Outcome.HEALTHY, Outcome.GONE):
             level = logging.ERROR if result.outcome is Outcome.UNRECOVERABLE else logging.INFO
-            log.log(level, "heal %s/%s: %s, %d shards rebuilt %s", bucket, key,
-                    result.outcome.value, result.shards, result.detail)  # fmt: skip
+            log.log(level, "heal %s/%s%s: %s, %d shards rebuilt %s", bucket, key,
+                    f" version {version_id}" if version_id else "", result.outcome.value,
+                    result.shards, result.detail)  # fmt: skip
         return result
 
-    async def _guarded(self, bucket: str, key: str, *, dry_run: bool) -> HealResult:
+    async def _guarded(
+        self, bucket: str, key: str, version: tuple[str, bool], *, dry_run: bool
+    ) -> HealResult:
         try:
-            return await self._heal(bucket, key, dry_run=dry_run)
+            version_id, and_current = version
+            if not version_id or await self._current_id(bucket, key, version_id) == version_id:
+                return await self._heal(bucket, key, "", dry_run=dry_run)
+            older = await self._heal(bucket, key, version_id, dry_run=dry_run)
+            if not and_current:
+                return older
+            return _worse(older, await self._heal(bucket, key, "", dry_run=dry_run))
         except errors.KVTierError as exc:
             return HealResult(Outcome.SKIPPED, detail=f"{type(exc).__name__}: {exc}")
 
-    async def _heal(self, bucket: str, key: str, *, dry_run: bool) -> HealResult:
-        """Heal the object's entry in pool 0 and, when that is a pool record, the object in
-        its pool: the record's result when it is not done, else the object's."""
+    async def _current_id(self, bucket: str, key: str, version_id: str) -> str:
+        """The S3 version id of the key's current version ("" when there is none; version_id
+        when no version has the read quorum: healed as the current one, which says why)."""
         try:
             found = await self._engine.resolve(
                 bucket, key, queue_heal=False, follow=False, markers=True
             )
         except errors.NotFound:
+            return ""
+        except errors.Unavailable:
+            return version_id
+        return objversions.version_id(found.meta)
+
+    async def _heal(self, bucket: str, key: str, version_id: str, *, dry_run: bool) -> HealResult:
+        """Heal the object's entry in pool 0 (version_id: that non-current S3 version) and,
+        when that is a pool record, the object in its pool: the record's result when it is
+        not done, else the object's."""
+        try:
+            found = await self._engine.resolve(
+                bucket, key, queue_heal=False, follow=False, version_id=version_id, markers=True
+            )
+        except errors.NotFound:
             return HealResult(Outcome.GONE)
         except errors.Unavailable as exc:
             where = placement.locate(self._view.current, bucket, key, 0)
-            return await self._unresolved(where, bucket, key, str(exc))
-        record = await self._heal_version(found, dry_run=dry_run)
+            return await self._unresolved(where, bucket, key, str(exc), version_id)
+        record = await self._heal_version(found, version_id, dry_run=dry_run)
         if not found.meta.is_pointer or record.outcome not in (Outcome.HEALTHY, Outcome.HEALED):
             return record
         pool = found.meta.pool_pointer
         where = placement.locate(self._view.current, bucket, key, pool)
         try:
-            target = await self._engine.resolve_in(where, bucket, key, queue_heal=False)
+            target = await self._engine.resolve_in(
+                where, bucket, key, queue_heal=False, version_id=version_id
+            )
         except errors.NotFound:
             return HealResult(Outcome.UNRECOVERABLE, detail=f"pool {pool} lacks the object")
         except errors.Unavailable as exc:
-            return await self._unresolved(where, bucket, key, str(exc))
-        result = await self._heal_version(target, dry_run=dry_run)
+            return await self._unresolved(where, bucket, key, str(exc), version_id)
+        result = await self._heal_version(target, version_id, dry_run=dry_run)
         if result.outcome is Outcome.HEALTHY and record.outcome is Outcome.HEALED:
             return record
         return dataclasses.replace(result, shards=result.shards + record.shards)
 
-    async def _heal_version(self, found: versions.Resolved, *, dry_run: bool) -> HealResult:
+    async def _heal_version(
+        self, found: versions.Resolved, version_id: str, *, dry_run: bool
+    ) -> HealResult:
+        """Heal one version (version_id: a non-current one, probed and committed as such)."""
         meta, where = found.meta, found.where
         k = meta.data_shards
-        drives = await self._rebuilder.probe(meta, where)
+        drives = await self._rebuilder.probe(meta, where, version_id)
         targets = [d for d in drives if d.state in (rebuild.State.STALE, rebuild.State.BAD)]
         waiting = frozenset(d.slot.drive_id for d in drives if d.state is rebuild.State.UNREACHABLE)
         ahead = any(d.state is rebuild.State.AHEAD for d in drives)
@@ -201,14 +250,16 @@ class Healer:
         if dry_run:
             outcome = Outcome.SKIPPED if waiting else Outcome.HEALED
             return HealResult(outcome, shards=len(targets), waiting_on=waiting)
-        written, failed = await self._rebuilder.rebuild(meta, drives, targets)
+        written, failed = await self._rebuilder.rebuild(
+            meta, drives, targets, noncurrent=bool(version_id)
+        )
         if written < len(targets) or waiting:
             detail = f"{len(failed)} drives failed" if failed else "not every drive"
             return HealResult(Outcome.SKIPPED, shards=written, waiting_on=waiting, detail=detail)
         return HealResult(Outcome.HEALED, shards=written)
 
     async def _unresolved(
-        self, where: placement.Placement, bucket: str, key: str, why: str
+        self, where: placement.Placement, bucket: str, key: str, why: str, version_id: str = ""
     ) -> HealResult:
         """No version has the read quorum: unrecoverable when every drive answered and fewer
         than k metas are readable; else maybe later (drives down, commits in flight)."""
@@ -216,7 +267,7 @@ class Healer:
         async def read(slot: common_pb2.DriveSlot) -> str:
             try:
                 await self._rebuilder.nodes.shards(slot.node_id).read_meta(
-                    slot.drive_id, bucket, key
+                    slot.drive_id, bucket, key, version_id
                 )
             except (errors.NotFound, errors.Corrupt):
                 return "lost"
@@ -340,8 +391,12 @@ class Healer:
             await asyncio.wait(pending)
 
     async def _heal_queued(self, name: tuple[str, str]) -> None:
+        item = self._pending.get(name)
+        version_id = item.version_id if item is not None else ""
         try:
-            result = await self.heal_object(*name)
+            # The version the report saw, and the current one when that is another: one
+            # entry per key, so a later report of the current version may be folded in.
+            result = await self.heal_object(*name, version_id=version_id, and_current=True)
         except Exception as exc:  # boundary: one object must not stop the queue
             log.exception("heal of %s/%s failed", *name)
             result = HealResult(Outcome.SKIPPED, detail=str(exc))
@@ -366,40 +421,65 @@ class Healer:
                 log.exception("heal scanner cycle failed")
 
     async def scan_slice(self) -> int:
-        """Verify and heal up to scan_objects_per_cycle objects after the last position;
-        returns how many were looked at."""
+        """Verify and heal up to scan_objects_per_cycle objects after the last position (in a
+        versioned bucket each version counts: non-current ones and delete markers are healed
+        too, in ListObjectVersions order); returns how many were looked at."""
         buckets = await self._front.storage_buckets()
-        at_bucket, at_key = self._scan_at
+        at_bucket, at_key, at_version = self._scan_at
         budget = self._scan_objects
         for bucket in (b for b in buckets if b >= at_bucket):
-            after = at_key if bucket == at_bucket else ""
+            after = (at_key, at_version) if bucket == at_bucket else ("", "")
+            try:
+                versioned = await self._versioned(bucket)
+            except errors.Unavailable:  # its record unknown here now: current versions this time
+                versioned = False
+            page = self._versions_after if versioned else self._keys_after
             while budget > 0:
-                request = pb.ListObjectsRequest(
-                    bucket=bucket, start_after=after, max_keys=min(budget, 1000)
-                )
-                page = await self._front.lister.list_objects(request)
-                keys = [o.key for o in page.objects]
-                async for key, result in self._heal_each(bucket, keys, dry_run=False):
+                items, after, more = await page(bucket, after, min(budget, 1000))
+                async for (key, version), result in self._heal_each(bucket, items, dry_run=False):
                     if result.outcome is Outcome.SKIPPED:
-                        intake = healqueue.Intake(f"scanner: {result.detail or 'skipped'}")
+                        intake = healqueue.Intake(f"scanner: {result.detail or 'skipped'}", version)
                         self.enqueue(bucket, key, result=result, intake=intake)
-                budget -= len(keys)
-                after = keys[-1] if keys else after
-                if not page.is_truncated:
+                budget -= len(items)
+                if not more:
                     break
             if budget <= 0:
-                self._scan_at = (bucket, after)
+                self._scan_at = (bucket, *after)
                 return self._scan_objects
-        self._scan_at = ("", "")  # the end: the next cycle starts over
+        self._scan_at = ("", "", "")  # the end: the next cycle starts over
         return self._scan_objects - budget
+
+    async def _keys_after(
+        self, bucket: str, after: tuple[str, str], limit: int
+    ) -> tuple[list[tuple[str, str]], tuple[str, str], bool]:
+        """The scanner's next (key, "") items of bucket after (key, _): (items, the position
+        after them, whether more follow)."""
+        request = pb.ListObjectsRequest(bucket=bucket, start_after=after[0], max_keys=limit)
+        page = await self._front.lister.list_objects(request)
+        items = [(o.key, "") for o in page.objects]
+        return items, (items[-1] if items else after), page.is_truncated
+
+    async def _versions_after(
+        self, bucket: str, after: tuple[str, str], limit: int
+    ) -> tuple[list[tuple[str, str]], tuple[str, str], bool]:
+        """As _keys_after, every version of a versioned bucket after (key, version id): the
+        current one as (key, ""), another by its id."""
+        listed = await self._front.version_lister.list_versions(
+            bucket, key_marker=after[0], version_marker=after[1], max_keys=limit
+        )
+        items = [(e.key, "" if e.is_latest else e.version_id) for e in listed.versions]
+        last = listed.versions[-1] if listed.versions else None
+        position = (last.key, last.version_id) if last is not None else after
+        return items, position, listed.is_truncated
 
     # Admin.
 
     async def heal_tree(
         self, bucket: str, prefix: str, *, dry_run: bool
     ) -> AsyncIterator[admin_pb2.HealProgress]:
-        """Heal every object of bucket (every bucket when empty) under prefix; progress now and
-        then, and a last message with done set. NotFound when the bucket does not exist."""
+        """Heal every object of bucket (every bucket when empty) under prefix, and every
+        non-current version and delete marker of a versioned bucket's keys; progress now
+        and then, and a last message with done set. NotFound when the bucket does not exist."""
         if bucket:
             buckets = [await self._front.storage_name(bucket)]
         else:
@@ -407,43 +487,90 @@ class Healer:
         progress = admin_pb2.HealProgress()
         sent = time.monotonic()
         for name in buckets:
-            token = ""
-            while True:
-                request = pb.ListObjectsRequest(
-                    bucket=name, prefix=prefix, continuation_token=token
-                )
-                page = await self._front.lister.list_objects(request)
-                keys = [o.key for o in page.objects]
-                sizes = {o.key: o.size for o in page.objects}
-                async for key, result in self._heal_each(name, keys, dry_run=dry_run):
-                    _tally(progress, f"{names.user_bucket(name)}/{key}", result, sizes[key])
-                    if result.outcome is Outcome.SKIPPED and not dry_run:
-                        intake = healqueue.Intake(f"admin heal: {result.detail or 'skipped'}")
-                        self.enqueue(name, key, result=result, intake=intake)
-                    if time.monotonic() - sent >= _PROGRESS_EVERY_S:
-                        sent = time.monotonic()
-                        yield _copy(progress)
-                        del progress.unrecoverable_keys[:]
-                if not page.is_truncated:
-                    break
-                token = page.next_continuation_token
+            async for (key, version), result, size in self._tree(name, prefix, dry_run=dry_run):
+                shown = f"{names.user_bucket(name)}/{key}"
+                _tally(progress, f"{shown}?versionId={version}" if version else shown, result, size)
+                if result.outcome is Outcome.SKIPPED and not dry_run:
+                    why = f"admin heal: {result.detail or 'skipped'}"
+                    self.enqueue(name, key, result=result, intake=healqueue.Intake(why, version))
+                if time.monotonic() - sent >= _PROGRESS_EVERY_S:
+                    sent = time.monotonic()
+                    yield _copy(progress)
+                    del progress.unrecoverable_keys[:]
         progress.done = True
         yield progress
 
+    async def _tree(
+        self, bucket: str, prefix: str, *, dry_run: bool
+    ) -> AsyncIterator[tuple[tuple[str, str], HealResult, int]]:
+        """((key, version id), result, size) of each object of bucket under prefix healed (its
+        current version: no id), then of each other version (non-current, or a delete marker:
+        a key whose current version is one is not listed above) when bucket keeps versions."""
+        token = ""
+        while True:
+            request = pb.ListObjectsRequest(bucket=bucket, prefix=prefix, continuation_token=token)
+            page = await self._front.lister.list_objects(request)
+            sizes = {o.key: o.size for o in page.objects}
+            items = [(o.key, "") for o in page.objects]
+            async for item, result in self._heal_each(bucket, items, dry_run=dry_run):
+                yield item, result, sizes[item[0]]
+            if not page.is_truncated:
+                break
+            token = page.next_continuation_token
+        if not await self._versioned(bucket):
+            return
+        key_marker = version_marker = latest = ""
+        while True:
+            listed = await self._front.version_lister.list_versions(
+                bucket, prefix=prefix, key_marker=key_marker, version_marker=version_marker
+            )
+            older: dict[tuple[str, str], int] = {}
+            for entry in listed.versions:  # by key, newest (the current version) first
+                first, latest = entry.key != latest, entry.key
+                if not first or entry.delete_marker:  # a current marker: not listed above
+                    older[(entry.key, entry.version_id)] = entry.size
+            async for item, result in self._heal_each(bucket, list(older), dry_run=dry_run):
+                yield item, result, older[item]
+            if not listed.is_truncated:
+                return
+            key_marker, version_marker = listed.next_key_marker, listed.next_version_marker
+
+    async def _versioned(self, bucket: str) -> bool:
+        """Whether bucket (a storage name) keeps non-current versions (versioning set)."""
+        try:
+            info = await self._front.bucket_info(names.user_bucket(bucket))
+        except (errors.NotFound, errors.InvalidArgument):  # gone, or internal
+            return False
+        return bool(info.versioning.status) and front_mod.storage(info) == bucket
+
     async def _heal_each(
-        self, bucket: str, keys: Sequence[str], *, dry_run: bool
-    ) -> AsyncIterator[tuple[str, HealResult]]:
-        """Heal keys, max_objects at a time; (key, result) as each finishes."""
+        self, bucket: str, items: Sequence[tuple[str, str]], *, dry_run: bool
+    ) -> AsyncIterator[tuple[tuple[str, str], HealResult]]:
+        """Heal (key, version id) items (no id: the current version), max_objects at a
+        time; (item, result) as each finishes."""
 
-        async def one(key: str) -> tuple[str, HealResult]:
-            return key, await self.heal_object(bucket, key, dry_run=dry_run)
+        async def one(item: tuple[str, str]) -> tuple[tuple[str, str], HealResult]:
+            key, version = item
+            return item, await self.heal_object(bucket, key, version_id=version, dry_run=dry_run)
 
-        tasks = [asyncio.ensure_future(one(key)) for key in keys]
+        tasks = [asyncio.ensure_future(one(item)) for item in items]
         try:
             for done in asyncio.as_completed(tasks):
                 yield await done
         finally:
             await self._cancel(tasks)
+
+
+#: Outcomes from best to worst (`_worse`): SKIPPED last, so that what is left is retried.
+_RANK = (Outcome.GONE, Outcome.HEALTHY, Outcome.HEALED, Outcome.UNRECOVERABLE, Outcome.SKIPPED)
+
+
+def _worse(a: HealResult, b: HealResult) -> HealResult:
+    """Two heals of one key as one result: the worse outcome, the shards of both."""
+    worst = max(a, b, key=lambda r: _RANK.index(r.outcome))
+    return dataclasses.replace(
+        worst, shards=a.shards + b.shards, waiting_on=a.waiting_on | b.waiting_on
+    )
 
 
 def _tally(progress: admin_pb2.HealProgress, name: str, result: HealResult, size: int) -> None:

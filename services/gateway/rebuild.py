@@ -1,9 +1,10 @@
 """What the drives of an object's set hold of its version, and rebuilding the shards they lack.
 
-`Rebuilder.probe` asks every drive: ReadMeta (no copy / another version / this version / an
-unreadable meta / this version without a change of its tags or ACL that the others have:
-stale, `objectmeta`), then VerifyShard on the drives holding the version (blocks that fail their
-checksum or are missing).
+`Rebuilder.probe` asks every drive for its meta, one READ_METAS call per datanode (no copy /
+another version / this version / an unreadable meta / this version without a change of its tags
+or ACL that the others have: stale, `objectmeta`), then VerifyShard on the drives holding the
+version (blocks that fail their checksum or are missing), except where the version's shard is
+inline in the meta: the drive checked the meta's checksum, which covers it, to read the meta.
 
 `Rebuilder.rebuild` rewrites whole shards of some drives (the targets), a batch of stripes at a
 time: each stripe's intact blocks are read (one READ_SHARD per run of blocks of a drive; a run
@@ -15,6 +16,10 @@ metadata (same data_id and mtime, the target's own shard index) then makes the d
 same version as the others; a drive that already has the version's data directory gets its
 part files replaced (`services/datanode/shards.py`). A target whose write fails is dropped and
 its staged write aborted; the rest go on. Memory: one staging slot, held for one batch.
+
+A non-current version (versioned buckets) goes the same way by its version id: probed with
+READ_METAS and VerifyShard of that version, read by its data_id, and committed with
+`noncurrent` (kept under the key's newer current version, never made current).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from services.gateway import placement, reads, versions
 log = logging.getLogger(__name__)
 
 BLOCK_BYTES = reads.BLOCK_BYTES
+#: The checksum after each block of a shard (services.datanode.framing).
+HASH_BYTES = 8
 _SLOT_WAIT_S = 30.0
 
 
@@ -85,6 +92,16 @@ def _runs(values: Sequence[int]) -> list[list[int]]:
     return runs
 
 
+def _whole_inline(meta: datanode_pb2.ShardMeta) -> bool:
+    """Whether a drive's meta holds its version's whole shard inline: every block of every
+    part framed in inline_data (a meta that holds less is left to VerifyShard)."""
+    if not reads.is_inline(meta):
+        return False
+    size = meta.block_bytes or BLOCK_BYTES
+    framed = sum(p.shard_bytes + HASH_BYTES * -(-p.shard_bytes // size) for p in meta.parts)
+    return len(meta.inline_data) == framed
+
+
 def _parse_block(text: str) -> tuple[int, int]:
     part, _, block = text.partition(":")
     return int(part), int(block)
@@ -104,27 +121,66 @@ class Rebuilder:
         self._executor = executor
         self._codecs: dict[tuple[int, int], erasure.Codec] = {}
 
-    async def probe(self, meta: datanode_pb2.ShardMeta, where: placement.Placement) -> list[Drive]:
-        """What every drive of the set holds of meta's version, in shard order."""
-        return list(
-            await asyncio.gather(*(self._probe(meta, where, i) for i in range(len(where.slots))))
-        )
+    async def probe(
+        self, meta: datanode_pb2.ShardMeta, where: placement.Placement, version_id: str = ""
+    ) -> list[Drive]:
+        """What every drive of the set holds of meta's version, in shard order: the metas of a
+        datanode's drives in one READ_METAS call (where a ReadMeta RPC per drive cost a scan
+        of small objects several times more), then VerifyShard where the shard is in files.
+        version_id: meta is that (non-current) S3 version, looked up by it on each drive."""
+        found: dict[int, Drive] = {}
+        nodes: dict[str, list[int]] = {}
+        for index, slot in enumerate(where.slots):
+            if slot.state != common_pb2.DRIVE_STATE_ONLINE:
+                found[index] = Drive(index, slot, State.UNREACHABLE)
+            else:
+                nodes.setdefault(slot.node_id, []).append(index)
 
-    async def _probe(
-        self, meta: datanode_pb2.ShardMeta, where: placement.Placement, index: int
+        async def node(node_id: str, indices: list[int]) -> None:
+            drive_ids = [where.slots[i].drive_id for i in indices]
+            try:
+                metas = await self.nodes.read_metas(
+                    node_id, drive_ids, meta.bucket, meta.key, version_id
+                )
+            except errors.KVTierError as exc:
+                log.info("probe of %s/%s on %s: %s", meta.bucket, meta.key, node_id, exc)
+                found.update((i, Drive(i, where.slots[i], State.UNREACHABLE)) for i in indices)
+                return
+            judged = await asyncio.gather(
+                *(
+                    self._judge(meta, where, i, held, version_id)
+                    for i, held in zip(indices, metas, strict=True)
+                )
+            )
+            found.update(zip(indices, judged, strict=True))
+
+        await asyncio.gather(*(node(node_id, indices) for node_id, indices in nodes.items()))
+        return [found[index] for index in range(len(where.slots))]
+
+    async def _judge(
+        self,
+        meta: datanode_pb2.ShardMeta,
+        where: placement.Placement,
+        index: int,
+        held: datanode_pb2.ShardMeta | errors.KVTierError,
+        version_id: str,
     ) -> Drive:
+        """What one drive holds of meta's version, from its meta (or the error reading it)."""
         slot = where.slots[index]
-        if slot.state != common_pb2.DRIVE_STATE_ONLINE:
-            return Drive(index, slot, State.UNREACHABLE)
         try:
-            client = self.nodes.shards(slot.node_id)
-            held = await client.read_meta(slot.drive_id, meta.bucket, meta.key)
+            if isinstance(held, errors.KVTierError):
+                raise held
             if held.data_id != meta.data_id:
                 newer = (held.mtime_unix_ns, held.data_id) > (meta.mtime_unix_ns, meta.data_id)
                 return Drive(index, slot, State.AHEAD if newer else State.STALE)
             if not versions.same_changes(held, meta):  # it missed a change of tags or ACL
                 return Drive(index, slot, State.STALE)
-            reply = await client.verify_shard(slot.drive_id, meta.bucket, meta.key)
+            if _whole_inline(held):
+                # The drive read the meta whole and checked its checksum, which covers the
+                # inline shard: VerifyShard would check the same bytes again.
+                return Drive(index, slot, State.OK)
+            client = self.nodes.shards(slot.node_id)
+            reply = await client.verify_shard(slot.drive_id, meta.bucket, meta.key, version_id)
         except (errors.NotFound, errors.Corrupt):
             return Drive(index, slot, State.STALE)
         except errors.KVTierError as exc:
@@ -156,12 +212,20 @@ class Rebuilder:
         future.result()
 
     async def rebuild(
-        self, meta: datanode_pb2.ShardMeta, drives: Sequence[Drive], targets: Sequence[Drive]
+        self,
+        meta: datanode_pb2.ShardMeta,
+        drives: Sequence[Drive],
+        targets: Sequence[Drive],
+        *,
+        noncurrent: bool = False,
     ) -> tuple[int, list[Drive]]:
         """Rebuild and commit the targets' shards of meta's version from the drives holding
-        it; (shards committed, targets that failed). Raises Unavailable when a stripe has
-        fewer than k readable blocks (nothing is committed then)."""
+        it; (shards committed, targets that failed). noncurrent: meta is a non-current
+        version, committed as one (CommitWriteRequest.noncurrent: a drive whose current
+        version is not newer refuses it). Raises Unavailable when a stripe has fewer than k
+        readable blocks (nothing is committed then)."""
         job = _Job(self, meta, uuid.uuid4().hex, list(targets))
+        job.noncurrent = noncurrent
         # Intact drives first; those with bad blocks lend only their good ones.
         job.sources = sorted(
             (d for d in drives if d.state in (State.OK, State.BAD)),
@@ -197,6 +261,7 @@ class _Job:
         self.sources: list[Drive] = []
         self.k = meta.data_shards
         self.codec = owner.codec(meta.data_shards, meta.parity_shards)
+        self.noncurrent = False  # commit as a non-current version (Rebuilder.rebuild)
         self._slot: base.Span | None = None
         self._nb = 0
 
@@ -323,8 +388,9 @@ class _Job:
             mine.shard_index = target.index
             mine.inline_data = b""  # the drive frames its own
             request = shards_pb2.CommitWriteRequest(
-                drive_id=target.slot.drive_id, write_id=self.write_id, meta=mine
-            )
+                drive_id=target.slot.drive_id, write_id=self.write_id, meta=mine,
+                noncurrent=self.noncurrent,
+            )  # fmt: skip
             try:
                 # False: a newer version got there first (the next heal looks at that one).
                 return await self.owner.nodes.shards(target.slot.node_id).commit_write(request)

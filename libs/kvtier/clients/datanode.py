@@ -123,8 +123,10 @@ class ShardClient(base.BaseClient):
         return list(reply.entries)
 
     async def verify_shard(
-        self, drive_id: str, bucket: str, key: str
+        self, drive_id: str, bucket: str, key: str, version_id: str = ""
     ) -> shards_pb2.VerifyShardResponse:
-        """The object's bad blocks on a drive."""
-        request = shards_pb2.VerifyShardRequest(drive_id=drive_id, bucket=bucket, key=key)
+        """The object's bad blocks on a drive (version_id: that S3 version's)."""
+        request = shards_pb2.VerifyShardRequest(
+            drive_id=drive_id, bucket=bucket, key=key, version_id=version_id
+        )
         return await self._unary(self._stub.VerifyShard, request)

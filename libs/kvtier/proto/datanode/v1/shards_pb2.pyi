@@ -43,10 +43,11 @@ class _ShardCallMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Shard
     each drive of the set: a call costs a fraction of a gRPC round trip).
     """
     SHARD_CALL_METHOD_WRITE_SMALL: _ShardCallMethod.ValueType  # 4
-    """WriteSmallRequest; segments: the shards, in order (an empty shard has none); reply
-    WriteSmallResponse. Stages and commits small shards (one part, at most 128 KiB each) on
-    one or more drives of the node in one call: each is stored inline in its meta, made durable
-    by its drive's journal (one group fsync for concurrent commits).
+    """WriteSmallRequest; segments: the shards, in order (an empty shard has none), or none
+    when every shard rides in its SmallShard.data; reply WriteSmallResponse. Stages and
+    commits small shards (one part, at most 128 KiB each) on one or more drives of the node
+    in one call: each is stored inline in its meta, made durable by its drive's journal (one
+    group fsync for concurrent commits).
     """
     SHARD_CALL_METHOD_READ_METAS: _ShardCallMethod.ValueType  # 5
     """ReadMetasRequest; no buffers; reply ReadMetasResponse: READ_META of one object on one or
@@ -66,10 +67,11 @@ SHARD_CALL_METHOD_READ_META: ShardCallMethod.ValueType  # 3
 each drive of the set: a call costs a fraction of a gRPC round trip).
 """
 SHARD_CALL_METHOD_WRITE_SMALL: ShardCallMethod.ValueType  # 4
-"""WriteSmallRequest; segments: the shards, in order (an empty shard has none); reply
-WriteSmallResponse. Stages and commits small shards (one part, at most 128 KiB each) on
-one or more drives of the node in one call: each is stored inline in its meta, made durable
-by its drive's journal (one group fsync for concurrent commits).
+"""WriteSmallRequest; segments: the shards, in order (an empty shard has none), or none
+when every shard rides in its SmallShard.data; reply WriteSmallResponse. Stages and
+commits small shards (one part, at most 128 KiB each) on one or more drives of the node
+in one call: each is stored inline in its meta, made durable by its drive's journal (one
+group fsync for concurrent commits).
 """
 SHARD_CALL_METHOD_READ_METAS: ShardCallMethod.ValueType  # 5
 """ReadMetasRequest; no buffers; reply ReadMetasResponse: READ_META of one object on one or
@@ -167,7 +169,13 @@ class SmallShard(_message.Message):
 
     DRIVE_ID_FIELD_NUMBER: _builtins.int
     META_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
     drive_id: _builtins.str
+    data: _builtins.bytes
+    """The shard's bytes in the request itself, when the call has no segments: one round trip
+    on the shm data plane, where segments take two (the node hands out where they land
+    first). Writers inline calls of a few KiB; larger ones go as segments.
+    """
     @_builtins.property
     def meta(self) -> _datanode_pb2.ShardMeta:
         """The version's meta for this drive (shard_index set; one part whose shard_bytes are this
@@ -180,10 +188,11 @@ class SmallShard(_message.Message):
         *,
         drive_id: _builtins.str = ...,
         meta: _datanode_pb2.ShardMeta | None = ...,
+        data: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["drive_id", b"drive_id", "meta", b"meta"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "drive_id", b"drive_id", "meta", b"meta"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -328,8 +337,14 @@ class CommitWriteRequest(_message.Message):
     WRITE_ID_FIELD_NUMBER: _builtins.int
     META_FIELD_NUMBER: _builtins.int
     PART_SOURCES_FIELD_NUMBER: _builtins.int
+    NONCURRENT_FIELD_NUMBER: _builtins.int
     drive_id: _builtins.str
     write_id: _builtins.str
+    noncurrent: _builtins.bool
+    """Install meta's version as a non-current one (healing a non-current version of a
+    versioned bucket's key): never made current. FailedPrecondition when the drive's current
+    version is not newer than meta's (or it has none): the current version is healed first.
+    """
     @_builtins.property
     def meta(self) -> _datanode_pb2.ShardMeta: ...
     @_builtins.property
@@ -345,10 +360,11 @@ class CommitWriteRequest(_message.Message):
         write_id: _builtins.str = ...,
         meta: _datanode_pb2.ShardMeta | None = ...,
         part_sources: _abc.Iterable[Global___PartSource] | None = ...,
+        noncurrent: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["meta", b"meta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["drive_id", b"drive_id", "meta", b"meta", "part_sources", b"part_sources", "write_id", b"write_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drive_id", b"drive_id", "meta", b"meta", "noncurrent", b"noncurrent", "part_sources", b"part_sources", "write_id", b"write_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -817,19 +833,23 @@ class VerifyShardRequest(_message.Message):
     DRIVE_ID_FIELD_NUMBER: _builtins.int
     BUCKET_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
+    VERSION_ID_FIELD_NUMBER: _builtins.int
     drive_id: _builtins.str
     bucket: _builtins.str
     key: _builtins.str
+    version_id: _builtins.str
+    """As ReadMetasRequest.version_id: that S3 version's shard (empty: the current version's)."""
     def __init__(
         self,
         *,
         drive_id: _builtins.str = ...,
         bucket: _builtins.str = ...,
         key: _builtins.str = ...,
+        version_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "drive_id", b"drive_id", "key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "drive_id", b"drive_id", "key", b"key", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
