@@ -25,13 +25,16 @@ The supervisor is a plain synchronous loop: signal handlers only set flags. SIGT
 the cluster (gateway, kvcache, datanodes, then metadata, then etcd); SIGHUP restarts children that
 have exited (`kvtier revive`). A child that dies is reported, never silently restarted, so its
 departure from the cluster map can be watched.
+
+Modules: this one holds the options, the children and the supervisor; `kvtier.devstate` the
+state directory's files (CA, admin keys, master key, logs), `kvtier.devcontrol` the control of a
+supervisor from outside (find, wait for, stop; the summary `kvtier up` prints).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import fcntl
 import json
 import logging
@@ -47,7 +50,9 @@ from typing import IO, Any
 
 from kvtier import (
     clustermap,
+    devcontrol,
     devports,
+    devstate,
     errors,
     etcdserver,
     identity,
@@ -58,18 +63,27 @@ from kvtier import (
     security,
     users,
 )
-from kvtier.clients import metadata as metadata_client
 from kvtier.proto.common.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
 ETCD_PREFIX = "/kvtier"
-MASTER_KEY_FILE = "master.key"
-ADMIN_TENANT = "default"
 
-
-class ClusterError(Exception):
-    """The dev cluster could not start or stop; the message is one line."""
+# Names of the state directory and the supervisor's control (`kvtier.devstate`,
+# `kvtier.devcontrol`), importable from here as ever (the CLI, tests).
+ClusterError = devstate.ClusterError
+MASTER_KEY_FILE = devstate.MASTER_KEY_FILE
+ADMIN_TENANT = devstate.ADMIN_TENANT
+open_log = devstate.open_log
+pki_dir = devstate.pki_dir
+ensure_pki = devstate.ensure_pki
+operator_security = devstate.operator_security
+credentials = devstate.credentials
+ensure_admin = devstate.ensure_admin
+supervisor_pid = devcontrol.supervisor_pid
+render_summary = devcontrol.render_summary
+wait_detached = devcontrol.wait_detached
+stop_detached = devcontrol.stop_detached
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -135,50 +149,12 @@ class Child:
         return " | ".join(text[-lines:])
 
 
-def open_log(path: Path) -> IO[bytes]:
-    """A log file for appending, readable by its owner only (logs may name users and keys)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    os.fchmod(fd, 0o600)
-    return os.fdopen(fd, "ab")
-
-
-def pki_dir(state: Path) -> Path:
-    """Where the dev cluster's CA and certificates live."""
-    return state / "pki"
-
-
-def ensure_pki(state: Path, names: list[tuple[str, str]]) -> pki.Authority:
-    """The state dir's CA (created once) and a certificate for each (role, name) that has none
-    or one expiring within 30 days (also when the CA changed)."""
-    directory = pki_dir(state)
-    try:
-        authority = pki.load_authority(directory)
-    except errors.InvalidArgument:
-        authority = pki.new_authority(f"kvtier-dev-{os.urandom(3).hex()}")
-        pki.write_authority(directory, authority)
-    for role, name in names:
-        if not pki.is_current(directory, name, authority, days_left=30):
-            pair = authority.issue(role, name, hosts=pki.local_hosts())
-            pki.write_pair(directory, name, pair)
-    return authority
-
-
 def _node_names(opts: ClusterOptions) -> list[tuple[str, str]]:
     """(role, name) of every certificate holder of a dev cluster."""
     names = [("etcd", "etcd"), ("operator", "operator"), ("metadata", "metadata-1")]
     names += [("datanode", f"datanode-{i}") for i in range(1, opts.datanodes + 1)]
     names += [("kvcache", f"kvcache-{i}") for i in range(1, opts.kvcache_nodes + 1)]
     return [*names, ("gateway", "gateway-1")]
-
-
-def operator_security(state: Path) -> security.ClientSecurity:
-    """Mutual TLS as the dev cluster's operator (the supervisor and the CLI use it)."""
-    directory = pki_dir(state)
-    return security.ClientSecurity(
-        ca_file=str(directory / pki.CA_CERT),
-        cert_file=str(directory / "operator.crt"),
-        key_file=str(directory / "operator.key"),
-    )
 
 
 def _children(opts: ClusterOptions, etcd_endpoint: str) -> list[Child]:
@@ -236,115 +212,6 @@ def _children(opts: ClusterOptions, etcd_endpoint: str) -> list[Child]:
     access = f"--s3-access-log={state / 'logs' / 's3-access.log'}"
     result.append(child("gateway", "gateway-1", master_key, access))
     return result
-
-
-def _load_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _etcd_ports(state: Path, plan: devports.PortPlan) -> tuple[int, int]:
-    if not plan.auto:
-        return plan.etcd_ports()
-    kept = _load_json(state / "ports.json")
-    ports = (int(kept.get("etcd_client", 0)), int(kept.get("etcd_peer", 0)))
-    if not all(ports) or not all(devports.port_free(p) for p in ports):
-        ports = (etcdserver.free_port(), etcdserver.free_port())
-        identity.write_atomic(
-            state / "ports.json",
-            json.dumps({"etcd_client": ports[0], "etcd_peer": ports[1]}).encode(),
-        )
-    return ports
-
-
-def credentials(state: Path) -> dict[str, str]:
-    """The dev cluster's admin keys, {"access_key", "secret_key"}: those of credentials.json
-    (mode 0600), created there once, so every `up` of a state dir has the same admin."""
-    path = state / "credentials.json"
-    kept = _load_json(path)
-    if kept.get("access_key") and kept.get("secret_key"):
-        return {"access_key": str(kept["access_key"]), "secret_key": str(kept["secret_key"])}
-    creds = {"access_key": users.new_access_key(), "secret_key": users.new_secret().reveal()}
-    identity.write_atomic(path, json.dumps(creds).encode(), mode=0o600)
-    return creds
-
-
-def _master_key(state: Path) -> masterkey.MasterKey:
-    """The state dir's master key, created once; ClusterError when it cannot be used."""
-    path = state / MASTER_KEY_FILE
-    masterkey.write_new(path)
-    try:
-        key = masterkey.load(str(path))
-    except errors.InvalidArgument as exc:
-        raise ClusterError(exc.message) from None
-    assert key is not None
-    return key
-
-
-async def ensure_admin(
-    metadata: str,
-    store: users.UserStore,
-    creds: dict[str, str],
-    sec: security.ClientSecurity | None = None,
-) -> users.User:
-    """The admin user of credentials.json: created through the metadata service at metadata,
-    or, when its access key exists, checked in etcd (store) to open with today's master key and
-    hold today's secret; a stale one (the master key or credentials.json was replaced) is
-    deleted and created again."""
-    access_key, secret = creds["access_key"], users.Secret(creds["secret_key"])
-    async with metadata_client.MetadataClient(metadata, timeout_s=10.0, security=sec) as client:
-        for _attempt in range(2):
-            try:
-                return await client.create_user(
-                    tenant=ADMIN_TENANT,
-                    display_name="admin",
-                    is_admin=True,
-                    access_key=access_key,
-                    secret=secret,
-                )
-            except errors.AlreadyExists:
-                pass
-            try:
-                user = await store.get(access_key)
-            except (errors.Corrupt, errors.PreconditionFailed) as exc:
-                log.warning("admin user %s is stale (%s): creating it again", access_key, exc)
-            else:
-                if user.secret.reveal() == secret.reveal() and user.is_admin:
-                    return user
-                log.warning("admin user %s has other keys or rights: creating it again", access_key)
-            await client.delete_user(access_key)
-    raise ClusterError(f"could not create the admin user {access_key}")
-
-
-def supervisor_pid(state: Path) -> int | None:
-    """The pid of the supervisor running from state, or None.
-
-    The supervisor holds `supervisor.lock` while it runs: when the lock is free, the pid file is
-    stale (its pid may belong to another process by now) and is ignored.
-    """
-    try:
-        with (state / "supervisor.lock").open("ab") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-            return None
-    except BlockingIOError:
-        pass  # held: a supervisor runs
-    except OSError:
-        return None
-    try:
-        pid = int((state / "supervisor.pid").read_text().strip())
-    except (OSError, ValueError):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid
-    return pid
 
 
 class Supervisor:
@@ -409,7 +276,7 @@ class Supervisor:
     def _start(self) -> dict[str, Any] | None:
         state = self.opts.state_dir
         self.opts.ports.check(self.opts.expected_roles())  # again: `up` checked before forking
-        client_port, peer_port = _etcd_ports(state, self.opts.ports)
+        client_port, peer_port = devstate.etcd_ports(state, self.opts.ports)
         tls = None
         if not self.opts.insecure:
             ensure_pki(state, _node_names(self.opts))
@@ -429,7 +296,7 @@ class Supervisor:
         self.etcd.start()
         self.etcd.wait_ready()
         self._say(f"etcd ready at {self.etcd.endpoint}; starting services")
-        key = _master_key(state)
+        key = devstate.master_key(state)
         self.children = _children(self.opts, self.etcd.endpoint)
         for child in self.children:
             child.start()
@@ -568,7 +435,7 @@ class Supervisor:
     def _record_pids(self) -> None:
         """Rewrite cluster.json with the children's current pids (after a revive)."""
         path = self.opts.state_dir / "cluster.json"
-        info = _load_json(path)
+        info = devstate.load_json(path)
         pids = {c.name: c.proc.pid for c in self.children if c.proc is not None}
         for node in info.get("nodes", []):
             node["pid"] = pids.get(node.get("name"), node.get("pid"))
@@ -631,72 +498,3 @@ async def _ready(
     if bad:
         return False, f"not serving yet: {', '.join(bad)}"
     return True, "ready"
-
-
-def render_summary(info: dict[str, Any]) -> str:
-    """The endpoints and credentials block printed by `kvtier up`."""
-    lines = [
-        "kvtier dev cluster is up",
-        f"  state dir     {info['state_dir']}",
-        f"  etcd          {info['etcd']}",
-        f"  metadata      {info['metadata']}",
-        f"  gateway gRPC  {info['gateway_grpc']}",
-        f"  gateway S3    {info['gateway_s3'] or '(not yet available)'}",
-        f"  access key    {info['s3_access_key']}   (S3 admin, tenant {ADMIN_TENANT})",
-        "  secret key    in the cluster file (never printed: this output may be logged)",
-        f"  CA            {info.get('ca_file') or '(insecure: no TLS, no authentication)'}",
-        f"  map epoch     {info['map_epoch']}",
-        f"  cluster file  {Path(info['state_dir']) / 'cluster.json'} (mode 0600)",
-        "Ctrl-C (or kvtier down --state-dir DIR) stops it.",
-    ]
-    return "\n".join(lines)
-
-
-def wait_detached(state: Path, proc: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
-    """Wait for a detached supervisor to write cluster.json; ClusterError if it dies first."""
-    deadline = time.monotonic() + timeout_s
-    path = state / "cluster.json"
-    while time.monotonic() < deadline:
-        info = _load_json(path)
-        if info.get("supervisor_pid") == proc.pid:
-            return info
-        if proc.poll() is not None:
-            tail = (state / "logs" / "supervisor.log").read_text(errors="replace").strip()
-            raise ClusterError(
-                f"the cluster did not start: {tail.splitlines()[-1] if tail else ''}"
-            )
-        time.sleep(0.2)
-    raise ClusterError(f"the cluster was not ready after {timeout_s:g}s")
-
-
-def stop_detached(state: Path, timeout_s: float) -> bool:
-    """SIGTERM the supervisor of state and wait for it to exit; False when none ran."""
-    pid = supervisor_pid(state)
-    if pid is None:
-        return False
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        # The lock is released a moment before the process is gone: wait for both, so that
-        # a caller may start again (or check the pid) as soon as this returns.
-        if supervisor_pid(state) is None and not _process_alive(pid):
-            return True
-        time.sleep(0.1)
-    raise ClusterError(f"the supervisor (pid {pid}) did not stop within {timeout_s:g}s")
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether pid runs (a zombie does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
