@@ -245,7 +245,8 @@ def test_a_checkpoint_empties_the_journal(
         store.write_small(small_meta(f"k{i}", shard), shard)
     assert synced
     assert store._journal.bytes <= 4096 + 2048
-    assert (drive_dir / shards.JOURNAL_FILE).stat().st_size == store._journal.bytes
+    # (the file runs on past the records: preallocated zeros)
+    assert (drive_dir / shards.JOURNAL_FILE).stat().st_size > store._journal.bytes
     store.close()
     assert (drive_dir / shards.JOURNAL_FILE).stat().st_size == 0
     reopened = open_store(drive_dir)
