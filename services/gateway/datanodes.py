@@ -73,8 +73,9 @@ class Datanodes:
         self._conns: dict[str, _Conn] = {}
         self._small: dict[str, smallbatch.SmallWrites] = {}
         #: Nodes whose calls were left behind and that have not answered since
-        #: (services.gateway.fanout: no grace for them once a call is decided without them).
-        self.suspects = suspects.Suspects()
+        #: (services.gateway.fanout: no grace for them once a call is decided without them),
+        #: each probed until it answers (`_probe`).
+        self.suspects = suspects.Suspects(self._probe)
         #: Calls that outlive the request that made them (an undo's retries), cancelled at close.
         self._background: set[asyncio.Task[None]] = set()
 
@@ -270,6 +271,25 @@ class Datanodes:
         except Exception:  # broken already: closing is best effort
             log.debug("closing a broken datanode session failed", exc_info=True)
 
+    async def _probe(self, node_id: str) -> bool:
+        """A suspect's probe (services.gateway.suspects.Probe): a READ_METAS call naming no
+        drive, which the node's call handler refuses at once (InvalidArgument: no disk, no pool
+        thread), over the data plane that the node went silent on. False when the map names the
+        node no more (neither a live node nor a drive's holder)."""
+        cmap = self._view.current
+        if not any(n.node_id == node_id for n in cmap.nodes) and not any(
+            slot.node_id == node_id for pool in cmap.pools for s in pool.sets for slot in s.slots
+        ):
+            return False
+        try:
+            await self.call(
+                node_id, shards_pb2.SHARD_CALL_METHOD_READ_METAS, shards_pb2.ReadMetasRequest()
+            )
+        except errors.KVTierError as exc:
+            if suspects.is_silence(exc):
+                raise
+        return True  # (an answer, its refusal included)
+
     def in_background(self, call: Coroutine[Any, Any, None]) -> None:
         """Run a call past the request that made it (it logs its own errors); cancelled at
         close."""
@@ -283,7 +303,8 @@ class Datanodes:
             await asyncio.gather(*self._background, return_exceptions=True)
 
     async def close(self) -> None:
-        """Close every connection."""
+        """Close every connection (and end the probes of suspects)."""
+        await self.suspects.close()
         background, self._background = self._background, set()
         for task in background:
             task.cancel()

@@ -16,8 +16,9 @@ unavailable, their calls left to end on their own (a shard send's is cancelled: 
 staging slot the write gives back); so once a call on a quorum is lost (the nodes still out, a
 suspect's aside, cannot make up the successes it lacks: a commit that misses its write quorum
 without a silent node fails after the grace, not at that node's deadline). A node left
-behind is suspect (services.gateway.suspects) until it answers a call again, and gets no grace
-meanwhile: a silent node costs the first operation through its sets the grace, not every one.
+behind is suspect (services.gateway.suspects) until it answers a call again or its probe,
+and gets no grace meanwhile: a silent node costs the first operation through its sets the
+grace, not every one.
 A datanode that drops packets silently (a partition, found by the fault suite on the tcp data
 plane) would otherwise hold every GET and PUT of its sets for the data-plane deadline (30 s),
 past S3 clients' read timeouts, while the other drives answered in milliseconds.

@@ -105,6 +105,7 @@ class PooledObjects(objectbase.EngineBase):
             lambda: opened[0] >= where.write_quorum,
             self._nodes.suspects,
             cancel_left_behind=True,
+            lacking=lambda: where.write_quorum - opened[0],  # (lost: no wait for a suspect)
         )
         failed.update(behind)
 

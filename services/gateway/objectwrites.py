@@ -241,7 +241,10 @@ class ObjectWrites(objectpools.PooledObjects):
         write quorum of them took theirs, the drives still out get the straggler grace
         (services.gateway.fanout.until_decided), then their sends are cancelled (the blocks
         are a staging slot given back when this returns) and they join up.failed: skipped for
-        the rest of the write and left out of its commit (healed from the others later)."""
+        the rest of the write and left out of its commit (healed from the others later). So
+        when the quorum is lost without a suspect node's drives (fanout.until_decided's
+        lacking: a suspect is probed, and cleared once it answers, services.gateway.suspects):
+        the write fails (Unavailable) after the grace, not at the silent node's deadline."""
         up.sent = True
         sent = [0]
         first = offset == 0  # names the key: the reply says the drive's current stamp
@@ -272,6 +275,7 @@ class ObjectWrites(objectpools.PooledObjects):
             lambda: sent[0] >= up.where.write_quorum,
             self._nodes.suspects,
             cancel_left_behind=True,
+            lacking=lambda: up.where.write_quorum - sent[0],  # (lost: no wait for a suspect)
         )
         for position in behind:
             index = live[position]

@@ -7,8 +7,14 @@ behind at once. Without this state a silent node (a partition drops its packets:
 ICMP) would cost every operation through its sets the grace again whenever it had no call left
 behind at that instant (its left-behind calls end at the data plane's deadline, or never
 existed for this kind of call). A node stops being suspect on the first reply of any call to
-it (`heard`; a service error counts: the node answered): every operation still sends it its
-calls, so the next one that gets through clears it, with no probe of its own.
+it (`heard`; a service error counts: the node answered). Operations still send it their calls,
+but one may not come for long (a GET of its sets, a listing), and some never tell (a staged
+write's shard sends are cancelled when left behind): so while a node is suspect it is probed
+every PROBE_INTERVAL_S with the cheapest call it answers (the owner's `probe`, given up after
+PROBE_TIMEOUT_S), and the first answer clears it: a recovered node gets its grace, its shards
+and its say in quorums back within about a second, with no client traffic. The probe ends when
+the node is cleared, when it has left the cluster map (`probe` says so: it is forgotten), or
+at `close`.
 
 Never imports grpc.
 """
@@ -19,6 +25,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import prometheus_client
 
@@ -34,6 +41,22 @@ SUSPECTED = prometheus_client.Counter(
     "kvtier_gateway_datanodes_suspected_total",
     "Times a datanode became suspect (a call of its was left behind while it had none)",
 )
+PROBES = prometheus_client.Counter(
+    "kvtier_gateway_suspect_probes_total",
+    "Probes of suspect datanodes that got an answer (answered: no longer suspect) or none in "
+    "PROBE_TIMEOUT_S or a lost connection (silent)",
+    ["outcome"],
+)
+
+#: A suspect datanode is probed this often (the first probe this long after it became one)...
+PROBE_INTERVAL_S = 0.5
+#: ... and a probe that got no answer in this long is given up (silent).
+PROBE_TIMEOUT_S = 0.5
+
+#: The owner's probe of a node (Suspects): returns once the node answered a cheap call (an
+#: error of its service counts), False when the node has left the cluster map (no call goes
+#: there any more); raises when it did not answer (a deadline, a lost connection).
+Probe = Callable[[str], Awaitable[bool]]
 
 
 def is_silence(exc: BaseException) -> bool:
@@ -43,11 +66,15 @@ def is_silence(exc: BaseException) -> bool:
 
 
 class Suspects:
-    """Per datanode: calls left behind still running, and since when it is suspect."""
+    """Per datanode: calls left behind still running, since when it is suspect, and its probe
+    (with a `probe`: module docstring; without, a suspect waits for a call to clear it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, probe: Probe | None = None) -> None:
         self._since: dict[str, float] = {}
         self._left: dict[str, int] = {}
+        self._probe = probe
+        #: The probe task of each suspect (with a probe).
+        self._probes: dict[str, asyncio.Task[None]] = {}
 
     def suspect(self, node_id: str) -> bool:
         """Whether node_id gets no grace (module docstring)."""
@@ -62,18 +89,72 @@ class Suspects:
             log.warning(
                 "datanode %s did not answer in time: suspect, no grace until it does", node_id
             )
+            if self._probe is not None and node_id not in self._probes:
+                self._probes[node_id] = asyncio.get_running_loop().create_task(
+                    self._probing(node_id, self._probe), name=f"probe of datanode {node_id}"
+                )
         if task is not None and not task.done():
             self._left[node_id] = self._left.get(node_id, 0) + 1
             task.add_done_callback(functools.partial(self._ended, node_id))
 
     def heard(self, node_id: str) -> None:
-        """node_id answered a call: no longer suspect."""
+        """node_id answered a call: no longer suspect (its probe ends)."""
         since = self._since.pop(node_id, None)
         if since is not None:
             SUSPECTS.set(len(self._since))
+            self._end_probe(node_id)
             log.info(
                 "datanode %s answers again after %.1f s suspect", node_id, time.monotonic() - since
             )
+
+    def forget(self, node_id: str) -> None:
+        """node_id left the cluster map: no longer suspect, nor probed."""
+        if self._since.pop(node_id, None) is not None:
+            SUSPECTS.set(len(self._since))
+            self._end_probe(node_id)
+            log.info("datanode %s left the cluster map: no longer suspect", node_id)
+
+    def probing(self) -> list[str]:
+        """The nodes being probed now (tests, status)."""
+        return sorted(node for node, task in self._probes.items() if not task.done())
+
+    async def close(self) -> None:
+        """End every probe (no new one starts): the owner closes."""
+        self._probe = None
+        probes, self._probes = self._probes, {}
+        for task in probes.values():
+            task.cancel()
+        await asyncio.gather(*probes.values(), return_exceptions=True)
+
+    def _end_probe(self, node_id: str) -> None:
+        task = self._probes.pop(node_id, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()  # (a probe that got the answer ends on its own)
+
+    async def _probing(self, node_id: str, probe: Probe) -> None:
+        """Probe node_id until it is no longer suspect (it answered, or left the map): while
+        it is and this is its probe (a probe that got the answer is no longer, even if the
+        node is suspect again by then: a new probe started)."""
+        me = asyncio.current_task()
+        try:
+            while node_id in self._since and self._probes.get(node_id) is me:
+                await asyncio.sleep(PROBE_INTERVAL_S)
+                try:
+                    async with asyncio.timeout(PROBE_TIMEOUT_S):
+                        named = await probe(node_id)
+                except Exception as exc:  # TimeoutError, a lost connection: still silent
+                    PROBES.labels("silent").inc()
+                    log.debug("probe of suspect datanode %s: no answer (%r)", node_id, exc)
+                    continue
+                if not named:
+                    self.forget(node_id)
+                    continue
+                PROBES.labels("answered").inc()
+                if self._probes.get(node_id) is me:  # (not suspect again since the answer)
+                    self.heard(node_id)  # (the call marked it heard already where it arrived)
+        finally:
+            if self._probes.get(node_id) is me:
+                del self._probes[node_id]
 
     def left(self, node_id: str) -> int:
         """node_id's calls left behind and still running."""

@@ -59,9 +59,11 @@ class Silence:
         self.real = nodes.call
         self.node_id = node_id
         self.ended = asyncio.Event()
-        #: (method, WRITE_SHARD offset) of each call it swallowed; calls cancelled.
+        #: (method, WRITE_SHARD offset) of each call it swallowed; calls cancelled. The
+        #: gateway's probes of a suspect (a READ_METAS naming no drive) go to `probes` only.
         self.calls: list[tuple[int, int]] = []
         self.cancelled = 0
+        self.probes: list[float] = []
 
     async def call(
         self, node_id: str, method: int, request: Any, segments: Sequence[Any] = (),
@@ -69,6 +71,10 @@ class Silence:
     ) -> Any:  # fmt: skip
         if node_id != self.node_id or self.ended.is_set():
             return await self.real(node_id, method, request, segments, intos)
+        if isinstance(request, shards_pb2.ReadMetasRequest) and not request.drive_ids:
+            self.probes.append(time.monotonic())
+            await self.ended.wait()
+            raise errors.DeadlineExceeded(f"tcp call to {node_id} took over 30.0s (test)")
         self.calls.append((method, getattr(request, "offset", 0)))
         try:
             await self.ended.wait()
