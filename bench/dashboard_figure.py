@@ -61,6 +61,8 @@ LIFECYCLE_RULES = [
 #: workload does not cause have no series until the first event (prometheus_client exports a
 #: labelled metric's series only once a label set is used), so they show "No data", not 0.
 EXPECTED_EMPTY = {
+    ("gRPC server errors by code", "A"): "no RPC failed on the server's side (UNAVAILABLE, "
+    "INTERNAL, ...: kvtier_rpc_server_seconds_count; a miss's NOT_FOUND is not one)",
     ("S3 timeouts by kind", "A"): "no S3 request timed out (kvtier_gateway_s3_timeouts_total)",
     ("Corrupt blocks found", "A"): "no KV block was corrupt: the run damages an object shard, "
     "not a KV block (kvtier_kvcache_corrupt_blocks_total)",

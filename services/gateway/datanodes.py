@@ -137,6 +137,8 @@ class Datanodes:
         """A data-plane call to a datanode; a broken connection is reopened once."""
         conn = self._conn(node_id)
         payload = request.SerializeToString()
+        # Only a shard read's answer clears the suspicion of its shard reads (suspects).
+        reads = method == shards_pb2.SHARD_CALL_METHOD_READ_SHARD
         for retry in (True, False):
             session = await self._session(conn)
             try:
@@ -152,9 +154,9 @@ class Datanodes:
                 continue
             except errors.KVTierError as exc:
                 if not suspects.is_silence(exc):
-                    self.suspects.heard(node_id)  # its service answered
+                    self.suspects.heard(node_id, reads=reads)  # its service answered
                 raise
-            self.suspects.heard(node_id)
+            self.suspects.heard(node_id, reads=reads)
             return result
         raise AssertionError("unreachable")
 

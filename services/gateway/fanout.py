@@ -51,6 +51,9 @@ T = TypeVar("T")
 STRAGGLER_GRACE_S = 2.0
 #: ... or this many times the time the call took until then, when that is longer.
 STRAGGLER_FACTOR = 3.0
+#: until_decided's op for a GET's shard reads: they have a suspicion of their own
+#: (services.gateway.suspects, `reads`), which a node's other answers do not clear.
+READ_SHARD_OP = "read_shard"
 STRAGGLERS = prometheus_client.Counter(
     "kvtier_gateway_straggler_calls_total",
     "Datanode calls left behind once a metadata read, a commit or a block of a staged write's "
@@ -82,12 +85,17 @@ async def until_decided(
     get the grace, a suspect none. So a commit that misses its quorum without a silent node
     fails after the grace at most, not at that node's deadline (30 s).
 
+    op READ_SHARD_OP (shard reads): a node whose shard reads are suspect gets no grace either,
+    and a read left behind while its node was not suspect makes its shard reads suspect
+    (suspects.Suspects, `reads`: a node answering metadata reads but hanging on data).
+
     Left-behind calls run on to their own end (counted in suspects), or with
     cancel_left_behind are cancelled and waited for (their buffers are the caller's again:
     a transport never touches a cancelled call's buffers once it has ended)."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    wait = _Wait(loop, decided, [n for n, _ in calls], suspects)
+    reads = op == READ_SHARD_OP
+    wait = _Wait(loop, decided, [n for n, _ in calls], suspects, reads=reads)
     if lacking is not None:
         wait.count_hope(lacking, weights or [1] * len(calls))
     tasks = []
@@ -110,7 +118,10 @@ async def until_decided(
         node_id, task = calls[position][0], tasks[position]
         if cancel_left_behind:
             task.cancel()
-        suspects.left_behind(node_id, None if cancel_left_behind else task)
+        if reads and not suspects.suspect(node_id) and suspects.suspect(node_id, reads=True):
+            continue  # no grace for its shard reads, its other calls answer: nothing new
+        shard_read = reads and not suspects.suspect(node_id)  # (it had the grace)
+        suspects.left_behind(node_id, None if cancel_left_behind else task, reads=shard_read)
     if cancel_left_behind and behind:
         await asyncio.wait([tasks[p] for p in behind])
     for position, task in enumerate(tasks):  # a call's own bug is never a silent answer
@@ -127,8 +138,8 @@ class _Wait:
     costs about what a gather did."""
 
     __slots__ = (
-        "_decided", "_graced", "_hope", "_lacking", "_loop", "_nodes", "_suspects", "_waiter",
-        "_weights", "out",
+        "_decided", "_graced", "_hope", "_lacking", "_loop", "_nodes", "_reads", "_suspects",
+        "_waiter", "_weights", "out",
     )  # fmt: skip
 
     def __init__(
@@ -137,11 +148,15 @@ class _Wait:
         decided: Callable[[], bool],
         nodes: list[str],
         suspects: suspects_mod.Suspects,
+        *,
+        reads: bool = False,
     ) -> None:
         self._loop = loop
         self._decided = decided
         self._nodes = nodes
         self._suspects = suspects
+        #: Shard reads: a node whose shard reads are suspect counts as suspect.
+        self._reads = reads
         self.out = set(range(len(nodes)))
         #: In the grace: the calls still waited for (None: not in the grace yet).
         self._graced: set[int] | None = None
@@ -156,13 +171,16 @@ class _Wait:
         """Also end once the calls still out cannot make up what lacking() says is lacking."""
         self._lacking = lacking
         self._weights = [
-            0 if self._suspects.suspect(n) else w for n, w in zip(self._nodes, weights, strict=True)
+            0 if self._suspects.suspect(n, reads=self._reads) else w
+            for n, w in zip(self._nodes, weights, strict=True)
         ]
         self._hope = sum(self._weights)
 
     def grace_for(self) -> bool:
         """Enter the grace: whether any call still out is of a node that is not suspect."""
-        self._graced = {p for p in self.out if not self._suspects.suspect(self._nodes[p])}
+        self._graced = {
+            p for p in self.out if not self._suspects.suspect(self._nodes[p], reads=self._reads)
+        }
         return bool(self._graced)
 
     def _satisfied(self) -> bool:

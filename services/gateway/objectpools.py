@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from kvtier import errors, features, names, objversions
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
-from services.gateway import commits, fanout, objectbase, placement
+from services.gateway import commits, deleteretry, fanout, objectbase, placement
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,8 @@ class PooledObjects(objectbase.EngineBase):
         Decided on the write quorum, as a commit is (fanout.each_drive): a silent node is left
         behind after the straggler grace. A drive that missed a delete (down, silent) keeps
         the version it held: on at most n - write quorum < k drives, below every read's and
-        listing's quorum, so it is never read or listed again (docs/reliability.md).
+        listing's quorum, so it is never read or listed again (docs/reliability.md), and it is
+        removed once the drive answers (services.gateway.deleteretry: only while stale).
         A conditional delete (if_data_id) skips the drives of datanodes that do not advertise
         datanode.conditional-undo (kvtier.features): an older build would drop the condition
         and remove whatever version is current there; those drives keep the version."""
@@ -187,18 +188,27 @@ class PooledObjects(objectbase.EngineBase):
                 slot.drive_id, bucket, key, version_id, if_data_id
             )
 
+        began_ns = self.clock.now()  # (a copy stamped later is newer than this delete)
         answers = await fanout.each_drive(
             "delete_shard", self._nodes, slots, delete, where.write_quorum
         )
+        missed = set[str]()
         for slot, answer in zip(slots, answers, strict=True):
             if isinstance(answer, errors.KVTierError):
                 log.warning("delete of %s/%s on %s failed: %s", bucket, key, slot.drive_id,
                             answer)  # fmt: skip
-        done = sum(1 for a in answers if not isinstance(a, errors.KVTierError))
+                missed.add(slot.drive_id)
+        done = len(slots) - len(missed)
         if done < where.write_quorum:
             raise errors.Unavailable(
                 f"DELETE {bucket}/{key}: {done} drives answered, the quorum is {where.write_quorum}"
             )
+        if missed:  # their copy would stay forever: finished once they answer (deleteretry)
+            indices = tuple(i for i, s in enumerate(where.slots) if s.drive_id in missed)
+            partial = deleteretry.PartialDelete(
+                where, bucket, key, version_id, if_data_id, began_ns, indices
+            )
+            deleteretry.record(self._nodes, partial)
         return [s.drive_id for s in older]
 
 

@@ -16,6 +16,16 @@ and its say in quorums back within about a second, with no client traffic. The p
 the node is cleared, when it has left the cluster map (`probe` says so: it is forgotten), or
 at `close`.
 
+Shard reads have a suspicion of their own (`reads=True`): a node whose shard reads were left
+behind while it was not suspect (it had the grace, and its other calls, a GET's metadata read
+among them, may well answer) gets no grace for shard reads for READ_SUSPECT_S, unless a shard
+read of its answers first. Without it, a node that answers metadata reads but hangs on data
+(a hung data disk, a path that drops large frames) was cleared by every GET's metadata read
+and its probe, and every GET paid the grace again. After READ_SUSPECT_S the next GET gives its
+shard reads the grace once more (and marks it again if they still hang): one grace per
+READ_SUSPECT_S instead of one per GET, and a node whose reads were only slow once is not
+rebuilt around for long.
+
 Never imports grpc.
 """
 
@@ -52,6 +62,14 @@ PROBES = prometheus_client.Counter(
 PROBE_INTERVAL_S = 0.5
 #: ... and a probe that got no answer in this long is given up (silent).
 PROBE_TIMEOUT_S = 0.5
+#: A node whose shard reads were left behind gets no grace for shard reads this long, unless
+#: one of its shard reads answers first (module docstring).
+READ_SUSPECT_S = 10.0
+READS_SUSPECTED = prometheus_client.Counter(
+    "kvtier_gateway_datanode_reads_suspected_total",
+    "Times a datanode's shard reads were left behind while it was not suspect (no grace for its "
+    "shard reads for READ_SUSPECT_S, whatever its other calls answer)",
+)
 
 #: The owner's probe of a node (Suspects): returns once the node answered a cheap call (an
 #: error of its service counts), False when the node has left the cluster map (no call goes
@@ -71,17 +89,38 @@ class Suspects:
 
     def __init__(self, probe: Probe | None = None) -> None:
         self._since: dict[str, float] = {}
+        #: Nodes whose shard reads get no grace, since when (module docstring).
+        self._reads: dict[str, float] = {}
         self._left: dict[str, int] = {}
         self._probe = probe
         #: The probe task of each suspect (with a probe).
         self._probes: dict[str, asyncio.Task[None]] = {}
 
-    def suspect(self, node_id: str) -> bool:
-        """Whether node_id gets no grace (module docstring)."""
-        return node_id in self._since
+    def suspect(self, node_id: str, *, reads: bool = False) -> bool:
+        """Whether node_id gets no grace (module docstring); reads: for shard reads."""
+        return node_id in self._since or (reads and self._reads_suspect(node_id))
 
-    def left_behind(self, node_id: str, task: asyncio.Future[None] | None = None) -> None:
-        """A call of node_id was left behind (task: still running, counted until it ends)."""
+    def _reads_suspect(self, node_id: str) -> bool:
+        since = self._reads.get(node_id)
+        if since is None:
+            return False
+        if time.monotonic() - since < READ_SUSPECT_S:
+            return True
+        del self._reads[node_id]  # its shard reads get the grace again (module docstring)
+        return False
+
+    def left_behind(
+        self, node_id: str, task: asyncio.Future[None] | None = None, *, reads: bool = False
+    ) -> None:
+        """A call of node_id was left behind (task: still running, counted until it ends);
+        reads: a shard read left behind while node_id was not suspect (module docstring)."""
+        if reads and not self._reads_suspect(node_id):  # (not renewed while it has no grace)
+            self._reads[node_id] = time.monotonic()
+            READS_SUSPECTED.inc()
+            log.warning(
+                "datanode %s: shard reads did not answer in time, no grace for them for %.0f s",
+                node_id, READ_SUSPECT_S,
+            )  # fmt: skip
         if node_id not in self._since:
             self._since[node_id] = time.monotonic()
             SUSPECTS.set(len(self._since))
@@ -97,8 +136,11 @@ class Suspects:
             self._left[node_id] = self._left.get(node_id, 0) + 1
             task.add_done_callback(functools.partial(self._ended, node_id))
 
-    def heard(self, node_id: str) -> None:
-        """node_id answered a call: no longer suspect (its probe ends)."""
+    def heard(self, node_id: str, *, reads: bool = False) -> None:
+        """node_id answered a call (reads: a shard read): no longer suspect (its probe ends;
+        for shard reads too when reads)."""
+        if reads and self._reads.pop(node_id, None) is not None:
+            log.info("datanode %s: shard reads answer again", node_id)
         since = self._since.pop(node_id, None)
         if since is not None:
             SUSPECTS.set(len(self._since))
@@ -109,6 +151,7 @@ class Suspects:
 
     def forget(self, node_id: str) -> None:
         """node_id left the cluster map: no longer suspect, nor probed."""
+        self._reads.pop(node_id, None)
         if self._since.pop(node_id, None) is not None:
             SUSPECTS.set(len(self._since))
             self._end_probe(node_id)

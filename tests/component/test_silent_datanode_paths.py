@@ -26,7 +26,16 @@ from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
 from services.datanode import shards
-from services.gateway import commits, datanodes, fanout, healing, objectlayer, placement, versioned
+from services.gateway import (
+    commits,
+    datanodes,
+    deleteretry,
+    fanout,
+    healing,
+    objectlayer,
+    placement,
+    versioned,
+)
 from tests.component import objects_cluster
 from tests.component import test_skew_undo as skew
 from tests.component.test_silent_datanode import Silence, _key_drives, _nodes, one_pool
@@ -99,6 +108,8 @@ async def test_listings_deletes_and_aborts_leave_a_silent_datanode_behind(
     the node answers again (its drives still hold the deleted object and the parts) and the
     heal ran, the deleted object is neither listed nor readable."""
     monkeypatch.setattr(fanout, "STRAGGLER_GRACE_S", GRACE_S)
+    monkeypatch.setattr(deleteretry, "RETRY_FIRST_S", 0.05)
+    monkeypatch.setattr(deleteretry, "RETRY_MAX_S", 0.1)
     engine, nodes = one_pool.engine, _nodes(one_pool)
     monkeypatch.setattr(one_pool.healer, "_absorb", lambda: None)
     blobs = {f"k{n}": objects_cluster.data(n, 4 * KIB) for n in range(4)}
@@ -130,6 +141,16 @@ async def test_listings_deletes_and_aborts_leave_a_silent_datanode_behind(
         assert sorted(v.key for v in page.versions) == sorted(blobs)
         await _quick(client.delete_object("quiet", "k1"))
         assert await _listed(client, "quiet") == sorted(set(blobs) - {"k1"})
+        # k2 deleted, then written again (Y2) while the node is silent: its drives keep X2.
+        cut = {s.drive_id for s in placement.locate(engine.view.current, stored, "k1").slots
+               if s.node_id == node_id}  # fmt: skip
+        old_k2 = _key_drives(one_pool, "quiet", "k2")
+        await _quick(client.delete_object("quiet", "k2"))
+        blobs["k2"] = objects_cluster.data(77, 5 * KIB)
+        await _quick(client.put_object("quiet", "k2", blobs["k2"]))
+        new_k2 = {d: i for d, i in _key_drives(one_pool, "quiet", "k2").items() if d not in cut}
+        assert len(new_k2) == 10
+        assert not set(new_k2.values()) & set(old_k2.values())
         with pytest.raises(errors.NotFound):
             await _quick(client.get_object("quiet", "k1"))
         await _quick(client.complete_multipart_upload("quiet", "mp", done_id, done_parts))
@@ -147,11 +168,12 @@ async def test_listings_deletes_and_aborts_leave_a_silent_datanode_behind(
         assert {"list_shards", "delete_shard"} <= set(grpc.calls)
         assert await _listed(client, "quiet") == sorted({*blobs, "mp"} - {"k1"})
 
-        cut = {s.drive_id for s in placement.locate(engine.view.current, stored, "k1").slots
-               if s.node_id == node_id}  # fmt: skip
         assert set(_key_drives(one_pool, "quiet", "k1")) == cut  # the delete missed them
+        assert {d: i for d, i in _key_drives(one_pool, "quiet", "k2").items() if d in cut} == {
+            d: old_k2[d] for d in cut
+        }
         plane.end()
-        grpc.end()  # the partition heals: the node's drives still hold k1
+        grpc.end()  # the partition heals: the node's drives still hold k1 (and X2) ...
         for key in blobs:
             result = await one_pool.healer.heal_object(stored, key)
             assert result.outcome is not healing.Outcome.UNRECOVERABLE, key
@@ -164,6 +186,15 @@ async def test_listings_deletes_and_aborts_leave_a_silent_datanode_behind(
         for key, blob in blobs.items():
             if key != "k1":
                 assert await client.get_object("quiet", key) == blob, key
+        # ... until the deletes that missed them are finished there (deleteretry): k1's copy
+        # is gone, k2's Y2 untouched on every drive holding it (the heal may have given the
+        # node's drives Y2 before the retry looked: kept).
+        await asyncio.wait_for(nodes.background_idle(), OP_TIMEOUT_S)
+        assert _key_drives(one_pool, "quiet", "k1") == {}
+        k2 = _key_drives(one_pool, "quiet", "k2")
+        assert set(new_k2.items()) <= set(k2.items())
+        assert set(k2.values()) == set(new_k2.values())
+        assert await client.get_object("quiet", "k2") == blobs["k2"]
 
 
 async def test_a_get_whose_shard_reads_hang_rebuilds_from_parity(
@@ -171,8 +202,8 @@ async def test_a_get_whose_shard_reads_hang_rebuilds_from_parity(
 ) -> None:
     """A datanode answers a GET's metadata read, then its shard reads hang: once the other
     blocks arrived and the grace passed, its blocks are rebuilt from parity (the object
-    queued for healing); the next GET, the node now silent to every call and suspect, waits
-    no grace."""
+    queued for healing); the next GETs wait no grace, while the node still answers metadata
+    reads and its probe (its shard reads stay suspect: services.gateway.suspects, `reads`)."""
     monkeypatch.setattr(fanout, "STRAGGLER_GRACE_S", GRACE_S)
     engine, nodes = one_pool.engine, _nodes(one_pool)
     monkeypatch.setattr(one_pool.healer, "_absorb", lambda: None)
@@ -195,12 +226,16 @@ async def test_a_get_whose_shard_reads_hang_rebuilds_from_parity(
         assert await _quick(client.get_object("reads", "big")) == blob
         assert plane.calls
         assert plane.cancelled == len(plane.calls)
-        assert nodes.suspects.suspect(node_id)
+        assert nodes.suspects.suspect(node_id, reads=True)
         assert (stored, "big") in dict(engine.heal_queue.items())
-        monkeypatch.setattr(nodes, "call", plane.call)  # now silent to every call
+        # It answers metadata reads (and its probe), its shard reads still hang: the next GETs
+        # give them no grace either (before, each GET's metadata read cleared the suspicion).
         monkeypatch.setattr(fanout, "STRAGGLER_GRACE_S", 30.0)  # past the timeout: none taken
-        assert await _quick(client.get_object("reads", "big")) == blob
-        plane.end()
+        for _ in range(2):
+            assert await _quick(client.get_object("reads", "big")) == blob
+        assert nodes.suspects.suspect(node_id, reads=True)
+        assert not nodes.suspects.suspect(node_id)  # its other calls answer
+        plane.end()  # (a node silent to every call: test_silent_datanode)
 
 
 async def test_a_version_deleted_past_a_silent_datanode_stays_deleted(
@@ -209,8 +244,11 @@ async def test_a_version_deleted_past_a_silent_datanode_stays_deleted(
     """A versioned key's current version v2 is deleted (by its version id) while a datanode is
     silent: quick, and LIST shows v1 as current. The node answers again with v2 still current
     on its 2 drives (the heal leaves a drive ahead alone): LIST and ListObjectVersions still
-    show v1 and no v2, and a GET reads v1. Before, LIST took the newest entry of any drive."""
+    show v1 and no v2, and a GET reads v1. Before, LIST took the newest entry of any drive.
+    Then the gateway finishes the delete there: v1 is current on every drive."""
     monkeypatch.setattr(fanout, "STRAGGLER_GRACE_S", GRACE_S)
+    monkeypatch.setattr(deleteretry, "RETRY_FIRST_S", 0.05)
+    monkeypatch.setattr(deleteretry, "RETRY_MAX_S", 0.1)
     engine, nodes = one_pool.engine, _nodes(one_pool)
     monkeypatch.setattr(one_pool.healer, "_absorb", lambda: None)
     v1, v2 = objects_cluster.data(40, 3 * KIB), objects_cluster.data(41, 5 * KIB)
@@ -242,6 +280,9 @@ async def test_a_version_deleted_past_a_silent_datanode_stays_deleted(
             listed = await one_pool.front.version_lister.list_versions(stored)
             assert [v.version_id for v in listed.versions] == [first.version_id]
             assert await client.get_object("kept", "v") == v1
+            # The delete is finished on the node's drives (deleteretry): v1 current there too.
+            await asyncio.wait_for(nodes.background_idle(), OP_TIMEOUT_S)
+            assert set(_key_drives(one_pool, "kept", "v").values()) == {first.version_id}
     finally:
         principal.unbind(bound)
 

@@ -290,3 +290,42 @@ async def test_a_small_write_lost_but_for_a_suspect_node_ends_at_once() -> None:
     assert done.full
     assert took < 0.3, took
     nodes.released.set()
+
+
+async def test_shard_reads_left_behind_stay_suspect_while_other_calls_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node whose shard reads hung past the grace: its other answers (a metadata read, its
+    probe) clear it for every call but shard reads; a shard read's answer or READ_SUSPECT_S
+    clears those too, and a read cancelled without a grace does not renew it."""
+    monkeypatch.setattr(fanout, "STRAGGLER_GRACE_S", 0.05)
+    s = suspects.Suspects()
+    hung = asyncio.Event()
+
+    async def read(node_id: str) -> None:
+        if node_id == "dn-0":
+            await hung.wait()
+
+    calls = [(n, read(n)) for n in NODES]
+    behind = await fanout.until_decided(
+        fanout.READ_SHARD_OP, calls, lambda: True, s, cancel_left_behind=True
+    )
+    assert behind == [0]
+    assert s.suspect("dn-0", reads=True)
+    s.heard("dn-0")  # its metadata read answered
+    assert not s.suspect("dn-0")
+    assert s.suspect("dn-0", reads=True)
+    # The next reads get no grace (well past the test's timeout otherwise) and stay suspect.
+    monkeypatch.setattr(fanout, "STRAGGLER_GRACE_S", 30.0)
+    calls = [(n, read(n)) for n in NODES]
+    decided = fanout.until_decided(
+        fanout.READ_SHARD_OP, calls, lambda: True, s, cancel_left_behind=True
+    )
+    assert await asyncio.wait_for(decided, 5) == [0]
+    assert not s.suspect("dn-0")  # (no node-level suspicion again: its other calls answer)
+    s.heard("dn-0", reads=True)  # a shard read answered
+    assert not s.suspect("dn-0", reads=True)
+    s.left_behind("dn-0", reads=True)
+    s.heard("dn-0")
+    monkeypatch.setattr(suspects, "READ_SUSPECT_S", 0.0)  # expired: the grace again
+    assert not s.suspect("dn-0", reads=True)
