@@ -148,10 +148,12 @@ venv_install() {
   .venv/bin/python -m pip install -q --disable-pip-version-check "$@"
 }
 
-venv_install -e '.[dev]'
+# For `test` also the end-to-end proof's model (torch CPU, transformers) and Redis client for
+# tests/e2e, in the same install (one resolution and one build of kvtier, not two).
+extras=dev
+[ "$mode" != test ] || extras=dev,e2e
+venv_install -e ".[$extras]"
 if [ "$mode" = test ]; then
-  # The end-to-end proof's model (torch CPU, transformers) and Redis client for tests/e2e.
-  venv_install -e '.[dev,e2e]'
   # NIXL's OBJ plugin, for the S3 acceptance tests: CPU-only, without its CUDA dependencies.
   venv_install --no-deps 'nixl==1.5.*' 'nixl-cu12==1.5.*'
 fi
@@ -160,7 +162,8 @@ case "$mode" in
   up) exec .venv/bin/kvtier up --state-dir "${KVTIER_STATE_DIR:-.kvtier}" "$@" ;;
   test)
     # `make check`, with the background installs finished before the tests that need them.
-    make lint typecheck VENV=.venv || { wait_background; stop_background; exit 1; }
+    # Lint and mypy side by side (-O: each one's output in one piece): mypy takes one core.
+    make -j2 -O lint typecheck VENV=.venv || { wait_background; stop_background; exit 1; }
     wait_background
     rc=0
     make test VENV=.venv || rc=$?

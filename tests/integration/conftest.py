@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -108,6 +109,52 @@ def dump_logs(state_dir: Path) -> str:
     for log in sorted((state_dir / "logs").glob("*.log")):
         parts.append(f"===== {log.name}\n{log.read_text(errors='replace')[-4000:]}")
     return "\n".join(parts)
+
+
+@contextlib.contextmanager
+def running_s3_cluster(state: Path) -> Iterator[dict[str, Any]]:
+    """A detached dev cluster (6 datanodes, 1 kvcache node, short leases) in state: its
+    cluster.json, with "state" added; stopped when the block ends. Its services skip the
+    lame-duck linger on shutdown (1 s per data-plane role of each `down`; the S3 tests stop no
+    service, tests/fault/test_rolling.py covers the linger)."""
+    roles = ("DATANODE", "KVCACHE", "GATEWAY")
+    no_linger = {f"KVTIER_{role}_DRAIN_LINGER_S": "0" for role in roles}
+    up = kvtier_cmd(
+        "up", "--state-dir", str(state), "--detach", "--kvcache-nodes", "1",
+        "--lease-ttl-s", "2", "--shutdown-grace-s", "2", timeout_s=150, env=cli_env(**no_linger),
+    )  # fmt: skip
+    assert up.returncode == 0, up.stdout + up.stderr + dump_logs(state)
+    try:
+        info = json.loads((state / "cluster.json").read_text())
+        info["state"] = state
+        yield info
+    finally:
+        kvtier_cmd("down", "--state-dir", str(state), timeout_s=90)
+
+
+@pytest.fixture(scope="package")
+def s3_shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The dev cluster that the S3 acceptance modules share (through s3_cluster.s3_cluster):
+    starting and stopping ten services costs 15-20 s on a 2-core machine, once per module
+    before. The modules keep apart by names (each has its own tenants and buckets); a module
+    that stops part of the cluster or starts it with other settings takes
+    s3_cluster.own_s3_cluster instead."""
+    with running_s3_cluster(tmp_path_factory.mktemp("s3-shared") / "state") as info:
+        yield info
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The modules on the shared S3 cluster run last of this directory, one after another, so
+    that it is up for them only (pytest tears a package fixture down at the package's end);
+    every other order is kept."""
+    here = Path(__file__).parent
+    slots = [i for i, item in enumerate(items) if item.path.is_relative_to(here)]
+    sharing = {
+        items[i].path for i in slots if "s3_shared_cluster" in getattr(items[i], "fixturenames", ())
+    }
+    ordered = sorted((items[i] for i in slots), key=lambda item: item.path in sharing)
+    for i, item in zip(slots, ordered, strict=True):
+        items[i] = item
 
 
 @pytest.fixture

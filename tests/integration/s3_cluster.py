@@ -1,6 +1,6 @@
 """A detached dev cluster (`kvtier up`, secure: HTTPS with the cluster CA's certificate) shared
-by the S3 acceptance tests of one module, and helpers to build real S3 clients against it, each
-configured to trust the cluster's CA the way that client expects."""
+by the S3 acceptance tests of tests/integration, and helpers to build real S3 clients against
+it, each configured to trust the cluster's CA the way that client expects."""
 
 from __future__ import annotations
 
@@ -18,24 +18,23 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from tests.integration.conftest import dump_logs, kvtier_cmd
+from tests.integration.conftest import kvtier_cmd, running_s3_cluster
 
 
 @pytest.fixture(scope="module")
-def s3_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """cluster.json of a running dev cluster (6 datanodes, 1 kvcache node), stopped after."""
-    state = tmp_path_factory.mktemp("s3") / "state"
-    up = kvtier_cmd(
-        "up", "--state-dir", str(state), "--detach", "--kvcache-nodes", "1",
-        "--lease-ttl-s", "2", "--shutdown-grace-s", "2", timeout_s=150,
-    )  # fmt: skip
-    assert up.returncode == 0, up.stdout + up.stderr + dump_logs(state)
-    try:
-        info = json.loads((state / "cluster.json").read_text())
-        info["state"] = state
+def s3_cluster(s3_shared_cluster: dict[str, Any]) -> dict[str, Any]:
+    """cluster.json of a running dev cluster (6 datanodes, 1 kvcache node): the one the S3
+    modules share (tests/integration/conftest.py), which they keep apart by their own tenant
+    and bucket names."""
+    return s3_shared_cluster
+
+
+@pytest.fixture(scope="module")
+def own_s3_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The same kind of cluster, the module's own: for a module that stops part of it or starts
+    it with other settings (and for modules outside tests/integration)."""
+    with running_s3_cluster(tmp_path_factory.mktemp("s3") / "state") as info:
         yield info
-    finally:
-        kvtier_cmd("down", "--state-dir", str(state), timeout_s=90)
 
 
 def client(info: dict[str, Any], access_key: str = "", secret_key: str = "", **config: Any) -> Any:

@@ -21,6 +21,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -67,22 +68,49 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@pytest.fixture
-def cluster(state_dir: Path) -> Iterator[dict[str, Any]]:
-    """A detached dev cluster (one kvcache node); cluster.json's content, with "user" and
-    "operator": how to connect as the admin user and as the operator. Stopped afterwards."""
+@pytest.fixture(scope="module")
+def module_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The state dir of the module's detached dev cluster (one kvcache node), stopped after the
+    module: every test leaves it whole (it revives what it stops, and each keeps to its own
+    bucket), and a cluster's start and stop cost 15-25 s each on a 2-core machine."""
+    state = tmp_path_factory.mktemp("objects") / "state"
     up = kvtier_cmd(
-        "up", "--state-dir", str(state_dir), "--detach", "--kvcache-nodes", "1",
+        "up", "--state-dir", str(state), "--detach", "--kvcache-nodes", "1",
         "--lease-ttl-s", str(LEASE_TTL_S), "--shutdown-grace-s", "2", timeout_s=150,
     )  # fmt: skip
-    assert up.returncode == 0, up.stdout + up.stderr + dump_logs(state_dir)
+    assert up.returncode == 0, up.stdout + up.stderr + dump_logs(state)
     try:
-        info = json.loads((state_dir / "cluster.json").read_text())
+        yield state
+    finally:
+        kvtier_cmd("down", "--state-dir", str(state), timeout_s=90)
+
+
+@pytest.fixture
+def state_dir(module_state: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """The module cluster's state dir; its logs are printed when the test fails."""
+    yield module_state
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        sys.stderr.write(dump_logs(module_state))
+
+
+@pytest.fixture
+def cluster(state_dir: Path) -> dict[str, Any]:
+    """cluster.json's content as of this test (a revive records new pids), with "user" and
+    "operator": how to connect as the admin user and as the operator. Every drive is online
+    when the test starts (what a test that failed half-way left down is revived first)."""
+
+    def read() -> dict[str, Any]:
+        info: dict[str, Any] = json.loads((state_dir / "cluster.json").read_text())
         # Users reach the gateway's client port with the admin's keys, the operator etcd.
         info["user"], info["operator"] = user_security(state_dir), cluster_security(state_dir)
-        yield info
-    finally:
-        kvtier_cmd("down", "--state-dir", str(state_dir), timeout_s=90)
+        return info
+
+    info = read()
+    if any(s.state != ONLINE for s in _slots(info)):
+        _revive(info, state_dir)
+        info = read()
+    return info
 
 
 # The cluster map and processes.
@@ -471,7 +499,7 @@ def test_a_wiped_drive_is_rebuilt_by_admin_heal(cluster: dict[str, Any], state_d
         ]
         client.complete_multipart_upload("wipe", "w/multi", upload, infos)
         objs["w/multi"] = b"".join(parts)
-        before = {p.relative_to(drive): p.read_bytes() for p in drive.rglob("objects/**/*")
+        before = {p.relative_to(drive): p.read_bytes() for p in drive.glob("objects/wipe@*/**/*")
                   if p.is_file()}  # fmt: skip
         assert len([p for p in before if p.name == "meta"]) == len(objs)
         _signal(cluster, victim, signal.SIGKILL)
@@ -492,7 +520,7 @@ def test_a_wiped_drive_is_rebuilt_by_admin_heal(cluster: dict[str, Any], state_d
                 break
             assert time.monotonic() < deadline, heal.stdout + dump_logs(state_dir)
             time.sleep(1)
-        after = {p.relative_to(drive): p.read_bytes() for p in drive.rglob("objects/**/*")
+        after = {p.relative_to(drive): p.read_bytes() for p in drive.glob("objects/wipe@*/**/*")
                  if p.is_file()}  # fmt: skip
         # Every shard file is back with the same bytes (metas carry the same version).
         assert {p for p in after if p.name != "meta"} == {p for p in before if p.name != "meta"}

@@ -32,7 +32,7 @@ from minio.commonconfig import ENABLED, Filter
 from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 
 from tests.integration import s3_cluster
-from tests.integration.s3_cluster import s3_cluster as s3_cluster_fixture  # noqa: F401
+from tests.integration.s3_cluster import own_s3_cluster as s3_cluster_fixture  # noqa: F401
 
 pytestmark = pytest.mark.integration
 

@@ -31,7 +31,7 @@ from kvtier.clients import kvcache as kvcache_client
 from kvtier.clients import metadata as metadata_client
 from tests.integration import s3_cluster
 from tests.integration.conftest import cluster_security, kvtier_cmd, user_security
-from tests.integration.s3_cluster import s3_cluster as s3_cluster_fixture  # noqa: F401
+from tests.integration.s3_cluster import own_s3_cluster as s3_cluster_fixture  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
