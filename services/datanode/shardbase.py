@@ -80,6 +80,7 @@ class ShardStoreBase:
             if self._journal.bytes <= over_bytes:
                 return
             with self._all_locks():
+                self._index.flush()  # the journal's deferred entries, before it is emptied
                 journal.sync_filesystem(self.drive.path)
                 self._journal.reset()
                 self._journaled.clear()

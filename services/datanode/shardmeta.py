@@ -31,10 +31,15 @@ PREV_FILE = "meta.prev"
 #: The kept (superseded) versions' metas of a key, newest first: PREV_FILE, then PREV_FILE.1 ...
 PREV_FILES = (PREV_FILE, *(f"{PREV_FILE}.{n}" for n in range(1, 4)))
 
+#: A small write's meta before it is renamed over META_FILE (services.datanode.shards).
+STAGED_META_FILE = "meta.new"
+
 #: Write ids and data_ids: names safe in a directory.
 SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 #: Names in a key's directory that no data dir may take.
-_RESERVED_IDS = frozenset({META_FILE, *PREV_FILES, versionstore.VERSIONS_DIR, objversions.NULL})
+_RESERVED_IDS = frozenset(
+    {META_FILE, STAGED_META_FILE, *PREV_FILES, versionstore.VERSIONS_DIR, objversions.NULL}
+)
 
 ShardMeta = datanode_pb2.ShardMeta
 

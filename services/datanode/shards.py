@@ -9,6 +9,8 @@ Layout under the drive (ARCHITECTURE.md, "The durable object tier"), h = hex SHA
                                                    services.datanode.framing)
     objects/<bucket>/<h[:2]>/<h>/versions/         a versioned key's non-current versions
                                                    (services.datanode.versionstore)
+    objects/<bucket>/<h[:2]>/<h>/meta.new          a small write's meta before its rename (a
+                                                   crash's leftover: reused by the next one)
     objects/<bucket>/<h[:2]>/<h>/meta.prev[.N]     an unversioned key's superseded versions
                                                    (those the last overwrites replaced), kept
                                                    for an undo (services.datanode.supersede)
@@ -32,8 +34,9 @@ holds) renames the staged part files over the existing ones instead, one by one.
 A small write (`ShardStore.write_small`: one part, the whole shard of at most INLINE_MAX_BYTES in
 one call) takes another path: its meta (the shard inline) is appended to the drive's journal and
 synced there, one fdatasync for every commit that arrived meanwhile (group commit), then written
-over `<h>/meta` by rename without a sync of its own (`write_smalls`: several objects' small
-writes with one append and sync, and one index transaction); a removal of a key whose last change
+as `<h>/meta.new` and renamed over `<h>/meta` without a sync of its own (`write_smalls`: several
+objects' small writes with one append and sync; their index entries are written later, in
+batches: services.datanode.index); a removal of a key whose last change
 is journaled is journaled too. Opening the store replays the journal (each record installed only
 over an older version, removed only over one as old or older) before anything is read; a
 checkpoint (syncfs, then an empty journal) runs when the journal grows past
@@ -62,7 +65,6 @@ import contextlib
 import logging
 import os
 import shutil
-import threading
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -302,8 +304,8 @@ class ShardStore(shardrecovery.ShardRecovery):
                     out[at] = exc
                 else:
                     applied.append(stored)
-            # One index transaction for the batch (one each costs about what a file step does).
-            self._index.put_many([(m.bucket, shardmeta.list_entry(m)) for m in applied])
+            # Indexed later, with other batches' entries (journaled: a replay indexes them).
+            self._index.put_later([(m.bucket, shardmeta.list_entry(m)) for m in applied])
 
     def _refuse_older_than(
         self,
@@ -342,7 +344,10 @@ class ShardStore(shardrecovery.ShardRecovery):
             fresh = False
         except FileNotFoundError:
             os.makedirs(object_dir, exist_ok=True)
-        staged = f"{self._tmp}/meta-{threading.get_ident()}"
+        # Staged in the key's own directory (the key's lock is held): its inode is allocated
+        # near the directory and the rename stays within it, half the CPU of staging it under
+        # .kvtier/tmp (~60 of ~120 µs, ext4). A crash's leftover is reused by the next write.
+        staged = f"{object_dir}/{shardmeta.STAGED_META_FILE}"
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             framing.pwrite_all(fd, [raw], 0)

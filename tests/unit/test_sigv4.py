@@ -772,6 +772,24 @@ def test_a_date_is_required(good: Sent) -> None:
     refused("AccessDenied", lambda: parse(good.replace_header("X-Amz-Date", "yesterday")))
 
 
+def test_amz_dates_parse_as_strptime_takes_them() -> None:
+    """The fast x-amz-date parser gives strptime's times (and refusals) for AWS's format."""
+    for text in [
+        "20261207T103000Z", "19700101T000000Z", "20240229T235959Z", "99991231T235959Z",
+        "20261207t103000z", "20230229T000000Z", "20261307T103000Z", "20261207T103060Z",
+        "20261207T246000Z", "20261207T103000", "20261207 103000Z", "20261207T103000Z ",
+        "\uff120261207T103000Z", "00001231T235959Z", "", "x",
+    ]:  # fmt: skip
+        try:
+            when = datetime.datetime.strptime(text, sigv4.AMZ_DATE_FORMAT)
+            want: float | None = when.replace(tzinfo=datetime.UTC).timestamp()
+        except ValueError:
+            want = None
+        if not text.isascii():
+            want = None
+        assert sigv4._parse_amz_date(text) == want, text
+
+
 def test_streaming_needs_the_decoded_length() -> None:
     sent = EXAMPLES["PUT Object, chunked (seed)"]
     without = dataclasses.replace(

@@ -91,6 +91,47 @@ def test_a_failed_sync_fails_every_item_it_carried(
             store.read_meta(test_small_writes.BUCKET, key)
 
 
+def test_index_entries_wait_for_a_batch_and_survive_a_checkpoint_and_a_crash(
+    store: shards.ShardStore, drive_dir: Path
+) -> None:
+    """A batch's index entries are written later (with other batches'), yet listed at once; a
+    checkpoint writes them before it empties the journal, and a crash loses none."""
+    body = {f"k{i}": os.urandom(100) for i in range(4)}
+    store.write_smalls([(small_meta(k, body[k]), body[k]) for k in ("k0", "k1", "k2")])
+    assert [row[1] for row in store._index._later] == [b"k0", b"k1", b"k2"]  # not written yet
+    assert [e.key for e in store.list(test_small_writes.BUCKET)] == ["k0", "k1", "k2"]
+    store.write_smalls([(small_meta("k3", body["k3"]), body["k3"])])
+    store.checkpoint()  # the journal that covered k3's entry is emptied: the entry is written
+    assert store._journal.bytes == 0
+    assert store._index._later == []
+    store.write_smalls([(small_meta("k4", b"x"), b"x")])  # journaled, entry deferred
+    # A crash: the store abandoned as it is, a new one opened on the drive.
+    reopened = test_small_writes.open_store(drive_dir)
+    try:
+        listed = [e.key for e in reopened.list(test_small_writes.BUCKET)]
+        assert listed == ["k0", "k1", "k2", "k3", "k4"]
+    finally:
+        reopened.close()
+
+
+def test_a_small_writes_staged_meta_left_by_a_crash_is_reused(
+    store: shards.ShardStore, drive_dir: Path
+) -> None:
+    """The meta is staged in the key's directory (`meta.new`); a crash's torn leftover there is
+    truncated and renamed by the key's next small write, and no data_id may take the name."""
+    first = os.urandom(200)
+    store.write_smalls([(small_meta("k", first), first)])
+    object_dir = next(drive_dir.glob(f"objects/{test_small_writes.BUCKET}/*/*"))
+    (object_dir / "meta.new").write_bytes(b"torn" * 1000)
+    second = os.urandom(100)
+    store.write_smalls([(small_meta("k", second), second)])
+    assert read_back(store, "k") == second
+    assert sorted(p.name for p in object_dir.iterdir()) == ["meta", "meta.prev"]
+    named = small_meta("j", second)
+    named.data_id = "meta.new"
+    assert isinstance(store.write_smalls([(named, second)])[0], errors.InvalidArgument)
+
+
 class Node:
     """A datanode's WRITE_SMALL calls as SmallWrites sees them: recorded, answered when the
     test lets them (a result per shard naming its drive), or failed."""

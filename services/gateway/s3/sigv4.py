@@ -53,6 +53,8 @@ MAX_SKEW_S = 15 * 60
 MAX_PRESIGN_EXPIRES_S = 7 * 24 * 3600
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 AMZ_DATE_FORMAT = "%Y%m%dT%H%M%SZ"
+#: AMZ_DATE_FORMAT as a pattern (ASCII digits; T and Z in either case, as strptime takes them)
+_AMZ_DATE = re.compile(r"([0-9]{4})([0-9]{2})([0-9]{2})[Tt]([0-9]{2})([0-9]{2})([0-9]{2})[Zz]")
 
 #: A request's headers (`canon.Headers`).
 Headers = canon.Headers
@@ -262,13 +264,16 @@ def _credential(text: str, amz_date: str, *, presigned: bool, region: str) -> tu
 
 
 def _parse_amz_date(text: str) -> float | None:
-    if not text.isascii():
+    """AMZ_DATE_FORMAT's time (UTC), or None; without strptime (~6 µs of CPU a request, ~2 here)."""
+    match = _AMZ_DATE.fullmatch(text)
+    if match is None:
         return None
     try:
-        stamp = datetime.datetime.strptime(text, AMZ_DATE_FORMAT)
-    except ValueError:
+        year, month, day, hour, minute, second = map(int, match.groups())
+        stamp = datetime.datetime(year, month, day, hour, minute, second, tzinfo=datetime.UTC)
+    except ValueError:  # out of range: month 13, second 60 ...
         return None
-    return stamp.replace(tzinfo=datetime.UTC).timestamp()
+    return stamp.timestamp()
 
 
 def _format_amz_date(timestamp: float) -> str:
