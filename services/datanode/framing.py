@@ -36,6 +36,8 @@ def framed_bytes(shard_bytes: int, block_bytes: int) -> int:
 def pwrite_all(fd: int, buffers: list[Buffer], offset: int) -> None:
     """Write buffers at offset, completing short writes."""
     written = os.pwritev(fd, buffers, offset)
+    if written == sum(memoryview(b).nbytes for b in buffers):
+        return  # the usual case: no copy of the bytes (a 1 MiB block per call while staging)
     rest = memoryview(b"".join(buffers))[written:]  # only after a short write (rare)
     while rest:
         written += (n := os.pwrite(fd, rest, offset + written))

@@ -28,6 +28,7 @@ from services.gateway import (
     datanodes,
     front,
     healing,
+    heap,
     lifecycle,
     listing,
     objects,
@@ -272,6 +273,7 @@ def build(cfg: config.GatewayConfig) -> service.ServiceSpec:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a gateway; returns the process exit code."""
+    heap.tune()  # body-sized buffers from a heap that keeps its pages (services/gateway/heap.py)
     return service.main(
         config.GatewayConfig,
         "gateway",

@@ -35,6 +35,9 @@ from services.gateway import multipart, objects, versionlisting, versions
 Sink = Callable[[memoryview], Awaitable[None]]
 #: Awaited before each piece is gathered (the S3 writer: until its client took the last one).
 Ready = Callable[[], Awaitable[None]]
+#: Memory of at least nbytes that the next piece may be gathered into, kept by the consumer
+#: until it is sent (the S3 writer's own buffers: no copy out of a staging slot).
+Buffer = Callable[[int], memoryview]
 #: The x-amz-checksum-* trailers of a body, by this prefix.
 CHECKSUM_TRAILER = "x-amz-checksum-"
 
@@ -93,8 +96,11 @@ class ObjectReader(Protocol):
         None past the last part."""
         ...
 
-    async def stream(self, first: int, length: int, sink: Sink, ready: Ready | None) -> None:
-        """length bytes from first to sink, a piece at a time."""
+    async def stream(
+        self, first: int, length: int, sink: Sink, ready: Ready | None, buffer: Buffer | None = None
+    ) -> None:
+        """length bytes from first to sink, a piece at a time (each gathered into buffer's
+        memory where the layer gathers pieces and buffer is given)."""
         ...
 
 
@@ -285,9 +291,12 @@ class ErasureReader:
         """(offset, size) of part number (`multipart.part_span`)."""
         return multipart.part_span(self.found.meta, number)
 
-    async def stream(self, first: int, length: int, sink: Sink, ready: Ready | None) -> None:
-        """length bytes from first, a staging slot at a time (`ObjectEngine.stream`)."""
-        await self.engine.stream(self.found, first, length, sink, ready)
+    async def stream(
+        self, first: int, length: int, sink: Sink, ready: Ready | None, buffer: Buffer | None = None
+    ) -> None:
+        """length bytes from first, a staging slot (or buffer's memory) at a time
+        (`ObjectEngine.stream`)."""
+        await self.engine.stream(self.found, first, length, sink, ready, buffer)
 
 
 class ErasureLayer:

@@ -135,10 +135,11 @@ class ObjectEngine(objectwrites.ObjectWrites):
         length: int,
         sink: Callable[[memoryview], Awaitable[None]],
         ready: Callable[[], Awaitable[None]] | None = None,
+        buffer: Callable[[int], memoryview] | None = None,
     ) -> None:
-        """Bytes of a version to sink, a slot at a time, each once ready returns
-        (reads.Reader.stream)."""
-        await self.reads.stream(found, offset, length, sink, ready)
+        """Bytes of a version to sink, a slot (or buffer's memory) at a time, each once ready
+        returns (reads.Reader.stream)."""
+        await self.reads.stream(found, offset, length, sink, ready, buffer)
 
     # GET.
 

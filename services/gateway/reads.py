@@ -33,6 +33,10 @@ BLOCK_BYTES = 1 << 20
 #: (services.datanode.shards.INLINE_MAX_BYTES); each block framed with its xxh3-64.
 INLINE_MAX_BYTES = 128 << 10
 _HASH_BYTES = 8
+#: Pieces from this size on are gathered into the consumer's memory when it offers some
+#: (`Reader.stream`); a smaller one (a small object's) goes through a slot, copied out: its
+#: gather area would be whole stripes and parity room, megabytes for a few bytes.
+BUFFERED_MIN_BYTES = BLOCK_BYTES
 
 DEGRADED = prometheus_client.Counter(
     "kvtier_gateway_degraded_reads_total", "Blocks rebuilt from parity on read"
@@ -68,6 +72,14 @@ def inline_block(
         return False
     dest[:] = data
     return True
+
+
+def area_bytes(meta: datanode_pb2.ShardMeta, offset: int, length: int) -> int:
+    """Memory a gather of length bytes at offset of a part needs (`Reader.gather_into`): its
+    whole stripes, then room for the parity blocks a degraded read rebuilds from."""
+    stripe_bytes = meta.data_shards * BLOCK_BYTES
+    stripes = (offset + length - 1) // stripe_bytes - offset // stripe_bytes + 1
+    return stripes * stripe_bytes + meta.parity_shards * BLOCK_BYTES
 
 
 class Reader:
@@ -113,11 +125,15 @@ class Reader:
         length: int,
         sink: Callable[[memoryview], Awaitable[None]],
         ready: Callable[[], Awaitable[None]] | None = None,
+        buffer: Callable[[int], memoryview] | None = None,
     ) -> None:
         """Hand bytes [offset, offset + length) of a version to sink, a piece at a time, each
         piece in a staging slot until sink returns (bounded memory whatever the length). The
         slot is taken for each piece once `ready` returns (a consumer that waits for a slow
-        client there holds no slot), and given back after sink."""
+        client there holds no slot), and given back after sink. With `buffer` (a consumer that
+        keeps each piece until it is sent: response_body.BodyWriter), each piece is gathered
+        straight into the memory buffer(nbytes) returns instead (no slot taken, `area_bytes`;
+        from BUFFERED_MIN_BYTES on): the consumer then need not copy it out of a slot."""
         meta = found.meta
         most = self.max_read_bytes(meta.data_shards, meta.parity_shards)
         done = 0
@@ -126,6 +142,13 @@ class Reader:
                 await ready()
             part, start = versions.part_at(meta, offset + done)
             n = min(most, length - done, start + part.size - offset - done)
+            if buffer is not None and n >= BUFFERED_MIN_BYTES:
+                area = buffer(area_bytes(meta, offset + done - start, n))
+                first = await self.gather_into(found, part, offset + done - start, n, area)
+                BYTES.labels("get").inc(n)
+                await sink(area[first : first + n])
+                done += n
+                continue
             slot = await self._staging.acquire(30.0)
             try:
                 first = await self.gather_range(found, part, offset + done - start, n, slot)
@@ -149,11 +172,24 @@ class Reader:
     ) -> int:
         """Fill the slot with the stripes covering a range of one part (offset within the
         part); returns where the range starts in the slot."""
+        area = slot.region.view[slot.offset : slot.offset + slot.length]
+        return await self.gather_into(found, part, offset, length, area)
+
+    async def gather_into(
+        self,
+        found: versions.Resolved,
+        part: datanode_pb2.ShardMeta.Part,
+        offset: int,
+        length: int,
+        area: memoryview,
+    ) -> int:
+        """gather_range into area, any writable memory of a slot's size (the stripes, then
+        room to rebuild parity in); returns where the range starts in area."""
         meta = found.meta
         k, _m = meta.data_shards, meta.parity_shards
         stripe_bytes = k * BLOCK_BYTES
         s0, s1 = offset // stripe_bytes, (offset + length - 1) // stripe_bytes
-        region, base_at = slot.region, slot.offset
+        base_at = 0
         scratch_at = base_at + (s1 - s0 + 1) * stripe_bytes
         plan: list[tuple[int, int, memoryview]] = []  # (stripe, shard, destination)
         for s in range(s0, s1 + 1):
@@ -163,7 +199,7 @@ class Reader:
             lo, hi = offset - s * stripe_bytes, offset + length - s * stripe_bytes
             for i in range(k):
                 if i * block < hi and (i + 1) * block > lo:
-                    plan.append((s, i, region.view[at + i * block :][:block]))
+                    plan.append((s, i, area[at + i * block :][:block]))
         planned = collections.Counter(s for s, _, _ in plan)
 
         def rebuildable(ok: set[tuple[int, int]]) -> bool:
@@ -175,7 +211,7 @@ class Reader:
         read = {(s, i) for s, i, _ in plan} - failed
         for s in sorted({s for s, _ in failed}):
             await self._rebuild_stripe(
-                found, part, s, s0, failed, (region, base_at, scratch_at), read
+                found, part, s, s0, failed, (area, base_at, scratch_at), read
             )
         return offset - s0 * stripe_bytes
 
@@ -248,13 +284,13 @@ class Reader:
         s: int,
         s0: int,
         failed: set[tuple[int, int]],
-        layout: tuple[base.Region, int, int],
+        layout: tuple[memoryview, int, int],
         read: set[tuple[int, int]],
     ) -> None:
         """Rebuild the failed blocks of stripe s from any k readable shards of it (`read`: the
         blocks already in place; a ranged read leaves the stripe's other data blocks unread)."""
         meta = found.meta
-        region, base_at, scratch_at = layout
+        area, base_at, scratch_at = layout
         k, m = meta.data_shards, meta.parity_shards
         rest = part.size - s * k * BLOCK_BYTES
         block = BLOCK_BYTES if rest >= k * BLOCK_BYTES else -(-rest // k)
@@ -262,8 +298,8 @@ class Reader:
 
         def dest(i: int) -> memoryview:
             if i < k:
-                return region.view[at + i * block :][:block]
-            return region.view[scratch_at + (i - k) * BLOCK_BYTES :][:block]
+                return area[at + i * block :][:block]
+            return area[scratch_at + (i - k) * BLOCK_BYTES :][:block]
 
         bad = {i for t, i in failed if t == s}
         present: dict[int, memoryview] = {}

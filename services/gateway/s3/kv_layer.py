@@ -71,9 +71,15 @@ class KVReader:
         return kv_layout.part_span(self.stored, number)
 
     async def stream(
-        self, first: int, length: int, sink: objectlayer.Sink, ready: objectlayer.Ready | None
+        self,
+        first: int,
+        length: int,
+        sink: objectlayer.Sink,
+        ready: objectlayer.Ready | None,
+        buffer: objectlayer.Buffer | None = None,
     ) -> None:
-        """length bytes from first, a block's view at a time."""
+        """length bytes from first, a block's view at a time (the blocks are in memory already:
+        buffer is not used)."""
         if self.blob is None:
             raise RuntimeError("a KV object opened without its data was read")
         if length <= 0:

@@ -367,7 +367,7 @@ async def send_body(
         await writer.sink(view)
 
     try:
-        await reader.stream(first, length, sink, writer.ready)
+        await reader.stream(first, length, sink, writer.ready, writer.buffer)
         if not response.prepared:  # an empty body
             await response.prepare(req.http)
         await writer.finish()
