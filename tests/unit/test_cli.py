@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import pytest
 import kvtier
 from kvtier import devcluster, devports, errors, names
 from kvtier.cli import main as cli_main
+from kvtier.cli import parser as cli_parser
 from kvtier.cli import status as status_cmd
 from kvtier.proto.common.v1 import common_pb2
 from services.gateway.s3 import server as s3_server
@@ -49,6 +52,31 @@ def test_help_shows_defaults_and_the_fixed_ports(capsys: pytest.CaptureFixture[s
         code, out, _ = _run(capsys, *command, "--help")
         assert code == 0
         assert "default: .kvtier" in out, command
+
+
+def test_the_commands_not_run_keep_their_help() -> None:
+    # main builds only the run command's options; the others' one-line help must not drift.
+    assert cli_parser.build("").format_help() == cli_parser.build().format_help()
+    assert cli_parser.ETCD_PREFIX == devcluster.ETCD_PREFIX
+
+
+def test_help_and_usage_errors_import_no_grpc_crypto_or_aiohttp() -> None:
+    # Start-up time: a fresh interpreter, as every `kvtier` command is.
+    script = (
+        "import sys\n"
+        "from kvtier.cli import main\n"
+        "assert main.main(['status', '--state-dir', '/proc/kvtier']) == 2\n"
+        "try:\n"
+        "    main.main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'grpc', 'cryptography', 'aiohttp', 'aetcd', 'google'}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert done.stdout.splitlines()[-1] == "[]", done.stdout
 
 
 @pytest.mark.parametrize(

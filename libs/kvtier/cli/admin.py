@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from kvtier import devcluster, errors, security, users
+from kvtier import devstate, errors, security, users
 from kvtier.cli import progress as progress_mod
 from kvtier.clients import gateway as gateway_client
 from kvtier.clients import metadata as metadata_client
@@ -35,7 +35,7 @@ def _cluster_info(state_dir: str, flag: str) -> dict[str, Any]:
     try:
         info = json.loads(info_path.read_text())
     except (OSError, ValueError):
-        raise devcluster.ClusterError(
+        raise devstate.ClusterError(
             f"no running cluster at {info_path}; pass {flag} HOST:PORT"
         ) from None
     return info if isinstance(info, dict) else {}

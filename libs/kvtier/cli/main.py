@@ -55,234 +55,25 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING
 
-import kvtier
 from kvtier import config as kvtier_config
-from kvtier import devcluster, devports, errors, pki, rpc, security
-from kvtier.cli import admin as admin_cmd
-from kvtier.cli import certs as certs_cmd
-from kvtier.cli import healqueue as healqueue_cmd
-from kvtier.cli import kvadmin
-from kvtier.cli import pools as pools_cmd
-from kvtier.cli import status as status_cmd
-from kvtier.cli import transfer as transfer_cmd
-from kvtier.console import cli as console_cli
+from kvtier import devports
+from kvtier.cli import parser as cli_parser
 
-DEFAULT_STATE_DIR = ".kvtier"
-EXIT_USAGE = 2
+if TYPE_CHECKING:
+    from kvtier import devcluster, security
+
+# Start-up time: every other module (grpc, cryptography, aetcd, the console's aiohttp) is
+# imported inside the handler of the one subcommand that needs it, as kvtier.cli.parser does
+# for the options, so `kvtier --help` loads none of it (docs/operations.md, CLI start-up).
+
+EXIT_USAGE = cli_parser.EXIT_USAGE
+_parser = cli_parser.build  # tests build the parser through main
 
 
 class UsageError(Exception):
     """A bad flag or state dir: one line, exit 2."""
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, unless it is empty or off (nothing to tell)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, "", False, argparse.SUPPRESS):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class _Parser(argparse.ArgumentParser):
-    """Help with defaults; an error is one line naming the command, exit 2 (not the usage)."""
-
-    def __init__(self, **kwargs: object) -> None:
-        kwargs.setdefault("formatter_class", _Help)
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-
-    def add_argument(self, *args: object, **kwargs: object) -> argparse.Action:
-        """As argparse's; an option without help still shows its default."""
-        if "help" not in kwargs and kwargs.get("default") not in (None, "", False):
-            kwargs["help"] = "default: %(default)s"
-        return super().add_argument(*args, **kwargs)  # type: ignore[arg-type]
-
-    def error(self, message: str) -> NoReturn:
-        text = " ".join(message.split())
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
-
-
-def _count(text: str) -> int:
-    """A node or drive count: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not in 1..65535")
-    return value
-
-
-def _add_up(sub: argparse._SubParsersAction[_Parser]) -> None:
-    plan = devports.PortPlan()
-    up = sub.add_parser("up", help="start a dev cluster (etcd + every service) on 127.0.0.1")
-    up.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="where all data lives")
-    up.add_argument("--detach", action="store_true", help="run in the background")
-    up.add_argument("--datanodes", type=_count, default=6, help="datanode processes")
-    up.add_argument("--drives-per-datanode", type=_count, default=2, help="drives of each")
-    up.add_argument("--kvcache-nodes", type=_count, default=2, help="kvcache processes")
-    up.add_argument("--lease-ttl-s", type=int, default=5, help="membership lease of each node")
-    up.add_argument("--shutdown-grace-s", type=float, default=5.0, help="grace at stop")
-    up.add_argument("--ready-timeout-s", type=float, default=90.0, help="wait for SERVING")
-    up.add_argument("--etcd-binary", default="etcd", help="the etcd executable")
-    up.add_argument(
-        "--insecure",
-        action="store_true",
-        help="no TLS and no authentication: every caller has every right (benchmarks only)",
-    )
-    up.add_argument(
-        "--ports",
-        choices=("fixed", "auto"),
-        default="fixed",
-        help="fixed: the documented ports (docs/operations.md), the same at every start; "
-        "auto: any free ports (many clusters at once, e.g. tests)",
-    )
-    up.add_argument(
-        "--port-offset", type=int, default=0, help="added to every fixed port (a 2nd cluster)"
-    )
-    up.add_argument("--s3-port", type=_port, default=plan.s3, help="the gateway's S3 API")
-    up.add_argument(
-        "--gateway-port", type=_port, default=plan.gateway, help="the gateway's gRPC service"
-    )
-    up.add_argument(
-        "--metadata-port", type=_port, default=plan.metadata, help="the metadata gRPC service"
-    )
-    up.add_argument(
-        "--etcd-port", type=_port, default=plan.etcd, help="etcd's client port (peer: +1)"
-    )
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kvtier", description="kvtier command line")
-    parser.add_argument("--version", action="version", version=f"kvtier {kvtier.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_up(sub)
-
-    down = sub.add_parser("down", help="stop a detached dev cluster")
-    down.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
-    down.add_argument("--timeout-s", type=float, default=60.0)
-
-    revive = sub.add_parser("revive", help="restart dev-cluster processes that have exited")
-    revive.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
-
-    status = sub.add_parser("status", help="every node with role, address, health and epoch")
-    status.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
-    status.add_argument(
-        "--etcd-endpoints", default="", help="host:port list; default: the state dir's"
-    )
-    status.add_argument("--etcd-prefix", default=devcluster.ETCD_PREFIX)
-    status.add_argument("--timeout-s", type=float, default=3.0)
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-
-    console_cli.add_parser(sub, DEFAULT_STATE_DIR)
-    transfer_cmd.add_parser(sub, DEFAULT_STATE_DIR)
-
-    health = sub.add_parser(
-        "health", help="check a node's gRPC health service, or (no address) every node's"
-    )
-    health.add_argument(
-        "address", nargs="?", default="", help="host:port; none: every node of the cluster"
-    )
-    health.add_argument(
-        "--etcd-endpoints", default="", help="without an address: the cluster's etcd host:port list"
-    )
-    health.add_argument("--etcd-prefix", default=devcluster.ETCD_PREFIX)
-    health.add_argument("--timeout-s", type=float, default=2.0)
-    health.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="whose credentials to use")
-    health.add_argument(
-        "--from-env",
-        action="store_true",
-        help="use the TLS files of the kvtier service configured in this environment "
-        "(KVTIER_<SERVICE>_TLS_*): a container's health check with the node's own certificate",
-    )
-
-    admin = sub.add_parser("admin", help="administration of the object tier")
-    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
-    heal = admin_sub.add_parser(
-        "heal",
-        help="check objects and rebuild missing or corrupt shards",
-        description="Check every object of a bucket (or prefix, or of every bucket) and heal "
-        "those whose shards are missing, stale or corrupt on some drive. Exit code 0 when every "
-        "object is whole (healthy or healed), 1 otherwise. `kvtier admin heal queue` lists what "
-        "the heal queues of every gateway (or of --gateway) hold instead: exit 0 when every "
-        "gateway answered (a bucket named queue: `kvtier admin heal queue/`).",
-    )
-    heal.add_argument(
-        "target", nargs="?", default="", help="BUCKET or BUCKET/PREFIX; none: all; queue: list"
-    )
-    heal.add_argument("--gateway", default="", help="gateway gRPC host:port")
-    heal.add_argument(
-        "--metadata", default="", help="heal queue: metadata gRPC host:port (finds the gateways)"
-    )
-    heal.add_argument(
-        "--limit", type=int, default=healqueue_cmd.DEFAULT_LIMIT, help="heal queue: entries shown"
-    )
-    heal.add_argument("--json", action="store_true", help="heal queue: machine-readable output")
-    heal.add_argument(
-        "--state-dir", default=DEFAULT_STATE_DIR, help="dev cluster whose gateway to use"
-    )
-    heal.add_argument("--dry-run", action="store_true", help="only check; write nothing")
-    certs_cmd.add_parser(admin_sub)
-    kvadmin.add_parser(admin_sub, DEFAULT_STATE_DIR, devcluster.ETCD_PREFIX)
-    pools_cmd.add_parser(admin_sub, DEFAULT_STATE_DIR)
-    user = admin_sub.add_parser("user", help="S3 users (access keys)")
-    user_sub = user.add_subparsers(dest="user_command", required=True)
-    add = user_sub.add_parser("add", help="create a user; prints its secret once")
-    add.add_argument("--tenant", default="default", help="the tenant whose buckets it uses")
-    add.add_argument("--name", default="", help="display name")
-    add.add_argument("--admin", action="store_true", help="may use every tenant's buckets")
-    add.add_argument(
-        "--trust-shm",
-        action="store_true",
-        help="may map a node's whole arena over same-host shared memory (docs/security.md)",
-    )
-    add.add_argument("--access-key", default="", help="choose the access key (with --secret)")
-    add.add_argument(
-        "--secret",
-        "--secret-key",
-        dest="secret_key",
-        default="",
-        help="choose the secret (with --access-key); '-' reads it from stdin",
-    )
-    listing = user_sub.add_parser("list", help="users, without secrets")
-    listing.add_argument("--tenant", default="", help="only this tenant's users")
-    remove = user_sub.add_parser("remove", help="delete a user")
-    remove.add_argument("access_key")
-    bucket = admin_sub.add_parser("bucket", help="buckets (through the metadata service)")
-    bucket_sub = bucket.add_subparsers(dest="bucket_command", required=True)
-    make = bucket_sub.add_parser("create", help="create a bucket of a kind for a tenant")
-    make.add_argument("name", help="the bucket's name (S3's rules)")
-    make.add_argument(
-        "--kind",
-        choices=sorted(admin_cmd.BUCKET_KINDS),
-        default="objects",
-        help="objects: the erasure-coded tier; kv: the KV-cache tier (docs/s3.md, KV buckets)",
-    )
-    make.add_argument("--tenant", default="", help="the owning tenant (default: default)")
-    buckets = bucket_sub.add_parser("list", help="buckets with their kind and tenant")
-    buckets.add_argument("--tenant", default="", help="only this tenant's buckets")
-    for sub_parser in (add, listing, remove, make, buckets):
-        sub_parser.add_argument(
-            "--metadata", default="", help="metadata gRPC host:port (its service port)"
-        )
-        sub_parser.add_argument(
-            "--state-dir", default=DEFAULT_STATE_DIR, help="dev cluster whose metadata to use"
-        )
-        sub_parser.add_argument("--json", action="store_true", help="machine-readable output")
-    return parser
 
 
 def state_dir(raw: str, *, create: bool = False) -> Path:
@@ -294,6 +85,8 @@ def state_dir(raw: str, *, create: bool = False) -> Path:
         raise UsageError(str(exc)) from None
     path = Path(raw).resolve()
     if create:
+        from kvtier import pki  # here: start-up time (cryptography)
+
         try:
             pki.ensure_private_dir(path)
         except OSError as exc:
@@ -313,6 +106,8 @@ def _ports(args: argparse.Namespace) -> devports.PortPlan:
 
 
 def _options(args: argparse.Namespace) -> devcluster.ClusterOptions:
+    from kvtier import devcluster  # here: start-up time
+
     return devcluster.ClusterOptions(
         state_dir=state_dir(args.state_dir, create=True),
         datanodes=args.datanodes,
@@ -328,6 +123,8 @@ def _options(args: argparse.Namespace) -> devcluster.ClusterOptions:
 
 
 def _up(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from kvtier import devcluster, pki  # here: start-up time
+
     opts = _options(args)
     pid = devcluster.supervisor_pid(opts.state_dir)
     if pid is not None:  # before its log is opened: the running cluster's log stays its own
@@ -357,8 +154,11 @@ def _up(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
+    # Here, and devcluster's parts only: start-up time (devcluster imports every service's).
+    from kvtier import devcontrol
+
     state = Path(args.state_dir).resolve()
-    if devcluster.stop_detached(state, args.timeout_s):
+    if devcontrol.stop_detached(state, args.timeout_s):
         print(f"stopped the dev cluster in {state}")
     else:
         print(f"no dev cluster is running from {state}")
@@ -366,16 +166,21 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _revive(args: argparse.Namespace) -> int:
+    # Here, and devcluster's parts only: start-up time (devcluster imports every service's).
+    from kvtier import devcontrol, devstate
+
     state = Path(args.state_dir).resolve()
-    pid = devcluster.supervisor_pid(state)
+    pid = devcontrol.supervisor_pid(state)
     if pid is None:
-        raise devcluster.ClusterError(f"no dev cluster is running from {state}")
+        raise devstate.ClusterError(f"no dev cluster is running from {state}")
     os.kill(pid, signal.SIGHUP)
     print(f"asked the supervisor (pid {pid}) to restart exited processes")
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
+    from kvtier.cli import status as status_cmd  # here: start-up time
+
     endpoints = _etcd_endpoints(args)
     sec = cli_security(args.state_dir)
     state = asyncio.run(status_cmd.collect(endpoints, args.etcd_prefix, args.timeout_s, sec))
@@ -392,7 +197,9 @@ def _etcd_endpoints(args: argparse.Namespace) -> tuple[str, ...]:
     try:
         return (str(json.loads(info_path.read_text())["etcd"]),)
     except (OSError, ValueError, KeyError):
-        raise devcluster.ClusterError(
+        from kvtier import devstate  # here: start-up time (devcluster's ClusterError is its)
+
+        raise devstate.ClusterError(
             f"no running cluster at {info_path}; pass --etcd-endpoints"
         ) from None
 
@@ -401,6 +208,8 @@ def cli_security(state_dir: str) -> security.ClientSecurity:
     """How the CLI authenticates: KVTIER_* variables when any is set, else the operator
     certificate of the dev cluster in state_dir (its cluster.json), else TLS with the
     system's trust store and no credential."""
+    from kvtier import security  # here: start-up time (grpc, cryptography)
+
     if any(name.startswith("KVTIER_") and name not in _NOT_CREDENTIALS for name in os.environ):
         return security.ClientSecurity.from_env()
     info = Path(state_dir) / "cluster.json"
@@ -415,6 +224,8 @@ _NOT_CREDENTIALS = frozenset({"KVTIER_STATE_DIR", "KVTIER_TEST_SEED"})
 def service_security(environ: Mapping[str, str]) -> security.ClientSecurity:
     """Mutual TLS with the TLS files of the one kvtier service configured in environ
     (KVTIER_<SERVICE>_TLS_CA_FILE / _CERT_FILE / _KEY_FILE), or insecure when it is."""
+    from kvtier import errors, security  # here: start-up time (grpc, cryptography)
+
     found: dict[str, dict[str, str]] = {}
     for name, value in environ.items():
         parts = name.split("_", 2)
@@ -434,6 +245,9 @@ def service_security(environ: Mapping[str, str]) -> security.ClientSecurity:
 
 
 def _health(args: argparse.Namespace) -> int:
+    from kvtier import rpc  # here: start-up time
+    from kvtier.cli import status as status_cmd
+
     sec = service_security(os.environ) if args.from_env else cli_security(args.state_dir)
     if not args.address:  # cluster-wide: every node of the map, and the verdict
         endpoints = _etcd_endpoints(args)
@@ -446,6 +260,13 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _admin(args: argparse.Namespace) -> int:
+    # Here: start-up time (grpc, cryptography, aetcd).
+    from kvtier.cli import admin as admin_cmd
+    from kvtier.cli import certs as certs_cmd
+    from kvtier.cli import healqueue as healqueue_cmd
+    from kvtier.cli import kvadmin
+    from kvtier.cli import pools as pools_cmd
+
     if args.admin_command == "certs":
         return certs_cmd.run(args, sys.stdout)
     sec = cli_security(args.state_dir)
@@ -480,6 +301,9 @@ def _admin(args: argparse.Namespace) -> int:
 
 async def _heal_queue(args: argparse.Namespace, sec: security.ClientSecurity) -> int:
     """`kvtier admin heal queue`: --gateway's queue, else every gateway's of the map."""
+    from kvtier.cli import admin as admin_cmd  # here: start-up time
+    from kvtier.cli import healqueue as healqueue_cmd
+
     if args.limit < 1:
         raise UsageError(f"--limit {args.limit}: give at least 1")
     if args.gateway:
@@ -493,7 +317,7 @@ async def _heal_queue(args: argparse.Namespace, sec: security.ClientSecurity) ->
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kvtier` command; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, extra = _parser().parse_known_args(argv)
+    args, extra = cli_parser.build(cli_parser.command(argv)).parse_known_args(argv)
     if extra:  # named with the command, not the top-level usage
         print(
             f"kvtier {args.command}: error: unrecognized arguments: {' '.join(extra)} "
@@ -515,8 +339,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "admin":
             return _admin(args)
         if args.command == "cp":
+            from kvtier.cli import transfer as transfer_cmd  # here: start-up time
+
             return transfer_cmd.run(args)
         if args.command == "console":
+            from kvtier import errors  # here: start-up time (grpc, aiohttp)
+            from kvtier.console import cli as console_cli
+
             try:
                 return console_cli.run(args)
             except errors.InvalidArgument as exc:  # bad flags or files: exit 2
@@ -528,7 +357,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `kvtier status | head`: the reader left; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (devcluster.ClusterError, errors.KVTierError) as exc:
+    except Exception as exc:
+        # Here, not at the top: start-up time (grpc); devcluster's ClusterError is devstate's.
+        from kvtier import devstate, errors
+
+        if not isinstance(exc, devstate.ClusterError | errors.KVTierError):
+            raise
         print(f"kvtier {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from kvtier import devcluster, errors, kv_stats, objects, security
+from kvtier import devstate, errors, kv_stats, objects, security
 from kvtier.cli import admin as admin_cmd
 from kvtier.cli import kvadmin
 from kvtier.cli import progress as progress_mod
@@ -344,7 +344,7 @@ def run(
         sec = sec or client_security(args.state_dir)
         address = admin_cmd.gateway_address(args.gateway, args.state_dir, sec)
         info = asyncio.run(_copy(job, args, address, sec, err))
-    except devcluster.ClusterError as exc:  # no --gateway and no dev cluster
+    except devstate.ClusterError as exc:  # no --gateway and no dev cluster
         err.write(f"kvtier cp: error: {exc}\n")
         return _EXIT_FAILED
     except errors.KVTierError as exc:
