@@ -114,6 +114,19 @@ def test_a_bad_flag_or_state_dir_is_one_line_and_exit_2(
     assert not (tmp_path / "kvtier").exists()
 
 
+def test_a_directory_that_cannot_be_made_is_one_line_and_exit_1(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("not a directory")
+    code, out, err = _run(capsys, "admin", "certs", "init", "--cluster", "c1", "--dir",
+                          str(a_file / "certs"))  # fmt: skip
+    assert code == 1, (out, err)
+    assert err.count("\n") == 1, err  # one line: no traceback
+    assert err.startswith("kvtier admin: error: "), err
+    assert "Not a directory" in err
+
+
 def test_a_taken_port_is_one_line_and_exit_2_before_anything_starts(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -361,7 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Here, not at the top: start-up time (grpc); devcluster's ClusterError is devstate's.
         from kvtier import devstate, errors
 
-        if not isinstance(exc, devstate.ClusterError | errors.KVTierError):
+        # A file the command could not make or read (a bad --dir, no permission): one line.
+        if not isinstance(exc, devstate.ClusterError | errors.KVTierError | OSError):
             raise
         print(f"kvtier {args.command}: error: {exc}", file=sys.stderr)
         return 1
