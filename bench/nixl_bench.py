@@ -135,13 +135,17 @@ class NixlWorker:
 def null_server(cert_file: str, key_file: str) -> None:
     """An aiohttp HTTPS server on uvloop (as the gateway's) that copies each PUT body into a
     preallocated buffer and discards it, and answers GETs with OBJECT_BYTES from memory; prints
-    its port, serves until killed."""
+    its port, serves until killed. With the gateway's malloc thresholds (`heap.tune`): glibc's
+    initial ones cost a bare server ~20 ms more per 32 MiB written (docs/benchmarks.md)."""
     import asyncio
     import ssl
 
     import uvloop
     from aiohttp import web
 
+    from services.gateway import heap
+
+    heap.tune()
     body, sink = bytes(OBJECT_BYTES), bytearray(OBJECT_BYTES)
 
     async def handle(request: web.Request) -> web.StreamResponse:

@@ -5,6 +5,7 @@ EntityTooLarge; a body of known length is read exactly; digests are checked."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Any, cast
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from aiohttp import streams
 
-from kvtier import errors
+from kvtier import checksums, errors
 from services.gateway.s3 import body, kv_layout
 
 MAX = kv_layout.MAX_KV_OBJECT_BYTES
@@ -86,3 +87,27 @@ async def test_receive_checks_the_digests_of_a_chunked_body(data: bytes) -> None
             _payload(raw[:-1] + b"?", -1), most=MAX, expected={"SHA256": sha}, md5=False
         )
     assert wrong.value.algorithm == "SHA256"
+
+
+async def test_receive_hashes_hardware_crcs_on_the_loop_and_md5_in_a_thread(
+    data: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = data[: 2 * MIB]
+    hops: list[object] = []
+    to_thread = asyncio.to_thread
+
+    async def counted(fn: Any, *args: Any) -> Any:
+        hops.append(fn)
+        return await to_thread(fn, *args)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+    crc = checksums.new("CRC64NVME")
+    crc.update(raw)
+    _, etag, sums = await kv_layout.receive(
+        _payload(raw, -1), most=MAX, algorithms=["crc64nvme"], md5=False
+    )
+    assert (etag, sums, hops) == ("", {"CRC64NVME": checksums.b64(crc.digest())}, [])
+    for algorithms, md5 in ((["crc64nvme"], True), (["crc32"], False), (["sha256"], False)):
+        await kv_layout.receive(_payload(raw, -1), most=MAX, algorithms=algorithms, md5=md5)
+        assert hops == [kv_layout.digests], (algorithms, md5)
+        hops.clear()

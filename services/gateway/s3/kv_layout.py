@@ -51,6 +51,14 @@ _UPLOAD = "UPLOAD"
 _INTERNAL = frozenset({_VERSION, _PART_SIZES, _UPLOAD})
 _GET_ATTEMPTS = 4
 _INLINE_DIGEST_BYTES = 256 << 10
+#: Checksums computed on the loop up to _INLINE_CRC_BYTES when they are all a body needs (no
+#: MD5, no SHA): awscrt's hardware CRCs run at tens of GB/s (~40 µs per 2 MiB here), while
+#: the hop to a worker thread and back costs more CPU than that (~2-4 ms per 16 x 2 MiB
+#: NIXL transfer, docs/benchmarks.md). zlib's CRC32 (~4 GB/s) is not among them. Bounded so
+#: that the loop is never held for more than ~0.1 ms by it (issue 14: no hashing on the loop
+#: beyond what a thread hop costs); larger bodies go to a thread as before.
+_INLINE_CRCS = frozenset({"CRC32C", "CRC64NVME"})
+_INLINE_CRC_BYTES = 4 << 20
 #: The first read of a body of unknown length (the blocks then double as it keeps coming).
 _FIRST_READ_BYTES = 1 << 20
 
@@ -296,7 +304,7 @@ async def receive(
             wanted[name[len(objectlayer.CHECKSUM_TRAILER) :].upper()] = value
     names = sorted({*(a.upper() for a in algorithms if a), *wanted})
     with_md5 = md5 or bool(expected_md5)
-    if blob.size < _INLINE_DIGEST_BYTES:  # a thread hop would cost more than the hashing
+    if _inline_digests(blob.size, names, with_md5):
         etag, sums, _ = digests(blob.pieces(), names, False, with_md5)
     else:
         etag, sums, _ = await asyncio.to_thread(digests, blob.pieces(), names, False, with_md5)
@@ -308,6 +316,14 @@ async def receive(
                 f"The {name} you specified did not match the calculated checksum.", algorithm=name
             )
     return blob, etag, sums
+
+
+def _inline_digests(size: int, names: Sequence[str], with_md5: bool) -> bool:
+    """Whether `receive` hashes a body on the loop: where a thread hop would cost more than
+    the hashing (a small body, or one that needs only hardware CRCs)."""
+    if size < _INLINE_DIGEST_BYTES:
+        return True
+    return not with_md5 and size <= _INLINE_CRC_BYTES and _INLINE_CRCS.issuperset(names)
 
 
 def too_large(most: int) -> errors.InvalidArgument:
