@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 _SWEEP_S = 60.0
 _STALE_TMP_S = 3600.0
+#: The listing index's deferred entries of small writes wait in memory at most about this long
+#: once writes stop (index.ShardIndex.put_later): the index file on disk then holds them too.
+_INDEX_FLUSH_S = 1.0
 
 
 class _Node:
@@ -67,6 +70,16 @@ class _Node:
                 await asyncio.to_thread(store.sweep_tmp, _STALE_TMP_S)
                 await asyncio.to_thread(store.reclaim_superseded, self.cfg.superseded_keep_s)
 
+    async def index_loop(self, ctx: service.Context) -> None:
+        """Write the drives' deferred index entries every _INDEX_FLUSH_S (none: no work)."""
+        while True:
+            await asyncio.sleep(_INDEX_FLUSH_S)
+            for store in self.stores.values():
+                if store.index_deferred:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self.executor, store.flush_index
+                    )
+
     async def drive_loop(self, ctx: service.Context) -> None:
         """Refresh the drive gauges (capacity, free bytes, online) every REFRESH_S."""
         local = [store.drive for store in self.stores.values()]
@@ -100,7 +113,7 @@ def build(cfg: config.DatanodeConfig) -> service.ServiceSpec:
         dataplane=True,
         add_servicers=node.add_servicers,
         drives=lambda: servicer.describe(local),
-        loops=(node.sweep_loop, node.drive_loop),
+        loops=(node.sweep_loop, node.drive_loop, node.index_loop),
         # Only gateways (and operators) move shards: no users' port, no users' sessions.
         serves_users=False,
         dataplane_access=_gateways_only,

@@ -147,6 +147,11 @@ class ShardIndex:
             if len(self._later) >= LATER_MAX:
                 self._run_later()
 
+    @property
+    def deferred(self) -> int:
+        """Entries put_later holds in memory now (read without the lock: a hint)."""
+        return len(self._later)
+
     def flush(self) -> None:
         """Index the deferred entries now (before the journal that covers them is emptied)."""
         with self._lock:

@@ -72,6 +72,19 @@ class ShardStoreBase:
         with self._active_lock:
             self._active.discard(write_id)
 
+    @property
+    def index_deferred(self) -> int:
+        """Listing-index entries waiting in memory (a hint, read without the lock)."""
+        return self._index.deferred
+
+    def flush_index(self) -> bool:
+        """Write the listing index's deferred entries (index.ShardIndex.put_later) now; False
+        when none waited (nothing done)."""
+        if not self._index.deferred:
+            return False
+        self._index.flush()
+        return True
+
     def checkpoint(self, over_bytes: int = 0) -> None:
         """When the journal holds more than over_bytes: sync the drive's filesystem (every
         journaled change is then in durable files) and empty the journal. Holds off every

@@ -40,6 +40,7 @@ from kvtier.clients import metadata as metadata_client
 from kvtier.kv import AsyncKVClient
 from kvtier.objects import AsyncObjectClient
 from kvtier.proto.metadata.v1 import metadata_pb2
+from services.datanode import index as index_mod
 from services.kvcache import blocks as blocks_mod
 from tests import pki as test_pki
 from tests.component import probe_cluster
@@ -62,7 +63,7 @@ async def snapshot(world: probe_cluster.World) -> Snapshot:
         _objects(world.cluster),
         _s3_kv(world),
         _kv_blocks(world),
-        asyncio.to_thread(_drives, world.cluster.drive_dirs()),
+        asyncio.to_thread(_drives, world.cluster.drive_dirs(), _indexes(world.cluster)),
         etcd_contents(world.cluster.store, skip_tenant=world.b.tenant),
     )
     out: Snapshot = {}
@@ -207,7 +208,23 @@ def _store(world: probe_cluster.World) -> Snapshot:
     return out
 
 
-def _drives(roots: list[Path]) -> Snapshot:
+def _indexes(cluster: probe_cluster.Cluster) -> list[index_mod.ShardIndex]:
+    """The listing index of every drive of the datanodes (this process runs them)."""
+    found: list[index_mod.ShardIndex] = []
+    for running in cluster.datanodes:
+        node: Any = getattr(running.spec.loops[0], "__self__", None)
+        stores = getattr(node, "stores", None)
+        assert isinstance(stores, dict), "a datanode has no shard stores"
+        found.extend(store._index for store in stores.values())
+    return found
+
+
+def _drives(roots: list[Path], indexes: list[index_mod.ShardIndex]) -> Snapshot:
+    # Journaled small writes index their entries later (services/datanode/index.py, put_later):
+    # written now, so that the rows hashed are the index's whole content, not how much of it
+    # waited in memory when the snapshot was taken.
+    for index in indexes:
+        index.flush()
     out: Snapshot = {}
     for root in roots:
         for path in sorted(root.rglob("*")):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from kvtier import errors
 from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
-from services.datanode import shards
+from services.datanode import shardbase, shards
 from services.gateway import smallbatch
 from tests.unit import test_small_writes
 from tests.unit.test_small_writes import read_back, small_meta
@@ -112,6 +113,27 @@ def test_index_entries_wait_for_a_batch_and_survive_a_checkpoint_and_a_crash(
         assert listed == ["k0", "k1", "k2", "k3", "k4"]
     finally:
         reopened.close()
+
+
+def test_flush_index_writes_the_deferred_entries_to_the_index_file(
+    store: shards.ShardStore, drive_dir: Path
+) -> None:
+    """What the datanode's index loop runs once writes stop: the file then holds every entry."""
+    store.write_smalls([(small_meta(k, b"v"), b"v") for k in ("a", "b")])
+    assert store.index_deferred == 2
+
+    def on_file() -> list[bytes]:
+        db = sqlite3.connect(f"file:{drive_dir / shardbase.INDEX_FILE}?mode=ro", uri=True)
+        try:
+            return sorted(bytes(r[0]) for r in db.execute("SELECT key FROM objects"))
+        finally:
+            db.close()
+
+    assert on_file() == []
+    assert store.flush_index() is True
+    assert store.index_deferred == 0
+    assert on_file() == [b"a", b"b"]
+    assert store.flush_index() is False  # nothing waited
 
 
 def test_a_small_writes_staged_meta_left_by_a_crash_is_reused(
