@@ -112,16 +112,12 @@ def dump_logs(state_dir: Path) -> str:
 
 
 @contextlib.contextmanager
-def running_s3_cluster(state: Path) -> Iterator[dict[str, Any]]:
-    """A detached dev cluster (6 datanodes, 1 kvcache node, short leases) in state: its
-    cluster.json, with "state" added; stopped when the block ends. Its services skip the
-    lame-duck linger on shutdown (1 s per data-plane role of each `down`; the S3 tests stop no
-    service, tests/fault/test_rolling.py covers the linger)."""
-    roles = ("DATANODE", "KVCACHE", "GATEWAY")
-    no_linger = {f"KVTIER_{role}_DRAIN_LINGER_S": "0" for role in roles}
+def running_cluster(state: Path, **env: str) -> Iterator[dict[str, Any]]:
+    """A detached dev cluster (6 datanodes, 1 kvcache node, short leases) in state, its services
+    with env added to theirs: its cluster.json, with "state" added; stopped when the block ends."""
     up = kvtier_cmd(
         "up", "--state-dir", str(state), "--detach", "--kvcache-nodes", "1",
-        "--lease-ttl-s", "2", "--shutdown-grace-s", "2", timeout_s=150, env=cli_env(**no_linger),
+        "--lease-ttl-s", "2", "--shutdown-grace-s", "2", timeout_s=150, env=cli_env(**env),
     )  # fmt: skip
     assert up.returncode == 0, up.stdout + up.stderr + dump_logs(state)
     try:
@@ -130,6 +126,16 @@ def running_s3_cluster(state: Path) -> Iterator[dict[str, Any]]:
         yield info
     finally:
         kvtier_cmd("down", "--state-dir", str(state), timeout_s=90)
+
+
+@contextlib.contextmanager
+def running_s3_cluster(state: Path) -> Iterator[dict[str, Any]]:
+    """running_cluster for the S3 tests: its services skip the lame-duck linger on shutdown
+    (1 s per data-plane role of each `down`; the S3 tests stop no service,
+    tests/fault/test_rolling.py covers the linger)."""
+    roles = ("DATANODE", "KVCACHE", "GATEWAY")
+    with running_cluster(state, **{f"KVTIER_{role}_DRAIN_LINGER_S": "0" for role in roles}) as info:
+        yield info
 
 
 @pytest.fixture(scope="package")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 import signal
 import time
@@ -37,10 +36,8 @@ from kvtier import errors, security
 from kvtier.clients import gateway as gateway_client
 from tests.integration import s3_cluster
 from tests.integration.conftest import (
-    cli_env,
     cluster_security,
-    dump_logs,
-    kvtier_cmd,
+    running_cluster,
     user_security,
 )
 
@@ -56,18 +53,8 @@ BLOCK = 16 << 10
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """cluster.json of a dev cluster whose gateway scans for healing every second."""
     state = tmp_path_factory.mktemp("mdo") / "state"
-    up = kvtier_cmd(
-        "up", "--state-dir", str(state), "--detach", "--kvcache-nodes", "1",
-        "--lease-ttl-s", "2", "--shutdown-grace-s", "2", timeout_s=150,
-        env=cli_env(KVTIER_GATEWAY_SCAN_INTERVAL_S="1"),
-    )  # fmt: skip
-    assert up.returncode == 0, up.stdout + up.stderr + dump_logs(state)
-    try:
-        info = json.loads((state / "cluster.json").read_text())
-        info["state"] = state
+    with running_cluster(state, KVTIER_GATEWAY_SCAN_INTERVAL_S="1") as info:
         yield info
-    finally:
-        kvtier_cmd("down", "--state-dir", str(state), timeout_s=90)
 
 
 def _block(key: bytes) -> np.ndarray:

@@ -10,7 +10,6 @@ I/O under them); one KV get is one chain from the SDK's span to the kvcache node
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -27,7 +26,11 @@ import kvtier
 from bench import otlp_receiver
 from kvtier import tracing
 from tests.integration import s3_cluster
-from tests.integration.conftest import cli_env, dump_logs, kvtier_cmd, user_security
+from tests.integration.conftest import (
+    dump_logs,
+    running_cluster,
+    user_security,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -56,19 +59,10 @@ def traced_cluster(
     for service in SERVICES:
         settings[f"KVTIER_{service.upper()}_OTLP_ENDPOINT"] = endpoint
         settings[f"KVTIER_{service.upper()}_TRACE_SAMPLE_RATIO"] = "1.0"
-    env = cli_env(**settings, OTEL_BSP_SCHEDULE_DELAY="200")  # export within 0.2 s
     state = tmp_path_factory.mktemp("traced") / "state"
-    up = kvtier_cmd(
-        "up", "--state-dir", str(state), "--detach", "--kvcache-nodes", "1",
-        "--lease-ttl-s", "2", "--shutdown-grace-s", "2", timeout_s=150, env=env,
-    )  # fmt: skip
-    assert up.returncode == 0, up.stdout + up.stderr + dump_logs(state)
-    try:
-        info = json.loads((state / "cluster.json").read_text())
-        info["state"] = state
+    # OTEL_BSP_SCHEDULE_DELAY: export within 0.2 s
+    with running_cluster(state, **settings, OTEL_BSP_SCHEDULE_DELAY="200") as info:
         yield info
-    finally:
-        kvtier_cmd("down", "--state-dir", str(state), timeout_s=90)
 
 
 def _wait_for(what: str, found: Any, state: Path, timeout_s: float = 30.0) -> Any:
