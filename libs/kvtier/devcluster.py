@@ -131,8 +131,16 @@ class Child:
         """Launch (or relaunch) the process."""
         pki.ensure_private_dir(self.log_path.parent)
         with open_log(self.log_path) as out:
+            # A process group of its own: a Ctrl-C in the terminal reaches the supervisor only,
+            # which stops the services in dependency order; in its group, every service got the
+            # SIGINT at once and then the supervisor's SIGTERM after its handler was gone (exit
+            # -15, reported as a failed stop).
             self.proc = subprocess.Popen(
-                self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                self.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                process_group=0,
             )
         self.reported = False
 

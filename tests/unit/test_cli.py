@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -185,6 +186,22 @@ def test_a_plan_that_cannot_work_is_refused(
 ) -> None:
     with pytest.raises(devports.PortError, match=says):
         plan.check(counts)
+
+
+def test_a_service_runs_in_a_process_group_of_its_own(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C (SIGINT to the foreground group) reaches the supervisor only, which
+    then stops the services in order; not every service at once."""
+    child = devcluster.Child(
+        name="sleeper", role="datanode", argv=["sleep", "30"], log_path=tmp_path / "s.log"
+    )
+    child.start()
+    assert child.proc is not None
+    try:
+        assert os.getpgid(child.proc.pid) == child.proc.pid
+        assert os.getpgid(child.proc.pid) != os.getpgrp()
+    finally:
+        child.proc.kill()
+        child.proc.wait()
 
 
 def test_up_passes_the_plan_to_every_process(tmp_path: Path) -> None:
