@@ -206,22 +206,44 @@ def _echo(port_out: Connection) -> None:
 
 def raw_round_trip_us(samples: int = 5000) -> tuple[float, float]:
     """p50 and p99 of a 64-byte request/response over loopback TCP between two processes."""
+    return raw_fanout_us(samples, peers=1)
+
+
+def raw_fanout_us(samples: int = 5000, peers: int = 2) -> tuple[float, float]:
+    """p50 and p99 of one client sending a 64-byte request to each of `peers` echo processes
+    over loopback TCP and waiting for every reply: the least a call to that many nodes costs
+    on this host (a Score, or a lookup of keys with two owners, asks two kvcache nodes at once).
+    The client sends every request before it reads a reply, as the sync KV client does."""
     ctx = multiprocessing.get_context("fork")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_echo, args=(child,), daemon=True)
-    proc.start()
-    sock = socket.create_connection(("127.0.0.1", parent.recv()))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    msg, buf = b"x" * 64, bytearray(64)
-    times = []
-    for _ in range(samples):
-        start = time.perf_counter()
-        sock.sendall(msg)
-        got = 0
-        while got < 64:
-            got += sock.recv_into(memoryview(buf)[got:])
-        times.append((time.perf_counter() - start) * 1e6)
-    sock.close()
-    proc.join(5)
+    procs, socks = [], []
+    try:
+        for _ in range(peers):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_echo, args=(child,), daemon=True)
+            proc.start()
+            procs.append(proc)
+            sock = socket.create_connection(("127.0.0.1", parent.recv()))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            socks.append(sock)
+        msg, buf = b"x" * 64, bytearray(64)
+        view = memoryview(buf)
+        times = []
+        for _ in range(samples):
+            start = time.perf_counter()
+            for sock in socks:
+                sock.sendall(msg)
+            for sock in socks:
+                got = 0
+                while got < 64:
+                    n = sock.recv_into(view[got:])
+                    if not n:
+                        raise ConnectionError("an echo process closed its connection")
+                    got += n
+            times.append((time.perf_counter() - start) * 1e6)
+    finally:
+        for sock in socks:
+            sock.close()  # the echo process sees the end of its stream and exits
+        for proc in procs:
+            proc.join(5)
     times.sort()
     return statistics.median(times), times[int(len(times) * 0.99)]

@@ -39,6 +39,7 @@ class MapView:
     def __init__(self, store: membership.Membership) -> None:
         self._store = store
         self._map = common_pb2.ClusterMap()
+        self._epoch = 0  # _map.epoch as an int: every kvcache reply carries it (`epoch`)
         self._changed = asyncio.Condition()
 
     @property
@@ -54,7 +55,7 @@ class MapView:
 
     def epoch(self) -> int:
         """The newest epoch seen."""
-        return int(self._map.epoch)
+        return self._epoch
 
     async def run(self) -> None:
         """Follow the map in etcd forever (run it in the service's task group)."""
@@ -70,7 +71,7 @@ class MapView:
             return
         async with self._changed:
             log.info("cluster map epoch %d -> %d", self._map.epoch, cmap.epoch)
-            self._map = cmap
+            self._map, self._epoch = cmap, int(cmap.epoch)
             telemetry.MAP_EPOCH.set(cmap.epoch)
             self._changed.notify_all()
 

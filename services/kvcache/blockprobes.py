@@ -68,7 +68,7 @@ class ProbeCalls(blockbase.BlockServiceBase):
         Lookup and score share it: no request is copied from one type into the other."""
         namespace = blockbase.namespace_name(tenant, ns, trusted=True)
         blockbase.check_batch(keys)
-        keys = list(keys)  # out of the message once: the store walks the keys twice
+        keys = list(keys)  # out of the message once: the store and the durable tier read them
         in_dram = self.store.lookup(tenant, namespace, keys)
         if self.tier is None or in_dram == len(keys) or not self._through(tenant, namespace):
             return reply(in_dram, in_dram, self._epoch())

@@ -42,6 +42,8 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from google.protobuf import message as pb_message
+
 from kvtier import errors, tracing
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from kvtier.transport import base, calls
@@ -90,9 +92,11 @@ class BlockService(
             raise errors.InvalidArgument(f"unknown kvcache call method {method}")
         message_type, handler = simple
         reply = handler(self, tenant, calls.parse_request(message_type, request))
-        if inspect.isawaitable(reply):
-            return _plan_of(reply)
-        return base.CallPlan(reply=reply.SerializeToString())
+        # A response message (every answer but a durable tier's) is told by a plain type check:
+        # inspect.isawaitable asks the Awaitable ABC about the message class on every call.
+        if isinstance(reply, pb_message.Message) or not inspect.isawaitable(reply):
+            return base.CallPlan(reply=reply.SerializeToString())
+        return _plan_of(reply)
 
 
 _SIMPLE_CALLS: dict[int, tuple[type[Any], Callable[[BlockService, str, Any], Any]]] = {

@@ -252,7 +252,10 @@ def test_lookup_ends_at_an_expired_block_and_checks_every_key(env: Env) -> None:
     assert env.kv.lookup(T1, NS, chain) == 1
     assert env.kv.stats(T1).evictions["ttl"] == 1
     assert env.kv.exists(T1, NS, chain) == [True, False, True]
-    for bad in ([b"absent", b""], [chain[0], b"x" * 2000], [chain[0], "text"]):
+    # Keys of the present run are not checked one by one (they were when stored): a view or
+    # an unhashable buffer equal to a present key is still refused.
+    views = [memoryview(chain[0])], [chain[0], bytearray(chain[1])]
+    for bad in ([b"absent", b""], [chain[0], b"x" * 2000], [chain[0], "text"], *views):
         with pytest.raises(errors.InvalidArgument):
             env.kv.lookup(T1, NS, bad)  # type: ignore[arg-type]
     with pytest.raises(errors.InvalidArgument):

@@ -197,6 +197,8 @@ class ServerCall:
         that does not fit the call (the call is finished with on_done(False) first)."""
         plan = self.plan
         assert plan is not None
+        if not plan.sources and type(reply) is bytes and len(reply) <= base.MAX_CALL_MESSAGE_BYTES:
+            return reply, [None] * len(self.capacities)  # a probe's reply: nothing to check
         try:
             sources = list(plan.sources)
             if len(sources) > len(self.capacities):

@@ -104,9 +104,11 @@ class CallOp(Op):
         self, method: int, message: memoryview, segments: Sequence[memoryview],
         intos: Sequence[memoryview], request_id: int, loop: asyncio.AbstractEventLoop,
     ) -> None:  # fmt: skip
-        seg_lengths = [seg.nbytes for seg in segments]
-        capacities = [into.nbytes for into in intos]
-        payload = sum(seg_lengths)
+        # Gets and probes (the short path's every call) carry no segments, probes no buffers:
+        # their empty lists and sums are not built per call.
+        seg_lengths = [seg.nbytes for seg in segments] if segments else []
+        capacities = [into.nbytes for into in intos] if intos else []
+        payload = sum(seg_lengths) if segments else 0
         trace = tracing.wire_context()  # b"" unless a sampled span is current
         if trace:
             header = tcp_wire.CALL_TRACED.pack(
@@ -118,7 +120,7 @@ class CallOp(Op):
                 tcp_wire.CALL, 0, 0, method, request_id, message.nbytes, payload,
                 len(segments), len(intos),
             )  # fmt: skip
-        lengths = calls.pack_u64s(seg_lengths + capacities)
+        lengths = calls.pack_u64s(seg_lengths + capacities) if segments or intos else b""
         items: list[bytes | memoryview]
         if message.nbytes < _JOIN_BYTES:
             items = [b"".join((header, message, lengths))]
@@ -131,7 +133,7 @@ class CallOp(Op):
                 if length:
                     items.append(seg)
                     sizes.append(length)
-        self.capacity = sum(capacities)
+        self.capacity = sum(capacities) if intos else 0
         super().__init__(tcp_wire.CALL, b"", _NO_BUF, payload + self.capacity, request_id, loop)
         self.parts = tcp_wire.Parts(items, sizes)
         self.size = self.parts.size
@@ -352,8 +354,11 @@ class Connection(tcp_wire.Channel):
 
     def _call_payload(self, op: CallOp) -> None:
         """The reply's lengths are in: receive the payload into the buffers that get bytes."""
-        if sum(op.lengths) != op.total or any(
-            n > into.nbytes for n, into in zip(op.lengths, op.intos, strict=True)
+        # Without receive buffers (probes) there are no lengths, and total is 0 (checked
+        # against the capacity): nothing to check.
+        if op.intos and (
+            sum(op.lengths) != op.total
+            or any(n > into.nbytes for n, into in zip(op.lengths, op.intos, strict=True))
         ):
             raise tcp_wire.ProtocolError("call reply lengths do not fit the receive buffers")
         self._rx_pos = 0

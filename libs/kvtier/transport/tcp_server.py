@@ -37,6 +37,8 @@ _MAX_HANDSHAKING = 1024
 _MAX_QUEUED_FRAMES = 16384
 # A call's reply message shorter than this is copied behind its header (one buffer to send).
 _JOIN_BYTES = 4 * tcp_wire.KIB
+# A call's reply header and status, bound once (each reply packs one).
+_RESPONSE, _OK = tcp_wire.RESPONSE, int(tcp_wire.Status.OK)
 
 
 class _Arriving:
@@ -372,7 +374,8 @@ class _ServerConnection(tcp_wire.Channel):
         the frame is out). The sinks' leases end here. now: when nothing is queued before it,
         the reply is sent at once, in one sendmsg; None when all of it went (no frame, no
         lease: its bytes are in the kernel), else the frame of what is left."""
-        call.unlease(self._ctx)
+        if call.leases:
+            call.unlease(self._ctx)
         try:
             if error is not None:
                 raise error
@@ -380,23 +383,26 @@ class _ServerConnection(tcp_wire.Channel):
         except Exception as exc:
             call.finish(False)
             return tcp_wire.Frame(tcp_wire.error_response(call.request_id, exc))
-        lengths = [source.length if source is not None else 0 for source in sources]
-        header = tcp_wire.RESPONSE.pack(
-            call.request_id, tcp_wire.Status.OK, len(message), sum(lengths)
-        )
+        if sources:
+            lengths = [source.length if source is not None else 0 for source in sources]
+            payload, tail = sum(lengths), calls.pack_u64s(lengths)
+        else:  # no receive buffers (probes): no lengths to pack
+            payload, tail = 0, b""
+        header = _RESPONSE.pack(call.request_id, _OK, len(message), payload)
         items: list[bytes | memoryview]
         if len(message) < _JOIN_BYTES:
-            items = [b"".join((header, message, calls.pack_u64s(lengths)))]
+            items = [b"".join((header, message, tail))]
             sizes = [len(items[0])]
         else:
-            items = [header, message, calls.pack_u64s(lengths)]
-            sizes = [len(header), len(message), 8 * len(lengths)]
-        for source in sources:
-            if source is not None and source.length:
-                items.append(source.view())
-                sizes.append(source.length)
+            items = [header, message, tail]
+            sizes = [len(header), len(message), len(tail)]
+        if payload:
+            for source in sources:
+                if source is not None and source.length:
+                    items.append(source.view())
+                    sizes.append(source.length)
         sent = self._send_now(items) if now else 0
-        if sent == len(header) + len(message) + 8 * len(lengths) + sum(lengths):
+        if sent == len(header) + len(message) + len(tail) + payload:
             call.finish(True)
             return None
         call.lease(self._ctx, sources, self)
