@@ -1,4 +1,5 @@
-"""The KV SDK's puts (`kvtier.kv.AsyncKVClient.put_batch`, `put_batch_results`, `put`).
+"""The KV SDK's puts (`kvtier.kv.AsyncKVClient.put_batch`, `put_batch_results`, `put`, and
+`put_filled`, whose bytes the caller writes straight into the node's memory).
 
 A put checksums its blocks (unless `verify_checksums` is off), stores each block on every owner
 node (one data-plane call per node and replica rank, or grants, one-sided writes and a commit
@@ -21,6 +22,12 @@ from kvtier.transport import base
 #: Backoff (s) of the rounds that put again keys whose owners did not answer, once the map
 #: moved them (`KVPuts._put_moved`).
 _MOVED_RETRY_S = (0.05, 0.25)
+#: `KVPuts.put_filled`'s answer where the node's transport cannot take bytes in place.
+_NOT_FILLED = object()
+
+
+class _FillFailed(Exception):
+    """A put_filled's fill raised (carried past the node's error handling as what it is)."""
 
 
 class KVPuts(kv_base.KVClientBase):
@@ -198,6 +205,66 @@ class KVPuts(kv_base.KVClientBase):
         for index, status in zip(granted, done.statuses, strict=True):
             results[index] = kv_results.put_result(pb.PutGrant(status=status))
         return results
+
+    async def put_filled(
+        self,
+        key: bytes,
+        size: int,
+        fill: base.SinkFill,
+        *,
+        overwrite: bool = False,
+        ttl_s: float | None = None,
+    ) -> kv_results.PutResult | None:
+        """Store one block of size bytes that fill writes itself, straight into the owner
+        node's memory (a transport that `base.FillsSinks`: shm), with no buffer of the
+        caller's and no copy; None, before fill is called, where that cannot be done (another
+        transport, no calls, replicas > 1): the caller then puts a buffer. fill gets one
+        writable view of size bytes and is not called when the node refuses the key (the
+        result says why). When fill raises, nothing is stored (the node aborts the put) and
+        its error propagates. The node checksums the bytes itself (the SDK never sees them).
+        Not repeated (the bytes are gone once written): a lost node is UNAVAILABLE."""
+        if ttl_s is not None and ttl_s <= 0:
+            raise errors.InvalidArgument("ttl_s must be > 0")
+        if self.replicas != 1 or not self._use_calls:
+            return None
+        await self._set.fresh()
+        plans = self._set.plans([key], 0)
+        if not plans:
+            return kv_results.NO_OWNER
+        request = pb.BatchPutRequest(
+            namespace=self._ns, keys=[key], sizes=[size], overwrite=overwrite, ttl_s=ttl_s or 0.0
+        )
+        kv_routing.add_engine_hashes(request, [key])
+        message = request.SerializeToString()
+        failed: list[BaseException] = []
+
+        async def guarded(views: Sequence[memoryview | None]) -> None:
+            try:
+                await fill(views)
+            except Exception as exc:  # not a node's failure: never marks the node down
+                failed.append(exc)
+                raise _FillFailed from exc
+
+        async def attempt(session: dataplane_client.DataPlaneSession) -> Any:
+            transport = session.transport
+            if not isinstance(transport, base.FillsSinks):
+                return _NOT_FILLED
+            result = await transport.call_filled(pb.CALL_METHOD_BATCH_PUT, message, [size], guarded)
+            reply = pb.BatchPutResponse.FromString(result.reply)
+            self._set.saw_epoch(reply.epoch)
+            return kv_results.put_result(reply.items[0])
+
+        started = time.perf_counter()
+        traced = tracing.op_span("kvtier.kv put_filled", attributes={"kvtier.kv.keys": 1})
+        with traced:
+            try:
+                outcome = await self._set.run(plans[0].node, "put", attempt, idempotent=False)
+            except _FillFailed:
+                raise failed[0] from None
+        if outcome is _NOT_FILLED:
+            return None
+        kv_base.OPS_PUT.observe(time.perf_counter() - started)
+        return outcome if isinstance(outcome, kv_results.PutResult) else kv_results.NO_OWNER
 
     async def put(
         self, key: bytes, block: Any, *, overwrite: bool = False, ttl_s: float | None = None

@@ -58,8 +58,11 @@ class PutBody(Protocol):
         """Bytes `spill` holds for the next `stage`."""
         ...
 
-    async def stage(self, view: memoryview, *, to_end: bool = False) -> int:
-        """Fill view (to_end: up to the body's end); raises Stalled when the body pauses."""
+    async def stage(
+        self, view: memoryview, *, to_end: bool = False, until: float | None = None
+    ) -> int:
+        """Fill view (to_end: up to the body's end); raises Stalled when the body pauses (or,
+        with until, is not in by that loop time)."""
         ...
 
     async def spill(self, length: int) -> None:

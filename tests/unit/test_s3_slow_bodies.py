@@ -66,6 +66,30 @@ async def test_a_pause_moves_the_bytes_out_of_the_slot_and_nothing_is_lost() -> 
     await feeding
 
 
+async def test_a_body_still_coming_at_the_stage_deadline_moves_out_of_the_slot() -> None:
+    """A trickle never pauses for SLOT_IDLE_S, but bytes still missing at `until` stall too."""
+    data = os.urandom(3000)
+    stream, payload = _payload(len(data))
+    stream.feed_data(data[:1000])
+    slot = bytearray(3000)
+
+    async def trickle() -> None:
+        for at in range(1000, 3000, 100):
+            await asyncio.sleep(0.02)
+            stream.feed_data(data[at : at + 100])
+        stream.feed_eof()
+
+    feeding = asyncio.create_task(trickle())
+    loop = asyncio.get_running_loop()
+    with pytest.raises(body.Stalled):
+        await payload.stage(memoryview(slot), until=loop.time() + 0.1)
+    assert 1000 <= payload.spilled < 3000  # the bytes so far, out of the slot
+    await payload.spill(3000)
+    await feeding
+    assert await payload.stage(memoryview(slot), until=loop.time() - 1) == 3000  # all spilled
+    assert bytes(slot) == data
+
+
 async def test_a_body_that_sends_nothing_is_request_timeout() -> None:
     before = _count("body")
     stream, payload = _payload(10_000)

@@ -22,7 +22,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from kvtier import errors
 from kvtier.proto.common.v1 import common_pb2
@@ -577,6 +577,24 @@ class Transport(Protocol):
 
     async def close(self) -> None:
         """Close the connection; idempotent."""
+
+
+#: Writes a call's segments itself into the sinks a peer handed out (`FillsSinks.call_filled`):
+#: a writable view of each (None: the peer drops that segment).
+SinkFill = Callable[[Sequence[memoryview | None]], Awaitable[None]]
+
+
+@runtime_checkable
+class FillsSinks(Protocol):
+    """A transport whose calls' segments the caller may write straight into the peer's memory
+    (shm: its mapped regions), so that bytes arriving from elsewhere (an HTTP body) land where
+    the peer keeps them with no buffer of the caller's in between."""
+
+    async def call_filled(
+        self, method: int, request: bytes, sizes: Sequence[int], fill: SinkFill
+    ) -> CallResult:
+        """A call whose segments (of these sizes) fill writes into the sinks; when fill raises,
+        the call is aborted (nothing of it is kept) and its error raised."""
 
 
 class TransportServer(Protocol):

@@ -13,7 +13,7 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from kvtier import errors, tracing
 from kvtier.proto.common.v1 import common_pb2
@@ -146,23 +146,54 @@ class Client:
             if nbytes:
                 await self._budget.release(nbytes)
 
+    async def call_filled(
+        self, method: int, request: Any, sizes: Sequence[int], fill: base.SinkFill
+    ) -> base.CallResult:
+        """A call whose segments (of these sizes) fill writes itself, straight into the sinks
+        the peer hands out (writable views of its mapped memory; None for a segment it drops):
+        no buffer of the caller's, no copy. fill runs only when a sink takes bytes; when it
+        raises, the call is released unfilled (the peer aborts it: nothing of it is kept) and
+        its error raised. timeout_s bounds the wait for the sinks and, again, for the reply
+        once fill returns, not fill itself. Raises as `call`."""
+        message = calls.check_request(method, request, [memoryview(b"")] * len(sizes), [])
+        self._check_open()
+        nbytes = sum(sizes)
+        deadline = self._loop.time() + self._timeout_s
+        if nbytes:
+            await self._reserve(nbytes, deadline)
+        try:
+            return await self._call(method, message, list(sizes), [], deadline, fill)
+        finally:
+            if nbytes:
+                await self._budget.release(nbytes)
+
     async def _call(
         self,
         method: int,
         message: memoryview,
-        segs: list[memoryview],
+        segs: list[memoryview] | list[int],
         bufs: list[memoryview],
         deadline: float,
+        fill: base.SinkFill | None = None,
     ) -> base.CallResult:
+        """segs: the segments' bytes, or with fill their sizes (fill writes the sinks)."""
         request = self._new_request()
         answer = self._expect(request, deadline)
-        self._send_call(request, method, message, segs, bufs)
+        if fill is None:
+            seg_sizes = [seg.nbytes for seg in cast("list[memoryview]", segs)]
+        else:
+            seg_sizes = cast("list[int]", segs)
+        self._send_call(request, method, message, seg_sizes, bufs)
         open_ = True  # the server holds the call until we release it (or it failed)
         try:
             self._poll(answer)
             got: shm_wire.CallAnswer = await answer
             if got.kind == shm_wire.SINKS:
-                await self._fill_sinks(got.spans, segs)
+                if fill is None:
+                    await self._fill_sinks(got.spans, cast("list[memoryview]", segs))
+                else:
+                    await self._hand_sinks(got.spans, cast("list[int]", segs), fill)
+                    deadline = self._loop.time() + self._timeout_s  # fill's time is not ours
                 answer = self._expect(request, deadline)
                 self._channel.send(shm_wire.HEADER.pack(shm_wire.CALL_DONE, 0, 0, request))
                 self._poll(answer)
@@ -185,12 +216,12 @@ class Client:
         request: int,
         method: int,
         message: memoryview,
-        segs: list[memoryview],
+        seg_sizes: list[int],
         bufs: list[memoryview],
     ) -> None:
         releases = self._releases[: shm_wire.MAX_ITEMS]  # pending releases ride along
         del self._releases[: len(releases)]
-        sizes = [seg.nbytes for seg in segs], [buf.nbytes for buf in bufs]
+        sizes = seg_sizes, [buf.nbytes for buf in bufs]
         body = shm_wire.call_body(method, message, *sizes, releases, tracing.wire_context())
         shm_wire.send_long(self._channel, shm_wire.CALL, request, body)
 
@@ -208,6 +239,28 @@ class Client:
         self._check_open()
         await shm_copy.move(self._loop, pairs, True, nbytes)
         self._check_open()
+
+    async def _hand_sinks(
+        self, spans: list[tuple[int, int, int]], sizes: list[int], fill: base.SinkFill
+    ) -> None:
+        """Hand fill a writable view of each sink (None where the server drops the segment);
+        the views end when it returns."""
+        if len(spans) != len(sizes):
+            raise errors.Internal(f"shm server sent {len(spans)} sinks for {len(sizes)} segments")
+        views: list[memoryview | None] = []
+        for (region_id, offset, length), size in zip(spans, sizes, strict=True):
+            if length and length != size:
+                raise errors.Internal(f"shm server sent a sink of {length} bytes")
+            mapping = self._maps.get(region_id, offset, length, writing=True) if length else None
+            views.append(None if mapping is None else mapping.view[offset : offset + length])
+        self._check_open()
+        try:
+            await fill(views)
+        finally:
+            for view in views:
+                if view is not None:
+                    view.release()
+        self._check_open()  # lost meanwhile: the server ended the call, nothing is kept
 
     async def _take_sources(
         self, spans: list[tuple[int, int, int]], bufs: list[memoryview]

@@ -144,18 +144,25 @@ class Payload:
             got += n
         return got
 
-    async def stage(self, view: memoryview, *, to_end: bool = False) -> int:
+    async def stage(
+        self, view: memoryview, *, to_end: bool = False, until: float | None = None
+    ) -> int:
         """Fill view (a staging slot) with the next bytes of the body: first those `spill`
         kept, then from the connection while they keep coming. A pause longer than
-        SLOT_IDLE_S copies view's bytes out (to the spill) and raises Stalled: the caller
-        frees the slot, calls `spill`, and stages again. The bytes staged: len(view), or
-        with to_end fewer at the body's end (else IncompleteBody)."""
+        SLOT_IDLE_S (or, with until, bytes still missing at that loop time) copies view's
+        bytes out (to the spill) and raises Stalled: the caller frees the slot, calls `spill`,
+        and stages again. The bytes staged: len(view), or with to_end fewer at the body's end
+        (else IncompleteBody)."""
         got = len(self._spill)
         view[:got] = self._spill
         self._spill = bytearray()
+        loop = asyncio.get_running_loop()
         while got < len(view):
+            patience_s = SLOT_IDLE_S if until is None else min(SLOT_IDLE_S, until - loop.time())
             try:
-                n = await self.readinto(view[got:], SLOT_IDLE_S)
+                if patience_s <= 0:
+                    raise Stalled
+                n = await self.readinto(view[got:], patience_s)
             except Stalled:
                 self._spill = bytearray(view[:got])
                 raise

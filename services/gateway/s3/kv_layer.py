@@ -23,7 +23,7 @@ from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway import front as front_mod
 from services.gateway import lifecycle, listing, objectlayer, versionlisting
 from services.gateway.s3 import acl as s3acl
-from services.gateway.s3 import kv_clients, kv_layout, kv_multipart
+from services.gateway.s3 import kv_clients, kv_inplace, kv_layout, kv_multipart
 
 log = logging.getLogger(__name__)
 
@@ -152,25 +152,42 @@ class KVLayer:
     async def put(
         self, req: pb.BeginPutRequest, body: objectlayer.PutBody, *, md5: bool = True
     ) -> pb.ObjectInfo:
-        """Read the body into the object's blocks (`kv_layout.receive`: body.size bytes, or
-        for a plain HTTP chunked body as many as come; EntityTooLarge past
-        `kv_layout.MAX_KV_OBJECT_BYTES`, before any byte for a known size, once it is passed
-        for a chunked one), check its digests (DigestMismatch), then store it: the data blocks,
-        then the metadata block (claimed first with if_none_match: PreconditionFailed when
-        taken); the blocks live as long as the bucket's lifecycle rules say. The ETag is the
-        MD5 unless not md5 (the body's trailing checksum vouched for it:
-        `kv_layout.version_etag`)."""
+        """Read the body into the object's blocks: straight into the node's memory where it
+        can (`kv_inplace`: a known size up to `kv_inplace.IN_PLACE_MAX_BYTES` over shm), else
+        into a blob (`kv_layout.receive`: body.size bytes, or for a plain HTTP chunked body as
+        many as come; EntityTooLarge past `kv_layout.MAX_KV_OBJECT_BYTES`, before any byte for
+        a known size, once it is passed for a chunked one), check its digests
+        (DigestMismatch), then store it: the data blocks, then the metadata block (claimed
+        first with if_none_match: PreconditionFailed when taken); the blocks live as long as
+        the bucket's lifecycle rules say. The ETag is the MD5 unless not md5 (the body's
+        trailing checksum vouched for it: `kv_layout.version_etag`)."""
         most = kv_layout.MAX_KV_OBJECT_BYTES
         if body.size > most:
             raise kv_layout.too_large(most)
         info, client = await self.bucket(req.bucket)
+        done: dict[str, str] | kv_layout.Blob | None = None
+        if body.size >= 0:  # a small body of known size goes straight into the node's memory
+            stored = pb.ObjectInfo(
+                bucket=req.bucket, key=req.key, headers=req.headers, parts=1
+            )  # size, ETag, time and checksums once the body is in (`kv_inplace`)
+            done = await kv_inplace.put_in_place(
+                client, req.key, body, stored, algorithms=req.checksum_algorithms,
+                expected=req.expected_checksums, expected_md5=req.expected_md5, md5=md5,
+                if_none_match=req.if_none_match,
+                ttl_s=self._ttl_s(info, req.key, body.size, req.headers.tags),
+            )  # fmt: skip
+            if isinstance(done, dict):
+                stored.checksums.clear()  # the version id the metadata block carries is not one
+                stored.checksums.update(done)
+                return stored
+        read = done if isinstance(done, kv_layout.Blob) else None  # the body's bytes: in it
         blob, etag, sums = await kv_layout.receive(
             body, most=most, algorithms=req.checksum_algorithms,
-            expected=req.expected_checksums, expected_md5=req.expected_md5, md5=md5,
+            expected=req.expected_checksums, expected_md5=req.expected_md5, md5=md5, read=read,
         )  # fmt: skip
         stored = pb.ObjectInfo(
             bucket=req.bucket, key=req.key, size=blob.size,
-            etag=etag if md5 else kv_layout.version_etag(blob),
+            etag=etag if md5 else kv_layout.version_etag(blob.version),
             mtime_unix_ms=int(time.time() * 1000), headers=req.headers, parts=1,
             checksums=sums,  # kept for GET / HEAD with x-amz-checksum-mode: ENABLED
         )  # fmt: skip

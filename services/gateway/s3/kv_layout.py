@@ -166,9 +166,10 @@ async def read_infos(client: kv.AsyncKVClient, keys: Sequence[bytes]) -> list[pb
     ]
 
 
-def encode_info(info: pb.ObjectInfo, blob: Blob) -> bytes:
-    """The metadata block of blob (its version id recorded); MetadataTooLarge past the limit."""
-    info.checksums[_VERSION] = blob.version.hex()
+def encode_info(info: pb.ObjectInfo, version: bytes) -> bytes:
+    """The metadata block of a blob of this version id (recorded); MetadataTooLarge past the
+    limit."""
+    info.checksums[_VERSION] = version.hex()
     meta = info.SerializeToString()
     if len(meta) > META_MAX_BYTES:
         raise s3errors.S3Error("MetadataTooLarge", "the object's headers are too large")
@@ -243,7 +244,7 @@ async def store_object(
     """Make blob the object key: the data blocks, then the metadata block (put-if-absent
     with If-None-Match: * claims the metadata block first: PreconditionFailed when taken);
     every block expires after ttl_s (None: never; the bucket's lifecycle rules)."""
-    meta = encode_info(info, blob)
+    meta = encode_info(info, blob.version)
     if if_none_match:
         (claimed,) = await client.put_batch([meta_key(key)], [meta], ttl_s=ttl_s)
         if claimed == kv.PutStatus.EXISTS:
@@ -276,12 +277,12 @@ def object_block_keys(key: str) -> list[bytes]:
     return [meta_key(key), *object_keys(key)]
 
 
-def version_etag(blob: Blob) -> str:
+def version_etag(version: bytes) -> str:
     """The ETag of a KV object stored without an MD5 (`object_ops.trailer_checked`): its
     version id in hex and "-1". Never mistaken for an MD5: clients that compare ETags with MD5s
     skip ETags with a "-" (multipart uploads), and it changes with every write, as an entity
     tag must."""
-    return f"{blob.version.hex()}-1"
+    return f"{version.hex()}-1"
 
 
 async def receive(
@@ -292,22 +293,43 @@ async def receive(
     expected: Mapping[str, str] | None = None,
     expected_md5: str = "",
     md5: bool = True,
+    read: Blob | None = None,
 ) -> tuple[Blob, str, dict[str, str]]:
-    """Read a PUT's or a part's body into a blob (`read_body`) and check it: (the blob, its hex
-    MD5, '' unless md5 or expected_md5; {algorithm: base64} of algorithms, of the expected
-    checksums and of the body's trailing ones). Raises InvalidArgument (EntityTooLarge) and
-    DigestMismatch (MD5 or the algorithm's name), before any block is stored."""
-    blob = await read_body(body, most)
+    """Read a PUT's or a part's body into a blob (`read_body`; read: a blob that holds its
+    bytes already) and check it: (the blob, its hex MD5, '' unless md5 or expected_md5;
+    {algorithm: base64} of algorithms, of the expected checksums and of the body's trailing
+    ones). Raises InvalidArgument (EntityTooLarge) and DigestMismatch (MD5 or the algorithm's
+    name), before any block is stored."""
+    blob = await read_body(body, most) if read is None else read
+    etag, sums = await check(
+        await body.finish(), blob.pieces(), blob.size, algorithms=algorithms,
+        expected=expected, expected_md5=expected_md5, md5=md5,
+    )  # fmt: skip
+    return blob, etag, sums
+
+
+async def check(
+    trailers: Mapping[str, str],
+    pieces: Sequence[memoryview],
+    size: int,
+    *,
+    algorithms: Sequence[str] = (),
+    expected: Mapping[str, str] | None = None,
+    expected_md5: str = "",
+    md5: bool = True,
+) -> tuple[str, dict[str, str]]:
+    """Check a body read whole into pieces (size bytes) with its trailers: (its hex MD5, its
+    checksums) as `receive` returns them, or DigestMismatch."""
     wanted = dict(expected or {})
-    for name, value in (await body.finish()).items():
+    for name, value in trailers.items():
         if name.lower().startswith(objectlayer.CHECKSUM_TRAILER):
             wanted[name[len(objectlayer.CHECKSUM_TRAILER) :].upper()] = value
     names = sorted({*(a.upper() for a in algorithms if a), *wanted})
     with_md5 = md5 or bool(expected_md5)
-    if _inline_digests(blob.size, names, with_md5):
-        etag, sums, _ = digests(blob.pieces(), names, False, with_md5)
+    if _inline_digests(size, names, with_md5):
+        etag, sums, _ = digests(pieces, names, False, with_md5)
     else:
-        etag, sums, _ = await asyncio.to_thread(digests, blob.pieces(), names, False, with_md5)
+        etag, sums, _ = await asyncio.to_thread(digests, pieces, names, False, with_md5)
     if expected_md5 and expected_md5.lower() != etag:
         raise errors.DigestMismatch("The Content-MD5 you specified did not match.", algorithm="MD5")
     for name, value in wanted.items():
@@ -315,7 +337,7 @@ async def receive(
             raise errors.DigestMismatch(
                 f"The {name} you specified did not match the calculated checksum.", algorithm=name
             )
-    return blob, etag, sums
+    return etag, sums
 
 
 def _inline_digests(size: int, names: Sequence[str], with_md5: bool) -> bool:
@@ -344,6 +366,11 @@ async def read_body(body: objectlayer.PutBody, most: int) -> Blob:
         raise too_large(most)
     if body.size >= 0:
         blob = Blob(body.size)
+        if body.spilled:  # a put in place stalled (`kv_inplace`): its bytes so far, the rest
+            await body.spill(body.size)
+            for piece in blob.pieces():
+                await body.stage(piece)
+            return blob
         for piece in blob.pieces():
             await body.fill(piece)
         return blob

@@ -116,7 +116,7 @@ async def upload_part(
         mtime_unix_ms=int(time.time() * 1000), checksums=sums,
     )  # fmt: skip
     data, tail, meta = kv_layout.part_keys(req.upload_id, req.part_number)
-    encoded = kv_layout.encode_info(info, blob)
+    encoded = kv_layout.encode_info(info, blob.version)
     await kv_layout.write_blob(client, (data, tail), blob, ttl_s=UPLOAD_TTL_S)
     (status,) = await client.put_batch([meta], [encoded], overwrite=True, ttl_s=UPLOAD_TTL_S)
     kv_layout.stored(status)
