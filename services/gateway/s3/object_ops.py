@@ -63,7 +63,7 @@ def request_headers(req: s3request.S3Request) -> pb.ObjectHeaders:
     """The standard headers, x-amz-meta-* and ACL of a PUT (aws-chunked is transport, not
     stored)."""
     h = req.http.headers
-    encoding = ",".join(
+    encoding = ", ".join(
         e.strip() for e in h.get("Content-Encoding", "").split(",") if e.strip() != "aws-chunked"
     )
     out = pb.ObjectHeaders(

@@ -97,7 +97,7 @@ def render(tags: Mapping[str, str]) -> bytes:
     """A Tagging document of tags."""
     root = ET.Element("Tagging", xmlns=xmlio.NS)
     tag_set = ET.SubElement(root, "TagSet")
-    for key, value in tags.items():
+    for key, value in sorted(tags.items()):  # byte order: the stored map has none
         tag = ET.SubElement(tag_set, "Tag")
         ET.SubElement(tag, "Key").text = key
         ET.SubElement(tag, "Value").text = value
