@@ -211,11 +211,18 @@ def main(argv: list[str] | None = None) -> int:
     for name, result in results.items():
         targets[name] = {"counts": counts(result), "tests": dict(sorted(result.items()))}
         print(f"{name}: {counts(result)}")
+    today = datetime.date.today().isoformat()
     if args.rgw:
         targets["rgw"]["version"] = package_versions()["radosgw"]
+        targets["rgw"]["date"] = today
+    elif not args.tests and RESULT.exists():
+        # RGW's answers change only with its package: an earlier run's stay, with their date.
+        earlier = json.loads(RESULT.read_text())
+        if "rgw" in earlier.get("targets", {}):
+            targets["rgw"] = {"date": earlier["date"], **earlier["targets"]["rgw"]}
     if not args.tests:
         RESULT.write_text(json.dumps({
-            "date": datetime.date.today().isoformat(),
+            "date": today,
             "suite_commit": args.suite_commit or suite_commit(suite),
             "files": list(FILES),
             "selection": f"-m '{SELECTION}' -k '{KEYWORDS}'",
