@@ -65,7 +65,10 @@ class Lister:
         max_keys = req.max_keys or MAX_KEYS
         if not 1 <= max_keys <= MAX_KEYS:
             raise errors.InvalidArgument(f"max_keys must be 1..{MAX_KEYS}")
-        marker = _marker(req.continuation_token) if req.continuation_token else req.start_after
+        if req.continuation_token:
+            marker = _marker(req.continuation_token)
+        else:
+            marker = past_folded(req.start_after, req.prefix, req.delimiter)
         reply = pb.ListObjectsResponse()
         returned = 0
         while True:
@@ -194,6 +197,16 @@ def answered(
         if isinstance(answer, errors.KVTierError):
             log.info("%s on %s failed: %s", what, slot.drive_id, answer)
     return [a for a in answers if not isinstance(a, errors.KVTierError)]
+
+
+def past_folded(marker: str, prefix: str, delimiter: str) -> str:
+    """Where a listing after a client's marker starts: past the whole common prefix the
+    marker falls under, so that a marker which is a common prefix (v1's NextMarker with a
+    delimiter) or a key under one does not list that prefix again (S3's and RGW's paging)."""
+    if not marker.startswith(prefix):
+        return marker
+    folded = fold(marker, prefix, delimiter)
+    return marker if folded is None else folded + "\U0010ffff"
 
 
 def fold(key: str, prefix: str, delimiter: str) -> str | None:

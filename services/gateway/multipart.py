@@ -198,9 +198,11 @@ class Multipart:
     async def copy_part(
         self, req: pb.UploadPartCopyRequest, *, owner: str = ""
     ) -> pb.UploadPartCopyResponse:
-        """A part made of (a range of) another object, copied through the gateway (a write of
-        owner's)."""
-        found = await self._engine.resolve(req.src_bucket, req.src_key)
+        """A part made of (a range of) another object (src_version_id: that S3 version of
+        it), copied through the gateway (a write of owner's)."""
+        found = await self._engine.resolve(
+            req.src_bucket, req.src_key, version_id=req.src_version_id
+        )
         src = found.meta
         if req.src_if_match and req.src_if_match.strip('"') != src.etag:
             raise errors.PreconditionFailed(f"{req.src_bucket}/{req.src_key}: ETag is {src.etag}")
@@ -353,9 +355,11 @@ class Multipart:
                 algorithm, [p.checksums[algorithm] for p in parts]
             )
         for number, p in zip((q.part_number for q in req.parts), parts, strict=True):
-            meta.parts.add(
+            kept = meta.parts.add(
                 number=number, size=p.size, etag=p.etag, shard_bytes=p.parts[0].shard_bytes
             )
+            if algorithm in p.checksums:  # GetObjectAttributes lists them
+                kept.checksums[algorithm] = p.checksums[algorithm]
         return meta
 
     async def abort(self, req: pb.AbortMultipartUploadRequest) -> None:

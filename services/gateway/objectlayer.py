@@ -86,6 +86,15 @@ class PutBody(Protocol):
         ...
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Part:
+    """One part of a multipart upload's object: its size and the checksums kept of it
+    (algorithm -> base64; empty where the layer keeps none)."""
+
+    size: int
+    checksums: Mapping[str, str]
+
+
 class ObjectReader(Protocol):
     """One version of an object, opened for reading: its info, then any range of its bytes."""
 
@@ -97,6 +106,11 @@ class ObjectReader(Protocol):
     def part_span(self, number: int) -> tuple[int, int] | None:
         """(offset, size) of part number (1-based; part 1 of a plain object: all of it);
         None past the last part."""
+        ...
+
+    def uploaded_parts(self) -> Sequence[Part] | None:
+        """The parts of a multipart upload's object, in order (GetObjectAttributes'
+        ObjectParts); None for an object not uploaded in parts."""
         ...
 
     async def stream(
@@ -293,6 +307,14 @@ class ErasureReader:
     def part_span(self, number: int) -> tuple[int, int] | None:
         """(offset, size) of part number (`multipart.part_span`)."""
         return multipart.part_span(self.found.meta, number)
+
+    def uploaded_parts(self) -> Sequence[Part] | None:
+        """The parts a completed upload kept (sizes, its checksum algorithm's part checksums);
+        None for a PUT's object (its ETag an MD5, not one of part MD5s)."""
+        meta = self.found.meta
+        if not multipart.is_multipart_etag(meta.etag):
+            return None
+        return [Part(p.size, dict(p.checksums)) for p in meta.parts]
 
     async def stream(
         self, first: int, length: int, sink: Sink, ready: Ready | None, buffer: Buffer | None = None

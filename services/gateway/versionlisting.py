@@ -68,6 +68,9 @@ class VersionLister:
             raise errors.InvalidArgument(f"max_keys must be 0..{MAX_KEYS}")
         page = VersionPage()
         key, version = key_marker, version_marker if key_marker else ""
+        skipped = listing.past_folded(key, prefix, delimiter)
+        if skipped != key:  # a marker inside a common prefix: resume after all of it
+            key, version = skipped, ""
         if max_keys == 0:
             return page
         last: Position | None = None

@@ -79,6 +79,8 @@ def _query(needs: tuple[str, ...], upload_id: str) -> tuple[tuple[str, str], ...
 def _body(op: str, keys: list[str], etag: str) -> tuple[bytes, tuple[tuple[str, str], ...]]:
     if op in ("PutObject", "UploadPart"):
         return b"forged by the probe", ()
+    if op == "GetObjectAttributes":  # a valid request: refused (or granted) as HeadObject
+        return b"", (("x-amz-object-attributes", "ETag,ObjectSize"),)
     if op == "DeleteObjects":  # each key, and each key's version "null" for good
         objects = "".join(f"<Object><Key>{k}</Key></Object>" for k in keys)
         objects += "".join(
@@ -163,9 +165,10 @@ def score_body(world: probe_cluster.World, *, tenant: str | None = None) -> byte
 
 
 #: What S3's public-read grants anyone on a bucket and on a public-read object: listing the
-#: bucket, HeadBucket, and reading the object (its own ACL decides). Nothing else.
+#: bucket, HeadBucket, and reading the object or its attributes (its own ACL decides). Nothing
+#: else.
 PUBLIC_READ_BUCKET_OPS = frozenset({"ListObjects", "HeadBucket"})
-PUBLIC_READ_OBJECT_OPS = frozenset({"GetObject", "HeadObject"})
+PUBLIC_READ_OBJECT_OPS = frozenset({"GetObject", "HeadObject", "GetObjectAttributes"})
 
 
 def public_requests(world: probe_cluster.World) -> list[tuple[Request, bool]]:

@@ -343,3 +343,66 @@ def test_a_v2_signature_in_any_script_is_a_403(signature: str) -> None:
             signed, SECRET, method="GET", raw_path="/b/k", query=query, headers={}, now=NOW
         )
     assert (refused.value.code, refused.value.status) == ("SignatureDoesNotMatch", 403)
+
+
+# --- Signature Version 2 Authorization headers ---
+
+V2_DATE = "Fri, 02 Jan 2026 03:04:05 GMT"  # NOW
+
+
+def _check_v2_header(method: str, raw_path: str, heads: Headers, now: float = NOW) -> bool:
+    """parse_header + verify_header under the memory bound: whether it verified."""
+    with _support.bounded_memory(LIMIT), contextlib.suppress(s3errors.S3Error):
+        signed = presign_v2.parse_header(heads)
+        presign_v2.verify_header(
+            signed, SECRET, method=method, raw_path=raw_path, query={}, headers=heads, now=now
+        )
+        return True
+    return False
+
+
+def v2_header_signed(method: str, raw_path: str, extra: Headers) -> Headers:
+    """Headers that sign the request with SECRET in a V2 Authorization header."""
+    heads = [("Host", "h:9"), ("Date", V2_DATE), *extra]
+    to_sign = presign_v2.string_to_sign(
+        method=method, time_line=V2_DATE, raw_path=raw_path, query={}, headers=heads
+    )
+    signature = presign_v2.hmac_sha1(SECRET, to_sign).decode()
+    return [*heads, ("Authorization", f"AWS {ACCESS}:{signature}")]
+
+
+@given(method=methods, raw_path=paths, heads=headers(), auth=v2_values, data=st.data())
+@_support.budget()
+def test_v2_arbitrary_headers_are_refused_with_s3_errors(
+    method: str, raw_path: str, heads: Headers, auth: str, data: st.DataObject
+) -> None:
+    authorization = data.draw(st.sampled_from([f"AWS {auth}", f"AWS {ACCESS}:{auth}", auth]))
+    with_auth = [*heads, ("Authorization", authorization)]
+    if presign_v2.is_header_v2(authorization):
+        assert not _check_v2_header(method, raw_path, with_auth), "a foreign signature verified"
+
+
+@given(
+    method=methods,
+    key=safe_text,
+    meta=safe_text,
+    skew_s=st.integers(min_value=-3600, max_value=3600),
+    data=st.data(),
+)
+@_support.budget()
+def test_v2_headers_verify_within_15_minutes_and_mutations_are_refused(
+    method: str, key: str, meta: str, skew_s: int, data: st.DataObject
+) -> None:
+    raw_path = "/b/" + urllib.parse.quote(key)
+    heads = v2_header_signed(method, raw_path, [("x-amz-meta-a", meta)])
+    in_time = abs(skew_s) <= sigv4.MAX_SKEW_S
+    assert _check_v2_header(method, raw_path, heads, now=NOW + skew_s) == in_time
+    at = data.draw(st.integers(min_value=1, max_value=len(heads) - 1))  # V2 leaves Host out
+    name, value = heads[at]
+    changed = [*heads[:at], (name, data.draw(mutated(value))), *heads[at + 1 :]]
+    # The access key is not signed (another key is another user's secret: `auth`), the rest is.
+    before, after = (
+        v.partition(":")[2] if name == "Authorization" else v for v in (value, changed[at][1])
+    )
+    if after.strip() != before.strip():
+        assert not _check_v2_header(method, raw_path, changed), f"a changed {name} verified"

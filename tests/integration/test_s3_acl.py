@@ -156,6 +156,28 @@ def test_canned_and_explicit_bucket_acls(owner: Any) -> None:
     }
 
 
+def test_grants_list_groups_first_and_an_acl_of_no_grants_lists_none(owner: Any, anon: Any) -> None:
+    """Group grants are listed before the tenants' (as Ceph RGW and s3-tests have it); an
+    AccessControlPolicy of no grants is kept as such (bucket and object: GetAcl lists none,
+    as S3 does) and the owner keeps every right."""
+    owner.create_bucket(Bucket="acl-order", ACL="public-read-write")
+    kinds = [g["Grantee"]["Type"] for g in owner.get_bucket_acl(Bucket="acl-order")["Grants"]]
+    assert kinds == ["Group", "Group", "CanonicalUser"]
+    owner.put_object(Bucket="acl-order", Key="k", Body=b"v", ACL="public-read")
+    kinds = [
+        g["Grantee"]["Type"] for g in owner.get_object_acl(Bucket="acl-order", Key="k")["Grants"]
+    ]
+    assert kinds == ["Group", "CanonicalUser"]
+    none = {"Owner": {"ID": OWNER}, "Grants": []}
+    owner.put_bucket_acl(Bucket="acl-order", AccessControlPolicy=none)
+    owner.put_object_acl(Bucket="acl-order", Key="k", AccessControlPolicy=none)
+    assert owner.get_bucket_acl(Bucket="acl-order")["Grants"] == []
+    assert owner.get_object_acl(Bucket="acl-order", Key="k")["Grants"] == []
+    assert _body(owner, "acl-order", "k") == b"v"
+    _denied(lambda: anon.get_object(Bucket="acl-order", Key="k"))
+    _denied(lambda: anon.put_object(Bucket="acl-order", Key="a", Body=b"x"))
+
+
 def test_bad_acls_are_refused_and_change_nothing(owner: Any) -> None:
     owner.create_bucket(Bucket="acl-bad", ACL="public-read")
     before = _grants(owner.get_bucket_acl(Bucket="acl-bad"))

@@ -338,13 +338,49 @@ def test_list_objects_v2_empty_continuation_token(s3: Any, other: Any) -> None:
         s3.delete_bucket(Bucket=bucket)
 
 
+def test_list_objects_v1_delimiter_pages(s3: Any, other: Any) -> None:
+    """ListObjects (v1) pages by a delimiter: the NextMarker of a page that ends at a common
+    prefix resumes after that prefix (not into it), and the last page is not truncated."""
+    keys = ["asdf", "boo/bar", "boo/baz/xyzzy", "cquux/bla", "cquux/thud"]
+    s3.create_bucket(Bucket="v1-delim")
+    for key in keys:
+        s3.put_object(Bucket="v1-delim", Key=key, Body=b"v")
+
+    def page(marker: str, max_keys: int, prefix: str = "") -> tuple[Any, ...]:
+        got = s3.list_objects(
+            Bucket="v1-delim", Delimiter="/", Marker=marker, MaxKeys=max_keys, Prefix=prefix
+        )
+        return (
+            [o["Key"] for o in got.get("Contents", [])],
+            [p["Prefix"] for p in got.get("CommonPrefixes", [])],
+            got["IsTruncated"], got.get("NextMarker"),
+        )  # fmt: skip
+
+    assert page("", 1) == (["asdf"], [], True, "asdf")
+    assert page("asdf", 1) == ([], ["boo/"], True, "boo/")
+    assert page("boo/", 1) == ([], ["cquux/"], False, None)
+    assert page("", 2) == (["asdf"], ["boo/"], True, "boo/")
+    assert page("boo/", 2) == ([], ["cquux/"], False, None)
+    assert page("boo/bar", 1000) == ([], ["cquux/"], False, None), "a key under a prefix"
+    assert page("boo/bar", 1, "boo/") == ([], ["boo/baz/"], False, None)
+    v2 = s3.list_objects_v2(Bucket="v1-delim", Delimiter="/", StartAfter="boo/")
+    assert [p["Prefix"] for p in v2["CommonPrefixes"]] == ["cquux/"]
+    assert _fails(lambda: other.list_objects(Bucket="v1-delim", Marker="boo/")) == (
+        "AccessDenied", 403,
+    )  # fmt: skip
+    for key in keys:
+        s3.delete_object(Bucket="v1-delim", Key=key)
+    s3.delete_bucket(Bucket="v1-delim")
+
+
 def test_put_bucket_versioning(s3: Any, other: Any) -> None:
     s3.create_bucket(Bucket="ver-put")
     suspended = s3.put_bucket_versioning(
         Bucket="ver-put", VersioningConfiguration={"Status": "Suspended"}
     )
     assert suspended["ResponseMetadata"]["HTTPStatusCode"] == 200
-    assert "Status" not in s3.get_bucket_versioning(Bucket="ver-put")
+    # Recorded on a never-versioned bucket too, as S3 does.
+    assert s3.get_bucket_versioning(Bucket="ver-put")["Status"] == "Suspended"
     # Enabled (and Suspended after it): tests/integration/test_s3_versioning.py.
     mfa = {"Status": "Suspended", "MFADelete": "Enabled"}
     assert _fails(
@@ -364,10 +400,13 @@ def test_put_bucket_versioning(s3: Any, other: Any) -> None:
             Bucket="ver-missing", VersioningConfiguration={"Status": "Suspended"}
         )
     ) == ("NoSuchBucket", 404)
-    # The bucket is still an ordinary, unversioned bucket (the PUT never created anything).
-    s3.put_object(Bucket="ver-put", Key="k", Body=b"one")
+    # Its writes make the null version (the PUT answers no version id, as S3's); its delete
+    # leaves a null delete marker, which DeleteBucket counts until it is removed.
+    assert "VersionId" not in s3.put_object(Bucket="ver-put", Key="k", Body=b"one")
     assert s3.get_object(Bucket="ver-put", Key="k")["Body"].read() == b"one"
-    s3.delete_object(Bucket="ver-put", Key="k")
+    deleted = s3.delete_object(Bucket="ver-put", Key="k")
+    assert (deleted["DeleteMarker"], deleted["VersionId"]) == (True, "null")
+    s3.delete_object(Bucket="ver-put", Key="k", VersionId="null")
     s3.delete_bucket(Bucket="ver-put")
 
 
@@ -405,8 +444,10 @@ def test_head_bucket_says_its_kind(s3: Any, other: Any) -> None:
         assert headers[KIND_HEADER] == kind
         assert headers["x-amz-bucket-region"] == "us-east-1"
         assert _fails(lambda: other.head_bucket(Bucket=bucket))[1] == 403  # noqa: B023
-        # Suspending versioning is a no-op on both kinds.
+        # Suspending versioning: recorded on an objects bucket, a no-op on a KV one.
         s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Suspended"})
+        status = s3.get_bucket_versioning(Bucket=bucket).get("Status")
+        assert status == ("Suspended" if kind == "objects" else None)
         s3.delete_bucket(Bucket=bucket)
 
 

@@ -167,6 +167,43 @@ def test_tenants_are_isolated(s3_cluster_fixture: Info) -> None:  # noqa: F811
     ]
 
 
+def test_sigv2_headers_act_for_their_user_only(s3_cluster_fixture: Info) -> None:  # noqa: F811
+    """Signature V2 Authorization headers (old clients; boto3's "s3" signer) resolve to the
+    same user, tenant and rights as V4; a wrong secret, an unknown key or a skewed clock: 403."""
+    info = s3_cluster_fixture
+    key, secret = s3_cluster.add_user(info, "tenant-v2")
+    carol = s3_cluster.client(info, key, secret, signature_version="s3")
+    carol.create_bucket(Bucket="carol-v2")
+    carol.put_object(
+        Bucket="carol-v2", Key="k y/ü", Body=b"v2", ContentType="text/plain", Metadata={"m": "1"}
+    )
+    v4 = s3_cluster.client(info, key, secret)
+    assert v4.get_object(Bucket="carol-v2", Key="k y/ü")["Body"].read() == b"v2"
+    assert carol.get_object(Bucket="carol-v2", Key="k y/ü")["Metadata"] == {"m": "1"}
+    assert carol.get_bucket_acl(Bucket="carol-v2")["Owner"]["ID"] == "tenant-v2"
+    admin = s3_cluster.client(info)  # another tenant (one user less to add: ~2 s each)
+    admin.create_bucket(Bucket="admin-v2")
+    admin.put_object(Bucket="admin-v2", Key="k", Body=b"admin's")
+    wrong = s3_cluster.client(info, key, "x" * 40, signature_version="s3")
+    nobody = s3_cluster.client(info, "AKIDNOSUCHUSER", secret, signature_version="s3")
+    denials: list[tuple[Callable[[], Any], str]] = [
+        (lambda: carol.get_object(Bucket="admin-v2", Key="k"), "AccessDenied"),
+        (lambda: carol.put_object(Bucket="admin-v2", Key="evil", Body=b"x"), "AccessDenied"),
+        (lambda: carol.list_objects(Bucket="admin-v2"), "AccessDenied"),
+        (lambda: wrong.get_object(Bucket="carol-v2", Key="k y/ü"), "SignatureDoesNotMatch"),
+        (lambda: nobody.get_object(Bucket="carol-v2", Key="k y/ü"), "InvalidAccessKeyId"),
+    ]
+    for attempt, code in denials:
+        with pytest.raises(ClientError) as denied:
+            attempt()
+        assert _code(denied) == (code, 403)
+    skewed = "Tue, 07 Jul 2010 21:53:04 GMT"
+    clock = mock.patch.object(botocore.auth.HmacV1Auth, "_get_date", return_value=skewed)
+    with clock, pytest.raises(ClientError) as too_old:
+        carol.get_object(Bucket="carol-v2", Key="k y/ü")
+    assert _code(too_old) == ("RequestTimeTooSkewed", 403)
+
+
 def _connection(info: Info) -> http.client.HTTPSConnection:
     """An HTTPS connection to the S3 API that trusts the cluster's CA."""
     url = urllib.parse.urlparse(info["gateway_s3"])

@@ -13,10 +13,13 @@ import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
+import boto3
+import botocore
 import numpy as np
 import pytest
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
+from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
@@ -453,3 +456,106 @@ def test_upload_part_with_plain_chunked_body(
     assert done["ETag"].endswith('-2"')
     got = s3.get_object(Bucket=bucket, Key="k")
     assert (got["ETag"], _sha(got["Body"].read())) == (done["ETag"], _sha(first + last))
+
+
+# 5. GetObjectAttributes.
+
+_ATTRIBUTES = ["ETag", "Checksum", "ObjectParts", "StorageClass", "ObjectSize"]
+
+
+def _b64sha(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+@pytest.mark.parametrize("kind", ["objects", "kv"])
+def test_get_object_attributes(
+    s3: Any,
+    other: Any,
+    s3_cluster_fixture: dict[str, Any],  # noqa: F811
+    kind: str,
+) -> None:
+    """A plain object's and a multipart object's attributes, a page of parts, and the same
+    authorization as HeadObject (another tenant, anonymous: 403 on a private object)."""
+    bucket = "mp-attrs" if kind == "objects" else "mp-attrs-kv"
+    _create_bucket(s3, bucket, kind)
+    small = b"attributes"
+    put = s3.put_object(Bucket=bucket, Key="plain", Body=small, ChecksumAlgorithm="SHA256")
+    got = s3.get_object_attributes(Bucket=bucket, Key="plain", ObjectAttributes=_ATTRIBUTES)
+    assert (got["ETag"], got["ObjectSize"], got["StorageClass"]) == (
+        put["ETag"].strip('"'),
+        len(small),
+        "STANDARD",
+    )
+    assert got["Checksum"] == {"ChecksumSHA256": _b64sha(small), "ChecksumType": "FULL_OBJECT"}
+    assert "ObjectParts" not in got
+    assert "VersionId" not in got
+    assert got["LastModified"]
+    only = s3.get_object_attributes(Bucket=bucket, Key="plain", ObjectAttributes=["ObjectSize"])
+    assert [k for k in only if k != "ResponseMetadata"] == ["LastModified", "ObjectSize"]
+
+    bodies = {1: _data(30, 5 * MIB), 2: _data(31, 5 * MIB), 3: _data(32, 1000)}
+    uid, parts = _upload(s3, bucket, "mp", bodies, ChecksumAlgorithm="SHA256")
+    done = _complete(s3, bucket, "mp", uid, parts)
+    got = s3.get_object_attributes(Bucket=bucket, Key="mp", ObjectAttributes=_ATTRIBUTES)
+    assert (got["ETag"], got["ObjectSize"]) == (done["ETag"].strip('"'), 10 * MIB + 1000)
+    listed = got["ObjectParts"]
+    assert (listed["TotalPartsCount"], listed["IsTruncated"]) == (3, False)
+    assert [(p["PartNumber"], p["Size"]) for p in listed["Parts"]] == [
+        (n, len(b)) for n, b in bodies.items()
+    ]
+    assert got["Checksum"]["ChecksumType"] == "COMPOSITE"
+    assert got["Checksum"]["ChecksumSHA256"] == done["ChecksumSHA256"]
+    assert [p["ChecksumSHA256"] for p in listed["Parts"]] == [_b64sha(b) for b in bodies.values()]
+    page = s3.get_object_attributes(
+        Bucket=bucket, Key="mp", ObjectAttributes=["ObjectParts"], MaxParts=1, PartNumberMarker=1
+    )["ObjectParts"]
+    assert (page["PartNumberMarker"], page["NextPartNumberMarker"], page["MaxParts"]) == (1, 2, 1)
+    assert page["IsTruncated"] is True
+    assert [(p["PartNumber"], p["Size"]) for p in page["Parts"]] == [(2, 5 * MIB)]
+
+    with pytest.raises(ClientError) as unknown:
+        s3.get_object_attributes(Bucket=bucket, Key="plain", ObjectAttributes=["Owner"])
+    assert _code(unknown) == ("InvalidArgument", 400)
+    with pytest.raises(ClientError) as missing:
+        s3.get_object_attributes(Bucket=bucket, Key="nope", ObjectAttributes=_ATTRIBUTES)
+    assert _code(missing) == ("NoSuchKey", 404)
+    # Authorized as HeadObject: a private object is nobody else's to see.
+    anon = boto3.client(
+        "s3", endpoint_url=s3_cluster_fixture["gateway_s3"], region_name="us-east-1",
+        verify=s3_cluster_fixture["ca_file"],
+        config=Config(signature_version=botocore.UNSIGNED, s3={"addressing_style": "path"}),
+    )  # fmt: skip
+    for stranger in (other, anon):
+        with pytest.raises(ClientError) as denied:
+            stranger.get_object_attributes(Bucket=bucket, Key="mp", ObjectAttributes=_ATTRIBUTES)
+        assert _code(denied) == ("AccessDenied", 403)
+
+
+def test_get_object_attributes_of_versions(s3: Any) -> None:
+    """versionId picks a version; a delete marker is 404 (current) or 405 (by id), with
+    x-amz-delete-marker, as HeadObject answers."""
+    s3.create_bucket(Bucket="mp-attrs-ver")
+    s3.put_bucket_versioning(Bucket="mp-attrs-ver", VersioningConfiguration={"Status": "Enabled"})
+    first = s3.put_object(Bucket="mp-attrs-ver", Key="k", Body=b"one")
+    s3.put_object(Bucket="mp-attrs-ver", Key="k", Body=b"second")
+    current = s3.get_object_attributes(Bucket="mp-attrs-ver", Key="k", ObjectAttributes=_ATTRIBUTES)
+    assert current["ObjectSize"] == 6
+    assert current["VersionId"] != first["VersionId"]
+    old = s3.get_object_attributes(
+        Bucket="mp-attrs-ver", Key="k", VersionId=first["VersionId"], ObjectAttributes=_ATTRIBUTES
+    )
+    assert (old["VersionId"], old["ObjectSize"], old["ETag"]) == (
+        first["VersionId"],
+        3,
+        first["ETag"].strip('"'),
+    )
+    marker = s3.delete_object(Bucket="mp-attrs-ver", Key="k")["VersionId"]
+    with pytest.raises(ClientError) as gone:
+        s3.get_object_attributes(Bucket="mp-attrs-ver", Key="k", ObjectAttributes=["ETag"])
+    assert _code(gone) == ("NoSuchKey", 404)
+    assert gone.value.response["ResponseMetadata"]["HTTPHeaders"]["x-amz-delete-marker"] == "true"
+    with pytest.raises(ClientError) as by_id:
+        s3.get_object_attributes(
+            Bucket="mp-attrs-ver", Key="k", VersionId=marker, ObjectAttributes=["ETag"]
+        )
+    assert _code(by_id) == ("MethodNotAllowed", 405)

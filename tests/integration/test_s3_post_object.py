@@ -77,9 +77,9 @@ def _error(response: urllib3.BaseHTTPResponse) -> tuple[int, str, str]:
     return response.status, root.findtext("Code") or "", root.findtext("Message") or ""
 
 
-def _absent(s3: Any, key: str) -> None:
+def _absent(s3: Any, key: str, bucket: str = BUCKET) -> None:
     with pytest.raises(ClientError) as missing:
-        s3.head_object(Bucket=BUCKET, Key=key)
+        s3.head_object(Bucket=bucket, Key=key)
     assert missing.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
 
 
@@ -287,6 +287,46 @@ def test_another_tenant_is_denied_and_nothing_stored(
         403, "SignatureDoesNotMatch",
     )  # fmt: skip
     _absent(s3, "stolen.bin")
+
+
+def test_anonymous_forms_are_admitted_as_anonymous_puts(
+    s3: Any, http: urllib3.PoolManager, info: dict[str, Any], users: dict[str, tuple[str, str]]
+) -> None:
+    """A form without signature nor policy is anonymous: stored where the bucket grants WRITE
+    to AllUsers (acl and tagging applied, as s3-tests' anonymous POSTs check), AccessDenied on
+    a private or public-read bucket, as an anonymous PutObject is."""
+    s3.create_bucket(Bucket="post-public", ACL="public-read-write")
+    s3.create_bucket(Bucket="post-readonly", ACL="public-read")
+    tagging = "<Tagging><TagSet><Tag><Key>a</Key><Value>1</Value></Tag></TagSet></Tagging>"
+    form = [
+        ("key", "anon.txt"), ("acl", "public-read"), ("Content-Type", "text/plain"),
+        ("tagging", tagging), ("success_action_status", "201"), ("file", ("f", b"bar")),
+    ]  # fmt: skip
+    url = f"{info['gateway_s3']}/post-public"
+    response = _send(http, url, form)
+    assert response.status == 201, response.data
+    assert ET.fromstring(response.data).findtext("Key") == "anon.txt"
+    got = s3.get_object(Bucket="post-public", Key="anon.txt")
+    assert (got["Body"].read(), got["ContentType"]) == (b"bar", "text/plain")
+    tags = s3.get_object_tagging(Bucket="post-public", Key="anon.txt")["TagSet"]
+    assert tags == [{"Key": "a", "Value": "1"}]
+    grants = s3.get_object_acl(Bucket="post-public", Key="anon.txt")["Grants"]
+    assert {"Grantee": {"Type": "Group", "URI": "http://acs.amazonaws.com/groups/global/AllUsers"},
+            "Permission": "READ"} in grants  # fmt: skip
+    # A policy needs its signature (S3: AWSAccessKeyId is required with a policy).
+    unsigned = [("key", "nosig.txt"), ("policy", "e30="), ("file", ("f", b"x"))]
+    assert _error(_send(http, url, unsigned))[:2] == (400, "InvalidArgument")
+    # Denied where an anonymous PUT is: a private bucket, a bucket granting READ alone.
+    for bucket in (BUCKET, "post-readonly"):
+        denied = _send(http, f"{info['gateway_s3']}/{bucket}", form)
+        assert _error(denied)[:2] == (403, "AccessDenied")
+        _absent(s3, "anon.txt", bucket)
+    _absent(s3, "nosig.txt", "post-public")
+    # Another tenant's signed form: admitted by the same WRITE grant as its PutObject.
+    other = s3_cluster.client(info, *users["other"], signature_version="s3v4")
+    post = other.generate_presigned_post("post-public", "theirs.txt")
+    assert _send(http, post["url"], _form(post, ("f", b"t"))).status == 204
+    assert s3.get_object(Bucket="post-public", Key="theirs.txt")["Body"].read() == b"t"
 
 
 def test_kv_bucket_is_not_implemented(s3: Any, http: urllib3.PoolManager) -> None:

@@ -1,17 +1,23 @@
-"""Signature Version 2 presigned URLs (services/gateway/s3/presign_v2.py): boto3's own URLs
-verify; expired URLs, URLs valid for more than 7 days and foreign signatures are refused with
-403s, never a 500."""
+"""Signature Version 2 (services/gateway/s3/presign_v2.py): boto3's own presigned URLs and
+Authorization headers verify and act for their user; expired URLs, URLs valid for more than 7
+days, skewed or missing dates, wrong secrets, unknown keys and foreign signatures are refused
+with 403s (a malformed header with a 400), never a 500."""
 
 from __future__ import annotations
 
+import email.utils
 import time
 import urllib.parse
 from typing import Any
+from unittest import mock
 
 import boto3
+import botocore.auth
 import botocore.config
 import pytest
 from aiohttp.test_utils import make_mocked_request
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 
 from services.gateway.s3 import auth, presign_v2, s3errors
 
@@ -110,3 +116,121 @@ async def test_the_authenticator_answers_403_for_a_non_ascii_v2_signature() -> N
     with pytest.raises(s3errors.S3Error) as caught:
         await auth.Authenticator(lookup).authenticate(request)
     assert (caught.value.code, caught.value.status) == ("SignatureDoesNotMatch", 403)
+
+
+# --- Authorization: AWS <access key>:<signature> (header-signed V2) ---
+
+NOW = 1767322800.0  # 2026-01-02T03:00:00Z: the Authenticator's clock in these tests
+
+
+async def lookup_user(access_key: str) -> tuple[auth.Principal, str] | None:
+    """The one user of these tests (tenant t), or none."""
+    return (auth.Principal(access_key, "t", "t"), SECRET) if access_key == ACCESS else None
+
+
+def boto_v2_headers(
+    method: str = "PUT",
+    path: str = "/b/k%20y/%C3%BC",
+    query: str = "",
+    *,
+    secret: str = SECRET,
+    date: str = email.utils.formatdate(NOW, usegmt=True),
+    **extra: str,
+) -> dict[str, str]:
+    """The headers of a request signed by botocore's own V2 signer ("s3"), dated date."""
+    url = f"http://localhost:9000{path}" + (f"?{query}" if query else "")
+    request = AWSRequest(method=method, url=url, data=b"body", headers=extra)
+    signer = botocore.auth.HmacV1Auth(Credentials(ACCESS, secret))
+    with mock.patch.object(signer, "_get_date", return_value=date):
+        signer.add_auth(request)
+    return {"Host": "localhost:9000", **dict(request.headers.items())}
+
+
+async def authenticate_v2(
+    headers: dict[str, str], method: str = "PUT", target: str = "/b/k%20y/%C3%BC", now: float = NOW
+) -> auth.Principal:
+    request: Any = make_mocked_request(method, target, headers=headers)
+    principal, _ = await auth.Authenticator(lookup_user, clock=lambda: now).authenticate(request)
+    return principal
+
+
+async def refused_v2(code: str, status: int, headers: dict[str, str], **kw: Any) -> str:
+    with pytest.raises(s3errors.S3Error) as caught:
+        await authenticate_v2(headers, **kw)
+    assert (caught.value.code, caught.value.status) == (code, status), caught.value
+    return caught.value.message
+
+
+async def test_boto3_v2_headers_authenticate_as_their_user_and_nothing_else() -> None:
+    signed = boto_v2_headers(
+        **{"Content-Type": "text/plain", "Content-MD5": "1B2M2Y8AsgTpgAmY7PhCfg==",
+           "x-amz-meta-a": "1", "x-amz-acl": "private"},
+    )  # fmt: skip
+    principal = await authenticate_v2(signed)
+    assert (principal.access_key, principal.tenant, principal.anonymous) == (ACCESS, "t", False)
+    # A signed sub-resource is part of the resource; any other query parameter is not.
+    acl = boto_v2_headers("GET", "/b", "acl")
+    assert (await authenticate_v2(acl, "GET", "/b?acl")).tenant == "t"
+    await refused_v2("SignatureDoesNotMatch", 403, acl, method="GET", target="/b?versioning")
+    # Denials: a wrong secret, an unknown access key, a changed header, another method or path.
+    await refused_v2("SignatureDoesNotMatch", 403, boto_v2_headers(secret="not the secret"))
+    unknown = {**signed, "Authorization": signed["Authorization"].replace(ACCESS, "AKIDNOBODY")}
+    await refused_v2("InvalidAccessKeyId", 403, unknown)
+    await refused_v2("SignatureDoesNotMatch", 403, {**signed, "x-amz-meta-a": "2"})
+    await refused_v2("SignatureDoesNotMatch", 403, {**signed, "Content-Type": "text/html"})
+    await refused_v2("SignatureDoesNotMatch", 403, signed, method="POST")
+    await refused_v2("SignatureDoesNotMatch", 403, signed, target="/b/other")
+    non_ascii = {**signed, "Authorization": f"AWS {ACCESS}:é☃"}
+    await refused_v2("SignatureDoesNotMatch", 403, non_ascii)
+
+
+async def test_v2_header_time_is_checked_like_v4() -> None:
+    signed = boto_v2_headers()
+    await authenticate_v2(signed, now=NOW + 14 * 60)
+    await refused_v2("RequestTimeTooSkewed", 403, signed, now=NOW + 16 * 60)
+    await refused_v2("RequestTimeTooSkewed", 403, signed, now=NOW - 16 * 60)
+    for date in ("Tue, 07 Jul 2010 21:53:04 GMT", "Tue, 07 Jul 9999 21:53:04 GMT"):
+        await refused_v2("RequestTimeTooSkewed", 403, boto_v2_headers(**{"x-amz-date": date}))
+    for date in ("Bad Date", "", "Tue, 07 Jul 1950 21:53:04 GMT"):
+        message = await refused_v2("AccessDenied", 403, boto_v2_headers(**{"x-amz-date": date}))
+        assert "valid Date or x-amz-date" in message
+    undated = {k: v for k, v in signed.items() if k != "Date"}
+    await refused_v2("AccessDenied", 403, undated)
+
+
+async def test_x_amz_date_replaces_date_in_the_string_to_sign() -> None:
+    # AWS: with x-amz-date present, the Date line of the string to sign is empty.
+    amz_date = email.utils.formatdate(NOW, usegmt=True)
+    to_sign = f"GET\n\n\n\nx-amz-date:{amz_date}\n/b/k".encode()
+    signature = presign_v2.hmac_sha1(SECRET, to_sign).decode()
+    headers = {"Host": "h", "x-amz-date": amz_date, "Date": "whatever the proxy says",
+               "Authorization": f"AWS {ACCESS}:{signature}"}  # fmt: skip
+    assert (await authenticate_v2(headers, "GET", "/b/k")).tenant == "t"
+    with_date = presign_v2.hmac_sha1(SECRET, f"GET\n\n\n{amz_date}\n/b/k".encode()).decode()
+    headers = {"Host": "h", "Date": amz_date, "Authorization": f"AWS {ACCESS}:{with_date}"}
+    assert (await authenticate_v2(headers, "GET", "/b/k")).tenant == "t"
+    headers["x-amz-date"] = amz_date  # now the Date line must be empty: no longer a match
+    await refused_v2("SignatureDoesNotMatch", 403, headers, method="GET", target="/b/k")
+
+
+@pytest.mark.parametrize("value", ["AWS HAHAHA", "AWS :c2ln", f"AWS {ACCESS}:", "AWS "])
+async def test_malformed_v2_headers_are_invalid_argument(value: str) -> None:
+    headers = {**boto_v2_headers(), "Authorization": value}
+    await refused_v2("InvalidArgument", 400, headers)
+
+
+async def test_a_v2_header_with_a_presigned_query_is_refused() -> None:
+    signed = boto_v2_headers("GET", "/b/k")
+    for query in ("AWSAccessKeyId=AK&Signature=c2ln&Expires=1", "X-Amz-Algorithm=AWS4-HMAC-SHA256"):
+        await refused_v2("InvalidArgument", 400, signed, method="GET", target=f"/b/k?{query}")
+
+
+async def test_a_bucket_request_may_sign_its_bucket_with_a_trailing_slash() -> None:
+    # botocore signs CreateBucket on path /b as "/b/" (its auth_path): the same bucket, no key.
+    date = email.utils.formatdate(NOW, usegmt=True)
+    for resource in ("/b", "/b/"):
+        signature = presign_v2.hmac_sha1(SECRET, f"PUT\n\n\n{date}\n{resource}".encode())
+        headers = {"Host": "h", "Date": date, "Authorization": f"AWS {ACCESS}:{signature.decode()}"}
+        assert (await authenticate_v2(headers, "PUT", "/b")).tenant == "t"
+        for other in ("/b/k", "/", "/b2", "/b//"):
+            await refused_v2("SignatureDoesNotMatch", 403, headers, target=other)

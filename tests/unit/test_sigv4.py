@@ -725,7 +725,8 @@ def test_a_wrong_region_names_the_right_one() -> None:
     ("old", "new", "fragment"),
     [
         ("X-Amz-Expires=86400", "X-Amz-Expires=604801", "less than a week"),
-        ("X-Amz-Expires=86400", "X-Amz-Expires=0", "at least 1"),
+        ("X-Amz-Expires=86400", "X-Amz-Expires=-7", "non-negative"),
+        ("X-Amz-Expires=86400", "X-Amz-Expires=-1000", "non-negative"),
         ("X-Amz-Expires=86400", "X-Amz-Expires=1e3", "number"),
         ("X-Amz-Expires=86400&", "", "requires"),
         ("X-Amz-Date=20130524T000000Z", "X-Amz-Date=2013-05-24", "ISO8601"),
@@ -740,6 +741,15 @@ def test_bad_presigned_urls(old: str, new: str, fragment: str) -> None:
     )
     error = refused("AuthorizationQueryParametersError", lambda: parse(sent))
     assert fragment in error.message
+
+
+def test_x_amz_expires_zero_is_well_formed_and_expired() -> None:
+    # S3 parses X-Amz-Expires=0 and answers 403 "Request has expired" (a negative value or
+    # more than a week is its 400 AuthorizationQueryParametersError: test_bad_presigned_urls).
+    auth = parse(_presigned_with("X-Amz-Expires=86400", "X-Amz-Expires=0"))
+    assert auth.expires_s == 0
+    error = refused("AccessDenied", lambda: sigv4.verify(auth, SECRET, now=EXAMPLE_NOW + 1))
+    assert (error.status, error.message) == (403, "Request has expired")
 
 
 def test_one_auth_mechanism_at_a_time() -> None:

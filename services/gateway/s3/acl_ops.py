@@ -23,6 +23,9 @@ what an ACL grants it.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
@@ -30,7 +33,17 @@ from kvtier import errors, names
 from kvtier.proto.common.v1 import acl_pb2
 from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway import front as front_mod
-from services.gateway.s3 import acl, auth, cors, s3errors, s3request, versioning_ops
+from services.gateway.s3 import (
+    acl,
+    auth,
+    bucket_policy,
+    cors,
+    policy_ops,
+    public_access,
+    s3errors,
+    s3request,
+    versioning_ops,
+)
 
 #: Operations an ACL grant may admit another tenant's user or an anonymous request to:
 #: (scope of the admission, the permission needed). Scope "object": the object's own ACL
@@ -40,7 +53,9 @@ GRANTED: dict[str, tuple[str, acl.Permission]] = {
     "HeadBucket": ("read", acl.READ),
     "GetObject": ("object", acl.READ),
     "HeadObject": ("object", acl.READ),
+    "GetObjectAttributes": ("object", acl.READ),  # as HeadObject (S3's s3:GetObject)
     "PutObject": ("write", acl.WRITE),
+    "PostObject": ("write", acl.WRITE),
     "DeleteObject": ("write", acl.WRITE),
     "DeleteObjects": ("write", acl.WRITE),
     "CreateMultipartUpload": ("write", acl.WRITE),
@@ -55,9 +70,14 @@ GRANTED: dict[str, tuple[str, acl.Permission]] = {
 #: Operations on no bucket, or on one that need not exist yet: never anonymous. KVScore
 #: (`kv_score`, on no bucket) checks its tenant itself.
 _NO_BUCKET_YET = frozenset({"ListBuckets", "CreateBucket", "KVScore"})
-#: Not gated: a POST form carries its own credentials (a signed policy: post_object), a CORS
-#: preflight is never signed and reads only the bucket's CORS rules.
-_UNGATED = frozenset({"PostObject", cors.PREFLIGHT})
+#: Not gated: a CORS preflight is never signed and reads only the bucket's CORS rules. (A POST
+#: form is: once `post_object.authenticate` found its user in its fields, or none, anonymous,
+#: it is admitted as a PutObject of that user would be.)
+_UNGATED = frozenset({cors.PREFLIGHT})
+#: Operations whose x-amz-acl / x-amz-grant-* headers set an ACL on the bucket or an object of
+#: it: refused when public and the bucket blocks public ACLs (`public_access`; a Put*Acl body
+#: is checked by its handler, a POST form's acl field by post_object).
+_SETS_ACL = frozenset({"PutObject", "CreateMultipartUpload", "PutBucketAcl", "PutObjectAcl"})
 #: The largest AccessControlPolicy body read (S3's 100 grants fit many times).
 MAX_POLICY_BYTES = 256 << 10
 XML = "application/xml"
@@ -73,10 +93,16 @@ async def admit(
     bucket: str,
     who: auth.Principal,
     headers: CIMultiDictProxy[str],
+    *,
+    key: str,
+    query: Mapping[str, str],
+    remote: str,
 ) -> tuple[front_mod.Admission | None, metadata_pb2.BucketInfo | None]:
     """The gate (see the module docstring): (the admission of a request the bucket's owner
     did not make, None for the owner's; the bucket's record, None when not looked up).
-    AccessDenied, NoSuchBucket (the front's NotFound), NotImplemented."""
+    key, query and remote (the client's address) are what the bucket policy's conditions
+    see. AccessDenied, NoSuchBucket (the front's NotFound), NotImplemented."""
+    seen = _Seen(key, query, remote)
     if op in _UNGATED:
         return None, None
     if not bucket or op in _NO_BUCKET_YET:
@@ -87,6 +113,7 @@ async def admit(
         if who.anonymous:
             raise _denied()
         return None, None  # the front lets kvcache nodes alone in (never an S3 user)
+    await _check_copy_source(front, op, who, headers, remote)
     # A WRITE_ACP grant is checked on a fresh record; others on the cached one (a change made
     # through another gateway is seen within bucket_cache_s), but a signed caller is denied on
     # a fresh one only (the cached one may be another incarnation's). Anonymous ones are denied
@@ -94,21 +121,78 @@ async def admit(
     fresh = op == "PutBucketAcl"
     info = await front.bucket_info(bucket, fresh=fresh)
     try:
-        return _decide(op, who, headers, info), info
+        return _decide(op, who, headers, info, seen), info
     except s3errors.S3Error as exc:
         if fresh or who.anonymous or exc.code != "AccessDenied":
             raise
     info = await front.bucket_info(bucket, fresh=True)
-    return _decide(op, who, headers, info), info
+    return _decide(op, who, headers, info, seen), info
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Seen:
+    """What of a request the bucket policy's resource and conditions see, besides headers."""
+
+    key: str
+    query: Mapping[str, str]
+    remote: str
+
+
+async def _check_copy_source(
+    front: front_mod.ObjectFront,
+    op: str,
+    who: auth.Principal,
+    headers: CIMultiDictProxy[str],
+    remote: str,
+) -> None:
+    """A copy reads its source: AccessDenied when the source bucket's policy denies that
+    read (its owner included: the front admits only the owner's tenant to a source)."""
+    source = policy_ops.copy_source(headers) if op in ("PutObject", "UploadPart") else None
+    if source is None or source[0] == names.KV_DURABLE_BUCKET:
+        return
+    bucket, key, version = source
+    try:
+        info = await front.bucket_info(bucket)
+    except errors.NotFound:
+        return  # the handler answers NoSuchBucket
+    policy = policy_ops.policy_of(info)
+    query = {"versionId": version} if version else {}
+    if policy is not None and (
+        policy_ops.decide(policy, "GetObject", who, bucket, key, query, headers, remote)
+        is bucket_policy.Decision.DENY
+    ):
+        raise _denied()
 
 
 def _decide(
-    op: str, who: auth.Principal, headers: CIMultiDictProxy[str], info: metadata_pb2.BucketInfo
+    op: str,
+    who: auth.Principal,
+    headers: CIMultiDictProxy[str],
+    info: metadata_pb2.BucketInfo,
+    seen: _Seen,
 ) -> front_mod.Admission | None:
     """admit's decision on a bucket's record (None: the owner's request)."""
     expected = headers.get("x-amz-expected-bucket-owner")
     if expected is not None and expected != info.tenant:
         raise _denied("The bucket is not owned by the expected owner")
+    # The bucket policy: an explicit Deny refuses anyone (but the owner managing the policy),
+    # an Allow admits below what the ACLs would not.
+    policy = policy_ops.policy_of(info)
+    decision = bucket_policy.Decision.NONE
+    if policy is not None:
+        decision = policy_ops.decide(
+            policy, op, who, info.name, seen.key, seen.query, headers, seen.remote
+        )
+        if decision is bucket_policy.Decision.DENY and not (
+            op in policy_ops.MANAGE and who.may_use(info.tenant)
+        ):
+            raise _denied()
+    if op in _SETS_ACL and public_access.blocks_public_acls(info):
+        try:
+            wanted = acl.from_headers(headers, info.tenant)
+        except s3errors.S3Error:
+            wanted = None  # malformed ACL headers: the handler's error, as before
+        public_access.check_acl(info, wanted)
     if who.may_use(info.tenant):
         if info.kind == metadata_pb2.BUCKET_KIND_KV:
             wanted = acl.from_headers(headers, info.tenant)
@@ -118,11 +202,36 @@ def _decide(
     if info.kind == metadata_pb2.BUCKET_KIND_KV or op not in GRANTED:
         raise _denied()
     scope, permission = GRANTED[op]
+    if decision is bucket_policy.Decision.ALLOW:
+        assert policy is not None
+        # RestrictPublicBuckets: a public policy admits no one outside the owner's tenant.
+        if public_access.restricts_public_buckets(info) and bucket_policy.is_public(policy):
+            raise _denied()
+        return _policy_admission(
+            info, who, scope, policy_ops.may_list(policy, who, info.name, seen.remote)
+        )
     if scope == "object":
         return _object_admission(info, who, permission)
-    if not acl.allows(info.acl, info.tenant, who, permission):
+    if not acl.allows(public_access.effective(info, info.acl), info.tenant, who, permission):
         raise _denied()
     return front_mod.Admission(info.name, scope)
+
+
+def _policy_admission(
+    info: metadata_pb2.BucketInfo, who: auth.Principal, scope: str, listed: bool
+) -> front_mod.Admission:
+    """The admission of a request the bucket policy allows: its operation's scope, whatever
+    the ACLs say (an object's own ACL included); listed: the policy allows ListBucket."""
+    if scope != "object":
+        return front_mod.Admission(info.name, scope)
+
+    def check(object_acl: acl_pb2.Acl) -> None:
+        pass  # the policy allowed this object's operation: its ACL adds nothing
+
+    may_list = listed or acl.allows(
+        public_access.effective(info, info.acl), info.tenant, who, acl.READ
+    )
+    return front_mod.Admission(info.name, "object", check_object=check, may_list=may_list)
 
 
 def _object_admission(
@@ -131,12 +240,12 @@ def _object_admission(
     owner = info.tenant
 
     def check(object_acl: acl_pb2.Acl) -> None:
-        if not acl.allows(object_acl, owner, who, permission):
+        if not acl.allows(public_access.effective(info, object_acl), owner, who, permission):
             raise errors.PermissionDenied(
                 "the object's ACL does not allow it", reason="AccessDenied"
             )
 
-    may_list = acl.allows(info.acl, owner, who, acl.READ)
+    may_list = acl.allows(public_access.effective(info, info.acl), owner, who, acl.READ)
     return front_mod.Admission(info.name, "object", check_object=check, may_list=may_list)
 
 
@@ -172,6 +281,7 @@ async def put_bucket_acl(s3: s3request.Door, req: s3request.S3Request) -> web.Re
     """Replace the bucket's ACL (canned, grant headers or an AccessControlPolicy body)."""
     info = await s3.owned_bucket(req)
     wanted = await _wanted_acl(req, info.tenant)
+    public_access.check_acl(info, wanted)
     await s3.front.set_bucket_config(req.bucket, metadata_pb2.SetBucketConfigRequest(acl=wanted))
     return web.Response(status=200)
 
@@ -201,6 +311,7 @@ async def put_object_acl(s3: s3request.Door, req: s3request.S3Request) -> web.Re
     try:
         await layer.head(req.bucket, req.key, version)  # refused before the body is read
         wanted = await _wanted_acl(req, info.tenant)
+        public_access.check_acl(info, wanted)
         found = await layer.set_acl(req.bucket, req.key, wanted, version)
     except errors.NotFound as exc:
         raise versioning_ops.not_found(exc, version) from None

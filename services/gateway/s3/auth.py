@@ -1,12 +1,12 @@
-"""Who an S3 request acts for: AWS Signature V4 checked against the users in etcd.
+"""Who an S3 request acts for: AWS Signature V4 (or V2) checked against the users in etcd.
 
 `Authenticator.authenticate` parses the request's signature (header or presigned query,
-`sigv4`; V2 presigned URLs, `presign_v2`), looks the access key up (`kvtier.users.UserCache`,
-kept current by an etcd watch), verifies the signature with the user's secret and builds the
-request's `body.Payload`: the signed SHA-256 of the body, or an aws-chunked decoder that checks
-every chunk's signature and the trailer (`chunked`). A request without any credential (no
-Authorization header, no presigned query) is `ANONYMOUS`: what it may do, the ACL gate decides
-(`acl_ops`); it may send a plain body only.
+`sigv4`; V2 presigned URLs and V2 Authorization headers, `presign_v2`), looks the access
+key up (`kvtier.users.UserCache`, kept current by an etcd watch), verifies the signature with
+the user's secret and builds the request's `body.Payload`: the signed SHA-256 of the body, or
+an aws-chunked decoder that checks every chunk's signature and the trailer (`chunked`). A
+request without any credential (no Authorization header, no presigned query) is `ANONYMOUS`:
+what it may do, the ACL gate decides (`acl_ops`); it may send a plain body only.
 """
 
 from __future__ import annotations
@@ -54,6 +54,16 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 SecretLookup = Callable[[str], Awaitable[tuple[Principal, str] | None]]
 
 
+#: Query parameters that carry a signature (V4's and V2's presigned URLs).
+_QUERY_AUTH = (
+    "X-Amz-Algorithm",
+    "X-Amz-Credential",
+    "X-Amz-Signature",
+    "AWSAccessKeyId",
+    "Signature",
+)
+
+
 def _content_length(http: web.Request) -> int:
     return http.content_length if http.content_length is not None else -1
 
@@ -88,6 +98,8 @@ class Authenticator:
         """The principal and the body of a request; S3Error (AccessDenied,
         InvalidAccessKeyId, SignatureDoesNotMatch, RequestTimeTooSkewed...) when it fails."""
         raw_path, _, raw_query = http.raw_path.partition("?")
+        if presign_v2.is_header_v2(http.headers.get("Authorization", "")):
+            return await self._header_v2(http, raw_path)
         try:
             auth = sigv4.parse(
                 method=http.method, raw_path=raw_path, raw_query=raw_query,
@@ -115,7 +127,7 @@ class Authenticator:
                     "Query-string authentication requires the Signature, Expires and "
                     "AWSAccessKeyId parameters",
                 )
-            return ANONYMOUS, _anonymous_payload(http)
+            return ANONYMOUS, _unsigned_payload(http)
         found = await self._lookup(signed.access_key)
         if found is None:
             raise translate(sigv4.invalid_access_key())
@@ -125,6 +137,27 @@ class Authenticator:
             headers=http.headers, now=self._clock(),
         )  # fmt: skip
         return principal, body.Payload(http.content, size=_content_length(http))
+
+    async def _header_v2(self, http: web.Request, raw_path: str) -> tuple[Principal, body.Payload]:
+        """A request signed with a V2 Authorization header (`presign_v2`): the same user
+        lookup and so the same principal as V4; its body as an unsigned one's (V2 signs no
+        digest of it; Content-MD5, when sent, is signed and checked by the handlers)."""
+        if any(name in http.query for name in _QUERY_AUTH):
+            raise s3errors.S3Error(
+                "InvalidArgument",
+                "Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter, "
+                "Signature query string parameter or the Authorization header should be specified",
+            )
+        signed = presign_v2.parse_header(http.headers)
+        found = await self._lookup(signed.access_key)
+        if found is None:
+            raise translate(sigv4.invalid_access_key())
+        principal, secret = found
+        presign_v2.verify_header(
+            signed, secret, method=http.method, raw_path=raw_path, query=http.query,
+            headers=http.headers, now=self._clock(),
+        )  # fmt: skip
+        return principal, _unsigned_payload(http)
 
     @staticmethod
     def _payload(http: web.Request, verified: sigv4.Verified) -> body.Payload:
@@ -152,8 +185,9 @@ class Authenticator:
         return body.Payload(http.content, size=length, sha256_hex=expected)
 
 
-def _anonymous_payload(http: web.Request) -> body.Payload:
-    """The body of an unsigned request: plain bytes, checked against x-amz-content-sha256 when
+def _unsigned_payload(http: web.Request) -> body.Payload:
+    """The body of a request whose signature covers no digest of it (anonymous, V2 header):
+    plain bytes, checked against x-amz-content-sha256 when
     that is a digest, or aws-chunked with unsigned chunks (what SDKs send unsigned over HTTPS:
     the trailing checksum checked); signed chunks need a signed request (InvalidRequest)."""
     declared = http.headers.get("x-amz-content-sha256", "")

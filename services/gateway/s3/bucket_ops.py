@@ -173,8 +173,9 @@ async def put_versioning(s3: s3request.Door, req: s3request.S3Request) -> web.Re
     """Enabled or Suspended, in the bucket's record (other gateways see it within
     bucket_cache_s). MFA delete (MfaDelete Enabled, an x-amz-mfa header): 501 NotImplemented;
     where the bucket's object layer has one version per object (a KV bucket's DRAM blocks):
-    501 NotImplemented; Suspended on a never-versioned bucket: 200, nothing stored (it stays
-    unversioned)."""
+    501 NotImplemented. Suspended on a never-versioned bucket is recorded (GetBucketVersioning
+    then answers Suspended, as S3 does: its writes make the null version, as before), except on
+    a KV bucket, which is never versioned: 200, nothing stored."""
     info = await s3.owned_bucket(req)
     raw = await req.payload.read_all(64 << 10)
     md5 = object_ops.content_md5(req)
@@ -185,7 +186,8 @@ async def put_versioning(s3: s3request.Door, req: s3request.S3Request) -> web.Re
         raise s3errors.S3Error("NotImplemented", "MFA delete is not supported")
     if not wanted:
         raise s3errors.S3Error("MalformedXML", "The XML you provided was not well-formed.")
-    if wanted == "Suspended" and not info.versioning.status:
+    kv = info.kind == metadata_pb2.BUCKET_KIND_KV
+    if wanted == "Suspended" and not info.versioning.status and kv:
         return web.Response(status=200)
     await (await s3.layer(req)).set_versioning(req.bucket, versioning_ops.STATUS[wanted])
     return web.Response(status=200)

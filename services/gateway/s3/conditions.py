@@ -81,9 +81,10 @@ def parse_copy_range(header: str, size: int) -> tuple[int, int]:
     """(first, last) of x-amz-copy-source-range `bytes=first-last` over a source of size
     bytes: InvalidArgument unless both are ASCII digits and first <= last, InvalidRange when
     last is past the source's end."""
-    first_text, _, last_text = header.removeprefix("bytes=").partition("-")
+    unit, _, span = header.partition("=")
+    first_text, _, last_text = span.partition("-")
     first, last = params.uint(first_text), params.uint(last_text)
-    if first is None or last is None or first > last:
+    if unit != "bytes" or first is None or last is None or first > last:
         raise s3errors.S3Error("InvalidArgument", "The x-amz-copy-source-range is invalid")
     if last >= size:
         raise s3errors.S3Error("InvalidRange", "The requested range is not satisfiable")

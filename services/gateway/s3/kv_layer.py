@@ -70,6 +70,13 @@ class KVReader:
         """(offset, size) of part number, from the part sizes its metadata block keeps."""
         return kv_layout.part_span(self.stored, number)
 
+    def uploaded_parts(self) -> Sequence[objectlayer.Part] | None:
+        """The part sizes and checksums a completed upload's metadata block keeps; None for a
+        PUT's object (whose ETag may have a "-" too: `kv_layout.version_etag`)."""
+        if not kv_layout.completed_upload(self.stored):
+            return None
+        return kv_layout.uploaded_parts(self.stored)
+
     async def stream(
         self,
         first: int,

@@ -47,8 +47,11 @@ _VERSION = "VERSION"
 _PART_SIZES = "PART_SIZES"
 #: The upload a completed object was made by, in its metadata block (a Complete sent again).
 _UPLOAD = "UPLOAD"
+#: The part checksums of a completed upload ("ALGORITHM:value,value,..."; at most 13 parts fit
+#: MAX_KV_OBJECT_BYTES with S3's 5 MiB parts: well within META_MAX_BYTES).
+_PART_CHECKSUMS = "PART_CHECKSUMS"
 #: What a metadata block's checksums hold that is no S3 checksum.
-_INTERNAL = frozenset({_VERSION, _PART_SIZES, _UPLOAD})
+_INTERNAL = frozenset({_VERSION, _PART_SIZES, _UPLOAD, _PART_CHECKSUMS})
 _GET_ATTEMPTS = 4
 _INLINE_DIGEST_BYTES = 256 << 10
 #: Checksums computed on the loop up to _INLINE_CRC_BYTES when they are all a body needs (no
@@ -184,6 +187,27 @@ def public_checksums(info: pb.ObjectInfo) -> dict[str, str]:
 def keep_part_sizes(info: pb.ObjectInfo, sizes: Sequence[int]) -> None:
     """Record a completed upload's part sizes in its metadata block (for `part_span`)."""
     info.checksums[_PART_SIZES] = ",".join(str(size) for size in sizes)
+
+
+def keep_part_checksums(info: pb.ObjectInfo, algorithm: str, values: Sequence[str]) -> None:
+    """Record a completed upload's part checksums (its checksum algorithm's), for
+    GetObjectAttributes (`uploaded_parts`)."""
+    info.checksums[_PART_CHECKSUMS] = f"{algorithm}:{','.join(values)}"
+
+
+def uploaded_parts(info: pb.ObjectInfo) -> list[objectlayer.Part]:
+    """The parts of a completed upload's object: sizes (`part_span`) and the part checksums
+    kept (none for an upload completed before they were kept, or without an algorithm)."""
+    algorithm, _, text = info.checksums.get(_PART_CHECKSUMS, "").partition(":")
+    values = text.split(",") if text else []
+    parts = []
+    for number in range(1, max(info.parts, 1) + 1):
+        span = part_span(info, number)
+        if span is None:
+            break
+        sums = {algorithm: values[number - 1]} if number <= len(values) else {}
+        parts.append(objectlayer.Part(span[1], sums))
+    return parts
 
 
 def keep_upload_id(info: pb.ObjectInfo, upload_id: str) -> None:

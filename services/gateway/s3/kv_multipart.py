@@ -228,11 +228,12 @@ async def _complete(
         mtime_unix_ms=int(time.time() * 1000), headers=record.headers, parts=len(infos),
     )  # fmt: skip
     algorithm = record.checksum_algorithm
-    if algorithm and all(algorithm in i.checksums for i in infos):
-        info.checksums[algorithm] = multipart.composite_checksum(
-            algorithm, [i.checksums[algorithm] for i in infos]
-        )
+    part_sums = [i.checksums.get(algorithm, "") for i in infos] if algorithm else []
+    if part_sums and all(part_sums):
+        info.checksums[algorithm] = multipart.composite_checksum(algorithm, part_sums)
     public = dict(info.checksums)
+    if algorithm in public:  # GetObjectAttributes lists them
+        kv_layout.keep_part_checksums(info, algorithm, part_sums)
     kv_layout.keep_part_sizes(info, [i.size for i in infos])  # GetObject's partNumber
     kv_layout.keep_upload_id(info, req.upload_id)  # Complete sent again answers it
     await kv_layout.store_object(

@@ -28,7 +28,8 @@ from services.gateway.s3 import lifecycle_ops, tagging_ops
 #: nor SHARED are NotImplemented on a KV bucket.
 LAYERED = frozenset(
     {
-        "PutObject", "GetObject", "HeadObject", "ListObjects", "DeleteObject", "DeleteObjects",
+        "PutObject", "GetObject", "HeadObject", "GetObjectAttributes", "ListObjects",
+        "DeleteObject", "DeleteObjects",
         "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload", "ListParts",
         "AbortMultipartUpload", "ListMultipartUploads",
         # A KV object's tags are its PUT's (changes NotImplemented), its ACL private.

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from kvtier import errors
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
-from services.gateway import multipart, objectlayer
+from services.gateway import multipart, objectlayer, versions
 from services.gateway.s3 import object_ops, params, s3errors, s3request, versioning_ops, xmlio
 
 MAX_PART_BYTES = 5 << 30
@@ -97,12 +97,11 @@ async def upload_part_copy(
     if not layer.copies:
         raise s3errors.S3Error("NotImplemented", "UploadPartCopy is not implemented on this bucket")
     number = _part_number(req)
-    if object_ops.copy_source(req)[2]:
-        raise s3errors.S3Error("NotImplemented", "UploadPartCopy from a source version")
-    src_bucket, src_key, meta = await object_ops.source_for_copy(s3, req)
+    src_bucket, src_key, meta = await object_ops.source_for_copy(s3, req)  # version's own
     request = pb.UploadPartCopyRequest(
         bucket=req.bucket, key=req.key, upload_id=req.query["uploadId"], part_number=number,
         src_bucket=src_bucket, src_key=src_key, src_if_match=meta.etag,
+        src_version_id=object_ops.copy_source(req)[2],
     )  # fmt: skip
     text = req.header("x-amz-copy-source-range")
     if text:
@@ -113,7 +112,10 @@ async def upload_part_copy(
     except errors.NotFound as exc:
         raise _no_such_upload(exc) from None
     part = reply.part
-    return _xml(xmlio.copy_result("CopyPartResult", part.etag, part.mtime_unix_ms, {}))
+    response = _xml(xmlio.copy_result("CopyPartResult", part.etag, part.mtime_unix_ms, {}))
+    if meta.keep_versions:  # the source version copied, as CopyObject answers
+        response.headers["x-amz-copy-source-version-id"] = versions.info(meta).version_id
+    return response
 
 
 async def complete(s3: s3request.Door, req: s3request.S3Request) -> web.Response:

@@ -89,9 +89,10 @@ def request_headers(req: s3request.S3Request) -> pb.ObjectHeaders:
 
 
 def content_md5(req: s3request.S3Request) -> str:
-    """The hex MD5 of a Content-MD5 header ('' when absent); InvalidDigest when malformed."""
-    value = req.header("Content-MD5")
-    if not value:
+    """The hex MD5 of a Content-MD5 header ('' when absent); InvalidDigest when malformed,
+    empty included (as S3: an empty header is not an absent one)."""
+    value = req.http.headers.get("Content-MD5")
+    if value is None:
         return ""
     try:
         digest = base64.b64decode(value, validate=True)

@@ -6,19 +6,24 @@ The form is read as it streams (aiohttp's multipart reader): the fields before t
 into the object engine like a PutObject body of unknown length (`object_ops.receive`: staging
 slot by slot, never whole in memory, the write aborted on any error so nothing is stored).
 Fields after the file are ignored, as S3 does. `S3Server` authenticates a PostObject here
-(`authenticate`: its credentials are fields, not headers), binds the user and checks the
-bucket is theirs, then calls `post_object`, which checks the policy's conditions and stores
-the file.
+(`authenticate`: its credentials are fields, not headers), binds the user, admits the request
+through the ACL gate exactly as a PutObject of that user (`acl_ops.GRANTED`: the bucket's
+owner, or a WRITE grant of the bucket), then calls `post_object`, which checks the policy's
+conditions and stores the file.
 
 Fields: key (`${filename}` is the file part's filename), policy, x-amz-algorithm /
 x-amz-credential / x-amz-date / x-amz-signature (V4) or AWSAccessKeyId / signature (V2),
 Content-Type, Content-Encoding, Content-Disposition, Content-Language, Cache-Control, Expires,
 x-amz-meta-*, x-amz-checksum-* (checked like a PUT's headers), tagging (a Tagging document,
 `tags.parse_xml`), success_action_status,
-success_action_redirect (or redirect); acl, x-amz-storage-class and other x-amz-*
-fields are accepted (a condition must still name them) and not applied, as their headers are
-not on PutObject. Without signature fields a POST is anonymous: AccessDenied (no bucket is
-public). KV buckets answer NotImplemented (their PUT needs the size up front).
+success_action_redirect (or redirect), acl (a canned ACL, as PutObject's x-amz-acl);
+x-amz-storage-class and other x-amz-* fields are accepted (a condition must still name them)
+and not applied, as their headers are not on PutObject. A form without signature fields and
+without a policy is anonymous, as S3 has it ("requests without a security policy are
+considered anonymous and will succeed only on publicly writable buckets"): the ACL gate admits
+it where an anonymous PutObject is (a WRITE grant to AllUsers), else AccessDenied; a policy
+without a signature is InvalidArgument (S3 requires AWSAccessKeyId with a policy). KV
+buckets answer NotImplemented (their PUT needs the size up front).
 """
 
 from __future__ import annotations
@@ -35,10 +40,12 @@ from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway import versions
 from services.gateway.s3 import (
+    acl,
     auth,
     body,
     object_ops,
     post_policy,
+    public_access,
     s3errors,
     s3request,
     tags,
@@ -76,7 +83,7 @@ class Form:
     fields: dict[str, str]  #: lowercase name -> value
     sent: list[str]  #: the names as sent, in order
     file: multipart.BodyPartReader
-    policy: post_policy.Policy
+    policy: post_policy.Policy | None  #: None: an anonymous form (no policy, no signature)
 
 
 def _malformed() -> s3errors.S3Error:
@@ -233,32 +240,41 @@ async def authenticate(
                 raise _missing(name)
         principal, secret = await s3.auth.user(fields["awsaccesskeyid"])
         post_policy.verify_v2(fields["policy"], fields["signature"], secret)
+    elif "policy" in fields:
+        raise _missing("awsaccesskeyid")
     else:
-        raise s3errors.S3Error("AccessDenied", "Anonymous access is not allowed")
+        # Anonymous: the ACL gate decides, as for an anonymous PutObject.
+        http[FORM_KEY] = Form(fields, sent, part, None)
+        return auth.ANONYMOUS, FilePayload(part, min_bytes=0)
     policy = post_policy.parse(fields["policy"])
     http[FORM_KEY] = Form(fields, sent, part, policy)
     return principal, FilePayload(part, min_bytes=policy.min_bytes)
 
 
 async def post_object(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """Store the form's file under its key once the policy allows the form (AccessDenied)."""
+    """Store the form's file under its key once the policy allows the form (AccessDenied);
+    an anonymous form has no policy, the ACL gate admitted it."""
     form: Form = req.http[FORM_KEY]
-    await s3.owned_bucket(req)
+    info = await s3.owned_bucket(req)
     key = form.fields["key"]
     if form.file.filename is not None:
         key = key.replace("${filename}", form.file.filename)
-    values = {**form.fields, "key": key, "bucket": req.bucket}
-    # The bucket is a field of every form: a policy must name it (so it holds for one bucket).
-    sent = form.sent if "bucket" in form.fields else [*form.sent, "bucket"]
-    post_policy.check(form.policy, values, sent, now=s3.auth.now())
-    object_ops.check_key(key)
     bound = object_ops.MAX_PUT_BYTES
-    if form.policy.max_bytes is not None:
-        bound = min(bound, form.policy.max_bytes)
+    if form.policy is not None:
+        values = {**form.fields, "key": key, "bucket": req.bucket}
+        # The bucket is a field of every form: a policy must name it (so it holds for one
+        # bucket).
+        sent = form.sent if "bucket" in form.fields else [*form.sent, "bucket"]
+        post_policy.check(form.policy, values, sent, now=s3.auth.now())
+        if form.policy.max_bytes is not None:
+            bound = min(bound, form.policy.max_bytes)
+    object_ops.check_key(key)
     wanted, expected = _checksums(form.fields)
+    headers = _headers(form.fields, req.bucket_owner)
+    public_access.check_acl(info, headers.acl)  # the `acl` field: BlockPublicAcls
     begun = await s3.front.begin_put(
         pb.BeginPutRequest(
-            bucket=req.bucket, key=key, size=bound, headers=_headers(form.fields),
+            bucket=req.bucket, key=key, size=bound, headers=headers,
             checksum_algorithms=wanted, expected_checksums=expected,
         )
     )  # fmt: skip
@@ -272,10 +288,13 @@ async def post_object(s3: s3request.Door, req: s3request.S3Request) -> web.Respo
     return response
 
 
-def _headers(fields: dict[str, str]) -> pb.ObjectHeaders:
-    """The standard headers, x-amz-meta-* (MetadataTooLarge past 2 KB) and tags (the `tagging`
-    field: a Tagging document, as PutObjectTagging's body) the form sets."""
+def _headers(fields: dict[str, str], owner: str) -> pb.ObjectHeaders:
+    """The standard headers, x-amz-meta-* (MetadataTooLarge past 2 KB), tags (the `tagging`
+    field: a Tagging document, as PutObjectTagging's body) and the ACL (the `acl` field: a
+    canned ACL of owner, the bucket's tenant, as PutObject's x-amz-acl) the form sets."""
     out = pb.ObjectHeaders()
+    if fields.get("acl"):
+        out.acl.CopyFrom(acl.canned(fields["acl"].strip(), owner))
     for name, attr in _HEADERS.items():
         setattr(out, attr, fields.get(name, ""))
     size = 0

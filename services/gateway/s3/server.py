@@ -36,6 +36,7 @@ from services.gateway import objectlayer
 from services.gateway.s3 import (
     access_log,
     acl_ops,
+    attributes_ops,
     auth,
     body,
     bucket_ops,
@@ -47,7 +48,9 @@ from services.gateway.s3 import (
     lifecycle_ops,
     multipart_ops,
     object_ops,
+    policy_ops,
     post_object,
+    public_access,
     s3errors,
     s3request,
     sigv4,
@@ -71,7 +74,7 @@ UNSUPPORTED = frozenset(
         "policy", "website", "replication", "logging",
         "notification", "encryption", "object-lock", "retention", "legal-hold", "torrent",
         "accelerate", "requestPayment", "inventory", "metrics", "analytics", "ownershipControls",
-        "publicAccessBlock", "intelligent-tiering", "restore", "select", "attributes",
+        "intelligent-tiering", "restore", "select", "attributes",
         "policyStatus",
         # Else routed as the plain operation: CreateBucket, DeleteBucket (deleting the bucket),
         # PutObject (overwriting the object), DeleteObject.
@@ -156,12 +159,11 @@ class S3Server:
     async def expect(self, http: web.Request) -> web.StreamResponse | None:
         """`Expect: 100-continue`, answered once the headers authenticate (the signature covers
         x-amz-content-sha256, not the body): a refused request gets its S3 error on a closing
-        connection instead of `100 Continue` and an upload. Otherwise as aiohttp's default."""
+        connection instead of `100 Continue` and an upload. Any other expectation is ignored,
+        as S3 does (RFC 9110 lets a server answer it 417, but S3 clients do not expect that)."""
         expect = http.headers.get(hdrs.EXPECT, "")
-        if http.version != aiohttp.HttpVersion11:
+        if http.version != aiohttp.HttpVersion11 or expect.lower() != "100-continue":
             return None
-        if expect.lower() != "100-continue":
-            raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
         op, resource = "Unknown", http.path
         try:
             bucket, key = self.target(http)
@@ -170,7 +172,10 @@ class S3Server:
             if op != "PostObject":  # its credentials are fields of the body
                 http[_AUTHENTICATED] = await self.auth.authenticate(http)
                 # Refused by the ACL gate (anonymous, another tenant): refused before the body.
-                await acl_ops.admit(self.front, op, bucket, http[_AUTHENTICATED][0], http.headers)
+                await acl_ops.admit(
+                    self.front, op, bucket, http[_AUTHENTICATED][0], http.headers,
+                    key=key, query=http.query, remote=http.remote or "",
+                )  # fmt: skip
         except s3errors.S3Error as exc:
             request_id = secrets.token_hex(8).upper()
             response = _error(exc, resource, request_id, http.method)
@@ -206,8 +211,9 @@ class S3Server:
             admitted = None
             try:
                 admission, info = await acl_ops.admit(
-                    self.front, op, bucket, principal, http.headers
-                )
+                    self.front, op, bucket, principal, http.headers,
+                    key=key, query=http.query, remote=http.remote or "",
+                )  # fmt: skip
                 request.bucket_owner = info.tenant if info is not None else ""
                 if admission is not None:
                     admitted = front_mod.admit(admission)
@@ -268,9 +274,14 @@ class S3Server:
         """The operation of a request: its name and handler."""
         if kv_score.is_score(bucket, key):  # Score over HTTP: on no bucket
             return kv_score.route(method)
+        unsupported = UNSUPPORTED & set(query)
+        if method == "GET" and key:  # GetObjectAttributes; ?attributes stays 501 elsewhere
+            unsupported -= {"attributes"}
+        if bucket and not key:  # the bucket policy's routes; ?policy stays 501 elsewhere
+            unsupported -= policy_ops.SUBRESOURCES.get(method, frozenset())
         # A preflight carries the actual request's parameters, whatever they are.
-        if method != "OPTIONS" and UNSUPPORTED & set(query):
-            sub = sorted(UNSUPPORTED & set(query))[0]
+        if method != "OPTIONS" and unsupported:
+            sub = sorted(unsupported)[0]
             raise s3errors.S3Error("NotImplemented", f"?{sub} is not implemented")
         level = "service" if not bucket else "bucket" if not key else "object"
         for (m, lvl, needs), (op, handler) in self.routes:
@@ -427,6 +438,8 @@ def _routes() -> list[tuple[tuple[str, str, tuple[str, ...]], tuple[str, Handler
         ("GET", "bucket", ("cors",), "GetBucketCors", cors.get_bucket_cors),
         ("PUT", "bucket", ("cors",), "PutBucketCors", cors.put_bucket_cors),
         ("DELETE", "bucket", ("cors",), "DeleteBucketCors", cors.delete_bucket_cors),
+        *public_access.ROUTES,
+        *policy_ops.ROUTES,
         ("OPTIONS", "bucket", (), cors.PREFLIGHT, cors.preflight),
         ("OPTIONS", "object", (), cors.PREFLIGHT, cors.preflight),
         ("GET", "bucket", ("acl",), "GetBucketAcl", acl_ops.get_bucket_acl),
@@ -444,6 +457,7 @@ def _routes() -> list[tuple[tuple[str, str, tuple[str, ...]], tuple[str, Handler
         ("PUT", "object", ("partNumber", "uploadId"), "UploadPart", multipart_ops.upload_part),
         ("PUT", "object", (), "PutObject", object_ops.put_object),
         ("GET", "object", ("uploadId",), "ListParts", multipart_ops.list_parts),
+        *attributes_ops.ROUTES,  # before GetObject: ?attributes
         ("GET", "object", (), "GetObject", object_ops.get_object),
         ("HEAD", "object", (), "HeadObject", object_ops.head_object),
         ("DELETE", "object", ("uploadId",), "AbortMultipartUpload", multipart_ops.abort),

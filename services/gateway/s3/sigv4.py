@@ -424,16 +424,20 @@ def _presign_params(pairs: list[tuple[bytes, bytes]]) -> dict[str, str]:
 
 
 def _expires(text: str) -> int:
+    """X-Amz-Expires as S3 takes it: 0 to a week (0 is well-formed and simply expired: 403
+    "Request has expired" from `check_time`); a negative or larger value is a 400
+    AuthorizationQueryParametersError, the answer and message of S3 itself."""
     code = "AuthorizationQueryParametersError"
     expires = params.uint(text)
     if expires is None:
+        if text.startswith("-") and params.uint(text[1:]) is not None:
+            raise S3AuthError(code, "X-Amz-Expires must be non-negative")
         raise S3AuthError(code, "X-Amz-Expires should be a number")
-    if expires < 1:
-        raise S3AuthError(code, "X-Amz-Expires must be at least 1 second")
     if expires > MAX_PRESIGN_EXPIRES_S:
         raise S3AuthError(
             code,
-            f"X-Amz-Expires must be less than a week (in seconds) that is; {MAX_PRESIGN_EXPIRES_S}",
+            "X-Amz-Expires must be less than a week (in seconds); that is, the given "
+            f"X-Amz-Expires must be less than {MAX_PRESIGN_EXPIRES_S} seconds",
         )
     return expires
 

@@ -56,13 +56,12 @@ def check(tags: list[tuple[str, str]], *, bucket: bool = False) -> dict[str, str
 
 
 def parse_header(value: str) -> dict[str, str]:
-    """The tags of an x-amz-tagging value (URL query encoding: `k1=v1&k2=v2`)."""
+    """The tags of an x-amz-tagging value (URL query encoding: `k1=v1&k2=v2`). As in a query
+    string, and as S3 reads it, a pair without `=` is a key with an empty value (`k1=v1&k2`)."""
     if not value:
         return {}
     try:
-        pairs = urllib.parse.parse_qsl(
-            value, keep_blank_values=True, strict_parsing=True, errors="strict"
-        )
+        pairs = urllib.parse.parse_qsl(value, keep_blank_values=True, errors="strict")
     except (ValueError, UnicodeDecodeError):
         raise _invalid(
             "The header 'x-amz-tagging' shall be encoded as UTF-8 then URLEncoded URL query "

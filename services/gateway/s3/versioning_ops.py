@@ -53,8 +53,11 @@ async def status(s3: s3request.Door, bucket: str) -> int:
 
 
 def stamp(response: web.StreamResponse, info: pb.ObjectInfo, versioned: bool) -> None:
-    """x-amz-version-id (and x-amz-delete-marker) of a version, in a versioned bucket."""
-    if versioned or info.headers.keep_versions:
+    """x-amz-version-id (and x-amz-delete-marker) of a version, in a versioned bucket.
+    versioned: a DeleteObject's answer. A write's (PutObject, CopyObject, POST Object,
+    CompleteMultipartUpload) of the null version (a Suspended bucket) has none, as in S3."""
+    null_write = not versioned and info.headers.null_version
+    if (versioned or info.headers.keep_versions) and not null_write:
         response.headers[VERSION_HEADER] = info.version_id or objversions.NULL
     if info.delete_marker:
         response.headers[MARKER_HEADER] = "true"

@@ -102,6 +102,11 @@ class Acl(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     GRANTS_FIELD_NUMBER: _builtins.int
+    NO_GRANTS_FIELD_NUMBER: _builtins.int
+    no_grants: _builtins.bool
+    """Set by an AccessControlPolicy that lists no grant at all: S3 then lists no grant either
+    (an unset ACL lists the owner's implied FULL_CONTROL). The owner keeps full control.
+    """
     @_builtins.property
     def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___AclGrant]:
         """In the order given; the owner's FULL_CONTROL grant is listed too when the client set it."""
@@ -110,10 +115,11 @@ class Acl(_message.Message):
         self,
         *,
         grants: _abc.Iterable[Global___AclGrant] | None = ...,
+        no_grants: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants", "no_grants", b"no_grants"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

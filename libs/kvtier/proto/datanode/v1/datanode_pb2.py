@@ -28,13 +28,15 @@ from kvtier.proto.common.v1 import acl_pb2 as kvtier_dot_common_dot_v1_dot_acl__
 from kvtier.proto.common.v1 import common_pb2 as kvtier_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!kvtier/datanode/v1/datanode.proto\x12\x12kvtier.datanode.v1\x1a\x1dkvtier/common/v1/access.proto\x1a\x1akvtier/common/v1/acl.proto\x1a\x1dkvtier/common/v1/common.proto\"\x13\n\x11ListDrivesRequest\"N\n\x12ListDrivesResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\'\n\x06\x64rives\x18\x02 \x03(\x0b\x32\x17.kvtier.common.v1.Drive\"\xfb\x08\n\tShardMeta\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0c\n\x04\x65tag\x18\x05 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x06 \x01(\t\x12\x18\n\x10\x63ontent_encoding\x18\x07 \x01(\t\x12\x1b\n\x13\x63ontent_disposition\x18\x08 \x01(\t\x12\x15\n\rcache_control\x18\t \x01(\t\x12\x0f\n\x07\x65xpires\x18\n \x01(\t\x12\x46\n\ruser_metadata\x18\x0b \x03(\x0b\x32/.kvtier.datanode.v1.ShardMeta.UserMetadataEntry\x12?\n\tchecksums\x18\x0c \x03(\x0b\x32,.kvtier.datanode.v1.ShardMeta.ChecksumsEntry\x12\x15\n\rmtime_unix_ns\x18\r \x01(\x03\x12\x13\n\x0b\x64\x61ta_shards\x18\x0e \x01(\r\x12\x15\n\rparity_shards\x18\x0f \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x10 \x01(\r\x12\x13\n\x0bshard_index\x18\x11 \x01(\r\x12\x14\n\x0c\x64istribution\x18\x12 \x03(\r\x12\x0f\n\x07\x64\x61ta_id\x18\x13 \x01(\t\x12\x13\n\x0binline_data\x18\x14 \x01(\x0c\x12\x31\n\x05parts\x18\x15 \x03(\x0b\x32\".kvtier.datanode.v1.ShardMeta.Part\x12\x14\n\x0cpool_pointer\x18\x16 \x01(\r\x12\x12\n\nis_pointer\x18\x17 \x01(\x08\x12\x13\n\x0bupload_pool\x18\x18 \x01(\r\x12!\n\x19upload_checksum_algorithm\x18\x19 \x01(\t\x12\x18\n\x10\x63ontent_language\x18\x1a \x01(\t\x12\x35\n\x04tags\x18\x1b \x03(\x0b\x32\'.kvtier.datanode.v1.ShardMeta.TagsEntry\x12\"\n\x03\x61\x63l\x18\x1c \x01(\x0b\x32\x15.kvtier.common.v1.Acl\x12\x1c\n\x14meta_changed_unix_ns\x18\x1d \x01(\x03\x12\x15\n\rkeep_versions\x18( \x01(\x08\x12\x14\n\x0cnull_version\x18) \x01(\x08\x12\x15\n\rdelete_marker\x18* \x01(\x08\x12\x16\n\x0estored_unix_ns\x18+ \x01(\x03\x12\x15\n\rstored_age_ms\x18, \x01(\x03\x1aG\n\x04Part\x12\x0e\n\x06number\x18\x01 \x01(\r\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\x12\x13\n\x0bshard_bytes\x18\x04 \x01(\x04\x1a\x33\n\x11UserMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0e\x43hecksumsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x89\x01\n\x0f\x44\x61tanodeService\x12v\n\nListDrives\x12%.kvtier.datanode.v1.ListDrivesRequest\x1a&.kvtier.datanode.v1.ListDrivesResponse\"\x19\xaa\x86\x19\x15\n\x07gateway\n\x08metadata\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!kvtier/datanode/v1/datanode.proto\x12\x12kvtier.datanode.v1\x1a\x1dkvtier/common/v1/access.proto\x1a\x1akvtier/common/v1/acl.proto\x1a\x1dkvtier/common/v1/common.proto\"\x13\n\x11ListDrivesRequest\"N\n\x12ListDrivesResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\'\n\x06\x64rives\x18\x02 \x03(\x0b\x32\x17.kvtier.common.v1.Drive\"\xf4\t\n\tShardMeta\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0c\n\x04\x65tag\x18\x05 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x06 \x01(\t\x12\x18\n\x10\x63ontent_encoding\x18\x07 \x01(\t\x12\x1b\n\x13\x63ontent_disposition\x18\x08 \x01(\t\x12\x15\n\rcache_control\x18\t \x01(\t\x12\x0f\n\x07\x65xpires\x18\n \x01(\t\x12\x46\n\ruser_metadata\x18\x0b \x03(\x0b\x32/.kvtier.datanode.v1.ShardMeta.UserMetadataEntry\x12?\n\tchecksums\x18\x0c \x03(\x0b\x32,.kvtier.datanode.v1.ShardMeta.ChecksumsEntry\x12\x15\n\rmtime_unix_ns\x18\r \x01(\x03\x12\x13\n\x0b\x64\x61ta_shards\x18\x0e \x01(\r\x12\x15\n\rparity_shards\x18\x0f \x01(\r\x12\x13\n\x0b\x62lock_bytes\x18\x10 \x01(\r\x12\x13\n\x0bshard_index\x18\x11 \x01(\r\x12\x14\n\x0c\x64istribution\x18\x12 \x03(\r\x12\x0f\n\x07\x64\x61ta_id\x18\x13 \x01(\t\x12\x13\n\x0binline_data\x18\x14 \x01(\x0c\x12\x31\n\x05parts\x18\x15 \x03(\x0b\x32\".kvtier.datanode.v1.ShardMeta.Part\x12\x14\n\x0cpool_pointer\x18\x16 \x01(\r\x12\x12\n\nis_pointer\x18\x17 \x01(\x08\x12\x13\n\x0bupload_pool\x18\x18 \x01(\r\x12!\n\x19upload_checksum_algorithm\x18\x19 \x01(\t\x12\x18\n\x10\x63ontent_language\x18\x1a \x01(\t\x12\x35\n\x04tags\x18\x1b \x03(\x0b\x32\'.kvtier.datanode.v1.ShardMeta.TagsEntry\x12\"\n\x03\x61\x63l\x18\x1c \x01(\x0b\x32\x15.kvtier.common.v1.Acl\x12\x1c\n\x14meta_changed_unix_ns\x18\x1d \x01(\x03\x12\x15\n\rkeep_versions\x18( \x01(\x08\x12\x14\n\x0cnull_version\x18) \x01(\x08\x12\x15\n\rdelete_marker\x18* \x01(\x08\x12\x16\n\x0estored_unix_ns\x18+ \x01(\x03\x12\x15\n\rstored_age_ms\x18, \x01(\x03\x1a\xbf\x01\n\x04Part\x12\x0e\n\x06number\x18\x01 \x01(\r\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\x12\x13\n\x0bshard_bytes\x18\x04 \x01(\x04\x12\x44\n\tchecksums\x18\x05 \x03(\x0b\x32\x31.kvtier.datanode.v1.ShardMeta.Part.ChecksumsEntry\x1a\x30\n\x0e\x43hecksumsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x33\n\x11UserMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0e\x43hecksumsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\x89\x01\n\x0f\x44\x61tanodeService\x12v\n\nListDrives\x12%.kvtier.datanode.v1.ListDrivesRequest\x1a&.kvtier.datanode.v1.ListDrivesResponse\"\x19\xaa\x86\x19\x15\n\x07gateway\n\x08metadata\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvtier.datanode.v1.datanode_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SHARDMETA_PART_CHECKSUMSENTRY']._loaded_options = None
+  _globals['_SHARDMETA_PART_CHECKSUMSENTRY']._serialized_options = b'8\001'
   _globals['_SHARDMETA_USERMETADATAENTRY']._loaded_options = None
   _globals['_SHARDMETA_USERMETADATAENTRY']._serialized_options = b'8\001'
   _globals['_SHARDMETA_CHECKSUMSENTRY']._loaded_options = None
@@ -48,15 +50,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTDRIVESRESPONSE']._serialized_start=168
   _globals['_LISTDRIVESRESPONSE']._serialized_end=246
   _globals['_SHARDMETA']._serialized_start=249
-  _globals['_SHARDMETA']._serialized_end=1396
-  _globals['_SHARDMETA_PART']._serialized_start=1177
-  _globals['_SHARDMETA_PART']._serialized_end=1248
-  _globals['_SHARDMETA_USERMETADATAENTRY']._serialized_start=1250
-  _globals['_SHARDMETA_USERMETADATAENTRY']._serialized_end=1301
-  _globals['_SHARDMETA_CHECKSUMSENTRY']._serialized_start=1303
-  _globals['_SHARDMETA_CHECKSUMSENTRY']._serialized_end=1351
-  _globals['_SHARDMETA_TAGSENTRY']._serialized_start=1353
-  _globals['_SHARDMETA_TAGSENTRY']._serialized_end=1396
-  _globals['_DATANODESERVICE']._serialized_start=1399
-  _globals['_DATANODESERVICE']._serialized_end=1536
+  _globals['_SHARDMETA']._serialized_end=1517
+  _globals['_SHARDMETA_PART']._serialized_start=1178
+  _globals['_SHARDMETA_PART']._serialized_end=1369
+  _globals['_SHARDMETA_PART_CHECKSUMSENTRY']._serialized_start=1321
+  _globals['_SHARDMETA_PART_CHECKSUMSENTRY']._serialized_end=1369
+  _globals['_SHARDMETA_USERMETADATAENTRY']._serialized_start=1371
+  _globals['_SHARDMETA_USERMETADATAENTRY']._serialized_end=1422
+  _globals['_SHARDMETA_CHECKSUMSENTRY']._serialized_start=1321
+  _globals['_SHARDMETA_CHECKSUMSENTRY']._serialized_end=1369
+  _globals['_SHARDMETA_TAGSENTRY']._serialized_start=1474
+  _globals['_SHARDMETA_TAGSENTRY']._serialized_end=1517
+  _globals['_DATANODESERVICE']._serialized_start=1520
+  _globals['_DATANODESERVICE']._serialized_end=1657
 # @@protoc_insertion_point(module_scope)

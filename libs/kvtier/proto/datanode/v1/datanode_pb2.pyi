@@ -75,16 +75,43 @@ class ShardMeta(_message.Message):
 
         DESCRIPTOR: _descriptor.Descriptor
 
+        @_typing.final
+        class ChecksumsEntry(_message.Message):
+            DESCRIPTOR: _descriptor.Descriptor
+
+            KEY_FIELD_NUMBER: _builtins.int
+            VALUE_FIELD_NUMBER: _builtins.int
+            key: _builtins.str
+            value: _builtins.str
+            def __init__(
+                self,
+                *,
+                key: _builtins.str = ...,
+                value: _builtins.str = ...,
+            ) -> None: ...
+            _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+            def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+            _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+            def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+            def WhichOneof(self, oneof_group: _Never) -> None: ...
+
         NUMBER_FIELD_NUMBER: _builtins.int
         SIZE_FIELD_NUMBER: _builtins.int
         ETAG_FIELD_NUMBER: _builtins.int
         SHARD_BYTES_FIELD_NUMBER: _builtins.int
+        CHECKSUMS_FIELD_NUMBER: _builtins.int
         number: _builtins.int
         size: _builtins.int
         """Object bytes in this part."""
         etag: _builtins.str
         shard_bytes: _builtins.int
         """This drive's shard bytes of the part (without block checksums)."""
+        @_builtins.property
+        def checksums(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+            """A completed upload's part checksums (its checksum algorithm's): algorithm -> base64,
+            for GetObjectAttributes' ObjectParts. Empty for a plain PUT's one part.
+            """
+
         def __init__(
             self,
             *,
@@ -92,10 +119,11 @@ class ShardMeta(_message.Message):
             size: _builtins.int = ...,
             etag: _builtins.str = ...,
             shard_bytes: _builtins.int = ...,
+            checksums: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "number", b"number", "shard_bytes", b"shard_bytes", "size", b"size"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["checksums", b"checksums", "etag", b"etag", "number", b"number", "shard_bytes", b"shard_bytes", "size", b"size"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1078,6 +1078,7 @@ class UploadPartCopyRequest(_message.Message):
     RANGE_START_FIELD_NUMBER: _builtins.int
     RANGE_END_FIELD_NUMBER: _builtins.int
     SRC_IF_MATCH_FIELD_NUMBER: _builtins.int
+    SRC_VERSION_ID_FIELD_NUMBER: _builtins.int
     bucket: _builtins.str
     key: _builtins.str
     upload_id: _builtins.str
@@ -1090,6 +1091,8 @@ class UploadPartCopyRequest(_message.Message):
     range_end: _builtins.int
     src_if_match: _builtins.str
     """The source's ETag must be this (empty: any)."""
+    src_version_id: _builtins.str
+    """The source's S3 version (empty: its current one)."""
     def __init__(
         self,
         *,
@@ -1103,10 +1106,11 @@ class UploadPartCopyRequest(_message.Message):
         range_start: _builtins.int = ...,
         range_end: _builtins.int = ...,
         src_if_match: _builtins.str = ...,
+        src_version_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "has_range", b"has_range", "key", b"key", "part_number", b"part_number", "range_end", b"range_end", "range_start", b"range_start", "src_bucket", b"src_bucket", "src_if_match", b"src_if_match", "src_key", b"src_key", "upload_id", b"upload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "has_range", b"has_range", "key", b"key", "part_number", b"part_number", "range_end", b"range_end", "range_start", b"range_start", "src_bucket", b"src_bucket", "src_if_match", b"src_if_match", "src_key", b"src_key", "src_version_id", b"src_version_id", "upload_id", b"upload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

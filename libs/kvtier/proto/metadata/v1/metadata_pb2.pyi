@@ -169,6 +169,8 @@ class BucketInfo(_message.Message):
     LIFECYCLE_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     VERSIONING_FIELD_NUMBER: _builtins.int
+    PUBLIC_ACCESS_BLOCK_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """S3 bucket-name rules (kvtier.names.check_bucket)."""
     created_at_unix_ms: _builtins.int
@@ -204,6 +206,16 @@ class BucketInfo(_message.Message):
         is Enabled or Suspended for good, as in S3. Ordinary buckets only.
         """
 
+    @_builtins.property
+    def public_access_block(self) -> Global___PublicAccessBlock:
+        """S3 Public Access Block (PutPublicAccessBlock); unset or not `configured`: none."""
+
+    @_builtins.property
+    def policy(self) -> Global___BucketPolicy:
+        """S3 bucket policy (PutBucketPolicy; services/gateway/s3/bucket_policy.py); unset or an
+        empty document: none.
+        """
+
     def __init__(
         self,
         *,
@@ -218,14 +230,71 @@ class BucketInfo(_message.Message):
         lifecycle: Global___LifecycleConfiguration | None = ...,
         tags: Global___BucketTags | None = ...,
         versioning: Global___BucketVersioning | None = ...,
+        public_access_block: Global___PublicAccessBlock | None = ...,
+        policy: Global___BucketPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "cors", b"cors", "lifecycle", b"lifecycle", "tags", b"tags", "versioning", b"versioning"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "cors", b"cors", "lifecycle", b"lifecycle", "policy", b"policy", "public_access_block", b"public_access_block", "tags", b"tags", "versioning", b"versioning"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "cors", b"cors", "created_at_unix_ms", b"created_at_unix_ms", "generation", b"generation", "kind", b"kind", "lifecycle", b"lifecycle", "name", b"name", "storage_id", b"storage_id", "tags", b"tags", "tenant", b"tenant", "versioning", b"versioning"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "cors", b"cors", "created_at_unix_ms", b"created_at_unix_ms", "generation", b"generation", "kind", b"kind", "lifecycle", b"lifecycle", "name", b"name", "policy", b"policy", "public_access_block", b"public_access_block", "storage_id", b"storage_id", "tags", b"tags", "tenant", b"tenant", "versioning", b"versioning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BucketInfo: _TypeAlias = BucketInfo  # noqa: Y015
+
+@_typing.final
+class BucketPolicy(_message.Message):
+    """An S3 bucket policy: its JSON document as the owner sent it (checked by the gateway)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_FIELD_NUMBER: _builtins.int
+    document: _builtins.str
+    def __init__(
+        self,
+        *,
+        document: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["document", b"document"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BucketPolicy: _TypeAlias = BucketPolicy  # noqa: Y015
+
+@_typing.final
+class PublicAccessBlock(_message.Message):
+    """S3's PublicAccessBlockConfiguration of a bucket (services/gateway/s3/public_access.py)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIGURED_FIELD_NUMBER: _builtins.int
+    BLOCK_PUBLIC_ACLS_FIELD_NUMBER: _builtins.int
+    IGNORE_PUBLIC_ACLS_FIELD_NUMBER: _builtins.int
+    BLOCK_PUBLIC_POLICY_FIELD_NUMBER: _builtins.int
+    RESTRICT_PUBLIC_BUCKETS_FIELD_NUMBER: _builtins.int
+    configured: _builtins.bool
+    """False: no configuration (DeletePublicAccessBlock), whatever the flags say."""
+    block_public_acls: _builtins.bool
+    ignore_public_acls: _builtins.bool
+    block_public_policy: _builtins.bool
+    restrict_public_buckets: _builtins.bool
+    def __init__(
+        self,
+        *,
+        configured: _builtins.bool = ...,
+        block_public_acls: _builtins.bool = ...,
+        ignore_public_acls: _builtins.bool = ...,
+        block_public_policy: _builtins.bool = ...,
+        restrict_public_buckets: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_public_acls", b"block_public_acls", "block_public_policy", b"block_public_policy", "configured", b"configured", "ignore_public_acls", b"ignore_public_acls", "restrict_public_buckets", b"restrict_public_buckets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublicAccessBlock: _TypeAlias = PublicAccessBlock  # noqa: Y015
 
 @_typing.final
 class BucketVersioning(_message.Message):
@@ -583,6 +652,8 @@ class SetBucketConfigRequest(_message.Message):
     LIFECYCLE_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     VERSIONING_FIELD_NUMBER: _builtins.int
+    PUBLIC_ACCESS_BLOCK_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     expected_generation: _builtins.int
     """Only this incarnation (BucketInfo.generation); FAILED_PRECONDITION when the bucket was
@@ -600,6 +671,14 @@ class SetBucketConfigRequest(_message.Message):
     def versioning(self) -> Global___BucketVersioning:
         """Enabled or Suspended (UNSET is refused: a versioned bucket never goes back)."""
 
+    @_builtins.property
+    def public_access_block(self) -> Global___PublicAccessBlock:
+        """Replaced whole; one not `configured` removes it."""
+
+    @_builtins.property
+    def policy(self) -> Global___BucketPolicy:
+        """Replaced whole; an empty document removes it."""
+
     def __init__(
         self,
         *,
@@ -610,12 +689,14 @@ class SetBucketConfigRequest(_message.Message):
         lifecycle: Global___LifecycleConfiguration | None = ...,
         tags: Global___BucketTags | None = ...,
         versioning: Global___BucketVersioning | None = ...,
+        public_access_block: Global___PublicAccessBlock | None = ...,
+        policy: Global___BucketPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "config", b"config", "cors", b"cors", "lifecycle", b"lifecycle", "tags", b"tags", "versioning", b"versioning"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "config", b"config", "cors", b"cors", "lifecycle", b"lifecycle", "policy", b"policy", "public_access_block", b"public_access_block", "tags", b"tags", "versioning", b"versioning"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "config", b"config", "cors", b"cors", "expected_generation", b"expected_generation", "lifecycle", b"lifecycle", "name", b"name", "tags", b"tags", "versioning", b"versioning"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "config", b"config", "cors", b"cors", "expected_generation", b"expected_generation", "lifecycle", b"lifecycle", "name", b"name", "policy", b"policy", "public_access_block", b"public_access_block", "tags", b"tags", "versioning", b"versioning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_config: _TypeAlias = _typing.Literal["acl", "cors", "lifecycle", "tags", "versioning"]  # noqa: Y015
+    _WhichOneofReturnType_config: _TypeAlias = _typing.Literal["acl", "cors", "lifecycle", "tags", "versioning", "public_access_block", "policy"]  # noqa: Y015
     _WhichOneofArgType_config: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_config) -> _WhichOneofReturnType_config | None: ...
 

@@ -1,0 +1,264 @@
+"""PutBucketPolicy, GetBucketPolicy, DeleteBucketPolicy and GetBucketPolicyStatus, and the
+bucket policy's part of the S3 gate (`decide`, called by `acl_ops.admit`).
+
+The policy is stored with the bucket's record (`BucketInfo.policy`, SetBucketConfig: the
+bucket's tenant's users and admins alone may set it, `ObjectFront.set_bucket_config`) as the
+owner sent it, once `bucket_policy.parse` accepted all of it. KV buckets have none
+(NotImplemented), as they have no ACLs.
+
+The gate maps each routed S3 operation to its IAM action(s) (`ACTIONS`: every action must be
+allowed for an Allow to count, any denied action refuses) and its resource (the bucket's ARN,
+or the object's). An operation of no known action is refused whenever a Deny statement names
+its caller (it cannot be told apart from a denied one). A copy (x-amz-copy-source) also
+reads its source: the source bucket's policy must not deny that read.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import Mapping
+
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from kvtier.proto.metadata.v1 import metadata_pb2
+from services.gateway.s3 import auth, bucket_policy, public_access, s3errors, s3request, xmlio
+
+#: operation -> (IAM actions, IAM actions when it names a versionId). "bucket": its
+#: resource is the bucket's ARN; otherwise the object's.
+ACTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "ListObjects": (("s3:ListBucket",), ("s3:ListBucket",)),
+    "HeadBucket": (("s3:ListBucket",), ("s3:ListBucket",)),
+    "ListObjectVersions": (("s3:ListBucketVersions",), ("s3:ListBucketVersions",)),
+    "ListMultipartUploads": (("s3:ListBucketMultipartUploads",),) * 2,
+    "GetBucketLocation": (("s3:GetBucketLocation",),) * 2,
+    "GetBucketVersioning": (("s3:GetBucketVersioning",),) * 2,
+    "PutBucketVersioning": (("s3:PutBucketVersioning",),) * 2,
+    "GetBucketAcl": (("s3:GetBucketAcl",),) * 2,
+    "PutBucketAcl": (("s3:PutBucketAcl",),) * 2,
+    "GetBucketCors": (("s3:GetBucketCORS",),) * 2,
+    "PutBucketCors": (("s3:PutBucketCORS",),) * 2,
+    "DeleteBucketCors": (("s3:PutBucketCORS",),) * 2,
+    "GetBucketLifecycleConfiguration": (("s3:GetLifecycleConfiguration",),) * 2,
+    "PutBucketLifecycleConfiguration": (("s3:PutLifecycleConfiguration",),) * 2,
+    "DeleteBucketLifecycle": (("s3:PutLifecycleConfiguration",),) * 2,
+    "GetBucketTagging": (("s3:GetBucketTagging",),) * 2,
+    "PutBucketTagging": (("s3:PutBucketTagging",),) * 2,
+    "DeleteBucketTagging": (("s3:PutBucketTagging",),) * 2,
+    "GetPublicAccessBlock": (("s3:GetBucketPublicAccessBlock",),) * 2,
+    "PutPublicAccessBlock": (("s3:PutBucketPublicAccessBlock",),) * 2,
+    "DeletePublicAccessBlock": (("s3:PutBucketPublicAccessBlock",),) * 2,
+    "GetBucketPolicy": (("s3:GetBucketPolicy",),) * 2,
+    "PutBucketPolicy": (("s3:PutBucketPolicy",),) * 2,
+    "DeleteBucketPolicy": (("s3:DeleteBucketPolicy",),) * 2,
+    "GetBucketPolicyStatus": (("s3:GetBucketPolicyStatus",),) * 2,
+    "DeleteBucket": (("s3:DeleteBucket",),) * 2,
+    "DeleteObjects": (("s3:DeleteObject",), ("s3:DeleteObject",)),
+    "PostObject": (("s3:PutObject",),) * 2,
+    "GetObject": (("s3:GetObject",), ("s3:GetObjectVersion",)),
+    "HeadObject": (("s3:GetObject",), ("s3:GetObjectVersion",)),
+    "GetObjectAttributes": (
+        ("s3:GetObject", "s3:GetObjectAttributes"),
+        ("s3:GetObjectVersion", "s3:GetObjectVersionAttributes"),
+    ),
+    "PutObject": (("s3:PutObject",),) * 2,
+    "DeleteObject": (("s3:DeleteObject",), ("s3:DeleteObjectVersion",)),
+    "CreateMultipartUpload": (("s3:PutObject",),) * 2,
+    "UploadPart": (("s3:PutObject",),) * 2,
+    "CompleteMultipartUpload": (("s3:PutObject",),) * 2,
+    "AbortMultipartUpload": (("s3:AbortMultipartUpload",),) * 2,
+    "ListParts": (("s3:ListMultipartUploadParts",),) * 2,
+    "GetObjectAcl": (("s3:GetObjectAcl",), ("s3:GetObjectVersionAcl",)),
+    "PutObjectAcl": (("s3:PutObjectAcl",), ("s3:PutObjectVersionAcl",)),
+    "GetObjectTagging": (("s3:GetObjectTagging",), ("s3:GetObjectVersionTagging",)),
+    "PutObjectTagging": (("s3:PutObjectTagging",), ("s3:PutObjectVersionTagging",)),
+    "DeleteObjectTagging": (("s3:DeleteObjectTagging",), ("s3:DeleteObjectVersionTagging",)),
+}
+#: Whose keys the gate does not see (in the body): `bucket_policy.Request.resource` None.
+_UNSEEN_KEYS = frozenset({"DeleteObjects", "PostObject"})
+#: The bucket's owner may always manage the policy, whatever it denies (as AWS lets the
+#: bucket owner's account, so that a policy cannot lock the owner out).
+MANAGE = frozenset({"GetBucketPolicy", "PutBucketPolicy", "DeleteBucketPolicy"})
+#: Request headers that are condition keys (s3:<header>).
+_HEADER_KEYS = (
+    "x-amz-acl", "x-amz-copy-source", "x-amz-metadata-directive", "x-amz-grant-read",
+    "x-amz-grant-write", "x-amz-grant-read-acp", "x-amz-grant-write-acp",
+    "x-amz-grant-full-control",
+)  # fmt: skip
+#: Read at most this much of a PutBucketPolicy body (larger than the policy limit: the limit
+#: is MalformedPolicy's, not MalformedXML's).
+_READ_LIMIT = 4 * bucket_policy.MAX_POLICY_BYTES
+POLICY_STATUS_NS = xmlio.NS
+
+
+def policy_of(info: metadata_pb2.BucketInfo) -> bucket_policy.Policy | None:
+    """The bucket's policy (None: none). A stored one was checked when stored."""
+    if not info.policy.document:
+        return None
+    return bucket_policy.cached(info.policy.document, info.name)
+
+
+def who(principal: auth.Principal) -> bucket_policy.Who:
+    """The caller as Principal elements name it."""
+    if principal.anonymous:
+        return bucket_policy.Who()
+    return bucket_policy.Who(tenant=principal.tenant, user=principal.access_key)
+
+
+def context(headers: Mapping[str, str], query: Mapping[str, str], remote: str) -> dict[str, str]:
+    """The condition keys a request carries (absent ones absent: IAM tells them apart)."""
+    out = {f"s3:{name}": headers[name] for name in _HEADER_KEYS if name in headers}
+    if "s3:x-amz-copy-source" in out:  # AWS compares the decoded bucket/key
+        out["s3:x-amz-copy-source"] = urllib.parse.unquote(out["s3:x-amz-copy-source"]).lstrip("/")
+    for name in ("prefix", "delimiter"):
+        if name in query:
+            out[f"s3:{name}"] = query[name]
+    if remote:
+        out["aws:sourceip"] = remote
+    return out
+
+
+def decide(
+    policy: bucket_policy.Policy,
+    op: str,
+    principal: auth.Principal,
+    bucket: str,
+    key: str,
+    query: Mapping[str, str],
+    headers: CIMultiDictProxy[str],
+    remote: str,
+) -> bucket_policy.Decision:
+    """The policy's word on one request: DENY if any of its actions is denied, ALLOW if all
+    are allowed, else NONE."""
+    caller = who(principal)
+    known = ACTIONS.get(op)
+    if known is None:  # an operation of no known action: refused where a Deny may name it
+        named = any(
+            s.effect is bucket_policy.Decision.DENY and bucket_policy.principal_matches(s, caller)
+            for s in policy.statements
+        )
+        return bucket_policy.Decision.DENY if named else bucket_policy.Decision.NONE
+    actions = known[1] if query.get("versionId") else known[0]
+    arn = bucket_policy.ARN_PREFIX + bucket
+    resource: str | None = f"{arn}/{key}" if key else arn
+    if op in _UNSEEN_KEYS:
+        resource = None
+    ctx = context(headers, query, remote)
+    decisions = [
+        bucket_policy.evaluate(policy, bucket_policy.Request(caller, action, bucket, resource, ctx))
+        for action in actions
+    ]
+    if bucket_policy.Decision.DENY in decisions:
+        return bucket_policy.Decision.DENY
+    if all(d is bucket_policy.Decision.ALLOW for d in decisions):
+        return bucket_policy.Decision.ALLOW
+    return bucket_policy.Decision.NONE
+
+
+def may_list(
+    policy: bucket_policy.Policy, principal: auth.Principal, bucket: str, remote: str
+) -> bool:
+    """Whether the policy allows the caller s3:ListBucket (a missing object is then NoSuchKey,
+    not AccessDenied)."""
+    request = bucket_policy.Request(
+        who(principal),
+        "s3:ListBucket",
+        bucket,
+        bucket_policy.ARN_PREFIX + bucket,
+        {"aws:sourceip": remote} if remote else {},
+    )
+    return bucket_policy.evaluate(policy, request) is bucket_policy.Decision.ALLOW
+
+
+def copy_source(headers: CIMultiDictProxy[str]) -> tuple[str, str, str] | None:
+    """(bucket, key, versionId) a copy reads, None when it is no copy (or the handler will
+    refuse its header)."""
+    raw = headers.get("x-amz-copy-source")
+    if not raw:
+        return None
+    path, _, query = raw.partition("?")
+    version = urllib.parse.parse_qs(query).get("versionId", [""])[0]
+    bucket, _, key = urllib.parse.unquote(path).lstrip("/").partition("/")
+    return (bucket, key, version) if bucket and key else None
+
+
+def _no_policy() -> s3errors.S3Error:
+    return s3errors.S3Error("NoSuchBucketPolicy", "The bucket policy does not exist", status=404)
+
+
+async def _owned(s3: s3request.Door, req: s3request.S3Request) -> metadata_pb2.BucketInfo:
+    """The bucket, fresh (what any gateway stored last); KV buckets: NotImplemented."""
+    info = await s3.front.bucket_for(req.bucket, fresh=True)
+    if info.kind == metadata_pb2.BUCKET_KIND_KV:
+        raise s3errors.S3Error("NotImplemented", "KV buckets have no bucket policy")
+    return info
+
+
+async def put_bucket_policy(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
+    """PutBucketPolicy: the whole document checked (MalformedPolicy), stored as sent; 204.
+    A public one (`bucket_policy.is_public`) where the bucket's Public Access Block has
+    BlockPublicPolicy: AccessDenied, as in S3."""
+    info = await _owned(s3, req)
+    try:
+        raw = await req.payload.read_all(_READ_LIMIT)
+    except s3errors.S3Error as exc:
+        if exc.code != "MalformedXML":
+            raise
+        raise bucket_policy.malformed("Policies must be at most 20 KiB") from None
+    try:
+        document = raw.decode()
+    except UnicodeDecodeError:
+        raise bucket_policy.malformed("This policy contains invalid Json") from None
+    policy = bucket_policy.parse(document, info.name)
+    if public_access.blocks_public_policy(info) and bucket_policy.is_public(policy):
+        raise s3errors.S3Error("AccessDenied", "The bucket blocks public policies")
+    config = metadata_pb2.SetBucketConfigRequest(
+        policy=metadata_pb2.BucketPolicy(document=document)
+    )  # the front sets the incarnation: never another one's
+    await s3.front.set_bucket_config(req.bucket, config)
+    return web.Response(status=204)
+
+
+async def get_bucket_policy(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
+    """GetBucketPolicy: the document as stored, or 404 NoSuchBucketPolicy."""
+    info = await _owned(s3, req)
+    if not info.policy.document:
+        raise _no_policy()
+    return web.Response(text=info.policy.document, content_type="application/json")
+
+
+async def delete_bucket_policy(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
+    """DeleteBucketPolicy: 204, whether or not there was one."""
+    await _owned(s3, req)
+    config = metadata_pb2.SetBucketConfigRequest(policy=metadata_pb2.BucketPolicy())
+    await s3.front.set_bucket_config(req.bucket, config)
+    return web.Response(status=204)
+
+
+async def get_bucket_policy_status(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
+    """GetBucketPolicyStatus: IsPublic of the policy (`bucket_policy.is_public`; ACLs do not
+    count, as in S3), 404 NoSuchBucketPolicy without one (as S3 answers)."""
+    info = await _owned(s3, req)
+    policy = policy_of(info)
+    if policy is None:
+        raise _no_policy()
+    public = "true" if bucket_policy.is_public(policy) else "false"
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<PolicyStatus xmlns="{POLICY_STATUS_NS}">'
+        f"<IsPublic>{public}</IsPublic></PolicyStatus>"
+    )
+    return web.Response(body=body.encode(), content_type="application/xml")
+
+
+#: The sub-resources of `ROUTES`, per method, on a bucket (elsewhere: NotImplemented).
+SUBRESOURCES = {
+    "GET": frozenset({"policy", "policyStatus"}),
+    "PUT": frozenset({"policy"}),
+    "DELETE": frozenset({"policy"}),
+}
+ROUTES: list[tuple[str, str, tuple[str, ...], str, s3request.Handler]] = [
+    ("GET", "bucket", ("policyStatus",), "GetBucketPolicyStatus", get_bucket_policy_status),
+    ("GET", "bucket", ("policy",), "GetBucketPolicy", get_bucket_policy),
+    ("PUT", "bucket", ("policy",), "PutBucketPolicy", put_bucket_policy),
+    ("DELETE", "bucket", ("policy",), "DeleteBucketPolicy", delete_bucket_policy),
+]

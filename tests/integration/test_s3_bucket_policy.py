@@ -1,0 +1,198 @@
+"""S3 bucket policies against the shared secure dev cluster, as AWS S3 documents them:
+Put/Get/DeleteBucketPolicy and GetBucketPolicyStatus by the owner alone, malformed policies
+refused, an Allow opening another tenant's and anonymous reads the ACLs do not, an explicit
+Deny closing what the owner and an ACL grant could do (but managing the policy), and an
+s3:prefix condition on ListBucket."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import Any
+
+import boto3
+import botocore
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from tests.integration import s3_cluster
+from tests.integration.s3_cluster import s3_cluster as s3_cluster_fixture  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+Info = dict[str, Any]
+OWNER, OTHER = "pol-a", "pol-b"
+
+
+def _fails(call: Callable[[], Any]) -> tuple[str, int]:
+    with pytest.raises(ClientError) as failed:
+        call()
+    error = failed.value.response
+    return error["Error"].get("Code", ""), error["ResponseMetadata"]["HTTPStatusCode"]
+
+
+def _denied(call: Callable[[], Any]) -> None:
+    code, status = _fails(call)
+    assert status == 403, code
+    assert code in ("AccessDenied", "403"), code
+
+
+def _policy(bucket: str, *statements: dict[str, Any]) -> str:
+    for statement in statements:
+        statement.setdefault("Principal", "*")
+        statement.setdefault("Resource", [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"])
+    return json.dumps({"Version": "2012-10-17", "Statement": list(statements)})
+
+
+@pytest.fixture(scope="module")
+def users(s3_cluster_fixture: Info) -> dict[str, Any]:  # noqa: F811
+    """Clients of tenant pol-a (owns every bucket here), of pol-b, and an unsigned one."""
+    info = s3_cluster_fixture
+    return {
+        "owner": s3_cluster.client(info, *s3_cluster.add_user(info, OWNER)),
+        "other": s3_cluster.client(info, *s3_cluster.add_user(info, OTHER)),
+        "anon": boto3.client(
+            "s3",
+            endpoint_url=info["gateway_s3"],
+            region_name="us-east-1",
+            verify=info["ca_file"],
+            config=Config(
+                signature_version=botocore.UNSIGNED,
+                s3={"addressing_style": "path"},
+                retries={"max_attempts": 1},
+            ),
+        ),
+    }
+
+
+def _bucket(owner: Any, name: str) -> str:
+    owner.create_bucket(Bucket=name)
+    for key in ("pub/a", "priv/b"):
+        owner.put_object(Bucket=name, Key=key, Body=key.encode())
+    return name
+
+
+def test_only_the_owner_manages_the_policy(users: dict[str, Any]) -> None:
+    owner, other = users["owner"], users["other"]
+    bucket = _bucket(owner, "pol-manage")
+    assert _fails(lambda: owner.get_bucket_policy(Bucket=bucket)) == ("NoSuchBucketPolicy", 404)
+    doc = _policy(bucket, {"Effect": "Allow", "Action": "s3:ListBucket"})
+    # Another tenant may not set, read or delete it, even where the policy allows it all.
+    _denied(lambda: other.put_bucket_policy(Bucket=bucket, Policy=doc))
+    owner.put_bucket_policy(
+        Bucket=bucket, Policy=_policy(bucket, {"Effect": "Allow", "Action": "s3:*"})
+    )
+    _denied(lambda: other.put_bucket_policy(Bucket=bucket, Policy=doc))
+    _denied(lambda: other.get_bucket_policy(Bucket=bucket))
+    _denied(lambda: other.delete_bucket_policy(Bucket=bucket))
+    _denied(lambda: users["anon"].get_bucket_policy(Bucket=bucket))
+    owner.put_bucket_policy(Bucket=bucket, Policy=doc)
+    assert owner.get_bucket_policy(Bucket=bucket)["Policy"] == doc
+    assert owner.get_bucket_policy_status(Bucket=bucket)["PolicyStatus"]["IsPublic"] is True
+    owner.delete_bucket_policy(Bucket=bucket)
+    assert _fails(lambda: owner.get_bucket_policy(Bucket=bucket)) == ("NoSuchBucketPolicy", 404)
+
+
+def test_malformed_policies_are_refused(users: dict[str, Any]) -> None:
+    owner = users["owner"]
+    bucket = _bucket(owner, "pol-malformed")
+    allow = {"Effect": "Allow", "Action": "s3:GetObject"}
+    for document in (
+        "{not json",
+        _policy(bucket, {**allow, "NotPrincipal": {"AWS": OTHER}}),
+        _policy(bucket, {**allow, "Condition": {"StringLikeIfExists": {"s3:prefix": "a"}}}),
+        _policy(bucket, {**allow, "Condition": {"StringEquals": {"s3:ExistingObjectTag/t": "v"}}}),
+        _policy(bucket, {**allow, "Resource": "arn:aws:s3:::pol-elsewhere/*"}),
+    ):
+        code, status = _fails(
+            functools.partial(owner.put_bucket_policy, Bucket=bucket, Policy=document)
+        )
+        assert (code, status) == ("MalformedPolicy", 400), document
+    assert _fails(lambda: owner.get_bucket_policy(Bucket=bucket)) == ("NoSuchBucketPolicy", 404)
+
+
+def test_allow_opens_reads_the_acls_do_not(users: dict[str, Any]) -> None:
+    owner, other, anon = users["owner"], users["other"], users["anon"]
+    bucket = _bucket(owner, "pol-allow")
+    _denied(lambda: other.get_object(Bucket=bucket, Key="pub/a"))
+    allow_other = {
+        "Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{OTHER}:root"},
+        "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{bucket}/pub/*",
+    }  # fmt: skip
+    owner.put_bucket_policy(Bucket=bucket, Policy=_policy(bucket, allow_other))
+    assert other.get_object(Bucket=bucket, Key="pub/a")["Body"].read() == b"pub/a"
+    _denied(lambda: other.get_object(Bucket=bucket, Key="priv/b"))  # resource
+    _denied(lambda: other.put_object(Bucket=bucket, Key="pub/c", Body=b"x"))  # action
+    _denied(lambda: other.list_objects_v2(Bucket=bucket))
+    _denied(lambda: anon.get_object(Bucket=bucket, Key="pub/a"))  # principal
+    anyone = {
+        "Effect": "Allow",
+        "Action": "s3:GetObject",
+        "Resource": f"arn:aws:s3:::{bucket}/pub/*",
+    }
+    owner.put_bucket_policy(Bucket=bucket, Policy=_policy(bucket, anyone))
+    assert anon.get_object(Bucket=bucket, Key="pub/a")["Body"].read() == b"pub/a"
+    _denied(lambda: anon.get_object(Bucket=bucket, Key="priv/b"))
+    _denied(lambda: anon.delete_object(Bucket=bucket, Key="pub/a"))
+
+
+def test_explicit_deny_beats_the_owner_and_an_acl_grant(users: dict[str, Any]) -> None:
+    owner, other, anon = users["owner"], users["other"], users["anon"]
+    bucket = _bucket(owner, "pol-deny")
+    owner.put_bucket_acl(Bucket=bucket, ACL="public-read")
+    owner.put_object_acl(Bucket=bucket, Key="priv/b", ACL="public-read")
+    assert other.get_object(Bucket=bucket, Key="priv/b")["Body"].read() == b"priv/b"
+    deny = {
+        "Effect": "Deny", "Action": ["s3:GetObject", "s3:ListBucket"],
+        "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/priv/*"],
+    }  # fmt: skip
+    owner.put_bucket_policy(Bucket=bucket, Policy=_policy(bucket, deny))
+    for client in (owner, other, anon):
+        _denied(functools.partial(client.get_object, Bucket=bucket, Key="priv/b"))
+        _denied(functools.partial(client.list_objects_v2, Bucket=bucket))
+    assert owner.get_object(Bucket=bucket, Key="pub/a")["Body"].read() == b"pub/a"
+    # A copy reads its source: denied there, denied here.
+    _denied(lambda: owner.copy_object(Bucket=bucket, Key="c", CopySource=f"{bucket}/priv/b"))
+    # Everything denied: the owner still manages the policy (as in S3).
+    everything = {"Effect": "Deny", "Action": "s3:*"}
+    owner.put_bucket_policy(Bucket=bucket, Policy=_policy(bucket, everything))
+    _denied(lambda: owner.put_bucket_acl(Bucket=bucket, ACL="private"))
+    _denied(lambda: owner.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": "pub/a"}]}))
+    assert json.loads(owner.get_bucket_policy(Bucket=bucket)["Policy"])["Statement"]
+    owner.delete_bucket_policy(Bucket=bucket)
+    assert owner.get_object(Bucket=bucket, Key="priv/b")["Body"].read() == b"priv/b"
+
+
+def test_prefix_condition_on_list_bucket(users: dict[str, Any]) -> None:
+    owner, other = users["owner"], users["other"]
+    bucket = _bucket(owner, "pol-prefix")
+    listing = {
+        "Effect": "Allow", "Principal": {"AWS": OTHER}, "Action": "s3:ListBucket",
+        "Resource": f"arn:aws:s3:::{bucket}", "Condition": {"StringLike": {"s3:prefix": "pub/*"}},
+    }  # fmt: skip
+    owner.put_bucket_policy(Bucket=bucket, Policy=_policy(bucket, listing))
+    found = other.list_objects_v2(Bucket=bucket, Prefix="pub/")
+    assert [o["Key"] for o in found["Contents"]] == ["pub/a"]
+    _denied(lambda: other.list_objects_v2(Bucket=bucket, Prefix="priv/"))
+    _denied(lambda: other.list_objects_v2(Bucket=bucket))
+    public = owner.get_bucket_policy_status(Bucket=bucket)["PolicyStatus"]["IsPublic"]
+    assert public is False
+
+
+def test_public_access_block_and_public_policies(users: dict[str, Any]) -> None:
+    owner, other = users["owner"], users["other"]
+    bucket = _bucket(owner, "pol-block")
+    public = _policy(bucket, {"Effect": "Allow", "Action": "s3:GetObject"})
+    owner.put_bucket_policy(Bucket=bucket, Policy=public)
+    assert other.get_object(Bucket=bucket, Key="pub/a")["Body"].read() == b"pub/a"
+    flags = {"BlockPublicPolicy": True, "RestrictPublicBuckets": True}
+    owner.put_public_access_block(Bucket=bucket, PublicAccessBlockConfiguration=flags)
+    _denied(lambda: other.get_object(Bucket=bucket, Key="pub/a"))  # restricted
+    _denied(lambda: owner.put_bucket_policy(Bucket=bucket, Policy=public))  # blocked
+    only_other = _policy(
+        bucket, {"Effect": "Allow", "Principal": {"AWS": OTHER}, "Action": "s3:GetObject"}
+    )
+    owner.put_bucket_policy(Bucket=bucket, Policy=only_other)  # not public: accepted
+    assert other.get_object(Bucket=bucket, Key="pub/a")["Body"].read() == b"pub/a"
