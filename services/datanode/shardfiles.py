@@ -36,6 +36,20 @@ def makedirs_durable(path: Path) -> None:
         fsync_dir(directory.parent)
 
 
+def make_dir(path: Path) -> bool:
+    """Make a key's directory (and its parent when missing), not synced (a journaled small
+    write's: the journal's replay makes it again); False when it was there already. A small
+    write makes a new key's directory before its journal commit: one that fails leaves it
+    empty, which reads, writes, removals and the index rebuild take as no object."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        return False
+    except FileNotFoundError:  # the first key of its <h[:2]> directory
+        os.makedirs(path, exist_ok=True)
+    return True
+
+
 def write_synced(path: Path, data: bytes) -> None:
     """Write data to path (created or truncated) and fsync it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)

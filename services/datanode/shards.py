@@ -230,7 +230,8 @@ class ShardStore(shardrecovery.ShardRecovery):
             self._journal.commit(journal.encode(journal.Kind.INSTALL, raw))
             self._journaled.add((stored.bucket, stored.key))
             self._superseded.keep(object_dir, current, stored.data_id)
-            self._apply(object_dir, stored, raw)
+            self._apply(object_dir, raw)
+            self._index.put(stored.bucket, shardmeta.list_entry(stored))
         if self._journal.bytes > JOURNAL_CHECKPOINT_BYTES:
             try:
                 self.checkpoint(JOURNAL_CHECKPOINT_BYTES)
@@ -275,10 +276,16 @@ class ShardStore(shardrecovery.ShardRecovery):
             for lock in locks:
                 stack.enter_context(lock)
             newest: dict[Path, tuple[int, str]] = {}  # what this batch installs before
+            made: set[Path] = set()  # key directories made here, empty until their apply
             accepted, records = [], []
             for at, object_dir, stored in plain:
                 try:
-                    current = self._refuse_older_than(object_dir, stored, newest.get(object_dir))
+                    before = newest.get(object_dir)
+                    if before is None and shardfiles.make_dir(object_dir):  # new: no meta to read
+                        made.add(object_dir)
+                        current = None
+                    else:
+                        current = self._refuse_older_than(object_dir, stored, before)
                     raw = encode_meta(stored)
                 except (errors.KVTierError, OSError) as exc:
                     out[at] = exc
@@ -299,7 +306,9 @@ class ShardStore(shardrecovery.ShardRecovery):
                 self._journaled.add((stored.bucket, stored.key))
                 try:
                     self._superseded.keep(object_dir, current, stored.data_id)
-                    self._apply(object_dir, stored, raw, index=False)
+                    fresh = object_dir in made
+                    made.discard(object_dir)  # (a key's later version in the batch: not made)
+                    self._apply(object_dir, raw, made=fresh)
                 except OSError as exc:  # journaled: a replay installs it; the writer hears
                     out[at] = exc
                 else:
@@ -332,18 +341,11 @@ class ShardStore(shardrecovery.ShardRecovery):
             except OSError as exc:  # the writes are durable already; a later one tries again
                 log.warning("drive %s: journal checkpoint failed: %s", self.drive.path, exc)
 
-    def _apply(
-        self, object_dir: Path, meta: datanode_pb2.ShardMeta, raw: bytes, *, index: bool = True
-    ) -> None:
-        """Replace the object's meta by raw (journaled: no sync here) and index it (unless
-        index=False: the caller indexes a batch at once)."""
-        fresh = True  # a directory made now holds no data dirs to remove
-        try:  # (os rather than pathlib on this path: it is most of the CPU of a small write)
-            os.mkdir(object_dir)
-        except FileExistsError:
-            fresh = False
-        except FileNotFoundError:
-            os.makedirs(object_dir, exist_ok=True)
+    def _apply(self, object_dir: Path, raw: bytes, *, made: bool = False) -> None:
+        """Replace the object's meta by raw (journaled: no sync here; the caller indexes it).
+        made: the caller has just made object_dir (shardfiles.make_dir)."""
+        # (os rather than pathlib on this path: it is most of the CPU of a small write)
+        fresh = made or shardfiles.make_dir(object_dir)  # a directory made now has no data dirs
         # Staged in the key's own directory (the key's lock is held): its inode is allocated
         # near the directory and the rename stays within it, half the CPU of staging it under
         # .kvtier/tmp (~60 of ~120 µs, ext4). A crash's leftover is reused by the next write.
@@ -354,8 +356,6 @@ class ShardStore(shardrecovery.ShardRecovery):
         finally:
             os.close(fd)
         os.replace(staged, f"{object_dir}/{META_FILE}")
-        if index:
-            self._index.put(meta.bucket, shardmeta.list_entry(meta))
         if not fresh:
             shardfiles.remove_data_dirs(object_dir, None)
 
@@ -391,7 +391,8 @@ class ShardStore(shardrecovery.ShardRecovery):
             version = (meta.mtime_unix_ns, meta.data_id)
             if kind is journal.Kind.INSTALL and (current is None or current < version):
                 self._superseded.keep(object_dir, current, meta.data_id)
-                self._apply(object_dir, meta, body)
+                self._apply(object_dir, body)
+                self._index.put(meta.bucket, shardmeta.list_entry(meta))
             elif kind is journal.Kind.REMOVE and current is not None and current <= version:
                 os.unlink(object_dir / META_FILE)
                 shardfiles.remove_data_dirs(object_dir, None)

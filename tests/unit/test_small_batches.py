@@ -154,6 +154,36 @@ def test_a_small_writes_staged_meta_left_by_a_crash_is_reused(
     assert isinstance(store.write_smalls([(named, second)])[0], errors.InvalidArgument)
 
 
+def test_a_new_keys_directory_left_by_a_failed_commit_is_no_object(
+    store: shards.ShardStore, drive_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new key's directory is made before its journal commit (no meta to look for then); a
+    commit that fails leaves it empty: not read, not listed, and the key's next write works."""
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    shard = os.urandom(64)
+    (out,) = store.write_smalls([(small_meta("k", shard), shard)])
+    assert isinstance(out, errors.Unavailable)
+    (object_dir,) = drive_dir.glob(f"objects/{test_small_writes.BUCKET}/*/*")
+    assert list(object_dir.iterdir()) == []  # made first, left empty
+    with pytest.raises(errors.NotFound):
+        store.read_meta(test_small_writes.BUCKET, "k")
+    assert store.list(test_small_writes.BUCKET) == []
+    monkeypatch.setattr(os, "fdatasync", real)
+    reopened = test_small_writes.open_store(drive_dir)  # (the failed journal stays broken)
+    try:
+        (out,) = reopened.write_smalls([(small_meta("k", shard), shard)])
+        assert isinstance(out, datanode_pb2.ShardMeta)
+        assert read_back(reopened, "k") == shard
+        assert [e.key for e in reopened.list(test_small_writes.BUCKET)] == ["k"]
+    finally:
+        reopened.close()
+
+
 class Node:
     """A datanode's WRITE_SMALL calls as SmallWrites sees them: recorded, answered when the
     test lets them (a result per shard naming its drive), or failed."""
