@@ -32,7 +32,9 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+
+from awscrt import checksums as crt_checksums
 
 from kvtier import errors, names
 from kvtier.proto.common.v1 import common_pb2
@@ -105,6 +107,61 @@ def composite_checksum(algorithm: str, values: list[str]) -> str:
     return f"{base64.b64encode(hasher.digest()).decode()}-{len(values)}"
 
 
+#: The CRCs a multipart object may keep as FULL_OBJECT checksums: the CRC of the whole body,
+#: combined from the part CRCs and sizes (awscrt's combine, so no part is read again).
+_COMBINE: dict[str, tuple[Callable[[int, int, int], int], int]] = {
+    "CRC32": (crt_checksums.combine_crc32, 4),
+    "CRC32C": (crt_checksums.combine_crc32c, 4),
+    "CRC64NVME": (crt_checksums.combine_crc64nvme, 8),
+}
+
+
+def checksum_type(algorithm: str, requested: str) -> str:
+    """An upload's checksum type (S3's x-amz-checksum-type at create): COMPOSITE or FULL_OBJECT;
+    empty when there is no algorithm. Unset: FULL_OBJECT for CRC64NVME (its only type), else
+    COMPOSITE, as S3 defaults. InvalidArgument for a type the algorithm does not have."""
+    kind = requested.upper()
+    if not algorithm:
+        if kind:
+            raise errors.InvalidArgument("x-amz-checksum-type needs x-amz-checksum-algorithm")
+        return ""
+    if not kind:
+        return "FULL_OBJECT" if algorithm == "CRC64NVME" else "COMPOSITE"
+    if kind not in ("COMPOSITE", "FULL_OBJECT"):
+        raise errors.InvalidArgument(f"unknown checksum type {requested}")
+    if kind == "FULL_OBJECT" and algorithm not in _COMBINE:
+        raise errors.InvalidArgument(f"{algorithm} has no FULL_OBJECT checksum type")
+    if kind == "COMPOSITE" and algorithm == "CRC64NVME":
+        raise errors.InvalidArgument("CRC64NVME has no COMPOSITE checksum type")
+    return kind
+
+
+def full_object_checksum(algorithm: str, values: list[str], sizes: list[int]) -> str:
+    """The CRC (base64) of the parts' bytes in order, from each part's CRC and size."""
+    combine, width = _COMBINE[algorithm]
+    crc = 0  # the CRC of no bytes
+    for value, size in zip(values, sizes, strict=True):
+        crc = combine(crc, int.from_bytes(base64.b64decode(value), "big"), size)
+    return base64.b64encode(crc.to_bytes(width, "big")).decode()
+
+
+def object_checksum(algorithm: str, kind: str, values: list[str], sizes: list[int]) -> str:
+    """A completed upload's checksum: full_object_checksum or composite_checksum by kind."""
+    if kind == "FULL_OBJECT":
+        return full_object_checksum(algorithm, values, sizes)
+    return composite_checksum(algorithm, values)
+
+
+def check_expected(expected: Mapping[str, str], sums: Mapping[str, str]) -> None:
+    """DigestMismatch (S3: BadDigest) unless each checksum a Complete claims is the object's."""
+    for name, value in expected.items():
+        if sums.get(name.upper()) != value.strip():
+            raise errors.DigestMismatch(
+                f"The {name.upper()} you specified did not match the calculated checksum.",
+                algorithm=name.upper(),
+            )
+
+
 class Multipart:
     """Multipart uploads over an ObjectEngine (see the module docstring)."""
 
@@ -141,6 +198,7 @@ class Multipart:
         versioned = req.headers.keep_versions  # every version in pool 0
         meta.upload_pool = placement.FIRST_POOL if versioned else self._engine.choose_pool(cmap)
         meta.upload_checksum_algorithm = algorithm
+        meta.upload_checksum_type = checksum_type(algorithm, req.checksum_type)
         meta.parts.add(number=1, size=0, shard_bytes=0)
         failed: set[int] = set()
         await self._engine.stage_empty(where, meta.bucket, meta.key, meta.data_id, failed)
@@ -351,9 +409,11 @@ class Multipart:
         meta.etag = multipart_etag([p.etag for p in parts])
         algorithm = record.upload_checksum_algorithm
         if algorithm and all(algorithm in p.checksums for p in parts):
-            meta.checksums[algorithm] = composite_checksum(
-                algorithm, [p.checksums[algorithm] for p in parts]
+            kind = record.upload_checksum_type or checksum_type(algorithm, "")
+            meta.checksums[algorithm] = object_checksum(
+                algorithm, kind, [p.checksums[algorithm] for p in parts], [p.size for p in parts]
             )
+        check_expected(req.expected_checksums, meta.checksums)
         for number, p in zip((q.part_number for q in req.parts), parts, strict=True):
             kept = meta.parts.add(
                 number=number, size=p.size, etag=p.etag, shard_bytes=p.parts[0].shard_bytes

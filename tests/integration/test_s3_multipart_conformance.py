@@ -10,6 +10,7 @@ import base64
 import hashlib
 import http.client
 import urllib.parse
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -187,11 +188,15 @@ def test_get_and_head_one_part(s3: Any, other: Any) -> None:
             assert answer["ETag"] == etag  # the whole object's
         assert _sha(got["Body"].read()) == _sha(body)
         offset += len(body)
-    # A part's bytes do not have the whole object's checksum: none is sent for one.
+    # A part's bytes do not have the whole object's checksum: the part's own is sent instead.
     composite = s3.head_object(Bucket="mp-parts", Key="obj", ChecksumMode="ENABLED")
     assert composite["ChecksumCRC32"].endswith("-3")
     got = s3.get_object(Bucket="mp-parts", Key="obj", PartNumber=2, ChecksumMode="ENABLED")
-    assert not [k for k in got if k.startswith("Checksum")]
+    own = base64.b64encode(zlib.crc32(bodies[3]).to_bytes(4, "big")).decode()
+    assert {k: v for k, v in got.items() if k.startswith("Checksum")} == {
+        "ChecksumCRC32": own,
+        "ChecksumType": "COMPOSITE",
+    }
     assert _sha(got["Body"].read()) == _sha(bodies[3])
     # Past the last part: 416 InvalidPartNumber (HEAD: the status alone).
     with pytest.raises(ClientError) as past:
@@ -559,3 +564,64 @@ def test_get_object_attributes_of_versions(s3: Any) -> None:
             Bucket="mp-attrs-ver", Key="k", VersionId=marker, ObjectAttributes=["ETag"]
         )
     assert _code(by_id) == ("MethodNotAllowed", 405)
+
+
+# 7. Checksum types (x-amz-checksum-type): COMPOSITE and FULL_OBJECT.
+
+
+@pytest.mark.parametrize("kind", ["objects", "kv"])
+def test_multipart_checksum_types(s3: Any, kind: str) -> None:
+    """A FULL_OBJECT CRC32 upload gets the CRC32 of its whole body (combined from the part
+    CRCs), a SHA256 one the COMPOSITE "-N"; a claimed object checksum that differs is BadDigest;
+    SHA256 has no FULL_OBJECT type."""
+    bucket = "mp-cktype" if kind == "objects" else "mp-cktype-kv"
+    _create_bucket(s3, bucket, kind)
+    bodies = {1: _data(71, 5 * MIB), 2: _data(72, 1000)}
+    crc = base64.b64encode(zlib.crc32(bodies[1] + bodies[2]).to_bytes(4, "big")).decode()
+
+    def upload(key: str, algorithm: str, **kind_arg: str) -> tuple[str, list[Any]]:
+        made = s3.create_multipart_upload(
+            Bucket=bucket, Key=key, ChecksumAlgorithm=algorithm, **kind_arg
+        )
+        uid, parts = made["UploadId"], []
+        for number, body in bodies.items():
+            sent = s3.upload_part(
+                Bucket=bucket, Key=key, UploadId=uid, PartNumber=number, Body=body,
+                ChecksumAlgorithm=algorithm,
+            )  # fmt: skip
+            name = f"Checksum{algorithm}"
+            parts.append({"PartNumber": number, "ETag": sent["ETag"], name: sent[name]})
+        return uid, parts
+
+    uid, parts = upload("full", "CRC32", ChecksumType="FULL_OBJECT")
+    with pytest.raises(ClientError) as bad:  # the claimed checksum is checked
+        s3.complete_multipart_upload(
+            Bucket=bucket, Key="full", UploadId=uid, MultipartUpload={"Parts": parts},
+            ChecksumCRC32="AAAAAA==",
+        )  # fmt: skip
+    assert _code(bad) == ("BadDigest", 400)
+    done = s3.complete_multipart_upload(
+        Bucket=bucket, Key="full", UploadId=uid, MultipartUpload={"Parts": parts},
+        ChecksumCRC32=crc,
+    )  # fmt: skip
+    assert (done["ChecksumType"], done["ChecksumCRC32"]) == ("FULL_OBJECT", crc)
+    head = s3.head_object(Bucket=bucket, Key="full", ChecksumMode="ENABLED")
+    assert (head["ChecksumType"], head["ChecksumCRC32"]) == ("FULL_OBJECT", crc)
+    part = s3.get_object(Bucket=bucket, Key="full", PartNumber=2)
+    assert (part["ChecksumType"], part["ChecksumCRC32"]) == (
+        "FULL_OBJECT",
+        parts[1]["ChecksumCRC32"],
+    )
+
+    uid, parts = upload("composite", "SHA256")  # SHA256: COMPOSITE, its only type
+    done = _complete(s3, bucket, "composite", uid, parts)
+    assert done["ChecksumType"] == "COMPOSITE"
+    assert done["ChecksumSHA256"].endswith("-2")
+    head = s3.head_object(Bucket=bucket, Key="composite", ChecksumMode="ENABLED")
+    assert head["ChecksumType"] == "COMPOSITE"
+
+    with pytest.raises(ClientError) as refused:
+        s3.create_multipart_upload(
+            Bucket=bucket, Key="x", ChecksumAlgorithm="SHA256", ChecksumType="FULL_OBJECT"
+        )
+    assert _code(refused) == ("InvalidRequest", 400)

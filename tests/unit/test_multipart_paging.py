@@ -1,10 +1,13 @@
 """The pure parts of multipart.py: a completed object's upload id and parts, and the markers of
-ListMultipartUploads."""
+ListMultipartUploads, and the checksum (type) of a completed upload."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
+from kvtier import checksums, errors
 from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway import multipart
@@ -65,3 +68,39 @@ def test_markers_follow_s3() -> None:
     # A common prefix as the marker skips every key under it (with the delimiter only).
     assert after(key_marker="b/", delimiter="/") == listed[4:]
     assert after(key_marker="b/") == listed[2:]
+
+
+def test_full_object_checksum_is_the_crc_of_the_whole_body() -> None:
+    """FULL_OBJECT: the part CRCs combined equal a direct CRC of the parts' bytes."""
+    bodies = [b"A" * 5000, b"", b"B" * 7, bytes(range(256)) * 400]
+    for algorithm in ("CRC32", "CRC32C", "CRC64NVME"):
+        part_sums = []
+        for body in bodies:
+            hasher = checksums.new(algorithm)
+            hasher.update(body)
+            part_sums.append(checksums.b64(hasher.digest()))
+        whole = checksums.new(algorithm)
+        whole.update(b"".join(bodies))
+        sizes = [len(b) for b in bodies]
+        combined = multipart.object_checksum(algorithm, "FULL_OBJECT", part_sums, sizes)
+        assert combined == checksums.b64(whole.digest()), algorithm
+        composite = multipart.object_checksum(algorithm, "COMPOSITE", part_sums, sizes)
+        assert composite.endswith("-4")
+
+
+def test_checksum_type_defaults_and_refusals() -> None:
+    assert multipart.checksum_type("CRC32", "") == "COMPOSITE"
+    assert multipart.checksum_type("CRC64NVME", "") == "FULL_OBJECT"
+    assert multipart.checksum_type("CRC32C", "full_object") == "FULL_OBJECT"
+    assert multipart.checksum_type("", "") == ""
+    refused = [("SHA256", "FULL_OBJECT"), ("CRC64NVME", "COMPOSITE"), ("", "COMPOSITE")]
+    for algorithm, kind in [*refused, ("CRC32", "OTHER")]:
+        with pytest.raises(errors.InvalidArgument):
+            multipart.checksum_type(algorithm, kind)
+
+
+def test_check_expected_wants_each_claimed_checksum() -> None:
+    multipart.check_expected({"crc32": "AAAAAA=="}, {"CRC32": "AAAAAA=="})
+    for claimed in ({"CRC32": "AAAAAB=="}, {"SHA256": "x"}):
+        with pytest.raises(errors.DigestMismatch):
+            multipart.check_expected(claimed, {"CRC32": "AAAAAA=="})

@@ -230,7 +230,11 @@ async def _complete(
     algorithm = record.checksum_algorithm
     part_sums = [i.checksums.get(algorithm, "") for i in infos] if algorithm else []
     if part_sums and all(part_sums):
-        info.checksums[algorithm] = multipart.composite_checksum(algorithm, part_sums)
+        kind = multipart.checksum_type(algorithm, record.checksum_type)
+        info.checksums[algorithm] = multipart.object_checksum(
+            algorithm, kind, part_sums, [i.size for i in infos]
+        )
+    multipart.check_expected(req.expected_checksums, info.checksums)
     public = dict(info.checksums)
     if algorithm in public:  # GetObjectAttributes lists them
         kv_layout.keep_part_checksums(info, algorithm, part_sums)

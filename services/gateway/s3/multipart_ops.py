@@ -13,6 +13,8 @@ from services.gateway.s3 import object_ops, params, s3errors, s3request, version
 
 MAX_PART_BYTES = 5 << 30
 XML = "application/xml"
+#: x-amz-checksum-* headers of a Complete that name no checksum value.
+_NOT_VALUES = frozenset({"x-amz-checksum-type", "x-amz-checksum-algorithm"})
 
 
 def _xml(data: bytes) -> web.Response:
@@ -41,15 +43,20 @@ async def create(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     algorithm = req.header("x-amz-checksum-algorithm").upper()
     if algorithm and algorithm not in object_ops.ALGORITHMS:
         raise s3errors.S3Error("InvalidRequest", f"unknown checksum algorithm {algorithm}")
+    try:
+        kind = multipart.checksum_type(algorithm, req.header("x-amz-checksum-type"))
+    except errors.InvalidArgument as exc:
+        raise s3errors.S3Error("InvalidRequest", str(exc)) from None
     reply = await layer.create_multipart(
         pb.CreateMultipartUploadRequest(
             bucket=req.bucket, key=req.key, headers=object_ops.request_headers(req),
-            checksum_algorithm=algorithm,
+            checksum_algorithm=algorithm, checksum_type=kind,
         )
     )  # fmt: skip
     response = _xml(xmlio.initiate_multipart(req.bucket, req.key, reply.upload_id))
     if algorithm:
         response.headers["x-amz-checksum-algorithm"] = algorithm
+        response.headers["x-amz-checksum-type"] = kind
     return response
 
 
@@ -131,6 +138,10 @@ async def complete(s3: s3request.Door, req: s3request.S3Request) -> web.Response
         request.parts.add(
             part_number=number, etag=etag, checksums={k.upper(): v for k, v in sums.items()}
         )
+    for name, value in req.http.headers.items():  # the object checksum the client claims
+        lower = name.lower()
+        if lower.startswith(object_ops.CHECKSUM_HEADER) and lower not in _NOT_VALUES:
+            request.expected_checksums[lower[len(object_ops.CHECKSUM_HEADER) :].upper()] = value
     try:
         reply = await layer.complete_multipart(request)
     except errors.NotFound as exc:

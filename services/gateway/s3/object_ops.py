@@ -20,6 +20,7 @@ from services.gateway import multipart, objectlayer, versions
 from services.gateway.s3 import (
     acl,
     conditions,
+    params,
     response_body,
     s3errors,
     s3request,
@@ -301,8 +302,30 @@ def object_headers(
     if req.header("x-amz-checksum-mode").upper() == "ENABLED" and whole:
         for name, value in info.checksums.items():
             out[f"{CHECKSUM_HEADER}{name.lower()}"] = value
-            if value.endswith(f"-{info.parts}") and info.parts > 1:
-                out["x-amz-checksum-type"] = "COMPOSITE"
+            out["x-amz-checksum-type"] = checksum_type(value)
+
+
+def checksum_type(value: str) -> str:
+    """S3's checksum type of a stored object checksum: a checksum of part checksums ends "-N"
+    (no base64 digit is a '-'), the CRC of the whole body (a PUT's, a FULL_OBJECT upload's)
+    does not."""
+    return "COMPOSITE" if "-" in value else "FULL_OBJECT"
+
+
+def part_checksum_headers(
+    response: web.StreamResponse, reader: objectlayer.ObjectReader, req: s3request.S3Request
+) -> None:
+    """A partNumber GET/HEAD of a multipart object: the part's checksum (the upload's
+    algorithm) and the object's checksum type, as S3 and RGW answer it."""
+    number = params.uint(req.query.get("partNumber", ""))
+    parts = reader.uploaded_parts() if number else None
+    if not number or not parts or number > len(parts):
+        return
+    for name, value in parts[number - 1].checksums.items():
+        whole = reader.info.checksums.get(name.upper(), "")
+        if whole:
+            response.headers[f"{CHECKSUM_HEADER}{name.lower()}"] = value
+            response.headers["x-amz-checksum-type"] = checksum_type(whole)
 
 
 async def _read(
@@ -327,6 +350,7 @@ async def _read(
     partial = span is not None and last >= first  # an empty part: 200, no Content-Range
     response = web.StreamResponse(status=206 if partial else 200)
     object_headers(response, info, req)
+    part_checksum_headers(response, reader, req)
     await versioning_ops.stamp_info(s3, req.bucket, response, info)
     if partial:
         response.headers["Content-Range"] = f"bytes {first}-{last}/{info.size}"

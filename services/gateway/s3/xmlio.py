@@ -244,6 +244,9 @@ def complete_multipart(
     _add(root, "ETag", quoted(etag))
     for name, value in sorted(checksums.items()):
         _add(root, f"Checksum{name}", value)
+    if checksums:  # a checksum of part checksums ends "-N" (no base64 digit is a '-')
+        composite = any("-" in value for value in checksums.values())
+        _add(root, "ChecksumType", "COMPOSITE" if composite else "FULL_OBJECT")
     return _doc(root)
 
 

@@ -935,11 +935,16 @@ class CreateMultipartUploadRequest(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     HEADERS_FIELD_NUMBER: _builtins.int
     CHECKSUM_ALGORITHM_FIELD_NUMBER: _builtins.int
+    CHECKSUM_TYPE_FIELD_NUMBER: _builtins.int
     bucket: _builtins.str
     key: _builtins.str
     checksum_algorithm: _builtins.str
     """Each part's checksum with this algorithm (CRC32, CRC32C, CRC64NVME, SHA1, SHA256) is
     computed and kept; the object then gets the checksum of the part checksums, "-N".
+    """
+    checksum_type: _builtins.str
+    """FULL_OBJECT (CRC32, CRC32C, CRC64NVME only): the object gets the CRC of its whole body,
+    combined from the part CRCs, instead; empty: COMPOSITE (FULL_OBJECT for CRC64NVME).
     """
     @_builtins.property
     def headers(self) -> Global___ObjectHeaders: ...
@@ -950,10 +955,11 @@ class CreateMultipartUploadRequest(_message.Message):
         key: _builtins.str = ...,
         headers: Global___ObjectHeaders | None = ...,
         checksum_algorithm: _builtins.str = ...,
+        checksum_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "checksum_algorithm", b"checksum_algorithm", "headers", b"headers", "key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "checksum_algorithm", b"checksum_algorithm", "checksum_type", b"checksum_type", "headers", b"headers", "key", b"key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1193,11 +1199,32 @@ Global___CompletedPart: _TypeAlias = CompletedPart  # noqa: Y015
 class CompleteMultipartUploadRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ExpectedChecksumsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     BUCKET_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
     UPLOAD_ID_FIELD_NUMBER: _builtins.int
     PARTS_FIELD_NUMBER: _builtins.int
     IF_NONE_MATCH_FIELD_NUMBER: _builtins.int
+    EXPECTED_CHECKSUMS_FIELD_NUMBER: _builtins.int
     bucket: _builtins.str
     key: _builtins.str
     upload_id: _builtins.str
@@ -1207,6 +1234,10 @@ class CompleteMultipartUploadRequest(_message.Message):
     def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompletedPart]:
         """Ascending part numbers (InvalidPartOrder otherwise), a subset of the uploaded ones."""
 
+    @_builtins.property
+    def expected_checksums(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The object checksum the client claims (x-amz-checksum-*): BadDigest if it differs."""
+
     def __init__(
         self,
         *,
@@ -1215,10 +1246,11 @@ class CompleteMultipartUploadRequest(_message.Message):
         upload_id: _builtins.str = ...,
         parts: _abc.Iterable[Global___CompletedPart] | None = ...,
         if_none_match: _builtins.bool = ...,
+        expected_checksums: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "if_none_match", b"if_none_match", "key", b"key", "parts", b"parts", "upload_id", b"upload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "expected_checksums", b"expected_checksums", "if_none_match", b"if_none_match", "key", b"key", "parts", b"parts", "upload_id", b"upload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
