@@ -165,6 +165,25 @@ def test_complete_again_answers_the_completed_object(s3: Any, other: Any, kind: 
     assert _code(missing)[1] == 404
 
 
+def test_complete_refuses_conditions_it_does_not_enforce(s3: Any) -> None:
+    """If-Match and an If-None-Match other than `*` on Complete: 501 NotImplemented, not
+    ignored (docs/s3.md, "Conditional writes"); nothing completed, the upload still usable."""
+    _create_bucket(s3, "mp-conditions", "objects")
+    uid, parts = _upload(s3, "mp-conditions", "k", {1: b"abc"})
+    for condition in ({"IfMatch": '"0123"'}, {"IfNoneMatch": '"0123"'}):
+        with pytest.raises(ClientError) as refused:
+            s3.complete_multipart_upload(
+                Bucket="mp-conditions", Key="k", UploadId=uid, MultipartUpload={"Parts": parts},
+                **condition,
+            )  # fmt: skip
+        assert _code(refused) == ("NotImplemented", 501)
+    with pytest.raises(ClientError) as absent:
+        s3.head_object(Bucket="mp-conditions", Key="k")
+    assert absent.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
+    _complete(s3, "mp-conditions", "k", uid, parts)
+    assert s3.get_object(Bucket="mp-conditions", Key="k")["Body"].read() == b"abc"
+
+
 # 2. GetObject / HeadObject with partNumber.
 
 
