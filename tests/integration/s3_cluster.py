@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import boto3
+import botocore
 import pytest
 from botocore.config import Config
 
@@ -49,6 +50,11 @@ def client(info: dict[str, Any], access_key: str = "", secret_key: str = "", **c
         verify=info["ca_file"],
         config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}, **config),
     )
+
+
+def anonymous(info: dict[str, Any]) -> Any:
+    """A boto3 S3 client with no credentials at all (unsigned requests), as `client`."""
+    return client(info, signature_version=botocore.UNSIGNED)
 
 
 def tls_context(info: dict[str, Any]) -> ssl.SSLContext:

@@ -18,11 +18,8 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-import boto3
-import botocore
 import pytest
 import urllib3
-from botocore.config import Config
 from botocore.exceptions import ClientError
 from minio import Minio
 from minio.error import S3Error as MinioError
@@ -73,14 +70,7 @@ def third(s3_cluster_fixture: Info) -> Any:  # noqa: F811
 @pytest.fixture(scope="module")
 def anon(s3_cluster_fixture: Info) -> Any:  # noqa: F811
     """An unsigned boto3 client (no credentials at all)."""
-    return boto3.client(
-        "s3", endpoint_url=s3_cluster_fixture["gateway_s3"], region_name="us-east-1",
-        verify=s3_cluster_fixture["ca_file"],
-        config=Config(
-            signature_version=botocore.UNSIGNED, s3={"addressing_style": "path"},
-            retries={"max_attempts": 1},
-        ),
-    )  # fmt: skip
+    return s3_cluster.anonymous(s3_cluster_fixture)
 
 
 def _grants(policy: dict[str, Any]) -> set[tuple[str, str]]:

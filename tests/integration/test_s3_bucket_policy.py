@@ -11,10 +11,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import boto3
-import botocore
 import pytest
-from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from tests.integration import s3_cluster
@@ -53,17 +50,7 @@ def users(s3_cluster_fixture: Info) -> dict[str, Any]:  # noqa: F811
     return {
         "owner": s3_cluster.client(info, *s3_cluster.add_user(info, OWNER)),
         "other": s3_cluster.client(info, *s3_cluster.add_user(info, OTHER)),
-        "anon": boto3.client(
-            "s3",
-            endpoint_url=info["gateway_s3"],
-            region_name="us-east-1",
-            verify=info["ca_file"],
-            config=Config(
-                signature_version=botocore.UNSIGNED,
-                s3={"addressing_style": "path"},
-                retries={"max_attempts": 1},
-            ),
-        ),
+        "anon": s3_cluster.anonymous(info),
     }
 
 

@@ -14,13 +14,10 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
-import boto3
-import botocore
 import numpy as np
 import pytest
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
-from botocore.config import Config
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError
 
@@ -544,11 +541,7 @@ def test_get_object_attributes(
         s3.get_object_attributes(Bucket=bucket, Key="nope", ObjectAttributes=_ATTRIBUTES)
     assert _code(missing) == ("NoSuchKey", 404)
     # Authorized as HeadObject: a private object is nobody else's to see.
-    anon = boto3.client(
-        "s3", endpoint_url=s3_cluster_fixture["gateway_s3"], region_name="us-east-1",
-        verify=s3_cluster_fixture["ca_file"],
-        config=Config(signature_version=botocore.UNSIGNED, s3={"addressing_style": "path"}),
-    )  # fmt: skip
+    anon = s3_cluster.anonymous(s3_cluster_fixture)
     for stranger in (other, anon):
         with pytest.raises(ClientError) as denied:
             stranger.get_object_attributes(Bucket=bucket, Key="mp", ObjectAttributes=_ATTRIBUTES)
