@@ -18,6 +18,12 @@ from kvtier.proto.common.v1 import common_pb2
 #: such a request as "remove the key": every version of it, a newer write that landed
 #: meanwhile included (services/gateway/commits.py sends it no undo).
 DATANODE_CONDITIONAL_UNDO = "datanode.conditional-undo"
+#: A datanode whose commits (CommitWrite, WriteSmall) honour a conditional write's
+#: `ShardMeta.commit_if_absent` / `commit_if_data_id`, checked under the key's lock (S3
+#: If-None-Match: * and If-Match made atomic: services/gateway/conditional.py). An older
+#: datanode keeps the unknown fields and commits unconditionally; a gateway then checks the
+#: condition before the write, as it did (not atomic against a concurrent writer).
+DATANODE_CONDITIONAL_COMMIT = "datanode.conditional-commit"
 
 
 def advertised(cmap: common_pb2.ClusterMap, node_id: str, feature: str) -> bool:

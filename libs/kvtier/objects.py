@@ -137,14 +137,20 @@ class AsyncObjectClient:
         metadata: Mapping[str, str] | None = None,
         checksums: Sequence[str] = (),
         if_none_match: bool = False,
+        if_match: str = "",
         headers: pb.ObjectHeaders | None = None,
     ) -> pb.ObjectInfo:
         """Store data (a buffer, a file path or a binary file object) as bucket/key.
 
         `checksums`: algorithms (CRC32, SHA1, SHA256) the gateway computes and stores;
-        `if_none_match`: only if absent (PreconditionFailed otherwise). The object is visible
-        once the write quorum of drives has committed it.
+        `if_none_match`: only if absent (PreconditionFailed otherwise); `if_match`: only if the
+        current version's ETag is this one (NotFound without one, PreconditionFailed when it
+        differs). On erasure-coded buckets both hold against concurrent writers: of racing
+        conditional writers at most one succeeds (PreconditionFailed with reason
+        ConditionalRequestConflict when none did: try again). The object is visible once the
+        write quorum of drives has committed it.
         """
+        when = (if_none_match, if_match)
         h = pb.ObjectHeaders()
         if headers is not None:
             h.CopyFrom(headers)
@@ -154,13 +160,13 @@ class AsyncObjectClient:
         if isinstance(data, (str, Path)):
             handle = await asyncio.to_thread(open, data, "rb")
             try:
-                return await self._put_file(bucket, key, handle, h, checksums, if_none_match)
+                return await self._put_file(bucket, key, handle, h, checksums, when)
             finally:
                 await asyncio.to_thread(handle.close)
         if hasattr(data, "readinto"):
-            return await self._put_file(bucket, key, data, h, checksums, if_none_match)
+            return await self._put_file(bucket, key, data, h, checksums, when)
         view = base.as_buffer(data, writable=False)
-        begun = await self._begin(bucket, key, view.nbytes, h, checksums, if_none_match)
+        begun = await self._begin(bucket, key, view.nbytes, h, checksums, when)
         reply = await self._send(begun, view.nbytes, lambda at, n: view[at : at + n])
         return reply.object
 
@@ -171,11 +177,11 @@ class AsyncObjectClient:
         size: int,
         headers: pb.ObjectHeaders,
         checksums: Sequence[str],
-        if_none_match: bool,
+        when: tuple[bool, str],
     ) -> pb.BeginPutResponse:
         request = pb.BeginPutRequest(
             bucket=bucket, key=key, size=size, headers=headers,
-            checksum_algorithms=list(checksums), if_none_match=if_none_match,
+            checksum_algorithms=list(checksums), if_none_match=when[0], if_match=when[1],
         )  # fmt: skip
         return await self._rpc.begin_put(request)
 
@@ -203,10 +209,10 @@ class AsyncObjectClient:
         handle: io.BufferedIOBase,
         headers: pb.ObjectHeaders,
         checksums: Sequence[str],
-        if_none_match: bool,
+        when: tuple[bool, str],
     ) -> pb.ObjectInfo:
         size = os.fstat(handle.fileno()).st_size - handle.tell()
-        begun = await self._begin(bucket, key, size, headers, checksums, if_none_match)
+        begun = await self._begin(bucket, key, size, headers, checksums, when)
         buffer = memoryview(bytearray(min(begun.max_call_bytes, max(size, 1))))
 
         async def chunk(at: int, n: int) -> memoryview:
@@ -400,11 +406,14 @@ class AsyncObjectClient:
         parts: Sequence[pb.PartInfo | tuple[int, str]],
         *,
         if_none_match: bool = False,
+        if_match: str = "",
     ) -> pb.ObjectInfo:
-        """Make the parts (infos from upload_part, or (number, etag)) the object."""
+        """Make the parts (infos from upload_part, or (number, etag)) the object (if_none_match,
+        if_match: as put_object's)."""
         request = pb.CompleteMultipartUploadRequest(
-            bucket=bucket, key=key, upload_id=upload_id, if_none_match=if_none_match
-        )
+            bucket=bucket, key=key, upload_id=upload_id, if_none_match=if_none_match,
+            if_match=if_match,
+        )  # fmt: skip
         for part in parts:
             if isinstance(part, pb.PartInfo):
                 request.parts.add(part_number=part.part_number, etag=part.etag)

@@ -123,8 +123,10 @@ def build(cfg: config.DatanodeConfig) -> service.ServiceSpec:
 
 async def _advertise(ctx: service.Context, info: common_pb2.NodeInfo) -> None:
     """What this datanode does that an older one does not (kvtier.features), in the NodeInfo
-    it registers: gateways send its conditional undos only to a datanode that says so."""
+    it registers: gateways send its conditional undos and conditional commits only to a
+    datanode that says so."""
     info.features.append(features.DATANODE_CONDITIONAL_UNDO)
+    info.features.append(features.DATANODE_CONDITIONAL_COMMIT)
 
 
 def _gateways_only(who: principal.Principal) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from typing import NamedTuple
 
 from google.protobuf import message as pb_message
 
@@ -112,6 +113,48 @@ def stored_age_ms(meta: datanode_pb2.ShardMeta, file_mtime_ns: int, now_ns: int)
     orphaned copies by it)."""
     since_ns = meta.stored_unix_ns or file_mtime_ns
     return max(1, (now_ns - since_ns) // 1_000_000) if since_ns else 0
+
+
+class Condition(NamedTuple):
+    """What a conditional write needs of the drive's current version of its key (S3
+    If-None-Match: * and If-Match, made atomic per drive: checked under the key's lock)."""
+
+    #: none, or a delete marker
+    absent: bool
+    #: the version with this data_id ("": any)
+    data_id: str
+
+
+def take_condition(stored: datanode_pb2.ShardMeta) -> Condition | None:
+    """The write's condition (ShardMeta.commit_if_absent, commit_if_data_id), cleared from
+    stored (never stored); None: an unconditional write."""
+    if not (stored.commit_if_absent or stored.commit_if_data_id):
+        return None
+    condition = Condition(stored.commit_if_absent, stored.commit_if_data_id)
+    stored.ClearField("commit_if_absent")
+    stored.ClearField("commit_if_data_id")
+    return condition
+
+
+def check_condition(
+    condition: Condition | None,
+    current: datanode_pb2.ShardMeta | None,
+    stored: datanode_pb2.ShardMeta,
+) -> None:
+    """PreconditionFailed unless the drive's current version of the key (current; None: none)
+    meets the write's condition. A current version with stored's own data_id meets it (the
+    same write sent again: restamped, or a retry)."""
+    if condition is None or (current is not None and current.data_id == stored.data_id):
+        return
+    where = f"{stored.bucket}/{stored.key}"
+    live = current is not None and not current.delete_marker
+    if condition.absent and live:
+        raise errors.PreconditionFailed(f"{where}: a version is here (commit only if absent)")
+    if condition.data_id and (current is None or not live or current.data_id != condition.data_id):
+        held = current.data_id if live and current is not None else "none"
+        raise errors.PreconditionFailed(
+            f"{where}: the version here is {held}, not {condition.data_id}"
+        )
 
 
 def name_version(stored: datanode_pb2.ShardMeta, where: str) -> None:

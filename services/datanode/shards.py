@@ -113,6 +113,10 @@ seal_small = shardmeta.seal_small
 
 JOURNAL_CHECKPOINT_BYTES = 64 << 20
 
+#: A small write of write_smalls: (its place in the results, its key's directory, the meta to
+#: store, its condition).
+_Small = tuple[int, Path, datanode_pb2.ShardMeta, shardmeta.Condition | None]
+
 
 class Superseded(errors.PreconditionFailed):
     """A commit with only_if_newer found a newer version on the drive, stamped
@@ -216,16 +220,19 @@ class ShardStore(shardrecovery.ShardRecovery):
         newer version, Unavailable when the journal's sync failed.
         """
         stored = seal_small(meta, shard)
+        condition = shardmeta.take_condition(stored)
         object_dir = self._object_dir(stored.bucket, stored.key)
         if stored.keep_versions:  # versioned buckets: synced in place, never journaled
             if (stored.bucket, stored.key) in self._journaled:
                 self.checkpoint()
             with self._key_lock(object_dir):
+                self._check_condition(object_dir, condition, stored)
                 self._refuse_older(object_dir, stored)
                 self._install_versioned(object_dir, stored, None)
             return stored
         raw = encode_meta(stored)
         with self._key_lock(object_dir):
+            self._check_condition(object_dir, condition, stored)
             current = self._refuse_older(object_dir, stored)
             self._journal.commit(journal.encode(journal.Kind.INSTALL, raw))
             self._journaled.add((stored.bucket, stored.key))
@@ -248,14 +255,16 @@ class ShardStore(shardrecovery.ShardRecovery):
         its drive): one item's refusal leaves the others as they go. A failed journal sync
         fails every item it carried."""
         out: list[datanode_pb2.ShardMeta | Exception] = []
-        plain: list[tuple[int, Path, datanode_pb2.ShardMeta]] = []
+        plain: list[_Small] = []
         for meta, shard in items:
             try:
                 if meta.keep_versions:  # synced in place, never journaled: one at a time
                     out.append(self.write_small(meta, shard))
                     continue
                 stored = seal_small(meta, shard)
-                plain.append((len(out), self._object_dir(stored.bucket, stored.key), stored))
+                condition = shardmeta.take_condition(stored)
+                object_dir = self._object_dir(stored.bucket, stored.key)
+                plain.append((len(out), object_dir, stored, condition))
                 out.append(stored)
             except (errors.KVTierError, OSError) as exc:
                 out.append(exc)
@@ -265,22 +274,26 @@ class ShardStore(shardrecovery.ShardRecovery):
         return out
 
     def _journal_smalls(
-        self,
-        plain: Sequence[tuple[int, Path, datanode_pb2.ShardMeta]],
-        out: list[datanode_pb2.ShardMeta | Exception],
+        self, plain: Sequence[_Small], out: list[datanode_pb2.ShardMeta | Exception]
     ) -> None:
         """The journaled part of write_smalls: every key's lock held (in stripe order, as
         _all_locks takes them) from the check of its current version to the apply."""
-        locks = sorted({self._key_lock(d) for _, d, _ in plain}, key=self._locks.index)
+        locks = sorted({self._key_lock(d) for _, d, _, _ in plain}, key=self._locks.index)
         with contextlib.ExitStack() as stack:
             for lock in locks:
                 stack.enter_context(lock)
             newest: dict[Path, tuple[int, str]] = {}  # what this batch installs before
+            batched: dict[Path, datanode_pb2.ShardMeta] = {}  # (its meta)
             made: set[Path] = set()  # key directories made here, empty until their apply
             accepted, records = [], []
-            for at, object_dir, stored in plain:
+            for at, object_dir, stored, condition in plain:
                 try:
                     before = newest.get(object_dir)
+                    if condition is not None:  # against what this batch installs before
+                        held = batched.get(object_dir)
+                        if held is None:
+                            held = self._current_meta(object_dir)
+                        shardmeta.check_condition(condition, held, stored)
                     if before is None and shardfiles.make_dir(object_dir):  # new: no meta to read
                         made.add(object_dir)
                         current = None
@@ -291,6 +304,7 @@ class ShardStore(shardrecovery.ShardRecovery):
                     out[at] = exc
                     continue
                 newest[object_dir] = (stored.mtime_unix_ns, stored.data_id)
+                batched[object_dir] = stored
                 accepted.append((at, object_dir, stored, raw, current))
                 records.append(journal.encode(journal.Kind.INSTALL, raw))
             if not records:
@@ -413,7 +427,9 @@ class ShardStore(shardrecovery.ShardRecovery):
             meta.key,
         ) in self._journaled:
             self.checkpoint()  # a replay would put the journaled, newer version back
+        condition = shardmeta.take_condition(meta)
         with self._key_lock(object_dir):
+            self._check_condition(object_dir, condition, meta)
             if write.noncurrent:
                 self._refuse_as_current(object_dir, meta)
             if meta.keep_versions and write.resendable:
@@ -445,6 +461,17 @@ class ShardStore(shardrecovery.ShardRecovery):
             shardfiles.fsync_dir(object_dir)
             self._index.put(meta.bucket, shardmeta.list_entry(meta))
             shardfiles.remove_data_dirs(object_dir, None if inline else meta.data_id)
+
+    def _check_condition(
+        self,
+        object_dir: Path,
+        condition: shardmeta.Condition | None,
+        meta: datanode_pb2.ShardMeta,
+    ) -> None:
+        """A conditional write's check (shardmeta.check_condition) against the key's current
+        version here; the caller holds the key's lock."""
+        if condition is not None:
+            shardmeta.check_condition(condition, self._current_meta(object_dir), meta)
 
     def _refuse_older(
         self, object_dir: Path, meta: datanode_pb2.ShardMeta

@@ -47,8 +47,8 @@ import prometheus_client
 from kvtier import errors, features, hlc, names, objversions
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
+from services.gateway import conditional, fanout, healqueue, placement, suspects
 from services.gateway import datanodes as datanodes_mod
-from services.gateway import fanout, healqueue, placement, suspects
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,8 @@ async def commit_version(
             f"the write quorum is {where.write_quorum}"
         )
         await _undo(nodes, where, meta, live, heal_queue)
+        if done.refused and conditional.conditional(meta):
+            raise conditional.refusal(meta, done.drives, done.refused)
         if done.skew:
             raise errors.ClockSkew(f"{problem}; drives refused the stamp: {done.skew}")
         if done.full:
@@ -148,6 +150,10 @@ async def _round(
         )  # fmt: skip
         try:
             reply = await nodes.shards(slot.node_id).commit(request)
+        except errors.PreconditionFailed as exc:  # a conditional commit: refused there
+            log.info("commit of %s/%s on %s refused: %s", meta.bucket, meta.key, slot.drive_id, exc)
+            nodes.suspects.heard(slot.node_id)
+            return fanout.Committed(refused=1)
         except errors.KVTierError as exc:
             log.warning(
                 "commit of %s/%s on %s failed: %s", meta.bucket, meta.key, slot.drive_id, exc

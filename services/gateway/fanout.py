@@ -232,10 +232,13 @@ class Committed:
     skew: str = ""
     #: A drive's StorageFull refusal (no space left), or "".
     full: str = ""
+    #: Drives that refused a conditional commit: their current version did not meet it.
+    refused: int = 0
 
     def add(self, other: Committed) -> None:
         """Take in another part of the same commit."""
         self.drives += other.drives
+        self.refused += other.refused
         self.newer_ns = max(self.newer_ns, other.newer_ns)
         self.skew = self.skew or other.skew
         self.full = self.full or other.full
@@ -280,6 +283,8 @@ async def write_small(
                 )  # fmt: skip
                 if result.error_kind == errors.ClockSkew.__name__:
                     done.skew = result.error
+                elif result.error_kind == errors.PreconditionFailed.__name__:
+                    done.refused += 1
                 elif result.error_kind == errors.StorageFull.__name__:
                     done.full = f"{drive_id}: {result.error}"
             else:

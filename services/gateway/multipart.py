@@ -343,10 +343,9 @@ class Multipart:
                     f"at least {self._min_part_bytes} needed for all but the last part",
                     reason="EntityTooSmall",
                 )
-        if req.if_none_match and await self._engine.exists(req.bucket, req.key):
-            raise errors.PreconditionFailed(f"{req.bucket}/{req.key} exists (If-None-Match)")
         meta = self._object_meta(req, record, where, [m for m, _ in found])
         meta.keep_versions, meta.null_version = versions.versioning(versioning)
+        await self._engine.condition(where, meta, absent=req.if_none_match, if_match=req.if_match)
         holders = set(range(len(where.slots)))
         for _, held in found:
             holders &= held

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from kvtier import errors, features, names, objversions
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
-from services.gateway import commits, deleteretry, fanout, objectbase, placement
+from services.gateway import commits, conditional, deleteretry, fanout, objectbase, placement
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,38 @@ class PooledObjects(objectbase.EngineBase):
         old_pool = None
         if not internal and len(self._view.current.pools) > 1:
             old_pool = await self._pool_of(meta.bucket, meta.key)
-        await self.commit_shards(where, meta, write_id, failed, sources, small=small)
+        try:
+            await self.commit_shards(where, meta, write_id, failed, sources, small=small)
+        finally:
+            conditional.clear(meta)  # (never stored, nor copied into a pool record)
         if not internal and where.pool_index != placement.FIRST_POOL:
             await self._write_pool_record(meta, where.pool_index)
         if old_pool is not None and old_pool not in (where.pool_index, placement.FIRST_POOL):
             await self.delete_in(meta.bucket, meta.key, old_pool)
+
+    async def condition(
+        self,
+        where: placement.Placement,
+        meta: datanode_pb2.ShardMeta,
+        *,
+        absent: bool,
+        if_match: str,
+    ) -> None:
+        """Check a conditional write of meta's key (absent: If-None-Match: *; if_match: an
+        If-Match value) against its current version, PreconditionFailed or NotFound at once
+        when it fails, and where the drives of where can, make meta's commit conditional on
+        that version still being there (services.gateway.conditional)."""
+        if not absent and not if_match:
+            return
+        try:
+            current = (await self.resolve(meta.bucket, meta.key, queue_heal=False)).meta
+        except errors.NotFound:
+            current = None
+        conditional.check(meta.bucket, meta.key, current, absent=absent, if_match=if_match)
+        if conditional.atomic(self._view.current, where.slots):
+            conditional.attach(meta, current, absent=absent, if_match=if_match)
+        else:
+            conditional.CONDITIONAL.labels("checked").inc()
 
     async def _pool_of(self, bucket: str, key: str) -> int | None:
         """The pool the current version of bucket/key lives in (None: no version)."""

@@ -320,10 +320,14 @@ class ObjectWrites(objectpools.PooledObjects):
             if problem is not None:
                 await self._abort(up)
                 raise problem
-            if up.request.if_none_match and await self.exists(up.bucket, up.key):
-                await self._abort(up)
-                raise errors.PreconditionFailed(f"{up.bucket}/{up.key} exists (If-None-Match)")
             meta = self._meta(up, etag, checksums)
+            try:
+                await self.condition(
+                    up.where, meta, absent=up.request.if_none_match, if_match=up.request.if_match
+                )
+            except errors.KVTierError:
+                await self._abort(up)
+                raise
             await self.publish(up.where, meta, up.upload_id, up.failed, small=up.small)
         return meta
 

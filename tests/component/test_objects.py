@@ -104,6 +104,16 @@ async def test_put_if_absent_and_digests(cluster: Cluster) -> None:
         with pytest.raises(errors.PreconditionFailed):
             await client.put_object("cond", "k", b"second", if_none_match=True)
         assert await client.get_object("cond", "k") == b"first"
+        first = (await client.head_object("cond", "k")).etag
+        with pytest.raises(errors.NotFound):
+            await client.put_object("cond", "absent", b"x", if_match=first)
+        with pytest.raises(errors.PreconditionFailed):
+            await client.put_object("cond", "k", b"stale", if_match='"0123"')
+        replaced = await client.put_object("cond", "k", b"replaced", if_match=first)
+        with pytest.raises(errors.PreconditionFailed):  # first is gone: a late writer loses
+            await client.put_object("cond", "k", b"late", if_match=first)
+        assert await client.get_object("cond", "k") == b"replaced"
+        await client.put_object("cond", "k", b"first", if_match=replaced.etag)
         copied = await client.copy_object("cond", "k", "cond", "k2")
         assert copied.etag == hashlib.md5(b"first").hexdigest()
         assert await client.get_object("cond", "k2") == b"first"

@@ -19,7 +19,7 @@ from kvtier import errors, etcdserver, features, membership, objects, service
 from kvtier.proto.common.v1 import common_pb2
 from services.datanode import __main__ as datanode_main
 from services.datanode import shards
-from services.gateway import placement
+from services.gateway import conditional, placement
 from tests.component import objects_cluster
 from tests.component import test_skew_undo as skew
 
@@ -107,3 +107,26 @@ async def test_an_older_datanode_gets_no_undo(
             assert rest == acked, key  # the newer drives restored it
             assert (bucket, key) in engine.heal_queue or cluster.healer.queued(bucket, key)
             assert await client.get_object("mixed", key) == objects_cluster.data(n, size), key
+
+
+async def test_conditions_fall_back_to_a_check_with_an_older_datanode(
+    first_datanode_old: Cluster,
+) -> None:
+    """A conditional write's commit goes as such only to a set whose datanodes all advertise
+    datanode.conditional-commit (an older build would keep the fields and ignore them): with
+    the older datanode in the set, the gateway checks and then writes, and the conditions still
+    refuse what completed before."""
+    atomic = conditional.CONDITIONAL.labels("atomic")
+    checked = conditional.CONDITIONAL.labels("checked")
+    before = (atomic._value.get(), checked._value.get())
+    cluster = first_datanode_old
+    async with await objects.AsyncObjectClient.connect(cluster.gateway.address) as client:
+        await client.create_bucket("older-cond")
+        first = await client.put_object("older-cond", "k", b"first", if_none_match=True)
+        with pytest.raises(errors.PreconditionFailed):
+            await client.put_object("older-cond", "k", b"second", if_none_match=True)
+        with pytest.raises(errors.PreconditionFailed):
+            await client.put_object("older-cond", "k", b"stale", if_match='"0123"')
+        await client.put_object("older-cond", "k", b"second", if_match=first.etag)
+        assert await client.get_object("older-cond", "k") == b"second"
+    assert (atomic._value.get(), checked._value.get()) == (before[0], before[1] + 2)

@@ -162,23 +162,37 @@ def test_complete_again_answers_the_completed_object(s3: Any, other: Any, kind: 
     assert _code(missing)[1] == 404
 
 
-def test_complete_refuses_conditions_it_does_not_enforce(s3: Any) -> None:
-    """If-Match and an If-None-Match other than `*` on Complete: 501 NotImplemented, not
-    ignored (docs/s3.md, "Conditional writes"); nothing completed, the upload still usable."""
-    _create_bucket(s3, "mp-conditions", "objects")
-    uid, parts = _upload(s3, "mp-conditions", "k", {1: b"abc"})
-    for condition in ({"IfMatch": '"0123"'}, {"IfNoneMatch": '"0123"'}):
-        with pytest.raises(ClientError) as refused:
-            s3.complete_multipart_upload(
-                Bucket="mp-conditions", Key="k", UploadId=uid, MultipartUpload={"Parts": parts},
-                **condition,
-            )  # fmt: skip
-        assert _code(refused) == ("NotImplemented", 501)
+@pytest.mark.parametrize("kind", ["objects", "kv"])
+def test_complete_conditions(s3: Any, kind: str) -> None:
+    """Complete with If-Match / If-None-Match: * as PutObject: 404 for If-Match on no object,
+    412 when the condition fails (nothing completed, the upload still usable), the object
+    when it holds; an If-None-Match other than `*` is 501 NotImplemented, not ignored
+    (docs/s3.md, "Conditional writes")."""
+    bucket = f"mp-conditions-{kind}"
+    _create_bucket(s3, bucket, kind)
+    uid, parts = _upload(s3, bucket, "k", {1: b"abc"})
+
+    def complete(**condition: str) -> Any:
+        return s3.complete_multipart_upload(
+            Bucket=bucket, Key="k", UploadId=uid, MultipartUpload={"Parts": parts}, **condition
+        )
+
+    with pytest.raises(ClientError) as unsupported:
+        complete(IfNoneMatch='"0123"')
+    assert _code(unsupported) == ("NotImplemented", 501)
     with pytest.raises(ClientError) as absent:
-        s3.head_object(Bucket="mp-conditions", Key="k")
-    assert absent.value.response["ResponseMetadata"]["HTTPStatusCode"] == 404
-    _complete(s3, "mp-conditions", "k", uid, parts)
-    assert s3.get_object(Bucket="mp-conditions", Key="k")["Body"].read() == b"abc"
+        complete(IfMatch='"0123"')
+    assert _code(absent) == ("NoSuchKey", 404)
+    first = s3.put_object(Bucket=bucket, Key="k", Body=b"first")["ETag"]
+    with pytest.raises(ClientError) as exists:
+        complete(IfNoneMatch="*")
+    assert _code(exists) == ("PreconditionFailed", 412)
+    with pytest.raises(ClientError) as stale:
+        complete(IfMatch='"0123"')
+    assert _code(stale) == ("PreconditionFailed", 412)
+    assert s3.get_object(Bucket=bucket, Key="k")["Body"].read() == b"first"  # nothing completed
+    complete(IfMatch=first)
+    assert s3.get_object(Bucket=bucket, Key="k")["Body"].read() == b"abc"
 
 
 # 2. GetObject / HeadObject with partNumber.

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from services.gateway import multipart, objectlayer
+from services.gateway import conditional, multipart, objectlayer
 from services.gateway.s3 import params, s3errors, s3request, xmlio
 
-
-def etag_matches(header: str, etag: str) -> bool:
-    """Whether an If-Match / If-None-Match header names etag (or is *)."""
-    tags = [t.strip().removeprefix("W/").strip('"') for t in header.split(",")]
-    return "*" in tags or etag in tags
+#: Whether an If-Match / If-None-Match header names etag (or is *).
+etag_matches = conditional.etag_named
 
 
 def _since(header: str) -> int | None:

@@ -165,13 +165,15 @@ class KVLayer:
         many as come; EntityTooLarge past `kv_layout.MAX_KV_OBJECT_BYTES`, before any byte for
         a known size, once it is passed for a chunked one), check its digests
         (DigestMismatch), then store it: the data blocks, then the metadata block (claimed
-        first with if_none_match: PreconditionFailed when taken); the blocks live as long as
+        first with if_none_match: PreconditionFailed when taken; if_match is checked before
+        the write: `kv_layout.check_if_match`); the blocks live as long as
         the bucket's lifecycle rules say. The ETag is the MD5 unless not md5 (the body's
         trailing checksum vouched for it: `kv_layout.version_etag`)."""
         most = kv_layout.MAX_KV_OBJECT_BYTES
         if body.size > most:
             raise kv_layout.too_large(most)
         info, client = await self.bucket(req.bucket)
+        await kv_layout.check_if_match(client, req.key, req.if_match)
         done: dict[str, str] | kv_layout.Blob | None = None
         if body.size >= 0:  # a small body of known size goes straight into the node's memory
             stored = pb.ObjectInfo(

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 from kvtier import checksums, errors, kv
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
-from services.gateway import objectlayer
+from services.gateway import conditional, objectlayer
 from services.gateway.s3 import s3errors
 
 #: The largest KV object, the S3 body of a PUT or of a completed multipart upload.
@@ -254,6 +254,20 @@ async def read_blob(
     except errors.InvalidArgument:  # overwritten by a larger version meanwhile
         return None
     return blob if blob.intact(sizes) else None
+
+
+async def check_if_match(client: kv.AsyncKVClient, key: str, if_match: str) -> None:
+    """A write's If-Match (if_match; "": none) against the object's metadata block: NoSuchKey
+    when there is none, PreconditionFailed when its ETag differs. Checked before the write,
+    not atomically with it (docs/s3.md, "Conditional writes": KV nodes have no
+    compare-and-swap put yet; put-if-absent makes If-None-Match: * atomic)."""
+    if not if_match:
+        return
+    info = await read_info(client, meta_key(key))
+    if info is None:
+        raise errors.NotFound("The specified key does not exist.", reason="NoSuchKey")
+    if not conditional.etag_named(if_match, info.etag):
+        raise errors.PreconditionFailed(f"{key}: If-Match does not match")
 
 
 async def store_object(

@@ -127,17 +127,18 @@ async def upload_part_copy(
 
 async def complete(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """CompleteMultipartUpload (either bucket kind; sent again for a completed upload: the
-    object it made, as S3 answers). If-Match and an If-None-Match other than `*` are 501
-    NotImplemented rather than ignored (docs/s3.md, "Conditional writes")."""
+    object it made, as S3 answers), with If-None-Match: * or If-Match as PutObject; an
+    If-None-Match other than `*` is 501 NotImplemented rather than ignored (docs/s3.md,
+    "Conditional writes")."""
     layer = await s3.layer(req)
-    if req.header("If-Match") or req.header("If-None-Match") not in ("", "*"):
+    if req.header("If-None-Match") not in ("", "*"):
         raise s3errors.S3Error(
             "NotImplemented", "CompleteMultipartUpload supports only If-None-Match: *"
         )
     parts = xmlio.parse_complete(await req.payload.read_all(xmlio.MAX_BODY_BYTES))
     request = pb.CompleteMultipartUploadRequest(
         bucket=req.bucket, key=req.key, upload_id=req.query["uploadId"],
-        if_none_match=req.header("If-None-Match") == "*",
+        if_none_match=req.header("If-None-Match") == "*", if_match=req.header("If-Match"),
     )  # fmt: skip
     for number, etag, sums in parts:
         request.parts.add(

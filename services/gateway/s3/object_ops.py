@@ -196,6 +196,7 @@ def begin_request(req: s3request.S3Request, bucket: str, key: str, size: int) ->
         bucket=bucket, key=key, size=size, headers=request_headers(req),
         checksum_algorithms=wanted, expected_checksums=expected,
         if_none_match=req.header("If-None-Match") == "*", expected_md5=content_md5(req),
+        if_match=req.header("If-Match"),
     )  # fmt: skip
 
 
@@ -225,11 +226,6 @@ async def put_object(s3: s3request.Door, req: s3request.S3Request) -> web.Respon
     if size > MAX_PUT_BYTES:
         raise s3errors.S3Error("EntityTooLarge", "Your proposed upload exceeds 5 GiB.")
     bound = size if size >= 0 else MAX_PUT_BYTES  # a chunked body: until it ends
-    if_match = req.header("If-Match")
-    if if_match:
-        current = await layer.head(req.bucket, req.key)
-        if not conditions.etag_matches(if_match, current.etag):
-            raise s3errors.S3Error("PreconditionFailed", "If-Match does not match")
     if req.header("If-None-Match") not in ("", "*"):
         raise s3errors.S3Error("NotImplemented", "If-None-Match on PUT supports only *")
     md5 = not trailer_checked(req)  # else the trailing checksum vouches for the bytes

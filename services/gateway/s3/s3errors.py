@@ -52,6 +52,7 @@ STATUS: dict[str, int] = {
     "NotModified": 304,
     "NotImplemented": 501,
     "PreconditionFailed": 412,
+    "ConditionalRequestConflict": 409,
     "QuotaExceeded": 403,
     "RequestTimeTooSkewed": 403,
     "RequestTimeout": 400,

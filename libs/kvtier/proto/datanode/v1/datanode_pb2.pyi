@@ -222,6 +222,8 @@ class ShardMeta(_message.Message):
     DELETE_MARKER_FIELD_NUMBER: _builtins.int
     STORED_UNIX_NS_FIELD_NUMBER: _builtins.int
     STORED_AGE_MS_FIELD_NUMBER: _builtins.int
+    COMMIT_IF_ABSENT_FIELD_NUMBER: _builtins.int
+    COMMIT_IF_DATA_ID_FIELD_NUMBER: _builtins.int
     format_version: _builtins.int
     bucket: _builtins.str
     key: _builtins.str
@@ -287,6 +289,16 @@ class ShardMeta(_message.Message):
     at least 1; 0: not known (an older datanode). A pool drain ages orphaned copies by it,
     so no gateway's clock decides (services/gateway/pooldrain.py).
     """
+    commit_if_absent: _builtins.bool
+    """Set by a writer, never stored: a conditional write (S3 If-None-Match: * / If-Match), which
+    the drive commits only when its current version of the key, read under the key's lock,
+    matches: commit_if_absent, none (or a delete marker); commit_if_data_id, the version with
+    that data_id. A version with this meta's own data_id there counts as a match (the same
+    write sent again). FailedPrecondition otherwise, and nothing is stored. Sent only to
+    datanodes advertising `datanode.conditional-commit` (kvtier.features): an older build
+    would keep the unknown fields and ignore them.
+    """
+    commit_if_data_id: _builtins.str
     @_builtins.property
     def user_metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -345,10 +357,12 @@ class ShardMeta(_message.Message):
         delete_marker: _builtins.bool = ...,
         stored_unix_ns: _builtins.int = ...,
         stored_age_ms: _builtins.int = ...,
+        commit_if_absent: _builtins.bool = ...,
+        commit_if_data_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "block_bytes", b"block_bytes", "bucket", b"bucket", "cache_control", b"cache_control", "checksums", b"checksums", "content_disposition", b"content_disposition", "content_encoding", b"content_encoding", "content_language", b"content_language", "content_type", b"content_type", "data_id", b"data_id", "data_shards", b"data_shards", "delete_marker", b"delete_marker", "distribution", b"distribution", "etag", b"etag", "expires", b"expires", "format_version", b"format_version", "inline_data", b"inline_data", "is_pointer", b"is_pointer", "keep_versions", b"keep_versions", "key", b"key", "meta_changed_unix_ns", b"meta_changed_unix_ns", "mtime_unix_ns", b"mtime_unix_ns", "null_version", b"null_version", "parity_shards", b"parity_shards", "parts", b"parts", "pool_pointer", b"pool_pointer", "shard_index", b"shard_index", "size", b"size", "stored_age_ms", b"stored_age_ms", "stored_unix_ns", b"stored_unix_ns", "tags", b"tags", "upload_checksum_algorithm", b"upload_checksum_algorithm", "upload_checksum_type", b"upload_checksum_type", "upload_pool", b"upload_pool", "user_metadata", b"user_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "block_bytes", b"block_bytes", "bucket", b"bucket", "cache_control", b"cache_control", "checksums", b"checksums", "commit_if_absent", b"commit_if_absent", "commit_if_data_id", b"commit_if_data_id", "content_disposition", b"content_disposition", "content_encoding", b"content_encoding", "content_language", b"content_language", "content_type", b"content_type", "data_id", b"data_id", "data_shards", b"data_shards", "delete_marker", b"delete_marker", "distribution", b"distribution", "etag", b"etag", "expires", b"expires", "format_version", b"format_version", "inline_data", b"inline_data", "is_pointer", b"is_pointer", "keep_versions", b"keep_versions", "key", b"key", "meta_changed_unix_ns", b"meta_changed_unix_ns", "mtime_unix_ns", b"mtime_unix_ns", "null_version", b"null_version", "parity_shards", b"parity_shards", "parts", b"parts", "pool_pointer", b"pool_pointer", "shard_index", b"shard_index", "size", b"size", "stored_age_ms", b"stored_age_ms", "stored_unix_ns", b"stored_unix_ns", "tags", b"tags", "upload_checksum_algorithm", b"upload_checksum_algorithm", "upload_checksum_type", b"upload_checksum_type", "upload_pool", b"upload_pool", "user_metadata", b"user_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

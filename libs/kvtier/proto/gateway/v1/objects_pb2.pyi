@@ -424,6 +424,7 @@ class BeginPutRequest(_message.Message):
     EXPECTED_CHECKSUMS_FIELD_NUMBER: _builtins.int
     IF_NONE_MATCH_FIELD_NUMBER: _builtins.int
     EXPECTED_MD5_FIELD_NUMBER: _builtins.int
+    IF_MATCH_FIELD_NUMBER: _builtins.int
     bucket: _builtins.str
     key: _builtins.str
     size: _builtins.int
@@ -432,6 +433,13 @@ class BeginPutRequest(_message.Message):
     """Put only if absent (If-None-Match: *): PreconditionFailed at commit when present."""
     expected_md5: _builtins.str
     """Expected hex MD5 of the content (Content-MD5), checked at commit."""
+    if_match: _builtins.str
+    """Put only if the current version's ETag is this one (If-Match; "*": any version):
+    NotFound when there is none, PreconditionFailed when it differs. On erasure-coded buckets
+    both conditions hold atomically against concurrent writers (each drive checks them under
+    the key's lock); racing conditional writes that split the drives all fail, with
+    PreconditionFailed (reason ConditionalRequestConflict: S3's 409), and none is stored.
+    """
     @_builtins.property
     def headers(self) -> Global___ObjectHeaders: ...
     @_builtins.property
@@ -453,10 +461,11 @@ class BeginPutRequest(_message.Message):
         expected_checksums: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         if_none_match: _builtins.bool = ...,
         expected_md5: _builtins.str = ...,
+        if_match: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "checksum_algorithms", b"checksum_algorithms", "expected_checksums", b"expected_checksums", "expected_md5", b"expected_md5", "headers", b"headers", "if_none_match", b"if_none_match", "key", b"key", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "checksum_algorithms", b"checksum_algorithms", "expected_checksums", b"expected_checksums", "expected_md5", b"expected_md5", "headers", b"headers", "if_match", b"if_match", "if_none_match", b"if_none_match", "key", b"key", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1224,12 +1233,16 @@ class CompleteMultipartUploadRequest(_message.Message):
     UPLOAD_ID_FIELD_NUMBER: _builtins.int
     PARTS_FIELD_NUMBER: _builtins.int
     IF_NONE_MATCH_FIELD_NUMBER: _builtins.int
+    IF_MATCH_FIELD_NUMBER: _builtins.int
     EXPECTED_CHECKSUMS_FIELD_NUMBER: _builtins.int
     bucket: _builtins.str
     key: _builtins.str
     upload_id: _builtins.str
     if_none_match: _builtins.bool
-    """Complete only if the key is absent (If-None-Match: *)."""
+    """Complete only if the key is absent (If-None-Match: *), or only if its current version's
+    ETag is if_match: as BeginPutRequest's.
+    """
+    if_match: _builtins.str
     @_builtins.property
     def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompletedPart]:
         """Ascending part numbers (InvalidPartOrder otherwise), a subset of the uploaded ones."""
@@ -1246,11 +1259,12 @@ class CompleteMultipartUploadRequest(_message.Message):
         upload_id: _builtins.str = ...,
         parts: _abc.Iterable[Global___CompletedPart] | None = ...,
         if_none_match: _builtins.bool = ...,
+        if_match: _builtins.str = ...,
         expected_checksums: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "expected_checksums", b"expected_checksums", "if_none_match", b"if_none_match", "key", b"key", "parts", b"parts", "upload_id", b"upload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "expected_checksums", b"expected_checksums", "if_match", b"if_match", "if_none_match", b"if_none_match", "key", b"key", "parts", b"parts", "upload_id", b"upload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
