@@ -180,6 +180,9 @@ def test_complete_conditions(s3: Any, kind: str) -> None:
     with pytest.raises(ClientError) as unsupported:
         complete(IfNoneMatch='"0123"')
     assert _code(unsupported) == ("NotImplemented", 501)
+    with pytest.raises(ClientError) as both:
+        complete(IfNoneMatch="*", IfMatch='"0123"')
+    assert _code(both) == ("NotImplemented", 501)
     with pytest.raises(ClientError) as absent:
         complete(IfMatch='"0123"')
     assert _code(absent) == ("NoSuchKey", 404)

@@ -516,6 +516,9 @@ def test_put_conditions_and_version_ids(s3: Any, kv_bucket: str, kind: str) -> N
     with pytest.raises(ClientError) as unsupported:
         s3.put_object(Bucket=bucket, Key="k", Body=new, IfNoneMatch=etag)
     assert _code(unsupported) == ("NotImplemented", 501)
+    with pytest.raises(ClientError) as both:  # S3 takes one condition at a time
+        s3.put_object(Bucket=bucket, Key="k", Body=new, IfNoneMatch="*", IfMatch=etag)
+    assert _code(both) == ("NotImplemented", 501)
     assert s3.get_object(Bucket=bucket, Key="k")["Body"].read() == old  # nothing replaced
     s3.put_object(Bucket=bucket, Key="k", Body=new, IfMatch=etag)
     assert s3.get_object(Bucket=bucket, Key="k", VersionId="null")["Body"].read() == new

@@ -12,6 +12,16 @@ from services.gateway.s3 import params, s3errors, s3request, xmlio
 etag_matches = conditional.etag_named
 
 
+def check_write_conditions(req: s3request.S3Request) -> None:
+    """A write's (PutObject, CompleteMultipartUpload) If-None-Match and If-Match as AWS S3
+    takes them: If-None-Match only as `*`, and not both at once; anything else is 501
+    NotImplemented, as S3 answers, rather than ignored (docs/s3.md, "Conditional writes")."""
+    if req.header("If-None-Match") not in ("", "*"):
+        raise s3errors.S3Error("NotImplemented", "If-None-Match on a write supports only *")
+    if req.header("If-None-Match") and req.header("If-Match"):
+        raise s3errors.S3Error("NotImplemented", "If-Match and If-None-Match cannot be combined")
+
+
 def _since(header: str) -> int | None:
     """An HTTP date in unix seconds (None when absent or unparsable: S3 ignores it)."""
     when = params.http_date(header) if header else None

@@ -9,7 +9,15 @@ from aiohttp import web
 from kvtier import errors
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway import multipart, objectlayer, versions
-from services.gateway.s3 import object_ops, params, s3errors, s3request, versioning_ops, xmlio
+from services.gateway.s3 import (
+    conditions,
+    object_ops,
+    params,
+    s3errors,
+    s3request,
+    versioning_ops,
+    xmlio,
+)
 
 MAX_PART_BYTES = 5 << 30
 XML = "application/xml"
@@ -127,14 +135,10 @@ async def upload_part_copy(
 
 async def complete(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """CompleteMultipartUpload (either bucket kind; sent again for a completed upload: the
-    object it made, as S3 answers), with If-None-Match: * or If-Match as PutObject; an
-    If-None-Match other than `*` is 501 NotImplemented rather than ignored (docs/s3.md,
-    "Conditional writes")."""
+    object it made, as S3 answers), with If-None-Match: * or If-Match as PutObject
+    (`conditions.check_write_conditions`)."""
     layer = await s3.layer(req)
-    if req.header("If-None-Match") not in ("", "*"):
-        raise s3errors.S3Error(
-            "NotImplemented", "CompleteMultipartUpload supports only If-None-Match: *"
-        )
+    conditions.check_write_conditions(req)
     parts = xmlio.parse_complete(await req.payload.read_all(xmlio.MAX_BODY_BYTES))
     request = pb.CompleteMultipartUploadRequest(
         bucket=req.bucket, key=req.key, upload_id=req.query["uploadId"],

@@ -226,8 +226,7 @@ async def put_object(s3: s3request.Door, req: s3request.S3Request) -> web.Respon
     if size > MAX_PUT_BYTES:
         raise s3errors.S3Error("EntityTooLarge", "Your proposed upload exceeds 5 GiB.")
     bound = size if size >= 0 else MAX_PUT_BYTES  # a chunked body: until it ends
-    if req.header("If-None-Match") not in ("", "*"):
-        raise s3errors.S3Error("NotImplemented", "If-None-Match on PUT supports only *")
+    conditions.check_write_conditions(req)
     md5 = not trailer_checked(req)  # else the trailing checksum vouches for the bytes
     try:
         info = await layer.put(begin_request(req, req.bucket, req.key, bound), req.payload, md5=md5)
