@@ -19,21 +19,26 @@ Two writes whose conditions exclude each other cannot both succeed: a drive take
 of them (the second sees the first under the key's lock), and two write quorums of a set share
 a drive.
 
-Limits: the drives check conditions only on a cluster of one pool whose set's datanodes all
-advertise `datanode.conditional-commit` (kvtier.features). Otherwise (several pools: a key's
-current version may live in another pool's set; an older datanode during a rolling upgrade) the
-gateway checks and then writes, which is not atomic against a concurrent writer.
+Several pools: every key has its entry in pool 0 (the object, or a pool record naming the pool
+it lives in, with its ETag), so a conditional PUT goes to pool 0, as every write of a versioned
+bucket does (pool 0 is never drained), and its drives check the condition against that entry:
+absent there is absent everywhere, and If-Match names the entry's data_id.
+
+Limits: the drives check conditions only in a set of pool 0 whose datanodes all advertise
+`datanode.conditional-commit` (kvtier.features). Otherwise (an older datanode during a rolling
+upgrade; a CompleteMultipartUpload whose upload was placed in another pool when it was created,
+before any condition was known) the gateway checks and then writes, which is not atomic
+against a concurrent writer.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import prometheus_client
 
 from kvtier import errors, features
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2
+from services.gateway import placement
 
 #: The S3 error code (and gRPC reason) of conditional writes that raced and all failed.
 CONFLICT = "ConditionalRequestConflict"
@@ -74,12 +79,12 @@ def check(
             raise errors.PreconditionFailed(f"{bucket}/{key}: If-Match does not match")
 
 
-def atomic(cmap: common_pb2.ClusterMap, slots: Sequence[common_pb2.DriveSlot]) -> bool:
-    """Whether the drives of slots (a set of cmap) can check a condition at commit: one pool,
-    every datanode advertising it (module docstring)."""
-    return len(cmap.pools) <= 1 and all(
+def atomic(cmap: common_pb2.ClusterMap, where: placement.Placement) -> bool:
+    """Whether the drives of where (a set of cmap) can check a condition at commit: a set of
+    pool 0, every datanode advertising it (module docstring)."""
+    return where.pool_index == placement.FIRST_POOL and all(
         features.advertised(cmap, slot.node_id, features.DATANODE_CONDITIONAL_COMMIT)
-        for slot in slots
+        for slot in where.slots
     )
 
 

@@ -62,12 +62,13 @@ class PooledObjects(objectbase.EngineBase):
         that version still being there (services.gateway.conditional)."""
         if not absent and not if_match:
             return
-        try:
-            current = (await self.resolve(meta.bucket, meta.key, queue_heal=False)).meta
+        try:  # the key's entry in pool 0: the object, or its pool record (which has its ETag)
+            found = await self.resolve(meta.bucket, meta.key, queue_heal=False, follow=False)
+            current: datanode_pb2.ShardMeta | None = found.meta
         except errors.NotFound:
             current = None
         conditional.check(meta.bucket, meta.key, current, absent=absent, if_match=if_match)
-        if conditional.atomic(self._view.current, where.slots):
+        if conditional.atomic(self._view.current, where):
             conditional.attach(meta, current, absent=absent, if_match=if_match)
         else:
             conditional.CONDITIONAL.labels("checked").inc()

@@ -40,8 +40,11 @@ class ObjectWrites(objectpools.PooledObjects):
         caller's checks) for owner (see the module docstring)."""
         names.check_stored(req.bucket, req.key)
         cmap = self._view.current
-        # Every version of a key of a versioned bucket lives in pool 0 (no pool records).
-        pool = placement.FIRST_POOL if req.headers.keep_versions else self.choose_pool(cmap)
+        # Every version of a key of a versioned bucket lives in pool 0 (no pool records); so
+        # does a conditional write's: pool 0's set holds every key's entry (the object or its
+        # pool record), so its drives can check the condition (services.gateway.conditional).
+        first = req.headers.keep_versions or req.if_none_match or bool(req.if_match)
+        pool = placement.FIRST_POOL if first else self.choose_pool(cmap)
         where = placement.locate(cmap, req.bucket, req.key, pool)
         return self.begin_write(req, where, owner=owner)
 

@@ -3,6 +3,7 @@ show every object once, overwrites and deletes leave nothing behind in the other
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hashlib
 import shutil
@@ -15,6 +16,7 @@ from kvtier import errors, etcdserver, membership, objects
 from kvtier.clients import gateway as gateway_client
 from kvtier.proto.common.v1 import common_pb2
 from services.datanode import shards
+from services.gateway import conditional
 from tests.component import objects_cluster
 
 KIB, MIB = objects_cluster.KIB, objects_cluster.MIB
@@ -137,3 +139,41 @@ async def test_heal_rebuilds_pool_records_and_objects(cluster: Cluster) -> None:
         assert _versions(cluster, "healme") == before
         for key, data in blobs.items():
             assert await client.get_object("healme", key) == data
+
+
+async def test_conditional_writes_are_held_in_pool_0(cluster: Cluster) -> None:
+    """A conditional PUT goes to pool 0, whose set holds every key's entry (the object or its
+    pool record), and its drives check the condition there (services/gateway/conditional.py):
+    a key that lives in pool 1 is present for If-None-Match, its record's ETag is what
+    If-Match compares, and the write replaces the pool-1 copy; racing writers: one wins."""
+    atomic = conditional.CONDITIONAL.labels("atomic")
+    before = atomic._value.get()
+    engine = cluster.engine
+    async with await objects.AsyncObjectClient.connect(cluster.gateway.address) as client:
+        await client.create_bucket("cond2")
+        blobs = {f"c{i:02d}": objects_cluster.data(i, 20 * KIB + i) for i in range(12)}
+        for key, data in blobs.items():
+            await client.put_object("cond2", key, data)
+        stored = cluster.stored("cond2")
+        in_one = [k for k in blobs if await engine._pool_of(stored, k) == 1]
+        assert in_one  # equal free space: some land in pool 1
+        key = in_one[0]
+        with pytest.raises(errors.PreconditionFailed):
+            await client.put_object("cond2", key, b"new", if_none_match=True)
+        with pytest.raises(errors.PreconditionFailed):
+            await client.put_object("cond2", key, b"new", if_match='"0123"')
+        etag = hashlib.md5(blobs[key]).hexdigest()
+        await client.put_object("cond2", key, b"replaced", if_match=etag)
+        assert await engine._pool_of(stored, key) == 0
+        assert await client.get_object("cond2", key) == b"replaced"
+        assert _versions(cluster, "cond2")[(key, True)] == 0  # no record, no pool-1 copy left
+        # Racing If-None-Match writers of a new key: at most one stands.
+        results = await asyncio.gather(
+            *(client.put_object("cond2", "race", bytes([i]) * 100, if_none_match=True)
+              for i in range(6)),
+            return_exceptions=True,
+        )  # fmt: skip
+        won = [r for r in results if not isinstance(r, BaseException)]
+        assert len(won) <= 1, results
+        assert all(isinstance(r, errors.PreconditionFailed) for r in results if r not in won)
+    assert atomic._value.get() > before

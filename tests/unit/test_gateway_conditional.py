@@ -1,5 +1,5 @@
 """Which conditional writes the drives hold atomically, and the error of one they refused
-(services/gateway/conditional.py, issue 14): one pool whose datanodes all advertise
+(services/gateway/conditional.py, issue 14): a set of pool 0 whose datanodes all advertise
 datanode.conditional-commit, else the gateway checks and then writes; a refused commit is 412
 when more drives refused it than took it, else 409 ConditionalRequestConflict."""
 
@@ -10,29 +10,35 @@ import pytest
 from kvtier import errors, features
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2
-from services.gateway import conditional
+from services.gateway import conditional, placement
 from services.gateway.s3 import s3errors
 
 
 def _cmap(*older: str, pools: int = 1) -> common_pb2.ClusterMap:
+    """Nodes a, b, c (those in older advertising nothing) and pools 0..pools-1."""
     cmap = common_pb2.ClusterMap(epoch=1)
     for node in ("a", "b", "c"):
         kind = [] if node in older else [features.DATANODE_CONDITIONAL_COMMIT]
         cmap.nodes.add(node_id=node, features=kind)
-    for _ in range(pools):
-        cmap.pools.add()
+    for index in range(pools):
+        cmap.pools.add(index=index)
     return cmap
 
 
-SLOTS = [common_pb2.DriveSlot(node_id=n, drive_id=f"{n}-0") for n in ("a", "b", "c")]
+SLOTS = (*(common_pb2.DriveSlot(node_id=n, drive_id=f"{n}-0") for n in ("a", "b", "c")),)
 
 
-def test_atomic_only_with_one_pool_of_current_datanodes() -> None:
-    assert conditional.atomic(_cmap(), SLOTS)
-    assert not conditional.atomic(_cmap("b"), SLOTS)  # an older build: it would ignore it
-    assert not conditional.atomic(_cmap(pools=2), SLOTS)  # the key may live in another pool
-    gone = [*SLOTS, common_pb2.DriveSlot(node_id="gone", drive_id="gone-0")]
-    assert not conditional.atomic(_cmap(), gone)  # not in the map: nothing says it does
+def _where(slots: tuple[common_pb2.DriveSlot, ...] = SLOTS, pool: int = 0) -> placement.Placement:
+    return placement.Placement(pool, 0, 2, 1, slots, tuple(range(len(slots))))
+
+
+def test_atomic_only_in_pool_0_of_current_datanodes() -> None:
+    assert conditional.atomic(_cmap(), _where())
+    assert conditional.atomic(_cmap(pools=2), _where())  # pool 0 holds every key's entry
+    assert not conditional.atomic(_cmap(pools=2), _where(pool=1))  # (an upload placed there)
+    assert not conditional.atomic(_cmap("b"), _where())  # an older build: it would ignore it
+    gone = (*SLOTS, common_pb2.DriveSlot(node_id="gone", drive_id="gone-0"))
+    assert not conditional.atomic(_cmap(), _where(gone))  # not in the map: nothing says it does
 
 
 def test_the_check_before_the_write() -> None:
