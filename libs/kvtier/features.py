@@ -24,6 +24,11 @@ DATANODE_CONDITIONAL_UNDO = "datanode.conditional-undo"
 #: datanode keeps the unknown fields and commits unconditionally; a gateway then checks the
 #: condition before the write, as it did (not atomic against a concurrent writer).
 DATANODE_CONDITIONAL_COMMIT = "datanode.conditional-commit"
+#: A kvcache node whose BatchPut honours `if_checksums` (compare-and-swap: replace a block only
+#: while its xxh3-64 is the one named, else ITEM_STATUS_MISMATCH; S3 If-Match on KV buckets made
+#: atomic). An older node drops the field and overwrites unconditionally, so the KV SDK sends a
+#: compare-and-swap put only to nodes that advertise this (`kv.AsyncKVClient.compare_and_swap`).
+KVCACHE_COMPARE_AND_SWAP = "kvcache.compare-and-swap"
 
 
 def advertised(cmap: common_pb2.ClusterMap, node_id: str, feature: str) -> bool:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kvtier import blocksums, errors, kv_base, kv_results, kv_routing, kvnodes, tracing
+from kvtier import blocksums, errors, features, kv_base, kv_results, kv_routing, kvnodes, tracing
 from kvtier.clients import dataplane as dataplane_client
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from kvtier.transport import base
@@ -24,6 +24,11 @@ from kvtier.transport import base
 _MOVED_RETRY_S = (0.05, 0.25)
 #: `KVPuts.put_filled`'s answer where the node's transport cannot take bytes in place.
 _NOT_FILLED = object()
+#: A compare-and-swap put's outcome on an owner that does not advertise it (nothing sent).
+_NO_SWAP = kv_results.PutResult(
+    kv_results.PutStatus.INVALID,
+    f"the node does not advertise {features.KVCACHE_COMPARE_AND_SWAP} (an older build)",
+)
 
 
 class _FillFailed(Exception):
@@ -43,11 +48,19 @@ class KVPuts(kv_base.KVClientBase):
         timeout_s: float | None = None,
         engine_hashes: Sequence[bytes] | None = None,
         parent_hashes: Sequence[bytes | None] | None = None,
+        if_checksums: Sequence[int] | None = None,
     ) -> list[kv_results.PutStatus]:
         """Store blocks under keys (put-if-absent unless overwrite); a status per key.
 
         engine_hashes / parent_hashes (optional, one per key): the engine's own hash of each
         block and of its parent, published in the nodes' KV events (docs/routing.md).
+
+        if_checksums (optional, one per key: compare-and-swap; overwrite is not consulted):
+        each key's block is replaced only while the present one's xxh3-64
+        (`blocksums.checksum` of the bytes read) is that one, atomically on its node;
+        MISMATCH when it is another block or none (nothing stored). Sent only to nodes that
+        advertise it (`compare_and_swap`; to another owner: INVALID, nothing sent); never
+        repeated by the SDK.
 
         Each block is stored on every owner node (`replicas`); the status is that of the
         best-ranked owner that answered. A block becomes readable once all of its bytes are
@@ -57,9 +70,20 @@ class KVPuts(kv_base.KVClientBase):
         """
         results = await self.put_batch_results(
             keys, blocks, overwrite=overwrite, ttl_s=ttl_s, timeout_s=timeout_s,
-            engine_hashes=engine_hashes, parent_hashes=parent_hashes,
+            engine_hashes=engine_hashes, parent_hashes=parent_hashes, if_checksums=if_checksums,
         )  # fmt: skip
         return [r.status for r in results]
+
+    async def compare_and_swap(self, keys: Sequence[bytes]) -> bool:
+        """Whether a put_batch with if_checksums can hold for keys: every owner node of each
+        (all replicas) advertises `kvcache.compare-and-swap` (an older node would drop the
+        condition and overwrite). False during a rolling upgrade until they all do."""
+        await self._set.fresh()
+        return all(
+            self._set.advertises(node_id, features.KVCACHE_COMPARE_AND_SWAP)
+            for key in keys
+            for node_id in self._set.owners(key)
+        )
 
     async def put_batch_results(
         self,
@@ -71,6 +95,7 @@ class KVPuts(kv_base.KVClientBase):
         timeout_s: float | None = None,
         engine_hashes: Sequence[bytes] | None = None,
         parent_hashes: Sequence[bytes | None] | None = None,
+        if_checksums: Sequence[int] | None = None,
     ) -> list[kv_results.PutResult]:
         """`put_batch`, with each refused key's reason (`kv_results.PutResult`)."""
         hashes = kv_routing.engine_hashes(keys, engine_hashes, parent_hashes)
@@ -78,6 +103,12 @@ class KVPuts(kv_base.KVClientBase):
         with kvnodes.deadline(timeout_s), hashes, traced:
             if len(keys) != len(blocks):
                 raise errors.InvalidArgument(f"{len(keys)} keys but {len(blocks)} blocks")
+            if if_checksums is not None and len(if_checksums) != len(keys):
+                raise errors.InvalidArgument(f"{len(keys)} keys but {len(if_checksums)} checksums")
+            # A compare-and-swap put goes with overwrite False: a node that (against
+            # `compare_and_swap`) dropped the condition would then refuse a present block.
+            swaps = list(if_checksums) if if_checksums is not None else None
+            overwrite = overwrite and swaps is None
             views = [base.as_buffer(b, writable=False) for b in blocks]
             if ttl_s is not None and ttl_s <= 0:
                 raise errors.InvalidArgument("ttl_s must be > 0")
@@ -88,12 +119,14 @@ class KVPuts(kv_base.KVClientBase):
                 [None] * len(keys) for _ in range(self.replicas)
             ]
             jobs = [
-                self._put_on(plan, rank, keys, views, sums, overwrite, ttl_s or 0.0, results[rank])
+                self._put_on(
+                    plan, rank, keys, views, sums, overwrite, ttl_s or 0.0, results[rank], swaps
+                )
                 for rank in range(self.replicas)
                 for plan in self._set.plans(keys, rank)
             ]
             await kv_base.run_all(jobs)
-            if not overwrite:  # put-if-absent is safe to repeat (see _put_moved)
+            if not overwrite and swaps is None:  # put-if-absent is safe to repeat (_put_moved)
                 await self._put_moved(keys, views, sums, ttl_s or 0.0, results)
             kv_base.OPS_PUT.observe(time.perf_counter() - started)
             return [kv_results.first([r[i] for r in results]) for i in range(len(keys))]
@@ -148,7 +181,14 @@ class KVPuts(kv_base.KVClientBase):
         overwrite: bool,
         ttl_s: float,
         out: list[kv_results.PutResult | None],
+        swaps: Sequence[int] | None = None,
     ) -> None:
+        if swaps is not None and not self._set.advertises(
+            plan.node.node_id, features.KVCACHE_COMPARE_AND_SWAP
+        ):  # it would drop the condition: never sent
+            for index in plan.indices:
+                out[index] = _NO_SWAP
+            return
         sub_keys = [keys[i] for i in plan.indices]
         sub_views = [views[i] for i in plan.indices]
         request = pb.BatchPutRequest(
@@ -158,6 +198,7 @@ class KVPuts(kv_base.KVClientBase):
             overwrite=overwrite,
             ttl_s=ttl_s,
             checksums=[sums[i] for i in plan.indices] if sums else (),
+            if_checksums=[swaps[i] for i in plan.indices] if swaps is not None else (),
         )
         kv_routing.add_engine_hashes(request, sub_keys)
 
@@ -171,7 +212,9 @@ class KVPuts(kv_base.KVClientBase):
                 return [kv_results.put_result(item) for item in reply.items]
             return await self._put_with_descriptors(plan.node, session, request, sub_views)
 
-        statuses = await self._set.run(plan.node, "put", attempt, idempotent=not overwrite)
+        # A compare-and-swap repeated after it landed would answer MISMATCH: never repeated.
+        once = overwrite or swaps is not None
+        statuses = await self._set.run(plan.node, "put", attempt, idempotent=not once)
         if statuses is not None:
             for index, status in zip(plan.indices, statuses, strict=True):
                 out[index] = status

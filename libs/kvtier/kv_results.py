@@ -29,6 +29,8 @@ class PutStatus(enum.StrEnum):
     # No owner node answered, or (write-through namespace) the node's durable tier did not
     # commit the block's copy in time: the put is not acknowledged (reason: which).
     UNAVAILABLE = "unavailable"
+    # Compare-and-swap (if_checksums): the present block is another one, or none is.
+    MISMATCH = "mismatch"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -69,6 +71,7 @@ _PUT_STATUS = {
     pb.ITEM_STATUS_EXPIRED: PutStatus.EXPIRED,
     pb.ITEM_STATUS_CORRUPT: PutStatus.CORRUPT,
     pb.ITEM_STATUS_UNAVAILABLE: PutStatus.UNAVAILABLE,
+    pb.ITEM_STATUS_MISMATCH: PutStatus.MISMATCH,
 }
 PUT_ERRORS: dict[PutStatus, type[errors.KVTierError]] = {
     PutStatus.BUSY: errors.AlreadyExists,
@@ -78,6 +81,7 @@ PUT_ERRORS: dict[PutStatus, type[errors.KVTierError]] = {
     PutStatus.EXPIRED: errors.DeadlineExceeded,
     PutStatus.CORRUPT: errors.Corrupt,
     PutStatus.UNAVAILABLE: errors.Unavailable,
+    PutStatus.MISMATCH: errors.PreconditionFailed,
 }
 #: The reason of a refused key whose node sent none (older nodes; gRPC commits).
 _PUT_MEANINGS = {
@@ -88,6 +92,7 @@ _PUT_MEANINGS = {
     PutStatus.EXPIRED: "the put outlived the node's put timeout; nothing stored",
     PutStatus.CORRUPT: "the bytes the node received do not match their checksum; nothing stored",
     PutStatus.UNAVAILABLE: "write-through: the durable tier did not commit the block's copy",
+    PutStatus.MISMATCH: "compare-and-swap: the present block is another one, or none is",
 }
 
 

@@ -61,6 +61,8 @@ class Node:
     opening: asyncio.Future[dataplane_client.DataPlaneSession] | None = None
     down_until: float = 0.0
     down_for_s: float = 0.0
+    #: What the node advertises in its NodeInfo (kvtier.features), as of the last map refresh.
+    features: frozenset[str] = frozenset()
 
     async def close(self) -> None:
         session, self.session = self.session, None
@@ -212,6 +214,11 @@ class NodeSet:
         """Every known node, by id."""
         return [self._nodes[n] for n in self._node_ids]
 
+    def advertises(self, node_id: str, feature: str) -> bool:
+        """Whether node_id advertised feature (kvtier.features) at the last map refresh."""
+        node = self._nodes.get(node_id)
+        return node is not None and feature in node.features
+
     def owners(self, key: bytes) -> list[str]:
         """The nodes that own key (best first; up to `replicas`). Remembered per key until the
         node list changes: hashing costs ~2.5 µs per key and node, and engines ask about the
@@ -308,6 +315,8 @@ class NodeSet:
                         tokens=self._tokens,
                     ),
                 )
+            # A node restarted with another build keeps its id and address: refreshed each time.
+            self._nodes[node_id].features = frozenset(info.features)
         node_ids = sorted(self._nodes)
         if node_ids != self._node_ids:
             self._owners.clear()

@@ -12,7 +12,7 @@ from typing import IO
 
 import grpc
 
-from kvtier import errors, identity, kvsettings, service
+from kvtier import errors, features, identity, kvsettings, service
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
 from services.kvcache import (
@@ -124,7 +124,10 @@ class _Node:
         return self.tier
 
     async def start_events(self, ctx: service.Context, info: common_pb2.NodeInfo) -> None:
-        """Bind the KV-event sockets and announce them in the NodeInfo (before it registers)."""
+        """Bind the KV-event sockets and announce them in the NodeInfo (before it registers),
+        with what this node does that an older one does not (kvtier.features): clients send
+        compare-and-swap puts only to a node that says so."""
+        info.features.append(features.KVCACHE_COMPARE_AND_SWAP)
         if self.events is not None:
             self.events.start()
             info.kv_events_endpoint = self.events.endpoint

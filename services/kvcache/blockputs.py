@@ -3,8 +3,11 @@
 A call's bytes land straight in freshly allocated extents and are committed when the last one is
 in; over gRPC the caller gets write descriptors, writes, then commits or aborts. Every commit
 checks the bytes against the checksum their writer sent (`integrity`; a mismatch:
-ITEM_STATUS_CORRUPT, nothing stored). Part of `blocks.BlockService`; see the `blocks` module
-docstring. Never imports grpc.
+ITEM_STATUS_CORRUPT, nothing stored). A compare-and-swap put (`if_checksums`: S3 If-Match on
+KV buckets) replaces a key's block only while it is the one its writer read: checked when the
+put begins and again, in the same step as the replacement, at its commit (ITEM_STATUS_MISMATCH,
+nothing stored, otherwise). Part of `blocks.BlockService`; see the `blocks` module docstring.
+Never imports grpc.
 
 In a write-through namespace (`durable.DurableTier.write_through`) a commit first uploads the
 checked bytes and waits for the durable copy (the reply is deferred: an awaitable); a put whose
@@ -27,9 +30,12 @@ _PUT_ERRORS: tuple[tuple[type[errors.KVTierError], pb.ItemStatus.ValueType], ...
     (errors.QuotaExceeded, pb.ITEM_STATUS_QUOTA_EXCEEDED),
     (errors.Overloaded, pb.ITEM_STATUS_NO_SPACE),
     (errors.InvalidArgument, pb.ITEM_STATUS_INVALID),
+    (errors.PreconditionFailed, pb.ITEM_STATUS_MISMATCH),  # compare-and-swap: another block
 )
 #: PutGrant.reason of a CORRUPT put.
 CORRUPT_REASON = "the bytes received do not match the checksum sent with them (nothing stored)"
+#: PutGrant.reason of a compare-and-swap put refused at its commit.
+MISMATCH_REASON = "compare-and-swap: the key's block changed or went meanwhile (nothing stored)"
 
 
 class PutCalls(blockbase.BlockServiceBase):
@@ -67,6 +73,8 @@ class PutCalls(blockbase.BlockServiceBase):
                 if items[index].status == pb.ITEM_STATUS_CORRUPT:
                     items[index].reason = CORRUPT_REASON
                     error = error or _corrupt_error(ticket.key)
+                elif items[index].status == pb.ITEM_STATUS_MISMATCH:
+                    items[index].reason = MISMATCH_REASON
                 del pending[index]
             reply = pb.BatchPutResponse(items=items, error=error, epoch=self._epoch())
             return reply.SerializeToString()
@@ -181,17 +189,22 @@ class PutCalls(blockbase.BlockServiceBase):
             raise errors.InvalidArgument(
                 f"{len(req.keys)} keys but {len(req.checksums)} checksums (give one per key)"
             )
+        if req.if_checksums and len(req.if_checksums) != len(req.keys):
+            raise errors.InvalidArgument(
+                f"{len(req.keys)} keys but {len(req.if_checksums)} if_checksums (one per key)"
+            )
+        swaps: Sequence[int | None] = list(req.if_checksums) or [None] * len(req.keys)
         tags = events.engine_tags(req) or [None] * len(req.keys)  # raises InvalidArgument
         items: list[pb.PutGrant] = []
         tickets: list[block_store.PutTicket | None] = []
         error = ""
-        for key, size, tag in zip(req.keys, sizes, tags, strict=True):
+        for key, size, tag, swap in zip(req.keys, sizes, tags, swaps, strict=True):
             ticket: block_store.PutTicket | None = None
             reason = ""
             try:
                 ticket = self.store.begin_put(
                     tenant, namespace, key, size, overwrite=req.overwrite,
-                    ttl_s=req.ttl_s or None, tag=tag,
+                    ttl_s=req.ttl_s or None, tag=tag, if_checksum=swap,
                 )  # fmt: skip
                 status = pb.ITEM_STATUS_OK if ticket else pb.ITEM_STATUS_EXISTS
             except errors.KVTierError as exc:
@@ -218,14 +231,17 @@ class PutCalls(blockbase.BlockServiceBase):
         outcomes: list[tuple[pb.ItemStatus.ValueType, str]] = []
         uploads: list[tuple[int, block_store.PutTicket, int]] = []
         for ticket, sent, received in entries:
-            if self.store.is_pending(ticket):
+            # A compare-and-swap put whose block changed is refused before its upload (`_commit`
+            # answers MISMATCH): its copy must not replace the durable one.
+            if self.store.is_pending(ticket) and self.store.swap_holds(ticket):
                 if received is None:
                     received = integrity.checksum(self._bytes(ticket.extent))
                 if sent is None or received == sent:
                     uploads.append((len(outcomes), ticket, received))
                     outcomes.append((pb.ITEM_STATUS_UNAVAILABLE, ""))
                     continue
-            status = self._commit(ticket, sent, received)  # CORRUPT or EXPIRED: nothing stored
+            # CORRUPT, EXPIRED or MISMATCH: nothing stored
+            status = self._commit(ticket, sent, received)
             outcomes.append((status, CORRUPT_REASON if status == pb.ITEM_STATUS_CORRUPT else ""))
         try:
             reasons = await self.tier.write_through([(t, c) for _, t, c in uploads])
@@ -269,6 +285,9 @@ class PutCalls(blockbase.BlockServiceBase):
             status = pb.ITEM_STATUS_CORRUPT
         elif received is None:
             status = pb.ITEM_STATUS_EXPIRED
+        elif not self.store.swap_holds(ticket):  # compare-and-swap: the block changed or went
+            self.store.abort(ticket)
+            status = pb.ITEM_STATUS_MISMATCH
         else:
             self.store.commit(ticket, checksum=received, durable=durable)
             status = pb.ITEM_STATUS_OK

@@ -30,11 +30,15 @@ class BlockTable(storebase.StoreBase):
         overwrite: bool = False,
         ttl_s: float | None = None,
         tag: object = None,
+        if_checksum: int | None = None,
     ) -> storetypes.PutTicket | None:
         """Reserve `size` bytes for key; the block is invisible until `commit(ticket)`.
 
         Returns None when key is present and overwrite is False (put-if-absent). With
-        overwrite, the present block stays readable until the commit. Raises InvalidArgument,
+        overwrite, the present block stays readable until the commit. With if_checksum
+        (compare-and-swap; overwrite is then not consulted) the put replaces the present block
+        only if its checksum is that one, checked here and again at the commit:
+        PreconditionFailed when it is another block or none. Raises InvalidArgument,
         AlreadyExists (another put of key is pending), QuotaExceeded (the tenant's pending plus
         committed bytes would pass its quota) or Overloaded (no room even after evicting every
         evictable block).
@@ -50,7 +54,12 @@ class BlockTable(storebase.StoreBase):
         if ident in self._pending_keys:
             state.pending_conflicts += 1
             raise errors.AlreadyExists("a put of this key is already in progress")
-        if not overwrite and self._find(ident, now) is not None:
+        if if_checksum is not None:
+            # Refused before any byte is written; pending puts of a key exclude each other, so
+            # only a delete, the TTL or eviction can change the block before the commit.
+            self._check_swap(ident, if_checksum, now)
+            overwrite = True
+        elif not overwrite and self._find(ident, now) is not None:
             state.put_conflicts += 1
             return None
         if state.quota_bytes is not None and state.held_bytes + size > state.quota_bytes:
@@ -69,6 +78,7 @@ class BlockTable(storebase.StoreBase):
             deadline_s=now + self._put_timeout_s,
             overwrite=overwrite,
             tag=tag,
+            if_checksum=if_checksum,
         )
         self._pending[ticket.ticket_id] = ticket
         self._pending_keys.add(ident)
@@ -85,8 +95,12 @@ class BlockTable(storebase.StoreBase):
         `durable`: the durable tier already holds these very bytes (a read-through), so the
         block is never spilled. `checksum`: the xxh3-64 of its bytes, kept with the block and
         handed to every read lease. Raises NotFound when the ticket is not pending (committed,
-        aborted or expired).
+        aborted or expired), and PreconditionFailed (the put aborted) when a compare-and-swap
+        put's block is no longer the one it expects.
         """
+        if self.is_pending(ticket) and not self.swap_holds(ticket):
+            self.abort(ticket)
+            raise errors.PreconditionFailed("compare-and-swap: the key's block has changed")
         self._take_ticket(ticket)
         now = self._clock()
         ident = (ticket.tenant, ticket.namespace, ticket.key)
@@ -107,6 +121,25 @@ class BlockTable(storebase.StoreBase):
         state = self._tenant(ticket.tenant)
         state.blocks += 1
         state.puts += 1
+
+    def swap_holds(self, ticket: storetypes.PutTicket) -> bool:
+        """Whether a put may replace key's block now: always, unless it is a compare-and-swap
+        put and the visible block is no longer the one it expects (changed or gone)."""
+        if ticket.if_checksum is None:
+            return True
+        ident = (ticket.tenant, ticket.namespace, ticket.key)
+        present = self._find(ident, self._clock())
+        return present is not None and present.checksum == ticket.if_checksum
+
+    def _check_swap(self, ident: storetypes.Ident, if_checksum: int, now: float) -> None:
+        """PreconditionFailed unless ident's visible block has checksum if_checksum."""
+        present = self._find(ident, now)
+        if present is None or present.checksum != if_checksum:
+            raise errors.PreconditionFailed(
+                "compare-and-swap: the key's block is not the one expected"
+                if present is not None
+                else "compare-and-swap: no block of the key is present"
+            )
 
     def mark_durable(self, tenant: str, namespace: str, key: bytes, block_id: int) -> bool:
         """Note that the durable tier now holds the block committed by ticket `block_id` (its

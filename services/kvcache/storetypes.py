@@ -74,6 +74,9 @@ class PutTicket:
     deadline_s: float
     #: The put replaces a present block (rather than put-if-absent).
     overwrite: bool = False
+    #: Compare-and-swap: the xxh3-64 the key's present block must have at commit (None: no
+    #: condition; `BlockTable.commit` refuses the put otherwise).
+    if_checksum: int | None = None
     #: Opaque to the store, kept with the block and handed to the listener (KV events: the
     #: engine's block hashes).
     tag: object = None

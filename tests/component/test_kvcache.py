@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvtier import config, errors, etcdserver, kv, membership
+from kvtier import blocksums, config, errors, etcdserver, kv, membership
 from kvtier.clients import kvcache as kvcache_client
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from kvtier.transport import base
@@ -136,6 +136,44 @@ async def test_put_if_absent_races_between_clients_leave_one_winner(
         finally:
             for c in clients:
                 await c.close()
+
+
+async def test_compare_and_swap_puts_go_only_to_nodes_that_advertise_them(
+    etcd: etcdserver.EtcdServer,
+    etcd_prefix: str,
+    store: membership.EtcdMembership,
+    tmp_path: Path,
+) -> None:
+    """put_batch(if_checksums=...): a node replaces a block only while it is the one named
+    (match: STORED; another block or none: MISMATCH, nothing stored). A node that does not
+    advertise kvcache.compare-and-swap (an older build would drop the condition and overwrite)
+    is never sent one: INVALID, and `compare_and_swap` says so first."""
+    async with (
+        _nodes(1, etcd, etcd_prefix, store, tmp_path) as nodes,
+        await _client(nodes, transports=["tcp"]) as client,
+    ):
+        old, new = b"version one", b"version two"
+        assert await client.put_batch([b"k"], [old]) == [kv.PutStatus.STORED]
+        assert await client.compare_and_swap([b"k", b"absent"])
+        named = blocksums.checksum(old)
+        swapped = await client.put_batch([b"k"], [new], if_checksums=[named])
+        assert swapped == [kv.PutStatus.STORED]
+        for key in (b"k", b"absent"):  # "one" is gone, and "absent" never was
+            late = await client.put_batch([key], [b"late"], if_checksums=[named])
+            assert late == [kv.PutStatus.MISMATCH]
+        out = bytearray(32)
+        assert await client.get_batch([b"k", b"absent"], [out, bytearray(8)]) == [11, None]
+        assert bytes(out[:11]) == new
+        for node in client._set.nodes():  # as an older node's NodeInfo says: nothing
+            node.features = frozenset()
+        assert not await client.compare_and_swap([b"k"])
+        (result,) = await client.put_batch_results(
+            [b"k"], [b"unchecked"], if_checksums=[blocksums.checksum(new)]
+        )
+        assert result.status is kv.PutStatus.INVALID
+        assert "compare-and-swap" in result.reason
+        assert await client.get_batch([b"k"], [out]) == [11]
+        assert bytes(out[:11]) == new
 
 
 async def test_prefix_lookup_across_nodes_matches_a_model(

@@ -9,7 +9,7 @@ from typing import Any
 import prometheus_client
 import pytest
 
-from kvtier import errors, principal
+from kvtier import blocksums, errors, principal
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from kvtier.transport import base
 from services.kvcache import blocks, metrics, servicer
@@ -187,6 +187,79 @@ def test_simple_calls_and_stats(service: blocks.BlockService) -> None:
     assert stats.blocks == 3
     assert stats.puts == 3
     service.sweep()
+
+
+def _swap_plan(svc: blocks.BlockService, key: bytes, data: bytes, if_checksum: int) -> Any:
+    """A compare-and-swap put's call of key, begun: its plan (the bytes not yet in)."""
+    request = pb.BatchPutRequest(
+        namespace=pb.Namespace(name="m"), keys=[key], if_checksums=[if_checksum]
+    )
+    plan = _now(
+        svc.handle_call(
+            ALICE, pb.CALL_METHOD_BATCH_PUT, request.SerializeToString(), [len(data)], []
+        )
+    )
+    if plan.sinks[0] is not None:
+        plan.sinks[0].view()[:] = data
+    return plan
+
+
+def _finish(plan: Any) -> pb.PutGrant:
+    received = plan.on_received()
+    assert isinstance(received, bytes)
+    plan.on_done(True)
+    (item,) = pb.BatchPutResponse.FromString(received).items
+    return item
+
+
+def test_a_compare_and_swap_put_replaces_only_the_block_it_names(
+    service: blocks.BlockService,
+) -> None:
+    """if_checksums (S3 If-Match on KV buckets): the block is replaced only while it is the one
+    whose xxh3-64 the writer names; another block, or none, is MISMATCH and nothing is stored
+    (an older node would drop the field and overwrite)."""
+    _put(service, ALICE, [b"k"], [b"first"])
+    first = blocksums.checksum(b"first")
+    assert _finish(_swap_plan(service, b"k", b"second", first)).status == pb.ITEM_STATUS_OK
+    assert _get(service, ALICE, [b"k"], 16)[1] == [b"second"]
+    # A second writer that read "first" too loses: refused before any byte is taken.
+    stale = _swap_plan(service, b"k", b"third", first)
+    assert stale.sinks[0] is None
+    assert _finish(stale).status == pb.ITEM_STATUS_MISMATCH
+    assert _get(service, ALICE, [b"k"], 16)[1] == [b"second"]
+    # No block: refused, nothing stored.
+    assert _finish(_swap_plan(service, b"gone", b"x", first)).status == pb.ITEM_STATUS_MISMATCH
+    assert service.store.exists("alice", "m", [b"gone"]) == [False]
+    # Checked again at the commit: the block deleted meanwhile refuses the put there.
+    late = _swap_plan(service, b"k", b"fourth", blocksums.checksum(b"second"))
+    service.store.delete("alice", "m", [b"k"])
+    item = _finish(late)
+    assert item.status == pb.ITEM_STATUS_MISMATCH
+    assert "compare-and-swap" in item.reason
+    assert service.store.exists("alice", "m", [b"k"]) == [False]
+    assert service.stats("alice").pending_puts == 0
+    # Over gRPC: refused at the grant (no descriptor), or granted and committed.
+    _put(service, ALICE, [b"g"], [b"one"])
+    ns = pb.Namespace(tenant="alice", name="m")
+
+    def grant(checksum: int) -> pb.PutGrant:
+        request = pb.BatchPutRequest(
+            namespace=ns, keys=[b"g"], sizes=[3], principal=ALICE, if_checksums=[checksum]
+        )
+        return service.grant_puts(request).items[0]
+
+    assert grant(first).status == pb.ITEM_STATUS_MISMATCH
+    granted = grant(blocksums.checksum(b"one"))
+    assert granted.status == pb.ITEM_STATUS_OK
+    done = service.commit_puts(pb.CommitPutsRequest(namespace=ns, put_ids=[granted.put_id]))
+    assert isinstance(done, pb.CommitPutsResponse)
+    assert list(done.statuses) == [pb.ITEM_STATUS_OK]
+    with pytest.raises(errors.InvalidArgument, match="if_checksums"):
+        service.grant_puts(
+            pb.BatchPutRequest(
+                namespace=ns, keys=[b"g"], sizes=[3], principal=ALICE, if_checksums=[1, 2]
+            )
+        )
 
 
 # Tenant scoping (issue 13): the tenant comes from the caller, never from the request.

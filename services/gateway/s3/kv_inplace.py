@@ -6,7 +6,8 @@ Where the bucket's node is reached over a transport that takes a call's bytes in
 mapped in this process, is filled from the HTTP body as it arrives: the version id, then the
 bytes. The digests are computed over the extent; only then, and only when they match, is the
 call completed (the node commits the block; with If-None-Match the metadata block is claimed
-first, while the data block is still uncommitted), else it is released unfinished and the node
+first, and with If-Match swapped, while the data block is still uncommitted), else it is
+released unfinished and the node
 aborts it: a bad digest, a body cut short or too long, a client gone, a claim lost, all store
 nothing and free the extent. The node checksums the block itself (xxh3, as for any bytes it did
 not see checksummed by an SDK).
@@ -18,7 +19,8 @@ lease, so that no byte is ever written into an extent the node has given up on):
 pauses longer than `body.SLOT_IDLE_S`, or is not in by then, moves its bytes so far out of the
 extent (`Stalled`; trailers late: into a blob), the put is aborted and the body read into a
 blob as before (`kv_layout.receive`). Everything else (unknown sizes, larger bodies, other
-transports) takes that path too.
+transports) takes that path too. With If-Match the metadata block is swapped for the new one
+(`kv_layout.swap_meta`) where If-None-Match claims it: a writer that loses stores nothing.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from collections.abc import Mapping, Sequence
 
 from kvtier import errors, kv
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
-from services.gateway import objectlayer
+from services.gateway import conditional, objectlayer
 from services.gateway.s3 import kv_layout, s3errors
 
 #: The largest body read in place: engine KV blocks (2 MiB for NIXL's OBJ backend) and more,
@@ -64,9 +66,11 @@ async def put_in_place(
     md5: bool,
     if_none_match: bool,
     ttl_s: float | None,
+    matched: bytes | None = None,
 ) -> dict[str, str] | kv_layout.Blob | None:
     """Store body as object key in place (see the module docstring): its checksums, info
-    completed (size, ETag, time, checksums; the version id recorded). Where it cannot be done
+    completed (size, ETag, time, checksums; the version id recorded); matched: the metadata
+    block If-Match was checked against (`kv_layout.check_if_match`). Where it cannot be done
     in place, before any byte was stored: None (the caller reads the body into a blob) or a
     blob holding all of the body's bytes (its trailers still to read: `kv_layout.receive`'s
     read). Raises as `kv_layout.receive` and `kv_layout.store_object` do."""
@@ -76,6 +80,7 @@ async def put_in_place(
     version = secrets.token_bytes(kv_layout.VERSION_BYTES)
     found: dict[str, str] = {}
     meta: list[bytes] = []
+    swapped: list[bool] = []
 
     async def fill(views: Sequence[memoryview | None]) -> None:
         (view,) = views
@@ -104,6 +109,8 @@ async def put_in_place(
         meta.append(kv_layout.encode_info(info, version))
         if if_none_match:  # claimed before the data block is committed, as `store_object`
             await _claim(client, key, meta[0], ttl_s)
+        elif matched is not None:  # swapped before it, likewise (False: an older node)
+            swapped.append(await kv_layout.swap_meta(client, key, matched, meta[0], ttl_s=ttl_s))
         found.update(sums)
 
     data_key, _ = kv_layout.object_keys(key)
@@ -111,14 +118,22 @@ async def put_in_place(
         result = await client.put_filled(
             data_key, kv_layout.VERSION_BYTES + size, fill, overwrite=True, ttl_s=ttl_s
         )
+        if result is not None:
+            if result.status == kv.PutStatus.BUSY and (if_none_match or matched is not None):
+                # Another write of the key is in flight: S3's answer to a conditional write then.
+                raise s3errors.S3Error(conditional.CONFLICT, kv_layout.CONFLICT_TEXT)
+            kv_layout.stored(result.status)
     except objectlayer.Stalled:  # its bytes so far are in the body's spill: read on there
         return None
     except _Late as late:
         return late.blob
+    except BaseException:
+        if swapped[:1] == [True] and matched is not None:  # the data block was not replaced:
+            await kv_layout.restore_meta(client, key, meta[0], matched, ttl_s=ttl_s)  # as it was
+        raise
     if result is None:
         return None
-    kv_layout.stored(result.status)
-    if not if_none_match:
+    if not if_none_match and swapped[:1] != [True]:
         (status,) = await client.put_batch(
             [kv_layout.meta_key(key)], meta, overwrite=True, ttl_s=ttl_s
         )

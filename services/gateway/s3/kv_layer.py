@@ -165,15 +165,16 @@ class KVLayer:
         many as come; EntityTooLarge past `kv_layout.MAX_KV_OBJECT_BYTES`, before any byte for
         a known size, once it is passed for a chunked one), check its digests
         (DigestMismatch), then store it: the data blocks, then the metadata block (claimed
-        first with if_none_match: PreconditionFailed when taken; if_match is checked before
-        the write: `kv_layout.check_if_match`); the blocks live as long as
+        first with if_none_match: PreconditionFailed when taken; with if_match swapped first
+        for the one that matched, `kv_layout.check_if_match`: PreconditionFailed when another
+        write got there first); the blocks live as long as
         the bucket's lifecycle rules say. The ETag is the MD5 unless not md5 (the body's
         trailing checksum vouched for it: `kv_layout.version_etag`)."""
         most = kv_layout.MAX_KV_OBJECT_BYTES
         if body.size > most:
             raise kv_layout.too_large(most)
         info, client = await self.bucket(req.bucket)
-        await kv_layout.check_if_match(client, req.key, req.if_match)
+        matched = await kv_layout.check_if_match(client, req.key, req.if_match)
         done: dict[str, str] | kv_layout.Blob | None = None
         if body.size >= 0:  # a small body of known size goes straight into the node's memory
             stored = pb.ObjectInfo(
@@ -182,7 +183,7 @@ class KVLayer:
             done = await kv_inplace.put_in_place(
                 client, req.key, body, stored, algorithms=req.checksum_algorithms,
                 expected=req.expected_checksums, expected_md5=req.expected_md5, md5=md5,
-                if_none_match=req.if_none_match,
+                if_none_match=req.if_none_match, matched=matched,
                 ttl_s=self._ttl_s(info, req.key, body.size, req.headers.tags),
             )  # fmt: skip
             if isinstance(done, dict):
@@ -202,8 +203,9 @@ class KVLayer:
         )  # fmt: skip
         ttl_s = self._ttl_s(info, req.key, blob.size, req.headers.tags)
         await kv_layout.store_object(
-            client, req.key, blob, stored, if_none_match=req.if_none_match, ttl_s=ttl_s
-        )
+            client, req.key, blob, stored, if_none_match=req.if_none_match, matched=matched,
+            ttl_s=ttl_s,
+        )  # fmt: skip
         stored.checksums.clear()  # the version id the metadata block carries is not one
         stored.checksums.update(sums)
         return stored

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import secrets
 from collections.abc import Mapping, Sequence
 
-from kvtier import checksums, errors, kv
+import prometheus_client
+
+from kvtier import blocksums, checksums, errors, kv
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from services.gateway import conditional, objectlayer
 from services.gateway.s3 import s3errors
@@ -64,6 +67,20 @@ _INLINE_CRCS = frozenset({"CRC32C", "CRC64NVME"})
 _INLINE_CRC_BYTES = 4 << 20
 #: The first read of a body of unknown length (the blocks then double as it keeps coming).
 _FIRST_READ_BYTES = 1 << 20
+
+#: The message of a conditional write refused because another write of the key is in flight
+#: (S3's 409 ConditionalRequestConflict: the client may retry).
+CONFLICT_TEXT = "A conflicting conditional operation is currently in progress; please retry"
+
+log = logging.getLogger(__name__)
+
+KV_CONDITIONAL = prometheus_client.Counter(
+    "kvtier_gateway_kv_conditional_writes_total",
+    "If-Match writes to KV buckets by how the condition was held: atomic (compare-and-swap of "
+    "the metadata block on its node) or checked (read, then written: an owner node that does "
+    "not advertise kvcache.compare-and-swap, during a rolling upgrade)",
+    ["held"],
+)
 
 
 class Blob:
@@ -157,6 +174,13 @@ async def read_info(client: kv.AsyncKVClient, key: bytes) -> pb.ObjectInfo | Non
     """A metadata block (of an object or a part), None when absent."""
     (info,) = await read_infos(client, [key])
     return info
+
+
+async def read_meta(client: kv.AsyncKVClient, key: bytes) -> bytes | None:
+    """A metadata block's bytes as stored, None when absent."""
+    buffer = bytearray(META_MAX_BYTES)
+    (size,) = await client.get_batch([key], [buffer])
+    return None if size is None else bytes(buffer[:size])
 
 
 async def read_infos(client: kv.AsyncKVClient, keys: Sequence[bytes]) -> list[pb.ObjectInfo | None]:
@@ -256,18 +280,19 @@ async def read_blob(
     return blob if blob.intact(sizes) else None
 
 
-async def check_if_match(client: kv.AsyncKVClient, key: str, if_match: str) -> None:
+async def check_if_match(client: kv.AsyncKVClient, key: str, if_match: str) -> bytes | None:
     """A write's If-Match (if_match; "": none) against the object's metadata block: NoSuchKey
-    when there is none, PreconditionFailed when its ETag differs. Checked before the write,
-    not atomically with it (docs/s3.md, "Conditional writes": KV nodes have no
-    compare-and-swap put yet; put-if-absent makes If-None-Match: * atomic)."""
+    when there is none, PreconditionFailed when its ETag differs; else the block's bytes, for
+    `store_object` to replace only while they are still there (compare-and-swap). None
+    without If-Match."""
     if not if_match:
-        return
-    info = await read_info(client, meta_key(key))
-    if info is None:
+        return None
+    meta = await read_meta(client, meta_key(key))
+    if meta is None:
         raise errors.NotFound("The specified key does not exist.", reason="NoSuchKey")
-    if not conditional.etag_named(if_match, info.etag):
+    if not conditional.etag_named(if_match, pb.ObjectInfo.FromString(meta).etag):
         raise errors.PreconditionFailed(f"{key}: If-Match does not match")
+    return meta
 
 
 async def store_object(
@@ -277,11 +302,15 @@ async def store_object(
     info: pb.ObjectInfo,
     *,
     if_none_match: bool,
+    matched: bytes | None = None,
     ttl_s: float | None = None,
 ) -> None:
-    """Make blob the object key: the data blocks, then the metadata block (put-if-absent
-    with If-None-Match: * claims the metadata block first: PreconditionFailed when taken);
-    every block expires after ttl_s (None: never; the bucket's lifecycle rules)."""
+    """Make blob the object key: the data blocks, then the metadata block; with a condition
+    the metadata block is taken first, so that a writer that loses stores nothing (the data
+    blocks are the key's, not the version's): If-None-Match: * puts it if absent, If-Match
+    (matched: the metadata block `check_if_match` read) swaps it for the new one only while
+    it is still that one (`swap_meta`); PreconditionFailed otherwise. Every block expires
+    after ttl_s (None: never; the bucket's lifecycle rules)."""
     meta = encode_info(info, blob.version)
     if if_none_match:
         (claimed,) = await client.put_batch([meta_key(key)], [meta], ttl_s=ttl_s)
@@ -291,10 +320,57 @@ async def store_object(
             )
         stored(claimed)
         await write_blob(client, object_keys(key), blob, ttl_s=ttl_s)
+    elif matched is not None and await swap_meta(client, key, matched, meta, ttl_s=ttl_s):
+        try:
+            await write_blob(client, object_keys(key), blob, ttl_s=ttl_s)
+        except BaseException:
+            # The old data blocks are intact unless one was replaced: put the old metadata
+            # block back (only while it is still ours), and the object is what it was.
+            await restore_meta(client, key, meta, matched, ttl_s=ttl_s)
+            raise
     else:
         await write_blob(client, object_keys(key), blob, ttl_s=ttl_s)
         (status,) = await client.put_batch([meta_key(key)], [meta], overwrite=True, ttl_s=ttl_s)
         stored(status)
+
+
+async def swap_meta(
+    client: kv.AsyncKVClient, key: str, matched: bytes, meta: bytes, *, ttl_s: float | None
+) -> bool:
+    """Replace key's metadata block matched (what If-Match was checked against) with meta,
+    atomically on its node (compare-and-swap on matched's checksum): True when swapped;
+    PreconditionFailed when another write replaced or deleted it since (409
+    ConditionalRequestConflict while another put of it is in flight). False where an owner
+    node does not advertise compare-and-swap (a rolling upgrade): nothing done, and the caller
+    writes as without a condition, which was checked before, not atomically (counted)."""
+    keys = [meta_key(key)]
+    if not await client.compare_and_swap(keys):
+        KV_CONDITIONAL.labels("checked").inc()
+        return False
+    KV_CONDITIONAL.labels("atomic").inc()
+    (status,) = await client.put_batch(
+        keys, [meta], if_checksums=[blocksums.checksum(matched)], ttl_s=ttl_s
+    )
+    # EXISTS: a node that dropped the condition refused the present block (overwrite is off).
+    if status in (kv.PutStatus.MISMATCH, kv.PutStatus.EXISTS):
+        raise s3errors.S3Error("PreconditionFailed", "At least one of the pre-conditions failed")
+    if status == kv.PutStatus.BUSY:
+        raise s3errors.S3Error(conditional.CONFLICT, CONFLICT_TEXT)
+    stored(status)
+    return True
+
+
+async def restore_meta(
+    client: kv.AsyncKVClient, key: str, meta: bytes, old: bytes, *, ttl_s: float | None
+) -> None:
+    """Put key's metadata block old back where meta (this write's, whose data blocks failed)
+    is still the one there; best effort (logged)."""
+    try:
+        await client.put_batch(
+            [meta_key(key)], [old], if_checksums=[blocksums.checksum(meta)], ttl_s=ttl_s
+        )
+    except Exception:  # the write's own error is what the caller reports
+        log.warning("restoring the metadata block of KV object %r failed", key, exc_info=True)
 
 
 async def fetch_object(client: kv.AsyncKVClient, key: str) -> tuple[pb.ObjectInfo, Blob]:

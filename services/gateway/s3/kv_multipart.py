@@ -240,9 +240,9 @@ async def _complete(
         kv_layout.keep_part_checksums(info, algorithm, part_sums)
     kv_layout.keep_part_sizes(info, [i.size for i in infos])  # GetObject's partNumber
     kv_layout.keep_upload_id(info, req.upload_id)  # Complete sent again answers it
-    await kv_layout.check_if_match(client, req.key, req.if_match)
+    matched = await kv_layout.check_if_match(client, req.key, req.if_match)
     await kv_layout.store_object(
-        client, req.key, blob, info, if_none_match=req.if_none_match,
+        client, req.key, blob, info, if_none_match=req.if_none_match, matched=matched,
         ttl_s=ttl_s(blob.size, record.headers.tags),
     )  # fmt: skip
     await _discard(client, req.upload_id)

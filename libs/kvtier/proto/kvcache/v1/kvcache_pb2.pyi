@@ -101,6 +101,8 @@ class _ItemStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ItemStatus
     """put: the bytes that arrived do not match the block's checksum (nothing stored)"""
     ITEM_STATUS_UNAVAILABLE: _ItemStatus.ValueType  # 11
     """put, write-through namespace: the durable tier did not commit the block's copy in time (not stored in DRAM)"""
+    ITEM_STATUS_MISMATCH: _ItemStatus.ValueType  # 12
+    """compare-and-swap put (if_checksums): the present block is another one, or none is (nothing stored)"""
 
 class ItemStatus(_ItemStatus, metaclass=_ItemStatusEnumTypeWrapper):
     """The outcome for one key."""
@@ -128,6 +130,8 @@ ITEM_STATUS_CORRUPT: ItemStatus.ValueType  # 10
 """put: the bytes that arrived do not match the block's checksum (nothing stored)"""
 ITEM_STATUS_UNAVAILABLE: ItemStatus.ValueType  # 11
 """put, write-through namespace: the durable tier did not commit the block's copy in time (not stored in DRAM)"""
+ITEM_STATUS_MISMATCH: ItemStatus.ValueType  # 12
+"""compare-and-swap put (if_checksums): the present block is another one, or none is (nothing stored)"""
 Global___ItemStatus: _TypeAlias = ItemStatus  # noqa: Y015
 
 class _Durability:
@@ -192,6 +196,7 @@ class BatchPutRequest(_message.Message):
     CHECKSUMS_FIELD_NUMBER: _builtins.int
     ENGINE_HASHES_FIELD_NUMBER: _builtins.int
     ENGINE_PARENT_HASHES_FIELD_NUMBER: _builtins.int
+    IF_CHECKSUMS_FIELD_NUMBER: _builtins.int
     overwrite: _builtins.bool
     """Replace present blocks (default: put-if-absent)."""
     ttl_s: _builtins.float
@@ -222,6 +227,16 @@ class BatchPutRequest(_message.Message):
 
     @_builtins.property
     def engine_parent_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    @_builtins.property
+    def if_checksums(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Compare-and-swap (nodes advertising `kvcache.compare-and-swap`): one per key, or empty.
+        Each key's block is replaced only if a block of that key is present and its xxh3-64 is
+        this one (the writer read those very bytes), checked when the put begins and again,
+        atomically with the replacement, when it commits; otherwise ITEM_STATUS_MISMATCH and
+        nothing is stored (`overwrite` is not consulted). An older node drops this field: a
+        client sends it only to nodes that advertise the feature.
+        """
+
     def __init__(
         self,
         *,
@@ -234,10 +249,11 @@ class BatchPutRequest(_message.Message):
         checksums: _abc.Iterable[_builtins.int] | None = ...,
         engine_hashes: _abc.Iterable[_builtins.bytes] | None = ...,
         engine_parent_hashes: _abc.Iterable[_builtins.bytes] | None = ...,
+        if_checksums: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["namespace", b"namespace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksums", b"checksums", "engine_hashes", b"engine_hashes", "engine_parent_hashes", b"engine_parent_hashes", "keys", b"keys", "namespace", b"namespace", "overwrite", b"overwrite", "principal", b"principal", "sizes", b"sizes", "ttl_s", b"ttl_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksums", b"checksums", "engine_hashes", b"engine_hashes", "engine_parent_hashes", b"engine_parent_hashes", "if_checksums", b"if_checksums", "keys", b"keys", "namespace", b"namespace", "overwrite", b"overwrite", "principal", b"principal", "sizes", b"sizes", "ttl_s", b"ttl_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
