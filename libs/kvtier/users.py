@@ -339,11 +339,33 @@ class UserCache:
         self._remembered: dict[str, tuple[float, User | None]] = {}
         self._snapshots = 0
         self._synced = asyncio.Event()
+        self._tenants: frozenset[str] = frozenset()
+        self._tenants_read: tuple[float, frozenset[str]] = (float("-inf"), frozenset())
+        self._tenants_lock = asyncio.Lock()
 
     @property
     def synced(self) -> bool:
         """Whether the watch has delivered its first snapshot."""
         return self._synced.is_set()
+
+    async def has_tenant(self, tenant: str) -> bool | None:
+        """Whether tenant has a user: from the watch, else (a user created an instant ago)
+        from etcd, read at most once per miss_ttl_s (a flood of unknown tenants costs etcd no
+        more); None where it cannot tell (before the watch's first snapshot, etcd down)."""
+        if not self.synced:
+            return None
+        if tenant in self._tenants:
+            return True
+        async with self._tenants_lock:
+            until, read = self._tenants_read
+            if self._clock() >= until:
+                try:
+                    records = await self._store.records()
+                except errors.Unavailable:
+                    return None
+                read = frozenset(record.tenant for _, record in records.values())
+                self._tenants_read = (self._clock() + self._miss_ttl_s, read)
+        return tenant in read or tenant in self._tenants
 
     async def wait_synced(self) -> None:
         """Return once the watch has delivered its first snapshot (the caller bounds the wait)."""
@@ -367,6 +389,7 @@ class UserCache:
             else:
                 watched[access_key] = (revision, self._open(record))
         self._watched = watched
+        self._tenants = frozenset(record.tenant for _, record in snapshot.values())
         self._remembered.clear()
         self._snapshots += 1
         self._synced.set()

@@ -150,7 +150,9 @@ class _Gateway:
             return
         assert self.users is not None
         authenticator = s3_auth.Authenticator(
-            s3_auth.user_lookup(self.users), region=self.cfg.s3_region
+            s3_auth.user_lookup(self.users),
+            region=self.cfg.s3_region,
+            tenants=self.users.has_tenant,
         )
         self.access = s3_access_log.AccessLog(self.cfg.s3_access_log)
         s3 = s3_server.S3Server(

@@ -27,7 +27,8 @@ class Admission:
     once it checked the grant for the request's operation (`s3.acl_ops`); gRPC callers never
     are. Scopes: "read" (list the objects), "write" (put, delete and multipart-upload
     objects), "object" (read an object or its ACL, or set its ACL: `check_object` decides on
-    the version's own ACL), "read_acp" / "write_acp" (the bucket's ACL)."""
+    the version's own ACL), "read_acp" / "write_acp" (the bucket's ACL), `OWN` (nothing: the
+    caller's own bucket, admitted for `source` alone)."""
 
     bucket: str
     scope: str
@@ -36,6 +37,13 @@ class Admission:
     #: Whether a missing object may be told apart (NoSuchKey) from a refusal (AccessDenied):
     #: the caller may list the bucket.
     may_list: bool = False
+    #: A copy's source bucket, when the caller may not use it (CopyObject, UploadPartCopy): an
+    #: "object" admission there, which only the front's copy-source reads honour.
+    source: Admission | None = None
+
+
+#: The scope of an admission to the caller's own bucket (it carries a copy's `source` only).
+OWN = "own"
 
 
 _admission: contextvars.ContextVar[Admission | None] = contextvars.ContextVar(

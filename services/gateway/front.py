@@ -20,8 +20,9 @@ one, another tenant's user) to one bucket for one scope, once an ACL grant allow
 operation (`Admission`, `admit`; `s3.acl_ops`): listing ("read"), writing objects ("write"),
 reading an object or its ACL, or setting its ACL, as the version's own ACL decides ("object",
 checked here on the resolved version), the bucket's ACL ("read_acp", "write_acp"). Only the
-methods that name a scope honour it; a copy's source, deleting the bucket, its other
-configuration and multipart listings stay `bucket_for`'s.
+methods that name a scope honour it; deleting the bucket, its other configuration and
+multipart listings stay `bucket_for`'s. A copy's source is read as the admission's `source`
+allows (its version's ACL checked on the version copied), else `bucket_for`'s.
 
 **Names.** Users see a bucket's name; the engine, listings, multipart uploads and healing work
 on its storage name (`names.storage_name`: `<name>@<storage_id>`), resolved here, so the objects
@@ -41,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from google.protobuf import message
@@ -50,6 +51,7 @@ from kvtier import buckets, clustermap, errors, names, principal, tracing
 from kvtier import security as security_mod
 from kvtier.clients import metadata as metadata_client
 from kvtier.proto.common.v1 import acl_pb2, common_pb2
+from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
 from kvtier.transport import base, calls, dataplane
@@ -97,12 +99,15 @@ def _with(req: M, **fields: str) -> M:
 # Who may use what lives in `access`; its names are re-exported here for importers.
 KV_ROLE = access.KV_ROLE
 Admission = access.Admission
+OWN = access.OWN
 admit = access.admit
 unadmit = access.unadmit
 may_use = access.may_use
 may_use_durable = access.may_use_durable
 owner_of = access.owner_of
 _denied = access.denied
+#: Raises unless the caller may read the version of a copy's source found (`_copy_source`).
+_SourceCheck = Callable[[datanode_pb2.ShardMeta], None]
 
 
 class ObjectFront:
@@ -259,7 +264,7 @@ class ObjectFront:
         admission = access.current()
         if admission is None or admission.bucket != name or name == names.KV_DURABLE_BUCKET:
             return None
-        if scope != "any" and admission.scope != scope:
+        if admission.scope == access.OWN or (scope != "any" and admission.scope != scope):
             return None
         return await self.bucket_info(name)
 
@@ -280,11 +285,18 @@ class ObjectFront:
         info = await self._granted(name, scope)
         return info if info is not None else await self.bucket_for(name)
 
-    async def _admitted_object(self, bucket: str, key: str) -> tuple[str, Admission] | None:
+    async def _admitted_object(
+        self, bucket: str, key: str, *, source: bool = False
+    ) -> tuple[str, Admission] | None:
         """(storage name, admission) when the request was admitted to bucket's objects by
-        their own ACLs."""
-        info = await self._granted(bucket, "object")
+        their own ACLs (source: as a copy's source, `Admission.source`)."""
         admission = access.current()
+        if source:
+            admission = admission.source if admission is not None else None
+            if admission is None or admission.bucket != bucket or bucket == names.KV_DURABLE_BUCKET:
+                return None
+            return storage(await self.bucket_info(bucket)), admission
+        info = await self._granted(bucket, "object")
         if info is None or admission is None or admission.check_object is None:
             return None
         return storage(info), admission
@@ -424,12 +436,15 @@ class ObjectFront:
             return
         await self.engine.abort_put(req)
 
-    async def resolve(self, bucket: str, key: str, version_id: str = "") -> versions.Resolved:
+    async def resolve(
+        self, bucket: str, key: str, version_id: str = "", *, source: bool = False
+    ) -> versions.Resolved:
         """The current version (version_id: that S3 version) of an object of a bucket the
         caller may use, or of one whose own ACL admits the request (PermissionDenied
         otherwise, and for a missing object when the caller may not list the bucket);
-        versions.DeleteMarker (a NotFound) for a delete marker."""
-        admitted = await self._admitted_object(bucket, key)
+        versions.DeleteMarker (a NotFound) for a delete marker. source: read as a copy's
+        source (`Admission.source`)."""
+        admitted = await self._admitted_object(bucket, key, source=source)
         if admitted is None:
             stored = await self.storage_of(bucket)
             return await self.engine.resolve(stored, key, version_id=version_id)
@@ -476,12 +491,26 @@ class ObjectFront:
 
     async def copy_object(self, req: pb.CopyObjectRequest) -> pb.ObjectInfo:
         """A server-side copy between buckets the caller may use (into one a WRITE grant
-        admits it to; never from one: the source is the caller's own)."""
-        src = await self.storage_of(req.src_bucket)
+        admits it to; from one its admission's `source` admits it to)."""
+        src, check = await self._copy_source(req.src_bucket)
         info = await self._info_for(req.dst_bucket, "write")
         copy = _with(req, src_bucket=src, dst_bucket=storage(info))
         versions.mark_versioning(copy.headers, info.versioning.status)
-        return await self.engine.copy(copy, owner=owner_of(principal.current()))
+        return await self.engine.copy(copy, owner=owner_of(principal.current()), check=check)
+
+    async def _copy_source(self, bucket: str) -> tuple[str, _SourceCheck | None]:
+        """(storage name, the check of the version copied: None for the caller's own bucket)
+        of a copy's source bucket."""
+        admitted = await self._admitted_object(bucket, "", source=True)
+        if admitted is None:
+            return await self.storage_of(bucket), None
+        check_object = admitted[1].check_object
+        assert check_object is not None  # a source admission is an "object" one
+
+        def check(meta: datanode_pb2.ShardMeta) -> None:
+            check_object(meta.acl)
+
+        return admitted[0], check
 
     async def list_objects(self, req: pb.ListObjectsRequest) -> pb.ListObjectsResponse:
         """A page of a bucket's objects."""
@@ -518,11 +547,13 @@ class ObjectFront:
         )
 
     async def copy_part(self, req: pb.UploadPartCopyRequest) -> pb.UploadPartCopyResponse:
-        """A part copied from another object (the source's bucket the caller's own)."""
+        """A part copied from another object (its bucket as copy_object's source)."""
         stored = await self._storage_for(req.bucket, "write")
-        src = await self.storage_of(req.src_bucket)
+        src, check = await self._copy_source(req.src_bucket)
         return await self.multipart.copy_part(
-            _with(req, bucket=stored, src_bucket=src), owner=owner_of(principal.current())
+            _with(req, bucket=stored, src_bucket=src),
+            owner=owner_of(principal.current()),
+            check=check,
         )
 
     async def complete_multipart(

@@ -254,14 +254,20 @@ class Multipart:
         )
 
     async def copy_part(
-        self, req: pb.UploadPartCopyRequest, *, owner: str = ""
+        self,
+        req: pb.UploadPartCopyRequest,
+        *,
+        owner: str = "",
+        check: Callable[[datanode_pb2.ShardMeta], None] | None = None,
     ) -> pb.UploadPartCopyResponse:
         """A part made of (a range of) another object (src_version_id: that S3 version of
-        it), copied through the gateway (a write of owner's)."""
+        it), copied through the gateway (a write of owner's); check: as `ObjectEngine.copy`'s."""
         found = await self._engine.resolve(
             req.src_bucket, req.src_key, version_id=req.src_version_id
         )
         src = found.meta
+        if check is not None:
+            check(src)
         if req.src_if_match and req.src_if_match.strip('"') != src.etag:
             raise errors.PreconditionFailed(f"{req.src_bucket}/{req.src_key}: ETag is {src.etag}")
         start, end = (req.range_start, req.range_end) if req.has_range else (0, src.size - 1)

@@ -28,8 +28,8 @@ from kvtier.proto.common.v1 import acl_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
+from services.gateway import access, multipart, objects, versionlisting, versions
 from services.gateway import front as front_mod
-from services.gateway import multipart, objects, versionlisting, versions
 
 #: Where a read's bytes go, a piece at a time (a piece's view is valid only during the call).
 Sink = Callable[[memoryview], Awaitable[None]]
@@ -439,8 +439,15 @@ class ErasureLayer:
         self, bucket: str, key: str, tags: Mapping[str, str], version_id: str = ""
     ) -> pb.ObjectInfo:
         """Replace a version's tags in place, on each drive of its set (`MetaUpdater.update`:
-        NoSuchKey, NoSuchVersion, versions.DeleteMarker); the caller's own bucket only."""
-        stored = await self.front.storage_of(bucket)
+        NoSuchKey, NoSuchVersion, versions.DeleteMarker); the caller's own bucket, or an object
+        the request was admitted to (a bucket policy's Allow, `s3.acl_ops.POLICY_ONLY`: the
+        front's resolve checks that admission, as set_acl's does)."""
+        admission = access.current()
+        if admission is not None and admission.bucket == bucket and admission.scope == "object":
+            await self.front.resolve(bucket, key, version_id)  # AccessDenied, NotFound
+            stored = front_mod.storage(await self.front.request_bucket(bucket))
+        else:
+            stored = await self.front.storage_of(bucket)
         update = self.front.engine.meta_updater.update
         return versions.info(await update(stored, key, tags=dict(tags), version_id=version_id))
 

@@ -47,12 +47,21 @@ class ObjectEngine(objectwrites.ObjectWrites):
 
     # Copy.
 
-    async def copy(self, req: pb.CopyObjectRequest, *, owner: str = "") -> pb.ObjectInfo:
+    async def copy(
+        self,
+        req: pb.CopyObjectRequest,
+        *,
+        owner: str = "",
+        check: Callable[[datanode_pb2.ShardMeta], None] | None = None,
+    ) -> pb.ObjectInfo:
         """Server-side copy (storage names; the write is owner's): the source's stripes are
         read into a slot and written from there, one call's worth at a time (the
-        destination's layout may differ)."""
+        destination's layout may differ). check: raises unless the caller may read the
+        source version found (its ACL), before anything is written."""
         found = await self.resolve(req.src_bucket, req.src_key, version_id=req.src_version_id)
         src = found.meta
+        if check is not None:
+            check(src)
         headers = req.headers if req.replace_headers else versions.info(src).headers
         if not req.replace_headers:  # a copy's ACL is the request's, never the source's
             headers.acl.CopyFrom(req.headers.acl)

@@ -111,7 +111,8 @@ def _code(body: bytes) -> str:
     return body.partition(b"<Code>")[2].partition(b"</Code>")[0].decode()
 
 
-def test_canned_and_explicit_bucket_acls(owner: Any) -> None:
+def test_canned_and_explicit_bucket_acls(owner: Any, other: Any, third: Any) -> None:
+    """(other and third: their tenants have users, as a grant to them needs.)"""
     owner.create_bucket(Bucket="acl-canned", ACL="public-read")
     policy = owner.get_bucket_acl(Bucket="acl-canned")
     assert policy["Owner"] == {"ID": OWNER, "DisplayName": OWNER}
@@ -372,12 +373,10 @@ def test_write_grants_and_object_ownership(
     data = b"dropped " * 4000
     anon.put_object(Bucket="acl-dropbox", Key="from-anon", Body=data)
     other.put_object(Bucket="acl-dropbox", Key="from-b", Body=data[::-1])
-    # Objects belong to the bucket's owner, private unless the writer's ACL opens them.
+    # An anonymous writer's object belongs to the bucket's owner, private.
     assert _body(owner, "acl-dropbox", "from-anon") == data
-    assert _body(owner, "acl-dropbox", "from-b") == data[::-1]
-    assert owner.get_object_acl(Bucket="acl-dropbox", Key="from-b")["Owner"]["ID"] == OWNER
+    assert owner.get_object_acl(Bucket="acl-dropbox", Key="from-anon")["Owner"]["ID"] == OWNER
     _denied(lambda: anon.get_object(Bucket="acl-dropbox", Key="from-anon"))
-    _denied(lambda: other.get_object(Bucket="acl-dropbox", Key="from-b"))
     anon.put_object(Bucket="acl-dropbox", Key="open", Body=b"open", ACL="public-read")
     assert _body(anon, "acl-dropbox", "open") == b"open"
     # Multipart through the grant.
@@ -412,6 +411,254 @@ def test_write_grants_and_object_ownership(
         )
     )  # fmt: skip
     assert _fails(lambda: owner.head_object(Bucket="acl-dropbox", Key="copied"))[1] == 404
+
+
+def test_objects_written_through_a_grant_belong_to_their_writer(
+    owner: Any, other: Any, third: Any, anon: Any
+) -> None:
+    """S3's ObjectWriter ownership: another tenant's object is its own, its ACL relative to it;
+    the bucket's owner has no right on it but what that ACL grants (and deleting it)."""
+    owner.create_bucket(Bucket="acl-writers", ACL="public-read-write")
+    data = b"written by b " * 500
+    other.put_object(Bucket="acl-writers", Key="b", Body=data)
+    policy = other.get_object_acl(Bucket="acl-writers", Key="b")
+    assert policy["Owner"]["ID"] == OTHER
+    assert _grants(policy) == {(OTHER, "FULL_CONTROL")}
+    assert _body(other, "acl-writers", "b") == data
+    for stranger in (owner, third, anon):  # the bucket's owner included
+        _denied(functools.partial(stranger.get_object, Bucket="acl-writers", Key="b"))
+        _denied(functools.partial(stranger.head_object, Bucket="acl-writers", Key="b"))
+        _denied(functools.partial(stranger.get_object_acl, Bucket="acl-writers", Key="b"))
+        _denied(
+            functools.partial(
+                stranger.put_object_acl, Bucket="acl-writers", Key="b", ACL="public-read"
+            )
+        )
+    # The bucket-owner-* canned ACLs grant the bucket's owner, the writer keeping ownership.
+    other.put_object(Bucket="acl-writers", Key="bor", Body=data, ACL="bucket-owner-read")
+    policy = other.get_object_acl(Bucket="acl-writers", Key="bor")
+    assert policy["Owner"]["ID"] == OTHER
+    assert _grants(policy) == {(OTHER, "FULL_CONTROL"), (OWNER, "READ")}
+    assert _body(owner, "acl-writers", "bor") == data
+    _denied(lambda: owner.get_object_acl(Bucket="acl-writers", Key="bor"))  # READ only
+    _denied(lambda: third.get_object(Bucket="acl-writers", Key="bor"))
+    other.put_object(Bucket="acl-writers", Key="bofc", Body=data, ACL="bucket-owner-full-control")
+    policy = owner.get_object_acl(Bucket="acl-writers", Key="bofc")
+    assert policy["Owner"]["ID"] == OTHER
+    assert _grants(policy) == {(OTHER, "FULL_CONTROL"), (OWNER, "FULL_CONTROL")}
+    # The writer may change its object's ACL, which stays relative to it (its owner unchanged).
+    other.put_object_acl(Bucket="acl-writers", Key="b", GrantRead=f'id="{OWNER}"')
+    assert _body(owner, "acl-writers", "b") == data
+    assert owner.head_object(Bucket="acl-writers", Key="b")["ContentLength"] == len(data)
+    assert other.get_object_acl(Bucket="acl-writers", Key="b")["Owner"]["ID"] == OTHER
+    _denied(lambda: owner.get_object_acl(Bucket="acl-writers", Key="b"))
+    _denied(lambda: third.get_object(Bucket="acl-writers", Key="b"))
+    # A grant header's id may come unquoted (as the AWS CLI sends its --grant-* values).
+    other.put_object(Bucket="acl-writers", Key="uq", Body=data, GrantRead=f"id={THIRD}")
+    assert _body(third, "acl-writers", "uq") == data
+    # The bucket's owner still lists and deletes them; its own write takes the key back.
+    listed = owner.list_objects_v2(Bucket="acl-writers")["Contents"]
+    assert {o["Key"] for o in listed} == {"b", "bor", "bofc", "uq"}
+    owner.delete_object(Bucket="acl-writers", Key="bor")
+    owner.put_object(Bucket="acl-writers", Key="uq", Body=b"mine")
+    assert owner.get_object_acl(Bucket="acl-writers", Key="uq")["Owner"]["ID"] == OWNER
+    _denied(lambda: other.get_object(Bucket="acl-writers", Key="uq"))
+    _denied(lambda: third.get_object(Bucket="acl-writers", Key="uq"))
+
+
+def test_copies_read_their_source_as_a_get_would(
+    owner: Any, other: Any, third: Any, anon: Any
+) -> None:
+    """CopyObject and UploadPartCopy need a READ of the source (its version's ACL, or the
+    source bucket's policy) and a write of the destination; refused without either."""
+    owner.create_bucket(Bucket="acl-copy-src")
+    data = b"copy me " * 700
+    owner.put_object(Bucket="acl-copy-src", Key="granted", Body=data, GrantRead=f'id="{OTHER}"')
+    owner.put_object(Bucket="acl-copy-src", Key="private", Body=data)
+    owner.put_object(Bucket="acl-copy-src", Key="acp", Body=data, GrantReadACP=f'id="{OTHER}"')
+    other.create_bucket(Bucket="acl-copy-dst")
+    src = {"Bucket": "acl-copy-src", "Key": "granted"}
+    other.copy_object(Bucket="acl-copy-dst", Key="c", CopySource=src)
+    assert _body(other, "acl-copy-dst", "c") == data
+    # Refused: no grant, a grant of another permission, another tenant, an unsigned caller,
+    # a missing key without a listing grant, another expected source owner.
+    for key in ("private", "acp", "missing"):
+        _denied(
+            functools.partial(
+                other.copy_object, Bucket="acl-copy-dst", Key=key,
+                CopySource={"Bucket": "acl-copy-src", "Key": key},
+            )
+        )  # fmt: skip
+    third.create_bucket(Bucket="acl-copy-dst-c")
+    _denied(lambda: third.copy_object(Bucket="acl-copy-dst-c", Key="c", CopySource=src))
+    owner.create_bucket(Bucket="acl-copy-open", ACL="public-read-write")
+    _denied(lambda: anon.copy_object(Bucket="acl-copy-open", Key="c", CopySource=src))
+    _denied(
+        lambda: other.copy_object(
+            Bucket="acl-copy-dst", Key="c2", CopySource=src, ExpectedSourceBucketOwner=THIRD
+        )
+    )
+    other.copy_object(
+        Bucket="acl-copy-dst", Key="c2", CopySource=src, ExpectedSourceBucketOwner=OWNER
+    )
+    for key in ("private", "acp", "missing"):
+        head = functools.partial(other.head_object, Bucket="acl-copy-dst", Key=key)
+        assert _fails(head)[1] == 404
+    # Into the source's bucket itself, where a grant lets it write: the copy is the writer's.
+    owner.put_bucket_acl(Bucket="acl-copy-src", GrantWrite=f'id="{OTHER}"')
+    other.copy_object(Bucket="acl-copy-src", Key="mine", CopySource=src)
+    assert other.get_object_acl(Bucket="acl-copy-src", Key="mine")["Owner"]["ID"] == OTHER
+    _denied(
+        lambda: other.copy_object(
+            Bucket="acl-copy-src", Key="p", CopySource={"Bucket": "acl-copy-src", "Key": "private"}
+        )
+    )
+    # The source's version is checked as copied: its ACL changed, the copy is refused.
+    owner.put_object_acl(Bucket="acl-copy-src", Key="granted", ACL="private")
+    _denied(lambda: other.copy_object(Bucket="acl-copy-dst", Key="c3", CopySource=src))
+    # UploadPartCopy alike.
+    owner.put_object_acl(Bucket="acl-copy-src", Key="granted", GrantRead=f'id="{OTHER}"')
+    upload = other.create_multipart_upload(Bucket="acl-copy-dst", Key="mp")["UploadId"]
+    part = other.upload_part_copy(
+        Bucket="acl-copy-dst", Key="mp", UploadId=upload, PartNumber=1, CopySource=src
+    )
+    _denied(
+        lambda: other.upload_part_copy(
+            Bucket="acl-copy-dst", Key="mp", UploadId=upload, PartNumber=2,
+            CopySource={"Bucket": "acl-copy-src", "Key": "private"},
+        )
+    )  # fmt: skip
+    other.complete_multipart_upload(
+        Bucket="acl-copy-dst", Key="mp", UploadId=upload,
+        MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["CopyPartResult"]["ETag"]}]},
+    )  # fmt: skip
+    assert _body(other, "acl-copy-dst", "mp") == data
+    # The source bucket's owner copies another tenant's object only as its ACL lets it read.
+    _denied(
+        lambda: owner.copy_object(
+            Bucket="acl-copy-src", Key="back", CopySource={"Bucket": "acl-copy-src", "Key": "mine"}
+        )
+    )
+
+
+def test_bucket_policies_admit_copies_and_cover_the_owners_objects_only(
+    owner: Any, other: Any, third: Any, anon: Any
+) -> None:
+    """A source bucket's policy allowing s3:GetObject admits copies from it (its Deny refuses
+    them, the owner's too); a destination's s3:PutObject Allow with an s3:x-amz-copy-source
+    condition admits only the copies it names; neither policy reaches an object that another
+    tenant wrote."""
+
+    def policy(*statements: dict[str, Any]) -> str:
+        for statement in statements:
+            statement.setdefault("Principal", "*")
+        return json.dumps({"Version": "2012-10-17", "Statement": list(statements)})
+
+    owner.create_bucket(Bucket="acl-pol-src", GrantWrite=f'id="{OTHER}"')
+    for key in ("mine", "kept", "secret"):
+        owner.put_object(Bucket="acl-pol-src", Key=key, Body=key.encode() * 100)
+    other.put_object(Bucket="acl-pol-src", Key="theirs", Body=b"theirs")
+    owner.put_bucket_policy(
+        Bucket="acl-pol-src",
+        Policy=policy(
+            {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::acl-pol-src/*"},
+            {
+                "Effect": "Deny", "Action": "s3:GetObject",
+                "Resource": "arn:aws:s3:::acl-pol-src/secret",
+            },
+        ),
+    )  # fmt: skip
+    assert _body(third, "acl-pol-src", "mine") == b"mine" * 100
+    for stranger in (third, anon, owner):  # the policy does not reach the writer's object
+        _denied(functools.partial(stranger.get_object, Bucket="acl-pol-src", Key="theirs"))
+    assert _body(other, "acl-pol-src", "theirs") == b"theirs"
+    third.create_bucket(Bucket="acl-pol-c")
+    third.copy_object(
+        Bucket="acl-pol-c", Key="m", CopySource={"Bucket": "acl-pol-src", "Key": "mine"}
+    )
+    assert _body(third, "acl-pol-c", "m") == b"mine" * 100
+    for key in ("theirs", "secret"):
+        _denied(
+            functools.partial(
+                third.copy_object, Bucket="acl-pol-c", Key=key,
+                CopySource={"Bucket": "acl-pol-src", "Key": key},
+            )
+        )  # fmt: skip
+    _denied(
+        lambda: owner.copy_object(
+            Bucket="acl-pol-src", Key="s2", CopySource={"Bucket": "acl-pol-src", "Key": "secret"}
+        )
+    )
+    # The destination's Allow with a copy-source condition.
+    owner.create_bucket(Bucket="acl-pol-dst")
+    owner.put_bucket_policy(
+        Bucket="acl-pol-dst",
+        Policy=policy(
+            {
+                "Effect": "Allow", "Action": "s3:PutObject",
+                "Resource": "arn:aws:s3:::acl-pol-dst/*",
+                "Condition": {"StringLike": {"s3:x-amz-copy-source": "acl-pol-src/m*"}},
+            },
+        ),
+    )  # fmt: skip
+    third.copy_object(
+        Bucket="acl-pol-dst", Key="m", CopySource={"Bucket": "acl-pol-src", "Key": "mine"}
+    )
+    assert _body(third, "acl-pol-dst", "m") == b"mine" * 100  # the copy is third's own
+    assert third.get_object_acl(Bucket="acl-pol-dst", Key="m")["Owner"]["ID"] == THIRD
+    _denied(
+        lambda: third.copy_object(
+            Bucket="acl-pol-dst", Key="k", CopySource={"Bucket": "acl-pol-src", "Key": "kept"}
+        )
+    )
+    _denied(lambda: third.put_object(Bucket="acl-pol-dst", Key="p", Body=b"plain"))
+    _denied(
+        lambda: anon.copy_object(
+            Bucket="acl-pol-dst", Key="a", CopySource={"Bucket": "acl-pol-src", "Key": "kept"}
+        )
+    )
+    # Both policies allow "*": an unsigned copy of a source the condition names passes, as in S3.
+    anon.copy_object(
+        Bucket="acl-pol-dst", Key="a", CopySource={"Bucket": "acl-pol-src", "Key": "mine"}
+    )
+    assert _body(owner, "acl-pol-dst", "a") == b"mine" * 100  # an anonymous write: the owner's
+
+
+def test_grants_to_a_tenant_without_users_are_refused(owner: Any, other: Any) -> None:
+    """S3 refuses a grant to an unknown id (400 InvalidArgument "Invalid id"): here a tenant
+    that no user belongs to; nothing is stored."""
+    owner.create_bucket(Bucket="acl-unknown")
+    nobody = 'id="acl-nobody"'
+    assert _fails(lambda: owner.put_bucket_acl(Bucket="acl-unknown", GrantRead=nobody)) == (
+        "InvalidArgument",
+        400,
+    )
+    document = owner.get_bucket_acl(Bucket="acl-unknown")
+    body = {
+        "Owner": document["Owner"],
+        "Grants": [
+            {"Grantee": {"ID": "acl-nobody", "Type": "CanonicalUser"}, "Permission": "READ"}
+        ],
+    }
+    refused = _fails(lambda: owner.put_bucket_acl(Bucket="acl-unknown", AccessControlPolicy=body))
+    assert refused == ("InvalidArgument", 400)
+    assert _grants(owner.get_bucket_acl(Bucket="acl-unknown")) == {(OWNER, "FULL_CONTROL")}
+    put = functools.partial(
+        owner.put_object, Bucket="acl-unknown", Key="k", Body=b"x", GrantRead=nobody
+    )
+    assert _fails(put) == ("InvalidArgument", 400)
+    assert _fails(lambda: owner.head_object(Bucket="acl-unknown", Key="k"))[1] == 404
+    make = functools.partial(owner.create_bucket, Bucket="acl-unknown-2", GrantRead=nobody)
+    assert _fails(make) == ("InvalidArgument", 400)
+    assert _fails(lambda: owner.head_bucket(Bucket="acl-unknown-2"))[1] == 404
+    # A tenant with a user may be granted, by PutObject and CopyObject alike.
+    owner.put_object(Bucket="acl-unknown", Key="k", Body=b"x", GrantRead=f'id="{OTHER}"')
+    assert _body(other, "acl-unknown", "k") == b"x"
+    copy = functools.partial(
+        owner.copy_object, Bucket="acl-unknown", Key="c", GrantRead=nobody,
+        CopySource={"Bucket": "acl-unknown", "Key": "k"},
+    )  # fmt: skip
+    assert _fails(copy) == ("InvalidArgument", 400)
 
 
 def test_object_acls(owner: Any, other: Any, anon: Any) -> None:

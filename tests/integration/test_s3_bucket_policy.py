@@ -1,8 +1,9 @@
 """S3 bucket policies against the shared secure dev cluster, as AWS S3 documents them:
 Put/Get/DeleteBucketPolicy and GetBucketPolicyStatus by the owner alone, malformed policies
 refused, an Allow opening another tenant's and anonymous reads the ACLs do not, an explicit
-Deny closing what the owner and an ACL grant could do (but managing the policy), and an
-s3:prefix condition on ListBucket."""
+Deny closing what the owner and an ACL grant could do (but managing the policy), an
+s3:prefix condition on ListBucket, s3:ExistingObjectTag conditions, and object tagging
+opened to other tenants by a policy alone."""
 
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def test_malformed_policies_are_refused(users: dict[str, Any]) -> None:
         "{not json",
         _policy(bucket, {**allow, "NotPrincipal": {"AWS": OTHER}}),
         _policy(bucket, {**allow, "Condition": {"StringLikeIfExists": {"s3:prefix": "a"}}}),
-        _policy(bucket, {**allow, "Condition": {"StringEquals": {"s3:ExistingObjectTag/t": "v"}}}),
+        _policy(bucket, {**allow, "Condition": {"StringEquals": {"s3:RequestObjectTag/t": "v"}}}),
         _policy(bucket, {**allow, "Resource": "arn:aws:s3:::pol-elsewhere/*"}),
     ):
         code, status = _fails(
@@ -183,3 +184,69 @@ def test_public_access_block_and_public_policies(users: dict[str, Any]) -> None:
     )
     owner.put_bucket_policy(Bucket=bucket, Policy=only_other)  # not public: accepted
     assert other.get_object(Bucket=bucket, Key="pub/a")["Body"].read() == b"pub/a"
+
+
+def _tag(client: Any, bucket: str, key: str, **tags: str) -> None:
+    tag_set = [{"Key": k, "Value": v} for k, v in tags.items()]
+    client.put_object_tagging(Bucket=bucket, Key=key, Tagging={"TagSet": tag_set})
+
+
+def test_existing_object_tag_conditions(users: dict[str, Any]) -> None:
+    owner, other = users["owner"], users["other"]
+    bucket = _bucket(owner, "pol-tags")
+    _tag(owner, bucket, "pub/a", security="public", foo="bar")
+    _tag(owner, bucket, "priv/b", security="private")
+    owner.put_object(Bucket=bucket, Key="untagged", Body=b"u")
+    on_public = {"StringEquals": {"s3:ExistingObjectTag/security": "public"}}
+    reads = {"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObjectTagging"]}
+    owner.put_bucket_policy(
+        Bucket=bucket, Policy=_policy(bucket, {**reads, "Condition": on_public})
+    )
+    assert other.get_object(Bucket=bucket, Key="pub/a")["Body"].read() == b"pub/a"
+    _denied(lambda: other.get_object(Bucket=bucket, Key="priv/b"))  # another value
+    _denied(lambda: other.get_object(Bucket=bucket, Key="untagged"))  # no such tag
+    _denied(lambda: other.get_object_tagging(Bucket=bucket, Key="pub/a"))  # another action
+    # The object's existing tags decide, not the request's.
+    _tag(other, bucket, "pub/a", security="private")
+    _denied(lambda: _tag(other, bucket, "pub/a", security="public"))
+    _denied(lambda: _tag(other, bucket, "priv/b", security="public"))
+    _denied(lambda: other.get_object(Bucket=bucket, Key="pub/a"))
+    assert owner.get_object(Bucket=bucket, Key="pub/a")["Body"].read() == b"pub/a"
+    # A Deny on the tags refuses the owner too, only where they match.
+    deny = {"Effect": "Deny", "Action": "s3:GetObject", "Condition": on_public}
+    owner.put_bucket_policy(Bucket=bucket, Policy=_policy(bucket, deny))
+    _tag(owner, bucket, "untagged", security="public")
+    _denied(lambda: owner.get_object(Bucket=bucket, Key="untagged"))
+    assert owner.get_object(Bucket=bucket, Key="priv/b")["Body"].read() == b"priv/b"
+
+
+def test_a_policy_alone_opens_object_tagging(users: dict[str, Any]) -> None:
+    owner, other, anon = users["owner"], users["other"], users["anon"]
+    bucket = _bucket(owner, "pol-tagging")
+    owner.put_bucket_acl(Bucket=bucket, ACL="public-read-write")
+    owner.put_object_acl(Bucket=bucket, Key="pub/a", ACL="public-read-write")
+    _tag(owner, bucket, "pub/a", t="1")
+    for client in (other, anon):  # no ACL grant reaches object tagging
+        _denied(functools.partial(client.get_object_tagging, Bucket=bucket, Key="pub/a"))
+        _denied(functools.partial(client.delete_object_tagging, Bucket=bucket, Key="pub/a"))
+    get_only = {"Effect": "Allow", "Principal": {"AWS": OTHER}, "Action": "s3:GetObjectTagging"}
+    owner.put_bucket_policy(Bucket=bucket, Policy=_policy(bucket, get_only))
+    assert other.get_object_tagging(Bucket=bucket, Key="pub/a")["TagSet"] == [
+        {"Key": "t", "Value": "1"}
+    ]
+    _denied(lambda: anon.get_object_tagging(Bucket=bucket, Key="pub/a"))  # another principal
+    _denied(lambda: _tag(other, bucket, "pub/a", t="2"))  # another action
+    _denied(lambda: other.delete_object_tagging(Bucket=bucket, Key="pub/a"))
+    missing = functools.partial(other.get_object_tagging, Bucket=bucket, Key="missing")
+    assert _fails(missing) == ("NoSuchKey", 404)  # the bucket's ACL lets anyone list it
+    change = {"Effect": "Allow", "Action": ["s3:PutObjectTagging", "s3:DeleteObjectTagging"]}
+    owner.put_bucket_policy(Bucket=bucket, Policy=_policy(bucket, change))
+    _tag(anon, bucket, "pub/a", t="3")
+    assert owner.get_object_tagging(Bucket=bucket, Key="pub/a")["TagSet"][0]["Value"] == "3"
+    other.delete_object_tagging(Bucket=bucket, Key="pub/a")
+    assert owner.get_object_tagging(Bucket=bucket, Key="pub/a")["TagSet"] == []
+    _denied(lambda: other.get_object_tagging(Bucket=bucket, Key="pub/a"))
+    deny = {"Effect": "Deny", "Principal": {"AWS": OTHER}, "Action": "s3:PutObjectTagging"}
+    owner.put_bucket_policy(Bucket=bucket, Policy=_policy(bucket, change, deny))
+    _denied(lambda: _tag(other, bucket, "pub/a", t="4"))
+    _tag(anon, bucket, "pub/a", t="5")

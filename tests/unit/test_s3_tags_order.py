@@ -10,7 +10,7 @@ from typing import cast
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from services.gateway.s3 import object_ops, s3request, tags, xmlio
+from services.gateway.s3 import auth, object_ops, s3request, tags, xmlio
 
 
 def test_tag_set_in_byte_order() -> None:
@@ -26,6 +26,7 @@ def test_content_encoding_without_aws_chunked() -> None:
         http=types.SimpleNamespace(headers=headers),
         header=lambda name: headers.get(name, ""),
         bucket_owner="acme",
+        principal=auth.Principal("AKACME", "acme", "acme"),  # the object's writer
     )
     out = object_ops.request_headers(cast(s3request.S3Request, req))
     assert out.content_encoding == "deflate, gzip"

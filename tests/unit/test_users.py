@@ -265,3 +265,34 @@ def test_dev_cluster_summary_shows_the_access_key_but_never_the_secret() -> None
     assert "access key    AK" in text
     assert "SK" not in text  # the output of a detached `kvtier up` goes to a log file
     assert "secret key    in the cluster file" in text
+
+
+async def test_the_user_cache_knows_which_tenants_have_users() -> None:
+    """What S3 ACL grants are checked against (`Authenticator.known_tenant`): None until the
+    watch's first snapshot, then its users' tenants; a miss reads etcd, at most once per
+    miss_ttl_s (a user created an instant ago is found; a flood of unknown ones costs one read)."""
+    key = masterkey.MasterKey.generate()
+    now = [0.0]
+    cache = users.UserCache(None, key, clock=lambda: now[0])  # type: ignore[arg-type]
+    assert await cache.has_tenant("team-a") is None
+    reads: list[str] = []
+    stored: users.Records = {}
+
+    async def records() -> users.Records:
+        reads.append("read")
+        return dict(stored)
+
+    cache._store.records = records  # type: ignore[method-assign]
+    record = users.seal(key, _info("AKIAEXAMPLE1"), users.Secret(SECRET))
+    cache._apply({"AKIAEXAMPLE1": (1, record)})
+    assert await cache.has_tenant("team-a") is True
+    assert reads == []
+    late = metadata_pb2.UserInfo(access_key="AKIAEXAMPLE2", tenant="team-b", display_name="B")
+    stored["AKIAEXAMPLE2"] = (2, users.seal(key, late, users.Secret(SECRET)))
+    assert await cache.has_tenant("team-b") is True  # not watched yet: read from etcd
+    assert await cache.has_tenant("team-c") is False
+    assert await cache.has_tenant("team-d") is False
+    assert reads == ["read"]  # one read per miss_ttl_s
+    now[0] += 2.0
+    assert await cache.has_tenant("team-c") is False
+    assert reads == ["read", "read"]

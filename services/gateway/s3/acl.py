@@ -1,8 +1,10 @@
 """S3 access control lists: canned ACLs and grant headers, the AccessControlPolicy XML, and who
 an ACL lets do what. Pure: no I/O (the access gate and the ?acl operations are `acl_ops`).
 
-kvtier's model (`kvtier.common.v1.Acl`): the owner of a bucket and of every object in it is the
-bucket's tenant, whose canonical user id is the tenant name; the owner always has full control,
+kvtier's model (`kvtier.common.v1.Acl`): the owner of a bucket is its tenant, whose canonical
+user id is the tenant name; so is the owner of an object, but for one written by a user of
+another tenant (through a WRITE grant or a bucket policy): that tenant owns it (S3's
+ObjectWriter ownership; `object_acl`, the ACL's `owner`). The owner always has full control,
 whatever the list says. Grantees are a tenant (CanonicalUser, `id="tenant"`), everyone
 (AllUsers: signed or not) or every signed user of any tenant (AuthenticatedUsers). An empty
 list is `private`. Grants by e-mail address (UnresolvableGrantByEmailAddress) and the
@@ -50,8 +52,8 @@ _GROUPS = {
     AUTHENTICATED_USERS_URI: acl_pb2.GRANTEE_TYPE_AUTHENTICATED_USERS,
 }
 _URIS = {value: uri for uri, value in _GROUPS.items()}
-#: The canned ACLs: the grants besides the owner's full control (the bucket-owner-* ones are
-#: that alone here, the bucket's owner owning every object of it).
+#: The canned ACLs: the grants besides the owner's full control (the bucket-owner-* ones grant
+#: the bucket's owner, when it is not the object's: `_BUCKET_OWNER`).
 CANNED: dict[str, tuple[tuple[acl_pb2.GranteeType.ValueType, Permission], ...]] = {
     "private": (),
     "public-read": ((acl_pb2.GRANTEE_TYPE_ALL_USERS, READ),),
@@ -63,13 +65,21 @@ CANNED: dict[str, tuple[tuple[acl_pb2.GranteeType.ValueType, Permission], ...]] 
     "bucket-owner-read": (),
     "bucket-owner-full-control": (),
 }
+#: What the bucket-owner-* canned ACLs grant the bucket's tenant on an object it does not own.
+_BUCKET_OWNER: dict[str, Permission] = {
+    "bucket-owner-read": READ,
+    "bucket-owner-full-control": FULL_CONTROL,
+}
 #: Canned ACLs of S3 that name grantees kvtier does not have.
 _UNSUPPORTED_CANNED = frozenset({"log-delivery-write", "aws-exec-read"})
 #: Elements of an AccessControlList of MAX_GRANTS grants (Grant, Grantee, ID, DisplayName,
 #: Permission each, and itself).
 _MAX_ELEMENTS = 1 + 6 * MAX_GRANTS
-#: One grantee of a grant header: `id="..."`, `uri="..."` or `emailAddress="..."`.
-_GRANTEE = re.compile(r'\s*(id|uri|emailAddress)\s*=\s*"([^"]*)"\s*(?:,|$)', re.IGNORECASE)
+#: One grantee of a grant header: `id="..."`, `uri="..."` or `emailAddress="..."`, the value
+#: quoted or not (`id=...`, as the AWS CLI documents its --grant-* values, sent as they are).
+_GRANTEE = re.compile(
+    r'\s*(id|uri|emailAddress)\s*=\s*(?:"([^"]*)"|([^",\s][^",]*?))\s*(?:,|$)', re.IGNORECASE
+)
 
 
 def _invalid(message: str) -> s3errors.S3Error:
@@ -108,10 +118,12 @@ def _by_email() -> s3errors.S3Error:
     )
 
 
-def canned(name: str, owner: str) -> acl_pb2.Acl:
+def canned(name: str, owner: str, bucket_owner: str = "") -> acl_pb2.Acl:
     """The ACL of a canned ACL name for a resource of tenant owner (its full control listed
-    first, as S3 lists it); InvalidArgument for an unknown name, NotImplemented for S3's
-    log-delivery-write and aws-exec-read."""
+    first, as S3 lists it) in a bucket of tenant bucket_owner (bucket-owner-read and
+    bucket-owner-full-control grant it READ or FULL_CONTROL when it is not owner);
+    InvalidArgument for an unknown name, NotImplemented for S3's log-delivery-write and
+    aws-exec-read."""
     if name in _UNSUPPORTED_CANNED:
         raise s3errors.S3Error("NotImplemented", f"the canned ACL {name} is not supported")
     if name not in CANNED:
@@ -119,6 +131,8 @@ def canned(name: str, owner: str) -> acl_pb2.Acl:
     out = acl_pb2.Acl(grants=[_tenant_grant(owner, FULL_CONTROL)])
     for grantee, permission in CANNED[name]:
         out.grants.append(acl_pb2.AclGrant(grantee_type=grantee, permission=permission))
+    if name in _BUCKET_OWNER and bucket_owner and bucket_owner != owner:
+        out.grants.append(_tenant_grant(bucket_owner, _BUCKET_OWNER[name]))
     return out
 
 
@@ -131,7 +145,7 @@ def parse_grantees(value: str, permission: Permission) -> list[acl_pb2.AclGrant]
         found = _GRANTEE.match(text, pos)
         if found is None:
             raise _invalid(f"Invalid grant header value: {value!r}")
-        kind, who = found[1].lower(), found[2]
+        kind, who = found[1].lower(), found[2] if found[2] is not None else found[3]
         if kind == "emailaddress":
             raise _by_email()
         grants.append(
@@ -148,22 +162,52 @@ def has_acl_headers(headers: Mapping[str, str]) -> bool:
     return "x-amz-acl" in headers or any(name in headers for name in GRANT_HEADERS)
 
 
-def from_headers(headers: Mapping[str, str], owner: str) -> acl_pb2.Acl | None:
-    """The ACL a request's headers set (None: none set): x-amz-acl, or the x-amz-grant-*
-    headers (InvalidRequest for both at once). headers: case-insensitive (aiohttp's)."""
+def from_headers(
+    headers: Mapping[str, str], owner: str, bucket_owner: str = ""
+) -> acl_pb2.Acl | None:
+    """The ACL a request's headers set (None: none set) on a resource of owner in a bucket of
+    bucket_owner (`canned`): x-amz-acl, or the x-amz-grant-* headers (InvalidRequest for both
+    at once). headers: case-insensitive (aiohttp's)."""
     grant_headers = [(name, headers[name]) for name in GRANT_HEADERS if name in headers]
     if "x-amz-acl" in headers:
         if grant_headers:
             raise s3errors.S3Error(
                 "InvalidRequest", "Specifying both Canned ACLs and Header Grants is not allowed"
             )
-        return canned(headers["x-amz-acl"].strip(), owner)
+        return canned(headers["x-amz-acl"].strip(), owner, bucket_owner)
     if not grant_headers:
         return None
     out = acl_pb2.Acl()
     for name, value in grant_headers:
         out.grants.extend(parse_grantees(value, GRANT_HEADERS[name]))
     return _bounded(out)
+
+
+def writer(who: auth.Principal, bucket_owner: str) -> str:
+    """The tenant owning an object who writes into a bucket of bucket_owner: who's own tenant
+    when it is a signed user who may not use the bucket (admitted by a WRITE grant or a
+    bucket policy: S3's ObjectWriter ownership); else the bucket's tenant (its users and
+    admins, and anonymous writers, whom kvtier has no owner for)."""
+    if who.anonymous or who.may_use(bucket_owner):
+        return bucket_owner
+    return who.tenant
+
+
+def object_acl(headers: Mapping[str, str], bucket_owner: str, owner: str) -> acl_pb2.Acl | None:
+    """The ACL of an object a request writes, owned by owner (`writer`), in a bucket of
+    bucket_owner: from_headers relative to owner, recorded in the ACL's `owner` when it is
+    not the bucket's tenant (then an ACL even without headers: private, owner's)."""
+    wanted = from_headers(headers, owner, bucket_owner)
+    if owner == bucket_owner:
+        return wanted
+    out = wanted if wanted is not None else acl_pb2.Acl()
+    out.owner = owner
+    return out
+
+
+def owner_of(acl: acl_pb2.Acl, bucket_owner: str) -> str:
+    """The owner of a resource with this ACL in a bucket of bucket_owner."""
+    return acl.owner or bucket_owner
 
 
 def _bounded(acl: acl_pb2.Acl) -> acl_pb2.Acl:

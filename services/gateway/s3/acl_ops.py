@@ -11,14 +11,20 @@ anonymous request), before its handler, and again in `S3Server.expect` before `1
   `GRANTED`, when the ACL grants them the permission: the bucket's ACL for listing, writing
   and the bucket's ACL, the object's own ACL for reading an object or its ACL. The request is
   then admitted (`front.Admission`) to that bucket for that scope alone; everything else
-  (deleting the bucket, its configuration, multipart listings, copying *from* the bucket...)
-  stays AccessDenied, as does any request on a KV bucket or on the KV tier's internal bucket:
-  KV buckets have no ACLs (a non-private ACL on one is NotImplemented).
+  (deleting the bucket, its configuration, multipart listings...) stays AccessDenied, as
+  does any request on a KV bucket or on the KV tier's internal bucket: KV buckets have no
+  ACLs (a non-private ACL on one is NotImplemented).
+- A bucket policy's Allow admits them to the operations of `GRANTED` whatever the ACLs say,
+  and to those of `POLICY_ONLY`, which no ACL grant admits (S3's ACL permissions do not map
+  to the object-tagging actions); its Deny refuses anyone. A condition on the object's
+  existing tags has them read here (`_existing_tags`), only when a statement needs them.
 - Anonymous requests never reach service-level operations (ListBuckets) or CreateBucket.
 
-Objects written through a WRITE grant belong to the bucket's tenant, as every object of the
-bucket does (S3's "bucket owner preferred" ownership): the writer keeps no right on them but
-what an ACL grants it.
+Objects another tenant's user writes (through a WRITE grant or a policy) belong to its tenant
+(S3's ObjectWriter ownership, `acl.writer`): their own ACL, relative to it, alone decides who
+reads them or their ACL, the bucket's tenant included, whatever the bucket's policy allows
+(`_writer_owned`). A copy reads its source as a GetObject of the caller's would, from any
+bucket whose policy or the source version's ACL lets it (`_copy_source_admission`).
 """
 
 from __future__ import annotations
@@ -67,6 +73,10 @@ GRANTED: dict[str, tuple[str, acl.Permission]] = {
     "GetObjectAcl": ("object", acl.READ_ACP),
     "PutObjectAcl": ("object", acl.WRITE_ACP),
 }
+#: Operations a bucket policy's Allow alone may admit another tenant's user or an anonymous
+#: request to (no ACL permission grants their IAM actions), scope "object": the policy
+#: decided on that object, the version's ACL adds nothing.
+POLICY_ONLY = frozenset({"GetObjectTagging", "PutObjectTagging", "DeleteObjectTagging"})
 #: Operations on no bucket, or on one that need not exist yet: never anonymous. KVScore
 #: (`kv_score`, on no bucket) checks its tenant itself.
 _NO_BUCKET_YET = frozenset({"ListBuckets", "CreateBucket", "KVScore"})
@@ -83,11 +93,170 @@ MAX_POLICY_BYTES = 256 << 10
 XML = "application/xml"
 
 
+#: Operations whose x-amz-grant-* headers may name a tenant (CopyObject is a PutObject).
+_GRANTS_NAMED = frozenset({"CreateBucket", *_SETS_ACL})
+
+
+async def check_grantees(
+    authenticator: auth.Authenticator, wanted: acl_pb2.Acl, *exempt: str
+) -> None:
+    """400 InvalidArgument "Invalid id" when a grant names a tenant that has no user (S3
+    refuses a grant to an unknown canonical id), as far as this gateway's user watch knows
+    (`Authenticator.known_tenant`); exempt: the resource's owners, which need no user."""
+    for grant in wanted.grants:
+        if grant.grantee_type != acl_pb2.GRANTEE_TYPE_TENANT or grant.tenant in exempt:
+            continue
+        if not await authenticator.known_tenant(grant.tenant):
+            raise s3errors.S3Error("InvalidArgument", "Invalid id")
+
+
+async def check_header_grantees(
+    authenticator: auth.Authenticator,
+    op: str,
+    who: auth.Principal,
+    headers: CIMultiDictProxy[str],
+    bucket_owner: str,
+) -> None:
+    """check_grantees on the x-amz-grant-* headers of a request that sets an ACL with them
+    (malformed ones are left to its handler, which refuses them)."""
+    if op not in _GRANTS_NAMED or not any(name in headers for name in acl.GRANT_HEADERS):
+        return
+    try:
+        wanted = acl.from_headers(headers, bucket_owner)
+    except s3errors.S3Error:
+        return
+    if wanted is not None:
+        await check_grantees(authenticator, wanted, bucket_owner, who.tenant)
+
+
 def _denied(message: str = "Access Denied") -> s3errors.S3Error:
     return s3errors.S3Error("AccessDenied", message)
 
 
 async def admit(
+    front: front_mod.ObjectFront,
+    op: str,
+    bucket: str,
+    who: auth.Principal,
+    headers: CIMultiDictProxy[str],
+    *,
+    key: str,
+    query: Mapping[str, str],
+    remote: str,
+) -> tuple[front_mod.Admission | None, metadata_pb2.BucketInfo | None]:
+    """The gate: `_admit_bucket`'s answer for the request's bucket, where an object's writer
+    owns it (`_writer_owned`), its admission carrying a copy's source (`Admission.source`,
+    `_copy_source_admission`; a request of the bucket's owner: scope `OWN`)."""
+    admission, info = await _admit_bucket(
+        front, op, bucket, who, headers, key=key, query=query, remote=remote
+    )
+    if info is None or info.kind == metadata_pb2.BUCKET_KIND_KV:
+        return admission, info  # KV buckets: their tenant's objects only, never a copy's
+    if op in _OWNER_CHECKED and admission is None:  # the bucket's owner (or an admin)
+        admission = front_mod.Admission(info.name, "object", may_list=True)
+    if admission is not None and admission.scope == "object":
+        permission = GRANTED[op][1] if op in GRANTED else acl.FULL_CONTROL
+        admission = _writer_owned(admission, info, who, permission)
+    source = await _copy_source_admission(front, op, who, headers, remote)
+    if source is None:
+        return admission, info
+    if admission is None:
+        admission = front_mod.Admission(bucket, front_mod.OWN)
+    return dataclasses.replace(admission, source=source), info
+
+
+#: Operations on an object that, for the bucket's own tenant too, the object's ACL decides
+#: where another tenant wrote (and owns) it (`_writer_owned`; its tagging stays the bucket
+#: owner's, as does deleting it, which S3 also lets a bucket owner do).
+_OWNER_CHECKED = frozenset(
+    {"GetObject", "HeadObject", "GetObjectAttributes", "GetObjectAcl", "PutObjectAcl"}
+)
+
+
+def _writer_owned(
+    admission: front_mod.Admission,
+    info: metadata_pb2.BucketInfo,
+    who: auth.Principal,
+    permission: acl.Permission,
+) -> front_mod.Admission:
+    """admission ("object" scope) with its check of a version that another tenant wrote (its
+    ACL's `owner`: S3's ObjectWriter ownership) replaced: that version's own ACL, relative to
+    its writer, alone decides, for the bucket's tenant too, whatever the bucket's policy
+    allows (S3: a bucket policy covers the bucket owner's objects only, and a bucket owner
+    has no implicit right on another account's objects but deleting them). Versions of the
+    bucket's tenant keep admission's own check (none: the owner's request)."""
+    inner = admission.check_object
+
+    def check(object_acl: acl_pb2.Acl) -> None:
+        holder = acl.owner_of(object_acl, info.tenant)
+        if holder == info.tenant:
+            if inner is not None:
+                inner(object_acl)
+        elif not acl.allows(public_access.effective(info, object_acl), holder, who, permission):
+            raise errors.PermissionDenied(
+                "the object's ACL does not allow it", reason="AccessDenied"
+            )
+
+    return dataclasses.replace(admission, check_object=check)
+
+
+async def _copy_source_admission(
+    front: front_mod.ObjectFront,
+    op: str,
+    who: auth.Principal,
+    headers: CIMultiDictProxy[str],
+    remote: str,
+) -> front_mod.Admission | None:
+    """A copy (CopyObject, UploadPartCopy) reads its source as the caller's GetObject of it
+    would (S3 asks s3:GetObject on the source): the admission to read it, as `_decide` makes
+    a GetObject's (its Deny for the bucket's own tenant: `_check_copy_source`): the source
+    bucket's policy allowing it, or the version's own ACL granting READ, checked by the front
+    on the version copied, relative to its writer (`_writer_owned`; the bucket's tenant:
+    only for a version another tenant wrote). None: no copy, the KV tier's internal bucket
+    (the front's), a missing bucket (the handler answers NoSuchBucket), the tenant's own KV
+    bucket. AccessDenied: another tenant's KV bucket, a policy's Deny,
+    x-amz-source-expected-bucket-owner naming another tenant."""
+    source = policy_ops.copy_source(headers) if op in ("PutObject", "UploadPart") else None
+    if source is None or source[0] == names.KV_DURABLE_BUCKET:
+        return None
+    bucket, key, version = source
+    try:
+        info = await front.bucket_info(bucket)
+    except errors.NotFound:
+        return None
+    expected = headers.get("x-amz-source-expected-bucket-owner")
+    if expected is not None and expected != info.tenant:
+        raise _denied("The source bucket is not owned by the expected owner")
+    owned = who.may_use(info.tenant)
+    if info.kind == metadata_pb2.BUCKET_KIND_KV:
+        if owned:
+            return None
+        raise _denied()
+    admission = front_mod.Admission(info.name, "object", may_list=True)
+    policy = policy_ops.policy_of(info)
+    if policy is not None and not owned:
+        query = {"versionId": version} if version else {}
+        tags = None
+        if policy_ops.wants_tags(policy, "GetObject", who, bucket, key, query, deny_only=False):
+            tags = await _tags_of(front, info, key, version)
+        decision = policy_ops.decide(
+            policy, "GetObject", who, bucket, key, query, headers, remote, tags=tags
+        )
+        if decision is bucket_policy.Decision.DENY:
+            raise _denied()
+        if decision is bucket_policy.Decision.ALLOW:
+            if public_access.restricts_public_buckets(info) and bucket_policy.is_public(policy):
+                raise _denied()
+            listed = policy_ops.may_list(policy, who, bucket, remote)
+            admission = _policy_admission(info, who, "object", listed)
+        else:
+            admission = _object_admission(info, who, acl.READ)
+    elif not owned:
+        admission = _object_admission(info, who, acl.READ)
+    return _writer_owned(admission, info, who, acl.READ)
+
+
+async def _admit_bucket(
     front: front_mod.ObjectFront,
     op: str,
     bucket: str,
@@ -121,12 +290,14 @@ async def admit(
     fresh = op == "PutBucketAcl"
     info = await front.bucket_info(bucket, fresh=fresh)
     try:
-        return _decide(op, who, headers, info, seen), info
+        tags = await _existing_tags(front, op, who, info, seen)
+        return _decide(op, who, headers, info, seen, tags), info
     except s3errors.S3Error as exc:
         if fresh or who.anonymous or exc.code != "AccessDenied":
             raise
     info = await front.bucket_info(bucket, fresh=True)
-    return _decide(op, who, headers, info, seen), info
+    tags = await _existing_tags(front, op, who, info, seen)
+    return _decide(op, who, headers, info, seen, tags), info
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -136,6 +307,38 @@ class _Seen:
     key: str
     query: Mapping[str, str]
     remote: str
+
+
+async def _existing_tags(
+    front: front_mod.ObjectFront,
+    op: str,
+    who: auth.Principal,
+    info: metadata_pb2.BucketInfo,
+    seen: _Seen,
+) -> dict[str, str] | None:
+    """The tags of the object the request names, where a statement of the bucket's policy
+    that may match it has a condition on them (for the bucket's tenant a Deny only: an Allow
+    changes nothing for it); None otherwise, and where there is no such object."""
+    policy = policy_ops.policy_of(info)
+    if policy is None or not policy_ops.wants_tags(
+        policy, op, who, info.name, seen.key, seen.query, deny_only=who.may_use(info.tenant)
+    ):
+        return None
+    return await _tags_of(front, info, seen.key, seen.query.get("versionId", ""))
+
+
+async def _tags_of(
+    front: front_mod.ObjectFront, info: metadata_pb2.BucketInfo, key: str, version: str
+) -> dict[str, str] | None:
+    """The tags of key's current version (version's) in bucket info: one metadata read, the
+    gate's own, whoever the caller (its outcome alone shows, as in S3); None when there is
+    no such object or version (a delete marker included) or the key or version id is not
+    valid (the handler answers that)."""
+    try:
+        found = await front.engine.resolve(front_mod.storage(info), key, version_id=version)
+    except (errors.NotFound, errors.InvalidArgument):
+        return None
+    return dict(found.meta.tags)
 
 
 async def _check_copy_source(
@@ -156,11 +359,16 @@ async def _check_copy_source(
     except errors.NotFound:
         return  # the handler answers NoSuchBucket
     policy = policy_ops.policy_of(info)
+    if policy is None:
+        return
     query = {"versionId": version} if version else {}
-    if policy is not None and (
-        policy_ops.decide(policy, "GetObject", who, bucket, key, query, headers, remote)
-        is bucket_policy.Decision.DENY
-    ):
+    tags = None
+    if policy_ops.wants_tags(policy, "GetObject", who, bucket, key, query, deny_only=True):
+        tags = await _tags_of(front, info, key, version)
+    decision = policy_ops.decide(
+        policy, "GetObject", who, bucket, key, query, headers, remote, tags=tags
+    )
+    if decision is bucket_policy.Decision.DENY:
         raise _denied()
 
 
@@ -170,8 +378,10 @@ def _decide(
     headers: CIMultiDictProxy[str],
     info: metadata_pb2.BucketInfo,
     seen: _Seen,
+    tags: Mapping[str, str] | None = None,
 ) -> front_mod.Admission | None:
-    """admit's decision on a bucket's record (None: the owner's request)."""
+    """admit's decision on a bucket's record (None: the owner's request); tags: the named
+    object's, where the policy needs them (`_existing_tags`)."""
     expected = headers.get("x-amz-expected-bucket-owner")
     if expected is not None and expected != info.tenant:
         raise _denied("The bucket is not owned by the expected owner")
@@ -181,7 +391,7 @@ def _decide(
     decision = bucket_policy.Decision.NONE
     if policy is not None:
         decision = policy_ops.decide(
-            policy, op, who, info.name, seen.key, seen.query, headers, seen.remote
+            policy, op, who, info.name, seen.key, seen.query, headers, seen.remote, tags=tags
         )
         if decision is bucket_policy.Decision.DENY and not (
             op in policy_ops.MANAGE and who.may_use(info.tenant)
@@ -199,17 +409,20 @@ def _decide(
             if wanted is not None and not acl.is_private(wanted, info.tenant):
                 raise s3errors.S3Error("NotImplemented", "KV buckets have no ACLs: private only")
         return None
-    if info.kind == metadata_pb2.BUCKET_KIND_KV or op not in GRANTED:
+    if info.kind == metadata_pb2.BUCKET_KIND_KV or (op not in GRANTED and op not in POLICY_ONLY):
         raise _denied()
-    scope, permission = GRANTED[op]
     if decision is bucket_policy.Decision.ALLOW:
         assert policy is not None
         # RestrictPublicBuckets: a public policy admits no one outside the owner's tenant.
         if public_access.restricts_public_buckets(info) and bucket_policy.is_public(policy):
             raise _denied()
+        scope = GRANTED[op][0] if op in GRANTED else "object"
         return _policy_admission(
             info, who, scope, policy_ops.may_list(policy, who, info.name, seen.remote)
         )
+    if op not in GRANTED:  # POLICY_ONLY: no ACL grant admits it
+        raise _denied()
+    scope, permission = GRANTED[op]
     if scope == "object":
         return _object_admission(info, who, permission)
     if not acl.allows(public_access.effective(info, info.acl), info.tenant, who, permission):
@@ -240,7 +453,9 @@ def _object_admission(
     owner = info.tenant
 
     def check(object_acl: acl_pb2.Acl) -> None:
-        if not acl.allows(public_access.effective(info, object_acl), owner, who, permission):
+        # Relative to the version's owner: its writer, where another tenant's (`acl.writer`).
+        holder = acl.owner_of(object_acl, owner)
+        if not acl.allows(public_access.effective(info, object_acl), holder, who, permission):
             raise errors.PermissionDenied(
                 "the object's ACL does not allow it", reason="AccessDenied"
             )
@@ -249,11 +464,12 @@ def _object_admission(
     return front_mod.Admission(info.name, "object", check_object=check, may_list=may_list)
 
 
-async def _wanted_acl(req: s3request.S3Request, owner: str) -> acl_pb2.Acl:
-    """The ACL a Put*Acl request sets: its headers, or its AccessControlPolicy body (both:
-    UnexpectedContent; neither: MalformedACLError)."""
+async def _wanted_acl(req: s3request.S3Request, owner: str, bucket_owner: str = "") -> acl_pb2.Acl:
+    """The ACL a Put*Acl request sets on a resource of owner (in a bucket of bucket_owner:
+    `acl.canned`): its headers, or its AccessControlPolicy body (both: UnexpectedContent;
+    neither: MalformedACLError)."""
     body = await req.payload.read_all(MAX_POLICY_BYTES)
-    wanted = acl.from_headers(req.http.headers, owner)
+    wanted = acl.from_headers(req.http.headers, owner, bucket_owner)
     if wanted is not None:
         if body:
             raise s3errors.S3Error(
@@ -281,6 +497,7 @@ async def put_bucket_acl(s3: s3request.Door, req: s3request.S3Request) -> web.Re
     """Replace the bucket's ACL (canned, grant headers or an AccessControlPolicy body)."""
     info = await s3.owned_bucket(req)
     wanted = await _wanted_acl(req, info.tenant)
+    await check_grantees(s3.auth, wanted, info.tenant, req.principal.tenant)
     public_access.check_acl(info, wanted)
     await s3.front.set_bucket_config(req.bucket, metadata_pb2.SetBucketConfigRequest(acl=wanted))
     return web.Response(status=200)
@@ -288,8 +505,9 @@ async def put_bucket_acl(s3: s3request.Door, req: s3request.S3Request) -> web.Re
 
 async def get_object_acl(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """The AccessControlPolicy of the current version, or of versionId's (owner: the bucket's
-    tenant), through the bucket's object layer (`head`); x-amz-version-id in a versioned
-    bucket. A missing version is NoSuchVersion, a delete marker's id 405 MethodNotAllowed."""
+    tenant, or the version's writer: `acl.writer`), through the bucket's object layer
+    (`head`); x-amz-version-id in a versioned bucket. A missing version is NoSuchVersion, a
+    delete marker's id 405 MethodNotAllowed."""
     info = await s3.owned_bucket(req)
     version = versioning_ops.requested(req)
     layer = await s3.layer(req)
@@ -297,20 +515,26 @@ async def get_object_acl(s3: s3request.Door, req: s3request.S3Request) -> web.Re
         found = await layer.head(req.bucket, req.key, version)
     except errors.NotFound as exc:
         raise versioning_ops.not_found(exc, version) from None
-    response = _xml(acl.policy_xml(found.headers.acl, info.tenant))
+    owner = acl.owner_of(found.headers.acl, info.tenant)
+    response = _xml(acl.policy_xml(found.headers.acl, owner))
     await versioning_ops.stamp_info(s3, req.bucket, response, found)
     return response
 
 
 async def put_object_acl(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     """Replace the ACL of the current version, or of versionId's (current or not), in place
-    (no new version, same ETag), through the bucket's object layer (`set_acl`)."""
+    (no new version, same ETag), through the bucket's object layer (`set_acl`). The version
+    keeps its owner (its writer's tenant, where another's): the new ACL is relative to it."""
     info = await s3.owned_bucket(req)
     version = versioning_ops.requested(req)
     layer = await s3.layer(req)
     try:
-        await layer.head(req.bucket, req.key, version)  # refused before the body is read
-        wanted = await _wanted_acl(req, info.tenant)
+        found = await layer.head(req.bucket, req.key, version)  # refused before the body is read
+        owner = acl.owner_of(found.headers.acl, info.tenant)
+        wanted = await _wanted_acl(req, owner, info.tenant)
+        await check_grantees(s3.auth, wanted, owner, info.tenant, req.principal.tenant)
+        if owner != info.tenant:
+            wanted.owner = owner
         public_access.check_acl(info, wanted)
         found = await layer.set_acl(req.bucket, req.key, wanted, version)
     except errors.NotFound as exc:

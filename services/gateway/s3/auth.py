@@ -77,10 +77,12 @@ class Authenticator:
         *,
         region: str = "us-east-1",
         clock: Callable[[], float] = time.time,
+        tenants: Callable[[str], Awaitable[bool | None]] | None = None,
     ) -> None:
         self._lookup = lookup
         self._region = region
         self._clock = clock
+        self._tenants = tenants
 
     async def user(self, access_key: str) -> tuple[Principal, str]:
         """The principal and secret of an access key (InvalidAccessKeyId when there is none):
@@ -93,6 +95,12 @@ class Authenticator:
     def now(self) -> float:
         """The time signatures and policies are checked against."""
         return self._clock()
+
+    async def known_tenant(self, tenant: str) -> bool:
+        """Whether tenant has a user (an ACL grant may name it): True too where this gateway
+        cannot tell (no user cache, not synced yet, etcd down: `users.UserCache.has_tenant`)."""
+        known = await self._tenants(tenant) if self._tenants is not None else None
+        return known is not False
 
     async def authenticate(self, http: web.Request) -> tuple[Principal, body.Payload]:
         """The principal and the body of a request; S3Error (AccessDenied,

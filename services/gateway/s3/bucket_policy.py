@@ -15,11 +15,15 @@ An authorization document: what it cannot evaluate exactly it refuses when store
 - Resource: arn:aws:s3:::<bucket>[/<key>] with * and ? wildcards, each one able to match
   this bucket or its objects;
 - Condition: the operators of `_OPERATORS` on the keys of `_KEYS` (case-insensitive), several
-  operators, keys and values as IAM combines them (operators and keys: all; values: any).
-  Policy variables (${...}) in a 2012-10-17 policy are refused.
+  operators, keys and values as IAM combines them (operators and keys: all; values: any);
+  the string operators also on s3:ExistingObjectTag/<tag key> (the prefix case-insensitive,
+  the tag key as S3's are: case-sensitive), which holds the tag of the object the request
+  names, for the actions of `TAGGED_ACTIONS` alone (as S3 supplies it: never for PutObject
+  or DeleteObject). Policy variables (${...}) in a 2012-10-17 policy are refused.
 
 Evaluation (`evaluate`): an explicit Deny of a matching statement wins, else an Allow, else
-nothing (the ACLs decide).
+nothing (the ACLs decide). The object's tags are I/O: the gate reads them only when
+`wants_tags` says a statement that could match needs them (`Request.tags`).
 """
 
 from __future__ import annotations
@@ -51,6 +55,22 @@ _KEYS = frozenset(
         "aws:sourceip", "s3:prefix", "s3:delimiter", "s3:x-amz-acl", "s3:x-amz-copy-source",
         "s3:x-amz-metadata-directive", "s3:x-amz-grant-read", "s3:x-amz-grant-write",
         "s3:x-amz-grant-read-acp", "s3:x-amz-grant-write-acp", "s3:x-amz-grant-full-control",
+    }
+)  # fmt: skip
+#: The condition key prefix of an existing object's tag (lower case; the tag key follows).
+EXISTING_TAG = "s3:existingobjecttag/"
+#: S3's longest tag key.
+_MAX_TAG_KEY = 128
+#: The actions whose request context carries s3:ExistingObjectTag/<key> (AWS's service
+#: authorization reference; lower case): object reads, and changes of an existing object's
+#: ACL or tags. Not PutObject nor DeleteObject (S3: "not supported" there).
+TAGGED_ACTIONS = frozenset(
+    {
+        "s3:getobject", "s3:getobjectversion", "s3:getobjectattributes",
+        "s3:getobjectversionattributes", "s3:getobjectacl", "s3:getobjectversionacl",
+        "s3:putobjectacl", "s3:putobjectversionacl", "s3:getobjecttagging",
+        "s3:getobjectversiontagging", "s3:putobjecttagging", "s3:putobjectversiontagging",
+        "s3:deleteobjecttagging", "s3:deleteobjectversiontagging",
     }
 )  # fmt: skip
 _STRING_OPERATORS = frozenset(
@@ -95,13 +115,22 @@ class Request:
     resource: str | None
     #: Condition keys present in the request (lower-case names).
     context: Mapping[str, str]
+    #: The tags of the object (version) the request names, for an action of
+    #: `TAGGED_ACTIONS`; None where s3:ExistingObjectTag is absent (another action, no such
+    #: object, or not read: `wants_tags` said no statement needs them).
+    tags: Mapping[str, str] | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Condition:
     operator: str
-    key: str
+    key: str  #: lower case, but for the tag key of s3:existingobjecttag/<tag key>
     values: tuple[str, ...]
+
+    @property
+    def tag(self) -> str | None:
+        """The tag key of an s3:ExistingObjectTag condition (None: another key)."""
+        return self.key[len(EXISTING_TAG) :] if self.key.startswith(EXISTING_TAG) else None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -115,6 +144,11 @@ class Statement:
     resources: tuple[re.Pattern[str], ...]
     raw_resources: tuple[str, ...]  #: as written (`_may_name_an_object`)
     conditions: tuple[Condition, ...]
+
+    @property
+    def needs_tags(self) -> bool:
+        """Whether a condition is on the object's existing tags."""
+        return any(condition.tag is not None for condition in self.conditions)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -245,7 +279,9 @@ def _conditions(raw: Any) -> tuple[Condition, ...]:
             raise malformed(f"Condition {operator} must map keys to values")
         for key, values in block.items():
             name = key.lower() if isinstance(key, str) else ""
-            if name not in _KEYS:
+            if name.startswith(EXISTING_TAG) and 0 < len(name) - len(EXISTING_TAG) <= _MAX_TAG_KEY:
+                name = EXISTING_TAG + key[len(EXISTING_TAG) :]  # S3's tag keys: case-sensitive
+            elif name not in _KEYS:
                 raise malformed(f"Unsupported condition key {key}")
             if (name == "aws:sourceip") != (operator in _IP_OPERATORS):
                 raise malformed(f"Condition {operator} does not apply to {key}")
@@ -280,11 +316,18 @@ def _value_matches(operator: str, value: str, wanted: str) -> bool:
         return False
 
 
-def _holds(condition: Condition, context: Mapping[str, str]) -> bool:
+def _holds(condition: Condition, request: Request) -> bool:
     """IAM: any value matches; a negated operator holds when none does, and when the key is
-    absent (a positive one then fails)."""
+    absent (a positive one then fails). An existing tag's key is absent where the object has
+    no such tag, or the request no tags (`Request.tags`)."""
     negated = condition.operator.startswith(("StringNot", "NotIp"))
-    value = context.get(condition.key)
+    tag = condition.tag
+    if tag is None:
+        value = request.context.get(condition.key)
+    elif request.tags is not None and request.action.lower() in TAGGED_ACTIONS:
+        value = request.tags.get(tag)
+    else:
+        value = None
     if value is None:
         return negated
     matched = any(_value_matches(condition.operator, value, w) for w in condition.values)
@@ -318,16 +361,33 @@ def _may_start_with(glob: str, prefix: str) -> bool:
     return True
 
 
-def _matches(statement: Statement, request: Request) -> bool:
+def _may_match(statement: Statement, request: Request) -> bool:
+    """Whether the statement's principal, action and resource match (conditions aside)."""
     if not principal_matches(statement, request.who):
         return False
     named = any(p.fullmatch(request.action) for p in statement.actions)
-    if named == statement.negated_actions:
+    return named != statement.negated_actions and _resource_matches(statement, request)
+
+
+def _matches(statement: Statement, request: Request) -> bool:
+    if not _may_match(statement, request):
         return False
     if request.resource is None:  # unseen keys: only a Deny may match, whatever its conditions
-        return statement.effect is Decision.DENY and _resource_matches(statement, request)
-    return _resource_matches(statement, request) and all(
-        _holds(condition, request.context) for condition in statement.conditions
+        return statement.effect is Decision.DENY
+    return all(_holds(condition, request) for condition in statement.conditions)
+
+
+def wants_tags(policy: Policy, request: Request, *, deny_only: bool) -> bool:
+    """Whether evaluating request needs the object's tags: some statement with a condition on
+    them may match it (a Deny alone when deny_only: an Allow would change nothing). Never
+    for an action without s3:ExistingObjectTag, nor a request naming no single object."""
+    if request.resource is None or request.action.lower() not in TAGGED_ACTIONS:
+        return False
+    return any(
+        statement.needs_tags
+        and (statement.effect is Decision.DENY or not deny_only)
+        and _may_match(statement, request)
+        for statement in policy.statements
     )
 
 

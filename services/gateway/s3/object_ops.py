@@ -82,8 +82,10 @@ def request_headers(req: s3request.S3Request) -> pb.ObjectHeaders:
     if size > MAX_META_BYTES:
         raise s3errors.S3Error("MetadataTooLarge", f"user metadata is {size} bytes, 2 KB at most")
     out.tags.update(tags.parse_header(req.header("x-amz-tagging")))
-    # x-amz-acl / x-amz-grant-*: the new object's ACL (none: private; never the source's).
-    wanted = acl.from_headers(h, req.bucket_owner)
+    # x-amz-acl / x-amz-grant-*: the new object's ACL (none: private; never the source's),
+    # relative to its owner: the writer's tenant when admitted to another's bucket.
+    owner = acl.writer(req.principal, req.bucket_owner) if req.bucket_owner else ""
+    wanted = acl.object_acl(h, req.bucket_owner, owner)
     if wanted is not None:
         out.acl.CopyFrom(wanted)
     return out
@@ -465,13 +467,16 @@ def copy_source(req: s3request.S3Request) -> tuple[str, str, str]:
 async def source_for_copy(
     s3: s3request.Door, req: s3request.S3Request
 ) -> tuple[str, str, datanode_pb2.ShardMeta]:
-    """The copy source (owned by the principal), its x-amz-copy-source-if-* checked; a
-    source version (versionId) is that version's."""
+    """The copy source, its x-amz-copy-source-if-* checked; a source version (versionId) is
+    that version's. Read as the principal's GetObject would be: its own bucket's, or one the
+    ACL gate admitted it to as a copy's source (the version's ACL or the bucket's policy:
+    `acl_ops`); NoSuchBucket, AccessDenied (NoSuchKey where it may list the bucket)."""
     bucket, key, version = copy_source(req)
-    await s3.front.bucket_for(bucket)  # NoSuchBucket, AccessDenied
     try:
-        meta = (await s3.front.resolve(bucket, key, version)).meta
+        meta = (await s3.front.resolve(bucket, key, version, source=True)).meta
     except errors.NotFound as exc:
+        if exc.reason == "NoSuchBucket":
+            raise
         mapped = versioning_ops.not_found(exc, version)
         if mapped.code == "MethodNotAllowed":  # S3: copying a delete marker is a 400
             mapped = s3errors.S3Error("InvalidRequest", "The source of a copy is a delete marker")

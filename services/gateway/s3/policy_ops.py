@@ -11,6 +11,10 @@ allowed for an Allow to count, any denied action refuses) and its resource (the 
 or the object's). An operation of no known action is refused whenever a Deny statement names
 its caller (it cannot be told apart from a denied one). A copy (x-amz-copy-source) also
 reads its source: the source bucket's policy must not deny that read.
+
+A condition on s3:ExistingObjectTag/<key> needs the tags of the object the request names:
+the gate reads them (one metadata read, `acl_ops`) only where `wants_tags` says a statement
+that may match the request has one, and hands them to `decide`.
 """
 
 from __future__ import annotations
@@ -118,6 +122,47 @@ def context(headers: Mapping[str, str], query: Mapping[str, str], remote: str) -
     return out
 
 
+def _actions(op: str, query: Mapping[str, str]) -> tuple[str, ...] | None:
+    """The IAM actions of op (None: an operation of no known action)."""
+    known = ACTIONS.get(op)
+    if known is None:
+        return None
+    return known[1] if query.get("versionId") else known[0]
+
+
+def _resource(op: str, bucket: str, key: str) -> str | None:
+    """The ARN a request names (None: keys the gate does not see)."""
+    if op in _UNSEEN_KEYS:
+        return None
+    arn = bucket_policy.ARN_PREFIX + bucket
+    return f"{arn}/{key}" if key else arn
+
+
+def wants_tags(
+    policy: bucket_policy.Policy,
+    op: str,
+    principal: auth.Principal,
+    bucket: str,
+    key: str,
+    query: Mapping[str, str],
+    *,
+    deny_only: bool,
+) -> bool:
+    """Whether `decide` needs the tags of the object the request names (`bucket_policy.
+    wants_tags`; deny_only: only a Deny can change the outcome, for the bucket's owner)."""
+    actions = _actions(op, query)
+    if actions is None or not key or not any(s.needs_tags for s in policy.statements):
+        return False  # the common case: no condition on tags, nothing more to look at
+    caller, resource = who(principal), _resource(op, bucket, key)
+    return any(
+        bucket_policy.wants_tags(
+            policy, bucket_policy.Request(caller, action, bucket, resource, {}),
+            deny_only=deny_only,
+        )
+        for action in actions
+    )  # fmt: skip
+
+
 def decide(
     policy: bucket_policy.Policy,
     op: str,
@@ -127,26 +172,26 @@ def decide(
     query: Mapping[str, str],
     headers: CIMultiDictProxy[str],
     remote: str,
+    *,
+    tags: Mapping[str, str] | None = None,
 ) -> bucket_policy.Decision:
     """The policy's word on one request: DENY if any of its actions is denied, ALLOW if all
-    are allowed, else NONE."""
+    are allowed, else NONE. tags: the named object's (None: absent, `wants_tags`)."""
     caller = who(principal)
-    known = ACTIONS.get(op)
+    known = _actions(op, query)
     if known is None:  # an operation of no known action: refused where a Deny may name it
         named = any(
             s.effect is bucket_policy.Decision.DENY and bucket_policy.principal_matches(s, caller)
             for s in policy.statements
         )
         return bucket_policy.Decision.DENY if named else bucket_policy.Decision.NONE
-    actions = known[1] if query.get("versionId") else known[0]
-    arn = bucket_policy.ARN_PREFIX + bucket
-    resource: str | None = f"{arn}/{key}" if key else arn
-    if op in _UNSEEN_KEYS:
-        resource = None
+    resource = _resource(op, bucket, key)
     ctx = context(headers, query, remote)
     decisions = [
-        bucket_policy.evaluate(policy, bucket_policy.Request(caller, action, bucket, resource, ctx))
-        for action in actions
+        bucket_policy.evaluate(
+            policy, bucket_policy.Request(caller, action, bucket, resource, ctx, tags)
+        )
+        for action in known
     ]
     if bucket_policy.Decision.DENY in decisions:
         return bucket_policy.Decision.DENY

@@ -215,6 +215,9 @@ class S3Server:
                     key=key, query=http.query, remote=http.remote or "",
                 )  # fmt: skip
                 request.bucket_owner = info.tenant if info is not None else ""
+                await acl_ops.check_header_grantees(
+                    self.auth, op, principal, http.headers, request.bucket_owner
+                )
                 if admission is not None:
                     admitted = front_mod.admit(admission)
                 if bucket and op not in kv_ops.SHARED and op not in ("CreateBucket", kv_score.OP):

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvtier/common/v1/acl.proto\x12\x10kvtier.common.v1\"\x84\x01\n\x08\x41\x63lGrant\x12\x33\n\x0cgrantee_type\x18\x01 \x01(\x0e\x32\x1d.kvtier.common.v1.GranteeType\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x33\n\npermission\x18\x03 \x01(\x0e\x32\x1f.kvtier.common.v1.AclPermission\"D\n\x03\x41\x63l\x12*\n\x06grants\x18\x01 \x03(\x0b\x32\x1a.kvtier.common.v1.AclGrant\x12\x11\n\tno_grants\x18\x02 \x01(\x08*\xbe\x01\n\rAclPermission\x12\x1e\n\x1a\x41\x43L_PERMISSION_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43L_PERMISSION_READ\x10\x01\x12\x18\n\x14\x41\x43L_PERMISSION_WRITE\x10\x02\x12\x1b\n\x17\x41\x43L_PERMISSION_READ_ACP\x10\x03\x12\x1c\n\x18\x41\x43L_PERMISSION_WRITE_ACP\x10\x04\x12\x1f\n\x1b\x41\x43L_PERMISSION_FULL_CONTROL\x10\x05*\x86\x01\n\x0bGranteeType\x12\x1c\n\x18GRANTEE_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13GRANTEE_TYPE_TENANT\x10\x01\x12\x1a\n\x16GRANTEE_TYPE_ALL_USERS\x10\x02\x12$\n GRANTEE_TYPE_AUTHENTICATED_USERS\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akvtier/common/v1/acl.proto\x12\x10kvtier.common.v1\"\x84\x01\n\x08\x41\x63lGrant\x12\x33\n\x0cgrantee_type\x18\x01 \x01(\x0e\x32\x1d.kvtier.common.v1.GranteeType\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x33\n\npermission\x18\x03 \x01(\x0e\x32\x1f.kvtier.common.v1.AclPermission\"S\n\x03\x41\x63l\x12*\n\x06grants\x18\x01 \x03(\x0b\x32\x1a.kvtier.common.v1.AclGrant\x12\x11\n\tno_grants\x18\x02 \x01(\x08\x12\r\n\x05owner\x18\x03 \x01(\t*\xbe\x01\n\rAclPermission\x12\x1e\n\x1a\x41\x43L_PERMISSION_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43L_PERMISSION_READ\x10\x01\x12\x18\n\x14\x41\x43L_PERMISSION_WRITE\x10\x02\x12\x1b\n\x17\x41\x43L_PERMISSION_READ_ACP\x10\x03\x12\x1c\n\x18\x41\x43L_PERMISSION_WRITE_ACP\x10\x04\x12\x1f\n\x1b\x41\x43L_PERMISSION_FULL_CONTROL\x10\x05*\x86\x01\n\x0bGranteeType\x12\x1c\n\x18GRANTEE_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13GRANTEE_TYPE_TENANT\x10\x01\x12\x1a\n\x16GRANTEE_TYPE_ALL_USERS\x10\x02\x12$\n GRANTEE_TYPE_AUTHENTICATED_USERS\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvtier.common.v1.acl_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACLPERMISSION']._serialized_start=254
-  _globals['_ACLPERMISSION']._serialized_end=444
-  _globals['_GRANTEETYPE']._serialized_start=447
-  _globals['_GRANTEETYPE']._serialized_end=581
+  _globals['_ACLPERMISSION']._serialized_start=269
+  _globals['_ACLPERMISSION']._serialized_end=459
+  _globals['_GRANTEETYPE']._serialized_start=462
+  _globals['_GRANTEETYPE']._serialized_end=596
   _globals['_ACLGRANT']._serialized_start=49
   _globals['_ACLGRANT']._serialized_end=181
   _globals['_ACL']._serialized_start=183
-  _globals['_ACL']._serialized_end=251
+  _globals['_ACL']._serialized_end=266
 # @@protoc_insertion_point(module_scope)
