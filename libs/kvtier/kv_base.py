@@ -67,6 +67,8 @@ class KVClientBase:
         self.corrupt_blocks = 0
         self.tenant = tenant
         self._ns = pb.Namespace(tenant=tenant, name=namespace)
+        #: A probe request's `namespace = 1` field, serialized once (`NodeSet.probe_plans`).
+        self._ns_head = pb.ScoreRequest(namespace=self._ns).SerializeToString()
         self._use_calls = use_calls
         self._set = kvnodes.NodeSet(
             namespace=namespace, tenant=tenant, metadata=metadata, nodes=nodes,

@@ -195,13 +195,16 @@ def score(
     """`AsyncKVClient.score`, or None when it must run in full."""
     if not client._set.current():
         return None
-    plans = client._set.plans(chain, 0)
+    # Each node's ScoreRequest comes serialized with its plan: no message built per call.
+    planned = client._set.probe_plans(chain, client._ns_head)
+    if planned is None:
+        return None
+    plans = [plan for plan, _ in planned]
     jobs = _sessions(client, plans, None)
     if jobs is None:
         return None
-    for job in jobs:
-        keys = [chain[i] for i in job.plan.indices]
-        job.request = pb.ScoreRequest(namespace=client._ns, keys=keys).SerializeToString()
+    for job, (_, request) in zip(jobs, planned, strict=True):
+        job.request = request
     replies = _run(client, loop, jobs, pb.CALL_METHOD_SCORE, "score")
     if replies is None:
         return None

@@ -12,6 +12,7 @@ import pytest
 from kvtier import kvnodes
 from kvtier import security as security_mod
 from kvtier.proto.common.v1 import common_pb2
+from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 
 CHAIN = [b"block-%d" % i for i in range(64)]
 
@@ -122,3 +123,32 @@ async def test_a_chain_missing_everywhere_stops_after_every_rank_was_asked_once(
 async def test_an_empty_chain_asks_nobody() -> None:
     async with _nodes(replicas=1) as nodes:
         assert _search(nodes, {}, []) == (0, [])
+
+
+async def test_probe_plans_are_plans_with_the_requests_protobuf_would_serialize() -> None:
+    """`NodeSet.probe_plans` (Score's short path) packs the keys itself: the same plans as
+    `plans(keys, 0)`, and each node's request byte for byte what protobuf serializes (keys
+    whose length needs a one- and a two-byte varint included); refreshed after the node list
+    changes; None for a key that is not bytes."""
+    ns = pb.Namespace(tenant="t", name="m")
+    head = pb.ScoreRequest(namespace=ns).SerializeToString()
+    keys = [*CHAIN, b"x" * 127, b"y" * 128, b"z" * 300]
+    async with _nodes(replicas=2) as nodes:
+        for _ in range(2):  # the second time from the remembered fields
+            planned = nodes.probe_plans(keys, head)
+            assert planned is not None
+            plans = nodes.plans(keys, 0)
+            assert [(p.node, p.indices) for p, _ in planned] == [(p.node, p.indices) for p in plans]
+            for (_, request), want in zip(planned, plans, strict=True):
+                keys_of = [keys[i] for i in want.indices]
+                assert request == pb.ScoreRequest(namespace=ns, keys=keys_of).SerializeToString()
+        infos = [
+            common_pb2.NodeInfo(node_id=f"n{i}", grpc_address=f"127.0.0.1:{i + 1}")
+            for i in range(2)
+        ]
+        nodes._adopt(infos, 2)  # a node left: its keys have other owners now
+        planned = nodes.probe_plans(keys, head)
+        assert planned is not None
+        assert {p.node.node_id for p, _ in planned} == {"n0", "n1"}
+        assert [p.indices for p, _ in planned] == [p.indices for p in nodes.plans(keys, 0)]
+        assert nodes.probe_plans([b"a", "b"], head) is None  # type: ignore[list-item]
