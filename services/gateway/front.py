@@ -572,8 +572,9 @@ class ObjectFront:
         await self.multipart.abort(_with(req, bucket=stored))
 
     async def list_parts(self, req: pb.ListPartsRequest) -> pb.ListPartsResponse:
-        """A page of an upload's parts."""
-        return await self.multipart.list_parts(_with(req, bucket=await self.storage_of(req.bucket)))
+        """A page of an upload's parts (in a bucket admitted for "write": a policy's Allow)."""
+        stored = await self._storage_for(req.bucket, "write")
+        return await self.multipart.list_parts(_with(req, bucket=stored))
 
     async def list_uploads(
         self, req: pb.ListMultipartUploadsRequest

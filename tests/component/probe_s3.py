@@ -107,6 +107,10 @@ def _body(op: str, keys: list[str], etag: str) -> tuple[bytes, tuple[tuple[str, 
     if op in ("PutObjectTagging", "PutBucketTagging"):  # a valid tag set: refused all the same
         body = b"<Tagging><TagSet><Tag><Key>probe</Key><Value>1</Value></Tag></TagSet></Tagging>"
         return body, (("Content-MD5", base64.b64encode(hashlib.md5(body).digest()).decode()),)
+    if op == "PutBucketOwnershipControls":  # valid, ACLs enabled: refused all the same
+        rule = "<Rule><ObjectOwnership>ObjectWriter</ObjectOwnership></Rule>"
+        body = f"<OwnershipControls>{rule}</OwnershipControls>".encode()
+        return body, (("Content-MD5", base64.b64encode(hashlib.md5(body).digest()).decode()),)
     if op == "CompleteMultipartUpload":
         part = f"<Part><PartNumber>1</PartNumber><ETag>&quot;{etag}&quot;</ETag></Part>"
         return f"<CompleteMultipartUpload>{part}</CompleteMultipartUpload>".encode(), ()

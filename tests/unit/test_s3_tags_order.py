@@ -26,6 +26,7 @@ def test_content_encoding_without_aws_chunked() -> None:
         http=types.SimpleNamespace(headers=headers),
         header=lambda name: headers.get(name, ""),
         bucket_owner="acme",
+        object_ownership=0,  # no Object Ownership setting
         principal=auth.Principal("AKACME", "acme", "acme"),  # the object's writer
     )
     out = object_ops.request_headers(cast(s3request.S3Request, req))

@@ -15,10 +15,14 @@ anonymous request), before its handler, and again in `S3Server.expect` before `1
   does any request on a KV bucket or on the KV tier's internal bucket: KV buckets have no
   ACLs (a non-private ACL on one is NotImplemented).
 - A bucket policy's Allow admits them to the operations of `GRANTED` whatever the ACLs say,
-  and to those of `POLICY_ONLY`, which no ACL grant admits (S3's ACL permissions do not map
-  to the object-tagging actions); its Deny refuses anyone. A condition on the object's
-  existing tags has them read here (`_existing_tags`), only when a statement needs them.
+  and to those of `POLICY_ONLY` and `POLICY_UPLOADS` (ListParts), which no ACL grant admits
+  (S3's ACL permissions do not map to their actions); its Deny refuses anyone. A condition
+  on the object's existing tags has them read here (`_existing_tags`), only when a statement
+  needs them.
 - Anonymous requests never reach service-level operations (ListBuckets) or CreateBucket.
+- A bucket whose Object Ownership is BucketOwnerEnforced (`ownership`) has ACLs disabled: no
+  grant admits anyone (`_effective`), its tenant owns every object, and an admitted request
+  that sets an ACL other than the owner-only one is AccessControlListNotSupported.
 
 Objects another tenant's user writes (through a WRITE grant or a policy) belong to its tenant
 (S3's ObjectWriter ownership, `acl.writer`): their own ACL, relative to it, alone decides who
@@ -44,6 +48,7 @@ from services.gateway.s3 import (
     auth,
     bucket_policy,
     cors,
+    ownership,
     policy_ops,
     public_access,
     s3errors,
@@ -77,6 +82,9 @@ GRANTED: dict[str, tuple[str, acl.Permission]] = {
 #: request to (no ACL permission grants their IAM actions), scope "object": the policy
 #: decided on that object, the version's ACL adds nothing.
 POLICY_ONLY = frozenset({"GetObjectTagging", "PutObjectTagging", "DeleteObjectTagging"})
+#: Operations on an upload in progress a bucket policy's Allow alone may admit others to, scope
+#: "write" (S3's ACL permissions grant no s3:ListMultipartUploadParts).
+POLICY_UPLOADS = frozenset({"ListParts"})
 #: Operations on no bucket, or on one that need not exist yet: never anonymous. KVScore
 #: (`kv_score`, on no bucket) checks its tenant itself.
 _NO_BUCKET_YET = frozenset({"ListBuckets", "CreateBucket", "KVScore"})
@@ -129,6 +137,15 @@ async def check_header_grantees(
         await check_grantees(authenticator, wanted, bucket_owner, who.tenant)
 
 
+def _effective(info: metadata_pb2.BucketInfo, acl_: acl_pb2.Acl) -> acl_pb2.Acl:
+    """The ACL (the bucket's or one of its objects') the gate evaluates: none (the owner's
+    rights alone) where the bucket's Object Ownership disables ACLs (BucketOwnerEnforced),
+    else `public_access.effective`'s."""
+    if ownership.enforced(info):
+        return acl_pb2.Acl()
+    return public_access.effective(info, acl_)
+
+
 def _denied(message: str = "Access Denied") -> s3errors.S3Error:
     return s3errors.S3Error("AccessDenied", message)
 
@@ -150,6 +167,8 @@ async def admit(
     admission, info = await _admit_bucket(
         front, op, bucket, who, headers, key=key, query=query, remote=remote
     )
+    if info is not None and op in _SETS_ACL:  # once admitted: ACLs the bucket does not allow
+        ownership.check_write(ownership.mode(info), headers, info.tenant)
     if info is None or info.kind == metadata_pb2.BUCKET_KIND_KV:
         return admission, info  # KV buckets: their tenant's objects only, never a copy's
     if op in _OWNER_CHECKED and admission is None:  # the bucket's owner (or an admin)
@@ -188,11 +207,11 @@ def _writer_owned(
     inner = admission.check_object
 
     def check(object_acl: acl_pb2.Acl) -> None:
-        holder = acl.owner_of(object_acl, info.tenant)
+        holder = ownership.holder(info, object_acl)
         if holder == info.tenant:
             if inner is not None:
                 inner(object_acl)
-        elif not acl.allows(public_access.effective(info, object_acl), holder, who, permission):
+        elif not acl.allows(_effective(info, object_acl), holder, who, permission):
             raise errors.PermissionDenied(
                 "the object's ACL does not allow it", reason="AccessDenied"
             )
@@ -409,7 +428,8 @@ def _decide(
             if wanted is not None and not acl.is_private(wanted, info.tenant):
                 raise s3errors.S3Error("NotImplemented", "KV buckets have no ACLs: private only")
         return None
-    if info.kind == metadata_pb2.BUCKET_KIND_KV or (op not in GRANTED and op not in POLICY_ONLY):
+    policy_only = op in POLICY_ONLY or op in POLICY_UPLOADS
+    if info.kind == metadata_pb2.BUCKET_KIND_KV or (op not in GRANTED and not policy_only):
         raise _denied()
     if decision is bucket_policy.Decision.ALLOW:
         assert policy is not None
@@ -417,15 +437,17 @@ def _decide(
         if public_access.restricts_public_buckets(info) and bucket_policy.is_public(policy):
             raise _denied()
         scope = GRANTED[op][0] if op in GRANTED else "object"
+        if op in POLICY_UPLOADS:
+            scope = "write"
         return _policy_admission(
             info, who, scope, policy_ops.may_list(policy, who, info.name, seen.remote)
         )
-    if op not in GRANTED:  # POLICY_ONLY: no ACL grant admits it
+    if op not in GRANTED or ownership.enforced(info):  # policy only, or ACLs disabled
         raise _denied()
     scope, permission = GRANTED[op]
     if scope == "object":
         return _object_admission(info, who, permission)
-    if not acl.allows(public_access.effective(info, info.acl), info.tenant, who, permission):
+    if not acl.allows(_effective(info, info.acl), info.tenant, who, permission):
         raise _denied()
     return front_mod.Admission(info.name, scope)
 
@@ -441,9 +463,7 @@ def _policy_admission(
     def check(object_acl: acl_pb2.Acl) -> None:
         pass  # the policy allowed this object's operation: its ACL adds nothing
 
-    may_list = listed or acl.allows(
-        public_access.effective(info, info.acl), info.tenant, who, acl.READ
-    )
+    may_list = listed or acl.allows(_effective(info, info.acl), info.tenant, who, acl.READ)
     return front_mod.Admission(info.name, "object", check_object=check, may_list=may_list)
 
 
@@ -453,14 +473,15 @@ def _object_admission(
     owner = info.tenant
 
     def check(object_acl: acl_pb2.Acl) -> None:
-        # Relative to the version's owner: its writer, where another tenant's (`acl.writer`).
-        holder = acl.owner_of(object_acl, owner)
-        if not acl.allows(public_access.effective(info, object_acl), holder, who, permission):
+        # Relative to the version's owner: its writer, where another tenant's (`acl.writer`),
+        # but where the bucket's Object Ownership disables ACLs.
+        holder = ownership.holder(info, object_acl)
+        if not acl.allows(_effective(info, object_acl), holder, who, permission):
             raise errors.PermissionDenied(
                 "the object's ACL does not allow it", reason="AccessDenied"
             )
 
-    may_list = acl.allows(public_access.effective(info, info.acl), owner, who, acl.READ)
+    may_list = acl.allows(_effective(info, info.acl), owner, who, acl.READ)
     return front_mod.Admission(info.name, "object", check_object=check, may_list=may_list)
 
 
@@ -497,6 +518,7 @@ async def put_bucket_acl(s3: s3request.Door, req: s3request.S3Request) -> web.Re
     """Replace the bucket's ACL (canned, grant headers or an AccessControlPolicy body)."""
     info = await s3.owned_bucket(req)
     wanted = await _wanted_acl(req, info.tenant)
+    ownership.check_acl(ownership.mode(info), wanted, info.tenant)
     await check_grantees(s3.auth, wanted, info.tenant, req.principal.tenant)
     public_access.check_acl(info, wanted)
     await s3.front.set_bucket_config(req.bucket, metadata_pb2.SetBucketConfigRequest(acl=wanted))
@@ -515,8 +537,8 @@ async def get_object_acl(s3: s3request.Door, req: s3request.S3Request) -> web.Re
         found = await layer.head(req.bucket, req.key, version)
     except errors.NotFound as exc:
         raise versioning_ops.not_found(exc, version) from None
-    owner = acl.owner_of(found.headers.acl, info.tenant)
-    response = _xml(acl.policy_xml(found.headers.acl, owner))
+    owner = ownership.holder(info, found.headers.acl)
+    response = _xml(acl.policy_xml(ownership.shown_acl(info, found.headers.acl), owner))
     await versioning_ops.stamp_info(s3, req.bucket, response, found)
     return response
 
@@ -530,8 +552,9 @@ async def put_object_acl(s3: s3request.Door, req: s3request.S3Request) -> web.Re
     layer = await s3.layer(req)
     try:
         found = await layer.head(req.bucket, req.key, version)  # refused before the body is read
-        owner = acl.owner_of(found.headers.acl, info.tenant)
+        owner = ownership.holder(info, found.headers.acl)
         wanted = await _wanted_acl(req, owner, info.tenant)
+        ownership.check_acl(ownership.mode(info), wanted, info.tenant)
         await check_grantees(s3.auth, wanted, owner, info.tenant, req.principal.tenant)
         if owner != info.tenant:
             wanted.owner = owner

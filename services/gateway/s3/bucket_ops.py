@@ -15,6 +15,7 @@ from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway.s3 import (
     acl,
     object_ops,
+    ownership,
     params,
     s3errors,
     s3request,
@@ -117,6 +118,9 @@ async def create_bucket(s3: s3request.Door, req: s3request.S3Request) -> web.Res
     kv = kind == metadata_pb2.BUCKET_KIND_KV
     if wanted is not None and kv and not acl.is_private(wanted, req.principal.tenant):
         raise s3errors.S3Error("NotImplemented", "KV buckets have no ACLs: they are private")
+    setting = ownership.from_header(req.http.headers.get(ownership.HEADER), kv)
+    if wanted is not None:
+        ownership.check_bucket_acl(setting, wanted, req.principal.tenant)
     try:
         await s3.front.create_bucket(req.bucket, req.principal.tenant, kind)
     except errors.AlreadyExists:
@@ -132,6 +136,8 @@ async def create_bucket(s3: s3request.Door, req: s3request.S3Request) -> web.Res
     if wanted is not None:  # made private: a failure here leaves it so
         config = metadata_pb2.SetBucketConfigRequest(acl=wanted)
         await s3.front.set_bucket_config(req.bucket, config)
+    if setting != ownership.UNSPECIFIED:  # after the ACL: a failure leaves ACLs in force
+        await s3.front.set_bucket_config(req.bucket, ownership.config(setting))
     response = web.Response(status=200)
     response.headers["Location"] = f"/{req.bucket}"
     return response

@@ -43,6 +43,9 @@ SHARED = frozenset(
         "CreateBucket", "HeadBucket", "DeleteBucket", "GetBucketLocation", "GetBucketVersioning",
         "PutBucketVersioning", "GetBucketCors", "PutBucketCors", "DeleteBucketCors",
         "OptionsPreflight",
+        # BucketOwnerEnforced only (`ownership`): what KV buckets do.
+        "GetBucketOwnershipControls", "PutBucketOwnershipControls",
+        "DeleteBucketOwnershipControls",
     }
     | lifecycle_ops.OPS
     | tagging_ops.BUCKET_OPS

@@ -12,6 +12,7 @@ from services.gateway import multipart, objectlayer, versions
 from services.gateway.s3 import (
     conditions,
     object_ops,
+    ownership,
     params,
     s3errors,
     s3request,
@@ -201,10 +202,15 @@ async def list_parts(s3: s3request.Door, req: s3request.S3Request) -> web.Respon
         )  # fmt: skip
     except errors.NotFound as exc:
         raise _no_such_upload(exc) from None
+    # The upload's owner: its writer's tenant, or the bucket's (`ownership`).
+    owner = req.principal.owner
+    if req.bucket_owner:
+        tenant = ownership.owner_for(req.object_ownership, page.headers.acl, req.bucket_owner)
+        owner = (tenant, tenant)
     return _xml(
         xmlio.list_parts(
             bucket=req.bucket, key=req.key, upload_id=req.query["uploadId"], page=page,
-            marker=marker, max_parts=most, owner=req.principal.owner,
+            marker=marker, max_parts=most, owner=owner,
         )
     )  # fmt: skip
 

@@ -20,6 +20,7 @@ from services.gateway import multipart, objectlayer, versions
 from services.gateway.s3 import (
     acl,
     conditions,
+    ownership,
     params,
     response_body,
     s3errors,
@@ -83,8 +84,12 @@ def request_headers(req: s3request.S3Request) -> pb.ObjectHeaders:
         raise s3errors.S3Error("MetadataTooLarge", f"user metadata is {size} bytes, 2 KB at most")
     out.tags.update(tags.parse_header(req.header("x-amz-tagging")))
     # x-amz-acl / x-amz-grant-*: the new object's ACL (none: private; never the source's),
-    # relative to its owner: the writer's tenant when admitted to another's bucket.
-    owner = acl.writer(req.principal, req.bucket_owner) if req.bucket_owner else ""
+    # relative to its owner: the writer's tenant when admitted to another's bucket, unless
+    # the bucket's Object Ownership gives it the bucket's (`ownership.object_owner`).
+    owner = ""
+    if req.bucket_owner:
+        writer = acl.writer(req.principal, req.bucket_owner)
+        owner = ownership.object_owner(req.object_ownership, h, writer, req.bucket_owner)
     wanted = acl.object_acl(h, req.bucket_owner, owner)
     if wanted is not None:
         out.acl.CopyFrom(wanted)

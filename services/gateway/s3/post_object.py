@@ -44,6 +44,7 @@ from services.gateway.s3 import (
     auth,
     body,
     object_ops,
+    ownership,
     post_policy,
     public_access,
     s3errors,
@@ -272,6 +273,8 @@ async def post_object(s3: s3request.Door, req: s3request.S3Request) -> web.Respo
     wanted, expected = _checksums(form.fields)
     headers = _headers(form.fields, req.bucket_owner)
     public_access.check_acl(info, headers.acl)  # the `acl` field: BlockPublicAcls
+    if form.fields.get("acl"):  # ... and Object Ownership's BucketOwnerEnforced
+        ownership.check_write(ownership.mode(info), {"x-amz-acl": form.fields["acl"]}, info.tenant)
     begun = await s3.front.begin_put(
         pb.BeginPutRequest(
             bucket=req.bucket, key=key, size=bound, headers=headers,

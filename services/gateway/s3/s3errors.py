@@ -11,6 +11,7 @@ from kvtier import errors
 
 #: S3 error code -> HTTP status.
 STATUS: dict[str, int] = {
+    "AccessControlListNotSupported": 400,
     "AccessDenied": 403,
     "AuthorizationHeaderMalformed": 400,
     "AuthorizationQueryParametersError": 400,
@@ -24,6 +25,7 @@ STATUS: dict[str, int] = {
     "InternalError": 500,
     "InvalidAccessKeyId": 403,
     "InvalidArgument": 400,
+    "InvalidBucketAclWithObjectOwnership": 400,
     "InvalidBucketName": 400,
     "InvalidChunkSizeError": 400,
     "InvalidLocationConstraint": 400,
@@ -50,6 +52,7 @@ STATUS: dict[str, int] = {
     "NoSuchUpload": 404,
     "NoSuchVersion": 404,
     "NotModified": 304,
+    "OwnershipControlsNotFoundError": 404,
     "NotImplemented": 501,
     "PreconditionFailed": 412,
     "ConditionalRequestConflict": 409,

@@ -32,6 +32,10 @@ class S3Request:
     #: The tenant owning the request's bucket ("" when not looked up: no bucket, or one made by
     #: this request): the owner of its objects and ACLs.
     bucket_owner: str = ""
+    #: The bucket's S3 Object Ownership setting (`ownership`; 0: none or not looked up).
+    object_ownership: metadata_pb2.ObjectOwnership.ValueType = (
+        metadata_pb2.OBJECT_OWNERSHIP_UNSPECIFIED
+    )
 
     def header(self, name: str, default: str = "") -> str:
         """A request header ('' when absent)."""

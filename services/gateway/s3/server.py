@@ -48,6 +48,8 @@ from services.gateway.s3 import (
     lifecycle_ops,
     multipart_ops,
     object_ops,
+    ownership,
+    ownership_ops,
     policy_ops,
     post_object,
     public_access,
@@ -215,6 +217,8 @@ class S3Server:
                     key=key, query=http.query, remote=http.remote or "",
                 )  # fmt: skip
                 request.bucket_owner = info.tenant if info is not None else ""
+                if info is not None:
+                    request.object_ownership = ownership.mode(info)
                 await acl_ops.check_header_grantees(
                     self.auth, op, principal, http.headers, request.bucket_owner
                 )
@@ -282,6 +286,8 @@ class S3Server:
             unsupported -= {"attributes"}
         if bucket and not key:  # the bucket policy's routes; ?policy stays 501 elsewhere
             unsupported -= policy_ops.SUBRESOURCES.get(method, frozenset())
+            if method in ("GET", "PUT", "DELETE"):  # ownership_ops; 501 on objects
+                unsupported -= {"ownershipControls"}
         # A preflight carries the actual request's parameters, whatever they are.
         if method != "OPTIONS" and unsupported:
             sub = sorted(unsupported)[0]
@@ -442,6 +448,7 @@ def _routes() -> list[tuple[tuple[str, str, tuple[str, ...]], tuple[str, Handler
         ("PUT", "bucket", ("cors",), "PutBucketCors", cors.put_bucket_cors),
         ("DELETE", "bucket", ("cors",), "DeleteBucketCors", cors.delete_bucket_cors),
         *public_access.ROUTES,
+        *ownership_ops.ROUTES,
         *policy_ops.ROUTES,
         ("OPTIONS", "bucket", (), cors.PREFLIGHT, cors.preflight),
         ("OPTIONS", "object", (), cors.PREFLIGHT, cors.preflight),

@@ -22,6 +22,38 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ObjectOwnership:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ObjectOwnershipEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ObjectOwnership.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OBJECT_OWNERSHIP_UNSPECIFIED: _ObjectOwnership.ValueType  # 0
+    """No setting (DeleteBucketOwnershipControls): behaves as OBJECT_OWNERSHIP_OBJECT_WRITER."""
+    OBJECT_OWNERSHIP_OBJECT_WRITER: _ObjectOwnership.ValueType  # 1
+    """The writer's tenant owns what it writes; ACLs count."""
+    OBJECT_OWNERSHIP_BUCKET_OWNER_PREFERRED: _ObjectOwnership.ValueType  # 2
+    """As OBJECT_WRITER, but a write with the bucket-owner-full-control canned ACL is owned by
+    the bucket's tenant.
+    """
+    OBJECT_OWNERSHIP_BUCKET_OWNER_ENFORCED: _ObjectOwnership.ValueType  # 3
+    """ACLs disabled: the bucket's tenant owns every object, ACLs grant nothing."""
+
+class ObjectOwnership(_ObjectOwnership, metaclass=_ObjectOwnershipEnumTypeWrapper):
+    """Who owns the objects written into a bucket, and whether ACLs count (S3 Object Ownership)."""
+
+OBJECT_OWNERSHIP_UNSPECIFIED: ObjectOwnership.ValueType  # 0
+"""No setting (DeleteBucketOwnershipControls): behaves as OBJECT_OWNERSHIP_OBJECT_WRITER."""
+OBJECT_OWNERSHIP_OBJECT_WRITER: ObjectOwnership.ValueType  # 1
+"""The writer's tenant owns what it writes; ACLs count."""
+OBJECT_OWNERSHIP_BUCKET_OWNER_PREFERRED: ObjectOwnership.ValueType  # 2
+"""As OBJECT_WRITER, but a write with the bucket-owner-full-control canned ACL is owned by
+the bucket's tenant.
+"""
+OBJECT_OWNERSHIP_BUCKET_OWNER_ENFORCED: ObjectOwnership.ValueType  # 3
+"""ACLs disabled: the bucket's tenant owns every object, ACLs grant nothing."""
+Global___ObjectOwnership: _TypeAlias = ObjectOwnership  # noqa: Y015
+
 class _VersioningStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -171,6 +203,7 @@ class BucketInfo(_message.Message):
     VERSIONING_FIELD_NUMBER: _builtins.int
     PUBLIC_ACCESS_BLOCK_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
+    OWNERSHIP_CONTROLS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """S3 bucket-name rules (kvtier.names.check_bucket)."""
     created_at_unix_ms: _builtins.int
@@ -216,6 +249,12 @@ class BucketInfo(_message.Message):
         empty document: none.
         """
 
+    @_builtins.property
+    def ownership_controls(self) -> Global___OwnershipControls:
+        """S3 Object Ownership (PutBucketOwnershipControls, CreateBucket's x-amz-object-ownership;
+        services/gateway/s3/ownership.py); unset or UNSPECIFIED: none (ObjectWriter's behaviour).
+        """
+
     def __init__(
         self,
         *,
@@ -232,14 +271,36 @@ class BucketInfo(_message.Message):
         versioning: Global___BucketVersioning | None = ...,
         public_access_block: Global___PublicAccessBlock | None = ...,
         policy: Global___BucketPolicy | None = ...,
+        ownership_controls: Global___OwnershipControls | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "cors", b"cors", "lifecycle", b"lifecycle", "policy", b"policy", "public_access_block", b"public_access_block", "tags", b"tags", "versioning", b"versioning"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "cors", b"cors", "lifecycle", b"lifecycle", "ownership_controls", b"ownership_controls", "policy", b"policy", "public_access_block", b"public_access_block", "tags", b"tags", "versioning", b"versioning"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "cors", b"cors", "created_at_unix_ms", b"created_at_unix_ms", "generation", b"generation", "kind", b"kind", "lifecycle", b"lifecycle", "name", b"name", "policy", b"policy", "public_access_block", b"public_access_block", "storage_id", b"storage_id", "tags", b"tags", "tenant", b"tenant", "versioning", b"versioning"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "cors", b"cors", "created_at_unix_ms", b"created_at_unix_ms", "generation", b"generation", "kind", b"kind", "lifecycle", b"lifecycle", "name", b"name", "ownership_controls", b"ownership_controls", "policy", b"policy", "public_access_block", b"public_access_block", "storage_id", b"storage_id", "tags", b"tags", "tenant", b"tenant", "versioning", b"versioning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BucketInfo: _TypeAlias = BucketInfo  # noqa: Y015
+
+@_typing.final
+class OwnershipControls(_message.Message):
+    """S3's OwnershipControls of a bucket: its one rule's ObjectOwnership."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_OWNERSHIP_FIELD_NUMBER: _builtins.int
+    object_ownership: Global___ObjectOwnership.ValueType
+    def __init__(
+        self,
+        *,
+        object_ownership: Global___ObjectOwnership.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["object_ownership", b"object_ownership"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OwnershipControls: _TypeAlias = OwnershipControls  # noqa: Y015
 
 @_typing.final
 class BucketPolicy(_message.Message):
@@ -654,6 +715,7 @@ class SetBucketConfigRequest(_message.Message):
     VERSIONING_FIELD_NUMBER: _builtins.int
     PUBLIC_ACCESS_BLOCK_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
+    OWNERSHIP_CONTROLS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     expected_generation: _builtins.int
     """Only this incarnation (BucketInfo.generation); FAILED_PRECONDITION when the bucket was
@@ -679,6 +741,10 @@ class SetBucketConfigRequest(_message.Message):
     def policy(self) -> Global___BucketPolicy:
         """Replaced whole; an empty document removes it."""
 
+    @_builtins.property
+    def ownership_controls(self) -> Global___OwnershipControls:
+        """Replaced whole; UNSPECIFIED removes it."""
+
     def __init__(
         self,
         *,
@@ -691,12 +757,13 @@ class SetBucketConfigRequest(_message.Message):
         versioning: Global___BucketVersioning | None = ...,
         public_access_block: Global___PublicAccessBlock | None = ...,
         policy: Global___BucketPolicy | None = ...,
+        ownership_controls: Global___OwnershipControls | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "config", b"config", "cors", b"cors", "lifecycle", b"lifecycle", "policy", b"policy", "public_access_block", b"public_access_block", "tags", b"tags", "versioning", b"versioning"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "config", b"config", "cors", b"cors", "lifecycle", b"lifecycle", "ownership_controls", b"ownership_controls", "policy", b"policy", "public_access_block", b"public_access_block", "tags", b"tags", "versioning", b"versioning"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "config", b"config", "cors", b"cors", "expected_generation", b"expected_generation", "lifecycle", b"lifecycle", "name", b"name", "policy", b"policy", "public_access_block", b"public_access_block", "tags", b"tags", "versioning", b"versioning"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "config", b"config", "cors", b"cors", "expected_generation", b"expected_generation", "lifecycle", b"lifecycle", "name", b"name", "ownership_controls", b"ownership_controls", "policy", b"policy", "public_access_block", b"public_access_block", "tags", b"tags", "versioning", b"versioning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_config: _TypeAlias = _typing.Literal["acl", "cors", "lifecycle", "tags", "versioning", "public_access_block", "policy"]  # noqa: Y015
+    _WhichOneofReturnType_config: _TypeAlias = _typing.Literal["acl", "cors", "lifecycle", "tags", "versioning", "public_access_block", "policy", "ownership_controls"]  # noqa: Y015
     _WhichOneofArgType_config: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_config) -> _WhichOneofReturnType_config | None: ...
 
