@@ -42,21 +42,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from google.protobuf import message
 
-from kvtier import buckets, clustermap, errors, names, principal, tracing
+from kvtier import buckets, clustermap, errors, names, principal
 from kvtier import security as security_mod
 from kvtier.clients import metadata as metadata_client
 from kvtier.proto.common.v1 import acl_pb2, common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
-from kvtier.transport import base, calls, dataplane
 from services.gateway import (
     access,
+    frontcalls,
     listing,
     multipart,
     objects,
@@ -110,7 +110,7 @@ _denied = access.denied
 _SourceCheck = Callable[[datanode_pb2.ShardMeta], None]
 
 
-class ObjectFront:
+class ObjectFront(frontcalls.DataPlaneCalls):
     """What the object servicer, the S3 front and the gateway's data-plane calls use."""
 
     def __init__(
@@ -583,50 +583,3 @@ class ObjectFront:
         return await self.multipart.list_uploads(
             _with(req, bucket=await self.storage_of(req.bucket))
         )
-
-    # Data-plane calls.
-
-    def _session_may_use(self, session: str, tenant: str) -> bool:
-        """Whether a data-plane session may use a resource of tenant ("": of no tenant)."""
-        if self._insecure or dataplane.role_of(session):
-            return True
-        return bool(tenant) and dataplane.tenant_of(session) == tenant
-
-    def handle_call(
-        self,
-        principal: str,
-        method: int,
-        request: bytes,
-        segments: Sequence[int],
-        capacities: Sequence[int],
-    ) -> Awaitable[base.CallPlan]:
-        """The gateway's `kvtier.transport.base.CallHandler` (principal: the session's, a
-        string, named as the protocol names it; it shadows the module here)."""
-        tracing.name_call("gateway", pb.ObjectCallMethod, method)
-        if method == pb.OBJECT_CALL_METHOD_WRITE_STRIPES:
-            write = calls.parse_request(pb.WriteStripesRequest, request)
-            if not self._session_may_use(principal, self.engine.upload_owner(write.upload_id)):
-                raise _denied(f"session {principal} may not write upload {write.upload_id}")
-            return self.engine.write_plan(write, segments)
-        if method == pb.OBJECT_CALL_METHOD_READ_RANGE:
-            read = calls.parse_request(pb.ReadRangeRequest, request)
-            if segments:
-                raise errors.InvalidArgument("READ_RANGE carries no segments")
-            return self._read(principal, read, capacities)
-        raise errors.InvalidArgument(f"unknown gateway call method {method}")
-
-    async def _read(
-        self, session: str, req: pb.ReadRangeRequest, capacities: Sequence[int]
-    ) -> base.CallPlan:
-        if req.bucket == names.KV_DURABLE_BUCKET:
-            if not (self._insecure or dataplane.role_of(session) == KV_ROLE):
-                raise _denied(f"{req.bucket} is internal to the KV tier")
-            stored = req.bucket
-        else:
-            info = await self.bucket_info(req.bucket)
-            if not self._session_may_use(session, info.tenant):  # deny on a fresh record only
-                info = await self.bucket_info(req.bucket, fresh=True)
-            if not self._session_may_use(session, info.tenant):
-                raise _denied(f"session {session} may not read bucket {req.bucket}")
-            stored = storage(info)
-        return await self.engine.read_plan(_with(req, bucket=stored), capacities)
