@@ -75,7 +75,7 @@ def _decide(
         (_doc(_st(Resource="arn:aws:s3:::other-bucket/*")), "resource"),
         (_doc(_st(Principal={"CanonicalUser": "x"})), "principal"),
         (_doc(_st(Principal={"AWS": "not a tenant!"})), "principal"),
-        (_doc(_st(Condition={"StringEqualsIfExists": {"s3:prefix": "a"}})), "operator"),
+        (_doc(_st(Condition={"NumericLessThanIfExists": {"s3:prefix": "1"}})), "operator"),
         (_doc(_st(Condition={"ForAnyValue:StringLike": {"s3:prefix": "a"}})), "operator"),
         (_doc(_st(Condition={"StringEquals": {"s3:RequestObjectTag/x": "y"}})), "key"),
         (_doc(_st(Condition={"StringEquals": {"s3:ExistingObjectTag/": "y"}})), "key"),
@@ -171,6 +171,24 @@ def test_header_and_address_conditions() -> None:
     assert _decide(ip, "GetObject", EVE, remote="10.1.9.9") is D.ALLOW
     assert _decide(ip, "GetObject", EVE, remote="10.2.0.1") is D.NONE
     assert _decide(ip, "GetObject", EVE, remote="") is D.NONE
+
+
+def test_if_exists_operators_hold_where_the_key_is_absent() -> None:
+    """...IfExists: as the operator where the request has the key, true where it has none
+    (IAM); aws:Referer and aws:UserAgent come from the request's headers."""
+    referer = {"StringLikeIfExists": {"aws:Referer": "http://www.example.com/*"}}
+    doc = _doc(_st(Condition=referer))
+    site = {"Referer": "http://www.example.com/index.html"}
+    assert _decide(doc, "GetObject", EVE, headers=site) is D.ALLOW
+    assert _decide(doc, "GetObject", EVE, headers={"Referer": "http://evil.example/"}) is D.NONE
+    assert _decide(doc, "GetObject", EVE) is D.ALLOW  # no Referer: holds
+    plain = _doc(_st(Condition={"StringLike": {"aws:Referer": "http://www.example.com/*"}}))
+    assert _decide(plain, "GetObject", EVE) is D.NONE  # without IfExists: fails
+    agent = {"StringNotEqualsIfExists": {"aws:UserAgent": "curl/8"}}
+    deny = _doc(_st(Action="s3:*"), _st("Deny", Condition=agent))
+    assert _decide(deny, "GetObject", EVE, headers={"User-Agent": "curl/8"}) is D.ALLOW
+    assert _decide(deny, "GetObject", EVE, headers={"User-Agent": "boto3"}) is D.DENY
+    assert _decide(deny, "GetObject", EVE) is D.DENY  # no User-Agent: the Deny holds
 
 
 def test_multi_object_requests_deny_when_any_key_may_be_denied() -> None:

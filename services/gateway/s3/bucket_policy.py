@@ -14,7 +14,8 @@ An authorization document: what it cannot evaluate exactly it refuses when store
 - Action / NotAction: "*" or s3:<action> with * and ? wildcards (case-insensitive);
 - Resource: arn:aws:s3:::<bucket>[/<key>] with * and ? wildcards, each one able to match
   this bucket or its objects;
-- Condition: the operators of `_OPERATORS` on the keys of `_KEYS` (case-insensitive), several
+- Condition: the operators of `_OPERATORS`, each also as ...IfExists (holding where the
+  request has no such key), on the keys of `_KEYS` (case-insensitive), several
   operators, keys and values as IAM combines them (operators and keys: all; values: any);
   the string operators also on s3:ExistingObjectTag/<tag key> (the prefix case-insensitive,
   the tag key as S3's are: case-sensitive), which holds the tag of the object the request
@@ -52,7 +53,8 @@ _STATEMENT = frozenset(
 #: Condition keys a request context may carry (lower case: IAM keys are case-insensitive).
 _KEYS = frozenset(
     {
-        "aws:sourceip", "s3:prefix", "s3:delimiter", "s3:x-amz-acl", "s3:x-amz-copy-source",
+        "aws:sourceip", "aws:referer", "aws:useragent", "s3:prefix", "s3:delimiter",
+        "s3:x-amz-acl", "s3:x-amz-copy-source",
         "s3:x-amz-metadata-directive", "s3:x-amz-grant-read", "s3:x-amz-grant-write",
         "s3:x-amz-grant-read-acp", "s3:x-amz-grant-write-acp", "s3:x-amz-grant-full-control",
     }
@@ -81,6 +83,8 @@ _STRING_OPERATORS = frozenset(
 )  # fmt: skip
 _IP_OPERATORS = frozenset({"IpAddress", "NotIpAddress"})
 _OPERATORS = _STRING_OPERATORS | _IP_OPERATORS
+#: IAM's suffix of an operator that also holds where the request has no such key.
+IF_EXISTS = "IfExists"
 
 
 class Decision(enum.Enum):
@@ -123,9 +127,11 @@ class Request:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Condition:
-    operator: str
+    operator: str  #: without IfExists
     key: str  #: lower case, but for the tag key of s3:existingobjecttag/<tag key>
     values: tuple[str, ...]
+    #: ...IfExists: the condition holds where the request has no such key
+    if_exists: bool = False
 
     @property
     def tag(self) -> str | None:
@@ -272,9 +278,13 @@ def _conditions(raw: Any) -> tuple[Condition, ...]:
     if not isinstance(raw, dict):
         raise malformed("Condition must be an object")
     out = []
-    for operator, block in raw.items():
-        if operator not in _OPERATORS:  # ...IfExists, ForAllValues:..., Null, Bool...: refused
-            raise malformed(f"Unsupported condition operator {operator}")
+    for written, block in raw.items():
+        operator = written
+        if_exists = isinstance(written, str) and written.endswith(IF_EXISTS)
+        if if_exists:
+            operator = written[: -len(IF_EXISTS)]
+        if operator not in _OPERATORS:  # ForAllValues:..., Null, Bool, Numeric...: refused
+            raise malformed(f"Unsupported condition operator {written}")
         if not isinstance(block, dict) or not block:
             raise malformed(f"Condition {operator} must map keys to values")
         for key, values in block.items():
@@ -292,7 +302,7 @@ def _conditions(raw: Any) -> tuple[Condition, ...]:
                         ipaddress.ip_network(value, strict=False)
                     except ValueError:
                         raise malformed(f"Invalid IP address range {value}") from None
-            out.append(Condition(operator, name, tuple(items)))
+            out.append(Condition(operator, name, tuple(items), if_exists))
     return tuple(out)
 
 
@@ -318,8 +328,8 @@ def _value_matches(operator: str, value: str, wanted: str) -> bool:
 
 def _holds(condition: Condition, request: Request) -> bool:
     """IAM: any value matches; a negated operator holds when none does, and when the key is
-    absent (a positive one then fails). An existing tag's key is absent where the object has
-    no such tag, or the request no tags (`Request.tags`)."""
+    absent (a positive one then fails; either holds then with ...IfExists). An existing tag's
+    key is absent where the object has no such tag, or the request no tags (`Request.tags`)."""
     negated = condition.operator.startswith(("StringNot", "NotIp"))
     tag = condition.tag
     if tag is None:
@@ -329,7 +339,7 @@ def _holds(condition: Condition, request: Request) -> bool:
     else:
         value = None
     if value is None:
-        return negated
+        return negated or condition.if_exists
     matched = any(_value_matches(condition.operator, value, w) for w in condition.values)
     return matched != negated
 
@@ -412,7 +422,7 @@ def is_public(policy: Policy) -> bool:
         ranges = [
             ipaddress.ip_network(value, strict=False)
             for c in statement.conditions
-            if c.operator == "IpAddress"
+            if c.operator == "IpAddress" and not c.if_exists  # (IfExists: no restriction)
             for value in c.values
         ]
         if not ranges or any(r.prefixlen == 0 for r in ranges):

@@ -122,6 +122,9 @@ def context(headers: Mapping[str, str], query: Mapping[str, str], remote: str) -
             out[f"s3:{name}"] = query[name]
     if remote:
         out["aws:sourceip"] = remote
+    for header, key in (("Referer", "aws:referer"), ("User-Agent", "aws:useragent")):
+        if header in headers:
+            out[key] = headers[header]
     return out
 
 
