@@ -17,7 +17,7 @@ from aiohttp import streams
 
 from kvtier import checksums, errors, etcdserver, kv, membership
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
-from services.gateway.s3 import body, kv_inplace, kv_layout, s3errors
+from services.gateway.s3 import body, kv_inplace, kv_layout, kv_multipart, s3errors
 from tests.component import test_kvcache as kv_tests
 
 MIB = 1024 * 1024
@@ -152,3 +152,36 @@ async def test_bodies_land_in_the_arena_and_failures_store_nothing(
                 raise AssertionError("filled over tcp")
 
             assert await tcp.put_filled(b"t", 10, never, overwrite=True) is None
+
+
+async def test_an_upload_in_progress_survives_capacity_eviction(
+    etcd: etcdserver.EtcdServer,
+    etcd_prefix: str,
+    store: membership.EtcdMembership,
+    tmp_path: Path,
+) -> None:
+    """A KV bucket's multipart upload pins its record while in progress
+    (`kv_multipart._pin_record`): a flood of other blocks past the arena's size evicts those,
+    not the record, and the upload goes on (without the pin: NoSuchUpload)."""
+    part = np.random.default_rng(7).integers(0, 256, MIB + 5, dtype=np.uint8).tobytes()
+    arena = {"arena_bytes": 16 * MIB, "page_bytes": 4 * MIB}
+    async with kv_tests._nodes(1, etcd, etcd_prefix, store, tmp_path, **arena) as nodes:
+        client = await kv_tests._client(nodes, transports=["shm"], namespace="s3:uploads")
+        async with client:
+            record = pb.CreateMultipartUploadRequest(bucket="b", key="obj")
+            upload_id = await kv_multipart.create_upload(client, record)
+            filler = bytes(MIB)
+            for i in range(48):  # three arenas' worth of other blocks
+                await client.put_batch([b"flood-%d" % i], [filler], overwrite=True)
+            (stats,) = (await client.stats()).values()
+            assert sum(stats.evictions.values()) > 0  # the arena did evict
+            begun = pb.BeginUploadPartRequest(
+                bucket="b", key="obj", upload_id=upload_id, part_number=1
+            )
+            info = await kv_multipart.upload_part(client, begun, _payload(part, len(part))[0])
+            done = pb.CompleteMultipartUploadRequest(bucket="b", key="obj", upload_id=upload_id)
+            done.parts.add(part_number=1, etag=info.etag)
+            made = await kv_multipart.complete(client, done, lambda size, tags: None)
+            assert made.size == len(part)
+            _, blob = await kv_layout.fetch_object(client, "obj")
+            assert b"".join(blob.pieces()) == part

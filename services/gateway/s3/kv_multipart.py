@@ -23,6 +23,7 @@ any of these run, and upload ids name blocks in that tenant's namespace only.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import secrets
@@ -36,6 +37,9 @@ from services.gateway.s3 import kv_layout
 
 #: How long staged blocks of an upload live without activity.
 UPLOAD_TTL_S = 3600.0
+#: How long an upload's record is pinned against capacity eviction after its last activity
+#: (renewed by every part; a node whose max_pin_s is lower leaves it unpinned).
+UPLOAD_PIN_S = 600.0
 #: S3's smallest part but the last.
 MIN_PART_BYTES = 5 << 20
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
@@ -75,7 +79,21 @@ async def create_upload(client: kv.AsyncKVClient, record: pb.CreateMultipartUplo
         [kv_layout.record_key(upload_id)], [record.SerializeToString()], ttl_s=UPLOAD_TTL_S
     )
     kv_layout.stored(status)
+    await _pin_record(client, upload_id)
     return upload_id
+
+
+async def _pin_record(client: kv.AsyncKVClient, upload_id: str) -> None:
+    """Keep an upload's record (a few hundred bytes) from capacity eviction while the upload
+    is in progress: the arena is a cache, and an upload whose record was evicted between its
+    parts and its Complete failed with NoSuchUpload though nothing was wrong with it (seen in
+    CI under arena pressure). Its parts stay evictable like any block of a KV bucket (pinning
+    them let abandoned uploads fill the arena: puts then failed with no_space); a part evicted
+    before Complete is InvalidPart, to upload again. Best effort: a node whose `max_pin_s` is
+    below UPLOAD_PIN_S refuses the pin (unpinned, as before). The pin ends with the record
+    (Complete or Abort deletes it) or UPLOAD_PIN_S after the last part."""
+    with contextlib.suppress(errors.InvalidArgument):
+        await client.pin([kv_layout.record_key(upload_id)], UPLOAD_PIN_S)
 
 
 async def abort_upload(client: kv.AsyncKVClient, upload_id: str, key: str) -> None:
@@ -121,6 +139,7 @@ async def upload_part(
     (status,) = await client.put_batch([meta], [encoded], overwrite=True, ttl_s=UPLOAD_TTL_S)
     kv_layout.stored(status)
     await client.touch([kv_layout.record_key(req.upload_id)])  # alive: restart its TTL
+    await _pin_record(client, req.upload_id)
     return pb.PartInfo(
         part_number=req.part_number, size=blob.size, etag=etag,
         mtime_unix_ms=info.mtime_unix_ms, checksums=sums,
