@@ -161,8 +161,9 @@ async def test_an_upload_in_progress_survives_capacity_eviction(
     tmp_path: Path,
 ) -> None:
     """A KV bucket's multipart upload pins its record while in progress
-    (`kv_multipart._pin_record`): a flood of other blocks past the arena's size evicts those,
-    not the record, and the upload goes on (without the pin: NoSuchUpload)."""
+    (`kv_multipart._pin_record`), and its parts count a second access when written: a flood of
+    other blocks past the arena's size evicts those, not the record (without the pin:
+    NoSuchUpload) nor a part written before the flood (without the touch: InvalidPart)."""
     part = np.random.default_rng(7).integers(0, 256, MIB + 5, dtype=np.uint8).tobytes()
     arena = {"arena_bytes": 16 * MIB, "page_bytes": 4 * MIB}
     async with kv_tests._nodes(1, etcd, etcd_prefix, store, tmp_path, **arena) as nodes:
@@ -173,12 +174,14 @@ async def test_an_upload_in_progress_survives_capacity_eviction(
             filler = bytes(MIB)
             for i in range(48):  # three arenas' worth of other blocks
                 await client.put_batch([b"flood-%d" % i], [filler], overwrite=True)
-            (stats,) = (await client.stats()).values()
-            assert sum(stats.evictions.values()) > 0  # the arena did evict
             begun = pb.BeginUploadPartRequest(
                 bucket="b", key="obj", upload_id=upload_id, part_number=1
             )
             info = await kv_multipart.upload_part(client, begun, _payload(part, len(part))[0])
+            for i in range(48, 60):  # more pressure once the part is in
+                await client.put_batch([b"flood-%d" % i], [filler], overwrite=True)
+            (stats,) = (await client.stats()).values()
+            assert sum(stats.evictions.values()) > 0  # the arena did evict
             done = pb.CompleteMultipartUploadRequest(bucket="b", key="obj", upload_id=upload_id)
             done.parts.add(part_number=1, etag=info.etag)
             made = await kv_multipart.complete(client, done, lambda size, tags: None)

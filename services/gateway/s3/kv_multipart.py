@@ -138,7 +138,10 @@ async def upload_part(
     await kv_layout.write_blob(client, (data, tail), blob, ttl_s=UPLOAD_TTL_S)
     (status,) = await client.put_batch([meta], [encoded], overwrite=True, ttl_s=UPLOAD_TTL_S)
     kv_layout.stored(status)
-    await client.touch([kv_layout.record_key(req.upload_id)])  # alive: restart its TTL
+    # Alive: the record's TTL restarts; and the part's blocks count a second access, so the
+    # arena's eviction (S3-FIFO drops blocks put once and not read since first) takes other
+    # blocks before the upload's parts under pressure.
+    await client.touch([kv_layout.record_key(req.upload_id), data, tail, meta])
     await _pin_record(client, req.upload_id)
     return pb.PartInfo(
         part_number=req.part_number, size=blob.size, etag=etag,
