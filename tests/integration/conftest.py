@@ -112,12 +112,14 @@ def dump_logs(state_dir: Path) -> str:
 
 
 @contextlib.contextmanager
-def running_cluster(state: Path, **env: str) -> Iterator[dict[str, Any]]:
-    """A detached dev cluster (6 datanodes, 1 kvcache node, short leases) in state, its services
-    with env added to theirs: its cluster.json, with "state" added; stopped when the block ends."""
+def running_cluster(state: Path, *options: str, **env: str) -> Iterator[dict[str, Any]]:
+    """A detached dev cluster (6 datanodes, 1 kvcache node, short leases; options: more `kvtier
+    up` flags) in state, its services with env added to theirs: its cluster.json, with "state"
+    added; stopped when the block ends."""
     up = kvtier_cmd(
         "up", "--state-dir", str(state), "--detach", "--kvcache-nodes", "1",
-        "--lease-ttl-s", "2", "--shutdown-grace-s", "2", timeout_s=150, env=cli_env(**env),
+        "--lease-ttl-s", "2", "--shutdown-grace-s", "2", *options, timeout_s=150,
+        env=cli_env(**env),
     )  # fmt: skip
     assert up.returncode == 0, up.stdout + up.stderr + dump_logs(state)
     try:
@@ -132,9 +134,13 @@ def running_cluster(state: Path, **env: str) -> Iterator[dict[str, Any]]:
 def running_s3_cluster(state: Path) -> Iterator[dict[str, Any]]:
     """running_cluster for the S3 tests: its services skip the lame-duck linger on shutdown
     (1 s per data-plane role of each `down`; the S3 tests stop no service,
-    tests/fault/test_rolling.py covers the linger)."""
+    tests/fault/test_rolling.py covers the linger), and its kvcache node has a 1 GiB arena:
+    the S3 modules sharing it write more KV-bucket bytes than the default 256 MiB holds, and
+    its eviction would drop one module's blocks under another's writes (a multipart upload's
+    parts between UploadPart and Complete: InvalidPart)."""
     roles = ("DATANODE", "KVCACHE", "GATEWAY")
-    with running_cluster(state, **{f"KVTIER_{role}_DRAIN_LINGER_S": "0" for role in roles}) as info:
+    linger = {f"KVTIER_{role}_DRAIN_LINGER_S": "0" for role in roles}
+    with running_cluster(state, "--kvcache-arena-mib", "1024", **linger) as info:
         yield info
 
 

@@ -113,6 +113,7 @@ def _options(args: argparse.Namespace) -> devcluster.ClusterOptions:
         datanodes=args.datanodes,
         drives_per_datanode=args.drives_per_datanode,
         kvcache_nodes=args.kvcache_nodes,
+        kvcache_arena_bytes=args.kvcache_arena_mib << 20,
         lease_ttl_s=args.lease_ttl_s,
         shutdown_grace_s=args.shutdown_grace_s,
         ready_timeout_s=args.ready_timeout_s,

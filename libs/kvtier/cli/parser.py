@@ -48,6 +48,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
 
 
+def _arena_mib(text: str) -> int:
+    """A kvcache arena in MiB: a positive multiple of the node's 64 MiB slab page."""
+    value = _count(text)
+    if value % 64:
+        raise argparse.ArgumentTypeError(f"{value} is not a multiple of 64")
+    return value
+
+
 def _count(text: str) -> int:
     """A node or drive count: an integer of at least 1."""
     try:
@@ -80,6 +88,12 @@ def _add_up(sub: _Sub) -> None:
     up.add_argument("--datanodes", type=_count, default=6, help="datanode processes")
     up.add_argument("--drives-per-datanode", type=_count, default=2, help="drives of each")
     up.add_argument("--kvcache-nodes", type=_count, default=2, help="kvcache processes")
+    up.add_argument(
+        "--kvcache-arena-mib",
+        type=_arena_mib,
+        default=256,
+        help="DRAM arena of each kvcache node, MiB (a multiple of 64)",
+    )
     up.add_argument("--lease-ttl-s", type=int, default=5, help="membership lease of each node")
     up.add_argument("--shutdown-grace-s", type=float, default=5.0, help="grace at stop")
     up.add_argument("--ready-timeout-s", type=float, default=90.0, help="wait for SERVING")
