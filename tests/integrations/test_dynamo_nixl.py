@@ -2,7 +2,7 @@
 acceptance. NIXL's OBJ backend (what KVBM's G4 tier drives), unmodified and CPU-only, with the
 parameters KVBM's config gives it for an S3-compatible endpoint (`NixlS3Config::with_endpoint`
 plus credentials: bucket, endpoint_override, scheme, region, path style, access and secret key)
-against a KV bucket of a dev cluster (`kvtier up`, one kvcache node with a 256 MiB arena):
+against a KV bucket of a dev cluster (`kvtier up`, one kvcache node with a 1 GiB arena):
 
 - over HTTPS, trusting the cluster's CA through the backend's `ca_bundle` parameter (NIXL's
   AWS SDK reads neither AWS_CA_BUNDLE nor SSL_CERT_FILE nor CURL_CA_BUNDLE);
@@ -37,6 +37,8 @@ pytestmark = pytest.mark.integration
 
 CLIENT = Path(__file__).with_name("nixl_kv_client.py")
 MIB = 1024 * 1024
+#: 8 MiB blocks written past the shared S3 cluster's 1 GiB kvcache arena (1120 MiB).
+FILL_BLOCKS = 140
 ADMIN_TENANT = "default"  # the dev cluster's admin user: buckets it makes are this tenant's
 
 
@@ -140,13 +142,14 @@ def test_nixl_obj_on_a_kv_bucket_writes_reads_queries_evicts_and_expires(
     assert seen == ["DONE", {"state": "DONE", "exact": True}, [True, True, False]]
     before = namespace_stats(info, bucket)["evictions"].get("capacity", 0)
 
-    # Past the arena (256 MiB): capacity evictions, visible in the stats and to NIXL.
-    fill = [f"g4/fill-{i:02d}" for i in range(40)]  # 40 x 8 MiB = 320 MiB
+    # Past the arena (1 GiB: tests/integration/conftest.py's running_s3_cluster): capacity
+    # evictions, visible in the stats and to NIXL.
+    fill = [f"g4/fill-{i:03d}" for i in range(FILL_BLOCKS)]
     started = time.monotonic()
     seen = nixl(params, [
         {"op": "write", "keys": fill, "size": 8 * MIB, "seed": 2},
         {"op": "query", "keys": fill},
-        {"op": "read", "key": fill[-1], "index": 39, "size": 8 * MIB, "seed": 2,
+        {"op": "read", "key": fill[-1], "index": FILL_BLOCKS - 1, "size": 8 * MIB, "seed": 2,
          "offset": 5 * MIB, "length": 3 * MIB},
     ])  # fmt: skip
     fill_s = time.monotonic() - started
@@ -162,8 +165,8 @@ def test_nixl_obj_on_a_kv_bucket_writes_reads_queries_evicts_and_expires(
     nodes = [n for n in json.loads(status.stdout)["nodes"] if n["role"] == "kvcache"]
     assert sum(n["kvcache"]["evictions"].get("capacity", 0) for n in nodes) > before
     sys.stderr.write(
-        f"NIXL wrote 320 MiB into the KV bucket in {fill_s:.1f} s (with queries and a read); "
-        f"{present.count(False)} of 40 objects evicted; stats {stats}\n"
+        f"NIXL wrote {8 * FILL_BLOCKS} MiB into the KV bucket in {fill_s:.1f} s (with queries "
+        f"and a read); {present.count(False)} of {FILL_BLOCKS} objects evicted; stats {stats}\n"
     )
 
     # A namespace TTL: objects written after it expire, and NIXL sees them gone.
