@@ -254,12 +254,8 @@ async def _copy_source_admission(
     admission = front_mod.Admission(info.name, "object", may_list=True)
     policy = policy_ops.policy_of(info)
     if policy is not None and not owned:
-        query = {"versionId": version} if version else {}
-        tags = None
-        if policy_ops.wants_tags(policy, "GetObject", who, bucket, key, query, deny_only=False):
-            tags = await _tags_of(front, info, key, version)
-        decision = policy_ops.decide(
-            policy, "GetObject", who, bucket, key, query, headers, remote, tags=tags
+        decision = await _source_read(
+            front, info, policy, who, (bucket, key, version), headers, remote, deny_only=False
         )
         if decision is bucket_policy.Decision.DENY:
             raise _denied()
@@ -380,15 +376,35 @@ async def _check_copy_source(
     policy = policy_ops.policy_of(info)
     if policy is None:
         return
-    query = {"versionId": version} if version else {}
-    tags = None
-    if policy_ops.wants_tags(policy, "GetObject", who, bucket, key, query, deny_only=True):
-        tags = await _tags_of(front, info, key, version)
-    decision = policy_ops.decide(
-        policy, "GetObject", who, bucket, key, query, headers, remote, tags=tags
+    decision = await _source_read(
+        front, info, policy, who, (bucket, key, version), headers, remote, deny_only=True
     )
     if decision is bucket_policy.Decision.DENY:
         raise _denied()
+
+
+async def _source_read(
+    front: front_mod.ObjectFront,
+    info: metadata_pb2.BucketInfo,
+    policy: bucket_policy.Policy,
+    who: auth.Principal,
+    source: tuple[str, str, str],
+    headers: CIMultiDictProxy[str],
+    remote: str,
+    *,
+    deny_only: bool,
+) -> bucket_policy.Decision:
+    """The source bucket's policy on a copy's read of source ((bucket, key, version)), as on
+    a GetObject of it, its tags read where a statement needs them (deny_only: the bucket's own
+    tenant, for whom only a Deny counts)."""
+    bucket, key, version = source
+    query = {"versionId": version} if version else {}
+    tags = None
+    if policy_ops.wants_tags(policy, "GetObject", who, bucket, key, query, deny_only=deny_only):
+        tags = await _tags_of(front, info, key, version)
+    return policy_ops.decide(
+        policy, "GetObject", who, bucket, key, query, headers, remote, tags=tags
+    )
 
 
 def _decide(
