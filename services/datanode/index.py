@@ -79,6 +79,9 @@ class ListEntry(NamedTuple):
     is_pointer: bool
     #: The key's current version is an S3 delete marker (listings of objects skip it).
     delete_marker: bool = False
+    #: The tenant recorded as the object's owner in its meta's ACL (`Acl.owner`: a writer of
+    #: another tenant); "" when unset: the bucket's tenant. Listings show it (S3's Owner).
+    owner: str = ""
 
 
 class VersionEntry(NamedTuple):
@@ -92,12 +95,18 @@ class VersionEntry(NamedTuple):
     etag: str
     is_latest: bool
     delete_marker: bool
+    #: As ListEntry.owner, of this version.
+    owner: str = ""
 
 
 Rows = list[tuple[str, ListEntry]]
 
 #: deferred entries (put_later) that go in one transaction
 LATER_MAX = 32
+#: The listed columns a rebuild fills from the metas, as the store records them in `state`
+#: ("filled") once it rebuilt the index: an index whose record differs (made by older code,
+#: whose entries lack the owner) is rebuilt at open, until one rebuild completes.
+FILLED = "owner"
 
 
 def prefix_end(prefix: bytes) -> bytes | None:
@@ -115,18 +124,29 @@ class ShardIndex:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
-        self._later: list[tuple[str, bytes, int, str, int, int, int]] = []  # put_later's rows
+        self._later: list[tuple[str, bytes, int, str, int, int, int, str]] = []  # put_later's
         # Python's implicit transactions: each `with self._db` block commits as one.
         self._db = sqlite3.connect(path, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(objects)")}
-        if "delete_marker" not in columns:  # an index made before versioning
-            self._db.execute(
-                "ALTER TABLE objects ADD COLUMN delete_marker INTEGER NOT NULL DEFAULT 0"
-            )
-            self._db.commit()
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add the columns an index made by older code lacks (the statements name their
+        columns, so their order in the table does not matter)."""
+        wanted = [
+            ("objects", "delete_marker INTEGER NOT NULL DEFAULT 0"),  # made before versioning
+            # Made before listings showed owners: the entries already there get "" (the
+            # bucket's tenant) until the store rebuilds the index from the metas (`FILLED`).
+            ("objects", "owner TEXT NOT NULL DEFAULT ''"),
+            ("versions", "owner TEXT NOT NULL DEFAULT ''"),
+        ]
+        for table, column in wanted:
+            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column.split()[0] not in columns:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+        self._db.commit()
 
     def close(self, *, synced: bool = False) -> None:
         """Close the connection (idempotent); synced: checkpoint the WAL into the database first
@@ -249,14 +269,14 @@ class ShardIndex:
             ).fetchall()
             versioned = [_version_entry(r) for r in rows]
             plain = self._db.execute(
-                "SELECT key, size, etag, mtime_ns FROM objects o WHERE bucket = ?"
+                "SELECT key, size, etag, mtime_ns, owner FROM objects o WHERE bucket = ?"
                 f" AND key {op} ?{bound} AND NOT EXISTS (SELECT 1 FROM versions v"
                 " WHERE v.bucket = o.bucket AND v.key = o.key) ORDER BY key LIMIT ?",
                 (bucket, low, *tail, limit),
             ).fetchall()
         unversioned = [
-            VersionEntry(bytes(k).decode(), m, "", "null", s, e, True, False)
-            for k, s, e, m in plain
+            VersionEntry(bytes(k).decode(), m, "", "null", s, e, True, False, o)
+            for k, s, e, m, o in plain
         ]
         merged = sorted(versioned + unversioned, key=lambda v: (v.key.encode(), -v.mtime_ns))
         return (out + merged)[:limit]
@@ -295,7 +315,7 @@ class ShardIndex:
         low = max(prefix.encode(), start_after.encode())
         op = ">" if start_after and low == start_after.encode() else ">="
         sql = (
-            "SELECT key, size, etag, mtime_ns, is_pointer, delete_marker FROM objects"
+            "SELECT key, size, etag, mtime_ns, is_pointer, delete_marker, owner FROM objects"
             f" WHERE bucket = ? AND key {op} ?"
         )
         args: list[object] = [bucket, low]
@@ -309,7 +329,8 @@ class ShardIndex:
             self._run_later()
             rows = self._db.execute(sql, args).fetchall()
         return [
-            ListEntry(bytes(k).decode(), s, e, m, bool(p), bool(d)) for k, s, e, m, p, d in rows
+            ListEntry(bytes(k).decode(), s, e, m, bool(p), bool(d), o)
+            for k, s, e, m, p, d, o in rows
         ]
 
     def replace_all(
@@ -334,10 +355,13 @@ class ShardIndex:
         with self._lock:
             self._run_later()
             rows = self._db.execute(
-                "SELECT bucket, key, size, etag, mtime_ns, is_pointer FROM objects"
+                "SELECT bucket, key, size, etag, mtime_ns, is_pointer, owner FROM objects"
                 " ORDER BY bucket, key"
             ).fetchall()
-        return [(b, ListEntry(bytes(k).decode(), s, e, m, bool(p))) for b, k, s, e, m, p in rows]
+        return [
+            (b, ListEntry(bytes(k).decode(), s, e, m, bool(p), owner=o))
+            for b, k, s, e, m, p, o in rows
+        ]
 
     def get_state(self) -> dict[str, str]:
         """The index's bookkeeping values (the boot id)."""
@@ -351,24 +375,35 @@ class ShardIndex:
             self._db.executemany("INSERT OR REPLACE INTO state VALUES (?, ?)", values.items())
 
 
-_INSERT_OBJECT = "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?)"
-_INSERT_VERSION = "INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# Columns named: an index migrated by ALTER TABLE has them in another order than a new one.
+_INSERT_OBJECT = (
+    "INSERT OR REPLACE INTO objects (bucket, key, size, etag, mtime_ns, is_pointer,"
+    " delete_marker, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_VERSION = (
+    "INSERT OR REPLACE INTO versions (bucket, key, mtime_ns, data_id, version_id, size, etag,"
+    " is_latest, delete_marker, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _SELECT_VERSIONS = (
-    "SELECT key, mtime_ns, data_id, version_id, size, etag, is_latest, delete_marker FROM versions"
+    "SELECT key, mtime_ns, data_id, version_id, size, etag, is_latest, delete_marker, owner"
+    " FROM versions"
 )
 
 
-def _columns(entry: ListEntry) -> tuple[int, str, int, int, int]:
-    return (entry.size, entry.etag, entry.mtime_ns, int(entry.is_pointer), int(entry.delete_marker))
-
-
-def _version_row(v: VersionEntry) -> tuple[bytes, int, str, str, int, str, int, int]:
+def _columns(entry: ListEntry) -> tuple[int, str, int, int, int, str]:
     return (
-        v.key.encode(), v.mtime_ns, v.data_id, v.version_id, v.size, v.etag,
-        int(v.is_latest), int(v.delete_marker),
+        entry.size, entry.etag, entry.mtime_ns, int(entry.is_pointer), int(entry.delete_marker),
+        entry.owner,
     )  # fmt: skip
 
 
-def _version_entry(row: tuple[bytes, int, str, str, int, str, int, int]) -> VersionEntry:
-    k, m, d, v, s, e, latest, marker = row
-    return VersionEntry(bytes(k).decode(), m, d, v, s, e, bool(latest), bool(marker))
+def _version_row(v: VersionEntry) -> tuple[bytes, int, str, str, int, str, int, int, str]:
+    return (
+        v.key.encode(), v.mtime_ns, v.data_id, v.version_id, v.size, v.etag,
+        int(v.is_latest), int(v.delete_marker), v.owner,
+    )  # fmt: skip
+
+
+def _version_entry(row: tuple[bytes, int, str, str, int, str, int, int, str]) -> VersionEntry:
+    k, m, d, v, s, e, latest, marker, owner = row
+    return VersionEntry(bytes(k).decode(), m, d, v, s, e, bool(latest), bool(marker), owner)

@@ -5,7 +5,8 @@ S3's PutObjectTagging, DeleteObjectTagging and PutObjectAcl change an object's m
 new version: same data_id, mtime and ETag, same shard bytes. The drive's meta file of that version
 is rewritten as a commit writes it (`shards.ShardStore.rewrite_meta`: staged, fsync, rename over
 the old one, fsync the directory, under the key's lock), so a crash leaves the old meta or the new
-one. The listing index holds no tags nor ACL: it is not touched. No grpc here.
+one. The listing index holds no tags nor ACL but the ACL's owner (listings show it): a change
+of the owner marks the key pending before the rewrite and indexes it again after. No grpc here.
 """
 
 from __future__ import annotations
@@ -62,7 +63,14 @@ def update_meta(store: shards.ShardStore, req: pb.UpdateMetaRequest) -> datanode
             meta.tags.clear()
             meta.tags.update(tags)
         if req.HasField("acl"):
+            if meta.acl.owner != req.acl.owner:  # listed: the index follows
+                store.mark_pending(req.bucket, req.key)
+                moved.append(True)
             meta.acl.CopyFrom(req.acl)
         return meta
 
-    return store.rewrite_meta(req.bucket, req.key, change, data_id=req.data_id)
+    moved: list[bool] = []
+    stored = store.rewrite_meta(req.bucket, req.key, change, data_id=req.data_id)
+    if moved:
+        store.reindex(req.bucket, req.key)
+    return stored

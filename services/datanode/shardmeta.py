@@ -76,8 +76,9 @@ def decode_meta(raw: bytes, where: str) -> datanode_pb2.ShardMeta:
 def list_entry(meta: datanode_pb2.ShardMeta) -> index.ListEntry:
     """The listing index's entry of a key whose current version is meta."""
     return index.ListEntry(
-        meta.key, meta.size, meta.etag, meta.mtime_unix_ns, meta.is_pointer, meta.delete_marker
-    )
+        meta.key, meta.size, meta.etag, meta.mtime_unix_ns, meta.is_pointer, meta.delete_marker,
+        meta.acl.owner,
+    )  # fmt: skip
 
 
 #: How far ahead of this node's clock a version's stamp may be. Stamps come from the gateways'

@@ -602,7 +602,8 @@ class ShardStore(shardrecovery.ShardRecovery):
     ) -> ShardMeta:
         """Replace the object's meta by change(current meta), under the key's lock, atomically
         and durably as a commit writes it (staged, fsync, rename, fsync); the listing index is
-        not touched, so change must keep the listed fields. data_id: when the current version
+        not touched, so change must keep the listed fields (or the caller marks the key
+        pending and indexes it again: `metaupdate`). data_id: when the current version
         is another one, a kept (non-current) version with that data_id is changed instead
         (`versionstore.write_version`); none: change(current meta) decides. NotFound when
         absent; what change raises. Returns the stored meta (services.datanode.metaupdate)."""

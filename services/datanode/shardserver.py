@@ -384,6 +384,7 @@ class ShardNode:
                     mtime_unix_ns=e.mtime_ns,
                     is_pointer=e.is_pointer,
                     delete_marker=e.delete_marker,
+                    owner=e.owner,
                 )
                 for e in entries
             ]
@@ -454,7 +455,7 @@ class ShardNode:
 def _version_entry(v: index.VersionEntry) -> pb.ShardEntry:
     return pb.ShardEntry(
         key=v.key, size=v.size, etag=v.etag, mtime_unix_ns=v.mtime_ns, version_id=v.version_id,
-        is_latest=v.is_latest, delete_marker=v.delete_marker, data_id=v.data_id,
+        is_latest=v.is_latest, delete_marker=v.delete_marker, data_id=v.data_id, owner=v.owner,
     )  # fmt: skip
 
 

@@ -147,14 +147,14 @@ def entries(
         rows.append(
             index.VersionEntry(
                 meta.key, meta.mtime_unix_ns, meta.data_id, objversions.version_id(meta),
-                meta.size, meta.etag, meta is current, meta.delete_marker,
+                meta.size, meta.etag, meta is current, meta.delete_marker, meta.acl.owner,
             )
         )  # fmt: skip
     if current is None:
         return None, rows
     entry = index.ListEntry(
         current.key, current.size, current.etag, current.mtime_unix_ns, current.is_pointer,
-        current.delete_marker,
+        current.delete_marker, current.acl.owner,
     )  # fmt: skip
     return entry, rows
 

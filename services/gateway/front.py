@@ -518,8 +518,9 @@ class ObjectFront(frontcalls.DataPlaneCalls):
         return await self.lister.list_objects(_with(req, bucket=stored))
 
     async def list_versions(self, bucket: str, **page: str | int) -> versionlisting.VersionPage:
-        """A page of a bucket's S3 versions (the caller's own bucket: VersionLister)."""
-        stored = await self.storage_of(bucket)
+        """A page of a bucket's S3 versions (the caller's own bucket, or one admitted for
+        reading: VersionLister)."""
+        stored = await self._storage_for(bucket, "read")
         return await self.version_lister.list_versions(stored, **page)  # type: ignore[arg-type]
 
     # Multipart uploads (an upload lives under its bucket's storage name: only who may use
@@ -579,7 +580,8 @@ class ObjectFront(frontcalls.DataPlaneCalls):
     async def list_uploads(
         self, req: pb.ListMultipartUploadsRequest
     ) -> pb.ListMultipartUploadsResponse:
-        """A page of a bucket's uploads in progress."""
+        """A page of a bucket's uploads in progress (the caller's own bucket, or one admitted
+        for reading)."""
         return await self.multipart.list_uploads(
-            _with(req, bucket=await self.storage_of(req.bucket))
+            _with(req, bucket=await self._storage_for(req.bucket, "read"))
         )

@@ -93,7 +93,7 @@ class Lister:
                 marker = entry.key
                 reply.objects.add(
                     bucket=shown, key=entry.key, size=entry.size, etag=entry.etag,
-                    mtime_unix_ms=entry.mtime_unix_ns // 1_000_000,
+                    mtime_unix_ms=entry.mtime_unix_ns // 1_000_000, owner=entry.owner,
                 )  # fmt: skip
             if skipped:
                 continue

@@ -529,8 +529,9 @@ class Multipart:
         async for entry in self._lister.scan(names.MULTIPART_BUCKET, prefix):
             upload_id, _, key = entry.key[len(prefix) :].partition("/")
             yield pb.MultipartUploadInfo(
-                key=key, upload_id=upload_id, initiated_unix_ms=entry.mtime_unix_ns // 1_000_000
-            )
+                key=key, upload_id=upload_id, initiated_unix_ms=entry.mtime_unix_ns // 1_000_000,
+                owner=entry.owner,  # the record's ACL's: what the upload's object will have
+            )  # fmt: skip
 
     async def sweep(self) -> int:
         """Abort uploads older than expiry_s; how many."""

@@ -169,9 +169,12 @@ def score_body(world: probe_cluster.World, *, tenant: str | None = None) -> byte
 
 
 #: What S3's public-read grants anyone on a bucket and on a public-read object: listing the
-#: bucket, HeadBucket, and reading the object or its attributes (its own ACL decides). Nothing
-#: else.
-PUBLIC_READ_BUCKET_OPS = frozenset({"ListObjects", "HeadBucket"})
+#: bucket's objects, versions and uploads (S3 maps a bucket's READ to s3:ListBucket,
+#: s3:ListBucketVersions and s3:ListBucketMultipartUploads), HeadBucket, and reading the object
+#: or its attributes (its own ACL decides). Nothing else.
+PUBLIC_READ_BUCKET_OPS = frozenset(
+    {"ListObjects", "ListObjectVersions", "ListMultipartUploads", "HeadBucket"}
+)
 PUBLIC_READ_OBJECT_OPS = frozenset({"GetObject", "HeadObject", "GetObjectAttributes"})
 
 

@@ -267,7 +267,9 @@ def test_anonymous_may_do_nothing_else(
     _denied(lambda: anon.put_bucket_acl(Bucket="acl-readonly", ACL="public-read-write"))
     _denied(lambda: anon.put_object_acl(Bucket="acl-readonly", Key="k", ACL="public-read-write"))
     _denied(lambda: anon.create_multipart_upload(Bucket="acl-readonly", Key="mp"))
-    _denied(lambda: anon.list_multipart_uploads(Bucket="acl-readonly"))
+    # READ lists uploads and versions too (S3's s3:ListBucketMultipartUploads, ...Versions).
+    assert "Uploads" not in anon.list_multipart_uploads(Bucket="acl-readonly")
+    assert [v["Key"] for v in anon.list_object_versions(Bucket="acl-readonly")["Versions"]] == ["k"]
     _denied(lambda: anon.get_bucket_location(Bucket="acl-readonly"))
     _denied(
         lambda: anon.put_bucket_cors(
@@ -342,9 +344,11 @@ def test_a_read_grant_opens_no_write_and_no_acl_change(
     _denied(lambda: other.get_bucket_acl(Bucket="acl-granted"))
     _denied(lambda: other.get_object_acl(Bucket="acl-granted", Key="k"))
     _denied(lambda: other.delete_bucket(Bucket="acl-granted"))
-    _denied(lambda: other.list_multipart_uploads(Bucket="acl-granted"))
+    assert "Uploads" not in other.list_multipart_uploads(Bucket="acl-granted")  # READ: listed
     for stranger in (third, anon):
         _denied(functools.partial(stranger.list_objects_v2, Bucket="acl-granted"))
+        _denied(functools.partial(stranger.list_multipart_uploads, Bucket="acl-granted"))
+        _denied(functools.partial(stranger.list_object_versions, Bucket="acl-granted"))
         _denied(functools.partial(stranger.get_object, Bucket="acl-granted", Key="k"))
     assert _body(owner, "acl-granted", "k") == data
     # READ_ACP and WRITE_ACP grants open the ACL, nothing else.
@@ -395,7 +399,7 @@ def test_write_grants_and_object_ownership(
     _denied(lambda: anon.delete_bucket(Bucket="acl-dropbox"))
     _denied(lambda: other.delete_bucket(Bucket="acl-dropbox"))
     _denied(lambda: anon.put_bucket_acl(Bucket="acl-dropbox", ACL="private"))
-    _denied(lambda: anon.list_multipart_uploads(Bucket="acl-dropbox"))
+    assert "Uploads" not in anon.list_multipart_uploads(Bucket="acl-dropbox")  # READ too
     _denied(
         lambda: other.put_bucket_cors(
             Bucket="acl-dropbox",

@@ -236,3 +236,50 @@ def test_kv_buckets_take_bucket_owner_enforced_only(owner: Any, other: Any) -> N
     _denied(lambda: other.get_bucket_ownership_controls(Bucket="own-kv"))
     owner.put_object(Bucket="own-kv", Key="k", Body=b"kv")
     assert _owner_of(owner, "own-kv", "k") == OWNER
+
+
+def _owners(entries: list[Info], *tags: str) -> dict[str, tuple[str, ...]]:
+    return {e["Key"]: tuple(e[t]["ID"] for t in tags) for e in entries}
+
+
+def test_listings_show_each_entrys_owner(owner: Any, other: Any) -> None:
+    """ListObjects (V1, V2 with fetch-owner), ListObjectVersions and ListMultipartUploads show
+    the writer's tenant as the Owner of what another tenant wrote (ObjectWriter), the bucket's
+    for its own; once BucketOwnerEnforced, the bucket's for every entry."""
+    bucket = "own-lists"
+    owner.create_bucket(Bucket=bucket, ACL="public-read-write")
+    owner.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    owner.put_object(Bucket=bucket, Key="a-mine", Body=b"a")
+    other.put_object(Bucket=bucket, Key="b-theirs", Body=b"b")
+    owner.delete_object(Bucket=bucket, Key="c-gone")  # a delete marker of the owner's
+    owner.create_multipart_upload(Bucket=bucket, Key="up-mine")
+    other.create_multipart_upload(Bucket=bucket, Key="up-theirs")
+
+    def listed() -> list[dict[str, tuple[str, ...]]]:
+        versions = owner.list_object_versions(Bucket=bucket)
+        return [
+            _owners(owner.list_objects(Bucket=bucket)["Contents"], "Owner"),
+            _owners(owner.list_objects_v2(Bucket=bucket, FetchOwner=True)["Contents"], "Owner"),
+            _owners(versions["Versions"] + versions["DeleteMarkers"], "Owner"),
+            _owners(owner.list_multipart_uploads(Bucket=bucket)["Uploads"], "Initiator", "Owner"),
+        ]
+
+    mine, theirs = (OWNER,), (OTHER,)
+    objects = {"a-mine": mine, "b-theirs": theirs}
+    uploads = {"up-mine": (OWNER, OWNER), "up-theirs": (OTHER, OTHER)}
+    assert listed() == [objects, objects, {**objects, "c-gone": mine}, uploads]
+    assert "Owner" not in owner.list_objects_v2(Bucket=bucket)["Contents"][0]
+    # The bucket's READ grant lets another tenant list versions and uploads too (as S3 maps
+    # READ to s3:ListBucketVersions and s3:ListBucketMultipartUploads): the same owners.
+    assert _owners(other.list_multipart_uploads(Bucket=bucket)["Uploads"], "Owner") == {
+        "up-mine": mine,
+        "up-theirs": theirs,
+    }
+    assert _owners(other.list_object_versions(Bucket=bucket)["Versions"], "Owner") == objects
+    owner.put_bucket_acl(Bucket=bucket, ACL="private")
+    _denied(lambda: other.list_multipart_uploads(Bucket=bucket))
+    _denied(lambda: other.list_object_versions(Bucket=bucket))
+    owner.put_bucket_ownership_controls(Bucket=bucket, OwnershipControls=ENFORCED)
+    objects["b-theirs"] = mine
+    uploads["up-theirs"] = (OTHER, OWNER)  # initiated by the other tenant, owned by the bucket's
+    assert listed() == [objects, objects, {**objects, "c-gone": mine}, uploads]

@@ -263,14 +263,18 @@ def test_is_private() -> None:
 
 def test_no_grant_ever_opens_configuration_or_deletion() -> None:
     """Only data, listing and ACL operations are grantable: the bucket's deletion, its
-    configuration, multipart listings, ListBuckets and CreateBucket stay the owner's."""
+    configuration, an upload's parts, ListBuckets and CreateBucket stay the owner's. The
+    bucket's READ lists uploads and versions too (S3 maps it to s3:ListBucketVersions and
+    s3:ListBucketMultipartUploads besides s3:ListBucket)."""
     grantable = set(acl_ops.GRANTED)
     owner_only = {
         "DeleteBucket", "PutBucketCors", "DeleteBucketCors", "GetBucketCors",
-        "PutBucketVersioning", "GetBucketVersioning", "ListMultipartUploads", "ListParts",
+        "PutBucketVersioning", "GetBucketVersioning", "ListParts",
         "ListBuckets", "CreateBucket", "GetBucketLocation", "PutBucketLifecycleConfiguration",
     }  # fmt: skip
     assert not grantable & owner_only
+    for listing in ("ListObjects", "ListObjectVersions", "ListMultipartUploads"):
+        assert acl_ops.GRANTED[listing] == ("read", acl.READ)
     routed = {op for _, (op, _) in server._routes()}
     assert grantable <= routed  # no stale names
 

@@ -70,6 +70,11 @@ def test_who_owns_what_a_write_stores() -> None:
     written = acl_pb2.Acl(owner="evil")
     assert ownership.owner_for(ownership.OBJECT_WRITER, written, "acme") == "evil"
     assert ownership.owner_for(ownership.ENFORCED, written, "acme") == "acme"
+    # Listings show the same from the recorded owner alone (the drives' index carries it).
+    for setting in (ownership.UNSPECIFIED, ownership.OBJECT_WRITER, ownership.PREFERRED):
+        shown = ownership.listed_owners(setting, "acme")
+        assert (shown("evil"), shown("")) == (("evil", "evil"), ("acme", "acme"))
+    assert ownership.listed_owners(ownership.ENFORCED, "acme")("evil") == ("acme", "acme")
 
 
 def test_enforced_buckets_refuse_acls_but_the_owner_only_ones() -> None:

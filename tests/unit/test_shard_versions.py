@@ -287,3 +287,83 @@ def test_an_index_made_before_versioning_is_migrated(tmp_path: Path) -> None:
         ]
     finally:
         migrated.close()
+
+
+def test_an_index_made_before_owners_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "index.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE objects (bucket TEXT NOT NULL, key BLOB NOT NULL, size INTEGER NOT NULL,"
+        " etag TEXT NOT NULL, mtime_ns INTEGER NOT NULL, is_pointer INTEGER NOT NULL,"
+        " delete_marker INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (bucket, key)) WITHOUT ROWID;"
+        "CREATE TABLE versions (bucket TEXT NOT NULL, key BLOB NOT NULL,"
+        " mtime_ns INTEGER NOT NULL, data_id TEXT NOT NULL, version_id TEXT NOT NULL,"
+        " size INTEGER NOT NULL, etag TEXT NOT NULL, is_latest INTEGER NOT NULL,"
+        " delete_marker INTEGER NOT NULL,"
+        " PRIMARY KEY (bucket, key, mtime_ns, data_id)) WITHOUT ROWID;"
+        "INSERT INTO objects VALUES ('b', CAST('old' AS BLOB), 3, 'e', 7, 0, 0);"
+        "INSERT INTO versions VALUES ('b', CAST('v' AS BLOB), 5, 'd1', 'd1', 1, 'f', 1, 0);"
+    )
+    old.commit()
+    old.close()
+    migrated = index.ShardIndex(path)
+    try:
+        # Entries indexed before: no owner recorded (listings show the bucket's tenant).
+        assert migrated.list("b") == [index.ListEntry("old", 3, "e", 7, False, False, "")]
+        assert [v.owner for v in migrated.list_versions("b", "", "", None, 10)] == ["", ""]
+        migrated.put("b", index.ListEntry("new", 1, "f", 8, False, owner="tenant-x"))
+        version = index.VersionEntry("v", 9, "d2", "d2", 2, "g", True, False, "tenant-y")
+        migrated.put_key("b", "v", None, [version])
+        assert [(e.key, e.owner) for e in migrated.list("b")] == [("new", "tenant-x"), ("old", "")]
+        assert [(v.key, v.owner) for v in migrated.list_versions("b", "", "", None, 10)] == [
+            ("new", "tenant-x"),
+            ("old", ""),
+            ("v", "tenant-y"),
+        ]
+    finally:
+        migrated.close()
+    assert index.ShardIndex(path).dump()[0][1].owner == "tenant-x"  # reopened: as it was
+
+
+@pytest.mark.parametrize("versioned", [False, True])
+def test_owners_are_indexed_and_rebuilt(drive_dir: Path, versioned: bool) -> None:
+    store = base.open_store(drive_dir)
+    for key, owner, data in (("mine", "", b"m"), ("small", "other", b"s"), ("big", "other", b"")):
+        meta = base.make_meta(key, [data or base.content(key, 300 * KIB)])
+        meta.acl.owner, meta.keep_versions = owner, versioned
+        meta.data_id = uuid.uuid4().hex
+        if data:
+            store.write_small(meta, data)
+        else:
+            with base.stage(store, [base.content(key, 300 * KIB)], block_bytes=64 * KIB) as write:
+                write.commit(meta)
+    expected = [("big", "other"), ("mine", ""), ("small", "other")]
+    try:
+        assert [(e.key, e.owner) for e in store.list(BUCKET)] == expected
+        got = store.list_versions(BUCKET, prefix="", after_key="", after_version="", limit=10)
+        assert [(v.key, v.owner) for v in got] == expected
+    finally:
+        store.close()
+    # A lost index is rebuilt from the metas; so is one of older code (no owner column),
+    # closed cleanly: once, at the first open that adds the column.
+    for lose in (lambda db: db.unlink(), _drop_owner_columns):
+        lose(drive_dir / shards.INDEX_FILE)
+        reopened = base.open_store(drive_dir)
+        try:
+            assert [(e.key, e.owner) for e in reopened.list(BUCKET)] == expected
+            got = reopened.list_versions(BUCKET, prefix="", after_key="", after_version="", limit=9)
+            assert [(v.key, v.owner) for v in got] == expected
+        finally:
+            reopened.close()
+    assert index.ShardIndex(drive_dir / shards.INDEX_FILE).get_state()["filled"] == "owner"
+
+
+def _drop_owner_columns(path: Path) -> None:
+    """Make the index one of older code (closed cleanly)."""
+    db = sqlite3.connect(path)
+    db.executescript(
+        "ALTER TABLE objects DROP COLUMN owner; ALTER TABLE versions DROP COLUMN owner;"
+        "DELETE FROM state WHERE name = 'filled';"
+    )
+    db.commit()
+    db.close()

@@ -77,3 +77,18 @@ def test_an_unknown_version_is_refused(store: shards.ShardStore) -> None:
         metaupdate.update_meta(
             store, shards_pb2.UpdateMetaRequest(bucket=BUCKET, key="absent", data_id="0" * 32)
         )
+
+
+def test_a_change_of_owner_is_indexed(store: shards.ShardStore) -> None:
+    """The ACL's owner is listed (S3's Owner): an in-place change of it reaches the index, of
+    a kept version and of the current one, and leaves no pending mark."""
+    old = versioned.vput(store, b"old", mtime_ns=1)
+    new = versioned.vput(store, b"new", mtime_ns=2)
+    _update(store, old.data_id, acl=acl_pb2.Acl(owner="writer"))
+    _update(store, new.data_id, acl=acl_pb2.Acl(owner="other"))
+    got = store.list_versions(BUCKET, prefix="", after_key="", after_version="", limit=10)
+    assert [v.owner for v in got] == ["other", "writer"]
+    assert [e.owner for e in store.list(BUCKET)] == ["other"]
+    _update(store, new.data_id, acl=_READER)  # no owner recorded: the bucket's tenant's again
+    assert [e.owner for e in store.list(BUCKET)] == [""]
+    assert store._index.pending() == []

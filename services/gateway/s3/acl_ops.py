@@ -61,6 +61,9 @@ from services.gateway.s3 import (
 #: decides; the others: the bucket's.
 GRANTED: dict[str, tuple[str, acl.Permission]] = {
     "ListObjects": ("read", acl.READ),
+    # S3 maps a bucket's READ to s3:ListBucketVersions and s3:ListBucketMultipartUploads too.
+    "ListObjectVersions": ("read", acl.READ),
+    "ListMultipartUploads": ("read", acl.READ),
     "HeadBucket": ("read", acl.READ),
     "GetObject": ("object", acl.READ),
     "HeadObject": ("object", acl.READ),

@@ -239,7 +239,7 @@ async def list_objects(s3: s3request.Door, req: s3request.S3Request) -> web.Resp
         page = await _page(
             s3, req, after=req.query.get("start-after", ""), token=token, max_keys=max_keys
         )
-        owner = req.owner if req.query.get("fetch-owner") == "true" else None
+        owner = _owners(req) if req.query.get("fetch-owner") == "true" else None
         return _xml(
             xmlio.list_objects(
                 version=2, bucket=req.bucket, page=page, params=req.query, enc=enc, owner=owner
@@ -253,7 +253,7 @@ async def list_objects(s3: s3request.Door, req: s3request.S3Request) -> web.Resp
     return _xml(
         xmlio.list_objects(
             version=1, bucket=req.bucket, page=page, params=req.query, enc=enc,
-            owner=req.owner, next_marker=next_marker,
+            owner=_owners(req), next_marker=next_marker,
         )
     )  # fmt: skip
 
@@ -267,6 +267,12 @@ async def list_versions(s3: s3request.Door, req: s3request.S3Request) -> web.Res
     )
     return _xml(
         xmlio.list_versions(
-            bucket=req.bucket, page=page, params=req.query, enc=enc, owner=req.owner
+            bucket=req.bucket, page=page, params=req.query, enc=enc, owner=_owners(req)
         )
     )
+
+
+def _owners(req: s3request.S3Request) -> xmlio.Owners:
+    """Each listed object's Owner: its writer's tenant, or the bucket's (`ownership.listed`;
+    a KV bucket's objects record none: its tenant)."""
+    return ownership.listed_owners(req.object_ownership, req.owner[0])

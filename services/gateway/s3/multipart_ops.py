@@ -227,8 +227,16 @@ async def list_uploads(s3: s3request.Door, req: s3request.S3Request) -> web.Resp
             upload_id_marker=req.query.get("upload-id-marker", ""), max_uploads=most,
         )
     )  # fmt: skip
+    # Each upload's Initiator: the tenant its record names (its ACL's owner: one of another
+    # tenant than the bucket's), else the bucket's; its Owner: that, or the bucket's tenant
+    # where the bucket's Object Ownership gives it every object (`ownership.listed`). A
+    # record made under BucketOwnerPreferred with bucket-owner-full-control, or under
+    # BucketOwnerEnforced, names no writer: its Initiator is the bucket's tenant.
+    bucket_owner = req.owner[0]
     return _xml(
         xmlio.list_uploads(
-            bucket=req.bucket, page=page, params=req.query, enc=enc, owner=req.principal.owner
+            bucket=req.bucket, page=page, params=req.query, enc=enc,
+            initiator=ownership.listed_owners(ownership.OBJECT_WRITER, bucket_owner),
+            owner=ownership.listed_owners(req.object_ownership, bucket_owner),
         )
-    )
+    )  # fmt: skip

@@ -27,7 +27,7 @@ do, and is accepted; the two others are NotImplemented there.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TypeAlias
 
 from kvtier.proto.common.v1 import acl_pb2
@@ -114,6 +114,24 @@ def owner_for(setting: Mode, object_acl: acl_pb2.Acl, bucket_owner: str) -> str:
     if setting == ENFORCED:
         return bucket_owner
     return acl.owner_of(object_acl, bucket_owner)
+
+
+def listed(setting: Mode, recorded: str, bucket_owner: str) -> str:
+    """The owner a listing shows of an entry whose ACL records `recorded` as its owner (the
+    listing's `owner`, "" when unset): `owner_for` without the ACL (listings carry the
+    recorded owner alone, from the drives' index)."""
+    return bucket_owner if setting == ENFORCED else recorded or bucket_owner
+
+
+def listed_owners(setting: Mode, bucket_owner: str) -> Callable[[str], tuple[str, str]]:
+    """(canonical id, display name) of a listed entry's owner (`listed`) from its recorded
+    owner, as S3 lists owners: the tenant's name both (`auth.Principal.owner`)."""
+
+    def owner(recorded: str) -> tuple[str, str]:
+        tenant = listed(setting, recorded, bucket_owner)
+        return tenant, tenant
+
+    return owner
 
 
 def shown_acl(info: metadata_pb2.BucketInfo, object_acl: acl_pb2.Acl) -> acl_pb2.Acl:

@@ -19,7 +19,7 @@ from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway import versionlisting, versions
-from services.gateway.s3 import params, s3errors, s3request, xmlio
+from services.gateway.s3 import ownership, params, s3errors, s3request, xmlio
 
 STATUS = {
     "Enabled": metadata_pb2.VERSIONING_STATUS_ENABLED,
@@ -120,7 +120,8 @@ async def list_versions(s3: s3request.Door, req: s3request.S3Request) -> web.Res
         req.bucket, prefix=query.get("prefix", ""), delimiter=query.get("delimiter", ""),
         key_marker=key_marker, version_marker=version_marker, max_keys=min(most, 1000),
     )  # fmt: skip
-    body = _versions_xml(req.bucket, page, query, enc, req.owner)
+    owners = ownership.listed_owners(req.object_ownership, req.owner[0])
+    body = _versions_xml(req.bucket, page, query, enc, owners)
     return web.Response(body=body, content_type="application/xml")
 
 
@@ -129,7 +130,7 @@ def _versions_xml(
     page: versionlisting.VersionPage,
     query: dict[str, str],
     enc: xmlio.Encoder,
-    owner: tuple[str, str],
+    owner: xmlio.Owners,
 ) -> bytes:
     root = xmlio._root("ListVersionsResult")
     xmlio._add(root, "Name", bucket)
@@ -152,7 +153,7 @@ def _versions_xml(
     return xmlio._doc(root)
 
 
-def _version(root: ET.Element, entry: Any, enc: xmlio.Encoder, owner: tuple[str, str]) -> None:
+def _version(root: ET.Element, entry: Any, enc: xmlio.Encoder, owner: xmlio.Owners) -> None:
     item = xmlio._add(root, "DeleteMarker" if entry.delete_marker else "Version")
     xmlio._add(item, "Key", enc(entry.key))
     xmlio._add(item, "VersionId", entry.version_id or objversions.NULL)
@@ -162,7 +163,7 @@ def _version(root: ET.Element, entry: Any, enc: xmlio.Encoder, owner: tuple[str,
         xmlio._add(item, "ETag", xmlio.quoted(entry.etag))
         xmlio._add(item, "Size", entry.size)
         xmlio._add(item, "StorageClass", "STANDARD")
-    xmlio._owner(item, *owner)
+    xmlio._owner(item, *owner(entry.owner))
 
 
 def parse_delete(body: bytes) -> tuple[bool, list[tuple[str, str]]]:

@@ -26,6 +26,9 @@ MAX_BODY_BYTES = 2 << 20
 #: Part numbers of a multipart upload, as S3 allows them.
 MAX_PART_NUMBER = 10000
 _HEADER = b'<?xml version="1.0" encoding="UTF-8"?>\n'
+#: A listing's (canonical id, display name) of an entry's owner from the tenant its ACL
+#: records ("" when none: `ownership.listed_owners`).
+Owners = Callable[[str], tuple[str, str]]
 
 
 def iso_time(unix_ms: int) -> str:
@@ -133,7 +136,9 @@ class Encoder:
         return urllib.parse.quote(text, safe="/") if self.url else text
 
 
-def _contents(parent: ET.Element, tag: str, obj: Any, enc: Encoder, owner: Any) -> ET.Element:
+def _contents(
+    parent: ET.Element, tag: str, obj: Any, enc: Encoder, owner: Owners | None
+) -> ET.Element:
     item = _add(parent, tag)
     _add(item, "Key", enc(obj.key))
     if tag == "Version":
@@ -143,7 +148,7 @@ def _contents(parent: ET.Element, tag: str, obj: Any, enc: Encoder, owner: Any) 
     _add(item, "ETag", quoted(obj.etag))
     _add(item, "Size", obj.size)
     if owner is not None:
-        _owner(item, *owner)
+        _owner(item, *owner(obj.owner))
     _add(item, "StorageClass", "STANDARD")
     return item
 
@@ -155,10 +160,11 @@ def list_objects(
     page: Any,
     params: dict[str, str],
     enc: Encoder,
-    owner: tuple[str, str] | None,
+    owner: Owners | None,
     next_marker: str = "",
 ) -> bytes:
-    """ListBucketResult for ListObjects (version 1) and ListObjectsV2 (version 2)."""
+    """ListBucketResult for ListObjects (version 1) and ListObjectsV2 (version 2); owner: each
+    object's Owner from its recorded one (None: no Owner, V2 without fetch-owner)."""
     root = _root("ListBucketResult")
     _add(root, "Name", bucket)
     _add(root, "Prefix", enc(params.get("prefix", "")))
@@ -188,7 +194,7 @@ def list_objects(
 
 
 def list_versions(
-    *, bucket: str, page: Any, params: dict[str, str], enc: Encoder, owner: tuple[str, str]
+    *, bucket: str, page: Any, params: dict[str, str], enc: Encoder, owner: Owners
 ) -> bytes:
     """ListVersionsResult of an unversioned bucket: each object once, version "null"."""
     root = _root("ListVersionsResult")
@@ -287,9 +293,16 @@ def list_parts(
 
 
 def list_uploads(
-    *, bucket: str, page: Any, params: dict[str, str], enc: Encoder, owner: tuple[str, str]
+    *,
+    bucket: str,
+    page: Any,
+    params: dict[str, str],
+    enc: Encoder,
+    initiator: Owners,
+    owner: Owners,
 ) -> bytes:
-    """ListMultipartUploadsResult."""
+    """ListMultipartUploadsResult; each upload's Initiator and Owner from its recorded owner
+    (`MultipartUploadInfo.owner`)."""
     root = _root("ListMultipartUploadsResult")
     _add(root, "Bucket", bucket)
     _add(root, "KeyMarker", enc(params.get("key-marker", "")))
@@ -308,8 +321,8 @@ def list_uploads(
         item = _add(root, "Upload")
         _add(item, "Key", enc(upload.key))
         _add(item, "UploadId", upload.upload_id)
-        _owner(item, *owner, tag="Initiator")
-        _owner(item, *owner)
+        _owner(item, *initiator(upload.owner), tag="Initiator")
+        _owner(item, *owner(upload.owner))
         _add(item, "StorageClass", "STANDARD")
         _add(item, "Initiated", iso_time(upload.initiated_unix_ms))
     for prefix in page.common_prefixes:

@@ -354,6 +354,7 @@ class ObjectInfo(_message.Message):
     PARTS_FIELD_NUMBER: _builtins.int
     VERSION_ID_FIELD_NUMBER: _builtins.int
     DELETE_MARKER_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     bucket: _builtins.str
     key: _builtins.str
     size: _builtins.int
@@ -364,6 +365,11 @@ class ObjectInfo(_message.Message):
     version_id: _builtins.str
     """The S3 version id ("null" for a version of an unversioned write)."""
     delete_marker: _builtins.bool
+    owner: _builtins.str
+    """Listings: the tenant recorded as the object's owner (headers.acl.owner, which listings
+    leave unset): a writer of another tenant; empty: the bucket's tenant. S3 applies the
+    bucket's Object Ownership on top (BucketOwnerEnforced: the bucket's tenant).
+    """
     @_builtins.property
     def headers(self) -> Global___ObjectHeaders: ...
     @_builtins.property
@@ -383,10 +389,11 @@ class ObjectInfo(_message.Message):
         parts: _builtins.int = ...,
         version_id: _builtins.str = ...,
         delete_marker: _builtins.bool = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "checksums", b"checksums", "delete_marker", b"delete_marker", "etag", b"etag", "headers", b"headers", "key", b"key", "mtime_unix_ms", b"mtime_unix_ms", "parts", b"parts", "size", b"size", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "checksums", b"checksums", "delete_marker", b"delete_marker", "etag", b"etag", "headers", b"headers", "key", b"key", "mtime_unix_ms", b"mtime_unix_ms", "owner", b"owner", "parts", b"parts", "size", b"size", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1404,10 +1411,15 @@ class MultipartUploadInfo(_message.Message):
     UPLOAD_ID_FIELD_NUMBER: _builtins.int
     INITIATED_UNIX_MS_FIELD_NUMBER: _builtins.int
     CHECKSUM_ALGORITHM_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     upload_id: _builtins.str
     initiated_unix_ms: _builtins.int
     checksum_algorithm: _builtins.str
+    owner: _builtins.str
+    """The tenant recorded as the owner of the object the upload makes (its ACL's owner: the
+    initiator, when of another tenant than the bucket's); empty: the bucket's tenant.
+    """
     def __init__(
         self,
         *,
@@ -1415,10 +1427,11 @@ class MultipartUploadInfo(_message.Message):
         upload_id: _builtins.str = ...,
         initiated_unix_ms: _builtins.int = ...,
         checksum_algorithm: _builtins.str = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum_algorithm", b"checksum_algorithm", "initiated_unix_ms", b"initiated_unix_ms", "key", b"key", "upload_id", b"upload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum_algorithm", b"checksum_algorithm", "initiated_unix_ms", b"initiated_unix_ms", "key", b"key", "owner", b"owner", "upload_id", b"upload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
