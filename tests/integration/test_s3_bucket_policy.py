@@ -2,8 +2,8 @@
 Put/Get/DeleteBucketPolicy and GetBucketPolicyStatus by the owner alone, malformed policies
 refused, an Allow opening another tenant's and anonymous reads the ACLs do not, an explicit
 Deny closing what the owner and an ACL grant could do (but managing the policy), an
-s3:prefix condition on ListBucket, s3:ExistingObjectTag conditions, and object tagging
-opened to other tenants by a policy alone."""
+s3:prefix condition on ListBucket, s3:ExistingObjectTag and s3:RequestObjectTag conditions,
+and object tagging opened to other tenants by a policy alone."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_malformed_policies_are_refused(users: dict[str, Any]) -> None:
         "{not json",
         _policy(bucket, {**allow, "NotPrincipal": {"AWS": OTHER}}),
         _policy(bucket, {**allow, "Condition": {"NumericLessThan": {"s3:prefix": "1"}}}),
-        _policy(bucket, {**allow, "Condition": {"StringEquals": {"s3:RequestObjectTag/t": "v"}}}),
+        _policy(bucket, {**allow, "Condition": {"StringEquals": {"s3:RequestObjectTagKeys": "t"}}}),
         _policy(bucket, {**allow, "Resource": "arn:aws:s3:::pol-elsewhere/*"}),
     ):
         code, status = _fails(
@@ -250,3 +250,58 @@ def test_a_policy_alone_opens_object_tagging(users: dict[str, Any]) -> None:
     owner.put_bucket_policy(Bucket=bucket, Policy=_policy(bucket, change, deny))
     _denied(lambda: _tag(other, bucket, "pub/a", t="4"))
     _tag(anon, bucket, "pub/a", t="5")
+
+
+def _tags(client: Any, bucket: str, key: str) -> dict[str, str]:
+    got = client.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]
+    return {t["Key"]: t["Value"] for t in got}
+
+
+def test_request_object_tag_allows_put_object(users: dict[str, Any]) -> None:
+    """An Allow of s3:PutObject on x-amz-tagging security=public: another tenant's PutObject
+    and CreateMultipartUpload without the tag (or with another value) denied, nothing stored."""
+    owner, other = users["owner"], users["other"]
+    bucket = _bucket(owner, "pol-reqtag-put")
+    public = {"StringEquals": {"s3:RequestObjectTag/security": "public"}}
+    allow = {"Effect": "Allow", "Principal": {"AWS": OTHER}, "Action": "s3:PutObject"}
+    owner.put_bucket_policy(Bucket=bucket, Policy=_policy(bucket, {**allow, "Condition": public}))
+    for tagging in (None, "security=private", "Security=public", "a=1"):
+        extra = {"Tagging": tagging} if tagging else {}
+        _denied(functools.partial(other.put_object, Bucket=bucket, Key="t", Body=b"x", **extra))
+        _denied(functools.partial(other.create_multipart_upload, Bucket=bucket, Key="t", **extra))
+    assert _fails(lambda: owner.head_object(Bucket=bucket, Key="t"))[1] == 404
+    other.put_object(Bucket=bucket, Key="t", Body=b"x", Tagging="a=1&security=public")
+    assert _tags(owner, bucket, "t") == {"a": "1", "security": "public"}
+    other.create_multipart_upload(Bucket=bucket, Key="m", Tagging="security=public")
+
+
+def test_request_object_tag_denies_put_object_tagging(users: dict[str, Any]) -> None:
+    """A Deny of s3:PutObjectTagging on tag security=public (the tags in the body): the owner
+    and another tenant with a broad Allow denied with that tag, nothing changed, and allowed
+    with others; a set operator on s3:RequestObjectTagKeys alike."""
+    owner, other = users["owner"], users["other"]
+    bucket = _bucket(owner, "pol-reqtag-tagging")
+    _tag(owner, bucket, "pub/a", before="1")
+    broad = {"Effect": "Allow", "Principal": {"AWS": OTHER}, "Action": "s3:*"}
+    deny = {
+        "Effect": "Deny", "Action": "s3:PutObjectTagging",
+        "Condition": {"StringEquals": {"s3:RequestObjectTag/security": "public"}},
+    }  # fmt: skip
+    owner.put_bucket_policy(Bucket=bucket, Policy=_policy(bucket, broad, deny))
+    for client in (owner, other):
+        _denied(functools.partial(_tag, client, bucket, "pub/a", security="public", a="b"))
+        assert _tags(owner, bucket, "pub/a") == {"before": "1"}
+    _tag(other, bucket, "pub/a", security="private")
+    assert _tags(owner, bucket, "pub/a") == {"security": "private"}
+    _tag(owner, bucket, "pub/a", team="x")
+    # Malformed tags: the same error as without the policy.
+    assert _fails(lambda: _tag(other, bucket, "pub/a", **{"aws:x": "1"}))[0] == "InvalidTag"
+    keys = {
+        "Effect": "Deny", "Action": "s3:PutObjectTagging",
+        "Condition": {"ForAnyValue:StringEquals": {"s3:RequestObjectTagKeys": ["secret"]}},
+    }  # fmt: skip
+    owner.put_bucket_policy(Bucket=bucket, Policy=_policy(bucket, broad, keys))
+    _denied(lambda: _tag(other, bucket, "pub/a", secret="1", team="y"))
+    assert _tags(owner, bucket, "pub/a") == {"team": "x"}
+    _tag(other, bucket, "pub/a", team="y")
+    assert _tags(owner, bucket, "pub/a") == {"team": "y"}

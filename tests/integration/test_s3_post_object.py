@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import urllib.parse
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -322,11 +323,94 @@ def test_anonymous_forms_are_admitted_as_anonymous_puts(
         assert _error(denied)[:2] == (403, "AccessDenied")
         _absent(s3, "anon.txt", bucket)
     _absent(s3, "nosig.txt", "post-public")
-    # Another tenant's signed form: admitted by the same WRITE grant as its PutObject.
+    # Another tenant's signed form: admitted by the same WRITE grant as its PutObject, and
+    # its own object as a PutObject's is (the bucket's owner reads it only by its ACL).
     other = s3_cluster.client(info, *users["other"], signature_version="s3v4")
     post = other.generate_presigned_post("post-public", "theirs.txt")
     assert _send(http, post["url"], _form(post, ("f", b"t"))).status == 204
-    assert s3.get_object(Bucket="post-public", Key="theirs.txt")["Body"].read() == b"t"
+    assert other.get_object(Bucket="post-public", Key="theirs.txt")["Body"].read() == b"t"
+    _denied(lambda: s3.get_object(Bucket="post-public", Key="theirs.txt"))
+
+
+def _denied(call: Callable[[], Any]) -> None:
+    with pytest.raises(ClientError) as failed:
+        call()
+    assert failed.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+def _owned(client: Any, bucket: str, key: str) -> tuple[str, list[tuple[str, str]]]:
+    """(owner id, [(grantee id, permission)]) of GetObjectAcl."""
+    got = client.get_object_acl(Bucket=bucket, Key=key)
+    grants = [(g["Grantee"].get("ID", ""), g["Permission"]) for g in got["Grants"]]
+    return got["Owner"]["ID"], grants
+
+
+def test_forms_are_owned_as_put_object_makes_them(
+    s3: Any, http: urllib3.PoolManager, info: dict[str, Any], users: dict[str, tuple[str, str]]
+) -> None:
+    """A form of another tenant's user (admitted by a WRITE grant) stores an object of its
+    tenant, by PutObject's Object Ownership rules: ObjectWriter (its ACL relative to the
+    writer, bucket-owner-full-control granting the bucket's owner), BucketOwnerPreferred with
+    bucket-owner-full-control (the bucket's owner), BucketOwnerEnforced (the writer's objects
+    the bucket's owner's; its grant dropped, as enforcing needs, the form denied, nothing
+    stored, until a bucket policy allows it, on a condition on the form's tags)."""
+    bucket, mine, theirs = "post-owned", "t-post", "t-x"
+    s3.create_bucket(Bucket=bucket, GrantWrite=f'id="{theirs}"')
+    other = s3_cluster.client(info, *users["other"], signature_version="s3v4")
+
+    def post(key: str, **fields: str) -> int:
+        form = other.generate_presigned_post(
+            bucket, key, Fields=fields, Conditions=[{k: v} for k, v in fields.items()]
+        )
+        response = _send(http, form["url"], _form(form, ("f", key.encode())))
+        assert response.status in (204, 403), response.data
+        return response.status
+
+    assert post("writer.bin") == 204
+    assert _owned(other, bucket, "writer.bin") == (theirs, [(theirs, "FULL_CONTROL")])
+    _denied(lambda: s3.get_object(Bucket=bucket, Key="writer.bin"))  # the writer's private ACL
+    assert post("granted.bin", acl="bucket-owner-full-control") == 204
+    assert _owned(s3, bucket, "granted.bin") == (
+        theirs, [(theirs, "FULL_CONTROL"), (mine, "FULL_CONTROL")],
+    )  # fmt: skip
+    preferred = {"Rules": [{"ObjectOwnership": "BucketOwnerPreferred"}]}
+    s3.put_bucket_ownership_controls(Bucket=bucket, OwnershipControls=preferred)
+    assert post("preferred.bin", acl="bucket-owner-full-control") == 204
+    assert _owned(s3, bucket, "preferred.bin") == (mine, [(mine, "FULL_CONTROL")])
+    assert post("still-theirs.bin") == 204  # no bucket-owner-full-control: the writer's
+    assert _owned(other, bucket, "still-theirs.bin")[0] == theirs
+    s3.put_bucket_acl(Bucket=bucket, ACL="private")
+    enforced = {"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]}
+    s3.put_bucket_ownership_controls(Bucket=bucket, OwnershipControls=enforced)
+    assert _owned(s3, bucket, "writer.bin") == (mine, [(mine, "FULL_CONTROL")])
+    assert post("enforced.bin") == 403  # ACLs disabled: no grant admits another tenant
+    _absent(s3, "enforced.bin", bucket)
+    # A bucket policy's Allow does, decided on the form's key and fields (s3:PutObject, its
+    # `tagging` field as x-amz-tagging): the bucket's owner owns what it stores.
+    public = (
+        "<Tagging><TagSet><Tag><Key>security</Key><Value>public</Value></Tag></TagSet></Tagging>"
+    )
+    allow = {
+        "Effect": "Allow", "Principal": {"AWS": theirs}, "Action": "s3:PutObject",
+        "Resource": f"arn:aws:s3:::{bucket}/*",
+        "Condition": {"StringEquals": {"s3:RequestObjectTag/security": "public"}},
+    }  # fmt: skip
+    policy = {"Version": "2012-10-17", "Statement": [allow]}
+    s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
+    assert post("enforced.bin") == 403  # the Allow's condition fails: nothing stored
+    _absent(s3, "enforced.bin", bucket)
+    assert post("enforced.bin", tagging=public) == 204
+    assert _owned(s3, bucket, "enforced.bin") == (mine, [(mine, "FULL_CONTROL")])
+    # A Deny on the form's tags refuses the bucket's owner too.
+    deny = {**allow, "Effect": "Deny", "Principal": "*"}
+    policy["Statement"] = [allow, deny]
+    s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
+    mine_form = s3.generate_presigned_post(
+        bucket, "denied.bin", Fields={"tagging": public}, Conditions=[{"tagging": public}]
+    )
+    denied = _send(http, mine_form["url"], _form(mine_form, ("f", b"d")))
+    assert _error(denied)[:2] == (403, "AccessDenied")
+    _absent(s3, "denied.bin", bucket)
 
 
 def test_kv_bucket_is_not_implemented(s3: Any, http: urllib3.PoolManager) -> None:

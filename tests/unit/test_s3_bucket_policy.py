@@ -77,7 +77,15 @@ def _decide(
         (_doc(_st(Principal={"AWS": "not a tenant!"})), "principal"),
         (_doc(_st(Condition={"NumericLessThanIfExists": {"s3:prefix": "1"}})), "operator"),
         (_doc(_st(Condition={"ForAnyValue:StringLike": {"s3:prefix": "a"}})), "operator"),
-        (_doc(_st(Condition={"StringEquals": {"s3:RequestObjectTag/x": "y"}})), "key"),
+        (_doc(_st(Condition={"StringEquals": {"s3:x-amz-server-side-encryption": "y"}})), "key"),
+        (_doc(_st(Condition={"StringEquals": {"s3:RequestObjectTag/": "y"}})), "key"),
+        (_doc(_st(Condition={"StringEquals": {"s3:RequestObjectTagKeys": "y"}})), "ForAnyValue"),
+        (_doc(_st(Condition={"ForAllValues:StringEquals": {"s3:x-amz-acl": "y"}})), "operator"),
+        (
+            _doc(_st(Condition={"ForSomeValues:StringLike": {"s3:RequestObjectTagKeys": "y"}})),
+            "operator",
+        ),
+        (_doc(_st(Condition={"ForAnyValue:IpAddress": {"s3:RequestObjectTagKeys": "y"}})), "apply"),
         (_doc(_st(Condition={"StringEquals": {"s3:ExistingObjectTag/": "y"}})), "key"),
         (_doc(_st(Condition={"StringEquals": {f"s3:ExistingObjectTag/{'k' * 129}": "y"}})), "key"),
         (_doc(_st(Condition={"IpAddress": {"s3:ExistingObjectTag/x": "10.0.0.1"}})), "apply"),
@@ -197,7 +205,12 @@ def test_multi_object_requests_deny_when_any_key_may_be_denied() -> None:
                    Condition={"StringEquals": {"s3:x-amz-acl": "never-sent"}}))  # fmt: skip
     assert _decide(doc, "DeleteObjects", ALICE, "") is D.DENY  # keys unseen: conditions too
     assert _decide(_doc(_st(Action="s3:*")), "DeleteObjects", EVE, "") is D.NONE  # never Allow
-    assert _decide(_doc(_st(Action="s3:*")), "PostObject", EVE, "") is D.NONE
+    # A POST form's key and fields are unseen too, but its handler decides it again, seeing
+    # them (post_object): the gate admits where an Allow may match and leaves a Deny to it.
+    post = _doc(_st(Action="s3:PutObject"))
+    assert _decide(post, "PostObject", EVE, "") is D.ALLOW
+    assert _decide(_doc(_st(Action="s3:GetObject")), "PostObject", EVE, "") is D.NONE
+    assert _decide(_doc(_st("Deny", Action="s3:*")), "PostObject", ALICE, "") is D.NONE
 
 
 def test_unknown_operations_are_refused_where_a_deny_names_the_caller() -> None:

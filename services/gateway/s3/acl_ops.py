@@ -342,10 +342,10 @@ async def _existing_tags(
         policy, op, who, info.name, seen.key, seen.query, deny_only=who.may_use(info.tenant)
     ):
         return None
-    return await _tags_of(front, info, seen.key, seen.query.get("versionId", ""))
+    return await tags_of(front, info, seen.key, seen.query.get("versionId", ""))
 
 
-async def _tags_of(
+async def tags_of(
     front: front_mod.ObjectFront, info: metadata_pb2.BucketInfo, key: str, version: str
 ) -> dict[str, str] | None:
     """The tags of key's current version (version's) in bucket info: one metadata read, the
@@ -404,7 +404,7 @@ async def _source_read(
     query = {"versionId": version} if version else {}
     tags = None
     if policy_ops.wants_tags(policy, "GetObject", who, bucket, key, query, deny_only=deny_only):
-        tags = await _tags_of(front, info, key, version)
+        tags = await tags_of(front, info, key, version)
     return policy_ops.decide(
         policy, "GetObject", who, bucket, key, query, headers, remote, tags=tags
     )

@@ -20,11 +20,21 @@ An authorization document: what it cannot evaluate exactly it refuses when store
   the string operators also on s3:ExistingObjectTag/<tag key> (the prefix case-insensitive,
   the tag key as S3's are: case-sensitive), which holds the tag of the object the request
   names, for the actions of `TAGGED_ACTIONS` alone (as S3 supplies it: never for PutObject
-  or DeleteObject). Policy variables (${...}) in a 2012-10-17 policy are refused.
+  or DeleteObject); on s3:RequestObjectTag/<tag key> (alike), the tag the request sets, and
+  on s3:RequestObjectTagKeys, the set of its tag keys, only under IAM's set operators
+  (ForAnyValue:<operator> / ForAllValues:<operator>, which no other key takes), both for
+  the actions of `REQUEST_TAGGED_ACTIONS` alone (`Request.request_tags`). Policy variables
+  (${...}) in a 2012-10-17 policy are refused.
 
 Evaluation (`evaluate`): an explicit Deny of a matching statement wins, else an Allow, else
 nothing (the ACLs decide). The object's tags are I/O: the gate reads them only when
-`wants_tags` says a statement that could match needs them (`Request.tags`).
+`wants_tags` says a statement that could match needs them (`Request.tags`). A request whose
+tags are in its body (PutObjectTagging) is decided twice: by the gate before the body is read
+(`Request.deferred`: a statement on the request's tags is left out if a Deny and matches on
+its other conditions if an Allow, so the gate never refuses what the tags could allow), then
+exactly by its handler once it has parsed them, before it changes anything. So is a POST form,
+whose key and fields the gate does not see (an Allow that may match admits it for now, a Deny
+waits): its handler decides it as the PutObject of its key with its fields.
 """
 
 from __future__ import annotations
@@ -61,6 +71,17 @@ _KEYS = frozenset(
 )  # fmt: skip
 #: The condition key prefix of an existing object's tag (lower case; the tag key follows).
 EXISTING_TAG = "s3:existingobjecttag/"
+#: The condition key prefix of a tag the request sets (lower case; the tag key follows), and
+#: the key of the set of the keys it sets (multi-valued: under a set operator alone).
+REQUEST_TAG = "s3:requestobjecttag/"
+REQUEST_TAG_KEYS = "s3:requestobjecttagkeys"
+#: The actions whose request context carries them (AWS's service authorization reference):
+#: the writes that set an object's tags (PutObject: x-amz-tagging, a POST form's field).
+REQUEST_TAGGED_ACTIONS = frozenset(
+    {"s3:putobject", "s3:putobjecttagging", "s3:putobjectversiontagging"}
+)
+#: IAM's set operators ("ForAnyValue:StringEquals"...), on REQUEST_TAG_KEYS alone.
+ANY_VALUE, ALL_VALUES = "ForAnyValue", "ForAllValues"
 #: S3's longest tag key.
 _MAX_TAG_KEY = 128
 #: The actions whose request context carries s3:ExistingObjectTag/<key> (AWS's service
@@ -123,6 +144,14 @@ class Request:
     #: `TAGGED_ACTIONS`; None where s3:ExistingObjectTag is absent (another action, no such
     #: object, or not read: `wants_tags` said no statement needs them).
     tags: Mapping[str, str] | None = None
+    #: The tags the request sets (s3:RequestObjectTag/<key>, s3:RequestObjectTagKeys), for an
+    #: action of `REQUEST_TAGGED_ACTIONS`; None or empty: it sets none (the keys absent).
+    request_tags: Mapping[str, str] | None = None
+    #: What the request sets is in its body, not read yet (the gate's view of a
+    #: PutObjectTagging, or of a POST form: module docstring), decided again by its handler:
+    #: statements on its tags are decided later (resource None: an Allow that may match
+    #: admits for now, a Deny waits).
+    deferred: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -132,11 +161,23 @@ class Condition:
     values: tuple[str, ...]
     #: ...IfExists: the condition holds where the request has no such key
     if_exists: bool = False
+    #: ANY_VALUE or ALL_VALUES: a set operator (REQUEST_TAG_KEYS alone); "": none
+    quantifier: str = ""
 
     @property
     def tag(self) -> str | None:
         """The tag key of an s3:ExistingObjectTag condition (None: another key)."""
         return self.key[len(EXISTING_TAG) :] if self.key.startswith(EXISTING_TAG) else None
+
+    @property
+    def request_tag(self) -> str | None:
+        """The tag key of an s3:RequestObjectTag condition (None: another key)."""
+        return self.key[len(REQUEST_TAG) :] if self.key.startswith(REQUEST_TAG) else None
+
+    @property
+    def on_request_tags(self) -> bool:
+        """Whether the condition is on the tags the request sets."""
+        return self.key == REQUEST_TAG_KEYS or self.key.startswith(REQUEST_TAG)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -156,10 +197,18 @@ class Statement:
         """Whether a condition is on the object's existing tags."""
         return any(condition.tag is not None for condition in self.conditions)
 
+    @property
+    def needs_request_tags(self) -> bool:
+        """Whether a condition is on the tags the request sets."""
+        return any(condition.on_request_tags for condition in self.conditions)
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Policy:
     statements: tuple[Statement, ...]
+    #: Whether a statement has a condition on the tags the request sets (worked out once:
+    #: without one, the gate parses no x-amz-tagging header).
+    request_tagged: bool = False
 
 
 def malformed(message: str) -> s3errors.S3Error:
@@ -203,7 +252,8 @@ def parse(document: str, bucket: str) -> Policy:
         raise malformed("Missing required field Statement")
     if version == "2012-10-17" and "${" in document:
         raise malformed("Policy variables are not supported")
-    return Policy(tuple(_statement(item, bucket) for item in items))
+    statements = tuple(_statement(item, bucket) for item in items)
+    return Policy(statements, any(s.needs_request_tags for s in statements))
 
 
 def _statement(raw: dict[str, Any], bucket: str) -> Statement:
@@ -279,20 +329,32 @@ def _conditions(raw: Any) -> tuple[Condition, ...]:
         raise malformed("Condition must be an object")
     out = []
     for written, block in raw.items():
-        operator = written
-        if_exists = isinstance(written, str) and written.endswith(IF_EXISTS)
+        quantifier, _, operator = (
+            written.rpartition(":") if isinstance(written, str) else ("", "", "")
+        )
+        if_exists = operator.endswith(IF_EXISTS)
         if if_exists:
-            operator = written[: -len(IF_EXISTS)]
-        if operator not in _OPERATORS:  # ForAllValues:..., Null, Bool, Numeric...: refused
+            operator = operator[: -len(IF_EXISTS)]
+        # Null, Bool, Numeric..., a set operator on anything but a string operator: refused
+        if operator not in _OPERATORS or quantifier not in ("", ANY_VALUE, ALL_VALUES):
             raise malformed(f"Unsupported condition operator {written}")
         if not isinstance(block, dict) or not block:
             raise malformed(f"Condition {operator} must map keys to values")
         for key, values in block.items():
             name = key.lower() if isinstance(key, str) else ""
-            if name.startswith(EXISTING_TAG) and 0 < len(name) - len(EXISTING_TAG) <= _MAX_TAG_KEY:
-                name = EXISTING_TAG + key[len(EXISTING_TAG) :]  # S3's tag keys: case-sensitive
-            elif name not in _KEYS:
+            prefix = next((p for p in (EXISTING_TAG, REQUEST_TAG) if name.startswith(p)), "")
+            if prefix and 0 < len(name) - len(prefix) <= _MAX_TAG_KEY:
+                name = prefix + key[len(prefix) :]  # S3's tag keys: case-sensitive
+            elif name not in _KEYS and name != REQUEST_TAG_KEYS:
                 raise malformed(f"Unsupported condition key {key}")
+            # The one multi-valued key takes a set operator, and nothing else does (IAM's
+            # single-valued operators on it are ambiguous, set ones elsewhere not needed).
+            if quantifier and name != REQUEST_TAG_KEYS:
+                raise malformed(f"Unsupported condition operator {written} on {key}")
+            if not quantifier and name == REQUEST_TAG_KEYS:
+                raise malformed(
+                    f"Condition key {key} needs a ForAnyValue: or ForAllValues: operator"
+                )
             if (name == "aws:sourceip") != (operator in _IP_OPERATORS):
                 raise malformed(f"Condition {operator} does not apply to {key}")
             items = _strings(values, f"Condition {key}")
@@ -302,7 +364,7 @@ def _conditions(raw: Any) -> tuple[Condition, ...]:
                         ipaddress.ip_network(value, strict=False)
                     except ValueError:
                         raise malformed(f"Invalid IP address range {value}") from None
-            out.append(Condition(operator, name, tuple(items), if_exists))
+            out.append(Condition(operator, name, tuple(items), if_exists, quantifier))
     return tuple(out)
 
 
@@ -329,19 +391,38 @@ def _value_matches(operator: str, value: str, wanted: str) -> bool:
 def _holds(condition: Condition, request: Request) -> bool:
     """IAM: any value matches; a negated operator holds when none does, and when the key is
     absent (a positive one then fails; either holds then with ...IfExists). An existing tag's
-    key is absent where the object has no such tag, or the request no tags (`Request.tags`)."""
+    key is absent where the object has no such tag, or the request no tags (`Request.tags`);
+    a request tag's where the request sets no such tag, or none (`Request.request_tags`)."""
     negated = condition.operator.startswith(("StringNot", "NotIp"))
-    tag = condition.tag
-    if tag is None:
-        value = request.context.get(condition.key)
-    elif request.tags is not None and request.action.lower() in TAGGED_ACTIONS:
-        value = request.tags.get(tag)
+    action = request.action.lower()
+    existing = request.tags if action in TAGGED_ACTIONS else None
+    sets = request.request_tags if action in REQUEST_TAGGED_ACTIONS else None
+    if condition.quantifier:
+        return _holds_for_set(condition, sorted(sets or ()), negated)
+    tag, request_tag = condition.tag, condition.request_tag
+    if tag is not None:
+        value = existing.get(tag) if existing is not None else None
+    elif request_tag is not None:
+        value = sets.get(request_tag) if sets else None
     else:
-        value = None
+        value = request.context.get(condition.key)
     if value is None:
         return negated or condition.if_exists
     matched = any(_value_matches(condition.operator, value, w) for w in condition.values)
     return matched != negated
+
+
+def _holds_for_set(condition: Condition, values: list[str], negated: bool) -> bool:
+    """IAM's set operators on the request's values: each value matches when one of the
+    condition's does (a negated operator: when none does); ForAllValues holds when every value
+    matches, and where there are none; ForAnyValue when one does (none: with ...IfExists)."""
+    if not values:
+        return condition.quantifier == ALL_VALUES or condition.if_exists
+    each = [
+        any(_value_matches(condition.operator, value, w) for w in condition.values) != negated
+        for value in values
+    ]
+    return all(each) if condition.quantifier == ALL_VALUES else any(each)
 
 
 def principal_matches(statement: Statement, who: Who) -> bool:
@@ -383,8 +464,14 @@ def _matches(statement: Statement, request: Request) -> bool:
     if not _may_match(statement, request):
         return False
     if request.resource is None:  # unseen keys: only a Deny may match, whatever its conditions
-        return statement.effect is Decision.DENY
-    return all(_holds(condition, request) for condition in statement.conditions)
+        # (unless the handler decides again, seeing them: then an Allow may admit for now)
+        return statement.effect is (Decision.ALLOW if request.deferred else Decision.DENY)
+    conditions = statement.conditions
+    if request.deferred and statement.needs_request_tags:  # decided once the tags are read
+        if statement.effect is Decision.DENY:
+            return False
+        conditions = tuple(c for c in conditions if not c.on_request_tags)
+    return all(_holds(condition, request) for condition in conditions)
 
 
 def wants_tags(policy: Policy, request: Request, *, deny_only: bool) -> bool:
@@ -395,6 +482,20 @@ def wants_tags(policy: Policy, request: Request, *, deny_only: bool) -> bool:
         return False
     return any(
         statement.needs_tags
+        and (statement.effect is Decision.DENY or not deny_only)
+        and _may_match(statement, request)
+        for statement in policy.statements
+    )
+
+
+def wants_request_tags(policy: Policy, request: Request, *, deny_only: bool) -> bool:
+    """Whether the tags the request sets could change its decision: some statement with a
+    condition on them may match it (a Deny alone when deny_only). Never for an action without
+    s3:RequestObjectTag, nor a request naming no single object."""
+    if request.resource is None or request.action.lower() not in REQUEST_TAGGED_ACTIONS:
+        return False
+    return any(
+        statement.needs_request_tags
         and (statement.effect is Decision.DENY or not deny_only)
         and _may_match(statement, request)
         for statement in policy.statements

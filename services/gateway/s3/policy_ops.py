@@ -15,6 +15,15 @@ reads its source: the source bucket's policy must not deny that read.
 A condition on s3:ExistingObjectTag/<key> needs the tags of the object the request names:
 the gate reads them (one metadata read, `acl_ops`) only where `wants_tags` says a statement
 that may match the request has one, and hands them to `decide`.
+
+s3:RequestObjectTag/<key> and s3:RequestObjectTagKeys see the tags a request sets: its
+x-amz-tagging header (`request_tags`: PutObject, a copy's with x-amz-tagging-directive
+REPLACE alone, CreateMultipartUpload), read here; a PutObjectTagging's body, which the gate
+does not read: `decide` then leaves the statements on them to `tagging_ops`, which decides
+again (`decide` with its tags) once it has parsed the body, before it stores them, where
+`wants_request_tags` says they may change the outcome. A POST form's key and fields are in its
+body too: the gate admits it where an Allow may match (`DECIDED_LATER`), and `post_object`
+decides it as the PutObject of its key, its fields as that PutObject's headers.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from multidict import CIMultiDictProxy
 
 from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway.s3 import auth, bucket_policy, public_access, s3errors, s3request, xmlio
+from services.gateway.s3 import tags as tags_mod
 
 #: operation -> (IAM actions, IAM actions when it names a versionId). "bucket": its
 #: resource is the bucket's ARN; otherwise the object's.
@@ -92,6 +102,14 @@ _HEADER_KEYS = (
     "x-amz-grant-write", "x-amz-grant-read-acp", "x-amz-grant-write-acp",
     "x-amz-grant-full-control",
 )  # fmt: skip
+#: Operations whose x-amz-tagging header sets the new object's tags (a copy's: with REPLACE).
+_HEADER_TAGGED = frozenset({"PutObject", "CreateMultipartUpload"})
+#: Operations whose tags are in their body (`bucket_policy.Request.deferred` in the gate).
+BODY_TAGGED = frozenset({"PutObjectTagging"})
+#: Operations whose key and fields are in their body, decided by their handler as the
+#: PutObject they make (`bucket_policy.Request.deferred`; the gate: an Allow that may match
+#: admits for now, a Deny waits): POST forms (`post_object`).
+DECIDED_LATER = frozenset({"PostObject"})
 #: Read at most this much of a PutBucketPolicy body (larger than the policy limit: the limit
 #: is MalformedPolicy's, not MalformedXML's).
 _READ_LIMIT = 4 * bucket_policy.MAX_POLICY_BYTES
@@ -126,6 +144,24 @@ def context(headers: Mapping[str, str], query: Mapping[str, str], remote: str) -
         if header in headers:
             out[key] = headers[header]
     return out
+
+
+def request_tags(
+    policy: bucket_policy.Policy, op: str, headers: Mapping[str, str]
+) -> dict[str, str] | None:
+    """The tags a request's x-amz-tagging sets (`_HEADER_TAGGED`; a copy's only with
+    x-amz-tagging-directive REPLACE, else it sets the source's), where a statement has a
+    condition on them; None otherwise, without the header, and where it is malformed (the
+    handler refuses it with its error, InvalidTag..., if the policy lets it that far)."""
+    if op not in _HEADER_TAGGED or not policy.request_tagged:
+        return None
+    copy = "x-amz-copy-source" in headers
+    if copy and (headers.get("x-amz-tagging-directive") or "COPY").upper() != "REPLACE":
+        return None
+    try:
+        return tags_mod.parse_header(headers.get("x-amz-tagging", "")) or None
+    except s3errors.S3Error:
+        return None
 
 
 def _actions(op: str, query: Mapping[str, str]) -> tuple[str, ...] | None:
@@ -169,6 +205,31 @@ def wants_tags(
     )  # fmt: skip
 
 
+def wants_request_tags(
+    policy: bucket_policy.Policy,
+    op: str,
+    principal: auth.Principal,
+    bucket: str,
+    key: str,
+    query: Mapping[str, str],
+    *,
+    deny_only: bool,
+) -> bool:
+    """Whether the tags the request sets may change `decide`'s outcome (`bucket_policy.
+    wants_request_tags`; deny_only: only a Deny can, for the bucket's owner)."""
+    actions = _actions(op, query)
+    if actions is None or not key or not policy.request_tagged:
+        return False
+    caller, resource = who(principal), _resource(op, bucket, key)
+    return any(
+        bucket_policy.wants_request_tags(
+            policy, bucket_policy.Request(caller, action, bucket, resource, {}),
+            deny_only=deny_only,
+        )
+        for action in actions
+    )  # fmt: skip
+
+
 def decide(
     policy: bucket_policy.Policy,
     op: str,
@@ -180,9 +241,12 @@ def decide(
     remote: str,
     *,
     tags: Mapping[str, str] | None = None,
+    body_tags: Mapping[str, str] | None = None,
 ) -> bucket_policy.Decision:
     """The policy's word on one request: DENY if any of its actions is denied, ALLOW if all
-    are allowed, else NONE. tags: the named object's (None: absent, `wants_tags`)."""
+    are allowed, else NONE. tags: the named object's (None: absent, `wants_tags`); body_tags:
+    the tags a `BODY_TAGGED` request's body sets, once parsed (None: not yet, the statements
+    on them deferred; {}: none set)."""
     caller = who(principal)
     known = _actions(op, query)
     if known is None:  # an operation of no known action: refused where a Deny may name it
@@ -193,9 +257,14 @@ def decide(
         return bucket_policy.Decision.DENY if named else bucket_policy.Decision.NONE
     resource = _resource(op, bucket, key)
     ctx = context(headers, query, remote)
+    deferred = (op in BODY_TAGGED and body_tags is None) or op in DECIDED_LATER
+    setting = body_tags if op in BODY_TAGGED else request_tags(policy, op, headers)
     decisions = [
         bucket_policy.evaluate(
-            policy, bucket_policy.Request(caller, action, bucket, resource, ctx, tags)
+            policy,
+            bucket_policy.Request(
+                caller, action, bucket, resource, ctx, tags, setting, deferred=deferred
+            ),
         )
         for action in known
     ]

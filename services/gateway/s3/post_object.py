@@ -7,9 +7,13 @@ into the object engine like a PutObject body of unknown length (`object_ops.rece
 slot by slot, never whole in memory, the write aborted on any error so nothing is stored).
 Fields after the file are ignored, as S3 does. `S3Server` authenticates a PostObject here
 (`authenticate`: its credentials are fields, not headers), binds the user, admits the request
-through the ACL gate exactly as a PutObject of that user (`acl_ops.GRANTED`: the bucket's
-owner, or a WRITE grant of the bucket), then calls `post_object`, which checks the policy's
-conditions and stores the file.
+through the ACL gate as a PutObject of that user (`acl_ops.GRANTED`: the bucket's owner, or
+a WRITE grant of the bucket, or a bucket policy's Allow that may match: the gate sees neither
+the key nor the fields), then calls `post_object`, which checks the POST policy's conditions,
+decides the bucket policy as on that user's PutObject of the key with the form's `acl` and
+`tagging` as its headers (`_check_bucket_policy`), and stores the file, owned as that
+PutObject would own it (`_owner`: another tenant's signer owns what it writes, but as the
+bucket's Object Ownership says).
 
 Fields: key (`${filename}` is the file part's filename), policy, x-amz-algorithm /
 x-amz-credential / x-amz-date / x-amz-signature (V4) or AWSAccessKeyId / signature (V2),
@@ -33,18 +37,23 @@ import dataclasses
 import typing
 import urllib.parse
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 
 from aiohttp import http_exceptions, multipart, streams, web
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
+from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway import versions
 from services.gateway.s3 import (
     acl,
     auth,
     body,
+    bucket_policy,
     object_ops,
     ownership,
+    policy_ops,
     post_policy,
     public_access,
     s3errors,
@@ -271,10 +280,11 @@ async def post_object(s3: s3request.Door, req: s3request.S3Request) -> web.Respo
             bound = min(bound, form.policy.max_bytes)
     object_ops.check_key(key)
     wanted, expected = _checksums(form.fields)
-    headers = _headers(form.fields, req.bucket_owner)
+    headers = _headers(form.fields, _owner(req, form.fields), req.bucket_owner)
+    await _check_bucket_policy(s3, req, key, form.fields, headers.tags)
     public_access.check_acl(info, headers.acl)  # the `acl` field: BlockPublicAcls
-    if form.fields.get("acl"):  # ... and Object Ownership's BucketOwnerEnforced
-        ownership.check_write(ownership.mode(info), {"x-amz-acl": form.fields["acl"]}, info.tenant)
+    # ... and Object Ownership's BucketOwnerEnforced
+    ownership.check_write(ownership.mode(info), _acl_header(form.fields), info.tenant)
     begun = await s3.front.begin_put(
         pb.BeginPutRequest(
             bucket=req.bucket, key=key, size=bound, headers=headers,
@@ -291,13 +301,90 @@ async def post_object(s3: s3request.Door, req: s3request.S3Request) -> web.Respo
     return response
 
 
-def _headers(fields: dict[str, str], owner: str) -> pb.ObjectHeaders:
-    """The standard headers, x-amz-meta-* (MetadataTooLarge past 2 KB), tags (the `tagging`
-    field: a Tagging document, as PutObjectTagging's body) and the ACL (the `acl` field: a
-    canned ACL of owner, the bucket's tenant, as PutObject's x-amz-acl) the form sets."""
-    out = pb.ObjectHeaders()
+async def _check_bucket_policy(
+    s3: s3request.Door,
+    req: s3request.S3Request,
+    key: str,
+    fields: dict[str, str],
+    tag_set: Mapping[str, str],
+) -> None:
+    """The bucket policy's decision on the form as on its user's PutObject of key whose
+    x-amz-acl and x-amz-tagging are its `acl` and `tagging` fields (the gate, which sees
+    neither, admitted it where an Allow may match: `policy_ops.DECIDED_LATER`), by the gate's
+    rules: a Deny refuses anyone; another tenant's user or an anonymous form needs an Allow
+    (not a public one where the bucket restricts public policies) or the bucket's WRITE grant
+    (ACLs enabled). A signed user denied on the cached record is decided on a fresh one."""
+    who = req.principal
+    headers = CIMultiDict(
+        (name, value) for name, value in req.http.headers.items()
+        if not name.lower().startswith("x-amz-")  # the form's, not the POST's, are the PUT's
+    )  # fmt: skip
     if fields.get("acl"):
-        out.acl.CopyFrom(acl.canned(fields["acl"].strip(), owner))
+        headers["x-amz-acl"] = fields["acl"]
+    if tag_set:
+        headers["x-amz-tagging"] = urllib.parse.urlencode(sorted(tag_set.items()))
+    put = CIMultiDictProxy(headers)
+    for fresh in (False, True):
+        info = await s3.front.bucket_info(req.bucket, fresh=fresh)
+        policy = policy_ops.policy_of(info)
+        # No policy: the ACLs decide, again (the gate may have admitted the form on an Allow
+        # of an older record).
+        decision = bucket_policy.Decision.NONE
+        if policy is not None:
+            decision = policy_ops.decide(
+                policy, "PutObject", who, info.name, key, {}, put, req.http.remote or ""
+            )
+        if decision is not bucket_policy.Decision.DENY and _admitted(info, policy, decision, who):
+            return
+        if who.anonymous:
+            break
+    raise s3errors.S3Error("AccessDenied", "Access Denied")
+
+
+def _admitted(
+    info: metadata_pb2.BucketInfo,
+    policy: bucket_policy.Policy | None,
+    decision: bucket_policy.Decision,
+    who: auth.Principal,
+) -> bool:
+    """Whether a form that no Deny refuses is admitted (`_check_bucket_policy`)."""
+    if who.may_use(info.tenant):
+        return True
+    if decision is bucket_policy.Decision.ALLOW and policy is not None:
+        return not (
+            public_access.restricts_public_buckets(info) and bucket_policy.is_public(policy)
+        )
+    bucket_acl = public_access.effective(info, info.acl)
+    return not ownership.enforced(info) and acl.allows(bucket_acl, info.tenant, who, acl.WRITE)
+
+
+def _owner(req: s3request.S3Request, fields: dict[str, str]) -> str:
+    """The tenant owning the object, by PutObject's rules (`object_ops.request_headers`): the
+    form's signer (`acl.writer`: its own tenant where it may not use the bucket, admitted by
+    a WRITE grant or a policy), unless the bucket's Object Ownership gives it the bucket's
+    tenant (BucketOwnerEnforced; BucketOwnerPreferred with bucket-owner-full-control)."""
+    if not req.bucket_owner:
+        return ""
+    writer = acl.writer(req.principal, req.bucket_owner)
+    return ownership.object_owner(
+        req.object_ownership, _acl_header(fields), writer, req.bucket_owner
+    )
+
+
+def _acl_header(fields: dict[str, str]) -> dict[str, str]:
+    """The form's `acl` field as PutObject's x-amz-acl header (an empty one: none)."""
+    return {"x-amz-acl": fields["acl"]} if fields.get("acl") else {}
+
+
+def _headers(fields: dict[str, str], owner: str, bucket_owner: str) -> pb.ObjectHeaders:
+    """The standard headers, x-amz-meta-* (MetadataTooLarge past 2 KB), tags (the `tagging`
+    field: a Tagging document, as PutObjectTagging's body) and the ACL of an object of owner
+    (`_owner`) in a bucket of bucket_owner (the `acl` field: a canned ACL, as PutObject's
+    x-amz-acl; `acl.object_acl`: the owner recorded where it is not the bucket's tenant)."""
+    out = pb.ObjectHeaders()
+    wanted = acl.object_acl(_acl_header(fields), bucket_owner, owner)
+    if wanted is not None:
+        out.acl.CopyFrom(wanted)
     for name, attr in _HEADERS.items():
         setattr(out, attr, fields.get(name, ""))
     size = 0

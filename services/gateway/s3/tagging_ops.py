@@ -6,7 +6,9 @@ Object are read where those build the object's headers.
 Tags change in place (`objectmeta.MetaUpdater`): no new version, the same ETag and
 Last-Modified. A new PUT of the key replaces them with its own (none without x-amz-tagging), as
 in S3. A PutObjectTagging without Content-MD5 or x-amz-checksum-* is InvalidRequest (S3 requires
-one); nothing changes unless the whole tag set is valid.
+one); nothing changes unless the whole tag set is valid. The bucket policy's conditions on the
+tags the request sets (s3:RequestObjectTag/<key>, s3:RequestObjectTagKeys) are decided here,
+once the body is parsed, before anything changes (`_check_policy`: the gate could not see them).
 
 Bucket tagging (Put/Get/DeleteBucketTagging) keeps up to 50 tags in the bucket's record
 (`SetBucketConfig`), on both kinds of bucket, owner or admin only.
@@ -27,7 +29,17 @@ from kvtier import errors
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway import objectlayer
-from services.gateway.s3 import object_ops, s3errors, s3request, tags, versioning_ops
+from services.gateway.s3 import (
+    acl_ops,
+    bucket_policy,
+    object_ops,
+    policy_ops,
+    public_access,
+    s3errors,
+    s3request,
+    tags,
+    versioning_ops,
+)
 
 #: The largest Tagging document read (S3's largest valid one is about 4 KiB of tags).
 MAX_BODY_BYTES = 64 << 10
@@ -71,7 +83,55 @@ async def put_object_tagging(s3: s3request.Door, req: s3request.S3Request) -> we
     target = await _target(s3, req)  # refused before the body is read
     raw = await req.payload.read_all(MAX_BODY_BYTES)
     object_ops.check_body_digest(req, raw)
-    return await _set(s3, req, target, tags.parse_xml(raw), 200)
+    tag_set = tags.parse_xml(raw)
+    await _check_policy(s3, req, tag_set)
+    return await _set(s3, req, target, tag_set, 200)
+
+
+async def _check_policy(
+    s3: s3request.Door, req: s3request.S3Request, tag_set: dict[str, str]
+) -> None:
+    """The bucket policy's decision on a PutObjectTagging with the tags it sets (the gate's
+    left the statements on them out: `policy_ops.BODY_TAGGED`), by the gate's rules: a Deny
+    refuses anyone; another tenant's user or an anonymous request needs an Allow (no ACL
+    grant reaches tagging), and a public one where the bucket restricts public policies.
+    For the bucket's tenant nothing is looked at where no Deny on the request's tags may match
+    (the gate's decision stands); anyone else is decided again whatever the policy (the gate
+    may have admitted it on an Allow the tags must satisfy, or on an older record). A signed
+    caller denied on the cached record is decided again on a fresh one, as the gate does."""
+    who, key, query = req.principal, req.key, req.query
+    for fresh in (False, True):
+        info = await s3.front.bucket_info(req.bucket, fresh=fresh)
+        policy = policy_ops.policy_of(info)
+        owned = who.may_use(info.tenant)
+        if owned and (
+            policy is None
+            or not policy_ops.wants_request_tags(
+                policy, req.op, who, info.name, key, query, deny_only=True
+            )
+        ):
+            return
+        decision = bucket_policy.Decision.NONE
+        if policy is not None:
+            existing = None
+            if policy_ops.wants_tags(policy, req.op, who, info.name, key, query, deny_only=owned):
+                existing = await acl_ops.tags_of(s3.front, info, key, query.get("versionId", ""))
+            decision = policy_ops.decide(
+                policy, req.op, who, info.name, key, query, req.http.headers,
+                req.http.remote or "", tags=existing, body_tags=tag_set,
+            )  # fmt: skip
+        allowed = (
+            decision is bucket_policy.Decision.ALLOW
+            and policy is not None
+            and not (
+                public_access.restricts_public_buckets(info) and bucket_policy.is_public(policy)
+            )
+        )
+        if decision is not bucket_policy.Decision.DENY and (owned or allowed):
+            return
+        if who.anonymous:
+            break
+    raise s3errors.S3Error("AccessDenied", "Access Denied")
 
 
 async def get_object_tagging(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
