@@ -24,6 +24,13 @@ DATANODE_CONDITIONAL_UNDO = "datanode.conditional-undo"
 #: datanode keeps the unknown fields and commits unconditionally; a gateway then checks the
 #: condition before the write, as it did (not atomic against a concurrent writer).
 DATANODE_CONDITIONAL_COMMIT = "datanode.conditional-commit"
+#: A datanode whose WRITE_SMALL takes shards of up to 512 KiB (services.datanode.shardmeta.
+#: SMALL_WRITE_MAX_BYTES: a 2 MiB object on RS 8+4 or 4+2 in one call per datanode, stored inline
+#: through the journal) and whose READ_METAS honours `without_data` and `data_drive_ids`. An
+#: older datanode refuses a shard over 128 KiB (InvalidArgument), so a gateway sends larger ones
+#: to a set only when every node of it advertises this, and otherwise stages and commits them
+#: (services.gateway.objectwrites).
+DATANODE_SMALL_WRITES_512K = "datanode.small-writes-512k"
 #: A kvcache node whose BatchPut honours `if_checksums` (compare-and-swap: replace a block only
 #: while its xxh3-64 is the one named, else ITEM_STATUS_MISMATCH; S3 If-Match on KV buckets made
 #: atomic). An older node drops the field and overwrites unconditionally, so the KV SDK sends a

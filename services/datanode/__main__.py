@@ -123,10 +123,11 @@ def build(cfg: config.DatanodeConfig) -> service.ServiceSpec:
 
 async def _advertise(ctx: service.Context, info: common_pb2.NodeInfo) -> None:
     """What this datanode does that an older one does not (kvtier.features), in the NodeInfo
-    it registers: gateways send its conditional undos and conditional commits only to a
-    datanode that says so."""
+    it registers: gateways send its conditional undos, conditional commits and small writes of
+    shards over 128 KiB only to a datanode that says so."""
     info.features.append(features.DATANODE_CONDITIONAL_UNDO)
     info.features.append(features.DATANODE_CONDITIONAL_COMMIT)
+    info.features.append(features.DATANODE_SMALL_WRITES_512K)
 
 
 def _gateways_only(who: principal.Principal) -> bool:

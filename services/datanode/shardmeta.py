@@ -3,9 +3,11 @@
 A meta file (`<h>/meta`, `<h>/versions/<version id>.meta`; layout in services.datanode.shards) is a
 deterministically encoded `ShardMeta` followed by its xxh3-64 (8 bytes LE). A shard of at most
 INLINE_MAX_BYTES in total (all parts) lives in the meta (`inline_data`, framed blocks in part
-order) and has no data directory. A committed meta carries FORMAT_VERSION, its block size, a
-stamp (`mtime_unix_ns`, at most MAX_FUTURE_MTIME_NS ahead of this node's clock) and a `data_id`
-that is a safe name in the key's directory. Pure functions: nothing here does I/O.
+order) and has no data directory; so does a small write's (`seal_small`) of at most
+SMALL_WRITE_MAX_BYTES: a meta whose inline_data is not empty is inline whatever its size. A
+committed meta carries FORMAT_VERSION, its block size, a stamp (`mtime_unix_ns`, at most
+MAX_FUTURE_MTIME_NS ahead of this node's clock) and a `data_id` that is a safe name in the key's
+directory. Pure functions: nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ FORMAT_VERSION = 1
 BLOCK_BYTES = 1 << 20
 MAX_BLOCK_BYTES = 16 << 20
 INLINE_MAX_BYTES = 128 << 10
+#: The largest shard of a small write (WRITE_SMALL: stored inline through the journal). Above
+#: INLINE_MAX_BYTES only for gateways that see features.DATANODE_SMALL_WRITES_512K: a 2 MiB
+#: object is 256 KiB shards on RS 8+4, 512 KiB on 4+2 (docs/benchmarks.md, issue 14).
+SMALL_WRITE_MAX_BYTES = 512 << 10
 MAX_PART_NUMBER = 10_000
 META_FILE = "meta"
 #: The meta of the version an overwrite replaced, kept a while (services.datanode.supersede).
@@ -45,9 +51,16 @@ _RESERVED_IDS = frozenset(
 ShardMeta = datanode_pb2.ShardMeta
 
 
-def is_inline(meta: datanode_pb2.ShardMeta) -> bool:
-    """Whether the object's shard lives in its meta (small shards, pool records) or in files."""
+def fits_inline(meta: datanode_pb2.ShardMeta) -> bool:
+    """Whether a staged write's shard is kept in its meta (at most INLINE_MAX_BYTES, all parts)."""
     return sum(p.shard_bytes for p in meta.parts) <= INLINE_MAX_BYTES
+
+
+def is_inline(meta: datanode_pb2.ShardMeta) -> bool:
+    """Whether a stored version's shard lives in its meta (small shards, small writes' up to
+    SMALL_WRITE_MAX_BYTES, pool records) or in files. A stored meta holds inline_data only when
+    its shard is there (a staged write's commit clears what the request carried)."""
+    return fits_inline(meta) or bool(meta.inline_data)
 
 
 def encode_meta(meta: datanode_pb2.ShardMeta) -> bytes:
@@ -168,13 +181,13 @@ def name_version(stored: datanode_pb2.ShardMeta, where: str) -> None:
 def seal_small(meta: datanode_pb2.ShardMeta, shard: framing.Buffer) -> datanode_pb2.ShardMeta:
     """The meta to store for a small write: meta completed (as a commit does) with the shard's
     framed blocks inline. InvalidArgument unless meta has one part whose shard_bytes is
-    len(shard), at most INLINE_MAX_BYTES."""
+    len(shard), at most SMALL_WRITE_MAX_BYTES."""
     names.check_stored(meta.bucket, meta.key)
     where = f"{meta.bucket}/{meta.key}"
     view = memoryview(shard).cast("B")
     if len(meta.parts) != 1 or meta.parts[0].shard_bytes != len(view):
         raise errors.InvalidArgument(f"{where}: a small write has one part of the shard's bytes")
-    if len(view) > INLINE_MAX_BYTES or not 1 <= meta.parts[0].number <= MAX_PART_NUMBER:
+    if len(view) > SMALL_WRITE_MAX_BYTES or not 1 <= meta.parts[0].number <= MAX_PART_NUMBER:
         raise errors.InvalidArgument(f"{where}: not a small write ({len(view)} shard bytes)")
     stored = ShardMeta()
     stored.CopyFrom(meta)

@@ -20,8 +20,9 @@ Layout under the drive (ARCHITECTURE.md, "The durable object tier"), h = hex SHA
     .kvtier/journal                                small commits and their removals, not yet
                                                    synced in the files (services.datanode.journal)
 
-A shard of at most INLINE_MAX_BYTES in total (all parts) has no data directory: its framed blocks
-live in `meta.inline_data`, in part order.
+A shard of at most INLINE_MAX_BYTES in total (all parts), or a small write's of at most
+SMALL_WRITE_MAX_BYTES, has no data directory: its framed blocks live in `meta.inline_data`, in
+part order (shardmeta.is_inline).
 
 Commit order (a crash at any point leaves the old version or the new one readable, whole):
 fsync part files and the staged data dir → rename it to `<h>/<data_id>` → fsync `<h>` → mark the
@@ -31,8 +32,8 @@ index entry → remove every other data dir under `<h>` (crash leftovers, the ve
 superseded one; the superseded one's stays until it is reclaimed).
 A commit of a data_id whose data dir exists (healing rewrites a drive's shard of the version it
 holds) renames the staged part files over the existing ones instead, one by one.
-A small write (`ShardStore.write_small`: one part, the whole shard of at most INLINE_MAX_BYTES in
-one call) takes another path: its meta (the shard inline) is appended to the drive's journal and
+A small write (`ShardStore.write_small`: one part, the whole shard of at most SMALL_WRITE_MAX_BYTES
+in one call) takes another path: its meta (the shard inline) is appended to the drive's journal and
 synced there, one fdatasync for every commit that arrived meanwhile (group commit), then written
 as `<h>/meta.new` and renamed over `<h>/meta` without a sync of its own (`write_smalls`: several
 objects' small writes with one append and sync; their index entries are written later, in
@@ -94,6 +95,7 @@ FORMAT_VERSION = shardmeta.FORMAT_VERSION
 BLOCK_BYTES = shardmeta.BLOCK_BYTES
 MAX_BLOCK_BYTES = shardmeta.MAX_BLOCK_BYTES
 INLINE_MAX_BYTES = shardmeta.INLINE_MAX_BYTES
+SMALL_WRITE_MAX_BYTES = shardmeta.SMALL_WRITE_MAX_BYTES
 MAX_PART_NUMBER = shardmeta.MAX_PART_NUMBER
 MAX_FUTURE_MTIME_NS = shardmeta.MAX_FUTURE_MTIME_NS
 META_FILE = shardmeta.META_FILE
@@ -213,7 +215,7 @@ class ShardStore(shardrecovery.ShardRecovery):
     def write_small(
         self, meta: datanode_pb2.ShardMeta, shard: framing.Buffer
     ) -> datanode_pb2.ShardMeta:
-        """Commit a version of one part whose whole shard is `shard` (at most INLINE_MAX_BYTES)
+        """Commit a version of one part whose whole shard is `shard` (at most SMALL_WRITE_MAX_BYTES)
         in one step, through the journal (module docstring); the stored meta once durable.
 
         Raises InvalidArgument as seal_small and commit do, Superseded when the drive holds a

@@ -29,7 +29,7 @@ from kvtier import errors, tracing
 from kvtier.proto.datanode.v1 import datanode_pb2 as pb_meta
 from kvtier.proto.datanode.v1 import shards_pb2 as pb
 from kvtier.transport import base, calls, shm_copy, slots
-from services.datanode import drivemetrics, index, metaupdate, shards
+from services.datanode import drivemetrics, index, metaupdate, shardmeta, shards
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +178,9 @@ class ShardNode:
                 "WRITE_SMALL: 1-64 shards, each of one part, whose shard_bytes add up to the "
                 "segments' bytes, or each in its data when the call has no segments"
             )
-        if max(sizes) > shards.INLINE_MAX_BYTES or total > self._staging.slot_bytes:
+        if max(sizes) > shards.SMALL_WRITE_MAX_BYTES or total > self._staging.slot_bytes:
             raise errors.InvalidArgument(
-                f"WRITE_SMALL: a shard is over {shards.INLINE_MAX_BYTES} or the call's "
+                f"WRITE_SMALL: a shard is over {shards.SMALL_WRITE_MAX_BYTES} or the call's "
                 f"{total} bytes over {self._staging.slot_bytes}"
             )
         if inline:  # the request holds the bytes (bounded by the transport's message limit)
@@ -279,6 +279,14 @@ class ShardNode:
                 result = pb.ShardResult(error_kind=type(exc).__name__, error=str(exc))
                 out.append(pb.DriveMeta(result=result))
             else:
+                if (
+                    req.without_data and drive_id not in req.data_drive_ids
+                ) or not shardmeta.fits_inline(meta):
+                    # Not needed (a HEAD, a GET's parity drives), or a small write's shard over
+                    # 128 KiB: READ_SHARD moves that through staging memory, for less CPU than
+                    # a reply of that size (a 2 MiB GET: 10-13 against 12-15 ms of cluster CPU,
+                    # docs/benchmarks.md).
+                    meta.inline_data = b""
                 out.append(pb.DriveMeta(meta=meta))
         return out
 

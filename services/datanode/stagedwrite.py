@@ -184,7 +184,7 @@ class StagedWrite:
             if stage:
                 stage.finish(f"{where} part {part.number}")
         shardmeta.name_version(stored, where)
-        if shardmeta.is_inline(stored):
+        if shardmeta.fits_inline(stored):  # (by size: the request's inline_data means nothing)
             stored.inline_data = b"".join(
                 self._parts[p.number].frames(framing.framed_bytes(p.shard_bytes, self.block_bytes))
                 for p in stored.parts

@@ -78,6 +78,7 @@ class _Gateway:
         engine = objects.ObjectEngine(
             ctx.map_view, self.nodes, staging, self.executor,
             max_staged_writes_per_tenant=self.cfg.max_staged_writes_per_tenant,
+            small_write_max_bytes=self.cfg.small_write_max_bytes,
         )  # fmt: skip
         self.buckets = buckets.BucketCache(buckets.BucketStore(ctx.store))
         self.front = front.ObjectFront(

@@ -91,6 +91,16 @@ class GatewayConfig(config.DataPlaneServiceConfig):
     max_staged_writes_per_tenant: int = config.setting(
         64, "PUTs and parts one tenant may have in flight on this gateway (more: Overloaded)"
     )
+    # 128 KiB by default in the release whose datanodes first read larger inline shards: the
+    # upgrade policy writes a new form only from the release after (docs/upgrades.md), so a
+    # datanode can still be rolled back; 524288 once that is no longer wanted.
+    small_write_max_bytes: int = config.setting(
+        128 * 1024,
+        "largest shard of a small PUT (one WRITE_SMALL call per datanode, journaled, inline in "
+        "its meta) on a set whose datanodes all advertise datanode.small-writes-512k: "
+        "131072-524288; above 131072 a datanode of an earlier release cannot read what is "
+        "written (docs/upgrades.md, rolling back); 524288 puts a 2 MiB object (RS 8+4) there",
+    )
     s3_body_timeout_s: float = config.setting(
         20.0,
         "seconds an S3 request body may send nothing before the request fails with 400 "
@@ -140,5 +150,7 @@ class GatewayConfig(config.DataPlaneServiceConfig):
             raise config.ConfigError("scan_objects_per_cycle: must be at least 1")
         if self.max_staged_writes_per_tenant < 1:
             raise config.ConfigError("max_staged_writes_per_tenant: must be at least 1")
+        if not 128 * 1024 <= self.small_write_max_bytes <= 512 * 1024:
+            raise config.ConfigError("small_write_max_bytes: 131072-524288")
         if self.s3_body_timeout_s <= 0 or self.s3_send_timeout_s <= 0:
             raise config.ConfigError("s3_body_timeout_s, s3_send_timeout_s: must be positive")

@@ -220,13 +220,23 @@ class Datanodes:
         return results
 
     async def read_metas(
-        self, node_id: str, drive_ids: Sequence[str], bucket: str, key: str, version_id: str = ""
+        self,
+        node_id: str,
+        drive_ids: Sequence[str],
+        bucket: str,
+        key: str,
+        version_id: str = "",
+        *,
+        data: bool | Sequence[str] = True,
     ) -> list[datanode_pb2.ShardMeta | errors.KVTierError]:
         """The object's metadata on drives of the node (one call): per drive, in order, its
-        meta or its error (NotFound when the drive has none); version_id: that S3 version's."""
+        meta or its error (NotFound when the drive has none); version_id: that S3 version's.
+        data: the inline shards of every drive (True), of none (False) or of the drives named
+        (an older datanode sends them all anyway)."""
         request = shards_pb2.ReadMetasRequest(
-            drive_ids=drive_ids, bucket=bucket, key=key, version_id=version_id
-        )
+            drive_ids=drive_ids, bucket=bucket, key=key, version_id=version_id,
+            without_data=data is not True, data_drive_ids=[] if isinstance(data, bool) else data,
+        )  # fmt: skip
         result = await self.call(node_id, shards_pb2.SHARD_CALL_METHOD_READ_METAS, request)
         metas = shards_pb2.ReadMetasResponse.FromString(result.reply).metas
         if len(metas) != len(drive_ids):

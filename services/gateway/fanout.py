@@ -319,18 +319,23 @@ async def read_metas(
     bucket: str,
     key: str,
     version_id: str = "",
+    *,
+    data: bool = True,
 ) -> list[Answer]:
     """The object's meta on every drive of where (by shard index): the meta or that drive's
     error (NotFound when it has none; a node that fails fails each of its drives);
-    version_id: that S3 version's."""
+    version_id: that S3 version's. A small object's inline shards (up to 128 KiB: a datanode
+    sends no larger one) come from the data shards' drives only (what a read needs; a degraded
+    one asks the others for their blocks), from none with data False (Datanodes.read_metas)."""
     answers: list[Answer] = [errors.Unavailable("not asked")] * len(where.slots)
     answered = [0]
 
     async def node_call(node_id: str, indices: list[int]) -> None:
         drive_ids = [where.slots[i].drive_id for i in indices]
         try:
+            wanted = [where.slots[i].drive_id for i in indices if i < where.data_shards]
             got: Sequence[Answer] = await nodes.read_metas(
-                node_id, drive_ids, bucket, key, version_id
+                node_id, drive_ids, bucket, key, version_id, data=wanted if data else False
             )
         except errors.KVTierError as exc:
             got = [exc] * len(indices)

@@ -437,20 +437,26 @@ class ObjectFront(frontcalls.DataPlaneCalls):
         await self.engine.abort_put(req)
 
     async def resolve(
-        self, bucket: str, key: str, version_id: str = "", *, source: bool = False
+        self,
+        bucket: str,
+        key: str,
+        version_id: str = "",
+        *,
+        source: bool = False,
+        data: bool = True,
     ) -> versions.Resolved:
         """The current version (version_id: that S3 version) of an object of a bucket the
         caller may use, or of one whose own ACL admits the request (PermissionDenied
         otherwise, and for a missing object when the caller may not list the bucket);
         versions.DeleteMarker (a NotFound) for a delete marker. source: read as a copy's
-        source (`Admission.source`)."""
+        source (`Admission.source`); data False: for its info only (engine.resolve)."""
         admitted = await self._admitted_object(bucket, key, source=source)
         if admitted is None:
             stored = await self.storage_of(bucket)
-            return await self.engine.resolve(stored, key, version_id=version_id)
+            return await self.engine.resolve(stored, key, version_id=version_id, data=data)
         stored, admission = admitted
         try:
-            found = await self.engine.resolve(stored, key, version_id=version_id)
+            found = await self.engine.resolve(stored, key, version_id=version_id, data=data)
         except errors.NotFound:
             if not admission.may_list:
                 who = principal.current().describe()
@@ -463,7 +469,7 @@ class ObjectFront(frontcalls.DataPlaneCalls):
     async def head_object(self, bucket: str, key: str, version_id: str = "") -> pb.ObjectInfo:
         """An object's info (admitted as in resolve)."""
         if version_id or await self._admitted_object(bucket, key) is not None:
-            return versions.info((await self.resolve(bucket, key, version_id)).meta)
+            return versions.info((await self.resolve(bucket, key, version_id, data=False)).meta)
         return await self.engine.head(await self.storage_of(bucket), key)
 
     async def set_object_acl(

@@ -77,6 +77,7 @@ class EngineBase:
         *,
         upload_ttl_s: float = 3600.0,
         max_staged_writes_per_tenant: int = 64,
+        small_write_max_bytes: int = 128 << 10,
         clock: hlc.HybridClock | None = None,
     ) -> None:
         self._view = view
@@ -85,6 +86,8 @@ class EngineBase:
         self._executor = executor
         self._upload_ttl_s = upload_ttl_s
         self._max_staged_per_tenant = max_staged_writes_per_tenant
+        #: The largest shard of a small PUT where the datanodes take it (objectwrites).
+        self._small_write_max = small_write_max_bytes
         self._uploads: dict[str, Upload] = {}
         self._staged: collections.Counter[str] = collections.Counter()  # owner -> writes
         self._codecs: dict[tuple[int, int], erasure.Codec] = {}
@@ -128,6 +131,7 @@ class EngineBase:
         follow: bool = True,
         version_id: str = "",
         markers: bool = False,
+        data: bool = True,
     ) -> versions.Resolved:
         """The current version of bucket/key (version_id: that S3 version); NotFound, or
         Unavailable below read quorum; versions.DeleteMarker (a NotFound) when it is a delete
@@ -135,16 +139,18 @@ class EngineBase:
 
         When some drives lack that version the object is queued for healing, unless
         queue_heal is False (the healer's own look). follow=False: a pool record is returned
-        as it is, not followed to its pool. bucket is a storage name.
+        as it is, not followed to its pool. data=False (a HEAD): the drives leave a small
+        object's inline shards out of their replies (a read of it then asks for its blocks).
+        bucket is a storage name.
         """
         names.check_stored(bucket, key)
         if version_id:
             objversions.check(version_id)
         cmap = self._view.current
         where = placement.locate(cmap, bucket, key, 0)
-        found = await self.resolve_in(where, bucket, key, queue_heal, version_id)
+        found = await self.resolve_in(where, bucket, key, queue_heal, version_id, data=data)
         if found.meta.is_pointer and follow:
-            found = await self._follow(found, queue_heal, version_id)
+            found = await self._follow(found, queue_heal, version_id, data)
         if found.meta.delete_marker and not markers:
             raise versions.DeleteMarker(
                 f"{bucket}/{key}: a delete marker",
@@ -153,7 +159,7 @@ class EngineBase:
         return found
 
     async def _follow(
-        self, record: versions.Resolved, queue_heal: bool, version_id: str
+        self, record: versions.Resolved, queue_heal: bool, version_id: str, data: bool = True
     ) -> versions.Resolved:
         """The version a pool record names, in its pool. NotFound there may mean a pool drain
         moved the object meanwhile (record switched, old copy deleted): the entry in pool 0 is
@@ -162,7 +168,7 @@ class EngineBase:
         cmap = self._view.current
         target = placement.locate(cmap, bucket, key, record.meta.pool_pointer)
         try:
-            return await self.resolve_in(target, bucket, key, queue_heal, version_id)
+            return await self.resolve_in(target, bucket, key, queue_heal, version_id, data=data)
         except errors.NotFound:
             again = await self.resolve_in(record.where, bucket, key, queue_heal, version_id)
             if again.meta.data_id == record.meta.data_id:
@@ -170,7 +176,7 @@ class EngineBase:
         if not again.meta.is_pointer:
             return again
         target = placement.locate(cmap, bucket, key, again.meta.pool_pointer)
-        return await self.resolve_in(target, bucket, key, queue_heal, version_id)
+        return await self.resolve_in(target, bucket, key, queue_heal, version_id, data=data)
 
     async def resolve_in(
         self,
@@ -179,8 +185,10 @@ class EngineBase:
         key: str,
         queue_heal: bool = True,
         version_id: str = "",
+        *,
+        data: bool = True,
     ) -> versions.Resolved:
-        answers = await fanout.read_metas(self._nodes, where, bucket, key, version_id)
+        answers = await fanout.read_metas(self._nodes, where, bucket, key, version_id, data=data)
         held: dict[str, list[int]] = {}
         metas: dict[str, datanode_pb2.ShardMeta] = {}
         missing = 0
@@ -201,10 +209,13 @@ class EngineBase:
                 why = f"read found the version on {len(held[best])} of {len(where.slots)} drives"
                 self.heal_queue.add((bucket, key), why, objversions.version_id(metas[best]))
             shards = {i: answers[i] for i in held[best]}
+            # Each drive's own meta says whether it holds its shard inline (a small write's
+            # shard over 128 KiB that healing rewrote is in files on that drive), and whether
+            # it came (a parity drive's is left out: fanout.read_metas).
             inline = {
                 i: a.inline_data
                 for i, a in shards.items()
-                if isinstance(a, datanode_pb2.ShardMeta) and reads.is_inline(metas[best])
+                if isinstance(a, datanode_pb2.ShardMeta) and reads.has_inline(a)
             }
             return versions.Resolved(metas[best], where, frozenset(held[best]), inline)
         if missing > len(where.slots) - quorum:
@@ -223,7 +234,7 @@ class EngineBase:
 
     async def head(self, bucket: str, key: str) -> pb.ObjectInfo:
         """The object's info."""
-        return versions.info((await self.resolve(bucket, key)).meta)
+        return versions.info((await self.resolve(bucket, key, data=False)).meta)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """fn in the codec pool. If the caller is cancelled, the job still finishes first: it

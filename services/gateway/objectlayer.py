@@ -342,7 +342,7 @@ class ErasureLayer:
     ) -> ErasureReader:
         """The version `ObjectFront.resolve` finds (versions.DeleteMarker: a NotFound); its
         metadata only either way (the stream reads the bytes)."""
-        found = await self.front.resolve(bucket, key, version_id)
+        found = await self.front.resolve(bucket, key, version_id, data=data)
         return ErasureReader(self.front.engine, found)
 
     async def put(

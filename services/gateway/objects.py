@@ -7,9 +7,10 @@ blocks go to its drive, all drives at once (in WRITE_SHARD calls that fit a data
 quorum are left the PUT fails. CommitPut checks the digests and commits the staged shards on every
 drive (meta replaced by rename there): the new version is visible once the write quorum has
 committed; the previous one stays intact until then. Memory: one call's stripes at a time, never the
-whole object. A small object (every shard at most SMALL_SHARD_BYTES, the whole object in one call)
-sends nothing before the commit: each drive gets its shard and its meta in one WRITE_SMALL call
-per datanode (stored inline in the meta, made durable by the drive's group-committed journal).
+whole object. A small object (every shard at most SMALL_SHARD_BYTES, or 512 KiB on datanodes that
+take it: objectwrites, the whole object in one call) sends nothing before the commit: each drive
+gets its shard and its meta in one WRITE_SMALL call per datanode (stored inline in the meta, made
+durable by the drive's group-committed journal).
 
 GET: the metadata of the object's set is read from every drive (one READ_METAS call per
 datanode); the version held by at least the read quorum (k) wins. A small object's shards come

@@ -2,7 +2,8 @@
 
 A begun write is staged call by call (stripes encoded and hashed off the event loop, every shard's
 blocks sent to its drive), then committed on every drive once its digests check; a small object
-(every shard at most SMALL_SHARD_BYTES) is sent whole at its commit. Abandoned writes are swept.
+(every shard at most SMALL_SHARD_BYTES, or LARGE_SMALL_SHARD_BYTES on datanodes that take them)
+is sent whole at its commit. Abandoned writes are swept.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
-from kvtier import erasure, errors, names
+from kvtier import erasure, errors, features, names
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
@@ -26,6 +27,12 @@ log = logging.getLogger(__name__)
 #: Shards up to this size go in one WRITE_SMALL call (the datanodes' inline limit,
 #: services.datanode.shards.INLINE_MAX_BYTES).
 SMALL_SHARD_BYTES = 128 << 10
+#: ... and up to this size (the gateway's small_write_max_bytes, at most this) when every datanode
+#: of the set advertises features.DATANODE_SMALL_WRITES_512K (services.datanode.shardmeta.
+#: SMALL_WRITE_MAX_BYTES): a 2 MiB object (256 KiB shards on RS 8+4) then skips its 12 staged
+#: commits (~33 ms of fsyncs each). The gateway holds such an object's encoded shards until the
+#: commit: at most (k + m) x 512 KiB.
+LARGE_SMALL_SHARD_BYTES = 512 << 10
 #: Calls of at most this many bytes are hashed and encoded on the event loop (_store_stripes).
 INLINE_WORK_BYTES = 16 << 10
 
@@ -223,7 +230,7 @@ class ObjectWrites(objectpools.PooledObjects):
                 else:
                     await self._run(up.codec.encode, views, par)
             shard_bytes = sum(len(b) for b in blocks[0])
-            if up.written == 0 and total == up.size and shard_bytes <= SMALL_SHARD_BYTES:
+            if up.written == 0 and total == up.size and self._goes_small(up, shard_bytes):
                 up.small = [b"".join(bytes(v) for v in shard) for shard in blocks]
             else:
                 await self._send_shards(up, blocks, up.shard_written)
@@ -236,6 +243,19 @@ class ObjectWrites(objectpools.PooledObjects):
         up.shard_written += shard_bytes
         up.written += total
         reads.BYTES.labels("put").inc(total)
+
+    def _goes_small(self, up: objectbase.Upload, shard_bytes: int) -> bool:
+        """Whether a whole object of shard_bytes per drive goes in WRITE_SMALL calls: up to
+        SMALL_SHARD_BYTES, or small_write_max_bytes (at most LARGE_SMALL_SHARD_BYTES) where every
+        node of its set takes them (an older datanode refuses a shard over 128 KiB: such a set
+        stages and commits it)."""
+        if shard_bytes <= SMALL_SHARD_BYTES:
+            return True
+        most = min(self._small_write_max, LARGE_SMALL_SHARD_BYTES)
+        return shard_bytes <= most and all(
+            self._nodes.supports(node_id, features.DATANODE_SMALL_WRITES_512K)
+            for node_id in {slot.node_id for slot in up.where.slots}
+        )
 
     async def _send_shards(
         self, up: objectbase.Upload, blocks: list[list[memoryview]], offset: int

@@ -30,7 +30,8 @@ T = TypeVar("T")
 
 BLOCK_BYTES = 1 << 20
 #: A datanode keeps a shard of at most this many bytes (all parts) inline in its meta
-#: (services.datanode.shards.INLINE_MAX_BYTES); each block framed with its xxh3-64.
+#: (services.datanode.shards.INLINE_MAX_BYTES), and a small write's of up to 512 KiB
+#: (shardmeta.SMALL_WRITE_MAX_BYTES); each block framed with its xxh3-64.
 INLINE_MAX_BYTES = 128 << 10
 _HASH_BYTES = 8
 #: Pieces from this size on are gathered into the consumer's memory when it offers some
@@ -45,8 +46,15 @@ BYTES = prometheus_client.Counter("kvtier_gateway_object_bytes_total", "Object b
 
 
 def is_inline(meta: datanode_pb2.ShardMeta) -> bool:
-    """Whether the drives keep the version's shards in its meta (small versions)."""
-    return sum(p.shard_bytes for p in meta.parts) <= INLINE_MAX_BYTES
+    """Whether a drive keeps the version's shard in this meta of its (small versions: by size,
+    or inline_data present, as services.datanode.shardmeta.is_inline)."""
+    return sum(p.shard_bytes for p in meta.parts) <= INLINE_MAX_BYTES or bool(meta.inline_data)
+
+
+def has_inline(meta: datanode_pb2.ShardMeta) -> bool:
+    """Whether a drive's meta as it came (READ_METAS) carries its whole inline shard: a meta
+    sent without its data (a HEAD's, a GET's parity drive) does not, whatever its size."""
+    return bool(meta.inline_data) or not any(p.shard_bytes for p in meta.parts)
 
 
 def inline_block(

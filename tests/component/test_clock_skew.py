@@ -58,7 +58,7 @@ async def test_writes_through_a_lagging_gateway_are_ordered_after_acknowledged_o
     engine = cluster.engine
     async with await objects.AsyncObjectClient.connect(cluster.gateway.address) as client:
         await client.create_bucket("skew")
-        sizes = {"small": 4 * KIB, "empty": 0, "staged": 3 * MIB + 5}
+        sizes = {"small": 4 * KIB, "empty": 0, "staged": 5 * MIB + 5}
         for n, (name, size) in enumerate(sizes.items()):
             first, second = objects_cluster.data(n, size), objects_cluster.data(n + 100, size)
             engine.clock = ahead
@@ -114,13 +114,13 @@ async def test_a_staged_write_learns_the_stamp_before_its_commit(cluster: Cluste
     async with await objects.AsyncObjectClient.connect(cluster.gateway.address) as client:
         await client.create_bucket("learn")
         engine.clock = clock(+10)
-        await client.put_object("learn", "big", objects_cluster.data(1, 2 * MIB))
+        await client.put_object("learn", "big", objects_cluster.data(1, 5 * MIB))
         await client.put_object("learn", "tiny", b"ahead")
         before = restamps()
         engine.clock = clock(-10)
-        await client.put_object("learn", "big", objects_cluster.data(2, 2 * MIB))
+        await client.put_object("learn", "big", objects_cluster.data(2, 5 * MIB))
         assert restamps() == before
-        assert await client.get_object("learn", "big") == objects_cluster.data(2, 2 * MIB)
+        assert await client.get_object("learn", "big") == objects_cluster.data(2, 5 * MIB)
         engine.clock = clock(-10)
         await client.put_object("learn", "tiny", b"behind")
         # With several pools a PUT first looks up pool 0's current version: learned there.

@@ -18,7 +18,7 @@ from tests.component import test_healing as healing_test
 MIB = objects_cluster.MIB
 Cluster = objects_cluster.Cluster
 BUCKET = "lostpart"
-SIZE = 2 * MIB + 5  # 8 data shards of 256 KiB + 1: in part files, not inline in the meta
+SIZE = 4 * MIB + 5  # 8 data shards of 512 KiB + 1: in part files, not inline in the meta
 
 
 @pytest.fixture

@@ -273,7 +273,8 @@ async def test_dry_run_reports_and_writes_nothing(cluster: Cluster) -> None:
     async with await objects.AsyncObjectClient.connect(cluster.gateway.address) as client:
         await client.create_bucket("dry")
         for key in ("one", "two", "fine"):
-            await client.put_object("dry", key, objects_cluster.data(len(key), 2 * MIB))
+            # 5 MiB: in part files (a small write's inline shards go up to 512 KiB)
+            await client.put_object("dry", key, objects_cluster.data(len(key), 5 * MIB))
     one, two = _drives_by_shard(cluster, "dry", "one"), _drives_by_shard(cluster, "dry", "two")
     _flip(_part(one[0], "dry", "one"))
     _flip(_part(one[9], "dry", "one"))  # parity: no read would notice
@@ -283,13 +284,13 @@ async def test_dry_run_reports_and_writes_nothing(cluster: Cluster) -> None:
     last, _ = await _heal(cluster, "dry", dry_run=True)
     assert (last.scanned, last.healed, last.healthy, last.shards_healed) == (3, 2, 1, 3)
     # Bytes: the listed sizes of the objects looked at, and of those healed (would be).
-    assert (last.bytes_scanned, last.bytes_healed) == (3 * 2 * MIB, 2 * 2 * MIB)
+    assert (last.bytes_scanned, last.bytes_healed) == (3 * 5 * MIB, 2 * 5 * MIB)
     assert _snapshot(cluster.drive_paths()) == before
     assert cluster.healer.queue_length == 0  # a dry run queues nothing either
 
     last, _ = await _heal(cluster, "dry", "t")  # the prefix selects "two" only
     assert (last.scanned, last.healed, last.shards_healed) == (1, 1, 1)
-    assert (last.bytes_scanned, last.bytes_healed) == (2 * MIB, 2 * MIB)
+    assert (last.bytes_scanned, last.bytes_healed) == (5 * MIB, 5 * MIB)
     last, _ = await _heal(cluster, "dry")
     assert (last.scanned, last.healed, last.healthy, last.shards_healed) == (3, 1, 2, 2)
 
@@ -324,7 +325,8 @@ async def test_cli_heals_and_exits_by_outcome(
     async with await objects.AsyncObjectClient.connect(cluster.gateway.address) as client:
         await client.create_bucket("cli")
         for key in ("a", "b"):
-            await client.put_object("cli", f"dir/{key}", objects_cluster.data(5, MIB + 1))
+            # in part files: over a small write's 512 KiB shards
+            await client.put_object("cli", f"dir/{key}", objects_cluster.data(5, 4 * MIB + 1))
     _flip(_part(_drives_by_shard(cluster, "cli", "dir/a")[2], "cli", "dir/a"))
     address = cluster.gateway.address
 

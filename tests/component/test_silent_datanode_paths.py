@@ -113,7 +113,7 @@ async def test_listings_deletes_and_aborts_leave_a_silent_datanode_behind(
     engine, nodes = one_pool.engine, _nodes(one_pool)
     monkeypatch.setattr(one_pool.healer, "_absorb", lambda: None)
     blobs = {f"k{n}": objects_cluster.data(n, 4 * KIB) for n in range(4)}
-    blobs["big"] = objects_cluster.data(9, 3 * MIB + 5)
+    blobs["big"] = objects_cluster.data(9, 5 * MIB + 5)  # staged (over 512 KiB shards)
     parts = [objects_cluster.data(20, 5 * MIB), objects_cluster.data(21, MIB + 7)]
     async with await objects.AsyncObjectClient.connect(one_pool.gateway.address) as client:
         await client.create_bucket("quiet")

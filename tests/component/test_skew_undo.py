@@ -128,7 +128,7 @@ async def test_a_write_refused_for_skew_is_undone_on_the_drives_that_took_it(
     the refused version, GET and LIST show the version before it, and a later PUT through a
     gateway with a good clock is what reads see."""
     engine = one_pool.engine
-    sizes = {"small": 4 * KIB, "staged": 2 * MIB + 3}
+    sizes = {"small": 4 * KIB, "staged": 4 * MIB + 3}  # (staged: shards over 512 KiB)
     async with await objects.AsyncObjectClient.connect(one_pool.gateway.address) as client:
         await client.create_bucket("undo")
         for n, (key, size) in enumerate(sizes.items()):
@@ -163,7 +163,7 @@ async def test_a_write_that_misses_its_quorum_otherwise_is_undone_too(
 ) -> None:
     """8 of 12 drives full: the PUT fails (StorageFull, 503), and the 4 that took it no longer
     hold it; the version before it is what GET and LIST show."""
-    sizes = {"small": 4 * KIB, "staged": 2 * MIB + 3}
+    sizes = {"small": 4 * KIB, "staged": 4 * MIB + 3}  # (staged: shards over 512 KiB)
     async with await objects.AsyncObjectClient.connect(one_pool.gateway.address) as client:
         await client.create_bucket("full")
         for n, (key, size) in enumerate(sizes.items()):
@@ -197,7 +197,7 @@ async def test_an_orphan_copy_is_aged_by_its_datanode_not_by_a_gateway_clock(
         await client.create_bucket("orphans")
         blobs = {  # a small write (WRITE_SMALL) and a staged one
             "inflight": objects_cluster.data(1, 60 * KIB),
-            "old": objects_cluster.data(2, 1100 * KIB),
+            "old": objects_cluster.data(2, 4400 * KIB),  # shards over 512 KiB
             "drain-ahead": objects_cluster.data(3, 4 * KIB),
         }
         for key, offset in (("inflight", -10), ("old", +10), ("drain-ahead", 0)):
@@ -247,7 +247,7 @@ async def test_a_failed_overwrite_leaves_the_version_before_it_readable(
     acknowledged version and the undo removed the key there, leaving it on 6 drives, fewer than
     its 8 data shards: GET failed. Now they bring it back (services/datanode/supersede.py), and
     the copies every overwrite keeps are gone after the datanodes' reclaim."""
-    sizes = {"small": 4 * KIB, "staged": 2 * MIB + 3}
+    sizes = {"small": 4 * KIB, "staged": 4 * MIB + 3}  # (staged: shards over 512 KiB)
     stored = one_pool.stored
     async with await objects.AsyncObjectClient.connect(one_pool.gateway.address) as client:
         await client.create_bucket("over")

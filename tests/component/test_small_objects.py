@@ -18,7 +18,9 @@ import pytest
 
 from kvtier import errors, etcdserver, membership, objects
 from kvtier.clients import dataplane as dataplane_client
+from kvtier.clients import gateway as gateway_client
 from kvtier.proto.datanode.v1 import datanode_pb2, shards_pb2
+from kvtier.proto.gateway.v1 import admin_pb2
 from services.datanode import __main__ as datanode_main
 from services.datanode import config as datanode_config
 from services.gateway import datanodes as datanodes_mod
@@ -37,7 +39,10 @@ async def cluster(
     store: membership.EtcdMembership,
     tmp_path: Path,
 ) -> AsyncIterator[Cluster]:
-    async with objects_cluster.object_cluster(etcd, etcd_prefix, store, tmp_path) as c:
+    # Shards up to 512 KiB go small (the default stays 128 KiB for one release: rollback).
+    async with objects_cluster.object_cluster(
+        etcd, etcd_prefix, store, tmp_path, small_write_max_bytes=512 * KIB
+    ) as c:
         yield c
 
 
@@ -103,14 +108,15 @@ async def test_a_small_put_is_one_call_per_drive_and_a_get_one_meta_read(
         assert len(found) == 12
         assert all([p.name for p in f.parent.iterdir()] == ["meta"] for f in found)
         assert not any(cluster.tmp.glob("dn*/drive*/.kvtier/tmp/*"))
-        # Overwrites, an empty object and the largest small one; one past it is staged.
-        for size in (0, 1, 8 * 128 * KIB):
+        # Overwrites, an empty object and the largest small one (512 KiB shards: the datanodes
+        # advertise datanode.small-writes-512k); one past it is staged.
+        for size in (0, 1, 8 * 512 * KIB):
             body = objects_cluster.data(size, size)
             await client.put_object("small", "k", body)
             assert calls.take() == {"SHARD_CALL_METHOD_WRITE_SMALL": 6}, size
             assert await client.get_object("small", "k") == body
             calls.take()
-        body = objects_cluster.data(2, 8 * 128 * KIB + 1)
+        body = objects_cluster.data(2, 8 * 512 * KIB + 1)
         await client.put_object("small", "big", body)
         staged = calls.take()
         assert "SHARD_CALL_METHOD_WRITE_SMALL" not in staged
@@ -119,6 +125,80 @@ async def test_a_small_put_is_one_call_per_drive_and_a_get_one_meta_read(
         await client.delete_object("small", "k")
         with pytest.raises(errors.NotFound):
             await client.head_object("small", "k")
+
+
+async def test_a_2_mib_object_is_small_and_its_lost_shard_is_healed(
+    cluster: Cluster, calls: Calls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 2 MiB object (256 KiB shards on 8+4) takes the small path: inline on every drive, read
+    whole and by range (its blocks from the data drives), its HEAD without the shards; a set
+    with an older datanode stages it; a drive that lost it gets it back from healing (in shard
+    files there), and reads then use both kinds and parity blocks."""
+    data = objects_cluster.data(7, 2 * MIB)
+    nodes = cluster.engine._nodes
+    asked: list[Any] = []
+    real_read_metas = nodes.read_metas
+
+    async def read_metas(*args: Any, data: Any = True) -> Any:
+        asked.append(data)
+        return await real_read_metas(*args, data=data)
+
+    monkeypatch.setattr(nodes, "read_metas", read_metas)
+    async with await objects.AsyncObjectClient.connect(cluster.gateway.address) as client:
+        await client.create_bucket("two")
+        calls.take()
+        await client.put_object("two", "k", data)
+        assert calls.take() == {"SHARD_CALL_METHOD_WRITE_SMALL": 6}
+        found = metas(cluster, "two")
+        assert all([p.name for p in f.parent.iterdir()] == ["meta"] for f in found)
+        assert min(f.stat().st_size for f in found) > 256 * KIB
+        asked.clear()
+        into = bytearray(len(data))
+        await client.get_object_into("two", "k", into)
+        assert into == data
+        # Shards over 128 KiB are read as blocks (READ_SHARD: through staging memory), not in
+        # the meta replies; those up to 128 KiB come from the data shards' drives only.
+        assert calls.take() == {
+            "SHARD_CALL_METHOD_READ_METAS": 6,
+            "SHARD_CALL_METHOD_READ_SHARD": 8,
+        }
+        assert sum(len(d) for d in asked) == 8
+        ranged = await client.get_object("two", "k", offset=MIB - 5, length=300 * KIB)
+        assert ranged == data[MIB - 5 : MIB - 5 + 300 * KIB]
+        asked.clear()
+        calls.take()
+        await client.head_object("two", "k")
+        assert calls.take() == {"SHARD_CALL_METHOD_READ_METAS": 6}
+        assert asked == [False] * 6  # the drives leave the shards out
+        # A set with a datanode that does not advertise datanode.small-writes-512k (an older
+        # build refuses shards over 128 KiB) stages a 2 MiB object; 1 MiB still goes small.
+        older, real = cluster.datanodes[0].spec.node_id, nodes.supports
+        monkeypatch.setattr(nodes, "supports", lambda n, f: n != older and real(n, f))
+        calls.take()
+        await client.put_object("two", "staged", data)
+        staged = calls.take()
+        assert "SHARD_CALL_METHOD_WRITE_SMALL" not in staged
+        assert staged["SHARD_CALL_METHOD_WRITE_SHARD"] == 12
+        await client.put_object("two", "one", data[:MIB])
+        assert calls.take() == {"SHARD_CALL_METHOD_WRITE_SMALL": 6}
+        assert await client.get_object("two", "staged") == data
+        found[0].unlink()  # a drive lost its shard
+        progress, lost = await _heal(cluster, "two")
+        assert not lost
+        assert progress.healed == 1
+        healed = sorted(p.name for p in found[0].parent.iterdir())
+        assert len(healed) == 2  # its shard in files there
+        assert "meta" in healed
+        for f in found[1:5]:  # 4 others lose theirs: a read needs the healed drive's shard
+            f.unlink()
+        assert await client.get_object("two", "k") == data
+
+
+async def _heal(cluster: Cluster, bucket: str) -> tuple[admin_pb2.HealProgress, list[str]]:
+    """The last progress message of a Heal of bucket, and every unrecoverable key reported."""
+    async with gateway_client.AdminServiceClient(cluster.gateway.address) as client:
+        messages = [p async for p in client.heal(bucket, "", dry_run=False)]
+    return messages[-1], [k for m in messages for k in m.unrecoverable_keys]
 
 
 async def test_a_small_get_survives_m_bad_drives(cluster: Cluster) -> None:

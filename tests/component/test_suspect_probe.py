@@ -113,9 +113,9 @@ async def test_a_staged_write_that_lost_its_quorum_without_a_suspect_fails_at_on
 
         monkeypatch.setattr(nodes, "call", call)
         started = time.monotonic()
-        with pytest.raises(errors.Unavailable):
+        with pytest.raises(errors.Unavailable):  # 5 MiB: staged (shards over 512 KiB)
             await asyncio.wait_for(
-                client.put_object("probe", "big", objects_cluster.data(2, 3 * MIB)), 8
+                client.put_object("probe", "big", objects_cluster.data(2, 5 * MIB)), 8
             )
         assert time.monotonic() - started < 2.0
         assert await client.get_object("probe", "big") == objects_cluster.data(1, 4096)

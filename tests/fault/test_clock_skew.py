@@ -44,8 +44,8 @@ DURATIONS = [
 RUN_S = {"short": 12.0, "full": 120.0}
 KEYS = 5  # prime to the 9 operation kinds: every key gets every kind, via both gateways
 #: Sizes by the path they take: small (WRITE_SMALL, one call per datanode) and staged
-#: (WRITE_SHARD, then a commit): 4 data shards here, 128 KiB inline shards at most.
-SIZES = (1 << 10, 40 << 10, 300 << 10, 1536 << 10)
+#: (WRITE_SHARD, then a commit): 4 data shards here, 512 KiB inline shards at most.
+SIZES = (1 << 10, 40 << 10, 300 << 10, 2560 << 10)
 GONE = b"deleted"
 
 

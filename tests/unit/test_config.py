@@ -426,3 +426,17 @@ def test_a_service_needs_tls_files_unless_insecure(
 def test_client_port_is_validated() -> None:
     assert load_datanode(["--client-port", "-1"]).client_port == -1
     assert "client_port" in config_error(["--client-port", "70000"])
+
+
+def test_small_write_max_bytes_is_bounded_by_what_datanodes_take() -> None:
+    gateway = gateway_config.GatewayConfig
+
+    def loaded(*argv: str) -> int:
+        cfg = config.load(gateway, service="gateway", argv=argv, environ=_tls("gateway"))
+        return cfg.small_write_max_bytes
+
+    assert loaded() == 128 * 1024  # what an earlier release's datanodes read (rollback)
+    assert loaded("--small-write-max-bytes", "524288") == 524288
+    for value in ("131071", "524289"):
+        message = config_error(["--small-write-max-bytes", value], {}, gateway, "gateway")
+        assert "small_write_max_bytes" in message

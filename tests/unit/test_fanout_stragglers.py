@@ -44,7 +44,7 @@ class Nodes:
         self.suspects.heard(node_id)  # as Datanodes.call does on a reply
 
     async def read_metas(
-        self, node_id: str, drive_ids: Sequence[str], *_: Any
+        self, node_id: str, drive_ids: Sequence[str], *_: Any, data: Any = True
     ) -> list[datanode_pb2.ShardMeta]:
         await self._answer(node_id)
         return [datanode_pb2.ShardMeta(data_id="v1") for _ in drive_ids]

@@ -157,10 +157,10 @@ def test_a_small_write_is_one_step_with_its_shard_inline(
     assert [p.name for p in object_dir.iterdir()] == ["meta"]
     assert list((drive_dir / shards.TMP_DIR).iterdir()) == []
     assert store._journal.bytes > 0
-    # Empty shards (0-byte objects) and the 128 KiB limit.
+    # Empty shards (0-byte objects) and the 512 KiB limit.
     store.write_small(small_meta("empty", b""), b"")
     assert store.read_meta(BUCKET, "empty").parts[0].shard_bytes == 0
-    big = bytes(shards.INLINE_MAX_BYTES + 1)
+    big = bytes(shards.SMALL_WRITE_MAX_BYTES + 1)
     with pytest.raises(errors.InvalidArgument):
         store.write_small(small_meta("big", big), big)
     with pytest.raises(errors.InvalidArgument):
@@ -308,5 +308,49 @@ def test_replay_restores_an_index_entry_a_crash_lost(
     try:
         assert [e.key for e in reopened.list(BUCKET)] == ["k"]
         assert read_back(reopened, "k") == shard
+    finally:
+        reopened.close()
+
+
+def test_a_small_write_over_128_kib_is_inline_journaled_and_replayed(
+    store: shards.ShardStore, drive_dir: Path
+) -> None:
+    # A 2 MiB object's shard on RS 4+2 (512 KiB) and on 8+4 (256 KiB), in 64 KiB blocks.
+    by_key = {"four": os.urandom(shards.SMALL_WRITE_MAX_BYTES), "eight": os.urandom(256 << 10)}
+    metas = [small_meta(k, s) for k, s in by_key.items()]
+    for meta in metas:
+        meta.block_bytes = 64 << 10
+    got = store.write_smalls([(m, by_key[m.key]) for m in metas])
+    assert all(isinstance(g, datanode_pb2.ShardMeta) and shards.is_inline(g) for g in got)
+    assert store._journal.bytes > sum(map(len, by_key.values()))
+    for key, shard in by_key.items():
+        object_dir = store._object_dir(BUCKET, key)
+        assert [p.name for p in object_dir.iterdir()] == ["meta"]
+        assert store.verify(BUCKET, key) == []
+        meta = store.read_meta(BUCKET, key)
+        out = bytearray(64 << 10)  # a block in the middle (a ranged read)
+        assert store.read_shard(BUCKET, key, 1, 2, 1, out, data_id=meta.data_id) == len(out)
+        assert bytes(out) == shard[128 << 10 : 192 << 10]
+    # A crash that lost the meta files: the journal's large records bring them back.
+    for meta_file in drive_dir.glob(f"objects/{BUCKET}/*/*/meta"):
+        meta_file.write_bytes(b"")
+    reopened = open_store(drive_dir)
+    try:
+        for key, shard in by_key.items():
+            out = bytearray(len(shard))
+            meta = reopened.read_meta(BUCKET, key)
+            reopened.read_shard(BUCKET, key, 1, 0, len(shard) >> 16, out, data_id=meta.data_id)
+            assert out == shard
+        # A staged write of that size stays in files, whatever inline_data its request had.
+        shard = os.urandom(300 << 10)
+        meta = small_meta("four", shard)
+        meta.inline_data = b"stale"
+        write = reopened.begin_write("staged")
+        write.write_part(1, 0, shard)
+        stored = write.commit(meta)
+        assert not shards.is_inline(stored)
+        assert not stored.inline_data
+        assert read_back(reopened, "four") == shard
+        assert (reopened._object_dir(BUCKET, "four") / stored.data_id / "part.1").exists()
     finally:
         reopened.close()

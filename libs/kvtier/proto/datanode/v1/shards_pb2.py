@@ -28,7 +28,7 @@ from kvtier.proto.common.v1 import acl_pb2 as kvtier_dot_common_dot_v1_dot_acl__
 from kvtier.proto.datanode.v1 import datanode_pb2 as kvtier_dot_datanode_dot_v1_dot_datanode__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fkvtier/datanode/v1/shards.proto\x12\x12kvtier.datanode.v1\x1a\x1dkvtier/common/v1/access.proto\x1a\x1akvtier/common/v1/acl.proto\x1a!kvtier/datanode/v1/datanode.proto\"r\n\x11WriteShardRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x10\n\x08write_id\x18\x02 \x01(\t\x12\x0c\n\x04part\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06\x62ucket\x18\x05 \x01(\t\x12\x0b\n\x03key\x18\x06 \x01(\t\"D\n\x12WriteShardResponse\x12\x0f\n\x07written\x18\x01 \x01(\x04\x12\x1d\n\x15\x63urrent_mtime_unix_ns\x18\x02 \x01(\x03\"C\n\x11WriteSmallRequest\x12.\n\x06shards\x18\x01 \x03(\x0b\x32\x1e.kvtier.datanode.v1.SmallShard\"Y\n\nSmallShard\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12+\n\x04meta\x18\x02 \x01(\x0b\x32\x1d.kvtier.datanode.v1.ShardMeta\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"F\n\x12WriteSmallResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.kvtier.datanode.v1.ShardResult\"c\n\x0bShardResult\x12\x12\n\nsuperseded\x18\x01 \x01(\x08\x12\x12\n\nerror_kind\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x1d\n\x15\x63urrent_mtime_unix_ns\x18\x04 \x01(\x03\"V\n\x10ReadMetasRequest\x12\x11\n\tdrive_ids\x18\x01 \x03(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x12\n\nversion_id\x18\n \x01(\t\"A\n\x11ReadMetasResponse\x12,\n\x05metas\x18\x01 \x03(\x0b\x32\x1d.kvtier.datanode.v1.DriveMeta\"i\n\tDriveMeta\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.kvtier.datanode.v1.ShardMeta\x12/\n\x06result\x18\x02 \x01(\x0b\x32\x1f.kvtier.datanode.v1.ShardResult\"\xaf\x01\n\x12\x43ommitWriteRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x10\n\x08write_id\x18\x02 \x01(\t\x12+\n\x04meta\x18\x03 \x01(\x0b\x32\x1d.kvtier.datanode.v1.ShardMeta\x12\x34\n\x0cpart_sources\x18\x04 \x03(\x0b\x32\x1e.kvtier.datanode.v1.PartSource\x12\x12\n\nnoncurrent\x18\x05 \x01(\x08\":\n\nPartSource\x12\x0e\n\x06\x62ucket\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x61ta_id\x18\x03 \x01(\t\"H\n\x13\x43ommitWriteResponse\x12\x12\n\nsuperseded\x18\x01 \x01(\x08\x12\x1d\n\x15\x63urrent_mtime_unix_ns\x18\x02 \x01(\x03\"7\n\x11\x41\x62ortWriteRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x10\n\x08write_id\x18\x02 \x01(\t\"\x14\n\x12\x41\x62ortWriteResponse\"T\n\x0fReadMetaRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x12\n\nversion_id\x18\n \x01(\t\"?\n\x10ReadMetaResponse\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.kvtier.datanode.v1.ShardMeta\"\x92\x02\n\x11UpdateMetaRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61ta_id\x18\x04 \x01(\t\x12\x14\n\x0creplace_tags\x18\x05 \x01(\x08\x12=\n\x04tags\x18\x06 \x03(\x0b\x32/.kvtier.datanode.v1.UpdateMetaRequest.TagsEntry\x12\"\n\x03\x61\x63l\x18\x07 \x01(\x0b\x32\x15.kvtier.common.v1.Acl\x12\x17\n\x0f\x63hanged_unix_ns\x18\x08 \x01(\x03\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x12UpdateMetaResponse\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.kvtier.datanode.v1.ShardMeta\"\x8b\x01\n\x10ReadShardRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61ta_id\x18\x04 \x01(\t\x12\x0c\n\x04part\x18\x05 \x01(\r\x12\x14\n\x0c\x62lock_offset\x18\x06 \x01(\x04\x12\x13\n\x0b\x62lock_count\x18\x07 \x01(\r\"#\n\x11ReadShardResponse\x12\x0e\n\x06length\x18\x01 \x01(\x04\"\x85\x01\n\x12\x44\x65leteShardRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x12\n\nversion_id\x18\n \x01(\t\x12\x12\n\nif_data_id\x18\x0b \x01(\t\x12\x18\n\x10restore_previous\x18\x0c \x01(\x08\"&\n\x13\x44\x65leteShardResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x98\x01\n\x11ListShardsRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\x13\n\x0bstart_after\x18\x04 \x01(\t\x12\r\n\x05limit\x18\x05 \x01(\r\x12\x10\n\x08versions\x18\n \x01(\x08\x12\x1b\n\x13start_after_version\x18\x0b \x01(\t\"\xbe\x01\n\nShardEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\x12\x15\n\rmtime_unix_ns\x18\x04 \x01(\x03\x12\x12\n\nis_pointer\x18\x05 \x01(\x08\x12\x12\n\nversion_id\x18\n \x01(\t\x12\x11\n\tis_latest\x18\x0b \x01(\x08\x12\x15\n\rdelete_marker\x18\x0c \x01(\x08\x12\x0f\n\x07\x64\x61ta_id\x18\r \x01(\t\x12\r\n\x05owner\x18\x0e \x01(\t\"E\n\x12ListShardsResponse\x12/\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1e.kvtier.datanode.v1.ShardEntry\"W\n\x12VerifyShardRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x12\n\nversion_id\x18\n \x01(\t\":\n\x13VerifyShardResponse\x12\x12\n\nbad_blocks\x18\x01 \x03(\t\x12\x0f\n\x07missing\x18\x02 \x01(\x08*\xdf\x01\n\x0fShardCallMethod\x12!\n\x1dSHARD_CALL_METHOD_UNSPECIFIED\x10\x00\x12!\n\x1dSHARD_CALL_METHOD_WRITE_SHARD\x10\x01\x12 \n\x1cSHARD_CALL_METHOD_READ_SHARD\x10\x02\x12\x1f\n\x1bSHARD_CALL_METHOD_READ_META\x10\x03\x12!\n\x1dSHARD_CALL_METHOD_WRITE_SMALL\x10\x04\x12 \n\x1cSHARD_CALL_METHOD_READ_METAS\x10\x05\x32\x93\x06\n\x0cShardService\x12o\n\x0b\x43ommitWrite\x12&.kvtier.datanode.v1.CommitWriteRequest\x1a\'.kvtier.datanode.v1.CommitWriteResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12l\n\nAbortWrite\x12%.kvtier.datanode.v1.AbortWriteRequest\x1a&.kvtier.datanode.v1.AbortWriteResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12\x66\n\x08ReadMeta\x12#.kvtier.datanode.v1.ReadMetaRequest\x1a$.kvtier.datanode.v1.ReadMetaResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12o\n\x0b\x44\x65leteShard\x12&.kvtier.datanode.v1.DeleteShardRequest\x1a\'.kvtier.datanode.v1.DeleteShardResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12l\n\nUpdateMeta\x12%.kvtier.datanode.v1.UpdateMetaRequest\x1a&.kvtier.datanode.v1.UpdateMetaResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12l\n\nListShards\x12%.kvtier.datanode.v1.ListShardsRequest\x1a&.kvtier.datanode.v1.ListShardsResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12o\n\x0bVerifyShard\x12&.kvtier.datanode.v1.VerifyShardRequest\x1a\'.kvtier.datanode.v1.VerifyShardResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fkvtier/datanode/v1/shards.proto\x12\x12kvtier.datanode.v1\x1a\x1dkvtier/common/v1/access.proto\x1a\x1akvtier/common/v1/acl.proto\x1a!kvtier/datanode/v1/datanode.proto\"r\n\x11WriteShardRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x10\n\x08write_id\x18\x02 \x01(\t\x12\x0c\n\x04part\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0e\n\x06\x62ucket\x18\x05 \x01(\t\x12\x0b\n\x03key\x18\x06 \x01(\t\"D\n\x12WriteShardResponse\x12\x0f\n\x07written\x18\x01 \x01(\x04\x12\x1d\n\x15\x63urrent_mtime_unix_ns\x18\x02 \x01(\x03\"C\n\x11WriteSmallRequest\x12.\n\x06shards\x18\x01 \x03(\x0b\x32\x1e.kvtier.datanode.v1.SmallShard\"Y\n\nSmallShard\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12+\n\x04meta\x18\x02 \x01(\x0b\x32\x1d.kvtier.datanode.v1.ShardMeta\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"F\n\x12WriteSmallResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.kvtier.datanode.v1.ShardResult\"c\n\x0bShardResult\x12\x12\n\nsuperseded\x18\x01 \x01(\x08\x12\x12\n\nerror_kind\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x1d\n\x15\x63urrent_mtime_unix_ns\x18\x04 \x01(\x03\"\x84\x01\n\x10ReadMetasRequest\x12\x11\n\tdrive_ids\x18\x01 \x03(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x12\n\nversion_id\x18\n \x01(\t\x12\x14\n\x0cwithout_data\x18\x0b \x01(\x08\x12\x16\n\x0e\x64\x61ta_drive_ids\x18\x0c \x03(\t\"A\n\x11ReadMetasResponse\x12,\n\x05metas\x18\x01 \x03(\x0b\x32\x1d.kvtier.datanode.v1.DriveMeta\"i\n\tDriveMeta\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.kvtier.datanode.v1.ShardMeta\x12/\n\x06result\x18\x02 \x01(\x0b\x32\x1f.kvtier.datanode.v1.ShardResult\"\xaf\x01\n\x12\x43ommitWriteRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x10\n\x08write_id\x18\x02 \x01(\t\x12+\n\x04meta\x18\x03 \x01(\x0b\x32\x1d.kvtier.datanode.v1.ShardMeta\x12\x34\n\x0cpart_sources\x18\x04 \x03(\x0b\x32\x1e.kvtier.datanode.v1.PartSource\x12\x12\n\nnoncurrent\x18\x05 \x01(\x08\":\n\nPartSource\x12\x0e\n\x06\x62ucket\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x61ta_id\x18\x03 \x01(\t\"H\n\x13\x43ommitWriteResponse\x12\x12\n\nsuperseded\x18\x01 \x01(\x08\x12\x1d\n\x15\x63urrent_mtime_unix_ns\x18\x02 \x01(\x03\"7\n\x11\x41\x62ortWriteRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x10\n\x08write_id\x18\x02 \x01(\t\"\x14\n\x12\x41\x62ortWriteResponse\"T\n\x0fReadMetaRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x12\n\nversion_id\x18\n \x01(\t\"?\n\x10ReadMetaResponse\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.kvtier.datanode.v1.ShardMeta\"\x92\x02\n\x11UpdateMetaRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61ta_id\x18\x04 \x01(\t\x12\x14\n\x0creplace_tags\x18\x05 \x01(\x08\x12=\n\x04tags\x18\x06 \x03(\x0b\x32/.kvtier.datanode.v1.UpdateMetaRequest.TagsEntry\x12\"\n\x03\x61\x63l\x18\x07 \x01(\x0b\x32\x15.kvtier.common.v1.Acl\x12\x17\n\x0f\x63hanged_unix_ns\x18\x08 \x01(\x03\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x12UpdateMetaResponse\x12+\n\x04meta\x18\x01 \x01(\x0b\x32\x1d.kvtier.datanode.v1.ShardMeta\"\x8b\x01\n\x10ReadShardRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x61ta_id\x18\x04 \x01(\t\x12\x0c\n\x04part\x18\x05 \x01(\r\x12\x14\n\x0c\x62lock_offset\x18\x06 \x01(\x04\x12\x13\n\x0b\x62lock_count\x18\x07 \x01(\r\"#\n\x11ReadShardResponse\x12\x0e\n\x06length\x18\x01 \x01(\x04\"\x85\x01\n\x12\x44\x65leteShardRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x12\n\nversion_id\x18\n \x01(\t\x12\x12\n\nif_data_id\x18\x0b \x01(\t\x12\x18\n\x10restore_previous\x18\x0c \x01(\x08\"&\n\x13\x44\x65leteShardResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x98\x01\n\x11ListShardsRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\x13\n\x0bstart_after\x18\x04 \x01(\t\x12\r\n\x05limit\x18\x05 \x01(\r\x12\x10\n\x08versions\x18\n \x01(\x08\x12\x1b\n\x13start_after_version\x18\x0b \x01(\t\"\xbe\x01\n\nShardEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\x12\x15\n\rmtime_unix_ns\x18\x04 \x01(\x03\x12\x12\n\nis_pointer\x18\x05 \x01(\x08\x12\x12\n\nversion_id\x18\n \x01(\t\x12\x11\n\tis_latest\x18\x0b \x01(\x08\x12\x15\n\rdelete_marker\x18\x0c \x01(\x08\x12\x0f\n\x07\x64\x61ta_id\x18\r \x01(\t\x12\r\n\x05owner\x18\x0e \x01(\t\"E\n\x12ListShardsResponse\x12/\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1e.kvtier.datanode.v1.ShardEntry\"W\n\x12VerifyShardRequest\x12\x10\n\x08\x64rive_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ucket\x18\x02 \x01(\t\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\x12\n\nversion_id\x18\n \x01(\t\":\n\x13VerifyShardResponse\x12\x12\n\nbad_blocks\x18\x01 \x03(\t\x12\x0f\n\x07missing\x18\x02 \x01(\x08*\xdf\x01\n\x0fShardCallMethod\x12!\n\x1dSHARD_CALL_METHOD_UNSPECIFIED\x10\x00\x12!\n\x1dSHARD_CALL_METHOD_WRITE_SHARD\x10\x01\x12 \n\x1cSHARD_CALL_METHOD_READ_SHARD\x10\x02\x12\x1f\n\x1bSHARD_CALL_METHOD_READ_META\x10\x03\x12!\n\x1dSHARD_CALL_METHOD_WRITE_SMALL\x10\x04\x12 \n\x1cSHARD_CALL_METHOD_READ_METAS\x10\x05\x32\x93\x06\n\x0cShardService\x12o\n\x0b\x43ommitWrite\x12&.kvtier.datanode.v1.CommitWriteRequest\x1a\'.kvtier.datanode.v1.CommitWriteResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12l\n\nAbortWrite\x12%.kvtier.datanode.v1.AbortWriteRequest\x1a&.kvtier.datanode.v1.AbortWriteResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12\x66\n\x08ReadMeta\x12#.kvtier.datanode.v1.ReadMetaRequest\x1a$.kvtier.datanode.v1.ReadMetaResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12o\n\x0b\x44\x65leteShard\x12&.kvtier.datanode.v1.DeleteShardRequest\x1a\'.kvtier.datanode.v1.DeleteShardResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12l\n\nUpdateMeta\x12%.kvtier.datanode.v1.UpdateMetaRequest\x1a&.kvtier.datanode.v1.UpdateMetaResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12l\n\nListShards\x12%.kvtier.datanode.v1.ListShardsRequest\x1a&.kvtier.datanode.v1.ListShardsResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x12o\n\x0bVerifyShard\x12&.kvtier.datanode.v1.VerifyShardRequest\x1a\'.kvtier.datanode.v1.VerifyShardResponse\"\x0f\xaa\x86\x19\x0b\n\x07gateway\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,8 +51,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SHARDSERVICE'].methods_by_name['ListShards']._serialized_options = b'\252\206\031\013\n\007gateway\020\001'
   _globals['_SHARDSERVICE'].methods_by_name['VerifyShard']._loaded_options = None
   _globals['_SHARDSERVICE'].methods_by_name['VerifyShard']._serialized_options = b'\252\206\031\013\n\007gateway\020\001'
-  _globals['_SHARDCALLMETHOD']._serialized_start=2740
-  _globals['_SHARDCALLMETHOD']._serialized_end=2963
+  _globals['_SHARDCALLMETHOD']._serialized_start=2787
+  _globals['_SHARDCALLMETHOD']._serialized_end=3010
   _globals['_WRITESHARDREQUEST']._serialized_start=149
   _globals['_WRITESHARDREQUEST']._serialized_end=263
   _globals['_WRITESHARDRESPONSE']._serialized_start=265
@@ -65,50 +65,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WRITESMALLRESPONSE']._serialized_end=565
   _globals['_SHARDRESULT']._serialized_start=567
   _globals['_SHARDRESULT']._serialized_end=666
-  _globals['_READMETASREQUEST']._serialized_start=668
-  _globals['_READMETASREQUEST']._serialized_end=754
-  _globals['_READMETASRESPONSE']._serialized_start=756
-  _globals['_READMETASRESPONSE']._serialized_end=821
-  _globals['_DRIVEMETA']._serialized_start=823
-  _globals['_DRIVEMETA']._serialized_end=928
-  _globals['_COMMITWRITEREQUEST']._serialized_start=931
-  _globals['_COMMITWRITEREQUEST']._serialized_end=1106
-  _globals['_PARTSOURCE']._serialized_start=1108
-  _globals['_PARTSOURCE']._serialized_end=1166
-  _globals['_COMMITWRITERESPONSE']._serialized_start=1168
-  _globals['_COMMITWRITERESPONSE']._serialized_end=1240
-  _globals['_ABORTWRITEREQUEST']._serialized_start=1242
-  _globals['_ABORTWRITEREQUEST']._serialized_end=1297
-  _globals['_ABORTWRITERESPONSE']._serialized_start=1299
-  _globals['_ABORTWRITERESPONSE']._serialized_end=1319
-  _globals['_READMETAREQUEST']._serialized_start=1321
-  _globals['_READMETAREQUEST']._serialized_end=1405
-  _globals['_READMETARESPONSE']._serialized_start=1407
-  _globals['_READMETARESPONSE']._serialized_end=1470
-  _globals['_UPDATEMETAREQUEST']._serialized_start=1473
-  _globals['_UPDATEMETAREQUEST']._serialized_end=1747
-  _globals['_UPDATEMETAREQUEST_TAGSENTRY']._serialized_start=1704
-  _globals['_UPDATEMETAREQUEST_TAGSENTRY']._serialized_end=1747
-  _globals['_UPDATEMETARESPONSE']._serialized_start=1749
-  _globals['_UPDATEMETARESPONSE']._serialized_end=1814
-  _globals['_READSHARDREQUEST']._serialized_start=1817
-  _globals['_READSHARDREQUEST']._serialized_end=1956
-  _globals['_READSHARDRESPONSE']._serialized_start=1958
-  _globals['_READSHARDRESPONSE']._serialized_end=1993
-  _globals['_DELETESHARDREQUEST']._serialized_start=1996
-  _globals['_DELETESHARDREQUEST']._serialized_end=2129
-  _globals['_DELETESHARDRESPONSE']._serialized_start=2131
-  _globals['_DELETESHARDRESPONSE']._serialized_end=2169
-  _globals['_LISTSHARDSREQUEST']._serialized_start=2172
-  _globals['_LISTSHARDSREQUEST']._serialized_end=2324
-  _globals['_SHARDENTRY']._serialized_start=2327
-  _globals['_SHARDENTRY']._serialized_end=2517
-  _globals['_LISTSHARDSRESPONSE']._serialized_start=2519
-  _globals['_LISTSHARDSRESPONSE']._serialized_end=2588
-  _globals['_VERIFYSHARDREQUEST']._serialized_start=2590
-  _globals['_VERIFYSHARDREQUEST']._serialized_end=2677
-  _globals['_VERIFYSHARDRESPONSE']._serialized_start=2679
-  _globals['_VERIFYSHARDRESPONSE']._serialized_end=2737
-  _globals['_SHARDSERVICE']._serialized_start=2966
-  _globals['_SHARDSERVICE']._serialized_end=3753
+  _globals['_READMETASREQUEST']._serialized_start=669
+  _globals['_READMETASREQUEST']._serialized_end=801
+  _globals['_READMETASRESPONSE']._serialized_start=803
+  _globals['_READMETASRESPONSE']._serialized_end=868
+  _globals['_DRIVEMETA']._serialized_start=870
+  _globals['_DRIVEMETA']._serialized_end=975
+  _globals['_COMMITWRITEREQUEST']._serialized_start=978
+  _globals['_COMMITWRITEREQUEST']._serialized_end=1153
+  _globals['_PARTSOURCE']._serialized_start=1155
+  _globals['_PARTSOURCE']._serialized_end=1213
+  _globals['_COMMITWRITERESPONSE']._serialized_start=1215
+  _globals['_COMMITWRITERESPONSE']._serialized_end=1287
+  _globals['_ABORTWRITEREQUEST']._serialized_start=1289
+  _globals['_ABORTWRITEREQUEST']._serialized_end=1344
+  _globals['_ABORTWRITERESPONSE']._serialized_start=1346
+  _globals['_ABORTWRITERESPONSE']._serialized_end=1366
+  _globals['_READMETAREQUEST']._serialized_start=1368
+  _globals['_READMETAREQUEST']._serialized_end=1452
+  _globals['_READMETARESPONSE']._serialized_start=1454
+  _globals['_READMETARESPONSE']._serialized_end=1517
+  _globals['_UPDATEMETAREQUEST']._serialized_start=1520
+  _globals['_UPDATEMETAREQUEST']._serialized_end=1794
+  _globals['_UPDATEMETAREQUEST_TAGSENTRY']._serialized_start=1751
+  _globals['_UPDATEMETAREQUEST_TAGSENTRY']._serialized_end=1794
+  _globals['_UPDATEMETARESPONSE']._serialized_start=1796
+  _globals['_UPDATEMETARESPONSE']._serialized_end=1861
+  _globals['_READSHARDREQUEST']._serialized_start=1864
+  _globals['_READSHARDREQUEST']._serialized_end=2003
+  _globals['_READSHARDRESPONSE']._serialized_start=2005
+  _globals['_READSHARDRESPONSE']._serialized_end=2040
+  _globals['_DELETESHARDREQUEST']._serialized_start=2043
+  _globals['_DELETESHARDREQUEST']._serialized_end=2176
+  _globals['_DELETESHARDRESPONSE']._serialized_start=2178
+  _globals['_DELETESHARDRESPONSE']._serialized_end=2216
+  _globals['_LISTSHARDSREQUEST']._serialized_start=2219
+  _globals['_LISTSHARDSREQUEST']._serialized_end=2371
+  _globals['_SHARDENTRY']._serialized_start=2374
+  _globals['_SHARDENTRY']._serialized_end=2564
+  _globals['_LISTSHARDSRESPONSE']._serialized_start=2566
+  _globals['_LISTSHARDSRESPONSE']._serialized_end=2635
+  _globals['_VERIFYSHARDREQUEST']._serialized_start=2637
+  _globals['_VERIFYSHARDREQUEST']._serialized_end=2724
+  _globals['_VERIFYSHARDRESPONSE']._serialized_start=2726
+  _globals['_VERIFYSHARDRESPONSE']._serialized_end=2784
+  _globals['_SHARDSERVICE']._serialized_start=3013
+  _globals['_SHARDSERVICE']._serialized_end=3800
 # @@protoc_insertion_point(module_scope)

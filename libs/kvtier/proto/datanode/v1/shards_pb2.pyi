@@ -45,7 +45,8 @@ class _ShardCallMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Shard
     SHARD_CALL_METHOD_WRITE_SMALL: _ShardCallMethod.ValueType  # 4
     """WriteSmallRequest; segments: the shards, in order (an empty shard has none), or none
     when every shard rides in its SmallShard.data; reply WriteSmallResponse. Stages and
-    commits small shards (one part, at most 128 KiB each) on one or more drives of the node
+    commits small shards (one part, at most 128 KiB each; 512 KiB on a datanode advertising
+    datanode.small-writes-512k) on one or more drives of the node
     in one call: each is stored inline in its meta, made durable by its drive's journal (one
     group fsync for concurrent commits).
     """
@@ -69,7 +70,8 @@ each drive of the set: a call costs a fraction of a gRPC round trip).
 SHARD_CALL_METHOD_WRITE_SMALL: ShardCallMethod.ValueType  # 4
 """WriteSmallRequest; segments: the shards, in order (an empty shard has none), or none
 when every shard rides in its SmallShard.data; reply WriteSmallResponse. Stages and
-commits small shards (one part, at most 128 KiB each) on one or more drives of the node
+commits small shards (one part, at most 128 KiB each; 512 KiB on a datanode advertising
+datanode.small-writes-512k) on one or more drives of the node
 in one call: each is stored inline in its meta, made durable by its drive's journal (one
 group fsync for concurrent commits).
 """
@@ -261,12 +263,24 @@ class ReadMetasRequest(_message.Message):
     BUCKET_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
     VERSION_ID_FIELD_NUMBER: _builtins.int
+    WITHOUT_DATA_FIELD_NUMBER: _builtins.int
+    DATA_DRIVE_IDS_FIELD_NUMBER: _builtins.int
     bucket: _builtins.str
     key: _builtins.str
     version_id: _builtins.str
     """One version ("null" or a data_id, current or not); empty: the current version."""
+    without_data: _builtins.bool
+    """Leave inline_data out of the replies (HEAD: a small object's shards, up to 512 KiB per
+    drive, are not needed), except those of data_drive_ids (a GET: the data shards' drives; a
+    degraded read asks the others for their blocks). Honoured by datanodes advertising
+    datanode.small-writes-512k; an older one sends them all anyway (its inline shards are at
+    most 128 KiB). Such a datanode never sends an inline shard over 128 KiB (a small write's):
+    READ_SHARD reads it.
+    """
     @_builtins.property
     def drive_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def data_drive_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -274,10 +288,12 @@ class ReadMetasRequest(_message.Message):
         bucket: _builtins.str = ...,
         key: _builtins.str = ...,
         version_id: _builtins.str = ...,
+        without_data: _builtins.bool = ...,
+        data_drive_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "drive_ids", b"drive_ids", "key", b"key", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "data_drive_ids", b"data_drive_ids", "drive_ids", b"drive_ids", "key", b"key", "version_id", b"version_id", "without_data", b"without_data"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
