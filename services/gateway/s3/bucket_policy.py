@@ -45,7 +45,7 @@ import functools
 import ipaddress
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kvtier import errors, principal
@@ -478,24 +478,31 @@ def wants_tags(policy: Policy, request: Request, *, deny_only: bool) -> bool:
     """Whether evaluating request needs the object's tags: some statement with a condition on
     them may match it (a Deny alone when deny_only: an Allow would change nothing). Never
     for an action without s3:ExistingObjectTag, nor a request naming no single object."""
-    if request.resource is None or request.action.lower() not in TAGGED_ACTIONS:
-        return False
-    return any(
-        statement.needs_tags
-        and (statement.effect is Decision.DENY or not deny_only)
-        and _may_match(statement, request)
-        for statement in policy.statements
-    )
+    return _wants(policy, request, TAGGED_ACTIONS, lambda s: s.needs_tags, deny_only)
 
 
 def wants_request_tags(policy: Policy, request: Request, *, deny_only: bool) -> bool:
     """Whether the tags the request sets could change its decision: some statement with a
     condition on them may match it (a Deny alone when deny_only). Never for an action without
     s3:RequestObjectTag, nor a request naming no single object."""
-    if request.resource is None or request.action.lower() not in REQUEST_TAGGED_ACTIONS:
+    return _wants(
+        policy, request, REQUEST_TAGGED_ACTIONS, lambda s: s.needs_request_tags, deny_only
+    )
+
+
+def _wants(
+    policy: Policy,
+    request: Request,
+    actions: frozenset[str],
+    needs: Callable[[Statement], bool],
+    deny_only: bool,
+) -> bool:
+    """Whether a statement that needs (tags) may match request, an action of actions naming
+    one object (a Deny alone when deny_only)."""
+    if request.resource is None or request.action.lower() not in actions:
         return False
     return any(
-        statement.needs_request_tags
+        needs(statement)
         and (statement.effect is Decision.DENY or not deny_only)
         and _may_match(statement, request)
         for statement in policy.statements

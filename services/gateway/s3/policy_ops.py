@@ -29,7 +29,7 @@ decides it as the PutObject of its key, its fields as that PutObject's headers.
 from __future__ import annotations
 
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 from multidict import CIMultiDictProxy
@@ -192,17 +192,9 @@ def wants_tags(
 ) -> bool:
     """Whether `decide` needs the tags of the object the request names (`bucket_policy.
     wants_tags`; deny_only: only a Deny can change the outcome, for the bucket's owner)."""
-    actions = _actions(op, query)
-    if actions is None or not key or not any(s.needs_tags for s in policy.statements):
+    if not any(s.needs_tags for s in policy.statements):
         return False  # the common case: no condition on tags, nothing more to look at
-    caller, resource = who(principal), _resource(op, bucket, key)
-    return any(
-        bucket_policy.wants_tags(
-            policy, bucket_policy.Request(caller, action, bucket, resource, {}),
-            deny_only=deny_only,
-        )
-        for action in actions
-    )  # fmt: skip
+    return _wants(bucket_policy.wants_tags, policy, op, principal, bucket, key, query, deny_only)
 
 
 def wants_request_tags(
@@ -217,12 +209,31 @@ def wants_request_tags(
 ) -> bool:
     """Whether the tags the request sets may change `decide`'s outcome (`bucket_policy.
     wants_request_tags`; deny_only: only a Deny can, for the bucket's owner)."""
+    if not policy.request_tagged:
+        return False
+    return _wants(
+        bucket_policy.wants_request_tags, policy, op, principal, bucket, key, query, deny_only
+    )
+
+
+def _wants(
+    check: Callable[..., bool],
+    policy: bucket_policy.Policy,
+    op: str,
+    principal: auth.Principal,
+    bucket: str,
+    key: str,
+    query: Mapping[str, str],
+    deny_only: bool,
+) -> bool:
+    """check (`bucket_policy.wants_tags` or `wants_request_tags`) for any IAM action of op
+    on key (none: False)."""
     actions = _actions(op, query)
-    if actions is None or not key or not policy.request_tagged:
+    if actions is None or not key:
         return False
     caller, resource = who(principal), _resource(op, bucket, key)
     return any(
-        bucket_policy.wants_request_tags(
+        check(
             policy, bucket_policy.Request(caller, action, bucket, resource, {}),
             deny_only=deny_only,
         )
