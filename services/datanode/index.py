@@ -82,6 +82,9 @@ class ListEntry(NamedTuple):
     #: The tenant recorded as the object's owner in its meta's ACL (`Acl.owner`: a writer of
     #: another tenant); "" when unset: the bucket's tenant. Listings show it (S3's Owner).
     owner: str = ""
+    #: A multipart-upload record's initiator (`ShardMeta.upload_initiator`), which listings
+    #: of uploads show beside the owner its ACL records; "" for anything else.
+    initiator: str = ""
 
 
 class VersionEntry(NamedTuple):
@@ -105,8 +108,9 @@ Rows = list[tuple[str, ListEntry]]
 LATER_MAX = 32
 #: The listed columns a rebuild fills from the metas, as the store records them in `state`
 #: ("filled") once it rebuilt the index: an index whose record differs (made by older code,
-#: whose entries lack the owner) is rebuilt at open, until one rebuild completes.
-FILLED = "owner"
+#: whose entries lack the owner, or upload records' initiator) is rebuilt at open, until one
+#: rebuild completes.
+FILLED = "owner,initiator"
 
 
 def prefix_end(prefix: bytes) -> bytes | None:
@@ -124,7 +128,7 @@ class ShardIndex:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
-        self._later: list[tuple[str, bytes, int, str, int, int, int, str]] = []  # put_later's
+        self._later: list[tuple[str, bytes, int, str, int, int, int, str, str]] = []  # put_later
         # Python's implicit transactions: each `with self._db` block commits as one.
         self._db = sqlite3.connect(path, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -141,6 +145,8 @@ class ShardIndex:
             # bucket's tenant) until the store rebuilds the index from the metas (`FILLED`).
             ("objects", "owner TEXT NOT NULL DEFAULT ''"),
             ("versions", "owner TEXT NOT NULL DEFAULT ''"),
+            # Made before upload records named their initiator: "" (their ACL's owner's).
+            ("objects", "initiator TEXT NOT NULL DEFAULT ''"),
         ]
         for table, column in wanted:
             columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
@@ -315,8 +321,8 @@ class ShardIndex:
         low = max(prefix.encode(), start_after.encode())
         op = ">" if start_after and low == start_after.encode() else ">="
         sql = (
-            "SELECT key, size, etag, mtime_ns, is_pointer, delete_marker, owner FROM objects"
-            f" WHERE bucket = ? AND key {op} ?"
+            "SELECT key, size, etag, mtime_ns, is_pointer, delete_marker, owner, initiator"
+            f" FROM objects WHERE bucket = ? AND key {op} ?"
         )
         args: list[object] = [bucket, low]
         end = prefix_end(prefix.encode())
@@ -329,8 +335,8 @@ class ShardIndex:
             self._run_later()
             rows = self._db.execute(sql, args).fetchall()
         return [
-            ListEntry(bytes(k).decode(), s, e, m, bool(p), bool(d), o)
-            for k, s, e, m, p, d, o in rows
+            ListEntry(bytes(k).decode(), s, e, m, bool(p), bool(d), o, i)
+            for k, s, e, m, p, d, o, i in rows
         ]
 
     def replace_all(
@@ -355,12 +361,12 @@ class ShardIndex:
         with self._lock:
             self._run_later()
             rows = self._db.execute(
-                "SELECT bucket, key, size, etag, mtime_ns, is_pointer, owner FROM objects"
-                " ORDER BY bucket, key"
+                "SELECT bucket, key, size, etag, mtime_ns, is_pointer, owner, initiator"
+                " FROM objects ORDER BY bucket, key"
             ).fetchall()
         return [
-            (b, ListEntry(bytes(k).decode(), s, e, m, bool(p), owner=o))
-            for b, k, s, e, m, p, o in rows
+            (b, ListEntry(bytes(k).decode(), s, e, m, bool(p), owner=o, initiator=i))
+            for b, k, s, e, m, p, o, i in rows
         ]
 
     def get_state(self) -> dict[str, str]:
@@ -378,7 +384,7 @@ class ShardIndex:
 # Columns named: an index migrated by ALTER TABLE has them in another order than a new one.
 _INSERT_OBJECT = (
     "INSERT OR REPLACE INTO objects (bucket, key, size, etag, mtime_ns, is_pointer,"
-    " delete_marker, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " delete_marker, owner, initiator) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_VERSION = (
     "INSERT OR REPLACE INTO versions (bucket, key, mtime_ns, data_id, version_id, size, etag,"
@@ -390,10 +396,10 @@ _SELECT_VERSIONS = (
 )
 
 
-def _columns(entry: ListEntry) -> tuple[int, str, int, int, int, str]:
+def _columns(entry: ListEntry) -> tuple[int, str, int, int, int, str, str]:
     return (
         entry.size, entry.etag, entry.mtime_ns, int(entry.is_pointer), int(entry.delete_marker),
-        entry.owner,
+        entry.owner, entry.initiator,
     )  # fmt: skip
 
 

@@ -90,7 +90,7 @@ def list_entry(meta: datanode_pb2.ShardMeta) -> index.ListEntry:
     """The listing index's entry of a key whose current version is meta."""
     return index.ListEntry(
         meta.key, meta.size, meta.etag, meta.mtime_unix_ns, meta.is_pointer, meta.delete_marker,
-        meta.acl.owner,
+        meta.acl.owner, meta.upload_initiator,
     )  # fmt: skip
 
 

@@ -393,6 +393,7 @@ class ShardNode:
                     is_pointer=e.is_pointer,
                     delete_marker=e.delete_marker,
                     owner=e.owner,
+                    initiator=e.initiator,
                 )
                 for e in entries
             ]

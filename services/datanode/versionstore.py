@@ -154,7 +154,7 @@ def entries(
         return None, rows
     entry = index.ListEntry(
         current.key, current.size, current.etag, current.mtime_unix_ns, current.is_pointer,
-        current.delete_marker, current.acl.owner,
+        current.delete_marker, current.acl.owner, current.upload_initiator,
     )  # fmt: skip
     return entry, rows
 

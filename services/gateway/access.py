@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from kvtier import errors, principal
 from kvtier.proto.common.v1 import acl_pb2
+from kvtier.proto.metadata.v1 import metadata_pb2
 
 #: The service role that may use the durable KV bucket.
 KV_ROLE = "kvcache"
@@ -82,3 +83,21 @@ def may_use_durable(caller: principal.Principal) -> bool:
 def owner_of(caller: principal.Principal) -> str:
     """The tenant a write begun by caller belongs to ("" for callers acting for no tenant)."""
     return caller.tenant if caller.kind is principal.Kind.USER else ""
+
+
+def writer_of(caller: principal.Principal, tenant: str) -> str:
+    """The tenant recorded as the author of what caller writes into a bucket of tenant (S3's
+    initiator of an upload, owner of a delete marker): caller's own tenant when it is a user
+    of another one (admitted by a grant or a policy); "" (the bucket's) for the bucket's
+    tenant's users and for callers of no tenant (anonymous, services)."""
+    return "" if may_use(caller, tenant) else owner_of(caller)
+
+
+def marker_owner(caller: principal.Principal, info: metadata_pb2.BucketInfo) -> str:
+    """The tenant recorded as the owner of a delete marker caller writes into the bucket (S3:
+    its deleter, `writer_of`); "" (the bucket's tenant) where BucketOwnerEnforced gives the
+    bucket's tenant everything in it."""
+    enforced = metadata_pb2.OBJECT_OWNERSHIP_BUCKET_OWNER_ENFORCED
+    if info.ownership_controls.object_ownership == enforced:
+        return ""
+    return writer_of(caller, info.tenant)

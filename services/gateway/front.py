@@ -493,7 +493,10 @@ class ObjectFront(frontcalls.DataPlaneCalls):
         for an unversioned bucket's delete."""
         info = await self._info_for(bucket, "write")
         status = info.versioning.status
-        return await versioned.delete(self.engine, storage(info), key, status, version_id)
+        owner = access.marker_owner(principal.current(), info)  # a marker's: its deleter
+        return await versioned.delete(
+            self.engine, storage(info), key, status, version_id, owner=owner
+        )
 
     async def copy_object(self, req: pb.CopyObjectRequest) -> pb.ObjectInfo:
         """A server-side copy between buckets the caller may use (into one a WRITE grant
@@ -539,7 +542,8 @@ class ObjectFront(frontcalls.DataPlaneCalls):
         info = await self._info_for(req.bucket, "write")
         begun = _with(req, bucket=storage(info))
         versions.mark_versioning(begun.headers, info.versioning.status)  # pool 0 if versioned
-        upload_id = await self.multipart.create(begun)
+        initiator = access.writer_of(principal.current(), info.tenant)
+        upload_id = await self.multipart.create(begun, initiator=initiator)
         return pb.CreateMultipartUploadResponse(upload_id=upload_id)
 
     async def begin_part(

@@ -182,8 +182,9 @@ class Multipart:
     def _cmap(self) -> common_pb2.ClusterMap:
         return self._engine.view.current
 
-    async def create(self, req: pb.CreateMultipartUploadRequest) -> str:
-        """Start an upload; its id."""
+    async def create(self, req: pb.CreateMultipartUploadRequest, *, initiator: str = "") -> str:
+        """Start an upload; its id. initiator: the tenant starting it when another than the
+        bucket's (`access.writer_of`), kept on the record for listings (S3's Initiator)."""
         names.check_stored(req.bucket, req.key)
         algorithm = req.checksum_algorithm.upper()
         if algorithm:
@@ -199,6 +200,7 @@ class Multipart:
         meta.upload_pool = placement.FIRST_POOL if versioned else self._engine.choose_pool(cmap)
         meta.upload_checksum_algorithm = algorithm
         meta.upload_checksum_type = checksum_type(algorithm, req.checksum_type)
+        meta.upload_initiator = initiator
         meta.parts.add(number=1, size=0, shard_bytes=0)
         failed: set[int] = set()
         await self._engine.stage_empty(where, meta.bucket, meta.key, meta.data_id, failed)
@@ -457,8 +459,8 @@ class Multipart:
             raise errors.InvalidArgument(f"max_parts must be 1..{MAX_PARTS_PAGE}")
         reply = pb.ListPartsResponse(
             checksum_algorithm=record.upload_checksum_algorithm,
-            headers=versions.info(record).headers,
-        )
+            headers=versions.info(record).headers, initiator=record.upload_initiator,
+        )  # fmt: skip
         after = part_key(req.upload_id, req.part_number_marker) if req.part_number_marker else ""
         async for entry in self._lister.scan(
             names.MULTIPART_BUCKET, f"p/{req.upload_id}/",
@@ -531,6 +533,7 @@ class Multipart:
             yield pb.MultipartUploadInfo(
                 key=key, upload_id=upload_id, initiated_unix_ms=entry.mtime_unix_ns // 1_000_000,
                 owner=entry.owner,  # the record's ACL's: what the upload's object will have
+                initiator=entry.initiator,
             )  # fmt: skip
 
     async def sweep(self) -> int:

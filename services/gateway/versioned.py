@@ -14,12 +14,19 @@ from services.gateway import objects, placement, versions
 
 
 async def delete(
-    engine: objects.ObjectEngine, stored: str, key: str, status: int, version_id: str = ""
+    engine: objects.ObjectEngine,
+    stored: str,
+    key: str,
+    status: int,
+    version_id: str = "",
+    *,
+    owner: str = "",
 ) -> pb.ObjectInfo:
     """Delete bucket/key (stored: a storage name; status: the bucket's versioning status).
     Without version_id: unversioned, the object goes (an empty info); versioned, a delete
     marker is written (its info). With version_id: that version is removed for good (the info
-    of what was removed, a marker or not; absent: fine, an info with that id only)."""
+    of what was removed, a marker or not; absent: fine, an info with that id only). owner:
+    the tenant recorded as a marker's owner (`put_marker`)."""
     if version_id:
         try:
             found = await engine.resolve(stored, key, version_id=version_id, markers=True)
@@ -31,7 +38,7 @@ async def delete(
         await engine.delete(stored, key)
         return pb.ObjectInfo()
     null = status == metadata_pb2.VERSIONING_STATUS_SUSPENDED
-    return versions.info(await put_marker(engine, stored, key, null=null))
+    return versions.info(await put_marker(engine, stored, key, null=null, owner=owner))
 
 
 async def delete_version(
@@ -45,13 +52,17 @@ async def delete_version(
 
 
 async def put_marker(
-    engine: objects.ObjectEngine, bucket: str, key: str, *, null: bool
+    engine: objects.ObjectEngine, bucket: str, key: str, *, null: bool, owner: str = ""
 ) -> datanode_pb2.ShardMeta:
     """Write an S3 delete marker as the key's new current version (null: the "null" version,
-    a Suspended bucket's), committed like an empty small object; its metadata."""
+    a Suspended bucket's), committed like an empty small object; its metadata. owner: its
+    deleter's tenant when another than the bucket's ("": the bucket's), recorded as its ACL's
+    owner as a write's is, so that listings show it (S3 lists a marker's deleter)."""
     names.check_stored(bucket, key)
     where = placement.locate(engine.view.current, bucket, key, placement.FIRST_POOL)
     headers = pb.ObjectHeaders(keep_versions=True, null_version=null)
+    if owner:
+        headers.acl.owner = owner  # grants none: private, as an object's ACL of its writer
     meta = versions.new_meta(bucket, key, where, headers, data_id=uuid.uuid4().hex)
     meta.content_type, meta.delete_marker = "", True
     meta.parts.add(number=1, size=0, shard_bytes=0)

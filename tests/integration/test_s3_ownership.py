@@ -153,12 +153,16 @@ def test_who_owns_what_another_tenant_writes(owner: Any, other: Any) -> None:
             Bucket=bucket, Key="mp", ACL="bucket-owner-full-control"
         )["UploadId"]
         parts = other.list_parts(Bucket=bucket, Key="mp", UploadId=upload)
+        uploads = owner.list_multipart_uploads(Bucket=bucket)["Uploads"]
         preferred = setting is PREFERRED
         full_owner = OWNER if preferred else OTHER
         assert _owner_of(other, bucket, "plain") == OTHER
         assert _owner_of(owner, bucket, "full") == full_owner
         assert _owner_of(owner, bucket, "copy") == full_owner
         assert parts["Owner"]["ID"] == full_owner
+        # Its initiator stays the other tenant whoever owns what it makes (as S3 lists them).
+        assert parts["Initiator"]["ID"] == OTHER
+        assert _owners(uploads, "Initiator", "Owner") == {"mp": (OTHER, full_owner)}
         # ACLs still work there.
         owner.put_bucket_acl(Bucket=bucket, ACL="private")
         other.put_object_acl(Bucket=bucket, Key="plain", ACL="private")
@@ -252,6 +256,7 @@ def test_listings_show_each_entrys_owner(owner: Any, other: Any) -> None:
     owner.put_object(Bucket=bucket, Key="a-mine", Body=b"a")
     other.put_object(Bucket=bucket, Key="b-theirs", Body=b"b")
     owner.delete_object(Bucket=bucket, Key="c-gone")  # a delete marker of the owner's
+    other.delete_object(Bucket=bucket, Key="d-gone")  # one of the other tenant's (its deleter)
     owner.create_multipart_upload(Bucket=bucket, Key="up-mine")
     other.create_multipart_upload(Bucket=bucket, Key="up-theirs")
 
@@ -267,7 +272,8 @@ def test_listings_show_each_entrys_owner(owner: Any, other: Any) -> None:
     mine, theirs = (OWNER,), (OTHER,)
     objects = {"a-mine": mine, "b-theirs": theirs}
     uploads = {"up-mine": (OWNER, OWNER), "up-theirs": (OTHER, OTHER)}
-    assert listed() == [objects, objects, {**objects, "c-gone": mine}, uploads]
+    markers = {"c-gone": mine, "d-gone": theirs}
+    assert listed() == [objects, objects, {**objects, **markers}, uploads]
     assert "Owner" not in owner.list_objects_v2(Bucket=bucket)["Contents"][0]
     # The bucket's READ grant lets another tenant list versions and uploads too (as S3 maps
     # READ to s3:ListBucketVersions and s3:ListBucketMultipartUploads): the same owners.
@@ -280,6 +286,10 @@ def test_listings_show_each_entrys_owner(owner: Any, other: Any) -> None:
     _denied(lambda: other.list_multipart_uploads(Bucket=bucket))
     _denied(lambda: other.list_object_versions(Bucket=bucket))
     owner.put_bucket_ownership_controls(Bucket=bucket, OwnershipControls=ENFORCED)
+    _public_policy(owner, bucket)  # no ACLs now: a policy admits the other tenant
+    other.create_multipart_upload(Bucket=bucket, Key="up-enforced")  # records no writer
     objects["b-theirs"] = mine
     uploads["up-theirs"] = (OTHER, OWNER)  # initiated by the other tenant, owned by the bucket's
-    assert listed() == [objects, objects, {**objects, "c-gone": mine}, uploads]
+    uploads["up-enforced"] = (OTHER, OWNER)
+    markers["d-gone"] = mine
+    assert listed() == [objects, objects, {**objects, **markers}, uploads]

@@ -4,13 +4,17 @@ bucket refuses, and that the ACL gate counts no ACL grant there (acl_ops)."""
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
+
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from kvtier import errors
+from kvtier import errors, principal
 from kvtier.proto.common.v1 import acl_pb2
+from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
-from services.gateway.s3 import acl, acl_ops, auth, ownership, s3errors
+from services.gateway import access
+from services.gateway.s3 import acl, acl_ops, auth, ownership, s3errors, xmlio
 
 ALICE = auth.Principal("AKALICE", "acme", "alice")
 EVE = auth.Principal("AKEVE", "evil", "eve")
@@ -75,6 +79,43 @@ def test_who_owns_what_a_write_stores() -> None:
         shown = ownership.listed_owners(setting, "acme")
         assert (shown("evil"), shown("")) == (("evil", "evil"), ("acme", "acme"))
     assert ownership.listed_owners(ownership.ENFORCED, "acme")("evil") == ("acme", "acme")
+
+
+def test_initiators_and_deleters_are_recorded_and_listed() -> None:
+    """An upload's record names its initiator, a delete marker's ACL its deleter, when of
+    another tenant than the bucket's (`access.writer_of`); ListMultipartUploads shows the
+    initiator beside the owner, and an upload of older code (no initiator) by its owner."""
+    user = principal.Principal(principal.Kind.USER, "AKEVE", tenant="evil")
+    assert access.writer_of(user, "acme") == "evil"
+    for own in (
+        principal.Principal(principal.Kind.USER, "AKALICE", tenant="acme"),
+        principal.Principal(principal.Kind.USER, "AKROOT", tenant="evil", is_admin=True),
+        principal.Principal(principal.Kind.ANONYMOUS),
+        principal.Principal(principal.Kind.SERVICE, "gw", role="gateway"),
+    ):
+        assert access.writer_of(own, "acme") == ""
+    info = metadata_pb2.BucketInfo(name="b", tenant="acme")
+    assert access.marker_owner(user, info) == "evil"
+    info.ownership_controls.object_ownership = ownership.ENFORCED
+    assert access.marker_owner(user, info) == ""
+    page = pb.ListMultipartUploadsResponse()
+    page.uploads.add(key="bfc", upload_id="1", owner="", initiator="evil")
+    page.uploads.add(key="old", upload_id="2", owner="evil")
+    page.uploads.add(key="own", upload_id="3")
+    body = xmlio.list_uploads(
+        bucket="b", page=page, params={}, enc=xmlio.Encoder(""),
+        initiator=ownership.listed_owners(ownership.OBJECT_WRITER, "acme"),
+        owner=ownership.listed_owners(ownership.PREFERRED, "acme"),
+    )  # fmt: skip
+    ns = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+    shown = {
+        u.findtext(f"{ns}Key"): (
+            u.findtext(f"{ns}Initiator/{ns}ID"),
+            u.findtext(f"{ns}Owner/{ns}ID"),
+        )
+        for u in ET.fromstring(body).iter(f"{ns}Upload")
+    }
+    assert shown == {"bfc": ("evil", "acme"), "old": ("evil", "evil"), "own": ("acme", "acme")}
 
 
 def test_enforced_buckets_refuse_acls_but_the_owner_only_ones() -> None:

@@ -331,6 +331,8 @@ def test_owners_are_indexed_and_rebuilt(drive_dir: Path, versioned: bool) -> Non
     for key, owner, data in (("mine", "", b"m"), ("small", "other", b"s"), ("big", "other", b"")):
         meta = base.make_meta(key, [data or base.content(key, 300 * KIB)])
         meta.acl.owner, meta.keep_versions = owner, versioned
+        # An upload record's initiator (one whose ACL names the bucket's tenant) is indexed too.
+        meta.upload_initiator = "starter" if key == "mine" else ""
         meta.data_id = uuid.uuid4().hex
         if data:
             store.write_small(meta, data)
@@ -338,8 +340,10 @@ def test_owners_are_indexed_and_rebuilt(drive_dir: Path, versioned: bool) -> Non
             with base.stage(store, [base.content(key, 300 * KIB)], block_bytes=64 * KIB) as write:
                 write.commit(meta)
     expected = [("big", "other"), ("mine", ""), ("small", "other")]
+    started = [("big", ""), ("mine", "starter"), ("small", "")]
     try:
         assert [(e.key, e.owner) for e in store.list(BUCKET)] == expected
+        assert [(e.key, e.initiator) for e in store.list(BUCKET)] == started
         got = store.list_versions(BUCKET, prefix="", after_key="", after_version="", limit=10)
         assert [(v.key, v.owner) for v in got] == expected
     finally:
@@ -351,11 +355,13 @@ def test_owners_are_indexed_and_rebuilt(drive_dir: Path, versioned: bool) -> Non
         reopened = base.open_store(drive_dir)
         try:
             assert [(e.key, e.owner) for e in reopened.list(BUCKET)] == expected
+            assert [(e.key, e.initiator) for e in reopened.list(BUCKET)] == started
             got = reopened.list_versions(BUCKET, prefix="", after_key="", after_version="", limit=9)
             assert [(v.key, v.owner) for v in got] == expected
         finally:
             reopened.close()
-    assert index.ShardIndex(drive_dir / shards.INDEX_FILE).get_state()["filled"] == "owner"
+    filled = index.ShardIndex(drive_dir / shards.INDEX_FILE).get_state()["filled"]
+    assert filled == index.FILLED == "owner,initiator"
 
 
 def _drop_owner_columns(path: Path) -> None:
@@ -363,7 +369,7 @@ def _drop_owner_columns(path: Path) -> None:
     db = sqlite3.connect(path)
     db.executescript(
         "ALTER TABLE objects DROP COLUMN owner; ALTER TABLE versions DROP COLUMN owner;"
-        "DELETE FROM state WHERE name = 'filled';"
+        "ALTER TABLE objects DROP COLUMN initiator; DELETE FROM state WHERE name = 'filled';"
     )
     db.commit()
     db.close()

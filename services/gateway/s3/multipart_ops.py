@@ -202,15 +202,18 @@ async def list_parts(s3: s3request.Door, req: s3request.S3Request) -> web.Respon
         )  # fmt: skip
     except errors.NotFound as exc:
         raise _no_such_upload(exc) from None
-    # The upload's owner: its writer's tenant, or the bucket's (`ownership`).
-    owner = req.principal.owner
+    # The upload's owner: its writer's tenant, or the bucket's (`ownership`); its initiator:
+    # the tenant its record names (`ListPartsResponse.initiator`), else its ACL's owner (a
+    # record of older code), else the bucket's.
+    owner = initiator = req.principal.owner
     if req.bucket_owner:
         tenant = ownership.owner_for(req.object_ownership, page.headers.acl, req.bucket_owner)
-        owner = (tenant, tenant)
+        started = page.initiator or page.headers.acl.owner or req.bucket_owner
+        owner, initiator = (tenant, tenant), (started, started)
     return _xml(
         xmlio.list_parts(
             bucket=req.bucket, key=req.key, upload_id=req.query["uploadId"], page=page,
-            marker=marker, max_parts=most, owner=owner,
+            marker=marker, max_parts=most, owner=owner, initiator=initiator,
         )
     )  # fmt: skip
 
@@ -227,11 +230,10 @@ async def list_uploads(s3: s3request.Door, req: s3request.S3Request) -> web.Resp
             upload_id_marker=req.query.get("upload-id-marker", ""), max_uploads=most,
         )
     )  # fmt: skip
-    # Each upload's Initiator: the tenant its record names (its ACL's owner: one of another
-    # tenant than the bucket's), else the bucket's; its Owner: that, or the bucket's tenant
-    # where the bucket's Object Ownership gives it every object (`ownership.listed`). A
-    # record made under BucketOwnerPreferred with bucket-owner-full-control, or under
-    # BucketOwnerEnforced, names no writer: its Initiator is the bucket's tenant.
+    # Each upload's Initiator: the tenant its record names as initiator (one of another tenant
+    # than the bucket's; a record of older code: its ACL's owner), else the bucket's; its
+    # Owner: its ACL's owner, or the bucket's tenant where the bucket's Object Ownership
+    # gives it every object (`ownership.listed`). Both from the listing index, no read.
     bucket_owner = req.owner[0]
     return _xml(
         xmlio.list_uploads(

@@ -265,13 +265,14 @@ def list_parts(
     marker: int,
     max_parts: int,
     owner: tuple[str, str],
+    initiator: tuple[str, str],
 ) -> bytes:
     """ListPartsResult."""
     root = _root("ListPartsResult")
     _add(root, "Bucket", bucket)
     _add(root, "Key", key)
     _add(root, "UploadId", upload_id)
-    _owner(root, *owner, tag="Initiator")
+    _owner(root, *initiator, tag="Initiator")
     _owner(root, *owner)
     _add(root, "StorageClass", "STANDARD")
     _add(root, "PartNumberMarker", marker)
@@ -301,8 +302,8 @@ def list_uploads(
     initiator: Owners,
     owner: Owners,
 ) -> bytes:
-    """ListMultipartUploadsResult; each upload's Initiator and Owner from its recorded owner
-    (`MultipartUploadInfo.owner`)."""
+    """ListMultipartUploadsResult; each upload's Initiator from its recorded initiator, else
+    its recorded owner (`MultipartUploadInfo.initiator`, `.owner`), and Owner from the latter."""
     root = _root("ListMultipartUploadsResult")
     _add(root, "Bucket", bucket)
     _add(root, "KeyMarker", enc(params.get("key-marker", "")))
@@ -321,7 +322,7 @@ def list_uploads(
         item = _add(root, "Upload")
         _add(item, "Key", enc(upload.key))
         _add(item, "UploadId", upload.upload_id)
-        _owner(item, *initiator(upload.owner), tag="Initiator")
+        _owner(item, *initiator(upload.initiator or upload.owner), tag="Initiator")
         _owner(item, *owner(upload.owner))
         _add(item, "StorageClass", "STANDARD")
         _add(item, "Initiated", iso_time(upload.initiated_unix_ms))

@@ -213,6 +213,7 @@ class ShardMeta(_message.Message):
     UPLOAD_POOL_FIELD_NUMBER: _builtins.int
     UPLOAD_CHECKSUM_ALGORITHM_FIELD_NUMBER: _builtins.int
     UPLOAD_CHECKSUM_TYPE_FIELD_NUMBER: _builtins.int
+    UPLOAD_INITIATOR_FIELD_NUMBER: _builtins.int
     CONTENT_LANGUAGE_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     ACL_FIELD_NUMBER: _builtins.int
@@ -260,6 +261,12 @@ class ShardMeta(_message.Message):
     upload_checksum_algorithm: _builtins.str
     upload_checksum_type: _builtins.str
     """The upload's checksum type (COMPOSITE, or FULL_OBJECT: the CRC of the whole object)."""
+    upload_initiator: _builtins.str
+    """The tenant that initiated the upload when it is not the bucket's (S3's Initiator: the
+    ACL's owner is the object's, the bucket's under BucketOwnerPreferred with
+    bucket-owner-full-control or BucketOwnerEnforced); empty: the bucket's, or a record of
+    older code (whose initiator is its ACL's owner).
+    """
     content_language: _builtins.str
     meta_changed_unix_ns: _builtins.int
     """When the tags or the ACL last changed in place (UpdateMeta: the changing gateway's clock,
@@ -348,6 +355,7 @@ class ShardMeta(_message.Message):
         upload_pool: _builtins.int = ...,
         upload_checksum_algorithm: _builtins.str = ...,
         upload_checksum_type: _builtins.str = ...,
+        upload_initiator: _builtins.str = ...,
         content_language: _builtins.str = ...,
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         acl: _acl_pb2.Acl | None = ...,
@@ -362,7 +370,7 @@ class ShardMeta(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "block_bytes", b"block_bytes", "bucket", b"bucket", "cache_control", b"cache_control", "checksums", b"checksums", "commit_if_absent", b"commit_if_absent", "commit_if_data_id", b"commit_if_data_id", "content_disposition", b"content_disposition", "content_encoding", b"content_encoding", "content_language", b"content_language", "content_type", b"content_type", "data_id", b"data_id", "data_shards", b"data_shards", "delete_marker", b"delete_marker", "distribution", b"distribution", "etag", b"etag", "expires", b"expires", "format_version", b"format_version", "inline_data", b"inline_data", "is_pointer", b"is_pointer", "keep_versions", b"keep_versions", "key", b"key", "meta_changed_unix_ns", b"meta_changed_unix_ns", "mtime_unix_ns", b"mtime_unix_ns", "null_version", b"null_version", "parity_shards", b"parity_shards", "parts", b"parts", "pool_pointer", b"pool_pointer", "shard_index", b"shard_index", "size", b"size", "stored_age_ms", b"stored_age_ms", "stored_unix_ns", b"stored_unix_ns", "tags", b"tags", "upload_checksum_algorithm", b"upload_checksum_algorithm", "upload_checksum_type", b"upload_checksum_type", "upload_pool", b"upload_pool", "user_metadata", b"user_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acl", b"acl", "block_bytes", b"block_bytes", "bucket", b"bucket", "cache_control", b"cache_control", "checksums", b"checksums", "commit_if_absent", b"commit_if_absent", "commit_if_data_id", b"commit_if_data_id", "content_disposition", b"content_disposition", "content_encoding", b"content_encoding", "content_language", b"content_language", "content_type", b"content_type", "data_id", b"data_id", "data_shards", b"data_shards", "delete_marker", b"delete_marker", "distribution", b"distribution", "etag", b"etag", "expires", b"expires", "format_version", b"format_version", "inline_data", b"inline_data", "is_pointer", b"is_pointer", "keep_versions", b"keep_versions", "key", b"key", "meta_changed_unix_ns", b"meta_changed_unix_ns", "mtime_unix_ns", b"mtime_unix_ns", "null_version", b"null_version", "parity_shards", b"parity_shards", "parts", b"parts", "pool_pointer", b"pool_pointer", "shard_index", b"shard_index", "size", b"size", "stored_age_ms", b"stored_age_ms", "stored_unix_ns", b"stored_unix_ns", "tags", b"tags", "upload_checksum_algorithm", b"upload_checksum_algorithm", "upload_checksum_type", b"upload_checksum_type", "upload_initiator", b"upload_initiator", "upload_pool", b"upload_pool", "user_metadata", b"user_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

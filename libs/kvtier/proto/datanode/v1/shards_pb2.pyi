@@ -791,6 +791,7 @@ class ShardEntry(_message.Message):
     DELETE_MARKER_FIELD_NUMBER: _builtins.int
     DATA_ID_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    INITIATOR_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     size: _builtins.int
     etag: _builtins.str
@@ -806,6 +807,8 @@ class ShardEntry(_message.Message):
     """The tenant recorded as the object's (version's) owner in its ACL (Acl.owner: a writer of
     another tenant); empty: the bucket's tenant (and from a datanode of older code).
     """
+    initiator: _builtins.str
+    """A multipart-upload record's initiator (ShardMeta.upload_initiator); empty otherwise."""
     def __init__(
         self,
         *,
@@ -819,10 +822,11 @@ class ShardEntry(_message.Message):
         delete_marker: _builtins.bool = ...,
         data_id: _builtins.str = ...,
         owner: _builtins.str = ...,
+        initiator: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_id", b"data_id", "delete_marker", b"delete_marker", "etag", b"etag", "is_latest", b"is_latest", "is_pointer", b"is_pointer", "key", b"key", "mtime_unix_ns", b"mtime_unix_ns", "owner", b"owner", "size", b"size", "version_id", b"version_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_id", b"data_id", "delete_marker", b"delete_marker", "etag", b"etag", "initiator", b"initiator", "is_latest", b"is_latest", "is_pointer", b"is_pointer", "key", b"key", "mtime_unix_ns", b"mtime_unix_ns", "owner", b"owner", "size", b"size", "version_id", b"version_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1379,9 +1379,12 @@ class ListPartsResponse(_message.Message):
     NEXT_PART_NUMBER_MARKER_FIELD_NUMBER: _builtins.int
     CHECKSUM_ALGORITHM_FIELD_NUMBER: _builtins.int
     HEADERS_FIELD_NUMBER: _builtins.int
+    INITIATOR_FIELD_NUMBER: _builtins.int
     is_truncated: _builtins.bool
     next_part_number_marker: _builtins.int
     checksum_algorithm: _builtins.str
+    initiator: _builtins.str
+    """As MultipartUploadInfo.initiator."""
     @_builtins.property
     def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___PartInfo]: ...
     @_builtins.property
@@ -1394,10 +1397,11 @@ class ListPartsResponse(_message.Message):
         next_part_number_marker: _builtins.int = ...,
         checksum_algorithm: _builtins.str = ...,
         headers: Global___ObjectHeaders | None = ...,
+        initiator: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum_algorithm", b"checksum_algorithm", "headers", b"headers", "is_truncated", b"is_truncated", "next_part_number_marker", b"next_part_number_marker", "parts", b"parts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum_algorithm", b"checksum_algorithm", "headers", b"headers", "initiator", b"initiator", "is_truncated", b"is_truncated", "next_part_number_marker", b"next_part_number_marker", "parts", b"parts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1412,6 +1416,7 @@ class MultipartUploadInfo(_message.Message):
     INITIATED_UNIX_MS_FIELD_NUMBER: _builtins.int
     CHECKSUM_ALGORITHM_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    INITIATOR_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     upload_id: _builtins.str
     initiated_unix_ms: _builtins.int
@@ -1419,6 +1424,10 @@ class MultipartUploadInfo(_message.Message):
     owner: _builtins.str
     """The tenant recorded as the owner of the object the upload makes (its ACL's owner: the
     initiator, when of another tenant than the bucket's); empty: the bucket's tenant.
+    """
+    initiator: _builtins.str
+    """The tenant that initiated the upload when another than the bucket's (recorded at create;
+    S3's Initiator). Empty: the bucket's tenant, or, for an upload of older code, `owner`.
     """
     def __init__(
         self,
@@ -1428,10 +1437,11 @@ class MultipartUploadInfo(_message.Message):
         initiated_unix_ms: _builtins.int = ...,
         checksum_algorithm: _builtins.str = ...,
         owner: _builtins.str = ...,
+        initiator: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum_algorithm", b"checksum_algorithm", "initiated_unix_ms", b"initiated_unix_ms", "key", b"key", "owner", b"owner", "upload_id", b"upload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checksum_algorithm", b"checksum_algorithm", "initiated_unix_ms", b"initiated_unix_ms", "initiator", b"initiator", "key", b"key", "owner", b"owner", "upload_id", b"upload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
