@@ -319,6 +319,21 @@ def test_storage_names_and_internal_buckets_are_path_components(drive_dir: Path)
     assert [e.key for e in reopened.list(stored)] == [KEY]
 
 
+def test_an_index_rebuild_logs_its_progress(
+    drive_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rebuild (minutes on a drive of millions of keys, at boot) says how far it is."""
+    store = open_store(drive_dir)
+    for key in ("a", "b", "c"):
+        put(store, key, [key.encode()])
+    monkeypatch.setattr(shardrecovery._Progress, "EVERY", 1)
+    monkeypatch.setattr(shardrecovery._Progress, "PROGRESS_S", 0.0)
+    with caplog.at_level(logging.INFO, logger=shardrecovery.__name__):
+        assert store.rebuild_index() == 3
+    seen = [r.getMessage() for r in caplog.records if "rebuilding the index" in r.getMessage()]
+    assert [m.split(", ")[1].split(" ")[0] for m in seen] == ["1", "2", "3"]
+
+
 def test_sweep_tmp_removes_abandoned_writes(drive_dir: Path) -> None:
     crashed = open_store(drive_dir)
     stage(crashed, [content("big", 2 * MIB)], write_id="abandoned")
