@@ -263,7 +263,7 @@ async def _copy_source_admission(
         if decision is bucket_policy.Decision.DENY:
             raise _denied()
         if decision is bucket_policy.Decision.ALLOW:
-            if public_access.restricts_public_buckets(info) and bucket_policy.is_public(policy):
+            if not policy_ops.allow_admits(info, policy, decision):
                 raise _denied()
             listed = policy_ops.may_list(policy, who, bucket, remote)
             admission = _policy_admission(info, who, "object", listed)
@@ -452,8 +452,7 @@ def _decide(
         raise _denied()
     if decision is bucket_policy.Decision.ALLOW:
         assert policy is not None
-        # RestrictPublicBuckets: a public policy admits no one outside the owner's tenant.
-        if public_access.restricts_public_buckets(info) and bucket_policy.is_public(policy):
+        if not policy_ops.allow_admits(info, policy, decision):  # RestrictPublicBuckets
             raise _denied()
         scope = GRANTED[op][0] if op in GRANTED else "object"
         if op in POLICY_UPLOADS:

@@ -29,7 +29,7 @@ decides it as the PutObject of its key, its fields as that PutObject's headers.
 from __future__ import annotations
 
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 from multidict import CIMultiDictProxy
@@ -284,6 +284,38 @@ def decide(
     if all(d is bucket_policy.Decision.ALLOW for d in decisions):
         return bucket_policy.Decision.ALLOW
     return bucket_policy.Decision.NONE
+
+
+def allow_admits(
+    info: metadata_pb2.BucketInfo,
+    policy: bucket_policy.Policy | None,
+    decision: bucket_policy.Decision,
+) -> bool:
+    """Whether the policy's decision admits a caller outside the bucket's tenant: an Allow,
+    but not of a public policy where the bucket restricts public buckets
+    (RestrictPublicBuckets: a public policy admits no one outside the owner's tenant)."""
+    return (
+        decision is bucket_policy.Decision.ALLOW
+        and policy is not None
+        and not (public_access.restricts_public_buckets(info) and bucket_policy.is_public(policy))
+    )
+
+
+async def decide_again(
+    info_of: Callable[[bool], Awaitable[metadata_pb2.BucketInfo]],
+    principal: auth.Principal,
+    admits: Callable[[metadata_pb2.BucketInfo], Awaitable[bool]],
+) -> None:
+    """A handler's own decision on what the gate could not see (`BODY_TAGGED`,
+    `DECIDED_LATER`): admits on the cached bucket record (info_of(False)), and for a signed
+    caller it refuses, again on a fresh one (info_of(True)), as the gate decides denials;
+    AccessDenied where neither admits."""
+    for fresh in (False, True):
+        if await admits(await info_of(fresh)):
+            return
+        if principal.anonymous:
+            break
+    raise s3errors.S3Error("AccessDenied", "Access Denied")
 
 
 def may_list(

@@ -324,8 +324,8 @@ async def _check_bucket_policy(
     if tag_set:
         headers["x-amz-tagging"] = urllib.parse.urlencode(sorted(tag_set.items()))
     put = CIMultiDictProxy(headers)
-    for fresh in (False, True):
-        info = await s3.front.bucket_info(req.bucket, fresh=fresh)
+
+    async def admits(info: metadata_pb2.BucketInfo) -> bool:
         policy = policy_ops.policy_of(info)
         # No policy: the ACLs decide, again (the gate may have admitted the form on an Allow
         # of an older record).
@@ -334,11 +334,13 @@ async def _check_bucket_policy(
             decision = policy_ops.decide(
                 policy, "PutObject", who, info.name, key, {}, put, req.http.remote or ""
             )
-        if decision is not bucket_policy.Decision.DENY and _admitted(info, policy, decision, who):
-            return
-        if who.anonymous:
-            break
-    raise s3errors.S3Error("AccessDenied", "Access Denied")
+        return decision is not bucket_policy.Decision.DENY and _admitted(
+            info, policy, decision, who
+        )
+
+    await policy_ops.decide_again(
+        lambda fresh: s3.front.bucket_info(req.bucket, fresh=fresh), who, admits
+    )
 
 
 def _admitted(
@@ -350,10 +352,8 @@ def _admitted(
     """Whether a form that no Deny refuses is admitted (`_check_bucket_policy`)."""
     if who.may_use(info.tenant):
         return True
-    if decision is bucket_policy.Decision.ALLOW and policy is not None:
-        return not (
-            public_access.restricts_public_buckets(info) and bucket_policy.is_public(policy)
-        )
+    if decision is bucket_policy.Decision.ALLOW:
+        return policy_ops.allow_admits(info, policy, decision)
     bucket_acl = public_access.effective(info, info.acl)
     return not ownership.enforced(info) and acl.allows(bucket_acl, info.tenant, who, acl.WRITE)
 

@@ -34,7 +34,6 @@ from services.gateway.s3 import (
     bucket_policy,
     object_ops,
     policy_ops,
-    public_access,
     s3errors,
     s3request,
     tags,
@@ -100,8 +99,8 @@ async def _check_policy(
     may have admitted it on an Allow the tags must satisfy, or on an older record). A signed
     caller denied on the cached record is decided again on a fresh one, as the gate does."""
     who, key, query = req.principal, req.key, req.query
-    for fresh in (False, True):
-        info = await s3.front.bucket_info(req.bucket, fresh=fresh)
+
+    async def admits(info: metadata_pb2.BucketInfo) -> bool:
         policy = policy_ops.policy_of(info)
         owned = who.may_use(info.tenant)
         if owned and (
@@ -110,7 +109,7 @@ async def _check_policy(
                 policy, req.op, who, info.name, key, query, deny_only=True
             )
         ):
-            return
+            return True
         decision = bucket_policy.Decision.NONE
         if policy is not None:
             existing = None
@@ -120,18 +119,13 @@ async def _check_policy(
                 policy, req.op, who, info.name, key, query, req.http.headers,
                 req.http.remote or "", tags=existing, body_tags=tag_set,
             )  # fmt: skip
-        allowed = (
-            decision is bucket_policy.Decision.ALLOW
-            and policy is not None
-            and not (
-                public_access.restricts_public_buckets(info) and bucket_policy.is_public(policy)
-            )
+        return decision is not bucket_policy.Decision.DENY and (
+            owned or policy_ops.allow_admits(info, policy, decision)
         )
-        if decision is not bucket_policy.Decision.DENY and (owned or allowed):
-            return
-        if who.anonymous:
-            break
-    raise s3errors.S3Error("AccessDenied", "Access Denied")
+
+    await policy_ops.decide_again(
+        lambda fresh: s3.front.bucket_info(req.bucket, fresh=fresh), who, admits
+    )
 
 
 async def get_object_tagging(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
