@@ -1,4 +1,5 @@
-"""The per-drive listing index: `<drive>/.kvtier/index.sqlite`, (bucket, key) → listing fields.
+"""The per-drive listing index: `<drive>/.kvtier/index-<GENERATION>.sqlite`, (bucket, key) →
+listing fields.
 
 The index is a cache of the drive's `meta` files, kept in step by `shards.ShardStore` at commit
 and delete and rebuilt from them when lost. Keys are stored as UTF-8 BLOBs so SQLite's memcmp
@@ -28,10 +29,20 @@ call runs them before its own statements, under the same lock, so reads and late
 them, in order). A crash loses nothing the store needs: it replays the journal at open and
 re-indexes every key in it, and it runs `flush` before it empties the journal (a checkpoint).
 One transaction per small write cost ~25-85 µs of CPU, about what its meta file's steps cost.
+
+The file's name carries its schema's generation (GENERATION; the first, v0.1.0's, was
+`index.sqlite`), so that releases with different schemas never share a file: an older release
+writes rows of its own shape (v0.1.0 inserts six values positionally, which a table with this
+schema's columns refuses), and a newer one would trust rows that lack its columns. A store that
+finds another generation's file at open rebuilds its own from the metas (the other release may
+have changed the drive since this file was last written) and removes the other file, so that
+the other release, run again (a rollback, or an upgrade after one), rebuilds its own in turn
+(v0.1.0 rebuilds an index it does not find). See docs/upgrades.md.
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -46,6 +57,9 @@ CREATE TABLE IF NOT EXISTS objects (
   etag TEXT NOT NULL,
   mtime_ns INTEGER NOT NULL,
   is_pointer INTEGER NOT NULL,
+  delete_marker INTEGER NOT NULL DEFAULT 0,
+  owner TEXT NOT NULL DEFAULT '',
+  initiator TEXT NOT NULL DEFAULT '',
   PRIMARY KEY (bucket, key)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pending (
@@ -64,6 +78,7 @@ CREATE TABLE IF NOT EXISTS versions (
   etag TEXT NOT NULL,
   is_latest INTEGER NOT NULL,
   delete_marker INTEGER NOT NULL,
+  owner TEXT NOT NULL DEFAULT '',
   PRIMARY KEY (bucket, key, mtime_ns, data_id)
 ) WITHOUT ROWID;
 """
@@ -106,11 +121,29 @@ Rows = list[tuple[str, ListEntry]]
 
 #: deferred entries (put_later) that go in one transaction
 LATER_MAX = 32
-#: The listed columns a rebuild fills from the metas, as the store records them in `state`
-#: ("filled") once it rebuilt the index: an index whose record differs (made by older code,
-#: whose entries lack the owner, or upload records' initiator) is rebuilt at open, until one
-#: rebuild completes.
-FILLED = "owner,initiator"
+#: The schema's generation, in the file's name (module docstring): a new one for every change
+#: of a table's columns, so that no release reads or writes another's rows.
+GENERATION = 2
+
+
+def file_name(generation: int = GENERATION) -> str:
+    """The index file of a generation (the first's had none in its name)."""
+    return "index.sqlite" if generation == 1 else f"index-{generation}.sqlite"
+
+
+def other_generations(path: Path) -> list[Path]:
+    """Index files beside path (this generation's) of other generations, with their SQLite
+    companions (-wal, -shm, -journal)."""
+    ours = {path.name + suffix for suffix in ("", "-wal", "-shm", "-journal")}
+    if not path.parent.is_dir():
+        return []
+    return sorted(
+        p for p in path.parent.iterdir()
+        if _OTHER.fullmatch(p.name) and p.name not in ours
+    )  # fmt: skip
+
+
+_OTHER = re.compile(r"index(-[0-9]+)?\.sqlite(-wal|-shm|-journal)?")
 
 
 def prefix_end(prefix: bytes) -> bytes | None:
@@ -134,25 +167,6 @@ class ShardIndex:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
-        self._migrate()
-
-    def _migrate(self) -> None:
-        """Add the columns an index made by older code lacks (the statements name their
-        columns, so their order in the table does not matter)."""
-        wanted = [
-            ("objects", "delete_marker INTEGER NOT NULL DEFAULT 0"),  # made before versioning
-            # Made before listings showed owners: the entries already there get "" (the
-            # bucket's tenant) until the store rebuilds the index from the metas (`FILLED`).
-            ("objects", "owner TEXT NOT NULL DEFAULT ''"),
-            ("versions", "owner TEXT NOT NULL DEFAULT ''"),
-            # Made before upload records named their initiator: "" (their ACL's owner's).
-            ("objects", "initiator TEXT NOT NULL DEFAULT ''"),
-        ]
-        for table, column in wanted:
-            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            if column.split()[0] not in columns:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
-        self._db.commit()
 
     def close(self, *, synced: bool = False) -> None:
         """Close the connection (idempotent); synced: checkpoint the WAL into the database first

@@ -21,7 +21,9 @@ from services.datanode import drives, index, journal, shardmeta, versionstore
 
 OBJECTS_DIR = "objects"
 TMP_DIR = Path(".kvtier") / "tmp"
-INDEX_FILE = Path(".kvtier") / "index.sqlite"
+#: The listing index of this release's schema (`index.GENERATION` in its name: other releases'
+#: files are left to them, `index.other_generations`).
+INDEX_FILE = Path(".kvtier") / index.file_name()
 JOURNAL_FILE = Path(".kvtier") / "journal"
 #: Present only while the drive is closed cleanly (its index checkpointed and synced): created
 #: durably at close, removed durably at open before anything changes. Its absence at open on a

@@ -35,18 +35,25 @@ class ShardRecovery(shardreads.ShardReads):
         marker = self.drive.path / shardbase.CLEAN_FILE
         clean = marker.exists()
         state, boot = self._index.get_state(), _boot_id()
-        # An index of older code lacks a listed column (the owner): rebuilt once, too, at
-        # the cost of a rebuild after an unclean shutdown (`index.FILLED`).
-        stale = state.get("filled") != index.FILLED
-        if stale or fresh or "boot_id" not in state or (not clean and state["boot_id"] != boot):
+        # Another release's index file: that release may have run on this drive since this
+        # file was last written (a rollback, then this release again), so this one is rebuilt,
+        # and the other's removed once it is, for that release to rebuild its own if run again.
+        others = index.other_generations(self.drive.path / shardbase.INDEX_FILE)
+        if others or fresh or "boot_id" not in state or (not clean and state["boot_id"] != boot):
             count = self.rebuild_index()
             log.info("drive %s: index rebuilt, %d objects", self.drive.path, count)
         else:
             for bucket, key in self._index.pending():
                 self._reindex(bucket, key)
-        self._index.set_state(boot_id=boot, filled=index.FILLED)
+        self._index.set_state(boot_id=boot)
+        if others:
+            for path in others:
+                path.unlink(missing_ok=True)
+            log.info("drive %s: index files of other releases removed: %s", self.drive.path,
+                     ", ".join(p.name for p in others))  # fmt: skip
         if clean:  # dirty from now on, durably, before the first change
             marker.unlink()
+        if others or clean:
             shardfiles.fsync_dir(marker.parent)
 
     def sweep_tmp(self, older_than_s: float) -> int:

@@ -16,7 +16,8 @@ Layout under the drive (ARCHITECTURE.md, "The durable object tier"), h = hex SHA
                                                    for an undo (services.datanode.supersede)
     .kvtier/tmp/<write_id>/                        a staged write (data/part.N, meta;
                                                    services.datanode.stagedwrite)
-    .kvtier/index.sqlite                           the listing index (services.datanode.index)
+    .kvtier/index-2.sqlite                         the listing index (services.datanode.index;
+                                                   `index.sqlite` is v0.1.0's)
     .kvtier/journal                                small commits and their removals, not yet
                                                    synced in the files (services.datanode.journal)
 

@@ -240,7 +240,7 @@ async def test_heal_rebuilds_a_replaced_drive(cluster: Cluster) -> None:
         # A replaced drive: same identity (format.json), no objects, no index.
         await cluster.stop_datanode(0)
         shutil.rmtree(wiped / "objects")
-        for index_file in (wiped / ".kvtier").glob("index.sqlite*"):
+        for index_file in (wiped / ".kvtier").glob("index*.sqlite*"):
             index_file.unlink()
         await cluster.start_datanode(0)
         await cluster.gateway.ctx.map_view.wait_for(_all_online, timeout_s=15)

@@ -127,7 +127,7 @@ async def test_heal_rebuilds_pool_records_and_objects(cluster: Cluster) -> None:
         await cluster.stop_datanode(0)
         for drive in cluster.drive_paths(0):
             shutil.rmtree(drive / "objects", ignore_errors=True)
-            for index_file in (drive / ".kvtier").glob("index.sqlite*"):
+            for index_file in (drive / ".kvtier").glob("index*.sqlite*"):
                 index_file.unlink()
         await cluster.start_datanode(0)
         await cluster.gateway.ctx.map_view.wait_for(_all_online, timeout_s=15)

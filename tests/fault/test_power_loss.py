@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from kvtier.clients import gateway as gateway_client
+from services.datanode import shards
 from tests.fault import harness, powercut, workload
 
 pytestmark = pytest.mark.integration
@@ -97,7 +98,7 @@ def index_mismatch(drive: Path) -> list[str]:
         for meta in (drive / "objects").glob("*/*/*/meta")
         if not meta.parts[-4].startswith(".")
     }
-    db = sqlite3.connect(f"file:{drive / '.kvtier' / 'index.sqlite'}?mode=ro", uri=True)
+    db = sqlite3.connect(f"file:{drive / shards.INDEX_FILE}?mode=ro", uri=True)
     try:
         rows = db.execute("SELECT bucket, key FROM objects").fetchall()
     finally:

@@ -504,7 +504,7 @@ def test_a_wiped_drive_is_rebuilt_by_admin_heal(cluster: dict[str, Any], state_d
         assert len([p for p in before if p.name == "meta"]) == len(objs)
         _signal(cluster, victim, signal.SIGKILL)
         shutil.rmtree(drive / "objects")
-        for index_file in (drive / ".kvtier").glob("index.sqlite*"):
+        for index_file in (drive / ".kvtier").glob("index*.sqlite*"):
             index_file.unlink()
         _revive(cluster, state_dir)
         # The gateway may not reach the revived node at once: its objects are then skipped

@@ -262,67 +262,92 @@ def test_crash_at_every_step_of_removing_the_current_version(
         at += 1
 
 
-def test_an_index_made_before_versioning_is_migrated(tmp_path: Path) -> None:
-    path = tmp_path / "index.sqlite"
-    old = sqlite3.connect(path)
-    old.executescript(
-        "CREATE TABLE objects (bucket TEXT NOT NULL, key BLOB NOT NULL, size INTEGER NOT NULL,"
-        " etag TEXT NOT NULL, mtime_ns INTEGER NOT NULL, is_pointer INTEGER NOT NULL,"
-        " PRIMARY KEY (bucket, key)) WITHOUT ROWID;"
-        "INSERT INTO objects VALUES ('b', CAST('old' AS BLOB), 3, 'e', 7, 0);"
-    )
-    old.commit()
-    old.close()
-    migrated = index.ShardIndex(path)
-    try:
-        assert migrated.list("b") == [index.ListEntry("old", 3, "e", 7, False, False)]
-        migrated.put("b", index.ListEntry("new", 1, "f", 8, False, True))
-        assert [(e.key, e.delete_marker) for e in migrated.list("b")] == [
-            ("new", True),
-            ("old", False),
-        ]
-        assert [v.version_id for v in migrated.list_versions("b", "", "", None, 10)] == [
-            "null",
-            "null",
-        ]
-    finally:
-        migrated.close()
+#: v0.1.0's listing index (its own statements: six values inserted positionally).
+V010_SCHEMA = (
+    "CREATE TABLE objects (bucket TEXT NOT NULL, key BLOB NOT NULL, size INTEGER NOT NULL,"
+    " etag TEXT NOT NULL, mtime_ns INTEGER NOT NULL, is_pointer INTEGER NOT NULL,"
+    " PRIMARY KEY (bucket, key)) WITHOUT ROWID;"
+    "CREATE TABLE pending (bucket TEXT NOT NULL, key BLOB NOT NULL,"
+    " PRIMARY KEY (bucket, key)) WITHOUT ROWID;"
+    "CREATE TABLE state (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
+)
 
 
-def test_an_index_made_before_owners_is_migrated(tmp_path: Path) -> None:
-    path = tmp_path / "index.sqlite"
-    old = sqlite3.connect(path)
-    old.executescript(
-        "CREATE TABLE objects (bucket TEXT NOT NULL, key BLOB NOT NULL, size INTEGER NOT NULL,"
-        " etag TEXT NOT NULL, mtime_ns INTEGER NOT NULL, is_pointer INTEGER NOT NULL,"
-        " delete_marker INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (bucket, key)) WITHOUT ROWID;"
-        "CREATE TABLE versions (bucket TEXT NOT NULL, key BLOB NOT NULL,"
-        " mtime_ns INTEGER NOT NULL, data_id TEXT NOT NULL, version_id TEXT NOT NULL,"
-        " size INTEGER NOT NULL, etag TEXT NOT NULL, is_latest INTEGER NOT NULL,"
-        " delete_marker INTEGER NOT NULL,"
-        " PRIMARY KEY (bucket, key, mtime_ns, data_id)) WITHOUT ROWID;"
-        "INSERT INTO objects VALUES ('b', CAST('old' AS BLOB), 3, 'e', 7, 0, 0);"
-        "INSERT INTO versions VALUES ('b', CAST('v' AS BLOB), 5, 'd1', 'd1', 1, 'f', 1, 0);"
-    )
-    old.commit()
-    old.close()
-    migrated = index.ShardIndex(path)
+def _v010_index(drive: Path, rows: list[tuple[str, str, int]]) -> Path:
+    """An index v0.1.0 left on drive (closed cleanly), with rows (bucket, key, size)."""
+    path = drive / ".kvtier" / index.file_name(1)
+    db = sqlite3.connect(path)
+    db.executescript(V010_SCHEMA)
+    db.executemany("INSERT INTO objects VALUES (?, CAST(? AS BLOB), ?, 'e', 7, 0)", rows)
+    db.execute("INSERT INTO state VALUES ('boot_id', 'b')")
+    db.commit()
+    db.close()
+    return path
+
+
+def test_another_releases_index_is_left_to_it(drive_dir: Path) -> None:
+    """This release's index has a file of its own (index.GENERATION), so v0.1.0's is never
+    written with rows it cannot read, nor read for columns it lacks; finding one, the store
+    rebuilds its own (that release may have changed the drive since) and removes the other,
+    which that release then rebuilds if run again (docs/upgrades.md, rolling back)."""
+    assert shards.INDEX_FILE.name == index.file_name() == "index-2.sqlite"
+    store = base.open_store(drive_dir)
     try:
-        # Entries indexed before: no owner recorded (listings show the bucket's tenant).
-        assert migrated.list("b") == [index.ListEntry("old", 3, "e", 7, False, False, "")]
-        assert [v.owner for v in migrated.list_versions("b", "", "", None, 10)] == ["", ""]
-        migrated.put("b", index.ListEntry("new", 1, "f", 8, False, owner="tenant-x"))
-        version = index.VersionEntry("v", 9, "d2", "d2", 2, "g", True, False, "tenant-y")
-        migrated.put_key("b", "v", None, [version])
-        assert [(e.key, e.owner) for e in migrated.list("b")] == [("new", "tenant-x"), ("old", "")]
-        assert [(v.key, v.owner) for v in migrated.list_versions("b", "", "", None, 10)] == [
-            ("new", "tenant-x"),
-            ("old", ""),
-            ("v", "tenant-y"),
-        ]
+        store.write_small(base.make_meta("kept", [b"k"]), b"k")
+        store.write_small(base.make_meta("dropped", [b"d"]), b"d")
     finally:
-        migrated.close()
-    assert index.ShardIndex(path).dump()[0][1].owner == "tenant-x"  # reopened: as it was
+        store.close()
+    # Another release ran meanwhile (simulated: this store makes the drive's changes, then
+    # this release's file is put back as it was before them): it made "added" and removed
+    # "dropped", and wrote neither to this release's file.
+    other = base.open_store(drive_dir)
+    try:
+        other.write_small(base.make_meta("added", [b"a"]), b"a")
+        other.delete(BUCKET, "dropped")
+        ours_then = other._index.dump()
+    finally:
+        other.close()
+    stale = sqlite3.connect(drive_dir / shards.INDEX_FILE)
+    stale.execute("DELETE FROM objects WHERE key = CAST('added' AS BLOB)")
+    stale.execute(
+        "INSERT INTO objects (bucket, key, size, etag, mtime_ns, is_pointer)"
+        " VALUES (?, CAST('dropped' AS BLOB), 1, 'e', 1, 0)", (BUCKET,)
+    )  # fmt: skip
+    stale.commit()
+    stale.close()
+    v010 = _v010_index(drive_dir, [(BUCKET, "added", 1)])
+    reopened = base.open_store(drive_dir)
+    try:
+        assert [e.key for e in reopened.list(BUCKET)] == ["added", "kept"]
+        assert reopened._index.dump() == ours_then
+    finally:
+        reopened.close()
+    assert not v010.exists()
+    assert sorted(p.name for p in (drive_dir / ".kvtier").glob("index*")) == [
+        "index-2.sqlite", "index.clean"
+    ]  # fmt: skip
+    # Without another release's file, a cleanly closed index is trusted as before.
+    poisoned = sqlite3.connect(drive_dir / shards.INDEX_FILE)
+    poisoned.execute("DELETE FROM objects WHERE key = CAST('kept' AS BLOB)")
+    poisoned.commit()
+    poisoned.close()
+    trusted = base.open_store(drive_dir)
+    try:
+        assert [e.key for e in trusted.list(BUCKET)] == ["added"]
+    finally:
+        trusted.close()
+
+
+def test_v010_rebuilds_an_index_it_does_not_find(drive_dir: Path) -> None:
+    """The other half of a rollback, v0.1.0's side, as its store opens a drive (services/
+    datanode/shards.py of v0.1.0): `fresh = not index.sqlite.exists()`, then `if fresh or ...:
+    rebuild`. A drive this release closed has no index.sqlite, so v0.1.0 rebuilds one."""
+    store = base.open_store(drive_dir)
+    try:
+        store.write_small(base.make_meta("k", [b"k"]), b"k")
+    finally:
+        store.close()
+    assert not (drive_dir / ".kvtier" / index.file_name(1)).exists()
 
 
 @pytest.mark.parametrize("versioned", [False, True])
@@ -348,9 +373,9 @@ def test_owners_are_indexed_and_rebuilt(drive_dir: Path, versioned: bool) -> Non
         assert [(v.key, v.owner) for v in got] == expected
     finally:
         store.close()
-    # A lost index is rebuilt from the metas; so is one of older code (no owner column),
-    # closed cleanly: once, at the first open that adds the column.
-    for lose in (lambda db: db.unlink(), _drop_owner_columns):
+    # A lost index is rebuilt from the metas; so is one whose owners are stale (closed
+    # cleanly) when another release's index file is beside it (another release ran since).
+    for lose in (lambda db: db.unlink(), _blank_owners_beside_v010):
         lose(drive_dir / shards.INDEX_FILE)
         reopened = base.open_store(drive_dir)
         try:
@@ -360,16 +385,15 @@ def test_owners_are_indexed_and_rebuilt(drive_dir: Path, versioned: bool) -> Non
             assert [(v.key, v.owner) for v in got] == expected
         finally:
             reopened.close()
-    filled = index.ShardIndex(drive_dir / shards.INDEX_FILE).get_state()["filled"]
-    assert filled == index.FILLED == "owner,initiator"
 
 
-def _drop_owner_columns(path: Path) -> None:
-    """Make the index one of older code (closed cleanly)."""
+def _blank_owners_beside_v010(path: Path) -> None:
+    """Owners and initiators blanked in this release's index (closed cleanly), and a v0.1.0
+    index file beside it."""
     db = sqlite3.connect(path)
     db.executescript(
-        "ALTER TABLE objects DROP COLUMN owner; ALTER TABLE versions DROP COLUMN owner;"
-        "ALTER TABLE objects DROP COLUMN initiator; DELETE FROM state WHERE name = 'filled';"
+        "UPDATE objects SET owner = '', initiator = ''; UPDATE versions SET owner = '';"
     )
     db.commit()
     db.close()
+    _v010_index(path.parent.parent, [])

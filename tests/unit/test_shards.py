@@ -557,7 +557,7 @@ def expected(model: list[str], prefix: str, start_after: str, limit: int) -> lis
 
 
 ALLOWED_PATHS = re.compile(
-    r"\.kvtier/(format\.json|index\.sqlite(-wal|-shm)?|index\.clean|tmp|journal)"
+    r"\.kvtier/(format\.json|index-2\.sqlite(-wal|-shm)?|index\.clean|tmp|journal)"
     r"|\.kvtier/superseded(/[a-z0-9.-]{3,63}@[0-9a-f]{64})?"
     r"|objects(/[a-z0-9.-]{3,63}(/[0-9a-f]{2}(/[0-9a-f]{64}"
     r"(/meta|/meta\.prev(\.[1-3])?|/[0-9a-f]{32}(/part\.\d+)?)?)?)?)?"
@@ -606,7 +606,7 @@ def test_listing_matches_a_sorted_model(tmp_path: Path, drive_dir: Path) -> None
     assert store.rebuild_index() == sum(len(m) for m in model.values())
     assert {b: store.list(b, limit=10**6) for b in model} == incremental
     store.close()
-    for path in (drive_dir / ".kvtier").glob("index.sqlite*"):
+    for path in (drive_dir / ".kvtier").glob("index*.sqlite*"):
         path.unlink()
     reopened = open_store(drive_dir)  # a wiped index is rebuilt on open
     assert {b: reopened.list(b, limit=10**6) for b in model} == incremental
@@ -654,7 +654,8 @@ def test_a_power_loss_after_a_clean_restart_still_rebuilds_the_index(
     first = open_store(drive_dir)
     put(first, "before", [b"x"])
     first.close()  # clean: the index synced, the marker made
-    names = ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm")
+    name = shards.INDEX_FILE.name
+    names = (name, f"{name}-wal", f"{name}-shm")
     synced = {n: (drive_dir / ".kvtier" / n).read_bytes() for n in names
               if (drive_dir / ".kvtier" / n).exists()}  # fmt: skip
     second = open_store(drive_dir)
