@@ -43,7 +43,7 @@ from tests.fault import harness, test_rolling, workload
 pytestmark = pytest.mark.integration
 
 PREVIOUS_RELEASE = "v0.1.0"
-#: The commit the tag names (docs/upgrades.md): the tree before the graceful drain (9a9324b).
+#: The commit the tag names (docs/upgrades.md): the last one before the graceful drain (9a9324b).
 PREVIOUS_RELEASE_COMMIT = "69ab5db0be48dba819a558ecfe5b1621de1decd8"
 REPO = Path(__file__).resolve().parents[2]
 DURATIONS = [
