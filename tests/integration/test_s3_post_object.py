@@ -111,6 +111,9 @@ def test_v4_post_with_filename_metadata_and_201(
     assert got["ETag"] == response.headers["ETag"]
     assert got["ContentType"] == "text/plain"
     assert got["Metadata"] == {"owner": "alice"}
+    # The checksum is stored as a PUT's is: answered with checksum mode.
+    head = s3.head_object(Bucket=BUCKET, Key="up/data.bin", ChecksumMode="ENABLED")
+    assert head["ChecksumSHA256"] == sha
 
 
 def test_v4_post_default_204_and_v2_post(
@@ -182,6 +185,19 @@ def _bad_digest(s3: Any) -> tuple[str, Fields]:
     return _fields(post)
 
 
+def _checksum_field(key: str, value: str, *, named: bool) -> Case:
+    """A form with an x-amz-checksum-sha256 field, a condition naming it or not (s3-tests'
+    test_post_object_upload_checksum names none: S3 refuses any field no condition names)."""
+
+    def case(s3: Any) -> tuple[str, Fields]:
+        conditions = [{"x-amz-checksum-sha256": value}] if named else []
+        post = s3.generate_presigned_post(BUCKET, key, Conditions=conditions)
+        url, fields = _fields(post)
+        return url, [*fields, ("x-amz-checksum-sha256", value)]
+
+    return case
+
+
 def _range(low: int, high: int) -> Case:
     def case(s3: Any) -> tuple[str, Fields]:
         key = "bad/small" if low else "bad/large"
@@ -207,6 +223,12 @@ def _range(low: int, high: int) -> Case:
         ("bad/small", _range(100, 200), 400, "EntityTooSmall", ""),
         ("bad/large", _range(0, MIB), 400, "EntityTooLarge", ""),
         ("bad/digest", _bad_digest, 400, "BadDigest", ""),
+        ("bad/sum-unnamed", _checksum_field(
+         "bad/sum-unnamed", base64.b64encode(hashlib.sha256(b"x").digest()).decode(),
+         named=False), 403, "AccessDenied",
+         "Invalid according to Policy: Extra input fields: x-amz-checksum-sha256"),
+        ("bad/sum-malformed", _checksum_field("bad/sum-malformed", "sailorjerry", named=True),
+         400, "BadDigest", ""),
     ],
 )  # fmt: skip
 def test_refused_forms_store_nothing(

@@ -3,6 +3,7 @@ the file streamed through `FilePayload`, and every malformed body a typed S3 err
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncIterator
 
@@ -104,3 +105,26 @@ async def test_file_shorter_than_the_policy_minimum(url: str) -> None:
     body = _part("key", b"k") + _part("file", b"abc") + b"--b--\r\n"
     assert await _post(url + "?min=4", body) == (400, "EntityTooSmall")
     assert (await _post(url + "?min=3", body))[0] == 200
+
+
+def _b64(size: int) -> str:
+    return base64.b64encode(bytes(range(size))).decode()
+
+
+def test_checksum_fields_are_digests_of_their_algorithm() -> None:
+    """x-amz-checksum-* fields: the base64 of a digest of the algorithm's size is kept for the
+    write to check (BadDigest there); anything else is BadDigest before the file is read, as a
+    PUT answers it (s3-tests' 'sailorjerry', a SHA1 digest sent as a SHA256 one, bad base64,
+    an empty value)."""
+    sizes = {"crc32": 4, "crc32c": 4, "crc64nvme": 8, "sha1": 20, "sha256": 32}
+    for name, size in sizes.items():
+        fields = {f"x-amz-checksum-{name}": _b64(size), "x-amz-checksum-algorithm": name}
+        assert post_object._checksums(fields) == ([name.upper()], {name.upper(): _b64(size)})
+    for value in ("sailorjerry", _b64(20), _b64(32)[:-1], "", "é" * 44):
+        with pytest.raises(s3errors.S3Error) as refused:
+            post_object._checksums({"x-amz-checksum-sha256": value})
+        assert (refused.value.code, refused.value.status) == ("BadDigest", 400)
+        assert "x-amz-checksum-sha256" in str(refused.value)
+    with pytest.raises(s3errors.S3Error) as unknown:
+        post_object._checksums({"x-amz-checksum-md5": _b64(16)})
+    assert unknown.value.code == "InvalidRequest"

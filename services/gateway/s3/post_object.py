@@ -18,8 +18,9 @@ bucket's Object Ownership says).
 Fields: key (`${filename}` is the file part's filename), policy, x-amz-algorithm /
 x-amz-credential / x-amz-date / x-amz-signature (V4) or AWSAccessKeyId / signature (V2),
 Content-Type, Content-Encoding, Content-Disposition, Content-Language, Cache-Control, Expires,
-x-amz-meta-*, x-amz-checksum-* (checked like a PUT's headers), tagging (a Tagging document,
-`tags.parse_xml`), success_action_status,
+x-amz-meta-*, x-amz-checksum-* (checked like a PUT's headers: BadDigest, before the file is
+read for a value that is no base64 digest of its algorithm; like any field, a condition must
+name it), tagging (a Tagging document, `tags.parse_xml`), success_action_status,
 success_action_redirect (or redirect), acl (a canned ACL, as PutObject's x-amz-acl);
 x-amz-storage-class and other x-amz-* fields are accepted (a condition must still name them)
 and not applied, as their headers are not on PutObject. A form without signature fields and
@@ -33,6 +34,8 @@ buckets answer NotImplemented (their PUT needs the size up front).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import dataclasses
 import typing
 import urllib.parse
@@ -42,6 +45,7 @@ from collections.abc import Mapping
 from aiohttp import http_exceptions, multipart, streams, web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from kvtier import checksums
 from kvtier.proto.datanode.v1 import datanode_pb2
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
@@ -411,7 +415,24 @@ def _checksums(fields: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     for algorithm in [*wanted, *expected]:
         if algorithm not in object_ops.ALGORITHMS:
             raise s3errors.S3Error("InvalidRequest", f"unknown checksum algorithm {algorithm}")
+    for algorithm, value in expected.items():
+        _check_digest(algorithm, value)
     return wanted, expected
+
+
+def _check_digest(algorithm: str, value: str) -> None:
+    """BadDigest (as a PUT answers a checksum that does not match) unless value is the base64
+    of a digest of algorithm's size (4 bytes for CRC32, 32 for SHA256...): refused before the
+    file is read, as nothing could match it."""
+    try:
+        digest = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        digest = b""
+    if len(digest) != checksums.new(algorithm).digest_size:
+        name = f"{object_ops.CHECKSUM_HEADER}{algorithm.lower()}"
+        raise s3errors.S3Error(
+            "BadDigest", f"Value for {name} is invalid: not the base64 of a {algorithm} digest."
+        )
 
 
 def _answer(
