@@ -119,12 +119,11 @@ class _Gateway:
         ]
 
     async def sweep_loop(self, ctx: service.Context) -> None:
-        """Abort uploads whose client vanished."""
+        """Abort uploads whose client vanished, every _SWEEP_S."""
         while True:
             await asyncio.sleep(_SWEEP_S)
             if self.front is not None:
-                await self.front.engine.sweep()
-                await self.front.multipart.sweep()
+                await sweep_once(self.front)
 
     async def drain(self, ctx: service.Context, grace_s: float) -> None:
         """Shutdown, once out of the map: S3 stops accepting connections at once (a load
@@ -245,6 +244,24 @@ class _Gateway:
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
+
+
+async def sweep_once(objects_front: front.ObjectFront) -> None:
+    """One pass of the upload sweeps. A failed pass is logged and left to the next one: the
+    drives may be out of reach for a while (a rack's power, a partition), and a loop that
+    raised would end the gateway itself (`kvtier.service`: a failed loop stops the service),
+    as a whole-tier power loss did in tests/fault/test_power_loss.py."""
+    sweeps = (
+        ("staged writes", objects_front.engine.sweep),
+        ("multipart", objects_front.multipart.sweep),
+    )
+    for name, sweep in sweeps:
+        try:
+            await sweep()
+        except errors.KVTierError as exc:  # unreachable drives, no quorum: the next pass
+            log.warning("%s sweep skipped: %s", name, exc)
+        except Exception:  # boundary: the next pass tries again
+            log.exception("%s sweep failed", name)
 
 
 def build(cfg: config.GatewayConfig) -> service.ServiceSpec:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 import os
 import random
 import zlib
@@ -16,6 +17,7 @@ import pytest
 from kvtier import errors, etcdserver, membership, names, objects
 from kvtier.proto.gateway.v1 import objects_pb2
 from services.datanode import config as datanode_config
+from services.gateway import __main__ as gateway_main
 from tests.component import objects_cluster
 
 KIB, MIB = objects_cluster.KIB, objects_cluster.MIB
@@ -215,3 +217,37 @@ async def test_checksums_copy_parts_and_degraded_reads(cluster: Cluster) -> None
             raw[50:60] = b"\x00" * 10
             await asyncio.to_thread(path.write_bytes, bytes(raw))
         assert await client.get_object("sums", "dst") == whole
+
+
+async def test_the_upload_sweep_outlives_unreachable_drives(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gateway's periodic sweep of stale uploads (`gateway_main.sweep_once`) with every
+    datanode down: the pass is skipped and logged, not raised (a raised error ended the sweep
+    loop and with it the whole gateway: tests/fault/test_power_loss.py, every datanode's power
+    cut); once the drives are back a pass runs clean and leaves a live upload alone."""
+    async with await objects.AsyncObjectClient.connect(cluster.gateway.address) as client:
+        await client.create_bucket("swept")
+        upload = await client.create_multipart_upload("swept", "k")
+        part = await client.upload_part("swept", "k", upload, 1, objects_cluster.data(8, 1000))
+    for i in range(len(cluster.datanodes)):
+        await cluster.stop_datanode(i)
+    await cluster.gateway.ctx.map_view.wait_for(
+        lambda m: not any(n.drives for n in m.nodes), timeout_s=15
+    )
+    with caplog.at_level(logging.WARNING, logger=gateway_main.__name__):
+        await gateway_main.sweep_once(cluster.front)  # raises nothing
+    assert "multipart sweep skipped: listing" in caplog.text
+    for i in range(len(cluster.datanodes)):
+        await cluster.start_datanode(i)
+    await cluster.gateway.ctx.map_view.wait_for(
+        lambda m: sum(len(n.drives) for n in m.nodes) == objects_cluster.DATANODES * 2,
+        timeout_s=15,
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=gateway_main.__name__):
+        await gateway_main.sweep_once(cluster.front)
+    assert "sweep" not in caplog.text
+    async with await objects.AsyncObjectClient.connect(cluster.gateway.address) as client:
+        info = await client.complete_multipart_upload("swept", "k", upload, [part])
+        assert info.size == 1000

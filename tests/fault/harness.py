@@ -238,6 +238,16 @@ class FaultCluster:
         self.children[node].start()
         asyncio.run(self._wait_ready())
 
+    def restart_all(self, nodes: list[str]) -> None:
+        """Start nodes again together (same identities, data and flags), then wait until the
+        cluster is ready: for nodes that are all down at once (one node's restart waits for a
+        ready cluster, which needs the others)."""
+        for node in nodes:
+            self.stop(node)
+            self.children[node] = self._child(node)
+            self.children[node].start()
+        asyncio.run(self._wait_ready())
+
     def stop(self, node: str, grace_s: float = 15) -> int | None:
         """Stop node as an operator does (SIGTERM; SIGKILL after grace_s); its exit code
         (None when it was not running)."""

@@ -187,16 +187,46 @@ def cut(cluster: harness.FaultCluster, node: str) -> Cut:
     return result
 
 
+def cut_all(cluster: harness.FaultCluster, nodes: list[str]) -> dict[str, Cut]:
+    """Cut the power of several nodes at once (a rack or the whole cluster): every one frozen
+    first, then every filesystem shut down, then every one SIGKILLed, so that none goes on
+    writing while another is already cut."""
+    for node in nodes:
+        cluster.signal(node, signal.SIGSTOP)
+    results = {
+        node: Cut(before={str(d.mountpoint): d.files() for d in cluster.power_drives[node]})
+        for node in nodes
+    }
+    for node in nodes:
+        for drive in cluster.power_drives[node]:
+            drive.shut_down()
+    for node in nodes:
+        cluster.signal(node, signal.SIGKILL)
+    return results
+
+
 def power_on(cluster: harness.FaultCluster, node: str, result: Cut) -> None:
     """Bring the drives back from their images (journal replay), a new boot id, and start the
     node; returns once the cluster is ready. Fills result.after."""
+    _reboot(cluster, node, result)
+    cluster.restart(node)
+
+
+def power_on_all(cluster: harness.FaultCluster, results: dict[str, Cut]) -> None:
+    """power_on of several nodes cut together: all drives back, then all nodes started, then
+    the wait for a ready cluster."""
+    for node, result in results.items():
+        _reboot(cluster, node, result)
+    cluster.restart_all(list(results))
+
+
+def _reboot(cluster: harness.FaultCluster, node: str, result: Cut) -> None:
     for drive in cluster.power_drives[node]:
         drive.remount()
         result.after[str(drive.mountpoint)] = drive.files()
     boot_id = cluster.base / f"boot_id-{node}"
     boot_id.write_text(f"{uuid.uuid4()}\n")
     cluster.boot_ids[node] = boot_id
-    cluster.restart(node)
 
 
 def reboot_argv(boot_id: Path) -> list[str]:

@@ -14,6 +14,9 @@ byte-exact and listed); after `AdminService.Heal` every object is healthy on eve
 run verifies each drive's copy and blocks) and each cut drive's index lists exactly the objects
 whose meta files it holds. Short by default; `-m fault_full` runs longer before, during and
 after the cut (the kernel's own writeback, 30 s, then has time to write some unsynced data).
+
+The second scenario cuts every datanode at once (the whole storage tier): no copy is up to
+heal from, so what survives is exactly what the datanodes synced before acknowledging.
 """
 
 from __future__ import annotations
@@ -175,6 +178,78 @@ def test_datanode_power_loss(
     assert report.acknowledged > acknowledged_before > 5
     assert len(rebuilt) == cluster.drives_per_datanode, f"index rebuilt per drive: {boot[-3000:]}"
     assert sum(replayed) > 0, f"no journal replayed: {boot[-3000:]}"
+    assert healed["unrecoverable"] == 0, healed
+    assert checked["unrecoverable"] == 0, checked
+    assert checked["healthy"] == checked["scanned"] >= len(load.objects), (healed, checked)
+    assert mismatches == {d: [] for d in mismatches}
+
+
+@pytest.mark.parametrize("duration", DURATIONS)
+def test_every_datanode_loses_power(
+    power_host: None, open_cluster: Opener, duration: str, request: pytest.FixtureRequest
+) -> None:
+    """Power cut on every datanode at once under load (the whole storage tier: a rack, a
+    building): nothing acknowledged is lost or changed, though no drive kept anything unsynced
+    and no other copy was up to heal from; writes fail while the tier is off and work again
+    once it is back; every drive recovers its journal and index and the heal finds nothing
+    to repair that it cannot."""
+    nodes = [f"datanode-{i}" for i in range(1, 5)]
+    cluster = open_cluster(power_nodes=tuple(nodes),
+                           dataplane_transports=harness.SAME_HOST_DATAPLANE)  # fmt: skip
+    seed = int(os.environ.get("KVTIER_TEST_SEED", "1"))
+    load = workload.Workload(cluster.info, cluster.user_security(), seed=seed)
+    logs = {n: cluster.state / "logs" / f"{n}.log" for n in nodes}
+    load.start()
+    try:
+        _until(lambda: load.report.acknowledged >= 5 and len(load.kv_keys) >= 8, 60, "warm-up")
+        time.sleep(BEFORE_S[duration])  # load before the cut, not a readiness wait
+        acknowledged_before = load.report.acknowledged
+        load.fault_started()
+        cuts = powercut.cut_all(cluster, nodes)
+        offsets = {n: log.stat().st_size for n, log in logs.items()}
+        time.sleep(OFF_S[duration])  # the tier stays off this long
+        started = time.monotonic()
+        powercut.power_on_all(cluster, cuts)
+        load.fault_ended()
+        load.report.ready_s = time.monotonic() - started
+        time.sleep(AFTER_S[duration] + 3)  # the workload runs on after the restart
+    finally:
+        load.stop()
+    load.verify()
+    healed = heal(cluster, load.bucket, dry_run=False)
+    checked = heal(cluster, load.bucket, dry_run=True)
+    boots = {n: log.read_text(errors="replace")[offsets[n] :] for n, log in logs.items()}
+    replayed = {n: sum(int(x) for x in re.findall(r"(\d+) journal records replayed", b))
+                for n, b in boots.items()}  # fmt: skip
+    rebuilt = {n: len(re.findall(r"index rebuilt, (\d+) objects", b)) for n, b in boots.items()}
+    mismatches = {str(d.mountpoint): index_mismatch(d.mountpoint)
+                  for n in nodes for d in cluster.power_drives[n]}  # fmt: skip
+    report = load.report
+    name = "every datanode loses power"
+    extra = {
+        "acknowledged_before_cut": acknowledged_before,
+        "metas_before_cut": sum(c.count() for c in cuts.values()),
+        "metas_discarded": sum(c.discarded() for c in cuts.values()),
+        "journal_records_replayed": replayed,
+        "heal": healed,
+        "heal_check": checked,
+    }
+    line = {"scenario": name, "duration": duration, "row": report.row(name),
+            **report.as_dict(), **extra}  # fmt: skip
+    request.node.user_properties.append(("fault_report", line))
+    out = os.environ.get("KVTIER_FAULT_RESULTS")
+    if out:
+        with open(out, "a") as results:
+            results.write(json.dumps(line) + "\n")
+    assert sum(c.discarded() for c in cuts.values()) > 0, f"the cut discarded nothing: {extra}"
+    assert report.wrong_bytes == []
+    assert report.wrong_listings == []
+    assert report.lost_acknowledged == []
+    assert report.acknowledged > acknowledged_before > 5, "no acknowledged write after power-on"
+    # Failures only while the tier was off or coming back (boto3's retries end within that).
+    assert report.recovery_s < 10, f"writes still failed {report.recovery_s:.1f}s after ready"
+    assert rebuilt == {n: cluster.drives_per_datanode for n in nodes}, boots
+    assert sum(replayed.values()) > 0, f"no journal replayed: {extra}"
     assert healed["unrecoverable"] == 0, healed
     assert checked["unrecoverable"] == 0, checked
     assert checked["healthy"] == checked["scanned"] >= len(load.objects), (healed, checked)
