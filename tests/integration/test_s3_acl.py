@@ -417,6 +417,43 @@ def test_write_grants_and_object_ownership(
     assert _fails(lambda: owner.head_object(Bucket="acl-dropbox", Key="copied"))[1] == 404
 
 
+def test_a_write_grant_deletes_no_version_for_good(owner: Any, other: Any, anon: Any) -> None:
+    """A bucket's WRITE grant lets others delete its objects (a delete marker in a versioned
+    bucket), never a version for good: S3 grants s3:DeleteObjectVersion through WRITE to the
+    bucket's owner alone; DeleteObjects answers AccessDenied for such an entry."""
+    owner.create_bucket(Bucket="acl-versions", ACL="public-read-write")
+    owner.put_bucket_versioning(
+        Bucket="acl-versions", VersioningConfiguration={"Status": "Enabled"}
+    )
+    version = owner.put_object(Bucket="acl-versions", Key="k", Body=b"kept")["VersionId"]
+    for client in (anon, other):
+        delete = functools.partial(client.delete_object, Bucket="acl-versions", Key="k")
+        _denied(functools.partial(delete, VersionId=version))
+        entry = {"Key": "k", "VersionId": version}
+        done = client.delete_objects(Bucket="acl-versions", Delete={"Objects": [entry]})
+        assert [(e["Key"], e["Code"]) for e in done.get("Errors", [])] == [("k", "AccessDenied")]
+    assert anon.delete_object(Bucket="acl-versions", Key="k")["DeleteMarker"]
+    kept = owner.get_object(Bucket="acl-versions", Key="k", VersionId=version)
+    assert kept["Body"].read() == b"kept"
+    owner.delete_object(Bucket="acl-versions", Key="k", VersionId=version)  # the owner may
+
+
+def test_a_write_grant_aborts_only_ones_own_uploads(owner: Any, other: Any, anon: Any) -> None:
+    """S3 lets the bucket's owner and an upload's initiator abort it (others: a policy's
+    Allow); a bucket's WRITE grant aborts no one else's upload in progress."""
+    owner.create_bucket(Bucket="acl-aborts", ACL="public-read-write")
+    mine = owner.create_multipart_upload(Bucket="acl-aborts", Key="k")["UploadId"]
+    others = other.create_multipart_upload(Bucket="acl-aborts", Key="k")["UploadId"]
+    for client, upload in ((anon, mine), (other, mine), (anon, others)):
+        abort = functools.partial(client.abort_multipart_upload, Bucket="acl-aborts", Key="k")
+        _denied(functools.partial(abort, UploadId=upload))
+    listed = {u["UploadId"] for u in owner.list_multipart_uploads(Bucket="acl-aborts")["Uploads"]}
+    assert listed == {mine, others}
+    other.abort_multipart_upload(Bucket="acl-aborts", Key="k", UploadId=others)  # its own
+    owner.abort_multipart_upload(Bucket="acl-aborts", Key="k", UploadId=mine)
+    assert "Uploads" not in owner.list_multipart_uploads(Bucket="acl-aborts")
+
+
 def test_objects_written_through_a_grant_belong_to_their_writer(
     owner: Any, other: Any, third: Any, anon: Any
 ) -> None:

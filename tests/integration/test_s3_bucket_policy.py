@@ -153,6 +153,46 @@ def test_explicit_deny_beats_the_owner_and_an_acl_grant(users: dict[str, Any]) -
     assert owner.get_object(Bucket=bucket, Key="priv/b")["Body"].read() == b"priv/b"
 
 
+def test_a_deny_of_deleting_versions_covers_delete_objects(users: dict[str, Any]) -> None:
+    """A Deny of s3:DeleteObjectVersion (keep every version) refuses a version's deletion
+    through DeleteObjects too, per entry as S3 does (its body names the versions: the gate
+    cannot see them); a plain delete in the same request (a delete marker: s3:DeleteObject)
+    goes ahead."""
+    owner = users["owner"]
+    bucket = _bucket(owner, "pol-keep-versions")
+    owner.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    version = owner.put_object(Bucket=bucket, Key="pub/a", Body=b"kept")["VersionId"]
+    deny = {"Effect": "Deny", "Action": "s3:DeleteObjectVersion"}
+    owner.put_bucket_policy(Bucket=bucket, Policy=_policy(bucket, deny))
+    _denied(lambda: owner.delete_object(Bucket=bucket, Key="pub/a", VersionId=version))
+    both = [{"Key": "pub/a", "VersionId": version}, {"Key": "priv/b"}]
+    done = owner.delete_objects(Bucket=bucket, Delete={"Objects": both})
+    assert [(e["Key"], e["Code"]) for e in done.get("Errors", [])] == [("pub/a", "AccessDenied")]
+    assert [d["Key"] for d in done["Deleted"]] == ["priv/b"]
+    assert done["Deleted"][0]["DeleteMarker"]
+    kept = owner.get_object(Bucket=bucket, Key="pub/a", VersionId=version)
+    assert kept["Body"].read() == b"kept"
+
+
+def test_a_deny_of_listing_hides_which_keys_exist(users: dict[str, Any]) -> None:
+    """S3 tells a missing key (404) from a refused one (403) only to a caller with
+    s3:ListBucket: a Deny of it takes that away from a bucket's READ grantees too (another
+    tenant, anonymous), and from a caller a policy's Allow lets read objects."""
+    owner, other, anon = users["owner"], users["other"], users["anon"]
+    bucket = _bucket(owner, "pol-unlisted")
+    owner.put_bucket_acl(Bucket=bucket, ACL="public-read")
+    owner.put_object_acl(Bucket=bucket, Key="pub/a", ACL="public-read")
+    assert _fails(lambda: anon.get_object(Bucket=bucket, Key="missing")) == ("NoSuchKey", 404)
+    allow = {"Effect": "Allow", "Principal": {"AWS": OTHER}, "Action": "s3:GetObject"}
+    deny = {"Effect": "Deny", "Action": "s3:ListBucket"}
+    owner.put_bucket_policy(Bucket=bucket, Policy=_policy(bucket, allow, deny))
+    for client in (other, anon):
+        _denied(functools.partial(client.list_objects_v2, Bucket=bucket))
+        _denied(functools.partial(client.get_object, Bucket=bucket, Key="missing"))
+        _denied(functools.partial(client.head_object, Bucket=bucket, Key="missing"))
+        assert client.get_object(Bucket=bucket, Key="pub/a")["Body"].read() == b"pub/a"
+
+
 def test_prefix_condition_on_list_bucket(users: dict[str, Any]) -> None:
     owner, other = users["owner"], users["other"]
     bucket = _bucket(owner, "pol-prefix")

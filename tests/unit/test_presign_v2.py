@@ -6,6 +6,7 @@ with 403s (a malformed header with a 400), never a 500."""
 from __future__ import annotations
 
 import email.utils
+import functools
 import time
 import urllib.parse
 from typing import Any
@@ -96,6 +97,36 @@ def test_expires_must_be_ascii_digits(expires: str) -> None:
     with pytest.raises(s3errors.S3Error) as caught:
         presign_v2.parse_v2(query)
     assert (caught.value.code, caught.value.status) == ("AccessDenied", 403)
+
+
+@pytest.mark.parametrize(
+    "subresource", ["publicAccessBlock", "ownershipControls", "policyStatus", "attributes"]
+)
+def test_a_v2_url_names_its_operation(subresource: str) -> None:
+    """A sub-resource that routes a request to another operation is signed: a URL presigned
+    for one (ListObjects, DeleteBucket) is never another (DeletePublicAccessBlock...)."""
+    client = boto3.client(
+        "s3", endpoint_url="http://localhost:9000", aws_access_key_id=ACCESS,
+        aws_secret_access_key=SECRET, region_name="us-east-1",
+        config=botocore.config.Config(signature_version="s3", s3={"addressing_style": "path"}),
+    )  # fmt: skip
+    signed = [
+        ("GET", "list_objects", {"Bucket": "b"}),
+        ("DELETE", "delete_bucket", {"Bucket": "b"}),
+        ("GET", "get_object", {"Bucket": "b", "Key": "k"}),
+    ]
+    for method, operation, named in signed:
+        raw_path, query = split(client.generate_presigned_url(operation, Params=named))
+        v2 = presign_v2.parse_v2(query)
+        assert v2 is not None
+        check = functools.partial(
+            presign_v2.verify_v2, v2, SECRET, method=method, raw_path=raw_path, headers={},
+            now=time.time(),
+        )  # fmt: skip
+        check(query=query)  # as signed
+        with pytest.raises(s3errors.S3Error) as caught:
+            check(query={subresource: "", **query})
+        assert caught.value.code == "SignatureDoesNotMatch", operation
 
 
 def test_undecodable_amz_headers_do_not_match() -> None:

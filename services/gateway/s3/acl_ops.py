@@ -266,11 +266,11 @@ async def _copy_source_admission(
             if not policy_ops.allow_admits(info, policy, decision):
                 raise _denied()
             listed = policy_ops.may_list(policy, who, bucket, remote)
-            admission = _policy_admission(info, who, "object", listed)
+            admission = _policy_admission(info, who, "object", listed, remote)
         else:
-            admission = _object_admission(info, who, acl.READ)
+            admission = _object_admission(info, who, acl.READ, remote)
     elif not owned:
-        admission = _object_admission(info, who, acl.READ)
+        admission = _object_admission(info, who, acl.READ, remote)
     return _writer_owned(admission, info, who, acl.READ)
 
 
@@ -457,21 +457,29 @@ def _decide(
         scope = GRANTED[op][0] if op in GRANTED else "object"
         if op in POLICY_UPLOADS:
             scope = "write"
-        return _policy_admission(
-            info, who, scope, policy_ops.may_list(policy, who, info.name, seen.remote)
-        )
+        listed = policy_ops.may_list(policy, who, info.name, seen.remote)
+        return _policy_admission(info, who, scope, listed, seen.remote)
     if op not in GRANTED or ownership.enforced(info):  # policy only, or ACLs disabled
+        raise _denied()
+    # S3 maps a bucket's WRITE grant to s3:DeleteObjectVersion for the bucket's owner alone:
+    # no grant lets anyone else delete a version for good (a DeleteObjects entry with a
+    # versionId: `policy_ops.delete_objects`), only a policy's Allow does.
+    if op == "DeleteObject" and "versionId" in seen.query:
         raise _denied()
     scope, permission = GRANTED[op]
     if scope == "object":
-        return _object_admission(info, who, permission)
+        return _object_admission(info, who, permission, seen.remote)
     if not acl.allows(_effective(info, info.acl), info.tenant, who, permission):
         raise _denied()
     return front_mod.Admission(info.name, scope)
 
 
 def _policy_admission(
-    info: metadata_pb2.BucketInfo, who: auth.Principal, scope: str, listed: bool
+    info: metadata_pb2.BucketInfo,
+    who: auth.Principal,
+    scope: str,
+    listed: bool,
+    remote: str = "",
 ) -> front_mod.Admission:
     """The admission of a request the bucket policy allows: its operation's scope, whatever
     the ACLs say (an object's own ACL included); listed: the policy allows ListBucket."""
@@ -481,15 +489,16 @@ def _policy_admission(
     def check(object_acl: acl_pb2.Acl) -> None:
         pass  # the policy allowed this object's operation: its ACL adds nothing
 
-    may_list = listed or acl.allows(_effective(info, info.acl), info.tenant, who, acl.READ)
+    may_list = listed or _acl_lists(info, who, remote)
     return front_mod.Admission(info.name, "object", check_object=check, may_list=may_list)
 
 
 def _object_admission(
-    info: metadata_pb2.BucketInfo, who: auth.Principal, permission: acl.Permission
+    info: metadata_pb2.BucketInfo,
+    who: auth.Principal,
+    permission: acl.Permission,
+    remote: str = "",
 ) -> front_mod.Admission:
-    owner = info.tenant
-
     def check(object_acl: acl_pb2.Acl) -> None:
         # Relative to the version's owner: its writer, where another tenant's (`acl.writer`),
         # but where the bucket's Object Ownership disables ACLs.
@@ -499,8 +508,17 @@ def _object_admission(
                 "the object's ACL does not allow it", reason="AccessDenied"
             )
 
-    may_list = acl.allows(_effective(info, info.acl), owner, who, acl.READ)
-    return front_mod.Admission(info.name, "object", check_object=check, may_list=may_list)
+    return front_mod.Admission(
+        info.name, "object", check_object=check, may_list=_acl_lists(info, who, remote)
+    )
+
+
+def _acl_lists(info: metadata_pb2.BucketInfo, who: auth.Principal, remote: str) -> bool:
+    """Whether the bucket's ACL lets the caller list it (READ), so that a missing object is
+    NoSuchKey, not AccessDenied: not where the bucket's policy denies it s3:ListBucket."""
+    return acl.allows(
+        _effective(info, info.acl), info.tenant, who, acl.READ
+    ) and not policy_ops.list_denied(info, who, remote)
 
 
 async def _wanted_acl(req: s3request.S3Request, owner: str, bucket_owner: str = "") -> acl_pb2.Acl:

@@ -8,12 +8,14 @@ from aiohttp import web
 
 from kvtier import errors
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
+from kvtier.proto.metadata.v1 import metadata_pb2
 from services.gateway import multipart, objectlayer, versions
 from services.gateway.s3 import (
     conditions,
     object_ops,
     ownership,
     params,
+    policy_ops,
     s3errors,
     s3request,
     versioning_ops,
@@ -167,9 +169,10 @@ async def complete(s3: s3request.Door, req: s3request.S3Request) -> web.Response
 
 
 async def abort(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """AbortMultipartUpload (either bucket kind)."""
+    """AbortMultipartUpload (either bucket kind; who may: `_check_abort`)."""
     layer = await s3.layer(req)
     try:
+        await _check_abort(s3, req, layer)
         await layer.abort_multipart(
             pb.AbortMultipartUploadRequest(
                 bucket=req.bucket, key=req.key, upload_id=req.query["uploadId"]
@@ -178,6 +181,44 @@ async def abort(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
     except errors.NotFound as exc:
         raise _no_such_upload(exc) from None
     return web.Response(status=204)
+
+
+async def _check_abort(
+    s3: s3request.Door, req: s3request.S3Request, layer: objectlayer.ObjectLayer
+) -> None:
+    """AccessDenied unless the caller may abort the upload. S3 lets the bucket's owner and the
+    upload's initiator abort it, anyone else only where the bucket's policy allows
+    s3:AbortMultipartUpload: a bucket's WRITE grant (the gate's admission) does not reach
+    another's upload (nor, through it, an anonymous caller any: an anonymous writer's upload
+    records no initiator). By `policy_ops.decide_again`'s rules (cached, then fresh)."""
+    who = req.principal
+    if not req.bucket_owner or who.may_use(req.bucket_owner):
+        return
+    initiators: list[str] = []  # read once, where the policy does not decide
+
+    async def admits(info: metadata_pb2.BucketInfo) -> bool:
+        policy = policy_ops.policy_of(info)
+        if policy is not None:
+            decision = policy_ops.decide(
+                policy, req.op, who, info.name, req.key, req.query, req.http.headers,
+                req.http.remote or "",
+            )  # fmt: skip
+            if policy_ops.allow_admits(info, policy, decision):
+                return True
+        if who.anonymous:
+            return False
+        if not initiators:
+            page = await layer.list_parts(
+                pb.ListPartsRequest(
+                    bucket=req.bucket, key=req.key, upload_id=req.query["uploadId"], max_parts=1
+                )
+            )
+            initiators.append(page.initiator)
+        return initiators[0] == who.tenant
+
+    await policy_ops.decide_again(
+        lambda fresh: s3.front.bucket_info(req.bucket, fresh=fresh), who, admits
+    )
 
 
 def _int(req: s3request.S3Request, name: str, default: int) -> int:

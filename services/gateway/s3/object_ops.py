@@ -9,7 +9,7 @@ import binascii
 import hashlib
 import logging
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 
@@ -431,8 +431,15 @@ async def delete_object(s3: s3request.Door, req: s3request.S3Request) -> web.Res
     return response
 
 
-async def delete_objects(s3: s3request.Door, req: s3request.S3Request) -> web.Response:
-    """Delete up to 1000 keys; per-key errors in the result, not the status."""
+async def delete_objects(
+    s3: s3request.Door,
+    req: s3request.S3Request,
+    *,
+    allowed: Callable[[str, str], Awaitable[bool]] | None = None,
+) -> web.Response:
+    """Delete up to 1000 keys; per-key errors in the result, not the status. allowed(key,
+    version): whether the caller may delete that entry (AccessDenied for it otherwise: the
+    bucket policy's per-entry decision, `policy_ops.delete_objects`; None: every entry)."""
     layer = await s3.layer(req)
     raw = await req.payload.read_all(xmlio.MAX_BODY_BYTES)
     md5 = content_md5(req)
@@ -445,6 +452,8 @@ async def delete_objects(s3: s3request.Door, req: s3request.S3Request) -> web.Re
         async with gate:
             try:
                 check_key(key)
+                if allowed is not None and not await allowed(key, version):
+                    return s3errors.S3Error("AccessDenied", "Access Denied")
                 return await layer.delete(req.bucket, key, version)
             except s3errors.S3Error as exc:
                 return exc

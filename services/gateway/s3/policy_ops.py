@@ -35,7 +35,15 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 
 from kvtier.proto.metadata.v1 import metadata_pb2
-from services.gateway.s3 import auth, bucket_policy, public_access, s3errors, s3request, xmlio
+from services.gateway.s3 import (
+    auth,
+    bucket_policy,
+    object_ops,
+    public_access,
+    s3errors,
+    s3request,
+    xmlio,
+)
 from services.gateway.s3 import tags as tags_mod
 
 #: operation -> (IAM actions, IAM actions when it names a versionId). "bucket": its
@@ -318,11 +326,68 @@ async def decide_again(
     raise s3errors.S3Error("AccessDenied", "Access Denied")
 
 
+async def delete_objects(s3: s3request.Door, req: s3request.S3Request) -> web.StreamResponse:
+    """DeleteObjects (`object_ops.delete_objects`), each entry decided as S3 decides it: as
+    the DeleteObject of its key (s3:DeleteObjectVersion with a versionId) that the gate could
+    not see (`_UNSEEN_KEYS`). An entry is AccessDenied where the bucket's policy denies it, or
+    where a caller outside the bucket's tenant deletes a version without the policy's Allow
+    (no ACL grant deletes versions: `acl_ops._decide`); by `decide_again`'s rules (a signed
+    caller refused on the cached record is decided on a fresh one)."""
+    who, remote = req.principal, req.http.remote or ""
+    infos: dict[bool, metadata_pb2.BucketInfo] = {}
+
+    async def info_of(fresh: bool) -> metadata_pb2.BucketInfo:
+        if fresh not in infos:  # once per request, not per entry
+            infos[fresh] = await s3.front.bucket_info(req.bucket, fresh=fresh)
+        return infos[fresh]
+
+    async def admits(info: metadata_pb2.BucketInfo, key: str, version: str) -> bool:
+        policy = policy_of(info)
+        decision = bucket_policy.Decision.NONE
+        if policy is not None:
+            query = {"versionId": version} if version else {}
+            headers = req.http.headers
+            decision = decide(policy, "DeleteObject", who, info.name, key, query, headers, remote)
+        if decision is bucket_policy.Decision.DENY:
+            return False
+        return not version or who.may_use(info.tenant) or allow_admits(info, policy, decision)
+
+    async def allowed(key: str, version: str) -> bool:
+        try:
+            await decide_again(info_of, who, lambda info: admits(info, key, version))
+        except s3errors.S3Error:
+            return False
+        return True
+
+    # The bucket's owner or an admission first (AccessDenied, NoSuchBucket: as the layer's).
+    infos[False] = cached = await s3.owned_bucket(req)
+    if cached.policy.document or not who.may_use(cached.tenant):
+        return await object_ops.delete_objects(s3, req, allowed=allowed)
+    return await object_ops.delete_objects(s3, req)  # the owner's, no policy: every entry
+
+
 def may_list(
     policy: bucket_policy.Policy, principal: auth.Principal, bucket: str, remote: str
 ) -> bool:
     """Whether the policy allows the caller s3:ListBucket (a missing object is then NoSuchKey,
     not AccessDenied)."""
+    return _listing(policy, principal, bucket, remote) is bucket_policy.Decision.ALLOW
+
+
+def list_denied(info: metadata_pb2.BucketInfo, principal: auth.Principal, remote: str) -> bool:
+    """Whether the bucket's policy denies the caller s3:ListBucket: a missing object is then
+    AccessDenied, not NoSuchKey, whatever an ACL grants (S3 answers 404 to a caller with
+    s3:ListBucket alone, which an explicit Deny takes away)."""
+    policy = policy_of(info)
+    if policy is None:
+        return False
+    return _listing(policy, principal, info.name, remote) is bucket_policy.Decision.DENY
+
+
+def _listing(
+    policy: bucket_policy.Policy, principal: auth.Principal, bucket: str, remote: str
+) -> bucket_policy.Decision:
+    """The policy's word on the caller's s3:ListBucket of the bucket (no prefix)."""
     request = bucket_policy.Request(
         who(principal),
         "s3:ListBucket",
@@ -330,7 +395,7 @@ def may_list(
         bucket_policy.ARN_PREFIX + bucket,
         {"aws:sourceip": remote} if remote else {},
     )
-    return bucket_policy.evaluate(policy, request) is bucket_policy.Decision.ALLOW
+    return bucket_policy.evaluate(policy, request)
 
 
 def copy_source(headers: CIMultiDictProxy[str]) -> tuple[str, str, str] | None:

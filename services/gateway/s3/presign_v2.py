@@ -34,6 +34,10 @@ Headers = canon.Headers
 #: The longest a V2 presigned URL may still be valid at the time of a request (as V4's cap).
 MAX_EXPIRES_S = sigv4.MAX_PRESIGN_EXPIRES_S
 
+#: The sub-resources a V2 signature covers: AWS's list, and every other query key that routes
+#: a request to its operation here (`server.S3Server.route`: publicAccessBlock... which AWS
+#: serves to V4 alone), so that a URL presigned for one operation (ListObjects, DeleteBucket)
+#: is never another (GetPublicAccessBlock, DeletePublicAccessBlock) by an added key.
 V2_SUBRESOURCES = frozenset(
     {
         "acl", "cors", "delete", "lifecycle", "location", "logging", "notification", "partNumber",
@@ -41,6 +45,7 @@ V2_SUBRESOURCES = frozenset(
         "response-content-encoding", "response-content-language", "response-content-type",
         "response-expires", "restore", "tagging", "torrent", "uploadId", "uploads",
         "versionId", "versioning", "versions", "website",
+        "attributes", "ownershipControls", "policyStatus", "publicAccessBlock",
     }
 )  # fmt: skip
 

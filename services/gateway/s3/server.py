@@ -462,7 +462,7 @@ def _routes() -> list[tuple[tuple[str, str, tuple[str, ...]], tuple[str, Handler
         ("PUT", "bucket", (), "CreateBucket", bucket_ops.create_bucket),
         ("HEAD", "bucket", (), "HeadBucket", bucket_ops.head_bucket),
         ("DELETE", "bucket", (), "DeleteBucket", bucket_ops.delete_bucket),
-        ("POST", "bucket", ("delete",), "DeleteObjects", object_ops.delete_objects),
+        ("POST", "bucket", ("delete",), "DeleteObjects", policy_ops.delete_objects),
         ("POST", "bucket", (), "PostObject", post_object.post_object),
         ("PUT", "object", ("partNumber", "uploadId"), "UploadPart", multipart_ops.upload_part),
         ("PUT", "object", (), "PutObject", object_ops.put_object),
