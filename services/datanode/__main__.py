@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import grpc
+import prometheus_client
 
 from kvtier import errors, features, identity, principal, service
 from kvtier.proto.common.v1 import common_pb2
@@ -18,6 +20,12 @@ from kvtier.transport import slots
 from services.datanode import config, drivemetrics, drives, servicer, shards, shardserver
 
 log = logging.getLogger(__name__)
+
+BACKGROUND_FAILURES = prometheus_client.Counter(
+    "kvtier_datanode_background_failures_total",
+    "Passes of a datanode's background work that failed (logged; retried at the next pass)",
+    ["task"],
+)
 
 _SWEEP_S = 60.0
 _STALE_TMP_S = 3600.0
@@ -65,32 +73,59 @@ class _Node:
         while True:
             await asyncio.sleep(_SWEEP_S)
             if self.shards is not None:
-                await self.shards.sweep()
+                await _one_pass("staged-write sweep", self.shards.sweep)
             for store in self.stores.values():
-                await asyncio.to_thread(store.sweep_tmp, _STALE_TMP_S)
-                await asyncio.to_thread(store.reclaim_superseded, self.cfg.superseded_keep_s)
+                where = f"drive {store.drive.path}"
+                await _one_pass(
+                    f"{where}: staging sweep",
+                    functools.partial(asyncio.to_thread, store.sweep_tmp, _STALE_TMP_S),
+                )
+                await _one_pass(
+                    f"{where}: superseded versions sweep",
+                    functools.partial(
+                        asyncio.to_thread, store.reclaim_superseded, self.cfg.superseded_keep_s
+                    ),
+                )
 
     async def index_loop(self, ctx: service.Context) -> None:
         """Write the drives' deferred index entries every _INDEX_FLUSH_S (none: no work)."""
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(_INDEX_FLUSH_S)
             for store in self.stores.values():
                 if store.index_deferred:
-                    await asyncio.get_running_loop().run_in_executor(
-                        self.executor, store.flush_index
+                    await _one_pass(
+                        f"drive {store.drive.path}: index flush",
+                        functools.partial(loop.run_in_executor, self.executor, store.flush_index),
                     )
 
     async def drive_loop(self, ctx: service.Context) -> None:
         """Refresh the drive gauges (capacity, free bytes, online) every REFRESH_S."""
         local = [store.drive for store in self.stores.values()]
         while True:
-            await asyncio.to_thread(drivemetrics.refresh, local)
+            await _one_pass(
+                "drive gauges", functools.partial(asyncio.to_thread, drivemetrics.refresh, local)
+            )
             await asyncio.sleep(drivemetrics.REFRESH_S)
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
         for store in self.stores.values():
             store.close()
+
+
+async def _one_pass(what: str, work: Callable[[], Awaitable[object]]) -> bool:
+    """One pass of a background loop's work (on one drive, mostly); whether it succeeded. A
+    failure (a failing drive's EIO or ENOSPC, its SQLite index) is logged, counted and left to
+    the next pass: a loop that raised would end the datanode (`kvtier.service`) and take its
+    healthy drives out with the failing one."""
+    try:
+        await work()
+    except Exception:  # boundary: the next pass tries again
+        log.exception("%s failed", what)
+        BACKGROUND_FAILURES.labels(what.rpartition(": ")[2]).inc()
+        return False
+    return True
 
 
 def build(cfg: config.DatanodeConfig) -> service.ServiceSpec:
