@@ -27,6 +27,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import boto3
+import botocore.config
+import botocore.exceptions
 import pytest
 
 from kvtier import errors
@@ -74,12 +77,14 @@ def write_probe(cluster: harness.FaultCluster, s3: Any) -> None:
 
 
 def gateways_reach_every_drive(cluster: harness.FaultCluster, timeout_s: float = 60) -> None:
-    """Wait until every gateway reaches every drive: a dry-run heal of the probe object,
-    which asks each drive of its set for its copy, finds it healthy everywhere. The map can
-    say SERVING while a gateway's channel to a node that just restarted at the same address
-    still waits out gRPC's reconnect backoff (the previous release's gateways: up to
-    seconds); writes through it would then miss that node's drives, and stopping the next
-    datanode would leave fewer than the write quorum."""
+    """Wait until every gateway writes to every drive: the probe object written again through
+    each gateway, then a dry-run heal through the same gateway, which asks each drive of the
+    set for its copy, finds the new version healthy everywhere. The map can say SERVING while
+    a gateway's channel to a node that just restarted at the same address still waits out
+    gRPC's reconnect backoff (the previous release's gateways: up to seconds; its reads may
+    already pass over the data plane while its writes, over gRPC, do not); writes through it
+    would then miss that node's drives, and stopping the next datanode would leave fewer than
+    the write quorum."""
 
     async def clean(address: str) -> bool:
         client = gateway_client.AdminServiceClient(
@@ -96,16 +101,33 @@ def gateways_reach_every_drive(cluster: harness.FaultCluster, timeout_s: float =
         finally:
             await client.close()
 
-    addresses = [
-        f"{cluster.address(n)}:{harness.GRPC_PORT}"
-        for n in cluster.node_names()
-        if n.startswith("gateway-")
-    ]
+    def written(s3_address: str) -> bool:
+        try:
+            s3_client(cluster, s3_address).put_object(
+                Bucket=PROBE_BUCKET, Key=PROBE_KEY, Body=workload.body(7, 4096)
+            )
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+            return False
+        return True
+
+    gateways = [n for n in cluster.node_names() if n.startswith("gateway-")]
     deadline = time.monotonic() + timeout_s
-    for address in addresses:
-        while not asyncio.run(clean(address)):
-            assert time.monotonic() < deadline, f"{address} does not reach every drive"
+    for name, s3_address in zip(gateways, cluster.info["gateways_s3"], strict=True):
+        address = f"{cluster.address(name)}:{harness.GRPC_PORT}"
+        while not (written(s3_address) and asyncio.run(clean(address))):
+            assert time.monotonic() < deadline, f"{name} does not write to every drive"
             time.sleep(0.2)
+
+
+def s3_client(cluster: harness.FaultCluster, s3_address: str) -> Any:
+    """A boto3 client of one gateway's S3 endpoint (host:port; no balancer, no retries)."""
+    return boto3.client(
+        "s3", endpoint_url=f"https://{s3_address}", region_name="us-east-1",
+        aws_access_key_id=cluster.info["s3_access_key"],
+        aws_secret_access_key=cluster.info["s3_secret_key"], verify=cluster.info["ca_file"],
+        config=botocore.config.Config(s3={"addressing_style": "path"},
+                                      retries={"mode": "standard", "max_attempts": 1}),
+    )  # fmt: skip
 
 
 def restart_one(cluster: harness.FaultCluster, node: str, load: workload.Workload) -> Step:
