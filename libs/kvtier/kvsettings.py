@@ -67,6 +67,19 @@ class KVSettingsStore:
         key, value = setting_key(self._etcd.prefix, setting), setting.SerializeToString()
         await self._etcd.call(lambda client: client.put(key, value))
 
+    async def siblings(
+        self, setting: pb.SetNamespaceTTLRequest | pb.SetNamespacePolicyRequest
+    ) -> tuple[int, bool]:
+        """How many namespace settings of setting's kind its tenant has stored, and whether
+        setting's own key is one of them (keys only: no values read)."""
+        key = setting_key(self._etcd.prefix, setting)
+        tenant_prefix = key[: key.rfind(b"/") + 1]
+        found = await self._etcd.call(
+            lambda client: client.get_prefix(tenant_prefix, keys_only=True)
+        )
+        keys = {bytes(kv.key) for kv in found}
+        return len(keys), key in keys
+
     async def load(self) -> list[Setting]:
         """Every setting, in key order (quotas, then policies, then TTLs)."""
         prefix = settings_prefix(self._etcd.prefix)

@@ -67,17 +67,24 @@ def current() -> Admission | None:
     return _admission.get()
 
 
+def is_kv_node(caller: principal.Principal) -> bool:
+    """Whether caller is a kvcache node: privileged, but here only for the durable KV bucket
+    (docs/security.md), so that a kvcache certificate reaches no tenant's bucket or object."""
+    return caller.kind is principal.Kind.SERVICE and caller.role == KV_ROLE
+
+
 def may_use(caller: principal.Principal, tenant: str) -> bool:
     """Whether caller may use a resource of tenant ("": a resource of no tenant, privileged
-    callers only)."""
+    callers only). A kvcache node only the resources of no tenant (its own writes into the
+    durable KV bucket), never a tenant's."""
+    if is_kv_node(caller):
+        return not tenant
     return caller.privileged or (bool(tenant) and caller.may_use(tenant))
 
 
 def may_use_durable(caller: principal.Principal) -> bool:
     """Whether caller may use the durable KV bucket: kvcache nodes (or an insecure cluster)."""
-    return caller.kind is principal.Kind.INSECURE or (
-        caller.kind is principal.Kind.SERVICE and caller.role == KV_ROLE
-    )
+    return caller.kind is principal.Kind.INSECURE or is_kv_node(caller)
 
 
 def owner_of(caller: principal.Principal) -> str:

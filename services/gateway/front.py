@@ -9,10 +9,10 @@ was listed (its generation); its multipart uploads in progress are aborted with 
 
 **Who.** Every operation acts for the caller, `kvtier.principal.current()` (bound by the gRPC
 interceptor, and by the S3 front for each request): a bucket is used only by its tenant's users
-and by privileged callers (services, operators, admins; PermissionDenied "AccessDenied"
-otherwise, copy sources included); CreateBucket creates for the caller's tenant; ListBuckets
-lists the caller's tenant's buckets (privileged callers: all). A write begun here (BeginPut, a
-part, a copy) belongs to the caller's tenant ("" for callers acting for no tenant): only that
+and by privileged callers (operators, admins; kvcache nodes use the durable KV bucket only;
+PermissionDenied "AccessDenied" otherwise, copy sources included); CreateBucket creates for the
+caller's tenant; ListBuckets lists its buckets (privileged callers: all). A write begun here (a
+BeginPut, a part, a copy) is the caller's tenant's ("" for callers acting for no tenant): only that
 tenant or a privileged caller may send its stripes, commit or abort it.
 
 **ACL grants.** The S3 front alone may admit a request that `bucket_for` refuses (an anonymous
@@ -32,9 +32,9 @@ user-facing name (`versions.info`, listings). The kvcache nodes' durable KV buck
 usable by kvcache nodes only.
 
 **Data plane.** Calls carry their session's principal (`tenant/who/suffix`; `@role/...` for a
-session acting for no tenant, which is privileged): READ_RANGE checks the bucket's tenant against
-it, WRITE_STRIPES the write's owner. A front built with `insecure=True` (a cluster run without
-authentication, whose sessions are all `default/...`) lets every session in.
+session acting for no tenant, privileged but for `@kvcache`): READ_RANGE checks the bucket's
+tenant against it, WRITE_STRIPES the write's owner. A front built with `insecure=True` (a cluster
+run without authentication, whose sessions are all `default/...`) lets every session in.
 """
 
 from __future__ import annotations
@@ -246,6 +246,8 @@ class ObjectFront(frontcalls.DataPlaneCalls):
             if not may_use_durable(caller):
                 raise _denied(f"{name} is internal to the KV tier")
             return _DURABLE
+        if access.is_kv_node(caller):  # the durable bucket alone: no bucket of any tenant
+            raise _denied(f"{caller.describe()} may use the KV tier's internal bucket only")
         info = await self.bucket_info(name, fresh=fresh)
         if not fresh and not may_use(caller, info.tenant):
             # Deny on a fresh record only: a cached one may name a bucket deleted (or created
@@ -311,6 +313,8 @@ class ObjectFront(frontcalls.DataPlaneCalls):
         when empty); AlreadyExists when taken, PermissionDenied for a user naming another
         tenant, InvalidArgument for a name S3 refuses (the durable KV bucket's included)."""
         names.check_bucket(name)
+        if access.is_kv_node(principal.current()):
+            raise _denied("a kvcache node creates no bucket")
         owner = principal.current().acting_tenant(tenant)
         info = await self._meta().create_bucket(name, owner, kind)
         self._infos[name] = (time.monotonic(), info)
@@ -348,6 +352,8 @@ class ObjectFront(frontcalls.DataPlaneCalls):
         """The caller's tenant's buckets (a privileged caller's: every bucket), sorted by name;
         never the durable KV bucket."""
         caller = principal.current()
+        if access.is_kv_node(caller):
+            return []  # it uses the durable bucket alone, which is never listed
         if caller.privileged:
             infos = await self._bucket_records(None)
         else:

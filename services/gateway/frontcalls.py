@@ -1,7 +1,7 @@
 """The gateway's data-plane calls (`kvtier.transport.base.CallHandler`), authorized per session:
 WRITE_STRIPES into an upload the session's tenant began, READ_RANGE of a bucket its tenant owns
-(the KV tier's internal bucket: KV nodes only). A mixin of `front.ObjectFront`, which supplies
-the engine, the insecure flag and the bucket records.
+(the KV tier's internal bucket: KV nodes only, and nothing else for them). A mixin of
+`front.ObjectFront`, which supplies the engine, the insecure flag and the bucket records.
 """
 
 from __future__ import annotations
@@ -26,8 +26,15 @@ class DataPlaneCalls:
         raise NotImplementedError
 
     def _session_may_use(self, session: str, tenant: str) -> bool:
-        """Whether a data-plane session may use a resource of tenant ("": of no tenant)."""
-        if self._insecure or dataplane.role_of(session):
+        """Whether a data-plane session may use a resource of tenant ("": of no tenant). A
+        kvcache node's (`@kvcache/...`) only those of no tenant: its own writes into the
+        durable KV bucket (`access.may_use`)."""
+        if self._insecure:
+            return True
+        role = dataplane.role_of(session)
+        if role == access.KV_ROLE:
+            return not tenant
+        if role:
             return True
         return bool(tenant) and dataplane.tenant_of(session) == tenant
 
@@ -61,6 +68,8 @@ class DataPlaneCalls:
             if not (self._insecure or dataplane.role_of(session) == access.KV_ROLE):
                 raise access.denied(f"{req.bucket} is internal to the KV tier")
             stored = req.bucket
+        elif not self._insecure and dataplane.role_of(session) == access.KV_ROLE:
+            raise access.denied(f"a kvcache node reads the KV tier's bucket only, not {req.bucket}")
         else:
             info = await self.bucket_info(req.bucket)
             if not self._session_may_use(session, info.tenant):  # deny on a fresh record only

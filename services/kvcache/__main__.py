@@ -12,7 +12,7 @@ from typing import IO
 
 import grpc
 
-from kvtier import errors, features, identity, kvsettings, service
+from kvtier import authz, errors, features, identity, kvsettings, principal, service
 from kvtier.proto.common.v1 import common_pb2
 from kvtier.proto.kvcache.v1 import kvcache_pb2, kvcache_pb2_grpc
 from services.kvcache import (
@@ -186,7 +186,19 @@ def build(cfg: config.KVCacheConfig) -> service.ServiceSpec:
         add_servicers=node.add_servicers,
         on_serve=node.start_events,
         loops=(node.sweep_loop, node.spill_loop, node.settings_loop),
+        dataplane_access=_block_api_callers,
     )
+
+
+#: A data RPC of the block API: its rule in the authorization table is the data-plane calls'.
+_BLOCK_API = "/kvtier.kvcache.v1.KVCacheService/BatchGet"
+
+
+def _block_api_callers(who: principal.Principal) -> bool:
+    """Who may open a data-plane session on a kvcache node: whoever may call its block API over
+    gRPC (users, gateways, admins), since a session's calls are that API. A kvcache node's
+    certificate may not, as it may not call KVCacheService."""
+    return authz.table()[_BLOCK_API].allows(who)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

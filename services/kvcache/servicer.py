@@ -22,6 +22,11 @@ from services.kvcache import events as events_mod
 
 T = TypeVar("T")
 
+#: Most namespaces of one tenant with a stored TTL that non-admins may set (SetNamespaceTTL is a
+#: tenant's RPC, and each namespace is an etcd key every kvcache node reads again at every
+#: change): past it, only a namespace already set may be set again.
+MAX_TENANT_NAMESPACE_TTLS = 1024
+
 
 async def _resolved(reply: T | Awaitable[T]) -> T:
     """The block API answers at once, or with an awaitable when the durable tier is asked."""
@@ -153,6 +158,13 @@ class KVCacheServicer(pb_grpc.KVCacheServiceServicer):
         self, request: pb.SetNamespaceTTLRequest, context: rpc.ServicerContext
     ) -> pb.SetNamespaceTTLResponse:
         _tenant(request.namespace)
+        if self._settings is not None and not principal.current().is_admin:
+            held, known = await self._settings.siblings(request)
+            if not known and held >= MAX_TENANT_NAMESPACE_TTLS:
+                raise errors.QuotaExceeded(
+                    f"tenant {request.namespace.tenant} has TTLs on {held} namespaces, the most "
+                    f"a non-admin may set ({MAX_TENANT_NAMESPACE_TTLS})"
+                )
         await self._set(request)
         return pb.SetNamespaceTTLResponse()
 

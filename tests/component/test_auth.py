@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from kvtier import errors, etcdserver, masterkey, membership, pki, rpc, security, users
+from kvtier import errors, etcdserver, kvsettings, masterkey, membership, pki, rpc, security, users
 from kvtier.clients import dataplane as dataplane_client
 from kvtier.clients import kvcache as kvcache_client
 from kvtier.clients import metadata as metadata_client
@@ -30,6 +30,7 @@ from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
 from services.kvcache import __main__ as kvcache_main
 from services.kvcache import config as kvcache_config
+from services.kvcache import servicer as kvcache_servicer
 from services.metadata import __main__ as metadata_main
 from services.metadata import config as metadata_config
 from tests import pki as test_pki
@@ -174,6 +175,35 @@ async def test_tenant_users_may_not_call_admin_or_service_rpcs(cluster: Cluster)
         await client.set_quota("team-a", 1 << 30)
 
 
+async def test_a_tenant_sets_ttls_on_a_bounded_number_of_namespaces(
+    cluster: Cluster, store: membership.EtcdMembership, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: SetNamespaceTTL is a tenant's RPC and stored each namespace's TTL as an etcd
+    key that every kvcache node reads again at every change: one user wrote any number of them
+    (1,000 in 12 s here; each change then cost every node a read of them all)."""
+    monkeypatch.setattr(kvcache_servicer, "MAX_TENANT_NAMESPACE_TTLS", 3, raising=False)
+    meta = cluster.metadata.info.client_address
+    kv_address = cluster.kvcache.info.client_address
+    for who in ("a", "b"):  # each tenant has its own bound
+        user = cluster.users[who]
+        tokens = security.token_source(user, meta)
+        async with kvcache_client.KVCacheClient(kv_address, security=user, tokens=tokens) as c:
+            for name in ("n0", "n1", "n2"):
+                await c.set_namespace_ttl("", name, 60)
+            with pytest.raises(errors.QuotaExceeded):
+                await c.set_namespace_ttl("", "n3", 60)
+            await c.set_namespace_ttl("", "n1", 0)  # one already set: changed as before
+    async with kvcache_client.KVCacheClient(cluster.kvcache.address) as operator:
+        await operator.set_namespace_ttl("team-a", "n3", 60)  # admins are not bounded
+    stored = await kvsettings.KVSettingsStore(store).load()
+    assert sorted(
+        (s.namespace.tenant, s.namespace.name, s.ttl_s)
+        for s in stored
+        if isinstance(s, pb.SetNamespaceTTLRequest)
+    ) == [("team-a", "n0", 60), ("team-a", "n1", 0), ("team-a", "n2", 60), ("team-a", "n3", 60),
+          ("team-b", "n0", 60), ("team-b", "n1", 0), ("team-b", "n2", 60)]  # fmt: skip
+
+
 async def _kv(cluster: Cluster, who: str, **kwargs: object) -> AsyncKVClient:
     return await AsyncKVClient.connect(
         namespace="ns",
@@ -214,6 +244,49 @@ async def test_the_tenant_of_every_kv_operation_is_the_users(cluster: Cluster) -
             pb.BatchExistsRequest(namespace=pb.Namespace(name="ns"), keys=[b"k"])
         )
         assert list(reply.present) == [False]
+
+
+async def test_a_kvcache_certificate_reaches_no_tenants_blocks(cluster: Cluster) -> None:
+    """Regression: a kvcache node's certificate, refused KVCacheService over gRPC, opened a
+    data-plane session naming a tenant on a kvcache node and read and wrote that tenant's
+    blocks with data-plane calls. Only callers of the block API (users, gateways, admins) open
+    sessions on a kvcache node, and no service but a gateway opens one for a tenant anywhere."""
+    block = b"team-a's block " * 64
+    async with await _kv(cluster, "a") as a:
+        assert [str(s) for s in await a.put_batch([b"k"], [block])] == ["stored"]
+    pki_ = test_pki.session()
+    for role in ("gateway", "kvcache"):
+        async with await AsyncKVClient.connect(
+            namespace="ns", metadata=cluster.metadata.address, security=pki_.client(role),
+            tenant="team-a", timeout_s=5,
+        ) as node:  # fmt: skip
+            out = bytearray(len(block))
+            if role == "gateway":  # acting for the tenant whose request it serves: allowed
+                assert await node.get_batch([b"k"], [out]) == [len(block)]
+                assert bytes(out) == block
+                continue
+            with pytest.raises(errors.PermissionDenied):
+                await node.get_batch([b"k"], [out])
+            with pytest.raises(errors.PermissionDenied):
+                await node.put_batch([b"forged"], [b"x" * 64])
+            assert bytes(out) == bytes(len(block))
+    async with dataplane_client.DataPlaneClient(
+        cluster.kvcache.address, security=pki_.client("kvcache")
+    ) as negotiator:
+        for tenant in ("team-a", ""):
+            with pytest.raises(errors.PermissionDenied):
+                await negotiator.negotiate("c", tenant=tenant)
+    async with kvcache_client.KVCacheClient(
+        cluster.kvcache.address, security=pki_.client("kvcache")
+    ) as client:  # as over gRPC
+        with pytest.raises(errors.PermissionDenied):
+            await client.batch_exists(
+                pb.BatchExistsRequest(
+                    namespace=pb.Namespace(tenant="team-a", name="ns"), keys=[b"k"]
+                )
+            )
+    async with await _kv(cluster, "a") as a:  # nothing forged landed
+        assert await a.exists_batch([b"k", b"forged"]) == [True, False]
 
 
 async def test_shared_memory_only_for_trusted_users(cluster: Cluster) -> None:

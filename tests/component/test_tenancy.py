@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 
-from kvtier import buckets, errors, etcdserver, membership, names
+from kvtier import buckets, errors, etcdserver, membership, names, objects
+from kvtier.clients import dataplane as dataplane_client
 from kvtier.proto.gateway.v1 import objects_pb2 as pb
 from kvtier.transport import base
 from services.gateway import servicer
+from tests import pki as test_pki
 from tests.component import objects_cluster
 from tests.component.tenants import ALICE, BOB, NO_CONTEXT, acting, get, put, session, sha
 
@@ -226,6 +228,41 @@ async def test_tenant_b_gets_nothing_of_tenant_as_buckets_objects_and_uploads(
             ),
             NO_CONTEXT,
         )
+
+
+async def test_a_kvcache_certificate_reaches_the_durable_bucket_only(cluster: Cluster) -> None:
+    """Regression: a kvcache node's certificate (ObjectService admits kvcache nodes for the
+    durable KV bucket) listed every tenant's buckets and read, overwrote and deleted any
+    tenant's objects over gRPC and the gateway's data plane, and could open a data-plane session
+    acting for a tenant. Real requests to the gateway's mutual-TLS port and data plane."""
+    data = objects_cluster.data(11, 300 * KIB)
+    with acting(ALICE):
+        await cluster.front.create_bucket("alice-kv-victim")
+        await put(cluster.front, "alice-kv-victim", "secret", data)
+    node = test_pki.session().client("kvcache")
+    address = cluster.gateway.address
+    async with await objects.AsyncObjectClient.connect(address, security=node, timeout_s=5) as kv:
+        # What it is for: the durable KV bucket (its own session acts for no tenant).
+        await kv.put_object(names.KV_DURABLE_BUCKET, "t/6e73/6b", b"spilled block")
+        assert await kv.get_object(names.KV_DURABLE_BUCKET, "t/6e73/6b") == b"spilled block"
+        assert [b.name for b in await kv.list_buckets()] == []
+        refused: list[Awaitable[Any]] = [
+            kv.get_object_into("alice-kv-victim", "secret", bytearray(len(data))),  # data plane
+            kv.head_object("alice-kv-victim", "secret"),
+            kv.head_bucket("alice-kv-victim"),
+            kv.list_objects("alice-kv-victim"),
+            kv.put_object("alice-kv-victim", "secret", b"forged"),
+            kv.delete_object("alice-kv-victim", "secret"),
+            kv.create_bucket("kv-made-bucket"),
+        ]
+        for call in refused:
+            with pytest.raises(errors.PermissionDenied):
+                await call
+    async with dataplane_client.DataPlaneClient(address, security=node) as negotiator:
+        with pytest.raises(errors.PermissionDenied):  # no session acting for a tenant either
+            await negotiator.negotiate("c", tenant=ALICE.tenant)
+    with acting(ALICE):
+        assert sha(await get(cluster.front, "alice-kv-victim", "secret")) == sha(data)
 
 
 def _release(plan: base.CallPlan) -> None:

@@ -51,6 +51,12 @@ def role_of(principal: str) -> str:
     return head[1:] if head.startswith(NO_TENANT_MARK) else ""
 
 
+#: Service roles whose data-plane sessions may act for a tenant they name: gateways, which
+#: serve tenants' requests (KV buckets, Score over HTTP). Every other node's sessions act for no
+#: tenant (a kvcache node moves the durable KV bucket's bytes only), so that its certificate
+#: reaches no tenant's blocks or objects over the data plane, as over gRPC (kvtier.authz).
+TENANT_SESSION_ROLES = frozenset({"gateway"})
+
 #: Longest caller name kept in a session principal.
 _MAX_NAME_CHARS = 128
 
@@ -68,14 +74,15 @@ def session_principal(
     """The principal of a new data-plane session, minted from its authenticated caller:
 
     - a user acting for its own tenant: `tenant/access_key/random`;
-    - a service, operator or admin naming a tenant: `tenant/role:name/random` (`admin:` for
-      an admin user);
+    - a gateway, operator or admin naming a tenant: `tenant/role:name/random` (`admin:` for
+      an admin user; other services may not name one: `TENANT_SESSION_ROLES`);
     - a service or operator naming none: `@role/name/random` (names no tenant);
     - INSECURE (a cluster run without authentication): `tenant/client_id/random`, the tenant
       the request names (default: DEFAULT_TENANT).
 
-    Raises Unauthenticated (anonymous), PermissionDenied (a user naming another tenant),
-    InvalidArgument (a malformed tenant; INSECURE without client_id).
+    Raises Unauthenticated (anonymous), PermissionDenied (a user naming another tenant, a
+    service other than a gateway naming one), InvalidArgument (a malformed tenant; INSECURE
+    without client_id).
     """
     suffix = secrets.token_hex(8)
     kind = caller.kind
@@ -90,6 +97,10 @@ def session_principal(
             return f"{tenant}/{_part(caller.name)}/{suffix}"
         return f"{tenant}/admin:{_part(caller.name)}/{suffix}"
     if request.tenant:
+        if kind is principal_mod.Kind.SERVICE and caller.role not in TENANT_SESSION_ROLES:
+            raise errors.PermissionDenied(
+                f"{caller.describe()} may not open a data-plane session for a tenant"
+            )
         return f"{tenant}/{_part(caller.role or 'admin')}:{_part(caller.name)}/{suffix}"
     return f"{NO_TENANT_MARK}{_part(caller.role)}/{_part(caller.name)}/{suffix}"
 
