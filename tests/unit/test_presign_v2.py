@@ -103,8 +103,9 @@ def test_expires_must_be_ascii_digits(expires: str) -> None:
     "subresource", ["publicAccessBlock", "ownershipControls", "policyStatus", "attributes"]
 )
 def test_a_v2_url_names_its_operation(subresource: str) -> None:
-    """A sub-resource that routes a request to another operation is signed: a URL presigned
-    for one (ListObjects, DeleteBucket) is never another (DeletePublicAccessBlock...)."""
+    """A URL presigned for one operation (ListObjects, DeleteBucket) is never another by an
+    added sub-resource (DeletePublicAccessBlock...): those operations are SigV4-only, as on
+    AWS (InvalidRequest whatever the signature), and their sub-resources are signed too."""
     client = boto3.client(
         "s3", endpoint_url="http://localhost:9000", aws_access_key_id=ACCESS,
         aws_secret_access_key=SECRET, region_name="us-east-1",
@@ -126,7 +127,13 @@ def test_a_v2_url_names_its_operation(subresource: str) -> None:
         check(query=query)  # as signed
         with pytest.raises(s3errors.S3Error) as caught:
             check(query={subresource: "", **query})
-        assert caught.value.code == "SignatureDoesNotMatch", operation
+        assert (caught.value.code, caught.value.status) == ("InvalidRequest", 400), operation
+        assert "AWS4-HMAC-SHA256" in str(caught.value)
+    # Signed (defense in depth): a string to sign differs with the sub-resource.
+    to_sign = functools.partial(
+        presign_v2.string_to_sign, method="GET", time_line="1", raw_path="/b", headers={}
+    )
+    assert to_sign(query={subresource: ""}) != to_sign(query={})
 
 
 def test_undecodable_amz_headers_do_not_match() -> None:

@@ -111,6 +111,12 @@ def string_to_sign(
     return text.encode("utf-8", "surrogateescape")  # as the HTTP layer decoded it
 
 
+#: Sub-resources of operations S3 serves to SigV4 alone (they came after SigV2 was frozen, and
+#: V2 signers such as botocore's do not sign them): a V2-signed request for one is refused as
+#: AWS refuses it, whatever its signature.
+V4_ONLY = frozenset({"attributes", "ownershipControls", "policyStatus", "publicAccessBlock"})
+
+
 def _bucket_level(raw_path: str) -> bool:
     """Whether a path-style path names a bucket alone (`/bucket`, no key)."""
     name = raw_path[1:]
@@ -127,10 +133,17 @@ def _check_signature(
     query: Mapping[str, str],
     headers: Headers,
 ) -> None:
-    """SignatureDoesNotMatch unless signature is the HMAC-SHA1 of the request's string to sign
+    """InvalidRequest for an operation S3 serves to SigV4 alone (V4_ONLY); else
+    SignatureDoesNotMatch unless signature is the HMAC-SHA1 of the request's string to sign
     (constant time). A request on a bucket alone (`/bucket`) may sign `/bucket/` instead: the
     resource AWS gives the same request in virtual-host style, and what botocore signs for
     path style too; either names this bucket and no key."""
+    if V4_ONLY.intersection(query):
+        raise s3errors.S3Error(
+            "InvalidRequest",
+            "The authorization mechanism you have provided is not supported. "
+            "Please use AWS4-HMAC-SHA256.",
+        )
     sent = sigv4.signature_bytes(signature)
     paths = (raw_path, raw_path + "/") if _bucket_level(raw_path) else (raw_path,)
     for path in paths:
