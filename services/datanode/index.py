@@ -45,9 +45,9 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -146,6 +146,11 @@ def other_generations(path: Path) -> list[Path]:
 _OTHER = re.compile(r"index(-[0-9]+)?\.sqlite(-wal|-shm|-journal)?")
 
 
+def _inside(low: bytes, after: bool, end: bytes | None) -> Callable[[bytes], bool]:
+    """Whether a key is in a listing's range: from low (after it, with after) to end."""
+    return lambda key: (key > low if after else key >= low) and (end is None or key < end)
+
+
 def prefix_end(prefix: bytes) -> bytes | None:
     """The smallest byte string greater than every string starting with prefix (None: no bound)."""
     trimmed = prefix.rstrip(b"\xff")
@@ -185,7 +190,7 @@ class ShardIndex:
         with self._lock:
             self._later.extend(rows)
             if len(self._later) >= LATER_MAX:
-                self._run_later()
+                self._flushed()  # a full drive keeps them deferred: the journal covers them
 
     @property
     def deferred(self) -> int:
@@ -211,6 +216,33 @@ class ShardIndex:
         except BaseException:
             self._later[:0] = rows  # rolled back: kept for the next try
             raise
+
+    def _flushed(self) -> bool:
+        """Before a read (the caller holds self._lock): index the deferred entries; False where
+        the drive is full (SQLITE_FULL) and they stay in memory, for the read to merge
+        (`_merge_later`): listings stay exact on a full drive, whose writes fail meanwhile."""
+        try:
+            self._run_later()
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_FULL:
+                raise
+            return False
+        return True
+
+    def _merge_later(
+        self, rows: list[Any], bucket: str | None, inside: Callable[[bytes], bool]
+    ) -> list[Any]:
+        """rows (key first, as `list` selects them; with bucket None: bucket then key, as
+        `dump` does) with the deferred entries of bucket whose key is inside, the last one of a
+        key winning, in key order."""
+        merged: dict[tuple[Any, ...], Any] = {
+            (bytes(r[0]),) if bucket is not None else (r[0], bytes(r[1])): r for r in rows
+        }
+        for b, key, *columns in self._later:
+            if (bucket is None or b == bucket) and inside(key):
+                row = (key, *columns) if bucket is not None else (b, key, *columns)
+                merged[(key,) if bucket is not None else (b, key)] = row
+        return [merged[k] for k in sorted(merged)]
 
     def put(self, bucket: str, entry: ListEntry) -> None:
         """Insert or replace the entry of (bucket, entry.key) and clear its pending mark."""
@@ -269,7 +301,7 @@ class ShardIndex:
         end = prefix_end(prefix.encode())
         out: list[VersionEntry] = []
         with self._lock:
-            self._run_later()
+            flushed = self._flushed()
             if after is not None:
                 rows = self._db.execute(
                     _SELECT_VERSIONS + " WHERE bucket = ? AND key = ?"
@@ -294,6 +326,14 @@ class ShardIndex:
                 " WHERE v.bucket = o.bucket AND v.key = o.key) ORDER BY key LIMIT ?",
                 (bucket, low, *tail, limit),
             ).fetchall()
+            if not flushed:  # journaled writes of keys never versioned: plain entries
+                versioned_keys = {bytes(r[0]) for r in rows}
+                later = self._merge_later(
+                    [(bytes(k), s, e, m, 0, 0, o, "") for k, s, e, m, o in plain],
+                    bucket, _inside(low, op == ">", end),
+                )  # fmt: skip
+                plain = [(k, s, e, m, o) for k, s, e, m, _, _, o, _ in later
+                         if k not in versioned_keys][:limit]  # fmt: skip
         unversioned = [
             VersionEntry(bytes(k).decode(), m, "", "null", s, e, True, False, o)
             for k, s, e, m, o in plain
@@ -304,7 +344,7 @@ class ShardIndex:
     def version_of(self, bucket: str, key: str, version_id: str) -> tuple[int, str] | None:
         """(mtime_ns, data_id) of an indexed version of a key, or None."""
         with self._lock:
-            self._run_later()
+            self._flushed()  # deferred entries are never versions
             row = self._db.execute(
                 "SELECT mtime_ns, data_id FROM versions WHERE bucket = ? AND key = ?"
                 " AND version_id = ?",
@@ -321,7 +361,7 @@ class ShardIndex:
     def pending(self) -> list[tuple[str, str]]:
         """Every (bucket, key) marked pending and not yet cleared."""
         with self._lock:
-            self._run_later()
+            self._flushed()  # at open, before any entry is deferred
             rows = self._db.execute("SELECT bucket, key FROM pending").fetchall()
         return [(str(bucket), bytes(key).decode()) for bucket, key in rows]
 
@@ -346,8 +386,10 @@ class ShardIndex:
         sql += " ORDER BY key LIMIT ?"
         args.append(limit)
         with self._lock:
-            self._run_later()
+            flushed = self._flushed()
             rows = self._db.execute(sql, args).fetchall()
+            if not flushed:
+                rows = self._merge_later(rows, bucket, _inside(low, op == ">", end))[:limit]
         return [
             ListEntry(bytes(k).decode(), s, e, m, bool(p), bool(d), o, i)
             for k, s, e, m, p, d, o, i in rows
@@ -373,14 +415,16 @@ class ShardIndex:
     def dump(self) -> Rows:
         """Every (bucket, entry), sorted: for tests and consistency checks."""
         with self._lock:
-            self._run_later()
+            flushed = self._flushed()
             rows = self._db.execute(
-                "SELECT bucket, key, size, etag, mtime_ns, is_pointer, owner, initiator"
-                " FROM objects ORDER BY bucket, key"
+                "SELECT bucket, key, size, etag, mtime_ns, is_pointer, delete_marker, owner,"
+                " initiator FROM objects ORDER BY bucket, key"
             ).fetchall()
+            if not flushed:
+                rows = self._merge_later(rows, None, lambda key: True)
         return [
             (b, ListEntry(bytes(k).decode(), s, e, m, bool(p), owner=o, initiator=i))
-            for b, k, s, e, m, p, o, i in rows
+            for b, k, s, e, m, p, _, o, i in rows
         ]
 
     def get_state(self) -> dict[str, str]:

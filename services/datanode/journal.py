@@ -4,9 +4,13 @@
 xxh3-64 of the previous fields and body (8 bytes LE)`; a body is a `ShardMeta`. A commit appends
 its record and returns once an fdatasync covers it: writers that arrive while a sync is in
 flight queue their records, and the next sync (made by the first of them, the leader) covers
-them all. A failed write or sync fails every commit of its batch and leaves the journal broken
-(Unavailable for every later commit) until the datanode restarts: the tail after the last good
-sync is unknown, and replay stops at the first record that does not check.
+them all. A failed write or sync fails every commit of its batch. A failed sync, or any other
+I/O error, leaves the journal broken (Unavailable for every later commit) until the datanode
+restarts: the tail after the last good sync is unknown, and replay stops at the first record
+that does not check. A drive found full before the sync (ENOSPC or EDQUOT writing the batch)
+does not: the batch is cut off the file and that cut synced, so the file holds exactly the
+acknowledged records again, and the next commit tries anew (a full drive refuses writes while
+it is full and takes them again once space is freed; broken, it refused them until a restart).
 
 The file is preallocated ahead of the appends, PREALLOCATE_BYTES at a time, by writing zeros:
 an append into blocks already written and sized does not change the file's size or extents, so
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import errno
 import logging
 import os
 import struct
@@ -58,6 +63,10 @@ class Kind(enum.IntEnum):
 
 
 _KINDS = frozenset(k.value for k in Kind)
+
+
+#: A drive full (or its user over quota): the batch was refused, the journal stays usable.
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def encode(kind: Kind, body: bytes) -> bytes:
@@ -126,36 +135,44 @@ class Journal:
             batch, self._queued = self._queued, []
             first, last = self._appended - len(batch) + 1, self._appended
             self._syncing = True
-        why = self._write(batch)
+        why, broken = self._write(batch)
         with self._cond:
             self._syncing = False
             if why:
-                self._broken = why
+                if broken:
+                    self._broken = why
                 self._failed.append((first, last, why))
             else:
                 self._durable = last
             self._cond.notify_all()
             self._raise_if_failed(mine)
 
-    def _write(self, batch: list[bytes]) -> str:
-        """Write and sync a batch (no lock held); an error's text, or ""."""
+    def _write(self, batch: list[bytes]) -> tuple[str, bool]:
+        """Write and sync a batch (no lock held); an error's text ("" when none) and whether
+        it leaves the journal broken (module docstring)."""
         data = b"".join(batch)
+        syncing = False
         try:
             if self.bytes + len(data) > self._allocated:
                 self._preallocate(self.bytes + len(data))
             framing.pwrite_all(self._fd, [data], self.bytes)
+            syncing = True
             os.fdatasync(self._fd)
         except OSError as exc:
             log.error("journal %s: %s; failing %d commits", self.path, exc, len(batch))
-            try:  # best effort: a replay should not bring back commits that were refused
+            cut = False
+            try:  # a replay must not bring back commits that were refused
                 self._allocated = self.bytes
                 os.ftruncate(self._fd, self.bytes)
+                if not syncing and exc.errno in _FULL_ERRNOS:
+                    os.fdatasync(self._fd)  # the cut durable: the file is what was acknowledged
+                    cut = True
             except OSError:
                 log.warning("journal %s: the failed batch could not be cut off", self.path)
-            return str(exc)
+            return str(exc), not cut
         self.bytes += len(data)
         self.syncs += 1
-        return ""
+        return "", False
 
     def _preallocate(self, end: int) -> None:
         """Extend the file with zeros to cover end and PREALLOCATE_BYTES more (not synced

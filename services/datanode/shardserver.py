@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import errno
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -51,9 +52,13 @@ FULL = prometheus_client.Counter(
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
-def storage_full(exc: OSError) -> errors.StorageFull | None:
-    """The typed error for an OSError that says the drive is full (None: another error)."""
-    if exc.errno not in _FULL_ERRNOS:
+def storage_full(exc: BaseException) -> errors.StorageFull | None:
+    """The typed error for an error that says the drive is full: an OSError (ENOSPC, EDQUOT)
+    or the drive's SQLite listing index refusing to grow (SQLITE_FULL); None: another error."""
+    if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        FULL.inc()
+        return errors.StorageFull(f"drive full: its listing index cannot grow ({exc})")
+    if not isinstance(exc, OSError) or exc.errno not in _FULL_ERRNOS:
         return None
     FULL.inc()
     where = f" ({exc.filename})" if exc.filename else ""
@@ -452,7 +457,7 @@ class ShardNode:
             job = loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
             try:
                 await shm_copy.uncancellable(job)
-            except OSError as exc:  # a full drive is a typed refusal, not an internal error
+            except (OSError, sqlite3.OperationalError) as exc:  # a full drive: a typed refusal
                 full = storage_full(exc)
                 if full is None:
                     raise
@@ -472,7 +477,7 @@ def _small_result(got: pb_meta.ShardMeta | Exception) -> pb.ShardResult:
     """A small write's result: done, superseded, or its typed error."""
     if isinstance(got, shards.Superseded):
         return pb.ShardResult(superseded=True, current_mtime_unix_ns=got.current_mtime_unix_ns)
-    if isinstance(got, OSError):
+    if isinstance(got, (OSError, sqlite3.Error)):
         got = storage_full(got) or errors.Internal(f"drive I/O failed: {got}")
     if isinstance(got, Exception):
         return pb.ShardResult(error_kind=type(got).__name__, error=str(got))

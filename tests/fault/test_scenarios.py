@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.fault import harness, workload
+from tests.fault import harness, test_power_loss, workload
 
 pytestmark = pytest.mark.integration
 
@@ -48,8 +48,10 @@ def _scenario(
     request: pytest.FixtureRequest,
     *,
     kv_write_through: bool = False,
+    on_heal: Callable[[int], None] | None = None,
 ) -> workload.Report:
-    """Workload, warm-up, fault for FAULT_S, heal, ready, AFTER_S more, verify; the report."""
+    """Workload, warm-up, fault for FAULT_S, heal, ready, AFTER_S more, verify; the report.
+    on_heal gets the count of acknowledged writes right after heal()."""
     control = os.environ.get("KVTIER_FAULT_KV_DURABILITY", "") if kv_write_through else ""
     load = workload.Workload(
         cluster.info, cluster.user_security(), seed=int(os.environ.get("KVTIER_TEST_SEED", "1")),
@@ -64,6 +66,8 @@ def _scenario(
         time.sleep(FAULT_S[duration])  # the fault's length, not a readiness wait
         during = sum(load.report.operations.values()) - before
         heal()
+        if on_heal is not None:
+            on_heal(load.report.acknowledged)  # what was acknowledged up to the heal
         load.fault_ended()
         load.report.ready_s = cluster.wait_ready()
         time.sleep(AFTER_S[duration])  # the workload runs on after the heal: recovery is measured
@@ -180,3 +184,46 @@ def test_etcd_stopped(open_cluster: Opener, duration: str, request: pytest.Fixtu
         )
         == 0
     )
+
+
+@pytest.mark.parametrize("duration", DURATIONS)
+def test_every_drive_full(
+    open_cluster: Opener, duration: str, request: pytest.FixtureRequest
+) -> None:
+    """Every drive of every datanode filled to a real ENOSPC for the fault, then freed: writes
+    fail with a typed error and store nothing half-way (no wrong listing, no lost or changed
+    acknowledged object), reads and listings go on, no node exits (each drive's index flush,
+    journal and sweeps fail and retry), writes work again once space is back, and after a heal
+    (writes acknowledged while some drives were still full are short of their shards there) a
+    dry-run heal finds every acknowledged object whole on every drive."""
+    cluster = open_cluster(dataplane_transports=harness.SAME_HOST_DATAPLANE)
+    datanodes = [n for n in cluster.node_names() if n.startswith("datanode-")]
+    drives = [(n, i) for n in datanodes for i in range(cluster.drives_per_datanode)]
+    acknowledged_at_heal: list[int] = []
+    report = _scenario(
+        "every drive full (ENOSPC), then freed", duration, cluster,
+        lambda: _each(cluster.fill_drive, drives), lambda: _each(cluster.free_drive, drives),
+        request,
+        on_heal=acknowledged_at_heal.append,
+    )  # fmt: skip
+    exited = [n for n in cluster.node_names() if n != "etcd" and not cluster.children[n].running()]
+    assert exited == [], "a node exited while its drives were full"
+    writes = ("put:", "multipart:")
+    assert any(k.startswith(writes) for k in report.failed), (
+        f"no write failed while every drive was full: {dict(report.failed)}"
+    )
+    assert {k for k in report.failed if not k.startswith(writes)} == set(), dict(report.failed)
+    assert all(k.endswith(":ServiceUnavailable") for k in report.failed), dict(report.failed)
+    assert report.acknowledged > acknowledged_at_heal[0], "no write acknowledged after the fault"
+    # Writes acknowledged while some drives were still full are queued for healing: heal
+    # the bucket (the workload's), then a dry run finds every object whole.
+    healed = test_power_loss.heal(cluster, "fault", dry_run=False)
+    assert healed["unrecoverable"] == 0, healed
+    checked = test_power_loss.heal(cluster, "fault", dry_run=True)
+    assert checked["unrecoverable"] == 0, checked
+    assert checked["healthy"] == checked["scanned"], checked
+
+
+def _each(action: Callable[[str, int], object], drives: list[tuple[str, int]]) -> None:
+    for node, index in drives:
+        action(node, index)

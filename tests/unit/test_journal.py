@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from kvtier import errors
 from services.datanode import journal
 
 
@@ -91,4 +92,52 @@ def test_a_drive_too_full_to_preallocate_still_takes_the_commit(
     assert bodies(path) == [b"record 0", b"record 1"]
     log.commit(records(1, "next")[0])  # not broken
     assert bodies(path) == [b"record 0", b"record 1", b"next 0"]
+    log.close()
+
+
+def test_a_full_drive_refuses_commits_while_full_and_takes_them_once_freed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC writing a batch (before its sync): the batch fails and is cut off the file, and
+    the journal is not broken: once space is back the next commit goes through (it refused
+    every commit until the datanode restarted: tests/fault/test_scenarios.py, every drive
+    full). A failed sync still breaks it (below)."""
+    path = tmp_path / "journal"
+    log = journal.Journal(path)
+    log.commit_many(records(2, "before"))
+    real_pwrite, real_pwritev = os.pwrite, os.pwritev
+
+    def full(*args: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    monkeypatch.setattr(os, "pwritev", full)
+    for _ in range(2):
+        with pytest.raises(errors.Unavailable, match="No space left"):
+            log.commit_many(records(40, "refused"))
+    assert path.stat().st_size == log.bytes
+    assert bodies(path) == [b"before 0", b"before 1"]
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    monkeypatch.setattr(os, "pwritev", real_pwritev)
+    log.commit(records(1, "after")[0])
+    assert bodies(path) == [b"before 0", b"before 1", b"after 0"]
+    log.close()
+
+
+def test_a_failed_sync_breaks_the_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a failed fdatasync the file's state is unknown (the kernel may have dropped the
+    dirty pages): every later commit is refused until a restart replays what checks."""
+    log = journal.Journal(tmp_path / "journal")
+    log.commit(records(1)[0])
+    real = os.fdatasync
+
+    def failing(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    with pytest.raises(errors.Unavailable):
+        log.commit(records(1, "lost")[0])
+    monkeypatch.setattr(os, "fdatasync", real)
+    with pytest.raises(errors.Unavailable, match="broken"):
+        log.commit(records(1, "later")[0])
     log.close()
