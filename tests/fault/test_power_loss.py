@@ -116,6 +116,28 @@ def index_mismatch(drive: Path) -> list[str]:
     ]
 
 
+def _warm_up(load: workload.Workload, duration: str) -> int:
+    """Until the workload has acknowledged writes and KV keys, then BEFORE_S of load; the
+    acknowledged count then."""
+    _until(lambda: load.report.acknowledged >= 5 and len(load.kv_keys) >= 8, 60, "warm-up")
+    time.sleep(BEFORE_S[duration])  # load before the cut, not a readiness wait
+    return load.report.acknowledged
+
+
+def _record(
+    request: pytest.FixtureRequest, name: str, duration: str, report: workload.Report,
+    extra: dict[str, object],
+) -> None:  # fmt: skip
+    """Attach the run's report to the test and append it to KVTIER_FAULT_RESULTS when set."""
+    line = {"scenario": name, "duration": duration, "row": report.row(name),
+            **report.as_dict(), **extra}  # fmt: skip
+    request.node.user_properties.append(("fault_report", line))
+    out = os.environ.get("KVTIER_FAULT_RESULTS")
+    if out:
+        with open(out, "a") as results:
+            results.write(json.dumps(line) + "\n")
+
+
 @pytest.mark.parametrize("duration", DURATIONS)
 def test_datanode_power_loss(
     power_host: None, open_cluster: Opener, duration: str, request: pytest.FixtureRequest
@@ -128,9 +150,7 @@ def test_datanode_power_loss(
     log = cluster.state / "logs" / f"{NODE}.log"
     load.start()
     try:
-        _until(lambda: load.report.acknowledged >= 5 and len(load.kv_keys) >= 8, 60, "warm-up")
-        time.sleep(BEFORE_S[duration])  # load before the cut, not a readiness wait
-        acknowledged_before = load.report.acknowledged
+        acknowledged_before = _warm_up(load, duration)
         load.fault_started()
         cut = powercut.cut(cluster, NODE)
         offset = log.stat().st_size
@@ -163,13 +183,7 @@ def test_datanode_power_loss(
         "heal": healed,
         "heal_check": checked,
     }
-    line = {"scenario": f"{NODE} power loss", "duration": duration, "row":
-            report.row(f"{NODE} power loss"), **report.as_dict(), **extra}  # fmt: skip
-    request.node.user_properties.append(("fault_report", line))
-    out = os.environ.get("KVTIER_FAULT_RESULTS")
-    if out:
-        with open(out, "a") as results:
-            results.write(json.dumps(line) + "\n")
+    _record(request, f"{NODE} power loss", duration, report, extra)
     assert during > 0, "the workload made no progress while the node was off"
     assert cut.discarded() > 0, f"the power cut discarded no meta file: {extra}"
     assert report.wrong_bytes == []
@@ -201,9 +215,7 @@ def test_every_datanode_loses_power(
     logs = {n: cluster.state / "logs" / f"{n}.log" for n in nodes}
     load.start()
     try:
-        _until(lambda: load.report.acknowledged >= 5 and len(load.kv_keys) >= 8, 60, "warm-up")
-        time.sleep(BEFORE_S[duration])  # load before the cut, not a readiness wait
-        acknowledged_before = load.report.acknowledged
+        acknowledged_before = _warm_up(load, duration)
         load.fault_started()
         cuts = powercut.cut_all(cluster, nodes)
         offsets = {n: log.stat().st_size for n, log in logs.items()}
@@ -234,13 +246,7 @@ def test_every_datanode_loses_power(
         "heal": healed,
         "heal_check": checked,
     }
-    line = {"scenario": name, "duration": duration, "row": report.row(name),
-            **report.as_dict(), **extra}  # fmt: skip
-    request.node.user_properties.append(("fault_report", line))
-    out = os.environ.get("KVTIER_FAULT_RESULTS")
-    if out:
-        with open(out, "a") as results:
-            results.write(json.dumps(line) + "\n")
+    _record(request, name, duration, report, extra)
     assert sum(c.discarded() for c in cuts.values()) > 0, f"the cut discarded nothing: {extra}"
     assert report.wrong_bytes == []
     assert report.wrong_listings == []

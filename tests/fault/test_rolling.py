@@ -119,14 +119,15 @@ def gateways_reach_every_drive(cluster: harness.FaultCluster, timeout_s: float =
             time.sleep(0.2)
 
 
-def s3_client(cluster: harness.FaultCluster, s3_address: str) -> Any:
-    """A boto3 client of one gateway's S3 endpoint (host:port; no balancer, no retries)."""
+def s3_client(cluster: harness.FaultCluster, s3_address: str, attempts: int = 1) -> Any:
+    """A boto3 client of one gateway's S3 endpoint (host:port; no balancer; attempts: boto3's
+    standard retries, 1 for none)."""
     return boto3.client(
         "s3", endpoint_url=f"https://{s3_address}", region_name="us-east-1",
         aws_access_key_id=cluster.info["s3_access_key"],
         aws_secret_access_key=cluster.info["s3_secret_key"], verify=cluster.info["ca_file"],
         config=botocore.config.Config(s3={"addressing_style": "path"},
-                                      retries={"mode": "standard", "max_attempts": 1}),
+                                      retries={"mode": "standard", "max_attempts": attempts}),
     )  # fmt: skip
 
 
@@ -149,6 +150,19 @@ def restart_one(cluster: harness.FaultCluster, node: str, load: workload.Workloa
         started_at=started_at,
         ended_at=time.time(),
     )
+
+
+def assert_clean(report: workload.Report, steps: list[Step]) -> None:
+    """Every node drained cleanly; no wrong byte or listing, no lost write, no failure."""
+    assert [s.node for s in steps if s.exit_code != 0] == [], "a node did not drain cleanly"
+    assert report.wrong_bytes == []
+    assert report.wrong_listings == []
+    assert report.lost_acknowledged == []
+    assert dict(report.failed) == {}, (
+        f"failed client operations: {dict(report.failed)}, by step "
+        f"{failures_by_step(report, steps)}"
+    )
+    assert report.acknowledged > 5
 
 
 def failures_by_step(report: workload.Report, steps: list[Step]) -> dict[str, int]:
@@ -222,13 +236,5 @@ def test_rolling_restart(
 
     report, steps, connections = run_rolling(cluster, roll, after_s=AFTER_S[duration])
     record("rolling restart of every service", duration, report, steps, request)
-    assert [s.node for s in steps if s.exit_code != 0] == [], "a node did not drain cleanly"
-    assert report.wrong_bytes == []
-    assert report.wrong_listings == []
-    assert report.lost_acknowledged == []
-    assert dict(report.failed) == {}, (
-        f"failed client operations: {dict(report.failed)}, by step "
-        f"{failures_by_step(report, steps)}"
-    )
-    assert report.acknowledged > 5
+    assert_clean(report, steps)
     assert all(connections.values()), f"the balancer used every gateway: {connections}"

@@ -34,9 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
-from botocore.config import Config
 
 from tests.fault import harness, test_rolling, workload
 
@@ -97,14 +95,8 @@ def release_revision() -> str | None:
 
 
 def s3_direct(cluster: harness.FaultCluster, address: str) -> Any:
-    """A boto3 client of one gateway (no balancer)."""
-    return boto3.client(
-        "s3", endpoint_url=f"https://{address}", region_name="us-east-1",
-        aws_access_key_id=cluster.info["s3_access_key"],
-        aws_secret_access_key=cluster.info["s3_secret_key"], verify=cluster.info["ca_file"],
-        config=Config(s3={"addressing_style": "path"},
-                      retries={"mode": "standard", "max_attempts": 3}),
-    )  # fmt: skip
+    """A boto3 client of one gateway (no balancer), with boto3's standard retries."""
+    return test_rolling.s3_client(cluster, address, attempts=3)
 
 
 def runs_tree(cluster: harness.FaultCluster, node: str) -> Path:
@@ -124,6 +116,28 @@ def cross_check(cluster: harness.FaultCluster, n: int) -> None:
         s3_direct(cluster, writer).put_object(Bucket="before", Key=key, Body=data)
         got = s3_direct(cluster, reader).get_object(Bucket="before", Key=key)["Body"].read()
         assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest(), key
+
+
+def roll(
+    cluster: harness.FaultCluster, order: list[str], tree: Path | None, *,
+    mixed_after: tuple[str, ...],
+) -> Callable[[workload.Workload], list[test_rolling.Step]]:  # fmt: skip
+    """The roll for `test_rolling.run_rolling`: each node of order restarted from tree (None:
+    this checkout), checked to run it, and after each node of mixed_after (old and new nodes
+    side by side) an object written through each gateway and read through the other."""
+    expected = (tree or REPO).resolve()
+
+    def run(load: workload.Workload) -> list[test_rolling.Step]:
+        steps = []
+        for node in order:
+            cluster.set_tree(node, tree)
+            steps.append(test_rolling.restart_one(cluster, node, load))
+            assert runs_tree(cluster, node) == expected, node
+            if node in mixed_after:
+                cross_check(cluster, len(steps))
+        return steps
+
+    return run
 
 
 @pytest.mark.parametrize("duration", DURATIONS)
@@ -149,16 +163,7 @@ def test_rolling_upgrade_from_previous_release(
         s3.put_object(Bucket="before", Key=key, Body=data)
         before[key] = hashlib.sha256(data).digest()
 
-    def upgrade(load: workload.Workload) -> list[test_rolling.Step]:
-        steps = []
-        for node in order:
-            cluster.set_tree(node, None)
-            steps.append(test_rolling.restart_one(cluster, node, load))
-            assert runs_tree(cluster, node) == REPO.resolve(), node
-            if node in ("datanode-2", "gateway-1"):  # datanodes mixed; then gateways mixed
-                cross_check(cluster, len(steps))
-        return steps
-
+    upgrade = roll(cluster, order, None, mixed_after=("datanode-2", "gateway-1"))
     report, steps, _ = test_rolling.run_rolling(cluster, upgrade, after_s=3.0)
     test_rolling.record(f"rolling upgrade {PREVIOUS_RELEASE} -> this checkout", duration,
                         report, steps, request)  # fmt: skip
@@ -166,15 +171,7 @@ def test_rolling_upgrade_from_previous_release(
         got = s3.get_object(Bucket="before", Key=key)["Body"].read()
         assert hashlib.sha256(got).digest() == digest, f"{key} written by {PREVIOUS_RELEASE}"
     cross_check(cluster, 0)
-    assert [s.node for s in steps if s.exit_code != 0] == [], "a node did not drain cleanly"
-    assert report.wrong_bytes == []
-    assert report.wrong_listings == []
-    assert report.lost_acknowledged == []
-    assert dict(report.failed) == {}, (
-        f"failed client operations: {dict(report.failed)}, by step "
-        f"{test_rolling.failures_by_step(report, steps)}"
-    )
-    assert report.acknowledged > 5
+    test_rolling.assert_clean(report, steps)
 
 
 def write_mix(s3: Any, bucket: str, objects: int) -> dict[str, bytes]:
@@ -241,28 +238,11 @@ def test_rolling_rollback_to_previous_release(
     expected = write_mix(s3, "before", BEFORE_OBJECTS[duration])
     check_mix(s3, "before", expected, "this checkout")
 
-    def rollback(load: workload.Workload) -> list[test_rolling.Step]:
-        steps = []
-        for node in order:
-            cluster.set_tree(node, previous_release)
-            steps.append(test_rolling.restart_one(cluster, node, load))
-            assert runs_tree(cluster, node) == previous_release.resolve(), node
-            if node in ("gateway-1", "datanode-2"):  # gateways mixed; then datanodes mixed
-                cross_check(cluster, len(steps))
-        return steps
-
+    rollback = roll(cluster, order, previous_release, mixed_after=("gateway-1", "datanode-2"))
     report, steps, _ = test_rolling.run_rolling(cluster, rollback, after_s=3.0)
     test_rolling.record(f"rolling rollback this checkout -> {PREVIOUS_RELEASE}", duration,
                         report, steps, request)  # fmt: skip
     for address in cluster.info["gateways_s3"]:
         check_mix(s3_direct(cluster, address), "before", expected, f"{PREVIOUS_RELEASE} {address}")
     cross_check(cluster, 0)
-    assert [s.node for s in steps if s.exit_code != 0] == [], "a node did not drain cleanly"
-    assert report.wrong_bytes == []
-    assert report.wrong_listings == []
-    assert report.lost_acknowledged == []
-    assert dict(report.failed) == {}, (
-        f"failed client operations: {dict(report.failed)}, by step "
-        f"{test_rolling.failures_by_step(report, steps)}"
-    )
-    assert report.acknowledged > 5
+    test_rolling.assert_clean(report, steps)
