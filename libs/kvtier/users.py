@@ -128,11 +128,30 @@ def new_secret() -> Secret:
     return Secret(secrets.token_urlsafe(30))
 
 
+#: Whether new records bind their privileges into the seal (`_bound`). Every release from this
+#: one reads both forms; this release still writes the form v0.1.0 reads (the secret bound to
+#: the access key alone), so that gateways and metadata nodes can be rolled back to it
+#: (docs/upgrades.md: a release first learns to read a new form and writes it from the next):
+#: the next release sets it True. tests/fault/test_upgrade.py's rollback fails while True.
+BIND_PRIVILEGES = False
+
+
 def seal(
-    key: masterkey.MasterKey, info: metadata_pb2.UserInfo, secret: Secret
+    key: masterkey.MasterKey,
+    info: metadata_pb2.UserInfo,
+    secret: Secret,
+    *,
+    bind_privileges: bool | None = None,
 ) -> metadata_pb2.UserRecord:
-    """The record of a user: its info and its secret sealed under key, bound to its access key."""
-    nonce, ciphertext = key.seal(secret.reveal().encode(), info.access_key.encode())
+    """The record of a user: its info and its secret sealed under key, bound to its access key
+    and, with bind_privileges (default BIND_PRIVILEGES), its privileges (`_bound`)."""
+    bind = BIND_PRIVILEGES if bind_privileges is None else bind_privileges
+    bound = (
+        _bound(info.access_key, info.tenant, is_admin=info.is_admin, shm_trusted=info.shm_trusted)
+        if bind
+        else info.access_key.encode()
+    )
+    nonce, ciphertext = key.seal(secret.reveal().encode(), bound)
     return metadata_pb2.UserRecord(
         access_key=info.access_key,
         tenant=info.tenant,
@@ -144,6 +163,20 @@ def seal(
         secret_ciphertext=ciphertext,
         master_key_id=key.key_id,
     )
+
+
+def _bound(access_key: str, tenant: str, *, is_admin: bool, shm_trusted: bool) -> bytes:
+    """The associated data a secret is sealed with: the record's access key and everything it
+    grants (tenant, admin, shared-memory trust).
+
+    Every node certificate reaches etcd (membership), and etcd has no per-role access control,
+    so a datanode or kvcache node could otherwise rewrite a record's tenant or flags and make
+    any user an admin; bound here, an altered record no longer opens (errors.Corrupt) without
+    the master key, which only metadata nodes and gateways hold. The fields cannot hold a
+    newline (`check_access_key`, `principal.check_tenant`), so the encoding is unambiguous.
+    """
+    flags = f"{int(is_admin)}{int(shm_trusted)}"
+    return f"kvtier-user-v2\n{access_key}\n{tenant}\n{flags}".encode()
 
 
 def unseal(key: masterkey.MasterKey, record: metadata_pb2.UserRecord) -> User:
@@ -158,7 +191,16 @@ def unseal(key: masterkey.MasterKey, record: metadata_pb2.UserRecord) -> User:
             f"user {record.access_key} is sealed with master key {record.master_key_id}; "
             f"this node holds {key.key_id}"
         )
-    plain = key.open(record.secret_nonce, record.secret_ciphertext, record.access_key.encode())
+    bound = _bound(
+        record.access_key, record.tenant, is_admin=record.is_admin, shm_trusted=record.shm_trusted
+    )
+    try:
+        plain = key.open(record.secret_nonce, record.secret_ciphertext, bound)
+    except errors.Corrupt:
+        # A record sealed with its access key alone (this release still writes them:
+        # BIND_PRIVILEGES). A record sealed bound never opens this way (other associated data),
+        # so this is no downgrade: only unbound records stay alterable by an etcd writer.
+        plain = key.open(record.secret_nonce, record.secret_ciphertext, record.access_key.encode())
     return User(
         access_key=record.access_key,
         tenant=record.tenant,

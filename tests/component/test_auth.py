@@ -21,11 +21,13 @@ import pytest
 from cryptography import x509
 
 from kvtier import errors, etcdserver, kvsettings, masterkey, membership, pki, rpc, security, users
+from kvtier import tokens as session_tokens
 from kvtier.clients import dataplane as dataplane_client
 from kvtier.clients import kvcache as kvcache_client
 from kvtier.clients import metadata as metadata_client
 from kvtier.clients import node as node_client
 from kvtier.kv import AsyncKVClient
+from kvtier.proto.auth.v1 import auth_pb2, auth_pb2_grpc
 from kvtier.proto.kvcache.v1 import kvcache_pb2 as pb
 from kvtier.proto.metadata.v1 import metadata_pb2
 from services.kvcache import __main__ as kvcache_main
@@ -173,6 +175,52 @@ async def test_tenant_users_may_not_call_admin_or_service_rpcs(cluster: Cluster)
     # The operator may do all of it.
     async with kvcache_client.KVCacheClient(cluster.kvcache.address) as client:
         await client.set_quota("team-a", 1 << 30)
+
+
+@pytest.mark.parametrize("role", ["kvcache", "datanode"])
+async def test_a_node_certificate_cannot_make_a_user_an_admin_through_etcd(
+    cluster: Cluster,
+    etcd: etcdserver.EtcdServer,
+    etcd_prefix: str,
+    role: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every node certificate reaches etcd (membership); rewriting a user's record there (admin
+    flag, tenant) must not change what its session token grants: a record sealed with its
+    privileges bound (`users.BIND_PRIVILEGES`: the next release's default; this one writes the
+    previous release's form) no longer opens. Here the record is sealed bound, as by that
+    release."""
+    monkeypatch.setattr(users, "BIND_PRIVILEGES", True)  # the metadata node runs in process
+    async with metadata_client.MetadataClient(cluster.metadata.address) as operator:
+        made = await operator.create_user(tenant="team-a")
+    user = test_pki.session().user(made.access_key, made.secret.reveal())
+
+    async def session_token() -> auth_pb2.GetSessionTokenResponse:
+        request = session_tokens.sign_request(user.access_key, user.secret_key)
+        address = cluster.metadata.info.client_address
+        async with rpc.open_channel(address, security=_anonymous()) as channel:
+            stub = auth_pb2_grpc.AuthServiceStub(channel)
+            reply: auth_pb2.GetSessionTokenResponse = await rpc.invoke(
+                stub.GetSessionToken, request, timeout_s=5
+            )
+        return reply
+
+    before = await session_token()
+    assert (before.tenant, before.is_admin) == ("team-a", False)
+    node = membership.EtcdMembership(
+        (etcd.endpoint,), etcd_prefix, security=test_pki.session().client(role)
+    )
+    await node.connect(wait_s=5)
+    try:
+        key = f"{etcd_prefix}/users/{user.access_key}".encode()
+        kv = await node.call(lambda client: client.get(key))
+        record = metadata_pb2.UserRecord.FromString(bytes(kv.value))
+        record.is_admin, record.tenant = True, "team-b"
+        await node.call(lambda client: client.put(key, record.SerializeToString()))
+    finally:
+        await node.close()
+    with pytest.raises(errors.Unauthenticated):
+        await session_token()
 
 
 async def test_a_tenant_sets_ttls_on_a_bounded_number_of_namespaces(

@@ -397,10 +397,16 @@ def test_admin_manages_users(cluster: Info, console: str) -> None:
     new = browser(cluster, console)  # the new credential works at once
     assert new.login(key.group(1), secret.group(1)).status == 303
     assert "tenant console-new" in new.text(new.get("/"))
+    assert new.get("/buckets").status == 200
     resp = b.post(f"/users/{key.group(1)}/delete", {})
     assert resp.status == 200
     assert key.group(1) not in b.text(resp)
     assert browser(cluster, console).login(key.group(1), secret.group(1)).status == 401
+    # The deleted user's console session ends at once (its token would still be accepted by
+    # the cluster until it expires, an hour later by default).
+    resp = new.post("/buckets", {"bucket": "console-made-after-deletion"})
+    assert resp.status == 401
+    assert new.get("/buckets").status == 303
 
 
 def test_kv_page_and_settings(

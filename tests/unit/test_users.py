@@ -103,6 +103,37 @@ def test_a_sealed_secret_does_not_open_under_another_access_key() -> None:
         users.unseal(key, renamed)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"), [("is_admin", True), ("tenant", "team-b"), ("shm_trusted", True)]
+)
+def test_a_record_whose_privileges_were_altered_does_not_open(field: str, value: object) -> None:
+    """Any node certificate can write etcd: without the master key it must not be able to make
+    a user an admin, move it to another tenant or trust it with shared memory."""
+    key = masterkey.MasterKey.generate()
+    record = users.seal(key, _info(), users.Secret(SECRET), bind_privileges=True)
+    setattr(record, field, value)
+    with pytest.raises(errors.Corrupt):
+        users.unseal(key, record)
+    setattr(record, field, getattr(_info(), field))
+    assert users.unseal(key, record).secret.reveal() == SECRET
+
+
+def test_records_are_written_as_the_previous_release_reads_them_and_both_forms_open() -> None:
+    """This release still seals under the access key alone (v0.1.0's form: gateways and
+    metadata nodes can be rolled back to it, docs/upgrades.md); it opens both forms, so the
+    next one can write the bound form. An unbound record stays alterable through etcd."""
+    key = masterkey.MasterKey.generate()
+    assert users.BIND_PRIVILEGES is False
+    record = users.seal(key, _info(), users.Secret(SECRET))
+    opened = key.open(record.secret_nonce, record.secret_ciphertext, b"AKIAEXAMPLE")
+    assert opened == SECRET.encode()
+    assert users.unseal(key, record).info == _info()
+    bound = users.seal(key, _info(), users.Secret(SECRET), bind_privileges=True)
+    assert users.unseal(key, bound).info == _info()
+    with pytest.raises(errors.Corrupt):  # the bound form is not v0.1.0's
+        key.open(bound.secret_nonce, bound.secret_ciphertext, b"AKIAEXAMPLE")
+
+
 def test_another_master_key_is_refused() -> None:
     record = users.seal(masterkey.MasterKey.generate(), _info(), users.Secret(SECRET))
     other = masterkey.MasterKey.generate()

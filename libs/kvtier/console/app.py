@@ -401,8 +401,12 @@ async def create_user(request: web.Request) -> web.StreamResponse:
 
 
 async def delete_user(request: web.Request) -> web.StreamResponse:
-    """Admins: remove a user."""
-    await _user(request).delete_user(request.match_info["access_key"])
+    """Admins: remove a user, and end its console sessions at once (its session tokens stay
+    valid at the cluster until they expire: docs/security.md, "Client identity")."""
+    access_key = request.match_info["access_key"]
+    await _user(request).delete_user(access_key)
+    ended = request.app[STORE].end_user(access_key)
+    log.info("console: user %s deleted, %d console sessions ended", access_key[:32], ended)
     return await users(request)
 
 

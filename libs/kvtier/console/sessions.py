@@ -83,6 +83,14 @@ class SessionStore:
         """Log out (idempotent)."""
         self._sessions.pop(session_id, None)
 
+    def end_user(self, access_key: str) -> int:
+        """End every session of access_key (its user was deleted: the cluster keeps accepting
+        its token until the token expires, so the console must stop using it); how many."""
+        ended = [sid for sid, s in self._sessions.items() if s.access_key == access_key]
+        for sid in ended:
+            del self._sessions[sid]
+        return len(ended)
+
     def __len__(self) -> int:
         return len(self._sessions)
 

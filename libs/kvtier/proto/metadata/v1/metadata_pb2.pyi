@@ -852,7 +852,10 @@ class UserRecord(_message.Message):
     is_admin: _builtins.bool
     created_at_unix_ms: _builtins.int
     secret_nonce: _builtins.bytes
-    """AES-256-GCM of the secret under the master key, the access key as associated data."""
+    """AES-256-GCM of the secret under the master key; associated data: the access key (as this
+    release writes it), or the access key, tenant, is_admin and shm_trusted (kvtier.users.seal
+    with BIND_PRIVILEGES, the next release's form; both open).
+    """
     secret_ciphertext: _builtins.bytes
     master_key_id: _builtins.str
     """Which master key encrypted it (the first 8 hex digits of its SHA-256)."""
