@@ -420,7 +420,12 @@ async def test_a_stopped_nodes_spilled_blocks_are_read_through_by_its_successor(
             cmap = await harness.wait_map(store, lambda m: _count(m, KVCACHE) == 2)
             (meta,) = [n.grpc_address for n in cmap.nodes if n.role == METADATA]
             client = await kv.AsyncKVClient.connect(
-                metadata=meta, namespace="moving", refresh_s=0.2, timeout_s=2.0
+                # Above the node's read-through deadline: a read-through on a loaded CI host
+                # outlasted a 2 s call once (the node answers a miss at its own deadline).
+                metadata=meta,
+                namespace="moving",
+                refresh_s=0.2,
+                timeout_s=5.0,
             )
             keys = [b"m%d" % i for i in range(2 * 2 * 8 * MIB // BLOCK)]
             blocks = [_block(1000 + i) for i in range(len(keys))]
